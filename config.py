@@ -1,0 +1,358 @@
+"""Settings: environment variables (prefix `KESTREL_`, nested with `__`), `.env`, defaults.
+
+Loaded once at start, validated, frozen. Each component receives only its own group::
+
+    KESTREL_EXCHANGE__API_KEY=...        -> settings.exchange.api_key (SecretStr)
+    KESTREL_RISK__MAX_DAILY_LOSS=0.03    -> settings.risk.max_daily_loss
+    KESTREL_TELEGRAM__CHAT_IDS=[1,2]     -> settings.telegram.chat_ids (JSON or "1,2")
+
+`load_settings()` turns pydantic's errors into a `ConfigError` that names each bad
+environment variable and why; `main` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from error_handler import ConfigError
+
+
+ENV_PREFIX = "KESTREL_"
+ENV_DELIMITER = "__"
+
+
+def _split_list(value: Any) -> Any:
+    # Accept JSON lists, "a,b,c" and single values from the environment.
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            import json  # noqa: PLC0415
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, int | float):
+        return [value]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+IntList = Annotated[list[int], NoDecode, BeforeValidator(_split_list)]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExchangeSettings(_Group):
+    """Bybit connection."""
+
+    name: Literal["bybit"] = "bybit"
+    api_key: SecretStr | None = None
+    api_secret: SecretStr | None = None
+    testnet: bool = True
+    allow_mainnet: bool = Field(
+        default=False, description="explicit opt-in required when testnet is false"
+    )
+    market_type: Literal["spot", "linear"] = "spot"
+    base_url: str | None = Field(
+        default=None, description="http://127.0.0.1:PORT points REST and WebSockets at one server"
+    )
+    timeout_s: float = Field(default=10.0, gt=0)
+    recv_window_ms: int = Field(default=5000, gt=0, le=60000)
+    max_clock_skew_ms: int = Field(default=1000, gt=0)
+    rate_limit_safety: float = Field(
+        default=0.8, gt=0, le=1, description="fraction of Bybit's published limits we use"
+    )
+
+    @model_validator(mode="after")
+    def _mainnet_opt_in(self) -> ExchangeSettings:
+        if not self.testnet and not self.allow_mainnet and self.base_url is None:
+            raise ValueError(
+                "mainnet needs an explicit opt-in: set KESTREL_EXCHANGE__ALLOW_MAINNET=true "
+                "(or keep KESTREL_EXCHANGE__TESTNET=true)"
+            )
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return self
+
+    @property
+    def has_keys(self) -> bool:
+        """Return True when both API key and secret are set."""
+        return bool(
+            self.api_key
+            and self.api_secret
+            and self.api_key.get_secret_value()
+            and self.api_secret.get_secret_value()
+        )
+
+
+class RiskSettings(_Group):
+    """Position sizing, exposure limits and circuit breakers."""
+
+    profile: Literal["standard", "all_in"] = Field(
+        default="standard",
+        description="all_in: whole equity per position, no stops, no breakers (parity reference)",
+    )
+    sizing: Literal["fixed_fractional", "volatility_target", "kelly"] = "fixed_fractional"
+    risk_per_trade: float = Field(default=0.01, gt=0, le=0.2)
+    target_volatility: float = Field(default=0.02, gt=0, le=1)
+    kelly_cap: float = Field(default=0.25, gt=0, le=1)
+    max_position_fraction: float = Field(default=0.25, gt=0, le=10)
+    max_total_exposure: float = Field(default=1.0, gt=0, le=10)
+    max_leverage: float = Field(default=1.0, ge=1, le=100)
+    max_open_positions: int = Field(default=5, ge=1)
+    stop_atr_multiple: float = Field(default=2.0, gt=0)
+    take_profit_atr_multiple: float | None = Field(default=4.0, gt=0)
+    trailing_stop: bool = True
+    break_even_at_r: float | None = Field(default=1.0, gt=0)
+    atr_period: int = Field(default=14, ge=2)
+    max_correlation: float = Field(default=0.8, gt=0, le=1)
+    correlation_window: int = Field(default=100, ge=10)
+    max_daily_loss: float = Field(default=0.03, gt=0, lt=1)
+    max_drawdown: float = Field(default=0.15, gt=0, lt=1)
+    reduce_size_drawdown: float = Field(default=0.07, gt=0, lt=1)
+    reduced_size_factor: float = Field(default=0.5, gt=0, le=1)
+    max_consecutive_losses: int = Field(default=5, ge=1)
+    cooldown_minutes: int = Field(default=60, ge=0)
+    auto_resume: bool = Field(default=True, description="resume after cooldown / new day")
+
+    @model_validator(mode="after")
+    def _ladder_order(self) -> RiskSettings:
+        if self.reduce_size_drawdown >= self.max_drawdown:
+            raise ValueError("reduce_size_drawdown must be below max_drawdown")
+        return self
+
+
+class SimulationSettings(_Group):
+    """Paper trading and backtests."""
+
+    starting_balance: float = Field(default=10_000.0, gt=0)
+    quote_currency: str = "USDT"
+    maker_fee: float = Field(default=0.001, ge=-0.01, le=0.05)
+    taker_fee: float = Field(default=0.001, ge=0, le=0.05)
+    slippage_bps: float = Field(default=2.0, ge=0, le=1000)
+    slippage_model: Literal["fixed", "volatility", "book"] = "fixed"
+    fill_at: Literal["next_open", "close"] = "next_open"
+    feed: Literal["live", "replay", "auto"] = "auto"
+    replay_speed: float = Field(
+        default=0.0, ge=0, description="candles per second; 0 = as fast as possible"
+    )
+    latency_ms: int = Field(default=0, ge=0)
+
+
+class StrategySettings(_Group):
+    """Which strategy trades and on what."""
+
+    name: str = "ema_cross"
+    params: dict[str, float] = Field(default_factory=dict)
+    timeframe: str = "1m"
+    pairs: StrList = Field(default_factory=lambda: ["BTC/USDT"])
+    long_only: bool = True
+    warmup_candles: int = Field(default=300, ge=1)
+
+
+class PairsSettings(_Group):
+    """Dynamic pair list (top_pairs)."""
+
+    dynamic: bool = False
+    quote: str = "USDT"
+    count: int = Field(default=10, ge=1, le=200)
+    min_quote_volume: float = Field(default=1_000_000.0, ge=0)
+    max_spread_bps: float = Field(default=20.0, gt=0)
+    ttl_s: int = Field(default=1800, ge=10)
+    fallback: StrList = Field(default_factory=lambda: ["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+    exclude_leveraged: bool = True
+    exclude_stablecoins: bool = True
+
+
+class RewardSettings(_Group):
+    """How strategies and agents are scored."""
+
+    pnl_weight: float = 1.0
+    sharpe_weight: float = 0.5
+    drawdown_weight: float = 1.0
+    turnover_weight: float = 0.1
+    window_trades: int = Field(default=50, ge=1)
+
+
+class LearningSettings(_Group):
+    """Self-learning models."""
+
+    enabled: bool = False
+    retrain_interval_s: int = Field(default=6 * 3600, ge=60)
+    min_samples: int = Field(default=500, ge=10)
+    horizon_candles: int = Field(default=5, ge=1)
+
+
+class UISettings(_Group):
+    """Terminal dashboard and local web view."""
+
+    enabled: bool = True
+    refresh_hz: float = Field(default=4.0, gt=0, le=30)
+    theme: Literal["dark", "light"] = "dark"
+    web_enabled: bool = False
+    web_host: Literal["127.0.0.1"] = "127.0.0.1"
+    web_port: int = Field(default=8765, ge=0, le=65535)
+    web_token: SecretStr | None = None
+
+
+class OptimizationSettings(_Group):
+    """Parameter search limits."""
+
+    population: int = Field(default=32, ge=2)
+    generations: int = Field(default=10, ge=1)
+    workers: int = Field(default=0, ge=0, description="0 = one per core less one")
+    time_budget_s: int = Field(default=600, ge=1)
+    scheduler: str | None = Field(default=None, description="tcp://host:port of a Dask cluster")
+    objective: Literal["sharpe", "sortino", "calmar", "return"] = "sharpe"
+    seed: int = 42
+
+
+class TelegramSettings(_Group):
+    """Telegram alerts and commands; disabled when no token is set."""
+
+    token: SecretStr | None = None
+    chat_ids: IntList = Field(default_factory=list)
+    user_ids: IntList = Field(default_factory=list)
+    base_url: str | None = Field(default=None, description="Bot API base, e.g. for a test server")
+    max_messages_per_second: float = Field(default=1.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        """Return True when a token is configured."""
+        return bool(self.token and self.token.get_secret_value())
+
+
+class StorageSettings(_Group):
+    """Where data, state and logs live."""
+
+    data_dir: Path = Path("data")
+    log_dir: Path = Path("logs")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/kestrel.sqlite"
+    )
+    sample_dir: Path = Path(__file__).resolve().parent / "data" / "sample"
+    snapshot_interval_s: int = Field(default=60, ge=1)
+
+    @property
+    def effective_database_url(self) -> str:
+        """Return the database URL, defaulting to SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'kestrel.sqlite'}"
+
+
+class LoggingSettings(_Group):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_console: bool = False
+
+
+class Settings(BaseSettings):
+    """Every setting of the bot, grouped per component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
+    risk: RiskSettings = Field(default_factory=RiskSettings)
+    simulation: SimulationSettings = Field(default_factory=SimulationSettings)
+    strategy: StrategySettings = Field(default_factory=StrategySettings)
+    pairs: PairsSettings = Field(default_factory=PairsSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
+    ui: UISettings = Field(default_factory=UISettings)
+    optimization: OptimizationSettings = Field(default_factory=OptimizationSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """Return the environment variable for a pydantic error location."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + ENV_DELIMITER.join(p.upper() for p in parts)
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+    """Build and validate the settings.
+
+    Raises:
+        ConfigError: listing every invalid variable and why.
+    """
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            name = env_name(loc) if loc else ENV_PREFIX + "*"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}")
+        raise ConfigError(
+            "invalid settings:\n  " + "\n  ".join(problems), component="config"
+        ) from e
+    except (ValueError, OSError) as e:  # e.g. malformed JSON in a list variable
+        raise ConfigError(f"invalid settings: {e}", component="config") from e
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """Return the settings as plain data with every secret masked."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "***" if value.get_secret_value() else ""
+        if isinstance(value, BaseModel):
+            return {name: walk(getattr(value, name)) for name in type(value).model_fields}
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [walk(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, Decimal):
+            return str(value)
+        return value
+
+    result = walk(settings)
+    assert isinstance(result, dict)  # noqa: S101 - Settings is a model
+    return result
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """Return (env var, default, description) for every setting, for docs and --help."""
+    rows: list[tuple[str, str, str]] = []
+    for group_name, group_field in Settings.model_fields.items():
+        group_cls = group_field.annotation
+        if not (isinstance(group_cls, type) and issubclass(group_cls, BaseModel)):
+            continue
+        for name, field in group_cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            rows.append(
+                (
+                    env_name((group_name, name)),
+                    "" if default is None else str(default),
+                    field.description or "",
+                )
+            )
+    return rows

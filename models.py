@@ -1,0 +1,482 @@
+"""The contracts every component speaks: frozen dataclasses and enums, nothing else.
+
+A leaf module: it imports only the standard library, so every component may import it and
+no import cycle can pass through it. Messages are immutable; derive a changed copy with
+`dataclasses.replace`. Prices and quantities that reach an order are `Decimal`; timestamps
+are `int` milliseconds since the epoch, UTC, named `ts_*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+# -- Enums -----------------------------------------------------------------------------------
+
+
+class Side(StrEnum):
+    """Order or signal direction."""
+
+    BUY = "buy"
+    SELL = "sell"
+
+    @property
+    def opposite(self) -> Side:
+        """Return the other side."""
+        return Side.SELL if self is Side.BUY else Side.BUY
+
+
+class PositionSide(StrEnum):
+    """Direction of an open position."""
+
+    LONG = "long"
+    SHORT = "short"
+
+
+class OrderType(StrEnum):
+    """How an order executes."""
+
+    MARKET = "market"
+    LIMIT = "limit"
+    STOP_MARKET = "stop_market"
+    STOP_LIMIT = "stop_limit"
+
+
+class TimeInForce(StrEnum):
+    """How long an order rests."""
+
+    GTC = "GTC"
+    IOC = "IOC"
+    FOK = "FOK"
+    POST_ONLY = "PostOnly"
+
+
+class OrderStatus(StrEnum):
+    """States of the order state machine (see `ORDER_TRANSITIONS`)."""
+
+    NEW = "new"
+    OPEN = "open"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Return True when no further transition is possible."""
+        return self in _TERMINAL
+
+
+_TERMINAL: frozenset[OrderStatus] = frozenset(
+    {OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED}
+)
+
+# Legal order transitions: (from, to). Same-state updates (more fills while partially
+# filled) are legal too. Anything else is an invariant violation.
+ORDER_TRANSITIONS: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
+    {
+        (OrderStatus.NEW, OrderStatus.OPEN),
+        (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED),
+        (OrderStatus.NEW, OrderStatus.FILLED),
+        (OrderStatus.NEW, OrderStatus.CANCELLED),
+        (OrderStatus.NEW, OrderStatus.REJECTED),
+        (OrderStatus.NEW, OrderStatus.EXPIRED),
+        (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED),
+        (OrderStatus.OPEN, OrderStatus.FILLED),
+        (OrderStatus.OPEN, OrderStatus.CANCELLED),
+        (OrderStatus.OPEN, OrderStatus.EXPIRED),
+        (OrderStatus.OPEN, OrderStatus.REJECTED),
+        (OrderStatus.PARTIALLY_FILLED, OrderStatus.PARTIALLY_FILLED),
+        (OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED),
+        (OrderStatus.PARTIALLY_FILLED, OrderStatus.CANCELLED),
+        (OrderStatus.PARTIALLY_FILLED, OrderStatus.EXPIRED),
+    }
+)
+
+
+def is_legal_transition(old: OrderStatus, new: OrderStatus) -> bool:
+    """Return True if an order may move from `old` to `new`."""
+    return old == new and not old.is_terminal or (old, new) in ORDER_TRANSITIONS
+
+
+class Liquidity(StrEnum):
+    """Whether a fill added (maker) or took (taker) liquidity."""
+
+    MAKER = "maker"
+    TAKER = "taker"
+
+
+class MarketType(StrEnum):
+    """Bybit V5 categories the bot trades."""
+
+    SPOT = "spot"
+    LINEAR = "linear"
+
+
+class TradingState(StrEnum):
+    """The risk ladder, from normal trading to flattening everything."""
+
+    NORMAL = "normal"
+    REDUCED = "reduced"
+    REDUCING = "reducing"
+    HALTED = "halted"
+    FLATTEN = "flatten"
+
+
+class BotState(StrEnum):
+    """Lifecycle of the daemon."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+# -- Market data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candle:
+    """One OHLCV bar; `ts` is the bar's open time in ms UTC."""
+
+    pair: str
+    timeframe: str
+    ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    closed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Ticker:
+    """Best bid/ask and 24h statistics."""
+
+    pair: str
+    ts: int
+    bid: float | None
+    ask: float | None
+    last: float | None
+    base_volume_24h: float | None = None
+    quote_volume_24h: float | None = None
+
+    @property
+    def mid(self) -> float | None:
+        """Return the mid price, or None when a side is missing."""
+        if self.bid is None or self.ask is None:
+            return None
+        return (self.bid + self.ask) / 2
+
+    @property
+    def spread_bps(self) -> float | None:
+        """Return the bid-ask spread in basis points of mid."""
+        mid = self.mid
+        if mid is None or mid <= 0 or self.bid is None or self.ask is None:
+            return None
+        return (self.ask - self.bid) / mid * 1e4
+
+
+@dataclass(frozen=True, slots=True)
+class OrderBook:
+    """Order book snapshot: bids sorted high to low, asks low to high, as (price, qty)."""
+
+    pair: str
+    ts: int
+    bids: tuple[tuple[float, float], ...]
+    asks: tuple[tuple[float, float], ...]
+
+    @property
+    def best_bid(self) -> float | None:
+        """Return the best bid price."""
+        return self.bids[0][0] if self.bids else None
+
+    @property
+    def best_ask(self) -> float | None:
+        """Return the best ask price."""
+        return self.asks[0][0] if self.asks else None
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """A public trade print."""
+
+    pair: str
+    ts: int
+    price: float
+    qty: float
+    side: Side
+    trade_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    """Trading rules of one instrument, from `load_markets`."""
+
+    pair: str
+    symbol_id: str
+    base: str
+    quote: str
+    type: MarketType
+    tick_size: Decimal
+    lot_size: Decimal
+    min_qty: Decimal
+    min_notional: Decimal
+    max_qty: Decimal | None = None
+    max_leverage: Decimal = Decimal(1)
+    active: bool = True
+    contract_size: Decimal = Decimal(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """One currency's balance."""
+
+    currency: str
+    free: Decimal
+    used: Decimal
+    total: Decimal
+
+
+# -- Decisions and orders --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """What a strategy wants: enter/exit on a pair, with how sure it is and why.
+
+    `side` BUY opens/extends a long (or closes a short); SELL the reverse. `strength` is in
+    [0, 1]. `exit_only` marks a signal that may only reduce a position.
+    """
+
+    pair: str
+    side: Side
+    strength: float
+    reason: str
+    ts: int
+    price: float
+    strategy: str = ""
+    exit_only: bool = False
+    features: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Veto:
+    """A risk refusal, with why and until when (ms UTC, None for indefinite)."""
+
+    reason: str
+    until: int | None = None
+    guard: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderIntent:
+    """A sized, risk-approved order, not yet validated against market rules."""
+
+    pair: str
+    side: Side
+    qty: Decimal
+    type: OrderType
+    client_order_id: str
+    reason: str
+    price: Decimal | None = None
+    stop_price: Decimal | None = None
+    stop_loss: Decimal | None = None
+    take_profit: Decimal | None = None
+    reduce_only: bool = False
+    time_in_force: TimeInForce = TimeInForce.GTC
+    leverage: Decimal | None = None
+    ts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """The exchange's (or matching engine's) view of one order."""
+
+    client_order_id: str
+    pair: str
+    side: Side
+    type: OrderType
+    qty: Decimal
+    status: OrderStatus
+    ts_created: int
+    ts_updated: int
+    exchange_order_id: str | None = None
+    price: Decimal | None = None
+    stop_price: Decimal | None = None
+    filled_qty: Decimal = Decimal(0)
+    avg_fill_price: Decimal | None = None
+    fee: Decimal = Decimal(0)
+    reduce_only: bool = False
+    time_in_force: TimeInForce = TimeInForce.GTC
+    reason: str = ""
+
+    @property
+    def remaining_qty(self) -> Decimal:
+        """Return the unfilled quantity."""
+        return self.qty - self.filled_qty
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """One execution against an order."""
+
+    client_order_id: str
+    pair: str
+    side: Side
+    price: Decimal
+    qty: Decimal
+    fee: Decimal
+    fee_currency: str
+    liquidity: Liquidity
+    ts: int
+    fill_id: str
+    exchange_order_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """An open position on one pair."""
+
+    pair: str
+    side: PositionSide
+    qty: Decimal
+    entry_price: Decimal
+    ts_opened: int
+    stop_price: Decimal | None = None
+    take_profit: Decimal | None = None
+    mark_price: Decimal | None = None
+    fees_paid: Decimal = Decimal(0)
+
+    @property
+    def notional(self) -> Decimal:
+        """Return |qty| x mark (or entry when no mark yet)."""
+        price = self.mark_price if self.mark_price is not None else self.entry_price
+        return abs(self.qty) * price
+
+    @property
+    def unrealised_pnl(self) -> Decimal:
+        """Return the PnL at the mark price, before exit fees."""
+        if self.mark_price is None:
+            return Decimal(0)
+        sign = 1 if self.side is PositionSide.LONG else -1
+        return (self.mark_price - self.entry_price) * self.qty * sign
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedTrade:
+    """A round trip: entry and exit of one position, for summaries and analytics."""
+
+    pair: str
+    side: PositionSide
+    entry_ts: int
+    exit_ts: int
+    entry_price: float
+    exit_price: float
+    qty: float
+    fee: float
+    pnl: float
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the JSON form used in `--summary-json`."""
+        return {
+            "pair": self.pair,
+            "side": str(self.side),
+            "entry_ts": self.entry_ts,
+            "exit_ts": self.exit_ts,
+            "entry_price": self.entry_price,
+            "exit_price": self.exit_price,
+            "qty": self.qty,
+            "fee": self.fee,
+            "pnl": self.pnl,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PortfolioSnapshot:
+    """Cash, positions and equity at one moment."""
+
+    ts: int
+    cash: Decimal
+    equity: Decimal
+    positions: tuple[Position, ...] = ()
+    realised_pnl: Decimal = Decimal(0)
+    fees: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The last decision taken on a pair, for `/why` and the audit log."""
+
+    pair: str
+    ts: int
+    signal: Signal | None
+    verdict: str
+    intent: OrderIntent | None = None
+    veto: Veto | None = None
+    features: dict[str, float] = field(default_factory=dict)
+
+
+# -- Operator façade -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A read-only view of the bot, shared by the dashboard, the web view and Telegram."""
+
+    ts: int
+    mode: str
+    state: BotState
+    trading_state: TradingState
+    portfolio: PortfolioSnapshot
+    pairs: tuple[str, ...] = ()
+    recent_trades: tuple[ClosedTrade, ...] = ()
+    open_orders: tuple[Order, ...] = ()
+    equity_curve: tuple[tuple[int, float], ...] = ()
+    last_decisions: dict[str, Decision] = field(default_factory=dict)
+    order_books: dict[str, OrderBook] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+    rate_limit_budget: dict[str, float] = field(default_factory=dict)
+    risk: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+class Control(Protocol):
+    """The operator commands every surface (Telegram, dashboard, web) goes through."""
+
+    def snapshot(self) -> Snapshot:
+        """Return the current read-only state."""
+        ...
+
+    async def pause(self, reason: str) -> None:
+        """Stop opening positions; exits and stops keep working."""
+        ...
+
+    async def resume(self, reason: str) -> None:
+        """Resume normal trading."""
+        ...
+
+    async def stop_buy(self, reason: str) -> None:
+        """Allow exits only (the `reducing` state)."""
+        ...
+
+    async def force_exit(self, pair: str, reason: str) -> None:
+        """Close the position on `pair` at market."""
+        ...
+
+    async def reconcile(self) -> str:
+        """Reconcile with the exchange and return a human-readable report."""
+        ...
+
+    async def stop(self, reason: str) -> None:
+        """Shut the daemon down gracefully."""
+        ...

@@ -1,0 +1,500 @@
+"""Cross-cutting helpers: logging, time, retry, periodic work, atomic files, CPU offload.
+
+Only what several components need lives here; anything owned by one component stays in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+
+import structlog
+
+from error_handler import CircuitBreaker, FatalError, RecoverableError
+
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+# -- Logging ---------------------------------------------------------------------------------
+
+_SECRET_KEYS: Final = re.compile(r"(secret|api_?key|token|password|passphrase|sign)", re.I)
+_SECRET_VALUES: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret value so the redaction processor masks it wherever it appears."""
+    if value and len(value) >= 4:
+        _SECRET_VALUES.add(value)
+
+
+def redact(value: Any) -> Any:
+    """Return `value` with every registered secret replaced by `***`."""
+    if isinstance(value, str):
+        for secret in _SECRET_VALUES:
+            if secret in value:
+                value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def _redaction_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(event.items()):
+        if key != "event" and _SECRET_KEYS.search(key) and value not in (None, "", False):
+            event[key] = "***"
+        else:
+            event[key] = redact(value)
+    return event
+
+
+def setup_logging(
+    log_dir: Path | None,
+    *,
+    level: str = "INFO",
+    console: bool = True,
+    json_console: bool = False,
+    max_bytes: int = 20_000_000,
+    backups: int = 5,
+) -> None:
+    """Configure structlog: JSON lines to a rotating file, readable output on stderr."""
+    pre_chain: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redaction_processor,
+    ]
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level.upper())
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            log_dir / "kestrel.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        file_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(),
+                ],
+                foreign_pre_chain=pre_chain,
+            )
+        )
+        root.addHandler(file_handler)
+    if console:
+        renderer: Any = (
+            structlog.processors.JSONRenderer()
+            if json_console
+            else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        )
+        stream_handler = logging.StreamHandler(sys.stderr)
+        stream_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+                foreign_pre_chain=pre_chain,
+            )
+        )
+        root.addHandler(stream_handler)
+    for noisy in ("asyncio", "ccxt", "httpx", "httpcore", "telegram", "aiohttp", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[*pre_chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def audit_logger(log_dir: Path, *, max_bytes: int = 50_000_000, backups: int = 10) -> logging.Logger:
+    """Return a logger that writes one JSON object per line to `logs/audit.jsonl`."""
+    logger = logging.getLogger("kestrel.audit")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / "audit.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+# -- Time ------------------------------------------------------------------------------------
+
+_TF_UNITS: Final[dict[str, int]] = {
+    "s": 1_000,
+    "m": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+    "w": 604_800_000,
+}
+_TF_RE: Final = re.compile(r"^(\d+)([smhdwM])$")
+
+
+def timeframe_to_ms(timeframe: str) -> int:
+    """Return the length of a ccxt-style timeframe ('1m', '4h', '1d', '1w') in ms.
+
+    Raises:
+        ValueError: for an unknown timeframe (months are not fixed-length and not allowed).
+    """
+    match = _TF_RE.match(timeframe)
+    if not match or match.group(2) == "M":
+        raise ValueError(f"unsupported timeframe {timeframe!r}; use e.g. 1m, 5m, 1h, 4h, 1d")
+    amount = int(match.group(1))
+    if amount <= 0:
+        raise ValueError(f"timeframe {timeframe!r} must be positive")
+    return amount * _TF_UNITS[match.group(2)]
+
+
+def floor_ts(ts_ms: int, timeframe: str) -> int:
+    """Return the open time of the candle containing `ts_ms`."""
+    step = timeframe_to_ms(timeframe)
+    return ts_ms - ts_ms % step
+
+
+def next_candle_ts(ts_ms: int, timeframe: str) -> int:
+    """Return the open time of the candle after the one containing `ts_ms`."""
+    return floor_ts(ts_ms, timeframe) + timeframe_to_ms(timeframe)
+
+
+def ms_to_datetime(ts_ms: int) -> datetime:
+    """Return a timezone-aware UTC datetime for epoch milliseconds."""
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    """Return epoch milliseconds for a timezone-aware datetime.
+
+    Raises:
+        ValueError: for a naive datetime.
+    """
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: pass a timezone-aware one")
+    return int(value.timestamp() * 1000)
+
+
+def parse_date_ms(text: str) -> int:
+    """Parse '2024-01-01', '20240101' or an ISO timestamp (UTC if no zone) to epoch ms."""
+    text = text.strip()
+    if re.fullmatch(r"\d{8}", text):
+        text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    if re.fullmatch(r"\d{12,}", text):
+        return int(text)
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return datetime_to_ms(value)
+
+
+def parse_timerange(text: str) -> tuple[int | None, int | None]:
+    """Parse freqtrade-style 'YYYYMMDD-YYYYMMDD' (either side may be empty) to ms bounds."""
+    start, sep, end = text.partition("-")
+    if not sep:
+        raise ValueError(f"timerange {text!r} must look like 20240101-20240301")
+    return (parse_date_ms(start) if start else None, parse_date_ms(end) if end else None)
+
+
+class Clock(Protocol):
+    """Injected time: wall clock live, replay clock in backtests and tests."""
+
+    def now_ms(self) -> int:
+        """Return the current time in epoch ms."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's time."""
+        ...
+
+
+class WallClock:
+    """Real time."""
+
+    def now_ms(self) -> int:
+        """Return the wall time in epoch ms."""
+        return time.time_ns() // 1_000_000
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep for real."""
+        await asyncio.sleep(seconds)
+
+
+class ReplayClock:
+    """Time that moves only when told: replays, backtests and tests.
+
+    `sleep` advances the clock instantly (and yields to the loop) so code written against a
+    wall clock runs at full speed in a replay.
+    """
+
+    def __init__(self, start_ms: int = 0) -> None:
+        self._now = start_ms
+        self.slept: list[float] = []
+
+    def now_ms(self) -> int:
+        """Return the replay time."""
+        return self._now
+
+    def set(self, ts_ms: int) -> None:
+        """Move the clock to `ts_ms` (never backwards)."""
+        if ts_ms < self._now:
+            raise ValueError(f"replay clock cannot go back from {self._now} to {ts_ms}")
+        self._now = ts_ms
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self._now += int(seconds * 1000)
+
+    async def sleep(self, seconds: float) -> None:
+        """Record, advance and yield once."""
+        self.slept.append(seconds)
+        self.advance(max(seconds, 0.0))
+        await asyncio.sleep(0)
+
+
+# -- Retry -----------------------------------------------------------------------------------
+
+
+async def retry_async(
+    func: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 5,
+    base: float = 0.5,
+    cap: float = 30.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+    on_retry: Callable[[int, RecoverableError, float], None] | None = None,
+) -> T:
+    """Call `func` until it succeeds, retrying only `RecoverableError`.
+
+    Capped exponential backoff with full jitter (AWS "Exponential Backoff and Jitter"): the
+    n-th wait is uniform in [0, min(cap, base * 2**n)], unless the error carries the
+    server's `retry_after`, which wins. Raises the last error when attempts run out.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await func()
+        except RecoverableError as e:
+            if attempt >= attempts:
+                raise
+            delay = (
+                e.retry_after
+                if e.retry_after is not None
+                else rng.uniform(0, min(cap, base * 2**attempt))
+            )
+            if on_retry is not None:
+                on_retry(attempt, e, delay)
+            log.warning("retrying", attempt=attempt, delay=round(delay, 3), **e.describe())
+            await sleep(delay)
+
+
+# -- Tasks -----------------------------------------------------------------------------------
+
+
+class TaskRegistry:
+    """Strong references to dynamic tasks, logged when they fail and awaited on close.
+
+    Nothing is fire-and-forget: a task created here cannot be garbage-collected mid-flight
+    and its exception is never lost (cf. python-telegram-bot's `Application.create_task`).
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def create_task(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        """Start `coro` as a named task and keep it until it ends."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait for running tasks, cancelling what is left after `timeout`."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def supervised_loop(
+    name: str,
+    step: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    breaker: CircuitBreaker | None = None,
+    base: float = 0.5,
+    cap: float = 30.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+) -> None:
+    """Run `step` until `stop` is set, surviving transient failures.
+
+    A `RecoverableError` backs off with jitter; any other non-fatal exception is logged with
+    its traceback and counted by the component's circuit breaker, which pauses the loop
+    while open. `CancelledError` and `FatalError` propagate, so the TaskGroup cancels the
+    siblings and `main` runs the fail-safe.
+    """
+    rng = rng or random.Random()  # noqa: S311 - jitter
+    failures = 0
+    while not stop.is_set():
+        if breaker is not None and not breaker.allow():
+            await sleep(min(cap, breaker.reset_after))
+            continue
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except FatalError:
+            raise
+        except RecoverableError as e:
+            failures += 1
+            if breaker is not None:
+                breaker.record_failure()
+            delay = e.retry_after or rng.uniform(0, min(cap, base * 2**failures))
+            log.warning("loop_recoverable_error", loop=name, delay=round(delay, 3), **e.describe())
+            await sleep(delay)
+        except Exception:
+            failures += 1
+            if breaker is not None:
+                breaker.record_failure()
+            log.exception("loop_error", loop=name)
+            await sleep(rng.uniform(0, min(cap, base * 2**failures)))
+        else:
+            failures = 0
+            if breaker is not None:
+                breaker.record_success()
+
+
+async def run_periodic(
+    func: Callable[[], Awaitable[None]],
+    interval: float,
+    stop: asyncio.Event,
+    *,
+    clock: Clock,
+    align: bool = False,
+    offset: float = 0.0,
+) -> None:
+    """Call `func` every `interval` seconds on a fixed schedule that does not drift.
+
+    The next deadline is computed from the previous deadline, not from when `func` ended,
+    so a slow run does not push every later run back; missed ticks are skipped, not
+    bunched. With `align`, ticks land on multiples of `interval` (+ `offset`), e.g. one
+    second after each candle closes (freqtrade's `_throttle`).
+    """
+    step_ms = int(interval * 1000)
+    if step_ms <= 0:
+        raise ValueError("interval must be positive")
+    now = clock.now_ms()
+    deadline = (now - now % step_ms + step_ms if align else now + step_ms) + int(offset * 1000)
+    while not stop.is_set():
+        wait = (deadline - clock.now_ms()) / 1000
+        if wait > 0:
+            if isinstance(clock, WallClock):
+                # Wake early when asked to stop instead of sleeping the whole interval.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+            else:
+                await clock.sleep(wait)
+            if stop.is_set():
+                return
+        await func()
+        now = clock.now_ms()
+        deadline += step_ms
+        if deadline <= now:  # skip ticks we missed instead of firing them back to back
+            deadline += ((now - deadline) // step_ms + 1) * step_ms
+
+
+# -- Files -----------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` so readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# -- CPU work off the loop -------------------------------------------------------------------
+
+_pool: ProcessPoolExecutor | None = None
+
+
+def process_pool(max_workers: int | None = None) -> Executor:
+    """Return the shared process pool for CPU-heavy work (created on first use)."""
+    global _pool  # noqa: PLW0603 - one pool per process, created lazily
+    if _pool is None:
+        _pool = ProcessPoolExecutor(max_workers=max_workers or max(1, (os.cpu_count() or 2) - 1))
+    return _pool
+
+
+async def run_cpu(func: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """Run a picklable CPU-bound function in a process pool without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor or process_pool(), func, *args)
+
+
+def shutdown_pool() -> None:
+    """Stop the shared process pool, if one was started."""
+    global _pool  # noqa: PLW0603
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+
+
+def chunked(items: Iterable[T], size: int) -> Iterable[list[T]]:
+    """Yield lists of at most `size` items."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
