@@ -1,0 +1,170 @@
+"""Round prices and quantities to a market's rules and check an order against them.
+
+Pure functions on `models` types, shared by the live exchange, the executor and the
+simulator so that all three round the same way. Everything is `Decimal`: a float tick of
+0.1 is not 0.1, and an order rounded through floats can land one lot below the minimum.
+
+Rounding direction: a quantity is always floored to the lot size (never trade more than
+sized). A price rounded for a side is never worse for that side: a buy never pays more
+and a sell never receives less than asked. The same rule makes stops tighter, which is
+the safe direction: a sell stop below the market is rounded up (triggers sooner), a buy
+stop above the market is rounded down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
+
+from error_handler import OrderRejected
+from models import Market, MarketType, OrderIntent, OrderType, Side, TimeInForce
+
+
+__all__ = ["notional", "round_price", "round_qty", "validate_intent"]
+
+_ONE = Decimal(1)
+
+
+def _quantize(value: Decimal, step: Decimal, rounding: str) -> Decimal:
+    if step <= 0:
+        return value
+    units = (value / step).to_integral_value(rounding=rounding)
+    # Multiplying by the step keeps the step's exponent: 60000.1 with tick 0.10 -> 60000.10.
+    return units * step
+
+
+def round_price(market: Market, price: Decimal, side: Side | None = None) -> Decimal:
+    """Return `price` on the market's tick grid.
+
+    Args:
+        market: the instrument whose `tick_size` applies.
+        price: the raw price.
+        side: when given, round in the direction that is never worse for that side
+            (BUY rounds down, SELL rounds up); when None, round to the nearest tick.
+    """
+    if side is Side.BUY:
+        rounding = ROUND_FLOOR
+    elif side is Side.SELL:
+        rounding = ROUND_CEILING
+    else:
+        rounding = ROUND_HALF_UP
+    return _quantize(price, market.tick_size, rounding)
+
+
+def round_qty(market: Market, qty: Decimal) -> Decimal:
+    """Return `qty` floored to the market's lot size (never more than asked)."""
+    return _quantize(qty, market.lot_size, ROUND_FLOOR)
+
+
+def notional(qty: Decimal, price: Decimal, market: Market) -> Decimal:
+    """Return the quote value of `qty` at `price` (contract size included)."""
+    return qty * price * market.contract_size
+
+
+def validate_intent(
+    intent: OrderIntent, market: Market, *, last_price: Decimal | None = None
+) -> OrderIntent:
+    """Return `intent` rounded to the market's rules, or refuse it with the reason.
+
+    The quantity is floored to the lot size and every price is rounded to the tick
+    (see the module docstring for directions). The minimum notional is checked against
+    the limit price, else the stop price, else `last_price`; a market order with none of
+    them cannot be checked here and passes that one rule.
+
+    Args:
+        intent: the sized order.
+        market: the instrument's rules from `load_markets`.
+        last_price: the latest traded price, the reference for market orders.
+
+    Raises:
+        OrderRejected: inactive market, non-positive or missing numbers, quantity below
+            the minimum (after rounding) or above the maximum, notional below the
+            minimum, leverage above the maximum, or an order shape the market refuses.
+    """
+    context = {"component": "precision", "pair": intent.pair, "order_id": intent.client_order_id}
+
+    def reject(reason: str) -> OrderRejected:
+        return OrderRejected(f"order refused: {reason}", reason=reason, **context)
+
+    if intent.pair != market.pair:
+        raise reject(f"intent is for {intent.pair}, market rules are for {market.pair}")
+    if not market.active:
+        raise reject(f"market {market.pair} is not trading")
+    _check_shape(intent, market, reject)
+
+    qty = round_qty(market, intent.qty)
+    if qty < market.min_qty or qty <= 0:
+        raise reject(
+            f"qty {intent.qty} rounds to {qty}, below the minimum {market.min_qty} "
+            f"(lot size {market.lot_size})"
+        )
+    if market.max_qty is not None and qty > market.max_qty:
+        raise reject(f"qty {qty} above the maximum {market.max_qty}")
+
+    exit_side = intent.side.opposite
+    price = round_price(market, intent.price, intent.side) if intent.price is not None else None
+    stop = (
+        round_price(market, intent.stop_price, intent.side)
+        if intent.stop_price is not None
+        else None
+    )
+    stop_loss = (
+        round_price(market, intent.stop_loss, exit_side) if intent.stop_loss is not None else None
+    )
+    take_profit = (
+        round_price(market, intent.take_profit, exit_side)
+        if intent.take_profit is not None
+        else None
+    )
+    for name, value in (("price", price), ("stop price", stop)):
+        if value is not None and value <= 0:
+            raise reject(f"{name} rounds to {value} (tick {market.tick_size})")
+
+    reference = price or stop or last_price
+    if reference is not None and reference > 0:
+        value = notional(qty, reference, market)
+        if value < market.min_notional:
+            raise reject(
+                f"notional {value.normalize():f} below the minimum {market.min_notional} "
+                f"({qty} x {reference})"
+            )
+    return dataclasses.replace(
+        intent,
+        qty=qty,
+        price=price,
+        stop_price=stop,
+        stop_loss=stop_loss,
+        take_profit=take_profit,
+    )
+
+
+def _check_shape(
+    intent: OrderIntent, market: Market, reject: Callable[[str], OrderRejected]
+) -> None:
+    # Rules that do not depend on rounding: signs, required prices, venue restrictions.
+    if intent.qty <= 0:
+        raise reject(f"qty must be positive, got {intent.qty}")
+    for name, value in (
+        ("price", intent.price),
+        ("stop price", intent.stop_price),
+        ("stop loss", intent.stop_loss),
+        ("take profit", intent.take_profit),
+    ):
+        if value is not None and value <= 0:
+            raise reject(f"{name} must be positive, got {value}")
+    if intent.type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and intent.price is None:
+        raise reject(f"a {intent.type} order needs a price")
+    if intent.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT) and intent.stop_price is None:
+        raise reject(f"a {intent.type} order needs a stop price")
+    if intent.time_in_force is TimeInForce.POST_ONLY and intent.type is not OrderType.LIMIT:
+        raise reject("post-only applies to limit orders only")
+    if intent.leverage is not None:
+        if intent.leverage <= 0:
+            raise reject(f"leverage must be positive, got {intent.leverage}")
+        cap = market.max_leverage if market.type is MarketType.LINEAR else _ONE
+        if intent.leverage > cap:
+            raise reject(f"leverage {intent.leverage} above the maximum {cap}")
+    is_spot_market = market.type is MarketType.SPOT and intent.type is OrderType.MARKET
+    if is_spot_market and (intent.stop_loss or intent.take_profit):
+        raise reject("spot market orders cannot carry an attached stop-loss/take-profit")
