@@ -41,7 +41,7 @@ def _split_list(value: Any) -> Any:
         if not text:
             return []
         if text.startswith("["):
-            import json  # noqa: PLC0415
+            import json
 
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
@@ -335,7 +335,7 @@ def masked(settings: Settings) -> dict[str, Any]:
         return value
 
     result = walk(settings)
-    assert isinstance(result, dict)  # noqa: S101 - Settings is a model
+    assert isinstance(result, dict)
     return result
 
 

@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import structlog
 
+
 log = structlog.get_logger(__name__)
 
 
@@ -236,7 +237,7 @@ _resolved: list[tuple[type[BaseException], type[BotError]]] = []
 
 def _table() -> list[tuple[type[BaseException], type[BotError]]]:
     if not _resolved:
-        import ccxt  # noqa: PLC0415 - deferred: ccxt costs ~0.3 s to import
+        import ccxt
 
         _resolved.extend((getattr(ccxt, name), ours) for name, ours in _CCXT_TABLE)
     return _resolved
@@ -323,10 +324,7 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         """Return the state, moving open -> half-open once the cool-down has passed."""
-        if (
-            self._state is BreakerState.OPEN
-            and self._now() - self._opened_at >= self.reset_after
-        ):
+        if self._state is BreakerState.OPEN and self._now() - self._opened_at >= self.reset_after:
             self._set(BreakerState.HALF_OPEN)
         return self._state
 
@@ -380,7 +378,7 @@ async def run_fail_safe(
     Each step (stop intake, cancel orders, persist, notify, close sessions) runs even if an
     earlier one failed or timed out; failures are logged, never raised.
     """
-    import asyncio  # noqa: PLC0415 - keep module import light
+    import asyncio
 
     details = error.describe() if isinstance(error, BotError) else {"error": repr(error)}
     log.error("fail_safe_started", **details)
@@ -388,6 +386,6 @@ async def run_fail_safe(
         try:
             await asyncio.wait_for(step(), timeout=step_timeout)
             log.info("fail_safe_step_done", step=name)
-        except Exception as e:  # noqa: BLE001 - every step must run regardless
+        except Exception as e:
             log.exception("fail_safe_step_failed", step=name, error=repr(e))
     return error.exit_code if isinstance(error, FatalError) else 1

@@ -100,7 +100,7 @@ ORDER_TRANSITIONS: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
 
 def is_legal_transition(old: OrderStatus, new: OrderStatus) -> bool:
     """Return True if an order may move from `old` to `new`."""
-    return old == new and not old.is_terminal or (old, new) in ORDER_TRANSITIONS
+    return (old == new and not old.is_terminal) or (old, new) in ORDER_TRANSITIONS
 
 
 class Liquidity(StrEnum):
@@ -293,6 +293,9 @@ class OrderIntent:
     time_in_force: TimeInForce = TimeInForce.GTC
     leverage: Decimal | None = None
     ts: int = 0
+    # A market buy sized in quote currency (Bybit spot `marketUnit=quoteCoin`): the filled
+    # base quantity is quote_amount / fill price. `qty` is then the estimate at signal time.
+    quote_amount: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

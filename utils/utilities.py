@@ -125,7 +125,9 @@ def setup_logging(
     )
 
 
-def audit_logger(log_dir: Path, *, max_bytes: int = 50_000_000, backups: int = 10) -> logging.Logger:
+def audit_logger(
+    log_dir: Path, *, max_bytes: int = 50_000_000, backups: int = 10
+) -> logging.Logger:
     """Return a logger that writes one JSON object per line to `logs/audit.jsonl`."""
     logger = logging.getLogger("kestrel.audit")
     logger.propagate = False
@@ -468,7 +470,7 @@ _pool: ProcessPoolExecutor | None = None
 
 def process_pool(max_workers: int | None = None) -> Executor:
     """Return the shared process pool for CPU-heavy work (created on first use)."""
-    global _pool  # noqa: PLW0603 - one pool per process, created lazily
+    global _pool
     if _pool is None:
         _pool = ProcessPoolExecutor(max_workers=max_workers or max(1, (os.cpu_count() or 2) - 1))
     return _pool
@@ -482,7 +484,7 @@ async def run_cpu(func: Callable[..., T], *args: Any, executor: Executor | None 
 
 def shutdown_pool() -> None:
     """Stop the shared process pool, if one was started."""
-    global _pool  # noqa: PLW0603
+    global _pool
     if _pool is not None:
         _pool.shutdown(wait=False, cancel_futures=True)
         _pool = None
@@ -498,3 +500,31 @@ def chunked(items: Iterable[T], size: int) -> Iterable[list[T]]:
             batch = []
     if batch:
         yield batch
+
+
+class AuditTrail:
+    """Append-only JSON lines of every decision (signal, verdict, order, fill) and its inputs.
+
+    Written to `logs/audit.jsonl` with rotation, separate from the operational log.
+    """
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self._logger = audit_logger(log_dir) if log_dir is not None else None
+        self.count = 0
+
+    def record(self, kind: str, ts: int, **data: Any) -> None:
+        """Write one audit event."""
+        import json
+
+        self.count += 1
+        if self._logger is not None:
+            payload = {"kind": kind, "ts": ts, **redact(data)}
+            self._logger.info(json.dumps(payload, default=str, separators=(",", ":")))
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._logger is not None:
+            for handler in list(self._logger.handlers):
+                handler.flush()
+                handler.close()
+                self._logger.removeHandler(handler)

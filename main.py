@@ -1,0 +1,202 @@
+"""Kestrel: an async trading-bot daemon for Bybit.
+
+    python main.py --mode sim --feed replay --no-ui --duration 30
+    python main.py --mode live                      (testnet unless mainnet is opted in)
+    python main.py --mode backtest --strategy sma_cross --param fast=10 --param slow=30
+
+One event loop. `main` parses the command line, loads the settings once, builds every
+component and injects its collaborators, owns the TaskGroup, and turns SIGINT/SIGTERM
+into an orderly shutdown. Heavy libraries are imported only by the modes that use them,
+so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from config import Settings
+
+
+MODES = ("sim", "live", "backtest", "optimize", "backfill", "train", "pairs", "parity")
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="kestrel",
+        description="Async trading bot for Bybit: paper (sim), live, backtests and batch jobs.",
+        epilog="Settings come from KESTREL_* environment variables and .env; "
+        "see README.md or --print-config.",
+    )
+    parser.add_argument("--mode", choices=MODES, default="sim", help="what to run (default sim)")
+    parser.add_argument(
+        "--feed",
+        choices=("live", "replay", "auto"),
+        help="market data for sim: live Bybit, replay of stored candles, or auto (default: "
+        "KESTREL_SIMULATION__FEED)",
+    )
+    parser.add_argument(
+        "--data", type=Path, help="replay/backtest this candle file (.csv[.gz]/.parquet)"
+    )
+    parser.add_argument("--pairs", help="comma-separated pairs, e.g. BTC/USDT,ETH/USDT")
+    parser.add_argument("--timeframe", help="candle timeframe, e.g. 1m, 5m, 1h")
+    parser.add_argument("--strategy", help="built-in strategy name or path to a .py file")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="K=V", help="strategy parameter"
+    )
+    parser.add_argument("--timerange", help="YYYYMMDD-YYYYMMDD (either side optional)")
+    parser.add_argument("--since", help="start date for backfill/parity, e.g. 2024-01-01")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--speed", type=float, help="replay candles per second (0 = max)")
+    parser.add_argument("--no-ui", action="store_true", help="no terminal dashboard")
+    parser.add_argument("--summary-json", type=Path, help="write the run summary here")
+    parser.add_argument("--print-config", action="store_true", help="show settings (masked), exit")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"kestrel: error: {message}", file=sys.stderr)
+    return code
+
+
+def parse_params(items: Sequence[str]) -> dict[str, float]:
+    """Parse repeated `--param k=v` into numbers."""
+    params: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--param {item!r}: value must be a number") from None
+    return params
+
+
+def _apply_cli(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Return settings with command-line overrides applied (validated again)."""
+    from config import Settings
+
+    data = settings.model_dump()
+    if args.feed:
+        data["simulation"]["feed"] = args.feed
+    if args.speed is not None:
+        data["simulation"]["replay_speed"] = args.speed
+    if args.pairs:
+        data["strategy"]["pairs"] = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    if args.timeframe:
+        data["strategy"]["timeframe"] = args.timeframe
+    if args.strategy:
+        data["strategy"]["name"] = args.strategy
+        data["strategy"]["params"] = {}
+    if args.param:
+        data["strategy"]["params"] = {**data["strategy"]["params"], **parse_params(args.param)}
+    if args.log_level:
+        data["logging"]["level"] = args.log_level
+    if args.no_ui:
+        data["ui"]["enabled"] = False
+    # Secrets were dumped as SecretStr objects; model_validate keeps them as they are.
+    return Settings.model_validate(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    from config import load_settings, masked
+    from error_handler import ConfigError, DataError, FatalError
+
+    try:
+        settings = _apply_cli(load_settings(env_file=args.env_file), args)
+    except ConfigError as e:
+        return _fail(e.message)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.print_config:
+        print(json.dumps(masked(settings), indent=2, default=str))
+        return EXIT_OK
+    if args.mode == "live" and not settings.exchange.has_keys:
+        return _fail(
+            "--mode live needs API keys: set KESTREL_EXCHANGE__API_KEY and "
+            "KESTREL_EXCHANGE__API_SECRET (testnet keys unless KESTREL_EXCHANGE__TESTNET=false "
+            "and KESTREL_EXCHANGE__ALLOW_MAINNET=true)"
+        )
+    from utils.utilities import register_secret, setup_logging
+
+    for secret in (
+        settings.exchange.api_key,
+        settings.exchange.api_secret,
+        settings.telegram.token,
+    ):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+    setup_logging(
+        settings.storage.log_dir,
+        level=settings.logging.level,
+        json_console=settings.logging.json_console,
+    )
+    try:
+        return asyncio.run(run_mode(args, settings))
+    except (ConfigError, DataError) as e:
+        return _fail(e.message)
+    except FatalError as e:
+        return _fail(e.message, e.exit_code)
+    except KeyboardInterrupt:
+        return 130
+
+
+async def run_mode(args: argparse.Namespace, settings: Settings) -> int:
+    """Dispatch to the chosen mode."""
+    if args.mode in ("sim", "backtest", "live"):
+        from runner import run_trading
+
+        summary = await run_trading(args, settings)
+        write_summary(summary, args.summary_json)
+        return EXIT_OK
+    from runner import run_batch
+
+    return await run_batch(args, settings)
+
+
+def write_summary(summary: dict[str, Any], path: Path | None) -> None:
+    """Print the summary and write it as JSON when asked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from utils.utilities import atomic_write
+
+        atomic_write(path, json.dumps(summary, indent=2, default=str, sort_keys=True))
+    table = Table(title=f"Kestrel {summary['mode']} summary", show_header=False)
+    for key in (
+        "candles",
+        "n_trades",
+        "final_equity",
+        "total_return",
+        "max_drawdown",
+        "fees",
+        "vetoes",
+        "rejections",
+    ):
+        value = summary.get(key)
+        if isinstance(value, float):
+            text = f"{value:.2%}" if key in ("total_return", "max_drawdown") else f"{value:,.4f}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    Console(file=sys.stdout, width=100).print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Portfolio accounting: cash, positions, round trips and the equity curve, driven by fills.
+
+Cash accounting that works for spot and linear alike: a buy pays `qty x price + fee` out of
+cash, a sell receives `qty x price - fee`, and a position is a signed quantity. Hence
+
+    equity = cash + sum(signed_qty x mark)
+
+changes only through price moves and fees, which the property tests check. Fills are the
+only input; nothing else mutates the portfolio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from decimal import Decimal
+
+import structlog
+
+from error_handler import InvariantError
+from models import ClosedTrade, Fill, PortfolioSnapshot, Position, PositionSide, Side
+
+
+log = structlog.get_logger(__name__)
+ZERO = Decimal(0)
+
+
+@dataclass(slots=True)
+class _Open:
+    """Book-keeping for one open position (mutable, private)."""
+
+    qty: Decimal  # signed: > 0 long, < 0 short
+    entry_price: Decimal
+    ts_opened: int
+    entry_fees: Decimal
+    stop_price: Decimal | None = None
+    take_profit: Decimal | None = None
+    mark: Decimal | None = None
+
+
+class Portfolio:
+    """Cash, positions and realised results of one account."""
+
+    def __init__(self, starting_cash: Decimal, *, quote: str = "USDT") -> None:
+        self.starting_cash = starting_cash
+        self.quote = quote
+        self.cash = starting_cash
+        self.fees = ZERO
+        self.realised_pnl = ZERO
+        self._open: dict[str, _Open] = {}
+        self.closed: list[ClosedTrade] = []
+        self.equity_curve: list[tuple[int, float]] = []
+        self.peak_equity = starting_cash
+        self.max_drawdown = 0.0
+        self._seen_fills: set[str] = set()
+
+    # -- Queries -----------------------------------------------------------------------------
+
+    def position(self, pair: str) -> Position | None:
+        """Return the open position on `pair`, or None."""
+        book = self._open.get(pair)
+        if book is None:
+            return None
+        return Position(
+            pair=pair,
+            side=PositionSide.LONG if book.qty > 0 else PositionSide.SHORT,
+            qty=abs(book.qty),
+            entry_price=book.entry_price,
+            ts_opened=book.ts_opened,
+            stop_price=book.stop_price,
+            take_profit=book.take_profit,
+            mark_price=book.mark,
+            fees_paid=book.entry_fees,
+        )
+
+    def positions(self) -> dict[str, Position]:
+        """Return every open position by pair."""
+        out = {}
+        for pair in self._open:
+            pos = self.position(pair)
+            if pos is not None:
+                out[pair] = pos
+        return out
+
+    def signed_qty(self, pair: str) -> Decimal:
+        """Return the signed position quantity (0 when flat)."""
+        book = self._open.get(pair)
+        return book.qty if book else ZERO
+
+    def equity(self) -> Decimal:
+        """Return cash plus positions at their marks (entry price before the first mark)."""
+        value = ZERO
+        for book in self._open.values():
+            value += book.qty * (book.mark if book.mark is not None else book.entry_price)
+        return self.cash + value
+
+    def exposure(self) -> Decimal:
+        """Return the gross notional of open positions."""
+        return (
+            sum(
+                (abs(b.qty) * (b.mark if b.mark is not None else b.entry_price))
+                for b in self._open.values()
+            )
+            or ZERO
+        )
+
+    def snapshot(self, ts: int) -> PortfolioSnapshot:
+        """Return an immutable view."""
+        return PortfolioSnapshot(
+            ts=ts,
+            cash=self.cash,
+            equity=self.equity(),
+            positions=tuple(self.positions().values()),
+            realised_pnl=self.realised_pnl,
+            fees=self.fees,
+        )
+
+    # -- Updates -----------------------------------------------------------------------------
+
+    def mark(self, pair: str, price: Decimal) -> None:
+        """Set the mark price of the position on `pair` (no-op when flat)."""
+        book = self._open.get(pair)
+        if book is not None:
+            book.mark = price
+
+    def record_equity(self, ts: int) -> float:
+        """Append the current equity to the curve and update the drawdown; return equity."""
+        equity = self.equity()
+        if equity > self.peak_equity:
+            self.peak_equity = equity
+        if self.peak_equity > 0:
+            dd = float((self.peak_equity - equity) / self.peak_equity)
+            self.max_drawdown = max(self.max_drawdown, dd)
+        value = float(equity)
+        if self.equity_curve and self.equity_curve[-1][0] == ts:
+            self.equity_curve[-1] = (ts, value)
+        else:
+            self.equity_curve.append((ts, value))
+        return value
+
+    def set_protection(
+        self, pair: str, *, stop: Decimal | None = None, take_profit: Decimal | None = None
+    ) -> None:
+        """Record the stop and take-profit of the open position."""
+        book = self._open.get(pair)
+        if book is not None:
+            if stop is not None:
+                book.stop_price = stop
+            if take_profit is not None:
+                book.take_profit = take_profit
+
+    def apply_fill(self, fill: Fill, *, reason: str = "") -> ClosedTrade | None:
+        """Apply one fill; return the round trip it closed (fully or partly), if any.
+
+        A fill id seen before is ignored, so a fill reported by both the REST answer and
+        the private stream is counted once.
+        """
+        if fill.fill_id in self._seen_fills:
+            return None
+        if fill.qty <= 0 or fill.price <= 0:
+            raise InvariantError(
+                f"fill with non-positive qty/price: {fill.qty} @ {fill.price}",
+                component="portfolio",
+                pair=fill.pair,
+                order_id=fill.client_order_id,
+            )
+        self._seen_fills.add(fill.fill_id)
+        signed = fill.qty if fill.side is Side.BUY else -fill.qty
+        self.cash -= signed * fill.price + fill.fee
+        self.fees += fill.fee
+        book = self._open.get(fill.pair)
+        if book is None or book.qty == 0:
+            self._open[fill.pair] = _Open(signed, fill.price, fill.ts, fill.fee, mark=fill.price)
+            return None
+        if (book.qty > 0) == (signed > 0):  # adding to the position: average the entry
+            total = book.qty + signed
+            book.entry_price = (book.entry_price * book.qty + fill.price * signed) / total
+            book.qty = total
+            book.entry_fees += fill.fee
+            book.mark = fill.price
+            return None
+        return self._reduce(book, fill, signed, reason)
+
+    def _reduce(self, book: _Open, fill: Fill, signed: Decimal, reason: str) -> ClosedTrade:
+        closing = min(abs(signed), abs(book.qty))
+        fraction = closing / abs(book.qty)
+        entry_fee_part = book.entry_fees * fraction
+        exit_fee_part = fill.fee * (closing / fill.qty)
+        direction = 1 if book.qty > 0 else -1
+        gross = (fill.price - book.entry_price) * closing * direction
+        pnl = gross - entry_fee_part - exit_fee_part
+        self.realised_pnl += pnl
+        trade = ClosedTrade(
+            pair=fill.pair,
+            side=PositionSide.LONG if book.qty > 0 else PositionSide.SHORT,
+            entry_ts=book.ts_opened,
+            exit_ts=fill.ts,
+            entry_price=float(book.entry_price),
+            exit_price=float(fill.price),
+            qty=float(closing),
+            fee=float(entry_fee_part + exit_fee_part),
+            pnl=float(pnl),
+            reason=reason,
+        )
+        self.closed.append(trade)
+        book.entry_fees -= entry_fee_part
+        remaining = abs(signed) - closing
+        book.qty += closing * (1 if signed > 0 else -1)
+        if book.qty == 0:
+            del self._open[fill.pair]
+            if remaining > 0:  # the fill flipped the position: open the other side
+                flip_fee = fill.fee - exit_fee_part
+                new_qty = remaining if signed > 0 else -remaining
+                self._open[fill.pair] = _Open(
+                    new_qty, fill.price, fill.ts, flip_fee, mark=fill.price
+                )
+        else:
+            book.mark = fill.price
+        log.info(
+            "position_reduced",
+            pair=fill.pair,
+            qty=str(closing),
+            pnl=round(float(pnl), 8),
+            remaining=str(abs(book.qty)),
+        )
+        return trade
+
+    def restore(
+        self,
+        *,
+        cash: Decimal,
+        positions: list[Position],
+        fees: Decimal = ZERO,
+        realised_pnl: Decimal = ZERO,
+    ) -> None:
+        """Replace the state with a persisted or exchange-reported one (start-up recovery)."""
+        self.cash = cash
+        self.fees = fees
+        self.realised_pnl = realised_pnl
+        self._open = {
+            p.pair: _Open(
+                p.qty if p.side is PositionSide.LONG else -p.qty,
+                p.entry_price,
+                p.ts_opened,
+                p.fees_paid,
+                p.stop_price,
+                p.take_profit,
+                p.mark_price,
+            )
+            for p in positions
+        }
+
+
+def with_mark(position: Position, price: Decimal) -> Position:
+    """Return `position` marked at `price`."""
+    return replace(position, mark_price=price)

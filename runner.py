@@ -1,0 +1,309 @@
+"""Wiring for each mode: build the components, inject collaborators, run the tasks, shut down.
+
+Part of `main` (it is only ever imported by `main.py`), kept apart so that `main.py --help`
+imports nothing heavy. The trading modes share one path: the only differences between
+sim, backtest and live are the feed (replay or exchange stream), the order gateway
+(matching engine or exchange) and the clock (replay or wall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from config import Settings
+from data_manager import DataManager, load_candles, sample_file
+from error_handler import ConfigError, DataError
+from models import BotState, Candle
+from pipeline import Engine
+from portfolio import Portfolio
+from reward_system import RewardSystem
+from risk_management import RiskManager
+from strategy import load_strategy
+from trade_executor import TradeExecutor
+from trade_simulator import ReplayFeed, SimulatedExchange
+from utils.utilities import AuditTrail, ReplayClock, atomic_write, parse_timerange
+
+
+log = structlog.get_logger(__name__)
+QUEUE_SIZE = 1_000
+SHUTDOWN_STEP_TIMEOUT = 1.5
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """First SIGINT/SIGTERM asks for a graceful stop; a second one forces exit."""
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            os.write(2, b"kestrel: second signal, forcing exit\n")
+            os._exit(1)
+        os.write(2, f"kestrel: {signal.Signals(signum).name} received, stopping\n".encode())
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+def load_frames(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Return the candle frames to replay, by pair: `--data`, else the bundled sample."""
+    timeframe = settings.strategy.timeframe
+    pairs = settings.strategy.pairs
+    if args.data is not None:
+        if len(pairs) != 1:
+            raise ConfigError("--data replays one file: pass exactly one pair with --pairs")
+        return {pairs[0]: load_candles(args.data, timeframe=timeframe)}
+    return {
+        pair: load_candles(
+            sample_file(settings.storage.sample_dir, pair, timeframe), timeframe=timeframe
+        )
+        for pair in pairs
+    }
+
+
+class Daemon:
+    """One trading run: the engine plus the tasks around it, in one TaskGroup."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        self.args = args
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.queue: asyncio.Queue[Candle | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self.audit = AuditTrail(settings.storage.log_dir)
+        self.engine: Engine | None = None
+        self.sim: SimulatedExchange | None = None
+        self.feed: AsyncIterator[Candle] | None = None
+        self.dropped = 0
+        self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+
+    # -- Build -------------------------------------------------------------------------------
+
+    def build_replay(self) -> None:
+        """Build the replay feed, matching engine and engine (sim --feed replay, backtest)."""
+        s = self.settings
+        frames = load_frames(self.args, s)
+        start_ms = end_ms = None
+        if self.args.timerange:
+            try:
+                start_ms, end_ms = parse_timerange(self.args.timerange)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        first = min(int(f.index[0].value // 1_000_000) for f in frames.values())
+        clock = ReplayClock(start_ms if start_ms is not None else first)
+        speed = s.simulation.replay_speed if self.args.mode == "sim" else 0.0
+        self.feed = aiter(
+            ReplayFeed(
+                frames, s.strategy.timeframe, clock, speed=speed, start_ms=start_ms, end_ms=end_ms
+            )
+        )
+        self.sim = SimulatedExchange(
+            clock=clock,
+            maker_fee=s.simulation.maker_fee,
+            taker_fee=s.simulation.taker_fee,
+            slippage_bps=s.simulation.slippage_bps,
+            slippage_model=s.simulation.slippage_model,
+            fill_at=s.simulation.fill_at,
+            latency_ms=s.simulation.latency_ms,
+        )
+        for pair, frame in frames.items():
+            self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
+        self.engine = self._engine(clock, self.sim)
+
+    def _engine(self, clock: ReplayClock, sim: SimulatedExchange) -> Engine:
+        s = self.settings
+        portfolio = Portfolio(
+            Decimal(str(s.simulation.starting_balance)), quote=s.simulation.quote_currency
+        )
+        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        data = DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles))
+        executor = TradeExecutor(
+            sim,
+            portfolio,
+            market_for=lambda pair: sim.markets[pair],
+            clock=clock,
+            audit=self.audit,
+            taker_fee=Decimal(str(s.simulation.taker_fee)),
+            protective_orders=s.risk.profile != "all_in",
+        )
+        return Engine(
+            mode=self.args.mode,
+            timeframe=s.strategy.timeframe,
+            pairs=list(s.strategy.pairs),
+            clock=clock,
+            data=data,
+            strategy=strategy,
+            risk=RiskManager(s.risk, long_only=s.strategy.long_only),
+            executor=executor,
+            reward=RewardSystem(s.reward),
+            portfolio=portfolio,
+            market_for=lambda pair: sim.markets[pair],
+            audit=self.audit,
+            matcher=sim.on_candle,
+            fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+            stop_event=self.stop,
+        )
+
+    # -- Tasks -------------------------------------------------------------------------------
+
+    async def _feed_loop(self) -> None:
+        assert self.feed is not None
+        try:
+            async for candle in self.feed:
+                await self.queue.put(candle)
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+
+    async def _pipeline_loop(self) -> None:
+        assert self.engine is not None
+        while True:
+            candle = await self.queue.get()
+            if candle is None:
+                break
+            await self.engine.on_candle(candle)
+        log.info("feed_exhausted", candles=self.engine.candles)
+        self.stop.set()
+
+    async def _timer(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        log.info("duration_elapsed", seconds=seconds)
+        self.stop.set()
+
+    async def _snapshots(self) -> None:
+        interval = self.settings.storage.snapshot_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self.persist_state()
+
+    # -- Run ---------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Run until the feed ends, the duration passes or a signal arrives."""
+        assert self.engine is not None
+        install_signal_handlers(asyncio.get_running_loop(), self.stop)
+        self.engine.set_state(BotState.RUNNING)
+        log.info(
+            "daemon_started",
+            mode=self.args.mode,
+            pairs=self.engine.pairs,
+            timeframe=self.engine.timeframe,
+            strategy=self.engine.strategy.describe(),
+        )
+        async with asyncio.TaskGroup() as tg:
+            feed = tg.create_task(self._feed_loop(), name="feed")
+            pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
+            background = [tg.create_task(self._snapshots(), name="snapshots")]
+            if self.args.duration is not None:
+                background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
+            await self.stop.wait()
+            self.engine.set_state(BotState.STOPPING)
+            # 1. Stop intake; drop (and count) what was queued but not processed.
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+            while not self.queue.empty():
+                if self.queue.get_nowait() is not None:
+                    self.dropped += 1
+            self.queue.put_nowait(None)
+            # 2. Let the pipeline finish the candle in hand (never cut an order in half).
+            await pipeline
+            for task in background:
+                task.cancel()
+        await self.teardown()
+        return self.summary()
+
+    async def teardown(self) -> None:
+        """Shut down in order, each step isolated: orders, state, notifications, sessions."""
+        assert self.engine is not None
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("cancel_entry_orders", self._cancel_entry_orders),
+            ("persist_state", self._persist_async),
+            *self._closers,
+        ]
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step(), timeout=SHUTDOWN_STEP_TIMEOUT)
+            except Exception:
+                log.exception("shutdown_step_failed", step=name)
+        self.engine.set_state(BotState.STOPPED)
+        log.info("daemon_stopped", candles=self.engine.candles, dropped=self.dropped)
+        self.audit.close()
+
+    async def _cancel_entry_orders(self) -> None:
+        # Entry orders are cancelled; protective stops stay on the exchange so a stopped bot
+        # still has its stops.
+        assert self.engine is not None
+        executor = self.engine.executor
+        for order in executor.open_orders():
+            if not order.reduce_only:
+                await executor.cancel_all(order.pair)
+
+    async def _persist_async(self) -> None:
+        await asyncio.to_thread(self.persist_state)
+
+    def persist_state(self) -> Path:
+        """Write the portfolio, open orders and risk state atomically; return the path."""
+        assert self.engine is not None
+        engine = self.engine
+        path = self.settings.storage.data_dir / "state" / f"{self.args.mode}.json"
+        state = {
+            "ts": engine.clock.now_ms(),
+            "mode": engine.mode,
+            "candles": engine.candles,
+            "cash": str(engine.portfolio.cash),
+            "equity": str(engine.portfolio.equity()),
+            "positions": [
+                {
+                    "pair": p.pair,
+                    "side": str(p.side),
+                    "qty": str(p.qty),
+                    "entry_price": str(p.entry_price),
+                    "ts_opened": p.ts_opened,
+                }
+                for p in engine.portfolio.positions().values()
+            ],
+            "open_orders": [
+                {"client_order_id": o.client_order_id, "pair": o.pair, "status": str(o.status)}
+                for o in engine.executor.open_orders()
+            ],
+            "trading_state": str(engine.risk.trading_state),
+            "n_trades": len(engine.portfolio.closed),
+        }
+        atomic_write(path, json.dumps(state, indent=2))
+        log.info("state_flushed", path=str(path), candles=engine.candles)
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """Return the engine's summary plus run bookkeeping."""
+        assert self.engine is not None
+        summary = self.engine.summary()
+        summary["dropped_candles"] = self.dropped
+        return summary
+
+
+async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Run sim, backtest or live trading and return the summary."""
+    daemon = Daemon(args, settings)
+    feed = settings.simulation.feed
+    if args.mode == "backtest" or (args.mode == "sim" and feed == "replay"):
+        daemon.build_replay()
+    elif args.mode == "sim" and feed == "auto":
+        log.warning("feed_auto", detail="no live feed configured in this build; using replay")
+        daemon.build_replay()
+    else:
+        raise ConfigError(f"--mode {args.mode} with feed {feed} needs the exchange layer")
+    return await daemon.run()
+
+
+async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a batch mode (optimize, backfill, train, pairs, parity)."""
+    raise DataError(f"--mode {args.mode} is not available yet")

@@ -1,0 +1,371 @@
+"""Order execution, the same in every mode: validate, journal, send, track, account.
+
+`TradeExecutor.submit(intent)` rounds and checks the intent against the market's rules and
+the balance, journals it under its client order id *before* sending (when a store is
+attached), and sends it through an `OrderGateway` — the live `exchange.Exchange` or the
+`trade_simulator.SimulatedExchange`; the executor cannot tell which. Order updates and
+fills arrive from REST answers and private streams in any order; the state machine in
+`models.ORDER_TRANSITIONS` and fill ids make them idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any, Protocol
+
+import structlog
+
+from error_handler import BotError, InvariantError, OrderRejected
+from models import (
+    ClosedTrade,
+    Fill,
+    Market,
+    Order,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    Side,
+    is_legal_transition,
+)
+from portfolio import Portfolio
+from utils.precision import validate_intent
+from utils.utilities import AuditTrail, Clock
+
+
+log = structlog.get_logger(__name__)
+ZERO = Decimal(0)
+
+
+class OrderGateway(Protocol):
+    """Where orders go: the live exchange or the simulated one."""
+
+    async def create_order(self, intent: OrderIntent) -> Order:
+        """Send an order and return the exchange's view of it."""
+        ...
+
+    async def cancel_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order:
+        """Cancel an order."""
+        ...
+
+    async def fetch_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order | None:
+        """Look an order up."""
+        ...
+
+    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return working orders."""
+        ...
+
+
+class OrderJournal(Protocol):
+    """The durable trade store, as the executor uses it."""
+
+    def journal(self, intent: OrderIntent, ts: int) -> None:
+        """Persist an order before it is sent."""
+        ...
+
+    def mark_sent(self, client_order_id: str) -> None:
+        """Record that the send was attempted."""
+        ...
+
+    def acknowledge(self, order: Order) -> None:
+        """Record the exchange's acknowledgement."""
+        ...
+
+    def mark_never_sent(self, client_order_id: str, reason: str) -> None:
+        """Record that the order never reached the exchange."""
+        ...
+
+    def update_order(self, order: Order) -> None:
+        """Persist an order update."""
+        ...
+
+    def record_fill(self, fill: Fill) -> bool:
+        """Persist a fill; return False if it was already recorded."""
+        ...
+
+
+Notifier = Callable[[str, dict[str, Any]], None]
+
+
+class TradeExecutor:
+    """Validate, journal and send orders; apply fills to the portfolio."""
+
+    def __init__(
+        self,
+        gateway: OrderGateway,
+        portfolio: Portfolio,
+        *,
+        market_for: Callable[[str], Market],
+        clock: Clock,
+        audit: AuditTrail,
+        store: OrderJournal | None = None,
+        notify: Notifier | None = None,
+        taker_fee: Decimal = Decimal("0.001"),
+        protective_orders: bool = True,
+    ) -> None:
+        self._gateway = gateway
+        self.portfolio = portfolio
+        self._market_for = market_for
+        self._clock = clock
+        self._audit = audit
+        self._store = store
+        self._notify = notify or (lambda kind, data: None)
+        self.taker_fee = taker_fee
+        self.protective_orders = protective_orders
+        self.orders: dict[str, Order] = {}
+        self._intents: dict[str, OrderIntent] = {}
+        self._protective: dict[str, list[str]] = {}
+        self.rejections = 0
+        self.latencies_ms: list[float] = []
+
+    # -- Submit ------------------------------------------------------------------------------
+
+    async def submit(self, intent: OrderIntent, *, last_price: Decimal | None = None) -> Order:
+        """Validate and send one order; a refusal comes back as a REJECTED order with why."""
+        now = self._clock.now_ms()
+        # The executor places stop-loss and take-profit as separate reduce-only orders once
+        # the entry fills (the same on spot, where Bybit refuses them attached to market
+        # orders, and on linear), so they are not sent attached to the entry.
+        protection = (intent.stop_loss, intent.take_profit)
+        intent = replace(intent, stop_loss=None, take_profit=None)
+        try:
+            market = self._market_for(intent.pair)
+            checked = validate_intent(intent, market, last_price=last_price)
+            self._check_balance(checked, last_price)
+        except OrderRejected as e:
+            return self._reject_locally(intent, e.message, now)
+        self._intents[checked.client_order_id] = replace(
+            checked, stop_loss=protection[0], take_profit=protection[1]
+        )
+        if self._store is not None:
+            self._store.journal(checked, now)
+        self._audit.record("order_submitted", now, intent=_intent_fields(checked))
+        try:
+            if self._store is not None:
+                self._store.mark_sent(checked.client_order_id)
+            order = await self._gateway.create_order(checked)
+        except OrderRejected as e:
+            if self._store is not None:
+                self._store.mark_never_sent(checked.client_order_id, e.message)
+            return self._reject_locally(checked, e.message, now)
+        except BotError as e:
+            log.error("order_send_failed", client_order_id=checked.client_order_id, **e.describe())
+            self._notify("error", {"pair": checked.pair, "message": f"order failed: {e.message}"})
+            raise
+        if self._store is not None:
+            self._store.acknowledge(order)
+        self._track(order)
+        if order.status is OrderStatus.REJECTED:
+            self.rejections += 1
+            self._notify("rejected", {"pair": order.pair, "reason": order.reason})
+        log.info(
+            "order_sent",
+            pair=order.pair,
+            side=str(order.side),
+            qty=str(order.qty),
+            client_order_id=order.client_order_id,
+            status=str(order.status),
+        )
+        return order
+
+    def _check_balance(self, intent: OrderIntent, last_price: Decimal | None) -> None:
+        held = self.portfolio.signed_qty(intent.pair)
+        if intent.reduce_only:
+            reducible = held if intent.side is Side.SELL else -held
+            if reducible <= 0:
+                raise OrderRejected("reduce-only order but no position to reduce", pair=intent.pair)
+            return
+        if intent.quote_amount is not None:
+            if intent.quote_amount > self.portfolio.cash:
+                raise OrderRejected(
+                    f"insufficient balance: need {intent.quote_amount}, have {self.portfolio.cash}",
+                    pair=intent.pair,
+                )
+            return
+        price = intent.price or last_price
+        if intent.side is Side.BUY and price is not None:
+            cost = intent.qty * price * (1 + self.taker_fee)
+            if cost > self.portfolio.cash:
+                raise OrderRejected(
+                    f"insufficient balance: need {cost:.8f}, have {self.portfolio.cash:.8f}",
+                    pair=intent.pair,
+                )
+
+    def _reject_locally(self, intent: OrderIntent, reason: str, now: int) -> Order:
+        self.rejections += 1
+        order = Order(
+            client_order_id=intent.client_order_id,
+            pair=intent.pair,
+            side=intent.side,
+            type=intent.type,
+            qty=intent.qty,
+            status=OrderStatus.REJECTED,
+            ts_created=now,
+            ts_updated=now,
+            price=intent.price,
+            reason=reason,
+        )
+        self._audit.record("order_rejected", now, intent=_intent_fields(intent), reason=reason)
+        log.warning("order_rejected", pair=intent.pair, reason=reason)
+        self._notify("rejected", {"pair": intent.pair, "reason": reason})
+        return order
+
+    # -- Updates -----------------------------------------------------------------------------
+
+    def _track(self, order: Order) -> None:
+        known = self.orders.get(order.client_order_id)
+        if known is None:
+            self.orders[order.client_order_id] = order
+            return
+        if order.filled_qty < known.filled_qty or order.ts_updated < known.ts_updated:
+            return  # stale: a later update already arrived from the other source
+        if not is_legal_transition(known.status, order.status):
+            raise InvariantError(
+                f"illegal order transition {known.status} -> {order.status}",
+                component="executor",
+                pair=order.pair,
+                order_id=order.client_order_id,
+            )
+        if known.status != order.status:
+            log.info(
+                "state_changed",
+                machine="order",
+                client_order_id=order.client_order_id,
+                **{"from": str(known.status), "to": str(order.status)},
+            )
+        self.orders[order.client_order_id] = order
+
+    async def on_order(self, order: Order) -> None:
+        """Apply an order update from a REST answer or the private stream."""
+        self._track(order)
+        if self._store is not None:
+            self._store.update_order(self.orders[order.client_order_id])
+
+    async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
+        """Apply a fill (once, whichever source reports it first) and manage protection."""
+        if self._store is not None and not self._store.record_fill(fill):
+            return None
+        self._track(order)
+        if self._store is not None:
+            self._store.update_order(self.orders.get(order.client_order_id, order))
+        intent = self._intents.get(fill.client_order_id)
+        reason = intent.reason if intent else order.reason
+        trade = self.portfolio.apply_fill(fill, reason=reason)
+        self._audit.record(
+            "fill",
+            fill.ts,
+            pair=fill.pair,
+            side=str(fill.side),
+            price=str(fill.price),
+            qty=str(fill.qty),
+            fee=str(fill.fee),
+            client_order_id=fill.client_order_id,
+            liquidity=str(fill.liquidity),
+        )
+        if trade is not None:
+            self._notify("trade_closed", {"trade": trade})
+        elif intent is not None and not intent.reduce_only:
+            self._notify("trade_opened", {"fill": fill})
+        await self._manage_protection(order, fill, intent)
+        return trade
+
+    async def _manage_protection(
+        self, order: Order, fill: Fill, intent: OrderIntent | None
+    ) -> None:
+        pair = fill.pair
+        if self.portfolio.signed_qty(pair) == 0:
+            await self._cancel_protection(pair)
+            if intent is not None and intent.type is OrderType.STOP_MARKET:
+                self._notify("stop_hit", {"pair": pair, "price": str(fill.price)})
+            return
+        if (
+            not self.protective_orders
+            or intent is None
+            or intent.reduce_only
+            or order.status is not OrderStatus.FILLED
+            or (intent.stop_loss is None and intent.take_profit is None)
+        ):
+            return
+        position = self.portfolio.position(pair)
+        if position is None:
+            return
+        await self._cancel_protection(pair)
+        exit_side = intent.side.opposite
+        self.portfolio.set_protection(pair, stop=intent.stop_loss, take_profit=intent.take_profit)
+        now = self._clock.now_ms()
+        ids = []
+        for kind, kwargs in (
+            ("sl", {"type": OrderType.STOP_MARKET, "stop_price": intent.stop_loss}),
+            ("tp", {"type": OrderType.LIMIT, "price": intent.take_profit}),
+        ):
+            level = kwargs.get("stop_price") or kwargs.get("price")
+            if level is None:
+                continue
+            protective = OrderIntent(
+                pair=pair,
+                side=exit_side,
+                qty=position.qty,
+                client_order_id=f"{intent.client_order_id[:32]}{kind}",
+                reason=f"{'stop-loss' if kind == 'sl' else 'take-profit'} for {intent.client_order_id}",
+                reduce_only=True,
+                ts=now,
+                **kwargs,  # type: ignore[arg-type]
+            )
+            placed = await self.submit(protective, last_price=fill.price)
+            if placed.status is not OrderStatus.REJECTED:
+                ids.append(placed.client_order_id)
+        self._protective[pair] = ids
+
+    async def _cancel_protection(self, pair: str) -> None:
+        for cid in self._protective.pop(pair, []):
+            order = self.orders.get(cid)
+            if order is None or order.status.is_terminal:
+                continue
+            try:
+                cancelled = await self._gateway.cancel_order(pair, client_order_id=cid)
+                self._track(cancelled)
+            except BotError as e:
+                log.warning(
+                    "protective_cancel_failed", pair=pair, client_order_id=cid, **e.describe()
+                )
+
+    async def cancel_all(self, pair: str | None = None) -> int:
+        """Cancel every working order (optionally of one pair); return how many."""
+        count = 0
+        for order in await self._gateway.fetch_open_orders(pair):
+            try:
+                cancelled = await self._gateway.cancel_order(
+                    order.pair, client_order_id=order.client_order_id
+                )
+                self._track(replace(cancelled))
+                count += 1
+            except BotError as e:
+                log.warning("cancel_failed", client_order_id=order.client_order_id, **e.describe())
+        return count
+
+    def open_orders(self) -> list[Order]:
+        """Return orders not yet in a terminal state."""
+        return [o for o in self.orders.values() if not o.status.is_terminal]
+
+
+def _intent_fields(intent: OrderIntent) -> dict[str, str | None]:
+    return {
+        "pair": intent.pair,
+        "side": str(intent.side),
+        "type": str(intent.type),
+        "qty": str(intent.qty),
+        "price": None if intent.price is None else str(intent.price),
+        "stop_price": None if intent.stop_price is None else str(intent.stop_price),
+        "stop_loss": None if intent.stop_loss is None else str(intent.stop_loss),
+        "take_profit": None if intent.take_profit is None else str(intent.take_profit),
+        "reduce_only": str(intent.reduce_only),
+        "client_order_id": intent.client_order_id,
+        "reason": intent.reason,
+        "quote_amount": None if intent.quote_amount is None else str(intent.quote_amount),
+    }
