@@ -1,0 +1,263 @@
+"""Retry/backoff with injected sleep, time helpers, periodic scheduling, atomic writes, tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import structlog
+
+from error_handler import (
+    CircuitBreaker,
+    FatalError,
+    OrderRejected,
+    RateLimitError,
+    RecoverableError,
+)
+from tests.conftest import eventually
+from utils.utilities import (
+    ReplayClock,
+    TaskRegistry,
+    atomic_write,
+    datetime_to_ms,
+    floor_ts,
+    ms_to_datetime,
+    next_candle_ts,
+    parse_date_ms,
+    parse_timerange,
+    redact,
+    register_secret,
+    retry_async,
+    run_periodic,
+    supervised_loop,
+    timeframe_to_ms,
+)
+
+
+class Failing:
+    """Fails with the given errors in turn, then returns 'ok'."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+async def test_retry_backs_off_exponentially_with_full_jitter() -> None:
+    """Waits are uniform in [0, min(cap, base*2**n)] and the call finally succeeds."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    func = Failing(*(RecoverableError("net") for _ in range(5)))
+    rng = random.Random(7)
+    result = await retry_async(func, attempts=6, base=0.5, cap=4.0, sleep=sleep, rng=rng)
+    assert result == "ok"
+    assert func.calls == 6
+    expected_rng = random.Random(7)
+    expected = [expected_rng.uniform(0, min(4.0, 0.5 * 2**n)) for n in range(1, 6)]
+    assert slept == pytest.approx(expected)
+    assert all(0 <= s <= min(4.0, 0.5 * 2**n) for n, s in enumerate(slept, start=1))
+
+
+async def test_retry_honours_server_retry_after() -> None:
+    """A RateLimitError's retry_after is the wait, not the jittered backoff."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    func = Failing(RateLimitError("429", retry_after=3.25))
+    assert await retry_async(func, attempts=3, sleep=sleep) == "ok"
+    assert slept == [3.25]
+
+
+async def test_retry_raises_when_attempts_run_out() -> None:
+    """The last error propagates after `attempts` calls."""
+
+    async def sleep(seconds: float) -> None:
+        return None
+
+    func = Failing(*(RecoverableError(f"n{i}") for i in range(10)))
+    with pytest.raises(RecoverableError, match="n2"):
+        await retry_async(func, attempts=3, sleep=sleep)
+    assert func.calls == 3
+
+
+@pytest.mark.parametrize("error", [OrderRejected("no"), FatalError("stop"), ValueError("bug")])
+async def test_retry_never_retries_non_recoverable(error: Exception) -> None:
+    """Business refusals, fatal errors and bugs are raised at once."""
+    func = Failing(error)
+    with pytest.raises(type(error)):
+        await retry_async(func, attempts=5)
+    assert func.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("tf", "ms"), [("1s", 1000), ("1m", 60_000), ("5m", 300_000), ("4h", 14_400_000), ("1d", 86_400_000), ("1w", 604_800_000)]
+)
+def test_timeframe_to_ms(tf: str, ms: int) -> None:
+    """ccxt timeframes convert to milliseconds."""
+    assert timeframe_to_ms(tf) == ms
+
+
+@pytest.mark.parametrize("bad", ["", "1M", "0m", "m1", "1x", "1.5h"])
+def test_bad_timeframes_are_refused(bad: str) -> None:
+    """Unknown or ambiguous timeframes raise ValueError."""
+    with pytest.raises(ValueError):
+        timeframe_to_ms(bad)
+
+
+def test_candle_alignment() -> None:
+    """floor_ts and next_candle_ts align to the timeframe grid."""
+    ts = 1_670_889_661_234
+    assert floor_ts(ts, "1m") == 1_670_889_660_000
+    assert next_candle_ts(ts, "1m") == 1_670_889_720_000
+    assert floor_ts(1_670_889_660_000, "1m") == 1_670_889_660_000
+
+
+def test_datetime_conversions_are_utc_and_refuse_naive() -> None:
+    """ms <-> datetime round-trips in UTC; naive datetimes are refused."""
+    dt = ms_to_datetime(1_704_067_200_000)
+    assert dt == datetime(2024, 1, 1, tzinfo=UTC)
+    assert datetime_to_ms(dt) == 1_704_067_200_000
+    assert datetime_to_ms(datetime(2024, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))) == 1_704_067_200_000
+    with pytest.raises(ValueError):
+        datetime_to_ms(datetime(2024, 1, 1))  # noqa: DTZ001 - the point of the test
+
+
+def test_parse_dates_and_timeranges() -> None:
+    """Dates parse in several forms as UTC; timeranges allow an open side."""
+    assert parse_date_ms("2024-01-01") == 1_704_067_200_000
+    assert parse_date_ms("20240101") == 1_704_067_200_000
+    assert parse_date_ms("2024-01-01T00:00:00Z") == 1_704_067_200_000
+    assert parse_timerange("20240101-20240102") == (1_704_067_200_000, 1_704_153_600_000)
+    assert parse_timerange("20240101-") == (1_704_067_200_000, None)
+    with pytest.raises(ValueError):
+        parse_timerange("20240101")
+
+
+async def test_periodic_does_not_drift() -> None:
+    """Ticks stay on the grid even when the work takes time; missed ticks are skipped."""
+    clock = ReplayClock(1_000)
+    stop = asyncio.Event()
+    ticks: list[int] = []
+
+    async def work() -> None:
+        ticks.append(clock.now_ms())
+        clock.advance(0.3)  # the job itself takes 300 ms
+        if len(ticks) == 3:
+            clock.advance(2.5)  # a stall longer than two intervals
+        if len(ticks) == 5:
+            stop.set()
+
+    await run_periodic(work, 1.0, stop, clock=clock, align=True)
+    assert ticks == [2_000, 3_000, 4_000, 7_000, 8_000]
+
+
+async def test_replay_clock_never_goes_back() -> None:
+    """set() refuses to move the replay clock backwards."""
+    clock = ReplayClock(10)
+    clock.set(20)
+    with pytest.raises(ValueError):
+        clock.set(5)
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    """The target holds the old or new content, and no temp file is left behind."""
+    target = tmp_path / "sub" / "state.json"
+    atomic_write(target, "old")
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert os.listdir(target.parent) == ["state.json"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the replace fails, the old content survives and the temp file is removed."""
+    target = tmp_path / "state.json"
+    atomic_write(target, "old")
+
+    def broken(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        atomic_write(target, "new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+async def test_task_registry_keeps_reports_and_awaits() -> None:
+    """Tasks are held until done, failures are logged, close() cancels stragglers."""
+    registry = TaskRegistry()
+    done = asyncio.Event()
+
+    async def quick() -> None:
+        done.set()
+
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    with structlog.testing.capture_logs() as logs:
+        registry.create_task(quick(), name="quick")
+        slow = registry.create_task(forever(), name="forever")
+        registry.create_task(fails(), name="fails")
+        await eventually(lambda: done.is_set() and len(registry) == 1)
+        await registry.close(timeout=0.01)
+    assert slow.cancelled()
+    assert any(e["event"] == "task_failed" and e["task"] == "fails" for e in logs)
+
+
+async def test_supervised_loop_survives_errors_and_trips_breaker() -> None:
+    """Recoverable and unexpected errors back off; the breaker opens; fatal escapes."""
+    stop = asyncio.Event()
+    clock_now = [0.0]
+    breaker = CircuitBreaker("feed", threshold=3, reset_after=5, now=lambda: clock_now[0])
+    outcomes: list[BaseException | None] = [
+        RecoverableError("a"),
+        ValueError("bug"),
+        RecoverableError("b"),
+        None,
+        FatalError("auth"),
+    ]
+    slept: list[float] = []
+    states: list[str] = []
+
+    async def step() -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        states.append(str(breaker.state))
+        clock_now[0] += 10  # let the breaker half-open for the next probe
+
+    with pytest.raises(FatalError):
+        await supervised_loop("feed", step, stop, breaker=breaker, sleep=sleep, rng=random.Random(1))
+    assert "open" in states
+    assert breaker.state.value == "closed"  # the success in between closed it
+    assert len(slept) >= 3
+
+
+def test_redaction_masks_registered_secrets_and_secret_keys() -> None:
+    """Registered secret values and secret-looking keys never survive redaction."""
+    register_secret("s3cr3t-value-xyz")
+    data = {"url": "https://x/?sign=s3cr3t-value-xyz", "api_key": "visible?", "n": 1}
+    out = redact(data)
+    assert "s3cr3t-value-xyz" not in repr(out)
+    assert out["api_key"] == "***"
+    assert out["n"] == 1
