@@ -1,0 +1,391 @@
+"""The web view: token auth, the JSON API against known snapshots, commands, and the page
+rendered by headless Chromium (screenshot kept in test-artifacts/)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from PIL import Image  # pillow comes with matplotlib (vectorbt's dependency)
+from pydantic import SecretStr
+
+from config import UISettings
+from error_handler import ConfigError
+from models import (
+    BotState,
+    ClosedTrade,
+    OrderBook,
+    PortfolioSnapshot,
+    Position,
+    PositionSide,
+    Snapshot,
+    TradingState,
+)
+from tests.conftest import ROOT
+from tests.test_ui_support import FakeControl
+from ui import WebView
+
+
+TOKEN = "test-token-5f2c9a"
+GOOD = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def control() -> FakeControl:
+    return FakeControl()
+
+
+@pytest.fixture
+async def web(control: FakeControl) -> AsyncIterator[WebView]:
+    view = WebView(control, UISettings(web_port=0, web_token=SecretStr(TOKEN)))
+    async with view:
+        yield view
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def url(web: WebView, path: str) -> str:
+    return f"http://127.0.0.1:{web.port}{path}"
+
+
+# -- Auth ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/api/snapshot"),
+        ("GET", "/api/equity"),
+        ("GET", "/api/depth/BTC/USDT"),
+        ("POST", "/api/pause"),
+        ("POST", "/api/resume"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({}, ""),
+        ({"Authorization": "Bearer wrong-token"}, ""),
+        ({"Authorization": f"Basic {TOKEN}"}, ""),
+        ({}, "?token=wrong"),
+        ({}, f"?token={TOKEN[:-1]}"),
+        ({"Authorization": "Bearer wrong-token"}, f"?token={TOKEN}"),  # a bad header wins
+    ],
+)
+async def test_every_route_needs_the_token(
+    web: WebView,
+    http: aiohttp.ClientSession,
+    control: FakeControl,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    query: str,
+) -> None:
+    """Without the right token every route answers 401 and no command runs."""
+    async with http.request(method, url(web, path + query), headers=headers) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert await response.json() == {"error": "unauthorized"}
+    assert control.calls == []
+    assert control.snapshot_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"), [(GOOD, ""), ({}, f"?token={TOKEN}")], ids=["bearer", "query"]
+)
+async def test_the_token_is_accepted_as_header_or_query(
+    web: WebView, http: aiohttp.ClientSession, headers: dict[str, str], query: str
+) -> None:
+    """A Bearer header or a ?token= query parameter both authorise."""
+    async with http.get(url(web, "/api/snapshot" + query), headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        assert (await response.json())["mode"] == "sim"
+
+
+def test_a_web_view_without_a_token_refuses_to_start(control: FakeControl) -> None:
+    """No configured token is a configuration error, not an open server."""
+    with pytest.raises(ConfigError, match="KESTREL_UI__WEB_TOKEN"):
+        WebView(control, UISettings(web_port=0))
+
+
+async def test_stop_releases_the_port(control: FakeControl, http: aiohttp.ClientSession) -> None:
+    """After stop the port no longer answers; stop twice is harmless."""
+    view = WebView(control, UISettings(web_port=0), token=TOKEN)
+    await view.start()
+    port = view.port
+    await view.stop()
+    await view.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await http.get(f"http://127.0.0.1:{port}/api/snapshot", headers=GOOD)
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+
+def small_snapshot() -> Snapshot:
+    """Return a snapshot small enough to spell out its JSON by hand."""
+    return Snapshot(
+        ts=1_000,
+        mode="live",
+        state=BotState.RUNNING,
+        trading_state=TradingState.HALTED,
+        portfolio=PortfolioSnapshot(
+            ts=1_000,
+            cash=Decimal("100.50"),
+            equity=Decimal("150.25"),
+            positions=(
+                Position(
+                    pair="BTC/USDT",
+                    side=PositionSide.SHORT,
+                    qty=Decimal("0.001"),
+                    entry_price=Decimal("50000.0"),
+                    ts_opened=900,
+                    mark_price=Decimal("49000"),
+                ),
+            ),
+        ),
+        pairs=("BTC/USDT",),
+        recent_trades=(
+            ClosedTrade("ETH/USDT", PositionSide.LONG, 1, 2, 10.0, 11.5, 2.0, 0.01, 2.99, "tp"),
+        ),
+        equity_curve=((500, 149.0), (1_000, float("nan"))),
+        order_books={"BTC/USDT": OrderBook("BTC/USDT", 999, ((48999.5, 0.25),), ((49000.5, 1.0),))},
+        scores={"trend": 0.5},
+        errors=("boom",),
+        rate_limit_budget={"rest": 0.9},
+        risk={"exposure": Decimal("0.33"), "circuit_breakers": {"exchange": "open"}},
+    )
+
+
+EXPECTED_SNAPSHOT: dict[str, Any] = {
+    "ts": 1000,
+    "mode": "live",
+    "state": "running",
+    "trading_state": "halted",
+    "portfolio": {
+        "ts": 1000,
+        "cash": "100.50",
+        "equity": "150.25",
+        "positions": [
+            {
+                "pair": "BTC/USDT",
+                "side": "short",
+                "qty": "0.001",
+                "entry_price": "50000.0",
+                "ts_opened": 900,
+                "stop_price": None,
+                "take_profit": None,
+                "mark_price": "49000",
+                "fees_paid": "0",
+            }
+        ],
+        "realised_pnl": "0",
+        "fees": "0",
+    },
+    "pairs": ["BTC/USDT"],
+    "recent_trades": [
+        {
+            "pair": "ETH/USDT",
+            "side": "long",
+            "entry_ts": 1,
+            "exit_ts": 2,
+            "entry_price": 10.0,
+            "exit_price": 11.5,
+            "qty": 2.0,
+            "fee": 0.01,
+            "pnl": 2.99,
+            "reason": "tp",
+        }
+    ],
+    "open_orders": [],
+    "equity_curve": [[500, 149.0], [1000, None]],
+    "last_decisions": {},
+    "order_books": {
+        "BTC/USDT": {
+            "pair": "BTC/USDT",
+            "ts": 999,
+            "bids": [[48999.5, 0.25]],
+            "asks": [[49000.5, 1.0]],
+        }
+    },
+    "scores": {"trend": 0.5},
+    "errors": ["boom"],
+    "rate_limit_budget": {"rest": 0.9},
+    "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
+    "model": {},
+}
+
+
+async def test_snapshot_json_equals_the_snapshot(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """/api/snapshot is the Snapshot field for field: Decimals as strings, NaN as null."""
+    control.base = small_snapshot()
+    async with http.get(url(web, "/api/snapshot"), headers=GOOD) as response:
+        assert response.content_type == "application/json"
+        assert await response.json() == EXPECTED_SNAPSHOT
+
+
+async def test_snapshot_can_leave_heavy_fields_out(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """?exclude= drops the named fields and keeps the rest."""
+    control.base = small_snapshot()
+    path = "/api/snapshot?exclude=equity_curve,order_books"
+    async with http.get(url(web, path), headers=GOOD) as response:
+        body = await response.json()
+    expected = {
+        k: v for k, v in EXPECTED_SNAPSHOT.items() if k not in ("equity_curve", "order_books")
+    }
+    assert body == expected
+
+
+async def test_equity_json(web: WebView, http: aiohttp.ClientSession, control: FakeControl) -> None:
+    """/api/equity carries the equity figures and the curve."""
+    control.base = small_snapshot()
+    async with http.get(url(web, "/api/equity"), headers=GOOD) as response:
+        body = await response.json()
+    assert body == {
+        "ts": 1000,
+        "equity": "150.25",
+        "cash": "100.50",
+        "realised_pnl": "0",
+        "unrealised_pnl": "1.0000",  # short 0.001 from 50000 to 49000
+        "total_points": 2,
+        "points": [[500, 149.0], [1000, None]],
+    }
+    async with http.get(url(web, "/api/equity?points=x"), headers=GOOD) as response:
+        assert response.status == 400
+
+
+@pytest.mark.parametrize("pair", ["BTC/USDT", "BTC%2FUSDT", "BTC-USDT"])
+async def test_depth_json_is_cumulative(
+    web: WebView, http: aiohttp.ClientSession, pair: str
+) -> None:
+    """/api/depth/<pair> returns [price, qty, cumulative] per level, best first."""
+    async with http.get(url(web, f"/api/depth/{pair}"), headers=GOOD) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["pair"] == "BTC/USDT"
+    assert body["bids"] == [[50599.0, 1.0, 1.0], [50598.0, 2.0, 3.0], [50590.0, 3.0, 6.0]]
+    assert body["asks"] == [[50601.0, 0.5, 0.5], [50602.0, 1.5, 2.0], [50610.0, 4.0, 6.0]]
+    assert body["mid"] == 50600.0
+    assert body["spread_bps"] == pytest.approx(2 / 50600 * 1e4)
+
+
+async def test_depth_of_an_unknown_pair_is_404(web: WebView, http: aiohttp.ClientSession) -> None:
+    """A pair without a book is a 404 with a reason."""
+    async with http.get(url(web, "/api/depth/DOGE/USDT"), headers=GOOD) as response:
+        assert response.status == 404
+        assert "DOGE/USDT" in (await response.json())["error"]
+
+
+async def test_pause_and_resume_commands(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """POST /api/pause and /api/resume call the Control and report the new state."""
+    async with http.post(url(web, "/api/pause"), headers=GOOD) as response:
+        assert await response.json() == {"ok": True, "state": "paused"}
+    assert control.calls == [("pause", "web view")]
+    async with http.post(url(web, f"/api/resume?token={TOKEN}")) as response:
+        assert await response.json() == {"ok": True, "state": "running"}
+    assert control.calls == [("pause", "web view"), ("resume", "web view")]
+    async with http.get(url(web, "/api/pause"), headers=GOOD) as response:
+        assert response.status == 405  # a link or an image cannot pause the bot
+    assert len(control.calls) == 2
+
+
+async def test_page_is_self_contained(web: WebView, http: aiohttp.ClientSession) -> None:
+    """The page loads nothing from elsewhere and locks scripts to its own inline one."""
+    async with http.get(url(web, "/"), headers=GOOD) as response:
+        html = await response.text()
+        csp = response.headers["Content-Security-Policy"]
+    assert response.content_type == "text/html"
+    assert "<canvas" in html
+    assert "http://" not in html
+    assert "https://" not in html
+    assert "script-src 'sha256-" in csp
+    assert "connect-src 'self'" in csp
+
+
+# -- In a real browser -----------------------------------------------------------------------
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: .ci/browser.sh should have installed it")
+        pytest.skip("chromium not installed (run .ci/browser.sh)")
+    return path
+
+
+def _count_near(image: Any, colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> int:
+    pixels = np.asarray(image.crop(box).convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - np.array(colour)) <= 12).all(axis=-1).sum())
+
+
+def _distinct_colours(image: Any, box: tuple[int, int, int, int]) -> int:
+    pixels = np.asarray(image.crop(box).convert("RGB")).reshape(-1, 3)
+    return len(np.unique(pixels, axis=0))
+
+
+async def test_page_draws_charts_in_headless_chromium(
+    web: WebView, control: FakeControl, tmp_path: Path
+) -> None:
+    """Chromium loads the page, which fetches the API and draws both charts."""
+    chromium = _chromium()
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "web_view.png"
+    shot.unlink(missing_ok=True)
+    process = await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,800",
+        "--virtual-time-budget=3000",  # let the page's fetches and first tick finish
+        f"http://127.0.0.1:{web.port}/?token={TOKEN}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=45)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert shot.stat().st_size > 20_000
+    assert control.snapshot_calls >= 2  # the page's script polled the API with the token
+
+    with Image.open(shot) as image:
+        assert image.size == (1200, 800)
+        equity_box, depth_box = (0, 60, 1200, 350), (0, 360, 1200, 660)
+        assert _count_near(image, (0x4F, 0xC3, 0xF7), equity_box) > 500  # the equity line
+        assert _count_near(image, (0x26, 0xA6, 0x9A), depth_box) > 500  # bids
+        assert _count_near(image, (0xEF, 0x53, 0x50), depth_box) > 500  # asks
+        assert _distinct_colours(image, equity_box) > 20  # axes, labels, fill: not a flat box
