@@ -88,6 +88,7 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION: Final = 1
 DEFAULT_BOT_ID: Final = "default"
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+_SYNCHRONOUS_NAMES: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 # Key of the PostgreSQL advisory lock that serialises schema creation between bots.
 _PG_SCHEMA_LOCK: Final = 0x4B455354  # "KEST"
 _COMPONENT: Final = "trade_store"
@@ -531,6 +532,23 @@ class TradeStore:
     def backend(self) -> str:
         """Return the dialect name: 'sqlite' or 'postgresql'."""
         return self._engine.dialect.name
+
+    def describe(self) -> dict[str, Any]:
+        """Return the store's settings for start-up logs and health checks.
+
+        On SQLite this reads the live connection's pragmas (journal mode, synchronous level,
+        foreign keys), which are per connection and so cannot be read from the file.
+        """
+        out: dict[str, Any] = {"backend": self.backend, "bot_id": self._bot_id}
+        with self._read() as conn:
+            out["schema_version"] = conn.execute(
+                sa.select(sa.func.max(schema_version.c.version))
+            ).scalar()
+            if self.backend == "sqlite":
+                for pragma in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout"):
+                    out[pragma] = conn.exec_driver_sql(f"PRAGMA {pragma}").scalar()
+                out["synchronous"] = _SYNCHRONOUS_NAMES.get(out["synchronous"], out["synchronous"])
+        return out
 
     def close(self) -> None:
         """Close every pooled connection; further calls raise."""

@@ -143,8 +143,12 @@ def test_mark_never_sent_closes_the_order_for_good(store: TradeStore) -> None:
     store.mark_never_sent("cid-1", "again")  # idempotent
     with pytest.raises(InvariantError):
         store.mark_sent("cid-1")
+    # Even a report agreeing with our status means the exchange has it after all: loud.
     with pytest.raises(InvariantError):
-        store.acknowledge(report("cid-1", OrderStatus.OPEN, ts=5))
+        store.acknowledge(report("cid-1", OrderStatus.REJECTED, ts=5))
+    with pytest.raises(InvariantError):
+        store.update_order(report("cid-1", OrderStatus.REJECTED, ts=5))
+    assert store.journal_state("cid-1") is JournalState.NEVER_SENT
 
 
 def test_mark_never_sent_refuses_an_acknowledged_order(store: TradeStore) -> None:
@@ -487,6 +491,22 @@ def _schema_versions(backend: Backend) -> list[int]:
             return list(conn.execute(sa.select(schema_version.c.version)).scalars())
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_sqlite_connections_carry_the_durability_pragmas(tmp_path: Path, synchronous: str) -> None:
+    """Each SQLite connection runs WAL, the chosen synchronous level and foreign keys."""
+    url = f"sqlite:///{tmp_path / 'kestrel.sqlite'}"
+    with TradeStore.open(url, synchronous=synchronous, busy_timeout_s=2.5) as opened:  # type: ignore[arg-type]
+        assert opened.describe() == {
+            "backend": "sqlite",
+            "bot_id": "default",
+            "schema_version": SCHEMA_VERSION,
+            "journal_mode": "wal",
+            "synchronous": synchronous,
+            "foreign_keys": 1,
+            "busy_timeout": 2_500,
+        }
 
 
 def test_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
