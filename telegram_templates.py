@@ -1,0 +1,502 @@
+"""Telegram message text: alert templates and command views, HTML-escaped and redacted.
+
+Pure functions of our own types (`models`), so any component can build an alert without
+touching the bot, and tests can check a view without a server. Every free-form value goes
+through `esc`, which masks registered secrets (`utils.utilities.redact`) and escapes HTML.
+HTML tags open and close on one line, so long texts can be split at line breaks.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final
+
+from error_handler import BotError
+from models import ClosedTrade, Decision, Fill, OrderIntent, Position, Snapshot, TradingState
+from utils.utilities import ms_to_datetime, redact
+
+
+MAX_MESSAGE_CHARS: Final = 4096
+# Long texts are split below the hard limit so a count suffix still fits.
+CHUNK_CHARS: Final = 3800
+
+
+# -- Formatting helpers ----------------------------------------------------------------------
+
+
+def esc(value: Any) -> str:
+    """Return `value` as HTML-safe text with every registered secret masked."""
+    return html.escape(str(redact(value if isinstance(value, str) else str(value))), quote=False)
+
+
+def fmt_number(value: Decimal | float | int | None, places: int = 2, *, sign: bool = False) -> str:
+    """Return a number with thousands separators and `places` decimals ("-" for None)."""
+    if value is None:
+        return "-"
+    return f"{float(value):{'+' if sign else ''},.{places}f}"
+
+
+def fmt_price(value: Decimal | float | None) -> str:
+    """Return a price or quantity exactly, without exponent notation ("-" for None)."""
+    if value is None:
+        return "-"
+    number = value if isinstance(value, Decimal) else Decimal(repr(float(value)))
+    text = format(number.normalize(), "f")
+    return text if "." not in text else text.rstrip("0").rstrip(".")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2%}"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return esc(value)
+    if isinstance(value, float):
+        return esc(f"{value:.6g}")
+    if isinstance(value, Decimal):
+        return esc(fmt_price(value))
+    return esc(value)
+
+
+def _when(ts_ms: int) -> str:
+    return ms_to_datetime(ts_ms).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _duration(ms: int) -> str:
+    seconds = max(0, ms) // 1000
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def plain_text(html_text: str) -> str:
+    """Return what an HTML message looks like as plain text (tags dropped, entities decoded)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", html_text))
+
+
+def split_text(text: str, limit: int = CHUNK_CHARS) -> list[str]:
+    """Split a message into chunks of at most `limit` characters at line breaks.
+
+    HTML tags must open and close on one line for the chunks to stay valid; the templates
+    here keep to that. A single line longer than `limit` is cut hard.
+    """
+    if len(text) <= limit:
+        return [text]
+    chunks: list[str] = []
+    current = ""
+    for line in text.split("\n"):
+        while len(line) > limit:
+            if current:
+                chunks.append(current)
+                current = ""
+            chunks.append(line[:limit])
+            line = line[limit:]
+        candidate = f"{current}\n{line}" if current else line
+        if len(candidate) > limit:
+            chunks.append(current)
+            current = line
+        else:
+            current = candidate
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _pair_key(pair: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", pair.split(":")[0].upper())
+
+
+def find_pair(query: str, pairs: Iterable[str]) -> str | None:
+    """Return the pair in `pairs` that `query` names ("btc/usdt", "BTCUSDT", "BTC-USDT")."""
+    candidates = list(pairs)
+    for pair in candidates:
+        if pair.upper() == query.upper():
+            return pair
+    wanted = _pair_key(query)
+    matches = [pair for pair in candidates if _pair_key(pair) == wanted]
+    return matches[0] if matches else None
+
+
+# -- Alert templates -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A notification ready to send: HTML text, a category, and how it coalesces.
+
+    Alerts with the same `key` (the text when empty) merge while they wait in the queue.
+    """
+
+    text: str
+    category: str = "info"
+    key: str = ""
+
+    @property
+    def coalesce_key(self) -> str:
+        """Return the key identical alerts share."""
+        return self.key or self.text
+
+
+def text_alert(text: str, *, category: str = "info") -> Alert:
+    """Return an alert for free-form plain text (escaped and redacted)."""
+    return Alert(esc(text), category)
+
+
+def trade_opened(position: Position, *, reason: str = "") -> Alert:
+    """Return the alert for a new position."""
+    lines = [
+        f"🟢 <b>Opened {esc(position.side)} {esc(position.pair)}</b>",
+        f"qty {fmt_price(position.qty)} @ {fmt_price(position.entry_price)}",
+    ]
+    if position.stop_price is not None or position.take_profit is not None:
+        lines.append(
+            f"stop {fmt_price(position.stop_price)} · take-profit {fmt_price(position.take_profit)}"
+        )
+    if reason:
+        lines.append(f"reason: {esc(reason)}")
+    return Alert("\n".join(lines), "trade_opened")
+
+
+def trade_closed(trade: ClosedTrade) -> Alert:
+    """Return the alert for a closed round trip, with its PnL."""
+    cost = trade.entry_price * trade.qty
+    pnl_pct = trade.pnl / cost if cost else None
+    icon = "💰" if trade.pnl > 0 else "🔻"
+    lines = [
+        f"{icon} <b>Closed {esc(trade.side)} {esc(trade.pair)}</b>",
+        f"{fmt_price(trade.entry_price)} → {fmt_price(trade.exit_price)}"
+        f" · qty {fmt_price(trade.qty)}",
+        f"PnL <b>{fmt_number(trade.pnl, sign=True)}</b> ({_pct(pnl_pct)})"
+        f" · fee {fmt_number(trade.fee, 4)}",
+        f"held {_duration(trade.exit_ts - trade.entry_ts)}",
+    ]
+    if trade.reason:
+        lines.append(f"reason: {esc(trade.reason)}")
+    return Alert("\n".join(lines), "trade_closed")
+
+
+def stop_hit(position: Position, *, fill_price: Decimal | float, pnl: Decimal | float) -> Alert:
+    """Return the alert for a protective stop that filled."""
+    lines = [
+        f"🛑 <b>Stop hit {esc(position.side)} {esc(position.pair)}</b>",
+        f"stop {fmt_price(position.stop_price)} filled @ {fmt_price(fill_price)} · "
+        f"qty {fmt_price(position.qty)}",
+        f"PnL <b>{fmt_number(pnl, sign=True)}</b>",
+    ]
+    return Alert("\n".join(lines), "stop_hit")
+
+
+def order_filled(fill: Fill) -> Alert:
+    """Return the alert for one execution."""
+    text = (
+        f"✅ <b>Filled {esc(fill.side)} {esc(fill.pair)}</b>\n"
+        f"{fmt_price(fill.qty)} @ {fmt_price(fill.price)} · fee {fmt_price(fill.fee)} "
+        f"{esc(fill.fee_currency)} ({esc(fill.liquidity)})"
+    )
+    return Alert(text, "order_filled")
+
+
+def order_rejected(intent: OrderIntent, reason: str) -> Alert:
+    """Return the alert for an order refused by market rules or the exchange."""
+    text = (
+        f"🚫 <b>Rejected {esc(intent.side)} {esc(intent.pair)}</b>\n"
+        f"qty {fmt_price(intent.qty)} {esc(intent.type)}"
+        + (f" @ {fmt_price(intent.price)}" if intent.price is not None else "")
+        + f"\nreason: {esc(reason)}"
+    )
+    # Repeats of the same refusal on the same pair are one alert with a count.
+    return Alert(text, "order_rejected", key=f"rejected:{intent.pair}:{intent.side}:{reason}")
+
+
+def circuit_breaker(
+    guard: str,
+    *,
+    value: float,
+    limit: float,
+    state: TradingState | str,
+    until_ts: int | None = None,
+    percent: bool = True,
+    detail: str = "",
+) -> Alert:
+    """Return the alert for a tripped circuit breaker, with the numbers that tripped it."""
+    spec = ".2%" if percent else ".6g"
+    lines = [
+        f"⛔ <b>Circuit breaker: {esc(guard)}</b>",
+        f"value {format(value, spec)} ≥ limit {format(limit, spec)}",
+        f"trading → <b>{esc(state)}</b>"
+        + (f" until {_when(until_ts)}" if until_ts is not None else ""),
+    ]
+    if detail:
+        lines.append(esc(detail))
+    return Alert("\n".join(lines), "circuit_breaker")
+
+
+def error_alert(error: BaseException | str, *, component: str = "") -> Alert:
+    """Return the alert for an error; repeats of the same kind coalesce into one with a count."""
+    kind = type(error).__name__ if isinstance(error, BaseException) else "error"
+    message = error.message if isinstance(error, BotError) else str(error)
+    if isinstance(error, BotError):
+        component = component or (error.component or "")
+    where = f" in {esc(component)}" if component else ""
+    body = esc(message)[:1000]
+    text = f"⚠️ <b>{esc(kind)}</b>{where}\n{body}"
+    return Alert(text, "error", key=f"error:{component}:{kind}")
+
+
+def daily_summary(
+    day_ts: int,
+    trades: Sequence[ClosedTrade],
+    *,
+    equity: float,
+    equity_start: float | None = None,
+) -> Alert:
+    """Return the end-of-day summary: trades, PnL, win rate, equity change."""
+    pnl = sum(t.pnl for t in trades)
+    wins = sum(1 for t in trades if t.pnl > 0)
+    lines = [
+        f"📅 <b>Daily summary {ms_to_datetime(day_ts).date().isoformat()}</b>",
+        f"trades {len(trades)} · wins {wins} · losses {len(trades) - wins}",
+        f"PnL <b>{fmt_number(pnl, sign=True)}</b>"
+        f" · fees {fmt_number(sum(t.fee for t in trades), 4)}",
+    ]
+    if equity_start:
+        lines.append(
+            f"equity {fmt_number(equity_start)} → {fmt_number(equity)} "
+            f"({_pct((equity - equity_start) / equity_start)})"
+        )
+    else:
+        lines.append(f"equity {fmt_number(equity)}")
+    if trades:
+        best = max(trades, key=lambda t: t.pnl)
+        worst = min(trades, key=lambda t: t.pnl)
+        lines.append(
+            f"best {esc(best.pair)} {fmt_number(best.pnl, sign=True)} · "
+            f"worst {esc(worst.pair)} {fmt_number(worst.pnl, sign=True)}"
+        )
+    return Alert("\n".join(lines), "daily_summary")
+
+
+def reconciliation_report(report: str, *, ok: bool = True) -> Alert:
+    """Return the alert carrying a reconciliation report (free-form, escaped and redacted)."""
+    icon = "🔄" if ok else "❗"
+    return Alert(f"{icon} <b>Reconciliation</b>\n{esc(report.strip())}", "reconciliation")
+
+
+# -- Command views (pure functions of a snapshot) --------------------------------------------
+
+
+def render_status(snap: Snapshot) -> str:
+    """Return the /status reply."""
+    folio = snap.portfolio
+    lines = [
+        f"<b>Kestrel</b> · {esc(snap.mode)} · {esc(snap.state)} · trading "
+        f"{esc(snap.trading_state)}",
+        f"equity <b>{fmt_number(folio.equity)}</b> · cash {fmt_number(folio.cash)}",
+        f"realised {fmt_number(folio.realised_pnl, sign=True)} · fees {fmt_number(folio.fees)}",
+        f"positions {len(folio.positions)} · open orders {len(snap.open_orders)} · "
+        f"pairs {len(snap.pairs)}",
+    ]
+    if snap.errors:
+        lines.append(f"last error: {esc(snap.errors[-1])[:300]}")
+    lines.append(f"<i>{_when(snap.ts)}</i>")
+    return "\n".join(lines)
+
+
+def render_positions(snap: Snapshot) -> str:
+    """Return the /positions reply."""
+    positions = snap.portfolio.positions
+    if not positions:
+        return "No open positions."
+    lines = [f"<b>{len(positions)} open position{'s' if len(positions) != 1 else ''}</b>"]
+    for p in sorted(positions, key=lambda p: p.pair):
+        cost = p.entry_price * p.qty
+        pnl_pct = float(p.unrealised_pnl / cost) if cost else None
+        lines.append(
+            f"<b>{esc(p.pair)}</b> {esc(p.side)} {fmt_price(p.qty)} @ {fmt_price(p.entry_price)}"
+            f" → {fmt_price(p.mark_price)}"
+        )
+        lines.append(
+            f"  uPnL {fmt_number(p.unrealised_pnl, sign=True)} ({_pct(pnl_pct)}) · stop "
+            f"{fmt_price(p.stop_price)} · open {_duration(snap.ts - p.ts_opened)}"
+        )
+    return "\n".join(lines)
+
+
+def render_balance(snap: Snapshot) -> str:
+    """Return the /balance reply."""
+    folio = snap.portfolio
+    in_positions = sum((p.notional for p in folio.positions), Decimal(0))
+    unrealised = sum((p.unrealised_pnl for p in folio.positions), Decimal(0))
+    lines = [
+        "<b>Balance</b>",
+        f"equity <b>{fmt_number(folio.equity)}</b>",
+        f"cash {fmt_number(folio.cash)} · in positions {fmt_number(in_positions)}",
+        f"unrealised {fmt_number(unrealised, sign=True)} · realised "
+        f"{fmt_number(folio.realised_pnl, sign=True)} · fees {fmt_number(folio.fees)}",
+    ]
+    if len(snap.equity_curve) >= 2:
+        first, last = snap.equity_curve[0][1], snap.equity_curve[-1][1]
+        change = (last - first) / first if first else None
+        lines.append(f"since {_when(snap.equity_curve[0][0])}: {_pct(change)}")
+    return "\n".join(lines)
+
+
+def render_profit(snap: Snapshot) -> str:
+    """Return the /profit reply: closed-trade statistics."""
+    trades = snap.recent_trades
+    if not trades:
+        return (
+            f"No closed trades yet. Realised {fmt_number(snap.portfolio.realised_pnl, sign=True)}."
+        )
+    pnls = [t.pnl for t in trades]
+    wins = [x for x in pnls if x > 0]
+    losses = [x for x in pnls if x <= 0]
+    gross_loss = -sum(losses)
+    factor = f"{sum(wins) / gross_loss:.2f}" if gross_loss > 0 else "∞"
+    best = max(trades, key=lambda t: t.pnl)
+    worst = min(trades, key=lambda t: t.pnl)
+    return "\n".join(
+        [
+            "<b>Profit</b>",
+            f"trades {len(trades)} · wins {len(wins)} · losses {len(losses)} · "
+            f"win rate {len(wins) / len(trades):.0%}",
+            f"PnL <b>{fmt_number(sum(pnls), sign=True)}</b>"
+            f" · avg {fmt_number(sum(pnls) / len(pnls), sign=True)} · profit factor {factor}",
+            f"fees {fmt_number(sum(t.fee for t in trades), 4)}",
+            f"best {esc(best.pair)} {fmt_number(best.pnl, sign=True)} · worst {esc(worst.pair)} "
+            f"{fmt_number(worst.pnl, sign=True)}",
+        ]
+    )
+
+
+def render_daily(snap: Snapshot, days: int = 7) -> str:
+    """Return the /daily reply: closed-trade PnL per UTC day, newest first."""
+    day_ms = 86_400_000
+    today = snap.ts - snap.ts % day_ms
+    per_day: dict[int, list[ClosedTrade]] = {}
+    for trade in snap.recent_trades:
+        per_day.setdefault(trade.exit_ts - trade.exit_ts % day_ms, []).append(trade)
+    lines = [f"<b>Daily PnL, last {days} day{'s' if days != 1 else ''}</b>"]
+    for back in range(days):
+        day = today - back * day_ms
+        trades = per_day.get(day, [])
+        date = ms_to_datetime(day).date().isoformat()
+        lines.append(
+            f"{date}  {fmt_number(sum(t.pnl for t in trades), sign=True)}  ({len(trades)} trades)"
+        )
+    return "\n".join(lines)
+
+
+def render_pairs(snap: Snapshot) -> str:
+    """Return the /pairs reply (● marks pairs with a position)."""
+    if not snap.pairs:
+        return "No pairs are traded."
+    held = {p.pair for p in snap.portfolio.positions}
+    marks = [f"{'●' if pair in held else '○'} {esc(pair)}" for pair in snap.pairs]
+    return f"<b>{len(snap.pairs)} pairs</b>\n" + "\n".join(marks)
+
+
+def render_risk(snap: Snapshot) -> str:
+    """Return the /risk reply: trading state and the risk manager's numbers."""
+    lines = [f"<b>Risk</b> · trading {esc(snap.trading_state)} · bot {esc(snap.state)}"]
+    lines += [f"{esc(key)}: {_value(value)}" for key, value in sorted(snap.risk.items())]
+    if snap.rate_limit_budget:
+        budget = ", ".join(f"{esc(k)} {v:.0%}" for k, v in sorted(snap.rate_limit_budget.items()))
+        lines.append(f"rate-limit budget: {budget}")
+    return "\n".join(lines)
+
+
+def render_scores(snap: Snapshot) -> str:
+    """Return the /score reply: strategy or agent scores, best first."""
+    if not snap.scores:
+        return "No scores yet."
+    ranked = sorted(snap.scores.items(), key=lambda kv: kv[1], reverse=True)[:20]
+    return "<b>Scores</b>\n" + "\n".join(
+        f"{i}. {esc(name)} {score:.4g}" for i, (name, score) in enumerate(ranked, 1)
+    )
+
+
+def render_model(snap: Snapshot) -> str:
+    """Return the /model reply: the model in use and its metrics."""
+    if not snap.model:
+        return "No model loaded."
+    return "<b>Model</b>\n" + "\n".join(
+        f"{esc(key)}: {_value(value)}" for key, value in sorted(snap.model.items())
+    )
+
+
+def render_why(snap: Snapshot, query: str) -> str:
+    """Return the /why reply: the last decision on a pair (signal, features, risk verdict)."""
+    pair = find_pair(query, snap.last_decisions)
+    if pair is None:
+        known = ", ".join(esc(p) for p in sorted(snap.last_decisions)) or "none"
+        return f"No decision recorded for {esc(query)}. Known: {known}."
+    decision: Decision = snap.last_decisions[pair]
+    lines = [
+        f"<b>Why {esc(pair)}</b> · {_when(decision.ts)}",
+        f"verdict: <b>{esc(decision.verdict)}</b>",
+    ]
+    signal = decision.signal
+    if signal is None:
+        lines.append("signal: none")
+    else:
+        strategy = f" [{esc(signal.strategy)}]" if signal.strategy else ""
+        lines.append(
+            f"signal: {esc(signal.side)} strength {signal.strength:.2f} @ {fmt_price(signal.price)}"
+            f"{strategy}" + (" (exit only)" if signal.exit_only else "")
+        )
+        lines.append(f"reason: {esc(signal.reason)}")
+    features = decision.features or (signal.features if signal else {})
+    if features:
+        shown = sorted(features.items())[:15]
+        lines.append("features: " + ", ".join(f"{esc(k)}={v:.4g}" for k, v in shown))
+    if decision.intent is not None:
+        intent = decision.intent
+        lines.append(
+            f"order: {esc(intent.side)} {fmt_price(intent.qty)} {esc(intent.type)}"
+            f" stop {fmt_price(intent.stop_loss)} tp {fmt_price(intent.take_profit)}"
+        )
+    if decision.veto is not None:
+        veto = decision.veto
+        until = f" until {_when(veto.until)}" if veto.until is not None else ""
+        guard = f" [{esc(veto.guard)}]" if veto.guard else ""
+        lines.append(f"veto{guard}: {esc(veto.reason)}{until}")
+    return "\n".join(lines)
+
+
+COMMANDS: Final[dict[str, str]] = {
+    "status": "bot state, equity, positions",
+    "positions": "open positions with PnL",
+    "balance": "cash, equity, PnL",
+    "profit": "closed-trade statistics",
+    "daily": "PnL per day (/daily 14)",
+    "pairs": "pairs being traded",
+    "risk": "risk state and limits",
+    "score": "strategy scores",
+    "model": "model in use",
+    "why": "last decision on a pair (/why BTC/USDT)",
+    "reconcile": "reconcile with the exchange",
+    "pause": "stop opening positions (confirm)",
+    "resume": "resume trading (confirm)",
+    "stopbuy": "exits only (confirm)",
+    "forceexit": "close a position at market (/forceexit BTC/USDT|all, confirm)",
+    "mode": "show or switch sim/live (/mode live, confirm)",
+    "help": "this list",
+}
+
+
+def render_help() -> str:
+    """Return the /help reply."""
+    return "<b>Commands</b>\n" + "\n".join(
+        f"/{name} — {esc(text)}" for name, text in COMMANDS.items()
+    )
