@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -54,6 +54,151 @@ CandleMatcher = Callable[[Candle], list[tuple[Order, Fill]]]
 Alert = Callable[[str, dict[str, Any]], None]
 
 
+class SignalSource(Protocol):
+    """Where the engine gets the strategy's verdict on a closed candle."""
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Return the signal for `candle` given the signed position held, or None."""
+        ...
+
+
+def decide_signal(
+    strategy: Strategy,
+    pair: str,
+    ts: int,
+    price: float,
+    flags: tuple[bool, bool, bool, bool],
+    holding: Decimal,
+    features: Callable[[], dict[str, float]],
+) -> Signal | None:
+    """Turn a row's (enter_long, exit_long, enter_short, exit_short) flags into a Signal.
+
+    Exits take precedence over entries for the side held; a flat position may enter long,
+    or short when the strategy can short.
+    """
+    enter_long, exit_long, enter_short, exit_short = flags
+    name = strategy.name
+    if holding > 0:
+        if exit_long or enter_short:
+            return Signal(pair, Side.SELL, 1.0, f"{name}: exit long", ts, price, name,
+                          exit_only=True, features=features())
+        return None
+    if holding < 0:
+        if exit_short or enter_long:
+            return Signal(pair, Side.BUY, 1.0, f"{name}: exit short", ts, price, name,
+                          exit_only=True, features=features())
+        return None
+    if enter_long:
+        return Signal(pair, Side.BUY, 1.0, f"{name}: entry long", ts, price, name,
+                      features=features())
+    if enter_short and strategy.can_short:
+        return Signal(pair, Side.SELL, 1.0, f"{name}: entry short", ts, price, name,
+                      features=features())
+    return None
+
+
+def _flags(row: Any) -> tuple[bool, bool, bool, bool]:
+    return (
+        bool(row.get("enter_long", False)),
+        bool(row.get("exit_long", False)),
+        bool(row.get("enter_short", False)),
+        bool(row.get("exit_short", False)),
+    )
+
+
+class RollingSignals:
+    """Live/sim: run the strategy on the pair's rolling window at each closed candle."""
+
+    def __init__(self, strategy: Strategy, data: DataManager, timeframe: str) -> None:
+        self.strategy = strategy
+        self.data = data
+        self.timeframe = timeframe
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Populate the window and read its last row."""
+        frame = self.data.frame(candle.pair, self.timeframe)
+        if len(frame) < self.strategy.warmup:
+            return None
+        row = self.strategy.populate(frame).iloc[-1]
+        return decide_signal(
+            self.strategy,
+            candle.pair,
+            candle.ts,
+            candle.close,
+            _flags(row),
+            holding,
+            lambda: _features(row),
+        )
+
+
+class PrecomputedSignals:
+    """Backtests: populate each pair's whole archive once, then read one row per candle.
+
+    Equivalent to `RollingSignals` because `populate` is causal (a row depends only on
+    earlier rows; a test checks it), and exact for indicators whose rolling window would
+    otherwise truncate their history (EMA-type).
+    """
+
+    _NAMES = ("enter_long", "exit_long", "enter_short", "exit_short")
+
+    def __init__(self, strategy: Strategy, frames: dict[str, Any]) -> None:
+        self.strategy = strategy
+        self._rows: dict[str, dict[int, int]] = {}
+        self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._features: dict[str, tuple[list[str], np.ndarray]] = {}
+        for pair, frame in frames.items():
+            cols = strategy.populate(frame)
+            ts = frame.index.as_unit("ms").asi8
+            self._rows[pair] = {int(t): i for i, t in enumerate(ts)}
+            flags = np.zeros((len(frame), 4), dtype=bool)
+            for j, name in enumerate(self._NAMES):
+                if name in cols.columns:
+                    flags[:, j] = cols[name].to_numpy(dtype=bool)
+            # A strategy needs its warm-up before its signals count, as in the live path.
+            flags[: max(strategy.warmup - 1, 0)] = False
+            # Python tuples (None when no flag): one cheap lookup per candle.
+            self._flags[pair] = [
+                (bool(a), bool(b), bool(c), bool(d)) if (a or b or c or d) else None
+                for a, b, c, d in flags.tolist()
+            ]
+            names = [
+                str(c)
+                for c in cols.columns
+                if c not in self._NAMES and np.issubdtype(cols[c].dtype, np.number)
+            ]
+            values = cols[names].to_numpy(dtype=np.float64) if names else np.empty((len(frame), 0))
+            self._features[pair] = (names, values)
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Read the precomputed row for this candle."""
+        index = self._rows[candle.pair].get(candle.ts)
+        if index is None:
+            return None
+        flags = self._flags[candle.pair][index]
+        if flags is None:
+            return None
+        names, values = self._features[candle.pair]
+        return decide_signal(
+            self.strategy,
+            candle.pair,
+            candle.ts,
+            candle.close,
+            flags,
+            holding,
+            lambda: {n: float(v) for n, v in zip(names, values[index], strict=True) if np.isfinite(v)},
+        )
+
+
+def _features(row: Any) -> dict[str, float]:
+    out = {}
+    for key, value in row.items():
+        if key in ("enter_long", "exit_long", "enter_short", "exit_short"):
+            continue
+        if isinstance(value, int | float | np.floating | np.integer) and np.isfinite(value):
+            out[str(key)] = float(value)
+    return out
+
+
 class Engine:
     """Run the per-candle pipeline and answer operator commands."""
 
@@ -76,14 +221,17 @@ class Engine:
         fill_now: Callable[[str], list[tuple[Order, Fill]]] | None = None,
         alert: Alert | None = None,
         stop_event: asyncio.Event | None = None,
+        signals: SignalSource | None = None,
     ) -> None:
         self.mode = mode
         self.timeframe = timeframe
         self.step = timeframe_to_ms(timeframe)
         self.pairs = list(pairs)
+        self._active = set(pairs)
         self.clock = clock
         self.data = data
         self.strategy = strategy
+        self.signals_source: SignalSource = signals or RollingSignals(strategy, data, timeframe)
         self.risk = risk
         self.executor = executor
         self.reward = reward
@@ -101,7 +249,7 @@ class Engine:
         self.decisions: dict[str, Decision] = {}
         self.errors: deque[str] = deque(maxlen=20)
         self.books: dict[str, OrderBook] = {}
-        self.last_price: dict[str, Decimal] = {}
+        self.last_close: dict[str, float] = {}
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.decision_latency_ms: deque[float] = deque(maxlen=10_000)
@@ -138,34 +286,44 @@ class Engine:
         """Process one closed candle through the whole pipeline, in order."""
         if not self.data.on_candle(candle):
             return
+        pair = candle.pair
         self.candles += 1
         if self.first_ts is None:
             self.first_ts = candle.ts
         self.last_ts = candle.ts
-        price = Decimal(str(candle.close))
-        self.last_price[candle.pair] = price
+        self.last_close[pair] = candle.close
         if self.matcher is not None:
             for order, fill in self.matcher(candle):
                 await self.on_fill(order, fill)
-        self.portfolio.mark(candle.pair, price)
+        portfolio = self.portfolio
+        if portfolio.has_position(pair):
+            portfolio.mark(pair, Decimal(repr(candle.close)))
         now = self.clock.now_ms()
-        equity = self.portfolio.record_equity(candle.ts + self.step)
-        trading_state = self.risk.update(now, Decimal(str(equity)))
-        if trading_state is TradingState.FLATTEN:
+        equity = portfolio.record_equity(candle.ts + self.step)
+        if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._flatten("circuit breaker: flatten")
             return
-        if candle.pair not in self.pairs and self.portfolio.position(candle.pair) is None:
+        if pair not in self._active and not portfolio.has_position(pair):
             return  # drained pair: no new entries, and nothing left to manage
         signal = self._safe_signal(candle)
         if signal is not None:
             await self._decide(signal, candle, now)
 
+    def price(self, pair: str) -> Decimal | None:
+        """Return the last close of `pair` as a Decimal."""
+        close = self.last_close.get(pair)
+        return None if close is None else Decimal(repr(close))
+
+    def set_pairs(self, pairs: list[str]) -> None:
+        """Replace the traded pairs; dropped ones are drained (exits only)."""
+        self.pairs = list(pairs)
+        self._active = set(pairs)
+
     def _safe_signal(self, candle: Candle) -> Signal | None:
-        frame = self.data.frame(candle.pair, candle.timeframe)
-        holding = self.portfolio.position(candle.pair) is not None
+        holding = self.portfolio.signed_qty(candle.pair)
         try:
-            return self.strategy.signal(candle.pair, frame, holding=holding)
-        except Exception as e:
+            return self.signals_source.signal(candle, holding)
+        except Exception as e:  # noqa: BLE001 - a strategy failure must not stop the loop
             error = StrategyError(f"strategy failed: {e!r}", component="strategy", pair=candle.pair)
             log.exception("strategy_failed", pair=candle.pair)
             self.errors.append(error.message)
@@ -185,7 +343,7 @@ class Engine:
             features=signal.features,
         )
         entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
-        if entering and (self.state is BotState.PAUSED or signal.pair not in self.pairs):
+        if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
             verdict: OrderIntent | Veto = Veto(
                 "paused by operator" if self.state is BotState.PAUSED else "pair drained",
                 None,
@@ -206,30 +364,31 @@ class Engine:
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )
-        order = await self.executor.submit(verdict, last_price=Decimal(str(candle.close)))
+        order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
         if order.status is not OrderStatus.REJECTED and self.fill_now is not None:
             for filled, fill in self.fill_now(signal.pair):
                 await self.on_fill(filled, fill)
 
     def _risk_context(self, pair: str, now: int) -> RiskContext:
-        frame = self.data.frame(pair, self.timeframe)
         atr: float | None = None
         period = self.risk.settings.atr_period
-        if len(frame) > period:
-            import talib
+        if not self.risk.all_in:
+            bars = self.data.arrays(pair, self.timeframe)
+            if len(bars.close) > period:
+                import talib  # noqa: PLC0415
 
-            values = talib.ATR(
-                frame["high"].to_numpy(), frame["low"].to_numpy(), frame["close"].to_numpy(), period
-            )
-            last = float(values[-1])
-            atr = last if np.isfinite(last) else None
+                # Only the tail matters: ATR's Wilder smoothing converges well within it.
+                tail = slice(-min(len(bars.close), period * 10), None)
+                values = talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)
+                last = float(values[-1])
+                atr = last if np.isfinite(last) else None
         return RiskContext(
             now=now,
             equity=self.portfolio.equity(),
             cash=self.portfolio.cash,
             positions=self.portfolio.positions(),
             market=self.market_for(pair),
-            price=self.last_price.get(pair, Decimal(0)),
+            price=self.price(pair) or Decimal(0),
             atr=atr,
             taker_fee=self.executor.taker_fee,
         )
@@ -289,7 +448,7 @@ class Engine:
             reduce_only=True,
             ts=now,
         )
-        order = await self.executor.submit(intent, last_price=self.last_price.get(pair))
+        order = await self.executor.submit(intent, last_price=self.price(pair))
         if self.fill_now is not None:
             for filled, fill in self.fill_now(pair):
                 await self.on_fill(filled, fill)

@@ -88,6 +88,8 @@ class Portfolio:
 
     def equity(self) -> Decimal:
         """Return cash plus positions at their marks (entry price before the first mark)."""
+        if not self._open:
+            return self.cash
         value = ZERO
         for book in self._open.values():
             value += book.qty * (book.mark if book.mark is not None else book.entry_price)
@@ -122,20 +124,26 @@ class Portfolio:
         if book is not None:
             book.mark = price
 
-    def record_equity(self, ts: int) -> float:
-        """Append the current equity to the curve and update the drawdown; return equity."""
+    def has_position(self, pair: str) -> bool:
+        """Return True when a position is open on `pair`."""
+        return pair in self._open
+
+    def record_equity(self, ts: int) -> Decimal:
+        """Append the current equity to the curve, update the drawdown; return equity."""
         equity = self.equity()
         if equity > self.peak_equity:
             self.peak_equity = equity
-        if self.peak_equity > 0:
+        elif self.peak_equity > 0 and equity < self.peak_equity:
             dd = float((self.peak_equity - equity) / self.peak_equity)
-            self.max_drawdown = max(self.max_drawdown, dd)
+            if dd > self.max_drawdown:
+                self.max_drawdown = dd
         value = float(equity)
-        if self.equity_curve and self.equity_curve[-1][0] == ts:
-            self.equity_curve[-1] = (ts, value)
+        curve = self.equity_curve
+        if curve and curve[-1][0] == ts:
+            curve[-1] = (ts, value)
         else:
-            self.equity_curve.append((ts, value))
-        return value
+            curve.append((ts, value))
+        return equity
 
     def set_protection(
         self, pair: str, *, stop: Decimal | None = None, take_profit: Decimal | None = None

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ from config import Settings
 from data_manager import DataManager, load_candles, sample_file
 from error_handler import ConfigError, DataError
 from models import BotState, Candle
-from pipeline import Engine
+from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskManager
@@ -78,7 +79,12 @@ class Daemon:
         self.settings = settings
         self.stop = asyncio.Event()
         self.queue: asyncio.Queue[Candle | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
-        self.audit = AuditTrail(settings.storage.log_dir)
+        # Backtests replay history: no audit trail (it records live decisions), and only
+        # warnings on the console unless --log-level asks for more.
+        backtest = args.mode == "backtest"
+        self.audit = AuditTrail(None if backtest else settings.storage.log_dir)
+        if backtest and not args.log_level:
+            logging.getLogger().setLevel(logging.WARNING)
         self.engine: Engine | None = None
         self.sim: SimulatedExchange | None = None
         self.feed: AsyncIterator[Candle] | None = None
@@ -116,9 +122,11 @@ class Daemon:
         )
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
-        self.engine = self._engine(clock, self.sim)
+        self.engine = self._engine(clock, self.sim, frames)
 
-    def _engine(self, clock: ReplayClock, sim: SimulatedExchange) -> Engine:
+    def _engine(
+        self, clock: ReplayClock, sim: SimulatedExchange, frames: dict[str, Any] | None = None
+    ) -> Engine:
         s = self.settings
         portfolio = Portfolio(
             Decimal(str(s.simulation.starting_balance)), quote=s.simulation.quote_currency
@@ -150,6 +158,11 @@ class Daemon:
             matcher=sim.on_candle,
             fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
             stop_event=self.stop,
+            # Backtests read the strategy's columns computed once over the archive; sim
+            # runs it on the rolling window at each candle, exactly as live trading does.
+            signals=PrecomputedSignals(strategy, frames)
+            if self.args.mode == "backtest" and frames is not None
+            else None,
         )
 
     # -- Tasks -------------------------------------------------------------------------------
@@ -162,6 +175,17 @@ class Daemon:
         finally:
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
+
+    async def _direct_loop(self) -> None:
+        # Backtests have no I/O edge to buffer: the replay drives the engine directly.
+        assert self.engine is not None and self.feed is not None
+        on_candle = self.engine.on_candle
+        async for candle in self.feed:
+            if self.stop.is_set():
+                break
+            await on_candle(candle)
+        log.info("feed_exhausted", candles=self.engine.candles)
+        self.stop.set()
 
     async def _pipeline_loop(self) -> None:
         assert self.engine is not None
@@ -198,9 +222,14 @@ class Daemon:
             timeframe=self.engine.timeframe,
             strategy=self.engine.strategy.describe(),
         )
+        direct = self.args.mode == "backtest"
         async with asyncio.TaskGroup() as tg:
-            feed = tg.create_task(self._feed_loop(), name="feed")
-            pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
+            if direct:
+                feed = tg.create_task(asyncio.sleep(0), name="feed")
+                pipeline = tg.create_task(self._direct_loop(), name="pipeline")
+            else:
+                feed = tg.create_task(self._feed_loop(), name="feed")
+                pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
             background = [tg.create_task(self._snapshots(), name="snapshots")]
             if self.args.duration is not None:
                 background.append(tg.create_task(self._timer(self.args.duration), name="duration"))

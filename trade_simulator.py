@@ -22,6 +22,7 @@ Fill conventions (documented, conservative, the same in sim and backtest):
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import math
@@ -222,10 +223,17 @@ class SimulatedExchange:
 
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
         """Match the pair's working orders against a closed candle; return the fills."""
-        self.ensure_market(candle.pair, candle.close)
+        pair = candle.pair
+        if pair not in self.markets:
+            self.ensure_market(pair, candle.close)
+        if not self._open.get(pair):
+            # Nothing working on this pair: just remember the bar (the common case).
+            self._ranges[pair] = (candle.high - candle.low) / candle.close
+            self._last[pair] = candle
+            return []
         results: list[tuple[Order, Fill]] = []
-        working = list(self._open.get(candle.pair, []))
-        step = timeframe_to_ms(candle.timeframe)
+        working = list(self._open[pair])
+        step = _step_ms(candle.timeframe)
         # Market orders execute at the open, then stops, then limits (stop before TP).
         priority = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
         working.sort(key=lambda cid: priority.get(self._orders[cid].type, 2))
@@ -407,6 +415,11 @@ class SimulatedExchange:
         return list(self._orders.values())
 
 
+@functools.cache
+def _step_ms(timeframe: str) -> int:
+    return timeframe_to_ms(timeframe)
+
+
 def _crosses(side: Side, price: Decimal, last: Decimal) -> bool:
     return price >= last if side is Side.BUY else price <= last
 
@@ -491,4 +504,7 @@ class ReplayFeed:
                 self.clock.set(close_ts)
             self.emitted += 1
             yield candle
-            await asyncio.sleep(delay)
+            if delay:
+                await asyncio.sleep(delay)
+            elif self.emitted % 256 == 0:
+                await asyncio.sleep(0)  # let signals and other tasks run
