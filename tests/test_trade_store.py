@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from config import StorageSettings
 from error_handler import DataError, InvariantError
 from models import (
     ORDER_TRANSITIONS,
@@ -454,6 +457,33 @@ def test_bots_sharing_a_store_never_see_each_others_rows(backend: Backend) -> No
         assert beta.unacknowledged() == []
         assert alpha.delete_position(PAIR)
         assert [p.pair for p in beta.positions()] == [PAIR]
+
+
+def test_bots_opening_and_writing_at_once_do_not_collide(backend: Backend) -> None:
+    """Four bots create the schema and journal concurrently, each on its own connections."""
+    barrier = threading.Barrier(4)
+
+    def bot(name: str) -> list[str]:
+        barrier.wait()
+        with backend.open(bot_id=name) as opened:
+            for i in range(25):
+                opened.journal(intent(f"cid-{i}"), ts=i)
+                opened.record_fill(fill(f"cid-{i}", f"f-{i}"))
+            return [o.client_order_id for o in opened.all_orders()]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(bot, ["a", "b", "c", "d"]))
+    assert results == [[f"cid-{i}" for i in range(25)]] * 4
+    assert _schema_versions(backend) == [SCHEMA_VERSION]
+
+
+def test_from_settings_opens_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    """Without a database URL the store is a SQLite file in the configured data dir."""
+    storage = StorageSettings(data_dir=tmp_path / "bot-data")
+    with TradeStore.from_settings(storage, bot_id="main") as opened:
+        opened.set_state("k", 1)
+        assert opened.describe()["backend"] == "sqlite"
+    assert (tmp_path / "bot-data" / "kestrel.sqlite").is_file()
 
 
 def test_reopening_keeps_the_data_and_the_schema_version(backend: Backend) -> None:
