@@ -1,10 +1,41 @@
 """Risk: turn a Signal into a sized OrderIntent with a stop, or a Veto with a reason.
 
-Guards are small classes that look at the context they are given (equity including
-unrealised PnL, positions, the clock's `now`) and return `Veto | None`; they never query a
-store. The circuit breakers form a ladder of trading states::
+Sizing (`RiskSettings.sizing`) works in `Decimal` on the context it is given:
+
+* ``fixed_fractional``: lose `risk_per_trade` of equity, fees included, if the stop at
+  `stop_atr_multiple` x ATR is hit.
+* ``volatility_target``: hold the notional whose volatility is `target_volatility` of equity,
+  per UTC day when the manager knows the timeframe, per bar otherwise. Volatility is the
+  standard deviation of the pair's recent returns (`RiskContext.returns`), or ATR / price, a
+  conservative proxy, without them.
+* ``kelly``: risk the Kelly fraction W - (1 - W) / R of equity to the stop, W and R being the
+  win rate and payoff (mean win / mean loss, as returns on notional) of the last
+  `kelly_window` closed trades, capped at `kelly_cap`. Below `kelly_min_trades` trades it
+  falls back to fixed fractional; a fraction <= 0 (no edge) refuses the entry.
+
+Guards may then scale the size down (correlation with what is held) and the `reduced` rung
+halves it (`reduced_size_factor`). Caps clip the result: `max_position_fraction` of equity
+per pair, `max_total_exposure` of equity in total, leverage (`max_leverage` capped by the
+market's, on linear markets; 1 on spot) and the cash or margin free. The intent's reason
+names the constraint that bound.
+
+Circuit breakers watch equity *including unrealised PnL* (the pipeline calls `update` on
+every candle) and form a ladder of trading states; the most severe active one wins::
 
     normal -> reduced (smaller size) -> reducing (exits only) -> halted -> flatten
+
+=================  ==========  =========================================================
+rule               rung        resumes
+=================  ==========  =========================================================
+reduce_size        reduced     by itself, when the drawdown is back under the threshold
+loss_streak        reducing    at the end of the cooldown (auto_resume), else manually
+daily_loss         halted      at the next UTC day (auto_resume), else manually
+peak_to_trough     flatten     only manually: ``set_manual(None)`` or ``reset()``
+manual             any         ``set_manual(None)`` or ``reset()``
+=================  ==========  =========================================================
+
+A manual resume clears every latched breaker and re-bases the peak and the day's starting
+equity on the current equity, so the limits count again from there.
 
 Exits are always allowed: a veto never traps a position.
 """
@@ -12,16 +43,21 @@ Exits are always allowed: a veto never traps a position.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Decimal
-from typing import Protocol
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any, Final, Protocol
 
+import numpy as np
 import structlog
 
 from config import RiskSettings
 from models import (
     ClosedTrade,
     Market,
+    MarketType,
     OrderIntent,
     OrderType,
     Position,
@@ -31,37 +67,71 @@ from models import (
     TradingState,
     Veto,
 )
+from utils.utilities import timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
-DAY_MS = 86_400_000
+
+DAY_MS: Final = 86_400_000
+ZERO: Final = Decimal(0)
+Alert = Callable[[str, dict[str, Any]], None]
+_SEVERITY: Final[dict[TradingState, int]] = {state: i for i, state in enumerate(TradingState)}
+_ENTRY_STATES: Final = frozenset({TradingState.NORMAL, TradingState.REDUCED})
+
+
+def _dec(value: float | Decimal) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+# -- Inputs and verdicts ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class RiskContext:
-    """Everything a risk decision may look at, passed in (never fetched)."""
+    """Everything a risk decision may look at, passed in (never fetched).
+
+    `cash` is the free balance on spot and the free margin on linear markets. `returns`
+    holds each pair's recent per-bar close-to-close returns (oldest first, the latest bar
+    last); it feeds the correlation guard and volatility targeting and may be omitted.
+    """
 
     now: int
     equity: Decimal
     cash: Decimal
-    positions: dict[str, Position]
+    positions: Mapping[str, Position]
     market: Market
     price: Decimal
     atr: float | None = None
     taker_fee: Decimal = Decimal("0.001")
+    returns: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    """A guard's decision to scale a new position down by `factor` (0 < factor <= 1)."""
+
+    factor: float
+    reason: str
+    guard: str = ""
 
 
 class Guard(Protocol):
-    """A rule that may refuse a new position."""
+    """A rule that may refuse or shrink a new position."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Return the guard's name, reported with its verdicts."""
+        ...
 
-    def check(self, signal: Signal, ctx: RiskContext) -> Veto | None:
-        """Return a Veto to refuse, None to allow."""
+    def check(self, signal: Signal, ctx: RiskContext) -> Veto | Resize | None:
+        """Return a Veto to refuse, a Resize to shrink, None to allow."""
         ...
 
 
-@dataclass(slots=True)
+# -- Entry guards ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
 class MaxOpenPositions:
     """Refuse a new position when `limit` are already open."""
 
@@ -77,89 +147,585 @@ class MaxOpenPositions:
         return None
 
 
+def correlation_matrix(
+    returns: Mapping[str, np.ndarray], window: int, *, min_overlap: int = 10
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Return the pairs and their Pearson correlation matrix over the last `window` bars.
+
+    Series are aligned on their last bar (the caller passes series ending on the same
+    candle). Bars where any series is not finite are dropped. A cell is NaN when fewer than
+    `min_overlap` bars remain or a series does not move.
+    """
+    pairs = tuple(returns)
+    n = len(pairs)
+    matrix = np.full((n, n), np.nan)
+    if n == 0:
+        return pairs, matrix
+    length = min(window, *(len(np.asarray(returns[p])) for p in pairs))
+    if length < min_overlap:
+        return pairs, matrix
+    data = np.vstack([np.asarray(returns[p], dtype=float)[-length:] for p in pairs])
+    data = data[:, np.isfinite(data).all(axis=0)]
+    if data.shape[1] < min_overlap:
+        return pairs, matrix
+    centred = data - data.mean(axis=1, keepdims=True)
+    norms = np.sqrt((centred**2).sum(axis=1))
+    moving = norms > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        matrix = (centred @ centred.T) / np.outer(norms, norms)
+    matrix[~moving, :] = np.nan
+    matrix[:, ~moving] = np.nan
+    return pairs, np.clip(matrix, -1.0, 1.0)
+
+
 @dataclass(slots=True)
+class CorrelationGuard:
+    """Shrink or refuse a position too correlated with the positions already held.
+
+    Correlations are signed by direction: a long correlated with a held long (or a short
+    with a held short) concentrates risk, a long against a held short hedges it. Above
+    `max_correlation` the size is scaled by 1 - excess, the excess being measured from
+    `max_correlation` (0) to `hard_limit` (1); above `hard_limit` the entry is refused.
+    Pairs without enough returns are not judged.
+    """
+
+    max_correlation: float
+    hard_limit: float
+    window: int
+    min_overlap: int = 10
+    name: str = "correlation"
+    last_pairs: tuple[str, ...] = ()
+    last_matrix: np.ndarray | None = None
+
+    def check(self, signal: Signal, ctx: RiskContext) -> Veto | Resize | None:
+        """Return a veto above the hard limit, a resize above the soft one, else None."""
+        if not ctx.returns or signal.pair not in ctx.returns:
+            return None
+        held = [p for p in ctx.positions if p != signal.pair and p in ctx.returns]
+        if not held:
+            return None
+        series = {p: ctx.returns[p] for p in (signal.pair, *held)}
+        pairs, matrix = correlation_matrix(series, self.window, min_overlap=self.min_overlap)
+        self.last_pairs, self.last_matrix = pairs, matrix
+        sign = 1.0 if signal.side is Side.BUY else -1.0
+        worst, against, raw = -math.inf, "", 0.0
+        for i, pair in enumerate(pairs[1:], start=1):
+            rho = float(matrix[0, i])
+            if math.isnan(rho):
+                continue
+            held_sign = 1.0 if ctx.positions[pair].side is PositionSide.LONG else -1.0
+            if rho * sign * held_sign > worst:
+                worst, against, raw = rho * sign * held_sign, pair, rho
+        if worst <= self.max_correlation:
+            return None
+        what = (
+            f"correlation {raw:+.2f} with held {ctx.positions[against].side} {against}"
+            f" (direction-adjusted {worst:.2f})"
+        )
+        if worst > self.hard_limit or self.hard_limit <= self.max_correlation:
+            return Veto(f"{what} > hard limit {self.hard_limit:.2f}", None, self.name)
+        excess = (worst - self.max_correlation) / (self.hard_limit - self.max_correlation)
+        factor = 1.0 - excess
+        if factor <= 0:
+            return Veto(f"{what} at hard limit {self.hard_limit:.2f}", None, self.name)
+        return Resize(factor, f"x{factor:.2f}: {what} > {self.max_correlation:.2f}", self.name)
+
+
+# -- Circuit breakers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EquityBook:
+    """What the breaker rules look at: equity including unrealised PnL and its history."""
+
+    now: int
+    equity: Decimal
+    peak_equity: Decimal
+    day_start_equity: Decimal
+    consecutive_losses: int = 0
+    last_loss_ts: int | None = None
+
+    @property
+    def drawdown(self) -> float:
+        """Return the fall from the peak as a fraction of the peak (0 at or above it)."""
+        if self.peak_equity <= 0:
+            return 0.0
+        return max(float((self.peak_equity - self.equity) / self.peak_equity), 0.0)
+
+    @property
+    def day_loss(self) -> float:
+        """Return the loss since the UTC day's first equity as a fraction of it."""
+        if self.day_start_equity <= 0:
+            return 0.0
+        return max(float((self.day_start_equity - self.equity) / self.day_start_equity), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """A breaker that tripped: the rung it asks for, why, and when it lifts.
+
+    A latched trip holds after its condition clears, until `until` (ms UTC) or, when
+    `until` is None, a manual resume. An unlatched trip lasts while its condition holds.
+    """
+
+    rule: str
+    state: TradingState
+    reason: str
+    numbers: dict[str, float | int | None] = field(default_factory=dict)
+    latched: bool = False
+    until: int | None = None
+
+
+class BreakerRule(Protocol):
+    """A circuit-breaker rule: look at the equity book, maybe trip."""
+
+    @property
+    def name(self) -> str:
+        """Return the rule's name (the trigger reported when it trips)."""
+        ...
+
+    def check(self, book: EquityBook) -> Trip | None:
+        """Return a Trip when the rule's limit is reached, else None."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceOnDrawdown:
+    """Trade smaller while the drawdown from the peak is at or over `threshold`."""
+
+    threshold: float
+    name: str = "reduce_size"
+
+    def check(self, book: EquityBook) -> Trip | None:
+        """Return a `reduced` trip while the drawdown is at or over the threshold."""
+        dd = book.drawdown
+        if dd < self.threshold:
+            return None
+        return Trip(
+            self.name,
+            TradingState.REDUCED,
+            f"drawdown {dd:.2%} >= {self.threshold:.2%} (peak {book.peak_equity:.2f},"
+            f" equity {book.equity:.2f})",
+            {"drawdown": dd, "limit": self.threshold},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MaxDrawdown:
+    """Flatten everything when the peak-to-trough drawdown reaches `limit`; manual resume."""
+
+    limit: float
+    name: str = "peak_to_trough"
+
+    def check(self, book: EquityBook) -> Trip | None:
+        """Return a latched `flatten` trip at the limit."""
+        dd = book.drawdown
+        if dd < self.limit:
+            return None
+        return Trip(
+            self.name,
+            TradingState.FLATTEN,
+            f"drawdown {dd:.2%} >= {self.limit:.2%} (peak {book.peak_equity:.2f},"
+            f" equity {book.equity:.2f}); manual resume required",
+            {"drawdown": dd, "limit": self.limit},
+            latched=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DailyLossLimit:
+    """Halt for the rest of the UTC day when the day's loss reaches `limit`."""
+
+    limit: float
+    auto_resume: bool = True
+    name: str = "daily_loss"
+
+    def check(self, book: EquityBook) -> Trip | None:
+        """Return a `halted` trip latched until the next UTC day (or a manual resume)."""
+        loss = book.day_loss
+        if loss < self.limit:
+            return None
+        until = (book.now // DAY_MS + 1) * DAY_MS if self.auto_resume else None
+        return Trip(
+            self.name,
+            TradingState.HALTED,
+            f"daily loss {loss:.2%} >= {self.limit:.2%} (day start"
+            f" {book.day_start_equity:.2f}, equity {book.equity:.2f})",
+            {"day_loss": loss, "limit": self.limit},
+            latched=True,
+            until=until,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LossStreak:
+    """Allow exits only for a cooldown after `limit` losing trades in a row."""
+
+    limit: int
+    cooldown_ms: int
+    auto_resume: bool = True
+    name: str = "loss_streak"
+
+    def check(self, book: EquityBook) -> Trip | None:
+        """Return a `reducing` trip latched until the cooldown ends (or a manual resume)."""
+        if book.consecutive_losses < self.limit:
+            return None
+        last = book.last_loss_ts if book.last_loss_ts is not None else book.now
+        until = last + self.cooldown_ms if self.auto_resume else None
+        return Trip(
+            self.name,
+            TradingState.REDUCING,
+            f"{book.consecutive_losses} consecutive losses >= {self.limit};"
+            f" cooldown {self.cooldown_ms // 60_000} min",
+            {"consecutive_losses": book.consecutive_losses, "limit": self.limit},
+            latched=True,
+            until=until,
+        )
+
+
+def default_rules(settings: RiskSettings) -> list[BreakerRule]:
+    """Return the breaker rules `settings` configures, mildest first."""
+    return [
+        ReduceOnDrawdown(settings.reduce_size_drawdown),
+        LossStreak(
+            settings.max_consecutive_losses,
+            settings.cooldown_minutes * 60_000,
+            settings.auto_resume,
+        ),
+        DailyLossLimit(settings.max_daily_loss, settings.auto_resume),
+        MaxDrawdown(settings.max_drawdown),
+    ]
+
+
 class CircuitBreakers:
     """Drawdown and loss-streak breakers on equity including unrealised PnL.
 
     Call `update(now, equity)` on every candle and `on_trade_closed` after each round trip;
-    `state` is the resulting rung of the ladder.
+    `state` is the resulting rung of the ladder. Each change of rung is logged once as
+    `state_changed machine=trading_state`, kept in `last_trigger` and sent to `alert` with
+    the numbers that caused it.
     """
 
-    settings: RiskSettings
-    state: TradingState = TradingState.NORMAL
-    peak_equity: Decimal = Decimal(0)
-    day_start_equity: Decimal = Decimal(0)
-    day: int = -1
-    consecutive_losses: int = 0
-    cooldown_until: int | None = None
-    manual: TradingState | None = None
-    last_trigger: dict[str, object] = field(default_factory=dict)
+    def __init__(
+        self,
+        settings: RiskSettings,
+        *,
+        alert: Alert | None = None,
+        rules: Sequence[BreakerRule] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rules: list[BreakerRule] = (
+            list(rules) if rules is not None else default_rules(settings)
+        )
+        self.alert = alert
+        self.state = TradingState.NORMAL
+        self.peak_equity = ZERO
+        self.day_start_equity = ZERO
+        self.day = -1
+        self.equity: Decimal | None = None
+        self.now = 0
+        self.consecutive_losses = 0
+        self.last_loss_ts: int | None = None
+        self.manual: TradingState | None = None
+        self.latched: dict[str, Trip] = {}
+        self.cause: Trip | None = None
+        self.last_trigger: dict[str, Any] = {}
+
+    @property
+    def cooldown_until(self) -> int | None:
+        """Return when the loss-streak cooldown ends (None when none is running)."""
+        for trip in self.latched.values():
+            if trip.state is TradingState.REDUCING:
+                return trip.until
+        return None
+
+    @property
+    def resume_at(self) -> int | None:
+        """Return when the current rung lifts by itself (None: manual, or nothing to lift)."""
+        return self.cause.until if self.cause is not None else None
+
+    def book(self, now: int | None = None) -> EquityBook:
+        """Return the equity book the rules see."""
+        return EquityBook(
+            now=self.now if now is None else now,
+            equity=self.equity if self.equity is not None else ZERO,
+            peak_equity=self.peak_equity,
+            day_start_equity=self.day_start_equity,
+            consecutive_losses=self.consecutive_losses,
+            last_loss_ts=self.last_loss_ts,
+        )
 
     def update(self, now: int, equity: Decimal) -> TradingState:
-        """Recompute the trading state from equity; log and return it."""
+        """Recompute the trading state from equity (including unrealised PnL); return it."""
         day = now // DAY_MS
         if day != self.day:
             self.day = day
             self.day_start_equity = equity
         self.peak_equity = max(self.peak_equity, equity)
-        new, why = self._evaluate(now, equity)
-        if new is not self.state:
-            log.warning(
-                "state_changed",
-                machine="trading_state",
-                **{"from": str(self.state), "to": str(new)},
-                reason=why,
-                equity=str(equity),
-                peak=str(self.peak_equity),
-                day_start=str(self.day_start_equity),
-            )
-            self.last_trigger = {"ts": now, "from": str(self.state), "to": str(new), "reason": why}
-            self.state = new
-        return self.state
+        self.equity = equity
+        return self._recompute(now)
 
-    def _evaluate(self, now: int, equity: Decimal) -> tuple[TradingState, str]:
-        s = self.settings
-        if self.manual is not None:
-            return self.manual, "manual"
-        if self.peak_equity > 0:
-            drawdown = float((self.peak_equity - equity) / self.peak_equity)
-            if drawdown >= s.max_drawdown:
-                if not s.auto_resume or self.state in (TradingState.HALTED, TradingState.FLATTEN):
-                    return TradingState.FLATTEN, f"drawdown {drawdown:.2%} >= {s.max_drawdown:.2%}"
-                return TradingState.FLATTEN, f"drawdown {drawdown:.2%} >= {s.max_drawdown:.2%}"
-        if self.day_start_equity > 0:
-            day_loss = float((self.day_start_equity - equity) / self.day_start_equity)
-            if day_loss >= s.max_daily_loss:
-                return TradingState.HALTED, f"daily loss {day_loss:.2%} >= {s.max_daily_loss:.2%}"
-        if self.cooldown_until is not None and now < self.cooldown_until:
-            return TradingState.REDUCING, f"{self.consecutive_losses} consecutive losses"
-        if self.peak_equity > 0:
-            drawdown = float((self.peak_equity - equity) / self.peak_equity)
-            if drawdown >= s.reduce_size_drawdown:
-                return TradingState.REDUCED, f"drawdown {drawdown:.2%}"
-        return TradingState.NORMAL, "within limits"
-
-    def on_trade_closed(self, trade: ClosedTrade, now: int) -> None:
-        """Count losing streaks; start a cooldown at the limit."""
+    def on_trade_closed(self, trade: ClosedTrade, now: int) -> TradingState:
+        """Count the losing streak and re-evaluate at once (a streak blocks the next entry)."""
         if trade.pnl < 0:
             self.consecutive_losses += 1
-            if self.consecutive_losses >= self.settings.max_consecutive_losses:
-                self.cooldown_until = now + self.settings.cooldown_minutes * 60_000
-                self.consecutive_losses = 0
+            self.last_loss_ts = now
         else:
             self.consecutive_losses = 0
+        return self._recompute(max(now, self.now))
+
+    def set_manual(self, state: TradingState | None) -> TradingState:
+        """Force a rung (kill switch, stop-buy) or, with None, resume (see `reset`)."""
+        if state is None:
+            return self.reset()
+        self.manual = state
+        return self._recompute(self.now)
+
+    def reset(self) -> TradingState:
+        """Resume manually: clear the manual rung and every latch, re-base peak and day."""
+        log.info(
+            "circuit_breakers_reset",
+            latched=sorted(self.latched),
+            manual=str(self.manual) if self.manual else None,
+        )
+        self.manual = None
+        self.latched.clear()
+        self.consecutive_losses = 0
+        self.last_loss_ts = None
+        if self.equity is not None:
+            self.peak_equity = self.equity
+            self.day_start_equity = self.equity
+        return self._recompute(self.now)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the breakers' state for the UI and Telegram (JSON-able)."""
+        book = self.book()
+        tripped = {t.rule for t in self._active(book)}
+        return {
+            "state": str(self.state),
+            "manual": str(self.manual) if self.manual is not None else None,
+            "equity": float(book.equity),
+            "peak_equity": float(self.peak_equity),
+            "drawdown": book.drawdown,
+            "day_start_equity": float(self.day_start_equity),
+            "day_loss": book.day_loss,
+            "consecutive_losses": self.consecutive_losses,
+            "cooldown_until": self.cooldown_until,
+            "resume_at": self.resume_at,
+            "circuit_breakers": {
+                rule.name: "open" if rule.name in tripped else "closed" for rule in self.rules
+            },
+            "latched": {
+                name: {"state": str(t.state), "reason": t.reason, "until": t.until}
+                for name, t in self.latched.items()
+            },
+            "limits": {
+                "reduce_size_drawdown": self.settings.reduce_size_drawdown,
+                "max_daily_loss": self.settings.max_daily_loss,
+                "max_drawdown": self.settings.max_drawdown,
+                "max_consecutive_losses": self.settings.max_consecutive_losses,
+                "cooldown_minutes": self.settings.cooldown_minutes,
+                "auto_resume": self.settings.auto_resume,
+            },
+            "last_trigger": dict(self.last_trigger),
+        }
+
+    def _active(self, book: EquityBook) -> list[Trip]:
+        # Latched trips first, so on a tie of severity the older cause is reported.
+        live = [t for rule in self.rules if (t := rule.check(book)) is not None]
+        trips = list(self.latched.values()) + [t for t in live if not t.latched]
+        trips += [t for t in live if t.latched and t.rule not in self.latched]
+        if self.manual is not None:
+            trips.append(Trip("manual", self.manual, f"manual {self.manual}", latched=True))
+        return trips
+
+    def _recompute(self, now: int) -> TradingState:
+        self.now = now
+        for name, trip in list(self.latched.items()):
+            if trip.until is not None and now >= trip.until:
+                del self.latched[name]
+                if trip.state is TradingState.REDUCING:
+                    self.consecutive_losses = 0
+                log.info("circuit_breaker_lifted", rule=name, until=trip.until, ts=now)
+        book = self.book(now)
+        for rule in self.rules:
+            fresh = rule.check(book)
+            if fresh is None or not fresh.latched:
+                continue
+            held = self.latched.get(fresh.rule)
+            # Keep the numbers that first tripped it; only a later lift time replaces it.
+            if held is None:
+                self.latched[fresh.rule] = fresh
+            elif fresh.until is not None and held.until is not None and fresh.until > held.until:
+                self.latched[fresh.rule] = replace(held, until=fresh.until)
+        trips = self._active(book)
+        cause = max(trips, key=lambda t: _SEVERITY[t.state], default=None)
+        self._transition(now, cause, book)
+        return self.state
+
+    def _transition(self, now: int, cause: Trip | None, book: EquityBook) -> None:
+        new = cause.state if cause is not None else TradingState.NORMAL
+        self.cause = cause
+        if new is self.state:
+            return
+        old, self.state = self.state, new
+        numbers: dict[str, Any] = {
+            "equity": float(book.equity),
+            "peak_equity": float(book.peak_equity),
+            "drawdown": round(book.drawdown, 6),
+            "day_start_equity": float(book.day_start_equity),
+            "day_loss": round(book.day_loss, 6),
+            "consecutive_losses": book.consecutive_losses,
+        }
+        if cause is not None:
+            numbers.update(cause.numbers)
+        self.last_trigger = {
+            "ts": now,
+            "from": str(old),
+            "to": str(new),
+            "trigger": cause.rule if cause is not None else "recovered",
+            "reason": cause.reason if cause is not None else "every breaker closed",
+            "resume_at": cause.until if cause is not None else None,
+            **numbers,
+        }
+        escalated = _SEVERITY[new] > _SEVERITY[old]
+        emit = log.warning if escalated else log.info
+        emit(
+            "state_changed",
+            machine="trading_state",
+            **{k: v for k, v in self.last_trigger.items() if k != "ts"},
+        )
+        if self.alert is not None:
+            try:
+                self.alert("trading_state", dict(self.last_trigger))
+            except Exception:  # an alert channel failing must never stop risk control
+                log.exception("alert_failed", kind="trading_state")
+
+
+# -- Sizing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KellyEstimate:
+    """Kelly statistics of a window of closed trades (returns on notional)."""
+
+    trades: int
+    win_rate: float
+    payoff: float
+    fraction: float
+
+
+def kelly_estimate(returns: Sequence[float]) -> KellyEstimate:
+    """Return W, R = mean win / mean loss and the Kelly fraction W - (1 - W) / R.
+
+    A trade with a return <= 0 counts as a loss. With no loss the fraction is W (payoff
+    infinite); with no win it is -1 (no edge).
+
+    Raises:
+        ValueError: for an empty sequence.
+    """
+    if not returns:
+        raise ValueError("kelly_estimate needs at least one trade")
+    wins = [r for r in returns if r > 0]
+    losses = [-r for r in returns if r <= 0]
+    win_rate = len(wins) / len(returns)
+    mean_loss = sum(losses) / len(losses) if losses else 0.0
+    if mean_loss <= 0:
+        return KellyEstimate(len(returns), win_rate, math.inf, win_rate)
+    if not wins:
+        return KellyEstimate(len(returns), 0.0, 0.0, -1.0)
+    payoff = (sum(wins) / len(wins)) / mean_loss
+    return KellyEstimate(len(returns), win_rate, payoff, win_rate - (1 - win_rate) / payoff)
+
+
+def loss_per_unit(price: Decimal, distance: Decimal, fee: Decimal, side: Side) -> Decimal:
+    """Return what one unit loses if stopped out: the distance plus entry and exit fees."""
+    exit_price = price - distance if side is Side.BUY else price + distance
+    return distance + fee * (price + exit_price)
+
+
+@dataclass(frozen=True, slots=True)
+class _Size:
+    qty: Decimal
+    method: str  # short name, reported as the binding constraint when no cap binds
+    detail: str
+
+
+# -- Stops -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _StopTrack:
+    ts_opened: int
+    initial_risk: Decimal | None
+    best: Decimal
+    armed: bool = False
+
+
+def break_even_price(position: Position, taker_fee: Decimal) -> Decimal:
+    """Return the exit price at which `position` closes flat after entry and exit fees.
+
+    Uses the entry fees the position paid, or a taker fee on entry when it reports none.
+    """
+    qty, entry = position.qty, position.entry_price
+    paid = position.fees_paid if position.fees_paid > 0 else entry * qty * taker_fee
+    if position.side is PositionSide.LONG:
+        return (entry * qty + paid) / (qty * (1 - taker_fee))
+    return (entry * qty - paid) / (qty * (1 + taker_fee))
+
+
+# -- The manager -----------------------------------------------------------------------------
 
 
 class RiskManager:
-    """Size positions, set stops and apply the guards and circuit breakers."""
+    """Size positions, set and move stops, apply the guards and circuit breakers.
 
-    def __init__(self, settings: RiskSettings, *, long_only: bool = True) -> None:
+    Args:
+        settings: the risk group of the settings.
+        long_only: refuse short entries.
+        alert: called as `alert("trading_state", numbers)` on each change of rung.
+        timeframe: the candle timeframe; lets volatility targeting work per UTC day.
+        hard_correlation: the correlation above which an entry is refused outright.
+        kelly_min_trades: closed trades needed before Kelly sizing replaces fixed fractional.
+        kelly_window: how many recent closed trades the Kelly statistics use.
+        volatility_min_sample: returns needed to measure volatility (ATR / price below).
+        taker_fee: the fee `manage_stop` assumes for break-even unless told otherwise.
+    """
+
+    def __init__(
+        self,
+        settings: RiskSettings,
+        *,
+        long_only: bool = True,
+        alert: Alert | None = None,
+        timeframe: str | None = None,
+        hard_correlation: float = 0.95,
+        kelly_min_trades: int = 20,
+        kelly_window: int = 100,
+        volatility_min_sample: int = 20,
+        taker_fee: Decimal = Decimal("0.001"),
+    ) -> None:
         self.settings = settings
         self.long_only = long_only
-        self.breakers = CircuitBreakers(settings)
-        self.guards: list[Guard] = [MaxOpenPositions(settings.max_open_positions)]
-        self._ids = itertools.count(1)
         self.all_in = settings.profile == "all_in"
+        self.breakers = CircuitBreakers(settings, alert=alert)
+        self.bar_ms = timeframe_to_ms(timeframe) if timeframe else None
+        self.kelly_min_trades = kelly_min_trades
+        self.volatility_min_sample = volatility_min_sample
+        self.taker_fee = taker_fee
+        self.trade_returns: deque[float] = deque(maxlen=kelly_window)
+        self.correlation = CorrelationGuard(
+            settings.max_correlation,
+            max(hard_correlation, settings.max_correlation),
+            settings.correlation_window,
+        )
+        self.guards: list[Guard] = [MaxOpenPositions(settings.max_open_positions)]
+        if not self.all_in:
+            self.guards.append(self.correlation)
+        self._stops: dict[str, _StopTrack] = {}
+        self._ids = itertools.count(1)
+
+    # -- State -------------------------------------------------------------------------------
 
     @property
     def trading_state(self) -> TradingState:
@@ -173,18 +739,63 @@ class RiskManager:
         return self.breakers.update(now, equity)
 
     def on_trade_closed(self, trade: ClosedTrade, now: int) -> None:
-        """Account a closed round trip in the loss-streak guard."""
-        if not self.all_in:
-            self.breakers.on_trade_closed(trade, now)
+        """Account a closed round trip: loss streak, Kelly statistics, stop tracking."""
+        self._stops.pop(trade.pair, None)
+        if self.all_in:
+            return
+        notional = trade.entry_price * trade.qty
+        if notional > 0:
+            self.trade_returns.append(trade.pnl / notional)
+        self.breakers.on_trade_closed(trade, now)
 
     def set_manual(self, state: TradingState | None) -> None:
-        """Force a state (kill switch, /stopbuy, /pause) or clear it with None."""
-        self.breakers.manual = state
+        """Force a rung (kill switch, /stopbuy, /pause) or resume with None.
+
+        Resuming clears every latched breaker, the peak-to-trough flatten included, and
+        re-bases the peak and the day's starting equity on the current equity.
+        """
+        self.breakers.set_manual(state)
+
+    def reset(self, *, history: bool = False) -> None:
+        """Resume manually (as `set_manual(None)`); with `history`, forget the Kelly trades."""
+        if history:
+            self.trade_returns.clear()
+        self.breakers.reset()
+
+    def kelly(self) -> KellyEstimate | None:
+        """Return the Kelly statistics of recent trades, None below the minimum sample."""
+        if len(self.trade_returns) < max(self.kelly_min_trades, 1):
+            return None
+        return kelly_estimate(list(self.trade_returns))
+
+    def describe(self) -> dict[str, Any]:
+        """Return the risk state for the UI and Telegram (JSON-able)."""
+        info = self.breakers.describe()
+        info["state"] = str(self.trading_state)
+        info["profile"] = self.settings.profile
+        info["sizing"] = self.settings.sizing
+        estimate = self.kelly()
+        if estimate is not None:
+            info["kelly"] = {
+                "trades": estimate.trades,
+                "win_rate": estimate.win_rate,
+                "payoff": estimate.payoff if math.isfinite(estimate.payoff) else None,
+                "fraction": estimate.fraction,
+            }
+        matrix = self.correlation.last_matrix
+        if matrix is not None:
+            info["correlation"] = {
+                "pairs": list(self.correlation.last_pairs),
+                "matrix": [[None if math.isnan(v) else round(v, 4) for v in row] for row in matrix],
+            }
+        return info
 
     def client_order_id(self, now: int, pair: str) -> str:
         """Return a unique, sortable client order id (Bybit allows 36 characters)."""
         base = pair.split("/")[0].split(":")[0][:6]
         return f"k{now:x}{base}{next(self._ids):04x}"[:36]
+
+    # -- Decisions ---------------------------------------------------------------------------
 
     def evaluate(self, signal: Signal, ctx: RiskContext) -> OrderIntent | Veto:
         """Return the order to send for `signal`, or why not."""
@@ -198,17 +809,24 @@ class RiskManager:
         if position is not None:
             return Veto("already in a position on this pair", None, "pyramiding")
         state = self.trading_state
-        if state not in (TradingState.NORMAL, TradingState.REDUCED):
+        if state not in _ENTRY_STATES:
+            cause = self.breakers.cause
             return Veto(
-                f"trading state {state}: entries blocked ({self.breakers.last_trigger.get('reason', '')})",
-                self.breakers.cooldown_until,
+                f"trading state {state}: entries blocked"
+                f" ({cause.reason if cause is not None else ''})",
+                self.breakers.resume_at,
                 "circuit_breaker",
             )
+        resizes: list[Resize] = []
         for guard in self.guards:
-            veto = guard.check(signal, ctx)
-            if veto is not None:
-                return veto
-        return self._entry(signal, ctx, state)
+            verdict = guard.check(signal, ctx)
+            if isinstance(verdict, Veto):
+                return verdict
+            if verdict is not None:
+                resizes.append(verdict)
+        if self.all_in:
+            return self._all_in_entry(signal, ctx)
+        return self._entry(signal, ctx, state, resizes)
 
     def _exit(self, signal: Signal, position: Position, ctx: RiskContext) -> OrderIntent:
         return OrderIntent(
@@ -222,52 +840,75 @@ class RiskManager:
             ts=ctx.now,
         )
 
-    def _entry(self, signal: Signal, ctx: RiskContext, state: TradingState) -> OrderIntent | Veto:
-        s = self.settings
+    def _all_in_entry(self, signal: Signal, ctx: RiskContext) -> OrderIntent | Veto:
+        # Reference profile: the whole cash in one market buy sized in quote currency.
         price = ctx.price
         if price <= 0:
             return Veto("no valid price", None, "price")
-        if self.all_in:
-            # Reference profile: the whole cash in one market buy sized in quote currency.
-            qty = _floor(ctx.cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
-            if qty <= 0:
-                return Veto("no cash", None, "cash")
-            return OrderIntent(
-                pair=signal.pair,
-                side=signal.side,
-                qty=qty,
-                type=OrderType.MARKET,
-                client_order_id=self.client_order_id(ctx.now, signal.pair),
-                reason=signal.reason,
-                ts=ctx.now,
-                quote_amount=ctx.cash,
+        qty = _floor(ctx.cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
+        if qty <= 0:
+            return Veto("no cash", None, "cash")
+        return OrderIntent(
+            pair=signal.pair,
+            side=signal.side,
+            qty=qty,
+            type=OrderType.MARKET,
+            client_order_id=self.client_order_id(ctx.now, signal.pair),
+            reason=signal.reason,
+            ts=ctx.now,
+            quote_amount=ctx.cash,
+        )
+
+    def _entry(
+        self, signal: Signal, ctx: RiskContext, state: TradingState, resizes: list[Resize]
+    ) -> OrderIntent | Veto:
+        s, price, market = self.settings, ctx.price, ctx.market
+        if price <= 0:
+            return Veto("no valid price", None, "price")
+        if ctx.equity <= 0:
+            return Veto(f"equity {ctx.equity} <= 0", None, "equity")
+        if market.type is MarketType.SPOT and signal.side is Side.SELL:
+            return Veto("spot market: cannot open a short", None, "spot_short")
+        atr, atr_note = self._atr(ctx)
+        distance = atr * _dec(s.stop_atr_multiple)
+        if signal.side is Side.BUY and distance >= price:
+            return Veto(
+                f"stop distance {distance:.6g} ({s.stop_atr_multiple} x {atr_note}) >= price"
+                f" {price}: no stop possible",
+                None,
+                "stop",
             )
-        atr = Decimal(str(ctx.atr)) if ctx.atr and ctx.atr > 0 else price * Decimal("0.01")
-        stop_distance = atr * Decimal(str(s.stop_atr_multiple))
-        risk_budget = ctx.equity * Decimal(str(s.risk_per_trade))
-        qty = risk_budget / stop_distance
-        caps = {
-            "max_position_fraction": ctx.equity * Decimal(str(s.max_position_fraction)) / price,
-            "max_total_exposure": max(
-                ctx.equity * Decimal(str(s.max_total_exposure)) - _exposure(ctx), Decimal(0)
+        sized = self._size(signal, ctx, distance, atr_note)
+        if isinstance(sized, Veto):
+            return sized
+        qty, binding = sized.qty, sized.method
+        notes = [f"{sized.method}: {sized.detail}"]
+        for resize in resizes:
+            qty *= _dec(resize.factor)
+            binding = resize.guard
+            notes.append(f"{resize.guard} {resize.reason}")
+        if state is TradingState.REDUCED:
+            qty *= _dec(s.reduced_size_factor)
+            binding = "reduced"
+            cause = self.breakers.cause
+            notes.append(
+                f"reduced x{s.reduced_size_factor}: {cause.reason if cause is not None else ''}"
             )
-            / price,
-            "cash": ctx.cash / (price * (1 + ctx.taker_fee)),
-        }
-        binding = "risk_per_trade"
-        for name, cap in caps.items():
+        leverage = self._leverage(market)
+        for name, cap in self.caps(signal, ctx, leverage).items():
             if cap < qty:
                 qty, binding = cap, name
-        if state is TradingState.REDUCED:
-            qty *= Decimal(str(s.reduced_size_factor))
-            binding += "+reduced"
-        qty = _floor(qty, ctx.market.lot_size)
-        if qty <= 0 or qty * price < ctx.market.min_notional:
-            return Veto(f"size {qty} below market minimum (binding: {binding})", None, "min_size")
+        qty = _floor(max(qty, ZERO), market.lot_size)
+        if qty <= 0 or qty < market.min_qty or qty * price < market.min_notional:
+            return Veto(
+                f"size {qty} below market minimum (min qty {market.min_qty}, min notional"
+                f" {market.min_notional}; bound by {binding}; {'; '.join(notes)})",
+                None,
+                "min_size",
+            )
         sign = 1 if signal.side is Side.BUY else -1
-        stop = price - sign * stop_distance
         take_profit = (
-            price + sign * atr * Decimal(str(s.take_profit_atr_multiple))
+            price + sign * atr * _dec(s.take_profit_atr_multiple)
             if s.take_profit_atr_multiple
             else None
         )
@@ -277,11 +918,204 @@ class RiskManager:
             qty=qty,
             type=OrderType.MARKET,
             client_order_id=self.client_order_id(ctx.now, signal.pair),
-            reason=f"{signal.reason}; size by {binding}",
-            stop_loss=stop,
+            reason=f"{signal.reason}; qty {qty} bound by {binding}; {'; '.join(notes)}",
+            stop_loss=price - sign * distance,
             take_profit=take_profit,
+            leverage=leverage if market.type is MarketType.LINEAR else None,
             ts=ctx.now,
         )
+
+    # -- Sizing ------------------------------------------------------------------------------
+
+    def caps(
+        self, signal: Signal, ctx: RiskContext, leverage: Decimal | None = None
+    ) -> dict[str, Decimal]:
+        """Return the largest quantity each exposure limit allows, by limit name."""
+        s, price = self.settings, ctx.price
+        lev = self._leverage(ctx.market) if leverage is None else leverage
+        equity = ctx.equity
+        exposure = _exposure(ctx)
+        held = ctx.positions.get(signal.pair)
+        on_pair = held.notional if held is not None else ZERO
+        caps = {
+            "max_position_fraction": equity * _dec(s.max_position_fraction) - on_pair,
+            "max_total_exposure": equity * _dec(s.max_total_exposure) - exposure,
+            "max_leverage": equity * lev - exposure,
+        }
+        out = {name: max(room, ZERO) / price for name, room in caps.items()}
+        # Buying needs the notional (spot) or its margin (linear) plus the fee, from cash.
+        funding = "cash" if ctx.market.type is MarketType.SPOT else "margin"
+        out[funding] = max(ctx.cash, ZERO) / (price * (1 / lev + ctx.taker_fee))
+        if ctx.market.max_qty is not None:
+            out["market_max_qty"] = ctx.market.max_qty
+        return out
+
+    def _leverage(self, market: Market) -> Decimal:
+        if market.type is MarketType.SPOT:
+            return Decimal(1)
+        lev = _dec(self.settings.max_leverage)
+        if market.max_leverage > 0:
+            lev = min(lev, market.max_leverage)
+        return max(lev, Decimal(1))
+
+    def _atr(self, ctx: RiskContext) -> tuple[Decimal, str]:
+        if ctx.atr is not None and ctx.atr > 0 and math.isfinite(ctx.atr):
+            return _dec(ctx.atr), f"ATR {ctx.atr:.6g}"
+        return ctx.price * Decimal("0.01"), "ATR unavailable, 1% of price"
+
+    def _size(
+        self, signal: Signal, ctx: RiskContext, distance: Decimal, atr_note: str
+    ) -> _Size | Veto:
+        s = self.settings
+        per_unit = loss_per_unit(ctx.price, distance, ctx.taker_fee, signal.side)
+        stop = f"stop {distance:.6g} ({s.stop_atr_multiple} x {atr_note}) + fees"
+        if s.sizing == "volatility_target":
+            sized = self._volatility_size(signal.pair, ctx)
+            if sized is not None:
+                return sized
+            fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+            stop += "; volatility unknown, fixed fractional"
+        elif s.sizing == "kelly":
+            estimate = self.kelly()
+            if estimate is None:
+                fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+                stop += (
+                    f"; kelly needs {self.kelly_min_trades} closed trades,"
+                    f" has {len(self.trade_returns)}"
+                )
+            elif estimate.fraction <= 0:
+                return Veto(
+                    f"kelly fraction {estimate.fraction:.3f} <= 0 over {estimate.trades}"
+                    f" trades (win rate {estimate.win_rate:.2%}, payoff {estimate.payoff:.2f}):"
+                    " no edge",
+                    None,
+                    "kelly",
+                )
+            else:
+                fraction, method = _dec(round(min(estimate.fraction, s.kelly_cap), 12)), "kelly"
+                stop += (
+                    f"; kelly {estimate.fraction:.3f} capped at {s.kelly_cap} (win rate"
+                    f" {estimate.win_rate:.2%}, payoff {estimate.payoff:.2f},"
+                    f" {estimate.trades} trades)"
+                )
+        else:
+            fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+        qty = ctx.equity * fraction / per_unit
+        return _Size(qty, method, f"risk {fraction:.4%} of equity {ctx.equity:.2f} over {stop}")
+
+    def volatility(self, pair: str, ctx: RiskContext) -> tuple[float, str] | None:
+        """Return the pair's volatility per sizing period (day, or bar) and its source."""
+        sigma, source = None, ""
+        series = ctx.returns.get(pair) if ctx.returns else None
+        if series is not None:
+            tail = np.asarray(series, dtype=float)[-self.settings.correlation_window :]
+            tail = tail[np.isfinite(tail)]
+            if len(tail) >= max(self.volatility_min_sample, 2):
+                sigma, source = float(np.std(tail, ddof=1)), f"stdev of {len(tail)} returns"
+        if sigma is None and ctx.atr is not None and ctx.atr > 0 and ctx.price > 0:
+            sigma, source = ctx.atr / float(ctx.price), "ATR / price"
+        if sigma is None or not sigma > 0 or not math.isfinite(sigma):
+            return None
+        if self.bar_ms is not None:
+            return sigma * math.sqrt(DAY_MS / self.bar_ms), f"daily, {source}"
+        return sigma, f"per bar, {source}"
+
+    def _volatility_size(self, pair: str, ctx: RiskContext) -> _Size | None:
+        measured = self.volatility(pair, ctx)
+        if measured is None:
+            return None
+        sigma, source = measured
+        target = self.settings.target_volatility
+        notional = ctx.equity * _dec(target) / _dec(sigma)
+        return _Size(
+            notional / ctx.price,
+            "volatility_target",
+            f"target {target:.2%} of equity {ctx.equity:.2f} / volatility {sigma:.4%} ({source})",
+        )
+
+    # -- Stops -------------------------------------------------------------------------------
+
+    def manage_stop(
+        self,
+        position: Position,
+        high: float | Decimal,
+        low: float | Decimal,
+        close: float | Decimal,
+        atr: float | None,
+        now: int,
+        *,
+        taker_fee: Decimal | None = None,
+        tick_size: Decimal | None = None,
+    ) -> Decimal | None:
+        """Return the stop `position` should now have, or None to leave it.
+
+        Call once per closed candle per open position. The stop only ever tightens: it
+        trails `stop_atr_multiple` x ATR behind the best price since entry (when
+        `trailing_stop`), moves to break-even after fees once the best price is
+        `break_even_at_r` x the initial risk in profit, and is set at k x ATR from entry
+        when the position has none. A stop that would sit beyond the candle's close (so it
+        would trigger at once) is not proposed.
+        """
+        if self.all_in or position.qty <= 0:
+            return None
+        high_d, low_d, close_d = _dec(high), _dec(low), _dec(close)
+        long = position.side is PositionSide.LONG
+        sign = 1 if long else -1
+        entry, current = position.entry_price, position.stop_price
+        distance = _dec(atr) * _dec(self.settings.stop_atr_multiple) if atr and atr > 0 else None
+        track = self._track(position, distance)
+        track.best = max(track.best, high_d) if long else min(track.best, low_d)
+        candidates: dict[str, Decimal] = {}
+        if distance is not None:
+            if self.settings.trailing_stop:
+                candidates["trailing"] = track.best - sign * distance
+            elif current is None:
+                candidates["initial"] = entry - sign * distance
+        be_r = self.settings.break_even_at_r
+        if be_r is not None and track.initial_risk is not None and track.initial_risk > 0:
+            if (track.best - entry) * sign >= _dec(be_r) * track.initial_risk:
+                track.armed = True
+            if track.armed:
+                fee = self.taker_fee if taker_fee is None else taker_fee
+                candidates["break_even"] = break_even_price(position, fee)
+        best_rule, best_stop = "", None
+        for rule, price in candidates.items():
+            if tick_size is not None and tick_size > 0:
+                rounding = ROUND_CEILING if long else ROUND_FLOOR
+                price = (price / tick_size).to_integral_value(rounding=rounding) * tick_size
+            if price <= 0 or (price - close_d) * sign >= 0:
+                continue  # on the wrong side of the close: it would fill at once
+            if best_stop is None or (price - best_stop) * sign > 0:
+                best_rule, best_stop = rule, price
+        if best_stop is None or (current is not None and (best_stop - current) * sign <= 0):
+            return None
+        log.info(
+            "stop_moved",
+            pair=position.pair,
+            rule=best_rule,
+            old=str(current) if current is not None else None,
+            new=str(best_stop),
+            best=str(track.best),
+            ts=now,
+        )
+        return best_stop
+
+    def _track(self, position: Position, distance: Decimal | None) -> _StopTrack:
+        track = self._stops.get(position.pair)
+        if track is None or track.ts_opened != position.ts_opened:
+            stop = position.stop_price
+            if (
+                stop is not None
+                and (position.entry_price - stop)
+                * (1 if position.side is PositionSide.LONG else -1)
+                > 0
+            ):
+                risk: Decimal | None = abs(position.entry_price - stop)
+            else:
+                risk = distance
+            track = _StopTrack(position.ts_opened, risk, position.entry_price)
+            self._stops[position.pair] = track
+        return track
 
 
 def _closes(side: Side, position: Position) -> bool:
@@ -289,7 +1123,7 @@ def _closes(side: Side, position: Position) -> bool:
 
 
 def _exposure(ctx: RiskContext) -> Decimal:
-    return sum((p.notional for p in ctx.positions.values()), Decimal(0))
+    return sum((p.notional for p in ctx.positions.values()), ZERO)
 
 
 def _floor(qty: Decimal, lot: Decimal) -> Decimal:
