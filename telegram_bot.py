@@ -90,7 +90,8 @@ class _Window:
             self.events.popleft()
         if len(self.events) < self.capacity:
             return 0.0
-        return self.events[0] + self.seconds - now
+        # The capacity-th newest event decides; float rounding may leave older ones queued.
+        return max(0.0, self.events[-self.capacity] + self.seconds - now)
 
     def record(self, now: float) -> None:
         self.events.append(now)
