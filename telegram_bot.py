@@ -700,14 +700,18 @@ class TelegramBot:
         markup: Any = None,
         edit_message_id: int | None = None,
     ) -> None:
-        for chunk in split_text(text):
+        chunks = split_text(text)
+        for number, chunk in enumerate(chunks):
+            last = number == len(chunks) - 1
             message = OutgoingMessage(
                 chat_id,
                 chunk,
                 "reply",
                 interactive=True,
-                edit_message_id=edit_message_id,
-                reply_markup=markup,
+                # Only the first chunk rewrites the message; the rest follow as new ones,
+                # and the keyboard goes under the last.
+                edit_message_id=edit_message_id if number == 0 else None,
+                reply_markup=markup if last else None,
             )
             self._outbox.put(message)
         self._drained.clear()
@@ -808,7 +812,17 @@ class TelegramBot:
                 )
             self._outbox.requeue(batch)
         except TelegramError as e:
-            log.error("telegram_send_refused", error=type(e).__name__, message=redact(str(e))[:200])
+            # ChatMigrated (a group became a supergroup) lands here: the new id needs config.
+            log.error(
+                "telegram_send_refused",
+                chat_id=chat_id,
+                error=type(e).__name__,
+                message=redact(str(e))[:200],
+                new_chat_id=getattr(e, "new_chat_id", None),
+            )
+            self._drop(batch)
+        except Exception:  # a bug here must not kill the only sender
+            log.exception("telegram_send_crashed", chat_id=chat_id)
             self._drop(batch)
         else:
             self._delivered(batch)
@@ -868,9 +882,7 @@ class TelegramBot:
         chat_id = message.chat.id
         name = message.text.split()[0][1:].split("@")[0].lower()
         args = [str(a) for a in (context.args or [])]
-        log.info(
-            "telegram_command", command=name, chat_id=chat_id, user_id=update.effective_user.id
-        )
+        log.info("telegram_command", command=name, chat_id=chat_id, user_id=self._origin(update)[1])
         try:
             await self._dispatch(chat_id, name, args)
         except BotError as e:

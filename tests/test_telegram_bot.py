@@ -17,7 +17,7 @@ from config import TelegramSettings
 from error_handler import BotError
 from models import BotState, ClosedTrade, Decision, PositionSide, Side, Signal, TradingState, Veto
 from telegram_bot import TelegramBot
-from telegram_templates import COMMANDS, error_alert
+from telegram_templates import COMMANDS, Alert, error_alert
 from tests.conftest import eventually
 from tests.fake_telegram import TOKEN, FakeControl, FakeTelegram, SentMessage
 
@@ -564,3 +564,28 @@ async def test_position_decimal_formatting_in_positions(
     reply = await ask(api, "/positions")
     assert "ETH/USDT short 0.000125 @ 2000 → 1900" in reply.visible
     assert f"uPnL {Decimal('0.0125'):+,.2f}" in reply.visible
+
+
+async def test_long_reports_are_split_into_valid_messages(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl
+) -> None:
+    """A reconciliation report longer than one message arrives whole, in several messages."""
+    lines = [f"order cid-{i:04d}: adopted <filled 0.01 @ 65000>" for i in range(200)]
+    control.reconcile_report = "\n".join(lines)
+    api.push_command("/reconcile", chat_id=CHAT, user_id=USER)
+    await eventually(lambda: "cid-0199" in "".join(m.visible for m in api.messages), timeout=10)
+    text = "\n".join(m.visible for m in api.messages_to(CHAT))
+    assert all(line in text for line in lines)
+    assert all(len(m.text) <= 4096 for m in api.messages)
+
+
+async def test_html_refused_by_telegram_is_resent_as_plain_text(
+    api: FakeTelegram, bot: TelegramBot
+) -> None:
+    """If Telegram cannot parse an alert's HTML, the alert goes out once as plain text."""
+    bot.notify(Alert("<b>breaker tripped: drawdown 15%", "circuit_breaker"))
+    await eventually(lambda: bool(api.messages_to(CHAT)))
+    [message] = api.messages_to(CHAT)
+    assert message.parse_mode is None
+    assert message.text == "breaker tripped: drawdown 15%"
+    assert [c.status for c in api.calls_to("sendMessage")] == [400, 200]
