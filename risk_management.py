@@ -786,7 +786,9 @@ class RiskManager:
         if matrix is not None:
             info["correlation"] = {
                 "pairs": list(self.correlation.last_pairs),
-                "matrix": [[None if math.isnan(v) else round(v, 4) for v in row] for row in matrix],
+                "matrix": [
+                    [None if math.isnan(v) else round(float(v), 4) for v in row] for row in matrix
+                ],
             }
         return info
 

@@ -159,7 +159,7 @@ def trade(
     )
 
 
-def correlated(rho: float, n: int = 120, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+def correlated(rho: float, n: int = 100, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Return two return series whose sample correlation is exactly `rho`."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=n)

@@ -1,0 +1,127 @@
+"""Correlation: the rolling matrix, and new positions cut down or refused next to held ones."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from models import MarketType, OrderIntent, PositionSide, Side, Veto
+from risk_management import RiskManager, correlation_matrix
+from tests.test_risk_support import context, correlated, market, position, settings, signal
+
+
+BASE_QTY = Decimal("25")  # 1% of 10,000 over a 4 stop, no fees: what an uncorrelated entry gets
+
+
+def _manager() -> RiskManager:
+    return RiskManager(
+        settings(max_correlation=0.8, correlation_window=100, max_position_fraction=1.0),
+        hard_correlation=0.95,
+        long_only=False,
+    )
+
+
+def _evaluate(
+    rho: float, *, side: Side = Side.BUY, held_side: PositionSide = PositionSide.LONG
+) -> OrderIntent | Veto:
+    held, candidate = correlated(rho)
+    ctx = context(
+        positions={"ETH/USDT": position("ETH/USDT", held_side, qty="1")},
+        returns={"BTC/USDT": candidate, "ETH/USDT": held},
+        mkt=market(type=MarketType.LINEAR),  # linear, so shorts are possible
+    )
+    return _manager().evaluate(signal(side=side), ctx)
+
+
+def test_correlation_matrix_of_constructed_series() -> None:
+    """x, 0.5-correlated y and -x give 1 on the diagonal, 0.5 and -1 off it."""
+    x, y = correlated(0.5)
+    pairs, matrix = correlation_matrix({"A": x, "B": y, "C": -x}, window=200)
+    assert pairs == ("A", "B", "C")
+    assert np.diag(matrix) == pytest.approx([1.0, 1.0, 1.0])
+    assert matrix[0, 1] == pytest.approx(0.5)
+    assert matrix[0, 2] == pytest.approx(-1.0)
+    assert matrix[1, 2] == pytest.approx(-0.5)
+
+
+def test_correlation_matrix_uses_the_last_window_bars_only() -> None:
+    """Old bars outside the window do not count: a series that later tracks x reads as 1."""
+    x, _ = correlated(0.0, n=60)
+    y = np.concatenate([-x[:30], x[30:]])
+    _, whole = correlation_matrix({"x": x, "y": y}, window=60)
+    _, recent = correlation_matrix({"x": x, "y": y}, window=30)
+    assert whole[0, 1] < 0.9
+    assert recent[0, 1] == pytest.approx(1.0)
+
+
+def test_correlation_matrix_is_nan_without_enough_data_or_movement() -> None:
+    """Too few bars, or a flat series, give NaN instead of a made-up number."""
+    x, _ = correlated(0.0, n=50)
+    _, short = correlation_matrix({"x": x[:5], "y": x[:5]}, window=100)
+    assert np.isnan(short).all()
+    _, flat = correlation_matrix({"x": x, "y": np.zeros(50)}, window=100)
+    assert np.isnan(flat[0, 1])
+    assert flat[0, 0] == pytest.approx(1.0)
+
+
+def test_uncorrelated_entry_keeps_its_full_size() -> None:
+    """At correlation 0.3 with the held long the size is untouched."""
+    intent = _evaluate(0.3)
+    assert isinstance(intent, OrderIntent)
+    assert intent.qty == BASE_QTY
+
+
+def test_correlated_entry_is_cut_down_by_the_excess() -> None:
+    """At 0.875 (halfway from 0.8 to the 0.95 hard limit) the size is halved."""
+    intent = _evaluate(0.875)
+    assert isinstance(intent, OrderIntent)
+    assert float(intent.qty) == pytest.approx(12.5, abs=0.001)
+    assert "bound by correlation" in intent.reason
+    assert "ETH/USDT" in intent.reason
+
+
+def test_entry_above_the_hard_limit_is_refused() -> None:
+    """At 0.97 the entry is refused, naming the held pair and the correlation."""
+    veto = _evaluate(0.97)
+    assert isinstance(veto, Veto)
+    assert veto.guard == "correlation"
+    assert "+0.97" in veto.reason
+    assert "ETH/USDT" in veto.reason
+
+
+def test_anti_correlated_entry_in_the_same_direction_is_a_hedge() -> None:
+    """A long that moves against a held long (-0.9) is not concentration: full size."""
+    intent = _evaluate(-0.9)
+    assert isinstance(intent, OrderIntent)
+    assert intent.qty == BASE_QTY
+
+
+def test_short_against_an_anti_correlated_long_is_the_same_bet() -> None:
+    """A short on a pair at -0.9 to a held long doubles the bet: cut to 1/3."""
+    intent = _evaluate(-0.9, side=Side.SELL)
+    assert isinstance(intent, OrderIntent)
+    assert float(intent.qty) == pytest.approx(25 / 3, abs=0.001)
+
+
+def test_no_returns_means_no_correlation_judgement() -> None:
+    """Without returns for the candidate the guard stays out of the decision."""
+    risk = _manager()
+    ctx = context(positions={"ETH/USDT": position()}, returns=None)
+    intent = risk.evaluate(signal(), ctx)
+    assert isinstance(intent, OrderIntent)
+    assert intent.qty == BASE_QTY
+
+
+def test_describe_exposes_the_last_matrix() -> None:
+    """The last computed matrix is part of the UI description."""
+    risk = _manager()
+    held, candidate = correlated(0.5)
+    ctx = context(
+        positions={"ETH/USDT": position()}, returns={"BTC/USDT": candidate, "ETH/USDT": held}
+    )
+    risk.evaluate(signal(), ctx)
+    info = risk.describe()["correlation"]
+    assert info["pairs"] == ["BTC/USDT", "ETH/USDT"]
+    assert info["matrix"][0][1] == pytest.approx(0.5)
