@@ -36,7 +36,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from config import TelegramSettings
-from error_handler import BotError
+from error_handler import BotError, ConfigError
 from models import Control, Snapshot
 from telegram_templates import (
     COMMANDS,
@@ -68,6 +68,8 @@ from utils.utilities import Clock, WallClock, ms_to_datetime, redact, register_s
 log = structlog.get_logger(__name__)
 
 _SEPARATOR: Final = "\n\n"
+# Alerts raised before start() are kept up to this many (start normally follows at once).
+_EARLY_LIMIT: Final = 10_000
 
 ModeSwitch = Callable[[str], Awaitable[str]]
 """Switch the daemon to a mode ("sim" or "live"); return what happened, raise BotError to refuse."""
@@ -334,7 +336,6 @@ def authorised_only(handler: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-_CONFIRMED_ACTIONS: Final = frozenset({"pause", "resume", "stopbuy", "forceexit", "mode"})
 _MODES: Final = ("sim", "live")
 
 
@@ -369,7 +370,7 @@ class TelegramBot:
         poll_timeout: float = 10.0,
         total_messages_per_second: float = 30.0,
         group_messages_per_minute: int = 20,
-        queue_capacity: int = 200,
+        queue_capacity: int = 1000,
         batch_alerts: bool = True,
         retry_base: float = 0.5,
         retry_cap: float = 30.0,
@@ -399,6 +400,7 @@ class TelegramBot:
         self._pending: dict[str, _Pending] = {}
         self._early: list[Alert] = []
         self._early_lock = threading.Lock()
+        self._early_overflow = 0
         self._logged_disabled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._app: Any = None
@@ -415,6 +417,11 @@ class TelegramBot:
         self._connect_task: asyncio.Task[None] | None = None
         if self._enabled and settings.token is not None:
             register_secret(settings.token.get_secret_value())
+        if self._enabled and settings.base_url:
+            try:
+                api_urls(settings.base_url)
+            except ValueError as e:
+                raise ConfigError(str(e), component="telegram") from e
 
     # -- Public API ------------------------------------------------------------------------
 
@@ -456,10 +463,12 @@ class TelegramBot:
             return
         if not self._chat_ids:
             log.warning("telegram_no_chat_ids", hint="alerts have nowhere to go")
-        self._loop = asyncio.get_running_loop()
         self._app = self._build_application()
-        with self._early_lock:
+        with self._early_lock:  # from here on notify() hands alerts to the loop
+            self._loop = asyncio.get_running_loop()
             early, self._early = self._early, []
+        if self._early_overflow:
+            log.warning("telegram_early_overflow", dropped=self._early_overflow)
         for alert in early:
             self._enqueue_alert(alert)
         self._sender_task = self._loop.create_task(self._send_loop(), name="telegram_sender")
@@ -510,11 +519,14 @@ class TelegramBot:
             self._log_disabled()
             return
         alert = text_alert(message) if isinstance(message, str) else message
-        loop = self._loop
-        if loop is None:
-            with self._early_lock:
-                self._early.append(alert)
-            return
+        with self._early_lock:
+            loop = self._loop
+            if loop is None:  # not started yet: keep it for start()
+                if len(self._early) < _EARLY_LIMIT:
+                    self._early.append(alert)
+                else:
+                    self._early_overflow += 1
+                return
         if self._stopped or self._is_rejected:
             log.warning("telegram_alert_not_sent", text=plain_text(alert.text)[:200])
             return
@@ -742,6 +754,8 @@ class TelegramBot:
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
                 continue
             batch = self._outbox.take(chat_id, batch=self._batch)
+            if not batch:
+                continue
             self._in_flight = True
             try:
                 await self._send_batch(chat_id, batch)

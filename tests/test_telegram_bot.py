@@ -589,3 +589,10 @@ async def test_html_refused_by_telegram_is_resent_as_plain_text(
     assert message.parse_mode is None
     assert message.text == "breaker tripped: drawdown 15%"
     assert [c.status for c in api.calls_to("sendMessage")] == [400, 200]
+
+
+async def test_prefix_marks_every_alert(api: FakeTelegram, make_bot: BotFactory) -> None:
+    """A configured prefix (e.g. the mode) starts every alert, escaped like the rest."""
+    bot = await make_bot(prefix="[sim<1>]")
+    assert await bot.deliver("order filled", timeout_s=5)
+    assert api.messages_to(CHAT)[0].visible == "[sim<1>] order filled"

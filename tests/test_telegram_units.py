@@ -9,8 +9,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
-from error_handler import RateLimitError
+from config import TelegramSettings
+from error_handler import ConfigError, RateLimitError
 from models import (
     BotState,
     ClosedTrade,
@@ -26,7 +28,7 @@ from models import (
     Snapshot,
     TradingState,
 )
-from telegram_bot import Outbox, OutgoingMessage, RateLimiter, api_urls
+from telegram_bot import Outbox, OutgoingMessage, RateLimiter, TelegramBot, api_urls
 from telegram_templates import (
     MAX_MESSAGE_CHARS,
     Alert,
@@ -47,7 +49,7 @@ from telegram_templates import (
     trade_closed,
     trade_opened,
 )
-from tests.fake_telegram import html_problem
+from tests.fake_telegram import TOKEN, FakeControl, html_problem
 from utils.utilities import register_secret
 
 
@@ -227,9 +229,12 @@ def test_api_urls(base: str, expected: tuple[str, str]) -> None:
 
 
 def test_api_urls_refuse_other_schemes() -> None:
-    """Only http(s) URLs are accepted."""
+    """Only http(s) URLs are accepted, and a bot configured otherwise fails at construction."""
     with pytest.raises(ValueError, match="http"):
         api_urls("ftp://127.0.0.1")
+    settings = TelegramSettings(token=SecretStr(TOKEN), chat_ids=[1], base_url="ftp://127.0.0.1")
+    with pytest.raises(ConfigError, match="http"):
+        TelegramBot(settings, FakeControl())
 
 
 # -- Rate limiter ------------------------------------------------------------------------------
