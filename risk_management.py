@@ -77,6 +77,7 @@ ZERO: Final = Decimal(0)
 Alert = Callable[[str, dict[str, Any]], None]
 _SEVERITY: Final[dict[TradingState, int]] = {state: i for i, state in enumerate(TradingState)}
 _ENTRY_STATES: Final = frozenset({TradingState.NORMAL, TradingState.REDUCED})
+_SAFETY_MARGIN: Final = Decimal("1.000000001")
 
 
 def _dec(value: float | Decimal) -> Decimal:
@@ -236,7 +237,11 @@ class CorrelationGuard:
 
 @dataclass(frozen=True, slots=True)
 class EquityBook:
-    """What the breaker rules look at: equity including unrealised PnL and its history."""
+    """What the breaker rules look at: equity including unrealised PnL and its history.
+
+    `drawdown` (the fall from the peak as a fraction of it) and `day_loss` (the fall from
+    the UTC day's first equity as a fraction of it) are derived once, 0 when equity is up.
+    """
 
     now: int
     equity: Decimal
@@ -244,20 +249,18 @@ class EquityBook:
     day_start_equity: Decimal
     consecutive_losses: int = 0
     last_loss_ts: int | None = None
+    drawdown: float = field(init=False, default=0.0)
+    day_loss: float = field(init=False, default=0.0)
 
-    @property
-    def drawdown(self) -> float:
-        """Return the fall from the peak as a fraction of the peak (0 at or above it)."""
-        if self.peak_equity <= 0:
-            return 0.0
-        return max(float((self.peak_equity - self.equity) / self.peak_equity), 0.0)
-
-    @property
-    def day_loss(self) -> float:
-        """Return the loss since the UTC day's first equity as a fraction of it."""
-        if self.day_start_equity <= 0:
-            return 0.0
-        return max(float((self.day_start_equity - self.equity) / self.day_start_equity), 0.0)
+    def __post_init__(self) -> None:
+        # Derived once: every rule reads them on every candle.
+        if self.peak_equity > self.equity:
+            object.__setattr__(
+                self, "drawdown", float((self.peak_equity - self.equity) / self.peak_equity)
+            )
+        if self.day_start_equity > self.equity:
+            loss = (self.day_start_equity - self.equity) / self.day_start_equity
+            object.__setattr__(self, "day_loss", float(loss))
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +307,8 @@ class ReduceOnDrawdown:
         return Trip(
             self.name,
             TradingState.REDUCED,
-            f"drawdown {dd:.2%} >= {self.threshold:.2%} (peak {book.peak_equity:.2f},"
-            f" equity {book.equity:.2f})",
+            f"drawdown {dd:.2%} >= {self.threshold:.2%} (peak {float(book.peak_equity):.2f},"
+            f" equity {float(book.equity):.2f})",
             {"drawdown": dd, "limit": self.threshold},
         )
 
@@ -325,8 +328,8 @@ class MaxDrawdown:
         return Trip(
             self.name,
             TradingState.FLATTEN,
-            f"drawdown {dd:.2%} >= {self.limit:.2%} (peak {book.peak_equity:.2f},"
-            f" equity {book.equity:.2f}); manual resume required",
+            f"drawdown {dd:.2%} >= {self.limit:.2%} (peak {float(book.peak_equity):.2f},"
+            f" equity {float(book.equity):.2f}); manual resume required",
             {"drawdown": dd, "limit": self.limit},
             latched=True,
         )
@@ -350,7 +353,7 @@ class DailyLossLimit:
             self.name,
             TradingState.HALTED,
             f"daily loss {loss:.2%} >= {self.limit:.2%} (day start"
-            f" {book.day_start_equity:.2f}, equity {book.equity:.2f})",
+            f" {float(book.day_start_equity):.2f}, equity {float(book.equity):.2f})",
             {"day_loss": loss, "limit": self.limit},
             latched=True,
             until=until,
@@ -430,6 +433,18 @@ class CircuitBreakers:
         self.latched: dict[str, Trip] = {}
         self.cause: Trip | None = None
         self.last_trigger: dict[str, Any] = {}
+        # Fast path for the per-candle call (default rules only): after each evaluation,
+        # `_band` holds the equity range (low, high) and the time before which no rule can
+        # change its verdict; the margin keeps clear of the rules' float rounding.
+        self._fast = rules is None
+        self._keep = {
+            "reduce_size": (True, 1 - _dec(settings.reduce_size_drawdown)),
+            "peak_to_trough": (True, 1 - _dec(settings.max_drawdown)),
+            "daily_loss": (False, 1 - _dec(settings.max_daily_loss)),
+        }
+        self._band: tuple[Decimal | None, Decimal | None, int | None] | None = None
+        self._low_peak = self._keep["reduce_size"][1] * _SAFETY_MARGIN
+        self._low_day = self._keep["daily_loss"][1] * _SAFETY_MARGIN
 
     @property
     def cooldown_until(self) -> int | None:
@@ -461,8 +476,26 @@ class CircuitBreakers:
         if day != self.day:
             self.day = day
             self.day_start_equity = equity
-        self.peak_equity = max(self.peak_equity, equity)
+            self._band = None
+        if equity > self.peak_equity:
+            self.peak_equity = equity
+            self._band = None
+            if self._fast and self.state is TradingState.NORMAL and self.cause is None:
+                # At a new peak no default rule trips: only the band moves up.
+                self.equity, self.now = equity, now
+                floor = max(equity * self._low_peak, self.day_start_equity * self._low_day)
+                self._band = (floor, None, None)
+                return self.state
         self.equity = equity
+        if self._band is not None:
+            low, high, expires = self._band
+            if (
+                (low is None or equity > low)
+                and (high is None or equity < high)
+                and (expires is None or now < expires)
+            ):
+                self.now = now
+                return self.state
         return self._recompute(now)
 
     def on_trade_closed(self, trade: ClosedTrade, now: int) -> TradingState:
@@ -530,9 +563,10 @@ class CircuitBreakers:
             "last_trigger": dict(self.last_trigger),
         }
 
-    def _active(self, book: EquityBook) -> list[Trip]:
+    def _active(self, book: EquityBook, live: list[Trip] | None = None) -> list[Trip]:
         # Latched trips first, so on a tie of severity the older cause is reported.
-        live = [t for rule in self.rules if (t := rule.check(book)) is not None]
+        if live is None:
+            live = [t for rule in self.rules if (t := rule.check(book)) is not None]
         trips = list(self.latched.values()) + [t for t in live if not t.latched]
         trips += [t for t in live if t.latched and t.rule not in self.latched]
         if self.manual is not None:
@@ -548,9 +582,9 @@ class CircuitBreakers:
                     self.consecutive_losses = 0
                 log.info("circuit_breaker_lifted", rule=name, until=trip.until, ts=now)
         book = self.book(now)
-        for rule in self.rules:
-            fresh = rule.check(book)
-            if fresh is None or not fresh.latched:
+        live = [t for rule in self.rules if (t := rule.check(book)) is not None]
+        for fresh in live:
+            if not fresh.latched:
                 continue
             held = self.latched.get(fresh.rule)
             # Keep the numbers that first tripped it; only a later lift time replaces it.
@@ -558,10 +592,30 @@ class CircuitBreakers:
                 self.latched[fresh.rule] = fresh
             elif fresh.until is not None and held.until is not None and fresh.until > held.until:
                 self.latched[fresh.rule] = replace(held, until=fresh.until)
-        trips = self._active(book)
+        trips = self._active(book, live)
         cause = max(trips, key=lambda t: _SEVERITY[t.state], default=None)
         self._transition(now, cause, book)
+        self._band = self._stable_band(live) if self._fast else None
         return self.state
+
+    def _stable_band(self, live: list[Trip]) -> tuple[Decimal | None, Decimal | None, int | None]:
+        # A rule that is not tripping stays so while equity is above its level; an unlatched
+        # one that is tripping stays so while equity is below it; latched ones hold anyway.
+        tripping = {t.rule for t in live}
+        low: Decimal | None = None
+        high: Decimal | None = None
+        for name, (on_peak, keep) in self._keep.items():
+            if name in self.latched:
+                continue
+            level = (self.peak_equity if on_peak else self.day_start_equity) * keep
+            if name in tripping:
+                bound = level / _SAFETY_MARGIN
+                high = bound if high is None else min(high, bound)
+            else:
+                bound = level * _SAFETY_MARGIN
+                low = bound if low is None else max(low, bound)
+        untils = [t.until for t in self.latched.values() if t.until is not None]
+        return low, high, min(untils) if untils else None
 
     def _transition(self, now: int, cause: Trip | None, book: EquityBook) -> None:
         new = cause.state if cause is not None else TradingState.NORMAL

@@ -6,10 +6,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from models import OrderIntent, PositionSide, Side, TradingState, Veto
-from risk_management import RiskManager
+from risk_management import CircuitBreakers, RiskManager, default_rules
 from tests.test_risk_support import (
     DAY,
     HOUR,
@@ -245,3 +248,34 @@ def test_exit_of_a_short_is_allowed_while_flattening() -> None:
     assert isinstance(intent, OrderIntent)
     assert intent.reduce_only
     assert intent.qty == Decimal(2)
+
+
+@hyp_settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(min_value=-0.04, max_value=0.04),
+            st.integers(min_value=1, max_value=600),
+            st.sampled_from([None, None, None, -1.0, 1.0]),
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+    auto_resume=st.booleans(),
+)
+def test_fast_path_decides_exactly_as_the_full_evaluation(
+    steps: list[tuple[float, int, float | None]], auto_resume: bool
+) -> None:
+    """The per-candle shortcut yields the same rung and triggers as evaluating every rule."""
+    config = settings(auto_resume=auto_resume)
+    fast = CircuitBreakers(config)
+    full = CircuitBreakers(config, rules=default_rules(config))
+    equity, now = Decimal(10_000), T0
+    for change, minutes, pnl in steps:
+        equity = (equity * Decimal(str(1 + change))).quantize(Decimal("0.01"))
+        now += minutes * MINUTE
+        assert fast.update(now, equity) is full.update(now, equity)
+        if pnl is not None:
+            closed = trade(pnl)
+            assert fast.on_trade_closed(closed, now) is full.on_trade_closed(closed, now)
+        assert fast.last_trigger == full.last_trigger
