@@ -37,6 +37,19 @@ manual             any         ``set_manual(None)`` or ``reset()``
 A manual resume clears every latched breaker and re-bases the peak and the day's starting
 equity on the current equity, so the limits count again from there.
 
+The rungs from `reducing` up block entries; exits and protective stops keep working in
+every rung, and `flatten` asks the pipeline to close every position. `dump_state` and
+`restore_state` carry the breakers (and the Kelly history) across a restart.
+
+Stops: an entry's stop is `stop_atr_multiple` x ATR from the price. `manage_stop`, called
+per open position on each closed candle, trails it behind the best price since entry and
+moves it to break-even after fees once the trade is `break_even_at_r` x its initial risk in
+profit; a stop only ever tightens.
+
+Correlation: returns of the candidate and of held pairs over `correlation_window` bars; a
+candidate too correlated, direction considered, with a held position is cut down above
+`max_correlation` and refused above the hard limit (`CorrelationGuard`).
+
 Exits are always allowed: a veto never traps a position.
 """
 
@@ -530,6 +543,61 @@ class CircuitBreakers:
             self.day_start_equity = self.equity
         return self._recompute(self.now)
 
+    # -- Persistence -------------------------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """Return what must survive a restart (a daily halt must not end with the process)."""
+        return {
+            "peak_equity": str(self.peak_equity),
+            "day_start_equity": str(self.day_start_equity),
+            "day": self.day,
+            "equity": str(self.equity) if self.equity is not None else None,
+            "now": self.now,
+            "consecutive_losses": self.consecutive_losses,
+            "last_loss_ts": self.last_loss_ts,
+            "manual": str(self.manual) if self.manual is not None else None,
+            "latched": [
+                {
+                    "rule": t.rule,
+                    "state": str(t.state),
+                    "reason": t.reason,
+                    "numbers": dict(t.numbers),
+                    "until": t.until,
+                }
+                for t in self.latched.values()
+            ],
+            "last_trigger": dict(self.last_trigger),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> TradingState:
+        """Load what `dump` returned; the rung it implies holds at once, without an alert."""
+        self.peak_equity = Decimal(data["peak_equity"])
+        self.day_start_equity = Decimal(data["day_start_equity"])
+        self.day = int(data["day"])
+        self.equity = Decimal(data["equity"]) if data.get("equity") is not None else None
+        self.now = int(data.get("now", 0))
+        self.consecutive_losses = int(data["consecutive_losses"])
+        self.last_loss_ts = data.get("last_loss_ts")
+        manual = data.get("manual")
+        self.manual = TradingState(manual) if manual else None
+        self.latched = {
+            t["rule"]: Trip(
+                t["rule"],
+                TradingState(t["state"]),
+                t["reason"],
+                dict(t.get("numbers", {})),
+                latched=True,
+                until=t.get("until"),
+            )
+            for t in data.get("latched", [])
+        }
+        self.last_trigger = dict(data.get("last_trigger", {}))
+        self._band = None
+        self.cause = max(self._active(self.book()), key=lambda t: _SEVERITY[t.state], default=None)
+        self.state = self.cause.state if self.cause is not None else TradingState.NORMAL
+        log.info("risk_state_restored", state=str(self.state), latched=sorted(self.latched))
+        return self.state
+
     def describe(self) -> dict[str, Any]:
         """Return the breakers' state for the UI and Telegram (JSON-able)."""
         book = self.book()
@@ -815,6 +883,16 @@ class RiskManager:
         if history:
             self.trade_returns.clear()
         self.breakers.reset()
+
+    def dump_state(self) -> dict[str, Any]:
+        """Return the breakers and the Kelly history as a JSON-able dict, to persist."""
+        return {"breakers": self.breakers.dump(), "trade_returns": list(self.trade_returns)}
+
+    def restore_state(self, data: Mapping[str, Any]) -> TradingState:
+        """Load what `dump_state` returned (at startup, before the first candle)."""
+        self.trade_returns.clear()
+        self.trade_returns.extend(float(r) for r in data.get("trade_returns", []))
+        return self.breakers.restore(data["breakers"])
 
     def kelly(self) -> KellyEstimate | None:
         """Return the Kelly statistics of recent trades, None below the minimum sample."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -279,3 +280,31 @@ def test_fast_path_decides_exactly_as_the_full_evaluation(
             closed = trade(pnl)
             assert fast.on_trade_closed(closed, now) is full.on_trade_closed(closed, now)
         assert fast.last_trigger == full.last_trigger
+
+
+def test_a_daily_halt_and_kelly_history_survive_a_restart() -> None:
+    """dump_state -> JSON -> restore_state keeps the halt, its lift time and the trades."""
+    before = RiskManager(settings())
+    before.on_trade_closed(trade(2.0), T0)
+    _run(before, [(T0, 10_000), (T0 + HOUR, 9_600)])
+    saved = json.loads(json.dumps(before.dump_state()))
+    after = RiskManager(settings())
+    with capture_logs() as logs:
+        assert after.restore_state(saved) is TradingState.HALTED
+    assert not [e for e in logs if e["event"] == "state_changed"]
+    assert list(after.trade_returns) == [0.02]
+    refused = after.evaluate(signal(), context())
+    assert isinstance(refused, Veto)
+    assert refused.until == T0 + DAY
+    assert after.update(T0 + 2 * HOUR, Decimal(9_990)) is TradingState.HALTED
+    assert after.update(T0 + DAY, Decimal(9_990)) is TradingState.NORMAL
+
+
+def test_a_manual_flatten_survives_a_restart() -> None:
+    """A kill switch thrown before a restart is still thrown after it."""
+    before = RiskManager(settings())
+    before.update(T0, Decimal(10_000))
+    before.set_manual(TradingState.FLATTEN)
+    after = RiskManager(settings())
+    assert after.restore_state(before.dump_state()) is TradingState.FLATTEN
+    assert after.update(T0 + DAY, Decimal(10_500)) is TradingState.FLATTEN
