@@ -300,9 +300,10 @@ class FakeTelegram:
         return params
 
     async def _handle(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         method = request.match_info["method"]
         params = await self._params(request)
-        call = Call(method, params, time.monotonic())
+        call = Call(method, params, arrived)
         self.calls.append(call)
         if request.match_info["token"] != self.token:
             call.status = 401
