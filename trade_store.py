@@ -42,16 +42,17 @@ import contextlib
 import contextvars
 import functools
 import json
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -61,7 +62,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from error_handler import BotError, ConfigError, DataError, InvariantError
+from error_handler import BotError, ConfigError, DataError, InvariantError, RecoverableError
 from models import (
     ClosedTrade,
     Fill,
@@ -119,6 +120,15 @@ _RANK: Final[dict[OrderStatus, int]] = {
 
 class DuplicateOrderError(InvariantError):
     """A client order id was journaled twice: the second order must never be sent."""
+
+
+class StoreUnavailableError(RecoverableError):
+    """The database is unreachable or locked: nothing was written; retry later.
+
+    A failed `journal()` means the order must not be sent yet. On PostgreSQL a connection
+    lost during COMMIT leaves the outcome unknown: a retried journal may then raise
+    `DuplicateOrderError`, and `journal_state()` tells whether the first attempt landed.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,14 +609,14 @@ class TradeStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._lock, _unwrap_our_errors():
+        with self._lock, _map_store_errors():
             self._check_open()
             with self._writer.begin() as conn:
                 yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._lock, _unwrap_our_errors():
+        with self._lock, _map_store_errors():
             self._check_open()
             with self._engine.connect() as conn:
                 yield conn
@@ -1154,12 +1164,17 @@ def _report_values(row: Row[Any], order: Order) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _unwrap_our_errors() -> Iterator[None]:
-    # SQLAlchemy wraps what a bind processor raises (ExactDecimal's InvariantError) in a
-    # StatementError; callers should see our error, not the wrapper.
+def _map_store_errors() -> Iterator[None]:
+    # The one place database errors enter our tree. A lost connection or a lock held past
+    # the busy timeout is transient; whatever else the driver raises stays as it is.
     try:
         yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raise StoreUnavailableError(
+            f"trade store unavailable: {e.orig}", component=_COMPONENT
+        ) from e
     except sa.exc.StatementError as e:
+        # SQLAlchemy wraps what a bind processor raises (ExactDecimal's InvariantError).
         if isinstance(e.orig, BotError):
             raise e.orig from e
         raise
@@ -1174,6 +1189,20 @@ def _make_sqlite_dir(database: str | None) -> None:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def _enable_wal(cursor: Any, timeout_s: float) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock and SQLite does not run the busy
+    # handler for it: a second process opening the file at that moment gets "locked" at once.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _configure_sqlite(engine: Engine, synchronous: Synchronous, busy_timeout_s: float) -> None:
     # Take transaction control from the sqlite3 driver (SQLAlchemy's documented recipe) so
     # writers can say BEGIN IMMEDIATE and reads get a real snapshot.
@@ -1182,7 +1211,7 @@ def _configure_sqlite(engine: Engine, synchronous: Synchronous, busy_timeout_s: 
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor, busy_timeout_s)
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -1194,6 +1223,19 @@ def _configure_sqlite(engine: Engine, synchronous: Synchronous, busy_timeout_s: 
 
 
 # -- Async façade ----------------------------------------------------------------------------
+
+
+def _offload(
+    method: Callable[Concatenate[TradeStore, P], T],
+) -> Callable[Concatenate[AsyncTradeStore, P], Coroutine[Any, Any, T]]:
+    async def run(self: AsyncTradeStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._call(method, self.sync, *args, **kwargs)
+
+    # Not functools.wraps: mypy then loses the signature; name and docstring suffice.
+    run.__name__ = method.__name__
+    run.__qualname__ = f"AsyncTradeStore.{method.__name__}"
+    run.__doc__ = method.__doc__
+    return run
 
 
 class AsyncTradeStore:
@@ -1240,108 +1282,32 @@ class AsyncTradeStore:
     ) -> None:
         await self.close()
 
-    async def journal(self, intent: OrderIntent, ts: int) -> None:
-        """Journal an order before it is sent; see `TradeStore.journal`."""
-        await self._call(self._store.journal, intent, ts)
-
-    async def mark_sent(self, client_order_id: str) -> None:
-        """Mark an order as leaving; see `TradeStore.mark_sent`."""
-        await self._call(self._store.mark_sent, client_order_id)
-
-    async def acknowledge(self, order: Order) -> bool:
-        """Record the exchange's answer; see `TradeStore.acknowledge`."""
-        return await self._call(self._store.acknowledge, order)
-
-    async def update_order(self, order: Order) -> bool:
-        """Apply an exchange report; see `TradeStore.update_order`."""
-        return await self._call(self._store.update_order, order)
-
-    async def mark_never_sent(self, client_order_id: str, reason: str) -> None:
-        """Close an order the exchange never got; see `TradeStore.mark_never_sent`."""
-        await self._call(self._store.mark_never_sent, client_order_id, reason)
-
-    async def adopt_order(self, order: Order) -> bool:
-        """Store an unjournaled exchange order; see `TradeStore.adopt_order`."""
-        return await self._call(self._store.adopt_order, order)
-
-    async def get_order(self, client_order_id: str) -> Order | None:
-        """Return the stored order; see `TradeStore.get_order`."""
-        return await self._call(self._store.get_order, client_order_id)
-
-    async def get_intent(self, client_order_id: str) -> OrderIntent | None:
-        """Return the journaled intent; see `TradeStore.get_intent`."""
-        return await self._call(self._store.get_intent, client_order_id)
-
-    async def journal_state(self, client_order_id: str) -> JournalState | None:
-        """Return the journal state; see `TradeStore.journal_state`."""
-        return await self._call(self._store.journal_state, client_order_id)
-
-    async def open_orders(self) -> list[Order]:
-        """Return live orders; see `TradeStore.open_orders`."""
-        return await self._call(self._store.open_orders)
-
-    async def unacknowledged(self) -> list[Order]:
-        """Return orders to recover; see `TradeStore.unacknowledged`."""
-        return await self._call(self._store.unacknowledged)
-
-    async def all_orders(self) -> list[Order]:
-        """Return every order; see `TradeStore.all_orders`."""
-        return await self._call(self._store.all_orders)
-
-    async def record_fill(self, fill: Fill) -> bool:
-        """Record a fill once; see `TradeStore.record_fill`."""
-        return await self._call(self._store.record_fill, fill)
-
-    async def fills(
-        self, client_order_id: str | None = None, since: int | None = None
-    ) -> list[Fill]:
-        """Return recorded fills; see `TradeStore.fills`."""
-        return await self._call(self._store.fills, client_order_id, since)
-
-    async def fill_totals(self, client_order_id: str) -> FillTotals:
-        """Return an order's fill totals; see `TradeStore.fill_totals`."""
-        return await self._call(self._store.fill_totals, client_order_id)
-
-    async def upsert_position(self, position: Position) -> None:
-        """Insert or replace a position; see `TradeStore.upsert_position`."""
-        await self._call(self._store.upsert_position, position)
-
-    async def delete_position(self, pair: str) -> bool:
-        """Remove a position; see `TradeStore.delete_position`."""
-        return await self._call(self._store.delete_position, pair)
-
-    async def get_position(self, pair: str) -> Position | None:
-        """Return one position; see `TradeStore.get_position`."""
-        return await self._call(self._store.get_position, pair)
-
-    async def positions(self) -> list[Position]:
-        """Return open positions; see `TradeStore.positions`."""
-        return await self._call(self._store.positions)
-
-    async def add_closed_trade(self, trade: ClosedTrade) -> None:
-        """Append a round trip; see `TradeStore.add_closed_trade`."""
-        await self._call(self._store.add_closed_trade, trade)
-
-    async def closed_trades(self, since: int | None = None) -> list[ClosedTrade]:
-        """Return round trips; see `TradeStore.closed_trades`."""
-        return await self._call(self._store.closed_trades, since)
-
-    async def add_equity(self, ts: int, cash: Decimal, equity: Decimal) -> None:
-        """Record an equity snapshot; see `TradeStore.add_equity`."""
-        await self._call(self._store.add_equity, ts, cash, equity)
-
-    async def equity_curve(self, since: int | None = None) -> list[EquityPoint]:
-        """Return equity snapshots; see `TradeStore.equity_curve`."""
-        return await self._call(self._store.equity_curve, since)
-
-    async def set_state(self, key: str, value: Any) -> None:
-        """Store a JSON value; see `TradeStore.set_state`."""
-        await self._call(self._store.set_state, key, value)
-
-    async def get_state(self, key: str, default: Any = None) -> Any:
-        """Return a stored JSON value; see `TradeStore.get_state`."""
-        return await self._call(self._store.get_state, key, default)
-
-    async def delete_state(self, key: str) -> bool:
-        """Remove a key; see `TradeStore.delete_state`."""
-        return await self._call(self._store.delete_state, key)
+    # Each method below runs its TradeStore namesake on the worker thread; same arguments,
+    # same result, same docstring.
+    journal = _offload(TradeStore.journal)
+    mark_sent = _offload(TradeStore.mark_sent)
+    acknowledge = _offload(TradeStore.acknowledge)
+    update_order = _offload(TradeStore.update_order)
+    mark_never_sent = _offload(TradeStore.mark_never_sent)
+    adopt_order = _offload(TradeStore.adopt_order)
+    get_order = _offload(TradeStore.get_order)
+    get_intent = _offload(TradeStore.get_intent)
+    journal_state = _offload(TradeStore.journal_state)
+    open_orders = _offload(TradeStore.open_orders)
+    unacknowledged = _offload(TradeStore.unacknowledged)
+    all_orders = _offload(TradeStore.all_orders)
+    record_fill = _offload(TradeStore.record_fill)
+    fills = _offload(TradeStore.fills)
+    fill_totals = _offload(TradeStore.fill_totals)
+    upsert_position = _offload(TradeStore.upsert_position)
+    delete_position = _offload(TradeStore.delete_position)
+    get_position = _offload(TradeStore.get_position)
+    positions = _offload(TradeStore.positions)
+    add_closed_trade = _offload(TradeStore.add_closed_trade)
+    closed_trades = _offload(TradeStore.closed_trades)
+    add_equity = _offload(TradeStore.add_equity)
+    equity_curve = _offload(TradeStore.equity_curve)
+    set_state = _offload(TradeStore.set_state)
+    get_state = _offload(TradeStore.get_state)
+    delete_state = _offload(TradeStore.delete_state)
+    describe = _offload(TradeStore.describe)

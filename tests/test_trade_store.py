@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from config import StorageSettings
-from error_handler import DataError, InvariantError
+from error_handler import DataError, InvariantError, RecoverableError
 from models import (
     ORDER_TRANSITIONS,
     ClosedTrade,
@@ -38,6 +38,7 @@ from trade_store import (
     AsyncTradeStore,
     DuplicateOrderError,
     JournalState,
+    StoreUnavailableError,
     TradeStore,
     schema_version,
 )
@@ -537,6 +538,22 @@ def test_sqlite_connections_carry_the_durability_pragmas(tmp_path: Path, synchro
             "foreign_keys": 1,
             "busy_timeout": 2_500,
         }
+
+
+def test_a_locked_database_is_a_recoverable_error(tmp_path: Path) -> None:
+    """A write lock held past the busy timeout raises StoreUnavailableError, then recovers."""
+    path = tmp_path / "kestrel.sqlite"
+    with TradeStore.open(f"sqlite:///{path}", busy_timeout_s=0.05) as opened:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailableError) as caught:
+            opened.journal(intent("cid-1"), ts=1)
+        assert isinstance(caught.value, RecoverableError)
+        other.execute("ROLLBACK")
+        other.close()
+        assert opened.get_order("cid-1") is None
+        opened.journal(intent("cid-1"), ts=1)
+        assert opened.journal_state("cid-1") is JournalState.JOURNALED
 
 
 def test_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
