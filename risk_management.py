@@ -861,8 +861,7 @@ class RiskManager:
         return self.breakers.update(now, equity)
 
     def on_trade_closed(self, trade: ClosedTrade, now: int) -> None:
-        """Account a closed round trip: loss streak, Kelly statistics, stop tracking."""
-        self._stops.pop(trade.pair, None)
+        """Account a closed round trip (or part of one): loss streak and Kelly statistics."""
         if self.all_in:
             return
         notional = trade.entry_price * trade.qty

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -37,7 +38,7 @@ class _Alerts:
         self.sent.append((kind, data))
 
 
-def _run(risk: RiskManager, path: list[tuple[int, float]]) -> list[TradingState]:
+def _run(risk: RiskManager, path: Sequence[tuple[int, float]]) -> list[TradingState]:
     return [risk.update(ts, Decimal(str(equity))) for ts, equity in path]
 
 
