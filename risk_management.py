@@ -905,6 +905,7 @@ class RiskManager:
         info["state"] = str(self.trading_state)
         info["profile"] = self.settings.profile
         info["sizing"] = self.settings.sizing
+        info["max_exposure"] = self.settings.max_total_exposure
         estimate = self.kelly()
         if estimate is not None:
             info["kelly"] = {
@@ -1134,7 +1135,7 @@ class RiskManager:
         else:
             fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
         qty = ctx.equity * fraction / per_unit
-        return _Size(qty, method, f"risk {fraction:.4%} of equity {ctx.equity:.2f} over {stop}")
+        return _Size(qty, method, f"risk {fraction:.2%} of equity {ctx.equity:.2f} over {stop}")
 
     def volatility(self, pair: str, ctx: RiskContext) -> tuple[float, str] | None:
         """Return the pair's volatility per sizing period (day, or bar) and its source."""
