@@ -1,10 +1,22 @@
-"""Strategies: declared parameters, vectorised signal columns, and one Signal per closed candle.
+"""Strategies: declared parameters, signal columns, and one Signal per closed candle.
 
 A strategy computes boolean columns `enter_long`, `exit_long` (and, if it shorts,
 `enter_short`, `exit_short`) over a candle frame using only causal indicators, so the
-value at row *i* depends on rows <= *i* only. The same `populate` serves the backtest fast
-path (whole archive at once), the replay and live paths (`signal` on the rolling window's
-last row), and the optimiser (parameter ranges).
+value at row *i* depends on rows <= *i* only. The same code serves the backtest fast path
+(whole archive at once), the replay and live paths (`signal` on the rolling window's last
+row), and the optimiser (parameter ranges).
+
+Built-in strategies are `KernelStrategy` subclasses: their indicators are one numba
+kernel that advances row by row from a small state vector. `populate` runs it over a
+whole frame from a fresh state; `signal` runs it *incrementally*, feeding only the rows it
+has not seen yet, so the replay computes bit-for-bit the values the fast path computes on
+the full archive (no window-start effects in EMAs, Wilder averages or rolling sums) and
+costs O(1) per candle. The kernels reproduce TA-Lib's recurrences (SMA, EMA, RSI, ADX), so
+their values equal `talib`'s on the same data.
+
+A user strategy is a `.py` file defining one `Strategy` subclass that implements
+`populate`; its `signal` evaluates `populate` on the rolling window, which matches the fast
+path exactly when its indicators depend on the last `warmup` rows only.
 """
 
 from __future__ import annotations
@@ -12,13 +24,14 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from numba import njit
 
 from error_handler import ConfigError
 from models import Side, Signal
@@ -41,6 +54,7 @@ class Param:
 
 
 SIGNAL_COLUMNS = ("enter_long", "exit_long", "enter_short", "exit_short")
+OHLCV = ("open", "high", "low", "close", "volume")
 
 
 class Strategy(ABC):
@@ -64,7 +78,7 @@ class Strategy(ABC):
         }
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - an optional hook: most have no such rule
         """Check cross-parameter rules; raise ConfigError when broken."""
 
     @property
@@ -76,20 +90,57 @@ class Strategy(ABC):
     def populate(self, df: pd.DataFrame) -> pd.DataFrame:
         """Return a frame aligned with `df` holding the signal columns (and features)."""
 
+    def entries_exits(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Return `enter_long` and `exit_long` over the whole frame as boolean arrays.
+
+        The backtest fast path's input; rows before `warmup` are the caller's to ignore.
+        """
+        cols = self.populate(df)
+        return _bool_column(cols, "enter_long"), _bool_column(cols, "exit_long")
+
+    def last_row(self, pair: str, df: pd.DataFrame) -> dict[str, Any]:
+        """Return the signal columns and features of the last row of `df`."""
+        cols = self.populate(df)
+        return {str(k): v for k, v in cols.iloc[-1].items()}
+
+    def last_row_arrays(self, pair: str, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Return the last row's columns from `(ts_ms, open, high, low, close, volume)`."""
+        return self.last_row(pair, _frame(arrays))
+
     def signal(self, pair: str, df: pd.DataFrame, *, holding: bool) -> Signal | None:
         """Return the signal for the last (closed) candle of `df`, or None."""
         if len(df) < self.warmup:
             return None
-        cols = self.populate(df)
-        row = cols.iloc[-1]
         ts = int(df.index[-1].value // 1_000_000)
-        price = float(df["close"].iloc[-1])
+        return self._decide(pair, self.last_row(pair, df), ts, float(df["close"].iloc[-1]), holding)
+
+    def signal_from_arrays(
+        self, pair: str, arrays: Sequence[np.ndarray], *, holding: bool
+    ) -> Signal | None:
+        """Return the signal for the last candle of `(ts_ms, open, high, low, close, volume)`.
+
+        The same decision as `signal`, without building a DataFrame per candle (the
+        per-candle fast path for `DataManager.arrays`).
+        """
+        ts = arrays[0]
+        if len(ts) < self.warmup:
+            return None
+        row = self.last_row_arrays(pair, arrays)
+        return self._decide(pair, row, int(ts[-1]), float(arrays[4][-1]), holding)
+
+    def _decide(
+        self, pair: str, row: Mapping[str, Any], ts: int, price: float, holding: bool
+    ) -> Signal | None:
+        wants_exit = holding and bool(row.get("exit_long", False))
+        wants_entry = not holding and bool(row.get("enter_long", False))
+        if not (wants_exit or wants_entry):
+            return None
         features = {
             k: float(v)
             for k, v in row.items()
             if k not in SIGNAL_COLUMNS and isinstance(v, int | float | np.floating)
         }
-        if holding and bool(row.get("exit_long", False)):
+        if wants_exit:
             return Signal(
                 pair,
                 Side.SELL,
@@ -101,33 +152,191 @@ class Strategy(ABC):
                 exit_only=True,
                 features=features,
             )
-        if not holding and bool(row.get("enter_long", False)):
-            return Signal(
-                pair, Side.BUY, 1.0, f"{self.name}: entry", ts, price, self.name, features=features
-            )
-        return None
+        return Signal(
+            pair, Side.BUY, 1.0, f"{self.name}: entry", ts, price, self.name, features=features
+        )
 
     def describe(self) -> dict[str, Any]:
         """Return name and parameters, for summaries."""
         return {"name": self.name, "params": dict(self.params)}
 
 
-def _crossed_above(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    prev_a = np.roll(a, 1)
-    prev_b = np.roll(b, 1)
-    out = (a > b) & (prev_a <= prev_b)
-    out[:1] = False
-    return out & ~np.isnan(prev_a) & ~np.isnan(prev_b)
+def _frame(arrays: Sequence[np.ndarray]) -> pd.DataFrame:
+    index = pd.DatetimeIndex(
+        np.asarray(arrays[0], dtype=np.int64).view("datetime64[ms]"), name="ts"
+    ).tz_localize("UTC")
+    return pd.DataFrame(dict(zip(OHLCV, arrays[1:6], strict=True)), index=index)
 
 
-def _crossed_below(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return _crossed_above(b, a)
+def _bool_column(cols: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in cols:
+        return np.zeros(len(cols), dtype=np.bool_)
+    values: np.ndarray = np.ascontiguousarray(cols[name].to_numpy(dtype=np.bool_, na_value=False))
+    return values
 
 
-class SmaCross(Strategy):
+# -- Kernel strategies -----------------------------------------------------------------------
+
+# A kernel advances rows [start, n) of the OHLCV arrays from `state` (updated in place),
+# writing enter/exit flags and, when `feats` has rows, the feature columns. It may read
+# up to `lookback` rows before `start`; `state[0]` counts the rows consumed so far.
+Kernel = Callable[..., None]
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Incremental indicator state of one pair (private)."""
+
+    state: np.ndarray
+    last_ts: int = -(2**62)
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class KernelStrategy(Strategy):
+    """A strategy whose indicators are a numba kernel run incrementally per pair."""
+
+    features: ClassVar[tuple[str, ...]] = ()
+    kernel: ClassVar[Kernel]
+    state_size: ClassVar[int] = 8
+
+    def __init__(self, **params: float) -> None:
+        super().__init__(**params)
+        self._streams: dict[str, _Stream] = {}
+        self._param_array = np.array([self.params[k] for k in self.parameters], dtype=np.float64)
+
+    @property
+    def lookback(self) -> int:
+        """Return how many rows before a new row the kernel reads (0 = pure recursion)."""
+        return 0
+
+    def _fresh_state(self) -> np.ndarray:
+        return np.zeros(self.state_size, dtype=np.float64)
+
+    def _run(
+        self, arrays: tuple[np.ndarray, ...], start: int, state: np.ndarray, *, features: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(arrays[3])
+        enter = np.zeros(n, dtype=np.bool_)
+        exit_ = np.zeros(n, dtype=np.bool_)
+        feats = np.full((n if features else 0, max(len(self.features), 1)), np.nan)
+        type(self).kernel(*arrays, start, state, self._param_array, enter, exit_, feats)
+        return enter, exit_, feats
+
+    def entries_exits(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Return `enter_long` and `exit_long` over the whole frame (fresh state)."""
+        enter, exit_, _ = self._run(_arrays(df), 0, self._fresh_state(), features=False)
+        return enter, exit_
+
+    def populate(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Return the signal columns and features over the whole frame (fresh state)."""
+        enter, exit_, feats = self._run(_arrays(df), 0, self._fresh_state(), features=True)
+        data: dict[str, np.ndarray] = {"enter_long": enter, "exit_long": exit_}
+        for j, name in enumerate(self.features):
+            data[name] = feats[:, j]
+        return pd.DataFrame(data, index=df.index)
+
+    def last_row(self, pair: str, df: pd.DataFrame) -> dict[str, Any]:
+        """Return the last row's columns, consuming only the rows not seen before."""
+        ts = df.index.as_unit("ms").asi8
+        return self._advance(pair, ts, _arrays(df))
+
+    def last_row_arrays(self, pair: str, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Return the last row's columns, consuming only the rows not seen before."""
+        cols = tuple(np.ascontiguousarray(a, dtype=np.float64) for a in arrays[1:6])
+        return self._advance(pair, np.asarray(arrays[0], dtype=np.int64), cols)
+
+    def reset(self, pair: str | None = None) -> None:
+        """Forget the incremental state of one pair (or all)."""
+        if pair is None:
+            self._streams.clear()
+        else:
+            self._streams.pop(pair, None)
+
+    def _advance(self, pair: str, ts: np.ndarray, arrays: tuple[np.ndarray, ...]) -> dict[str, Any]:
+        # The pair's state carries on from the previous call. When the window no longer
+        # overlaps what was seen (a gap longer than the window) or time went backwards (a
+        # new run), the state restarts from the window's first row, as a fresh bot would.
+        stream = self._streams.get(pair)
+        last = int(ts[-1])
+        if stream is not None and last == stream.last_ts and stream.row:
+            return stream.row
+        start = 0
+        if stream is not None:
+            start = int(np.searchsorted(ts, stream.last_ts, side="right"))
+            seen = int(stream.state[0])
+            overlaps = start > 0 and ts[start - 1] == stream.last_ts
+            if last < stream.last_ts or not overlaps or start < min(self.lookback, seen):
+                stream = None
+                start = 0
+        if stream is None:
+            stream = self._streams[pair] = _Stream(self._fresh_state())
+        enter, exit_, feats = self._run(arrays, start, stream.state, features=True)
+        row: dict[str, Any] = {"enter_long": bool(enter[-1]), "exit_long": bool(exit_[-1])}
+        for j, name in enumerate(self.features):
+            row[name] = float(feats[-1, j])
+        stream.last_ts = last
+        stream.row = row
+        return row
+
+
+def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    return tuple(np.ascontiguousarray(df[c].to_numpy(dtype=np.float64)) for c in OHLCV)
+
+
+# TA-Lib's TA_IS_ZERO tolerance, used by its RSI and ADX.
+_ZERO_EPS = 1e-8
+
+
+@njit(cache=True)
+def _sma_cross_kernel(  # type: ignore[no-untyped-def]
+    o, h, lo, c, v, start, state, params, enter, exit_, feats
+):
+    # state: count, fast running total, slow running total, previous fast, previous slow.
+    # The running totals follow TA-Lib's SMA exactly (add, emit, subtract the trailing).
+    nf = int(params[0])
+    ns = int(params[1])
+    count = int(state[0])
+    tot_f = state[1]
+    tot_s = state[2]
+    prev_f = state[3]
+    prev_s = state[4]
+    want = feats.shape[0] > 0
+    if count == 0:
+        prev_f = np.nan
+        prev_s = np.nan
+    for i in range(start, c.shape[0]):
+        x = c[i]
+        tot_f += x
+        fast = np.nan
+        if count >= nf - 1:
+            fast = tot_f / nf
+            tot_f -= c[i - nf + 1]
+        tot_s += x
+        slow = np.nan
+        if count >= ns - 1:
+            slow = tot_s / ns
+            tot_s -= c[i - ns + 1]
+        # NaN compares false, so no crossing is reported before both averages exist.
+        enter[i] = fast > slow and prev_f <= prev_s
+        exit_[i] = fast < slow and prev_f >= prev_s
+        if want:
+            feats[i, 0] = fast
+            feats[i, 1] = slow
+        prev_f = fast
+        prev_s = slow
+        count += 1
+    state[0] = count
+    state[1] = tot_f
+    state[2] = tot_s
+    state[3] = prev_f
+    state[4] = prev_s
+
+
+class SmaCross(KernelStrategy):
     """Long when the fast SMA crosses above the slow SMA; exit on the cross back down.
 
-    The parity reference against backtesting.py and vectorbt.
+    The parity reference against backtesting.py and vectorbt. A cross needs the previous
+    bar at or on the other side (`fast[i-1] <= slow[i-1]` and `fast[i] > slow[i]`).
     """
 
     name = "sma_cross"
@@ -135,6 +344,9 @@ class SmaCross(Strategy):
         "fast": Param(10, 2, 100),
         "slow": Param(30, 5, 400),
     }
+    features = ("sma_fast", "sma_slow")
+    kernel = staticmethod(_sma_cross_kernel)
+    state_size = 5
 
     def validate(self) -> None:
         """Require fast < slow."""
@@ -146,25 +358,107 @@ class SmaCross(Strategy):
         """Return the slow period plus one (SMA is exact once the window is full)."""
         return int(self.params["slow"]) + 1
 
-    def populate(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Return SMA crossings."""
-        import talib
-
-        close = df["close"].to_numpy(dtype=np.float64)
-        fast = talib.SMA(close, timeperiod=int(self.params["fast"]))
-        slow = talib.SMA(close, timeperiod=int(self.params["slow"]))
-        return pd.DataFrame(
-            {
-                "enter_long": _crossed_above(fast, slow),
-                "exit_long": _crossed_below(fast, slow),
-                "sma_fast": fast,
-                "sma_slow": slow,
-            },
-            index=df.index,
-        )
+    @property
+    def lookback(self) -> int:
+        """Return the slow period (the trailing value leaves the running sum)."""
+        return int(self.params["slow"])
 
 
-class EmaCross(Strategy):
+@njit(cache=True)
+def _ema_step(x, count, n, acc, prev):  # type: ignore[no-untyped-def]
+    # TA-Lib EMA: seeded with the SMA of the first n values, then prev + k (x - prev).
+    if count < n:
+        acc += x
+        if count == n - 1:
+            prev = acc / n
+            return prev, acc, prev
+        return np.nan, acc, prev
+    prev = (x - prev) * (2.0 / (n + 1)) + prev
+    return prev, acc, prev
+
+
+@njit(cache=True)
+def _ema_adx_kernel(  # type: ignore[no-untyped-def]
+    o, h, lo, c, v, start, state, params, enter, exit_, feats
+):
+    # state: 0 count, 1-2 fast acc/prev, 3-4 slow acc/prev, 5-7 previous high/low/close,
+    # 8 +DM, 9 -DM, 10 TR (Wilder sums), 11 sum of DX, 12 ADX, 13-14 previous EMAs.
+    nf = int(params[0])
+    ns = int(params[1])
+    n = int(params[2])
+    adx_min = params[3]
+    want = feats.shape[0] > 0
+    count = int(state[0])
+    if count == 0:
+        state[13] = np.nan
+        state[14] = np.nan
+    for i in range(start, c.shape[0]):
+        fast, state[1], state[2] = _ema_step(c[i], count, nf, state[1], state[2])
+        slow, state[3], state[4] = _ema_step(c[i], count, ns, state[3], state[4])
+        adx = _adx_step(h[i], lo[i], c[i], count, n, state)
+        trend_ok = (0.0 if np.isnan(adx) else adx) >= adx_min
+        prev_f = state[13]
+        prev_s = state[14]
+        enter[i] = fast > slow and prev_f <= prev_s and trend_ok
+        exit_[i] = fast < slow and prev_f >= prev_s
+        if want:
+            feats[i, 0] = fast
+            feats[i, 1] = slow
+            feats[i, 2] = adx
+        state[13] = fast
+        state[14] = slow
+        count += 1
+        state[0] = count
+
+
+@njit(cache=True)
+def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def]
+    # TA-Lib ADX: n-1 bars of plain sums, n bars of Wilder smoothing summing DX, then the
+    # ADX recursion; the first value is at row 2n-1.
+    if count == 0:
+        state[5] = high
+        state[6] = low
+        state[7] = close
+        return np.nan
+    diff_p = high - state[5]
+    diff_m = state[6] - low
+    state[5] = high
+    state[6] = low
+    tr = high - low
+    tr = max(tr, abs(high - state[7]))
+    tr = max(tr, abs(low - state[7]))
+    state[7] = close
+    if count >= n:
+        state[8] -= state[8] / n
+        state[9] -= state[9] / n
+    if diff_m > 0 and diff_p < diff_m:
+        state[9] += diff_m
+    elif diff_p > 0 and diff_p > diff_m:
+        state[8] += diff_p
+    if count < n:
+        state[10] += tr
+        return np.nan
+    state[10] = state[10] - state[10] / n + tr
+    dx = np.nan
+    if not (-_ZERO_EPS < state[10] < _ZERO_EPS):
+        minus_di = 100.0 * (state[9] / state[10])
+        plus_di = 100.0 * (state[8] / state[10])
+        total = minus_di + plus_di
+        if not (-_ZERO_EPS < total < _ZERO_EPS):
+            dx = 100.0 * (abs(minus_di - plus_di) / total)
+    if count < 2 * n:
+        if not np.isnan(dx):
+            state[11] += dx
+        if count == 2 * n - 1:
+            state[12] = state[11] / n
+            return state[12]
+        return np.nan
+    if not np.isnan(dx):
+        state[12] = (state[12] * (n - 1) + dx) / n
+    return state[12]
+
+
+class EmaCross(KernelStrategy):
     """Long on a fast/slow EMA crossover when ADX confirms a trend; exit on the cross back.
 
     With `adx_min` = 0 the ADX filter is off.
@@ -177,6 +471,9 @@ class EmaCross(Strategy):
         "adx_period": Param(14, 5, 50),
         "adx_min": Param(20, 0, 50),
     }
+    features = ("ema_fast", "ema_slow", "adx")
+    kernel = staticmethod(_ema_adx_kernel)
+    state_size = 15
 
     def validate(self) -> None:
         """Require fast < slow."""
@@ -188,33 +485,167 @@ class EmaCross(Strategy):
         """Return enough candles for the EMAs to converge (about 4x the slow period)."""
         return int(max(self.params["slow"], self.params["adx_period"] * 2)) * 4
 
-    def populate(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Return EMA crossings filtered by ADX."""
-        import talib
 
-        close = df["close"].to_numpy(dtype=np.float64)
-        fast = talib.EMA(close, timeperiod=int(self.params["fast"]))
-        slow = talib.EMA(close, timeperiod=int(self.params["slow"]))
-        adx = talib.ADX(
-            df["high"].to_numpy(dtype=np.float64),
-            df["low"].to_numpy(dtype=np.float64),
-            close,
-            timeperiod=int(self.params["adx_period"]),
-        )
-        trend_ok = np.nan_to_num(adx, nan=0.0) >= self.params["adx_min"]
-        return pd.DataFrame(
-            {
-                "enter_long": _crossed_above(fast, slow) & trend_ok,
-                "exit_long": _crossed_below(fast, slow),
-                "ema_fast": fast,
-                "ema_slow": slow,
-                "adx": adx,
-            },
-            index=df.index,
-        )
+@njit(cache=True)
+def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
+    o, h, lo, c, v, start, state, params, enter, exit_, feats
+):
+    # state: 0 count, 1 previous close, 2 avg gain, 3 avg loss, 4 SMA running total.
+    n_rsi = int(params[0])
+    n_bb = int(params[1])
+    k = params[2]
+    rsi_low = params[3]
+    rsi_high = params[4]
+    want = feats.shape[0] > 0
+    count = int(state[0])
+    for i in range(start, c.shape[0]):
+        x = c[i]
+        rsi = np.nan
+        # TA-Lib RSI: plain averages of the first n changes, then Wilder's smoothing.
+        if count > 0:
+            change = x - state[1]
+            if count > n_rsi:
+                state[2] *= n_rsi - 1
+                state[3] *= n_rsi - 1
+            if change < 0:
+                state[3] -= change
+            else:
+                state[2] += change
+            if count >= n_rsi:
+                state[2] /= n_rsi
+                state[3] /= n_rsi
+                total = state[2] + state[3]
+                rsi = 100.0 * (state[2] / total) if not (-_ZERO_EPS < total < _ZERO_EPS) else 0.0
+        state[1] = x
+        # Bollinger: TA-Lib-style SMA middle, population deviation over the same window
+        # computed directly (two passes), so it does not drift over long runs.
+        state[4] += x
+        mid = np.nan
+        upper = np.nan
+        lower = np.nan
+        if count >= n_bb - 1:
+            mid = state[4] / n_bb
+            state[4] -= c[i - n_bb + 1]
+            acc = 0.0
+            for j in range(i - n_bb + 1, i + 1):
+                d = c[j] - mid
+                acc += d * d
+            dev = np.sqrt(acc / n_bb)
+            upper = mid + k * dev
+            lower = mid - k * dev
+        enter[i] = x < lower and rsi < rsi_low
+        exit_[i] = x > mid or rsi > rsi_high
+        if want:
+            feats[i, 0] = rsi
+            feats[i, 1] = mid
+            feats[i, 2] = upper
+            feats[i, 3] = lower
+        count += 1
+    state[0] = count
 
 
-BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (SmaCross, EmaCross)}
+class RsiBollinger(KernelStrategy):
+    """Mean reversion: buy a close below the lower Bollinger band while RSI is oversold.
+
+    Exit when the close is back above the middle band or RSI is overbought.
+    """
+
+    name = "rsi_bb"
+    parameters: ClassVar[Mapping[str, Param]] = {
+        "rsi_period": Param(14, 2, 50),
+        "bb_period": Param(20, 5, 200),
+        "bb_std": Param(2.0, 0.5, 4.0, integer=False, step=0.25),
+        "rsi_low": Param(30, 5, 50),
+        "rsi_high": Param(70, 50, 95),
+    }
+    features = ("rsi", "bb_mid", "bb_upper", "bb_lower")
+    kernel = staticmethod(_rsi_bb_kernel)
+    state_size = 5
+
+    def validate(self) -> None:
+        """Require rsi_low < rsi_high."""
+        if self.params["rsi_low"] >= self.params["rsi_high"]:
+            raise ConfigError("rsi_bb: rsi_low must be below rsi_high", component="strategy")
+
+    @property
+    def warmup(self) -> int:
+        """Return the longer of the band window and three RSI periods, plus one."""
+        return int(max(self.params["bb_period"], self.params["rsi_period"] * 3)) + 1
+
+    @property
+    def lookback(self) -> int:
+        """Return the band window (read directly for the deviation)."""
+        return int(self.params["bb_period"])
+
+
+@njit(cache=True)
+def _breakout_kernel(  # type: ignore[no-untyped-def]
+    o, h, lo, c, v, start, state, params, enter, exit_, feats
+):
+    # Donchian channel of the *previous* bars (the current bar is what breaks out).
+    n = int(params[0])
+    n_exit = int(params[1])
+    vol_factor = params[2]
+    want = feats.shape[0] > 0
+    count = int(state[0])
+    for i in range(start, c.shape[0]):
+        upper = np.nan
+        lower = np.nan
+        vol_mean = np.nan
+        if count >= n:
+            upper = h[i - n]
+            vol_sum = 0.0
+            for j in range(i - n, i):
+                upper = max(upper, h[j])
+                vol_sum += v[j]
+            vol_mean = vol_sum / n
+        if count >= n_exit:
+            lower = lo[i - n_exit]
+            for j in range(i - n_exit, i):
+                lower = min(lower, lo[j])
+        volume_ok = vol_factor <= 0.0 or v[i] >= vol_factor * vol_mean
+        enter[i] = c[i] > upper and volume_ok
+        exit_[i] = c[i] < lower
+        if want:
+            feats[i, 0] = upper
+            feats[i, 1] = lower
+            feats[i, 2] = vol_mean
+        count += 1
+    state[0] = count
+
+
+class Breakout(KernelStrategy):
+    """Donchian breakout: buy a close above the highest high of the last `period` bars.
+
+    The breakout bar's volume must be at least `volume_factor` times the average of those
+    bars (0 turns the filter off). Exit on a close below the lowest low of the last
+    `exit_period` bars.
+    """
+
+    name = "breakout"
+    parameters: ClassVar[Mapping[str, Param]] = {
+        "period": Param(20, 3, 400),
+        "exit_period": Param(10, 2, 400),
+        "volume_factor": Param(1.5, 0.0, 5.0, integer=False, step=0.25),
+    }
+    features = ("donchian_high", "donchian_low", "volume_mean")
+    kernel = staticmethod(_breakout_kernel)
+    state_size = 1
+
+    @property
+    def warmup(self) -> int:
+        """Return the longer channel plus one."""
+        return int(max(self.params["period"], self.params["exit_period"])) + 1
+
+    @property
+    def lookback(self) -> int:
+        """Return the longer channel (read directly)."""
+        return int(max(self.params["period"], self.params["exit_period"]))
+
+
+BUILTIN: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (SmaCross, EmaCross, RsiBollinger, Breakout)
+}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
@@ -250,7 +681,10 @@ def load_strategy(name_or_path: str, params: Mapping[str, float] | None = None) 
     found = [
         obj
         for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.__module__ == module.__name__
+        if inspect.isclass(obj)
+        and issubclass(obj, Strategy)
+        and obj.__module__ == module.__name__
+        and not inspect.isabstract(obj)
     ]
     if len(found) != 1:
         raise ConfigError(f"{path} must define exactly one Strategy subclass, found {len(found)}")
