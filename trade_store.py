@@ -406,6 +406,11 @@ def _closed_trade_from_row(row: Row[Any]) -> ClosedTrade:
     )
 
 
+def _is_positive(value: Decimal) -> bool:
+    # Ordering a NaN Decimal raises InvalidOperation, hence the finiteness check first.
+    return value.is_finite() and value > 0
+
+
 def _is_stale(row: Row[Any], order: Order) -> bool:
     # REST answers and stream events arrive in any order: keep whichever saw more.
     if order.filled_qty < row.filled_qty:
@@ -427,7 +432,9 @@ def _check_report(row: Row[Any], order: Order) -> None:
             journaled_pair=row.pair,
             journaled_side=row.side,
         )
-    if not Decimal(0) <= order.filled_qty <= order.qty:
+    if not (_is_positive(order.qty) and order.filled_qty.is_finite()) or not (
+        Decimal(0) <= order.filled_qty <= order.qty
+    ):
         raise InvariantError(
             f"filled qty {order.filled_qty} outside [0, {order.qty}]",
             component=_COMPONENT,
@@ -641,7 +648,7 @@ class TradeStore:
                 must not be sent.
             InvariantError: for a non-positive quantity.
         """
-        if intent.qty <= 0:
+        if not _is_positive(intent.qty):
             raise InvariantError(
                 f"order qty must be positive, got {intent.qty}",
                 component=_COMPONENT,
@@ -918,7 +925,7 @@ class TradeStore:
                 from the order's, a non-positive price or quantity, or fills adding up to
                 more than the order's quantity (double counting under different ids).
         """
-        if fill.qty <= 0 or fill.price <= 0:
+        if not (_is_positive(fill.qty) and _is_positive(fill.price)):
             raise InvariantError(
                 f"fill needs positive price and qty, got {fill.price} x {fill.qty}",
                 component=_COMPONENT,

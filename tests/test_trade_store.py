@@ -89,7 +89,7 @@ def test_journal_refuses_a_client_id_twice(store: TradeStore) -> None:
     assert [(o.qty, o.ts_created) for o in store.all_orders()] == [(Decimal(10), 1)]
 
 
-@pytest.mark.parametrize("qty", ["0", "-1"])
+@pytest.mark.parametrize("qty", ["0", "-1", "NaN"])
 def test_journal_refuses_a_non_positive_quantity(store: TradeStore, qty: str) -> None:
     """An order without a positive quantity never reaches the journal."""
     with pytest.raises(InvariantError):
@@ -301,6 +301,7 @@ def test_exchange_time_behind_our_journal_time_is_not_stale(store: TradeStore) -
         pytest.param({"pair": "ETH/USDT"}, id="other-pair"),
         pytest.param({"side": Side.SELL}, id="other-side"),
         pytest.param({"filled": "11"}, id="overfilled"),
+        pytest.param({"filled": "NaN"}, id="nan-filled"),
     ],
 )
 def test_a_report_contradicting_the_journal_raises(
@@ -350,6 +351,7 @@ def test_fills_adding_up_beyond_the_order_raise(store: TradeStore) -> None:
         pytest.param({"side": Side.SELL}, id="other-side"),
         pytest.param({"qty": "0"}, id="zero-qty"),
         pytest.param({"price": "-1"}, id="negative-price"),
+        pytest.param({"qty": "NaN"}, id="nan-qty"),
     ],
 )
 def test_a_fill_contradicting_its_order_raises(store: TradeStore, bad: dict[str, object]) -> None:
