@@ -1237,7 +1237,13 @@ class _Backfill:
         )
 
     async def _fill_range(self, job: _PairJob, start: int, end: int, task: Any) -> None:
+        # Works with either kline semantics: "the next `limit` candles from since" (Bybit's
+        # REST) and "the candles in [since, since + limit steps)" (exchange.Exchange). An
+        # empty window is skipped, not taken as the end, and counts as a stretch without
+        # trades only once a later candle proves the market was trading after it.
         cursor = start
+        empty_from: int | None = None
+        later = job.archive_end > end  # the archive already holds candles after the range
         while cursor < end:
             limit = min(self.page_limit, (end - cursor) // self.step)
             fetch = functools.partial(
@@ -1247,14 +1253,17 @@ class _Backfill:
             job.stats["requests"] = job.stats.get("requests", 0) + 1
             job.stats["fetched"] = job.stats.get("fetched", 0) + len(candles)
             page = sorted((c for c in candles if cursor <= c.ts < end), key=lambda c: c.ts)
-            later = any(c.ts >= end for c in candles) or job.archive_end > end
             if not page:
-                if later:  # data exists after this stretch: it truly has no candles
-                    job.empties.append((cursor, end))
-                self.progress.advance(task, (end - cursor) // self.step)
-                return
-            # Holes inside a page are stretches the exchange has no candles for.
-            edges = [cursor - self.step, *(c.ts for c in page)]
+                if any(c.ts >= end for c in candles):
+                    later = True  # the exchange skipped past the range: nothing left in it
+                    break
+                empty_from = cursor if empty_from is None else empty_from
+                self.progress.advance(task, limit)
+                cursor += limit * self.step
+                continue
+            hole_from = cursor if empty_from is None else empty_from
+            empty_from = None
+            edges = [hole_from - self.step, *(c.ts for c in page)]
             job.empties.extend(
                 (a + self.step, b) for a, b in itertools.pairwise(edges) if b - a > self.step
             )
@@ -1264,6 +1273,11 @@ class _Backfill:
             cursor = new_cursor
             if len(job.buffer) >= self.flush_every:
                 await self._flush(job)
+        if cursor < end:
+            self.progress.advance(task, (end - cursor) // self.step)
+            empty_from = cursor if empty_from is None else empty_from
+        if empty_from is not None and later:
+            job.empties.append((empty_from, end))
 
     async def _flush(self, job: _PairJob) -> None:
         if not job.buffer:
@@ -1307,7 +1321,7 @@ async def backfill(
     page_limit: int = KLINE_LIMIT,
     flush_every: int = 200_000,
     concurrency: int = 4,
-    attempts: int = 5,
+    attempts: int = 1,
 ) -> BackfillReport:
     """Download closed candles for `pairs` into the Parquet archives under `store_dir`.
 
@@ -1319,6 +1333,8 @@ async def backfill(
     the archive and not asked again. Candles go through `normalise_arrays` and are
     flushed every `flush_every` candles and on exit, even when cancelled. A pair whose
     calls keep failing is reported with its error; a `FatalError` stops the run.
+    `exchange.Exchange` retries its own calls; `attempts` > 1 adds retries (with backoff)
+    for a source that does not.
     """
     store = (
         store_dir if isinstance(store_dir, CandleStore) else CandleStore(store_dir, exchange_name)

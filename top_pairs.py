@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 
 from error_handler import BotError
-from models import Market, OrderBook, Ticker
+from models import Market, MarketType, OrderBook, Ticker
 from utils.utilities import Clock, WallClock, atomic_write, run_periodic, timeframe_to_ms
 
 
@@ -181,6 +181,18 @@ class QuoteFilter:
         return [p for p in pairs if p.quote.upper() == self.quote.upper()]
 
 
+@dataclass(frozen=True, slots=True)
+class MarketTypeFilter:
+    """Keep one kind of market (spot, or linear perpetuals) when the exchange lists both."""
+
+    market_type: MarketType
+    name: str = "market_type"
+
+    async def apply(self, pairs: list[PairStats], ctx: RankContext) -> list[PairStats]:
+        """Return the pairs whose market is of the wanted type."""
+        return [p for p in pairs if ctx.markets[p.pair].type is self.market_type]
+
+
 def is_leveraged_token(base: str, known_bases: Iterable[str] = ()) -> bool:
     """Return True for a leveraged token's base (BTC3L, ETH5S, BTCUP, ADABULL...).
 
@@ -296,10 +308,15 @@ class DepthFilter:
 
 
 def default_chain(
-    settings: PairsSettings, *, min_depth_quote: float = 0.0
+    settings: PairsSettings,
+    *,
+    market_type: MarketType | str | None = None,
+    min_depth_quote: float = 0.0,
 ) -> tuple[PairGenerator, list[PairFilter]]:
     """Return the generator and filters the settings ask for."""
     filters: list[PairFilter] = [QuoteFilter(settings.quote)]
+    if market_type is not None:
+        filters.insert(0, MarketTypeFilter(MarketType(market_type)))
     if settings.exclude_leveraged:
         filters.append(LeveragedTokenFilter())
     if settings.exclude_stablecoins:
@@ -397,13 +414,16 @@ class TopPairs:
         clock: Clock | None = None,
         generator: PairGenerator | None = None,
         filters: Sequence[PairFilter] | None = None,
+        market_type: MarketType | str | None = None,
         min_depth_quote: float = 0.0,
     ) -> None:
         self.source = source
         self.settings = settings
         self.state_path = state_path
         self.clock = clock or WallClock()
-        default_gen, default_filters = default_chain(settings, min_depth_quote=min_depth_quote)
+        default_gen, default_filters = default_chain(
+            settings, market_type=market_type, min_depth_quote=min_depth_quote
+        )
         self.generator = generator or default_gen
         self.filters = list(filters) if filters is not None else default_filters
         self._key = self._cache_key()
@@ -648,7 +668,9 @@ async def run_pairs_cli(args: argparse.Namespace, settings: Settings) -> int:
 
     state = settings.storage.data_dir / "state" / "pairs.json"
     async with Exchange(settings.exchange) as exchange:
-        top = TopPairs(exchange, settings.pairs, state_path=state)
+        top = TopPairs(
+            exchange, settings.pairs, state_path=state, market_type=settings.exchange.market_type
+        )
         result = await top.refresh()
     print_ranking(result)
     return 0 if result.source == "exchange" else 1

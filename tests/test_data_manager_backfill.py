@@ -11,13 +11,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_manager import CandleStore, backfill, frame_to_candles, index_ms, run_backfill_cli
+from data_manager import (
+    CandleStore,
+    backfill,
+    find_gaps,
+    frame_to_candles,
+    index_ms,
+    run_backfill_cli,
+)
 from error_handler import ConfigError, InvariantError, RateLimitError
 from tests.test_data_manager_support import FakeExchange, FixedClock, end_of, sample_frame
 
 
 BYBIT = "bybit_BTC-USDT_1m.csv.gz"
 COINBASE_EUR = "coinbase_BTC-EUR_1m.csv.gz"
+COINBASE_USD = "coinbase_BTC-USD_1m.csv.gz"  # 8 days spread over 18 months
 ALTS = ("ADA", "DASH", "ETC", "ETH", "LTC", "NXT", "TRX", "XLM", "XMR", "ZEC")
 
 
@@ -96,29 +104,46 @@ async def test_backfill_refills_gaps_inside_the_archive(tmp_path: Path, btc: pd.
     assert store.load("BTC/USDT", "1m").equals(btc)
 
 
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("name", [COINBASE_EUR, COINBASE_USD])
 async def test_backfill_remembers_stretches_without_trades(
-    tmp_path: Path, sample_dir: Path
+    tmp_path: Path, sample_dir: Path, name: str, windowed: bool
 ) -> None:
-    """A sparse market's empty minutes are confirmed once and not asked for again."""
-    sparse = sample_frame(sample_dir, COINBASE_EUR, "1m")
+    """Sparse minutes and months-long holes are crossed, confirmed once, never asked again."""
+    sparse = sample_frame(sample_dir, name, "1m")
     now = end_of(sparse, "1m")
-    exchange = FakeExchange({"BTC/EUR": sparse}, "1m", now)
+    exchange = FakeExchange({"BTC/X": sparse}, "1m", now, windowed=windowed)
     report = await backfill(
-        exchange, tmp_path, ["BTC/EUR"], "1m", start_of(sparse),
+        exchange, tmp_path, ["BTC/X"], "1m", start_of(sparse),
         progress=False, clock=FixedClock(now), exchange_name="coinbase",
     )  # fmt: skip
     store = CandleStore(tmp_path, "coinbase")
-    assert store.load("BTC/EUR", "1m").equals(sparse)
-    assert report.pairs[0].empty_ranges > 100
-    empty = store.empty_ranges("BTC/EUR", "1m")
-    ts = index_ms(sparse)
-    for start, end in empty:
-        assert not ((ts >= start) & (ts < end)).any()
-    again = FakeExchange({"BTC/EUR": sparse}, "1m", now)
+    assert store.load("BTC/X", "1m").equals(sparse)
+    gaps = find_gaps(index_ms(sparse), "1m")
+    assert store.empty_ranges("BTC/X", "1m") == gaps
+    assert report.pairs[0].empty_ranges >= len(gaps)
+    again = FakeExchange({"BTC/X": sparse}, "1m", now, windowed=windowed)
     rerun = await backfill(
-        again, store, ["BTC/EUR"], "1m", start_of(sparse), progress=False, clock=FixedClock(now)
+        again, store, ["BTC/X"], "1m", start_of(sparse), progress=False, clock=FixedClock(now)
     )
     assert rerun.requests == 0
+
+
+async def test_backfill_refills_a_gap_the_exchange_now_has(
+    tmp_path: Path, btc: pd.DataFrame
+) -> None:
+    """A hole the exchange can serve is not marked empty; one it cannot serve is."""
+    store = CandleStore(tmp_path, "bybit")
+    store.append("BTC/USDT", "1m", btc.drop(btc.index[100 : 2 * 100]))
+    now = end_of(btc, "1m")
+    missing_too = btc.drop(btc.index[150:160])  # the exchange lacks ten of those minutes
+    exchange = FakeExchange({"BTC/USDT": missing_too}, "1m", now, windowed=True)
+    await backfill(
+        exchange, store, ["BTC/USDT"], "1m", start_of(btc), progress=False, clock=FixedClock(now)
+    )
+    ts = index_ms(btc)
+    assert store.empty_ranges("BTC/USDT", "1m") == [(int(ts[150]), int(ts[160]))]
+    assert store.load("BTC/USDT", "1m").equals(missing_too)
 
 
 async def test_backfill_never_stores_open_duplicate_or_stray_candles(
@@ -191,7 +216,7 @@ async def test_backfill_retries_recoverable_errors(tmp_path: Path, btc: pd.DataF
     exchange = FlakyOnce({"BTC/USDT": day}, "1m", now)
     report = await backfill(
         exchange, tmp_path, ["BTC/USDT"], "1m", start_of(day),
-        until_ms=end_of(day, "1m"), progress=False, clock=FixedClock(now),
+        until_ms=end_of(day, "1m"), progress=False, clock=FixedClock(now), attempts=3,
     )  # fmt: skip
     assert report.ok
     assert report.stored == 50

@@ -33,7 +33,8 @@ class FixedClock:
 class FakeExchange:
     """Serve candles from frames with Bybit's kline semantics: `limit` rows from `since` on.
 
-    Only candles closed at `now` are served (like `exchange.Exchange`), unless `serve_open`.
+    With `windowed`, answer like `exchange.Exchange` instead: only the candles inside
+    [since, since + limit steps). Only candles closed at `now` are served, unless `serve_open`.
     `fail_after` makes every call after that many raise `error`; `extra` rows are mixed
     into every answer (duplicates, rows before `since`) to check they are not stored twice.
     """
@@ -42,6 +43,7 @@ class FakeExchange:
     timeframe: str
     now: int
     serve_open: bool = False
+    windowed: bool = False
     fail_after: int | None = None
     error: BotError = field(default_factory=lambda: NetworkError("connection reset"))
     extra: list[Candle] = field(default_factory=list)
@@ -72,8 +74,12 @@ class FakeExchange:
             raise self.error
         ts = self._ts[pair]
         first = int(np.searchsorted(ts, since or 0))
-        rows = self._candles[pair][first : first + (limit or 200)]
         step = timeframe_to_ms(timeframe)
+        if self.windowed:
+            stop = int(np.searchsorted(ts, (since or 0) + (limit or 200) * step))
+            rows = self._candles[pair][first:stop]
+        else:
+            rows = self._candles[pair][first : first + (limit or 200)]
         if not self.serve_open:
             rows = [c for c in rows if c.ts + step <= self.now]
         return [*self.extra, *rows]
