@@ -501,17 +501,18 @@ async def test_flush_archives_streamed_candles(tmp_path: Path, btc: pd.DataFrame
 
 
 def test_detect_patterns_delegates_to_the_indicator_library(btc: pd.DataFrame) -> None:
-    """detect_patterns gives all 61 TA-Lib patterns as signed columns equal to TA-Lib's."""
+    """detect_patterns gives all 61 TA-Lib patterns as -100/0/100, signed as TA-Lib's."""
     talib = pytest.importorskip("talib")
     pytest.importorskip("technical_indicators")
     patterns = dm.detect_patterns(btc)
     assert patterns.shape == (len(btc), 61)
     assert patterns.index.equals(btc.index)
-    # TA-Lib itself marks some engulfing/harami bars +-80 (equal body edges): sign = direction.
-    assert np.abs(patterns.to_numpy()).max() <= 100
+    assert set(np.unique(patterns.to_numpy()).tolist()) <= {-100, 0, 100}
     args = [btc[c].to_numpy() for c in ("open", "high", "low", "close")]
-    np.testing.assert_array_equal(patterns["cdlengulfing"].to_numpy(), talib.CDLENGULFING(*args))
-    np.testing.assert_array_equal(patterns["cdldoji"].to_numpy(), talib.CDLDOJI(*args))
+    for name in ("cdlengulfing", "cdlharami", "cdldoji", "cdlhammer"):
+        expected = np.sign(getattr(talib, name.upper())(*args)) * 100
+        np.testing.assert_array_equal(patterns[name].to_numpy(), expected)
+    assert (patterns["cdlengulfing"] != 0).any()
 
 
 def test_latest_patterns_summarises_the_last_candles(btc: pd.DataFrame) -> None:
