@@ -54,7 +54,7 @@ ParamValue: TypeAlias = "int | float"
 
 OHLCV: Final = ("open", "high", "low", "close", "volume")
 DAY_MS: Final = 86_400_000
-PATTERN_CLIP: Final = 100
+PATTERN_VALUE: Final = 100  # every detected pattern reads +-100: sign = direction
 # TA-Lib marks these patterns +100 whatever the direction: they signal indecision.
 NEUTRAL_PATTERNS: Final = frozenset(
     {"cdldoji", "cdldragonflydoji", "cdlgravestonedoji", "cdllongleggeddoji", "cdlrickshawman"}
@@ -128,9 +128,7 @@ class _Spec:
     def call(self, arrays: Sequence[npt.NDArray[Any]], params: Mapping[str, Any]) -> Output:
         out = self.func(*arrays, **params)
         if self.is_pattern and isinstance(out, np.ndarray):
-            # two ufuncs: np.clip costs 4 us on a short array
-            np.minimum(out, PATTERN_CLIP, out=out)
-            np.maximum(out, -PATTERN_CLIP, out=out)
+            _normalise_patterns(out)
         return out
 
 
@@ -1163,7 +1161,10 @@ def available() -> dict[str, IndicatorInfo]:
 def _with_memory(spec: _Spec) -> IndicatorInfo:
     if spec.info.memory is not None:
         return spec.info
-    memory = memory_of(spec.info.name)
+    try:
+        memory = memory_of(spec.info.name)
+    except IndicatorError:  # a formula whose indicator was unregistered since
+        return spec.info
     return IndicatorInfo(**{**_fields(spec.info), "memory": memory})
 
 
@@ -1289,19 +1290,29 @@ def memory_of(name: str, **params: Any) -> Memory:
 # -- Candlestick patterns --------------------------------------------------------------------
 
 
+def _normalise_patterns(out: npt.NDArray[Any]) -> None:
+    np.sign(out, out=out)
+    out *= PATTERN_VALUE
+
+
+def _pattern_value(value: float) -> float:
+    return float(PATTERN_VALUE if value > 0 else -PATTERN_VALUE if value < 0 else 0)
+
+
 def detect_patterns(df: pd.DataFrame) -> pd.DataFrame:
     """Return all 61 TA-Lib candlestick patterns as int32 columns -100, 0 or 100.
 
-    Columns are named like TA-Lib's functions in lower case (`cdlengulfing`...). TA-Lib emits
-    +-200 for a confirmed Hikkake (`cdlhikkake`, `cdlhikkakemod`); it is clipped to +-100, so
-    every column reads the same way: sign = direction, 0 = no pattern.
+    Columns are named like TA-Lib's functions in lower case (`cdlengulfing`...). Besides
+    +-100, TA-Lib emits +-200 for a confirmed Hikkake (`cdlhikkake`, `cdlhikkakemod`) and +-80
+    for a weaker Engulfing/Harami/Harami Cross (bodies sharing an edge); every non-zero value
+    becomes +-100 by its sign, so each column reads the same way: sign = direction, 0 = none.
     """
     arrays = {c: _col(df, c) for c in OHLCV[:4]}
     out = np.empty((len(PATTERN_NAMES), len(df)), dtype=np.int32)
     for row, name in enumerate(PATTERN_NAMES):
         spec = _REGISTRY[name]
         out[row] = spec.func(*(arrays[c] for c in spec.info.columns))
-    np.clip(out, -PATTERN_CLIP, PATTERN_CLIP, out=out)
+    _normalise_patterns(out)
     return pd.DataFrame(out.T, index=df.index, columns=list(PATTERN_NAMES), copy=False)
 
 
@@ -1978,7 +1989,7 @@ class FeatureEngine:
             if not plan.single:
                 row.update(zip(plan.columns, value, strict=True))
             elif plan.spec.is_pattern:
-                row[plan.columns[0]] = float(max(-PATTERN_CLIP, min(PATTERN_CLIP, value)))
+                row[plan.columns[0]] = _pattern_value(value)
             else:
                 row[plan.columns[0]] = value
         self._recompute(row, step=True)
@@ -2004,7 +2015,7 @@ class FeatureEngine:
         value = plan.handle.value
         values = value if isinstance(value, tuple) else (value,)
         if plan.spec.is_pattern:
-            values = tuple(max(-PATTERN_CLIP, min(PATTERN_CLIP, v)) for v in values)
+            values = tuple(_pattern_value(v) for v in values)
         return dict(zip(plan.columns, map(float, values), strict=True))
 
     def _reopen(self, plan: _Plan) -> dict[str, float]:
