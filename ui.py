@@ -47,6 +47,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.timer import Timer
 from textual.widgets import Button, Footer, Label, Static
 
 from config import UISettings
@@ -257,47 +258,90 @@ def section_status(snapshot: Snapshot, pair: str | None = None) -> RenderableTyp
     return text
 
 
+Cell = str | Text
+
+
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Cell]], align: str = "l") -> Text:
+    # Fixed-width columns in a single Text, aligned per column by `align` ("l" or "r";
+    # columns past its end are right-aligned). An order of magnitude cheaper to render
+    # than rich.table.Table, which measures every cell on every render; the dashboard
+    # redraws several times a second.
+    lines = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    if header:
+        lines.insert(0, [Text(h, style="dim") for h in header])
+    if not lines:
+        return Text()
+    widths = [max(cell.cell_len for cell in column) for column in zip(*lines, strict=True)]
+    out = Text(no_wrap=True, overflow="ellipsis")
+    for r, line in enumerate(lines):
+        if r:
+            out.append("\n")
+        for i, cell in enumerate(line):
+            pad = " " * (widths[i] - cell.cell_len)
+            if i:
+                out.append("  ")
+            if align[i : i + 1] == "l":
+                out.append_text(cell)
+                if i < len(line) - 1:
+                    out.append(pad)
+            else:
+                out.append(pad)
+                out.append_text(cell)
+    return out
+
+
+def _key(name: str) -> Text:
+    return Text(name, style="dim")
+
+
 def section_equity(snapshot: Snapshot) -> RenderableType:
     """Return equity, cash, PnL and a sparkline of the equity curve."""
     pf = snapshot.portfolio
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="dim")
-    grid.add_column(justify="right")
-    grid.add_row("equity", Text(_num(pf.equity), style="bold"))
-    grid.add_row("cash", _num(pf.cash))
-    grid.add_row("realised PnL", _signed(pf.realised_pnl))
-    grid.add_row("unrealised PnL", _signed(_unrealised(snapshot)))
-    grid.add_row("fees", _num(pf.fees))
+    rows: list[list[Cell]] = [
+        [_key("equity"), Text(_num(pf.equity), style="bold")],
+        [_key("cash"), _num(pf.cash)],
+        [_key("realised PnL"), _signed(pf.realised_pnl)],
+        [_key("unrealised PnL"), _signed(_unrealised(snapshot))],
+        [_key("fees"), _num(pf.fees)],
+    ]
     curve = snapshot.equity_curve
     if curve:
         first = curve[0][1]
         change = float(pf.equity) - first
         pct = change / first * 100 if first else 0.0
-        grid.add_row("since start", _signed(change) + Text(" ") + _signed(pct, 2, "%"))
-    return _WithChart(grid, [v for _, v in curve])
+        rows.append([_key("since start"), _signed(change) + Text(" ") + _signed(pct, 2, "%")])
+    return _WithChart(_table(None, rows), [v for _, v in curve])
 
 
-def section_positions(snapshot: Snapshot) -> RenderableType:
-    """Return the open positions (and the count of open orders)."""
-    table = Table(expand=True, box=None, padding=(0, 1), header_style="dim")
-    for name in ("pair", "side", "qty", "entry", "mark", "uPnL", "stop"):
-        table.add_column(
-            name, justify="left" if name in ("pair", "side") else "right", no_wrap=True
-        )
-    for p in snapshot.portfolio.positions:
-        side_style = "green" if p.side is PositionSide.LONG else "red"
-        table.add_row(
+def section_positions(snapshot: Snapshot, limit: int | None = None) -> RenderableType:
+    """Return the open positions, largest notional first, and the count of open orders.
+
+    Args:
+        snapshot: The state to show.
+        limit: Show at most this many positions and say how many more there are.
+    """
+    positions = sorted(snapshot.portfolio.positions, key=lambda p: p.notional, reverse=True)
+    if not positions:
+        return Group(Text("no open positions", style="dim"), _orders_line(snapshot))
+    shown = positions if limit is None else positions[: max(1, limit)]
+    rows: list[list[Cell]] = [
+        [
             p.pair,
-            Text(str(p.side), style=side_style),
+            Text(str(p.side), style="green" if p.side is PositionSide.LONG else "red"),
             _qty(p.qty),
             _price(p.entry_price),
             _price(p.mark_price),
             _signed(p.unrealised_pnl),
             _price(p.stop_price),
-        )
-    if not snapshot.portfolio.positions:
-        return Group(Text("no open positions", style="dim"), _orders_line(snapshot))
-    return Group(table, _orders_line(snapshot))
+        ]
+        for p in shown
+    ]
+    header = ("pair", "side", "qty", "entry", "mark", "uPnL", "stop")
+    parts: list[RenderableType] = [_table(header, rows, "ll")]
+    if len(shown) < len(positions):
+        parts.append(Text(f"+{len(positions) - len(shown)} more", style="dim"))
+    parts.append(_orders_line(snapshot))
+    return Group(*parts)
 
 
 def _orders_line(snapshot: Snapshot) -> Text:
@@ -308,13 +352,9 @@ def section_trades(snapshot: Snapshot, limit: int = 12) -> RenderableType:
     """Return the most recent closed trades, newest first."""
     if not snapshot.recent_trades:
         return Text("no closed trades yet", style="dim")
-    table = Table(expand=True, box=None, padding=(0, 1), header_style="dim")
-    for name in ("exit", "pair", "side", "qty", "entry", "exit px", "PnL"):
-        table.add_column(
-            name, justify="left" if name in ("exit", "pair", "side") else "right", no_wrap=True
-        )
-    for t in sorted(snapshot.recent_trades, key=lambda t: t.exit_ts, reverse=True)[:limit]:
-        table.add_row(
+    recent = sorted(snapshot.recent_trades, key=lambda t: t.exit_ts, reverse=True)
+    rows: list[list[Cell]] = [
+        [
             _clock(t.exit_ts),
             t.pair,
             str(t.side),
@@ -322,8 +362,10 @@ def section_trades(snapshot: Snapshot, limit: int = 12) -> RenderableType:
             _price(t.entry_price),
             _price(t.exit_price),
             _signed(t.pnl),
-        )
-    return table
+        ]
+        for t in recent[: max(1, limit)]
+    ]
+    return _table(("exit", "pair", "side", "qty", "entry", "exit px", "PnL"), rows, "lll")
 
 
 def section_depth(snapshot: Snapshot, pair: str | None, levels: int = 8) -> RenderableType:
@@ -335,10 +377,11 @@ def max_drawdown(values: Sequence[float]) -> float:
     """Return the largest peak-to-trough fall of `values` as a fraction of the peak."""
     peak = -math.inf
     worst = 0.0
-    for v in values:
-        peak = max(peak, v)
-        if peak > 0:
-            worst = max(worst, (peak - v) / peak)
+    for v in values:  # plain comparisons: this runs over the whole curve on each change
+        if v > peak:
+            peak = v
+        elif peak > 0 and (peak - v) / peak > worst:
+            worst = (peak - v) / peak
     return worst
 
 
@@ -347,25 +390,23 @@ def section_metrics(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
     pnls = [t.pnl for t in snapshot.recent_trades]
     wins = [p for p in pnls if p > 0]
     losses = [p for p in pnls if p < 0]
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="dim")
-    grid.add_column(justify="right")
-    grid.add_row("trades", str(len(pnls)))
-    grid.add_row("win rate", f"{len(wins) / len(pnls) * 100:.1f}%" if pnls else "-")
-    grid.add_row("total PnL", _signed(sum(pnls)))
-    grid.add_row("profit factor", f"{sum(wins) / -sum(losses):.2f}" if losses else "-")
     drawdown = max_drawdown([v for _, v in snapshot.equity_curve])
-    grid.add_row("max drawdown", f"{drawdown * 100:.2f}%")
-    parts: list[RenderableType] = [grid]
+    stats: list[list[Cell]] = [
+        [_key("trades"), str(len(pnls))],
+        [_key("win rate"), f"{len(wins) / len(pnls) * 100:.1f}%" if pnls else "-"],
+        [_key("total PnL"), _signed(sum(pnls))],
+        [_key("profit factor"), f"{sum(wins) / -sum(losses):.2f}" if losses else "-"],
+        [_key("max drawdown"), f"{drawdown * 100:.2f}%"],
+    ]
+    parts: list[RenderableType] = [_table(None, stats)]
     if snapshot.scores:
-        scores = Table.grid(padding=(0, 1))
-        scores.add_column()
-        scores.add_column(justify="right")
-        scores.add_column(style="cyan")
         top = max(abs(v) for v in snapshot.scores.values()) or 1.0
-        for name, score in sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[:6]:
-            scores.add_row(name, f"{score:.3f}", _bar(abs(score) / top, 10))
-        parts += [Text("scores", style="bold dim"), scores]
+        ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[:6]
+        rows: list[list[Cell]] = [
+            [name, f"{score:.3f}", Text(_bar(abs(score) / top, 10), style="cyan")]
+            for name, score in ranked
+        ]
+        parts += [Text("scores", style="bold dim"), _table(None, rows, "lrl")]
     decision = snapshot.last_decisions.get(pair) if pair else None
     if decision is not None:
         line = Text.assemble(("last ", "dim"), (decision.pair, "cyan"), f" {decision.verdict}")
@@ -408,13 +449,10 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
     and shows any other key as-is.
     """
     risk = snapshot.risk
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="dim")
-    grid.add_column()
     exposure = _exposure(snapshot)
     limit = risk.get("max_exposure")
     cap = f" / {float(limit) * 100:.0f}%" if isinstance(limit, int | float | Decimal) else ""
-    grid.add_row("exposure", f"{exposure * 100:.1f}%{cap}")
+    rows: list[list[Cell]] = [[_key("exposure"), f"{exposure * 100:.1f}%{cap}"]]
     breakers = risk.get("circuit_breakers")
     if isinstance(breakers, Mapping) and breakers:
         line = Text()
@@ -422,30 +460,28 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
             line.append(f"{name}:", style="dim").append(
                 f"{state} ", style=_BREAKER_STYLE.get(str(state), "")
             )
-        grid.add_row("breakers", line)
+        rows.append([_key("breakers"), line])
     for key, value in risk.items():
         if key not in ("exposure", "max_exposure", "circuit_breakers"):
             shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
-            grid.add_row(str(key), shown)
-    return Group(_ladder(snapshot.trading_state), grid)
+            rows.append([_key(str(key)), shown])
+    return Group(_ladder(snapshot.trading_state), _table(None, rows, "ll"))
 
 
 def section_system(snapshot: Snapshot) -> RenderableType:
     """Return the mode, bot state and the rate-limit budget (fractions shown as bars)."""
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="dim")
-    grid.add_column()
-    grid.add_row("mode", Text(snapshot.mode, style="bold red" if snapshot.mode == "live" else ""))
-    grid.add_row("bot", str(snapshot.state))
+    rows: list[list[Cell]] = [
+        [_key("mode"), Text(snapshot.mode, style="bold red" if snapshot.mode == "live" else "")],
+        [_key("bot"), str(snapshot.state)],
+    ]
     for name, value in snapshot.rate_limit_budget.items():
         if 0.0 <= value <= 1.0:
             style = "green" if value > 0.5 else "yellow" if value > 0.2 else "red"
-            grid.add_row(
-                f"rate {name}", Text(f"{value * 100:3.0f}% ") + Text(_bar(value, 10), style=style)
-            )
+            bar = Text(f"{value * 100:3.0f}% ") + Text(_bar(value, 10), style=style)
+            rows.append([_key(f"rate {name}"), bar])
         else:
-            grid.add_row(f"rate {name}", _num(value, 1))
-    return grid
+            rows.append([_key(f"rate {name}"), _num(value, 1)])
+    return _table(None, rows, "ll")
 
 
 def section_errors(snapshot: Snapshot, limit: int = 6) -> RenderableType:
@@ -469,20 +505,24 @@ def render_snapshot(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
     def box(title: str, body: RenderableType) -> Panel:
         return Panel(body, title=title, title_align="left", border_style="dim")
 
-    grid = Table.grid(expand=True, padding=(0, 1))
-    grid.add_column(ratio=1)
-    grid.add_column(ratio=1)
-    grid.add_row(box("Equity", section_equity(snapshot)), box("Risk", section_risk(snapshot)))
-    grid.add_row(
-        box("Positions", section_positions(snapshot)),
+    def pair_of(left: RenderableType, right: RenderableType) -> Table:
+        grid = Table.grid(expand=True, padding=(0, 1))
+        grid.add_column(ratio=1)
+        grid.add_column(ratio=1)
+        grid.add_row(left, right)
+        return grid
+
+    return Group(
+        section_status(snapshot, pair),
+        pair_of(box("Equity", section_equity(snapshot)), box("Risk", section_risk(snapshot))),
+        box("Positions", section_positions(snapshot, limit=10)),
         box("Recent trades", section_trades(snapshot, limit=5)),
+        pair_of(
+            box(f"Depth {pair or ''}", section_depth(snapshot, pair, levels=5)),
+            box("Strategy", section_metrics(snapshot, pair)),
+        ),
+        pair_of(box("System", section_system(snapshot)), box("Errors", section_errors(snapshot))),
     )
-    grid.add_row(
-        box(f"Depth {pair or ''}", section_depth(snapshot, pair, levels=5)),
-        box("Strategy", section_metrics(snapshot, pair)),
-    )
-    grid.add_row(box("System", section_system(snapshot)), box("Errors", section_errors(snapshot)))
-    return Group(section_status(snapshot, pair), grid)
 
 
 # -- Dashboard -------------------------------------------------------------------------------
@@ -530,6 +570,8 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(answer)
 
 
+_PANELS_PER_FRAME: Final = 2
+_FRAME_S: Final = 1 / 30
 _MAIN_ACTIONS: Final = frozenset({"cycle_pair", "toggle_pause", "toggle_mode", "quit_bot"})
 # Grid order: equity | positions (2 columns); depth | trades (2); strategy | risk | system;
 # errors (3).
@@ -546,45 +588,47 @@ _TITLES: Final = {
 }
 
 
-def _panel_key(name: str, snap: Snapshot, pair: str | None) -> Any:
+def _panel_key(name: str, snap: Snapshot, pair: str | None, rows: int) -> Any:
     # What each panel depends on: it is re-rendered only when this changes. The equity
     # curve counts by (length, last point) so a long curve is never compared element-wise.
+    # `rows` (the panel's height) matters to the panels that cut their list to fit.
     curve = snap.equity_curve
     tip = (len(curve), curve[-1] if curve else None)
     if name == "equity":
         return (snap.portfolio, tip)
     if name == "positions":
-        return (snap.portfolio.positions, snap.open_orders)
+        return (snap.portfolio.positions, snap.open_orders, rows)
     if name == "risk":
         return (snap.trading_state, snap.risk, snap.portfolio.equity, snap.portfolio.positions)
     if name == "depth":
         return (pair, snap.order_books.get(pair) if pair else None)
     if name == "trades":
-        return snap.recent_trades
+        return (snap.recent_trades, rows)
     if name == "metrics":
         decision = snap.last_decisions.get(pair) if pair else None
         return (pair, snap.recent_trades, tip, snap.scores, decision, snap.model)
     if name == "system":
         return (snap.mode, snap.state, snap.rate_limit_budget)
-    return snap.errors
+    return (snap.errors, rows)
 
 
-def _panel_body(name: str, snap: Snapshot, pair: str | None) -> RenderableType:
+def _panel_body(name: str, snap: Snapshot, pair: str | None, rows: int) -> RenderableType:
+    # Only what fits is rendered: a 100-position table is cut to the panel's rows.
     if name == "equity":
         return section_equity(snap)
     if name == "positions":
-        return section_positions(snap)
+        return section_positions(snap, limit=rows - 3)  # header, "+N more", orders line
     if name == "risk":
         return section_risk(snap)
     if name == "depth":
         return section_depth(snap, pair)
     if name == "trades":
-        return section_trades(snap)
+        return section_trades(snap, limit=rows - 1)
     if name == "metrics":
         return section_metrics(snap, pair)
     if name == "system":
         return section_system(snap)
-    return section_errors(snap)
+    return section_errors(snap, limit=rows)
 
 
 class Dashboard(App[None]):
@@ -644,6 +688,8 @@ class Dashboard(App[None]):
         self._live_blocked_reason = live_blocked_reason
         self._snapshot: Snapshot | None = None
         self._keys: dict[str, Any] = {}
+        self._dirty: dict[str, Any] = {}
+        self._drain_timer: Timer | None = None
         self._failing = False
         # Widgets are kept by name: no DOM query per tick, and a tick that races the
         # shutdown updates a detached widget instead of failing a query.
@@ -690,17 +736,41 @@ class Dashboard(App[None]):
         if self._failing:
             self._failing = False
             self._say("snapshot recovered")
+        first = self._snapshot is None
         self._snapshot = snap
         pairs = pairs_of(snap)
         if self.pair not in pairs:
             self.pair = pairs[0] if pairs else None
-        self._widgets["status"].update(section_status(snap, self._pair_label(pairs)))
+        status = section_status(snap, self._pair_label(pairs))
+        self._widgets["status"].update(status, layout=False)
         for name in _PANELS:
-            key = _panel_key(name, snap, self.pair)
+            key = _panel_key(name, snap, self.pair, self._rows(name))
             if self._keys.get(name, self) != key:  # `self` is a sentinel no key equals
-                self._keys[name] = key
-                self._widgets[name].update(_panel_body(name, snap, self.pair))
+                self._dirty[name] = key
+            else:
+                self._dirty.pop(name, None)
         self._widgets["depth"].border_title = f"Market depth {self.pair or ''}"
+        self._draw_dirty(len(_PANELS) if first else _PANELS_PER_FRAME)
+
+    def _rows(self, name: str) -> int:
+        return self._widgets[name].content_size.height or 20  # 0 before the first layout
+
+    def _draw_dirty(self, limit: int = _PANELS_PER_FRAME) -> None:
+        # Repaint cost grows with the area that changed, so at most _PANELS_PER_FRAME
+        # panels are redrawn per frame and the rest follow in the next frames: the loop is
+        # held a few milliseconds at a time, never for a whole-screen repaint. Panels that
+        # keep changing take turns (a redrawn panel goes to the back of the queue).
+        self._drain_timer = None
+        if self._snapshot is None:
+            return
+        for _ in range(min(limit, len(self._dirty))):
+            name = next(iter(self._dirty))
+            self._keys[name] = self._dirty.pop(name)
+            body = _panel_body(name, self._snapshot, self.pair, self._rows(name))
+            # The grid fixes every panel's size, so no re-layout is needed.
+            self._widgets[name].update(body, layout=False)
+        if self._dirty and self._drain_timer is None:
+            self._drain_timer = self.set_timer(_FRAME_S, self._draw_dirty)
 
     def _pair_label(self, pairs: Sequence[str]) -> str | None:
         if self.pair is None:
@@ -710,7 +780,7 @@ class Dashboard(App[None]):
     def _say(self, message: str, *, error: bool = False) -> None:
         self.message = message
         text = Text(message, style="bold red" if error else "bold")
-        self._widgets["message"].update(text)
+        self._widgets["message"].update(text, layout=False)
 
     # -- Keys ------------------------------------------------------------------------------
 

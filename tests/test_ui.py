@@ -339,3 +339,49 @@ async def test_pairs_fall_back_to_the_books(
         assert app.pair == "BTC/USDT"
         await pilot.press("left")
         assert app.pair == "SOL/USDT"
+
+
+async def test_a_redraw_is_spread_over_frames(pilot: Pilot[None], control: FakeControl) -> None:
+    """When everything changes, two panels are redrawn at once and the rest in later frames."""
+    app = pilot.app
+    assert isinstance(app, Dashboard)
+    panels = ("equity", "positions", "depth", "trades", "metrics", "risk", "system", "errors")
+    before = {name: text_of(app, name) for name in panels}
+    books = {
+        p: dataclasses.replace(b, bids=b.bids[:1]) for p, b in control.base.order_books.items()
+    }
+    control.base = make_snapshot(
+        portfolio=dataclasses.replace(control.base.portfolio, positions=(), equity=Decimal(7)),
+        order_books=books,
+        recent_trades=control.base.recent_trades[:1],
+        scores={},
+        risk={},
+        rate_limit_budget={},
+        errors=(),
+    )
+    app.refresh_snapshot()
+    changed = [name for name in panels if text_of(app, name) != before[name]]
+    assert len(changed) == 2
+    await eventually(lambda: all(text_of(app, name) != before[name] for name in panels))
+
+
+async def test_long_lists_are_cut_to_the_panel(
+    make_app: Callable[..., Dashboard], control: FakeControl
+) -> None:
+    """Thirty positions show as many as fit, then how many more there are."""
+    template = control.base.portfolio.positions[0]
+    positions = tuple(
+        dataclasses.replace(template, pair=f"C{i:02d}/USDT", qty=Decimal(i + 1)) for i in range(30)
+    )
+    control.base = make_snapshot(
+        portfolio=dataclasses.replace(control.base.portfolio, positions=positions)
+    )
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        rows = app.query_one("#positions").content_size.height
+        shown = rows - 3  # header, "+N more" and the open-orders line
+        await eventually(lambda: f"+{30 - shown} more" in text_of(app, "positions"))
+        text = text_of(app, "positions")
+        assert "C29/USDT" in text  # largest notional first
+        assert "C00/USDT" not in text

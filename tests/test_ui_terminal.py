@@ -77,7 +77,7 @@ async def test_dashboard_in_a_real_terminal(tmux: Tmux, tmp_path: Path) -> None:
         return all(needle in screen for needle in needles)
 
     await eventually(lambda: shows("Equity & PnL", "10,321.45", "BTC/USDT (1/3)"), timeout=30)
-    assert await shows("Market depth BTC/USDT", "mid 50,600.00", "Open positions", "-31.20")
+    await eventually(lambda: shows("Market depth BTC/USDT", "mid 50,600.00", "-31.20", "+300.00"))
 
     await tmux.run("send-keys", "-t", "ui", "Right")
     await eventually(lambda: shows("ETH/USDT (2/3)", "Market depth ETH/USDT", "3,010.50"))
