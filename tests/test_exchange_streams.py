@@ -1,0 +1,303 @@
+"""Exchange streams: closed candles once and in order through drops and gaps; live feeds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import pytest
+
+from exchange import Exchange
+from models import Candle, OrderIntent, OrderType, PositionSide, Side
+from tests.bybit_emulator import MINUTE_MS, BybitEmulator, bucket_start, exchange_settings
+from tests.conftest import eventually
+
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[BybitEmulator]:
+    """Return a running emulator."""
+    async with BybitEmulator(balances={"USDT": "100000", "BTC": "1"}) as server:
+        yield server
+
+
+@pytest.fixture
+async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
+    """Return an open Exchange with fast retries and reconnects."""
+    exchange = Exchange(
+        exchange_settings(emu, timeout_s=1.0), retry_attempts=4, retry_base_s=0.01, retry_cap_s=0.05
+    )
+    async with exchange:
+        yield exchange
+
+
+class Collector:
+    """Drain an async iterator into a list in the background."""
+
+    def __init__(self, stream: AsyncIterator[Any]) -> None:
+        self.items: list[Any] = []
+        self.error: BaseException | None = None
+        self._task = asyncio.ensure_future(self._run(stream))
+
+    async def _run(self, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                self.items.append(item)
+        except Exception as e:  # surfaced by the test
+            self.error = e
+
+    @property
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def wait_for(self, count: int, within: float = 5.0) -> list[Any]:
+        await eventually(lambda: len(self.items) >= count or self.error is not None, timeout=within)
+        if self.error is not None:
+            raise self.error
+        return self.items
+
+
+async def _subscribed(
+    emu: BybitEmulator, topic: str, count: int = 1, kind: str | None = None
+) -> None:
+    await eventually(lambda: emu.subscribers(topic, kind) >= count)
+
+
+def _expected(
+    emu: BybitEmulator, symbol: str, category: str, starts: list[int]
+) -> list[tuple[int, float]]:
+    return [(s, float(emu.candle(symbol, category, "1", s).close)) for s in starts]
+
+
+async def test_watch_candles_yields_each_closed_candle_in_order(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Spot and linear candles arrive once each, in order, equal to the exchange's bars."""
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT", "BTC/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT", 2)
+    await emu.advance(minutes=3)
+    items: list[Candle] = await feed.wait_for(6)
+    await feed.stop()
+    starts = [start + k * MINUTE_MS for k in range(3)]
+    for pair, symbol, category in (
+        ("BTC/USDT", "BTCUSDT", "spot"),
+        ("BTC/USDT:USDT", "BTCUSDT", "linear"),
+    ):
+        got = [(c.ts, c.close) for c in items if c.pair == pair]
+        assert got == _expected(emu, symbol, category, starts)
+    assert all(c.closed and c.timeframe == "1m" for c in items)
+
+
+async def test_socket_drop_mid_stream_is_resubscribed_and_gap_filled(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """A drop, silent minutes, a reconnect: the consumer sees an unbroken, duplicate-free run."""
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await emu.advance(minutes=2)
+    await feed.wait_for(2)
+    emu.ws_blocked = True  # the reconnect fails until the socket comes back
+    assert await emu.drop_sockets() == 1
+    kline_calls = len(emu.requests_to("/v5/market/kline"))
+    await emu.advance(minutes=4)  # four candles close while we are away
+    await asyncio.sleep(0.1)
+    emu.ws_blocked = False
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await emu.advance(minutes=1)
+    items = await feed.wait_for(7)
+    await asyncio.sleep(0.1)  # nothing more may come
+    await feed.stop()
+    starts = [c.ts for c in feed.items]
+    assert starts == [start + k * MINUTE_MS for k in range(7)]
+    assert [(c.ts, c.close) for c in items] == _expected(emu, "BTCUSDT", "spot", starts)
+    subscribes = [
+        m
+        for m in emu.ws_messages_in
+        if m.get("op") == "subscribe" and "kline.1.BTCUSDT" in m.get("args", [])
+    ]
+    assert len(subscribes) == 2
+    assert len(emu.requests_to("/v5/market/kline")) > kline_calls  # the gap came from REST
+
+
+async def test_missed_frame_is_filled_from_rest_and_repeats_are_dropped(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """A skipped candle is fetched before the newer one; a repeated frame is not yielded twice."""
+    now = emu.clock.now_ms()
+    base = bucket_start(now, 1) - 10 * MINUTE_MS
+    feed = Collector(ex.watch_candles(["ETH/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.ETHUSDT")
+    await emu.push_kline("ETHUSDT", "linear", start=base)
+    await feed.wait_for(1)
+    await emu.push_kline("ETHUSDT", "linear", start=base)  # repeat
+    await emu.push_kline("ETHUSDT", "linear", start=base + 3 * MINUTE_MS)  # two missed
+    await feed.wait_for(4)
+    await asyncio.sleep(0.05)
+    await feed.stop()
+    assert [c.ts for c in feed.items] == [base + k * MINUTE_MS for k in range(4)]
+
+
+async def test_watch_candles_since_backfills_then_goes_live(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """With `since`, older closed candles come from REST first, then the live ones follow."""
+    now = emu.clock.now_ms()
+    since = bucket_start(now, 1) - 5 * MINUTE_MS
+    feed = Collector(ex.watch_candles(["BTC/USDT"], "1m", since=since))
+    await feed.wait_for(5)
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await emu.advance(minutes=2)
+    await feed.wait_for(7)
+    await feed.stop()
+    assert [c.ts for c in feed.items] == [since + k * MINUTE_MS for k in range(7)]
+
+
+async def test_watch_tickers_spot_and_linear(emu: BybitEmulator, ex: Exchange) -> None:
+    """Snapshots on subscribe, then pushed updates, for both categories."""
+    feed = Collector(ex.watch_tickers(["BTC/USDT", "ETH/USDT:USDT"]))
+    first = await feed.wait_for(2)
+    assert {t.pair for t in first} == {"BTC/USDT", "ETH/USDT:USDT"}
+    await emu.push_ticker(
+        "ETHUSDT", "linear", lastPrice="1234.5", bid1Price="1234.4", ask1Price="1234.6"
+    )
+    items = await feed.wait_for(3)
+    await feed.stop()
+    last = items[-1]
+    assert (last.pair, last.last, last.bid, last.ask) == ("ETH/USDT:USDT", 1234.5, 1234.4, 1234.6)
+
+
+async def test_watch_order_book_snapshot_then_delta(emu: BybitEmulator, ex: Exchange) -> None:
+    """The book is the snapshot, then the snapshot with the delta applied."""
+    feed = Collector(ex.watch_order_book("BTC/USDT:USDT", limit=5))
+    first = (await feed.wait_for(1))[0]
+    best_bid = first.bids[0][0]
+    await emu.push_orderbook(
+        "BTCUSDT", "linear", snapshot=False, bids=[[str(best_bid), "0"]], asks=[["1.0", "0"]]
+    )
+    items = await feed.wait_for(2)
+    await feed.stop()
+    assert len(first.bids) == 5
+    assert items[1].bids[0][0] < best_bid  # the best bid was deleted by the delta
+    assert items[1].asks == first.asks
+
+
+async def test_watch_trades(emu: BybitEmulator, ex: Exchange) -> None:
+    """Public trades pushed on the socket arrive as Trades."""
+    feed = Collector(ex.watch_trades(["SOL/USDT"]))
+    await _subscribed(emu, "publicTrade.SOLUSDT")
+    await emu.push_trade("SOLUSDT", "spot", price="14.01", qty="3.5", side="Sell")
+    trade = (await feed.wait_for(1))[0]
+    await feed.stop()
+    assert (trade.pair, trade.price, trade.qty, trade.side) == ("SOL/USDT", 14.01, 3.5, Side.SELL)
+
+
+async def _private_feeds(emu: BybitEmulator, ex: Exchange) -> dict[str, Collector]:
+    feeds = {
+        "orders": Collector(ex.watch_orders()),
+        "fills": Collector(ex.watch_fills()),
+        "positions": Collector(ex.watch_positions()),
+        "balance": Collector(ex.watch_balance()),
+    }
+    for topic in ("order", "execution", "position", "wallet"):
+        await _subscribed(emu, topic, kind="private")
+    return feeds
+
+
+async def test_private_streams_follow_an_order(emu: BybitEmulator, ex: Exchange) -> None:
+    """A filled linear order shows up on the order, fill, position and wallet streams."""
+    feeds = await _private_feeds(emu, ex)
+    intent = OrderIntent("BTC/USDT:USDT", Side.BUY, Decimal("0.01"), OrderType.MARKET, "ws-1", "t")
+    order = await ex.create_order(intent)
+    orders = await feeds["orders"].wait_for(1)
+    fills = await feeds["fills"].wait_for(1)
+    positions = await feeds["positions"].wait_for(1)
+    balances = await feeds["balance"].wait_for(1)
+    for feed in feeds.values():
+        await feed.stop()
+    assert (orders[-1].client_order_id, orders[-1].status) == ("ws-1", order.status)
+    assert (fills[0].client_order_id, fills[0].qty, fills[0].pair) == (
+        "ws-1",
+        Decimal("0.01"),
+        "BTC/USDT:USDT",
+    )
+    assert (positions[-1].pair, positions[-1].side, positions[-1].qty) == (
+        "BTC/USDT:USDT",
+        PositionSide.LONG,
+        Decimal("0.01"),
+    )
+    assert balances[-1]["USDT"].total < Decimal("100000")
+    auth = [m for m in emu.ws_messages_in if m.get("op") == "auth"]
+    assert len(auth) == 1  # one private socket, authenticated once
+
+
+async def test_fills_missed_during_a_drop_arrive_once_after_reconnect(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Executions that happen while the private socket is down are fetched from REST, once."""
+    feeds = {"fills": Collector(ex.watch_fills())}
+    await _subscribed(emu, "execution", kind="private")
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.BUY, Decimal("0.001"), OrderType.MARKET, "f-1", "t")
+    )
+    await feeds["fills"].wait_for(1)
+    emu.ws_blocked = True
+    await emu.drop_sockets("private")
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.SELL, Decimal("0.001"), OrderType.MARKET, "f-2", "t")
+    )
+    emu.ws_blocked = False
+    await _subscribed(emu, "execution", kind="private")
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.BUY, Decimal("0.001"), OrderType.MARKET, "f-3", "t")
+    )
+    items = await feeds["fills"].wait_for(3)
+    await asyncio.sleep(0.1)
+    await feeds["fills"].stop()
+    assert [f.client_order_id for f in items] == ["f-1", "f-2", "f-3"]
+
+
+async def test_streams_end_quietly_when_the_exchange_closes(emu: BybitEmulator) -> None:
+    """Closing the exchange ends a pending stream instead of leaking a CancelledError."""
+    exchange = Exchange(exchange_settings(emu), retry_attempts=2, retry_base_s=0.01)
+    await exchange.open()
+    feed = Collector(exchange.watch_candles(["BTC/USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await exchange.close()
+    await eventually(lambda: feed.done)
+    assert feed.error is None
+    assert feed.items == []
+
+
+async def _first(stream: AsyncIterator[T], predicate: Callable[[T], bool]) -> T:
+    async for item in stream:
+        if predicate(item):
+            return item
+    raise AssertionError("stream ended")
+
+
+async def test_linear_ticker_deltas_merge(emu: BybitEmulator, ex: Exchange) -> None:
+    """A linear tickers delta updates only the fields it carries."""
+    stream = ex.watch_tickers(["BTC/USDT:USDT"])
+    first = await anext(stream)
+    topic = "tickers.BTCUSDT"
+    await emu.push_raw(
+        "linear",
+        topic,
+        '{"topic":"tickers.BTCUSDT","type":"delta","ts":1,"data":{"symbol":"BTCUSDT","bid1Price":"1.5"}}',
+    )
+    merged = await _first(stream, lambda t: t.bid == 1.5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert merged.last == first.last
+    assert merged.ask == first.ask
