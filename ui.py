@@ -8,7 +8,8 @@ writes are the operator commands the façade offers.
   same renderables the dashboard shows, so the two never disagree.
 - `Dashboard` is a Textual app run inside the bot's own event loop (`await
   dashboard.run_async()`); it polls `control.snapshot()` `refresh_hz` times a second and
-  re-renders only the panels whose inputs changed. Keys: left/right (or tab/shift+tab)
+  re-renders only the panels whose inputs changed, at most two per frame, so the loop is
+  never held for a whole-screen repaint. Keys: left/right (or tab/shift+tab)
   switch the depth chart's pair, `p` pauses or resumes, `s` toggles sim/live after a
   confirmation (only when API keys are configured), `q` quits. By default `q` also asks
   the bot to stop gracefully (`control.stop`), because the dashboard is the daemon's
@@ -23,6 +24,7 @@ string values, timestamps stay integer milliseconds UTC, tuples become arrays.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -760,7 +762,6 @@ class Dashboard(App[None]):
         # panels are redrawn per frame and the rest follow in the next frames: the loop is
         # held a few milliseconds at a time, never for a whole-screen repaint. Panels that
         # keep changing take turns (a redrawn panel goes to the back of the queue).
-        self._drain_timer = None
         if self._snapshot is None:
             return
         for _ in range(min(limit, len(self._dirty))):
@@ -770,7 +771,11 @@ class Dashboard(App[None]):
             # The grid fixes every panel's size, so no re-layout is needed.
             self._widgets[name].update(body, layout=False)
         if self._dirty and self._drain_timer is None:
-            self._drain_timer = self.set_timer(_FRAME_S, self._draw_dirty)
+            self._drain_timer = self.set_timer(_FRAME_S, self._on_drain_timer)
+
+    def _on_drain_timer(self) -> None:
+        self._drain_timer = None
+        self._draw_dirty()
 
     def _pair_label(self, pairs: Sequence[str]) -> str | None:
         if self.pair is None:
@@ -804,9 +809,9 @@ class Dashboard(App[None]):
         """Pause when running, resume when paused."""
         paused = self._snapshot is not None and self._snapshot.state is BotState.PAUSED
         if paused:
-            self._command("resumed", self._control.resume("dashboard"))
+            self._command("resumed", lambda: self._control.resume("dashboard"))
         else:
-            self._command("paused", self._control.pause("dashboard"))
+            self._command("paused", lambda: self._control.pause("dashboard"))
 
     def action_toggle_mode(self) -> None:
         """Switch between sim and live after a confirmation, when allowed."""
@@ -829,8 +834,9 @@ class Dashboard(App[None]):
         if not answer:
             self._say("mode switch cancelled")
             return
-        assert self._switch_mode is not None
-        self._command(f"switched to {target}", self._switch_mode(target))
+        switch_mode = self._switch_mode
+        assert switch_mode is not None
+        self._command(f"switched to {target}", lambda: switch_mode(target))
 
     def action_quit_bot(self) -> None:
         """Quit the dashboard, stopping the bot first when `quit_stops_bot` is set."""
@@ -838,14 +844,19 @@ class Dashboard(App[None]):
             self.exit()
             return
         self._say("stopping the bot...")
-        self._command("stopping", self._control.stop("operator quit the dashboard"), exit=True)
+        reason = "operator quit the dashboard"
+        self._command("stopping", lambda: self._control.stop(reason), exit=True)
 
-    def _command(self, done: str, call: Awaitable[None], *, exit: bool = False) -> None:
+    def _command(
+        self, done: str, call: Callable[[], Awaitable[None]], *, exit: bool = False
+    ) -> None:
         # Commands run as Textual workers (tasks in this same loop, owned and cancelled by
-        # the app), so a slow command never holds up the redraw timer.
+        # the app), so a slow command never holds up the redraw timer. The coroutine is
+        # created inside the worker, so a worker cancelled before it starts leaves none
+        # un-awaited.
         async def run() -> None:
             try:
-                await call
+                await call()
             except Exception as e:
                 log.exception("dashboard_command_failed", command=done)
                 self._say(f"{done} failed: {e}", error=True)
@@ -883,8 +894,21 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in value]
+        return [_item(v) for v in value]
     return str(value)
+
+
+def _item(value: Any) -> Any:
+    # Inline the common leaves of long sequences (book levels, curve points): a snapshot
+    # of 100 pairs holds tens of thousands of them.
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int or kind is str:
+        return value
+    if kind is tuple:
+        return [_item(v) for v in value]
+    return to_jsonable(value)
 
 
 def depth_json(book: OrderBook, levels: int = 50) -> dict[str, Any]:
@@ -930,6 +954,16 @@ def equity_json(snapshot: Snapshot, points: int | None = None) -> dict[str, Any]
 
 
 _dumps = partial(json.dumps, separators=(",", ":"), allow_nan=False)
+
+
+def _encode_snapshot(snapshot: Snapshot, excluded: frozenset[str] = frozenset()) -> str:
+    # The `/api/snapshot` body, skipping the excluded fields instead of encoding them.
+    # Each field is dumped on its own: json's C encoder holds the GIL for a whole call,
+    # and one call per field keeps each hold to a few milliseconds when this runs in a
+    # worker thread.
+    names = [f.name for f in dataclasses.fields(snapshot) if f.name not in excluded]
+    parts = (f'"{name}":{_dumps(to_jsonable(getattr(snapshot, name)))}' for name in names)
+    return "{" + ",".join(parts) + "}"
 
 
 class WebView:
@@ -1049,17 +1083,21 @@ class WebView:
         )
 
     async def _snapshot(self, request: web.Request) -> web.Response:
-        body = to_jsonable(self._control.snapshot())
-        for name in request.query.get("exclude", "").split(","):
-            body.pop(name.strip(), None)
-        return web.json_response(body, dumps=_dumps)
+        snapshot = self._control.snapshot()
+        excluded = frozenset(n.strip() for n in request.query.get("exclude", "").split(","))
+        # A full snapshot (long equity curve, every book) takes tens of milliseconds to
+        # encode; a worker thread does it, so the loop is held only for GIL slices.
+        text = await asyncio.to_thread(_encode_snapshot, snapshot, excluded)
+        return web.Response(text=text, content_type="application/json")
 
     async def _equity(self, request: web.Request) -> web.Response:
         try:
             points = int(request.query["points"]) if "points" in request.query else None
         except ValueError:
             return web.json_response({"error": "points must be an integer"}, status=400)
-        return web.json_response(equity_json(self._control.snapshot(), points), dumps=_dumps)
+        snapshot = self._control.snapshot()
+        text = await asyncio.to_thread(lambda: _dumps(equity_json(snapshot, points)))
+        return web.Response(text=text, content_type="application/json")
 
     async def _depth(self, request: web.Request) -> web.Response:
         pair = request.match_info["pair"]

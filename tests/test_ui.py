@@ -12,7 +12,7 @@ from rich.console import Console
 from textual.pilot import Pilot
 
 from config import UISettings
-from models import OrderBook, Side
+from models import BotState, OrderBook, Side
 from tests.conftest import eventually
 from tests.test_ui_support import FakeControl, make_snapshot, widget_text
 from ui import (
@@ -385,3 +385,25 @@ async def test_long_lists_are_cut_to_the_panel(
         text = text_of(app, "positions")
         assert "C29/USDT" in text  # largest notional first
         assert "C00/USDT" not in text
+
+
+async def test_a_failing_command_is_reported(pilot: Pilot[None], control: FakeControl) -> None:
+    """A command that raises is reported on the message line; the dashboard keeps going."""
+    control.fail_commands = True
+    await pilot.press("p")
+    await eventually(lambda: "paused failed: exchange unreachable" in text_of(pilot.app, "message"))
+    assert pilot.app.is_running
+    assert control.state is BotState.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("theme", "expected"), [("dark", "textual-dark"), ("light", "textual-light")]
+)
+async def test_the_theme_follows_the_settings(
+    control: FakeControl, theme: str, expected: str
+) -> None:
+    """settings.theme picks Textual's dark or light theme."""
+    app = Dashboard(control, UISettings(theme=theme))  # type: ignore[arg-type]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.theme == expected

@@ -140,6 +140,7 @@ class FakeControl:
         self.snapshot_calls = 0
         self.events = events
         self.fail_snapshot = False
+        self.fail_commands = False
 
     def snapshot(self) -> Snapshot:
         """Return the base snapshot with the current bot state."""
@@ -149,6 +150,8 @@ class FakeControl:
         return dataclasses.replace(self.base, state=self.state)
 
     def _record(self, *call: str) -> None:
+        if self.fail_commands:
+            raise ConnectionError("exchange unreachable")
         self.calls.append(call)
         if self.events is not None:
             with self.events.open("a", encoding="utf-8") as f:
