@@ -572,6 +572,7 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(answer)
 
 
+_MIN_HZ: Final = 2.0  # the operator sees the state at least twice a second, whatever is set
 _PANELS_PER_FRAME: Final = 2
 _FRAME_S: Final = 1 / 30
 _MAIN_ACTIONS: Final = frozenset({"cycle_pair", "toggle_pause", "toggle_mode", "quit_bot"})
@@ -642,7 +643,7 @@ class Dashboard(App[None]):
 
     Args:
         control: The operator façade.
-        settings: `refresh_hz` (ticks per second) and `theme`.
+        settings: `refresh_hz` (ticks per second, at least 2) and `theme`.
         can_switch_live: True when API keys are configured, so `s` may switch to live.
         switch_mode: Awaited with "live" or "sim" after the operator confirms; None hides
             the toggle's effect and `s` explains why.
@@ -715,7 +716,12 @@ class Dashboard(App[None]):
         """Apply the theme, draw once and start the refresh timer."""
         self.theme = "textual-light" if self._settings.theme == "light" else "textual-dark"
         self.refresh_snapshot()
-        self.set_interval(1 / self._settings.refresh_hz, self.refresh_snapshot)
+        self.set_interval(self.refresh_interval, self.refresh_snapshot)
+
+    @property
+    def refresh_interval(self) -> float:
+        """Return the seconds between redraws: 1 / refresh_hz, never more than 0.5."""
+        return 1 / max(self._settings.refresh_hz, _MIN_HZ)
 
     @property
     def snapshot(self) -> Snapshot | None:

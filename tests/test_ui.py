@@ -407,3 +407,10 @@ async def test_the_theme_follows_the_settings(
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert app.theme == expected
+
+
+@pytest.mark.parametrize(("hz", "interval"), [(0.1, 0.5), (2.0, 0.5), (4.0, 0.25), (20.0, 0.05)])
+def test_redraws_at_least_twice_a_second(control: FakeControl, hz: float, interval: float) -> None:
+    """The redraw interval follows refresh_hz but never exceeds half a second."""
+    app = Dashboard(control, UISettings(refresh_hz=hz))
+    assert app.refresh_interval == pytest.approx(interval)
