@@ -1,43 +1,55 @@
-"""The simulated exchange: a matching engine behind the same order interface as the live one,
-and the replay feed that drives it from archived candles.
+"""The simulated exchange, the replay feed, pair schedules and the backtest fast path.
+
+A matching engine behind the same order interface as the live exchange; the replay feed
+that drives it from archived candles; point-in-time pair schedules for dynamic pairs; and
+the numba fast path for single-strategy sweeps, which takes the replay's decisions.
 
 Fill conventions (documented, conservative, the same in sim and backtest):
 
 * A market order placed on candle *t*'s close fills at candle *t+1*'s open, plus slippage
   against the taker (`fill_at="next_open"`, the default; `"close"` fills at once at the
-  last close). With an order book known for the pair, it walks the book instead.
+  last close). With `slippage_model="book"` and a book known for the pair, it walks the
+  book instead, taking at most the depth shown; the rest waits for the next bar.
+* Slippage models: `fixed` (`slippage_bps` against the taker), `volatility` (half the
+  previous bar's high-low range in bps, at least the fixed bps), `book` (depth walk).
 * A resting limit order fills when price trades *through* it: a buy when the low is below
   the limit (at the limit; at the open if the bar gaps below it), as maker.
 * A stop triggers when the bar touches it: a sell stop when the low <= stop, filling at the
-  stop, or at the open when the bar gaps through (worse), as taker with slippage.
+  stop, or at the open when the bar gaps through (worse), as taker with slippage. A
+  stop-limit that triggers becomes a resting limit from the next bar.
 * Within one bar, stops are processed before take-profits: when a bar touches both, the
-  stop is assumed first.
+  stop is assumed first. Intrabar data (`set_intrabar`, e.g. 1m candles inside a 1h bar)
+  resolves that order instead: the sub-bars are matched one after another.
 * Reduce-only orders never increase a position; when the position they protect is closed,
   the pair's remaining reduce-only orders are cancelled (Bybit's position TP/SL behaviour).
 * Post-only limits that would cross the last price are rejected, never filled as taker.
-* Optional participation cap: at most `max_participation` x the bar's volume fills per
-  bar; the rest stays open (partially filled).
+* Optional participation cap: at most `max_participation` x the (sub-)bar's volume fills
+  per (sub-)bar; the rest stays open (partially filled).
+* Latency: an order takes part in a (sub-)bar only if it was live (`ts_created +
+  latency_ms`) before that bar closed; one live during a bar fills at its open (an
+  approximation that intrabar data makes finer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import itertools
 import math
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import replace
-from decimal import Decimal
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
 import structlog
+from numba import njit
 
-from error_handler import OrderNotFoundError, OrderRejected
+from error_handler import ConfigError, OrderNotFoundError, OrderRejected
 from models import (
     Candle,
+    ClosedTrade,
     Fill,
     Liquidity,
     Market,
@@ -47,14 +59,17 @@ from models import (
     OrderIntent,
     OrderStatus,
     OrderType,
+    PositionSide,
     Side,
     TimeInForce,
 )
+from strategy import Strategy
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+_BPS = Decimal(10_000)
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
 
@@ -86,6 +101,32 @@ def sim_market(
         max_qty=None,
         max_leverage=Decimal(10) if market_type is MarketType.LINEAR else Decimal(1),
     )
+
+
+def slipped_price(side: Side, price: Decimal, bps: Decimal) -> Decimal:
+    """Return `price` moved `bps` basis points against a taker on `side`."""
+    if bps == 0:
+        return price
+    factor = bps / _BPS
+    return price * (1 + factor) if side is Side.BUY else price * (1 - factor)
+
+
+def quote_qty(quote: Decimal, price: Decimal, fee: Decimal, lot: Decimal | None) -> Decimal:
+    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot."""
+    qty = quote / (price * (1 + fee))
+    if lot is not None and lot > 0:
+        qty = (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
+    return qty
+
+
+@dataclass(slots=True)
+class _Intrabar:
+    """Finer candles of one pair used to resolve the order of events inside a bar."""
+
+    ts: np.ndarray
+    values: np.ndarray
+    timeframe: str
+    step: int
 
 
 class SimulatedExchange:
@@ -123,13 +164,17 @@ class SimulatedExchange:
         self._positions: dict[str, Decimal] = {}
         self._last: dict[str, Candle] = {}
         self._books: dict[str, OrderBook] = {}
+        self._book_taken: dict[str, dict[tuple[Side, float], Decimal]] = {}
         self._quote_amounts: dict[str, Decimal] = {}
+        self._triggered: set[str] = set()
+        self._intrabar: dict[str, _Intrabar] = {}
+        self._steps: dict[str, int] = {}
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
         self._ranges: dict[str, float] = {}
 
     def _now(self) -> int:
-        return int(self._clock.now_ms())  # type: ignore[attr-defined]
+        return int(self._clock.now_ms())  # type: ignore[union-attr]
 
     # -- Order interface (same names as exchange.Exchange) -----------------------------------
 
@@ -220,25 +265,57 @@ class SimulatedExchange:
     def on_order_book(self, book: OrderBook) -> None:
         """Remember the pair's latest book; market orders walk it when present."""
         self._books[book.pair] = book
+        self._book_taken[book.pair] = {}
+
+    def set_intrabar(self, pair: str, frame: pd.DataFrame, timeframe: str) -> None:
+        """Resolve the pair's bars with finer candles (e.g. 1m inside 1h) from now on."""
+        ts = frame.index.as_unit("ms").asi8.astype(np.int64)
+        values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        self._intrabar[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
+
+    def _step(self, timeframe: str) -> int:
+        step = self._steps.get(timeframe)
+        if step is None:
+            step = self._steps[timeframe] = timeframe_to_ms(timeframe)
+        return step
 
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
         """Match the pair's working orders against a closed candle; return the fills."""
         pair = candle.pair
         if pair not in self.markets:
             self.ensure_market(pair, candle.close)
-        if not self._open.get(pair):
-            # Nothing working on this pair: just remember the bar (the common case).
-            self._ranges[pair] = (candle.high - candle.low) / candle.close
-            self._last[pair] = candle
-            return []
         results: list[tuple[Order, Fill]] = []
-        working = list(self._open[pair])
-        step = _step_ms(candle.timeframe)
+        if self._open.get(pair):
+            step = self._step(candle.timeframe)
+            for bar, bar_step in self._bars(candle, step):
+                self._match_bar(bar, bar_step, results)
+        self._ranges[pair] = (candle.high - candle.low) / candle.close if candle.close else 0
+        self._last[pair] = candle
+        return results
+
+    def _bars(self, candle: Candle, step: int) -> Iterable[tuple[Candle, int]]:
+        fine = self._intrabar.get(candle.pair)
+        if fine is None or fine.step >= step:
+            return ((candle, step),)
+        lo = int(np.searchsorted(fine.ts, candle.ts, side="left"))
+        hi = int(np.searchsorted(fine.ts, candle.ts + step, side="left"))
+        if hi <= lo:
+            return ((candle, step),)
+        return (
+            (
+                Candle(candle.pair, fine.timeframe, int(fine.ts[i]), *_ohlcv(fine.values[i])),
+                fine.step,
+            )
+            for i in range(lo, hi)
+        )
+
+    def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
+        working = list(self._open.get(bar.pair, []))
         # Market orders execute at the open, then stops, then limits (stop before TP).
         priority = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
         working.sort(key=lambda cid: priority.get(self._orders[cid].type, 2))
         budget = (
-            Decimal(str(candle.volume * self.max_participation))
+            Decimal(str(bar.volume * self.max_participation))
             if self.max_participation is not None
             else None
         )
@@ -246,22 +323,27 @@ class SimulatedExchange:
             order = self._orders[cid]
             # Skip orders not live before this bar closed (latency); market orders that are
             # live during the bar are filled at its open (an approximation, documented).
-            if order.status.is_terminal or order.ts_created + self.latency_ms >= candle.ts + step:
+            if order.status.is_terminal or order.ts_created + self.latency_ms >= bar.ts + step:
                 continue
-            price, liquidity = self._match_price(order, candle)
-            if price is None:
+            if order.reduce_only and self._reducible(order) <= 0:
+                self._finish(order, OrderStatus.CANCELLED)
                 continue
-            qty = self._fill_qty(order, price, budget)
+            matched = self._match(order, bar)
+            if matched is None:
+                continue
+            price, liquidity, levels = matched
+            qty, complete = self._fill_qty(order, price, budget, levels)
             if qty <= 0:
-                if order.reduce_only:
-                    self._finish(order, OrderStatus.CANCELLED)
                 continue
+            if levels is not None:
+                price = self._take_book(order, qty)
             if budget is not None:
                 budget -= qty
-            results.append(self._fill(order, price, qty, liquidity, candle.ts))
-        self._ranges[candle.pair] = (candle.high - candle.low) / candle.close if candle.close else 0
-        self._last[candle.pair] = candle
-        return results
+            results.append(self._fill(order, price, qty, liquidity, bar.ts, complete=complete))
+
+    def _reducible(self, order: Order) -> Decimal:
+        position = self._positions.get(order.pair, ZERO)
+        return max(-position if order.side is Side.BUY else position, ZERO)
 
     def fill_now(self, pair: str) -> list[tuple[Order, Fill]]:
         """Fill working market orders at the last close (the `fill_at="close"` convention)."""
@@ -273,81 +355,154 @@ class SimulatedExchange:
             order = self._orders[cid]
             if order.type is OrderType.MARKET and not order.status.is_terminal:
                 price = self._slipped(order.side, Decimal(str(last.close)), pair)
-                qty = self._fill_qty(order, price, None)
+                qty, complete = self._fill_qty(order, price, None, None)
                 if qty > 0:
-                    out.append(self._fill(order, price, qty, Liquidity.TAKER, self._now()))
+                    out.append(
+                        self._fill(
+                            order, price, qty, Liquidity.TAKER, self._now(), complete=complete
+                        )
+                    )
         return out
 
     # -- Matching ----------------------------------------------------------------------------
 
-    def _match_price(self, order: Order, c: Candle) -> tuple[Decimal | None, Liquidity]:
-        o, h, lo = Decimal(str(c.open)), Decimal(str(c.high)), Decimal(str(c.low))
+    def _match(
+        self, order: Order, c: Candle
+    ) -> tuple[Decimal, Liquidity, list[tuple[Decimal, Decimal]] | None] | None:
+        """Return (price, liquidity, book levels to walk or None) if `order` trades in `c`."""
         if order.type is OrderType.MARKET:
             book = self._books.get(order.pair)
             if book is not None and self.slippage_model == "book":
-                return _walk_book(book, order.side, order.remaining_qty) or o, Liquidity.TAKER
-            return self._slipped(order.side, o, order.pair), Liquidity.TAKER
+                levels = self._levels(book, order.side)
+                if not levels:
+                    return None  # the shown depth is used up: wait for the next book
+                return levels[0][0], Liquidity.TAKER, levels
+            price = self._slipped(order.side, Decimal(str(c.open)), order.pair)
+            return price, Liquidity.TAKER, None
+        if order.type is OrderType.STOP_LIMIT and order.client_order_id in self._triggered:
+            return self._match_limit(order, c)
         if order.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT):
-            stop = order.stop_price
-            if stop is None:
-                return None, Liquidity.TAKER
-            if order.side is Side.SELL:
-                if o <= stop:
-                    return self._slipped(Side.SELL, o, order.pair), Liquidity.TAKER
-                if lo <= stop:
-                    return self._slipped(Side.SELL, stop, order.pair), Liquidity.TAKER
-            else:
-                if o >= stop:
-                    return self._slipped(Side.BUY, o, order.pair), Liquidity.TAKER
-                if h >= stop:
-                    return self._slipped(Side.BUY, stop, order.pair), Liquidity.TAKER
-            return None, Liquidity.TAKER
+            stop_price = self._stop_touched(order, c)
+            if stop_price is None:
+                return None
+            if order.type is OrderType.STOP_LIMIT:
+                # Triggered: it rests as a limit from the next bar (the path after the
+                # trigger inside this bar is unknown, so no same-bar fill is assumed).
+                self._triggered.add(order.client_order_id)
+                return None
+            return self._slipped(order.side, stop_price, order.pair), Liquidity.TAKER, None
+        return self._match_limit(order, c)
+
+    @staticmethod
+    def _stop_touched(order: Order, c: Candle) -> Decimal | None:
+        stop = order.stop_price
+        if stop is None:
+            return None
+        o = Decimal(str(c.open))
+        if order.side is Side.SELL:
+            if o <= stop:
+                return o
+            return stop if Decimal(str(c.low)) <= stop else None
+        if o >= stop:
+            return o
+        return stop if Decimal(str(c.high)) >= stop else None
+
+    @staticmethod
+    def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:
         limit = order.price
         if limit is None:
-            return None, Liquidity.MAKER
+            return None
+        o = Decimal(str(c.open))
         if order.side is Side.BUY:
             if o < limit:
-                return o, Liquidity.MAKER
-            if lo < limit:
-                return limit, Liquidity.MAKER
+                return o, Liquidity.MAKER, None
+            if Decimal(str(c.low)) < limit:
+                return limit, Liquidity.MAKER, None
         else:
             if o > limit:
-                return o, Liquidity.MAKER
-            if h > limit:
-                return limit, Liquidity.MAKER
-        return None, Liquidity.MAKER
+                return o, Liquidity.MAKER, None
+            if Decimal(str(c.high)) > limit:
+                return limit, Liquidity.MAKER, None
+        return None
 
     def _slipped(self, side: Side, price: Decimal, pair: str) -> Decimal:
         bps = self.slippage_bps
         if self.slippage_model == "volatility":
             # Scale with the previous bar's range: half the range in bps, at least the fixed.
             bps = max(bps, Decimal(str(self._ranges.get(pair, 0.0) * 1e4 / 2)))
-        if bps == 0:
-            return price
-        factor = bps / Decimal(10_000)
-        return price * (1 + factor) if side is Side.BUY else price * (1 - factor)
+        return slipped_price(side, price, bps)
 
-    def _fill_qty(self, order: Order, price: Decimal, budget: Decimal | None) -> Decimal:
+    # -- Order book --------------------------------------------------------------------------
+
+    def _levels(self, book: OrderBook, side: Side) -> list[tuple[Decimal, Decimal]]:
+        """Return the book side a taker on `side` hits, less what earlier fills took."""
+        taken = self._book_taken.setdefault(book.pair, {})
+        out = []
+        for price, size in book.asks if side is Side.BUY else book.bids:
+            left = Decimal(str(size)) - taken.get((side, price), ZERO)
+            if left > 0:
+                out.append((Decimal(str(price)), left))
+        return out
+
+    def _take_book(self, order: Order, qty: Decimal) -> Decimal:
+        """Consume `qty` from the book for `order`; return the average price paid."""
+        book = self._books[order.pair]
+        taken = self._book_taken.setdefault(book.pair, {})
+        remaining = qty
+        cost = ZERO
+        for price, size in book.asks if order.side is Side.BUY else book.bids:
+            key = (order.side, price)
+            left = Decimal(str(size)) - taken.get(key, ZERO)
+            if left <= 0:
+                continue
+            take = min(remaining, left)
+            taken[key] = taken.get(key, ZERO) + take
+            cost += take * Decimal(str(price))
+            remaining -= take
+            if remaining <= 0:
+                break
+        return cost / qty
+
+    # -- Quantities and fills ----------------------------------------------------------------
+
+    def _fill_qty(
+        self,
+        order: Order,
+        price: Decimal,
+        budget: Decimal | None,
+        levels: list[tuple[Decimal, Decimal]] | None,
+    ) -> tuple[Decimal, bool]:
+        """Return (qty to fill now, whether that completes the order)."""
         qty = order.remaining_qty
+        market = self.markets.get(order.pair)
+        lot = market.lot_size if market is not None and market.lot_size > 0 else None
         quote_amount = self._quote_amounts.get(order.client_order_id)
-        if quote_amount is not None and order.filled_qty == 0:
-            fee = self.taker_fee
-            qty = quote_amount / (price * (1 + fee))
-            market = self.markets.get(order.pair)
-            if market is not None and market.lot_size > 0:
-                qty = (qty / market.lot_size).to_integral_value(rounding="ROUND_FLOOR") * (
-                    market.lot_size
-                )
+        if quote_amount is not None:
+            qty = (
+                quote_qty(quote_amount, price, self.taker_fee, lot)
+                if levels is None
+                else _floor(_quote_walk(levels, quote_amount, self.taker_fee), lot)
+            )
         if order.reduce_only:
-            position = self._positions.get(order.pair, ZERO)
-            reducible = -position if order.side is Side.BUY else position
-            qty = min(qty, max(reducible, ZERO))
+            qty = min(qty, self._reducible(order))
+        wanted = qty
         if budget is not None:
             qty = min(qty, max(budget, ZERO))
-        return qty
+        if levels is not None:
+            depth = sum((size for _, size in levels), ZERO)
+            if qty > depth:
+                qty = _floor(depth, lot)
+        return qty, qty >= wanted
 
     def _fill(
-        self, order: Order, price: Decimal, qty: Decimal, liquidity: Liquidity, ts: int
+        self,
+        order: Order,
+        price: Decimal,
+        qty: Decimal,
+        liquidity: Liquidity,
+        ts: int,
+        *,
+        complete: bool = True,
     ) -> tuple[Order, Fill]:
         rate = self.maker_fee if liquidity is Liquidity.MAKER else self.taker_fee
         fee = price * qty * rate
@@ -371,8 +526,17 @@ class SimulatedExchange:
             if filled
             else price
         )
+        total_qty = order.qty
         quote_amount = self._quote_amounts.pop(order.client_order_id, None)
-        total_qty = filled if quote_amount is not None else order.qty
+        if quote_amount is not None:
+            # A quote-sized order is done when its budget is spent; a capped fill keeps the
+            # rest of the budget working (its qty is then the estimate at this price).
+            left = quote_amount - (qty * price + fee)
+            rest = ZERO
+            if not complete and left > 0:
+                self._quote_amounts[order.client_order_id] = left
+                rest = quote_qty(left, price, self.taker_fee, market.lot_size if market else None)
+            total_qty = filled + rest
         status = OrderStatus.FILLED if filled >= total_qty else OrderStatus.PARTIALLY_FILLED
         updated = replace(
             order,
@@ -388,6 +552,8 @@ class SimulatedExchange:
         position = self._positions.get(order.pair, ZERO) + signed
         self._positions[order.pair] = position
         if status is OrderStatus.FILLED:
+            self._quote_amounts.pop(order.client_order_id, None)
+            self._triggered.discard(order.client_order_id)
             self._drop_open(updated)
         if position == 0:
             self._cancel_reduce_only(order.pair)
@@ -402,6 +568,8 @@ class SimulatedExchange:
     def _finish(self, order: Order, status: OrderStatus) -> Order:
         updated = replace(order, status=status, ts_updated=self._now())
         self._orders[order.client_order_id] = updated
+        self._quote_amounts.pop(order.client_order_id, None)
+        self._triggered.discard(order.client_order_id)
         self._drop_open(updated)
         return updated
 
@@ -415,30 +583,37 @@ class SimulatedExchange:
         return list(self._orders.values())
 
 
-@functools.cache
-def _step_ms(timeframe: str) -> int:
-    return timeframe_to_ms(timeframe)
+def _ohlcv(row: np.ndarray) -> tuple[float, float, float, float, float]:
+    return float(row[0]), float(row[1]), float(row[2]), float(row[3]), float(row[4])
 
 
 def _crosses(side: Side, price: Decimal, last: Decimal) -> bool:
     return price >= last if side is Side.BUY else price <= last
 
 
-def _walk_book(book: OrderBook, side: Side, qty: Decimal) -> Decimal | None:
-    """Return the average price of taking `qty` from the book, or None if it is too thin."""
-    levels = book.asks if side is Side.BUY else book.bids
-    remaining = qty
-    cost = ZERO
+def _floor(qty: Decimal, lot: Decimal | None) -> Decimal:
+    if lot is None:
+        return qty
+    return (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
+
+
+def _quote_walk(levels: Sequence[tuple[Decimal, Decimal]], quote: Decimal, fee: Decimal) -> Decimal:
+    """Return the base quantity `quote` buys walking `levels`, fees included."""
+    qty = ZERO
+    left = quote
     for price, size in levels:
-        take = min(remaining, Decimal(str(size)))
-        cost += take * Decimal(str(price))
-        remaining -= take
-        if remaining <= 0:
-            return cost / qty
-    return None
+        unit = price * (1 + fee)
+        take = min(size, left / unit)
+        qty += take
+        left -= take * unit
+        if left <= 0:
+            break
+    return qty
 
 
 # -- Replay feed -----------------------------------------------------------------------------
+
+Progress = Callable[[int, int], None]
 
 
 class ReplayFeed:
@@ -446,7 +621,8 @@ class ReplayFeed:
 
     Each candle is emitted at its close time (`ts + timeframe`), so the clock never runs
     ahead of what a live bot could have known. `speed` is candles per second (0 = as fast as
-    possible, yielding to the event loop between candles).
+    possible, yielding to the event loop between candles). `progress(done, total)` is called
+    every `progress_every` candles and at the end (a progress bar's update).
     """
 
     def __init__(
@@ -458,6 +634,8 @@ class ReplayFeed:
         speed: float = 0.0,
         start_ms: int | None = None,
         end_ms: int | None = None,
+        progress: Progress | None = None,
+        progress_every: int = 5_000,
     ) -> None:
         self.frames = frames
         self.timeframe = timeframe
@@ -466,6 +644,8 @@ class ReplayFeed:
         self.speed = speed
         self.start_ms = start_ms
         self.end_ms = end_ms
+        self.progress = progress
+        self.progress_every = max(1, progress_every)
         self.emitted = 0
 
     def __len__(self) -> int:
@@ -482,29 +662,616 @@ class ReplayFeed:
             mask &= ts < self.end_ms
         return frame[mask]
 
-    def _streams(self) -> Iterable[Iterable[Candle]]:
-        for pair, frame in self.frames.items():
-            sliced = self._slice(frame)
-            ts = sliced.index.as_unit("ms").asi8
-            values = sliced[["open", "high", "low", "close", "volume"]].to_numpy()
-            yield (
-                Candle(
-                    pair, self.timeframe, int(t), float(o), float(h), float(lo), float(c), float(v)
-                )
-                for t, (o, h, lo, c, v) in zip(ts, values, strict=True)
-            )
+    def _streams(self) -> list[Iterable[Candle]]:
+        return [self._stream(pair, self._slice(frame)) for pair, frame in self.frames.items()]
+
+    def _stream(self, pair: str, frame: pd.DataFrame) -> Iterable[Candle]:
+        # A function per pair, so each generator binds its own pair (a generator expression
+        # in a loop would read the loop variable late and label every candle with the last).
+        ts = frame.index.as_unit("ms").asi8.tolist()
+        values = frame[["open", "high", "low", "close", "volume"]].to_numpy().tolist()
+        timeframe = self.timeframe
+        for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
+            yield Candle(pair, timeframe, t, o, h, lo, c, v)
 
     async def __aiter__(self) -> AsyncIterator[Candle]:
         """Yield candles in (ts, pair) order."""
-        merged = heapq.merge(*self._streams(), key=lambda c: (c.ts, c.pair))
+        streams = self._streams()
+        merged = (
+            streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda c: (c.ts, c.pair))
+        )
         delay = 1.0 / self.speed if self.speed > 0 else 0.0
+        total = len(self) if self.progress is not None else 0
+        clock = self.clock
         for candle in merged:
             close_ts = candle.ts + self.step
-            if close_ts > self.clock.now_ms():
-                self.clock.set(close_ts)
+            if close_ts > clock.now_ms():
+                clock.set(close_ts)
             self.emitted += 1
             yield candle
-            if delay:
-                await asyncio.sleep(delay)
-            elif self.emitted % 256 == 0:
-                await asyncio.sleep(0)  # let signals and other tasks run
+            if self.progress is not None and self.emitted % self.progress_every == 0:
+                self.progress(self.emitted, total)
+            await asyncio.sleep(delay)
+        if self.progress is not None:
+            self.progress(self.emitted, total)
+
+
+# -- Dynamic pairs ---------------------------------------------------------------------------
+
+
+class PairTarget(Protocol):
+    """What a pair schedule updates: the engine's traded pairs."""
+
+    def set_pairs(self, pairs: list[str]) -> None:
+        """Replace the traded pairs; dropped ones are drained (exits only)."""
+        ...
+
+
+class PairSchedule:
+    """A point-in-time pair list for backtests, refreshed on a candle-aligned interval.
+
+    `pairs_at(ts)` is any callable returning the pairs to trade as known at `ts` (e.g. the
+    top-pairs ranking computed only from data before `ts`). It is asked at each refresh
+    boundary (`ts - ts % refresh_ms`), never for a later time than the candle being
+    processed, and its answers are remembered, so a replay asks at most once per boundary.
+    """
+
+    def __init__(self, pairs_at: Callable[[int], Sequence[str]], *, refresh_ms: int) -> None:
+        if refresh_ms <= 0:
+            raise ConfigError("pair refresh interval must be positive", component="simulator")
+        self.pairs_at = pairs_at
+        self.refresh_ms = refresh_ms
+        self._cache: dict[int, list[str]] = {}
+        self._current: list[str] | None = None
+        self.history: list[tuple[int, list[str]]] = []
+
+    def pairs(self, now_ms: int) -> list[str]:
+        """Return the pair list in force at `now_ms` (a candle's close time)."""
+        boundary = now_ms - now_ms % self.refresh_ms
+        pairs = self._cache.get(boundary)
+        if pairs is None:
+            pairs = self._cache[boundary] = list(dict.fromkeys(self.pairs_at(boundary)))
+        if pairs != self._current:
+            previous = set(self._current or ())
+            log.info(
+                "pairs_refreshed",
+                ts=boundary,
+                added=sorted(set(pairs) - previous),
+                removed=sorted(previous - set(pairs)),
+            )
+            self._current = pairs
+            self.history.append((boundary, pairs))
+        return pairs
+
+    def apply(self, target: PairTarget, candle: Candle, step: int) -> None:
+        """Update `target`'s pairs for `candle` (call before the engine processes it)."""
+        before = self._current
+        pairs = self.pairs(candle.ts + step)
+        if self._current is not before:
+            target.set_pairs(list(pairs))
+
+    def universe(self, start_ms: int, end_ms: int) -> list[str]:
+        """Return every pair listed at any boundary in [start_ms, end_ms): the data to load."""
+        seen: dict[str, None] = {}
+        boundary = start_ms - start_ms % self.refresh_ms
+        while boundary < end_ms:
+            pairs = self._cache.get(boundary)
+            if pairs is None:
+                pairs = self._cache[boundary] = list(dict.fromkeys(self.pairs_at(boundary)))
+            seen.update(dict.fromkeys(pairs))
+            boundary += self.refresh_ms
+        return list(seen)
+
+
+# -- Fast path -------------------------------------------------------------------------------
+
+TRADE_COLUMNS = ("entry_ts", "exit_ts", "entry_price", "exit_price", "qty", "fee", "pnl")
+_TIMEFRAMES = {
+    timeframe_to_ms(tf): tf
+    for tf in ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "12h", "1d", "1w")
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestResult:
+    """A backtest's trades and equity curve, from the fast path or a replay.
+
+    `ts` are the times each equity point was recorded (candle close times, ms UTC), as the
+    replay's portfolio records them. `table` holds the closed trades column-wise
+    (`TRADE_COLUMNS`, plus `pair` and `side`); `trades` builds `ClosedTrade`s from it.
+    """
+
+    strategy: dict[str, Any]
+    pairs: tuple[str, ...]
+    timeframe: str
+    starting_balance: float
+    ts: np.ndarray
+    equity: np.ndarray
+    table: dict[str, np.ndarray]
+    final_equity: float
+    fees: float
+    candles: int
+    open_positions: tuple[dict[str, Any], ...] = ()
+    prices: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    signals: int = 0
+    mode: str = "backtest"
+
+    @property
+    def n_trades(self) -> int:
+        """Return the number of closed trades."""
+        return len(self.table["pnl"])
+
+    @property
+    def trades(self) -> list[ClosedTrade]:
+        """Return the closed trades as `ClosedTrade`s (built on each call)."""
+        t = self.table
+        return [
+            ClosedTrade(
+                pair=str(t["pair"][i]),
+                side=PositionSide(str(t["side"][i])),
+                entry_ts=int(t["entry_ts"][i]),
+                exit_ts=int(t["exit_ts"][i]),
+                entry_price=float(t["entry_price"][i]),
+                exit_price=float(t["exit_price"][i]),
+                qty=float(t["qty"][i]),
+                fee=float(t["fee"][i]),
+                pnl=float(t["pnl"][i]),
+                reason=str(t["reason"][i]) if "reason" in t else "",
+            )
+            for i in range(self.n_trades)
+        ]
+
+    @property
+    def max_drawdown(self) -> float:
+        """Return the deepest fall of the equity curve from its running peak (a fraction)."""
+        if len(self.equity) == 0:
+            return 0.0
+        peak = np.maximum.accumulate(np.maximum(self.equity, self.starting_balance))
+        return float(np.max((peak - self.equity) / peak))
+
+    def summary(self) -> dict[str, Any]:
+        """Return the run summary in the shape of the replay's `--summary-json` document."""
+        start = self.starting_balance
+        final = self.final_equity
+        step = timeframe_to_ms(self.timeframe)
+        return {
+            "mode": self.mode,
+            "strategy": self.strategy,
+            "pairs": list(self.pairs),
+            "timeframe": self.timeframe,
+            "candles": self.candles,
+            "first_ts": int(self.ts[0]) - step if len(self.ts) else None,
+            "last_ts": int(self.ts[-1]) - step if len(self.ts) else None,
+            "signals": self.signals,
+            "vetoes": 0,
+            "rejections": 0,
+            "n_trades": self.n_trades,
+            "starting_balance": start,
+            "final_equity": final,
+            "total_return": final / start - 1 if start else 0.0,
+            "max_drawdown": self.max_drawdown,
+            "fees": self.fees,
+            "realised_pnl": float(np.sum(self.table["pnl"])),
+            "open_positions": [dict(p) for p in self.open_positions],
+            "trades": [t.as_dict() for t in self.trades],
+        }
+
+
+def result_from_summary(
+    summary: Mapping[str, Any],
+    equity_curve: Sequence[tuple[int, float]],
+    *,
+    prices: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> BacktestResult:
+    """Return a `BacktestResult` for a replay run (its summary plus the portfolio's curve)."""
+    trades = list(summary.get("trades", ()))
+    table: dict[str, np.ndarray] = {
+        "pair": np.array([t["pair"] for t in trades], dtype=object),
+        "side": np.array([t.get("side", "long") for t in trades], dtype=object),
+        "reason": np.array([t.get("reason", "") for t in trades], dtype=object),
+    }
+    for name in TRADE_COLUMNS:
+        dtype = np.int64 if name.endswith("_ts") else np.float64
+        table[name] = np.array([t[name] for t in trades], dtype=dtype)
+    curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
+    return BacktestResult(
+        strategy=dict(summary.get("strategy", {})),
+        pairs=tuple(summary.get("pairs", ())),
+        timeframe=str(summary.get("timeframe", "1m")),
+        starting_balance=float(summary["starting_balance"]),
+        ts=curve[:, 0].astype(np.int64),
+        equity=curve[:, 1].copy(),
+        table=table,
+        final_equity=float(summary["final_equity"]),
+        fees=float(summary.get("fees", 0.0)),
+        candles=int(summary.get("candles", len(curve))),
+        open_positions=tuple(summary.get("open_positions", ())),
+        prices=dict(prices or {}),
+        signals=int(summary.get("signals", 0)),
+        mode=str(summary.get("mode", "backtest")),
+    )
+
+
+def infer_timeframe(index: pd.DatetimeIndex) -> str:
+    """Return the timeframe of a candle index from its most common spacing."""
+    ts = index.as_unit("ms").asi8
+    if len(ts) < 2:
+        raise ConfigError("cannot infer a timeframe from fewer than two candles")
+    diffs = np.diff(ts[: min(len(ts), 10_000)])
+    values, counts = np.unique(diffs[diffs > 0], return_counts=True)
+    step = int(values[np.argmax(counts)])
+    if step not in _TIMEFRAMES:
+        raise ConfigError(f"candle spacing {step} ms is not a known timeframe; pass timeframe=")
+    return _TIMEFRAMES[step]
+
+
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """Fill costs and market rules of a fast-path run (private)."""
+
+    fee: Decimal
+    slippage_bps: Decimal
+    lot: Decimal
+    min_notional: Decimal
+    fill_close: bool
+    stake: Decimal | None
+
+    @property
+    def inv_lot(self) -> float:
+        # Multiplying by an exact integer 1/lot rounds once; dividing by 1e-8 rounds twice.
+        inv = 1 / self.lot
+        return float(inv) if inv == inv.to_integral_value() else 0.0
+
+
+def run_fast(
+    strategy: Strategy,
+    df: pd.DataFrame,
+    *,
+    pair: str = "BTC/USDT",
+    timeframe: str | None = None,
+    starting_balance: float = 10_000.0,
+    taker_fee: float = 0.001,
+    maker_fee: float = 0.001,
+    slippage_bps: float = 0.0,
+    fill_at: Literal["next_open", "close"] = "next_open",
+    all_in: bool = True,
+    stake: float | None = None,
+    market: Market | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    exact: bool = False,
+    signals: tuple[np.ndarray, np.ndarray] | None = None,
+) -> BacktestResult:
+    """Backtest one strategy on one pair with market orders, long only, in one numba pass.
+
+    Takes the same decisions as the replay (`--mode backtest`) under the `all_in` risk
+    profile: signals from `populate` over the whole frame (none before `warmup`), an entry
+    on a flat bar buys with the whole cash (`qty = floor_lot(cash / (price x (1 + fee)))`
+    at the fill price), an exit sells the position; both fill at the next bar's open
+    (`fill_at="next_open"`) or at once at the close (`"close"`), `slippage_bps` against the
+    taker, taker fee on both sides (every fill is a market order, so `maker_fee` does not
+    apply; it is accepted for a uniform call). Orders the replay's rules would refuse (below
+    one lot or the market's minimum notional) are skipped the same way.
+
+    Args:
+        strategy: the strategy (its `entries_exits` gives the signals).
+        df: the candle frame (UTC DatetimeIndex; open/high/low/close/volume).
+        pair: the pair traded, for the market rules and the trade list.
+        timeframe: the candle timeframe; inferred from the index when None.
+        starting_balance: cash in quote currency at the start.
+        taker_fee: fee rate of market orders.
+        maker_fee: accepted for symmetry with the matching engine; unused here.
+        slippage_bps: fixed slippage against the taker, in basis points.
+        fill_at: `next_open` (default) or `close`.
+        all_in: spend the whole cash on each entry (the replay's `all_in` profile);
+            with False, spend `stake` (capped by cash).
+        stake: quote spent per entry when `all_in` is False.
+        market: the pair's rules; by default `sim_market(pair, first close)` as the replay.
+        start_ms: simulate candles from this open time (signals still use earlier rows).
+        end_ms: simulate candles before this open time.
+        exact: do the accounting in `Decimal` exactly as the replay's exchange and
+            portfolio do (trades and final equity equal to the last bit); otherwise in
+            float64 inside the numba loop (quantities equal except when a quantity lies
+            within ~1e-12 of a lot boundary; PnL equal to ~1e-12 relative).
+        signals: precomputed `(enter_long, exit_long)` arrays (sweeps), else computed.
+
+    Raises:
+        ConfigError: a bad combination of arguments.
+    """
+    if not all_in and (stake is None or stake <= 0):
+        raise ConfigError("run_fast: all_in=False needs a positive stake", component="simulator")
+    if fill_at not in ("next_open", "close"):
+        raise ConfigError(f"run_fast: unknown fill_at {fill_at!r}", component="simulator")
+    del maker_fee
+    timeframe = timeframe or infer_timeframe(df.index)
+    step = timeframe_to_ms(timeframe)
+    ts = df.index.as_unit("ms").asi8
+    opens = np.ascontiguousarray(df["open"].to_numpy(dtype=np.float64))
+    closes = np.ascontiguousarray(df["close"].to_numpy(dtype=np.float64))
+    enter, exit_ = signals if signals is not None else strategy.entries_exits(df)
+    market = market or sim_market(pair, float(closes[0]))
+    first = int(np.searchsorted(ts, start_ms, side="left")) if start_ms is not None else 0
+    last = int(np.searchsorted(ts, end_ms, side="left")) if end_ms is not None else len(ts)
+    costs = _Costs(
+        fee=Decimal(str(taker_fee)),
+        slippage_bps=Decimal(str(slippage_bps)),
+        lot=market.lot_size,
+        min_notional=market.min_notional,
+        fill_close=fill_at == "close",
+        stake=None if all_in else Decimal(str(stake)),
+    )
+    warm = max(strategy.warmup - 1, 0)
+    n = max(last - first, 0)
+    equity = np.empty(n, dtype=np.float64)
+    cap = n // 2 + 1
+    entries = np.empty(cap, dtype=np.int64)
+    exits = np.empty(cap, dtype=np.int64)
+    numbers = np.empty((cap, 5), dtype=np.float64)
+    out = np.zeros(5, dtype=np.float64)
+    count = _all_in_loop(
+        opens[first:last],
+        closes[first:last],
+        enter[first:last],
+        exit_[first:last],
+        max(warm - first, 0),
+        costs.fill_close,
+        float(starting_balance),
+        float(costs.stake) if costs.stake is not None else -1.0,
+        float(costs.fee),
+        float(costs.slippage_bps) / 1e4,
+        float(costs.lot),
+        costs.inv_lot,
+        float(costs.min_notional),
+        equity,
+        entries,
+        exits,
+        numbers,
+        out,
+    )
+    entries, exits, numbers = entries[:count], exits[:count], numbers[:count]
+    shift = step if costs.fill_close else 0
+    bar_ts = ts[first:last]
+    table: dict[str, np.ndarray] = {
+        "entry_price": numbers[:, 0].copy(),
+        "exit_price": numbers[:, 1].copy(),
+        "qty": numbers[:, 2].copy(),
+        "fee": numbers[:, 3].copy(),
+        "pnl": numbers[:, 4].copy(),
+    }
+    final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
+    open_at = int(out[3]) if open_qty > 0 else -1
+    open_price = float(out[4])
+    if exact:
+        table, final, fees, open_qty, open_price = _exact_accounting(
+            (entries, exits, open_at),
+            opens[first:last],
+            closes[first:last],
+            costs,
+            starting_balance,
+            equity,
+        )
+    table["entry_ts"] = bar_ts[entries] + shift
+    table["exit_ts"] = bar_ts[exits] + shift
+    table["pair"] = np.full(count, pair, dtype=object)
+    table["side"] = np.full(count, "long", dtype=object)
+    table["reason"] = np.full(count, f"{strategy.name}: exit long", dtype=object)
+    open_positions: tuple[dict[str, Any], ...] = ()
+    if open_at >= 0:
+        open_positions = (
+            {
+                "pair": pair,
+                "side": "long",
+                "qty": open_qty,
+                "entry_price": open_price,
+                "entry_ts": int(bar_ts[open_at] + shift),
+                "mark_price": float(closes[last - 1]),
+            },
+        )
+    return BacktestResult(
+        strategy=strategy.describe(),
+        pairs=(pair,),
+        timeframe=timeframe,
+        starting_balance=float(starting_balance),
+        ts=bar_ts + step,
+        equity=equity,
+        table=table,
+        final_equity=final,
+        fees=fees,
+        candles=n,
+        open_positions=open_positions,
+        prices={pair: (bar_ts, closes[first:last])},
+        signals=2 * count + (1 if open_at >= 0 else 0),
+    )
+
+
+def _exact_accounting(
+    fills: tuple[np.ndarray, np.ndarray, int],
+    opens: np.ndarray,
+    closes: np.ndarray,
+    costs: _Costs,
+    starting_balance: float,
+    equity: np.ndarray,
+) -> tuple[dict[str, np.ndarray], float, float, float, float]:
+    """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
+
+    Returns the trade table, final equity, fees, open quantity and open entry price, and
+    rewrites `equity` from the exact cash and quantity after each fill.
+    """
+    entries, exits, open_at = fills
+    cash = Decimal(str(starting_balance))
+    fees = ZERO
+    rows: list[tuple[float, ...]] = []
+    changes: list[tuple[int, float, float]] = []
+    after = 1 if costs.fill_close else 0  # a fill at the close shows from the next bar
+    qty = ZERO
+    entry = ZERO
+    bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
+    if open_at >= 0:
+        bars.append((open_at, -1))
+    for i, j in bars:
+        entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
+        quote = cash if costs.stake is None else min(costs.stake, cash)
+        qty = quote_qty(quote, entry, costs.fee, costs.lot)
+        entry_fee = entry * qty * costs.fee
+        cash -= qty * entry + entry_fee
+        fees += entry_fee
+        changes.append((i + after, float(cash), float(qty)))
+        if j < 0:
+            break
+        exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
+        exit_fee = exit_price * qty * costs.fee
+        cash -= -qty * exit_price + exit_fee
+        fees += exit_fee
+        # The portfolio's split of fees by the closed fraction (here the whole position).
+        entry_part = entry_fee * (qty / qty)
+        exit_part = exit_fee * (qty / qty)
+        pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
+        rows.append(
+            (float(entry), float(exit_price), float(qty), float(entry_part + exit_part), float(pnl))
+        )
+        changes.append((j + after, float(cash), 0.0))
+        qty = ZERO
+    numbers = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    table = {name: numbers[:, k].copy() for k, name in enumerate(TRADE_COLUMNS[2:])}
+    final = cash + qty * Decimal(repr(float(closes[-1]))) if len(closes) else cash
+    index = np.array([c[0] for c in changes], dtype=np.int64)
+    values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
+    _curve(closes, index, values, float(starting_balance), equity)
+    return table, float(final), float(fees), float(qty), float(entry) if open_at >= 0 else 0.0
+
+
+def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
+    # The exchange prices a candle value as Decimal(str(float)); repr is the same string.
+    return Decimal(repr(float(closes[index] if costs.fill_close else opens[index])))
+
+
+@njit(cache=True)
+def _curve(closes, index, values, cash0, equity):  # type: ignore[no-untyped-def]
+    # Equity per bar from (bar, cash after, qty after) changes, in bar order.
+    cash = cash0
+    qty = 0.0
+    k = 0
+    for i in range(closes.shape[0]):
+        while k < index.shape[0] and index[k] <= i:
+            cash = values[k, 0]
+            qty = values[k, 1]
+            k += 1
+        equity[i] = cash + qty * closes[i]
+
+
+@njit(cache=True)
+def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order.
+    x = quote / (price * (1.0 + fee))
+    if inv_lot > 0.0:
+        return math.floor(x * inv_lot) / inv_lot
+    return math.floor(x / lot) * lot
+
+
+@njit(cache=True)
+def _all_in_loop(  # type: ignore[no-untyped-def]
+    opens,
+    closes,
+    enter,
+    exit_,
+    warm,
+    fill_close,
+    cash0,
+    stake,
+    fee,
+    slip,
+    lot,
+    inv_lot,
+    min_notional,
+    equity,
+    entries,
+    exits,
+    numbers,
+    out,
+):
+    # One bar at a time, in the replay's order: fills at the open, mark and record equity,
+    # then the signal (which fills at once at the close with fill_close).
+    n = closes.shape[0]
+    cash = cash0
+    qty = 0.0
+    entry_price = 0.0
+    entry_fee = 0.0
+    fees = 0.0
+    pending = 0
+    k = 0
+    open_at = -1
+    for i in range(n):
+        if pending == 1:
+            price = opens[i] * (1.0 + slip)
+            quote = cash if stake < 0.0 else min(stake, cash)
+            q = _lot_qty(quote, price, fee, lot, inv_lot)
+            if q > 0.0:
+                entry_fee = price * q * fee
+                cash -= q * price + entry_fee
+                fees += entry_fee
+                qty = q
+                entry_price = price
+                open_at = i
+                pending = 0
+        elif pending == -1:
+            price = opens[i] * (1.0 - slip)
+            exit_fee = price * qty * fee
+            cash -= -qty * price + exit_fee
+            fees += exit_fee
+            entries[k] = open_at
+            exits[k] = i
+            numbers[k, 0] = entry_price
+            numbers[k, 1] = price
+            numbers[k, 2] = qty
+            numbers[k, 3] = entry_fee + exit_fee
+            numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+            k += 1
+            qty = 0.0
+            open_at = -1
+            pending = 0
+        c = closes[i]
+        equity[i] = cash + qty * c
+        if i < warm:
+            continue
+        if qty > 0.0:
+            if exit_[i] and qty * c >= min_notional:
+                if not fill_close:
+                    pending = -1
+                    continue
+                price = c * (1.0 - slip)
+                exit_fee = price * qty * fee
+                cash -= -qty * price + exit_fee
+                fees += exit_fee
+                entries[k] = open_at
+                exits[k] = i
+                numbers[k, 0] = entry_price
+                numbers[k, 1] = price
+                numbers[k, 2] = qty
+                numbers[k, 3] = entry_fee + exit_fee
+                numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+                k += 1
+                qty = 0.0
+                open_at = -1
+        elif pending == 0 and enter[i]:
+            quote = cash if stake < 0.0 else min(stake, cash)
+            estimate = _lot_qty(quote, c, fee, lot, inv_lot)
+            if estimate <= 0.0 or estimate * c < min_notional:
+                continue
+            if not fill_close:
+                pending = 1
+                continue
+            price = c * (1.0 + slip)
+            q = _lot_qty(quote, price, fee, lot, inv_lot)
+            if q > 0.0:
+                entry_fee = price * q * fee
+                cash -= q * price + entry_fee
+                fees += entry_fee
+                qty = q
+                entry_price = price
+                open_at = i
+    out[0] = cash + qty * closes[n - 1] if n > 0 else cash
+    out[1] = fees
+    out[2] = qty
+    out[3] = open_at
+    out[4] = entry_price if qty > 0.0 else 0.0
+    return k

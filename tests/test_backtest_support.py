@@ -88,7 +88,8 @@ def random_walk(n: int, *, seed: int = 1, start: float = 100.0, tick: float = 0.
 def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `main.py` (by absolute path) with `args` in `tmp_path`; return the summary JSON."""
     out = tmp_path / "out.json"
-    full_env = {**os.environ, **(env or {})}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")}
+    full_env = {**clean, **(env or {})}
     full_env["KESTREL_STORAGE__DATA_DIR"] = str(tmp_path / "data")
     full_env["KESTREL_STORAGE__LOG_DIR"] = str(tmp_path / "logs")
     proc = subprocess.run(
@@ -102,3 +103,28 @@ def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> di
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(json.loads(out.read_text()))
+
+
+def cli_args(*args: str) -> Any:
+    """Return parsed `main.py` arguments."""
+    import main
+
+    return main.build_parser().parse_args([*args, "--no-ui"])
+
+
+async def replay_in_process(*args: str) -> tuple[dict[str, Any], list[tuple[int, float]]]:
+    """Run a replay in-process through runner's Daemon; return its summary and equity curve.
+
+    The environment (KESTREL_* variables set by the test) configures it, as on the CLI.
+    """
+    import main
+    from config import load_settings
+    from runner import Daemon
+
+    parsed = cli_args(*args)
+    settings = main._apply_cli(load_settings(env_file=None), parsed)
+    daemon = Daemon(parsed, settings)
+    daemon.build_replay()
+    summary = await daemon.run()
+    assert daemon.engine is not None
+    return summary, list(daemon.engine.portfolio.equity_curve)
