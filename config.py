@@ -193,10 +193,21 @@ class RewardSettings(_Group):
 class LearningSettings(_Group):
     """Self-learning models."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="filter entries with the current model")
+    model: Literal["gbm", "mlp"] = Field(
+        default="gbm", description="gbm: scikit-learn gradient boosting; mlp: TensorFlow/Keras"
+    )
     retrain_interval_s: int = Field(default=6 * 3600, ge=60)
     min_samples: int = Field(default=500, ge=10)
-    horizon_candles: int = Field(default=5, ge=1)
+    horizon_candles: int = Field(default=5, ge=1, description="label: return over N candles")
+    min_edge_bps: float = Field(
+        default=10.0, ge=0, description="a label is 'up' only above this return (covers fees)"
+    )
+    entry_threshold: float = Field(
+        default=0.55, gt=0, lt=1, description="entries need P(up) at least this"
+    )
+    test_fraction: float = Field(default=0.25, gt=0, lt=0.9)
+    seed: int = 7
 
 
 class UISettings(_Group):

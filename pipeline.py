@@ -80,20 +80,40 @@ def decide_signal(
     name = strategy.name
     if holding > 0:
         if exit_long or enter_short:
-            return Signal(pair, Side.SELL, 1.0, f"{name}: exit long", ts, price, name,
-                          exit_only=True, features=features())
+            return Signal(
+                pair,
+                Side.SELL,
+                1.0,
+                f"{name}: exit long",
+                ts,
+                price,
+                name,
+                exit_only=True,
+                features=features(),
+            )
         return None
     if holding < 0:
         if exit_short or enter_long:
-            return Signal(pair, Side.BUY, 1.0, f"{name}: exit short", ts, price, name,
-                          exit_only=True, features=features())
+            return Signal(
+                pair,
+                Side.BUY,
+                1.0,
+                f"{name}: exit short",
+                ts,
+                price,
+                name,
+                exit_only=True,
+                features=features(),
+            )
         return None
     if enter_long:
-        return Signal(pair, Side.BUY, 1.0, f"{name}: entry long", ts, price, name,
-                      features=features())
+        return Signal(
+            pair, Side.BUY, 1.0, f"{name}: entry long", ts, price, name, features=features()
+        )
     if enter_short and strategy.can_short:
-        return Signal(pair, Side.SELL, 1.0, f"{name}: entry short", ts, price, name,
-                      features=features())
+        return Signal(
+            pair, Side.SELL, 1.0, f"{name}: entry short", ts, price, name, features=features()
+        )
     return None
 
 
@@ -185,7 +205,9 @@ class PrecomputedSignals:
             candle.close,
             flags,
             holding,
-            lambda: {n: float(v) for n, v in zip(names, values[index], strict=True) if np.isfinite(v)},
+            lambda: {
+                n: float(v) for n, v in zip(names, values[index], strict=True) if np.isfinite(v)
+            },
         )
 
 
@@ -255,6 +277,8 @@ class Engine:
         self.decision_latency_ms: deque[float] = deque(maxlen=10_000)
         self._flattening = False
         self.extra_status: Callable[[], dict[str, Any]] = dict
+        # Trailing / break-even stops need protective orders to move; `all_in` has none.
+        self.manage_stops = not risk.all_in and executor.protective_orders
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -299,6 +323,8 @@ class Engine:
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
         now = self.clock.now_ms()
+        if self.manage_stops and portfolio.has_position(pair):
+            await self._manage_stop(candle, now)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._flatten("circuit breaker: flatten")
@@ -369,29 +395,66 @@ class Engine:
             for filled, fill in self.fill_now(signal.pair):
                 await self.on_fill(filled, fill)
 
-    def _risk_context(self, pair: str, now: int) -> RiskContext:
-        atr: float | None = None
+    def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
-        if not self.risk.all_in:
-            bars = self.data.arrays(pair, self.timeframe)
-            if len(bars.close) > period:
-                import talib  # noqa: PLC0415
+        bars = self.data.arrays(pair, self.timeframe)
+        if len(bars.close) <= period:
+            return None
+        import talib  # noqa: PLC0415
 
-                # Only the tail matters: ATR's Wilder smoothing converges well within it.
-                tail = slice(-min(len(bars.close), period * 10), None)
-                values = talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)
-                last = float(values[-1])
-                atr = last if np.isfinite(last) else None
+        # Only the tail matters: Wilder's smoothing converges well within ten periods.
+        tail = slice(-min(len(bars.close), period * 10), None)
+        last = float(talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)[-1])
+        return last if np.isfinite(last) else None
+
+    def _returns(self, pairs: list[str]) -> dict[str, np.ndarray]:
+        window = self.risk.settings.correlation_window
+        out = {}
+        for pair in pairs:
+            close = self.data.arrays(pair, self.timeframe).close[-(window + 1) :]
+            if len(close) > 2:
+                out[pair] = np.diff(close) / close[:-1]
+        return out
+
+    def _risk_context(self, pair: str, now: int) -> RiskContext:
+        positions = self.portfolio.positions()
+        heavy = not self.risk.all_in
         return RiskContext(
             now=now,
             equity=self.portfolio.equity(),
             cash=self.portfolio.cash,
-            positions=self.portfolio.positions(),
+            positions=positions,
             market=self.market_for(pair),
             price=self.price(pair) or Decimal(0),
-            atr=atr,
+            atr=self._atr(pair) if heavy else None,
             taker_fee=self.executor.taker_fee,
+            returns=self._returns([pair, *positions]) if heavy else None,
         )
+
+    async def _manage_stop(self, candle: Candle, now: int) -> None:
+        position = self.portfolio.position(candle.pair)
+        if position is None:
+            return
+        atr = self._atr(candle.pair)
+        new_stop = self.risk.manage_stop(
+            position,
+            candle.high,
+            candle.low,
+            candle.close,
+            atr,
+            now,
+            taker_fee=self.executor.taker_fee,
+            tick_size=self.market_for(candle.pair).tick_size,
+        )
+        if new_stop is None or new_stop == position.stop_price:
+            return
+        # Each move is a cancel + new order on the exchange: skip moves smaller than a
+        # tenth of an ATR, which cost rate-limit budget and protect almost nothing.
+        old = position.stop_price
+        if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
+            return
+        self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
+        await self.executor.amend_stop(candle.pair, new_stop)
 
     async def on_fill(self, order: Order, fill: Fill) -> None:
         """Apply a fill from the matching engine or the private stream."""
@@ -474,13 +537,9 @@ class Engine:
             scores=self.reward.scores(),
             errors=tuple(self.errors),
             risk={
-                "state": str(self.risk.trading_state),
+                **self.risk.describe(),
                 "exposure": float(self.portfolio.exposure()),
-                "equity": float(self.portfolio.equity()),
-                "peak_equity": float(self.risk.breakers.peak_equity),
                 "max_drawdown": self.portfolio.max_drawdown,
-                "consecutive_losses": self.risk.breakers.consecutive_losses,
-                "last_trigger": dict(self.risk.breakers.last_trigger),
             },
             **self.extra_status(),
         )
@@ -491,10 +550,20 @@ class Engine:
         self.set_state(BotState.PAUSED)
 
     async def resume(self, reason: str) -> None:
-        """Resume trading and clear a manual risk state."""
+        """Resume trading after /pause or /stopbuy.
+
+        Only a manual risk state is cleared here; a latched breaker (peak-to-trough flatten,
+        daily halt) stays until `reset_risk`, so a routine /resume cannot undo it.
+        """
         log.info("operator_resume", reason=reason)
-        self.risk.set_manual(None)
+        if self.risk.breakers.manual is not None:
+            self.risk.set_manual(None)
         self.set_state(BotState.RUNNING)
+
+    async def reset_risk(self, reason: str) -> None:
+        """Lift latched circuit breakers (an explicit operator decision)."""
+        log.warning("operator_reset_risk", reason=reason)
+        self.risk.reset()
 
     async def stop_buy(self, reason: str) -> None:
         """Allow exits only."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +35,7 @@ from risk_management import RiskManager
 from strategy import load_strategy
 from trade_executor import TradeExecutor
 from trade_simulator import ReplayFeed, SimulatedExchange
-from utils.utilities import AuditTrail, ReplayClock, atomic_write, parse_timerange
+from utils.utilities import AuditTrail, ReplayClock, atomic_write, parse_timerange, setup_logging
 
 
 log = structlog.get_logger(__name__)
@@ -90,6 +92,7 @@ class Daemon:
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self.notifiers: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- Build -------------------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Daemon:
             market_for=lambda pair: sim.markets[pair],
             clock=clock,
             audit=self.audit,
+            notify=self.alert,
             taker_fee=Decimal(str(s.simulation.taker_fee)),
             protective_orders=s.risk.profile != "all_in",
         )
@@ -149,7 +153,13 @@ class Daemon:
             clock=clock,
             data=data,
             strategy=strategy,
-            risk=RiskManager(s.risk, long_only=s.strategy.long_only),
+            risk=RiskManager(
+                s.risk,
+                long_only=s.strategy.long_only,
+                alert=self.alert,
+                timeframe=s.strategy.timeframe,
+                taker_fee=Decimal(str(s.simulation.taker_fee)),
+            ),
             executor=executor,
             reward=RewardSystem(s.reward),
             portfolio=portfolio,
@@ -157,6 +167,7 @@ class Daemon:
             audit=self.audit,
             matcher=sim.on_candle,
             fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+            alert=self.alert,
             stop_event=self.stop,
             # Backtests read the strategy's columns computed once over the archive; sim
             # runs it on the rolling window at each candle, exactly as live trading does.
@@ -164,6 +175,14 @@ class Daemon:
             if self.args.mode == "backtest" and frames is not None
             else None,
         )
+
+    def alert(self, kind: str, data: dict[str, Any]) -> None:
+        """Route an event from any component to the notifiers (Telegram when enabled)."""
+        for notifier in self.notifiers:
+            try:
+                notifier(kind, data)
+            except Exception:  # noqa: BLE001 - a notifier must never break trading
+                log.exception("notifier_failed", kind=kind)
 
     # -- Tasks -------------------------------------------------------------------------------
 
@@ -208,13 +227,83 @@ class Daemon:
             await asyncio.sleep(interval)
             self.persist_state()
 
+    # -- Operator surfaces -------------------------------------------------------------------
+
+    async def start_telegram(self) -> None:
+        """Start the Telegram bot in this loop when a token is configured."""
+        if not self.settings.telegram.enabled:
+            return
+        assert self.engine is not None
+        from telegram_bot import TelegramBot  # noqa: PLC0415 - PTB only when enabled
+
+        bot = TelegramBot(self.settings.telegram, self.engine)
+        await bot.start()
+        self.notifiers.append(TelegramNotifier(bot))
+        self._closers.append(("telegram", bot.stop))
+        report = await self.engine.reconcile()
+        await bot.post_startup_report(report, timeout_s=10.0)
+
+    def ui_tasks(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[Any]]:
+        """Start the dashboard (interactive terminals only) and the web view if enabled."""
+        assert self.engine is not None
+        tasks: list[asyncio.Task[Any]] = []
+        ui = self.settings.ui
+        if ui.web_enabled:
+            tasks.append(tg.create_task(self._web(), name="web"))
+        if ui.enabled and sys.stdout.isatty() and sys.stdin.isatty():
+            # Textual owns the terminal: logs go to the file only, or they would tear it.
+            setup_logging(
+                self.settings.storage.log_dir, level=self.settings.logging.level, console=False
+            )
+            tasks.append(tg.create_task(self._dashboard(), name="dashboard"))
+        return tasks
+
+    async def _dashboard(self) -> None:
+        from ui import Dashboard  # noqa: PLC0415 - Textual only with a terminal
+
+        assert self.engine is not None
+        app = Dashboard(
+            self.engine,
+            self.settings.ui,
+            can_switch_live=False,
+            live_blocked_reason="restart with --mode live to trade real orders",
+        )
+
+        async def close_when_stopped() -> None:
+            await self.stop.wait()
+            app.exit()
+
+        closer = asyncio.create_task(close_when_stopped())
+        try:
+            await app.run_async()
+        finally:
+            closer.cancel()
+        self.stop.set()
+
+    async def _web(self) -> None:
+        from ui import WebView  # noqa: PLC0415
+
+        assert self.engine is not None
+        web = WebView(self.engine, self.settings.ui)
+        await web.start()
+        log.info("web_view_started", url=f"http://127.0.0.1:{web.port}/")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await web.stop()
+
     # -- Run ---------------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
         """Run until the feed ends, the duration passes or a signal arrives."""
         assert self.engine is not None
         install_signal_handlers(asyncio.get_running_loop(), self.stop)
+        # The start-up reconciliation report reaches Telegram before trading resumes.
+        await self.start_telegram()
         self.engine.set_state(BotState.RUNNING)
+        # Everything built so far lives for the whole run: keep it out of the cyclic GC's
+        # generations so full collections stay short (they stalled the loop ~100 ms).
+        gc.freeze()
         log.info(
             "daemon_started",
             mode=self.args.mode,
@@ -231,6 +320,7 @@ class Daemon:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
             background = [tg.create_task(self._snapshots(), name="snapshots")]
+            background += self.ui_tasks(tg)
             if self.args.duration is not None:
                 background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
             await self.stop.wait()
@@ -317,6 +407,47 @@ class Daemon:
         summary = self.engine.summary()
         summary["dropped_candles"] = self.dropped
         return summary
+
+
+class TelegramNotifier:
+    """Turn component events into Telegram alerts (templates in telegram_templates)."""
+
+    def __init__(self, bot: Any) -> None:
+        self.bot = bot
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        """Queue the alert for `kind`; unknown kinds go out as plain text."""
+        import telegram_templates as t  # noqa: PLC0415
+
+        alert: Any
+        if kind == "trade_closed":
+            alert = t.trade_closed(data["trade"])
+        elif kind == "trade_opened":
+            alert = t.order_filled(data["fill"])
+        elif kind == "trading_state":
+            alert = t.circuit_breaker(
+                str(data.get("trigger") or data.get("reason") or "risk"),
+                value=float(data.get("drawdown") or data.get("day_loss") or 0.0),
+                limit=float(data.get("limit") or 0.0),
+                state=str(data.get("to", "")),
+                until_ts=data.get("resume_at"),
+                detail=str(data.get("reason", "")),
+            )
+        elif kind == "error":
+            alert = t.error_alert(
+                str(data.get("message", "")), component=str(data.get("pair") or "")
+            )
+        elif kind == "rejected":
+            alert = t.text_alert(
+                f"order rejected on {data.get('pair')}: {data.get('reason')}", category="rejected"
+            )
+        elif kind == "stop_hit":
+            alert = t.text_alert(
+                f"stop hit on {data.get('pair')} at {data.get('price')}", category="stop"
+            )
+        else:
+            alert = t.text_alert(f"{kind}: {data}")
+        self.bot.notify(alert)
 
 
 async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -335,6 +335,52 @@ class TradeExecutor:
                     "protective_cancel_failed", pair=pair, client_order_id=cid, **e.describe()
                 )
 
+    async def amend_stop(self, pair: str, stop: Decimal) -> Order | None:
+        """Move the pair's protective stop: cancel the working one, place the new level.
+
+        Cancel first, then place: for a moment there is no stop, never two (two stops could
+        both fill and flip the position).
+        """
+        position = self.portfolio.position(pair)
+        if position is None:
+            return None
+        ids = self._protective.get(pair, [])
+        old_id = next(
+            (
+                cid
+                for cid in ids
+                if self.orders.get(cid) and self.orders[cid].type is OrderType.STOP_MARKET
+            ),
+            None,
+        )
+        if old_id is not None:
+            old = self.orders[old_id]
+            if not old.status.is_terminal:
+                try:
+                    self._track(await self._gateway.cancel_order(pair, client_order_id=old_id))
+                except BotError as e:
+                    log.warning("stop_amend_cancel_failed", pair=pair, **e.describe())
+                    return None
+            ids = [cid for cid in ids if cid != old_id]
+        now = self._clock.now_ms()
+        intent = OrderIntent(
+            pair=pair,
+            side=Side.SELL if self.portfolio.signed_qty(pair) > 0 else Side.BUY,
+            qty=position.qty,
+            type=OrderType.STOP_MARKET,
+            client_order_id=f"k{now:x}sl{len(self.orders):05x}"[:36],
+            reason=f"stop moved to {stop}",
+            stop_price=stop,
+            reduce_only=True,
+            ts=now,
+        )
+        placed = await self.submit(intent, last_price=position.mark_price)
+        if placed.status is not OrderStatus.REJECTED:
+            ids.append(placed.client_order_id)
+            self.portfolio.set_protection(pair, stop=stop)
+        self._protective[pair] = ids
+        return placed
+
     async def cancel_all(self, pair: str | None = None) -> int:
         """Cancel every working order (optionally of one pair); return how many."""
         count = 0

@@ -96,3 +96,12 @@ async def eventually(
 def sample_dir() -> Path:
     """Return the bundled sample data directory."""
     return SAMPLE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stop_process_pool() -> Iterator[None]:
+    """Shut the shared CPU process pool down once the session ends."""
+    yield
+    from utils.utilities import shutdown_pool
+
+    shutdown_pool()

@@ -477,7 +477,14 @@ def process_pool(max_workers: int | None = None) -> Executor:
     """Return the shared process pool for CPU-heavy work (created on first use)."""
     global _pool
     if _pool is None:
-        _pool = ProcessPoolExecutor(max_workers=max_workers or max(1, (os.cpu_count() or 2) - 1))
+        import multiprocessing  # noqa: PLC0415
+
+        # spawn, not fork: forking a process that runs an event loop, logging handlers and
+        # BLAS threads can deadlock the child.
+        _pool = ProcessPoolExecutor(
+            max_workers=max_workers or max(1, (os.cpu_count() or 2) - 1),
+            mp_context=multiprocessing.get_context("spawn"),
+        )
     return _pool
 
 
