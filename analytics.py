@@ -1,0 +1,750 @@
+"""Backtest analytics: performance metrics, Monte Carlo, and the Rich, JSON and HTML reports.
+
+Everything here reads a `trade_simulator.BacktestResult` (from the fast path, or from a
+replay through `result_from_summary`): the equity curve recorded at each candle close and
+the closed trades. Conventions, stated once:
+
+* The curve starts at the starting balance at the first candle's open; bar returns are
+  `E[i] / E[i-1] - 1` over every candle, flat or not.
+* Annualisation uses 365 days (crypto trades every day): `periods_per_year = 365 d /
+  timeframe`. Sharpe = mean / standard deviation (ddof 1) x sqrt(periods per year), with a
+  zero risk-free rate; Sortino divides by the downside deviation (root mean square of the
+  negative returns over all periods); CAGR compounds over the calendar span of the curve;
+  Calmar = CAGR / max drawdown.
+* Drawdowns are measured from the running peak, the starting balance included; a
+  drawdown's duration runs from the peak to the first time equity is back at or above it
+  (or to the end of the data).
+* Ratios that do not exist (no losing trade for the profit factor, no variance for
+  Sharpe) are `None` in JSON and "-" in the tables, never infinite.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from numba import njit
+
+from utils.utilities import atomic_write, ms_to_datetime, timeframe_to_ms
+
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from trade_simulator import BacktestResult
+
+
+YEAR_MS = 365 * 86_400_000
+DAY_MS = 86_400_000
+_PERCENTILES = (5, 25, 50, 75, 95)
+
+
+# -- Metrics ---------------------------------------------------------------------------------
+
+
+def curve(result: BacktestResult) -> tuple[np.ndarray, np.ndarray]:
+    """Return the equity curve with its starting point: (ts ms, equity)."""
+    step = timeframe_to_ms(result.timeframe)
+    if len(result.ts) == 0:
+        return np.zeros(1, dtype=np.int64), np.array([result.starting_balance])
+    ts = np.concatenate([[int(result.ts[0]) - step], result.ts]).astype(np.int64)
+    equity = np.concatenate([[result.starting_balance], result.equity]).astype(np.float64)
+    return ts, equity
+
+
+def drawdown(equity: np.ndarray) -> np.ndarray:
+    """Return the drawdown series (fraction below the running peak, >= 0)."""
+    peak = np.maximum.accumulate(equity)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dd = np.where(peak > 0, (peak - equity) / peak, 0.0)
+    return np.asarray(dd, dtype=np.float64)
+
+
+def max_drawdown_duration(ts: np.ndarray, equity: np.ndarray) -> int:
+    """Return the longest time (ms) from a peak until equity first regains it (or the end)."""
+    peak = np.maximum.accumulate(equity)
+    at_peak = equity >= peak
+    peak_ts = np.maximum.accumulate(np.where(at_peak, ts, ts[0]))
+    under = ~at_peak
+    if not under.any():
+        return 0
+    # Underwater stretches end at the next time back at the peak, else at the end.
+    durations = np.where(under, ts - peak_ts, 0)
+    longest = int(durations.max())
+    recovered = np.flatnonzero(at_peak[1:] & under[:-1]) + 1
+    if recovered.size:
+        longest = max(longest, int((ts[recovered] - peak_ts[recovered - 1]).max()))
+    return longest
+
+
+def _ratio(num: float, den: float) -> float | None:
+    if den == 0 or not math.isfinite(num) or not math.isfinite(den):
+        return None
+    return num / den
+
+
+def exposure(result: BacktestResult, start_ts: int, end_ts: int) -> float:
+    """Return the fraction of [start, end) with at least one position open."""
+    if end_ts <= start_ts:
+        return 0.0
+    spans = list(
+        zip(result.table["entry_ts"].tolist(), result.table["exit_ts"].tolist(), strict=True)
+    )
+    spans += [(int(p["entry_ts"]), end_ts) for p in result.open_positions]
+    spans.sort()
+    covered = 0
+    current_start, current_end = None, None
+    for a, b in spans:
+        a, b = max(a, start_ts), min(b, end_ts)
+        if b <= a:
+            continue
+        if current_end is None or a > current_end:
+            if current_end is not None and current_start is not None:
+                covered += current_end - current_start
+            current_start, current_end = a, b
+        else:
+            current_end = max(current_end, b)
+    if current_end is not None and current_start is not None:
+        covered += current_end - current_start
+    return covered / (end_ts - start_ts)
+
+
+def trade_stats(pnl: np.ndarray, returns: np.ndarray, fees: np.ndarray) -> dict[str, Any]:
+    """Return win rate, profit factor, expectancy and averages of a set of trades."""
+    n = len(pnl)
+    wins, losses = pnl[pnl > 0], pnl[pnl < 0]
+    gross_win, gross_loss = float(wins.sum()), float(-losses.sum())
+    return {
+        "n_trades": n,
+        "win_rate": len(wins) / n if n else None,
+        "profit_factor": _ratio(gross_win, gross_loss) if gross_win or gross_loss else None,
+        "expectancy": float(pnl.mean()) if n else None,
+        "avg_trade_return": float(returns.mean()) if n else None,
+        "avg_win": float(wins.mean()) if len(wins) else None,
+        "avg_loss": float(losses.mean()) if len(losses) else None,
+        "best_trade": float(pnl.max()) if n else None,
+        "worst_trade": float(pnl.min()) if n else None,
+        "pnl": float(pnl.sum()),
+        "fees": float(fees.sum()),
+    }
+
+
+def metrics(result: BacktestResult) -> dict[str, Any]:
+    """Return every performance metric of a run, with a per-pair breakdown.
+
+    Keys: total_return, cagr, volatility, sharpe, sortino, calmar, max_drawdown,
+    max_drawdown_duration_days, exposure, trades_per_day, n_trades, win_rate,
+    profit_factor, expectancy (mean PnL per trade, quote), avg_trade_return (mean return
+    per trade on its notional), avg_win, avg_loss, best_trade, worst_trade, fees, plus the
+    run's span and balances, and `per_pair` with the trade statistics of each pair.
+    """
+    ts, equity = curve(result)
+    step = timeframe_to_ms(result.timeframe)
+    start, final = float(equity[0]), float(equity[-1])
+    span = int(ts[-1] - ts[0])
+    returns = equity[1:] / equity[:-1] - 1 if len(equity) > 1 else np.zeros(0)
+    ppy = YEAR_MS / step
+    std = float(returns.std(ddof=1)) if len(returns) > 1 else 0.0
+    mean = float(returns.mean()) if len(returns) else 0.0
+    downside = float(np.sqrt(np.mean(np.minimum(returns, 0.0) ** 2))) if len(returns) else 0.0
+    total = final / start - 1 if start else 0.0
+    cagr = (final / start) ** (YEAR_MS / span) - 1 if span > 0 and start > 0 and final > 0 else None
+    dd = drawdown(equity)
+    max_dd = float(dd.max())
+    sharpe = _ratio(mean, std)
+    sortino = _ratio(mean, downside)
+    table = result.table
+    notional = table["entry_price"] * table["qty"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        trade_returns = np.where(notional > 0, table["pnl"] / notional, 0.0)
+    out: dict[str, Any] = {
+        "start_ts": int(ts[0]),
+        "end_ts": int(ts[-1]),
+        "days": span / DAY_MS,
+        "starting_balance": start,
+        "final_equity": final,
+        "total_return": total,
+        "cagr": cagr,
+        "volatility": std * math.sqrt(ppy),
+        "sharpe": None if sharpe is None else sharpe * math.sqrt(ppy),
+        "sortino": None if sortino is None else sortino * math.sqrt(ppy),
+        "calmar": _ratio(cagr, max_dd) if cagr is not None else None,
+        "max_drawdown": max_dd,
+        "max_drawdown_duration_days": max_drawdown_duration(ts, equity) / DAY_MS,
+        "exposure": exposure(result, int(ts[0]), int(ts[-1])),
+        "trades_per_day": result.n_trades / (span / DAY_MS) if span > 0 else None,
+        **trade_stats(table["pnl"], trade_returns, table["fee"]),
+        "fees": result.fees,
+        "open_positions": len(result.open_positions),
+        "candles": result.candles,
+        "timeframe": result.timeframe,
+        "strategy": result.strategy,
+    }
+    per_pair: dict[str, Any] = {}
+    pairs = table["pair"]
+    for pair in sorted({str(p) for p in pairs} | set(result.pairs)):
+        mask = pairs == pair
+        per_pair[pair] = trade_stats(table["pnl"][mask], trade_returns[mask], table["fee"][mask])
+    out["per_pair"] = per_pair
+    return out
+
+
+def trade_returns(result: BacktestResult) -> np.ndarray:
+    """Return each closed trade's PnL as a fraction of the equity just before its entry."""
+    ts, equity = curve(result)
+    entry = result.table["entry_ts"]
+    index = np.searchsorted(ts, entry, side="right") - 1
+    before = equity[np.clip(index, 0, len(equity) - 1)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(before > 0, result.table["pnl"] / before, 0.0)
+    return np.asarray(out, dtype=np.float64)
+
+
+# -- Monte Carlo -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MonteCarloResult:
+    """Distributions from resampled paths (equity relative to `start`)."""
+
+    method: str
+    n_paths: int
+    n_steps: int
+    start: float
+    ruin_level: float
+    final_equity: np.ndarray
+    max_drawdown: np.ndarray
+    ruined: np.ndarray
+    checkpoints: np.ndarray
+    bands: dict[int, np.ndarray]
+
+    @property
+    def probability_of_ruin(self) -> float:
+        """Return the share of paths whose equity touched the ruin level."""
+        return float(self.ruined.mean()) if self.n_paths else 0.0
+
+    def ruin_interval(self, z: float = 1.959964) -> tuple[float, float]:
+        """Return the Wilson score interval of the probability of ruin (95% by default)."""
+        n = self.n_paths
+        if n == 0:
+            return 0.0, 1.0
+        p = self.probability_of_ruin
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+    def summary(self) -> dict[str, Any]:
+        """Return percentiles of final equity and max drawdown and the ruin probability."""
+        low, high = self.ruin_interval()
+        return {
+            "method": self.method,
+            "paths": self.n_paths,
+            "steps": self.n_steps,
+            "start": self.start,
+            "ruin_level": self.ruin_level,
+            "final_equity": {
+                f"p{q}": float(np.percentile(self.final_equity, q)) for q in _PERCENTILES
+            },
+            "max_drawdown": {
+                f"p{q}": float(np.percentile(self.max_drawdown, q)) for q in _PERCENTILES
+            },
+            "probability_of_ruin": self.probability_of_ruin,
+            "probability_of_ruin_95ci": [low, high],
+            "probability_of_loss": float((self.final_equity < self.start).mean()),
+        }
+
+
+@njit(cache=True)
+def _mc_kernel(  # type: ignore[no-untyped-def]
+    returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every, finals, mdds, ruined, marks
+):
+    # One path at a time: draw (blocks of) returns, compound, track peak, drawdown, ruin.
+    np.random.seed(seed)
+    n = returns.shape[0]
+    order = np.arange(n)
+    for p in range(n_paths):
+        if shuffle:
+            np.random.shuffle(order)
+        equity = start
+        peak = start
+        worst = 0.0
+        hit = False
+        s = 0
+        while s < n_steps:
+            first = s if shuffle else np.random.randint(0, n - block + 1)
+            for b in range(block):
+                if s >= n_steps:
+                    break
+                r = returns[order[s]] if shuffle else returns[first + b]
+                equity *= 1.0 + r
+                if equity < 0.0:
+                    equity = 0.0
+                if equity > peak:
+                    peak = equity
+                elif peak > 0.0:
+                    dd = (peak - equity) / peak
+                    if dd > worst:
+                        worst = dd
+                if equity <= ruin:
+                    hit = True
+                s += 1
+                if s % every == 0:
+                    marks[p, s // every - 1] = equity
+        finals[p] = equity
+        mdds[p] = worst
+        ruined[p] = hit
+
+
+def monte_carlo(
+    returns: Sequence[float] | np.ndarray,
+    *,
+    n_paths: int = 10_000,
+    n_steps: int | None = None,
+    method: Literal["bootstrap", "shuffle", "block"] = "bootstrap",
+    block: int = 20,
+    start: float = 1.0,
+    ruin: float = 0.5,
+    seed: int = 0,
+    checkpoints: int = 100,
+) -> MonteCarloResult:
+    """Resample a sequence of returns into `n_paths` equity paths.
+
+    Feed it per-trade returns (`trade_returns(result)`) to bootstrap trade sequences, or
+    bar returns of the equity curve to bootstrap returns. `bootstrap` draws returns with
+    replacement; `block` draws contiguous blocks of `block` returns (keeps
+    autocorrelation, for bar returns); `shuffle` permutes the given sequence (same final
+    equity, different paths: the drawdown distribution of the order of trades).
+
+    Args:
+        returns: the fractional returns to resample.
+        n_paths: number of paths.
+        n_steps: returns per path (default: as many as given; `shuffle` uses exactly those).
+        method: `bootstrap`, `block` or `shuffle`.
+        block: block length for `block`.
+        start: starting equity of each path.
+        ruin: a path is ruined when its equity touches `ruin x start` (0.5 = lost half).
+        seed: random seed (the same seed gives the same paths).
+        checkpoints: how many points of each path the percentile bands keep.
+    """
+    values = np.ascontiguousarray(np.asarray(returns, dtype=np.float64))
+    n = len(values)
+    if n == 0:
+        raise ValueError("monte_carlo needs at least one return")
+    steps = n if (n_steps is None or method == "shuffle") else int(n_steps)
+    size = min(block, n) if method == "block" else 1
+    every = max(1, steps // max(1, checkpoints))
+    marks = np.full((n_paths, steps // every), np.nan)
+    finals = np.empty(n_paths)
+    mdds = np.empty(n_paths)
+    ruined = np.zeros(n_paths, dtype=np.bool_)
+    _mc_kernel(
+        values, n_paths, steps, size, method == "shuffle", seed, start, ruin * start,
+        every, finals, mdds, ruined, marks,
+    )  # fmt: skip
+    bands = {q: np.percentile(marks, q, axis=0) for q in _PERCENTILES} if marks.size else {}
+    return MonteCarloResult(
+        method=method,
+        n_paths=n_paths,
+        n_steps=steps,
+        start=start,
+        ruin_level=ruin,
+        final_equity=finals,
+        max_drawdown=mdds,
+        ruined=ruined,
+        checkpoints=np.arange(1, marks.shape[1] + 1) * every,
+        bands=bands,
+    )
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_clean(v) for v in value]
+    return value
+
+
+def report_dict(
+    result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
+) -> dict[str, Any]:
+    """Return metrics, per-pair breakdown, trades and (optionally) Monte Carlo as a dict."""
+    stats = metrics(result)
+    per_pair = stats.pop("per_pair")
+    out: dict[str, Any] = {
+        "metrics": stats,
+        "per_pair": per_pair,
+        "trades": [t.as_dict() for t in result.trades],
+        "open_positions": list(result.open_positions),
+    }
+    if monte_carlo_result is not None:
+        out["monte_carlo"] = monte_carlo_result.summary()
+    return dict(_clean(out))
+
+
+def to_json(result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None) -> str:
+    """Return the report as JSON (non-finite numbers become null)."""
+    return json.dumps(report_dict(result, monte_carlo_result=monte_carlo_result), indent=2)
+
+
+# -- Rich ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, kind: str = "num") -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{value:.2%}"
+    if kind == "int":
+        return f"{int(value):,}"
+    return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
+
+
+_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("total_return", "Total return", "pct"),
+    ("cagr", "CAGR", "pct"),
+    ("sharpe", "Sharpe", "num"),
+    ("sortino", "Sortino", "num"),
+    ("calmar", "Calmar", "num"),
+    ("max_drawdown", "Max drawdown", "pct"),
+    ("max_drawdown_duration_days", "Max drawdown duration (days)", "num"),
+    ("volatility", "Volatility (annual)", "pct"),
+    ("exposure", "Exposure", "pct"),
+    ("n_trades", "Trades", "int"),
+    ("trades_per_day", "Trades per day", "num"),
+    ("win_rate", "Win rate", "pct"),
+    ("profit_factor", "Profit factor", "num"),
+    ("expectancy", "Expectancy (per trade)", "num"),
+    ("avg_trade_return", "Average trade", "pct"),
+    ("fees", "Fees", "num"),
+    ("final_equity", "Final equity", "num"),
+)
+
+
+def render_rich(
+    result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
+) -> Group:
+    """Return a Rich renderable: the summary table, the per-pair table, Monte Carlo."""
+    from rich.console import Group
+    from rich.table import Table
+
+    stats = metrics(result)
+    name = result.strategy.get("name", "strategy")
+    title = f"Backtest {name} {result.timeframe}: {', '.join(result.pairs)}"
+    summary = Table(title=title, show_header=False)
+    summary.add_column("metric", style="bold")
+    summary.add_column("value", justify="right")
+    for key, label, kind in _ROWS:
+        summary.add_row(label, _fmt(stats.get(key), kind))
+    pairs = Table(title="Per pair")
+    for column in ("pair", "trades", "win rate", "profit factor", "expectancy", "PnL", "fees"):
+        pairs.add_column(column, justify="left" if column == "pair" else "right")
+    for pair, row in stats["per_pair"].items():
+        pairs.add_row(
+            pair,
+            _fmt(row["n_trades"], "int"),
+            _fmt(row["win_rate"], "pct"),
+            _fmt(row["profit_factor"]),
+            _fmt(row["expectancy"]),
+            _fmt(row["pnl"]),
+            _fmt(row["fees"]),
+        )
+    parts: list[Any] = [summary, pairs]
+    if monte_carlo_result is not None:
+        mc = monte_carlo_result.summary()
+        table = Table(title=f"Monte Carlo ({mc['method']}, {mc['paths']:,} paths)")
+        table.add_column("")
+        for q in _PERCENTILES:
+            table.add_column(f"p{q}", justify="right")
+        table.add_row("final equity", *(_fmt(mc["final_equity"][f"p{q}"]) for q in _PERCENTILES))
+        table.add_row(
+            "max drawdown", *(_fmt(mc["max_drawdown"][f"p{q}"], "pct") for q in _PERCENTILES)
+        )
+        low, high = mc["probability_of_ruin_95ci"]
+        table.caption = (
+            f"P(ruin at {mc['ruin_level']:.0%} of start) = {mc['probability_of_ruin']:.2%} "
+            f"(95% CI {low:.2%}-{high:.2%})"
+        )
+        parts.append(table)
+    return Group(*parts)
+
+
+@contextmanager
+def progress_bar(description: str = "backtest") -> Iterator[Callable[[int, int], None]]:
+    """Yield a `progress(done, total)` callback drawing a Rich progress bar (stderr)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+# -- HTML ------------------------------------------------------------------------------------
+
+_W, _H, _PAD = 960, 260, 64
+_BUY, _SELL = "#1a7f37", "#cf222e"
+
+
+def _downsample(x: np.ndarray, y: np.ndarray, points: int = 1_500) -> tuple[np.ndarray, np.ndarray]:
+    """Keep each bucket's first, min and max so peaks and troughs survive."""
+    n = len(x)
+    if n <= points:
+        return x, y
+    size = math.ceil(n / (points // 3))
+    keep = [np.arange(0, n, size)]
+    buckets = np.arange(0, n, size)
+    for fn in (np.minimum, np.maximum):
+        reduced = fn.reduceat(y, buckets)
+        idx = [
+            b + int(np.argmax(y[b : b + size] == v)) for b, v in zip(buckets, reduced, strict=True)
+        ]
+        keep.append(np.array(idx))
+    index = np.unique(np.concatenate([*keep, [n - 1]]))
+    return x[index], y[index]
+
+
+def _scale(values: np.ndarray, lo: float, hi: float, out_lo: float, out_hi: float) -> np.ndarray:
+    span = hi - lo if hi > lo else 1.0
+    return out_lo + (values - lo) / span * (out_hi - out_lo)
+
+
+def _axis(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1_000 else f"{value:.4g}"
+
+
+def _date(ts: float) -> str:
+    return ms_to_datetime(int(ts)).strftime("%Y-%m-%d %H:%M")
+
+
+def _svg_chart(
+    title: str,
+    series: list[tuple[np.ndarray, np.ndarray, str]],
+    *,
+    markers: Sequence[tuple[float, float, str, str]] = (),
+    fill: bool = False,
+    percent: bool = False,
+    x_label: Callable[[float], str] = _date,
+) -> str:
+    """Return an inline SVG line chart; markers are (x, y, colour, tooltip) triangles."""
+    xs = np.concatenate([s[0] for s in series]).astype(np.float64)
+    ys = np.concatenate([s[1] for s in series]).astype(np.float64)
+    finite = np.isfinite(ys)
+    x0, x1 = float(xs.min()), float(xs.max())
+    y0, y1 = (float(ys[finite].min()), float(ys[finite].max())) if finite.any() else (0.0, 1.0)
+    if y1 == y0:
+        y0, y1 = y0 - 1, y1 + 1
+    parts = [
+        f'<svg viewBox="0 0 {_W} {_H}" width="100%" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{_PAD}" y="18" class="t">{html.escape(title)}</text>',
+        f'<rect x="{_PAD}" y="28" width="{_W - 2 * _PAD}" height="{_H - 64}" class="frame"/>',
+    ]
+    top, bottom = 28.0, float(_H - 36)
+    for k in range(5):
+        value = y0 + (y1 - y0) * k / 4
+        y = _scale(np.array([value]), y0, y1, bottom, top)[0]
+        label = f"{value:.1%}" if percent else _axis(value)
+        parts.append(f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{_PAD - 4}" y="{y + 4:.1f}" class="yl">{label}</text>')
+    parts.append(f'<text x="{_PAD}" y="{_H - 14}" class="xl">{x_label(x0)}</text>')
+    parts.append(f'<text x="{_W - _PAD}" y="{_H - 14}" class="xl end">{x_label(x1)}</text>')
+    for x, y, colour in series:
+        px = _scale(np.asarray(x, dtype=np.float64), x0, x1, _PAD, _W - _PAD)
+        py = _scale(np.asarray(y, dtype=np.float64), y0, y1, bottom, top)
+        points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px, py, strict=True))
+        if fill:
+            base = _scale(np.array([0.0]), y0, y1, bottom, top)[0]
+            area = f"{px[0]:.1f},{base:.1f} {points} {px[-1]:.1f},{base:.1f}"
+            parts.append(f'<polygon points="{area}" fill="{colour}" fill-opacity="0.25"/>')
+        parts.append(
+            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"/>'
+        )
+    for at, level, colour, tip in markers:
+        mx = float(_scale(np.array([at]), x0, x1, _PAD, _W - _PAD)[0])
+        my = float(_scale(np.array([level]), y0, y1, bottom, top)[0])
+        # Entries point up from below the price, exits down from above it.
+        d = 1.0 if colour == _BUY else -1.0
+        shape = f"{mx:.1f},{my + d:.1f} {mx - 4:.1f},{my + 8 * d:.1f} {mx + 4:.1f},{my + 8 * d:.1f}"
+        tooltip = f"<title>{html.escape(tip)}</title>"
+        parts.append(f'<polygon points="{shape}" fill="{colour}" class="mk">{tooltip}</polygon>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1f2328;max-width:1040px}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+td,th{padding:3px 10px;border-bottom:1px solid #d0d7de;text-align:right}
+td:first-child,th:first-child{text-align:left}
+.t{font-weight:600;font-size:13px} .frame{fill:none;stroke:#d0d7de}
+.grid{stroke:#eaeef2} .yl{font-size:10px;text-anchor:end;fill:#57606a}
+.xl{font-size:10px;fill:#57606a} .end{text-anchor:end}
+.cards{display:flex;flex-wrap:wrap;gap:8px} .card{border:1px solid #d0d7de;border-radius:6px;
+padding:6px 10px;min-width:120px} .card b{display:block;font-size:16px}
+"""
+_MAX_MARKERS = 4_000
+_MAX_TRADE_ROWS = 1_000
+
+
+def _trade_markers(result: BacktestResult, pair: str) -> list[tuple[float, float, str, str]]:
+    t = result.table
+    mask = t["pair"] == pair
+    out: list[tuple[float, float, str, str]] = []
+    for entry_ts, entry, exit_ts, exit_price, pnl in zip(
+        t["entry_ts"][mask], t["entry_price"][mask], t["exit_ts"][mask],
+        t["exit_price"][mask], t["pnl"][mask], strict=True,
+    ):  # fmt: skip
+        out.append((float(entry_ts), float(entry), _BUY, f"buy {entry:.6g} {_date(entry_ts)}"))
+        out.append(
+            (float(exit_ts), float(exit_price), _SELL, f"sell {exit_price:.6g} PnL {pnl:,.2f}")
+        )
+    return out[-_MAX_MARKERS:]
+
+
+def _cards(stats: Mapping[str, Any]) -> str:
+    cells = []
+    for key, label, kind in _ROWS:
+        cells.append(
+            f'<div class="card">{html.escape(label)}<b>{_fmt(stats.get(key), kind)}</b></div>'
+        )
+    return '<div class="cards">' + "".join(cells) + "</div>"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(
+    result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
+) -> str:
+    """Return the self-contained HTML report (inline SVG, no scripts, no external assets)."""
+    stats = metrics(result)
+    ts, equity = curve(result)
+    name = str(result.strategy.get("name", "strategy"))
+    sections = [
+        f"<h1>{html.escape(name)} {html.escape(result.timeframe)} &middot; "
+        f"{html.escape(', '.join(result.pairs))}</h1>",
+        f"<p>{_date(ts[0])} to {_date(ts[-1])} UTC &middot; {result.candles:,} candles &middot; "
+        f"params {html.escape(json.dumps(result.strategy.get('params', {})))}</p>",
+        _cards(stats),
+        _svg_chart("Equity", [(*_downsample(ts, equity), "#0969da")]),
+        _svg_chart(
+            "Drawdown", [(*_downsample(ts, -drawdown(equity)), "#cf222e")], fill=True, percent=True
+        ),
+    ]
+    for pair, (price_ts, close) in result.prices.items():
+        x, y = _downsample(np.asarray(price_ts), np.asarray(close))
+        sections.append(
+            _svg_chart(
+                f"{pair} close with trades",
+                [(x, y, "#57606a")],
+                markers=_trade_markers(result, pair),
+            )
+        )
+    if monte_carlo_result is not None and monte_carlo_result.bands:
+        mc = monte_carlo_result
+        steps = mc.checkpoints.astype(np.float64)
+        colours = {5: "#cf222e", 25: "#bf8700", 50: "#0969da", 75: "#bf8700", 95: "#1a7f37"}
+        chart = _svg_chart(
+            f"Monte Carlo ({mc.method}, {mc.n_paths:,} paths): equity percentiles by step",
+            [(steps, band, colours[q]) for q, band in mc.bands.items()],
+            x_label=lambda step: f"step {int(step)}",
+        )
+        summary = mc.summary()
+        low, high = summary["probability_of_ruin_95ci"]
+        sections += [
+            "<h2>Monte Carlo</h2>",
+            chart,
+            _table(
+                ["", *(f"p{q}" for q in _PERCENTILES)],
+                [
+                    [
+                        "final equity",
+                        *(_fmt(summary["final_equity"][f"p{q}"]) for q in _PERCENTILES),
+                    ],
+                    [
+                        "max drawdown",
+                        *(_fmt(summary["max_drawdown"][f"p{q}"], "pct") for q in _PERCENTILES),
+                    ],
+                ],
+            ),
+            f"<p>P(ruin at {mc.ruin_level:.0%} of start) = {mc.probability_of_ruin:.2%} "
+            f"(95% CI {low:.2%} to {high:.2%})</p>",
+        ]
+    per_pair = [
+        [pair, row["n_trades"], _fmt(row["win_rate"], "pct"), _fmt(row["profit_factor"]),
+         _fmt(row["expectancy"]), _fmt(row["pnl"]), _fmt(row["fees"])]
+        for pair, row in stats["per_pair"].items()
+    ]  # fmt: skip
+    sections += [
+        "<h2>Per pair</h2>",
+        _table(
+            ["pair", "trades", "win rate", "profit factor", "expectancy", "PnL", "fees"], per_pair
+        ),
+    ]
+    trades = result.trades[:_MAX_TRADE_ROWS]
+    shown = f", first {len(trades):,}" if result.n_trades > len(trades) else ""
+    sections += [
+        f"<h2>Trades ({result.n_trades:,}{shown})</h2>",
+        _table(
+            ["pair", "entry", "exit", "entry price", "exit price", "qty", "fee", "PnL"],
+            [
+                [
+                    t.pair,
+                    _date(t.entry_ts),
+                    _date(t.exit_ts),
+                    f"{t.entry_price:.8g}",
+                    f"{t.exit_price:.8g}",
+                    f"{t.qty:.8g}",
+                    f"{t.fee:.6f}",
+                    f"{t.pnl:,.4f}",
+                ]
+                for t in trades
+            ],
+        ),
+    ]
+    body = "\n".join(sections)
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Kestrel backtest: {html.escape(name)}</title><style>{_CSS}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
+def write_html_report(
+    result: BacktestResult, path: Path | str, *, monte_carlo_result: MonteCarloResult | None = None
+) -> Path:
+    """Write the HTML report to `path` atomically; return the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, render_html(result, monte_carlo_result=monte_carlo_result))
+    return target
