@@ -26,6 +26,7 @@ Public API::
 from __future__ import annotations
 
 import ast
+import dataclasses
 import enum
 import functools
 import math
@@ -123,7 +124,8 @@ class _Spec:
     param_names: frozenset[str]
     is_pattern: bool = False
     sessions: int = 0  # UTC days of history a SESSION indicator needs (live updates)
-    talib_name: str | None = None  # TA-Lib function (and talib.stream handle) name
+    talib_name: str | None = None  # TA-Lib function name
+    stream: Callable[..., Any] | None = None  # opens an O(1)-per-bar live handle on history
 
     def call(self, arrays: Sequence[npt.NDArray[Any]], params: Mapping[str, Any]) -> Output:
         out = self.func(*arrays, **params)
@@ -166,6 +168,7 @@ def _talib_spec(func_name: str) -> _Spec:
         param_names=frozenset(params),
         is_pattern=is_pattern,
         talib_name=func_name,
+        stream=getattr(stream, func_name),
     )
 
 
@@ -202,21 +205,20 @@ def _session_vwap_kernel(
     volume: FloatArray,
     ts: npt.NDArray[np.int64],
     session_ms: int,
+    state: FloatArray,
 ) -> FloatArray:
+    # state = [session number, sum(tp * v), sum(v)], carried across calls for live updates
     n = close.size
     out = np.empty(n)
-    current = np.int64(-(2**62))
-    pv = 0.0
-    vol = 0.0
     for i in range(n):
-        session = ts[i] // session_ms
-        if session != current:
-            current = session
-            pv = 0.0
-            vol = 0.0
-        pv += (high[i] + low[i] + close[i]) / 3.0 * volume[i]
-        vol += volume[i]
-        out[i] = pv / vol if vol > 0.0 else np.nan
+        session = float(ts[i] // session_ms)
+        if session != state[0]:
+            state[0] = session
+            state[1] = 0.0
+            state[2] = 0.0
+        state[1] += (high[i] + low[i] + close[i]) / 3.0 * volume[i]
+        state[2] += volume[i]
+        out[i] = state[1] / state[2] if state[2] > 0.0 else np.nan
     return out
 
 
@@ -228,80 +230,70 @@ def _anchored_vwap_kernel(
     volume: FloatArray,
     ts: npt.NDArray[np.int64],
     anchor: int,
+    state: FloatArray,
 ) -> FloatArray:
+    # state = [sum(tp * v), sum(v)] since the anchor
     n = close.size
     out = np.full(n, np.nan)
-    pv = 0.0
-    vol = 0.0
     for i in range(n):
         if ts[i] < anchor:
             continue
-        pv += (high[i] + low[i] + close[i]) / 3.0 * volume[i]
-        vol += volume[i]
-        if vol > 0.0:
-            out[i] = pv / vol
+        state[0] += (high[i] + low[i] + close[i]) / 3.0 * volume[i]
+        state[1] += volume[i]
+        if state[1] > 0.0:
+            out[i] = state[0] / state[1]
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def _zigzag_kernel(
-    high: FloatArray, low: FloatArray, deviation: float
+    high: FloatArray, low: FloatArray, deviation: float, state: FloatArray, start: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    # State machine over bars: 0 = no swing yet, 1 = rising (tracking a candidate high),
-    # -1 = falling (tracking a candidate low). A candidate becomes a pivot only on the bar
-    # where price has moved `deviation` away from it: that bar is when it is known.
+    # A state machine over bars, resumable: state = [started, trend, hi, hi_i, lo, lo_i,
+    # pivot, pivot direction, pivot bar]; bar numbers count from `start`. trend 0 = no swing
+    # yet, 1 = rising (tracking a candidate high), -1 = falling (tracking a candidate low).
+    # A candidate becomes a pivot only on the bar where price has moved `deviation` away
+    # from it: that bar is when it is known.
     n = high.size
     pivot = np.full(n, np.nan)
     direction = np.full(n, np.nan)
     age = np.full(n, np.nan)
-    if n == 0:
-        return pivot, direction, age
-    trend = 0
-    hi = high[0]
-    hi_i = 0
-    lo = low[0]
-    lo_i = 0
-    last_p = np.nan
-    last_d = 0.0
-    last_i = -1
-    for i in range(n):
-        h = high[i]
-        lo_bar = low[i]
-        if trend == 1:
+    if n > 0 and state[0] == 0.0:
+        state[:] = [1.0, 0.0, high[0], start, low[0], start, np.nan, 0.0, -1.0]
+    trend, hi, hi_i, lo, lo_i = state[1], state[2], state[3], state[4], state[5]
+    last_p, last_d, last_i = state[6], state[7], state[8]
+    for k in range(n):
+        i = float(start + k)
+        h = high[k]
+        lo_bar = low[k]
+        if trend == 1.0:
             if h > hi:
-                hi = h
-                hi_i = i
+                hi, hi_i = h, i
             elif lo_bar <= hi * (1.0 - deviation):
                 last_p, last_d, last_i = hi, -1.0, hi_i
-                trend = -1
-                lo = lo_bar
-                lo_i = i
-        elif trend == -1:
+                trend, lo, lo_i = -1.0, lo_bar, i
+        elif trend == -1.0:
             if lo_bar < lo:
-                lo = lo_bar
-                lo_i = i
+                lo, lo_i = lo_bar, i
             elif h >= lo * (1.0 + deviation):
                 last_p, last_d, last_i = lo, 1.0, lo_i
-                trend = 1
-                hi = h
-                hi_i = i
+                trend, hi, hi_i = 1.0, h, i
         else:
             if h > hi:
-                hi = h
-                hi_i = i
+                hi, hi_i = h, i
             if lo_bar < lo:
-                lo = lo_bar
-                lo_i = i
+                lo, lo_i = lo_bar, i
             if lo_i < hi_i and hi >= lo * (1.0 + deviation):
                 last_p, last_d, last_i = lo, 1.0, lo_i
-                trend = 1
+                trend = 1.0
             elif hi_i < lo_i and lo <= hi * (1.0 - deviation):
                 last_p, last_d, last_i = hi, -1.0, hi_i
-                trend = -1
-        if last_i >= 0:
-            pivot[i] = last_p
-            direction[i] = last_d
-            age[i] = i - last_i
+                trend = -1.0
+        if last_i >= 0.0:
+            pivot[k] = last_p
+            direction[k] = last_d
+            age[k] = i - last_i
+    state[1:] = [trend, hi, hi_i, lo, lo_i, last_p, last_d, last_i]
     return pivot, direction, age
 
 
@@ -386,52 +378,52 @@ def _alma_kernel(x: FloatArray, n: int, offset: float, sigma: float) -> FloatArr
 
 
 @njit(cache=True, error_model="numpy")
-def _stc_kernel(macd: FloatArray, cycle: int, factor: float) -> FloatArray:
-    n = macd.size
+def _stochastic_smooth(
+    x: FloatArray, lowest: FloatArray, highest: FloatArray, factor: float
+) -> FloatArray:
+    # Schaff's step: %K of x in its window (the last %K when the window is flat), then
+    # smoothed by `factor`, seeded with the first %K.
+    n = x.size
     out = np.full(n, np.nan)
-    pf = np.full(n, np.nan)
-    first = _first_valid(macd)
-    f1 = 0.0
-    f2 = 0.0
-    pff = np.nan
-    for i in range(first + cycle - 1, n):
-        lo = macd[i]
-        hi = macd[i]
-        for j in range(i - cycle + 1, i):
-            lo = min(lo, macd[j])
-            hi = max(hi, macd[j])
-        if hi - lo > 0.0:
-            f1 = (macd[i] - lo) / (hi - lo) * 100.0
-        prev = pf[i - 1]
-        pf[i] = f1 if np.isnan(prev) else prev + factor * (f1 - prev)
-        if i < first + 2 * (cycle - 1):
+    k = 0.0
+    smooth = np.nan
+    for i in range(n):
+        if np.isnan(lowest[i]):
             continue
-        lo = pf[i]
-        hi = pf[i]
-        for j in range(i - cycle + 1, i):
-            lo = min(lo, pf[j])
-            hi = max(hi, pf[j])
-        if hi - lo > 0.0:
-            f2 = (pf[i] - lo) / (hi - lo) * 100.0
-        pff = f2 if np.isnan(pff) else pff + factor * (f2 - pff)
-        out[i] = pff
+        span = highest[i] - lowest[i]
+        if span > 0.0:
+            k = (x[i] - lowest[i]) / span * 100.0
+        smooth = k if np.isnan(smooth) else smooth + factor * (k - smooth)
+        out[i] = smooth
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def _pivot_kernel(
-    high: FloatArray, low: FloatArray, close: FloatArray, ts: npt.NDArray[np.int64]
+    high: FloatArray,
+    low: FloatArray,
+    close: FloatArray,
+    ts: npt.NDArray[np.int64],
+    state: FloatArray,
+    out: FloatArray,
 ) -> FloatArray:
+    # state = [day (NaN before any), day high, day low, last close, pp, r1, s1, r2, s2, r3, s3];
+    # `out` is (7, n), allocated by numpy: a 56 MB numba allocation page-faults 4x slower
     n = close.size
-    out = np.full((7, n), np.nan)
-    day = np.int64(-(2**62))
-    dh = dl = dc = 0.0
-    have_prev = False
-    p = r1 = s1 = r2 = s2 = r3 = s3 = np.nan
+    day, dh, dl, dc = state[0], state[1], state[2], state[3]
+    p, r1, s1, r2, s2, r3, s3 = (
+        state[4],
+        state[5],
+        state[6],
+        state[7],
+        state[8],
+        state[9],
+        state[10],
+    )
     for i in range(n):
-        d = ts[i] // 86_400_000
-        if d != day:
-            if day != np.int64(-(2**62)):
+        today = float(ts[i] // 86_400_000)
+        if today != day:
+            if not np.isnan(day):
                 # the previous session is complete: its floor pivots hold for this one
                 p = (dh + dl + dc) / 3.0
                 r1 = 2.0 * p - dl
@@ -440,22 +432,21 @@ def _pivot_kernel(
                 s2 = p - (dh - dl)
                 r3 = dh + 2.0 * (p - dl)
                 s3 = dl - 2.0 * (dh - p)
-                have_prev = True
-            day = d
+            day = today
             dh = high[i]
             dl = low[i]
         else:
             dh = max(dh, high[i])
             dl = min(dl, low[i])
         dc = close[i]
-        if have_prev:
-            out[0, i] = p
-            out[1, i] = r1
-            out[2, i] = s1
-            out[3, i] = r2
-            out[4, i] = s2
-            out[5, i] = r3
-            out[6, i] = s3
+        out[0, i] = p
+        out[1, i] = r1
+        out[2, i] = s1
+        out[3, i] = r2
+        out[4, i] = s2
+        out[5, i] = r3
+        out[6, i] = s3
+    state[:] = [day, dh, dl, dc, p, r1, s1, r2, s2, r3, s3]
     return out
 
 
@@ -524,34 +515,70 @@ def _garman_klass_kernel(
 
 
 @njit(cache=True, error_model="numpy")
-def _streak_kernel(close: FloatArray) -> FloatArray:
+def _streak_kernel(close: FloatArray) -> tuple[FloatArray, FloatArray]:
+    # Connors' up/down streak length and the one-bar return ratio (NaN at bar 0)
     n = close.size
-    out = np.zeros(n)
+    streak = np.zeros(n)
+    ratio = np.full(n, np.nan)
     for i in range(1, n):
+        ratio[i] = close[i] / close[i - 1]
         if close[i] > close[i - 1]:
-            out[i] = max(out[i - 1], 0.0) + 1.0
+            streak[i] = max(streak[i - 1], 0.0) + 1.0
         elif close[i] < close[i - 1]:
-            out[i] = min(out[i - 1], 0.0) - 1.0
-    return out
+            streak[i] = min(streak[i - 1], 0.0) - 1.0
+    return streak, ratio
 
 
 @njit(cache=True, error_model="numpy")
 def _squeeze_kernel(
+    close: FloatArray,
     basis: FloatArray,
     dev: FloatArray,
     kc_mid: FloatArray,
     atr: FloatArray,
+    highest: FloatArray,
+    lowest: FloatArray,
     bb_mult: float,
     kc_mult: float,
-) -> FloatArray:
+) -> tuple[FloatArray, FloatArray]:
+    # one pass for both: at a million bars every extra pass over memory costs ~2 ns a bar
     n = basis.size
-    out = np.full(n, np.nan)
+    on = np.full(n, np.nan)
+    delta = np.empty(n)
     for i in range(n):
+        delta[i] = close[i] - ((highest[i] + lowest[i]) / 2.0 + basis[i]) / 2.0
         if np.isnan(dev[i]) or np.isnan(atr[i]) or np.isnan(kc_mid[i]):
             continue
         inside_low = basis[i] - bb_mult * dev[i] > kc_mid[i] - kc_mult * atr[i]
         inside_high = basis[i] + bb_mult * dev[i] < kc_mid[i] + kc_mult * atr[i]
-        out[i] = 1.0 if inside_low and inside_high else 0.0
+        on[i] = 1.0 if inside_low and inside_high else 0.0
+    return on, delta
+
+
+@njit(cache=True, error_model="numpy")
+def _abs_diff(a: FloatArray, b: FloatArray) -> FloatArray:
+    out = np.empty(a.size)
+    for i in range(a.size):
+        out[i] = abs(a[i] - b[i])
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _wavetrend_ci(ap: FloatArray, esa: FloatArray, d: FloatArray) -> FloatArray:
+    out = np.empty(ap.size)
+    for i in range(ap.size):
+        if d[i] > 0.0:
+            out[i] = (ap[i] - esa[i]) / (0.015 * d[i])
+        else:
+            out[i] = np.nan if np.isnan(d[i]) else 0.0
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _mean3(a: FloatArray, b: FloatArray, c: FloatArray) -> FloatArray:
+    out = np.empty(a.size)
+    for i in range(a.size):
+        out[i] = (a[i] + b[i] + c[i]) / 3.0
     return out
 
 
@@ -582,6 +609,36 @@ def _shift(x: FloatArray, periods: int) -> FloatArray:
 # returns one array or a tuple in the order of its declared outputs.
 
 
+class _KernelStream:
+    """A talib.stream-like handle over a resumable Kestrel kernel: O(1) per closed bar."""
+
+    def __init__(
+        self,
+        step: Callable[..., Output],
+        initial: Callable[[], FloatArray],
+        *arrays: npt.NDArray[Any],
+        **params: Any,
+    ) -> None:
+        self._step = step
+        self._params = params
+        self._state = initial()
+        self._count = len(arrays[0])
+        self.value = self._last(step(self._state, 0, *arrays, **params))
+
+    def update(self, *bar: float) -> float | tuple[float, ...]:
+        """Advance by one closed bar and return its value(s)."""
+        arrays = [np.array([value]) for value in bar]
+        self.value = self._last(self._step(self._state, self._count, *arrays, **self._params))
+        self._count += 1
+        return self.value
+
+    @staticmethod
+    def _last(out: Output) -> float | tuple[float, ...]:
+        if isinstance(out, np.ndarray):
+            return float(out[-1]) if len(out) else math.nan
+        return tuple(float(o[-1]) if len(o) else math.nan for o in out)
+
+
 _OWN: list[_Spec] = []  # filled by @_own below, in definition order
 
 
@@ -592,11 +649,19 @@ def _own(
     memory: Memory,
     description: str,
     sessions: int = 0,
+    resumable: tuple[Callable[..., Output], Callable[[], FloatArray]] | None = None,
 ) -> Callable[[Callable[..., Output]], Callable[..., Output]]:
-    """Register the decorated array function as one of Kestrel's indicators."""
+    """Register the decorated array function as one of Kestrel's indicators.
+
+    `resumable` is (step, initial state) for a kernel that can carry its state from one
+    call to the next; live updates then advance it bar by bar instead of recomputing.
+    """
 
     def decorate(func: Callable[..., Output]) -> Callable[..., Output]:
-        _OWN.append(_kestrel(func, columns, outputs, warmup, memory, description, sessions))
+        spec = _kestrel(func, columns, outputs, warmup, memory, description, sessions)
+        if resumable is not None:
+            spec = dataclasses.replace(spec, stream=functools.partial(_KernelStream, *resumable))
+        _OWN.append(spec)
         return func
 
     return decorate
@@ -642,6 +707,12 @@ def _defaults(func: Callable[..., Any], skip: int) -> dict[str, ParamValue]:
     return dict(zip(names, values, strict=True))
 
 
+def _session_vwap_step(
+    state: FloatArray, start: int, high: Any, low: Any, close: Any, volume: Any, ts: Any
+) -> FloatArray:
+    return _session_vwap_kernel(high, low, close, volume, ts, DAY_MS, state)  # type: ignore[no-any-return]
+
+
 @_own(
     ("high", "low", "close", "volume", "ts"),
     ("session_vwap",),
@@ -649,6 +720,7 @@ def _defaults(func: Callable[..., Any], skip: int) -> dict[str, ParamValue]:
     Memory.SESSION,
     "Session VWAP (UTC day)",
     sessions=1,
+    resumable=(_session_vwap_step, lambda: np.array([np.nan, 0.0, 0.0])),
 )
 def session_vwap(
     high: FloatArray, low: FloatArray, close: FloatArray, volume: FloatArray, ts: Any
@@ -658,7 +730,20 @@ def session_vwap(
     TA-Lib's `vwap` accumulates from the first row of the frame instead, so its level depends
     on where the data starts; this one only on the current day's candles.
     """
-    return _session_vwap_kernel(high, low, close, volume, ts, DAY_MS)  # type: ignore[no-any-return]
+    return _session_vwap_step(np.array([np.nan, 0.0, 0.0]), 0, high, low, close, volume, ts)
+
+
+def _anchored_vwap_step(
+    state: FloatArray,
+    start: int,
+    high: Any,
+    low: Any,
+    close: Any,
+    volume: Any,
+    ts: Any,
+    anchor: int = 0,
+) -> FloatArray:
+    return _anchored_vwap_kernel(high, low, close, volume, ts, int(anchor), state)  # type: ignore[no-any-return]
 
 
 @_own(
@@ -667,6 +752,7 @@ def session_vwap(
     lambda p: 0,
     Memory.PATH,
     "Anchored VWAP",
+    resumable=(_anchored_vwap_step, lambda: np.zeros(2)),
 )
 def anchored_vwap(
     high: FloatArray,
@@ -681,7 +767,7 @@ def anchored_vwap(
     `anchor` is epoch ms (a Timestamp or ISO string is accepted by `compute`); rows before
     it are NaN.
     """
-    return _anchored_vwap_kernel(high, low, close, volume, ts, int(anchor))  # type: ignore[no-any-return]
+    return _anchored_vwap_step(np.zeros(2), 0, high, low, close, volume, ts, anchor=anchor)
 
 
 @_own(
@@ -740,8 +826,19 @@ def chandelier(
     return long_stop, short_stop
 
 
+def _zigzag_step(
+    state: FloatArray, start: int, high: FloatArray, low: FloatArray, deviation: float = 5.0
+) -> tuple[FloatArray, ...]:
+    return _zigzag_kernel(high, low, deviation / 100.0, state, start)  # type: ignore[no-any-return]
+
+
 @_own(
-    ("high", "low"), ("pivot", "direction", "age"), lambda p: 0, Memory.PATH, "ZigZag (confirmed)"
+    ("high", "low"),
+    ("pivot", "direction", "age"),
+    lambda p: 0,
+    Memory.PATH,
+    "ZigZag (confirmed)",
+    resumable=(_zigzag_step, lambda: np.zeros(9)),
 )
 def zigzag(high: FloatArray, low: FloatArray, deviation: float = 5.0) -> tuple[FloatArray, ...]:
     """Return the non-repainting ZigZag: the last confirmed pivot as known at each bar.
@@ -754,7 +851,7 @@ def zigzag(high: FloatArray, low: FloatArray, deviation: float = 5.0) -> tuple[F
     bar). A chart ZigZag that draws pivots at their own bars needs hindsight: that is
     `zigzag_pivots`, kept out of the registry.
     """
-    return _zigzag_kernel(high, low, deviation / 100.0)  # type: ignore[no-any-return]
+    return _zigzag_step(np.zeros(9), 0, high, low, deviation)
 
 
 @_own(
@@ -814,18 +911,18 @@ def squeeze(
     close - ((highest high + lowest low)/2 + SMA(close))/2.
     """
     basis = talib.SMA(close, timeperiod)
-    dev = talib.STDDEV(close, timeperiod, 1.0)
-    on = _squeeze_kernel(
+    on, delta = _squeeze_kernel(
+        close,
         basis,
-        dev,
+        talib.STDDEV(close, timeperiod, 1.0),
         talib.EMA(close, timeperiod),
         talib.ATR(high, low, close, timeperiod),
+        talib.MAX(high, timeperiod),
+        talib.MIN(low, timeperiod),
         bb_mult,
         kc_mult,
     )
-    mid = (talib.MAX(high, timeperiod) + talib.MIN(low, timeperiod)) / 2.0
-    momentum = talib.LINEARREG(close - (mid + basis) / 2.0, timeperiod)
-    return on, momentum
+    return on, talib.LINEARREG(delta, timeperiod)
 
 
 @_own(("close",), ("zscore",), lambda p: p["timeperiod"] - 1, Memory.FINITE, "Rolling z-score")
@@ -868,10 +965,8 @@ def wavetrend(
     """
     ap = talib.TYPPRICE(high, low, close)
     esa = talib.EMA(ap, channel)
-    d = talib.EMA(np.abs(ap - esa), channel)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ci = np.where(d > 0.0, (ap - esa) / (0.015 * d), np.where(np.isnan(d), np.nan, 0.0))
-    wt1 = talib.EMA(ci, average)
+    d = talib.EMA(_abs_diff(ap, esa), channel)
+    wt1 = talib.EMA(_wavetrend_ci(ap, esa, d), average)
     return wt1, talib.SMA(wt1, signal)
 
 
@@ -891,7 +986,8 @@ def stc(
 ) -> FloatArray:
     """Return Doug Schaff's trend cycle: a doubly smoothed stochastic of MACD(fast, slow)."""
     macd = talib.EMA(price, fastperiod) - talib.EMA(price, slowperiod)
-    return _stc_kernel(macd, cycle, factor)  # type: ignore[no-any-return]
+    pf = _stochastic_smooth(macd, talib.MIN(macd, cycle), talib.MAX(macd, cycle), factor)
+    return _stochastic_smooth(pf, talib.MIN(pf, cycle), talib.MAX(pf, cycle), factor)  # type: ignore[no-any-return]
 
 
 @_own(("close",), ("ulcer_index",), lambda p: 2 * p["timeperiod"] - 2, Memory.FINITE, "Ulcer Index")
@@ -902,6 +998,13 @@ def ulcer_index(price: FloatArray, timeperiod: int = 14) -> FloatArray:
     return np.sqrt(talib.SUM(drawdown * drawdown, timeperiod) / timeperiod)  # type: ignore[no-any-return]
 
 
+def _pivot_step(
+    state: FloatArray, start: int, high: Any, low: Any, close: Any, ts: Any
+) -> tuple[FloatArray, ...]:
+    out = np.empty((7, len(close)))
+    return tuple(_pivot_kernel(high, low, close, ts, state, out))
+
+
 @_own(
     ("high", "low", "close", "ts"),
     ("pp", "r1", "s1", "r2", "s2", "r3", "s3"),
@@ -909,6 +1012,7 @@ def ulcer_index(price: FloatArray, timeperiod: int = 14) -> FloatArray:
     Memory.SESSION,
     "Daily floor pivots",
     sessions=2,
+    resumable=(_pivot_step, lambda: np.full(11, np.nan)),
 )
 def pivot_points(
     high: FloatArray, low: FloatArray, close: FloatArray, ts: Any
@@ -918,8 +1022,7 @@ def pivot_points(
     pp = (H+L+C)/3 of the last completed day with data, r1 = 2pp-L, s1 = 2pp-H,
     r2 = pp+(H-L), s2 = pp-(H-L), r3 = H+2(pp-L), s3 = L-2(H-pp). The first day is NaN.
     """
-    out = _pivot_kernel(high, low, close, ts)
-    return out[0], out[1], out[2], out[3], out[4], out[5], out[6]
+    return _pivot_step(np.full(11, np.nan), 0, high, low, close, ts)
 
 
 @_own(
@@ -972,9 +1075,10 @@ def connors_rsi(
     RSI(close, 3), RSI(up/down streak length, 2) and the percent rank of the one-bar return
     among the previous `rank_period` returns (TA-Lib PERCENTRANK).
     """
-    streak = _streak_kernel(price)
-    rank = talib.PERCENTRANK(talib.ROC(price, 1), rank_period)
-    return (talib.RSI(price, rsi_period) + talib.RSI(streak, streak_period) + rank) / 3.0  # type: ignore[no-any-return]
+    streak, ratio = _streak_kernel(price)
+    # the percent rank of close/prev is that of ROC(1): ranks ignore scale and offset
+    rank = talib.PERCENTRANK(ratio, rank_period)
+    return _mean3(talib.RSI(price, rsi_period), talib.RSI(streak, streak_period), rank)  # type: ignore[no-any-return]
 
 
 @_own(
@@ -1012,7 +1116,7 @@ def zigzag_pivots(df: pd.DataFrame, deviation: float = 5.0) -> pd.Series:
     Repaints: a pivot drawn at bar i was only confirmed at a later bar, so using this as a
     feature leaks the future. Strategies use the registry's `zigzag` instead.
     """
-    pivot, _, age = _zigzag_kernel(_col(df, "high"), _col(df, "low"), deviation / 100.0)
+    pivot, _, age = zigzag(_col(df, "high"), _col(df, "low"), deviation)
     out = np.full(len(df), np.nan)
     # a new confirmation is where the age does not simply grow by one bar
     for i in np.flatnonzero(np.diff(age, prepend=np.nan) != 1.0):
@@ -1831,7 +1935,7 @@ class _Plan:
 
     def __post_init__(self) -> None:
         self.inputs = self.spec.info.columns
-        self.streams = self.spec.talib_name is not None
+        self.streams = self.spec.stream is not None
         self.single = len(self.columns) == 1
         getter = operator.itemgetter(*self.inputs)
         self.pick = (lambda bar: (getter(bar),)) if len(self.inputs) == 1 else getter
@@ -1842,25 +1946,27 @@ class _Plan:
 class FeatureEngine:
     """Keep one pair's features current, candle by candle, from a bounded tail window.
 
-    TA-Lib features run on TA-Lib's own streaming handles (`talib.stream`): opened once on
-    the seed history, then advanced O(1) per closed candle, bit-identical to the Function
-    API over the whole history, running totals (OBV) and path-dependent ones (SAR) included.
+    Stateful features run on live handles, opened once on the seed history and then advanced
+    O(1) per closed candle: TA-Lib's own streaming API (`talib.stream`, bit-identical to the
+    Function API over the whole history, running totals such as OBV and path-dependent ones
+    such as SAR included) and Kestrel's resumable kernels (session VWAP, anchored VWAP,
+    ZigZag, daily pivots), which carry their state the same way.
 
-    Every other feature (Kestrel's own, custom, formulas) is recomputed on each closed
-    candle from a ring of the last `window` candles, on only the tail its memory needs
-    (see `Memory`):
+    Every other feature (Kestrel's windowed ones, custom indicators, formulas) is recomputed
+    per closed candle from a ring of the last `window` candles, on only the tail its memory
+    needs (see `Memory`):
 
     - finite (z-score, Ichimoku, ALMA...): the last warm-up + 1 bars; exact.
     - converging (Fisher, Schaff, WaveTrend... anything with an EMA or Wilder average
       inside): a tail found by probing (1.5x the shortest that reproduces the full result
       to 1e-8 on a random walk), at most `converge_bars`. Old bars fade out geometrically,
-      so the value agrees with a full recomputation once the engine has seen that many
-      candles; choose `converge_bars` several times the longest lookback.
-    - additive / multiplicative: the last step is chained onto the level from `seed`.
-    - session (session VWAP, pivots): the bars since the start of the UTC day (and the
-      previous day for pivots); the default window holds them.
-    - path (ZigZag, anchored VWAP): the whole window; equal to a full recomputation while
-      the window reaches back past the anchor / the pivots it depends on.
+      so the value matches a full recomputation to ~1e-8 of its scale; `converge_bars`
+      (1000) is many times the longest default lookback (a custom indicator with a longer
+      memory needs a larger one).
+    - additive / multiplicative (a custom running total): the last step is chained onto the
+      level computed over the whole seed history; exact.
+    - session / path without a resumable kernel (custom): the whole window; exact while the
+      window reaches back past the session start or anchor they depend on.
 
     Args:
         spec: Feature spec as for `feature_frame` (None: `default_spec()`).
@@ -1880,7 +1986,7 @@ class FeatureEngine:
             entry = _spec(feature.name)
             params = _coerce(entry, feature.params)
             warm = entry.warmup_fn({**entry.info.params, **params})
-            if entry.talib_name is not None:
+            if entry.stream is not None:
                 self._plans.append(_Plan(entry, params, feature.columns, Memory.PATH, warm + 1))
                 continue
             memory = memory_of(feature.name, **params)
@@ -2007,9 +2113,9 @@ class FeatureEngine:
             raise InvariantError("candle has a non-finite value", pair=candle.pair, ts=candle.ts)
 
     def _open(self, plan: _Plan, arrays: list[npt.NDArray[Any]]) -> dict[str, float]:
-        opener = getattr(stream, str(plan.spec.talib_name))
+        assert plan.spec.stream is not None
         try:
-            plan.handle = opener(*arrays, **plan.params)
+            plan.handle = plan.spec.stream(*arrays, **plan.params)
         except talib.InsufficientHistory:  # type: ignore[attr-defined]
             return dict.fromkeys(plan.columns, math.nan)
         value = plan.handle.value
@@ -2025,12 +2131,13 @@ class FeatureEngine:
         return self._open(plan, [self._buffers[c][begin : self._end] for c in plan.inputs])
 
     def _default_window(self, ts: npt.NDArray[np.int64]) -> int:
-        needed = max((plan.tail for plan in self._plans), default=1)
-        sessions = max((plan.spec.sessions for plan in self._plans), default=0)
+        plans = [plan for plan in self._plans if not plan.streams]
+        needed = max((plan.tail for plan in plans), default=1)
+        sessions = max((plan.spec.sessions for plan in plans), default=0)
         if sessions:
             bar_ms = int(np.median(np.diff(ts))) if len(ts) > 1 else 60_000
             needed = max(needed, sessions * DAY_MS // max(bar_ms, 1) + 1)
-        if any(plan.memory is Memory.PATH and not plan.streams for plan in self._plans):
+        if any(plan.memory is Memory.PATH for plan in plans):
             needed = max(needed, CONVERGE_BARS)
         return needed
 
@@ -2165,16 +2272,17 @@ def detect_regime(
     slope_period: int = 20,
     atr_period: int = 14,
     vol_window: int = 500,
-    vol_percentile: float = 95.0,
+    vol_ratio: float = 1.8,
 ) -> pd.Series:
     """Label each bar trending_up, trending_down, ranging or high_volatility.
 
-    high_volatility wins when ATR as % of price (NATR) ranks at or above `vol_percentile`
-    among its previous `vol_window` values (a relative, causal measure: a calm market that
-    turns wild is flagged; a market that stays wild becomes its own normal). Otherwise a bar
-    trends when ADX >= `adx_threshold`, up or down by the sign of the linear-regression
-    slope of close over `slope_period` bars; else it is ranging. Bars in ADX/slope warm-up
-    are missing (NaN); before `vol_window` bars the volatility test is skipped.
+    high_volatility wins when ATR as % of price (NATR) is at least `vol_ratio` times its
+    median over the previous `vol_window` bars: relative and causal, so a calm market that
+    turns wild is flagged, and one that stays wild becomes its own normal after about half
+    the window. Otherwise a bar trends when ADX >= `adx_threshold`, up or down by the sign of
+    the linear-regression slope of close over `slope_period` bars; else it is ranging. Bars
+    in the ADX/slope warm-up are missing (NaN); before `vol_window` bars there is no
+    volatility baseline and the test is skipped.
 
     Returns:
         A categorical Series named "regime" aligned with `df.index`.
@@ -2182,7 +2290,8 @@ def detect_regime(
     high, low, close = _col(df, "high"), _col(df, "low"), _col(df, "close")
     adx = talib.ADX(high, low, close, adx_period)
     slope = talib.LINEARREG_SLOPE(close, slope_period)
-    vol_rank = talib.PERCENTRANK(talib.NATR(high, low, close, atr_period), vol_window)
+    natr = talib.NATR(high, low, close, atr_period)
+    baseline = _shift(talib.PERCENTILE(natr, vol_window, 50.0), 1)
     labels = np.full(len(df), None, dtype=object)
     known = ~np.isnan(adx) & ~np.isnan(slope)
     trending = known & (adx >= adx_threshold)
@@ -2190,6 +2299,6 @@ def detect_regime(
     labels[trending & (slope > 0)] = Regime.TRENDING_UP.value
     labels[trending & (slope < 0)] = Regime.TRENDING_DOWN.value
     with np.errstate(invalid="ignore"):
-        labels[known & (vol_rank >= vol_percentile)] = Regime.HIGH_VOLATILITY.value
+        labels[known & (natr >= vol_ratio * baseline)] = Regime.HIGH_VOLATILITY.value
     categories = [r.value for r in Regime]
     return pd.Series(pd.Categorical(labels, categories=categories), index=df.index, name="regime")
