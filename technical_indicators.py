@@ -16,7 +16,7 @@ function that needs hindsight, `zigzag_pivots`, says so and is kept out of the r
 Public API::
 
     compute(df, "rsi", timeperiod=14) -> Series | DataFrame   (aligned with df.index)
-    available() -> {name: IndicatorInfo};  lookback(name, **params) -> int
+    available() -> {name: IndicatorInfo};  lookback(name, **params);  memory_of(name)
     detect_patterns(df), pattern_summary(df, lookback=3)
     @indicator(...), register_formula(name, expression), unregister(name)
     feature_frame(df, spec=None), FeatureEngine(spec, window=...)
@@ -1394,9 +1394,13 @@ def memory_of(name: str, **params: Any) -> Memory:
 # -- Candlestick patterns --------------------------------------------------------------------
 
 
-def _normalise_patterns(out: npt.NDArray[Any]) -> None:
-    np.sign(out, out=out)
-    out *= PATTERN_VALUE
+@njit(cache=True)
+def _normalise_patterns(out: npt.NDArray[np.int32]) -> None:
+    # in place, writing only the rare +-80/+-200 cells: a read-mostly pass
+    for i in range(out.size):
+        value = out[i]
+        if value != 0 and value != 100 and value != -100:
+            out[i] = 100 if value > 0 else -100
 
 
 def _pattern_value(value: float) -> float:
@@ -1411,13 +1415,13 @@ def detect_patterns(df: pd.DataFrame) -> pd.DataFrame:
     for a weaker Engulfing/Harami/Harami Cross (bodies sharing an edge); every non-zero value
     becomes +-100 by its sign, so each column reads the same way: sign = direction, 0 = none.
     """
-    arrays = {c: _col(df, c) for c in OHLCV[:4]}
-    out = np.empty((len(PATTERN_NAMES), len(df)), dtype=np.int32)
-    for row, name in enumerate(PATTERN_NAMES):
-        spec = _REGISTRY[name]
-        out[row] = spec.func(*(arrays[c] for c in spec.info.columns))
-    _normalise_patterns(out)
-    return pd.DataFrame(out.T, index=df.index, columns=list(PATTERN_NAMES), copy=False)
+    arrays = [_col(df, c) for c in OHLCV[:4]]
+    columns: dict[str, npt.NDArray[np.int32]] = {}
+    for name in PATTERN_NAMES:
+        out: npt.NDArray[np.int32] = _REGISTRY[name].func(*arrays)  # type: ignore[assignment]
+        _normalise_patterns(out)
+        columns[name] = out
+    return pd.DataFrame(columns, index=df.index, copy=False)
 
 
 def pattern_summary(df: pd.DataFrame, lookback: int = 3) -> list[dict[str, Any]]:
@@ -1505,8 +1509,8 @@ def indicator(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a user function as an indicator usable by compute(), features and formulas.
 
-    The function receives the `inputs` columns as float64 arrays, positionally, and the
-    parameters as keywords; it returns one array (or Series) per output, as a tuple when
+    The function receives the `inputs` columns as float64 arrays (read-only views of the
+    frame: do not write into them), positionally, and the parameters as keywords; it returns one array (or Series) per output, as a tuple when
     there are several. Example::
 
         @indicator("range_pct", params={"timeperiod": 14}, inputs=("high", "low", "close"),
