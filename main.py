@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     args = build_parser().parse_args(argv)
     from config import load_settings, masked
-    from error_handler import ConfigError, DataError, FatalError
+    from error_handler import BotError, ConfigError, DataError, FatalError
 
     try:
         settings = _apply_cli(load_settings(env_file=args.env_file), args)
@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e.message)
     except FatalError as e:
         return _fail(e.message, e.exit_code)
+    except BotError as e:  # e.g. the exchange stayed unreachable through every retry
+        return _fail(f"{type(e).__name__}: {e.message}", EXIT_FATAL)
     except KeyboardInterrupt:
         return 130
 

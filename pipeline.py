@@ -362,6 +362,7 @@ class Engine:
             "signal",
             now,
             pair=signal.pair,
+            candle_ts=signal.ts,
             side=str(signal.side),
             strength=signal.strength,
             reason=signal.reason,
@@ -380,13 +381,27 @@ class Engine:
         if isinstance(verdict, Veto):
             self.vetoes += 1
             self.audit.record(
-                "veto", now, pair=signal.pair, reason=verdict.reason, guard=verdict.guard
+                "veto",
+                now,
+                pair=signal.pair,
+                candle_ts=signal.ts,
+                reason=verdict.reason,
+                guard=verdict.guard,
             )
             self.decisions[signal.pair] = Decision(
                 signal.pair, now, signal, "veto", veto=verdict, features=signal.features
             )
             return
-        self.audit.record("risk_approved", now, pair=signal.pair, reason=verdict.reason)
+        self.audit.record(
+            "risk_approved",
+            now,
+            pair=signal.pair,
+            candle_ts=signal.ts,
+            side=str(verdict.side),
+            qty=str(verdict.qty),
+            client_order_id=verdict.client_order_id,
+            reason=verdict.reason,
+        )
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from config import Settings
-from data_manager import DataManager, load_candles, sample_file
+from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
 from error_handler import ConfigError, DataError
 from models import BotState, Candle
 from pipeline import Engine, PrecomputedSignals
@@ -58,19 +58,29 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
 
 
 def load_frames(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Return the candle frames to replay, by pair: `--data`, else the bundled sample."""
+    """Return the candle frames to replay, by pair.
+
+    `--data FILE` for one pair; else the pair's Parquet archive under the data directory
+    (filled by `--mode backfill`); else the bundled sample.
+    """
     timeframe = settings.strategy.timeframe
     pairs = settings.strategy.pairs
     if args.data is not None:
         if len(pairs) != 1:
             raise ConfigError("--data replays one file: pass exactly one pair with --pairs")
         return {pairs[0]: load_candles(args.data, timeframe=timeframe)}
-    return {
-        pair: load_candles(
-            sample_file(settings.storage.sample_dir, pair, timeframe), timeframe=timeframe
-        )
-        for pair in pairs
-    }
+    archive = CandleStore(settings.storage.data_dir)
+    frames = {}
+    for pair in pairs:
+        if archive.has(pair, timeframe):
+            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
+            if frame.empty:
+                raise DataError(f"archive {archive.path(pair, timeframe)} holds no candles")
+            frames[pair] = frame
+        else:
+            path = sample_file(settings.storage.sample_dir, pair, timeframe)
+            frames[pair] = load_candles(path, timeframe=timeframe)
+    return frames
 
 
 class Daemon:
@@ -465,5 +475,67 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a batch mode (optimize, backfill, train, pairs, parity)."""
-    raise DataError(f"--mode {args.mode} is not available yet")
+    """Run a batch mode (optimize, backfill, train, pairs, parity); return the exit status."""
+    if args.mode == "backfill":
+        from data_manager import run_backfill_cli  # noqa: PLC0415
+
+        return await run_backfill_cli(args, settings)
+    if args.mode == "pairs":
+        from top_pairs import run_pairs_cli  # noqa: PLC0415
+
+        return await run_pairs_cli(args, settings)
+    if args.mode == "optimize":
+        from parameter_optimization import run_optimize_cli  # noqa: PLC0415
+
+        return await run_optimize_cli(args, settings)
+    if args.mode == "train":
+        from self_learning import run_train_cli  # noqa: PLC0415
+
+        frames = load_frames(args, settings)
+        models_dir = settings.storage.data_dir / "models"
+        for pair, frame in frames.items():
+            name = f"direction-{pair.split(':')[0].replace('/', '-')}-{settings.strategy.timeframe}"
+            code = await run_train_cli(frame, settings.learning, models_dir, name=name)
+            if code:
+                return code
+        return 0
+    if args.mode == "parity":
+        return await run_parity(args, settings)
+    raise ConfigError(f"unknown batch mode {args.mode}")
+
+
+async def run_parity(args: argparse.Namespace, settings: Settings) -> int:
+    """Replay the recorded live candles through the backtester and report every difference.
+
+    Exit status 0 when every decision matched, 1 when something differed.
+    """
+    from rich.console import Console  # noqa: PLC0415
+
+    from parity import DECISION_KINDS, compare, read_audit, render  # noqa: PLC0415
+    from utils.utilities import parse_date_ms  # noqa: PLC0415
+
+    since = parse_date_ms(args.since) if args.since else None
+    live = read_audit(settings.storage.log_dir, since)
+    pairs = sorted({e["pair"] for e in live if e.get("kind") in DECISION_KINDS})
+    if not pairs:
+        raise DataError(
+            f"no recorded live decisions in {settings.storage.log_dir}/audit.jsonl"
+            + (f" since {args.since}" if args.since else "")
+        )
+    data = settings.model_dump()
+    data["strategy"]["pairs"] = pairs
+    replay_settings = Settings.model_validate(data)
+    replay_args = argparse.Namespace(**{**vars(args), "mode": "backtest", "timerange": None})
+    daemon = Daemon(replay_args, replay_settings)
+    daemon.audit = AuditTrail(None, keep=True)
+    daemon.build_replay()
+    await daemon.run()
+    assert daemon.audit.events is not None
+    replayed = [
+        e for e in daemon.audit.events if since is None or e.get("candle_ts", e["ts"]) >= since
+    ]
+    report = compare(live, replayed)
+    Console(file=sys.stdout, width=140).print(render(report))
+    out = args.summary_json or settings.storage.data_dir / "parity" / "report.json"
+    atomic_write(Path(out), json.dumps(report.to_json(), indent=2, default=str))
+    return 0 if report.ok else 1

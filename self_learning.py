@@ -395,11 +395,13 @@ def train_and_save(
     return meta
 
 
-async def run_train_cli(frame: pd.DataFrame, settings: LearningSettings, models_dir: Path) -> int:
+async def run_train_cli(
+    frame: pd.DataFrame, settings: LearningSettings, models_dir: Path, *, name: str = "direction"
+) -> int:
     """Train on `frame` in a worker process, save the version, print its metrics."""
     from utils.utilities import run_cpu  # noqa: PLC0415
 
-    meta = await run_cpu(train_and_save, frame, settings, models_dir)
+    meta = await run_cpu(train_and_save, frame, settings, models_dir, name)
     folder = ModelRegistry(models_dir, meta.name).root / meta.version
     print(json.dumps({"saved": str(folder), **asdict(meta)}, indent=2, default=str))
     return 0

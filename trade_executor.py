@@ -121,6 +121,8 @@ class TradeExecutor:
         self.orders: dict[str, Order] = {}
         self._intents: dict[str, OrderIntent] = {}
         self._protective: dict[str, list[str]] = {}
+        self._protective_base: dict[str, str] = {}
+        self._amendments = 1
         self.rejections = 0
         self.latencies_ms: list[float] = []
 
@@ -296,6 +298,7 @@ class TradeExecutor:
         if position is None:
             return
         await self._cancel_protection(pair)
+        self._protective_base[pair] = intent.client_order_id
         exit_side = intent.side.opposite
         self.portfolio.set_protection(pair, stop=intent.stop_loss, take_profit=intent.take_profit)
         now = self._clock.now_ms()
@@ -311,7 +314,7 @@ class TradeExecutor:
                 pair=pair,
                 side=exit_side,
                 qty=position.qty,
-                client_order_id=f"{intent.client_order_id[:32]}{kind}",
+                client_order_id=protective_id(intent.client_order_id, kind, 0),
                 reason=f"{'stop-loss' if kind == 'sl' else 'take-profit'} for {intent.client_order_id}",
                 reduce_only=True,
                 ts=now,
@@ -368,12 +371,15 @@ class TradeExecutor:
             side=Side.SELL if self.portfolio.signed_qty(pair) > 0 else Side.BUY,
             qty=position.qty,
             type=OrderType.STOP_MARKET,
-            client_order_id=f"k{now:x}sl{len(self.orders):05x}"[:36],
+            client_order_id=protective_id(
+                self._protective_base.get(pair, f"k{now:x}"), "sl", self._amendments
+            ),
             reason=f"stop moved to {stop}",
             stop_price=stop,
             reduce_only=True,
             ts=now,
         )
+        self._amendments += 1
         placed = await self.submit(intent, last_price=position.mark_price)
         if placed.status is not OrderStatus.REJECTED:
             ids.append(placed.client_order_id)
@@ -398,6 +404,16 @@ class TradeExecutor:
     def open_orders(self) -> list[Order]:
         """Return orders not yet in a terminal state."""
         return [o for o in self.orders.values() if not o.status.is_terminal]
+
+
+def protective_id(entry_id: str, kind: str, seq: int) -> str:
+    """Return the client id of a protective order: `<entry id>-<sl|tp><seq>`, <= 36 chars.
+
+    The entry's id stays a prefix, so fills of stops and take-profits (and of every
+    amended stop) trace back to the decision that opened the position.
+    """
+    suffix = f"-{kind}{seq:x}"
+    return entry_id[: 36 - len(suffix)] + suffix
 
 
 def _intent_fields(intent: OrderIntent) -> dict[str, str | None]:

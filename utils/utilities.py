@@ -520,15 +520,19 @@ class AuditTrail:
     Written to `logs/audit.jsonl` with rotation, separate from the operational log.
     """
 
-    def __init__(self, log_dir: Path | None) -> None:
+    def __init__(self, log_dir: Path | None, *, keep: bool = False) -> None:
         self._logger = audit_logger(log_dir) if log_dir is not None else None
         self.count = 0
+        # keep=True also holds events in memory (the parity audit compares two runs).
+        self.events: list[dict[str, Any]] | None = [] if keep else None
 
     def record(self, kind: str, ts: int, **data: Any) -> None:
         """Write one audit event."""
         import json
 
         self.count += 1
+        if self.events is not None:
+            self.events.append({"kind": kind, "ts": ts, **data})
         if self._logger is not None:
             payload = {"kind": kind, "ts": ts, **redact(data)}
             self._logger.info(json.dumps(payload, default=str, separators=(",", ":")))
