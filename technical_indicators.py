@@ -1510,8 +1510,8 @@ def indicator(
     """Register a user function as an indicator usable by compute(), features and formulas.
 
     The function receives the `inputs` columns as float64 arrays (read-only views of the
-    frame: do not write into them), positionally, and the parameters as keywords; it returns one array (or Series) per output, as a tuple when
-    there are several. Example::
+    frame: do not write into them), positionally, and the parameters as keywords; it
+    returns one array (or Series) per output, as a tuple when there are several. Example::
 
         @indicator("range_pct", params={"timeperiod": 14}, inputs=("high", "low", "close"),
                    warmup=lambda p: p["timeperiod"] - 1)
