@@ -627,7 +627,10 @@ class CandleStore:
         path = self.path(pair, timeframe)
         if not path.is_file():
             return None
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except _READ_ERRORS as e:
+            raise DataError(f"cannot read archive {path}: {e}", path=str(path)) from e
         stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
         known = [s for s in stats if s is not None and s.has_min_max]
         if not known:

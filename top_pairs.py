@@ -3,8 +3,9 @@
 A chain of one generator then filters, each a small class behind a Protocol (freqtrade's
 `PairListManager`)::
 
-    VolumeRanking -> QuoteFilter -> LeveragedTokenFilter -> StablecoinFilter
-        -> MinVolumeFilter -> SpreadFilter -> TopFilter(2n) -> DepthFilter -> TopFilter(n)
+    VolumeRanking -> [MarketTypeFilter] -> QuoteFilter -> LeveragedTokenFilter
+        -> StablecoinFilter -> MinVolumeFilter -> SpreadFilter -> TopFilter(2n)
+        -> DepthFilter -> TopFilter(n)
 
 The generator turns active markets and 24h tickers into `PairStats` (quote volume, spread
 in bps) sorted by quote volume; `DepthFilter` adds the order-book depth within +-1% of mid
