@@ -1,0 +1,81 @@
+"""Dependency direction (STYLE rule 1): main -> runner -> pipeline -> components -> leaves.
+
+Imports are read with `ast`, lazy ones inside functions included, so a back-edge fails here
+whatever line it hides on.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+LEAVES = {"models", "error_handler", "config", "utils"}
+OURS = {p.stem for p in ROOT.glob("*.py")} | {"utils"}
+# Component-to-component edges we accept, each for a stated reason. Anything else fails.
+ALLOWED = {
+    ("trade_executor", "portfolio"): "the executor applies fills to the portfolio it is given",
+    ("trade_simulator", "strategy"): "the backtest fast path runs a strategy's populate()",
+    ("analytics", "trade_simulator"): "metrics read BacktestResult",
+    ("parameter_optimization", "strategy"): "the optimiser searches a strategy's parameters",
+    ("parameter_optimization", "trade_simulator"): "each candidate is a fast-path backtest",
+    ("parameter_optimization", "data_manager"): "its CLI entry loads candles",
+    ("data_manager", "technical_indicators"): "detect_patterns delegates to the indicator library",
+    ("data_manager", "exchange"): "the backfill CLI entry builds an Exchange (lazily)",
+    ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
+    ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
+    ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return {name for name in found if name in OURS and name != path.stem}
+
+
+GRAPH = {p.stem: _imports(p) for p in sorted(ROOT.glob("*.py"))}
+GRAPH["utils"] = set().union(*(_imports(p) for p in (ROOT / "utils").glob("*.py")))
+
+
+def test_nothing_imports_main() -> None:
+    """No module imports main."""
+    assert not [m for m, deps in GRAPH.items() if "main" in deps]
+
+
+def test_only_main_imports_runner_and_only_runner_imports_pipeline() -> None:
+    """The wiring layers are imported from above only."""
+    assert {m for m, deps in GRAPH.items() if "runner" in deps} <= {"main"}
+    assert {m for m, deps in GRAPH.items() if "pipeline" in deps} <= {"runner"}
+
+
+@pytest.mark.parametrize("leaf", ["models", "error_handler"])
+def test_leaves_import_nothing_of_ours(leaf: str) -> None:
+    """models and error_handler sit at the bottom."""
+    assert GRAPH[leaf] == set()
+
+
+def test_config_and_utils_stay_low() -> None:
+    """config and utils depend only on the leaves."""
+    assert GRAPH["config"] <= {"error_handler"}
+    assert GRAPH["utils"] <= {"error_handler", "models", "config"}
+
+
+@pytest.mark.parametrize(
+    "module", sorted(set(GRAPH) - LEAVES - {"main", "runner", "pipeline"})
+)
+def test_components_import_each_other_only_where_allowed(module: str) -> None:
+    """A component imports leaves, or another component only on a documented edge."""
+    unexpected = {
+        dep for dep in GRAPH[module] - LEAVES if (module, dep) not in ALLOWED
+    }
+    assert not unexpected, f"{module} imports {sorted(unexpected)}"
