@@ -1492,16 +1492,22 @@ class Exchange:
             yield candle
 
     def watch_tickers(self, pairs: Sequence[str]) -> AsyncIterator[Ticker]:
-        """Yield ticker updates of `pairs` as they arrive."""
+        """Yield ticker updates of `pairs` as they arrive (the latest state per update)."""
         client = self._ensure_open()
 
-        def stream(group: list[str]) -> AsyncIterator[Ticker]:
+        # One watch per pair: ccxt's multi-symbol watch_tickers returns only the ticker
+        # whose frame settled the race, and drops the others' updates of that moment.
+        def stream(pair: str) -> AsyncIterator[Ticker]:
             async def convert(raw: dict[str, Any]) -> list[Ticker]:
-                return [self._ticker(t, s) for s, t in raw.items() if s in group]
+                # ccxt resolves with the ticker of the frame that settled the future; frames
+                # parsed before we resumed replaced it in `client.tickers`: take the latest.
+                return [self._ticker(client.tickers.get(pair) or raw, pair)]
 
-            return self._stream("watch_tickers", lambda: client.watch_tickers(group), convert)
+            return self._stream(
+                "watch_tickers", functools.partial(client.watch_ticker, pair), convert, pair=pair
+            )
 
-        return self._merge([stream(g) for g in self._group(pairs).values() if g])
+        return self._merge([stream(self.market(p).pair) for p in pairs])
 
     def watch_order_book(self, pair: str, limit: int = 50) -> AsyncIterator[OrderBook]:
         """Yield the book of `pair` (top `limit` levels) after each update."""
@@ -1519,15 +1525,15 @@ class Exchange:
         """Yield public trades of `pairs` as they print."""
         client = self._ensure_open()
 
-        def stream(group: list[str]) -> AsyncIterator[Trade]:
+        def stream(pair: str) -> AsyncIterator[Trade]:  # one watch per pair, as for tickers
             async def convert(raw: list[dict[str, Any]]) -> list[Trade]:
-                return [self._trade(t, str(t.get("symbol"))) for t in raw]
+                return [self._trade(t, pair) for t in raw]
 
             return self._stream(
-                "watch_trades", lambda: client.watch_trades_for_symbols(group), convert
+                "watch_trades", functools.partial(client.watch_trades, pair), convert, pair=pair
             )
 
-        return self._merge([stream(g) for g in self._group(pairs).values() if g])
+        return self._merge([stream(self.market(p).pair) for p in pairs])
 
     def watch_orders(self) -> AsyncIterator[Order]:
         """Yield order updates (all pairs); after a reconnect, the open orders again."""
@@ -1582,7 +1588,9 @@ class Exchange:
         client = self._ensure_open()
 
         async def convert(raw: dict[str, Any]) -> list[dict[str, Balance]]:
-            return [_balances_from_ccxt(raw)]
+            # As for tickers: the unified wallet parsed last, not the one that woke us.
+            latest = client.balance.get("unified") if isinstance(client.balance, dict) else None
+            return [_balances_from_ccxt(latest or raw)]
 
         async def resync() -> list[dict[str, Balance]]:
             return [await self.fetch_balance()]

@@ -796,6 +796,14 @@ class BybitEmulator:
                 sent += 1
         return sent
 
+    async def push_burst(self, kind: str, topic: str, frames: list[dict[str, Any]]) -> int:
+        """Send `frames` back to back, so they reach the client in one read."""
+        texts = [json.dumps(f, separators=(",", ":")) for f in frames]
+        conns = [c for c in self._conns if c.kind == kind and topic in c.topics and not c.ws.closed]
+        for conn in conns:
+            await asyncio.gather(*(conn.ws.send_str(t) for t in texts))
+        return len(conns)
+
     async def push_position(self, symbol: str) -> int:
         """Push the position of linear `symbol` on the private stream."""
         return await self._private(

@@ -178,6 +178,26 @@ async def test_watch_tickers_spot_and_linear(emu: BybitEmulator, ex: Exchange) -
     assert (last.pair, last.last, last.bid, last.ask) == ("ETH/USDT:USDT", 1234.5, 1234.4, 1234.6)
 
 
+async def test_a_burst_of_tickers_ends_on_the_latest_state(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """After each burst of frames, the last ticker seen is the last one sent, not a stale one."""
+    feed = Collector(ex.watch_tickers(["XRP/USDT"]))
+    await feed.wait_for(1)
+    price = 0
+    for size in range(2, 10):  # some burst ends while the consumer is between two awaits
+        frames = []
+        for _ in range(size):
+            price += 1
+            data = {"symbol": "XRPUSDT", "lastPrice": f"0.{price:04d}", "usdIndexPrice": "0.5"}
+            frames.append(
+                {"topic": "tickers.XRPUSDT", "type": "snapshot", "ts": price, "data": data}
+            )
+        await emu.push_burst("spot", "tickers.XRPUSDT", frames)
+        await eventually(lambda p=price: feed.items[-1].last == p / 10_000, timeout=2.0)
+    await feed.stop()
+
+
 async def test_watch_order_book_snapshot_then_delta(emu: BybitEmulator, ex: Exchange) -> None:
     """The book is the snapshot, then the snapshot with the delta applied."""
     feed = Collector(ex.watch_order_book("BTC/USDT:USDT", limit=5))
