@@ -404,3 +404,26 @@ def test_formulas_outside_the_whitelist_are_refused(expression: str) -> None:
     with pytest.raises(ti.IndicatorError):
         ti.register_formula("refused", expression)
     assert "refused" not in ti.available()
+
+
+def test_inputs_are_read_only_and_other_dtypes_convert(
+    btc: pd.DataFrame, scratch_names: list[str]
+) -> None:
+    """Indicators cannot write into the caller's frame; int columns are read as floats."""
+    scratch_names.append("vandal")
+
+    @ti.indicator("vandal")
+    def vandal(close: np.ndarray) -> np.ndarray:
+        close[:] = 0.0
+        return close
+
+    frame_ = btc.iloc[:50].copy()
+    with pytest.raises(ValueError, match="read-only"):
+        ti.compute(frame_, "vandal")
+    assert (frame_["close"] > 0).all()
+    ints = frame_.assign(volume=(frame_["volume"] * 1000).astype("int64"))
+    expected = talib.OBV(ints["close"].to_numpy(), ints["volume"].to_numpy(dtype=float))
+    assert_close(ti.compute(ints, "obv"), expected)
+    twice = pd.concat([frame_, frame_[["close"]]], axis=1)
+    with pytest.raises(ti.IndicatorError, match="twice"):
+        ti.compute(twice, "sma")
