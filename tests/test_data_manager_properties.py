@@ -100,3 +100,42 @@ def test_incremental_and_batch_resampling_agree(minutes, target, rnd) -> None:
 
 def ms_mask(frame: pd.DataFrame, ts: np.ndarray) -> np.ndarray:
     return np.isin(index_ms(frame), ts)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.lists(st.tuples(st.booleans(), st.integers(1, 90)), min_size=1, max_size=12),
+)
+def test_rolling_window_equals_the_tail_of_everything_applied(window, steps) -> None:
+    """Any mix of seeds and single candles leaves exactly the last `window` candles applied."""
+    from data_manager import DataManager
+
+    data = DataManager(window=window)
+    applied: list[int] = []
+    minute = 0
+    for is_seed, count in steps:
+        minutes = list(range(minute, minute + count))
+        minute += count
+        rows = [(m * STEP, 10.0 + m, 11.0 + m, 9.0 + m, 10.5 + m, float(m)) for m in minutes]
+        frame, _ = normalise_frame(_frame(rows), timeframe="1m")
+        if is_seed:
+            data.seed("X/Y", "1m", frame)
+        else:
+            for candle in frame_to_candles(frame, "X/Y", "1m"):
+                assert data.on_candle(candle)
+        applied += minutes
+    arrays = data.arrays("X/Y", "1m")
+    expected = np.array(applied[-window:], dtype=np.int64) * STEP
+    np.testing.assert_array_equal(arrays.ts, expected)
+    np.testing.assert_array_equal(arrays.close, 10.5 + expected / STEP)
+    np.testing.assert_array_equal(arrays.volume, expected / STEP)
+    assert data.frame("X/Y", "1m").equals(
+        _frame_from(expected, arrays.open, arrays.high, arrays.low, arrays.close, arrays.volume)
+    )
+
+
+def _frame_from(ts, *columns) -> pd.DataFrame:
+    from data_manager import CandleArrays, arrays_to_frame
+
+    return arrays_to_frame(CandleArrays(ts, *(np.asarray(c, dtype=np.float64) for c in columns)))
