@@ -465,6 +465,7 @@ def missing_ranges(
     inside = ts[(ts >= lo) & (ts < hi)]
     if len(inside) == 0:
         return [(lo, hi)] if lo < hi else []
+    # Sentinels one step before the start and at the end turn head and tail into gaps too.
     edges = np.concatenate(([lo - step], inside, [_ceil_to_grid(hi, step)]))
     holes = np.flatnonzero(np.diff(edges) > step)
     return [(int(edges[i]) + step, min(int(edges[i + 1]), hi)) for i in holes]
@@ -647,6 +648,7 @@ class CandleStore:
         new, _ = normalise_arrays(new.ts, np.vstack(new[1:]), timeframe=timeframe)
         path = self.path(pair, timeframe)
         old = _read_archive(path, None, None) if path.is_file() else _empty_arrays()
+        # Both sides are unique after normalisation, which lets isin use its sort-merge path.
         fresh = ~np.isin(new.ts, old.ts, assume_unique=True)
         added = int(fresh.sum())
         if added == 0:
@@ -910,6 +912,8 @@ class CandleAggregator:
             bar[2] = min(bar[2], candle.low)
             bar[3] = candle.close
             bar[4] += candle.volume
+        # The bar is complete once its last source candle has closed: emit it now rather
+        # than one candle late, when the next bar starts.
         if candle.ts + self._src_step >= bar_ts + self._step:
             out.append(self._emit())
         return out
@@ -1227,6 +1231,8 @@ class _Backfill:
         job = _PairJob(
             pair, _subtract(wanted, known_empty), int(ts[-1]) + self.step if len(ts) else 0
         )
+        # Interior gaps only: the head before the first candle and the tail after the last
+        # are history not yet fetched, not holes.
         job.stats["gaps_found"] = sum(
             1 for a, b in job.ranges if len(ts) and a > ts[0] and b <= ts[-1]
         )

@@ -497,6 +497,8 @@ class TopPairs:
             return result
 
     def _fall_back(self, now: int, reason: str, context: dict[str, Any]) -> PairListResult:
+        # A stale dynamic list beats the hard-coded one: it is what positions were opened
+        # on, and it was right a TTL ago.
         previous = self._result or self.load_cache()
         if previous is not None and previous.pairs and previous.source != "fallback":
             result = PairListResult(previous.ts, previous.pairs, previous.stats, "stale")
@@ -620,6 +622,8 @@ class PointInTimeRanking:
             return cached
         scores = []
         for pair, series in self._series.items():
+            # Candles whose close time is <= refresh had closed by then; later ones are the
+            # future and are never read.
             end = int(np.searchsorted(series.close_ts, refresh, side="right"))
             if end == 0:
                 continue  # not listed yet: no candle had closed
