@@ -1852,7 +1852,8 @@ class Feature:
             return self.alias
         if not self.params:
             return self.name
-        return "_".join([self.name, *(f"{v:g}" for v in self.params.values())])
+        values = (str(v) if isinstance(v, int) else f"{v:g}" for v in self.params.values())
+        return "_".join([self.name, *values])
 
     @property
     def columns(self) -> tuple[str, ...]:

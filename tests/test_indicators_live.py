@@ -138,6 +138,26 @@ def test_engine_opens_talib_handles_once_history_suffices(btc: pd.DataFrame) -> 
         _assert_rows_match(engine.update(candle), full.iloc[5 + offset], scale, exact=set())
 
 
+def test_stateful_kestrel_indicators_stream_exactly_with_a_tiny_window(eth: pd.DataFrame) -> None:
+    """Session VWAP, pivots, ZigZag and anchored VWAP carry their state: a 5-candle window."""
+    anchor = int(eth.index[1000].timestamp() * 1000)
+    spec = [
+        "session_vwap",
+        "pivot_points",
+        ("zigzag", {"deviation": 1.0}),
+        ("anchored_vwap", {"anchor": anchor}),
+    ]
+    full = ti.feature_frame(eth.iloc[:3000], spec)
+    engine = ti.FeatureEngine(spec, window=5)
+    engine.seed(eth.iloc[:2000])
+    for offset, candle in enumerate(_candles(eth.iloc[:3000], 2000)):
+        row = engine.update(candle)
+        expected = full.iloc[2000 + offset]
+        for column, value in row.items():
+            assert value == pytest.approx(float(expected[column]), rel=1e-12, nan_ok=True), column
+    assert full["zigzag_1_age"].iloc[2000:].max() > 5  # pivots older than the window
+
+
 def test_engine_chains_running_totals_of_custom_indicators(
     btc: pd.DataFrame, scratch_names: list[str]
 ) -> None:
