@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ import numpy as np
 import structlog
 
 from data_manager import DataManager
-from error_handler import BotError, StrategyError
+from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
     Candle,
@@ -244,6 +245,7 @@ class Engine:
         alert: Alert | None = None,
         stop_event: asyncio.Event | None = None,
         signals: SignalSource | None = None,
+        max_lag_ms: int | None = None,
     ) -> None:
         self.mode = mode
         self.timeframe = timeframe
@@ -279,6 +281,11 @@ class Engine:
         self.extra_status: Callable[[], dict[str, Any]] = dict
         # Trailing / break-even stops need protective orders to move; `all_in` has none.
         self.manage_stops = not risk.all_in and executor.protective_orders
+        # Live: a candle that arrives more than this late (a gap refilled after a dropped
+        # socket) updates data and marks but takes no new decision. None: replay time.
+        self.max_lag_ms = max_lag_ms
+        self.stale_candles = 0
+        self.reconcile_report = ""
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -331,6 +338,10 @@ class Engine:
             return
         if pair not in self._active and not portfolio.has_position(pair):
             return  # drained pair: no new entries, and nothing left to manage
+        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
+            self.stale_candles += 1
+            log.warning("candle_stale", pair=pair, ts=candle.ts, lag_ms=now - candle.ts - self.step)
+            return
         signal = self._safe_signal(candle)
         if signal is not None:
             await self._decide(signal, candle, now)
@@ -405,7 +416,14 @@ class Engine:
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )
-        order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
+        try:
+            order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
+        except (RecoverableError, BusinessError) as e:
+            # The order's fate is unknown or it was refused: the journal has it, and the
+            # next reconciliation settles it. Trading goes on; a FatalError does not.
+            self.errors.append(f"{signal.pair}: {e.message}")
+            log.error("order_failed", pair=signal.pair, **e.describe())
+            return
         if order.status is not OrderStatus.REJECTED and self.fill_now is not None:
             for filled, fill in self.fill_now(signal.pair):
                 await self.on_fill(filled, fill)
@@ -490,6 +508,24 @@ class Engine:
             qty=trade.qty,
             pnl=round(trade.pnl, 6),
         )
+
+    async def on_stream_fill(self, fill: Fill) -> None:
+        """Apply a fill from the private stream, deriving the order's new state from it."""
+        known = self.executor.orders.get(fill.client_order_id)
+        if known is None:
+            log.warning(
+                "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
+            )
+            return
+        filled = known.filled_qty + fill.qty
+        order = replace(
+            known,
+            filled_qty=min(filled, known.qty),
+            status=OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED,
+            ts_updated=max(known.ts_updated, fill.ts),
+            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
+        )
+        await self.on_fill(order, fill)
 
     async def on_order_book(self, book: OrderBook) -> None:
         """Keep the latest book per pair (depth chart, book-walk fills)."""
@@ -590,10 +626,12 @@ class Engine:
         await self.close_position(pair, f"force exit: {reason}")
 
     async def reconcile(self) -> str:
-        """Return a short account of positions and working orders."""
+        """Return a short account of positions and working orders (and the start-up report)."""
         positions = self.portfolio.positions()
         lines = [f"{len(positions)} position(s), {len(self.executor.open_orders())} open order(s)"]
         lines += [f"{p.pair} {p.side} {p.qty} @ {p.entry_price}" for p in positions.values()]
+        if self.reconcile_report:
+            lines += ["", "start-up reconciliation:", self.reconcile_report]
         return "\n".join(lines)
 
     async def stop(self, reason: str) -> None:

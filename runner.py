@@ -26,16 +26,23 @@ import structlog
 
 from config import Settings
 from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
-from error_handler import ConfigError, DataError
-from models import BotState, Candle
+from error_handler import AuthenticationError, ConfigError, DataError, RecoverableError
+from models import BotState, Candle, Market
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskManager
-from strategy import load_strategy
+from strategy import Strategy, load_strategy
 from trade_executor import TradeExecutor
 from trade_simulator import ReplayFeed, SimulatedExchange
-from utils.utilities import AuditTrail, ReplayClock, atomic_write, parse_timerange, setup_logging
+from utils.utilities import (
+    AuditTrail,
+    ReplayClock,
+    atomic_write,
+    parse_timerange,
+    setup_logging,
+    timeframe_to_ms,
+)
 
 
 log = structlog.get_logger(__name__)
@@ -99,6 +106,7 @@ class Daemon:
             logging.getLogger().setLevel(logging.WARNING)
         self.engine: Engine | None = None
         self.sim: SimulatedExchange | None = None
+        self.exchange: Any = None
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -124,35 +132,64 @@ class Daemon:
                 frames, s.strategy.timeframe, clock, speed=speed, start_ms=start_ms, end_ms=end_ms
             )
         )
-        self.sim = SimulatedExchange(
-            clock=clock,
-            maker_fee=s.simulation.maker_fee,
-            taker_fee=s.simulation.taker_fee,
-            slippage_bps=s.simulation.slippage_bps,
-            slippage_model=s.simulation.slippage_model,
-            fill_at=s.simulation.fill_at,
-            latency_ms=s.simulation.latency_ms,
-        )
+        self.sim = self._simulated_exchange(clock)
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
-        self.engine = self._engine(clock, self.sim, frames)
+        sim = self.sim
+        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        self.engine = self._engine(
+            clock=clock,
+            strategy=strategy,
+            gateway=sim,
+            market_for=lambda pair: sim.markets[pair],
+            matcher=sim.on_candle,
+            fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+            cash=Decimal(str(s.simulation.starting_balance)),
+            # Backtests read the strategy's columns computed once over the archive; sim
+            # runs it on the rolling window at each candle, exactly as live trading does.
+            signals=PrecomputedSignals(strategy, frames) if self.args.mode == "backtest" else None,
+        )
+
+    def _simulated_exchange(
+        self, clock: Any, markets: dict[str, Market] | None = None
+    ) -> SimulatedExchange:
+        sim = self.settings.simulation
+        return SimulatedExchange(
+            clock=clock,
+            maker_fee=sim.maker_fee,
+            taker_fee=sim.taker_fee,
+            slippage_bps=sim.slippage_bps,
+            slippage_model=sim.slippage_model,
+            fill_at=sim.fill_at,
+            latency_ms=sim.latency_ms,
+            markets=markets,
+        )
 
     def _engine(
-        self, clock: ReplayClock, sim: SimulatedExchange, frames: dict[str, Any] | None = None
+        self,
+        *,
+        clock: Any,
+        strategy: Strategy,
+        gateway: Any,
+        market_for: Callable[[str], Market],
+        cash: Decimal,
+        matcher: Any = None,
+        fill_now: Any = None,
+        signals: Any = None,
+        store: Any = None,
+        data: DataManager | None = None,
+        max_lag_ms: int | None = None,
     ) -> Engine:
         s = self.settings
-        portfolio = Portfolio(
-            Decimal(str(s.simulation.starting_balance)), quote=s.simulation.quote_currency
-        )
-        strategy = load_strategy(s.strategy.name, s.strategy.params)
-        data = DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles))
+        portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
         executor = TradeExecutor(
-            sim,
+            gateway,
             portfolio,
-            market_for=lambda pair: sim.markets[pair],
+            market_for=market_for,
             clock=clock,
             audit=self.audit,
             notify=self.alert,
+            store=store,
             taker_fee=Decimal(str(s.simulation.taker_fee)),
             protective_orders=s.risk.profile != "all_in",
         )
@@ -161,7 +198,7 @@ class Daemon:
             timeframe=s.strategy.timeframe,
             pairs=list(s.strategy.pairs),
             clock=clock,
-            data=data,
+            data=data or DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles)),
             strategy=strategy,
             risk=RiskManager(
                 s.risk,
@@ -173,18 +210,83 @@ class Daemon:
             executor=executor,
             reward=RewardSystem(s.reward),
             portfolio=portfolio,
-            market_for=lambda pair: sim.markets[pair],
+            market_for=market_for,
             audit=self.audit,
-            matcher=sim.on_candle,
-            fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+            matcher=matcher,
+            fill_now=fill_now,
             alert=self.alert,
             stop_event=self.stop,
-            # Backtests read the strategy's columns computed once over the archive; sim
-            # runs it on the rolling window at each candle, exactly as live trading does.
-            signals=PrecomputedSignals(strategy, frames)
-            if self.args.mode == "backtest" and frames is not None
-            else None,
+            signals=signals,
+            max_lag_ms=max_lag_ms,
         )
+
+    async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
+        """Build on the live exchange feed: paper fills (sim --feed live) or real orders.
+
+        With `probe` (feed auto) an unreachable exchange fails fast instead of retrying.
+        """
+        from exchange import Exchange  # noqa: PLC0415 - ccxt only when trading on it
+
+        s = self.settings
+        exchange = Exchange(s.exchange, retry_attempts=2 if probe else 5)
+        await exchange.open()
+        self.exchange = exchange
+        self._closers.append(("exchange", exchange.close))
+        clock = ExchangeClock(exchange)
+        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        window = max(strategy.warmup * 2, s.strategy.warmup_candles)
+        data = DataManager(window=window)
+        timeframe = s.strategy.timeframe
+        for pair in s.strategy.pairs:
+            history = await exchange.fetch_ohlcv(pair, timeframe, limit=window)
+            for candle in history:
+                data.on_candle(candle)
+            log.info("warmup_loaded", pair=pair, candles=len(history))
+        # Every closed candle from here on, exactly once, gaps refilled from REST.
+        self.feed = aiter(exchange.watch_candles(s.strategy.pairs, timeframe))
+        step = timeframe_to_ms(timeframe)
+        if paper:
+            sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
+            self.sim = sim
+            self.engine = self._engine(
+                clock=clock,
+                strategy=strategy,
+                gateway=sim,
+                market_for=exchange.market,
+                matcher=sim.on_candle,
+                fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+                cash=Decimal(str(s.simulation.starting_balance)),
+                data=data,
+                max_lag_ms=step,
+            )
+            return
+        from trade_store import TradeStore  # noqa: PLC0415
+
+        store = TradeStore.open(s.storage.effective_database_url, bot_id=f"{s.exchange.name}-live")
+        self._closers.append(("store", lambda: asyncio.to_thread(store.close)))
+        balances = await exchange.fetch_balance()
+        quote = s.simulation.quote_currency
+        cash = balances[quote].total if quote in balances else Decimal(0)
+        self.engine = self._engine(
+            clock=clock,
+            strategy=strategy,
+            gateway=exchange,
+            market_for=exchange.market,
+            cash=cash,
+            store=store,
+            data=data,
+            max_lag_ms=step,
+        )
+        report = await self.engine.executor.reconcile(exchange, store, quote=quote)
+        self.engine.reconcile_report = report
+        log.info("reconciled", report=report)
+
+    async def close_exchange(self) -> None:
+        """Close an exchange opened by a failed build (feed auto falling back)."""
+        if self.exchange is not None:
+            await self.exchange.close()
+            self.exchange = None
+            self._closers = [c for c in self._closers if c[0] != "exchange"]
 
     def alert(self, kind: str, data: dict[str, Any]) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""
@@ -302,6 +404,16 @@ class Daemon:
         finally:
             await web.stop()
 
+    async def _private_fills(self) -> None:
+        assert self.engine is not None and self.exchange is not None
+        async for fill in self.exchange.watch_fills():
+            await self.engine.on_stream_fill(fill)
+
+    async def _private_orders(self) -> None:
+        assert self.engine is not None and self.exchange is not None
+        async for order in self.exchange.watch_orders():
+            await self.engine.executor.on_order(order)
+
     # -- Run ---------------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -330,6 +442,9 @@ class Daemon:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
             background = [tg.create_task(self._snapshots(), name="snapshots")]
+            if self.exchange is not None and self.sim is None:
+                background.append(tg.create_task(self._private_fills(), name="private-fills"))
+                background.append(tg.create_task(self._private_orders(), name="private-orders"))
             background += self.ui_tasks(tg)
             if self.args.duration is not None:
                 background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
@@ -419,6 +534,21 @@ class Daemon:
         return summary
 
 
+class ExchangeClock:
+    """Wall time as the exchange sees it (our clock plus the measured offset)."""
+
+    def __init__(self, exchange: Any) -> None:
+        self._exchange = exchange
+
+    def now_ms(self) -> int:
+        """Return the exchange's current time in ms."""
+        return int(self._exchange.server_now_ms())
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep for real."""
+        await asyncio.sleep(seconds)
+
+
 class TelegramNotifier:
     """Turn component events into Telegram alerts (templates in telegram_templates)."""
 
@@ -467,10 +597,26 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
     if args.mode == "backtest" or (args.mode == "sim" and feed == "replay"):
         daemon.build_replay()
     elif args.mode == "sim" and feed == "auto":
-        log.warning("feed_auto", detail="no live feed configured in this build; using replay")
-        daemon.build_replay()
+        try:
+            await daemon.build_exchange(paper=True, probe=True)
+        except (RecoverableError, AuthenticationError) as e:
+            log.warning(
+                "feed_auto_fallback",
+                detail="Bybit is unreachable; replaying the bundled sample instead",
+                error=e.message,
+            )
+            print(
+                f"kestrel: Bybit unreachable ({e.message}); using the offline replay",
+                file=sys.stderr,
+            )
+            await daemon.close_exchange()
+            daemon.build_replay()
     else:
-        raise ConfigError(f"--mode {args.mode} with feed {feed} needs the exchange layer")
+        try:
+            await daemon.build_exchange(paper=args.mode == "sim")
+        except BaseException:
+            await daemon.close_exchange()
+            raise
     return await daemon.run()
 
 

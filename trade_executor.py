@@ -401,6 +401,84 @@ class TradeExecutor:
                 log.warning("cancel_failed", client_order_id=order.client_order_id, **e.describe())
         return count
 
+    # -- Start-up and crash recovery ---------------------------------------------------------
+
+    async def reconcile(self, account: Any, store: Any, *, quote: str) -> str:
+        """Merge the store's journal with the exchange's truth; return a report.
+
+        The same path serves a clean start and a restart after a crash (STYLE rule 13):
+
+        1. Orders journaled but never acknowledged are looked up by client order id and
+           adopted when the exchange has them, else marked never-sent (so they are not
+           resent, and not counted).
+        2. Orders the store believes open are refreshed from the exchange.
+        3. Our fills that happened while the bot was down are fetched and recorded (the
+           store ignores ones it already has).
+        4. Positions are rebuilt by replaying every recorded fill; cash is the exchange's
+           balance of the quote currency. Protective orders still working are re-tracked.
+        """
+        adopted = never_sent = refreshed = 0
+        for order in store.unacknowledged():
+            found = await account.fetch_order(order.pair, client_order_id=order.client_order_id)
+            if found is not None:
+                store.adopt_order(found)
+                self.orders[found.client_order_id] = found
+                adopted += 1
+            else:
+                store.mark_never_sent(order.client_order_id, "not on the exchange at start-up")
+                never_sent += 1
+        for order in store.open_orders():
+            fresh = await account.fetch_order(order.pair, client_order_id=order.client_order_id)
+            if fresh is not None:
+                store.update_order(fresh)
+                self.orders[fresh.client_order_id] = fresh
+                refreshed += 1
+        known = {o.client_order_id: o for o in store.all_orders()}
+        recorded = store.fills()
+        since = max((f.ts for f in recorded), default=None)
+        new_fills = 0
+        for pair in sorted({o.pair for o in known.values()}):
+            for fill in await account.fetch_my_trades(pair, since=since):
+                if fill.client_order_id in known and store.record_fill(fill):
+                    new_fills += 1
+        rebuilt = Portfolio(self.portfolio.cash, quote=quote)
+        for fill in sorted(store.fills(), key=lambda f: (f.ts, f.fill_id)):
+            intent = store.get_intent(fill.client_order_id)
+            rebuilt.apply_fill(fill, reason=intent.reason if intent else "")
+        balances = await account.fetch_balance()
+        cash = balances[quote].total if quote in balances else self.portfolio.cash
+        self.portfolio.restore(
+            cash=cash,
+            positions=list(rebuilt.positions().values()),
+            fees=rebuilt.fees,
+            realised_pnl=rebuilt.realised_pnl,
+        )
+        self.portfolio.closed.extend(rebuilt.closed)
+        for order in known.values():
+            current = self.orders.get(order.client_order_id, order)
+            if current.reduce_only and not current.status.is_terminal:
+                self._protective.setdefault(current.pair, []).append(current.client_order_id)
+                self.orders[current.client_order_id] = current
+        for intent_order in known.values():
+            if not intent_order.reduce_only and self.portfolio.has_position(intent_order.pair):
+                self._protective_base[intent_order.pair] = intent_order.client_order_id
+        positions = self.portfolio.positions()
+        lines = [
+            f"orders adopted {adopted}, never sent {never_sent}, refreshed {refreshed}",
+            f"fills recorded while down {new_fills}; {len(store.fills())} fills in the journal",
+            f"cash {cash} {quote}; {len(positions)} position(s)",
+        ]
+        lines += [f"  {p.pair} {p.side} {p.qty} @ {p.entry_price}" for p in positions.values()]
+        self._audit.record(
+            "reconciled",
+            self._clock.now_ms(),
+            adopted=adopted,
+            never_sent=never_sent,
+            refreshed=refreshed,
+            new_fills=new_fills,
+        )
+        return "\n".join(lines)
+
     def open_orders(self) -> list[Order]:
         """Return orders not yet in a terminal state."""
         return [o for o in self.orders.values() if not o.status.is_terminal]
