@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import hmac
@@ -333,3 +334,46 @@ async def test_emulator_answers_time_in_its_clock_and_advance_moves_it(emu: Bybi
         _, after = await _get(session, f"{emu.base_url}/v5/market/time")
     assert after["time"] - before["time"] >= 10 * MINUTE_MS
     assert abs(before["time"] - int(time.time() * 1000)) < 60_000
+
+
+@pytest.mark.parametrize("private", [False, True])
+async def test_ping_pong_keeps_ccxt_sockets_alive(private: bool) -> None:
+    """ccxt's keepalive pings get pongs it accepts: no RequestTimeout over many ping periods."""
+    async with BybitEmulator() as emu:
+        client = _loopback_ccxt(emu)
+        client.urls["api"]["ws"] = {
+            "public": {"spot": f"{emu.ws_url}/v5/public/spot"},
+            "private": {"contract": f"{emu.ws_url}/v5/private"},
+        }
+        client.streaming["keepAlive"] = 100  # ms; ccxt errors after two missed pongs
+        try:
+            await client.load_markets()
+            if private:
+                task = asyncio.ensure_future(client.watch_balance())
+            else:
+                await client.watch_ticker("BTC/USDT")
+                task = asyncio.ensure_future(client.watch_ticker("BTC/USDT"))
+            await asyncio.sleep(0.8)
+            assert not task.done()  # still waiting for data, not failed
+            task.cancel()
+            pings = [m for m in emu.ws_messages_in if m.get("op") == "ping"]
+            assert len(pings) >= 4
+            assert {m["_kind"] for m in pings} == {"private" if private else "spot"}
+        finally:
+            await client.close()
+
+
+async def test_amend_changes_a_resting_order() -> None:
+    """order/amend (ccxt edit_order) moves a resting limit order's price."""
+    async with BybitEmulator() as emu:
+        client = _loopback_ccxt(emu)
+        try:
+            await client.load_markets()
+            price = float(emu.last_price("BTCUSDT", "linear")) * 0.9
+            created = await client.create_order("BTC/USDT:USDT", "limit", "buy", 0.01, price)
+            await client.edit_order(created["id"], "BTC/USDT:USDT", "limit", "buy", 0.02, 9000)
+            [order] = await client.fetch_open_orders("BTC/USDT:USDT")
+            assert (order["price"], order["amount"]) == (9000.0, 0.02)
+            assert emu.requests_to("/v5/order/amend")[-1].ret_code == 0
+        finally:
+            await client.close()

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from error_handler import AuthenticationError
 from exchange import Exchange
 from models import Candle, OrderIntent, OrderType, PositionSide, Side
 from tests.bybit_emulator import MINUTE_MS, BybitEmulator, bucket_start, exchange_settings
@@ -321,3 +322,13 @@ async def test_linear_ticker_deltas_merge(emu: BybitEmulator, ex: Exchange) -> N
     await stream.aclose()  # type: ignore[attr-defined]
     assert merged.last == first.last
     assert merged.ask == first.ask
+
+
+async def test_private_stream_with_a_wrong_secret_fails_fatally(emu: BybitEmulator) -> None:
+    """A refused WebSocket login surfaces as AuthenticationError, not endless reconnects."""
+    settings = exchange_settings(emu, api_secret="not-the-secret")
+    async with Exchange(settings, retry_attempts=2, retry_base_s=0.01) as exchange:
+        with pytest.raises(AuthenticationError):
+            await anext(exchange.watch_balance())
+    auth = [m for m in emu.ws_messages_in if m.get("op") == "auth"]
+    assert len(auth) == 1
