@@ -59,7 +59,14 @@ import pandas as pd
 import structlog
 
 from error_handler import ConfigError
-from utils.utilities import Clock, WallClock, atomic_write, parse_timerange, timeframe_to_ms
+from utils.utilities import (
+    Clock,
+    WallClock,
+    atomic_write,
+    ms_to_datetime,
+    parse_timerange,
+    timeframe_to_ms,
+)
 
 
 if TYPE_CHECKING:
@@ -1642,85 +1649,44 @@ def _fmt(value: float | None, percent: bool = False) -> str:
     return f"{value:.2%}" if percent else f"{value:.4g}"
 
 
+def _scored(e: Evaluation | None) -> str:
+    # A dagger marks a score made on fewer trades than the minimum.
+    if e is None or e.status not in (Status.OK, Status.FEW_TRADES):
+        return "-" if e is None else str(e.status)
+    return _fmt(e.objective) + ("\u2020" if e.status is Status.FEW_TRADES else "")
+
+
+def _span(segment: Segment, fmt: str) -> str:
+    start = "start" if segment.start_ms is None else f"{ms_to_datetime(segment.start_ms):{fmt}}"
+    end = "end" if segment.end_ms is None else f"{ms_to_datetime(segment.end_ms):{fmt}}"
+    return f"{start} \u2192 {end}"
+
+
 def print_report(
     report: OptimizationReport, space: SearchSpace, *, strategy: str, path: Path | None = None
 ) -> None:
     """Print the ranked candidates, the walk-forward windows and the stop reason."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    search = report.search
-    if search is not None:
-        table = Table(
-            title=f"{strategy}: best {len(search.leaderboard[:TOP_ROWS])} by {search.objective}"
-        )
-        for column in (
-            "#",
-            *space.names,
-            search.objective,
-            "sharpe",
-            "return",
-            "max dd",
-            "trades",
-            "status",
-        ):
-            table.add_column(column, justify="right")
-        for rank, e in enumerate(search.leaderboard[:TOP_ROWS], 1):
-            m = e.metrics
-            table.add_row(
-                str(rank),
-                *(f"{e.params[n]:g}" for n in space.names),
-                _fmt(e.objective),
-                _fmt(m.get("sharpe")),
-                _fmt(m.get("total_return"), percent=True),
-                _fmt(m.get("max_drawdown"), percent=True),
-                str(e.n_trades),
-                str(e.status),
-            )
-        console.print(table)
+    if report.search is not None:
+        console.print(_ranking_table(report.search, space, strategy))
+        search = report.search
         console.print(
             f"{search.evaluated} backtests, {search.infeasible} infeasible, "
-            f"{search.failed} failed; "
-            f"{search.generations_run}/{search.generations_planned} generations on "
-            f"{report.workers} worker(s) in {report.elapsed_s:.1f} s"
+            f"{search.failed} failed; {search.generations_run}/{search.generations_planned} "
+            f"generations on {report.workers} worker(s) in {report.elapsed_s:.1f} s"
         )
     wf = report.walk_forward
     if wf is not None:
-        table = Table(title="walk-forward: in sample vs out of sample")
-        for column in (
-            "window",
-            "train rows",
-            "test rows",
-            "params",
-            "in sample",
-            "out of sample",
-            "oos trades",
-        ):
-            table.add_column(column, justify="right")
-        for r in wf.windows:
-            w = r.window
-            params = (
-                " ".join(f"{k}={v:g}" for k, v in r.in_sample.params.items())
-                if r.in_sample
-                else "-"
-            )
-            table.add_row(
-                str(w.index),
-                f"{w.train_start}-{w.train_end}",
-                f"{w.test_start}-{w.test_end}",
-                params,
-                _fmt(r.in_sample.objective if r.in_sample else None),
-                _fmt(r.out_of_sample.objective if r.out_of_sample else None),
-                str(r.out_of_sample.n_trades) if r.out_of_sample else "-",
-            )
-        console.print(table)
+        console.print(_walk_forward_table(wf))
         spread = ", ".join(f"{k} {v.range_std:.0%}" for k, v in wf.stability.items())
         console.print(
             f"walk-forward efficiency {_fmt(wf.efficiency)} (out-of-sample mean "
             f"{_fmt(wf.out_of_sample_mean)} / in-sample mean {_fmt(wf.in_sample_mean)}); "
             f"out of sample positive in {wf.out_of_sample_positive:.0%} of windows; "
-            f"parameter spread (std / range): {spread or '-'}"
+            f"chosen parameters' spread (std / range): {spread or '-'}; "
+            "\u2020 fewer trades than the minimum"
         )
     if report.stopped == "time_budget":
         console.print("[yellow]time budget spent: stopped early, showing the best found so far[/]")
@@ -1728,3 +1694,51 @@ def print_report(
         console.print("[yellow]cancelled: showing the best found so far[/]")
     if path is not None:
         console.print(f"written to {path}")
+
+
+def _ranking_table(search: SearchResult, space: SearchSpace, strategy: str) -> Any:
+    from rich.table import Table
+
+    rows = search.leaderboard[:TOP_ROWS]
+    table = Table(title=f"{strategy}: best {len(rows)} by {search.objective}")
+    extra = [m for m in ("sharpe", "total_return") if m != OBJECTIVE_METRIC[search.objective]]
+    names = {"total_return": "return"}
+    for column in ("#", *space.names, search.objective, *(names.get(m, m) for m in extra)):
+        table.add_column(column, justify="right")
+    for column in ("max dd", "trades", "status"):
+        table.add_column(column, justify="right")
+    for rank, e in enumerate(rows, 1):
+        m = e.metrics
+        table.add_row(
+            str(rank),
+            *(f"{e.params[n]:g}" for n in space.names),
+            _fmt(e.objective, percent=search.objective == "return"),
+            *(_fmt(m.get(k), percent=k == "total_return") for k in extra),
+            _fmt(m.get("max_drawdown"), percent=True),
+            str(e.n_trades),
+            str(e.status),
+        )
+    return table
+
+
+def _walk_forward_table(wf: WalkForwardReport) -> Any:
+    from rich.table import Table
+
+    first = wf.windows[0].train.start_ms or 0
+    last = wf.windows[-1].test.end_ms
+    long_run = last is None or last - first > 2 * 86_400_000
+    fmt = "%Y-%m-%d" if long_run else "%m-%d %H:%M"
+    table = Table(title="walk-forward: in sample vs out of sample")
+    for column in ("window", "train", "test", "params", "in sample", "out of sample", "oos trades"):
+        table.add_column(column, justify="right")
+    for r in wf.windows:
+        table.add_row(
+            str(r.window.index),
+            _span(r.train, fmt),
+            _span(r.test, fmt),
+            " ".join(f"{k}={v:g}" for k, v in r.in_sample.params.items()) if r.in_sample else "-",
+            _scored(r.in_sample),
+            _scored(r.out_of_sample),
+            str(r.out_of_sample.n_trades) if r.out_of_sample else "-",
+        )
+    return table
