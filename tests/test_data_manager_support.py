@@ -10,7 +10,7 @@ import pandas as pd
 
 from data_manager import frame_to_candles, index_ms, load_candles
 from error_handler import BotError, NetworkError
-from models import Candle, Market, OrderBook, Ticker
+from models import Candle
 from utils.utilities import timeframe_to_ms
 
 
@@ -48,9 +48,6 @@ class FakeExchange:
     error: BotError = field(default_factory=lambda: NetworkError("connection reset"))
     extra: list[Candle] = field(default_factory=list)
     calls: list[tuple[str, int | None, int | None]] = field(default_factory=list)
-    markets: dict[str, Market] = field(default_factory=dict)
-    tickers: dict[str, Ticker] = field(default_factory=dict)
-    books: dict[str, OrderBook] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._candles = {
