@@ -1,5 +1,7 @@
-"""Live-versus-backtest parity audit: what live trading decided and filled, against what the
-backtester decides and fills on the same recorded candles.
+"""Live-versus-backtest parity audit: live decisions and fills against a backtest.
+
+What live trading decided and filled, against what the backtester decides and fills on the
+same recorded candles.
 
 The live side is the audit trail (`logs/audit.jsonl*`: signals, risk verdicts, orders and
 fills, each with its candle time); the backtest side is a replay of the candles the live
@@ -203,11 +205,11 @@ def compare(live: list[dict[str, Any]], backtest: list[dict[str, Any]]) -> Parit
     live_f, live_unmatched = _fills_by_decision(live, live_d)
     bt_f, _ = _fills_by_decision(backtest, bt_d)
     report.unmatched_fills = live_unmatched
-    for key in sorted(set(live_f) & set(bt_f)):
-        pair, candle_ts, leg = key
-        lp, lq, lts = _avg(live_f[key])
-        bp, bq, bts = _avg(bt_f[key])
-        side = str(live_f[key][0].get("side", "buy"))
+    for fkey in sorted(set(live_f) & set(bt_f)):
+        pair, candle_ts, leg = fkey
+        lp, lq, lts = _avg(live_f[fkey])
+        bp, bq, bts = _avg(bt_f[fkey])
+        side = str(live_f[fkey][0].get("side", "buy"))
         sign = 1.0 if side == "buy" else -1.0
         decided_live = int(live_d[(pair, candle_ts)]["ts"])
         decided_bt = int(bt_d[(pair, candle_ts)]["ts"])
@@ -226,18 +228,18 @@ def compare(live: list[dict[str, Any]], backtest: list[dict[str, Any]]) -> Parit
                 backtest_qty=bq,
             )
         )
-    for key in sorted(set(live_f) ^ set(bt_f)):
-        side_name = "live" if key in live_f else "backtest"
+    for fkey in sorted(set(live_f) ^ set(bt_f)):
+        side_name = "live" if fkey in live_f else "backtest"
         report.unmatched_fills.append(
-            {"pair": key[0], "candle_ts": key[1], "leg": key[2], "only": side_name}
+            {"pair": fkey[0], "candle_ts": fkey[1], "leg": fkey[2], "only": side_name}
         )
     return report
 
 
 def render(report: ParityReport) -> Any:
     """Return a Rich renderable of the report."""
-    from rich.console import Group  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Group
+    from rich.table import Table
 
     summary = Table(title="Parity: live vs backtest", show_header=False)
     for key, value in report.summary().items():

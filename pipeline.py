@@ -360,7 +360,7 @@ class Engine:
         holding = self.portfolio.signed_qty(candle.pair)
         try:
             return self.signals_source.signal(candle, holding)
-        except Exception as e:  # noqa: BLE001 - a strategy failure must not stop the loop
+        except Exception as e:
             error = StrategyError(f"strategy failed: {e!r}", component="strategy", pair=candle.pair)
             log.exception("strategy_failed", pair=candle.pair)
             self.errors.append(error.message)
@@ -433,7 +433,7 @@ class Engine:
         bars = self.data.arrays(pair, self.timeframe)
         if len(bars.close) <= period:
             return None
-        import talib  # noqa: PLC0415
+        import talib
 
         # Only the tail matters: Wilder's smoothing converges well within ten periods.
         tail = slice(-min(len(bars.close), period * 10), None)

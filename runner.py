@@ -225,7 +225,7 @@ class Daemon:
 
         With `probe` (feed auto) an unreachable exchange fails fast instead of retrying.
         """
-        from exchange import Exchange  # noqa: PLC0415 - ccxt only when trading on it
+        from exchange import Exchange
 
         s = self.settings
         exchange = Exchange(s.exchange, retry_attempts=2 if probe else 5)
@@ -260,7 +260,7 @@ class Daemon:
                 max_lag_ms=step,
             )
             return
-        from trade_store import TradeStore  # noqa: PLC0415
+        from trade_store import TradeStore
 
         store = TradeStore.open(s.storage.effective_database_url, bot_id=f"{s.exchange.name}-live")
         self._closers.append(("store", lambda: asyncio.to_thread(store.close)))
@@ -293,7 +293,7 @@ class Daemon:
         for notifier in self.notifiers:
             try:
                 notifier(kind, data)
-            except Exception:  # noqa: BLE001 - a notifier must never break trading
+            except Exception:
                 log.exception("notifier_failed", kind=kind)
 
     # -- Tasks -------------------------------------------------------------------------------
@@ -309,7 +309,8 @@ class Daemon:
 
     async def _direct_loop(self) -> None:
         # Backtests have no I/O edge to buffer: the replay drives the engine directly.
-        assert self.engine is not None and self.feed is not None
+        assert self.engine is not None
+        assert self.feed is not None
         on_candle = self.engine.on_candle
         async for candle in self.feed:
             if self.stop.is_set():
@@ -346,7 +347,7 @@ class Daemon:
         if not self.settings.telegram.enabled:
             return
         assert self.engine is not None
-        from telegram_bot import TelegramBot  # noqa: PLC0415 - PTB only when enabled
+        from telegram_bot import TelegramBot
 
         bot = TelegramBot(self.settings.telegram, self.engine)
         await bot.start()
@@ -371,7 +372,7 @@ class Daemon:
         return tasks
 
     async def _dashboard(self) -> None:
-        from ui import Dashboard  # noqa: PLC0415 - Textual only with a terminal
+        from ui import Dashboard
 
         assert self.engine is not None
         app = Dashboard(
@@ -393,7 +394,7 @@ class Daemon:
         self.stop.set()
 
     async def _web(self) -> None:
-        from ui import WebView  # noqa: PLC0415
+        from ui import WebView
 
         assert self.engine is not None
         web = WebView(self.engine, self.settings.ui)
@@ -405,12 +406,14 @@ class Daemon:
             await web.stop()
 
     async def _private_fills(self) -> None:
-        assert self.engine is not None and self.exchange is not None
+        assert self.engine is not None
+        assert self.exchange is not None
         async for fill in self.exchange.watch_fills():
             await self.engine.on_stream_fill(fill)
 
     async def _private_orders(self) -> None:
-        assert self.engine is not None and self.exchange is not None
+        assert self.engine is not None
+        assert self.exchange is not None
         async for order in self.exchange.watch_orders():
             await self.engine.executor.on_order(order)
 
@@ -557,7 +560,7 @@ class TelegramNotifier:
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         """Queue the alert for `kind`; unknown kinds go out as plain text."""
-        import telegram_templates as t  # noqa: PLC0415
+        import telegram_templates as t
 
         alert: Any
         if kind == "trade_closed":
@@ -623,19 +626,19 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
     """Run a batch mode (optimize, backfill, train, pairs, parity); return the exit status."""
     if args.mode == "backfill":
-        from data_manager import run_backfill_cli  # noqa: PLC0415
+        from data_manager import run_backfill_cli
 
         return await run_backfill_cli(args, settings)
     if args.mode == "pairs":
-        from top_pairs import run_pairs_cli  # noqa: PLC0415
+        from top_pairs import run_pairs_cli
 
         return await run_pairs_cli(args, settings)
     if args.mode == "optimize":
-        from parameter_optimization import run_optimize_cli  # noqa: PLC0415
+        from parameter_optimization import run_optimize_cli
 
         return await run_optimize_cli(args, settings)
     if args.mode == "train":
-        from self_learning import run_train_cli  # noqa: PLC0415
+        from self_learning import run_train_cli
 
         frames = load_frames(args, settings)
         models_dir = settings.storage.data_dir / "models"
@@ -655,10 +658,10 @@ async def run_parity(args: argparse.Namespace, settings: Settings) -> int:
 
     Exit status 0 when every decision matched, 1 when something differed.
     """
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from parity import DECISION_KINDS, compare, read_audit, render  # noqa: PLC0415
-    from utils.utilities import parse_date_ms  # noqa: PLC0415
+    from parity import DECISION_KINDS, compare, read_audit, render
+    from utils.utilities import parse_date_ms
 
     since = parse_date_ms(args.since) if args.since else None
     live = read_audit(settings.storage.log_dir, since)

@@ -1,5 +1,7 @@
-"""Self-learning: train a model that predicts whether price rises enough to pay the fees,
-version it on disk, swap it in atomically, and use it without ever letting it crash trading.
+"""Self-learning: models that predict whether price rises enough to pay the fees.
+
+Train them, version them on disk, swap them in atomically, and use them without ever
+letting one crash trading.
 
 Honest about time:
 
@@ -66,7 +68,7 @@ NEUTRAL: Final = 0.5
 
 def build_features(df: pd.DataFrame) -> pd.DataFrame:
     """Return causal features for each row of a candle frame (NaN during warm-up)."""
-    import talib  # noqa: PLC0415 - heavy, used only here
+    import talib
 
     o, h, lo, c, v = (
         df[k].to_numpy(dtype=np.float64) for k in ("open", "high", "low", "close", "volume")
@@ -156,7 +158,7 @@ class ModelMeta:
 
 
 def _fit_gbm(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
-    from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: PLC0415
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
     model = HistGradientBoostingClassifier(
         max_iter=200,
@@ -173,7 +175,7 @@ def _fit_gbm(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
 
 def _fit_mlp(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras  # noqa: PLC0415 - TensorFlow only when this model is asked for
+    import keras
 
     keras.utils.set_random_seed(seed)
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-12
@@ -196,7 +198,7 @@ def _predict(kind: str, model: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, brier_score_loss, roc_auc_score  # noqa: PLC0415
+    from sklearn.metrics import accuracy_score, brier_score_loss, roc_auc_score
 
     pred = (p >= NEUTRAL).astype(int)
     out = {
@@ -308,7 +310,7 @@ class ModelRegistry:
             meta = ModelMeta(**raw)
             if meta.kind == "mlp":
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-                import keras  # noqa: PLC0415
+                import keras
 
                 model = keras.saving.load_model(folder / "model.keras")
             else:
@@ -367,7 +369,7 @@ class SafePredictor:
             if not np.isfinite(value) or not 0 <= value <= 1:
                 raise StrategyError(f"model returned {value}")
             return value
-        except Exception as e:  # noqa: BLE001 - a model must never stop trading
+        except Exception as e:
             self._fail(e)
             return NEUTRAL
 
@@ -399,7 +401,7 @@ async def run_train_cli(
     frame: pd.DataFrame, settings: LearningSettings, models_dir: Path, *, name: str = "direction"
 ) -> int:
     """Train on `frame` in a worker process, save the version, print its metrics."""
-    from utils.utilities import run_cpu  # noqa: PLC0415
+    from utils.utilities import run_cpu
 
     meta = await run_cpu(train_and_save, frame, settings, models_dir, name)
     folder = ModelRegistry(models_dir, meta.name).root / meta.version

@@ -315,7 +315,7 @@ class TradeExecutor:
                 side=exit_side,
                 qty=position.qty,
                 client_order_id=protective_id(intent.client_order_id, kind, 0),
-                reason=f"{'stop-loss' if kind == 'sl' else 'take-profit'} for {intent.client_order_id}",
+                reason=f"{_KIND_NAMES[kind]} for {intent.client_order_id}",
                 reduce_only=True,
                 ts=now,
                 **kwargs,  # type: ignore[arg-type]
@@ -482,6 +482,9 @@ class TradeExecutor:
     def open_orders(self) -> list[Order]:
         """Return orders not yet in a terminal state."""
         return [o for o in self.orders.values() if not o.status.is_terminal]
+
+
+_KIND_NAMES = {"sl": "stop-loss", "tp": "take-profit"}
 
 
 def protective_id(entry_id: str, kind: str, seq: int) -> str:

@@ -216,7 +216,7 @@ async def test_task_registry_keeps_reports_and_awaits() -> None:
         slow = registry.create_task(forever(), name="forever")
         registry.create_task(fails(), name="fails")
         await eventually(lambda: done.is_set() and len(registry) == 1)
-        await registry.close(timeout=0.01)
+        await registry.close(grace=0.01)
     assert slow.cancelled()
     assert any(e["event"] == "task_failed" and e["task"] == "fails" for e in logs)
 

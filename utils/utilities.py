@@ -349,11 +349,11 @@ class TaskRegistry:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Wait for running tasks, cancelling what is left after `timeout`."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Wait for running tasks, cancelling what is left after `grace` seconds."""
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
@@ -477,7 +477,7 @@ def process_pool(max_workers: int | None = None) -> Executor:
     """Return the shared process pool for CPU-heavy work (created on first use)."""
     global _pool
     if _pool is None:
-        import multiprocessing  # noqa: PLC0415
+        import multiprocessing
 
         # spawn, not fork: forking a process that runs an event loop, logging handlers and
         # BLAS threads can deadlock the child.
