@@ -261,45 +261,74 @@ class MonteCarloResult:
         }
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@njit(cache=True, inline="always")
+def _splitmix(state):  # type: ignore[no-untyped-def]
+    # SplitMix64: a tiny, fast, well-mixed generator; returns (next state, 53-bit uniform).
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return state, float(z >> np.uint64(11)) * _TO_UNIT
+
+
 @njit(cache=True)
 def _mc_kernel(  # type: ignore[no-untyped-def]
     returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every, finals, mdds, ruined, marks
 ):
     # One path at a time: draw (blocks of) returns, compound, track peak, drawdown, ruin.
-    np.random.seed(seed)
+    state = np.uint64(seed)
     n = returns.shape[0]
+    starts = n - block + 1
     order = np.arange(n)
     for p in range(n_paths):
         if shuffle:
-            np.random.shuffle(order)
+            for i in range(n - 1, 0, -1):  # Fisher-Yates
+                state, u = _splitmix(state)
+                j = int(u * (i + 1))
+                order[i], order[j] = order[j], order[i]
         equity = start
         peak = start
         worst = 0.0
-        hit = False
-        s = 0
-        while s < n_steps:
-            first = s if shuffle else np.random.randint(0, n - block + 1)
-            for b in range(block):
-                if s >= n_steps:
-                    break
-                r = returns[order[s]] if shuffle else returns[first + b]
-                equity *= 1.0 + r
-                if equity < 0.0:
-                    equity = 0.0
-                if equity > peak:
-                    peak = equity
-                elif peak > 0.0:
-                    dd = (peak - equity) / peak
-                    if dd > worst:
-                        worst = dd
-                if equity <= ruin:
-                    hit = True
-                s += 1
-                if s % every == 0:
-                    marks[p, s // every - 1] = equity
+        floor = start  # equity below this is a new worst drawdown: peak x (1 - worst)
+        lowest = start
+        countdown = every
+        index = 0
+        left = 0
+        for s in range(n_steps):
+            if shuffle:
+                index = order[s]
+            elif left == 0:
+                state, u = _splitmix(state)
+                index = int(u * starts)
+                left = block - 1
+            else:
+                index += 1
+                left -= 1
+            equity *= 1.0 + returns[index]
+            if equity < 0.0:
+                equity = 0.0
+            if equity > peak:
+                peak = equity
+                floor = peak * (1.0 - worst)
+            elif equity < floor:
+                worst = (peak - equity) / peak
+                floor = equity
+            if equity < lowest:
+                lowest = equity
+            countdown -= 1
+            if countdown == 0:  # a checkpoint for the percentile bands
+                marks[p, (s + 1) // every - 1] = equity
+                countdown = every
         finals[p] = equity
         mdds[p] = worst
-        ruined[p] = hit
+        ruined[p] = lowest <= ruin
 
 
 def monte_carlo(
@@ -348,7 +377,10 @@ def monte_carlo(
         values, n_paths, steps, size, method == "shuffle", seed, start, ruin * start,
         every, finals, mdds, ruined, marks,
     )  # fmt: skip
-    bands = {q: np.percentile(marks, q, axis=0) for q in _PERCENTILES} if marks.size else {}
+    bands: dict[int, np.ndarray] = {}
+    if marks.size:
+        levels = np.percentile(marks, _PERCENTILES, axis=0)
+        bands = {q: levels[k] for k, q in enumerate(_PERCENTILES)}
     return MonteCarloResult(
         method=method,
         n_paths=n_paths,

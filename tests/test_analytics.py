@@ -49,8 +49,8 @@ def result(
         )
         for name in TRADE_COLUMNS
     }
-    table["pair"] = np.array([t.get("pair", "BTC/USDT") for t in rows], dtype=object)
-    table["side"] = np.array(["long"] * len(rows), dtype=object)
+    table["pair"] = np.array([t.get("pair", "BTC/USDT") for t in rows], dtype=np.str_)
+    table["side"] = np.array(["long"] * len(rows), dtype=np.str_)
     return BacktestResult(
         strategy={"name": "constructed", "params": {}},
         pairs=("BTC/USDT",),
