@@ -1261,7 +1261,9 @@ def compute(df: pd.DataFrame, name: str, **params: Any) -> pd.Series | pd.DataFr
     """
     spec = _spec(name)
     arrays, params = _inputs(df, spec, params)
-    return _wrap(spec, spec.call(arrays, params), df.index)
+    with np.errstate(all="ignore"):  # NaN in warm-up or on flat data is a value, not an error
+        out = spec.call(arrays, params)
+    return _wrap(spec, out, df.index)
 
 
 def lookback(name: str, **params: Any) -> int:
@@ -1304,7 +1306,7 @@ def _probe_data() -> dict[str, npt.NDArray[Any]]:
     close = 100.0 * np.exp(np.cumsum(rng.normal(0.0, 0.002, n)))
     open_ = np.concatenate(([close[0]], close[:-1]))
     spread = close * rng.uniform(0.0005, 0.004, n)
-    return {
+    data = {
         "open": open_,
         "high": np.maximum(open_, close) + spread * rng.random(n),
         "low": np.minimum(open_, close) - spread * rng.random(n),
@@ -1313,6 +1315,9 @@ def _probe_data() -> dict[str, npt.NDArray[Any]]:
         "ts": 1_704_067_200_000 + 60_000 * np.arange(n, dtype=np.int64),
         "periods": np.full(n, 10.0),
     }
+    for values in data.values():
+        values.flags.writeable = False  # shared by every probe: no indicator may alter it
+    return data
 
 
 def _outputs(out: Output) -> tuple[npt.NDArray[Any], ...]:
@@ -1336,7 +1341,11 @@ def _probe(spec: _Spec, params: Mapping[str, Any]) -> Memory:
         arrays = [data[c] for c in spec.info.columns]
     except KeyError:
         return Memory.PATH
-    full = _outputs(spec.call(arrays, params))
+    try:
+        with np.errstate(all="ignore"):
+            full = _outputs(spec.call(arrays, params))
+    except Exception:  # a user function that fails on the probe: assume the longest memory
+        return Memory.PATH
     warm = spec.warmup_fn({**spec.info.params, **params})
     ends = (_PROBE_BARS, _PROBE_BARS - 137, _PROBE_BARS - 611, _PROBE_BARS - 1009, 1500)
 
@@ -1367,9 +1376,9 @@ def _converge_tail(spec: _Spec, params: Mapping[str, Any], limit: int) -> int:
     # (to 1e-8), capped at `limit`
     data = _probe_data()
     arrays = [data[c] for c in spec.info.columns]
-    full = _outputs(spec.call(arrays, params))
     size = max(32, spec.warmup_fn({**spec.info.params, **params}) + 1)
     with np.errstate(all="ignore"):
+        full = _outputs(spec.call(arrays, params))
         while size < limit:
             if all(
                 _same(t[-1], f[end - 1])
@@ -2008,14 +2017,13 @@ class FeatureEngine:
                 self._plans.append(_Plan(entry, params, feature.columns, Memory.PATH, warm + 1))
                 continue
             memory = memory_of(feature.name, **params)
-            tail = {
-                Memory.FINITE: warm + 1,
-                Memory.CONVERGING: max(
-                    warm + 1, _converge_cached(feature.name, _key(params), converge_bars)
-                ),
-                Memory.ADDITIVE: warm + 2,
-                Memory.MULTIPLICATIVE: warm + 2,
-            }.get(memory, 0)
+            tail = 0  # session / path: the whole window
+            if memory is Memory.FINITE:
+                tail = warm + 1
+            elif memory is Memory.CONVERGING:
+                tail = max(warm + 1, _converge_cached(feature.name, _key(params), converge_bars))
+            elif memory in (Memory.ADDITIVE, Memory.MULTIPLICATIVE):
+                tail = warm + 2
             self._plans.append(_Plan(entry, params, feature.columns, memory, tail))
         self._streams = [plan for plan in self._plans if plan.streams]
         self._template: dict[str, float] = dict.fromkeys(
@@ -2071,7 +2079,8 @@ class FeatureEngine:
             if plan.streams:
                 row.update(self._open(plan, [arrays[c] for c in plan.inputs]))
             elif plan.level is not None:
-                outs = _outputs(plan.spec.call([arrays[c] for c in plan.inputs], plan.params))
+                with np.errstate(all="ignore"):
+                    outs = _outputs(plan.spec.call([arrays[c] for c in plan.inputs], plan.params))
                 plan.level = [float(out[-1]) for out in outs]
         self._recompute(row, step=False)
         self._latest = row
@@ -2172,6 +2181,8 @@ class FeatureEngine:
     def _recompute(self, row: dict[str, float], *, step: bool) -> None:
         begin = max(0, self._end - self._window)
         views = {c: buffer[begin : self._end] for c, buffer in self._buffers.items()}
+        for view in views.values():
+            view.flags.writeable = False  # custom code must not alter the window
         complete = self._count <= self._window  # the window still holds every candle
         with np.errstate(all="ignore"):
             for plan in self._plans:
