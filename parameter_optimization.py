@@ -33,7 +33,8 @@ asks whether that choice survives out of sample:
 
 Scores come from `run_fast` under the `all_in` profile (whole equity per entry, no stops,
 taker fee and slippage from `settings.simulation`): the optimiser ranks signal logic, not
-risk sizing.
+risk sizing. The metrics follow `analytics.metrics` (the backtest report), so the Sharpe
+an optimisation reports is the Sharpe `--mode backtest` reports for the same parameters.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ OBJECTIVE_METRIC: Final[Mapping[str, str]] = {
     "calmar": "calmar",
     "return": "total_return",
 }
-# Ratios are clipped so a curve without downside cannot produce an infinite score.
+# A ratio over nothing (no variance, no downside, no losses) scores this, never infinity.
 RATIO_CAP: Final = 1e4
 MIN_DRAWDOWN: Final = 1e-4
 MIN_TRADES: Final = 5
@@ -270,22 +271,26 @@ def strategy_feasibility(name_or_path: str) -> Callable[[Mapping[str, float]], s
 def _ratio(numerator: float, denominator: float) -> float:
     if denominator <= 0 or not math.isfinite(denominator):
         return 0.0 if numerator == 0 else math.copysign(RATIO_CAP, numerator)
-    return max(-RATIO_CAP, min(RATIO_CAP, numerator / denominator))
+    return numerator / denominator
 
 
 def equity_metrics(equity: np.ndarray, starting_balance: float, timeframe: str) -> dict[str, float]:
-    """Return annualised Sharpe, Sortino, Calmar, return and drawdown of an equity curve.
+    """Return annualised Sharpe, Sortino, CAGR, Calmar, return and drawdown of a curve.
 
-    Per-bar simple returns (the first against `starting_balance`), annualised over 365
-    days of `timeframe` bars. Calmar is the linearly annualised return over the maximum
-    drawdown (at least 0.01%), as freqtrade computes it; every ratio is clipped to
-    +-`RATIO_CAP`.
+    The conventions of `analytics.metrics` (the backtest report), computed in a few
+    vector operations because the optimiser runs this once per candidate: per-bar simple
+    returns from `starting_balance`, 365 days of `timeframe` bars a year, Sharpe with ddof
+    1, Sortino over the root mean square of the negative returns, CAGR over the span of
+    the bars, Calmar = CAGR / max drawdown. Where the report has no value (no variance, no
+    drawdown) the score is 0 or uses a drawdown of 0.01%; CAGR is computed in log space so
+    a short, steep window cannot overflow; a ratio over zero is +-`RATIO_CAP` (0 over 0
+    is 0).
     """
     curve = np.concatenate(([float(starting_balance)], np.asarray(equity, dtype=np.float64)))
     bars = len(curve) - 1
     if bars <= 0:
         return dict.fromkeys(
-            ("sharpe", "sortino", "calmar", "total_return", "annual_return", "max_drawdown"), 0.0
+            ("sharpe", "sortino", "calmar", "total_return", "cagr", "max_drawdown"), 0.0
         )
     returns = curve[1:] / curve[:-1] - 1.0
     per_year = YEAR_MS / timeframe_to_ms(timeframe)
@@ -294,15 +299,15 @@ def equity_metrics(equity: np.ndarray, starting_balance: float, timeframe: str) 
     downside = float(np.sqrt(np.mean(np.minimum(returns, 0.0) ** 2)))
     peak = np.maximum.accumulate(curve)
     drawdown = float(np.max((peak - curve) / peak))
-    total = float(curve[-1] / curve[0] - 1.0)
-    annual = total * per_year / bars
+    growth = float(curve[-1] / curve[0])
+    cagr = math.expm1(min(math.log(growth) * per_year / bars, 700.0)) if growth > 0 else -1.0
     root = math.sqrt(per_year)
     return {
         "sharpe": _ratio(mean * root, std),
         "sortino": _ratio(mean * root, downside),
-        "calmar": _ratio(annual, max(drawdown, MIN_DRAWDOWN)),
-        "total_return": total,
-        "annual_return": annual,
+        "calmar": _ratio(cagr, max(drawdown, MIN_DRAWDOWN)),
+        "total_return": growth - 1.0,
+        "cagr": cagr,
         "max_drawdown": drawdown,
     }
 

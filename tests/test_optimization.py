@@ -162,7 +162,8 @@ def test_equity_metrics_match_the_textbook_formulas() -> None:
     assert m["sortino"] == pytest.approx(mean / downside * math.sqrt(365))
     assert m["max_drawdown"] == pytest.approx(0.1)
     assert m["total_return"] == pytest.approx(0.12)
-    assert m["calmar"] == pytest.approx(0.12 * 365 / 4 / 0.1)
+    assert m["cagr"] == pytest.approx(1.12 ** (365 / 4) - 1)
+    assert m["calmar"] == pytest.approx(m["cagr"] / 0.1)
 
 
 def test_flat_equity_scores_zero() -> None:
@@ -189,6 +190,49 @@ def test_backtest_metrics_agree_with_the_fast_path() -> None:
     assert metrics["n_trades"] == summary["n_trades"] > 0
     assert metrics["total_return"] == pytest.approx(summary["total_return"])
     assert metrics["max_drawdown"] == pytest.approx(summary["max_drawdown"])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "start_row"),
+    [
+        ("sma_cross", {"fast": 5.0, "slow": 20.0}, None),
+        ("sma_cross", {"fast": 12.0, "slow": 90.0}, 700),
+        ("rsi_bb", {"rsi_period": 10.0, "bb_period": 30.0, "bb_std": 1.5}, None),
+        ("breakout", {"period": 15.0, "exit_period": 8.0, "volume_factor": 0.0}, 900),
+    ],
+)
+def test_scores_agree_with_the_backtest_report(
+    strategy: str, params: dict[str, float], start_row: int | None
+) -> None:
+    """The optimiser's Sharpe, Sortino, Calmar... are the numbers analytics.metrics reports."""
+    import analytics
+
+    df = sample_frame()
+    start_ms = None if start_row is None else int(df.index.as_unit("ms").asi8[start_row])
+    evaluator = BacktestEvaluator(strategy, "1m", slippage_bps=2.0)
+    ours = evaluator(params, df, pair=PAIR, start_ms=start_ms)
+    result = run_fast(
+        load_strategy(strategy, params),
+        df,
+        pair=PAIR,
+        timeframe="1m",
+        slippage_bps=2.0,
+        start_ms=start_ms,
+    )
+    report = analytics.metrics(result)
+    assert report["n_trades"] >= 3
+    for key in (
+        "sharpe",
+        "sortino",
+        "calmar",
+        "cagr",
+        "total_return",
+        "max_drawdown",
+        "n_trades",
+        "win_rate",
+        "profit_factor",
+    ):
+        assert ours[key] == pytest.approx(report[key], rel=1e-9), key
 
 
 def test_one_parameter_set_is_scored_across_pairs() -> None:
