@@ -286,6 +286,9 @@ class Engine:
         self.max_lag_ms = max_lag_ms
         self.stale_candles = 0
         self.reconcile_report = ""
+        # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
+        self.predictors: dict[str, Any] = {}
+        self.model_threshold = 0.5
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -381,12 +384,15 @@ class Engine:
             features=signal.features,
         )
         entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
+        model_veto = self._model_veto(signal) if entering else None
         if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
             verdict: OrderIntent | Veto = Veto(
                 "paused by operator" if self.state is BotState.PAUSED else "pair drained",
                 None,
                 "operator",
             )
+        elif model_veto is not None:
+            verdict = model_veto
         else:
             verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now))
         if isinstance(verdict, Veto):
@@ -448,6 +454,20 @@ class Engine:
             if len(close) > 2:
                 out[pair] = np.diff(close) / close[:-1]
         return out
+
+    def _model_veto(self, signal: Signal) -> Veto | None:
+        """Refuse an entry the learned model does not back (None when no model is used)."""
+        predictor = self.predictors.get(signal.pair)
+        if predictor is None:
+            return None
+        p_up = predictor.probability_up(self.data.frame(signal.pair, self.timeframe))
+        signal.features["model_p_up"] = p_up
+        wanted = p_up if signal.side is Side.BUY else 1 - p_up
+        if wanted < self.model_threshold:
+            return Veto(
+                f"model: P(move in our favour)={wanted:.2f} < {self.model_threshold}", None, "model"
+            )
+        return None
 
     def _risk_context(self, pair: str, now: int) -> RiskContext:
         positions = self.portfolio.positions()
@@ -587,6 +607,7 @@ class Engine:
             order_books=dict(self.books),
             scores=self.reward.scores(),
             errors=tuple(self.errors),
+            model={pair: p.describe() for pair, p in self.predictors.items()},
             risk={
                 **self.risk.describe(),
                 "exposure": float(self.portfolio.exposure()),

@@ -107,6 +107,11 @@ class Daemon:
         self.engine: Engine | None = None
         self.sim: SimulatedExchange | None = None
         self.exchange: Any = None
+        self.top_pairs: Any = None
+        self.data: DataManager | None = None
+        self.window = 0
+        self.feed_pairs: list[str] = []
+        self._resubscribe = asyncio.Event()
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -235,15 +240,27 @@ class Daemon:
         clock = ExchangeClock(exchange)
         strategy = load_strategy(s.strategy.name, s.strategy.params)
         window = max(strategy.warmup * 2, s.strategy.warmup_candles)
-        data = DataManager(window=window)
+        # Candles from the exchange are archived (flushed with each state snapshot), so
+        # backtests and the parity audit can replay exactly what the bot saw.
+        data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
         timeframe = s.strategy.timeframe
-        for pair in s.strategy.pairs:
-            history = await exchange.fetch_ohlcv(pair, timeframe, limit=window)
-            for candle in history:
-                data.on_candle(candle)
-            log.info("warmup_loaded", pair=pair, candles=len(history))
+        pairs = list(s.strategy.pairs)
+        if s.pairs.dynamic:
+            from top_pairs import TopPairs  # noqa: PLC0415
+
+            self.top_pairs = TopPairs(
+                exchange,
+                s.pairs,
+                state_path=s.storage.data_dir / "state" / "pairs.json",
+                clock=clock,
+                market_type=s.exchange.market_type,
+            )
+            pairs = list((await self.top_pairs.current()).pairs)
+        self.window = window
+        self.data = data
+        await self._warm_up(pairs)
         # Every closed candle from here on, exactly once, gaps refilled from REST.
-        self.feed = aiter(exchange.watch_candles(s.strategy.pairs, timeframe))
+        self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
         if paper:
             sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
@@ -259,6 +276,7 @@ class Daemon:
                 data=data,
                 max_lag_ms=step,
             )
+            self.engine.set_pairs(pairs)
             return
         from trade_store import TradeStore
 
@@ -277,6 +295,7 @@ class Daemon:
             data=data,
             max_lag_ms=step,
         )
+        self.engine.set_pairs(pairs)
         report = await self.engine.executor.reconcile(exchange, store, quote=quote)
         self.engine.reconcile_report = report
         log.info("reconciled", report=report)
@@ -338,7 +357,7 @@ class Daemon:
         interval = self.settings.storage.snapshot_interval_s
         while True:
             await asyncio.sleep(interval)
-            self.persist_state()
+            await self._persist_async()
 
     # -- Operator surfaces -------------------------------------------------------------------
 
@@ -405,6 +424,91 @@ class Daemon:
         finally:
             await web.stop()
 
+    async def _warm_up(self, pairs: list[str]) -> None:
+        assert self.exchange is not None
+        assert self.data is not None
+        timeframe = self.settings.strategy.timeframe
+        for pair in pairs:
+            history = await self.exchange.fetch_ohlcv(pair, timeframe, limit=self.window)
+            for candle in history:
+                self.data.on_candle(candle)
+            log.info("warmup_loaded", pair=pair, candles=len(history))
+
+    async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
+        """Stream closed candles; resubscribe when the pair list changes."""
+        assert self.exchange is not None
+        timeframe = self.settings.strategy.timeframe
+        self.feed_pairs = list(pairs)
+        while True:
+            self._resubscribe.clear()
+            stream = self.exchange.watch_candles(self.feed_pairs, timeframe)
+            try:
+                async for candle in stream:
+                    yield candle
+                    if self._resubscribe.is_set():
+                        break
+            finally:
+                await stream.aclose()
+
+    async def on_pairs_changed(self, diff: Any) -> None:
+        """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
+        assert self.engine is not None
+        await self._warm_up(list(diff.added))
+        keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
+        self.engine.set_pairs(keep)
+        # Removed pairs that still hold a position stay on the feed until it is closed.
+        draining = diff.draining(self.engine.portfolio.positions())
+        self.feed_pairs = [*keep, *[p for p in draining if p not in keep]]
+        self._resubscribe.set()
+        log.info(
+            "pairs_changed",
+            added=list(diff.added),
+            removed=list(diff.removed),
+            draining=list(draining),
+        )
+
+    def model_name(self, pair: str) -> str:
+        """Return the model registry name used for a pair (same as `--mode train`)."""
+        base = pair.split(":")[0].replace("/", "-")
+        return f"direction-{base}-{self.settings.strategy.timeframe}"
+
+    def enable_learning(self) -> None:
+        """Filter entries through each pair's current model (when learning is enabled)."""
+        from self_learning import ModelRegistry, SafePredictor  # noqa: PLC0415
+
+        assert self.engine is not None
+        models = self.settings.storage.data_dir / "models"
+        self.engine.model_threshold = self.settings.learning.entry_threshold
+        for pair in self.engine.pairs:
+            registry = ModelRegistry(models, self.model_name(pair))
+            self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
+
+    async def _retrain(self) -> None:
+        """Retrain every pair's model off the loop on a fixed schedule; swap in atomically."""
+        from self_learning import train_and_save  # noqa: PLC0415
+        from utils.utilities import run_cpu  # noqa: PLC0415
+
+        assert self.engine is not None
+        learning = self.settings.learning
+        models = self.settings.storage.data_dir / "models"
+        while True:
+            await asyncio.sleep(learning.retrain_interval_s)
+            await self.engine.data.flush()
+            archive = CandleStore(self.settings.storage.data_dir)
+            for pair in self.engine.pairs:
+                timeframe = self.settings.strategy.timeframe
+                if not archive.has(pair, timeframe):
+                    continue
+                frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
+                try:
+                    meta = await run_cpu(
+                        train_and_save, frame, learning, models, self.model_name(pair)
+                    )
+                except DataError as e:
+                    log.warning("retrain_skipped", pair=pair, reason=e.message)
+                    continue
+                log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)
+
     async def _private_fills(self) -> None:
         assert self.engine is not None
         assert self.exchange is not None
@@ -445,6 +549,16 @@ class Daemon:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
             background = [tg.create_task(self._snapshots(), name="snapshots")]
+            if self.settings.learning.enabled and self.args.mode != "backtest":
+                self.enable_learning()
+                background.append(tg.create_task(self._retrain(), name="retrain"))
+            if self.top_pairs is not None:
+                background.append(
+                    tg.create_task(
+                        self.top_pairs.run(self.stop, on_change=self.on_pairs_changed),
+                        name="top-pairs",
+                    )
+                )
             if self.exchange is not None and self.sim is None:
                 background.append(tg.create_task(self._private_fills(), name="private-fills"))
                 background.append(tg.create_task(self._private_orders(), name="private-orders"))
@@ -496,6 +610,10 @@ class Daemon:
 
     async def _persist_async(self) -> None:
         await asyncio.to_thread(self.persist_state)
+        if self.engine is not None:
+            stored = await self.engine.data.flush()
+            if stored:
+                log.info("candles_archived", candles=stored)
 
     def persist_state(self) -> Path:
         """Write the portfolio, open orders and risk state atomically; return the path."""

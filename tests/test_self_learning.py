@@ -135,3 +135,28 @@ def test_tensorflow_mlp_trains_saves_and_loads(tmp_path: Path, candles: pd.DataF
     p = SafePredictor(ModelRegistry(tmp_path / "models")).probability_up(candles)
     assert 0.0 <= p <= 1.0
     assert np.isfinite(meta.metrics["brier"])
+
+
+def test_trained_model_filters_sim_entries(tmp_path: Path) -> None:
+    """--mode train then a sim with learning enabled: entries the model doubts are vetoed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "KESTREL_LEARNING__MIN_SAMPLES": "200"}
+    main = str(ROOT / "main.py")
+    subprocess.run([sys.executable, main, "--mode", "train", "--no-ui"], env=env, check=True, capture_output=True)  # noqa: S603
+    assert (tmp_path / "data" / "models" / "direction-BTC-USDT-1m" / "CURRENT").is_file()
+    env["KESTREL_LEARNING__ENABLED"] = "true"
+    env["KESTREL_LEARNING__ENTRY_THRESHOLD"] = "0.99"  # nothing is that sure: every entry vetoed
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, main, "--mode", "sim", "--feed", "replay", "--no-ui", "--summary-json", str(out)], env=env, check=True, capture_output=True)  # noqa: S603
+    summary = json.loads(out.read_text())
+    events = [json.loads(line) for line in (tmp_path / "logs" / "audit.jsonl").read_text().splitlines()]
+    model_vetoes = [e for e in events if e["kind"] == "veto" and e["guard"] == "model"]
+    assert model_vetoes
+    assert summary["n_trades"] == 0 and not summary["open_positions"]
+    assert summary["vetoes"] == len(model_vetoes)
