@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import enum
 import functools
 import math
@@ -1012,7 +1013,7 @@ class Exchange:
             RecoverableError: still failing after the retries (the order may or may not
                 exist; reconcile by client order id).
         """
-        client = self._ensure_open()
+        self._ensure_open()
         market = self.market(intent.pair)
         cid = intent.client_order_id
         if not cid or len(cid) > _LINK_ID_MAX:
@@ -1033,9 +1034,15 @@ class Exchange:
             and self._leverage.get(intent.pair) != intent.leverage
         ):
             await self.set_leverage(intent.pair, intent.leverage)
-        args = self._order_args(intent, market)
         self._conditional[cid] = intent.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT)
         log.info("order_submitted", pair=intent.pair, client_order_id=cid, type=str(intent.type))
+        order = await self._place(intent, self._order_args(intent, market))
+        return dataclasses.replace(order, reason=intent.reason)
+
+    async def _place(self, intent: OrderIntent, args: tuple[Any, ...]) -> Order:
+        # Send, and after a failure decide between "it exists", "resend" and "give up".
+        client = self._ensure_open()
+        cid = intent.client_order_id
         attempt = 0
         while True:
             attempt += 1
