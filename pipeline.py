@@ -9,6 +9,7 @@ the operator façade (`models.Control`) that Telegram, the dashboard and the web
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -128,7 +129,11 @@ def _flags(row: Any) -> tuple[bool, bool, bool, bool]:
 
 
 class RollingSignals:
-    """Live/sim: run the strategy on the pair's rolling window at each closed candle."""
+    """Live/sim: evaluate the strategy on the pair's rolling window at each closed candle.
+
+    Reads the data manager's array views (no DataFrame per candle); kernel strategies
+    advance their indicator state by the new row only (`Strategy.last_row_arrays`).
+    """
 
     def __init__(self, strategy: Strategy, data: DataManager, timeframe: str) -> None:
         self.strategy = strategy
@@ -136,11 +141,11 @@ class RollingSignals:
         self.timeframe = timeframe
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
-        """Populate the window and read its last row."""
-        frame = self.data.frame(candle.pair, self.timeframe)
-        if len(frame) < self.strategy.warmup:
+        """Compute the window's last row and decide."""
+        bars = self.data.arrays(candle.pair, self.timeframe)
+        if len(bars.ts) < self.strategy.warmup:
             return None
-        row = self.strategy.populate(frame).iloc[-1]
+        row = self.strategy.last_row_arrays(candle.pair, bars)
         return decide_signal(
             self.strategy,
             candle.pair,
@@ -276,7 +281,11 @@ class Engine:
         self.last_close: dict[str, float] = {}
         self.first_ts: int | None = None
         self.last_ts: int | None = None
-        self.decision_latency_ms: deque[float] = deque(maxlen=10_000)
+        self.decision_latency_ms: deque[float] = deque(maxlen=100_000)
+        self._received: float | None = None
+        self._started = 0.0
+        # Candle handed to the engine -> order accepted, without the wait in the queue.
+        self.decision_service_ms: deque[float] = deque(maxlen=100_000)
         self._flattening = False
         self.extra_status: Callable[[], dict[str, Any]] = dict
         # Trailing / break-even stops need protective orders to move; `all_in` has none.
@@ -316,10 +325,16 @@ class Engine:
 
     # -- The pipeline ------------------------------------------------------------------------
 
-    async def on_candle(self, candle: Candle) -> None:
-        """Process one closed candle through the whole pipeline, in order."""
+    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
+        """Process one closed candle through the whole pipeline, in order.
+
+        `received` (a `time.perf_counter()` reading taken when the feed handed the candle
+        over) lets the engine measure decision latency: candle in, order out.
+        """
         if not self.data.on_candle(candle):
             return
+        self._received = received
+        self._started = time.perf_counter()
         pair = candle.pair
         self.candles += 1
         if self.first_ts is None:
@@ -430,6 +445,10 @@ class Engine:
             self.errors.append(f"{signal.pair}: {e.message}")
             log.error("order_failed", pair=signal.pair, **e.describe())
             return
+        if self._received is not None:
+            done = time.perf_counter()
+            self.decision_latency_ms.append((done - self._received) * 1000)
+            self.decision_service_ms.append((done - self._started) * 1000)
         if order.status is not OrderStatus.REJECTED and self.fill_now is not None:
             for filled, fill in self.fill_now(signal.pair):
                 await self.on_fill(filled, fill)
@@ -697,19 +716,3 @@ class Engine:
             ],
             "trades": [t.as_dict() for t in self.portfolio.closed],
         }
-
-
-async def drain(
-    queue: asyncio.Queue[Candle | None], handler: Callable[[Candle], Awaitable[None]]
-) -> int:
-    """Feed candles from `queue` to `handler` until the `None` sentinel; return the count."""
-    count = 0
-    while True:
-        item = await queue.get()
-        if item is None:
-            return count
-        try:
-            await handler(item)
-        except BotError:
-            raise
-        count += 1

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -97,7 +98,8 @@ class Daemon:
         self.args = args
         self.settings = settings
         self.stop = asyncio.Event()
-        self.queue: asyncio.Queue[Candle | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        # (candle, perf_counter() at receipt): the receipt time measures decision latency.
+        self.queue: asyncio.Queue[tuple[Candle, float] | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         # Backtests replay history: no audit trail (it records live decisions), and only
         # warnings on the console unless --log-level asks for more.
         backtest = args.mode == "backtest"
@@ -258,7 +260,7 @@ class Daemon:
             pairs = list((await self.top_pairs.current()).pairs)
         self.window = window
         self.data = data
-        await self._warm_up(pairs)
+        await self._warm_up(pairs, strategy)
         # Every closed candle from here on, exactly once, gaps refilled from REST.
         self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
@@ -321,7 +323,7 @@ class Daemon:
         assert self.feed is not None
         try:
             async for candle in self.feed:
-                await self.queue.put(candle)
+                await self.queue.put((candle, time.perf_counter()))
         finally:
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
@@ -341,10 +343,10 @@ class Daemon:
     async def _pipeline_loop(self) -> None:
         assert self.engine is not None
         while True:
-            candle = await self.queue.get()
-            if candle is None:
+            item = await self.queue.get()
+            if item is None:
                 break
-            await self.engine.on_candle(candle)
+            await self.engine.on_candle(*item)
         log.info("feed_exhausted", candles=self.engine.candles)
         self.stop.set()
 
@@ -424,14 +426,20 @@ class Daemon:
         finally:
             await web.stop()
 
-    async def _warm_up(self, pairs: list[str]) -> None:
+    async def _warm_up(self, pairs: list[str], strategy: Strategy | None = None) -> None:
         assert self.exchange is not None
         assert self.data is not None
         timeframe = self.settings.strategy.timeframe
+        strategy = strategy or (self.engine.strategy if self.engine is not None else None)
         for pair in pairs:
             history = await self.exchange.fetch_ohlcv(pair, timeframe, limit=self.window)
             for candle in history:
                 self.data.on_candle(candle)
+            bars = self.data.arrays(pair, timeframe)
+            if strategy is not None and len(bars.ts) >= strategy.warmup:
+                # Run the strategy over the history now: its kernel is compiled and its
+                # per-pair state primed before the first live candle, not during it.
+                strategy.last_row_arrays(pair, bars)
             log.info("warmup_loaded", pair=pair, candles=len(history))
 
     async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
