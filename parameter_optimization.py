@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from error_handler import ConfigError
+from error_handler import ConfigError, InvariantError
 from utils.utilities import (
     Clock,
     WallClock,
@@ -96,6 +96,7 @@ RATIO_CAP: Final = 1e4
 MIN_DRAWDOWN: Final = 1e-4
 MIN_TRADES: Final = 5
 MAX_TRIES: Final = 64
+MAX_ERRORS: Final = 5  # distinct infeasible/failure messages kept for the report
 CHUNKS_PER_WORKER: Final = 2
 YEAR_MS: Final = 365 * 86_400_000  # crypto trades every day
 
@@ -662,6 +663,8 @@ class SearchOptions:
             raise ConfigError(
                 "optimize: population >= 2 and generations >= 1", component="optimize"
             )
+        if self.time_budget_s <= 0 or self.min_trades < 0:
+            raise ConfigError("optimize: time_budget_s > 0 and min_trades >= 0")
         if self.objective not in OBJECTIVE_METRIC:
             raise ConfigError(f"optimize: unknown objective {self.objective!r}")
 
@@ -715,11 +718,13 @@ class SearchResult:
     generations_planned: int
     stopped: StopReason = "completed"
     elapsed_s: float = 0.0
+    errors: tuple[str, ...] = ()
 
     def as_dict(self, top: int = 20) -> dict[str, Any]:
         """Return plain data for the JSON report (the `top` best candidates)."""
         return {
             "method": self.method,
+            "errors": list(self.errors),
             "objective": self.objective,
             "stopped": self.stopped,
             "elapsed_s": self.elapsed_s,
@@ -793,7 +798,10 @@ class _Search(ABC):
     def tell(self, outcomes: Sequence[Outcome]) -> None:
         """Record the outcomes of the candidates from `ask`, in order."""
         if len(outcomes) != len(self._pending):
-            raise ValueError(f"expected {len(self._pending)} outcomes, got {len(outcomes)}")
+            raise InvariantError(
+                f"expected {len(self._pending)} outcomes, got {len(outcomes)}",
+                component="optimize",
+            )
         for key, outcome in zip(self._pending, outcomes, strict=True):
             self.cache[key] = score(
                 self.space.params(key), outcome, self.options.objective, self.min_trades
@@ -847,6 +855,9 @@ class _Search(ABC):
             generations_planned=self.options.generations,
             stopped=stopped,
             elapsed_s=elapsed_s,
+            errors=tuple(dict.fromkeys(e.error for e in self.cache.values() if e.error).keys())[
+                :MAX_ERRORS
+            ],
         )
 
     # -- Proposal helpers --------------------------------------------------------------------
@@ -1674,9 +1685,14 @@ def print_report(
     from rich.console import Console
 
     console = Console()
-    if report.search is not None:
-        console.print(_ranking_table(report.search, space, strategy))
-        search = report.search
+    search = report.search
+    if search is not None:
+        if search.best is None:
+            console.print(f"[red]no feasible candidate for {strategy}[/]")
+        if search.best is None or search.failed:
+            for error in search.errors:
+                console.print(f"candidates refused or failed: {error}", markup=False)
+        console.print(_ranking_table(search, space, strategy))
         console.print(
             f"{search.evaluated} backtests, {search.infeasible} infeasible, "
             f"{search.failed} failed; {search.generations_run}/{search.generations_planned} "
@@ -1730,9 +1746,8 @@ def _walk_forward_table(wf: WalkForwardReport) -> Any:
     from rich.table import Table
 
     first = wf.windows[0].train.start_ms or 0
-    last = wf.windows[-1].test.end_ms
-    long_run = last is None or last - first > 2 * 86_400_000
-    fmt = "%Y-%m-%d" if long_run else "%m-%d %H:%M"
+    last = wf.windows[-1].test.start_ms or 0
+    fmt = "%Y-%m-%d" if last - first > 2 * 86_400_000 else "%m-%d %H:%M"
     table = Table(title="walk-forward: in sample vs out of sample")
     for column in ("window", "train", "test", "params", "in sample", "out of sample", "oos trades"):
         table.add_column(column, justify="right")

@@ -117,3 +117,34 @@ async def test_cli_refuses_bad_input(values: dict[str, Any], error: type[Excepti
     with pytest.raises(error):
         await run_optimize_cli(_args(**values), settings)
     assert _written(settings, "sma_cross") == []
+
+
+BROKEN_STRATEGY = """
+from strategy import Param, Strategy
+
+
+class Broken(Strategy):
+    name = "broken"
+    parameters = {"period": Param(10, 2, 50)}
+
+    def populate(self, df):
+        raise RuntimeError("indicator blew up")
+"""
+
+
+async def test_cli_exits_1_when_no_candidate_can_be_scored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A strategy file whose every backtest fails gives exit 1, the errors in JSON and on screen."""
+    path = tmp_path / "broken_strategy.py"
+    path.write_text(BROKEN_STRATEGY)
+    settings = _settings()
+    assert await run_optimize_cli(_args(strategy=str(path)), settings) == 1
+    (written,) = _written(settings, "broken_strategy")
+    doc = json.loads(written.read_text())
+    assert doc["best"] is None
+    assert doc["search"]["failed"] == doc["search"]["evaluated"] > 0
+    assert doc["search"]["errors"] == ["RuntimeError: indicator blew up"]
+    printed = capsys.readouterr().out
+    assert "no feasible candidate" in printed
+    assert "indicator blew up" in printed
