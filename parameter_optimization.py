@@ -575,7 +575,9 @@ class DaskBackend:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                # A free port: the scheduler's HTTP server otherwise wants 8787 and warns
+                # (an error under -W error) when another cluster holds it.
+                dashboard_address=":0",
             )
             self._client = dist.Client(self._cluster)
         self._workers = int(max(1, sum(self._client.nthreads().values())))
@@ -585,6 +587,7 @@ class DaskBackend:
             scheduler=scheduler or "local",
             workers=self._workers,
             address=self._client.scheduler.address,
+            dashboard=self._client.dashboard_link,
         )
 
     @property

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,12 +53,23 @@ def cluster() -> Iterator[Any]:
     from dask.distributed import LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
     ) as local:
         yield local
 
 
+@pytest.fixture
+def dashboard_port_taken() -> Iterator[None]:
+    """Hold 127.0.0.1:8787 (Dask's default HTTP port), as another cluster on the host would."""
+    with socket.socket() as holder:
+        with contextlib.suppress(OSError):  # already held by someone else: same situation
+            holder.bind(("127.0.0.1", 8787))
+            holder.listen()
+        yield
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("dashboard_port_taken")
 def test_local_cluster_with_two_workers_matches_in_process() -> None:
     """Search and walk-forward on a 2-worker LocalCluster equal the in-process run."""
     options = SearchOptions(population=6, generations=2, seed=11, min_trades=1)
