@@ -1753,7 +1753,10 @@ def _walk_forward_table(wf: WalkForwardReport) -> Any:
     fmt = "%Y-%m-%d" if last - first > 2 * 86_400_000 else "%m-%d %H:%M"
     table = Table(title="walk-forward: in sample vs out of sample")
     for column in ("window", "train", "test", "params", "in sample", "out of sample", "oos trades"):
-        table.add_column(column, justify="right")
+        # Parameter lists wrap rather than lose their values to an ellipsis.
+        table.add_column(
+            column, justify="right", overflow="fold" if column == "params" else "ellipsis"
+        )
     for r in wf.windows:
         table.add_row(
             str(r.window.index),
