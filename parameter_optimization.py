@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import enum
 import functools
 import itertools
@@ -738,18 +739,7 @@ class SearchResult:
             "failed": self.failed,
             "best": self.best.as_dict() if self.best else None,
             "leaderboard": [e.as_dict() for e in self.leaderboard[:top]],
-            "history": [
-                {
-                    "generation": g.generation,
-                    "evaluated": g.evaluated,
-                    "reused": g.reused,
-                    "infeasible": g.infeasible,
-                    "best_objective": g.best_objective,
-                    "mean_objective": g.mean_objective,
-                    "best_params": g.best_params,
-                }
-                for g in self.history
-            ],
+            "history": [dataclasses.asdict(g) for g in self.history],
         }
 
 
@@ -1165,16 +1155,6 @@ class ParamStability:
     high: float
     range_std: float
 
-    def as_dict(self) -> dict[str, float]:
-        """Return plain data for the JSON report."""
-        return {
-            "mean": self.mean,
-            "std": self.std,
-            "min": self.low,
-            "max": self.high,
-            "range_std": self.range_std,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class WalkForwardReport:
@@ -1205,7 +1185,7 @@ class WalkForwardReport:
             "out_of_sample_mean": self.out_of_sample_mean,
             "efficiency": self.efficiency,
             "out_of_sample_positive": self.out_of_sample_positive,
-            "stability": {k: v.as_dict() for k, v in self.stability.items()},
+            "stability": {k: dataclasses.asdict(v) for k, v in self.stability.items()},
             "windows": [w.as_dict() for w in self.windows],
         }
 
