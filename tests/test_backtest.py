@@ -303,3 +303,57 @@ def test_linear_markets_keep_their_own_rules() -> None:
     """sim_market for a linear pair allows leverage; spot does not (rules the fast path uses)."""
     assert sim_market("BTC/USDT:USDT", 17_000.0, MarketType.LINEAR).max_leverage == Decimal(10)
     assert sim_market("BTC/USDT", 17_000.0).max_leverage == Decimal(1)
+
+
+# -- Replay feed -----------------------------------------------------------------------------
+
+
+async def test_replay_feed_labels_each_pair_and_keeps_time_order() -> None:
+    """Two pairs interleave in (ts, pair) order, each candle with its own pair and prices."""
+    from trade_simulator import ReplayFeed
+    from utils.utilities import ReplayClock
+
+    a = frame([1.0, 2.0, 3.0])
+    b = frame([10.0, 20.0, 30.0])
+    clock = ReplayClock(0)
+    seen: list[tuple[str, float, int]] = []
+    async for candle in ReplayFeed({"B/USDT": b, "A/USDT": a}, "1m", clock):
+        seen.append((candle.pair, candle.close, clock.now_ms() - candle.ts))
+    assert [(p, c) for p, c, _ in seen] == [
+        ("A/USDT", 1.0), ("B/USDT", 10.0), ("A/USDT", 2.0),
+        ("B/USDT", 20.0), ("A/USDT", 3.0), ("B/USDT", 30.0),
+    ]  # fmt: skip
+    assert {lag for _, _, lag in seen} == {MINUTE}  # the clock is at each candle's close
+
+
+async def test_replay_feed_reports_progress_and_can_yield_less_often() -> None:
+    """progress(done, total) is called every N candles and at the end; yield_every works."""
+    from trade_simulator import ReplayFeed
+    from utils.utilities import ReplayClock
+
+    calls: list[tuple[int, int]] = []
+    feed = ReplayFeed(
+        {"A/USDT": random_walk(25)},
+        "1m",
+        ReplayClock(0),
+        progress=lambda done, total: calls.append((done, total)),
+        progress_every=10,
+        yield_every=8,
+    )
+    count = sum([1 async for _ in feed])
+    assert count == 25
+    assert calls == [(10, 25), (20, 25), (25, 25)]
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_fast_path_reads_any_index_unit(unit: str) -> None:
+    """Second, milli, micro and nanosecond indexes give the same trades and close times."""
+    df = sample_frame()
+    start = int(df.index[100].value // 1_000_000) + 1  # mid-candle: the next candle is first
+    reference = run_fast(load_strategy("sma_cross"), df, start_ms=start)
+    other = df.copy()
+    other.index = other.index.as_unit(unit)
+    result = run_fast(load_strategy("sma_cross"), other, start_ms=start)
+    assert result.candles == len(df) - 101
+    assert np.array_equal(result.ts, reference.ts)
+    assert result.trades == reference.trades
