@@ -32,6 +32,7 @@ Connection: testnet by default; mainnet only when the settings allow it. A `base
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import copy
 import dataclasses
@@ -283,6 +284,29 @@ def bybit_client_class() -> type:
 
     class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc,name-defined]
         kestrel_budgets: _Budgets | None = None
+
+        async def authenticate(self, url: str, params: Any = None) -> Any:
+            # ccxt 4.5.90 signs the private WebSocket login with the local clock
+            # (`milliseconds() + 10000`), ignoring the offset it measured for REST; with a
+            # local clock 10 s behind Bybit's, every login fails. Sign with the corrected
+            # clock, exactly as REST requests are.
+            self.check_required_credentials()
+            client = self.client(url)
+            future = client.reusableFuture("authenticated")
+            if self.safe_value(client.subscriptions, "authenticated") is None:
+                offset = self.safe_integer(self.options, "timeDifference", 0) or 0
+                expires = self.number_to_string(self.milliseconds() - offset + 10000)
+                signature = self.hmac(
+                    self.encode("GET/realtime" + expires),
+                    self.encode(self.secret),
+                    hashlib.sha256,
+                    "hex",
+                )
+                message = self.extend(
+                    {"op": "auth", "args": [self.apiKey, expires, signature]}, params or {}
+                )
+                self.watch(url, "authenticated", message, "authenticated")
+            return await future
 
         async def fetch2(
             self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Protocol
@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 
 from data_manager import DataManager
-from error_handler import BotError, BusinessError, RecoverableError, StrategyError
+from error_handler import BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
     Candle,
@@ -279,6 +279,7 @@ class Engine:
         self.errors: deque[str] = deque(maxlen=20)
         self.books: dict[str, OrderBook] = {}
         self.last_close: dict[str, float] = {}
+        self.last_candle_ts: dict[str, int] = {}
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.decision_latency_ms: deque[float] = deque(maxlen=100_000)
@@ -341,6 +342,7 @@ class Engine:
             self.first_ts = candle.ts
         self.last_ts = candle.ts
         self.last_close[pair] = candle.close
+        self.last_candle_ts[pair] = candle.ts
         if self.matcher is not None:
             for order, fill in self.matcher(candle):
                 await self.on_fill(order, fill)
@@ -350,6 +352,8 @@ class Engine:
         now = self.clock.now_ms()
         if self.manage_stops and portfolio.has_position(pair):
             await self._manage_stop(candle, now)
+            if await self._take_profit_reached(candle):
+                return
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._flatten("circuit breaker: flatten")
@@ -443,7 +447,7 @@ class Engine:
             # The order's fate is unknown or it was refused: the journal has it, and the
             # next reconciliation settles it. Trading goes on; a FatalError does not.
             self.errors.append(f"{signal.pair}: {e.message}")
-            log.error("order_failed", pair=signal.pair, **e.describe())
+            log.error("order_failed", **{**e.describe(), "pair": signal.pair})
             return
         if self._received is not None:
             done = time.perf_counter()
@@ -502,6 +506,19 @@ class Engine:
             taker_fee=self.executor.taker_fee,
             returns=self._returns([pair, *positions]) if heavy else None,
         )
+
+    async def _take_profit_reached(self, candle: Candle) -> bool:
+        # Spot positions keep their take-profit here, not on the exchange: when the bar
+        # reaches it, exit at market (next open in sim, as any market order).
+        target = self.executor.managed_take_profit(candle.pair)
+        position = self.portfolio.position(candle.pair)
+        if target is None or position is None:
+            return False
+        long = position.side is PositionSide.LONG
+        reached = candle.high >= target if long else candle.low <= target
+        if reached:
+            await self.close_position(candle.pair, f"take-profit {target} reached (managed)")
+        return reached
 
     async def _manage_stop(self, candle: Candle, now: int) -> None:
         position = self.portfolio.position(candle.pair)
@@ -600,6 +617,17 @@ class Engine:
             reason=reason,
             reduce_only=True,
             ts=now,
+        )
+        # An engine-initiated exit is a decision too (the parity audit matches on it).
+        self.audit.record(
+            "risk_approved",
+            now,
+            pair=pair,
+            candle_ts=self.last_candle_ts.get(pair, now),
+            side=str(intent.side),
+            qty=str(intent.qty),
+            client_order_id=intent.client_order_id,
+            reason=reason,
         )
         order = await self.executor.submit(intent, last_price=self.price(pair))
         if self.fill_now is not None:

@@ -172,6 +172,7 @@ class Portfolio:
                 order_id=fill.client_order_id,
             )
         self._seen_fills.add(fill.fill_id)
+        fill = _in_quote(fill)
         signed = fill.qty if fill.side is Side.BUY else -fill.qty
         self.cash -= signed * fill.price + fill.fee
         self.fees += fill.fee
@@ -232,6 +233,22 @@ class Portfolio:
         )
         return trade
 
+    def drop_dust(self, pair: str, below: Decimal) -> Decimal:
+        """Treat a position smaller than `below` (the market's minimum) as closed.
+
+        Fees charged in the coin and lot-size rounding leave remainders no order can sell.
+        Their value at the mark moves into cash, so equity is unchanged and the pair is
+        flat again (free for new entries, no exit retried forever). Returns the quantity.
+        """
+        book = self._open.get(pair)
+        if book is None or abs(book.qty) >= below:
+            return ZERO
+        price = book.mark if book.mark is not None else book.entry_price
+        self.cash += book.qty * price
+        del self._open[pair]
+        log.info("dust_written_off", pair=pair, qty=str(book.qty), value=str(book.qty * price))
+        return book.qty
+
     def restore(
         self,
         *,
@@ -256,6 +273,23 @@ class Portfolio:
             )
             for p in positions
         }
+
+
+def _in_quote(fill: Fill) -> Fill:
+    """Return the fill with its fee in the quote currency and the quantity actually received.
+
+    Bybit spot charges a buy's fee in the coin bought: 0.1 BTC bought with a 0.1% fee
+    delivers 0.0999 BTC. Counting the full 0.1 would make the exit sell coins the account
+    does not have (Bybit refuses it). The fee's value enters the accounts at the fill price.
+    """
+    base = fill.pair.split("/")[0]
+    if fill.fee_currency != base or fill.fee == 0:
+        return fill
+    quote = fill.pair.split("/")[1].split(":")[0]
+    fee_value = fill.fee * fill.price
+    if fill.side is Side.BUY:
+        return replace(fill, qty=fill.qty - fill.fee, fee=fee_value, fee_currency=quote)
+    return replace(fill, qty=fill.qty + fill.fee, fee=fee_value, fee_currency=quote)
 
 
 def with_mark(position: Position, price: Decimal) -> Position:

@@ -114,6 +114,7 @@ class Daemon:
         self.window = 0
         self.feed_pairs: list[str] = []
         self._resubscribe = asyncio.Event()
+        self._resume_from: int | None = None
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -248,7 +249,7 @@ class Daemon:
         timeframe = s.strategy.timeframe
         pairs = list(s.strategy.pairs)
         if s.pairs.dynamic:
-            from top_pairs import TopPairs  # noqa: PLC0415
+            from top_pairs import TopPairs
 
             self.top_pairs = TopPairs(
                 exchange,
@@ -435,6 +436,11 @@ class Daemon:
             history = await self.exchange.fetch_ohlcv(pair, timeframe, limit=self.window)
             for candle in history:
                 self.data.on_candle(candle)
+            if history:
+                last = history[-1].ts
+                self._resume_from = (
+                    last if self._resume_from is None else min(self._resume_from, last)
+                )
             bars = self.data.arrays(pair, timeframe)
             if strategy is not None and len(bars.ts) >= strategy.warmup:
                 # Run the strategy over the history now: its kernel is compiled and its
@@ -449,7 +455,14 @@ class Daemon:
         self.feed_pairs = list(pairs)
         while True:
             self._resubscribe.clear()
-            stream = self.exchange.watch_candles(self.feed_pairs, timeframe)
+            # Start right after the warm-up: a candle closing between the warm-up fetch and
+            # the first frame is fetched over REST instead of being lost. The data manager
+            # drops the ones a pair already has.
+            since = None
+            if self._resume_from is not None:
+                since = self._resume_from + timeframe_to_ms(timeframe)
+                self._resume_from = None
+            stream = self.exchange.watch_candles(self.feed_pairs, timeframe, since=since)
             try:
                 async for candle in stream:
                     yield candle
@@ -482,7 +495,7 @@ class Daemon:
 
     def enable_learning(self) -> None:
         """Filter entries through each pair's current model (when learning is enabled)."""
-        from self_learning import ModelRegistry, SafePredictor  # noqa: PLC0415
+        from self_learning import ModelRegistry, SafePredictor
 
         assert self.engine is not None
         models = self.settings.storage.data_dir / "models"
@@ -493,8 +506,8 @@ class Daemon:
 
     async def _retrain(self) -> None:
         """Retrain every pair's model off the loop on a fixed schedule; swap in atomically."""
-        from self_learning import train_and_save  # noqa: PLC0415
-        from utils.utilities import run_cpu  # noqa: PLC0415
+        from self_learning import train_and_save
+        from utils.utilities import run_cpu
 
         assert self.engine is not None
         learning = self.settings.learning

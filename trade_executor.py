@@ -22,6 +22,7 @@ from models import (
     ClosedTrade,
     Fill,
     Market,
+    MarketType,
     Order,
     OrderIntent,
     OrderStatus,
@@ -145,6 +146,17 @@ class TradeExecutor:
         self._intents[checked.client_order_id] = replace(
             checked, stop_loss=protection[0], take_profit=protection[1]
         )
+        exiting = checked.reduce_only and not _is_protective(checked.client_order_id)
+        if exiting and self._protective.get(checked.pair):
+            # Take the resting stop off before a market exit: on spot it holds the coins
+            # the exit must sell (Bybit refuses the exit), and on any market an exit plus a
+            # stop firing at once could close twice. Re-placed if the exit is refused.
+            await self._cancel_protection(checked.pair)
+            return await self._send_exit(checked, now)
+        return await self._send(checked, now)
+
+    async def _send(self, checked: OrderIntent, now: int) -> Order:
+        """Journal, send and track a validated order."""
         if self._store is not None:
             self._store.journal(checked, now)
         self._audit.record("order_submitted", now, intent=_intent_fields(checked))
@@ -157,7 +169,9 @@ class TradeExecutor:
                 self._store.mark_never_sent(checked.client_order_id, e.message)
             return self._reject_locally(checked, e.message, now)
         except BotError as e:
-            log.error("order_send_failed", client_order_id=checked.client_order_id, **e.describe())
+            log.error(
+                "order_send_failed", **{**e.describe(), "client_order_id": checked.client_order_id}
+            )
             self._notify("error", {"pair": checked.pair, "message": f"order failed: {e.message}"})
             raise
         if self._store is not None:
@@ -174,6 +188,15 @@ class TradeExecutor:
             client_order_id=order.client_order_id,
             status=str(order.status),
         )
+        return order
+
+    async def _send_exit(self, intent: OrderIntent, now: int) -> Order:
+        order = await self._send(intent, now)
+        if order.status is OrderStatus.REJECTED:
+            position = self.portfolio.position(intent.pair)
+            if position is not None and position.stop_price is not None:
+                log.warning("exit_refused_restoring_stop", pair=intent.pair, reason=order.reason)
+                await self.amend_stop(intent.pair, position.stop_price)
         return order
 
     def _check_balance(self, intent: OrderIntent, last_price: Decimal | None) -> None:
@@ -227,6 +250,11 @@ class TradeExecutor:
             return
         if order.filled_qty < known.filled_qty or order.ts_updated < known.ts_updated:
             return  # stale: a later update already arrived from the other source
+        if order.status == known.status:
+            # The same state reported twice (REST answer and private stream): keep the
+            # richer report, no transition.
+            self.orders[order.client_order_id] = order
+            return
         if not is_legal_transition(known.status, order.status):
             raise InvariantError(
                 f"illegal order transition {known.status} -> {order.status}",
@@ -259,6 +287,8 @@ class TradeExecutor:
         intent = self._intents.get(fill.client_order_id)
         reason = intent.reason if intent else order.reason
         trade = self.portfolio.apply_fill(fill, reason=reason)
+        market = self._market_for(fill.pair)
+        self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
         self._audit.record(
             "fill",
             fill.ts,
@@ -310,6 +340,12 @@ class TradeExecutor:
             level = kwargs.get("stop_price") or kwargs.get("price")
             if level is None:
                 continue
+            if kind == "tp" and self._market_for(pair).type is MarketType.SPOT:
+                # Spot has no reduce-only: a resting take-profit sell would lock the same
+                # coins as the stop, and Bybit refuses the second order. The stop stays on
+                # the exchange (it protects a crashed bot); the take-profit is managed by
+                # the engine (`managed_take_profit`) and exits at market when reached.
+                continue
             protective = OrderIntent(
                 pair=pair,
                 side=exit_side,
@@ -335,7 +371,8 @@ class TradeExecutor:
                 self._track(cancelled)
             except BotError as e:
                 log.warning(
-                    "protective_cancel_failed", pair=pair, client_order_id=cid, **e.describe()
+                    "protective_cancel_failed",
+                    **{**e.describe(), "pair": pair, "client_order_id": cid},
                 )
 
     async def amend_stop(self, pair: str, stop: Decimal) -> Order | None:
@@ -362,7 +399,7 @@ class TradeExecutor:
                 try:
                     self._track(await self._gateway.cancel_order(pair, client_order_id=old_id))
                 except BotError as e:
-                    log.warning("stop_amend_cancel_failed", pair=pair, **e.describe())
+                    log.warning("stop_amend_cancel_failed", **{**e.describe(), "pair": pair})
                     return None
             ids = [cid for cid in ids if cid != old_id]
         now = self._clock.now_ms()
@@ -386,6 +423,17 @@ class TradeExecutor:
             self.portfolio.set_protection(pair, stop=stop)
         self._protective[pair] = ids
         return placed
+
+    def managed_take_profit(self, pair: str) -> Decimal | None:
+        """Return the take-profit the engine must watch itself (none on the exchange)."""
+        position = self.portfolio.position(pair)
+        if position is None or position.take_profit is None:
+            return None
+        for cid in self._protective.get(pair, []):
+            order = self.orders.get(cid)
+            if order is not None and order.type is OrderType.LIMIT and not order.status.is_terminal:
+                return None  # a real take-profit order is working
+        return position.take_profit
 
     async def cancel_all(self, pair: str | None = None) -> int:
         """Cancel every working order (optionally of one pair); return how many."""
@@ -485,6 +533,10 @@ class TradeExecutor:
 
 
 _KIND_NAMES = {"sl": "stop-loss", "tp": "take-profit"}
+
+
+def _is_protective(client_order_id: str) -> bool:
+    return client_order_id.rpartition("-")[2][:2] in ("sl", "tp")
 
 
 def protective_id(entry_id: str, kind: str, seq: int) -> str:

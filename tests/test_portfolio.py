@@ -14,7 +14,18 @@ from portfolio import Portfolio
 
 
 def fill(n: int, side: Side, qty: str, price: str, fee: str = "0", pair: str = "BTC/USDT") -> Fill:
-    return Fill(f"o{n}", pair, side, Decimal(price), Decimal(qty), Decimal(fee), "USDT", Liquidity.TAKER, n, f"f{n}")
+    return Fill(
+        f"o{n}",
+        pair,
+        side,
+        Decimal(price),
+        Decimal(qty),
+        Decimal(fee),
+        "USDT",
+        Liquidity.TAKER,
+        n,
+        f"f{n}",
+    )
 
 
 def test_round_trip_pnl_net_of_fees() -> None:
@@ -36,7 +47,9 @@ def test_partial_close_then_flip_to_short() -> None:
     first = p.apply_fill(fill(2, Side.SELL, "0.4", "105"))
     assert first is not None and first.qty == pytest.approx(0.4) and first.pnl == pytest.approx(2.0)
     second = p.apply_fill(fill(3, Side.SELL, "1", "110"))
-    assert second is not None and second.qty == pytest.approx(0.6) and second.pnl == pytest.approx(6.0)
+    assert (
+        second is not None and second.qty == pytest.approx(0.6) and second.pnl == pytest.approx(6.0)
+    )
     position = p.position("BTC/USDT")
     assert position is not None
     assert position.side is PositionSide.SHORT
@@ -94,9 +107,44 @@ def test_equity_is_conserved(steps: list[tuple[Side, Decimal, Decimal, Decimal, 
         expected = cash_flows + sum(q * last_price[k] for k, q in holdings.items())
         assert p.equity() == expected
         assert p.fees == sum((s[3] for s in steps[: n + 1]), Decimal(0))
-    unrealised = sum(
-        (pos.unrealised_pnl for pos in p.positions().values()), Decimal(0)
-    )
+    unrealised = sum((pos.unrealised_pnl for pos in p.positions().values()), Decimal(0))
     open_entry_fees = sum((pos.fees_paid for pos in p.positions().values()), Decimal(0))
     # Realised PnL is net of the fees of closed parts; open parts still carry theirs.
     assert p.equity() - start == pytest.approx(p.realised_pnl + unrealised - open_entry_fees)
+
+
+def test_spot_buy_fee_in_base_reduces_the_coins_held() -> None:
+    """A buy whose fee is charged in the coin bought holds qty - fee, at an unchanged cost."""
+    p = Portfolio(Decimal(10_000))
+    buy = Fill(
+        "o1",
+        "BTC/USDT",
+        Side.BUY,
+        Decimal(20_000),
+        Decimal("0.1"),
+        Decimal("0.0001"),
+        "BTC",
+        Liquidity.TAKER,
+        1,
+        "f1",
+    )
+    p.apply_fill(buy)
+    position = p.position("BTC/USDT")
+    assert position is not None and position.qty == Decimal("0.0999")
+    assert p.cash == Decimal(10_000) - Decimal("0.1") * 20_000
+    assert p.fees == Decimal("2.0000")
+    p.mark("BTC/USDT", Decimal(20_000))
+    assert p.equity() == Decimal(10_000) - Decimal(2)
+
+
+def test_dust_below_the_market_minimum_is_written_off_at_its_value() -> None:
+    """A remainder too small to sell leaves the books flat with equity unchanged."""
+    p = Portfolio(Decimal(1000))
+    p.apply_fill(fill(1, Side.BUY, "1.0000004", "100"))
+    p.apply_fill(fill(2, Side.SELL, "1", "110"))
+    p.mark("BTC/USDT", Decimal(110))
+    before = p.equity()
+    assert p.drop_dust("BTC/USDT", below=Decimal("0.000001")) == Decimal("0.0000004")
+    assert p.positions() == {}
+    assert p.equity() == before
+    assert p.drop_dust("BTC/USDT", below=Decimal("0.000001")) == 0
