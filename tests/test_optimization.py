@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import Settings
-from error_handler import ConfigError
+from error_handler import ConfigError, InvariantError
 from parameter_optimization import (
     BacktestEvaluator,
     Dimension,
@@ -24,6 +24,7 @@ from parameter_optimization import (
     Status,
     equity_metrics,
     evaluate_job,
+    make_search,
     optimize,
     run_optimization,
     score,
@@ -41,6 +42,7 @@ from tests.test_optimization_support import (
     PEAK,
     Recorder,
     bowl,
+    bowl_distance,
     broken_for_large_x,
     flat_frame,
     ordered_bowl,
@@ -360,6 +362,22 @@ def test_a_crashing_candidate_fails_alone() -> None:
     assert result.generations_run == 3
     assert result.best is not None
     assert result.best.params["x"] <= 80
+
+
+def test_ask_tell_by_hand() -> None:
+    """A search can be driven by hand: ask, evaluate anywhere, tell in order."""
+    search = make_search(BOWL_SPACE, SearchOptions(population=5, generations=3, seed=9))
+    while not search.done:
+        asked = search.ask()
+        assert len({tuple(p.items()) for p in asked}) == len(asked) <= 5
+        search.tell([("ok", {"sharpe": -bowl_distance(p), "n_trades": 9.0}, "") for p in asked])
+    result = search.result()
+    assert result.generations_run == 3
+    assert result.best is not None
+    assert result.best.objective == max(e.objective for e in result.leaderboard)
+    search.ask()
+    with pytest.raises(InvariantError):
+        search.tell([])
 
 
 def test_bad_options_are_a_config_error() -> None:
