@@ -1242,9 +1242,7 @@ def parameter_stability(
     return out
 
 
-def _walk_forward_report(
-    results: Sequence[WindowResult], space: SearchSpace, *, anchored: bool, gap: int
-) -> WalkForwardReport:
+def _walk_forward_report(results: Sequence[WindowResult], space: SearchSpace) -> WalkForwardReport:
     pairs = [
         (r.in_sample.objective, r.out_of_sample.objective)
         for r in results
@@ -1265,8 +1263,8 @@ def _walk_forward_report(
         out_of_sample_mean=oos_mean,
         efficiency=efficiency,
         out_of_sample_positive=sum(b > 0 for _, b in pairs) / len(pairs) if pairs else 0.0,
-        anchored=anchored,
-        gap=gap,
+        anchored=len(results) > 1 and all(r.window.train_start == 0 for r in results),
+        gap=results[0].window.test_start - results[0].window.train_end if results else 0,
     )
 
 
@@ -1311,8 +1309,6 @@ def run_optimization(
     *,
     windows: Sequence[Window] = (),
     full: bool = True,
-    anchored: bool = False,
-    gap: int = 0,
     pair: str = "BTC/USDT",
     feasible: Feasibility | None = None,
     initial: Iterable[Mapping[str, float]] = (),
@@ -1334,8 +1330,6 @@ def run_optimization(
         options: sizes, seed, objective, budget, workers and scheduler.
         windows: walk-forward windows on `time_axis(frames)` (see `walk_forward_windows`).
         full: also search the whole range (the CLI's ranked table).
-        anchored: recorded in the report (the windows already say where they start).
-        gap: recorded in the report (likewise).
         pair: the pair name when `data` is one frame.
         feasible: a cheap validity check run before a candidate is sent out.
         initial: parameter sets placed in generation 0 (e.g. the configured ones).
@@ -1386,7 +1380,7 @@ def run_optimization(
         if windows:
             window_searches = [s for s, _ in searches[1 if full else 0 :]]
             results = _score_windows(backend, windows, segments, window_searches, options)
-            report = _walk_forward_report(results, space, anchored=anchored, gap=gap)
+            report = _walk_forward_report(results, space)
     finally:
         if owned:
             backend.close()

@@ -486,11 +486,12 @@ def test_too_few_rows_for_a_window_is_a_config_error() -> None:
         walk_forward_windows(5, windows=4, train_ratio=3)
 
 
-def test_walk_forward_trains_and_tests_only_on_their_own_rows() -> None:
+@pytest.mark.parametrize("anchored", [False, True])
+def test_walk_forward_trains_and_tests_only_on_their_own_rows(anchored: bool) -> None:
     """Train backtests see candles up to the train end; the winner is scored on the test rows."""
     frame = flat_frame(600)
     axis = time_axis({PAIR: frame})
-    windows = walk_forward_windows(len(frame), windows=3, train_ratio=2.0, gap=5)
+    windows = walk_forward_windows(len(frame), windows=3, train_ratio=2.0, gap=5, anchored=anchored)
     recorder = Recorder()
     report = walk_forward(recorder, frame, BOWL_SPACE, windows, TINY)
     bounds: dict[tuple[int | None, int], str] = {}
@@ -510,6 +511,7 @@ def test_walk_forward_trains_and_tests_only_on_their_own_rows() -> None:
         assert result.train.end_ms is not None
         assert result.test.start_ms > result.train.end_ms
     assert kinds.count("train0") == report.windows[0].evaluated
+    assert (report.anchored, report.gap) == (anchored, 5)
 
 
 def test_walk_forward_reports_out_of_sample_decay_and_stability() -> None:
