@@ -95,10 +95,12 @@ def ours(tmp_path: Path) -> dict[str, Any]:
 
 
 def _liquidation_equity(summary: dict[str, Any]) -> float:
-    # backtesting.py's finalize_trades sells what is open at the last close, paying the fee.
+    # backtesting.py's finalize_trades sells what is still open at the last bar's open (its
+    # closing order is a market order filled on a re-run of the last bar), paying the fee.
+    last_open = float(sample_frame()["open"].iloc[-1])
     equity = float(summary["final_equity"])
     for position in summary["open_positions"]:
-        equity -= position["qty"] * position["mark_price"] * FEE
+        equity += position["qty"] * (last_open * (1 - FEE) - position["mark_price"])
     return equity
 
 
@@ -113,7 +115,7 @@ def test_same_trades_as_backtesting_py(
             "entry_price": p["entry_price"],
             "qty": p["qty"],
             "exit_ts": ours["last_ts"],
-            "exit_price": p["mark_price"],
+            "exit_price": float(sample_frame()["open"].iloc[-1]),
         }
         for p in ours["open_positions"]
     ]
