@@ -1126,6 +1126,70 @@ def run_fast(
     )
 
 
+def fast_path_blockers(
+    *,
+    risk_profile: str,
+    pairs: Sequence[str],
+    timeframe: str,
+    slippage_model: str,
+    latency_ms: int,
+    dynamic_pairs: bool = False,
+) -> list[str]:
+    """Return why the fast path cannot stand in for the replay of a run (empty: it can).
+
+    The fast path takes the replay's decisions only under the `all_in` risk profile, on
+    one pair with a fixed list, with fixed-bps slippage, and with a latency shorter than a
+    candle (a longer one delays fills in the replay).
+    """
+    reasons = []
+    if risk_profile != "all_in":
+        reasons.append(f"risk profile {risk_profile!r}: the fast path sizes only all_in")
+    if len(pairs) != 1:
+        reasons.append(f"{len(pairs)} pairs share one portfolio: the fast path runs one")
+    if dynamic_pairs:
+        reasons.append("a dynamic pair list needs the replay")
+    if slippage_model != "fixed":
+        reasons.append(f"slippage model {slippage_model!r}: the fast path models fixed bps")
+    if latency_ms >= timeframe_to_ms(timeframe):
+        reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
+    return reasons
+
+
+def fast_backtest(
+    strategy: Strategy,
+    frame: pd.DataFrame,
+    *,
+    pair: str,
+    timeframe: str,
+    starting_balance: float,
+    taker_fee: float,
+    slippage_bps: float,
+    fill_at: Literal["next_open", "close"] = "next_open",
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> BacktestResult:
+    """Run `--mode backtest` through the fast path, exactly as the replay would account it.
+
+    `frame` is the pair's whole archive (signals use it all, as the replay's precomputed
+    signals do); `start_ms`/`end_ms` are the `--timerange`. The market rules come from the
+    archive's first close, as the replay builds them. Check `fast_path_blockers` first.
+    """
+    return run_fast(
+        strategy,
+        frame,
+        pair=pair,
+        timeframe=timeframe,
+        starting_balance=starting_balance,
+        taker_fee=taker_fee,
+        slippage_bps=slippage_bps,
+        fill_at=fill_at,
+        market=sim_market(pair, float(frame["close"].iloc[0])),
+        start_ms=start_ms,
+        end_ms=end_ms,
+        exact=True,
+    )
+
+
 def _exact_accounting(
     fills: tuple[np.ndarray, np.ndarray, int],
     opens: np.ndarray,

@@ -24,6 +24,8 @@ from tests.test_backtest_support import (
 from trade_simulator import (
     BacktestResult,
     PairSchedule,
+    fast_backtest,
+    fast_path_blockers,
     result_from_summary,
     run_fast,
     sim_market,
@@ -77,7 +79,16 @@ def test_fast_path_equals_the_cli_replay_bit_for_bit(tmp_path: Path) -> None:
         "--param", "slow=30", "--pairs", PAIR, "--timeframe", "1m",
         env=PARITY_ENV,
     )  # fmt: skip
-    fast = _fast("sma_cross", {"fast": 10, "slow": 30}, slippage_bps=0, exact=True)
+    df = sample_frame()
+    fast = fast_backtest(
+        load_strategy("sma_cross", {"fast": 10, "slow": 30}),
+        df,
+        pair=PAIR,
+        timeframe="1m",
+        starting_balance=10_000,
+        taker_fee=0.001,
+        slippage_bps=0,
+    )
     assert summary["n_trades"] == fast.n_trades == 32
     assert _rows(summary["trades"]) == _rows(fast.summary()["trades"])
     for key in ("final_equity", "fees", "realised_pnl", "candles", "first_ts", "last_ts"):
@@ -89,7 +100,7 @@ def test_fast_path_equals_the_cli_replay_bit_for_bit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "params", "extra"),
     [
-        ("ema_cross", {}, {}),
+        ("ema_cross", {}, {"KESTREL_SIMULATION__LATENCY_MS": "30000"}),
         ("rsi_bb", {}, {"KESTREL_SIMULATION__SLIPPAGE_BPS": "3"}),
         ("breakout", {"period": 30, "exit_period": 15}, {"KESTREL_SIMULATION__FILL_AT": "close"}),
         ("sma_cross", {"fast": 5, "slow": 20}, {"KESTREL_SIMULATION__TAKER_FEE": "0.00055"}),
@@ -357,3 +368,31 @@ def test_fast_path_reads_any_index_unit(unit: str) -> None:
     assert result.candles == len(df) - 101
     assert np.array_equal(result.ts, reference.ts)
     assert result.trades == reference.trades
+
+
+@pytest.mark.parametrize(
+    ("overrides", "blocked"),
+    [
+        ({}, False),
+        ({"risk_profile": "standard"}, True),
+        ({"pairs": ["BTC/USDT", "ETH/USDT"]}, True),
+        ({"dynamic_pairs": True}, True),
+        ({"slippage_model": "volatility"}, True),
+        ({"latency_ms": 59_999}, False),
+        ({"latency_ms": 60_000}, True),
+    ],
+)
+def test_fast_path_blockers_name_what_only_the_replay_models(
+    overrides: dict[str, Any], blocked: bool
+) -> None:
+    """all_in, one fixed pair, fixed slippage and sub-candle latency: the fast path may stand in."""
+    options: dict[str, Any] = {
+        "risk_profile": "all_in",
+        "pairs": [PAIR],
+        "timeframe": "1m",
+        "slippage_model": "fixed",
+        "latency_ms": 0,
+        **overrides,
+    }
+    reasons = fast_path_blockers(**options)
+    assert bool(reasons) is blocked
