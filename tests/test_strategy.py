@@ -322,3 +322,23 @@ def test_broken_user_strategy_files_are_config_errors(tmp_path: Path, text: str)
     path.write_text(text)
     with pytest.raises(ConfigError):
         load_strategy(str(path))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_rolling_data_manager_windows_give_the_archive_values(name: str) -> None:
+    """Fed one candle at a time, last_row_arrays(DataManager.arrays) equals populate on all."""
+    from data_manager import DataManager, frame_to_candles
+
+    strategy = load_strategy(name)
+    df = sample_frame()
+    batch = strategy.populate(df)
+    data = DataManager(window=max(strategy.warmup * 2, 300))
+    for i, candle in enumerate(frame_to_candles(df, "BTC/USDT", "1m")):
+        assert data.on_candle(candle)
+        row = strategy.last_row_arrays("BTC/USDT", data.arrays("BTC/USDT", "1m"))
+        if i >= strategy.warmup - 1:
+            assert row["enter_long"] == batch["enter_long"].iloc[i]
+            assert row["exit_long"] == batch["exit_long"].iloc[i]
+            for key in strategy.features:  # type: ignore[attr-defined]
+                want = batch[key].iloc[i]
+                assert row[key] == want or (np.isnan(row[key]) and np.isnan(want)), (i, key)
