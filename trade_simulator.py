@@ -39,7 +39,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -812,7 +812,11 @@ class BacktestResult:
     # Close prices by pair, as (close time ms, close) for the report's trade-marker charts.
     prices: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     signals: int = 0
+    vetoes: int = 0
+    rejections: int = 0
     mode: str = "backtest"
+    # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
+    realised_pnl: float | None = None
 
     @property
     def n_trades(self) -> int:
@@ -861,15 +865,19 @@ class BacktestResult:
             "first_ts": int(self.ts[0]) - step if len(self.ts) else None,
             "last_ts": int(self.ts[-1]) - step if len(self.ts) else None,
             "signals": self.signals,
-            "vetoes": 0,
-            "rejections": 0,
+            "vetoes": self.vetoes,
+            "rejections": self.rejections,
             "n_trades": self.n_trades,
             "starting_balance": start,
             "final_equity": final,
             "total_return": final / start - 1 if start else 0.0,
             "max_drawdown": self.max_drawdown,
             "fees": self.fees,
-            "realised_pnl": float(np.sum(self.table["pnl"])),
+            "realised_pnl": (
+                self.realised_pnl
+                if self.realised_pnl is not None
+                else float(np.sum(self.table["pnl"]))
+            ),
             "open_positions": [dict(p) for p in self.open_positions],
             "trades": [t.as_dict() for t in self.trades],
         }
@@ -906,6 +914,8 @@ def result_from_summary(
         open_positions=tuple(summary.get("open_positions", ())),
         prices=dict(prices or {}),
         signals=int(summary.get("signals", 0)),
+        vetoes=int(summary.get("vetoes", 0)),
+        rejections=int(summary.get("rejections", 0)),
         mode=str(summary.get("mode", "backtest")),
     )
 
@@ -1047,7 +1057,7 @@ def run_fast(
     entries = np.empty(cap, dtype=np.int64)
     exits = np.empty(cap, dtype=np.int64)
     numbers = np.empty((cap, 5), dtype=np.float64)
-    out = np.zeros(5, dtype=np.float64)
+    out = np.zeros(8, dtype=np.float64)
     count = _all_in_loop(
         opens[first:last],
         closes[first:last],
@@ -1082,8 +1092,9 @@ def run_fast(
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
     open_at = int(out[3]) if open_qty > 0 else -1
     open_price = float(out[4])
+    realised: float | None = None
     if exact:
-        table, final, fees, open_qty, open_price = _exact_accounting(
+        exact_result = _exact_accounting(
             (entries, exits, open_at),
             opens[first:last],
             closes[first:last],
@@ -1091,6 +1102,9 @@ def run_fast(
             starting_balance,
             equity,
         )
+        table, final, fees = exact_result.table, exact_result.final, exact_result.fees
+        open_qty, open_price = exact_result.open_qty, exact_result.open_price
+        realised = exact_result.realised
     table["entry_ts"] = ts[entries] + opened
     table["exit_ts"] = ts[exits] + opened
     # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
@@ -1122,7 +1136,10 @@ def run_fast(
         candles=n,
         open_positions=open_positions,
         prices={pair: (ts, closes[first:last])},
-        signals=2 * count + (1 if open_at >= 0 else 0),
+        signals=int(out[5]),
+        vetoes=int(out[6]),
+        rejections=int(out[7]),
+        realised_pnl=realised,
     )
 
 
@@ -1190,6 +1207,15 @@ def fast_backtest(
     )
 
 
+class _Exact(NamedTuple):
+    table: dict[str, np.ndarray]
+    final: float
+    fees: float
+    open_qty: float
+    open_price: float
+    realised: float
+
+
 def _exact_accounting(
     fills: tuple[np.ndarray, np.ndarray, int],
     opens: np.ndarray,
@@ -1197,15 +1223,16 @@ def _exact_accounting(
     costs: _Costs,
     starting_balance: float,
     equity: np.ndarray,
-) -> tuple[dict[str, np.ndarray], float, float, float, float]:
+) -> _Exact:
     """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
 
-    Returns the trade table, final equity, fees, open quantity and open entry price, and
-    rewrites `equity` from the exact cash and quantity after each fill.
+    Returns the trade table, final equity, fees, open quantity, open entry price and
+    realised PnL, and rewrites `equity` from the exact cash and quantity after each fill.
     """
     entries, exits, open_at = fills
     cash = Decimal(str(starting_balance))
     fees = ZERO
+    realised = ZERO
     rows: list[tuple[float, ...]] = []
     changes: list[tuple[int, float, float]] = []
     after = 1 if costs.fill_close else 0  # a fill at the close shows from the next bar
@@ -1232,6 +1259,7 @@ def _exact_accounting(
         entry_part = entry_fee * (qty / qty)
         exit_part = exit_fee * (qty / qty)
         pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
+        realised += pnl
         rows.append(
             (float(entry), float(exit_price), float(qty), float(entry_part + exit_part), float(pnl))
         )
@@ -1243,7 +1271,14 @@ def _exact_accounting(
     index = np.array([c[0] for c in changes], dtype=np.int64)
     values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
     _curve(closes, index, values, float(starting_balance), equity)
-    return table, float(final), float(fees), float(qty), float(entry) if open_at >= 0 else 0.0
+    return _Exact(
+        table,
+        float(final),
+        float(fees),
+        float(qty),
+        float(entry) if open_at >= 0 else 0.0,
+        float(realised),
+    )
 
 
 def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
@@ -1306,6 +1341,9 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     pending = 0
     k = 0
     open_at = -1
+    signals = 0
+    vetoes = 0
+    rejections = 0
     for i in range(n):
         if pending == 1:
             price = opens[i] * (1.0 + slip)
@@ -1340,7 +1378,11 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
         if i < warm:
             continue
         if qty > 0.0:
-            if exit_[i] and qty * c >= min_notional:
+            if exit_[i]:
+                signals += 1
+            if exit_[i] and qty * c < min_notional:
+                rejections += 1  # the exchange refuses an exit below its minimum notional
+            elif exit_[i]:
                 if not fill_close:
                     pending = -1
                     continue
@@ -1359,9 +1401,14 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
                 qty = 0.0
                 open_at = -1
         elif pending == 0 and enter[i]:
+            signals += 1
             quote = cash if stake < 0.0 else min(stake, cash)
             estimate = _lot_qty(quote, c, fee, lot, inv_lot)
-            if estimate <= 0.0 or estimate * c < min_notional:
+            if estimate <= 0.0:
+                vetoes += 1  # risk: no cash for one lot
+                continue
+            if estimate * c < min_notional:
+                rejections += 1  # the exchange's minimum notional
                 continue
             if not fill_close:
                 pending = 1
@@ -1380,4 +1427,7 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     out[2] = qty
     out[3] = open_at
     out[4] = entry_price if qty > 0.0 else 0.0
+    out[5] = signals
+    out[6] = vetoes
+    out[7] = rejections
     return k
