@@ -1249,7 +1249,7 @@ class _Backfill:
             raise
         except BotError as e:
             error = f"{type(e).__name__}: {e}"
-            log.error("backfill_failed", pair=job.pair, **e.describe())
+            log.error("backfill_failed", **{**e.describe(), "pair": job.pair})
         finally:
             await self._flush(job)
             self.store.add_empty_ranges(job.pair, self.timeframe, job.empties)

@@ -123,7 +123,7 @@ class TradeExecutor:
         self._intents: dict[str, OrderIntent] = {}
         self._protective: dict[str, list[str]] = {}
         self._protective_base: dict[str, str] = {}
-        self._amendments = 1
+        self._amendments = 0
         self.rejections = 0
         self.latencies_ms: list[float] = []
 
@@ -409,20 +409,25 @@ class TradeExecutor:
             qty=position.qty,
             type=OrderType.STOP_MARKET,
             client_order_id=protective_id(
-                self._protective_base.get(pair, f"k{now:x}"), "sl", self._amendments
+                self._protective_base.get(pair, f"k{now:x}"), "sl", self._next_amendment(now)
             ),
             reason=f"stop moved to {stop}",
             stop_price=stop,
             reduce_only=True,
             ts=now,
         )
-        self._amendments += 1
         placed = await self.submit(intent, last_price=position.mark_price)
         if placed.status is not OrderStatus.REJECTED:
             ids.append(placed.client_order_id)
             self.portfolio.set_protection(pair, stop=stop)
         self._protective[pair] = ids
         return placed
+
+    def _next_amendment(self, now: int) -> int:
+        # Clock-based, so a restarted bot never reuses an amended stop's client id (the
+        # journal refuses a duplicate id, rightly: it could be an order sent twice).
+        self._amendments = max(self._amendments + 1, now)
+        return self._amendments
 
     def managed_take_profit(self, pair: str) -> Decimal | None:
         """Return the take-profit the engine must watch itself (none on the exchange)."""
@@ -507,6 +512,9 @@ class TradeExecutor:
             if current.reduce_only and not current.status.is_terminal:
                 self._protective.setdefault(current.pair, []).append(current.client_order_id)
                 self.orders[current.client_order_id] = current
+                if current.type is OrderType.STOP_MARKET and current.stop_price is not None:
+                    # The working stop is the position's stop: trailing continues from it.
+                    self.portfolio.set_protection(current.pair, stop=current.stop_price)
         for intent_order in known.values():
             if not intent_order.reduce_only and self.portfolio.has_position(intent_order.pair):
                 self._protective_base[intent_order.pair] = intent_order.client_order_id
