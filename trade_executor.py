@@ -507,17 +507,25 @@ class TradeExecutor:
             realised_pnl=rebuilt.realised_pnl,
         )
         self.portfolio.closed.extend(rebuilt.closed)
+        for pair in list(self.portfolio.positions()):
+            market = self._market_for(pair)
+            self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         for order in known.values():
             current = self.orders.get(order.client_order_id, order)
-            if current.reduce_only and not current.status.is_terminal:
+            # Recognised by our id scheme too: Bybit spot reports no reduce-only flag, and
+            # a stop left untracked would fire after the bot's own exit (a double sell).
+            protective = current.reduce_only or _is_protective(current.client_order_id)
+            if protective and not current.status.is_terminal:
                 self._protective.setdefault(current.pair, []).append(current.client_order_id)
                 self.orders[current.client_order_id] = current
                 if current.type is OrderType.STOP_MARKET and current.stop_price is not None:
                     # The working stop is the position's stop: trailing continues from it.
                     self.portfolio.set_protection(current.pair, stop=current.stop_price)
         for intent_order in known.values():
-            if not intent_order.reduce_only and self.portfolio.has_position(intent_order.pair):
-                self._protective_base[intent_order.pair] = intent_order.client_order_id
+            cid = intent_order.client_order_id
+            entry = not intent_order.reduce_only and not _is_protective(cid)
+            if entry and self.portfolio.has_position(intent_order.pair):
+                self._protective_base[intent_order.pair] = cid
         positions = self.portfolio.positions()
         lines = [
             f"orders adopted {adopted}, never sent {never_sent}, refreshed {refreshed}",
