@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speed", type=float, help="replay candles per second (0 = max)")
     parser.add_argument("--no-ui", action="store_true", help="no terminal dashboard")
     parser.add_argument("--summary-json", type=Path, help="write the run summary here")
+    parser.add_argument(
+        "--report-html", type=Path, help="backtest: write an HTML report (equity, drawdown, trades)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("replay", "fast"),
+        default="replay",
+        help="backtest engine: replay (the live code path, default) or fast (numba; all_in, "
+        "one pair: the same trades, ~100x faster)",
+    )
     parser.add_argument("--print-config", action="store_true", help="show settings (masked), exit")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")

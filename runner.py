@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from rich.console import Console
 
 from config import Settings
 from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
@@ -109,6 +110,9 @@ class Daemon:
         self.engine: Engine | None = None
         self.sim: SimulatedExchange | None = None
         self.exchange: Any = None
+        self.replay: ReplayFeed | None = None
+        self.frames: dict[str, Any] = {}
+        self.progress: Callable[[int, int], None] | None = None
         self.top_pairs: Any = None
         self.data: DataManager | None = None
         self.window = 0
@@ -134,12 +138,22 @@ class Daemon:
                 raise ConfigError(str(e)) from e
         first = min(int(f.index[0].value // 1_000_000) for f in frames.values())
         clock = ReplayClock(start_ms if start_ms is not None else first)
-        speed = s.simulation.replay_speed if self.args.mode == "sim" else 0.0
-        self.feed = aiter(
-            ReplayFeed(
-                frames, s.strategy.timeframe, clock, speed=speed, start_ms=start_ms, end_ms=end_ms
-            )
+        backtest = self.args.mode == "backtest"
+        speed = 0.0 if backtest else s.simulation.replay_speed
+        self.replay = ReplayFeed(
+            frames,
+            s.strategy.timeframe,
+            clock,
+            speed=speed,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            # A backtest's direct loop yields to the event loop every 1,024 candles, not
+            # every candle (signals still get through; ~1.3x faster).
+            yield_every=1024 if backtest else 1,
+            progress=self.progress,
         )
+        self.feed = aiter(self.replay)
+        self.frames = frames
         self.sim = self._simulated_exchange(clock)
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
@@ -732,11 +746,66 @@ class TelegramNotifier:
         self.bot.notify(alert)
 
 
+async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Run a backtest on the replay path (or the fast path) with a progress bar and report."""
+    import analytics  # noqa: PLC0415 - numba kernels, only for backtests
+    from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary  # noqa: PLC0415
+
+    s = settings
+    if getattr(args, "engine", "replay") == "fast":
+        blockers = fast_path_blockers(
+            risk_profile=s.risk.profile,
+            pairs=s.strategy.pairs,
+            timeframe=s.strategy.timeframe,
+            slippage_model=s.simulation.slippage_model,
+            latency_ms=s.simulation.latency_ms,
+            dynamic_pairs=s.pairs.dynamic,
+        )
+        if blockers:
+            raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
+        start_ms, end_ms = parse_timerange(args.timerange) if args.timerange else (None, None)
+        ((pair, frame),) = load_frames(args, s).items()
+        result = fast_backtest(
+            load_strategy(s.strategy.name, s.strategy.params),
+            frame,
+            pair=pair,
+            timeframe=s.strategy.timeframe,
+            starting_balance=s.simulation.starting_balance,
+            taker_fee=s.simulation.taker_fee,
+            slippage_bps=s.simulation.slippage_bps,
+            fill_at=s.simulation.fill_at,
+            start_ms=start_ms,
+            end_ms=end_ms,
+        )
+        summary = result.summary()
+        summary["dropped_candles"] = 0
+    else:
+        daemon = Daemon(args, settings)
+        with analytics.progress_bar("backtest") as progress:
+            daemon.progress = progress
+            daemon.build_replay()
+            summary = await daemon.run()
+        assert daemon.engine is not None
+        prices = {
+            pair: (frame.index.as_unit("ms").asi8 + daemon.engine.step, frame["close"].to_numpy())
+            for pair, frame in daemon.frames.items()
+        }
+        result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)
+    mc = analytics.monte_carlo(analytics.trade_returns(result)) if summary["n_trades"] > 1 else None
+    Console(file=sys.stdout, width=120).print(analytics.render_rich(result, monte_carlo_result=mc))
+    if args.report_html is not None:
+        path = analytics.write_html_report(result, args.report_html, monte_carlo_result=mc)
+        log.warning("report_written", path=str(path))
+    return summary
+
+
 async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Run sim, backtest or live trading and return the summary."""
+    if args.mode == "backtest":
+        return await run_backtest(args, settings)
     daemon = Daemon(args, settings)
     feed = settings.simulation.feed
-    if args.mode == "backtest" or (args.mode == "sim" and feed == "replay"):
+    if args.mode == "sim" and feed == "replay":
         daemon.build_replay()
     elif args.mode == "sim" and feed == "auto":
         try:

@@ -191,3 +191,27 @@ def test_sigterm_stops_gracefully_within_5s(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "s.json").read_text())
     assert 0 < state["candles"] < 1440  # stopped mid-replay
     assert state["candles"] == summary["candles"]
+
+
+def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) -> None:
+    """--engine fast gives the replay's trades; --report-html writes a self-contained page."""
+    env = {"KESTREL_RISK__PROFILE": "all_in"}
+    common = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=10", "--param", "slow=30", "--no-ui"]
+    replay = run(*common, "--summary-json", str(tmp_path / "r.json"), "--report-html", str(tmp_path / "r.html"), env=env)
+    fast = run(*common, "--engine", "fast", "--summary-json", str(tmp_path / "f.json"), env=env)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("r.json", "f.json"))
+    assert a["n_trades"] == b["n_trades"] > 0
+    assert a["trades"] == b["trades"]
+    html = (tmp_path / "r.html").read_text()
+    assert "<svg" in html and "Monte Carlo" in html
+    assert "<script src" not in html  # self-contained: no external resources
+    assert "Sharpe" in replay.stdout
+
+
+def test_fast_engine_refuses_what_it_cannot_model() -> None:
+    """--engine fast with the standard risk profile exits 2 and says why."""
+    result = run("--mode", "backtest", "--engine", "fast", "--no-ui")
+    assert result.returncode == 2
+    assert "all_in" in result.stderr
