@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL the live daemon at random moments; nothing is lost or sent twice.
 
 The daemon trades live (real ccxt, real journal on SQLite) against the loopback Bybit
-emulator, whose market moves one candle every half second. It is killed with SIGKILL at
+emulator, whose market moves one candle every quarter of a second. It is killed with SIGKILL at
 50 random moments — during start-up and reconciliation, between candles, in the middle of
 sending orders — and restarted each time on the same journal. At the end a last run
 reconciles and stops gracefully, and the journal, the emulator and the bot's positions
@@ -83,7 +83,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
 
         async def market() -> None:
             while True:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.25)
                 await emu.advance(minutes=1)
 
         ticker = asyncio.create_task(market())
@@ -98,7 +98,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
                 else:
                     kills_in_trading += await _until_started(proc, timeout=60)
                     drain = asyncio.create_task(_drain(proc))
-                    await asyncio.sleep(rng.uniform(0.0, 2.5))
+                    await asyncio.sleep(rng.uniform(0.3, 4.0))
                     drain.cancel()
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGKILL)
@@ -122,7 +122,8 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
         try:
             journal = {o.client_order_id: o for o in store.all_orders()}
             on_exchange = emu.orders_by_link_id()
-            assert journal, "the daemon never traded: the test proves nothing"
+            # Enough orders that kills landed among them, or the test proves nothing.
+            assert len(journal) >= KILLS, len(journal)
             # Nothing sent twice: one exchange order per client order id.
             assert all(len(orders) == 1 for orders in on_exchange.values())
             # Nothing lost: every exchange order is in the journal, and every journaled
