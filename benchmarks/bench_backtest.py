@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numba import njit
+
+from benchmarks.common import bench_size, best_of
 
 
 DEFAULT = 1_051_200
@@ -42,19 +43,10 @@ FAST, SLOW = 10, 30
 
 
 def _size() -> int:
-    raw = os.environ.get("KESTREL_BENCH_SIZE", "")
-    if raw.isdigit():
-        return max(10_000, int(raw))
-    return 100_000 if raw == "small" else DEFAULT
+    return bench_size(DEFAULT)
 
 
-def _best(func: Callable[[], Any], repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        func()
-        best = min(best, time.perf_counter() - start)
-    return best
+_best = best_of
 
 
 def candles(n: int, seed: int = 7) -> pd.DataFrame:

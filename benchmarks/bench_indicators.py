@@ -11,7 +11,6 @@ a few runs, ours and the peer's side by side in the same process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 import talib
 
 import technical_indicators as ti
+from benchmarks.common import bench_size, best_of
 from models import Candle
 
 
@@ -46,19 +46,10 @@ TARGET_NS = 20.0
 
 
 def _size() -> int:
-    raw = os.environ.get("KESTREL_BENCH_SIZE", "")
-    if raw.isdigit():
-        return max(10_000, int(raw))
-    return 100_000 if raw == "small" else DEFAULT
+    return bench_size(DEFAULT)
 
 
-def _best(func: Callable[[], Any], repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        func()
-        best = min(best, time.perf_counter() - start)
-    return best
+_best = best_of
 
 
 def _pair(ours: Callable[[], Any], peer: Callable[[], Any], repeat: int = 7) -> tuple[float, float]:

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         print(f"== {name}", flush=True)
         try:
             rows = importlib.import_module(f"benchmarks.{name}").run()
-        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
+        except Exception:
             failed += 1
             sections.append(f"## {name}\n\nFAILED:\n\n```\n{traceback.format_exc()}```\n")
             traceback.print_exc()
@@ -67,8 +67,11 @@ def main(argv: list[str]) -> int:
                 f"| {r['name']} | {_fmt(r.get('ours'))} | {r.get('unit', '')} | {r.get('peer', '')} "
                 f"| {_fmt(r.get('peer_value'))} | {_fmt(r.get('ratio'))} | {r.get('note', '')} |"
             )
-            print(f"  {r['name']}: {_fmt(r.get('ours'))} {r.get('unit', '')} "
-                  f"(peer {_fmt(r.get('peer_value'))}, ratio {_fmt(r.get('ratio'))})", flush=True)
+            print(
+                f"  {r['name']}: {_fmt(r.get('ours'))} {r.get('unit', '')} "
+                f"(peer {_fmt(r.get('peer_value'))}, ratio {_fmt(r.get('ratio'))})",
+                flush=True,
+            )
         sections.append("\n".join(lines) + "\n")
     header = [
         "# Benchmark results",
