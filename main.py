@@ -174,10 +174,35 @@ async def run_mode(args: argparse.Namespace, settings: Settings) -> int:
 
         summary = await run_trading(args, settings)
         write_summary(summary, args.summary_json)
+        if summary.get("restart_as"):
+            restart(str(summary["restart_as"]))
         return EXIT_OK
     from runner import run_batch
 
     return await run_batch(args, settings)
+
+
+def restart_argv(argv: Sequence[str], mode: str) -> list[str]:
+    """Return the command line that restarts this run in `mode`."""
+    out = list(argv)
+    if "--mode" in out:
+        out[out.index("--mode") + 1] = mode
+    else:
+        out += ["--mode", mode]
+    if mode == "live" and "--feed" in out:  # the live feed is implied
+        at = out.index("--feed")
+        del out[at : at + 2]
+    return out
+
+
+def restart(mode: str) -> None:
+    """Replace this process with the same command in another mode (dashboard's sim/live)."""
+    import os
+
+    argv = restart_argv(sys.argv, mode)
+    print(f"kestrel: restarting in {mode} mode", file=sys.stderr)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *argv])  # noqa: S606 - our own entry point
 
 
 def write_summary(summary: dict[str, Any], path: Path | None) -> None:

@@ -119,6 +119,7 @@ class Daemon:
         self.feed_pairs: list[str] = []
         self._resubscribe = asyncio.Event()
         self._resume_from: int | None = None
+        self.restart_as: str | None = None
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -414,8 +415,10 @@ class Daemon:
         app = Dashboard(
             self.engine,
             self.settings.ui,
-            can_switch_live=False,
-            live_blocked_reason="restart with --mode live to trade real orders",
+            can_switch_live=self.settings.exchange.has_keys,
+            switch_mode=self.switch_mode,
+            live_blocked_reason="set KESTREL_EXCHANGE__API_KEY and KESTREL_EXCHANGE__API_SECRET "
+            "to trade live",
         )
 
         async def close_when_stopped() -> None:
@@ -427,6 +430,20 @@ class Daemon:
             await app.run_async()
         finally:
             closer.cancel()
+        self.stop.set()
+
+    async def switch_mode(self, target: str) -> None:
+        """Switch between paper and live: shut down in order, then restart in `target`.
+
+        The restart goes through the same start-up (and reconciliation) as any start, so
+        nothing is carried over half-built. main re-executes the process after teardown.
+        """
+        if target == self.args.mode or target not in ("sim", "live"):
+            return
+        if target == "live" and not self.settings.exchange.has_keys:
+            raise ConfigError("live trading needs KESTREL_EXCHANGE__API_KEY/API_SECRET")
+        log.warning("mode_switch_requested", to=target, **{"from": self.args.mode})
+        self.restart_as = target
         self.stop.set()
 
     async def _web(self) -> None:
@@ -615,7 +632,10 @@ class Daemon:
             for task in background:
                 task.cancel()
         await self.teardown()
-        return self.summary()
+        summary = self.summary()
+        if self.restart_as is not None:
+            summary["restart_as"] = self.restart_as
+        return summary
 
     async def teardown(self) -> None:
         """Shut down in order, each step isolated: orders, state, notifications, sessions."""
