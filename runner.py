@@ -112,6 +112,7 @@ class Daemon:
         self.exchange: Any = None
         self.replay: ReplayFeed | None = None
         self.frames: dict[str, Any] = {}
+        self.pair_schedule: Any = None
         self.progress: Callable[[int, int], None] | None = None
         self.top_pairs: Any = None
         self.data: DataManager | None = None
@@ -155,6 +156,22 @@ class Daemon:
         )
         self.feed = aiter(self.replay)
         self.frames = frames
+        if backtest and s.pairs.dynamic:
+            # Trade the pair list as it stood at each refresh, rebuilt from the archives
+            # (no survivorship, no look-ahead); --pairs names the universe to rank.
+            from top_pairs import PointInTimeRanking  # noqa: PLC0415
+            from trade_simulator import PairSchedule  # noqa: PLC0415
+
+            refresh_ms = s.pairs.ttl_s * 1000
+            ranking = PointInTimeRanking(
+                frames,
+                s.strategy.timeframe,
+                refresh_every=refresh_ms,
+                top_n=s.pairs.count,
+                lookback=86_400_000,
+                min_quote_volume=s.pairs.min_quote_volume,
+            )
+            self.pair_schedule = PairSchedule(ranking.pairs_at, refresh_ms=refresh_ms)
         self.sim = self._simulated_exchange(clock)
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
@@ -349,9 +366,12 @@ class Daemon:
         assert self.engine is not None
         assert self.feed is not None
         on_candle = self.engine.on_candle
+        schedule, engine, step = self.pair_schedule, self.engine, self.engine.step
         async for candle in self.feed:
             if self.stop.is_set():
                 break
+            if schedule is not None:
+                schedule.apply(engine, candle, step)
             await on_candle(candle)
         log.info("feed_exhausted", candles=self.engine.candles)
         self.stop.set()

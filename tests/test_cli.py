@@ -215,3 +215,33 @@ def test_fast_engine_refuses_what_it_cannot_model() -> None:
     result = run("--mode", "backtest", "--engine", "fast", "--no-ui")
     assert result.returncode == 2
     assert "all_in" in result.stderr
+
+
+def test_backtest_trades_the_point_in_time_pair_list(tmp_path: Path) -> None:
+    """With dynamic pairs, every entry is on a pair that was in the top list at that time."""
+    from data_manager import load_candles
+    from top_pairs import PointInTimeRanking
+
+    alts = "ADA DASH ETC ETH LTC NXT TRX XLM XMR ZEC".split()
+    pairs = [f"{a}/BTC" for a in alts]
+    env = {
+        "KESTREL_PAIRS__DYNAMIC": "true",
+        "KESTREL_PAIRS__COUNT": "3",
+        "KESTREL_PAIRS__MIN_QUOTE_VOLUME": "0",
+        "KESTREL_PAIRS__TTL_S": "14400",
+    }
+    out = tmp_path / "dyn.json"
+    result = run(
+        "--mode", "backtest", "--timeframe", "5m", "--pairs", ",".join(pairs),
+        "--strategy", "sma_cross", "--no-ui", "--summary-json", str(out), env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    frames = {p: load_candles(SAMPLE / f"bittrex_{p.split('/')[0]}-BTC_5m.csv.gz") for p in pairs}
+    ranking = PointInTimeRanking(frames, "5m", refresh_every=14_400_000, top_n=3, lookback=86_400_000)
+    traded = {t["pair"] for t in summary["trades"]}
+    assert summary["n_trades"] > 0
+    assert 0 < len(traded) < len(pairs)  # the list moved, and some pairs never made it
+    for trade in summary["trades"]:
+        # The entry fills at the open after the signal candle closed, i.e. at entry_ts.
+        assert trade["pair"] in ranking.pairs_at(trade["entry_ts"]), trade
