@@ -195,6 +195,11 @@ class PrecomputedSignals:
             values = cols[names].to_numpy(dtype=np.float64) if names else np.empty((len(frame), 0))
             self._features[pair] = (names, values)
 
+    def has_flags(self, candle: Candle) -> bool:
+        """Return True if any signal column is set on this candle."""
+        index = self._rows[candle.pair].get(candle.ts)
+        return index is not None and self._flags[candle.pair][index] is not None
+
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Read the precomputed row for this candle."""
         index = self._rows[candle.pair].get(candle.ts)
@@ -298,6 +303,8 @@ class Engine:
         self.reconcile_report = ""
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
+        self._quiet: PrecomputedSignals | None = None
+        self._has_working: Callable[[str], bool] = lambda pair: True
         self.model_threshold = 0.5
 
     # -- State machine -----------------------------------------------------------------------
@@ -332,6 +339,15 @@ class Engine:
         `received` (a `time.perf_counter()` reading taken when the feed handed the candle
         over) lets the engine measure decision latency: candle in, order out.
         """
+        quiet = self._quiet
+        if (
+            quiet is not None
+            and not self.portfolio.has_position(candle.pair)
+            and not quiet.has_flags(candle)
+            and not self._has_working(candle.pair)
+        ):
+            self._on_quiet_candle(candle)
+            return
         if not self.data.on_candle(candle):
             return
         self._received = received
@@ -350,16 +366,16 @@ class Engine:
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
         now = self.clock.now_ms()
+        exited = False
         if self.manage_stops and portfolio.has_position(pair):
             await self._manage_stop(candle, now)
-            if await self._take_profit_reached(candle):
-                return
+            exited = await self._take_profit_reached(candle)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._flatten("circuit breaker: flatten")
             return
-        if pair not in self._active and not portfolio.has_position(pair):
-            return  # drained pair: no new entries, and nothing left to manage
+        if exited or (pair not in self._active and not portfolio.has_position(pair)):
+            return  # exiting now, or a drained pair: no new decision on this candle
         if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
             self.stale_candles += 1
             log.warning("candle_stale", pair=pair, ts=candle.ts, lag_ms=now - candle.ts - self.step)
@@ -367,6 +383,32 @@ class Engine:
         signal = self._safe_signal(candle)
         if signal is not None:
             await self._decide(signal, candle, now)
+
+    def enable_quiet_path(
+        self, signals: PrecomputedSignals, has_working: Callable[[str], bool]
+    ) -> None:
+        """Let backtests skip the full pipeline on candles where nothing can happen.
+
+        Only under the `all_in` profile with precomputed signals and no model: there a
+        candle with no signal, no position and no working order on its pair changes nothing
+        but the equity curve (no risk state, no stops, no data window is read), so it
+        takes a short path. The same trades and curve come out (a test compares both).
+        """
+        if not self.risk.all_in or self.predictors:
+            raise ValueError("the quiet path is exact only under all_in without a model")
+        self._quiet = signals
+        self._has_working = has_working
+
+    def _on_quiet_candle(self, candle: Candle) -> None:
+        self.candles += 1
+        if self.first_ts is None:
+            self.first_ts = candle.ts
+        self.last_ts = candle.ts
+        self.last_close[candle.pair] = candle.close
+        self.last_candle_ts[candle.pair] = candle.ts
+        if self.matcher is not None:
+            self.matcher(candle)  # nothing works on this pair: it only remembers the bar
+        self.portfolio.record_equity(candle.ts + self.step)
 
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""

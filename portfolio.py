@@ -52,6 +52,7 @@ class Portfolio:
         self.peak_equity = starting_cash
         self.max_drawdown = 0.0
         self._seen_fills: set[str] = set()
+        self._flat_cash: Decimal | None = None
 
     # -- Queries -----------------------------------------------------------------------------
 
@@ -130,7 +131,15 @@ class Portfolio:
 
     def record_equity(self, ts: int) -> Decimal:
         """Append the current equity to the curve, update the drawdown; return equity."""
+        if not self._open and self.equity_curve and self.cash == self._flat_cash:
+            # Flat and nothing changed since the last point: the same equity again (the
+            # common case in backtests; skips the Decimal work).
+            curve = self.equity_curve
+            if curve[-1][0] != ts:
+                curve.append((ts, curve[-1][1]))
+            return self.cash
         equity = self.equity()
+        self._flat_cash = equity if not self._open else None
         if equity > self.peak_equity:
             self.peak_equity = equity
         elif self.peak_equity > 0 and equity < self.peak_equity:

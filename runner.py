@@ -177,6 +177,7 @@ class Daemon:
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
         strategy = load_strategy(s.strategy.name, s.strategy.params)
+        signals = PrecomputedSignals(strategy, frames) if backtest else None
         self.engine = self._engine(
             clock=clock,
             strategy=strategy,
@@ -187,8 +188,10 @@ class Daemon:
             cash=Decimal(str(s.simulation.starting_balance)),
             # Backtests read the strategy's columns computed once over the archive; sim
             # runs it on the rolling window at each candle, exactly as live trading does.
-            signals=PrecomputedSignals(strategy, frames) if self.args.mode == "backtest" else None,
+            signals=signals,
         )
+        if signals is not None and self.engine.risk.all_in and not s.learning.enabled:
+            self.engine.enable_quiet_path(signals, sim.has_working)
 
     def _simulated_exchange(
         self, clock: Any, markets: dict[str, Market] | None = None

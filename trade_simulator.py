@@ -246,6 +246,10 @@ class SimulatedExchange:
         order = self._find(client_order_id, exchange_order_id)
         return order if order is not None and order.pair == pair else None
 
+    def has_working(self, pair: str) -> bool:
+        """Return True if any order on `pair` is still working."""
+        return bool(self._open.get(pair))
+
     async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
         """Return orders still working."""
         pairs = [pair] if pair else list(self._open)
