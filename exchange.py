@@ -32,12 +32,12 @@ Connection: testnet by default; mainnet only when the settings allow it. A `base
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import contextlib
 import copy
 import dataclasses
 import enum
 import functools
+import hashlib
 import math
 import random
 import time

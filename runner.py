@@ -159,8 +159,8 @@ class Daemon:
         if backtest and s.pairs.dynamic:
             # Trade the pair list as it stood at each refresh, rebuilt from the archives
             # (no survivorship, no look-ahead); --pairs names the universe to rank.
-            from top_pairs import PointInTimeRanking  # noqa: PLC0415
-            from trade_simulator import PairSchedule  # noqa: PLC0415
+            from top_pairs import PointInTimeRanking
+            from trade_simulator import PairSchedule
 
             refresh_ms = s.pairs.ttl_s * 1000
             ranking = PointInTimeRanking(
@@ -791,8 +791,8 @@ class TelegramNotifier:
 
 async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Run a backtest on the replay path (or the fast path) with a progress bar and report."""
-    import analytics  # noqa: PLC0415 - numba kernels, only for backtests
-    from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary  # noqa: PLC0415
+    import analytics
+    from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary
 
     s = settings
     if getattr(args, "engine", "replay") == "fast":

@@ -64,7 +64,8 @@ def main(argv: list[str]) -> int:
         ]
         for r in rows:
             lines.append(
-                f"| {r['name']} | {_fmt(r.get('ours'))} | {r.get('unit', '')} | {r.get('peer', '')} "
+                f"| {r['name']} | {_fmt(r.get('ours'))} | {r.get('unit', '')} "
+                f"| {r.get('peer', '')} "
                 f"| {_fmt(r.get('peer_value'))} | {_fmt(r.get('ratio'))} | {r.get('note', '')} |"
             )
             print(

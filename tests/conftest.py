@@ -62,7 +62,7 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return await real_sock_connect(self, sock, address)
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "sock_connect", sock_connect)
-    yield
+    return
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0, interval: float = 0.01
+    check: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
+    interval: float = 0.01,
 ) -> None:
     """Wait until `check()` is true, failing after `timeout` seconds."""
     deadline = time.monotonic() + timeout

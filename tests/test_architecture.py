@@ -70,12 +70,8 @@ def test_config_and_utils_stay_low() -> None:
     assert GRAPH["utils"] <= {"error_handler", "models", "config"}
 
 
-@pytest.mark.parametrize(
-    "module", sorted(set(GRAPH) - LEAVES - {"main", "runner", "pipeline"})
-)
+@pytest.mark.parametrize("module", sorted(set(GRAPH) - LEAVES - {"main", "runner", "pipeline"}))
 def test_components_import_each_other_only_where_allowed(module: str) -> None:
     """A component imports leaves, or another component only on a documented edge."""
-    unexpected = {
-        dep for dep in GRAPH[module] - LEAVES if (module, dep) not in ALLOWED
-    }
+    unexpected = {dep for dep in GRAPH[module] - LEAVES if (module, dep) not in ALLOWED}
     assert not unexpected, f"{module} imports {sorted(unexpected)}"

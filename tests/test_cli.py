@@ -19,9 +19,11 @@ from tests.conftest import ROOT, SAMPLE
 MAIN = str(ROOT / "main.py")
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run main.py with args in the test's cwd (tmp_path)."""
-    return subprocess.run(  # noqa: S603 - our own entry point
+    return subprocess.run(
         [sys.executable, MAIN, *args],
         capture_output=True,
         text=True,
@@ -43,11 +45,12 @@ def test_help_does_not_import_heavy_libraries() -> None:
     """--help imports neither TensorFlow, pandas, ccxt nor TA-Lib (start-up stays fast)."""
     code = (
         "import sys, runpy; sys.argv=['main.py','--help']\n"
-        "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
+        f"try:\n    runpy.run_path({MAIN!r}, run_name='__main__')\n"
         "except SystemExit: pass\n"
-        "print(sorted(m for m in ('tensorflow','pandas','ccxt','talib','numba') if m in sys.modules))"
-    ) % MAIN
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+        "heavy = ('tensorflow', 'pandas', 'ccxt', 'talib', 'numba')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -75,14 +78,20 @@ def test_malformed_env_exits_2_naming_the_variable(env: dict[str, str], named: s
 
 def test_missing_data_file_exits_2(tmp_path: Path) -> None:
     """--data pointing nowhere is a clear error, exit 2."""
-    result = run("--mode", "sim", "--feed", "replay", "--no-ui", "--data", str(tmp_path / "nope.csv"))
+    result = run(
+        "--mode", "sim", "--feed", "replay", "--no-ui", "--data", str(tmp_path / "nope.csv")
+    )
     assert result.returncode == 2
     assert "not found" in result.stderr
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"\x1f\x8b\x08garbage-not-gzip", b"hello,world\n1,2\n", b"timestamp,open,high,low,close,volume\n"],
+    [
+        b"\x1f\x8b\x08garbage-not-gzip",
+        b"hello,world\n1,2\n",
+        b"timestamp,open,high,low,close,volume\n",
+    ],
     ids=["corrupt-gzip", "wrong-header", "no-rows"],
 )
 def test_corrupt_data_file_exits_2(tmp_path: Path, content: bytes) -> None:
@@ -106,7 +115,10 @@ def test_print_config_masks_secrets() -> None:
     """--print-config shows settings with secrets replaced by ***."""
     result = run(
         "--print-config",
-        env={"KESTREL_EXCHANGE__API_KEY": "live-key-123", "KESTREL_EXCHANGE__API_SECRET": "zzz-secret-999"},
+        env={
+            "KESTREL_EXCHANGE__API_KEY": "live-key-123",
+            "KESTREL_EXCHANGE__API_SECRET": "zzz-secret-999",
+        },
     )
     assert result.returncode == 0
     data = json.loads(result.stdout)
@@ -117,7 +129,18 @@ def test_print_config_masks_secrets() -> None:
 
 def _summary(tmp_path: Path, name: str, *extra: str) -> dict:
     out = tmp_path / name
-    result = run("--mode", "sim", "--feed", "replay", "--no-ui", "--duration", "60", "--summary-json", str(out), *extra)
+    result = run(
+        "--mode",
+        "sim",
+        "--feed",
+        "replay",
+        "--no-ui",
+        "--duration",
+        "60",
+        "--summary-json",
+        str(out),
+        *extra,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -131,12 +154,26 @@ def test_sim_replay_trades_and_writes_summary(tmp_path: Path) -> None:
     for key in ("final_equity", "total_return", "max_drawdown", "fees", "trades"):
         assert key in summary
     trade = summary["trades"][0]
-    assert set(trade) >= {"pair", "side", "entry_ts", "exit_ts", "entry_price", "exit_price", "qty", "fee", "pnl"}
+    assert set(trade) >= {
+        "pair",
+        "side",
+        "entry_ts",
+        "exit_ts",
+        "entry_price",
+        "exit_price",
+        "qty",
+        "fee",
+        "pnl",
+    }
     assert trade["entry_ts"] < trade["exit_ts"]
     assert 1_670_889_600_000 <= trade["entry_ts"] < 1_670_976_000_000  # 2022-12-13, ms UTC
     total_pnl = sum(t["pnl"] for t in summary["trades"])
-    open_value = sum(p["qty"] * (p["mark_price"] - p["entry_price"]) for p in summary["open_positions"])
-    assert summary["final_equity"] == pytest.approx(10_000 + total_pnl + open_value, rel=1e-6, abs=1e-3)
+    open_value = sum(
+        p["qty"] * (p["mark_price"] - p["entry_price"]) for p in summary["open_positions"]
+    )
+    assert summary["final_equity"] == pytest.approx(
+        10_000 + total_pnl + open_value, rel=1e-6, abs=1e-3
+    )
 
 
 def test_replays_are_deterministic(tmp_path: Path) -> None:
@@ -163,9 +200,20 @@ def test_data_flag_replays_a_given_file(tmp_path: Path) -> None:
 
 def test_sigterm_stops_gracefully_within_5s(tmp_path: Path) -> None:
     """SIGTERM to a running daemon exits 0 within 5 s, with state flushed to disk."""
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, MAIN, "--mode", "sim", "--feed", "replay", "--no-ui", "--speed", "40",
-         "--summary-json", str(tmp_path / "s.json")],
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            MAIN,
+            "--mode",
+            "sim",
+            "--feed",
+            "replay",
+            "--no-ui",
+            "--speed",
+            "40",
+            "--summary-json",
+            str(tmp_path / "s.json"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -196,8 +244,25 @@ def test_sigterm_stops_gracefully_within_5s(tmp_path: Path) -> None:
 def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) -> None:
     """--engine fast gives the replay's trades; --report-html writes a self-contained page."""
     env = {"KESTREL_RISK__PROFILE": "all_in"}
-    common = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=10", "--param", "slow=30", "--no-ui"]
-    replay = run(*common, "--summary-json", str(tmp_path / "r.json"), "--report-html", str(tmp_path / "r.html"), env=env)
+    common = [
+        "--mode",
+        "backtest",
+        "--strategy",
+        "sma_cross",
+        "--param",
+        "fast=10",
+        "--param",
+        "slow=30",
+        "--no-ui",
+    ]
+    replay = run(
+        *common,
+        "--summary-json",
+        str(tmp_path / "r.json"),
+        "--report-html",
+        str(tmp_path / "r.html"),
+        env=env,
+    )
     fast = run(*common, "--engine", "fast", "--summary-json", str(tmp_path / "f.json"), env=env)
     assert replay.returncode == 0, replay.stderr[-2000:]
     assert fast.returncode == 0, fast.stderr[-2000:]
@@ -205,7 +270,8 @@ def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) 
     assert a["n_trades"] == b["n_trades"] > 0
     assert a["trades"] == b["trades"]
     html = (tmp_path / "r.html").read_text()
-    assert "<svg" in html and "Monte Carlo" in html
+    assert "<svg" in html
+    assert "Monte Carlo" in html
     assert "<script src" not in html  # self-contained: no external resources
     assert "Sharpe" in replay.stdout
 
@@ -222,7 +288,7 @@ def test_backtest_trades_the_point_in_time_pair_list(tmp_path: Path) -> None:
     from data_manager import load_candles
     from top_pairs import PointInTimeRanking
 
-    alts = "ADA DASH ETC ETH LTC NXT TRX XLM XMR ZEC".split()
+    alts = ["ADA", "DASH", "ETC", "ETH", "LTC", "NXT", "TRX", "XLM", "XMR", "ZEC"]
     pairs = [f"{a}/BTC" for a in alts]
     env = {
         "KESTREL_PAIRS__DYNAMIC": "true",
@@ -232,13 +298,25 @@ def test_backtest_trades_the_point_in_time_pair_list(tmp_path: Path) -> None:
     }
     out = tmp_path / "dyn.json"
     result = run(
-        "--mode", "backtest", "--timeframe", "5m", "--pairs", ",".join(pairs),
-        "--strategy", "sma_cross", "--no-ui", "--summary-json", str(out), env=env,
+        "--mode",
+        "backtest",
+        "--timeframe",
+        "5m",
+        "--pairs",
+        ",".join(pairs),
+        "--strategy",
+        "sma_cross",
+        "--no-ui",
+        "--summary-json",
+        str(out),
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
     frames = {p: load_candles(SAMPLE / f"bittrex_{p.split('/')[0]}-BTC_5m.csv.gz") for p in pairs}
-    ranking = PointInTimeRanking(frames, "5m", refresh_every=14_400_000, top_n=3, lookback=86_400_000)
+    ranking = PointInTimeRanking(
+        frames, "5m", refresh_every=14_400_000, top_n=3, lookback=86_400_000
+    )
     traded = {t["pair"] for t in summary["trades"]}
     assert summary["n_trades"] > 0
     assert 0 < len(traded) < len(pairs)  # the list moved, and some pairs never made it

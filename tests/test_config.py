@@ -36,7 +36,8 @@ def test_required_env_names_reach_their_fields(monkeypatch: pytest.MonkeyPatch) 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s = load_settings(env_file=None)
-    assert s.exchange.api_key is not None and s.exchange.api_key.get_secret_value() == "key-123456"
+    assert s.exchange.api_key is not None
+    assert s.exchange.api_key.get_secret_value() == "key-123456"
     assert s.exchange.has_keys
     assert s.exchange.base_url == "http://127.0.0.1:8123"
     assert s.telegram.chat_ids == [11, 22]
@@ -67,7 +68,7 @@ def test_list_variables_accept_csv_and_json(
         ({"KESTREL_EXCHANGE__TESTNET": "maybe"}, "KESTREL_EXCHANGE__TESTNET"),
         ({"KESTREL_TELEGRAM__CHAT_IDS": "one,two"}, "KESTREL_TELEGRAM__CHAT_IDS"),
         ({"KESTREL_EXCHANGE__BASE_URL": "ftp://x"}, "KESTREL_EXCHANGE"),
-        ({"KESTREL_UI__WEB_HOST": "0.0.0.0"}, "KESTREL_UI__WEB_HOST"),  # noqa: S104 - refused
+        ({"KESTREL_UI__WEB_HOST": "0.0.0.0"}, "KESTREL_UI__WEB_HOST"),
         (
             {"KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.5", "KESTREL_RISK__MAX_DRAWDOWN": "0.2"},
             "KESTREL_RISK",

@@ -45,14 +45,22 @@ ENV = {
 
 async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "main.py"), "--mode", "live", "--no-ui", *args,
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--mode",
+        "live",
+        "--no-ui",
+        *args,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
 
 
-async def _until_started(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+async def _until_started(
+    proc: asyncio.subprocess.Process,
+    timeout: float,  # noqa: ASYNC109 - how long to wait for a line, passed to asyncio.timeout
+) -> bool:
     """Wait for the daemon's start line; fail with its output if it dies first."""
     assert proc.stderr is not None
     seen: list[bytes] = []
@@ -75,7 +83,9 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
+async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
+    tmp_path: Path,
+) -> None:
     """After 50 SIGKILLs and restarts every order exists once, in the journal and on Bybit."""
     rng = random.Random(20261125)
     async with BybitEmulator(lenient_clock=True, balances={"USDT": "10000"}) as emu:
@@ -118,7 +128,9 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
             ticker.cancel()
 
         assert kills_in_trading >= KILLS // 2
-        store = TradeStore.open(f"sqlite:///{tmp_path / 'data' / 'kestrel.sqlite'}", bot_id="bybit-live")
+        store = TradeStore.open(
+            f"sqlite:///{tmp_path / 'data' / 'kestrel.sqlite'}", bot_id="bybit-live"
+        )
         try:
             journal = {o.client_order_id: o for o in store.all_orders()}
             on_exchange = emu.orders_by_link_id()
@@ -146,7 +158,9 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
             btc = emu.wallet.get("BTC", Decimal(0))
             from_fills = sum(
                 (
-                    (f.qty - (f.fee if f.fee_currency == "BTC" else 0)) if f.side == "buy" else -f.qty
+                    (f.qty - (f.fee if f.fee_currency == "BTC" else 0))
+                    if f.side == "buy"
+                    else -f.qty
                     for f in fills.values()
                 ),
                 Decimal(0),
@@ -155,12 +169,12 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(t
             # ... and they are the bot's position, except remainders below the market's
             # minimum order, which no order can sell and the bot writes off as dust.
             summary = json.loads(summary_path.read_text())
-            held = sum(Decimal(str(p["qty"])) for p in summary["open_positions"] if p["pair"] == "BTC/USDT")
+            held = sum(
+                Decimal(str(p["qty"])) for p in summary["open_positions"] if p["pair"] == "BTC/USDT"
+            )
             min_qty = Decimal("0.000048")  # BTCUSDT spot minimum on the emulator, as on Bybit
             assert abs(btc - held) < min_qty, (btc, held)
-            never_sent = sum(
-                store.journal_state(c) is JournalState.NEVER_SENT for c in journal
-            )
+            never_sent = sum(store.journal_state(c) is JournalState.NEVER_SENT for c in journal)
             print(
                 f"crash test: {KILLS} kills ({kills_in_trading} while trading), "
                 f"{len(journal)} orders journaled, {len(on_exchange)} on the exchange, "

@@ -13,9 +13,13 @@ from tests.conftest import ROOT
 
 
 def _main(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, str(ROOT / "main.py"), *args],
-        capture_output=True, text=True, timeout=180, env={**os.environ, **env}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **env},
+        check=False,
     )
 
 
@@ -29,7 +33,12 @@ def test_sim_then_parity_matches_and_a_tampered_log_does_not(tmp_path: Path) -> 
     report = json.loads(report_path.read_text())
     summary = report["summary"]
     assert summary["ok"] is True
-    assert summary["decisions_live"] == summary["decisions_backtest"] == summary["decisions_matched"] > 0
+    assert (
+        summary["decisions_live"]
+        == summary["decisions_backtest"]
+        == summary["decisions_matched"]
+        > 0
+    )
     assert summary["fills_matched"] > 0
     assert abs(summary["slippage_bps_mean"]) < 1e-6
 
@@ -49,12 +58,38 @@ def test_sim_then_parity_matches_and_a_tampered_log_does_not(tmp_path: Path) -> 
 
 def test_slippage_and_latency_are_attributed() -> None:
     """A live buy filled 10 bps worse and 250 ms later shows +10 bps and 250 ms."""
-    decision = {"kind": "risk_approved", "pair": "X/USDT", "candle_ts": 0, "side": "buy",
-                "client_order_id": "c1", "ts": 60_000}
-    live = [decision, {"kind": "fill", "client_order_id": "c1", "pair": "X/USDT", "side": "buy",
-                       "price": "100.1", "qty": "1", "ts": 60_250}]
-    backtest = [decision, {"kind": "fill", "client_order_id": "c1", "pair": "X/USDT", "side": "buy",
-                           "price": "100", "qty": "1", "ts": 60_000}]
+    decision = {
+        "kind": "risk_approved",
+        "pair": "X/USDT",
+        "candle_ts": 0,
+        "side": "buy",
+        "client_order_id": "c1",
+        "ts": 60_000,
+    }
+    live = [
+        decision,
+        {
+            "kind": "fill",
+            "client_order_id": "c1",
+            "pair": "X/USDT",
+            "side": "buy",
+            "price": "100.1",
+            "qty": "1",
+            "ts": 60_250,
+        },
+    ]
+    backtest = [
+        decision,
+        {
+            "kind": "fill",
+            "client_order_id": "c1",
+            "pair": "X/USDT",
+            "side": "buy",
+            "price": "100",
+            "qty": "1",
+            "ts": 60_000,
+        },
+    ]
     report = compare(live, backtest)
     assert report.ok
     (fill,) = report.fill_diffs

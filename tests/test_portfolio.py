@@ -45,11 +45,13 @@ def test_partial_close_then_flip_to_short() -> None:
     p = Portfolio(Decimal(1000))
     p.apply_fill(fill(1, Side.BUY, "1", "100"))
     first = p.apply_fill(fill(2, Side.SELL, "0.4", "105"))
-    assert first is not None and first.qty == pytest.approx(0.4) and first.pnl == pytest.approx(2.0)
+    assert first is not None
+    assert first.qty == pytest.approx(0.4)
+    assert first.pnl == pytest.approx(2.0)
     second = p.apply_fill(fill(3, Side.SELL, "1", "110"))
-    assert (
-        second is not None and second.qty == pytest.approx(0.6) and second.pnl == pytest.approx(6.0)
-    )
+    assert second is not None
+    assert second.qty == pytest.approx(0.6)
+    assert second.pnl == pytest.approx(6.0)
     position = p.position("BTC/USDT")
     assert position is not None
     assert position.side is PositionSide.SHORT
@@ -130,7 +132,8 @@ def test_spot_buy_fee_in_base_reduces_the_coins_held() -> None:
     )
     p.apply_fill(buy)
     position = p.position("BTC/USDT")
-    assert position is not None and position.qty == Decimal("0.0999")
+    assert position is not None
+    assert position.qty == Decimal("0.0999")
     assert p.cash == Decimal(10_000) - Decimal("0.1") * 20_000
     assert p.fees == Decimal("2.0000")
     p.mark("BTC/USDT", Decimal(20_000))

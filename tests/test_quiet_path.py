@@ -12,10 +12,24 @@ from runner import Daemon
 
 def _args(strategy: str) -> argparse.Namespace:
     return argparse.Namespace(
-        mode="backtest", feed=None, data=None, pairs=None, timeframe=None, strategy=strategy,
-        param=[], timerange=None, since=None, duration=None, speed=None, no_ui=True,
-        summary_json=None, print_config=False, log_level="WARNING", env_file=None,
-        engine="replay", report_html=None,
+        mode="backtest",
+        feed=None,
+        data=None,
+        pairs=None,
+        timeframe=None,
+        strategy=strategy,
+        param=[],
+        timerange=None,
+        since=None,
+        duration=None,
+        speed=None,
+        no_ui=True,
+        summary_json=None,
+        print_config=False,
+        log_level="WARNING",
+        env_file=None,
+        engine="replay",
+        report_html=None,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from config import LearningSettings
 from data_manager import load_candles
+from error_handler import DataError
 from self_learning import (
     NEUTRAL,
     ModelRegistry,
@@ -21,7 +22,6 @@ from self_learning import (
     train,
     train_and_save,
 )
-from error_handler import DataError
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ def test_predictor_is_neutral_without_a_model_and_on_corruption(
     (registry.root / meta.version / "model.pkl").write_bytes(b"not a pickle")
     predictor.meta = None  # force a reload of the now-corrupt version
     assert predictor.probability_up(candles) == NEUTRAL
-    assert alerts and alerts[-1][0] == "error"
+    assert alerts
+    assert alerts[-1][0] == "error"
 
 
 async def test_training_runs_off_the_event_loop(tmp_path: Path, candles: pd.DataFrame) -> None:
@@ -130,8 +131,9 @@ def test_tensorflow_mlp_trains_saves_and_loads(tmp_path: Path, candles: pd.DataF
     """The Keras model trains (tiny), round-trips through disk and predicts probabilities."""
     settings = LearningSettings(min_samples=200, model="mlp")
     meta = train_and_save(candles, settings, tmp_path / "models")
-    model, loaded = ModelRegistry(tmp_path / "models").load()
-    assert loaded.kind == "mlp" and loaded.version == meta.version
+    _model, loaded = ModelRegistry(tmp_path / "models").load()
+    assert loaded.kind == "mlp"
+    assert loaded.version == meta.version
     p = SafePredictor(ModelRegistry(tmp_path / "models")).probability_up(candles)
     assert 0.0 <= p <= 1.0
     assert np.isfinite(meta.metrics["brier"])
@@ -148,15 +150,38 @@ def test_trained_model_filters_sim_entries(tmp_path: Path) -> None:
 
     env = {**os.environ, "KESTREL_LEARNING__MIN_SAMPLES": "200"}
     main = str(ROOT / "main.py")
-    subprocess.run([sys.executable, main, "--mode", "train", "--no-ui"], env=env, check=True, capture_output=True)  # noqa: S603
+    subprocess.run(
+        [sys.executable, main, "--mode", "train", "--no-ui"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "data" / "models" / "direction-BTC-USDT-1m" / "CURRENT").is_file()
     env["KESTREL_LEARNING__ENABLED"] = "true"
     env["KESTREL_LEARNING__ENTRY_THRESHOLD"] = "0.99"  # nothing is that sure: every entry vetoed
     out = tmp_path / "s.json"
-    subprocess.run([sys.executable, main, "--mode", "sim", "--feed", "replay", "--no-ui", "--summary-json", str(out)], env=env, check=True, capture_output=True)  # noqa: S603
+    subprocess.run(
+        [
+            sys.executable,
+            main,
+            "--mode",
+            "sim",
+            "--feed",
+            "replay",
+            "--no-ui",
+            "--summary-json",
+            str(out),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     summary = json.loads(out.read_text())
-    events = [json.loads(line) for line in (tmp_path / "logs" / "audit.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line) for line in (tmp_path / "logs" / "audit.jsonl").read_text().splitlines()
+    ]
     model_vetoes = [e for e in events if e["kind"] == "veto" and e["guard"] == "model"]
     assert model_vetoes
-    assert summary["n_trades"] == 0 and not summary["open_positions"]
+    assert summary["n_trades"] == 0
+    assert not summary["open_positions"]
     assert summary["vetoes"] == len(model_vetoes)

@@ -104,7 +104,15 @@ async def test_retry_never_retries_non_recoverable(error: Exception) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tf", "ms"), [("1s", 1000), ("1m", 60_000), ("5m", 300_000), ("4h", 14_400_000), ("1d", 86_400_000), ("1w", 604_800_000)]
+    ("tf", "ms"),
+    [
+        ("1s", 1000),
+        ("1m", 60_000),
+        ("5m", 300_000),
+        ("4h", 14_400_000),
+        ("1d", 86_400_000),
+        ("1w", 604_800_000),
+    ],
 )
 def test_timeframe_to_ms(tf: str, ms: int) -> None:
     """ccxt timeframes convert to milliseconds."""
@@ -131,7 +139,10 @@ def test_datetime_conversions_are_utc_and_refuse_naive() -> None:
     dt = ms_to_datetime(1_704_067_200_000)
     assert dt == datetime(2024, 1, 1, tzinfo=UTC)
     assert datetime_to_ms(dt) == 1_704_067_200_000
-    assert datetime_to_ms(datetime(2024, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))) == 1_704_067_200_000
+    assert (
+        datetime_to_ms(datetime(2024, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
+        == 1_704_067_200_000
+    )
     with pytest.raises(ValueError):
         datetime_to_ms(datetime(2024, 1, 1))  # noqa: DTZ001 - the point of the test
 
@@ -182,7 +193,9 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     assert os.listdir(target.parent) == ["state.json"]
 
 
-def test_atomic_write_failure_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_failure_keeps_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If the replace fails, the old content survives and the temp file is removed."""
     target = tmp_path / "state.json"
     atomic_write(target, "old")
@@ -247,7 +260,9 @@ async def test_supervised_loop_survives_errors_and_trips_breaker() -> None:
         clock_now[0] += 10  # let the breaker half-open for the next probe
 
     with pytest.raises(FatalError):
-        await supervised_loop("feed", step, stop, breaker=breaker, sleep=sleep, rng=random.Random(1))
+        await supervised_loop(
+            "feed", step, stop, breaker=breaker, sleep=sleep, rng=random.Random(1)
+        )
     assert "open" in states
     assert breaker.state.value == "closed"  # the success in between closed it
     assert len(slept) >= 3
