@@ -11,6 +11,7 @@ from config import load_settings
 from error_handler import ConfigError
 from main import restart_argv
 from runner import Daemon
+from tests.conftest import eventually
 
 
 def _args() -> argparse.Namespace:
@@ -42,10 +43,11 @@ async def test_switch_to_live_stops_in_order_and_asks_for_a_restart(
     """With keys, switch_mode('live') ends the run cleanly and names the next mode."""
     monkeypatch.setenv("KESTREL_EXCHANGE__API_KEY", "k" * 8)
     monkeypatch.setenv("KESTREL_EXCHANGE__API_SECRET", "s" * 8)
+    monkeypatch.setenv("KESTREL_SIMULATION__REPLAY_SPEED", "100")  # 1,440 candles: ~15 s
     daemon = Daemon(_args(), load_settings(env_file=None))
     daemon.build_replay()
     run = asyncio.create_task(daemon.run())
-    await asyncio.sleep(0.3)
+    await eventually(lambda: daemon.engine is not None and daemon.engine.candles > 5)
     await daemon.switch_mode("live")
     summary = await asyncio.wait_for(run, 10)
     assert summary["restart_as"] == "live"
