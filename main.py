@@ -199,7 +199,10 @@ def restart(mode: str) -> None:
     """Replace this process with the same command in another mode (dashboard's sim/live)."""
     import os
 
+    from utils.utilities import stop_log_listener
+
     argv = restart_argv(sys.argv, mode)
+    stop_log_listener()  # execv skips atexit: flush the queued log lines first
     print(f"kestrel: restarting in {mode} mode", file=sys.stderr)
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, *argv])  # noqa: S606 - our own entry point

@@ -6,10 +6,12 @@ Only what several components need lives here; anything owned by one component st
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import logging.handlers
 import os
+import queue
 import random
 import re
 import sys
@@ -81,10 +83,12 @@ def setup_logging(
         _redaction_processor,
     ]
     root = logging.getLogger()
+    stop_log_listener()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level.upper())
+    sinks: list[logging.Handler] = []
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
@@ -100,7 +104,7 @@ def setup_logging(
                 foreign_pre_chain=pre_chain,
             )
         )
-        root.addHandler(file_handler)
+        sinks.append(file_handler)
     if console:
         renderer: Any = (
             structlog.processors.JSONRenderer()
@@ -114,7 +118,15 @@ def setup_logging(
                 foreign_pre_chain=pre_chain,
             )
         )
-        root.addHandler(stream_handler)
+        sinks.append(stream_handler)
+    if sinks:
+        # Rendering and writing happen on a listener thread: the event loop only queues
+        # the event (a formatted JSON line plus a console line cost ~0.3 ms each).
+        global _listener
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        _listener = logging.handlers.QueueListener(records, *sinks, respect_handler_level=True)
+        _listener.start()
+        root.addHandler(_UnformattedQueueHandler(records))
     for noisy in ("asyncio", "ccxt", "httpx", "httpcore", "telegram", "aiohttp", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
@@ -128,6 +140,33 @@ def setup_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _UnformattedQueueHandler(logging.handlers.QueueHandler):
+    """Queue the record as it is: the listener's handlers format it, off the loop thread.
+
+    The stdlib QueueHandler formats in the emitting thread, which is the cost we move.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Return the record unchanged (its structlog event dict is rendered later)."""
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def stop_log_listener() -> None:
+    """Flush queued log records and stop the listener thread (idempotent)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        for handler in _listener.handlers:
+            handler.close()
+        _listener = None
+
+
+atexit.register(stop_log_listener)
 
 
 def audit_logger(
