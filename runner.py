@@ -121,6 +121,7 @@ class Daemon:
         self._resubscribe = asyncio.Event()
         self._resume_from: int | None = None
         self.restart_as: str | None = None
+        self._exchange_status: Callable[[], dict[str, Any]] = dict
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -300,6 +301,7 @@ class Daemon:
         # Every closed candle from here on, exactly once, gaps refilled from REST.
         self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
+        self._exchange_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
         if paper:
             sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
             self.sim = sim
@@ -315,6 +317,7 @@ class Daemon:
                 max_lag_ms=step,
             )
             self.engine.set_pairs(pairs)
+            self.engine.extra_status = self._exchange_status
             return
         from trade_store import TradeStore
 
@@ -334,6 +337,7 @@ class Daemon:
             max_lag_ms=step,
         )
         self.engine.set_pairs(pairs)
+        self.engine.extra_status = self._exchange_status
         report = await self.engine.executor.reconcile(exchange, store, quote=quote)
         self.engine.reconcile_report = report
         log.info("reconciled", report=report)
@@ -356,6 +360,7 @@ class Daemon:
     # -- Tasks -------------------------------------------------------------------------------
 
     async def _feed_loop(self) -> None:
+        structlog.contextvars.bind_contextvars(component="feed")  # this task's context only
         assert self.feed is not None
         try:
             async for candle in self.feed:
@@ -365,6 +370,7 @@ class Daemon:
                 self.queue.put_nowait(None)
 
     async def _direct_loop(self) -> None:
+        structlog.contextvars.bind_contextvars(component="pipeline")  # this task's context only
         # Backtests have no I/O edge to buffer: the replay drives the engine directly.
         assert self.engine is not None
         assert self.feed is not None
@@ -380,6 +386,7 @@ class Daemon:
         self.stop.set()
 
     async def _pipeline_loop(self) -> None:
+        structlog.contextvars.bind_contextvars(component="pipeline")  # this task's context only
         assert self.engine is not None
         while True:
             item = await self.queue.get()
@@ -399,6 +406,32 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             await self._persist_async()
+            self.record_performance()
+
+    def record_performance(self) -> None:
+        """Write the periodic performance snapshot to the audit trail (JSON lines, rotated)."""
+        assert self.engine is not None
+        engine = self.engine
+        latencies = sorted(engine.decision_latency_ms)
+
+        def pct(q: float) -> float | None:
+            return round(latencies[int(q * (len(latencies) - 1))], 3) if latencies else None
+
+        self.audit.record(
+            "performance",
+            engine.clock.now_ms(),
+            equity=float(engine.portfolio.equity()),
+            cash=float(engine.portfolio.cash),
+            exposure=float(engine.portfolio.exposure()),
+            positions=len(engine.portfolio.positions()),
+            open_orders=len(engine.executor.open_orders()),
+            max_drawdown=engine.portfolio.max_drawdown,
+            trading_state=str(engine.risk.trading_state),
+            candles=engine.candles,
+            decision_latency_ms_p50=pct(0.5),
+            decision_latency_ms_p99=pct(0.99),
+            rate_limit_budget=self.exchange.rate_limit_budget() if self.exchange else {},
+        )
 
     # -- Operator surfaces -------------------------------------------------------------------
 
@@ -585,12 +618,18 @@ class Daemon:
                 log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)
 
     async def _private_fills(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            component="private-fills"
+        )  # this task's context only
         assert self.engine is not None
         assert self.exchange is not None
         async for fill in self.exchange.watch_fills():
             await self.engine.on_stream_fill(fill)
 
     async def _private_orders(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            component="private-orders"
+        )  # this task's context only
         assert self.engine is not None
         assert self.exchange is not None
         async for order in self.exchange.watch_orders():
