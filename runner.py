@@ -442,7 +442,12 @@ class Daemon:
         assert self.engine is not None
         from telegram_bot import TelegramBot
 
-        bot = TelegramBot(self.settings.telegram, self.engine)
+        async def telegram_switch(target: str) -> str:
+            # /mode, after the operator confirmed: the same orderly restart as the dashboard.
+            await self.switch_mode(target)
+            return f"stopping in order; restarting in {target} mode"
+
+        bot = TelegramBot(self.settings.telegram, self.engine, mode_switch=telegram_switch)
         await bot.start()
         self.notifiers.append(TelegramNotifier(bot))
         self._closers.append(("telegram", bot.stop))
