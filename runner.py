@@ -28,7 +28,15 @@ from rich.console import Console
 
 from config import Settings
 from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
-from error_handler import AuthenticationError, ConfigError, DataError, RecoverableError
+from error_handler import (
+    AuthenticationError,
+    BotError,
+    ConfigError,
+    DataError,
+    FatalError,
+    RecoverableError,
+    run_fail_safe,
+)
 from models import BotState, Candle, Market
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
@@ -659,6 +667,41 @@ class Daemon:
             timeframe=self.engine.timeframe,
             strategy=self.engine.strategy.describe(),
         )
+        try:
+            await self._run_tasks()
+        except BaseExceptionGroup as group:
+            # A task failed (a FatalError such as rejected keys, or a bug): the TaskGroup
+            # cancelled the others. Stop trading safely: cancel entry orders, persist,
+            # notify, close sessions (each step isolated), then exit non-zero.
+            error = _first_error(group)
+            await run_fail_safe(
+                error,
+                [
+                    ("cancel_entry_orders", self._cancel_entry_orders),
+                    ("persist_state", self._persist_async),
+                    ("notify", self._notify_fatal(error)),
+                    *self._closers,
+                ],
+                step_timeout=SHUTDOWN_STEP_TIMEOUT,
+            )
+            self.audit.close()
+            raise error from group
+        await self.teardown()
+        summary = self.summary()
+        if self.restart_as is not None:
+            summary["restart_as"] = self.restart_as
+        return summary
+
+    def _notify_fatal(self, error: BaseException) -> Callable[[], Awaitable[object]]:
+        async def notify() -> None:
+            message = error.message if isinstance(error, BotError) else repr(error)
+            self.alert("error", {"message": f"trading stopped: {message}"})
+            await asyncio.sleep(0.5)  # give the Telegram queue a moment before it closes
+
+        return notify
+
+    async def _run_tasks(self) -> None:
+        assert self.engine is not None
         direct = self.args.mode == "backtest"
         async with asyncio.TaskGroup() as tg:
             if direct:
@@ -698,11 +741,6 @@ class Daemon:
             await pipeline
             for task in background:
                 task.cancel()
-        await self.teardown()
-        summary = self.summary()
-        if self.restart_as is not None:
-            summary["restart_as"] = self.restart_as
-        return summary
 
     async def teardown(self) -> None:
         """Shut down in order, each step isolated: orders, state, notifications, sessions."""
@@ -775,6 +813,15 @@ class Daemon:
         summary = self.engine.summary()
         summary["dropped_candles"] = self.dropped
         return summary
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """Return the error that ended the run: a FatalError first, else the first one."""
+    fatal = group.subgroup(FatalError)
+    source: BaseException = fatal if fatal is not None else group
+    while isinstance(source, BaseExceptionGroup):
+        source = source.exceptions[0]
+    return source
 
 
 class ExchangeClock:

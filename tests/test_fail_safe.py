@@ -1,0 +1,62 @@
+"""A fatal error in the running daemon: trading stops safely, state is kept, exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from config import load_settings
+from error_handler import AuthenticationError
+from models import Order, OrderIntent
+from runner import Daemon
+
+
+def _args() -> argparse.Namespace:
+    return argparse.Namespace(
+        mode="sim",
+        feed="replay",
+        data=None,
+        pairs=None,
+        timeframe=None,
+        strategy=None,
+        param=[],
+        timerange=None,
+        since=None,
+        duration=None,
+        speed=None,
+        no_ui=True,
+        summary_json=None,
+        print_config=False,
+        log_level=None,
+        env_file=None,
+        engine="replay",
+        report_html=None,
+    )
+
+
+async def test_fatal_error_runs_the_fail_safe_and_propagates() -> None:
+    """Keys rejected mid-run: the error escapes, after state is persisted and sessions closed."""
+    daemon = Daemon(_args(), load_settings(env_file=None))
+    daemon.build_replay()
+    assert daemon.sim is not None
+    closed: list[str] = []
+
+    async def close_session() -> None:
+        closed.append("session")
+
+    daemon._closers.append(("session", close_session))
+    alerts: list[tuple[str, dict]] = []
+    daemon.notifiers.append(lambda kind, data: alerts.append((kind, data)))
+
+    async def rejected(intent: OrderIntent) -> Order:
+        raise AuthenticationError("API key is invalid", component="exchange")
+
+    daemon.sim.create_order = rejected  # type: ignore[method-assign]
+    with pytest.raises(AuthenticationError, match="API key is invalid"):
+        await daemon.run()
+    state = json.loads((daemon.settings.storage.data_dir / "state" / "sim.json").read_text())
+    assert state["candles"] > 0
+    assert closed == ["session"]
+    assert any("trading stopped" in data.get("message", "") for _, data in alerts)
