@@ -305,6 +305,23 @@ class BreakerRule(Protocol):
         ...
 
 
+def _drawdown_trip(
+    book: EquityBook, name: str, limit: float, state: TradingState, suffix: str = ""
+) -> Trip | None:
+    # The peak-to-trough rules differ only in their limit and rung; a flatten latches.
+    dd = book.drawdown
+    if dd < limit:
+        return None
+    return Trip(
+        name,
+        state,
+        f"drawdown {dd:.2%} >= {limit:.2%} (peak {float(book.peak_equity):.2f},"
+        f" equity {float(book.equity):.2f}){suffix}",
+        {"drawdown": dd, "limit": limit},
+        latched=state is TradingState.FLATTEN,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReduceOnDrawdown:
     """Trade smaller while the drawdown from the peak is at or over `threshold`."""
@@ -314,16 +331,7 @@ class ReduceOnDrawdown:
 
     def check(self, book: EquityBook) -> Trip | None:
         """Return a `reduced` trip while the drawdown is at or over the threshold."""
-        dd = book.drawdown
-        if dd < self.threshold:
-            return None
-        return Trip(
-            self.name,
-            TradingState.REDUCED,
-            f"drawdown {dd:.2%} >= {self.threshold:.2%} (peak {float(book.peak_equity):.2f},"
-            f" equity {float(book.equity):.2f})",
-            {"drawdown": dd, "limit": self.threshold},
-        )
+        return _drawdown_trip(book, self.name, self.threshold, TradingState.REDUCED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,16 +343,8 @@ class MaxDrawdown:
 
     def check(self, book: EquityBook) -> Trip | None:
         """Return a latched `flatten` trip at the limit."""
-        dd = book.drawdown
-        if dd < self.limit:
-            return None
-        return Trip(
-            self.name,
-            TradingState.FLATTEN,
-            f"drawdown {dd:.2%} >= {self.limit:.2%} (peak {float(book.peak_equity):.2f},"
-            f" equity {float(book.equity):.2f}); manual resume required",
-            {"drawdown": dd, "limit": self.limit},
-            latched=True,
+        return _drawdown_trip(
+            book, self.name, self.limit, TradingState.FLATTEN, "; manual resume required"
         )
 
 

@@ -159,43 +159,26 @@ def run() -> list[dict]:
     sp = np.percentile(service, [50, 99]) if service else [float("nan")] * 2
     rp = np.percentile(replay, [50, 99]) if replay else [float("nan")] * 2
     note = f"{len(live)} orders from 50 pairs x {minutes} bursts; target p99 < 5 ms"
+
+    def row(name: str, ours: float, peer: float, note: str) -> dict:
+        return {"name": name, "ours": float(ours), "unit": "ms", "ratio": None, "note": note,
+                "peer": "same pipeline on replay", "peer_value": float(peer)}  # fmt: skip
+
     return [
-        {
-            "name": "decision latency p50 (50 pairs, emulator stream)",
-            "ours": float(lp[0]),
-            "unit": "ms",
-            "peer": "same pipeline on replay",
-            "peer_value": float(rp[0]),
-            "ratio": None,
-            "note": note,
-        },
-        {
-            "name": "decision latency p99 (50 pairs, emulator stream)",
-            "ours": float(lp[1]),
-            "unit": "ms",
-            "peer": "same pipeline on replay",
-            "peer_value": float(rp[1]),
-            "ratio": None,
-            "note": "includes queueing behind the other candles of the same burst",
-        },
-        {
-            "name": "decision service time p50 (candle handed over -> order out)",
-            "ours": float(sp[0]),
-            "unit": "ms",
-            "peer": "same pipeline on replay",
-            "peer_value": float(rp[0]),
-            "ratio": None,
-            "note": "our code only, no queueing",
-        },
-        {
-            "name": "decision service time p99",
-            "ours": float(sp[1]),
-            "unit": "ms",
-            "peer": "same pipeline on replay",
-            "peer_value": float(rp[1]),
-            "ratio": None,
-            "note": "target p99 < 5 ms",
-        },
+        row("decision latency p50 (50 pairs, emulator stream)", lp[0], rp[0], note),
+        row(
+            "decision latency p99 (50 pairs, emulator stream)",
+            lp[1],
+            rp[1],
+            "includes queueing behind the other candles of the same burst",
+        ),
+        row(
+            "decision service time p50 (candle handed over -> order out)",
+            sp[0],
+            rp[0],
+            "our code only, no queueing",
+        ),
+        row("decision service time p99", sp[1], rp[1], "target p99 < 5 ms"),
     ]
 
 
