@@ -78,6 +78,12 @@ class ExchangeSettings(_Group):
     rate_limit_safety: float = Field(
         default=0.8, gt=0, le=1, description="fraction of Bybit's published limits we use"
     )
+    fill_poll_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="live: also fetch our executions over REST this often (a safety net "
+        "for fills the private stream missed)",
+    )
 
     @model_validator(mode="after")
     def _mainnet_opt_in(self) -> ExchangeSettings:

@@ -96,6 +96,10 @@ log = structlog.get_logger(__name__)
 _OHLCV_PAGE: Final = 1000  # Bybit's kline maximum per request
 _ORDER_PAGE: Final = 50
 _MAX_PAGES: Final = 10
+# A fill REST sweep reaches this far before the previous sweep's start (clock skew, and
+# executions Bybit indexes a moment late); the first sweep runs this soon after start-up.
+_SWEEP_OVERLAP_MS: Final = 60_000
+_FIRST_POLL_S: Final = 2.0
 _LINK_ID_MAX: Final = 36  # Bybit's orderLinkId length limit
 
 # Bybit orderStatus -> ours (WIRE.md: ccxt folds PartiallyFilledCanceled into "closed").
@@ -1378,20 +1382,38 @@ class Exchange:
         *,
         pair: str | None = None,
         resync: Callable[[], Awaitable[list[T]]] | None = None,
+        poll: Callable[[], Awaitable[list[T]]] | None = None,
+        poll_s: float | None = None,
     ) -> AsyncIterator[T]:
         # Watch forever. A dropped socket backs off with jitter and resubscribes (ccxt does
         # that on the next watch). What the outage hid is fetched over REST twice: as soon
         # as the loss is seen, and once the new subscription delivers, so nothing between
         # the first resync and the resubscription slips through; `convert`/`resync`
         # de-duplicate.
+        # With `poll`, a REST sweep also runs every `poll_s` (the first one soon after the
+        # start): a safety net for what no socket reported, such as what happened between
+        # start-up and the subscription.
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         pump = asyncio.ensure_future(self._pump(op, watch, pair, queue))
+        poller = (
+            asyncio.ensure_future(self._poll_timer(queue, poll_s))
+            if poll is not None and poll_s is not None
+            else None
+        )
         outage = False
         try:
             while True:
                 kind, payload = await queue.get()
                 if kind == "data":
                     items = await convert(payload)
+                elif kind == "poll" and poll is not None:
+                    try:
+                        items = await poll()
+                    except RecoverableError as e:
+                        log.warning(
+                            "stream_poll_failed", stream=op, **({"pair": pair} | e.describe())
+                        )
+                        continue
                 elif kind in ("lost", "resumed") and resync is not None:
                     if kind == "lost" and outage:
                         continue  # one resync per outage, not per failed reconnect
@@ -1413,9 +1435,17 @@ class Exchange:
                 for item in items:
                     yield item
         finally:
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
+            for task in (pump, poller):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+
+    async def _poll_timer(self, queue: asyncio.Queue[tuple[str, Any]], every_s: float) -> None:
+        await self._clock.sleep(min(every_s, _FIRST_POLL_S))
+        while True:
+            queue.put_nowait(("poll", None))
+            await self._clock.sleep(every_s)
 
     async def _merge(self, streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
         # Interleave several streams; the first failure ends them all.
@@ -1577,11 +1607,19 @@ class Exchange:
             "watch_orders", lambda: client.watch_orders(), convert, resync=self.fetch_open_orders
         )
 
-    def watch_fills(self) -> AsyncIterator[Fill]:
-        """Yield our executions once each; after a reconnect, the ones missed meanwhile."""
+    def watch_fills(
+        self, *, since: int | None = None, poll_s: float | None = None
+    ) -> AsyncIterator[Fill]:
+        """Yield our executions once each; after a reconnect, the ones missed meanwhile.
+
+        With `poll_s`, executions are also fetched over REST every `poll_s` seconds, each
+        sweep from where the previous one started (the first from `since`, default now),
+        so a fill the socket never delivered still arrives, late but once.
+        """
         client = self._ensure_open()
         seen: set[str] = set()
         newest = [self.server_now_ms()]
+        swept = [newest[0] if since is None else since]
 
         def fresh(fills: Iterable[Fill]) -> list[Fill]:
             out = []
@@ -1598,7 +1636,20 @@ class Exchange:
         async def resync() -> list[Fill]:
             return fresh(await self.fetch_my_trades(since=newest[0] - 60_000))
 
-        return self._stream("watch_fills", lambda: client.watch_my_trades(), convert, resync=resync)
+        async def sweep() -> list[Fill]:
+            start = self.server_now_ms()
+            found = fresh(await self.fetch_my_trades(since=swept[0] - _SWEEP_OVERLAP_MS))
+            swept[0] = start
+            return found
+
+        return self._stream(
+            "watch_fills",
+            lambda: client.watch_my_trades(),
+            convert,
+            resync=resync,
+            poll=sweep,
+            poll_s=poll_s,
+        )
 
     def watch_positions(self) -> AsyncIterator[Position]:
         """Yield linear position updates; after a reconnect, the open positions again."""

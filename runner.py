@@ -133,6 +133,7 @@ class Daemon:
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- Build -------------------------------------------------------------------------------
@@ -346,6 +347,9 @@ class Daemon:
         )
         self.engine.set_pairs(pairs)
         self.engine.extra_status = self._exchange_status
+        # Fills from here on reach the journal by the private stream, its REST sweeps, and
+        # a last sweep at stop; the minute back covers clock skew.
+        self._fills_since = exchange.server_now_ms() - 60_000
         report = await self.engine.executor.reconcile(exchange, store, quote=quote)
         self.engine.reconcile_report = report
         log.info("reconciled", report=report)
@@ -636,8 +640,25 @@ class Daemon:
         )  # this task's context only
         assert self.engine is not None
         assert self.exchange is not None
-        async for fill in self.exchange.watch_fills():
+        fills = self.exchange.watch_fills(
+            since=self._fills_since, poll_s=self.settings.exchange.fill_poll_interval_s
+        )
+        async for fill in fills:
             await self.engine.on_stream_fill(fill)
+
+    async def _settle_fills(self) -> None:
+        # Executions that landed after the pipeline's last order (the private stream is
+        # already stopped) are fetched once over REST, so a stopped bot's journal agrees
+        # with the exchange; the store ignores fills it already has.
+        if self.exchange is None or self.sim is not None or self.engine is None:
+            return
+        settled = 0
+        for fill in await self.exchange.fetch_my_trades(since=self._fills_since):
+            if not self.engine.executor.has_fill(fill.fill_id):
+                await self.engine.on_stream_fill(fill)
+                settled += 1
+        if settled:
+            log.info("fills_settled", fills=settled)
 
     async def _private_orders(self) -> None:
         structlog.contextvars.bind_contextvars(
@@ -747,6 +768,7 @@ class Daemon:
         assert self.engine is not None
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("cancel_entry_orders", self._cancel_entry_orders),
+            ("settle_fills", self._settle_fills),
             ("persist_state", self._persist_async),
             *self._closers,
         ]

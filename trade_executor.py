@@ -10,7 +10,7 @@ fills arrive from REST answers and private streams in any order; the state machi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Protocol
@@ -88,6 +88,10 @@ class OrderJournal(Protocol):
 
     def record_fill(self, fill: Fill) -> bool:
         """Persist a fill; return False if it was already recorded."""
+        ...
+
+    def has_fill(self, fill_id: str) -> bool:
+        """Return True if the execution is recorded."""
         ...
 
 
@@ -276,6 +280,10 @@ class TradeExecutor:
         self._track(order)
         if self._store is not None:
             self._store.update_order(self.orders[order.client_order_id])
+
+    def has_fill(self, fill_id: str) -> bool:
+        """Return True if the journal already holds this execution (False without one)."""
+        return self._store is not None and self._store.has_fill(fill_id)
 
     async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
         """Apply a fill (once, whichever source reports it first) and manage protection."""
@@ -488,7 +496,7 @@ class TradeExecutor:
                 refreshed += 1
         known = {o.client_order_id: o for o in store.all_orders()}
         recorded = store.fills()
-        since = max((f.ts for f in recorded), default=None)
+        since = _fills_since(known.values(), recorded)
         new_fills = 0
         for pair in sorted({o.pair for o in known.values()}):
             for fill in await account.fetch_my_trades(pair, since=since):
@@ -549,6 +557,30 @@ class TradeExecutor:
 
 
 _KIND_NAMES = {"sl": "stop-loss", "tp": "take-profit"}
+_SKEW_MARGIN_MS = 60_000
+
+
+def _fills_since(orders: Iterable[Order], recorded: Iterable[Fill]) -> int | None:
+    """Return where to start fetching our executions so that no missing fill is skipped.
+
+    The newest recorded fill is not enough: a fill lost to a crash (or one that landed
+    before the private stream subscribed) can be older than fills recorded after it. Any
+    order whose filled quantity exceeds its recorded fills has one missing, so the fetch
+    starts at the earliest such order's creation (less a minute for clock skew).
+    """
+    recorded = list(recorded)
+    totals: dict[str, Decimal] = {}
+    for fill in recorded:
+        totals[fill.client_order_id] = totals.get(fill.client_order_id, Decimal(0)) + fill.qty
+    gaps = [
+        o.ts_created - _SKEW_MARGIN_MS
+        for o in orders
+        if o.filled_qty > totals.get(o.client_order_id, Decimal(0))
+    ]
+    newest = max((f.ts for f in recorded), default=None)
+    if newest is None:
+        return None
+    return min([newest, *gaps])
 
 
 def _is_protective(client_order_id: str) -> bool:

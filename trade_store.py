@@ -975,6 +975,12 @@ class TradeStore:
             "ts": fill.ts,
         }
 
+    def has_fill(self, fill_id: str) -> bool:
+        """Return True if the execution `fill_id` is recorded."""
+        query = sa.select(fills.c.fill_id).where(self._mine(fills), fills.c.fill_id == fill_id)
+        with self._read() as conn:
+            return conn.execute(query).first() is not None
+
     def fills(self, client_order_id: str | None = None, since: int | None = None) -> list[Fill]:
         """Return recorded fills, oldest first, optionally of one order or from `since` on."""
         query = sa.select(fills).where(self._mine(fills))
@@ -1304,6 +1310,7 @@ class AsyncTradeStore:
     unacknowledged = _offload(TradeStore.unacknowledged)
     all_orders = _offload(TradeStore.all_orders)
     record_fill = _offload(TradeStore.record_fill)
+    has_fill = _offload(TradeStore.has_fill)
     fills = _offload(TradeStore.fills)
     fill_totals = _offload(TradeStore.fill_totals)
     upsert_position = _offload(TradeStore.upsert_position)

@@ -289,6 +289,44 @@ async def test_fills_missed_during_a_drop_arrive_once_after_reconnect(
     assert [f.client_order_id for f in items] == ["f-1", "f-2", "f-3"]
 
 
+async def test_fill_before_the_subscription_arrives_once_by_the_rest_sweep(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """A fill no socket delivered (it landed before the subscription) comes from a sweep."""
+    since = ex.server_now_ms() - 1000
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.BUY, Decimal("0.001"), OrderType.MARKET, "early-1", "t")
+    )
+    feeds = {"fills": Collector(ex.watch_fills(since=since, poll_s=0.2))}
+    await _subscribed(emu, "execution", kind="private")
+    items = await feeds["fills"].wait_for(1)
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.SELL, Decimal("0.001"), OrderType.MARKET, "late-2", "t")
+    )
+    await feeds["fills"].wait_for(2)
+    await asyncio.sleep(0.6)  # several more sweeps: each fill still arrives once
+    await feeds["fills"].stop()
+    assert [f.client_order_id for f in items] == ["early-1", "late-2"]
+
+
+async def test_without_polling_a_fill_before_the_subscription_is_not_reported(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """The control: the socket alone never reports the early fill (what the sweep is for)."""
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.BUY, Decimal("0.001"), OrderType.MARKET, "early-1", "t")
+    )
+    feeds = {"fills": Collector(ex.watch_fills())}
+    await _subscribed(emu, "execution", kind="private")
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.SELL, Decimal("0.001"), OrderType.MARKET, "late-2", "t")
+    )
+    items = await feeds["fills"].wait_for(1)
+    await asyncio.sleep(0.3)
+    await feeds["fills"].stop()
+    assert [f.client_order_id for f in items] == ["late-2"]
+
+
 async def test_streams_end_quietly_when_the_exchange_closes(emu: BybitEmulator) -> None:
     """Closing the exchange ends a pending stream instead of leaking a CancelledError."""
     exchange = Exchange(exchange_settings(emu), retry_attempts=2, retry_base_s=0.01)
