@@ -171,6 +171,7 @@ class PrecomputedSignals:
         self.strategy = strategy
         self._rows: dict[str, dict[int, int]] = {}
         self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
             cols = strategy.populate(frame)
@@ -182,6 +183,7 @@ class PrecomputedSignals:
                     flags[:, j] = cols[name].to_numpy(dtype=bool)
             # A strategy needs its warm-up before its signals count, as in the live path.
             flags[: max(strategy.warmup - 1, 0)] = False
+            self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
             # Python tuples (None when no flag): one cheap lookup per candle.
             self._flags[pair] = [
                 (bool(a), bool(b), bool(c), bool(d)) if (a or b or c or d) else None
@@ -199,6 +201,15 @@ class PrecomputedSignals:
         """Return True if any signal column is set on this candle."""
         index = self._rows[candle.pair].get(candle.ts)
         return index is not None and self._flags[candle.pair][index] is not None
+
+    def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
+        known, flagged = self._flagged[pair]
+        if len(known) == 0:
+            return np.zeros(len(ts), dtype=bool)
+        index = np.minimum(np.searchsorted(known, ts), len(known) - 1)
+        mask: np.ndarray = (known[index] == ts) & flagged[index]
+        return mask
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Read the precomputed row for this candle."""
@@ -304,6 +315,7 @@ class Engine:
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
         self._quiet: PrecomputedSignals | None = None
+        self.quiet_runs = False
         self._has_working: Callable[[str], bool] = lambda pair: True
         self.model_threshold = 0.5
 
@@ -340,12 +352,7 @@ class Engine:
         over) lets the engine measure decision latency: candle in, order out.
         """
         quiet = self._quiet
-        if (
-            quiet is not None
-            and not self.portfolio.has_position(candle.pair)
-            and not quiet.has_flags(candle)
-            and not self._has_working(candle.pair)
-        ):
+        if quiet is not None and not quiet.has_flags(candle) and not self._has_working(candle.pair):
             self._on_quiet_candle(candle)
             return
         if not self.data.on_candle(candle):
@@ -398,6 +405,7 @@ class Engine:
             raise ValueError("the quiet path is exact only under all_in without a model")
         self._quiet = signals
         self._has_working = has_working
+        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
 
     def _on_quiet_candle(self, candle: Candle) -> None:
         self.candles += 1
@@ -408,7 +416,72 @@ class Engine:
         self.last_candle_ts[candle.pair] = candle.ts
         if self.matcher is not None:
             self.matcher(candle)  # nothing works on this pair: it only remembers the bar
-        self.portfolio.record_equity(candle.ts + self.step)
+        portfolio = self.portfolio
+        if portfolio.has_position(candle.pair):
+            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+        portfolio.record_equity(candle.ts + self.step)
+
+    async def replay_in_runs(self, feed: Any, stop: asyncio.Event) -> bool:
+        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
+
+        With the quiet path on, the candles between two that carry a signal change nothing
+        but the equity curve and the marks while no order works, so they are applied in one
+        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
+        one arriving while an order works, takes the whole pipeline. The trades and the
+        equity curve are those of the per-candle path (a test compares all three).
+        """
+        quiet = self._quiet
+        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
+        if quiet is None or single is None:
+            return False
+        pair, ts, ohlcv = single
+        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
+        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
+        is_flagged = np.zeros(len(ts), dtype=bool)
+        is_flagged[flagged] = True
+        has_working, on_candle = self._has_working, self.on_candle
+        n, i, next_yield = len(ts), 0, feed.yield_every
+        while i < n and not stop.is_set():
+            if is_flagged[i] or has_working(pair):
+                t = int(ts[i])
+                if t + step > clock.now_ms():
+                    clock.set(t + step)
+                o, h, lo, c, v = ohlcv[i].tolist()
+                await on_candle(Candle(pair, timeframe, t, o, h, lo, c, v))
+                i += 1
+            else:
+                at = int(np.searchsorted(flagged, i))
+                end = int(flagged[at]) if at < len(flagged) else n
+                last = int(ts[end - 1]) + step
+                if last > clock.now_ms():
+                    clock.set(last)
+                self.on_quiet_run(pair, timeframe, ts[i:end], ohlcv[i:end])
+                i = end
+            if i >= next_yield:
+                feed.advance_to(i)
+                next_yield = i + feed.yield_every
+                await asyncio.sleep(0)
+        feed.advance_to(i, done=True)
+        return True
+
+    def on_quiet_run(self, pair: str, timeframe: str, ts: np.ndarray, ohlcv: np.ndarray) -> None:
+        """Apply consecutive quiet candles of one pair at once (see `_on_quiet_candle`)."""
+        n = len(ts)
+        if n == 0:
+            return
+        self.candles += n
+        if self.first_ts is None:
+            self.first_ts = int(ts[0])
+        last_ts = int(ts[-1])
+        closes = ohlcv[:, 3]
+        self.last_ts = last_ts
+        self.last_close[pair] = float(closes[-1])
+        self.last_candle_ts[pair] = last_ts
+        if self.matcher is not None:
+            # Nothing works on this pair: the matcher only remembers the latest bar.
+            o, h, lo, c, v = ohlcv[-1].tolist()
+            self.matcher(Candle(pair, timeframe, last_ts, o, h, lo, c, v))
+        self.portfolio.record_equity_run(pair, (ts + self.step).tolist(), closes.tolist())
 
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""

@@ -154,6 +154,28 @@ class Portfolio:
             curve.append((ts, value))
         return equity
 
+    def record_equity_run(self, pair: str, ts: list[int], closes: list[float]) -> None:
+        """Mark `pair` at each close and record the equity at each time, as one call each.
+
+        The result is exactly that of `mark(pair, Decimal(repr(close)))` followed by
+        `record_equity(t)` per candle; a flat account extends the curve in one step.
+        """
+        if not ts:
+            return
+        if pair in self._open:
+            mark, record = self.mark, self.record_equity
+            for t, close in zip(ts, closes, strict=True):
+                mark(pair, Decimal(repr(close)))
+                record(t)
+            return
+        self.record_equity(ts[0])
+        if not self._open and self.cash == self._flat_cash:
+            value = self.equity_curve[-1][1]
+            self.equity_curve.extend([(t, value) for t in ts[1:]])
+        else:
+            for t in ts[1:]:
+                self.record_equity(t)
+
     def set_protection(
         self, pair: str, *, stop: Decimal | None = None, take_profit: Decimal | None = None
     ) -> None:

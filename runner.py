@@ -388,6 +388,10 @@ class Daemon:
         assert self.feed is not None
         on_candle = self.engine.on_candle
         schedule, engine, step = self.pair_schedule, self.engine, self.engine.step
+        if schedule is None and await engine.replay_in_runs(self.replay, self.stop):
+            log.info("feed_exhausted", candles=self.engine.candles)
+            self.stop.set()
+            return
         async for candle in self.feed:
             if self.stop.is_set():
                 break

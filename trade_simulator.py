@@ -684,6 +684,27 @@ class ReplayFeed:
         for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
             yield Candle(pair, timeframe, t, o, h, lo, c, v)
 
+    def single_pair(self) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """Return (pair, open times, OHLCV rows) when the replay has exactly one pair.
+
+        For a consumer that walks the arrays itself (`Engine.replay_in_runs`); it reports
+        its position with `advance_to`. None with several pairs, or when paced (`speed`).
+        """
+        if len(self.frames) != 1 or self.speed > 0:
+            return None
+        ((pair, frame),) = self.frames.items()
+        frame = self._slice(frame)
+        ts = frame.index.as_unit("ms").asi8
+        ohlcv = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        return pair, ts, ohlcv
+
+    def advance_to(self, emitted: int, *, done: bool = False) -> None:
+        """Record how many candles an array consumer has processed; report progress."""
+        before, self.emitted = self.emitted, emitted
+        every = self.progress_every
+        if self.progress is not None and (done or emitted // every > before // every):
+            self.progress(emitted, len(self))
+
     async def __aiter__(self) -> AsyncIterator[Candle]:
         """Yield candles in (ts, pair) order."""
         streams = self._streams()

@@ -151,3 +151,36 @@ def test_dust_below_the_market_minimum_is_written_off_at_its_value() -> None:
     assert p.positions() == {}
     assert p.equity() == before
     assert p.drop_dust("BTC/USDT", below=Decimal("0.000001")) == 0
+
+
+@given(
+    holding=st.sampled_from([None, Side.BUY, Side.SELL]),
+    closes=st.lists(
+        st.floats(min_value=1, max_value=1e6, allow_nan=False).map(lambda x: round(x, 2)),
+        min_size=1,
+        max_size=40,
+    ),
+    start=st.integers(min_value=0, max_value=3),
+)
+@settings(max_examples=150, deadline=None)
+def test_equity_run_equals_marking_and_recording_candle_by_candle(
+    holding: Side | None, closes: list[float], start: int
+) -> None:
+    """record_equity_run gives the curve, peak and drawdown of the per-candle calls."""
+    pair = "BTC/USDT"
+    books = [Portfolio(Decimal(1000)) for _ in range(2)]
+    for p in books:
+        if holding is not None:
+            p.apply_fill(fill(1, holding, "0.5", "900", "0.45"))
+        for t in range(start):  # some history before the run
+            p.record_equity(t)
+    ts = [100 + 60 * i for i in range(len(closes))]
+    one_call, per_candle = books
+    one_call.record_equity_run(pair, ts, closes)
+    for t, close in zip(ts, closes, strict=True):
+        per_candle.mark(pair, Decimal(repr(close)))
+        per_candle.record_equity(t)
+    assert one_call.equity_curve == per_candle.equity_curve
+    assert one_call.peak_equity == per_candle.peak_equity
+    assert one_call.max_drawdown == per_candle.max_drawdown
+    assert one_call.equity() == per_candle.equity()

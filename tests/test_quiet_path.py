@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pytest
 
@@ -37,23 +38,47 @@ def _args(strategy: str) -> argparse.Namespace:
 async def test_quiet_path_equals_the_full_pipeline(
     monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """With and without the short path, the backtest's trades and equity curve are equal."""
+    """Quiet stretches in one call, quiet candles one by one, or every candle through the
+    whole pipeline: the backtest's trades and equity curve are equal."""
     monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
     monkeypatch.setenv("KESTREL_STRATEGY__NAME", strategy)
     results = []
-    for quiet in (True, False):
+    for variant in ("runs", "per_candle", "full"):
         daemon = Daemon(_args(strategy), load_settings(env_file=None))
         daemon.build_replay()
-        assert daemon.engine is not None
-        assert daemon.engine._quiet is not None  # wired for all_in backtests
-        if not quiet:
-            daemon.engine._quiet = None
+        engine = daemon.engine
+        assert engine is not None
+        assert engine._quiet is not None  # wired for all_in backtests
+        assert engine.quiet_runs  # and one-pair replays take quiet stretches at once
+        if variant != "runs":
+            engine.quiet_runs = False
+        if variant == "full":
+            engine._quiet = None
+        applied: list[int] = []
+
+        def counted(
+            pair: str,
+            timeframe: str,
+            ts: Any,
+            ohlcv: Any,
+            apply: Any = engine.on_quiet_run,
+            applied: list[int] = applied,
+        ) -> None:
+            applied.append(len(ts))
+            apply(pair, timeframe, ts, ohlcv)
+
+        engine.on_quiet_run = counted  # type: ignore[method-assign]
         summary = await daemon.run()
-        results.append((summary, list(daemon.engine.portfolio.equity_curve)))
-    (quiet_summary, quiet_curve), (full_summary, full_curve) = results
-    assert quiet_summary == full_summary
-    assert quiet_curve == full_curve
-    assert len(full_curve) == full_summary["candles"]
+        # Only the "runs" variant applies stretches, several candles at a time.
+        assert (max(applied, default=0) > 1) is (variant == "runs")
+        results.append((summary, list(engine.portfolio.equity_curve), engine.executor.orders))
+    runs, per_candle, full = results
+    assert runs[0]["n_trades"] > 0
+    for result in (runs, per_candle):
+        assert result[0] == full[0]  # summary: trades, equity, candles, ...
+        assert result[1] == full[1]  # the equity curve, point for point
+        assert list(result[2]) == list(full[2])  # the same orders, in the same order
+    assert len(full[1]) == full[0]["candles"]
 
 
 def test_quiet_path_is_refused_outside_all_in() -> None:
@@ -62,3 +87,54 @@ def test_quiet_path_is_refused_outside_all_in() -> None:
     daemon.build_replay()
     assert daemon.engine is not None
     assert daemon.engine._quiet is None
+
+
+@pytest.mark.parametrize("strategy", ["sma_cross", "rsi_bb"])
+async def test_flag_mask_agrees_with_the_per_candle_lookup(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """flag_mask marks exactly the candles has_flags reports, unknown times as unflagged."""
+    import numpy as np
+
+    from models import Candle
+
+    monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
+    daemon = Daemon(_args(strategy), load_settings(env_file=None))
+    daemon.build_replay()
+    assert daemon.engine is not None
+    assert daemon.replay is not None
+    signals = daemon.engine._quiet
+    assert signals is not None
+    single = daemon.replay.single_pair()
+    assert single is not None
+    pair, ts, _ = single
+    probe = np.concatenate([ts, ts[:5] + 1, [ts[-1] + 10**9]])  # plus times with no candle
+    mask = signals.flag_mask(pair, probe)
+    expected = [signals.has_flags(Candle(pair, "1m", int(t), 1, 1, 1, 1, 1)) for t in probe]
+    assert mask.tolist() == expected
+    assert 0 < mask.sum() < len(ts)
+
+
+async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stretches follow the --timerange slice: same candles, trades and curve."""
+    monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
+    results = []
+    for runs in (True, False):
+        args = _args("sma_cross")
+        daemon = Daemon(args, load_settings(env_file=None))
+        daemon.build_replay()
+        assert daemon.replay is not None
+        single = daemon.replay.single_pair()
+        assert single is not None
+        ts = single[1]
+        args.timerange = f"{int(ts[len(ts) // 4])}-{int(ts[3 * len(ts) // 4])}"  # epoch ms
+        daemon = Daemon(args, load_settings(env_file=None))
+        daemon.build_replay()
+        assert daemon.engine is not None
+        daemon.engine.quiet_runs = runs
+        summary = await daemon.run()
+        results.append((summary, list(daemon.engine.portfolio.equity_curve)))
+    assert results[0] == results[1]
+    assert results[0][0]["candles"] < len(ts) * 0.6
