@@ -150,10 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if secret is not None:
             register_secret(secret.get_secret_value())
+    # Backtests replay history: only warnings unless --log-level asks for more.
+    quiet = args.mode == "backtest" and not args.log_level
     setup_logging(
         settings.storage.log_dir,
-        level=settings.logging.level,
+        level="WARNING" if quiet else settings.logging.level,
         json_console=settings.logging.json_console,
+        cache_loggers=True,
     )
     try:
         return asyncio.run(run_mode(args, settings))

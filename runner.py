@@ -480,7 +480,10 @@ class Daemon:
         if ui.enabled and sys.stdout.isatty() and sys.stdin.isatty():
             # Textual owns the terminal: logs go to the file only, or they would tear it.
             setup_logging(
-                self.settings.storage.log_dir, level=self.settings.logging.level, console=False
+                self.settings.storage.log_dir,
+                level=self.settings.logging.level,
+                console=False,
+                cache_loggers=True,
             )
             tasks.append(tg.create_task(self._dashboard(), name="dashboard"))
         return tasks

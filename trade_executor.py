@@ -140,15 +140,18 @@ class TradeExecutor:
         # the entry fills (the same on spot, where Bybit refuses them attached to market
         # orders, and on linear), so they are not sent attached to the entry.
         protection = (intent.stop_loss, intent.take_profit)
-        intent = replace(intent, stop_loss=None, take_profit=None)
+        if protection != (None, None):
+            intent = replace(intent, stop_loss=None, take_profit=None)
         try:
             market = self._market_for(intent.pair)
             checked = validate_intent(intent, market, last_price=last_price)
             self._check_balance(checked, last_price)
         except OrderRejected as e:
             return self._reject_locally(intent, e.message, now)
-        self._intents[checked.client_order_id] = replace(
-            checked, stop_loss=protection[0], take_profit=protection[1]
+        self._intents[checked.client_order_id] = (
+            checked
+            if protection == (None, None)
+            else replace(checked, stop_loss=protection[0], take_profit=protection[1])
         )
         exiting = checked.reduce_only and not _is_protective(checked.client_order_id)
         if exiting and self._protective.get(checked.pair):

@@ -240,7 +240,7 @@ def replay(
          "--data", str(path), "--no-ui"]
     )  # fmt: skip
     settings = main._apply_cli(load_settings(env_file=None), args)
-    setup_logging(settings.storage.log_dir, level="WARNING")
+    setup_logging(settings.storage.log_dir, level="WARNING", cache_loggers=True)  # as main
 
     async def go() -> tuple[float, int, dict[str, Any]]:
         daemon = Daemon(args, settings)

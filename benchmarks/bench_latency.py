@@ -104,7 +104,7 @@ async def _live(minutes: int) -> tuple[list[float], list[float]]:
             }
         )
         settings = load_settings(env_file=None)
-        setup_logging(None, level="WARNING", console=False)
+        setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
         daemon = Daemon(_args("sim"), settings)
         await daemon.build_exchange(paper=True)
         run = asyncio.create_task(daemon.run())
@@ -134,7 +134,7 @@ async def _replay() -> list[float]:
     )
     os.environ.pop("KESTREL_EXCHANGE__BASE_URL", None)
     settings = load_settings(env_file=None)
-    setup_logging(None, level="WARNING", console=False)
+    setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
     daemon = Daemon(_args("sim"), settings)
     daemon.build_replay()
     await daemon.run()
