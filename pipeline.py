@@ -440,22 +440,24 @@ class Engine:
         is_flagged = np.zeros(len(ts), dtype=bool)
         is_flagged[flagged] = True
         has_working, on_candle = self._has_working, self.on_candle
+        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
+        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
         n, i, next_yield = len(ts), 0, feed.yield_every
         while i < n and not stop.is_set():
             if is_flagged[i] or has_working(pair):
-                t = int(ts[i])
-                if t + step > clock.now_ms():
-                    clock.set(t + step)
+                if close_ts[i] > clock.now_ms():
+                    clock.set(close_ts[i])
                 o, h, lo, c, v = ohlcv[i].tolist()
-                await on_candle(Candle(pair, timeframe, t, o, h, lo, c, v))
+                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
                 i += 1
             else:
                 at = int(np.searchsorted(flagged, i))
                 end = int(flagged[at]) if at < len(flagged) else n
-                last = int(ts[end - 1]) + step
-                if last > clock.now_ms():
-                    clock.set(last)
-                self.on_quiet_run(pair, timeframe, ts[i:end], ohlcv[i:end])
+                if close_ts[end - 1] > clock.now_ms():
+                    clock.set(close_ts[end - 1])
+                o, h, lo, c, v = ohlcv[end - 1].tolist()
+                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
+                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
                 i = end
             if i >= next_yield:
                 feed.advance_to(i)
@@ -464,24 +466,25 @@ class Engine:
         feed.advance_to(i, done=True)
         return True
 
-    def on_quiet_run(self, pair: str, timeframe: str, ts: np.ndarray, ohlcv: np.ndarray) -> None:
-        """Apply consecutive quiet candles of one pair at once (see `_on_quiet_candle`)."""
-        n = len(ts)
+    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
+        """Apply consecutive quiet candles of one pair at once (see `_on_quiet_candle`).
+
+        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
+        close time and close price.
+        """
+        n = len(close_ts)
         if n == 0:
             return
+        pair = last.pair
         self.candles += n
         if self.first_ts is None:
-            self.first_ts = int(ts[0])
-        last_ts = int(ts[-1])
-        closes = ohlcv[:, 3]
-        self.last_ts = last_ts
-        self.last_close[pair] = float(closes[-1])
-        self.last_candle_ts[pair] = last_ts
+            self.first_ts = close_ts[0] - self.step
+        self.last_ts = last.ts
+        self.last_close[pair] = last.close
+        self.last_candle_ts[pair] = last.ts
         if self.matcher is not None:
-            # Nothing works on this pair: the matcher only remembers the latest bar.
-            o, h, lo, c, v = ohlcv[-1].tolist()
-            self.matcher(Candle(pair, timeframe, last_ts, o, h, lo, c, v))
-        self.portfolio.record_equity_run(pair, (ts + self.step).tolist(), closes.tolist())
+            self.matcher(last)  # nothing works on this pair: it only remembers the last bar
+        self.portfolio.record_equity_run(pair, close_ts, closes)
 
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""

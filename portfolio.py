@@ -162,11 +162,31 @@ class Portfolio:
         """
         if not ts:
             return
-        if pair in self._open:
-            mark, record = self.mark, self.record_equity
+        curve = self.equity_curve
+        book = self._open.get(pair)
+        if book is not None and len(self._open) == 1 and curve and curve[-1][0] < ts[0]:
+            # The one open position: record_equity's arithmetic, inlined.
+            cash, qty = self.cash, book.qty
+            peak, worst = self.peak_equity, self.max_drawdown
+            append = curve.append
+            mark = book.mark
             for t, close in zip(ts, closes, strict=True):
-                mark(pair, Decimal(repr(close)))
-                record(t)
+                mark = Decimal(repr(close))
+                equity = cash + qty * mark
+                if equity > peak:
+                    peak = equity
+                elif peak > 0 and equity < peak:
+                    dd = float((peak - equity) / peak)
+                    if dd > worst:
+                        worst = dd
+                append((t, float(equity)))
+            book.mark = mark
+            self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
+            return
+        if book is not None:
+            for t, close in zip(ts, closes, strict=True):
+                self.mark(pair, Decimal(repr(close)))
+                self.record_equity(t)
             return
         self.record_equity(ts[0])
         if not self._open and self.cash == self._flat_cash:

@@ -517,15 +517,23 @@ def _garman_klass_kernel(
 @njit(cache=True, error_model="numpy")
 def _streak_kernel(close: FloatArray) -> tuple[FloatArray, FloatArray]:
     # Connors' up/down streak length and the one-bar return ratio (NaN at bar 0)
+    # Branch-free: up and down moves come in random order, and mispredicted branches cost
+    # more than computing both continuations and selecting one arithmetically.
     n = close.size
-    streak = np.zeros(n)
-    ratio = np.full(n, np.nan)
+    streak = np.empty(n)
+    ratio = np.empty(n)
+    if n == 0:
+        return streak, ratio
+    streak[0] = 0.0
+    ratio[0] = np.nan
+    s = 0.0
     for i in range(1, n):
-        ratio[i] = close[i] / close[i - 1]
-        if close[i] > close[i - 1]:
-            streak[i] = max(streak[i - 1], 0.0) + 1.0
-        elif close[i] < close[i - 1]:
-            streak[i] = min(streak[i - 1], 0.0) - 1.0
+        now, before = close[i], close[i - 1]
+        ratio[i] = now / before
+        up = 1.0 if now > before else 0.0
+        down = 1.0 if now < before else 0.0
+        s = up * (max(s, 0.0) + 1.0) + down * (min(s, 0.0) - 1.0)
+        streak[i] = s
     return streak, ratio
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import talib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import technical_indicators as ti
 from tests.test_indicators_support import (
@@ -425,3 +427,22 @@ def test_own_indicators_are_at_least_fifteen_and_not_in_talib() -> None:
     own = [name for name, info in ti.available().items() if info.source == "kestrel"]
     assert len(own) >= 15
     assert not {name.upper() for name in own} & set(talib.get_functions())
+
+
+@given(st.lists(st.sampled_from([1.0, 1.5, 2.0, 2.5]), min_size=0, max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_streak_counts_runs_of_rises_and_falls(closes: list[float]) -> None:
+    """The branch-free streak: +n after n rises in a row, -n after n falls, 0 when unchanged."""
+    streak, ratio = ti._streak_kernel(np.array(closes, dtype=np.float64))
+    expected, run = [], 0.0
+    for i, close in enumerate(closes):
+        if i > 0 and close > closes[i - 1]:
+            run = max(run, 0.0) + 1.0
+        elif i > 0 and close < closes[i - 1]:
+            run = min(run, 0.0) - 1.0
+        elif i > 0:
+            run = 0.0
+        expected.append(run)
+    assert streak.tolist() == expected
+    assert np.isnan(ratio[:1]).all()
+    np.testing.assert_array_equal(ratio[1:], np.array(closes[1:]) / np.array(closes[:-1]))

@@ -57,15 +57,14 @@ async def test_quiet_path_equals_the_full_pipeline(
         applied: list[int] = []
 
         def counted(
-            pair: str,
-            timeframe: str,
-            ts: Any,
-            ohlcv: Any,
+            last: Any,
+            close_ts: list[int],
+            closes: list[float],
             apply: Any = engine.on_quiet_run,
             applied: list[int] = applied,
         ) -> None:
-            applied.append(len(ts))
-            apply(pair, timeframe, ts, ohlcv)
+            applied.append(len(close_ts))
+            apply(last, close_ts, closes)
 
         engine.on_quiet_run = counted  # type: ignore[method-assign]
         summary = await daemon.run()
