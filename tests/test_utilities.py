@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import logging.handlers
 import os
 import random
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,6 +23,7 @@ from error_handler import (
 )
 from tests.conftest import eventually
 from utils.utilities import (
+    AuditTrail,
     ReplayClock,
     TaskRegistry,
     atomic_write,
@@ -276,3 +280,36 @@ def test_redaction_masks_registered_secrets_and_secret_keys() -> None:
     assert "s3cr3t-value-xyz" not in repr(out)
     assert out["api_key"] == "***"
     assert out["n"] == 1
+
+
+def test_audit_trail_writes_every_event_in_order_redacted_off_the_caller(tmp_path: Path) -> None:
+    """Events are queued by record() and written by the writer thread; close() drains."""
+    import threading
+
+    register_secret("sk-audit-secret-123")
+    audit = AuditTrail(tmp_path)
+    caller = threading.current_thread()
+    writers: list[threading.Thread] = []
+    original = logging.handlers.RotatingFileHandler.emit
+
+    def spy(self: logging.handlers.RotatingFileHandler, record: logging.LogRecord) -> None:
+        writers.append(threading.current_thread())
+        original(self, record)
+
+    logging.handlers.RotatingFileHandler.emit = spy  # type: ignore[method-assign]
+    try:
+        for i in range(500):
+            audit.record("order", i, n=i, api_key="k-1", note="sk-audit-secret-123 here")
+        audit.close()
+        audit.close()  # idempotent
+    finally:
+        logging.handlers.RotatingFileHandler.emit = original  # type: ignore[method-assign]
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [e["n"] for e in events] == list(range(500))
+    assert {e["kind"] for e in events} == {"order"}
+    assert all(e["api_key"] == "***" for e in events)
+    assert "sk-audit-secret-123" not in "".join(lines)
+    assert audit.count == 500
+    assert writers
+    assert caller not in writers  # encoded and written on the writer thread

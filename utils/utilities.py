@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -180,23 +181,16 @@ def stop_log_listener() -> None:
 atexit.register(stop_log_listener)
 
 
-def audit_logger(
+def audit_handler(
     log_dir: Path, *, max_bytes: int = 50_000_000, backups: int = 10
-) -> logging.Logger:
-    """Return a logger that writes one JSON object per line to `logs/audit.jsonl`."""
-    logger = logging.getLogger("kestrel.audit")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+) -> logging.Handler:
+    """Return the rotating handler of `logs/audit.jsonl` (one JSON object per line)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(
         log_dir / "audit.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
     )
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    return logger
+    return handler
 
 
 # -- Time ------------------------------------------------------------------------------------
@@ -567,30 +561,56 @@ def chunked(items: Iterable[T], size: int) -> Iterable[list[T]]:
 class AuditTrail:
     """Append-only JSON lines of every decision (signal, verdict, order, fill) and its inputs.
 
-    Written to `logs/audit.jsonl` with rotation, separate from the operational log.
+    Written to `logs/audit.jsonl` with rotation, separate from the operational log. The
+    event loop only queues each event; a writer thread redacts, encodes and writes it (on
+    the order path this took a third of a decision's time when done inline). `close`
+    drains the queue; a SIGKILL can lose the last events queued, never the trade journal,
+    which is the durable record.
     """
 
     def __init__(self, log_dir: Path | None, *, keep: bool = False) -> None:
-        self._logger = audit_logger(log_dir) if log_dir is not None else None
         self.count = 0
         # keep=True also holds events in memory (the parity audit compares two runs).
         self.events: list[dict[str, Any]] | None = [] if keep else None
+        self._queue: queue.SimpleQueue[tuple[str, int, dict[str, Any]] | None] | None = None
+        self._writer: threading.Thread | None = None
+        if log_dir is not None:
+            self._queue = queue.SimpleQueue()
+            self._writer = threading.Thread(
+                target=self._write,
+                args=(self._queue, audit_handler(log_dir)),
+                name="kestrel-audit",
+                daemon=True,
+            )
+            self._writer.start()
 
     def record(self, kind: str, ts: int, **data: Any) -> None:
-        """Write one audit event."""
-        import json
-
+        """Queue one audit event (`data` is handed over: the caller must not mutate it)."""
         self.count += 1
         if self.events is not None:
             self.events.append({"kind": kind, "ts": ts, **data})
-        if self._logger is not None:
-            payload = {"kind": kind, "ts": ts, **redact(data)}
-            self._logger.info(json.dumps(payload, default=str, separators=(",", ":")))
+        if self._queue is not None:
+            self._queue.put((kind, ts, data))
+
+    @staticmethod
+    def _write(
+        events: queue.SimpleQueue[tuple[str, int, dict[str, Any]] | None],
+        handler: logging.Handler,
+    ) -> None:
+        import json
+
+        try:
+            while (event := events.get()) is not None:
+                kind, ts, data = event
+                payload = {"kind": kind, "ts": ts, **redact(data)}
+                line = json.dumps(payload, default=str, separators=(",", ":"))
+                handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+        finally:
+            handler.close()
 
     def close(self) -> None:
-        """Flush and close the file."""
-        if self._logger is not None:
-            for handler in list(self._logger.handlers):
-                handler.flush()
-                handler.close()
-                self._logger.removeHandler(handler)
+        """Write every queued event, then close the file (idempotent)."""
+        if self._queue is not None and self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+            self._queue = self._writer = None
