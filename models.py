@@ -480,6 +480,10 @@ class Control(Protocol):
         """Reconcile with the exchange and return a human-readable report."""
         ...
 
+    def patterns(self, pair: str) -> list[dict[str, Any]]:
+        """Return the candlestick patterns on the pair's latest candles, newest first."""
+        ...
+
     async def stop(self, reason: str) -> None:
         """Shut the daemon down gracefully."""
         ...

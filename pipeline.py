@@ -783,6 +783,17 @@ class Engine:
             **self.extra_status(),
         )
 
+    def patterns(self, pair: str, lookback: int = 3) -> list[dict[str, Any]]:
+        """Return the candlestick patterns on `pair`'s last `lookback` candles, newest first.
+
+        Computed on request (/why, the web view) from the rolling window: each item names
+        the TA-Lib pattern, its direction and how many bars ago it formed.
+        """
+        from data_manager import latest_patterns
+
+        frame = self.data.frame(pair, self.timeframe)
+        return latest_patterns(frame, lookback=lookback) if len(frame) else []
+
     async def pause(self, reason: str) -> None:
         """Stop opening positions; exits, stops and take-profits keep working."""
         log.info("operator_pause", reason=reason)

@@ -925,7 +925,10 @@ class TelegramBot:
             if not args:
                 self._reply(chat_id, "Usage: /why &lt;pair&gt;, e.g. /why BTC/USDT")
             else:
-                self._reply(chat_id, render_why(self._control.snapshot(), args[0]))
+                snap = self._control.snapshot()
+                pair = find_pair(args[0], snap.last_decisions)
+                patterns = self._control.patterns(pair) if pair is not None else []
+                self._reply(chat_id, render_why(snap, args[0], patterns))
         elif name == "reconcile":
             self._reply(chat_id, "🔄 Reconciling…")
             report = await self._control.reconcile()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -435,8 +435,12 @@ def render_model(snap: Snapshot) -> str:
     )
 
 
-def render_why(snap: Snapshot, query: str) -> str:
-    """Return the /why reply: the last decision on a pair (signal, features, risk verdict)."""
+def render_why(snap: Snapshot, query: str, patterns: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Return the /why reply: the pair's last decision and its latest candle patterns.
+
+    The decision: signal, features, risk verdict, order or veto. `patterns` are the
+    summary items of `data_manager.latest_patterns` (newest first).
+    """
     pair = find_pair(query, snap.last_decisions)
     if pair is None:
         known = ", ".join(esc(p) for p in sorted(snap.last_decisions)) or "none"
@@ -471,7 +475,22 @@ def render_why(snap: Snapshot, query: str) -> str:
         until = f" until {_when(veto.until)}" if veto.until is not None else ""
         guard = f" [{esc(veto.guard)}]" if veto.guard else ""
         lines.append(f"veto{guard}: {esc(veto.reason)}{until}")
+    if patterns:
+        found = [
+            f"{esc(p['label'])} {_DIRECTION_MARK.get(p['direction'], '')}"
+            f" ({_bars_ago(int(p['bars_ago']))})"
+            for p in patterns[:8]
+        ]
+        more = f" +{len(patterns) - 8} more" if len(patterns) > 8 else ""
+        lines.append("patterns: " + ", ".join(found) + more)
     return "\n".join(lines)
+
+
+_DIRECTION_MARK: Final[dict[str, str]] = {"bullish": "▲", "bearish": "▼", "neutral": "·"}
+
+
+def _bars_ago(n: int) -> str:
+    return "last candle" if n == 0 else f"{n} bar{'s' if n > 1 else ''} ago"
 
 
 COMMANDS: Final[dict[str, str]] = {

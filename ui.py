@@ -982,6 +982,7 @@ class WebView:
     - `GET /api/snapshot[?exclude=field,field]` the whole `Snapshot`
     - `GET /api/equity[?points=N]` equity figures and the curve as [[ts, equity], ...]
     - `GET /api/depth/<pair>` cumulative depth (`BTC/USDT`, `BTC%2FUSDT` or `BTC-USDT`)
+    - `GET /api/patterns/<pair>` candlestick patterns on the pair's last candles
     - `POST /api/pause`, `POST /api/resume` the operator commands
 
     The access log is off so that a token in a query string never reaches a log file.
@@ -1027,6 +1028,7 @@ class WebView:
         app.router.add_get("/api/snapshot", self._snapshot)
         app.router.add_get("/api/equity", self._equity)
         app.router.add_get("/api/depth/{pair:.+}", self._depth)
+        app.router.add_get("/api/patterns/{pair:.+}", self._patterns)
         app.router.add_post("/api/pause", self._pause)
         app.router.add_post("/api/resume", self._resume)
         return app
@@ -1112,6 +1114,16 @@ class WebView:
         if book is None:
             return web.json_response({"error": f"no order book for {pair}"}, status=404)
         return web.json_response(depth_json(book), dumps=_dumps)
+
+    async def _patterns(self, request: web.Request) -> web.Response:
+        pair = request.match_info["pair"]
+        pairs = pairs_of(self._control.snapshot())
+        known = pair if pair in pairs else pair.replace("-", "/")
+        if known not in pairs:
+            return web.json_response({"error": f"{pair} is not traded"}, status=404)
+        return web.json_response(
+            {"pair": known, "patterns": self._control.patterns(known)}, dumps=_dumps
+        )
 
     async def _pause(self, request: web.Request) -> web.Response:
         await self._control.pause("web view")
@@ -1271,12 +1283,17 @@ async function tick() {
     const s = await getJSON("/api/snapshot?exclude=" + LIGHT);
     showStatus(s);
     const width = Math.max(50, Math.floor($("equity-chart").clientWidth));
-    const [eq, depth] = await Promise.all([
+    const [eq, depth, found] = await Promise.all([
       getJSON("/api/equity?points=" + width),
       pair ? getJSON("/api/depth/" + encodeURIComponent(pair)).catch(() => null) : null,
+      pair ? getJSON("/api/patterns/" + encodeURIComponent(pair)).catch(() => null) : null,
     ]);
     drawEquity(eq);
     if (depth) drawDepth(depth); else canvas("depth-chart");
+    const marks = {bullish: "\u25b2", bearish: "\u25bc", neutral: "\u00b7"};
+    $("patterns").textContent = found && found.patterns.length ? "patterns: " +
+      found.patterns.map((p) => p.label + " " + (marks[p.direction] || "") + " (" +
+        (p.bars_ago === 0 ? "last candle" : p.bars_ago + " ago") + ")").join(", ") : "";
     $("note").textContent = "updated " + utc(Date.now()) + " UTC";
   } catch (e) {
     $("note").textContent = String(e);
@@ -1320,7 +1337,7 @@ pre { margin: 0; color: #ef5350; white-space: pre-wrap; }
 <main>
 <section><h2>Equity</h2><canvas id="equity-chart"></canvas></section>
 <section><h2>Market depth <select id="pair"></select><span id="depth-info" class="dim"></span>
-</h2><canvas id="depth-chart"></canvas></section>
+</h2><canvas id="depth-chart"></canvas><div id="patterns" class="dim"></div></section>
 <section><h2>Recent errors</h2><pre id="errors"></pre></section>
 </main>
 <script>"""

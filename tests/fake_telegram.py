@@ -454,6 +454,8 @@ class FakeControl:
     reconcile_report: str = "orders: 0 adopted, 0 never sent\npositions: match"
     reasons: list[str] = field(default_factory=list)
     reconciles: int = 0
+    # Candle windows per pair (real candles): /why's pattern summary is computed from them.
+    candles: dict[str, Any] = field(default_factory=dict)
     now_ms: int = 1_700_000_000_000
 
     def snapshot(self) -> Snapshot:
@@ -523,6 +525,13 @@ class FakeControl:
                 reason=reason,
             )
         )
+
+    def patterns(self, pair: str) -> list[dict[str, Any]]:
+        """Return the patterns on the pair's latest candles, as the engine computes them."""
+        from data_manager import latest_patterns
+
+        frame = self.candles.get(pair)
+        return latest_patterns(frame) if frame is not None else []
 
     async def reconcile(self) -> str:
         """Return the canned reconciliation report."""

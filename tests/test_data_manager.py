@@ -529,3 +529,32 @@ def test_latest_patterns_summarises_the_last_candles(btc: pd.DataFrame) -> None:
     assert {(item["name"], item["bars_ago"]) for item in summary} == expected
     assert [item["bars_ago"] for item in summary] == sorted(item["bars_ago"] for item in summary)
     assert dm.latest_patterns(btc, lookback=0) == []
+
+
+def test_engine_patterns_read_the_rolling_window(btc: pd.DataFrame) -> None:
+    """Engine.patterns (what /why shows) is latest_patterns of the pair's live window."""
+    import argparse
+
+    from config import load_settings
+    from models import Candle
+    from runner import Daemon
+
+    args = argparse.Namespace(
+        mode="sim", feed="replay", data=None, pairs=None, timeframe=None, strategy=None,
+        param=[], timerange=None, since=None, duration=None, speed=None, no_ui=True,
+        summary_json=None, print_config=False, log_level=None, env_file=None,
+        engine="replay", report_html=None,
+    )  # fmt: skip
+    daemon = Daemon(args, load_settings(env_file=None))
+    daemon.build_replay()
+    engine = daemon.engine
+    assert engine is not None
+    assert engine.patterns("BTC/USDT") == []  # nothing seen yet
+    end = next(i for i in range(60, len(btc)) if dm.latest_patterns(btc.iloc[:i]))
+    ts = btc.index.as_unit("ms").asi8
+    bars = btc[["open", "high", "low", "close", "volume"]].to_numpy().tolist()
+    for t, (o, h, lo, c, v) in zip(ts[:end].tolist(), bars[:end], strict=True):
+        engine.data.on_candle(Candle("BTC/USDT", "1m", t, o, h, lo, c, v))
+    found = engine.patterns("BTC/USDT")
+    assert found
+    assert found == dm.latest_patterns(btc.iloc[:end])

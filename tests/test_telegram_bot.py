@@ -593,3 +593,23 @@ async def test_prefix_marks_every_alert(api: FakeTelegram, make_bot: BotFactory)
     bot = await make_bot(prefix="[sim<1>]")
     assert await bot.deliver("order filled", timeout_s=5)
     assert api.messages_to(CHAT)[0].visible == "[sim<1>] order filled"
+
+
+async def test_why_lists_the_candlestick_patterns_of_the_latest_candles(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl
+) -> None:
+    """/why adds the patterns found on the pair's last candles (real sample candles)."""
+    from data_manager import latest_patterns, load_candles
+    from tests.conftest import SAMPLE
+
+    day = load_candles(SAMPLE / "bybit_BTC-USDT_1m.csv.gz", timeframe="1m")
+    # The first window of the sample whose last candles show a pattern.
+    end = next(i for i in range(60, len(day)) if latest_patterns(day.iloc[:i]))
+    control.candles["BTC/USDT"] = day.iloc[:end]
+    expected = latest_patterns(day.iloc[:end])
+    reply = await ask(api, "/why btcusdt")
+    assert "patterns: " in reply.visible
+    for item in expected[:8]:
+        assert item["label"] in reply.visible
+    control.candles.clear()
+    assert "patterns" not in (await ask(api, "/why btcusdt")).visible

@@ -190,6 +190,26 @@ def test_why_shows_the_order_that_was_sent() -> None:
     assert "order: buy 0.02 market stop 63000 tp 70000.5" in text
 
 
+def test_why_shows_the_latest_patterns_with_their_direction_and_age() -> None:
+    """Patterns come newest first with a direction mark and how many bars ago they formed."""
+    decision = Decision("BTC/USDT", TS, None, "no signal")
+    patterns = [
+        {"name": "cdlengulfing", "label": "Engulfing Pattern", "direction": "bullish",
+         "bars_ago": 0, "ts": TS},
+        {"name": "cdldoji", "label": "Doji", "direction": "neutral", "bars_ago": 2, "ts": TS},
+        {"name": "cdlhammer", "label": "Hammer", "direction": "bearish", "bars_ago": 1, "ts": TS},
+    ]  # fmt: skip
+    snap = _snapshot(last_decisions={"BTC/USDT": decision})
+    text = plain_text(render_why(snap, "BTC/USDT", patterns))
+    assert (
+        "patterns: Engulfing Pattern ▲ (last candle), Doji · (2 bars ago), Hammer ▼ (1 bar ago)"
+        in text
+    )
+    many = [dict(patterns[0], bars_ago=0) for _ in range(11)]
+    assert "+3 more" in plain_text(render_why(snap, "BTC/USDT", many))
+    assert "patterns" not in plain_text(render_why(snap, "BTC/USDT"))
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [

@@ -12,6 +12,7 @@ import dataclasses
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from textual.geometry import Region
 from textual.widget import Widget
@@ -141,6 +142,7 @@ class FakeControl:
         self.events = events
         self.fail_snapshot = False
         self.fail_commands = False
+        self.found_patterns: dict[str, list[dict[str, Any]]] = {}
 
     def snapshot(self) -> Snapshot:
         """Return the base snapshot with the current bot state."""
@@ -174,6 +176,10 @@ class FakeControl:
     async def force_exit(self, pair: str, reason: str) -> None:
         """Record force_exit."""
         self._record("force_exit", pair, reason)
+
+    def patterns(self, pair: str) -> list[dict[str, Any]]:
+        """Return the patterns set for `pair` by the test (none by default)."""
+        return self.found_patterns.get(pair, [])
 
     async def reconcile(self) -> str:
         """Record reconcile."""

@@ -70,6 +70,7 @@ def url(web: WebView, path: str) -> str:
         ("GET", "/api/snapshot"),
         ("GET", "/api/equity"),
         ("GET", "/api/depth/BTC/USDT"),
+        ("GET", "/api/patterns/BTC/USDT"),
         ("POST", "/api/pause"),
         ("POST", "/api/resume"),
     ],
@@ -294,6 +295,25 @@ async def test_depth_of_an_unknown_pair_is_404(web: WebView, http: aiohttp.Clien
         assert "DOGE/USDT" in (await response.json())["error"]
 
 
+async def test_patterns_of_a_traded_pair_and_404_for_others(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """/api/patterns/<pair> returns what Control.patterns found; unknown pairs are a 404."""
+    from data_manager import latest_patterns, load_candles
+    from tests.conftest import SAMPLE
+
+    day = load_candles(SAMPLE / "bybit_BTC-USDT_1m.csv.gz", timeframe="1m")
+    end = next(i for i in range(60, len(day)) if latest_patterns(day.iloc[:i]))
+    control.found_patterns["BTC/USDT"] = latest_patterns(day.iloc[:end])
+    async with http.get(url(web, "/api/patterns/BTC-USDT"), headers=GOOD) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["pair"] == "BTC/USDT"
+    assert body["patterns"] == control.found_patterns["BTC/USDT"]
+    async with http.get(url(web, "/api/patterns/DOGE/USDT"), headers=GOOD) as response:
+        assert response.status == 404
+
+
 async def test_pause_and_resume_commands(
     web: WebView, http: aiohttp.ClientSession, control: FakeControl
 ) -> None:
@@ -389,3 +409,36 @@ async def test_page_draws_charts_in_headless_chromium(
         assert _count_near(image, (0x26, 0xA6, 0x9A), depth_box) > 500  # bids
         assert _count_near(image, (0xEF, 0x53, 0x50), depth_box) > 500  # asks
         assert _distinct_colours(image, equity_box) > 20  # axes, labels, fill: not a flat box
+
+
+async def test_page_lists_the_patterns_of_the_selected_pair(
+    web: WebView, control: FakeControl, tmp_path: Path
+) -> None:
+    """The page's script fetches /api/patterns for the selected pair and lists them."""
+    chromium = _chromium()
+    control.found_patterns["BTC/USDT"] = [
+        {"name": "cdlhammer", "label": "Hammer", "direction": "bullish", "bars_ago": 0, "ts": 1},
+        {"name": "cdldoji", "label": "Doji", "direction": "neutral", "bars_ago": 2, "ts": 1},
+    ]
+    process = await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+        f"http://127.0.0.1:{web.port}/?token={TOKEN}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        dom, _ = await asyncio.wait_for(process.communicate(), timeout=45)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0
+    assert "patterns: Hammer \u25b2 (last candle), Doji \u00b7 (2 ago)" in dom.decode()
