@@ -463,7 +463,13 @@ class Daemon:
             await self.switch_mode(target)
             return f"stopping in order; restarting in {target} mode"
 
-        bot = TelegramBot(self.settings.telegram, self.engine, mode_switch=telegram_switch)
+        bot = TelegramBot(
+            self.settings.telegram,
+            self.engine,
+            mode_switch=telegram_switch,
+            # Alerts Telegram could not take before a stop are sent after the next start.
+            spool=self.settings.storage.data_dir / "state" / "telegram_outbox.json",
+        )
         await bot.start()
         self.notifiers.append(TelegramNotifier(bot))
         self._closers.append(("telegram", bot.stop))

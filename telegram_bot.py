@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import random
 import secrets
 import threading
@@ -31,6 +32,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -62,7 +64,14 @@ from telegram_templates import (
     split_text,
     text_alert,
 )
-from utils.utilities import Clock, WallClock, ms_to_datetime, redact, register_secret
+from utils.utilities import (
+    Clock,
+    WallClock,
+    atomic_write,
+    ms_to_datetime,
+    redact,
+    register_secret,
+)
 
 
 log = structlog.get_logger(__name__)
@@ -70,6 +79,7 @@ log = structlog.get_logger(__name__)
 _SEPARATOR: Final = "\n\n"
 # Alerts raised before start() are kept up to this many (start normally follows at once).
 _EARLY_LIMIT: Final = 10_000
+_HELD_NOTE: Final = "\n<i>(held over from before a restart)</i>"
 
 ModeSwitch = Callable[[str], Awaitable[str]]
 """Switch the daemon to a mode ("sim" or "live"); return what happened, raise BotError to refuse."""
@@ -358,6 +368,9 @@ class TelegramBot:
         confirm_ttl_s: how long a confirmation button stays valid.
         prefix: text put before every alert (e.g. "[sim]").
         rng: jitter source.
+        spool: where alerts still undelivered at `stop` are kept (JSON); the next `start`
+            queues them again, marked as held over, and removes the file. None: they are
+            logged as undelivered.
     """
 
     def __init__(
@@ -377,8 +390,10 @@ class TelegramBot:
         confirm_ttl_s: float = 120.0,
         prefix: str = "",
         rng: random.Random | None = None,
+        spool: Path | None = None,
     ) -> None:
         self._settings = settings
+        self._spool = spool
         self._control = control
         self._mode_switch = mode_switch
         self._clock = clock or WallClock()
@@ -471,6 +486,7 @@ class TelegramBot:
             log.warning("telegram_early_overflow", dropped=self._early_overflow)
         for alert in early:
             self._enqueue_alert(alert)
+        self._restore_held()
         self._sender_task = self._loop.create_task(self._send_loop(), name="telegram_sender")
         self._connect_task = self._loop.create_task(self._connect_loop(), name="telegram_connect")
         # Return after the first attempt: connected, or retrying in the background.
@@ -499,8 +515,9 @@ class TelegramBot:
             self._sender_task.cancel()
             await asyncio.gather(self._sender_task, return_exceptions=True)
         left = self._outbox.drain()
-        if left:
-            log.warning("telegram_undelivered", messages=len(left))
+        held = self._hold([m for m in left if not m.interactive])
+        if len(left) > held:
+            log.warning("telegram_undelivered", messages=len(left) - held)
         for message in left:
             message.settle(delivered=False)
         if app.running:
@@ -509,6 +526,66 @@ class TelegramBot:
         await app.bot.shutdown()  # closes the HTTP clients even if initialize() never finished
         self._ready.clear()
         log.info("telegram_stopped", **self._counters)
+
+    # -- Alerts held over a restart ----------------------------------------------------------
+
+    def _hold(self, alerts: list[OutgoingMessage]) -> int:
+        """Write alerts still undelivered at stop to the spool file; return how many."""
+        if self._spool is None or not alerts:
+            return 0
+        rows = [
+            {
+                "chat_id": m.chat_id,
+                "text": m.text,
+                "category": m.category,
+                "key": m.key,
+                "count": m.count,
+                "ts_first": m.ts_first,
+                "folded": dict(m.folded),
+                "folded_last": m.folded_last,
+                "is_plain": m.is_plain,
+            }
+            for m in alerts
+        ]
+        try:
+            atomic_write(self._spool, json.dumps(rows))
+        except OSError as e:
+            log.warning("telegram_alerts_lost", messages=len(rows), error=str(e))
+            return 0
+        log.warning("telegram_alerts_held", messages=len(rows), path=str(self._spool))
+        return len(rows)
+
+    def _restore_held(self) -> None:
+        """Queue the alerts a previous run could not deliver (then forget the file)."""
+        if self._spool is None or not self._spool.exists():
+            return
+        try:
+            rows = json.loads(self._spool.read_text(encoding="utf-8"))
+            messages = [
+                OutgoingMessage(
+                    chat_id=int(row["chat_id"]),
+                    text=str(row["text"]) + _HELD_NOTE,
+                    category=str(row["category"]),
+                    key=str(row["key"]),
+                    count=int(row["count"]),
+                    ts_first=int(row["ts_first"]),
+                    folded=Counter({str(k): int(v) for k, v in row["folded"].items()}),
+                    folded_last=str(row["folded_last"]),
+                    is_plain=bool(row["is_plain"]),
+                )
+                for row in rows
+            ]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("telegram_held_alerts_unreadable", path=str(self._spool), error=str(e))
+            messages = []
+        self._spool.unlink(missing_ok=True)
+        restored = 0
+        for message in messages:
+            if message.chat_id in self._chat_ids:
+                self._outbox.put(message)
+                restored += 1
+        if restored:
+            log.info("telegram_alerts_restored", messages=restored)
 
     def notify(self, message: str | Alert) -> None:
         """Queue an alert for every configured chat; safe from any thread, never blocks.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -613,3 +615,41 @@ async def test_why_lists_the_candlestick_patterns_of_the_latest_candles(
         assert item["label"] in reply.visible
     control.candles.clear()
     assert "patterns" not in (await ask(api, "/why btcusdt")).visible
+
+
+async def test_alerts_undelivered_at_stop_are_sent_after_the_next_start(
+    api: FakeTelegram, control: FakeControl, tmp_path: Path
+) -> None:
+    """Telegram down at stop: the alerts are spooled, and the next run delivers them once."""
+    spool = tmp_path / "state" / "telegram_outbox.json"
+    options: dict[str, Any] = {"poll_timeout": 1.0, "retry_base": 0.05, "retry_cap": 0.3}
+    await api.stop()
+    first = TelegramBot(_settings(api), control, spool=spool, **options)
+    await first.start()
+    first.notify("stop hit on BTC/USDT at 64000")
+    first.notify("stop hit on BTC/USDT at 64000")  # coalesced: one message, x2
+    first.notify("daily loss limit reached")
+    await first.stop(flush_timeout=0.3)
+    rows = json.loads(spool.read_text())
+    assert sorted(r["text"] for r in rows) == [
+        "daily loss limit reached",
+        "stop hit on BTC/USDT at 64000",
+    ]
+    await api.start()
+    second = TelegramBot(_settings(api), control, spool=spool, **options)
+    await second.start()
+    try:
+        await eventually(
+            lambda: (
+                sum("held over from before a restart" in m.visible for m in api.messages) == 2
+                or any("daily loss" in m.visible and "stop hit" in m.visible for m in api.messages)
+            )
+        )
+        text = "\n".join(m.visible for m in api.messages)
+        assert text.count("stop hit on BTC/USDT at 64000") == 1
+        assert "x2, first at" in text  # the coalescing count survived the restart
+        assert text.count("daily loss limit reached") == 1
+        assert not spool.exists()
+    finally:
+        await second.stop(flush_timeout=1.0)
+    assert not spool.exists()  # delivered: nothing held this time
