@@ -58,6 +58,7 @@ from utils.utilities import (
 log = structlog.get_logger(__name__)
 QUEUE_SIZE = 1_000
 SHUTDOWN_STEP_TIMEOUT = 1.5
+_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -665,8 +666,13 @@ class Daemon:
         # with the exchange; the store ignores fills it already has.
         if self.exchange is None or self.sim is not None or self.engine is None:
             return
+        # Late fills are seconds old; Bybit answers a start time with the 7 days after it,
+        # so a long run's start would miss them: look back an hour at most.
+        since = self.exchange.server_now_ms() - _SETTLE_LOOKBACK_MS
+        if self._fills_since is not None:
+            since = max(since, self._fills_since)
         settled = 0
-        for fill in await self.exchange.fetch_my_trades(since=self._fills_since):
+        for fill in await self.exchange.fetch_my_trades(since=since):
             if not self.engine.executor.has_fill(fill.fill_id):
                 await self.engine.on_stream_fill(fill)
                 settled += 1
