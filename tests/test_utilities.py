@@ -313,3 +313,17 @@ def test_audit_trail_writes_every_event_in_order_redacted_off_the_caller(tmp_pat
     assert audit.count == 500
     assert writers
     assert caller not in writers  # encoded and written on the writer thread
+
+
+def test_an_unencodable_audit_event_is_noted_and_the_trail_goes_on(tmp_path: Path) -> None:
+    """A circular payload cannot be JSON: it is recorded as unencodable, later events too."""
+    audit = AuditTrail(tmp_path)
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    audit.record("signal", 1, data=loop)
+    audit.record("order", 2, n=7)
+    audit.close()
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["ts"]) for e in events] == [("signal", 1), ("order", 2)]
+    assert "unencodable" in events[0]
+    assert events[1]["n"] == 7

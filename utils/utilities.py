@@ -602,8 +602,12 @@ class AuditTrail:
         try:
             while (event := events.get()) is not None:
                 kind, ts, data = event
-                payload = {"kind": kind, "ts": ts, **redact(data)}
-                line = json.dumps(payload, default=str, separators=(",", ":"))
+                try:
+                    payload = {"kind": kind, "ts": ts, **redact(data)}
+                    line = json.dumps(payload, default=str, separators=(",", ":"))
+                except Exception as e:  # one bad event must not end the trail
+                    line = json.dumps({"kind": kind, "ts": ts, "unencodable": repr(e)})
+                # The handler reports its own I/O errors (logging's handleError) and goes on.
                 handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
         finally:
             handler.close()
