@@ -100,6 +100,8 @@ _MAX_PAGES: Final = 10
 # executions Bybit indexes a moment late); the first sweep runs this soon after start-up.
 _SWEEP_OVERLAP_MS: Final = 60_000
 _FIRST_POLL_S: Final = 2.0
+# The longest range /v5/execution/list answers in one query (startTime to endTime).
+_EXECUTION_WINDOW_MS: Final = 7 * 86_400_000
 _LINK_ID_MAX: Final = 36  # Bybit's orderLinkId length limit
 
 # Bybit orderStatus -> ours (WIRE.md: ccxt folds PartiallyFilledCanceled into "closed").
@@ -1324,15 +1326,35 @@ class Exchange:
     async def fetch_my_trades(
         self, pair: str | None = None, since: int | None = None
     ) -> list[Fill]:
-        """Return our executions, oldest first."""
+        """Return our executions (from `since`, else of the last seven days), oldest first.
+
+        Bybit answers a start time with at most the seven days after it, so a `since` older
+        than that is walked a week at a time up to now.
+        """
         client = self._ensure_open()
         fills: dict[str, Fill] = {}
         for symbol, scope in self._scopes(pair):
             params = {k: v for k, v in scope.items() if k != "settleCoin"}
-            for raw in await self._paged(client.fetch_my_trades, symbol, since, params, pair):
-                fill = _fill_from_ccxt(raw)
-                fills[fill.fill_id] = fill
+            for start, end in self._execution_windows(since):
+                window = params | ({"endTime": end} if end is not None else {})
+                fetch = client.fetch_my_trades
+                for raw in await self._paged(fetch, symbol, start, window, pair):
+                    fill = _fill_from_ccxt(raw)
+                    fills[fill.fill_id] = fill
         return sorted(fills.values(), key=lambda f: (f.ts, f.fill_id))
+
+    def _execution_windows(self, since: int | None) -> list[tuple[int | None, int | None]]:
+        # (startTime, endTime) pairs covering `since` to now, none longer than Bybit's week.
+        now = self.server_now_ms() + _SWEEP_OVERLAP_MS  # the server may run a little ahead
+        if since is None or now - since <= _EXECUTION_WINDOW_MS:
+            return [(since, None)]
+        windows: list[tuple[int | None, int | None]] = []
+        start = since
+        while start <= now:
+            end = min(start + _EXECUTION_WINDOW_MS - 1, now)
+            windows.append((start, end))
+            start = end + 1
+        return windows
 
     # -- Streams -------------------------------------------------------------------------------
 

@@ -569,7 +569,8 @@ def _fills_since(orders: Iterable[Order], recorded: Iterable[Fill]) -> int | Non
     The newest recorded fill is not enough: a fill lost to a crash (or one that landed
     before the private stream subscribed) can be older than fills recorded after it. Any
     order whose filled quantity exceeds its recorded fills has one missing, so the fetch
-    starts at the earliest such order's creation (less a minute for clock skew).
+    starts at the earliest such order's creation (less a minute for clock skew). None
+    (Bybit's last seven days) only when nothing is recorded and nothing is missing.
     """
     recorded = list(recorded)
     totals: dict[str, Decimal] = {}
@@ -580,10 +581,8 @@ def _fills_since(orders: Iterable[Order], recorded: Iterable[Fill]) -> int | Non
         for o in orders
         if o.filled_qty > totals.get(o.client_order_id, Decimal(0))
     ]
-    newest = max((f.ts for f in recorded), default=None)
-    if newest is None:
-        return None
-    return min([newest, *gaps])
+    newest = [max(f.ts for f in recorded)] if recorded else []
+    return min([*newest, *gaps], default=None)
 
 
 def _is_protective(client_order_id: str) -> bool:

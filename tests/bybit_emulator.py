@@ -1762,8 +1762,22 @@ class BybitEmulator:
         return self._page(items, params, 20, 50)
 
     async def _execution_list(self, params: dict[str, Any]) -> dict[str, Any]:
-        start = int(params.get("startTime", self.clock.now_ms() - 7 * 86_400_000))
-        end = int(params.get("endTime", self.clock.now_ms() + 1))
+        # Bybit's rules: no times -> the last 7 days; only startTime -> the 7 days after it;
+        # only endTime -> the 7 days before it; both -> at most 7 days apart.
+        week = 7 * 86_400_000
+        if "startTime" in params and "endTime" in params:
+            start, end = int(params["startTime"]), int(params["endTime"])
+            if end - start > week:
+                raise _BybitReply(10001, "params error: endTime - startTime must be <= 7 days")
+        elif "startTime" in params:
+            start = int(params["startTime"])
+            end = start + week
+        elif "endTime" in params:
+            end = int(params["endTime"])
+            start = end - week
+        else:
+            end = self.clock.now_ms() + 1
+            start = end - week
         items = [
             e.item()
             for e in reversed(self.executions)

@@ -138,3 +138,23 @@ async def test_a_fill_after_the_private_stream_stopped_is_settled_at_stop(
         store.close()
     state = json.loads((settings.storage.data_dir / "state" / "live.json").read_text())
     assert [p["pair"] for p in state["positions"]] == [PAIR]
+
+
+async def test_fills_older_than_bybits_seven_day_window_are_fetched_week_by_week(
+    emu: BybitEmulator, ex: Exchange, tmp_path: Path
+) -> None:
+    """A restart after ten days down still records the fill made just before the outage."""
+    store = TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t")
+    await _executor(ex, store).submit(_buy("before-outage"))
+    since = ex.server_now_ms() - 60_000
+    await emu.advance(minutes=10 * 24 * 60)
+    await _executor(ex, store).submit(_buy("after-outage"))
+    # Bybit answers a start time with the seven days after it: one query misses the newest.
+    client = ex._ensure_open()
+    one_query = await client.fetch_my_trades("BTC/USDT", since)
+    assert [t["info"]["orderLinkId"] for t in one_query] == ["before-outage"]
+    fills = await ex.fetch_my_trades(PAIR, since=since)
+    assert [f.client_order_id for f in fills] == ["before-outage", "after-outage"]
+    restarted = _executor(ex, store)
+    assert "fills recorded while down 2" in await restarted.reconcile(ex, store, quote="USDT")
+    store.close()
