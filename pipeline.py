@@ -9,6 +9,7 @@ the operator façade (`models.Control`) that Telegram, the dashboard and the web
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -228,7 +229,9 @@ class PrecomputedSignals:
             flags,
             holding,
             lambda: {
-                n: float(v) for n, v in zip(names, values[index], strict=True) if np.isfinite(v)
+                n: v
+                for n, v in zip(names, values[index].tolist(), strict=True)
+                if math.isfinite(v)
             },
         )
 
