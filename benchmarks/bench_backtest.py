@@ -484,8 +484,11 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = _write_parquet(df, folder)
-        seconds, count, summary = replay(path, folder)
-        seconds_full, _, summary_full = replay(path, folder, full_pipeline=True)
+        # Best of three, as the other timings here: the shared 2-core host's speed varies.
+        runs = [replay(path, folder) for _ in range(3)]
+        seconds, count, summary = min(runs, key=lambda r: r[0])
+        full = [replay(path, folder, full_pipeline=True) for _ in range(2)]
+        seconds_full, _, summary_full = min(full, key=lambda r: r[0])
         agree = (
             summary["trades"] == summary_full["trades"] and summary["n_trades"] == result.n_trades
         )
