@@ -229,9 +229,7 @@ class PrecomputedSignals:
             flags,
             holding,
             lambda: {
-                n: v
-                for n, v in zip(names, values[index].tolist(), strict=True)
-                if math.isfinite(v)
+                n: v for n, v in zip(names, values[index].tolist(), strict=True) if math.isfinite(v)
             },
         )
 

@@ -533,18 +533,12 @@ def test_latest_patterns_summarises_the_last_candles(btc: pd.DataFrame) -> None:
 
 def test_engine_patterns_read_the_rolling_window(btc: pd.DataFrame) -> None:
     """Engine.patterns (what /why shows) is latest_patterns of the pair's live window."""
-    import argparse
-
     from config import load_settings
     from models import Candle
     from runner import Daemon
+    from tests.test_backtest_support import cli_args
 
-    args = argparse.Namespace(
-        mode="sim", feed="replay", data=None, pairs=None, timeframe=None, strategy=None,
-        param=[], timerange=None, since=None, duration=None, speed=None, no_ui=True,
-        summary_json=None, print_config=False, log_level=None, env_file=None,
-        engine="replay", report_html=None,
-    )  # fmt: skip
+    args = cli_args("--mode", "sim", "--feed", "replay")
     daemon = Daemon(args, load_settings(env_file=None))
     daemon.build_replay()
     engine = daemon.engine

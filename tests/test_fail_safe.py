@@ -11,29 +11,11 @@ from config import load_settings
 from error_handler import AuthenticationError
 from models import Order, OrderIntent
 from runner import Daemon
+from tests.test_backtest_support import cli_args
 
 
 def _args() -> argparse.Namespace:
-    return argparse.Namespace(
-        mode="sim",
-        feed="replay",
-        data=None,
-        pairs=None,
-        timeframe=None,
-        strategy=None,
-        param=[],
-        timerange=None,
-        since=None,
-        duration=None,
-        speed=None,
-        no_ui=True,
-        summary_json=None,
-        print_config=False,
-        log_level=None,
-        env_file=None,
-        engine="replay",
-        report_html=None,
-    )
+    return cli_args("--mode", "sim", "--feed", "replay")  # type: ignore[no-any-return]
 
 
 async def test_fatal_error_runs_the_fail_safe_and_propagates() -> None:

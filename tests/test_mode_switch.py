@@ -12,29 +12,11 @@ from error_handler import ConfigError
 from main import restart_argv
 from runner import Daemon
 from tests.conftest import eventually
+from tests.test_backtest_support import cli_args
 
 
 def _args() -> argparse.Namespace:
-    return argparse.Namespace(
-        mode="sim",
-        feed="replay",
-        data=None,
-        pairs=None,
-        timeframe=None,
-        strategy=None,
-        param=[],
-        timerange=None,
-        since=None,
-        duration=None,
-        speed=5.0,
-        no_ui=True,
-        summary_json=None,
-        print_config=False,
-        log_level=None,
-        env_file=None,
-        engine="replay",
-        report_html=None,
-    )
+    return cli_args("--mode", "sim", "--feed", "replay", "--speed", "5")  # type: ignore[no-any-return]
 
 
 async def test_switch_to_live_stops_in_order_and_asks_for_a_restart(

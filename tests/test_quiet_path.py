@@ -9,29 +9,11 @@ import pytest
 
 from config import load_settings
 from runner import Daemon
+from tests.test_backtest_support import cli_args
 
 
 def _args(strategy: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        mode="backtest",
-        feed=None,
-        data=None,
-        pairs=None,
-        timeframe=None,
-        strategy=strategy,
-        param=[],
-        timerange=None,
-        since=None,
-        duration=None,
-        speed=None,
-        no_ui=True,
-        summary_json=None,
-        print_config=False,
-        log_level="WARNING",
-        env_file=None,
-        engine="replay",
-        report_html=None,
-    )
+    return cli_args("--mode", "backtest", "--strategy", strategy, "--log-level", "WARNING")  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("strategy", ["sma_cross", "ema_cross", "rsi_bb", "breakout"])
