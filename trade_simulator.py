@@ -1334,6 +1334,20 @@ def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
     return math.floor(x / lot) * lot
 
 
+@njit(cache=True, inline="always")
+def _record_trade(  # type: ignore[no-untyped-def]
+    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee
+):
+    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL.
+    entries[k] = open_at
+    exits[k] = i
+    numbers[k, 0] = entry_price
+    numbers[k, 1] = price
+    numbers[k, 2] = qty
+    numbers[k, 3] = entry_fee + exit_fee
+    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+
+
 @njit(cache=True)
 def _all_in_loop(  # type: ignore[no-untyped-def]
     opens,
@@ -1387,13 +1401,8 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
             exit_fee = price * qty * fee
             cash -= -qty * price + exit_fee
             fees += exit_fee
-            entries[k] = open_at
-            exits[k] = i
-            numbers[k, 0] = entry_price
-            numbers[k, 1] = price
-            numbers[k, 2] = qty
-            numbers[k, 3] = entry_fee + exit_fee
-            numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+            _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
+                          entry_fee, exit_fee)  # fmt: skip
             k += 1
             qty = 0.0
             open_at = -1
@@ -1415,13 +1424,8 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
                 exit_fee = price * qty * fee
                 cash -= -qty * price + exit_fee
                 fees += exit_fee
-                entries[k] = open_at
-                exits[k] = i
-                numbers[k, 0] = entry_price
-                numbers[k, 1] = price
-                numbers[k, 2] = qty
-                numbers[k, 3] = entry_fee + exit_fee
-                numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+                _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
+                              entry_fee, exit_fee)  # fmt: skip
                 k += 1
                 qty = 0.0
                 open_at = -1
