@@ -100,6 +100,7 @@ _MAX_PAGES: Final = 10
 # executions Bybit indexes a moment late); the first sweep runs this soon after start-up.
 _SWEEP_OVERLAP_MS: Final = 60_000
 _FIRST_POLL_S: Final = 2.0
+_SUBSCRIBE_GRACE_S: Final = 0.3  # for the queued subscribe frames to reach the exchange
 # The longest range /v5/execution/list answers in one query (startTime to endTime).
 _EXECUTION_WINDOW_MS: Final = 7 * 86_400_000
 _LINK_ID_MAX: Final = 36  # Bybit's orderLinkId length limit
@@ -1617,6 +1618,35 @@ class Exchange:
             )
 
         return self._merge([stream(self.market(p).pair) for p in pairs])
+
+    async def wait_private_streams(self, *, timeout: float, streams: int = 2) -> bool:  # noqa: ASYNC109 - a deadline for polling ccxt's own state
+        """Wait until the private socket is logged in and `streams` topics are subscribed.
+
+        ccxt resolves nothing when Bybit acknowledges a subscription, so this reads its
+        client state: the private connection open and the subscribe requests queued on it,
+        plus a moment for them to leave. Return False (and log) when `timeout` runs out;
+        the caller's REST sweep and the periodic sweeps still cover what the socket misses.
+        """
+        client = self._ensure_open()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for url, ws in dict(getattr(client, "clients", {})).items():
+                connected = getattr(ws, "connected", None)
+                ready = (
+                    "/private" in url
+                    and connected is not None
+                    and connected.done()
+                    and not connected.cancelled()
+                    and connected.exception() is None
+                    and len(getattr(ws, "subscriptions", {})) >= streams
+                )
+                if ready:
+                    await asyncio.sleep(_SUBSCRIBE_GRACE_S)
+                    log.info("private_streams_ready", subscriptions=len(ws.subscriptions))
+                    return True
+            await asyncio.sleep(0.02)
+        log.warning("private_streams_not_ready", timeout_s=timeout)
+        return False
 
     def watch_orders(self) -> AsyncIterator[Order]:
         """Yield order updates (all pairs); after a reconnect, the open orders again."""

@@ -8,6 +8,9 @@ are `int` milliseconds since the epoch, UTC, named `ts_*`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -296,6 +299,72 @@ class OrderIntent:
     # A market buy sized in quote currency (Bybit spot `marketUnit=quoteCoin`): the filled
     # base quantity is quote_amount / fill price. `qty` is then the estimate at signal time.
     quote_amount: Decimal | None = None
+
+
+class OrderPurpose(StrEnum):
+    """What an order is for, as our journal records it (never read off the exchange).
+
+    Bybit spot reports no reduce-only flag, so a resting stop looks like any sell there:
+    shutdown and reconciliation tell entries from protection by this, not by the wire.
+    """
+
+    ENTRY = "entry"
+    EXIT = "exit"
+    STOP = "stop"
+    TAKE_PROFIT = "take_profit"
+
+
+def purpose_of(intent: OrderIntent) -> OrderPurpose:
+    """Return what `intent` is for: only non-reduce-only orders open or add to a position."""
+    if not intent.reduce_only:
+        return OrderPurpose.ENTRY
+    if intent.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT):
+        return OrderPurpose.STOP
+    if intent.type is OrderType.LIMIT:
+        return OrderPurpose.TAKE_PROFIT
+    return OrderPurpose.EXIT
+
+
+# Client order ids (Bybit `orderLinkId`: at most 36 of [A-Za-z0-9_-]) are derived from the
+# decision, so a restarted bot that takes the same decision again names it the same way and
+# the exchange refuses to place it twice: `<key>_<attempt>`, where the key names strategy,
+# pair, candle and kind, and the attempt (persisted in the journal as the ids it holds) only
+# moves on when an earlier attempt provably never reached the exchange.
+CLIENT_ID_MAX = 36
+ATTEMPT_SEPARATOR = "_"
+
+
+def decision_key(strategy_tag: str, pair: str, candle_ts: int, kind: str) -> str:
+    """Return the id stem of one decision: kind, base asset, candle (s, hex), strategy tag.
+
+    `kind` is one letter: `e` entry, `x` strategy exit, `c` engine exit (take-profit,
+    flatten), `f` operator exit.
+    """
+    base = "".join(ch for ch in pair.split("/")[0].split(":")[0] if ch.isalnum())[:6]
+    return f"k{kind}{base}-{candle_ts // 1000:x}-{strategy_tag}"
+
+
+def strategy_tag(description: Mapping[str, Any]) -> str:
+    """Return 4 hex digits naming a strategy and its parameters (its `describe()`)."""
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.blake2s(text.encode(), digest_size=2).hexdigest()
+
+
+def with_attempt(key: str, attempt: int) -> str:
+    """Return the client order id of attempt `attempt` of decision `key` (<= 36 chars)."""
+    suffix = f"{ATTEMPT_SEPARATOR}{attempt:x}"
+    return key[: CLIENT_ID_MAX - len(suffix)] + suffix
+
+
+def split_attempt(client_order_id: str) -> tuple[str, int] | None:
+    """Return (key, attempt) of a derived id, or None for an id of another scheme."""
+    key, sep, attempt = client_order_id.rpartition(ATTEMPT_SEPARATOR)
+    if not sep or not key or not attempt:
+        return None
+    try:
+        return key, int(attempt, 16)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

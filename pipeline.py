@@ -532,7 +532,7 @@ class Engine:
         elif model_veto is not None:
             verdict = model_veto
         else:
-            verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now))
+            verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now, signal.ts))
         if isinstance(verdict, Veto):
             self.vetoes += 1
             self.audit.record(
@@ -611,7 +611,7 @@ class Engine:
             )
         return None
 
-    def _risk_context(self, pair: str, now: int) -> RiskContext:
+    def _risk_context(self, pair: str, now: int, candle_ts: int | None = None) -> RiskContext:
         positions = self.portfolio.positions()
         heavy = not self.risk.all_in
         return RiskContext(
@@ -624,6 +624,7 @@ class Engine:
             atr=self._atr(pair) if heavy else None,
             taker_fee=self.executor.taker_fee,
             returns=self._returns([pair, *positions]) if heavy else None,
+            candle_ts=candle_ts,
         )
 
     async def _take_profit_reached(self, candle: Candle) -> bool:
@@ -662,7 +663,7 @@ class Engine:
         if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
             return
         self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
-        await self.executor.amend_stop(candle.pair, new_stop)
+        await self.executor.amend_stop(candle.pair, new_stop, candle_ts=candle.ts)
 
     async def on_fill(self, order: Order, fill: Fill) -> None:
         """Apply a fill from the matching engine or the private stream."""
@@ -718,8 +719,15 @@ class Engine:
         finally:
             self._flattening = False
 
-    async def close_position(self, pair: str, reason: str) -> Order | None:
-        """Send a reduce-only market order closing the position on `pair`."""
+    async def close_position(
+        self, pair: str, reason: str, *, kind: str = "c", candle_ts: int | None = None
+    ) -> Order | None:
+        """Send a reduce-only market order closing the position on `pair`.
+
+        The order is named after the candle it is decided on (the pair's last candle;
+        `kind` "c" for the engine's own exits), so a restarted bot re-deciding it cannot
+        send it twice.
+        """
         position = self.portfolio.position(pair)
         if position is None:
             return None
@@ -729,12 +737,14 @@ class Engine:
         ):
             return None  # an exit is already working
         now = self.clock.now_ms()
+        if candle_ts is None:
+            candle_ts = self.last_candle_ts.get(pair, now)
         intent = OrderIntent(
             pair=pair,
             side=Side.SELL if position.side is PositionSide.LONG else Side.BUY,
             qty=position.qty,
             type=OrderType.MARKET,
-            client_order_id=self.risk.client_order_id(now, pair),
+            client_order_id=self.risk.client_order_id(pair, candle_ts, kind),
             reason=reason,
             reduce_only=True,
             ts=now,
@@ -823,7 +833,10 @@ class Engine:
 
     async def force_exit(self, pair: str, reason: str) -> None:
         """Close a position at market."""
-        await self.close_position(pair, f"force exit: {reason}")
+        # An operator's exit is named by the moment it is asked for: one per request.
+        await self.close_position(
+            pair, f"force exit: {reason}", kind="f", candle_ts=self.clock.now_ms()
+        )
 
     async def reconcile(self) -> str:
         """Return a short account of positions and working orders (and the start-up report)."""

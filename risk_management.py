@@ -55,7 +55,6 @@ Exits are always allowed: a veto never traps a position.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +78,8 @@ from models import (
     Signal,
     TradingState,
     Veto,
+    decision_key,
+    with_attempt,
 )
 from utils.utilities import timeframe_to_ms
 
@@ -118,6 +119,8 @@ class RiskContext:
     atr: float | None = None
     taker_fee: Decimal = Decimal("0.001")
     returns: Mapping[str, np.ndarray] | None = None
+    # The candle the decision is taken on (names the order, see models.decision_key).
+    candle_ts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,6 +815,7 @@ class RiskManager:
         kelly_window: how many recent closed trades the Kelly statistics use.
         volatility_min_sample: returns needed to measure volatility (ATR / price below).
         taker_fee: the fee `manage_stop` assumes for break-even unless told otherwise.
+        strategy_tag: names the strategy (and its parameters) in client order ids.
     """
 
     def __init__(
@@ -826,8 +830,10 @@ class RiskManager:
         kelly_window: int = 100,
         volatility_min_sample: int = 20,
         taker_fee: Decimal = Decimal("0.001"),
+        strategy_tag: str = "0",
     ) -> None:
         self.settings = settings
+        self.strategy_tag = strategy_tag
         self.long_only = long_only
         self.all_in = settings.profile == "all_in"
         self.breakers = CircuitBreakers(settings, alert=alert)
@@ -845,7 +851,6 @@ class RiskManager:
         if not self.all_in:
             self.guards.append(self.correlation)
         self._stops: dict[str, _StopTrack] = {}
-        self._ids = itertools.count(1)
 
     # -- State -------------------------------------------------------------------------------
 
@@ -924,10 +929,15 @@ class RiskManager:
             }
         return info
 
-    def client_order_id(self, now: int, pair: str) -> str:
-        """Return a unique, sortable client order id (Bybit allows 36 characters)."""
-        base = pair.split("/")[0].split(":")[0][:6]
-        return f"k{now:x}{base}{next(self._ids):04x}"[:36]
+    def client_order_id(self, pair: str, candle_ts: int, kind: str) -> str:
+        """Return the client order id of the decision `kind` on `pair`'s candle `candle_ts`.
+
+        Derived, not counted: the same decision taken again after a restart gets the same
+        id, so the exchange refuses it and reconciliation adopts the first (attempt 0; the
+        executor moves to the next attempt only when the journal shows the first was never
+        sent).
+        """
+        return with_attempt(decision_key(self.strategy_tag, pair, candle_ts, kind), 0)
 
     # -- Decisions ---------------------------------------------------------------------------
 
@@ -968,7 +978,7 @@ class RiskManager:
             side=signal.side,
             qty=position.qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(ctx.now, signal.pair),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "x"),
             reason=signal.reason,
             reduce_only=True,
             ts=ctx.now,
@@ -987,7 +997,7 @@ class RiskManager:
             side=signal.side,
             qty=qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(ctx.now, signal.pair),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e"),
             reason=signal.reason,
             ts=ctx.now,
             quote_amount=ctx.cash,
@@ -1051,7 +1061,7 @@ class RiskManager:
             side=signal.side,
             qty=qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(ctx.now, signal.pair),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e"),
             reason=f"{signal.reason}; qty {qty} bound by {binding}; {'; '.join(notes)}",
             stop_loss=price - sign * distance,
             take_profit=take_profit,
@@ -1250,6 +1260,10 @@ class RiskManager:
             track = _StopTrack(position.ts_opened, risk, position.entry_price)
             self._stops[position.pair] = track
         return track
+
+
+def _candle(ctx: RiskContext) -> int:
+    return ctx.now if ctx.candle_ts is None else ctx.candle_ts
 
 
 def _closes(side: Side, position: Position) -> bool:

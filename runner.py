@@ -37,7 +37,7 @@ from error_handler import (
     RecoverableError,
     run_fail_safe,
 )
-from models import BotState, Candle, Market
+from models import BotState, Candle, Market, strategy_tag
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -58,6 +58,7 @@ from utils.utilities import (
 log = structlog.get_logger(__name__)
 QUEUE_SIZE = 1_000
 SHUTDOWN_STEP_TIMEOUT = 1.5
+PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
@@ -246,6 +247,9 @@ class Daemon:
             store=store,
             taker_fee=Decimal(str(s.simulation.taker_fee)),
             protective_orders=s.risk.profile != "all_in",
+            # Bybit refuses a request older than its recv_window: an order not there by
+            # then (plus a margin for clock skew) was never placed.
+            unknown_after_ms=s.exchange.recv_window_ms + 5_000,
         )
         return Engine(
             mode=self.args.mode,
@@ -260,6 +264,7 @@ class Daemon:
                 alert=self.alert,
                 timeframe=s.strategy.timeframe,
                 taker_fee=Decimal(str(s.simulation.taker_fee)),
+                strategy_tag=strategy_tag(strategy.describe()),
             ),
             executor=executor,
             reward=RewardSystem(s.reward),
@@ -696,17 +701,6 @@ class Daemon:
         install_signal_handlers(asyncio.get_running_loop(), self.stop)
         # The start-up reconciliation report reaches Telegram before trading resumes.
         await self.start_telegram()
-        self.engine.set_state(BotState.RUNNING)
-        # Everything built so far lives for the whole run: keep it out of the cyclic GC's
-        # generations so full collections stay short (they stalled the loop ~100 ms).
-        gc.freeze()
-        log.info(
-            "daemon_started",
-            mode=self.args.mode,
-            pairs=self.engine.pairs,
-            timeframe=self.engine.timeframe,
-            strategy=self.engine.strategy.describe(),
-        )
         try:
             await self._run_tasks()
         except BaseExceptionGroup as group:
@@ -744,13 +738,21 @@ class Daemon:
         assert self.engine is not None
         direct = self.args.mode == "backtest"
         async with asyncio.TaskGroup() as tg:
+            background: list[asyncio.Task[Any]] = []
+            if self.exchange is not None and self.sim is None:
+                # Live: the private streams come first, then the fills since the last
+                # record, then the protection of every position; only then a decision.
+                background.append(tg.create_task(self._private_fills(), name="private-fills"))
+                background.append(tg.create_task(self._private_orders(), name="private-orders"))
+                await self._ready_to_trade()
+            self._started()
             if direct:
                 feed = tg.create_task(asyncio.sleep(0), name="feed")
                 pipeline = tg.create_task(self._direct_loop(), name="pipeline")
             else:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
-            background = [tg.create_task(self._snapshots(), name="snapshots")]
+            background.append(tg.create_task(self._snapshots(), name="snapshots"))
             if self.settings.learning.enabled and self.args.mode != "backtest":
                 self.enable_learning()
                 background.append(tg.create_task(self._retrain(), name="retrain"))
@@ -761,9 +763,6 @@ class Daemon:
                         name="top-pairs",
                     )
                 )
-            if self.exchange is not None and self.sim is None:
-                background.append(tg.create_task(self._private_fills(), name="private-fills"))
-                background.append(tg.create_task(self._private_orders(), name="private-orders"))
             background += self.ui_tasks(tg)
             if self.args.duration is not None:
                 background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
@@ -781,6 +780,43 @@ class Daemon:
             await pipeline
             for task in background:
                 task.cancel()
+
+    def _started(self) -> None:
+        assert self.engine is not None
+        self.engine.set_state(BotState.RUNNING)
+        # Everything built so far lives for the whole run: keep it out of the cyclic GC's
+        # generations so full collections stay short (they stalled the loop ~100 ms).
+        gc.freeze()
+        log.info(
+            "daemon_started",
+            mode=self.args.mode,
+            pairs=self.engine.pairs,
+            timeframe=self.engine.timeframe,
+            strategy=self.engine.strategy.describe(),
+        )
+
+    async def _ready_to_trade(self) -> None:
+        """Finish reconciling before the first decision (live only).
+
+        The private streams are subscribed first; the fills made since the journal's last
+        record (those the reconciliation's fetch could not see yet) are then fetched once
+        over REST, so none falls between the fetch and the subscription; last, every
+        position gets back the stop it should have (one crossed already is closed).
+        """
+        assert self.engine is not None
+        assert self.exchange is not None
+        engine, exchange = self.engine, self.exchange
+        await exchange.wait_private_streams(timeout=PRIVATE_READY_TIMEOUT_S)
+        since = self._fills_since
+        settled = 0
+        for fill in await exchange.fetch_my_trades(since=since):
+            if not engine.executor.has_fill(fill.fill_id):
+                await engine.on_stream_fill(fill)
+                settled += 1
+        crossed = await engine.executor.restore_protection(engine.price)
+        for pair in crossed:
+            await engine.close_position(pair, "stop level crossed while the bot was down")
+        log.info("ready_to_trade", fills_since_reconcile=settled, closed_past_stop=crossed)
 
     async def teardown(self) -> None:
         """Shut down in order, each step isolated: orders, state, notifications, sessions."""
@@ -802,12 +838,11 @@ class Daemon:
 
     async def _cancel_entry_orders(self) -> None:
         # Entry orders are cancelled; protective stops stay on the exchange so a stopped bot
-        # still has its stops.
+        # still has its stops. What an order is for is the journal's record, not the wire.
         assert self.engine is not None
-        executor = self.engine.executor
-        for order in executor.open_orders():
-            if not order.reduce_only:
-                await executor.cancel_all(order.pair)
+        cancelled = await self.engine.executor.cancel_entries()
+        if cancelled:
+            log.info("entry_orders_cancelled", orders=cancelled)
 
     async def _persist_async(self) -> None:
         await asyncio.to_thread(self.persist_state)

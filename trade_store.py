@@ -903,6 +903,27 @@ class TradeStore:
         """Return every order of this bot, oldest first."""
         return self._orders(sa.true())
 
+    def attempts(self, key: str) -> list[tuple[Order, bool]]:
+        """Return each journaled attempt `<key>_<n>` of one decision, oldest first.
+
+        Each comes with True when it provably never reached the exchange (never-sent):
+        the executor sends a next attempt only when every earlier one is such.
+        """
+        condition = orders.c.client_order_id.startswith(f"{key}_", autoescape=True)
+        query = (
+            sa.select(orders)
+            .where(self._mine(orders), condition)
+            .order_by(orders.c.ts_created, orders.c.client_order_id)
+        )
+        with self._read() as conn:
+            rows = list(conn.execute(query))
+        # The prefix also matches longer keys (a stop's id starts with its entry's id).
+        return [
+            (_order_from_row(row), row.journal_state == JournalState.NEVER_SENT.value)
+            for row in rows
+            if row.client_order_id.rpartition("_")[0] == key
+        ]
+
     def _orders(self, condition: sa.ColumnElement[bool]) -> list[Order]:
         query = (
             sa.select(orders)
