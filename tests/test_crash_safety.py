@@ -1,11 +1,18 @@
 """Crash safety: SIGKILL the live daemon at random moments; nothing is lost or sent twice.
 
 The daemon trades live (real ccxt, real journal on SQLite) against the loopback Bybit
-emulator, whose market moves one candle every quarter of a second. It is killed with SIGKILL at
-50 random moments — during start-up and reconciliation, between candles, in the middle of
-sending orders — and restarted each time on the same journal. At the end a last run
-reconciles and stops gracefully, and the journal, the emulator and the bot's positions
-must agree exactly.
+emulator, whose market moves one candle every quarter of a second. Order answers are lost
+after the exchange acted (a create or cancel is processed, then the answer hangs past the
+client's timeout, or comes back truncated). The daemon is killed with SIGKILL at 50 random
+moments — during start-up and reconciliation, between candles, in the middle of sending
+orders, and right after such a lost answer — and restarted each time on the same journal.
+At the end a last run reconciles and stops with SIGTERM.
+
+The verdict is read from the exchange's own records, not from our ids (the emulator refuses
+a duplicate id by itself, so "one order per id" proves nothing): one entry per pair and
+candle whatever its id, no entry filled on top of a position, no sell past flat, never two
+protective stops working at once, no order unknown to the journal, every position still
+protected and no entry left open after the clean stop, balances equal to the journal.
 """
 
 from __future__ import annotations
@@ -17,21 +24,29 @@ import os
 import random
 import signal
 import sys
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from tests.bybit_emulator import BybitEmulator
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from trade_store import JournalState, TradeStore
 
 
 KILLS = int(os.environ.get("KESTREL_CRASH_KILLS", "50"))
+MINUTE_MS = 60_000
+MIN_QTY = Decimal("0.000048")  # BTCUSDT spot minimum on the emulator, as on Bybit
+# Faults that lose the answer of an order request after the exchange acted on it.
+LOST_ANSWERS = ("timeout_after", "malformed")
 ENV = {
     "KESTREL_EXCHANGE__API_KEY": "testkey",
     "KESTREL_EXCHANGE__API_SECRET": "testsecret",
-    # Trade on almost every candle so that kills land among orders.
+    # A hung answer is given up after 1.5 s (the emulator holds it for 3 s).
+    "KESTREL_EXCHANGE__TIMEOUT_S": "1.5",
+    # Trade on almost every candle so that kills land among orders; the standard risk
+    # profile places a protective stop after each entry and trails it.
     "KESTREL_STRATEGY__NAME": "sma_cross",
     "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
     "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
@@ -81,15 +96,98 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
             pass
 
 
+async def _lost_answer(emu: BybitEmulator, since: int) -> None:
+    """Return once an order request from index `since` on has had its answer lost."""
+    while True:
+        for rec in emu.requests[since:]:
+            if rec.fault in LOST_ANSWERS and rec.path.startswith("/v5/order/"):
+                return
+        since = len(emu.requests)
+        await asyncio.sleep(0.01)
+
+
+async def _kill_while_trading(
+    proc: asyncio.subprocess.Process, emu: BybitEmulator, rng: random.Random
+) -> str:
+    """Kill at a random moment or right after a lost answer, whichever comes first."""
+    lost = asyncio.create_task(_lost_answer(emu, len(emu.requests)))
+    try:
+        done, _ = await asyncio.wait({lost}, timeout=rng.uniform(0.3, 4.0))
+        if done and rng.random() < 0.7:
+            # The answer is lost and the daemon is still waiting for it (or looking the
+            # order up): kill it now, or a moment later.
+            await asyncio.sleep(rng.choice([0.0, rng.uniform(0.0, 1.5)]))
+            return "after_lost_answer"
+        if done:
+            await asyncio.sleep(rng.uniform(0.3, 2.0))
+        return "random"
+    finally:
+        lost.cancel()
+
+
+def _stop_works(emu: BybitEmulator) -> bool:
+    return any(o.conditional and o.is_open for o in emu.orders.values())
+
+
+def _working_intervals(emu: BybitEmulator, symbol: str) -> list[tuple[int, float, str]]:
+    """Return (created, ended, link id) of every conditional order: when it could fire."""
+    out = []
+    for order in emu.orders.values():
+        if order.symbol == symbol and order.conditional:
+            ended = float("inf") if order.is_open else float(order.updated)
+            out.append((order.created, ended, order.link_id))
+    return sorted(out)
+
+
+def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
+    """Assert the exchange's own records show no double decision, no overlap, nothing past flat."""
+    # One entry per pair, side and candle, whatever its id: a decision on candle C is sent
+    # while C + 1 is the current minute (the daemon takes no decision on a late candle).
+    entries = [
+        o
+        for o in emu.orders.values()
+        if o.symbol == symbol and o.side == "Buy" and not o.conditional
+    ]
+    per_candle = Counter((o.side, o.created // MINUTE_MS) for o in entries)
+    doubled = {k: n for k, n in per_candle.items() if n > 1}
+    assert not doubled, f"entries decided twice on one candle: {doubled}"
+    # Replay the executions in the order the exchange made them.
+    held = Decimal(0)
+    for execution in emu.executions:
+        order = execution.order
+        if order.symbol != symbol:
+            continue
+        if order.side == "Buy":
+            assert held < MIN_QTY, (
+                f"entry {order.link_id} filled on top of an open position of {held}"
+            )
+            held += execution.qty - (execution.fee if execution.fee_coin == "BTC" else 0)
+        else:
+            assert execution.qty <= held, (
+                f"{order.link_id} sold {execution.qty} with {held} held: past flat"
+            )
+            held -= execution.qty
+    # Never two protective stops working at once on the position.
+    intervals = _working_intervals(emu, symbol)
+    latest: tuple[float, str] = (float("-inf"), "")
+    for start, end, link_id in intervals:
+        assert start >= latest[0], f"stops {latest[1]} and {link_id} were working at once"
+        latest = max(latest, (end, link_id))
+    return {"entries": len(entries), "stops": len(intervals)}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
     tmp_path: Path,
 ) -> None:
-    """After 50 SIGKILLs and restarts every order exists once, in the journal and on Bybit."""
-    rng = random.Random(20261125)
-    async with BybitEmulator(lenient_clock=True, balances={"USDT": "10000"}) as emu:
+    """After 50 SIGKILLs (some right after a lost order answer) the exchange's records hold."""
+    rng = random.Random(20261202)
+    async with BybitEmulator(lenient_clock=True, balances={"USDT": "10000"}, seed=7) as emu:
         env = {**ENV, "KESTREL_EXCHANGE__BASE_URL": emu.base_url}
+        # Lose the answer of about one order request in six, after the exchange acted.
+        emu.fault_paths = ("/v5/order/create", "/v5/order/cancel")
+        emu.fault_rates = {"timeout_after": 0.1, "malformed": 0.06}
 
         async def market() -> None:
             while True:
@@ -97,7 +195,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
                 await emu.advance(minutes=1)
 
         ticker = asyncio.create_task(market())
-        kills_in_trading = 0
+        kills: Counter[str] = Counter()
         try:
             for n in range(KILLS):
                 proc = await _start(env)
@@ -105,20 +203,31 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
                     # Every fifth kill lands anywhere in start-up: imports, markets,
                     # warm-up, reconciliation.
                     await asyncio.sleep(rng.uniform(0.2, 4.0))
+                    kills["start-up"] += 1
                 else:
-                    kills_in_trading += await _until_started(proc, timeout=60)
+                    await _until_started(proc, timeout=60)
                     drain = asyncio.create_task(_drain(proc))
-                    await asyncio.sleep(rng.uniform(0.3, 4.0))
+                    kills[await _kill_while_trading(proc, emu, rng)] += 1
                     drain.cancel()
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGKILL)
                 await proc.wait()
-            # The last run: reconcile what the kills left, trade a little, stop cleanly.
+            # The last run: reconcile what the kills left, trade a little without faults,
+            # stop cleanly with SIGTERM.
+            emu.clear_faults()
             summary_path = tmp_path / "final.json"
             proc = await _start(env, "--summary-json", str(summary_path))
             assert await _until_started(proc, timeout=60)
             drain = asyncio.create_task(_drain(proc))
-            await asyncio.sleep(3.0)
+            # Stop while a position is held (so its stop must survive the stop), or after
+            # 40 s of trading whatever is held.
+            with contextlib.suppress(AssertionError):
+                await eventually(
+                    lambda: emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu),
+                    timeout=40,
+                    interval=0.1,
+                )
+            await asyncio.sleep(0.3)
             ticker.cancel()
             await asyncio.sleep(1.0)  # let in-flight orders settle before stopping
             proc.send_signal(signal.SIGTERM)
@@ -127,7 +236,9 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
         finally:
             ticker.cancel()
 
-        assert kills_in_trading >= KILLS // 2
+        assert kills["random"] + kills["after_lost_answer"] >= KILLS // 2, kills
+        lost = sum(r.fault in LOST_ANSWERS for r in emu.requests)
+        assert lost >= KILLS // 5, f"only {lost} answers lost: the faults did not bite"
         store = TradeStore.open(
             f"sqlite:///{tmp_path / 'data' / 'kestrel.sqlite'}", bot_id="bybit-live"
         )
@@ -136,25 +247,25 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
             on_exchange = emu.orders_by_link_id()
             # Enough orders that kills landed among them, or the test proves nothing.
             assert len(journal) >= KILLS, len(journal)
-            # Nothing sent twice: one exchange order per client order id.
             assert all(len(orders) == 1 for orders in on_exchange.values())
-            # Nothing lost: every exchange order is in the journal, and every journaled
-            # order is either on the exchange or marked never-sent.
-            assert set(on_exchange) <= set(journal)
+            # No order unknown to the journal, and every journaled order is either on the
+            # exchange or marked never-sent.
+            assert set(on_exchange) <= set(journal), set(on_exchange) - set(journal)
             for cid, order in journal.items():
                 state = store.journal_state(cid)
                 if cid in on_exchange:
                     assert state is JournalState.ACKNOWLEDGED, (cid, state)
                 else:
                     assert state is JournalState.NEVER_SENT, (cid, state, order.status)
+            counts = _check_exchange_records(emu, "BTCUSDT")
             # Every execution on the exchange is a recorded fill, exactly once.
             executions = {e.exec_id: e for e in emu.executions}
             fills = {f.fill_id: f for f in store.fills()}
             assert set(fills) == set(executions)
             for fill_id, execution in executions.items():
                 assert fills[fill_id].qty == execution.qty
-            # Positions match. The coins the exchange holds are exactly what the journal's
-            # fills add up to (buys less fees charged in BTC, less sells) ...
+            # Balances: the coins the exchange holds are exactly what the journal's fills
+            # add up to (buys less fees charged in BTC, less sells) ...
             btc = emu.wallet.get("BTC", Decimal(0))
             from_fills = sum(
                 (
@@ -172,13 +283,21 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
             held = sum(
                 Decimal(str(p["qty"])) for p in summary["open_positions"] if p["pair"] == "BTC/USDT"
             )
-            min_qty = Decimal("0.000048")  # BTCUSDT spot minimum on the emulator, as on Bybit
-            assert abs(btc - held) < min_qty, (btc, held)
+            assert abs(btc - held) < MIN_QTY, (btc, held)
+            # After the clean stop: no entry left working, and a held position keeps exactly
+            # one protective stop on the exchange (none is left behind on a flat account).
+            still_open = [o for o in emu.orders.values() if o.is_open]
+            assert not [o for o in still_open if not o.conditional], still_open
+            stops = [o for o in still_open if o.conditional]
+            assert len(stops) == (1 if btc >= MIN_QTY else 0), (btc, [s.item() for s in stops])
+            for stop in stops:
+                assert stop.side == "Sell"
+                assert stop.qty <= btc, (stop.qty, btc)
             never_sent = sum(store.journal_state(c) is JournalState.NEVER_SENT for c in journal)
             print(
-                f"crash test: {KILLS} kills ({kills_in_trading} while trading), "
+                f"crash test: {KILLS} kills {dict(kills)}, {lost} answers lost, "
                 f"{len(journal)} orders journaled, {len(on_exchange)} on the exchange, "
-                f"{never_sent} never sent, {len(fills)} fills, final BTC {btc}"
+                f"{never_sent} never sent, {len(fills)} fills, {counts}, final BTC {btc}"
             )
         finally:
             store.close()
