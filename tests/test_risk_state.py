@@ -8,6 +8,7 @@ reset lifts it, audited and alerted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from decimal import Decimal
@@ -22,6 +23,7 @@ from config import load_settings
 from models import TradingState, Veto
 from risk_management import RiskManager
 from runner import Daemon
+from tests.bybit_emulator import BybitEmulator
 from tests.test_backtest_support import cli_args
 from tests.test_risk_support import DAY, HOUR, MINUTE, T0, context, settings, signal, trade
 from utils.utilities import AuditTrail
@@ -214,3 +216,98 @@ async def test_resume_keeps_a_latched_breaker_and_only_the_reset_lifts_it() -> N
     assert "peak_to_trough" in record["before"]["latched"]
     assert record["after"] == "normal"
     assert any(kind == "risk_reset" and d["by"] == "telegram user 1" for kind, d in alerts)
+
+
+# -- A restart of the live daemon on the emulator --------------------------------------------
+
+
+_LIVE_ENV = {
+    # Trade on almost every candle; the first entry's fee alone is past the drawdown limit.
+    "KESTREL_STRATEGY__NAME": "sma_cross",
+    "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
+    "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
+    "KESTREL_STRATEGY__PAIRS": '["BTC/USDT"]',
+    "KESTREL_RISK__MAX_DRAWDOWN": "0.00002",
+    "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.00001",
+    "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
+    "KESTREL_RISK__MAX_CONSECUTIVE_LOSSES": "100000",
+}
+
+
+async def _live_daemon(emu: Any) -> Daemon:
+    daemon = Daemon(cli_args("--mode", "live"), load_settings(env_file=None))
+    daemon.audit.close()
+    daemon.audit = AuditTrail(None, keep=True)
+    await daemon.build_exchange(paper=False)
+    return daemon
+
+
+async def _run_until(daemon: Daemon, emu: Any, done: Any, *, within_s: float = 60.0) -> None:
+    """Run the daemon, closing one candle at a time, until `done()`; then stop it in order."""
+    run = asyncio.create_task(daemon.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while not done():
+            assert not run.done(), run.result()
+            assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+            await emu.advance(minutes=1)
+            await asyncio.sleep(0.2)
+    finally:
+        daemon.stop.set()
+        await asyncio.wait_for(run, 30)
+
+
+async def test_a_latched_drawdown_breaker_survives_a_live_restart_until_the_operator_resets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Latched, stopped, restarted on the same store: still latched, no entries; /resume
+    keeps it; only the operator's reset lifts it, and that is stored for the next start."""
+    async with BybitEmulator(lenient_clock=True, balances={"USDT": "100000"}) as emu:
+        for name, value in {
+            **_LIVE_ENV,
+            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
+            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        }.items():
+            monkeypatch.setenv(name, value)
+        first = await _live_daemon(emu)
+        assert first.engine is not None
+        risk = first.engine.risk
+        await _run_until(first, emu, lambda: "peak_to_trough" in risk.breakers.latched)
+
+        second = await _live_daemon(emu)
+        engine = second.engine
+        assert engine is not None
+        # Restored at build time, before any candle: latched already.
+        assert engine.risk.trading_state is TradingState.FLATTEN
+        assert "peak_to_trough" in engine.risk.breakers.latched
+        assert second.audit.events is not None
+        (restored,) = [e for e in second.audit.events if e["kind"] == "risk_state_restored"]
+        assert restored["source"] == "trade_store"
+        assert "peak_to_trough" in restored["latched"]
+
+        sent = len(emu.requests_to("/v5/order/create"))
+        await _run_until(second, emu, lambda: engine.candles >= 8)
+        assert len(emu.requests_to("/v5/order/create")) == sent  # no entry in eight candles
+        refused = engine.risk.evaluate(signal(), context())
+        assert isinstance(refused, Veto)
+        assert refused.guard == "circuit_breaker"
+        assert engine.risk.trading_state is TradingState.FLATTEN
+        await engine.resume("telegram user 7")
+        assert engine.risk.trading_state is TradingState.FLATTEN  # /resume is not a reset
+
+        third = await _live_daemon(emu)
+        assert third.engine is not None
+        assert third.engine.risk.trading_state is TradingState.FLATTEN
+        await third.engine.reset_risk("telegram user 7")
+        assert third.engine.risk.trading_state is TradingState.NORMAL
+        (reset,) = [e for e in third.audit.events or [] if e["kind"] == "risk_reset"]
+        assert reset["by"] == "telegram user 7"
+        assert "peak_to_trough" in reset["before"]["latched"]
+        await third.teardown()
+
+        fourth = await _live_daemon(emu)
+        assert fourth.engine is not None
+        assert fourth.engine.risk.breakers.latched == {}
+        assert fourth.engine.risk.trading_state is TradingState.NORMAL
+        await fourth.teardown()
