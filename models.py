@@ -541,6 +541,10 @@ class Control(Protocol):
         """Allow exits only (the `reducing` state)."""
         ...
 
+    async def reset_risk(self, reason: str) -> None:
+        """Lift latched circuit breakers and the manual rung (audited; `reason` says who)."""
+        ...
+
     async def force_exit(self, pair: str, reason: str) -> None:
         """Close the position on `pair` at market."""
         ...

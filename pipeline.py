@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Protocol
@@ -319,6 +319,9 @@ class Engine:
         self.quiet_runs = False
         self._has_working: Callable[[str], bool] = lambda pair: True
         self.model_threshold = 0.5
+        # Awaited after anything that may change the risk state (a candle, a closed trade,
+        # an operator command) when the daemon persists it; None (backtests): no cost.
+        self.risk_saver: Callable[[], Awaitable[None]] | None = None
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -380,17 +383,22 @@ class Engine:
             exited = await self._take_profit_reached(candle)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
+            if self.risk_saver is not None:
+                await self.risk_saver()  # the latch is stored before the exits go out
             await self._flatten("circuit breaker: flatten")
             return
-        if exited or (pair not in self._active and not portfolio.has_position(pair)):
-            return  # exiting now, or a drained pair: no new decision on this candle
-        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
-            self.stale_candles += 1
-            log.warning("candle_stale", pair=pair, ts=candle.ts, lag_ms=now - candle.ts - self.step)
-            return
-        signal = self._safe_signal(candle)
-        if signal is not None:
-            await self._decide(signal, candle, now)
+        # Exiting now, or a drained pair: no new decision on this candle.
+        if not exited and (pair in self._active or portfolio.has_position(pair)):
+            if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
+                self.stale_candles += 1
+                lag = now - candle.ts - self.step
+                log.warning("candle_stale", pair=pair, ts=candle.ts, lag_ms=lag)
+            else:
+                signal = self._safe_signal(candle)
+                if signal is not None:
+                    await self._decide(signal, candle, now)
+        if self.risk_saver is not None:
+            await self.risk_saver()  # after the decision: never on its latency
 
     def enable_quiet_path(
         self, signals: PrecomputedSignals, has_working: Callable[[str], bool]
@@ -670,6 +678,8 @@ class Engine:
         trade = await self.executor.on_fill(order, fill)
         if trade is not None:
             self._on_trade_closed(trade)
+            if self.risk_saver is not None:
+                await self.risk_saver()
 
     def _on_trade_closed(self, trade: ClosedTrade) -> None:
         now = self.clock.now_ms()
@@ -817,19 +827,41 @@ class Engine:
         daily halt) stays until `reset_risk`, so a routine /resume cannot undo it.
         """
         log.info("operator_resume", reason=reason)
-        if self.risk.breakers.manual is not None:
-            self.risk.set_manual(None)
+        self.risk.clear_manual()
         self.set_state(BotState.RUNNING)
+        if self.risk_saver is not None:
+            await self.risk_saver()
 
     async def reset_risk(self, reason: str) -> None:
-        """Lift latched circuit breakers (an explicit operator decision)."""
-        log.warning("operator_reset_risk", reason=reason)
+        """Lift latched circuit breakers and the manual rung (an explicit operator decision).
+
+        The peak and the day's start are re-based on the current equity. The reset is
+        audited (`risk_reset`: who, and the state before and after), alerted and persisted.
+        """
+        now = self.clock.now_ms()
+        breakers = self.risk.breakers
+        before = {
+            "state": str(self.risk.trading_state),
+            "latched": {name: t.reason for name, t in breakers.latched.items()},
+            "manual": str(breakers.manual) if breakers.manual is not None else None,
+            "peak_equity": str(breakers.peak_equity),
+            "day_start_equity": str(breakers.day_start_equity),
+            "consecutive_losses": breakers.consecutive_losses,
+        }
         self.risk.reset()
+        after = str(self.risk.trading_state)
+        log.warning("operator_reset_risk", by=reason, before=before["state"], after=after)
+        self.audit.record("risk_reset", now, by=reason, before=before, after=after)
+        if self.risk_saver is not None:
+            await self.risk_saver()
+        self.alert("risk_reset", {"by": reason, "before": before, "after": after})
 
     async def stop_buy(self, reason: str) -> None:
         """Allow exits only."""
         log.info("operator_stop_buy", reason=reason)
         self.risk.set_manual(TradingState.REDUCING)
+        if self.risk_saver is not None:
+            await self.risk_saver()
 
     async def force_exit(self, pair: str, reason: str) -> None:
         """Close a position at market."""

@@ -34,12 +34,14 @@ peak_to_trough     flatten     only manually: ``set_manual(None)`` or ``reset()`
 manual             any         ``set_manual(None)`` or ``reset()``
 =================  ==========  =========================================================
 
-A manual resume clears every latched breaker and re-bases the peak and the day's starting
-equity on the current equity, so the limits count again from there.
+A manual resume (`reset`, the operator's /resetrisk) clears every latched breaker and
+re-bases the peak and the day's starting equity on the current equity, so the limits count
+again from there; `clear_manual` (/resume after /stopbuy) lifts only the manual rung.
 
 The rungs from `reducing` up block entries; exits and protective stops keep working in
 every rung, and `flatten` asks the pipeline to close every position. `dump_state` and
-`restore_state` carry the breakers (and the Kelly history) across a restart.
+`restore_state` carry the breakers (and the Kelly history) across a restart; `state_key`
+tells the caller cheaply when there is something new to persist.
 
 Stops: an entry's stop is `stop_atr_multiple` x ATR from the price. `manage_stop`, called
 per open position on each closed candle, trails it behind the best price since entry and
@@ -530,6 +532,14 @@ class CircuitBreakers:
         self.manual = state
         return self._recompute(self.now)
 
+    def clear_manual(self) -> TradingState:
+        """Lift the manual rung only (/resume after /stopbuy); latched breakers stay."""
+        if self.manual is None:
+            return self.state
+        log.info("manual_rung_cleared", manual=str(self.manual))
+        self.manual = None
+        return self._recompute(self.now)
+
     def reset(self) -> TradingState:
         """Resume manually: clear the manual rung and every latch, re-base peak and day."""
         log.info(
@@ -572,12 +582,43 @@ class CircuitBreakers:
             "last_trigger": dict(self.last_trigger),
         }
 
-    def restore(self, data: Mapping[str, Any]) -> TradingState:
-        """Load what `dump` returned; the rung it implies holds at once, without an alert."""
+    def state_key(self) -> tuple[Any, ...]:
+        """Return a cheap token of what `dump` keeps (the equity and clock aside).
+
+        Two calls return equal tokens when nothing worth persisting changed in between,
+        so a caller can persist on change without dumping on every candle.
+        """
+        return (
+            self.peak_equity,
+            self.day_start_equity,
+            self.day,
+            self.consecutive_losses,
+            self.last_loss_ts,
+            self.manual,
+            tuple((name, trip.until) for name, trip in self.latched.items()),
+            self.last_trigger.get("ts"),
+            self.last_trigger.get("to"),
+        )
+
+    def restore(self, data: Mapping[str, Any], *, equity: Decimal | None = None) -> TradingState:
+        """Load what `dump` returned; the rung it implies holds at once, without an alert.
+
+        Args:
+            data: what `dump` returned.
+            equity: the equity of the account now, when it is not the account the state
+                was saved from (a fresh paper account): the peak and the day's start are
+                scaled by `equity` / the saved equity, so the drawdown and the day's loss
+                carry over as fractions. None keeps them as saved (live: the same account).
+        """
         self.peak_equity = Decimal(data["peak_equity"])
         self.day_start_equity = Decimal(data["day_start_equity"])
         self.day = int(data["day"])
         self.equity = Decimal(data["equity"]) if data.get("equity") is not None else None
+        if equity is not None and self.equity is not None and self.equity > 0:
+            scale = equity / self.equity
+            self.peak_equity *= scale
+            self.day_start_equity *= scale
+            self.equity = equity
         self.now = int(data.get("now", 0))
         self.consecutive_losses = int(data["consecutive_losses"])
         self.last_loss_ts = data.get("last_loss_ts")
@@ -851,6 +892,7 @@ class RiskManager:
         if not self.all_in:
             self.guards.append(self.correlation)
         self._stops: dict[str, _StopTrack] = {}
+        self._closed_trades = 0  # moves `state_key` even when the Kelly window is full
 
     # -- State -------------------------------------------------------------------------------
 
@@ -869,6 +911,7 @@ class RiskManager:
         """Account a closed round trip (or part of one): loss streak and Kelly statistics."""
         if self.all_in:
             return
+        self._closed_trades += 1
         notional = trade.entry_price * trade.qty
         if notional > 0:
             self.trade_returns.append(trade.pnl / notional)
@@ -882,6 +925,10 @@ class RiskManager:
         """
         self.breakers.set_manual(state)
 
+    def clear_manual(self) -> None:
+        """Lift a manual rung (/resume after /stopbuy); latched breakers stay latched."""
+        self.breakers.clear_manual()
+
     def reset(self, *, history: bool = False) -> None:
         """Resume manually (as `set_manual(None)`); with `history`, forget the Kelly trades."""
         if history:
@@ -892,11 +939,21 @@ class RiskManager:
         """Return the breakers and the Kelly history as a JSON-able dict, to persist."""
         return {"breakers": self.breakers.dump(), "trade_returns": list(self.trade_returns)}
 
-    def restore_state(self, data: Mapping[str, Any]) -> TradingState:
-        """Load what `dump_state` returned (at startup, before the first candle)."""
+    def state_key(self) -> tuple[Any, ...]:
+        """Return a cheap token that changes whenever `dump_state` has news to persist."""
+        return (self.breakers.state_key(), self._closed_trades)
+
+    def restore_state(
+        self, data: Mapping[str, Any], *, equity: Decimal | None = None
+    ) -> TradingState:
+        """Load what `dump_state` returned (at startup, before the first candle).
+
+        `equity` re-bases the saved amounts on a fresh paper account (see
+        `CircuitBreakers.restore`).
+        """
         self.trade_returns.clear()
         self.trade_returns.extend(float(r) for r in data.get("trade_returns", []))
-        return self.breakers.restore(data["breakers"])
+        return self.breakers.restore(data["breakers"], equity=equity)
 
     def kelly(self) -> KellyEstimate | None:
         """Return the Kelly statistics of recent trades, None below the minimum sample."""

@@ -137,6 +137,10 @@ class Daemon:
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[Callable[[str, dict[str, Any]], None]] = []
+        # Risk state persistence (live and paper on the exchange feed; replays have none).
+        self._risk_store: Any = None
+        self._risk_key: tuple[Any, ...] | None = None
+        self._risk_lock = asyncio.Lock()
 
     # -- Build -------------------------------------------------------------------------------
 
@@ -333,6 +337,7 @@ class Daemon:
             )
             self.engine.set_pairs(pairs)
             self.engine.extra_status = self._exchange_status
+            await self._restore_risk_state()
             return
         from trade_store import TradeStore
 
@@ -353,6 +358,7 @@ class Daemon:
         )
         self.engine.set_pairs(pairs)
         self.engine.extra_status = self._exchange_status
+        await self._restore_risk_state(store)
         # Fills from here on reach the journal by the private stream, its REST sweeps, and
         # a last sweep at stop; the minute back covers clock skew.
         self._fills_since = exchange.server_now_ms() - 60_000
@@ -366,6 +372,86 @@ class Daemon:
             await self.exchange.close()
             self.exchange = None
             self._closers = [c for c in self._closers if c[0] != "exchange"]
+
+    # -- Risk state -------------------------------------------------------------------------
+
+    def _risk_state_path(self) -> Path:
+        return self.settings.storage.data_dir / "state" / f"{self.args.mode}-risk.json"
+
+    async def _restore_risk_state(self, store: Any = None) -> None:
+        """Load the saved risk state before trading resumes; persist it on every change.
+
+        Live keeps it in the trade store (`risk`), paper trading on the exchange feed in
+        `data/state/<mode>-risk.json`; a paper account starts afresh, so its peak and day
+        start are scaled to it. Replays (sim on archives, backtests) neither load nor save:
+        each replays history from its start.
+
+        Raises:
+            DataError: the saved state cannot be read (trading must not start without it).
+        """
+        assert self.engine is not None
+        risk = self.engine.risk
+        self._risk_store = store
+        where = "trade_store" if store is not None else str(self._risk_state_path())
+        try:
+            saved = await asyncio.to_thread(self._read_risk_state)
+            if saved is not None:
+                fresh = self.engine.portfolio.equity() if store is None else None
+                risk.restore_state(saved, equity=fresh)
+        except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+            raise DataError(
+                f"the saved risk state ({where}) is unreadable: {e!r}; check it, then remove"
+                " it to start with fresh breakers",
+                component="risk",
+            ) from e
+        self._risk_key = risk.state_key()
+        self.engine.risk_saver = self._persist_risk_state
+        if saved is not None:
+            breakers = risk.breakers
+            self.audit.record(
+                "risk_state_restored",
+                self.engine.clock.now_ms(),
+                source=where,
+                state=str(risk.trading_state),
+                latched=sorted(breakers.latched),
+                manual=str(breakers.manual) if breakers.manual is not None else None,
+                peak_equity=str(breakers.peak_equity),
+                day_start_equity=str(breakers.day_start_equity),
+                consecutive_losses=breakers.consecutive_losses,
+            )
+
+    def _read_risk_state(self) -> Any:
+        if self._risk_store is not None:
+            return self._risk_store.get_state("risk")
+        path = self._risk_state_path()
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    async def _persist_risk_state(self) -> None:
+        """Store the risk state if it changed since it was last stored (a cheap no-op if not).
+
+        A failed write is logged and retried at the next change check; trading goes on
+        with the state in memory.
+        """
+        engine = self.engine
+        if engine is None or self._risk_key is None or engine.risk.state_key() == self._risk_key:
+            return
+        async with self._risk_lock:  # one write at a time: the last one stored is the newest
+            key = engine.risk.state_key()
+            if key == self._risk_key:
+                return
+            data = engine.risk.dump_state()
+            try:
+                await asyncio.to_thread(self._write_risk_state, data)
+            except Exception:
+                log.exception("risk_state_persist_failed")
+                return
+            self._risk_key = key
+
+    def _write_risk_state(self, data: dict[str, Any]) -> None:
+        if self._risk_store is not None:
+            self._risk_store.set_state("risk", data)
+        else:
+            atomic_write(self._risk_state_path(), json.dumps(data, indent=2))
 
     def alert(self, kind: str, data: dict[str, Any]) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""
@@ -846,6 +932,7 @@ class Daemon:
 
     async def _persist_async(self) -> None:
         await asyncio.to_thread(self.persist_state)
+        await self._persist_risk_state()
         if self.engine is not None:
             stored = await self.engine.data.flush()
             if stored:
@@ -938,6 +1025,14 @@ class TelegramNotifier:
                 state=str(data.get("to", "")),
                 until_ts=data.get("resume_at"),
                 detail=str(data.get("reason", "")),
+            )
+        elif kind == "risk_reset":
+            before = data.get("before") or {}
+            latched = ", ".join(before.get("latched") or {}) or "none"
+            alert = t.text_alert(
+                f"risk reset by {data.get('by')}: {before.get('state')} -> {data.get('after')}"
+                f" (latched before: {latched})",
+                category="risk",
             )
         elif kind == "error":
             alert = t.error_alert(

@@ -1043,6 +1043,13 @@ class TelegramBot:
             return f"▶️ Resume trading? (now {esc(snap.state)}, trading {esc(snap.trading_state)})"
         if action == "stopbuy":
             return "🛑 Stop buying? Only exits will be allowed."
+        if action == "resetrisk":
+            latched = ", ".join(snap.risk.get("latched") or {}) or "none"
+            return (
+                f"🔓 Reset risk? Trading is {esc(snap.trading_state)}; latched breakers:"
+                f" {esc(latched)}. They are lifted and the peak and the day's start are"
+                " re-based on equity now."
+            )
         if action == "forceexit":
             return self._forceexit_question(chat_id, snap, args)
         if action == "mode":
@@ -1132,6 +1139,9 @@ class TelegramBot:
         if pending.action == "stopbuy":
             await control.stop_buy(reason)
             return "🛑 Exits only."
+        if pending.action == "resetrisk":
+            await control.reset_risk(reason)
+            return f"🔓 Risk reset: trading {esc(control.snapshot().trading_state)}."
         if pending.action == "forceexit":
             pairs = (
                 [p.pair for p in control.snapshot().portfolio.positions]

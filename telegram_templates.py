@@ -508,6 +508,7 @@ COMMANDS: Final[dict[str, str]] = {
     "pause": "stop opening positions (confirm)",
     "resume": "resume trading (confirm)",
     "stopbuy": "exits only (confirm)",
+    "resetrisk": "lift latched circuit breakers (confirm, audited)",
     "forceexit": "close a position at market (/forceexit BTC/USDT|all, confirm)",
     "mode": "show or switch sim/live (/mode live, confirm)",
     "help": "this list",

@@ -10,7 +10,8 @@ writes are the operator commands the façade offers.
   dashboard.run_async()`); it polls `control.snapshot()` `refresh_hz` times a second and
   re-renders only the panels whose inputs changed, at most two per frame, so the loop is
   never held for a whole-screen repaint. Keys: left/right (or tab/shift+tab)
-  switch the depth chart's pair, `p` pauses or resumes, `s` toggles sim/live after a
+  switch the depth chart's pair, `p` pauses or resumes, `r` resets latched circuit
+  breakers after a confirmation, `s` toggles sim/live after a
   confirmation (only when API keys are configured), `q` quits. By default `q` also asks
   the bot to stop gracefully (`control.stop`), because the dashboard is the daemon's
   foreground; pass `quit_stops_bot=False` to only close the window.
@@ -575,7 +576,9 @@ class ConfirmScreen(ModalScreen[bool]):
 _MIN_HZ: Final = 2.0  # the operator sees the state at least twice a second, whatever is set
 _PANELS_PER_FRAME: Final = 2
 _FRAME_S: Final = 1 / 30
-_MAIN_ACTIONS: Final = frozenset({"cycle_pair", "toggle_pause", "toggle_mode", "quit_bot"})
+_MAIN_ACTIONS: Final = frozenset(
+    {"cycle_pair", "toggle_pause", "reset_risk", "toggle_mode", "quit_bot"}
+)
 # Grid order: equity | positions (2 columns); depth | trades (2); strategy | risk | system;
 # errors (3).
 _PANELS: Final = ("equity", "positions", "depth", "trades", "metrics", "risk", "system", "errors")
@@ -658,6 +661,7 @@ class Dashboard(App[None]):
         Binding("tab", "cycle_pair(1)", "Next pair", show=False, priority=True),
         Binding("shift+tab", "cycle_pair(-1)", "Prev pair", show=False, priority=True),
         Binding("p", "toggle_pause", "Pause/Resume"),
+        Binding("r", "reset_risk", "Reset risk"),
         Binding("s", "toggle_mode", "Sim/Live"),
         Binding("q", "quit_bot", "Quit"),
     ]
@@ -818,6 +822,23 @@ class Dashboard(App[None]):
             self._command("resumed", lambda: self._control.resume("dashboard"))
         else:
             self._command("paused", lambda: self._control.pause("dashboard"))
+
+    def action_reset_risk(self) -> None:
+        """Lift latched circuit breakers after a confirmation (audited by the engine)."""
+        snap = self._snapshot
+        trading = snap.trading_state if snap is not None else "?"
+        latched = ", ".join(snap.risk.get("latched") or {}) if snap is not None else ""
+        question = (
+            f"Reset risk? Trading is {str(trading).upper()}; latched: {latched or 'none'}."
+            " Breakers are lifted; peak and day start re-based on equity now."
+        )
+        self.push_screen(ConfirmScreen(question), self._on_reset_risk_answer)
+
+    def _on_reset_risk_answer(self, answer: bool | None) -> None:
+        if not answer:
+            self._say("risk reset cancelled")
+            return
+        self._command("risk reset", lambda: self._control.reset_risk("dashboard"))
 
     def action_toggle_mode(self) -> None:
         """Switch between sim and live after a confirmation, when allowed."""
@@ -984,6 +1005,7 @@ class WebView:
     - `GET /api/depth/<pair>` cumulative depth (`BTC/USDT`, `BTC%2FUSDT` or `BTC-USDT`)
     - `GET /api/patterns/<pair>` candlestick patterns on the pair's last candles
     - `POST /api/pause`, `POST /api/resume` the operator commands
+    - `POST /api/resetrisk` lifts latched circuit breakers (audited as "web view")
 
     The access log is off so that a token in a query string never reaches a log file.
 
@@ -1031,6 +1053,7 @@ class WebView:
         app.router.add_get("/api/patterns/{pair:.+}", self._patterns)
         app.router.add_post("/api/pause", self._pause)
         app.router.add_post("/api/resume", self._resume)
+        app.router.add_post("/api/resetrisk", self._reset_risk)
         return app
 
     async def start(self) -> None:
@@ -1134,6 +1157,14 @@ class WebView:
         await self._control.resume("web view")
         log.info("web_command", command="resume")
         return web.json_response({"ok": True, "state": str(self._control.snapshot().state)})
+
+    async def _reset_risk(self, request: web.Request) -> web.Response:
+        await self._control.reset_risk("web view")
+        log.info("web_command", command="resetrisk")
+        snapshot = self._control.snapshot()
+        return web.json_response(
+            {"ok": True, "state": str(snapshot.state), "trading_state": str(snapshot.trading_state)}
+        )
 
 
 # The page: no external resources (the machine may have no internet). The script is inline
@@ -1302,6 +1333,9 @@ async function tick() {
 $("pair").addEventListener("change", (e) => { pair = e.target.value; tick(); });
 $("pause").addEventListener("click", () => command("/api/pause"));
 $("resume").addEventListener("click", () => command("/api/resume"));
+$("resetrisk").addEventListener("click", () => {
+  if (confirm("Reset risk? Latched circuit breakers are lifted.")) command("/api/resetrisk");
+});
 tick();
 setInterval(tick, 1000);
 """
@@ -1333,7 +1367,8 @@ pre { margin: 0; color: #ef5350; white-space: pre-wrap; }
 <span>equity <b id="equity">-</b></span><span>PnL <b id="pnl">-</b></span>
 <span>positions <b id="positions">-</b></span><span class="grow"></span>
 <span id="note" class="dim"></span>
-<button id="pause">Pause</button><button id="resume">Resume</button></header>
+<button id="pause">Pause</button><button id="resume">Resume</button>
+<button id="resetrisk">Reset risk</button></header>
 <main>
 <section><h2>Equity</h2><canvas id="equity-chart"></canvas></section>
 <section><h2>Market depth <select id="pair"></select><span id="depth-info" class="dim"></span>

@@ -503,6 +503,12 @@ class FakeControl:
         self.reasons.append(reason)
         self.trading_state = TradingState.REDUCING
 
+    async def reset_risk(self, reason: str) -> None:
+        """Lift latched breakers: trading is normal again."""
+        self.reasons.append(reason)
+        self.trading_state = TradingState.NORMAL
+        self.risk = {**self.risk, "latched": {}}
+
     async def force_exit(self, pair: str, reason: str) -> None:
         """Close the position on `pair` at its mark price."""
         self.reasons.append(reason)

@@ -333,6 +333,23 @@ async def test_resume_asks_then_resumes(
     assert _state(control)[0] is BotState.RUNNING
 
 
+async def test_resetrisk_names_the_latched_breakers_and_resets_only_on_confirm(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl
+) -> None:
+    """/resetrisk asks, naming what is latched; Confirm lifts it once, as the operator."""
+    control.trading_state = TradingState.FLATTEN
+    control.risk = {"latched": {"peak_to_trough": {"state": "flatten", "reason": "drawdown"}}}
+    prompt = await ask(api, "/resetrisk")
+    assert "peak_to_trough" in prompt.visible
+    assert control.trading_state is TradingState.FLATTEN
+    edit = await press(api, prompt, "Confirm")
+    assert "Risk reset: trading normal" in edit.visible
+    assert control.trading_state is TradingState.NORMAL
+    assert control.reasons == [f"telegram user {USER}"]
+    assert "Expired" in (await press(api, prompt, "Confirm")).visible
+    assert control.reasons == [f"telegram user {USER}"]
+
+
 async def test_cancel_leaves_everything_as_it_was(
     api: FakeTelegram, bot: TelegramBot, control: FakeControl
 ) -> None:

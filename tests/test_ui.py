@@ -228,6 +228,26 @@ async def test_p_pauses_and_then_resumes(pilot: Pilot[None], control: FakeContro
     assert len(control.calls) == 2
 
 
+@pytest.mark.parametrize(("answer", "expected"), [("y", 1), ("n", 0), ("escape", 0)])
+async def test_r_resets_risk_only_after_confirmation(
+    pilot: Pilot[None], control: FakeControl, answer: str, expected: int
+) -> None:
+    """`r` asks first; only an explicit yes calls control.reset_risk, as the dashboard."""
+    await pilot.press("r")
+    await pilot.pause()
+    assert isinstance(pilot.app.screen, ConfirmScreen)
+    assert "Reset risk?" in pilot.app.screen.question
+    assert control.calls == []
+    await pilot.press(answer)
+    await pilot.pause()
+    assert not isinstance(pilot.app.screen, ConfirmScreen)
+    await eventually(lambda: control.calls == [("reset_risk", "dashboard")] * expected)
+    if expected:
+        await eventually(lambda: "risk reset" in text_of(pilot.app, "message"))
+    else:
+        assert "cancelled" in text_of(pilot.app, "message")
+
+
 async def test_s_refuses_live_without_keys(
     pilot: Pilot[None], control: FakeControl, switch: SwitchRecorder
 ) -> None:

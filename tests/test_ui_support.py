@@ -173,6 +173,10 @@ class FakeControl:
         """Record stop_buy."""
         self._record("stop_buy", reason)
 
+    async def reset_risk(self, reason: str) -> None:
+        """Record reset_risk."""
+        self._record("reset_risk", reason)
+
     async def force_exit(self, pair: str, reason: str) -> None:
         """Record force_exit."""
         self._record("force_exit", pair, reason)

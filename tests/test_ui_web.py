@@ -73,6 +73,7 @@ def url(web: WebView, path: str) -> str:
         ("GET", "/api/patterns/BTC/USDT"),
         ("POST", "/api/pause"),
         ("POST", "/api/resume"),
+        ("POST", "/api/resetrisk"),
     ],
 )
 @pytest.mark.parametrize(
@@ -327,6 +328,22 @@ async def test_pause_and_resume_commands(
     async with http.get(url(web, "/api/pause"), headers=GOOD) as response:
         assert response.status == 405  # a link or an image cannot pause the bot
     assert len(control.calls) == 2
+
+
+async def test_reset_risk_command_needs_the_token_and_a_post(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """POST /api/resetrisk resets through the Control as "web view"; no token or GET: nothing."""
+    async with http.post(url(web, "/api/resetrisk")) as response:
+        assert response.status == 401
+    async with http.get(url(web, "/api/resetrisk"), headers=GOOD) as response:
+        assert response.status == 405
+    assert control.calls == []
+    async with http.post(url(web, "/api/resetrisk"), headers=GOOD) as response:
+        body = await response.json()
+    assert body["ok"] is True
+    assert body["trading_state"] == str(control.snapshot().trading_state)
+    assert control.calls == [("reset_risk", "web view")]
 
 
 async def test_page_is_self_contained(web: WebView, http: aiohttp.ClientSession) -> None:
