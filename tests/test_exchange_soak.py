@@ -1,4 +1,4 @@
-"""Fault soak: 1,000 mixed calls through 5xx, timeouts and rate-limit bursts."""
+"""Fault soak: 1,000 mixed calls through 5xx, timeouts, lost answers and rate-limit bursts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
-from error_handler import BotError
+from error_handler import BotError, BusinessError
 from exchange import Exchange
 from models import OrderIntent, OrderType, Side
 from tests.bybit_emulator import (
@@ -49,6 +49,8 @@ class Driver:
         self.outcomes: Counter[str] = Counter()
         self.unhandled: list[BaseException] = []
         self.created: dict[str, str] = {}  # client id -> pair, for creates that returned
+        self.refused: set[str] = set()  # creates refused (a business error): never placed
+        self.ambiguous: dict[str, str] = {}  # creates that failed otherwise: look them up
         self.resting: list[tuple[str, str]] = []
         self.seq = 0
 
@@ -65,7 +67,14 @@ class Driver:
 
     async def _create(self) -> None:
         intent = self._intent()
-        order = await self.ex.create_order(intent)
+        try:
+            order = await self.ex.create_order(intent)
+        except BusinessError:
+            self.refused.add(intent.client_order_id)
+            raise
+        except BotError:
+            self.ambiguous[intent.client_order_id] = intent.pair
+            raise
         assert order.client_order_id == intent.client_order_id
         self.created[intent.client_order_id] = intent.pair
         if intent.type is OrderType.LIMIT:
@@ -142,12 +151,16 @@ def _assert_within_published_limits(emu: BybitEmulator) -> None:
 
 
 async def test_fault_soak_no_unhandled_errors_no_duplicates_within_limits() -> None:
-    """1,000 calls with 10% 5xx, 5% timeouts and bursts: all handled, no dupes, within limits."""
+    """1,000 calls through 5xx, timeouts, lost answers, bursts: handled, no orphans, in limits.
+
+    Lost answers are the faults that hurt: the exchange placed or cancelled the order, and
+    the answer never arrived (held past the timeout, or truncated).
+    """
     rng = random.Random(20240601)
     names, weights = zip(*MIX, strict=True)
     plan = rng.choices(names, weights=weights, k=CALLS)
     async with BybitEmulator(balances={"USDT": "1000000", "BTC": "10"}, hang_s=0.6, seed=5) as emu:
-        emu.fault_rates = {"5xx": 0.10, "timeout": 0.05}
+        emu.fault_rates = {"5xx": 0.08, "timeout": 0.04, "timeout_after": 0.03, "malformed": 0.03}
         exchange = Exchange(
             exchange_settings(emu, timeout_s=0.3),
             retry_attempts=6,
@@ -159,14 +172,21 @@ async def test_fault_soak_no_unhandled_errors_no_duplicates_within_limits() -> N
         async with exchange:
             driver = Driver(emu, exchange, rng)
             await driver.run(plan)
-        emu.clear_faults()
+            emu.clear_faults()
+            # Every create whose outcome the caller could not know is settled by its id,
+            # exactly as the exchange has it.
+            looked_up = {
+                cid: await exchange.fetch_order(pair, client_order_id=cid)
+                for cid, pair in driver.ambiguous.items()
+            }
 
         assert driver.unhandled == []
         assert sum(driver.outcomes.values()) == CALLS
         assert driver.outcomes["ok"] >= 0.97 * CALLS, driver.outcomes
         faults = Counter(r.fault for r in emu.requests)
-        assert faults["5xx"] >= 50
-        assert faults["timeout"] >= 25
+        assert faults["5xx"] >= 40
+        assert faults["timeout"] >= 20
+        assert faults["timeout_after"] + faults["malformed"] >= 30
         assert faults["10006"] + faults["429"] + faults["403"] >= 20
 
         per_link_id = emu.orders_by_link_id()
@@ -174,4 +194,11 @@ async def test_fault_soak_no_unhandled_errors_no_duplicates_within_limits() -> N
             len(orders) == 1 for cid, orders in per_link_id.items() if cid.startswith("soak-")
         )
         assert set(driver.created) <= set(per_link_id)
+        # No orphan: every order on the exchange was either answered to the caller or is one
+        # the caller was told to look up; none was placed behind a refusal.
+        soak_orders = {cid for cid in per_link_id if cid.startswith("soak-")}
+        assert soak_orders <= set(driver.created) | set(driver.ambiguous)
+        assert not soak_orders & driver.refused
+        for cid, found in looked_up.items():
+            assert (found is not None) == (cid in per_link_id), cid
         _assert_within_published_limits(emu)
