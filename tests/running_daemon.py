@@ -41,8 +41,9 @@ def write_sawtooth(path: Path) -> Path:
     """Write the sawtooth candle file (the sample's header and first price) to `path`."""
     from data_manager import load_candles
 
-    price = float(load_candles(SAMPLE_FILE, timeframe="1m")["open"].iloc[0])
-    ts = int(1_670_889_600_000)  # the sample's first candle, a UTC midnight
+    sample = load_candles(SAMPLE_FILE, timeframe="1m")
+    price = float(sample["open"].iloc[0])
+    ts = int(sample.index[0].value // 1_000_000)  # the sample's first candle, ms UTC
     with path.open("w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["timestamp", "open", "high", "low", "close", "volume"])
