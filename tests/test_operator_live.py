@@ -139,6 +139,9 @@ async def test_telegram_forceexit_closes_the_engine_position(
     [trade] = [t for t in engine.portfolio.closed if t.reason.startswith("force exit")]
     assert trade.pair == PAIR
     assert trade.reason == f"force exit: telegram user {USER}"
+    assert "Expired" in (await press(api, prompt, "Confirm")).visible  # one press acts once
+    await replay_daemon.position_opened()  # trading goes on after the forced exit
+    assert len([t for t in engine.portfolio.closed if t.reason.startswith("force exit")]) == 1
 
 
 async def test_telegram_forceexit_without_a_position_is_answered(
