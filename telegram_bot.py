@@ -1143,14 +1143,17 @@ class TelegramBot:
             await control.reset_risk(reason)
             return f"🔓 Risk reset: trading {esc(control.snapshot().trading_state)}."
         if pending.action == "forceexit":
-            pairs = (
-                [p.pair for p in control.snapshot().portfolio.positions]
-                if pending.arg.lower() == "all"
-                else [pending.arg]
-            )
-            for pair in pairs:
+            # The position may have closed (a stop, the strategy) between the question and
+            # the press: the engine then sends nothing, and the answer must not say it did.
+            held = [p.pair for p in control.snapshot().portfolio.positions]
+            pairs = held if pending.arg.lower() == "all" else [pending.arg]
+            sent = [pair for pair in pairs if pair in held]
+            for pair in sent:
                 await control.force_exit(pair, reason)
-            return f"✅ Exit sent for {esc(', '.join(pairs)) or 'nothing'}."
+            gone = [pair for pair in pairs if pair not in held]
+            if gone and not sent:
+                return f"No open position on {esc(', '.join(gone))} any more; nothing sent."
+            return f"✅ Exit sent for {esc(', '.join(sent)) or 'nothing'}."
         if pending.action == "mode" and self._mode_switch is not None:
             return f"✅ {esc(await self._mode_switch(pending.arg))}"
         raise BotError(f"unknown action {pending.action}", component="telegram")

@@ -10,9 +10,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from tests.running_daemon import RunningDaemon
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +105,16 @@ async def eventually(
 def sample_dir() -> Path:
     """Return the bundled sample data directory."""
     return SAMPLE
+
+
+@pytest.fixture
+async def replay_daemon(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
+    """Run a real replay daemon in the test's loop until it has traded; stop it in order after."""
+    from tests.running_daemon import start_daemon, stop_daemon
+
+    running = await start_daemon(tmp_path)
+    yield running
+    await stop_daemon(running)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,8 +7,10 @@ inject updates (commands, button presses), read what the bot sent (with arrival 
 `time.monotonic()`), and inject faults: a 429 with `retry_after`, a 5xx, or a server that is
 gone (connections refused) and later comes back on the same port.
 
-`FakeControl` implements `models.Control` with real state, so a command's effect can be
-checked on the state rather than on recorded calls.
+`FakeControl` implements `models.Control` with a fixed, hand-set state for the rendering
+and confirmation-flow tests; its actions follow the engine's rules (/resume keeps a latched
+breaker, a force exit on a flat pair does nothing). What the commands do to a real bot is
+tested against a running replay daemon in tests/test_operator_live.py.
 """
 
 from __future__ import annotations
@@ -441,6 +443,7 @@ class FakeControl:
     mode: str = "sim"
     state: BotState = BotState.RUNNING
     trading_state: TradingState = TradingState.NORMAL
+    manual: TradingState | None = None  # the operator's rung (/stopbuy), as the engine's risk
     cash: Decimal = Decimal("9000")
     positions: dict[str, Position] = field(default_factory=dict)
     trades: list[ClosedTrade] = field(default_factory=list)
@@ -493,26 +496,33 @@ class FakeControl:
         self.state = BotState.PAUSED
 
     async def resume(self, reason: str) -> None:
-        """Trade normally again."""
+        """Trade again, as the engine does: lift the manual rung only, never a latch."""
         self.reasons.append(reason)
         self.state = BotState.RUNNING
-        self.trading_state = TradingState.NORMAL
+        if self.manual is not None:
+            self.manual = None
+            if not self.risk.get("latched"):
+                self.trading_state = TradingState.NORMAL
 
     async def stop_buy(self, reason: str) -> None:
-        """Allow exits only."""
+        """Allow exits only (the manual `reducing` rung)."""
         self.reasons.append(reason)
+        self.manual = TradingState.REDUCING
         self.trading_state = TradingState.REDUCING
 
     async def reset_risk(self, reason: str) -> None:
-        """Lift latched breakers: trading is normal again."""
+        """Lift latched breakers and the manual rung: trading is normal again."""
         self.reasons.append(reason)
+        self.manual = None
         self.trading_state = TradingState.NORMAL
         self.risk = {**self.risk, "latched": {}}
 
     async def force_exit(self, pair: str, reason: str) -> None:
-        """Close the position on `pair` at its mark price."""
+        """Close the position on `pair` at its mark price; nothing when flat, as the engine."""
         self.reasons.append(reason)
-        position = self.positions.pop(pair)
+        position = self.positions.pop(pair, None)
+        if position is None:
+            return
         exit_price = position.mark_price or position.entry_price
         sign = 1 if position.side is PositionSide.LONG else -1
         pnl = (exit_price - position.entry_price) * position.qty * sign
