@@ -1,4 +1,10 @@
-"""Suite-wide fixtures: the loopback-only network guard, isolated settings, `eventually`."""
+"""Suite-wide fixtures: the loopback-only network guard, isolated settings, `eventually`.
+
+Also the Hypothesis profiles: "dev" (the default: random examples, so local runs keep
+exploring) and "ci" (chosen by CI=true or HYPOTHESIS_PROFILE=ci): derandomised so a CI run
+is reproducible and a red build stays red on re-run, more examples, no deadline (a shared CI
+runner's timing is noise, not a finding), and the blob to reproduce any failure locally.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 
 if TYPE_CHECKING:
@@ -27,6 +34,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+# Property tests leave max_examples to the profile unless their examples are slow (a real
+# SQLite store, a whole replay): those set a smaller count of their own. Both profiles start
+# from Hypothesis's defaults: it loads its own "ci" profile whenever a CI variable exists.
+_DEFAULTS = settings.get_profile("default")
+settings.register_profile("dev", _DEFAULTS, max_examples=200, print_blob=True)
+settings.register_profile(
+    "ci",
+    _DEFAULTS,
+    derandomize=True,
+    max_examples=500,
+    deadline=None,
+    print_blob=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],  # a busy runner is not a slow strategy
+)
+_CI = os.environ.get("CI", "").lower() in ("true", "1")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else "dev"))
 
 
 def _is_loopback(address: Any) -> bool:

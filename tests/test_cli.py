@@ -233,6 +233,7 @@ def test_sigterm_stops_gracefully_within_5s(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.communicate()  # reap it and close both pipes
     assert proc.returncode == 0
     assert elapsed < 5.0
     state = json.loads((tmp_path / "data" / "state" / "sim.json").read_text())

@@ -40,7 +40,7 @@ def _frame(rows: list[tuple[int, float, float, float, float, float]]) -> pd.Data
     return pd.DataFrame(rows, columns=["timestamp", "open", "high", "low", "close", "volume"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(row, max_size=60), st.booleans(), st.integers(0, 45 * STEP))
 def test_normalised_output_is_always_clean(rows, with_grid, now) -> None:
     """Output is sorted, unique, float64, finite, OHLC-consistent, and every drop is counted."""
@@ -69,7 +69,7 @@ def test_normalised_output_is_always_clean(rows, with_grid, now) -> None:
     assert again.equals(frame)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(
     st.lists(st.integers(0, 300), min_size=1, max_size=120, unique=True),
     st.sampled_from(["5m", "15m", "1h"]),

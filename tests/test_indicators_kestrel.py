@@ -430,7 +430,7 @@ def test_own_indicators_are_at_least_fifteen_and_not_in_talib() -> None:
 
 
 @given(st.lists(st.sampled_from([1.0, 1.5, 2.0, 2.5]), min_size=0, max_size=60))
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 def test_streak_counts_runs_of_rises_and_falls(closes: list[float]) -> None:
     """The branch-free streak: +n after n rises in a row, -n after n falls, 0 when unchanged."""
     streak, ratio = ti._streak_kernel(np.array(closes, dtype=np.float64))

@@ -443,7 +443,7 @@ def test_stop_event_cancels_before_the_next_generation() -> None:
     anchored=st.booleans(),
     gap=st.integers(0, 20),
 )
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 def test_walk_forward_windows_keep_test_after_train(
     n_rows: int, windows: int, ratio: float, anchored: bool, gap: int
 ) -> None:

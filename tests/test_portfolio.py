@@ -86,7 +86,7 @@ fills_strategy = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(fills_strategy)
 def test_equity_is_conserved(steps: list[tuple[Side, Decimal, Decimal, Decimal, str]]) -> None:
     """cash + positions at the last fill prices == start + realised PnL + unrealised - fees."""
@@ -162,7 +162,7 @@ def test_dust_below_the_market_minimum_is_written_off_at_its_value() -> None:
     ),
     start=st.integers(min_value=0, max_value=3),
 )
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 def test_equity_run_equals_marking_and_recording_candle_by_candle(
     holding: Side | None, closes: list[float], start: int
 ) -> None:

@@ -68,7 +68,7 @@ def _intent(**kw: object) -> OrderIntent:
 
 
 @given(tick=TICKS, price=PRICES, side=st.sampled_from([None, Side.BUY, Side.SELL]))
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 def test_round_price_lands_on_the_tick_grid_within_one_tick(
     tick: Decimal, price: Decimal, side: Side | None
 ) -> None:
@@ -87,7 +87,7 @@ def test_round_price_lands_on_the_tick_grid_within_one_tick(
 
 
 @given(lot=LOTS, qty=QTYS)
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 def test_round_qty_floors_to_the_lot_and_never_increases(lot: Decimal, qty: Decimal) -> None:
     """A rounded quantity is a multiple of the lot, never above the input, and idempotent."""
     market = _market(Decimal("0.1"), lot)
@@ -103,7 +103,7 @@ def test_round_qty_floors_to_the_lot_and_never_increases(lot: Decimal, qty: Deci
     price=st.decimals(min_value=Decimal("10"), max_value=Decimal("100000"), places=4),
     side=st.sampled_from([Side.BUY, Side.SELL]),
 )
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 def test_validate_intent_is_idempotent_and_on_grid(
     qty: Decimal, price: Decimal, side: Side
 ) -> None:

@@ -252,7 +252,7 @@ def test_exit_of_a_short_is_allowed_while_flattening() -> None:
     assert intent.qty == Decimal(2)
 
 
-@hyp_settings(max_examples=150, deadline=None)
+@hyp_settings(deadline=None)
 @given(
     steps=st.lists(
         st.tuples(

@@ -319,7 +319,7 @@ def test_all_in_ignores_breakers_and_correlation() -> None:
 # -- Properties ------------------------------------------------------------------------------
 
 
-@hyp_settings(max_examples=200, deadline=None)
+@hyp_settings(deadline=None)
 @given(
     equity=st.decimals(min_value=10, max_value=1_000_000, places=2),
     cash_share=st.decimals(min_value=0, max_value=1, places=3),

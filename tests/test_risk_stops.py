@@ -112,7 +112,7 @@ def test_new_position_on_the_same_pair_starts_a_fresh_track() -> None:
     assert risk.manage_stop(fresh, 100.5, 99.5, 100, 2.0, T0 + MINUTE) == Decimal("96.5")
 
 
-@hyp_settings(max_examples=150, deadline=None)
+@hyp_settings(deadline=None)
 @given(
     side=st.sampled_from(list(PositionSide)),
     steps=st.lists(
