@@ -699,7 +699,7 @@ class Engine:
         """Apply a fill from the private stream, deriving the order's new state from it."""
         known = self.executor.orders.get(fill.client_order_id)
         if known is None:
-            if self.executor.has_fill(fill.fill_id):
+            if await self.executor.has_fill(fill.fill_id):
                 return  # a REST sweep re-reporting a fill of an order done before start-up
             log.warning(
                 "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair

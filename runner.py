@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -45,6 +46,7 @@ from risk_management import RiskManager
 from strategy import Strategy, load_strategy
 from trade_executor import TradeExecutor
 from trade_simulator import ReplayFeed, SimulatedExchange
+from utils.supervision import Supervisor
 from utils.utilities import (
     AuditTrail,
     ReplayClock,
@@ -137,6 +139,7 @@ class Daemon:
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[Callable[[str, dict[str, Any]], None]] = []
+        self.supervisor = Supervisor(self.stop, self.alert)
         # Risk state persistence (live and paper on the exchange feed; replays have none).
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
@@ -342,7 +345,14 @@ class Daemon:
         from trade_store import TradeStore
 
         store = TradeStore.open(s.storage.effective_database_url, bot_id=f"{s.exchange.name}-live")
-        self._closers.append(("store", lambda: asyncio.to_thread(store.close)))
+        closing: list[Any] = []  # the executor's journal thread, then the store
+
+        async def close_store() -> None:
+            for executor in closing:
+                await executor.close()
+            await asyncio.to_thread(store.close)
+
+        self._closers.append(("store", close_store))
         balances = await exchange.fetch_balance()
         quote = s.simulation.quote_currency
         cash = balances[quote].total if quote in balances else Decimal(0)
@@ -356,6 +366,7 @@ class Daemon:
             data=data,
             max_lag_ms=step,
         )
+        closing.append(self.engine.executor)
         self.engine.set_pairs(pairs)
         self.engine.extra_status = self._exchange_status
         await self._restore_risk_state(store)
@@ -509,12 +520,10 @@ class Daemon:
         log.info("duration_elapsed", seconds=seconds)
         self.stop.set()
 
-    async def _snapshots(self) -> None:
-        interval = self.settings.storage.snapshot_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            await self._persist_async()
-            self.record_performance()
+    async def _snapshot_once(self) -> None:
+        await asyncio.sleep(self.settings.storage.snapshot_interval_s)
+        await self._persist_async()
+        self.record_performance()
 
     def record_performance(self) -> None:
         """Write the periodic performance snapshot to the audit trail (JSON lines, rotated)."""
@@ -713,31 +722,28 @@ class Daemon:
             registry = ModelRegistry(models, self.model_name(pair))
             self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
 
-    async def _retrain(self) -> None:
-        """Retrain every pair's model off the loop on a fixed schedule; swap in atomically."""
+    async def _retrain_once(self) -> None:
+        """Retrain every pair's model off the loop, after the interval; swap in atomically."""
         from self_learning import train_and_save
         from utils.utilities import run_cpu
 
         assert self.engine is not None
         learning = self.settings.learning
         models = self.settings.storage.data_dir / "models"
-        while True:
-            await asyncio.sleep(learning.retrain_interval_s)
-            await self.engine.data.flush()
-            archive = CandleStore(self.settings.storage.data_dir)
-            for pair in self.engine.pairs:
-                timeframe = self.settings.strategy.timeframe
-                if not archive.has(pair, timeframe):
-                    continue
-                frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
-                try:
-                    meta = await run_cpu(
-                        train_and_save, frame, learning, models, self.model_name(pair)
-                    )
-                except DataError as e:
-                    log.warning("retrain_skipped", pair=pair, reason=e.message)
-                    continue
-                log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)
+        await asyncio.sleep(learning.retrain_interval_s)
+        await self.engine.data.flush()
+        archive = CandleStore(self.settings.storage.data_dir)
+        for pair in self.engine.pairs:
+            timeframe = self.settings.strategy.timeframe
+            if not archive.has(pair, timeframe):
+                continue
+            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
+            try:
+                meta = await run_cpu(train_and_save, frame, learning, models, self.model_name(pair))
+            except DataError as e:
+                log.warning("retrain_skipped", pair=pair, reason=e.message)
+                continue
+            log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)
 
     async def _private_fills(self) -> None:
         structlog.contextvars.bind_contextvars(
@@ -764,7 +770,7 @@ class Daemon:
             since = max(since, self._fills_since)
         settled = 0
         for fill in await self.exchange.fetch_my_trades(since=since):
-            if not self.engine.executor.has_fill(fill.fill_id):
+            if not await self.engine.executor.has_fill(fill.fill_id):
                 await self.engine.on_stream_fill(fill)
                 settled += 1
         if settled:
@@ -838,17 +844,22 @@ class Daemon:
             else:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
-            background.append(tg.create_task(self._snapshots(), name="snapshots"))
+            # Background work may fail; trading goes on (the supervisor tells the operator).
+            supervise = self.supervisor.loop
+            background.append(
+                tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots")
+            )
             if self.settings.learning.enabled and self.args.mode != "backtest":
                 self.enable_learning()
-                background.append(tg.create_task(self._retrain(), name="retrain"))
-            if self.top_pairs is not None:
                 background.append(
-                    tg.create_task(
-                        self.top_pairs.run(self.stop, on_change=self.on_pairs_changed),
-                        name="top-pairs",
-                    )
+                    tg.create_task(supervise("retrain", self._retrain_once), name="retrain")
                 )
+            if self.top_pairs is not None:
+                top_pairs = self.top_pairs
+                refresh = functools.partial(
+                    top_pairs.run, self.stop, on_change=self.on_pairs_changed
+                )
+                background.append(tg.create_task(supervise("top-pairs", refresh), name="top-pairs"))
             background += self.ui_tasks(tg)
             if self.args.duration is not None:
                 background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
@@ -896,7 +907,7 @@ class Daemon:
         since = self._fills_since
         settled = 0
         for fill in await exchange.fetch_my_trades(since=since):
-            if not engine.executor.has_fill(fill.fill_id):
+            if not await engine.executor.has_fill(fill.fill_id):
                 await engine.on_stream_fill(fill)
                 settled += 1
         crossed = await engine.executor.restore_protection(engine.price)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
@@ -50,11 +50,12 @@ from models import (
 )
 from portfolio import Portfolio
 from utils.precision import validate_intent
-from utils.utilities import AuditTrail, Clock
+from utils.utilities import AuditTrail, Clock, SerialWorker
 
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+T = TypeVar("T")
 
 
 class OrderGateway(Protocol):
@@ -197,6 +198,8 @@ class TradeExecutor:
         self._clock = clock
         self._audit = audit
         self._store = store
+        # Journal I/O (fsync'd commits) runs on its own thread, in order, never on the loop.
+        self._io = SerialWorker("journal") if store is not None else None
         self._notify = notify or (lambda kind, data: None)
         self.taker_fee = taker_fee
         self.protective_orders = protective_orders
@@ -240,7 +243,7 @@ class TradeExecutor:
             self._check_balance(checked, last_price)
         except OrderRejected as e:
             return self._reject_locally(intent, e.message, now)
-        attempt = self._next_attempt(checked)
+        attempt = await self._next_attempt(checked)
         if isinstance(attempt, Order):
             return attempt  # this decision was sent before: never twice
         checked = attempt
@@ -269,7 +272,18 @@ class TradeExecutor:
             await self._protect(self._intents[checked.client_order_id], order.avg_fill_price)
         return order
 
-    def _next_attempt(self, intent: OrderIntent) -> OrderIntent | Order:
+    async def _off(self, func: Callable[..., T], /, *args: Any) -> T:
+        """Run a journal call off the event loop (inline without a journal thread)."""
+        if self._io is None:
+            return func(*args)
+        return await self._io.call(func, *args)
+
+    async def close(self) -> None:
+        """Stop the journal thread once its queued writes are done."""
+        if self._io is not None:
+            await asyncio.to_thread(self._io.close)
+
+    async def _next_attempt(self, intent: OrderIntent) -> OrderIntent | Order:
         """Return the intent under its next attempt's id, or the order already sent for it.
 
         The journal holds every attempt of a decision under `<key>_<attempt>`. For an entry
@@ -281,7 +295,7 @@ class TradeExecutor:
         if self._store is None or parsed is None:
             return intent
         key, _ = parsed
-        attempts = self._store.attempts(key)
+        attempts = await self._off(self._store.attempts, key)
         protective = purpose_of(intent) in (OrderPurpose.STOP, OrderPurpose.TAKE_PROFIT)
         for order, never_sent in attempts:
             if never_sent or (protective and order.status.is_terminal):
@@ -306,17 +320,18 @@ class TradeExecutor:
             # The journal keeps the levels the entry's protection is placed at (sent apart).
             record = self._intents.get(cid)
             levels = (None, None) if record is None else (record.stop_loss, record.take_profit)
-            self._store.journal(replace(checked, stop_loss=levels[0], take_profit=levels[1]), now)
+            journaled = replace(checked, stop_loss=levels[0], take_profit=levels[1])
+            await self._off(self._store.journal, journaled, now)
         self._audit.record("order_submitted", now, intent=_intent_fields(checked))
         # Known before the answer: a fill on the stream can beat the REST reply.
         self.orders[cid] = order_from_intent(checked, OrderStatus.NEW, now)
         try:
             if self._store is not None:
-                self._store.mark_sent(cid)
+                await self._off(self._store.mark_sent, cid)
             order = await self._gateway.create_order(checked)
         except OrderRejected as e:
             if self._store is not None:
-                self._store.mark_never_sent(cid, e.message)
+                await self._off(self._store.mark_never_sent, cid, e.message)
             return self._reject_locally(checked, e.message, now)
         except BotError as e:
             log.error("order_send_failed", **{**e.describe(), "client_order_id": cid})
@@ -325,7 +340,7 @@ class TradeExecutor:
                 self._unresolved[checked.pair] = (cid, now)
             raise
         if self._store is not None:
-            self._store.acknowledge(order)
+            await self._off(self._store.acknowledge, order)
         self._track(order)
         if order.status is OrderStatus.REJECTED:
             self.rejections += 1
@@ -426,7 +441,7 @@ class TradeExecutor:
             else:
                 if found is not None:
                     if self._store is not None:
-                        self._store.adopt_order(found)
+                        await self._off(self._store.adopt_order, found)
                     self._track(found)
                     log.info(
                         "order_outcome_resolved", client_order_id=cid, status=str(found.status)
@@ -434,8 +449,10 @@ class TradeExecutor:
                     return found
                 if self._clock.now_ms() - since > self.unknown_after_ms:
                     if self._store is not None and placement:
-                        self._store.mark_never_sent(
-                            cid, "not on the exchange after its answer was lost"
+                        await self._off(
+                            self._store.mark_never_sent,
+                            cid,
+                            "not on the exchange after its answer was lost",
                         )
                     known = self.orders.get(cid)
                     if known is not None and not known.status.is_terminal:
@@ -477,19 +494,19 @@ class TradeExecutor:
         """Apply an order update from a REST answer or the private stream."""
         self._track(order)
         if self._store is not None:
-            self._store.update_order(self.orders[order.client_order_id])
+            await self._off(self._store.update_order, self.orders[order.client_order_id])
 
-    def has_fill(self, fill_id: str) -> bool:
+    async def has_fill(self, fill_id: str) -> bool:
         """Return True if the journal already holds this execution (False without one)."""
-        return self._store is not None and self._store.has_fill(fill_id)
+        return self._store is not None and await self._off(self._store.has_fill, fill_id)
 
     async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
         """Apply a fill (once, whichever source reports it first) and manage protection."""
-        if self._store is not None and not self._store.record_fill(fill):
+        if self._store is not None and not await self._off(self._store.record_fill, fill):
             return None
         self._track(order)
         if self._store is not None:
-            self._store.update_order(self.orders.get(order.client_order_id, order))
+            await self._off(self._store.update_order, self.orders.get(order.client_order_id, order))
         intent = self._intents.get(fill.client_order_id)
         reason = intent.reason if intent else order.reason
         trade = self.portfolio.apply_fill(fill, reason=reason)
@@ -629,7 +646,7 @@ class TradeExecutor:
             checked = validate_intent(intent, self._market_for(intent.pair), last_price=price)
         except OrderRejected as e:
             return self._reject_locally(intent, e.message, now)
-        attempt = self._next_attempt(checked)
+        attempt = await self._next_attempt(checked)
         if isinstance(attempt, Order):
             return attempt
         self._intents[attempt.client_order_id] = attempt
@@ -785,11 +802,11 @@ class TradeExecutor:
             return None  # a real take-profit order is working
         return position.take_profit
 
-    def purpose(self, client_order_id: str) -> OrderPurpose | None:
+    async def purpose(self, client_order_id: str) -> OrderPurpose | None:
         """Return what an order is for by our own record of it (None: not one of ours)."""
         intent = self._intents.get(client_order_id)
         if intent is None and self._store is not None:
-            intent = self._store.get_intent(client_order_id)
+            intent = await self._off(self._store.get_intent, client_order_id)
         return None if intent is None else purpose_of(intent)
 
     async def cancel_entries(self) -> int:
@@ -800,7 +817,7 @@ class TradeExecutor:
         """
         count = 0
         for order in await self._gateway.fetch_open_orders():
-            if self.purpose(order.client_order_id) is not OrderPurpose.ENTRY:
+            if await self.purpose(order.client_order_id) is not OrderPurpose.ENTRY:
                 continue
             async with self._slot(order.pair).lock:
                 try:
@@ -836,7 +853,7 @@ class TradeExecutor:
            working stop is cancelled, so at most one remains.
         """
         adopted = never_sent = refreshed = 0
-        for order in store.unacknowledged():
+        for order in await self._off(store.unacknowledged):
             found = await self._look_up(order.pair, order.client_order_id, order.ts_created)
             if isinstance(found, Order):
                 adopted += 1
@@ -844,23 +861,25 @@ class TradeExecutor:
                 never_sent += 1
             else:  # the exchange cannot tell yet: nothing more is sent on the pair until then
                 self._unresolved[order.pair] = (order.client_order_id, order.ts_created)
-        for order in store.open_orders():
+        for order in await self._off(store.open_orders):
             fresh = await account.fetch_order(order.pair, client_order_id=order.client_order_id)
             if fresh is not None:
-                store.update_order(fresh)
+                await self._off(store.update_order, fresh)
                 self.orders[fresh.client_order_id] = fresh
                 refreshed += 1
-        known = {o.client_order_id: o for o in store.all_orders()}
-        recorded = store.fills()
+        known = {o.client_order_id: o for o in await self._off(store.all_orders)}
+        recorded = await self._off(store.fills)
         since = _fills_since(known.values(), recorded)
         new_fills = 0
         for pair in sorted({o.pair for o in known.values()}):
             for fill in await account.fetch_my_trades(pair, since=since):
-                if fill.client_order_id in known and store.record_fill(fill):
+                if fill.client_order_id in known and await self._off(store.record_fill, fill):
                     new_fills += 1
         rebuilt = Portfolio(self.portfolio.cash, quote=quote)
-        for fill in sorted(store.fills(), key=lambda f: (f.ts, f.fill_id)):
-            intent = store.get_intent(fill.client_order_id)
+        intents = {cid: await self._off(store.get_intent, cid) for cid in known}
+        journal_fills = await self._off(store.fills)
+        for fill in sorted(journal_fills, key=lambda f: (f.ts, f.fill_id)):
+            intent = intents.get(fill.client_order_id)
             rebuilt.apply_fill(fill, reason=intent.reason if intent else "")
         balances = await account.fetch_balance()
         cash = balances[quote].total if quote in balances else self.portfolio.cash
@@ -874,11 +893,11 @@ class TradeExecutor:
         for pair in list(self.portfolio.positions()):
             market = self._market_for(pair)
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
-        await self._adopt_protection(known, store)
+        await self._adopt_protection(known, intents)
         positions = self.portfolio.positions()
         lines = [
             f"orders adopted {adopted}, never sent {never_sent}, refreshed {refreshed}",
-            f"fills recorded while down {new_fills}; {len(store.fills())} fills in the journal",
+            f"fills recorded while down {new_fills}; {len(journal_fills)} fills in the journal",
             f"cash {cash} {quote}; {len(positions)} position(s)",
         ]
         lines += [f"  {p.pair} {p.side} {p.qty} @ {p.entry_price}" for p in positions.values()]
@@ -892,10 +911,12 @@ class TradeExecutor:
         )
         return "\n".join(lines)
 
-    async def _adopt_protection(self, known: dict[str, Order], store: Any) -> None:
+    async def _adopt_protection(
+        self, known: dict[str, Order], intents: dict[str, OrderIntent | None]
+    ) -> None:
         working: dict[str, list[Order]] = {}
         for cid, order in known.items():
-            intent = store.get_intent(cid)
+            intent = intents.get(cid)
             if intent is None:
                 continue
             self._intents.setdefault(cid, intent)

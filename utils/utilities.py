@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
+import functools
 import logging
 import logging.handlers
 import os
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -368,6 +370,28 @@ async def retry_async(
 # -- Tasks -----------------------------------------------------------------------------------
 
 
+class SerialWorker:
+    """Run blocking calls off the event loop on one thread, in the order they were awaited.
+
+    For I/O whose order matters (the order journal: journaled before sent, acknowledged
+    after), each call copies the caller's context variables (structlog's bound context).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Return `func(*args, **kwargs)`, run on the worker thread."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        call = functools.partial(context.run, func, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        """Stop the worker thread once its queued calls are done."""
+        self._executor.shutdown(wait=True)
+
+
 class TaskRegistry:
     """Strong references to dynamic tasks, logged when they fail and awaited on close.
 
@@ -414,13 +438,17 @@ async def supervised_loop(
     cap: float = 30.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
+    on_failure: Callable[[str, BaseException], None] | None = None,
+    contain_fatal: bool = False,
 ) -> None:
     """Run `step` until `stop` is set, surviving transient failures.
 
     A `RecoverableError` backs off with jitter; any other non-fatal exception is logged with
     its traceback and counted by the component's circuit breaker, which pauses the loop
-    while open. `CancelledError` and `FatalError` propagate, so the TaskGroup cancels the
-    siblings and `main` runs the fail-safe.
+    while open. `on_failure(name, error)` hears of every failure (to alert the operator).
+    `CancelledError` propagates; so does `FatalError`, so the TaskGroup cancels the
+    siblings and `main` runs the fail-safe, unless `contain_fatal` (background work whose
+    failure must not stop trading: a full disk under the snapshots, a broken model).
     """
     rng = rng or random.Random()  # noqa: S311 - jitter
     failures = 0
@@ -432,21 +460,23 @@ async def supervised_loop(
             await step()
         except asyncio.CancelledError:
             raise
-        except FatalError:
-            raise
-        except RecoverableError as e:
+        except Exception as e:
+            if isinstance(e, FatalError) and not contain_fatal:
+                raise
             failures += 1
             if breaker is not None:
                 breaker.record_failure()
-            delay = e.retry_after or rng.uniform(0, min(cap, base * 2**failures))
-            log.warning("loop_recoverable_error", loop=name, delay=round(delay, 3), **e.describe())
+            if isinstance(e, RecoverableError):
+                delay = e.retry_after or rng.uniform(0, min(cap, base * 2**failures))
+                log.warning(
+                    "loop_recoverable_error", loop=name, delay=round(delay, 3), **e.describe()
+                )
+            else:
+                delay = rng.uniform(0, min(cap, base * 2**failures))
+                log.exception("loop_error", loop=name)
+            if on_failure is not None:
+                on_failure(name, e)
             await sleep(delay)
-        except Exception:
-            failures += 1
-            if breaker is not None:
-                breaker.record_failure()
-            log.exception("loop_error", loop=name)
-            await sleep(rng.uniform(0, min(cap, base * 2**failures)))
         else:
             failures = 0
             if breaker is not None:
