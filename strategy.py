@@ -286,57 +286,146 @@ def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, ...]:
 # TA-Lib's TA_IS_ZERO tolerance, used by its RSI and ADX.
 _ZERO_EPS = 1e-8
 
+# -- Exact decisions ---------------------------------------------------------------------------
+#
+# Archive prices are doubles of decimal numbers on the market's tick grid,
+# and a crossing must be decided as those decimals decide it, not by the last bit of a float
+# sum (an SMA tie is common on a coarse tick). The indicator values stay TA-Lib's floats;
+# only the comparison changes.
+#
+# The SMA cross compares in float when the difference is larger than a proven bound on its
+# rounding error, and otherwise recomputes the two window sums exactly in int64 ticks of the
+# window's own decimal grid (the fewest decimals that give every close back exactly; no tick
+# size is needed, and no other rows matter). A window off any grid of up to `_MAX_DECIMALS`
+# decimals, or too large for int64, keeps the float decision. The exact path runs only on
+# near-ties, so the kernel keeps most of its speed.
+_U = 2.0**-53  # unit roundoff of float64
+_MAX_DECIMALS = 15
+_POW10 = np.array([10.0**d for d in range(_MAX_DECIMALS + 1)])
+_INT_LIMIT = 2.0**61  # products compared in int64 stay below this
+
+
+@njit(cache=True)
+def _decimals(x):  # type: ignore[no-untyped-def]
+    # The fewest decimals d such that x is the double nearest to an integer / 10**d, or -1.
+    for d in range(_MAX_DECIMALS + 1):
+        m = np.rint(x * _POW10[d])
+        if abs(m) < 2.0**50 and m / _POW10[d] == x:
+            return d
+    return -1
+
+
+@njit(cache=True)
+def _grid(a, lo, hi, factor):  # type: ignore[no-untyped-def]
+    # The common decimal grid of a[lo:hi], or -1 when a value is off every grid or when
+    # max|a| * 10**d * factor would leave the int64 range the caller needs.
+    d = 0
+    top = 0.0
+    for j in range(lo, hi):
+        dj = _decimals(a[j])
+        if dj < 0:
+            return -1
+        d = max(d, dj)
+        top = max(top, abs(a[j]))
+    if top * _POW10[d] * factor >= _INT_LIMIT:
+        return -1
+    return d
+
+
+@njit(cache=True)
+def _ticks(x, d):  # type: ignore[no-untyped-def]
+    return np.int64(np.rint(x * _POW10[d]))
+
+
+@njit(cache=True)
+def _tick_sum(a, lo, hi, d):  # type: ignore[no-untyped-def]
+    total = np.int64(0)
+    for j in range(lo, hi):
+        total += _ticks(a[j], d)
+    return total
+
+
+@njit(cache=True)
+def _sign(a, b):  # type: ignore[no-untyped-def]
+    return 1.0 if a > b else (-1.0 if a < b else 0.0)
+
+
+@njit(cache=True)
+def _sma_exact_side(c, i, nf, ns):  # type: ignore[no-untyped-def]
+    # The sign of SMA(nf) - SMA(ns) at row i in the window's ticks, or NaN off any grid:
+    # fast - slow = (ns * sum_fast - nf * sum_slow) / (nf * ns).
+    d = _grid(c, i - ns + 1, i + 1, float(nf * ns))
+    if d < 0:
+        return np.nan
+    return _sign(ns * _tick_sum(c, i - nf + 1, i + 1, d), nf * _tick_sum(c, i - ns + 1, i + 1, d))
+
 
 @njit(cache=True)
 def _sma_cross_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
-    # state: count, fast running total, slow running total, previous fast, previous slow.
+    # state: count, fast running total, slow running total, previous fast - slow (its sign
+    # exact), and the sum of the slow totals (which bounds the rounding drift).
     # The running totals follow TA-Lib's SMA exactly (add, emit, subtract the trailing).
     nf = int(params[0])
     ns = int(params[1])
     count = int(state[0])
     tot_f = state[1]
     tot_s = state[2]
-    prev_f = state[3]
-    prev_s = state[4]
+    prev = state[3]
+    drift = state[4]
+    drift_step = 8.0 * _U / nf
     want = feats.shape[0] > 0
     if count == 0:
-        prev_f = np.nan
-        prev_s = np.nan
+        prev = np.nan
     for i in range(start, c.shape[0]):
         x = c[i]
         tot_f += x
+        tot_s += x
+        # Each add and subtract rounds by at most u times the total. For positive prices
+        # the total after the subtract is below the one after the add and the fast total
+        # below the slow one, so 4u times the sum of the slow totals bounds both drifts
+        # (`drift` holds that bound over nf, doubled for safety).
+        drift += tot_s * drift_step
         fast = np.nan
         if count >= nf - 1:
             fast = tot_f / nf
             tot_f -= c[i - nf + 1]
-        tot_s += x
         slow = np.nan
         if count >= ns - 1:
             slow = tot_s / ns
             tot_s -= c[i - ns + 1]
+        # The float difference decides unless it is within its error bound: the totals'
+        # drift, plus 4u per side for the decimal-to-double rounding of the closes, the
+        # divisions and the subtraction; near a tie |fast| + |slow| < 2|slow| + the bound, so
+        # 16u|slow| (doubled) covers those. A near-tie is decided in exact ticks.
+        diff = fast - slow
+        if abs(diff) <= drift + 32.0 * _U * abs(slow):
+            exact = _sma_exact_side(c, i, nf, ns)
+            if not np.isnan(exact):
+                diff = exact
         # NaN compares false, so no crossing is reported before both averages exist.
-        enter[i] = fast > slow and prev_f <= prev_s
-        exit_[i] = fast < slow and prev_f >= prev_s
+        enter[i] = diff > 0 and prev <= 0
+        exit_[i] = diff < 0 and prev >= 0
         if want:
             feats[i, 0] = fast
             feats[i, 1] = slow
-        prev_f = fast
-        prev_s = slow
+        prev = diff
         count += 1
     state[0] = count
     state[1] = tot_f
     state[2] = tot_s
-    state[3] = prev_f
-    state[4] = prev_s
+    state[3] = prev
+    state[4] = drift
 
 
 class SmaCross(KernelStrategy):
     """Long when the fast SMA crosses above the slow SMA; exit on the cross back down.
 
     The parity reference against backtesting.py and vectorbt. A cross needs the previous
-    bar at or on the other side (`fast[i-1] <= slow[i-1]` and `fast[i] > slow[i]`).
+    bar at or on the other side (`fast[i-1] <= slow[i-1]` and `fast[i] > slow[i]`), with
+    the averages compared as the decimal closes decide (an exact tie is equal, whatever
+    the float sums say).
     """
 
     name = "sma_cross"

@@ -1,0 +1,108 @@
+"""Exact ties: built-in strategies decide crossings as exact arithmetic on the decimal prices.
+
+Prices are drawn on a coarse decimal tick grid with few distinct values, so averages tie
+often, while the doubles of those decimals (0.1 is not a binary fraction) make the float
+sums land a bit either side of the tie. The references below are written plainly in
+`fractions.Fraction` on the decimal strings.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import talib
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategy import KernelStrategy, SmaCross
+from tests.test_backtest_support import frame
+
+
+# A regression series: at row 5 SMA(2) = (100.0 + 100.2) / 2 = 100.1 equals SMA(5) =
+# 500.5 / 5 exactly, while TA-Lib's float sums give 100.10000000000002 against 100.1; the
+# real cross up is at row 6.
+TIE_CLOSES = [100.1, 100.2, 100.1, 100.0, 100.0, 100.2, 100.0, 100.2, 100.0]
+TIE_ROW = 5
+
+
+def _exact(values: list[float]) -> list[Fraction]:
+    # The decimal each archive double stands for (repr is the shortest round trip).
+    return [Fraction(repr(v)) for v in values]
+
+
+def _cross_decisions(sides: list[int | None]) -> tuple[list[bool], list[bool]]:
+    # Enter on fast > slow after fast <= slow; exit on fast < slow after fast >= slow.
+    enter, exit_ = [False] * len(sides), [False] * len(sides)
+    for i in range(1, len(sides)):
+        now, before = sides[i], sides[i - 1]
+        if now is None or before is None:
+            continue
+        enter[i] = now > 0 and before <= 0
+        exit_[i] = now < 0 and before >= 0
+    return enter, exit_
+
+
+def sma_cross_reference(closes: list[float], fast: int, slow: int) -> tuple[list[bool], ...]:
+    """Return sma_cross entries and exits computed in exact fractions."""
+    x = _exact(closes)
+    sides: list[int | None] = []
+    for i in range(len(x)):
+        if i < slow - 1:
+            sides.append(None)
+            continue
+        diff = sum(x[i - fast + 1 : i + 1]) / fast - sum(x[i - slow + 1 : i + 1]) / slow
+        sides.append((diff > 0) - (diff < 0))
+    return _cross_decisions(sides)
+
+
+def _incremental(strategy: KernelStrategy, closes: list[float]) -> tuple[list[bool], ...]:
+    # The live path: one row at a time on a growing window, state carried per pair.
+    df = frame(closes)
+    rows = [strategy.last_row("P", df.iloc[: i + 1]) for i in range(len(df))]
+    return [r["enter_long"] for r in rows], [r["exit_long"] for r in rows]
+
+
+grid_closes = st.lists(st.integers(0, 4), min_size=2, max_size=80).map(
+    lambda ticks: [float(f"{100 + t / 10:.1f}") for t in ticks]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(closes=grid_closes, fast=st.integers(2, 5), extra=st.integers(1, 6))
+def test_sma_cross_decisions_equal_the_exact_reference(
+    closes: list[float], fast: int, extra: int
+) -> None:
+    """On a 0.1 grid, sma_cross entries and exits equal the Fraction reference, batch and live."""
+    slow = max(5, fast + extra)  # the parameter's range starts at 5
+    enter, exit_ = SmaCross(fast=fast, slow=slow).entries_exits(frame(closes))
+    want_enter, want_exit = sma_cross_reference(closes, fast, slow)
+    assert enter.tolist() == want_enter
+    assert exit_.tolist() == want_exit
+    live_enter, live_exit = _incremental(SmaCross(fast=fast, slow=slow), closes)
+    assert (live_enter, live_exit) == (want_enter, want_exit)
+
+
+def test_an_exact_sma_tie_is_not_a_cross_whatever_the_float_sums_say() -> None:
+    """At the tie row the float rule enters; the exact rule waits for the real cross a row later."""
+    c = np.array(TIE_CLOSES)
+    fast, slow = talib.SMA(c, 2), talib.SMA(c, 5)
+    assert fast[TIE_ROW] > slow[TIE_ROW]  # the float noise this guards against
+    assert fast[TIE_ROW - 1] < slow[TIE_ROW - 1]
+    want_enter, _ = sma_cross_reference(TIE_CLOSES, 2, 5)
+    assert np.flatnonzero(want_enter).tolist() == [TIE_ROW + 1]
+    enter, _ = SmaCross(fast=2, slow=5).entries_exits(frame(TIE_CLOSES))
+    assert np.flatnonzero(enter).tolist() == [TIE_ROW + 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(history=st.lists(st.integers(-3000, 3000), min_size=0, max_size=60))
+def test_the_tie_is_decided_the_same_after_any_history(history: list[int]) -> None:
+    """Any earlier closes (any running-sum drift) leave every decision, the tie's too, exact."""
+    prefix = [float(f"{100 + t / 100:.2f}") for t in history]
+    closes = prefix + TIE_CLOSES
+    enter, exit_ = SmaCross(fast=2, slow=5).entries_exits(frame(closes))
+    want_enter, want_exit = sma_cross_reference(closes, 2, 5)
+    assert enter.tolist() == want_enter
+    assert exit_.tolist() == want_exit
+    assert not enter[len(prefix) + TIE_ROW]
