@@ -351,6 +351,21 @@ def _sign(a, b):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
+def _ratio(x):  # type: ignore[no-untyped-def]
+    # x as a reduced fraction num / den of its decimal (den divides a power of ten), or
+    # (0, 0) when x is off every grid. Parameters such as 1.5 or 2.25 stay small: 3/2, 9/4.
+    d = _decimals(x)
+    if d < 0:
+        return np.int64(0), np.int64(0)
+    num = np.int64(np.rint(x * _POW10[d]))
+    den = np.int64(np.rint(_POW10[d]))
+    a, b = abs(num), den
+    while b:
+        a, b = b, a % b
+    return num // a, den // a
+
+
+@njit(cache=True)
 def _sma_exact_side(c, i, nf, ns):  # type: ignore[no-untyped-def]
     # The sign of SMA(nf) - SMA(ns) at row i in the window's ticks, or NaN off any grid:
     # fast - slow = (ns * sum_fast - nf * sum_slow) / (nf * ns).
@@ -668,13 +683,30 @@ class RsiBollinger(KernelStrategy):
 
 
 @njit(cache=True)
+def _volume_exact_ok(v, i, n, f_num, f_den, fallback):  # type: ignore[no-untyped-def]
+    # v[i] >= (f_num / f_den) * mean(v[i-n:i]) in the window's ticks:
+    # n * f_den * V_i >= f_num * sum V. Off any grid (or past int64) keeps the float answer.
+    d = _grid(v, i - n, i + 1, float(n * max(f_num, f_den)))
+    if d < 0:
+        return fallback
+    return n * f_den * _ticks(v[i], d) >= f_num * _tick_sum(v, i - n, i, d)
+
+
+@njit(cache=True)
 def _breakout_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
-    # Donchian channel of the *previous* bars (the current bar is what breaks out).
+    # Donchian channel of the *previous* bars (the current bar is what breaks out). The
+    # channel tests compare prices themselves, so they are exact already (rounding a decimal
+    # to its double keeps order and equality); the volume filter is decided exactly below.
     n = int(params[0])
     n_exit = int(params[1])
     vol_factor = params[2]
+    f_num, f_den = _ratio(vol_factor)
+    # Float error of v - factor * mean: the n-term sum, the division, the product and the
+    # subtraction round by at most (n + 3)u of their magnitudes, plus u for each decimal
+    # volume's double and for the factor's; (n + 5)u, doubled.
+    tol = 2.0 * (n + 5) * _U
     want = feats.shape[0] > 0
     count = int(state[0])
     for i in range(start, c.shape[0]):
@@ -692,7 +724,13 @@ def _breakout_kernel(  # type: ignore[no-untyped-def]
             lower = lo[i - n_exit]
             for j in range(i - n_exit, i):
                 lower = min(lower, lo[j])
-        volume_ok = vol_factor <= 0.0 or v[i] >= vol_factor * vol_mean
+        volume_ok = vol_factor <= 0.0
+        if not volume_ok and count >= n:
+            need = vol_factor * vol_mean
+            margin = v[i] - need
+            volume_ok = margin >= 0.0
+            if abs(margin) <= tol * (v[i] + need) and f_den > 0:
+                volume_ok = _volume_exact_ok(v, i, n, f_num, f_den, volume_ok)
         enter[i] = c[i] > upper and volume_ok
         exit_[i] = c[i] < lower
         if want:

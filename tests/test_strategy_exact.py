@@ -11,11 +11,12 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import pandas as pd
 import talib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategy import KernelStrategy, SmaCross
+from strategy import Breakout, KernelStrategy, SmaCross
 from tests.test_backtest_support import frame
 
 
@@ -106,3 +107,61 @@ def test_the_tie_is_decided_the_same_after_any_history(history: list[int]) -> No
     assert enter.tolist() == want_enter
     assert exit_.tolist() == want_exit
     assert not enter[len(prefix) + TIE_ROW]
+
+
+def breakout_reference(
+    closes: list[float], volumes: list[float], period: int, exit_period: int, factor: float
+) -> tuple[list[bool], ...]:
+    """Return breakout entries and exits computed in exact fractions."""
+    c, v, k = _exact(closes), _exact(volumes), Fraction(repr(factor))
+    high = [max(a, b) for a, b in zip([c[0], *c[:-1]], c, strict=True)]  # frame()'s highs
+    low = [min(a, b) for a, b in zip([c[0], *c[:-1]], c, strict=True)]
+    enter, exit_ = [False] * len(c), [False] * len(c)
+    for i in range(len(c)):
+        if i >= period:
+            volume_ok = factor <= 0 or v[i] >= k * sum(v[i - period : i]) / period
+            enter[i] = c[i] > max(high[i - period : i]) and volume_ok
+        if i >= exit_period:
+            exit_[i] = c[i] < min(low[i - exit_period : i])
+    return enter, exit_
+
+
+def _incremental_frame(strategy: KernelStrategy, df: pd.DataFrame) -> tuple[list[bool], ...]:
+    # The live path on a full frame (volumes included), one row at a time.
+    rows = [strategy.last_row("P", df.iloc[: i + 1]) for i in range(len(df))]
+    return [r["enter_long"] for r in rows], [r["exit_long"] for r in rows]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.integers(-2, 3), st.booleans()), min_size=4, max_size=60),
+    base=st.integers(1, 3),
+    period=st.integers(3, 6),
+    exit_period=st.integers(2, 6),
+    factor=st.sampled_from([0.0, 0.5, 0.75, 1.0, 1.0, 1.25, 1.5]),
+)
+def test_breakout_decisions_equal_the_exact_reference(
+    data: list[tuple[int, bool]], base: int, period: int, exit_period: int, factor: float
+) -> None:
+    """On 0.1 price and volume grids, breakout entries and exits equal the Fraction reference."""
+    # A walk on the price grid breaks out often; the volume is mostly one value, so the
+    # volume filter ties (volume == factor x mean) often.
+    walk = np.cumsum([step for step, _ in data])
+    closes = [float(f"{100 + t / 10:.1f}") for t in walk]
+    volumes = [float(f"{(base if usual else 2 * base) / 10:.1f}") for _, usual in data]
+    strategy = Breakout(period=period, exit_period=exit_period, volume_factor=factor)
+    df = frame(closes, volumes=volumes)
+    want = breakout_reference(closes, volumes, period, exit_period, factor)
+    enter, exit_ = strategy.entries_exits(df)
+    assert (enter.tolist(), exit_.tolist()) == want
+    live = Breakout(period=period, exit_period=exit_period, volume_factor=factor)
+    assert _incremental_frame(live, df) == want
+
+
+def test_an_exact_volume_tie_passes_the_breakout_filter_whatever_the_float_mean_says() -> None:
+    """Volume 0.1 against 1.0 x the mean of three 0.1s is a tie, so the breakout enters."""
+    volumes = [0.1, 0.1, 0.1, 0.1]
+    assert volumes[3] < 1.0 * ((0.1 + 0.1 + 0.1) / 3)  # the float noise this guards against
+    df = frame([100.0, 100.0, 100.0, 100.1], volumes=volumes)
+    enter, _ = Breakout(period=3, exit_period=2, volume_factor=1.0).entries_exits(df)
+    assert enter.tolist() == [False, False, False, True]
