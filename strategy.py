@@ -286,6 +286,22 @@ def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, ...]:
 # TA-Lib's TA_IS_ZERO tolerance, used by its RSI and ADX.
 _ZERO_EPS = 1e-8
 
+# RSI and ADX are ratios of Wilder-smoothed sums whose exact denominators grow every bar, so
+# their thresholds are decided with a tie band instead: a value within `_INDEX_TIE` points
+# of its threshold is a tie (neither below nor above it; "at least" holds).
+# Why float error cannot cross the band: every change, directional move or true range that
+# enters a smoothed sum is a difference of two decimal prices, off by at most u(2P + |it|)
+# in float (P the largest price, u = 2^-53), i.e. by r = (2P/tick + 1)u relative, as a
+# nonzero one is at least a tick; the smoothing only averages (it adds 3u per bar, at most
+# 3nu relative once contracted), so each sum is off by at most r' = r + 3nu relative. RSI =
+# 100 g / (g + l) is then off by at most 50 r' points, DX = 100 |p - m| / (p + m) of DI
+# ratios by at most 400 r' and ADX, their average, likewise: below 1e-6 points for P/tick
+# up to 1e7 (a 100000 price on a 0.01 tick) and n <= 400. So an exact tie always lands
+# inside the band, and only an index within that error of the band's edge, far from any
+# tie, could be decided otherwise than exactly. A band of 1e-5 points is far below what one
+# tick moves either index.
+_INDEX_TIE = 1e-5
+
 # -- Exact decisions ---------------------------------------------------------------------------
 #
 # Archive prices are doubles of decimal numbers on the market's tick grid,
@@ -306,9 +322,10 @@ _INT_LIMIT = 2.0**61  # products compared in int64 stay below this
 
 
 @njit(cache=True)
-def _decimals(x):  # type: ignore[no-untyped-def]
-    # The fewest decimals d such that x is the double nearest to an integer / 10**d, or -1.
-    for d in range(_MAX_DECIMALS + 1):
+def _decimals(x, first=0):  # type: ignore[no-untyped-def]
+    # The fewest decimals d >= first such that x is the double nearest to an integer / 10**d,
+    # or -1. (A double on a grid of d decimals is on every finer one up to 2**50 ticks.)
+    for d in range(first, _MAX_DECIMALS + 1):
         m = np.rint(x * _POW10[d])
         if abs(m) < 2.0**50 and m / _POW10[d] == x:
             return d
@@ -322,10 +339,11 @@ def _grid(a, lo, hi, factor):  # type: ignore[no-untyped-def]
     d = 0
     top = 0.0
     for j in range(lo, hi):
-        dj = _decimals(a[j])
-        if dj < 0:
+        # Most values are on the grid found so far: one check each. One that is not needs
+        # more decimals than d (on a coarser grid it would be on this one too).
+        d = _decimals(a[j], d)
+        if d < 0:
             return -1
-        d = max(d, dj)
         top = max(top, abs(a[j]))
     if top * _POW10[d] * factor >= _INT_LIMIT:
         return -1
@@ -591,6 +609,61 @@ class EmaCross(KernelStrategy):
 
 
 @njit(cache=True)
+def _band_exact(c, i, n, k_num, k_den, above, below):  # type: ignore[no-untyped-def]
+    # `_band_sides` in int64 ticks of the window's decimal grid; off any grid, or when
+    # (den^2 + num^2) S^2 or num^2 n Q could leave int64, the float answers stand.
+    d = _grid(c, i - n + 1, i + 1, 2.0)
+    if d < 0 or k_den <= 0:
+        return above, below
+    tx = _ticks(c[i], d)
+    s = np.int64(0)
+    q = np.int64(0)
+    top = np.int64(0)
+    for j in range(i - n + 1, i + 1):
+        dj = _ticks(c[j], d) - tx
+        top = max(top, abs(dj))
+        s += dj
+        q += dj * dj
+    scale = float(k_den) ** 2 + float(k_num) ** 2
+    if scale * float(n) ** 2 * float(top) ** 2 >= _INT_LIMIT:
+        return above, below
+    return s < 0, s > 0 and (k_den * k_den + k_num * k_num) * s * s > k_num * k_num * n * q
+
+
+@njit(cache=True, inline="always")
+def _band_sides(c, i, n, kk, k_num, k_den, tol, s_f, q_f):  # type: ignore[no-untyped-def]
+    # Whether x = c[i] is above the middle band and below the lower band of c[i-n+1 : i+1].
+    # With d_j = c_j - x, S = sum d_j = n (mid - x) and Q = sum d_j^2, the population
+    # variance is (nQ - S^2) / n^2, so
+    #   x > mid    <=>  S < 0
+    #   x < lower  <=>  S > 0 and (1 + k^2) S^2 > k^2 n Q.
+    # In float each d_j is off its decimal value by at most 2u(|c_j| + |x|) (the two
+    # decimal-to-double roundings and the subtraction); A = sum(|c_j| + |x|) bounds that
+    # over the window, so |S - S_f| <= (n + 1)u A and, with m = max|d_j|,
+    # |Q - Q_f| <= 4u m A + (n + 1)u Q_f + 8n(uA)^2; both are doubled (tol = 2(n + 2)u). G's
+    # bound follows from those and 8u of its own terms (k^2's rounding and the products').
+    # The caller's window loop passes S_f and Q_f only; m <= sqrt(Q_f) (1 + nu), taken
+    # as 1.001 sqrt(Q_f), and |c_j| <= |x| + m gives A <= n (2|x| + m).
+    # A sign within its bound is decided in int64 ticks (`_band_exact`).
+    m = 1.001 * np.sqrt(q_f)
+    a = n * (2.0 * abs(c[i]) + m)
+    b_s = tol * a
+    b_q = tol * (2.0 * m * a + q_f) + 16.0 * n * (_U * a) ** 2
+    g_f = (1.0 + kk) * s_f * s_f - kk * n * q_f
+    b_g = 2.0 * (
+        (1.0 + kk) * (2.0 * abs(s_f) * b_s + b_s * b_s)
+        + kk * n * b_q
+        + 8.0 * _U * ((1.0 + kk) * s_f * s_f + kk * n * q_f)
+    )
+    # Branch-free up to the (rare) near-tie: these signs flip at random bar to bar.
+    above = s_f < 0.0
+    below = (s_f > 0.0) & (g_f > 0.0)
+    if (abs(s_f) <= b_s) | ((s_f > -b_s) & (abs(g_f) <= b_g)):
+        return _band_exact(c, i, n, k_num, k_den, above, below)
+    return above, below
+
+
+@njit(cache=True)
 def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
@@ -598,8 +671,12 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     n_rsi = int(params[0])
     n_bb = int(params[1])
     k = params[2]
-    rsi_low = params[3]
-    rsi_high = params[4]
+    rsi_low = params[3] - _INDEX_TIE  # a tie is not below ...
+    rsi_high = params[4] + _INDEX_TIE  # ... nor above
+    k_num, k_den = _ratio(k)
+    kk = (k_num / k_den) ** 2 if k_den > 0 else k * k
+    # Error bounds of the band decision (see `_band_sides`), doubled.
+    tol = 2.0 * (n_bb + 2) * _U
     want = feats.shape[0] > 0
     count = int(state[0])
     for i in range(start, c.shape[0]):
@@ -630,15 +707,27 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
         if count >= n_bb - 1:
             mid = state[4] / n_bb
             state[4] -= c[i - n_bb + 1]
-            acc = 0.0
+            # The decisions need only the sums of the deviations from the close; the band
+            # values are features, computed when asked for (not on the backtest fast path).
+            s_f = 0.0
+            q_f = 0.0
             for j in range(i - n_bb + 1, i + 1):
-                d = c[j] - mid
-                acc += d * d
-            dev = np.sqrt(acc / n_bb)
-            upper = mid + k * dev
-            lower = mid - k * dev
-        enter[i] = x < lower and rsi < rsi_low
-        exit_[i] = x > mid or rsi > rsi_high
+                e = c[j] - x
+                s_f += e
+                q_f += e * e
+            if want:
+                acc = 0.0
+                for j in range(i - n_bb + 1, i + 1):
+                    d = c[j] - mid
+                    acc += d * d
+                dev = np.sqrt(acc / n_bb)
+                upper = mid + k * dev
+                lower = mid - k * dev
+            above_mid, below_lower = _band_sides(c, i, n_bb, kk, k_num, k_den, tol, s_f, q_f)
+        else:
+            above_mid = below_lower = False
+        enter[i] = below_lower & (rsi < rsi_low)
+        exit_[i] = above_mid | (rsi > rsi_high)
         if want:
             feats[i, 0] = rsi
             feats[i, 1] = mid
@@ -651,7 +740,9 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
 class RsiBollinger(KernelStrategy):
     """Mean reversion: buy a close below the lower Bollinger band while RSI is oversold.
 
-    Exit when the close is back above the middle band or RSI is overbought.
+    Exit when the close is back above the middle band or RSI is overbought. The close is
+    compared with the bands as the decimal closes decide (a close exactly on a band is not
+    beyond it); an RSI within `_INDEX_TIE` points of its threshold is a tie (not beyond it).
     """
 
     name = "rsi_bb"

@@ -16,7 +16,7 @@ import talib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategy import Breakout, KernelStrategy, SmaCross
+from strategy import Breakout, KernelStrategy, RsiBollinger, SmaCross
 from tests.test_backtest_support import frame
 
 
@@ -165,3 +165,88 @@ def test_an_exact_volume_tie_passes_the_breakout_filter_whatever_the_float_mean_
     df = frame([100.0, 100.0, 100.0, 100.1], volumes=volumes)
     enter, _ = Breakout(period=3, exit_period=2, volume_factor=1.0).entries_exits(df)
     assert enter.tolist() == [False, False, False, True]
+
+
+TIE = Fraction(1, 100_000)  # strategy._INDEX_TIE: an index this close to its threshold ties
+ZERO_EPS = Fraction(1e-8)  # TA-Lib's TA_IS_ZERO, as the double the kernels compare with
+
+
+def rsi_reference(x: list[Fraction], n: int) -> list[Fraction | None]:
+    """Return TA-Lib's RSI recurrence in exact fractions (None before it exists)."""
+    out: list[Fraction | None] = [None] * len(x)
+    gain = loss = Fraction(0)
+    for i in range(1, len(x)):
+        change = x[i] - x[i - 1]
+        if i > n:
+            gain, loss = gain * (n - 1), loss * (n - 1)
+        gain, loss = gain + max(change, Fraction(0)), loss + max(-change, Fraction(0))
+        if i >= n:
+            gain, loss = gain / n, loss / n
+            total = gain + loss
+            out[i] = Fraction(0) if abs(total) < ZERO_EPS else 100 * gain / total
+    return out
+
+
+def rsi_bb_reference(
+    closes: list[float], rsi_n: int, bb_n: int, k: float, low: int, high: int
+) -> tuple[list[bool], ...]:
+    """Return rsi_bb entries and exits computed in exact fractions (bands squared out)."""
+    x, kk = _exact(closes), Fraction(repr(k)) ** 2
+    rsi = rsi_reference(x, rsi_n)
+    enter, exit_ = [False] * len(x), [False] * len(x)
+    for i in range(len(x)):
+        above_mid = below_lower = False
+        if i >= bb_n - 1:
+            window = x[i - bb_n + 1 : i + 1]
+            mid = sum(window) / bb_n
+            var = sum((w - mid) ** 2 for w in window) / bb_n
+            above_mid = x[i] > mid
+            below_lower = mid - x[i] > 0 and (mid - x[i]) ** 2 > kk * var  # x < mid - k sd
+        r = rsi[i]
+        enter[i] = below_lower and r is not None and r < low - TIE
+        exit_[i] = above_mid or (r is not None and r > high + TIE)
+    return enter, exit_
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    closes=grid_closes,
+    rsi_n=st.integers(2, 5),
+    bb_n=st.integers(5, 8),
+    k=st.sampled_from([0.5, 1.0, 1.5, 2.0]),
+    low=st.sampled_from([25, 40, 50]),
+    high=st.sampled_from([50, 60, 75]),
+)
+def test_rsi_bb_decisions_equal_the_exact_reference(
+    closes: list[float], rsi_n: int, bb_n: int, k: float, low: int, high: int
+) -> None:
+    """On a 0.1 grid, rsi_bb entries and exits equal the Fraction reference, batch and live."""
+    if low >= high:
+        low = 40
+    params = {"rsi_period": rsi_n, "bb_period": bb_n, "bb_std": k, "rsi_low": low}
+    params["rsi_high"] = high
+    want = rsi_bb_reference(closes, rsi_n, bb_n, k, low, high)
+    enter, exit_ = RsiBollinger(**params).entries_exits(frame(closes))
+    assert (enter.tolist(), exit_.tolist()) == want
+    assert _incremental(RsiBollinger(**params), closes) == want
+
+
+def test_a_close_exactly_at_the_middle_band_is_not_above_it() -> None:
+    """100.2 is the mean of the window exactly; the float middle band sits a bit below it."""
+    closes = [100.3, 100.1, 100.0, 100.4, 100.2]
+    strategy = RsiBollinger(rsi_period=2, bb_period=5, bb_std=1.0, rsi_low=25, rsi_high=95)
+    cols = strategy.populate(frame(closes))
+    assert closes[-1] > cols["bb_mid"].iloc[-1]  # the float noise this guards against
+    assert cols["rsi"].iloc[-1] < 95
+    assert not cols["exit_long"].iloc[-1]
+
+
+def test_a_close_exactly_at_the_lower_band_is_not_below_it() -> None:
+    """100.0 is exactly mid - 0.5 sd (100.02 - 0.5 x 0.04); the float lower band sits above it."""
+    closes = [100.5, 100.4, 100.3, 100.2, 100.0, 100.1, 100.0, 100.0, 100.0]
+    strategy = RsiBollinger(rsi_period=3, bb_period=5, bb_std=0.5, rsi_low=40, rsi_high=95)
+    cols = strategy.populate(frame(closes))
+    assert closes[-1] < cols["bb_lower"].iloc[-1]  # the float noise this guards against
+    assert cols["rsi"].iloc[-1] < 40
+    assert not cols["enter_long"].iloc[-1]
+    assert rsi_bb_reference(closes, 3, 5, 0.5, 40, 95)[0][-1] is False
