@@ -302,6 +302,19 @@ _ZERO_EPS = 1e-8
 # tick moves either index.
 _INDEX_TIE = 1e-5
 
+# EMAs are ratios whose exact denominators, (n + 1)^t, grow every bar, so the EMA cross is
+# decided with a relative tie band: |fast - slow| <= `_EMA_TIE` max(|fast|, |slow|) is a tie
+# (neither above nor below). Why float error cannot cross the band: each EMA step
+# prev + k (x - prev) rounds the decimal close, the subtraction, the product and the sum,
+# at most 4u of the magnitudes involved (u = 2^-53), and the recursion contracts an error
+# by 1 - k per bar, so an EMA is off by at most 4u/k = 2(n + 1)u times the largest recent
+# price it averages (the SMA seed, n sums and a division, by less); with n <= 400 that is
+# below 1e-13 relative for either EMA, 2e-13 for their difference, fifty times inside the
+# band. So an exact tie (flat prices, or averages that meet exactly) always lands inside
+# the band, and only a difference within that error of the band's edge, far from any tie,
+# could be decided otherwise than exactly. 1e-11 of the price is far below any tick.
+_EMA_TIE = 1e-11
+
 # -- Exact decisions ---------------------------------------------------------------------------
 #
 # Archive prices are doubles of decimal numbers on the market's tick grid,
@@ -504,33 +517,54 @@ def _ema_adx_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
     # state: 0 count, 1-2 fast acc/prev, 3-4 slow acc/prev, 5-7 previous high/low/close,
-    # 8 +DM, 9 -DM, 10 TR (Wilder sums), 11 sum of DX, 12 ADX, 13-14 previous EMAs.
+    # 8 +DM, 9 -DM, 10 TR (Wilder sums), 11 sum of DX, 12 ADX, 13 previous side of the
+    # EMAs (1 above, -1 below, 0 tied, NaN before both exist), 14 unused.
     nf = int(params[0])
     ns = int(params[1])
     n = int(params[2])
-    adx_min = params[3]
+    adx_min = params[3] - _INDEX_TIE  # a tie is "at least"
     want = feats.shape[0] > 0
     count = int(state[0])
     if count == 0:
         state[13] = np.nan
-        state[14] = np.nan
     for i in range(start, c.shape[0]):
         fast, state[1], state[2] = _ema_step(c[i], count, nf, state[1], state[2])
         slow, state[3], state[4] = _ema_step(c[i], count, ns, state[3], state[4])
         adx = _adx_step(h[i], lo[i], c[i], count, n, state)
         trend_ok = (0.0 if np.isnan(adx) else adx) >= adx_min
-        prev_f = state[13]
-        prev_s = state[14]
-        enter[i] = fast > slow and prev_f <= prev_s and trend_ok
-        exit_[i] = fast < slow and prev_f >= prev_s
+        # EMAs within the tie band of each other are tied (see `_EMA_TIE`); NaN until both
+        # exist, which compares false, so no crossing is reported before.
+        diff = fast - slow
+        band = _EMA_TIE * max(abs(fast), abs(slow))
+        side = np.nan
+        if diff == diff:
+            side = 1.0 if diff > band else (-1.0 if diff < -band else 0.0)
+        prev = state[13]
+        enter[i] = (side > 0.0) & (prev <= 0.0) & trend_ok
+        exit_[i] = (side < 0.0) & (prev >= 0.0)
         if want:
             feats[i, 0] = fast
             feats[i, 1] = slow
             feats[i, 2] = adx
-        state[13] = fast
-        state[14] = slow
+        state[13] = side
         count += 1
         state[0] = count
+
+
+@njit(cache=True)
+def _dm_exact_gap(high, prev_high, low, prev_low, fallback):  # type: ignore[no-untyped-def]
+    # The sign of (high - prev_high) - (prev_low - low) in ticks of the four prices' decimal
+    # grid, or `fallback` off any grid.
+    d = 0
+    top = 0.0
+    for x in (high, prev_high, low, prev_low):
+        d = _decimals(x, d)
+        if d < 0:
+            return fallback
+        top = max(top, abs(x))
+    if top * _POW10[d] * 4.0 >= _INT_LIMIT:
+        return fallback
+    return _sign(_ticks(high, d) + _ticks(low, d), _ticks(prev_high, d) + _ticks(prev_low, d))
 
 
 @njit(cache=True)
@@ -542,8 +576,10 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
         state[6] = low
         state[7] = close
         return np.nan
-    diff_p = high - state[5]
-    diff_m = state[6] - low
+    prev_high = state[5]
+    prev_low = state[6]
+    diff_p = high - prev_high
+    diff_m = prev_low - low
     state[5] = high
     state[6] = low
     tr = high - low
@@ -553,9 +589,16 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
     if count >= n:
         state[8] -= state[8] / n
         state[9] -= state[9] / n
-    if diff_m > 0 and diff_p < diff_m:
+    # Which move is larger is decided as the decimal prices decide it: an exact tie of the
+    # two moves counts for neither (TA-Lib breaks it by the float differences' last bits).
+    # The signs of the moves are exact already (a difference of doubles has the sign of
+    # the decimals'); the float gap is off by at most 2u per price, 4u of them, doubled.
+    gap = diff_p - diff_m
+    if abs(gap) <= 8.0 * _U * (abs(high) + abs(prev_high) + abs(low) + abs(prev_low)):
+        gap = _dm_exact_gap(high, prev_high, low, prev_low, gap)
+    if diff_m > 0 and gap < 0:
         state[9] += diff_m
-    elif diff_p > 0 and diff_p > diff_m:
+    elif diff_p > 0 and gap > 0:
         state[8] += diff_p
     if count < n:
         state[10] += tr
@@ -583,7 +626,9 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
 class EmaCross(KernelStrategy):
     """Long on a fast/slow EMA crossover when ADX confirms a trend; exit on the cross back.
 
-    With `adx_min` = 0 the ADX filter is off.
+    With `adx_min` = 0 the ADX filter is off. EMAs within `_EMA_TIE` (relative) of each
+    other are tied, and an ADX within `_INDEX_TIE` points of `adx_min` meets it, so a tie
+    the decimal prices make is never decided by float noise.
     """
 
     name = "ema_cross"

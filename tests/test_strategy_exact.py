@@ -16,7 +16,7 @@ import talib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategy import Breakout, KernelStrategy, RsiBollinger, SmaCross
+from strategy import Breakout, EmaCross, KernelStrategy, RsiBollinger, SmaCross
 from tests.test_backtest_support import frame
 
 
@@ -250,3 +250,154 @@ def test_a_close_exactly_at_the_lower_band_is_not_below_it() -> None:
     assert cols["rsi"].iloc[-1] < 40
     assert not cols["enter_long"].iloc[-1]
     assert rsi_bb_reference(closes, 3, 5, 0.5, 40, 95)[0][-1] is False
+
+
+EMA_TIE = Fraction(1e-11)  # strategy._EMA_TIE: EMAs this close (relative) are tied
+
+
+def ema_reference(x: list[Fraction], n: int) -> list[Fraction | None]:
+    """Return TA-Lib's EMA (seeded with the SMA of the first n) in exact fractions."""
+    out: list[Fraction | None] = [None] * len(x)
+    if len(x) >= n:
+        out[n - 1] = prev = sum(x[:n]) / n
+        for i in range(n, len(x)):
+            out[i] = prev = prev + Fraction(2, n + 1) * (x[i] - prev)
+    return out
+
+
+def adx_reference(
+    high: list[Fraction], low: list[Fraction], close: list[Fraction], n: int
+) -> list[Fraction | None]:
+    """Return TA-Lib's ADX recurrence in exact fractions (tied moves count for neither)."""
+    out: list[Fraction | None] = [None] * len(close)
+    plus = minus = tr_sum = dx_sum = adx = Fraction(0)
+    for i in range(1, len(close)):
+        up, down = high[i] - high[i - 1], low[i - 1] - low[i]
+        tr = max(high[i] - low[i], abs(high[i] - close[i - 1]), abs(low[i] - close[i - 1]))
+        if i >= n:
+            plus, minus = plus - plus / n, minus - minus / n
+        if down > 0 and up < down:
+            minus += down
+        elif up > 0 and up > down:
+            plus += up
+        if i < n:
+            tr_sum += tr
+            continue
+        tr_sum = tr_sum - tr_sum / n + tr
+        dx = None
+        if abs(tr_sum) >= ZERO_EPS:
+            minus_di, plus_di = 100 * minus / tr_sum, 100 * plus / tr_sum
+            if abs(minus_di + plus_di) >= ZERO_EPS:
+                dx = 100 * abs(minus_di - plus_di) / (minus_di + plus_di)
+        if i < 2 * n:
+            dx_sum += dx if dx is not None else 0
+            if i == 2 * n - 1:
+                out[i] = adx = dx_sum / n
+        else:
+            if dx is not None:
+                adx = (adx * (n - 1) + dx) / n
+            out[i] = adx
+    return out
+
+
+def ema_cross_reference(
+    df: pd.DataFrame, fast: int, slow: int, adx_n: int, adx_min: int
+) -> tuple[list[bool], ...]:
+    """Return ema_cross entries and exits computed in exact fractions, with the tie bands."""
+    h, lo, c = (_exact(df[col].tolist()) for col in ("high", "low", "close"))
+    ema_f, ema_s, adx = (
+        ema_reference(c, fast),
+        ema_reference(c, slow),
+        adx_reference(h, lo, c, adx_n),
+    )
+    sides: list[int | None] = []
+    for f, s in zip(ema_f, ema_s, strict=True):
+        if f is None or s is None:
+            sides.append(None)
+            continue
+        band = EMA_TIE * max(abs(f), abs(s))
+        sides.append((f - s > band) - (f - s < -band))
+    enter, exit_ = _cross_decisions(sides)
+    trend = [(a if a is not None else 0) >= adx_min - TIE for a in adx]
+    return [e and t for e, t in zip(enter, trend, strict=True)], exit_
+
+
+flat_runs = st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12)), min_size=1, max_size=12).map(
+    lambda runs: [float(f"{100 + t / 10:.1f}") for t, k in runs for _ in range(k)]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    closes=flat_runs,
+    fast=st.integers(2, 4),
+    extra=st.integers(1, 4),
+    adx_n=st.integers(5, 6),
+    adx_min=st.sampled_from([0, 0, 10, 20, 30, 50]),
+)
+def test_ema_cross_decisions_equal_the_exact_reference(
+    closes: list[float], fast: int, extra: int, adx_n: int, adx_min: int
+) -> None:
+    """On a 0.1 grid with flat runs, ema_cross decisions equal the Fraction reference."""
+    slow = max(5, fast + extra)  # the parameter's range starts at 5
+    params = {"fast": fast, "slow": slow, "adx_period": adx_n, "adx_min": adx_min}
+    df = frame(closes)
+    want = ema_cross_reference(df, fast, slow, adx_n, adx_min)
+    enter, exit_ = EmaCross(**params).entries_exits(df)
+    assert (enter.tolist(), exit_.tolist()) == want
+    assert _incremental(EmaCross(**params), closes) == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bars=st.lists(
+        st.tuples(st.integers(0, 4), st.integers(0, 2), st.integers(0, 2)), min_size=12, max_size=50
+    ),
+    n=st.integers(5, 6),
+)
+def test_adx_equals_the_exact_reference_where_moves_tie(
+    bars: list[tuple[int, int, int]], n: int
+) -> None:
+    """On a 0.1 grid, where up and down moves tie often, ema_cross's ADX is the exact ADX."""
+    closes = [float(f"{100 + c / 10:.1f}") for c, _, _ in bars]
+    highs = [float(f"{100 + (c + a) / 10:.1f}") for c, a, _ in bars]
+    lows = [float(f"{100 + (c - b) / 10:.1f}") for c, _, b in bars]
+    df = frame(closes, highs=highs, lows=lows)
+    want = adx_reference(*(_exact(df[col].tolist()) for col in ("high", "low", "close")), n)
+    got = EmaCross(fast=2, slow=5, adx_period=n, adx_min=0).populate(df)["adx"].tolist()
+    for g, w in zip(got, want, strict=True):
+        assert (w is None and np.isnan(g)) or abs(g - float(w or 0)) < 1e-9
+
+
+def test_a_tie_of_the_two_moves_counts_for_neither() -> None:
+    """An up move equal to the down move is no directional move, whatever the float gap says."""
+    closes = [100.2, 100.1, 100.2, 100.2, 100.2, 100.2, 100.2, 100.3, 100.1, 100.4, 100.2]
+    highs = [100.3, 100.3, 100.3, 100.4, 100.2, 100.3, 100.2, 100.4, 100.2, 100.4, 100.4]
+    lows = [100.0, 100.0, 100.0, 100.0, 100.2, 100.1, 100.2, 100.2, 100.1, 100.3, 100.0]
+    df = frame(closes, highs=highs, lows=lows)
+    h, lo, c = (df[col].to_numpy() for col in ("high", "low", "close"))
+    # The float noise this guards against: moves equal in decimals, unequal in float.
+    ties = [
+        i
+        for i in range(1, len(h))
+        if Fraction(repr(highs[i])) - Fraction(repr(highs[i - 1]))
+        == Fraction(repr(lows[i - 1])) - Fraction(repr(lows[i]))
+        > 0
+        and h[i] - h[i - 1] != lo[i - 1] - lo[i]
+    ]
+    assert ties
+    want = float(adx_reference(_exact(highs), _exact(lows), _exact(closes), 5)[-1] or 0)
+    got = EmaCross(fast=2, slow=5, adx_period=5, adx_min=0).populate(df)["adx"].to_numpy()
+    assert abs(got[-1] - want) < 1e-9
+    assert abs(talib.ADX(h, lo, c, 5)[-1] - want) > 1.0  # TA-Lib's float tie-break
+
+
+def test_flat_prices_tie_the_emas_so_the_first_move_up_crosses() -> None:
+    """After six flat closes the EMAs are equal (the float seed is below), so the move up enters."""
+    closes = [100.4] * 6 + [100.5]
+    fast, slow = talib.EMA(np.array(closes), 2), talib.EMA(np.array(closes), 6)
+    assert fast[5] > slow[5]  # the float noise this guards against: the seed sum rounds down
+    want_enter, _ = ema_cross_reference(frame(closes), 2, 6, 5, 0)
+    assert np.flatnonzero(want_enter).tolist() == [6]
+    enter, _ = EmaCross(fast=2, slow=6, adx_period=5, adx_min=0).entries_exits(frame(closes))
+    assert np.flatnonzero(enter).tolist() == [6]
