@@ -676,34 +676,30 @@ def _band_exact(c, i, n, k_num, k_den, above, below):  # type: ignore[no-untyped
 
 
 @njit(cache=True, inline="always")
-def _band_sides(c, i, n, kk, k_num, k_den, tol, s_f, q_f):  # type: ignore[no-untyped-def]
+def _band_sides(c, i, n, kk, k_num, k_den, tol2, cg, s_f, q_f):  # type: ignore[no-untyped-def]
     # Whether x = c[i] is above the middle band and below the lower band of c[i-n+1 : i+1].
     # With d_j = c_j - x, S = sum d_j = n (mid - x) and Q = sum d_j^2, the population
     # variance is (nQ - S^2) / n^2, so
     #   x > mid    <=>  S < 0
-    #   x < lower  <=>  S > 0 and (1 + k^2) S^2 > k^2 n Q.
-    # In float each d_j is off its decimal value by at most 2u(|c_j| + |x|) (the two
-    # decimal-to-double roundings and the subtraction); A = sum(|c_j| + |x|) bounds that
-    # over the window, so |S - S_f| <= (n + 1)u A and, with m = max|d_j|,
-    # |Q - Q_f| <= 4u m A + (n + 1)u Q_f + 8n(uA)^2; both are doubled (tol = 2(n + 2)u). G's
-    # bound follows from those and 8u of its own terms (k^2's rounding and the products').
-    # The caller's window loop passes S_f and Q_f only; m <= sqrt(Q_f) (1 + nu), taken
-    # as 1.001 sqrt(Q_f), and |c_j| <= |x| + m gives A <= n (2|x| + m).
+    #   x < lower  <=>  S > 0 and G = (1 + k^2) S^2 - k^2 n Q > 0.
+    # Float error: each d_j is off its decimal value by at most 2u(|c_j| + |x|) (the two
+    # decimal-to-double roundings and the subtraction). With m = max|d_j| and
+    # a = n (2|x| + m) >= sum(|c_j| + |x|): |S - S_f| <= (n + 1)u a, and
+    # |Q - Q_f| <= 4u m a + (n + 1)u Q_f + 8n(ua)^2; doubled, with tol = 2(n + 2)u, those are
+    # tol a and tol (2 m a + Q_f) + 16n(ua)^2. As |S_f| <= n m <= a and Q_f <= n m^2 <= a^2,
+    # the first is at most tol a, the second at most 4 tol a^2, and G's error (from S's,
+    # Q's, and 8u of its own terms for k^2's rounding and the products), doubled, at most
+    # 2 tol (3 (1 + k^2) + 5 k^2 n) a^2 = cg a^2 (using u / tol <= 1/14). Finally
+    # a^2 <= 2 n^2 (4 x^2 + m^2) and m^2 <= 1.001 Q_f. Bounds in squares need no root.
     # A sign within its bound is decided in int64 ticks (`_band_exact`).
-    m = 1.001 * np.sqrt(q_f)
-    a = n * (2.0 * abs(c[i]) + m)
-    b_s = tol * a
-    b_q = tol * (2.0 * m * a + q_f) + 16.0 * n * (_U * a) ** 2
+    x = c[i]
+    a2 = 2.0 * n * n * (4.0 * x * x + 1.001 * q_f)
     g_f = (1.0 + kk) * s_f * s_f - kk * n * q_f
-    b_g = 2.0 * (
-        (1.0 + kk) * (2.0 * abs(s_f) * b_s + b_s * b_s)
-        + kk * n * b_q
-        + 8.0 * _U * ((1.0 + kk) * s_f * s_f + kk * n * q_f)
-    )
     # Branch-free up to the (rare) near-tie: these signs flip at random bar to bar.
     above = s_f < 0.0
     below = (s_f > 0.0) & (g_f > 0.0)
-    if (abs(s_f) <= b_s) | ((s_f > -b_s) & (abs(g_f) <= b_g)):
+    near_s = s_f * s_f <= tol2 * a2
+    if near_s | ((s_f > 0.0) & (abs(g_f) <= cg * a2)):
         return _band_exact(c, i, n, k_num, k_den, above, below)
     return above, below
 
@@ -720,8 +716,10 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     rsi_high = params[4] + _INDEX_TIE  # ... nor above
     k_num, k_den = _ratio(k)
     kk = (k_num / k_den) ** 2 if k_den > 0 else k * k
-    # Error bounds of the band decision (see `_band_sides`), doubled.
+    # Error bounds of the band decision (see `_band_sides`).
     tol = 2.0 * (n_bb + 2) * _U
+    tol2 = tol * tol
+    cg = 2.0 * tol * (3.0 * (1.0 + kk) + 5.0 * kk * n_bb)
     want = feats.shape[0] > 0
     count = int(state[0])
     for i in range(start, c.shape[0]):
@@ -768,7 +766,7 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
                 dev = np.sqrt(acc / n_bb)
                 upper = mid + k * dev
                 lower = mid - k * dev
-            above_mid, below_lower = _band_sides(c, i, n_bb, kk, k_num, k_den, tol, s_f, q_f)
+            above_mid, below_lower = _band_sides(c, i, n_bb, kk, k_num, k_den, tol2, cg, s_f, q_f)
         else:
             above_mid = below_lower = False
         enter[i] = below_lower & (rsi < rsi_low)
