@@ -286,57 +286,192 @@ def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, ...]:
 # TA-Lib's TA_IS_ZERO tolerance, used by its RSI and ADX.
 _ZERO_EPS = 1e-8
 
+# RSI and ADX are ratios of Wilder-smoothed sums whose exact denominators grow every bar, so
+# their thresholds are decided with a tie band instead: a value within `_INDEX_TIE` points
+# of its threshold is a tie (neither below nor above it; "at least" holds).
+# Why float error cannot cross the band: every change, directional move or true range that
+# enters a smoothed sum is a difference of two decimal prices, off by at most u(2P + |it|)
+# in float (P the largest price, u = 2^-53), i.e. by r = (2P/tick + 1)u relative, as a
+# nonzero one is at least a tick; the smoothing only averages (it adds 3u per bar, at most
+# 3nu relative once contracted), so each sum is off by at most r' = r + 3nu relative. RSI =
+# 100 g / (g + l) is then off by at most 50 r' points, DX = 100 |p - m| / (p + m) of DI
+# ratios by at most 400 r' and ADX, their average, likewise: below 1e-6 points for P/tick
+# up to 1e7 (a 100000 price on a 0.01 tick) and n <= 400. So an exact tie always lands
+# inside the band, and only an index within that error of the band's edge, far from any
+# tie, could be decided otherwise than exactly. A band of 1e-5 points is far below what one
+# tick moves either index.
+_INDEX_TIE = 1e-5
+
+# EMAs are ratios whose exact denominators, (n + 1)^t, grow every bar, so the EMA cross is
+# decided with a relative tie band: |fast - slow| <= `_EMA_TIE` max(|fast|, |slow|) is a tie
+# (neither above nor below). Why float error cannot cross the band: each EMA step
+# prev + k (x - prev) rounds the decimal close, the subtraction, the product and the sum,
+# at most 4u of the magnitudes involved (u = 2^-53), and the recursion contracts an error
+# by 1 - k per bar, so an EMA is off by at most 4u/k = 2(n + 1)u times the largest recent
+# price it averages (the SMA seed, n sums and a division, by less); with n <= 400 that is
+# below 1e-13 relative for either EMA, 2e-13 for their difference, fifty times inside the
+# band. So an exact tie (flat prices, or averages that meet exactly) always lands inside
+# the band, and only a difference within that error of the band's edge, far from any tie,
+# could be decided otherwise than exactly. 1e-11 of the price is far below any tick.
+_EMA_TIE = 1e-11
+
+# -- Exact decisions ---------------------------------------------------------------------------
+#
+# Archive prices are doubles of decimal numbers on the market's tick grid,
+# and a crossing must be decided as those decimals decide it, not by the last bit of a float
+# sum (an SMA tie is common on a coarse tick). The indicator values stay TA-Lib's floats;
+# only the comparison changes.
+#
+# The SMA cross compares in float when the difference is larger than a proven bound on its
+# rounding error, and otherwise recomputes the two window sums exactly in int64 ticks of the
+# window's own decimal grid (the fewest decimals that give every close back exactly; no tick
+# size is needed, and no other rows matter). A window off any grid of up to `_MAX_DECIMALS`
+# decimals, or too large for int64, keeps the float decision. The exact path runs only on
+# near-ties, so the kernel keeps most of its speed.
+_U = 2.0**-53  # unit roundoff of float64
+_MAX_DECIMALS = 15
+_POW10 = np.array([10.0**d for d in range(_MAX_DECIMALS + 1)])
+_INT_LIMIT = 2.0**61  # products compared in int64 stay below this
+
+
+@njit(cache=True)
+def _decimals(x, first=0):  # type: ignore[no-untyped-def]
+    # The fewest decimals d >= first such that x is the double nearest to an integer / 10**d,
+    # or -1. (A double on a grid of d decimals is on every finer one up to 2**50 ticks.)
+    for d in range(first, _MAX_DECIMALS + 1):
+        m = np.rint(x * _POW10[d])
+        if abs(m) < 2.0**50 and m / _POW10[d] == x:
+            return d
+    return -1
+
+
+@njit(cache=True)
+def _grid(a, lo, hi, factor):  # type: ignore[no-untyped-def]
+    # The common decimal grid of a[lo:hi], or -1 when a value is off every grid or when
+    # max|a| * 10**d * factor would leave the int64 range the caller needs.
+    d = 0
+    top = 0.0
+    for j in range(lo, hi):
+        # Most values are on the grid found so far: one check each. One that is not needs
+        # more decimals than d (on a coarser grid it would be on this one too).
+        d = _decimals(a[j], d)
+        if d < 0:
+            return -1
+        top = max(top, abs(a[j]))
+    if top * _POW10[d] * factor >= _INT_LIMIT:
+        return -1
+    return d
+
+
+@njit(cache=True)
+def _ticks(x, d):  # type: ignore[no-untyped-def]
+    return np.int64(np.rint(x * _POW10[d]))
+
+
+@njit(cache=True)
+def _tick_sum(a, lo, hi, d):  # type: ignore[no-untyped-def]
+    total = np.int64(0)
+    for j in range(lo, hi):
+        total += _ticks(a[j], d)
+    return total
+
+
+@njit(cache=True)
+def _sign(a, b):  # type: ignore[no-untyped-def]
+    return 1.0 if a > b else (-1.0 if a < b else 0.0)
+
+
+@njit(cache=True)
+def _ratio(x):  # type: ignore[no-untyped-def]
+    # x as a reduced fraction num / den of its decimal (den divides a power of ten), or
+    # (0, 0) when x is off every grid. Parameters such as 1.5 or 2.25 stay small: 3/2, 9/4.
+    d = _decimals(x)
+    if d < 0:
+        return np.int64(0), np.int64(0)
+    num = np.int64(np.rint(x * _POW10[d]))
+    den = np.int64(np.rint(_POW10[d]))
+    a, b = abs(num), den
+    while b:
+        a, b = b, a % b
+    return num // a, den // a
+
+
+@njit(cache=True)
+def _sma_exact_side(c, i, nf, ns):  # type: ignore[no-untyped-def]
+    # The sign of SMA(nf) - SMA(ns) at row i in the window's ticks, or NaN off any grid:
+    # fast - slow = (ns * sum_fast - nf * sum_slow) / (nf * ns).
+    d = _grid(c, i - ns + 1, i + 1, float(nf * ns))
+    if d < 0:
+        return np.nan
+    return _sign(ns * _tick_sum(c, i - nf + 1, i + 1, d), nf * _tick_sum(c, i - ns + 1, i + 1, d))
+
 
 @njit(cache=True)
 def _sma_cross_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
-    # state: count, fast running total, slow running total, previous fast, previous slow.
+    # state: count, fast running total, slow running total, previous fast - slow (its sign
+    # exact), and the sum of the slow totals (which bounds the rounding drift).
     # The running totals follow TA-Lib's SMA exactly (add, emit, subtract the trailing).
     nf = int(params[0])
     ns = int(params[1])
     count = int(state[0])
     tot_f = state[1]
     tot_s = state[2]
-    prev_f = state[3]
-    prev_s = state[4]
+    prev = state[3]
+    drift = state[4]
+    drift_step = 8.0 * _U / nf
     want = feats.shape[0] > 0
     if count == 0:
-        prev_f = np.nan
-        prev_s = np.nan
+        prev = np.nan
     for i in range(start, c.shape[0]):
         x = c[i]
         tot_f += x
+        tot_s += x
+        # Each add and subtract rounds by at most u times the total. For positive prices
+        # the total after the subtract is below the one after the add and the fast total
+        # below the slow one, so 4u times the sum of the slow totals bounds both drifts
+        # (`drift` holds that bound over nf, doubled for safety).
+        drift += tot_s * drift_step
         fast = np.nan
         if count >= nf - 1:
             fast = tot_f / nf
             tot_f -= c[i - nf + 1]
-        tot_s += x
         slow = np.nan
         if count >= ns - 1:
             slow = tot_s / ns
             tot_s -= c[i - ns + 1]
+        # The float difference decides unless it is within its error bound: the totals'
+        # drift, plus 4u per side for the decimal-to-double rounding of the closes, the
+        # divisions and the subtraction; near a tie |fast| + |slow| < 2|slow| + the bound, so
+        # 16u|slow| (doubled) covers those. A near-tie is decided in exact ticks.
+        diff = fast - slow
+        if abs(diff) <= drift + 32.0 * _U * abs(slow):
+            exact = _sma_exact_side(c, i, nf, ns)
+            if not np.isnan(exact):
+                diff = exact
         # NaN compares false, so no crossing is reported before both averages exist.
-        enter[i] = fast > slow and prev_f <= prev_s
-        exit_[i] = fast < slow and prev_f >= prev_s
+        enter[i] = diff > 0 and prev <= 0
+        exit_[i] = diff < 0 and prev >= 0
         if want:
             feats[i, 0] = fast
             feats[i, 1] = slow
-        prev_f = fast
-        prev_s = slow
+        prev = diff
         count += 1
     state[0] = count
     state[1] = tot_f
     state[2] = tot_s
-    state[3] = prev_f
-    state[4] = prev_s
+    state[3] = prev
+    state[4] = drift
 
 
 class SmaCross(KernelStrategy):
     """Long when the fast SMA crosses above the slow SMA; exit on the cross back down.
 
     The parity reference against backtesting.py and vectorbt. A cross needs the previous
-    bar at or on the other side (`fast[i-1] <= slow[i-1]` and `fast[i] > slow[i]`).
+    bar at or on the other side (`fast[i-1] <= slow[i-1]` and `fast[i] > slow[i]`), with
+    the averages compared as the decimal closes decide (an exact tie is equal, whatever
+    the float sums say).
     """
 
     name = "sma_cross"
@@ -382,33 +517,54 @@ def _ema_adx_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
     # state: 0 count, 1-2 fast acc/prev, 3-4 slow acc/prev, 5-7 previous high/low/close,
-    # 8 +DM, 9 -DM, 10 TR (Wilder sums), 11 sum of DX, 12 ADX, 13-14 previous EMAs.
+    # 8 +DM, 9 -DM, 10 TR (Wilder sums), 11 sum of DX, 12 ADX, 13 previous side of the
+    # EMAs (1 above, -1 below, 0 tied, NaN before both exist), 14 unused.
     nf = int(params[0])
     ns = int(params[1])
     n = int(params[2])
-    adx_min = params[3]
+    adx_min = params[3] - _INDEX_TIE  # a tie is "at least"
     want = feats.shape[0] > 0
     count = int(state[0])
     if count == 0:
         state[13] = np.nan
-        state[14] = np.nan
     for i in range(start, c.shape[0]):
         fast, state[1], state[2] = _ema_step(c[i], count, nf, state[1], state[2])
         slow, state[3], state[4] = _ema_step(c[i], count, ns, state[3], state[4])
         adx = _adx_step(h[i], lo[i], c[i], count, n, state)
         trend_ok = (0.0 if np.isnan(adx) else adx) >= adx_min
-        prev_f = state[13]
-        prev_s = state[14]
-        enter[i] = fast > slow and prev_f <= prev_s and trend_ok
-        exit_[i] = fast < slow and prev_f >= prev_s
+        # EMAs within the tie band of each other are tied (see `_EMA_TIE`); NaN until both
+        # exist, which compares false, so no crossing is reported before.
+        diff = fast - slow
+        band = _EMA_TIE * max(abs(fast), abs(slow))
+        side = np.nan
+        if diff == diff:
+            side = 1.0 if diff > band else (-1.0 if diff < -band else 0.0)
+        prev = state[13]
+        enter[i] = (side > 0.0) & (prev <= 0.0) & trend_ok
+        exit_[i] = (side < 0.0) & (prev >= 0.0)
         if want:
             feats[i, 0] = fast
             feats[i, 1] = slow
             feats[i, 2] = adx
-        state[13] = fast
-        state[14] = slow
+        state[13] = side
         count += 1
         state[0] = count
+
+
+@njit(cache=True)
+def _dm_exact_gap(high, prev_high, low, prev_low, fallback):  # type: ignore[no-untyped-def]
+    # The sign of (high - prev_high) - (prev_low - low) in ticks of the four prices' decimal
+    # grid, or `fallback` off any grid.
+    d = 0
+    top = 0.0
+    for x in (high, prev_high, low, prev_low):
+        d = _decimals(x, d)
+        if d < 0:
+            return fallback
+        top = max(top, abs(x))
+    if top * _POW10[d] * 4.0 >= _INT_LIMIT:
+        return fallback
+    return _sign(_ticks(high, d) + _ticks(low, d), _ticks(prev_high, d) + _ticks(prev_low, d))
 
 
 @njit(cache=True)
@@ -420,8 +576,10 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
         state[6] = low
         state[7] = close
         return np.nan
-    diff_p = high - state[5]
-    diff_m = state[6] - low
+    prev_high = state[5]
+    prev_low = state[6]
+    diff_p = high - prev_high
+    diff_m = prev_low - low
     state[5] = high
     state[6] = low
     tr = high - low
@@ -431,9 +589,16 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
     if count >= n:
         state[8] -= state[8] / n
         state[9] -= state[9] / n
-    if diff_m > 0 and diff_p < diff_m:
+    # Which move is larger is decided as the decimal prices decide it: an exact tie of the
+    # two moves counts for neither (TA-Lib breaks it by the float differences' last bits).
+    # The signs of the moves are exact already (a difference of doubles has the sign of
+    # the decimals'); the float gap is off by at most 2u per price, 4u of them, doubled.
+    gap = diff_p - diff_m
+    if abs(gap) <= 8.0 * _U * (abs(high) + abs(prev_high) + abs(low) + abs(prev_low)):
+        gap = _dm_exact_gap(high, prev_high, low, prev_low, gap)
+    if diff_m > 0 and gap < 0:
         state[9] += diff_m
-    elif diff_p > 0 and diff_p > diff_m:
+    elif diff_p > 0 and gap > 0:
         state[8] += diff_p
     if count < n:
         state[10] += tr
@@ -461,7 +626,9 @@ def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def
 class EmaCross(KernelStrategy):
     """Long on a fast/slow EMA crossover when ADX confirms a trend; exit on the cross back.
 
-    With `adx_min` = 0 the ADX filter is off.
+    With `adx_min` = 0 the ADX filter is off. EMAs within `_EMA_TIE` (relative) of each
+    other are tied, and an ADX within `_INDEX_TIE` points of `adx_min` meets it, so a tie
+    the decimal prices make is never decided by float noise.
     """
 
     name = "ema_cross"
@@ -487,6 +654,57 @@ class EmaCross(KernelStrategy):
 
 
 @njit(cache=True)
+def _band_exact(c, i, n, k_num, k_den, above, below):  # type: ignore[no-untyped-def]
+    # `_band_sides` in int64 ticks of the window's decimal grid; off any grid, or when
+    # (den^2 + num^2) S^2 or num^2 n Q could leave int64, the float answers stand.
+    d = _grid(c, i - n + 1, i + 1, 2.0)
+    if d < 0 or k_den <= 0:
+        return above, below
+    tx = _ticks(c[i], d)
+    s = np.int64(0)
+    q = np.int64(0)
+    top = np.int64(0)
+    for j in range(i - n + 1, i + 1):
+        dj = _ticks(c[j], d) - tx
+        top = max(top, abs(dj))
+        s += dj
+        q += dj * dj
+    scale = float(k_den) ** 2 + float(k_num) ** 2
+    if scale * float(n) ** 2 * float(top) ** 2 >= _INT_LIMIT:
+        return above, below
+    return s < 0, s > 0 and (k_den * k_den + k_num * k_num) * s * s > k_num * k_num * n * q
+
+
+@njit(cache=True, inline="always")
+def _band_sides(c, i, n, kk, k_num, k_den, tol2, cg, s_f, q_f):  # type: ignore[no-untyped-def]
+    # Whether x = c[i] is above the middle band and below the lower band of c[i-n+1 : i+1].
+    # With d_j = c_j - x, S = sum d_j = n (mid - x) and Q = sum d_j^2, the population
+    # variance is (nQ - S^2) / n^2, so
+    #   x > mid    <=>  S < 0
+    #   x < lower  <=>  S > 0 and G = (1 + k^2) S^2 - k^2 n Q > 0.
+    # Float error: each d_j is off its decimal value by at most 2u(|c_j| + |x|) (the two
+    # decimal-to-double roundings and the subtraction). With m = max|d_j| and
+    # a = n (2|x| + m) >= sum(|c_j| + |x|): |S - S_f| <= (n + 1)u a, and
+    # |Q - Q_f| <= 4u m a + (n + 1)u Q_f + 8n(ua)^2; doubled, with tol = 2(n + 2)u, those are
+    # tol a and tol (2 m a + Q_f) + 16n(ua)^2. As |S_f| <= n m <= a and Q_f <= n m^2 <= a^2,
+    # the first is at most tol a, the second at most 4 tol a^2, and G's error (from S's,
+    # Q's, and 8u of its own terms for k^2's rounding and the products), doubled, at most
+    # 2 tol (3 (1 + k^2) + 5 k^2 n) a^2 = cg a^2 (using u / tol <= 1/14). Finally
+    # a^2 <= 2 n^2 (4 x^2 + m^2) and m^2 <= 1.001 Q_f. Bounds in squares need no root.
+    # A sign within its bound is decided in int64 ticks (`_band_exact`).
+    x = c[i]
+    a2 = 2.0 * n * n * (4.0 * x * x + 1.001 * q_f)
+    g_f = (1.0 + kk) * s_f * s_f - kk * n * q_f
+    # Branch-free up to the (rare) near-tie: these signs flip at random bar to bar.
+    above = s_f < 0.0
+    below = (s_f > 0.0) & (g_f > 0.0)
+    near_s = s_f * s_f <= tol2 * a2
+    if near_s | ((s_f > 0.0) & (abs(g_f) <= cg * a2)):
+        return _band_exact(c, i, n, k_num, k_den, above, below)
+    return above, below
+
+
+@njit(cache=True)
 def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
@@ -494,8 +712,14 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     n_rsi = int(params[0])
     n_bb = int(params[1])
     k = params[2]
-    rsi_low = params[3]
-    rsi_high = params[4]
+    rsi_low = params[3] - _INDEX_TIE  # a tie is not below ...
+    rsi_high = params[4] + _INDEX_TIE  # ... nor above
+    k_num, k_den = _ratio(k)
+    kk = (k_num / k_den) ** 2 if k_den > 0 else k * k
+    # Error bounds of the band decision (see `_band_sides`).
+    tol = 2.0 * (n_bb + 2) * _U
+    tol2 = tol * tol
+    cg = 2.0 * tol * (3.0 * (1.0 + kk) + 5.0 * kk * n_bb)
     want = feats.shape[0] > 0
     count = int(state[0])
     for i in range(start, c.shape[0]):
@@ -526,15 +750,27 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
         if count >= n_bb - 1:
             mid = state[4] / n_bb
             state[4] -= c[i - n_bb + 1]
-            acc = 0.0
+            # The decisions need only the sums of the deviations from the close; the band
+            # values are features, computed when asked for (not on the backtest fast path).
+            s_f = 0.0
+            q_f = 0.0
             for j in range(i - n_bb + 1, i + 1):
-                d = c[j] - mid
-                acc += d * d
-            dev = np.sqrt(acc / n_bb)
-            upper = mid + k * dev
-            lower = mid - k * dev
-        enter[i] = x < lower and rsi < rsi_low
-        exit_[i] = x > mid or rsi > rsi_high
+                e = c[j] - x
+                s_f += e
+                q_f += e * e
+            if want:
+                acc = 0.0
+                for j in range(i - n_bb + 1, i + 1):
+                    d = c[j] - mid
+                    acc += d * d
+                dev = np.sqrt(acc / n_bb)
+                upper = mid + k * dev
+                lower = mid - k * dev
+            above_mid, below_lower = _band_sides(c, i, n_bb, kk, k_num, k_den, tol2, cg, s_f, q_f)
+        else:
+            above_mid = below_lower = False
+        enter[i] = below_lower & (rsi < rsi_low)
+        exit_[i] = above_mid | (rsi > rsi_high)
         if want:
             feats[i, 0] = rsi
             feats[i, 1] = mid
@@ -547,7 +783,9 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
 class RsiBollinger(KernelStrategy):
     """Mean reversion: buy a close below the lower Bollinger band while RSI is oversold.
 
-    Exit when the close is back above the middle band or RSI is overbought.
+    Exit when the close is back above the middle band or RSI is overbought. The close is
+    compared with the bands as the decimal closes decide (a close exactly on a band is not
+    beyond it); an RSI within `_INDEX_TIE` points of its threshold is a tie (not beyond it).
     """
 
     name = "rsi_bb"
@@ -579,13 +817,30 @@ class RsiBollinger(KernelStrategy):
 
 
 @njit(cache=True)
+def _volume_exact_ok(v, i, n, f_num, f_den, fallback):  # type: ignore[no-untyped-def]
+    # v[i] >= (f_num / f_den) * mean(v[i-n:i]) in the window's ticks:
+    # n * f_den * V_i >= f_num * sum V. Off any grid (or past int64) keeps the float answer.
+    d = _grid(v, i - n, i + 1, float(n * max(f_num, f_den)))
+    if d < 0:
+        return fallback
+    return n * f_den * _ticks(v[i], d) >= f_num * _tick_sum(v, i - n, i, d)
+
+
+@njit(cache=True)
 def _breakout_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
 ):
-    # Donchian channel of the *previous* bars (the current bar is what breaks out).
+    # Donchian channel of the *previous* bars (the current bar is what breaks out). The
+    # channel tests compare prices themselves, so they are exact already (rounding a decimal
+    # to its double keeps order and equality); the volume filter is decided exactly below.
     n = int(params[0])
     n_exit = int(params[1])
     vol_factor = params[2]
+    f_num, f_den = _ratio(vol_factor)
+    # Float error of v - factor * mean: the n-term sum, the division, the product and the
+    # subtraction round by at most (n + 3)u of their magnitudes, plus u for each decimal
+    # volume's double and for the factor's; (n + 5)u, doubled.
+    tol = 2.0 * (n + 5) * _U
     want = feats.shape[0] > 0
     count = int(state[0])
     for i in range(start, c.shape[0]):
@@ -603,7 +858,13 @@ def _breakout_kernel(  # type: ignore[no-untyped-def]
             lower = lo[i - n_exit]
             for j in range(i - n_exit, i):
                 lower = min(lower, lo[j])
-        volume_ok = vol_factor <= 0.0 or v[i] >= vol_factor * vol_mean
+        volume_ok = vol_factor <= 0.0
+        if not volume_ok and count >= n:
+            need = vol_factor * vol_mean
+            margin = v[i] - need
+            volume_ok = margin >= 0.0
+            if abs(margin) <= tol * (v[i] + need) and f_den > 0:
+                volume_ok = _volume_exact_ok(v, i, n, f_num, f_den, volume_ok)
         enter[i] = c[i] > upper and volume_ok
         exit_[i] = c[i] < lower
         if want:
