@@ -38,6 +38,13 @@ OWNER = {
     "matching_engine": "trade_simulator",
     "replay_feed": "trade_simulator",
     "fast_path": "trade_simulator",
+    "optimization_scoring": "parameter_optimization",
+    "search_space": "parameter_optimization",
+    "optimization_backends": "parameter_optimization",
+    "genetic_search": "parameter_optimization",
+    "walk_forward_analysis": "parameter_optimization",
+    "optimization_run": "parameter_optimization",
+    "optimization_cli": "parameter_optimization",
 }
 
 
