@@ -567,6 +567,71 @@ def _record_trade(  # type: ignore[no-untyped-def]
     numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
 
 
+# The loop's state between bars, a tuple so the inlined helpers below compile to registers:
+# (cash, qty, entry price, entry fee, fees, pending order (1 buy, -1 sell, 0 none), trades
+# recorded, bar of the open entry or -1). A signal's verdict: the order was taken (placed, or
+# filled at once), vetoed by risk, or refused by the exchange.
+_TAKEN = 0
+_VETOED = 1
+_REFUSED = 2
+
+
+@njit(cache=True, inline="always")
+def _enter(state, i, price, stake, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+    # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
+    cash, _, _, _, fees, _, k, _ = state
+    quote = cash if stake < 0.0 else min(stake, cash)
+    q = _lot_qty(quote, price, fee, lot, inv_lot)
+    if q > 0.0:
+        entry_fee = price * q * fee
+        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i)
+    return state
+
+
+@njit(cache=True, inline="always")
+def _exit(state, i, price, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # A market sell of the whole position at `price`, recorded as a closed trade.
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at = state
+    exit_fee = price * qty * fee
+    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
+                  entry_fee, exit_fee)  # fmt: skip
+    return (cash - (-qty * price + exit_fee), 0.0, entry_price, entry_fee, fees + exit_fee, 0,
+            k + 1, -1)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _on_exit_signal(  # type: ignore[no-untyped-def]
+    state, i, c, fill_close, slip, fee, min_notional, entries, exits, numbers
+):
+    # An exit signal on a long: refused below the minimum notional, else sold at the next
+    # open (pending) or at once at the close. Returns the new state and the verdict.
+    qty = state[1]
+    if qty * c < min_notional:
+        return state, _REFUSED  # the exchange refuses an exit below its minimum notional
+    if not fill_close:
+        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7]), _TAKEN
+    return _exit(state, i, c * (1.0 - slip), fee, entries, exits, numbers), _TAKEN
+
+
+@njit(cache=True, inline="always")
+def _on_entry_signal(  # type: ignore[no-untyped-def]
+    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, min_notional
+):
+    # An entry signal when flat: vetoed without cash for one lot, refused below the minimum
+    # notional, else bought at the next open (pending) or at once at the close. Returns the
+    # new state and the verdict.
+    cash = state[0]
+    quote = cash if stake < 0.0 else min(stake, cash)
+    estimate = _lot_qty(quote, c, fee, lot, inv_lot)
+    if estimate <= 0.0:
+        return state, _VETOED  # risk: no cash for one lot
+    if estimate * c < min_notional:
+        return state, _REFUSED  # the exchange's minimum notional
+    if not fill_close:
+        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7]), _TAKEN
+    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot), _TAKEN
+
+
 @njit(cache=True)
 def _all_in_loop(  # type: ignore[no-untyped-def]
     opens,
@@ -591,85 +656,33 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     # One bar at a time, in the replay's order: fills at the open, mark and record equity,
     # then the signal (which fills at once at the close with fill_close).
     n = closes.shape[0]
-    cash = cash0
-    qty = 0.0
-    entry_price = 0.0
-    entry_fee = 0.0
-    fees = 0.0
-    pending = 0
-    k = 0
-    open_at = -1
     signals = 0
     vetoes = 0
     rejections = 0
+    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
     for i in range(n):
-        if pending == 1:
-            price = opens[i] * (1.0 + slip)
-            quote = cash if stake < 0.0 else min(stake, cash)
-            q = _lot_qty(quote, price, fee, lot, inv_lot)
-            if q > 0.0:
-                entry_fee = price * q * fee
-                cash -= q * price + entry_fee
-                fees += entry_fee
-                qty = q
-                entry_price = price
-                open_at = i
-                pending = 0
-        elif pending == -1:
-            price = opens[i] * (1.0 - slip)
-            exit_fee = price * qty * fee
-            cash -= -qty * price + exit_fee
-            fees += exit_fee
-            _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
-                          entry_fee, exit_fee)  # fmt: skip
-            k += 1
-            qty = 0.0
-            open_at = -1
-            pending = 0
+        if state[5] == 1:
+            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot)
+        elif state[5] == -1:
+            state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
         c = closes[i]
-        equity[i] = cash + qty * c
+        equity[i] = state[0] + state[1] * c
         if i < warm:
             continue
-        if qty > 0.0:
-            if exit_[i]:
-                signals += 1
-            if exit_[i] and qty * c < min_notional:
-                rejections += 1  # the exchange refuses an exit below its minimum notional
-            elif exit_[i]:
-                if not fill_close:
-                    pending = -1
-                    continue
-                price = c * (1.0 - slip)
-                exit_fee = price * qty * fee
-                cash -= -qty * price + exit_fee
-                fees += exit_fee
-                _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
-                              entry_fee, exit_fee)  # fmt: skip
-                k += 1
-                qty = 0.0
-                open_at = -1
-        elif pending == 0 and enter[i]:
-            signals += 1
-            quote = cash if stake < 0.0 else min(stake, cash)
-            estimate = _lot_qty(quote, c, fee, lot, inv_lot)
-            if estimate <= 0.0:
-                vetoes += 1  # risk: no cash for one lot
+        if state[1] > 0.0:
+            if not exit_[i]:
                 continue
-            if estimate * c < min_notional:
-                rejections += 1  # the exchange's minimum notional
-                continue
-            if not fill_close:
-                pending = 1
-                continue
-            price = c * (1.0 + slip)
-            q = _lot_qty(quote, price, fee, lot, inv_lot)
-            if q > 0.0:
-                entry_fee = price * q * fee
-                cash -= q * price + entry_fee
-                fees += entry_fee
-                qty = q
-                entry_price = price
-                open_at = i
+            state, verdict = _on_exit_signal(state, i, c, fill_close, slip, fee, min_notional,
+                                             entries, exits, numbers)  # fmt: skip
+        elif state[5] == 0 and enter[i]:
+            state, verdict = _on_entry_signal(state, i, c, fill_close, slip, stake, fee, lot,
+                                              inv_lot, min_notional)  # fmt: skip
+        else:
+            continue
+        signals += 1
+        vetoes += verdict == _VETOED
+        rejections += verdict == _REFUSED
+    cash, qty, entry_price, _, fees, _, k, open_at = state
     out[0] = cash + qty * closes[n - 1] if n > 0 else cash
     out[1] = fees
     out[2] = qty
