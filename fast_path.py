@@ -1,0 +1,694 @@
+"""The backtest fast path: one strategy on one pair in one numba pass, and its result type.
+
+`run_fast` takes the replay's decisions under the `all_in` risk profile (single-strategy
+sweeps, the optimiser); `fast_backtest` runs `--mode backtest` through it with the
+replay's exact accounting; `BacktestResult` holds a backtest's trades and equity curve,
+from the fast path or a replay. Part of `trade_simulator`, which re-exports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from error_handler import ConfigError
+from matching_engine import ZERO, quote_qty, sim_market, slipped_price
+from models import ClosedTrade, Market, PositionSide, Side
+from strategy import Strategy
+from utils.utilities import timeframe_to_ms
+
+
+TRADE_COLUMNS = ("entry_ts", "exit_ts", "entry_price", "exit_price", "qty", "fee", "pnl")
+_TIMEFRAMES = {
+    timeframe_to_ms(tf): tf
+    for tf in ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "12h", "1d", "1w")
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestResult:
+    """A backtest's trades and equity curve, from the fast path or a replay.
+
+    `ts` are the times each equity point was recorded (candle close times, ms UTC), as the
+    replay's portfolio records them. `table` holds the closed trades column-wise
+    (`TRADE_COLUMNS`, plus string columns `pair`, `side` and `reason`); `trades` builds
+    `ClosedTrade`s from it.
+    """
+
+    strategy: dict[str, Any]
+    pairs: tuple[str, ...]
+    timeframe: str
+    starting_balance: float
+    ts: np.ndarray
+    equity: np.ndarray
+    table: dict[str, np.ndarray]
+    final_equity: float
+    fees: float
+    candles: int
+    open_positions: tuple[dict[str, Any], ...] = ()
+    # Close prices by pair, as (close time ms, close) for the report's trade-marker charts.
+    prices: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    signals: int = 0
+    vetoes: int = 0
+    rejections: int = 0
+    mode: str = "backtest"
+    # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
+    realised_pnl: float | None = None
+
+    @property
+    def n_trades(self) -> int:
+        """Return the number of closed trades."""
+        return len(self.table["pnl"])
+
+    @property
+    def trades(self) -> list[ClosedTrade]:
+        """Return the closed trades as `ClosedTrade`s (built on each call)."""
+        t = self.table
+        return [
+            ClosedTrade(
+                pair=str(t["pair"][i]),
+                side=PositionSide(str(t["side"][i])),
+                entry_ts=int(t["entry_ts"][i]),
+                exit_ts=int(t["exit_ts"][i]),
+                entry_price=float(t["entry_price"][i]),
+                exit_price=float(t["exit_price"][i]),
+                qty=float(t["qty"][i]),
+                fee=float(t["fee"][i]),
+                pnl=float(t["pnl"][i]),
+                reason=str(t["reason"][i]) if "reason" in t else "",
+            )
+            for i in range(self.n_trades)
+        ]
+
+    @property
+    def max_drawdown(self) -> float:
+        """Return the deepest fall of the equity curve from its running peak (a fraction)."""
+        if len(self.equity) == 0:
+            return 0.0
+        peak = np.maximum.accumulate(np.maximum(self.equity, self.starting_balance))
+        return float(np.max((peak - self.equity) / peak))
+
+    def summary(self) -> dict[str, Any]:
+        """Return the run summary in the shape of the replay's `--summary-json` document."""
+        start = self.starting_balance
+        final = self.final_equity
+        step = timeframe_to_ms(self.timeframe)
+        return {
+            "mode": self.mode,
+            "strategy": self.strategy,
+            "pairs": list(self.pairs),
+            "timeframe": self.timeframe,
+            "candles": self.candles,
+            "first_ts": int(self.ts[0]) - step if len(self.ts) else None,
+            "last_ts": int(self.ts[-1]) - step if len(self.ts) else None,
+            "signals": self.signals,
+            "vetoes": self.vetoes,
+            "rejections": self.rejections,
+            "n_trades": self.n_trades,
+            "starting_balance": start,
+            "final_equity": final,
+            "total_return": final / start - 1 if start else 0.0,
+            "max_drawdown": self.max_drawdown,
+            "fees": self.fees,
+            "realised_pnl": (
+                self.realised_pnl
+                if self.realised_pnl is not None
+                else float(np.sum(self.table["pnl"]))
+            ),
+            "open_positions": [dict(p) for p in self.open_positions],
+            "trades": [t.as_dict() for t in self.trades],
+        }
+
+
+def result_from_summary(
+    summary: Mapping[str, Any],
+    equity_curve: Sequence[tuple[int, float]],
+    *,
+    prices: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> BacktestResult:
+    """Return a `BacktestResult` for a replay run (its summary plus the portfolio's curve)."""
+    trades = list(summary.get("trades", ()))
+    table: dict[str, np.ndarray] = {
+        "pair": np.array([t["pair"] for t in trades], dtype=np.str_),
+        "side": np.array([t.get("side", "long") for t in trades], dtype=np.str_),
+        "reason": np.array([t.get("reason", "") for t in trades], dtype=np.str_),
+    }
+    for name in TRADE_COLUMNS:
+        dtype = np.int64 if name.endswith("_ts") else np.float64
+        table[name] = np.array([t[name] for t in trades], dtype=dtype)
+    curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
+    return BacktestResult(
+        strategy=dict(summary.get("strategy", {})),
+        pairs=tuple(summary.get("pairs", ())),
+        timeframe=str(summary.get("timeframe", "1m")),
+        starting_balance=float(summary["starting_balance"]),
+        ts=curve[:, 0].astype(np.int64),
+        equity=curve[:, 1].copy(),
+        table=table,
+        final_equity=float(summary["final_equity"]),
+        fees=float(summary.get("fees", 0.0)),
+        candles=int(summary.get("candles", len(curve))),
+        open_positions=tuple(summary.get("open_positions", ())),
+        prices=dict(prices or {}),
+        signals=int(summary.get("signals", 0)),
+        vetoes=int(summary.get("vetoes", 0)),
+        rejections=int(summary.get("rejections", 0)),
+        mode=str(summary.get("mode", "backtest")),
+    )
+
+
+_UNITS = {"s": (1_000, 1), "ms": (1, 1), "us": (1, 1_000), "ns": (1, 1_000_000)}
+
+
+@njit(cache=True)
+def _close_times(raw, mul, div, step):  # type: ignore[no-untyped-def]
+    # Candle open times in the index's unit -> close times in ms, in one pass; the literal
+    # divisors let the compiler turn each division into a multiply and shift.
+    out = np.empty(raw.shape[0], dtype=np.int64)
+    if div == 1_000_000:
+        for i in range(raw.shape[0]):
+            out[i] = raw[i] // 1_000_000 + step
+    elif div == 1_000:
+        for i in range(raw.shape[0]):
+            out[i] = raw[i] // 1_000 + step
+    else:
+        for i in range(raw.shape[0]):
+            out[i] = raw[i] * mul + step
+    return out
+
+
+def infer_timeframe(index: pd.DatetimeIndex) -> str:
+    """Return the timeframe of a candle index from its most common spacing."""
+    ts = index.as_unit("ms").asi8
+    if len(ts) < 2:
+        raise ConfigError("cannot infer a timeframe from fewer than two candles")
+    diffs = np.diff(ts[: min(len(ts), 10_000)])
+    values, counts = np.unique(diffs[diffs > 0], return_counts=True)
+    step = int(values[np.argmax(counts)])
+    if step not in _TIMEFRAMES:
+        raise ConfigError(f"candle spacing {step} ms is not a known timeframe; pass timeframe=")
+    return _TIMEFRAMES[step]
+
+
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """Fill costs and market rules of a fast-path run (private)."""
+
+    fee: Decimal
+    slippage_bps: Decimal
+    lot: Decimal
+    min_notional: Decimal
+    fill_close: bool
+    stake: Decimal | None
+
+    @property
+    def inv_lot(self) -> float:
+        # Multiplying by an exact integer 1/lot rounds once; dividing by 1e-8 rounds twice.
+        inv = 1 / self.lot
+        return float(inv) if inv == inv.to_integral_value() else 0.0
+
+
+def run_fast(
+    strategy: Strategy,
+    df: pd.DataFrame,
+    *,
+    pair: str = "BTC/USDT",
+    timeframe: str | None = None,
+    starting_balance: float = 10_000.0,
+    taker_fee: float = 0.001,
+    maker_fee: float = 0.001,
+    slippage_bps: float = 0.0,
+    fill_at: Literal["next_open", "close"] = "next_open",
+    all_in: bool = True,
+    stake: float | None = None,
+    market: Market | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    exact: bool = False,
+    signals: tuple[np.ndarray, np.ndarray] | None = None,
+) -> BacktestResult:
+    """Backtest one strategy on one pair with market orders, long only, in one numba pass.
+
+    Takes the same decisions as the replay (`--mode backtest`) under the `all_in` risk
+    profile: signals from `populate` over the whole frame (none before `warmup`), an entry
+    on a flat bar buys with the whole cash (`qty = floor_lot(cash / (price x (1 + fee)))`
+    at the fill price), an exit sells the position; both fill at the next bar's open
+    (`fill_at="next_open"`) or at once at the close (`"close"`), `slippage_bps` against the
+    taker, taker fee on both sides (every fill is a market order, so `maker_fee` does not
+    apply; it is accepted for a uniform call). Orders the replay's rules would refuse (below
+    one lot or the market's minimum notional) are skipped the same way.
+
+    Args:
+        strategy: the strategy (its `entries_exits` gives the signals).
+        df: the candle frame (UTC DatetimeIndex; open/high/low/close/volume).
+        pair: the pair traded, for the market rules and the trade list.
+        timeframe: the candle timeframe; inferred from the index when None.
+        starting_balance: cash in quote currency at the start.
+        taker_fee: fee rate of market orders.
+        maker_fee: accepted for symmetry with the matching engine; unused here.
+        slippage_bps: fixed slippage against the taker, in basis points.
+        fill_at: `next_open` (default) or `close`.
+        all_in: spend the whole cash on each entry (the replay's `all_in` profile);
+            with False, spend `stake` (capped by cash).
+        stake: quote spent per entry when `all_in` is False.
+        market: the pair's rules; by default `sim_market(pair, first close)` as the replay.
+        start_ms: simulate candles from this open time (signals still use earlier rows).
+        end_ms: simulate candles before this open time.
+        exact: do the accounting in `Decimal` exactly as the replay's exchange and
+            portfolio do (trades and final equity equal to the last bit); otherwise in
+            float64 inside the numba loop (quantities equal except when a quantity lies
+            within ~1e-12 of a lot boundary; PnL equal to ~1e-12 relative).
+        signals: precomputed `(enter_long, exit_long)` arrays (sweeps), else computed.
+
+    Raises:
+        ConfigError: a bad combination of arguments.
+    """
+    if not all_in and (stake is None or stake <= 0):
+        raise ConfigError("run_fast: all_in=False needs a positive stake", component="simulator")
+    if fill_at not in ("next_open", "close"):
+        raise ConfigError(f"run_fast: unknown fill_at {fill_at!r}", component="simulator")
+    del maker_fee
+    timeframe = timeframe or infer_timeframe(df.index)
+    step = timeframe_to_ms(timeframe)
+    raw = np.asarray(df.index.asi8, dtype=np.int64)  # open times in the index's unit
+    mul, div = _UNITS[df.index.unit]
+    opens = np.ascontiguousarray(df["open"].to_numpy(dtype=np.float64))
+    closes = np.ascontiguousarray(df["close"].to_numpy(dtype=np.float64))
+    enter, exit_ = signals if signals is not None else strategy.entries_exits(df)
+    market = market or sim_market(pair, float(closes[0]))
+    # Bounds in the index's unit, rounded up: a candle is in when its open time >= start.
+    first = 0 if start_ms is None else int(np.searchsorted(raw, -(-start_ms * div // mul)))
+    last = len(raw) if end_ms is None else int(np.searchsorted(raw, -(-end_ms * div // mul)))
+    costs = _Costs(
+        fee=Decimal(str(taker_fee)),
+        slippage_bps=Decimal(str(slippage_bps)),
+        lot=market.lot_size,
+        min_notional=market.min_notional,
+        fill_close=fill_at == "close",
+        stake=None if all_in else Decimal(str(stake)),
+    )
+    warm = max(strategy.warmup - 1, 0)
+    n = max(last - first, 0)
+    equity = np.empty(n, dtype=np.float64)
+    cap = n // 2 + 1
+    entries = np.empty(cap, dtype=np.int64)
+    exits = np.empty(cap, dtype=np.int64)
+    numbers = np.empty((cap, 5), dtype=np.float64)
+    out = np.zeros(8, dtype=np.float64)
+    count = _all_in_loop(
+        opens[first:last],
+        closes[first:last],
+        enter[first:last],
+        exit_[first:last],
+        max(warm - first, 0),
+        costs.fill_close,
+        float(starting_balance),
+        float(costs.stake) if costs.stake is not None else -1.0,
+        float(costs.fee),
+        float(costs.slippage_bps) / 1e4,
+        float(costs.lot),
+        costs.inv_lot,
+        float(costs.min_notional),
+        equity,
+        entries,
+        exits,
+        numbers,
+        out,
+    )
+    entries, exits, numbers = entries[:count], exits[:count], numbers[:count]
+    shift = step if costs.fill_close else 0
+    ts = _close_times(raw[first:last], mul, div, step)
+    opened = shift - step  # a fill's time: the bar's open (next_open) or its close
+    table: dict[str, np.ndarray] = {
+        "entry_price": numbers[:, 0].copy(),
+        "exit_price": numbers[:, 1].copy(),
+        "qty": numbers[:, 2].copy(),
+        "fee": numbers[:, 3].copy(),
+        "pnl": numbers[:, 4].copy(),
+    }
+    final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
+    open_at = int(out[3]) if open_qty > 0 else -1
+    open_price = float(out[4])
+    realised: float | None = None
+    if exact:
+        exact_result = _exact_accounting(
+            (entries, exits, open_at),
+            opens[first:last],
+            closes[first:last],
+            costs,
+            starting_balance,
+            equity,
+        )
+        table, final, fees = exact_result.table, exact_result.final, exact_result.fees
+        open_qty, open_price = exact_result.open_qty, exact_result.open_price
+        realised = exact_result.realised
+    table["entry_ts"] = ts[entries] + opened
+    table["exit_ts"] = ts[exits] + opened
+    # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
+    table["pair"] = np.full(count, pair)
+    table["side"] = np.full(count, "long")
+    table["reason"] = np.full(count, f"{strategy.name}: exit long")
+    open_positions: tuple[dict[str, Any], ...] = ()
+    if open_at >= 0:
+        open_positions = (
+            {
+                "pair": pair,
+                "side": "long",
+                "qty": open_qty,
+                "entry_price": open_price,
+                "entry_ts": int(ts[open_at] + opened),
+                "mark_price": float(closes[last - 1]),
+            },
+        )
+    return BacktestResult(
+        strategy=strategy.describe(),
+        pairs=(pair,),
+        timeframe=timeframe,
+        starting_balance=float(starting_balance),
+        ts=ts,
+        equity=equity,
+        table=table,
+        final_equity=final,
+        fees=fees,
+        candles=n,
+        open_positions=open_positions,
+        prices={pair: (ts, closes[first:last])},
+        signals=int(out[5]),
+        vetoes=int(out[6]),
+        rejections=int(out[7]),
+        realised_pnl=realised,
+    )
+
+
+def fast_path_blockers(
+    *,
+    risk_profile: str,
+    pairs: Sequence[str],
+    timeframe: str,
+    slippage_model: str,
+    latency_ms: int,
+    dynamic_pairs: bool = False,
+) -> list[str]:
+    """Return why the fast path cannot stand in for the replay of a run (empty: it can).
+
+    The fast path takes the replay's decisions only under the `all_in` risk profile, on
+    one pair with a fixed list, with fixed-bps slippage, and with a latency shorter than a
+    candle (a longer one delays fills in the replay).
+    """
+    reasons = []
+    if risk_profile != "all_in":
+        reasons.append(f"risk profile {risk_profile!r}: the fast path sizes only all_in")
+    if len(pairs) != 1:
+        reasons.append(f"{len(pairs)} pairs share one portfolio: the fast path runs one")
+    if dynamic_pairs:
+        reasons.append("a dynamic pair list needs the replay")
+    if slippage_model != "fixed":
+        reasons.append(f"slippage model {slippage_model!r}: the fast path models fixed bps")
+    if latency_ms >= timeframe_to_ms(timeframe):
+        reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
+    return reasons
+
+
+def fast_backtest(
+    strategy: Strategy,
+    frame: pd.DataFrame,
+    *,
+    pair: str,
+    timeframe: str,
+    starting_balance: float,
+    taker_fee: float,
+    slippage_bps: float,
+    fill_at: Literal["next_open", "close"] = "next_open",
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> BacktestResult:
+    """Run `--mode backtest` through the fast path, exactly as the replay would account it.
+
+    `frame` is the pair's whole archive (signals use it all, as the replay's precomputed
+    signals do); `start_ms`/`end_ms` are the `--timerange`. The market rules come from the
+    archive's first close, as the replay builds them. Check `fast_path_blockers` first.
+    """
+    return run_fast(
+        strategy,
+        frame,
+        pair=pair,
+        timeframe=timeframe,
+        starting_balance=starting_balance,
+        taker_fee=taker_fee,
+        slippage_bps=slippage_bps,
+        fill_at=fill_at,
+        market=sim_market(pair, float(frame["close"].iloc[0])),
+        start_ms=start_ms,
+        end_ms=end_ms,
+        exact=True,
+    )
+
+
+class _Exact(NamedTuple):
+    table: dict[str, np.ndarray]
+    final: float
+    fees: float
+    open_qty: float
+    open_price: float
+    realised: float
+
+
+def _exact_accounting(
+    fills: tuple[np.ndarray, np.ndarray, int],
+    opens: np.ndarray,
+    closes: np.ndarray,
+    costs: _Costs,
+    starting_balance: float,
+    equity: np.ndarray,
+) -> _Exact:
+    """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
+
+    Returns the trade table, final equity, fees, open quantity, open entry price and
+    realised PnL, and rewrites `equity` from the exact cash and quantity after each fill.
+    """
+    entries, exits, open_at = fills
+    cash = Decimal(str(starting_balance))
+    fees = ZERO
+    realised = ZERO
+    rows: list[tuple[float, ...]] = []
+    changes: list[tuple[int, float, float]] = []
+    after = 1 if costs.fill_close else 0  # a fill at the close shows from the next bar
+    qty = ZERO
+    entry = ZERO
+    bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
+    if open_at >= 0:
+        bars.append((open_at, -1))
+    for i, j in bars:
+        entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
+        quote = cash if costs.stake is None else min(costs.stake, cash)
+        qty = quote_qty(quote, entry, costs.fee, costs.lot)
+        entry_fee = entry * qty * costs.fee
+        cash -= qty * entry + entry_fee
+        fees += entry_fee
+        changes.append((i + after, float(cash), float(qty)))
+        if j < 0:
+            break
+        exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
+        exit_fee = exit_price * qty * costs.fee
+        cash -= -qty * exit_price + exit_fee
+        fees += exit_fee
+        # The portfolio's split of fees by the closed fraction (here the whole position).
+        entry_part = entry_fee * (qty / qty)
+        exit_part = exit_fee * (qty / qty)
+        pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
+        realised += pnl
+        rows.append(
+            (float(entry), float(exit_price), float(qty), float(entry_part + exit_part), float(pnl))
+        )
+        changes.append((j + after, float(cash), 0.0))
+        qty = ZERO
+    numbers = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    table = {name: numbers[:, k].copy() for k, name in enumerate(TRADE_COLUMNS[2:])}
+    final = cash + qty * Decimal(repr(float(closes[-1]))) if len(closes) else cash
+    index = np.array([c[0] for c in changes], dtype=np.int64)
+    values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
+    _curve(closes, index, values, float(starting_balance), equity)
+    return _Exact(
+        table,
+        float(final),
+        float(fees),
+        float(qty),
+        float(entry) if open_at >= 0 else 0.0,
+        float(realised),
+    )
+
+
+def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
+    # The exchange prices a candle value as Decimal(str(float)); repr is the same string.
+    return Decimal(repr(float(closes[index] if costs.fill_close else opens[index])))
+
+
+@njit(cache=True)
+def _curve(closes, index, values, cash0, equity):  # type: ignore[no-untyped-def]
+    # Equity per bar from (bar, cash after, qty after) changes, in bar order.
+    cash = cash0
+    qty = 0.0
+    k = 0
+    for i in range(closes.shape[0]):
+        while k < index.shape[0] and index[k] <= i:
+            cash = values[k, 0]
+            qty = values[k, 1]
+            k += 1
+        equity[i] = cash + qty * closes[i]
+
+
+@njit(cache=True)
+def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order.
+    x = quote / (price * (1.0 + fee))
+    if inv_lot > 0.0:
+        return math.floor(x * inv_lot) / inv_lot
+    return math.floor(x / lot) * lot
+
+
+@njit(cache=True, inline="always")
+def _record_trade(  # type: ignore[no-untyped-def]
+    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee
+):
+    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL.
+    entries[k] = open_at
+    exits[k] = i
+    numbers[k, 0] = entry_price
+    numbers[k, 1] = price
+    numbers[k, 2] = qty
+    numbers[k, 3] = entry_fee + exit_fee
+    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+
+
+# The loop's state between bars, a tuple so the inlined helpers below compile to registers:
+# (cash, qty, entry price, entry fee, fees, pending order (1 buy, -1 sell, 0 none), trades
+# recorded, bar of the open entry or -1). A signal's verdict: the order was taken (placed, or
+# filled at once), vetoed by risk, or refused by the exchange.
+_TAKEN = 0
+_VETOED = 1
+_REFUSED = 2
+
+
+@njit(cache=True, inline="always")
+def _enter(state, i, price, stake, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+    # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
+    cash, _, _, _, fees, _, k, _ = state
+    quote = cash if stake < 0.0 else min(stake, cash)
+    q = _lot_qty(quote, price, fee, lot, inv_lot)
+    if q > 0.0:
+        entry_fee = price * q * fee
+        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i)
+    return state
+
+
+@njit(cache=True, inline="always")
+def _exit(state, i, price, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # A market sell of the whole position at `price`, recorded as a closed trade.
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at = state
+    exit_fee = price * qty * fee
+    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
+                  entry_fee, exit_fee)  # fmt: skip
+    return (cash - (-qty * price + exit_fee), 0.0, entry_price, entry_fee, fees + exit_fee, 0,
+            k + 1, -1)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _on_exit_signal(  # type: ignore[no-untyped-def]
+    state, i, c, fill_close, slip, fee, min_notional, entries, exits, numbers
+):
+    # An exit signal on a long: refused below the minimum notional, else sold at the next
+    # open (pending) or at once at the close. Returns the new state and the verdict.
+    qty = state[1]
+    if qty * c < min_notional:
+        return state, _REFUSED  # the exchange refuses an exit below its minimum notional
+    if not fill_close:
+        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7]), _TAKEN
+    return _exit(state, i, c * (1.0 - slip), fee, entries, exits, numbers), _TAKEN
+
+
+@njit(cache=True, inline="always")
+def _on_entry_signal(  # type: ignore[no-untyped-def]
+    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, min_notional
+):
+    # An entry signal when flat: vetoed without cash for one lot, refused below the minimum
+    # notional, else bought at the next open (pending) or at once at the close. Returns the
+    # new state and the verdict.
+    cash = state[0]
+    quote = cash if stake < 0.0 else min(stake, cash)
+    estimate = _lot_qty(quote, c, fee, lot, inv_lot)
+    if estimate <= 0.0:
+        return state, _VETOED  # risk: no cash for one lot
+    if estimate * c < min_notional:
+        return state, _REFUSED  # the exchange's minimum notional
+    if not fill_close:
+        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7]), _TAKEN
+    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot), _TAKEN
+
+
+@njit(cache=True)
+def _all_in_loop(  # type: ignore[no-untyped-def]
+    opens,
+    closes,
+    enter,
+    exit_,
+    warm,
+    fill_close,
+    cash0,
+    stake,
+    fee,
+    slip,
+    lot,
+    inv_lot,
+    min_notional,
+    equity,
+    entries,
+    exits,
+    numbers,
+    out,
+):
+    # One bar at a time, in the replay's order: fills at the open, mark and record equity,
+    # then the signal (which fills at once at the close with fill_close).
+    n = closes.shape[0]
+    signals = 0
+    vetoes = 0
+    rejections = 0
+    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
+    for i in range(n):
+        if state[5] == 1:
+            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot)
+        elif state[5] == -1:
+            state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
+        c = closes[i]
+        equity[i] = state[0] + state[1] * c
+        if i < warm:
+            continue
+        if state[1] > 0.0:
+            if not exit_[i]:
+                continue
+            state, verdict = _on_exit_signal(state, i, c, fill_close, slip, fee, min_notional,
+                                             entries, exits, numbers)  # fmt: skip
+        elif state[5] == 0 and enter[i]:
+            state, verdict = _on_entry_signal(state, i, c, fill_close, slip, stake, fee, lot,
+                                              inv_lot, min_notional)  # fmt: skip
+        else:
+            continue
+        signals += 1
+        vetoes += verdict == _VETOED
+        rejections += verdict == _REFUSED
+    cash, qty, entry_price, _, fees, _, k, open_at = state
+    out[0] = cash + qty * closes[n - 1] if n > 0 else cash
+    out[1] = fees
+    out[2] = qty
+    out[3] = open_at
+    out[4] = entry_price if qty > 0.0 else 0.0
+    out[5] = signals
+    out[6] = vetoes
+    out[7] = rejections
+    return k

@@ -1,0 +1,610 @@
+"""The simulated exchange: a matching engine behind the live exchange's order interface.
+
+`SimulatedExchange` takes orders like `exchange.Exchange` and fills them from closed
+candles (and order books); `sim_market` gives Bybit-like rules for a pair when no
+exchange is reachable. Part of `trade_simulator`, which re-exports it.
+
+Fill conventions (documented, conservative, the same in sim and backtest):
+
+* A market order placed on candle *t*'s close fills at candle *t+1*'s open, plus slippage
+  against the taker (`fill_at="next_open"`, the default; `"close"` fills at once at the
+  last close). With `slippage_model="book"` and a book known for the pair, it walks the
+  book instead, taking at most the depth shown; the rest waits for the next bar.
+* Slippage models: `fixed` (`slippage_bps` against the taker), `volatility` (half the
+  previous bar's high-low range in bps, at least the fixed bps), `book` (depth walk).
+* A resting limit order fills when price trades *through* it: a buy when the low is below
+  the limit (at the limit; at the open if the bar gaps below it), as maker.
+* A stop triggers when the bar touches it: a sell stop when the low <= stop, filling at the
+  stop, or at the open when the bar gaps through (worse), as taker with slippage. A
+  stop-limit that triggers becomes a resting limit from the next bar.
+* Within one bar, stops are processed before take-profits: when a bar touches both, the
+  stop is assumed first. Intrabar data (`set_intrabar`, e.g. 1m candles inside a 1h bar)
+  resolves that order instead: the sub-bars are matched one after another.
+* Reduce-only orders never increase a position; when the position they protect is closed,
+  the pair's remaining reduce-only orders are cancelled (Bybit's position TP/SL behaviour).
+* Post-only limits that would cross the last price are rejected, never filled as taker.
+* Optional participation cap: at most `max_participation` x the (sub-)bar's volume fills
+  per (sub-)bar; the rest stays open (partially filled).
+* Latency: an order takes part in a (sub-)bar only if it was live (`ts_created +
+  latency_ms`) before that bar closed; one live during a bar fills at its open (an
+  approximation that intrabar data makes finer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from decimal import ROUND_FLOOR, Decimal
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import structlog
+
+from error_handler import OrderNotFoundError, OrderRejected
+from models import (
+    Candle,
+    Fill,
+    Liquidity,
+    Market,
+    MarketType,
+    Order,
+    OrderBook,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    Side,
+    TimeInForce,
+)
+from utils.utilities import ReplayClock, timeframe_to_ms
+
+
+log = structlog.get_logger(__name__)
+ZERO = Decimal(0)
+_BPS = Decimal(10_000)
+_STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
+
+
+def sim_market(
+    pair: str, reference_price: float, market_type: MarketType = MarketType.SPOT
+) -> Market:
+    """Return Bybit-like trading rules for a pair, scaled to its price level.
+
+    Used when no exchange is reachable (replays): tick about 1e-5 of the price, lot about
+    1e-5 of a unit of quote value, min notional 5 in dollar-like quotes (Bybit's spot
+    minimum), else a small amount of the quote.
+    """
+    base, _, rest = pair.partition("/")
+    quote = rest.split(":")[0] or "USDT"
+    magnitude = math.floor(math.log10(reference_price)) if reference_price > 0 else 0
+    tick = Decimal(1).scaleb(magnitude - 5)
+    lot = Decimal(1).scaleb(min(0, -magnitude - 4)) if magnitude >= 0 else Decimal(1)
+    min_notional = Decimal(5) if quote in _STABLE_QUOTES else Decimal("0.0001")
+    return Market(
+        pair=pair,
+        symbol_id=f"{base}{quote}",
+        base=base,
+        quote=quote,
+        type=market_type,
+        tick_size=tick,
+        lot_size=lot,
+        min_qty=lot,
+        min_notional=min_notional,
+        max_qty=None,
+        max_leverage=Decimal(10) if market_type is MarketType.LINEAR else Decimal(1),
+    )
+
+
+def slipped_price(side: Side, price: Decimal, bps: Decimal) -> Decimal:
+    """Return `price` moved `bps` basis points against a taker on `side`."""
+    if bps == 0:
+        return price
+    factor = bps / _BPS
+    return price * (1 + factor) if side is Side.BUY else price * (1 - factor)
+
+
+def quote_qty(quote: Decimal, price: Decimal, fee: Decimal, lot: Decimal | None) -> Decimal:
+    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot."""
+    qty = quote / (price * (1 + fee))
+    if lot is not None and lot > 0:
+        qty = (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
+    return qty
+
+
+@dataclass(slots=True)
+class _Intrabar:
+    """Finer candles of one pair used to resolve the order of events inside a bar."""
+
+    ts: np.ndarray
+    values: np.ndarray
+    timeframe: str
+    step: int
+
+
+class SimulatedExchange:
+    """Paper matching engine with the live exchange's order methods.
+
+    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` behave like
+    `exchange.Exchange`'s; fills are produced by `on_candle` (and `on_order_book`), which the
+    pipeline calls for every closed candle, and handed to the executor like stream fills.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: ReplayClock | object,
+        maker_fee: float = 0.001,
+        taker_fee: float = 0.001,
+        slippage_bps: float = 0.0,
+        slippage_model: Literal["fixed", "volatility", "book"] = "fixed",
+        fill_at: Literal["next_open", "close"] = "next_open",
+        max_participation: float | None = None,
+        latency_ms: int = 0,
+        markets: dict[str, Market] | None = None,
+    ) -> None:
+        self._clock = clock
+        self.maker_fee = Decimal(str(maker_fee))
+        self.taker_fee = Decimal(str(taker_fee))
+        self.slippage_bps = Decimal(str(slippage_bps))
+        self.slippage_model = slippage_model
+        self.fill_at = fill_at
+        self.max_participation = max_participation
+        self.latency_ms = latency_ms
+        self.markets: dict[str, Market] = dict(markets or {})
+        self._orders: dict[str, Order] = {}
+        self._open: dict[str, list[str]] = {}
+        self._positions: dict[str, Decimal] = {}
+        self._last: dict[str, Candle] = {}
+        self._books: dict[str, OrderBook] = {}
+        self._book_taken: dict[str, dict[tuple[Side, float], Decimal]] = {}
+        self._quote_amounts: dict[str, Decimal] = {}
+        self._triggered: set[str] = set()
+        self._intrabar: dict[str, _Intrabar] = {}
+        self._steps: dict[str, int] = {}
+        self._fill_ids = itertools.count(1)
+        self._order_ids = itertools.count(1)
+
+    def _now(self) -> int:
+        return int(self._clock.now_ms())  # type: ignore[union-attr]
+
+    # -- Order interface (same names as exchange.Exchange) -----------------------------------
+
+    async def load_markets(self) -> dict[str, Market]:
+        """Return the markets known so far (built from replayed prices)."""
+        return dict(self.markets)
+
+    def ensure_market(self, pair: str, price: float) -> Market:
+        """Return the pair's market, creating sim rules from `price` the first time."""
+        market = self.markets.get(pair)
+        if market is None:
+            market = self.markets[pair] = sim_market(pair, price)
+        return market
+
+    async def create_order(self, intent: OrderIntent) -> Order:
+        """Accept an order; it fills on later candles (or now, with `fill_at="close"`)."""
+        if intent.client_order_id in self._orders:
+            raise OrderRejected(
+                "duplicate client order id", pair=intent.pair, order_id=intent.client_order_id
+            )
+        now = self._now()
+        last = self._last.get(intent.pair)
+        order = Order(
+            client_order_id=intent.client_order_id,
+            pair=intent.pair,
+            side=intent.side,
+            type=intent.type,
+            qty=intent.qty,
+            status=OrderStatus.OPEN,
+            ts_created=now,
+            ts_updated=now,
+            exchange_order_id=f"sim-{next(self._order_ids)}",
+            price=intent.price,
+            stop_price=intent.stop_price,
+            reduce_only=intent.reduce_only,
+            time_in_force=intent.time_in_force,
+            reason=intent.reason,
+        )
+        if (
+            intent.time_in_force is TimeInForce.POST_ONLY
+            and intent.type is OrderType.LIMIT
+            and last is not None
+            and intent.price is not None
+            and _crosses(intent.side, intent.price, Decimal(str(last.close)))
+        ):
+            order = replace(order, status=OrderStatus.REJECTED, reason="post-only would cross")
+            self._orders[order.client_order_id] = order
+            return order
+        if intent.quote_amount is not None:
+            self._quote_amounts[order.client_order_id] = intent.quote_amount
+        self._orders[order.client_order_id] = order
+        self._open.setdefault(intent.pair, []).append(order.client_order_id)
+        return order
+
+    async def cancel_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order:
+        """Cancel an open order."""
+        order = self._find(client_order_id, exchange_order_id)
+        if order is None or order.pair != pair:
+            raise OrderNotFoundError("no such order", pair=pair, order_id=client_order_id)
+        if order.status.is_terminal:
+            return order
+        return self._finish(order, OrderStatus.CANCELLED)
+
+    async def fetch_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order | None:
+        """Return an order by client or exchange id, or None."""
+        order = self._find(client_order_id, exchange_order_id)
+        return order if order is not None and order.pair == pair else None
+
+    def has_working(self, pair: str) -> bool:
+        """Return True if any order on `pair` is still working."""
+        return bool(self._open.get(pair))
+
+    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return orders still working."""
+        pairs = [pair] if pair else list(self._open)
+        return [self._orders[cid] for p in pairs for cid in self._open.get(p, [])]
+
+    def _find(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
+        if client_order_id is not None:
+            return self._orders.get(client_order_id)
+        for order in self._orders.values():
+            if order.exchange_order_id == exchange_order_id:
+                return order
+        return None
+
+    # -- Market data in ----------------------------------------------------------------------
+
+    def on_order_book(self, book: OrderBook) -> None:
+        """Remember the pair's latest book; market orders walk it when present."""
+        self._books[book.pair] = book
+        self._book_taken[book.pair] = {}
+
+    def set_intrabar(self, pair: str, frame: pd.DataFrame, timeframe: str) -> None:
+        """Resolve the pair's bars with finer candles (e.g. 1m inside 1h) from now on."""
+        ts = frame.index.as_unit("ms").asi8.astype(np.int64)
+        values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        self._intrabar[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
+
+    def _step(self, timeframe: str) -> int:
+        step = self._steps.get(timeframe)
+        if step is None:
+            step = self._steps[timeframe] = timeframe_to_ms(timeframe)
+        return step
+
+    def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
+        """Match the pair's working orders against a closed candle; return the fills."""
+        pair = candle.pair
+        if pair not in self.markets:
+            self.ensure_market(pair, candle.close)
+        results: list[tuple[Order, Fill]] = []
+        if self._open.get(pair):
+            step = self._step(candle.timeframe)
+            for bar, bar_step in self._bars(candle, step):
+                self._match_bar(bar, bar_step, results)
+        self._last[pair] = candle
+        return results
+
+    def _bars(self, candle: Candle, step: int) -> Iterable[tuple[Candle, int]]:
+        fine = self._intrabar.get(candle.pair)
+        if fine is None or fine.step >= step:
+            return ((candle, step),)
+        lo = int(np.searchsorted(fine.ts, candle.ts, side="left"))
+        hi = int(np.searchsorted(fine.ts, candle.ts + step, side="left"))
+        if hi <= lo:
+            return ((candle, step),)
+        return (
+            (
+                Candle(candle.pair, fine.timeframe, int(fine.ts[i]), *_ohlcv(fine.values[i])),
+                fine.step,
+            )
+            for i in range(lo, hi)
+        )
+
+    def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
+        working = list(self._open.get(bar.pair, []))
+        # Market orders execute at the open, then stops, then limits (stop before TP).
+        priority = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
+        working.sort(key=lambda cid: priority.get(self._orders[cid].type, 2))
+        budget = (
+            Decimal(str(bar.volume * self.max_participation))
+            if self.max_participation is not None
+            else None
+        )
+        for cid in working:
+            order = self._orders[cid]
+            # Skip orders not live before this bar closed (latency); market orders that are
+            # live during the bar are filled at its open (an approximation, documented).
+            if order.status.is_terminal or order.ts_created + self.latency_ms >= bar.ts + step:
+                continue
+            if order.reduce_only and self._reducible(order) <= 0:
+                self._finish(order, OrderStatus.CANCELLED)
+                continue
+            matched = self._match(order, bar)
+            if matched is None:
+                continue
+            price, liquidity, levels = matched
+            qty, complete = self._fill_qty(order, price, budget, levels)
+            if qty <= 0:
+                continue
+            if levels is not None:
+                price = self._take_book(order, qty)
+            if budget is not None:
+                budget -= qty
+            results.append(self._fill(order, price, qty, liquidity, bar.ts, complete=complete))
+
+    def _reducible(self, order: Order) -> Decimal:
+        position = self._positions.get(order.pair, ZERO)
+        return max(-position if order.side is Side.BUY else position, ZERO)
+
+    def fill_now(self, pair: str) -> list[tuple[Order, Fill]]:
+        """Fill working market orders at the last close (the `fill_at="close"` convention)."""
+        last = self._last.get(pair)
+        if last is None:
+            return []
+        out = []
+        for cid in list(self._open.get(pair, [])):
+            order = self._orders[cid]
+            if order.type is OrderType.MARKET and not order.status.is_terminal:
+                price = self._slipped(order.side, Decimal(str(last.close)), pair)
+                qty, complete = self._fill_qty(order, price, None, None)
+                if qty > 0:
+                    out.append(
+                        self._fill(
+                            order, price, qty, Liquidity.TAKER, self._now(), complete=complete
+                        )
+                    )
+        return out
+
+    # -- Matching ----------------------------------------------------------------------------
+
+    def _match(
+        self, order: Order, c: Candle
+    ) -> tuple[Decimal, Liquidity, list[tuple[Decimal, Decimal]] | None] | None:
+        """Return (price, liquidity, book levels to walk or None) if `order` trades in `c`."""
+        if order.type is OrderType.MARKET:
+            book = self._books.get(order.pair)
+            if book is not None and self.slippage_model == "book":
+                levels = self._levels(book, order.side)
+                if not levels:
+                    return None  # the shown depth is used up: wait for the next book
+                return levels[0][0], Liquidity.TAKER, levels
+            price = self._slipped(order.side, Decimal(str(c.open)), order.pair)
+            return price, Liquidity.TAKER, None
+        if order.type is OrderType.STOP_LIMIT and order.client_order_id in self._triggered:
+            return self._match_limit(order, c)
+        if order.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT):
+            stop_price = self._stop_touched(order, c)
+            if stop_price is None:
+                return None
+            if order.type is OrderType.STOP_LIMIT:
+                # Triggered: it rests as a limit from the next bar (the path after the
+                # trigger inside this bar is unknown, so no same-bar fill is assumed).
+                self._triggered.add(order.client_order_id)
+                return None
+            return self._slipped(order.side, stop_price, order.pair), Liquidity.TAKER, None
+        return self._match_limit(order, c)
+
+    @staticmethod
+    def _stop_touched(order: Order, c: Candle) -> Decimal | None:
+        stop = order.stop_price
+        if stop is None:
+            return None
+        o = Decimal(str(c.open))
+        if order.side is Side.SELL:
+            if o <= stop:
+                return o
+            return stop if Decimal(str(c.low)) <= stop else None
+        if o >= stop:
+            return o
+        return stop if Decimal(str(c.high)) >= stop else None
+
+    @staticmethod
+    def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:
+        limit = order.price
+        if limit is None:
+            return None
+        o = Decimal(str(c.open))
+        if order.side is Side.BUY:
+            if o < limit:
+                return o, Liquidity.MAKER, None
+            if Decimal(str(c.low)) < limit:
+                return limit, Liquidity.MAKER, None
+        else:
+            if o > limit:
+                return o, Liquidity.MAKER, None
+            if Decimal(str(c.high)) > limit:
+                return limit, Liquidity.MAKER, None
+        return None
+
+    def _slipped(self, side: Side, price: Decimal, pair: str) -> Decimal:
+        bps = self.slippage_bps
+        if self.slippage_model == "volatility":
+            # Scale with the last closed bar's range (the previous bar while matching a new
+            # one): half the range in bps, at least the fixed bps.
+            last = self._last.get(pair)
+            span = (last.high - last.low) / last.close if last is not None and last.close else 0.0
+            bps = max(bps, Decimal(str(span * 1e4 / 2)))
+        return slipped_price(side, price, bps)
+
+    # -- Order book --------------------------------------------------------------------------
+
+    def _levels(self, book: OrderBook, side: Side) -> list[tuple[Decimal, Decimal]]:
+        """Return the book side a taker on `side` hits, less what earlier fills took."""
+        taken = self._book_taken.setdefault(book.pair, {})
+        out = []
+        for price, size in book.asks if side is Side.BUY else book.bids:
+            left = Decimal(str(size)) - taken.get((side, price), ZERO)
+            if left > 0:
+                out.append((Decimal(str(price)), left))
+        return out
+
+    def _take_book(self, order: Order, qty: Decimal) -> Decimal:
+        """Consume `qty` from the book for `order`; return the average price paid."""
+        book = self._books[order.pair]
+        taken = self._book_taken.setdefault(book.pair, {})
+        remaining = qty
+        cost = ZERO
+        for price, size in book.asks if order.side is Side.BUY else book.bids:
+            key = (order.side, price)
+            left = Decimal(str(size)) - taken.get(key, ZERO)
+            if left <= 0:
+                continue
+            take = min(remaining, left)
+            taken[key] = taken.get(key, ZERO) + take
+            cost += take * Decimal(str(price))
+            remaining -= take
+            if remaining <= 0:
+                break
+        return cost / qty
+
+    # -- Quantities and fills ----------------------------------------------------------------
+
+    def _fill_qty(
+        self,
+        order: Order,
+        price: Decimal,
+        budget: Decimal | None,
+        levels: list[tuple[Decimal, Decimal]] | None,
+    ) -> tuple[Decimal, bool]:
+        """Return (qty to fill now, whether that completes the order)."""
+        qty = order.remaining_qty
+        market = self.markets.get(order.pair)
+        lot = market.lot_size if market is not None and market.lot_size > 0 else None
+        quote_amount = self._quote_amounts.get(order.client_order_id)
+        if quote_amount is not None:
+            qty = (
+                quote_qty(quote_amount, price, self.taker_fee, lot)
+                if levels is None
+                else _floor(_quote_walk(levels, quote_amount, self.taker_fee), lot)
+            )
+        if order.reduce_only:
+            qty = min(qty, self._reducible(order))
+        wanted = qty
+        if budget is not None:
+            qty = min(qty, max(budget, ZERO))
+        if levels is not None:
+            depth = sum((size for _, size in levels), ZERO)
+            if qty > depth:
+                qty = _floor(depth, lot)
+        return qty, qty >= wanted
+
+    def _fill(
+        self,
+        order: Order,
+        price: Decimal,
+        qty: Decimal,
+        liquidity: Liquidity,
+        ts: int,
+        *,
+        complete: bool = True,
+    ) -> tuple[Order, Fill]:
+        rate = self.maker_fee if liquidity is Liquidity.MAKER else self.taker_fee
+        fee = price * qty * rate
+        market = self.markets.get(order.pair)
+        fill = Fill(
+            client_order_id=order.client_order_id,
+            pair=order.pair,
+            side=order.side,
+            price=price,
+            qty=qty,
+            fee=fee,
+            fee_currency=market.quote if market else "USDT",
+            liquidity=liquidity,
+            ts=ts,
+            fill_id=f"simfill-{next(self._fill_ids)}",
+            exchange_order_id=order.exchange_order_id,
+        )
+        filled = order.filled_qty + qty
+        avg = (
+            ((order.avg_fill_price or ZERO) * order.filled_qty + price * qty) / filled
+            if filled
+            else price
+        )
+        total_qty = order.qty
+        quote_amount = self._quote_amounts.pop(order.client_order_id, None)
+        if quote_amount is not None:
+            # A quote-sized order is done when its budget is spent; a capped fill keeps the
+            # rest of the budget working (its qty is then the estimate at this price).
+            left = quote_amount - (qty * price + fee)
+            rest = ZERO
+            if not complete and left > 0:
+                self._quote_amounts[order.client_order_id] = left
+                rest = quote_qty(left, price, self.taker_fee, market.lot_size if market else None)
+            total_qty = filled + rest
+        status = OrderStatus.FILLED if filled >= total_qty else OrderStatus.PARTIALLY_FILLED
+        updated = replace(
+            order,
+            qty=total_qty,
+            filled_qty=filled,
+            avg_fill_price=avg,
+            fee=order.fee + fee,
+            status=status,
+            ts_updated=ts,
+        )
+        self._orders[order.client_order_id] = updated
+        signed = qty if order.side is Side.BUY else -qty
+        position = self._positions.get(order.pair, ZERO) + signed
+        self._positions[order.pair] = position
+        if status is OrderStatus.FILLED:
+            self._quote_amounts.pop(order.client_order_id, None)
+            self._triggered.discard(order.client_order_id)
+            self._drop_open(updated)
+        if position == 0:
+            self._cancel_reduce_only(order.pair)
+        return updated, fill
+
+    def _cancel_reduce_only(self, pair: str) -> None:
+        for cid in list(self._open.get(pair, [])):
+            order = self._orders[cid]
+            if order.reduce_only and not order.status.is_terminal:
+                self._finish(order, OrderStatus.CANCELLED)
+
+    def _finish(self, order: Order, status: OrderStatus) -> Order:
+        updated = replace(order, status=status, ts_updated=self._now())
+        self._orders[order.client_order_id] = updated
+        self._quote_amounts.pop(order.client_order_id, None)
+        self._triggered.discard(order.client_order_id)
+        self._drop_open(updated)
+        return updated
+
+    def _drop_open(self, order: Order) -> None:
+        ids = self._open.get(order.pair, [])
+        if order.client_order_id in ids:
+            ids.remove(order.client_order_id)
+
+    def orders(self) -> list[Order]:
+        """Return every order the engine has seen (for tests and reports)."""
+        return list(self._orders.values())
+
+
+def _ohlcv(row: np.ndarray) -> tuple[float, float, float, float, float]:
+    return float(row[0]), float(row[1]), float(row[2]), float(row[3]), float(row[4])
+
+
+def _crosses(side: Side, price: Decimal, last: Decimal) -> bool:
+    return price >= last if side is Side.BUY else price <= last
+
+
+def _floor(qty: Decimal, lot: Decimal | None) -> Decimal:
+    if lot is None:
+        return qty
+    return (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
+
+
+def _quote_walk(levels: Sequence[tuple[Decimal, Decimal]], quote: Decimal, fee: Decimal) -> Decimal:
+    """Return the base quantity `quote` buys walking `levels`, fees included."""
+    qty = ZERO
+    left = quote
+    for price, size in levels:
+        unit = price * (1 + fee)
+        take = min(size, left / unit)
+        qty += take
+        left -= take * unit
+        if left <= 0:
+            break
+    return qty

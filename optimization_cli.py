@@ -1,0 +1,363 @@
+"""The `--mode optimize` command line: load candles, run the job, write and print the report.
+
+Part of `parameter_optimization`, which re-exports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import math
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import pandas as pd
+import structlog
+
+from error_handler import ConfigError
+from genetic_search import SearchOptions, SearchResult
+from optimization_backends import BacktestEvaluator
+from optimization_run import OptimizationReport, run_optimization
+from optimization_scoring import OBJECTIVE_METRIC, Evaluation, Segment, Status
+from search_space import SearchSpace, _strategy_class, strategy_feasibility, strategy_space
+from utils.utilities import atomic_write, ms_to_datetime, parse_timerange
+from walk_forward_analysis import WalkForwardReport, Window, time_axis, walk_forward_windows
+
+
+if TYPE_CHECKING:
+    from config import Settings
+
+
+log = structlog.get_logger(__name__)
+
+WF_WINDOWS: Final = 4
+WF_TRAIN_RATIO: Final = 3.0
+MIN_TEST_ROWS: Final = 100
+TOP_ROWS: Final = 10
+
+
+def load_frames(
+    settings: Settings,
+    pairs: Sequence[str],
+    timeframe: str,
+    *,
+    data: Path | None = None,
+    timerange: str | None = None,
+) -> dict[str, tuple[pd.DataFrame, str]]:
+    """Return each pair's candles and where they came from: `data`, an archive, the sample.
+
+    Raises:
+        ConfigError: `data` with more than one pair, or a malformed timerange.
+        DataError: no candles for a pair (in the timerange).
+    """
+    from data_manager import CandleStore, load_candles, sample_file
+    from error_handler import DataError
+
+    start_ms = end_ms = None
+    if timerange:
+        try:
+            start_ms, end_ms = parse_timerange(timerange)
+        except ValueError as e:
+            raise ConfigError(str(e), component="optimize") from e
+    if data is not None and len(pairs) != 1:
+        raise ConfigError("--data holds one pair: pass exactly one with --pairs")
+    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
+    out: dict[str, tuple[pd.DataFrame, str]] = {}
+    for pair in pairs:
+        if data is not None:
+            frame, source = load_candles(data, timeframe=timeframe), str(data)
+        elif store.has(pair, timeframe):
+            frame, source = (
+                store.load(pair, timeframe, start_ms, end_ms),
+                str(store.path(pair, timeframe)),
+            )
+        else:
+            path = sample_file(settings.storage.sample_dir, pair, timeframe)
+            frame, source = load_candles(path, timeframe=timeframe), str(path)
+        ts = frame.index.as_unit("ms").asi8
+        keep = np.ones(len(ts), dtype=bool)
+        if start_ms is not None:
+            keep &= ts >= start_ms
+        if end_ms is not None:
+            keep &= ts < end_ms
+        frame = frame[keep]
+        if frame.empty:
+            raise DataError(
+                f"no {timeframe} candles for {pair} in {timerange or 'the data'}", pair=pair
+            )
+        out[pair] = (frame, source)
+    return out
+
+
+def _cli_windows(n_rows: int) -> list[Window]:
+    try:
+        windows = walk_forward_windows(n_rows, windows=WF_WINDOWS, train_ratio=WF_TRAIN_RATIO)
+    except ConfigError:
+        return []
+    return windows if windows[0].test_end - windows[0].test_start >= MIN_TEST_ROWS else []
+
+
+def _output_path(directory: Path, stem: str, now: datetime) -> Path:
+    base = f"{stem}-{now:%Y%m%dT%H%M%SZ}"
+    path = directory / f"{base}.json"
+    counter = 2
+    while path.exists():
+        path = directory / f"{base}-{counter}.json"
+        counter += 1
+    return path
+
+
+async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
+    """Run `--mode optimize`: search, walk forward, print a ranked table, write JSON.
+
+    Reads `args.strategy`, `args.pairs` (comma-separated), `args.timeframe`, `args.data`,
+    `args.timerange` and `args.summary_json`, each defaulting to `settings.strategy`.
+    The search runs in a worker thread (its Dask client calls block), so the loop keeps
+    drawing the progress bar; a cancelled run stops before the next generation. The
+    result goes atomically to `<data_dir>/optimize/<strategy>-<UTC time>.json` and to
+    `--summary-json` when given. Returns 0 when a feasible candidate was found, else 1.
+
+    Raises:
+        ConfigError: bad strategy, pairs, timerange or scheduler address.
+        DataError: no candles to optimise on.
+    """
+    strategy = getattr(args, "strategy", None) or settings.strategy.name
+    pairs_text = getattr(args, "pairs", None)
+    pairs = (
+        [p.strip() for p in pairs_text.split(",") if p.strip()]
+        if pairs_text
+        else list(settings.strategy.pairs)
+    )
+    timeframe = getattr(args, "timeframe", None) or settings.strategy.timeframe
+    space = strategy_space(strategy)
+    loaded = await asyncio.to_thread(
+        load_frames,
+        settings,
+        pairs,
+        timeframe,
+        data=getattr(args, "data", None),
+        timerange=getattr(args, "timerange", None),
+    )
+    frames = {pair: frame for pair, (frame, _) in loaded.items()}
+    options = SearchOptions.from_settings(settings.optimization)
+    evaluator = BacktestEvaluator.from_settings(settings, strategy, timeframe)
+    windows = _cli_windows(len(time_axis(frames)))
+    configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
+    defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}
+    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    started = datetime.now(UTC)
+    with _progress_bar() as progress:
+        task = progress.add_task(f"optimising {strategy}", total=options.generations)
+
+        def on_generation(done: int, planned: int, best: float | None) -> None:
+            text = f"optimising {strategy}" + (
+                f"  best {options.objective} {best:.4g}" if best is not None else ""
+            )
+            loop.call_soon_threadsafe(
+                functools.partial(
+                    progress.update, task, completed=done, total=planned, description=text
+                )
+            )
+
+        try:
+            report = await asyncio.to_thread(
+                run_optimization,
+                evaluator,
+                frames,
+                space,
+                options,
+                windows=windows,
+                feasible=strategy_feasibility(strategy),
+                initial=[{**defaults, **configured}],
+                stop=stop,
+                on_generation=on_generation,
+            )
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+    document = {
+        "kind": "kestrel.optimize",
+        "version": 1,
+        "created": started.isoformat(),
+        "strategy": strategy,
+        "pairs": pairs,
+        "timeframe": timeframe,
+        "timerange": getattr(args, "timerange", None),
+        "data": {
+            pair: {
+                "source": source,
+                "candles": len(frame),
+                "first_ts": int(frame.index[0].value // 1_000_000),
+                "last_ts": int(frame.index[-1].value // 1_000_000),
+            }
+            for pair, (frame, source) in loaded.items()
+        },
+        "options": {
+            "population": options.population,
+            "generations": options.generations,
+            "seed": options.seed,
+            "objective": options.objective,
+            "min_trades": options.min_trades,
+            "time_budget_s": options.time_budget_s,
+            "workers": report.workers,
+            "scheduler": options.scheduler,
+        },
+        "costs": {
+            "starting_balance": evaluator.starting_balance,
+            "taker_fee": evaluator.taker_fee,
+            "slippage_bps": evaluator.slippage_bps,
+            "fill_at": evaluator.fill_at,
+            "profile": "all_in",
+        },
+        "best": report.search.best.as_dict() if report.search and report.search.best else None,
+        **report.as_dict(),
+    }
+    text = json.dumps(document, indent=2, default=str)
+    stem = Path(strategy).stem if strategy.endswith(".py") else strategy
+    path = _output_path(settings.storage.data_dir / "optimize", stem, started)
+    await asyncio.to_thread(atomic_write, path, text)
+    summary_json = getattr(args, "summary_json", None)
+    if summary_json is not None:
+        await asyncio.to_thread(atomic_write, Path(summary_json), text)
+    print_report(report, space, strategy=strategy, path=path)
+    log.info("optimization_written", path=str(path))
+    return 0 if report.search is not None and report.search.best is not None else 1
+
+
+class _progress_bar:  # used like a function: `with _progress_bar() as bar`
+    def __enter__(self) -> Any:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._rich = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self._rich.__enter__()
+        return self._rich
+
+    def __exit__(self, *exc: Any) -> None:
+        self._rich.__exit__(*exc)
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.2%}" if percent else f"{value:.4g}"
+
+
+def _scored(e: Evaluation | None) -> str:
+    # A dagger marks a score made on fewer trades than the minimum.
+    if e is None or e.status not in (Status.OK, Status.FEW_TRADES):
+        return "-" if e is None else str(e.status)
+    return _fmt(e.objective) + ("\u2020" if e.status is Status.FEW_TRADES else "")
+
+
+def _span(segment: Segment, fmt: str) -> str:
+    start = "start" if segment.start_ms is None else f"{ms_to_datetime(segment.start_ms):{fmt}}"
+    end = "end" if segment.end_ms is None else f"{ms_to_datetime(segment.end_ms):{fmt}}"
+    return f"{start} \u2192 {end}"
+
+
+def print_report(
+    report: OptimizationReport, space: SearchSpace, *, strategy: str, path: Path | None = None
+) -> None:
+    """Print the ranked candidates, the walk-forward windows and the stop reason."""
+    from rich.console import Console
+
+    console = Console()
+    search = report.search
+    if search is not None:
+        if search.best is None:
+            console.print(f"[red]no feasible candidate for {strategy}[/]")
+        if search.best is None or search.failed:
+            for error in search.errors:
+                console.print(f"candidates refused or failed: {error}", markup=False)
+        console.print(_ranking_table(search, space, strategy))
+        console.print(
+            f"{search.evaluated} backtests, {search.infeasible} infeasible, "
+            f"{search.failed} failed; {search.generations_run}/{search.generations_planned} "
+            f"generations on {report.workers} worker(s) in {report.elapsed_s:.1f} s"
+        )
+    wf = report.walk_forward
+    if wf is not None:
+        console.print(_walk_forward_table(wf))
+        spread = ", ".join(f"{k} {v.range_std:.0%}" for k, v in wf.stability.items())
+        console.print(
+            f"walk-forward efficiency {_fmt(wf.efficiency)} (out-of-sample mean "
+            f"{_fmt(wf.out_of_sample_mean)} / in-sample mean {_fmt(wf.in_sample_mean)}); "
+            f"out of sample positive in {wf.out_of_sample_positive:.0%} of windows; "
+            f"chosen parameters' spread (std / range): {spread or '-'}; "
+            "\u2020 fewer trades than the minimum"
+        )
+    if report.stopped == "time_budget":
+        console.print("[yellow]time budget spent: stopped early, showing the best found so far[/]")
+    elif report.stopped == "cancelled":
+        console.print("[yellow]cancelled: showing the best found so far[/]")
+    if path is not None:
+        console.print(f"written to {path}")
+
+
+def _ranking_table(search: SearchResult, space: SearchSpace, strategy: str) -> Any:
+    from rich.table import Table
+
+    rows = search.leaderboard[:TOP_ROWS]
+    table = Table(title=f"{strategy}: best {len(rows)} by {search.objective}")
+    extra = [m for m in ("sharpe", "total_return") if m != OBJECTIVE_METRIC[search.objective]]
+    names = {"total_return": "return"}
+    for column in ("#", *space.names, search.objective, *(names.get(m, m) for m in extra)):
+        table.add_column(column, justify="right")
+    for column in ("max dd", "trades", "status"):
+        table.add_column(column, justify="right")
+    for rank, e in enumerate(rows, 1):
+        m = e.metrics
+        table.add_row(
+            str(rank),
+            *(f"{e.params[n]:g}" for n in space.names),
+            _fmt(e.objective, percent=search.objective == "return"),
+            *(_fmt(m.get(k), percent=k == "total_return") for k in extra),
+            _fmt(m.get("max_drawdown"), percent=True),
+            str(e.n_trades),
+            str(e.status),
+        )
+    return table
+
+
+def _walk_forward_table(wf: WalkForwardReport) -> Any:
+    from rich.table import Table
+
+    first = wf.windows[0].train.start_ms or 0
+    last = wf.windows[-1].test.start_ms or 0
+    fmt = "%Y-%m-%d" if last - first > 2 * 86_400_000 else "%m-%d %H:%M"
+    table = Table(title="walk-forward: in sample vs out of sample")
+    for column in ("window", "train", "test", "params", "in sample", "out of sample", "oos trades"):
+        # Parameter lists wrap rather than lose their values to an ellipsis.
+        table.add_column(
+            column, justify="right", overflow="fold" if column == "params" else "ellipsis"
+        )
+    for r in wf.windows:
+        table.add_row(
+            str(r.window.index),
+            _span(r.train, fmt),
+            _span(r.test, fmt),
+            " ".join(f"{k}={v:g}" for k, v in r.in_sample.params.items()) if r.in_sample else "-",
+            _scored(r.in_sample),
+            _scored(r.out_of_sample),
+            str(r.out_of_sample.n_trades) if r.out_of_sample else "-",
+        )
+    return table

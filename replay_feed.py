@@ -1,0 +1,212 @@
+"""The replay feed and point-in-time pair schedules that drive a replay from archived candles.
+
+`ReplayFeed` yields archived candles of many pairs in time order and moves a
+`ReplayClock` to each candle's close; `PairSchedule` gives the pairs to trade as known
+at each refresh boundary (dynamic pairs). Part of `trade_simulator`, which re-exports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import structlog
+
+from error_handler import ConfigError
+from models import Candle
+from utils.utilities import ReplayClock, timeframe_to_ms
+
+
+log = structlog.get_logger(__name__)
+
+
+# -- Replay feed -----------------------------------------------------------------------------
+
+Progress = Callable[[int, int], None]
+
+
+class ReplayFeed:
+    """Yield archived candles of many pairs in time order, driving a replay clock.
+
+    Each candle is emitted at its close time (`ts + timeframe`), so the clock never runs
+    ahead of what a live bot could have known. `speed` is candles per second (0 = as fast as
+    possible). Between candles it yields to the event loop, every candle by default (a
+    consumer behind a queue needs that to keep up, so the clock never runs ahead of the
+    candle being processed) or every `yield_every` candles when the consumer processes
+    each candle inline (a backtest's direct loop), which is much faster. `progress(done,
+    total)` is called every `progress_every` candles and at the end (a progress bar).
+    """
+
+    def __init__(
+        self,
+        frames: dict[str, pd.DataFrame],
+        timeframe: str,
+        clock: ReplayClock,
+        *,
+        speed: float = 0.0,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        progress: Progress | None = None,
+        progress_every: int = 5_000,
+        yield_every: int = 1,
+    ) -> None:
+        self.frames = frames
+        self.timeframe = timeframe
+        self.step = timeframe_to_ms(timeframe)
+        self.clock = clock
+        self.speed = speed
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.progress = progress
+        self.progress_every = max(1, progress_every)
+        self.yield_every = max(1, yield_every)
+        self.emitted = 0
+
+    def __len__(self) -> int:
+        return sum(len(self._slice(f)) for f in self.frames.values())
+
+    def _slice(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if self.start_ms is None and self.end_ms is None:
+            return frame
+        ts = frame.index.as_unit("ms").asi8
+        mask = np.ones(len(ts), dtype=bool)
+        if self.start_ms is not None:
+            mask &= ts >= self.start_ms
+        if self.end_ms is not None:
+            mask &= ts < self.end_ms
+        return frame[mask]
+
+    def _streams(self) -> list[Iterable[Candle]]:
+        return [self._stream(pair, self._slice(frame)) for pair, frame in self.frames.items()]
+
+    def _stream(self, pair: str, frame: pd.DataFrame) -> Iterable[Candle]:
+        # A function per pair, so each generator binds its own pair (a generator expression
+        # in a loop would read the loop variable late and label every candle with the last).
+        ts = frame.index.as_unit("ms").asi8.tolist()
+        values = frame[["open", "high", "low", "close", "volume"]].to_numpy().tolist()
+        timeframe = self.timeframe
+        for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
+            yield Candle(pair, timeframe, t, o, h, lo, c, v)
+
+    def single_pair(self) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """Return (pair, open times, OHLCV rows) when the replay has exactly one pair.
+
+        For a consumer that walks the arrays itself (`Engine.replay_in_runs`); it reports
+        its position with `advance_to`. None with several pairs, or when paced (`speed`).
+        """
+        if len(self.frames) != 1 or self.speed > 0:
+            return None
+        ((pair, frame),) = self.frames.items()
+        frame = self._slice(frame)
+        ts = frame.index.as_unit("ms").asi8
+        ohlcv = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        return pair, ts, ohlcv
+
+    def advance_to(self, emitted: int, *, done: bool = False) -> None:
+        """Record how many candles an array consumer has processed; report progress."""
+        before, self.emitted = self.emitted, emitted
+        every = self.progress_every
+        if self.progress is not None and (done or emitted // every > before // every):
+            self.progress(emitted, len(self))
+
+    async def __aiter__(self) -> AsyncIterator[Candle]:
+        """Yield candles in (ts, pair) order."""
+        streams = self._streams()
+        merged = (
+            streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda c: (c.ts, c.pair))
+        )
+        delay = 1.0 / self.speed if self.speed > 0 else 0.0
+        # Yielding to the loop every candle costs more than the rest of the feed; a consumer
+        # that processes each candle before asking for the next (a backtest) can yield less.
+        every = 1 if delay > 0 else self.yield_every
+        progress = self.progress
+        total = len(self) if progress is not None else 0
+        clock = self.clock
+        step = self.step
+        now = clock.now_ms()
+        emitted = self.emitted
+        for candle in merged:
+            close_ts = candle.ts + step
+            if close_ts > now:
+                clock.set(close_ts)
+                now = close_ts
+            emitted += 1
+            self.emitted = emitted
+            yield candle
+            if progress is not None and emitted % self.progress_every == 0:
+                progress(emitted, total)
+            if emitted % every == 0:
+                await asyncio.sleep(delay)
+        if progress is not None:
+            progress(emitted, total)
+
+
+# -- Dynamic pairs ---------------------------------------------------------------------------
+
+
+class PairTarget(Protocol):
+    """What a pair schedule updates: the engine's traded pairs."""
+
+    def set_pairs(self, pairs: list[str]) -> None:
+        """Replace the traded pairs; dropped ones are drained (exits only)."""
+        ...
+
+
+class PairSchedule:
+    """A point-in-time pair list for backtests, refreshed on a candle-aligned interval.
+
+    `pairs_at(ts)` is any callable returning the pairs to trade as known at `ts` (e.g. the
+    top-pairs ranking computed only from data before `ts`). It is asked at each refresh
+    boundary (`ts - ts % refresh_ms`), never for a later time than the candle being
+    processed, and its answers are remembered, so a replay asks at most once per boundary.
+    """
+
+    def __init__(self, pairs_at: Callable[[int], Sequence[str]], *, refresh_ms: int) -> None:
+        if refresh_ms <= 0:
+            raise ConfigError("pair refresh interval must be positive", component="simulator")
+        self.pairs_at = pairs_at
+        self.refresh_ms = refresh_ms
+        self._cache: dict[int, list[str]] = {}
+        self._current: list[str] | None = None
+        self.history: list[tuple[int, list[str]]] = []
+
+    def pairs(self, now_ms: int) -> list[str]:
+        """Return the pair list in force at `now_ms` (a candle's close time)."""
+        boundary = now_ms - now_ms % self.refresh_ms
+        pairs = self._cache.get(boundary)
+        if pairs is None:
+            pairs = self._cache[boundary] = list(dict.fromkeys(self.pairs_at(boundary)))
+        if pairs != self._current:
+            previous = set(self._current or ())
+            log.info(
+                "pairs_refreshed",
+                ts=boundary,
+                added=sorted(set(pairs) - previous),
+                removed=sorted(previous - set(pairs)),
+            )
+            self._current = pairs
+            self.history.append((boundary, pairs))
+        return pairs
+
+    def apply(self, target: PairTarget, candle: Candle, step: int) -> None:
+        """Update `target`'s pairs for `candle` (call before the engine processes it)."""
+        before = self._current
+        pairs = self.pairs(candle.ts + step)
+        if self._current is not before:
+            target.set_pairs(list(pairs))
+
+    def universe(self, start_ms: int, end_ms: int) -> list[str]:
+        """Return every pair listed at any boundary in [start_ms, end_ms): the data to load."""
+        seen: dict[str, None] = {}
+        boundary = start_ms - start_ms % self.refresh_ms
+        while boundary < end_ms:
+            pairs = self._cache.get(boundary)
+            if pairs is None:
+                pairs = self._cache[boundary] = list(dict.fromkeys(self.pairs_at(boundary)))
+            seen.update(dict.fromkeys(pairs))
+            boundary += self.refresh_ms
+        return list(seen)
