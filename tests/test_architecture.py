@@ -35,6 +35,9 @@ ALLOWED = {
 OWNER: dict[str, str] = {
     # risk_management.py, ui.py, telegram_bot.py
     "circuit_breakers": "risk_management",
+    "status_view": "ui",
+    "dashboard": "ui",
+    "web_view": "ui",
 }
 
 
