@@ -38,6 +38,8 @@ OWNER: dict[str, str] = {
     "status_view": "ui",
     "dashboard": "ui",
     "web_view": "ui",
+    "telegram_outbox": "telegram_bot",
+    "telegram_commands": "telegram_bot",
 }
 
 
