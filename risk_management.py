@@ -381,7 +381,7 @@ class RiskManager:
         self.guards: list[Guard] = [MaxOpenPositions(settings.max_open_positions)]
         if not self.all_in:
             self.guards.append(self.correlation)
-        self._stops: dict[str, _StopTrack] = {}
+        self.stops = StopManager(settings)
         self._closed_trades = 0  # moves `state_key` even when the Kelly window is full
 
     # -- State -------------------------------------------------------------------------------
@@ -573,7 +573,7 @@ class RiskManager:
         if isinstance(sized, Veto):
             return sized
         qty, binding, notes = self._scale(sized, state, resizes)
-        leverage = self._leverage(market)
+        leverage = _leverage(self.settings, market)
         for name, cap in self.caps(signal, ctx, leverage).items():
             if cap < qty:
                 qty, binding = cap, name
@@ -630,32 +630,8 @@ class RiskManager:
         self, signal: Signal, ctx: RiskContext, leverage: Decimal | None = None
     ) -> dict[str, Decimal]:
         """Return the largest quantity each exposure limit allows, by limit name."""
-        s, price = self.settings, ctx.price
-        lev = self._leverage(ctx.market) if leverage is None else leverage
-        equity = ctx.equity
-        exposure = _exposure(ctx)
-        held = ctx.positions.get(signal.pair)
-        on_pair = held.notional if held is not None else ZERO
-        caps = {
-            "max_position_fraction": equity * _dec(s.max_position_fraction) - on_pair,
-            "max_total_exposure": equity * _dec(s.max_total_exposure) - exposure,
-            "max_leverage": equity * lev - exposure,
-        }
-        out = {name: max(room, ZERO) / price for name, room in caps.items()}
-        # Buying needs the notional (spot) or its margin (linear) plus the fee, from cash.
-        funding = "cash" if ctx.market.type is MarketType.SPOT else "margin"
-        out[funding] = max(ctx.cash, ZERO) / (price * (1 / lev + ctx.taker_fee))
-        if ctx.market.max_qty is not None:
-            out["market_max_qty"] = ctx.market.max_qty
-        return out
-
-    def _leverage(self, market: Market) -> Decimal:
-        if market.type is MarketType.SPOT:
-            return Decimal(1)
-        lev = _dec(self.settings.max_leverage)
-        if market.max_leverage > 0:
-            lev = min(lev, market.max_leverage)
-        return max(lev, Decimal(1))
+        lev = _leverage(self.settings, ctx.market) if leverage is None else leverage
+        return exposure_caps(self.settings, signal, ctx, lev)
 
     def _atr(self, ctx: RiskContext) -> tuple[Decimal, str]:
         if ctx.atr is not None and ctx.atr > 0 and math.isfinite(ctx.atr):
@@ -669,7 +645,8 @@ class RiskManager:
         per_unit = loss_per_unit(ctx.price, distance, ctx.taker_fee, signal.side)
         stop = f"stop {distance:.6g} ({s.stop_atr_multiple} x {atr_note}) + fees"
         if s.sizing == "volatility_target":
-            sized = self._volatility_size(signal.pair, ctx)
+            measured = self.volatility(signal.pair, ctx)
+            sized = _volatility_size(measured, s.target_volatility, ctx)
             if sized is not None:
                 return sized
             fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
@@ -704,33 +681,8 @@ class RiskManager:
 
     def volatility(self, pair: str, ctx: RiskContext) -> tuple[float, str] | None:
         """Return the pair's volatility per sizing period (day, or bar) and its source."""
-        sigma, source = None, ""
-        series = ctx.returns.get(pair) if ctx.returns else None
-        if series is not None:
-            tail = np.asarray(series, dtype=float)[-self.settings.correlation_window :]
-            tail = tail[np.isfinite(tail)]
-            if len(tail) >= max(self.volatility_min_sample, 2):
-                sigma, source = float(np.std(tail, ddof=1)), f"stdev of {len(tail)} returns"
-        if sigma is None and ctx.atr is not None and ctx.atr > 0 and ctx.price > 0:
-            sigma, source = ctx.atr / float(ctx.price), "ATR / price"
-        if sigma is None or not sigma > 0 or not math.isfinite(sigma):
-            return None
-        if self.bar_ms is not None:
-            return sigma * math.sqrt(DAY_MS / self.bar_ms), f"daily, {source}"
-        return sigma, f"per bar, {source}"
-
-    def _volatility_size(self, pair: str, ctx: RiskContext) -> _Size | None:
-        measured = self.volatility(pair, ctx)
-        if measured is None:
-            return None
-        sigma, source = measured
-        target = self.settings.target_volatility
-        notional = ctx.equity * _dec(target) / _dec(sigma)
-        return _Size(
-            notional / ctx.price,
-            "volatility_target",
-            f"target {target:.2%} of equity {ctx.equity:.2f} / volatility {sigma:.4%} ({source})",
-        )
+        window = self.settings.correlation_window
+        return measure_volatility(pair, ctx, window, self.volatility_min_sample, self.bar_ms)
 
     # -- Stops -------------------------------------------------------------------------------
 
@@ -755,7 +707,42 @@ class RiskManager:
         when the position has none. A stop that would sit beyond the candle's close (so it
         would trigger at once) is not proposed.
         """
-        if self.all_in or position.qty <= 0:
+        if self.all_in:
+            return None
+        fee = self.taker_fee if taker_fee is None else taker_fee
+        return self.stops.manage_stop(
+            position, high, low, close, atr, now, taker_fee=fee, tick_size=tick_size
+        )
+
+
+class StopManager:
+    """Move each open position's stop: trail it, then lock in break-even; it only tightens.
+
+    Keeps per pair the best price since entry, the initial risk and whether break-even is
+    armed, from the position's opening on (`RiskManager.manage_stop` describes the rules).
+
+    Args:
+        settings: the risk group (`stop_atr_multiple`, `trailing_stop`, `break_even_at_r`).
+    """
+
+    def __init__(self, settings: RiskSettings) -> None:
+        self.settings = settings
+        self._stops: dict[str, _StopTrack] = {}
+
+    def manage_stop(
+        self,
+        position: Position,
+        high: float | Decimal,
+        low: float | Decimal,
+        close: float | Decimal,
+        atr: float | None,
+        now: int,
+        *,
+        taker_fee: Decimal,
+        tick_size: Decimal | None = None,
+    ) -> Decimal | None:
+        """Return the stop `position` should now have, or None to leave it (see `RiskManager`)."""
+        if position.qty <= 0:
             return None
         high_d, low_d, close_d = _dec(high), _dec(low), _dec(close)
         long = position.side is PositionSide.LONG
@@ -784,7 +771,7 @@ class RiskManager:
         position: Position,
         track: _StopTrack,
         distance: Decimal | None,
-        taker_fee: Decimal | None,
+        taker_fee: Decimal,
     ) -> dict[str, Decimal]:
         # Each rule's proposed stop (trailing or initial, break-even once armed), unrounded.
         sign = 1 if position.side is PositionSide.LONG else -1
@@ -800,8 +787,7 @@ class RiskManager:
             if (track.best - entry) * sign >= _dec(be_r) * track.initial_risk:
                 track.armed = True
             if track.armed:
-                fee = self.taker_fee if taker_fee is None else taker_fee
-                candidates["break_even"] = break_even_price(position, fee)
+                candidates["break_even"] = break_even_price(position, taker_fee)
         return candidates
 
     def _track(self, position: Position, distance: Decimal | None) -> _StopTrack:
@@ -820,6 +806,76 @@ class RiskManager:
             track = _StopTrack(position.ts_opened, risk, position.entry_price)
             self._stops[position.pair] = track
         return track
+
+
+def exposure_caps(
+    settings: RiskSettings, signal: Signal, ctx: RiskContext, lev: Decimal
+) -> dict[str, Decimal]:
+    """Return the largest quantity each exposure limit allows at leverage `lev`, by name."""
+    s, price = settings, ctx.price
+    equity = ctx.equity
+    exposure = _exposure(ctx)
+    held = ctx.positions.get(signal.pair)
+    on_pair = held.notional if held is not None else ZERO
+    caps = {
+        "max_position_fraction": equity * _dec(s.max_position_fraction) - on_pair,
+        "max_total_exposure": equity * _dec(s.max_total_exposure) - exposure,
+        "max_leverage": equity * lev - exposure,
+    }
+    out = {name: max(room, ZERO) / price for name, room in caps.items()}
+    # Buying needs the notional (spot) or its margin (linear) plus the fee, from cash.
+    funding = "cash" if ctx.market.type is MarketType.SPOT else "margin"
+    out[funding] = max(ctx.cash, ZERO) / (price * (1 / lev + ctx.taker_fee))
+    if ctx.market.max_qty is not None:
+        out["market_max_qty"] = ctx.market.max_qty
+    return out
+
+
+def _leverage(settings: RiskSettings, market: Market) -> Decimal:
+    if market.type is MarketType.SPOT:
+        return Decimal(1)
+    lev = _dec(settings.max_leverage)
+    if market.max_leverage > 0:
+        lev = min(lev, market.max_leverage)
+    return max(lev, Decimal(1))
+
+
+def measure_volatility(
+    pair: str, ctx: RiskContext, window: int, min_sample: int, bar_ms: int | None
+) -> tuple[float, str] | None:
+    """Return the pair's volatility per sizing period (day, or bar) and its source.
+
+    The standard deviation of its last `window` returns (at least `min_sample` of them),
+    else ATR / price; per UTC day when the bar length `bar_ms` is known, else per bar.
+    """
+    sigma, source = None, ""
+    series = ctx.returns.get(pair) if ctx.returns else None
+    if series is not None:
+        tail = np.asarray(series, dtype=float)[-window:]
+        tail = tail[np.isfinite(tail)]
+        if len(tail) >= max(min_sample, 2):
+            sigma, source = float(np.std(tail, ddof=1)), f"stdev of {len(tail)} returns"
+    if sigma is None and ctx.atr is not None and ctx.atr > 0 and ctx.price > 0:
+        sigma, source = ctx.atr / float(ctx.price), "ATR / price"
+    if sigma is None or not sigma > 0 or not math.isfinite(sigma):
+        return None
+    if bar_ms is not None:
+        return sigma * math.sqrt(DAY_MS / bar_ms), f"daily, {source}"
+    return sigma, f"per bar, {source}"
+
+
+def _volatility_size(
+    measured: tuple[float, str] | None, target: float, ctx: RiskContext
+) -> _Size | None:
+    if measured is None:
+        return None
+    sigma, source = measured
+    notional = ctx.equity * _dec(target) / _dec(sigma)
+    return _Size(
+        notional / ctx.price,
+        "volatility_target",
+        f"target {target:.2%} of equity {ctx.equity:.2f} / volatility {sigma:.4%} ({source})",
+    )
 
 
 def _tightest(
