@@ -15,60 +15,50 @@ them. Queued alerts of one chat are batched into one message of up to 4096 chara
 Commands are answered only in configured chats, and only to configured users when user ids
 are set; everything else is ignored and logged. Commands that change what the bot does ask
 for confirmation with an inline button and act only on an authorised press.
+
+The parts live in their own modules, re-exported here: `telegram_outbox` (`Outbox`,
+`RateLimiter`, `OutboxSender`, the spool of alerts held over a restart) and
+`telegram_commands` (`TelegramCommands`, the handlers and their confirmations).
+`TelegramBot` wires them: lifecycle, connection and alert intake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import random
-import secrets
 import threading
-import time
-import warnings
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import structlog
 
 from config import TelegramSettings
-from error_handler import BotError, ConfigError
-from models import Control, Snapshot
+from error_handler import ConfigError
+from models import Control
+from telegram_commands import ModeSwitch as ModeSwitch
+from telegram_commands import TelegramCommands as TelegramCommands
+from telegram_commands import authorised_only as authorised_only
+from telegram_outbox import Outbox as Outbox
+from telegram_outbox import OutboxSender as OutboxSender
+from telegram_outbox import OutgoingMessage as OutgoingMessage
+from telegram_outbox import RateLimiter as RateLimiter
+from telegram_outbox import restore_spooled as restore_spooled
+from telegram_outbox import spool_alerts as spool_alerts
 from telegram_templates import (
     COMMANDS,
-    MAX_MESSAGE_CHARS,
     Alert,
     esc,
-    find_pair,
-    fmt_number,
-    fmt_price,
     plain_text,
     reconciliation_report,
-    render_balance,
-    render_daily,
-    render_help,
-    render_model,
-    render_pairs,
-    render_positions,
-    render_profit,
-    render_risk,
-    render_scores,
-    render_status,
-    render_why,
     split_text,
     text_alert,
 )
 from utils.utilities import (
     Clock,
     WallClock,
-    atomic_write,
-    ms_to_datetime,
     redact,
     register_secret,
 )
@@ -76,227 +66,8 @@ from utils.utilities import (
 
 log = structlog.get_logger(__name__)
 
-_SEPARATOR: Final = "\n\n"
 # Alerts raised before start() are kept up to this many (start normally follows at once).
 _EARLY_LIMIT: Final = 10_000
-_HELD_NOTE: Final = "\n<i>(held over from before a restart)</i>"
-
-ModeSwitch = Callable[[str], Awaitable[str]]
-"""Switch the daemon to a mode ("sim" or "live"); return what happened, raise BotError to refuse."""
-
-_F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, None]])
-
-
-# -- Rate limits -----------------------------------------------------------------------------
-
-
-class _Window:
-    # At most `capacity` events in any `seconds`-long sliding window.
-    def __init__(self, capacity: int, seconds: float) -> None:
-        self.capacity = capacity
-        self.seconds = seconds
-        self.events: deque[float] = deque()
-
-    def delay(self, now: float) -> float:
-        while self.events and self.events[0] <= now - self.seconds:
-            self.events.popleft()
-        if len(self.events) < self.capacity:
-            return 0.0
-        # The capacity-th newest event decides; float rounding may leave older ones queued.
-        return max(0.0, self.events[-self.capacity] + self.seconds - now)
-
-    def record(self, now: float) -> None:
-        self.events.append(now)
-
-
-class RateLimiter:
-    """Telegram's sending limits as a schedule: per chat, per group per minute, overall.
-
-    Args:
-        per_chat_per_second: messages per second to one chat (Telegram: about 1).
-        total_per_second: messages per second over all chats (Telegram: 30).
-        group_per_minute: messages per minute to one group, i.e. a negative chat id (20).
-    """
-
-    def __init__(
-        self,
-        per_chat_per_second: float = 1.0,
-        total_per_second: float = 30.0,
-        group_per_minute: int = 20,
-    ) -> None:
-        if per_chat_per_second <= 0 or total_per_second <= 0 or group_per_minute <= 0:
-            raise ValueError("rate limits must be positive")
-        self._chat_interval = 1.0 / per_chat_per_second
-        total_capacity = max(1, int(total_per_second))
-        self._total = _Window(total_capacity, total_capacity / total_per_second)
-        self._group_per_minute = group_per_minute
-        self._chats: dict[int, _Window] = {}
-        self._groups: dict[int, _Window] = {}
-
-    def delay(self, chat_id: int, now: float) -> float:
-        """Return how many seconds to wait before the next message to `chat_id` may go."""
-        waits = [self._total.delay(now)]
-        if chat_id in self._chats:
-            waits.append(self._chats[chat_id].delay(now))
-        if chat_id in self._groups:
-            waits.append(self._groups[chat_id].delay(now))
-        return max(waits)
-
-    def record(self, chat_id: int, now: float) -> None:
-        """Count a message to `chat_id` sent at `now`."""
-        self._total.record(now)
-        self._chats.setdefault(chat_id, _Window(1, self._chat_interval)).record(now)
-        if chat_id < 0:  # groups and channels have negative ids
-            self._groups.setdefault(chat_id, _Window(self._group_per_minute, 60.0)).record(now)
-
-
-# -- The outbox ------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class OutgoingMessage:
-    """One queued message to one chat; alerts may absorb identical or similar ones."""
-
-    chat_id: int
-    text: str
-    category: str = "info"
-    key: str = ""
-    interactive: bool = False
-    edit_message_id: int | None = None
-    reply_markup: Any = None
-    count: int = 1
-    ts_first: int = 0
-    folded: Counter[str] = field(default_factory=Counter)
-    folded_last: str = ""
-    is_plain: bool = False
-    waiters: list[asyncio.Future[bool]] = field(default_factory=list)
-
-    def render(self) -> str:
-        """Return the text to send, with the coalescing count and folded alerts noted."""
-        text = self.text
-        if self.count > 1:
-            since = ms_to_datetime(self.ts_first).strftime("%H:%M:%S")
-            text += f"\n<i>(x{self.count}, first at {since} UTC)</i>"
-        if self.folded:
-            kinds = ", ".join(f"{esc(k)} x{n}" for k, n in sorted(self.folded.items()))
-            more = sum(self.folded.values())
-            note = f"\n<i>+{more} more while the queue was full ({kinds}); latest:</i>"
-            with_last = f"{text}{note}\n{self.folded_last}"
-            text = with_last if len(with_last) <= MAX_MESSAGE_CHARS else text + note
-        return plain_text(text) if self.is_plain else text
-
-    def absorb(self, other: OutgoingMessage) -> None:
-        """Merge a newer message with the same key into this one."""
-        self.count += other.count
-        self.text = other.text  # similar alerts keep the latest wording
-        self.folded.update(other.folded)
-        self.folded_last = other.folded_last or self.folded_last
-        self.waiters.extend(other.waiters)
-
-    def fold(self, other: OutgoingMessage) -> None:
-        """Record a different alert that did not fit in the queue."""
-        self.folded[other.category] += other.count + sum(other.folded.values())
-        self.folded_last = other.text
-        self.waiters.extend(other.waiters)
-
-    def settle(self, delivered: bool) -> None:
-        """Tell everyone waiting for this message whether it went out."""
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(delivered)
-        self.waiters.clear()
-
-
-class Outbox:
-    """Messages waiting to be sent, per chat: interactive ones first, alerts coalesced.
-
-    Args:
-        capacity_per_chat: queued alerts per chat before new ones are folded into similar
-            queued ones (never dropped).
-    """
-
-    def __init__(self, capacity_per_chat: int = 200) -> None:
-        if capacity_per_chat < 1:
-            raise ValueError("capacity_per_chat must be >= 1")
-        self.capacity_per_chat = capacity_per_chat
-        self._alerts: dict[int, deque[OutgoingMessage]] = {}
-        self._interactive: dict[int, deque[OutgoingMessage]] = {}
-        self._index: dict[tuple[int, str], OutgoingMessage] = {}
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._alerts.values()) + sum(
-            len(q) for q in self._interactive.values()
-        )
-
-    def chats(self) -> list[int]:
-        """Return the chats with something queued."""
-        chats = {c for c, q in self._interactive.items() if q}
-        chats.update(c for c, q in self._alerts.items() if q)
-        return sorted(chats)
-
-    def put(self, message: OutgoingMessage) -> str:
-        """Queue `message`; return "queued", "coalesced" or "folded"."""
-        if message.interactive:
-            self._interactive.setdefault(message.chat_id, deque()).append(message)
-            return "queued"
-        index_key = (message.chat_id, message.key or message.text)
-        existing = self._index.get(index_key)
-        if existing is not None:
-            existing.absorb(message)
-            return "coalesced"
-        queue = self._alerts.setdefault(message.chat_id, deque())
-        if len(queue) >= self.capacity_per_chat:
-            similar = next((m for m in reversed(queue) if m.category == message.category), None)
-            (similar or queue[-1]).fold(message)
-            return "folded"
-        queue.append(message)
-        self._index[index_key] = message
-        return "queued"
-
-    def take(self, chat_id: int, *, batch: bool = True) -> list[OutgoingMessage]:
-        """Remove and return what goes out next to `chat_id`: one message or a batch of alerts."""
-        interactive = self._interactive.get(chat_id)
-        if interactive:
-            return [interactive.popleft()]
-        queue = self._alerts.get(chat_id)
-        if not queue:
-            return []
-        taken = [queue.popleft()]
-        size = len(taken[0].render())
-        while batch and queue:
-            # The join must fit in one message; plain and HTML alerts do not mix.
-            extra = len(_SEPARATOR) + len(queue[0].render())
-            if size + extra > MAX_MESSAGE_CHARS or queue[0].is_plain != taken[0].is_plain:
-                break
-            taken.append(queue.popleft())
-            size += extra
-        for message in taken:
-            self._index.pop((chat_id, message.key or message.text), None)
-        return taken
-
-    def requeue(self, messages: Sequence[OutgoingMessage]) -> None:
-        """Put messages that could not be sent back at the front, in their order."""
-        for message in reversed(messages):
-            if message.interactive:
-                self._interactive.setdefault(message.chat_id, deque()).appendleft(message)
-                continue
-            queue = self._alerts.setdefault(message.chat_id, deque())
-            index_key = (message.chat_id, message.key or message.text)
-            newer = self._index.get(index_key)
-            if newer is not None:  # an identical alert arrived while this one was in flight
-                message.absorb(newer)
-                queue.remove(newer)
-            queue.appendleft(message)
-            self._index[index_key] = message
-
-    def drain(self) -> list[OutgoingMessage]:
-        """Remove and return everything queued."""
-        everything = [m for q in self._interactive.values() for m in q]
-        everything += [m for q in self._alerts.values() for m in q]
-        self._interactive.clear()
-        self._alerts.clear()
-        self._index.clear()
-        return everything
 
 
 # -- The bot ---------------------------------------------------------------------------------
@@ -315,38 +86,6 @@ class TelegramStats:
     dropped: int = 0
     ignored_updates: int = 0
     pending: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    action: str
-    arg: str
-    chat_id: int
-    question: str
-    expires: float
-
-
-def authorised_only(handler: _F) -> _F:
-    """Run a handler only for configured chats (and users, if set); ignore and log the rest."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: TelegramBot, update: Any, context: Any) -> None:
-        chat_id, user_id = self._origin(update)
-        if not self._is_authorised(chat_id, user_id):
-            self._counters["ignored_updates"] += 1
-            log.warning(
-                "telegram_unauthorised",
-                chat_id=chat_id,
-                user_id=user_id,
-                handler=handler.__name__,
-            )
-            return
-        await handler(self, update, context)
-
-    return wrapper  # type: ignore[return-value]
-
-
-_MODES: Final = ("sim", "live")
 
 
 class TelegramBot:
@@ -394,25 +133,17 @@ class TelegramBot:
     ) -> None:
         self._settings = settings
         self._spool = spool
-        self._control = control
-        self._mode_switch = mode_switch
         self._clock = clock or WallClock()
         self._poll_timeout = poll_timeout
-        self._batch = batch_alerts
         self._retry_base = retry_base
         self._retry_cap = retry_cap
-        self._confirm_ttl = confirm_ttl_s
         self._prefix = prefix
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._enabled = settings.enabled
         self._chat_ids = frozenset(settings.chat_ids)
         self._user_ids = frozenset(settings.user_ids)
-        self._limiter = RateLimiter(
-            settings.max_messages_per_second, total_messages_per_second, group_messages_per_minute
-        )
         self._outbox = Outbox(queue_capacity)
         self._counters: Counter[str] = Counter()
-        self._pending: dict[str, _Pending] = {}
         self._early: list[Alert] = []
         self._early_lock = threading.Lock()
         self._early_overflow = 0
@@ -421,13 +152,29 @@ class TelegramBot:
         self._app: Any = None
         self._ready = asyncio.Event()
         self._first_attempt = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._in_flight = False
         self._stopped = False
         self._is_rejected = False
-        self._paused_until = 0.0
-        self._failures = 0
+        self._sender = OutboxSender(
+            self._outbox,
+            RateLimiter(
+                settings.max_messages_per_second,
+                total_messages_per_second,
+                group_messages_per_minute,
+            ),
+            self._counters,
+            self._ready,
+            self._backoff,
+            batch=batch_alerts,
+        )
+        self._commands = TelegramCommands(
+            control,
+            self._sender.reply,
+            chat_ids=self._chat_ids,
+            user_ids=self._user_ids,
+            counters=self._counters,
+            mode_switch=mode_switch,
+            confirm_ttl_s=confirm_ttl_s,
+        )
         self._sender_task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         if self._enabled and settings.token is not None:
@@ -486,8 +233,10 @@ class TelegramBot:
             log.warning("telegram_early_overflow", dropped=self._early_overflow)
         for alert in early:
             self._enqueue_alert(alert)
-        self._restore_held()
-        self._sender_task = self._loop.create_task(self._send_loop(), name="telegram_sender")
+        restore_spooled(self._spool, self._outbox, self._chat_ids)
+        self._sender_task = self._loop.create_task(
+            self._sender.run(self._app.bot), name="telegram_sender"
+        )
         self._connect_task = self._loop.create_task(self._connect_loop(), name="telegram_connect")
         # Return after the first attempt: connected, or retrying in the background.
         with contextlib.suppress(TimeoutError):
@@ -506,16 +255,12 @@ class TelegramBot:
             with contextlib.suppress(TimeoutError):
                 # A long poll ends at once; PTB's retry sleep after a network error does not.
                 await asyncio.wait_for(app.updater.stop(), timeout=2.0)
-        if self._ready.is_set() and (len(self._outbox) or self._in_flight):
-            self._drained.clear()
-            self._wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout=flush_timeout)
+        await self._sender.flush(flush_timeout)
         if self._sender_task is not None:
             self._sender_task.cancel()
             await asyncio.gather(self._sender_task, return_exceptions=True)
         left = self._outbox.drain()
-        held = self._hold([m for m in left if not m.interactive])
+        held = spool_alerts(self._spool, [m for m in left if not m.interactive])
         if len(left) > held:
             log.warning("telegram_undelivered", messages=len(left) - held)
         for message in left:
@@ -527,65 +272,7 @@ class TelegramBot:
         self._ready.clear()
         log.info("telegram_stopped", **self._counters)
 
-    # -- Alerts held over a restart ----------------------------------------------------------
-
-    def _hold(self, alerts: list[OutgoingMessage]) -> int:
-        """Write alerts still undelivered at stop to the spool file; return how many."""
-        if self._spool is None or not alerts:
-            return 0
-        rows = [
-            {
-                "chat_id": m.chat_id,
-                "text": m.text,
-                "category": m.category,
-                "key": m.key,
-                "count": m.count,
-                "ts_first": m.ts_first,
-                "folded": dict(m.folded),
-                "folded_last": m.folded_last,
-                "is_plain": m.is_plain,
-            }
-            for m in alerts
-        ]
-        try:
-            atomic_write(self._spool, json.dumps(rows))
-        except OSError as e:
-            log.warning("telegram_alerts_lost", messages=len(rows), error=str(e))
-            return 0
-        log.warning("telegram_alerts_held", messages=len(rows), path=str(self._spool))
-        return len(rows)
-
-    def _restore_held(self) -> None:
-        """Queue the alerts a previous run could not deliver (then forget the file)."""
-        if self._spool is None or not self._spool.exists():
-            return
-        try:
-            rows = json.loads(self._spool.read_text(encoding="utf-8"))
-            messages = [
-                OutgoingMessage(
-                    chat_id=int(row["chat_id"]),
-                    text=str(row["text"]) + _HELD_NOTE,
-                    category=str(row["category"]),
-                    key=str(row["key"]),
-                    count=int(row["count"]),
-                    ts_first=int(row["ts_first"]),
-                    folded=Counter({str(k): int(v) for k, v in row["folded"].items()}),
-                    folded_last=str(row["folded_last"]),
-                    is_plain=bool(row["is_plain"]),
-                )
-                for row in rows
-            ]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("telegram_held_alerts_unreadable", path=str(self._spool), error=str(e))
-            messages = []
-        self._spool.unlink(missing_ok=True)
-        restored = 0
-        for message in messages:
-            if message.chat_id in self._chat_ids:
-                self._outbox.put(message)
-                restored += 1
-        if restored:
-            log.info("telegram_alerts_restored", messages=restored)
+    # -- Alerts -----------------------------------------------------------------------------
 
     def notify(self, message: str | Alert) -> None:
         """Queue an alert for every configured chat; safe from any thread, never blocks.
@@ -673,10 +360,10 @@ class TelegramBot:
         app = builder.build()
         only_new = filters.UpdateType.MESSAGE  # an edited "/forceexit" must not act twice
         for name in COMMANDS:
-            app.add_handler(CommandHandler(name, self._on_command, filters=only_new))
-        app.add_handler(MessageHandler(filters.COMMAND & only_new, self._on_unknown))
-        app.add_handler(CallbackQueryHandler(self._on_callback))
-        app.add_error_handler(self._on_handler_error)
+            app.add_handler(CommandHandler(name, self._commands.on_command, filters=only_new))
+        app.add_handler(MessageHandler(filters.COMMAND & only_new, self._commands.on_unknown))
+        app.add_handler(CallbackQueryHandler(self._commands.on_callback))
+        app.add_error_handler(self._commands.on_error)
         return app
 
     async def _connect_once(self) -> None:
@@ -699,7 +386,7 @@ class TelegramBot:
         except Exception as e:  # the menu is cosmetic; never block start-up
             log.warning("telegram_set_commands_failed", error=type(e).__name__)
         self._ready.set()
-        self._wake.set()
+        self._sender.poke()
         log.info("telegram_connected", chats=len(self._chat_ids), users=len(self._user_ids))
 
     async def _connect_loop(self) -> None:
@@ -777,423 +464,8 @@ class TelegramBot:
                 outcome = self._outbox.put(message)
                 if outcome != "queued":
                     self._counters[outcome] += 1
-        self._drained.clear()
-        self._wake.set()
+        self._sender.wake()
         return waiters
-
-    def _reply(
-        self,
-        chat_id: int,
-        text: str,
-        *,
-        markup: Any = None,
-        edit_message_id: int | None = None,
-    ) -> None:
-        chunks = split_text(text)
-        for number, chunk in enumerate(chunks):
-            last = number == len(chunks) - 1
-            message = OutgoingMessage(
-                chat_id,
-                chunk,
-                "reply",
-                interactive=True,
-                # Only the first chunk rewrites the message; the rest follow as new ones,
-                # and the keyboard goes under the last.
-                edit_message_id=edit_message_id if number == 0 else None,
-                reply_markup=markup if last else None,
-            )
-            self._outbox.put(message)
-        self._drained.clear()
-        self._wake.set()
-
-    # -- Sending ---------------------------------------------------------------------------
-
-    def _next_chat(self, now: float) -> tuple[int, float] | None:
-        best: tuple[int, float] | None = None
-        for chat_id in self._outbox.chats():
-            wait = max(self._limiter.delay(chat_id, now), self._paused_until - now)
-            if best is None or wait < best[1]:
-                best = (chat_id, wait)
-        return best
-
-    async def _send_loop(self) -> None:
-        await self._ready.wait()
-        while True:
-            self._wake.clear()
-            choice = self._next_chat(time.monotonic())
-            if choice is None:
-                self._drained.set()
-                await self._wake.wait()
-                continue
-            chat_id, wait = choice
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                continue
-            batch = self._outbox.take(chat_id, batch=self._batch)
-            if not batch:
-                continue
-            self._in_flight = True
-            try:
-                await self._send_batch(chat_id, batch)
-            finally:
-                self._in_flight = False
-
-    async def _post(self, chat_id: int, batch: list[OutgoingMessage]) -> None:
-        from telegram import LinkPreviewOptions
-        from telegram.constants import ParseMode
-
-        first = batch[0]
-        text = _SEPARATOR.join(m.render() for m in batch)
-        parse_mode = None if first.is_plain else ParseMode.HTML
-        bot = self._app.bot
-        if first.edit_message_id is not None:
-            await bot.edit_message_text(
-                text,
-                chat_id=chat_id,
-                message_id=first.edit_message_id,
-                parse_mode=parse_mode,
-                reply_markup=first.reply_markup,
-            )
-        else:
-            await bot.send_message(
-                chat_id,
-                text,
-                parse_mode=parse_mode,
-                reply_markup=first.reply_markup,
-                link_preview_options=LinkPreviewOptions(is_disabled=True),
-            )
-
-    async def _send_batch(self, chat_id: int, batch: list[OutgoingMessage]) -> None:
-        from telegram.error import (
-            BadRequest,
-            Forbidden,
-            NetworkError,
-            RetryAfter,
-            TelegramError,
-        )
-
-        self._limiter.record(chat_id, time.monotonic())
-        try:
-            await self._post(chat_id, batch)
-        except RetryAfter as e:
-            # Flood control: wait what Telegram says, for every chat, then resend the same.
-            delay = _retry_after_seconds(e)
-            self._paused_until = time.monotonic() + delay
-            self._counters["retry_after"] += 1
-            log.warning("telegram_retry_after", chat_id=chat_id, delay=delay)
-            self._outbox.requeue(batch)
-        except BadRequest as e:  # a NetworkError subclass in PTB: test it first
-            self._handle_bad_request(chat_id, batch, e)
-        except Forbidden as e:
-            log.error("telegram_forbidden", chat_id=chat_id, message=redact(str(e))[:200])
-            self._drop(batch)
-        except NetworkError as e:  # includes TimedOut; a timed-out send may be delivered twice
-            self._failures += 1
-            self._counters["network_errors"] += 1
-            delay = self._backoff(self._failures)
-            self._paused_until = time.monotonic() + delay
-            if self._failures == 1 or self._failures % 20 == 0:
-                log.warning(
-                    "telegram_send_failed",
-                    attempt=self._failures,
-                    delay=round(delay, 2),
-                    error=type(e).__name__,
-                    pending=len(self._outbox) + len(batch),
-                )
-            self._outbox.requeue(batch)
-        except TelegramError as e:
-            # ChatMigrated (a group became a supergroup) lands here: the new id needs config.
-            log.error(
-                "telegram_send_refused",
-                chat_id=chat_id,
-                error=type(e).__name__,
-                message=redact(str(e))[:200],
-                new_chat_id=getattr(e, "new_chat_id", None),
-            )
-            self._drop(batch)
-        except Exception:  # a bug here must not kill the only sender
-            log.exception("telegram_send_crashed", chat_id=chat_id)
-            self._drop(batch)
-        else:
-            self._delivered(batch)
-
-    def _handle_bad_request(self, chat_id: int, batch: list[OutgoingMessage], e: Exception) -> None:
-        message = str(e).lower()
-        if "not modified" in message:  # an edit to the same text: nothing to do
-            self._delivered(batch)
-        elif "parse entities" in message and not batch[0].is_plain:
-            log.warning("telegram_bad_html", chat_id=chat_id, message=redact(str(e))[:200])
-            for item in batch:
-                item.is_plain = True
-            self._outbox.requeue(batch)
-        else:
-            log.error("telegram_bad_request", chat_id=chat_id, message=redact(str(e))[:200])
-            self._drop(batch)
-
-    def _delivered(self, batch: list[OutgoingMessage]) -> None:
-        if self._failures:
-            log.info("telegram_reachable_again", failed_attempts=self._failures)
-        self._failures = 0
-        self._counters["sent_messages"] += 1
-        self._counters["delivered_alerts"] += sum(
-            m.count + sum(m.folded.values()) for m in batch if not m.interactive
-        )
-        for message in batch:
-            message.settle(delivered=True)
-
-    def _drop(self, batch: list[OutgoingMessage]) -> None:
-        self._counters["dropped"] += len(batch)
-        for message in batch:
-            message.settle(delivered=False)
-
-    # -- Authorisation ---------------------------------------------------------------------
-
-    @staticmethod
-    def _origin(update: Any) -> tuple[int | None, int | None]:
-        query = update.callback_query
-        if query is not None:
-            message = query.message
-            chat_id = message.chat.id if message is not None else None
-            return chat_id, query.from_user.id
-        chat = update.effective_chat
-        user = update.effective_user
-        return (chat.id if chat else None), (user.id if user else None)
-
-    def _is_authorised(self, chat_id: int | None, user_id: int | None) -> bool:
-        if chat_id is None or chat_id not in self._chat_ids:
-            return False
-        return not self._user_ids or (user_id is not None and user_id in self._user_ids)
-
-    # -- Commands --------------------------------------------------------------------------
-
-    @authorised_only
-    async def _on_command(self, update: Any, context: Any) -> None:
-        message = update.effective_message
-        chat_id = message.chat.id
-        name = message.text.split()[0][1:].split("@")[0].lower()
-        args = [str(a) for a in (context.args or [])]
-        log.info("telegram_command", command=name, chat_id=chat_id, user_id=self._origin(update)[1])
-        try:
-            await self._dispatch(chat_id, name, args)
-        except BotError as e:
-            self._reply(chat_id, f"❌ {esc(e.message)}")
-        except Exception:
-            log.exception("telegram_command_failed", command=name)
-            self._reply(chat_id, f"❌ /{esc(name)} failed; see the logs.")
-
-    async def _dispatch(self, chat_id: int, name: str, args: list[str]) -> None:
-        views: dict[str, Callable[[Snapshot], str]] = {
-            "status": render_status,
-            "positions": render_positions,
-            "balance": render_balance,
-            "profit": render_profit,
-            "pairs": render_pairs,
-            "risk": render_risk,
-            "score": render_scores,
-            "model": render_model,
-        }
-        if name in views:
-            self._reply(chat_id, views[name](self._control.snapshot()))
-        elif name == "daily":
-            days = int(args[0]) if args and args[0].isdigit() else 7
-            self._reply(chat_id, render_daily(self._control.snapshot(), min(max(days, 1), 31)))
-        elif name == "why":
-            if not args:
-                self._reply(chat_id, "Usage: /why &lt;pair&gt;, e.g. /why BTC/USDT")
-            else:
-                snap = self._control.snapshot()
-                pair = find_pair(args[0], snap.last_decisions)
-                patterns = self._control.patterns(pair) if pair is not None else []
-                self._reply(chat_id, render_why(snap, args[0], patterns))
-        elif name == "reconcile":
-            self._reply(chat_id, "🔄 Reconciling…")
-            report = await self._control.reconcile()
-            self._reply(chat_id, reconciliation_report(report).text)
-        elif name == "help":
-            self._reply(chat_id, render_help())
-        else:
-            self._ask(chat_id, name, args)
-
-    def _ask(self, chat_id: int, action: str, args: list[str]) -> None:
-        question = self._question(chat_id, action, args)
-        if question is None:
-            return
-        arg = args[0] if args else ""
-        if action == "forceexit" and arg.lower() != "all":
-            arg = (
-                find_pair(arg, (p.pair for p in self._control.snapshot().portfolio.positions))
-                or arg
-            )
-        elif action == "mode":
-            arg = arg.lower()
-        now = time.monotonic()
-        for token in [t for t, p in self._pending.items() if p.expires < now]:
-            del self._pending[token]
-        token = secrets.token_hex(8)
-        self._pending[token] = _Pending(action, arg, chat_id, question, now + self._confirm_ttl)
-        self._reply(chat_id, question, markup=_confirm_keyboard(token))
-
-    def _question(self, chat_id: int, action: str, args: list[str]) -> str | None:
-        # Returns the confirmation question, or None after replying why there is none.
-        snap = self._control.snapshot()
-        if action == "pause":
-            return "⏸ Pause trading? No new positions; exits and stops keep working."
-        if action == "resume":
-            return f"▶️ Resume trading? (now {esc(snap.state)}, trading {esc(snap.trading_state)})"
-        if action == "stopbuy":
-            return "🛑 Stop buying? Only exits will be allowed."
-        if action == "resetrisk":
-            latched = ", ".join(snap.risk.get("latched") or {}) or "none"
-            return (
-                f"🔓 Reset risk? Trading is {esc(snap.trading_state)}; latched breakers:"
-                f" {esc(latched)}. They are lifted and the peak and the day's start are"
-                " re-based on equity now."
-            )
-        if action == "forceexit":
-            return self._forceexit_question(chat_id, snap, args)
-        if action == "mode":
-            return self._mode_question(chat_id, snap, args)
-        return None
-
-    def _forceexit_question(self, chat_id: int, snap: Snapshot, args: list[str]) -> str | None:
-        positions = {p.pair: p for p in snap.portfolio.positions}
-        if not args:
-            self._reply(chat_id, "Usage: /forceexit &lt;pair&gt; or /forceexit all")
-            return None
-        if args[0].lower() == "all":
-            if not positions:
-                self._reply(chat_id, "No open positions.")
-                return None
-            return f"⚠️ Close ALL {len(positions)} positions at market?"
-        pair = find_pair(args[0], positions)
-        if pair is None:
-            self._reply(chat_id, f"No open position on {esc(args[0])}.")
-            return None
-        p = positions[pair]
-        return (
-            f"⚠️ Close {esc(p.side)} {fmt_price(p.qty)} {esc(pair)} at market? "
-            f"(uPnL {fmt_number(p.unrealised_pnl, sign=True)})"
-        )
-
-    def _mode_question(self, chat_id: int, snap: Snapshot, args: list[str]) -> str | None:
-        if not args:
-            switch = "" if self._mode_switch else " Switching is not available."
-            self._reply(
-                chat_id, f"Mode: <b>{esc(snap.mode)}</b>. Use /mode sim or /mode live.{switch}"
-            )
-            return None
-        target = args[0].lower()
-        if target not in _MODES:
-            self._reply(chat_id, "Usage: /mode sim or /mode live")
-            return None
-        if self._mode_switch is None:
-            self._reply(chat_id, "Mode switching is not available in this run.")
-            return None
-        if target == snap.mode:
-            self._reply(chat_id, f"Already in {esc(target)} mode.")
-            return None
-        warning = " Real orders will be sent." if target == "live" else ""
-        return f"🔁 Switch from {esc(snap.mode)} to <b>{esc(target)}</b>?{warning}"
-
-    @authorised_only
-    async def _on_unknown(self, update: Any, context: Any) -> None:
-        self._reply(update.effective_chat.id, "Unknown command. Send /help for the list.")
-
-    @authorised_only
-    async def _on_callback(self, update: Any, context: Any) -> None:
-        query = update.callback_query
-        chat_id, message_id = query.message.chat.id, query.message.message_id
-        verb, _, token = (query.data or "").partition(":")
-        pending = self._pending.pop(token, None)  # one press acts once
-        if pending is None or pending.chat_id != chat_id or pending.expires < time.monotonic():
-            await _answer(query, "This confirmation has expired.")
-            self._reply(chat_id, "⌛ Expired: send the command again.", edit_message_id=message_id)
-            return
-        if verb != "ok":
-            await _answer(query, "Cancelled.")
-            self._reply(chat_id, f"{pending.question}\n✖ Cancelled.", edit_message_id=message_id)
-            return
-        await _answer(query, "On it.")
-        reason = f"telegram user {query.from_user.id}"
-        log.info(
-            "telegram_confirmed", action=pending.action, arg=pending.arg, user_id=query.from_user.id
-        )
-        try:
-            result = await self._act(pending, reason)
-        except BotError as e:
-            result = f"❌ Failed: {esc(e.message)}"
-        except Exception:
-            log.exception("telegram_action_failed", action=pending.action)
-            result = "❌ Failed; see the logs."
-        self._reply(chat_id, f"{pending.question}\n{result}", edit_message_id=message_id)
-
-    async def _act(self, pending: _Pending, reason: str) -> str:
-        control = self._control
-        if pending.action == "pause":
-            await control.pause(reason)
-            return "⏸ Paused."
-        if pending.action == "resume":
-            await control.resume(reason)
-            return "▶️ Resumed."
-        if pending.action == "stopbuy":
-            await control.stop_buy(reason)
-            return "🛑 Exits only."
-        if pending.action == "resetrisk":
-            await control.reset_risk(reason)
-            return f"🔓 Risk reset: trading {esc(control.snapshot().trading_state)}."
-        if pending.action == "forceexit":
-            # The position may have closed (a stop, the strategy) between the question and
-            # the press: the engine then sends nothing, and the answer must not say it did.
-            held = [p.pair for p in control.snapshot().portfolio.positions]
-            pairs = held if pending.arg.lower() == "all" else [pending.arg]
-            sent = [pair for pair in pairs if pair in held]
-            for pair in sent:
-                await control.force_exit(pair, reason)
-            gone = [pair for pair in pairs if pair not in held]
-            if gone and not sent:
-                return f"No open position on {esc(', '.join(gone))} any more; nothing sent."
-            return f"✅ Exit sent for {esc(', '.join(sent)) or 'nothing'}."
-        if pending.action == "mode" and self._mode_switch is not None:
-            return f"✅ {esc(await self._mode_switch(pending.arg))}"
-        raise BotError(f"unknown action {pending.action}", component="telegram")
-
-    async def _on_handler_error(self, update: object, context: Any) -> None:
-        log.error(
-            "telegram_handler_error",
-            error=type(context.error).__name__,
-            message=redact(str(context.error))[:300],
-        )
-
-
-async def _answer(query: Any, text: str) -> None:
-    from telegram.error import TelegramError
-
-    try:
-        await query.answer(text)
-    except TelegramError as e:  # the button still works; only the toast is lost
-        log.warning("telegram_answer_failed", error=type(e).__name__)
-
-
-def _confirm_keyboard(token: str) -> Any:
-    from telegram import InlineKeyboardButton, InlineKeyboardMarkup
-
-    return InlineKeyboardMarkup(
-        [
-            [
-                InlineKeyboardButton("✅ Confirm", callback_data=f"ok:{token}"),
-                InlineKeyboardButton("✖ Cancel", callback_data=f"no:{token}"),
-            ]
-        ]
-    )
-
-
-def _retry_after_seconds(error: Any) -> float:
-    # PTB 22 warns when `retry_after` is read as an int; accept either form quietly.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        value = error.retry_after
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 def api_urls(base_url: str) -> tuple[str, str]:
