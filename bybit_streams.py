@@ -13,7 +13,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
@@ -110,39 +110,15 @@ class ExchangeStreams(ExchangeBase):
             if poll is not None and poll_s is not None
             else None
         )
-        outage = False
+        sources = _StreamSources(op, pair, convert, resync, poll)
         try:
             while True:
                 kind, payload = await queue.get()
-                if kind == "data":
-                    items = await convert(payload)
-                elif kind == "poll" and poll is not None:
-                    try:
-                        items = await poll()
-                    except RecoverableError as e:
-                        log.warning(
-                            "stream_poll_failed", stream=op, **({"pair": pair} | e.describe())
-                        )
-                        continue
-                elif kind in ("lost", "resumed") and resync is not None:
-                    if kind == "lost" and outage:
-                        continue  # one resync per outage, not per failed reconnect
-                    outage = kind == "lost"
-                    try:
-                        items = await resync()
-                    except RecoverableError as e:
-                        log.warning(
-                            "stream_resync_failed", stream=op, **({"pair": pair} | e.describe())
-                        )
-                        outage = False  # try again on the next loss or resume
-                        continue
-                elif kind == "error":
+                if kind == "error":
                     raise payload
-                elif kind == "closed":
+                if kind == "closed":
                     return
-                else:
-                    continue
-                for item in items:
+                for item in await sources.items(kind, payload):
                     yield item
         finally:
             for task in (pump, poller):
@@ -208,56 +184,16 @@ class ExchangeStreams(ExchangeBase):
     ) -> AsyncIterator[Candle]:
         client = self._ensure_open()
         symbol = self.market(pair).pair
-        last: list[int | None] = [None if since is None else -(-since // step) * step - step]
-
-        async def catch_up(now_ms: int) -> list[Candle]:
-            # Closed candles after the last one yielded, up to (excluding) now's candle.
-            previous = last[0]
-            if previous is None:
-                return []
-            got = await self._fetch_closed(
-                pair, timeframe, previous + step, None, None, now_ms=now_ms
-            )
-            fresh = [c for c in got if c.ts > previous]
-            if fresh:
-                last[0] = fresh[-1].ts
-                log.info(
-                    "stream_gap_filled",
-                    pair=pair,
-                    timeframe=timeframe,
-                    candles=len(fresh),
-                    first=fresh[0].ts,
-                )
-            return fresh
-
-        async def resync() -> list[Candle]:
-            return await catch_up(await self.fetch_server_time())
-
-        async def convert(rows: list[list[Any]]) -> list[Candle]:
-            out: list[Candle] = []
-            for row in sorted(rows, key=lambda r: r[0]):
-                ts, confirmed = int(row[0]), bool(row[6]) if len(row) > 6 else False
-                previous = last[0]
-                if previous is None:  # first frame: this candle is the next one to yield
-                    last[0] = previous = ts - step
-                if ts <= previous:
-                    continue  # already yielded
-                if ts > previous + step:
-                    out.extend(await catch_up(ts))  # everything before `ts` has closed
-                if confirmed and ts > (last[0] or 0):
-                    out.append(candle_from_row(pair, timeframe, row))
-                    last[0] = ts
-            return out
-
+        cursor = _CandleCursor(self, pair, timeframe, step, since)
         if since is not None:
-            for candle in await catch_up(self.server_now_ms()):
+            for candle in await cursor.catch_up(self.server_now_ms()):
                 yield candle
         stream = self._stream(
             "watch_candles",
             lambda: client.watch_ohlcv(symbol, timeframe),
-            convert,
+            cursor.convert,
             pair=pair,
-            resync=resync,
+            resync=cursor.resync,
         )
         async for candle in stream:
             yield candle
@@ -417,3 +353,99 @@ class ExchangeStreams(ExchangeBase):
             return [await self.fetch_balance()]
 
         return self._stream("watch_balance", lambda: client.watch_balance(), convert, resync=resync)
+
+
+class _StreamSources(Generic[T]):
+    # Where a stream's items come from, per queued event: the socket's payload, a REST
+    # poll, or a REST resync after a loss and after the resume (one per outage).
+    def __init__(
+        self,
+        op: str,
+        pair: str | None,
+        convert: Callable[[Any], Awaitable[list[T]]],
+        resync: Callable[[], Awaitable[list[T]]] | None,
+        poll: Callable[[], Awaitable[list[T]]] | None,
+    ) -> None:
+        self.op = op
+        self.pair = pair
+        self.convert = convert
+        self.resync = resync
+        self.poll = poll
+        self.outage = False
+
+    async def items(self, kind: str, payload: Any) -> list[T]:
+        # Nothing for events this stream has no source for.
+        op, pair = self.op, self.pair
+        if kind == "data":
+            return await self.convert(payload)
+        if kind == "poll" and self.poll is not None:
+            try:
+                return await self.poll()
+            except RecoverableError as e:
+                log.warning("stream_poll_failed", stream=op, **({"pair": pair} | e.describe()))
+                return []
+        if kind in ("lost", "resumed") and self.resync is not None:
+            if kind == "lost" and self.outage:
+                return []  # one resync per outage, not per failed reconnect
+            self.outage = kind == "lost"
+            try:
+                return await self.resync()
+            except RecoverableError as e:
+                log.warning("stream_resync_failed", stream=op, **({"pair": pair} | e.describe()))
+                self.outage = False  # try again on the next loss or resume
+                return []
+        return []
+
+
+class _CandleCursor:
+    # The newest candle yielded for one pair: frames at or before it are dropped, and a
+    # jump past the next one is filled from REST first.
+    def __init__(
+        self, exchange: ExchangeBase, pair: str, timeframe: str, step: int, since: int | None
+    ) -> None:
+        self.exchange = exchange
+        self.pair = pair
+        self.timeframe = timeframe
+        self.step = step
+        self.last: int | None = None if since is None else -(-since // step) * step - step
+
+    async def catch_up(self, now_ms: int) -> list[Candle]:
+        # Closed candles after the last one yielded, up to (excluding) now's candle.
+        pair, timeframe, step = self.pair, self.timeframe, self.step
+        previous = self.last
+        if previous is None:
+            return []
+        got = await self.exchange._fetch_closed(
+            pair, timeframe, previous + step, None, None, now_ms=now_ms
+        )
+        fresh = [c for c in got if c.ts > previous]
+        if fresh:
+            self.last = fresh[-1].ts
+            log.info(
+                "stream_gap_filled",
+                pair=pair,
+                timeframe=timeframe,
+                candles=len(fresh),
+                first=fresh[0].ts,
+            )
+        return fresh
+
+    async def resync(self) -> list[Candle]:
+        return await self.catch_up(await self.exchange.fetch_server_time())
+
+    async def convert(self, rows: list[list[Any]]) -> list[Candle]:
+        step = self.step
+        out: list[Candle] = []
+        for row in sorted(rows, key=lambda r: r[0]):
+            ts, confirmed = int(row[0]), bool(row[6]) if len(row) > 6 else False
+            previous = self.last
+            if previous is None:  # first frame: this candle is the next one to yield
+                self.last = previous = ts - step
+            if ts <= previous:
+                continue  # already yielded
+            if ts > previous + step:
+                out.extend(await self.catch_up(ts))  # everything before `ts` has closed
+            if confirmed and ts > (self.last or 0):
+                out.append(candle_from_row(self.pair, self.timeframe, row))
+                self.last = ts
+        return out
