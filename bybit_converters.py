@@ -19,11 +19,13 @@ from models import (
     Market,
     MarketType,
     Order,
+    OrderBook,
     OrderStatus,
     OrderType,
     Position,
     PositionSide,
     Side,
+    Ticker,
     TimeInForce,
     Trade,
 )
@@ -261,4 +263,28 @@ def trade_from_ccxt(raw: dict[str, Any], pair: str) -> Trade:
         qty=float(raw["amount"]),
         side=Side(str(raw.get("side") or "buy")),
         trade_id=str(raw.get("id") or ""),
+    )
+
+
+def ticker_from_ccxt(raw: dict[str, Any], pair: str, now_ms: int) -> Ticker:
+    """Return a ticker from a ccxt ticker (stamped `now_ms` when it carries no time)."""
+    last = raw.get("last")
+    return Ticker(
+        pair=pair,
+        ts=int(raw.get("timestamp") or now_ms),
+        bid=float_or_none(raw.get("bid")),
+        ask=float_or_none(raw.get("ask")),
+        last=float_or_none(last),
+        base_volume_24h=float_or_none(raw.get("baseVolume")),
+        quote_volume_24h=float_or_none(raw.get("quoteVolume")),
+    )
+
+
+def book_from_ccxt(raw: dict[str, Any], pair: str, depth: int, now_ms: int) -> OrderBook:
+    """Return the top `depth` levels of a ccxt order book (stamped `now_ms` when untimed)."""
+    return OrderBook(
+        pair=pair,
+        ts=int(raw.get("timestamp") or now_ms),
+        bids=book_side(raw.get("bids") or (), depth),
+        asks=book_side(raw.get("asks") or (), depth),
     )

@@ -43,11 +43,11 @@ import structlog
 
 from bybit_converters import (
     balances_from_ccxt,
-    book_side,
+    book_from_ccxt,
     candle_from_row,
-    float_or_none,
     market_from_ccxt,
     position_from_ccxt,
+    ticker_from_ccxt,
     trade_from_ccxt,
 )
 from bybit_orders import ExchangeOrders
@@ -104,6 +104,40 @@ def bybit_client_class() -> type:
     from bybit_client import KestrelBybit  # imports ccxt (~0.3 s); main imports us lazily
 
     return KestrelBybit
+
+
+def _ccxt_config(s: ExchangeSettings) -> dict[str, Any]:
+    # The ccxt constructor config; registers the keys for log redaction.
+    from bybit_client import loopback_urls  # with ccxt, which the client needs anyway
+
+    config: dict[str, Any] = {
+        "enableRateLimit": False,  # our budgets replace ccxt's leaky bucket
+        "timeout": int(s.timeout_s * 1000),
+        "has": {"fetchCurrencies": False},
+        "options": {
+            "fetchMarkets": {"types": ["spot", "linear"]},
+            "enableUnifiedAccount": True,
+            "enableUnifiedMargin": False,
+            "recvWindow": s.recv_window_ms,
+            "defaultType": "spot" if s.market_type == "spot" else "swap",
+            "fetchOrder": {"acknowledged": True},
+            "watchPositions": {"fetchPositionsSnapshot": False},
+        },
+    }
+    if s.has_keys:
+        assert s.api_key is not None
+        assert s.api_secret is not None
+        key, secret = s.api_key.get_secret_value(), s.api_secret.get_secret_value()
+        register_secret(key)
+        register_secret(secret)
+        config |= {"apiKey": key, "secret": secret}
+    if s.base_url is not None:
+        # Override `test` and `demotrading` too: set_sandbox_mode copies `test` over `api`.
+        urls = loopback_urls(s.base_url)
+        config["urls"] = {k: copy.deepcopy(urls) for k in ("api", "test", "demotrading")}
+        if s.base_url.startswith("http://"):
+            config["timeout_on_exit"] = 0  # the 250 ms wait is for TLS shutdown only
+    return config
 
 
 # -- The exchange ----------------------------------------------------------------------------
@@ -167,39 +201,10 @@ class Exchange(ExchangeOrders, ExchangeStreams):
     # -- Lifecycle -----------------------------------------------------------------------------
 
     def _build_client(self) -> Any:
-        from bybit_client import loopback_urls  # with ccxt, which the client needs anyway
-
-        s = self.settings
-        config: dict[str, Any] = {
-            "enableRateLimit": False,  # our budgets replace ccxt's leaky bucket
-            "timeout": int(s.timeout_s * 1000),
-            "has": {"fetchCurrencies": False},
-            "options": {
-                "fetchMarkets": {"types": ["spot", "linear"]},
-                "enableUnifiedAccount": True,
-                "enableUnifiedMargin": False,
-                "recvWindow": s.recv_window_ms,
-                "defaultType": "spot" if s.market_type == "spot" else "swap",
-                "fetchOrder": {"acknowledged": True},
-                "watchPositions": {"fetchPositionsSnapshot": False},
-            },
-        }
-        if s.has_keys:
-            assert s.api_key is not None
-            assert s.api_secret is not None
-            key, secret = s.api_key.get_secret_value(), s.api_secret.get_secret_value()
-            register_secret(key)
-            register_secret(secret)
-            config |= {"apiKey": key, "secret": secret}
-        if s.base_url is not None:
-            # Override `test` and `demotrading` too: set_sandbox_mode copies `test` over `api`.
-            urls = loopback_urls(s.base_url)
-            config["urls"] = {k: copy.deepcopy(urls) for k in ("api", "test", "demotrading")}
-            if s.base_url.startswith("http://"):
-                config["timeout_on_exit"] = 0  # the 250 ms wait is for TLS shutdown only
+        config = _ccxt_config(self.settings)
         client = (self._client_class or bybit_client_class())(config)
         client.kestrel_budgets = self._budgets
-        if s.testnet:
+        if self.settings.testnet:
             client.set_sandbox_mode(True)
         return client
 
@@ -345,15 +350,7 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         last = raw.get("last")
         if last is not None:
             self._last_price[pair] = Decimal(str(last))
-        return Ticker(
-            pair=pair,
-            ts=int(raw.get("timestamp") or self.server_now_ms()),
-            bid=float_or_none(raw.get("bid")),
-            ask=float_or_none(raw.get("ask")),
-            last=float_or_none(last),
-            base_volume_24h=float_or_none(raw.get("baseVolume")),
-            quote_volume_24h=float_or_none(raw.get("quoteVolume")),
-        )
+        return ticker_from_ccxt(raw, pair, self.server_now_ms())
 
     async def fetch_ticker(self, pair: str) -> Ticker:
         """Return the ticker of `pair`."""
@@ -398,12 +395,7 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         return self._book(raw, pair, limit)
 
     def _book(self, raw: dict[str, Any], pair: str, depth: int) -> OrderBook:
-        return OrderBook(
-            pair=pair,
-            ts=int(raw.get("timestamp") or self.server_now_ms()),
-            bids=book_side(raw.get("bids") or (), depth),
-            asks=book_side(raw.get("asks") or (), depth),
-        )
+        return book_from_ccxt(raw, pair, depth, self.server_now_ms())
 
     async def fetch_trades(
         self, pair: str, since: int | None = None, limit: int | None = None
