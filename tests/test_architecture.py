@@ -41,6 +41,10 @@ OWNER = {
     "bybit_converters": "exchange",
     "bybit_orders": "exchange",
     "bybit_streams": "exchange",
+    # trade_store.py
+    "trade_schema": "trade_store",
+    "trade_journal": "trade_store",
+    "trade_records": "trade_store",
 }
 
 
