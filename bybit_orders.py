@@ -46,7 +46,7 @@ from models import (
 from utils.precision import validate_intent
 
 
-__all__ = ["ExchangeOrders"]
+__all__ = ["SWEEP_OVERLAP_MS", "ExchangeOrders"]
 
 log = structlog.get_logger("exchange")
 
@@ -54,7 +54,7 @@ _ORDER_PAGE: Final = 50
 _MAX_PAGES: Final = 10
 # A fill REST sweep reaches this far before the previous sweep's start (clock skew, and
 # executions Bybit indexes a moment late); the first sweep runs this soon after start-up.
-_SWEEP_OVERLAP_MS: Final = 60_000
+SWEEP_OVERLAP_MS: Final = 60_000
 # The longest range /v5/execution/list answers in one query (startTime to endTime).
 _EXECUTION_WINDOW_MS: Final = 7 * 86_400_000
 _LINK_ID_MAX: Final = 36  # Bybit's orderLinkId length limit
@@ -381,7 +381,7 @@ class ExchangeOrders(ExchangeBase):
 
     def _execution_windows(self, since: int | None) -> list[tuple[int | None, int | None]]:
         # (startTime, endTime) pairs covering `since` to now, none longer than Bybit's week.
-        now = self.server_now_ms() + _SWEEP_OVERLAP_MS  # the server may run a little ahead
+        now = self.server_now_ms() + SWEEP_OVERLAP_MS  # the server may run a little ahead
         if since is None or now - since <= _EXECUTION_WINDOW_MS:
             return [(since, None)]
         windows: list[tuple[int | None, int | None]] = []

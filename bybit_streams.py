@@ -25,6 +25,7 @@ from bybit_converters import (
     position_from_ccxt,
     trade_from_ccxt,
 )
+from bybit_orders import SWEEP_OVERLAP_MS
 from error_handler import RecoverableError
 from exchange_base import ClientState, ExchangeBase
 from models import Balance, Candle, Fill, Order, OrderBook, Position, Ticker, Trade
@@ -36,9 +37,7 @@ __all__ = ["ExchangeStreams"]
 T = TypeVar("T")
 log = structlog.get_logger("exchange")
 
-# A fill REST sweep reaches this far before the previous sweep's start (clock skew, and
-# executions Bybit indexes a moment late); the first sweep runs this soon after start-up.
-_SWEEP_OVERLAP_MS: Final = 60_000
+# The first fill sweep runs this soon after start-up (see bybit_orders.SWEEP_OVERLAP_MS).
 _FIRST_POLL_S: Final = 2.0
 _SUBSCRIBE_GRACE_S: Final = 0.3  # for the queued subscribe frames to reach the exchange
 
@@ -313,7 +312,7 @@ class ExchangeStreams(ExchangeBase):
 
         async def sweep() -> list[Fill]:
             start = self.server_now_ms()
-            found = fresh(await self.fetch_my_trades(since=swept[0] - _SWEEP_OVERLAP_MS))
+            found = fresh(await self.fetch_my_trades(since=swept[0] - SWEEP_OVERLAP_MS))
             swept[0] = start
             return found
 

@@ -1,7 +1,8 @@
 """Bybit V5 (unified trading account, spot and USDT perpetuals) through ccxt async + ccxt.pro.
 
 `Exchange` is the one door to the exchange: every method returns `models` types and raises
-our error tree (`error_handler.map_ccxt_errors`); ccxt dicts never leave this module.
+our error tree (`error_handler.map_ccxt_errors`); ccxt dicts never leave this module and
+its parts (rate_budgets, bybit_client, bybit_converters, bybit_orders, bybit_streams).
 
 What it adds on top of ccxt:
 
