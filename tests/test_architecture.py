@@ -52,6 +52,17 @@ OWNER: dict[str, str] = {
     "web_view": "ui",
     "telegram_outbox": "telegram_bot",
     "telegram_commands": "telegram_bot",
+    # exchange.py
+    "exchange_base": "exchange",
+    "rate_budgets": "exchange",
+    "bybit_client": "exchange",
+    "bybit_converters": "exchange",
+    "bybit_orders": "exchange",
+    "bybit_streams": "exchange",
+    # trade_store.py
+    "trade_schema": "trade_store",
+    "trade_journal": "trade_store",
+    "trade_records": "trade_store",
 }
 
 

@@ -1,0 +1,164 @@
+"""The ccxt.pro Bybit subclass with Kestrel's hooks, and the loopback URL overrides.
+
+Part of `exchange`, imported lazily through `exchange.bybit_client_class()`: importing
+this module imports ccxt (~0.3 s), which `python main.py --help` must not pay.
+
+The hooks: `fetch2` spends the rate budgets, `handle_errors` attaches Bybit's reset delay
+to rate-limit errors and refuses non-JSON 200 bodies (ccxt would return garbage, WIRE.md
+section 3), `authenticate` signs the private WebSocket login with the corrected clock, and
+`parse_ws_ohlcv` keeps Bybit's `confirm` flag. Signing, requests and parsing stay ccxt's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any
+
+import ccxt
+import ccxt.pro
+
+from rate_budgets import RateBudgets
+
+
+__all__ = ["KestrelBybit", "loopback_urls"]
+
+
+def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
+    # Bybit's X-Bapi-Limit-Reset-Timestamp (ms) -> seconds to wait; ccxt never reads it.
+    if not isinstance(headers, dict):
+        return None
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    raw = lowered.get("x-bapi-limit-reset-timestamp")
+    if raw is None:
+        retry = lowered.get("retry-after")
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, float(retry)) if retry is not None else None
+        return None
+    try:
+        return min(60.0, max(0.0, (int(raw) - server_now_ms) / 1000))
+    except (TypeError, ValueError):
+        return None
+
+
+class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc,name-defined]
+    """ccxt.pro's Bybit with Kestrel's rate budgets, error hooks and kline flag."""
+
+    kestrel_budgets: RateBudgets | None = None
+
+    async def authenticate(self, url: str, params: Any = None) -> Any:
+        """Log in on the private socket, signed with the corrected clock."""
+        # ccxt 4.5.90 signs the private WebSocket login with the local clock
+        # (`milliseconds() + 10000`), ignoring the offset it measured for REST; with a
+        # local clock 10 s behind Bybit's, every login fails. Sign with the corrected
+        # clock, exactly as REST requests are.
+        self.check_required_credentials()
+        client = self.client(url)
+        future = client.reusableFuture("authenticated")
+        if self.safe_value(client.subscriptions, "authenticated") is None:
+            offset = self.safe_integer(self.options, "timeDifference", 0) or 0
+            expires = self.number_to_string(self.milliseconds() - offset + 10000)
+            signature = self.hmac(
+                self.encode("GET/realtime" + expires),
+                self.encode(self.secret),
+                hashlib.sha256,
+                "hex",
+            )
+            message = self.extend(
+                {"op": "auth", "args": [self.apiKey, expires, signature]}, params or {}
+            )
+            self.watch(url, "authenticated", message, "authenticated")
+        return await future
+
+    async def fetch2(
+        self,
+        path: str,
+        api: Any = ("public",),
+        method: str = "GET",
+        params: Any = None,
+        config: Any = None,
+    ) -> Any:
+        """Spend the rate budgets, send, and pause a budget that Bybit reports exhausted."""
+        params = {} if params is None else params
+        budgets = self.kestrel_budgets
+        if budgets is not None:
+            await budgets.acquire(path, params)
+        try:
+            return await super().fetch2(path, api, method, params, config or {})
+        except ccxt.RateLimitExceeded as e:
+            if budgets is not None:
+                status = getattr(e, "http_status", 0)
+                budgets.penalise(path, params, getattr(e, "retry_after", None), status)
+            raise
+
+    def handle_errors(
+        self,
+        code: int,
+        reason: str,
+        url: str,
+        method: str,
+        headers: Any,
+        body: str,
+        response: Any,
+        request_headers: Any,
+        request_body: Any,
+    ) -> Any:
+        """Map errors as ccxt does, plus the reset delay and non-JSON 200 bodies."""
+        delay = _reset_delay(headers, self.nonce())
+        try:
+            super().handle_errors(
+                code,
+                reason,
+                url,
+                method,
+                headers,
+                body,
+                response,
+                request_headers,
+                request_body,
+            )
+        except ccxt.RateLimitExceeded as e:
+            e.retry_after = delay  # read by error_handler when mapping
+            e.http_status = code
+            raise
+        if response is None and code in (403, 429):
+            error = ccxt.RateLimitExceeded(f"{self.id} {code} {str(body)[:120]}")
+            error.retry_after = delay
+            error.http_status = code
+            raise error
+        if response is None and 200 <= code < 300:
+            raise ccxt.BadResponse(f"{self.id} non-JSON body for {method} {url}: {body[:80]!r}")
+        return None
+
+    def parse_ws_ohlcv(self, ohlcv: Any, market: Any = None) -> list[Any]:
+        """Return ccxt's kline row with Bybit's `confirm` flag appended."""
+        row: list[Any] = super().parse_ws_ohlcv(ohlcv, market)
+        row.append(self.safe_bool(ohlcv, "confirm", False))
+        return row
+
+
+def loopback_urls(base_url: str) -> dict[str, Any]:
+    """Return ccxt `urls` pointing REST and streams at `base_url` (tests, emulator)."""
+    http = base_url.rstrip("/")
+    ws = "ws" + http[len("http") :]
+    return {
+        "public": http,
+        "private": http,
+        "spot": http,
+        "futures": http,
+        "v2": http,
+        "ws": {
+            "public": {
+                "spot": f"{ws}/v5/public/spot",
+                "linear": f"{ws}/v5/public/linear",
+                "inverse": f"{ws}/v5/public/inverse",
+                "option": f"{ws}/v5/public/option",
+            },
+            "private": {
+                "contract": f"{ws}/v5/private",
+                "spot": {"unified": f"{ws}/v5/private", "nonUnified": f"{ws}/spot/private/v3"},
+                "usdc": f"{ws}/trade/option/usdc/private/v1",
+                "trade": f"{ws}/v5/trade",
+            },
+        },
+    }

@@ -1,0 +1,138 @@
+"""Bybit's published request limits as sliding-window rate budgets (part of `exchange`).
+
+`RateBudget` lets at most `limit` requests through in any rolling window; `RateBudgets`
+holds the budgets of one `Exchange` by class (IP, orders per category, queries, position,
+account), picks the budget an endpoint spends, and pauses the one Bybit said was hit.
+Sliding windows, not token buckets: Bybit counts requests in rolling windows, and a
+bucket's burst can exceed the window count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+
+__all__ = ["RateBudget", "RateBudgets"]
+
+
+class RateBudget:
+    """At most `limit` requests in any rolling window of `window_s` seconds.
+
+    `acquire` waits (FIFO) until a slot is free; `pause` blocks the budget entirely, e.g.
+    until the reset time Bybit announced after a 10006.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        window_s: float,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if limit < 1:
+            raise ValueError(f"budget {name} needs a limit >= 1, got {limit}")
+        self.name = name
+        self.limit = limit
+        self.window_s = window_s
+        self._now = now
+        self._sleep = sleep
+        self._hits: deque[float] = deque()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def _evict(self, now: float) -> None:
+        while self._hits and now - self._hits[0] >= self.window_s:
+            self._hits.popleft()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot in the window and take it."""
+        async with self._lock:
+            while True:
+                now = self._now()
+                self._evict(now)
+                if now < self._paused_until:
+                    await self._sleep(self._paused_until - now)
+                    continue
+                if len(self._hits) < self.limit:
+                    self._hits.append(now)
+                    return
+                await self._sleep(self._hits[0] + self.window_s - now)
+
+    def pause(self, seconds: float) -> None:
+        """Let nothing through for `seconds` (extends, never shortens, a pause)."""
+        self._paused_until = max(self._paused_until, self._now() + max(seconds, 0.0))
+
+    def remaining_fraction(self) -> float:
+        """Return the share of the window still free (0 while paused)."""
+        now = self._now()
+        if now < self._paused_until:
+            return 0.0
+        self._evict(now)
+        return max(0.0, 1.0 - len(self._hits) / self.limit)
+
+
+# Published Bybit limits: (requests, window seconds). Queries share one budget (each
+# endpoint has its own 50/s at Bybit, so sharing is the conservative side).
+_PUBLISHED: Final[dict[str, tuple[int, float]]] = {
+    "ip": (600, 5.0),
+    "order_linear": (10, 1.0),
+    "order_spot": (20, 1.0),
+    "query": (50, 1.0),
+    "position": (10, 1.0),
+    "account": (5, 1.0),
+}
+_ORDER_PATHS: Final = frozenset(
+    {"v5/order/create", "v5/order/cancel", "v5/order/amend", "v5/order/cancel-all"}
+)
+
+
+def _budget_class(path: str, params: Any) -> str | None:
+    # Which per-UID budget an endpoint spends; public market data spends only the IP one.
+    if path.startswith("v5/market/"):
+        return None
+    if path in _ORDER_PATHS:
+        category = params.get("category") if isinstance(params, dict) else None
+        return "order_spot" if category == "spot" else "order_linear"
+    if path in ("v5/position/set-leverage", "v5/position/trading-stop"):
+        return "position"
+    if path in ("v5/user/query-api", "v5/asset/coin/query-info", "v5/account/info"):
+        return "account"
+    return "query"
+
+
+class RateBudgets:
+    """The budgets of one `Exchange`, keyed by class, and the policy when Bybit says "slow down"."""
+
+    def __init__(self, safety: float, ip_ban_pause_s: float) -> None:
+        self.ip_ban_pause_s = ip_ban_pause_s
+        self.by_class = {
+            name: RateBudget(name, max(1, math.floor(limit * safety)), window)
+            for name, (limit, window) in _PUBLISHED.items()
+        }
+
+    async def acquire(self, path: str, params: Any) -> None:
+        """Wait for the budget `path` spends, then for the IP budget."""
+        name = _budget_class(path, params)
+        if name is not None:
+            await self.by_class[name].acquire()
+        await self.by_class["ip"].acquire()
+
+    def penalise(self, path: str, params: Any, retry_after: float | None, status: int) -> None:
+        """Pause the budget Bybit said was hit (all requests after an IP ban)."""
+        if status == 403:  # IP ban: Bybit bans for >= 10 minutes; hammering extends it
+            self.by_class["ip"].pause(retry_after or self.ip_ban_pause_s)
+            return
+        name = _budget_class(path, params) or "ip"
+        self.by_class[name].pause(retry_after if retry_after is not None else 1.0)
+
+
+# -- The ccxt client -------------------------------------------------------------------------
+
+_client_class: type | None = None
