@@ -79,6 +79,37 @@ def _anchored_vwap_kernel(
 
 
 @njit(cache=True, error_model="numpy")
+def _zigzag_first_swing(
+    h: float,
+    lo_bar: float,
+    i: float,
+    deviation: float,
+    hi: float,
+    hi_i: float,
+    lo: float,
+    lo_i: float,
+    last_p: float,
+    last_d: float,
+    last_i: float,
+) -> tuple[float, float, float, float, float, float, float, float]:
+    # Before the first swing (trend 0): track both extremes until price moves `deviation`
+    # away from the older one, which becomes the first pivot. Returns the zigzag state
+    # (trend, hi, hi_i, lo, lo_i, last_p, last_d, last_i) after bar i.
+    trend = 0.0
+    if h > hi:
+        hi, hi_i = h, i
+    if lo_bar < lo:
+        lo, lo_i = lo_bar, i
+    if lo_i < hi_i and hi >= lo * (1.0 + deviation):
+        last_p, last_d, last_i = lo, 1.0, lo_i
+        trend = 1.0
+    elif hi_i < lo_i and lo <= hi * (1.0 - deviation):
+        last_p, last_d, last_i = hi, -1.0, hi_i
+        trend = -1.0
+    return trend, hi, hi_i, lo, lo_i, last_p, last_d, last_i
+
+
+@njit(cache=True, error_model="numpy")
 def _zigzag_kernel(
     high: FloatArray, low: FloatArray, deviation: float, state: FloatArray, start: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -112,16 +143,9 @@ def _zigzag_kernel(
                 last_p, last_d, last_i = lo, 1.0, lo_i
                 trend, hi, hi_i = 1.0, h, i
         else:
-            if h > hi:
-                hi, hi_i = h, i
-            if lo_bar < lo:
-                lo, lo_i = lo_bar, i
-            if lo_i < hi_i and hi >= lo * (1.0 + deviation):
-                last_p, last_d, last_i = lo, 1.0, lo_i
-                trend = 1.0
-            elif hi_i < lo_i and lo <= hi * (1.0 - deviation):
-                last_p, last_d, last_i = hi, -1.0, hi_i
-                trend = -1.0
+            trend, hi, hi_i, lo, lo_i, last_p, last_d, last_i = _zigzag_first_swing(
+                h, lo_bar, i, deviation, hi, hi_i, lo, lo_i, last_p, last_d, last_i
+            )
         if last_i >= 0.0:
             pivot[k] = last_p
             direction[k] = last_d

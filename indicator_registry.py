@@ -247,6 +247,26 @@ def _tail_rows(
     return _outputs(spec.call([a[start:end] for a in arrays], params))
 
 
+_PROBE_ENDS: Final = (_PROBE_BARS, _PROBE_BARS - 137, _PROBE_BARS - 611, _PROBE_BARS - 1009, 1500)
+
+
+def _tails_match(
+    spec: _Spec,
+    arrays: Sequence[npt.NDArray[Any]],
+    params: Mapping[str, Any],
+    full: tuple[npt.NDArray[Any], ...],
+    size: int,
+    step: Callable[[npt.NDArray[Any], int], Any],
+) -> bool:
+    """Return True if `step` of a `size`-bar tail equals `step` of the full run at every end."""
+    for end in _PROBE_ENDS:
+        tail = _tail_rows(spec, arrays, params, end, size)
+        for t, f in zip(tail, full, strict=True):
+            if not _same(np.asarray(step(t, len(t))), np.asarray(step(f, end))):
+                return False
+    return True
+
+
 def _probe(spec: _Spec, params: Mapping[str, Any]) -> Memory:
     data = _probe_data()
     try:
@@ -259,15 +279,9 @@ def _probe(spec: _Spec, params: Mapping[str, Any]) -> Memory:
     except Exception:  # a user function that fails on the probe: assume the longest memory
         return Memory.PATH
     warm = spec.warmup_fn({**spec.info.params, **params})
-    ends = (_PROBE_BARS, _PROBE_BARS - 137, _PROBE_BARS - 611, _PROBE_BARS - 1009, 1500)
 
     def matches(size: int, step: Callable[[npt.NDArray[Any], int], Any]) -> bool:
-        for end in ends:
-            tail = _tail_rows(spec, arrays, params, end, size)
-            for t, f in zip(tail, full, strict=True):
-                if not _same(np.asarray(step(t, len(t))), np.asarray(step(f, end))):
-                    return False
-        return True
+        return _tails_match(spec, arrays, params, full, size, step)
 
     with np.errstate(all="ignore"):
         if matches(warm + 1, lambda x, n: x[n - 1]):
