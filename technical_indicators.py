@@ -21,6 +21,11 @@ Public API::
     @indicator(...), register_formula(name, expression), unregister(name)
     feature_frame(df, spec=None), FeatureEngine(spec, window=...)
     merge_higher_timeframe(df_low, df_high, "1h"), detect_regime(df)
+
+This module keeps the multi-timeframe merge and the regime labels and re-exports the rest
+from its parts: `indicator_kernels` (numba loops), `indicator_base` (shared contracts),
+`kestrel_indicators` (Kestrel's own), `indicator_registry` (TA-Lib, compute, memory probe,
+custom indicators), `indicator_formulas`, `candle_patterns` and `feature_engine`.
 """
 
 from __future__ import annotations
@@ -34,172 +39,121 @@ import numpy.typing as npt
 import pandas as pd
 import talib
 
-from candle_patterns import (
-    NEUTRAL_PATTERNS as NEUTRAL_PATTERNS,
-)
-from candle_patterns import (
-    PATTERN_VALUE as PATTERN_VALUE,
-)
-from candle_patterns import (
-    detect_patterns as detect_patterns,
-)
-from candle_patterns import (
-    pattern_summary as pattern_summary,
-)
+from candle_patterns import NEUTRAL_PATTERNS, PATTERN_VALUE, detect_patterns, pattern_summary
 from feature_engine import (
-    NON_FEATURE_GROUPS as NON_FEATURE_GROUPS,
-)
-from feature_engine import (
-    Feature as Feature,
-)
-from feature_engine import (
-    FeatureEngine as FeatureEngine,
-)
-from feature_engine import (
-    FeatureSpec as FeatureSpec,
-)
-from feature_engine import (
-    default_spec as default_spec,
-)
-from feature_engine import (
-    feature_frame as feature_frame,
+    NON_FEATURE_GROUPS,
+    Feature,
+    FeatureEngine,
+    FeatureSpec,
+    default_spec,
+    feature_frame,
 )
 from indicator_base import (
-    DAY_MS as DAY_MS,
+    DAY_MS,
+    OHLCV,
+    FloatArray,
+    IndicatorError,
+    IndicatorInfo,
+    Memory,
+    Output,
+    ParamValue,
+    _col,
+    _index_ms,
 )
-from indicator_base import (
-    OHLCV as OHLCV,
-)
-from indicator_base import (
-    FloatArray as FloatArray,
-)
-from indicator_base import (
-    IndicatorError as IndicatorError,
-)
-from indicator_base import (
-    IndicatorInfo as IndicatorInfo,
-)
-from indicator_base import (
-    Memory as Memory,
-)
-from indicator_base import (
-    Output as Output,
-)
-from indicator_base import (
-    ParamValue as ParamValue,
-)
-from indicator_base import (
-    _col as _col,
-)
-from indicator_base import (
-    _index_ms as _index_ms,
-)
-from indicator_formulas import (
-    Evaluator as Evaluator,
-)
-from indicator_formulas import (
-    Warmup as Warmup,
-)
-from indicator_formulas import (
-    register_formula as register_formula,
-)
-from indicator_kernels import (
-    _shift as _shift,
-)
-from indicator_kernels import (
-    _streak_kernel as _streak_kernel,
-)
+from indicator_formulas import Evaluator, Warmup, register_formula
+from indicator_kernels import _shift
+from indicator_kernels import _streak_kernel as _streak_kernel  # re-exported for tests
+from indicator_registry import _REGISTRY as _REGISTRY  # re-exported for tests
 from indicator_registry import (
-    _REGISTRY as _REGISTRY,
+    CONVERGE_BARS,
+    PATTERN_NAMES,
+    available,
+    compute,
+    indicator,
+    lookback,
+    memory_of,
+    unregister,
 )
-from indicator_registry import (
-    CONVERGE_BARS as CONVERGE_BARS,
-)
-from indicator_registry import (
-    PATTERN_NAMES as PATTERN_NAMES,
-)
-from indicator_registry import (
-    _probe as _probe,
-)
-from indicator_registry import (
-    available as available,
-)
-from indicator_registry import (
-    compute as compute,
-)
-from indicator_registry import (
-    indicator as indicator,
-)
-from indicator_registry import (
-    lookback as lookback,
-)
-from indicator_registry import (
-    memory_of as memory_of,
-)
-from indicator_registry import (
-    unregister as unregister,
-)
+from indicator_registry import _probe as _probe  # re-exported for tests
 from kestrel_indicators import (
-    alma as alma,
-)
-from kestrel_indicators import (
-    anchored_vwap as anchored_vwap,
-)
-from kestrel_indicators import (
-    chandelier as chandelier,
-)
-from kestrel_indicators import (
-    chop as chop,
-)
-from kestrel_indicators import (
-    connors_rsi as connors_rsi,
-)
-from kestrel_indicators import (
-    fisher as fisher,
-)
-from kestrel_indicators import (
-    garman_klass as garman_klass,
-)
-from kestrel_indicators import (
-    ichimoku as ichimoku,
-)
-from kestrel_indicators import (
-    kst as kst,
-)
-from kestrel_indicators import (
-    mcginley as mcginley,
-)
-from kestrel_indicators import (
-    pivot_points as pivot_points,
-)
-from kestrel_indicators import (
-    session_vwap as session_vwap,
-)
-from kestrel_indicators import (
-    squeeze as squeeze,
-)
-from kestrel_indicators import (
-    stc as stc,
-)
-from kestrel_indicators import (
-    supersmoother as supersmoother,
-)
-from kestrel_indicators import (
-    ulcer_index as ulcer_index,
-)
-from kestrel_indicators import (
-    wavetrend as wavetrend,
-)
-from kestrel_indicators import (
-    zigzag as zigzag,
-)
-from kestrel_indicators import (
-    zigzag_pivots as zigzag_pivots,
-)
-from kestrel_indicators import (
-    zscore as zscore,
+    alma,
+    anchored_vwap,
+    chandelier,
+    chop,
+    connors_rsi,
+    fisher,
+    garman_klass,
+    ichimoku,
+    kst,
+    mcginley,
+    pivot_points,
+    session_vwap,
+    squeeze,
+    stc,
+    supersmoother,
+    ulcer_index,
+    wavetrend,
+    zigzag,
+    zigzag_pivots,
+    zscore,
 )
 from utils.utilities import timeframe_to_ms
+
+
+__all__ = [
+    "CONVERGE_BARS",
+    "DAY_MS",
+    "NEUTRAL_PATTERNS",
+    "NON_FEATURE_GROUPS",
+    "OHLCV",
+    "PATTERN_NAMES",
+    "PATTERN_VALUE",
+    "Evaluator",
+    "Feature",
+    "FeatureEngine",
+    "FeatureSpec",
+    "FloatArray",
+    "IndicatorError",
+    "IndicatorInfo",
+    "Memory",
+    "Output",
+    "ParamValue",
+    "Regime",
+    "Warmup",
+    "alma",
+    "anchored_vwap",
+    "available",
+    "chandelier",
+    "chop",
+    "compute",
+    "connors_rsi",
+    "default_spec",
+    "detect_patterns",
+    "detect_regime",
+    "feature_frame",
+    "fisher",
+    "garman_klass",
+    "ichimoku",
+    "indicator",
+    "kst",
+    "lookback",
+    "mcginley",
+    "memory_of",
+    "merge_higher_timeframe",
+    "pattern_summary",
+    "pivot_points",
+    "register_formula",
+    "session_vwap",
+    "squeeze",
+    "stc",
+    "supersmoother",
+    "ulcer_index",
+    "unregister",
+    "wavetrend",
+    "zigzag",
+    "zigzag_pivots",
+    "zscore",
+]
 
 
 # -- Multi-timeframe -------------------------------------------------------------------------

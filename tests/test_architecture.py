@@ -41,6 +41,9 @@ OWNER = {
     "indicator_formulas": "technical_indicators",
     "candle_patterns": "technical_indicators",
     "feature_engine": "technical_indicators",
+    "candle_frames": "data_manager",
+    "candle_store": "data_manager",
+    "candle_backfill": "data_manager",
 }
 
 
