@@ -175,7 +175,7 @@ def normalise_arrays(
     if now_ms is not None and timeframe is None:
         raise ValueError("now_ms needs a timeframe to know when a candle closes")
     rows_in = len(ts)
-    o, h, lo, c, v = values
+    _, h, lo, _, v = values
     keep = np.isfinite(values).all(axis=0)
     if ts_ok is not None:
         keep &= ts_ok
@@ -218,14 +218,7 @@ def normalise_arrays(
         idx = idx[select]
         out_ts, out = kept_ts[select], np.take(values, idx, axis=1)
         copied = True
-    o, h, lo, c, v = out
-    body_lo, body_hi = np.minimum(o, c), np.maximum(o, c)
-    out_of_range = (body_lo < lo) | (body_hi > h)
-    repaired = int(out_of_range.sum())
-    if repaired:
-        out = out if copied else out.copy()
-        np.minimum(out[2], body_lo, out=out[2])
-        np.maximum(out[1], body_hi, out=out[1])
+    out, repaired = _repair_ranges(out, copied=copied)
     report = NormaliseReport(
         rows_in=rows_in,
         rows_out=len(out_ts),
@@ -239,6 +232,22 @@ def normalise_arrays(
         reordered=reordered,
     )
     return CandleArrays(np.ascontiguousarray(out_ts), *out), report
+
+
+def _repair_ranges(out: FloatArray, *, copied: bool) -> tuple[FloatArray, int]:
+    """Widen each row's [low, high] to hold its open and close; return the rows and a count.
+
+    `out` is written in place only when `copied` (it is then the caller's own copy).
+    """
+    o, h, lo, c, _ = out
+    body_lo, body_hi = np.minimum(o, c), np.maximum(o, c)
+    out_of_range = (body_lo < lo) | (body_hi > h)
+    repaired = int(out_of_range.sum())
+    if repaired:
+        out = out if copied else out.copy()
+        np.minimum(out[2], body_lo, out=out[2])
+        np.maximum(out[1], body_hi, out=out[1])
+    return out, repaired
 
 
 def _grid_offset(step: int) -> int:
