@@ -63,6 +63,17 @@ OWNER: dict[str, str] = {
     "trade_schema": "trade_store",
     "trade_journal": "trade_store",
     "trade_records": "trade_store",
+    # technical_indicators.py and data_manager.py
+    "indicator_kernels": "technical_indicators",
+    "indicator_base": "technical_indicators",
+    "kestrel_indicators": "technical_indicators",
+    "indicator_registry": "technical_indicators",
+    "indicator_formulas": "technical_indicators",
+    "candle_patterns": "technical_indicators",
+    "feature_engine": "technical_indicators",
+    "candle_frames": "data_manager",
+    "candle_store": "data_manager",
+    "candle_backfill": "data_manager",
 }
 
 
