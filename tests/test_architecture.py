@@ -63,6 +63,10 @@ OWNER: dict[str, str] = {
     "trade_schema": "trade_store",
     "trade_journal": "trade_store",
     "trade_records": "trade_store",
+    # trade_executor.py
+    "executor_core": "trade_executor",
+    "order_protection": "trade_executor",
+    "order_recovery": "trade_executor",
     # technical_indicators.py and data_manager.py
     "indicator_kernels": "technical_indicators",
     "indicator_base": "technical_indicators",

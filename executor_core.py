@@ -1,0 +1,506 @@
+"""The executor's core: journal, send, track and resolve orders, one pair at a time.
+
+Part of `trade_executor` (which re-exports it): the order gateway and journal protocols,
+the per-pair protection slot with its stop state machine, and `ExecutorCore`, which
+validates an intent, names its attempt, journals it off the event loop before sending,
+tracks the exchange's answers and settles orders whose answers were lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_DOWN, Decimal
+from enum import StrEnum
+from typing import Any, Final, Protocol, TypeVar
+
+import structlog
+
+from error_handler import (
+    BotError,
+    InvariantError,
+    OrderRejected,
+    RecoverableError,
+)
+from models import (
+    CLIENT_ID_MAX,
+    Fill,
+    Market,
+    MarketType,
+    Order,
+    OrderIntent,
+    OrderPurpose,
+    OrderStatus,
+    Side,
+    is_legal_transition,
+    purpose_of,
+    split_attempt,
+    with_attempt,
+)
+from portfolio import Portfolio
+from utils.utilities import AuditTrail, Clock, SerialWorker
+
+
+log = structlog.get_logger("trade_executor")
+ZERO = Decimal(0)
+T = TypeVar("T")
+
+
+class OrderGateway(Protocol):
+    """Where orders go: the live exchange or the simulated one."""
+
+    async def create_order(self, intent: OrderIntent) -> Order:
+        """Send an order and return the exchange's view of it."""
+        ...
+
+    async def cancel_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order:
+        """Cancel an order."""
+        ...
+
+    async def fetch_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order | None:
+        """Look an order up."""
+        ...
+
+    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return working orders."""
+        ...
+
+
+class OrderJournal(Protocol):
+    """The durable trade store, as the executor uses it."""
+
+    def journal(self, intent: OrderIntent, ts: int) -> None:
+        """Persist an order before it is sent."""
+        ...
+
+    def mark_sent(self, client_order_id: str) -> None:
+        """Record that the send was attempted."""
+        ...
+
+    def acknowledge(self, order: Order) -> None:
+        """Record the exchange's acknowledgement."""
+        ...
+
+    def mark_never_sent(self, client_order_id: str, reason: str) -> None:
+        """Record that the order never reached the exchange."""
+        ...
+
+    def update_order(self, order: Order) -> None:
+        """Persist an order update."""
+        ...
+
+    def record_fill(self, fill: Fill) -> bool:
+        """Persist a fill; return False if it was already recorded."""
+        ...
+
+    def has_fill(self, fill_id: str) -> bool:
+        """Return True if the execution is recorded."""
+        ...
+
+    def attempts(self, key: str) -> list[tuple[Order, bool]]:
+        """Return every journaled attempt of decision `key`, each with "never sent"."""
+        ...
+
+    def adopt_order(self, order: Order) -> bool:
+        """Record an order found on the exchange by its client id."""
+        ...
+
+    def get_intent(self, client_order_id: str) -> OrderIntent | None:
+        """Return the intent journaled under `client_order_id`."""
+        ...
+
+
+Notifier = Callable[[str, dict[str, Any]], None]
+
+
+class StopState(StrEnum):
+    """Where a position's protective stop stands between us and the exchange."""
+
+    NONE = "none"  # no stop works, nor can one
+    PLACING = "placing"  # the create request left; no answer yet
+    WORKING = "working"  # the exchange holds it
+    CANCELLING = "cancelling"  # the cancel request left; no answer yet
+    UNKNOWN = "unknown"  # an answer was lost: resolved by client id before anything else
+
+
+# (state, event) -> state. Any other move is a bug (InvariantError), as for orders.
+_STOP_TRANSITIONS: Final[dict[tuple[StopState, str], StopState]] = {
+    (StopState.NONE, "place"): StopState.PLACING,
+    (StopState.PLACING, "placed"): StopState.WORKING,
+    (StopState.PLACING, "refused"): StopState.NONE,
+    (StopState.PLACING, "lost"): StopState.UNKNOWN,
+    (StopState.PLACING, "done"): StopState.NONE,
+    (StopState.WORKING, "cancel"): StopState.CANCELLING,
+    (StopState.WORKING, "done"): StopState.NONE,
+    (StopState.CANCELLING, "done"): StopState.NONE,
+    (StopState.CANCELLING, "lost"): StopState.UNKNOWN,
+    (StopState.UNKNOWN, "found"): StopState.WORKING,
+    (StopState.UNKNOWN, "done"): StopState.NONE,
+    (StopState.UNKNOWN, "lost"): StopState.UNKNOWN,
+}
+
+
+@dataclass(slots=True)
+class _Protection:
+    """One position's protective orders: at most one stop that works or may work."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    base: str | None = None  # the entry the protection belongs to (ids trace back to it)
+    stop: str | None = None  # the stop that works or may work (its client id)
+    state: StopState = StopState.NONE
+    since_ms: int = 0  # when the unanswered request left
+    placing: bool = False  # that request was a placement (else a cancel)
+    others: list[str] = field(default_factory=list)  # take-profit orders (linear)
+
+
+class ExecutorCore:
+    """Validate, name, journal, send and track orders; settle the ones whose answer was lost."""
+
+    def __init__(
+        self,
+        gateway: OrderGateway,
+        portfolio: Portfolio,
+        *,
+        market_for: Callable[[str], Market],
+        clock: Clock,
+        audit: AuditTrail,
+        store: OrderJournal | None = None,
+        notify: Notifier | None = None,
+        taker_fee: Decimal = Decimal("0.001"),
+        protective_orders: bool = True,
+        unknown_after_ms: int = 10_000,
+    ) -> None:
+        self._gateway = gateway
+        self.portfolio = portfolio
+        self._market_for = market_for
+        self._clock = clock
+        self._audit = audit
+        self._store = store
+        # Journal I/O (fsync'd commits) runs on its own thread, in order, never on the loop.
+        self._io = SerialWorker("journal") if store is not None else None
+        self._notify = notify or (lambda kind, data: None)
+        self.taker_fee = taker_fee
+        self.protective_orders = protective_orders
+        # An order not on the exchange this long after its request left never will be:
+        # Bybit refuses a request older than its recv_window (plus the clock skew margin).
+        self.unknown_after_ms = unknown_after_ms
+        self.orders: dict[str, Order] = {}
+        self._intents: dict[str, OrderIntent] = {}
+        self._protection: dict[str, _Protection] = {}
+        # pair -> (client id, sent at) of an entry or exit whose answer was lost.
+        self._unresolved: dict[str, tuple[str, int]] = {}
+        self.rejections = 0
+        self.latencies_ms: list[float] = []
+
+    def _slot(self, pair: str) -> _Protection:
+        slot = self._protection.get(pair)
+        if slot is None:
+            slot = self._protection[pair] = _Protection()
+        return slot
+
+    async def _off(self, func: Callable[..., T], /, *args: Any) -> T:
+        """Run a journal call off the event loop (inline without a journal thread)."""
+        if self._io is None:
+            return func(*args)
+        return await self._io.call(func, *args)
+
+    async def close(self) -> None:
+        """Stop the journal thread once its queued writes are done."""
+        if self._io is not None:
+            await asyncio.to_thread(self._io.close)
+
+    async def _next_attempt(self, intent: OrderIntent) -> OrderIntent | Order:
+        """Return the intent under its next attempt's id, or the order already sent for it.
+
+        The journal holds every attempt of a decision under `<key>_<attempt>`. For an entry
+        or exit, an attempt that may have reached the exchange ends the decision (a
+        restarted bot re-deciding it adopts that order). For a stop or take-profit, only
+        one that may still work does: a cancelled stop of the same name may be replaced.
+        """
+        parsed = split_attempt(intent.client_order_id)
+        if self._store is None or parsed is None:
+            return intent
+        key, _ = parsed
+        attempts = await self._off(self._store.attempts, key)
+        protective = purpose_of(intent) in (OrderPurpose.STOP, OrderPurpose.TAKE_PROFIT)
+        for order, never_sent in attempts:
+            if never_sent or (protective and order.status.is_terminal):
+                continue
+            log.warning(
+                "decision_already_sent", pair=intent.pair, client_order_id=order.client_order_id
+            )
+            self.orders.setdefault(order.client_order_id, order)
+            return self.orders[order.client_order_id]
+        if not attempts:
+            return intent
+        return replace(intent, client_order_id=with_attempt(key, len(attempts)))
+
+    async def _send(self, checked: OrderIntent, now: int) -> Order:
+        """Journal, send and track a validated order (under the pair's lock)."""
+        cid = checked.client_order_id
+        if checked.reduce_only:
+            checked = await self._within_holdings(checked)
+            if checked.qty <= 0:
+                return self._reject_locally(checked, "nothing held on the exchange to sell", now)
+        await self._journal(checked, now)
+        self._audit.record("order_submitted", now, intent=_intent_fields(checked))
+        # Known before the answer: a fill on the stream can beat the REST reply.
+        self.orders[cid] = order_from_intent(checked, OrderStatus.NEW, now)
+        try:
+            if self._store is not None:
+                await self._off(self._store.mark_sent, cid)
+            order = await self._gateway.create_order(checked)
+        except OrderRejected as e:
+            if self._store is not None:
+                await self._off(self._store.mark_never_sent, cid, e.message)
+            return self._reject_locally(checked, e.message, now)
+        except BotError as e:
+            log.error("order_send_failed", **{**e.describe(), "client_order_id": cid})
+            self._notify("error", {"pair": checked.pair, "message": f"order failed: {e.message}"})
+            if isinstance(e, RecoverableError) and not _is_protective(cid):
+                self._unresolved[checked.pair] = (cid, now)
+            raise
+        await self._acknowledged(order)
+        return self.orders.get(cid, order)
+
+    async def _journal(self, checked: OrderIntent, now: int) -> None:
+        if self._store is None:
+            return
+        # The journal keeps the levels the entry's protection is placed at (sent apart).
+        record = self._intents.get(checked.client_order_id)
+        levels = (None, None) if record is None else (record.stop_loss, record.take_profit)
+        journaled = replace(checked, stop_loss=levels[0], take_profit=levels[1])
+        await self._off(self._store.journal, journaled, now)
+
+    async def _acknowledged(self, order: Order) -> None:
+        if self._store is not None:
+            await self._off(self._store.acknowledge, order)
+        self._track(order)
+        if order.status is OrderStatus.REJECTED:
+            self.rejections += 1
+            self._notify("rejected", {"pair": order.pair, "reason": order.reason})
+        log.info(
+            "order_sent",
+            pair=order.pair,
+            side=str(order.side),
+            qty=str(order.qty),
+            client_order_id=order.client_order_id,
+            status=str(order.status),
+        )
+
+    async def _within_holdings(self, intent: OrderIntent) -> OrderIntent:
+        """Cap an exit or stop at what the account holds: reduce-only in effect on spot too.
+
+        Bybit spot has no reduce-only flag, so a sell of more than the coins held would
+        open a short (or fail when it fires). The exchange's own balance is the limit.
+        """
+        held = abs(self.portfolio.signed_qty(intent.pair))
+        market = self._market_for(intent.pair)
+        fetch_balance = getattr(self._gateway, "fetch_balance", None)
+        if market.type is MarketType.SPOT and fetch_balance is not None:
+            balances = await fetch_balance()
+            coin = balances.get(market.base)
+            held = min(held, coin.total if coin is not None else ZERO)
+        qty = min(intent.qty, held)
+        if market.lot_size > 0:
+            qty = (qty / market.lot_size).to_integral_value(ROUND_DOWN) * market.lot_size
+        if qty < market.min_qty:
+            qty = ZERO
+        return intent if qty == intent.qty else replace(intent, qty=qty)
+
+    def _check_balance(self, intent: OrderIntent, last_price: Decimal | None) -> None:
+        held = self.portfolio.signed_qty(intent.pair)
+        if intent.reduce_only:
+            reducible = held if intent.side is Side.SELL else -held
+            if reducible <= 0:
+                raise OrderRejected("reduce-only order but no position to reduce", pair=intent.pair)
+            return
+        if intent.quote_amount is not None:
+            if intent.quote_amount > self.portfolio.cash:
+                raise OrderRejected(
+                    f"insufficient balance: need {intent.quote_amount}, have {self.portfolio.cash}",
+                    pair=intent.pair,
+                )
+            return
+        price = intent.price or last_price
+        if intent.side is Side.BUY and price is not None:
+            cost = intent.qty * price * (1 + self.taker_fee)
+            if cost > self.portfolio.cash:
+                raise OrderRejected(
+                    f"insufficient balance: need {cost:.8f}, have {self.portfolio.cash:.8f}",
+                    pair=intent.pair,
+                )
+
+    def _reject_locally(self, intent: OrderIntent, reason: str, now: int) -> Order:
+        self.rejections += 1
+        order = replace(order_from_intent(intent, OrderStatus.REJECTED, now), reason=reason)
+        known = self.orders.get(intent.client_order_id)
+        if known is not None and not known.status.is_terminal:
+            self.orders[intent.client_order_id] = order
+        self._audit.record("order_rejected", now, intent=_intent_fields(intent), reason=reason)
+        log.warning("order_rejected", pair=intent.pair, reason=reason)
+        self._notify("rejected", {"pair": intent.pair, "reason": reason})
+        return order
+
+    async def _resolve_unknown(self, pair: str) -> bool:
+        """Settle an entry or exit whose answer was lost; False while it may still appear."""
+        pending = self._unresolved.get(pair)
+        if pending is None:
+            return True
+        cid, since = pending
+        outcome = await self._look_up(pair, cid, since)
+        if outcome is None:
+            return False
+        del self._unresolved[pair]
+        return True
+
+    async def _look_up(
+        self, pair: str, cid: str, since: int, *, placement: bool = True
+    ) -> Order | bool | None:
+        """Ask the exchange for `cid`: its order, False when it is not there, None: unknown.
+
+        Not found is final only once the request is older than `unknown_after_ms`; until
+        then the lookup is repeated (the exchange may still be processing the request).
+        After a lost placement that means it was never placed (the journal says so).
+        """
+        while True:
+            try:
+                found = await self._gateway.fetch_order(pair, client_order_id=cid)
+            except BotError as e:
+                log.warning("order_lookup_failed", **{**e.describe(), "client_order_id": cid})
+                found = None
+                if self._clock.now_ms() - since > 3 * self.unknown_after_ms:
+                    return None
+            else:
+                if found is not None:
+                    if self._store is not None:
+                        await self._off(self._store.adopt_order, found)
+                    self._track(found)
+                    log.info(
+                        "order_outcome_resolved", client_order_id=cid, status=str(found.status)
+                    )
+                    return found
+                if self._clock.now_ms() - since > self.unknown_after_ms:
+                    if self._store is not None and placement:
+                        await self._off(
+                            self._store.mark_never_sent,
+                            cid,
+                            "not on the exchange after its answer was lost",
+                        )
+                    known = self.orders.get(cid)
+                    if known is not None and not known.status.is_terminal:
+                        self.orders[cid] = replace(known, status=OrderStatus.REJECTED)
+                    log.info("order_outcome_resolved", client_order_id=cid, status="never_sent")
+                    return False
+            await self._clock.sleep(_LOOKUP_PAUSE_S)
+
+    # -- Updates -----------------------------------------------------------------------------
+
+    def _track(self, order: Order) -> None:
+        known = self.orders.get(order.client_order_id)
+        if known is None:
+            self.orders[order.client_order_id] = order
+            return
+        if order.filled_qty < known.filled_qty or order.ts_updated < known.ts_updated:
+            return  # stale: a later update already arrived from the other source
+        if order.status == known.status:
+            # The same state reported twice (REST answer and private stream): keep the
+            # richer report, no transition.
+            self.orders[order.client_order_id] = order
+            return
+        if not is_legal_transition(known.status, order.status):
+            raise InvariantError(
+                f"illegal order transition {known.status} -> {order.status}",
+                component="executor",
+                pair=order.pair,
+                order_id=order.client_order_id,
+            )
+        log.info(
+            "state_changed",
+            machine="order",
+            client_order_id=order.client_order_id,
+            **{"from": str(known.status), "to": str(order.status)},
+        )
+        self.orders[order.client_order_id] = order
+
+    async def on_order(self, order: Order) -> None:
+        """Apply an order update from a REST answer or the private stream."""
+        self._track(order)
+        if self._store is not None:
+            await self._off(self._store.update_order, self.orders[order.client_order_id])
+
+    async def has_fill(self, fill_id: str) -> bool:
+        """Return True if the journal already holds this execution (False without one)."""
+        return self._store is not None and await self._off(self._store.has_fill, fill_id)
+
+    async def purpose(self, client_order_id: str) -> OrderPurpose | None:
+        """Return what an order is for by our own record of it (None: not one of ours)."""
+        intent = self._intents.get(client_order_id)
+        if intent is None and self._store is not None:
+            intent = await self._off(self._store.get_intent, client_order_id)
+        return None if intent is None else purpose_of(intent)
+
+    def open_orders(self) -> list[Order]:
+        """Return orders not yet in a terminal state."""
+        return [o for o in self.orders.values() if not o.status.is_terminal]
+
+
+_LOOKUP_PAUSE_S = 0.5
+
+
+def _is_protective(client_order_id: str) -> bool:
+    return client_order_id.rpartition("-")[2][:2] in ("sl", "tp")
+
+
+def protective_id(entry_id: str, kind: str, seq: int) -> str:
+    """Return the id stem of a protective order: `<entry id>-<sl|tp><seq>`.
+
+    The entry's id stays a prefix, so fills of stops and take-profits (and of every
+    amended stop) trace back to the decision that opened the position; `seq` is 0 for the
+    first stop and the candle (in minutes) for a trailing move. Room is left for the
+    attempt suffix (`models.with_attempt`) within Bybit's 36 characters.
+    """
+    suffix = f"-{kind}{seq:x}"
+    return entry_id[: CLIENT_ID_MAX - 3 - len(suffix)] + suffix
+
+
+def order_from_intent(intent: OrderIntent, status: OrderStatus, now: int) -> Order:
+    """Return the order an intent becomes before the exchange has said anything of it.
+
+    Its `ts_updated` is 0, so any report from the exchange (on its own clock) is newer.
+    """
+    return Order(
+        client_order_id=intent.client_order_id,
+        pair=intent.pair,
+        side=intent.side,
+        type=intent.type,
+        qty=intent.qty,
+        status=status,
+        ts_created=now,
+        ts_updated=0 if status is OrderStatus.NEW else now,
+        price=intent.price,
+        stop_price=intent.stop_price,
+        reduce_only=intent.reduce_only,
+    )
+
+
+def _intent_fields(intent: OrderIntent) -> dict[str, str | None]:
+    return {
+        "pair": intent.pair,
+        "side": str(intent.side),
+        "type": str(intent.type),
+        "qty": str(intent.qty),
+        "price": None if intent.price is None else str(intent.price),
+        "stop_price": None if intent.stop_price is None else str(intent.stop_price),
+        "stop_loss": None if intent.stop_loss is None else str(intent.stop_loss),
+        "take_profit": None if intent.take_profit is None else str(intent.take_profit),
+        "reduce_only": str(intent.reduce_only),
+        "client_order_id": intent.client_order_id,
+        "reason": intent.reason,
+        "quote_amount": None if intent.quote_amount is None else str(intent.quote_amount),
+    }

@@ -1,0 +1,390 @@
+"""Protection: at most one stop per position that works or may work, whatever the answers.
+
+Part of `trade_executor` (which re-exports it). Every protective order of a pair is placed,
+moved and taken off under that pair's lock, through the stop state machine of
+`executor_core.StopState`: the stop is the position's stop before its request leaves, a
+trailing move waits for an unanswered placement, a lost answer is resolved by client id
+before anything else is sent, and a clean stop cancels entries only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from decimal import Decimal
+
+import structlog
+
+from error_handler import (
+    BotError,
+    BusinessError,
+    InvariantError,
+    OrderNotFoundError,
+    OrderRejected,
+    RecoverableError,
+)
+from executor_core import (
+    _STOP_TRANSITIONS,
+    ExecutorCore,
+    StopState,
+    _Protection,
+    protective_id,
+)
+from models import (
+    ClosedTrade,
+    Fill,
+    MarketType,
+    Order,
+    OrderIntent,
+    OrderPurpose,
+    OrderStatus,
+    OrderType,
+    Side,
+    decision_key,
+    purpose_of,
+    split_attempt,
+    with_attempt,
+)
+from utils.precision import validate_intent
+
+
+log = structlog.get_logger("trade_executor")
+
+
+class ProtectingExecutor(ExecutorCore):
+    """Apply fills and keep each position's protective orders (see the module docstring)."""
+
+    async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
+        """Apply a fill (once, whichever source reports it first) and manage protection."""
+        if self._store is not None and not await self._off(self._store.record_fill, fill):
+            return None
+        self._track(order)
+        if self._store is not None:
+            await self._off(self._store.update_order, self.orders.get(order.client_order_id, order))
+        intent = self._intents.get(fill.client_order_id)
+        reason = intent.reason if intent else order.reason
+        trade = self.portfolio.apply_fill(fill, reason=reason)
+        market = self._market_for(fill.pair)
+        self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
+        self._audit.record(
+            "fill",
+            fill.ts,
+            pair=fill.pair,
+            side=str(fill.side),
+            price=str(fill.price),
+            qty=str(fill.qty),
+            fee=str(fill.fee),
+            client_order_id=fill.client_order_id,
+            liquidity=str(fill.liquidity),
+        )
+        if trade is not None:
+            self._notify("trade_closed", {"trade": trade})
+        elif intent is not None and not intent.reduce_only:
+            self._notify("trade_opened", {"fill": fill})
+        await self._manage_protection(order, fill, intent)
+        return trade
+
+    async def _manage_protection(
+        self, order: Order, fill: Fill, intent: OrderIntent | None
+    ) -> None:
+        pair = fill.pair
+        if self.portfolio.signed_qty(pair) == 0:
+            if pair in self._protection:
+                slot = self._slot(pair)
+                async with slot.lock:
+                    if self.portfolio.signed_qty(pair) == 0:
+                        await self._clear_protection(pair, slot)
+                        slot.base = None
+            if intent is not None and intent.type is OrderType.STOP_MARKET:
+                self._notify("stop_hit", {"pair": pair, "price": str(fill.price)})
+            return
+        if (
+            intent is None
+            or purpose_of(intent) is not OrderPurpose.ENTRY
+            or self.orders.get(order.client_order_id, order).status is not OrderStatus.FILLED
+        ):
+            return
+        async with self._slot(pair).lock:
+            await self._protect(intent, fill.price)
+
+    # -- Protection (always under the pair's lock) -------------------------------------------
+
+    def _move(self, pair: str, slot: _Protection, event: str) -> None:
+        new = _STOP_TRANSITIONS.get((slot.state, event))
+        if new is None:
+            raise InvariantError(
+                f"illegal stop transition {slot.state} on {event}",
+                component="executor",
+                pair=pair,
+                order_id=slot.stop,
+            )
+        if new is not slot.state:
+            log.info(
+                "state_changed",
+                machine="protection",
+                pair=pair,
+                client_order_id=slot.stop,
+                **{"from": str(slot.state), "to": str(new)},
+            )
+        slot.state = new
+        if new is StopState.NONE:
+            slot.stop = None
+
+    def _settle(self, pair: str, slot: _Protection) -> None:
+        # An update seen on the stream (a fill, a cancel) may have ended the stop already.
+        order = self.orders.get(slot.stop) if slot.stop is not None else None
+        if order is not None and order.status.is_terminal and slot.state is not StopState.NONE:
+            self._move(pair, slot, "done")
+
+    async def _protect(self, entry: OrderIntent, price: Decimal | None) -> None:
+        """Place the stop (and, on linear, the take-profit) of the position `entry` opened."""
+        pair = entry.pair
+        slot = self._slot(pair)
+        position = self.portfolio.position(pair)
+        if (
+            not self.protective_orders
+            or position is None
+            or slot.base == entry.client_order_id
+            or (entry.stop_loss is None and entry.take_profit is None)
+        ):
+            return
+        if not await self._clear_protection(pair, slot):
+            log.error("protection_blocked", pair=pair, client_order_id=slot.stop)
+            return
+        slot.base = entry.client_order_id
+        self.portfolio.set_protection(pair, stop=entry.stop_loss, take_profit=entry.take_profit)
+        if entry.stop_loss is not None:
+            await self._place_stop(pair, slot, entry.stop_loss, seq=0, price=price)
+        if entry.take_profit is not None and self._market_for(pair).type is not MarketType.SPOT:
+            # Spot has no reduce-only: a resting take-profit sell would lock the same coins
+            # as the stop, and Bybit refuses the second order. There the take-profit is
+            # managed by the engine (`managed_take_profit`) and exits at market.
+            intent = self._protective_intent(
+                pair,
+                OrderType.LIMIT,
+                entry.take_profit,
+                protective_id(entry.client_order_id, "tp", 0),
+            )
+            placed = await self._send_protective(intent, price)
+            if placed is None or placed.status is not OrderStatus.REJECTED:
+                # Tracked even when its answer was lost: it is cancelled by id with the stop.
+                slot.others.append(
+                    intent.client_order_id if placed is None else placed.client_order_id
+                )
+
+    def _protective_intent(
+        self, pair: str, kind: OrderType, level: Decimal, key: str
+    ) -> OrderIntent:
+        position = self.portfolio.position(pair)
+        assert position is not None
+        long = self.portfolio.signed_qty(pair) > 0
+        now = self._clock.now_ms()
+        stop = kind is OrderType.STOP_MARKET
+        return OrderIntent(
+            pair=pair,
+            side=Side.SELL if long else Side.BUY,
+            qty=position.qty,
+            type=kind,
+            client_order_id=with_attempt(key, 0),
+            reason=f"{'stop-loss' if stop else 'take-profit'} for {self._slot(pair).base}",
+            stop_price=level if stop else None,
+            price=None if stop else level,
+            reduce_only=True,
+            ts=now,
+        )
+
+    async def _send_protective(self, intent: OrderIntent, price: Decimal | None) -> Order | None:
+        """Send a stop or take-profit; None when its answer was lost."""
+        now = self._clock.now_ms()
+        try:
+            checked = validate_intent(intent, self._market_for(intent.pair), last_price=price)
+        except OrderRejected as e:
+            return self._reject_locally(intent, e.message, now)
+        attempt = await self._next_attempt(checked)
+        if isinstance(attempt, Order):
+            return attempt
+        self._intents[attempt.client_order_id] = attempt
+        try:
+            return await self._send(attempt, now)
+        except RecoverableError:
+            return None
+
+    async def _place_stop(
+        self, pair: str, slot: _Protection, level: Decimal, *, seq: int, price: Decimal | None
+    ) -> Order | None:
+        assert slot.base is not None
+        assert slot.state is StopState.NONE
+        intent = self._protective_intent(
+            pair, OrderType.STOP_MARKET, level, protective_id(slot.base, "sl", seq)
+        )
+        # Recorded as the position's stop before the request leaves: whatever happens to
+        # the answer, nothing else is placed until this one is settled.
+        slot.stop, slot.since_ms = intent.client_order_id, self._clock.now_ms()
+        slot.placing = True
+        self._move(pair, slot, "place")
+        placed = await self._send_protective(intent, price)
+        if placed is None:
+            cid = slot.stop
+            self._move(pair, slot, "lost")
+            log.warning("stop_outcome_unknown", pair=pair, client_order_id=cid)
+            return None
+        if placed.client_order_id != slot.stop:
+            slot.stop = placed.client_order_id  # a later attempt, or one placed before
+        if placed.status is OrderStatus.REJECTED or placed.status.is_terminal:
+            self._move(pair, slot, "refused" if placed.status is OrderStatus.REJECTED else "done")
+            return placed
+        self._move(pair, slot, "placed")
+        self.portfolio.set_protection(pair, stop=level)
+        return placed
+
+    async def _clear_protection(self, pair: str, slot: _Protection) -> bool:
+        """Take every protective order of `pair` off; False if a stop may still be working."""
+        for cid in slot.others:
+            order = self.orders.get(cid)
+            if order is not None and not order.status.is_terminal:
+                with contextlib.suppress(BotError):
+                    self._track(await self._gateway.cancel_order(pair, client_order_id=cid))
+        slot.others = [c for c in slot.others if not self._is_done(c)]
+        return await self._clear_stop(pair, slot)
+
+    def _is_done(self, cid: str) -> bool:
+        order = self.orders.get(cid)
+        return order is None or order.status.is_terminal
+
+    async def _clear_stop(self, pair: str, slot: _Protection, tries: int = 3) -> bool:
+        """Leave `pair` with no stop that works or may work; False if that cannot be known."""
+        self._settle(pair, slot)
+        if tries <= 0:
+            return False
+        if slot.state in (StopState.UNKNOWN, StopState.PLACING):
+            settled = await self._resolve_stop(pair, slot)
+            if settled is not None:
+                return settled
+        if slot.state is StopState.WORKING:
+            return await self._cancel_stop(pair, slot, tries)
+        return slot.state is StopState.NONE
+
+    async def _resolve_stop(self, pair: str, slot: _Protection) -> bool | None:
+        """Look an unanswered stop up by id: True gone, False unknown, None: it works."""
+        assert slot.stop is not None
+        found = await self._look_up(pair, slot.stop, slot.since_ms, placement=slot.placing)
+        if found is None:
+            self._move(pair, slot, "lost")
+            return False
+        placing = slot.state is StopState.PLACING
+        if found is False or (isinstance(found, Order) and found.status.is_terminal):
+            if placing:
+                self._move(pair, slot, "lost")
+            self._move(pair, slot, "done")
+            return True
+        self._move(pair, slot, "placed" if placing else "found")
+        return None
+
+    async def _cancel_stop(self, pair: str, slot: _Protection, tries: int) -> bool:
+        """Cancel the working stop; settle by id when the cancel's answer is unclear."""
+        assert slot.stop is not None
+        cid = slot.stop
+        self._move(pair, slot, "cancel")
+        slot.since_ms, slot.placing = self._clock.now_ms(), False
+        try:
+            self._track(await self._gateway.cancel_order(pair, client_order_id=cid))
+        except OrderNotFoundError:
+            pass  # gone already: filled or cancelled, which the lookup below tells
+        except BotError as e:
+            log.warning(
+                "stop_cancel_failed", **{**e.describe(), "pair": pair, "client_order_id": cid}
+            )
+            self._move(pair, slot, "lost")
+            if isinstance(e, BusinessError):
+                return await self._clear_stop(pair, slot, tries - 1)
+            return False
+        if not self._is_done(cid):
+            self._move(pair, slot, "lost")
+            return await self._clear_stop(pair, slot, tries - 1)
+        self._move(pair, slot, "done")
+        return True
+
+    async def _restore_stop(self, pair: str, why: str | None) -> None:
+        position = self.portfolio.position(pair)
+        slot = self._slot(pair)
+        if position is None or position.stop_price is None or slot.base is None:
+            return
+        log.warning("exit_refused_restoring_stop", pair=pair, reason=why)
+        if await self._clear_stop(pair, slot):
+            await self._place_stop(
+                pair, slot, position.stop_price, seq=self._clock.now_ms(), price=position.mark_price
+            )
+
+    async def amend_stop(
+        self, pair: str, stop: Decimal, *, candle_ts: int | None = None
+    ) -> Order | None:
+        """Move the pair's protective stop: cancel the working one, place the new level.
+
+        Cancel first, then place: for a moment there is no stop, never two (two stops could
+        both fill and flip the position). A stop whose answer was lost is settled first; if
+        that cannot be done yet, the move waits for a later candle. The new stop is named
+        after the candle that moved it, so a restarted bot cannot place it twice.
+        """
+        slot = self._slot(pair)
+        async with slot.lock:
+            position = self.portfolio.position(pair)
+            if position is None:
+                return None
+            now = self._clock.now_ms()
+            if slot.base is None:  # a position with no recorded entry: name it by now
+                slot.base = with_attempt(decision_key("0", pair, now, "s"), 0)
+            seq = (candle_ts if candle_ts is not None else now) // 60_000
+            self._settle(pair, slot)
+            if slot.state is StopState.WORKING and slot.stop is not None:
+                same = split_attempt(slot.stop)
+                if same is not None and same[0] == protective_id(slot.base, "sl", seq):
+                    return self.orders.get(slot.stop)  # this candle's move is already made
+            if not await self._clear_stop(pair, slot):
+                log.warning("stop_amend_deferred", pair=pair, client_order_id=slot.stop)
+                return None
+            if self.portfolio.position(pair) is None:
+                return None  # the old stop fired while it was being cancelled
+            placed = await self._place_stop(pair, slot, stop, seq=seq, price=position.mark_price)
+            if placed is not None and placed.status is not OrderStatus.REJECTED:
+                log.info(
+                    "stop_moved", pair=pair, stop=str(stop), client_order_id=placed.client_order_id
+                )
+            return placed
+
+    def protective_stop(self, pair: str) -> tuple[StopState, str | None]:
+        """Return the state and client id of `pair`'s protective stop."""
+        slot = self._protection.get(pair)
+        return (StopState.NONE, None) if slot is None else (slot.state, slot.stop)
+
+    def managed_take_profit(self, pair: str) -> Decimal | None:
+        """Return the take-profit the engine must watch itself (none on the exchange)."""
+        position = self.portfolio.position(pair)
+        if position is None or position.take_profit is None:
+            return None
+        slot = self._protection.get(pair)
+        if slot is not None and any(not self._is_done(cid) for cid in slot.others):
+            return None  # a real take-profit order is working
+        return position.take_profit
+
+    async def cancel_entries(self) -> int:
+        """Cancel every working entry order; protection stays (a stopped bot keeps its stops).
+
+        Entries are told apart by the journal's record of each order, never by the
+        exchange's reduce-only flag, which Bybit spot does not report.
+        """
+        count = 0
+        for order in await self._gateway.fetch_open_orders():
+            if await self.purpose(order.client_order_id) is not OrderPurpose.ENTRY:
+                continue
+            async with self._slot(order.pair).lock:
+                try:
+                    cancelled = await self._gateway.cancel_order(
+                        order.pair, client_order_id=order.client_order_id
+                    )
+                except BotError as e:
+                    log.warning(
+                        "cancel_failed", client_order_id=order.client_order_id, **e.describe()
+                    )
+                    continue
+                self._track(cancelled)
+                count += 1
+        return count
