@@ -278,6 +278,27 @@ def _splitmix(state):  # type: ignore[no-untyped-def]
     return state, float(z >> np.uint64(11)) * _TO_UNIT
 
 
+@njit(cache=True, inline="always")
+def _shuffle(order, state):  # type: ignore[no-untyped-def]
+    # Fisher-Yates: permute `order` in place; returns the generator's next state.
+    for i in range(order.shape[0] - 1, 0, -1):
+        state, u = _splitmix(state)
+        j = int(u * (i + 1))
+        order[i], order[j] = order[j], order[i]
+    return state
+
+
+@njit(cache=True, inline="always")
+def _next_in_block(state, index, left, starts, block):  # type: ignore[no-untyped-def]
+    # The next return's index in a (block) bootstrap: the next one of the current block,
+    # or, with none left, the first of a block drawn at random. Returns (state, index,
+    # left); a block of 1 is the plain bootstrap.
+    if left == 0:
+        state, u = _splitmix(state)
+        return state, int(u * starts), block - 1
+    return state, index + 1, left - 1
+
+
 @njit(cache=True)
 def _mc_kernel(  # type: ignore[no-untyped-def]
     returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every, finals, mdds, ruined, marks
@@ -289,10 +310,7 @@ def _mc_kernel(  # type: ignore[no-untyped-def]
     order = np.arange(n)
     for p in range(n_paths):
         if shuffle:
-            for i in range(n - 1, 0, -1):  # Fisher-Yates
-                state, u = _splitmix(state)
-                j = int(u * (i + 1))
-                order[i], order[j] = order[j], order[i]
+            state = _shuffle(order, state)
         equity = start
         peak = start
         worst = 0.0
@@ -304,13 +322,8 @@ def _mc_kernel(  # type: ignore[no-untyped-def]
         for s in range(n_steps):
             if shuffle:
                 index = order[s]
-            elif left == 0:
-                state, u = _splitmix(state)
-                index = int(u * starts)
-                left = block - 1
             else:
-                index += 1
-                left -= 1
+                state, index, left = _next_in_block(state, index, left, starts, block)
             equity *= 1.0 + returns[index]
             if equity < 0.0:
                 equity = 0.0

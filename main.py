@@ -141,15 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "KESTREL_EXCHANGE__API_SECRET (testnet keys unless KESTREL_EXCHANGE__TESTNET=false "
             "and KESTREL_EXCHANGE__ALLOW_MAINNET=true)"
         )
-    from utils.utilities import register_secret, setup_logging
+    from utils.utilities import setup_logging
 
-    for secret in (
-        settings.exchange.api_key,
-        settings.exchange.api_secret,
-        settings.telegram.token,
-    ):
-        if secret is not None:
-            register_secret(secret.get_secret_value())
+    _register_secrets(settings)
     # Backtests replay history: only warnings unless --log-level asks for more.
     quiet = args.mode == "backtest" and not args.log_level
     setup_logging(
@@ -168,6 +162,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{type(e).__name__}: {e.message}", EXIT_FATAL)
     except KeyboardInterrupt:
         return 130
+
+
+def _register_secrets(settings: Settings) -> None:
+    # Every secret the settings hold, so the logs redact it wherever it turns up.
+    from utils.utilities import register_secret
+
+    for secret in (
+        settings.exchange.api_key,
+        settings.exchange.api_secret,
+        settings.telegram.token,
+    ):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
 
 
 async def run_mode(args: argparse.Namespace, settings: Settings) -> int:

@@ -371,8 +371,7 @@ class Engine:
         self.last_close[pair] = candle.close
         self.last_candle_ts[pair] = candle.ts
         if self.matcher is not None:
-            for order, fill in self.matcher(candle):
-                await self.on_fill(order, fill)
+            await self._apply_matches(self.matcher, candle)
         portfolio = self.portfolio
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
@@ -383,22 +382,36 @@ class Engine:
             exited = await self._take_profit_reached(candle)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
-            if self.risk_saver is not None:
-                await self.risk_saver()  # the latch is stored before the exits go out
-            await self._flatten("circuit breaker: flatten")
+            await self._trip_flatten()
             return
         # Exiting now, or a drained pair: no new decision on this candle.
         if not exited and (pair in self._active or portfolio.has_position(pair)):
-            if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
-                self.stale_candles += 1
-                lag = now - candle.ts - self.step
-                log.warning("candle_stale", pair=pair, ts=candle.ts, lag_ms=lag)
-            else:
-                signal = self._safe_signal(candle)
-                if signal is not None:
-                    await self._decide(signal, candle, now)
+            await self._decide_if_fresh(candle, now)
         if self.risk_saver is not None:
             await self.risk_saver()  # after the decision: never on its latency
+
+    async def _apply_matches(self, matcher: CandleMatcher, candle: Candle) -> None:
+        # The simulated venue's fills on this candle, each through the fill path.
+        for order, fill in matcher(candle):
+            await self.on_fill(order, fill)
+
+    async def _trip_flatten(self) -> None:
+        # The circuit breaker says flatten: the latch is stored before the exits go out.
+        if self.risk_saver is not None:
+            await self.risk_saver()
+        await self._flatten("circuit breaker: flatten")
+
+    async def _decide_if_fresh(self, candle: Candle, now: int) -> None:
+        # A candle that arrived later than `max_lag_ms` after its close is counted and
+        # skipped (deciding on it would trade on stale prices); otherwise ask the strategy.
+        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
+            self.stale_candles += 1
+            lag = now - candle.ts - self.step
+            log.warning("candle_stale", pair=candle.pair, ts=candle.ts, lag_ms=lag)
+            return
+        signal = self._safe_signal(candle)
+        if signal is not None:
+            await self._decide(signal, candle, now)
 
     def enable_quiet_path(
         self, signals: PrecomputedSignals, has_working: Callable[[str], bool]

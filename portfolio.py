@@ -163,36 +163,44 @@ class Portfolio:
         """
         if not ts:
             return
-        curve = self.equity_curve
         book = self._open.get(pair)
-        if book is not None and len(self._open) == 1 and curve and curve[-1][0] < ts[0]:
-            # The one open position: record_equity's arithmetic, inlined. The drawdown
-            # is worked out only at a new trough below the peak: between troughs it is
-            # smaller than at the last one, so the maximum comes out the same.
-            cash, qty = self.cash, book.qty
-            peak, worst = self.peak_equity, self.max_drawdown
-            trough: Decimal | None = None
-            append = curve.append
-            mark = book.mark
-            for t, close in zip(ts, closes, strict=True):
-                mark = _price_decimal(close)
-                equity = cash + qty * mark
-                if equity > peak:
-                    peak, trough = equity, None
-                elif peak > 0 and equity < peak and (trough is None or equity < trough):
-                    trough = equity
-                    dd = float((peak - equity) / peak)
-                    if dd > worst:
-                        worst = dd
-                append((t, float(equity)))
-            book.mark = mark
-            self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
+        if book is None:
+            self._record_run_flat_pair(ts)
             return
-        if book is not None:
-            for t, close in zip(ts, closes, strict=True):
-                self.mark(pair, Decimal(repr(close)))
-                self.record_equity(t)
+        curve = self.equity_curve
+        if len(self._open) == 1 and curve and curve[-1][0] < ts[0]:
+            self._record_run_sole_position(book, ts, closes)
             return
+        for t, close in zip(ts, closes, strict=True):
+            self.mark(pair, Decimal(repr(close)))
+            self.record_equity(t)
+
+    def _record_run_sole_position(self, book: _Open, ts: list[int], closes: list[float]) -> None:
+        # The one open position: record_equity's arithmetic, inlined. The drawdown
+        # is worked out only at a new trough below the peak: between troughs it is
+        # smaller than at the last one, so the maximum comes out the same.
+        cash, qty = self.cash, book.qty
+        peak, worst = self.peak_equity, self.max_drawdown
+        trough: Decimal | None = None
+        append = self.equity_curve.append
+        mark = book.mark
+        for t, close in zip(ts, closes, strict=True):
+            mark = _price_decimal(close)
+            equity = cash + qty * mark
+            if equity > peak:
+                peak, trough = equity, None
+            elif peak > 0 and equity < peak and (trough is None or equity < trough):
+                trough = equity
+                dd = float((peak - equity) / peak)
+                if dd > worst:
+                    worst = dd
+            append((t, float(equity)))
+        book.mark = mark
+        self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
+
+    def _record_run_flat_pair(self, ts: list[int]) -> None:
+        # No position on the pair: the marks change nothing, so a flat account whose cash
+        # is unchanged extends the curve with its last value in one step.
         self.record_equity(ts[0])
         if not self._open and self.cash == self._flat_cash:
             value = self.equity_curve[-1][1]

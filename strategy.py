@@ -568,7 +568,9 @@ def _dm_exact_gap(high, prev_high, low, prev_low, fallback):  # type: ignore[no-
 
 
 @njit(cache=True)
-def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def]
+def _adx_step(high, low, close, count, n, state):  # type: ignore[no-untyped-def]  # noqa: C901
+    # One function on purpose: split into helpers (inlined or not) the ema_cross kernel
+    # measured twice as slow (200k bars: 4.8 ms -> 9.7 ms).
     # TA-Lib ADX: n-1 bars of plain sums, n bars of Wilder smoothing summing DX, then the
     # ADX recursion; the first value is at row 2n-1.
     if count == 0:
@@ -704,6 +706,27 @@ def _band_sides(c, i, n, kk, k_num, k_den, tol2, cg, s_f, q_f):  # type: ignore[
     return above, below
 
 
+@njit(cache=True, inline="always")
+def _rsi_step(x, count, n_rsi, state):  # type: ignore[no-untyped-def]
+    # TA-Lib RSI: plain averages of the first n changes, then Wilder's smoothing. The
+    # change is from the previous close (state 1) to `x`; state 2 and 3 are the average
+    # gain and loss. Returns the RSI, NaN before the first n changes.
+    change = x - state[1]
+    if count > n_rsi:
+        state[2] *= n_rsi - 1
+        state[3] *= n_rsi - 1
+    if change < 0:
+        state[3] -= change
+    else:
+        state[2] += change
+    if count < n_rsi:
+        return np.nan
+    state[2] /= n_rsi
+    state[3] /= n_rsi
+    total = state[2] + state[3]
+    return 100.0 * (state[2] / total) if not (-_ZERO_EPS < total < _ZERO_EPS) else 0.0
+
+
 @njit(cache=True)
 def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     o, h, lo, c, v, start, state, params, enter, exit_, feats
@@ -724,22 +747,7 @@ def _rsi_bb_kernel(  # type: ignore[no-untyped-def]
     count = int(state[0])
     for i in range(start, c.shape[0]):
         x = c[i]
-        rsi = np.nan
-        # TA-Lib RSI: plain averages of the first n changes, then Wilder's smoothing.
-        if count > 0:
-            change = x - state[1]
-            if count > n_rsi:
-                state[2] *= n_rsi - 1
-                state[3] *= n_rsi - 1
-            if change < 0:
-                state[3] -= change
-            else:
-                state[2] += change
-            if count >= n_rsi:
-                state[2] /= n_rsi
-                state[3] /= n_rsi
-                total = state[2] + state[3]
-                rsi = 100.0 * (state[2] / total) if not (-_ZERO_EPS < total < _ZERO_EPS) else 0.0
+        rsi = _rsi_step(x, count, n_rsi, state) if count > 0 else np.nan
         state[1] = x
         # Bollinger: TA-Lib-style SMA middle, population deviation over the same window
         # computed directly (two passes), so it does not drift over long runs.

@@ -287,8 +287,10 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _memory_child(kind: str, n: int, queue: Any) -> None:
-    df = candles(n)
+def _memory_warmup(kind: str, df: Any) -> Any:
+    # Compile / load what the measured run needs, outside the measurement; return the trade
+    # returns the Monte Carlo kinds resample (None for the others).
+    returns = None
     if kind == "monte_carlo":
         from analytics import trade_returns
 
@@ -304,8 +306,11 @@ def _memory_child(kind: str, n: int, queue: Any) -> None:
         from analytics import trade_returns
 
         returns = trade_returns(ours(df))
-    _reset_peak()
-    before = _status_kib("VmRSS")
+    return returns
+
+
+def _memory_run(kind: str, df: Any, returns: Any) -> None:
+    # The run whose resident-set growth is measured.
     if kind == "ours":
         ours(df)
     elif kind == "bare":
@@ -320,6 +325,14 @@ def _memory_child(kind: str, n: int, queue: Any) -> None:
         monte_carlo_ours(returns)
     elif kind == "monte_carlo_numpy":
         monte_carlo_numpy(returns)
+
+
+def _memory_child(kind: str, n: int, queue: Any) -> None:
+    df = candles(n)
+    returns = _memory_warmup(kind, df)
+    _reset_peak()
+    before = _status_kib("VmRSS")
+    _memory_run(kind, df, returns)
     queue.put(max(_status_kib("VmHWM") - before, 0) / 1024)
 
 

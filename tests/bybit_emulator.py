@@ -934,14 +934,9 @@ class BybitEmulator:
         rec.status = response.status
         return response
 
-    async def _answer(
-        self, request: web.Request, rec: RecordedRequest, raw: bytes
-    ) -> web.StreamResponse:
-        limited = self._check_limits(rec)
-        if limited is not None:
-            return limited
-        fault = self._pick_fault(rec)
-        rec.fault = fault
+    async def _fault_reply(self, rec: RecordedRequest, fault: str | None) -> web.Response | None:
+        # The reply a fault injected before any handling gives (HTTP errors, a hang, a
+        # Bybit error envelope); None when the request goes on to be handled.
         if fault in ("429", "403"):
             return web.Response(
                 status=int(fault),
@@ -970,6 +965,19 @@ class BybitEmulator:
             return self._envelope(
                 rec, code, msg, {}, headers=self._limit_headers(0, 10) if code == 10006 else None
             )
+        return None
+
+    async def _answer(
+        self, request: web.Request, rec: RecordedRequest, raw: bytes
+    ) -> web.StreamResponse:
+        limited = self._check_limits(rec)
+        if limited is not None:
+            return limited
+        fault = self._pick_fault(rec)
+        rec.fault = fault
+        faulted = await self._fault_reply(rec, fault)
+        if faulted is not None:
+            return faulted
         try:
             if not rec.path.startswith("/v5/market/"):
                 self._check_auth(request, rec, raw)
@@ -1437,13 +1445,7 @@ class BybitEmulator:
         inst = self._instrument(params)
         cat, spot = inst.category, inst.category == "spot"
         link = str(params.get("orderLinkId") or "")
-        if len(link) > 36:
-            raise _BybitReply(10001, "params error: orderLinkId too long")
-        if link and any(o.link_id == link and o.category == cat for o in self.orders.values()):
-            raise _BybitReply(
-                170141 if spot else 110072,
-                "Duplicate clientOrderId" if spot else "OrderLinkedID is duplicate",
-            )
+        self._check_link(link, cat)
         side, order_type = str(params.get("side")), str(params.get("orderType"))
         if side not in ("Buy", "Sell") or order_type not in ("Market", "Limit"):
             raise _BybitReply(10001, "params error: side or orderType invalid")
@@ -1468,10 +1470,8 @@ class BybitEmulator:
             raise _BybitReply(170003, "An unknown parameter was sent.")
         direction = int(params.get("triggerDirection") or 0)
         last = self.last_price(inst.symbol, cat)
-        if conditional and not spot and direction not in (1, 2):
-            raise _BybitReply(10001, "params error: triggerDirection invalid")
-        if conditional and spot:
-            direction = 1 if trigger > last else 2
+        if conditional:
+            direction = _trigger_direction(spot, direction, trigger, last)
         ref = price if order_type == "Limit" else (trigger if conditional else last)
         if qty * ref < inst.min_notional:
             raise _BybitReply(
@@ -1513,6 +1513,17 @@ class BybitEmulator:
         self.orders[order.order_id] = order
         await self._after_create(inst, order)
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
+
+    def _check_link(self, link: str, cat: str) -> None:
+        # An orderLinkId is at most 36 characters and unique within its category.
+        spot = cat == "spot"
+        if len(link) > 36:
+            raise _BybitReply(10001, "params error: orderLinkId too long")
+        if link and any(o.link_id == link and o.category == cat for o in self.orders.values()):
+            raise _BybitReply(
+                170141 if spot else 110072,
+                "Duplicate clientOrderId" if spot else "OrderLinkedID is duplicate",
+            )
 
     def _quote_side(self, inst: Instrument, side: str) -> Decimal:
         last = self.last_price(inst.symbol, inst.category)
@@ -1956,3 +1967,13 @@ def exchange_settings(emu: BybitEmulator, **overrides: Any) -> Any:
         "timeout_s": 2.0,
     }
     return ExchangeSettings(**(values | overrides))
+
+
+def _trigger_direction(spot: bool, direction: int, trigger: Decimal, last: Decimal) -> int:
+    # A conditional order's trigger direction (1: rises to, 2: falls to): spot works it
+    # out from the last price; derivatives must send 1 or 2.
+    if spot:
+        return 1 if trigger > last else 2
+    if direction not in (1, 2):
+        raise _BybitReply(10001, "params error: triggerDirection invalid")
+    return direction

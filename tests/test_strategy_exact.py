@@ -266,6 +266,16 @@ def ema_reference(x: list[Fraction], n: int) -> list[Fraction | None]:
     return out
 
 
+def dx_reference(plus: Fraction, minus: Fraction, tr_sum: Fraction) -> Fraction | None:
+    """Return TA-Lib's DX from the smoothed sums, None where a sum is zero."""
+    if abs(tr_sum) < ZERO_EPS:
+        return None
+    minus_di, plus_di = 100 * minus / tr_sum, 100 * plus / tr_sum
+    if abs(minus_di + plus_di) < ZERO_EPS:
+        return None
+    return 100 * abs(minus_di - plus_di) / (minus_di + plus_di)
+
+
 def adx_reference(
     high: list[Fraction], low: list[Fraction], close: list[Fraction], n: int
 ) -> list[Fraction | None]:
@@ -285,11 +295,7 @@ def adx_reference(
             tr_sum += tr
             continue
         tr_sum = tr_sum - tr_sum / n + tr
-        dx = None
-        if abs(tr_sum) >= ZERO_EPS:
-            minus_di, plus_di = 100 * minus / tr_sum, 100 * plus / tr_sum
-            if abs(minus_di + plus_di) >= ZERO_EPS:
-                dx = 100 * abs(minus_di - plus_di) / (minus_di + plus_di)
+        dx = dx_reference(plus, minus, tr_sum)
         if i < 2 * n:
             dx_sum += dx if dx is not None else 0
             if i == 2 * n - 1:

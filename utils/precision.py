@@ -160,11 +160,18 @@ def _check_shape(
     if intent.time_in_force is TimeInForce.POST_ONLY and intent.type is not OrderType.LIMIT:
         raise reject("post-only applies to limit orders only")
     if intent.leverage is not None:
-        if intent.leverage <= 0:
-            raise reject(f"leverage must be positive, got {intent.leverage}")
-        cap = market.max_leverage if market.type is MarketType.LINEAR else _ONE
-        if intent.leverage > cap:
-            raise reject(f"leverage {intent.leverage} above the maximum {cap}")
+        _check_leverage(intent.leverage, market, reject)
     is_spot_market = market.type is MarketType.SPOT and intent.type is OrderType.MARKET
     if is_spot_market and (intent.stop_loss or intent.take_profit):
         raise reject("spot market orders cannot carry an attached stop-loss/take-profit")
+
+
+def _check_leverage(
+    leverage: Decimal, market: Market, reject: Callable[[str], OrderRejected]
+) -> None:
+    # Positive, and within the venue's cap (1 on spot: no leverage there).
+    if leverage <= 0:
+        raise reject(f"leverage must be positive, got {leverage}")
+    cap = market.max_leverage if market.type is MarketType.LINEAR else _ONE
+    if leverage > cap:
+        raise reject(f"leverage {leverage} above the maximum {cap}")

@@ -428,6 +428,11 @@ class TaskRegistry:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+def _ignore_failure(name: str, error: BaseException) -> None:
+    # supervised_loop's `on_failure` when nobody listens.
+    del name, error
+
+
 async def supervised_loop(
     name: str,
     step: Callable[[], Awaitable[None]],
@@ -451,6 +456,7 @@ async def supervised_loop(
     failure must not stop trading: a full disk under the snapshots, a broken model).
     """
     rng = rng or random.Random()  # noqa: S311 - jitter
+    notify = on_failure if on_failure is not None else _ignore_failure
     failures = 0
     while not stop.is_set():
         if breaker is not None and not breaker.allow():
@@ -474,8 +480,7 @@ async def supervised_loop(
             else:
                 delay = rng.uniform(0, min(cap, base * 2**failures))
                 log.exception("loop_error", loop=name)
-            if on_failure is not None:
-                on_failure(name, e)
+            notify(name, e)
             await sleep(delay)
         else:
             failures = 0
