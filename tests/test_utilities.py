@@ -327,3 +327,22 @@ def test_an_unencodable_audit_event_is_noted_and_the_trail_goes_on(tmp_path: Pat
     assert [(e["kind"], e["ts"]) for e in events] == [("signal", 1), ("order", 2)]
     assert "unencodable" in events[0]
     assert events[1]["n"] == 7
+
+
+def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> None:
+    """log.exception on the loop thread writes the traceback, rendered on the listener."""
+    from utils.utilities import setup_logging, stop_log_listener
+
+    setup_logging(tmp_path, console=False)
+    try:
+        try:
+            raise ValueError("boom while sending")
+        except ValueError:
+            structlog.get_logger("kestrel.test").exception("step_failed", step="send")
+    finally:
+        stop_log_listener()
+        setup_logging(None, console=False)
+    lines = [json.loads(line) for line in (tmp_path / "kestrel.jsonl").read_text().splitlines()]
+    event = next(line for line in lines if line["event"] == "step_failed")
+    assert "ValueError: boom while sending" in event["exception"]
+    assert "raise ValueError" in event["exception"]

@@ -163,7 +163,15 @@ class _UnformattedQueueHandler(logging.handlers.QueueHandler):
     """
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        """Return the record unchanged (its structlog event dict is rendered later)."""
+        """Return the record (its structlog event dict is rendered later), exception bound.
+
+        `log.exception` marks the event with `exc_info=True`, meaning "the exception being
+        handled now": on the listener thread nothing is being handled, so the traceback
+        would be lost. It is taken here, in the emitting thread.
+        """
+        event = record.msg
+        if isinstance(event, dict) and event.get("exc_info") is True:
+            record.msg = {**event, "exc_info": sys.exc_info()}
         return record
 
 
