@@ -93,16 +93,16 @@ class OrderJournal(Protocol):
         """Record that the send was attempted."""
         ...
 
-    def acknowledge(self, order: Order) -> None:
-        """Record the exchange's acknowledgement."""
+    def acknowledge(self, order: Order) -> bool:
+        """Record the exchange's acknowledgement; return False for a stale report."""
         ...
 
     def mark_never_sent(self, client_order_id: str, reason: str) -> None:
         """Record that the order never reached the exchange."""
         ...
 
-    def update_order(self, order: Order) -> None:
-        """Persist an order update."""
+    def update_order(self, order: Order) -> bool:
+        """Persist an order update; return False for a stale report."""
         ...
 
     def record_fill(self, fill: Fill) -> bool:
