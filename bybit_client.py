@@ -41,7 +41,7 @@ def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
         return None
 
 
-class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc,name-defined]
+class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
     """ccxt.pro's Bybit with Kestrel's rate budgets, error hooks and kline flag."""
 
     kestrel_budgets: RateBudgets | None = None

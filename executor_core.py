@@ -82,7 +82,7 @@ class OrderJournal(Protocol):
         """Record that the send was attempted."""
         ...
 
-    def acknowledge(self, order: Order) -> None:
+    def acknowledge(self, order: Order) -> bool:
         """Record the exchange's acknowledgement."""
         ...
 
@@ -90,7 +90,7 @@ class OrderJournal(Protocol):
         """Record that the order never reached the exchange."""
         ...
 
-    def update_order(self, order: Order) -> None:
+    def update_order(self, order: Order) -> bool:
         """Persist an order update."""
         ...
 

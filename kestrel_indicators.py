@@ -148,7 +148,7 @@ def _defaults(func: Callable[..., Any], skip: int) -> dict[str, ParamValue]:
 def _session_vwap_step(
     state: FloatArray, start: int, high: Any, low: Any, close: Any, volume: Any, ts: Any
 ) -> FloatArray:
-    return _session_vwap_kernel(high, low, close, volume, ts, DAY_MS, state)  # type: ignore[no-any-return]
+    return _session_vwap_kernel(high, low, close, volume, ts, DAY_MS, state)
 
 
 @_own(
@@ -181,7 +181,7 @@ def _anchored_vwap_step(
     ts: Any,
     anchor: int = 0,
 ) -> FloatArray:
-    return _anchored_vwap_kernel(high, low, close, volume, ts, int(anchor), state)  # type: ignore[no-any-return]
+    return _anchored_vwap_kernel(high, low, close, volume, ts, int(anchor), state)
 
 
 @_own(
@@ -267,7 +267,7 @@ def chandelier(
 def _zigzag_step(
     state: FloatArray, start: int, high: FloatArray, low: FloatArray, deviation: float = 5.0
 ) -> tuple[FloatArray, ...]:
-    return _zigzag_kernel(high, low, deviation / 100.0, state, start)  # type: ignore[no-any-return]
+    return _zigzag_kernel(high, low, deviation / 100.0, state, start)
 
 
 @_own(
@@ -307,7 +307,7 @@ def fisher(high: FloatArray, low: FloatArray, timeperiod: int = 9) -> tuple[Floa
     computes it). A flat window (max == min) counts as the midpoint.
     """
     hl2 = talib.MEDPRICE(high, low)
-    return _fisher_kernel(hl2, talib.MAX(hl2, timeperiod), talib.MIN(hl2, timeperiod))  # type: ignore[no-any-return]
+    return _fisher_kernel(hl2, talib.MAX(hl2, timeperiod), talib.MIN(hl2, timeperiod))
 
 
 @_own(
@@ -324,7 +324,7 @@ def chop(high: FloatArray, low: FloatArray, close: FloatArray, timeperiod: int =
     high-low for the very first bar instead).
     """
     tr_sum = talib.SUM(talib.TRANGE(high, low, close), timeperiod)
-    return _chop_kernel(tr_sum, talib.MAX(high, timeperiod), talib.MIN(low, timeperiod), timeperiod)  # type: ignore[no-any-return]
+    return _chop_kernel(tr_sum, talib.MAX(high, timeperiod), talib.MIN(low, timeperiod), timeperiod)
 
 
 @_own(
@@ -369,7 +369,7 @@ def zscore(price: FloatArray, timeperiod: int = 20) -> FloatArray:
 
     A window with no spread scores 0.
     """
-    return _zscore_kernel(price, timeperiod)  # type: ignore[no-any-return]
+    return _zscore_kernel(price, timeperiod)
 
 
 @_own(("close",), ("alma",), lambda p: p["timeperiod"] - 1, Memory.FINITE, "Arnaud Legoux MA")
@@ -377,7 +377,7 @@ def alma(
     price: FloatArray, timeperiod: int = 9, offset: float = 0.85, sigma: float = 6.0
 ) -> FloatArray:
     """Return the Arnaud Legoux moving average: Gaussian weights centred at offset*(n-1)."""
-    return _alma_kernel(price, timeperiod, offset, sigma)  # type: ignore[no-any-return]
+    return _alma_kernel(price, timeperiod, offset, sigma)
 
 
 @_own(
@@ -425,7 +425,7 @@ def stc(
     """Return Doug Schaff's trend cycle: a doubly smoothed stochastic of MACD(fast, slow)."""
     macd = talib.EMA(price, fastperiod) - talib.EMA(price, slowperiod)
     pf = _stochastic_smooth(macd, talib.MIN(macd, cycle), talib.MAX(macd, cycle), factor)
-    return _stochastic_smooth(pf, talib.MIN(pf, cycle), talib.MAX(pf, cycle), factor)  # type: ignore[no-any-return]
+    return _stochastic_smooth(pf, talib.MIN(pf, cycle), talib.MAX(pf, cycle), factor)
 
 
 @_own(("close",), ("ulcer_index",), lambda p: 2 * p["timeperiod"] - 2, Memory.FINITE, "Ulcer Index")
@@ -433,7 +433,7 @@ def ulcer_index(price: FloatArray, timeperiod: int = 14) -> FloatArray:
     """Return Peter Martin's Ulcer index: RMS of % drawdowns from the n-bar highest close."""
     highest = talib.MAX(price, timeperiod)
     drawdown = 100.0 * (price - highest) / highest
-    return np.sqrt(talib.SUM(drawdown * drawdown, timeperiod) / timeperiod)  # type: ignore[no-any-return]
+    return np.sqrt(talib.SUM(drawdown * drawdown, timeperiod) / timeperiod)
 
 
 def _pivot_step(
@@ -472,13 +472,13 @@ def mcginley(price: FloatArray, timeperiod: int = 14) -> FloatArray:
     The denominator is floored at 1 so md never jumps past price (only a one-bar drop of
     about 50% or more, i.e. a data gap, hits the floor).
     """
-    return _mcginley_kernel(price, timeperiod)  # type: ignore[no-any-return]
+    return _mcginley_kernel(price, timeperiod)
 
 
 @_own(("close",), ("supersmoother",), lambda p: 0, Memory.CONVERGING, "Ehlers Super Smoother")
 def supersmoother(price: FloatArray, timeperiod: int = 10) -> FloatArray:
     """Return Ehlers' two-pole super smoother filter (Cycle Analytics for Traders, 2013)."""
-    return _supersmoother_kernel(price, timeperiod)  # type: ignore[no-any-return]
+    return _supersmoother_kernel(price, timeperiod)
 
 
 @_own(
@@ -495,7 +495,7 @@ def garman_klass(
 
     sigma^2 = mean(0.5 ln(H/L)^2 - (2 ln 2 - 1) ln(C/O)^2).
     """
-    return _garman_klass_kernel(open_, high, low, close, timeperiod)  # type: ignore[no-any-return]
+    return _garman_klass_kernel(open_, high, low, close, timeperiod)
 
 
 @_own(
@@ -516,7 +516,7 @@ def connors_rsi(
     streak, ratio = _streak_kernel(price)
     # the percent rank of close/prev is that of ROC(1): ranks ignore scale and offset
     rank = talib.PERCENTRANK(ratio, rank_period)
-    return _mean3(talib.RSI(price, rsi_period), talib.RSI(streak, streak_period), rank)  # type: ignore[no-any-return]
+    return _mean3(talib.RSI(price, rsi_period), talib.RSI(streak, streak_period), rank)
 
 
 @_own(

@@ -736,14 +736,15 @@ class BybitEmulator:
     ) -> int:
         """Push a tickers snapshot (current values, `fields` override them)."""
         data = self._ticker_item(category, symbol) | fields
+        topic = f"tickers.{symbol}"
         frame = {
-            "topic": f"tickers.{symbol}",
+            "topic": topic,
             "type": "snapshot",
             "ts": ts or self.clock.now_ms(),
             "cs": 1,
             "data": data,
         }
-        return await self._publish(category, frame["topic"], frame)
+        return await self._publish(category, topic, frame)
 
     async def push_orderbook(
         self,
@@ -758,8 +759,9 @@ class BybitEmulator:
     ) -> int:
         """Push an order-book frame (a fresh snapshot unless `bids`/`asks` make a delta)."""
         book = self._book(category, symbol, depth)
+        topic = f"orderbook.{depth}.{symbol}"
         frame = {
-            "topic": f"orderbook.{depth}.{symbol}",
+            "topic": topic,
             "type": "snapshot" if snapshot else "delta",
             "ts": ts or self.clock.now_ms(),
             "cts": self.clock.now_ms(),
@@ -771,15 +773,16 @@ class BybitEmulator:
                 "seq": next(self._ids),
             },
         }
-        return await self._publish(category, frame["topic"], frame)
+        return await self._publish(category, topic, frame)
 
     async def push_trade(
         self, symbol: str, category: str = "spot", *, price: str, qty: str, side: str = "Buy"
     ) -> int:
         """Push one public trade."""
         now = self.clock.now_ms()
+        topic = f"publicTrade.{symbol}"
         frame = {
-            "topic": f"publicTrade.{symbol}",
+            "topic": topic,
             "type": "snapshot",
             "ts": now,
             "data": [
@@ -787,7 +790,7 @@ class BybitEmulator:
                 | {"i": str(uuid.uuid4()), "BT": False}
             ],
         }
-        return await self._publish(category, frame["topic"], frame)
+        return await self._publish(category, topic, frame)
 
     async def push_raw(self, kind: str, topic: str, text: str) -> int:
         """Send a pre-encoded frame to every `kind` socket subscribed to `topic`."""
@@ -1829,6 +1832,7 @@ class BybitEmulator:
         self.ws_messages_in.append(message | {"_kind": conn.kind})
         op, req_id = message.get("op"), str(message.get("req_id", ""))
         if op == "ping":
+            reply: dict[str, object]
             if conn.kind == "private":
                 reply = {
                     "req_id": req_id,

@@ -67,7 +67,7 @@ def _is_loopback(address: Any) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail any outbound connection that is not to 127.0.0.0/8 or ::1."""
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex
@@ -93,7 +93,6 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return await real_sock_connect(self, sock, address)
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "sock_connect", sock_connect)
-    return
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from tests.conftest import ROOT, SAMPLE
@@ -42,12 +42,12 @@ def sample_frame() -> pd.DataFrame:
 
 
 def frame(
-    closes: Sequence[float],
+    closes: npt.ArrayLike,
     *,
-    opens: Sequence[float] | None = None,
-    highs: Sequence[float] | None = None,
-    lows: Sequence[float] | None = None,
-    volumes: Sequence[float] | None = None,
+    opens: npt.ArrayLike | None = None,
+    highs: npt.ArrayLike | None = None,
+    lows: npt.ArrayLike | None = None,
+    volumes: npt.ArrayLike | None = None,
     start_ms: int = T0,
     step_ms: int = MINUTE,
 ) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,7 +128,7 @@ def test_print_config_masks_secrets() -> None:
     assert "live-key-123" not in result.stdout + result.stderr
 
 
-def _summary(tmp_path: Path, name: str, *extra: str) -> dict:
+def _summary(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
     out = tmp_path / name
     result = run(
         "--mode",
@@ -142,7 +143,8 @@ def _summary(tmp_path: Path, name: str, *extra: str) -> dict:
         *extra,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(out.read_text())
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
 
 
 def test_sim_replay_trades_and_writes_summary(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from data_manager import (
     run_backfill_cli,
 )
 from error_handler import ConfigError, InvariantError, RateLimitError
+from models import Candle
 from tests.test_data_manager_support import FakeExchange, FixedClock, end_of, sample_frame
 
 
@@ -207,11 +209,11 @@ async def test_backfill_retries_recoverable_errors(tmp_path: Path, btc: pd.DataF
     day = btc.iloc[:50]
 
     class FlakyOnce(FakeExchange):
-        async def fetch_ohlcv(self, *args: object, **kwargs: object) -> list:  # type: ignore[override]
+        async def fetch_ohlcv(self, *args: Any, **kwargs: Any) -> list[Candle]:
             if not self.calls:
                 self.calls.append(("flaky", None, None))
                 raise RateLimitError("slow down", retry_after=0.0)
-            return await super().fetch_ohlcv(*args, **kwargs)  # type: ignore[arg-type]
+            return await super().fetch_ohlcv(*args, **kwargs)
 
     exchange = FlakyOnce({"BTC/USDT": day}, "1m", now)
     report = await backfill(
@@ -251,11 +253,11 @@ async def test_backfill_cancelled_keeps_pages(tmp_path: Path, btc: pd.DataFrame)
     gate = asyncio.Event()
 
     class Slow(FakeExchange):
-        async def fetch_ohlcv(self, *args: object, **kwargs: object) -> list:  # type: ignore[override]
+        async def fetch_ohlcv(self, *args: Any, **kwargs: Any) -> list[Candle]:
             if self.calls:
                 gate.set()
                 await asyncio.Event().wait()
-            return await super().fetch_ohlcv(*args, **kwargs)  # type: ignore[arg-type]
+            return await super().fetch_ohlcv(*args, **kwargs)
 
     task = asyncio.create_task(
         backfill(

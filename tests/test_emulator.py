@@ -263,7 +263,7 @@ def _subset_matches(actual: Any, expected: Any) -> bool:
         return actual is not None and abs(float(actual) - expected) <= 1e-9 * max(
             1.0, abs(expected)
         )
-    return actual == expected
+    return bool(actual == expected)
 
 
 def _loopback_ccxt(emu: BybitEmulator) -> Any:

@@ -17,6 +17,14 @@ from tests.bybit_emulator import MINUTE_MS, BybitEmulator, exchange_settings
 from utils.utilities import redact
 
 
+def _client_state(exchange: Exchange) -> ClientState:
+    """The client's lifecycle state, read afresh through a call.
+
+    mypy would keep the attribute narrowed by an earlier assert across the calls that change it.
+    """
+    return exchange.state
+
+
 @pytest.fixture
 async def emu() -> AsyncIterator[BybitEmulator]:
     """Return a running emulator."""
@@ -52,7 +60,7 @@ async def test_open_loads_spot_and_linear_rules_without_private_calls(
     assert (spot.min_qty, spot.min_notional, spot.max_leverage) == (
         Decimal("0.000048"),
         Decimal("1"),
-        1,
+        Decimal(1),
     )
     assert (perp.type, perp.tick_size, perp.lot_size) == (
         MarketType.LINEAR,
@@ -61,7 +69,7 @@ async def test_open_loads_spot_and_linear_rules_without_private_calls(
     )
     assert (perp.min_notional, perp.max_leverage, perp.max_qty) == (
         Decimal("5"),
-        100,
+        Decimal(100),
         Decimal("1190"),
     )
     assert set(ex.markets) >= {"ETH/USDT", "SOL/USDT:USDT", "XRP/USDT"}
@@ -78,7 +86,7 @@ async def test_client_state_guard(emu: BybitEmulator) -> None:
         await exchange.fetch_ticker("BTC/USDT")
     async with exchange:
         assert exchange.state is ClientState.OPENED
-    assert exchange.state is ClientState.CLOSED
+    assert _client_state(exchange) is ClientState.CLOSED
     with pytest.raises(InvariantError, match="closed"):
         await exchange.fetch_balance()
     with pytest.raises(InvariantError, match="cannot open"):

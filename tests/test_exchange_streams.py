@@ -195,7 +195,11 @@ async def test_a_burst_of_tickers_ends_on_the_latest_state(
                 {"topic": "tickers.XRPUSDT", "type": "snapshot", "ts": price, "data": data}
             )
         await emu.push_burst("spot", "tickers.XRPUSDT", frames)
-        await eventually(lambda p=price: feed.items[-1].last == p / 10_000, timeout=2.0)
+
+        def caught_up(p: int = price) -> bool:
+            return bool(feed.items[-1].last == p / 10_000)
+
+        await eventually(caught_up, timeout=2.0)
     await feed.stop()
 
 

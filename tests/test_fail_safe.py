@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ async def test_fatal_error_runs_the_fail_safe_and_propagates() -> None:
         closed.append("session")
 
     daemon._closers.append(("session", close_session))
-    alerts: list[tuple[str, dict]] = []
+    alerts: list[tuple[str, dict[str, Any]]] = []
     daemon.notifiers.append(lambda kind, data: alerts.append((kind, data)))
 
     async def rejected(intent: OrderIntent) -> Order:

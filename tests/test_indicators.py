@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,13 @@ from tests.test_indicators_support import assert_close, frame, load_sample
 
 TALIB_INDICATORS = sorted(f for f in talib.get_functions() if not f.startswith("CDL"))
 TALIB_PATTERNS = sorted(f for f in talib.get_functions() if f.startswith("CDL"))
+
+
+def _abstract_function(name: str) -> Any:
+    """TA-Lib's abstract-API function `name`."""
+    return abstract.Function(name)  # type: ignore[attr-defined]  # TA-Lib's stubs omit Function
+
+
 # Their values depend on where the data starts or on the data itself, not on a fixed warm-up.
 DATA_DEPENDENT_WARMUP = {"zigzag", "anchored_vwap", "session_vwap", "pivot_points"}
 
@@ -56,11 +64,11 @@ def test_registry_serves_every_talib_function_plus_our_own() -> None:
 @pytest.mark.parametrize("func_name", TALIB_INDICATORS)
 def test_talib_backed_outputs_equal_talibs_own(btc: pd.DataFrame, func_name: str) -> None:
     """compute() returns exactly what TA-Lib's abstract API computes, output names included."""
-    expected = abstract.Function(func_name)(_talib_inputs(btc))
+    expected = _abstract_function(func_name)(_talib_inputs(btc))
     extra = {"periods": np.full(len(btc), 14.0)} if func_name == "MAVP" else {}
     got = ti.compute(btc, func_name.lower(), **extra)
     if isinstance(expected, list):
-        assert list(got.columns) == abstract.Function(func_name).output_names
+        assert list(got.columns) == _abstract_function(func_name).output_names
         for column, values in zip(got.columns, expected, strict=True):
             np.testing.assert_array_equal(got[column].to_numpy(), values)
     else:
@@ -83,7 +91,7 @@ def test_talib_parameters_pass_through(
     btc: pd.DataFrame, name: str, params: dict[str, float]
 ) -> None:
     """TA-Lib's own parameter names and values reach TA-Lib unchanged."""
-    expected = abstract.Function(name.upper())(_talib_inputs(btc), **params)
+    expected = _abstract_function(name.upper())(_talib_inputs(btc), **params)
     got = ti.compute(btc, name, **params)
     values = [got[c].to_numpy() for c in got.columns] if isinstance(got, pd.DataFrame) else [got]
     for mine, theirs in zip(
@@ -143,7 +151,7 @@ def test_pattern_summary_reads_the_latest_candles(btc: pd.DataFrame) -> None:
 
 def test_pattern_summary_finds_a_bullish_engulfing() -> None:
     """A big green candle engulfing a red one after a fall is reported as bullish, 0 bars ago."""
-    rows = [(110 - i, 111 - i, 108 - i, 109 - i, 1) for i in range(12)]
+    rows: list[tuple[float, ...]] = [(110 - i, 111 - i, 108 - i, 109 - i, 1) for i in range(12)]
     rows += [(99.5, 99.8, 98.8, 99.0, 1), (98.8, 101.5, 98.6, 101.2, 1)]
     summary = ti.pattern_summary(frame(rows), lookback=1)
     engulfing = [s for s in summary if s["name"] == "cdlengulfing"]
@@ -213,7 +221,9 @@ def test_input_slots_can_be_overridden(btc: pd.DataFrame) -> None:
     )
     periods = np.full(len(btc), 7.0)
     assert_close(
-        ti.compute(btc, "mavp", periods=periods), talib.MAVP(btc["close"].to_numpy(), periods)
+        ti.compute(btc, "mavp", periods=periods),
+        # TA-Lib's stub types MAVP's periods as a float; it takes an array of periods.
+        talib.MAVP(btc["close"].to_numpy(), periods),  # type: ignore[arg-type]
     )
     assert_close(
         ti.compute(btc, "zscore", price=btc["volume"]),

@@ -42,7 +42,11 @@ def scratch_names() -> Iterator[list[str]]:
 def _candles(df: pd.DataFrame, start: int, pair: str = "ETH/BTC") -> list[Candle]:
     ts = df.index.as_unit("ms").asi8
     rows = df[["open", "high", "low", "close", "volume"]].to_numpy()
-    return [Candle(pair, "5m", int(ts[i]), *map(float, rows[i])) for i in range(start, len(df))]
+    candles = []
+    for i in range(start, len(df)):
+        open_, high, low, close, volume = map(float, rows[i])
+        candles.append(Candle(pair, "5m", int(ts[i]), open_, high, low, close, volume))
+    return candles
 
 
 def _assert_rows_match(
@@ -141,7 +145,7 @@ def test_engine_opens_talib_handles_once_history_suffices(btc: pd.DataFrame) -> 
 def test_stateful_kestrel_indicators_stream_exactly_with_a_tiny_window(eth: pd.DataFrame) -> None:
     """Session VWAP, pivots, ZigZag and anchored VWAP carry their state: a 5-candle window."""
     anchor = int(eth.index[1000].timestamp() * 1000)
-    spec = [
+    spec: list[str | tuple[str, dict[str, float]]] = [
         "session_vwap",
         "pivot_points",
         ("zigzag", {"deviation": 1.0}),

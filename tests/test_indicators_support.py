@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 
@@ -143,10 +144,10 @@ def columns(
     df: pd.DataFrame,
 ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
     """Return open, high, low, close, volume as plain lists."""
-    return tuple(df[c].tolist() for c in ("open", "high", "low", "close", "volume"))  # type: ignore[return-value]
+    return tuple(df[c].tolist() for c in ("open", "high", "low", "close", "volume"))
 
 
-def assert_close(actual: object, expected: Sequence[float], rtol: float = 1e-9) -> None:
+def assert_close(actual: object, expected: npt.ArrayLike, rtol: float = 1e-9) -> None:
     """Assert two series agree, NaN where the other is NaN."""
     np.testing.assert_allclose(
         np.asarray(actual, dtype=float),

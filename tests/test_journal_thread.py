@@ -78,6 +78,7 @@ async def test_journal_writes_run_off_the_event_loop(
     """Entry, fill, protective stop and its move: every write on the journal's own thread."""
     emu, exchange = ex
     store = ThreadRecordingStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t")
+    assert isinstance(store, ThreadRecordingStore)
     executor = TradeExecutor(
         exchange,
         Portfolio(Decimal("100000"), quote="USDT"),

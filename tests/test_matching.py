@@ -130,7 +130,7 @@ async def test_fill_now_fills_at_the_last_close() -> None:
     ],
 )
 async def test_sell_stop_fills_at_the_stop_or_the_gapped_open(
-    candle: tuple[float, ...], price: Decimal
+    candle: tuple[float, float, float, float], price: Decimal
 ) -> None:
     """A sell stop at 95 triggers on a touch; a gap through it fills at the open."""
     sim, clock = make_sim()
@@ -161,7 +161,7 @@ async def test_buy_stop_triggers_on_the_high() -> None:
     ],
 )
 async def test_limit_buy_fills_only_when_traded_through(
-    candle: tuple[float, ...], expected: Decimal | None
+    candle: tuple[float, float, float, float], expected: Decimal | None
 ) -> None:
     """A buy limit at 100 fills as maker at the limit or better, never on a touch."""
     sim, _ = make_sim()

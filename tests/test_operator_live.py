@@ -19,6 +19,7 @@ from textual.pilot import Pilot
 from config import UISettings
 from models import BotState, TradingState
 from pipeline import Engine
+from risk_management import RiskManager
 from telegram_bot import TelegramBot
 from telegram_templates import fmt_price
 from tests.conftest import eventually
@@ -27,6 +28,22 @@ from tests.running_daemon import CYCLES, FALL, PAIR, RISE, RunningDaemon, latch_
 from tests.test_telegram_bot import USER, _settings, ask, press
 from tests.test_ui_support import widget_text
 from ui import ConfirmScreen, Dashboard, WebView
+
+
+def _bot_state(engine: Engine) -> BotState:
+    """The engine's state, read afresh through a call.
+
+    mypy would keep the attribute narrowed by an earlier assert across the calls that change it.
+    """
+    return engine.state
+
+
+def _trading_state(risk: RiskManager) -> TradingState:
+    """The risk manager's trading state, read afresh through a call.
+
+    mypy would keep the attribute narrowed by an earlier assert across the calls that change it.
+    """
+    return risk.trading_state
 
 
 def _entry_vetoed(engine: Engine, guard: str) -> bool:
@@ -102,7 +119,7 @@ async def test_telegram_pause_vetoes_the_next_entry_and_resume_trades_again(
     assert len(engine.portfolio.closed) >= paused_at  # exits went on while paused
     edit = await press(api, await ask(api, "/resume"), "Confirm")
     assert "Resumed" in edit.visible
-    assert engine.state is BotState.RUNNING
+    assert _bot_state(engine) is BotState.RUNNING
     await replay_daemon.position_opened()
 
 
@@ -121,7 +138,7 @@ async def test_telegram_stopbuy_allows_exits_only_until_resume(
     await eventually(lambda: _entry_vetoed(engine, "circuit_breaker"), timeout=5)
     assert engine.portfolio.position(PAIR) is None
     await press(api, await ask(api, "/resume"), "Confirm")
-    assert engine.risk.trading_state is TradingState.NORMAL
+    assert _trading_state(engine.risk) is TradingState.NORMAL
     await replay_daemon.position_opened()
 
 
@@ -176,7 +193,7 @@ async def test_telegram_resetrisk_lifts_a_latched_breaker_that_resume_keeps(
     assert engine.risk.trading_state is TradingState.FLATTEN
     edit = await press(api, prompt, "Confirm")
     assert "Risk reset: trading normal" in edit.visible
-    assert engine.risk.trading_state is TradingState.NORMAL
+    assert _trading_state(engine.risk) is TradingState.NORMAL
     assert engine.risk.describe()["latched"] == {}
     await replay_daemon.position_opened()
 
@@ -238,7 +255,7 @@ async def test_web_pause_vetoes_the_next_entry_and_resume_trades_again(
     assert engine.portfolio.position(PAIR) is None
     assert (await _snapshot(web))["state"] == "paused"
     assert await _post(web, "/api/resume") == {"ok": True, "state": "running"}
-    assert engine.state is BotState.RUNNING
+    assert _bot_state(engine) is BotState.RUNNING
     await replay_daemon.position_opened()
     assert (await _snapshot(web))["state"] == "running"
 

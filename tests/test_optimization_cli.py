@@ -92,6 +92,7 @@ async def test_cli_reads_a_data_file_within_the_timerange(tmp_path: Path) -> Non
     data = export_csv(sample_frame(), tmp_path / "btc.csv")
     timerange = "20221213T0600-20221213T1800"
     start, end = parse_timerange(timerange)
+    assert end is not None
     settings = _settings()
     assert await run_optimize_cli(_args(data=data, timerange=timerange), settings) == 0
     (path,) = _written(settings, "sma_cross")

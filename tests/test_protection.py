@@ -8,7 +8,7 @@ verdict is read from the emulator's own order records: when each stop was workin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -43,7 +43,7 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> AsyncIterator[TradeStore]:
+def store(tmp_path: Path) -> Iterator[TradeStore]:
     """Return a journal on a SQLite file."""
     with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
         yield journal

@@ -52,6 +52,14 @@ _ops = st.lists(
 )
 
 
+def _trading_state(risk: RiskManager) -> TradingState:
+    """The risk manager's trading state, read afresh through a call.
+
+    mypy would keep the attribute narrowed by an earlier assert across the calls that change it.
+    """
+    return risk.trading_state
+
+
 def _apply(risk: RiskManager, ops: Sequence[_Op], start: int) -> tuple[int, list[TradingState]]:
     now, states = start, []
     for kind, step, value, manual in ops:
@@ -137,7 +145,7 @@ def test_a_latched_drawdown_a_streak_cooldown_and_the_kill_switch_survive_a_rest
     after.clear_manual()  # /resume lifts the manual rung only
     assert after.trading_state is TradingState.FLATTEN
     after.reset()  # the operator's reset
-    assert after.trading_state is TradingState.NORMAL
+    assert _trading_state(after) is TradingState.NORMAL
 
 
 @pytest.mark.parametrize(
@@ -206,7 +214,7 @@ async def test_resume_keeps_a_latched_breaker_and_only_the_reset_lifts_it() -> N
     assert engine.risk.breakers.manual is None
     assert engine.risk.trading_state is TradingState.FLATTEN
     await engine.reset_risk("telegram user 1")
-    assert engine.risk.trading_state is TradingState.NORMAL
+    assert _trading_state(engine.risk) is TradingState.NORMAL
     assert engine.risk.breakers.peak_equity == Decimal(8_000)  # re-based on equity now
     assert saves[-1] is TradingState.NORMAL  # persisted after the reset
     assert daemon.audit.events is not None
@@ -300,7 +308,7 @@ async def test_a_latched_drawdown_breaker_survives_a_live_restart_until_the_oper
         assert third.engine is not None
         assert third.engine.risk.trading_state is TradingState.FLATTEN
         await third.engine.reset_risk("telegram user 7")
-        assert third.engine.risk.trading_state is TradingState.NORMAL
+        assert _trading_state(third.engine.risk) is TradingState.NORMAL
         (reset,) = [e for e in third.audit.events or [] if e["kind"] == "risk_reset"]
         assert reset["by"] == "telegram user 7"
         assert "peak_to_trough" in reset["before"]["latched"]

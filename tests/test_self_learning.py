@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,7 @@ def test_predictor_is_neutral_without_a_model_and_on_corruption(
     tmp_path: Path, candles: pd.DataFrame
 ) -> None:
     """No model, or a corrupt one, gives 0.5 and an alert instead of an exception."""
-    alerts: list[tuple[str, dict]] = []
+    alerts: list[tuple[str, dict[str, Any]]] = []
     registry = ModelRegistry(tmp_path / "models")
     predictor = SafePredictor(registry, alert=lambda kind, data: alerts.append((kind, data)))
     assert predictor.probability_up(candles) == NEUTRAL

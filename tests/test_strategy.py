@@ -33,13 +33,13 @@ SIGNALS = ["enter_long", "exit_long"]
 
 def _small(name: str) -> Strategy:
     # Short periods so that a few hundred candles exercise every branch.
-    params = {
+    params: dict[str, dict[str, float]] = {
         "sma_cross": {"fast": 3, "slow": 8},
         "ema_cross": {"fast": 3, "slow": 8, "adx_period": 5, "adx_min": 15},
         "rsi_bb": {"rsi_period": 5, "bb_period": 10, "bb_std": 1.5, "rsi_low": 40, "rsi_high": 60},
         "breakout": {"period": 10, "exit_period": 5, "volume_factor": 1.2},
-    }[name]
-    return load_strategy(name, params)
+    }
+    return load_strategy(name, params[name])
 
 
 def test_builtins_include_the_four_shipped_strategies() -> None:

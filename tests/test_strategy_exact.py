@@ -260,7 +260,7 @@ def ema_reference(x: list[Fraction], n: int) -> list[Fraction | None]:
     """Return TA-Lib's EMA (seeded with the SMA of the first n) in exact fractions."""
     out: list[Fraction | None] = [None] * len(x)
     if len(x) >= n:
-        out[n - 1] = prev = sum(x[:n]) / n
+        out[n - 1] = prev = sum(x[:n], Fraction(0)) / n
         for i in range(n, len(x)):
             out[i] = prev = prev + Fraction(2, n + 1) * (x[i] - prev)
     return out
@@ -370,7 +370,8 @@ def test_adx_equals_the_exact_reference_where_moves_tie(
     highs = [float(f"{100 + (c + a) / 10:.1f}") for c, a, _ in bars]
     lows = [float(f"{100 + (c - b) / 10:.1f}") for c, _, b in bars]
     df = frame(closes, highs=highs, lows=lows)
-    want = adx_reference(*(_exact(df[col].tolist()) for col in ("high", "low", "close")), n)
+    high, low, close = (_exact(df[col].tolist()) for col in ("high", "low", "close"))
+    want = adx_reference(high, low, close, n)
     got = EmaCross(fast=2, slow=5, adx_period=n, adx_min=0).populate(df)["adx"].tolist()
     for g, w in zip(got, want, strict=True):
         assert (w is None and np.isnan(g)) or abs(g - float(w or 0)) < 1e-9

@@ -33,6 +33,14 @@ DAY = 86_400_000
 BotFactory = Callable[..., Awaitable[TelegramBot]]
 
 
+def _trading_state(control: FakeControl) -> TradingState:
+    """The control's trading state, read afresh through a call.
+
+    mypy would keep the attribute narrowed by an earlier assert across the calls that change it.
+    """
+    return control.trading_state
+
+
 def _settings(api: FakeTelegram, **overrides: Any) -> TelegramSettings:
     values: dict[str, Any] = {
         "token": TOKEN,
@@ -344,7 +352,7 @@ async def test_resetrisk_names_the_latched_breakers_and_resets_only_on_confirm(
     assert control.trading_state is TradingState.FLATTEN
     edit = await press(api, prompt, "Confirm")
     assert "Risk reset: trading normal" in edit.visible
-    assert control.trading_state is TradingState.NORMAL
+    assert _trading_state(control) is TradingState.NORMAL
     assert control.reasons == [f"telegram user {USER}"]
     assert "Expired" in (await press(api, prompt, "Confirm")).visible
     assert control.reasons == [f"telegram user {USER}"]

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from rich.console import Console
+from textual.app import App
 from textual.pilot import Pilot
 
 from config import UISettings
@@ -30,8 +31,14 @@ from ui import (
 SIZE = (160, 50)
 
 
-def text_of(app: Dashboard, panel: str) -> str:
+def text_of(app: App[None], panel: str) -> str:
     return widget_text(app.query_one(f"#{panel}"))
+
+
+def dashboard(pilot: Pilot[None]) -> Dashboard:
+    """The dashboard the pilot drives."""
+    assert isinstance(pilot.app, Dashboard)
+    return pilot.app
 
 
 class SwitchRecorder:
@@ -200,7 +207,7 @@ async def test_keys_switch_the_depth_pair(pilot: Pilot[None], keys: list[str], p
     """Left/right and tab/shift+tab cycle the selected pair, wrapping around."""
     await pilot.press(*keys)
     await pilot.pause()
-    assert pilot.app.pair == pair
+    assert dashboard(pilot).pair == pair
     assert f"Market depth {pair}" in text_of(pilot.app, "depth")
     assert pair in text_of(pilot.app, "status")
 

@@ -292,7 +292,7 @@ def test_audit_trail_writes_every_event_in_order_redacted_off_the_caller(tmp_pat
     writers: list[threading.Thread] = []
     original = logging.handlers.RotatingFileHandler.emit
 
-    def spy(self: logging.handlers.RotatingFileHandler, record: logging.LogRecord) -> None:
+    def spy(self: logging.Handler, record: logging.LogRecord) -> None:
         writers.append(threading.current_thread())
         original(self, record)
 
