@@ -9,6 +9,7 @@ tracks the exchange's answers and settles orders whose answers were lost.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
@@ -194,6 +195,11 @@ class ExecutorCore:
         self._protection: dict[str, _Protection] = {}
         # pair -> (client id, sent at) of an entry or exit whose answer was lost.
         self._unresolved: dict[str, tuple[str, int]] = {}
+        # Filled quantity applied to the portfolio per order, and per pair the orders whose
+        # reported fills run ahead of it (a REST answer can say "filled" before the fill
+        # itself reaches us): no new order of that pair is decided on a stale position.
+        self._applied: dict[str, Decimal] = {}
+        self._unapplied: dict[str, set[str]] = {}
         self.rejections = 0
         self.latencies_ms: list[float] = []
 
@@ -402,6 +408,37 @@ class ExecutorCore:
     # -- Updates -----------------------------------------------------------------------------
 
     def _track(self, order: Order) -> None:
+        self._track_status(order)
+        self._refresh_unapplied(order.client_order_id)
+
+    def _refresh_unapplied(self, cid: str) -> None:
+        order = self.orders.get(cid)
+        if order is None:
+            return
+        pending = self._unapplied.setdefault(order.pair, set())
+        if order.filled_qty > self._applied.get(cid, ZERO):
+            pending.add(cid)
+        else:
+            pending.discard(cid)
+
+    def _note_applied(self, fill: Fill) -> None:
+        cid = fill.client_order_id
+        self._applied[cid] = self._applied.get(cid, ZERO) + fill.qty
+        self._refresh_unapplied(cid)
+
+    async def _fills_applied(self, pair: str) -> bool:
+        """Wait (briefly) until every reported fill of `pair` is in the portfolio."""
+        deadline = time.monotonic() + _FILL_WAIT_S
+        while self._unapplied.get(pair):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "fills_not_yet_applied", pair=pair, orders=sorted(self._unapplied[pair])
+                )
+                return False
+            await asyncio.sleep(_FILL_POLL_S)
+        return True
+
+    def _track_status(self, order: Order) -> None:
         known = self.orders.get(order.client_order_id)
         if known is None:
             self.orders[order.client_order_id] = order
@@ -451,6 +488,8 @@ class ExecutorCore:
 
 
 _LOOKUP_PAUSE_S = 0.5
+_FILL_WAIT_S = 3.0  # how long an order waits for an earlier order's fill to be applied
+_FILL_POLL_S = 0.005
 
 
 def _is_protective(client_order_id: str) -> bool:

@@ -63,6 +63,7 @@ class ProtectingExecutor(ExecutorCore):
         intent = self._intents.get(fill.client_order_id)
         reason = intent.reason if intent else order.reason
         trade = self.portfolio.apply_fill(fill, reason=reason)
+        self._note_applied(fill)
         market = self._market_for(fill.pair)
         self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
         self._audit.record(

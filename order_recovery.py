@@ -74,6 +74,14 @@ class RecoveringExecutor(ProtectingExecutor):
             market = self._market_for(pair)
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         await self._adopt_protection(known, intents)
+        # The rebuilt portfolio holds every recorded fill: that is what is applied.
+        self._applied = {}
+        for fill in journal_fills:
+            self._applied[fill.client_order_id] = (
+                self._applied.get(fill.client_order_id, Decimal(0)) + fill.qty
+            )
+        for cid in list(self.orders):
+            self._refresh_unapplied(cid)
         positions = self.portfolio.positions()
         lines = [
             f"orders adopted {adopted}, never sent {never_sent}, refreshed {refreshed}",

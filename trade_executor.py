@@ -59,6 +59,17 @@ class TradeExecutor(RecoveringExecutor):
         async with self._slot(intent.pair).lock:
             return await self._submit(intent, last_price)
 
+    async def _not_now(self, intent: OrderIntent) -> str | None:
+        """Return why the pair cannot take this order now (None: it can)."""
+        if not await self._resolve_unknown(intent.pair):
+            return "an earlier order's outcome is still unknown"
+        if not await self._fills_applied(intent.pair):
+            return "an earlier order's fill is not applied yet"
+        if purpose_of(intent) is OrderPurpose.ENTRY and self.portfolio.has_position(intent.pair):
+            # Decided on a position that was flat a moment ago (its fill has just landed).
+            return "a position is open on this pair"
+        return None
+
     async def _submit(self, intent: OrderIntent, last_price: Decimal | None) -> Order:
         now = self._clock.now_ms()
         # The executor places stop-loss and take-profit as separate reduce-only orders once
@@ -67,8 +78,9 @@ class TradeExecutor(RecoveringExecutor):
         protection = (intent.stop_loss, intent.take_profit)
         if protection != (None, None):
             intent = replace(intent, stop_loss=None, take_profit=None)
-        if not await self._resolve_unknown(intent.pair):
-            return self._reject_locally(intent, "an earlier order's outcome is still unknown", now)
+        refusal = await self._not_now(intent)
+        if refusal is not None:
+            return self._reject_locally(intent, refusal, now)
         try:
             market = self._market_for(intent.pair)
             checked = validate_intent(intent, market, last_price=last_price)

@@ -165,16 +165,18 @@ async def test_shutdown_cancels_entries_and_keeps_the_stop_on_spot(
     price = emu.last_price(SYMBOL)
     executor = _executor(ex, store)
     await _enter(ex, executor, "kept", (price * Decimal("0.95")).quantize(Decimal("0.01")))
+    # A resting entry on another pair (one on top of the held position would be refused).
+    eth = emu.last_price("ETHUSDT")
     resting = OrderIntent(
-        PAIR,
+        "ETH/USDT",
         Side.BUY,
-        Decimal("0.01"),
+        Decimal("0.1"),
         OrderType.LIMIT,
         with_attempt("resting", 0),
         "test",
-        price=(price * Decimal("0.8")).quantize(Decimal("0.01")),
+        price=(eth * Decimal("0.8")).quantize(Decimal("0.01")),
     )
-    await executor.submit(resting)
+    assert (await executor.submit(resting)).status is OrderStatus.OPEN
     open_before = [o for o in emu.orders.values() if o.is_open]
     assert {o.conditional for o in open_before} == {True, False}
     assert all(not o.reduce_only for o in open_before)  # spot: no flag on the wire

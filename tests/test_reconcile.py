@@ -64,10 +64,11 @@ async def test_a_fill_older_than_the_newest_recorded_one_is_recovered(
 ) -> None:
     """A crash lost the first order's fill but the second's was recorded; restart heals it."""
     store = TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t")
-    first = _executor(ex, store)
-    await first.submit(_buy("lost-fill"))
+    # Two runs' worth of orders (an executor refuses a second buy while the first one's
+    # fill is not applied, so each comes from its own).
+    await _executor(ex, store).submit(_buy("lost-fill"))
     await emu.advance(minutes=5)  # the second fill is clearly newer
-    await first.submit(_buy("kept-fill"))
+    await _executor(ex, store).submit(_buy("kept-fill"))
     executions = await ex.fetch_my_trades(PAIR)
     by_order = {f.client_order_id: f for f in executions}
     assert by_order["lost-fill"].ts < by_order["kept-fill"].ts

@@ -1,0 +1,347 @@
+"""Assembly of a run, per mode: replay (sim and backtest), paper on the live feed, live.
+
+Part of `runner` (which re-exports it): `DaemonBuild` builds the feed, the order gateway
+(the matching engine or the live `Exchange`), the engine with every collaborator passed
+through its constructor, and, live, the journal and the start-up reconciliation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from config import Settings
+from daemon_base import DaemonBase
+from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
+from error_handler import (
+    ConfigError,
+    DataError,
+)
+from models import Market, strategy_tag
+from pipeline import Engine, PrecomputedSignals
+from portfolio import Portfolio
+from reward_system import RewardSystem
+from risk_management import RiskManager
+from strategy import Strategy, load_strategy
+from trade_executor import TradeExecutor
+from trade_simulator import ReplayFeed, SimulatedExchange
+from utils.utilities import (
+    ReplayClock,
+    parse_timerange,
+    timeframe_to_ms,
+)
+
+
+log = structlog.get_logger(__name__)
+QUEUE_SIZE = 1_000
+SHUTDOWN_STEP_TIMEOUT = 1.5
+PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
+_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
+
+
+def load_frames(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Return the candle frames to replay, by pair.
+
+    `--data FILE` for one pair; else the pair's Parquet archive under the data directory
+    (filled by `--mode backfill`); else the bundled sample.
+    """
+    timeframe = settings.strategy.timeframe
+    pairs = settings.strategy.pairs
+    if args.data is not None:
+        if len(pairs) != 1:
+            raise ConfigError("--data replays one file: pass exactly one pair with --pairs")
+        return {pairs[0]: load_candles(args.data, timeframe=timeframe)}
+    archive = CandleStore(settings.storage.data_dir)
+    frames = {}
+    for pair in pairs:
+        if archive.has(pair, timeframe):
+            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
+            if frame.empty:
+                raise DataError(f"archive {archive.path(pair, timeframe)} holds no candles")
+            frames[pair] = frame
+        else:
+            path = sample_file(settings.storage.sample_dir, pair, timeframe)
+            frames[pair] = load_candles(path, timeframe=timeframe)
+    return frames
+
+
+class ExchangeClock:
+    """Wall time as the exchange sees it (our clock plus the measured offset)."""
+
+    def __init__(self, exchange: Any) -> None:
+        self._exchange = exchange
+
+    def now_ms(self) -> int:
+        """Return the exchange's current time in ms."""
+        return int(self._exchange.server_now_ms())
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep for real."""
+        await asyncio.sleep(seconds)
+
+
+class DaemonBuild(DaemonBase):
+    """Build the components of one run (see the module docstring)."""
+
+    def build_replay(self) -> None:
+        """Build the replay feed, matching engine and engine (sim --feed replay, backtest)."""
+        s = self.settings
+        frames = load_frames(self.args, s)
+        start_ms = end_ms = None
+        if self.args.timerange:
+            try:
+                start_ms, end_ms = parse_timerange(self.args.timerange)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        first = min(int(f.index[0].value // 1_000_000) for f in frames.values())
+        clock = ReplayClock(start_ms if start_ms is not None else first)
+        backtest = self.args.mode == "backtest"
+        speed = 0.0 if backtest else s.simulation.replay_speed
+        self.replay = ReplayFeed(
+            frames,
+            s.strategy.timeframe,
+            clock,
+            speed=speed,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            # A backtest's direct loop yields to the event loop every 1,024 candles, not
+            # every candle (signals still get through; ~1.3x faster).
+            yield_every=1024 if backtest else 1,
+            progress=self.progress,
+        )
+        self.feed = aiter(self.replay)
+        self.frames = frames
+        if backtest and s.pairs.dynamic:
+            # Trade the pair list as it stood at each refresh, rebuilt from the archives
+            # (no survivorship, no look-ahead); --pairs names the universe to rank.
+            from top_pairs import PointInTimeRanking
+            from trade_simulator import PairSchedule
+
+            refresh_ms = s.pairs.ttl_s * 1000
+            ranking = PointInTimeRanking(
+                frames,
+                s.strategy.timeframe,
+                refresh_every=refresh_ms,
+                top_n=s.pairs.count,
+                lookback=86_400_000,
+                min_quote_volume=s.pairs.min_quote_volume,
+            )
+            self.pair_schedule = PairSchedule(ranking.pairs_at, refresh_ms=refresh_ms)
+        self.sim = self._simulated_exchange(clock)
+        for pair, frame in frames.items():
+            self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
+        sim = self.sim
+        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        signals = PrecomputedSignals(strategy, frames) if backtest else None
+        self.engine = self._engine(
+            clock=clock,
+            strategy=strategy,
+            gateway=sim,
+            market_for=lambda pair: sim.markets[pair],
+            matcher=sim.on_candle,
+            fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+            cash=Decimal(str(s.simulation.starting_balance)),
+            # Backtests read the strategy's columns computed once over the archive; sim
+            # runs it on the rolling window at each candle, exactly as live trading does.
+            signals=signals,
+        )
+        if signals is not None and self.engine.risk.all_in and not s.learning.enabled:
+            self.engine.enable_quiet_path(signals, sim.has_working)
+
+    def _simulated_exchange(
+        self, clock: Any, markets: dict[str, Market] | None = None
+    ) -> SimulatedExchange:
+        sim = self.settings.simulation
+        return SimulatedExchange(
+            clock=clock,
+            maker_fee=sim.maker_fee,
+            taker_fee=sim.taker_fee,
+            slippage_bps=sim.slippage_bps,
+            slippage_model=sim.slippage_model,
+            fill_at=sim.fill_at,
+            latency_ms=sim.latency_ms,
+            markets=markets,
+        )
+
+    def _engine(
+        self,
+        *,
+        clock: Any,
+        strategy: Strategy,
+        gateway: Any,
+        market_for: Callable[[str], Market],
+        cash: Decimal,
+        matcher: Any = None,
+        fill_now: Any = None,
+        signals: Any = None,
+        store: Any = None,
+        data: DataManager | None = None,
+        max_lag_ms: int | None = None,
+    ) -> Engine:
+        s = self.settings
+        portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
+        executor = TradeExecutor(
+            gateway,
+            portfolio,
+            market_for=market_for,
+            clock=clock,
+            audit=self.audit,
+            notify=self.alert,
+            store=store,
+            taker_fee=Decimal(str(s.simulation.taker_fee)),
+            protective_orders=s.risk.profile != "all_in",
+            # Bybit refuses a request older than its recv_window: an order not there by
+            # then (plus a margin for clock skew) was never placed.
+            unknown_after_ms=s.exchange.recv_window_ms + 5_000,
+        )
+        return Engine(
+            mode=self.args.mode,
+            timeframe=s.strategy.timeframe,
+            pairs=list(s.strategy.pairs),
+            clock=clock,
+            data=data or DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles)),
+            strategy=strategy,
+            risk=RiskManager(
+                s.risk,
+                long_only=s.strategy.long_only,
+                alert=self.alert,
+                timeframe=s.strategy.timeframe,
+                taker_fee=Decimal(str(s.simulation.taker_fee)),
+                strategy_tag=strategy_tag(strategy.describe()),
+            ),
+            executor=executor,
+            reward=RewardSystem(s.reward),
+            portfolio=portfolio,
+            market_for=market_for,
+            audit=self.audit,
+            matcher=matcher,
+            fill_now=fill_now,
+            alert=self.alert,
+            stop_event=self.stop,
+            signals=signals,
+            max_lag_ms=max_lag_ms,
+        )
+
+    async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
+        """Build on the live exchange feed: paper fills (sim --feed live) or real orders.
+
+        With `probe` (feed auto) an unreachable exchange fails fast instead of retrying.
+        """
+        from exchange import Exchange
+
+        s = self.settings
+        exchange = Exchange(s.exchange, retry_attempts=2 if probe else 5)
+        await exchange.open()
+        self.exchange = exchange
+        self._closers.append(("exchange", exchange.close))
+        clock = ExchangeClock(exchange)
+        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        window = max(strategy.warmup * 2, s.strategy.warmup_candles)
+        # Candles from the exchange are archived (flushed with each state snapshot), so
+        # backtests and the parity audit can replay exactly what the bot saw.
+        data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
+        timeframe = s.strategy.timeframe
+        pairs = list(s.strategy.pairs)
+        if s.pairs.dynamic:
+            from top_pairs import TopPairs
+
+            self.top_pairs = TopPairs(
+                exchange,
+                s.pairs,
+                state_path=s.storage.data_dir / "state" / "pairs.json",
+                clock=clock,
+                market_type=s.exchange.market_type,
+            )
+            pairs = list((await self.top_pairs.current()).pairs)
+        self.window = window
+        self.data = data
+        await self._warm_up(pairs, strategy)
+        # Every closed candle from here on, exactly once, gaps refilled from REST.
+        self.feed = self._exchange_candles(pairs)
+        step = timeframe_to_ms(timeframe)
+        self._exchange_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
+        if paper:
+            sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
+            self.sim = sim
+            self.engine = self._engine(
+                clock=clock,
+                strategy=strategy,
+                gateway=sim,
+                market_for=exchange.market,
+                matcher=sim.on_candle,
+                fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
+                cash=Decimal(str(s.simulation.starting_balance)),
+                data=data,
+                max_lag_ms=step,
+            )
+            self.engine.set_pairs(pairs)
+            self.engine.extra_status = self._exchange_status
+            await self._restore_risk_state()
+            return
+        from trade_store import TradeStore
+
+        store = TradeStore.open(s.storage.effective_database_url, bot_id=f"{s.exchange.name}-live")
+        closing: list[Any] = []  # the executor's journal thread, then the store
+
+        async def close_store() -> None:
+            for executor in closing:
+                await executor.close()
+            await asyncio.to_thread(store.close)
+
+        self._closers.append(("store", close_store))
+        balances = await exchange.fetch_balance()
+        quote = s.simulation.quote_currency
+        cash = balances[quote].total if quote in balances else Decimal(0)
+        self.engine = self._engine(
+            clock=clock,
+            strategy=strategy,
+            gateway=exchange,
+            market_for=exchange.market,
+            cash=cash,
+            store=store,
+            data=data,
+            max_lag_ms=step,
+        )
+        closing.append(self.engine.executor)
+        self.engine.set_pairs(pairs)
+        self.engine.extra_status = self._exchange_status
+        await self._restore_risk_state(store)
+        # Fills from here on reach the journal by the private stream, its REST sweeps, and
+        # a last sweep at stop; the minute back covers clock skew.
+        self._fills_since = exchange.server_now_ms() - 60_000
+        report = await self.engine.executor.reconcile(exchange, store, quote=quote)
+        self.engine.reconcile_report = report
+        log.info("reconciled", report=report)
+
+    async def close_exchange(self) -> None:
+        """Close an exchange opened by a failed build (feed auto falling back)."""
+        if self.exchange is not None:
+            await self.exchange.close()
+            self.exchange = None
+            self._closers = [c for c in self._closers if c[0] != "exchange"]
+
+    async def _warm_up(self, pairs: list[str], strategy: Strategy | None = None) -> None:
+        assert self.exchange is not None
+        assert self.data is not None
+        timeframe = self.settings.strategy.timeframe
+        strategy = strategy or (self.engine.strategy if self.engine is not None else None)
+        for pair in pairs:
+            history = await self.exchange.fetch_ohlcv(pair, timeframe, limit=self.window)
+            for candle in history:
+                self.data.on_candle(candle)
+            if history:
+                last = history[-1].ts
+                self._resume_from = (
+                    last if self._resume_from is None else min(self._resume_from, last)
+                )
+            bars = self.data.arrays(pair, timeframe)
+            if strategy is not None and len(bars.ts) >= strategy.warmup:
+                # Run the strategy over the history now: its kernel is compiled and its
+                # per-pair state primed before the first live candle, not during it.
+                strategy.last_row_arrays(pair, bars)
+            log.info("warmup_loaded", pair=pair, candles=len(history))

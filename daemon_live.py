@@ -1,0 +1,177 @@
+"""The live side of a run: candles from the exchange, private streams, fills, retraining.
+
+Part of `runner` (which re-exports it): the candle stream with resubscription when the
+pair list changes, the private fill and order streams, the REST sweeps that back them up,
+the start-up order before the first decision, and the model retraining step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from daemon_base import DaemonBase
+from data_manager import CandleStore, arrays_to_frame
+from error_handler import (
+    DataError,
+)
+from models import Candle
+from utils.utilities import (
+    timeframe_to_ms,
+)
+
+
+log = structlog.get_logger(__name__)
+QUEUE_SIZE = 1_000
+SHUTDOWN_STEP_TIMEOUT = 1.5
+PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
+_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
+
+
+class DaemonLive(DaemonBase):
+    """The exchange-facing tasks of a run (see the module docstring)."""
+
+    async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
+        """Stream closed candles; resubscribe when the pair list changes."""
+        assert self.exchange is not None
+        timeframe = self.settings.strategy.timeframe
+        self.feed_pairs = list(pairs)
+        while True:
+            self._resubscribe.clear()
+            # Start right after the warm-up: a candle closing between the warm-up fetch and
+            # the first frame is fetched over REST instead of being lost. The data manager
+            # drops the ones a pair already has.
+            since = None
+            if self._resume_from is not None:
+                since = self._resume_from + timeframe_to_ms(timeframe)
+                self._resume_from = None
+            stream = self.exchange.watch_candles(self.feed_pairs, timeframe, since=since)
+            try:
+                async for candle in stream:
+                    yield candle
+                    if self._resubscribe.is_set():
+                        break
+            finally:
+                await stream.aclose()
+
+    async def on_pairs_changed(self, diff: Any) -> None:
+        """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
+        assert self.engine is not None
+        await self._warm_up(list(diff.added))
+        keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
+        self.engine.set_pairs(keep)
+        # Removed pairs that still hold a position stay on the feed until it is closed.
+        draining = diff.draining(self.engine.portfolio.positions())
+        self.feed_pairs = [*keep, *[p for p in draining if p not in keep]]
+        self._resubscribe.set()
+        log.info(
+            "pairs_changed",
+            added=list(diff.added),
+            removed=list(diff.removed),
+            draining=list(draining),
+        )
+
+    async def _private_fills(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            component="private-fills"
+        )  # this task's context only
+        assert self.engine is not None
+        assert self.exchange is not None
+        fills = self.exchange.watch_fills(
+            since=self._fills_since, poll_s=self.settings.exchange.fill_poll_interval_s
+        )
+        async for fill in fills:
+            await self.engine.on_stream_fill(fill)
+
+    async def _settle_fills(self) -> None:
+        # Executions that landed after the pipeline's last order (the private stream is
+        # already stopped) are fetched once over REST, so a stopped bot's journal agrees
+        # with the exchange; the store ignores fills it already has.
+        if self.exchange is None or self.sim is not None or self.engine is None:
+            return
+        # Late fills are seconds old; Bybit answers a start time with the 7 days after it,
+        # so a long run's start would miss them: look back an hour at most.
+        since = self.exchange.server_now_ms() - _SETTLE_LOOKBACK_MS
+        if self._fills_since is not None:
+            since = max(since, self._fills_since)
+        settled = 0
+        for fill in await self.exchange.fetch_my_trades(since=since):
+            if not await self.engine.executor.has_fill(fill.fill_id):
+                await self.engine.on_stream_fill(fill)
+                settled += 1
+        if settled:
+            log.info("fills_settled", fills=settled)
+
+    async def _private_orders(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            component="private-orders"
+        )  # this task's context only
+        assert self.engine is not None
+        assert self.exchange is not None
+        async for order in self.exchange.watch_orders():
+            await self.engine.executor.on_order(order)
+
+    async def _ready_to_trade(self) -> None:
+        """Finish reconciling before the first decision (live only).
+
+        The private streams are subscribed first; the fills made since the journal's last
+        record (those the reconciliation's fetch could not see yet) are then fetched once
+        over REST, so none falls between the fetch and the subscription; last, every
+        position gets back the stop it should have (one crossed already is closed).
+        """
+        assert self.engine is not None
+        assert self.exchange is not None
+        engine, exchange = self.engine, self.exchange
+        await exchange.wait_private_streams(timeout=PRIVATE_READY_TIMEOUT_S)
+        since = self._fills_since
+        settled = 0
+        for fill in await exchange.fetch_my_trades(since=since):
+            if not await engine.executor.has_fill(fill.fill_id):
+                await engine.on_stream_fill(fill)
+                settled += 1
+        crossed = await engine.executor.restore_protection(engine.price)
+        for pair in crossed:
+            await engine.close_position(pair, "stop level crossed while the bot was down")
+        log.info("ready_to_trade", fills_since_reconcile=settled, closed_past_stop=crossed)
+
+    def model_name(self, pair: str) -> str:
+        """Return the model registry name used for a pair (same as `--mode train`)."""
+        base = pair.split(":")[0].replace("/", "-")
+        return f"direction-{base}-{self.settings.strategy.timeframe}"
+
+    def enable_learning(self) -> None:
+        """Filter entries through each pair's current model (when learning is enabled)."""
+        from self_learning import ModelRegistry, SafePredictor
+
+        assert self.engine is not None
+        models = self.settings.storage.data_dir / "models"
+        self.engine.model_threshold = self.settings.learning.entry_threshold
+        for pair in self.engine.pairs:
+            registry = ModelRegistry(models, self.model_name(pair))
+            self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
+
+    async def _retrain_once(self) -> None:
+        """Retrain every pair's model off the loop, after the interval; swap in atomically."""
+        from self_learning import train_and_save
+        from utils.utilities import run_cpu
+
+        assert self.engine is not None
+        learning = self.settings.learning
+        models = self.settings.storage.data_dir / "models"
+        await asyncio.sleep(learning.retrain_interval_s)
+        await self.engine.data.flush()
+        archive = CandleStore(self.settings.storage.data_dir)
+        for pair in self.engine.pairs:
+            timeframe = self.settings.strategy.timeframe
+            if not archive.has(pair, timeframe):
+                continue
+            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
+            try:
+                meta = await run_cpu(train_and_save, frame, learning, models, self.model_name(pair))
+            except DataError as e:
+                log.warning("retrain_skipped", pair=pair, reason=e.message)
+                continue
+            log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)

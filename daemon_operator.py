@@ -1,0 +1,174 @@
+"""The operator's surfaces around a run: Telegram, the terminal dashboard, the web view.
+
+Part of `runner` (which re-exports it). Each surface drives the engine's `Control` facade;
+a mode switch stops the run in order and asks `main` to start it again in the other mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import structlog
+
+from daemon_base import DaemonBase
+from error_handler import (
+    ConfigError,
+)
+from utils.utilities import (
+    setup_logging,
+)
+
+
+log = structlog.get_logger(__name__)
+QUEUE_SIZE = 1_000
+SHUTDOWN_STEP_TIMEOUT = 1.5
+PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
+_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
+
+
+class TelegramNotifier:
+    """Turn component events into Telegram alerts (templates in telegram_templates)."""
+
+    def __init__(self, bot: Any) -> None:
+        self.bot = bot
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        """Queue the alert for `kind`; unknown kinds go out as plain text."""
+        import telegram_templates as t
+
+        alert: Any
+        if kind == "trade_closed":
+            alert = t.trade_closed(data["trade"])
+        elif kind == "trade_opened":
+            alert = t.order_filled(data["fill"])
+        elif kind == "trading_state":
+            alert = t.circuit_breaker(
+                str(data.get("trigger") or data.get("reason") or "risk"),
+                value=float(data.get("drawdown") or data.get("day_loss") or 0.0),
+                limit=float(data.get("limit") or 0.0),
+                state=str(data.get("to", "")),
+                until_ts=data.get("resume_at"),
+                detail=str(data.get("reason", "")),
+            )
+        elif kind == "risk_reset":
+            before = data.get("before") or {}
+            latched = ", ".join(before.get("latched") or {}) or "none"
+            alert = t.text_alert(
+                f"risk reset by {data.get('by')}: {before.get('state')} -> {data.get('after')}"
+                f" (latched before: {latched})",
+                category="risk",
+            )
+        elif kind == "error":
+            alert = t.error_alert(
+                str(data.get("message", "")), component=str(data.get("pair") or "")
+            )
+        elif kind == "rejected":
+            alert = t.text_alert(
+                f"order rejected on {data.get('pair')}: {data.get('reason')}", category="rejected"
+            )
+        elif kind == "stop_hit":
+            alert = t.text_alert(
+                f"stop hit on {data.get('pair')} at {data.get('price')}", category="stop"
+            )
+        else:
+            alert = t.text_alert(f"{kind}: {data}")
+        self.bot.notify(alert)
+
+
+class DaemonOperator(DaemonBase):
+    """Start and stop the operator surfaces of a run (see the module docstring)."""
+
+    async def start_telegram(self) -> None:
+        """Start the Telegram bot in this loop when a token is configured."""
+        if not self.settings.telegram.enabled:
+            return
+        assert self.engine is not None
+        from telegram_bot import TelegramBot
+
+        async def telegram_switch(target: str) -> str:
+            # /mode, after the operator confirmed: the same orderly restart as the dashboard.
+            await self.switch_mode(target)
+            return f"stopping in order; restarting in {target} mode"
+
+        bot = TelegramBot(
+            self.settings.telegram,
+            self.engine,
+            mode_switch=telegram_switch,
+            # Alerts Telegram could not take before a stop are sent after the next start.
+            spool=self.settings.storage.data_dir / "state" / "telegram_outbox.json",
+        )
+        await bot.start()
+        self.notifiers.append(TelegramNotifier(bot))
+        self._closers.append(("telegram", bot.stop))
+        report = await self.engine.reconcile()
+        await bot.post_startup_report(report, timeout_s=10.0)
+
+    def ui_tasks(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[Any]]:
+        """Start the dashboard (interactive terminals only) and the web view if enabled."""
+        assert self.engine is not None
+        tasks: list[asyncio.Task[Any]] = []
+        ui = self.settings.ui
+        if ui.web_enabled:
+            tasks.append(tg.create_task(self._web(), name="web"))
+        if ui.enabled and sys.stdout.isatty() and sys.stdin.isatty():
+            # Textual owns the terminal: logs go to the file only, or they would tear it.
+            setup_logging(
+                self.settings.storage.log_dir,
+                level=self.settings.logging.level,
+                console=False,
+                cache_loggers=True,
+            )
+            tasks.append(tg.create_task(self._dashboard(), name="dashboard"))
+        return tasks
+
+    async def _dashboard(self) -> None:
+        from ui import Dashboard
+
+        assert self.engine is not None
+        app = Dashboard(
+            self.engine,
+            self.settings.ui,
+            can_switch_live=self.settings.exchange.has_keys,
+            switch_mode=self.switch_mode,
+            live_blocked_reason="set KESTREL_EXCHANGE__API_KEY and KESTREL_EXCHANGE__API_SECRET "
+            "to trade live",
+        )
+
+        async def close_when_stopped() -> None:
+            await self.stop.wait()
+            app.exit()
+
+        closer = asyncio.create_task(close_when_stopped())
+        try:
+            await app.run_async()
+        finally:
+            closer.cancel()
+        self.stop.set()
+
+    async def switch_mode(self, target: str) -> None:
+        """Switch between paper and live: shut down in order, then restart in `target`.
+
+        The restart goes through the same start-up (and reconciliation) as any start, so
+        nothing is carried over half-built. main re-executes the process after teardown.
+        """
+        if target == self.args.mode or target not in ("sim", "live"):
+            return
+        if target == "live" and not self.settings.exchange.has_keys:
+            raise ConfigError("live trading needs KESTREL_EXCHANGE__API_KEY/API_SECRET")
+        log.warning("mode_switch_requested", to=target, **{"from": self.args.mode})
+        self.restart_as = target
+        self.stop.set()
+
+    async def _web(self) -> None:
+        from ui import WebView
+
+        assert self.engine is not None
+        web = WebView(self.engine, self.settings.ui)
+        await web.start()
+        log.info("web_view_started", url=f"http://127.0.0.1:{web.port}/")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await web.stop()

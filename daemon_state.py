@@ -1,0 +1,181 @@
+"""What a run keeps on disk: the state snapshot, the performance record, the risk state.
+
+Part of `runner` (which re-exports it). The risk state (breakers, peak, day start, losing
+streak, manual rung) is written whenever it changes and read back before trading resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon_base import DaemonBase
+from error_handler import (
+    DataError,
+)
+from utils.utilities import (
+    atomic_write,
+)
+
+
+log = structlog.get_logger(__name__)
+QUEUE_SIZE = 1_000
+SHUTDOWN_STEP_TIMEOUT = 1.5
+PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
+_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
+
+
+class DaemonState(DaemonBase):
+    """Persist and restore a run's state (see the module docstring)."""
+
+    def _risk_state_path(self) -> Path:
+        return self.settings.storage.data_dir / "state" / f"{self.args.mode}-risk.json"
+
+    async def _restore_risk_state(self, store: Any = None) -> None:
+        """Load the saved risk state before trading resumes; persist it on every change.
+
+        Live keeps it in the trade store (`risk`), paper trading on the exchange feed in
+        `data/state/<mode>-risk.json`; a paper account starts afresh, so its peak and day
+        start are scaled to it. Replays (sim on archives, backtests) neither load nor save:
+        each replays history from its start.
+
+        Raises:
+            DataError: the saved state cannot be read (trading must not start without it).
+        """
+        assert self.engine is not None
+        risk = self.engine.risk
+        self._risk_store = store
+        where = "trade_store" if store is not None else str(self._risk_state_path())
+        try:
+            saved = await asyncio.to_thread(self._read_risk_state)
+            if saved is not None:
+                fresh = self.engine.portfolio.equity() if store is None else None
+                risk.restore_state(saved, equity=fresh)
+        except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+            raise DataError(
+                f"the saved risk state ({where}) is unreadable: {e!r}; check it, then remove"
+                " it to start with fresh breakers",
+                component="risk",
+            ) from e
+        self._risk_key = risk.state_key()
+        self.engine.risk_saver = self._persist_risk_state
+        if saved is not None:
+            breakers = risk.breakers
+            self.audit.record(
+                "risk_state_restored",
+                self.engine.clock.now_ms(),
+                source=where,
+                state=str(risk.trading_state),
+                latched=sorted(breakers.latched),
+                manual=str(breakers.manual) if breakers.manual is not None else None,
+                peak_equity=str(breakers.peak_equity),
+                day_start_equity=str(breakers.day_start_equity),
+                consecutive_losses=breakers.consecutive_losses,
+            )
+
+    def _read_risk_state(self) -> Any:
+        if self._risk_store is not None:
+            return self._risk_store.get_state("risk")
+        path = self._risk_state_path()
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    async def _persist_risk_state(self) -> None:
+        """Store the risk state if it changed since it was last stored (a cheap no-op if not).
+
+        A failed write is logged and retried at the next change check; trading goes on
+        with the state in memory.
+        """
+        engine = self.engine
+        if engine is None or self._risk_key is None or engine.risk.state_key() == self._risk_key:
+            return
+        async with self._risk_lock:  # one write at a time: the last one stored is the newest
+            key = engine.risk.state_key()
+            if key == self._risk_key:
+                return
+            data = engine.risk.dump_state()
+            try:
+                await asyncio.to_thread(self._write_risk_state, data)
+            except Exception:
+                log.exception("risk_state_persist_failed")
+                return
+            self._risk_key = key
+
+    def _write_risk_state(self, data: dict[str, Any]) -> None:
+        if self._risk_store is not None:
+            self._risk_store.set_state("risk", data)
+        else:
+            atomic_write(self._risk_state_path(), json.dumps(data, indent=2))
+
+    async def _snapshot_once(self) -> None:
+        await asyncio.sleep(self.settings.storage.snapshot_interval_s)
+        await self._persist_async()
+        self.record_performance()
+
+    def record_performance(self) -> None:
+        """Write the periodic performance snapshot to the audit trail (JSON lines, rotated)."""
+        assert self.engine is not None
+        engine = self.engine
+        latencies = sorted(engine.decision_latency_ms)
+
+        def pct(q: float) -> float | None:
+            return round(latencies[int(q * (len(latencies) - 1))], 3) if latencies else None
+
+        self.audit.record(
+            "performance",
+            engine.clock.now_ms(),
+            equity=float(engine.portfolio.equity()),
+            cash=float(engine.portfolio.cash),
+            exposure=float(engine.portfolio.exposure()),
+            positions=len(engine.portfolio.positions()),
+            open_orders=len(engine.executor.open_orders()),
+            max_drawdown=engine.portfolio.max_drawdown,
+            trading_state=str(engine.risk.trading_state),
+            candles=engine.candles,
+            decision_latency_ms_p50=pct(0.5),
+            decision_latency_ms_p99=pct(0.99),
+            rate_limit_budget=self.exchange.rate_limit_budget() if self.exchange else {},
+        )
+
+    async def _persist_async(self) -> None:
+        await asyncio.to_thread(self.persist_state)
+        await self._persist_risk_state()
+        if self.engine is not None:
+            stored = await self.engine.data.flush()
+            if stored:
+                log.info("candles_archived", candles=stored)
+
+    def persist_state(self) -> Path:
+        """Write the portfolio, open orders and risk state atomically; return the path."""
+        assert self.engine is not None
+        engine = self.engine
+        path = self.settings.storage.data_dir / "state" / f"{self.args.mode}.json"
+        state = {
+            "ts": engine.clock.now_ms(),
+            "mode": engine.mode,
+            "candles": engine.candles,
+            "cash": str(engine.portfolio.cash),
+            "equity": str(engine.portfolio.equity()),
+            "positions": [
+                {
+                    "pair": p.pair,
+                    "side": str(p.side),
+                    "qty": str(p.qty),
+                    "entry_price": str(p.entry_price),
+                    "ts_opened": p.ts_opened,
+                }
+                for p in engine.portfolio.positions().values()
+            ],
+            "open_orders": [
+                {"client_order_id": o.client_order_id, "pair": o.pair, "status": str(o.status)}
+                for o in engine.executor.open_orders()
+            ],
+            "trading_state": str(engine.risk.trading_state),
+            "n_trades": len(engine.portfolio.closed),
+        }
+        atomic_write(path, json.dumps(state, indent=2))
+        log.info("state_flushed", path=str(path), candles=engine.candles)
+        return path
