@@ -24,6 +24,7 @@ ALLOWED = {
     ("parameter_optimization", "strategy"): "the optimiser searches a strategy's parameters",
     ("parameter_optimization", "trade_simulator"): "each candidate is a fast-path backtest",
     ("parameter_optimization", "data_manager"): "its CLI entry loads candles",
+    ("parameter_optimization", "analytics"): "scores use analytics' metric definitions",
     ("data_manager", "technical_indicators"): "detect_patterns delegates to the indicator library",
     ("data_manager", "exchange"): "the backfill CLI entry builds an Exchange (lazily)",
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
