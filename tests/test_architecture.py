@@ -20,7 +20,10 @@ OURS = {p.stem for p in ROOT.glob("*.py")} | {"utils"}
 ALLOWED = {
     ("trade_executor", "portfolio"): "the executor applies fills to the portfolio it is given",
     ("trade_simulator", "strategy"): "the backtest fast path runs a strategy's populate()",
-    ("analytics", "trade_simulator"): "metrics read BacktestResult",
+    ("analytics", "trade_simulator"): "metrics read BacktestResult (for types only)",
+    ("trade_simulator", "analytics"): "BacktestResult's max drawdown is analytics' definition",
+    ("reward_system", "analytics"): "the score's Sharpe and drawdown are analytics' definitions",
+    ("ui", "analytics"): "the status view's max drawdown is analytics' definition",
     ("parameter_optimization", "strategy"): "the optimiser searches a strategy's parameters",
     ("parameter_optimization", "trade_simulator"): "each candidate is a fast-path backtest",
     ("parameter_optimization", "data_manager"): "its CLI entry loads candles",
