@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+
 import analytics
 from utils.utilities import timeframe_to_ms
 
