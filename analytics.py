@@ -1,5 +1,9 @@
 """Backtest analytics: performance metrics, Monte Carlo, and the Rich, JSON and HTML reports.
 
+This module is the one home of the metric definitions (Sharpe, Sortino, CAGR, Calmar, max
+drawdown): the optimiser's scores, the fast path's summary, the status view and the reward
+system call them, and the portfolio's running drawdown follows the same definition.
+
 Everything here reads a `trade_simulator.BacktestResult` (from the fast path, or from a
 replay through `result_from_summary`): the equity curve recorded at each candle close and
 the closed trades. Conventions, stated once:
@@ -9,8 +13,8 @@ the closed trades. Conventions, stated once:
 * Annualisation uses 365 days (crypto trades every day): `periods_per_year = 365 d /
   timeframe`. Sharpe = mean / standard deviation (ddof 1) x sqrt(periods per year), with a
   zero risk-free rate; Sortino divides by the downside deviation (root mean square of the
-  negative returns over all periods); CAGR compounds over the calendar span of the curve;
-  Calmar = CAGR / max drawdown.
+  negative returns over all periods); CAGR compounds over the calendar span of the curve
+  (-1 when everything is lost); Calmar = CAGR / max drawdown.
 * Drawdowns are measured from the running peak, the starting balance included; a
   drawdown's duration runs from the peak to the first time equity is back at or above it
   (or to the end of the data).
@@ -59,12 +63,105 @@ def curve(result: BacktestResult) -> tuple[np.ndarray, np.ndarray]:
     return ts, equity
 
 
+@njit(cache=True, error_model="numpy")
+def curve_stats(start, equity):  # type: ignore[no-untyped-def]
+    """Return (mean, std ddof 1, downside deviation, max drawdown) of a curve's bar returns.
+
+    Bar returns run from `start` through `equity`; the downside deviation is the root mean
+    square of the negative returns over all bars; the drawdown is measured from the running
+    peak, `start` included. One pass for the mean, the downside and the drawdown, a second
+    for the deviation (two passes keep the variance accurate): the optimiser runs this once
+    per candidate, and at a million bars numpy's temporaries cost more than the backtest.
+    """
+    n = equity.shape[0]
+    prev = start
+    peak = start
+    total = 0.0
+    down = 0.0
+    worst = 0.0
+    for i in range(n):
+        r = equity[i] / prev - 1.0
+        total += r
+        if r < 0.0:
+            down += r * r
+        prev = equity[i]
+        peak = max(peak, prev)
+        if peak > 0.0:
+            worst = max(worst, (peak - prev) / peak)
+    mean = total / n if n else 0.0
+    prev = start
+    acc = 0.0
+    for i in range(n):
+        d = equity[i] / prev - 1.0 - mean
+        acc += d * d
+        prev = equity[i]
+    std = np.sqrt(acc / (n - 1)) if n > 1 else 0.0
+    return mean, std, np.sqrt(down / n) if n else 0.0, worst
+
+
 def drawdown(equity: np.ndarray) -> np.ndarray:
     """Return the drawdown series (fraction below the running peak, >= 0)."""
     peak = np.maximum.accumulate(equity)
     with np.errstate(divide="ignore", invalid="ignore"):
         dd = np.where(peak > 0, (peak - equity) / peak, 0.0)
     return np.asarray(dd, dtype=np.float64)
+
+
+def max_drawdown(equity: Sequence[float] | np.ndarray, start: float | None = None) -> float:
+    """Return the largest fall of `equity` from its running peak, as a fraction of the peak.
+
+    `start` (the starting balance), when given, is the first peak. The one definition:
+    the backtest report, the fast path's summary, the status view and the optimiser use
+    it; the portfolio and the reward system keep the same figure incrementally.
+    """
+    values = np.asarray(equity, dtype=np.float64)
+    if start is not None:
+        values = np.concatenate(([float(start)], values))
+    if values.size == 0:
+        return 0.0
+    return float(drawdown(values).max())
+
+
+def periods_per_year(timeframe: str) -> float:
+    """Return the bars of `timeframe` in a year of 365 days (crypto trades every day)."""
+    return YEAR_MS / timeframe_to_ms(timeframe)
+
+
+def annualised_ratio(mean: float, deviation: float, per_year: float) -> float | None:
+    """Return mean / deviation x sqrt(periods per year); None where it does not exist.
+
+    Sharpe passes the standard deviation (ddof 1) of the bar returns, Sortino their
+    downside deviation; the risk-free rate is zero.
+    """
+    ratio = _ratio(mean, deviation)
+    return None if ratio is None else ratio * math.sqrt(per_year)
+
+
+def sharpe(returns: Sequence[float] | np.ndarray, per_year: float = 1.0) -> float | None:
+    """Return the Sharpe ratio of `returns` (ddof 1, zero risk-free rate); None below 2."""
+    values = np.asarray(returns, dtype=np.float64)
+    if values.size < 2:
+        return None
+    return annualised_ratio(float(values.mean()), float(values.std(ddof=1)), per_year)
+
+
+def cagr(growth: float, span_ms: float) -> float | None:
+    """Return the compound annual growth rate of a `growth` multiple over `span_ms`.
+
+    The base is calendar time (365-day years), not a count of bars, so missing candles
+    do not shorten the year. Everything lost (growth <= 0) is -1; no span is None. The
+    power is taken in log space and capped at e^700, so a short steep run cannot overflow.
+    """
+    if span_ms <= 0 or not math.isfinite(growth):
+        return None
+    if growth <= 0:
+        return -1.0
+    return math.expm1(min(math.log(growth) * YEAR_MS / span_ms, 700.0))
+
+
+def calmar(cagr_value: float | None, max_dd: float) -> float | None:
+    """Return CAGR / max drawdown; None where either is missing or the drawdown is 0."""
+    return None if cagr_value is None else _ratio(cagr_value, max_dd)
 
 
 def max_drawdown_duration(ts: np.ndarray, equity: np.ndarray) -> int:
@@ -146,20 +243,14 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
     run's span and balances, and `per_pair` with the trade statistics of each pair.
     """
     ts, equity = curve(result)
-    step = timeframe_to_ms(result.timeframe)
     start, final = float(equity[0]), float(equity[-1])
     span = int(ts[-1] - ts[0])
-    returns = equity[1:] / equity[:-1] - 1 if len(equity) > 1 else np.zeros(0)
-    ppy = YEAR_MS / step
-    std = float(returns.std(ddof=1)) if len(returns) > 1 else 0.0
-    mean = float(returns.mean()) if len(returns) else 0.0
-    downside = float(np.sqrt(np.mean(np.minimum(returns, 0.0) ** 2))) if len(returns) else 0.0
+    ppy = periods_per_year(result.timeframe)
+    mean, std, downside, max_dd = (
+        curve_stats(start, equity[1:]) if len(equity) > 1 else (0.0, 0.0, 0.0, 0.0)
+    )
     total = final / start - 1 if start else 0.0
-    cagr = (final / start) ** (YEAR_MS / span) - 1 if span > 0 and start > 0 and final > 0 else None
-    dd = drawdown(equity)
-    max_dd = float(dd.max())
-    sharpe = _ratio(mean, std)
-    sortino = _ratio(mean, downside)
+    growth = cagr(final / start, span) if start > 0 else None
     table = result.table
     notional = table["entry_price"] * table["qty"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -171,11 +262,11 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
         "starting_balance": start,
         "final_equity": final,
         "total_return": total,
-        "cagr": cagr,
+        "cagr": growth,
         "volatility": std * math.sqrt(ppy),
-        "sharpe": None if sharpe is None else sharpe * math.sqrt(ppy),
-        "sortino": None if sortino is None else sortino * math.sqrt(ppy),
-        "calmar": _ratio(cagr, max_dd) if cagr is not None else None,
+        "sharpe": annualised_ratio(mean, std, ppy),
+        "sortino": annualised_ratio(mean, downside, ppy),
+        "calmar": calmar(growth, max_dd),
         "max_drawdown": max_dd,
         "max_drawdown_duration_days": max_drawdown_duration(ts, equity) / DAY_MS,
         "exposure": exposure(result, int(ts[0]), int(ts[-1])),

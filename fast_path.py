@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
+import analytics
 from error_handler import ConfigError
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
 from models import ClosedTrade, Market, PositionSide, Side
@@ -89,11 +90,11 @@ class BacktestResult:
 
     @property
     def max_drawdown(self) -> float:
-        """Return the deepest fall of the equity curve from its running peak (a fraction)."""
-        if len(self.equity) == 0:
-            return 0.0
-        peak = np.maximum.accumulate(np.maximum(self.equity, self.starting_balance))
-        return float(np.max((peak - self.equity) / peak))
+        """Return the deepest fall of the equity curve from its running peak (a fraction).
+
+        `analytics.max_drawdown`, the starting balance the first peak.
+        """
+        return analytics.max_drawdown(self.equity, start=self.starting_balance)
 
     def summary(self) -> dict[str, Any]:
         """Return the run summary in the shape of the replay's `--summary-json` document."""

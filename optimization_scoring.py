@@ -1,8 +1,8 @@
 """The optimiser's vocabulary and scores: objectives, statuses, segments, metrics, rankings.
 
 The types and limits every part of the optimiser shares (`Status`, `Segment`, `Outcome`,
-`Job`, the `Evaluate` protocol), the metrics of an equity curve (as `analytics.metrics`
-computes them) and `score`, which turns a worker's outcome into a ranked `Evaluation`.
+`Job`, the `Evaluate` protocol), the optimiser's metrics of an equity curve (`analytics`'
+definitions) and `score`, which turns a worker's outcome into a ranked `Evaluation`.
 Part of `parameter_optimization`, which re-exports it.
 """
 
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import numpy as np
 import pandas as pd
-from numba import njit
 
+import analytics
 from utils.utilities import timeframe_to_ms
 
 
@@ -45,7 +45,7 @@ MIN_TRADES: Final = 5
 MAX_TRIES: Final = 64
 MAX_ERRORS: Final = 5  # distinct infeasible/failure messages kept for the report
 CHUNKS_PER_WORKER: Final = 2
-YEAR_MS: Final = 365 * 86_400_000  # crypto trades every day
+YEAR_MS: Final = analytics.YEAR_MS  # crypto trades every day
 
 
 class Status(enum.StrEnum):
@@ -91,47 +91,30 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-@njit(cache=True)
-def _curve_stats(start, equity):  # type: ignore[no-untyped-def]
-    # One pass for the mean, the downside and the drawdown, a second for the deviation
-    # (two passes keep the variance accurate): at a million bars numpy's temporaries
-    # cost more than the backtest itself.
-    n = equity.shape[0]
-    prev = start
-    peak = start
-    total = 0.0
-    down = 0.0
-    worst = 0.0
-    for i in range(n):
-        r = equity[i] / prev - 1.0
-        total += r
-        if r < 0.0:
-            down += r * r
-        prev = equity[i]
-        peak = max(peak, prev)
-        worst = max(worst, (peak - prev) / peak)
-    mean = total / n
-    prev = start
-    acc = 0.0
-    for i in range(n):
-        d = equity[i] / prev - 1.0 - mean
-        acc += d * d
-        prev = equity[i]
-    std = np.sqrt(acc / (n - 1)) if n > 1 else 0.0
-    return mean, std, np.sqrt(down / n), worst
+def _score(value: float | None, numerator: float) -> float:
+    # A ratio analytics cannot give (no variance, no downside) scores +-RATIO_CAP by the
+    # numerator's sign, 0 over 0: ranked, never infinite. A non-finite numerator stays NaN,
+    # which `score` marks failed.
+    if value is not None:
+        return value
+    if not math.isfinite(numerator):
+        return math.nan
+    return 0.0 if numerator == 0 else math.copysign(RATIO_CAP, numerator)
 
 
-def equity_metrics(equity: np.ndarray, starting_balance: float, timeframe: str) -> dict[str, float]:
+def equity_metrics(
+    equity: np.ndarray, starting_balance: float, timeframe: str, *, span_ms: int | None = None
+) -> dict[str, float]:
     """Return annualised Sharpe, Sortino, CAGR, Calmar, return and drawdown of a curve.
 
-    The conventions of `analytics.metrics` (the backtest report), computed in one numba
-    pass because the optimiser runs this once per candidate: per-bar simple
-    returns from `starting_balance`, 365 days of `timeframe` bars a year, Sharpe with ddof
-    1, Sortino over the root mean square of the negative returns, CAGR over the span of
-    the bars, Calmar = CAGR / max drawdown. Where the report has no value (no variance, no
-    drawdown) the score is 0 or uses a drawdown of 0.01%; CAGR is computed in log space so
-    a short, steep window cannot overflow; a ratio over zero is +-`RATIO_CAP` (0 over 0
-    is 0).
+    The definitions are `analytics`' (the backtest report's), with the one-pass numba
+    `analytics.curve_stats` because the optimiser runs this once per candidate: per-bar
+    simple returns from `starting_balance`, 365 days of `timeframe` bars a year, Sharpe
+    with ddof 1, Sortino over the root mean square of the negative returns, CAGR over the
+    calendar `span_ms` the curve covers (default: its bars x `timeframe`, a curve with no
+    missing candle), Calmar = CAGR / max drawdown. Where the report has no value the
+    optimiser still needs a number: a ratio over zero is +-`RATIO_CAP` (0 over 0 is 0),
+    Calmar uses a drawdown of at least 0.01%.
     """
     values = np.ascontiguousarray(equity, dtype=np.float64)
     bars = len(values)
@@ -139,15 +122,16 @@ def equity_metrics(equity: np.ndarray, starting_balance: float, timeframe: str) 
         return dict.fromkeys(
             ("sharpe", "sortino", "calmar", "total_return", "cagr", "max_drawdown"), 0.0
         )
-    mean, std, downside, drawdown = _curve_stats(float(starting_balance), values)
-    per_year = YEAR_MS / timeframe_to_ms(timeframe)
+    mean, std, downside, drawdown = analytics.curve_stats(float(starting_balance), values)
+    per_year = analytics.periods_per_year(timeframe)
     growth = float(values[-1] / starting_balance)
-    cagr = math.expm1(min(math.log(growth) * per_year / bars, 700.0)) if growth > 0 else -1.0
-    root = math.sqrt(per_year)
+    span = bars * timeframe_to_ms(timeframe) if span_ms is None else span_ms
+    cagr = analytics.cagr(growth, span)
+    cagr = -1.0 if cagr is None else cagr
     return {
-        "sharpe": _ratio(mean * root, std),
-        "sortino": _ratio(mean * root, downside),
-        "calmar": _ratio(cagr, max(drawdown, MIN_DRAWDOWN)),
+        "sharpe": _score(analytics.annualised_ratio(mean, std, per_year), mean),
+        "sortino": _score(analytics.annualised_ratio(mean, downside, per_year), mean),
+        "calmar": _score(analytics.calmar(cagr, max(drawdown, MIN_DRAWDOWN)), cagr),
         "total_return": growth - 1.0,
         "cagr": cagr,
         "max_drawdown": drawdown,
@@ -156,7 +140,11 @@ def equity_metrics(equity: np.ndarray, starting_balance: float, timeframe: str) 
 
 def backtest_metrics(result: BacktestResult) -> dict[str, float]:
     """Return the optimiser's metrics of a fast-path backtest (see `equity_metrics`)."""
-    metrics = equity_metrics(result.equity, result.starting_balance, result.timeframe)
+    step = timeframe_to_ms(result.timeframe)
+    # The calendar span of the curve, as analytics.curve sees it: from the first
+    # candle's open to the last one's close.
+    span = int(result.ts[-1]) - int(result.ts[0]) + step if len(result.ts) else 0
+    metrics = equity_metrics(result.equity, result.starting_balance, result.timeframe, span_ms=span)
     pnl = np.asarray(result.table["pnl"], dtype=np.float64)
     wins = float(pnl[pnl > 0].sum())
     losses = float(-pnl[pnl < 0].sum())

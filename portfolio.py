@@ -131,7 +131,11 @@ class Portfolio:
         return pair in self._open
 
     def record_equity(self, ts: int) -> Decimal:
-        """Append the current equity to the curve, update the drawdown; return equity."""
+        """Append the current equity to the curve, update the drawdown; return equity.
+
+        The drawdown is `analytics.max_drawdown`'s (the fall from the running peak, the
+        starting cash the first peak, as a fraction of the peak), kept incrementally.
+        """
         if not self._open and self.equity_curve and self.cash == self._flat_cash:
             # Flat and nothing changed since the last point: the same equity again (the
             # common case in backtests; skips the Decimal work).

@@ -3,8 +3,9 @@
 For each strategy the score over its last `window_trades` round trips is
 
     score = pnl_weight x mean return per trade (in %)
-          + sharpe_weight x per-trade Sharpe (mean / std of returns)
-          - drawdown_weight x max drawdown of the trade-by-trade equity (in %)
+          + sharpe_weight x per-trade Sharpe (`analytics.sharpe`, not annualised)
+          - drawdown_weight x max drawdown of the trade-by-trade equity (in %, as
+            `analytics.max_drawdown` defines it, from a start of 1)
           - turnover_weight x trades per day
 
 and the per-trade reward handed to the learning loop is the trade's return minus the
@@ -14,12 +15,12 @@ made from a new high.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
 
+import analytics
 from config import RewardSettings
 from models import ClosedTrade
 
@@ -64,6 +65,7 @@ class RewardSystem:
         book.trades += 1
         book.total_pnl += trade.pnl
         before = book.drawdown
+        # analytics.max_drawdown of the trade-by-trade equity, kept as a running figure.
         book.equity *= 1 + ret
         book.peak = max(book.peak, book.equity)
         book.drawdown = max(book.drawdown, 1 - book.equity / book.peak)
@@ -82,10 +84,7 @@ class RewardSystem:
         s = self.settings
         rets = list(book.returns)
         mean = sum(rets) / len(rets)
-        std = (
-            math.sqrt(sum((r - mean) ** 2 for r in rets) / (len(rets) - 1)) if len(rets) > 1 else 0
-        )
-        sharpe = mean / std if std > 0 else 0.0
+        sharpe = analytics.sharpe(rets) or 0.0
         days = max((book.exits[-1] - book.exits[0]) / DAY_MS, 1.0)
         per_day = len(rets) / days
         return (

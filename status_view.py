@@ -20,6 +20,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
+from analytics import max_drawdown as max_drawdown
 from models import BotState, OrderBook, PositionSide, Snapshot, TradingState
 
 
@@ -331,18 +332,6 @@ def section_trades(snapshot: Snapshot, limit: int = 12) -> RenderableType:
 def section_depth(snapshot: Snapshot, pair: str | None, levels: int = 8) -> RenderableType:
     """Return the cumulative depth chart of `pair`."""
     return DepthChart(snapshot.order_books.get(pair) if pair else None, levels=levels)
-
-
-def max_drawdown(values: Sequence[float]) -> float:
-    """Return the largest peak-to-trough fall of `values` as a fraction of the peak."""
-    peak = -math.inf
-    worst = 0.0
-    for v in values:  # plain comparisons: this runs over the whole curve on each change
-        if v > peak:
-            peak = v
-        elif peak > 0 and (peak - v) / peak > worst:
-            worst = (peak - v) / peak
-    return worst
 
 
 def section_metrics(snapshot: Snapshot, pair: str | None = None) -> RenderableType:

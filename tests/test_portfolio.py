@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import analytics
 from error_handler import InvariantError
 from models import Fill, Liquidity, PositionSide, Side
 from portfolio import Portfolio
@@ -184,3 +185,25 @@ def test_equity_run_equals_marking_and_recording_candle_by_candle(
     assert one_call.peak_equity == per_candle.peak_equity
     assert one_call.max_drawdown == per_candle.max_drawdown
     assert one_call.equity() == per_candle.equity()
+
+
+@given(
+    holding=st.sampled_from([None, Side.BUY, Side.SELL]),
+    closes=st.lists(
+        st.floats(min_value=500, max_value=1_500, allow_nan=False).map(lambda x: round(x, 2)),
+        min_size=1,
+        max_size=40,
+    ),
+)
+@settings(deadline=None)
+def test_running_drawdown_is_analytics_max_drawdown(
+    holding: Side | None, closes: list[float]
+) -> None:
+    """The portfolio's running max drawdown is analytics.max_drawdown of its curve."""
+    p = Portfolio(Decimal(1000))
+    if holding is not None:
+        p.apply_fill(fill(1, holding, "0.5", "900", "0.45"))
+    p.record_equity_run("BTC/USDT", [100 + 60 * i for i in range(len(closes))], closes)
+    curve = [v for _, v in p.equity_curve]
+    expected = analytics.max_drawdown(curve, start=float(p.starting_cash))
+    assert p.max_drawdown == pytest.approx(expected, rel=1e-9, abs=1e-12)
