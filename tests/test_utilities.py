@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from error_handler import (
     CircuitBreaker,
@@ -27,6 +29,7 @@ from utils.utilities import (
     ReplayClock,
     TaskRegistry,
     atomic_write,
+    backoff_delay,
     datetime_to_ms,
     floor_ts,
     ms_to_datetime,
@@ -72,6 +75,32 @@ async def test_retry_backs_off_exponentially_with_full_jitter() -> None:
     expected = [expected_rng.uniform(0, min(4.0, 0.5 * 2**n)) for n in range(1, 6)]
     assert slept == pytest.approx(expected)
     assert all(0 <= s <= min(4.0, 0.5 * 2**n) for n, s in enumerate(slept, start=1))
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=40),
+    base=st.floats(min_value=0.001, max_value=10.0),
+    cap=st.floats(min_value=0.001, max_value=120.0),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_backoff_delay_is_full_jitter_under_the_cap(
+    attempt: int, base: float, cap: float, seed: int
+) -> None:
+    """Every delay lies in [0, min(cap, base * 2**attempt)] and is the rng's uniform draw."""
+    delay = backoff_delay(attempt, base=base, cap=cap, rng=random.Random(seed))
+    ceiling = min(cap, base * 2**attempt)
+    assert 0.0 <= delay <= ceiling
+    assert delay == random.Random(seed).uniform(0, ceiling)
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=40),
+    retry_after=st.floats(min_value=0.0, max_value=600.0),
+)
+def test_backoff_delay_honours_retry_after(attempt: int, retry_after: float) -> None:
+    """A server's retry_after is the delay, whatever the attempt or the cap."""
+    delay = backoff_delay(attempt, base=0.5, cap=1.0, rng=random.Random(1), retry_after=retry_after)
+    assert delay == retry_after
 
 
 async def test_retry_honours_server_retry_after() -> None:
