@@ -11,22 +11,20 @@ import functools
 import json
 import math
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-import pandas as pd
 import structlog
 
+from data_manager import load_frames
 from error_handler import ConfigError
 from genetic_search import SearchOptions, SearchResult
 from optimization_backends import BacktestEvaluator
 from optimization_run import OptimizationReport, run_optimization
 from optimization_scoring import OBJECTIVE_METRIC, Evaluation, Segment, Status
 from search_space import SearchSpace, _strategy_class, strategy_feasibility, strategy_space
-from utils.utilities import atomic_write, ms_to_datetime, parse_timerange
+from utils.utilities import atomic_write, ms_to_datetime
 from walk_forward_analysis import WalkForwardReport, Window, time_axis, walk_forward_windows
 
 
@@ -40,59 +38,6 @@ WF_WINDOWS: Final = 4
 WF_TRAIN_RATIO: Final = 3.0
 MIN_TEST_ROWS: Final = 100
 TOP_ROWS: Final = 10
-
-
-def load_frames(
-    settings: Settings,
-    pairs: Sequence[str],
-    timeframe: str,
-    *,
-    data: Path | None = None,
-    timerange: str | None = None,
-) -> dict[str, tuple[pd.DataFrame, str]]:
-    """Return each pair's candles and where they came from: `data`, an archive, the sample.
-
-    Raises:
-        ConfigError: `data` with more than one pair, or a malformed timerange.
-        DataError: no candles for a pair (in the timerange).
-    """
-    from data_manager import CandleStore, load_candles, sample_file
-    from error_handler import DataError
-
-    start_ms = end_ms = None
-    if timerange:
-        try:
-            start_ms, end_ms = parse_timerange(timerange)
-        except ValueError as e:
-            raise ConfigError(str(e), component="optimize") from e
-    if data is not None and len(pairs) != 1:
-        raise ConfigError("--data holds one pair: pass exactly one with --pairs")
-    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
-    out: dict[str, tuple[pd.DataFrame, str]] = {}
-    for pair in pairs:
-        if data is not None:
-            frame, source = load_candles(data, timeframe=timeframe), str(data)
-        elif store.has(pair, timeframe):
-            frame, source = (
-                store.load(pair, timeframe, start_ms, end_ms),
-                str(store.path(pair, timeframe)),
-            )
-        else:
-            path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frame, source = load_candles(path, timeframe=timeframe), str(path)
-        ts = frame.index.as_unit("ms").asi8
-        keep = np.ones(len(ts), dtype=bool)
-        if start_ms is not None:
-            keep &= ts >= start_ms
-        if end_ms is not None:
-            keep &= ts < end_ms
-        frame = frame[keep]
-        if frame.empty:
-            raise DataError(
-                f"no {timeframe} candles for {pair} in {timerange or 'the data'}", pair=pair
-            )
-        out[pair] = (frame, source)
-    return out
 
 
 def _cli_windows(n_rows: int) -> list[Window]:

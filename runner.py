@@ -28,7 +28,8 @@ import structlog
 from rich.console import Console
 
 from config import Settings
-from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
+from data_manager import CandleStore, DataManager, arrays_to_frame
+from data_manager import replay_frames as load_frames
 from error_handler import (
     AuthenticationError,
     BotError,
@@ -76,32 +77,6 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handle, sig)
-
-
-def load_frames(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Return the candle frames to replay, by pair.
-
-    `--data FILE` for one pair; else the pair's Parquet archive under the data directory
-    (filled by `--mode backfill`); else the bundled sample.
-    """
-    timeframe = settings.strategy.timeframe
-    pairs = settings.strategy.pairs
-    if args.data is not None:
-        if len(pairs) != 1:
-            raise ConfigError("--data replays one file: pass exactly one pair with --pairs")
-        return {pairs[0]: load_candles(args.data, timeframe=timeframe)}
-    archive = CandleStore(settings.storage.data_dir)
-    frames = {}
-    for pair in pairs:
-        if archive.has(pair, timeframe):
-            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
-            if frame.empty:
-                raise DataError(f"archive {archive.path(pair, timeframe)} holds no candles")
-            frames[pair] = frame
-        else:
-            path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frames[pair] = load_candles(path, timeframe=timeframe)
-    return frames
 
 
 class Daemon:
