@@ -24,6 +24,7 @@ from optimization_backends import BacktestEvaluator
 from optimization_run import OptimizationReport, run_optimization
 from optimization_scoring import OBJECTIVE_METRIC, Evaluation, Segment, Status
 from search_space import SearchSpace, _strategy_class, strategy_feasibility, strategy_space
+from utils.progress import progress_bar
 from utils.utilities import atomic_write, ms_to_datetime
 from walk_forward_analysis import WalkForwardReport, Window, time_axis, walk_forward_windows
 
@@ -98,7 +99,7 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     loop = asyncio.get_running_loop()
     started = datetime.now(UTC)
-    with _progress_bar() as progress:
+    with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
         def on_generation(done: int, planned: int, best: float | None) -> None:
@@ -174,30 +175,6 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     print_report(report, space, strategy=strategy, path=path)
     log.info("optimization_written", path=str(path))
     return 0 if report.search is not None and report.search.best is not None else 1
-
-
-class _progress_bar:  # used like a function: `with _progress_bar() as bar`
-    def __enter__(self) -> Any:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._rich = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        self._rich.__enter__()
-        return self._rich
-
-    def __exit__(self, *exc: Any) -> None:
-        self._rich.__exit__(*exc)
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

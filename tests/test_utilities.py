@@ -24,6 +24,7 @@ from error_handler import (
     RecoverableError,
 )
 from tests.conftest import eventually
+from utils.progress import progress_bar
 from utils.utilities import (
     AuditTrail,
     ReplayClock,
@@ -375,3 +376,23 @@ def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> N
     event = next(line for line in lines if line["event"] == "step_failed")
     assert "ValueError: boom while sending" in event["exception"]
     assert "raise ValueError" in event["exception"]
+
+
+@pytest.mark.parametrize("elapsed", [False, True])
+def test_progress_bar_draws_description_and_count(
+    capsys: pytest.CaptureFixture[str], elapsed: bool
+) -> None:
+    """The shared bar shows the task's description and done/total, then keeps it on screen."""
+    with progress_bar(elapsed=elapsed) as bar:
+        task = bar.add_task("BTC/USDT", total=3)
+        bar.advance(task, 3)
+    out = capsys.readouterr().out
+    assert "BTC/USDT" in out
+    assert "3/3" in out
+
+
+def test_progress_bar_on_stderr_leaves_stdout_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr=True nothing reaches stdout (a report piped from stdout stays clean)."""
+    with progress_bar(stderr=True, transient=True) as bar:
+        bar.update(bar.add_task("backtest", total=None), completed=5, total=5)
+    assert capsys.readouterr().out == ""
