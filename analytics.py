@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numba import njit
 
+from utils.progress import progress_bar as _rich_bar
 from utils.utilities import atomic_write, ms_to_datetime, timeframe_to_ms
 
 
@@ -621,17 +622,7 @@ def render_rich(
 @contextmanager
 def progress_bar(description: str = "backtest") -> Iterator[Callable[[int, int], None]]:
     """Yield a `progress(done, total)` callback drawing a Rich progress bar (stderr)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
+    with _rich_bar(transient=True, stderr=True) as progress:
         task = progress.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

@@ -42,6 +42,7 @@ from models import (
     OrderType,
     Side,
     TimeInForce,
+    order_from_intent,
 )
 from utils.precision import validate_intent
 
@@ -162,22 +163,7 @@ class ExchangeOrders(ExchangeBase):
         if found is not None:
             return found
         now = self.server_now_ms()
-        return Order(
-            client_order_id=intent.client_order_id,
-            pair=intent.pair,
-            side=intent.side,
-            type=intent.type,
-            qty=intent.qty,
-            status=OrderStatus.OPEN,
-            ts_created=now,
-            ts_updated=now,
-            exchange_order_id=exchange_id,
-            price=intent.price,
-            stop_price=intent.stop_price,
-            reduce_only=intent.reduce_only,
-            time_in_force=intent.time_in_force,
-            reason=intent.reason,
-        )
+        return order_from_intent(intent, OrderStatus.OPEN, now, exchange_order_id=exchange_id)
 
     async def _reference_price(self, pair: str) -> Decimal | None:
         price = self._last_price.get(pair)

@@ -7,6 +7,7 @@ empty are remembered beside the archive. `run_backfill_cli` is `--mode backfill`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from candle_frames import _grid_offset, _report_fields, candles_to_arrays, norma
 from candle_store import CandleStore, _ceil_to_grid, _subtract, missing_ranges
 from error_handler import BotError, ConfigError, FatalError
 from models import Candle
+from utils.progress import progress_bar
 from utils.utilities import (
     Clock,
     WallClock,
@@ -282,7 +284,7 @@ async def backfill(
     if until_ms is not None:
         end = min(end, _ceil_to_grid(until_ms, step))
     start = _ceil_to_grid(since_ms, step)
-    with _progress_bar(progress) as bar:
+    with progress_bar() if progress else contextlib.nullcontext(_NoProgress()) as bar:
         run = _Backfill(
             exchange, store, timeframe, start, end, now,
             page_limit=page_limit, flush_every=flush_every, attempts=attempts, progress=bar,
@@ -305,37 +307,6 @@ async def backfill(
         ok=report.ok,
     )
     return report
-
-
-class _progress_bar:  # used like a function: `with _progress_bar(on) as bar`
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._rich: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return _NoProgress()
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self._rich = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._rich.__enter__()
-        return self._rich
-
-    def __exit__(self, *exc: object) -> None:
-        if self._rich is not None:
-            self._rich.__exit__(*exc)
 
 
 async def run_backfill_cli(args: argparse.Namespace, settings: Settings) -> int:

@@ -40,13 +40,17 @@ from candle_frames import (
     normalise_arrays,
     normalise_frame,
 )
-from error_handler import DataError
+from error_handler import ConfigError, DataError
 from models import Trade
-from utils.utilities import atomic_write, timeframe_to_ms
+from utils.utilities import atomic_write, parse_timerange, timeframe_to_ms
 
 
 if TYPE_CHECKING:
+    import argparse
+
     import pyarrow as pa
+
+    from config import Settings
 
 
 # Events keep the logger they had before data_manager was split.
@@ -150,6 +154,69 @@ def sample_file(sample_dir: Path, pair: str, timeframe: str) -> Path:
         f"no bundled sample for {pair} {timeframe}; bundled: {', '.join(bundled)}",
         pair=pair,
     )
+
+
+def load_frames(
+    settings: Settings,
+    pairs: Sequence[str],
+    timeframe: str,
+    *,
+    data: Path | None = None,
+    timerange: str | None = None,
+) -> dict[str, tuple[pd.DataFrame, str]]:
+    """Return each pair's candles and where they came from: `data`, an archive, the sample.
+
+    The one candle loader of the replays (backtest, paper, optimisation): `--data FILE`
+    for one pair; else the pair's Parquet archive under the data directory (filled by
+    `--mode backfill`); else the bundled sample. `timerange` keeps start <= ts < end.
+
+    Raises:
+        ConfigError: `data` with more than one pair, or a malformed timerange.
+        DataError: no candles for a pair (in the timerange).
+    """
+    start_ms = end_ms = None
+    if timerange:
+        try:
+            start_ms, end_ms = parse_timerange(timerange)
+        except ValueError as e:
+            raise ConfigError(str(e), component="data") from e
+    if data is not None and len(pairs) != 1:
+        raise ConfigError("--data holds one pair: pass exactly one with --pairs")
+    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
+    out: dict[str, tuple[pd.DataFrame, str]] = {}
+    for pair in pairs:
+        if data is not None:
+            frame, source = load_candles(data, timeframe=timeframe), str(data)
+        elif store.has(pair, timeframe):
+            frame = store.load(pair, timeframe, start_ms, end_ms)
+            source = str(store.path(pair, timeframe))
+        else:
+            path = sample_file(settings.storage.sample_dir, pair, timeframe)
+            frame, source = load_candles(path, timeframe=timeframe), str(path)
+        ts = frame.index.as_unit("ms").asi8
+        keep = np.ones(len(ts), dtype=bool)
+        if start_ms is not None:
+            keep &= ts >= start_ms
+        if end_ms is not None:
+            keep &= ts < end_ms
+        frame = frame[keep]
+        if frame.empty:
+            raise DataError(
+                f"no {timeframe} candles for {pair} in {timerange or source}", pair=pair
+            )
+        out[pair] = (frame, source)
+    return out
+
+
+def replay_frames(args: argparse.Namespace, settings: Settings) -> dict[str, pd.DataFrame]:
+    """Return the candle frames a run replays, by pair: `load_frames` for the settings.
+
+    Reads the settings' pairs and timeframe and `args.data` (a file for one pair).
+    """
+    loaded = load_frames(
+        settings, settings.strategy.pairs, settings.strategy.timeframe, data=args.data
+    )
+    return {pair: frame for pair, (frame, _) in loaded.items()}
 
 
 # -- Gaps ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ through its constructor, and, live, the journal and the start-up reconciliation.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Callable
 from decimal import Decimal
@@ -15,12 +14,11 @@ from typing import Any
 
 import structlog
 
-from config import Settings
 from daemon_base import DaemonBase
-from data_manager import CandleStore, DataManager, arrays_to_frame, load_candles, sample_file
+from data_manager import CandleStore, DataManager
+from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
-    DataError,
 )
 from models import Market, strategy_tag
 from pipeline import Engine, PrecomputedSignals
@@ -42,32 +40,6 @@ QUEUE_SIZE = 1_000
 SHUTDOWN_STEP_TIMEOUT = 1.5
 PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
-
-
-def load_frames(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Return the candle frames to replay, by pair.
-
-    `--data FILE` for one pair; else the pair's Parquet archive under the data directory
-    (filled by `--mode backfill`); else the bundled sample.
-    """
-    timeframe = settings.strategy.timeframe
-    pairs = settings.strategy.pairs
-    if args.data is not None:
-        if len(pairs) != 1:
-            raise ConfigError("--data replays one file: pass exactly one pair with --pairs")
-        return {pairs[0]: load_candles(args.data, timeframe=timeframe)}
-    archive = CandleStore(settings.storage.data_dir)
-    frames = {}
-    for pair in pairs:
-        if archive.has(pair, timeframe):
-            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
-            if frame.empty:
-                raise DataError(f"archive {archive.path(pair, timeframe)} holds no candles")
-            frames[pair] = frame
-        else:
-            path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frames[pair] = load_candles(path, timeframe=timeframe)
-    return frames
 
 
 class ExchangeClock:

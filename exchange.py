@@ -75,7 +75,14 @@ from models import (
     Trade,
 )
 from rate_budgets import RateBudget, RateBudgets
-from utils.utilities import Clock, WallClock, register_secret, retry_async, timeframe_to_ms
+from utils.utilities import (
+    Clock,
+    WallClock,
+    backoff_delay,
+    register_secret,
+    retry_async,
+    timeframe_to_ms,
+)
 
 
 if TYPE_CHECKING:
@@ -277,9 +284,9 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         )
 
     def _backoff(self, attempt: int, error: RecoverableError) -> float:
-        if error.retry_after is not None:
-            return error.retry_after
-        return self._rng.uniform(0, min(self._cap, self._base * 2**attempt))
+        return backoff_delay(
+            attempt, base=self._base, cap=self._cap, rng=self._rng, retry_after=error.retry_after
+        )
 
     # -- Markets and time ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from models import (
     OrderStatus,
     Side,
     is_legal_transition,
+    order_from_intent,
     purpose_of,
     split_attempt,
     with_attempt,
@@ -506,26 +507,6 @@ def protective_id(entry_id: str, kind: str, seq: int) -> str:
     """
     suffix = f"-{kind}{seq:x}"
     return entry_id[: CLIENT_ID_MAX - 3 - len(suffix)] + suffix
-
-
-def order_from_intent(intent: OrderIntent, status: OrderStatus, now: int) -> Order:
-    """Return the order an intent becomes before the exchange has said anything of it.
-
-    Its `ts_updated` is 0, so any report from the exchange (on its own clock) is newer.
-    """
-    return Order(
-        client_order_id=intent.client_order_id,
-        pair=intent.pair,
-        side=intent.side,
-        type=intent.type,
-        qty=intent.qty,
-        status=status,
-        ts_created=now,
-        ts_updated=0 if status is OrderStatus.NEW else now,
-        price=intent.price,
-        stop_price=intent.stop_price,
-        reduce_only=intent.reduce_only,
-    )
 
 
 def _intent_fields(intent: OrderIntent) -> dict[str, str | None]:

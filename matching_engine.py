@@ -57,6 +57,7 @@ from models import (
     OrderType,
     Side,
     TimeInForce,
+    order_from_intent,
 )
 from utils.utilities import ReplayClock, timeframe_to_ms
 
@@ -190,21 +191,8 @@ class SimulatedExchange:
             )
         now = self._now()
         last = self._last.get(intent.pair)
-        order = Order(
-            client_order_id=intent.client_order_id,
-            pair=intent.pair,
-            side=intent.side,
-            type=intent.type,
-            qty=intent.qty,
-            status=OrderStatus.OPEN,
-            ts_created=now,
-            ts_updated=now,
-            exchange_order_id=f"sim-{next(self._order_ids)}",
-            price=intent.price,
-            stop_price=intent.stop_price,
-            reduce_only=intent.reduce_only,
-            time_in_force=intent.time_in_force,
-            reason=intent.reason,
+        order = order_from_intent(
+            intent, OrderStatus.OPEN, now, exchange_order_id=f"sim-{next(self._order_ids)}"
         )
         if (
             intent.time_in_force is TimeInForce.POST_ONLY

@@ -395,6 +395,37 @@ class Order:
         return self.qty - self.filled_qty
 
 
+def order_from_intent(
+    intent: OrderIntent,
+    status: OrderStatus,
+    now: int,
+    exchange_order_id: str | None = None,
+) -> Order:
+    """Return the order an intent becomes, nothing filled yet: the one construction of it.
+
+    The executor's own record (`NEW`, before the exchange has said anything: `ts_updated`
+    0, so any report on the exchange's clock is newer, or a local `REJECTED`), the
+    matching engine's accepted order and the exchange's fallback when its lookup fails
+    (`OPEN`, with the exchange's id) all come from here.
+    """
+    return Order(
+        client_order_id=intent.client_order_id,
+        pair=intent.pair,
+        side=intent.side,
+        type=intent.type,
+        qty=intent.qty,
+        status=status,
+        ts_created=now,
+        ts_updated=0 if status is OrderStatus.NEW else now,
+        exchange_order_id=exchange_order_id,
+        price=intent.price,
+        stop_price=intent.stop_price,
+        reduce_only=intent.reduce_only,
+        time_in_force=intent.time_in_force,
+        reason=intent.reason,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Fill:
     """One execution against an order."""

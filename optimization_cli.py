@@ -11,22 +11,21 @@ import functools
 import json
 import math
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-import pandas as pd
 import structlog
 
+from data_manager import load_frames
 from error_handler import ConfigError
 from genetic_search import SearchOptions, SearchResult
 from optimization_backends import BacktestEvaluator
 from optimization_run import OptimizationReport, run_optimization
 from optimization_scoring import OBJECTIVE_METRIC, Evaluation, Segment, Status
 from search_space import SearchSpace, _strategy_class, strategy_feasibility, strategy_space
-from utils.utilities import atomic_write, ms_to_datetime, parse_timerange
+from utils.progress import progress_bar
+from utils.utilities import atomic_write, ms_to_datetime
 from walk_forward_analysis import WalkForwardReport, Window, time_axis, walk_forward_windows
 
 
@@ -40,59 +39,6 @@ WF_WINDOWS: Final = 4
 WF_TRAIN_RATIO: Final = 3.0
 MIN_TEST_ROWS: Final = 100
 TOP_ROWS: Final = 10
-
-
-def load_frames(
-    settings: Settings,
-    pairs: Sequence[str],
-    timeframe: str,
-    *,
-    data: Path | None = None,
-    timerange: str | None = None,
-) -> dict[str, tuple[pd.DataFrame, str]]:
-    """Return each pair's candles and where they came from: `data`, an archive, the sample.
-
-    Raises:
-        ConfigError: `data` with more than one pair, or a malformed timerange.
-        DataError: no candles for a pair (in the timerange).
-    """
-    from data_manager import CandleStore, load_candles, sample_file
-    from error_handler import DataError
-
-    start_ms = end_ms = None
-    if timerange:
-        try:
-            start_ms, end_ms = parse_timerange(timerange)
-        except ValueError as e:
-            raise ConfigError(str(e), component="optimize") from e
-    if data is not None and len(pairs) != 1:
-        raise ConfigError("--data holds one pair: pass exactly one with --pairs")
-    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
-    out: dict[str, tuple[pd.DataFrame, str]] = {}
-    for pair in pairs:
-        if data is not None:
-            frame, source = load_candles(data, timeframe=timeframe), str(data)
-        elif store.has(pair, timeframe):
-            frame, source = (
-                store.load(pair, timeframe, start_ms, end_ms),
-                str(store.path(pair, timeframe)),
-            )
-        else:
-            path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frame, source = load_candles(path, timeframe=timeframe), str(path)
-        ts = frame.index.as_unit("ms").asi8
-        keep = np.ones(len(ts), dtype=bool)
-        if start_ms is not None:
-            keep &= ts >= start_ms
-        if end_ms is not None:
-            keep &= ts < end_ms
-        frame = frame[keep]
-        if frame.empty:
-            raise DataError(
-                f"no {timeframe} candles for {pair} in {timerange or 'the data'}", pair=pair
-            )
-        out[pair] = (frame, source)
-    return out
 
 
 def _cli_windows(n_rows: int) -> list[Window]:
@@ -153,7 +99,7 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     loop = asyncio.get_running_loop()
     started = datetime.now(UTC)
-    with _progress_bar() as progress:
+    with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
         def on_generation(done: int, planned: int, best: float | None) -> None:
@@ -229,30 +175,6 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     print_report(report, space, strategy=strategy, path=path)
     log.info("optimization_written", path=str(path))
     return 0 if report.search is not None and report.search.best is not None else 1
-
-
-class _progress_bar:  # used like a function: `with _progress_bar() as bar`
-    def __enter__(self) -> Any:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._rich = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        self._rich.__enter__()
-        return self._rich
-
-    def __exit__(self, *exc: Any) -> None:
-        self._rich.__exit__(*exc)
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

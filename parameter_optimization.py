@@ -45,11 +45,13 @@ here, so `from parameter_optimization import X` works for all of them:
 * `genetic_search`: `GeneticSearch`, `RandomSearch`, `SearchOptions`, `SearchResult`, `drive`.
 * `walk_forward_analysis`: `Window`, `walk_forward_windows`, `WalkForwardReport`.
 * `optimization_run`: `run_optimization`, `optimize`, `walk_forward`, `OptimizationReport`.
-* `optimization_cli`: `run_optimize_cli`, `load_frames`, `print_report`.
+* `optimization_cli`: `run_optimize_cli`, `print_report`.
+* `data_manager`: `load_frames` (the one candle loader of the replays).
 """
 
 from __future__ import annotations
 
+from data_manager import load_frames
 from genetic_search import (
     Feasibility,
     GenerationStats,
@@ -76,7 +78,6 @@ from optimization_cli import (
     TOP_ROWS,
     WF_TRAIN_RATIO,
     WF_WINDOWS,
-    load_frames,
     print_report,
     run_optimize_cli,
 )

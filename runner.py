@@ -27,11 +27,12 @@ import structlog
 from rich.console import Console
 
 from config import Settings
-from daemon_build import DaemonBuild, ExchangeClock, load_frames
+from daemon_build import DaemonBuild, ExchangeClock
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
 from daemon_state import DaemonState
 from data_manager import DataManager
+from data_manager import replay_frames as load_frames
 from error_handler import (
     AuthenticationError,
     BotError,

@@ -59,6 +59,7 @@ from telegram_templates import (
 from utils.utilities import (
     Clock,
     WallClock,
+    backoff_delay,
     redact,
     register_secret,
 )
@@ -433,9 +434,8 @@ class TelegramBot:
             )
 
     def _backoff(self, attempt: int) -> float:
-        # Capped exponential with equal jitter: never ~0, so an outage is not hammered.
-        ceiling = min(self._retry_cap, self._retry_base * 2.0 ** (attempt - 1))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        # The first failure waits up to `retry_base`, doubling per failure up to `retry_cap`.
+        return backoff_delay(attempt - 1, base=self._retry_base, cap=self._retry_cap, rng=self._rng)
 
     def _log_disabled(self) -> None:
         if not self._logged_disabled:

@@ -20,10 +20,16 @@ from executor_core import (
     OrderGateway,
     OrderJournal,
     StopState,
-    order_from_intent,
     protective_id,
 )
-from models import Order, OrderIntent, OrderPurpose, OrderStatus, purpose_of
+from models import (
+    Order,
+    OrderIntent,
+    OrderPurpose,
+    OrderStatus,
+    order_from_intent,
+    purpose_of,
+)
 from order_protection import ProtectingExecutor
 from order_recovery import RecoveringExecutor
 from utils.precision import validate_intent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import math
 from dataclasses import replace
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_manager as dm
+from config import load_settings
 from data_manager import (
     CandleAggregator,
     CandleStore,
@@ -22,11 +24,13 @@ from data_manager import (
     frame_to_candles,
     index_ms,
     load_candles,
+    load_frames,
     normalise_frame,
+    replay_frames,
     resample,
     trades_to_candles,
 )
-from error_handler import DataError
+from error_handler import ConfigError, DataError
 from models import Side, Trade
 
 
@@ -193,6 +197,35 @@ def test_archive_time_range_load(tmp_path: Path, btc: pd.DataFrame) -> None:
     assert part.equals(btc.iloc[100:160])
     assert store.load("BTC/USDT", "1m", int(ts[-1]) + 1).empty
     assert len(store.load("BTC/USDT", "1m", end_ms=int(ts[5]))) == 5
+
+
+def test_load_frames_prefers_the_archive_then_the_sample(
+    tmp_path: Path, sample_dir: Path, btc: pd.DataFrame
+) -> None:
+    """A pair's archive wins over the bundled sample; without one the sample is replayed."""
+    settings = load_settings(env_file=None, storage={"data_dir": tmp_path})
+    before = load_frames(settings, ["BTC/USDT"], "1m")
+    assert before["BTC/USDT"][0].equals(btc)
+    assert before["BTC/USDT"][1] == str(sample_dir / BYBIT)
+    store = CandleStore(tmp_path, "bybit")
+    store.append("BTC/USDT", "1m", btc.iloc[:50])
+    after = load_frames(settings, ["BTC/USDT"], "1m")
+    assert after["BTC/USDT"][0].equals(btc.iloc[:50])
+    assert after["BTC/USDT"][1] == str(store.path("BTC/USDT", "1m"))
+    replayed = replay_frames(argparse.Namespace(data=None), settings)
+    assert list(replayed) == ["BTC/USDT"]
+    assert replayed["BTC/USDT"].equals(btc.iloc[:50])
+
+
+def test_load_frames_rejects_one_file_for_many_pairs_and_an_empty_range(
+    tmp_path: Path, sample_dir: Path
+) -> None:
+    """`--data` serves one pair only; a timerange holding no candles is a DataError."""
+    settings = load_settings(env_file=None, storage={"data_dir": tmp_path})
+    with pytest.raises(ConfigError, match="one pair"):
+        load_frames(settings, ["BTC/USDT", "ETH/USDT"], "1m", data=sample_dir / BYBIT)
+    with pytest.raises(DataError, match="BTC/USDT"):
+        load_frames(settings, ["BTC/USDT"], "1m", timerange="20300101-")
 
 
 def test_append_never_stores_a_candle_twice(tmp_path: Path, btc: pd.DataFrame) -> None:

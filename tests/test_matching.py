@@ -22,6 +22,7 @@ from models import (
     OrderType,
     Side,
     TimeInForce,
+    order_from_intent,
 )
 from tests.test_backtest_support import MINUTE, T0, frame
 from trade_simulator import SimulatedExchange, quote_qty, sim_market, slipped_price
@@ -83,6 +84,25 @@ async def long_position(sim: SimulatedExchange, clock: ReplayClock, qty: str = "
     fills = sim.on_candle(bar(T0, 100, 100, 100, 100))
     assert len(fills) == 1
     clock.set(T0 + MINUTE)
+
+
+async def test_an_accepted_order_is_its_intent_open_with_the_sim_id() -> None:
+    """The engine's order copies the intent (time in force, reason too), open and unfilled."""
+    sim, clock = make_sim()
+    wanted = intent(Side.BUY, "2", OrderType.LIMIT, price=D("99.5"), time_in_force=TimeInForce.IOC)
+    order = await sim.create_order(wanted)
+    assert order.exchange_order_id is not None
+    assert order.exchange_order_id.startswith("sim-")
+    assert order == order_from_intent(
+        wanted, OrderStatus.OPEN, clock.now_ms(), exchange_order_id=order.exchange_order_id
+    )
+    assert (order.time_in_force, order.reason, order.price) == (
+        TimeInForce.IOC,
+        "test",
+        D("99.5"),
+    )
+    assert (order.filled_qty, order.ts_updated) == (D(0), clock.now_ms())
+    assert order_from_intent(wanted, OrderStatus.NEW, clock.now_ms()).ts_updated == 0
 
 
 async def test_market_order_fills_at_the_next_open_with_fixed_slippage() -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from error_handler import (
     CircuitBreaker,
@@ -22,11 +24,13 @@ from error_handler import (
     RecoverableError,
 )
 from tests.conftest import eventually
+from utils.progress import progress_bar
 from utils.utilities import (
     AuditTrail,
     ReplayClock,
     TaskRegistry,
     atomic_write,
+    backoff_delay,
     datetime_to_ms,
     floor_ts,
     ms_to_datetime,
@@ -72,6 +76,32 @@ async def test_retry_backs_off_exponentially_with_full_jitter() -> None:
     expected = [expected_rng.uniform(0, min(4.0, 0.5 * 2**n)) for n in range(1, 6)]
     assert slept == pytest.approx(expected)
     assert all(0 <= s <= min(4.0, 0.5 * 2**n) for n, s in enumerate(slept, start=1))
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=40),
+    base=st.floats(min_value=0.001, max_value=10.0),
+    cap=st.floats(min_value=0.001, max_value=120.0),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_backoff_delay_is_full_jitter_under_the_cap(
+    attempt: int, base: float, cap: float, seed: int
+) -> None:
+    """Every delay lies in [0, min(cap, base * 2**attempt)] and is the rng's uniform draw."""
+    delay = backoff_delay(attempt, base=base, cap=cap, rng=random.Random(seed))
+    ceiling = min(cap, base * 2**attempt)
+    assert 0.0 <= delay <= ceiling
+    assert delay == random.Random(seed).uniform(0, ceiling)
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=40),
+    retry_after=st.floats(min_value=0.0, max_value=600.0),
+)
+def test_backoff_delay_honours_retry_after(attempt: int, retry_after: float) -> None:
+    """A server's retry_after is the delay, whatever the attempt or the cap."""
+    delay = backoff_delay(attempt, base=0.5, cap=1.0, rng=random.Random(1), retry_after=retry_after)
+    assert delay == retry_after
 
 
 async def test_retry_honours_server_retry_after() -> None:
@@ -346,3 +376,23 @@ def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> N
     event = next(line for line in lines if line["event"] == "step_failed")
     assert "ValueError: boom while sending" in event["exception"]
     assert "raise ValueError" in event["exception"]
+
+
+@pytest.mark.parametrize("elapsed", [False, True])
+def test_progress_bar_draws_description_and_count(
+    capsys: pytest.CaptureFixture[str], elapsed: bool
+) -> None:
+    """The shared bar shows the task's description and done/total, then keeps it on screen."""
+    with progress_bar(elapsed=elapsed) as bar:
+        task = bar.add_task("BTC/USDT", total=3)
+        bar.advance(task, 3)
+    out = capsys.readouterr().out
+    assert "BTC/USDT" in out
+    assert "3/3" in out
+
+
+def test_progress_bar_on_stderr_leaves_stdout_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr=True nothing reaches stdout (a report piped from stdout stays clean)."""
+    with progress_bar(stderr=True, transient=True) as bar:
+        bar.update(bar.add_task("backtest", total=None), completed=5, total=5)
+    assert capsys.readouterr().out == ""

@@ -337,6 +337,34 @@ class ReplayClock:
 # -- Retry -----------------------------------------------------------------------------------
 
 
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    rng: random.Random,
+    retry_after: float | None = None,
+) -> float:
+    """Return the wait before retry number `attempt`: the one backoff rule of the codebase.
+
+    Capped exponential backoff with full jitter (AWS "Exponential Backoff and Jitter"):
+    uniform in [0, min(cap, base * 2**attempt)]. A server's `retry_after`, when given, wins.
+
+    Args:
+        attempt: how many failures in a row so far (the exponent).
+        base: first backoff step in seconds; doubles per attempt.
+        cap: longest backoff in seconds.
+        rng: randomness for the jitter (seed it in tests).
+        retry_after: the wait the server asked for, if any.
+
+    Returns:
+        The delay in seconds.
+    """
+    if retry_after is not None:
+        return retry_after
+    return rng.uniform(0, min(cap, base * 2**attempt))
+
+
 async def retry_async(
     func: Callable[[], Awaitable[T]],
     *,
@@ -364,11 +392,7 @@ async def retry_async(
         except RecoverableError as e:
             if attempt >= attempts:
                 raise
-            delay = (
-                e.retry_after
-                if e.retry_after is not None
-                else rng.uniform(0, min(cap, base * 2**attempt))
-            )
+            delay = backoff_delay(attempt, base=base, cap=cap, rng=rng, retry_after=e.retry_after)
             if on_retry is not None:
                 on_retry(attempt, e, delay)
             log.warning("retrying", attempt=attempt, delay=round(delay, 3), **e.describe())
@@ -481,12 +505,14 @@ async def supervised_loop(
             if breaker is not None:
                 breaker.record_failure()
             if isinstance(e, RecoverableError):
-                delay = e.retry_after or rng.uniform(0, min(cap, base * 2**failures))
+                delay = backoff_delay(
+                    failures, base=base, cap=cap, rng=rng, retry_after=e.retry_after
+                )
                 log.warning(
                     "loop_recoverable_error", loop=name, delay=round(delay, 3), **e.describe()
                 )
             else:
-                delay = rng.uniform(0, min(cap, base * 2**failures))
+                delay = backoff_delay(failures, base=base, cap=cap, rng=rng)
                 log.exception("loop_error", loop=name)
             notify(name, e)
             await sleep(delay)
