@@ -254,7 +254,8 @@ class ExecutorCore:
             checked = await self._within_holdings(checked)
             if checked.qty <= 0:
                 return self._reject_locally(checked, "nothing held on the exchange to sell", now)
-        await self._journal(checked, now)
+        if self._store is not None:
+            await self._journal(checked, now)
         self._audit.record("order_submitted", now, intent=_intent_fields(checked))
         # Known before the answer: a fill on the stream can beat the REST reply.
         self.orders[cid] = order_from_intent(checked, OrderStatus.NEW, now)
@@ -272,7 +273,9 @@ class ExecutorCore:
             if isinstance(e, RecoverableError) and not _is_protective(cid):
                 self._unresolved[checked.pair] = (cid, now)
             raise
-        await self._acknowledged(order)
+        if self._store is not None:
+            await self._off(self._store.acknowledge, order)
+        self._acknowledged(order)
         return self.orders.get(cid, order)
 
     async def _journal(self, checked: OrderIntent, now: int) -> None:
@@ -284,9 +287,7 @@ class ExecutorCore:
         journaled = replace(checked, stop_loss=levels[0], take_profit=levels[1])
         await self._off(self._store.journal, journaled, now)
 
-    async def _acknowledged(self, order: Order) -> None:
-        if self._store is not None:
-            await self._off(self._store.acknowledge, order)
+    def _acknowledged(self, order: Order) -> None:
         self._track(order)
         if order.status is OrderStatus.REJECTED:
             self.rejections += 1

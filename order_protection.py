@@ -89,8 +89,8 @@ class ProtectingExecutor(ExecutorCore):
     ) -> None:
         pair = fill.pair
         if self.portfolio.signed_qty(pair) == 0:
-            if pair in self._protection:
-                slot = self._slot(pair)
+            slot = self._protection.get(pair)
+            if slot is not None and (slot.base is not None or slot.stop is not None or slot.others):
                 async with slot.lock:
                     if self.portfolio.signed_qty(pair) == 0:
                         await self._clear_protection(pair, slot)

@@ -71,6 +71,9 @@ class TradeExecutor(RecoveringExecutor):
             return "an earlier order's outcome is still unknown"
         if not await self._fills_applied(intent.pair):
             return "an earlier order's fill is not applied yet"
+        return self._entry_refusal(intent)
+
+    def _entry_refusal(self, intent: OrderIntent) -> str | None:
         if purpose_of(intent) is OrderPurpose.ENTRY and self.portfolio.has_position(intent.pair):
             # Decided on a position that was flat a moment ago (its fill has just landed).
             return "a position is open on this pair"
@@ -84,7 +87,9 @@ class TradeExecutor(RecoveringExecutor):
         protection = (intent.stop_loss, intent.take_profit)
         if protection != (None, None):
             intent = replace(intent, stop_loss=None, take_profit=None)
-        refusal = await self._not_now(intent)
+        # The common case (nothing pending on the pair) costs no await.
+        pending = intent.pair in self._unresolved or bool(self._unapplied.get(intent.pair))
+        refusal = await self._not_now(intent) if pending else self._entry_refusal(intent)
         if refusal is not None:
             return self._reject_locally(intent, refusal, now)
         try:
@@ -93,7 +98,7 @@ class TradeExecutor(RecoveringExecutor):
             self._check_balance(checked, last_price)
         except OrderRejected as e:
             return self._reject_locally(intent, e.message, now)
-        attempt = await self._next_attempt(checked)
+        attempt = checked if self._store is None else await self._next_attempt(checked)
         if isinstance(attempt, Order):
             return attempt  # this decision was sent before: never twice
         checked = attempt
