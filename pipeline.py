@@ -866,12 +866,13 @@ class Engine:
             "consecutive_losses": breakers.consecutive_losses,
         }
         self.risk.reset()
-        after = str(self.risk.trading_state)
+        after_state = self.risk.trading_state
+        after = str(after_state)
         log.warning("operator_reset_risk", by=reason, before=before["state"], after=after)
         self.audit.record("risk_reset", now, by=reason, before=before, after=after)
         if self.risk_saver is not None:
             await self.risk_saver()
-        self.alert(RiskReset(reason, before_state, self.risk.trading_state, latched))
+        self.alert(RiskReset(reason, before_state, after_state, latched))
 
     async def stop_buy(self, reason: str) -> None:
         """Allow exits only."""
