@@ -13,7 +13,7 @@ how each rung resumes are described in `risk_management`'s docstring.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -21,14 +21,13 @@ from typing import Any, Final, Protocol
 import structlog
 
 from config import RiskSettings
-from models import ClosedTrade, TradingState
+from models import ClosedTrade, EventSink, TradingState, TradingStateChanged
 
 
 log = structlog.get_logger(__name__)
 
 DAY_MS: Final = 86_400_000
 ZERO: Final = Decimal(0)
-Alert = Callable[[str, dict[str, Any]], None]
 _SEVERITY: Final[dict[TradingState, int]] = {state: i for i, state in enumerate(TradingState)}
 _SAFETY_MARGIN: Final = Decimal("1.000000001")
 
@@ -207,15 +206,15 @@ class CircuitBreakers:
 
     Call `update(now, equity)` on every candle and `on_trade_closed` after each round trip;
     `state` is the resulting rung of the ladder. Each change of rung is logged once as
-    `state_changed machine=trading_state`, kept in `last_trigger` and sent to `alert` with
-    the numbers that caused it.
+    `state_changed machine=trading_state`, kept in `last_trigger` and sent to `alert` as a
+    `TradingStateChanged` with the numbers that caused it.
     """
 
     def __init__(
         self,
         settings: RiskSettings,
         *,
-        alert: Alert | None = None,
+        alert: EventSink | None = None,
         rules: Sequence[BreakerRule] | None = None,
     ) -> None:
         self.settings = settings
@@ -547,6 +546,25 @@ class CircuitBreakers:
         )
         if self.alert is not None:
             try:
-                self.alert("trading_state", dict(self.last_trigger))
+                self.alert(_state_changed(self.last_trigger))
             except Exception:  # an alert channel failing must never stop risk control
                 log.exception("alert_failed", kind="trading_state")
+
+
+def _state_changed(trigger: Mapping[str, Any]) -> TradingStateChanged:
+    # `trigger` is `last_trigger`: the book's numbers, overridden by the tripping rule's own.
+    return TradingStateChanged(
+        ts=int(trigger["ts"]),
+        from_state=TradingState(trigger["from"]),
+        to_state=TradingState(trigger["to"]),
+        trigger=str(trigger["trigger"]),
+        reason=str(trigger["reason"]),
+        resume_at=trigger["resume_at"],
+        equity=float(trigger["equity"]),
+        peak_equity=float(trigger["peak_equity"]),
+        drawdown=float(trigger["drawdown"] or 0.0),
+        day_start_equity=float(trigger["day_start_equity"]),
+        day_loss=float(trigger["day_loss"] or 0.0),
+        consecutive_losses=int(trigger["consecutive_losses"] or 0),
+        limit=None if trigger.get("limit") is None else float(trigger["limit"]),
+    )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from config import Settings
     from data_manager import DataManager
-    from models import Candle
+    from models import Candle, Event, EventSink
     from pipeline import Engine
     from strategy import Strategy
     from trade_simulator import ReplayFeed, SimulatedExchange
@@ -56,7 +56,7 @@ class DaemonBase:
     dropped: int
     _closers: list[tuple[str, Callable[[], Awaitable[object]]]]
     _fills_since: int | None
-    notifiers: list[Callable[[str, dict[str, Any]], None]]
+    notifiers: list[EventSink]
     supervisor: Supervisor
     _risk_store: Any
     _risk_key: tuple[Any, ...] | None
@@ -64,7 +64,7 @@ class DaemonBase:
 
     if TYPE_CHECKING:
 
-        def alert(self, kind: str, data: dict[str, Any]) -> None:
+        def alert(self, event: Event) -> None:
             """Route an event to the notifiers."""
 
         async def _restore_risk_state(self, store: Any = None) -> None: ...

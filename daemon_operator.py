@@ -16,6 +16,7 @@ from daemon_base import DaemonBase
 from error_handler import (
     ConfigError,
 )
+from models import Event
 from utils.utilities import (
     setup_logging,
 )
@@ -29,52 +30,16 @@ _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the str
 
 
 class TelegramNotifier:
-    """Turn component events into Telegram alerts (templates in telegram_templates)."""
+    """Turn events from the alert bus into Telegram alerts (`telegram_templates.render_event`)."""
 
     def __init__(self, bot: Any) -> None:
         self.bot = bot
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        """Queue the alert for `kind`; unknown kinds go out as plain text."""
+    def __call__(self, event: Event) -> None:
+        """Queue the alert for `event`."""
         import telegram_templates as t
 
-        alert: Any
-        if kind == "trade_closed":
-            alert = t.trade_closed(data["trade"])
-        elif kind == "trade_opened":
-            alert = t.order_filled(data["fill"])
-        elif kind == "trading_state":
-            alert = t.circuit_breaker(
-                str(data.get("trigger") or data.get("reason") or "risk"),
-                value=float(data.get("drawdown") or data.get("day_loss") or 0.0),
-                limit=float(data.get("limit") or 0.0),
-                state=str(data.get("to", "")),
-                until_ts=data.get("resume_at"),
-                detail=str(data.get("reason", "")),
-            )
-        elif kind == "risk_reset":
-            before = data.get("before") or {}
-            latched = ", ".join(before.get("latched") or {}) or "none"
-            alert = t.text_alert(
-                f"risk reset by {data.get('by')}: {before.get('state')} -> {data.get('after')}"
-                f" (latched before: {latched})",
-                category="risk",
-            )
-        elif kind == "error":
-            alert = t.error_alert(
-                str(data.get("message", "")), component=str(data.get("pair") or "")
-            )
-        elif kind == "rejected":
-            alert = t.text_alert(
-                f"order rejected on {data.get('pair')}: {data.get('reason')}", category="rejected"
-            )
-        elif kind == "stop_hit":
-            alert = t.text_alert(
-                f"stop hit on {data.get('pair')} at {data.get('price')}", category="stop"
-            )
-        else:
-            alert = t.text_alert(f"{kind}: {data}")
-        self.bot.notify(alert)
+        self.bot.notify(t.render_event(event))
 
 
 class DaemonOperator(DaemonBase):

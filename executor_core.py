@@ -26,12 +26,15 @@ from error_handler import (
 )
 from models import (
     CLIENT_ID_MAX,
+    ErrorRaised,
+    EventSink,
     Fill,
     Market,
     MarketType,
     Order,
     OrderIntent,
     OrderPurpose,
+    OrderRefused,
     OrderStatus,
     Side,
     is_legal_transition,
@@ -117,9 +120,6 @@ class OrderJournal(Protocol):
         ...
 
 
-Notifier = Callable[[str, dict[str, Any]], None]
-
-
 class StopState(StrEnum):
     """Where a position's protective stop stands between us and the exchange."""
 
@@ -172,7 +172,7 @@ class ExecutorCore:
         clock: Clock,
         audit: AuditTrail,
         store: OrderJournal | None = None,
-        notify: Notifier | None = None,
+        notify: EventSink | None = None,
         taker_fee: Decimal = Decimal("0.001"),
         protective_orders: bool = True,
         unknown_after_ms: int = 10_000,
@@ -185,7 +185,7 @@ class ExecutorCore:
         self._store = store
         # Journal I/O (fsync'd commits) runs on its own thread, in order, never on the loop.
         self._io = SerialWorker("journal") if store is not None else None
-        self._notify = notify or (lambda kind, data: None)
+        self._notify: EventSink = notify or (lambda event: None)
         self.taker_fee = taker_fee
         self.protective_orders = protective_orders
         # An order not on the exchange this long after its request left never will be:
@@ -269,7 +269,7 @@ class ExecutorCore:
             return self._reject_locally(checked, e.message, now)
         except BotError as e:
             log.error("order_send_failed", **{**e.describe(), "client_order_id": cid})
-            self._notify("error", {"pair": checked.pair, "message": f"order failed: {e.message}"})
+            self._notify(ErrorRaised(f"order failed: {e.message}", pair=checked.pair))
             if isinstance(e, RecoverableError) and not _is_protective(cid):
                 self._unresolved[checked.pair] = (cid, now)
             raise
@@ -291,7 +291,7 @@ class ExecutorCore:
         self._track(order)
         if order.status is OrderStatus.REJECTED:
             self.rejections += 1
-            self._notify("rejected", {"pair": order.pair, "reason": order.reason})
+            self._notify(OrderRefused(order.pair, order.reason))
         log.info(
             "order_sent",
             pair=order.pair,
@@ -352,7 +352,7 @@ class ExecutorCore:
             self.orders[intent.client_order_id] = order
         self._audit.record("order_rejected", now, intent=_intent_fields(intent), reason=reason)
         log.warning("order_rejected", pair=intent.pair, reason=reason)
-        self._notify("rejected", {"pair": intent.pair, "reason": reason})
+        self._notify(OrderRefused(intent.pair, reason))
         return order
 
     async def _resolve_unknown(self, pair: str) -> bool:

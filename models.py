@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -526,6 +526,101 @@ class Decision:
     intent: OrderIntent | None = None
     veto: Veto | None = None
     features: dict[str, float] = field(default_factory=dict)
+
+
+# -- Events on the alert bus -----------------------------------------------------------------
+# Components publish these to one `EventSink` (the daemon's `alert`), which hands them to the
+# notifiers; `telegram_templates.render_event` turns each into the operator's message.
+
+
+@dataclass(frozen=True, slots=True)
+class TradeOpened:
+    """An entry order filled: a position was opened or added to."""
+
+    fill: Fill
+
+
+@dataclass(frozen=True, slots=True)
+class TradeClosed:
+    """A round trip ended."""
+
+    trade: ClosedTrade
+
+
+@dataclass(frozen=True, slots=True)
+class StopHit:
+    """A protective stop filled and left the pair flat."""
+
+    pair: str
+    price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRefused:
+    """An order was rejected, by market rules here or by the exchange."""
+
+    pair: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TradingStateChanged:
+    """The trading-state ladder moved one rung, with the numbers that moved it.
+
+    `limit` is the tripped breaker's limit (None on recovery); `drawdown`, `day_loss` and
+    `consecutive_losses` are the tripping breaker's own figures where it gave them.
+    """
+
+    ts: int
+    from_state: TradingState
+    to_state: TradingState
+    trigger: str
+    reason: str
+    resume_at: int | None
+    equity: float
+    peak_equity: float
+    drawdown: float
+    day_start_equity: float
+    day_loss: float
+    consecutive_losses: int
+    limit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RiskReset:
+    """The operator lifted the latched breakers and the manual rung."""
+
+    by: str
+    before: TradingState
+    after: TradingState
+    latched: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRaised:
+    """Something failed that the operator should hear of.
+
+    `pair` names where a trading error happened; `component` and `breaker` name a failing
+    background loop and the state of its circuit breaker.
+    """
+
+    message: str
+    pair: str | None = None
+    component: str | None = None
+    breaker: str | None = None
+
+
+Event = (
+    TradeOpened
+    | TradeClosed
+    | StopHit
+    | OrderRefused
+    | TradingStateChanged
+    | RiskReset
+    | ErrorRaised
+)
+# The one alert bus: every component that publishes takes an `EventSink`.
+EventSink = Callable[[Event], None]
 
 
 # -- Operator façade -------------------------------------------------------------------------

@@ -39,6 +39,9 @@ from models import (
     OrderStatus,
     OrderType,
     Side,
+    StopHit,
+    TradeClosed,
+    TradeOpened,
     decision_key,
     purpose_of,
     split_attempt,
@@ -78,9 +81,9 @@ class ProtectingExecutor(ExecutorCore):
             liquidity=str(fill.liquidity),
         )
         if trade is not None:
-            self._notify("trade_closed", {"trade": trade})
+            self._notify(TradeClosed(trade))
         elif intent is not None and not intent.reduce_only:
-            self._notify("trade_opened", {"fill": fill})
+            self._notify(TradeOpened(fill))
         await self._manage_protection(order, fill, intent)
         return trade
 
@@ -96,7 +99,7 @@ class ProtectingExecutor(ExecutorCore):
                         await self._clear_protection(pair, slot)
                         slot.base = None
             if intent is not None and intent.type is OrderType.STOP_MARKET:
-                self._notify("stop_hit", {"pair": pair, "price": str(fill.price)})
+                self._notify(StopHit(pair, fill.price))
             return
         if (
             intent is None

@@ -27,6 +27,8 @@ from models import (
     Candle,
     ClosedTrade,
     Decision,
+    ErrorRaised,
+    EventSink,
     Fill,
     Market,
     Order,
@@ -35,6 +37,7 @@ from models import (
     OrderStatus,
     OrderType,
     PositionSide,
+    RiskReset,
     Side,
     Signal,
     Snapshot,
@@ -54,7 +57,6 @@ log = structlog.get_logger(__name__)
 # Fills produced when a candle closes (the simulated exchange); live mode has none here,
 # its fills arrive from the private stream and go straight to `Engine.on_fill`.
 CandleMatcher = Callable[[Candle], list[tuple[Order, Fill]]]
-Alert = Callable[[str, dict[str, Any]], None]
 
 
 class SignalSource(Protocol):
@@ -264,7 +266,7 @@ class Engine:
         audit: AuditTrail,
         matcher: CandleMatcher | None = None,
         fill_now: Callable[[str], list[tuple[Order, Fill]]] | None = None,
-        alert: Alert | None = None,
+        alert: EventSink | None = None,
         stop_event: asyncio.Event | None = None,
         signals: SignalSource | None = None,
         max_lag_ms: int | None = None,
@@ -286,7 +288,7 @@ class Engine:
         self.audit = audit
         self.matcher = matcher
         self.fill_now = fill_now
-        self.alert = alert or (lambda kind, data: None)
+        self.alert: EventSink = alert or (lambda event: None)
         self.stop_event = stop_event or asyncio.Event()
         self.state = BotState.STARTING
         self.candles = 0
@@ -526,7 +528,7 @@ class Engine:
             error = StrategyError(f"strategy failed: {e!r}", component="strategy", pair=candle.pair)
             log.exception("strategy_failed", pair=candle.pair)
             self.errors.append(error.message)
-            self.alert("error", {"message": error.message})
+            self.alert(ErrorRaised(error.message))
             return None
 
     async def _decide(self, signal: Signal, candle: Candle, now: int) -> None:
@@ -853,8 +855,10 @@ class Engine:
         """
         now = self.clock.now_ms()
         breakers = self.risk.breakers
+        before_state = self.risk.trading_state
+        latched = tuple(breakers.latched)
         before = {
-            "state": str(self.risk.trading_state),
+            "state": str(before_state),
             "latched": {name: t.reason for name, t in breakers.latched.items()},
             "manual": str(breakers.manual) if breakers.manual is not None else None,
             "peak_equity": str(breakers.peak_equity),
@@ -862,12 +866,13 @@ class Engine:
             "consecutive_losses": breakers.consecutive_losses,
         }
         self.risk.reset()
-        after = str(self.risk.trading_state)
+        after_state = self.risk.trading_state
+        after = str(after_state)
         log.warning("operator_reset_risk", by=reason, before=before["state"], after=after)
         self.audit.record("risk_reset", now, by=reason, before=before, after=after)
         if self.risk_saver is not None:
             await self.risk_saver()
-        self.alert("risk_reset", {"by": reason, "before": before, "after": after})
+        self.alert(RiskReset(reason, before_state, after_state, latched))
 
     async def stop_buy(self, reason: str) -> None:
         """Allow exits only."""

@@ -70,7 +70,6 @@ import structlog
 
 from circuit_breakers import DAY_MS as DAY_MS
 from circuit_breakers import ZERO as ZERO
-from circuit_breakers import Alert as Alert
 from circuit_breakers import BreakerRule as BreakerRule
 from circuit_breakers import CircuitBreakers as CircuitBreakers
 from circuit_breakers import DailyLossLimit as DailyLossLimit
@@ -83,6 +82,7 @@ from circuit_breakers import default_rules as default_rules
 from config import RiskSettings
 from models import (
     ClosedTrade,
+    EventSink,
     Market,
     MarketType,
     OrderIntent,
@@ -339,7 +339,7 @@ class RiskManager:
     Args:
         settings: the risk group of the settings.
         long_only: refuse short entries.
-        alert: called as `alert("trading_state", numbers)` on each change of rung.
+        alert: the alert bus; each change of rung goes out as a `TradingStateChanged`.
         timeframe: the candle timeframe; lets volatility targeting work per UTC day.
         hard_correlation: the correlation above which an entry is refused outright.
         kelly_min_trades: closed trades needed before Kelly sizing replaces fixed fractional.
@@ -354,7 +354,7 @@ class RiskManager:
         settings: RiskSettings,
         *,
         long_only: bool = True,
-        alert: Alert | None = None,
+        alert: EventSink | None = None,
         timeframe: str | None = None,
         hard_correlation: float = 0.95,
         kelly_min_trades: int = 20,

@@ -42,7 +42,7 @@ from error_handler import (
     RecoverableError,
     run_fail_safe,
 )
-from models import BotState, Candle
+from models import BotState, Candle, ErrorRaised, Event, EventSink
 from pipeline import Engine
 from strategy import load_strategy
 from trade_simulator import ReplayFeed, SimulatedExchange
@@ -111,20 +111,20 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self.dropped = 0
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self._fills_since: int | None = None  # live: where the run's fills begin
-        self.notifiers: list[Callable[[str, dict[str, Any]], None]] = []
+        self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
         # Risk state persistence (live and paper on the exchange feed; replays have none).
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
         self._risk_lock = asyncio.Lock()
 
-    def alert(self, kind: str, data: dict[str, Any]) -> None:
+    def alert(self, event: Event) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""
         for notifier in self.notifiers:
             try:
-                notifier(kind, data)
+                notifier(event)
             except Exception:
-                log.exception("notifier_failed", kind=kind)
+                log.exception("notifier_failed", kind=type(event).__name__)
 
     async def _feed_loop(self) -> None:
         structlog.contextvars.bind_contextvars(component="feed")  # this task's context only
@@ -206,7 +206,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
     def _notify_fatal(self, error: BaseException) -> Callable[[], Awaitable[object]]:
         async def notify() -> None:
             message = error.message if isinstance(error, BotError) else repr(error)
-            self.alert("error", {"message": f"trading stopped: {message}"})
+            self.alert(ErrorRaised(f"trading stopped: {message}"))
             await asyncio.sleep(0.5)  # give the Telegram queue a moment before it closes
 
         return notify

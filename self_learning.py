@@ -30,7 +30,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +40,7 @@ import structlog
 
 from config import LearningSettings
 from error_handler import DataError, StrategyError
+from models import ErrorRaised, EventSink
 from utils.utilities import atomic_write
 
 
@@ -334,10 +334,10 @@ class SafePredictor:
         self,
         registry: ModelRegistry,
         *,
-        alert: Callable[[str, dict[str, Any]], None] | None = None,
+        alert: EventSink | None = None,
     ) -> None:
         self.registry = registry
-        self.alert = alert or (lambda kind, data: None)
+        self.alert: EventSink = alert or (lambda event: None)
         self.model: Any = None
         self.meta: ModelMeta | None = None
         self.failures = 0
@@ -376,7 +376,7 @@ class SafePredictor:
     def _fail(self, error: BaseException) -> None:
         self.failures += 1
         log.warning("model_failed", error=repr(error), failures=self.failures)
-        self.alert("error", {"message": f"model inference failed: {error!r}"})
+        self.alert(ErrorRaised(f"model inference failed: {error!r}"))
 
     def describe(self) -> dict[str, Any]:
         """Return the live model's identity and metrics for /model and the UI."""

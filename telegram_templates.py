@@ -13,10 +13,26 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 from error_handler import BotError
-from models import ClosedTrade, Decision, Fill, OrderIntent, Position, Snapshot, TradingState
+from models import (
+    ClosedTrade,
+    Decision,
+    ErrorRaised,
+    Event,
+    Fill,
+    OrderIntent,
+    OrderRefused,
+    Position,
+    RiskReset,
+    Snapshot,
+    StopHit,
+    TradeClosed,
+    TradeOpened,
+    TradingState,
+    TradingStateChanged,
+)
 from utils.utilities import ms_to_datetime, redact
 
 
@@ -290,6 +306,48 @@ def reconciliation_report(report: str, *, ok: bool = True) -> Alert:
     """Return the alert carrying a reconciliation report (free-form, escaped and redacted)."""
     icon = "🔄" if ok else "❗"
     return Alert(f"{icon} <b>Reconciliation</b>\n{esc(report.strip())}", "reconciliation")
+
+
+# -- Events to alerts ------------------------------------------------------------------------
+
+
+def render_event(event: Event) -> Alert:
+    """Return the alert the operator gets for an event from the alert bus.
+
+    One case per event type; mypy's exhaustiveness check (`assert_never`) fails the build when
+    an event type has no template here.
+    """
+    match event:
+        case TradeClosed():
+            return trade_closed(event.trade)
+        case TradeOpened():
+            return order_filled(event.fill)
+        case TradingStateChanged():
+            return circuit_breaker(
+                event.trigger or event.reason or "risk",
+                value=float(event.drawdown or event.day_loss or 0.0),
+                limit=float(event.limit or 0.0),
+                state=event.to_state,
+                until_ts=event.resume_at,
+                detail=event.reason,
+            )
+        case RiskReset():
+            latched = ", ".join(event.latched) or "none"
+            return text_alert(
+                f"risk reset by {event.by}: {event.before} -> {event.after}"
+                f" (latched before: {latched})",
+                category="risk",
+            )
+        case ErrorRaised():
+            return error_alert(event.message, component=event.pair or "")
+        case OrderRefused():
+            return text_alert(
+                f"order rejected on {event.pair}: {event.reason}", category="rejected"
+            )
+        case StopHit():
+            return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+        case _:
+            assert_never(event)
 
 
 # -- Command views (pure functions of a snapshot) --------------------------------------------

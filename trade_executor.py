@@ -16,7 +16,6 @@ from decimal import Decimal
 from error_handler import OrderRejected
 from executor_core import (
     ExecutorCore,
-    Notifier,
     OrderGateway,
     OrderJournal,
     StopState,
@@ -37,7 +36,6 @@ from utils.precision import validate_intent
 
 __all__ = [
     "ExecutorCore",
-    "Notifier",
     "OrderGateway",
     "OrderJournal",
     "ProtectingExecutor",

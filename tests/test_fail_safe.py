@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 import pytest
 
 from config import load_settings
 from error_handler import AuthenticationError
-from models import Order, OrderIntent
+from models import ErrorRaised, Event, Order, OrderIntent
 from runner import Daemon
 from tests.test_backtest_support import cli_args
 
@@ -30,8 +29,8 @@ async def test_fatal_error_runs_the_fail_safe_and_propagates() -> None:
         closed.append("session")
 
     daemon._closers.append(("session", close_session))
-    alerts: list[tuple[str, dict[str, Any]]] = []
-    daemon.notifiers.append(lambda kind, data: alerts.append((kind, data)))
+    alerts: list[Event] = []
+    daemon.notifiers.append(alerts.append)
 
     async def rejected(intent: OrderIntent) -> Order:
         raise AuthenticationError("API key is invalid", component="exchange")
@@ -42,4 +41,6 @@ async def test_fatal_error_runs_the_fail_safe_and_propagates() -> None:
     state = json.loads((daemon.settings.storage.data_dir / "state" / "sim.json").read_text())
     assert state["candles"] > 0
     assert closed == ["session"]
-    assert any("trading stopped" in data.get("message", "") for _, data in alerts)
+    assert any(
+        isinstance(data, ErrorRaised) and "trading stopped" in data.message for data in alerts
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,7 +12,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from models import OrderIntent, PositionSide, Side, TradingState, Veto
+from models import Event, OrderIntent, PositionSide, Side, TradingState, TradingStateChanged, Veto
 from risk_management import CircuitBreakers, RiskManager, default_rules
 from tests.test_risk_support import (
     DAY,
@@ -32,10 +31,10 @@ class _Alerts:
     """Record what the manager would send to Telegram."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[Event] = []
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        self.sent.append((kind, data))
+    def __call__(self, event: Event) -> None:
+        self.sent.append(event)
 
 
 def _run(risk: RiskManager, path: Sequence[tuple[int, float]]) -> list[TradingState]:
@@ -205,17 +204,17 @@ def test_each_transition_is_logged_and_alerted_once_with_its_numbers() -> None:
     assert event["limit"] == 0.03
     assert event["day_start_equity"] == 10_000.0
     assert len(alerts.sent) == 1
-    kind, data = alerts.sent[0]
-    assert kind == "trading_state"
-    assert data["to"] == "halted"
-    assert data["equity"] == 9_600.0
-    assert data["resume_at"] == T0 + DAY
+    (data,) = alerts.sent
+    assert isinstance(data, TradingStateChanged)
+    assert data.to_state == "halted"
+    assert data.equity == 9_600.0
+    assert data.resume_at == T0 + DAY
 
 
 def test_a_failing_alert_never_stops_risk_control() -> None:
     """An exception from the alert channel is logged and the rung still changes."""
 
-    def broken(kind: str, data: dict[str, Any]) -> None:
+    def broken(event: Event) -> None:
         raise ConnectionError("telegram down")
 
     risk = RiskManager(settings(), alert=broken)

@@ -20,7 +20,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from config import load_settings
-from models import TradingState, Veto
+from models import Event, RiskReset, TradingState, Veto
 from risk_management import RiskManager
 from runner import Daemon
 from tests.bybit_emulator import BybitEmulator
@@ -199,8 +199,8 @@ async def test_resume_keeps_a_latched_breaker_and_only_the_reset_lifts_it() -> N
     daemon = _engine_daemon()
     engine = daemon.engine
     assert engine is not None
-    alerts: list[tuple[str, dict[str, Any]]] = []
-    daemon.notifiers.append(lambda kind, data: alerts.append((kind, data)))
+    alerts: list[Event] = []
+    daemon.notifiers.append(alerts.append)
     saves: list[TradingState] = []
 
     async def saver() -> None:
@@ -223,7 +223,7 @@ async def test_resume_keeps_a_latched_breaker_and_only_the_reset_lifts_it() -> N
     assert record["before"]["state"] == "flatten"
     assert "peak_to_trough" in record["before"]["latched"]
     assert record["after"] == "normal"
-    assert any(kind == "risk_reset" and d["by"] == "telegram user 1" for kind, d in alerts)
+    assert any(isinstance(d, RiskReset) and d.by == "telegram user 1" for d in alerts)
 
 
 # -- A restart of the live daemon on the emulator --------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ import pytest
 from config import LearningSettings
 from data_manager import load_candles
 from error_handler import DataError
+from models import ErrorRaised, Event
 from self_learning import (
     NEUTRAL,
     ModelRegistry,
@@ -92,9 +92,9 @@ def test_predictor_is_neutral_without_a_model_and_on_corruption(
     tmp_path: Path, candles: pd.DataFrame
 ) -> None:
     """No model, or a corrupt one, gives 0.5 and an alert instead of an exception."""
-    alerts: list[tuple[str, dict[str, Any]]] = []
+    alerts: list[Event] = []
     registry = ModelRegistry(tmp_path / "models")
-    predictor = SafePredictor(registry, alert=lambda kind, data: alerts.append((kind, data)))
+    predictor = SafePredictor(registry, alert=alerts.append)
     assert predictor.probability_up(candles) == NEUTRAL
     meta = train_and_save(candles, LearningSettings(min_samples=200), tmp_path / "models")
     p = predictor.probability_up(candles)
@@ -104,7 +104,7 @@ def test_predictor_is_neutral_without_a_model_and_on_corruption(
     predictor.meta = None  # force a reload of the now-corrupt version
     assert predictor.probability_up(candles) == NEUTRAL
     assert alerts
-    assert alerts[-1][0] == "error"
+    assert isinstance(alerts[-1], ErrorRaised)
 
 
 async def test_training_runs_off_the_event_loop(tmp_path: Path, candles: pd.DataFrame) -> None:

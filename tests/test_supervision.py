@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from error_handler import BreakerState, DataError
+from models import ErrorRaised, Event
 from tests.conftest import eventually
 from tests.running_daemon import start_daemon, stop_daemon
 from utils.supervision import Supervisor
@@ -17,10 +17,8 @@ from utils.supervision import Supervisor
 async def test_a_background_task_failing_every_time_opens_its_breaker_and_alerts_once() -> None:
     """A step that always raises (even a FatalError) is contained, alerted, then paused."""
     stop = asyncio.Event()
-    alerts: list[tuple[str, dict[str, Any]]] = []
-    supervisor = Supervisor(
-        stop, lambda kind, data: alerts.append((kind, data)), threshold=3, base=0.001, cap=0.002
-    )
+    alerts: list[Event] = []
+    supervisor = Supervisor(stop, alerts.append, threshold=3, base=0.001, cap=0.002)
     calls = 0
     healthy = asyncio.Event()
 
@@ -46,11 +44,11 @@ async def test_a_background_task_failing_every_time_opens_its_breaker_and_alerts
     assert healthy.is_set()
     assert supervisor.breakers["snapshots"].state is BreakerState.CLOSED
     # The first failure and the breaker opening are news; the retry in between is not.
-    messages = [data["message"] for kind, data in alerts if kind == "error"]
+    messages = [data.message for data in alerts if isinstance(data, ErrorRaised)]
     assert len(messages) == 2
     assert "retrying, trading goes on" in messages[0]
     assert "failed 3 times in a row" in messages[1]
-    assert all(data["component"] == "retrain" for _, data in alerts)
+    assert all(isinstance(data, ErrorRaised) and data.component == "retrain" for data in alerts)
 
 
 async def test_snapshots_failing_in_sim_do_not_stop_trading(
@@ -64,8 +62,10 @@ async def test_snapshots_failing_in_sim_do_not_stop_trading(
     state.write_text("not a directory")
     running = await start_daemon(tmp_path)
     daemon = running.daemon
-    alerts: list[dict[str, Any]] = []
-    daemon.notifiers.append(lambda kind, data: alerts.append(data) if kind == "error" else None)
+    alerts: list[ErrorRaised] = []
+    daemon.notifiers.append(
+        lambda data: alerts.append(data) if isinstance(data, ErrorRaised) else None
+    )
     daemon.supervisor.breakers["snapshots"].reset_after = 60.0
     trades_before = len(running.engine.portfolio.closed)
 
@@ -77,6 +77,6 @@ async def test_snapshots_failing_in_sim_do_not_stop_trading(
     await eventually(lambda: running.engine.candles > candles + 100, timeout=10)
     summary = await stop_daemon(running)
 
-    assert [a["component"] for a in alerts][-1] == "snapshots"
-    assert "trading goes on" in alerts[-1]["message"]
+    assert [a.component for a in alerts][-1] == "snapshots"
+    assert "trading goes on" in alerts[-1].message
     assert summary["n_trades"] > 0

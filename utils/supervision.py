@@ -18,11 +18,11 @@ from typing import Any
 import structlog
 
 from error_handler import BotError, BreakerState, CircuitBreaker
+from models import ErrorRaised, EventSink
 from utils.utilities import supervised_loop
 
 
 log = structlog.get_logger(__name__)
-Alert = Callable[[str, dict[str, Any]], None]
 
 
 class Supervisor:
@@ -30,7 +30,7 @@ class Supervisor:
 
     Args:
         stop: set when the run ends; every loop returns then.
-        alert: the daemon's alert bus (`alert(kind, data)`).
+        alert: the daemon's alert bus; failures go out as `ErrorRaised`.
         threshold: consecutive failures that open a component's breaker.
         reset_after: seconds an open breaker rests before a probe.
         base: first backoff delay in seconds (doubling, full jitter).
@@ -40,7 +40,7 @@ class Supervisor:
     def __init__(
         self,
         stop: asyncio.Event,
-        alert: Alert,
+        alert: EventSink,
         *,
         threshold: int = 3,
         reset_after: float = 300.0,
@@ -93,7 +93,7 @@ class Supervisor:
             return
         self._quiet.add(name)
         log.warning("background_failed", component=name, breaker=str(breaker.state))
-        self._alert("error", {"message": text, "component": name, "breaker": str(breaker.state)})
+        self._alert(ErrorRaised(text, component=name, breaker=str(breaker.state)))
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Return each component's breaker state and consecutive failures."""

@@ -1,0 +1,166 @@
+"""The typed alert bus: each event reaches the notifiers and becomes the operator's message."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import get_args
+
+import pytest
+
+from config import load_settings
+from daemon_operator import TelegramNotifier
+from models import (
+    ClosedTrade,
+    ErrorRaised,
+    Event,
+    Fill,
+    Liquidity,
+    OrderRefused,
+    PositionSide,
+    RiskReset,
+    Side,
+    StopHit,
+    TradeClosed,
+    TradeOpened,
+    TradingState,
+    TradingStateChanged,
+)
+from runner import Daemon
+from telegram_templates import Alert, circuit_breaker, order_filled, render_event, trade_closed
+from tests.test_backtest_support import cli_args
+
+
+TS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+DAY = 86_400_000
+FILL = Fill(
+    "o1", "c1", Side.BUY, Decimal("0.5"), Decimal("65000.5"), Decimal("0.01"), "USDT",
+    Liquidity.TAKER, TS, "BTC/USDT",
+)  # fmt: skip
+TRADE = ClosedTrade(
+    "ETH/USDT", PositionSide.LONG, TS, TS + 3_900_000, 2000.0, 2100.0, 1.0, 0.5, 99.5, "tp"
+)
+HALTED = TradingStateChanged(
+    ts=TS,
+    from_state=TradingState.NORMAL,
+    to_state=TradingState.HALTED,
+    trigger="daily_loss",
+    reason="daily loss 4.00% >= 3.00% (day start 10000.00, equity 9600.00)",
+    resume_at=TS + DAY,
+    equity=9_600.0,
+    peak_equity=10_000.0,
+    drawdown=0.0,
+    day_start_equity=10_000.0,
+    day_loss=0.04,
+    consecutive_losses=0,
+    limit=0.03,
+)
+RECOVERED = TradingStateChanged(
+    ts=TS + DAY,
+    from_state=TradingState.HALTED,
+    to_state=TradingState.NORMAL,
+    trigger="recovered",
+    reason="every breaker closed",
+    resume_at=None,
+    equity=9_700.0,
+    peak_equity=10_000.0,
+    drawdown=0.03,
+    day_start_equity=9_700.0,
+    day_loss=0.0,
+    consecutive_losses=0,
+)
+
+# Each event with the alert the operator got for it before the events were typed.
+EXPECTED: list[tuple[Event, Alert]] = [
+    (TradeOpened(FILL), order_filled(FILL)),
+    (TradeClosed(TRADE), trade_closed(TRADE)),
+    (
+        HALTED,
+        circuit_breaker(
+            "daily_loss",
+            value=0.04,
+            limit=0.03,
+            state="halted",
+            until_ts=TS + DAY,
+            detail=HALTED.reason,
+        ),
+    ),
+    (
+        RECOVERED,
+        circuit_breaker(
+            "recovered", value=0.03, limit=0.0, state="normal", detail="every breaker closed"
+        ),
+    ),
+    (
+        StopHit("BTC/USDT", Decimal("63650.50")),
+        Alert("stop hit on BTC/USDT at 63650.50", "stop"),
+    ),
+    (
+        OrderRefused("ETH/USDT", "qty 0.001 < min 0.01"),
+        Alert("order rejected on ETH/USDT: qty 0.001 &lt; min 0.01", "rejected"),
+    ),
+    (
+        RiskReset("telegram user 1", TradingState.FLATTEN, TradingState.NORMAL, ("a", "b")),
+        Alert("risk reset by telegram user 1: flatten -&gt; normal (latched before: a, b)", "risk"),
+    ),
+    (
+        RiskReset("web", TradingState.REDUCING, TradingState.NORMAL),
+        Alert("risk reset by web: reducing -&gt; normal (latched before: none)", "risk"),
+    ),
+    (
+        ErrorRaised("order failed: timed out", pair="BTC/USDT"),
+        Alert(
+            "⚠️ <b>error</b> in BTC/USDT\norder failed: timed out", "error", "error:BTC/USDT:error"
+        ),
+    ),
+    (
+        ErrorRaised("snapshots failed (disk full)", component="snapshots", breaker="open"),
+        Alert("⚠️ <b>error</b>\nsnapshots failed (disk full)", "error", "error::error"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("event", "alert"), EXPECTED)
+def test_each_event_renders_the_operators_message(event: Event, alert: Alert) -> None:
+    """render_event gives each event the text, category and coalescing key it always had."""
+    assert render_event(event) == alert
+
+
+def test_every_event_type_has_a_rendering_case() -> None:
+    """The table above covers every member of the Event union."""
+    assert {type(event) for event, _ in EXPECTED} == set(get_args(Event))
+
+
+def test_the_halted_alert_shows_the_numbers_and_the_resume_time() -> None:
+    """The breaker alert carries the trigger, value, limit, rung and when trading resumes."""
+    assert render_event(HALTED).text.splitlines()[:3] == [
+        "⛔ <b>Circuit breaker: daily_loss</b>",
+        "value 4.00% ≥ limit 3.00%",
+        "trading → <b>halted</b> until 2023-11-15 22:13 UTC",
+    ]
+
+
+class _Bot:
+    """Record what the notifier hands the Telegram bot."""
+
+    def __init__(self) -> None:
+        self.sent: list[Alert] = []
+
+    def notify(self, alert: Alert) -> None:
+        self.sent.append(alert)
+
+
+def test_daemon_routes_events_to_every_notifier_past_a_failing_one() -> None:
+    """Daemon.alert hands each event to all notifiers; one that raises does not stop the rest."""
+    daemon = Daemon(cli_args("--mode", "sim", "--feed", "replay"), load_settings(env_file=None))
+    daemon.audit.close()
+    bot = _Bot()
+    seen: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise ConnectionError("telegram down")
+
+    daemon.notifiers.extend([broken, TelegramNotifier(bot), seen.append])
+    event = StopHit("BTC/USDT", Decimal("63650.5"))
+    daemon.alert(event)
+    assert seen == [event]
+    assert bot.sent == [Alert("stop hit on BTC/USDT at 63650.5", "stop")]
