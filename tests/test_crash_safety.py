@@ -32,7 +32,7 @@ import pytest
 
 from models import split_attempt
 from tests.bybit_emulator import BybitEmulator
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT
 from trade_store import JournalState, TradeStore
 
 
@@ -201,10 +201,14 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
         emu.fault_paths = ("/v5/order/create", "/v5/order/cancel")
         emu.fault_rates = {"timeout_after": 0.1, "malformed": 0.06}
 
+        moving = asyncio.Event()
+        moving.set()
+
         async def market() -> None:
             while True:
                 await asyncio.sleep(0.25)
-                await emu.advance(minutes=1)
+                if moving.is_set():
+                    await emu.advance(minutes=1)
 
         ticker = asyncio.create_task(market())
         kills: Counter[str] = Counter()
@@ -231,17 +235,17 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
             proc = await _start(env, "--summary-json", str(summary_path))
             assert await _until_started(proc, timeout=60)
             drain = asyncio.create_task(_drain(proc))
-            # Stop while a position is held (so its stop must survive the stop), or after
-            # 40 s of trading whatever is held.
-            with contextlib.suppress(AssertionError):
-                await eventually(
-                    lambda: emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu),
-                    timeout=40,
-                    interval=0.1,
-                )
-            await asyncio.sleep(0.3)
+            # Stop while a position is held (so its stop must survive the stop): trade a
+            # moment, hold the market still, let in-flight orders settle, and look; up to
+            # 30 tries, then stop with whatever is held.
+            for _ in range(30):
+                moving.set()
+                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                moving.clear()
+                await asyncio.sleep(1.0)
+                if emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu):
+                    break
             ticker.cancel()
-            await asyncio.sleep(1.0)  # let in-flight orders settle before stopping
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
             drain.cancel()
