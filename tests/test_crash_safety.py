@@ -188,6 +188,52 @@ def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
     return {"entries": len(entries), "stops": len(intervals)}
 
 
+async def _kill_many(emu: BybitEmulator, env: dict[str, str], rng: random.Random) -> Counter[str]:
+    """Start and SIGKILL the daemon KILLS times; return where the kills landed."""
+    kills: Counter[str] = Counter()
+    for n in range(KILLS):
+        proc = await _start(env)
+        if n % 5 == 0:
+            # Every fifth kill lands anywhere in start-up: imports, markets, warm-up,
+            # reconciliation.
+            await asyncio.sleep(rng.uniform(0.2, 4.0))
+            kills["start-up"] += 1
+        else:
+            await _until_started(proc, timeout=60)
+            drain = asyncio.create_task(_drain(proc))
+            kills[await _kill_while_trading(proc, emu, rng)] += 1
+            drain.cancel()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    return kills
+
+
+async def _final_run(
+    emu: BybitEmulator,
+    env: dict[str, str],
+    rng: random.Random,
+    moving: asyncio.Event,
+    summary_path: Path,
+) -> None:
+    """Run once more and stop with SIGTERM, while a position and its stop are held."""
+    proc = await _start(env, "--summary-json", str(summary_path))
+    assert await _until_started(proc, timeout=60)
+    drain = asyncio.create_task(_drain(proc))
+    # Trade a moment, hold the market still, let in-flight orders settle, and look; up to
+    # 30 tries, then stop with whatever is held.
+    for _ in range(30):
+        moving.set()
+        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        moving.clear()
+        await asyncio.sleep(1.0)
+        if emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    drain.cancel()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
@@ -211,44 +257,13 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
                     await emu.advance(minutes=1)
 
         ticker = asyncio.create_task(market())
-        kills: Counter[str] = Counter()
+        summary_path = tmp_path / "final.json"
         try:
-            for n in range(KILLS):
-                proc = await _start(env)
-                if n % 5 == 0:
-                    # Every fifth kill lands anywhere in start-up: imports, markets,
-                    # warm-up, reconciliation.
-                    await asyncio.sleep(rng.uniform(0.2, 4.0))
-                    kills["start-up"] += 1
-                else:
-                    await _until_started(proc, timeout=60)
-                    drain = asyncio.create_task(_drain(proc))
-                    kills[await _kill_while_trading(proc, emu, rng)] += 1
-                    drain.cancel()
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGKILL)
-                await proc.wait()
+            kills = await _kill_many(emu, env, rng)
             # The last run: reconcile what the kills left, trade a little without faults,
             # stop cleanly with SIGTERM.
             emu.clear_faults()
-            summary_path = tmp_path / "final.json"
-            proc = await _start(env, "--summary-json", str(summary_path))
-            assert await _until_started(proc, timeout=60)
-            drain = asyncio.create_task(_drain(proc))
-            # Stop while a position is held (so its stop must survive the stop): trade a
-            # moment, hold the market still, let in-flight orders settle, and look; up to
-            # 30 tries, then stop with whatever is held.
-            for _ in range(30):
-                moving.set()
-                await asyncio.sleep(rng.uniform(0.3, 1.5))
-                moving.clear()
-                await asyncio.sleep(1.0)
-                if emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu):
-                    break
-            ticker.cancel()
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 30) == 0
-            drain.cancel()
+            await _final_run(emu, env, rng, moving, summary_path)
         finally:
             ticker.cancel()
 
