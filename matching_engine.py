@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
@@ -64,6 +64,9 @@ from utils.utilities import ReplayClock, timeframe_to_ms
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+# Where fills go: the engine's fill entry point, the one the live private stream's fills
+# reach too (`pipeline.Engine.on_fill`).
+FillSink = Callable[[Order, Fill], Awaitable[None]]
 _BPS = Decimal(10_000)
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
@@ -127,9 +130,11 @@ class _Intrabar:
 class SimulatedExchange:
     """Paper matching engine with the live exchange's order methods.
 
-    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` behave like
-    `exchange.Exchange`'s; fills are produced by `on_candle` (and `on_order_book`), which the
-    pipeline calls for every closed candle, and handed to the executor like stream fills.
+    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
+    behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills are produced
+    when a closed candle is matched (`match`, which the replay driver calls before the
+    engine takes the candle) and delivered to the fill sink (`deliver_to`), as the private
+    stream delivers the live exchange's; `on_candle` returns them instead.
     """
 
     def __init__(
@@ -166,6 +171,20 @@ class SimulatedExchange:
         self._steps: dict[str, int] = {}
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
+        self._sink: FillSink | None = None
+
+    def deliver_to(self, sink: FillSink) -> None:
+        """Send every fill from now on to `sink` (the engine's fill entry point)."""
+        self._sink = sink
+
+    async def _deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        if not fills:
+            return
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
+        for order, fill in fills:
+            await sink(order, fill)
 
     def _now(self) -> int:
         return int(self._clock.now_ms())  # type: ignore[union-attr]
@@ -228,6 +247,11 @@ class SimulatedExchange:
         order = self._find(client_order_id, exchange_order_id)
         return order if order is not None and order.pair == pair else None
 
+    async def deliver_fills(self, pair: str) -> None:
+        """With `fill_at="close"`, fill the pair's working market orders now and deliver them."""
+        if self.fill_at == "close":
+            await self._deliver(self.fill_now(pair))
+
     def has_working(self, pair: str) -> bool:
         """Return True if any order on `pair` is still working."""
         return bool(self._open.get(pair))
@@ -263,6 +287,10 @@ class SimulatedExchange:
         if step is None:
             step = self._steps[timeframe] = timeframe_to_ms(timeframe)
         return step
+
+    async def match(self, candle: Candle) -> None:
+        """Match the pair's working orders against a closed candle; deliver the fills."""
+        await self._deliver(self.on_candle(candle))
 
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
         """Match the pair's working orders against a closed candle; return the fills."""

@@ -51,9 +51,6 @@ from utils.utilities import AuditTrail, Clock, timeframe_to_ms
 
 log = structlog.get_logger(__name__)
 
-# Fills produced when a candle closes (the simulated exchange); live mode has none here,
-# its fills arrive from the private stream and go straight to `Engine.on_fill`.
-CandleMatcher = Callable[[Candle], list[tuple[Order, Fill]]]
 Alert = Callable[[str, dict[str, Any]], None]
 
 
@@ -262,8 +259,6 @@ class Engine:
         portfolio: Portfolio,
         market_for: Callable[[str], Market],
         audit: AuditTrail,
-        matcher: CandleMatcher | None = None,
-        fill_now: Callable[[str], list[tuple[Order, Fill]]] | None = None,
         alert: Alert | None = None,
         stop_event: asyncio.Event | None = None,
         signals: SignalSource | None = None,
@@ -284,8 +279,6 @@ class Engine:
         self.portfolio = portfolio
         self.market_for = market_for
         self.audit = audit
-        self.matcher = matcher
-        self.fill_now = fill_now
         self.alert = alert or (lambda kind, data: None)
         self.stop_event = stop_event or asyncio.Event()
         self.state = BotState.STARTING
@@ -315,9 +308,6 @@ class Engine:
         self.reconcile_report = ""
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
-        self._quiet: PrecomputedSignals | None = None
-        self.quiet_runs = False
-        self._has_working: Callable[[str], bool] = lambda pair: True
         self.model_threshold = 0.5
         # Awaited after anything that may change the risk state (a candle, a closed trade,
         # an operator command) when the daemon persists it; None (backtests): no cost.
@@ -353,25 +343,25 @@ class Engine:
         """Process one closed candle through the whole pipeline, in order.
 
         `received` (a `time.perf_counter()` reading taken when the feed handed the candle
-        over) lets the engine measure decision latency: candle in, order out.
+        over) lets the engine measure decision latency: candle in, order out. The same as
+        `admit` then `process`; a simulated exchange's driver matches the candle between
+        the two, as the venue would have by the time the candle closed.
         """
-        quiet = self._quiet
-        if quiet is not None and not quiet.has_flags(candle) and not self._has_working(candle.pair):
-            self._on_quiet_candle(candle)
-            return
+        if self.admit(candle, received):
+            await self.process(candle)
+
+    def admit(self, candle: Candle, received: float | None = None) -> bool:
+        """Take a closed candle into the data window and the run's counters; False if refused."""
         if not self.data.on_candle(candle):
-            return
+            return False
         self._received = received
         self._started = time.perf_counter()
+        self._note(candle)
+        return True
+
+    async def process(self, candle: Candle) -> None:
+        """Run an admitted candle through marks, stops, equity, risk and the decision."""
         pair = candle.pair
-        self.candles += 1
-        if self.first_ts is None:
-            self.first_ts = candle.ts
-        self.last_ts = candle.ts
-        self.last_close[pair] = candle.close
-        self.last_candle_ts[pair] = candle.ts
-        if self.matcher is not None:
-            await self._apply_matches(self.matcher, candle)
         portfolio = self.portfolio
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
@@ -390,10 +380,43 @@ class Engine:
         if self.risk_saver is not None:
             await self.risk_saver()  # after the decision: never on its latency
 
-    async def _apply_matches(self, matcher: CandleMatcher, candle: Candle) -> None:
-        # The simulated venue's fills on this candle, each through the fill path.
-        for order, fill in matcher(candle):
-            await self.on_fill(order, fill)
+    def _note(self, candle: Candle, count: int = 1, first_ts: int | None = None) -> None:
+        # The run's counters for `count` candles ending with `candle` (first opened at
+        # `first_ts`): the same for a candle through the pipeline and a quiet one.
+        self.candles += count
+        if self.first_ts is None:
+            self.first_ts = candle.ts if first_ts is None else first_ts
+        self.last_ts = candle.ts
+        self.last_close[candle.pair] = candle.close
+        self.last_candle_ts[candle.pair] = candle.ts
+
+    @property
+    def quiet_exact(self) -> bool:
+        """Return True when a candle with no signal and no working order changes nothing else.
+
+        Under the `all_in` profile without a model no risk state, stop or data window is
+        read on such a candle: only the marks and the equity curve move, which
+        `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
+        """
+        return self.risk.all_in and not self.predictors
+
+    def on_quiet_candle(self, candle: Candle) -> None:
+        """Apply a candle on which nothing but the mark and the equity curve can change."""
+        self._note(candle)
+        portfolio = self.portfolio
+        if portfolio.has_position(candle.pair):
+            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+        portfolio.record_equity(candle.ts + self.step)
+
+    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
+        """Apply consecutive quiet candles of one pair at once (see `on_quiet_candle`).
+
+        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
+        close time and close price.
+        """
+        if close_ts:
+            self._note(last, len(close_ts), close_ts[0] - self.step)
+            self.portfolio.record_equity_run(last.pair, close_ts, closes)
 
     async def _trip_flatten(self) -> None:
         # The circuit breaker says flatten: the latch is stored before the exits go out.
@@ -412,101 +435,6 @@ class Engine:
         signal = self._safe_signal(candle)
         if signal is not None:
             await self._decide(signal, candle, now)
-
-    def enable_quiet_path(
-        self, signals: PrecomputedSignals, has_working: Callable[[str], bool]
-    ) -> None:
-        """Let backtests skip the full pipeline on candles where nothing can happen.
-
-        Only under the `all_in` profile with precomputed signals and no model: there a
-        candle with no signal, no position and no working order on its pair changes nothing
-        but the equity curve (no risk state, no stops, no data window is read), so it
-        takes a short path. The same trades and curve come out (a test compares both).
-        """
-        if not self.risk.all_in or self.predictors:
-            raise ValueError("the quiet path is exact only under all_in without a model")
-        self._quiet = signals
-        self._has_working = has_working
-        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
-
-    def _on_quiet_candle(self, candle: Candle) -> None:
-        self.candles += 1
-        if self.first_ts is None:
-            self.first_ts = candle.ts
-        self.last_ts = candle.ts
-        self.last_close[candle.pair] = candle.close
-        self.last_candle_ts[candle.pair] = candle.ts
-        if self.matcher is not None:
-            self.matcher(candle)  # nothing works on this pair: it only remembers the bar
-        portfolio = self.portfolio
-        if portfolio.has_position(candle.pair):
-            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
-        portfolio.record_equity(candle.ts + self.step)
-
-    async def replay_in_runs(self, feed: Any, stop: asyncio.Event) -> bool:
-        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
-
-        With the quiet path on, the candles between two that carry a signal change nothing
-        but the equity curve and the marks while no order works, so they are applied in one
-        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
-        one arriving while an order works, takes the whole pipeline. The trades and the
-        equity curve are those of the per-candle path (a test compares all three).
-        """
-        quiet = self._quiet
-        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
-        if quiet is None or single is None:
-            return False
-        pair, ts, ohlcv = single
-        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
-        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
-        is_flagged = np.zeros(len(ts), dtype=bool)
-        is_flagged[flagged] = True
-        has_working, on_candle = self._has_working, self.on_candle
-        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
-        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
-        n, i, next_yield = len(ts), 0, feed.yield_every
-        while i < n and not stop.is_set():
-            if is_flagged[i] or has_working(pair):
-                if close_ts[i] > clock.now_ms():
-                    clock.set(close_ts[i])
-                o, h, lo, c, v = ohlcv[i].tolist()
-                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
-                i += 1
-            else:
-                at = int(np.searchsorted(flagged, i))
-                end = int(flagged[at]) if at < len(flagged) else n
-                if close_ts[end - 1] > clock.now_ms():
-                    clock.set(close_ts[end - 1])
-                o, h, lo, c, v = ohlcv[end - 1].tolist()
-                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
-                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
-                i = end
-            if i >= next_yield:
-                feed.advance_to(i)
-                next_yield = i + feed.yield_every
-                await asyncio.sleep(0)
-        feed.advance_to(i, done=True)
-        return True
-
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once (see `_on_quiet_candle`).
-
-        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
-        close time and close price.
-        """
-        n = len(close_ts)
-        if n == 0:
-            return
-        pair = last.pair
-        self.candles += n
-        if self.first_ts is None:
-            self.first_ts = close_ts[0] - self.step
-        self.last_ts = last.ts
-        self.last_close[pair] = last.close
-        self.last_candle_ts[pair] = last.ts
-        if self.matcher is not None:
-            self.matcher(last)  # nothing works on this pair: it only remembers the last bar
-        self.portfolio.record_equity_run(pair, close_ts, closes)
 
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""
@@ -593,9 +521,8 @@ class Engine:
             done = time.perf_counter()
             self.decision_latency_ms.append((done - self._received) * 1000)
             self.decision_service_ms.append((done - self._started) * 1000)
-        if order.status is not OrderStatus.REJECTED and self.fill_now is not None:
-            for filled, fill in self.fill_now(signal.pair):
-                await self.on_fill(filled, fill)
+        if order.status is not OrderStatus.REJECTED:
+            await self.executor.deliver_fills(signal.pair)
 
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
@@ -784,9 +711,7 @@ class Engine:
             reason=reason,
         )
         order = await self.executor.submit(intent, last_price=self.price(pair))
-        if self.fill_now is not None:
-            for filled, fill in self.fill_now(pair):
-                await self.on_fill(filled, fill)
+        await self.executor.deliver_fills(pair)
         return order
 
     # -- Operator façade (models.Control) ----------------------------------------------------
