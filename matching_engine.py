@@ -203,7 +203,7 @@ class SimulatedExchange:
         return market
 
     async def create_order(self, intent: OrderIntent) -> Order:
-        """Accept an order; it fills on later candles (or now, with `fill_at="close"`)."""
+        """Accept an order; it fills on later candles (`fill_at="close"`: at `deliver_fills`)."""
         if intent.client_order_id in self._orders:
             raise OrderRejected(
                 "duplicate client order id", pair=intent.pair, order_id=intent.client_order_id
