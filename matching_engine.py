@@ -132,9 +132,9 @@ class SimulatedExchange:
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
     behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills are produced
-    when a closed candle is matched (`match`, which the replay driver calls before the
-    engine takes the candle) and delivered to the fill sink (`deliver_to`), as the private
-    stream delivers the live exchange's; `on_candle` returns them instead.
+    when a closed candle is matched (`on_candle`, which the replay driver calls before the
+    engine processes the candle) and delivered to the fill sink (`deliver_to`; `match`
+    does both), as the private stream delivers the live exchange's.
     """
 
     def __init__(
@@ -177,9 +177,8 @@ class SimulatedExchange:
         """Send every fill from now on to `sink` (the engine's fill entry point)."""
         self._sink = sink
 
-    async def _deliver(self, fills: list[tuple[Order, Fill]]) -> None:
-        if not fills:
-            return
+    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        """Hand `fills` (from `on_candle`) to the sink, in order."""
         sink = self._sink
         if sink is None:
             raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
@@ -250,7 +249,9 @@ class SimulatedExchange:
     async def deliver_fills(self, pair: str) -> None:
         """With `fill_at="close"`, fill the pair's working market orders now and deliver them."""
         if self.fill_at == "close":
-            await self._deliver(self.fill_now(pair))
+            fills = self.fill_now(pair)
+            if fills:
+                await self.deliver(fills)
 
     def has_working(self, pair: str) -> bool:
         """Return True if any order on `pair` is still working."""
@@ -290,7 +291,9 @@ class SimulatedExchange:
 
     async def match(self, candle: Candle) -> None:
         """Match the pair's working orders against a closed candle; deliver the fills."""
-        await self._deliver(self.on_candle(candle))
+        fills = self.on_candle(candle)
+        if fills:
+            await self.deliver(fills)
 
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
         """Match the pair's working orders against a closed candle; return the fills."""

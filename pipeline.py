@@ -621,7 +621,13 @@ class Engine(EngineControl):
             return False
         self._received = received
         self._started = time.perf_counter()
-        self._note(candle)
+        # `_note(candle)`, inlined: this runs on every candle.
+        self.candles += 1
+        if self.first_ts is None:
+            self.first_ts = candle.ts
+        self.last_ts = candle.ts
+        self.last_close[candle.pair] = candle.close
+        self.last_candle_ts[candle.pair] = candle.ts
         return True
 
     async def process(self, candle: Candle) -> None:

@@ -205,6 +205,8 @@ class SimDriver:
     def __init__(self, engine: CandleSteps, sim: SimulatedExchange) -> None:
         self.engine = engine
         self.sim = sim
+        # Bound once: they run on every candle.
+        self._admit, self._process, self._match = engine.admit, engine.process, sim.on_candle
         self._quiet: QuietSignals | None = None
         self.quiet_runs = False
 
@@ -222,15 +224,20 @@ class SimDriver:
 
     async def on_candle(self, candle: Candle, received: float | None = None) -> None:
         """Match `candle` on the simulated exchange and run it through the engine."""
-        quiet, sim = self._quiet, self.sim
-        if quiet is not None and not quiet.has_flags(candle) and not sim.has_working(candle.pair):
-            sim.on_candle(candle)  # nothing works on this pair: it only remembers the bar
+        quiet = self._quiet
+        if (
+            quiet is not None
+            and not quiet.has_flags(candle)
+            and not self.sim.has_working(candle.pair)
+        ):
+            self._match(candle)  # nothing works on this pair: it only remembers the bar
             self.engine.on_quiet_candle(candle)
             return
-        engine = self.engine
-        if engine.admit(candle, received):
-            await sim.match(candle)
-            await engine.process(candle)
+        if self._admit(candle, received):
+            fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
+            if fills:
+                await self.sim.deliver(fills)
+            await self._process(candle)
 
     def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
         """Apply consecutive quiet candles of one pair at once; `last` is the stretch's last."""
