@@ -292,6 +292,9 @@ class ExchangeOrders(ExchangeBase):
         rows = await self._orders("fetch_open_orders", pair, None)
         return sorted(rows, key=lambda o: o.ts_created)
 
+    async def deliver_fills(self, pair: str) -> None:
+        """Nothing to hand over: Bybit's fills arrive by the private stream (and its sweeps)."""
+
     async def fetch_closed_orders(
         self, pair: str | None = None, since: int | None = None
     ) -> list[Order]:

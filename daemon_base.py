@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from models import Candle, Event, EventSink
     from pipeline import Engine
     from strategy import Strategy
-    from trade_simulator import ReplayFeed, SimulatedExchange
+    from trade_simulator import ReplayFeed, SimDriver, SimulatedExchange
     from utils.supervision import Supervisor
     from utils.utilities import AuditTrail
 
@@ -39,6 +39,7 @@ class DaemonBase:
     audit: AuditTrail
     engine: Engine | None
     sim: SimulatedExchange | None
+    driver: SimDriver | None
     exchange: Any
     replay: ReplayFeed | None
     frames: dict[str, Any]

@@ -27,7 +27,7 @@ from reward_system import RewardSystem
 from risk_management import RiskManager
 from strategy import Strategy, load_strategy
 from trade_executor import TradeExecutor
-from trade_simulator import ReplayFeed, SimulatedExchange
+from trade_simulator import ReplayFeed, SimDriver, SimulatedExchange
 from utils.utilities import (
     ReplayClock,
     parse_timerange,
@@ -115,15 +115,21 @@ class DaemonBuild(DaemonBase):
             strategy=strategy,
             gateway=sim,
             market_for=lambda pair: sim.markets[pair],
-            matcher=sim.on_candle,
-            fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
             cash=Decimal(str(s.simulation.starting_balance)),
             # Backtests read the strategy's columns computed once over the archive; sim
             # runs it on the rolling window at each candle, exactly as live trading does.
             signals=signals,
         )
-        if signals is not None and self.engine.risk.all_in and not s.learning.enabled:
-            self.engine.enable_quiet_path(signals, sim.has_working)
+        self.driver = self._drive(sim, self.engine)
+        if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
+            self.driver.enable_quiet_path(signals)
+
+    @staticmethod
+    def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
+        # The simulated exchange's fills reach the engine where the private stream's
+        # fills reach it; its driver matches each candle before the engine processes it.
+        sim.deliver_to(engine.on_fill)
+        return SimDriver(engine, sim)
 
     def _simulated_exchange(
         self, clock: Any, markets: dict[str, Market] | None = None
@@ -148,8 +154,6 @@ class DaemonBuild(DaemonBase):
         gateway: Any,
         market_for: Callable[[str], Market],
         cash: Decimal,
-        matcher: Any = None,
-        fill_now: Any = None,
         signals: Any = None,
         store: Any = None,
         data: DataManager | None = None,
@@ -191,8 +195,6 @@ class DaemonBuild(DaemonBase):
             portfolio=portfolio,
             market_for=market_for,
             audit=self.audit,
-            matcher=matcher,
-            fill_now=fill_now,
             alert=self.alert,
             stop_event=self.stop,
             signals=signals,
@@ -245,12 +247,11 @@ class DaemonBuild(DaemonBase):
                 strategy=strategy,
                 gateway=sim,
                 market_for=exchange.market,
-                matcher=sim.on_candle,
-                fill_now=sim.fill_now if s.simulation.fill_at == "close" else None,
                 cash=Decimal(str(s.simulation.starting_balance)),
                 data=data,
                 max_lag_ms=step,
             )
+            self.driver = self._drive(sim, self.engine)
             self.engine.set_pairs(pairs)
             self.engine.extra_status = self._exchange_status
             await self._restore_risk_state()

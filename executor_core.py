@@ -75,6 +75,14 @@ class OrderGateway(Protocol):
         """Return working orders."""
         ...
 
+    async def deliver_fills(self, pair: str) -> None:
+        """Hand the fills the venue already has for `pair`'s orders to its fill sink.
+
+        The live exchange has none to hand (its fills come by the private stream); the
+        simulated one, filling market orders at the last close, delivers them here.
+        """
+        ...
+
 
 class OrderJournal(Protocol):
     """The durable trade store, as the executor uses it."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
@@ -64,6 +64,9 @@ from utils.utilities import ReplayClock, timeframe_to_ms
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+# Where fills go: the engine's fill entry point, the one the live private stream's fills
+# reach too (`pipeline.Engine.on_fill`).
+FillSink = Callable[[Order, Fill], Awaitable[None]]
 _BPS = Decimal(10_000)
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
@@ -123,13 +126,73 @@ class _Intrabar:
     timeframe: str
     step: int
 
+    def bars(self, candle: Candle, step: int) -> Iterable[tuple[Candle, int]]:
+        """Return the finer (bar, step) pairs inside `candle`, or `candle` itself if none."""
+        if self.step >= step:
+            return ((candle, step),)
+        lo = int(np.searchsorted(self.ts, candle.ts, side="left"))
+        hi = int(np.searchsorted(self.ts, candle.ts + step, side="left"))
+        if hi <= lo:
+            return ((candle, step),)
+        return (
+            (
+                Candle(candle.pair, self.timeframe, int(self.ts[i]), *_ohlcv(self.values[i])),
+                self.step,
+            )
+            for i in range(lo, hi)
+        )
+
+
+class _BookDepth:
+    """The latest book per pair, less what market orders have taken from it since."""
+
+    def __init__(self) -> None:
+        self.books: dict[str, OrderBook] = {}
+        self._taken: dict[str, dict[tuple[Side, float], Decimal]] = {}
+
+    def show(self, book: OrderBook) -> None:
+        """Take a new book for its pair: its depth is whole again."""
+        self.books[book.pair] = book
+        self._taken[book.pair] = {}
+
+    def levels(self, book: OrderBook, side: Side) -> list[tuple[Decimal, Decimal]]:
+        """Return the book side a taker on `side` hits, less what earlier fills took."""
+        taken = self._taken.setdefault(book.pair, {})
+        out = []
+        for price, size in book.asks if side is Side.BUY else book.bids:
+            left = Decimal(str(size)) - taken.get((side, price), ZERO)
+            if left > 0:
+                out.append((Decimal(str(price)), left))
+        return out
+
+    def take(self, pair: str, side: Side, qty: Decimal) -> Decimal:
+        """Consume `qty` from `pair`'s book for a taker on `side`; return the average price."""
+        book = self.books[pair]
+        taken = self._taken.setdefault(book.pair, {})
+        remaining = qty
+        cost = ZERO
+        for price, size in book.asks if side is Side.BUY else book.bids:
+            key = (side, price)
+            left = Decimal(str(size)) - taken.get(key, ZERO)
+            if left <= 0:
+                continue
+            take = min(remaining, left)
+            taken[key] = taken.get(key, ZERO) + take
+            cost += take * Decimal(str(price))
+            remaining -= take
+            if remaining <= 0:
+                break
+        return cost / qty
+
 
 class SimulatedExchange:
     """Paper matching engine with the live exchange's order methods.
 
-    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` behave like
-    `exchange.Exchange`'s; fills are produced by `on_candle` (and `on_order_book`), which the
-    pipeline calls for every closed candle, and handed to the executor like stream fills.
+    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
+    behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills are produced
+    when a closed candle is matched (`on_candle`, which the replay driver calls before the
+    engine processes the candle) and delivered to the fill sink (`deliver_to`; `match`
+    does both), as the private stream delivers the live exchange's.
     """
 
     def __init__(
@@ -158,14 +221,26 @@ class SimulatedExchange:
         self._open: dict[str, list[str]] = {}
         self._positions: dict[str, Decimal] = {}
         self._last: dict[str, Candle] = {}
-        self._books: dict[str, OrderBook] = {}
-        self._book_taken: dict[str, dict[tuple[Side, float], Decimal]] = {}
+        self._depth = _BookDepth()
         self._quote_amounts: dict[str, Decimal] = {}
         self._triggered: set[str] = set()
         self._intrabar: dict[str, _Intrabar] = {}
         self._steps: dict[str, int] = {}
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
+        self._sink: FillSink | None = None
+
+    def deliver_to(self, sink: FillSink) -> None:
+        """Send every fill from now on to `sink` (the engine's fill entry point)."""
+        self._sink = sink
+
+    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        """Hand `fills` (from `on_candle`) to the sink, in order."""
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
+        for order, fill in fills:
+            await sink(order, fill)
 
     def _now(self) -> int:
         return int(self._clock.now_ms())  # type: ignore[union-attr]
@@ -184,7 +259,7 @@ class SimulatedExchange:
         return market
 
     async def create_order(self, intent: OrderIntent) -> Order:
-        """Accept an order; it fills on later candles (or now, with `fill_at="close"`)."""
+        """Accept an order; it fills on later candles (`fill_at="close"`: at `deliver_fills`)."""
         if intent.client_order_id in self._orders:
             raise OrderRejected(
                 "duplicate client order id", pair=intent.pair, order_id=intent.client_order_id
@@ -228,6 +303,13 @@ class SimulatedExchange:
         order = self._find(client_order_id, exchange_order_id)
         return order if order is not None and order.pair == pair else None
 
+    async def deliver_fills(self, pair: str) -> None:
+        """With `fill_at="close"`, fill the pair's working market orders now and deliver them."""
+        if self.fill_at == "close":
+            fills = self.fill_now(pair)
+            if fills:
+                await self.deliver(fills)
+
     def has_working(self, pair: str) -> bool:
         """Return True if any order on `pair` is still working."""
         return bool(self._open.get(pair))
@@ -249,8 +331,7 @@ class SimulatedExchange:
 
     def on_order_book(self, book: OrderBook) -> None:
         """Remember the pair's latest book; market orders walk it when present."""
-        self._books[book.pair] = book
-        self._book_taken[book.pair] = {}
+        self._depth.show(book)
 
     def set_intrabar(self, pair: str, frame: pd.DataFrame, timeframe: str) -> None:
         """Resolve the pair's bars with finer candles (e.g. 1m inside 1h) from now on."""
@@ -264,6 +345,12 @@ class SimulatedExchange:
             step = self._steps[timeframe] = timeframe_to_ms(timeframe)
         return step
 
+    async def match(self, candle: Candle) -> None:
+        """Match the pair's working orders against a closed candle; deliver the fills."""
+        fills = self.on_candle(candle)
+        if fills:
+            await self.deliver(fills)
+
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
         """Match the pair's working orders against a closed candle; return the fills."""
         pair = candle.pair
@@ -272,26 +359,12 @@ class SimulatedExchange:
         results: list[tuple[Order, Fill]] = []
         if self._open.get(pair):
             step = self._step(candle.timeframe)
-            for bar, bar_step in self._bars(candle, step):
+            fine = self._intrabar.get(pair)
+            bars = ((candle, step),) if fine is None else fine.bars(candle, step)
+            for bar, bar_step in bars:
                 self._match_bar(bar, bar_step, results)
         self._last[pair] = candle
         return results
-
-    def _bars(self, candle: Candle, step: int) -> Iterable[tuple[Candle, int]]:
-        fine = self._intrabar.get(candle.pair)
-        if fine is None or fine.step >= step:
-            return ((candle, step),)
-        lo = int(np.searchsorted(fine.ts, candle.ts, side="left"))
-        hi = int(np.searchsorted(fine.ts, candle.ts + step, side="left"))
-        if hi <= lo:
-            return ((candle, step),)
-        return (
-            (
-                Candle(candle.pair, fine.timeframe, int(fine.ts[i]), *_ohlcv(fine.values[i])),
-                fine.step,
-            )
-            for i in range(lo, hi)
-        )
 
     def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
         working = list(self._open.get(bar.pair, []))
@@ -320,7 +393,7 @@ class SimulatedExchange:
             if qty <= 0:
                 continue
             if levels is not None:
-                price = self._take_book(order, qty)
+                price = self._depth.take(order.pair, order.side, qty)
             if budget is not None:
                 budget -= qty
             results.append(self._fill(order, price, qty, liquidity, bar.ts, complete=complete))
@@ -355,18 +428,18 @@ class SimulatedExchange:
     ) -> tuple[Decimal, Liquidity, list[tuple[Decimal, Decimal]] | None] | None:
         """Return (price, liquidity, book levels to walk or None) if `order` trades in `c`."""
         if order.type is OrderType.MARKET:
-            book = self._books.get(order.pair)
+            book = self._depth.books.get(order.pair)
             if book is not None and self.slippage_model == "book":
-                levels = self._levels(book, order.side)
+                levels = self._depth.levels(book, order.side)
                 if not levels:
                     return None  # the shown depth is used up: wait for the next book
                 return levels[0][0], Liquidity.TAKER, levels
             price = self._slipped(order.side, Decimal(str(c.open)), order.pair)
             return price, Liquidity.TAKER, None
         if order.type is OrderType.STOP_LIMIT and order.client_order_id in self._triggered:
-            return self._match_limit(order, c)
+            return _match_limit(order, c)
         if order.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT):
-            stop_price = self._stop_touched(order, c)
+            stop_price = _stop_touched(order, c)
             if stop_price is None:
                 return None
             if order.type is OrderType.STOP_LIMIT:
@@ -375,39 +448,7 @@ class SimulatedExchange:
                 self._triggered.add(order.client_order_id)
                 return None
             return self._slipped(order.side, stop_price, order.pair), Liquidity.TAKER, None
-        return self._match_limit(order, c)
-
-    @staticmethod
-    def _stop_touched(order: Order, c: Candle) -> Decimal | None:
-        stop = order.stop_price
-        if stop is None:
-            return None
-        o = Decimal(str(c.open))
-        if order.side is Side.SELL:
-            if o <= stop:
-                return o
-            return stop if Decimal(str(c.low)) <= stop else None
-        if o >= stop:
-            return o
-        return stop if Decimal(str(c.high)) >= stop else None
-
-    @staticmethod
-    def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:
-        limit = order.price
-        if limit is None:
-            return None
-        o = Decimal(str(c.open))
-        if order.side is Side.BUY:
-            if o < limit:
-                return o, Liquidity.MAKER, None
-            if Decimal(str(c.low)) < limit:
-                return limit, Liquidity.MAKER, None
-        else:
-            if o > limit:
-                return o, Liquidity.MAKER, None
-            if Decimal(str(c.high)) > limit:
-                return limit, Liquidity.MAKER, None
-        return None
+        return _match_limit(order, c)
 
     def _slipped(self, side: Side, price: Decimal, pair: str) -> Decimal:
         bps = self.slippage_bps
@@ -418,37 +459,6 @@ class SimulatedExchange:
             span = (last.high - last.low) / last.close if last is not None and last.close else 0.0
             bps = max(bps, Decimal(str(span * 1e4 / 2)))
         return slipped_price(side, price, bps)
-
-    # -- Order book --------------------------------------------------------------------------
-
-    def _levels(self, book: OrderBook, side: Side) -> list[tuple[Decimal, Decimal]]:
-        """Return the book side a taker on `side` hits, less what earlier fills took."""
-        taken = self._book_taken.setdefault(book.pair, {})
-        out = []
-        for price, size in book.asks if side is Side.BUY else book.bids:
-            left = Decimal(str(size)) - taken.get((side, price), ZERO)
-            if left > 0:
-                out.append((Decimal(str(price)), left))
-        return out
-
-    def _take_book(self, order: Order, qty: Decimal) -> Decimal:
-        """Consume `qty` from the book for `order`; return the average price paid."""
-        book = self._books[order.pair]
-        taken = self._book_taken.setdefault(book.pair, {})
-        remaining = qty
-        cost = ZERO
-        for price, size in book.asks if order.side is Side.BUY else book.bids:
-            key = (order.side, price)
-            left = Decimal(str(size)) - taken.get(key, ZERO)
-            if left <= 0:
-                continue
-            take = min(remaining, left)
-            taken[key] = taken.get(key, ZERO) + take
-            cost += take * Decimal(str(price))
-            remaining -= take
-            if remaining <= 0:
-                break
-        return cost / qty
 
     # -- Quantities and fills ----------------------------------------------------------------
 
@@ -568,6 +578,38 @@ class SimulatedExchange:
     def orders(self) -> list[Order]:
         """Return every order the engine has seen (for tests and reports)."""
         return list(self._orders.values())
+
+
+def _stop_touched(order: Order, c: Candle) -> Decimal | None:
+    stop = order.stop_price
+    if stop is None:
+        return None
+    o = Decimal(str(c.open))
+    if order.side is Side.SELL:
+        if o <= stop:
+            return o
+        return stop if Decimal(str(c.low)) <= stop else None
+    if o >= stop:
+        return o
+    return stop if Decimal(str(c.high)) >= stop else None
+
+
+def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:
+    limit = order.price
+    if limit is None:
+        return None
+    o = Decimal(str(c.open))
+    if order.side is Side.BUY:
+        if o < limit:
+            return o, Liquidity.MAKER, None
+        if Decimal(str(c.low)) < limit:
+            return limit, Liquidity.MAKER, None
+    else:
+        if o > limit:
+            return o, Liquidity.MAKER, None
+        if Decimal(str(c.high)) > limit:
+            return limit, Liquidity.MAKER, None
+    return None
 
 
 def _ohlcv(row: np.ndarray) -> tuple[float, float, float, float, float]:

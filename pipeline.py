@@ -1,9 +1,12 @@
 """The ordered core: for each closed candle, data -> strategy -> risk -> executor -> reward.
 
 `Engine` runs that sequence for one candle at a time, awaited in order, so a replay, a
-backtest and live trading take the same decisions on the same candles. It also implements
-the operator façade (`models.Control`) that Telegram, the dashboard and the web view use.
-`main.py` builds it with the collaborators of the chosen mode and owns the tasks around it.
+backtest and live trading take the same decisions on the same candles. It has no branch
+for the simulated exchange: that sits in front of it (`trade_simulator.SimDriver`), and
+its fills come in through `on_fill` as the live exchange's do. Its bases hold the state
+(`EngineState`) and the operator façade (`EngineControl`, `models.Control`) that
+Telegram, the dashboard and the web view use. `runner` builds it with the collaborators
+of the chosen mode and owns the tasks around it.
 """
 
 from __future__ import annotations
@@ -53,10 +56,6 @@ from utils.utilities import AuditTrail, Clock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
-
-# Fills produced when a candle closes (the simulated exchange); live mode has none here,
-# its fills arrive from the private stream and go straight to `Engine.on_fill`.
-CandleMatcher = Callable[[Candle], list[tuple[Order, Fill]]]
 
 
 class SignalSource(Protocol):
@@ -246,8 +245,12 @@ def _features(row: Any) -> dict[str, float]:
     return out
 
 
-class Engine:
-    """Run the per-candle pipeline and answer operator commands."""
+class EngineState:
+    """The engine's collaborators and run state, and what reads them.
+
+    The base of `Engine`: the constructor, the bot's lifecycle machine, the traded pairs,
+    prices and the risk context an order decision is checked against.
+    """
 
     def __init__(
         self,
@@ -264,8 +267,6 @@ class Engine:
         portfolio: Portfolio,
         market_for: Callable[[str], Market],
         audit: AuditTrail,
-        matcher: CandleMatcher | None = None,
-        fill_now: Callable[[str], list[tuple[Order, Fill]]] | None = None,
         alert: EventSink | None = None,
         stop_event: asyncio.Event | None = None,
         signals: SignalSource | None = None,
@@ -286,8 +287,6 @@ class Engine:
         self.portfolio = portfolio
         self.market_for = market_for
         self.audit = audit
-        self.matcher = matcher
-        self.fill_now = fill_now
         self.alert: EventSink = alert or (lambda event: None)
         self.stop_event = stop_event or asyncio.Event()
         self.state = BotState.STARTING
@@ -317,9 +316,6 @@ class Engine:
         self.reconcile_report = ""
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
-        self._quiet: PrecomputedSignals | None = None
-        self.quiet_runs = False
-        self._has_working: Callable[[str], bool] = lambda pair: True
         self.model_threshold = 0.5
         # Awaited after anything that may change the risk state (a candle, a closed trade,
         # an operator command) when the daemon persists it; None (backtests): no cost.
@@ -349,167 +345,6 @@ class Engine:
         log.info("state_changed", machine="bot", **{"from": str(self.state), "to": str(new)})
         self.state = new
 
-    # -- The pipeline ------------------------------------------------------------------------
-
-    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
-        """Process one closed candle through the whole pipeline, in order.
-
-        `received` (a `time.perf_counter()` reading taken when the feed handed the candle
-        over) lets the engine measure decision latency: candle in, order out.
-        """
-        quiet = self._quiet
-        if quiet is not None and not quiet.has_flags(candle) and not self._has_working(candle.pair):
-            self._on_quiet_candle(candle)
-            return
-        if not self.data.on_candle(candle):
-            return
-        self._received = received
-        self._started = time.perf_counter()
-        pair = candle.pair
-        self.candles += 1
-        if self.first_ts is None:
-            self.first_ts = candle.ts
-        self.last_ts = candle.ts
-        self.last_close[pair] = candle.close
-        self.last_candle_ts[pair] = candle.ts
-        if self.matcher is not None:
-            await self._apply_matches(self.matcher, candle)
-        portfolio = self.portfolio
-        if portfolio.has_position(pair):
-            portfolio.mark(pair, Decimal(repr(candle.close)))
-        now = self.clock.now_ms()
-        exited = False
-        if self.manage_stops and portfolio.has_position(pair):
-            await self._manage_stop(candle, now)
-            exited = await self._take_profit_reached(candle)
-        equity = portfolio.record_equity(candle.ts + self.step)
-        if self.risk.update(now, equity) is TradingState.FLATTEN:
-            await self._trip_flatten()
-            return
-        # Exiting now, or a drained pair: no new decision on this candle.
-        if not exited and (pair in self._active or portfolio.has_position(pair)):
-            await self._decide_if_fresh(candle, now)
-        if self.risk_saver is not None:
-            await self.risk_saver()  # after the decision: never on its latency
-
-    async def _apply_matches(self, matcher: CandleMatcher, candle: Candle) -> None:
-        # The simulated venue's fills on this candle, each through the fill path.
-        for order, fill in matcher(candle):
-            await self.on_fill(order, fill)
-
-    async def _trip_flatten(self) -> None:
-        # The circuit breaker says flatten: the latch is stored before the exits go out.
-        if self.risk_saver is not None:
-            await self.risk_saver()
-        await self._flatten("circuit breaker: flatten")
-
-    async def _decide_if_fresh(self, candle: Candle, now: int) -> None:
-        # A candle that arrived later than `max_lag_ms` after its close is counted and
-        # skipped (deciding on it would trade on stale prices); otherwise ask the strategy.
-        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
-            self.stale_candles += 1
-            lag = now - candle.ts - self.step
-            log.warning("candle_stale", pair=candle.pair, ts=candle.ts, lag_ms=lag)
-            return
-        signal = self._safe_signal(candle)
-        if signal is not None:
-            await self._decide(signal, candle, now)
-
-    def enable_quiet_path(
-        self, signals: PrecomputedSignals, has_working: Callable[[str], bool]
-    ) -> None:
-        """Let backtests skip the full pipeline on candles where nothing can happen.
-
-        Only under the `all_in` profile with precomputed signals and no model: there a
-        candle with no signal, no position and no working order on its pair changes nothing
-        but the equity curve (no risk state, no stops, no data window is read), so it
-        takes a short path. The same trades and curve come out (a test compares both).
-        """
-        if not self.risk.all_in or self.predictors:
-            raise ValueError("the quiet path is exact only under all_in without a model")
-        self._quiet = signals
-        self._has_working = has_working
-        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
-
-    def _on_quiet_candle(self, candle: Candle) -> None:
-        self.candles += 1
-        if self.first_ts is None:
-            self.first_ts = candle.ts
-        self.last_ts = candle.ts
-        self.last_close[candle.pair] = candle.close
-        self.last_candle_ts[candle.pair] = candle.ts
-        if self.matcher is not None:
-            self.matcher(candle)  # nothing works on this pair: it only remembers the bar
-        portfolio = self.portfolio
-        if portfolio.has_position(candle.pair):
-            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
-        portfolio.record_equity(candle.ts + self.step)
-
-    async def replay_in_runs(self, feed: Any, stop: asyncio.Event) -> bool:
-        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
-
-        With the quiet path on, the candles between two that carry a signal change nothing
-        but the equity curve and the marks while no order works, so they are applied in one
-        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
-        one arriving while an order works, takes the whole pipeline. The trades and the
-        equity curve are those of the per-candle path (a test compares all three).
-        """
-        quiet = self._quiet
-        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
-        if quiet is None or single is None:
-            return False
-        pair, ts, ohlcv = single
-        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
-        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
-        is_flagged = np.zeros(len(ts), dtype=bool)
-        is_flagged[flagged] = True
-        has_working, on_candle = self._has_working, self.on_candle
-        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
-        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
-        n, i, next_yield = len(ts), 0, feed.yield_every
-        while i < n and not stop.is_set():
-            if is_flagged[i] or has_working(pair):
-                if close_ts[i] > clock.now_ms():
-                    clock.set(close_ts[i])
-                o, h, lo, c, v = ohlcv[i].tolist()
-                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
-                i += 1
-            else:
-                at = int(np.searchsorted(flagged, i))
-                end = int(flagged[at]) if at < len(flagged) else n
-                if close_ts[end - 1] > clock.now_ms():
-                    clock.set(close_ts[end - 1])
-                o, h, lo, c, v = ohlcv[end - 1].tolist()
-                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
-                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
-                i = end
-            if i >= next_yield:
-                feed.advance_to(i)
-                next_yield = i + feed.yield_every
-                await asyncio.sleep(0)
-        feed.advance_to(i, done=True)
-        return True
-
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once (see `_on_quiet_candle`).
-
-        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
-        close time and close price.
-        """
-        n = len(close_ts)
-        if n == 0:
-            return
-        pair = last.pair
-        self.candles += n
-        if self.first_ts is None:
-            self.first_ts = close_ts[0] - self.step
-        self.last_ts = last.ts
-        self.last_close[pair] = last.close
-        self.last_candle_ts[pair] = last.ts
-        if self.matcher is not None:
-            self.matcher(last)  # nothing works on this pair: it only remembers the last bar
-        self.portfolio.record_equity_run(pair, close_ts, closes)
-
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""
         close = self.last_close.get(pair)
@@ -519,85 +354,6 @@ class Engine:
         """Replace the traded pairs; dropped ones are drained (exits only)."""
         self.pairs = list(pairs)
         self._active = set(pairs)
-
-    def _safe_signal(self, candle: Candle) -> Signal | None:
-        holding = self.portfolio.signed_qty(candle.pair)
-        try:
-            return self.signals_source.signal(candle, holding)
-        except Exception as e:
-            error = StrategyError(f"strategy failed: {e!r}", component="strategy", pair=candle.pair)
-            log.exception("strategy_failed", pair=candle.pair)
-            self.errors.append(error.message)
-            self.alert(ErrorRaised(error.message))
-            return None
-
-    async def _decide(self, signal: Signal, candle: Candle, now: int) -> None:
-        self.signals += 1
-        self.audit.record(
-            "signal",
-            now,
-            pair=signal.pair,
-            candle_ts=signal.ts,
-            side=str(signal.side),
-            strength=signal.strength,
-            reason=signal.reason,
-            price=signal.price,
-            features=signal.features,
-        )
-        entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
-        model_veto = self._model_veto(signal) if entering else None
-        if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
-            verdict: OrderIntent | Veto = Veto(
-                "paused by operator" if self.state is BotState.PAUSED else "pair drained",
-                None,
-                "operator",
-            )
-        elif model_veto is not None:
-            verdict = model_veto
-        else:
-            verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now, signal.ts))
-        if isinstance(verdict, Veto):
-            self.vetoes += 1
-            self.audit.record(
-                "veto",
-                now,
-                pair=signal.pair,
-                candle_ts=signal.ts,
-                reason=verdict.reason,
-                guard=verdict.guard,
-            )
-            self.decisions[signal.pair] = Decision(
-                signal.pair, now, signal, "veto", veto=verdict, features=signal.features
-            )
-            return
-        self.audit.record(
-            "risk_approved",
-            now,
-            pair=signal.pair,
-            candle_ts=signal.ts,
-            side=str(verdict.side),
-            qty=str(verdict.qty),
-            client_order_id=verdict.client_order_id,
-            reason=verdict.reason,
-        )
-        self.decisions[signal.pair] = Decision(
-            signal.pair, now, signal, "order", intent=verdict, features=signal.features
-        )
-        try:
-            order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
-        except (RecoverableError, BusinessError) as e:
-            # The order's fate is unknown or it was refused: the journal has it, and the
-            # next reconciliation settles it. Trading goes on; a FatalError does not.
-            self.errors.append(f"{signal.pair}: {e.message}")
-            log.error("order_failed", **{**e.describe(), "pair": signal.pair})
-            return
-        if self._received is not None:
-            done = time.perf_counter()
-            self.decision_latency_ms.append((done - self._received) * 1000)
-            self.decision_service_ms.append((done - self._started) * 1000)
-        if order.status is not OrderStatus.REJECTED and self.fill_now is not None:
-            for filled, fill in self.fill_now(signal.pair):
-                await self.on_fill(filled, fill)
 
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
@@ -620,20 +376,6 @@ class Engine:
                 out[pair] = np.diff(close) / close[:-1]
         return out
 
-    def _model_veto(self, signal: Signal) -> Veto | None:
-        """Refuse an entry the learned model does not back (None when no model is used)."""
-        predictor = self.predictors.get(signal.pair)
-        if predictor is None:
-            return None
-        p_up = predictor.probability_up(self.data.frame(signal.pair, self.timeframe))
-        signal.features["model_p_up"] = p_up
-        wanted = p_up if signal.side is Side.BUY else 1 - p_up
-        if wanted < self.model_threshold:
-            return Veto(
-                f"model: P(move in our favour)={wanted:.2f} < {self.model_threshold}", None, "model"
-            )
-        return None
-
     def _risk_context(self, pair: str, now: int, candle_ts: int | None = None) -> RiskContext:
         positions = self.portfolio.positions()
         heavy = not self.risk.all_in
@@ -650,146 +392,9 @@ class Engine:
             candle_ts=candle_ts,
         )
 
-    async def _take_profit_reached(self, candle: Candle) -> bool:
-        # Spot positions keep their take-profit here, not on the exchange: when the bar
-        # reaches it, exit at market (next open in sim, as any market order).
-        target = self.executor.managed_take_profit(candle.pair)
-        position = self.portfolio.position(candle.pair)
-        if target is None or position is None:
-            return False
-        long = position.side is PositionSide.LONG
-        reached = candle.high >= target if long else candle.low <= target
-        if reached:
-            await self.close_position(candle.pair, f"take-profit {target} reached (managed)")
-        return reached
 
-    async def _manage_stop(self, candle: Candle, now: int) -> None:
-        position = self.portfolio.position(candle.pair)
-        if position is None:
-            return
-        atr = self._atr(candle.pair)
-        new_stop = self.risk.manage_stop(
-            position,
-            candle.high,
-            candle.low,
-            candle.close,
-            atr,
-            now,
-            taker_fee=self.executor.taker_fee,
-            tick_size=self.market_for(candle.pair).tick_size,
-        )
-        if new_stop is None or new_stop == position.stop_price:
-            return
-        # Each move is a cancel + new order on the exchange: skip moves smaller than a
-        # tenth of an ATR, which cost rate-limit budget and protect almost nothing.
-        old = position.stop_price
-        if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
-            return
-        self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
-        await self.executor.amend_stop(candle.pair, new_stop, candle_ts=candle.ts)
-
-    async def on_fill(self, order: Order, fill: Fill) -> None:
-        """Apply a fill from the matching engine or the private stream."""
-        trade = await self.executor.on_fill(order, fill)
-        if trade is not None:
-            self._on_trade_closed(trade)
-            if self.risk_saver is not None:
-                await self.risk_saver()
-
-    def _on_trade_closed(self, trade: ClosedTrade) -> None:
-        now = self.clock.now_ms()
-        self.risk.on_trade_closed(trade, now)
-        reward = self.reward.on_trade_closed(self.strategy.name, trade)
-        self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
-        log.info(
-            "trade_closed",
-            pair=trade.pair,
-            entry_price=trade.entry_price,
-            exit_price=trade.exit_price,
-            qty=trade.qty,
-            pnl=round(trade.pnl, 6),
-        )
-
-    async def on_stream_fill(self, fill: Fill) -> None:
-        """Apply a fill from the private stream, deriving the order's new state from it."""
-        known = self.executor.orders.get(fill.client_order_id)
-        if known is None:
-            if await self.executor.has_fill(fill.fill_id):
-                return  # a REST sweep re-reporting a fill of an order done before start-up
-            log.warning(
-                "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
-            )
-            return
-        filled = known.filled_qty + fill.qty
-        order = replace(
-            known,
-            filled_qty=min(filled, known.qty),
-            status=OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED,
-            ts_updated=max(known.ts_updated, fill.ts),
-            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
-        )
-        await self.on_fill(order, fill)
-
-    async def on_order_book(self, book: OrderBook) -> None:
-        """Keep the latest book per pair (depth chart, book-walk fills)."""
-        self.books[book.pair] = book
-
-    async def _flatten(self, reason: str) -> None:
-        if self._flattening:
-            return
-        self._flattening = True
-        try:
-            for pair in list(self.portfolio.positions()):
-                await self.close_position(pair, reason)
-        finally:
-            self._flattening = False
-
-    async def close_position(
-        self, pair: str, reason: str, *, kind: str = "c", candle_ts: int | None = None
-    ) -> Order | None:
-        """Send a reduce-only market order closing the position on `pair`.
-
-        The order is named after the candle it is decided on (the pair's last candle;
-        `kind` "c" for the engine's own exits), so a restarted bot re-deciding it cannot
-        send it twice.
-        """
-        position = self.portfolio.position(pair)
-        if position is None:
-            return None
-        if any(
-            o.pair == pair and o.reduce_only and o.type is OrderType.MARKET
-            for o in self.executor.open_orders()
-        ):
-            return None  # an exit is already working
-        now = self.clock.now_ms()
-        if candle_ts is None:
-            candle_ts = self.last_candle_ts.get(pair, now)
-        intent = OrderIntent(
-            pair=pair,
-            side=Side.SELL if position.side is PositionSide.LONG else Side.BUY,
-            qty=position.qty,
-            type=OrderType.MARKET,
-            client_order_id=self.risk.client_order_id(pair, candle_ts, kind),
-            reason=reason,
-            reduce_only=True,
-            ts=now,
-        )
-        # An engine-initiated exit is a decision too (the parity audit matches on it).
-        self.audit.record(
-            "risk_approved",
-            now,
-            pair=pair,
-            candle_ts=self.last_candle_ts.get(pair, now),
-            side=str(intent.side),
-            qty=str(intent.qty),
-            client_order_id=intent.client_order_id,
-            reason=reason,
-        )
-        order = await self.executor.submit(intent, last_price=self.price(pair))
-        if self.fill_now is not None:
-            for filled, fill in self.fill_now(pair):
-                await self.on_fill(filled, fill)
-        return order
+class EngineControl(EngineState):
+    """The operator façade (`models.Control`), the engine's exits and the run's results."""
 
     # -- Operator façade (models.Control) ----------------------------------------------------
 
@@ -902,6 +507,63 @@ class Engine:
         log.info("operator_stop", reason=reason)
         self.stop_event.set()
 
+    # -- Exits -------------------------------------------------------------------------------------
+
+    async def _flatten(self, reason: str) -> None:
+        if self._flattening:
+            return
+        self._flattening = True
+        try:
+            for pair in list(self.portfolio.positions()):
+                await self.close_position(pair, reason)
+        finally:
+            self._flattening = False
+
+    async def close_position(
+        self, pair: str, reason: str, *, kind: str = "c", candle_ts: int | None = None
+    ) -> Order | None:
+        """Send a reduce-only market order closing the position on `pair`.
+
+        The order is named after the candle it is decided on (the pair's last candle;
+        `kind` "c" for the engine's own exits), so a restarted bot re-deciding it cannot
+        send it twice.
+        """
+        position = self.portfolio.position(pair)
+        if position is None:
+            return None
+        if any(
+            o.pair == pair and o.reduce_only and o.type is OrderType.MARKET
+            for o in self.executor.open_orders()
+        ):
+            return None  # an exit is already working
+        now = self.clock.now_ms()
+        if candle_ts is None:
+            candle_ts = self.last_candle_ts.get(pair, now)
+        intent = OrderIntent(
+            pair=pair,
+            side=Side.SELL if position.side is PositionSide.LONG else Side.BUY,
+            qty=position.qty,
+            type=OrderType.MARKET,
+            client_order_id=self.risk.client_order_id(pair, candle_ts, kind),
+            reason=reason,
+            reduce_only=True,
+            ts=now,
+        )
+        # An engine-initiated exit is a decision too (the parity audit matches on it).
+        self.audit.record(
+            "risk_approved",
+            now,
+            pair=pair,
+            candle_ts=self.last_candle_ts.get(pair, now),
+            side=str(intent.side),
+            qty=str(intent.qty),
+            client_order_id=intent.client_order_id,
+            reason=reason,
+        )
+        order = await self.executor.submit(intent, last_price=self.price(pair))
+        await self.executor.deliver_fills(pair)
+        return order
+
     # -- Results -----------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -939,3 +601,288 @@ class Engine:
             ],
             "trades": [t.as_dict() for t in self.portfolio.closed],
         }
+
+
+class Engine(EngineControl):
+    """Run the per-candle pipeline and answer operator commands."""
+
+    # -- The pipeline ------------------------------------------------------------------------
+
+    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
+        """Process one closed candle through the whole pipeline, in order.
+
+        `received` (a `time.perf_counter()` reading taken when the feed handed the candle
+        over) lets the engine measure decision latency: candle in, order out. The same as
+        `admit` then `process`; a simulated exchange's driver matches the candle between
+        the two, as the venue would have by the time the candle closed.
+        """
+        if self.admit(candle, received):
+            await self.process(candle)
+
+    def admit(self, candle: Candle, received: float | None = None) -> bool:
+        """Take a closed candle into the data window and the run's counters; False if refused."""
+        if not self.data.on_candle(candle):
+            return False
+        self._received = received
+        self._started = time.perf_counter()
+        # `_note(candle)`, inlined: this runs on every candle.
+        self.candles += 1
+        if self.first_ts is None:
+            self.first_ts = candle.ts
+        self.last_ts = candle.ts
+        self.last_close[candle.pair] = candle.close
+        self.last_candle_ts[candle.pair] = candle.ts
+        return True
+
+    async def process(self, candle: Candle) -> None:
+        """Run an admitted candle through marks, stops, equity, risk and the decision."""
+        pair = candle.pair
+        portfolio = self.portfolio
+        if portfolio.has_position(pair):
+            portfolio.mark(pair, Decimal(repr(candle.close)))
+        now = self.clock.now_ms()
+        exited = False
+        if self.manage_stops and portfolio.has_position(pair):
+            await self._manage_stop(candle, now)
+            exited = await self._take_profit_reached(candle)
+        equity = portfolio.record_equity(candle.ts + self.step)
+        if self.risk.update(now, equity) is TradingState.FLATTEN:
+            await self._trip_flatten()
+            return
+        # Exiting now, or a drained pair: no new decision on this candle.
+        if not exited and (pair in self._active or portfolio.has_position(pair)):
+            await self._decide_if_fresh(candle, now)
+        if self.risk_saver is not None:
+            await self.risk_saver()  # after the decision: never on its latency
+
+    def _note(self, candle: Candle, count: int = 1, first_ts: int | None = None) -> None:
+        # The run's counters for `count` candles ending with `candle` (first opened at
+        # `first_ts`): the same for a candle through the pipeline and a quiet one.
+        self.candles += count
+        if self.first_ts is None:
+            self.first_ts = candle.ts if first_ts is None else first_ts
+        self.last_ts = candle.ts
+        self.last_close[candle.pair] = candle.close
+        self.last_candle_ts[candle.pair] = candle.ts
+
+    @property
+    def quiet_exact(self) -> bool:
+        """Return True when a candle with no signal and no working order changes nothing else.
+
+        Under the `all_in` profile without a model no risk state, stop or data window is
+        read on such a candle: only the marks and the equity curve move, which
+        `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
+        """
+        return self.risk.all_in and not self.predictors
+
+    def on_quiet_candle(self, candle: Candle) -> None:
+        """Apply a candle on which nothing but the mark and the equity curve can change."""
+        self._note(candle)
+        portfolio = self.portfolio
+        if portfolio.has_position(candle.pair):
+            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+        portfolio.record_equity(candle.ts + self.step)
+
+    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
+        """Apply consecutive quiet candles of one pair at once (see `on_quiet_candle`).
+
+        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
+        close time and close price.
+        """
+        if close_ts:
+            self._note(last, len(close_ts), close_ts[0] - self.step)
+            self.portfolio.record_equity_run(last.pair, close_ts, closes)
+
+    async def _trip_flatten(self) -> None:
+        # The circuit breaker says flatten: the latch is stored before the exits go out.
+        if self.risk_saver is not None:
+            await self.risk_saver()
+        await self._flatten("circuit breaker: flatten")
+
+    async def _decide_if_fresh(self, candle: Candle, now: int) -> None:
+        # A candle that arrived later than `max_lag_ms` after its close is counted and
+        # skipped (deciding on it would trade on stale prices); otherwise ask the strategy.
+        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
+            self.stale_candles += 1
+            lag = now - candle.ts - self.step
+            log.warning("candle_stale", pair=candle.pair, ts=candle.ts, lag_ms=lag)
+            return
+        signal = self._safe_signal(candle)
+        if signal is not None:
+            await self._decide(signal, candle, now)
+
+    def _safe_signal(self, candle: Candle) -> Signal | None:
+        holding = self.portfolio.signed_qty(candle.pair)
+        try:
+            return self.signals_source.signal(candle, holding)
+        except Exception as e:
+            error = StrategyError(f"strategy failed: {e!r}", component="strategy", pair=candle.pair)
+            log.exception("strategy_failed", pair=candle.pair)
+            self.errors.append(error.message)
+            self.alert(ErrorRaised(error.message))
+            return None
+
+    async def _decide(self, signal: Signal, candle: Candle, now: int) -> None:
+        self.signals += 1
+        self.audit.record(
+            "signal",
+            now,
+            pair=signal.pair,
+            candle_ts=signal.ts,
+            side=str(signal.side),
+            strength=signal.strength,
+            reason=signal.reason,
+            price=signal.price,
+            features=signal.features,
+        )
+        entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
+        model_veto = self._model_veto(signal) if entering else None
+        if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
+            verdict: OrderIntent | Veto = Veto(
+                "paused by operator" if self.state is BotState.PAUSED else "pair drained",
+                None,
+                "operator",
+            )
+        elif model_veto is not None:
+            verdict = model_veto
+        else:
+            verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now, signal.ts))
+        if isinstance(verdict, Veto):
+            self.vetoes += 1
+            self.audit.record(
+                "veto",
+                now,
+                pair=signal.pair,
+                candle_ts=signal.ts,
+                reason=verdict.reason,
+                guard=verdict.guard,
+            )
+            self.decisions[signal.pair] = Decision(
+                signal.pair, now, signal, "veto", veto=verdict, features=signal.features
+            )
+            return
+        self.audit.record(
+            "risk_approved",
+            now,
+            pair=signal.pair,
+            candle_ts=signal.ts,
+            side=str(verdict.side),
+            qty=str(verdict.qty),
+            client_order_id=verdict.client_order_id,
+            reason=verdict.reason,
+        )
+        self.decisions[signal.pair] = Decision(
+            signal.pair, now, signal, "order", intent=verdict, features=signal.features
+        )
+        try:
+            order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
+        except (RecoverableError, BusinessError) as e:
+            # The order's fate is unknown or it was refused: the journal has it, and the
+            # next reconciliation settles it. Trading goes on; a FatalError does not.
+            self.errors.append(f"{signal.pair}: {e.message}")
+            log.error("order_failed", **{**e.describe(), "pair": signal.pair})
+            return
+        if self._received is not None:
+            done = time.perf_counter()
+            self.decision_latency_ms.append((done - self._received) * 1000)
+            self.decision_service_ms.append((done - self._started) * 1000)
+        if order.status is not OrderStatus.REJECTED:
+            await self.executor.deliver_fills(signal.pair)
+
+    def _model_veto(self, signal: Signal) -> Veto | None:
+        """Refuse an entry the learned model does not back (None when no model is used)."""
+        predictor = self.predictors.get(signal.pair)
+        if predictor is None:
+            return None
+        p_up = predictor.probability_up(self.data.frame(signal.pair, self.timeframe))
+        signal.features["model_p_up"] = p_up
+        wanted = p_up if signal.side is Side.BUY else 1 - p_up
+        if wanted < self.model_threshold:
+            return Veto(
+                f"model: P(move in our favour)={wanted:.2f} < {self.model_threshold}", None, "model"
+            )
+        return None
+
+    async def _take_profit_reached(self, candle: Candle) -> bool:
+        # Spot positions keep their take-profit here, not on the exchange: when the bar
+        # reaches it, exit at market (next open in sim, as any market order).
+        target = self.executor.managed_take_profit(candle.pair)
+        position = self.portfolio.position(candle.pair)
+        if target is None or position is None:
+            return False
+        long = position.side is PositionSide.LONG
+        reached = candle.high >= target if long else candle.low <= target
+        if reached:
+            await self.close_position(candle.pair, f"take-profit {target} reached (managed)")
+        return reached
+
+    async def _manage_stop(self, candle: Candle, now: int) -> None:
+        position = self.portfolio.position(candle.pair)
+        if position is None:
+            return
+        atr = self._atr(candle.pair)
+        new_stop = self.risk.manage_stop(
+            position,
+            candle.high,
+            candle.low,
+            candle.close,
+            atr,
+            now,
+            taker_fee=self.executor.taker_fee,
+            tick_size=self.market_for(candle.pair).tick_size,
+        )
+        if new_stop is None or new_stop == position.stop_price:
+            return
+        # Each move is a cancel + new order on the exchange: skip moves smaller than a
+        # tenth of an ATR, which cost rate-limit budget and protect almost nothing.
+        old = position.stop_price
+        if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
+            return
+        self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
+        await self.executor.amend_stop(candle.pair, new_stop, candle_ts=candle.ts)
+
+    async def on_fill(self, order: Order, fill: Fill) -> None:
+        """Apply a fill from the matching engine or the private stream."""
+        trade = await self.executor.on_fill(order, fill)
+        if trade is not None:
+            self._on_trade_closed(trade)
+            if self.risk_saver is not None:
+                await self.risk_saver()
+
+    def _on_trade_closed(self, trade: ClosedTrade) -> None:
+        now = self.clock.now_ms()
+        self.risk.on_trade_closed(trade, now)
+        reward = self.reward.on_trade_closed(self.strategy.name, trade)
+        self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
+        log.info(
+            "trade_closed",
+            pair=trade.pair,
+            entry_price=trade.entry_price,
+            exit_price=trade.exit_price,
+            qty=trade.qty,
+            pnl=round(trade.pnl, 6),
+        )
+
+    async def on_stream_fill(self, fill: Fill) -> None:
+        """Apply a fill from the private stream, deriving the order's new state from it."""
+        known = self.executor.orders.get(fill.client_order_id)
+        if known is None:
+            if await self.executor.has_fill(fill.fill_id):
+                return  # a REST sweep re-reporting a fill of an order done before start-up
+            log.warning(
+                "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
+            )
+            return
+        filled = known.filled_qty + fill.qty
+        order = replace(
+            known,
+            filled_qty=min(filled, known.qty),
+            status=OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED,
+            ts_updated=max(known.ts_updated, fill.ts),
+            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
+        )
+        await self.on_fill(order, fill)
+
+    async def on_order_book(self, book: OrderBook) -> None:
+        """Keep the latest book per pair (depth chart, book-walk fills)."""
+        self.books[book.pair] = book

@@ -1,8 +1,10 @@
-"""The replay feed and point-in-time pair schedules that drive a replay from archived candles.
+"""The replay feed, the simulated exchange's driver and point-in-time pair schedules.
 
 `ReplayFeed` yields archived candles of many pairs in time order and moves a
-`ReplayClock` to each candle's close; `PairSchedule` gives the pairs to trade as known
-at each refresh boundary (dynamic pairs). Part of `trade_simulator`, which re-exports it.
+`ReplayClock` to each candle's close; `SimDriver` hands each candle to the engine with
+the simulated exchange matching it first (and holds the backtest's quiet-stretch short
+path); `PairSchedule` gives the pairs to trade as known at each refresh boundary
+(dynamic pairs). Part of `trade_simulator`, which re-exports them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pandas as pd
 import structlog
 
 from error_handler import ConfigError
+from matching_engine import SimulatedExchange
 from models import Candle
 from utils.utilities import ReplayClock, timeframe_to_ms
 
@@ -95,7 +98,7 @@ class ReplayFeed:
     def single_pair(self) -> tuple[str, np.ndarray, np.ndarray] | None:
         """Return (pair, open times, OHLCV rows) when the replay has exactly one pair.
 
-        For a consumer that walks the arrays itself (`Engine.replay_in_runs`); it reports
+        For a consumer that walks the arrays itself (`SimDriver.run`); it reports
         its position with `advance_to`. None with several pairs, or when paced (`speed`).
         """
         if len(self.frames) != 1 or self.speed > 0:
@@ -143,6 +146,148 @@ class ReplayFeed:
                 await asyncio.sleep(delay)
         if progress is not None:
             progress(emitted, total)
+
+
+# -- The simulated exchange's driver ---------------------------------------------------------
+
+
+class CandleSteps(Protocol):
+    """What the driver drives: the engine's candle entry points (`pipeline.Engine`)."""
+
+    @property
+    def quiet_exact(self) -> bool:
+        """Return True when a candle with no signal and no working order changes nothing else."""
+        ...
+
+    def admit(self, candle: Candle, received: float | None = None) -> bool:
+        """Take a candle into the data and the counters; False if refused."""
+        ...
+
+    async def process(self, candle: Candle) -> None:
+        """Run an admitted candle through the rest of the pipeline."""
+        ...
+
+    def on_quiet_candle(self, candle: Candle) -> None:
+        """Apply a candle that can change only the marks and the equity curve."""
+        ...
+
+    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
+        """Apply consecutive quiet candles of one pair at once."""
+        ...
+
+
+class QuietSignals(Protocol):
+    """Which candles carry a signal (`pipeline.PrecomputedSignals`)."""
+
+    def has_flags(self, candle: Candle) -> bool:
+        """Return True if any signal column is set on this candle."""
+        ...
+
+    def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
+        ...
+
+
+class SimDriver:
+    """Hand each closed candle to the engine with the simulated exchange in front of it.
+
+    The engine admits the candle, the simulated exchange matches its working orders
+    against it and delivers the fills through its sink (the engine's fill entry point,
+    as the private stream delivers the live exchange's), then the engine processes the
+    candle: the venue has filled what it would have by the time the candle closed. Used
+    by replays and backtests, and by paper trading on the live feed.
+
+    Backtests can take a short path (`enable_quiet_path`): a candle with no signal and no
+    working order on its pair changes only the marks and the equity curve, and a one-pair
+    replay applies such candles a stretch at a time (`run`).
+    """
+
+    def __init__(self, engine: CandleSteps, sim: SimulatedExchange) -> None:
+        self.engine = engine
+        self.sim = sim
+        # Bound once: they run on every candle.
+        self._admit, self._process, self._match = engine.admit, engine.process, sim.on_candle
+        self._quiet: QuietSignals | None = None
+        self.quiet_runs = False
+
+    def enable_quiet_path(self, signals: QuietSignals) -> None:
+        """Let a backtest skip the full pipeline on candles where nothing can happen.
+
+        Only when the engine says such a candle changes nothing but the curve (the
+        `all_in` profile with precomputed signals and no model). The same trades and
+        curve come out (a test compares both).
+        """
+        if not self.engine.quiet_exact:
+            raise ValueError("the quiet path is exact only under all_in without a model")
+        self._quiet = signals
+        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
+
+    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
+        """Match `candle` on the simulated exchange and run it through the engine."""
+        quiet = self._quiet
+        if (
+            quiet is not None
+            and not quiet.has_flags(candle)
+            and not self.sim.has_working(candle.pair)
+        ):
+            self._match(candle)  # nothing works on this pair: it only remembers the bar
+            self.engine.on_quiet_candle(candle)
+            return
+        if self._admit(candle, received):
+            fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
+            if fills:
+                await self.sim.deliver(fills)
+            await self._process(candle)
+
+    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
+        """Apply consecutive quiet candles of one pair at once; `last` is the stretch's last."""
+        self.sim.on_candle(last)  # nothing works on this pair: it only remembers the last bar
+        self.engine.on_quiet_run(last, close_ts, closes)
+
+    async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
+        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
+
+        With the quiet path on, the candles between two that carry a signal change nothing
+        but the equity curve and the marks while no order works, so they are applied in one
+        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
+        one arriving while an order works, takes the whole pipeline. The trades and the
+        equity curve are those of the per-candle path (a test compares all three).
+        """
+        quiet = self._quiet
+        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
+        if quiet is None or single is None:
+            return False
+        pair, ts, ohlcv = single
+        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
+        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
+        is_flagged = np.zeros(len(ts), dtype=bool)
+        is_flagged[flagged] = True
+        has_working, on_candle = self.sim.has_working, self.on_candle
+        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
+        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
+        n, i, next_yield = len(ts), 0, feed.yield_every
+        while i < n and not stop.is_set():
+            if is_flagged[i] or has_working(pair):
+                if close_ts[i] > clock.now_ms():
+                    clock.set(close_ts[i])
+                o, h, lo, c, v = ohlcv[i].tolist()
+                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
+                i += 1
+            else:
+                at = int(np.searchsorted(flagged, i))
+                end = int(flagged[at]) if at < len(flagged) else n
+                if close_ts[end - 1] > clock.now_ms():
+                    clock.set(close_ts[end - 1])
+                o, h, lo, c, v = ohlcv[end - 1].tolist()
+                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
+                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
+                i = end
+            if i >= next_yield:
+                feed.advance_to(i)
+                next_yield = i + feed.yield_every
+                await asyncio.sleep(0)
+        feed.advance_to(i, done=True)
+        return True
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from error_handler import (
 from models import BotState, Candle, ErrorRaised, Event, EventSink
 from pipeline import Engine
 from strategy import load_strategy
-from trade_simulator import ReplayFeed, SimulatedExchange
+from trade_simulator import ReplayFeed, SimDriver, SimulatedExchange
 from utils.supervision import Supervisor
 from utils.utilities import (
     AuditTrail,
@@ -94,6 +94,8 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             logging.getLogger().setLevel(logging.WARNING)
         self.engine: Engine | None = None
         self.sim: SimulatedExchange | None = None
+        # The simulated exchange in front of the engine (replays, backtests, paper).
+        self.driver: SimDriver | None = None
         self.exchange: Any = None
         self.replay: ReplayFeed | None = None
         self.frames: dict[str, Any] = {}
@@ -136,14 +138,26 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
 
+    def _candle_step(self) -> Callable[..., Awaitable[None]]:
+        # Where a candle goes: through the simulated exchange's driver when orders fill on
+        # paper, else straight into the engine (live: fills come by the private stream).
+        assert self.engine is not None
+        return self.driver.on_candle if self.driver is not None else self.engine.on_candle
+
     async def _direct_loop(self) -> None:
         structlog.contextvars.bind_contextvars(component="pipeline")  # this task's context only
         # Backtests have no I/O edge to buffer: the replay drives the engine directly.
         assert self.engine is not None
         assert self.feed is not None
-        on_candle = self.engine.on_candle
+        on_candle = self._candle_step()
         schedule, engine, step = self.pair_schedule, self.engine, self.engine.step
-        if schedule is None and await engine.replay_in_runs(self.replay, self.stop):
+        driver = self.driver
+        if (
+            schedule is None
+            and driver is not None
+            and self.replay is not None
+            and await driver.run(self.replay, self.stop)
+        ):
             log.info("feed_exhausted", candles=self.engine.candles)
             self.stop.set()
             return
@@ -159,11 +173,12 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
     async def _pipeline_loop(self) -> None:
         structlog.contextvars.bind_contextvars(component="pipeline")  # this task's context only
         assert self.engine is not None
+        on_candle = self._candle_step()
         while True:
             item = await self.queue.get()
             if item is None:
                 break
-            await self.engine.on_candle(*item)
+            await on_candle(*item)
         log.info("feed_exhausted", candles=self.engine.candles)
         self.stop.set()
 

@@ -63,6 +63,10 @@ class TradeExecutor(RecoveringExecutor):
         async with self._slot(intent.pair).lock:
             return await self._submit(intent, last_price)
 
+    async def deliver_fills(self, pair: str) -> None:
+        """Let the gateway deliver the fills it already has for `pair` (after a submit)."""
+        await self._gateway.deliver_fills(pair)
+
     async def _not_now(self, intent: OrderIntent) -> str | None:
         """Return why the pair cannot take this order now (None: it can)."""
         if not await self._resolve_unknown(intent.pair):

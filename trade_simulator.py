@@ -9,7 +9,8 @@ here, so `from trade_simulator import X` works for all of them:
 
 * `matching_engine`: `SimulatedExchange`, `sim_market`, `slipped_price`, `quote_qty`, and
   the fill conventions (documented there).
-* `replay_feed`: `ReplayFeed`, `PairSchedule`, `PairTarget`.
+* `replay_feed`: `ReplayFeed`, `SimDriver` (the simulated exchange in front of the engine,
+  with the backtest's quiet-stretch short path), `PairSchedule`, `PairTarget`.
 * `fast_path`: `run_fast`, `fast_backtest`, `fast_path_blockers`, `BacktestResult`,
   `result_from_summary`, `infer_timeframe`.
 """
@@ -32,4 +33,5 @@ from replay_feed import PairSchedule as PairSchedule
 from replay_feed import PairTarget as PairTarget
 from replay_feed import Progress as Progress
 from replay_feed import ReplayFeed as ReplayFeed
+from replay_feed import SimDriver as SimDriver
 from utils.utilities import ReplayClock as ReplayClock

@@ -216,7 +216,7 @@ def replay(
     """Run `--mode backtest` in-process as runner wires it; return (seconds, candles, summary).
 
     With `full_pipeline`, every candle takes the whole per-candle pipeline (the engine's
-    quiet path for candles where nothing can happen is switched off).
+    quiet path for candles where nothing can happen, in the replay driver, is switched off).
     """
     import main
     from config import load_settings
@@ -246,8 +246,8 @@ def replay(
         daemon = Daemon(args, settings)
         daemon.build_replay()
         if full_pipeline:
-            assert daemon.engine is not None
-            daemon.engine._quiet = None
+            assert daemon.driver is not None
+            daemon.driver._quiet = None
         start = time.perf_counter()
         summary = await daemon.run()
         return time.perf_counter() - start, int(summary["candles"]), summary

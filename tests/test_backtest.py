@@ -291,8 +291,9 @@ async def test_dynamic_pairs_in_a_multi_pair_replay(monkeypatch: pytest.MonkeyPa
     settings = main._apply_cli(load_settings(env_file=None), args)
     daemon = Daemon(args, settings)
     daemon.build_replay()
-    engine = daemon.engine
+    engine, driver = daemon.engine, daemon.driver
     assert engine is not None
+    assert driver is not None
     assert daemon.feed is not None
     day = 86_400_000
 
@@ -302,7 +303,7 @@ async def test_dynamic_pairs_in_a_multi_pair_replay(monkeypatch: pytest.MonkeyPa
     schedule = PairSchedule(pairs_at, refresh_ms=day)
     async for candle in daemon.feed:
         schedule.apply(engine, candle, engine.step)
-        await engine.on_candle(candle)
+        await driver.on_candle(candle)
     trades = engine.portfolio.closed
     assert len(trades) > 10
     for trade in trades:

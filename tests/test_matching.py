@@ -142,6 +142,46 @@ async def test_fill_now_fills_at_the_last_close() -> None:
     assert fill.ts == T0 + MINUTE
 
 
+async def test_fills_reach_the_sink_as_the_matching_returns_them() -> None:
+    """match() hands each fill, with the order's new state, to the sink; fill_at=close
+    fills reach it from deliver_fills, the next-open convention's only on the next bar."""
+    delivered: list[tuple[Order, Fill]] = []
+
+    async def sink(order: Order, fill: Fill) -> None:
+        delivered.append((order, fill))
+
+    sim, clock = make_sim()
+    sim.deliver_to(sink)
+    sim.on_candle(bar(T0, 100, 101, 99, 100.5))
+    await sim.create_order(intent(Side.BUY, "1"))
+    await sim.deliver_fills(PAIR)
+    assert delivered == []  # next_open: nothing fills before the next bar
+    await sim.match(bar(T0 + MINUTE, 102, 103, 101, 102.5))
+    ((order, fill),) = delivered
+    assert fill.price == D(102)
+    assert order.status is OrderStatus.FILLED
+    assert order == sim.orders()[0]
+
+    delivered.clear()
+    at_close, clock = make_sim(fill_at="close")
+    at_close.deliver_to(sink)
+    await at_close.match(bar(T0, 100, 101, 99, 100.5))
+    clock.set(T0 + MINUTE)
+    await at_close.create_order(intent(Side.SELL, "1"))
+    await at_close.deliver_fills(PAIR)
+    ((order, fill),) = delivered
+    assert (fill.price, fill.ts, order.status) == (D("100.5"), T0 + MINUTE, OrderStatus.FILLED)
+
+
+async def test_fills_without_a_sink_are_refused_not_dropped() -> None:
+    """A simulated exchange with no fill sink raises rather than losing a fill."""
+    sim, _ = make_sim()
+    await sim.match(bar(T0, 100, 101, 99, 100.5))  # nothing works: no fill, no sink needed
+    await sim.create_order(intent(Side.BUY, "1"))
+    with pytest.raises(RuntimeError, match="no sink"):
+        await sim.match(bar(T0 + MINUTE, 102, 103, 101, 102.5))
+
+
 @pytest.mark.parametrize(
     ("candle", "price"),
     [

@@ -28,27 +28,28 @@ async def test_quiet_path_equals_the_full_pipeline(
     for variant in ("runs", "per_candle", "full"):
         daemon = Daemon(_args(strategy), load_settings(env_file=None))
         daemon.build_replay()
-        engine = daemon.engine
+        engine, driver = daemon.engine, daemon.driver
         assert engine is not None
-        assert engine._quiet is not None  # wired for all_in backtests
-        assert engine.quiet_runs  # and one-pair replays take quiet stretches at once
+        assert driver is not None
+        assert driver._quiet is not None  # wired for all_in backtests
+        assert driver.quiet_runs  # and one-pair replays take quiet stretches at once
         if variant != "runs":
-            engine.quiet_runs = False
+            driver.quiet_runs = False
         if variant == "full":
-            engine._quiet = None
+            driver._quiet = None
         applied: list[int] = []
 
         def counted(
             last: Any,
             close_ts: list[int],
             closes: list[float],
-            apply: Any = engine.on_quiet_run,
+            apply: Any = driver.on_quiet_run,
             applied: list[int] = applied,
         ) -> None:
             applied.append(len(close_ts))
             apply(last, close_ts, closes)
 
-        engine.on_quiet_run = counted  # type: ignore[method-assign]
+        driver.on_quiet_run = counted  # type: ignore[method-assign]
         summary = await daemon.run()
         # Only the "runs" variant applies stretches, several candles at a time.
         assert (max(applied, default=0) > 1) is (variant == "runs")
@@ -66,8 +67,8 @@ def test_quiet_path_is_refused_outside_all_in() -> None:
     """Under the standard risk profile (stops, breakers) the short path is not wired."""
     daemon = Daemon(_args("sma_cross"), load_settings(env_file=None))
     daemon.build_replay()
-    assert daemon.engine is not None
-    assert daemon.engine._quiet is None
+    assert daemon.driver is not None
+    assert daemon.driver._quiet is None
 
 
 @pytest.mark.parametrize("strategy", ["sma_cross", "rsi_bb"])
@@ -82,9 +83,9 @@ async def test_flag_mask_agrees_with_the_per_candle_lookup(
     monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
     daemon = Daemon(_args(strategy), load_settings(env_file=None))
     daemon.build_replay()
-    assert daemon.engine is not None
+    assert daemon.driver is not None
     assert daemon.replay is not None
-    signals = daemon.engine._quiet
+    signals = daemon.driver._quiet
     assert signals is not None
     single = daemon.replay.single_pair()
     assert single is not None
@@ -114,7 +115,8 @@ async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
         daemon = Daemon(args, load_settings(env_file=None))
         daemon.build_replay()
         assert daemon.engine is not None
-        daemon.engine.quiet_runs = runs
+        assert daemon.driver is not None
+        daemon.driver.quiet_runs = runs
         summary = await daemon.run()
         results.append((summary, list(daemon.engine.portfolio.equity_curve)))
     assert results[0] == results[1]
