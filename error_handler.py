@@ -1,4 +1,4 @@
-"""Kestrel's one error tree, the one ccxt mapper, recovery policies and the circuit breaker.
+"""Kestrel's one error tree, the one ccxt mapper and the circuit breaker.
 
 The tree (every error the bot raises or catches by name)::
 
@@ -33,7 +33,6 @@ import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -159,47 +158,6 @@ class AuthenticationError(FatalError):
 
 class InvariantError(FatalError):
     """An internal invariant broke (illegal state transition, negative quantity...)."""
-
-
-# -- Recovery policies -----------------------------------------------------------------------
-
-
-class Action(enum.StrEnum):
-    """What the supervisor does with an error."""
-
-    RETRY = "retry"
-    REJECT = "reject"
-    NEUTRAL = "neutral"
-    HALT = "halt"
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryPolicy:
-    """How one class of error is handled."""
-
-    action: Action
-    alert: bool
-    resync: bool = False
-
-
-_POLICIES: Final[tuple[tuple[type[BotError], RecoveryPolicy], ...]] = (
-    # Most specific first: the first isinstance match wins.
-    (ClockSkewError, RecoveryPolicy(Action.RETRY, alert=False, resync=True)),
-    (RequestTimeoutError, RecoveryPolicy(Action.RETRY, alert=False, resync=True)),
-    (StaleDataError, RecoveryPolicy(Action.RETRY, alert=True, resync=True)),
-    (RecoverableError, RecoveryPolicy(Action.RETRY, alert=False)),
-    (BusinessError, RecoveryPolicy(Action.REJECT, alert=True)),
-    (StrategyError, RecoveryPolicy(Action.NEUTRAL, alert=True)),
-    (FatalError, RecoveryPolicy(Action.HALT, alert=True)),
-)
-
-
-def policy_for(error: BaseException) -> RecoveryPolicy:
-    """Return the recovery policy for an error; unknown exceptions halt."""
-    for cls, policy in _POLICIES:
-        if isinstance(error, cls):
-            return policy
-    return RecoveryPolicy(Action.HALT, alert=True)
 
 
 # -- ccxt mapping ----------------------------------------------------------------------------

@@ -30,26 +30,22 @@ Decimals are stored exactly: as unconstrained NUMERIC on PostgreSQL, as text on 
 (whose NUMERIC affinity would turn them into binary floats).
 
 Threading and async: `TradeStore` is synchronous and thread-safe (one lock serialises its
-operations inside a process; the database serialises processes). `AsyncTradeStore` wraps
-it for the event loop: each call runs on one dedicated worker thread, in submission order,
-with the caller's context variables, so the loop never blocks on disk or network I/O.
+operations inside a process; the database serialises processes). The live executor calls
+it from one dedicated journal thread (`utils.SerialWorker`), in submission order, so the
+event loop never blocks on disk or network I/O.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
-import functools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -86,7 +82,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BOT_ID",
     "SCHEMA_VERSION",
-    "AsyncTradeStore",
     "DuplicateOrderError",
     "EquityPoint",
     "ExactDecimal",
@@ -119,8 +114,8 @@ class TradeStore(OrderJournal, TradeRecords):
     """The durable store of one bot's orders, fills, positions, trades, equity and state.
 
     Open it with `TradeStore.open(url)` (or `from_settings`); close it with `close()` or use
-    it as a context manager. Every method is synchronous and thread-safe; use
-    `AsyncTradeStore` from the event loop.
+    it as a context manager. Every method is synchronous and thread-safe; from the event
+    loop, call it through a worker thread (`utils.SerialWorker`).
     """
 
     def __init__(self, engine: Engine, *, bot_id: str = DEFAULT_BOT_ID) -> None:
@@ -460,95 +455,3 @@ def _configure_sqlite(engine: Engine, synchronous: Synchronous, busy_timeout_s: 
     def _on_begin(conn: Connection) -> None:
         is_write = conn.get_execution_options().get("kestrel_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")
-
-
-# -- Async façade ----------------------------------------------------------------------------
-
-
-def _offload(
-    method: Callable[Concatenate[TradeStore, P], T],
-) -> Callable[Concatenate[AsyncTradeStore, P], Coroutine[Any, Any, T]]:
-    async def run(self: AsyncTradeStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._call(method, self.sync, *args, **kwargs)
-
-    # Not functools.wraps: mypy then loses the signature; name and docstring suffice.
-    run.__name__ = method.__name__
-    run.__qualname__ = f"AsyncTradeStore.{method.__name__}"
-    run.__doc__ = method.__doc__
-    return run
-
-
-class AsyncTradeStore:
-    """Run a `TradeStore` off the event loop, one call at a time, in submission order.
-
-    A single worker thread keeps journal writes in the order they were awaited and copies
-    the caller's context variables (structlog's bound context) into each call.
-    """
-
-    def __init__(self, store: TradeStore) -> None:
-        self._store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trade-store")
-
-    @classmethod
-    async def open(cls, url: str, **options: Any) -> AsyncTradeStore:
-        """Open a `TradeStore` (see `TradeStore.open`) without blocking the loop."""
-        store = await asyncio.to_thread(functools.partial(TradeStore.open, url, **options))
-        return cls(store)
-
-    @property
-    def sync(self) -> TradeStore:
-        """Return the wrapped synchronous store (for threads and shutdown paths)."""
-        return self._store
-
-    async def _call(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        call = functools.partial(context.run, func, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
-
-    async def close(self) -> None:
-        """Close the store and stop the worker thread."""
-        await self._call(self._store.close)
-        self._executor.shutdown(wait=True)
-
-    async def __aenter__(self) -> AsyncTradeStore:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    # Each method below runs its TradeStore namesake on the worker thread; same arguments,
-    # same result, same docstring.
-    journal = _offload(TradeStore.journal)
-    mark_sent = _offload(TradeStore.mark_sent)
-    acknowledge = _offload(TradeStore.acknowledge)
-    update_order = _offload(TradeStore.update_order)
-    mark_never_sent = _offload(TradeStore.mark_never_sent)
-    adopt_order = _offload(TradeStore.adopt_order)
-    get_order = _offload(TradeStore.get_order)
-    get_intent = _offload(TradeStore.get_intent)
-    journal_state = _offload(TradeStore.journal_state)
-    open_orders = _offload(TradeStore.open_orders)
-    unacknowledged = _offload(TradeStore.unacknowledged)
-    all_orders = _offload(TradeStore.all_orders)
-    record_fill = _offload(TradeStore.record_fill)
-    has_fill = _offload(TradeStore.has_fill)
-    fills = _offload(TradeStore.fills)
-    fill_totals = _offload(TradeStore.fill_totals)
-    upsert_position = _offload(TradeStore.upsert_position)
-    delete_position = _offload(TradeStore.delete_position)
-    get_position = _offload(TradeStore.get_position)
-    positions = _offload(TradeStore.positions)
-    add_closed_trade = _offload(TradeStore.add_closed_trade)
-    closed_trades = _offload(TradeStore.closed_trades)
-    add_equity = _offload(TradeStore.add_equity)
-    equity_curve = _offload(TradeStore.equity_curve)
-    set_state = _offload(TradeStore.set_state)
-    get_state = _offload(TradeStore.get_state)
-    delete_state = _offload(TradeStore.delete_state)
-    describe = _offload(TradeStore.describe)

@@ -7,11 +7,9 @@ import pytest
 
 import error_handler as eh
 from error_handler import (
-    Action,
     BreakerState,
     CircuitBreaker,
     map_ccxt_errors,
-    policy_for,
     run_fail_safe,
     translate_ccxt_error,
 )
@@ -119,30 +117,6 @@ def test_retry_after_is_carried() -> None:
     ours = translate_ccxt_error(error)
     assert isinstance(ours, eh.RateLimitError)
     assert ours.retry_after == 2.5
-
-
-@pytest.mark.parametrize(
-    ("error", "action"),
-    [
-        (eh.RateLimitError("x"), Action.RETRY),
-        (eh.ClockSkewError("x"), Action.RETRY),
-        (eh.StaleDataError("x"), Action.RETRY),
-        (eh.OrderRejected("x"), Action.REJECT),
-        (eh.InsufficientFundsError("x"), Action.REJECT),
-        (eh.StrategyError("x"), Action.NEUTRAL),
-        (eh.ConfigError("x"), Action.HALT),
-        (eh.InvariantError("x"), Action.HALT),
-        (RuntimeError("x"), Action.HALT),
-    ],
-)
-def test_policies(error: BaseException, action: Action) -> None:
-    """Each class of error gets its recovery action."""
-    assert policy_for(error).action is action
-
-
-def test_clock_skew_policy_resyncs() -> None:
-    """A clock skew asks for a time resync before retrying."""
-    assert policy_for(eh.ClockSkewError("x")).resync
 
 
 def test_exit_codes() -> None:

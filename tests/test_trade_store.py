@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sqlite3
 import threading
@@ -35,7 +34,6 @@ from tests.test_trade_store_support import (
 )
 from trade_store import (
     SCHEMA_VERSION,
-    AsyncTradeStore,
     DuplicateOrderError,
     JournalState,
     StoreUnavailableError,
@@ -575,20 +573,3 @@ def test_a_closed_store_refuses_work(store: TradeStore) -> None:
     store.close()
     with pytest.raises(InvariantError):
         store.journal(intent("cid-1"), ts=1)
-
-
-async def test_async_store_runs_calls_in_submission_order(backend: Backend) -> None:
-    """Concurrent awaits reach the database in the order they were made, off the loop."""
-    async with await AsyncTradeStore.open(
-        backend.url, bot_id="async", schema=backend.schema
-    ) as store:
-        await asyncio.gather(
-            store.journal(intent("cid-1"), 1),
-            store.mark_sent("cid-1"),
-            store.acknowledge(report("cid-1", OrderStatus.OPEN, ts=5)),
-            store.record_fill(fill("cid-1", "f-1")),
-        )
-        assert await store.journal_state("cid-1") is JournalState.ACKNOWLEDGED
-        assert (await store.fill_totals("cid-1")).qty == Decimal(1)
-        assert await store.unacknowledged() == []
-        assert store.sync.bot_id == "async"

@@ -23,12 +23,10 @@ from error_handler import (
     RateLimitError,
     RecoverableError,
 )
-from tests.conftest import eventually
 from utils.progress import progress_bar
 from utils.utilities import (
     AuditTrail,
     ReplayClock,
-    TaskRegistry,
     atomic_write,
     backoff_delay,
     datetime_to_ms,
@@ -242,30 +240,6 @@ def test_atomic_write_failure_keeps_old_file(
         atomic_write(target, "new")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["state.json"]
-
-
-async def test_task_registry_keeps_reports_and_awaits() -> None:
-    """Tasks are held until done, failures are logged, close() cancels stragglers."""
-    registry = TaskRegistry()
-    done = asyncio.Event()
-
-    async def quick() -> None:
-        done.set()
-
-    async def forever() -> None:
-        await asyncio.sleep(60)
-
-    async def fails() -> None:
-        raise RuntimeError("boom")
-
-    with structlog.testing.capture_logs() as logs:
-        registry.create_task(quick(), name="quick")
-        slow = registry.create_task(forever(), name="forever")
-        registry.create_task(fails(), name="fails")
-        await eventually(lambda: done.is_set() and len(registry) == 1)
-        await registry.close(grace=0.01)
-    assert slow.cancelled()
-    assert any(e["event"] == "task_failed" and e["task"] == "fails" for e in logs)
 
 
 async def test_supervised_loop_survives_errors_and_trips_breaker() -> None:

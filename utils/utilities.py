@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -422,42 +422,6 @@ class SerialWorker:
     def close(self) -> None:
         """Stop the worker thread once its queued calls are done."""
         self._executor.shutdown(wait=True)
-
-
-class TaskRegistry:
-    """Strong references to dynamic tasks, logged when they fail and awaited on close.
-
-    Nothing is fire-and-forget: a task created here cannot be garbage-collected mid-flight
-    and its exception is never lost (cf. python-telegram-bot's `Application.create_task`).
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def create_task(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
-        """Start `coro` as a named task and keep it until it ends."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    async def close(self, grace: float = 5.0) -> None:
-        """Wait for running tasks, cancelling what is left after `grace` seconds."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _ignore_failure(name: str, error: BaseException) -> None:
