@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
@@ -26,6 +26,7 @@ from error_handler import (
 )
 from models import (
     CLIENT_ID_MAX,
+    Balance,
     ErrorRaised,
     EventSink,
     Fill,
@@ -191,6 +192,11 @@ class ExecutorCore:
         self._clock = clock
         self._audit = audit
         self._store = store
+        # The live exchange reports balances (spot exits are capped by them); the simulator's
+        # portfolio is the account itself.
+        self._fetch_balance: Callable[[], Awaitable[dict[str, Balance]]] | None = getattr(
+            gateway, "fetch_balance", None
+        )
         # Journal I/O (fsync'd commits) runs on its own thread, in order, never on the loop.
         self._io = SerialWorker("journal") if store is not None else None
         self._notify: EventSink = notify or (lambda event: None)
@@ -265,8 +271,6 @@ class ExecutorCore:
         if self._store is not None:
             await self._journal(checked, now)
         self._audit.record("order_submitted", now, intent=_intent_fields(checked))
-        # Known before the answer: a fill on the stream can beat the REST reply.
-        self.orders[cid] = order_from_intent(checked, OrderStatus.NEW, now)
         try:
             if self._store is not None:
                 await self._off(self._store.mark_sent, cid)
@@ -294,6 +298,9 @@ class ExecutorCore:
         levels = (None, None) if record is None else (record.stop_loss, record.take_profit)
         journaled = replace(checked, stop_loss=levels[0], take_profit=levels[1])
         await self._off(self._store.journal, journaled, now)
+        # Known before the answer: a fill on the private stream can beat the REST reply
+        # (and an answer can be lost). Without a journal (the simulator) neither occurs.
+        self.orders[checked.client_order_id] = order_from_intent(checked, OrderStatus.NEW, now)
 
     def _acknowledged(self, order: Order) -> None:
         self._track(order)
@@ -317,12 +324,14 @@ class ExecutorCore:
         """
         held = abs(self.portfolio.signed_qty(intent.pair))
         market = self._market_for(intent.pair)
-        fetch_balance = getattr(self._gateway, "fetch_balance", None)
+        fetch_balance = self._fetch_balance
         if market.type is MarketType.SPOT and fetch_balance is not None:
             balances = await fetch_balance()
             coin = balances.get(market.base)
             held = min(held, coin.total if coin is not None else ZERO)
-        qty = min(intent.qty, held)
+        if intent.qty <= held:
+            return intent  # already on the lot grid and above the minimum (validated)
+        qty = held
         if market.lot_size > 0:
             qty = (qty / market.lot_size).to_integral_value(ROUND_DOWN) * market.lot_size
         if qty < market.min_qty:
