@@ -8,6 +8,7 @@ are `int` milliseconds since the epoch, UTC, named `ts_*`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -340,8 +341,12 @@ def decision_key(strategy_tag: str, pair: str, candle_ts: int, kind: str) -> str
     `kind` is one letter: `e` entry, `x` strategy exit, `c` engine exit (take-profit,
     flatten), `f` operator exit.
     """
-    base = "".join(ch for ch in pair.split("/")[0].split(":")[0] if ch.isalnum())[:6]
-    return f"k{kind}{base}-{candle_ts // 1000:x}-{strategy_tag}"
+    return f"k{kind}{_id_base(pair)}-{candle_ts // 1000:x}-{strategy_tag}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _id_base(pair: str) -> str:
+    return "".join(ch for ch in pair.split("/")[0].split(":")[0] if ch.isalnum())[:6]
 
 
 def strategy_tag(description: Mapping[str, Any]) -> str:
