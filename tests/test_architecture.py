@@ -88,6 +88,8 @@ OWNER: dict[str, str] = {
     "candle_frames": "data_manager",
     "candle_store": "data_manager",
     "candle_backfill": "data_manager",
+    # analytics.py (the one metrics module)
+    "overfitting": "analytics",
 }
 
 
