@@ -25,6 +25,8 @@ from optimization_scoring import (
     Outcome,
     Segment,
     backtest_metrics,
+    period_returns,
+    with_periods,
 )
 from search_space import _strategy_class
 
@@ -47,10 +49,17 @@ class BacktestEvaluator:
     maker_fee: float = 0.001
     slippage_bps: float = 0.0
     fill_at: Literal["next_open", "close"] = "next_open"
+    periods: int = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, strategy: str, timeframe: str) -> BacktestEvaluator:
-        """Return an evaluator with the simulation costs of `settings`."""
+    def from_settings(
+        cls, settings: Settings, strategy: str, timeframe: str, *, periods: int = 0
+    ) -> BacktestEvaluator:
+        """Return an evaluator with the simulation costs of `settings`.
+
+        With `periods` > 0 the metrics also hold `stability` and that many per-period
+        returns (`optimization_scoring.with_periods`), for the Pareto search.
+        """
         sim = settings.simulation
         return cls(
             strategy,
@@ -60,6 +69,7 @@ class BacktestEvaluator:
             maker_fee=sim.maker_fee,
             slippage_bps=sim.slippage_bps,
             fill_at=sim.fill_at,
+            periods=periods,
         )
 
     def __call__(
@@ -86,7 +96,12 @@ class BacktestEvaluator:
             fill_at=self.fill_at,
             start_ms=start_ms,
         )
-        return backtest_metrics(result)
+        metrics = backtest_metrics(result)
+        if self.periods <= 0:
+            return metrics
+        return with_periods(
+            metrics, period_returns(result.equity, result.starting_balance, self.periods)
+        )
 
 
 def _history(frame: pd.DataFrame, end_ms: int | None) -> pd.DataFrame:

@@ -45,6 +45,10 @@ MIN_TRADES: Final = 5
 MAX_TRIES: Final = 64
 MAX_ERRORS: Final = 5  # distinct infeasible/failure messages kept for the report
 CHUNKS_PER_WORKER: Final = 2
+# Per-period returns an evaluator reports when asked (`period_returns`): the stability
+# objective, the overfitting estimates and the stitched out-of-sample curve read them.
+PERIODS: Final = 64
+PERIOD_PREFIX: Final = "period_"
 YEAR_MS: Final = analytics.YEAR_MS  # crypto trades every day
 
 
@@ -156,6 +160,62 @@ def backtest_metrics(result: BacktestResult) -> dict[str, float]:
         fees=float(result.fees),
     )
     return metrics
+
+
+def period_returns(equity: np.ndarray, starting_balance: float, periods: int) -> np.ndarray:
+    """Return the compound return of each of `periods` equal slices of an equity curve.
+
+    The curve is read at `periods + 1` evenly spaced bars (the starting balance first), so
+    the returns chain back to the curve's total return; a curve shorter than `periods`
+    bars repeats bars and gives zero returns for the repeats.
+    """
+    values = np.asarray(equity, dtype=np.float64)
+    if periods < 1 or values.size == 0:
+        return np.zeros(max(periods, 0))
+    points = np.concatenate(([float(starting_balance)], values))
+    at = np.linspace(0, len(points) - 1, periods + 1).round().astype(np.int64)
+    sampled = points[at]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(sampled[:-1] > 0, sampled[1:] / sampled[:-1] - 1.0, -1.0)
+    return np.asarray(out, dtype=np.float64)
+
+
+def stability(returns: np.ndarray) -> float:
+    """Return the signed R-squared of log equity against time, from per-period returns.
+
+    The R-squared of a straight-line fit of cumulative log growth (empyrical's
+    `stability_of_timeseries`), signed by the slope: 1 for a steady climb, -1 for a
+    steady decline, near 0 for a curve that goes nowhere or gets there in jumps.
+    """
+    values = np.asarray(returns, dtype=np.float64)
+    if values.size < 2:
+        return 0.0
+    growth = np.log1p(np.clip(values, -0.999999, None))
+    curve = np.concatenate(([0.0], np.cumsum(growth)))
+    t = np.arange(curve.size, dtype=np.float64)
+    t -= t.mean()
+    centred = curve - curve.mean()
+    total = float(centred @ centred)
+    if total <= 0:
+        return 0.0
+    slope = float(t @ centred) / float(t @ t)
+    r_squared = slope * slope * float(t @ t) / total
+    return math.copysign(min(1.0, r_squared), slope)
+
+
+def with_periods(metrics: dict[str, float], returns: np.ndarray) -> dict[str, float]:
+    """Return `metrics` plus `stability` and one `period_NNN` entry per period return."""
+    out = dict(metrics)
+    out["stability"] = stability(returns)
+    out.update({f"{PERIOD_PREFIX}{i:03d}": float(r) for i, r in enumerate(returns)})
+    return out
+
+
+def split_periods(metrics: Mapping[str, float]) -> tuple[dict[str, float], np.ndarray]:
+    """Return the metrics without their `period_NNN` entries, and those returns in order."""
+    plain = {k: v for k, v in metrics.items() if not k.startswith(PERIOD_PREFIX)}
+    keys = sorted(k for k in metrics if k.startswith(PERIOD_PREFIX))
+    return plain, np.array([metrics[k] for k in keys], dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,8 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    # parameter_optimization.py: Pareto search, robustness, reports, approved parameters
+    "pareto_search": "parameter_optimization",
 }
 
 
