@@ -238,6 +238,16 @@ class OptimizationSettings(_Group):
     scheduler: str | None = Field(default=None, description="tcp://host:port of a Dask cluster")
     objective: Literal["sharpe", "sortino", "calmar", "return"] = "sharpe"
     seed: int = 42
+    method: Literal["nsga2", "genetic"] = Field(
+        default="nsga2", description="nsga2: Pareto front + walk-forward gate; genetic: one score"
+    )
+    windows: int = Field(default=4, ge=0, description="walk-forward folds (0 = none)")
+    anchored: bool = Field(default=False, description="anchored instead of rolling train windows")
+    gate_min_oos: float = Field(default=0.0, description="approve when mean OOS score > this")
+    gate_min_efficiency: float = Field(default=0.5, description="and walk-forward efficiency >=")
+    gate_min_dsr: float = Field(default=0.95, ge=0, le=1, description="and deflated Sharpe >=")
+    gate_max_pbo: float = Field(default=0.5, ge=0, le=1, description="and PBO <= this")
+    sensitivity: bool = Field(default=True, description="Morris, curves, heatmaps, plateau")
 
 
 class TelegramSettings(_Group):

@@ -60,6 +60,39 @@ class ExchangeClock:
 class DaemonBuild(DaemonBase):
     """Build the components of one run (see the module docstring)."""
 
+    def _strategy_params(self) -> dict[str, float]:
+        """Return the strategy parameters of this run: the approved ones in sim and live.
+
+        A backtest runs what it is told (research). Sim and live take the parameters of
+        `<data_dir>/approved/<strategy>.json`, written only when the optimiser's choice
+        passed the out-of-sample gate (or was forced); with no file they keep the
+        configured parameters (the strategy's defaults unless set).
+        """
+        from approved_params import load_approved
+
+        s = self.settings
+        configured = dict(s.strategy.params)
+        if self.args.mode == "backtest":
+            return configured
+        approved = load_approved(s.storage.data_dir, s.strategy.name)
+        if approved is None:
+            return configured
+        if configured and configured != approved.params:
+            log.warning(
+                "configured_params_ignored",
+                configured=configured,
+                approved=approved.params,
+                path=str(approved.path),
+            )
+        (log.warning if approved.forced else log.info)(
+            "approved_params_loaded",
+            params=approved.params,
+            path=str(approved.path),
+            forced=approved.forced,
+            approved_at=approved.approved_at,
+        )
+        return approved.params
+
     def build_replay(self) -> None:
         """Build the replay feed, matching engine and engine (sim --feed replay, backtest)."""
         s = self.settings
@@ -108,7 +141,7 @@ class DaemonBuild(DaemonBase):
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
-        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        strategy = load_strategy(s.strategy.name, self._strategy_params())
         signals = PrecomputedSignals(strategy, frames) if backtest else None
         self.engine = self._engine(
             clock=clock,
@@ -214,7 +247,7 @@ class DaemonBuild(DaemonBase):
         self.exchange = exchange
         self._closers.append(("exchange", exchange.close))
         clock = ExchangeClock(exchange)
-        strategy = load_strategy(s.strategy.name, s.strategy.params)
+        strategy = load_strategy(s.strategy.name, self._strategy_params())
         window = max(strategy.warmup * 2, s.strategy.warmup_candles)
         # Candles from the exchange are archived (flushed with each state snapshot), so
         # backtests and the parity audit can replay exactly what the bot saw.

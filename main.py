@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ui", action="store_true", help="no terminal dashboard")
     parser.add_argument("--summary-json", type=Path, help="write the run summary here")
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="optimize: approve the chosen parameters even if the out-of-sample gate fails",
+    )
+    parser.add_argument(
         "--report-html", type=Path, help="backtest: write an HTML report (equity, drawdown, trades)"
     )
     parser.add_argument(

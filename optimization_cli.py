@@ -62,6 +62,10 @@ def _output_path(directory: Path, stem: str, now: datetime) -> Path:
 async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     """Run `--mode optimize`: search, walk forward, print a ranked table, write JSON.
 
+    With `optimization.method` "nsga2" (the default) the Pareto search, walk-forward gate
+    and approval run instead (`pareto_cli.run_pareto_cli`); "genetic" is the one-score
+    search described here.
+
     Reads `args.strategy`, `args.pairs` (comma-separated), `args.timeframe`, `args.data`,
     `args.timerange` and `args.summary_json`, each defaulting to `settings.strategy`.
     The search runs in a worker thread (its Dask client calls block), so the loop keeps
@@ -90,6 +94,18 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
         data=getattr(args, "data", None),
         timerange=getattr(args, "timerange", None),
     )
+    if settings.optimization.method == "nsga2":
+        from pareto_cli import run_pareto_cli
+
+        return await run_pareto_cli(
+            args,
+            settings,
+            strategy=strategy,
+            pairs=pairs,
+            timeframe=timeframe,
+            space=space,
+            loaded=loaded,
+        )
     frames = {pair: frame for pair, (frame, _) in loaded.items()}
     options = SearchOptions.from_settings(settings.optimization)
     evaluator = BacktestEvaluator.from_settings(settings, strategy, timeframe)

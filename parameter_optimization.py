@@ -1,6 +1,31 @@
-"""Parameter optimisation: genetic and random search, walk-forward analysis, Dask fan-out.
+"""Parameter optimisation: a Pareto front validated out of sample, then approved or not.
 
-`--mode optimize` searches a strategy's declared `Param` ranges for the set that maximises
+`--mode optimize` runs by default (`optimization.method = "nsga2"`) a multi-objective
+search whose choice must survive out of sample before sim or live may use it:
+
+* **Pareto front** (`pareto_search`): NSGA-II through pymoo over total return, max
+  drawdown and stability (pymoo's GA when one objective is asked: the single-objective
+  special case), integer and stepped variables snapped onto their grids, the strategy's
+  refusals (`fast < slow`) and too few trades as constraints, a checkpoint per
+  generation, memory bounded whatever the number of evaluations.
+* **Walk-forward by default** (`pareto_run`): the same search on each rolling (or
+  anchored) train window, its choice scored on the test window after it, the folds'
+  out-of-sample returns stitched into one curve, the walk-forward efficiency and a
+  verdict (`robust`, `degraded`, `collapsed`, `no edge`).
+* **Robust choice** (`sensitivity`): among the front's best by the scalar score, the
+  point whose neighbourhood scores best; Morris screening (SALib), one-at-a-time curves
+  and pairwise heatmaps around it, and a knife-edge flag.
+* **Overfitting** (`overfitting`, analytics' part): the deflated Sharpe ratio of the
+  chosen point given every trial, and PBO by CSCV over the front, the last population and
+  a reservoir sample of trials.
+* **Approval** (`approved_params`): `<data_dir>/approved/<strategy>.json` is written only
+  when the gate passes (OOS score, efficiency, DSR, PBO thresholds in settings), or with
+  `--force` (logged as a warning and marked in the file); sim and live read their
+  strategy parameters from it. JSON and a self-contained HTML report
+  (`optimization_report`) go to `<data_dir>/optimize/`.
+
+With `optimization.method = "genetic"` the one-score search below runs instead. It
+searches a strategy's declared `Param` ranges for the set that maximises
 an objective (Sharpe, Sortino, Calmar or total return) of the backtest fast path, and then
 asks whether that choice survives out of sample:
 
@@ -46,11 +71,24 @@ here, so `from parameter_optimization import X` works for all of them:
 * `walk_forward_analysis`: `Window`, `walk_forward_windows`, `WalkForwardReport`.
 * `optimization_run`: `run_optimization`, `optimize`, `walk_forward`, `OptimizationReport`.
 * `optimization_cli`: `run_optimize_cli`, `print_report`.
+* `pareto_search`: `ParetoOptions`, `ParetoSearch`, `Trial`, `ParetoResult`, `drive_pareto`.
+* `pareto_run`: `run_pareto`, `ParetoReport`, `Fold`, `WalkForwardSummary`, `Overfitting`.
+* `sensitivity`: `analyse`, `plateau_choice`, `neighbours`, `SensitivityReport`.
+* `approved_params`: `evaluate_gate`, `write_approved`, `load_approved`, `approved_path`.
+* `optimization_report`: `render_html`; `pareto_cli`: `run_pareto_cli`.
 * `data_manager`: `load_frames` (the one candle loader of the replays).
 """
 
 from __future__ import annotations
 
+from approved_params import (
+    ApprovedParams,
+    GateResult,
+    approved_path,
+    evaluate_gate,
+    load_approved,
+    write_approved,
+)
 from data_manager import load_frames
 from genetic_search import (
     Feasibility,
@@ -81,6 +119,7 @@ from optimization_cli import (
     print_report,
     run_optimize_cli,
 )
+from optimization_report import render_html
 from optimization_run import (
     OptimizationReport,
     optimize,
@@ -109,12 +148,23 @@ from optimization_scoring import (
     equity_metrics,
     score,
 )
+from pareto_cli import run_pareto_cli
+from pareto_run import Fold, Overfitting, ParetoReport, WalkForwardSummary, run_pareto
+from pareto_search import (
+    ParetoOptions,
+    ParetoResult,
+    ParetoSearch,
+    Trial,
+    drive_pareto,
+    load_checkpoint,
+)
 from search_space import (
     Dimension,
     SearchSpace,
     strategy_feasibility,
     strategy_space,
 )
+from sensitivity import SensitivityReport, analyse, neighbours, plateau_choice
 from walk_forward_analysis import (
     ParamStability,
     WalkForwardReport,
@@ -140,6 +190,7 @@ __all__ = [
     "WF_TRAIN_RATIO",
     "WF_WINDOWS",
     "YEAR_MS",
+    "ApprovedParams",
     "Backend",
     "BacktestEvaluator",
     "DaskBackend",
@@ -147,6 +198,8 @@ __all__ = [
     "Evaluate",
     "Evaluation",
     "Feasibility",
+    "Fold",
+    "GateResult",
     "GenerationStats",
     "GeneticSearch",
     "InProcessBackend",
@@ -155,7 +208,12 @@ __all__ = [
     "Objective",
     "OptimizationReport",
     "Outcome",
+    "Overfitting",
     "ParamStability",
+    "ParetoOptions",
+    "ParetoReport",
+    "ParetoResult",
+    "ParetoSearch",
     "Progress",
     "RandomSearch",
     "Search",
@@ -163,24 +221,38 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "Segment",
+    "SensitivityReport",
     "Status",
     "StopReason",
+    "Trial",
     "WalkForwardReport",
+    "WalkForwardSummary",
     "Window",
     "WindowResult",
+    "analyse",
+    "approved_path",
     "backtest_metrics",
     "drive",
+    "drive_pareto",
     "equity_metrics",
+    "evaluate_gate",
     "evaluate_job",
+    "load_approved",
+    "load_checkpoint",
     "load_frames",
     "make_search",
+    "neighbours",
     "open_backend",
     "optimize",
     "parameter_stability",
+    "plateau_choice",
     "print_report",
+    "render_html",
     "resolve_workers",
     "run_optimization",
     "run_optimize_cli",
+    "run_pareto",
+    "run_pareto_cli",
     "score",
     "strategy_feasibility",
     "strategy_space",
@@ -188,4 +260,5 @@ __all__ = [
     "walk_forward",
     "walk_forward_windows",
     "window_segments",
+    "write_approved",
 ]

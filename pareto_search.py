@@ -277,6 +277,30 @@ def _algorithm(space: SearchSpace, options: ParetoOptions, n_constraints: int) -
     return algorithm, problem
 
 
+def make_trial(
+    params: Mapping[str, float], outcome: Outcome, options: ParetoOptions, min_trades: int
+) -> Trial:
+    """Return the trial of a backtest outcome: objectives, scalar score, period returns."""
+    status, metrics, error = outcome
+    plain, returns = split_periods(metrics)
+    evaluation = score(params, (status, plain, error), options.scalar, min_trades)
+    objectives = {name: float(plain.get(name, math.nan)) for name, _ in options.objectives}
+    if evaluation.status in (Status.OK, Status.FEW_TRADES) and not all(
+        math.isfinite(v) for v in objectives.values()
+    ):
+        evaluation = dataclasses.replace(evaluation, status=Status.FAILED, error="no objective")
+    scored = evaluation.status in (Status.OK, Status.FEW_TRADES)
+    return Trial(
+        dict(params),
+        evaluation.status,
+        objectives,
+        evaluation.objective if scored else math.nan,
+        plain,
+        returns,
+        evaluation.error,
+    )
+
+
 # -- The search ------------------------------------------------------------------------------
 
 
@@ -459,26 +483,7 @@ class ParetoSearch:
         return None if self.feasible is None else self.feasible(self.space.params(key))
 
     def _trial(self, key: Key, outcome: Outcome) -> Trial:
-        params = self.space.params(key)
-        status, metrics, error = outcome
-        plain, returns = split_periods(metrics)
-        evaluation = score(params, (status, plain, error), self.options.scalar, self.min_trades)
-        objectives = {name: float(plain.get(name, math.nan)) for name, _ in self.options.objectives}
-        if evaluation.status in (Status.OK, Status.FEW_TRADES) and not all(
-            math.isfinite(v) for v in objectives.values()
-        ):
-            evaluation = dataclasses.replace(evaluation, status=Status.FAILED, error="no objective")
-        return Trial(
-            params,
-            evaluation.status,
-            objectives,
-            evaluation.objective
-            if evaluation.status in (Status.OK, Status.FEW_TRADES)
-            else math.nan,
-            plain,
-            returns,
-            evaluation.error,
-        )
+        return make_trial(self.space.params(key), outcome, self.options, self.min_trades)
 
     def _row(self, trial: Trial) -> tuple[np.ndarray, float]:
         if not trial.is_scored:

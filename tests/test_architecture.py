@@ -33,6 +33,7 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("runner", "parameter_optimization"): "sim/live read the approved-parameters file it writes",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -92,6 +93,11 @@ OWNER: dict[str, str] = {
     "overfitting": "analytics",
     # parameter_optimization.py: Pareto search, robustness, reports, approved parameters
     "pareto_search": "parameter_optimization",
+    "sensitivity": "parameter_optimization",
+    "pareto_run": "parameter_optimization",
+    "approved_params": "parameter_optimization",
+    "pareto_cli": "parameter_optimization",
+    "optimization_report": "parameter_optimization",
 }
 
 

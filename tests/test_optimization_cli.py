@@ -20,7 +20,13 @@ from utils.utilities import parse_timerange
 def _settings(**optimization: Any) -> Settings:
     return load_settings(
         env_file=None,
-        optimization={"population": 6, "generations": 2, "workers": 1, **optimization},
+        optimization={
+            "population": 6,
+            "generations": 2,
+            "workers": 1,
+            "method": "genetic",
+            **optimization,
+        },
     )
 
 
@@ -76,7 +82,7 @@ async def test_cli_starts_from_the_configured_parameters() -> None:
     """KESTREL_STRATEGY__PARAMS are a candidate of generation 0."""
     settings = load_settings(
         env_file=None,
-        optimization={"population": 4, "generations": 1, "workers": 1},
+        optimization={"population": 4, "generations": 1, "workers": 1, "method": "genetic"},
         strategy={"name": "sma_cross", "params": {"fast": 7, "slow": 33}},
     )
     args = _args(strategy=None, pairs=None, timeframe=None)
