@@ -2,7 +2,8 @@
 
 Parameters reach `--mode sim` and `--mode live` only through
 `<data_dir>/approved/<strategy>.json`, which the optimiser writes when its choice passes
-the out-of-sample gate (`evaluate_gate`): a positive mean out-of-sample score, a
+the out-of-sample gate (`evaluate_gate`): a positive mean out-of-sample score over all
+folds and over the latest half of them (an edge that vanished recently fails), a
 walk-forward efficiency, a deflated Sharpe ratio and a probability of backtest
 overfitting within their thresholds (`OptimizationSettings.gate_*`). `--force` writes
 the file anyway, marked `forced`, with a warning logged (and alerted where a bus is
@@ -103,6 +104,7 @@ def _check(name: str, value: float | None, threshold: float, rule: str) -> GateC
 def evaluate_gate(
     *,
     out_of_sample: float | None,
+    recent_out_of_sample: float | None,
     efficiency: float | None,
     dsr: float | None,
     pbo: float | None,
@@ -112,6 +114,7 @@ def evaluate_gate(
     return GateResult(
         (
             _check("out_of_sample_score", out_of_sample, settings.gate_min_oos, ">"),
+            _check("recent_out_of_sample_score", recent_out_of_sample, settings.gate_min_oos, ">"),
             _check("walk_forward_efficiency", efficiency, settings.gate_min_efficiency, ">="),
             _check("deflated_sharpe", dsr, settings.gate_min_dsr, ">="),
             _check("pbo", pbo, settings.gate_max_pbo, "<="),

@@ -26,7 +26,7 @@ from error_handler import ConfigError
 from optimization_backends import BacktestEvaluator
 from optimization_report import render_html
 from optimization_scoring import PERIODS
-from pareto_run import ParetoReport, run_pareto
+from pareto_run import ParetoReport, recent_out_of_sample, run_pareto
 from pareto_search import ParetoOptions
 from search_space import SearchSpace, _strategy_class, strategy_feasibility
 from utils.progress import progress_bar
@@ -139,6 +139,7 @@ async def run_pareto_cli(
     wf, of = report.walk_forward, report.overfitting
     gate = evaluate_gate(
         out_of_sample=wf.out_of_sample_mean if wf else None,
+        recent_out_of_sample=recent_out_of_sample(wf.folds) if wf else None,
         efficiency=wf.efficiency if wf else None,
         dsr=of.dsr if of else None,
         pbo=of.pbo if of else None,

@@ -132,6 +132,7 @@ class WalkForwardSummary:
             "out_of_sample_mean": self.out_of_sample_mean,
             "verdict": self.verdict,
             "message": self.message,
+            "recent_out_of_sample_mean": recent_out_of_sample(self.folds),
             "anchored": self.anchored,
             "stitched": [[ts, equity] for ts, equity in self.stitched],
         }
@@ -427,6 +428,7 @@ def _verdict(
     if is_mean is None or oos_mean is None:
         return "none", "no fold could be scored out of sample"
     bad = [f.window.index for f in folds if f.degraded]
+    recent = folds[len(folds) // 2 :]
     where = f"; degraded folds: {', '.join(map(str, bad))}" if bad else ""
     figures = (
         f"in-sample mean {is_mean:.3g}, out-of-sample mean {oos_mean:.3g}, "
@@ -435,13 +437,28 @@ def _verdict(
     if is_mean <= 0:
         return "no edge", f"no in-sample edge to validate ({figures})"
     if oos_mean <= 0:
-        return (
-            "collapsed",
-            f"out-of-sample collapse: the in-sample edge did not persist ({figures})",
+        return "collapsed", f"out-of-sample collapse: the in-sample edge did not last ({figures})"
+    if recent and all(f.degraded for f in recent):
+        # What matters for trading tomorrow is the latest data: an edge that held early
+        # and is gone in every recent fold has vanished, whatever the average says.
+        latest = ", ".join(str(f.window.index) for f in recent)
+        return "collapsed", (
+            f"the edge vanished: every recent fold ({latest}) lost it out of sample "
+            f"while in sample stayed high ({figures})"
         )
-    if efficiency is not None and efficiency < DEGRADED:
-        return "degraded", f"out of sample kept under half of the in-sample score ({figures})"
+    if (efficiency is not None and efficiency < DEGRADED) or len(bad) * 2 >= len(folds):
+        return "degraded", f"out of sample kept under half of the in-sample edge ({figures})"
     return "robust", f"out of sample held up ({figures})"
+
+
+def recent_out_of_sample(folds: Sequence[Fold]) -> float | None:
+    """Return the mean out-of-sample score of the latest half of the folds (None if none)."""
+    recent = [
+        f.out_of_sample.score
+        for f in folds[len(folds) // 2 :]
+        if f.out_of_sample is not None and math.isfinite(f.out_of_sample.score)
+    ]
+    return float(np.mean(recent)) if recent else None
 
 
 def _stitch(folds: Sequence[Fold], axis: np.ndarray, start: float) -> tuple[tuple[int, float], ...]:
