@@ -84,13 +84,18 @@ class DaemonBuild(DaemonBase):
                 approved=approved.params,
                 path=str(approved.path),
             )
-        (log.warning if approved.forced else log.info)(
+        log.info(
             "approved_params_loaded",
             params=approved.params,
             path=str(approved.path),
             forced=approved.forced,
             approved_at=approved.approved_at,
         )
+        if approved.forced:
+            # Trading on parameters that failed the gate: logged now, and alerted to the
+            # operator once the notifiers are up (daemon_operator).
+            self.forced_params = approved
+            log.warning("forced_params_in_use", params=approved.params, path=str(approved.path))
         return approved.params
 
     def build_replay(self) -> None:

@@ -16,7 +16,7 @@ from daemon_base import DaemonBase
 from error_handler import (
     ConfigError,
 )
-from models import Event
+from models import ErrorRaised, Event
 from utils.utilities import (
     setup_logging,
 )
@@ -66,6 +66,15 @@ class DaemonOperator(DaemonBase):
         )
         await bot.start()
         self.notifiers.append(TelegramNotifier(bot))
+        forced = getattr(self, "forced_params", None)
+        if forced is not None:
+            self.alert(
+                ErrorRaised(
+                    f"trading on parameters forced past a failed out-of-sample gate: "
+                    f"{forced.params} ({forced.path})",
+                    component="strategy",
+                )
+            )
         self._closers.append(("telegram", bot.stop))
         report = await self.engine.reconcile()
         await bot.post_startup_report(report, timeout_s=10.0)

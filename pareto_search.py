@@ -90,7 +90,7 @@ OBJECTIVE_NAMES: Final[Mapping[str, str]] = {
 }
 INFEASIBLE: Final = 2.0  # constraint violation of a refused or failed candidate
 WORST: Final = 1e12  # objective value pymoo sees for a candidate that has none
-CACHE_SIZE: Final = 4_096  # trials kept by grid key so a re-proposed point is not re-run
+CACHE_SIZE: Final = 512  # trials kept by grid key so a re-proposed point is not re-run
 CHECKPOINT_VERSION: Final = 1
 
 
@@ -383,7 +383,7 @@ class ParetoSearch:
                 continue
             reason = self._refusal(key)
             if reason is not None:
-                self._record(self._trial(key, ("infeasible", {}, reason)))
+                self._record(key, self._trial(key, ("infeasible", {}, reason)))
                 continue
             pending.append(key)
         self._pending = pending
@@ -400,7 +400,7 @@ class ParetoSearch:
                 component="optimize",
             )
         for key, outcome in zip(self._pending, outcomes, strict=True):
-            self._record(self._trial(key, outcome))
+            self._record(key, self._trial(key, outcome))
             self.evaluated += 1
         rows = [self._row(self._live[k]) for k in self._keys]
         F = np.array([r[0] for r in rows], dtype=np.float64)
@@ -500,8 +500,7 @@ class ParetoSearch:
             missing = max(1e-9, 1.0 - trial.n_trades / self.min_trades)
         return F, missing
 
-    def _record(self, trial: Trial) -> None:
-        key = self.space.key(trial.params)
+    def _record(self, key: Key, trial: Trial) -> None:
         self._cache[key] = trial
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -155,3 +157,34 @@ def test_overfitting_estimates_cover_the_search_trials() -> None:
     assert report.sensitivity is not None
     assert report.best is not None
     assert report.best.params in [t.params for t in report.search.front]
+
+
+def test_an_interrupted_walk_forward_run_resumes_to_the_same_report(tmp_path: Path) -> None:
+    """Stopped after 2 generations and run again, the job resumes and ends as an unbroken run."""
+    frame = vanishing_edge_market(n=1_200, seed=8)
+    windows = walk_forward_windows(len(frame), windows=2, train_size=600, test_size=300)
+
+    def run(**extra: Any) -> Any:
+        return run_pareto(
+            BacktestEvaluator("sma_cross", "1h", periods=32),
+            frame,
+            strategy_space("sma_cross"),
+            ParetoOptions(population=8, generations=4, min_trades=2),
+            windows=windows,
+            feasible=strategy_feasibility("sma_cross"),
+            sensitivity=False,
+            **extra,
+        )
+
+    whole = run()
+    path = tmp_path / "job.checkpoint"
+    first = run(checkpoint=path, max_generations=2)
+    assert first.stopped == "cancelled"
+    assert path.exists()
+    resumed = run(checkpoint=path)
+    assert resumed.stopped == "completed"
+    assert resumed.as_dict()["pareto"] == whole.as_dict()["pareto"]
+    assert resumed.as_dict()["walk_forward"] == whole.as_dict()["walk_forward"]
+    assert resumed.search is not None
+    assert whole.search is not None
+    assert resumed.search.evaluated == whole.search.evaluated

@@ -152,7 +152,7 @@ def test_memory_stays_bounded_over_thousands_of_evaluations() -> None:
     result = search.result()
     assert len(result.sample) == 16
     assert len(result.population) <= 20
-    assert len(search._cache) <= 4_096
+    assert len(search._cache) <= 512
 
 
 def test_bad_options_are_a_config_error() -> None:
