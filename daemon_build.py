@@ -8,6 +8,7 @@ through its constructor, and, live, the journal and the start-up reconciliation.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -63,14 +64,17 @@ class DaemonBuild(DaemonBase):
     def build_replay(self) -> None:
         """Build the replay feed, matching engine and engine (sim --feed replay, backtest)."""
         s = self.settings
+        started = time.perf_counter()
         frames = load_frames(self.args, s)
+        self.timings["load_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         start_ms = end_ms = None
         if self.args.timerange:
             try:
                 start_ms, end_ms = parse_timerange(self.args.timerange)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        first = min(int(f.index[0].value // 1_000_000) for f in frames.values())
+        first = min(int(f.index[:1].as_unit("ms").asi8[0]) for f in frames.values())
         clock = ReplayClock(start_ms if start_ms is not None else first)
         backtest = self.args.mode == "backtest"
         speed = 0.0 if backtest else s.simulation.replay_speed
@@ -123,6 +127,9 @@ class DaemonBuild(DaemonBase):
         self.driver = self._drive(sim, self.engine)
         if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
             self.driver.enable_quiet_path(signals)
+        # The strategy's columns over the whole archive, numba compilation (or its cache
+        # load) included.
+        self.timings["prepare_s"] = time.perf_counter() - started
 
     @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
