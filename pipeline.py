@@ -179,6 +179,7 @@ class PrecomputedSignals:
         self._ts: dict[str, array[int]] = {}
         self._cursor: dict[str, int] = {}
         self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._feature_row: dict[str, dict[int, int]] = {}
         self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
@@ -205,8 +206,14 @@ class PrecomputedSignals:
                 for c in cols.columns
                 if c not in self._NAMES and np.issubdtype(cols[c].dtype, np.number)
             ]
-            values = cols[names].to_numpy(dtype=np.float64) if names else np.empty((len(frame), 0))
+            # The features are read only where a flag is set: keep those rows alone.
+            values = (
+                cols[names].iloc[set_rows].to_numpy(dtype=np.float64)
+                if names
+                else np.empty((len(set_rows), 0))
+            )
             self._features[pair] = (names, values)
+            self._feature_row[pair] = {int(i): k for k, i in enumerate(set_rows.tolist())}
 
     def _row(self, pair: str, ts: int) -> int | None:
         """Return the row of `pair`'s archive opening at `ts`, None if it has none."""
@@ -247,6 +254,7 @@ class PrecomputedSignals:
         if flags is None:
             return None
         names, values = self._features[candle.pair]
+        row = self._feature_row[candle.pair][index]
         return decide_signal(
             self.strategy,
             candle.pair,
@@ -255,7 +263,7 @@ class PrecomputedSignals:
             flags,
             holding,
             lambda: {
-                n: v for n, v in zip(names, values[index].tolist(), strict=True) if math.isfinite(v)
+                n: v for n, v in zip(names, values[row].tolist(), strict=True) if math.isfinite(v)
             },
         )
 

@@ -93,11 +93,11 @@ class ReplayFeed:
         # Converted to Python numbers a chunk at a time: the whole archive as lists would
         # cost ~200 bytes a candle for the length of the run.
         ts_all = frame.index.as_unit("ms").asi8
-        values_all = frame[["open", "high", "low", "close", "volume"]].to_numpy()
+        columns = [frame[name].to_numpy() for name in ("open", "high", "low", "close", "volume")]
         timeframe = self.timeframe
         for start in range(0, len(ts_all), _CHUNK):
             ts = ts_all[start : start + _CHUNK].tolist()
-            values = values_all[start : start + _CHUNK].tolist()
+            values = np.column_stack([c[start : start + _CHUNK] for c in columns]).tolist()
             for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
                 yield Candle(pair, timeframe, t, o, h, lo, c, v)
 
