@@ -479,7 +479,13 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class ClosedTrade:
-    """A round trip: entry and exit of one position, for summaries and analytics."""
+    """A round trip: entry and exit of one position, for summaries and analytics.
+
+    `stop_price` is the stop in force when the position was opened (None when unknown or
+    none was set) and `adds_at_loss` counts the fills that added to the position at a
+    price worse than its average entry (averaging down); the reward system's behavioural
+    penalties read both.
+    """
 
     pair: str
     side: PositionSide
@@ -491,6 +497,8 @@ class ClosedTrade:
     fee: float
     pnl: float
     reason: str = ""
+    stop_price: float | None = None
+    adds_at_loss: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form used in `--summary-json`."""

@@ -211,6 +211,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "fee": 0.01,
             "pnl": 2.99,
             "reason": "tp",
+            "stop_price": None,
+            "adds_at_loss": 0,
         }
     ],
     "open_orders": [],
