@@ -640,6 +640,22 @@ EventSink = Callable[[Event], None]
 
 
 @dataclass(frozen=True, slots=True)
+class Ranked:
+    """A strategy's place in the skill ranking (reward_system.rank), best first.
+
+    `lcb` is the lower confidence bound of its shrunk annualised Sharpe of daily returns,
+    the ranking key; `total` is its `reward_system.Score.total`, the number shown for it.
+    """
+
+    name: str
+    lcb: float
+    shrunk_sharpe: float
+    effective_n: float
+    total: float
+    trades: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """A read-only view of the bot, shared by the dashboard, the web view and Telegram."""
 
@@ -659,6 +675,7 @@ class Snapshot:
     rate_limit_budget: dict[str, float] = field(default_factory=dict)
     risk: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    ranking: tuple[Ranked, ...] = ()
 
 
 class Control(Protocol):

@@ -56,7 +56,8 @@ import structlog
 
 import analytics
 from config import RewardSettings
-from models import ClosedTrade
+from models import ClosedTrade, Event, TradingState, TradingStateChanged
+from models import Ranked as Ranked
 from score_penalties import (
     PENALTIES as PENALTIES,
 )
@@ -88,6 +89,7 @@ DAYS_PER_YEAR: Final = 365.0
 RATIO_CAP: Final = 10.0
 PROFIT_FACTOR_CAP: Final = 10.0
 _EMPTY: Final = ScoreContext()
+_SEVERITY: Final = {state: rank for rank, state in enumerate(TradingState)}  # the ladder's order
 
 
 # -- The score -------------------------------------------------------------------------------
@@ -348,18 +350,6 @@ class StrategyRecord:
     context: ScoreContext = field(default_factory=ScoreContext)
 
 
-@dataclass(frozen=True, slots=True)
-class Ranked:
-    """A strategy's place in the ranking: the lower bound it ranks by and its score."""
-
-    name: str
-    lcb: float
-    shrunk_sharpe: float
-    effective_n: float
-    total: float
-    trades: int
-
-
 def rank(
     records: Mapping[str, StrategyRecord],
     settings: RewardSettings | None = None,
@@ -478,6 +468,13 @@ class RewardSystem:
         self._trips.append(BreakerTrip(ts, breaker))
         for book in self._books.values():
             book.card = None
+
+    def on_event(self, event: Event) -> None:
+        """Take the risk alerts: a move down the trading-state ladder is a breaker trip."""
+        if isinstance(event, TradingStateChanged) and _SEVERITY.get(
+            event.to_state, 0
+        ) > _SEVERITY.get(event.from_state, 0):
+            self.on_breaker_trip(event.ts, event.trigger)
 
     def on_rule_breach(self, strategy: str, ts: int, rule: str, detail: str = "") -> None:
         """Record a rule breach risk reported against `strategy`."""

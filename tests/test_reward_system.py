@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import analytics
 from config import RewardSettings, load_settings
-from models import ClosedTrade, PositionSide
+from models import ClosedTrade, PositionSide, TradingState, TradingStateChanged
 from reward_system import (
     PENALTIES,
     BreakerTrip,
@@ -24,6 +24,7 @@ from reward_system import (
     daily_returns,
     rank,
     score,
+    score_backtest,
 )
 
 
@@ -349,3 +350,47 @@ def test_running_drawdown_is_analytics_max_drawdown(rets: list[float]) -> None:
     equity = [math.prod(1 + r for r in rets[: k + 1]) for k in range(len(rets))]
     expected = analytics.max_drawdown(equity, start=1.0)
     assert system.stats("s")["drawdown"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_backtest_scores_its_trades_and_curve() -> None:
+    """score_backtest and the optimiser's score_result are score() of the run's trades and curve."""
+    from optimization_scoring import score_result
+    from strategy import load_strategy
+    from tests.test_optimization_support import sample_frame
+    from trade_simulator import run_fast
+
+    result = run_fast(
+        load_strategy("sma_cross", {"fast": 5.0, "slow": 20.0}),
+        sample_frame(),
+        pair="BTC/USDT",
+        timeframe="1m",
+    )
+    assert result.n_trades >= 3
+    ts, equity = analytics.curve(result)
+    expected = score(result.trades, ts, equity, RewardSettings())
+    assert score_backtest(result, RewardSettings()) == expected
+    assert score_result(result) == expected.total
+    assert expected.trades == result.n_trades
+    assert expected.max_drawdown == pytest.approx(
+        analytics.max_drawdown(result.equity, start=result.starting_balance)
+    )  # the sample spans less than the 90-day window
+
+
+def test_a_move_down_the_risk_ladder_is_a_breaker_trip() -> None:
+    """on_event records a trip on a move to a worse rung, not on recovery."""
+    system = RewardSystem(RewardSettings())
+    system.on_trade_closed("s", trade(0, 0.01))
+
+    def changed(ts: int, old: TradingState, new: TradingState) -> TradingStateChanged:
+        """Return a ladder move at `ts`."""
+        return TradingStateChanged(
+            ts, old, new, "daily_loss", "limit", None, 1.0, 1.0, 0.0, 1.0, 0.03, 0
+        )
+
+    system.on_event(changed(T0 + DAY + 2 * HOUR, TradingState.HALTED, TradingState.NORMAL))
+    system.on_trade_closed("s", trade(1, 0.01, entry_ts=T0 + DAY + 3 * HOUR))
+    assert system.card("s").penalty("revenge").value == 0
+    system.on_event(changed(T0 + 2 * DAY, TradingState.NORMAL, TradingState.HALTED))
+    system.on_trade_closed("s", trade(2, 0.01))
+    assert system.record("s").context.breaker_trips == (BreakerTrip(T0 + 2 * DAY, "daily_loss"),)
+    assert [o.trade for o in system.card("s").penalty("revenge").evidence] == [2]

@@ -231,6 +231,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "rate_limit_budget": {"rest": 0.9},
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
+    "ranking": [],
 }
 
 
