@@ -58,24 +58,12 @@ import analytics
 from config import RewardSettings
 from models import ClosedTrade, Event, TradingState, TradingStateChanged
 from models import Ranked as Ranked
-from score_penalties import (
-    PENALTIES as PENALTIES,
-)
-from score_penalties import (
-    BreakerTrip as BreakerTrip,
-)
-from score_penalties import (
-    Offence as Offence,
-)
-from score_penalties import (
-    Penalty as Penalty,
-)
-from score_penalties import (
-    RuleBreach as RuleBreach,
-)
-from score_penalties import (
-    ScoreContext as ScoreContext,
-)
+from score_penalties import PENALTIES as PENALTIES
+from score_penalties import BreakerTrip as BreakerTrip
+from score_penalties import Offence as Offence
+from score_penalties import Penalty as Penalty
+from score_penalties import RuleBreach as RuleBreach
+from score_penalties import ScoreContext as ScoreContext
 from score_penalties import decay, penalties, trade_weights
 
 
@@ -195,6 +183,9 @@ def daily_returns(
     values = np.asarray(equity, dtype=np.float64)
     if ts.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
+    if np.any(np.diff(ts) < 0):  # points out of order: sort them (ties keep their order)
+        order = np.argsort(ts, kind="stable")
+        ts, values = ts[order], values[order]
     day = ts // DAY_MS
     ends = np.append(np.flatnonzero(np.diff(day) != 0), day.size - 1)
     first = int(day[0])

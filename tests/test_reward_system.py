@@ -394,3 +394,40 @@ def test_a_move_down_the_risk_ladder_is_a_breaker_trip() -> None:
     system.on_trade_closed("s", trade(2, 0.01))
     assert system.record("s").context.breaker_trips == (BreakerTrip(T0 + 2 * DAY, "daily_loss"),)
     assert [o.trade for o in system.card("s").penalty("revenge").evidence] == [2]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=-0.2, max_value=0.2),  # return on notional
+            st.floats(min_value=0.0, max_value=5.0),  # fee
+            st.sampled_from([None, 90.0, 97.0]),  # entry stop
+            st.integers(min_value=0, max_value=2),  # adds at a loss
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    st.integers(min_value=-400, max_value=400),
+)
+@settings(deadline=None, max_examples=60)
+def test_penalties_are_non_negative_and_the_score_is_shift_invariant(
+    rows: list[tuple[float, float, float | None, int]], shift_days: int
+) -> None:
+    """Any record: finite total, penalties >= 0, and moving it in time changes nothing."""
+    trades = [
+        trade(i, r, fee=fee, pnl=1_000.0 * r - fee, stop_price=stop, adds_at_loss=adds)
+        for i, (r, fee, stop, adds) in enumerate(rows)
+    ]
+    context = ScoreContext((BreakerTrip(T0 + 2 * DAY + HOUR // 2, "x"),))
+    got = score(trades, *curve_of(trades), RewardSettings(), context=context)
+    assert math.isfinite(got.total)
+    assert all(p.value >= 0 for p in got.penalties)
+    moved = [
+        dataclasses.replace(
+            t, entry_ts=t.entry_ts + shift_days * DAY, exit_ts=t.exit_ts + shift_days * DAY
+        )
+        for t in trades
+    ]
+    moved_context = ScoreContext((BreakerTrip(T0 + (2 + shift_days) * DAY + HOUR // 2, "x"),))
+    again = score(moved, *curve_of(moved), RewardSettings(), context=moved_context)
+    assert again.total == got.total
