@@ -21,7 +21,7 @@ from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
 )
-from models import Market, strategy_tag
+from models import Event, Market, strategy_tag
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -182,6 +182,13 @@ class DaemonBuild(DaemonBase):
             # then (plus a margin for clock skew) was never placed.
             unknown_after_ms=s.exchange.recv_window_ms + 5_000,
         )
+        reward = RewardSystem(s.reward)
+
+        def risk_alert(event: Event) -> None:
+            # The reward system hears of each breaker trip (revenge-trading penalty).
+            reward.on_event(event)
+            self.alert(event)
+
         return Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
@@ -192,13 +199,13 @@ class DaemonBuild(DaemonBase):
             risk=RiskManager(
                 s.risk,
                 long_only=s.strategy.long_only,
-                alert=self.alert,
+                alert=risk_alert,
                 timeframe=s.strategy.timeframe,
                 taker_fee=Decimal(str(s.simulation.taker_fee)),
                 strategy_tag=strategy_tag(strategy.describe()),
             ),
             executor=executor,
-            reward=RewardSystem(s.reward),
+            reward=reward,
             portfolio=portfolio,
             market_for=market_for,
             audit=self.audit,

@@ -447,6 +447,7 @@ class EngineControl(EngineState):
             last_decisions=dict(self.decisions),
             order_books=dict(self.books),
             scores=self.reward.scores(),
+            ranking=tuple(self.reward.ranked()),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
             risk={
@@ -885,7 +886,9 @@ class Engine(EngineControl):
     def _on_trade_closed(self, trade: ClosedTrade) -> None:
         now = self.clock.now_ms()
         self.risk.on_trade_closed(trade, now)
-        reward = self.reward.on_trade_closed(self.strategy.name, trade)
+        reward = self.reward.on_trade_closed(
+            self.strategy.name, trade, equity=float(self.portfolio.equity())
+        )
         self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
         log.info(
             "trade_closed",

@@ -37,6 +37,8 @@ class _Open:
     stop_price: Decimal | None = None
     take_profit: Decimal | None = None
     mark: Decimal | None = None
+    entry_stop: Decimal | None = None  # the first stop set: the one in force at entry
+    adds_at_loss: int = 0  # adds at a price worse than the average entry, not yet reported
 
 
 class Portfolio:
@@ -221,6 +223,8 @@ class Portfolio:
         if book is not None:
             if stop is not None:
                 book.stop_price = stop
+                if book.entry_stop is None:
+                    book.entry_stop = stop
             if take_profit is not None:
                 book.take_profit = take_profit
 
@@ -249,6 +253,8 @@ class Portfolio:
             self._open[fill.pair] = _Open(signed, fill.price, fill.ts, fill.fee, mark=fill.price)
             return None
         if (book.qty > 0) == (signed > 0):  # adding to the position: average the entry
+            if (fill.price - book.entry_price) * signed < 0:  # worse than the entry: averaging down
+                book.adds_at_loss += 1
             total = book.qty + signed
             book.entry_price = (book.entry_price * book.qty + fill.price * signed) / total
             book.qty = total
@@ -277,7 +283,10 @@ class Portfolio:
             fee=float(entry_fee_part + exit_fee_part),
             pnl=float(pnl),
             reason=reason,
+            stop_price=None if book.entry_stop is None else float(book.entry_stop),
+            adds_at_loss=book.adds_at_loss,
         )
+        book.adds_at_loss = 0  # reported once, on the first part that closes
         self.closed.append(trade)
         book.entry_fees -= entry_fee_part
         remaining = abs(signed) - closing
