@@ -34,6 +34,8 @@ ALLOWED = {
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
     ("runner", "parameter_optimization"): "sim/live read the approved-parameters file it writes",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -98,6 +100,8 @@ OWNER: dict[str, str] = {
     "approved_params": "parameter_optimization",
     "pareto_cli": "parameter_optimization",
     "optimization_report": "parameter_optimization",
+    # reward_system.py
+    "score_penalties": "reward_system",
 }
 
 
