@@ -261,7 +261,9 @@ class OptimizationSettings(_Group):
     workers: int = Field(default=0, ge=0, description="0 = one per core less one")
     time_budget_s: int = Field(default=600, ge=1)
     scheduler: str | None = Field(default=None, description="tcp://host:port of a Dask cluster")
-    objective: Literal["sharpe", "sortino", "calmar", "return"] = "sharpe"
+    objective: Literal["sharpe", "sortino", "calmar", "return", "score"] = Field(
+        default="sharpe", description="genetic method's objective (nsga2 ranks by the score)"
+    )
     seed: int = 42
     method: Literal["nsga2", "genetic"] = Field(
         default="nsga2", description="nsga2: Pareto front + walk-forward gate; genetic: one score"

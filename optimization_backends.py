@@ -26,13 +26,14 @@ from optimization_scoring import (
     Segment,
     backtest_metrics,
     period_returns,
+    score_result,
     with_periods,
 )
 from search_space import _strategy_class
 
 
 if TYPE_CHECKING:
-    from config import Settings
+    from config import RewardSettings, Settings
 
 
 log = structlog.get_logger(__name__)
@@ -50,15 +51,24 @@ class BacktestEvaluator:
     slippage_bps: float = 0.0
     fill_at: Literal["next_open", "close"] = "next_open"
     periods: int = 0
+    reward: RewardSettings | None = None
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, strategy: str, timeframe: str, *, periods: int = 0
+        cls,
+        settings: Settings,
+        strategy: str,
+        timeframe: str,
+        *,
+        periods: int = 0,
+        one_score: bool = False,
     ) -> BacktestEvaluator:
         """Return an evaluator with the simulation costs of `settings`.
 
         With `periods` > 0 the metrics also hold `stability` and that many per-period
-        returns (`optimization_scoring.with_periods`), for the Pareto search.
+        returns (`optimization_scoring.with_periods`), for the Pareto search; with
+        `one_score` they hold `score`, the one score under `settings.reward`
+        (`optimization_scoring.score_result`), a few times the backtest's own cost.
         """
         sim = settings.simulation
         return cls(
@@ -70,6 +80,7 @@ class BacktestEvaluator:
             slippage_bps=sim.slippage_bps,
             fill_at=sim.fill_at,
             periods=periods,
+            reward=settings.reward if one_score else None,
         )
 
     def __call__(
@@ -97,6 +108,8 @@ class BacktestEvaluator:
             start_ms=start_ms,
         )
         metrics = backtest_metrics(result)
+        if self.reward is not None:
+            metrics["score"] = score_result(result, self.reward)
         if self.periods <= 0:
             return metrics
         return with_periods(

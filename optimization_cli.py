@@ -108,7 +108,9 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
         )
     frames = {pair: frame for pair, (frame, _) in loaded.items()}
     options = SearchOptions.from_settings(settings.optimization)
-    evaluator = BacktestEvaluator.from_settings(settings, strategy, timeframe)
+    evaluator = BacktestEvaluator.from_settings(
+        settings, strategy, timeframe, one_score=options.objective == "score"
+    )
     windows = _cli_windows(len(time_axis(frames)))
     configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
     defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}

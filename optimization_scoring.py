@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from trade_simulator import BacktestResult
 
 
-Objective = Literal["sharpe", "sortino", "calmar", "return"]
+# "score" is the one score (reward_system.score_backtest's total, `score_result`): the
+# Pareto search's scalar; the genetic search takes one of the others from settings.
+Objective = Literal["sharpe", "sortino", "calmar", "return", "score"]
 StopReason = Literal["completed", "time_budget", "cancelled"]
 Key = tuple[float, ...]
 # A worker's answer for one job: ("ok" | "infeasible" | "failed", metrics, error text).
@@ -39,6 +41,7 @@ OBJECTIVE_METRIC: Final[Mapping[str, str]] = {
     "sortino": "sortino",
     "calmar": "calmar",
     "return": "total_return",
+    "score": "score",
 }
 # A ratio over nothing (no variance, no downside, no losses) scores this, never infinity.
 RATIO_CAP: Final = 1e4

@@ -84,7 +84,9 @@ async def run_pareto_cli(
     opt = settings.optimization
     frames = {pair: frame for pair, (frame, _) in loaded.items()}
     options = ParetoOptions.from_settings(opt)
-    evaluator = BacktestEvaluator.from_settings(settings, strategy, timeframe, periods=PERIODS)
+    evaluator = BacktestEvaluator.from_settings(
+        settings, strategy, timeframe, periods=PERIODS, one_score=True
+    )
     windows = cli_windows(len(time_axis(frames)), opt.windows, anchored=opt.anchored)
     configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
     defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}

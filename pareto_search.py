@@ -126,7 +126,9 @@ class ParetoOptions:
             "population": max(4, settings.population),
             "generations": settings.generations,
             "seed": settings.seed,
-            "scalar": settings.objective,
+            # The one score ranks the front's members and the folds (the issue's "one
+            # definition everywhere"); the evaluator must report it (`one_score`).
+            "scalar": "score",
             "time_budget_s": float(settings.time_budget_s),
             "workers": settings.workers,
             "scheduler": settings.scheduler,
