@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pandas as pd
 import structlog
 
-from approved_params import approved_path, evaluate_gate, write_approved
+from approved_params import GateResult, approved_path, evaluate_gate, write_approved
 from error_handler import ConfigError
 from optimization_backends import BacktestEvaluator
 from optimization_report import render_html
@@ -35,7 +35,7 @@ from walk_forward_analysis import Window, time_axis, walk_forward_windows
 
 
 if TYPE_CHECKING:
-    from config import Settings
+    from config import OptimizationSettings, Settings
 
 
 log = structlog.get_logger(__name__)
@@ -93,9 +93,84 @@ async def run_pareto_cli(
     stem = Path(strategy).stem if strategy.endswith(".py") else strategy
     out_dir = settings.storage.data_dir / "optimize"
     checkpoint = out_dir / f"{stem}-{timeframe}.checkpoint"
+    started = datetime.now(UTC)
+    report = await _search(
+        strategy,
+        evaluator,
+        frames,
+        space,
+        options,
+        windows=windows,
+        initial=[{**defaults, **configured}],
+        checkpoint=checkpoint,
+        sensitivity=opt.sensitivity,
+    )
+    if report.stopped == "completed":
+        checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
+    data_range = _data_range(loaded)
+    gate = _gate(report, opt)
+    document = {
+        "kind": "kestrel.optimize",
+        "version": 2,
+        "method": "nsga2",
+        "created": started.isoformat(),
+        "strategy": strategy,
+        "pairs": pairs,
+        "timeframe": timeframe,
+        "timerange": getattr(args, "timerange", None),
+        "data": data_range,
+        "options": {
+            **_options_dict(options, report),
+            "windows": len(windows),
+            "anchored": opt.anchored,
+        },
+        "costs": _costs(evaluator),
+        **report.as_dict(),
+        "gate": gate.as_dict(),
+        "approved": None,
+    }
+    path = _stamp(out_dir, stem, started)
+    force = bool(getattr(args, "force", False))
+    if report.best is not None and (gate.passed or force) and report.stopped == "completed":
+        target = approved_path(settings.storage.data_dir, strategy)
+        write_approved(
+            target,
+            strategy=strategy,
+            timeframe=timeframe,
+            pairs=pairs,
+            params=report.best.params,
+            gate=gate,
+            data_range=data_range,
+            forced=force,
+            source=str(path),
+        )
+        document["approved"] = {"path": str(target), "forced": not gate.passed}
+        _log_approval(strategy, target, gate)
+    elif report.best is not None:
+        log.warning("parameters_not_approved", strategy=strategy, failures=gate.failures)
+    text = json.dumps(document, indent=2, default=str)
+    await asyncio.to_thread(atomic_write, path, text)
+    await asyncio.to_thread(atomic_write, path.with_suffix(".html"), render_html(document))
+    summary_json = getattr(args, "summary_json", None)
+    if summary_json is not None:
+        await asyncio.to_thread(atomic_write, Path(summary_json), text)
+    print_pareto_report(report, document, path=path)
+    log.info("optimization_written", path=str(path))
+    return 0 if report.best is not None else 1
+
+
+async def _search(
+    strategy: str,
+    evaluator: BacktestEvaluator,
+    frames: dict[str, pd.DataFrame],
+    space: SearchSpace,
+    options: ParetoOptions,
+    **kwargs: Any,
+) -> ParetoReport:
+    # The search runs in a worker thread (Dask client calls block) while the loop draws
+    # the progress bar; a cancelled run stops before the next generation.
     stop = threading.Event()
     loop = asyncio.get_running_loop()
-    started = datetime.now(UTC)
     with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
@@ -110,26 +185,50 @@ async def run_pareto_cli(
             )
 
         try:
-            report = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 run_pareto,
                 evaluator,
                 frames,
                 space,
                 options,
-                windows=windows,
                 feasible=strategy_feasibility(strategy),
-                initial=[{**defaults, **configured}],
                 stop=stop,
                 on_generation=on_generation,
-                checkpoint=checkpoint,
-                sensitivity=opt.sensitivity,
+                **kwargs,
             )
         except asyncio.CancelledError:
             stop.set()
             raise
-    if report.stopped == "completed":
-        checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
-    data_range = {
+
+
+def _gate(report: ParetoReport, settings: OptimizationSettings) -> GateResult:
+    wf, of = report.walk_forward, report.overfitting
+    return evaluate_gate(
+        out_of_sample=wf.out_of_sample_mean if wf else None,
+        recent_out_of_sample=recent_out_of_sample(wf.folds) if wf else None,
+        efficiency=wf.efficiency if wf else None,
+        dsr=of.dsr if of else None,
+        pbo=of.pbo if of else None,
+        settings=settings,
+    )
+
+
+def _options_dict(options: ParetoOptions, report: ParetoReport) -> dict[str, Any]:
+    return {
+        "population": options.population,
+        "generations": options.generations,
+        "seed": options.seed,
+        "objectives": [list(o) for o in options.objectives],
+        "scalar": options.scalar,
+        "min_trades": options.min_trades,
+        "time_budget_s": options.time_budget_s,
+        "workers": report.workers,
+        "scheduler": options.scheduler,
+    }
+
+
+def _data_range(loaded: dict[str, tuple[pd.DataFrame, str]]) -> dict[str, Any]:
+    return {
         pair: {
             "source": source,
             "candles": len(frame),
@@ -138,85 +237,25 @@ async def run_pareto_cli(
         }
         for pair, (frame, source) in loaded.items()
     }
-    wf, of = report.walk_forward, report.overfitting
-    gate = evaluate_gate(
-        out_of_sample=wf.out_of_sample_mean if wf else None,
-        recent_out_of_sample=recent_out_of_sample(wf.folds) if wf else None,
-        efficiency=wf.efficiency if wf else None,
-        dsr=of.dsr if of else None,
-        pbo=of.pbo if of else None,
-        settings=opt,
-    )
-    force = bool(getattr(args, "force", False))
-    document: dict[str, Any] = {
-        "kind": "kestrel.optimize",
-        "version": 2,
-        "method": "nsga2",
-        "created": started.isoformat(),
-        "strategy": strategy,
-        "pairs": pairs,
-        "timeframe": timeframe,
-        "timerange": getattr(args, "timerange", None),
-        "data": data_range,
-        "options": {
-            "population": options.population,
-            "generations": options.generations,
-            "seed": options.seed,
-            "objectives": [list(o) for o in options.objectives],
-            "scalar": options.scalar,
-            "min_trades": options.min_trades,
-            "time_budget_s": options.time_budget_s,
-            "workers": report.workers,
-            "scheduler": options.scheduler,
-            "windows": len(windows),
-            "anchored": opt.anchored,
-        },
-        "costs": {
-            "starting_balance": evaluator.starting_balance,
-            "taker_fee": evaluator.taker_fee,
-            "slippage_bps": evaluator.slippage_bps,
-            "fill_at": evaluator.fill_at,
-            "profile": "all_in",
-        },
-        **report.as_dict(),
-        "gate": gate.as_dict(),
-        "approved": None,
+
+
+def _costs(evaluator: BacktestEvaluator) -> dict[str, Any]:
+    return {
+        "starting_balance": evaluator.starting_balance,
+        "taker_fee": evaluator.taker_fee,
+        "slippage_bps": evaluator.slippage_bps,
+        "fill_at": evaluator.fill_at,
+        "profile": "all_in",
     }
-    path = _stamp(out_dir, stem, started)
-    if report.best is not None and (gate.passed or force) and report.stopped == "completed":
-        target = approved_path(settings.storage.data_dir, strategy)
-        write_approved(
-            target,
-            strategy=strategy,
-            timeframe=timeframe,
-            pairs=pairs,
-            params=report.best.params,
-            gate=gate,
-            data_range=data_range,
-            forced=force,
-            source=str(path),
-        )
-        forced = not gate.passed
-        document["approved"] = {"path": str(target), "forced": forced}
-        if forced:
-            # No event bus runs in a batch job: the warning is the alert (and the file
-            # says `forced`, which the daemon logs again as a warning when it loads it).
-            log.warning(
-                "approval_forced", strategy=strategy, path=str(target), failures=gate.failures
-            )
-        else:
-            log.info("parameters_approved", strategy=strategy, path=str(target))
-    elif report.best is not None:
-        log.warning("parameters_not_approved", strategy=strategy, failures=gate.failures)
-    text = json.dumps(document, indent=2, default=str)
-    await asyncio.to_thread(atomic_write, path, text)
-    await asyncio.to_thread(atomic_write, path.with_suffix(".html"), render_html(document))
-    summary_json = getattr(args, "summary_json", None)
-    if summary_json is not None:
-        await asyncio.to_thread(atomic_write, Path(summary_json), text)
-    print_pareto_report(report, document, path=path)
-    log.info("optimization_written", path=str(path))
-    return 0 if report.best is not None else 1
+
+
+def _log_approval(strategy: str, target: Path, gate: GateResult) -> None:
+    if gate.passed:
+        log.info("parameters_approved", strategy=strategy, path=str(target))
+        return
+    # No event bus runs in a batch job: this warning is the alert. The file says `forced`,
+    # and a daemon that loads it warns again and alerts the operator (daemon_operator).
+    log.warning("approval_forced", strategy=strategy, path=str(target), failures=gate.failures)
 
 
 def _fmt(value: float | None) -> str:

@@ -267,11 +267,7 @@ def run_pareto(
     )
     searches = load_checkpoint(checkpoint, tag, feasible) if checkpoint else None
     if searches is None:
-        searches = [ParetoSearch(space, options, feasible=feasible, initial=initial)]
-        searches += [
-            ParetoSearch(space, options, index=w.index + 1, feasible=feasible, initial=initial)
-            for w in windows
-        ]
+        searches = _new_searches(space, options, windows, feasible, initial)
     plan = [(searches[0], Segment()), *zip(searches[1:], (t for t, _ in segments), strict=True)]
     owned = backend is None
     backend = backend or open_backend(
@@ -297,15 +293,10 @@ def run_pareto(
             tag=tag,
             max_generations=max_generations,
         )
-        result = searches[0].result(reason)
-        folds = _folds(backend, options, windows, segments, searches[1:])
-        summary = _walk_forward(folds, axis, evaluate) if windows else None
-        best = result.best
-        plateau: list[PlateauCandidate] = []
-        report: SensitivityReport | None = None
-        if best is not None and sensitivity and reason == "completed":
-            best, plateau, report = _robust_choice(backend, space, options, result, feasible)
-        overfitting = _overfitting(result, best)
+        report = _finish(
+            backend, space, options, searches, reason, elapsed, windows, segments, axis,
+            evaluate=evaluate, feasible=feasible, sensitivity=sensitivity,
+        )  # fmt: skip
     finally:
         if owned:
             backend.close()
@@ -313,12 +304,62 @@ def run_pareto(
         "optimization_finished",
         stopped=reason,
         elapsed_s=round(elapsed, 3),
-        front=len(result.front),
-        best=best.params if best else None,
+        front=len(report.search.front) if report.search else 0,
+        best=report.best.params if report.best else None,
     )
+    return report
+
+
+def _finish(
+    backend: Backend,
+    space: SearchSpace,
+    options: ParetoOptions,
+    searches: Sequence[ParetoSearch],
+    reason: StopReason,
+    elapsed: float,
+    windows: Sequence[Window],
+    segments: Sequence[tuple[Segment, Segment]],
+    axis: np.ndarray,
+    *,
+    evaluate: Evaluate,
+    feasible: Feasibility | None,
+    sensitivity: bool,
+) -> ParetoReport:
+    # After the search: folds out of sample, the robust choice, overfitting estimates.
+    result = searches[0].result(reason)
+    folds = _folds(backend, options, windows, segments, searches[1:])
+    summary = _walk_forward(folds, axis, evaluate) if windows else None
+    best = result.best
+    plateau: list[PlateauCandidate] = []
+    report: SensitivityReport | None = None
+    if best is not None and sensitivity and reason == "completed":
+        best, plateau, report = _robust_choice(backend, space, options, result, feasible)
     return ParetoReport(
-        result, best, tuple(plateau), summary, overfitting, report, reason, elapsed, backend.workers
+        result,
+        best,
+        tuple(plateau),
+        summary,
+        _overfitting(result, best),
+        report,
+        reason,
+        elapsed,
+        backend.workers,
     )
+
+
+def _new_searches(
+    space: SearchSpace,
+    options: ParetoOptions,
+    windows: Sequence[Window],
+    feasible: Feasibility | None,
+    initial: Iterable[Mapping[str, float]],
+) -> list[ParetoSearch]:
+    # The full range first (index 0), then one search per window, each with its own seed.
+    initial = list(initial)
+    return [
+        ParetoSearch(space, options, index=index, feasible=feasible, initial=initial)
+        for index in (0, *(w.index + 1 for w in windows))
+    ]
 
 
 def _scorer(
