@@ -109,3 +109,34 @@ def test_unreachable_scheduler_is_a_config_error() -> None:
             scheduler="tcp://127.0.0.1:9",
             connect_timeout_s=0.5,
         )
+
+
+@pytest.mark.slow
+def test_pareto_walk_forward_on_a_local_cluster_matches_in_process() -> None:
+    """The Pareto search, its folds and its choice on 2 Dask workers equal the in-process run."""
+    from pareto_run import run_pareto
+    from pareto_search import ParetoOptions
+
+    df = sample_frame()
+
+    def run(workers: int) -> dict[str, Any]:
+        report = run_pareto(
+            BacktestEvaluator.from_settings(
+                Settings(), "sma_cross", "1m", periods=32, one_score=True
+            ),
+            {PAIR: df},
+            strategy_space("sma_cross"),
+            ParetoOptions(population=8, generations=2, seed=5, min_trades=1, workers=workers,
+                          scalar="score"),
+            windows=walk_forward_windows(len(df), windows=2, train_ratio=2.0),
+            feasible=strategy_feasibility("sma_cross"),
+        )  # fmt: skip
+        assert report.workers == workers
+        data = report.as_dict()
+        data.pop("elapsed_s")
+        data.pop("workers")
+        return data
+
+    in_process = run(1)
+    assert in_process["pareto"]
+    assert run(2) == in_process
