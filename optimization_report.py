@@ -48,8 +48,17 @@ def _scale(values: Sequence[float], lo_px: float, hi_px: float) -> Any:
     return to_px, lo, hi
 
 
-def _frame(title: str, x_label: str, y_label: str, body: str, ranges: tuple[float, ...]) -> str:
+def _frame(
+    title: str,
+    x_label: str,
+    y_label: str,
+    body: str,
+    ranges: tuple[float, ...],
+    x_format: Any = None,
+) -> str:
     x_lo, x_hi, y_lo, y_hi = ranges
+    fmt_x = x_format or (lambda v: _fmt(v, 3))
+    x_text = "" if x_lo == x_hi else f" ({fmt_x(x_lo)} \u2192 {fmt_x(x_hi)})"
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         f'role="img" aria-label="{html.escape(title)}">'
@@ -59,7 +68,7 @@ def _frame(title: str, x_label: str, y_label: str, body: str, ranges: tuple[floa
         'stroke="#888"/>'
         f'<line x1="{PAD}" y1="24" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#888"/>'
         f'<text x="{WIDTH / 2}" y="{HEIGHT - 8}" text-anchor="middle" font-size="11">'
-        f"{html.escape(x_label)} ({_fmt(x_lo, 3)} \u2192 {_fmt(x_hi, 3)})</text>"
+        f"{html.escape(x_label)}{x_text}</text>"
         f'<text x="12" y="{HEIGHT / 2}" font-size="11" transform="rotate(-90 12 {HEIGHT / 2})" '
         f'text-anchor="middle">{html.escape(y_label)} ({_fmt(y_lo, 3)} \u2192 {_fmt(y_hi, 3)})'
         f"</text>{body}</svg>"
@@ -87,7 +96,12 @@ def scatter_svg(
 
 
 def line_svg(
-    title: str, points: Sequence[tuple[float, float | None]], *, x_label: str, y_label: str
+    title: str,
+    points: Sequence[tuple[float, float | None]],
+    *,
+    x_label: str,
+    y_label: str,
+    x_format: Any = None,
 ) -> str:
     """Return an SVG line chart (gaps where y is None)."""
     xs = [p[0] for p in points]
@@ -105,7 +119,13 @@ def line_svg(
         for s in segments
         if s
     )
-    return _frame(title, x_label, y_label, body, (x_lo, x_hi, y_lo, y_hi))
+    return _frame(title, x_label, y_label, body, (x_lo, x_hi, y_lo, y_hi), x_format)
+
+
+def _date(ms: float) -> str:
+    from datetime import UTC, datetime
+
+    return f"{datetime.fromtimestamp(ms / 1000, tz=UTC):%Y-%m-%d %H:%M}"
 
 
 def bars_svg(title: str, groups: Sequence[tuple[str, float | None, float | None]]) -> str:
@@ -230,7 +250,13 @@ def _walk_forward_section(doc: Mapping[str, Any]) -> str:
         )
     curve = [(float(ts), float(eq)) for ts, eq in wf.get("stitched") or []]
     chart = (
-        line_svg("stitched out-of-sample equity", curve, x_label="time (ms)", y_label="equity")
+        line_svg(
+            "stitched out-of-sample equity",
+            curve,
+            x_label="time (UTC)",
+            y_label="equity",
+            x_format=_date,
+        )
         if len(curve) > 1
         else ""
     )

@@ -12,7 +12,10 @@ search whose choice must survive out of sample before sim or live may use it:
   anchored) train window, its choice scored on the test window after it, the folds'
   out-of-sample returns stitched into one curve, the walk-forward efficiency and a
   verdict (`robust`, `degraded`, `collapsed`, `no edge`).
-* **Robust choice** (`sensitivity`): among the front's best by the scalar score, the
+* **One score.** The front's members, the folds and the plateau are ranked by the one
+  score (`optimization_scoring.score_result`: `reward_system.score_backtest`'s total under
+  `settings.reward`), the number `/score` and the dashboard show for a live record.
+* **Robust choice** (`sensitivity`): among the front's best by the one score, the
   point whose neighbourhood scores best; Morris screening (SALib), one-at-a-time curves
   and pairwise heatmaps around it, and a knife-edge flag.
 * **Overfitting** (`overfitting`, analytics' part): the deflated Sharpe ratio of the

@@ -277,9 +277,9 @@ def print_pareto_report(report: ParetoReport, document: dict[str, Any], *, path:
         for column in ("params", *names, "score", "trades"):
             table.add_column(column, justify="right")
         for t in search.front[:15]:
-            mark = " *" if report.best is not None and t.params == report.best.params else ""
+            mark = "* " if report.best is not None and t.params == report.best.params else ""
             table.add_row(
-                " ".join(f"{k}={v:g}" for k, v in t.params.items()) + mark,
+                mark + " ".join(f"{k}={v:g}" for k, v in t.params.items()),
                 *(_fmt(t.objectives[n]) for n in names),
                 _fmt(t.score),
                 str(t.n_trades),
