@@ -9,16 +9,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from error_handler import ConfigError
 from optimization_backends import InProcessBackend
-from optimization_scoring import Segment, with_periods
+from optimization_scoring import Segment, period_returns, stability, with_periods
 from pareto_search import (
     ParetoOptions,
     ParetoResult,
     ParetoSearch,
     drive_pareto,
     load_checkpoint,
+    snap_columns,
 )
 from search_space import Dimension, SearchSpace
 from tests.test_optimization_support import PAIR, flat_frame
@@ -161,3 +164,42 @@ def test_bad_options_are_a_config_error() -> None:
         ParetoOptions(population=2)
     with pytest.raises(ConfigError):
         ParetoOptions(objectives=())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=20),
+    st.sampled_from(
+        [
+            Dimension("i", 2, 100),
+            Dimension("s", 0.5, 4.0, integer=False, step=0.25),
+            Dimension("c", -5.12, 5.12, integer=False),
+        ]
+    ),
+)
+def test_vectorised_snapping_equals_the_dimension_snap(values: list[float], dim: Dimension) -> None:
+    """The repair's column snap puts every value on the grid point Dimension.snap picks."""
+    space = SearchSpace((dim,))
+    snapped = snap_columns(space, np.array(values)[:, None])[:, 0]
+    assert snapped.tolist() == [dim.snap(v) for v in values]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.5, 2.0), min_size=1, max_size=300),
+    st.integers(1, 80),
+)
+def test_period_returns_chain_to_the_total_return(growth: list[float], periods: int) -> None:
+    """Per-period returns compound to the curve's total return; stability is within [-1, 1]."""
+    equity = 100.0 * np.cumprod(growth)
+    returns = period_returns(equity, 100.0, periods)
+    assert len(returns) == periods
+    assert float(np.prod(1 + returns)) == pytest.approx(equity[-1] / 100.0, rel=1e-9)
+    assert -1.0 <= stability(returns) <= 1.0
+
+
+def test_stability_is_signed_by_the_trend() -> None:
+    """A steady climb scores near 1, a steady decline near -1, a flat curve 0."""
+    assert stability(np.full(32, 0.01)) == pytest.approx(1.0)
+    assert stability(np.full(32, -0.01)) == pytest.approx(-1.0)
+    assert stability(np.zeros(32)) == 0.0
