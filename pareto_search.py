@@ -7,7 +7,8 @@ cluster or a `tcp://` scheduler). `drive_pareto` advances several searches in lo
 (the full range and each walk-forward window) with a checkpoint per generation.
 
 * **Variables.** Every `Dimension` is a real variable on [low, high]; a repair operator
-  snaps each offspring onto its grid (integers, `step` grids, continuous values), which is
+  snaps each offspring onto its grid (integers, `step` grids, numeric choices, continuous
+  values), which is
   pymoo's documented treatment of integer and discrete variables next to real ones
   (`RoundingRepair`), and keeps SBX and polynomial mutation meaningful on all of them.
 * **Constraints.** One inequality column: 0 when the candidate was scored with enough
@@ -215,6 +216,11 @@ def snap_columns(space: SearchSpace, X: np.ndarray) -> np.ndarray:
     """Return `X` (one row per candidate) with each column on its dimension's grid."""
     out = np.array(X, dtype=np.float64, copy=True)
     for j, d in enumerate(space.dimensions):
+        if d.choices:
+            # Nearest choice, the lower one on a tie (as Dimension.snap).
+            options = np.asarray(d.choices, dtype=np.float64)
+            out[:, j] = options[np.abs(out[:, j, None] - options[None, :]).argmin(axis=1)]
+            continue
         column = np.clip(out[:, j], d.low, d.high)
         step = d.grid_step
         if step is not None:

@@ -32,16 +32,21 @@ class Dimension:
     high: float
     integer: bool = True
     step: float | None = None
+    choices: tuple[float, ...] = ()  # sorted; when set, the only values (a choice variable)
 
     @property
     def grid_step(self) -> float | None:
-        """Return the grid spacing (`step`, 1 for integers, None when continuous)."""
+        """Return the grid spacing (`step`, 1 for integers, None when continuous or a choice)."""
+        if self.choices:
+            return None
         if self.step:
             return float(self.step)
         return 1.0 if self.integer else None
 
     def snap(self, value: float) -> float:
-        """Return the grid point nearest to `value`, within range."""
+        """Return the grid point (or choice) nearest to `value`, within range."""
+        if self.choices:
+            return float(min(self.choices, key=lambda c: (abs(c - float(value)), c)))
         value = min(max(float(value), self.low), self.high)
         step = self.grid_step
         if step is not None:
@@ -52,8 +57,15 @@ class Dimension:
             value = float(round(value))
         return round(value, 10)  # decimal noise would split one grid point into two keys
 
+    def adjacent(self, value: float, direction: int) -> float:
+        """Return the choice next to `value` in `direction` (+1 or -1), or `value` at an end."""
+        at = self.choices.index(self.snap(value)) + direction
+        return self.choices[at] if 0 <= at < len(self.choices) else self.snap(value)
+
     def sample(self, rng: np.random.Generator) -> float:
         """Return a uniformly drawn grid point (a uniform value when continuous)."""
+        if self.choices:
+            return float(self.choices[int(rng.integers(0, len(self.choices)))])
         step = self.grid_step
         if step is None:
             return self.snap(rng.uniform(self.low, self.high))
@@ -65,6 +77,8 @@ class Dimension:
         span = self.high - self.low
         if span <= 0:
             return value
+        if self.choices:
+            return self.adjacent(value, 1 if rng.random() < 0.5 else -1)
         moved = self.snap(value + rng.normal(0.0, scale * span))
         if moved != value:
             return moved
@@ -96,7 +110,14 @@ class SearchSpace:
         """Return the space of a strategy's `parameters`, leaving out the `fixed` ones."""
         fixed = dict(fixed or {})
         dims = tuple(
-            Dimension(name, float(p.low), float(p.high), bool(p.integer), p.step)
+            Dimension(
+                name,
+                float(min(p.choices)) if p.choices else float(p.low),
+                float(max(p.choices)) if p.choices else float(p.high),
+                bool(p.integer),
+                p.step,
+                tuple(sorted(float(c) for c in p.choices)),
+            )
             for name, p in parameters.items()
             if name not in fixed
         )

@@ -48,8 +48,10 @@ def neighbours(space: SearchSpace, key: Key, share: float = NEIGHBOUR_SHARE) -> 
     out: list[Key] = []
     for i, d in enumerate(space.dimensions):
         step = max(d.grid_step or 0.0, share * (d.high - d.low))
-        for direction in (-1.0, 1.0):
-            moved = d.snap(key[i] + direction * step)
+        for direction in (-1, 1):
+            moved = (
+                d.adjacent(key[i], direction) if d.choices else d.snap(key[i] + direction * step)
+            )
             if moved != key[i]:
                 out.append((*key[:i], moved, *key[i + 1 :]))
     return list(dict.fromkeys(out))

@@ -39,16 +39,23 @@ from models import Side, Signal
 
 @dataclass(frozen=True, slots=True)
 class Param:
-    """A tunable parameter with its optimisation range."""
+    """A tunable parameter with its optimisation range.
+
+    `choices`, when given, are the only values the parameter takes (e.g. a lookback among
+    a few standard ones); the optimiser searches them as a choice variable.
+    """
 
     default: float
     low: float
     high: float
     integer: bool = True
     step: float | None = None
+    choices: tuple[float, ...] = ()
 
     def clip(self, value: float) -> float:
-        """Return `value` within range, rounded for integer parameters."""
+        """Return `value` within range, rounded for integer parameters (nearest choice)."""
+        if self.choices:
+            return float(min(self.choices, key=lambda c: (abs(c - value), c)))
         value = min(max(value, self.low), self.high)
         return float(round(value)) if self.integer else float(value)
 

@@ -174,6 +174,7 @@ def test_bad_options_are_a_config_error() -> None:
             Dimension("i", 2, 100),
             Dimension("s", 0.5, 4.0, integer=False, step=0.25),
             Dimension("c", -5.12, 5.12, integer=False),
+            Dimension("k", 5, 50, choices=(5.0, 8.0, 13.0, 21.0, 34.0, 50.0)),
         ]
     ),
 )
@@ -203,3 +204,43 @@ def test_stability_is_signed_by_the_trend() -> None:
     assert stability(np.full(32, 0.01)) == pytest.approx(1.0)
     assert stability(np.full(32, -0.01)) == pytest.approx(-1.0)
     assert stability(np.zeros(32)) == 0.0
+
+
+MIXED = SearchSpace(
+    (
+        Dimension("fast", 2, 50),
+        Dimension("width", 0.5, 4.0, integer=False, step=0.25),
+        Dimension("gain", 0.0, 1.0, integer=False),
+        Dimension("lookback", 5, 55, choices=(5.0, 8.0, 13.0, 21.0, 34.0, 55.0)),
+    )
+)
+
+
+def mixed(
+    params: Mapping[str, float], frame: pd.DataFrame, *, pair: str, start_ms: int | None
+) -> dict[str, float]:
+    """Score a mixed parameter set: best at fast=20, width=1.75, gain=0.3, lookback=21."""
+    f1 = (params["fast"] - 20) ** 2 / 100 + (params["width"] - 1.75) ** 2
+    f2 = (params["gain"] - 0.3) ** 2 + abs(params["lookback"] - 21) / 50
+    return {"f1": f1, "f2": f2, "sharpe": -f1 - f2, "n_trades": 10.0}
+
+
+def test_mixed_integer_stepped_continuous_and_choice_variables_stay_on_their_grids() -> None:
+    """Every candidate is on its grid, `fast < lookback` refusals are never evaluated."""
+    seen: list[dict[str, float]] = []
+
+    def refuse(params: Mapping[str, float]) -> str | None:
+        seen.append(dict(params))
+        return "fast must be below lookback" if params["fast"] >= params["lookback"] else None
+
+    options = ParetoOptions(population=16, generations=8, objectives=NSGA.objectives, min_trades=0)
+    search = ParetoSearch(MIXED, options, feasible=refuse)
+    result = _run(MIXED, mixed, options, search=search).result()
+    assert result.infeasible > 0
+    assert result.front
+    for p in [*seen, *(t.params for t in result.front)]:
+        assert p["fast"] == round(p["fast"])
+        assert (p["width"] - 0.5) / 0.25 == round((p["width"] - 0.5) / 0.25)
+        assert 0.0 <= p["gain"] <= 1.0
+        assert p["lookback"] in MIXED.dimensions[3].choices
+    assert all(t.params["fast"] < t.params["lookback"] for t in result.front)
