@@ -13,7 +13,9 @@ window; then, with the same backend:
 2. **Plateau.** Among the front's best few by scalar score, the point whose neighbourhood
    scores best is chosen (`sensitivity.plateau_choice`).
 3. **Overfitting.** The deflated Sharpe ratio of the chosen point's per-period returns
-   given every trial of the full search and the variance of their Sharpe ratios, and the
+   given every trial of the full search (against the best of that many no-edge trials,
+   whose Sharpe ratios scatter by sampling error, or by the trials' own smaller scatter;
+   `dsr_at_trial_variance` shows the textbook figure on the raw scatter), and the
    probability of backtest overfitting by CSCV over a bounded matrix of trials (the
    front, the final population and a reservoir sample), both from `overfitting`.
 4. **Sensitivity** around the chosen point (`sensitivity.analyse`).
@@ -147,6 +149,8 @@ class Overfitting:
     n_trials: int
     sharpe: float | None
     sharpe_variance: float
+    null_variance: float
+    observed_variance_dsr: float | None
     probabilistic_sharpe: float | None
     pbo_configurations: int
     pbo_splits: int
@@ -160,6 +164,8 @@ class Overfitting:
             "n_trials": self.n_trials,
             "sharpe_per_period": self.sharpe,
             "trial_sharpe_variance": self.sharpe_variance,
+            "benchmark_sharpe_variance": self.null_variance,
+            "dsr_at_trial_variance": self.observed_variance_dsr,
             "probabilistic_sharpe": self.probabilistic_sharpe,
             "pbo_configurations": self.pbo_configurations,
             "pbo_splits": self.pbo_splits,
@@ -526,14 +532,21 @@ def _overfitting(result: ParetoResult, best: Trial | None) -> Overfitting | None
     if best is None or best.returns.size < 2:
         return None
     n_trials = max(1, result.evaluated)
-    dsr = deflated_sharpe(best.returns, n_trials, result.sharpe_variance)
+    periods = best.returns.size
+    # The benchmark is the best Sharpe of n_trials configurations with NO edge. Their
+    # estimates scatter by sampling error alone, 1 / (T - 1) per-period (Lo; Mertens at a
+    # zero Sharpe), or less when the trials are correlated (a GA's neighbours are). The
+    # trials' observed dispersion is used when it is smaller; when it is larger, real
+    # differences between configurations (some with an edge, some losing) inflate it and
+    # it no longer measures luck: a clear edge would read as noise.
+    variance = min(result.sharpe_variance, 1.0 / (periods - 1))
+    dsr = deflated_sharpe(best.returns, n_trials, variance)
     sharpe = sharpe_per_period(best.returns)
     # The matrix PBO reads: front, final population and reservoir sample, one column each.
     columns: dict[tuple[float, ...], np.ndarray] = {}
     for t in (*result.front, *result.population, *result.sample):
         if t.returns.size == best.returns.size:
             columns.setdefault(tuple(t.params.values()), t.returns)
-    periods = best.returns.size
     blocks = min(PBO_BLOCKS, periods - periods % 2)
     estimate = None
     if len(columns) >= 2 and blocks >= 2:
@@ -544,6 +557,8 @@ def _overfitting(result: ParetoResult, best: Trial | None) -> Overfitting | None
         n_trials=n_trials,
         sharpe=sharpe,
         sharpe_variance=result.sharpe_variance,
+        null_variance=variance,
+        observed_variance_dsr=deflated_sharpe(best.returns, n_trials, result.sharpe_variance),
         probabilistic_sharpe=probabilistic_sharpe(sharpe, periods),
         pbo_configurations=len(columns),
         pbo_splits=estimate.splits if estimate else 0,

@@ -188,3 +188,46 @@ def test_an_interrupted_walk_forward_run_resumes_to_the_same_report(tmp_path: Pa
     assert resumed.search is not None
     assert whole.search is not None
     assert resumed.search.evaluated == whole.search.evaluated
+
+
+def _hourly(close: np.ndarray) -> pd.DataFrame:
+    open_ = np.concatenate(([close[0]], close[:-1]))
+    index = pd.date_range("2024-01-01", periods=len(close), freq="1h", tz="UTC", name="ts")
+    return pd.DataFrame(
+        {
+            "open": open_,
+            "high": np.maximum(open_, close) * 1.001,
+            "low": np.minimum(open_, close) * 0.999,
+            "close": close,
+            "volume": np.ones(len(close)),
+        },
+        index=index,
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_overfitting_estimates_tell_a_real_edge_from_noise(seed: int) -> None:
+    """On a random walk the chosen point fails DSR and PBO; on a steady cycle it passes both."""
+    rng = np.random.default_rng(seed)
+    n = 2_400
+    noise = _hourly(100 * np.exp(np.cumsum(rng.normal(0, 0.01, n))))
+    t = np.arange(n)
+    cycle = _hourly(100 * np.exp(0.06 * np.sin(2 * np.pi * t / 96) + rng.normal(0, 0.004, n)))
+
+    def estimates(frame: pd.DataFrame) -> Any:
+        report = run_pareto(
+            BacktestEvaluator("sma_cross", "1h", periods=64),
+            frame,
+            strategy_space("sma_cross"),
+            ParetoOptions(population=16, generations=5, min_trades=3),
+            feasible=strategy_feasibility("sma_cross"),
+            sensitivity=False,
+        )
+        assert report.overfitting is not None
+        return report.overfitting
+
+    luck, edge = estimates(noise), estimates(cycle)
+    assert luck.dsr < 0.95
+    assert luck.pbo > 0.4
+    assert edge.dsr > 0.99
+    assert edge.pbo < 0.05
