@@ -102,8 +102,9 @@ def line_svg(
     x_label: str,
     y_label: str,
     x_format: Any = None,
+    marker: float | None = None,
 ) -> str:
-    """Return an SVG line chart (gaps where y is None)."""
+    """Return an SVG line chart (gaps where y is None), with a dashed line at `marker`."""
     xs = [p[0] for p in points]
     ys = [p[1] for p in points if p[1] is not None]
     fx, x_lo, x_hi = _scale(xs, PAD + 4, WIDTH - 14)
@@ -119,6 +120,11 @@ def line_svg(
         for s in segments
         if s
     )
+    if marker is not None and math.isfinite(marker):
+        body += (
+            f'<line x1="{fx(marker):.1f}" y1="28" x2="{fx(marker):.1f}" y2="{HEIGHT - PAD}" '
+            'stroke="#d62728" stroke-dasharray="4 3"/>'
+        )
     return _frame(title, x_label, y_label, body, (x_lo, x_hi, y_lo, y_hi), x_format)
 
 
@@ -332,10 +338,11 @@ def _sensitivity_section(doc: Mapping[str, Any]) -> str:
     for name, points in (sens.get("curves") or {}).items():
         parts.append(
             line_svg(
-                f"score along {name}",
+                f"score along {name} (red: chosen)",
                 [(float(x), y) for x, y in points],
                 x_label=name,
                 y_label="score",
+                marker=(sens.get("params") or {}).get(name),
             )
         )
     for h in sens.get("heatmaps") or []:

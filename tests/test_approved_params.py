@@ -130,6 +130,12 @@ def test_cli_writes_the_issue_keys_and_an_unapproved_result_never_reaches_sim(
     assert all(set(t) >= {"params", "objectives"} for t in doc["pareto"])
     assert set(doc["pareto"][0]["objectives"]) == {"return", "drawdown", "stability"}
     assert set(doc["best"]) >= {"params", "objectives"}
+    assert (doc["method"], doc["options"]["population"], doc["options"]["generations"]) == (
+        "nsga2",
+        8,
+        3,
+    )
+    assert doc["options"]["workers"] == 1
     # The front is ranked by the one score (reward_system.score_backtest's total).
     assert doc["options"]["scalar"] == "score"
     assert doc["best"]["score"] == doc["best"]["metrics"]["score"]
