@@ -421,7 +421,7 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a batch mode (optimize, backfill, train, pairs, parity); return the exit status."""
+    """Run a batch mode (optimize, backfill, train, pairs, parity, anomalies); return the status."""
     if args.mode == "backfill":
         from data_manager import run_backfill_cli
 
@@ -447,6 +447,11 @@ async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.mode == "parity":
         return await run_parity(args, settings)
+    if args.mode == "anomalies":
+        from anomaly_detection import run_anomalies_cli
+
+        frames = load_frames(args, settings)
+        return await asyncio.to_thread(run_anomalies_cli, frames, settings.anomaly, args)
     raise ConfigError(f"unknown batch mode {args.mode}")
 
 

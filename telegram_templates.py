@@ -17,6 +17,8 @@ from typing import Any, Final, assert_never
 
 from error_handler import BotError
 from models import (
+    Anomaly,
+    AnomalyDetected,
     ClosedTrade,
     Decision,
     ErrorRaised,
@@ -166,6 +168,18 @@ class Alert:
 def text_alert(text: str, *, category: str = "info") -> Alert:
     """Return an alert for free-form plain text (escaped and redacted)."""
     return Alert(esc(text), category)
+
+
+def anomaly_alert(anomaly: Anomaly, paused_until: int | None) -> Alert:
+    """Return the alert for a market-data anomaly and the entry pause it set on the pair."""
+    until = f" until {_when(paused_until)}" if paused_until is not None else ""
+    lines = [
+        f"⚠️ <b>Anomaly on {esc(anomaly.pair)}</b>: {esc(anomaly.kind)}"
+        f" (score {anomaly.score:.1f})",
+        esc(anomaly.detail),
+        f"entries paused{until}; exits and stops keep working",
+    ]
+    return Alert("\n".join(line for line in lines if line), "anomaly")
 
 
 def trade_opened(position: Position, *, reason: str = "") -> Alert:
@@ -346,6 +360,8 @@ def render_event(event: Event) -> Alert:
             )
         case StopHit():
             return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+        case AnomalyDetected():
+            return anomaly_alert(event.anomaly, event.paused_until)
         case _:
             assert_never(event)
 
