@@ -306,6 +306,7 @@ class AnomalyMonitor:
         self._spread_avg: dict[str, float] = {}
         self._books: dict[str, int] = {}
         self._stale: set[str] = set()
+        self._blown: dict[str, int] = {}
 
     @property
     def pause_ms(self) -> int:
@@ -373,7 +374,12 @@ class AnomalyMonitor:
         s = self.settings
         relative = seen >= SPREAD_WARMUP and spread >= s.spread_ratio * max(avg, 0.1)
         if spread >= s.spread_max_bps or relative:
-            # A blown-out book does not move the average it is judged against.
+            # A blown-out book does not move the average it is judged against; a lasting
+            # blow-out is reported again every half pause, which keeps its pair paused.
+            last = self._blown.get(book.pair)
+            if last is not None and book.ts - last < self.pause_ms // 2:
+                return None
+            self._blown[book.pair] = book.ts
             return Anomaly(
                 book.ts,
                 book.pair,

@@ -228,7 +228,9 @@ class AnomalySettings(_Group):
     """Market-data anomaly rules; an anomaly pauses entries on its pair for a while."""
 
     enabled: bool = Field(default=True, description="watch sim and live feeds")
-    in_backtest: bool = Field(default=False, description="also pause entries in backtests")
+    in_replay: bool = Field(
+        default=False, description="also in backtests and sim replays (the two stay equal)"
+    )
     window: int = Field(default=100, ge=10, description="bars in the robust median/MAD scale")
     spike_z: float = Field(default=20.0, gt=0, description="one-bar return, robust sigmas")
     revert_z: float = Field(

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from anomaly_detection import AnomalyMonitor
 from daemon_base import DaemonBase
 from data_manager import CandleStore, DataManager
 from data_manager import replay_frames as load_frames
@@ -175,7 +176,7 @@ class DaemonBuild(DaemonBase):
             # then (plus a margin for clock skew) was never placed.
             unknown_after_ms=s.exchange.recv_window_ms + 5_000,
         )
-        return Engine(
+        engine = Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
             pairs=list(s.strategy.pairs),
@@ -200,6 +201,11 @@ class DaemonBuild(DaemonBase):
             signals=signals,
             max_lag_ms=max_lag_ms,
         )
+        # Anomalies pause entries on a live feed; replays (backtest and sim alike, so the
+        # two stay equal) only when asked to.
+        if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
+            engine.anomaly_monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+        return engine
 
     async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
         """Build on the live exchange feed: paper fills (sim --feed live) or real orders.

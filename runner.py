@@ -249,6 +249,10 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             background.append(
                 tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots")
             )
+            if self.engine.anomaly_monitor is not None and not direct:
+                background.append(
+                    tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
+                )
             if self.settings.learning.enabled and self.args.mode != "backtest":
                 self.enable_learning()
                 background.append(
@@ -277,6 +281,12 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             await pipeline
             for task in background:
                 task.cancel()
+
+    async def _watch_feed(self) -> None:
+        # The stale-feed rule needs a timer: a silent feed brings no candle to check.
+        assert self.engine is not None
+        await asyncio.sleep(min(60.0, self.engine.step / 1000))
+        self.engine.check_feed()
 
     def _started(self) -> None:
         assert self.engine is not None

@@ -174,8 +174,7 @@ def anomaly_alert(anomaly: Anomaly, paused_until: int | None) -> Alert:
     """Return the alert for a market-data anomaly and the entry pause it set on the pair."""
     until = f" until {_when(paused_until)}" if paused_until is not None else ""
     lines = [
-        f"⚠️ <b>Anomaly on {esc(anomaly.pair)}</b>: {esc(anomaly.kind)}"
-        f" (score {anomaly.score:.1f})",
+        f"⚠️ <b>Anomaly on {esc(anomaly.pair)}</b>: {esc(anomaly.kind)} (score {anomaly.score:.1f})",
         esc(anomaly.detail),
         f"entries paused{until}; exits and stops keep working",
     ]
@@ -549,6 +548,13 @@ def render_why(snap: Snapshot, query: str, patterns: Sequence[Mapping[str, Any]]
         until = f" until {_when(veto.until)}" if veto.until is not None else ""
         guard = f" [{esc(veto.guard)}]" if veto.guard else ""
         lines.append(f"veto{guard}: {esc(veto.reason)}{until}")
+    anomaly = snap.anomalies.get(pair)
+    if anomaly is not None:
+        paused = " · entries paused" if anomaly.get("paused") else ""
+        lines.append(f"anomaly: {esc(anomaly['kind'])} ({esc(anomaly['detail'])}){paused}")
+    cluster = snap.patterns.get(pair)
+    if cluster is not None:
+        lines.append(f"pattern cluster: {esc(cluster.get('summary', ''))}")
     if patterns:
         found = [
             f"{esc(p['label'])} {_DIRECTION_MARK.get(p['direction'], '')}"
