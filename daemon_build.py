@@ -22,6 +22,7 @@ from error_handler import (
     ConfigError,
 )
 from models import Market, strategy_tag
+from pattern_recognition import PatternFilter
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -205,7 +206,24 @@ class DaemonBuild(DaemonBase):
         # two stay equal) only when asked to.
         if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
             engine.anomaly_monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+        if s.strategy.pattern_filter:
+            engine.pattern_filter = self._pattern_filter()
         return engine
+
+    def _pattern_filter(self) -> PatternFilter | None:
+        # The pattern model the strategy settings name; without one, no filter (and a
+        # warning), never a failed start: the filter only ever refuses entries.
+        from pattern_recognition import PatternModel
+
+        path = self.settings.strategy.pattern_model
+        if path is None:
+            log.warning("pattern_filter_without_model")
+            return None
+        try:
+            return PatternFilter(PatternModel.load(path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("pattern_model_unreadable", path=str(path), error=repr(e))
+            return None
 
     async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
         """Build on the live exchange feed: paper fills (sim --feed live) or real orders.

@@ -50,6 +50,7 @@ from models import (
     TradingState,
     Veto,
 )
+from pattern_recognition import PatternFilter
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskContext, RiskManager
@@ -326,8 +327,8 @@ class EngineState:
         # Market-data anomalies pause entries on their pair (None: not watched).
         self.anomaly_monitor: AnomalyMonitor | None = None
         self.anomalies: dict[str, Anomaly] = {}
-        # Pattern cluster statistics per pair for the status snapshot (pattern_recognition).
-        self.pattern_status: Callable[[], dict[str, dict[str, Any]]] = dict
+        # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
+        self.pattern_filter: PatternFilter | None = None
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -425,7 +426,7 @@ class EngineControl(EngineState):
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
             anomalies=self.anomaly_status(now),
-            patterns=self.pattern_status(),
+            patterns=self.pattern_filter.status() if self.pattern_filter is not None else {},
             risk={
                 **self.risk.describe(),
                 "exposure": float(self.portfolio.exposure()),
@@ -731,7 +732,12 @@ class Engine(EngineControl):
         read on such a candle: only the marks and the equity curve move, which
         `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
         """
-        return self.risk.all_in and not self.predictors and self.anomaly_monitor is None
+        return (
+            self.risk.all_in
+            and not self.predictors
+            and self.anomaly_monitor is None
+            and self.pattern_filter is None
+        )
 
     def on_quiet_candle(self, candle: Candle) -> None:
         """Apply a candle on which nothing but the mark and the equity curve can change."""
@@ -848,7 +854,12 @@ class Engine(EngineControl):
             await self.executor.deliver_fills(signal.pair)
 
     def _model_veto(self, signal: Signal) -> Veto | None:
-        """Refuse an entry the learned model does not back (None when no model is used)."""
+        """Refuse an entry the learned model or the pattern filter does not back."""
+        if self.pattern_filter is not None:
+            frame = self.data.frame(signal.pair, self.timeframe)
+            reason = self.pattern_filter.veto_reason(signal.pair, frame)
+            if reason is not None:
+                return Veto(reason, None, "pattern")
         predictor = self.predictors.get(signal.pair)
         if predictor is None:
             return None

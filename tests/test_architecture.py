@@ -33,6 +33,10 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    # anomaly_detection (a component: candles, books and settings in, Anomaly out) needs no
+    # edge: it reads only models, config and utils.
+    ("pattern_recognition", "technical_indicators"): "clusters the indicator library's "
+    "features, candlestick patterns and regimes",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports

@@ -229,6 +229,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "rate_limit_budget": {"rest": 0.9},
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
+    "anomalies": {},
+    "patterns": {},
 }
 
 
