@@ -35,6 +35,7 @@ MODES = (
     "pairs",
     "parity",
     "anomalies",
+    "patterns",
 )
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 

@@ -8,6 +8,8 @@ bars and pays fees, as a backtest's trades would.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +19,7 @@ import pytest
 
 from models import ClosedTrade, PositionSide
 from pattern_recognition import (
+    SCALE_WINDOW,
     PatternFilter,
     PatternModel,
     decision_bars,
@@ -187,3 +190,86 @@ def test_a_trade_belongs_to_the_bar_closed_before_its_entry() -> None:
     start = int(index[0].value // 1_000_000)
     entries = [start + HOUR, start + HOUR + 1, start + 4 * HOUR, start]
     assert decision_bars(index, entries).tolist() == [0, 0, 3, -1]
+
+
+async def test_a_backtest_with_the_filter_refuses_entries_in_losing_clusters(
+    fitted: Fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filter on with a model whose every cluster lost: no entry once the features are warm."""
+    from tests.test_backtest_support import replay_in_process
+
+    model = fitted.model
+    doomed = PatternModel(
+        model.columns,
+        model.window,
+        model.mean,
+        model.scale,
+        model.centres,
+        tuple(replace(s, verdict="losing") for s in model.stats),
+        model.base_win_rate,
+        model.min_trades,
+    )
+    path = doomed.save(tmp_path / "doomed.json")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("KESTREL_STORAGE__LOG_DIR", str(tmp_path / "logs"))
+    cli = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=5"]
+    cli += ["--param", "slow=20", "--pairs", "BTC/USDT", "--timeframe", "1m"]
+    free, _ = await replay_in_process(*cli)
+    monkeypatch.setenv("KESTREL_STRATEGY__PATTERN_FILTER", "true")
+    monkeypatch.setenv("KESTREL_STRATEGY__PATTERN_MODEL", str(path))
+    filtered, _ = await replay_in_process(*cli)
+    # The first bars have no complete feature window (no cluster, no verdict): entries
+    # decided there pass; every later one is refused.
+    warm = filtered["first_ts"] + (SCALE_WINDOW + model.window + 1) * 60_000
+    late_free = [t for t in free["trades"] if t["entry_ts"] > warm]
+    assert len(late_free) >= 10
+    assert all(t["entry_ts"] <= warm for t in filtered["trades"])
+    assert filtered["vetoes"] > free["vetoes"] + len(late_free) // 2
+
+
+async def test_patterns_mode_backtests_fits_and_writes_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--mode patterns` backtests, writes a loadable model and every cluster's record."""
+    import main
+    from config import load_settings
+    from runner import run_patterns
+    from tests.test_backtest_support import cli_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("KESTREL_STORAGE__LOG_DIR", str(tmp_path / "logs"))
+    out = tmp_path / "out.json"
+    args = cli_args(
+        "--mode", "patterns", "--strategy", "sma_cross", "--param", "fast=5", "--param",
+        "slow=20", "--pairs", "BTC/USDT", "--timeframe", "1m", "--summary-json", str(out),
+    )  # fmt: skip
+    assert await run_patterns(args, main._apply_cli(load_settings(env_file=None), args)) == 0
+    summary = json.loads(out.read_text())
+    entry = summary["models"]["BTC/USDT"]
+    assert entry["trades"] == summary["n_trades"] > 0
+    assert sum(c["trades"] for c in entry["clusters"]) == entry["clustered"]
+    assert entry["trades"] - 5 <= entry["clustered"] <= entry["trades"]  # warm-up entries
+    model = PatternModel.load(Path(entry["path"]))
+    assert [s.trades for s in model.stats] == [c["trades"] for c in entry["clusters"]]
+
+
+def test_why_shows_the_pattern_cluster_of_the_pair() -> None:
+    """/why adds the pair's latest cluster record from the snapshot."""
+    from decimal import Decimal
+
+    from models import BotState, Decision, PortfolioSnapshot, Snapshot, TradingState
+    from telegram_templates import render_why
+
+    stats = {"summary": "cluster 3: 2/20 won (10%, 95% 3%-30%), mean -1.00% (losing)"}
+    snap = Snapshot(
+        ts=0,
+        mode="sim",
+        state=BotState.RUNNING,
+        trading_state=TradingState.NORMAL,
+        portfolio=PortfolioSnapshot(0, Decimal(1), Decimal(1)),
+        last_decisions={"BTC/USDT": Decision("BTC/USDT", 0, None, "veto")},
+        patterns={"BTC/USDT": stats},
+    )
+    assert "pattern cluster: cluster 3: 2/20 won" in render_why(snap, "BTC/USDT")
