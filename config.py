@@ -227,7 +227,7 @@ class LearningSettings(_Group):
 class AnomalySettings(_Group):
     """Market-data anomaly rules; an anomaly pauses entries on its pair for a while."""
 
-    enabled: bool = Field(default=True, description="watch sim and live feeds")
+    enabled: bool = Field(default=True, description="watch live feeds (sim --feed live, live)")
     in_replay: bool = Field(
         default=False, description="also in backtests and sim replays (the two stay equal)"
     )
