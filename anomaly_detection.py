@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -362,6 +362,11 @@ class AnomalyMonitor:
         if fired or bar.flat_run >= s.frozen_bars or bar.zero_run >= s.zero_volume_bars:
             return bar
         return None
+
+    def prime(self, candles: Iterable[Candle]) -> None:
+        """Learn the scale from history (a live start's warm-up); what it shows is not news."""
+        for candle in candles:
+            self.on_candle(candle)
 
     def on_book(self, book: OrderBook) -> Anomaly | None:
         """Return a spread blow-out on this book, if it shows one."""

@@ -21,7 +21,7 @@ from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
 )
-from models import Market, strategy_tag
+from models import Candle, Market, strategy_tag
 from pattern_recognition import PatternFilter
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
@@ -206,6 +206,8 @@ class DaemonBuild(DaemonBase):
         # two stay equal) only when asked to.
         if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
             engine.anomaly_monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+            if data is not None:  # a live start: the warm-up history sets the scale
+                prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
         if s.strategy.pattern_filter:
             engine.pattern_filter = self._pattern_filter()
         return engine
@@ -342,3 +344,15 @@ class DaemonBuild(DaemonBase):
                 # per-pair state primed before the first live candle, not during it.
                 strategy.last_row_arrays(pair, bars)
             log.info("warmup_loaded", pair=pair, candles=len(history))
+
+
+def prime_anomalies(engine: Engine, pairs: list[str]) -> None:
+    """Feed the pairs' warm-up candles to the anomaly monitor (a no-op without one)."""
+    monitor = engine.anomaly_monitor
+    if monitor is None:
+        return
+    keep = monitor.settings.window + 3
+    for pair in pairs:
+        bars = engine.data.arrays(pair, engine.timeframe)
+        rows = zip(*(column[-keep:].tolist() for column in bars), strict=True)
+        monitor.prime(Candle(pair, engine.timeframe, *row) for row in rows)

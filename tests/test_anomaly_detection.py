@@ -258,3 +258,15 @@ def test_cli_scans_a_candle_file_and_writes_the_summary(tmp_path: Path) -> None:
     assert frozen[0]["pair"] == "ETH/USDT"
     assert frozen[0]["ts"] == int(ms(frame)[502])
     assert 0 < summary["rate"] < 0.05
+
+
+def test_a_primed_monitor_judges_the_first_live_candle_like_the_scan() -> None:
+    """Primed with the warm-up history, the first live candle gets the scan's verdict."""
+    frame = inject_spikes(real("BTC-USDT", rows=400), np.array([398]), 8.0, 1)
+    history = candles(frame, "BTC/USDT")
+    monitor = AnomalyMonitor(SETTINGS, "1h")
+    monitor.prime(history[-(SETTINGS.window + 3) : -2])
+    live = [a for c in history[-2:] for a in monitor.on_candle(c)]
+    expected = [a for a in scan(frame, "BTC/USDT", SETTINGS) if a.ts >= history[-2].ts]
+    assert [(a.ts, a.kind) for a in live] == [(a.ts, a.kind) for a in expected]
+    assert any(a.kind is AnomalyKind.SPIKE_REVERT for a in live)

@@ -130,3 +130,29 @@ async def test_why_and_the_dashboard_name_the_pause() -> None:
     console = Console(width=120, record=True)
     console.print(section_risk(snap))
     assert f"anomaly {pair}" in console.export_text()
+
+
+async def test_a_blown_out_book_and_a_silent_feed_pause_the_pair() -> None:
+    """The live-only rules reach risk too: a 150 bps spread, then no candle for four bars."""
+    from models import OrderBook
+
+    daemon = _daemon(True)
+    engine = daemon.engine
+    assert engine is not None
+    alerts: list[Event] = []
+    daemon.notifiers.append(alerts.append)
+    pair = engine.pairs[0]
+    start = engine.clock.now_ms()
+    await engine.on_candle(Candle(pair, engine.timeframe, start, 100, 101, 99, 100, 5))
+    now = engine.clock.now_ms()
+    await engine.on_order_book(OrderBook(pair, now, ((100.0, 1.0),), ((101.5, 1.0),)))
+    assert engine.risk.pair_pauses.active(pair, now) is not None
+    engine.risk.resume_pair(pair)
+    clock = engine.clock
+    assert hasattr(clock, "advance")
+    clock.advance(5 * engine.step / 1000)
+    engine.check_feed()
+    kinds = [e.anomaly.kind for e in alerts if isinstance(e, AnomalyDetected)]
+    assert kinds == [AnomalyKind.SPREAD_BLOWOUT, AnomalyKind.STALE_FEED]
+    assert engine.snapshot().anomalies[pair]["kind"] == "stale_feed"
+    assert engine.risk.pair_pauses.active(pair, engine.clock.now_ms()) is not None
