@@ -60,6 +60,7 @@ SIGMA_FLOOR: Final = 1e-6  # log units: a market that never moves has no finite 
 VOLUME_FLOOR: Final = 1e-12
 SPREAD_WARMUP: Final = 20  # books before the running spread average is trusted
 SPREAD_ALPHA: Final = 0.05
+_COLUMNS: Final = ("open", "high", "low", "close", "volume")
 # The order anomalies of one bar are reported in (the CLI, the tests, the alerts).
 BAR_KINDS: Final = (
     AnomalyKind.SPIKE,
@@ -160,9 +161,6 @@ def bar_scores(
         volume_z=volume_z,
         range_z=(log_range - rng_med) / rng_sigma,
     )
-
-
-_COLUMNS: Final = ("open", "high", "low", "close", "volume")
 
 
 def run_lengths(flags: BoolArray) -> npt.NDArray[np.int64]:
