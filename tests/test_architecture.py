@@ -33,6 +33,8 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
     # anomaly_detection (a component: candles, books and settings in, Anomaly out) needs no
     # edge: it reads only models, config and utils.
     ("pattern_recognition", "technical_indicators"): "clusters the indicator library's "
@@ -94,6 +96,8 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    # reward_system.py
+    "score_penalties": "reward_system",
 }
 
 
