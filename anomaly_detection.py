@@ -24,9 +24,10 @@ spread_blowout     (live) the book's spread is above `spread_max_bps`, or `sprea
 =================  ========================================================================
 
 `isolation_scores` adds scikit-learn's IsolationForest over the same robust features as an
-auxiliary score (higher = stranger); it never pauses anything by itself. The pipeline turns
-every anomaly into a per-pair pause of entries in risk (`RiskManager.pause_pair`), an
-`AnomalyDetected` event and a line in the status snapshot.
+auxiliary score (higher = stranger); it never pauses anything by itself. `AnomalyWatch`,
+the engine's hook, turns every anomaly into a per-pair pause of entries in risk
+(`risk_management.PairPauses`), an audit record, an `AnomalyDetected` event (once per pause)
+and a line in the status snapshot.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -46,8 +47,8 @@ import structlog
 from numpy.lib.stride_tricks import sliding_window_view
 
 from config import AnomalySettings
-from models import Anomaly, AnomalyKind, Candle, OrderBook
-from utils.utilities import timeframe_to_ms
+from models import Anomaly, AnomalyDetected, AnomalyKind, Candle, EventSink, OrderBook
+from utils.utilities import AuditTrail, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
@@ -493,3 +494,92 @@ def run_anomalies_cli(
     Console(width=100).print(table)
     log.info("anomalies_scanned", bars=summary["bars"], found=len(summary["anomalies"]))
     return 0
+
+
+# -- The engine's hook -----------------------------------------------------------------------
+
+
+class _Pause(Protocol):
+    @property
+    def until(self) -> int | None: ...
+
+
+class PauseBook(Protocol):
+    """Where entry pauses are kept (`risk_management.PairPauses`)."""
+
+    def pause(self, pair: str, reason: str, *, now: int, until: int | None) -> bool:
+        """Pause entries on `pair`; return True when it was not paused already."""
+        ...
+
+    def active(self, pair: str, now: int) -> _Pause | None:
+        """Return the pause in force on `pair` at `now`, if any."""
+        ...
+
+
+class AnomalyWatch:
+    """Turn what the monitor finds into entry pauses, audit records and alerts.
+
+    Each anomaly pauses entries on its pair for `pause_bars` bars (a second one extends the
+    pause), is written to the audit trail and logged; the operator hears of a pause once,
+    when it starts (an `AnomalyDetected` event), not of every bar of a frozen feed.
+    """
+
+    def __init__(
+        self, monitor: AnomalyMonitor, pauses: PauseBook, *, audit: AuditTrail, alert: EventSink
+    ) -> None:
+        self.monitor = monitor
+        self.pauses = pauses
+        self.audit = audit
+        self.alert = alert
+        self.latest: dict[str, Anomaly] = {}
+
+    def on_candle(self, candle: Candle, now: int) -> None:
+        """Judge a closed candle."""
+        found = self.monitor.on_candle(candle)
+        if found:
+            self._apply(found, now)
+
+    def on_book(self, book: OrderBook, now: int) -> None:
+        """Judge a book's spread."""
+        blowout = self.monitor.on_book(book)
+        if blowout is not None:
+            self._apply([blowout], now)
+
+    def check_feed(self, now: int) -> None:
+        """Judge the feed's age (a timer calls this: a silent feed brings no candle)."""
+        self._apply(self.monitor.check_stale(now), now)
+
+    def status(self, now: int) -> dict[str, dict[str, Any]]:
+        """Return each pair's latest anomaly and whether it still pauses entries there."""
+        out: dict[str, dict[str, Any]] = {}
+        for pair, anomaly in self.latest.items():
+            pause = self.pauses.active(pair, now)
+            out[pair] = {
+                "ts": anomaly.ts,
+                "kind": str(anomaly.kind),
+                "score": round(anomaly.score, 3),
+                "detail": anomaly.detail,
+                "paused": pause is not None,
+                "paused_until": pause.until if pause is not None else None,
+            }
+        return out
+
+    def _apply(self, found: list[Anomaly], now: int) -> None:
+        until = now + self.monitor.pause_ms
+        for anomaly in found:
+            reason = f"{anomaly.kind}: {anomaly.detail}"
+            is_new = self.pauses.pause(anomaly.pair, reason, now=now, until=until)
+            self.latest[anomaly.pair] = anomaly
+            self.audit.record(
+                "anomaly",
+                now,
+                pair=anomaly.pair,
+                candle_ts=anomaly.ts,
+                anomaly=str(anomaly.kind),
+                score=anomaly.score,
+                detail=anomaly.detail,
+                paused_until=until,
+            )
+            log.warning("anomaly_detected", pair=anomaly.pair, anomaly=str(anomaly.kind))
+            if is_new:
+                self.alert(AnomalyDetected(anomaly, until))

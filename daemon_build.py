@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from anomaly_detection import AnomalyMonitor
+from anomaly_detection import AnomalyMonitor, AnomalyWatch
 from daemon_base import DaemonBase
 from data_manager import CandleStore, DataManager
 from data_manager import replay_frames as load_frames
@@ -219,7 +219,9 @@ class DaemonBuild(DaemonBase):
         # Anomalies pause entries on a live feed; replays (backtest and sim alike, so the
         # two stay equal) only when asked to.
         if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
-            engine.anomaly_monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+            monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+            pauses = engine.risk.pair_pauses
+            engine.anomaly_watch = AnomalyWatch(monitor, pauses, audit=self.audit, alert=self.alert)
             if data is not None:  # a live start: the warm-up history sets the scale
                 prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
         if s.strategy.pattern_filter:
@@ -362,9 +364,9 @@ class DaemonBuild(DaemonBase):
 
 def prime_anomalies(engine: Engine, pairs: list[str]) -> None:
     """Feed the pairs' warm-up candles to the anomaly monitor (a no-op without one)."""
-    monitor = engine.anomaly_monitor
-    if monitor is None:
+    if engine.anomaly_watch is None:
         return
+    monitor = engine.anomaly_watch.monitor
     keep = monitor.settings.window + 3
     for pair in pairs:
         bars = engine.data.arrays(pair, engine.timeframe)

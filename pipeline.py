@@ -25,12 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from anomaly_detection import AnomalyMonitor
+from anomaly_detection import AnomalyWatch
 from data_manager import DataManager
 from error_handler import BusinessError, RecoverableError, StrategyError
 from models import (
-    Anomaly,
-    AnomalyDetected,
     BotState,
     Candle,
     ClosedTrade,
@@ -358,8 +356,7 @@ class EngineState:
         # an operator command) when the daemon persists it; None (backtests): no cost.
         self.risk_saver: Callable[[], Awaitable[None]] | None = None
         # Market-data anomalies pause entries on their pair (None: not watched).
-        self.anomaly_monitor: AnomalyMonitor | None = None
-        self.anomalies: dict[str, Anomaly] = {}
+        self.anomaly_watch: AnomalyWatch | None = None
         # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
         self.pattern_filter: PatternFilter | None = None
 
@@ -459,7 +456,7 @@ class EngineControl(EngineState):
             ranking=tuple(self.reward.ranked()),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
-            anomalies=self.anomaly_status(now),
+            anomalies=self.anomaly_watch.status(now) if self.anomaly_watch is not None else {},
             patterns=self.pattern_filter.status() if self.pattern_filter is not None else {},
             risk={
                 **self.risk.describe(),
@@ -469,49 +466,10 @@ class EngineControl(EngineState):
             **self.extra_status(),
         )
 
-    def anomaly_status(self, now: int) -> dict[str, dict[str, Any]]:
-        """Return each pair's latest anomaly and whether it still pauses entries there."""
-        pauses = self.risk.pair_pauses.all_active(now)
-        out: dict[str, dict[str, Any]] = {}
-        for pair, anomaly in self.anomalies.items():
-            pause = pauses.get(pair)
-            out[pair] = {
-                "ts": anomaly.ts,
-                "kind": str(anomaly.kind),
-                "score": round(anomaly.score, 3),
-                "detail": anomaly.detail,
-                "paused": pause is not None,
-                "paused_until": pause.until if pause is not None else None,
-            }
-        return out
-
     def check_feed(self) -> None:
         """Report pairs whose candles stopped coming (the stale-feed rule; live timer)."""
-        if self.anomaly_monitor is not None:
-            now = self.clock.now_ms()
-            self._on_anomalies(self.anomaly_monitor.check_stale(now), now)
-
-    def _on_anomalies(self, found: list[Anomaly], now: int) -> None:
-        # Each anomaly pauses entries on its pair; the operator hears of a new pause once.
-        assert self.anomaly_monitor is not None
-        until = now + self.anomaly_monitor.pause_ms
-        for anomaly in found:
-            reason = f"{anomaly.kind}: {anomaly.detail}"
-            is_new = self.risk.pause_pair(anomaly.pair, reason, now=now, until=until)
-            self.anomalies[anomaly.pair] = anomaly
-            self.audit.record(
-                "anomaly",
-                now,
-                pair=anomaly.pair,
-                candle_ts=anomaly.ts,
-                anomaly=str(anomaly.kind),
-                score=anomaly.score,
-                detail=anomaly.detail,
-                paused_until=until,
-            )
-            log.warning("anomaly_detected", pair=anomaly.pair, kind=str(anomaly.kind))
-            if is_new:
-                self.alert(AnomalyDetected(anomaly, until))
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.check_feed(self.clock.now_ms())
 
     def patterns(self, pair: str, lookback: int = 3) -> list[dict[str, Any]]:
         """Return the candlestick patterns on `pair`'s last `lookback` candles, newest first.
@@ -730,10 +688,8 @@ class Engine(EngineControl):
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
         now = self.clock.now_ms()
-        if self.anomaly_monitor is not None:
-            found = self.anomaly_monitor.on_candle(candle)
-            if found:
-                self._on_anomalies(found, now)
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.on_candle(candle, now)
         exited = False
         if self.manage_stops and portfolio.has_position(pair):
             await self._manage_stop(candle, now)
@@ -769,7 +725,7 @@ class Engine(EngineControl):
         return (
             self.risk.all_in
             and not self.predictors
-            and self.anomaly_monitor is None
+            and self.anomaly_watch is None
             and self.pattern_filter is None
         )
 
@@ -991,7 +947,5 @@ class Engine(EngineControl):
     async def on_order_book(self, book: OrderBook) -> None:
         """Keep the latest book per pair (depth chart, book-walk fills); watch its spread."""
         self.books[book.pair] = book
-        if self.anomaly_monitor is not None:
-            blowout = self.anomaly_monitor.on_book(book)
-            if blowout is not None:
-                self._on_anomalies([blowout], self.clock.now_ms())
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.on_book(book, self.clock.now_ms())

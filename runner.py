@@ -251,7 +251,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             background.append(
                 tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots")
             )
-            if self.engine.anomaly_monitor is not None and not direct:
+            if self.engine.anomaly_watch is not None and not direct:
                 background.append(
                     tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
                 )

@@ -73,8 +73,8 @@ def _daemon(in_replay: bool) -> Daemon:
 
 def test_replays_watch_anomalies_only_when_asked() -> None:
     """Backtests and sim replays stay equal: neither watches unless `in_replay` is set."""
-    assert _daemon(False).engine.anomaly_monitor is None  # type: ignore[union-attr]
-    assert _daemon(True).engine.anomaly_monitor is not None  # type: ignore[union-attr]
+    assert _daemon(False).engine.anomaly_watch is None  # type: ignore[union-attr]
+    assert _daemon(True).engine.anomaly_watch is not None  # type: ignore[union-attr]
 
 
 async def test_a_frozen_feed_pauses_the_pair_alerts_once_and_shows_in_the_snapshot() -> None:
