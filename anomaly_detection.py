@@ -284,11 +284,24 @@ class _PairWindow:
         return self.buf[max(0, self.n - self.keep) : self.n]
 
 
+def _median(x: FloatArray) -> float:
+    # np.median's result (the middle value, or the mean of the middle two) without its
+    # per-call overhead, which is most of the cost of a 100-value median.
+    n = len(x)
+    half = n // 2
+    if n % 2:
+        return float(np.partition(x, half)[half])
+    part = np.partition(x, (half - 1, half))
+    return float((part[half - 1] + part[half]) / 2)
+
+
 def _scale_last(x: FloatArray) -> tuple[float, float]:
-    # `robust_scale` for one position: the median and robust sigma of `x`.
-    med = np.median(x)
-    sigma = max(MAD_TO_SIGMA * float(np.median(np.abs(x - med))), SIGMA_FLOOR)
-    return float(med), sigma
+    # `robust_scale` for one position: the median and robust sigma of `x` (NaN-free).
+    if np.isnan(x).any():
+        return math.nan, math.nan
+    med = _median(x)
+    sigma = max(MAD_TO_SIGMA * _median(np.abs(x - med)), SIGMA_FLOOR)
+    return med, sigma
 
 
 class AnomalyMonitor:

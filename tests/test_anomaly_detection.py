@@ -270,3 +270,14 @@ def test_a_primed_monitor_judges_the_first_live_candle_like_the_scan() -> None:
     expected = [a for a in scan(frame, "BTC/USDT", SETTINGS) if a.ts >= history[-2].ts]
     assert [(a.ts, a.kind) for a in live] == [(a.ts, a.kind) for a in expected]
     assert any(a.kind is AnomalyKind.SPIKE_REVERT for a in live)
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=120)
+)
+def test_the_live_median_is_numpys_median(values: list[float]) -> None:
+    """The monitor's cheap median returns exactly np.median's value."""
+    from anomaly_detection import _median
+
+    x = np.array(values)
+    assert _median(x) == float(np.median(x))
