@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from config import RiskSettings
-from models import ClosedTrade, EventSink, TradingState, TradingStateChanged
+from models import ClosedTrade, EventSink, Signal, TradingState, TradingStateChanged, Veto
 
 
 log = structlog.get_logger(__name__)
@@ -568,3 +568,73 @@ def _state_changed(trigger: Mapping[str, Any]) -> TradingStateChanged:
         consecutive_losses=int(trigger["consecutive_losses"] or 0),
         limit=None if trigger.get("limit") is None else float(trigger["limit"]),
     )
+
+
+# -- Per-pair entry pauses -------------------------------------------------------------------
+
+
+class _Timed(Protocol):
+    @property
+    def now(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PairPause:
+    """Entries on `pair` refused from `since` until `until` (ms UTC; None: until resumed)."""
+
+    pair: str
+    reason: str
+    source: str
+    since: int
+    until: int | None
+
+
+class PairPauses:
+    """Pause entries pair by pair (a market-data anomaly), as an entry guard.
+
+    Only entries pass through guards: exits and protective stops on a paused pair keep
+    working. A pause ends by itself at `until`; pausing a paused pair extends it.
+    """
+
+    name = "pair_pause"
+
+    def __init__(self) -> None:
+        self._pauses: dict[str, PairPause] = {}
+
+    def pause(
+        self, pair: str, reason: str, *, now: int, until: int | None, source: str = "anomaly"
+    ) -> bool:
+        """Pause entries on `pair`; return True when it was not paused already."""
+        current = self.active(pair, now)
+        if current is not None:
+            longer = None if until is None or current.until is None else max(until, current.until)
+            self._pauses[pair] = replace(current, reason=reason, until=longer)
+            return False
+        self._pauses[pair] = PairPause(pair, reason, source, now, until)
+        log.warning("pair_paused", pair=pair, reason=reason, until=until, source=source)
+        return True
+
+    def resume(self, pair: str) -> bool:
+        """Lift the pause on `pair`; return True when there was one."""
+        return self._pauses.pop(pair, None) is not None
+
+    def active(self, pair: str, now: int) -> PairPause | None:
+        """Return the pause in force on `pair` at `now`, if any (an expired one is dropped)."""
+        pause = self._pauses.get(pair)
+        if pause is not None and pause.until is not None and now >= pause.until:
+            del self._pauses[pair]
+            return None
+        return pause
+
+    def all_active(self, now: int) -> dict[str, PairPause]:
+        """Return every pause in force at `now`, by pair."""
+        return {p: pause for p in list(self._pauses) if (pause := self.active(p, now)) is not None}
+
+    def check(self, signal: Signal, ctx: _Timed) -> Veto | None:
+        """Refuse an entry on a paused pair, saying why and until when."""
+        if not self._pauses:
+            return None
+        pause = self.active(signal.pair, ctx.now)
+        if pause is None:
+            return None
+        return Veto(f"entries paused on {pause.pair}: {pause.reason}", pause.until, self.name)

@@ -170,6 +170,14 @@ class StrategySettings(_Group):
     pairs: StrList = Field(default_factory=lambda: ["BTC/USDT"])
     long_only: bool = True
     warmup_candles: int = Field(default=300, ge=1)
+    pattern_filter: bool = Field(
+        default=False,
+        description="refuse entries in pattern clusters whose past trades lost (pattern model)",
+    )
+    pattern_model: Path | None = Field(
+        default=None, description="the fitted pattern model (JSON) the filter reads"
+    )
+    pattern_min_trades: int = Field(default=20, ge=1, description="trades before a verdict")
 
 
 class PairsSettings(_Group):
@@ -239,6 +247,29 @@ class LearningSettings(_Group):
     )
     test_fraction: float = Field(default=0.25, gt=0, lt=0.9)
     seed: int = 7
+
+
+class AnomalySettings(_Group):
+    """Market-data anomaly rules; an anomaly pauses entries on its pair for a while."""
+
+    enabled: bool = Field(default=True, description="watch live feeds (sim --feed live, live)")
+    in_replay: bool = Field(
+        default=False, description="also in backtests and sim replays (the two stay equal)"
+    )
+    window: int = Field(default=100, ge=10, description="bars in the robust median/MAD scale")
+    spike_z: float = Field(default=20.0, gt=0, description="one-bar return, robust sigmas")
+    revert_z: float = Field(
+        default=3.0, gt=0, description="a close this far out and back: spike-and-revert"
+    )
+    frozen_bars: int = Field(default=3, ge=1, description="flat or repeated bars: frozen feed")
+    zero_volume_bars: int = Field(default=1, ge=1)
+    volume_burst_z: float = Field(default=6.0, gt=0, description="log volume, robust sigmas")
+    stale_bars: float = Field(default=3.0, gt=0, description="feed older than this: stale")
+    spread_max_bps: float = Field(default=100.0, gt=0, description="spread blow-out, absolute")
+    spread_ratio: float = Field(
+        default=10.0, gt=1, description="spread blow-out, times its running average"
+    )
+    pause_bars: int = Field(default=3, ge=1, description="entries paused this many bars")
 
 
 class UISettings(_Group):
@@ -335,6 +366,7 @@ class Settings(BaseSettings):
     pairs: PairsSettings = Field(default_factory=PairsSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    anomaly: AnomalySettings = Field(default_factory=AnomalySettings)
     ui: UISettings = Field(default_factory=UISettings)
     optimization: OptimizationSettings = Field(default_factory=OptimizationSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)

@@ -15,13 +15,15 @@ from typing import Any
 
 import structlog
 
+from anomaly_detection import AnomalyMonitor, AnomalyWatch
 from daemon_base import DaemonBase
 from data_manager import CandleStore, DataManager
 from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
 )
-from models import Event, Market, strategy_tag
+from models import Candle, Event, Market, strategy_tag
+from pattern_recognition import PatternFilter
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -227,7 +229,7 @@ class DaemonBuild(DaemonBase):
             reward.on_event(event)
             self.alert(event)
 
-        return Engine(
+        engine = Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
             pairs=list(s.strategy.pairs),
@@ -252,6 +254,32 @@ class DaemonBuild(DaemonBase):
             signals=signals,
             max_lag_ms=max_lag_ms,
         )
+        # Anomalies pause entries on a live feed; replays (backtest and sim alike, so the
+        # two stay equal) only when asked to.
+        if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
+            monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+            pauses = engine.risk.pair_pauses
+            engine.anomaly_watch = AnomalyWatch(monitor, pauses, audit=self.audit, alert=self.alert)
+            if data is not None:  # a live start: the warm-up history sets the scale
+                prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
+        if s.strategy.pattern_filter:
+            engine.pattern_filter = self._pattern_filter()
+        return engine
+
+    def _pattern_filter(self) -> PatternFilter | None:
+        # The pattern model the strategy settings name; without one, no filter (and a
+        # warning), never a failed start: the filter only ever refuses entries.
+        from pattern_recognition import PatternModel
+
+        path = self.settings.strategy.pattern_model
+        if path is None:
+            log.warning("pattern_filter_without_model")
+            return None
+        try:
+            return PatternFilter(PatternModel.load(path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("pattern_model_unreadable", path=str(path), error=repr(e))
+            return None
 
     async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
         """Build on the live exchange feed: paper fills (sim --feed live) or real orders.
@@ -370,3 +398,15 @@ class DaemonBuild(DaemonBase):
                 # per-pair state primed before the first live candle, not during it.
                 strategy.last_row_arrays(pair, bars)
             log.info("warmup_loaded", pair=pair, candles=len(history))
+
+
+def prime_anomalies(engine: Engine, pairs: list[str]) -> None:
+    """Feed the pairs' warm-up candles to the anomaly monitor (a no-op without one)."""
+    if engine.anomaly_watch is None:
+        return
+    monitor = engine.anomaly_watch.monitor
+    keep = monitor.settings.window + 3
+    for pair in pairs:
+        bars = engine.data.arrays(pair, engine.timeframe)
+        rows = zip(*(column[-keep:].tolist() for column in bars), strict=True)
+        monitor.prime(Candle(pair, engine.timeframe, *row) for row in rows)

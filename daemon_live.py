@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from daemon_base import DaemonBase
+from daemon_build import prime_anomalies
 from data_manager import CandleStore, arrays_to_frame
 from error_handler import (
     DataError,
@@ -61,6 +62,7 @@ class DaemonLive(DaemonBase):
         """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
         assert self.engine is not None
         await self._warm_up(list(diff.added))
+        prime_anomalies(self.engine, list(diff.added))
         keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
         self.engine.set_pairs(keep)
         # Removed pairs that still hold a position stay on the feed until it is closed.

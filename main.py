@@ -25,7 +25,18 @@ if TYPE_CHECKING:
     from config import Settings
 
 
-MODES = ("sim", "live", "backtest", "optimize", "backfill", "train", "pairs", "parity")
+MODES = (
+    "sim",
+    "live",
+    "backtest",
+    "optimize",
+    "backfill",
+    "train",
+    "pairs",
+    "parity",
+    "anomalies",
+    "patterns",
+)
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 
@@ -150,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _register_secrets(settings)
     # Backtests replay history: only warnings unless --log-level asks for more.
-    quiet = args.mode == "backtest" and not args.log_level
+    quiet = args.mode in ("backtest", "anomalies") and not args.log_level
     setup_logging(
         settings.storage.log_dir,
         level="WARNING" if quiet else settings.logging.level,

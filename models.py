@@ -609,6 +609,42 @@ class RiskReset:
     latched: tuple[str, ...] = ()
 
 
+class AnomalyKind(StrEnum):
+    """What kind of market-data anomaly a detector found (see `anomaly_detection`)."""
+
+    SPIKE = "spike"
+    SPIKE_REVERT = "spike_revert"
+    FROZEN_FEED = "frozen_feed"
+    ZERO_VOLUME = "zero_volume"
+    VOLUME_BURST = "volume_burst"
+    STALE_FEED = "stale_feed"
+    SPREAD_BLOWOUT = "spread_blowout"
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """One anomaly on a pair's market data.
+
+    `ts` is the open time of the candle it was found on (or the book's / the check's time
+    for the live-only kinds); `score` is the rule's own measure (robust sigmas, bars,
+    basis points) and `detail` says it in words.
+    """
+
+    ts: int
+    pair: str
+    kind: AnomalyKind
+    score: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyDetected:
+    """An anomaly paused entries on its pair until `paused_until` (ms UTC)."""
+
+    anomaly: Anomaly
+    paused_until: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorRaised:
     """Something failed that the operator should hear of.
@@ -631,6 +667,7 @@ Event = (
     | TradingStateChanged
     | RiskReset
     | ErrorRaised
+    | AnomalyDetected
 )
 # The one alert bus: every component that publishes takes an `EventSink`.
 EventSink = Callable[[Event], None]
@@ -676,6 +713,11 @@ class Snapshot:
     risk: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     ranking: tuple[Ranked, ...] = ()
+    # Per pair: the latest anomaly and the entry pause it set (`anomaly_detection`).
+    anomalies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per pair: the pattern cluster of the latest candle and its trade record
+    # (`pattern_recognition`).
+    patterns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Control(Protocol):

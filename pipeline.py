@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from anomaly_detection import AnomalyWatch
 from data_manager import DataManager
 from error_handler import BusinessError, RecoverableError, StrategyError
 from models import (
@@ -49,6 +50,7 @@ from models import (
     TradingState,
     Veto,
 )
+from pattern_recognition import PatternFilter
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskContext, RiskManager
@@ -353,6 +355,10 @@ class EngineState:
         # Awaited after anything that may change the risk state (a candle, a closed trade,
         # an operator command) when the daemon persists it; None (backtests): no cost.
         self.risk_saver: Callable[[], Awaitable[None]] | None = None
+        # Market-data anomalies pause entries on their pair (None: not watched).
+        self.anomaly_watch: AnomalyWatch | None = None
+        # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
+        self.pattern_filter: PatternFilter | None = None
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -450,6 +456,8 @@ class EngineControl(EngineState):
             ranking=tuple(self.reward.ranked()),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
+            anomalies=self.anomaly_watch.status(now) if self.anomaly_watch is not None else {},
+            patterns=self.pattern_filter.status() if self.pattern_filter is not None else {},
             risk={
                 **self.risk.describe(),
                 "exposure": float(self.portfolio.exposure()),
@@ -457,6 +465,11 @@ class EngineControl(EngineState):
             },
             **self.extra_status(),
         )
+
+    def check_feed(self) -> None:
+        """Report pairs whose candles stopped coming (the stale-feed rule; live timer)."""
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.check_feed(self.clock.now_ms())
 
     def patterns(self, pair: str, lookback: int = 3) -> list[dict[str, Any]]:
         """Return the candlestick patterns on `pair`'s last `lookback` candles, newest first.
@@ -675,6 +688,8 @@ class Engine(EngineControl):
         if portfolio.has_position(pair):
             portfolio.mark(pair, Decimal(repr(candle.close)))
         now = self.clock.now_ms()
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.on_candle(candle, now)
         exited = False
         if self.manage_stops and portfolio.has_position(pair):
             await self._manage_stop(candle, now)
@@ -707,7 +722,12 @@ class Engine(EngineControl):
         read on such a candle: only the marks and the equity curve move, which
         `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
         """
-        return self.risk.all_in and not self.predictors
+        return (
+            self.risk.all_in
+            and not self.predictors
+            and self.anomaly_watch is None
+            and self.pattern_filter is None
+        )
 
     def on_quiet_candle(self, candle: Candle) -> None:
         """Apply a candle on which nothing but the mark and the equity curve can change."""
@@ -824,7 +844,12 @@ class Engine(EngineControl):
             await self.executor.deliver_fills(signal.pair)
 
     def _model_veto(self, signal: Signal) -> Veto | None:
-        """Refuse an entry the learned model does not back (None when no model is used)."""
+        """Refuse an entry the learned model or the pattern filter does not back."""
+        if self.pattern_filter is not None:
+            frame = self.data.frame(signal.pair, self.timeframe)
+            reason = self.pattern_filter.veto_reason(signal.pair, frame)
+            if reason is not None:
+                return Veto(reason, None, "pattern")
         predictor = self.predictors.get(signal.pair)
         if predictor is None:
             return None
@@ -920,5 +945,7 @@ class Engine(EngineControl):
         await self.on_fill(order, fill)
 
     async def on_order_book(self, book: OrderBook) -> None:
-        """Keep the latest book per pair (depth chart, book-walk fills)."""
+        """Keep the latest book per pair (depth chart, book-walk fills); watch its spread."""
         self.books[book.pair] = book
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.on_book(book, self.clock.now_ms())

@@ -53,6 +53,9 @@ Correlation: returns of the candidate and of held pairs over `correlation_window
 candidate too correlated, direction considered, with a held position is cut down above
 `max_correlation` and refused above the hard limit (`CorrelationGuard`).
 
+Pair pauses (`PairPauses`, the first guard): a market-data anomaly refuses entries on its
+pair until the pause expires (`pause_pair`); exits and stops on that pair go on.
+
 Exits are always allowed: a veto never traps a position.
 """
 
@@ -76,6 +79,8 @@ from circuit_breakers import DailyLossLimit as DailyLossLimit
 from circuit_breakers import EquityBook as EquityBook
 from circuit_breakers import LossStreak as LossStreak
 from circuit_breakers import MaxDrawdown as MaxDrawdown
+from circuit_breakers import PairPause as PairPause
+from circuit_breakers import PairPauses as PairPauses
 from circuit_breakers import ReduceOnDrawdown as ReduceOnDrawdown
 from circuit_breakers import Trip as Trip
 from circuit_breakers import default_rules as default_rules
@@ -378,7 +383,12 @@ class RiskManager:
             max(hard_correlation, settings.max_correlation),
             settings.correlation_window,
         )
-        self.guards: list[Guard] = [MaxOpenPositions(settings.max_open_positions)]
+        # Per-pair pauses (anomalies) come first: the cheapest refusal, and the one to show.
+        self.pair_pauses = PairPauses()
+        self.guards: list[Guard] = [
+            self.pair_pauses,
+            MaxOpenPositions(settings.max_open_positions),
+        ]
         if not self.all_in:
             self.guards.append(self.correlation)
         self.stops = StopManager(settings)
@@ -418,6 +428,14 @@ class RiskManager:
     def clear_manual(self) -> None:
         """Lift a manual rung (/resume after /stopbuy); latched breakers stay latched."""
         self.breakers.clear_manual()
+
+    def pause_pair(self, pair: str, reason: str, *, now: int, until: int | None) -> bool:
+        """Refuse entries on `pair` until `until` (exits go on); True when newly paused."""
+        return self.pair_pauses.pause(pair, reason, now=now, until=until)
+
+    def resume_pair(self, pair: str) -> bool:
+        """Lift a pair's entry pause; True when there was one."""
+        return self.pair_pauses.resume(pair)
 
     def reset(self, *, history: bool = False) -> None:
         """Resume manually (as `set_manual(None)`); with `history`, forget the Kelly trades."""

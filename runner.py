@@ -251,6 +251,10 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             background.append(
                 tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots")
             )
+            if self.engine.anomaly_watch is not None and not direct:
+                background.append(
+                    tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
+                )
             if self.settings.learning.enabled and self.args.mode != "backtest":
                 self.enable_learning()
                 background.append(
@@ -279,6 +283,12 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             await pipeline
             for task in background:
                 task.cancel()
+
+    async def _watch_feed(self) -> None:
+        # The stale-feed rule needs a timer: a silent feed brings no candle to check.
+        assert self.engine is not None
+        await asyncio.sleep(min(60.0, self.engine.step / 1000))
+        self.engine.check_feed()
 
     def _started(self) -> None:
         assert self.engine is not None
@@ -437,7 +447,7 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a batch mode (optimize, backfill, train, pairs, parity); return the exit status."""
+    """Run a batch mode (optimize, backfill, train, pairs, parity, anomalies, patterns)."""
     if args.mode == "backfill":
         from data_manager import run_backfill_cli
 
@@ -463,7 +473,57 @@ async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.mode == "parity":
         return await run_parity(args, settings)
+    if args.mode == "patterns":
+        return await run_patterns(args, settings)
+    if args.mode == "anomalies":
+        from anomaly_detection import run_anomalies_cli
+
+        frames = load_frames(args, settings)
+        return await asyncio.to_thread(run_anomalies_cli, frames, settings.anomaly, args)
     raise ConfigError(f"unknown batch mode {args.mode}")
+
+
+async def run_patterns(args: argparse.Namespace, settings: Settings) -> int:
+    """Backtest the strategy, then learn which pattern clusters preceded its wins and losses.
+
+    Writes each pair's model to `data/models/patterns/<BASE-QUOTE>-<timeframe>.json` (the
+    file `KESTREL_STRATEGY__PATTERN_MODEL` names for the entry filter) and, with
+    `--summary-json`, every cluster's record.
+    """
+    from dataclasses import asdict
+
+    from pattern_recognition import fit_patterns, trades_from_dicts
+    from utils.utilities import atomic_write
+
+    backtest = argparse.Namespace(**{**vars(args), "mode": "backtest", "summary_json": None})
+    summary = await run_backtest(backtest, settings)
+    timeframe = settings.strategy.timeframe
+    models: dict[str, Any] = {}
+    for pair, frame in load_frames(args, settings).items():
+        trades = trades_from_dicts(t for t in summary["trades"] if t["pair"] == pair)
+        try:
+            model = await asyncio.to_thread(
+                fit_patterns, frame, trades, min_trades=settings.strategy.pattern_min_trades
+            )
+        except ValueError as e:
+            raise DataError(f"{pair}: {e}", pair=pair) from e
+        name = f"{pair.split(':')[0].replace('/', '-')}-{timeframe}.json"
+        path = model.save(settings.storage.data_dir / "models" / "patterns" / name)
+        models[pair] = {
+            "path": str(path),
+            "trades": len(trades),
+            # Trades decided before the feature window was complete have no cluster.
+            "clustered": sum(s.trades for s in model.stats),
+            "base_win_rate": model.base_win_rate,
+            "clusters": [asdict(s) for s in model.stats],
+        }
+        for stats in model.stats:
+            print(f"{pair} {stats.summary()}")
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        out = {"mode": "patterns", "n_trades": summary["n_trades"], "models": models}
+        atomic_write(args.summary_json, json.dumps(out, indent=2, sort_keys=True))
+    return 0
 
 
 async def run_parity(args: argparse.Namespace, settings: Settings) -> int:

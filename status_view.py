@@ -421,6 +421,13 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
         if key not in ("exposure", "max_exposure", "circuit_breakers"):
             shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
             rows.append([_key(str(key)), shown])
+    for pair, anomaly in snapshot.anomalies.items():
+        if anomaly.get("paused"):
+            until = anomaly.get("paused_until")
+            shown = f"{anomaly.get('kind')} · entries paused" + (
+                f" until {_clock(int(until))}" if until is not None else ""
+            )
+            rows.append([_key(f"anomaly {pair}"), Text(shown, style="yellow")])
     return Group(_ladder(snapshot.trading_state), _table(None, rows, "ll"))
 
 

@@ -17,6 +17,8 @@ from typing import Any, Final, assert_never
 
 from error_handler import BotError
 from models import (
+    Anomaly,
+    AnomalyDetected,
     ClosedTrade,
     Decision,
     ErrorRaised,
@@ -166,6 +168,17 @@ class Alert:
 def text_alert(text: str, *, category: str = "info") -> Alert:
     """Return an alert for free-form plain text (escaped and redacted)."""
     return Alert(esc(text), category)
+
+
+def anomaly_alert(anomaly: Anomaly, paused_until: int | None) -> Alert:
+    """Return the alert for a market-data anomaly and the entry pause it set on the pair."""
+    until = f" until {_when(paused_until)}" if paused_until is not None else ""
+    lines = [
+        f"⚠️ <b>Anomaly on {esc(anomaly.pair)}</b>: {esc(anomaly.kind)} (score {anomaly.score:.1f})",
+        esc(anomaly.detail),
+        f"entries paused{until}; exits and stops keep working",
+    ]
+    return Alert("\n".join(line for line in lines if line), "anomaly")
 
 
 def trade_opened(position: Position, *, reason: str = "") -> Alert:
@@ -346,6 +359,8 @@ def render_event(event: Event) -> Alert:
             )
         case StopHit():
             return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+        case AnomalyDetected():
+            return anomaly_alert(event.anomaly, event.paused_until)
         case _:
             assert_never(event)
 
@@ -542,6 +557,13 @@ def render_why(snap: Snapshot, query: str, patterns: Sequence[Mapping[str, Any]]
         until = f" until {_when(veto.until)}" if veto.until is not None else ""
         guard = f" [{esc(veto.guard)}]" if veto.guard else ""
         lines.append(f"veto{guard}: {esc(veto.reason)}{until}")
+    anomaly = snap.anomalies.get(pair)
+    if anomaly is not None:
+        paused = " · entries paused" if anomaly.get("paused") else ""
+        lines.append(f"anomaly: {esc(anomaly['kind'])} ({esc(anomaly['detail'])}){paused}")
+    cluster = snap.patterns.get(pair)
+    if cluster is not None:
+        lines.append(f"pattern cluster: {esc(cluster.get('summary', ''))}")
     if patterns:
         found = [
             f"{esc(p['label'])} {_DIRECTION_MARK.get(p['direction'], '')}"

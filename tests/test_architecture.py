@@ -36,6 +36,10 @@ ALLOWED = {
     ("runner", "parameter_optimization"): "sim/live read the approved-parameters file it writes",
     ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
     ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
+    # anomaly_detection (a component: candles, books and settings in, Anomaly out) needs no
+    # edge: it reads only models, config and utils.
+    ("pattern_recognition", "technical_indicators"): "clusters the indicator library's "
+    "features, candlestick patterns and regimes",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports

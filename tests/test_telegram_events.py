@@ -10,6 +10,9 @@ import pytest
 from config import load_settings
 from daemon_operator import TelegramNotifier
 from models import (
+    Anomaly,
+    AnomalyDetected,
+    AnomalyKind,
     ClosedTrade,
     ErrorRaised,
     Event,
@@ -115,6 +118,17 @@ EXPECTED: list[tuple[Event, Alert]] = [
     (
         ErrorRaised("snapshots failed (disk full)", component="snapshots", breaker="open"),
         Alert("⚠️ <b>error</b>\nsnapshots failed (disk full)", "error", "error::error"),
+    ),
+    (
+        AnomalyDetected(
+            Anomaly(TS, "BTC/USDT", AnomalyKind.FROZEN_FEED, 3.0, "3 flat bars in a row"),
+            TS + 3 * 3_600_000,
+        ),
+        Alert(
+            "⚠️ <b>Anomaly on BTC/USDT</b>: frozen_feed (score 3.0)\n3 flat bars in a row\n"
+            "entries paused until 2023-11-15 01:13 UTC; exits and stops keep working",
+            "anomaly",
+        ),
     ),
 ]
 

@@ -232,6 +232,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
     "ranking": [],
+    "anomalies": {},
+    "patterns": {},
 }
 
 
