@@ -62,6 +62,9 @@ class BacktestResult:
     mode: str = "backtest"
     # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
     realised_pnl: float | None = None
+    # Circuit-breaker trips and the spans off the normal rung (`breaker_report`'s lists).
+    breaker_trips: tuple[dict[str, Any], ...] = ()
+    trading_spans: tuple[dict[str, Any], ...] = ()
 
     @property
     def n_trades(self) -> int:
@@ -162,6 +165,8 @@ def result_from_summary(
         vetoes=int(summary.get("vetoes", 0)),
         rejections=int(summary.get("rejections", 0)),
         mode=str(summary.get("mode", "backtest")),
+        breaker_trips=tuple(summary.get("breaker_trips", ())),
+        trading_spans=tuple(summary.get("trading_spans", ())),
     )
 
 

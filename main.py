@@ -245,6 +245,15 @@ def write_summary(summary: dict[str, Any], path: Path | None) -> None:
         else:
             text = str(value)
         table.add_row(key, text)
+    trips = summary.get("breaker_trips") or []
+    if trips:
+        last = trips[-1]
+        table.add_row("breaker trips", f"{len(trips)} (last: {last['rule']} -> {last['to']})")
+    off: dict[str, float] = {}
+    for span in summary.get("trading_spans") or []:
+        off[span["state"]] = off.get(span["state"], 0.0) + span["duration_ms"] / 3_600_000
+    if off:
+        table.add_row("time off normal", ", ".join(f"{k} {v:,.1f} h" for k, v in off.items()))
     Console(file=sys.stdout, width=100).print(table)
 
 

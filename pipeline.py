@@ -49,7 +49,7 @@ from models import (
 )
 from portfolio import Portfolio
 from reward_system import RewardSystem
-from risk_management import RiskContext, RiskManager
+from risk_management import RiskContext, RiskManager, breaker_report
 from strategy import Strategy
 from trade_executor import TradeExecutor
 from utils.utilities import AuditTrail, Clock, timeframe_to_ms
@@ -600,7 +600,13 @@ class EngineControl(EngineState):
                 for p in self.portfolio.positions().values()
             ],
             "trades": [t.as_dict() for t in self.portfolio.closed],
+            # Every breaker trip and every stretch off the normal rung (halted, reduced...).
+            **self._breaker_summary(),
         }
+
+    def _breaker_summary(self) -> dict[str, Any]:
+        report = breaker_report(self.risk.breakers.history, self.last_ts)
+        return {"breaker_trips": report["trips"], "trading_spans": report["spans"]}
 
 
 class Engine(EngineControl):

@@ -78,6 +78,7 @@ from circuit_breakers import LossStreak as LossStreak
 from circuit_breakers import MaxDrawdown as MaxDrawdown
 from circuit_breakers import ReduceOnDrawdown as ReduceOnDrawdown
 from circuit_breakers import Trip as Trip
+from circuit_breakers import breaker_report as breaker_report
 from circuit_breakers import default_rules as default_rules
 from config import RiskSettings
 from models import (

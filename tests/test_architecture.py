@@ -90,6 +90,7 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    "report_risk": "analytics",
 }
 
 
