@@ -368,6 +368,7 @@ class CircuitBreakers:
                 for t in self.latched.values()
             ],
             "last_trigger": dict(self.last_trigger),
+            "breaker_history": self.history[-20:],
         }
 
     def state_key(self) -> tuple[Any, ...]:
@@ -461,6 +462,7 @@ class CircuitBreakers:
                 "auto_resume": self.settings.auto_resume,
             },
             "last_trigger": dict(self.last_trigger),
+            "breaker_history": self.history[-20:],
         }
 
     def _active(self, book: EquityBook, live: list[Trip] | None = None) -> list[Trip]:

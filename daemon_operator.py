@@ -130,7 +130,9 @@ class DaemonOperator(DaemonBase):
         from ui import WebView
 
         assert self.engine is not None
-        web = WebView(self.engine, self.settings.ui)
+        web = WebView(
+            self.engine, self.settings.ui, reports_dir=self.settings.storage.data_dir / "reports"
+        )
         await web.start()
         log.info("web_view_started", url=f"http://127.0.0.1:{web.port}/")
         try:

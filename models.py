@@ -651,6 +651,9 @@ class Snapshot:
     rate_limit_budget: dict[str, float] = field(default_factory=dict)
     risk: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    # Per pair: {"last": close, "change": fraction over the last 24 h (or the window held),
+    # "ts": the last candle's open time}.
+    markets: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Control(Protocol):
@@ -686,6 +689,10 @@ class Control(Protocol):
 
     def patterns(self, pair: str) -> list[dict[str, Any]]:
         """Return the candlestick patterns on the pair's latest candles, newest first."""
+        ...
+
+    def chart(self, pair: str, limit: int = 500) -> dict[str, Any]:
+        """Return the pair's price chart: candles, indicator overlays, trade marks, position."""
         ...
 
     async def stop(self, reason: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
 from error_handler import BusinessError, RecoverableError, StrategyError
 from models import (
@@ -416,6 +417,7 @@ class EngineControl(EngineState):
             scores=self.reward.scores(),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
+            markets=self._markets(),
             risk={
                 **self.risk.describe(),
                 "exposure": float(self.portfolio.exposure()),
@@ -434,6 +436,37 @@ class EngineControl(EngineState):
 
         frame = self.data.frame(pair, self.timeframe)
         return latest_patterns(frame, lookback=lookback) if len(frame) else []
+
+    def _markets(self) -> dict[str, dict[str, float]]:
+        # Last close and the change over a day (or the window held), from the rolling
+        # window: one index per pair, no copy.
+        day = max(1, 86_400_000 // self.step)
+        out: dict[str, dict[str, float]] = {}
+        for pair in self.pairs:
+            close = self.data.arrays(pair, self.timeframe).close
+            if len(close) == 0:
+                continue
+            last, first = float(close[-1]), float(close[-min(len(close), day + 1)])
+            change = last / first - 1 if first > 0 else 0.0
+            ts = self.last_candle_ts.get(pair, 0)
+            out[pair] = {"last": last, "change": change, "ts": float(ts)}
+        return out
+
+    def chart(self, pair: str, limit: int = CHART_LIMIT) -> dict[str, Any]:
+        """Return the price chart of `pair`: candles, the strategy's overlays, trade marks.
+
+        Built on request (the web view) from the rolling window; see `chart_data`.
+        """
+        return chart_body(
+            pair,
+            self.timeframe,
+            self.step,
+            self.data.frame(pair, self.timeframe),
+            populate=self.strategy.populate,
+            trades=self.portfolio.closed[-200:],
+            position=self.portfolio.positions().get(pair),
+            limit=limit,
+        )
 
     async def pause(self, reason: str) -> None:
         """Stop opening positions; exits, stops and take-profits keep working."""

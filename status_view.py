@@ -411,7 +411,7 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
             )
         rows.append([_key("breakers"), line])
     for key, value in risk.items():
-        if key not in ("exposure", "max_exposure", "circuit_breakers"):
+        if key not in ("exposure", "max_exposure", "circuit_breakers", "breaker_history"):
             shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
             rows.append([_key(str(key)), shown])
     return Group(_ladder(snapshot.trading_state), _table(None, rows, "ll"))

@@ -54,6 +54,7 @@ OWNER: dict[str, str] = {
     "status_view": "ui",
     "dashboard": "ui",
     "web_view": "ui",
+    "web_page": "ui",
     "telegram_outbox": "telegram_bot",
     "telegram_commands": "telegram_bot",
     # exchange.py
@@ -91,6 +92,8 @@ OWNER: dict[str, str] = {
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
     "report_risk": "analytics",
+    # pipeline.py
+    "chart_data": "pipeline",
 }
 
 
