@@ -106,9 +106,11 @@ class DaemonOperator(DaemonBase):
             app.exit()
 
         closer = asyncio.create_task(close_when_stopped())
+        self.dashboard = app
         try:
             await app.run_async()
         finally:
+            self.dashboard = None
             closer.cancel()
         self.stop.set()
 

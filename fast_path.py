@@ -128,6 +128,8 @@ class BacktestResult:
             ),
             "open_positions": [dict(p) for p in self.open_positions],
             "trades": [t.as_dict() for t in self.trades],
+            "breaker_trips": [dict(t) for t in self.breaker_trips],
+            "trading_spans": [dict(s) for s in self.trading_spans],
         }
 
 

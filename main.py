@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 MODES = ("sim", "live", "backtest", "optimize", "backfill", "train", "pairs", "parity")
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+WATCHABLE_SPEED = 40.0  # candles a second for a replay watched on the dashboard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +95,10 @@ def parse_params(items: Sequence[str]) -> dict[str, float]:
     return params
 
 
+def _is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _apply_cli(settings: Settings, args: argparse.Namespace) -> Settings:
     """Return settings with command-line overrides applied (validated again)."""
     from config import Settings
@@ -116,6 +121,17 @@ def _apply_cli(settings: Settings, args: argparse.Namespace) -> Settings:
         data["logging"]["level"] = args.log_level
     if args.no_ui:
         data["ui"]["enabled"] = False
+    if (
+        args.mode == "sim"
+        and data["simulation"]["feed"] == "replay"
+        and args.speed is None
+        and not data["simulation"]["replay_speed"]
+        and data["ui"]["enabled"]
+        and _is_interactive()
+    ):
+        # Watched on the dashboard, a replay runs at a pace one can follow; on a pipe or in
+        # CI it runs flat out and prints the summary.
+        data["simulation"]["replay_speed"] = WATCHABLE_SPEED
     # Secrets were dumped as SecretStr objects; model_validate keeps them as they are.
     return Settings.model_validate(data)
 
@@ -146,10 +162,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _register_secrets(settings)
     # Backtests replay history: only warnings unless --log-level asks for more.
     quiet = args.mode == "backtest" and not args.log_level
+    # A replay run flat out would scroll its decisions past in a second: they go to the log
+    # file, and the console shows warnings and the summary.
+    replay = (
+        args.mode == "sim"
+        and settings.simulation.feed == "replay"
+        and not settings.simulation.replay_speed
+        and not args.log_level
+    )
     setup_logging(
         settings.storage.log_dir,
         level="WARNING" if quiet else settings.logging.level,
         json_console=settings.logging.json_console,
+        console_level="WARNING" if replay else None,
         cache_loggers=True,
     )
     try:

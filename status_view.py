@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
@@ -467,8 +467,122 @@ def render_snapshot(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
         box("Positions", section_positions(snapshot, limit=10)),
         box("Recent trades", section_trades(snapshot, limit=5)),
         pair_of(
+            box("Pairs", section_pairs(snapshot, pair)), box("Ranking", section_ranking(snapshot))
+        ),
+        pair_of(
             box(f"Depth {pair or ''}", section_depth(snapshot, pair, levels=5)),
             box("Strategy", section_metrics(snapshot, pair)),
         ),
+        box("Model & anomalies", section_models(snapshot)),
         pair_of(box("System", section_system(snapshot)), box("Errors", section_errors(snapshot))),
     )
+
+
+# -- Pairs, ranking, model and anomalies -----------------------------------------------------
+
+
+def extra(snapshot: Snapshot, key: str) -> Any:
+    """Return a status key other parts add to the snapshot (`ranking`, `anomalies`), or None.
+
+    Read from the snapshot's own field when it has one, else from its `risk` dict.
+    """
+    value = getattr(snapshot, key, None)
+    if value is None:
+        value = snapshot.risk.get(key)
+    return value
+
+
+def section_pairs(snapshot: Snapshot, pair: str | None = None, limit: int | None = None) -> Text:
+    """Return the traded pairs with last price and change (the selected one marked)."""
+    pairs = pairs_of(snapshot) or tuple(snapshot.markets)
+    if not pairs:
+        return Text("no pairs yet", style="dim")
+    if limit is not None and len(pairs) > max(1, limit):
+        at = pairs.index(pair) if pair in pairs else 0
+        start = max(0, min(at - limit // 2, len(pairs) - limit))
+        pairs = pairs[start : start + max(1, limit)]
+    rows: list[list[Cell]] = []
+    for name in pairs:
+        market = snapshot.markets.get(name, {})
+        last, change = market.get("last"), market.get("change")
+        mark = Text("▸ " + name, style="bold cyan") if name == pair else Text("  " + name)
+        rows.append(
+            [mark, _price(last), _signed(change * 100, 2, "%") if change is not None else "-"]
+        )
+    return _table(("  pair", "last", "change"), rows, "l")
+
+
+def _ranking_rows(ranking: Any) -> list[list[Cell]]:
+    rows: list[list[Cell]] = []
+    for i, item in enumerate(ranking if isinstance(ranking, Sequence) else ()):
+        if not isinstance(item, Mapping):
+            continue
+        total, lcb = item.get("total"), item.get("lcb")
+        rows.append(
+            [
+                str(i + 1),
+                str(item.get("name", "?")),
+                _num(total, 3) if isinstance(total, int | float) else "-",
+                _num(lcb, 3) if isinstance(lcb, int | float) else "-",
+                str(item.get("trades", "-")),
+            ]
+        )
+    return rows
+
+
+def section_ranking(snapshot: Snapshot, limit: int = 8) -> RenderableType:
+    """Return the strategy ranking (score, its lower confidence bound, trades), best first.
+
+    Reads the `ranking` status key ([{name, total, lcb, trades}, ...]); before the scoring
+    part provides it, the per-strategy scores stand in; "none yet" when neither exists.
+    """
+    rows = _ranking_rows(extra(snapshot, "ranking"))
+    if rows:
+        return _table(("#", "strategy", "score", "lcb", "trades"), rows[: max(1, limit)], "ll")
+    if snapshot.scores:
+        ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[: max(1, limit)]
+        return _table(("strategy", "score"), [[n, _num(v, 3)] for n, v in ranked], "l")
+    return Text("none yet", style="dim")
+
+
+def _brief(value: Any, width: int = 48) -> str:
+    if isinstance(value, Mapping):
+        text = " ".join(f"{k}={_brief(v, 16)}" for k, v in list(value.items())[:6])
+    elif isinstance(value, float):
+        text = _num(value, 4)
+    else:
+        text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def section_models(snapshot: Snapshot, limit: int = 8) -> RenderableType:
+    """Return the model state (registry aliases, per-pair predictors) and open anomalies.
+
+    Shows "none yet" for either when absent. Anomalies are the `anomalies` status key: a
+    list of {pair, kind, reason, ...} or a {pair: description} mapping.
+    """
+    model = snapshot.model
+    parts: list[RenderableType] = [Text("model", style="bold dim")]
+    if model:
+        rows: list[list[Cell]] = [[_key(str(k)), _brief(v)] for k, v in list(model.items())[:limit]]
+        parts.append(_table(None, rows, "ll"))
+    else:
+        parts.append(Text("none yet", style="dim"))
+    parts.append(Text("anomalies", style="bold dim"))
+    anomalies = extra(snapshot, "anomalies")
+    items: list[tuple[str, str]] = []
+    if isinstance(anomalies, Mapping):
+        items = [(str(k), _brief(v)) for k, v in anomalies.items()]
+    elif isinstance(anomalies, Sequence) and not isinstance(anomalies, str):
+        for item in anomalies:
+            if isinstance(item, Mapping):
+                rest = {k: v for k, v in item.items() if k != "pair"}
+                items.append((str(item.get("pair", "-")), _brief(rest)))
+            else:
+                items.append(("-", _brief(item)))
+    if items:
+        lines: list[list[Cell]] = [[Text(p, style="yellow"), d] for p, d in items[:limit]]
+        parts.append(_table(None, lines, "ll"))
+    else:
+        parts.append(Text("none yet", style="dim"))
+    return Group(*parts)
