@@ -174,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.storage.log_dir,
         level="WARNING" if quiet else settings.logging.level,
         json_console=settings.logging.json_console,
+        # The dashboard owns the terminal: nothing may be written over it, from the start.
+        console=not (args.mode in ("sim", "live") and settings.ui.enabled and _is_interactive()),
         console_level="WARNING" if replay else None,
         cache_loggers=True,
     )

@@ -420,7 +420,8 @@ class EngineControl(EngineState):
             markets=self._markets(),
             risk={
                 **self.risk.describe(),
-                "exposure": float(self.portfolio.exposure()),
+                # A fraction of equity, as the views read it (the gross notional over equity).
+                "exposure": self._exposure_fraction(),
                 "max_drawdown": self.portfolio.max_drawdown,
             },
             **self.extra_status(),
@@ -436,6 +437,10 @@ class EngineControl(EngineState):
 
         frame = self.data.frame(pair, self.timeframe)
         return latest_patterns(frame, lookback=lookback) if len(frame) else []
+
+    def _exposure_fraction(self) -> float:
+        equity = self.portfolio.equity()
+        return float(self.portfolio.exposure() / equity) if equity > 0 else 0.0
 
     def _markets(self) -> dict[str, dict[str, float]]:
         # Last close and the change over a day (or the window held), from the rolling

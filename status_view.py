@@ -71,8 +71,12 @@ def _signed(value: Decimal | float, places: int = 2, suffix: str = "") -> Text:
     return Text(f"{number:+,.{places}f}{suffix}", style=style)
 
 
-def _clock(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%H:%M:%S")
+def _day_clock(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short_day(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%m-%d %H:%M")
 
 
 def _bar(fraction: float, width: int) -> str:
@@ -214,7 +218,7 @@ def section_status(snapshot: Snapshot, pair: str | None = None) -> RenderableTyp
         (str(snapshot.trading_state), _LADDER_STYLE.get(snapshot.trading_state, "")),
         "  pair ",
         (pair or "-", "bold cyan"),
-        f"  {_clock(snapshot.ts)} UTC",
+        f"  {_day_clock(snapshot.ts)} UTC",
     )
     return text
 
@@ -316,7 +320,7 @@ def section_trades(snapshot: Snapshot, limit: int = 12) -> RenderableType:
     recent = sorted(snapshot.recent_trades, key=lambda t: t.exit_ts, reverse=True)
     rows: list[list[Cell]] = [
         [
-            _clock(t.exit_ts),
+            _short_day(t.exit_ts),
             t.pair,
             str(t.side),
             _qty(t.qty),
@@ -410,11 +414,30 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
                 f"{state} ", style=_BREAKER_STYLE.get(str(state), "")
             )
         rows.append([_key("breakers"), line])
+    trigger = risk.get("last_trigger")
+    if isinstance(trigger, Mapping) and trigger.get("ts"):
+        rows.append([_key("last change"), _trigger_line(trigger)])
+    latched = risk.get("latched")
+    if isinstance(latched, Mapping) and latched:
+        rows.append([_key("latched"), Text(", ".join(map(str, latched)), style="bold red")])
     for key, value in risk.items():
-        if key not in ("exposure", "max_exposure", "circuit_breakers", "breaker_history"):
-            shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
-            rows.append([_key(str(key)), shown])
+        # Nested figures (limits, history) are the web view's; scalars are shown as they are.
+        if key in _RISK_SHOWN or isinstance(value, Mapping | list | tuple) or value is None:
+            continue
+        shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
+        rows.append([_key(str(key)), shown])
     return Group(_ladder(snapshot.trading_state), _table(None, rows, "ll"))
+
+
+_RISK_SHOWN: Final = frozenset({"exposure", "max_exposure", "circuit_breakers", "state"})
+
+
+def _trigger_line(trigger: Mapping[str, Any]) -> Text:
+    when = _short_day(int(trigger["ts"]))
+    return Text.assemble(
+        (f"{trigger.get('trigger')} → {trigger.get('to')}", "bold"), f" {when}: ",
+        (str(trigger.get("reason", "")), "dim"),
+    )  # fmt: skip
 
 
 def section_system(snapshot: Snapshot) -> RenderableType:
