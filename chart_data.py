@@ -96,7 +96,8 @@ def trade_marks(
                     "price": trade.exit_price,
                     "kind": "stop" if stopped else "exit",
                     "side": str(trade.side),
-                    "text": f"{trade.reason or 'exit'} {trade.pnl:+.2f}",
+                    # The reason may name the order (a stop's client id): keep what it was.
+                    "text": f"{'stop' if stopped else 'exit'} {trade.pnl:+.2f}",
                 }
             )
     if position is not None and position.ts_opened >= start_ms:

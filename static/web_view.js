@@ -194,7 +194,8 @@ function showPanels(s) {
   ]), "no open positions");
   const trades = (s.recent_trades || []).slice().sort((a, b) => b.exit_ts - a.exit_ts).slice(0, 12);
   table("trades-table", ["exit", "pair", "side", "entry", "exit px", "PnL", "why"], trades.map((t) => [
-    day(t.exit_ts), t.pair, t.side, px(t.entry_price), px(t.exit_price), signed(t.pnl, 2), t.reason,
+    day(t.exit_ts), t.pair, t.side, px(t.entry_price), px(t.exit_price), signed(t.pnl, 2),
+    (t.reason || "").split(" for ")[0],
   ]), "no closed trades yet");
   const ranking = extra(s, "ranking");
   if (Array.isArray(ranking) && ranking.length) {

@@ -94,6 +94,13 @@ async def test_make_sim_in_a_terminal_shows_the_dashboard_trading(
         return "Recent trades" in screen and "no closed trades yet" not in screen
 
     await eventually(trades_shown, timeout=40)
+
+    async def counted() -> bool:
+        # The strategy panel counts the closed trades too (panels redraw a few per frame).
+        found = re.search(r"│ trades\s+(\d+)", await tmux.screen())
+        return found is not None and int(found.group(1)) >= 2
+
+    await eventually(counted, timeout=30)
     screen = await tmux.screen()
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
