@@ -152,7 +152,7 @@ _KEYS: Final[dict[str, Panel]] = {
     "depth": lambda snap, pair, rows: (pair, snap.order_books.get(pair) if pair else None),
     "trades": lambda snap, pair, rows: (snap.recent_trades, rows),
     "metrics": lambda snap, pair, rows: (
-        pair, snap.recent_trades, _tip(snap), snap.scores,
+        pair, snap.recent_trades, _tip(snap), snap.scores, snap.ranking,
         snap.last_decisions.get(pair) if pair else None, snap.model,
     ),
     "system": lambda snap, pair, rows: (snap.mode, snap.state, snap.rate_limit_budget),

@@ -352,7 +352,14 @@ def section_metrics(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
         [_key("max drawdown"), f"{drawdown * 100:.2f}%"],
     ]
     parts: list[RenderableType] = [_table(None, stats)]
-    if snapshot.scores:
+    if snapshot.ranking:
+        # Best first by the skill bound; the score is reward_system's Score.total.
+        lines: list[list[Cell]] = [
+            [r.name, f"{r.total:.3f}", f"lcb {r.lcb:+.2f}", f"{r.trades} tr"]
+            for r in snapshot.ranking[:6]
+        ]
+        parts += [Text("ranking", style="bold dim"), _table(None, lines, "lrrr")]
+    elif snapshot.scores:
         top = max(abs(v) for v in snapshot.scores.values()) or 1.0
         ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[:6]
         rows: list[list[Cell]] = [
@@ -510,8 +517,8 @@ def extra(snapshot: Snapshot, key: str) -> Any:
     Read from the snapshot's own field when it has one, else from its `risk` dict.
     """
     value = getattr(snapshot, key, None)
-    if value is None:
-        value = snapshot.risk.get(key)
+    if not value:
+        value = snapshot.risk.get(key, value)
     return value
 
 
@@ -536,18 +543,22 @@ def section_pairs(snapshot: Snapshot, pair: str | None = None, limit: int | None
 
 
 def _ranking_rows(ranking: Any) -> list[list[Cell]]:
+    # Items are `models.Ranked` or their JSON form ({name, total, lcb, trades}).
     rows: list[list[Cell]] = []
     for i, item in enumerate(ranking if isinstance(ranking, Sequence) else ()):
-        if not isinstance(item, Mapping):
+        fields = item if isinstance(item, Mapping) else getattr(item, "__dict__", None)
+        if fields is None and hasattr(item, "name"):
+            fields = {k: getattr(item, k, None) for k in ("name", "total", "lcb", "trades")}
+        if not isinstance(fields, Mapping):
             continue
-        total, lcb = item.get("total"), item.get("lcb")
+        total, lcb = fields.get("total"), fields.get("lcb")
         rows.append(
             [
                 str(i + 1),
-                str(item.get("name", "?")),
+                str(fields.get("name", "?")),
                 _num(total, 3) if isinstance(total, int | float) else "-",
                 _num(lcb, 3) if isinstance(lcb, int | float) else "-",
-                str(item.get("trades", "-")),
+                str(fields.get("trades", "-")),
             ]
         )
     return rows

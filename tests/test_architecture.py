@@ -33,6 +33,8 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -94,6 +96,8 @@ OWNER: dict[str, str] = {
     "report_risk": "analytics",
     # pipeline.py
     "chart_data": "pipeline",
+    # reward_system.py
+    "score_penalties": "reward_system",
 }
 
 

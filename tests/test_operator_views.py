@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import pytest
 from rich.console import Console, RenderableType
 
+from models import Ranked
 from status_view import render_snapshot, section_models, section_pairs, section_ranking
 from tests.test_backtest_support import cli_args
 from tests.test_ui_support import make_snapshot
@@ -48,7 +49,7 @@ def test_pairs_without_prices_yet_show_dashes() -> None:
     assert [line.split()[-2:] for line in shown.splitlines()[1:]] == [["-", "-"]] * 3
 
 
-RANKING = [
+RANKING: list[dict[str, Any]] = [
     {"name": "trend", "total": 1.25, "lcb": 0.4, "trades": 31},
     {"name": "meanrev", "total": 0.5, "lcb": -0.2, "trades": 12},
 ]
@@ -60,14 +61,10 @@ def test_ranking_shows_the_ranking_key_in_order(where: str) -> None:
     whether the snapshot carries it as a field or in its risk figures."""
     snap = make_snapshot(risk={"ranking": RANKING})
     if where == "field":
-        fields = {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
-        extended = dataclasses.make_dataclass(
-            "Extended",
-            [("ranking", list, dataclasses.field(default_factory=list))],
-            bases=(type(snap),),
-            frozen=True,
+        ranked = tuple(
+            Ranked(r["name"], r["lcb"], 0.0, 10.0, r["total"], r["trades"]) for r in RANKING
         )
-        snap = extended(**{**fields, "risk": {}}, ranking=RANKING)
+        snap = make_snapshot(ranking=ranked)
     shown = text(section_ranking(snap))
     lines = [line for line in shown.splitlines() if line.strip()]
     assert lines[0].split() == ["#", "strategy", "score", "lcb", "trades"]

@@ -232,6 +232,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "fee": 0.01,
             "pnl": 2.99,
             "reason": "tp",
+            "stop_price": None,
+            "adds_at_loss": 0,
         }
     ],
     "open_orders": [],
@@ -251,6 +253,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
     "markets": {},
+    "ranking": [],
 }
 
 
