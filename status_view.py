@@ -545,7 +545,7 @@ def section_pairs(snapshot: Snapshot, pair: str | None = None, limit: int | None
 def _ranking_rows(ranking: Any) -> list[list[Cell]]:
     # Items are `models.Ranked` or their JSON form ({name, total, lcb, trades}).
     rows: list[list[Cell]] = []
-    for i, item in enumerate(ranking if isinstance(ranking, Sequence) else ()):
+    for item in ranking if isinstance(ranking, Sequence) else ():
         fields = item if isinstance(item, Mapping) else getattr(item, "__dict__", None)
         if fields is None and hasattr(item, "name"):
             fields = {k: getattr(item, k, None) for k in ("name", "total", "lcb", "trades")}
@@ -554,10 +554,9 @@ def _ranking_rows(ranking: Any) -> list[list[Cell]]:
         total, lcb = fields.get("total"), fields.get("lcb")
         rows.append(
             [
-                str(i + 1),
                 str(fields.get("name", "?")),
-                _num(total, 3) if isinstance(total, int | float) else "-",
-                _num(lcb, 3) if isinstance(lcb, int | float) else "-",
+                _num(total, 2) if isinstance(total, int | float) else "-",
+                _num(lcb, 2) if isinstance(lcb, int | float) else "-",
                 str(fields.get("trades", "-")),
             ]
         )
@@ -572,7 +571,8 @@ def section_ranking(snapshot: Snapshot, limit: int = 8) -> RenderableType:
     """
     rows = _ranking_rows(extra(snapshot, "ranking"))
     if rows:
-        return _table(("#", "strategy", "score", "lcb", "trades"), rows[: max(1, limit)], "ll")
+        # Best first: the order is the rank.
+        return _table(("strategy", "score", "lcb", "trades"), rows[: max(1, limit)], "l")
     if snapshot.scores:
         ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[: max(1, limit)]
         return _table(("strategy", "score"), [[n, _num(v, 3)] for n, v in ranked], "l")

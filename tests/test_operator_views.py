@@ -67,9 +67,9 @@ def test_ranking_shows_the_ranking_key_in_order(where: str) -> None:
         snap = make_snapshot(ranking=ranked)
     shown = text(section_ranking(snap))
     lines = [line for line in shown.splitlines() if line.strip()]
-    assert lines[0].split() == ["#", "strategy", "score", "lcb", "trades"]
-    assert lines[1].split() == ["1", "trend", "1.250", "0.400", "31"]
-    assert lines[2].split() == ["2", "meanrev", "0.500", "-0.200", "12"]
+    assert lines[0].split() == ["strategy", "score", "lcb", "trades"]
+    assert lines[1].split() == ["trend", "1.25", "0.40", "31"]
+    assert lines[2].split() == ["meanrev", "0.50", "-0.20", "12"]
 
 
 def test_ranking_falls_back_to_scores_then_says_none_yet() -> None:
