@@ -149,13 +149,17 @@ def chart_body(
             "take_profit": None if position.take_profit is None else float(position.take_profit),
             "unrealised_pnl": float(position.unrealised_pnl),
         }
+    marks: list[dict[str, Any]] = []
+    if len(ts):
+        marks = trade_marks([t for t in trades if t.pair == pair], position, start, step_ms)
+        # A fill inside the candle still forming belongs on the last candle drawn.
+        for mark in marks:
+            mark["ts"] = min(mark["ts"], int(ts[-1]))
     return {
         "pair": pair,
         "timeframe": timeframe,
         "candles": candles,
         "overlays": lines,
-        "marks": trade_marks([t for t in trades if t.pair == pair], position, start, step_ms)
-        if len(ts)
-        else [],
+        "marks": marks,
         "position": open_position,
     }

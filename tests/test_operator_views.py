@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 from rich.console import Console, RenderableType
 
-from models import Ranked
+from chart_data import chart_body
+from models import ClosedTrade, PositionSide, Ranked
 from status_view import render_snapshot, section_models, section_pairs, section_ranking
 from tests.test_backtest_support import cli_args
 from tests.test_ui_support import make_snapshot
@@ -151,3 +154,48 @@ async def test_the_engine_charts_what_it_traded(monkeypatch: pytest.MonkeyPatch)
     assert market["last"] == closes[-1]
     day_ago = closes[-min(len(engine.data.arrays("BTC/USDT", "1m").close), 1441)]
     assert market["change"] == pytest.approx(closes[-1] / day_ago - 1)
+
+
+def _frame(closes: list[float]) -> pd.DataFrame:
+    index = pd.to_datetime([60_000 * i for i in range(len(closes))], unit="ms", utc=True)
+    c = np.asarray(closes, dtype=np.float64)
+    return pd.DataFrame(
+        {"open": c, "high": c + 1, "low": c - 1, "close": c, "volume": np.ones(len(c))},
+        index=index,
+    )
+
+
+def test_chart_keeps_price_scale_overlays_and_marks_on_drawn_candles() -> None:
+    """Moving averages are drawn, an oscillator and the signal flags are not; a mark past the
+    last candle sits on it; marks before the window are left out."""
+    frame = _frame([100.0 + (i % 7) for i in range(50)])
+
+    def populate(df: pd.DataFrame) -> pd.DataFrame:
+        close = df["close"]
+        return pd.DataFrame(
+            {
+                "enter_long": close > 103,
+                "sma": close.rolling(5).mean(),
+                "rsi_like": close / close.max() * 100 - 50,
+            },
+            index=df.index,
+        )
+
+    late = ClosedTrade("X/Y", PositionSide.LONG, 40 * 60_000, 50 * 60_000, 1.0, 2.0, 1.0, 0.0,
+                       1.0, "signal")  # fmt: skip
+    early = ClosedTrade("X/Y", PositionSide.LONG, 0, 60_000, 1.0, 2.0, 1.0, 0.0, 1.0, "stop")
+    body = chart_body("X/Y", "1m", 60_000, frame, populate=populate, trades=[early, late],
+                      position=None, limit=20)  # fmt: skip
+    assert len(body["candles"]) == 20
+    assert list(body["overlays"]) == ["sma"]
+    assert body["overlays"]["sma"][0][0] == body["candles"][0][0]
+    assert [(m["kind"], m["ts"]) for m in body["marks"]] == [
+        ("entry", 40 * 60_000),
+        ("exit", 49 * 60_000),
+    ]
+
+
+def test_chart_of_a_pair_without_candles_is_empty() -> None:
+    """Before its first candle a pair's chart has no candles, overlays or marks."""
+    body = chart_body("X/Y", "1m", 60_000, _frame([]), populate=None, trades=[], position=None)
+    assert (body["candles"], body["overlays"], body["marks"]) == ([], {}, [])
