@@ -6,7 +6,8 @@ behind the token, so the page reaches nothing but the bot (`connect-src 'self'`)
 
 The page polls the JSON API once a second. What it draws is also written into the DOM as
 data attributes (`#price-chart[data-pair][data-candles][data-markers][data-overlays]`,
-`#equity-chart[data-points]`), read back from the chart series themselves, so a test (or
+`#equity-chart[data-points][data-shaded]`, the points shaded as held back by a circuit
+breaker), read back from the chart series themselves, so a test (or
 an operator's script) can check what is on screen without reading pixels.
 """
 

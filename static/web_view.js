@@ -122,6 +122,12 @@ const drawdownBars = equityChart.addHistogramSeries({priceScaleId: "left", color
 equityChart.priceScale("left").applyOptions({scaleMargins: {top: 0.65, bottom: 0}});
 equityChart.priceScale("right").applyOptions({scaleMargins: {top: 0.05, bottom: 0.3}});
 let equityFitted = false;
+// The stretches a circuit breaker held trading back, shaded behind the curve.
+const SPAN_COLOURS = {reduced: "rgba(212,167,44,0.18)", reducing: "rgba(225,111,36,0.22)",
+                      halted: "rgba(239,83,80,0.25)", flatten: "rgba(130,80,223,0.28)"};
+const spanBars = equityChart.addHistogramSeries({priceScaleId: "spans", priceLineVisible: false, lastValueVisible: false});
+equityChart.priceScale("spans").applyOptions({scaleMargins: {top: 0, bottom: 0}, visible: false});
+let breakerHistory = [];
 function drawEquity(d) {
   const points = [], dd = [];
   let peak = -Infinity, last = -Infinity;
@@ -133,6 +139,16 @@ function drawEquity(d) {
   }
   equityLine.setData(points);
   drawdownBars.setData(dd);
+  const history = breakerHistory.slice().sort((a, b) => a.ts - b.ts);
+  let at = -1, state = "normal";
+  const spans = [];
+  for (const p of points) {
+    while (at + 1 < history.length && history[at + 1].ts / 1000 <= p.time) { at++; state = history[at].to; }
+    if (SPAN_COLOURS[state]) spans.push({time: p.time, value: 1, color: SPAN_COLOURS[state]});
+    else spans.push({time: p.time});  // whitespace: nothing drawn
+  }
+  spanBars.setData(spans);
+  $("equity-chart").dataset.shaded = String(spans.filter((p) => p.value !== undefined).length);
   if (!equityFitted && points.length > 1) { equityChart.timeScale().fitContent(); equityFitted = true; }
   $("equity-chart").dataset.points = String(equityLine.data().length);
   const worst = dd.reduce((a, p) => Math.min(a, p.value), 0);
@@ -212,7 +228,8 @@ function showPanels(s) {
   for (const [name, state] of Object.entries(r.circuit_breakers || {})) risk.push(["breaker " + name, state]);
   for (const [name, t] of Object.entries(r.latched || {})) risk.push(["latched " + name, t.state + ": " + t.reason]);
   table("risk-table", ["", ""], risk, "");
-  const history = (r.breaker_history || []).slice().reverse();
+  breakerHistory = r.breaker_history || [];
+  const history = breakerHistory.slice().reverse();
   table("breaker-history", ["time", "rule", "to", "reason"], history.map((h) => [day(h.ts), h.trigger, h.to, h.reason]), "no breaker has tripped");
   keyValues("model-table", s.model, "none yet");
   const anomalies = extra(s, "anomalies");

@@ -34,7 +34,7 @@ from models import (
     TradingState,
 )
 from tests.conftest import ROOT
-from tests.test_ui_support import FakeControl, sample_chart
+from tests.test_ui_support import T0, FakeControl, make_snapshot, sample_chart
 from ui import WebView
 
 
@@ -523,6 +523,9 @@ async def test_page_shows_the_selected_pairs_candles_and_trades(
     stop mark (read back from the chart's own series); nothing but 127.0.0.1 is asked."""
     chart = sample_chart()
     control.charts["BTC/USDT"] = chart
+    halt = {"ts": T0 - 20 * 60_000, "from": "normal", "to": "halted", "trigger": "daily_loss",
+            "reason": "day loss 3.10% >= 3.00%"}  # fmt: skip
+    control.base = make_snapshot(risk={**control.base.risk, "breaker_history": [halt]})
     dom = await _chromium_run(tmp_path, web, "--dump-dom")
 
     box = re.search(r'<div id="price-chart"([^>]*)>', dom)
@@ -538,6 +541,12 @@ async def test_page_shows_the_selected_pairs_candles_and_trades(
     assert [k for _, k in expected] == ["entry", "exit", "entry", "stop", "entry"]
     candle_times = {c[0] // 1000 for c in chart["candles"]}
     assert {t for t, _, _ in markers} <= candle_times
+    # The equity curve's last 20 minutes (of 60 one-minute points) are shaded as halted.
+    equity = re.search(r'<div id="equity-chart"([^>]*)>', dom)
+    assert equity is not None
+    shown = dict(re.findall(r'data-([a-z]+)="([^"]*)"', equity.group(1)))
+    assert (shown["points"], shown["shaded"]) == ("60", "20")
+    assert "day loss 3.10% &gt;= 3.00%" in dom  # the breaker history panel
     assert "ETH/USDT" in dom  # the panels are filled from the snapshot
     assert "meanrev" in dom
 
