@@ -39,6 +39,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numba import njit
 
+from report_risk import (
+    BENCHMARK_COLOUR,
+    breaker_table_html,
+    breaker_table_rich,
+    buy_and_hold,
+    span_bands,
+    time_by_state,
+)
 from utils.progress import progress_bar as _rich_bar
 from utils.utilities import atomic_write, ms_to_datetime, timeframe_to_ms
 
@@ -609,6 +617,9 @@ def report_dict(
         "per_pair": per_pair,
         "trades": [t.as_dict() for t in result.trades],
         "open_positions": list(result.open_positions),
+        "breaker_trips": list(result.breaker_trips),
+        "trading_spans": list(result.trading_spans),
+        "time_off_normal_ms": time_by_state(result.trading_spans),
     }
     if monte_carlo_result is not None:
         out["monte_carlo"] = monte_carlo_result.summary()
@@ -683,6 +694,9 @@ def render_rich(
             _fmt(row["fees"]),
         )
     parts: list[Any] = [summary, pairs]
+    breakers = breaker_table_rich(result)
+    if breakers is not None:
+        parts.append(breakers)
     if monte_carlo_result is not None:
         mc = monte_carlo_result.summary()
         table = Table(title=f"Monte Carlo ({mc['method']}, {mc['paths']:,} paths)")
@@ -756,11 +770,16 @@ def _svg_chart(
     series: list[tuple[np.ndarray, np.ndarray, str]],
     *,
     markers: Sequence[tuple[float, float, str, str]] = (),
+    bands: Sequence[tuple[float, float, str, str]] = (),
     fill: bool = False,
     percent: bool = False,
     x_label: Callable[[float], str] = _date,
 ) -> str:
-    """Return an inline SVG line chart; markers are (x, y, colour, tooltip) triangles."""
+    """Return an inline SVG line chart.
+
+    Markers are (x, y, colour, tooltip) triangles; bands are (x from, x to, colour, tooltip)
+    shaded vertical stretches (the spans a circuit breaker held trading back).
+    """
     xs = np.concatenate([s[0] for s in series]).astype(np.float64)
     ys = np.concatenate([s[1] for s in series]).astype(np.float64)
     finite = np.isfinite(ys)
@@ -780,6 +799,14 @@ def _svg_chart(
         label = f"{value:.1%}" if percent else _axis(value)
         parts.append(f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
         parts.append(f'<text x="{_PAD - 4}" y="{y + 4:.1f}" class="yl">{label}</text>')
+    for start, end, colour, tip in bands:
+        a = float(_scale(np.array([max(start, x0)]), x0, x1, _PAD, _W - _PAD)[0])
+        b = float(_scale(np.array([min(end, x1)]), x0, x1, _PAD, _W - _PAD)[0])
+        parts.append(
+            f'<rect x="{a:.1f}" y="{top:.1f}" width="{max(b - a, 1.0):.1f}" '
+            f'height="{bottom - top:.1f}" fill="{colour}" fill-opacity="0.18" class="span">'
+            f"<title>{html.escape(tip)}</title></rect>"
+        )
     parts.append(f'<text x="{_PAD}" y="{_H - 14}" class="xl">{x_label(x0)}</text>')
     parts.append(f'<text x="{_W - _PAD}" y="{_H - 14}" class="xl end">{x_label(x1)}</text>')
     for x, y, colour in series:
@@ -853,6 +880,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _equity_chart(result: BacktestResult, ts: np.ndarray, equity: np.ndarray) -> str:
+    # The equity curve, buy-and-hold of the same pairs (grey) and the breaker spans shaded.
+    series = [(*_downsample(ts, equity), "#0969da")]
+    benchmark = buy_and_hold(result, ts)
+    title = "Equity"
+    if benchmark is not None:
+        series.append((*_downsample(ts, benchmark), BENCHMARK_COLOUR))
+        title += " (blue) vs buy-and-hold (grey)"
+    bands = span_bands(result.trading_spans)
+    if bands:
+        title += "; shaded: circuit breaker held trading back"
+    return _svg_chart(title, series, bands=bands)
+
+
 def render_html(
     result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
 ) -> str:
@@ -866,7 +907,7 @@ def render_html(
         f"<p>{_date(ts[0])} to {_date(ts[-1])} UTC &middot; {result.candles:,} candles &middot; "
         f"params {html.escape(json.dumps(result.strategy.get('params', {})))}</p>",
         _cards(stats),
-        _svg_chart("Equity", [(*_downsample(ts, equity), "#0969da")]),
+        _equity_chart(result, ts, equity),
         _svg_chart(
             "Drawdown", [(*_downsample(ts, -drawdown(equity)), "#cf222e")], fill=True, percent=True
         ),
@@ -910,6 +951,7 @@ def render_html(
             f"<p>P(ruin at {mc.ruin_level:.0%} of start) = {mc.probability_of_ruin:.2%} "
             f"(95% CI {low:.2%} to {high:.2%})</p>",
         ]
+    sections.append(breaker_table_html(result))
     per_pair = [
         [pair, row["n_trades"], _fmt(row["win_rate"], "pct"), _fmt(row["profit_factor"]),
          _fmt(row["expectancy"]), _fmt(row["pnl"]), _fmt(row["fees"])]

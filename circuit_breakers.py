@@ -30,6 +30,7 @@ DAY_MS: Final = 86_400_000
 ZERO: Final = Decimal(0)
 _SEVERITY: Final[dict[TradingState, int]] = {state: i for i, state in enumerate(TradingState)}
 _SAFETY_MARGIN: Final = Decimal("1.000000001")
+HISTORY_LIMIT: Final = 5_000  # rung changes kept for reports (a run rarely has dozens)
 
 
 def _dec(value: float | Decimal) -> Decimal:
@@ -206,8 +207,9 @@ class CircuitBreakers:
 
     Call `update(now, equity)` on every candle and `on_trade_closed` after each round trip;
     `state` is the resulting rung of the ladder. Each change of rung is logged once as
-    `state_changed machine=trading_state`, kept in `last_trigger` and sent to `alert` as a
-    `TradingStateChanged` with the numbers that caused it.
+    `state_changed machine=trading_state`, kept in `last_trigger` (and appended to `history`,
+    the run's changes oldest first) and sent to `alert` as a `TradingStateChanged` with the
+    numbers that caused it.
     """
 
     def __init__(
@@ -234,6 +236,9 @@ class CircuitBreakers:
         self.latched: dict[str, Trip] = {}
         self.cause: Trip | None = None
         self.last_trigger: dict[str, Any] = {}
+        # Every change of rung this run, oldest first (each a copy of `last_trigger`): the
+        # backtest report lists the trips and shades the spans they held.
+        self.history: list[dict[str, Any]] = []
         # Fast path for the per-candle call (default rules only): after each evaluation,
         # `_band` holds the equity range (low, high) and the time before which no rule can
         # change its verdict; the margin keeps clear of the rules' float rounding.
@@ -363,6 +368,7 @@ class CircuitBreakers:
                 for t in self.latched.values()
             ],
             "last_trigger": dict(self.last_trigger),
+            "breaker_history": self.history[-20:],
         }
 
     def state_key(self) -> tuple[Any, ...]:
@@ -456,6 +462,7 @@ class CircuitBreakers:
                 "auto_resume": self.settings.auto_resume,
             },
             "last_trigger": dict(self.last_trigger),
+            "breaker_history": self.history[-20:],
         }
 
     def _active(self, book: EquityBook, live: list[Trip] | None = None) -> list[Trip]:
@@ -537,6 +544,9 @@ class CircuitBreakers:
             "resume_at": cause.until if cause is not None else None,
             **numbers,
         }
+        self.history.append(dict(self.last_trigger))
+        if len(self.history) > HISTORY_LIMIT:
+            del self.history[: len(self.history) - HISTORY_LIMIT]
         escalated = _SEVERITY[new] > _SEVERITY[old]
         emit = log.warning if escalated else log.info
         emit(
@@ -549,6 +559,47 @@ class CircuitBreakers:
                 self.alert(_state_changed(self.last_trigger))
             except Exception:  # an alert channel failing must never stop risk control
                 log.exception("alert_failed", kind="trading_state")
+
+
+def breaker_report(
+    history: Sequence[Mapping[str, Any]], end_ts: int | None
+) -> dict[str, list[dict[str, Any]]]:
+    """Return a run's breaker trips and the spans it spent off the normal rung.
+
+    Args:
+        history: `CircuitBreakers.history`, the changes of rung oldest first.
+        end_ts: When the run ended; a span still open then ends there (None: at its start).
+
+    Returns:
+        `trips`: each escalation (a rung more severe than the one before) with its time,
+        rule, reason and the numbers that tripped it (equity, peak, drawdown, day loss,
+        losing streak, the rule's limit). `spans`: each stretch on a rung other than
+        normal as {state, start, end, duration_ms, rule, reason}, in time order.
+    """
+    trips: list[dict[str, Any]] = []
+    spans: list[dict[str, Any]] = []
+    for i, change in enumerate(history):
+        old, new = TradingState(change["from"]), TradingState(change["to"])
+        if _SEVERITY[new] > _SEVERITY[old]:
+            trip = {"rule": change["trigger"], **dict(change)}
+            del trip["trigger"]
+            trips.append(trip)
+        if new is TradingState.NORMAL:
+            continue
+        start = int(change["ts"])
+        later = history[i + 1]["ts"] if i + 1 < len(history) else end_ts
+        end = max(start, int(later)) if later is not None else start
+        spans.append(
+            {
+                "state": str(new),
+                "start": start,
+                "end": end,
+                "duration_ms": end - start,
+                "rule": change["trigger"],
+                "reason": change["reason"],
+            }
+        )
+    return {"trips": trips, "spans": spans}
 
 
 def _state_changed(trigger: Mapping[str, Any]) -> TradingStateChanged:

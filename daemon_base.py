@@ -53,6 +53,7 @@ class DaemonBase:
     _resubscribe: asyncio.Event
     _resume_from: int | None
     restart_as: str | None
+    dashboard: Any  # the terminal dashboard while it is shown, else None
     _exchange_status: Callable[[], dict[str, Any]]
     feed: AsyncIterator[Candle] | None
     dropped: int

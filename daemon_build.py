@@ -118,6 +118,7 @@ class DaemonBuild(DaemonBase):
         clock = ReplayClock(start_ms if start_ms is not None else first)
         backtest = self.args.mode == "backtest"
         speed = 0.0 if backtest else s.simulation.replay_speed
+        strategy = load_strategy(s.strategy.name, self._strategy_params())
         self.replay = ReplayFeed(
             frames,
             s.strategy.timeframe,
@@ -129,6 +130,8 @@ class DaemonBuild(DaemonBase):
             # every candle (signals still get through; ~1.3x faster).
             yield_every=1024 if backtest else 1,
             progress=self.progress,
+            # A paced replay starts trading at once: the warm-up is not worth watching.
+            unpaced=strategy.warmup * len(frames),
         )
         self.feed = aiter(self.replay)
         self.frames = frames
@@ -152,7 +155,6 @@ class DaemonBuild(DaemonBase):
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
-        strategy = load_strategy(s.strategy.name, self._strategy_params())
         signals = PrecomputedSignals(strategy, frames) if backtest else None
         self.engine = self._engine(
             clock=clock,

@@ -115,9 +115,11 @@ class DaemonOperator(DaemonBase):
             app.exit()
 
         closer = asyncio.create_task(close_when_stopped())
+        self.dashboard = app
         try:
             await app.run_async()
         finally:
+            self.dashboard = None
             closer.cancel()
         self.stop.set()
 
@@ -139,7 +141,9 @@ class DaemonOperator(DaemonBase):
         from ui import WebView
 
         assert self.engine is not None
-        web = WebView(self.engine, self.settings.ui)
+        web = WebView(
+            self.engine, self.settings.ui, reports_dir=self.settings.storage.data_dir / "reports"
+        )
         await web.start()
         log.info("web_view_started", url=f"http://127.0.0.1:{web.port}/")
         try:

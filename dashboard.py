@@ -25,12 +25,16 @@ from textual.widgets import Button, Footer, Label, Static
 from config import UISettings
 from models import BotState, Control, Snapshot
 from status_view import (
+    extra,
     pairs_of,
     section_depth,
     section_equity,
     section_errors,
     section_metrics,
+    section_models,
+    section_pairs,
     section_positions,
+    section_ranking,
     section_risk,
     section_status,
     section_system,
@@ -99,11 +103,26 @@ _FRAME_S: Final = 1 / 30
 _MAIN_ACTIONS: Final = frozenset(
     {"cycle_pair", "toggle_pause", "reset_risk", "toggle_mode", "quit_bot"}
 )
-# Grid order: equity | positions (2 columns); depth | trades (2); strategy | risk | system;
-# errors (3).
-_PANELS: Final = ("equity", "positions", "depth", "trades", "metrics", "risk", "system", "errors")
+# Grid order (4 columns): equity | positions (2) | pairs; depth | trades (2) | ranking;
+# strategy | risk (2) | model & anomalies; system | errors (3).
+_PANELS: Final = (
+    "equity",
+    "positions",
+    "pairs",
+    "depth",
+    "trades",
+    "ranking",
+    "metrics",
+    "risk",
+    "models",
+    "system",
+    "errors",
+)  # in grid order
 _TITLES: Final = {
     "equity": "Equity & PnL",
+    "pairs": "Pairs",
+    "ranking": "Strategy ranking",
+    "models": "Model & anomalies",
     "positions": "Open positions",
     "risk": "Risk",
     "depth": "Market depth",
@@ -114,47 +133,57 @@ _TITLES: Final = {
 }
 
 
-def _panel_key(name: str, snap: Snapshot, pair: str | None, rows: int) -> Any:
-    # What each panel depends on: it is re-rendered only when this changes. The equity
-    # curve counts by (length, last point) so a long curve is never compared element-wise.
-    # `rows` (the panel's height) matters to the panels that cut their list to fit.
+def _tip(snap: Snapshot) -> tuple[int, tuple[int, float] | None]:
+    # The equity curve counts by (length, last point): never compared element-wise.
     curve = snap.equity_curve
-    tip = (len(curve), curve[-1] if curve else None)
-    if name == "equity":
-        return (snap.portfolio, tip)
-    if name == "positions":
-        return (snap.portfolio.positions, snap.open_orders, rows)
-    if name == "risk":
-        return (snap.trading_state, snap.risk, snap.portfolio.equity, snap.portfolio.positions)
-    if name == "depth":
-        return (pair, snap.order_books.get(pair) if pair else None)
-    if name == "trades":
-        return (snap.recent_trades, rows)
-    if name == "metrics":
-        decision = snap.last_decisions.get(pair) if pair else None
-        return (pair, snap.recent_trades, tip, snap.scores, snap.ranking, decision, snap.model)
-    if name == "system":
-        return (snap.mode, snap.state, snap.rate_limit_budget)
-    return (snap.errors, rows)
+    return (len(curve), curve[-1] if curve else None)
+
+
+Panel = Callable[[Snapshot, str | None, int], Any]
+# What each panel depends on (it is re-rendered only when this changes) and how it is
+# drawn. `rows` (the panel's height) matters to the panels that cut their list to fit:
+# only what fits is rendered, so a 100-position table is cut to the panel's rows.
+_KEYS: Final[dict[str, Panel]] = {
+    "equity": lambda snap, pair, rows: (snap.portfolio, _tip(snap)),
+    "positions": lambda snap, pair, rows: (snap.portfolio.positions, snap.open_orders, rows),
+    "risk": lambda snap, pair, rows: (
+        snap.trading_state, snap.risk, snap.portfolio.equity, snap.portfolio.positions
+    ),
+    "depth": lambda snap, pair, rows: (pair, snap.order_books.get(pair) if pair else None),
+    "trades": lambda snap, pair, rows: (snap.recent_trades, rows),
+    "metrics": lambda snap, pair, rows: (
+        pair, snap.recent_trades, _tip(snap), snap.scores, snap.ranking,
+        snap.last_decisions.get(pair) if pair else None, snap.model,
+    ),
+    "system": lambda snap, pair, rows: (snap.mode, snap.state, snap.rate_limit_budget),
+    "pairs": lambda snap, pair, rows: (snap.pairs, snap.markets, pair, rows),
+    "ranking": lambda snap, pair, rows: (extra(snap, "ranking"), snap.scores, rows),
+    "models": lambda snap, pair, rows: (snap.model, extra(snap, "anomalies"), rows),
+    "errors": lambda snap, pair, rows: (snap.errors, rows),
+}  # fmt: skip
+_BODIES: Final[dict[str, Panel]] = {
+    "equity": lambda snap, pair, rows: section_equity(snap),
+    # header, "+N more", orders line
+    "positions": lambda snap, pair, rows: section_positions(snap, limit=rows - 3),
+    "risk": lambda snap, pair, rows: section_risk(snap),
+    "depth": lambda snap, pair, rows: section_depth(snap, pair),
+    "trades": lambda snap, pair, rows: section_trades(snap, limit=rows - 1),
+    "metrics": lambda snap, pair, rows: section_metrics(snap, pair),
+    "system": lambda snap, pair, rows: section_system(snap),
+    "pairs": lambda snap, pair, rows: section_pairs(snap, pair, limit=rows - 1),
+    "ranking": lambda snap, pair, rows: section_ranking(snap, limit=rows - 1),
+    "models": lambda snap, pair, rows: section_models(snap, limit=max(1, (rows - 2) // 2)),
+    "errors": lambda snap, pair, rows: section_errors(snap, limit=rows),
+}
+
+
+def _panel_key(name: str, snap: Snapshot, pair: str | None, rows: int) -> Any:
+    return _KEYS[name](snap, pair, rows)
 
 
 def _panel_body(name: str, snap: Snapshot, pair: str | None, rows: int) -> RenderableType:
-    # Only what fits is rendered: a 100-position table is cut to the panel's rows.
-    if name == "equity":
-        return section_equity(snap)
-    if name == "positions":
-        return section_positions(snap, limit=rows - 3)  # header, "+N more", orders line
-    if name == "risk":
-        return section_risk(snap)
-    if name == "depth":
-        return section_depth(snap, pair)
-    if name == "trades":
-        return section_trades(snap, limit=rows - 1)
-    if name == "metrics":
-        return section_metrics(snap, pair)
-    if name == "system":
-        return section_system(snap)
-    return section_errors(snap, limit=rows)
+    body: RenderableType = _BODIES[name](snap, pair, rows)
+    return body
 
 
 class Dashboard(App[None]):
@@ -189,10 +218,11 @@ class Dashboard(App[None]):
     #status { height: 1; padding: 0 1; background: $panel; }
     #message { height: 1; padding: 0 1; color: $text-muted; }
     #grid {
-        grid-size: 3 4; grid-columns: 1fr 1fr 1fr; grid-rows: 1fr 1fr 12 6; grid-gutter: 0 1;
+        grid-size: 4 4; grid-columns: 1fr 1fr 1fr 1fr; grid-rows: 1fr 1fr 13 6;
+        grid-gutter: 0 1;
     }
     #grid > Static { border: round $primary-darken-2; padding: 0 1; height: 100%; }
-    #positions, #trades { column-span: 2; }
+    #positions, #trades, #risk { column-span: 2; }
     #errors { column-span: 3; }
     """
 
@@ -311,6 +341,10 @@ class Dashboard(App[None]):
         if self.pair is None:
             return None
         return f"{self.pair} ({pairs.index(self.pair) + 1}/{len(pairs)})"
+
+    def say(self, message: str) -> None:
+        """Show `message` on the message line (e.g. the daemon saying a replay finished)."""
+        self._say(message)
 
     def _say(self, message: str, *, error: bool = False) -> None:
         self.message = message

@@ -63,6 +63,9 @@ class BacktestResult:
     mode: str = "backtest"
     # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
     realised_pnl: float | None = None
+    # Circuit-breaker trips and the spans off the normal rung (`breaker_report`'s lists).
+    breaker_trips: tuple[dict[str, Any], ...] = ()
+    trading_spans: tuple[dict[str, Any], ...] = ()
 
     @property
     def n_trades(self) -> int:
@@ -126,6 +129,8 @@ class BacktestResult:
             ),
             "open_positions": [dict(p) for p in self.open_positions],
             "trades": [t.as_dict() for t in self.trades],
+            "breaker_trips": [dict(t) for t in self.breaker_trips],
+            "trading_spans": [dict(s) for s in self.trading_spans],
         }
 
 
@@ -167,6 +172,8 @@ def result_from_summary(
         vetoes=int(summary.get("vetoes", 0)),
         rejections=int(summary.get("rejections", 0)),
         mode=str(summary.get("mode", "backtest")),
+        breaker_trips=tuple(summary.get("breaker_trips", ())),
+        trading_spans=tuple(summary.get("trading_spans", ())),
     )
 
 

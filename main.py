@@ -38,6 +38,7 @@ MODES = (
     "patterns",
 )
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+WATCHABLE_SPEED = 40.0  # candles a second for a replay watched on the dashboard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,10 @@ def parse_params(items: Sequence[str]) -> dict[str, float]:
     return params
 
 
+def _is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _apply_cli(settings: Settings, args: argparse.Namespace) -> Settings:
     """Return settings with command-line overrides applied (validated again)."""
     from config import Settings
@@ -132,6 +137,17 @@ def _apply_cli(settings: Settings, args: argparse.Namespace) -> Settings:
         data["logging"]["level"] = args.log_level
     if args.no_ui:
         data["ui"]["enabled"] = False
+    if (
+        args.mode == "sim"
+        and data["simulation"]["feed"] == "replay"
+        and args.speed is None
+        and not data["simulation"]["replay_speed"]
+        and data["ui"]["enabled"]
+        and _is_interactive()
+    ):
+        # Watched on the dashboard, a replay runs at a pace one can follow; on a pipe or in
+        # CI it runs flat out and prints the summary.
+        data["simulation"]["replay_speed"] = WATCHABLE_SPEED
     # Secrets were dumped as SecretStr objects; model_validate keeps them as they are.
     return Settings.model_validate(data)
 
@@ -162,10 +178,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     _register_secrets(settings)
     # Backtests replay history: only warnings unless --log-level asks for more.
     quiet = args.mode in ("backtest", "anomalies") and not args.log_level
+    # A replay run flat out would scroll its decisions past in a second: they go to the log
+    # file, and the console shows warnings and the summary.
+    replay = (
+        args.mode == "sim"
+        and settings.simulation.feed == "replay"
+        and not settings.simulation.replay_speed
+        and not args.log_level
+    )
     setup_logging(
         settings.storage.log_dir,
         level="WARNING" if quiet else settings.logging.level,
         json_console=settings.logging.json_console,
+        # The dashboard owns the terminal: nothing may be written over it, from the start.
+        console=not (args.mode in ("sim", "live") and settings.ui.enabled and _is_interactive()),
+        console_level="WARNING" if replay else None,
         cache_loggers=True,
     )
     try:
@@ -261,6 +288,15 @@ def write_summary(summary: dict[str, Any], path: Path | None) -> None:
         else:
             text = str(value)
         table.add_row(key, text)
+    trips = summary.get("breaker_trips") or []
+    if trips:
+        last = trips[-1]
+        table.add_row("breaker trips", f"{len(trips)} (last: {last['rule']} -> {last['to']})")
+    off: dict[str, float] = {}
+    for span in summary.get("trading_spans") or []:
+        off[span["state"]] = off.get(span["state"], 0.0) + span["duration_ms"] / 3_600_000
+    if off:
+        table.add_row("time off normal", ", ".join(f"{k} {v:,.1f} h" for k, v in off.items()))
     Console(file=sys.stdout, width=100).print(table)
 
 

@@ -718,6 +718,9 @@ class Snapshot:
     # Per pair: the pattern cluster of the latest candle and its trade record
     # (`pattern_recognition`).
     patterns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per pair: {"last": close, "change": fraction over the last 24 h (or the window held),
+    # "ts": the last candle's open time}.
+    markets: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Control(Protocol):
@@ -753,6 +756,10 @@ class Control(Protocol):
 
     def patterns(self, pair: str) -> list[dict[str, Any]]:
         """Return the candlestick patterns on the pair's latest candles, newest first."""
+        ...
+
+    def chart(self, pair: str, limit: int = 500) -> dict[str, Any]:
+        """Return the pair's price chart: candles, indicator overlays, trade marks, position."""
         ...
 
     async def stop(self, reason: str) -> None:

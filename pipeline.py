@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 
 from anomaly_detection import AnomalyWatch
+from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
 from error_handler import BusinessError, RecoverableError, StrategyError
 from models import (
@@ -53,7 +54,7 @@ from models import (
 from pattern_recognition import PatternFilter
 from portfolio import Portfolio
 from reward_system import RewardSystem
-from risk_management import RiskContext, RiskManager
+from risk_management import RiskContext, RiskManager, breaker_report
 from strategy import Strategy
 from trade_executor import TradeExecutor
 from utils.utilities import AuditTrail, Clock, timeframe_to_ms
@@ -458,9 +459,11 @@ class EngineControl(EngineState):
             model={pair: p.describe() for pair, p in self.predictors.items()},
             anomalies=self.anomaly_watch.status(now) if self.anomaly_watch is not None else {},
             patterns=self.pattern_filter.status() if self.pattern_filter is not None else {},
+            markets=self._markets(),
             risk={
                 **self.risk.describe(),
-                "exposure": float(self.portfolio.exposure()),
+                # A fraction of equity, as the views read it (the gross notional over equity).
+                "exposure": self._exposure_fraction(),
                 "max_drawdown": self.portfolio.max_drawdown,
             },
             **self.extra_status(),
@@ -481,6 +484,41 @@ class EngineControl(EngineState):
 
         frame = self.data.frame(pair, self.timeframe)
         return latest_patterns(frame, lookback=lookback) if len(frame) else []
+
+    def _exposure_fraction(self) -> float:
+        equity = self.portfolio.equity()
+        return float(self.portfolio.exposure() / equity) if equity > 0 else 0.0
+
+    def _markets(self) -> dict[str, dict[str, float]]:
+        # Last close and the change over a day (or the window held), from the rolling
+        # window: one index per pair, no copy.
+        day = max(1, 86_400_000 // self.step)
+        out: dict[str, dict[str, float]] = {}
+        for pair in self.pairs:
+            close = self.data.arrays(pair, self.timeframe).close
+            if len(close) == 0:
+                continue
+            last, first = float(close[-1]), float(close[-min(len(close), day + 1)])
+            change = last / first - 1 if first > 0 else 0.0
+            ts = self.last_candle_ts.get(pair, 0)
+            out[pair] = {"last": last, "change": change, "ts": float(ts)}
+        return out
+
+    def chart(self, pair: str, limit: int = CHART_LIMIT) -> dict[str, Any]:
+        """Return the price chart of `pair`: candles, the strategy's overlays, trade marks.
+
+        Built on request (the web view) from the rolling window; see `chart_data`.
+        """
+        return chart_body(
+            pair,
+            self.timeframe,
+            self.step,
+            self.data.frame(pair, self.timeframe),
+            populate=self.strategy.populate,
+            trades=self.portfolio.closed[-200:],
+            position=self.portfolio.positions().get(pair),
+            limit=limit,
+        )
 
     async def pause(self, reason: str) -> None:
         """Stop opening positions; exits, stops and take-profits keep working."""
@@ -647,7 +685,13 @@ class EngineControl(EngineState):
                 for p in self.portfolio.positions().values()
             ],
             "trades": [t.as_dict() for t in self.portfolio.closed],
+            # Every breaker trip and every stretch off the normal rung (halted, reduced...).
+            **self._breaker_summary(),
         }
+
+    def _breaker_summary(self) -> dict[str, Any]:
+        report = breaker_report(self.risk.breakers.history, self.last_ts)
+        return {"breaker_trips": report["trips"], "trading_spans": report["spans"]}
 
 
 class Engine(EngineControl):

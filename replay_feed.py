@@ -43,6 +43,8 @@ class ReplayFeed:
     candle being processed) or every `yield_every` candles when the consumer processes
     each candle inline (a backtest's direct loop), which is much faster. `progress(done,
     total)` is called every `progress_every` candles and at the end (a progress bar).
+    A paced replay emits its first `unpaced` candles at full speed: the strategy's warm-up,
+    which a live bot loads from history before it starts.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ReplayFeed:
         progress: Progress | None = None,
         progress_every: int = 5_000,
         yield_every: int = 1,
+        unpaced: int = 0,
     ) -> None:
         self.frames = frames
         self.timeframe = timeframe
@@ -68,6 +71,7 @@ class ReplayFeed:
         self.progress = progress
         self.progress_every = max(1, progress_every)
         self.yield_every = max(1, yield_every)
+        self.unpaced = unpaced
         self.emitted = 0
 
     def __len__(self) -> int:
@@ -138,6 +142,7 @@ class ReplayFeed:
         step = self.step
         now = clock.now_ms()
         emitted = self.emitted
+        unpaced = self.unpaced
         for candle in merged:
             close_ts = candle.ts + step
             if close_ts > now:
@@ -149,7 +154,7 @@ class ReplayFeed:
             if progress is not None and emitted % self.progress_every == 0:
                 progress(emitted, total)
             if emitted % every == 0:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay if emitted > unpaced else 0.0)
         if progress is not None:
             progress(emitted, total)
 

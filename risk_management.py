@@ -83,6 +83,7 @@ from circuit_breakers import PairPause as PairPause
 from circuit_breakers import PairPauses as PairPauses
 from circuit_breakers import ReduceOnDrawdown as ReduceOnDrawdown
 from circuit_breakers import Trip as Trip
+from circuit_breakers import breaker_report as breaker_report
 from circuit_breakers import default_rules as default_rules
 from config import RiskSettings
 from models import (

@@ -110,6 +110,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._resubscribe = asyncio.Event()
         self._resume_from: int | None = None
         self.restart_as: str | None = None
+        self.dashboard: Any = None  # the terminal dashboard while it is shown
         self._exchange_status: Callable[[], dict[str, Any]] = dict
         self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
@@ -182,6 +183,11 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
                 break
             await on_candle(*item)
         log.info("feed_exhausted", candles=self.engine.candles)
+        if self.dashboard is not None and self.replay is not None and not self.stop.is_set():
+            # A replay watched on the dashboard stays on screen, final state and all, until
+            # the operator quits (q stops the run as usual; the summary follows).
+            self.dashboard.say("replay finished: the final state stays on screen, q quits")
+            return
         self.stop.set()
 
     async def _timer(self, seconds: float) -> None:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
@@ -71,8 +71,12 @@ def _signed(value: Decimal | float, places: int = 2, suffix: str = "") -> Text:
     return Text(f"{number:+,.{places}f}{suffix}", style=style)
 
 
-def _clock(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%H:%M:%S")
+def _day_clock(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short_day(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%m-%d %H:%M")
 
 
 def _bar(fraction: float, width: int) -> str:
@@ -214,7 +218,7 @@ def section_status(snapshot: Snapshot, pair: str | None = None) -> RenderableTyp
         (str(snapshot.trading_state), _LADDER_STYLE.get(snapshot.trading_state, "")),
         "  pair ",
         (pair or "-", "bold cyan"),
-        f"  {_clock(snapshot.ts)} UTC",
+        f"  {_day_clock(snapshot.ts)} UTC",
     )
     return text
 
@@ -316,7 +320,7 @@ def section_trades(snapshot: Snapshot, limit: int = 12) -> RenderableType:
     recent = sorted(snapshot.recent_trades, key=lambda t: t.exit_ts, reverse=True)
     rows: list[list[Cell]] = [
         [
-            _clock(t.exit_ts),
+            _short_day(t.exit_ts),
             t.pair,
             str(t.side),
             _qty(t.qty),
@@ -417,18 +421,37 @@ def section_risk(snapshot: Snapshot) -> RenderableType:
                 f"{state} ", style=_BREAKER_STYLE.get(str(state), "")
             )
         rows.append([_key("breakers"), line])
+    trigger = risk.get("last_trigger")
+    if isinstance(trigger, Mapping) and trigger.get("ts"):
+        rows.append([_key("last change"), _trigger_line(trigger)])
+    latched = risk.get("latched")
+    if isinstance(latched, Mapping) and latched:
+        rows.append([_key("latched"), Text(", ".join(map(str, latched)), style="bold red")])
     for key, value in risk.items():
-        if key not in ("exposure", "max_exposure", "circuit_breakers"):
-            shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
-            rows.append([_key(str(key)), shown])
+        # Nested figures (limits, history) are the web view's; scalars are shown as they are.
+        if key in _RISK_SHOWN or isinstance(value, Mapping | list | tuple) or value is None:
+            continue
+        shown = _num(value, 4) if isinstance(value, float | Decimal) else str(value)
+        rows.append([_key(str(key)), shown])
     for pair, anomaly in snapshot.anomalies.items():
         if anomaly.get("paused"):
             until = anomaly.get("paused_until")
             shown = f"{anomaly.get('kind')} · entries paused" + (
-                f" until {_clock(int(until))}" if until is not None else ""
+                f" until {_day_clock(int(until))}" if until is not None else ""
             )
             rows.append([_key(f"anomaly {pair}"), Text(shown, style="yellow")])
     return Group(_ladder(snapshot.trading_state), _table(None, rows, "ll"))
+
+
+_RISK_SHOWN: Final = frozenset({"exposure", "max_exposure", "circuit_breakers", "state"})
+
+
+def _trigger_line(trigger: Mapping[str, Any]) -> Text:
+    when = _short_day(int(trigger["ts"]))
+    return Text.assemble(
+        (f"{trigger.get('trigger')} → {trigger.get('to')}", "bold"), f" {when}: ",
+        (str(trigger.get("reason", "")), "dim"),
+    )  # fmt: skip
 
 
 def section_system(snapshot: Snapshot) -> RenderableType:
@@ -481,8 +504,126 @@ def render_snapshot(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
         box("Positions", section_positions(snapshot, limit=10)),
         box("Recent trades", section_trades(snapshot, limit=5)),
         pair_of(
+            box("Pairs", section_pairs(snapshot, pair)), box("Ranking", section_ranking(snapshot))
+        ),
+        pair_of(
             box(f"Depth {pair or ''}", section_depth(snapshot, pair, levels=5)),
             box("Strategy", section_metrics(snapshot, pair)),
         ),
+        box("Model & anomalies", section_models(snapshot)),
         pair_of(box("System", section_system(snapshot)), box("Errors", section_errors(snapshot))),
     )
+
+
+# -- Pairs, ranking, model and anomalies -----------------------------------------------------
+
+
+def extra(snapshot: Snapshot, key: str) -> Any:
+    """Return a status key other parts add to the snapshot (`ranking`, `anomalies`), or None.
+
+    Read from the snapshot's own field when it has one, else from its `risk` dict.
+    """
+    value = getattr(snapshot, key, None)
+    if not value:
+        value = snapshot.risk.get(key, value)
+    return value
+
+
+def section_pairs(snapshot: Snapshot, pair: str | None = None, limit: int | None = None) -> Text:
+    """Return the traded pairs with last price and change (the selected one marked)."""
+    pairs = pairs_of(snapshot) or tuple(snapshot.markets)
+    if not pairs:
+        return Text("no pairs yet", style="dim")
+    if limit is not None and len(pairs) > max(1, limit):
+        at = pairs.index(pair) if pair in pairs else 0
+        start = max(0, min(at - limit // 2, len(pairs) - limit))
+        pairs = pairs[start : start + max(1, limit)]
+    rows: list[list[Cell]] = []
+    for name in pairs:
+        market = snapshot.markets.get(name, {})
+        last, change = market.get("last"), market.get("change")
+        mark = Text("▸ " + name, style="bold cyan") if name == pair else Text("  " + name)
+        rows.append(
+            [mark, _price(last), _signed(change * 100, 2, "%") if change is not None else "-"]
+        )
+    return _table(("  pair", "last", "change"), rows, "l")
+
+
+def _ranking_rows(ranking: Any) -> list[list[Cell]]:
+    # Items are `models.Ranked` or their JSON form ({name, total, lcb, trades}).
+    rows: list[list[Cell]] = []
+    for item in ranking if isinstance(ranking, Sequence) else ():
+        fields = item if isinstance(item, Mapping) else getattr(item, "__dict__", None)
+        if fields is None and hasattr(item, "name"):
+            fields = {k: getattr(item, k, None) for k in ("name", "total", "lcb", "trades")}
+        if not isinstance(fields, Mapping):
+            continue
+        total, lcb = fields.get("total"), fields.get("lcb")
+        rows.append(
+            [
+                str(fields.get("name", "?")),
+                _num(total, 2) if isinstance(total, int | float) else "-",
+                _num(lcb, 2) if isinstance(lcb, int | float) else "-",
+                str(fields.get("trades", "-")),
+            ]
+        )
+    return rows
+
+
+def section_ranking(snapshot: Snapshot, limit: int = 8) -> RenderableType:
+    """Return the strategy ranking (score, its lower confidence bound, trades), best first.
+
+    Reads the `ranking` status key ([{name, total, lcb, trades}, ...]); before the scoring
+    part provides it, the per-strategy scores stand in; "none yet" when neither exists.
+    """
+    rows = _ranking_rows(extra(snapshot, "ranking"))
+    if rows:
+        # Best first: the order is the rank.
+        return _table(("strategy", "score", "lcb", "trades"), rows[: max(1, limit)], "l")
+    if snapshot.scores:
+        ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[: max(1, limit)]
+        return _table(("strategy", "score"), [[n, _num(v, 3)] for n, v in ranked], "l")
+    return Text("none yet", style="dim")
+
+
+def _brief(value: Any, width: int = 48) -> str:
+    if isinstance(value, Mapping):
+        text = " ".join(f"{k}={_brief(v, 16)}" for k, v in list(value.items())[:6])
+    elif isinstance(value, float):
+        text = _num(value, 4)
+    else:
+        text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def section_models(snapshot: Snapshot, limit: int = 8) -> RenderableType:
+    """Return the model state (registry aliases, per-pair predictors) and open anomalies.
+
+    Shows "none yet" for either when absent. Anomalies are the `anomalies` status key: a
+    list of {pair, kind, reason, ...} or a {pair: description} mapping.
+    """
+    model = snapshot.model
+    parts: list[RenderableType] = [Text("model", style="bold dim")]
+    if model:
+        rows: list[list[Cell]] = [[_key(str(k)), _brief(v)] for k, v in list(model.items())[:limit]]
+        parts.append(_table(None, rows, "ll"))
+    else:
+        parts.append(Text("none yet", style="dim"))
+    parts.append(Text("anomalies", style="bold dim"))
+    anomalies = extra(snapshot, "anomalies")
+    items: list[tuple[str, str]] = []
+    if isinstance(anomalies, Mapping):
+        items = [(str(k), _brief(v)) for k, v in anomalies.items()]
+    elif isinstance(anomalies, Sequence) and not isinstance(anomalies, str):
+        for item in anomalies:
+            if isinstance(item, Mapping):
+                rest = {k: v for k, v in item.items() if k != "pair"}
+                items.append((str(item.get("pair", "-")), _brief(rest)))
+            else:
+                items.append(("-", _brief(item)))
+    if items:
+        lines: list[list[Cell]] = [[Text(p, style="yellow"), d] for p, d in items[:limit]]
+        parts.append(_table(None, lines, "ll"))
+    else:
+        parts.append(Text("none yet", style="dim"))
+    return Group(*parts)

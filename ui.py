@@ -16,7 +16,10 @@ writes are the operator commands the façade offers.
   the bot to stop gracefully (`control.stop`), because the dashboard is the daemon's
   foreground; pass `quit_stops_bot=False` to only close the window.
 - `WebView` is an aiohttp server on 127.0.0.1 behind a token, with a JSON API of the same
-  state and one page drawing live equity and depth charts on `<canvas>` (no CDN).
+  state and one page (`web_page`) with live price (candles, the strategy's overlays, entry,
+  exit and stop marks), equity/drawdown and depth charts, drawn with the vendored
+  Lightweight Charts library (no CDN), and panels for pairs, positions, trades, ranking,
+  risk and breaker history, model, anomalies and reports.
 
 JSON encoding (`to_jsonable`): `Decimal` values become strings (exact, `str(Decimal)`),
 `float` values stay JSON numbers (NaN and infinities become `null`), enums become their
@@ -51,7 +54,7 @@ from status_view import section_system as section_system
 from status_view import section_trades as section_trades
 from status_view import sparkline_text as sparkline_text
 from status_view import unrealised_pnl as unrealised_pnl
-from web_view import PAGE_HTML as PAGE_HTML
+from web_page import page_html as page_html
 from web_view import WebView as WebView
 from web_view import _encode_snapshot as _encode_snapshot
 from web_view import depth_json as depth_json

@@ -118,6 +118,9 @@ class _Control:
     def patterns(self, pair: str) -> list[dict[str, Any]]:
         return []
 
+    def chart(self, pair: str, limit: int = 500) -> dict[str, Any]:
+        return {"pair": pair, "candles": [], "overlays": {}, "marks": [], "position": None}
+
 
 async def _probe(
     stop: asyncio.Event, lateness: list[float], cpu: list[float] | None = None

@@ -552,6 +552,15 @@ class FakeControl:
         frame = self.candles.get(pair)
         return latest_patterns(frame) if frame is not None else []
 
+    def chart(self, pair: str, limit: int = 500) -> dict[str, Any]:
+        """Return the pair's chart from its candles, as the engine builds it."""
+        from chart_data import chart_body
+
+        frame = self.candles.get(pair)
+        if frame is None:
+            return {"pair": pair, "candles": [], "overlays": {}, "marks": [], "position": None}
+        return chart_body(pair, "1m", 60_000, frame, populate=None, trades=(), position=None)
+
     async def reconcile(self) -> str:
         """Return the canned reconciliation report."""
         self.reconciles += 1

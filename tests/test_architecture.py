@@ -61,6 +61,7 @@ OWNER: dict[str, str] = {
     "status_view": "ui",
     "dashboard": "ui",
     "web_view": "ui",
+    "web_page": "ui",
     "telegram_outbox": "telegram_bot",
     "telegram_commands": "telegram_bot",
     # exchange.py
@@ -104,6 +105,9 @@ OWNER: dict[str, str] = {
     "approved_params": "parameter_optimization",
     "pareto_cli": "parameter_optimization",
     "optimization_report": "parameter_optimization",
+    "report_risk": "analytics",
+    # pipeline.py
+    "chart_data": "pipeline",
     # reward_system.py
     "score_penalties": "reward_system",
 }

@@ -143,6 +143,7 @@ class FakeControl:
         self.fail_snapshot = False
         self.fail_commands = False
         self.found_patterns: dict[str, list[dict[str, Any]]] = {}
+        self.charts: dict[str, dict[str, Any]] = {}
 
     def snapshot(self) -> Snapshot:
         """Return the base snapshot with the current bot state."""
@@ -185,6 +186,11 @@ class FakeControl:
         """Return the patterns set for `pair` by the test (none by default)."""
         return self.found_patterns.get(pair, [])
 
+    def chart(self, pair: str, limit: int = 500) -> dict[str, Any]:
+        """Return the chart set for `pair` by the test (no candles by default)."""
+        empty = {"pair": pair, "timeframe": "1m", "candles": [], "overlays": {}, "marks": []}
+        return self.charts.get(pair, {**empty, "position": None})
+
     async def reconcile(self) -> str:
         """Record reconcile."""
         self._record("reconcile")
@@ -194,6 +200,43 @@ class FakeControl:
         """Stop."""
         self._record("stop", reason)
         self.state = BotState.STOPPING
+
+
+def sample_chart(pair: str = "BTC/USDT", limit: int = 300) -> dict[str, Any]:
+    """Return a real chart body: the bundled BTC/USDT 1m sample, ema_cross's EMAs, and
+    two round trips (one exited by signal, one by its stop) plus an open position, all
+    inside the last `limit` candles."""
+    from chart_data import chart_body
+    from strategy import load_strategy
+    from tests.test_backtest_support import sample_frame
+
+    frame = sample_frame()
+    ts = frame.index.as_unit("ms").asi8
+    close = frame["close"].to_numpy()
+
+    def trade(entry: int, exit: int, reason: str) -> ClosedTrade:
+        pnl = (close[exit] - close[entry]) * 0.1
+        entry_price, exit_price = float(close[entry]), float(close[exit])
+        times = int(ts[entry]), int(ts[exit])
+        return ClosedTrade(pair, PositionSide.LONG, *times, entry_price, exit_price, 0.1, 0.0,
+                           pnl, reason)  # fmt: skip
+
+    n = len(frame)
+    position = Position(
+        pair=pair,
+        side=PositionSide.LONG,
+        qty=Decimal("0.1"),
+        entry_price=Decimal(str(close[n - 40])),
+        ts_opened=int(ts[n - 40]),
+        stop_price=Decimal(str(round(close[n - 40] * 0.99, 2))),
+        mark_price=Decimal(str(close[-1])),
+    )
+    return chart_body(
+        pair, "1m", 60_000, frame,
+        populate=load_strategy("ema_cross", {}).populate,
+        trades=[trade(n - 250, n - 200, "signal"), trade(n - 150, n - 120, "stop")],
+        position=position, limit=limit,
+    )  # fmt: skip
 
 
 def widget_text(widget: Widget) -> str:

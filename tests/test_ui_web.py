@@ -4,12 +4,16 @@ rendered by headless Chromium (screenshot kept in test-artifacts/)."""
 from __future__ import annotations
 
 import asyncio
+import html
+import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -30,7 +34,7 @@ from models import (
     TradingState,
 )
 from tests.conftest import ROOT
-from tests.test_ui_support import FakeControl
+from tests.test_ui_support import T0, FakeControl, make_snapshot, sample_chart
 from ui import WebView
 
 
@@ -46,6 +50,19 @@ def control() -> FakeControl:
 @pytest.fixture
 async def web(control: FakeControl) -> AsyncIterator[WebView]:
     view = WebView(control, UISettings(web_port=0, web_token=SecretStr(TOKEN)))
+    async with view:
+        yield view
+
+
+@pytest.fixture
+async def reports_web(control: FakeControl, tmp_path: Path) -> AsyncIterator[WebView]:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "backtest.html").write_text("<h1>report</h1>")
+    (folder / "notes.txt").write_text("not a report")
+    (tmp_path / "secret.html").write_text("outside")
+    settings = UISettings(web_port=0, web_token=SecretStr(TOKEN))
+    view = WebView(control, settings, reports_dir=folder)
     async with view:
         yield view
 
@@ -71,6 +88,10 @@ def url(web: WebView, path: str) -> str:
         ("GET", "/api/equity"),
         ("GET", "/api/depth/BTC/USDT"),
         ("GET", "/api/patterns/BTC/USDT"),
+        ("GET", "/static/lightweight-charts.js"),
+        ("GET", "/api/chart/BTC/USDT"),
+        ("GET", "/api/reports"),
+        ("GET", "/reports/backtest.html"),
         ("POST", "/api/pause"),
         ("POST", "/api/resume"),
         ("POST", "/api/resetrisk"),
@@ -231,6 +252,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "rate_limit_budget": {"rest": 0.9},
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
+    "markets": {},
     "ranking": [],
     "anomalies": {},
     "patterns": {},
@@ -351,6 +373,43 @@ async def test_reset_risk_command_needs_the_token_and_a_post(
     assert control.calls == [("reset_risk", "web view")]
 
 
+async def test_chart_and_library_routes(
+    web: WebView, http: aiohttp.ClientSession, control: FakeControl
+) -> None:
+    """/api/chart answers the control's chart for a traded pair, 404 otherwise; the chart
+    library is the vendored file, served as JavaScript."""
+    control.charts["BTC/USDT"] = sample_chart(limit=20)
+    async with http.get(url(web, "/api/chart/BTC-USDT?limit=20"), headers=GOOD) as response:
+        body = await response.json()
+    assert body["pair"] == "BTC/USDT"
+    assert len(body["candles"]) == 20
+    assert body["position"]["stop_price"] is not None
+    async with http.get(url(web, "/api/chart/DOGE/USDT"), headers=GOOD) as response:
+        assert response.status == 404
+    async with http.get(url(web, "/api/chart/BTC/USDT?limit=x"), headers=GOOD) as response:
+        assert response.status == 400
+    async with http.get(url(web, "/static/lightweight-charts.js"), headers=GOOD) as response:
+        assert response.content_type == "application/javascript"
+        library = await response.read()
+    assert library == (ROOT / "static" / "lightweight-charts.standalone.production.js").read_bytes()
+
+
+async def test_reports_are_listed_and_served_from_their_folder_only(
+    reports_web: WebView, http: aiohttp.ClientSession
+) -> None:
+    """Only .html/.json files straight in the reports folder are listed and served, with a
+    policy that lets no script run; other names and paths are 404."""
+    async with http.get(url(reports_web, "/api/reports"), headers=GOOD) as response:
+        listed = await response.json()
+    assert [r["name"] for r in listed["reports"]] == ["backtest.html"]
+    async with http.get(url(reports_web, "/reports/backtest.html"), headers=GOOD) as response:
+        assert await response.text() == "<h1>report</h1>"
+        assert "sandbox" in response.headers["Content-Security-Policy"]
+    for name in ("notes.txt", "..%2Fsecret.html", "missing.html"):
+        async with http.get(url(reports_web, f"/reports/{name}"), headers=GOOD) as response:
+            assert response.status == 404, name
+
+
 async def test_page_is_self_contained(web: WebView, http: aiohttp.ClientSession) -> None:
     """The page loads nothing from elsewhere and locks scripts to its own inline one."""
     async with http.get(url(web, "/"), headers=GOOD) as response:
@@ -386,17 +445,10 @@ def _distinct_colours(image: Any, box: tuple[int, int, int, int]) -> int:
     return len(np.unique(pixels, axis=0))
 
 
-async def test_page_draws_charts_in_headless_chromium(
-    web: WebView, control: FakeControl, tmp_path: Path
-) -> None:
-    """Chromium loads the page, which fetches the API and draws both charts."""
-    chromium = _chromium()
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shot = artifacts / "web_view.png"
-    shot.unlink(missing_ok=True)
+async def _chromium_run(tmp_path: Path, web: WebView, *flags: str) -> str:
+    # Headless Chromium on the page with the token, offline, and its network log kept.
     process = await asyncio.create_subprocess_exec(
-        chromium,
+        _chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -405,62 +457,114 @@ async def test_page_draws_charts_in_headless_chromium(
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--disable-default-apps",
         "--hide-scrollbars",
+        # The browser's own background traffic goes nowhere; the page's is logged below.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         f"--user-data-dir={tmp_path / 'chromium'}",
-        f"--screenshot={shot}",
+        f"--log-net-log={tmp_path / 'netlog.json'}",
         "--window-size=1200,800",
         "--virtual-time-budget=3000",  # let the page's fetches and first tick finish
+        *flags,
         f"http://127.0.0.1:{web.port}/?token={TOKEN}",
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=45)
+        output, errors = await asyncio.wait_for(process.communicate(), timeout=45)
     except TimeoutError:
         process.kill()
         await process.wait()
         raise
-    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert process.returncode == 0, errors.decode(errors="replace")[-2000:]
+    return output.decode(errors="replace")
+
+
+def _page_requests(netlog: Path) -> set[str]:
+    # Every URL a page asked for, from Chromium's own network log: the requests started with
+    # an origin as initiator (the browser's own update and account checks have none).
+    text = netlog.read_text(errors="replace").rstrip()
+    if not text.endswith("}"):  # the log may end without its closing brackets
+        text = text.rstrip(",") + "]}"
+    log = json.loads(text)
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return {
+        str(e["params"]["url"])
+        for e in log["events"]
+        if e["type"] == start_job
+        and e.get("params", {}).get("initiator", "not an origin") != "not an origin"
+    }
+
+
+async def test_page_draws_charts_in_headless_chromium(
+    web: WebView, control: FakeControl, tmp_path: Path
+) -> None:
+    """Chromium loads the page, which fetches the API and draws candles and equity."""
+    control.charts["BTC/USDT"] = sample_chart()
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "web_view.png"
+    shot.unlink(missing_ok=True)
+    await _chromium_run(tmp_path, web, f"--screenshot={shot}")
     assert shot.stat().st_size > 20_000
     assert control.snapshot_calls >= 2  # the page's script polled the API with the token
 
     with Image.open(shot) as image:
         assert image.size == (1200, 800)
-        equity_box, depth_box = (0, 60, 1200, 350), (0, 360, 1200, 660)
-        assert _count_near(image, (0x4F, 0xC3, 0xF7), equity_box) > 500  # the equity line
-        assert _count_near(image, (0x26, 0xA6, 0x9A), depth_box) > 500  # bids
-        assert _count_near(image, (0xEF, 0x53, 0x50), depth_box) > 500  # asks
+        price_box, equity_box = (14, 80, 790, 460), (14, 500, 790, 730)
+        assert _count_near(image, (0x26, 0xA6, 0x9A), price_box) > 300  # rising candles
+        assert _count_near(image, (0xEF, 0x53, 0x50), price_box) > 300  # falling candles
+        assert _count_near(image, (0x4F, 0xC3, 0xF7), equity_box) > 300  # the equity line
         assert _distinct_colours(image, equity_box) > 20  # axes, labels, fill: not a flat box
+
+
+async def test_page_shows_the_selected_pairs_candles_and_trades(
+    web: WebView, control: FakeControl, tmp_path: Path
+) -> None:
+    """The chart holds the pair's candles, the strategy's EMAs and every entry, exit and
+    stop mark (read back from the chart's own series); nothing but 127.0.0.1 is asked."""
+    chart = sample_chart()
+    control.charts["BTC/USDT"] = chart
+    halt = {"ts": T0 - 20 * 60_000, "from": "normal", "to": "halted", "trigger": "daily_loss",
+            "reason": "day loss 3.10% >= 3.00%"}  # fmt: skip
+    control.base = make_snapshot(risk={**control.base.risk, "breaker_history": [halt]})
+    dom = await _chromium_run(tmp_path, web, "--dump-dom")
+
+    box = re.search(r'<div id="price-chart"([^>]*)>', dom)
+    assert box is not None, dom[:2000]
+    attrs = dict(re.findall(r'data-([a-z]+)="([^"]*)"', box.group(1)))
+    assert attrs["pair"] == "BTC/USDT"
+    assert int(attrs["candles"]) == len(chart["candles"]) == 300
+    assert attrs["overlays"] == "ema_fast,ema_slow"
+    markers = json.loads(html.unescape(attrs["markers"]))
+    expected = [(m["ts"] // 1000, m["kind"]) for m in chart["marks"]]
+    shapes = {"entry": "arrowUp", "exit": "arrowDown", "stop": "square"}
+    assert [(t, shape) for t, shape, _ in markers] == [(t, shapes[k]) for t, k in expected]
+    assert [k for _, k in expected] == ["entry", "exit", "entry", "stop", "entry"]
+    candle_times = {c[0] // 1000 for c in chart["candles"]}
+    assert {t for t, _, _ in markers} <= candle_times
+    # The equity curve's last 20 minutes (of 60 one-minute points) are shaded as halted.
+    equity = re.search(r'<div id="equity-chart"([^>]*)>', dom)
+    assert equity is not None
+    shown = dict(re.findall(r'data-([a-z]+)="([^"]*)"', equity.group(1)))
+    assert (shown["points"], shown["shaded"]) == ("60", "20")
+    assert "day loss 3.10% &gt;= 3.00%" in dom  # the breaker history panel
+    assert "ETH/USDT" in dom  # the panels are filled from the snapshot
+    assert "meanrev" in dom
+
+    urls = _page_requests(tmp_path / "netlog.json")
+    assert any("/api/chart/BTC%2FUSDT" in u for u in urls)
+    assert any("/static/lightweight-charts.js" in u for u in urls)
+    assert {urlsplit(u).hostname for u in urls} == {"127.0.0.1"}
 
 
 async def test_page_lists_the_patterns_of_the_selected_pair(
     web: WebView, control: FakeControl, tmp_path: Path
 ) -> None:
     """The page's script fetches /api/patterns for the selected pair and lists them."""
-    chromium = _chromium()
     control.found_patterns["BTC/USDT"] = [
         {"name": "cdlhammer", "label": "Hammer", "direction": "bullish", "bars_ago": 0, "ts": 1},
         {"name": "cdldoji", "label": "Doji", "direction": "neutral", "bars_ago": 2, "ts": 1},
     ]
-    process = await asyncio.create_subprocess_exec(
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--virtual-time-budget=3000",
-        "--dump-dom",
-        f"http://127.0.0.1:{web.port}/?token={TOKEN}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        dom, _ = await asyncio.wait_for(process.communicate(), timeout=45)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode == 0
-    assert "patterns: Hammer \u25b2 (last candle), Doji \u00b7 (2 ago)" in dom.decode()
+    dom = await _chromium_run(tmp_path, web, "--dump-dom")
+    assert "patterns: Hammer \u25b2 (last candle), Doji \u00b7 (2 ago)" in dom
