@@ -444,7 +444,12 @@ class SupervisedKind:
         model, meta, test = _fit(x, y, index, self.settings, name=pair, seed=seed)
         probabilities = _predict(meta.kind, model, x[test])
         returns = filter_returns(frame, index[test], probabilities, self.settings.entry_threshold)
-        metrics = {**meta.metrics, "train_s": time.monotonic() - started, "seed": float(seed)}
+        metrics = {
+            **meta.metrics,
+            "train_s": time.monotonic() - started,
+            "seed": float(seed),
+            "train_end_ms": float(meta.train_end_ms),
+        }
         if time.monotonic() - started > time_budget_s:
             raise DataError(f"training took longer than its {time_budget_s:.0f} s budget")
         return SupervisedTrained(model, meta, returns.to_numpy(), metrics)
