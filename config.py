@@ -226,6 +226,9 @@ class LearningSettings(_Group):
         default=0.25, ge=0, description="score a challenger must beat the champion by in shadow"
     )
     shadow_bars: int = Field(default=500, ge=1, description="bars a challenger runs in shadow")
+    retrain_check_s: float = Field(
+        default=5.0, gt=0, description="how often the retrainer looks at the schedule and shadows"
+    )
     bootstrap_champion: bool = Field(
         default=True, description="the first model of a name becomes champion (nothing to beat)"
     )

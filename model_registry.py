@@ -56,7 +56,10 @@ CHALLENGER: Final = "challenger"
 class Trained(Protocol):
     """A trained model: it saves itself and reports its out-of-sample results."""
 
-    metrics: dict[str, float]
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Return the model's figures (out-of-sample metrics, training time...)."""
+        ...
 
     def save(self, directory: Path) -> None:
         """Write the model's files into `directory` (which exists and is empty)."""

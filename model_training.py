@@ -94,8 +94,8 @@ def model_name(kind: str, pair: str, timeframe: str) -> str:
         prefix = "direction"
     elif kind == "rl" or kind.startswith("rl:"):
         prefix = "rl"
-    else:
-        prefix = kind.split(":")[-1].lower()
+    else:  # "package.module:Factory": kinds of one module share the name
+        prefix = kind.split(":")[0].rsplit(".", 1)[-1]
     return f"{prefix}-{base}-{timeframe}"
 
 
@@ -262,7 +262,7 @@ def _is_replayable(kind: object) -> bool:
 
 
 def _window(series: pd.Series, after_ms: int) -> np.ndarray:
-    ts = pd.DatetimeIndex(series.index).asi8 // 1_000_000
+    ts = pd.DatetimeIndex(series.index).as_unit("ms").asi8
     return np.asarray(series.to_numpy(dtype=np.float64)[ts > after_ms])
 
 
@@ -308,11 +308,15 @@ class ShadowBook:
         """Return how many bars both models have been scored on."""
         return len(self.challenger_returns)
 
-    def extend(self, champion: pd.Series, challenger: pd.Series) -> ShadowBook:
-        """Return the book with the bars after `last_ms` that both replays cover appended."""
+    def extend(self, champion: pd.Series, challenger: pd.Series, until_ms: int) -> ShadowBook:
+        """Return the book with the bars in (`last_ms`, `until_ms`) both replays cover appended.
+
+        `until_ms` is the newest candle: its bar's return needs the next close, unknown yet.
+        """
         joined = pd.concat({"champion": champion, "challenger": challenger}, axis=1).dropna()
-        ts = pd.DatetimeIndex(joined.index).asi8 // 1_000_000
-        fresh = joined[ts > self.last_ms]
+        ts = pd.DatetimeIndex(joined.index).as_unit("ms").asi8
+        fresh = joined[(ts > self.last_ms) & (ts < until_ms)]
+        ts = ts[(ts > self.last_ms) & (ts < until_ms)]
         if fresh.empty:
             return self
         return ShadowBook(
@@ -374,6 +378,7 @@ class RetrainPlan:
     candles: Callable[[], int]
     flush: Callable[[], Awaitable[object]]
     alert: EventSink
+    frame: Callable[[str], pd.DataFrame | None] = lambda pair: None  # None: read the archive
     now_s: Callable[[], float] = time.monotonic
     poll_s: float = 5.0
     history: list[Validation] = field(default_factory=list)
@@ -414,7 +419,7 @@ class Retrainer:
             self._shadowed_candles = candles
             await self.plan.flush()
             for pair in list(self.plan.pairs()):
-                await self.advance_shadow(pair)
+                await self.advance_shadow(pair, self.plan.frame(pair))
         if self.due():
             self._trained_at, self._trained_candles = self.plan.now_s(), self.plan.candles()
             await self.plan.flush()
@@ -424,7 +429,7 @@ class Retrainer:
                     log.info("retrain_deferred", name=name, reason="a shadow is running")
                     continue
                 try:
-                    await self.retrain(pair)
+                    await self.retrain(pair, self.plan.frame(pair))
                 except DataError as e:
                     log.warning("retrain_skipped", pair=pair, reason=e.message)
 
@@ -476,16 +481,17 @@ class Retrainer:
             save_shadow(self.plan.models_dir, None, request.name)
             log.info("shadow_abandoned", name=request.name)
             return
-        if frame is None:
-            frame = await asyncio.to_thread(_archive, request)
-        step_ms = frame.index.to_series().diff().median()
-        warm = pd.Timestamp(book.last_ms, unit="ms", tz="UTC") - step_ms * WARM_UP_BARS
-        tail = frame[frame.index >= warm]
+        candles: pd.DataFrame = (
+            frame if frame is not None else await asyncio.to_thread(_archive, request)
+        )
+        step = candles.index.to_series().diff().median()
+        warm = pd.Timestamp(book.last_ms, unit="ms", tz="UTC") - step * WARM_UP_BARS
+        tail = candles[candles.index >= warm]
         budget = float(self.plan.learning.time_budget) + _START_GRACE_S
         champion, challenger = await self._run(
             budget, replay_pair, request, [book.champion, book.challenger], tail
         )
-        book = book.extend(champion, challenger)
+        book = book.extend(champion, challenger, int(tail.index[-1].value // 1_000_000))
         if book.bars < self.plan.learning.shadow_bars:
             save_shadow(self.plan.models_dir, book, request.name)
             log.info("shadow_advanced", name=request.name, bars=book.bars)

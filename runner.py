@@ -115,6 +115,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
+        self.retrainer: Any = None
         # Risk state persistence (live and paper on the exchange feed; replays have none).
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
@@ -421,7 +422,7 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a batch mode (optimize, backfill, train, models, pairs, parity); return the exit status."""
+    """Run a batch mode (optimize, backfill, train, models, pairs, parity); return its status."""
     if args.mode == "backfill":
         from data_manager import run_backfill_cli
 

@@ -554,9 +554,9 @@ def _model_section(pair: str, info: Mapping[str, Any]) -> list[str]:
             shown = ", ".join(f"{esc(k)} {_value(v)}" for k, v in sorted(figures.items()))
             lines.append(f"{alias} validation: {shown}")
     metrics = info.get("metrics") or {}
-    shown = [f"{name} {_value(metrics[name])}" for name in _MODEL_FIGURES if name in metrics]
-    if shown:
-        lines.append("out of sample: " + ", ".join(shown))
+    figures = [f"{name} {_value(metrics[name])}" for name in _MODEL_FIGURES if name in metrics]
+    if figures:
+        lines.append("out of sample: " + ", ".join(figures))
     if info.get("failures"):
         lines.append(f"inference failures: {_value(info['failures'])}")
     return lines
