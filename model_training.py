@@ -400,6 +400,7 @@ class Retrainer:
         self._trained_candles = plan.candles()
         self._shadowed_candles = plan.candles()
         self.cycles = 0
+        self.running: str | None = None  # what the worker is doing now, for views and tests
 
     # -- Scheduling ----------------------------------------------------------------------------
 
@@ -505,11 +506,15 @@ class Retrainer:
             # spawn, not fork: forking a process that runs an event loop can deadlock it.
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         future = asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+        self.running = func.__name__
         try:
             return await asyncio.wait_for(future, budget_s)
         except TimeoutError:
             self.close()
-            raise RecoverableError(f"training ran past its {budget_s:.0f} s budget") from None
+            message = f"{func.__name__} ran past its {budget_s:.0f} s budget"
+            raise RecoverableError(message) from None
+        finally:
+            self.running = None
 
     def close(self) -> None:
         """Stop the worker process (a running training is abandoned)."""
