@@ -33,10 +33,13 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
     ("model_training", "self_learning"): "the supervised filter is a model kind (and its registry)",
     ("model_training", "rl_agent"): "the RL agent is a model kind, resolved by name lazily",
     ("model_training", "analytics"): "validation uses analytics' Sharpe and deflated Sharpe",
     ("model_training", "data_manager"): "a worker loads the pair's candle archive",
+    ("model_training", "reward_system"): "the promotion test compares the one score",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -94,6 +97,8 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    # reward_system.py
+    "score_penalties": "reward_system",
     # self_learning.py (the registry the supervised filter is one kind of)
     "model_registry": "self_learning",
 }
