@@ -153,8 +153,8 @@ class DaemonLive(DaemonBase):
 
     def build_retrainer(self) -> Any:
         """Return the model retrainer of this run (`model_training.Retrainer`)."""
-        from analytics import periods_per_year
-        from model_training import Retrainer, RetrainPlan, model_dirs
+        from model_training import Retrainer, RetrainPlan, Scoring, model_dirs
+        from utils.utilities import timeframe_to_ms
 
         assert self.engine is not None
         engine = self.engine
@@ -165,7 +165,7 @@ class DaemonLive(DaemonBase):
             learning=settings.learning,
             kind=settings.learning.kind,
             timeframe=timeframe,
-            per_year=periods_per_year(timeframe),
+            scoring=Scoring(timeframe_to_ms(timeframe), settings.reward),
             models_dir=models,
             features_dir=features,
             data_dir=settings.storage.data_dir,

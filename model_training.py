@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from config import LearningSettings
+from config import LearningSettings, RewardSettings
 from error_handler import ConfigError, DataError, RecoverableError
 from model_registry import Lineage, ModelKind, Registry
 from models import EventSink, ModelPromoted, ModelRejected
@@ -99,15 +99,30 @@ def model_name(kind: str, pair: str, timeframe: str) -> str:
     return f"{prefix}-{base}-{timeframe}"
 
 
-def promotion_score(returns: np.ndarray, per_year: float) -> float:
-    """Return the score the promotion tests compare: the annualised Sharpe ratio.
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """How per-bar returns become the promotion test's score: bar length and score weights."""
 
-    The one place the comparison is defined; 0 where the ratio does not exist.
+    bar_ms: int
+    reward: RewardSettings = field(default_factory=RewardSettings)
+
+
+def promotion_score(returns: np.ndarray, scoring: Scoring) -> float:
+    """Return the score the promotion tests compare: `reward_system.score(...).total`.
+
+    The one place the comparison is defined. Per-bar returns carry no trade record, so the
+    score sees their equity curve only (its Sharpe, Sortino, drawdown and consistency).
     """
-    from analytics import sharpe
+    from reward_system import score
 
-    value = sharpe(np.asarray(returns, dtype=np.float64), per_year=per_year)
-    return 0.0 if value is None or not math.isfinite(value) else float(value)
+    values = np.asarray(returns, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return 0.0
+    ts = np.arange(values.size + 1, dtype=np.int64) * scoring.bar_ms
+    equity = np.concatenate([[1.0], np.cumprod(1.0 + values)])
+    total = score([], ts, equity, scoring.reward).total
+    return float(total) if math.isfinite(total) else 0.0
 
 
 # -- Training and walk-forward validation (in a worker process) ------------------------------
@@ -124,7 +139,7 @@ class TrainRequest:
     learning: LearningSettings
     models_dir: Path
     features_dir: Path | None
-    per_year: float
+    scoring: Scoring
     data_dir: Path | None = None  # load the pair's archive here when no frame is sent
     exchange: str = "bybit"
 
@@ -238,7 +253,7 @@ def _head_to_head(
 ) -> tuple[float, float | None]:
     # Both models on the same held-out bars, after both trained, where the kind can replay.
     champion = registry.aliases(request.name).champion
-    own = promotion_score(returns, request.per_year)
+    own = promotion_score(returns, request.scoring)
     if champion is None:
         return own, None
     recorded = registry.manifest(request.name, champion).validation.get("score")
@@ -252,7 +267,7 @@ def _head_to_head(
     base = _window(replay(registry.path(request.name, champion), frame), window_start)
     if ours.size < 2:
         return own, recorded
-    return promotion_score(ours, request.per_year), promotion_score(base, request.per_year)
+    return promotion_score(ours, request.scoring), promotion_score(base, request.scoring)
 
 
 def _is_replayable(kind: object) -> bool:
@@ -369,7 +384,7 @@ class RetrainPlan:
     learning: LearningSettings
     kind: str
     timeframe: str
-    per_year: float
+    scoring: Scoring
     models_dir: Path
     features_dir: Path
     data_dir: Path
@@ -447,7 +462,7 @@ class Retrainer:
             learning=plan.learning,
             models_dir=plan.models_dir,
             features_dir=plan.features_dir,
-            per_year=plan.per_year,
+            scoring=plan.scoring,
             data_dir=plan.data_dir,
             exchange=plan.exchange,
         )
@@ -497,7 +512,7 @@ class Retrainer:
             save_shadow(self.plan.models_dir, book, request.name)
             log.info("shadow_advanced", name=request.name, bars=book.bars)
             return
-        settle_shadow(self.registry, self.plan.learning, book, self.plan.per_year, self.plan.alert)
+        settle_shadow(self.registry, self.plan.learning, book, self.plan.scoring, self.plan.alert)
 
     # -- The process pool ----------------------------------------------------------------------
 
@@ -569,12 +584,12 @@ def settle_shadow(
     registry: Registry,
     learning: LearningSettings,
     book: ShadowBook,
-    per_year: float,
+    scoring: Scoring,
     alert: EventSink,
 ) -> bool:
     """Promote the challenger if it beat the champion by the margin over the shadow period."""
-    challenger = promotion_score(np.asarray(book.challenger_returns), per_year)
-    champion = promotion_score(np.asarray(book.champion_returns), per_year)
+    challenger = promotion_score(np.asarray(book.challenger_returns), scoring)
+    champion = promotion_score(np.asarray(book.champion_returns), scoring)
     save_shadow(registry.root, None, book.name)
     registry.annotate(
         book.name,
@@ -630,6 +645,7 @@ async def run_train_cli(
     kind: str,
     timeframe: str,
     data_dir: Path,
+    reward: RewardSettings | None = None,
     summary_json: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model per pair in a spawned worker, validate, decide; return the summary.
@@ -639,8 +655,8 @@ async def run_train_cli(
     per pair. A champion is replaced only through the daemon's shadow test (or
     `--mode models --promote`), never by this command alone.
     """
-    from analytics import periods_per_year
     from utils.progress import progress_bar
+    from utils.utilities import timeframe_to_ms
 
     resolve_kind(kind, learning, None)  # an unknown kind fails before any work
     models_dir, features_dir = model_dirs(learning, data_dir)
@@ -649,7 +665,7 @@ async def run_train_cli(
         learning=learning,
         kind=kind,
         timeframe=timeframe,
-        per_year=periods_per_year(timeframe),
+        scoring=Scoring(timeframe_to_ms(timeframe), reward or RewardSettings()),
         models_dir=models_dir,
         features_dir=features_dir,
         data_dir=data_dir,

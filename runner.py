@@ -460,6 +460,7 @@ async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
             kind=args.strategy or settings.learning.kind,
             timeframe=settings.strategy.timeframe,
             data_dir=settings.storage.data_dir,
+            reward=settings.reward,
             summary_json=args.summary_json,
         )
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -16,7 +16,7 @@ import pytest
 from config import LearningSettings
 from data_manager import load_candles
 from model_registry import FeatureCache, Registry
-from model_training import run_models_cli
+from model_training import run_models_cli, run_train_cli
 from self_learning import FEATURE_SET, SupervisedKind, build_features
 from tests.conftest import ROOT
 
@@ -88,7 +88,9 @@ def _kestrel(*args: str) -> dict[str, Any]:
     return summary
 
 
-def test_train_and_models_commands(tmp_path: Path, sample_dir: Path) -> None:
+async def test_train_and_models_commands(
+    tmp_path: Path, sample_dir: Path, candles: pd.DataFrame
+) -> None:
     """--mode train writes model/version/promoted/validation, reproducibly; models moves aliases."""
     data = str(sample_dir / "bybit_BTC-USDT_1m.csv.gz")
     train = ("--mode", "train", "--strategy", "supervised", "--pairs", PAIR, "--timeframe", "1m")
@@ -97,7 +99,14 @@ def test_train_and_models_commands(tmp_path: Path, sample_dir: Path) -> None:
     assert (first["model"], first["promoted"], first["decision"]) == (name, True, "promoted")
     assert first["validation"]["champion"] is None
     assert np.isfinite(first["validation"]["challenger"])
-    second = _kestrel(*train, "--data", data)
+    # The same command's function again, in this process (a second interpreter costs seconds).
+    second = await run_train_cli(
+        {PAIR: candles},
+        LearningSettings(min_samples=200),
+        kind="supervised",
+        timeframe="1m",
+        data_dir=tmp_path / "data",
+    )
     assert second["promoted"] is False
     assert second["validation"]["champion_version"] == first["version"]
     # The same candles and seed give the same model: both score the same on the same bars.

@@ -21,6 +21,7 @@ from model_registry import Lineage, Registry
 from model_training import (
     Retrainer,
     RetrainPlan,
+    Scoring,
     ShadowBook,
     TrainRequest,
     load_shadow,
@@ -35,7 +36,7 @@ from tests.model_kinds import Contrarian, Momentum, RuleModel, mean_reverting
 
 
 PAIR = "BTC/USDT"
-PER_YEAR = 24 * 365.0
+SCORING = Scoring(3_600_000)
 CONTRARIAN = "tests.model_kinds:Contrarian"
 MOMENTUM = "tests.model_kinds:Momentum"
 NAME = model_name(CONTRARIAN, PAIR, "1h")
@@ -59,7 +60,7 @@ def plan(tmp_path: Path, kind: str, events: list[Event], **overrides: float) -> 
         learning=learning(**overrides),
         kind=kind,
         timeframe="1h",
-        per_year=PER_YEAR,
+        scoring=SCORING,
         models_dir=tmp_path / "models",
         features_dir=tmp_path / "features",
         data_dir=tmp_path,
@@ -88,7 +89,7 @@ def test_the_rule_kinds_differ_as_their_market_says() -> None:
     frame = mean_reverting(1500, seed=1)
     good = Contrarian().train({PAIR: frame}, seed=0, time_budget_s=10).validation_returns()
     bad = Momentum().train({PAIR: frame}, seed=0, time_budget_s=10).validation_returns()
-    assert promotion_score(good, PER_YEAR) > 5 > 0 > promotion_score(bad, PER_YEAR)
+    assert promotion_score(good, SCORING) > 5 > 0 > promotion_score(bad, SCORING)
 
 
 # -- Registry and aliases --------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_a_worse_model_fails_walk_forward_validation(tmp_path: Path, seed: int) 
         learning=learning(),
         models_dir=tmp_path,
         features_dir=None,
-        per_year=PER_YEAR,
+        scoring=SCORING,
     )
     champion = train_and_validate(request, frame)
     registry.promote(NAME, champion.version)
@@ -267,11 +268,11 @@ def test_settling_a_shadow_never_promotes_without_the_margin(
     registry.promote(NAME, old)
     challenger = [r + edge for r in champion]
     book = ShadowBook(NAME, old, new, 0, 0, tuple(champion), tuple(challenger))
-    gained = promotion_score(np.array(challenger), PER_YEAR) - promotion_score(
-        np.array(champion), PER_YEAR
+    gained = promotion_score(np.array(challenger), SCORING) - promotion_score(
+        np.array(champion), SCORING
     )
     out: list[Event] = []
-    promoted = settle_shadow(registry, learning(), book, PER_YEAR, out.append)
+    promoted = settle_shadow(registry, learning(), book, SCORING, out.append)
     assert promoted is (gained >= 0.5)
     assert registry.aliases(NAME).champion == (new if promoted else old)
     assert isinstance(out[-1], ModelPromoted if promoted else ModelRejected)
