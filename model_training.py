@@ -159,6 +159,7 @@ class Validation:
     passed: bool
     reason: str
     last_ms: int = 0  # the newest candle it saw: its shadow starts after it
+    can_shadow: bool = True  # the kind can replay a saved model (see `_is_replayable`)
 
     def figures(self) -> dict[str, float]:
         """Return the numbers kept in the version's manifest."""
@@ -222,6 +223,7 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
         passed=passed,
         reason=reason,
         last_ms=last_ms,
+        can_shadow=_is_replayable(kind),
     )
     registry.annotate(
         request.name,
@@ -548,7 +550,12 @@ class Retrainer:
 def decide(
     registry: Registry, learning: LearningSettings, validation: Validation, alert: EventSink
 ) -> str:
-    """Act on a validation: promote a first model, start a shadow, or reject; return which."""
+    """Act on a validation: promote a first model, start a shadow, or reject; return which.
+
+    Returns:
+        `promoted`, `shadow`, `rejected`, or `challenger` (validated, but its kind cannot be
+        shadowed: it waits for the operator).
+    """
     name, version = validation.name, validation.version
     if validation.champion_version is None and learning.bootstrap_champion:
         registry.promote(name, version)
@@ -567,6 +574,11 @@ def decide(
         )
         return "rejected"
     registry.set_challenger(name, version)
+    if validation.champion_version is not None and not validation.can_shadow:
+        # Without a replay there is no shadow, so no automatic promotion: the operator
+        # decides (`--mode models --promote`), with the validation figures in the manifest.
+        log.warning("shadow_unavailable", name=name, challenger=version)
+        return "challenger"
     if validation.champion_version is not None:
         book = ShadowBook(
             name=name,

@@ -121,3 +121,18 @@ class Broken(RuleKind):
     ) -> RuleModel:
         """Fail."""
         raise RuntimeError("training blew up")
+
+
+class Opaque:
+    """The contrarian rule without `replay`: it can be validated but never shadowed."""
+
+    name = "opaque"
+
+    def __init__(self, settings: Any = None, features_dir: Path | None = None) -> None:
+        self.rule = Contrarian(settings, features_dir)
+
+    def train(
+        self, frames: Mapping[str, pd.DataFrame], *, seed: int, time_budget_s: float
+    ) -> RuleModel:
+        """Return the contrarian rule."""
+        return self.rule.train(frames, seed=seed, time_budget_s=time_budget_s)

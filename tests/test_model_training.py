@@ -24,6 +24,7 @@ from model_training import (
     Scoring,
     ShadowBook,
     TrainRequest,
+    decide,
     load_shadow,
     model_name,
     promotion_score,
@@ -276,3 +277,32 @@ def test_settling_a_shadow_never_promotes_without_the_margin(
     assert promoted is (gained >= 0.5)
     assert registry.aliases(NAME).champion == (new if promoted else old)
     assert isinstance(out[-1], ModelPromoted if promoted else ModelRejected)
+
+
+def test_a_kind_that_cannot_replay_waits_for_the_operator(tmp_path: Path) -> None:
+    """Validated without a shadow, a challenger is never promoted automatically."""
+    registry = Registry(tmp_path)
+    request = TrainRequest(
+        kind=MOMENTUM,
+        name=NAME,
+        pair=PAIR,
+        timeframe="1h",
+        learning=learning(),
+        models_dir=tmp_path,
+        features_dir=None,
+        scoring=SCORING,
+    )
+    champion = train_and_validate(request, mean_reverting(1800, seed=6))
+    registry.promote(NAME, champion.version)
+    out: list[Event] = []
+    opaque = train_and_validate(
+        dataclasses.replace(request, kind="tests.model_kinds:Opaque"), mean_reverting(1800, seed=6)
+    )
+    assert opaque.passed
+    assert not opaque.can_shadow
+    assert opaque.champion == champion.challenger  # the champion's recorded score
+    assert decide(registry, learning(), opaque, out.append) == "challenger"
+    aliases = registry.aliases(NAME)
+    assert (aliases.champion, aliases.challenger) == (champion.version, opaque.version)
+    assert load_shadow(tmp_path, NAME) is None
+    assert out == []
