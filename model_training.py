@@ -388,7 +388,7 @@ class RetrainPlan:
     timeframe: str
     scoring: Scoring
     models_dir: Path
-    features_dir: Path
+    features_dir: Path | None
     data_dir: Path
     exchange: str
     pairs: Callable[[], Sequence[str]]
