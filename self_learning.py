@@ -307,11 +307,13 @@ class ModelRegistry:
         self.registry = Registry(root)
         self.root = root / name
         self.name = name
+        self._view: tuple[int, dict[str, Any]] | None = None  # (directory mtime, describe)
 
-    def save(self, model: Any, meta: ModelMeta) -> Path:
+    def save(self, model: Any, meta: ModelMeta, *, seed: int = 0) -> Path:
         """Write a new version and make it the champion; return its directory."""
         trained = SupervisedTrained(model, meta, np.zeros(0), dict(meta.metrics))
-        self.registry.register(self.name, KIND, trained, _lineage(meta), version=meta.version)
+        lineage = _lineage(meta, seed)
+        self.registry.register(self.name, KIND, trained, lineage, version=meta.version)
         self.registry.promote(self.name, meta.version)
         log.info("model_saved", name=self.name, version=meta.version, **meta.metrics)
         return self.root / meta.version
@@ -339,18 +341,31 @@ class ModelRegistry:
         return load_model(self.root / version)
 
     def describe(self) -> dict[str, Any]:
-        """Return the registry's aliases for this name (for /model)."""
+        """Return the registry's aliases for this name (for /model and every snapshot).
+
+        Cached until the name's directory changes: a version appearing and an alias file
+        being replaced both touch it, so a snapshot costs one `stat`, not a directory walk.
+        """
         try:
-            return self.registry.describe(self.name)
+            stamp = self.root.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if self._view is not None and stamp is not None and self._view[0] == stamp:
+            return self._view[1]
+        try:
+            view = self.registry.describe(self.name)
         except DataError as e:
             return {"name": self.name, "error": e.message}
+        if stamp is not None:
+            self._view = (stamp, view)
+        return view
 
 
-def _lineage(meta: ModelMeta, seed: int = 0, pairs: tuple[str, ...] = ()) -> Lineage:
+def _lineage(meta: ModelMeta, seed: int) -> Lineage:
     return Lineage(
         data_start_ms=meta.data_start_ms,
-        data_end_ms=meta.data_end_ms,
-        pairs=pairs,
+        data_end_ms=meta.train_end_ms or meta.data_end_ms,
+        pairs=(),
         timeframe="",
         feature_set=FEATURE_SET,
         seed=seed,
@@ -472,7 +487,8 @@ class SupervisedKind:
 class SafePredictor:
     """Model inference that never raises: any failure gives the neutral 0.5 and an alert.
 
-    The model is reloaded when CURRENT changes, so a retrain elsewhere is picked up.
+    The model is reloaded when the champion alias moves, so a promotion or a rollback made
+    elsewhere (the retrainer, `--mode models`) is picked up.
     """
 
     def __init__(
@@ -544,7 +560,7 @@ def train_and_save(
 ) -> ModelMeta:
     """Train and save in one call, so a worker process never ships a model object back."""
     model, meta = train(df, settings, name=name)
-    ModelRegistry(models_dir, name).save(model, meta)
+    ModelRegistry(models_dir, name).save(model, meta, seed=settings.seed)
     return meta
 
 
