@@ -251,6 +251,9 @@ class LearningSettings(_Group):
         default=0.25, ge=0, description="score a challenger must beat the champion by in shadow"
     )
     shadow_bars: int = Field(default=500, ge=1, description="bars a challenger runs in shadow")
+    train_window_candles: int = Field(
+        default=200_000, ge=100, description="a retrain uses at most the newest N candles"
+    )
     retrain_check_s: float = Field(
         default=5.0, gt=0, description="how often the retrainer looks at the schedule and shadows"
     )

@@ -180,6 +180,7 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
 
     if frame is None:
         frame = _archive(request)
+    frame = frame.iloc[-request.learning.train_window_candles :]
     kind = resolve_kind(request.kind, request.learning, request.features_dir)
     trained = kind.train(
         {request.pair: frame},
@@ -435,8 +436,15 @@ class Retrainer:
         candles = self.plan.candles()
         if candles > self._shadowed_candles:
             self._shadowed_candles = candles
-            await self.plan.flush()
-            for pair in list(self.plan.pairs()):
+            models = self.plan.models_dir
+            shadowed = [
+                p
+                for p in self.plan.pairs()
+                if load_shadow(models, self.request(p).name) is not None
+            ]
+            if shadowed:
+                await self.plan.flush()
+            for pair in shadowed:
                 await self.advance_shadow(pair, self.plan.frame(pair))
         if self.due():
             self._trained_at, self._trained_candles = self.plan.now_s(), self.plan.candles()
