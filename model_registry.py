@@ -20,6 +20,7 @@ in `model_training`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -305,25 +307,40 @@ class Registry:
             },
         )
 
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        # Read-modify-write of the aliases under an exclusive lock: the daemon's retrainer
+        # and an operator's `--mode models` may move them at the same moment.
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / ".aliases.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def set_challenger(self, name: str, version: str | None) -> None:
         """Point `challenger` at `version` (None clears it)."""
         if version is not None:
             self.path(name, version)
-        self._store(name, replace(self.aliases(name), challenger=version))
+        with self._locked(name):
+            self._store(name, replace(self.aliases(name), challenger=version))
         log.info("model_alias_moved", name=name, alias=CHALLENGER, version=version)
 
     def promote(self, name: str, version: str) -> Aliases:
         """Make `version` the champion; the old champion goes on the rollback stack."""
         self.path(name, version)
-        current = self.aliases(name)
-        if current.champion == version:
-            return current
-        previous = current.previous
-        if current.champion is not None:
-            previous = (*previous, current.champion)
-        challenger = None if current.challenger == version else current.challenger
-        updated = Aliases(champion=version, challenger=challenger, previous=previous)
-        self._store(name, updated)
+        with self._locked(name):
+            current = self.aliases(name)
+            if current.champion == version:
+                return current
+            previous = current.previous
+            if current.champion is not None:
+                previous = (*previous, current.champion)
+            challenger = None if current.challenger == version else current.challenger
+            updated = Aliases(champion=version, challenger=challenger, previous=previous)
+            self._store(name, updated)
         log.info("model_promoted", name=name, version=version, replaced=current.champion)
         return updated
 
@@ -333,12 +350,15 @@ class Registry:
         Raises:
             DataError: there is no earlier champion to go back to.
         """
-        current = self.aliases(name)
-        if not current.previous:
-            raise DataError(f"{name}: no previous champion to roll back to")
-        *rest, restored = current.previous
-        updated = Aliases(champion=restored, challenger=current.challenger, previous=tuple(rest))
-        self._store(name, updated)
+        with self._locked(name):
+            current = self.aliases(name)
+            if not current.previous:
+                raise DataError(f"{name}: no previous champion to roll back to")
+            *rest, restored = current.previous
+            updated = Aliases(
+                champion=restored, challenger=current.challenger, previous=tuple(rest)
+            )
+            self._store(name, updated)
         log.warning("model_rolled_back", name=name, version=restored, replaced=current.champion)
         return updated
 
