@@ -254,7 +254,7 @@ async def test_a_clearly_better_challenger_is_shadowed_promoted_and_rolled_back(
     assert retrainer.registry.aliases(NAME).champion == first.version
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     champion=st.lists(st.floats(-0.05, 0.05), min_size=20, max_size=60),
     edge=st.floats(-0.01, 0.002),
