@@ -76,12 +76,17 @@ def resolve_kind(name: str, settings: LearningSettings, features_dir: Path | Non
         # imported by path so a spawned worker finds it too.
         import importlib
 
-        factory = getattr(importlib.import_module(module), attribute)
+        try:
+            factory = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"model kind {name!r} cannot be loaded: {e}") from e
         plugin: ModelKind = factory(settings, features_dir)
         return plugin
     if name == "rl" or name.startswith("rl:"):
-        import rl_agent
-
+        try:
+            import rl_agent
+        except ImportError as e:
+            raise ConfigError(f"the rl model kind is not available: {e}") from e
         kind: ModelKind = rl_agent.RLKind(test_fraction=settings.test_fraction)
         return kind
     raise ConfigError(f"unknown model kind {name!r}: use one of {', '.join(KINDS)}")
@@ -565,9 +570,17 @@ def decide(
         shadowed: it waits for the operator).
     """
     name, version = validation.name, validation.version
-    if validation.champion_version is None and learning.bootstrap_champion:
+    first = validation.champion_version is None
+    if first and (validation.passed or learning.bootstrap_champion):
+        # Nothing to compare with: the first model is used, and the operator is told plainly
+        # when it did not pass validation (bootstrap_champion=false waits for one that does).
+        reason = "first model" + (
+            "" if validation.passed else f"; NOT validated: {validation.reason}"
+        )
+        if not validation.passed:
+            log.warning("model_bootstrapped_unvalidated", name=name, reason=validation.reason)
         registry.promote(name, version)
-        alert(ModelPromoted(name, version, None, validation.challenger, None, "first model"))
+        alert(ModelPromoted(name, version, None, validation.challenger, None, reason))
         return "promoted"
     if not validation.passed:
         alert(
@@ -582,21 +595,20 @@ def decide(
         )
         return "rejected"
     registry.set_challenger(name, version)
-    if validation.champion_version is not None and not validation.can_shadow:
+    if not validation.can_shadow:
         # Without a replay there is no shadow, so no automatic promotion: the operator
         # decides (`--mode models --promote`), with the validation figures in the manifest.
         log.warning("shadow_unavailable", name=name, challenger=version)
         return "challenger"
-    if validation.champion_version is not None:
-        book = ShadowBook(
-            name=name,
-            champion=validation.champion_version,
-            challenger=version,
-            start_ms=validation.last_ms,
-            last_ms=validation.last_ms,
-        )
-        save_shadow(registry.root, book, name)
-        log.info("shadow_started", name=name, challenger=version, bars=learning.shadow_bars)
+    book = ShadowBook(
+        name=name,
+        champion=str(validation.champion_version),
+        challenger=version,
+        start_ms=validation.last_ms,
+        last_ms=validation.last_ms,
+    )
+    save_shadow(registry.root, book, name)
+    log.info("shadow_started", name=name, challenger=version, bars=learning.shadow_bars)
     return "shadow"
 
 

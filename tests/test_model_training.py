@@ -43,7 +43,7 @@ MOMENTUM = "tests.model_kinds:Momentum"
 NAME = model_name(CONTRARIAN, PAIR, "1h")
 
 
-def learning(**overrides: float) -> LearningSettings:
+def learning(**overrides: float | bool) -> LearningSettings:
     values = {
         "shadow_bars": 200,
         "promotion_margin": 0.5,
@@ -306,3 +306,32 @@ def test_a_kind_that_cannot_replay_waits_for_the_operator(tmp_path: Path) -> Non
     assert (aliases.champion, aliases.challenger) == (champion.version, opaque.version)
     assert load_shadow(tmp_path, NAME) is None
     assert out == []
+
+
+@pytest.mark.parametrize(("bootstrap", "expected"), [(True, "promoted"), (False, "rejected")])
+def test_an_unvalidated_first_model_is_used_only_when_bootstrapping(
+    tmp_path: Path, bootstrap: bool, expected: str
+) -> None:
+    """A failing first model becomes champion (flagged) only with bootstrap_champion."""
+    request = TrainRequest(
+        kind=MOMENTUM,
+        name=NAME,
+        pair=PAIR,
+        timeframe="1h",
+        learning=learning(bootstrap_champion=bootstrap),
+        models_dir=tmp_path,
+        features_dir=None,
+        scoring=SCORING,
+    )
+    validation = train_and_validate(request, mean_reverting(1200, seed=7))
+    assert not validation.passed
+    out: list[Event] = []
+    assert decide(Registry(tmp_path), request.learning, validation, out.append) == expected
+    champion = Registry(tmp_path).aliases(NAME).champion
+    if bootstrap:
+        assert champion == validation.version
+        assert isinstance(out[-1], ModelPromoted)
+        assert "NOT validated" in out[-1].reason
+    else:
+        assert champion is None
+        assert isinstance(out[-1], ModelRejected)
