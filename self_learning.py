@@ -501,6 +501,7 @@ class SafePredictor:
         self.alert: EventSink = alert or (lambda event: None)
         self.model: Any = None
         self.meta: ModelMeta | None = None
+        self.version: str | None = None  # the registry version loaded (the meta may differ)
         self.failures = 0
 
     def refresh(self) -> bool:
@@ -508,10 +509,11 @@ class SafePredictor:
         version = self.registry.current_version()
         if version is None:
             return False
-        if self.meta is not None and self.meta.version == version:
+        if self.meta is not None and self.version == version:
             return True
         try:
             self.model, self.meta = self.registry.load(version)
+            self.version = version
         except DataError as e:
             self._fail(e)
             return False
@@ -548,6 +550,7 @@ class SafePredictor:
             "loaded": True,
             "failures": self.failures,
             **asdict(self.meta),
+            "version": self.version,
             "registry": registry,
         }
 

@@ -15,9 +15,15 @@ import pytest
 
 from config import LearningSettings
 from data_manager import load_candles
-from model_registry import FeatureCache, Registry
+from model_registry import FeatureCache, Lineage, Registry
 from model_training import run_models_cli, run_train_cli
-from self_learning import FEATURE_SET, SupervisedKind, build_features
+from self_learning import (
+    FEATURE_SET,
+    ModelRegistry,
+    SafePredictor,
+    SupervisedKind,
+    build_features,
+)
 from tests.conftest import ROOT
 
 
@@ -51,6 +57,17 @@ def test_training_datasets_are_cached_as_parquet_and_reused(
     assert (again_kind.cache.misses, again_kind.cache.hits) == (0, 1)
     np.testing.assert_array_equal(first.validation_returns(), again.validation_returns())
     assert first.metrics["auc"] == again.metrics["auc"]
+    # Registered under the registry's own version, the champion is loaded once, not per call.
+    registry = Registry(tmp_path / "models")
+    lineage = Lineage(0, 1, (PAIR,), "1m", FEATURE_SET, seed=7)
+    version = registry.register("direction-BTC-USDT-1m", "supervised", again, lineage).version
+    registry.promote("direction-BTC-USDT-1m", version)
+    predictor = SafePredictor(ModelRegistry(tmp_path / "models", "direction-BTC-USDT-1m"))
+    assert 0.0 <= predictor.probability_up(candles) <= 1.0
+    loaded = predictor.model
+    assert 0.0 <= predictor.probability_up(candles) <= 1.0
+    assert predictor.model is loaded
+    assert predictor.describe()["version"] == version
 
 
 def test_the_cache_key_follows_the_data_range_and_the_candles(candles: pd.DataFrame) -> None:
