@@ -247,6 +247,31 @@ class LearningSettings(_Group):
     )
     test_fraction: float = Field(default=0.25, gt=0, lt=0.9)
     seed: int = 7
+    kind: str = Field(default="supervised", description="model kind retrained by the daemon")
+    time_budget: float = Field(default=600.0, gt=0, description="seconds one training may take")
+    retrain_every_candles: int = Field(
+        default=0, ge=0, description="also retrain after this many new candles (0: schedule only)"
+    )
+    min_deflated_sharpe: float = Field(
+        default=0.95, ge=0, le=1, description="a challenger's out-of-sample deflated Sharpe floor"
+    )
+    promotion_margin: float = Field(
+        default=0.25, ge=0, description="score a challenger must beat the champion by in shadow"
+    )
+    shadow_bars: int = Field(default=500, ge=1, description="bars a challenger runs in shadow")
+    train_window_candles: int = Field(
+        default=200_000, ge=100, description="a retrain uses at most the newest N candles"
+    )
+    retrain_check_s: float = Field(
+        default=5.0, gt=0, description="how often the retrainer looks at the schedule and shadows"
+    )
+    bootstrap_champion: bool = Field(
+        default=True, description="the first model of a name becomes champion (nothing to beat)"
+    )
+    models_dir: Path | None = Field(default=None, description="registry root (<data_dir>/models)")
+    features_dir: Path | None = Field(
+        default=None, description="training-dataset cache (<data_dir>/features)"
+    )
 
 
 class AnomalySettings(_Group):

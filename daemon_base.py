@@ -61,6 +61,7 @@ class DaemonBase:
     _fills_since: int | None
     notifiers: list[EventSink]
     supervisor: Supervisor
+    retrainer: Any  # model_training.Retrainer, built when learning is enabled
     _risk_store: Any
     _risk_key: tuple[Any, ...] | None
     _risk_lock: asyncio.Lock

@@ -15,10 +15,6 @@ import structlog
 
 from daemon_base import DaemonBase
 from daemon_build import prime_anomalies
-from data_manager import CandleStore, arrays_to_frame
-from error_handler import (
-    DataError,
-)
 from models import Candle
 from utils.utilities import (
     timeframe_to_ms,
@@ -141,39 +137,74 @@ class DaemonLive(DaemonBase):
 
     def model_name(self, pair: str) -> str:
         """Return the model registry name used for a pair (same as `--mode train`)."""
-        base = pair.split(":")[0].replace("/", "-")
-        return f"direction-{base}-{self.settings.strategy.timeframe}"
+        from model_training import model_name
+
+        return model_name("supervised", pair, self.settings.strategy.timeframe)
 
     def enable_learning(self) -> None:
-        """Filter entries through each pair's current model (when learning is enabled)."""
+        """Filter entries through each pair's champion model (when learning is enabled)."""
+        from model_training import model_dirs
         from self_learning import ModelRegistry, SafePredictor
 
         assert self.engine is not None
-        models = self.settings.storage.data_dir / "models"
+        models, _ = model_dirs(self.settings.learning, self.settings.storage.data_dir)
         self.engine.model_threshold = self.settings.learning.entry_threshold
         for pair in self.engine.pairs:
             registry = ModelRegistry(models, self.model_name(pair))
             self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
 
-    async def _retrain_once(self) -> None:
-        """Retrain every pair's model off the loop, after the interval; swap in atomically."""
-        from self_learning import train_and_save
-        from utils.utilities import run_cpu
+    def build_retrainer(self) -> Any:
+        """Return the model retrainer of this run (`model_training.Retrainer`)."""
+        from model_training import Retrainer, RetrainPlan, Scoring, model_dirs
+        from utils.utilities import timeframe_to_ms
 
         assert self.engine is not None
-        learning = self.settings.learning
-        models = self.settings.storage.data_dir / "models"
-        await asyncio.sleep(learning.retrain_interval_s)
-        await self.engine.data.flush()
-        archive = CandleStore(self.settings.storage.data_dir)
-        for pair in self.engine.pairs:
-            timeframe = self.settings.strategy.timeframe
-            if not archive.has(pair, timeframe):
-                continue
-            frame = arrays_to_frame(archive.load_arrays(pair, timeframe))
-            try:
-                meta = await run_cpu(train_and_save, frame, learning, models, self.model_name(pair))
-            except DataError as e:
-                log.warning("retrain_skipped", pair=pair, reason=e.message)
-                continue
-            log.info("model_retrained", pair=pair, version=meta.version, **meta.metrics)
+        engine = self.engine
+        settings = self.settings
+        models, features = model_dirs(settings.learning, settings.storage.data_dir)
+        timeframe = settings.strategy.timeframe
+        plan = RetrainPlan(
+            learning=settings.learning,
+            kind=settings.learning.kind,
+            timeframe=timeframe,
+            scoring=Scoring(timeframe_to_ms(timeframe), settings.reward),
+            models_dir=models,
+            features_dir=features,
+            data_dir=settings.storage.data_dir,
+            exchange=settings.exchange.name,
+            pairs=lambda: list(engine.pairs),
+            frame=self._seen_candles,
+            candles=lambda: engine.candles,
+            flush=engine.data.flush,
+            alert=self.alert,
+            poll_s=settings.learning.retrain_check_s,
+        )
+        self._closers.append(("retrainer", self._close_retrainer))
+        return Retrainer(plan)
+
+    def _seen_candles(self, pair: str) -> Any:
+        # A replay has no archive: train on the replayed candles up to the last one the
+        # engine processed (never a candle it has not seen). None: the worker reads the
+        # pair's archive itself.
+        assert self.engine is not None
+        if self.engine.data.store is not None or pair not in self.frames:
+            return None
+        seen = self.engine.data.arrays(pair, self.settings.strategy.timeframe).ts
+        if not len(seen):
+            return None
+        frame = self.frames[pair]
+        return frame[frame.index.as_unit("ms").asi8 <= int(seen[-1])]
+
+    async def _close_retrainer(self) -> None:
+        if self.retrainer is not None:
+            self.retrainer.close()
+
+    async def _retrain_once(self) -> None:
+        """One step of the retrainer: shadow what is running, retrain what is due."""
+        if self.retrainer is None:
+            self.retrainer = self.build_retrainer()
+        try:
+            await self.retrainer.step()
+        except asyncio.CancelledError:
+            self.retrainer.close()  # the run ends: stop the worker with it
+            raise

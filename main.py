@@ -36,6 +36,7 @@ MODES = (
     "parity",
     "anomalies",
     "patterns",
+    "models",
 )
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 WATCHABLE_SPEED = 40.0  # candles a second for a replay watched on the dashboard
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="replay",
         help="backtest engine: replay (the live code path, default) or fast (numba; all_in, "
         "one pair: the same trades, ~100x faster)",
+    )
+    parser.add_argument(
+        "--promote", metavar="NAME@VERSION", help="models: make this version the champion"
+    )
+    parser.add_argument(
+        "--rollback", metavar="NAME", help="models: restore the previous champion of NAME"
     )
     parser.add_argument("--print-config", action="store_true", help="show settings (masked), exit")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))

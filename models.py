@@ -659,6 +659,30 @@ class ErrorRaised:
     breaker: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ModelPromoted:
+    """A model version became champion (after validation and shadow, or as the first)."""
+
+    name: str
+    version: str
+    previous: str | None
+    score: float
+    champion_score: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRejected:
+    """A challenger was not promoted: it failed validation or lost in shadow."""
+
+    name: str
+    version: str
+    champion: str | None
+    score: float
+    champion_score: float | None
+    reason: str
+
+
 Event = (
     TradeOpened
     | TradeClosed
@@ -668,6 +692,8 @@ Event = (
     | RiskReset
     | ErrorRaised
     | AnomalyDetected
+    | ModelPromoted
+    | ModelRejected
 )
 # The one alert bus: every component that publishes takes an `EventSink`.
 EventSink = Callable[[Event], None]

@@ -118,6 +118,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
+        self.retrainer: Any = None
         # Risk state persistence (live and paper on the exchange feed; replays have none).
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
@@ -453,7 +454,10 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 
 async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a batch mode (optimize, backfill, train, pairs, parity, anomalies, patterns)."""
+    """Run a batch mode (optimize, backfill, train, models, pairs, parity, anomalies, patterns).
+
+    Returns its exit status.
+    """
     if args.mode == "backfill":
         from data_manager import run_backfill_cli
 
@@ -467,16 +471,29 @@ async def run_batch(args: argparse.Namespace, settings: Settings) -> int:
 
         return await run_optimize_cli(args, settings)
     if args.mode == "train":
-        from self_learning import run_train_cli
+        from model_training import run_train_cli
 
-        frames = load_frames(args, settings)
-        models_dir = settings.storage.data_dir / "models"
-        for pair, frame in frames.items():
-            name = f"direction-{pair.split(':')[0].replace('/', '-')}-{settings.strategy.timeframe}"
-            code = await run_train_cli(frame, settings.learning, models_dir, name=name)
-            if code:
-                return code
+        summary = await run_train_cli(
+            load_frames(args, settings),
+            settings.learning,
+            kind=args.strategy or settings.learning.kind,
+            timeframe=settings.strategy.timeframe,
+            data_dir=settings.storage.data_dir,
+            reward=settings.reward,
+            summary_json=args.summary_json,
+        )
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
         return 0
+    if args.mode == "models":
+        from model_training import model_dirs, run_models_cli
+
+        models_dir, _ = model_dirs(settings.learning, settings.storage.data_dir)
+        return run_models_cli(
+            models_dir,
+            promote=args.promote,
+            rollback=args.rollback,
+            summary_json=args.summary_json,
+        )
     if args.mode == "parity":
         return await run_parity(args, settings)
     if args.mode == "patterns":

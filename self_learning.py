@@ -16,9 +16,10 @@ Models: `gbm` (scikit-learn's HistGradientBoostingClassifier, the default: fast,
 no scaling needed) or `mlp` (a small Keras network; TensorFlow is imported only here, only
 when that model is trained or loaded). Training runs in a process pool, off the loop.
 
-On disk: `<data_dir>/models/<name>/<version>/` holds the model and `meta.json`; the file
-`<data_dir>/models/<name>/CURRENT` names the live version and is replaced atomically, so a
-reader sees the old model or the new one, never half of one.
+On disk the filter is one model kind (`SupervisedKind`, name `supervised`) of the versioned
+registry (`model_registry`): `<data_dir>/models/<name>/<version>/` holds the model,
+`meta.json` and the registry's manifest; the `champion` alias names the live version and
+is replaced atomically, so a reader sees the old model or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
 import time
-import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -40,8 +39,8 @@ import structlog
 
 from config import LearningSettings
 from error_handler import DataError, StrategyError
+from model_registry import CHAMPION, FeatureCache, Lineage, Registry, new_version
 from models import ErrorRaised, EventSink
-from utils.utilities import atomic_write
 
 
 log = structlog.get_logger(__name__)
@@ -155,6 +154,7 @@ class ModelMeta:
     data_start_ms: int
     data_end_ms: int
     metrics: dict[str, float]
+    train_end_ms: int = 0  # the last row it fitted on: later rows are out of sample for it
 
 
 def _fit_gbm(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
@@ -219,17 +219,31 @@ def train(
     CPU-bound and picklable: run it through `utils.utilities.run_cpu`.
     """
     x, y, index = dataset(df, settings.horizon_candles, settings.min_edge_bps)
+    model, meta, _ = _fit(x, y, index, settings, name=name, seed=settings.seed)
+    return model, meta
+
+
+def _fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    index: pd.DatetimeIndex,
+    settings: LearningSettings,
+    *,
+    name: str,
+    seed: int,
+) -> tuple[Any, ModelMeta, slice]:
+    # Fit on the oldest rows, score on the newest (purged); return the test slice too.
     if len(x) < settings.min_samples:
         raise DataError(f"{len(x)} labelled rows, need at least {settings.min_samples}")
     train_part, test_part = chronological_split(
         len(x), settings.test_fraction, settings.horizon_candles
     )
     fit = _fit_mlp if settings.model == "mlp" else _fit_gbm
-    model = fit(x[train_part], y[train_part], settings.seed)
+    model = fit(x[train_part], y[train_part], seed)
     probabilities = _predict(settings.model, model, x[test_part])
     meta = ModelMeta(
         name=name,
-        version=_new_version(),
+        version=new_version(),
         kind=settings.model,
         features=FEATURES,
         horizon=settings.horizon_candles,
@@ -240,62 +254,83 @@ def train(
         data_start_ms=int(index[0].value // 1_000_000),
         data_end_ms=int(index[-1].value // 1_000_000),
         metrics=_metrics(y[test_part], probabilities),
+        train_end_ms=int(index[train_part.stop - 1].value // 1_000_000),
     )
-    return model, meta
-
-
-def _new_version() -> str:
-    # Sortable by time, unique even for two trainings in the same millisecond.
-    now = time.time_ns()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now / 1e9))
-    return f"{stamp}.{now // 1_000_000 % 1000:03d}-{uuid.uuid4().hex[:6]}"
+    return model, meta, test_part
 
 
 # -- Versioned storage -----------------------------------------------------------------------
 
 
+def save_model(model: Any, meta: ModelMeta, directory: Path) -> None:
+    """Write a supervised model and its `meta.json` into `directory`."""
+    if meta.kind == "mlp":
+        model.save(directory / "model.keras")
+    else:
+        with (directory / "model.pkl").open("wb") as handle:
+            pickle.dump(model, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    (directory / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+
+
+def load_model(directory: Path) -> tuple[Any, ModelMeta]:
+    """Read back what `save_model` wrote.
+
+    Raises:
+        DataError: an unreadable model.
+    """
+    try:
+        raw = json.loads((directory / "meta.json").read_text())
+        raw["features"] = tuple(raw["features"])
+        meta = ModelMeta(**raw)
+        if meta.kind == "mlp":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            import keras
+
+            model = keras.saving.load_model(directory / "model.keras")
+        else:
+            with (directory / "model.pkl").open("rb") as handle:
+                model = pickle.load(handle)  # noqa: S301 - our own file, written by save_model
+    except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"cannot load model {directory}: {e}") from e
+    return model, meta
+
+
 class ModelRegistry:
-    """Versioned model directories with an atomically swapped CURRENT pointer."""
+    """One supervised model name in the versioned registry (`model_registry.Registry`).
+
+    The live model is the `champion` alias; `save` registers a version and makes it champion
+    (the operator's explicit `--mode train`); the daemon's retraining goes through the
+    challenger, shadow and promotion rules of `model_training` instead.
+    """
 
     def __init__(self, root: Path, name: str = "direction") -> None:
+        self.registry = Registry(root)
         self.root = root / name
         self.name = name
+        self._view: tuple[int, dict[str, Any]] | None = None  # (directory mtime, describe)
 
-    def save(self, model: Any, meta: ModelMeta) -> Path:
-        """Write a new version and make it current; return its directory."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
-        try:
-            if meta.kind == "mlp":
-                model.save(staging / "model.keras")
-            else:
-                with (staging / "model.pkl").open("wb") as handle:
-                    pickle.dump(model, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            (staging / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
-            final = self.root / meta.version
-            os.replace(staging, final)  # a directory appears whole or not at all
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        atomic_write(self.root / "CURRENT", meta.version)
+    def save(self, model: Any, meta: ModelMeta, *, seed: int = 0) -> Path:
+        """Write a new version and make it the champion; return its directory."""
+        trained = SupervisedTrained(model, meta, np.zeros(0), dict(meta.metrics))
+        lineage = _lineage(meta, seed)
+        self.registry.register(self.name, KIND, trained, lineage, version=meta.version)
+        self.registry.promote(self.name, meta.version)
         log.info("model_saved", name=self.name, version=meta.version, **meta.metrics)
-        return final
+        return self.root / meta.version
 
     def current_version(self) -> str | None:
-        """Return the live version's name, if any."""
-        pointer = self.root / "CURRENT"
-        return pointer.read_text().strip() if pointer.is_file() else None
+        """Return the champion's version, if any."""
+        try:
+            return self.registry.alias(self.name, CHAMPION)
+        except DataError:
+            return None
 
     def versions(self) -> list[str]:
         """Return saved versions, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        return self.registry.versions(self.name)
 
     def load(self, version: str | None = None) -> tuple[Any, ModelMeta]:
-        """Load a version (the current one by default).
+        """Load a version (the champion by default).
 
         Raises:
             DataError: no model, or an unreadable one.
@@ -303,22 +338,147 @@ class ModelRegistry:
         version = version or self.current_version()
         if version is None:
             raise DataError(f"no trained model under {self.root}")
-        folder = self.root / version
-        try:
-            raw = json.loads((folder / "meta.json").read_text())
-            raw["features"] = tuple(raw["features"])
-            meta = ModelMeta(**raw)
-            if meta.kind == "mlp":
-                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-                import keras
+        return load_model(self.root / version)
 
-                model = keras.saving.load_model(folder / "model.keras")
-            else:
-                with (folder / "model.pkl").open("rb") as handle:
-                    model = pickle.load(handle)  # noqa: S301 - our own file, written by save()
-        except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
-            raise DataError(f"cannot load model {folder}: {e}") from e
-        return model, meta
+    def describe(self) -> dict[str, Any]:
+        """Return the registry's aliases for this name (for /model and every snapshot).
+
+        Cached until the name's directory changes: a version appearing and an alias file
+        being replaced both touch it, so a snapshot costs one `stat`, not a directory walk.
+        """
+        try:
+            stamp = self.root.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if self._view is not None and stamp is not None and self._view[0] == stamp:
+            return self._view[1]
+        try:
+            view = self.registry.describe(self.name)
+        except DataError as e:
+            return {"name": self.name, "error": e.message}
+        if stamp is not None:
+            self._view = (stamp, view)
+        return view
+
+
+def _lineage(meta: ModelMeta, seed: int) -> Lineage:
+    return Lineage(
+        data_start_ms=meta.data_start_ms,
+        data_end_ms=meta.train_end_ms or meta.data_end_ms,
+        pairs=(),
+        timeframe="",
+        feature_set=FEATURE_SET,
+        seed=seed,
+        created_ms=meta.trained_at_ms,
+    )
+
+
+# -- The supervised model kind ---------------------------------------------------------------
+
+KIND: Final = "supervised"
+FEATURE_SET: Final = "direction-v1"
+TAKER_FEE_BPS: Final = 5.5  # Bybit's spot/perp taker fee: what a filter's switch costs
+
+
+def filter_returns(
+    frame: pd.DataFrame, index: pd.DatetimeIndex, probabilities: np.ndarray, threshold: float
+) -> pd.Series:
+    """Return per-bar returns of "long while P(up) >= threshold", net of a taker fee per switch.
+
+    The position decided at the close of bar *t* earns the return from close *t* to close
+    *t + 1*; each change of position pays `TAKER_FEE_BPS`.
+    """
+    forward = (frame["close"].shift(-1) / frame["close"] - 1.0).reindex(index).fillna(0.0)
+    position = (np.asarray(probabilities) >= threshold).astype(np.float64)
+    switches = np.abs(np.diff(position, prepend=0.0))
+    returns = position * forward.to_numpy(dtype=np.float64) - switches * TAKER_FEE_BPS / 1e4
+    return pd.Series(returns, index=index, name="return")
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisedTrained:
+    """A trained entry filter with its out-of-sample returns (a `model_registry.Trained`)."""
+
+    model: Any
+    meta: ModelMeta
+    returns: np.ndarray
+    metrics: dict[str, float]
+
+    def save(self, directory: Path) -> None:
+        """Write the model and its meta into `directory`."""
+        save_model(self.model, self.meta, directory)
+
+    def validation_returns(self) -> np.ndarray:
+        """Return the filter's per-bar returns on the held-out rows."""
+        return self.returns
+
+
+class SupervisedKind:
+    """The supervised entry filter as a registry model kind.
+
+    Args:
+        settings: the learning settings (model, horizon, edge, split, threshold).
+        features_dir: where training datasets are cached as Parquet (None: no cache).
+    """
+
+    name = KIND
+
+    def __init__(self, settings: LearningSettings, *, features_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.cache = FeatureCache(features_dir) if features_dir is not None else None
+
+    def _dataset(self, pair: str, frame: pd.DataFrame) -> pd.DataFrame:
+        s = self.settings
+        params = {"features": list(FEATURES), "horizon": s.horizon_candles, "edge": s.min_edge_bps}
+
+        def build(candles: pd.DataFrame) -> pd.DataFrame:
+            out = build_features(candles)
+            out["label"] = build_labels(candles, s.horizon_candles, s.min_edge_bps)
+            return out[out.notna().all(axis=1)]
+
+        if self.cache is None:
+            return build(frame)
+        return self.cache.dataset(FEATURE_SET, params, pair, frame, build)
+
+    def train(
+        self, frames: Mapping[str, pd.DataFrame], *, seed: int, time_budget_s: float
+    ) -> SupervisedTrained:
+        """Train one filter on the first pair's candles; validate on its held-out tail.
+
+        Raises:
+            DataError: too little data.
+        """
+        if not frames:
+            raise DataError("no candles to train on")
+        pair, frame = next(iter(frames.items()))
+        started = time.monotonic()
+        data = self._dataset(pair, frame)
+        x = data[list(FEATURES)].to_numpy(dtype=np.float64)
+        y = data["label"].to_numpy(dtype=np.float64)
+        index = pd.DatetimeIndex(data.index)
+        model, meta, test = _fit(x, y, index, self.settings, name=pair, seed=seed)
+        probabilities = _predict(meta.kind, model, x[test])
+        returns = filter_returns(frame, index[test], probabilities, self.settings.entry_threshold)
+        metrics = {
+            **meta.metrics,
+            "train_s": time.monotonic() - started,
+            "seed": float(seed),
+            "train_end_ms": float(meta.train_end_ms),
+        }
+        if time.monotonic() - started > time_budget_s:
+            raise DataError(f"training took longer than its {time_budget_s:.0f} s budget")
+        return SupervisedTrained(model, meta, returns.to_numpy(), metrics)
+
+    def replay(self, directory: Path, frame: pd.DataFrame) -> pd.Series:
+        """Return a saved filter's per-bar returns on `frame` (for validation and shadowing)."""
+        model, meta = load_model(directory)
+        features = build_features(frame)
+        rows = features.notna().all(axis=1)
+        index = pd.DatetimeIndex(features.index[rows])
+        if not len(index):
+            return pd.Series(dtype=np.float64)
+        probabilities = _predict(meta.kind, model, features[rows].to_numpy(dtype=np.float64))
+        return filter_returns(frame, index, probabilities, self.settings.entry_threshold)
 
 
 # -- Inference, fenced -----------------------------------------------------------------------
@@ -327,7 +487,8 @@ class ModelRegistry:
 class SafePredictor:
     """Model inference that never raises: any failure gives the neutral 0.5 and an alert.
 
-    The model is reloaded when CURRENT changes, so a retrain elsewhere is picked up.
+    The model is reloaded when the champion alias moves, so a promotion or a rollback made
+    elsewhere (the retrainer, `--mode models`) is picked up.
     """
 
     def __init__(
@@ -340,6 +501,7 @@ class SafePredictor:
         self.alert: EventSink = alert or (lambda event: None)
         self.model: Any = None
         self.meta: ModelMeta | None = None
+        self.version: str | None = None  # the registry version loaded (the meta may differ)
         self.failures = 0
 
     def refresh(self) -> bool:
@@ -347,10 +509,11 @@ class SafePredictor:
         version = self.registry.current_version()
         if version is None:
             return False
-        if self.meta is not None and self.meta.version == version:
+        if self.meta is not None and self.version == version:
             return True
         try:
             self.model, self.meta = self.registry.load(version)
+            self.version = version
         except DataError as e:
             self._fail(e)
             return False
@@ -380,9 +543,16 @@ class SafePredictor:
 
     def describe(self) -> dict[str, Any]:
         """Return the live model's identity and metrics for /model and the UI."""
+        registry = self.registry.describe()
         if self.meta is None:
-            return {"loaded": False, "failures": self.failures}
-        return {"loaded": True, "failures": self.failures, **asdict(self.meta)}
+            return {"loaded": False, "failures": self.failures, "registry": registry}
+        return {
+            "loaded": True,
+            "failures": self.failures,
+            **asdict(self.meta),
+            "version": self.version,
+            "registry": registry,
+        }
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -393,7 +563,7 @@ def train_and_save(
 ) -> ModelMeta:
     """Train and save in one call, so a worker process never ships a model object back."""
     model, meta = train(df, settings, name=name)
-    ModelRegistry(models_dir, name).save(model, meta)
+    ModelRegistry(models_dir, name).save(model, meta, seed=settings.seed)
     return meta
 
 

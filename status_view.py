@@ -375,9 +375,21 @@ def section_metrics(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
             line.append(f" · {s.side} {s.strength:.2f} {s.reason}")
         parts.append(line)
     if snapshot.model:
-        model = ", ".join(f"{k}={v}" for k, v in list(snapshot.model.items())[:4])
+        model = ", ".join(f"{k}={_model_brief(v)}" for k, v in list(snapshot.model.items())[:4])
         parts.append(Text(f"model {model}", style="dim"))
     return Group(*parts)
+
+
+def _model_brief(value: Any) -> str:
+    # A pair's model entry (self_learning.SafePredictor.describe): the version in use and
+    # the challenger in shadow, not the whole nested description.
+    if not isinstance(value, Mapping):
+        return str(value)
+    registry = value.get("registry") or {}
+    brief = str(value.get("version") or registry.get("champion") or "none")
+    if registry.get("challenger"):
+        brief += f" (challenger {registry['challenger']})"
+    return brief
 
 
 def _ladder(current: TradingState) -> Text:

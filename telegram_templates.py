@@ -24,6 +24,8 @@ from models import (
     ErrorRaised,
     Event,
     Fill,
+    ModelPromoted,
+    ModelRejected,
     OrderIntent,
     OrderRefused,
     Position,
@@ -321,6 +323,30 @@ def reconciliation_report(report: str, *, ok: bool = True) -> Alert:
     return Alert(f"{icon} <b>Reconciliation</b>\n{esc(report.strip())}", "reconciliation")
 
 
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def model_promoted(event: ModelPromoted) -> Alert:
+    """Return the alert for a model version that became champion."""
+    lines = [
+        f"🧠 <b>Model promoted</b> {esc(event.name)}",
+        f"champion {esc(event.version)} (was {esc(event.previous or 'none')})",
+        f"score {_score(event.score)} vs {_score(event.champion_score)} · {esc(event.reason)}",
+    ]
+    return Alert("\n".join(lines), "model")
+
+
+def model_rejected(event: ModelRejected) -> Alert:
+    """Return the alert for a challenger that was not promoted."""
+    lines = [
+        f"🧠 <b>Challenger rejected</b> {esc(event.name)}",
+        f"{esc(event.version)} stays out; champion {esc(event.champion or 'none')}",
+        f"score {_score(event.score)} vs {_score(event.champion_score)} · {esc(event.reason)}",
+    ]
+    return Alert("\n".join(lines), "model")
+
+
 # -- Events to alerts ------------------------------------------------------------------------
 
 
@@ -353,16 +379,24 @@ def render_event(event: Event) -> Alert:
             )
         case ErrorRaised():
             return error_alert(event.message, component=event.pair or "")
-        case OrderRefused():
-            return text_alert(
-                f"order rejected on {event.pair}: {event.reason}", category="rejected"
-            )
-        case StopHit():
-            return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+        case OrderRefused() | StopHit():
+            return _order_event(event)
         case AnomalyDetected():
             return anomaly_alert(event.anomaly, event.paused_until)
+        case ModelPromoted() | ModelRejected():
+            return _model_event(event)
         case _:
             assert_never(event)
+
+
+def _order_event(event: OrderRefused | StopHit) -> Alert:
+    if isinstance(event, OrderRefused):
+        return text_alert(f"order rejected on {event.pair}: {event.reason}", category="rejected")
+    return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+
+
+def _model_event(event: ModelPromoted | ModelRejected) -> Alert:
+    return model_promoted(event) if isinstance(event, ModelPromoted) else model_rejected(event)
 
 
 # -- Command views (pure functions of a snapshot) --------------------------------------------
@@ -509,12 +543,51 @@ def render_scores(snap: Snapshot) -> str:
 
 
 def render_model(snap: Snapshot) -> str:
-    """Return the /model reply: the model in use and its metrics."""
+    """Return the /model reply: the models in use, their registry state and metrics.
+
+    A flat `snap.model` is one model's figures; a nested one holds a section per pair
+    (`self_learning.SafePredictor.describe`) with its registry aliases.
+    """
     if not snap.model:
         return "No model loaded."
-    return "<b>Model</b>\n" + "\n".join(
-        f"{esc(key)}: {_value(value)}" for key, value in sorted(snap.model.items())
+    lines = ["<b>Model</b>"]
+    for key, value in sorted(snap.model.items()):
+        if isinstance(value, Mapping):
+            lines += _model_section(str(key), value)
+        else:
+            lines.append(f"{esc(key)}: {_value(value)}")
+    return "\n".join(lines)
+
+
+_MODEL_FIGURES: Final = ("auc", "accuracy", "brier", "base_rate", "train_rows", "test_rows")
+
+
+def _model_section(pair: str, info: Mapping[str, Any]) -> list[str]:
+    registry = info.get("registry") or {}
+    loaded = info.get("version") if info.get("loaded") else None
+    lines = [f"<b>{esc(pair)}</b> · {esc(registry.get('name', info.get('name', '')))}"]
+    lines.append(
+        f"champion {esc(registry.get('champion') or 'none')}"
+        f" · challenger {esc(registry.get('challenger') or 'none')}"
     )
+    previous = registry.get("previous") or []
+    lines.append(
+        f"versions {_value(registry.get('versions', 0))}"
+        f" · rollback to {esc(previous[-1] if previous else 'none')}"
+        f" · in use {esc(loaded or 'none')}"
+    )
+    for alias in ("champion", "challenger"):
+        figures = registry.get(f"{alias}_validation") or {}
+        if figures:
+            shown = ", ".join(f"{esc(k)} {_value(v)}" for k, v in sorted(figures.items()))
+            lines.append(f"{alias} validation: {shown}")
+    metrics = info.get("metrics") or {}
+    figures = [f"{name} {_value(metrics[name])}" for name in _MODEL_FIGURES if name in metrics]
+    if figures:
+        lines.append("out of sample: " + ", ".join(figures))
+    if info.get("failures"):
+        lines.append(f"inference failures: {_value(info['failures'])}")
+    return lines
 
 
 def render_why(snap: Snapshot, query: str, patterns: Sequence[Mapping[str, Any]] = ()) -> str:

@@ -157,7 +157,8 @@ def test_trained_model_filters_sim_entries(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert (tmp_path / "data" / "models" / "direction-BTC-USDT-1m" / "CURRENT").is_file()
+    # The registry's champion alias replaced the CURRENT pointer file.
+    assert ModelRegistry(tmp_path / "data" / "models", "direction-BTC-USDT-1m").current_version()
     env["KESTREL_LEARNING__ENABLED"] = "true"
     env["KESTREL_LEARNING__ENTRY_THRESHOLD"] = "0.99"  # nothing is that sure: every entry vetoed
     out = tmp_path / "s.json"

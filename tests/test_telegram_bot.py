@@ -248,6 +248,36 @@ async def test_command_replies_render_the_snapshot(
         assert fragment in reply.visible
 
 
+async def test_model_command_shows_the_registry(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl, tmp_path: Path
+) -> None:
+    """/model shows each pair's champion, challenger, rollback target and validation."""
+    import numpy as np
+
+    from model_registry import Lineage, Registry
+    from self_learning import ModelRegistry, SafePredictor
+    from tests.model_kinds import RuleModel
+
+    registry, name = Registry(tmp_path), "direction-BTC-USDT-1h"
+    lineage = Lineage(0, 1, ("BTC/USDT",), "1h", "rule", seed=1)
+    for version in ("v1", "v2", "v3"):
+        trained = RuleModel(1.0, np.zeros(2), {})
+        registry.register(name, "rule", trained, lineage, version=version, validation={})
+    registry.annotate(name, "v2", {"score": 1.25, "deflated_sharpe": 0.97})
+    registry.promote(name, "v1")
+    registry.promote(name, "v2")
+    registry.set_challenger(name, "v3")
+    control.model = {"BTC/USDT": SafePredictor(ModelRegistry(tmp_path, name)).describe()}
+    reply = await ask(api, "/model")
+    for fragment in (
+        "BTC/USDT · direction-BTC-USDT-1h",
+        "champion v2 · challenger v3",
+        "versions 3 · rollback to v1",
+        "champion validation: deflated_sharpe 0.97, score 1.25",
+    ):
+        assert fragment in reply.visible
+
+
 async def test_reconcile_runs_and_reports(
     api: FakeTelegram, bot: TelegramBot, control: FakeControl
 ) -> None:

@@ -18,6 +18,8 @@ from models import (
     Event,
     Fill,
     Liquidity,
+    ModelPromoted,
+    ModelRejected,
     OrderRefused,
     PositionSide,
     RiskReset,
@@ -128,6 +130,22 @@ EXPECTED: list[tuple[Event, Alert]] = [
             "⚠️ <b>Anomaly on BTC/USDT</b>: frozen_feed (score 3.0)\n3 flat bars in a row\n"
             "entries paused until 2023-11-15 01:13 UTC; exits and stops keep working",
             "anomaly",
+        ),
+    ),
+    (
+        ModelPromoted("direction-BTC-USDT-1h", "v2", "v1", 1.8, 0.9, "beat the champion"),
+        Alert(
+            "🧠 <b>Model promoted</b> direction-BTC-USDT-1h\nchampion v2 (was v1)\n"
+            "score 1.80 vs 0.90 · beat the champion",
+            "model",
+        ),
+    ),
+    (
+        ModelRejected("direction-BTC-USDT-1h", "v3", None, -0.5, None, "deflated Sharpe 0.10"),
+        Alert(
+            "🧠 <b>Challenger rejected</b> direction-BTC-USDT-1h\nv3 stays out; champion none\n"
+            "score -0.50 vs n/a · deflated Sharpe 0.10",
+            "model",
         ),
     ),
 ]
