@@ -10,7 +10,7 @@ before anything else is sent, and a clean stop cancels entries only.
 from __future__ import annotations
 
 import contextlib
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 import structlog
 
@@ -56,10 +56,30 @@ log = structlog.get_logger("trade_executor")
 class ProtectingExecutor(ExecutorCore):
     """Apply fills and keep each position's protective orders (see the module docstring)."""
 
+    async def on_stream_fill(self, fill: Fill) -> ClosedTrade | None:
+        """Apply an execution from the private stream or a REST sweep, once, in any order.
+
+        The order's state is derived from what is known of it (`order_after_fill`); an
+        execution of an order that is not ours is ignored.
+        """
+        order = self.order_after_fill(fill)
+        if order is None:
+            if not await self.has_fill(fill.fill_id):
+                log.warning(
+                    "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
+                )
+            return None
+        return await self.on_fill(order, fill)
+
     async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
         """Apply a fill (once, whichever source reports it first) and manage protection."""
-        if self._store is not None and not await self._off(self._store.record_fill, fill):
+        if self._store is not None:
+            if not await self._off(self._store.record_fill, fill):
+                return None
+        elif fill.fill_id in self._fill_ids:
             return None
+        else:
+            self._fill_ids.add(fill.fill_id)
         self._track(order)
         if self._store is not None:
             await self._off(self._store.update_order, self.orders.get(order.client_order_id, order))
@@ -68,7 +88,10 @@ class ProtectingExecutor(ExecutorCore):
         trade = self.portfolio.apply_fill(fill, reason=reason)
         self._note_applied(fill)
         market = self._market_for(fill.pair)
-        self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
+        if self.orders.get(order.client_order_id, order).status.is_terminal:
+            # Not between two pieces of one order: a first piece below the minimum is the
+            # start of a position, and a piece of an exit leaves a rest that still sells.
+            self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
         self._audit.record(
             "fill",
             fill.ts,
@@ -101,14 +124,59 @@ class ProtectingExecutor(ExecutorCore):
             if intent is not None and intent.type is OrderType.STOP_MARKET:
                 self._notify(StopHit(pair, fill.price))
             return
-        if (
-            intent is None
-            or purpose_of(intent) is not OrderPurpose.ENTRY
-            or self.orders.get(order.client_order_id, order).status is not OrderStatus.FILLED
-        ):
+        if intent is None or purpose_of(intent) is not OrderPurpose.ENTRY:
             return
         async with self._slot(pair).lock:
-            await self._protect(intent, fill.price)
+            await self._follow_entry(intent, fill.price)
+
+    async def _follow_entry(self, entry: OrderIntent, price: Decimal | None) -> None:
+        """Protect what an entry's pieces hold so far.
+
+        The first piece places the stop; later ones resize it once the applied fills have
+        caught up with the exchange's report of the order (a burst is one resize).
+        """
+        slot = self._slot(entry.pair)
+        if slot.base != entry.client_order_id:
+            await self._protect(entry, price)
+        elif entry.client_order_id not in self._unapplied.get(entry.pair, ()):
+            await self._resize_stop(entry.pair, slot, price)
+
+    async def _resize_stop(self, pair: str, slot: _Protection, price: Decimal | None) -> None:
+        """Size the working stop to what the position holds now: cancel it, place anew.
+
+        Cancel first, then place (as for a trailing move): never two stops. The new stop
+        is named after its size in lots, so a restarted bot cannot place it twice.
+        """
+        position = self.portfolio.position(pair)
+        self._settle(pair, slot)
+        stop = self.orders.get(slot.stop) if slot.stop is not None else None
+        if (
+            position is None
+            or slot.base is None
+            or slot.state is not StopState.WORKING
+            or stop is None
+            or stop.stop_price is None
+        ):
+            return
+        market = self._market_for(pair)
+        lot = market.lot_size if market.lot_size > 0 else Decimal(1)
+        lots = (position.qty / lot).to_integral_value(ROUND_DOWN)
+        if lots * lot == stop.qty or lots * lot < market.min_qty:
+            return
+        if not await self._clear_stop(pair, slot):
+            log.warning("stop_resize_deferred", pair=pair, client_order_id=slot.stop)
+            return
+        if self.portfolio.position(pair) is None:
+            return  # the stop fired while it was being cancelled
+        placed = await self._place_stop(
+            pair, slot, stop.stop_price, seq=int(lots), price=price, kind="slq"
+        )
+        log.info(
+            "stop_resized",
+            pair=pair,
+            qty=str(lots * lot),
+            client_order_id=None if placed is None else placed.client_order_id,
+        )
 
     # -- Protection (always under the pair's lock) -------------------------------------------
 
@@ -213,12 +281,19 @@ class ProtectingExecutor(ExecutorCore):
             return None
 
     async def _place_stop(
-        self, pair: str, slot: _Protection, level: Decimal, *, seq: int, price: Decimal | None
+        self,
+        pair: str,
+        slot: _Protection,
+        level: Decimal,
+        *,
+        seq: int,
+        price: Decimal | None,
+        kind: str = "sl",
     ) -> Order | None:
         assert slot.base is not None
         assert slot.state is StopState.NONE
         intent = self._protective_intent(
-            pair, OrderType.STOP_MARKET, level, protective_id(slot.base, "sl", seq)
+            pair, OrderType.STOP_MARKET, level, protective_id(slot.base, kind, seq)
         )
         # Recorded as the position's stop before the request leaves: whatever happens to
         # the answer, nothing else is placed until this one is settled.

@@ -70,10 +70,12 @@ class RecoveringExecutor(ProtectingExecutor):
             realised_pnl=rebuilt.realised_pnl,
         )
         self.portfolio.closed.extend(rebuilt.closed)
+        await self._adopt_protection(known, intents)
         for pair in list(self.portfolio.positions()):
+            if self.working_entries(pair):
+                continue  # an entry still filling: its first pieces are no dust
             market = self._market_for(pair)
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
-        await self._adopt_protection(known, intents)
         # The rebuilt portfolio holds every recorded fill: that is what is applied.
         self._applied = {}
         for fill in journal_fills:
@@ -199,6 +201,10 @@ class RecoveringExecutor(ProtectingExecutor):
             slot = self._slot(pair)
             async with slot.lock:
                 self._settle(pair, slot)
+                if slot.state is StopState.WORKING:
+                    # Pieces that filled while the bot was down: the stop follows them.
+                    await self._resize_stop(pair, slot, price_for(pair))
+                    continue
                 if slot.state is not StopState.NONE or slot.base is None:
                     continue
                 level = position.stop_price or self._last_stop_level(pair, slot.base)
