@@ -167,6 +167,10 @@ class _Protection:
     since_ms: int = 0  # when the unanswered request left
     placing: bool = False  # that request was a placement (else a cancel)
     others: list[str] = field(default_factory=list)  # take-profit orders (linear)
+    # Protection a fill asked for while the pair was held: its holder sees to it before
+    # letting go (the fill's stream never waits for the pair, so later pieces still land).
+    due: tuple[OrderIntent, Decimal | None] | None = None
+    clear_due: bool = False
 
 
 class ExecutorCore:

@@ -10,6 +10,7 @@ before anything else is sent, and a clean stop cancels entries only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from decimal import ROUND_DOWN, Decimal
 
 import structlog
@@ -117,17 +118,48 @@ class ProtectingExecutor(ExecutorCore):
         if self.portfolio.signed_qty(pair) == 0:
             slot = self._protection.get(pair)
             if slot is not None and (slot.base is not None or slot.stop is not None or slot.others):
-                async with slot.lock:
-                    if self.portfolio.signed_qty(pair) == 0:
-                        await self._clear_protection(pair, slot)
-                        slot.base = None
+                if slot.lock.locked():
+                    slot.clear_due = True
+                else:
+                    async with self._holding(pair):
+                        await self._clear_if_flat(pair, slot)
             if intent is not None and intent.type is OrderType.STOP_MARKET:
                 self._notify(StopHit(pair, fill.price))
             return
         if intent is None or purpose_of(intent) is not OrderPurpose.ENTRY:
             return
-        async with self._slot(pair).lock:
+        slot = self._slot(pair)
+        if slot.lock.locked():
+            # The holder may be an order waiting for this order's later pieces, which this
+            # stream brings: never block it; the holder protects before letting go.
+            slot.due = (intent, fill.price)
+            return
+        async with self._holding(pair):
             await self._follow_entry(intent, fill.price)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, pair: str) -> AsyncIterator[_Protection]:
+        """Hold `pair` (its lock); before letting go, do the protection fills asked for."""
+        slot = self._slot(pair)
+        async with slot.lock:
+            try:
+                yield slot
+            finally:
+                while slot.due is not None or slot.clear_due:
+                    due, slot.due = slot.due, None
+                    clear, slot.clear_due = slot.clear_due, False
+                    try:
+                        if clear:
+                            await self._clear_if_flat(pair, slot)
+                        if due is not None:
+                            await self._follow_entry(*due)
+                    except BotError as e:
+                        log.error("protection_after_hold_failed", **{**e.describe(), "pair": pair})
+
+    async def _clear_if_flat(self, pair: str, slot: _Protection) -> None:
+        if self.portfolio.signed_qty(pair) == 0:
+            await self._clear_protection(pair, slot)
+            slot.base = None
 
     async def _follow_entry(self, entry: OrderIntent, price: Decimal | None) -> None:
         """Protect what an entry's pieces hold so far.
@@ -403,8 +435,7 @@ class ProtectingExecutor(ExecutorCore):
         that cannot be done yet, the move waits for a later candle. The new stop is named
         after the candle that moved it, so a restarted bot cannot place it twice.
         """
-        slot = self._slot(pair)
-        async with slot.lock:
+        async with self._holding(pair) as slot:
             position = self.portfolio.position(pair)
             if position is None:
                 return None
@@ -454,7 +485,7 @@ class ProtectingExecutor(ExecutorCore):
         for order in await self._gateway.fetch_open_orders():
             if await self.purpose(order.client_order_id) is not OrderPurpose.ENTRY:
                 continue
-            async with self._slot(order.pair).lock:
+            async with self._holding(order.pair):
                 try:
                     cancelled = await self._gateway.cancel_order(
                         order.pair, client_order_id=order.client_order_id

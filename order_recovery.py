@@ -198,8 +198,7 @@ class RecoveringExecutor(ProtectingExecutor):
         if not self.protective_orders:
             return crossed
         for pair, position in self.portfolio.positions().items():
-            slot = self._slot(pair)
-            async with slot.lock:
+            async with self._holding(pair) as slot:
                 self._settle(pair, slot)
                 if slot.state is StopState.WORKING:
                     # Pieces that filled while the bot was down: the stop follows them.

@@ -65,7 +65,7 @@ class TradeExecutor(RecoveringExecutor):
 
     async def submit(self, intent: OrderIntent, *, last_price: Decimal | None = None) -> Order:
         """Validate and send one order; a refusal comes back as a REJECTED order with why."""
-        async with self._slot(intent.pair).lock:
+        async with self._holding(intent.pair):
             return await self._submit(intent, last_price)
 
     async def deliver_fills(self, pair: str) -> None:
