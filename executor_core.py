@@ -499,6 +499,16 @@ class ExecutorCore:
     async def on_order(self, order: Order) -> None:
         """Apply an order update from a REST answer or the private stream."""
         self._track(order)
+        pair = order.pair
+        if (
+            self.orders[order.client_order_id].status.is_terminal
+            and self.portfolio.has_position(pair)
+            and not self.working_entries(pair)
+        ):
+            # An order whose last piece left less than the minimum behind (its fills
+            # applied while it still worked) leaves dust: written off once it is done.
+            market = self._market_for(pair)
+            self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         if self._store is not None:
             await self._off(self._store.update_order, self.orders[order.client_order_id])
 

@@ -4,7 +4,10 @@ Part of `trade_executor` (which re-exports it). Every protective order of a pair
 moved and taken off under that pair's lock, through the stop state machine of
 `executor_core.StopState`: the stop is the position's stop before its request leaves, a
 trailing move waits for an unanswered placement, a lost answer is resolved by client id
-before anything else is sent, and a clean stop cancels entries only.
+before anything else is sent, and a clean stop cancels entries only. The stop is sized
+to what is held: placed at an entry's first piece, resized (cancel, then place) as more
+pieces land. A fill never waits for its pair's lock: when the pair is held, its holder
+does the protection the fill asked for before letting go.
 """
 
 from __future__ import annotations

@@ -70,12 +70,20 @@ class RecoveringExecutor(ProtectingExecutor):
             realised_pnl=rebuilt.realised_pnl,
         )
         self.portfolio.closed.extend(rebuilt.closed)
-        await self._adopt_protection(known, intents)
+        # An entry still filling: its first pieces are the start of a position, no dust.
+        filling = {
+            order.pair
+            for cid, order in known.items()
+            if not self.orders.get(cid, order).status.is_terminal
+            and (intent := intents.get(cid)) is not None
+            and purpose_of(intent) is OrderPurpose.ENTRY
+        }
         for pair in list(self.portfolio.positions()):
-            if self.working_entries(pair):
-                continue  # an entry still filling: its first pieces are no dust
+            if pair in filling:
+                continue
             market = self._market_for(pair)
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
+        await self._adopt_protection(known, intents)
         # The rebuilt portfolio holds every recorded fill: that is what is applied.
         self._applied = {}
         for fill in journal_fills:

@@ -6,6 +6,12 @@ attached), and sends it through an `OrderGateway` — the live `exchange.Exchang
 `trade_simulator.SimulatedExchange`; the executor cannot tell which. Order updates and
 fills arrive from REST answers and private streams in any order; the state machine in
 `models.ORDER_TRANSITIONS` and fill ids make them idempotent.
+
+Orders fill in pieces (`PartiallyFilled`, the rest perhaps cancelled): each execution is
+applied once, whichever source brings it and in whatever order, and an order's filled
+quantity is the larger of the exchange's report and the pieces applied. The first piece
+of an entry places its stop and later pieces resize it (still one stop); an exit on an
+entry that is still filling cancels the entry's rest first.
 """
 
 from __future__ import annotations
