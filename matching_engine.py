@@ -193,7 +193,41 @@ class _BookDepth:
         return cost / qty
 
 
-class SimulatedExchange:
+class _Delivery:
+    """Where the simulated venue's fills and fill-less order changes go (its streams)."""
+
+    def __init__(self) -> None:
+        self._sink: FillSink | None = None
+        self._order_sink: OrderSink | None = None
+        self._updates: list[Order] = []  # order changes without a fill, not yet delivered
+
+    def deliver_to(self, sink: FillSink) -> None:
+        """Send every fill from now on to `sink` (the engine's fill entry point)."""
+        self._sink = sink
+
+    def deliver_orders_to(self, sink: OrderSink) -> None:
+        """Send order changes that come without a fill (an IOC that filled nothing) to `sink`."""
+        self._order_sink = sink
+
+    @property
+    def has_updates(self) -> bool:
+        """Return True when order changes wait for `deliver`."""
+        return bool(self._updates)
+
+    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        """Hand `fills` (from `on_candle`) to the sink, in order, then the order changes."""
+        sink = self._sink
+        if fills and sink is None:
+            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
+        for order, fill in fills:
+            await sink(order, fill)  # type: ignore[misc]
+        updates, self._updates = self._updates, []
+        if self._order_sink is not None:
+            for order in updates:
+                await self._order_sink(order)
+
+
+class SimulatedExchange(_Delivery):
     """Paper matching engine with the live exchange's order methods.
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
@@ -236,34 +270,7 @@ class SimulatedExchange:
         self._steps: dict[str, int] = {}
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
-        self._sink: FillSink | None = None
-        self._order_sink: OrderSink | None = None
-        self._updates: list[Order] = []  # order changes without a fill, not yet delivered
-
-    def deliver_to(self, sink: FillSink) -> None:
-        """Send every fill from now on to `sink` (the engine's fill entry point)."""
-        self._sink = sink
-
-    def deliver_orders_to(self, sink: OrderSink) -> None:
-        """Send order changes that come without a fill (an IOC that filled nothing) to `sink`."""
-        self._order_sink = sink
-
-    @property
-    def has_updates(self) -> bool:
-        """Return True when order changes wait for `deliver`."""
-        return bool(self._updates)
-
-    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
-        """Hand `fills` (from `on_candle`) to the sink, in order, then the order changes."""
-        sink = self._sink
-        if fills and sink is None:
-            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
-        for order, fill in fills:
-            await sink(order, fill)  # type: ignore[misc]
-        updates, self._updates = self._updates, []
-        if self._order_sink is not None:
-            for order in updates:
-                await self._order_sink(order)
+        _Delivery.__init__(self)
 
     def _now(self) -> int:
         return int(self._clock.now_ms())  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 
 import structlog
 
@@ -59,21 +59,6 @@ log = structlog.get_logger("trade_executor")
 
 class ProtectingExecutor(ExecutorCore):
     """Apply fills and keep each position's protective orders (see the module docstring)."""
-
-    async def on_stream_fill(self, fill: Fill) -> ClosedTrade | None:
-        """Apply an execution from the private stream or a REST sweep, once, in any order.
-
-        The order's state is derived from what is known of it (`order_after_fill`); an
-        execution of an order that is not ours is ignored.
-        """
-        order = self.order_after_fill(fill)
-        if order is None:
-            if not await self.has_fill(fill.fill_id):
-                log.warning(
-                    "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
-                )
-            return None
-        return await self.on_fill(order, fill)
 
     async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
         """Apply a fill (once, whichever source reports it first) and manage protection."""
@@ -165,53 +150,9 @@ class ProtectingExecutor(ExecutorCore):
             slot.base = None
 
     async def _follow_entry(self, entry: OrderIntent, price: Decimal | None) -> None:
-        """Protect what an entry's pieces hold so far.
-
-        The first piece places the stop; later ones resize it once the applied fills have
-        caught up with the exchange's report of the order (a burst is one resize).
-        """
-        slot = self._slot(entry.pair)
-        if slot.base != entry.client_order_id:
+        """Protect the position `entry` opened (`PieceExecutor` follows later pieces too)."""
+        if self._slot(entry.pair).base != entry.client_order_id:
             await self._protect(entry, price)
-        elif entry.client_order_id not in self._unapplied.get(entry.pair, ()):
-            await self._resize_stop(entry.pair, slot, price)
-
-    async def _resize_stop(self, pair: str, slot: _Protection, price: Decimal | None) -> None:
-        """Size the working stop to what the position holds now: cancel it, place anew.
-
-        Cancel first, then place (as for a trailing move): never two stops. The new stop
-        is named after its size in lots, so a restarted bot cannot place it twice.
-        """
-        position = self.portfolio.position(pair)
-        self._settle(pair, slot)
-        stop = self.orders.get(slot.stop) if slot.stop is not None else None
-        if (
-            position is None
-            or slot.base is None
-            or slot.state is not StopState.WORKING
-            or stop is None
-            or stop.stop_price is None
-        ):
-            return
-        market = self._market_for(pair)
-        lot = market.lot_size if market.lot_size > 0 else Decimal(1)
-        lots = (position.qty / lot).to_integral_value(ROUND_DOWN)
-        if lots * lot == stop.qty or lots * lot < market.min_qty:
-            return
-        if not await self._clear_stop(pair, slot):
-            log.warning("stop_resize_deferred", pair=pair, client_order_id=slot.stop)
-            return
-        if self.portfolio.position(pair) is None:
-            return  # the stop fired while it was being cancelled
-        placed = await self._place_stop(
-            pair, slot, stop.stop_price, seq=int(lots), price=price, kind="slq"
-        )
-        log.info(
-            "stop_resized",
-            pair=pair,
-            qty=str(lots * lot),
-            client_order_id=None if placed is None else placed.client_order_id,
-        )
 
     # -- Protection (always under the pair's lock) -------------------------------------------
 
@@ -408,7 +349,8 @@ class ProtectingExecutor(ExecutorCore):
                 "stop_cancel_failed", **{**e.describe(), "pair": pair, "client_order_id": cid}
             )
             self._move(pair, slot, "lost")
-            if isinstance(e, BusinessError):
+            if isinstance(e, BusinessError) or self._is_done(cid):
+                # Refused, or the order stream has told us it is gone meanwhile.
                 return await self._clear_stop(pair, slot, tries - 1)
             return False
         if not self._is_done(cid):

@@ -24,14 +24,14 @@ from models import (
     PositionSide,
     purpose_of,
 )
-from order_protection import ProtectingExecutor
+from order_pieces import PieceExecutor
 from portfolio import Portfolio
 
 
 log = structlog.get_logger("trade_executor")
 
 
-class RecoveringExecutor(ProtectingExecutor):
+class RecoveringExecutor(PieceExecutor):
     """Reconcile the journal with the exchange and restore each position's protection."""
 
     async def reconcile(self, account: Any, store: Any, *, quote: str) -> str:

@@ -37,6 +37,7 @@ from models import (
     order_from_intent,
     purpose_of,
 )
+from order_pieces import PieceExecutor
 from order_protection import ProtectingExecutor
 from order_recovery import RecoveringExecutor
 from utils.precision import validate_intent
@@ -49,6 +50,7 @@ __all__ = [
     "ExecutorCore",
     "OrderGateway",
     "OrderJournal",
+    "PieceExecutor",
     "ProtectingExecutor",
     "RecoveringExecutor",
     "StopState",

@@ -530,3 +530,74 @@ async def test_sim_and_live_keep_the_same_books_for_the_same_pieces(
     sim_stops = [o.qty for o in await sim.fetch_open_orders(LINEAR) if o.stop_price is not None]
     assert sim_stops == _working_stops(emu) == [D("0.009")]
     await live.close()
+
+
+# -- Lost answers and kills in the middle of a resize ----------------------------------------
+
+
+def _never_two_stops(emu: BybitEmulator) -> bool:
+    """Return True when no two conditional orders were ever working at once."""
+    intervals = sorted(
+        (o.created, float("inf") if o.is_open else float(o.updated))
+        for o in emu.orders.values()
+        if o.conditional
+    )
+    return all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(intervals))
+
+
+async def test_a_resize_whose_answer_is_lost_is_settled_by_id_before_the_next(
+    emu: BybitEmulator, store: TradeStore
+) -> None:
+    """The resized stop's answer is lost; the next piece finds it by id: still one stop."""
+    emu.hang_s = 1.0
+    async with Exchange(
+        exchange_settings(emu, timeout_s=0.5), retry_attempts=1, retry_base_s=0.01
+    ) as quick:
+        executor = _executor(quick, store)
+        intent = _resting_buy(emu, "lostresize", "0.009")
+        async with _streams(quick, executor):
+            await executor.submit(intent)
+            await emu.fill_resting(intent.client_order_id, "0.002")
+            await eventually(lambda: _protected(emu, executor, "0.002"))
+            # The resized stop's answer is lost and every lookup of it times out.
+            emu.fault_paths = ("/v5/order/realtime", "/v5/order/history")
+            emu.fault_rates = {"timeout": 1.0}
+            emu.fail_next("timeout_after", path="/v5/order/create")
+            await emu.fill_resting(intent.client_order_id, "0.003")
+            await eventually(
+                lambda: executor.protective_stop(LINEAR)[0] is StopState.UNKNOWN, timeout=10.0
+            )
+            assert _working_stops(emu) == [D("0.005")]
+            emu.clear_faults()
+            await emu.fill_resting(intent.client_order_id, "0.004")
+            await eventually(lambda: _protected(emu, executor, "0.009"), timeout=10.0)
+        await executor.close()
+    assert _never_two_stops(emu)
+    assert _held(executor) == D("0.009")
+
+
+async def test_a_restart_between_a_resizes_cancel_and_its_placement_protects_again(
+    emu: BybitEmulator, ex: Exchange, store: TradeStore
+) -> None:
+    """Killed after the old stop's cancel: start-up places the stop, sized to what is held."""
+    first = _executor(ex, store)
+    intent = _resting_buy(emu, "halfresize", "0.009")
+    async with _streams(ex, first):
+        await first.submit(intent)
+        await emu.fill_resting(intent.client_order_id, "0.002")
+        await eventually(lambda: _protected(emu, first, "0.002"))
+    await first.close()
+    _, old_stop = first.protective_stop(LINEAR)
+    assert old_stop is not None
+    level = next(o.trigger_price for o in emu.orders.values() if o.link_id == old_stop)
+    await emu.fill_resting(intent.client_order_id, "0.003")
+    await ex.cancel_order(LINEAR, client_order_id=old_stop)  # the cancel went, then the kill
+
+    restarted = _executor(ex, store)
+    await restarted.reconcile(ex, store, quote="USDT")
+    assert await restarted.restore_protection(lambda pair: emu.last_price(SYMBOL, "linear")) == []
+
+    assert _protected(emu, restarted, "0.005")
+    assert [o.trigger_price for o in emu.orders.values() if o.conditional and o.is_open] == [level]
+    assert _never_two_stops(emu)
+    await restarted.close()
