@@ -16,6 +16,7 @@ entry that is still filling cancels the entry's rest first.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from decimal import Decimal
 
@@ -137,8 +138,15 @@ class TradeExecutor(RecoveringExecutor):
             if order.status is OrderStatus.REJECTED:
                 await self._restore_stop(checked.pair, order.reason)
             return order
+        return await self._send_opening(checked, now)
+
+    async def _send_opening(self, checked: OrderIntent, now: int) -> Order:
+        """Send an order that is not an exit; an entry's pieces get the stop they need."""
+        entry = purpose_of(checked) is OrderPurpose.ENTRY
+        if entry:
+            self._note_entry_sent(checked)  # known before the answer: an exit cancels its rest
         order = await self._send(checked, now)
-        if purpose_of(checked) is OrderPurpose.ENTRY and order.filled_qty > 0:
+        if entry and order.filled_qty > 0:
             # The answer can come after the fill from the stream: protect from here too
             # (whichever comes first; the slot tells the other that it is done).
             await self._follow_entry(self._intents[checked.client_order_id], order.avg_fill_price)
@@ -158,10 +166,13 @@ class TradeExecutor(RecoveringExecutor):
                 self._track(
                     await self._gateway.cancel_order(pair, client_order_id=entry.client_order_id)
                 )
-            except OrderNotFoundError:
-                found = await self._gateway.fetch_order(pair, client_order_id=entry.client_order_id)
-                if found is not None:
-                    self._track(found)
+            except OrderNotFoundError:  # done already: learn how
+                with contextlib.suppress(BotError):
+                    found = await self._gateway.fetch_order(
+                        pair, client_order_id=entry.client_order_id
+                    )
+                    if found is not None:
+                        self._track(found)
             except BotError as e:
                 # Closing what is held matters more than the rest: exit anyway.
                 log.error("entry_cancel_failed", **{**e.describe(), "pair": pair})

@@ -601,3 +601,20 @@ async def test_a_restart_between_a_resizes_cancel_and_its_placement_protects_aga
     assert [o.trigger_price for o in emu.orders.values() if o.conditional and o.is_open] == [level]
     assert _never_two_stops(emu)
     await restarted.close()
+
+
+async def test_a_first_piece_below_the_minimum_starts_the_position_and_is_no_dust() -> None:
+    """A piece smaller than the market's minimum, with more to come, stays in the books."""
+    executor, sim = _sim_executor(None)
+    sim.markets[LINEAR] = replace(sim.markets[LINEAR], min_qty=D("0.005"))
+    sim.max_participation = 1.0
+    entry = OrderIntent(
+        LINEAR, Side.BUY, D("0.010"), OrderType.LIMIT, "small_0", "entry", price=D("99.50")
+    )
+    await executor.submit(entry, last_price=D(100))
+    await sim.match(_bar(60_000, 99.0, 0.002))
+    assert _held(executor) == D("0.002")
+    assert executor.orders["small_0"].status is OrderStatus.PARTIALLY_FILLED
+    await sim.match(_bar(120_000, 99.0, 1.0))
+    assert _held(executor) == D("0.010")
+    assert executor.portfolio.cash == D(10_000) - D("0.010") * D("99.50") * D("1.0002")
