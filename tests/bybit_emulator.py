@@ -15,6 +15,8 @@ Usage::
         emu.fail_next("5xx", times=2, path="/v5/market/tickers")
         await emu.advance(minutes=3)        # three 1m candles close and are pushed
         emu.requests                         # what was sent, when
+        emu.set_depth("BTCUSDT", ["0.002", "0.003"])  # takers fill in pieces, level by level
+        await emu.fill_resting("link-id", "0.001")     # one maker piece of a resting limit
 
 Time: the emulator's clock is the wall clock plus whatever `advance` added (and runs
 `speed` times faster when asked). Server time, candle boundaries and the signature
