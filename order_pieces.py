@@ -56,8 +56,8 @@ class PieceExecutor(ProtectingExecutor):
 
         Cancel first, then place (as for a trailing move): never two stops. A stop whose
         answer was lost is looked up by id first (the resize waits while that cannot be
-        told), and one found gone is placed again. The new stop is named after its size
-        in lots, so a restarted bot cannot place it twice.
+        told), and one found never placed is placed now. The new stop is named after its
+        size in lots, so a restarted bot cannot place it twice.
         """
         wanted = await self._resize_target(pair, slot)
         if wanted is None:
@@ -89,6 +89,10 @@ class PieceExecutor(ProtectingExecutor):
         if position is None or slot.base is None:
             return None
         self._settle(pair, slot)
+        if slot.state is StopState.NONE:
+            # Taken off on purpose (an exit under way, a refused placement): not placed
+            # again from here; start-up restores a stop a position lacks.
+            return None
         unanswered = slot.state in (StopState.UNKNOWN, StopState.PLACING)
         if unanswered and await self._resolve_stop(pair, slot) is False:
             log.warning("stop_resize_deferred", pair=pair, client_order_id=slot.stop)
