@@ -272,8 +272,6 @@ class ExecutorCore:
         self._unapplied: dict[str, set[str]] = {}
         # Executions applied, by id, when no journal dedupes them (the simulator).
         self._fill_ids: set[str] = set()
-        # Per pair, the entries sent that may still fill (pruned as they finish).
-        self._entries: dict[str, list[str]] = {}
         self.rejections = 0
         self.latencies_ms: list[float] = []
 
@@ -590,20 +588,20 @@ class ExecutorCore:
         )
 
     def working_entries(self, pair: str) -> list[Order]:
-        """Return `pair`'s entry orders that may still fill (those sent or adopted)."""
-        ids = self._entries.get(pair)
-        if not ids:
-            return []
-        live = [
-            o for c in ids if (o := self.orders.get(c)) is not None and not o.status.is_terminal
-        ]
-        self._entries[pair] = [o.client_order_id for o in live]
-        return live
-
-    def _note_entry_sent(self, order: Order | OrderIntent) -> None:
-        ids = self._entries.setdefault(order.pair, [])
-        if order.client_order_id not in ids:
-            ids.append(order.client_order_id)
+        """Return `pair`'s entry orders that may still fill (by our record of each)."""
+        out = []
+        for order in self.orders.working.values():
+            if order.pair != pair:
+                continue
+            # Spot orders come back without a reduce-only flag: our record says what each is.
+            intent = self._intents.get(order.client_order_id)
+            if intent is not None:
+                entry = purpose_of(intent) is OrderPurpose.ENTRY
+            else:
+                entry = not order.reduce_only and not _is_protective(order.client_order_id)
+            if entry:
+                out.append(order)
+        return out
 
     async def has_fill(self, fill_id: str) -> bool:
         """Return True if the journal already holds this execution (False without one)."""

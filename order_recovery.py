@@ -157,8 +157,6 @@ class RecoveringExecutor(PieceExecutor):
                 self._note_entry(order, known)
             if current.status.is_terminal:
                 continue
-            if kind is OrderPurpose.ENTRY:
-                self._note_entry_sent(current)  # still filling: an exit cancels its rest
             if kind is OrderPurpose.STOP:
                 working.setdefault(order.pair, []).append(current)
             elif kind is OrderPurpose.TAKE_PROFIT:

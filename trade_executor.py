@@ -143,8 +143,6 @@ class TradeExecutor(RecoveringExecutor):
     async def _send_opening(self, checked: OrderIntent, now: int) -> Order:
         """Send an order that is not an exit; an entry's pieces get the stop they need."""
         entry = purpose_of(checked) is OrderPurpose.ENTRY
-        if entry:
-            self._note_entry_sent(checked)  # known before the answer: an exit cancels its rest
         order = await self._send(checked, now)
         if entry and order.filled_qty > 0:
             # The answer can come after the fill from the stream: protect from here too
