@@ -13,8 +13,9 @@ from decimal import ROUND_DOWN, Decimal
 
 import structlog
 
-from executor_core import StopState, _Protection
-from models import ClosedTrade, Fill, OrderIntent
+from error_handler import BotError
+from executor_core import StopState, _Protection, protective_id
+from models import ClosedTrade, Fill, OrderIntent, OrderStatus, OrderType
 from order_protection import ProtectingExecutor
 
 
@@ -50,6 +51,42 @@ class PieceExecutor(ProtectingExecutor):
             await self._protect(entry, price)
         elif entry.client_order_id not in self._unapplied.get(entry.pair, ()):
             await self._resize_stop(entry.pair, slot, price)
+            await self._resize_take_profits(entry.pair, slot, price)
+
+    async def _resize_take_profits(
+        self, pair: str, slot: _Protection, price: Decimal | None
+    ) -> None:
+        """Size the resting take-profits (linear) to what is held: cancel, then place anew."""
+        position = self.portfolio.position(pair)
+        if position is None or slot.base is None or not slot.others:
+            return
+        lot = self._market_for(pair).lot_size or Decimal(1)
+        qty = (position.qty / lot).to_integral_value(ROUND_DOWN) * lot
+        for cid in list(slot.others):
+            order = self.orders.get(cid)
+            if (
+                order is None
+                or order.status.is_terminal
+                or order.filled_qty > 0  # already taking profit: left as it is
+                or order.qty == qty
+                or order.price is None
+            ):
+                continue
+            try:
+                self._track(await self._gateway.cancel_order(pair, client_order_id=cid))
+            except BotError as e:
+                log.warning("take_profit_resize_failed", **{**e.describe(), "client_order_id": cid})
+                continue
+            if not self._is_done(cid):
+                continue  # the cancel is not confirmed: keep it, never two
+            slot.others.remove(cid)
+            key = protective_id(slot.base, "tpq", int(qty / lot))
+            intent = self._protective_intent(pair, OrderType.LIMIT, order.price, key)
+            placed = await self._send_protective(intent, price)
+            if placed is None or placed.status is not OrderStatus.REJECTED:
+                slot.others.append(
+                    intent.client_order_id if placed is None else placed.client_order_id
+                )
 
     async def _resize_stop(self, pair: str, slot: _Protection, price: Decimal | None) -> None:
         """Size the stop to what the position holds now: cancel it, then place anew.

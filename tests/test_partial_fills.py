@@ -111,7 +111,9 @@ async def _streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterator[None]
                 raise AssertionError(f"a private stream consumer failed: {outcome!r}")
 
 
-def _resting_buy(emu: BybitEmulator, cid: str, qty: str, *, stop: bool = True) -> OrderIntent:
+def _resting_buy(
+    emu: BybitEmulator, cid: str, qty: str, *, take_profit: bool = False
+) -> OrderIntent:
     last = emu.last_price(SYMBOL, "linear")
     return OrderIntent(
         LINEAR,
@@ -121,8 +123,17 @@ def _resting_buy(emu: BybitEmulator, cid: str, qty: str, *, stop: bool = True) -
         with_attempt(cid, 0),
         "test entry",
         price=last - D(50),
-        stop_loss=(last * D("0.9")).quantize(D("0.1")) if stop else None,
+        stop_loss=(last * D("0.9")).quantize(D("0.1")),
+        take_profit=(last * D("1.1")).quantize(D("0.1")) if take_profit else None,
     )
+
+
+def _take_profits(emu: BybitEmulator) -> list[Decimal]:
+    return [
+        o.qty
+        for o in emu.orders.values()
+        if o.is_open and o.reduce_only and not o.conditional and o.order_type == "Limit"
+    ]
 
 
 def _working_stops(emu: BybitEmulator) -> list[Decimal]:
@@ -206,9 +217,9 @@ async def test_a_taker_walks_the_depth_and_its_rest_is_cancelled_or_rests(
 async def test_the_position_fees_and_one_stop_follow_each_piece(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
-    """Each piece adds to the position and fees exactly; the one stop is resized to it."""
+    """Each piece adds to the position and fees exactly; the stop and take-profit follow."""
     executor = _executor(ex, store)
-    intent = _resting_buy(emu, "pieces", "0.010")
+    intent = _resting_buy(emu, "pieces", "0.010", take_profit=True)
     async with _streams(ex, executor):
         order = await executor.submit(intent)
         assert order.status is OrderStatus.OPEN
@@ -217,6 +228,7 @@ async def test_the_position_fees_and_one_stop_follow_each_piece(
             await emu.fill_resting(intent.client_order_id, piece)
             await eventually(functools.partial(_holds, executor, target))
             await eventually(lambda: _protected(emu, executor))
+            await eventually(lambda: _take_profits(emu) == [_held(executor)])
             pieces = _executions(emu, intent.client_order_id)
             assert executor.portfolio.fees == sum((f for _, _, f in pieces), D(0))
             assert executor.portfolio.cash == D("100000") - sum(
