@@ -178,6 +178,7 @@ class DaemonBuild(DaemonBase):
         # The simulated exchange's fills reach the engine where the private stream's
         # fills reach it; its driver matches each candle before the engine processes it.
         sim.deliver_to(engine.on_fill)
+        sim.deliver_orders_to(engine.executor.on_order)
         return SimDriver(engine, sim)
 
     def _simulated_exchange(

@@ -218,6 +218,10 @@ class _Protection:
     since_ms: int = 0  # when the unanswered request left
     placing: bool = False  # that request was a placement (else a cancel)
     others: list[str] = field(default_factory=list)  # take-profit orders (linear)
+    # Protection a fill asked for while the pair was held: its holder sees to it before
+    # letting go (the fill's stream never waits for the pair, so later pieces still land).
+    due: tuple[OrderIntent, Decimal | None] | None = None
+    clear_due: bool = False
 
 
 class ExecutorCore:
@@ -266,6 +270,8 @@ class ExecutorCore:
         # itself reaches us): no new order of that pair is decided on a stale position.
         self._applied: dict[str, Decimal] = {}
         self._unapplied: dict[str, set[str]] = {}
+        # Executions applied, by id, when no journal dedupes them (the simulator).
+        self._fill_ids: set[str] = set()
         self.rejections = 0
         self.latencies_ms: list[float] = []
 
@@ -513,8 +519,14 @@ class ExecutorCore:
         if known is None:
             self.orders[order.client_order_id] = order
             return
-        if order.filled_qty < known.filled_qty or order.ts_updated < known.ts_updated:
-            return  # stale: a later update already arrived from the other source
+        if (
+            order.filled_qty < known.filled_qty
+            or order.ts_updated < known.ts_updated
+            or (known.status.is_terminal and not order.status.is_terminal)
+        ):
+            # Stale: a later update already arrived from the other source (a piece's
+            # report can carry the same time as the cancel of the rest, which is final).
+            return
         if order.status == known.status:
             # The same state reported twice (REST answer and private stream): keep the
             # richer report, no transition.
@@ -538,8 +550,58 @@ class ExecutorCore:
     async def on_order(self, order: Order) -> None:
         """Apply an order update from a REST answer or the private stream."""
         self._track(order)
+        pair = order.pair
+        if (
+            self.orders[order.client_order_id].status.is_terminal
+            and self.portfolio.has_position(pair)
+            and not self.working_entries(pair)
+        ):
+            # An order whose last piece left less than the minimum behind (its fills
+            # applied while it still worked) leaves dust: written off once it is done.
+            market = self._market_for(pair)
+            self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         if self._store is not None:
             await self._off(self._store.update_order, self.orders[order.client_order_id])
+
+    def order_after_fill(self, fill: Fill) -> Order | None:
+        """Return `fill`'s order with the fill counted in (None: no such order of ours).
+
+        The order stream and REST answers report a piece before or after its execution
+        arrives, so the filled quantity is the larger of the exchange's report and the
+        applied executions plus this one; an order already finished (filled, or the rest
+        cancelled) keeps its state.
+        """
+        known = self.orders.get(fill.client_order_id)
+        if known is None:
+            return None
+        counted = self._applied.get(fill.client_order_id, ZERO) + fill.qty
+        filled = min(max(known.filled_qty, counted), known.qty)
+        status = known.status
+        if not status.is_terminal:
+            status = OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED
+        return replace(
+            known,
+            filled_qty=filled,
+            status=status,
+            ts_updated=max(known.ts_updated, fill.ts),
+            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
+        )
+
+    def working_entries(self, pair: str) -> list[Order]:
+        """Return `pair`'s entry orders that may still fill (by our record of each)."""
+        out = []
+        for order in self.orders.working.values():
+            if order.pair != pair:
+                continue
+            # Spot orders come back without a reduce-only flag: our record says what each is.
+            intent = self._intents.get(order.client_order_id)
+            if intent is not None:
+                entry = purpose_of(intent) is OrderPurpose.ENTRY
+            else:
+                entry = not order.reduce_only and not _is_protective(order.client_order_id)
+            if entry:
+                out.append(order)
+        return out
 
     async def has_fill(self, fill_id: str) -> bool:
         """Return True if the journal already holds this execution (False without one)."""

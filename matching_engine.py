@@ -25,6 +25,11 @@ Fill conventions (documented, conservative, the same in sim and backtest):
 * Post-only limits that would cross the last price are rejected, never filled as taker.
 * Optional participation cap: at most `max_participation` x the (sub-)bar's volume fills
   per (sub-)bar; the rest stays open (partially filled).
+* IOC and FOK limits take part in the first (sub-)bar they are live for only: an IOC fills
+  what that bar gives and its rest is cancelled (the order's last fill carries the
+  cancelled state, Bybit's `PartiallyFilledCanceled`); a FOK fills whole or not at all.
+  One that fills nothing is cancelled and reported to the order sink (`deliver_orders_to`),
+  where the live private order stream's updates go.
 * Latency: an order takes part in a (sub-)bar only if it was live (`ts_created +
   latency_ms`) before that bar closed; one live during a bar fills at its open (an
   approximation that intrabar data makes finer).
@@ -67,7 +72,10 @@ ZERO = Decimal(0)
 # Where fills go: the engine's fill entry point, the one the live private stream's fills
 # reach too (`pipeline.Engine.on_fill`).
 FillSink = Callable[[Order, Fill], Awaitable[None]]
+# Where order changes without a fill go (`TradeExecutor.on_order`, as for the order stream).
+OrderSink = Callable[[Order], Awaitable[None]]
 _BPS = Decimal(10_000)
+_ONE_BAR = frozenset({TimeInForce.IOC, TimeInForce.FOK})
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
 
@@ -185,7 +193,41 @@ class _BookDepth:
         return cost / qty
 
 
-class SimulatedExchange:
+class _Delivery:
+    """Where the simulated venue's fills and fill-less order changes go (its streams)."""
+
+    def __init__(self) -> None:
+        self._sink: FillSink | None = None
+        self._order_sink: OrderSink | None = None
+        self._updates: list[Order] = []  # order changes without a fill, not yet delivered
+
+    def deliver_to(self, sink: FillSink) -> None:
+        """Send every fill from now on to `sink` (the engine's fill entry point)."""
+        self._sink = sink
+
+    def deliver_orders_to(self, sink: OrderSink) -> None:
+        """Send order changes that come without a fill (an IOC that filled nothing) to `sink`."""
+        self._order_sink = sink
+
+    @property
+    def has_updates(self) -> bool:
+        """Return True when order changes wait for `deliver`."""
+        return bool(self._updates)
+
+    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        """Hand `fills` (from `on_candle`) to the sink, in order, then the order changes."""
+        sink = self._sink
+        if fills and sink is None:
+            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
+        for order, fill in fills:
+            await sink(order, fill)  # type: ignore[misc]
+        updates, self._updates = self._updates, []
+        if self._order_sink is not None:
+            for order in updates:
+                await self._order_sink(order)
+
+
+class SimulatedExchange(_Delivery):
     """Paper matching engine with the live exchange's order methods.
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
@@ -228,19 +270,7 @@ class SimulatedExchange:
         self._steps: dict[str, int] = {}
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
-        self._sink: FillSink | None = None
-
-    def deliver_to(self, sink: FillSink) -> None:
-        """Send every fill from now on to `sink` (the engine's fill entry point)."""
-        self._sink = sink
-
-    async def deliver(self, fills: list[tuple[Order, Fill]]) -> None:
-        """Hand `fills` (from `on_candle`) to the sink, in order."""
-        sink = self._sink
-        if sink is None:
-            raise RuntimeError("the simulated exchange has fills but no sink to deliver them")
-        for order, fill in fills:
-            await sink(order, fill)
+        _Delivery.__init__(self)
 
     def _now(self) -> int:
         return int(self._clock.now_ms())  # type: ignore[union-attr]
@@ -348,7 +378,7 @@ class SimulatedExchange:
     async def match(self, candle: Candle) -> None:
         """Match the pair's working orders against a closed candle; deliver the fills."""
         fills = self.on_candle(candle)
-        if fills:
+        if fills or self._updates:
             await self.deliver(fills)
 
     def on_candle(self, candle: Candle) -> list[tuple[Order, Fill]]:
@@ -385,18 +415,35 @@ class SimulatedExchange:
             if order.reduce_only and self._reducible(order) <= 0:
                 self._finish(order, OrderStatus.CANCELLED)
                 continue
-            matched = self._match(order, bar)
-            if matched is None:
-                continue
-            price, liquidity, levels = matched
-            qty, complete = self._fill_qty(order, price, budget, levels)
-            if qty <= 0:
-                continue
-            if levels is not None:
-                price = self._depth.take(order.pair, order.side, qty)
-            if budget is not None:
-                budget -= qty
-            results.append(self._fill(order, price, qty, liquidity, bar.ts, complete=complete))
+            done = self._match_one(order, bar, budget)
+            if done is not None:
+                results.append(done)
+                if budget is not None:
+                    budget -= done[1].qty
+
+    def _match_one(
+        self, order: Order, bar: Candle, budget: Decimal | None
+    ) -> tuple[Order, Fill] | None:
+        """Return the fill `order` gets in `bar` (with the order after it), if any."""
+        matched = self._match(order, bar)
+        once = order.type is OrderType.LIMIT and order.time_in_force in _ONE_BAR
+        if matched is None:
+            if once:
+                self._updates.append(self._finish(order, OrderStatus.CANCELLED))
+            return None
+        price, liquidity, levels = matched
+        qty, complete = self._fill_qty(order, price, budget, levels)
+        if once and (qty <= 0 or (order.time_in_force is TimeInForce.FOK and not complete)):
+            self._updates.append(self._finish(order, OrderStatus.CANCELLED))
+            return None
+        if qty <= 0:
+            return None
+        if levels is not None:
+            price = self._depth.take(order.pair, order.side, qty)
+        filled, fill = self._fill(order, price, qty, liquidity, bar.ts, complete=complete)
+        if once and not filled.status.is_terminal:
+            filled = self._finish(filled, OrderStatus.CANCELLED)  # the rest of an IOC
+        return filled, fill
 
     def _reducible(self, order: Order) -> Decimal:
         position = self._positions.get(order.pair, ZERO)

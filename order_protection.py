@@ -4,12 +4,16 @@ Part of `trade_executor` (which re-exports it). Every protective order of a pair
 moved and taken off under that pair's lock, through the stop state machine of
 `executor_core.StopState`: the stop is the position's stop before its request leaves, a
 trailing move waits for an unanswered placement, a lost answer is resolved by client id
-before anything else is sent, and a clean stop cancels entries only.
+before anything else is sent, and a clean stop cancels entries only. The stop is sized
+to what is held: placed at an entry's first piece, resized (cancel, then place) as more
+pieces land. A fill never waits for its pair's lock: when the pair is held, its holder
+does the protection the fill asked for before letting go.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import structlog
@@ -58,8 +62,13 @@ class ProtectingExecutor(ExecutorCore):
 
     async def on_fill(self, order: Order, fill: Fill) -> ClosedTrade | None:
         """Apply a fill (once, whichever source reports it first) and manage protection."""
-        if self._store is not None and not await self._off(self._store.record_fill, fill):
+        if self._store is not None:
+            if not await self._off(self._store.record_fill, fill):
+                return None
+        elif fill.fill_id in self._fill_ids:
             return None
+        else:
+            self._fill_ids.add(fill.fill_id)
         self._track(order)
         if self._store is not None:
             await self._off(self._store.update_order, self.orders.get(order.client_order_id, order))
@@ -68,7 +77,10 @@ class ProtectingExecutor(ExecutorCore):
         trade = self.portfolio.apply_fill(fill, reason=reason)
         self._note_applied(fill)
         market = self._market_for(fill.pair)
-        self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
+        if self.orders.get(order.client_order_id, order).status.is_terminal:
+            # Not between two pieces of one order: a first piece below the minimum is the
+            # start of a position, and a piece of an exit leaves a rest that still sells.
+            self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
         self._audit.record(
             "fill",
             fill.ts,
@@ -94,21 +106,53 @@ class ProtectingExecutor(ExecutorCore):
         if self.portfolio.signed_qty(pair) == 0:
             slot = self._protection.get(pair)
             if slot is not None and (slot.base is not None or slot.stop is not None or slot.others):
-                async with slot.lock:
-                    if self.portfolio.signed_qty(pair) == 0:
-                        await self._clear_protection(pair, slot)
-                        slot.base = None
+                if slot.lock.locked():
+                    slot.clear_due = True
+                else:
+                    async with self._holding(pair):
+                        await self._clear_if_flat(pair, slot)
             if intent is not None and intent.type is OrderType.STOP_MARKET:
                 self._notify(StopHit(pair, fill.price))
             return
-        if (
-            intent is None
-            or purpose_of(intent) is not OrderPurpose.ENTRY
-            or self.orders.get(order.client_order_id, order).status is not OrderStatus.FILLED
-        ):
+        if intent is None or purpose_of(intent) is not OrderPurpose.ENTRY:
             return
-        async with self._slot(pair).lock:
-            await self._protect(intent, fill.price)
+        slot = self._slot(pair)
+        if slot.lock.locked():
+            # The holder may be an order waiting for this order's later pieces, which this
+            # stream brings: never block it; the holder protects before letting go.
+            slot.due = (intent, fill.price)
+            return
+        async with self._holding(pair):
+            await self._follow_entry(intent, fill.price)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, pair: str) -> AsyncIterator[_Protection]:
+        """Hold `pair` (its lock); before letting go, do the protection fills asked for."""
+        slot = self._slot(pair)
+        async with slot.lock:
+            try:
+                yield slot
+            finally:
+                while slot.due is not None or slot.clear_due:
+                    due, slot.due = slot.due, None
+                    clear, slot.clear_due = slot.clear_due, False
+                    try:
+                        if clear:
+                            await self._clear_if_flat(pair, slot)
+                        if due is not None:
+                            await self._follow_entry(*due)
+                    except BotError as e:
+                        log.error("protection_after_hold_failed", **{**e.describe(), "pair": pair})
+
+    async def _clear_if_flat(self, pair: str, slot: _Protection) -> None:
+        if self.portfolio.signed_qty(pair) == 0:
+            await self._clear_protection(pair, slot)
+            slot.base = None
+
+    async def _follow_entry(self, entry: OrderIntent, price: Decimal | None) -> None:
+        """Protect the position `entry` opened (`PieceExecutor` follows later pieces too)."""
+        if self._slot(entry.pair).base != entry.client_order_id:
+            await self._protect(entry, price)
 
     # -- Protection (always under the pair's lock) -------------------------------------------
 
@@ -213,12 +257,19 @@ class ProtectingExecutor(ExecutorCore):
             return None
 
     async def _place_stop(
-        self, pair: str, slot: _Protection, level: Decimal, *, seq: int, price: Decimal | None
+        self,
+        pair: str,
+        slot: _Protection,
+        level: Decimal,
+        *,
+        seq: int,
+        price: Decimal | None,
+        kind: str = "sl",
     ) -> Order | None:
         assert slot.base is not None
         assert slot.state is StopState.NONE
         intent = self._protective_intent(
-            pair, OrderType.STOP_MARKET, level, protective_id(slot.base, "sl", seq)
+            pair, OrderType.STOP_MARKET, level, protective_id(slot.base, kind, seq)
         )
         # Recorded as the position's stop before the request leaves: whatever happens to
         # the answer, nothing else is placed until this one is settled.
@@ -298,7 +349,8 @@ class ProtectingExecutor(ExecutorCore):
                 "stop_cancel_failed", **{**e.describe(), "pair": pair, "client_order_id": cid}
             )
             self._move(pair, slot, "lost")
-            if isinstance(e, BusinessError):
+            if isinstance(e, BusinessError) or self._is_done(cid):
+                # Refused, or the order stream has told us it is gone meanwhile.
                 return await self._clear_stop(pair, slot, tries - 1)
             return False
         if not self._is_done(cid):
@@ -328,8 +380,7 @@ class ProtectingExecutor(ExecutorCore):
         that cannot be done yet, the move waits for a later candle. The new stop is named
         after the candle that moved it, so a restarted bot cannot place it twice.
         """
-        slot = self._slot(pair)
-        async with slot.lock:
+        async with self._holding(pair) as slot:
             position = self.portfolio.position(pair)
             if position is None:
                 return None
@@ -379,7 +430,7 @@ class ProtectingExecutor(ExecutorCore):
         for order in await self._gateway.fetch_open_orders():
             if await self.purpose(order.client_order_id) is not OrderPurpose.ENTRY:
                 continue
-            async with self._slot(order.pair).lock:
+            async with self._holding(order.pair):
                 try:
                     cancelled = await self._gateway.cancel_order(
                         order.pair, client_order_id=order.client_order_id

@@ -24,14 +24,14 @@ from models import (
     PositionSide,
     purpose_of,
 )
-from order_protection import ProtectingExecutor
+from order_pieces import PieceExecutor
 from portfolio import Portfolio
 
 
 log = structlog.get_logger("trade_executor")
 
 
-class RecoveringExecutor(ProtectingExecutor):
+class RecoveringExecutor(PieceExecutor):
     """Reconcile the journal with the exchange and restore each position's protection."""
 
     async def reconcile(self, account: Any, store: Any, *, quote: str) -> str:
@@ -70,7 +70,17 @@ class RecoveringExecutor(ProtectingExecutor):
             realised_pnl=rebuilt.realised_pnl,
         )
         self.portfolio.closed.extend(rebuilt.closed)
+        # An entry still filling: its first pieces are the start of a position, no dust.
+        filling = {
+            order.pair
+            for cid, order in known.items()
+            if not self.orders.get(cid, order).status.is_terminal
+            and (intent := intents.get(cid)) is not None
+            and purpose_of(intent) is OrderPurpose.ENTRY
+        }
         for pair in list(self.portfolio.positions()):
+            if pair in filling:
+                continue
             market = self._market_for(pair)
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         await self._adopt_protection(known, intents)
@@ -196,9 +206,12 @@ class RecoveringExecutor(ProtectingExecutor):
         if not self.protective_orders:
             return crossed
         for pair, position in self.portfolio.positions().items():
-            slot = self._slot(pair)
-            async with slot.lock:
+            async with self._holding(pair) as slot:
                 self._settle(pair, slot)
+                if slot.state is StopState.WORKING:
+                    # Pieces that filled while the bot was down: the stop follows them.
+                    await self._resize_stop(pair, slot, price_for(pair))
+                    continue
                 if slot.state is not StopState.NONE or slot.base is None:
                     continue
                 level = position.stop_price or self._last_stop_level(pair, slot.base)

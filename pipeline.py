@@ -18,7 +18,6 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -969,24 +968,12 @@ class Engine(EngineControl):
         )
 
     async def on_stream_fill(self, fill: Fill) -> None:
-        """Apply a fill from the private stream, deriving the order's new state from it."""
-        known = self.executor.orders.get(fill.client_order_id)
-        if known is None:
-            if await self.executor.has_fill(fill.fill_id):
-                return  # a REST sweep re-reporting a fill of an order done before start-up
-            log.warning(
-                "fill_for_unknown_order", client_order_id=fill.client_order_id, pair=fill.pair
-            )
-            return
-        filled = known.filled_qty + fill.qty
-        order = replace(
-            known,
-            filled_qty=min(filled, known.qty),
-            status=OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED,
-            ts_updated=max(known.ts_updated, fill.ts),
-            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
-        )
-        await self.on_fill(order, fill)
+        """Apply a fill from the private stream (the order's state derived from it)."""
+        trade = await self.executor.on_stream_fill(fill)
+        if trade is not None:
+            self._on_trade_closed(trade)
+            if self.risk_saver is not None:
+                await self.risk_saver()
 
     async def on_order_book(self, book: OrderBook) -> None:
         """Keep the latest book per pair (depth chart, book-walk fills); watch its spread."""

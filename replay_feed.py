@@ -246,7 +246,7 @@ class SimDriver:
             return
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
-            if fills:
+            if fills or self.sim.has_updates:
                 await self.sim.deliver(fills)
             await self._process(candle)
 

@@ -6,14 +6,23 @@ attached), and sends it through an `OrderGateway` — the live `exchange.Exchang
 `trade_simulator.SimulatedExchange`; the executor cannot tell which. Order updates and
 fills arrive from REST answers and private streams in any order; the state machine in
 `models.ORDER_TRANSITIONS` and fill ids make them idempotent.
+
+Orders fill in pieces (`PartiallyFilled`, the rest perhaps cancelled): each execution is
+applied once, whichever source brings it and in whatever order, and an order's filled
+quantity is the larger of the exchange's report and the pieces applied. The first piece
+of an entry places its stop and later pieces resize it (still one stop); an exit on an
+entry that is still filling cancels the entry's rest first.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from decimal import Decimal
 
-from error_handler import OrderRejected
+import structlog
+
+from error_handler import BotError, OrderNotFoundError, OrderRejected
 from executor_core import (
     ExecutorCore,
     OrderGateway,
@@ -29,15 +38,20 @@ from models import (
     order_from_intent,
     purpose_of,
 )
+from order_pieces import PieceExecutor
 from order_protection import ProtectingExecutor
 from order_recovery import RecoveringExecutor
 from utils.precision import validate_intent
+
+
+log = structlog.get_logger("trade_executor")
 
 
 __all__ = [
     "ExecutorCore",
     "OrderGateway",
     "OrderJournal",
+    "PieceExecutor",
     "ProtectingExecutor",
     "RecoveringExecutor",
     "StopState",
@@ -60,7 +74,7 @@ class TradeExecutor(RecoveringExecutor):
 
     async def submit(self, intent: OrderIntent, *, last_price: Decimal | None = None) -> Order:
         """Validate and send one order; a refusal comes back as a REJECTED order with why."""
-        async with self._slot(intent.pair).lock:
+        async with self._holding(intent.pair):
             return await self._submit(intent, last_price)
 
     async def deliver_fills(self, pair: str) -> None:
@@ -94,6 +108,8 @@ class TradeExecutor(RecoveringExecutor):
         refusal = await self._not_now(intent) if pending else self._entry_refusal(intent)
         if refusal is not None:
             return self._reject_locally(intent, refusal, now)
+        if purpose_of(intent) is OrderPurpose.EXIT and self.working_entries(intent.pair):
+            intent = await self._stop_filling(intent)
         try:
             market = self._market_for(intent.pair)
             checked = validate_intent(intent, market, last_price=last_price)
@@ -122,9 +138,46 @@ class TradeExecutor(RecoveringExecutor):
             if order.status is OrderStatus.REJECTED:
                 await self._restore_stop(checked.pair, order.reason)
             return order
+        return await self._send_opening(checked, now)
+
+    async def _send_opening(self, checked: OrderIntent, now: int) -> Order:
+        """Send an order that is not an exit; an entry's pieces get the stop they need."""
+        entry = purpose_of(checked) is OrderPurpose.ENTRY
         order = await self._send(checked, now)
-        if purpose_of(checked) is OrderPurpose.ENTRY and order.status is OrderStatus.FILLED:
+        if entry and order.filled_qty > 0:
             # The answer can come after the fill from the stream: protect from here too
             # (whichever comes first; the slot tells the other that it is done).
-            await self._protect(self._intents[checked.client_order_id], order.avg_fill_price)
+            await self._follow_entry(self._intents[checked.client_order_id], order.avg_fill_price)
         return order
+
+    async def _stop_filling(self, intent: OrderIntent) -> OrderIntent:
+        """Cancel the rest of the pair's entries before an exit; return the exit resized.
+
+        A partly filled entry left working would buy again after the exit sold (a new
+        position nobody decided). Pieces that fill before the cancel lands are applied
+        first, and an exit sized to close the position grows to close them too.
+        """
+        pair = intent.pair
+        held = abs(self.portfolio.signed_qty(pair))
+        for entry in self.working_entries(pair):
+            try:
+                self._track(
+                    await self._gateway.cancel_order(pair, client_order_id=entry.client_order_id)
+                )
+            except OrderNotFoundError:  # done already: learn how
+                with contextlib.suppress(BotError):
+                    found = await self._gateway.fetch_order(
+                        pair, client_order_id=entry.client_order_id
+                    )
+                    if found is not None:
+                        self._track(found)
+            except BotError as e:
+                # Closing what is held matters more than the rest: exit anyway.
+                log.error("entry_cancel_failed", **{**e.describe(), "pair": pair})
+                continue
+            log.info("entry_rest_cancelled", pair=pair, client_order_id=entry.client_order_id)
+        await self._fills_applied(pair)
+        now_held = abs(self.portfolio.signed_qty(pair))
+        if intent.qty >= held and now_held > held:
+            return replace(intent, qty=now_held)
+        return intent

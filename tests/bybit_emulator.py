@@ -15,6 +15,8 @@ Usage::
         emu.fail_next("5xx", times=2, path="/v5/market/tickers")
         await emu.advance(minutes=3)        # three 1m candles close and are pushed
         emu.requests                         # what was sent, when
+        emu.set_depth("BTCUSDT", ["0.002", "0.003"])  # takers fill in pieces, level by level
+        await emu.fill_resting("link-id", "0.001")     # one maker piece of a resting limit
 
 Time: the emulator's clock is the wall clock plus whatever `advance` added (and runs
 `speed` times faster when asked). Server time, candle boundaries and the signature
@@ -562,6 +564,11 @@ class BybitEmulator:
         self.orders: dict[str, _Order] = {}
         self.executions: list[_Execution] = []
         self.positions: dict[str, _Position] = {}
+        # Liquidity a test sets per (category, symbol): the sizes of the levels a taker
+        # walks from the best price (one execution per level), and how much of a resting
+        # limit order one minute's bar fills. None: unlimited (the whole rest at once).
+        self.depth: dict[tuple[str, str], tuple[Decimal, ...]] = {}
+        self.maker_per_bar: dict[tuple[str, str], Decimal] = {}
         self.requests: list[RecordedRequest] = []
         self.fault_rates: dict[str, float] = {}
         self.fault_paths: tuple[str, ...] | None = None
@@ -655,6 +662,43 @@ class BybitEmulator:
         for order in self.orders.values():
             out.setdefault(order.link_id, []).append(order.item())
         return out
+
+    def set_depth(
+        self, symbol: str, sizes: Iterable[str | Decimal] | None, category: str = "spot"
+    ) -> None:
+        """Give takers on `symbol` only these level sizes from the best price (None: unlimited).
+
+        A market or marketable limit order walks the levels, one tick apart, and gets one
+        execution per level it takes from; a market or IOC order cancels what the levels
+        cannot fill (`PartiallyFilledCanceled` on spot, `Cancelled` on linear), a GTC limit
+        rests with the rest (`PartiallyFilled`). The order book shows the same sizes.
+        """
+        key = (category, symbol)
+        if sizes is None:
+            self.depth.pop(key, None)
+        else:
+            self.depth[key] = tuple(Decimal(str(s)) for s in sizes)
+
+    def set_maker_fill(
+        self, symbol: str, qty: str | Decimal | None, category: str = "spot"
+    ) -> None:
+        """Fill at most `qty` of each resting limit order on `symbol` per minute bar (None: all)."""
+        key = (category, symbol)
+        if qty is None:
+            self.maker_per_bar.pop(key, None)
+        else:
+            self.maker_per_bar[key] = Decimal(str(qty))
+
+    async def fill_resting(
+        self, link_id: str, qty: str | Decimal, price: Decimal | None = None
+    ) -> None:
+        """Fill `qty` of the resting limit order `link_id` now, as maker (one execution)."""
+        async with self._lock:
+            order = next(o for o in self.orders.values() if o.link_id == link_id)
+            if not order.is_open or order.conditional:
+                raise ValueError(f"order {link_id} is not a resting limit order")
+            piece = min(Decimal(str(qty)), order.qty - order.filled)
+            await self._fill(order, price or order.price, maker=True, qty=piece)
 
     def last_price(self, symbol: str, category: str = "spot") -> Decimal:
         """Return the current close of `symbol`."""
@@ -887,7 +931,11 @@ class BybitEmulator:
         if order.order_type == "Limit" and order.is_open:
             crosses = bar.low <= order.price if order.side == "Buy" else bar.high >= order.price
             if crosses:
-                await self._fill(order, order.price, maker=True)
+                cap = self.maker_per_bar.get((order.category, order.symbol))
+                rest = order.qty - order.filled
+                await self._fill(
+                    order, order.price, maker=True, qty=rest if cap is None else min(cap, rest)
+                )
 
     async def _push_klines(self, now: int) -> None:
         topics = {
@@ -1219,6 +1267,13 @@ class BybitEmulator:
         inst = self.instruments[(category, symbol)]
         last = self.last_price(symbol, category)
         lot = inst.min_qty
+        sizes = self.depth.get((category, symbol))
+        if sizes is not None:
+            shown = [str(s) for s in sizes[:depth]]
+            return {
+                "b": [[str(last - inst.tick * (k + 1)), s] for k, s in enumerate(shown)],
+                "a": [[str(last + inst.tick * (k + 1)), s] for k, s in enumerate(shown)],
+            }
         bids = [
             [str(last - inst.tick * (k + 1)), str(lot * (3 + (k * 7) % 11))] for k in range(depth)
         ]
@@ -1581,7 +1636,7 @@ class BybitEmulator:
             return
         bid, ask = self._quote_side(inst, "Sell"), self._quote_side(inst, "Buy")
         if order.order_type == "Market":
-            await self._fill(order, ask if order.side == "Buy" else bid, maker=False)
+            await self._take(inst, order, ask if order.side == "Buy" else bid)
             return
         marketable = order.price >= ask if order.side == "Buy" else order.price <= bid
         if marketable and order.tif == "PostOnly":
@@ -1589,16 +1644,50 @@ class BybitEmulator:
             order.locked = Decimal(0)
             await self._emit_order(order)
         elif marketable:
-            await self._fill(order, ask if order.side == "Buy" else bid, maker=False)
+            await self._take(inst, order, ask if order.side == "Buy" else bid)
         elif order.tif in ("IOC", "FOK"):
             order.status, order.locked = "Cancelled", Decimal(0)
             await self._emit_order(order)
         else:
             await self._emit_order(order)
 
-    async def _fill(self, order: _Order, price: Decimal, *, maker: bool) -> None:
+    async def _take(self, inst: Instrument, order: _Order, best: Decimal) -> None:
+        """Fill a taker level by level (`set_depth`); cancel or rest what is left."""
+        sizes = self.depth.get((inst.category, inst.symbol))
+        if sizes is None:
+            await self._fill(order, best, maker=False)
+            return
+        step = inst.tick if order.side == "Buy" else -inst.tick
+        limited = order.order_type == "Limit"
+        for k, size in enumerate(sizes):
+            price = best + step * k
+            rest = order.qty - order.filled
+            beyond = limited and (
+                price > order.price if order.side == "Buy" else price < order.price
+            )
+            if rest <= 0 or beyond:
+                break
+            await self._fill(order, price, maker=False, qty=min(size, rest))
+        if order.filled >= order.qty:
+            return
+        if order.order_type == "Market" or order.tif in ("IOC", "FOK"):
+            await self._cancel(order)  # Bybit's market orders are IOC
+        elif order.filled == 0:
+            await self._emit_order(order)  # it rests, untouched
+
+    def _relock(self, order: _Order) -> None:
+        # A resting spot limit keeps locked what its unfilled rest needs.
+        if not order.locked or not order.is_open:
+            order.locked = Decimal(0)
+            return
+        rest = order.qty - order.filled
+        order.locked = rest * order.price * Decimal("1.001") if order.side == "Buy" else rest
+
+    async def _fill(
+        self, order: _Order, price: Decimal, *, maker: bool, qty: Decimal | None = None
+    ) -> None:
         inst = self.instruments[(order.category, order.symbol)]
-        qty = order.qty - order.filled
+        qty = order.qty - order.filled if qty is None else qty
         rate = _FEES[(order.category, maker)]
         now = self.clock.now_ms()
         if order.category == "spot":
@@ -1617,7 +1706,9 @@ class BybitEmulator:
         order.filled_value += qty * price
         order.fee += fee
         order.fee_coin = fee_coin
-        order.status, order.updated, order.locked = "Filled", now, Decimal(0)
+        order.status = "Filled" if order.filled >= order.qty else "PartiallyFilled"
+        order.updated = now
+        self._relock(order)
         execution = _Execution(
             str(uuid.uuid4()), order, price, qty, fee, rate, fee_coin, maker, now
         )
@@ -1709,7 +1800,12 @@ class BybitEmulator:
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
 
     async def _cancel(self, order: _Order) -> None:
-        order.status = "Deactivated" if order.status == "Untriggered" else "Cancelled"
+        if order.status == "Untriggered":
+            order.status = "Deactivated"
+        elif order.filled and order.category == "spot":
+            order.status = "PartiallyFilledCanceled"  # spot only; linear says Cancelled
+        else:
+            order.status = "Cancelled"
         order.locked = Decimal(0)
         order.updated = self.clock.now_ms()
         await self._emit_order(order)

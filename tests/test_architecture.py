@@ -90,6 +90,7 @@ OWNER: dict[str, str] = {
     "executor_core": "trade_executor",
     "order_protection": "trade_executor",
     "order_recovery": "trade_executor",
+    "order_pieces": "trade_executor",
     # technical_indicators.py and data_manager.py
     "indicator_kernels": "technical_indicators",
     "indicator_base": "technical_indicators",
