@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 
+from capital_allocation import Allocator, Sleeve
+from config import SleeveSettings
 from daemon_base import DaemonBase
 from data_manager import CandleStore, DataManager
 from data_manager import replay_frames as load_frames
@@ -22,7 +24,7 @@ from error_handler import (
     ConfigError,
 )
 from models import Event, Market, strategy_tag
-from pipeline import Engine, PrecomputedSignals
+from pipeline import Engine, PrecomputedSignals, RollingSignals, SignalSource, StrategyRouter
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskManager
@@ -112,9 +114,22 @@ class DaemonBuild(DaemonBase):
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
-        strategy = load_strategy(s.strategy.name, s.strategy.params)
-        signals = PrecomputedSignals(strategy, frames) if backtest else None
+        sleeves = self._load_sleeves()
+        strategy = sleeves[0][1] if sleeves else load_strategy(s.strategy.name, s.strategy.params)
+        signals: SignalSource | None = None
+        if backtest and sleeves:
+            signals = StrategyRouter(
+                {
+                    pair: source
+                    for sleeve, each in sleeves
+                    for source in [PrecomputedSignals(each, {p: frames[p] for p in sleeve.pairs})]
+                    for pair in sleeve.pairs
+                }
+            )
+        elif backtest:
+            signals = PrecomputedSignals(strategy, frames)
         self.engine = self._engine(
+            sleeves=sleeves,
             clock=clock,
             strategy=strategy,
             gateway=sim,
@@ -125,7 +140,11 @@ class DaemonBuild(DaemonBase):
             signals=signals,
         )
         self.driver = self._drive(sim, self.engine)
-        if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
+        if (
+            isinstance(signals, PrecomputedSignals)
+            and self.engine.quiet_exact
+            and not s.learning.enabled
+        ):
             self.driver.enable_quiet_path(signals)
         # The strategy's columns over the whole archive, numba compilation (or its cache
         # load) included.
@@ -165,8 +184,11 @@ class DaemonBuild(DaemonBase):
         store: Any = None,
         data: DataManager | None = None,
         max_lag_ms: int | None = None,
+        sleeves: list[tuple[SleeveSettings, Strategy]] | None = None,
     ) -> Engine:
         s = self.settings
+        sleeves = sleeves or []
+        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
         portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
         executor = TradeExecutor(
             gateway,
@@ -189,12 +211,12 @@ class DaemonBuild(DaemonBase):
             reward.on_event(event)
             self.alert(event)
 
-        return Engine(
+        engine = Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
-            pairs=list(s.strategy.pairs),
+            pairs=s.traded_pairs(),
             clock=clock,
-            data=data or DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles)),
+            data=data or DataManager(window=max(warmup * 2, s.strategy.warmup_candles)),
             strategy=strategy,
             risk=RiskManager(
                 s.risk,
@@ -214,6 +236,60 @@ class DaemonBuild(DaemonBase):
             signals=signals,
             max_lag_ms=max_lag_ms,
         )
+        if sleeves:
+            self._install_sleeves(engine, sleeves, rolling=signals is None)
+        return engine
+
+    def _load_sleeves(self) -> list[tuple[SleeveSettings, Strategy]]:
+        # Each configured strategy sleeve with its strategy; none: one strategy trades.
+        out = []
+        for i, sleeve in enumerate(self.settings.allocation.strategies):
+            try:
+                out.append((sleeve, load_strategy(sleeve.name, sleeve.params)))
+            except ConfigError as e:
+                raise ConfigError(
+                    f"KESTREL_ALLOCATION__STRATEGIES[{i}] ({sleeve.key}): {e.message}",
+                    component="config",
+                ) from e
+        return out
+
+    def _install_sleeves(
+        self, engine: Engine, sleeves: list[tuple[SleeveSettings, Strategy]], *, rolling: bool
+    ) -> None:
+        # Several strategies: each decides on its own pairs (the rolling window in sim and
+        # live) and trades a sleeve of the account that the skill ranking re-cuts.
+        allocation = self.settings.allocation
+        if rolling:
+            engine.signals_source = StrategyRouter(
+                {
+                    pair: RollingSignals(each, engine.data, engine.timeframe)
+                    for sleeve, each in sleeves
+                    for pair in sleeve.pairs
+                }
+            )
+        engine.sleeves = Allocator(
+            [
+                Sleeve(
+                    sleeve.key,
+                    tuple(sleeve.pairs),
+                    strategy_tag({**each.describe(), "sleeve": sleeve.key}),
+                    *allocation.bounds(sleeve),
+                    initial=sleeve.initial,
+                )
+                for sleeve, each in sleeves
+            ],
+            allocation,
+            equity=engine.portfolio.equity(),
+            now_ms=engine.clock.now_ms(),
+        )
+        engine.portfolio.owners = {
+            pair: sleeve.key for sleeve, _ in sleeves for pair in sleeve.pairs
+        }
+        log.info(
+            "strategies_loaded",
+            sleeves={sleeve.key: list(sleeve.pairs) for sleeve, _ in sleeves},
+            weights=engine.sleeves.weights,
+        )
 
     async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
         """Build on the live exchange feed: paper fills (sim --feed live) or real orders.
@@ -228,13 +304,15 @@ class DaemonBuild(DaemonBase):
         self.exchange = exchange
         self._closers.append(("exchange", exchange.close))
         clock = ExchangeClock(exchange)
-        strategy = load_strategy(s.strategy.name, s.strategy.params)
-        window = max(strategy.warmup * 2, s.strategy.warmup_candles)
+        sleeves = self._load_sleeves()
+        strategy = sleeves[0][1] if sleeves else load_strategy(s.strategy.name, s.strategy.params)
+        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
+        window = max(warmup * 2, s.strategy.warmup_candles)
         # Candles from the exchange are archived (flushed with each state snapshot), so
         # backtests and the parity audit can replay exactly what the bot saw.
         data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
         timeframe = s.strategy.timeframe
-        pairs = list(s.strategy.pairs)
+        pairs = s.traded_pairs()
         if s.pairs.dynamic:
             from top_pairs import TopPairs
 
@@ -257,6 +335,7 @@ class DaemonBuild(DaemonBase):
             sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
             self.sim = sim
             self.engine = self._engine(
+                sleeves=sleeves,
                 clock=clock,
                 strategy=strategy,
                 gateway=sim,
@@ -285,6 +364,7 @@ class DaemonBuild(DaemonBase):
         quote = s.simulation.quote_currency
         cash = balances[quote].total if quote in balances else Decimal(0)
         self.engine = self._engine(
+            sleeves=sleeves,
             clock=clock,
             strategy=strategy,
             gateway=exchange,

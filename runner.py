@@ -346,6 +346,10 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if getattr(args, "engine", "replay") == "fast":
+        if s.allocation.strategies:
+            raise ConfigError(
+                "--engine fast runs one strategy: unset KESTREL_ALLOCATION__STRATEGIES"
+            )
         blockers = fast_path_blockers(
             risk_profile=s.risk.profile,
             pairs=s.strategy.pairs,

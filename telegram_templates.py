@@ -17,6 +17,7 @@ from typing import Any, Final, assert_never
 
 from error_handler import BotError
 from models import (
+    AllocationChanged,
     ClosedTrade,
     Decision,
     ErrorRaised,
@@ -302,6 +303,26 @@ def daily_summary(
     return Alert("\n".join(lines), "daily_summary")
 
 
+def allocation_changed(event: AllocationChanged) -> Alert:
+    """Return the alert for a reallocation: each sleeve's share before and after, and why."""
+    lines = ["⚖️ <b>Capital reallocated</b> (by skill ranking)"]
+    for sleeve in event.sleeves:
+        why = (
+            "probation"
+            if sleeve.probation
+            else ("unranked" if sleeve.lcb is None else f"lcb {sleeve.lcb:+.2f}")
+        )
+        lines.append(
+            f"{esc(sleeve.name)}: {sleeve.before:.1%} → <b>{sleeve.after:.1%}</b>"
+            f" · sleeve {fmt_number(sleeve.equity)} · {why}"
+        )
+    if event.reserve > 0:
+        lines.append(f"{event.reserve:.1%} unallocated: the caps hold less than the account")
+    elif not event.feasible:
+        lines.append("the floors could not all hold: scaled down to fit")
+    return Alert("\n".join(lines), "allocation", key=f"allocation-{event.ts}")
+
+
 def reconciliation_report(report: str, *, ok: bool = True) -> Alert:
     """Return the alert carrying a reconciliation report (free-form, escaped and redacted)."""
     icon = "🔄" if ok else "❗"
@@ -346,6 +367,8 @@ def render_event(event: Event) -> Alert:
             )
         case StopHit():
             return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+        case AllocationChanged():
+            return allocation_changed(event)
         case _:
             assert_never(event)
 
