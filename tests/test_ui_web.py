@@ -213,6 +213,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "reason": "tp",
             "stop_price": None,
             "adds_at_loss": 0,
+            "strategy": "",
         }
     ],
     "open_orders": [],
@@ -232,6 +233,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
     "ranking": [],
+    "allocation": {},
 }
 
 
