@@ -326,7 +326,9 @@ class DaemonBuild(DaemonBase):
             pairs = list((await self.top_pairs.current()).pairs)
         self.window = window
         self.data = data
-        await self._warm_up(pairs, strategy)
+        await self._warm_up(
+            pairs, strategy, {pair: each for sleeve, each in sleeves for pair in sleeve.pairs}
+        )
         # Every closed candle from here on, exactly once, gaps refilled from REST.
         self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
@@ -392,7 +394,12 @@ class DaemonBuild(DaemonBase):
             self.exchange = None
             self._closers = [c for c in self._closers if c[0] != "exchange"]
 
-    async def _warm_up(self, pairs: list[str], strategy: Strategy | None = None) -> None:
+    async def _warm_up(
+        self,
+        pairs: list[str],
+        strategy: Strategy | None = None,
+        owners: dict[str, Strategy] | None = None,
+    ) -> None:
         assert self.exchange is not None
         assert self.data is not None
         timeframe = self.settings.strategy.timeframe
@@ -407,8 +414,9 @@ class DaemonBuild(DaemonBase):
                     last if self._resume_from is None else min(self._resume_from, last)
                 )
             bars = self.data.arrays(pair, timeframe)
-            if strategy is not None and len(bars.ts) >= strategy.warmup:
+            deciding = (owners or {}).get(pair, strategy)  # the pair's own strategy
+            if deciding is not None and len(bars.ts) >= deciding.warmup:
                 # Run the strategy over the history now: its kernel is compiled and its
                 # per-pair state primed before the first live candle, not during it.
-                strategy.last_row_arrays(pair, bars)
+                deciding.last_row_arrays(pair, bars)
             log.info("warmup_loaded", pair=pair, candles=len(history))

@@ -387,6 +387,11 @@ def render_status(snap: Snapshot) -> str:
         f"positions {len(folio.positions)} · open orders {len(snap.open_orders)} · "
         f"pairs {len(snap.pairs)}",
     ]
+    for name, sleeve in snap.allocation.items():  # multi-strategy: each capital sleeve
+        lines.append(
+            f"sleeve {esc(name)} {sleeve['weight']:.1%} · {fmt_number(sleeve['sleeve_equity'])}"
+            + (" · probation" if sleeve.get("probation") else "")
+        )
     if snap.errors:
         lines.append(f"last error: {esc(snap.errors[-1])[:300]}")
     lines.append(f"<i>{_when(snap.ts)}</i>")

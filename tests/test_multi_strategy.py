@@ -16,7 +16,7 @@ import pytest
 
 from models import AllocationChanged
 from pipeline import Engine
-from telegram_templates import render_event
+from telegram_templates import render_event, render_status
 from tests.test_backtest_support import cli_args
 from utils.utilities import AuditTrail
 
@@ -122,6 +122,9 @@ async def test_three_strategies_trade_side_by_side_allocated_by_skill(
     assert sum(a["weight"] for a in snapshot.allocation.values()) == pytest.approx(1.0)
     assert isinstance(events[-1], AllocationChanged)
     assert "Capital reallocated" in render_event(events[-1]).text
+    status = render_status(snapshot)
+    for name, sleeve in snapshot.allocation.items():
+        assert f"sleeve {name} {sleeve['weight']:.1%}" in status
 
 
 async def test_sim_decides_each_pair_with_its_own_strategy_on_the_sleeve(
