@@ -213,9 +213,11 @@ class AllocationSettings(_Group):
     interval_s: int = Field(default=86_400, ge=60, description="reallocate this often")
     floor: float = Field(default=0.05, ge=0, le=1, description="least share of a ranked sleeve")
     cap: float = Field(default=0.6, gt=0, le=1, description="largest share of any sleeve")
-    probation_share: float = Field(default=0.05, ge=0, le=1)
-    probation_trades: int = Field(default=10, ge=0)
-    probation_days: float = Field(default=7.0, ge=0)
+    probation_share: float = Field(
+        default=0.05, ge=0, le=1, description="the fixed share of a strategy on probation"
+    )
+    probation_trades: int = Field(default=10, ge=0, description="on probation below this")
+    probation_days: float = Field(default=7.0, ge=0, description="on probation younger than this")
     epsilon: float = Field(
         default=0.05,
         gt=0,
