@@ -161,3 +161,61 @@ async def test_sim_decides_each_pair_with_its_own_strategy_on_the_sleeve(
     assert summary["trades"]
     assert all(t["strategy"] == owner[t["pair"]] for t in summary["trades"])
     assert {s["name"] for s in summary["strategies"]} == set(owner.values())
+
+
+async def test_paper_trading_on_the_exchange_feed_runs_each_sleeve_on_its_pairs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the live feed (paper fills) each pair is warmed up and decided by its own sleeve."""
+    import asyncio
+
+    from config import load_settings
+    from runner import Daemon
+    from tests.bybit_emulator import BybitEmulator
+
+    sleeves = [
+        {
+            "name": "sma_cross",
+            "label": "fast",
+            "params": {"fast": 2, "slow": 3},
+            "pairs": ["BTC/USDT"],
+        },
+        {
+            "name": "sma_cross",
+            "label": "slow",
+            "params": {"fast": 3, "slow": 5},
+            "pairs": ["ETH/USDT"],
+        },
+    ]
+    async with BybitEmulator(lenient_clock=True) as emu:
+        for key, value in {
+            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+            "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
+            "KESTREL_ALLOCATION__STRATEGIES": json.dumps(sleeves),
+        }.items():
+            monkeypatch.setenv(key, value)
+        daemon = Daemon(cli_args("--mode", "sim", "--feed", "live"), load_settings(env_file=None))
+        await daemon.build_exchange(paper=True)
+        engine = daemon.engine
+        assert engine is not None
+        assert engine.sleeves is not None
+        assert engine.pairs == ["BTC/USDT", "ETH/USDT"]
+        assert engine.sleeves.weights == {"fast": 0.5, "slow": 0.5}
+        assert all(len(engine.data.arrays(p, "1m").ts) >= 30 for p in engine.pairs)
+        run = asyncio.create_task(daemon.run())
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while {d.pair for d in engine.decisions.values() if d.intent} != set(engine.pairs):
+                assert not run.done(), run.result()
+                assert asyncio.get_running_loop().time() < deadline, "no order on every pair"
+                await emu.advance(minutes=1)
+                await asyncio.sleep(0.1)
+        finally:
+            daemon.stop.set()
+            await asyncio.wait_for(run, 30)
+        tags = {s.name: s.tag for s in engine.sleeves.sleeves.values()}
+        owner = {"BTC/USDT": "fast", "ETH/USDT": "slow"}
+        for pair, decision in engine.decisions.items():
+            if decision.intent is not None:
+                assert decision.intent.client_order_id.endswith(f"-{tags[owner[pair]]}_0")
+        assert not [r for r in emu.requests if "/v5/order/" in r.path]  # paper: no real orders
