@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import structlog
 
@@ -286,6 +287,44 @@ class Allocator:
             reserve=round(target.reserve, 6),
         )
         return event
+
+    # -- Persistence -------------------------------------------------------------------------
+
+    def state_key(self) -> tuple[Any, ...]:
+        """Return a cheap fingerprint of what `dump_state` stores (changed: store it)."""
+        return (self.next_ms, tuple(self.weights.values()), tuple(self.nav.values()))
+
+    def dump_state(self) -> dict[str, Any]:
+        """Return the shares, each sleeve's time-weighted value and the schedule, as JSON."""
+        return {
+            "weights": dict(self.weights),
+            "nav": dict(self.nav),
+            "started_ms": self.started_ms,
+            "next_ms": self.next_ms,
+            "probation": list(self.probation),
+        }
+
+    def restore_state(
+        self, data: Mapping[str, Any], *, equity: Decimal, positions: Mapping[str, Position]
+    ) -> bool:
+        """Take back saved shares after a restart; False (nothing changed) if the sleeves differ.
+
+        The capital is re-cut from today's `equity` by the saved shares, so a sleeve's
+        equity is its share of the account as it stands; the probation clock and the next
+        reallocation keep their saved times.
+        """
+        weights = {str(k): float(v) for k, v in data["weights"].items()}
+        if set(weights) != set(self.sleeves):
+            log.warning("allocation_not_restored", saved=sorted(weights), now=sorted(self.sleeves))
+            return False
+        nav = {name: float(data["nav"][name]) for name in self.sleeves}
+        self.weights, self.nav = weights, nav
+        self.started_ms, self.next_ms = int(data["started_ms"]), int(data["next_ms"])
+        self.probation = tuple(str(p) for p in data["probation"])
+        for name in self.sleeves:
+            unrealised = self.sleeve_equity(name, positions) - self.capital[name]
+            self.capital[name] = equity * Decimal(repr(weights[name])) - unrealised
+        return True
 
     # -- Views -------------------------------------------------------------------------------
 

@@ -121,6 +121,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
         self._risk_lock = asyncio.Lock()
+        self._allocation_key: tuple[Any, ...] | None = None
 
     def alert(self, event: Event) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""

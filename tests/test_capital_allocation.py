@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -166,6 +167,29 @@ def test_allocator_books_each_sleeve_and_recuts_the_account_by_the_ranking() -> 
     assert float(total) == pytest.approx(float(account))
     assert book.next_ms == 2 * 86_400_000
     assert book.describe(positions)["revert"]["weight"] == pytest.approx(0.3)
+
+
+def test_a_restored_allocator_keeps_shares_and_schedule_and_recuts_todays_equity() -> None:
+    """dump_state then restore_state: same shares, nav and times; capital from the equity now."""
+    policy = AllocationSettings(floor=0.1, cap=0.8, probation_trades=1, probation_days=0)
+    sleeves = [
+        Sleeve("a", ("A/USDT",), "a001", 0.1, 0.8),
+        Sleeve("b", ("B/USDT",), "b002", 0.1, 0.8),
+    ]
+    first = Allocator(sleeves, policy, equity=Decimal(1_000), now_ms=5)
+    first.on_trade_closed("a", 50.0)
+    ranked = [Ranked("a", 2.0, 2.0, 5, 1.0, 3), Ranked("b", 0.0, 0.1, 5, 0.0, 3)]
+    assert first.rebalance(86_400_005, Decimal(1_050), {}, ranked) is not None
+    saved = json.loads(json.dumps(first.dump_state()))
+    second = Allocator(sleeves, policy, equity=Decimal(2_000), now_ms=999_999_999)
+    assert second.state_key() != first.state_key()
+    assert second.restore_state(saved, equity=Decimal(2_000), positions={})
+    assert second.state_key() == first.state_key()
+    assert second.started_ms == 5
+    assert second.capital["a"] == Decimal(2_000) * Decimal(repr(first.weights["a"]))
+    other = Allocator(sleeves[:1], policy, equity=Decimal(2_000), now_ms=7)
+    assert not other.restore_state(saved, equity=Decimal(2_000), positions={})
+    assert other.started_ms == 7
 
 
 def _sleeves(*items: str) -> dict[str, str]:

@@ -219,3 +219,15 @@ async def test_paper_trading_on_the_exchange_feed_runs_each_sleeve_on_its_pairs(
             if decision.intent is not None:
                 assert decision.intent.client_order_id.endswith(f"-{tags[owner[pair]]}_0")
         assert not [r for r in emu.requests if "/v5/order/" in r.path]  # paper: no real orders
+        # A restart takes the sleeves back as stored: the probation clock keeps its start.
+        started = engine.sleeves.started_ms
+        await emu.advance(minutes=5)
+        again = Daemon(cli_args("--mode", "sim", "--feed", "live"), load_settings(env_file=None))
+        await again.build_exchange(paper=True)
+        try:
+            assert again.engine is not None
+            assert again.engine.sleeves is not None
+            assert again.engine.sleeves.started_ms == started < again.engine.clock.now_ms()
+            assert again.engine.sleeves.weights == engine.sleeves.weights
+        finally:
+            await again.close_exchange()
