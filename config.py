@@ -203,7 +203,8 @@ class AllocationSettings(_Group):
     are sized on its share of the account equity, and every `interval_s` the shares follow
     the skill ranking (the lower confidence bound of each sleeve's shrunk Sharpe), each kept
     within [floor, cap]; a sleeve with fewer than `probation_trades` trades or younger than
-    `probation_days` holds `probation_share`. Risk limits stay account-wide.
+    `probation_days` holds `probation_share`. Risk limits stay account-wide. Every sleeve
+    trades the `strategy` group's timeframe and direction (`long_only`).
     """
 
     strategies: list[SleeveSettings] = Field(

@@ -114,20 +114,8 @@ class DaemonBuild(DaemonBase):
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
-        sleeves = self._load_sleeves()
-        strategy = sleeves[0][1] if sleeves else load_strategy(s.strategy.name, s.strategy.params)
-        signals: SignalSource | None = None
-        if backtest and sleeves:
-            signals = StrategyRouter(
-                {
-                    pair: source
-                    for sleeve, each in sleeves
-                    for source in [PrecomputedSignals(each, {p: frames[p] for p in sleeve.pairs})]
-                    for pair in sleeve.pairs
-                }
-            )
-        elif backtest:
-            signals = PrecomputedSignals(strategy, frames)
+        sleeves, strategy, _ = self._strategies()
+        signals = self._precomputed(strategy, sleeves, frames) if backtest else None
         self.engine = self._engine(
             sleeves=sleeves,
             clock=clock,
@@ -149,6 +137,22 @@ class DaemonBuild(DaemonBase):
         # The strategy's columns over the whole archive, numba compilation (or its cache
         # load) included.
         self.timings["prepare_s"] = time.perf_counter() - started
+
+    @staticmethod
+    def _precomputed(
+        strategy: Strategy, sleeves: list[tuple[SleeveSettings, Strategy]], frames: dict[str, Any]
+    ) -> SignalSource:
+        # A backtest's signals, computed once over the archives: per sleeve on its pairs.
+        if not sleeves:
+            return PrecomputedSignals(strategy, frames)
+        return StrategyRouter(
+            {
+                pair: source
+                for sleeve, each in sleeves
+                for source in [PrecomputedSignals(each, {p: frames[p] for p in sleeve.pairs})]
+                for pair in sleeve.pairs
+            }
+        )
 
     @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
@@ -188,7 +192,7 @@ class DaemonBuild(DaemonBase):
     ) -> Engine:
         s = self.settings
         sleeves = sleeves or []
-        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
+        window = max([strategy.warmup, *(each.warmup for _, each in sleeves)]) * 2
         portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
         executor = TradeExecutor(
             gateway,
@@ -216,7 +220,7 @@ class DaemonBuild(DaemonBase):
             timeframe=s.strategy.timeframe,
             pairs=s.traded_pairs(),
             clock=clock,
-            data=data or DataManager(window=max(warmup * 2, s.strategy.warmup_candles)),
+            data=data or DataManager(window=max(window, s.strategy.warmup_candles)),
             strategy=strategy,
             risk=RiskManager(
                 s.risk,
@@ -239,6 +243,15 @@ class DaemonBuild(DaemonBase):
         if sleeves:
             self._install_sleeves(engine, sleeves, rolling=signals is None)
         return engine
+
+    def _strategies(self) -> tuple[list[tuple[SleeveSettings, Strategy]], Strategy, int]:
+        # The sleeves (none: one strategy trades), the strategy the engine is named by,
+        # and the candle window the slowest of them needs.
+        s = self.settings
+        sleeves = self._load_sleeves()
+        strategy = sleeves[0][1] if sleeves else load_strategy(s.strategy.name, s.strategy.params)
+        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
+        return sleeves, strategy, max(warmup * 2, s.strategy.warmup_candles)
 
     def _load_sleeves(self) -> list[tuple[SleeveSettings, Strategy]]:
         # Each configured strategy sleeve with its strategy; none: one strategy trades.
@@ -304,10 +317,7 @@ class DaemonBuild(DaemonBase):
         self.exchange = exchange
         self._closers.append(("exchange", exchange.close))
         clock = ExchangeClock(exchange)
-        sleeves = self._load_sleeves()
-        strategy = sleeves[0][1] if sleeves else load_strategy(s.strategy.name, s.strategy.params)
-        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
-        window = max(warmup * 2, s.strategy.warmup_candles)
+        sleeves, strategy, window = self._strategies()
         # Candles from the exchange are archived (flushed with each state snapshot), so
         # backtests and the parity audit can replay exactly what the bot saw.
         data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
@@ -326,9 +336,7 @@ class DaemonBuild(DaemonBase):
             pairs = list((await self.top_pairs.current()).pairs)
         self.window = window
         self.data = data
-        await self._warm_up(
-            pairs, strategy, {pair: each for sleeve, each in sleeves for pair in sleeve.pairs}
-        )
+        await self._warm_up(pairs, strategy, sleeves)
         # Every closed candle from here on, exactly once, gaps refilled from REST.
         self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
@@ -398,7 +406,7 @@ class DaemonBuild(DaemonBase):
         self,
         pairs: list[str],
         strategy: Strategy | None = None,
-        owners: dict[str, Strategy] | None = None,
+        sleeves: list[tuple[SleeveSettings, Strategy]] | None = None,
     ) -> None:
         assert self.exchange is not None
         assert self.data is not None
@@ -414,7 +422,8 @@ class DaemonBuild(DaemonBase):
                     last if self._resume_from is None else min(self._resume_from, last)
                 )
             bars = self.data.arrays(pair, timeframe)
-            deciding = (owners or {}).get(pair, strategy)  # the pair's own strategy
+            # The pair's own strategy (its sleeve's when several trade).
+            deciding = next((each for sl, each in sleeves or [] if pair in sl.pairs), strategy)
             if deciding is not None and len(bars.ts) >= deciding.warmup:
                 # Run the strategy over the history now: its kernel is compiled and its
                 # per-pair state primed before the first live candle, not during it.

@@ -953,6 +953,7 @@ class Engine(EngineControl):
         self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
         log.info(
             "trade_closed",
+            strategy=trade.strategy or self.strategy.name,
             pair=trade.pair,
             entry_price=trade.entry_price,
             exit_price=trade.exit_price,
