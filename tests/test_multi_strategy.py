@@ -231,3 +231,16 @@ async def test_paper_trading_on_the_exchange_feed_runs_each_sleeve_on_its_pairs(
             assert again.engine.sleeves.weights == engine.sleeves.weights
         finally:
             await again.close_exchange()
+
+
+async def test_an_unknown_strategy_in_a_sleeve_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sleeve naming no built-in strategy (nor a file) fails the build, naming its entry."""
+    from error_handler import ConfigError
+
+    sleeves = [SLEEVES[0], {"name": "no_such_strategy", "pairs": ["ETC/BTC"]}]
+    with pytest.raises(
+        ConfigError, match=r"KESTREL_ALLOCATION__STRATEGIES\[1\] \(no_such_strategy\)"
+    ):
+        await _run(monkeypatch, "--mode", "backtest", sleeves=sleeves)
