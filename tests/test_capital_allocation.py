@@ -1,9 +1,11 @@
-"""The allocator's invariants, its sleeve book, and the multi-strategy settings' checks."""
+"""The allocator's invariants, its sleeve book, sleeve sizing, and the settings' checks."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +22,12 @@ from capital_allocation import (
 )
 from config import AllocationSettings, load_settings
 from error_handler import ConfigError
-from models import Position, PositionSide, Ranked
+from models import OrderIntent, Position, PositionSide, Ranked, Veto
+from risk_management import RiskContext, RiskManager
+from tests.test_risk_support import context as risk_context
+from tests.test_risk_support import position as risk_position
+from tests.test_risk_support import settings as risk_settings
+from tests.test_risk_support import signal as risk_signal
 
 
 TOL = 1e-9
@@ -259,3 +266,46 @@ def test_sleeves_define_the_traded_pairs(monkeypatch: pytest.MonkeyPatch) -> Non
     loaded = load_settings(env_file=None)
     assert loaded.traded_pairs() == ["A/B", "E/F", "C/D"]
     assert [s.key for s in loaded.allocation.strategies] == ["ema_cross", "slow"]
+
+
+def _sleeved(equity: str, free: str, **changes: Any) -> RiskContext:
+    ctx = risk_context(**changes)
+    return replace(
+        ctx, sleeve_equity=Decimal(equity), sleeve_free=Decimal(free), strategy_tag="ab12"
+    )
+
+
+def test_an_entry_is_sized_on_the_strategys_sleeve_and_named_by_its_tag() -> None:
+    """1% of a 2,500 sleeve over a 4.0 stop is 6.25, not 1% of the 10,000 account."""
+    verdict = RiskManager(risk_settings()).evaluate(risk_signal(), _sleeved("2500", "2500"))
+    assert isinstance(verdict, OrderIntent)
+    assert verdict.qty == Decimal("6.25")
+    assert "of sleeve equity 2500.00" in verdict.reason
+    assert verdict.client_order_id.endswith("-ab12_0")
+    whole = RiskManager(risk_settings()).evaluate(risk_signal(), risk_context())
+    assert isinstance(whole, OrderIntent)
+    assert whole.qty == Decimal(25)
+
+
+def test_a_strategy_holds_no_more_than_its_sleeve_and_an_empty_sleeve_buys_nothing() -> None:
+    """The sleeve's uninvested part caps the entry; a sleeve at zero is refused."""
+    verdict = RiskManager(risk_settings()).evaluate(risk_signal(), _sleeved("2500", "300"))
+    assert isinstance(verdict, OrderIntent)
+    assert verdict.qty == Decimal(3)
+    assert "bound by sleeve" in verdict.reason
+    refused = RiskManager(risk_settings()).evaluate(risk_signal(), _sleeved("0", "0"))
+    assert isinstance(refused, Veto)
+    assert refused.guard == "sleeve"
+    all_in = RiskManager(risk_settings(profile="all_in"))
+    whole_sleeve = all_in.evaluate(risk_signal(), _sleeved("1000", "1000"))
+    assert isinstance(whole_sleeve, OrderIntent)
+    assert whole_sleeve.quote_amount == Decimal(1000)
+
+
+def test_the_open_position_limit_counts_every_strategys_positions() -> None:
+    """A sleeve with room to spare is still refused when the account is at its limit."""
+    held = {p: risk_position(p) for p in ("ETH/USDT", "SOL/USDT")}
+    risk = RiskManager(risk_settings(max_open_positions=2))
+    verdict = risk.evaluate(risk_signal(), _sleeved("5000", "5000", positions=held))
+    assert isinstance(verdict, Veto)
+    assert verdict.guard == "max_open_positions"
