@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from models import AllocationChanged
+from models import AllocationChanged, Event, TradingState, TradingStateChanged
 from pipeline import Engine
 from telegram_templates import render_event, render_status
 from tests.test_backtest_support import cli_args
@@ -32,7 +32,10 @@ MAX_OPEN = 2
 
 
 async def _run(
-    monkeypatch: pytest.MonkeyPatch, *cli: str, sleeves: list[dict[str, Any]] = SLEEVES
+    monkeypatch: pytest.MonkeyPatch,
+    *cli: str,
+    sleeves: list[dict[str, Any]] = SLEEVES,
+    alerts: list[Event] | None = None,
 ) -> tuple[dict[str, Any], Engine]:
     import main
     from config import load_settings
@@ -52,6 +55,8 @@ async def _run(
     args = cli_args(*cli, "--timeframe", "5m")
     daemon = Daemon(args, main._apply_cli(load_settings(env_file=None), args))
     daemon.audit = AuditTrail(None, keep=True)  # every decision, kept in memory
+    if alerts is not None:
+        daemon.notifiers.append(alerts.append)  # the alert bus, as Telegram hears it
     daemon.build_replay()
     summary = await daemon.run()
     assert daemon.engine is not None
@@ -72,7 +77,8 @@ async def test_three_strategies_trade_side_by_side_allocated_by_skill(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """All trade, all tagged, shares follow the ranking in [floor, cap], limits stay global."""
-    summary, engine = await _run(monkeypatch, "--mode", "backtest")
+    alerts: list[Event] = []
+    summary, engine = await _run(monkeypatch, "--mode", "backtest", alerts=alerts)
     sections = {s["name"]: s for s in summary["strategies"]}
     assert set(sections) == set(OWNER.values())
     assert all(s["n_trades"] > 0 for s in sections.values())
@@ -120,7 +126,7 @@ async def test_three_strategies_trade_side_by_side_allocated_by_skill(
     snapshot = engine.snapshot()
     assert set(snapshot.allocation) == set(OWNER.values())
     assert sum(a["weight"] for a in snapshot.allocation.values()) == pytest.approx(1.0)
-    assert isinstance(events[-1], AllocationChanged)
+    assert [e for e in alerts if isinstance(e, AllocationChanged)] == events  # all alerted
     assert "Capital reallocated" in render_event(events[-1]).text
     status = render_status(snapshot)
     for name, sleeve in snapshot.allocation.items():
@@ -244,3 +250,25 @@ async def test_an_unknown_strategy_in_a_sleeve_is_a_config_error_naming_it(
         ConfigError, match=r"KESTREL_ALLOCATION__STRATEGIES\[1\] \(no_such_strategy\)"
     ):
         await _run(monkeypatch, "--mode", "backtest", sleeves=sleeves)
+
+
+async def test_the_drawdown_breaker_flattens_and_stops_every_strategy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One account-wide drawdown limit: once it trips, every sleeve is flat and none enters."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.03")
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.02")
+    alerts: list[Event] = []
+    summary, engine = await _run(monkeypatch, "--mode", "backtest", alerts=alerts)
+    assert engine.risk.trading_state is TradingState.FLATTEN
+    [trip] = [
+        e
+        for e in alerts
+        if isinstance(e, TradingStateChanged) and e.to_state is TradingState.FLATTEN
+    ]
+    assert trip.trigger == "peak_to_trough"
+    assert all(t["entry_ts"] < trip.ts for t in summary["trades"])  # none entered after
+    assert all(t["exit_ts"] <= trip.ts + 300_000 for t in summary["trades"])  # all closed
+    assert not summary["open_positions"]
+    assert len({t["strategy"] for t in summary["trades"]}) >= 2  # it stopped several sleeves
+    assert summary["last_ts"] - trip.ts > 86_400_000  # the replay ran on, every one held flat
