@@ -26,6 +26,7 @@ profit or a loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
 _TOL = 1e-9
+_MAX_LCB = 1_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +106,18 @@ def target_weights(
         return None
     weights = {c.name: min(settings.probation_share, c.cap) for c in probation}
     rest = 1.0 - sum(weights.values())
-    raw = skill_weights([c.lcb or 0.0 for c in ranked], settings.epsilon)
+    raw = skill_weights([_bounded(c.lcb) for c in ranked], settings.epsilon)
     shares, feasible = fill(raw, [c.floor for c in ranked], [c.cap for c in ranked], rest)
     weights.update({c.name: w for c, w in zip(ranked, shares, strict=True)})
     reserve = max(1.0 - sum(weights.values()), 0.0)
     return Allocation(weights, tuple(c.name for c in probation), feasible, reserve)
+
+
+def _bounded(lcb: float | None) -> float:
+    # An undefined bound ranks last; an absurd one cannot swamp the others' arithmetic.
+    if lcb is None or math.isnan(lcb):
+        return -math.inf
+    return min(lcb, _MAX_LCB)
 
 
 def skill_weights(lcbs: Sequence[float], epsilon: float) -> list[float]:
@@ -125,7 +134,7 @@ def skill_weights(lcbs: Sequence[float], epsilon: float) -> list[float]:
 def fill(
     raw: Sequence[float], floors: Sequence[float], caps: Sequence[float], total: float
 ) -> tuple[list[float], bool]:
-    """Split `total` in proportion to `raw`, each part clamped to [floor, cap].
+    """Split `total` in proportion to `raw` (positive claims), each part in [floor, cap].
 
     Finds the one scale `k` with sum(clip(k * raw, floor, cap)) == total by bisection
     (the sum grows with `k`). Returns the parts and whether the bounds could hold; when
@@ -143,7 +152,7 @@ def fill(
     def parts(k: float) -> list[float]:
         return [min(max(k * r, f), c) for r, f, c in zip(raw, floors, caps, strict=True)]
 
-    lo, hi = 0.0, max(c / r for r, c in zip(raw, caps, strict=True))
+    lo, hi = 0.0, max((c / r for r, c in zip(raw, caps, strict=True) if r > 0), default=0.0)
     for _ in range(200):
         mid = (lo + hi) / 2
         if sum(parts(mid)) < total:
