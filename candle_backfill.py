@@ -318,7 +318,7 @@ async def run_backfill_cli(args: argparse.Namespace, settings: Settings) -> int:
     Raises:
         ConfigError: without `--since` or with a malformed date.
     """
-    pairs = list(settings.strategy.pairs)
+    pairs = settings.traded_pairs()
     timeframe = settings.strategy.timeframe
     since_text = getattr(args, "since", None)
     if not since_text:

@@ -223,7 +223,7 @@ def replay_frames(args: argparse.Namespace, settings: Settings) -> dict[str, pd.
     Reads the settings' pairs and timeframe and `args.data` (a file for one pair).
     """
     loaded = load_frames(
-        settings, settings.strategy.pairs, settings.strategy.timeframe, data=args.data
+        settings, settings.traded_pairs(), settings.strategy.timeframe, data=args.data
     )
     return {pair: frame for pair, (frame, _) in loaded.items()}
 

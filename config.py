@@ -180,6 +180,102 @@ class StrategySettings(_Group):
     pattern_min_trades: int = Field(default=20, ge=1, description="trades before a verdict")
 
 
+class SleeveSettings(_Group):
+    """One strategy of a multi-strategy bot: its parameters, its pairs and its capital bounds.
+
+    `label` names the sleeve (its record, its orders' tag and its place in the ranking;
+    the strategy's name by default, so one strategy may run twice with other parameters).
+    `initial` is its share before the first reallocation; `floor` and `cap` override the
+    allocation group's bounds for it.
+    """
+
+    name: str
+    params: dict[str, float] = Field(default_factory=dict)
+    pairs: StrList = Field(min_length=1)
+    label: str | None = None
+    initial: float | None = Field(default=None, gt=0, le=1)
+    floor: float | None = Field(default=None, ge=0, le=1)
+    cap: float | None = Field(default=None, gt=0, le=1)
+
+    @property
+    def key(self) -> str:
+        """Return the sleeve's name in records, rankings and allocations."""
+        return self.label or self.name
+
+
+class AllocationSettings(_Group):
+    """Several strategies at once, capital allocated between them by measured skill.
+
+    Empty `strategies` (the default): the one strategy of the `strategy` group trades its
+    pairs with the whole account. Otherwise each sleeve trades its own pairs; its entries
+    are sized on its share of the account equity, and every `interval_s` the shares follow
+    the skill ranking (the lower confidence bound of each sleeve's shrunk Sharpe), each kept
+    within [floor, cap]; a sleeve with fewer than `probation_trades` trades or younger than
+    `probation_days` holds `probation_share`. Risk limits stay account-wide. Every sleeve
+    trades the `strategy` group's timeframe and direction (`long_only`).
+    """
+
+    strategies: list[SleeveSettings] = Field(
+        default_factory=list,
+        description='JSON list: [{"name": "ema_cross", "pairs": ["BTC/USDT"], "params": {}}]',
+    )
+    interval_s: int = Field(default=86_400, ge=60, description="reallocate this often")
+    floor: float = Field(default=0.05, ge=0, le=1, description="least share of a ranked sleeve")
+    cap: float = Field(default=0.6, gt=0, le=1, description="largest share of any sleeve")
+    probation_share: float = Field(
+        default=0.05, ge=0, le=1, description="the fixed share of a strategy on probation"
+    )
+    probation_trades: int = Field(default=10, ge=0, description="on probation below this")
+    probation_days: float = Field(default=7.0, ge=0, description="on probation younger than this")
+    epsilon: float = Field(
+        default=0.05,
+        gt=0,
+        description="added to max(lcb, 0) x rank (best 1, worst 1/n): order kept below zero",
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AllocationSettings:
+        if self.floor > self.cap:
+            raise ValueError(f"strategies: floor {self.floor} > cap {self.cap}")
+        keys: dict[str, int] = {}
+        owner: dict[str, str] = {}
+        for i, sleeve in enumerate(self.strategies):
+            where = f"strategies[{i}] ({sleeve.key})"
+            if sleeve.key in keys:
+                raise ValueError(
+                    f"{where}: label {sleeve.key!r} already names strategies[{keys[sleeve.key]}]"
+                    " (set a distinct `label`)"
+                )
+            keys[sleeve.key] = i
+            floor, cap = self.bounds(sleeve)
+            if floor > cap:
+                raise ValueError(f"{where}: floor {floor} > cap {cap}")
+            for pair in sleeve.pairs:
+                if pair in owner:
+                    raise ValueError(
+                        f"{where}: pair {pair} already belongs to {owner[pair]}; one position"
+                        " per pair belongs to exactly one strategy"
+                    )
+                owner[pair] = sleeve.key
+        initial = sum(s.initial or 0.0 for s in self.strategies)
+        if initial > 1 + 1e-9:
+            raise ValueError(f"strategies: initial sleeves sum to {initial:g} > 1")
+        floors = sum(self.bounds(s)[0] for s in self.strategies)
+        if floors > 1 + 1e-9:
+            raise ValueError(f"strategies: floors sum to {floors:g} > 1")
+        if self.strategies and self.probation_share * len(self.strategies) > 1 + 1e-9:
+            raise ValueError(
+                f"probation_share {self.probation_share} x {len(self.strategies)} strategies > 1"
+            )
+        return self
+
+    def bounds(self, sleeve: SleeveSettings) -> tuple[float, float]:
+        """Return the (floor, cap) of `sleeve`: its own, else the group's."""
+        floor = self.floor if sleeve.floor is None else sleeve.floor
+        cap = self.cap if sleeve.cap is None else sleeve.cap
+        return floor, cap
+
+
 class PairsSettings(_Group):
     """Dynamic pair list (top_pairs)."""
 
@@ -389,6 +485,7 @@ class Settings(BaseSettings):
     simulation: SimulationSettings = Field(default_factory=SimulationSettings)
     strategy: StrategySettings = Field(default_factory=StrategySettings)
     pairs: PairsSettings = Field(default_factory=PairsSettings)
+    allocation: AllocationSettings = Field(default_factory=AllocationSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     anomaly: AnomalySettings = Field(default_factory=AnomalySettings)
@@ -397,6 +494,21 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _sleeves_fit(self) -> Settings:
+        if self.allocation.strategies and self.pairs.dynamic:
+            raise ValueError(
+                "KESTREL_ALLOCATION__STRATEGIES fixes each strategy's pairs: it cannot be"
+                " combined with KESTREL_PAIRS__DYNAMIC=true"
+            )
+        return self
+
+    def traded_pairs(self) -> list[str]:
+        """Return the pairs the bot trades: every sleeve's, else the strategy group's."""
+        if self.allocation.strategies:
+            return [pair for sleeve in self.allocation.strategies for pair in sleeve.pairs]
+        return list(self.strategy.pairs)
 
 
 def env_name(loc: tuple[int | str, ...]) -> str:

@@ -65,6 +65,7 @@ class DaemonBase:
     _risk_store: Any
     _risk_key: tuple[Any, ...] | None
     _risk_lock: asyncio.Lock
+    _allocation_key: tuple[Any, ...] | None
 
     if TYPE_CHECKING:
 

@@ -16,6 +16,8 @@ from typing import Any
 import structlog
 
 from anomaly_detection import AnomalyMonitor, AnomalyWatch
+from capital_allocation import Allocator, Sleeve
+from config import SleeveSettings
 from daemon_base import DaemonBase
 from data_manager import CandleStore, DataManager
 from data_manager import replay_frames as load_frames
@@ -24,7 +26,7 @@ from error_handler import (
 )
 from models import Candle, Event, Market, strategy_tag
 from pattern_recognition import PatternFilter
-from pipeline import Engine, PrecomputedSignals
+from pipeline import Engine, PrecomputedSignals, RollingSignals, SignalSource, StrategyRouter
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskManager
@@ -155,8 +157,10 @@ class DaemonBuild(DaemonBase):
         for pair, frame in frames.items():
             self.sim.ensure_market(pair, float(frame["close"].iloc[0]))
         sim = self.sim
-        signals = PrecomputedSignals(strategy, frames) if backtest else None
+        sleeves, strategy, _ = self._strategies()
+        signals = self._precomputed(strategy, sleeves, frames) if backtest else None
         self.engine = self._engine(
+            sleeves=sleeves,
             clock=clock,
             strategy=strategy,
             gateway=sim,
@@ -167,11 +171,31 @@ class DaemonBuild(DaemonBase):
             signals=signals,
         )
         self.driver = self._drive(sim, self.engine)
-        if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
+        if (
+            isinstance(signals, PrecomputedSignals)
+            and self.engine.quiet_exact
+            and not s.learning.enabled
+        ):
             self.driver.enable_quiet_path(signals)
         # The strategy's columns over the whole archive, numba compilation (or its cache
         # load) included.
         self.timings["prepare_s"] = time.perf_counter() - started
+
+    @staticmethod
+    def _precomputed(
+        strategy: Strategy, sleeves: list[tuple[SleeveSettings, Strategy]], frames: dict[str, Any]
+    ) -> SignalSource:
+        # A backtest's signals, computed once over the archives: per sleeve on its pairs.
+        if not sleeves:
+            return PrecomputedSignals(strategy, frames)
+        return StrategyRouter(
+            {
+                pair: source
+                for sleeve, each in sleeves
+                for source in [PrecomputedSignals(each, {p: frames[p] for p in sleeve.pairs})]
+                for pair in sleeve.pairs
+            }
+        )
 
     @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
@@ -208,8 +232,11 @@ class DaemonBuild(DaemonBase):
         store: Any = None,
         data: DataManager | None = None,
         max_lag_ms: int | None = None,
+        sleeves: list[tuple[SleeveSettings, Strategy]] | None = None,
     ) -> Engine:
         s = self.settings
+        sleeves = sleeves or []
+        window = max([strategy.warmup, *(each.warmup for _, each in sleeves)]) * 2
         portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
         executor = TradeExecutor(
             gateway,
@@ -235,9 +262,9 @@ class DaemonBuild(DaemonBase):
         engine = Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
-            pairs=list(s.strategy.pairs),
+            pairs=s.traded_pairs(),
             clock=clock,
-            data=data or DataManager(window=max(strategy.warmup * 2, s.strategy.warmup_candles)),
+            data=data or DataManager(window=max(window, s.strategy.warmup_candles)),
             strategy=strategy,
             risk=RiskManager(
                 s.risk,
@@ -267,7 +294,71 @@ class DaemonBuild(DaemonBase):
                 prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
         if s.strategy.pattern_filter:
             engine.pattern_filter = self._pattern_filter()
+        if sleeves:
+            self._install_sleeves(engine, sleeves, rolling=signals is None)
         return engine
+
+    def _strategies(self) -> tuple[list[tuple[SleeveSettings, Strategy]], Strategy, int]:
+        # The sleeves (none: one strategy trades), the strategy the engine is named by,
+        # and the candle window the slowest of them needs.
+        s = self.settings
+        sleeves = self._load_sleeves()
+        strategy = (
+            sleeves[0][1] if sleeves else load_strategy(s.strategy.name, self._strategy_params())
+        )
+        warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
+        return sleeves, strategy, max(warmup * 2, s.strategy.warmup_candles)
+
+    def _load_sleeves(self) -> list[tuple[SleeveSettings, Strategy]]:
+        # Each configured strategy sleeve with its strategy; none: one strategy trades.
+        out = []
+        for i, sleeve in enumerate(self.settings.allocation.strategies):
+            try:
+                out.append((sleeve, load_strategy(sleeve.name, sleeve.params)))
+            except ConfigError as e:
+                raise ConfigError(
+                    f"KESTREL_ALLOCATION__STRATEGIES[{i}] ({sleeve.key}): {e.message}",
+                    component="config",
+                ) from e
+        return out
+
+    def _install_sleeves(
+        self, engine: Engine, sleeves: list[tuple[SleeveSettings, Strategy]], *, rolling: bool
+    ) -> None:
+        # Several strategies: each decides on its own pairs (the rolling window in sim and
+        # live) and trades a sleeve of the account that the skill ranking re-cuts.
+        allocation = self.settings.allocation
+        if rolling:
+            engine.signals_source = StrategyRouter(
+                {
+                    pair: RollingSignals(each, engine.data, engine.timeframe)
+                    for sleeve, each in sleeves
+                    for pair in sleeve.pairs
+                }
+            )
+        engine.sleeves = Allocator(
+            [
+                Sleeve(
+                    sleeve.key,
+                    tuple(sleeve.pairs),
+                    strategy_tag({**each.describe(), "sleeve": sleeve.key}),
+                    *allocation.bounds(sleeve),
+                    initial=sleeve.initial,
+                )
+                for sleeve, each in sleeves
+            ],
+            allocation,
+            equity=engine.portfolio.equity(),
+            now_ms=engine.clock.now_ms(),
+        )
+        engine.portfolio.owners = {
+            pair: sleeve.key for sleeve, _ in sleeves for pair in sleeve.pairs
+        }
+        log.info(
+            "strategies_loaded",
+            sleeves={sleeve.key: list(sleeve.pairs) for sleeve, _ in sleeves},
+            weights=engine.sleeves.weights,
+        )
 
     def _pattern_filter(self) -> PatternFilter | None:
         # The pattern model the strategy settings name; without one, no filter (and a
@@ -297,13 +388,12 @@ class DaemonBuild(DaemonBase):
         self.exchange = exchange
         self._closers.append(("exchange", exchange.close))
         clock = ExchangeClock(exchange)
-        strategy = load_strategy(s.strategy.name, self._strategy_params())
-        window = max(strategy.warmup * 2, s.strategy.warmup_candles)
+        sleeves, strategy, window = self._strategies()
         # Candles from the exchange are archived (flushed with each state snapshot), so
         # backtests and the parity audit can replay exactly what the bot saw.
         data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
         timeframe = s.strategy.timeframe
-        pairs = list(s.strategy.pairs)
+        pairs = s.traded_pairs()
         if s.pairs.dynamic:
             from top_pairs import TopPairs
 
@@ -317,7 +407,7 @@ class DaemonBuild(DaemonBase):
             pairs = list((await self.top_pairs.current()).pairs)
         self.window = window
         self.data = data
-        await self._warm_up(pairs, strategy)
+        await self._warm_up(pairs, strategy, sleeves)
         # Every closed candle from here on, exactly once, gaps refilled from REST.
         self.feed = self._exchange_candles(pairs)
         step = timeframe_to_ms(timeframe)
@@ -326,6 +416,7 @@ class DaemonBuild(DaemonBase):
             sim = self._simulated_exchange(clock, markets=dict(exchange.markets))
             self.sim = sim
             self.engine = self._engine(
+                sleeves=sleeves,
                 clock=clock,
                 strategy=strategy,
                 gateway=sim,
@@ -354,6 +445,7 @@ class DaemonBuild(DaemonBase):
         quote = s.simulation.quote_currency
         cash = balances[quote].total if quote in balances else Decimal(0)
         self.engine = self._engine(
+            sleeves=sleeves,
             clock=clock,
             strategy=strategy,
             gateway=exchange,
@@ -381,7 +473,12 @@ class DaemonBuild(DaemonBase):
             self.exchange = None
             self._closers = [c for c in self._closers if c[0] != "exchange"]
 
-    async def _warm_up(self, pairs: list[str], strategy: Strategy | None = None) -> None:
+    async def _warm_up(
+        self,
+        pairs: list[str],
+        strategy: Strategy | None = None,
+        sleeves: list[tuple[SleeveSettings, Strategy]] | None = None,
+    ) -> None:
         assert self.exchange is not None
         assert self.data is not None
         timeframe = self.settings.strategy.timeframe
@@ -396,10 +493,12 @@ class DaemonBuild(DaemonBase):
                     last if self._resume_from is None else min(self._resume_from, last)
                 )
             bars = self.data.arrays(pair, timeframe)
-            if strategy is not None and len(bars.ts) >= strategy.warmup:
+            # The pair's own strategy (its sleeve's when several trade).
+            deciding = next((each for sl, each in sleeves or [] if pair in sl.pairs), strategy)
+            if deciding is not None and len(bars.ts) >= deciding.warmup:
                 # Run the strategy over the history now: its kernel is compiled and its
                 # per-pair state primed before the first live candle, not during it.
-                strategy.last_row_arrays(pair, bars)
+                deciding.last_row_arrays(pair, bars)
             log.info("warmup_loaded", pair=pair, candles=len(history))
 
 

@@ -63,6 +63,7 @@ class DaemonState(DaemonBase):
             ) from e
         self._risk_key = risk.state_key()
         self.engine.risk_saver = self._persist_risk_state
+        await self._restore_allocation(store)
         if saved is not None:
             breakers = risk.breakers
             self.audit.record(
@@ -77,6 +78,62 @@ class DaemonState(DaemonBase):
                 consecutive_losses=breakers.consecutive_losses,
             )
 
+    def _allocation_path(self) -> Path:
+        return self.settings.storage.data_dir / "state" / f"{self.args.mode}-allocation.json"
+
+    async def _restore_allocation(self, store: Any) -> None:
+        # Multi-strategy: the capital sleeves as last stored (trade store live, a file on
+        # paper), so a restart neither resets the shares nor the probation clock.
+        engine = self.engine
+        if engine is None or engine.sleeves is None:
+            return
+        sleeves = engine.sleeves
+        path = self._allocation_path()
+
+        def read() -> Any:
+            if store is not None:
+                return store.get_state("allocation")
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+        saved = await asyncio.to_thread(read)
+        positions = engine.portfolio.positions()
+        equity = engine.portfolio.equity()
+        try:
+            restored = saved is not None and sleeves.restore_state(
+                saved, equity=equity, positions=positions
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("allocation_unreadable", error=repr(e))  # the configured sleeves stand
+            restored = False
+        if restored:
+            self.audit.record(
+                "allocation_restored", engine.clock.now_ms(), weights=dict(sleeves.weights)
+            )
+        self._allocation_key = sleeves.state_key()
+
+    async def _persist_allocation(self) -> None:
+        engine = self.engine
+        if engine is None or engine.sleeves is None:
+            return
+        key = engine.sleeves.state_key()
+        if key == self._allocation_key:
+            return
+        data = engine.sleeves.dump_state()
+        store, path = self._risk_store, self._allocation_path()
+
+        def write() -> None:
+            if store is not None:
+                store.set_state("allocation", data)
+            else:
+                atomic_write(path, json.dumps(data, indent=2))
+
+        try:
+            await asyncio.to_thread(write)
+        except Exception:
+            log.exception("allocation_persist_failed")
+            return
+        self._allocation_key = key
+
     def _read_risk_state(self) -> Any:
         if self._risk_store is not None:
             return self._risk_store.get_state("risk")
@@ -90,6 +147,7 @@ class DaemonState(DaemonBase):
         with the state in memory.
         """
         engine = self.engine
+        await self._persist_allocation()
         if engine is None or self._risk_key is None or engine.risk.state_key() == self._risk_key:
             return
         async with self._risk_lock:  # one write at a time: the last one stored is the newest

@@ -499,10 +499,14 @@ class ClosedTrade:
     reason: str = ""
     stop_price: float | None = None
     adds_at_loss: int = 0
+    # The sleeve that traded it in a multi-strategy bot ("" when one strategy trades).
+    strategy: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the JSON form used in `--summary-json`."""
+        """Return the JSON form used in `--summary-json` (`strategy` when a sleeve's)."""
+        tagged = {"strategy": self.strategy} if self.strategy else {}
         return {
+            **tagged,
             "pair": self.pair,
             "side": str(self.side),
             "entry_ts": self.entry_ts,
@@ -683,6 +687,30 @@ class ModelRejected:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SleeveShare:
+    """One strategy's capital sleeve before and after a reallocation."""
+
+    name: str
+    before: float
+    after: float
+    equity: float
+    lcb: float | None = None
+    probation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationChanged:
+    """The skill ranking moved capital between strategies (capital_allocation)."""
+
+    ts: int
+    sleeves: tuple[SleeveShare, ...]
+    # False when the floors (scaled down to fit) or the caps could not all hold; `reserve`
+    # is the share the caps left unallocated.
+    feasible: bool = True
+    reserve: float = 0.0
+
+
 Event = (
     TradeOpened
     | TradeClosed
@@ -694,6 +722,7 @@ Event = (
     | AnomalyDetected
     | ModelPromoted
     | ModelRejected
+    | AllocationChanged
 )
 # The one alert bus: every component that publishes takes an `EventSink`.
 EventSink = Callable[[Event], None]
@@ -747,6 +776,8 @@ class Snapshot:
     # Per pair: {"last": close, "change": fraction over the last 24 h (or the window held),
     # "ts": the last candle's open time}.
     markets: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Multi-strategy: per strategy its `weight`, `sleeve_equity` and `probation` (0/1).
+    allocation: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Control(Protocol):

@@ -25,6 +25,7 @@ import numpy as np
 import structlog
 
 from anomaly_detection import AnomalyWatch
+from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
 from error_handler import BusinessError, RecoverableError, StrategyError
@@ -161,6 +162,18 @@ class RollingSignals:
             holding,
             lambda: _features(row),
         )
+
+
+class StrategyRouter:
+    """Several strategies at once: each pair's candles go to its own strategy's signals."""
+
+    def __init__(self, by_pair: dict[str, SignalSource]) -> None:
+        self.by_pair = by_pair
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Ask the strategy that owns the candle's pair (None for a pair no one owns)."""
+        source = self.by_pair.get(candle.pair)
+        return None if source is None else source.signal(candle, holding)
 
 
 class PrecomputedSignals:
@@ -359,6 +372,8 @@ class EngineState:
         self.anomaly_watch: AnomalyWatch | None = None
         # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
         self.pattern_filter: PatternFilter | None = None
+        # Multi-strategy: the capital sleeves (None: one strategy trades the account).
+        self.sleeves: Allocator | None = None
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -418,6 +433,7 @@ class EngineState:
     def _risk_context(self, pair: str, now: int, candle_ts: int | None = None) -> RiskContext:
         positions = self.portfolio.positions()
         heavy = not self.risk.all_in
+        sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         return RiskContext(
             now=now,
             equity=self.portfolio.equity(),
@@ -429,7 +445,27 @@ class EngineState:
             taker_fee=self.executor.taker_fee,
             returns=self._returns([pair, *positions]) if heavy else None,
             candle_ts=candle_ts,
+            sleeve_equity=sleeve[0] if sleeve else None,
+            sleeve_free=sleeve[1] if sleeve else None,
+            strategy_tag=sleeve[2] if sleeve else None,
         )
+
+    def strategy_of(self, pair: str) -> tuple[str, str | None]:
+        """Return the name and order tag of the strategy trading `pair`."""
+        owner = self.sleeves.owner(pair) if self.sleeves is not None else None
+        return (self.strategy.name, None) if owner is None else (owner.name, owner.tag)
+
+    def _reallocate(self, now: int, equity: Decimal) -> None:
+        # The skill ranking re-cuts the sleeves (every allocation.interval_s).
+        assert self.sleeves is not None
+        event = self.sleeves.rebalance(
+            now, equity, self.portfolio.positions(), self.reward.ranked()
+        )
+        if event is not None:
+            self.audit.record(
+                "allocation_changed", now, weights={s.name: s.after for s in event.sleeves}
+            )
+            self.alert(event)
 
 
 class EngineControl(EngineState):
@@ -454,6 +490,9 @@ class EngineControl(EngineState):
             order_books=dict(self.books),
             scores=self.reward.scores(),
             ranking=tuple(self.reward.ranked()),
+            allocation=(
+                {} if self.sleeves is None else self.sleeves.describe(self.portfolio.positions())
+            ),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
             anomalies=self.anomaly_watch.status(now) if self.anomaly_watch is not None else {},
@@ -628,7 +667,9 @@ class EngineControl(EngineState):
             side=Side.SELL if position.side is PositionSide.LONG else Side.BUY,
             qty=position.qty,
             type=OrderType.MARKET,
-            client_order_id=self.risk.client_order_id(pair, candle_ts, kind),
+            client_order_id=self.risk.client_order_id(
+                pair, candle_ts, kind, self.strategy_of(pair)[1]
+            ),
             reason=reason,
             reduce_only=True,
             ts=now,
@@ -654,7 +695,20 @@ class EngineControl(EngineState):
         """Return the run's summary (the `--summary-json` document)."""
         start = float(self.portfolio.starting_cash)
         final = float(self.portfolio.equity())
+        sleeves = self.sleeves
         return {
+            **(
+                {}
+                if sleeves is None
+                else {
+                    "strategies": strategy_sections(
+                        sleeves,
+                        self.portfolio.closed,
+                        self.portfolio.positions(),
+                        self.reward.ranked(),
+                    )
+                }
+            ),
             "mode": self.mode,
             "strategy": self.strategy.describe(),
             "pairs": self.pairs,
@@ -741,6 +795,8 @@ class Engine(EngineControl):
         if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._trip_flatten()
             return
+        if self.sleeves is not None and self.sleeves.due(now):
+            self._reallocate(now, equity)
         # Exiting now, or a drained pair: no new decision on this candle.
         if not exited and (pair in self._active or portfolio.has_position(pair)):
             await self._decide_if_fresh(candle, now)
@@ -954,12 +1010,18 @@ class Engine(EngineControl):
     def _on_trade_closed(self, trade: ClosedTrade) -> None:
         now = self.clock.now_ms()
         self.risk.on_trade_closed(trade, now)
+        if self.sleeves is not None and trade.strategy:
+            # Each sleeve is scored on its own time-weighted value, not the account's.
+            equity = self.sleeves.on_trade_closed(trade.strategy, trade.pnl)
+        else:
+            equity = float(self.portfolio.equity())
         reward = self.reward.on_trade_closed(
-            self.strategy.name, trade, equity=float(self.portfolio.equity())
+            trade.strategy or self.strategy.name, trade, equity=equity
         )
         self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
         log.info(
             "trade_closed",
+            strategy=trade.strategy or self.strategy.name,
             pair=trade.pair,
             entry_price=trade.entry_price,
             exit_price=trade.exit_price,

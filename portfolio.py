@@ -57,6 +57,8 @@ class Portfolio:
         self.max_drawdown = 0.0
         self._seen_fills: set[str] = set()
         self._flat_cash: Decimal | None = None
+        # Multi-strategy: the strategy that owns each pair, named on its closed trades.
+        self.owners: dict[str, str] = {}
 
     # -- Queries -----------------------------------------------------------------------------
 
@@ -285,6 +287,7 @@ class Portfolio:
             reason=reason,
             stop_price=None if book.entry_stop is None else float(book.entry_stop),
             adds_at_loss=book.adds_at_loss,
+            strategy=self.owners.get(fill.pair, ""),
         )
         book.adds_at_loss = 0  # reported once, on the first part that closes
         self.closed.append(trade)

@@ -137,6 +137,12 @@ class RiskContext:
     returns: Mapping[str, np.ndarray] | None = None
     # The candle the decision is taken on (names the order, see models.decision_key).
     candle_ts: int | None = None
+    # Multi-strategy: the deciding strategy's sleeve of `equity` (its entries are sized on
+    # it; None: the whole account), the part of it not yet in its positions (caps an
+    # entry), and the strategy's tag in client order ids (None: this manager's).
+    sleeve_equity: Decimal | None = None
+    sleeve_free: Decimal | None = None
+    strategy_tag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,15 +501,16 @@ class RiskManager:
             }
         return info
 
-    def client_order_id(self, pair: str, candle_ts: int, kind: str) -> str:
+    def client_order_id(self, pair: str, candle_ts: int, kind: str, tag: str | None = None) -> str:
         """Return the client order id of the decision `kind` on `pair`'s candle `candle_ts`.
 
         Derived, not counted: the same decision taken again after a restart gets the same
         id, so the exchange refuses it and reconciliation adopts the first (attempt 0; the
         executor moves to the next attempt only when the journal shows the first was never
-        sent).
+        sent). `tag` names the deciding strategy when several trade (default: this
+        manager's `strategy_tag`).
         """
-        return with_attempt(decision_key(self.strategy_tag, pair, candle_ts, kind), 0)
+        return with_attempt(decision_key(tag or self.strategy_tag, pair, candle_ts, kind), 0)
 
     # -- Decisions ---------------------------------------------------------------------------
 
@@ -544,7 +551,7 @@ class RiskManager:
             side=signal.side,
             qty=position.qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "x"),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "x", ctx.strategy_tag),
             reason=signal.reason,
             reduce_only=True,
             ts=ctx.now,
@@ -555,7 +562,8 @@ class RiskManager:
         price = ctx.price
         if price <= 0:
             return Veto("no valid price", None, "price")
-        qty = _floor(ctx.cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
+        cash = ctx.cash if ctx.sleeve_free is None else min(ctx.cash, ctx.sleeve_free)
+        qty = _floor(cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
         if qty <= 0:
             return Veto("no cash", None, "cash")
         return OrderIntent(
@@ -563,10 +571,10 @@ class RiskManager:
             side=signal.side,
             qty=qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e"),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e", ctx.strategy_tag),
             reason=signal.reason,
             ts=ctx.now,
-            quote_amount=ctx.cash,
+            quote_amount=cash,
         )
 
     def _entry(
@@ -577,6 +585,8 @@ class RiskManager:
             return Veto("no valid price", None, "price")
         if ctx.equity <= 0:
             return Veto(f"equity {ctx.equity} <= 0", None, "equity")
+        if ctx.sleeve_equity is not None and ctx.sleeve_equity <= 0:
+            return Veto(f"strategy sleeve equity {ctx.sleeve_equity} <= 0", None, "sleeve")
         if market.type is MarketType.SPOT and signal.side is Side.SELL:
             return Veto("spot market: cannot open a short", None, "spot_short")
         atr, atr_note = self._atr(ctx)
@@ -615,7 +625,7 @@ class RiskManager:
             side=signal.side,
             qty=qty,
             type=OrderType.MARKET,
-            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e"),
+            client_order_id=self.client_order_id(signal.pair, _candle(ctx), "e", ctx.strategy_tag),
             reason=f"{signal.reason}; qty {qty} bound by {binding}; {'; '.join(notes)}",
             stop_loss=price - sign * distance,
             take_profit=take_profit,
@@ -695,8 +705,9 @@ class RiskManager:
                 )
         else:
             fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
-        qty = ctx.equity * fraction / per_unit
-        return _Size(qty, method, f"risk {fraction:.2%} of equity {ctx.equity:.2f} over {stop}")
+        base, of = _sizing_equity(ctx)
+        qty = base * fraction / per_unit
+        return _Size(qty, method, f"risk {fraction:.2%} of {of} {base:.2f} over {stop}")
 
     def volatility(self, pair: str, ctx: RiskContext) -> tuple[float, str] | None:
         """Return the pair's volatility per sizing period (day, or bar) and its source."""
@@ -847,7 +858,16 @@ def exposure_caps(
     out[funding] = max(ctx.cash, ZERO) / (price * (1 / lev + ctx.taker_fee))
     if ctx.market.max_qty is not None:
         out["market_max_qty"] = ctx.market.max_qty
+    if ctx.sleeve_free is not None:  # a strategy holds no more than its sleeve (x leverage)
+        out["sleeve"] = max(ctx.sleeve_free, ZERO) * lev / price
     return out
+
+
+def _sizing_equity(ctx: RiskContext) -> tuple[Decimal, str]:
+    # What an entry is sized on: the strategy's sleeve when several trade, else the account.
+    if ctx.sleeve_equity is not None:
+        return ctx.sleeve_equity, "sleeve equity"
+    return ctx.equity, "equity"
 
 
 def _leverage(settings: RiskSettings, market: Market) -> Decimal:
@@ -889,11 +909,12 @@ def _volatility_size(
     if measured is None:
         return None
     sigma, source = measured
-    notional = ctx.equity * _dec(target) / _dec(sigma)
+    base, of = _sizing_equity(ctx)
+    notional = base * _dec(target) / _dec(sigma)
     return _Size(
         notional / ctx.price,
         "volatility_target",
-        f"target {target:.2%} of equity {ctx.equity:.2f} / volatility {sigma:.4%} ({source})",
+        f"target {target:.2%} of {of} {base:.2f} / volatility {sigma:.4%} ({source})",
     )
 
 

@@ -123,6 +123,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._risk_store: Any = None
         self._risk_key: tuple[Any, ...] | None = None
         self._risk_lock = asyncio.Lock()
+        self._allocation_key: tuple[Any, ...] | None = None
 
     def alert(self, event: Event) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""
@@ -363,6 +364,10 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if getattr(args, "engine", "replay") == "fast":
+        if s.allocation.strategies:
+            raise ConfigError(
+                "--engine fast runs one strategy: unset KESTREL_ALLOCATION__STRATEGIES"
+            )
         blockers = fast_path_blockers(
             risk_profile=s.risk.profile,
             pairs=s.strategy.pairs,

@@ -17,6 +17,7 @@ from typing import Any, Final, assert_never
 
 from error_handler import BotError
 from models import (
+    AllocationChanged,
     Anomaly,
     AnomalyDetected,
     ClosedTrade,
@@ -317,6 +318,26 @@ def daily_summary(
     return Alert("\n".join(lines), "daily_summary")
 
 
+def allocation_changed(event: AllocationChanged) -> Alert:
+    """Return the alert for a reallocation: each sleeve's share before and after, and why."""
+    lines = ["⚖️ <b>Capital reallocated</b> (by skill ranking)"]
+    for sleeve in event.sleeves:
+        why = (
+            "probation"
+            if sleeve.probation
+            else ("unranked" if sleeve.lcb is None else f"lcb {sleeve.lcb:+.2f}")
+        )
+        lines.append(
+            f"{esc(sleeve.name)}: {sleeve.before:.1%} → <b>{sleeve.after:.1%}</b>"
+            f" · sleeve {fmt_number(sleeve.equity)} · {why}"
+        )
+    if event.reserve > 0:
+        lines.append(f"{event.reserve:.1%} unallocated: the caps hold less than the account")
+    elif not event.feasible:
+        lines.append("the floors could not all hold: scaled down to fit")
+    return Alert("\n".join(lines), "allocation", key=f"allocation-{event.ts}")
+
+
 def reconciliation_report(report: str, *, ok: bool = True) -> Alert:
     """Return the alert carrying a reconciliation report (free-form, escaped and redacted)."""
     icon = "🔄" if ok else "❗"
@@ -385,6 +406,8 @@ def render_event(event: Event) -> Alert:
             return anomaly_alert(event.anomaly, event.paused_until)
         case ModelPromoted() | ModelRejected():
             return _model_event(event)
+        case AllocationChanged():
+            return allocation_changed(event)
         case _:
             assert_never(event)
 
@@ -413,6 +436,11 @@ def render_status(snap: Snapshot) -> str:
         f"positions {len(folio.positions)} · open orders {len(snap.open_orders)} · "
         f"pairs {len(snap.pairs)}",
     ]
+    for name, sleeve in snap.allocation.items():  # multi-strategy: each capital sleeve
+        lines.append(
+            f"sleeve {esc(name)} {sleeve['weight']:.1%} · {fmt_number(sleeve['sleeve_equity'])}"
+            + (" · probation" if sleeve.get("probation") else "")
+        )
     if snap.errors:
         lines.append(f"last error: {esc(snap.errors[-1])[:300]}")
     lines.append(f"<i>{_when(snap.ts)}</i>")

@@ -10,6 +10,7 @@ import pytest
 from config import load_settings
 from daemon_operator import TelegramNotifier
 from models import (
+    AllocationChanged,
     Anomaly,
     AnomalyDetected,
     AnomalyKind,
@@ -24,6 +25,7 @@ from models import (
     PositionSide,
     RiskReset,
     Side,
+    SleeveShare,
     StopHit,
     TradeClosed,
     TradeOpened,
@@ -146,6 +148,34 @@ EXPECTED: list[tuple[Event, Alert]] = [
             "🧠 <b>Challenger rejected</b> direction-BTC-USDT-1h\nv3 stays out; champion none\n"
             "score -0.50 vs n/a · deflated Sharpe 0.10",
             "model",
+        ),
+    ),
+    (
+        AllocationChanged(
+            TS,
+            (
+                SleeveShare("trend", 0.5, 0.6, 6000.0, 1.2),
+                SleeveShare("revert", 0.45, 0.35, 3500.0, -0.4),
+                SleeveShare("new", 0.05, 0.05, 500.0, None, probation=True),
+            ),
+        ),
+        Alert(
+            "⚖️ <b>Capital reallocated</b> (by skill ranking)\n"
+            "trend: 50.0% → <b>60.0%</b> · sleeve 6,000.00 · lcb +1.20\n"
+            "revert: 45.0% → <b>35.0%</b> · sleeve 3,500.00 · lcb -0.40\n"
+            "new: 5.0% → <b>5.0%</b> · sleeve 500.00 · probation",
+            "allocation",
+            f"allocation-{TS}",
+        ),
+    ),
+    (
+        AllocationChanged(TS, (SleeveShare("trend", 0.5, 0.6, 6000.0, 1.2),), False, 0.4),
+        Alert(
+            "⚖️ <b>Capital reallocated</b> (by skill ranking)\n"
+            "trend: 50.0% → <b>60.0%</b> · sleeve 6,000.00 · lcb +1.20\n"
+            "40.0% unallocated: the caps hold less than the account",
+            "allocation",
+            f"allocation-{TS}",
         ),
     ),
 ]

@@ -234,6 +234,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "reason": "tp",
             "stop_price": None,
             "adds_at_loss": 0,
+            "strategy": "",
         }
     ],
     "open_orders": [],
@@ -256,6 +257,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "ranking": [],
     "anomalies": {},
     "patterns": {},
+    "allocation": {},
 }
 
 
