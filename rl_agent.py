@@ -53,7 +53,7 @@ class PPOConfig:
     num_envs: int = 8
     rollout_steps: int = 256
     episode_bars: int = 256
-    hidden: tuple[int, ...] = (64, 64)
+    hidden: tuple[int, ...] = (32, 32)
     learning_rate: float = 3e-4
     anneal_lr: bool = True
     gamma: float = 0.99
