@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import structlog
 
+from config import RewardSettings
 from error_handler import ConfigError, DataError
 from rl_env import OBS_SIZE, Episode, MarketPath, Shaping, VectorTradingEnv, run_episode
 from rl_policy import FEATURE_WINDOW, LONG, NumpyPolicy, load_policy, raw_features
@@ -234,10 +235,15 @@ def train_ppo(
 ) -> TrainingRun:
     """Train a policy by PPO on episodes drawn from `paths`; return the actor's layers.
 
+    The reward is the log equity change; with `config.shaping_weight` set, an episode's
+    last reward also gets weight x `shaping` (by default `score_shaping()`, the score).
+
     Stops after `config.total_steps` environment steps or, between updates, once
     `time_budget_s` has passed. `progress(steps_done, total_steps)` is called per update.
     """
     started = time.perf_counter()
+    if config.shaping_weight and shaping is None:
+        shaping = score_shaping()
     actor, critic, optimizer = _networks(config, seed)
     update = _update_fn(actor, critic, optimizer, config)
     env = VectorTradingEnv(
@@ -320,6 +326,22 @@ class TrainedPolicy:
             return np.zeros(0)
         returns: np.ndarray = np.expm1(np.concatenate([e.rewards for e in self.validation]))
         return returns
+
+
+def score_shaping(settings: RewardSettings | None = None) -> Shaping:
+    """Return the shaping term: `reward_system.score` of an episode's equity curve.
+
+    The episode has no closed-trade list here, so the trade factors (profit factor, win
+    rate) contribute 0; the curve's Sharpe, Sortino, drawdown and consistency count.
+    """
+    import reward_system
+
+    weights = settings or RewardSettings()
+
+    def shaping(times: np.ndarray, equity: np.ndarray) -> float:
+        return float(reward_system.score((), times, equity, weights).total)
+
+    return shaping
 
 
 def fit_scaling(frames: Sequence[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:

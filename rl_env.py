@@ -19,8 +19,9 @@ against `run_fast` and the exact Decimal replay accounting). The market rules ar
 Reward: the change in log equity over the step, net of fees and slippage; no entry bonus
 or any other term, so an episode's rewards sum to the log of its equity ratio and churning
 pays its costs. An optional shaping term (`Shaping`, weight 0 by default) adds
-`weight x shaping(equity curve)` at an episode's end: the hook for the scoring system's
-score. Part of `self_learning`.
+`weight x shaping(times, equity curve)` to an episode's last reward: the scoring system's
+score of the episode (`rl_agent.score_shaping`), the only shaping allowed. Part of
+`self_learning`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from rl_policy import CLIP, FEATURE_WINDOW, FEATURES, raw_features, standardise
 
 
 OBS_SIZE: Final = len(FEATURES) + 1
-# An episode's equity curve -> a score; added x weight to the episode's last reward.
-Shaping = Callable[[np.ndarray], float]
+# An episode's (times ms, equity curve) -> a score; added x weight to its last reward.
+Shaping = Callable[[np.ndarray, np.ndarray], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +219,7 @@ class VectorTradingEnv(gymnasium.vector.VectorEnv):
         # All paths end to end: one gather per step whichever path an env is on.
         self._opens = np.concatenate([p.opens for p in self.paths])
         self._closes = np.concatenate([p.closes for p in self.paths])
+        self._ts = np.concatenate([p.ts for p in self.paths])
         self._features = np.concatenate([p.features for p in self.paths])
         self._bounds = np.cumsum([0, *(len(p) for p in self.paths)])
         self._path_costs = np.array(
@@ -236,6 +238,7 @@ class VectorTradingEnv(gymnasium.vector.VectorEnv):
         self.qty = np.zeros(n)
         self.equity = np.zeros(n)
         self.start_equity = np.zeros(n)
+        self.first = np.zeros(n, dtype=np.int64)
         self.fills = np.zeros(n, dtype=np.int64)
         self.costs = np.zeros((n, 5))
         self._rewards = np.zeros(n)
@@ -252,6 +255,7 @@ class VectorTradingEnv(gymnasium.vector.VectorEnv):
             first = lo if self.episode_bars is None else int(self._rng.integers(lo, hi - bars))
             balance = self.paths[p].costs.starting_balance
             self.path[k], self.t[k], self.end[k] = p, first, first + bars
+            self.first[k] = first
             self.cash[k] = self.equity[k] = self.start_equity[k] = balance
             self.qty[k] = 0.0
             self.fills[k] = 0
@@ -318,7 +322,8 @@ class VectorTradingEnv(gymnasium.vector.VectorEnv):
         for k in range(self.num_envs):
             self._curves[k].append(float(self.equity[k]))
             if done[k]:
-                bonus[k] = self.shaping_weight * self.shaping(np.asarray(self._curves[k]))
+                times = self._ts[self.first[k] : self.end[k] + 1]
+                bonus[k] = self.shaping_weight * self.shaping(times, np.asarray(self._curves[k]))
         return bonus
 
 

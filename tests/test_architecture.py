@@ -33,10 +33,13 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
     ("self_learning", "strategy"): "a trained RL policy trades as a Strategy (rl_policy)",
     ("strategy", "self_learning"): "load_strategy resolves rl:<dir> to a trained policy (lazily)",
     ("self_learning", "technical_indicators"): "the agent observes the indicator features",
     ("self_learning", "trade_simulator"): "the RL environment fills by the simulator's rules",
+    ("self_learning", "reward_system"): "the agent's only reward shaping is the one score",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -94,6 +97,8 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    # reward_system.py
+    "score_penalties": "reward_system",
     # self_learning.py (the reinforcement-learning core)
     "rl_policy": "self_learning",
     "rl_env": "self_learning",

@@ -24,7 +24,15 @@ from hypothesis import strategies as st
 from data_manager import load_candles
 from error_handler import DataError
 from models import ErrorRaised, Event, Side
-from rl_agent import PPOConfig, RLKind, TrainedPolicy, fit_scaling, greedy, train_ppo
+from rl_agent import (
+    PPOConfig,
+    RLKind,
+    TrainedPolicy,
+    fit_scaling,
+    greedy,
+    score_shaping,
+    train_ppo,
+)
 from rl_env import Costs, MarketPath, TradingEnv, VectorTradingEnv, run_episode
 from rl_policy import FEATURES, NumpyPolicy, RLStrategy, load_policy, raw_features
 from strategy import load_strategy
@@ -127,6 +135,35 @@ def test_vector_rewards_add_up_per_episode_with_autoreset() -> None:
             totals[k] = 0.0
             checked += 1
     assert checked >= 20
+
+
+def test_score_shaping_adds_the_episode_score_to_its_last_reward_only() -> None:
+    """With a shaping weight, rewards sum to the log return plus weight x the episode's score."""
+    import reward_system
+    from config import RewardSettings
+
+    bars, weight = 120, 0.01
+    plain = VectorTradingEnv([_WALK], 1, episode_bars=bars, seed=4)
+    shaped = VectorTradingEnv(
+        [_WALK], 1, episode_bars=bars, seed=4, shaping=score_shaping(), shaping_weight=weight
+    )
+    plain.reset()
+    shaped.reset()
+    first = int(shaped.t[0])
+    actions = np.random.default_rng(1).integers(0, 2, bars)
+    a = np.array([plain.step(actions[i : i + 1])[1][0] for i in range(bars)])
+    curve = [shaped.start_equity[0]]
+    b = []
+    for i in range(bars):
+        _, reward, _, _, info = shaped.step(actions[i : i + 1])
+        b.append(reward[0])
+        curve.append(info["equity"][0])  # taken before the autoreset
+    expected = reward_system.score(
+        (), _WALK.ts[first : first + bars + 1], np.array(curve), RewardSettings()
+    )
+    assert np.array_equal(a[:-1], np.array(b[:-1]))
+    assert b[-1] - a[-1] == pytest.approx(weight * expected.total, abs=1e-12)
+    assert expected.total != 0.0
 
 
 # -- Environment = backtest ------------------------------------------------------------------
