@@ -24,7 +24,7 @@ A missing, unreadable or failing policy never crashes trading: the strategy give
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -220,6 +220,10 @@ class RLStrategy(Strategy):
 
     def populate(self, df: pd.DataFrame) -> pd.DataFrame:
         """Return `enter_long` (flat wants long) and `exit_long` (long wants flat) per row."""
+        enter, exit_ = self._flags(df)
+        return pd.DataFrame({"enter_long": enter, "exit_long": exit_}, index=df.index)
+
+    def _flags(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         enter = np.zeros(len(df), dtype=np.bool_)
         exit_ = np.zeros(len(df), dtype=np.bool_)
         policy = self.policy
@@ -233,11 +237,20 @@ class RLStrategy(Strategy):
             except Exception as e:  # a fenced model: any failure is a neutral signal
                 self._fail(e)
                 enter[:] = exit_[:] = False
-        return pd.DataFrame({"enter_long": enter, "exit_long": exit_}, index=df.index)
+        return enter, exit_
+
+    def entries_exits(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Return `enter_long` and `exit_long` over the whole frame (the fast path's input)."""
+        return self._flags(df)
 
     def last_row(self, pair: str, df: pd.DataFrame) -> dict[str, Any]:
         """Return the signal columns of the last row, from the feature window's tail only."""
-        return {str(k): bool(v) for k, v in self.populate(df.tail(FEATURE_WINDOW)).iloc[-1].items()}
+        enter, exit_ = self._flags(df.tail(FEATURE_WINDOW))
+        return {"enter_long": bool(enter[-1]), "exit_long": bool(exit_[-1])}
+
+    def last_row_arrays(self, pair: str, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Return the last row's signal columns from the arrays' feature window only."""
+        return super().last_row_arrays(pair, tuple(a[-FEATURE_WINDOW:] for a in arrays))
 
     def describe(self) -> dict[str, Any]:
         """Return the name, the policy's directory and whether it loaded."""
