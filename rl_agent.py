@@ -31,9 +31,17 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from config import RewardSettings
+from config import RewardSettings, SimulationSettings
 from error_handler import ConfigError, DataError
-from rl_env import OBS_SIZE, Episode, MarketPath, Shaping, VectorTradingEnv, run_episode
+from rl_env import (
+    OBS_SIZE,
+    Costs,
+    Episode,
+    MarketPath,
+    Shaping,
+    VectorTradingEnv,
+    run_episode,
+)
 from rl_policy import FEATURE_WINDOW, LONG, NumpyPolicy, load_policy, raw_features
 
 
@@ -369,15 +377,23 @@ class RLKind:
     Args:
         config: PPO's hyper-parameters.
         test_fraction: the newest share of each pair's candles held out for validation.
+        simulation: fees, slippage and starting balance (the backtest's settings).
     """
 
     name: ClassVar[str] = "rl"
 
-    def __init__(self, config: PPOConfig | None = None, *, test_fraction: float = 0.25) -> None:
+    def __init__(
+        self,
+        config: PPOConfig | None = None,
+        *,
+        test_fraction: float = 0.25,
+        simulation: SimulationSettings | None = None,
+    ) -> None:
         if not 0 < test_fraction < 1:
             raise ConfigError(f"test_fraction {test_fraction} must be in (0, 1)")
         self.config = config or PPOConfig()
         self.test_fraction = test_fraction
+        self.simulation = simulation or SimulationSettings()
 
     def split(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Return (train, test) frames: the test's decisions start after the last train bar.
@@ -399,16 +415,19 @@ class RLKind:
         if not splits:
             raise DataError("no candles to train on")
         mean, std = fit_scaling([train for train, _ in splits.values()])
-        train_paths = [
-            MarketPath.from_frame(train, mean, std, pair=pair)
-            for pair, (train, _) in splits.items()
-        ]
+
+        def path(frame: pd.DataFrame, pair: str) -> MarketPath:
+            # Market rules from the pair's first close, as the backtest of its archive.
+            first = float(frames[pair]["close"].iloc[0])
+            costs = Costs.for_pair(pair, first, self.simulation)
+            return MarketPath.from_frame(frame, mean, std, pair=pair, costs=costs)
+
+        train_paths = [path(train, pair) for pair, (train, _) in splits.items()]
         run = train_ppo(train_paths, self.config, seed=seed, time_budget_s=time_budget_s)
         meta = {"kind": self.name, "seed": seed, "config": asdict(self.config)}
         policy = NumpyPolicy(run.actor, mean, std, meta)
         episodes = tuple(
-            run_episode(MarketPath.from_frame(test, mean, std, pair=pair), greedy(policy))
-            for pair, (_, test) in splits.items()
+            run_episode(path(test, pair), greedy(policy)) for pair, (_, test) in splits.items()
         )
         return TrainedPolicy(policy, episodes, _metrics(run, episodes))
 

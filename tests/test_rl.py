@@ -88,7 +88,7 @@ def path_of(df: pd.DataFrame) -> MarketPath:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_churning_scores_below_staying_flat_on_a_random_walk(seed: int) -> None:
-    """On a no-edge walk, flipping every bar loses the costs; staying flat earns exactly 0."""
+    """On a no-edge walk, flipping every bar loses the costs and scores below staying flat."""
     path = path_of(market(seed, 1500, reversion=0.0))
     flat = run_episode(path, lambda obs: 0)
     churn = run_episode(path, lambda obs: int(obs[-1] == 0))
@@ -98,6 +98,8 @@ def test_churning_scores_below_staying_flat_on_a_random_walk(seed: int) -> None:
     costs = path.costs
     per_fill = np.log1p(costs.fee) + costs.slippage_bps / 1e4
     assert churn.rewards.sum() < flat.rewards.sum() - 0.5 * churn.fills * per_fill
+    shaping = score_shaping()
+    assert shaping(path.ts, churn.equity) < shaping(path.ts, flat.equity)
 
 
 @settings(max_examples=40, deadline=None)
