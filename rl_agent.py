@@ -42,7 +42,15 @@ from rl_env import (
     VectorTradingEnv,
     run_episode,
 )
-from rl_policy import FEATURE_WINDOW, LONG, NumpyPolicy, load_policy, raw_features
+from rl_policy import (
+    ACTOR_OUTPUTS,
+    FEATURE_WINDOW,
+    LONG,
+    NumpyPolicy,
+    load_policy,
+    position_logits,
+    raw_features,
+)
 
 
 __all__ = ["PPOConfig", "RLKind", "TrainedPolicy", "load_policy", "train_ppo"]
@@ -119,7 +127,7 @@ def _networks(config: PPOConfig, seed: int) -> tuple[Any, Any, Any]:
     optimizer = keras.optimizers.Adam(
         config.learning_rate, epsilon=1e-5, global_clipnorm=config.max_grad_norm
     )
-    return mlp(2, 0.01), mlp(1, 1.0), optimizer
+    return mlp(ACTOR_OUTPUTS, 0.01), mlp(1, 1.0), optimizer
 
 
 def _update_fn(actor: Any, critic: Any, optimizer: Any, config: PPOConfig) -> Any:
@@ -133,7 +141,9 @@ def _update_fn(actor: Any, critic: Any, optimizer: Any, config: PPOConfig) -> An
             tf.math.reduce_std(advantages) + 1e-8
         )
         with tf.GradientTape() as tape:
-            log_probs = tf.nn.log_softmax(actor(obs, training=True))
+            heads = tf.reshape(actor(obs, training=True), (-1, 2, 2))
+            held = tf.cast(obs[:, -1] > 0.5, tf.int32)
+            log_probs = tf.nn.log_softmax(tf.gather(heads, held, batch_dims=1))
             logp = tf.gather(log_probs, actions, batch_dims=1)
             ratio = tf.exp(logp - old_logp)
             clipped = tf.clip_by_value(ratio, 1.0 - config.clip, 1.0 + config.clip)
@@ -215,7 +225,7 @@ def _collect(
 ) -> np.ndarray:
     # Roll the batch out with the current networks as numpy; return the next observations.
     for t in range(batch.rewards.shape[0]):
-        logits = _forward(actor, obs)
+        logits = position_logits(_forward(actor, obs), obs)
         gap = logits[:, LONG] - logits[:, 1 - LONG]
         p_long = 1.0 / (1.0 + np.exp(-gap))
         actions = (rng.random(len(obs)) < p_long).astype(np.int32)

@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 FLAT: Final = 0
 LONG: Final = 1
+ACTOR_OUTPUTS: Final = 4  # flat/long logits when flat, then when long
 # The feature spec: returns over 1, 3, 12 and 48 bars, the close's place in 20- and 50-bar
 # Bollinger bands, Williams %R over 14 bars and the 20-bar deviation relative to price.
 FEATURE_SPEC: Final = (
@@ -101,6 +102,18 @@ def standardise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return scaled
 
 
+def position_logits(out: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Return the flat/long logits of the head for each row's position (`out`: 4 columns).
+
+    The actor has one pair of logits per position held: what to do when flat, what to do
+    when long. Staying put is then a bias of each head, learned from every sample rather
+    than from the few where the position input tips a shared layer.
+    """
+    rows = np.arange(len(out))
+    held = (obs[:, -1] > 0.5).astype(np.intp)
+    return np.stack((out[rows, 2 * held], out[rows, 2 * held + 1]), axis=1)
+
+
 def observation(features: np.ndarray, position: np.ndarray) -> np.ndarray:
     """Return observations: standardised features with the position (0 or 1) appended."""
     out = np.empty((features.shape[0], features.shape[1] + 1), dtype=np.float32)
@@ -114,7 +127,7 @@ def observation(features: np.ndarray, position: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class NumpyPolicy:
-    """A trained actor as arrays: `tanh` hidden layers, then the logits of flat and long.
+    """A trained actor as arrays: `tanh` hidden layers, then flat/long logits per position.
 
     `layers` are `(weights, bias)` pairs, float32; `mean`/`std` scale the raw features.
     """
@@ -131,13 +144,14 @@ class NumpyPolicy:
 
     def logits(self, obs: np.ndarray) -> np.ndarray:
         """Return the action logits for a batch of observations `(batch, features + 1)`."""
-        h = np.asarray(obs, dtype=np.float32)
+        x = np.asarray(obs, dtype=np.float32)
+        h = x
         last = len(self.layers) - 1
         for k, (weights, bias) in enumerate(self.layers):
             h = h @ weights + bias
             if k < last:
                 h = np.tanh(h)
-        return h
+        return position_logits(h, x)
 
     def act(self, features: np.ndarray, position: np.ndarray) -> np.ndarray:
         """Return the greedy action (0 flat, 1 long) per row of standardised features."""
@@ -184,7 +198,12 @@ def load_policy(directory: Path) -> NumpyPolicy:
         if weights.ndim != 2 or weights.shape[0] != width or bias.shape != weights.shape[1:]:
             raise DataError(f"policy {directory}: layer shapes do not chain")
         width = weights.shape[1]
-    if width != 2 or mean.shape != (len(FEATURES),) or std.shape != mean.shape or (std <= 0).any():
+    if (
+        width != ACTOR_OUTPUTS
+        or mean.shape != (len(FEATURES),)
+        or std.shape != mean.shape
+        or (std <= 0).any()
+    ):
         raise DataError(f"policy {directory}: bad output or scaling arrays")
     return NumpyPolicy(layers, mean, std, meta)
 

@@ -175,6 +175,7 @@ def _training_speed(frames: list[pd.DataFrame]) -> tuple[ROWS, Any]:
 
     from rl_agent import PPOConfig, _forward, fit_scaling, train_ppo
     from rl_env import MarketPath, VectorTradingEnv
+    from rl_policy import position_logits
 
     mean, std = fit_scaling(frames)
     paths = [MarketPath.from_frame(f, mean, std) for f in frames]
@@ -189,13 +190,15 @@ def _training_speed(frames: list[pd.DataFrame]) -> tuple[ROWS, Any]:
     actor = keras.Sequential(
         [keras.Input(shape=(len(run.actor[0][0]),))]
         + [keras.layers.Dense(w.shape[1], activation="tanh") for w, _ in run.actor[:-1]]
-        + [keras.layers.Dense(2)]
+        + [keras.layers.Dense(4)]
     )
     actor.set_weights([a for layer in run.actor for a in layer])
 
     @tf.function  # type: ignore[untyped-decorator]
     def sample(obs: Any) -> Any:
-        return tf.random.categorical(actor(obs), 1)[:, 0]
+        heads = tf.reshape(actor(obs), (-1, 2, 2))
+        held = tf.cast(obs[:, -1] > 0.5, tf.int32)
+        return tf.random.categorical(tf.gather(heads, held, batch_dims=1), 1)[:, 0]
 
     env = VectorTradingEnv(paths, 8, seed=0)
     obs, _ = env.reset()
@@ -204,7 +207,7 @@ def _training_speed(frames: list[pd.DataFrame]) -> tuple[ROWS, Any]:
     with threadpool_limits(1):
         started = time.perf_counter()
         for _ in range(steps):
-            logits = _forward(run.actor, obs)
+            logits = position_logits(_forward(run.actor, obs), obs)
             actions = (rng.random(8) < 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))).astype(int)
             obs, *_ = env.step(actions)
         ours = time.perf_counter() - started
@@ -269,7 +272,7 @@ def _inference_speed(trained: Any) -> ROWS:
     model = keras.Sequential(
         [keras.Input(shape=(len(mean) + 1,))]
         + [keras.layers.Dense(w.shape[1], activation="tanh") for w, _ in run.actor[:-1]]
-        + [keras.layers.Dense(2)]
+        + [keras.layers.Dense(4)]
     )
     model.set_weights([a for layer in run.actor for a in layer])
     x = np.zeros((1, len(mean) + 1), dtype=np.float32)

@@ -65,7 +65,7 @@ def market(seed: int, n: int, *, reversion: float, volatility: float = 0.01) -> 
 def random_policy(seed: int, frames: list[pd.DataFrame]) -> NumpyPolicy:
     """Return an untrained policy with weights large enough to trade often."""
     rng = np.random.default_rng(seed)
-    sizes = (len(FEATURES) + 1, 16, 2)
+    sizes = (len(FEATURES) + 1, 16, 4)
     layers = tuple(
         (
             rng.normal(0, 1.0, (a, b)).astype(np.float32),
