@@ -4,7 +4,8 @@ Proximal policy optimisation as in CleanRL's `ppo.py` and keras.io's PPO example
 of environments (`rl_env.VectorTradingEnv`) is rolled out with the current policy, then
 advantages are estimated by GAE and the clipped surrogate objective, a value loss and an
 entropy bonus are minimised for a few epochs of shuffled minibatches (`tf.GradientTape`
-inside one `tf.function`). Actor and critic are separate small `tanh` networks.
+inside one `tf.function`). Actor and critic are separate small `tanh` networks, each with
+one head per position held (the actor a pair of flat/long logits, the critic a value).
 
 Rollouts run the actor and critic as numpy forward passes of the current weights (a Keras
 call per environment step would cost far more than the step). Training is seeded and
@@ -127,7 +128,7 @@ def _networks(config: PPOConfig, seed: int) -> tuple[Any, Any, Any]:
     optimizer = keras.optimizers.Adam(
         config.learning_rate, epsilon=1e-5, global_clipnorm=config.max_grad_norm
     )
-    return mlp(ACTOR_OUTPUTS, 0.01), mlp(1, 1.0), optimizer
+    return mlp(ACTOR_OUTPUTS, 0.01), mlp(2, 1.0), optimizer
 
 
 def _update_fn(actor: Any, critic: Any, optimizer: Any, config: PPOConfig) -> Any:
@@ -149,7 +150,7 @@ def _update_fn(actor: Any, critic: Any, optimizer: Any, config: PPOConfig) -> An
             clipped = tf.clip_by_value(ratio, 1.0 - config.clip, 1.0 + config.clip)
             policy_loss = tf.reduce_mean(tf.maximum(-advantages * ratio, -advantages * clipped))
             entropy = -tf.reduce_mean(tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=1))
-            values = tf.squeeze(critic(obs, training=True), axis=1)
+            values = tf.gather(critic(obs, training=True), held, batch_dims=1)
             value_loss = 0.5 * tf.reduce_mean(tf.square(values - returns))
             loss = policy_loss - config.entropy_coef * entropy + config.value_coef * value_loss
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
@@ -174,6 +175,13 @@ def _forward(layers: Layers, obs: np.ndarray) -> np.ndarray:
         if k < len(layers) - 1:
             h = np.tanh(h)
     return h
+
+
+def _value(critic: Layers, obs: np.ndarray) -> np.ndarray:
+    # The critic has one value head per position held, as the actor has one logit pair.
+    out = _forward(critic, obs)
+    value: np.ndarray = out[np.arange(len(out)), (obs[:, -1] > 0.5).astype(np.intp)]
+    return value
 
 
 # -- PPO -------------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def _collect(
         batch.obs[t] = obs
         batch.actions[t] = actions
         batch.logp[t] = chosen - np.logaddexp(logits[:, 0], logits[:, 1])
-        batch.values[t] = _forward(critic, obs)[:, 0]
+        batch.values[t] = _value(critic, obs)
         obs, rewards, _, done, info = env.step(actions)
         batch.rewards[t] = rewards
         batch.dones[t] = done
@@ -286,7 +294,7 @@ def train_ppo(
             optimizer.learning_rate.assign(config.learning_rate * (1.0 - k / updates))
         critic_layers = _layers(critic)
         obs = _collect(env, obs, _layers(actor), critic_layers, rng, batch, finished)
-        advantages = _gae(batch, _forward(critic_layers, obs)[:, 0], config)
+        advantages = _gae(batch, _value(critic_layers, obs), config)
         flat = (
             batch.obs.reshape(-1, OBS_SIZE),
             batch.actions.reshape(-1),

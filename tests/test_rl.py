@@ -333,7 +333,7 @@ def test_backtest_cli_trades_the_policy_through_risk_and_matches_the_fast_path(
 
 # -- The agent -------------------------------------------------------------------------------
 
-SMALL = PPOConfig(total_steps=24_576, hidden=(32, 32), learning_rate=2e-3)
+SMALL = PPOConfig(total_steps=49_152, hidden=(32, 32), learning_rate=2e-3)
 
 
 @pytest.fixture(scope="module")
