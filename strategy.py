@@ -931,12 +931,20 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def load_strategy(name_or_path: str, params: Mapping[str, float] | None = None) -> Strategy:
-    """Return a strategy by built-in name, or from a `.py` file defining a Strategy subclass.
+    """Return a strategy by built-in name, from a `.py` file, or a trained policy (`rl:<dir>`).
+
+    `rl:<dir>` loads the policy exported under `dir`; `rl` alone is the model registry's
+    champion (`data/models/rl/champion`). A missing policy gives a neutral strategy and an
+    alert, not an error (`rl_policy`).
 
     Raises:
         ConfigError: unknown name, unreadable file, or bad parameters.
     """
     params = dict(params or {})
+    if name_or_path == "rl" or name_or_path.startswith("rl:"):
+        from rl_policy import policy_strategy  # a trained policy: numpy only, loaded lazily
+
+        return policy_strategy(name_or_path, params)
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path](**params)
     path = Path(name_or_path)

@@ -45,6 +45,11 @@ ALLOWED = {
     ("model_training", "analytics"): "validation uses analytics' Sharpe and deflated Sharpe",
     ("model_training", "data_manager"): "a worker loads the pair's candle archive",
     ("model_training", "reward_system"): "the promotion test compares the one score",
+    ("self_learning", "strategy"): "a trained RL policy trades as a Strategy (rl_policy)",
+    ("strategy", "self_learning"): "load_strategy resolves rl:<dir> to a trained policy (lazily)",
+    ("self_learning", "technical_indicators"): "the agent observes the indicator features",
+    ("self_learning", "trade_simulator"): "the RL environment fills by the simulator's rules",
+    ("self_learning", "reward_system"): "the agent's only reward shaping is the one score",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -118,6 +123,10 @@ OWNER: dict[str, str] = {
     "score_penalties": "reward_system",
     # self_learning.py (the registry the supervised filter is one kind of)
     "model_registry": "self_learning",
+    # self_learning.py (the reinforcement-learning core)
+    "rl_policy": "self_learning",
+    "rl_env": "self_learning",
+    "rl_agent": "self_learning",
 }
 
 
