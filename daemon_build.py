@@ -65,6 +65,30 @@ class ExchangeClock:
 class DaemonBuild(DaemonBase):
     """Build the components of one run (see the module docstring)."""
 
+    def _strategy_name(self) -> str:
+        """Return the strategy to load: `rl` alone becomes the registry's RL champion.
+
+        The registry keeps one RL model per pair and timeframe (`rl-<BASE-QUOTE>-<tf>`);
+        `--strategy rl` trades the champion of the first traded pair's model, as
+        `rl:<its version directory>`. With no champion yet the name points at an empty
+        place, which the policy strategy answers with no signal and an alert.
+        """
+        s = self.settings
+        if s.strategy.name != "rl":
+            return s.strategy.name
+        from model_registry import Registry
+        from model_training import model_dirs, model_name
+
+        models, _ = model_dirs(s.learning, s.storage.data_dir)
+        name = model_name("rl", s.traded_pairs()[0], s.strategy.timeframe)
+        registry = Registry(models)
+        version = registry.alias(name, "champion")
+        if version is None:
+            log.warning("rl_champion_missing", model=name, registry=str(models))
+            return f"rl:{models / name / 'champion'}"
+        log.info("rl_champion_loaded", model=name, version=version)
+        return f"rl:{registry.path(name, version)}"
+
     def _strategy_params(self) -> dict[str, float]:
         """Return the strategy parameters of this run: the approved ones in sim and live.
 
@@ -120,7 +144,7 @@ class DaemonBuild(DaemonBase):
         clock = ReplayClock(start_ms if start_ms is not None else first)
         backtest = self.args.mode == "backtest"
         speed = 0.0 if backtest else s.simulation.replay_speed
-        strategy = load_strategy(s.strategy.name, self._strategy_params())
+        strategy = load_strategy(self._strategy_name(), self._strategy_params())
         self.replay = ReplayFeed(
             frames,
             s.strategy.timeframe,
@@ -304,7 +328,9 @@ class DaemonBuild(DaemonBase):
         s = self.settings
         sleeves = self._load_sleeves()
         strategy = (
-            sleeves[0][1] if sleeves else load_strategy(s.strategy.name, self._strategy_params())
+            sleeves[0][1]
+            if sleeves
+            else load_strategy(self._strategy_name(), self._strategy_params())
         )
         warmup = max([strategy.warmup, *(each.warmup for _, each in sleeves)])
         return sleeves, strategy, max(warmup * 2, s.strategy.warmup_candles)

@@ -933,9 +933,10 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 def load_strategy(name_or_path: str, params: Mapping[str, float] | None = None) -> Strategy:
     """Return a strategy by built-in name, from a `.py` file, or a trained policy (`rl:<dir>`).
 
-    `rl:<dir>` loads the policy exported under `dir`; `rl` alone is the model registry's
-    champion (`data/models/rl/champion`). A missing policy gives a neutral strategy and an
-    alert, not an error (`rl_policy`).
+    `rl:<dir>` loads the policy exported under `dir`; `rl` alone is `data/models/rl/champion`
+    here, and the daemon resolves it to the model registry's champion of the first traded
+    pair before calling this. A missing policy gives a neutral strategy and an alert, not an
+    error (`rl_policy`).
 
     Raises:
         ConfigError: unknown name, unreadable file, or bad parameters.

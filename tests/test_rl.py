@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -399,3 +400,53 @@ def test_training_is_reproducible_and_bounded_by_its_budget() -> None:
         assert np.array_equal(ba, bb)
     assert not np.array_equal(a.actor[0][0], c.actor[0][0])
     assert train_ppo(paths, config, seed=5, time_budget_s=0.0).updates == 0
+
+
+class _Exported:
+    """A policy as the registry stores a trained model (save plus metrics)."""
+
+    def __init__(self, policy: NumpyPolicy) -> None:
+        self.policy = policy
+        self.metrics = {"held_out_log_return": 0.0}
+
+    def save(self, directory: Path) -> None:
+        self.policy.save(directory)
+
+    def validation_returns(self) -> np.ndarray:
+        return np.zeros(3)
+
+
+def test_rl_alone_trades_the_registry_champion_of_the_pair(tmp_path: Path) -> None:
+    """`--strategy rl` in the daemon trades the registry's promoted RL version, not a stale path."""
+    from model_registry import Lineage, Registry
+    from model_training import model_name
+
+    data = ROOT / "data" / "sample" / "bybit_BTC-USDT_1m.csv.gz"
+    candles = load_candles(data, timeframe="1m")
+    registry = Registry(tmp_path / "data" / "models")
+    name = model_name("rl", "BTC/USDT", "1m")
+    lineage = Lineage(0, 1, ("BTC/USDT",), "1m", "rl", 4)
+    for seed in (4, 5):  # two versions: the champion is the promoted one
+        manifest = registry.register(name, "rl", _Exported(random_policy(seed, [candles])), lineage)
+        if seed == 4:
+            registry.promote(name, manifest.version)
+    champion = registry.alias(name, "champion")
+    assert champion is not None
+    env = {
+        **os.environ,
+        "KESTREL_RISK__PROFILE": "all_in",
+        "KESTREL_STORAGE__DATA_DIR": str(tmp_path / "data"),
+    }
+    common = ["--mode", "backtest", "--data", str(data), "--pairs", "BTC/USDT"]
+    summaries: list[dict[str, Any]] = []
+    for strategy in ("rl", f"rl:{registry.path(name, champion)}"):
+        out = tmp_path / f"{len(summaries)}.json"
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *common, "--strategy", strategy,
+             "--timeframe", "1m", "--no-ui", "--summary-json", str(out)],
+            capture_output=True, text=True, timeout=120, env=env, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        summaries.append(json.loads(out.read_text()))
+    assert summaries[0]["n_trades"] > 5
+    assert summaries[0]["trades"] == summaries[1]["trades"]
