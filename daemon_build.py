@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from daemon_base import DaemonBase
-from data_manager import CandleStore, DataManager
+from data_manager import CandleStore, DataManager, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
@@ -120,6 +120,8 @@ class DaemonBuild(DaemonBase):
             # runs it on the rolling window at each candle, exactly as live trading does.
             signals=signals,
         )
+        if s.simulation.funding:
+            self.engine.funding = replay_funding(self.args, s)
         self.driver = self._drive(sim, self.engine)
         if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
             self.driver.enable_quiet_path(signals)

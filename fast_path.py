@@ -22,6 +22,7 @@ import analytics
 from error_handler import ConfigError
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
 from models import ClosedTrade, Market, PositionSide, Side
+from perpetuals import FundingSchedule
 from strategy import Strategy
 from utils.utilities import timeframe_to_ms
 
@@ -62,6 +63,18 @@ class BacktestResult:
     mode: str = "backtest"
     # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
     realised_pnl: float | None = None
+    # Net funding received (negative: paid), the open position's included, and how many
+    # funding times were settled on a position.
+    funding: float = 0.0
+    funding_settlements: int = 0
+
+    @property
+    def liquidations(self) -> int:
+        """Return how many trades ended in a liquidation."""
+        reasons = self.table.get("reason")
+        if reasons is None:
+            return 0
+        return int(sum(1 for r in reasons if str(r).startswith("liquidation")))
 
     @property
     def n_trades(self) -> int:
@@ -84,6 +97,7 @@ class BacktestResult:
                 fee=float(t["fee"][i]),
                 pnl=float(t["pnl"][i]),
                 reason=str(t["reason"][i]) if "reason" in t else "",
+                funding=float(t["funding"][i]) if "funding" in t else 0.0,
             )
             for i in range(self.n_trades)
         ]
@@ -118,6 +132,9 @@ class BacktestResult:
             "total_return": final / start - 1 if start else 0.0,
             "max_drawdown": self.max_drawdown,
             "fees": self.fees,
+            "funding": self.funding,
+            "funding_settlements": self.funding_settlements,
+            "liquidations": self.liquidations,
             "realised_pnl": (
                 self.realised_pnl
                 if self.realised_pnl is not None
@@ -144,6 +161,7 @@ def result_from_summary(
     for name in TRADE_COLUMNS:
         dtype = np.int64 if name.endswith("_ts") else np.float64
         table[name] = np.array([t[name] for t in trades], dtype=dtype)
+    table["funding"] = np.array([t.get("funding", 0.0) for t in trades], dtype=np.float64)
     curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
     return BacktestResult(
         strategy=dict(summary.get("strategy", {})),
@@ -162,6 +180,8 @@ def result_from_summary(
         vetoes=int(summary.get("vetoes", 0)),
         rejections=int(summary.get("rejections", 0)),
         mode=str(summary.get("mode", "backtest")),
+        funding=float(summary.get("funding", 0.0)),
+        funding_settlements=int(summary.get("funding_settlements", 0)),
     )
 
 
@@ -234,6 +254,7 @@ def run_fast(
     end_ms: int | None = None,
     exact: bool = False,
     signals: tuple[np.ndarray, np.ndarray] | None = None,
+    funding: FundingSchedule | None = None,
 ) -> BacktestResult:
     """Backtest one strategy on one pair with market orders, long only, in one numba pass.
 
@@ -267,6 +288,9 @@ def run_fast(
             float64 inside the numba loop (quantities equal except when a quantity lies
             within ~1e-12 of a lot boundary; PnL equal to ~1e-12 relative).
         signals: precomputed `(enter_long, exit_long)` arrays (sweeps), else computed.
+        funding: the pair's recorded funding (a perpetual): the position pays or receives
+            it at the candles that hold a funding time, at their close, as the replay
+            settles it (`perpetuals`); None: no funding.
 
     Raises:
         ConfigError: a bad combination of arguments.
@@ -301,8 +325,10 @@ def run_fast(
     cap = n // 2 + 1
     entries = np.empty(cap, dtype=np.int64)
     exits = np.empty(cap, dtype=np.int64)
-    numbers = np.empty((cap, 5), dtype=np.float64)
-    out = np.zeros(8, dtype=np.float64)
+    numbers = np.empty((cap, 6), dtype=np.float64)
+    out = np.zeros(9, dtype=np.float64)
+    ts = _close_times(raw[first:last], mul, div, step)
+    rates = funding.per_bar(ts, step) if funding is not None else np.zeros(n, dtype=np.float64)
     count = _all_in_loop(
         opens[first:last],
         closes[first:last],
@@ -317,6 +343,8 @@ def run_fast(
         float(costs.lot),
         costs.inv_lot,
         float(costs.min_notional),
+        rates,
+        funding is not None,
         equity,
         entries,
         exits,
@@ -325,7 +353,6 @@ def run_fast(
     )
     entries, exits, numbers = entries[:count], exits[:count], numbers[:count]
     shift = step if costs.fill_close else 0
-    ts = _close_times(raw[first:last], mul, div, step)
     opened = shift - step  # a fill's time: the bar's open (next_open) or its close
     table: dict[str, np.ndarray] = {
         "entry_price": numbers[:, 0].copy(),
@@ -333,8 +360,10 @@ def run_fast(
         "qty": numbers[:, 2].copy(),
         "fee": numbers[:, 3].copy(),
         "pnl": numbers[:, 4].copy(),
+        "funding": numbers[:, 5].copy(),
     }
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
+    funding_total = float(out[8])
     open_at = int(out[3]) if open_qty > 0 else -1
     open_price = float(out[4])
     realised: float | None = None
@@ -346,8 +375,10 @@ def run_fast(
             costs,
             starting_balance,
             equity,
+            rates,
         )
         table, final, fees = exact_result.table, exact_result.final, exact_result.fees
+        funding_total = exact_result.funding
         open_qty, open_price = exact_result.open_qty, exact_result.open_price
         realised = exact_result.realised
     table["entry_ts"] = ts[entries] + opened
@@ -385,7 +416,32 @@ def run_fast(
         vetoes=int(out[6]),
         rejections=int(out[7]),
         realised_pnl=realised,
+        funding=funding_total,
+        funding_settlements=_settlements(funding, ts, step, table, open_at, opened),
     )
+
+
+def _settlements(
+    funding: FundingSchedule | None,
+    ts: np.ndarray,
+    step: int,
+    table: dict[str, np.ndarray],
+    open_at: int,
+    opened: int,
+) -> int:
+    # Funding times settled on a position: each settles at the close C of the candle that
+    # holds it, on a trade with entry < C <= exit (the replay's order, see `perpetuals`).
+    if funding is None or not len(ts):
+        return 0
+    times = funding.times[(funding.times > ts[0] - step) & (funding.times <= ts[-1])]
+    closes_at = ts[np.searchsorted(ts, times)]
+    closes_at = closes_at[times > closes_at - step]  # none settles in a gap between candles
+    count = 0
+    for entry, exit_ in zip(table["entry_ts"], table["exit_ts"], strict=True):
+        count += int(np.count_nonzero((closes_at > entry) & (closes_at <= exit_)))
+    if open_at >= 0:
+        count += int(np.count_nonzero(closes_at > ts[open_at] + opened))
+    return count
 
 
 def fast_path_blockers(
@@ -396,6 +452,7 @@ def fast_path_blockers(
     slippage_model: str,
     latency_ms: int,
     dynamic_pairs: bool = False,
+    leverage: float = 1.0,
 ) -> list[str]:
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
@@ -414,6 +471,8 @@ def fast_path_blockers(
         reasons.append(f"slippage model {slippage_model!r}: the fast path models fixed bps")
     if latency_ms >= timeframe_to_ms(timeframe):
         reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
+    if leverage > 1:
+        reasons.append(f"leverage {leverage:g}: liquidation is simulated by the replay only")
     return reasons
 
 
@@ -429,6 +488,7 @@ def fast_backtest(
     fill_at: Literal["next_open", "close"] = "next_open",
     start_ms: int | None = None,
     end_ms: int | None = None,
+    funding: FundingSchedule | None = None,
 ) -> BacktestResult:
     """Run `--mode backtest` through the fast path, exactly as the replay would account it.
 
@@ -449,6 +509,7 @@ def fast_backtest(
         start_ms=start_ms,
         end_ms=end_ms,
         exact=True,
+        funding=funding,
     )
 
 
@@ -459,6 +520,7 @@ class _Exact(NamedTuple):
     open_qty: float
     open_price: float
     realised: float
+    funding: float
 
 
 def _exact_accounting(
@@ -468,11 +530,13 @@ def _exact_accounting(
     costs: _Costs,
     starting_balance: float,
     equity: np.ndarray,
+    rates: np.ndarray,
 ) -> _Exact:
     """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
 
-    Returns the trade table, final equity, fees, open quantity, open entry price and
-    realised PnL, and rewrites `equity` from the exact cash and quantity after each fill.
+    Returns the trade table, final equity, fees, open quantity, open entry price, realised
+    PnL and funding, and rewrites `equity` from the exact cash and quantity after each
+    fill and funding settlement (`rates`: the funding rate settled at each candle).
     """
     entries, exits, open_at = fills
     cash = Decimal(str(starting_balance))
@@ -486,6 +550,8 @@ def _exact_accounting(
     bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
     if open_at >= 0:
         bars.append((open_at, -1))
+    funding_bars = np.flatnonzero(rates)
+    funding_total = ZERO
     for i, j in bars:
         entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
         quote = cash if costs.stake is None else min(costs.stake, cash)
@@ -494,6 +560,16 @@ def _exact_accounting(
         cash -= qty * entry + entry_fee
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
+        # Funding on the candles the position is held at the close: [i + after, j + after).
+        held_to = len(closes) if j < 0 else j + after
+        received = ZERO
+        lo, hi = np.searchsorted(funding_bars, [i + after, held_to])
+        for k in funding_bars[lo:hi].tolist():
+            payment = qty * Decimal(repr(float(closes[k]))) * Decimal(repr(float(rates[k])))
+            cash -= payment
+            received -= payment
+            changes.append((k, float(cash), float(qty)))
+        funding_total += received
         if j < 0:
             break
         exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
@@ -504,14 +580,25 @@ def _exact_accounting(
         entry_part = entry_fee * (qty / qty)
         exit_part = exit_fee * (qty / qty)
         pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
+        funding_part = ZERO
+        if received:
+            funding_part = received * (qty / qty)
+            pnl += funding_part
         realised += pnl
         rows.append(
-            (float(entry), float(exit_price), float(qty), float(entry_part + exit_part), float(pnl))
+            (
+                float(entry),
+                float(exit_price),
+                float(qty),
+                float(entry_part + exit_part),
+                float(pnl),
+                float(funding_part),
+            )
         )
         changes.append((j + after, float(cash), 0.0))
         qty = ZERO
-    numbers = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    table = {name: numbers[:, k].copy() for k, name in enumerate(TRADE_COLUMNS[2:])}
+    numbers = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    table = {name: numbers[:, k].copy() for k, name in enumerate((*TRADE_COLUMNS[2:], "funding"))}
     final = cash + qty * Decimal(repr(float(closes[-1]))) if len(closes) else cash
     index = np.array([c[0] for c in changes], dtype=np.int64)
     values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
@@ -523,6 +610,7 @@ def _exact_accounting(
         float(qty),
         float(entry) if open_at >= 0 else 0.0,
         float(realised),
+        float(funding_total),
     )
 
 
@@ -556,22 +644,25 @@ def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _record_trade(  # type: ignore[no-untyped-def]
-    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee
+    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee, funding
 ):
-    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL.
+    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL
+    # (funding received included), funding.
     entries[k] = open_at
     exits[k] = i
     numbers[k, 0] = entry_price
     numbers[k, 1] = price
     numbers[k, 2] = qty
     numbers[k, 3] = entry_fee + exit_fee
-    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee + funding
+    numbers[k, 5] = funding
 
 
 # The loop's state between bars, a tuple so the inlined helpers below compile to registers:
 # (cash, qty, entry price, entry fee, fees, pending order (1 buy, -1 sell, 0 none), trades
-# recorded, bar of the open entry or -1). A signal's verdict: the order was taken (placed, or
-# filled at once), vetoed by risk, or refused by the exchange.
+# recorded, bar of the open entry or -1, funding received by the open position). A signal's
+# verdict: the order was taken (placed, or filled at once), vetoed by risk, or refused by
+# the exchange.
 _TAKEN = 0
 _VETOED = 1
 _REFUSED = 2
@@ -580,24 +671,25 @@ _REFUSED = 2
 @njit(cache=True, inline="always")
 def _enter(state, i, price, stake, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
     # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
-    cash, _, _, _, fees, _, k, _ = state
+    cash, _, _, _, fees, _, k, _, _ = state
     quote = cash if stake < 0.0 else min(stake, cash)
     q = _lot_qty(quote, price, fee, lot, inv_lot)
     if q > 0.0:
         entry_fee = price * q * fee
-        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i)
+        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i,
+                0.0)  # fmt: skip
     return state
 
 
 @njit(cache=True, inline="always")
 def _exit(state, i, price, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
     # A market sell of the whole position at `price`, recorded as a closed trade.
-    cash, qty, entry_price, entry_fee, fees, _, k, open_at = state
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
     exit_fee = price * qty * fee
     _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
-                  entry_fee, exit_fee)  # fmt: skip
+                  entry_fee, exit_fee, funding)  # fmt: skip
     return (cash - (-qty * price + exit_fee), 0.0, entry_price, entry_fee, fees + exit_fee, 0,
-            k + 1, -1)  # fmt: skip
+            k + 1, -1, 0.0)  # fmt: skip
 
 
 @njit(cache=True, inline="always")
@@ -610,7 +702,8 @@ def _on_exit_signal(  # type: ignore[no-untyped-def]
     if qty * c < min_notional:
         return state, _REFUSED  # the exchange refuses an exit below its minimum notional
     if not fill_close:
-        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7]), _TAKEN
+        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7],
+                state[8]), _TAKEN  # fmt: skip
     return _exit(state, i, c * (1.0 - slip), fee, entries, exits, numbers), _TAKEN
 
 
@@ -629,7 +722,8 @@ def _on_entry_signal(  # type: ignore[no-untyped-def]
     if estimate * c < min_notional:
         return state, _REFUSED  # the exchange's minimum notional
     if not fill_close:
-        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7]), _TAKEN
+        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7],
+                state[8]), _TAKEN  # fmt: skip
     return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot), _TAKEN
 
 
@@ -648,25 +742,33 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     lot,
     inv_lot,
     min_notional,
+    funding_rates,
+    with_funding,
     equity,
     entries,
     exits,
     numbers,
     out,
 ):
-    # One bar at a time, in the replay's order: fills at the open, mark and record equity,
-    # then the signal (which fills at once at the close with fill_close).
+    # One bar at a time, in the replay's order: fills at the open, mark, settle funding,
+    # record equity, then the signal (which fills at once at the close with fill_close).
     n = closes.shape[0]
     signals = 0
     vetoes = 0
     rejections = 0
-    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
+    paid = 0.0
+    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1, 0.0)
     for i in range(n):
         if state[5] == 1:
             state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot)
         elif state[5] == -1:
             state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
         c = closes[i]
+        if with_funding and state[1] > 0.0 and funding_rates[i] != 0.0:
+            payment = state[1] * c * funding_rates[i]
+            paid += payment
+            state = (state[0] - payment, state[1], state[2], state[3], state[4], state[5],
+                     state[6], state[7], state[8] - payment)  # fmt: skip
         equity[i] = state[0] + state[1] * c
         if i < warm:
             continue
@@ -683,7 +785,7 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
         signals += 1
         vetoes += verdict == _VETOED
         rejections += verdict == _REFUSED
-    cash, qty, entry_price, _, fees, _, k, open_at = state
+    cash, qty, entry_price, _, fees, _, k, open_at, _ = state
     out[0] = cash + qty * closes[n - 1] if n > 0 else cash
     out[1] = fees
     out[2] = qty
@@ -692,4 +794,5 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     out[5] = signals
     out[6] = vetoes
     out[7] = rejections
+    out[8] = -paid
     return k

@@ -255,7 +255,8 @@ class SimulatedExchange:
         """Return the pair's market, creating sim rules from `price` the first time."""
         market = self.markets.get(pair)
         if market is None:
-            market = self.markets[pair] = sim_market(pair, price)
+            kind = MarketType.LINEAR if ":" in pair else MarketType.SPOT
+            market = self.markets[pair] = sim_market(pair, price, kind)
         return market
 
     async def create_order(self, intent: OrderIntent) -> Order:

@@ -491,6 +491,8 @@ class ClosedTrade:
     fee: float
     pnl: float
     reason: str = ""
+    # Net funding the position received while open (negative: paid); included in `pnl`.
+    funding: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form used in `--summary-json`."""
@@ -505,6 +507,7 @@ class ClosedTrade:
             "fee": self.fee,
             "pnl": self.pnl,
             "reason": self.reason,
+            "funding": self.funding,
         }
 
 

@@ -36,6 +36,7 @@ class _Open:
     stop_price: Decimal | None = None
     take_profit: Decimal | None = None
     mark: Decimal | None = None
+    funding: Decimal = ZERO  # net funding received while open (negative: paid)
 
 
 class Portfolio:
@@ -47,6 +48,7 @@ class Portfolio:
         self.cash = starting_cash
         self.fees = ZERO
         self.realised_pnl = ZERO
+        self.funding = ZERO  # net funding received (negative: paid), open positions included
         self._open: dict[str, _Open] = {}
         self.closed: list[ClosedTrade] = []
         self.equity_curve: list[tuple[int, float]] = []
@@ -125,6 +127,25 @@ class Portfolio:
         book = self._open.get(pair)
         if book is not None:
             book.mark = price
+
+    def apply_funding(self, pair: str, mark: Decimal, rate: Decimal) -> Decimal:
+        """Settle one funding time on `pair`'s position; return what it paid (< 0: received).
+
+        `signed qty x mark x rate` leaves cash (`perpetuals.funding_payment`): a long pays a
+        positive rate, a short receives it. The position is marked at `mark`; it carries
+        the amount into its closed trade's `funding` and PnL. No-op when flat.
+        """
+        book = self._open.get(pair)
+        if book is None:
+            return ZERO
+        payment = book.qty * mark * rate
+        self.cash -= payment
+        self.funding -= payment
+        book.funding -= payment
+        book.mark = mark
+        self._flat_cash = None
+        log.debug("funding_settled", pair=pair, rate=str(rate), paid=str(payment))
+        return payment
 
     def has_position(self, pair: str) -> bool:
         """Return True when a position is open on `pair`."""
@@ -265,6 +286,11 @@ class Portfolio:
         direction = 1 if book.qty > 0 else -1
         gross = (fill.price - book.entry_price) * closing * direction
         pnl = gross - entry_fee_part - exit_fee_part
+        funding_part = ZERO
+        if book.funding:
+            funding_part = book.funding * fraction
+            pnl += funding_part
+            book.funding -= funding_part
         self.realised_pnl += pnl
         trade = ClosedTrade(
             pair=fill.pair,
@@ -277,6 +303,7 @@ class Portfolio:
             fee=float(entry_fee_part + exit_fee_part),
             pnl=float(pnl),
             reason=reason,
+            funding=float(funding_part),
         )
         self.closed.append(trade)
         book.entry_fees -= entry_fee_part

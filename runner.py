@@ -31,7 +31,7 @@ from daemon_build import DaemonBuild, ExchangeClock
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
 from daemon_state import DaemonState
-from data_manager import DataManager
+from data_manager import DataManager, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import (
     AuthenticationError,
@@ -349,6 +349,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             slippage_model=s.simulation.slippage_model,
             latency_ms=s.simulation.latency_ms,
             dynamic_pairs=s.pairs.dynamic,
+            leverage=s.risk.max_leverage if s.exchange.market_type == "linear" else 1.0,
         )
         if blockers:
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
@@ -365,6 +366,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             fill_at=s.simulation.fill_at,
             start_ms=start_ms,
             end_ms=end_ms,
+            funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
         )
         summary = result.summary()
         summary["dropped_candles"] = 0

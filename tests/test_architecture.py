@@ -33,6 +33,9 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("trade_simulator", "perpetuals"): "the simulator settles funding and liquidates positions",
+    ("data_manager", "perpetuals"): "replays read the recorded funding beside the candles",
+    ("risk_management", "perpetuals"): "risk checks a stop against the liquidation price",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
