@@ -248,6 +248,8 @@ def replay_funding(args: argparse.Namespace, settings: Settings) -> dict[str, Fu
     if explicit is not None:
         if len(pairs) != 1:
             raise ConfigError("--funding holds one pair: pass exactly one with --pairs")
+        if ":" not in pairs[0]:
+            raise ConfigError(f"--funding is for perpetuals (BASE/QUOTE:SETTLE), not {pairs[0]}")
         return {pairs[0]: load_funding(explicit)}
     out: dict[str, FundingSchedule] = {}
     for pair in pairs:
