@@ -146,6 +146,7 @@ class DaemonBuild(DaemonBase):
             fill_at=sim.fill_at,
             latency_ms=sim.latency_ms,
             markets=markets,
+            margin_mode=sim.margin_mode,
         )
 
     def _engine(
@@ -191,6 +192,7 @@ class DaemonBuild(DaemonBase):
                 timeframe=s.strategy.timeframe,
                 taker_fee=Decimal(str(s.simulation.taker_fee)),
                 strategy_tag=strategy_tag(strategy.describe()),
+                margin_mode=s.simulation.margin_mode,
             ),
             executor=executor,
             reward=RewardSystem(s.reward),

@@ -25,6 +25,13 @@ Fill conventions (documented, conservative, the same in sim and backtest):
 * Post-only limits that would cross the last price are rejected, never filled as taker.
 * Optional participation cap: at most `max_participation` x the (sub-)bar's volume fills
   per (sub-)bar; the rest stays open (partially filled).
+* Perpetuals: a position opened with leverage (or any short) on a linear market is
+  watched for liquidation (`perpetuals`, isolated margin `qty x entry / leverage`, or
+  the account balance given by `set_cross_balance` under cross margin): when a bar's low
+  (long) or high (short) reaches the liquidation price, the position is closed there
+  by an exchange-side order, charged the liquidation fee (the margin left above
+  bankruptcy plus the taker fee to close), after the bar's orders are matched (a stop
+  inside the liquidation price triggers first).
 * Latency: an order takes part in a (sub-)bar only if it was live (`ts_created +
   latency_ms`) before that bar closed; one live during a bar fills at its open (an
   approximation that intrabar data makes finer).
@@ -55,15 +62,18 @@ from models import (
     OrderIntent,
     OrderStatus,
     OrderType,
+    PositionSide,
     Side,
     TimeInForce,
     order_from_intent,
 )
+from perpetuals import Liquidation, isolated_margin, liquidation, unit_cost
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+ONE = Decimal(1)
 # Where fills go: the engine's fill entry point, the one the live private stream's fills
 # reach too (`pipeline.Engine.on_fill`).
 FillSink = Callable[[Order, Fill], Awaitable[None]]
@@ -109,9 +119,24 @@ def slipped_price(side: Side, price: Decimal, bps: Decimal) -> Decimal:
     return price * (1 + factor) if side is Side.BUY else price * (1 - factor)
 
 
-def quote_qty(quote: Decimal, price: Decimal, fee: Decimal, lot: Decimal | None) -> Decimal:
-    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot."""
-    qty = quote / (price * (1 + fee))
+def quote_qty(
+    quote: Decimal,
+    price: Decimal,
+    fee: Decimal,
+    lot: Decimal | None,
+    leverage: Decimal = ONE,
+    side: Side = Side.BUY,
+) -> Decimal:
+    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot.
+
+    With `leverage` (a perpetual), `quote` pays Bybit's order cost: margin plus the fees
+    to open and to close (`perpetuals.unit_cost`).
+    """
+    if leverage == ONE:
+        qty = quote / (price * (1 + fee))
+    else:
+        position = PositionSide.LONG if side is Side.BUY else PositionSide.SHORT
+        qty = quote / unit_cost(price, leverage, fee, position)
     if lot is not None and lot > 0:
         qty = (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
     return qty
@@ -207,6 +232,7 @@ class SimulatedExchange:
         max_participation: float | None = None,
         latency_ms: int = 0,
         markets: dict[str, Market] | None = None,
+        margin_mode: Literal["isolated", "cross"] = "isolated",
     ) -> None:
         self._clock = clock
         self.maker_fee = Decimal(str(maker_fee))
@@ -229,6 +255,11 @@ class SimulatedExchange:
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
         self._sink: FillSink | None = None
+        self.margin_mode = margin_mode
+        self.cross_balance: Decimal | None = None
+        self._leverage: dict[str, Decimal] = {}
+        self._entries: dict[str, Decimal] = {}
+        self.liquidations: list[Fill] = []
 
     def deliver_to(self, sink: FillSink) -> None:
         """Send every fill from now on to `sink` (the engine's fill entry point)."""
@@ -280,6 +311,8 @@ class SimulatedExchange:
             order = replace(order, status=OrderStatus.REJECTED, reason="post-only would cross")
             self._orders[order.client_order_id] = order
             return order
+        if intent.leverage is not None and not intent.reduce_only:
+            self._leverage[intent.pair] = intent.leverage
         if intent.quote_amount is not None:
             self._quote_amounts[order.client_order_id] = intent.quote_amount
         self._orders[order.client_order_id] = order
@@ -312,8 +345,11 @@ class SimulatedExchange:
                 await self.deliver(fills)
 
     def has_working(self, pair: str) -> bool:
-        """Return True if any order on `pair` is still working."""
-        return bool(self._open.get(pair))
+        """Return True if an order on `pair` works or its position is watched for liquidation.
+
+        Either way each bar must be matched (the replay's quiet path skips the others).
+        """
+        return bool(self._open.get(pair)) or self.liquidation(pair) is not None
 
     async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
         """Return orders still working."""
@@ -364,8 +400,100 @@ class SimulatedExchange:
             bars = ((candle, step),) if fine is None else fine.bars(candle, step)
             for bar, bar_step in bars:
                 self._match_bar(bar, bar_step, results)
+        liq = self.liquidation(pair)
+        if liq is not None:
+            self._liquidate_if_reached(candle, liq, results)
         self._last[pair] = candle
         return results
+
+    # -- Perpetuals --------------------------------------------------------------------------
+
+    def set_cross_balance(self, balance: Decimal) -> None:
+        """Tell the engine the account balance behind cross-margin positions."""
+        self.cross_balance = balance
+
+    def liquidation(self, pair: str) -> Liquidation | None:
+        """Return where the position on `pair` would be liquidated, or None (not watched).
+
+        Watched: positions on linear markets opened with a leverage, and shorts (whose
+        loss is unbounded even at 1x).
+        """
+        position = self._positions.get(pair, ZERO)
+        market = self.markets.get(pair)
+        if position == 0 or market is None or market.type is not MarketType.LINEAR:
+            return None
+        leverage = self._leverage.get(pair)
+        if leverage is None and position > 0:
+            return None
+        entry, qty = self._entries.get(pair, ZERO), abs(position)
+        if entry <= 0:
+            return None
+        if self.margin_mode == "cross" and self.cross_balance is not None:
+            margin = self.cross_balance
+        else:
+            margin = isolated_margin(entry, qty, leverage or ONE)
+        side = PositionSide.LONG if position > 0 else PositionSide.SHORT
+        return liquidation(side, entry, qty, margin, self.taker_fee, pair)
+
+    def _liquidate_if_reached(
+        self, bar: Candle, liq: Liquidation, results: list[tuple[Order, Fill]]
+    ) -> None:
+        position = self._positions[bar.pair]
+        long = position > 0
+        if (long and Decimal(repr(bar.low)) > liq.price) or (
+            not long and Decimal(repr(bar.high)) < liq.price
+        ):
+            return
+        qty = abs(position)
+        reason = (
+            f"liquidation: mark reached {liq.price} (bankruptcy {liq.bankruptcy},"
+            f" fee {liq.fee:.8f})"
+        )
+        now = self._now()
+        market = self.markets[bar.pair]
+        order = Order(
+            client_order_id=f"liq-{next(self._order_ids)}",
+            pair=bar.pair,
+            side=Side.SELL if long else Side.BUY,
+            qty=qty,
+            type=OrderType.MARKET,
+            status=OrderStatus.FILLED,
+            ts_created=bar.ts,
+            ts_updated=now,
+            exchange_order_id=f"sim-liq-{next(self._order_ids)}",
+            filled_qty=qty,
+            avg_fill_price=liq.price,
+            fee=liq.fee,
+            reduce_only=True,
+            reason=reason,
+        )
+        fill = Fill(
+            client_order_id=order.client_order_id,
+            pair=bar.pair,
+            side=order.side,
+            price=liq.price,
+            qty=qty,
+            fee=liq.fee,
+            fee_currency=market.quote,
+            liquidity=Liquidity.TAKER,
+            ts=now,
+            fill_id=f"simfill-{next(self._fill_ids)}",
+            exchange_order_id=order.exchange_order_id,
+        )
+        self._orders[order.client_order_id] = order
+        self._positions[bar.pair] = ZERO
+        self._leverage.pop(bar.pair, None)
+        self._cancel_reduce_only(bar.pair)
+        self.liquidations.append(fill)
+        log.warning(
+            "position_liquidated",
+            pair=bar.pair,
+            qty=str(qty),
+            price=str(liq.price),
+            bankruptcy=str(liq.bankruptcy),
+            fee=str(liq.fee),
+        )
+        results.append((order, fill))
 
     def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
         working = list(self._open.get(bar.pair, []))
@@ -477,7 +605,9 @@ class SimulatedExchange:
         quote_amount = self._quote_amounts.get(order.client_order_id)
         if quote_amount is not None:
             qty = (
-                quote_qty(quote_amount, price, self.taker_fee, lot)
+                quote_qty(
+                    quote_amount, price, self.taker_fee, lot, self._leverage_of(order), order.side
+                )
                 if levels is None
                 else _floor(_quote_walk(levels, quote_amount, self.taker_fee), lot)
             )
@@ -547,8 +677,10 @@ class SimulatedExchange:
         )
         self._orders[order.client_order_id] = updated
         signed = qty if order.side is Side.BUY else -qty
-        position = self._positions.get(order.pair, ZERO) + signed
+        held = self._positions.get(order.pair, ZERO)
+        position = held + signed
         self._positions[order.pair] = position
+        self._track_entry(order.pair, held, signed, price)
         if status is OrderStatus.FILLED:
             self._quote_amounts.pop(order.client_order_id, None)
             self._triggered.discard(order.client_order_id)
@@ -556,6 +688,23 @@ class SimulatedExchange:
         if position == 0:
             self._cancel_reduce_only(order.pair)
         return updated, fill
+
+    def _leverage_of(self, order: Order) -> Decimal:
+        return ONE if order.reduce_only else self._leverage.get(order.pair, ONE)
+
+    def _track_entry(self, pair: str, held: Decimal, signed: Decimal, price: Decimal) -> None:
+        # The position's average entry (for its liquidation price): averaged when adding,
+        # kept when reducing, the fill's price when opening or flipping.
+        position = held + signed
+        if position == 0:
+            self._entries.pop(pair, None)
+            self._leverage.pop(pair, None)
+        elif held == 0 or (held > 0) != (position > 0):
+            self._entries[pair] = price
+        elif (held > 0) == (signed > 0):
+            self._entries[pair] = (
+                self._entries.get(pair, price) * held + price * signed
+            ) / position
 
     def _cancel_reduce_only(self, pair: str) -> None:
         for cid in list(self._open.get(pair, [])):

@@ -143,6 +143,39 @@ def liquidation(
     return Liquidation(price, bust, fee)
 
 
+def unit_cost(price: Decimal, leverage: Decimal, fee: Decimal, side: PositionSide) -> Decimal:
+    """Return the order cost of one unit: initial margin, fee to open and fee to close.
+
+    Bybit's order cost: `price / leverage + price x fee + bankruptcy price x fee`, the
+    bankruptcy price `price x (1 -+ 1/leverage)` (long/short). A balance spent this way
+    loses exactly itself at liquidation. At 1x long: `price x (1 + fee)`, as on spot.
+    """
+    inverse = 1 / leverage
+    bust = price * (1 - inverse) if side is PositionSide.LONG else price * (1 + inverse)
+    return price * inverse + price * fee + bust * fee
+
+
+def liquidation_veto(
+    side: PositionSide, entry: Decimal, stop: Decimal, liquidation_at: Decimal, buffer: Decimal
+) -> str | None:
+    """Return why a stop is unsafe against the liquidation price, or None when it is safe.
+
+    Unsafe: the stop lies at or beyond the liquidation price (the exchange would liquidate
+    before it triggers), or outside the buffer: farther from the entry than `(1 - buffer)`
+    of the entry-to-liquidation distance (a gap or slippage would liquidate instead).
+    """
+    long = side is PositionSide.LONG
+    if (long and stop <= liquidation_at) or (not long and stop >= liquidation_at):
+        return f"stop {stop} lies beyond the liquidation price {liquidation_at:.8g}"
+    room = abs(entry - liquidation_at) * (1 - buffer)
+    if abs(entry - stop) > room:
+        return (
+            f"stop {stop} leaves less than the {buffer:.0%} margin buffer before the"
+            f" liquidation price {liquidation_at:.8g}"
+        )
+    return None
+
+
 def funding_payment(signed_qty: Decimal, mark: Decimal, rate: Decimal) -> Decimal:
     """Return what a position pays at a funding time (negative: it receives).
 

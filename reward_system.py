@@ -8,7 +8,8 @@ For each strategy the score over its last `window_trades` round trips is
             `analytics.max_drawdown` defines it, from a start of 1)
           - turnover_weight x trades per day
 
-and the per-trade reward handed to the learning loop is the trade's return minus the
+(a trade's return is its PnL, fees and perpetual funding included, over its entry
+notional), and the per-trade reward handed to the learning loop is the trade's return minus the
 increase in drawdown it caused, so a win that follows a deep loss is worth less than one
 made from a new high.
 """
@@ -37,6 +38,7 @@ class _Book:
     peak: float = 1.0
     drawdown: float = 0.0
     total_pnl: float = 0.0
+    total_funding: float = 0.0
     trades: int = 0
     rewards: list[float] = field(default_factory=list)
 
@@ -64,6 +66,7 @@ class RewardSystem:
         book.exits.append(trade.exit_ts)
         book.trades += 1
         book.total_pnl += trade.pnl
+        book.total_funding += trade.funding
         before = book.drawdown
         # analytics.max_drawdown of the trade-by-trade equity, kept as a running figure.
         book.equity *= 1 + ret
@@ -110,6 +113,7 @@ class RewardSystem:
         return {
             "trades": book.trades,
             "total_pnl": book.total_pnl,
+            "total_funding": book.total_funding,
             "drawdown": book.drawdown,
             "last_reward": book.rewards[-1] if book.rewards else 0.0,
             "score": self.score(strategy),

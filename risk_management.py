@@ -96,6 +96,7 @@ from models import (
     decision_key,
     with_attempt,
 )
+from perpetuals import isolated_margin, liquidation_price, liquidation_veto, unit_cost
 from utils.utilities import timeframe_to_ms
 
 
@@ -362,8 +363,10 @@ class RiskManager:
         volatility_min_sample: int = 20,
         taker_fee: Decimal = Decimal("0.001"),
         strategy_tag: str = "0",
+        margin_mode: str = "isolated",
     ) -> None:
         self.settings = settings
+        self.margin_mode = margin_mode
         self.strategy_tag = strategy_tag
         self.long_only = long_only
         self.all_in = settings.profile == "all_in"
@@ -493,12 +496,9 @@ class RiskManager:
         position = ctx.positions.get(signal.pair)
         if position is not None and _closes(signal.side, position):
             return self._exit(signal, position, ctx)
-        if signal.exit_only:
-            return Veto("exit signal without a position", None, "no_position")
-        if self.long_only and signal.side is Side.SELL:
-            return Veto("long-only: short entries disabled", None, "long_only")
-        if position is not None:
-            return Veto("already in a position on this pair", None, "pyramiding")
+        refused = self._refused_entry(signal, ctx, position)
+        if refused is not None:
+            return refused
         state = self.trading_state
         if state not in _ENTRY_STATES:
             cause = self.breakers.cause
@@ -519,6 +519,20 @@ class RiskManager:
             return self._all_in_entry(signal, ctx)
         return self._entry(signal, ctx, state, resizes)
 
+    def _refused_entry(
+        self, signal: Signal, ctx: RiskContext, position: Position | None
+    ) -> Veto | None:
+        # What refuses an entry before sizing: no position to exit, the side, pyramiding.
+        if signal.exit_only:
+            return Veto("exit signal without a position", None, "no_position")
+        if self.long_only and signal.side is Side.SELL:
+            return Veto("long-only: short entries disabled", None, "long_only")
+        if ctx.market.type is MarketType.SPOT and signal.side is Side.SELL:
+            return Veto("spot market: cannot open a short", None, "spot_short")
+        if position is not None:
+            return Veto("already in a position on this pair", None, "pyramiding")
+        return None
+
     def _exit(self, signal: Signal, position: Position, ctx: RiskContext) -> OrderIntent:
         return OrderIntent(
             pair=signal.pair,
@@ -536,7 +550,12 @@ class RiskManager:
         price = ctx.price
         if price <= 0:
             return Veto("no valid price", None, "price")
-        qty = _floor(ctx.cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
+        leverage = _leverage(self.settings, ctx.market)
+        per_unit = price * (1 + ctx.taker_fee)
+        if leverage != 1:
+            side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
+            per_unit = unit_cost(price, leverage, ctx.taker_fee, side)
+        qty = _floor(ctx.cash / per_unit, ctx.market.lot_size)
         if qty <= 0:
             return Veto("no cash", None, "cash")
         return OrderIntent(
@@ -548,6 +567,7 @@ class RiskManager:
             reason=signal.reason,
             ts=ctx.now,
             quote_amount=ctx.cash,
+            leverage=leverage if leverage != 1 else None,
         )
 
     def _entry(
@@ -558,8 +578,6 @@ class RiskManager:
             return Veto("no valid price", None, "price")
         if ctx.equity <= 0:
             return Veto(f"equity {ctx.equity} <= 0", None, "equity")
-        if market.type is MarketType.SPOT and signal.side is Side.SELL:
-            return Veto("spot market: cannot open a short", None, "spot_short")
         atr, atr_note = self._atr(ctx)
         distance = atr * _dec(s.stop_atr_multiple)
         if signal.side is Side.BUY and distance >= price:
@@ -586,6 +604,9 @@ class RiskManager:
                 "min_size",
             )
         sign = 1 if signal.side is Side.BUY else -1
+        unsafe = self._liquidation_veto(signal, ctx, qty, price - sign * distance, leverage)
+        if unsafe is not None:
+            return unsafe
         take_profit = (
             price + sign * atr * _dec(s.take_profit_atr_multiple)
             if s.take_profit_atr_multiple
@@ -603,6 +624,25 @@ class RiskManager:
             leverage=leverage if market.type is MarketType.LINEAR else None,
             ts=ctx.now,
         )
+
+    def _liquidation_veto(
+        self, signal: Signal, ctx: RiskContext, qty: Decimal, stop: Decimal, leverage: Decimal
+    ) -> Veto | None:
+        # A perpetual's stop must trigger inside its liquidation price, with the buffer.
+        if ctx.market.type is not MarketType.LINEAR:
+            return None
+        side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
+        price = ctx.price
+        margin = (
+            max(ctx.cash, ZERO)
+            if self.margin_mode == "cross"
+            else isolated_margin(price, qty, leverage)
+        )
+        liq = liquidation_price(side, price, qty, margin, signal.pair)
+        reason = liquidation_veto(side, price, stop, liq, _dec(self.settings.liquidation_buffer))
+        if reason is None:
+            return None
+        return Veto(f"{reason} ({self.margin_mode} margin, {leverage}x)", None, "liquidation")
 
     def _scale(
         self, sized: _Size, state: TradingState, resizes: list[Resize]

@@ -281,3 +281,22 @@ async def test_funding_is_the_same_on_every_replay_path_and_the_fast_path(
     floats = _fast("sma_cross", funding, fill_at, exact=False)
     assert floats.funding == pytest.approx(fast.funding, rel=1e-9)
     assert floats.table["funding"] == pytest.approx(fast.table["funding"], rel=1e-9)
+
+
+def test_funding_paid_lowers_the_score_through_the_trade_pnl() -> None:
+    """The score reads a trade's PnL, funding included; its statistics show the funding."""
+    from config import RewardSettings
+    from models import ClosedTrade
+    from reward_system import RewardSystem
+
+    def trade(funding: float) -> ClosedTrade:
+        return ClosedTrade(PERP, PositionSide.LONG, 0, 60_000, 100.0, 101.0, 1.0, 0.1,
+                           0.9 + funding, "t", funding)  # fmt: skip
+
+    plain, paying = RewardSystem(RewardSettings()), RewardSystem(RewardSettings())
+    for _ in range(3):
+        plain.on_trade_closed("s", trade(0.0))
+        paying.on_trade_closed("s", trade(-0.5))
+    assert paying.score("s") < plain.score("s")
+    assert paying.stats("s")["total_funding"] == pytest.approx(-1.5)
+    assert paying.stats("s")["total_pnl"] == pytest.approx(1.2)

@@ -1,0 +1,212 @@
+"""Leverage, liquidation and shorts on perpetuals: backtests that cross the liquidation price."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import main
+from config import RiskSettings, load_settings
+from models import Market, MarketType, OrderIntent, Side, Signal, Veto
+from risk_management import RiskContext, RiskManager
+from runner import Daemon
+from tests.test_backtest_support import cli_args
+from trade_simulator import sim_market
+
+
+PERP = "BTC/USDT:USDT"
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % 60_000
+FEE = Decimal("0.00055")
+SCRIPTED = '''
+from typing import ClassVar, Mapping
+import pandas as pd
+from strategy import Param, Strategy
+
+
+class Scripted(Strategy):
+    """Enter on bar `at` (a short when `short` is 1), exit on bar `out`."""
+
+    name = "scripted"
+    can_short = True
+    parameters: ClassVar[Mapping[str, Param]] = {
+        "at": Param(2, 0, 100), "out": Param(30, 0, 100), "short": Param(0, 0, 1)
+    }
+
+    @property
+    def warmup(self) -> int:
+        return 1
+
+    def populate(self, df: pd.DataFrame) -> pd.DataFrame:
+        i = pd.Series(range(len(df)), index=df.index)
+        short = bool(self.params["short"])
+        enter, out = i == int(self.params["at"]), i == int(self.params["out"])
+        return pd.DataFrame(
+            {
+                "enter_long": enter & (not short),
+                "exit_long": out & (not short),
+                "enter_short": enter & short,
+                "exit_short": out & short,
+            },
+            index=df.index,
+        )
+'''
+
+
+def _candles(path: Path, extreme: float, *, at: int = 10) -> Path:
+    """Flat at 20,000; bar `at` wicks to `extreme`; then 20,000 again (40 one-minute bars)."""
+    lines = ["timestamp,open,high,low,close,volume"]
+    for i in range(40):
+        low = min(extreme, 20_000.0) if i == at else 20_000.0
+        high = max(extreme, 20_000.0) if i == at else 20_000.0
+        lines.append(f"{T0 + i * 60_000},20000.0,{high!r},{low!r},20000.0,5.0")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _backtest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extreme: float, *, short: bool = False,
+    quiet: bool = True,
+) -> tuple[dict[str, Any], Daemon]:  # fmt: skip
+    for key, value in {
+        "KESTREL_RISK__PROFILE": "all_in",
+        "KESTREL_RISK__MAX_LEVERAGE": "10",
+        "KESTREL_SIMULATION__TAKER_FEE": str(FEE),
+        "KESTREL_SIMULATION__SLIPPAGE_BPS": "0",
+        "KESTREL_STRATEGY__LONG_ONLY": "false" if short else "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    strategy = tmp_path / "scripted.py"
+    strategy.write_text(SCRIPTED)
+    data = _candles(tmp_path / "candles.csv", extreme)
+    args = cli_args(
+        "--mode", "backtest", "--strategy", str(strategy), "--pairs", PERP, "--data", str(data),
+        "--param", f"short={int(short)}", "--log-level", "WARNING",
+    )  # fmt: skip
+    daemon = Daemon(args, main._apply_cli(load_settings(env_file=None), args))
+    daemon.build_replay()
+    assert daemon.driver is not None
+    if not quiet:
+        daemon.driver._quiet = None
+    return await daemon.run(), daemon
+
+
+async def test_a_long_at_10x_is_liquidated_at_its_liquidation_price_with_the_fee(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All-in long at 20,000 with 10x; a wick to 17,000 crosses the liquidation price
+    20,000 x (1 - 1/10 + 0.5 %) = 18,100: closed there, charged the margin left above the
+    bankruptcy price 18,000 plus the fee to close; the whole balance is lost, no more."""
+    summary, daemon = await _backtest(tmp_path, monkeypatch, 17_000.0)
+    assert summary["liquidations"] == 1
+    [trade] = summary["trades"]
+    assert trade["reason"].startswith("liquidation: mark reached 18100")
+    assert (trade["entry_price"], trade["exit_price"]) == (20_000.0, 18_100.0)
+    qty = Decimal(repr(trade["qty"]))
+    # The order cost per unit: margin 2,000 + fee to open 11 + fee to close 18,000 x FEE.
+    assert qty == (Decimal(10_000) / (2_000 + 20_000 * FEE + 18_000 * FEE)).quantize(
+        Decimal("1e-8"), rounding="ROUND_FLOOR"
+    )
+    open_fee, close_fee = qty * 20_000 * FEE, qty * 18_000 * FEE
+    assert trade["fee"] == pytest.approx(float(open_fee + qty * 100 + close_fee), rel=1e-12)
+    assert trade["pnl"] == pytest.approx(float(-(qty * 1_900) - open_fee - qty * 100 - close_fee))
+    assert 0 <= summary["final_equity"] < 0.01  # the margin is gone, the balance never negative
+    assert summary["open_positions"] == []
+    engine = daemon.engine
+    assert engine is not None
+    assert engine.portfolio.position(PERP) is None
+    # The exit signal later finds no position: no order goes out for it.
+    assert not [o for o in engine.executor.orders.values() if o.client_order_id.startswith("kx")]
+
+
+async def test_a_wick_that_stays_inside_the_liquidation_price_liquidates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wick to 18,150 (above 18,100) leaves the position open until its exit signal."""
+    summary, _ = await _backtest(tmp_path, monkeypatch, 18_150.0)
+    assert summary["liquidations"] == 0
+    [trade] = summary["trades"]
+    assert trade["exit_price"] == 20_000.0
+    assert trade["reason"] == "scripted: exit long"
+
+
+async def test_a_short_on_a_perpetual_is_liquidated_above_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shorts go through the same strategy, risk and executor path: a 10x short at 20,000
+    is liquidated when a wick reaches 20,000 x (1 + 1/10 - 0.5 %) = 21,900."""
+    summary, _ = await _backtest(tmp_path, monkeypatch, 23_000.0, short=True)
+    assert summary["liquidations"] == 1
+    [trade] = summary["trades"]
+    assert trade["side"] == "short"
+    assert trade["exit_price"] == 21_900.0
+    assert 0 <= summary["final_equity"] < 0.01
+
+
+async def test_a_short_without_liquidation_exits_on_its_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flat market: the 10x short exits on its signal at its entry price, paying the two
+    fees only."""
+    summary, _ = await _backtest(tmp_path, monkeypatch, 20_000.0, short=True)
+    assert summary["liquidations"] == 0
+    [trade] = summary["trades"]
+    assert (trade["side"], trade["exit_price"]) == ("short", 20_000.0)
+    assert trade["pnl"] == pytest.approx(-trade["fee"])
+
+
+async def test_liquidation_is_the_same_with_and_without_the_quiet_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watched position takes every bar through the matching engine: same summary."""
+    quiet, _ = await _backtest(tmp_path, monkeypatch, 17_000.0)
+    full, _ = await _backtest(tmp_path, monkeypatch, 17_000.0, quiet=False)
+    assert quiet == full
+
+
+def _linear() -> Market:
+    return sim_market(PERP, 20_000.0, MarketType.LINEAR)
+
+
+def _ctx(market: Market, atr: float) -> RiskContext:
+    return RiskContext(
+        now=T0, equity=Decimal(10_000), cash=Decimal(10_000), positions={}, market=market,
+        price=Decimal(20_000), atr=atr, taker_fee=FEE,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stop_atr", "refused"),
+    [(2.5, "beyond the liquidation price"), (1.6, "margin buffer"), (1.0, None)],
+)
+def test_risk_refuses_a_stop_beyond_liquidation_or_inside_the_buffer(
+    stop_atr: float, refused: str | None
+) -> None:
+    """At 10x the liquidation price is 18,100 and the 25 % buffer leaves 1,425 of room:
+    a stop at 17,500 (beyond it) and one at 18,400 (in the buffer) are refused, 19,000 not."""
+    settings = RiskSettings(
+        max_leverage=10, stop_atr_multiple=stop_atr, max_position_fraction=10,
+        max_total_exposure=10, risk_per_trade=0.2,
+    )  # fmt: skip
+    risk = RiskManager(settings, taker_fee=FEE)
+    signal = Signal(PERP, Side.BUY, 1.0, "test", T0, 20_000.0)
+    verdict = risk.evaluate(signal, _ctx(_linear(), 1_000.0))
+    if refused is None:
+        assert isinstance(verdict, OrderIntent)
+        assert verdict.leverage == Decimal(10)
+        assert verdict.stop_loss == Decimal(19_000)
+    else:
+        assert isinstance(verdict, Veto)
+        assert verdict.guard == "liquidation"
+        assert refused in verdict.reason
+
+
+def test_risk_refuses_shorts_on_spot_even_all_in() -> None:
+    """With shorts enabled, a spot market still cannot open one."""
+    risk = RiskManager(RiskSettings(profile="all_in"), long_only=False)
+    spot = sim_market("BTC/USDT", 20_000.0)
+    verdict = risk.evaluate(Signal("BTC/USDT", Side.SELL, 1.0, "t", T0, 20_000.0), _ctx(spot, 1.0))
+    assert isinstance(verdict, Veto)
+    assert verdict.guard == "spot_short"
