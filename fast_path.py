@@ -436,12 +436,15 @@ def _settlements(
     times = funding.times[(funding.times > ts[0] - step) & (funding.times <= ts[-1])]
     closes_at = ts[np.searchsorted(ts, times)]
     closes_at = closes_at[times > closes_at - step]  # none settles in a gap between candles
-    count = 0
-    for entry, exit_ in zip(table["entry_ts"], table["exit_ts"], strict=True):
-        count += int(np.count_nonzero((closes_at > entry) & (closes_at <= exit_)))
-    if open_at >= 0:
-        count += int(np.count_nonzero(closes_at > ts[open_at] + opened))
-    return count
+    entries = np.asarray(table["entry_ts"], dtype=np.int64)
+    exits = np.asarray(table["exit_ts"], dtype=np.int64)
+    if open_at >= 0:  # the open position, held to the end
+        entries = np.append(entries, ts[open_at] + opened)
+        exits = np.append(exits, ts[-1])
+    # Trades do not overlap and come in time order: the one entered last before C holds it.
+    k = np.searchsorted(entries, closes_at, side="left") - 1
+    held = (k >= 0) & (closes_at <= exits[np.maximum(k, 0)])
+    return int(np.count_nonzero(held))
 
 
 def fast_path_blockers(
@@ -550,9 +553,15 @@ def _exact_accounting(
     bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
     if open_at >= 0:
         bars.append((open_at, -1))
+    # Funding on the candles a position is held at the close: [i + after, j + after),
+    # located for every trade at once.
     funding_bars = np.flatnonzero(rates)
+    starts = np.array([i + after for i, _ in bars], dtype=np.int64)
+    ends = np.array([len(closes) if j < 0 else j + after for _, j in bars], dtype=np.int64)
+    first_due = np.searchsorted(funding_bars, starts).tolist()
+    last_due = np.searchsorted(funding_bars, ends).tolist()
     funding_total = ZERO
-    for i, j in bars:
+    for n, (i, j) in enumerate(bars):
         entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
         quote = cash if costs.stake is None else min(costs.stake, cash)
         qty = quote_qty(quote, entry, costs.fee, costs.lot)
@@ -560,11 +569,8 @@ def _exact_accounting(
         cash -= qty * entry + entry_fee
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
-        # Funding on the candles the position is held at the close: [i + after, j + after).
-        held_to = len(closes) if j < 0 else j + after
         received = ZERO
-        lo, hi = np.searchsorted(funding_bars, [i + after, held_to])
-        for k in funding_bars[lo:hi].tolist():
+        for k in funding_bars[first_due[n] : last_due[n]].tolist():
             payment = qty * Decimal(repr(float(closes[k]))) * Decimal(repr(float(rates[k])))
             cash -= payment
             received -= payment
