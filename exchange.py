@@ -46,6 +46,7 @@ from bybit_converters import (
     balances_from_ccxt,
     book_from_ccxt,
     candle_from_row,
+    funding_from_ccxt,
     market_from_ccxt,
     position_from_ccxt,
     ticker_from_ccxt,
@@ -67,6 +68,7 @@ from exchange_base import ClientState
 from models import (
     Balance,
     Candle,
+    FundingPayment,
     Market,
     MarketType,
     OrderBook,
@@ -501,6 +503,51 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         )
         positions = [p for p in (position_from_ccxt(r) for r in raw) if p is not None]
         return [p for p in positions if pairs is None or p.pair in linear]
+
+    async def fetch_funding_payments(
+        self, pair: str, since: int | None = None
+    ) -> list[FundingPayment]:
+        """Return the funding settled on `pair`'s position since `since` (ms), oldest first.
+
+        Bybit's execution list with execType Funding (ccxt `fetch_funding_history`); an
+        empty list for spot pairs.
+        """
+        client = self._ensure_open()
+        if self.market(pair).type is not MarketType.LINEAR:
+            return []
+        raw = await self._call(
+            "fetch_funding_history", lambda: client.fetch_funding_history(pair, since), pair
+        )
+        payments = [funding_from_ccxt(r, pair) for r in raw]
+        return sorted(payments, key=lambda p: (p.ts, p.payment_id))
+
+    async def fetch_funding_rates(
+        self, pair: str, since: int, until: int | None = None
+    ) -> list[tuple[int, float]]:
+        """Return the pair's funding rate history as (funding time ms, rate), oldest first.
+
+        Bybit's `/v5/market/funding/history` (ccxt `fetch_funding_rate_history`) answers
+        at most 200 rates, the newest of its window: the range is walked in windows of
+        199 funding intervals (the market's `fundingInterval`, else one hour), up to
+        `until` or now.
+        """
+        client = self._ensure_open()
+        info = (client.markets or {}).get(pair, {}).get("info") or {}
+        interval = int(info.get("fundingInterval") or 60) * 60_000
+        last = until if until is not None else self.server_now_ms()
+        out: dict[int, float] = {}
+        start = since
+        while start <= last:
+            end = min(start + 199 * interval, last)
+            call = functools.partial(
+                client.fetch_funding_rate_history, pair, start, 200, {"until": end}
+            )
+            raw: list[dict[str, Any]] = await self._call("fetch_funding_rate_history", call, pair)
+            out.update(
+                (int(r["timestamp"]), float(r["fundingRate"])) for r in raw if r.get("timestamp")
+            )
+            start = end + 1
+        return sorted(out.items())
 
     async def set_leverage(self, pair: str, leverage: Decimal | int | float) -> None:
         """Set the leverage of a linear market (both sides; one-way mode).

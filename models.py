@@ -461,6 +461,9 @@ class Position:
     take_profit: Decimal | None = None
     mark_price: Decimal | None = None
     fees_paid: Decimal = Decimal(0)
+    # Perpetuals: where the exchange liquidates the position, and its leverage.
+    liquidation_price: Decimal | None = None
+    leverage: Decimal | None = None
 
     @property
     def notional(self) -> Decimal:
@@ -475,6 +478,21 @@ class Position:
             return Decimal(0)
         sign = 1 if self.side is PositionSide.LONG else -1
         return (self.mark_price - self.entry_price) * self.qty * sign
+
+
+@dataclass(frozen=True, slots=True)
+class FundingPayment:
+    """One funding settlement on a perpetual position, as the exchange booked it.
+
+    `amount` is what the position paid in the quote currency (negative: it received);
+    `rate` the funding rate applied; `payment_id` the exchange's id (dedupes re-reports).
+    """
+
+    pair: str
+    ts: int
+    amount: Decimal
+    rate: Decimal
+    payment_id: str
 
 
 @dataclass(frozen=True, slots=True)

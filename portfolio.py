@@ -18,7 +18,15 @@ from decimal import Decimal
 import structlog
 
 from error_handler import InvariantError
-from models import ClosedTrade, Fill, PortfolioSnapshot, Position, PositionSide, Side
+from models import (
+    ClosedTrade,
+    Fill,
+    FundingPayment,
+    PortfolioSnapshot,
+    Position,
+    PositionSide,
+    Side,
+)
 
 
 log = structlog.get_logger(__name__)
@@ -146,6 +154,28 @@ class Portfolio:
         self._flat_cash = None
         log.debug("funding_settled", pair=pair, rate=str(rate), paid=str(payment))
         return payment
+
+    def apply_funding_payment(self, payment: FundingPayment) -> bool:
+        """Apply a funding settlement the exchange booked (live); False if seen before.
+
+        The exchange's amount leaves cash as `apply_funding`'s does; one booked while the
+        portfolio holds no position on the pair (settled just before a close the bot saw
+        first) still moves cash and the funding total.
+        """
+        key = f"funding:{payment.payment_id}"
+        if key in self._seen_fills:
+            return False
+        self._seen_fills.add(key)
+        self.cash -= payment.amount
+        self.funding -= payment.amount
+        book = self._open.get(payment.pair)
+        if book is not None:
+            book.funding -= payment.amount
+        self._flat_cash = None
+        log.info(
+            "funding_booked", pair=payment.pair, paid=str(payment.amount), rate=str(payment.rate)
+        )
+        return True
 
     def has_position(self, pair: str) -> bool:
         """Return True when a position is open on `pair`."""
