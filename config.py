@@ -85,6 +85,12 @@ class ExchangeSettings(_Group):
         "for fills the private stream missed)",
     )
 
+    funding_poll_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="live perpetuals: fetch the funding Bybit booked on our positions this often",
+    )
+
     @model_validator(mode="after")
     def _mainnet_opt_in(self) -> ExchangeSettings:
         if not self.testnet and not self.allow_mainnet and self.base_url is None:

@@ -18,7 +18,7 @@ from data_manager import CandleStore, arrays_to_frame
 from error_handler import (
     DataError,
 )
-from models import Candle
+from models import Candle, MarketType
 from utils.utilities import (
     timeframe_to_ms,
 )
@@ -31,8 +31,42 @@ PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trad
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
+async def apply_exchange_funding(
+    exchange: Any, portfolio: Any, pairs: list[str], since: int | None
+) -> tuple[int, int | None]:
+    """Apply the funding the exchange booked on `pairs` (perpetuals) since `since`.
+
+    Each settlement is applied once (the portfolio dedupes by the exchange's id). Returns
+    how many were new and the newest settlement time seen (the next call's `since`).
+    """
+    applied, newest = 0, since
+    for pair in pairs:
+        for payment in await exchange.fetch_funding_payments(pair, since):
+            applied += portfolio.apply_funding_payment(payment)
+            newest = payment.ts if newest is None else max(newest, payment.ts)
+    if applied:
+        log.info("funding_applied", settlements=applied)
+    return applied, newest
+
+
 class DaemonLive(DaemonBase):
     """The exchange-facing tasks of a run (see the module docstring)."""
+
+    async def _exchange_funding(self) -> None:
+        # Live perpetuals: the funding Bybit books on our positions reaches the portfolio
+        # (cash, the open trade's funding); polled, as funding comes every few hours.
+        structlog.contextvars.bind_contextvars(component="funding")
+        assert self.engine is not None
+        assert self.exchange is not None
+        exchange, engine = self.exchange, self.engine
+        since: int | None = exchange.server_now_ms()
+        while True:
+            await asyncio.sleep(self.settings.exchange.funding_poll_interval_s)
+            pairs = [p for p in engine.pairs if exchange.market(p).type is MarketType.LINEAR]
+            try:
+                _, since = await apply_exchange_funding(exchange, engine.portfolio, pairs, since)
+            except Exception:
+                log.exception("funding_poll_failed")
 
     async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
         """Stream closed candles; resubscribe when the pair list changes."""

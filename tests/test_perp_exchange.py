@@ -111,3 +111,33 @@ def test_the_recorded_bybit_funding_body_reads_as_a_short_paying() -> None:
     assert payment.amount == Decimal("0.10232512")
     assert payment.rate == Decimal("-0.000761")
     assert payment.ts == 1710950400000
+
+
+async def test_the_live_funding_poll_applies_each_settlement_once(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """The daemon's poll: a settlement reaches the open trade's funding once; later polls
+    from the newest time seen add only new ones."""
+    from daemon_live import apply_exchange_funding
+    from models import Fill, Liquidity
+
+    await _open(ex, Side.BUY, "0.02", "f-4")
+    portfolio = Portfolio(Decimal(10_000))
+    price = emu.last_price("BTCUSDT", "linear")
+    portfolio.apply_fill(
+        Fill("f-4", PERP, Side.BUY, price, Decimal("0.02"), Decimal(0), "USDT",
+             Liquidity.TAKER, 1, "fill-1")
+    )  # fmt: skip
+    start = emu.clock.now_ms() - 1
+    paid = emu.settle_funding("BTCUSDT", "0.0003")
+    applied, newest = await apply_exchange_funding(ex, portfolio, [PERP, "BTC/USDT"], start)
+    assert (applied, newest) == (1, emu.clock.now_ms())
+    assert await apply_exchange_funding(ex, portfolio, [PERP], start) == (0, newest)
+    assert portfolio.funding == -paid
+    trade = portfolio.apply_fill(
+        Fill("x", PERP, Side.SELL, price, Decimal("0.02"), Decimal(0), "USDT",
+             Liquidity.TAKER, 2, "fill-2")
+    )  # fmt: skip
+    assert trade is not None
+    assert trade.funding == pytest.approx(-float(paid))
+    assert trade.pnl == pytest.approx(-float(paid))
