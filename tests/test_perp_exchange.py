@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -128,10 +130,10 @@ async def test_the_live_funding_poll_applies_each_settlement_once(
         Fill("f-4", PERP, Side.BUY, price, Decimal("0.02"), Decimal(0), "USDT",
              Liquidity.TAKER, 1, "fill-1")
     )  # fmt: skip
-    start = emu.clock.now_ms() - 1
-    paid = emu.settle_funding("BTCUSDT", "0.0003")
+    start = emu.clock.now_ms() - 10
+    paid = emu.settle_funding("BTCUSDT", "0.0003", ts=start + 5)
     applied, newest = await apply_exchange_funding(ex, portfolio, [PERP, "BTC/USDT"], start)
-    assert (applied, newest) == (1, emu.clock.now_ms())
+    assert (applied, newest) == (1, start + 5)
     assert await apply_exchange_funding(ex, portfolio, [PERP], start) == (0, newest)
     assert portfolio.funding == -paid
     trade = portfolio.apply_fill(
@@ -141,3 +143,28 @@ async def test_the_live_funding_poll_applies_each_settlement_once(
     assert trade is not None
     assert trade.funding == pytest.approx(-float(paid))
     assert trade.pnl == pytest.approx(-float(paid))
+
+
+async def test_backfill_stores_funding_beside_the_archive_and_replays_find_it(
+    emu: BybitEmulator, ex: Exchange, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backfilling a perpetual archives its funding history beside the candles; the
+    replay's funding loader picks it up from there."""
+    from candle_backfill import backfill_funding
+    from config import load_settings
+    from data_manager import backfill, replay_funding
+
+    now = emu.clock.now_ms()
+    since = now - now % 60_000 - 30 * 60_000
+    times = [since - 8 * 3_600_000, since + 60_000, since + 120_000]
+    for t, rate in zip(times, ("0.0001", "-0.0002", "0.0003"), strict=True):
+        emu.settle_funding("BTCUSDT", rate, ts=t)
+    await backfill(ex, tmp_path, [PERP], "1m", since, progress=False)
+    written = await backfill_funding(ex, tmp_path, [PERP, "BTC/USDT"], "1m", since)
+    assert written == {PERP: 2}  # the perpetual only, from `since` on
+    monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", PERP)
+    settings = load_settings(env_file=None)
+    schedule = replay_funding(argparse.Namespace(data=None, funding=None), settings)[PERP]
+    assert schedule.times.tolist() == times[1:]
+    assert schedule.rates.tolist() == [-0.0002, 0.0003]
