@@ -320,9 +320,10 @@ async def backfill_funding(
     until_ms: int | None = None,
     exchange_name: str = "bybit",
 ) -> dict[str, int]:
-    """Download the funding rate history of the perpetuals among `pairs` beside their
-    candle archives (`<pair folder>/funding.csv`, merged with what is there), where
-    replays find it. Returns the number of funding times written per pair.
+    """Download the funding rate history of the perpetuals among `pairs`.
+
+    Written beside their candle archives (`<pair folder>/funding.csv`, merged with what is
+    there), where replays find it. Returns the number of funding times written per pair.
     """
     store = CandleStore(store_dir, exchange_name)
     written: dict[str, int] = {}
