@@ -456,6 +456,7 @@ def fast_path_blockers(
     latency_ms: int,
     dynamic_pairs: bool = False,
     leverage: float = 1.0,
+    shorts: bool = False,
 ) -> list[str]:
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
@@ -476,6 +477,8 @@ def fast_path_blockers(
         reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
     if leverage > 1:
         reasons.append(f"leverage {leverage:g}: liquidation is simulated by the replay only")
+    if shorts:
+        reasons.append("shorts enabled: the fast path trades long only")
     return reasons
 
 

@@ -351,7 +351,11 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             slippage_model=s.simulation.slippage_model,
             latency_ms=s.simulation.latency_ms,
             dynamic_pairs=s.pairs.dynamic,
-            leverage=s.risk.max_leverage if s.exchange.market_type == "linear" else 1.0,
+            leverage=s.risk.max_leverage
+            if s.exchange.market_type == "linear" or any(":" in p for p in s.strategy.pairs)
+            else 1.0,
+            shorts=not s.strategy.long_only
+            and load_strategy(s.strategy.name, s.strategy.params).can_short,
         )
         if blockers:
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))

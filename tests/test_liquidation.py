@@ -210,3 +210,27 @@ def test_risk_refuses_shorts_on_spot_even_all_in() -> None:
     verdict = risk.evaluate(Signal("BTC/USDT", Side.SELL, 1.0, "t", T0, 20_000.0), _ctx(spot, 1.0))
     assert isinstance(verdict, Veto)
     assert verdict.guard == "spot_short"
+
+
+def test_the_fast_path_refuses_leverage_and_shorts() -> None:
+    """Liquidation and shorts are the replay's: the fast path says why it cannot run them."""
+    from trade_simulator import fast_path_blockers
+
+    common: dict[str, Any] = {
+        "risk_profile": "all_in", "pairs": [PERP], "timeframe": "1m",
+        "slippage_model": "fixed", "latency_ms": 0,
+    }  # fmt: skip
+    assert fast_path_blockers(**common) == []
+    assert "liquidation" in " ".join(fast_path_blockers(**common, leverage=10))
+    assert "long only" in " ".join(fast_path_blockers(**common, shorts=True))
+
+
+def test_the_cli_sends_a_leveraged_perpetual_backtest_to_the_replay(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--engine fast` with leverage on a perpetual is refused with the reason."""
+    monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
+    monkeypatch.setenv("KESTREL_RISK__MAX_LEVERAGE", "10")
+    code = main.main(["--mode", "backtest", "--pairs", PERP, "--engine", "fast", "--no-ui"])
+    assert code != 0
+    assert "leverage 10: liquidation is simulated by the replay only" in capsys.readouterr().err
