@@ -120,6 +120,7 @@ class DaemonBuild(DaemonBase):
             # runs it on the rolling window at each candle, exactly as live trading does.
             signals=signals,
         )
+        sim.set_cross_balance(self.engine.portfolio.wallet_balance)
         if s.simulation.funding:
             self.engine.funding = replay_funding(self.args, s)
         self.driver = self._drive(sim, self.engine)
@@ -255,6 +256,7 @@ class DaemonBuild(DaemonBase):
                 data=data,
                 max_lag_ms=step,
             )
+            sim.set_cross_balance(self.engine.portfolio.wallet_balance)
             self.driver = self._drive(sim, self.engine)
             self.engine.set_pairs(pairs)
             self.engine.extra_status = self._exchange_status

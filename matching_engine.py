@@ -27,7 +27,7 @@ Fill conventions (documented, conservative, the same in sim and backtest):
   per (sub-)bar; the rest stays open (partially filled).
 * Perpetuals: a position opened with leverage (or any short) on a linear market is
   watched for liquidation (`perpetuals`, isolated margin `qty x entry / leverage`, or
-  the account balance given by `set_cross_balance` under cross margin): when a bar's low
+  the wallet balance read through `set_cross_balance` under cross margin): when a bar's low
   (long) or high (short) reaches the liquidation price, the position is closed there
   by an exchange-side order, charged the liquidation fee (the margin left above
   bankruptcy plus the taker fee to close), after the bar's orders are matched (a stop
@@ -67,7 +67,7 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from perpetuals import Liquidation, isolated_margin, liquidation, unit_cost
+from perpetuals import Liquidation, cross_margin, isolated_margin, liquidation, unit_cost
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -256,7 +256,7 @@ class SimulatedExchange:
         self._order_ids = itertools.count(1)
         self._sink: FillSink | None = None
         self.margin_mode = margin_mode
-        self.cross_balance: Decimal | None = None
+        self._cross_balance: Callable[[], Decimal] | None = None
         self._leverage: dict[str, Decimal] = {}
         self._entries: dict[str, Decimal] = {}
         self.liquidations: list[Fill] = []
@@ -408,9 +408,13 @@ class SimulatedExchange:
 
     # -- Perpetuals --------------------------------------------------------------------------
 
-    def set_cross_balance(self, balance: Decimal) -> None:
-        """Tell the engine the account balance behind cross-margin positions."""
-        self.cross_balance = balance
+    def set_cross_balance(self, balance: Callable[[], Decimal]) -> None:
+        """Read the account's wallet balance from `balance` for cross-margin positions.
+
+        Under cross margin the whole balance backs the position (Bybit's cross formula for
+        one position); without a source, positions are margined as isolated.
+        """
+        self._cross_balance = balance
 
     def liquidation(self, pair: str) -> Liquidation | None:
         """Return where the position on `pair` would be liquidated, or None (not watched).
@@ -428,11 +432,11 @@ class SimulatedExchange:
         entry, qty = self._entries.get(pair, ZERO), abs(position)
         if entry <= 0:
             return None
-        if self.margin_mode == "cross" and self.cross_balance is not None:
-            margin = self.cross_balance
+        side = PositionSide.LONG if position > 0 else PositionSide.SHORT
+        if self.margin_mode == "cross" and self._cross_balance is not None:
+            margin = cross_margin(self._cross_balance(), side, entry, qty, self.taker_fee)
         else:
             margin = isolated_margin(entry, qty, leverage or ONE)
-        side = PositionSide.LONG if position > 0 else PositionSide.SHORT
         return liquidation(side, entry, qty, margin, self.taker_fee, pair)
 
     def _liquidate_if_reached(

@@ -19,8 +19,8 @@ Margin (Bybit "Liquidation Price (USDT Contract)", "Margin Parameters"):
   0.5 %, deduction 0, up to 100x);
 * liquidation price, long: `entry - (margin - MM) / qty`; short: `entry + (margin - MM) / qty`,
   where margin is the isolated position margin (IM plus margin added), or under cross
-  margin the account balance available to the position (Bybit's cross formula for one
-  position in the account);
+  margin the wallet balance less the fee to close (`cross_margin`; Bybit's cross formula
+  for one position in the account);
 * bankruptcy price (0 % margin left): long `entry - margin / qty`, short `entry + margin / qty`.
 
 Liquidation: when the mark reaches the liquidation price the position is closed, and the
@@ -98,6 +98,22 @@ def maintenance_margin(pair: str, value: Decimal) -> Decimal:
 def isolated_margin(entry: Decimal, qty: Decimal, leverage: Decimal) -> Decimal:
     """Return the initial margin of an isolated position: `qty x entry / leverage`."""
     return qty * entry / leverage
+
+
+def cross_margin(
+    balance: Decimal, side: PositionSide, entry: Decimal, qty: Decimal, taker_fee: Decimal
+) -> Decimal:
+    """Return the margin a cross-margin balance puts behind one position (fee to close out).
+
+    Bybit reserves the fee to close (at the bankruptcy price) out of the margin, so the
+    margin `m` that can be lost solves `m + fee x qty x (entry -+ m/qty) = balance`:
+    `(balance - fee x value) / (1 -+ fee)` (long/short). Liquidated, the position then
+    costs exactly the balance.
+    """
+    value = qty * entry
+    if side is PositionSide.LONG:
+        return (balance - taker_fee * value) / (1 - taker_fee)
+    return (balance - taker_fee * value) / (1 + taker_fee)
 
 
 def liquidation_price(

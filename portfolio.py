@@ -107,6 +107,14 @@ class Portfolio:
             value += book.qty * (book.mark if book.mark is not None else book.entry_price)
         return self.cash + value
 
+    def wallet_balance(self) -> Decimal:
+        """Return the wallet balance: cash plus positions at their entry (no unrealised PnL).
+
+        What a derivatives account holds before unrealised PnL (Bybit's walletBalance):
+        deposits, realised PnL, fees and funding; the balance behind cross-margin positions.
+        """
+        return self.cash + sum((b.qty * b.entry_price for b in self._open.values()), ZERO)
+
     def exposure(self) -> Decimal:
         """Return the gross notional of open positions."""
         return (

@@ -96,7 +96,13 @@ from models import (
     decision_key,
     with_attempt,
 )
-from perpetuals import isolated_margin, liquidation_price, liquidation_veto, unit_cost
+from perpetuals import (
+    cross_margin,
+    isolated_margin,
+    liquidation_price,
+    liquidation_veto,
+    unit_cost,
+)
 from utils.utilities import timeframe_to_ms
 
 
@@ -634,7 +640,7 @@ class RiskManager:
         side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
         price = ctx.price
         margin = (
-            max(ctx.cash, ZERO)
+            cross_margin(ctx.equity, side, price, qty, ctx.taker_fee)
             if self.margin_mode == "cross"
             else isolated_margin(price, qty, leverage)
         )

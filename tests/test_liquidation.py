@@ -68,9 +68,10 @@ def _candles(path: Path, extreme: float, *, at: int = 10) -> Path:
 
 async def _backtest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extreme: float, *, short: bool = False,
-    quiet: bool = True,
+    quiet: bool = True, margin_mode: str = "isolated",
 ) -> tuple[dict[str, Any], Daemon]:  # fmt: skip
     for key, value in {
+        "KESTREL_SIMULATION__MARGIN_MODE": margin_mode,
         "KESTREL_RISK__PROFILE": "all_in",
         "KESTREL_RISK__MAX_LEVERAGE": "10",
         "KESTREL_SIMULATION__TAKER_FEE": str(FEE),
@@ -119,6 +120,25 @@ async def test_a_long_at_10x_is_liquidated_at_its_liquidation_price_with_the_fee
     assert engine.portfolio.position(PERP) is None
     # The exit signal later finds no position: no order goes out for it.
     assert not [o for o in engine.executor.orders.values() if o.client_order_id.startswith("kx")]
+
+
+async def test_under_cross_margin_the_wallet_balance_backs_the_position(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross: the whole wallet W (10,000 less the fee to open) backs the long; net of the
+    fee to close, the margin is m = (W - fee x value) / (1 - fee), liquidated at
+    20,000 - (m - MM) / qty, below the isolated 18,100; the loss is the wallet, no more."""
+    summary, _ = await _backtest(tmp_path, monkeypatch, 17_000.0, margin_mode="cross")
+    [trade] = summary["trades"]
+    qty = Decimal(repr(trade["qty"]))
+    value = qty * 20_000
+    wallet = Decimal(10_000) - value * FEE
+    margin = (wallet - FEE * value) / (1 - FEE)
+    expected = 20_000 - (margin - value * Decimal("0.005")) / qty
+    assert trade["exit_price"] == pytest.approx(float(expected), rel=1e-12)
+    assert trade["exit_price"] < 18_100
+    assert trade["reason"].startswith("liquidation")
+    assert abs(summary["final_equity"]) < 1e-9  # exactly the wallet, to Decimal rounding
 
 
 async def test_a_wick_that_stays_inside_the_liquidation_price_liquidates_nothing(
