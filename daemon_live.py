@@ -8,7 +8,7 @@ the start-up order before the first decision, and the model retraining step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
@@ -19,6 +19,7 @@ from error_handler import (
     DataError,
 )
 from models import Candle, MarketType
+from perpetuals import FundingSchedule
 from utils.utilities import (
     timeframe_to_ms,
 )
@@ -49,8 +50,51 @@ async def apply_exchange_funding(
     return applied, newest
 
 
+async def refresh_paper_funding(
+    exchange: Any, funding: dict[str, FundingSchedule], pairs: list[str]
+) -> int:
+    """Add each perpetual's next funding time and current rate to `funding` (paper mode).
+
+    The engine settles it at the candle that holds the funding time, as the exchange
+    would; a later refresh before that time updates the rate. Returns the pairs updated.
+    """
+    updated = 0
+    for pair in pairs:
+        upcoming = await exchange.fetch_next_funding(pair)
+        if upcoming is None:
+            continue
+        known = funding.get(pair) or FundingSchedule.of([])
+        funding[pair] = known.with_rows([upcoming])
+        updated += 1
+    return updated
+
+
 class DaemonLive(DaemonBase):
     """The exchange-facing tasks of a run (see the module docstring)."""
+
+    def _funding_task(self) -> Coroutine[Any, Any, None] | None:
+        # Live perpetuals: Bybit's booked funding; paper on the live feed: its rates.
+        if self.exchange is None:
+            return None
+        if self.sim is None:
+            linear = self.settings.exchange.market_type == "linear"
+            return self._exchange_funding() if linear else None
+        return self._paper_funding() if self.settings.simulation.funding else None
+
+    async def _paper_funding(self) -> None:
+        # Paper trading on the live feed: funding from the exchange's published rates,
+        # refreshed until each funding time passes, settled by the engine's candles.
+        structlog.contextvars.bind_contextvars(component="funding")
+        assert self.engine is not None
+        assert self.exchange is not None
+        exchange, engine = self.exchange, self.engine
+        while True:
+            pairs = [p for p in engine.pairs if exchange.market(p).type is MarketType.LINEAR]
+            try:
+                await refresh_paper_funding(exchange, engine.funding, pairs)
+            except Exception:
+                log.exception("funding_refresh_failed")
+            await asyncio.sleep(self.settings.exchange.funding_poll_interval_s)
 
     async def _exchange_funding(self) -> None:
         # Live perpetuals: the funding Bybit books on our positions reaches the portfolio

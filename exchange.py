@@ -521,6 +521,21 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         payments = [funding_from_ccxt(r, pair) for r in raw]
         return sorted(payments, key=lambda p: (p.ts, p.payment_id))
 
+    async def fetch_next_funding(self, pair: str) -> tuple[int, float] | None:
+        """Return the next funding time (ms) and its current rate, None for spot pairs.
+
+        Bybit's ticker (`nextFundingTime`, `fundingRate`; ccxt `fetch_funding_rate`): the
+        rate the next settlement will apply if nothing changes before it.
+        """
+        client = self._ensure_open()
+        if self.market(pair).type is not MarketType.LINEAR:
+            return None
+        raw = await self._call("fetch_funding_rate", lambda: client.fetch_funding_rate(pair), pair)
+        ts, rate = raw.get("fundingTimestamp"), raw.get("fundingRate")
+        if ts is None or rate is None:
+            return None
+        return int(ts), float(rate)
+
     async def fetch_funding_rates(
         self, pair: str, since: int, until: int | None = None
     ) -> list[tuple[int, float]]:

@@ -222,6 +222,12 @@ class FundingSchedule:
             np.array([float(r) for _, r in ordered], dtype=np.float64),
         )
 
+    def with_rows(self, rows: Sequence[tuple[int, float]]) -> FundingSchedule:
+        """Return the schedule with `rows` added (a rate for a known time replaces it)."""
+        merged = dict(zip(self.times.tolist(), self.rates.tolist(), strict=True))
+        merged.update((int(t), float(r)) for t, r in rows)
+        return FundingSchedule.of(list(merged.items()))
+
     def due(self, after: int, until: int) -> list[tuple[int, float]]:
         """Return the funding times in `(after, until]` with their rates."""
         lo = int(np.searchsorted(self.times, after, side="right"))

@@ -236,9 +236,10 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
                 # record, then the protection of every position; only then a decision.
                 background.append(tg.create_task(self._private_fills(), name="private-fills"))
                 background.append(tg.create_task(self._private_orders(), name="private-orders"))
-                if self.settings.exchange.market_type == "linear":
-                    background.append(tg.create_task(self._exchange_funding(), name="funding"))
                 await self._ready_to_trade()
+            funding = self._funding_task()
+            if funding is not None:
+                background.append(tg.create_task(funding, name="funding"))
             self._started()
             if direct:
                 feed = tg.create_task(asyncio.sleep(0), name="feed")

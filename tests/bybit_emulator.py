@@ -565,6 +565,7 @@ class BybitEmulator:
         # Funding: settlements (execution list, execType Funding) and the rate history.
         self.fundings: list[dict[str, Any]] = []
         self.funding_history: dict[str, list[tuple[int, Decimal]]] = {}
+        self.predicted_funding: dict[str, Decimal] = {}  # the ticker's fundingRate
         self.requests: list[RecordedRequest] = []
         self.fault_rates: dict[str, float] = {}
         self.fault_paths: tuple[str, ...] | None = None
@@ -1203,7 +1204,7 @@ class BybitEmulator:
                 "indexPrice": str(last),
                 "openInterest": "50000.1",
                 "openInterestValue": str((Decimal("50000.1") * last).quantize(Decimal("0.01"))),
-                "fundingRate": "0.0001",
+                "fundingRate": str(self.predicted_funding.get(symbol, Decimal("0.0001"))),
                 "nextFundingTime": str(now - now % 28_800_000 + 28_800_000),
             }
         return item

@@ -168,3 +168,22 @@ async def test_backfill_stores_funding_beside_the_archive_and_replays_find_it(
     schedule = replay_funding(argparse.Namespace(data=None, funding=None), settings)[PERP]
     assert schedule.times.tolist() == times[1:]
     assert schedule.rates.tolist() == [-0.0002, 0.0003]
+
+
+async def test_paper_trading_takes_the_next_funding_from_the_exchange(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Paper mode: the ticker's next funding time and rate join the engine's schedule; a
+    refresh before that time replaces the rate, spot pairs get none."""
+    from daemon_live import refresh_paper_funding
+    from perpetuals import FundingSchedule
+
+    now = emu.clock.now_ms()
+    upcoming = now - now % 28_800_000 + 28_800_000
+    emu.predicted_funding["BTCUSDT"] = Decimal("0.0005")
+    funding: dict[str, FundingSchedule] = {}
+    assert await refresh_paper_funding(ex, funding, [PERP, "BTC/USDT"]) == 1
+    assert (funding[PERP].times.tolist(), funding[PERP].rates.tolist()) == ([upcoming], [0.0005])
+    emu.predicted_funding["BTCUSDT"] = Decimal("-0.0002")
+    await refresh_paper_funding(ex, funding, [PERP])
+    assert (funding[PERP].times.tolist(), funding[PERP].rates.tolist()) == ([upcoming], [-0.0002])
