@@ -21,8 +21,8 @@ from numba import njit
 import analytics
 from error_handler import ConfigError
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
-from models import ClosedTrade, Market, PositionSide, Side
-from perpetuals import FundingSchedule
+from models import ClosedTrade, Market, MarketType, PositionSide, Side
+from perpetuals import FundingSchedule, isolated_margin, liquidation, liquidation_reason, risk_tiers
 from strategy import Strategy
 from utils.utilities import timeframe_to_ms
 
@@ -228,6 +228,14 @@ class _Costs:
     min_notional: Decimal
     fill_close: bool
     stake: Decimal | None
+    leverage: Decimal = Decimal(1)
+    pair: str = "BTC/USDT"
+
+    @property
+    def tiers(self) -> np.ndarray:
+        # The pair's risk-limit tiers as rows of (limit, MMR, deduction) for the loop.
+        rows = [(float(t.limit), float(t.mmr), float(t.deduction)) for t in risk_tiers(self.pair)]
+        return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
     @property
     def inv_lot(self) -> float:
@@ -255,6 +263,7 @@ def run_fast(
     exact: bool = False,
     signals: tuple[np.ndarray, np.ndarray] | None = None,
     funding: FundingSchedule | None = None,
+    leverage: Decimal | None = None,
 ) -> BacktestResult:
     """Backtest one strategy on one pair with market orders, long only, in one numba pass.
 
@@ -291,6 +300,9 @@ def run_fast(
         funding: the pair's recorded funding (a perpetual): the position pays or receives
             it at the candles that hold a funding time, at their close, as the replay
             settles it (`perpetuals`); None: no funding.
+        leverage: a perpetual's leverage (the replay's: the setting capped by the market):
+            entries spend Bybit's order cost, and the isolated position is liquidated when
+            a bar's low reaches its liquidation price, as the simulated exchange does.
 
     Raises:
         ConfigError: a bad combination of arguments.
@@ -318,6 +330,8 @@ def run_fast(
         min_notional=market.min_notional,
         fill_close=fill_at == "close",
         stake=None if all_in else Decimal(str(stake)),
+        leverage=leverage if leverage is not None else Decimal(1),
+        pair=pair,
     )
     warm = max(strategy.warmup - 1, 0)
     n = max(last - first, 0)
@@ -325,7 +339,7 @@ def run_fast(
     cap = n // 2 + 1
     entries = np.empty(cap, dtype=np.int64)
     exits = np.empty(cap, dtype=np.int64)
-    numbers = np.empty((cap, 6), dtype=np.float64)
+    numbers = np.empty((cap, 7), dtype=np.float64)
     out = np.zeros(9, dtype=np.float64)
     ts = _close_times(raw[first:last], mul, div, step)
     rates = funding.per_bar(ts, step) if funding is not None else np.zeros(n, dtype=np.float64)
@@ -345,6 +359,9 @@ def run_fast(
         float(costs.min_notional),
         rates,
         funding is not None,
+        np.ascontiguousarray(df["low"].to_numpy(dtype=np.float64))[first:last],
+        float(1 / costs.leverage) if costs.leverage != 1 else 1.0,
+        costs.tiers,
         equity,
         entries,
         exits,
@@ -362,6 +379,11 @@ def run_fast(
         "pnl": numbers[:, 4].copy(),
         "funding": numbers[:, 5].copy(),
     }
+    liquidated = numbers[:, 6] > 0
+    reasons = np.full(count, f"{strategy.name}: exit long", dtype=object)
+    reasons[liquidated] = [
+        f"liquidation: mark reached {p:.10g}" for p in table["exit_price"][liquidated]
+    ]
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
     funding_total = float(out[8])
     open_at = int(out[3]) if open_qty > 0 else -1
@@ -376,17 +398,24 @@ def run_fast(
             starting_balance,
             equity,
             rates,
+            liquidated,
         )
         table, final, fees = exact_result.table, exact_result.final, exact_result.fees
+        reasons[liquidated] = exact_result.reasons
         funding_total = exact_result.funding
         open_qty, open_price = exact_result.open_qty, exact_result.open_price
         realised = exact_result.realised
     table["entry_ts"] = ts[entries] + opened
-    table["exit_ts"] = ts[exits] + opened
+    # A liquidation happens inside its bar: it shows at the bar's close.
+    table["exit_ts"] = ts[exits] + np.where(liquidated, 0, opened)
     # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
     table["pair"] = np.full(count, pair)
     table["side"] = np.full(count, "long")
-    table["reason"] = np.full(count, f"{strategy.name}: exit long")
+    table["reason"] = (
+        reasons.astype(np.str_)
+        if liquidated.any()
+        else np.full(count, f"{strategy.name}: exit long")
+    )
     open_positions: tuple[dict[str, Any], ...] = ()
     if open_at >= 0:
         open_positions = (
@@ -457,6 +486,7 @@ def fast_path_blockers(
     dynamic_pairs: bool = False,
     leverage: float = 1.0,
     shorts: bool = False,
+    margin_mode: str = "isolated",
 ) -> list[str]:
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
@@ -475,8 +505,8 @@ def fast_path_blockers(
         reasons.append(f"slippage model {slippage_model!r}: the fast path models fixed bps")
     if latency_ms >= timeframe_to_ms(timeframe):
         reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
-    if leverage > 1:
-        reasons.append(f"leverage {leverage:g}: liquidation is simulated by the replay only")
+    if leverage > 1 and margin_mode != "isolated":
+        reasons.append(f"{margin_mode} margin at {leverage:g}x: the fast path margins isolated")
     if shorts:
         reasons.append("shorts enabled: the fast path trades long only")
     return reasons
@@ -495,13 +525,21 @@ def fast_backtest(
     start_ms: int | None = None,
     end_ms: int | None = None,
     funding: FundingSchedule | None = None,
+    max_leverage: float = 1.0,
 ) -> BacktestResult:
     """Run `--mode backtest` through the fast path, exactly as the replay would account it.
 
     `frame` is the pair's whole archive (signals use it all, as the replay's precomputed
     signals do); `start_ms`/`end_ms` are the `--timerange`. The market rules come from the
-    archive's first close, as the replay builds them. Check `fast_path_blockers` first.
+    archive's first close, as the replay builds them (a perpetual, `BASE/QUOTE:SETTLE`, is
+    a linear market, traded at `max_leverage` capped by the market's, as risk caps it).
+    Check `fast_path_blockers` first.
     """
+    kind = MarketType.LINEAR if ":" in pair else MarketType.SPOT
+    market = sim_market(pair, float(frame["close"].iloc[0]), kind)
+    leverage = None
+    if kind is MarketType.LINEAR:
+        leverage = max(min(Decimal(str(max_leverage)), market.max_leverage), Decimal(1))
     return run_fast(
         strategy,
         frame,
@@ -511,11 +549,12 @@ def fast_backtest(
         taker_fee=taker_fee,
         slippage_bps=slippage_bps,
         fill_at=fill_at,
-        market=sim_market(pair, float(frame["close"].iloc[0])),
+        market=market,
         start_ms=start_ms,
         end_ms=end_ms,
         exact=True,
         funding=funding,
+        leverage=leverage if leverage != 1 else None,
     )
 
 
@@ -527,6 +566,7 @@ class _Exact(NamedTuple):
     open_price: float
     realised: float
     funding: float
+    reasons: list[str]
 
 
 def _exact_accounting(
@@ -537,12 +577,14 @@ def _exact_accounting(
     starting_balance: float,
     equity: np.ndarray,
     rates: np.ndarray,
+    liquidated: np.ndarray,
 ) -> _Exact:
     """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
 
     Returns the trade table, final equity, fees, open quantity, open entry price, realised
-    PnL and funding, and rewrites `equity` from the exact cash and quantity after each
-    fill and funding settlement (`rates`: the funding rate settled at each candle).
+    PnL, funding and the liquidated trades' reasons, and rewrites `equity` from the exact
+    cash and quantity after each fill and funding settlement (`rates`: the funding rate
+    settled at each candle; `liquidated`: which trades the exchange liquidated).
     """
     entries, exits, open_at = fills
     cash = Decimal(str(starting_balance))
@@ -560,14 +602,19 @@ def _exact_accounting(
     # located for every trade at once.
     funding_bars = np.flatnonzero(rates)
     starts = np.array([i + after for i, _ in bars], dtype=np.int64)
-    ends = np.array([len(closes) if j < 0 else j + after for _, j in bars], dtype=np.int64)
+    gone = [bool(x) for x in liquidated] + [False] * (len(bars) - len(liquidated))
+    ends = np.array(
+        [len(closes) if j < 0 else j if gone[n] else j + after for n, (_, j) in enumerate(bars)],
+        dtype=np.int64,
+    )
+    reasons: list[str] = []
     first_due = np.searchsorted(funding_bars, starts).tolist()
     last_due = np.searchsorted(funding_bars, ends).tolist()
     funding_total = ZERO
     for n, (i, j) in enumerate(bars):
         entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
         quote = cash if costs.stake is None else min(costs.stake, cash)
-        qty = quote_qty(quote, entry, costs.fee, costs.lot)
+        qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
         entry_fee = entry * qty * costs.fee
         cash -= qty * entry + entry_fee
         fees += entry_fee
@@ -581,8 +628,12 @@ def _exact_accounting(
         funding_total += received
         if j < 0:
             break
-        exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
-        exit_fee = exit_price * qty * costs.fee
+        if gone[n]:
+            exit_price, exit_fee, reason = _liquidation_exit(entry, qty, costs)
+            reasons.append(reason)
+        else:
+            exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
+            exit_fee = exit_price * qty * costs.fee
         cash -= -qty * exit_price + exit_fee
         fees += exit_fee
         # The portfolio's split of fees by the closed fraction (here the whole position).
@@ -604,7 +655,8 @@ def _exact_accounting(
                 float(funding_part),
             )
         )
-        changes.append((j + after, float(cash), 0.0))
+        # A liquidation shows from its own bar; a fill at the close from the next.
+        changes.append((j if gone[n] else j + after, float(cash), 0.0))
         qty = ZERO
     numbers = np.array(rows, dtype=np.float64).reshape(-1, 6)
     table = {name: numbers[:, k].copy() for k, name in enumerate((*TRADE_COLUMNS[2:], "funding"))}
@@ -620,7 +672,15 @@ def _exact_accounting(
         float(entry) if open_at >= 0 else 0.0,
         float(realised),
         float(funding_total),
+        reasons,
     )
+
+
+def _liquidation_exit(entry: Decimal, qty: Decimal, costs: _Costs) -> tuple[Decimal, Decimal, str]:
+    # The simulated exchange's liquidation of an isolated long, in Decimal, as it does it.
+    margin = isolated_margin(entry, qty, costs.leverage)
+    liq = liquidation(PositionSide.LONG, entry, qty, margin, costs.fee, costs.pair)
+    return liq.price, liq.fee, liquidation_reason(liq)
 
 
 def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
@@ -643,9 +703,13 @@ def _curve(closes, index, values, cash0, equity):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True)
-def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
-    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order.
-    x = quote / (price * (1.0 + fee))
+def _lot_qty(quote, price, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
+    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order; with
+    # leverage, quote / Bybit's order cost of a long (`perpetuals.unit_cost`).
+    if inv_lev == 1.0:
+        x = quote / (price * (1.0 + fee))
+    else:
+        x = quote / (price * inv_lev + price * fee + price * (1.0 - inv_lev) * fee)
     if inv_lot > 0.0:
         return math.floor(x * inv_lot) / inv_lot
     return math.floor(x / lot) * lot
@@ -665,6 +729,7 @@ def _record_trade(  # type: ignore[no-untyped-def]
     numbers[k, 3] = entry_fee + exit_fee
     numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee + funding
     numbers[k, 5] = funding
+    numbers[k, 6] = 0.0
 
 
 # The loop's state between bars, a tuple so the inlined helpers below compile to registers:
@@ -678,11 +743,11 @@ _REFUSED = 2
 
 
 @njit(cache=True, inline="always")
-def _enter(state, i, price, stake, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+def _enter(state, i, price, stake, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
     # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
     cash, _, _, _, fees, _, k, _, _ = state
     quote = cash if stake < 0.0 else min(stake, cash)
-    q = _lot_qty(quote, price, fee, lot, inv_lot)
+    q = _lot_qty(quote, price, fee, lot, inv_lot, inv_lev)
     if q > 0.0:
         entry_fee = price * q * fee
         return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i,
@@ -718,14 +783,14 @@ def _on_exit_signal(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _on_entry_signal(  # type: ignore[no-untyped-def]
-    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, min_notional
+    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, inv_lev, min_notional
 ):
     # An entry signal when flat: vetoed without cash for one lot, refused below the minimum
     # notional, else bought at the next open (pending) or at once at the close. Returns the
     # new state and the verdict.
     cash = state[0]
     quote = cash if stake < 0.0 else min(stake, cash)
-    estimate = _lot_qty(quote, c, fee, lot, inv_lot)
+    estimate = _lot_qty(quote, c, fee, lot, inv_lot, inv_lev)
     if estimate <= 0.0:
         return state, _VETOED  # risk: no cash for one lot
     if estimate * c < min_notional:
@@ -733,7 +798,55 @@ def _on_entry_signal(  # type: ignore[no-untyped-def]
     if not fill_close:
         return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7],
                 state[8]), _TAKEN  # fmt: skip
-    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot), _TAKEN
+    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev), _TAKEN
+
+
+@njit(cache=True, inline="always")
+def _liq_prices(entry, qty, inv_lev, tiers):  # type: ignore[no-untyped-def]
+    # An isolated long's liquidation and bankruptcy prices (`perpetuals`), the maintenance
+    # margin from the risk-limit tier (rows of limit, MMR, deduction) its value falls in.
+    value = qty * entry
+    k = 0
+    while k < tiers.shape[0] - 1 and value > tiers[k, 0]:
+        k += 1
+    mm = max(value * tiers[k, 1] - tiers[k, 2], 0.0)
+    im = value * inv_lev
+    return max(entry - (im - mm) / qty, 0.0), max(entry - im / qty, 0.0)
+
+
+@njit(cache=True, inline="always")
+def _liquidate(state, i, liq, bust, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # The exchange closes the long at its liquidation price, charging the margin left above
+    # bankruptcy plus the fee to close; recorded as a closed trade flagged liquidated.
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
+    liq_fee = qty * (liq - bust) + qty * bust * fee
+    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, liq, qty,
+                  entry_fee, liq_fee, funding)  # fmt: skip
+    numbers[k, 6] = 1.0
+    return (cash - (-qty * liq + liq_fee), 0.0, entry_price, entry_fee, fees + liq_fee, 0,
+            k + 1, -1, 0.0)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _watch(state, i, low, inv_lev, tiers, watch, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # A leveraged long is liquidated when the bar's low reaches its liquidation price.
+    # `watch`: (bar the watched position opened, its liquidation, its bankruptcy price).
+    if state[1] <= 0.0:
+        return state, watch
+    if state[7] != watch[0]:  # a new position
+        liq, bust = _liq_prices(state[2], state[1], inv_lev, tiers)
+        watch = (state[7], liq, bust)
+    if low <= watch[1]:
+        state = _liquidate(state, i, watch[1], watch[2], fee, entries, exits, numbers)
+    return state, watch
+
+
+@njit(cache=True, inline="always")
+def _settle_funding(state, c, rate):  # type: ignore[no-untyped-def]
+    # The position pays qty x close x rate (receives when negative), at the candle's close.
+    payment = state[1] * c * rate
+    return (state[0] - payment, state[1], state[2], state[3], state[4], state[5], state[6],
+            state[7], state[8] - payment), payment  # fmt: skip
 
 
 @njit(cache=True)
@@ -753,6 +866,9 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     min_notional,
     funding_rates,
     with_funding,
+    lows,
+    inv_lev,
+    tiers,
     equity,
     entries,
     exits,
@@ -766,18 +882,20 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     vetoes = 0
     rejections = 0
     paid = 0.0
+    watch = (-1, 0.0, 0.0)  # the open position's liquidation (leverage only)
     state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1, 0.0)
     for i in range(n):
         if state[5] == 1:
-            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot)
+            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev)
         elif state[5] == -1:
             state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
+        if inv_lev != 1.0:
+            state, watch = _watch(state, i, lows[i], inv_lev, tiers, watch, fee, entries, exits,
+                                  numbers)  # fmt: skip
         c = closes[i]
         if with_funding and state[1] > 0.0 and funding_rates[i] != 0.0:
-            payment = state[1] * c * funding_rates[i]
+            state, payment = _settle_funding(state, c, funding_rates[i])
             paid += payment
-            state = (state[0] - payment, state[1], state[2], state[3], state[4], state[5],
-                     state[6], state[7], state[8] - payment)  # fmt: skip
         equity[i] = state[0] + state[1] * c
         if i < warm:
             continue
@@ -788,7 +906,7 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
                                              entries, exits, numbers)  # fmt: skip
         elif state[5] == 0 and enter[i]:
             state, verdict = _on_entry_signal(state, i, c, fill_close, slip, stake, fee, lot,
-                                              inv_lot, min_notional)  # fmt: skip
+                                              inv_lot, inv_lev, min_notional)  # fmt: skip
         else:
             continue
         signals += 1

@@ -67,7 +67,14 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from perpetuals import Liquidation, cross_margin, isolated_margin, liquidation, unit_cost
+from perpetuals import (
+    Liquidation,
+    cross_margin,
+    isolated_margin,
+    liquidation,
+    liquidation_reason,
+    unit_cost,
+)
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -449,10 +456,7 @@ class SimulatedExchange:
         ):
             return
         qty = abs(position)
-        reason = (
-            f"liquidation: mark reached {liq.price} (bankruptcy {liq.bankruptcy},"
-            f" fee {liq.fee:.8f})"
-        )
+        reason = liquidation_reason(liq)
         now = self._now()
         market = self.markets[bar.pair]
         order = Order(

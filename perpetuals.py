@@ -192,6 +192,11 @@ def liquidation_veto(
     return None
 
 
+def liquidation_reason(liq: Liquidation) -> str:
+    """Return the reason a liquidation's closing order and trade carry."""
+    return f"liquidation: mark reached {liq.price} (bankruptcy {liq.bankruptcy}, fee {liq.fee:.8f})"
+
+
 def funding_payment(signed_qty: Decimal, mark: Decimal, rate: Decimal) -> Decimal:
     """Return what a position pays at a funding time (negative: it receives).
 

@@ -357,6 +357,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             else 1.0,
             shorts=not s.strategy.long_only
             and load_strategy(s.strategy.name, s.strategy.params).can_short,
+            margin_mode=s.simulation.margin_mode,
         )
         if blockers:
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
@@ -374,6 +375,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             start_ms=start_ms,
             end_ms=end_ms,
             funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
+            max_leverage=s.risk.max_leverage,
         )
         summary = result.summary()
         summary["dropped_candles"] = 0

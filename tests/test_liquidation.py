@@ -6,6 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import main
@@ -232,8 +233,9 @@ def test_risk_refuses_shorts_on_spot_even_all_in() -> None:
     assert verdict.guard == "spot_short"
 
 
-def test_the_fast_path_refuses_leverage_and_shorts() -> None:
-    """Liquidation and shorts are the replay's: the fast path says why it cannot run them."""
+def test_the_fast_path_refuses_shorts_and_cross_margin() -> None:
+    """Shorts and cross margin are the replay's: the fast path says why it cannot run them;
+    isolated leverage it runs."""
     from trade_simulator import fast_path_blockers
 
     common: dict[str, Any] = {
@@ -241,16 +243,57 @@ def test_the_fast_path_refuses_leverage_and_shorts() -> None:
         "slippage_model": "fixed", "latency_ms": 0,
     }  # fmt: skip
     assert fast_path_blockers(**common) == []
-    assert "liquidation" in " ".join(fast_path_blockers(**common, leverage=10))
+    assert fast_path_blockers(**common, leverage=10) == []
+    assert "margins isolated" in " ".join(
+        fast_path_blockers(**common, leverage=10, margin_mode="cross")
+    )
     assert "long only" in " ".join(fast_path_blockers(**common, shorts=True))
 
 
-def test_the_cli_sends_a_leveraged_perpetual_backtest_to_the_replay(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def _wicks(path: Path, n: int = 1_500, seed: int = 3) -> Path:
+    """A random walk around 20,000 whose bars in the second half now and then wick 6-14 %
+    down."""
+    rng = np.random.default_rng(seed)
+    close = np.round(20_000 * np.exp(np.cumsum(rng.normal(0, 2e-3, n))), 1)
+    open_ = np.concatenate(([close[0]], close[:-1]))
+    low = np.minimum(open_, close) * (
+        1
+        - np.where((rng.random(n) < 0.03) & (np.arange(n) > n // 2), rng.uniform(0.06, 0.14, n), 0)
+    )
+    high = np.maximum(open_, close)
+    lines = ["timestamp,open,high,low,close,volume"]
+    for i in range(n):
+        row = (float(open_[i]), float(high[i]), round(float(low[i]), 1), float(close[i]))
+        lines.append(f"{T0 + i * 60_000}," + ",".join(repr(x) for x in row) + ",5.0")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fill_at", ["next_open", "close"])
+def test_leveraged_backtests_liquidate_the_same_on_the_fast_path_and_the_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_at: str
 ) -> None:
-    """`--engine fast` with leverage on a perpetual is refused with the reason."""
-    monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
-    monkeypatch.setenv("KESTREL_RISK__MAX_LEVERAGE", "10")
-    code = main.main(["--mode", "backtest", "--pairs", PERP, "--engine", "fast", "--no-ui"])
-    assert code != 0
-    assert "leverage 10: liquidation is simulated by the replay only" in capsys.readouterr().err
+    """sma_cross all in at 10x on a perpetual with wicks: the replay and `--engine fast`
+    trade and liquidate the same, at the same prices; the whole summary agrees."""
+    from tests.test_backtest_support import run_cli
+
+    data = _wicks(tmp_path / "wicks.csv")
+    env = {
+        "KESTREL_RISK__PROFILE": "all_in", "KESTREL_RISK__MAX_LEVERAGE": "10",
+        "KESTREL_SIMULATION__TAKER_FEE": str(FEE), "KESTREL_SIMULATION__SLIPPAGE_BPS": "1",
+        "KESTREL_SIMULATION__FILL_AT": fill_at,
+    }  # fmt: skip
+    cli = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=5",
+           "--param", "slow=20", "--pairs", PERP, "--data", str(data)]  # fmt: skip
+    (tmp_path / "r").mkdir()
+    (tmp_path / "f").mkdir()
+    replay = run_cli(tmp_path / "r", *cli, env=env)
+    fast = run_cli(tmp_path / "f", *cli, "--engine", "fast", env=env)
+    # All in at 10x, a liquidation takes the whole balance: later entries find no cash.
+    assert replay["liquidations"] == 1
+    assert replay["n_trades"] > 1
+    assert replay["trades"][-1]["reason"].startswith("liquidation")
+    assert replay["vetoes"] > 0
+    replay.pop("max_drawdown")
+    fast.pop("max_drawdown")
+    assert fast == replay
