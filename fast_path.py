@@ -380,10 +380,8 @@ def run_fast(
         "funding": numbers[:, 5].copy(),
     }
     liquidated = numbers[:, 6] > 0
-    reasons = np.full(count, f"{strategy.name}: exit long", dtype=object)
-    reasons[liquidated] = [
-        f"liquidation: mark reached {p:.10g}" for p in table["exit_price"][liquidated]
-    ]
+    # The liquidated trades' reasons (the exact accounting gives the replay's own).
+    liquidations = [f"liquidation: mark reached {p:.10g}" for p in table["exit_price"][liquidated]]
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
     funding_total = float(out[8])
     open_at = int(out[3]) if open_qty > 0 else -1
@@ -401,21 +399,21 @@ def run_fast(
             liquidated,
         )
         table, final, fees = exact_result.table, exact_result.final, exact_result.fees
-        reasons[liquidated] = exact_result.reasons
+        liquidations = exact_result.reasons
         funding_total = exact_result.funding
         open_qty, open_price = exact_result.open_qty, exact_result.open_price
         realised = exact_result.realised
     table["entry_ts"] = ts[entries] + opened
     # A liquidation happens inside its bar: it shows at the bar's close.
-    table["exit_ts"] = ts[exits] + np.where(liquidated, 0, opened)
+    table["exit_ts"] = ts[exits] + (np.where(liquidated, 0, opened) if liquidations else opened)
     # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
     table["pair"] = np.full(count, pair)
     table["side"] = np.full(count, "long")
-    table["reason"] = (
-        reasons.astype(np.str_)
-        if liquidated.any()
-        else np.full(count, f"{strategy.name}: exit long")
-    )
+    table["reason"] = np.full(count, f"{strategy.name}: exit long")
+    if liquidations:
+        reasons = table["reason"].astype(object)
+        reasons[liquidated] = liquidations
+        table["reason"] = reasons.astype(np.str_)
     open_positions: tuple[dict[str, Any], ...] = ()
     if open_at >= 0:
         open_positions = (
