@@ -18,6 +18,9 @@ the closed trades. Conventions, stated once:
 * Drawdowns are measured from the running peak, the starting balance included; a
   drawdown's duration runs from the peak to the first time equity is back at or above it
   (or to the end of the data).
+* Time-weighted forms (`weighted_sharpe`, `weighted_sortino`, `profit_factor` and
+  `win_rate` with weights, Kish's `effective_sample_size`) reduce to the plain
+  definitions under equal weights; the reward system's score uses them.
 * Ratios that do not exist (no losing trade for the profit factor, no variance for
   Sharpe) are `None` in JSON and "-" in the tables, never infinite.
 """
@@ -144,6 +147,86 @@ def sharpe(returns: Sequence[float] | np.ndarray, per_year: float = 1.0) -> floa
     if values.size < 2:
         return None
     return annualised_ratio(float(values.mean()), float(values.std(ddof=1)), per_year)
+
+
+def weighted_sharpe(
+    returns: Sequence[float] | np.ndarray, weights: np.ndarray, per_year: float = 1.0
+) -> float | None:
+    """Return the Sharpe ratio of `returns` under observation `weights` (time decay).
+
+    The weighted mean over the weighted standard deviation with reliability weights
+    (sum w (r - mean)^2 / (V1 - V2 / V1), V1 = sum w, V2 = sum w^2), which is ddof 1
+    when the weights are equal: with equal weights this is `sharpe` up to rounding.
+    None with fewer than two observations or no variance.
+    """
+    values, w = _weighted(returns, weights)
+    if values.size < 2:
+        return None
+    v1, v2 = float(w.sum()), float(np.square(w).sum())
+    mean = float(np.dot(w, values) / v1)
+    denominator = v1 - v2 / v1
+    if denominator <= 0:
+        return None
+    variance = float(np.dot(w, np.square(values - mean)) / denominator)
+    return annualised_ratio(mean, math.sqrt(max(variance, 0.0)), per_year)
+
+
+def weighted_sortino(
+    returns: Sequence[float] | np.ndarray, weights: np.ndarray, per_year: float = 1.0
+) -> float | None:
+    """Return the Sortino ratio of `returns` under observation `weights`.
+
+    The weighted mean over the weighted downside deviation (root of the weighted mean of
+    the squared negative returns over all observations, as `metrics` does unweighted).
+    None with no observation or no downside.
+    """
+    values, w = _weighted(returns, weights)
+    if values.size == 0:
+        return None
+    v1 = float(w.sum())
+    mean = float(np.dot(w, values) / v1)
+    downside = math.sqrt(float(np.dot(w, np.square(np.minimum(values, 0.0))) / v1))
+    return annualised_ratio(mean, downside, per_year)
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Return Kish's effective sample size, (sum w)^2 / sum w^2 (0 with no weight)."""
+    w = np.asarray(weights, dtype=np.float64)
+    squares = float(np.square(w).sum())
+    return float(w.sum()) ** 2 / squares if squares > 0 else 0.0
+
+
+def profit_factor(pnl: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Return gross wins / gross losses of trade `pnl` (optionally weighted).
+
+    None with no losing trade (or no trade): the ratio does not exist.
+    """
+    values = np.asarray(pnl, dtype=np.float64)
+    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
+    gross_win = float(np.dot(w, np.maximum(values, 0.0)))
+    gross_loss = float(-np.dot(w, np.minimum(values, 0.0)))
+    return _ratio(gross_win, gross_loss) if gross_win or gross_loss else None
+
+
+def win_rate(pnl: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Return the (weighted) share of trades with a positive PnL; None with no trade."""
+    values = np.asarray(pnl, dtype=np.float64)
+    if values.size == 0:
+        return None
+    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = float(w.sum())
+    return float(w[values > 0].sum()) / total if total > 0 else None
+
+
+def _weighted(
+    returns: Sequence[float] | np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(returns, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != values.shape:
+        raise ValueError(f"{w.shape[0] if w.ndim else 0} weights for {values.size} returns")
+    keep = w > 0
+    return values[keep], w[keep]
 
 
 def cagr(growth: float, span_ms: float) -> float | None:

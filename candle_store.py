@@ -98,10 +98,19 @@ def load_candles(path: Path | str, *, timeframe: str | None = None) -> pd.DataFr
 
 
 def _read_parquet_any(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
-    if "ts" in names and all(c in names for c in OHLCV):
+    schema = pq.read_schema(path)
+    names = schema.names
+    # Our archive layout: `ts` as epoch ms integers. A pandas frame written with a
+    # DatetimeIndex named "ts" also has a `ts` column, but of a timestamp type: it takes
+    # the pandas route, which keeps its unit.
+    if (
+        "ts" in names
+        and pa.types.is_integer(schema.field("ts").type)
+        and all(c in names for c in OHLCV)
+    ):
         return arrays_to_frame(_read_archive(path, None, None))
     raw = pd.read_parquet(path)
     if "timestamp" not in raw.columns and "date" in raw.columns:  # freqtrade's layout

@@ -212,11 +212,36 @@ class PairsSettings(_Group):
 class RewardSettings(_Group):
     """How strategies and agents are scored."""
 
-    pnl_weight: float = 1.0
-    sharpe_weight: float = 0.5
-    drawdown_weight: float = 1.0
-    turnover_weight: float = 0.1
-    window_trades: int = Field(default=50, ge=1)
+    # Factor weights of the score's total (reward_system.score).
+    sharpe_weight: float = Field(default=1.0, description="x annualised Sharpe of daily returns")
+    sortino_weight: float = Field(default=0.5, description="x annualised Sortino, capped at 10")
+    drawdown_weight: float = Field(default=2.0, description="x windowed max drawdown (fraction)")
+    profit_factor_weight: float = Field(default=0.5, description="x ln(profit factor), +-ln 10")
+    win_rate_weight: float = Field(default=0.5, description="x (win rate - 0.5) x 2")
+    consistency_weight: float = Field(default=0.5, description="x (positive-day share - 0.5) x 2")
+    # Behavioural penalties, each subtracted as weight x value.
+    overtrading_weight: float = Field(default=1.0, ge=0)
+    stop_overrun_weight: float = Field(default=1.0, ge=0)
+    averaging_down_weight: float = Field(default=1.0, ge=0)
+    revenge_weight: float = Field(default=1.0, ge=0)
+    breach_weight: float = Field(default=0.25, ge=0, description="per (time-weighted) breach")
+    fee_share_tolerance: float = Field(
+        default=0.5, ge=0, le=1, description="fees may take this share of the gross edge"
+    )
+    stop_slippage: float = Field(
+        default=0.002, ge=0, description="exit past the stop by more than this is an overrun"
+    )
+    revenge_window_min: float = Field(
+        default=60.0, ge=0, description="an entry this soon after a breaker trip is revenge"
+    )
+    # Time weighting, drawdown window and the skill ranking.
+    half_life_days: float = Field(default=90.0, gt=0, description="exponential weight half-life")
+    drawdown_window_days: float = Field(default=90.0, gt=0)
+    prior_strength_days: float = Field(
+        default=30.0, gt=0, description="shrinkage toward a zero Sharpe, in days of evidence"
+    )
+    confidence_z: float = Field(default=1.645, ge=0, description="ranking lower bound: mean - z sd")
+    window_trades: int = Field(default=2_000, ge=1, description="trades kept per strategy")
 
 
 class LearningSettings(_Group):

@@ -45,6 +45,7 @@ class DaemonBase:
     frames: dict[str, Any]
     pair_schedule: Any
     progress: Callable[[int, int], None] | None
+    timings: dict[str, float]
     top_pairs: Any
     data: DataManager | None
     window: int

@@ -8,6 +8,7 @@ through its constructor, and, live, the journal and the start-up reconciliation.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -20,7 +21,7 @@ from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
 )
-from models import Market, strategy_tag
+from models import Event, Market, strategy_tag
 from pipeline import Engine, PrecomputedSignals
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -63,14 +64,17 @@ class DaemonBuild(DaemonBase):
     def build_replay(self) -> None:
         """Build the replay feed, matching engine and engine (sim --feed replay, backtest)."""
         s = self.settings
+        started = time.perf_counter()
         frames = load_frames(self.args, s)
+        self.timings["load_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         start_ms = end_ms = None
         if self.args.timerange:
             try:
                 start_ms, end_ms = parse_timerange(self.args.timerange)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        first = min(int(f.index[0].value // 1_000_000) for f in frames.values())
+        first = min(int(f.index[:1].as_unit("ms").asi8[0]) for f in frames.values())
         clock = ReplayClock(start_ms if start_ms is not None else first)
         backtest = self.args.mode == "backtest"
         speed = 0.0 if backtest else s.simulation.replay_speed
@@ -126,6 +130,9 @@ class DaemonBuild(DaemonBase):
         self.driver = self._drive(sim, self.engine)
         if signals is not None and self.engine.quiet_exact and not s.learning.enabled:
             self.driver.enable_quiet_path(signals)
+        # The strategy's columns over the whole archive, numba compilation (or its cache
+        # load) included.
+        self.timings["prepare_s"] = time.perf_counter() - started
 
     @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
@@ -179,6 +186,13 @@ class DaemonBuild(DaemonBase):
             # then (plus a margin for clock skew) was never placed.
             unknown_after_ms=s.exchange.recv_window_ms + 5_000,
         )
+        reward = RewardSystem(s.reward)
+
+        def risk_alert(event: Event) -> None:
+            # The reward system hears of each breaker trip (revenge-trading penalty).
+            reward.on_event(event)
+            self.alert(event)
+
         return Engine(
             mode=self.args.mode,
             timeframe=s.strategy.timeframe,
@@ -189,14 +203,14 @@ class DaemonBuild(DaemonBase):
             risk=RiskManager(
                 s.risk,
                 long_only=s.strategy.long_only,
-                alert=self.alert,
+                alert=risk_alert,
                 timeframe=s.strategy.timeframe,
                 taker_fee=Decimal(str(s.simulation.taker_fee)),
                 strategy_tag=strategy_tag(strategy.describe()),
                 margin_mode=s.simulation.margin_mode,
             ),
             executor=executor,
-            reward=RewardSystem(s.reward),
+            reward=reward,
             portfolio=portfolio,
             market_for=market_for,
             audit=self.audit,

@@ -132,7 +132,7 @@ def _panel_key(name: str, snap: Snapshot, pair: str | None, rows: int) -> Any:
         return (snap.recent_trades, rows)
     if name == "metrics":
         decision = snap.last_decisions.get(pair) if pair else None
-        return (pair, snap.recent_trades, tip, snap.scores, decision, snap.model)
+        return (pair, snap.recent_trades, tip, snap.scores, snap.ranking, decision, snap.model)
     if name == "system":
         return (snap.mode, snap.state, snap.rate_limit_budget)
     return (snap.errors, rows)

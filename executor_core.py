@@ -49,6 +49,57 @@ from utils.utilities import AuditTrail, Clock, SerialWorker
 
 
 log = structlog.get_logger("trade_executor")
+
+
+class OrderIndex(dict[str, Order]):
+    """Every order by client id, with the ones not yet terminal kept apart as well.
+
+    A run's order history only grows, but the orders still working are few: `working`
+    answers "what is open" without scanning the history (which made a long backtest
+    quadratic in its number of orders).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.working: dict[str, Order] = {}
+
+    def _track(self, key: str, order: Order) -> None:
+        if order.status.is_terminal:
+            self.working.pop(key, None)
+        else:
+            self.working[key] = order
+
+    def __setitem__(self, key: str, order: Order) -> None:
+        super().__setitem__(key, order)
+        self._track(key, order)
+
+    def setdefault(self, key: str, default: Order) -> Order:
+        """Insert `default` under `key` unless it is there; return what is stored."""
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.working.pop(key, None)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """Remove `key` and return its order (or `default`)."""
+        self.working.pop(key, None)
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        """Forget every order."""
+        super().clear()
+        self.working.clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Add orders from a mapping or pairs, indexing each."""
+        for key, order in dict(*args, **kwargs).items():
+            self[key] = order
+
+
 ZERO = Decimal(0)
 T = TypeVar("T")
 
@@ -205,7 +256,7 @@ class ExecutorCore:
         # An order not on the exchange this long after its request left never will be:
         # Bybit refuses a request older than its recv_window (plus the clock skew margin).
         self.unknown_after_ms = unknown_after_ms
-        self.orders: dict[str, Order] = {}
+        self.orders = OrderIndex()
         self._intents: dict[str, OrderIntent] = {}
         self._protection: dict[str, _Protection] = {}
         # pair -> (client id, sent at) of an entry or exit whose answer was lost.
@@ -503,7 +554,7 @@ class ExecutorCore:
 
     def open_orders(self) -> list[Order]:
         """Return orders not yet in a terminal state."""
-        return [o for o in self.orders.values() if not o.status.is_terminal]
+        return list(self.orders.working.values())
 
 
 _LOOKUP_PAUSE_S = 0.5

@@ -24,6 +24,7 @@ from matching_engine import ZERO, quote_qty, sim_market, slipped_price
 from models import ClosedTrade, Market, MarketType, PositionSide, Side
 from perpetuals import FundingSchedule, isolated_margin, liquidation, liquidation_reason, risk_tiers
 from strategy import Strategy
+from utils.equity_curve import EquityCurve
 from utils.utilities import timeframe_to_ms
 
 
@@ -147,7 +148,7 @@ class BacktestResult:
 
 def result_from_summary(
     summary: Mapping[str, Any],
-    equity_curve: Sequence[tuple[int, float]],
+    equity_curve: EquityCurve | Sequence[tuple[int, float]],
     *,
     prices: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> BacktestResult:
@@ -162,18 +163,22 @@ def result_from_summary(
         dtype = np.int64 if name.endswith("_ts") else np.float64
         table[name] = np.array([t[name] for t in trades], dtype=dtype)
     table["funding"] = np.array([t.get("funding", 0.0) for t in trades], dtype=np.float64)
-    curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
+    if isinstance(equity_curve, EquityCurve):
+        curve_ts, curve_values = equity_curve.arrays()
+    else:
+        curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
+        curve_ts, curve_values = curve[:, 0].astype(np.int64), curve[:, 1].copy()
     return BacktestResult(
         strategy=dict(summary.get("strategy", {})),
         pairs=tuple(summary.get("pairs", ())),
         timeframe=str(summary.get("timeframe", "1m")),
         starting_balance=float(summary["starting_balance"]),
-        ts=curve[:, 0].astype(np.int64),
-        equity=curve[:, 1].copy(),
+        ts=curve_ts,
+        equity=curve_values,
         table=table,
         final_equity=float(summary["final_equity"]),
         fees=float(summary.get("fees", 0.0)),
-        candles=int(summary.get("candles", len(curve))),
+        candles=int(summary.get("candles", len(curve_ts))),
         open_positions=tuple(summary.get("open_positions", ())),
         prices=dict(prices or {}),
         signals=int(summary.get("signals", 0)),

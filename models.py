@@ -497,7 +497,13 @@ class FundingPayment:
 
 @dataclass(frozen=True, slots=True)
 class ClosedTrade:
-    """A round trip: entry and exit of one position, for summaries and analytics."""
+    """A round trip: entry and exit of one position, for summaries and analytics.
+
+    `stop_price` is the stop in force when the position was opened (None when unknown or
+    none was set) and `adds_at_loss` counts the fills that added to the position at a
+    price worse than its average entry (averaging down); the reward system's behavioural
+    penalties read both.
+    """
 
     pair: str
     side: PositionSide
@@ -509,6 +515,8 @@ class ClosedTrade:
     fee: float
     pnl: float
     reason: str = ""
+    stop_price: float | None = None
+    adds_at_loss: int = 0
     # Net funding the position received while open (negative: paid); included in `pnl`.
     funding: float = 0.0
 
@@ -653,6 +661,22 @@ EventSink = Callable[[Event], None]
 
 
 @dataclass(frozen=True, slots=True)
+class Ranked:
+    """A strategy's place in the skill ranking (reward_system.rank), best first.
+
+    `lcb` is the lower confidence bound of its shrunk annualised Sharpe of daily returns,
+    the ranking key; `total` is its `reward_system.Score.total`, the number shown for it.
+    """
+
+    name: str
+    lcb: float
+    shrunk_sharpe: float
+    effective_n: float
+    total: float
+    trades: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """A read-only view of the bot, shared by the dashboard, the web view and Telegram."""
 
@@ -672,6 +696,7 @@ class Snapshot:
     rate_limit_budget: dict[str, float] = field(default_factory=dict)
     risk: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    ranking: tuple[Ranked, ...] = ()
 
 
 class Control(Protocol):

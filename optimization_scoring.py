@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 import analytics
+from config import RewardSettings
+from reward_system import score_backtest
 from utils.utilities import timeframe_to_ms
 
 
@@ -100,6 +102,15 @@ def _score(value: float | None, numerator: float) -> float:
     if not math.isfinite(numerator):
         return math.nan
     return 0.0 if numerator == 0 else math.copysign(RATIO_CAP, numerator)
+
+
+def score_result(result: BacktestResult, settings: RewardSettings | None = None) -> float:
+    """Return the one score of a backtest: `reward_system.score_backtest(...).total`.
+
+    The same number `/score`, the dashboard and the ranking show for a live record, so an
+    optimiser maximising it optimises what the operator sees (default weights unless given).
+    """
+    return score_backtest(result, settings or RewardSettings()).total
 
 
 def equity_metrics(

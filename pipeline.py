@@ -12,8 +12,10 @@ of the chosen mode and owns the tasks around it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -172,14 +174,20 @@ class PrecomputedSignals:
 
     def __init__(self, strategy: Strategy, frames: dict[str, Any]) -> None:
         self.strategy = strategy
-        self._rows: dict[str, dict[int, int]] = {}
+        # Per pair: the open times (packed, for O(1) reads from Python), the row the
+        # last lookup found (candles arrive in order, so the next one is usually next),
+        # and the flags per row (None where nothing is set: most rows).
+        self._ts: dict[str, array[int]] = {}
+        self._cursor: dict[str, int] = {}
         self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._feature_row: dict[str, dict[int, int]] = {}
         self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
             cols = strategy.populate(frame)
             ts = frame.index.as_unit("ms").asi8
-            self._rows[pair] = {int(t): i for i, t in enumerate(ts)}
+            self._ts[pair] = array("q", ts.tobytes())
+            self._cursor[pair] = -1
             flags = np.zeros((len(frame), 4), dtype=bool)
             for j, name in enumerate(self._NAMES):
                 if name in cols.columns:
@@ -187,22 +195,46 @@ class PrecomputedSignals:
             # A strategy needs its warm-up before its signals count, as in the live path.
             flags[: max(strategy.warmup - 1, 0)] = False
             self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
-            # Python tuples (None when no flag): one cheap lookup per candle.
-            self._flags[pair] = [
-                (bool(a), bool(b), bool(c), bool(d)) if (a or b or c or d) else None
-                for a, b, c, d in flags.tolist()
-            ]
+            # Python tuples (None when no flag): one cheap lookup per candle. Only the
+            # flagged rows become tuples, so memory stays a pointer per candle.
+            rows: list[tuple[bool, bool, bool, bool] | None] = [None] * len(frame)
+            set_rows = np.flatnonzero(self._flagged[pair][1])
+            for i, (a, b, c, d) in zip(set_rows.tolist(), flags[set_rows].tolist(), strict=True):
+                rows[i] = (a, b, c, d)
+            self._flags[pair] = rows
             names = [
                 str(c)
                 for c in cols.columns
                 if c not in self._NAMES and np.issubdtype(cols[c].dtype, np.number)
             ]
-            values = cols[names].to_numpy(dtype=np.float64) if names else np.empty((len(frame), 0))
+            # The features are read only where a flag is set: keep those rows alone.
+            values = (
+                cols[names].iloc[set_rows].to_numpy(dtype=np.float64)
+                if names
+                else np.empty((len(set_rows), 0))
+            )
             self._features[pair] = (names, values)
+            self._feature_row[pair] = {int(i): k for k, i in enumerate(set_rows.tolist())}
+
+    def _row(self, pair: str, ts: int) -> int | None:
+        """Return the row of `pair`'s archive opening at `ts`, None if it has none."""
+        known = self._ts.get(pair)
+        if known is None:
+            return None
+        cursor = self._cursor[pair]
+        if cursor >= 0 and known[cursor] == ts:
+            return cursor
+        index = cursor + 1
+        if index >= len(known) or known[index] != ts:
+            index = bisect.bisect_left(known, ts)
+            if index >= len(known) or known[index] != ts:
+                return None
+        self._cursor[pair] = index
+        return index
 
     def has_flags(self, candle: Candle) -> bool:
         """Return True if any signal column is set on this candle."""
-        index = self._rows[candle.pair].get(candle.ts)
+        index = self._row(candle.pair, candle.ts)
         return index is not None and self._flags[candle.pair][index] is not None
 
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
@@ -216,13 +248,14 @@ class PrecomputedSignals:
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Read the precomputed row for this candle."""
-        index = self._rows[candle.pair].get(candle.ts)
+        index = self._row(candle.pair, candle.ts)
         if index is None:
             return None
         flags = self._flags[candle.pair][index]
         if flags is None:
             return None
         names, values = self._features[candle.pair]
+        row = self._feature_row[candle.pair][index]
         return decide_signal(
             self.strategy,
             candle.pair,
@@ -231,7 +264,7 @@ class PrecomputedSignals:
             flags,
             holding,
             lambda: {
-                n: v for n, v in zip(names, values[index].tolist(), strict=True) if math.isfinite(v)
+                n: v for n, v in zip(names, values[row].tolist(), strict=True) if math.isfinite(v)
             },
         )
 
@@ -418,6 +451,7 @@ class EngineControl(EngineState):
             last_decisions=dict(self.decisions),
             order_books=dict(self.books),
             scores=self.reward.scores(),
+            ranking=tuple(self.reward.ranked()),
             errors=tuple(self.errors),
             model={pair: p.describe() for pair, p in self.predictors.items()},
             risk={
@@ -893,7 +927,9 @@ class Engine(EngineControl):
     def _on_trade_closed(self, trade: ClosedTrade) -> None:
         now = self.clock.now_ms()
         self.risk.on_trade_closed(trade, now)
-        reward = self.reward.on_trade_closed(self.strategy.name, trade)
+        reward = self.reward.on_trade_closed(
+            self.strategy.name, trade, equity=float(self.portfolio.equity())
+        )
         self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
         log.info(
             "trade_closed",

@@ -27,6 +27,7 @@ from models import (
     PositionSide,
     Side,
 )
+from utils.equity_curve import EquityCurve
 
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ class _Open:
     stop_price: Decimal | None = None
     take_profit: Decimal | None = None
     mark: Decimal | None = None
+    entry_stop: Decimal | None = None  # the first stop set: the one in force at entry
+    adds_at_loss: int = 0  # adds at a price worse than the average entry, not yet reported
     funding: Decimal = ZERO  # net funding received while open (negative: paid)
 
 
@@ -59,7 +62,7 @@ class Portfolio:
         self.funding = ZERO  # net funding received (negative: paid), open positions included
         self._open: dict[str, _Open] = {}
         self.closed: list[ClosedTrade] = []
-        self.equity_curve: list[tuple[int, float]] = []
+        self.equity_curve = EquityCurve()
         self.peak_equity = starting_cash
         self.max_drawdown = 0.0
         self._seen_fills: set[str] = set()
@@ -199,8 +202,8 @@ class Portfolio:
             # Flat and nothing changed since the last point: the same equity again (the
             # common case in backtests; skips the Decimal work).
             curve = self.equity_curve
-            if curve[-1][0] != ts:
-                curve.append((ts, curve[-1][1]))
+            if curve.last_ts != ts:
+                curve.append(ts, curve.last_value)
             return self.cash
         equity = self.equity()
         self._flat_cash = equity if not self._open else None
@@ -212,10 +215,10 @@ class Portfolio:
                 self.max_drawdown = dd
         value = float(equity)
         curve = self.equity_curve
-        if curve and curve[-1][0] == ts:
-            curve[-1] = (ts, value)
+        if curve and curve.last_ts == ts:
+            curve.set_last(ts, value)
         else:
-            curve.append((ts, value))
+            curve.append(ts, value)
         return equity
 
     def record_equity_run(self, pair: str, ts: list[int], closes: list[float]) -> None:
@@ -231,7 +234,7 @@ class Portfolio:
             self._record_run_flat_pair(ts)
             return
         curve = self.equity_curve
-        if len(self._open) == 1 and curve and curve[-1][0] < ts[0]:
+        if len(self._open) == 1 and curve and curve.last_ts < ts[0]:
             self._record_run_sole_position(book, ts, closes)
             return
         for t, close in zip(ts, closes, strict=True):
@@ -257,7 +260,7 @@ class Portfolio:
                 dd = float((peak - equity) / peak)
                 if dd > worst:
                     worst = dd
-            append((t, float(equity)))
+            append(t, float(equity))
         book.mark = mark
         self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
 
@@ -266,8 +269,7 @@ class Portfolio:
         # is unchanged extends the curve with its last value in one step.
         self.record_equity(ts[0])
         if not self._open and self.cash == self._flat_cash:
-            value = self.equity_curve[-1][1]
-            self.equity_curve.extend([(t, value) for t in ts[1:]])
+            self.equity_curve.extend_flat(ts[1:], self.equity_curve.last_value)
         else:
             for t in ts[1:]:
                 self.record_equity(t)
@@ -280,6 +282,8 @@ class Portfolio:
         if book is not None:
             if stop is not None:
                 book.stop_price = stop
+                if book.entry_stop is None:
+                    book.entry_stop = stop
             if take_profit is not None:
                 book.take_profit = take_profit
 
@@ -308,6 +312,8 @@ class Portfolio:
             self._open[fill.pair] = _Open(signed, fill.price, fill.ts, fill.fee, mark=fill.price)
             return None
         if (book.qty > 0) == (signed > 0):  # adding to the position: average the entry
+            if (fill.price - book.entry_price) * signed < 0:  # worse than the entry: averaging down
+                book.adds_at_loss += 1
             total = book.qty + signed
             book.entry_price = (book.entry_price * book.qty + fill.price * signed) / total
             book.qty = total
@@ -341,8 +347,11 @@ class Portfolio:
             fee=float(entry_fee_part + exit_fee_part),
             pnl=float(pnl),
             reason=reason,
+            stop_price=None if book.entry_stop is None else float(book.entry_stop),
+            adds_at_loss=book.adds_at_loss,
             funding=float(funding_part),
         )
+        book.adds_at_loss = 0  # reported once, on the first part that closes
         self.closed.append(trade)
         book.entry_fees -= entry_fee_part
         remaining = abs(signed) - closing

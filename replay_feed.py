@@ -25,6 +25,7 @@ from utils.utilities import ReplayClock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
+_CHUNK = 8_192  # candles turned into Python numbers at a time
 
 
 # -- Replay feed -----------------------------------------------------------------------------
@@ -89,11 +90,16 @@ class ReplayFeed:
     def _stream(self, pair: str, frame: pd.DataFrame) -> Iterable[Candle]:
         # A function per pair, so each generator binds its own pair (a generator expression
         # in a loop would read the loop variable late and label every candle with the last).
-        ts = frame.index.as_unit("ms").asi8.tolist()
-        values = frame[["open", "high", "low", "close", "volume"]].to_numpy().tolist()
+        # Converted to Python numbers a chunk at a time: the whole archive as lists would
+        # cost ~200 bytes a candle for the length of the run.
+        ts_all = frame.index.as_unit("ms").asi8
+        columns = [frame[name].to_numpy() for name in ("open", "high", "low", "close", "volume")]
         timeframe = self.timeframe
-        for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
-            yield Candle(pair, timeframe, t, o, h, lo, c, v)
+        for start in range(0, len(ts_all), _CHUNK):
+            ts = ts_all[start : start + _CHUNK].tolist()
+            values = np.column_stack([c[start : start + _CHUNK] for c in columns]).tolist()
+            for t, (o, h, lo, c, v) in zip(ts, values, strict=True):
+                yield Candle(pair, timeframe, t, o, h, lo, c, v)
 
     def single_pair(self) -> tuple[str, np.ndarray, np.ndarray] | None:
         """Return (pair, open times, OHLCV rows) when the replay has exactly one pair.

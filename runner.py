@@ -101,6 +101,8 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self.frames: dict[str, Any] = {}
         self.pair_schedule: Any = None
         self.progress: Callable[[int, int], None] | None = None
+        # Seconds per phase of a replay (load, prepare, ...): where a backtest's time goes.
+        self.timings: dict[str, float] = {}
         self.top_pairs: Any = None
         self.data: DataManager | None = None
         self.window = 0
@@ -344,6 +346,8 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
     from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary
 
     s = settings
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     if getattr(args, "engine", "replay") == "fast":
         blockers = fast_path_blockers(
             risk_profile=s.risk.profile,
@@ -363,6 +367,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
         start_ms, end_ms = parse_timerange(args.timerange) if args.timerange else (None, None)
         ((pair, frame),) = load_frames(args, s).items()
+        timings["load_s"] = time.perf_counter() - started
         result = fast_backtest(
             load_strategy(s.strategy.name, s.strategy.params),
             frame,
@@ -379,23 +384,34 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
         )
         summary = result.summary()
         summary["dropped_candles"] = 0
+        timings["run_s"] = time.perf_counter() - started - timings["load_s"]
     else:
         daemon = Daemon(args, settings)
         with analytics.progress_bar("backtest") as progress:
             daemon.progress = progress
             daemon.build_replay()
+            ran = time.perf_counter()
             summary = await daemon.run()
+            timings.update(daemon.timings, run_s=time.perf_counter() - ran)
         assert daemon.engine is not None
         prices = {
             pair: (frame.index.as_unit("ms").asi8 + daemon.engine.step, frame["close"].to_numpy())
             for pair, frame in daemon.frames.items()
         }
         result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)
+    phase = time.perf_counter()
     mc = analytics.monte_carlo(analytics.trade_returns(result)) if summary["n_trades"] > 1 else None
+    timings["monte_carlo_s"] = time.perf_counter() - phase
+    phase = time.perf_counter()
     Console(file=sys.stdout, width=120).print(analytics.render_rich(result, monte_carlo_result=mc))
     if args.report_html is not None:
         path = analytics.write_html_report(result, args.report_html, monte_carlo_result=mc)
         log.warning("report_written", path=str(path))
+    timings["report_s"] = time.perf_counter() - phase
+    timings["total_s"] = time.perf_counter() - started
+    # Where a backtest's seconds went (start-up imports excluded: they precede this call).
+    summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    log.info("backtest_timings", **summary["timings"])
     return summary
 
 

@@ -348,7 +348,14 @@ def section_metrics(snapshot: Snapshot, pair: str | None = None) -> RenderableTy
         [_key("max drawdown"), f"{drawdown * 100:.2f}%"],
     ]
     parts: list[RenderableType] = [_table(None, stats)]
-    if snapshot.scores:
+    if snapshot.ranking:
+        # Best first by the skill bound; the score is reward_system's Score.total.
+        lines: list[list[Cell]] = [
+            [r.name, f"{r.total:.3f}", f"lcb {r.lcb:+.2f}", f"{r.trades} tr"]
+            for r in snapshot.ranking[:6]
+        ]
+        parts += [Text("ranking", style="bold dim"), _table(None, lines, "lrrr")]
+    elif snapshot.scores:
         top = max(abs(v) for v in snapshot.scores.values()) or 1.0
         ranked = sorted(snapshot.scores.items(), key=lambda kv: -kv[1])[:6]
         rows: list[list[Cell]] = [

@@ -475,7 +475,16 @@ def render_risk(snap: Snapshot) -> str:
 
 
 def render_scores(snap: Snapshot) -> str:
-    """Return the /score reply: strategy or agent scores, best first."""
+    """Return the /score reply: each strategy's score, best first by its skill bound.
+
+    The score is `reward_system`'s `Score.total`, as in the snapshot; the lower bound
+    (lcb) of the shrunk annualised daily Sharpe is what the ranking orders by.
+    """
+    if snap.ranking:
+        return "<b>Scores</b> (ranked by skill lower bound)\n" + "\n".join(
+            f"{i}. {esc(r.name)} {r.total:.3f} · lcb {r.lcb:+.2f} · {r.trades} trades"
+            for i, r in enumerate(snap.ranking[:20], 1)
+        )
     if not snap.scores:
         return "No scores yet."
     ranked = sorted(snap.scores.items(), key=lambda kv: kv[1], reverse=True)[:20]

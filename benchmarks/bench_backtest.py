@@ -83,7 +83,7 @@ def ours(df: pd.DataFrame, *, exact: bool = False) -> Any:
 
 
 @njit(cache=True)
-def _bare_loop(opens, closes, nf, ns, fee, cash):  # type: ignore[no-untyped-def]
+def _bare_loop(opens, closes, nf, ns, fee, cash):
     # The floor: rolling sums, crossings and an all-in position in one pass, no bookkeeping.
     tf = 0.0
     ts = 0.0

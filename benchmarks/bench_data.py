@@ -88,13 +88,12 @@ def _freqtrade_style_clean(df: pd.DataFrame) -> pd.DataFrame:
 def _storage(frame: pd.DataFrame, tmp: Path) -> list[dict[str, Any]]:
     n = len(frame)
     store = CandleStore(tmp / "data", "bybit")
-    write = _best(
-        lambda: (
-            store.path("BTC/USDT", "1m").unlink(missing_ok=True),
-            store.append("BTC/USDT", "1m", frame),
-        ),
-        3,
-    )
+
+    def rewrite() -> None:
+        store.path("BTC/USDT", "1m").unlink(missing_ok=True)
+        store.append("BTC/USDT", "1m", frame)
+
+    write = _best(rewrite, 3)
     peer_write = _best(lambda: frame.to_parquet(tmp / "pandas.parquet", compression="zstd"), 3)
     csv_path = tmp / "candles.csv"
     out = frame.reset_index(drop=True)

@@ -11,6 +11,7 @@ a few runs, ours and the peer's side by side in the same process.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,8 +122,8 @@ def _versus_talib(df: pd.DataFrame) -> list[dict[str, Any]]:
         func = getattr(talib, func_name)
         name = func_name.lower()
         ours, peer = _pair(
-            lambda n=name, p=params: ti.compute(df, n, **p),
-            lambda f=func, a=args, p=params: f(*a, **p),
+            functools.partial(ti.compute, df, name, **params),
+            functools.partial(func, *args, **params),
             9,
         )
         rows.append(_row(f"compute {label}", ours * 1e3, "talib direct", peer * 1e3, "ms", note))
@@ -130,7 +131,9 @@ def _versus_talib(df: pd.DataFrame) -> list[dict[str, Any]]:
     for func_name, name in COMMON:
         args = _talib_args(df, func_name)
         func = getattr(talib, func_name)
-        ours, peer = _pair(lambda n=name: ti.compute(df, n), lambda f=func, a=args: f(*a), 7)
+        ours, peer = _pair(
+            functools.partial(ti.compute, df, name), functools.partial(func, *args), 7
+        )
         total_ours += ours
         total_peer += peer
         rows.append(_row(f"compute {name}", ours * 1e3, "talib direct", peer * 1e3, "ms", note))
@@ -153,7 +156,7 @@ def _own_indicators(df: pd.DataFrame) -> list[dict[str, Any]]:
     own = [name for name, info in ti.available().items() if info.source == "kestrel"]
     for name in own:
         ti.compute(df.iloc[:1000], name)  # numba compile / cache load outside the timing
-        seconds = _best(lambda n=name: ti.compute(df, n), 3)
+        seconds = _best(functools.partial(ti.compute, df, name), 3)
         rows.append(
             _row(
                 f"{name} per candle",
@@ -235,7 +238,10 @@ def _live_update(df: pd.DataFrame) -> list[dict[str, Any]]:
     seed_s = time.perf_counter() - start
     ts = feed.index.as_unit("ms").asi8
     values = feed[["open", "high", "low", "close", "volume"]].to_numpy()
-    candles = [Candle("BTC/USDT", "1m", int(ts[i]), *map(float, values[i])) for i in range(updates)]
+    candles = [
+        Candle("BTC/USDT", "1m", int(t), float(o), float(h), float(lo), float(c), float(v))
+        for t, (o, h, lo, c, v) in zip(ts[:updates], values[:updates], strict=True)
+    ]
     timings = []
     for candle in candles:
         start = time.perf_counter()

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ async def _replay() -> list[float]:
     return list(daemon.engine.decision_latency_ms)
 
 
-def run() -> list[dict]:
+def run() -> list[dict[str, Any]]:
     size = os.environ.get("KESTREL_BENCH_SIZE")
     minutes = 10 if size else 40
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +161,7 @@ def run() -> list[dict]:
     rp = np.percentile(replay, [50, 99]) if replay else [float("nan")] * 2
     note = f"{len(live)} orders from 50 pairs x {minutes} bursts; target p99 < 5 ms"
 
-    def row(name: str, ours: float, peer: float, note: str) -> dict:
+    def row(name: str, ours: float, peer: float, note: str) -> dict[str, Any]:
         return {"name": name, "ours": float(ours), "unit": "ms", "ratio": None, "note": note,
                 "peer": "same pipeline on replay", "peer_value": float(peer)}  # fmt: skip
 

@@ -282,7 +282,7 @@ def _best(results: list[dict[str, float]]) -> dict[str, float]:
     return best
 
 
-def run() -> list[dict]:
+def run() -> list[dict[str, Any]]:
     pairs = _size()
     symbols = _symbols(pairs)
     rounds = 200 if pairs >= 50 else 50

@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -112,6 +113,10 @@ class _Control:
         return ""
 
     async def stop(self, reason: str) -> None: ...
+    async def reset_risk(self, reason: str) -> None: ...
+
+    def patterns(self, pair: str) -> list[dict[str, Any]]:
+        return []
 
 
 async def _probe(
@@ -135,7 +140,7 @@ class _GcPauses:
         self.pauses: list[float] = []
         self._started = 0.0
 
-    def __call__(self, phase: str, info: dict) -> None:
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         else:
@@ -167,7 +172,7 @@ def _p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 2 else max(values)
 
 
-def _stall_rows(pairs: int, seconds: float) -> list[dict]:
+def _stall_rows(pairs: int, seconds: float) -> list[dict[str, Any]]:
     snapshots = [_snapshot(pairs, t) for t in range(8)]
     idle, idle_cpu = asyncio.run(_measure(None, seconds, 1))
     scenarios = [
@@ -209,7 +214,7 @@ def _stall_rows(pairs: int, seconds: float) -> list[dict]:
     return rows
 
 
-def _encode_row(pairs: int) -> dict:
+def _encode_row(pairs: int) -> dict[str, Any]:
     snap = _snapshot(pairs, 0)
     best: dict[str, float] = {}
     size = 0
@@ -273,7 +278,7 @@ async def _serving_stall(snapshot: Snapshot, inline: bool, requests: int = 5) ->
     return max(lateness)
 
 
-def _serving_row(pairs: int) -> dict:
+def _serving_row(pairs: int) -> dict[str, Any]:
     snap = _snapshot(pairs, 0)
     ours = statistics.median(asyncio.run(_serving_stall(snap, inline=False)) for _ in range(3))
     peer = statistics.median(asyncio.run(_serving_stall(snap, inline=True)) for _ in range(3))
@@ -290,7 +295,7 @@ def _serving_row(pairs: int) -> dict:
     }
 
 
-def run() -> list[dict]:
+def run() -> list[dict[str, Any]]:
     pairs = _size()
     seconds = 3.0 if pairs >= 50 else 1.0
     return [*_stall_rows(pairs, seconds), _encode_row(pairs), _serving_row(pairs)]

@@ -34,6 +34,7 @@ from models import (
     PortfolioSnapshot,
     Position,
     PositionSide,
+    Ranked,
     Snapshot,
     TradingState,
 )
@@ -450,6 +451,7 @@ class FakeControl:
     decisions: dict[str, Decision] = field(default_factory=dict)
     pairs: tuple[str, ...] = ("BTC/USDT", "ETH/USDT")
     scores: dict[str, float] = field(default_factory=dict)
+    ranking: tuple[Ranked, ...] = ()
     risk: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     equity_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -485,6 +487,7 @@ class FakeControl:
             equity_curve=tuple(self.equity_curve),
             last_decisions=dict(self.decisions),
             scores=dict(self.scores),
+            ranking=self.ranking,
             errors=tuple(self.errors),
             risk=dict(self.risk),
             model=dict(self.model),

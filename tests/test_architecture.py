@@ -33,6 +33,8 @@ ALLOWED = {
     ("top_pairs", "exchange"): "the pairs CLI entry builds an Exchange (lazily)",
     ("top_pairs", "data_manager"): "point-in-time ranking reads the candle archives",
     ("telegram_bot", "telegram_templates"): "templates are the bot's own module, split for size",
+    ("reward_system", "trade_simulator"): "score_backtest reads BacktestResult (for types only)",
+    ("parameter_optimization", "reward_system"): "the optimiser's objective is the one score",
     ("trade_simulator", "perpetuals"): "the simulator settles funding and liquidates positions",
     ("data_manager", "perpetuals"): "replays read the recorded funding beside the candles",
     ("risk_management", "perpetuals"): "risk checks a stop against the liquidation price",
@@ -93,6 +95,8 @@ OWNER: dict[str, str] = {
     "candle_backfill": "data_manager",
     # analytics.py (the one metrics module)
     "overfitting": "analytics",
+    # reward_system.py
+    "score_penalties": "reward_system",
 }
 
 

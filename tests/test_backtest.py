@@ -95,6 +95,7 @@ def test_fast_path_equals_the_cli_replay_bit_for_bit(tmp_path: Path) -> None:
     # The whole document matches; the drawdown is taken on the float curve (to 1e-12).
     assert ours.pop("max_drawdown") == pytest.approx(summary.pop("max_drawdown"), rel=1e-12)
     assert summary.pop("dropped_candles") == 0
+    assert set(summary.pop("timings")) >= {"load_s", "run_s", "total_s"}  # the CLI's own
     assert ours == summary
 
 

@@ -277,6 +277,12 @@ def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) 
     assert "Monte Carlo" in html
     assert "<script src" not in html  # self-contained: no external resources
     assert "Sharpe" in replay.stdout
+    # Where the seconds went: every phase measured, none longer than the whole.
+    phases = {"load_s", "prepare_s", "run_s", "monte_carlo_s", "report_s"}
+    assert set(a["timings"]) == phases | {"total_s"}
+    assert all(0 <= a["timings"][p] <= a["timings"]["total_s"] for p in phases)
+    assert sum(a["timings"][p] for p in phases) <= a["timings"]["total_s"] + 1e-3
+    assert {"load_s", "run_s", "total_s"} <= set(b["timings"])
 
 
 def test_fast_engine_refuses_what_it_cannot_model() -> None:

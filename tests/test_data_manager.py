@@ -280,6 +280,16 @@ def test_load_candles_reads_archives_and_foreign_parquet(tmp_path: Path, btc: pd
     assert load_candles(tmp_path / "ft.parquet").equals(btc)
 
 
+@pytest.mark.parametrize("unit", ["ns", "us", "ms"])
+def test_load_candles_reads_a_pandas_parquet_indexed_by_ts(
+    tmp_path: Path, btc: pd.DataFrame, unit: str
+) -> None:
+    """A frame saved by pandas with its DatetimeIndex named `ts` loads with the right dates."""
+    frame = btc.set_axis(btc.index.as_unit(unit).rename("ts"))
+    frame.to_parquet(tmp_path / "pandas.parquet")
+    assert load_candles(tmp_path / "pandas.parquet").equals(btc)
+
+
 # -- CSV import and export -------------------------------------------------------------------
 
 

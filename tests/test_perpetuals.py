@@ -284,19 +284,24 @@ async def test_funding_is_the_same_on_every_replay_path_and_the_fast_path(
 
 
 def test_funding_paid_lowers_the_score_through_the_trade_pnl() -> None:
-    """The score reads a trade's PnL, funding included; its statistics show the funding."""
+    """The score reads a trade's PnL, funding included: the same trades paying funding
+    score lower; the book's statistics show the funding."""
     from config import RewardSettings
     from models import ClosedTrade
     from reward_system import RewardSystem
 
-    def trade(funding: float) -> ClosedTrade:
-        return ClosedTrade(PERP, PositionSide.LONG, 0, 60_000, 100.0, 101.0, 1.0, 0.1,
-                           0.9 + funding, "t", funding)  # fmt: skip
+    day = 86_400_000
+
+    def trade(k: int, funding: float) -> ClosedTrade:
+        gross = 2.0 if k % 3 else -1.0
+        return ClosedTrade(PERP, PositionSide.LONG, k * day, k * day + 3_600_000, 100.0,
+                           100.0 + gross, 1.0, 0.1, gross - 0.1 + funding, "t",
+                           funding=funding)  # fmt: skip
 
     plain, paying = RewardSystem(RewardSettings()), RewardSystem(RewardSettings())
-    for _ in range(3):
-        plain.on_trade_closed("s", trade(0.0))
-        paying.on_trade_closed("s", trade(-0.5))
+    for k in range(12):
+        plain.on_trade_closed("s", trade(k, 0.0))
+        paying.on_trade_closed("s", trade(k, -0.6))
     assert paying.score("s") < plain.score("s")
-    assert paying.stats("s")["total_funding"] == pytest.approx(-1.5)
-    assert paying.stats("s")["total_pnl"] == pytest.approx(1.2)
+    assert paying.stats("s")["total_funding"] == pytest.approx(-7.2)
+    assert paying.stats("s")["total_pnl"] == pytest.approx(plain.stats("s")["total_pnl"] - 7.2)

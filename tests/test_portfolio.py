@@ -207,3 +207,35 @@ def test_running_drawdown_is_analytics_max_drawdown(
     curve = [v for _, v in p.equity_curve]
     expected = analytics.max_drawdown(curve, start=float(p.starting_cash))
     assert p.max_drawdown == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("side", "add_price", "adds"),
+    [(Side.BUY, "95", 1), (Side.BUY, "105", 0), (Side.SELL, "105", 1), (Side.SELL, "95", 0)],
+)
+def test_closed_trade_counts_adds_at_a_loss_once(side: Side, add_price: str, adds: int) -> None:
+    """Adding at a worse price than the entry is averaging down; the first close reports it."""
+    p = Portfolio(Decimal(1000))
+    exit_side = Side.SELL if side is Side.BUY else Side.BUY
+    p.apply_fill(fill(1, side, "1", "100"))
+    p.apply_fill(fill(2, side, "1", add_price))
+    first = p.apply_fill(fill(3, exit_side, "1", "100"))
+    second = p.apply_fill(fill(4, exit_side, "1", "100"))
+    assert first is not None
+    assert second is not None
+    assert (first.adds_at_loss, second.adds_at_loss) == (adds, 0)
+
+
+def test_closed_trade_carries_the_stop_in_force_at_entry() -> None:
+    """A trailed stop does not replace the entry stop the trade reports."""
+    p = Portfolio(Decimal(1000))
+    p.apply_fill(fill(1, Side.BUY, "1", "100"))
+    p.set_protection("BTC/USDT", stop=Decimal("95"))
+    p.set_protection("BTC/USDT", stop=Decimal("99"))  # trailed up
+    trade = p.apply_fill(fill(2, Side.SELL, "1", "98"))
+    assert trade is not None
+    assert trade.stop_price == 95.0
+    p.apply_fill(fill(3, Side.BUY, "1", "100"))
+    unprotected = p.apply_fill(fill(4, Side.SELL, "1", "101"))
+    assert unprotected is not None
+    assert unprotected.stop_price is None

@@ -211,6 +211,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "fee": 0.01,
             "pnl": 2.99,
             "reason": "tp",
+            "stop_price": None,
+            "adds_at_loss": 0,
         }
     ],
     "open_orders": [],
@@ -229,6 +231,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "rate_limit_budget": {"rest": 0.9},
     "risk": {"exposure": "0.33", "circuit_breakers": {"exchange": "open"}},
     "model": {},
+    "ranking": [],
 }
 
 

@@ -1,0 +1,232 @@
+"""Backtests at scale: peak memory and start-to-summary time of the CLI, against backtesting.py.
+
+What a user runs is `python main.py --mode backtest` through the replay path (the live code
+path, the standard risk profile by default), so that is what is measured: a whole process per
+run, from start to summary, its peak resident set read from the kernel (`ru_maxrss` of the
+child), on the seeded one-minute random walk of `bench_backtest` with sma_cross 10/30.
+backtesting.py runs the same strategy in its own fresh process, at the sizes it can handle.
+
+Rows:
+* one pair at 100k, 1M and 10M candles (KESTREL_BENCH_SIZE=small: 100k and 300k): wall time,
+  peak RSS, and the RSS growth per candle between the smallest and largest size (target
+  under 100 bytes a candle), with the summary's own timings (where the seconds went);
+* ten pairs of 100k candles each through the archive path (1M candles in all);
+* bars per second of the replay run phase against backtesting.py's per-bar loop on the same
+  candles (target at least 2x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_backtest import candles
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS10 = [f"C{i}/USDT" for i in range(10)]
+
+# Runs a command and prints the child's peak RSS (KiB) and wall seconds as JSON.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - started
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": done.returncode, "wall": wall, "rss_kib": rss, "err": done.stderr[-800:]}))
+"""
+
+_PEER = """
+import sys, time
+import pandas as pd
+sys.path.insert(0, {root!r})
+from benchmarks.bench_backtest import backtesting_py
+df = pd.read_parquet({path!r})
+started = time.perf_counter()
+stats = backtesting_py(df)
+print("RUN", time.perf_counter() - started, int(stats["# Trades"]))
+"""
+
+
+def _measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *cmd],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{cmd} failed: {result['err']}")
+    return result
+
+
+def _ours(data: Path, tmp: Path, *, env: dict[str, str] | None = None) -> dict[str, Any]:
+    summary = tmp / "summary.json"
+    args = ["--data", str(data), "--pairs", "BTC/USDT"] if data.is_file() else []
+    measured = _measure(
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "--mode",
+            "backtest",
+            *args,
+            "--timeframe",
+            "1m",
+            "--strategy",
+            "sma_cross",
+            "--param",
+            "fast=10",
+            "--param",
+            "slow=30",
+            "--no-ui",
+            "--log-level",
+            "ERROR",
+            "--summary-json",
+            str(summary),
+        ],
+        env,
+    )
+    measured["summary"] = json.loads(summary.read_text())
+    return measured
+
+
+def _peer(data: Path) -> dict[str, Any]:
+    measured = _measure([sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data))])
+    return measured
+
+
+def _peer_run_s(data: Path) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RUN"))
+    return float(line.split()[1])
+
+
+def _sizes() -> list[int]:
+    raw = os.environ.get("KESTREL_BENCH_SIZE", "")
+    if raw == "small" or raw.isdigit():
+        return [100_000, 300_000]
+    return [100_000, 1_000_000, 10_000_000]
+
+
+def _row(
+    name: str, ours: float, unit: str, peer: str, peer_value: float | None, note: str
+) -> dict[str, Any]:
+    ratio = peer_value / ours if peer_value and ours else None
+    return {
+        "name": name,
+        "ours": ours,
+        "unit": unit,
+        "peer": peer,
+        "peer_value": peer_value,
+        "ratio": ratio,
+        "note": note,
+    }
+
+
+def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    rss: dict[int, float] = {}
+    for n in _sizes():
+        data = tmp / f"rw_{n}.parquet"
+        candles(n).to_parquet(data)
+        ours = _ours(data, tmp)
+        # backtesting.py keeps per-bar Python objects: past a few million bars it takes
+        # longer than the whole benchmark; it is run where it finishes.
+        peer = _peer(data) if n <= 1_000_000 else None
+        rss[n] = ours["rss_kib"] * 1024
+        t = ours["summary"]["timings"]
+        phases = ", ".join(
+            f"{k.removesuffix('_s')} {v:.2f}" for k, v in t.items() if k != "total_s"
+        )
+        rows.append(
+            _row(
+                f"CLI backtest, 1 pair, {n:,} candles: start to summary",
+                ours["wall"],
+                "s",
+                "backtesting.py (same process measure)" if peer else "-",
+                peer["wall"] if peer else None,
+                f"standard risk profile; in-run seconds: {phases}",
+            )
+        )
+        rows.append(
+            _row(
+                f"CLI backtest, 1 pair, {n:,} candles: peak RSS",
+                ours["rss_kib"] / 1024,
+                "MiB",
+                "backtesting.py" if peer else "-",
+                peer["rss_kib"] / 1024 if peer else None,
+                "whole process, imports included",
+            )
+        )
+        if n <= 1_000_000:
+            peer_run = _peer_run_s(data)
+            ours_bps = n / t["run_s"]
+            rows.append(
+                _row(
+                    f"replay path, 1 pair, {n:,} candles: bars per second",
+                    ours_bps,
+                    "bars/s",
+                    "backtesting.py per-bar loop",
+                    n / peer_run,
+                    "ours = candles / the run phase; ratio < 1 means we are faster; target 2x",
+                )
+            )
+    small, large = min(rss), max(rss)
+    growth = (rss[large] - rss[small]) / (large - small)
+    rows.append(
+        _row(
+            f"RSS growth per candle, {small:,} -> {large:,}",
+            growth,
+            "bytes/candle",
+            "-",
+            None,
+            "target < 100",
+        )
+    )
+    return rows
+
+
+def _ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
+    from candle_store import CandleStore
+
+    n = 100_000 if not os.environ.get("KESTREL_BENCH_SIZE") else 30_000
+    store = CandleStore(tmp / "data", "bybit")
+    for i, pair in enumerate(PAIRS10):
+        store.append(pair, "1m", candles(n, seed=100 + i))
+    env = {
+        "KESTREL_STORAGE__DATA_DIR": str(tmp / "data"),
+        "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS10),
+    }
+    ours = _ours(tmp / "none", tmp, env=env)
+    t = ours["summary"]["timings"]
+    return [
+        _row(
+            f"CLI backtest, 10 pairs x {n:,} candles: start to summary",
+            ours["wall"],
+            "s",
+            "-",
+            None,
+            f"peak RSS {ours['rss_kib'] / 1024:.0f} MiB; "
+            f"replay {10 * n / t['run_s']:,.0f} candles/s",
+        )
+    ]
+
+
+def run() -> list[dict[str, Any]]:
+    """Measure the CLI backtest at scale against backtesting.py."""
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        return _one_pair_rows(tmp) + _ten_pair_rows(tmp)
