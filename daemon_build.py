@@ -124,7 +124,7 @@ class DaemonBuild(DaemonBase):
             # runs it on the rolling window at each candle, exactly as live trading does.
             signals=signals,
         )
-        sim.set_cross_balance(self.engine.portfolio.wallet_balance)
+        self._watch_liquidations(sim, self.engine.portfolio)
         if s.simulation.funding:
             self.engine.funding = replay_funding(self.args, s)
         self.driver = self._drive(sim, self.engine)
@@ -133,6 +133,18 @@ class DaemonBuild(DaemonBase):
         # The strategy's columns over the whole archive, numba compilation (or its cache
         # load) included.
         self.timings["prepare_s"] = time.perf_counter() - started
+
+    @staticmethod
+    def _watch_liquidations(sim: SimulatedExchange, portfolio: Portfolio) -> None:
+        # Perpetuals: cross margin reads the account's wallet balance, and positions show
+        # the liquidation price the simulated exchange watches.
+        sim.set_cross_balance(portfolio.wallet_balance)
+
+        def liquidation_price(pair: str) -> Decimal | None:
+            liq = sim.liquidation(pair)
+            return liq.price if liq is not None else None
+
+        portfolio.liquidation_source = liquidation_price
 
     @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
@@ -270,7 +282,7 @@ class DaemonBuild(DaemonBase):
                 data=data,
                 max_lag_ms=step,
             )
-            sim.set_cross_balance(self.engine.portfolio.wallet_balance)
+            self._watch_liquidations(sim, self.engine.portfolio)
             self.driver = self._drive(sim, self.engine)
             self.engine.set_pairs(pairs)
             self.engine.extra_status = self._exchange_status

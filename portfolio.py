@@ -12,6 +12,7 @@ only input; nothing else mutates the portfolio.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -48,6 +49,7 @@ class _Open:
     entry_stop: Decimal | None = None  # the first stop set: the one in force at entry
     adds_at_loss: int = 0  # adds at a price worse than the average entry, not yet reported
     funding: Decimal = ZERO  # net funding received while open (negative: paid)
+    liquidation: Decimal | None = None  # as the exchange reported it (live restore)
 
 
 class Portfolio:
@@ -67,6 +69,9 @@ class Portfolio:
         self.max_drawdown = 0.0
         self._seen_fills: set[str] = set()
         self._flat_cash: Decimal | None = None
+        # Where the venue would liquidate each position (the simulated exchange's view);
+        # None: the liquidation price the exchange last reported, if any.
+        self.liquidation_source: Callable[[str], Decimal | None] | None = None
 
     # -- Queries -----------------------------------------------------------------------------
 
@@ -85,6 +90,11 @@ class Portfolio:
             take_profit=book.take_profit,
             mark_price=book.mark,
             fees_paid=book.entry_fees,
+            liquidation_price=(
+                self.liquidation_source(pair)
+                if self.liquidation_source is not None
+                else book.liquidation
+            ),
         )
 
     def positions(self) -> dict[str, Position]:
@@ -412,6 +422,7 @@ class Portfolio:
                 p.stop_price,
                 p.take_profit,
                 p.mark_price,
+                liquidation=p.liquidation_price,
             )
             for p in positions
         }

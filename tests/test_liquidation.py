@@ -69,7 +69,7 @@ def _candles(path: Path, extreme: float, *, at: int = 10) -> Path:
 
 async def _backtest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extreme: float, *, short: bool = False,
-    quiet: bool = True, margin_mode: str = "isolated",
+    quiet: bool = True, margin_mode: str = "isolated", out: int = 30,
 ) -> tuple[dict[str, Any], Daemon]:  # fmt: skip
     for key, value in {
         "KESTREL_SIMULATION__MARGIN_MODE": margin_mode,
@@ -85,7 +85,7 @@ async def _backtest(
     data = _candles(tmp_path / "candles.csv", extreme)
     args = cli_args(
         "--mode", "backtest", "--strategy", str(strategy), "--pairs", PERP, "--data", str(data),
-        "--param", f"short={int(short)}", "--log-level", "WARNING",
+        "--param", f"short={int(short)}", "--param", f"out={out}", "--log-level", "WARNING",
     )  # fmt: skip
     daemon = Daemon(args, main._apply_cli(load_settings(env_file=None), args))
     daemon.build_replay()
@@ -140,6 +140,27 @@ async def test_under_cross_margin_the_wallet_balance_backs_the_position(
     assert trade["exit_price"] < 18_100
     assert trade["reason"].startswith("liquidation")
     assert abs(summary["final_equity"]) < 1e-9  # exactly the wallet, to Decimal rounding
+
+
+async def test_an_open_leveraged_position_shows_its_liquidation_price(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The portfolio's position carries the price the simulated exchange would liquidate
+    it at; a position restored from the exchange keeps the one Bybit reported."""
+    from models import Position, PositionSide
+    from portfolio import Portfolio
+
+    summary, daemon = await _backtest(tmp_path, monkeypatch, 20_000.0, out=99)
+    assert summary["open_positions"]
+    assert daemon.engine is not None
+    position = daemon.engine.portfolio.position(PERP)
+    assert position is not None
+    assert position.liquidation_price == Decimal(18_100)
+    restored = Portfolio(Decimal(0))
+    reported = Position(PERP, PositionSide.LONG, Decimal(1), Decimal(20_000), 0,
+                        liquidation_price=Decimal("18_123.5"))  # fmt: skip
+    restored.restore(cash=Decimal(0), positions=[reported])
+    assert restored.position(PERP) == reported
 
 
 async def test_a_wick_that_stays_inside_the_liquidation_price_liquidates_nothing(
