@@ -30,7 +30,15 @@ liquidation price and charge that remainder, `qty x |liquidation - bankruptcy|`,
 Bybit's fee to close (the taker fee on the value at the bankruptcy price) as the
 liquidation fee; the loss is then the margin plus the taker fee to close, as on Bybit.
 Assumption: the insurance-fund remainder is charged in full (Bybit keeps it whenever the
-liquidation engine closes at or better than bankruptcy, the normal case).
+liquidation engine closes at or better than bankruptcy, the normal case). Bybit's unified
+account adds the estimated fee to close to both the initial and the maintenance margin of
+an isolated position, which leaves the liquidation price unchanged; entries reserve it
+through the order cost (`unit_cost`).
+
+Candle replays have no mark price: the mark is the candle's price, so a long is
+liquidated when a candle's low reaches its liquidation price (a short: the high).
+Bybit's mark (an index-based fair price) wicks less than the last trade, so a backtest
+liquidates a little more readily than the exchange would: the conservative side.
 """
 
 from __future__ import annotations
@@ -63,8 +71,11 @@ class RiskTier:
     deduction: Decimal = ZERO
 
 
-# Bybit's published BTCUSDT tiers start at 2,000,000 USDT value with MMR 0.5 %; each
-# further tier adds 0.5 % MMR (deduction from the formula in "Margin Parameters").
+# BTCUSDT's first tier is Bybit's published one (up to 2,000,000 USDT of value, MMR 0.5 %,
+# 100x). The further tiers are an assumption in the shape Bybit publishes (MMR steps of
+# 0.5 %; the limits here are illustrative, Bybit changes them): their deductions follow
+# "Margin Parameters" (the previous limit x the MMR step + the previous deduction), which
+# keeps the maintenance margin continuous. ETHUSDT shares the table (first tier 0.5 % too).
 BTCUSDT_TIERS = (
     RiskTier(Decimal(2_000_000), Decimal("0.005"), Decimal(100)),
     RiskTier(Decimal(2_600_000), Decimal("0.01"), Decimal(50), Decimal(10_000)),
