@@ -46,12 +46,12 @@ from bybit_converters import (
     balances_from_ccxt,
     book_from_ccxt,
     candle_from_row,
-    funding_from_ccxt,
     market_from_ccxt,
     position_from_ccxt,
     ticker_from_ccxt,
     trade_from_ccxt,
 )
+from bybit_funding import ExchangeFunding
 from bybit_orders import ExchangeOrders
 from bybit_streams import ExchangeStreams
 from error_handler import (
@@ -68,7 +68,6 @@ from exchange_base import ClientState
 from models import (
     Balance,
     Candle,
-    FundingPayment,
     Market,
     MarketType,
     OrderBook,
@@ -153,7 +152,7 @@ def _ccxt_config(s: ExchangeSettings) -> dict[str, Any]:
 # -- The exchange ----------------------------------------------------------------------------
 
 
-class Exchange(ExchangeOrders, ExchangeStreams):
+class Exchange(ExchangeOrders, ExchangeStreams, ExchangeFunding):
     """Bybit V5 for Kestrel: REST, streams, rate budgets, retries; models in, models out.
 
     Use as an async context manager; it opens once (loads markets, checks the clock) and
@@ -503,66 +502,6 @@ class Exchange(ExchangeOrders, ExchangeStreams):
         )
         positions = [p for p in (position_from_ccxt(r) for r in raw) if p is not None]
         return [p for p in positions if pairs is None or p.pair in linear]
-
-    async def fetch_funding_payments(
-        self, pair: str, since: int | None = None
-    ) -> list[FundingPayment]:
-        """Return the funding settled on `pair`'s position since `since` (ms), oldest first.
-
-        Bybit's execution list with execType Funding (ccxt `fetch_funding_history`); an
-        empty list for spot pairs.
-        """
-        client = self._ensure_open()
-        if self.market(pair).type is not MarketType.LINEAR:
-            return []
-        raw = await self._call(
-            "fetch_funding_history", lambda: client.fetch_funding_history(pair, since), pair
-        )
-        payments = [funding_from_ccxt(r, pair) for r in raw]
-        return sorted(payments, key=lambda p: (p.ts, p.payment_id))
-
-    async def fetch_next_funding(self, pair: str) -> tuple[int, float] | None:
-        """Return the next funding time (ms) and its current rate, None for spot pairs.
-
-        Bybit's ticker (`nextFundingTime`, `fundingRate`; ccxt `fetch_funding_rate`): the
-        rate the next settlement will apply if nothing changes before it.
-        """
-        client = self._ensure_open()
-        if self.market(pair).type is not MarketType.LINEAR:
-            return None
-        raw = await self._call("fetch_funding_rate", lambda: client.fetch_funding_rate(pair), pair)
-        ts, rate = raw.get("fundingTimestamp"), raw.get("fundingRate")
-        if ts is None or rate is None:
-            return None
-        return int(ts), float(rate)
-
-    async def fetch_funding_rates(
-        self, pair: str, since: int, until: int | None = None
-    ) -> list[tuple[int, float]]:
-        """Return the pair's funding rate history as (funding time ms, rate), oldest first.
-
-        Bybit's `/v5/market/funding/history` (ccxt `fetch_funding_rate_history`) answers
-        at most 200 rates, the newest of its window: the range is walked in windows of
-        199 funding intervals (the market's `fundingInterval`, else one hour), up to
-        `until` or now.
-        """
-        client = self._ensure_open()
-        info = (client.markets or {}).get(pair, {}).get("info") or {}
-        interval = int(info.get("fundingInterval") or 60) * 60_000
-        last = until if until is not None else self.server_now_ms()
-        out: dict[int, float] = {}
-        start = since
-        while start <= last:
-            end = min(start + 199 * interval, last)
-            call = functools.partial(
-                client.fetch_funding_rate_history, pair, start, 200, {"until": end}
-            )
-            raw: list[dict[str, Any]] = await self._call("fetch_funding_rate_history", call, pair)
-            out.update(
-                (int(r["timestamp"]), float(r["fundingRate"])) for r in raw if r.get("timestamp")
-            )
-            start = end + 1
-        return sorted(out.items())
 
     async def set_leverage(self, pair: str, leverage: Decimal | int | float) -> None:
         """Set the leverage of a linear market (both sides; one-way mode).

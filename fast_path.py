@@ -601,18 +601,9 @@ def _exact_accounting(
     bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
     if open_at >= 0:
         bars.append((open_at, -1))
-    # Funding on the candles a position is held at the close: [i + after, j + after),
-    # located for every trade at once.
-    funding_bars = np.flatnonzero(rates)
-    starts = np.array([i + after for i, _ in bars], dtype=np.int64)
     gone = [bool(x) for x in liquidated] + [False] * (len(bars) - len(liquidated))
-    ends = np.array(
-        [len(closes) if j < 0 else j if gone[n] else j + after for n, (_, j) in enumerate(bars)],
-        dtype=np.int64,
-    )
+    due = _funding_due(bars, gone, after, len(closes), rates)
     reasons: list[str] = []
-    first_due = np.searchsorted(funding_bars, starts).tolist()
-    last_due = np.searchsorted(funding_bars, ends).tolist()
     funding_total = ZERO
     for n, (i, j) in enumerate(bars):
         entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
@@ -623,10 +614,9 @@ def _exact_accounting(
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
         received = ZERO
-        for k in funding_bars[first_due[n] : last_due[n]].tolist():
+        for k in due[n]:
             payment = qty * Decimal(repr(float(closes[k]))) * Decimal(repr(float(rates[k])))
-            cash -= payment
-            received -= payment
+            cash, received = cash - payment, received - payment
             changes.append((k, float(cash), float(qty)))
         funding_total += received
         if j < 0:
@@ -648,16 +638,8 @@ def _exact_accounting(
             funding_part = received * (qty / qty)
             pnl += funding_part
         realised += pnl
-        rows.append(
-            (
-                float(entry),
-                float(exit_price),
-                float(qty),
-                float(entry_part + exit_part),
-                float(pnl),
-                float(funding_part),
-            )
-        )
+        row = (entry, exit_price, qty, entry_part + exit_part, pnl, funding_part)
+        rows.append(tuple(float(x) for x in row))
         # A liquidation shows from its own bar; a fill at the close from the next.
         changes.append((j if gone[n] else j + after, float(cash), 0.0))
         qty = ZERO
@@ -677,6 +659,22 @@ def _exact_accounting(
         float(funding_total),
         reasons,
     )
+
+
+def _funding_due(
+    bars: list[tuple[int, int]], gone: list[bool], after: int, n: int, rates: np.ndarray
+) -> list[list[int]]:
+    # Per trade (entry bar i, exit bar j, -1 while open), the candles whose funding it
+    # pays: those it is held at the close, [i + after, j + after) ([.., j) when liquidated
+    # inside bar j), located for every trade at once.
+    funding_bars = np.flatnonzero(rates)
+    starts = np.array([i + after for i, _ in bars], dtype=np.int64)
+    ends = np.array(
+        [n if j < 0 else j if gone[k] else j + after for k, (_, j) in enumerate(bars)],
+        dtype=np.int64,
+    )
+    first, last = np.searchsorted(funding_bars, starts), np.searchsorted(funding_bars, ends)
+    return [funding_bars[a:b].tolist() for a, b in zip(first, last, strict=True)]
 
 
 def _liquidation_exit(entry: Decimal, qty: Decimal, costs: _Costs) -> tuple[Decimal, Decimal, str]:

@@ -67,14 +67,8 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from perpetuals import (
-    Liquidation,
-    cross_margin,
-    isolated_margin,
-    liquidation,
-    liquidation_reason,
-    unit_cost,
-)
+from perpetuals import unit_cost
+from sim_perpetuals import PerpetualWatch
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -217,7 +211,7 @@ class _BookDepth:
         return cost / qty
 
 
-class SimulatedExchange:
+class SimulatedExchange(PerpetualWatch):
     """Paper matching engine with the live exchange's order methods.
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
@@ -262,11 +256,7 @@ class SimulatedExchange:
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
         self._sink: FillSink | None = None
-        self.margin_mode = margin_mode
-        self._cross_balance: Callable[[], Decimal] | None = None
-        self._leverage: dict[str, Decimal] = {}
-        self._entries: dict[str, Decimal] = {}
-        self.liquidations: list[Fill] = []
+        self._init_perpetuals(margin_mode)
 
     def deliver_to(self, sink: FillSink) -> None:
         """Send every fill from now on to `sink` (the engine's fill entry point)."""
@@ -318,8 +308,7 @@ class SimulatedExchange:
             order = replace(order, status=OrderStatus.REJECTED, reason="post-only would cross")
             self._orders[order.client_order_id] = order
             return order
-        if intent.leverage is not None and not intent.reduce_only:
-            self._leverage[intent.pair] = intent.leverage
+        self._note_leverage(intent)
         if intent.quote_amount is not None:
             self._quote_amounts[order.client_order_id] = intent.quote_amount
         self._orders[order.client_order_id] = order
@@ -352,10 +341,7 @@ class SimulatedExchange:
                 await self.deliver(fills)
 
     def has_working(self, pair: str) -> bool:
-        """Return True if an order on `pair` works or its position is watched for liquidation.
-
-        Either way each bar must be matched (the replay's quiet path skips the others).
-        """
+        """Return True if an order on `pair` works or its position is watched (liquidation)."""
         return bool(self._open.get(pair)) or self.liquidation(pair) is not None
 
     async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
@@ -407,101 +393,9 @@ class SimulatedExchange:
             bars = ((candle, step),) if fine is None else fine.bars(candle, step)
             for bar, bar_step in bars:
                 self._match_bar(bar, bar_step, results)
-        liq = self.liquidation(pair)
-        if liq is not None:
-            self._liquidate_if_reached(candle, liq, results)
+        self._watch_bar(candle, results)
         self._last[pair] = candle
         return results
-
-    # -- Perpetuals --------------------------------------------------------------------------
-
-    def set_cross_balance(self, balance: Callable[[], Decimal]) -> None:
-        """Read the account's wallet balance from `balance` for cross-margin positions.
-
-        Under cross margin the whole balance backs the position (Bybit's cross formula for
-        one position); without a source, positions are margined as isolated.
-        """
-        self._cross_balance = balance
-
-    def liquidation(self, pair: str) -> Liquidation | None:
-        """Return where the position on `pair` would be liquidated, or None (not watched).
-
-        Watched: positions on linear markets opened with a leverage, and shorts (whose
-        loss is unbounded even at 1x).
-        """
-        position = self._positions.get(pair, ZERO)
-        market = self.markets.get(pair)
-        if position == 0 or market is None or market.type is not MarketType.LINEAR:
-            return None
-        leverage = self._leverage.get(pair)
-        if leverage is None and position > 0:
-            return None
-        entry, qty = self._entries.get(pair, ZERO), abs(position)
-        if entry <= 0:
-            return None
-        side = PositionSide.LONG if position > 0 else PositionSide.SHORT
-        if self.margin_mode == "cross" and self._cross_balance is not None:
-            margin = cross_margin(self._cross_balance(), side, entry, qty, self.taker_fee)
-        else:
-            margin = isolated_margin(entry, qty, leverage or ONE)
-        return liquidation(side, entry, qty, margin, self.taker_fee, pair)
-
-    def _liquidate_if_reached(
-        self, bar: Candle, liq: Liquidation, results: list[tuple[Order, Fill]]
-    ) -> None:
-        position = self._positions[bar.pair]
-        long = position > 0
-        if (long and Decimal(repr(bar.low)) > liq.price) or (
-            not long and Decimal(repr(bar.high)) < liq.price
-        ):
-            return
-        qty = abs(position)
-        reason = liquidation_reason(liq)
-        now = self._now()
-        market = self.markets[bar.pair]
-        order = Order(
-            client_order_id=f"liq-{next(self._order_ids)}",
-            pair=bar.pair,
-            side=Side.SELL if long else Side.BUY,
-            qty=qty,
-            type=OrderType.MARKET,
-            status=OrderStatus.FILLED,
-            ts_created=bar.ts,
-            ts_updated=now,
-            exchange_order_id=f"sim-liq-{next(self._order_ids)}",
-            filled_qty=qty,
-            avg_fill_price=liq.price,
-            fee=liq.fee,
-            reduce_only=True,
-            reason=reason,
-        )
-        fill = Fill(
-            client_order_id=order.client_order_id,
-            pair=bar.pair,
-            side=order.side,
-            price=liq.price,
-            qty=qty,
-            fee=liq.fee,
-            fee_currency=market.quote,
-            liquidity=Liquidity.TAKER,
-            ts=now,
-            fill_id=f"simfill-{next(self._fill_ids)}",
-            exchange_order_id=order.exchange_order_id,
-        )
-        self._orders[order.client_order_id] = order
-        self._positions[bar.pair] = ZERO
-        self._leverage.pop(bar.pair, None)
-        self._cancel_reduce_only(bar.pair)
-        self.liquidations.append(fill)
-        log.warning(
-            "position_liquidated",
-            pair=bar.pair,
-            qty=str(qty),
-            price=str(liq.price),
-            bankruptcy=str(liq.bankruptcy),
-            fee=str(liq.fee),
-        )
-        results.append((order, fill))
 
     def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
         working = list(self._open.get(bar.pair, []))
@@ -613,9 +507,7 @@ class SimulatedExchange:
         quote_amount = self._quote_amounts.get(order.client_order_id)
         if quote_amount is not None:
             qty = (
-                quote_qty(
-                    quote_amount, price, self.taker_fee, lot, self._leverage_of(order), order.side
-                )
+                quote_qty(quote_amount, price, self.taker_fee, lot, *self._sizing(order))
                 if levels is None
                 else _floor(_quote_walk(levels, quote_amount, self.taker_fee), lot)
             )
@@ -685,10 +577,9 @@ class SimulatedExchange:
         )
         self._orders[order.client_order_id] = updated
         signed = qty if order.side is Side.BUY else -qty
-        held = self._positions.get(order.pair, ZERO)
-        position = held + signed
+        self._track_entry(order.pair, signed, price)  # before the position moves
+        position = self._positions.get(order.pair, ZERO) + signed
         self._positions[order.pair] = position
-        self._track_entry(order.pair, held, signed, price)
         if status is OrderStatus.FILLED:
             self._quote_amounts.pop(order.client_order_id, None)
             self._triggered.discard(order.client_order_id)
@@ -696,23 +587,6 @@ class SimulatedExchange:
         if position == 0:
             self._cancel_reduce_only(order.pair)
         return updated, fill
-
-    def _leverage_of(self, order: Order) -> Decimal:
-        return ONE if order.reduce_only else self._leverage.get(order.pair, ONE)
-
-    def _track_entry(self, pair: str, held: Decimal, signed: Decimal, price: Decimal) -> None:
-        # The position's average entry (for its liquidation price): averaged when adding,
-        # kept when reducing, the fill's price when opening or flipping.
-        position = held + signed
-        if position == 0:
-            self._entries.pop(pair, None)
-            self._leverage.pop(pair, None)
-        elif held == 0 or (held > 0) != (position > 0):
-            self._entries[pair] = price
-        elif (held > 0) == (signed > 0):
-            self._entries[pair] = (
-                self._entries.get(pair, price) * held + price * signed
-            ) / position
 
     def _cancel_reduce_only(self, pair: str) -> None:
         for cid in list(self._open.get(pair, [])):

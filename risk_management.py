@@ -502,7 +502,7 @@ class RiskManager:
         position = ctx.positions.get(signal.pair)
         if position is not None and _closes(signal.side, position):
             return self._exit(signal, position, ctx)
-        refused = self._refused_entry(signal, ctx, position)
+        refused = refused_entry(signal, ctx, position, long_only=self.long_only)
         if refused is not None:
             return refused
         state = self.trading_state
@@ -524,20 +524,6 @@ class RiskManager:
         if self.all_in:
             return self._all_in_entry(signal, ctx)
         return self._entry(signal, ctx, state, resizes)
-
-    def _refused_entry(
-        self, signal: Signal, ctx: RiskContext, position: Position | None
-    ) -> Veto | None:
-        # What refuses an entry before sizing: no position to exit, the side, pyramiding.
-        if signal.exit_only:
-            return Veto("exit signal without a position", None, "no_position")
-        if self.long_only and signal.side is Side.SELL:
-            return Veto("long-only: short entries disabled", None, "long_only")
-        if ctx.market.type is MarketType.SPOT and signal.side is Side.SELL:
-            return Veto("spot market: cannot open a short", None, "spot_short")
-        if position is not None:
-            return Veto("already in a position on this pair", None, "pyramiding")
-        return None
 
     def _exit(self, signal: Signal, position: Position, ctx: RiskContext) -> OrderIntent:
         return OrderIntent(
@@ -610,7 +596,9 @@ class RiskManager:
                 "min_size",
             )
         sign = 1 if signal.side is Side.BUY else -1
-        unsafe = self._liquidation_veto(signal, ctx, qty, price - sign * distance, leverage)
+        unsafe = liquidation_check(
+            signal, ctx, qty, price - sign * distance, leverage, self.margin_mode, s
+        )
         if unsafe is not None:
             return unsafe
         take_profit = (
@@ -630,25 +618,6 @@ class RiskManager:
             leverage=leverage if market.type is MarketType.LINEAR else None,
             ts=ctx.now,
         )
-
-    def _liquidation_veto(
-        self, signal: Signal, ctx: RiskContext, qty: Decimal, stop: Decimal, leverage: Decimal
-    ) -> Veto | None:
-        # A perpetual's stop must trigger inside its liquidation price, with the buffer.
-        if ctx.market.type is not MarketType.LINEAR:
-            return None
-        side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
-        price = ctx.price
-        margin = (
-            cross_margin(ctx.equity, side, price, qty, ctx.taker_fee)
-            if self.margin_mode == "cross"
-            else isolated_margin(price, qty, leverage)
-        )
-        liq = liquidation_price(side, price, qty, margin, signal.pair)
-        reason = liquidation_veto(side, price, stop, liq, _dec(self.settings.liquidation_buffer))
-        if reason is None:
-            return None
-        return Veto(f"{reason} ({self.margin_mode} margin, {leverage}x)", None, "liquidation")
 
     def _scale(
         self, sized: _Size, state: TradingState, resizes: list[Resize]
@@ -852,6 +821,52 @@ class StopManager:
             track = _StopTrack(position.ts_opened, risk, position.entry_price)
             self._stops[position.pair] = track
         return track
+
+
+def refused_entry(
+    signal: Signal, ctx: RiskContext, position: Position | None, *, long_only: bool
+) -> Veto | None:
+    """Return what refuses an entry before sizing: no position to exit, the side, pyramiding."""
+    if signal.exit_only:
+        return Veto("exit signal without a position", None, "no_position")
+    if long_only and signal.side is Side.SELL:
+        return Veto("long-only: short entries disabled", None, "long_only")
+    if ctx.market.type is MarketType.SPOT and signal.side is Side.SELL:
+        return Veto("spot market: cannot open a short", None, "spot_short")
+    if position is not None:
+        return Veto("already in a position on this pair", None, "pyramiding")
+    return None
+
+
+def liquidation_check(
+    signal: Signal,
+    ctx: RiskContext,
+    qty: Decimal,
+    stop: Decimal,
+    leverage: Decimal,
+    margin_mode: str,
+    settings: RiskSettings,
+) -> Veto | None:
+    """Refuse a perpetual entry whose stop lies beyond its liquidation price or its buffer.
+
+    The liquidation price is `perpetuals`' for the entry at `ctx.price`: isolated margin
+    `qty x price / leverage`, or under cross margin the account equity net of the fee to
+    close; the stop must trigger `settings.liquidation_buffer` of the way inside it.
+    """
+    if ctx.market.type is not MarketType.LINEAR:
+        return None
+    side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
+    price = ctx.price
+    margin = (
+        cross_margin(ctx.equity, side, price, qty, ctx.taker_fee)
+        if margin_mode == "cross"
+        else isolated_margin(price, qty, leverage)
+    )
+    liq = liquidation_price(side, price, qty, margin, signal.pair)
+    reason = liquidation_veto(side, price, stop, liq, _dec(settings.liquidation_buffer))
+    if reason is None:
+        return None
+    return Veto(f"{reason} ({margin_mode} margin, {leverage}x)", None, "liquidation")
 
 
 def exposure_caps(

@@ -47,6 +47,7 @@ OWNER: dict[str, str] = {
     "matching_engine": "trade_simulator",
     "replay_feed": "trade_simulator",
     "fast_path": "trade_simulator",
+    "sim_perpetuals": "trade_simulator",
     "optimization_scoring": "parameter_optimization",
     "search_space": "parameter_optimization",
     "optimization_backends": "parameter_optimization",
@@ -67,6 +68,7 @@ OWNER: dict[str, str] = {
     "bybit_client": "exchange",
     "bybit_converters": "exchange",
     "bybit_orders": "exchange",
+    "bybit_funding": "exchange",
     "bybit_streams": "exchange",
     # trade_store.py
     "trade_schema": "trade_store",
