@@ -193,6 +193,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
                 "take_profit": None,
                 "mark_price": "49000",
                 "fees_paid": "0",
+                "liquidation_price": None,
+                "leverage": None,
             }
         ],
         "realised_pnl": "0",
@@ -213,6 +215,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "reason": "tp",
             "stop_price": None,
             "adds_at_loss": 0,
+            "funding": 0.0,
         }
     ],
     "open_orders": [],
