@@ -365,6 +365,9 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
         "trades_per_day": result.n_trades / (span / DAY_MS) if span > 0 else None,
         **trade_stats(table["pnl"], trade_returns, table["fee"]),
         "fees": result.fees,
+        # Perpetuals: net funding received (negative: paid) and liquidated trades.
+        "funding": result.funding,
+        "liquidations": result.liquidations,
         "open_positions": len(result.open_positions),
         "candles": result.candles,
         "timeframe": result.timeframe,
@@ -661,6 +664,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("expectancy", "Expectancy (per trade)", "num"),
     ("avg_trade_return", "Average trade", "pct"),
     ("fees", "Fees", "num"),
+    ("funding", "Funding (received)", "num"),
+    ("liquidations", "Liquidations", "int"),
     ("final_equity", "Final equity", "num"),
 )
 

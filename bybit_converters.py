@@ -15,6 +15,7 @@ from models import (
     Balance,
     Candle,
     Fill,
+    FundingPayment,
     Liquidity,
     Market,
     MarketType,
@@ -205,6 +206,32 @@ def position_from_ccxt(raw: dict[str, Any]) -> Position | None:
         stop_price=_nonzero(info.get("stopLoss")),
         take_profit=_nonzero(info.get("takeProfit")),
         mark_price=_nonzero(info.get("markPrice")) or _nonzero(raw.get("markPrice")),
+        liquidation_price=_nonzero(info.get("liqPrice")) or _nonzero(raw.get("liquidationPrice")),
+        leverage=_nonzero(info.get("leverage")) or _nonzero(raw.get("leverage")),
+    )
+
+
+def funding_from_ccxt(raw: dict[str, Any], pair: str) -> FundingPayment:
+    """Return a funding settlement from ccxt's `fetch_funding_history`.
+
+    Bybit's execution list, execType Funding. What the position paid is `|execFee|` signed
+    by Bybit's rule: a long (`side` Buy) pays a positive rate, a short (Sell) a negative
+    one; it receives otherwise. (The recorded body in ccxt's parser, a short at rate
+    -0.000761, carries execFee -0.1023 = execValue x rate, so the sign of execFee alone
+    does not say who paid.)
+    """
+    info = raw.get("info") or {}
+    rate = _dec(info.get("feeRate")) or _dec0(raw.get("rate"))
+    fee = _dec(info.get("execFee"))
+    magnitude = abs(fee if fee is not None else _dec0(raw.get("amount")))
+    long = str(info.get("side", "Buy")) == "Buy"
+    pays = (rate > 0) == long and rate != 0
+    return FundingPayment(
+        pair=pair,
+        ts=int(raw.get("timestamp") or info.get("execTime") or 0),
+        amount=magnitude if pays else -magnitude,
+        rate=rate,
+        payment_id=str(raw.get("id") or info.get("execId") or ""),
     )
 
 

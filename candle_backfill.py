@@ -22,6 +22,7 @@ from candle_frames import _grid_offset, _report_fields, candles_to_arrays, norma
 from candle_store import CandleStore, _ceil_to_grid, _subtract, missing_ranges
 from error_handler import BotError, ConfigError, FatalError
 from models import Candle
+from perpetuals import write_funding
 from utils.progress import progress_bar
 from utils.utilities import (
     Clock,
@@ -309,11 +310,39 @@ async def backfill(
     return report
 
 
+async def backfill_funding(
+    exchange: Any,
+    store_dir: Path | str,
+    pairs: Sequence[str],
+    timeframe: str,
+    since_ms: int,
+    *,
+    until_ms: int | None = None,
+    exchange_name: str = "bybit",
+) -> dict[str, int]:
+    """Download the funding rate history of the perpetuals among `pairs`.
+
+    Written beside their candle archives (`<pair folder>/funding.csv`, merged with what is
+    there), where replays find it. Returns the number of funding times written per pair.
+    """
+    store = CandleStore(store_dir, exchange_name)
+    written: dict[str, int] = {}
+    for pair in pairs:
+        if ":" not in pair:
+            continue
+        rows = await exchange.fetch_funding_rates(pair, since_ms, until_ms)
+        path = store.path(pair, timeframe).parent / "funding.csv"
+        write_funding(path, rows)
+        written[pair] = len(rows)
+        log.info("funding_backfilled", pair=pair, rates=len(rows), path=str(path))
+    return written
+
+
 async def run_backfill_cli(args: argparse.Namespace, settings: Settings) -> int:
     """Run `--mode backfill`: archive `--pairs` at `--timeframe` from `--since`.
 
-    `--timerange` may bound the end (its right side). Returns 0 when every pair
-    finished, 1 otherwise.
+    `--timerange` may bound the end (its right side). Perpetual pairs get their funding
+    rate history too (`backfill_funding`). Returns 0 when every pair finished, 1 otherwise.
 
     Raises:
         ConfigError: without `--since` or with a malformed date.
@@ -334,6 +363,15 @@ async def run_backfill_cli(args: argparse.Namespace, settings: Settings) -> int:
 
     async with Exchange(settings.exchange) as exchange:
         report = await backfill(
+            exchange,
+            settings.storage.data_dir,
+            pairs,
+            timeframe,
+            since_ms,
+            until_ms=until_ms,
+            exchange_name=settings.exchange.name,
+        )
+        await backfill_funding(
             exchange,
             settings.storage.data_dir,
             pairs,

@@ -42,6 +42,7 @@ from candle_frames import (
 )
 from error_handler import ConfigError, DataError
 from models import Trade
+from perpetuals import FundingSchedule, funding_beside, load_funding
 from utils.utilities import atomic_write, parse_timerange, timeframe_to_ms
 
 
@@ -154,7 +155,9 @@ def sample_file(sample_dir: Path, pair: str, timeframe: str) -> Path:
         DataError: when no sample covers it (the message lists what is bundled).
     """
     name = pair_to_filename(pair)
-    for prefix in _SAMPLE_PREFIXES:
+    # A perpetual (`BTC/USDT:USDT`) replays the perpetual's sample before the spot one.
+    prefixes = ("bybitlinear", *_SAMPLE_PREFIXES) if ":" in pair else _SAMPLE_PREFIXES
+    for prefix in prefixes:
         candidate = sample_dir / f"{prefix}_{name}_{timeframe}.csv.gz"
         if candidate.is_file():
             return candidate
@@ -226,6 +229,46 @@ def replay_frames(args: argparse.Namespace, settings: Settings) -> dict[str, pd.
         settings, settings.traded_pairs(), settings.strategy.timeframe, data=args.data
     )
     return {pair: frame for pair, (frame, _) in loaded.items()}
+
+
+def candle_source(settings: Settings, pair: str, timeframe: str, data: Path | None) -> Path:
+    """Return the file `load_frames` reads a pair's candles from (without reading it)."""
+    if data is not None:
+        return Path(data)
+    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
+    if store.has(pair, timeframe):
+        return store.path(pair, timeframe)
+    return sample_file(settings.storage.sample_dir, pair, timeframe)
+
+
+def replay_funding(args: argparse.Namespace, settings: Settings) -> dict[str, FundingSchedule]:
+    """Return the recorded funding of each perpetual pair a replay trades.
+
+    `--funding FILE` (`args.funding`, one pair); else a funding file beside the pair's
+    candle source (`perpetuals.funding_beside`: `funding.csv[.gz]` in an archive folder,
+    which backfill writes, or `<exchange>_<BASE-QUOTE>_funding.csv.gz` beside a sample).
+    Spot pairs (no `:settle`) have none.
+
+    Raises:
+        ConfigError: `--funding` with more than one pair.
+    """
+    pairs = list(settings.strategy.pairs)
+    explicit = getattr(args, "funding", None)
+    if explicit is not None:
+        if len(pairs) != 1:
+            raise ConfigError("--funding holds one pair: pass exactly one with --pairs")
+        if ":" not in pairs[0]:
+            raise ConfigError(f"--funding is for perpetuals (BASE/QUOTE:SETTLE), not {pairs[0]}")
+        return {pairs[0]: load_funding(explicit)}
+    out: dict[str, FundingSchedule] = {}
+    for pair in pairs:
+        if ":" not in pair:
+            continue
+        source = candle_source(settings, pair, settings.strategy.timeframe, args.data)
+        found = funding_beside(source)
+        if found is not None:
+            out[pair] = load_funding(found)
+    return out
 
 
 # -- Gaps ------------------------------------------------------------------------------------

@@ -85,6 +85,12 @@ class ExchangeSettings(_Group):
         "for fills the private stream missed)",
     )
 
+    funding_poll_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="live perpetuals: fetch the funding Bybit booked on our positions this often",
+    )
+
     @model_validator(mode="after")
     def _mainnet_opt_in(self) -> ExchangeSettings:
         if not self.testnet and not self.allow_mainnet and self.base_url is None:
@@ -121,6 +127,13 @@ class RiskSettings(_Group):
     max_position_fraction: float = Field(default=0.25, gt=0, le=10)
     max_total_exposure: float = Field(default=1.0, gt=0, le=10)
     max_leverage: float = Field(default=1.0, ge=1, le=100)
+    liquidation_buffer: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="perpetuals: the stop must lie this fraction of the entry-to-liquidation "
+        "distance inside the liquidation price (0: anywhere before it)",
+    )
     max_open_positions: int = Field(default=5, ge=1)
     stop_atr_multiple: float = Field(default=2.0, gt=0)
     take_profit_atr_multiple: float | None = Field(default=4.0, gt=0)
@@ -159,6 +172,16 @@ class SimulationSettings(_Group):
         default=0.0, ge=0, description="candles per second; 0 = as fast as possible"
     )
     latency_ms: int = Field(default=0, ge=0)
+    funding: bool = Field(
+        default=True,
+        description="replays settle the recorded funding of perpetual positions (--funding "
+        "FILE, or the funding file beside the candles)",
+    )
+    margin_mode: Literal["isolated", "cross"] = Field(
+        default="isolated",
+        description="perpetual margin: isolated (each position's own margin) or cross (the "
+        "balance backs every position); sets liquidation prices in sim and risk",
+    )
 
 
 class StrategySettings(_Group):

@@ -19,7 +19,7 @@ from anomaly_detection import AnomalyMonitor, AnomalyWatch
 from capital_allocation import Allocator, Sleeve
 from config import SleeveSettings
 from daemon_base import DaemonBase
-from data_manager import CandleStore, DataManager
+from data_manager import CandleStore, DataManager, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import (
     ConfigError,
@@ -194,6 +194,9 @@ class DaemonBuild(DaemonBase):
             # runs it on the rolling window at each candle, exactly as live trading does.
             signals=signals,
         )
+        self._watch_liquidations(sim, self.engine.portfolio)
+        if s.simulation.funding:
+            self.engine.funding = replay_funding(self.args, s)
         self.driver = self._drive(sim, self.engine)
         if (
             isinstance(signals, PrecomputedSignals)
@@ -222,6 +225,18 @@ class DaemonBuild(DaemonBase):
         )
 
     @staticmethod
+    def _watch_liquidations(sim: SimulatedExchange, portfolio: Portfolio) -> None:
+        # Perpetuals: cross margin reads the account's wallet balance, and positions show
+        # the liquidation price the simulated exchange watches.
+        sim.set_cross_balance(portfolio.wallet_balance)
+
+        def liquidation_price(pair: str) -> Decimal | None:
+            liq = sim.liquidation(pair)
+            return liq.price if liq is not None else None
+
+        portfolio.liquidation_source = liquidation_price
+
+    @staticmethod
     def _drive(sim: SimulatedExchange, engine: Engine) -> SimDriver:
         # The simulated exchange's fills reach the engine where the private stream's
         # fills reach it; its driver matches each candle before the engine processes it.
@@ -242,6 +257,7 @@ class DaemonBuild(DaemonBase):
             fill_at=sim.fill_at,
             latency_ms=sim.latency_ms,
             markets=markets,
+            margin_mode=sim.margin_mode,
         )
 
     def _engine(
@@ -297,6 +313,7 @@ class DaemonBuild(DaemonBase):
                 timeframe=s.strategy.timeframe,
                 taker_fee=Decimal(str(s.simulation.taker_fee)),
                 strategy_tag=strategy_tag(strategy.describe()),
+                margin_mode=s.simulation.margin_mode,
             ),
             executor=executor,
             reward=reward,
@@ -451,6 +468,7 @@ class DaemonBuild(DaemonBase):
                 data=data,
                 max_lag_ms=step,
             )
+            self._watch_liquidations(sim, self.engine.portfolio)
             self.driver = self._drive(sim, self.engine)
             self.engine.set_pairs(pairs)
             self.engine.extra_status = self._exchange_status

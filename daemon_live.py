@@ -8,14 +8,15 @@ the start-up order before the first decision, and the model retraining step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
 
 from daemon_base import DaemonBase
 from daemon_build import prime_anomalies
-from models import Candle
+from models import Candle, MarketType
+from perpetuals import FundingSchedule
 from utils.utilities import (
     timeframe_to_ms,
 )
@@ -28,8 +29,85 @@ PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trad
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
+async def apply_exchange_funding(
+    exchange: Any, portfolio: Any, pairs: list[str], since: int | None
+) -> tuple[int, int | None]:
+    """Apply the funding the exchange booked on `pairs` (perpetuals) since `since`.
+
+    Each settlement is applied once (the portfolio dedupes by the exchange's id). Returns
+    how many were new and the newest settlement time seen (the next call's `since`).
+    """
+    applied, newest = 0, since
+    for pair in pairs:
+        for payment in await exchange.fetch_funding_payments(pair, since):
+            applied += portfolio.apply_funding_payment(payment)
+            newest = payment.ts if newest is None else max(newest, payment.ts)
+    if applied:
+        log.info("funding_applied", settlements=applied)
+    return applied, newest
+
+
+async def refresh_paper_funding(
+    exchange: Any, funding: dict[str, FundingSchedule], pairs: list[str]
+) -> int:
+    """Add each perpetual's next funding time and current rate to `funding` (paper mode).
+
+    The engine settles it at the candle that holds the funding time, as the exchange
+    would; a later refresh before that time updates the rate. Returns the pairs updated.
+    """
+    updated = 0
+    for pair in pairs:
+        upcoming = await exchange.fetch_next_funding(pair)
+        if upcoming is None:
+            continue
+        known = funding.get(pair) or FundingSchedule.of([])
+        funding[pair] = known.with_rows([upcoming])
+        updated += 1
+    return updated
+
+
 class DaemonLive(DaemonBase):
     """The exchange-facing tasks of a run (see the module docstring)."""
+
+    def _funding_task(self) -> Coroutine[Any, Any, None] | None:
+        # Live perpetuals: Bybit's booked funding; paper on the live feed: its rates.
+        if self.exchange is None:
+            return None
+        if self.sim is None:
+            linear = self.settings.exchange.market_type == "linear"
+            return self._exchange_funding() if linear else None
+        return self._paper_funding() if self.settings.simulation.funding else None
+
+    async def _paper_funding(self) -> None:
+        # Paper trading on the live feed: funding from the exchange's published rates,
+        # refreshed until each funding time passes, settled by the engine's candles.
+        structlog.contextvars.bind_contextvars(component="funding")
+        assert self.engine is not None
+        assert self.exchange is not None
+        exchange, engine = self.exchange, self.engine
+        while True:
+            pairs = [p for p in engine.pairs if exchange.market(p).type is MarketType.LINEAR]
+            try:
+                await refresh_paper_funding(exchange, engine.funding, pairs)
+            except Exception:
+                log.exception("funding_refresh_failed")
+            await asyncio.sleep(self.settings.exchange.funding_poll_interval_s)
+
+    async def _exchange_funding(self) -> None:
+        # Live perpetuals: the funding Bybit books on our positions reaches the portfolio
+        # (cash, the open trade's funding); polled, as funding comes every few hours.
+        structlog.contextvars.bind_contextvars(component="funding")
+        assert self.engine is not None
+        assert self.exchange is not None
+        exchange, engine = self.exchange, self.engine
+        since: int | None = exchange.server_now_ms()
+        while True:
+            await asyncio.sleep(self.settings.exchange.funding_poll_interval_s)
+            pairs = [p for p in engine.pairs if exchange.market(p).type is MarketType.LINEAR]
+            try:
+                _, since = await apply_exchange_funding(exchange, engine.portfolio, pairs, since)
+            except Exception:
+                log.exception("funding_poll_failed")
 
     async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
         """Stream closed candles; resubscribe when the pair list changes."""

@@ -69,6 +69,7 @@ from candle_store import (
     missing_ranges,
     pair_to_filename,
     replay_frames,
+    replay_funding,
     sample_file,
 )
 from candle_store import _day as _day  # re-exported for tests
@@ -112,6 +113,7 @@ __all__ = [
     "normalise_frame",
     "pair_to_filename",
     "replay_frames",
+    "replay_funding",
     "resample",
     "run_backfill_cli",
     "sample_file",

@@ -51,6 +51,7 @@ from bybit_converters import (
     ticker_from_ccxt,
     trade_from_ccxt,
 )
+from bybit_funding import ExchangeFunding
 from bybit_orders import ExchangeOrders
 from bybit_streams import ExchangeStreams
 from error_handler import (
@@ -151,7 +152,7 @@ def _ccxt_config(s: ExchangeSettings) -> dict[str, Any]:
 # -- The exchange ----------------------------------------------------------------------------
 
 
-class Exchange(ExchangeOrders, ExchangeStreams):
+class Exchange(ExchangeOrders, ExchangeStreams, ExchangeFunding):
     """Bybit V5 for Kestrel: REST, streams, rate budgets, retries; models in, models out.
 
     Use as an async context manager; it opens once (loads markets, checks the clock) and

@@ -21,7 +21,8 @@ from numba import njit
 import analytics
 from error_handler import ConfigError
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
-from models import ClosedTrade, Market, PositionSide, Side
+from models import ClosedTrade, Market, MarketType, PositionSide, Side
+from perpetuals import FundingSchedule, isolated_margin, liquidation, liquidation_reason, risk_tiers
 from strategy import Strategy
 from utils.equity_curve import EquityCurve
 from utils.utilities import timeframe_to_ms
@@ -66,6 +67,18 @@ class BacktestResult:
     # Circuit-breaker trips and the spans off the normal rung (`breaker_report`'s lists).
     breaker_trips: tuple[dict[str, Any], ...] = ()
     trading_spans: tuple[dict[str, Any], ...] = ()
+    # Net funding received (negative: paid), the open position's included, and how many
+    # funding times were settled on a position.
+    funding: float = 0.0
+    funding_settlements: int = 0
+
+    @property
+    def liquidations(self) -> int:
+        """Return how many trades ended in a liquidation."""
+        reasons = self.table.get("reason")
+        if reasons is None:
+            return 0
+        return int(sum(1 for r in reasons if str(r).startswith("liquidation")))
 
     @property
     def n_trades(self) -> int:
@@ -88,6 +101,7 @@ class BacktestResult:
                 fee=float(t["fee"][i]),
                 pnl=float(t["pnl"][i]),
                 reason=str(t["reason"][i]) if "reason" in t else "",
+                funding=float(t["funding"][i]) if "funding" in t else 0.0,
             )
             for i in range(self.n_trades)
         ]
@@ -122,6 +136,9 @@ class BacktestResult:
             "total_return": final / start - 1 if start else 0.0,
             "max_drawdown": self.max_drawdown,
             "fees": self.fees,
+            "funding": self.funding,
+            "funding_settlements": self.funding_settlements,
+            "liquidations": self.liquidations,
             "realised_pnl": (
                 self.realised_pnl
                 if self.realised_pnl is not None
@@ -150,6 +167,7 @@ def result_from_summary(
     for name in TRADE_COLUMNS:
         dtype = np.int64 if name.endswith("_ts") else np.float64
         table[name] = np.array([t[name] for t in trades], dtype=dtype)
+    table["funding"] = np.array([t.get("funding", 0.0) for t in trades], dtype=np.float64)
     if isinstance(equity_curve, EquityCurve):
         curve_ts, curve_values = equity_curve.arrays()
     else:
@@ -174,6 +192,8 @@ def result_from_summary(
         mode=str(summary.get("mode", "backtest")),
         breaker_trips=tuple(summary.get("breaker_trips", ())),
         trading_spans=tuple(summary.get("trading_spans", ())),
+        funding=float(summary.get("funding", 0.0)),
+        funding_settlements=int(summary.get("funding_settlements", 0)),
     )
 
 
@@ -220,6 +240,14 @@ class _Costs:
     min_notional: Decimal
     fill_close: bool
     stake: Decimal | None
+    leverage: Decimal = Decimal(1)
+    pair: str = "BTC/USDT"
+
+    @property
+    def tiers(self) -> np.ndarray:
+        # The pair's risk-limit tiers as rows of (limit, MMR, deduction) for the loop.
+        rows = [(float(t.limit), float(t.mmr), float(t.deduction)) for t in risk_tiers(self.pair)]
+        return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
     @property
     def inv_lot(self) -> float:
@@ -246,6 +274,8 @@ def run_fast(
     end_ms: int | None = None,
     exact: bool = False,
     signals: tuple[np.ndarray, np.ndarray] | None = None,
+    funding: FundingSchedule | None = None,
+    leverage: Decimal | None = None,
 ) -> BacktestResult:
     """Backtest one strategy on one pair with market orders, long only, in one numba pass.
 
@@ -279,6 +309,12 @@ def run_fast(
             float64 inside the numba loop (quantities equal except when a quantity lies
             within ~1e-12 of a lot boundary; PnL equal to ~1e-12 relative).
         signals: precomputed `(enter_long, exit_long)` arrays (sweeps), else computed.
+        funding: the pair's recorded funding (a perpetual): the position pays or receives
+            it at the candles that hold a funding time, at their close, as the replay
+            settles it (`perpetuals`); None: no funding.
+        leverage: a perpetual's leverage (the replay's: the setting capped by the market):
+            entries spend Bybit's order cost, and the isolated position is liquidated when
+            a bar's low reaches its liquidation price, as the simulated exchange does.
 
     Raises:
         ConfigError: a bad combination of arguments.
@@ -306,6 +342,8 @@ def run_fast(
         min_notional=market.min_notional,
         fill_close=fill_at == "close",
         stake=None if all_in else Decimal(str(stake)),
+        leverage=leverage if leverage is not None else Decimal(1),
+        pair=pair,
     )
     warm = max(strategy.warmup - 1, 0)
     n = max(last - first, 0)
@@ -313,8 +351,10 @@ def run_fast(
     cap = n // 2 + 1
     entries = np.empty(cap, dtype=np.int64)
     exits = np.empty(cap, dtype=np.int64)
-    numbers = np.empty((cap, 5), dtype=np.float64)
-    out = np.zeros(8, dtype=np.float64)
+    numbers = np.empty((cap, 7), dtype=np.float64)
+    out = np.zeros(9, dtype=np.float64)
+    ts = _close_times(raw[first:last], mul, div, step)
+    rates = funding.per_bar(ts, step) if funding is not None else np.zeros(n, dtype=np.float64)
     count = _all_in_loop(
         opens[first:last],
         closes[first:last],
@@ -329,6 +369,11 @@ def run_fast(
         float(costs.lot),
         costs.inv_lot,
         float(costs.min_notional),
+        rates,
+        funding is not None,
+        np.ascontiguousarray(df["low"].to_numpy(dtype=np.float64))[first:last],
+        float(1 / costs.leverage) if costs.leverage != 1 else 1.0,
+        costs.tiers,
         equity,
         entries,
         exits,
@@ -337,7 +382,6 @@ def run_fast(
     )
     entries, exits, numbers = entries[:count], exits[:count], numbers[:count]
     shift = step if costs.fill_close else 0
-    ts = _close_times(raw[first:last], mul, div, step)
     opened = shift - step  # a fill's time: the bar's open (next_open) or its close
     table: dict[str, np.ndarray] = {
         "entry_price": numbers[:, 0].copy(),
@@ -345,8 +389,13 @@ def run_fast(
         "qty": numbers[:, 2].copy(),
         "fee": numbers[:, 3].copy(),
         "pnl": numbers[:, 4].copy(),
+        "funding": numbers[:, 5].copy(),
     }
+    liquidated = numbers[:, 6] > 0
+    # The liquidated trades' reasons (the exact accounting gives the replay's own).
+    liquidations = [f"liquidation: mark reached {p:.10g}" for p in table["exit_price"][liquidated]]
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
+    funding_total = float(out[8])
     open_at = int(out[3]) if open_qty > 0 else -1
     open_price = float(out[4])
     realised: float | None = None
@@ -358,16 +407,25 @@ def run_fast(
             costs,
             starting_balance,
             equity,
+            rates,
+            liquidated,
         )
         table, final, fees = exact_result.table, exact_result.final, exact_result.fees
+        liquidations = exact_result.reasons
+        funding_total = exact_result.funding
         open_qty, open_price = exact_result.open_qty, exact_result.open_price
         realised = exact_result.realised
     table["entry_ts"] = ts[entries] + opened
-    table["exit_ts"] = ts[exits] + opened
+    # A liquidation happens inside its bar: it shows at the bar's close.
+    table["exit_ts"] = ts[exits] + (np.where(liquidated, 0, opened) if liquidations else opened)
     # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
     table["pair"] = np.full(count, pair)
     table["side"] = np.full(count, "long")
     table["reason"] = np.full(count, f"{strategy.name}: exit long")
+    if liquidations:
+        reasons = table["reason"].astype(object)
+        reasons[liquidated] = liquidations
+        table["reason"] = reasons.astype(np.str_)
     open_positions: tuple[dict[str, Any], ...] = ()
     if open_at >= 0:
         open_positions = (
@@ -397,7 +455,35 @@ def run_fast(
         vetoes=int(out[6]),
         rejections=int(out[7]),
         realised_pnl=realised,
+        funding=funding_total,
+        funding_settlements=_settlements(funding, ts, step, table, open_at, opened),
     )
+
+
+def _settlements(
+    funding: FundingSchedule | None,
+    ts: np.ndarray,
+    step: int,
+    table: dict[str, np.ndarray],
+    open_at: int,
+    opened: int,
+) -> int:
+    # Funding times settled on a position: each settles at the close C of the candle that
+    # holds it, on a trade with entry < C <= exit (the replay's order, see `perpetuals`).
+    if funding is None or not len(ts):
+        return 0
+    times = funding.times[(funding.times > ts[0] - step) & (funding.times <= ts[-1])]
+    closes_at = ts[np.searchsorted(ts, times)]
+    closes_at = closes_at[times > closes_at - step]  # none settles in a gap between candles
+    entries = np.asarray(table["entry_ts"], dtype=np.int64)
+    exits = np.asarray(table["exit_ts"], dtype=np.int64)
+    if open_at >= 0:  # the open position, held to the end
+        entries = np.append(entries, ts[open_at] + opened)
+        exits = np.append(exits, ts[-1])
+    # Trades do not overlap and come in time order: the one entered last before C holds it.
+    k = np.searchsorted(entries, closes_at, side="left") - 1
+    held = (k >= 0) & (closes_at <= exits[np.maximum(k, 0)])
+    return int(np.count_nonzero(held))
 
 
 def fast_path_blockers(
@@ -408,6 +494,9 @@ def fast_path_blockers(
     slippage_model: str,
     latency_ms: int,
     dynamic_pairs: bool = False,
+    leverage: float = 1.0,
+    shorts: bool = False,
+    margin_mode: str = "isolated",
 ) -> list[str]:
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
@@ -426,6 +515,10 @@ def fast_path_blockers(
         reasons.append(f"slippage model {slippage_model!r}: the fast path models fixed bps")
     if latency_ms >= timeframe_to_ms(timeframe):
         reasons.append(f"latency {latency_ms} ms is a candle or more: fills move a bar later")
+    if leverage > 1 and margin_mode != "isolated":
+        reasons.append(f"{margin_mode} margin at {leverage:g}x: the fast path margins isolated")
+    if shorts:
+        reasons.append("shorts enabled: the fast path trades long only")
     return reasons
 
 
@@ -441,13 +534,22 @@ def fast_backtest(
     fill_at: Literal["next_open", "close"] = "next_open",
     start_ms: int | None = None,
     end_ms: int | None = None,
+    funding: FundingSchedule | None = None,
+    max_leverage: float = 1.0,
 ) -> BacktestResult:
     """Run `--mode backtest` through the fast path, exactly as the replay would account it.
 
     `frame` is the pair's whole archive (signals use it all, as the replay's precomputed
     signals do); `start_ms`/`end_ms` are the `--timerange`. The market rules come from the
-    archive's first close, as the replay builds them. Check `fast_path_blockers` first.
+    archive's first close, as the replay builds them (a perpetual, `BASE/QUOTE:SETTLE`, is
+    a linear market, traded at `max_leverage` capped by the market's, as risk caps it).
+    Check `fast_path_blockers` first.
     """
+    kind = MarketType.LINEAR if ":" in pair else MarketType.SPOT
+    market = sim_market(pair, float(frame["close"].iloc[0]), kind)
+    leverage = None
+    if kind is MarketType.LINEAR:
+        leverage = max(min(Decimal(str(max_leverage)), market.max_leverage), Decimal(1))
     return run_fast(
         strategy,
         frame,
@@ -457,10 +559,12 @@ def fast_backtest(
         taker_fee=taker_fee,
         slippage_bps=slippage_bps,
         fill_at=fill_at,
-        market=sim_market(pair, float(frame["close"].iloc[0])),
+        market=market,
         start_ms=start_ms,
         end_ms=end_ms,
         exact=True,
+        funding=funding,
+        leverage=leverage if leverage != 1 else None,
     )
 
 
@@ -471,6 +575,8 @@ class _Exact(NamedTuple):
     open_qty: float
     open_price: float
     realised: float
+    funding: float
+    reasons: list[str]
 
 
 def _exact_accounting(
@@ -480,11 +586,15 @@ def _exact_accounting(
     costs: _Costs,
     starting_balance: float,
     equity: np.ndarray,
+    rates: np.ndarray,
+    liquidated: np.ndarray,
 ) -> _Exact:
     """Redo the accounting in Decimal, operation for operation as exchange and portfolio.
 
-    Returns the trade table, final equity, fees, open quantity, open entry price and
-    realised PnL, and rewrites `equity` from the exact cash and quantity after each fill.
+    Returns the trade table, final equity, fees, open quantity, open entry price, realised
+    PnL, funding and the liquidated trades' reasons, and rewrites `equity` from the exact
+    cash and quantity after each fill and funding settlement (`rates`: the funding rate
+    settled at each candle; `liquidated`: which trades the exchange liquidated).
     """
     entries, exits, open_at = fills
     cash = Decimal(str(starting_balance))
@@ -498,32 +608,50 @@ def _exact_accounting(
     bars = [(int(i), int(j)) for i, j in zip(entries, exits, strict=True)]
     if open_at >= 0:
         bars.append((open_at, -1))
-    for i, j in bars:
+    gone = [bool(x) for x in liquidated] + [False] * (len(bars) - len(liquidated))
+    due = _funding_due(bars, gone, after, len(closes), rates)
+    reasons: list[str] = []
+    funding_total = ZERO
+    for n, (i, j) in enumerate(bars):
         entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
         quote = cash if costs.stake is None else min(costs.stake, cash)
-        qty = quote_qty(quote, entry, costs.fee, costs.lot)
+        qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
         entry_fee = entry * qty * costs.fee
         cash -= qty * entry + entry_fee
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
+        received = ZERO
+        for k in due[n]:
+            payment = qty * Decimal(repr(float(closes[k]))) * Decimal(repr(float(rates[k])))
+            cash, received = cash - payment, received - payment
+            changes.append((k, float(cash), float(qty)))
+        funding_total += received
         if j < 0:
             break
-        exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
-        exit_fee = exit_price * qty * costs.fee
+        if gone[n]:
+            exit_price, exit_fee, reason = _liquidation_exit(entry, qty, costs)
+            reasons.append(reason)
+        else:
+            exit_price = slipped_price(Side.SELL, _raw(opens, closes, j, costs), costs.slippage_bps)
+            exit_fee = exit_price * qty * costs.fee
         cash -= -qty * exit_price + exit_fee
         fees += exit_fee
         # The portfolio's split of fees by the closed fraction (here the whole position).
         entry_part = entry_fee * (qty / qty)
         exit_part = exit_fee * (qty / qty)
         pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
+        funding_part = ZERO
+        if received:
+            funding_part = received * (qty / qty)
+            pnl += funding_part
         realised += pnl
-        rows.append(
-            (float(entry), float(exit_price), float(qty), float(entry_part + exit_part), float(pnl))
-        )
-        changes.append((j + after, float(cash), 0.0))
+        row = (entry, exit_price, qty, entry_part + exit_part, pnl, funding_part)
+        rows.append(tuple(float(x) for x in row))
+        # A liquidation shows from its own bar; a fill at the close from the next.
+        changes.append((j if gone[n] else j + after, float(cash), 0.0))
         qty = ZERO
-    numbers = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    table = {name: numbers[:, k].copy() for k, name in enumerate(TRADE_COLUMNS[2:])}
+    numbers = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    table = {name: numbers[:, k].copy() for k, name in enumerate((*TRADE_COLUMNS[2:], "funding"))}
     final = cash + qty * Decimal(repr(float(closes[-1]))) if len(closes) else cash
     index = np.array([c[0] for c in changes], dtype=np.int64)
     values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
@@ -535,7 +663,32 @@ def _exact_accounting(
         float(qty),
         float(entry) if open_at >= 0 else 0.0,
         float(realised),
+        float(funding_total),
+        reasons,
     )
+
+
+def _funding_due(
+    bars: list[tuple[int, int]], gone: list[bool], after: int, n: int, rates: np.ndarray
+) -> list[list[int]]:
+    # Per trade (entry bar i, exit bar j, -1 while open), the candles whose funding it
+    # pays: those it is held at the close, [i + after, j + after) ([.., j) when liquidated
+    # inside bar j), located for every trade at once.
+    funding_bars = np.flatnonzero(rates)
+    starts = np.array([i + after for i, _ in bars], dtype=np.int64)
+    ends = np.array(
+        [n if j < 0 else j if gone[k] else j + after for k, (_, j) in enumerate(bars)],
+        dtype=np.int64,
+    )
+    first, last = np.searchsorted(funding_bars, starts), np.searchsorted(funding_bars, ends)
+    return [funding_bars[a:b].tolist() for a, b in zip(first, last, strict=True)]
+
+
+def _liquidation_exit(entry: Decimal, qty: Decimal, costs: _Costs) -> tuple[Decimal, Decimal, str]:
+    # The simulated exchange's liquidation of an isolated long, in Decimal, as it does it.
+    margin = isolated_margin(entry, qty, costs.leverage)
+    liq = liquidation(PositionSide.LONG, entry, qty, margin, costs.fee, costs.pair)
+    return liq.price, liq.fee, liquidation_reason(liq)
 
 
 def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
@@ -558,9 +711,13 @@ def _curve(closes, index, values, cash0, equity):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True)
-def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
-    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order.
-    x = quote / (price * (1.0 + fee))
+def _lot_qty(quote, price, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
+    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order; with
+    # leverage, quote / Bybit's order cost of a long (`perpetuals.unit_cost`).
+    if inv_lev == 1.0:
+        x = quote / (price * (1.0 + fee))
+    else:
+        x = quote / (price * inv_lev + price * fee + price * (1.0 - inv_lev) * fee)
     if inv_lot > 0.0:
         return math.floor(x * inv_lot) / inv_lot
     return math.floor(x / lot) * lot
@@ -568,48 +725,53 @@ def _lot_qty(quote, price, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _record_trade(  # type: ignore[no-untyped-def]
-    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee
+    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee, funding
 ):
-    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL.
+    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL
+    # (funding received included), funding.
     entries[k] = open_at
     exits[k] = i
     numbers[k, 0] = entry_price
     numbers[k, 1] = price
     numbers[k, 2] = qty
     numbers[k, 3] = entry_fee + exit_fee
-    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee
+    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee + funding
+    numbers[k, 5] = funding
+    numbers[k, 6] = 0.0
 
 
 # The loop's state between bars, a tuple so the inlined helpers below compile to registers:
 # (cash, qty, entry price, entry fee, fees, pending order (1 buy, -1 sell, 0 none), trades
-# recorded, bar of the open entry or -1). A signal's verdict: the order was taken (placed, or
-# filled at once), vetoed by risk, or refused by the exchange.
+# recorded, bar of the open entry or -1, funding received by the open position). A signal's
+# verdict: the order was taken (placed, or filled at once), vetoed by risk, or refused by
+# the exchange.
 _TAKEN = 0
 _VETOED = 1
 _REFUSED = 2
 
 
 @njit(cache=True, inline="always")
-def _enter(state, i, price, stake, fee, lot, inv_lot):  # type: ignore[no-untyped-def]
+def _enter(state, i, price, stake, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
     # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
-    cash, _, _, _, fees, _, k, _ = state
+    cash, _, _, _, fees, _, k, _, _ = state
     quote = cash if stake < 0.0 else min(stake, cash)
-    q = _lot_qty(quote, price, fee, lot, inv_lot)
+    q = _lot_qty(quote, price, fee, lot, inv_lot, inv_lev)
     if q > 0.0:
         entry_fee = price * q * fee
-        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i)
+        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i,
+                0.0)  # fmt: skip
     return state
 
 
 @njit(cache=True, inline="always")
 def _exit(state, i, price, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
     # A market sell of the whole position at `price`, recorded as a closed trade.
-    cash, qty, entry_price, entry_fee, fees, _, k, open_at = state
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
     exit_fee = price * qty * fee
     _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
-                  entry_fee, exit_fee)  # fmt: skip
+                  entry_fee, exit_fee, funding)  # fmt: skip
     return (cash - (-qty * price + exit_fee), 0.0, entry_price, entry_fee, fees + exit_fee, 0,
-            k + 1, -1)  # fmt: skip
+            k + 1, -1, 0.0)  # fmt: skip
 
 
 @njit(cache=True, inline="always")
@@ -622,27 +784,77 @@ def _on_exit_signal(  # type: ignore[no-untyped-def]
     if qty * c < min_notional:
         return state, _REFUSED  # the exchange refuses an exit below its minimum notional
     if not fill_close:
-        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7]), _TAKEN
+        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7],
+                state[8]), _TAKEN  # fmt: skip
     return _exit(state, i, c * (1.0 - slip), fee, entries, exits, numbers), _TAKEN
 
 
 @njit(cache=True, inline="always")
 def _on_entry_signal(  # type: ignore[no-untyped-def]
-    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, min_notional
+    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, inv_lev, min_notional
 ):
     # An entry signal when flat: vetoed without cash for one lot, refused below the minimum
     # notional, else bought at the next open (pending) or at once at the close. Returns the
     # new state and the verdict.
     cash = state[0]
     quote = cash if stake < 0.0 else min(stake, cash)
-    estimate = _lot_qty(quote, c, fee, lot, inv_lot)
+    estimate = _lot_qty(quote, c, fee, lot, inv_lot, inv_lev)
     if estimate <= 0.0:
         return state, _VETOED  # risk: no cash for one lot
     if estimate * c < min_notional:
         return state, _REFUSED  # the exchange's minimum notional
     if not fill_close:
-        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7]), _TAKEN
-    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot), _TAKEN
+        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7],
+                state[8]), _TAKEN  # fmt: skip
+    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev), _TAKEN
+
+
+@njit(cache=True, inline="always")
+def _liq_prices(entry, qty, inv_lev, tiers):  # type: ignore[no-untyped-def]
+    # An isolated long's liquidation and bankruptcy prices (`perpetuals`), the maintenance
+    # margin from the risk-limit tier (rows of limit, MMR, deduction) its value falls in.
+    value = qty * entry
+    k = 0
+    while k < tiers.shape[0] - 1 and value > tiers[k, 0]:
+        k += 1
+    mm = max(value * tiers[k, 1] - tiers[k, 2], 0.0)
+    im = value * inv_lev
+    return max(entry - (im - mm) / qty, 0.0), max(entry - im / qty, 0.0)
+
+
+@njit(cache=True, inline="always")
+def _liquidate(state, i, liq, bust, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # The exchange closes the long at its liquidation price, charging the margin left above
+    # bankruptcy plus the fee to close; recorded as a closed trade flagged liquidated.
+    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
+    liq_fee = qty * (liq - bust) + qty * bust * fee
+    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, liq, qty,
+                  entry_fee, liq_fee, funding)  # fmt: skip
+    numbers[k, 6] = 1.0
+    return (cash - (-qty * liq + liq_fee), 0.0, entry_price, entry_fee, fees + liq_fee, 0,
+            k + 1, -1, 0.0)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _watch(state, i, low, inv_lev, tiers, watch, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
+    # A leveraged long is liquidated when the bar's low reaches its liquidation price.
+    # `watch`: (bar the watched position opened, its liquidation, its bankruptcy price).
+    if state[1] <= 0.0:
+        return state, watch
+    if state[7] != watch[0]:  # a new position
+        liq, bust = _liq_prices(state[2], state[1], inv_lev, tiers)
+        watch = (state[7], liq, bust)
+    if low <= watch[1]:
+        state = _liquidate(state, i, watch[1], watch[2], fee, entries, exits, numbers)
+    return state, watch
+
+
+@njit(cache=True, inline="always")
+def _settle_funding(state, c, rate):  # type: ignore[no-untyped-def]
+    # The position pays qty x close x rate (receives when negative), at the candle's close.
+    payment = state[1] * c * rate
+    return (state[0] - payment, state[1], state[2], state[3], state[4], state[5], state[6],
+            state[7], state[8] - payment), payment  # fmt: skip
 
 
 @njit(cache=True)
@@ -660,25 +872,38 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     lot,
     inv_lot,
     min_notional,
+    funding_rates,
+    with_funding,
+    lows,
+    inv_lev,
+    tiers,
     equity,
     entries,
     exits,
     numbers,
     out,
 ):
-    # One bar at a time, in the replay's order: fills at the open, mark and record equity,
-    # then the signal (which fills at once at the close with fill_close).
+    # One bar at a time, in the replay's order: fills at the open, mark, settle funding,
+    # record equity, then the signal (which fills at once at the close with fill_close).
     n = closes.shape[0]
     signals = 0
     vetoes = 0
     rejections = 0
-    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
+    paid = 0.0
+    watch = (-1, 0.0, 0.0)  # the open position's liquidation (leverage only)
+    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1, 0.0)
     for i in range(n):
         if state[5] == 1:
-            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot)
+            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev)
         elif state[5] == -1:
             state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
+        if inv_lev != 1.0:
+            state, watch = _watch(state, i, lows[i], inv_lev, tiers, watch, fee, entries, exits,
+                                  numbers)  # fmt: skip
         c = closes[i]
+        if with_funding and state[1] > 0.0 and funding_rates[i] != 0.0:
+            state, payment = _settle_funding(state, c, funding_rates[i])
+            paid += payment
         equity[i] = state[0] + state[1] * c
         if i < warm:
             continue
@@ -689,13 +914,13 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
                                              entries, exits, numbers)  # fmt: skip
         elif state[5] == 0 and enter[i]:
             state, verdict = _on_entry_signal(state, i, c, fill_close, slip, stake, fee, lot,
-                                              inv_lot, min_notional)  # fmt: skip
+                                              inv_lot, inv_lev, min_notional)  # fmt: skip
         else:
             continue
         signals += 1
         vetoes += verdict == _VETOED
         rejections += verdict == _REFUSED
-    cash, qty, entry_price, _, fees, _, k, open_at = state
+    cash, qty, entry_price, _, fees, _, k, open_at, _ = state
     out[0] = cash + qty * closes[n - 1] if n > 0 else cash
     out[1] = fees
     out[2] = qty
@@ -704,4 +929,5 @@ def _all_in_loop(  # type: ignore[no-untyped-def]
     out[5] = signals
     out[6] = vetoes
     out[7] = rejections
+    out[8] = -paid
     return k

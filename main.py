@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", type=Path, help="replay/backtest this candle file (.csv[.gz]/.parquet)"
     )
+    parser.add_argument(
+        "--funding",
+        type=Path,
+        help="perpetual replay/backtest: the pair's recorded funding (CSV timestamp,funding_rate)",
+    )
     parser.add_argument("--pairs", help="comma-separated pairs, e.g. BTC/USDT,ETH/USDT")
     parser.add_argument("--timeframe", help="candle timeframe, e.g. 1m, 5m, 1h")
     parser.add_argument("--strategy", help="built-in strategy name or path to a .py file")

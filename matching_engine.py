@@ -30,6 +30,13 @@ Fill conventions (documented, conservative, the same in sim and backtest):
   cancelled state, Bybit's `PartiallyFilledCanceled`); a FOK fills whole or not at all.
   One that fills nothing is cancelled and reported to the order sink (`deliver_orders_to`),
   where the live private order stream's updates go.
+* Perpetuals: a position opened with leverage (or any short) on a linear market is
+  watched for liquidation (`perpetuals`, isolated margin `qty x entry / leverage`, or
+  the wallet balance read through `set_cross_balance` under cross margin): when a bar's low
+  (long) or high (short) reaches the liquidation price, the position is closed there
+  by an exchange-side order, charged the liquidation fee (the margin left above
+  bankruptcy plus the taker fee to close), after the bar's orders are matched (a stop
+  inside the liquidation price triggers first).
 * Latency: an order takes part in a (sub-)bar only if it was live (`ts_created +
   latency_ms`) before that bar closed; one live during a bar fills at its open (an
   approximation that intrabar data makes finer).
@@ -60,15 +67,19 @@ from models import (
     OrderIntent,
     OrderStatus,
     OrderType,
+    PositionSide,
     Side,
     TimeInForce,
     order_from_intent,
 )
+from perpetuals import unit_cost
+from sim_perpetuals import PerpetualWatch
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+ONE = Decimal(1)
 # Where fills go: the engine's fill entry point, the one the live private stream's fills
 # reach too (`pipeline.Engine.on_fill`).
 FillSink = Callable[[Order, Fill], Awaitable[None]]
@@ -117,9 +128,24 @@ def slipped_price(side: Side, price: Decimal, bps: Decimal) -> Decimal:
     return price * (1 + factor) if side is Side.BUY else price * (1 - factor)
 
 
-def quote_qty(quote: Decimal, price: Decimal, fee: Decimal, lot: Decimal | None) -> Decimal:
-    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot."""
-    qty = quote / (price * (1 + fee))
+def quote_qty(
+    quote: Decimal,
+    price: Decimal,
+    fee: Decimal,
+    lot: Decimal | None,
+    leverage: Decimal = ONE,
+    side: Side = Side.BUY,
+) -> Decimal:
+    """Return the base quantity `quote` buys at `price` after the taker fee, floored to lot.
+
+    With `leverage` (a perpetual), `quote` pays Bybit's order cost: margin plus the fees
+    to open and to close (`perpetuals.unit_cost`).
+    """
+    if leverage == ONE:
+        qty = quote / (price * (1 + fee))
+    else:
+        position = PositionSide.LONG if side is Side.BUY else PositionSide.SHORT
+        qty = quote / unit_cost(price, leverage, fee, position)
     if lot is not None and lot > 0:
         qty = (qty / lot).to_integral_value(rounding=ROUND_FLOOR) * lot
     return qty
@@ -227,7 +253,7 @@ class _Delivery:
                 await self._order_sink(order)
 
 
-class SimulatedExchange(_Delivery):
+class SimulatedExchange(_Delivery, PerpetualWatch):
     """Paper matching engine with the live exchange's order methods.
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
@@ -249,6 +275,7 @@ class SimulatedExchange(_Delivery):
         max_participation: float | None = None,
         latency_ms: int = 0,
         markets: dict[str, Market] | None = None,
+        margin_mode: Literal["isolated", "cross"] = "isolated",
     ) -> None:
         self._clock = clock
         self.maker_fee = Decimal(str(maker_fee))
@@ -271,6 +298,7 @@ class SimulatedExchange(_Delivery):
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
         _Delivery.__init__(self)
+        self._init_perpetuals(margin_mode)
 
     def _now(self) -> int:
         return int(self._clock.now_ms())  # type: ignore[union-attr]
@@ -285,7 +313,8 @@ class SimulatedExchange(_Delivery):
         """Return the pair's market, creating sim rules from `price` the first time."""
         market = self.markets.get(pair)
         if market is None:
-            market = self.markets[pair] = sim_market(pair, price)
+            kind = MarketType.LINEAR if ":" in pair else MarketType.SPOT
+            market = self.markets[pair] = sim_market(pair, price, kind)
         return market
 
     async def create_order(self, intent: OrderIntent) -> Order:
@@ -309,6 +338,7 @@ class SimulatedExchange(_Delivery):
             order = replace(order, status=OrderStatus.REJECTED, reason="post-only would cross")
             self._orders[order.client_order_id] = order
             return order
+        self._note_leverage(intent)
         if intent.quote_amount is not None:
             self._quote_amounts[order.client_order_id] = intent.quote_amount
         self._orders[order.client_order_id] = order
@@ -341,8 +371,8 @@ class SimulatedExchange(_Delivery):
                 await self.deliver(fills)
 
     def has_working(self, pair: str) -> bool:
-        """Return True if any order on `pair` is still working."""
-        return bool(self._open.get(pair))
+        """Return True if an order on `pair` works or its position is watched (liquidation)."""
+        return bool(self._open.get(pair)) or self.liquidation(pair) is not None
 
     async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
         """Return orders still working."""
@@ -393,6 +423,7 @@ class SimulatedExchange(_Delivery):
             bars = ((candle, step),) if fine is None else fine.bars(candle, step)
             for bar, bar_step in bars:
                 self._match_bar(bar, bar_step, results)
+        self._watch_bar(candle, results)
         self._last[pair] = candle
         return results
 
@@ -523,7 +554,7 @@ class SimulatedExchange(_Delivery):
         quote_amount = self._quote_amounts.get(order.client_order_id)
         if quote_amount is not None:
             qty = (
-                quote_qty(quote_amount, price, self.taker_fee, lot)
+                quote_qty(quote_amount, price, self.taker_fee, lot, *self._sizing(order))
                 if levels is None
                 else _floor(_quote_walk(levels, quote_amount, self.taker_fee), lot)
             )
@@ -593,6 +624,7 @@ class SimulatedExchange(_Delivery):
         )
         self._orders[order.client_order_id] = updated
         signed = qty if order.side is Side.BUY else -qty
+        self._track_entry(order.pair, signed, price)  # before the position moves
         position = self._positions.get(order.pair, ZERO) + signed
         self._positions[order.pair] = position
         if status is OrderStatus.FILLED:

@@ -461,6 +461,9 @@ class Position:
     take_profit: Decimal | None = None
     mark_price: Decimal | None = None
     fees_paid: Decimal = Decimal(0)
+    # Perpetuals: where the exchange liquidates the position, and its leverage.
+    liquidation_price: Decimal | None = None
+    leverage: Decimal | None = None
 
     @property
     def notional(self) -> Decimal:
@@ -475,6 +478,21 @@ class Position:
             return Decimal(0)
         sign = 1 if self.side is PositionSide.LONG else -1
         return (self.mark_price - self.entry_price) * self.qty * sign
+
+
+@dataclass(frozen=True, slots=True)
+class FundingPayment:
+    """One funding settlement on a perpetual position, as the exchange booked it.
+
+    `amount` is what the position paid in the quote currency (negative: it received);
+    `rate` the funding rate applied; `payment_id` the exchange's id (dedupes re-reports).
+    """
+
+    pair: str
+    ts: int
+    amount: Decimal
+    rate: Decimal
+    payment_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +519,8 @@ class ClosedTrade:
     adds_at_loss: int = 0
     # The sleeve that traded it in a multi-strategy bot ("" when one strategy trades).
     strategy: str = ""
+    # Net funding the position received while open (negative: paid); included in `pnl`.
+    funding: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form used in `--summary-json` (`strategy` when a sleeve's)."""
@@ -517,6 +537,7 @@ class ClosedTrade:
             "fee": self.fee,
             "pnl": self.pnl,
             "reason": self.reason,
+            "funding": self.funding,
         }
 
 

@@ -52,6 +52,7 @@ from models import (
     Veto,
 )
 from pattern_recognition import PatternFilter
+from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskContext, RiskManager, breaker_report
@@ -374,6 +375,9 @@ class EngineState:
         self.pattern_filter: PatternFilter | None = None
         # Multi-strategy: the capital sleeves (None: one strategy trades the account).
         self.sleeves: Allocator | None = None
+        # Recorded funding per perpetual pair (replays); settled at the candles holding it.
+        self.funding: dict[str, FundingSchedule] = {}
+        self.funding_settlements = 0
 
     # -- State machine -----------------------------------------------------------------------
 
@@ -725,6 +729,11 @@ class EngineControl(EngineState):
             "total_return": final / start - 1 if start else 0.0,
             "max_drawdown": self.portfolio.max_drawdown,
             "fees": float(self.portfolio.fees),
+            "funding": float(self.portfolio.funding),
+            "funding_settlements": self.funding_settlements,
+            "liquidations": sum(
+                1 for t in self.portfolio.closed if t.reason.startswith("liquidation")
+            ),
             "realised_pnl": float(self.portfolio.realised_pnl),
             "open_positions": [
                 {
@@ -791,6 +800,8 @@ class Engine(EngineControl):
         if self.manage_stops and portfolio.has_position(pair):
             await self._manage_stop(candle, now)
             exited = await self._take_profit_reached(candle)
+        if self.funding:
+            self._settle_funding(pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
             await self._trip_flatten()
@@ -834,6 +845,8 @@ class Engine(EngineControl):
         portfolio = self.portfolio
         if portfolio.has_position(candle.pair):
             portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+            if self.funding:
+                self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
         portfolio.record_equity(candle.ts + self.step)
 
     def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
@@ -842,9 +855,37 @@ class Engine(EngineControl):
         `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
         close time and close price.
         """
-        if close_ts:
-            self._note(last, len(close_ts), close_ts[0] - self.step)
-            self.portfolio.record_equity_run(last.pair, close_ts, closes)
+        if not close_ts:
+            return
+        self._note(last, len(close_ts), close_ts[0] - self.step)
+        pair, portfolio = last.pair, self.portfolio
+        schedule = self.funding.get(pair)
+        if schedule is None or not portfolio.has_position(pair):
+            portfolio.record_equity_run(pair, close_ts, closes)
+            return
+        start = 0  # split the stretch at the candles that settle funding
+        for k, _ in schedule.bars(close_ts, self.step):
+            portfolio.record_equity_run(pair, close_ts[start:k], closes[start:k])
+            portfolio.mark(pair, Decimal(repr(closes[k])))
+            self._settle_funding(pair, close_ts[k], closes[k])
+            portfolio.record_equity(close_ts[k])
+            start = k + 1
+        portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
+
+    def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
+        # The funding times inside the candle closing at `close_ts`, settled at its close
+        # on the position held then (before any fill at that close; see `perpetuals`).
+        schedule = self.funding.get(pair)
+        if schedule is None or not self.portfolio.has_position(pair):
+            return
+        due = schedule.due(close_ts - self.step, close_ts)
+        if not due:
+            return
+        rate = 0.0
+        for _, r in due:
+            rate += r
+        self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
+        self.funding_settlements += len(due)
 
     async def _trip_flatten(self) -> None:
         # The circuit breaker says flatten: the latch is stored before the exits go out.

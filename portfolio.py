@@ -12,13 +12,22 @@ only input; nothing else mutates the portfolio.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import structlog
 
 from error_handler import InvariantError
-from models import ClosedTrade, Fill, PortfolioSnapshot, Position, PositionSide, Side
+from models import (
+    ClosedTrade,
+    Fill,
+    FundingPayment,
+    PortfolioSnapshot,
+    Position,
+    PositionSide,
+    Side,
+)
 from utils.equity_curve import EquityCurve
 
 
@@ -39,6 +48,8 @@ class _Open:
     mark: Decimal | None = None
     entry_stop: Decimal | None = None  # the first stop set: the one in force at entry
     adds_at_loss: int = 0  # adds at a price worse than the average entry, not yet reported
+    funding: Decimal = ZERO  # net funding received while open (negative: paid)
+    liquidation: Decimal | None = None  # as the exchange reported it (live restore)
 
 
 class Portfolio:
@@ -50,6 +61,7 @@ class Portfolio:
         self.cash = starting_cash
         self.fees = ZERO
         self.realised_pnl = ZERO
+        self.funding = ZERO  # net funding received (negative: paid), open positions included
         self._open: dict[str, _Open] = {}
         self.closed: list[ClosedTrade] = []
         self.equity_curve = EquityCurve()
@@ -59,6 +71,9 @@ class Portfolio:
         self._flat_cash: Decimal | None = None
         # Multi-strategy: the strategy that owns each pair, named on its closed trades.
         self.owners: dict[str, str] = {}
+        # Where the venue would liquidate each position (the simulated exchange's view);
+        # None: the liquidation price the exchange last reported, if any.
+        self.liquidation_source: Callable[[str], Decimal | None] | None = None
 
     # -- Queries -----------------------------------------------------------------------------
 
@@ -77,6 +92,11 @@ class Portfolio:
             take_profit=book.take_profit,
             mark_price=book.mark,
             fees_paid=book.entry_fees,
+            liquidation_price=(
+                self.liquidation_source(pair)
+                if self.liquidation_source is not None
+                else book.liquidation
+            ),
         )
 
     def positions(self) -> dict[str, Position]:
@@ -101,6 +121,14 @@ class Portfolio:
         for book in self._open.values():
             value += book.qty * (book.mark if book.mark is not None else book.entry_price)
         return self.cash + value
+
+    def wallet_balance(self) -> Decimal:
+        """Return the wallet balance: cash plus positions at their entry (no unrealised PnL).
+
+        What a derivatives account holds before unrealised PnL (Bybit's walletBalance):
+        deposits, realised PnL, fees and funding; the balance behind cross-margin positions.
+        """
+        return self.cash + sum((b.qty * b.entry_price for b in self._open.values()), ZERO)
 
     def exposure(self) -> Decimal:
         """Return the gross notional of open positions."""
@@ -130,6 +158,47 @@ class Portfolio:
         book = self._open.get(pair)
         if book is not None:
             book.mark = price
+
+    def apply_funding(self, pair: str, mark: Decimal, rate: Decimal) -> Decimal:
+        """Settle one funding time on `pair`'s position; return what it paid (< 0: received).
+
+        `signed qty x mark x rate` leaves cash (`perpetuals.funding_payment`): a long pays a
+        positive rate, a short receives it. The position is marked at `mark`; it carries
+        the amount into its closed trade's `funding` and PnL. No-op when flat.
+        """
+        book = self._open.get(pair)
+        if book is None:
+            return ZERO
+        payment = book.qty * mark * rate
+        self.cash -= payment
+        self.funding -= payment
+        book.funding -= payment
+        book.mark = mark
+        self._flat_cash = None
+        log.debug("funding_settled", pair=pair, rate=str(rate), paid=str(payment))
+        return payment
+
+    def apply_funding_payment(self, payment: FundingPayment) -> bool:
+        """Apply a funding settlement the exchange booked (live); False if seen before.
+
+        The exchange's amount leaves cash as `apply_funding`'s does; one booked while the
+        portfolio holds no position on the pair (settled just before a close the bot saw
+        first) still moves cash and the funding total.
+        """
+        key = f"funding:{payment.payment_id}"
+        if key in self._seen_fills:
+            return False
+        self._seen_fills.add(key)
+        self.cash -= payment.amount
+        self.funding -= payment.amount
+        book = self._open.get(payment.pair)
+        if book is not None:
+            book.funding -= payment.amount
+        self._flat_cash = None
+        log.info(
+            "funding_booked", pair=payment.pair, paid=str(payment.amount), rate=str(payment.rate)
+        )
+        return True
 
     def has_position(self, pair: str) -> bool:
         """Return True when a position is open on `pair`."""
@@ -273,6 +342,11 @@ class Portfolio:
         direction = 1 if book.qty > 0 else -1
         gross = (fill.price - book.entry_price) * closing * direction
         pnl = gross - entry_fee_part - exit_fee_part
+        funding_part = ZERO
+        if book.funding:
+            funding_part = book.funding * fraction
+            pnl += funding_part
+            book.funding -= funding_part
         self.realised_pnl += pnl
         trade = ClosedTrade(
             pair=fill.pair,
@@ -288,6 +362,7 @@ class Portfolio:
             stop_price=None if book.entry_stop is None else float(book.entry_stop),
             adds_at_loss=book.adds_at_loss,
             strategy=self.owners.get(fill.pair, ""),
+            funding=float(funding_part),
         )
         book.adds_at_loss = 0  # reported once, on the first part that closes
         self.closed.append(trade)
@@ -350,6 +425,7 @@ class Portfolio:
                 p.stop_price,
                 p.take_profit,
                 p.mark_price,
+                liquidation=p.liquidation_price,
             )
             for p in positions
         }

@@ -385,6 +385,7 @@ class _Book:
     peak: float = 1.0
     drawdown: float = 0.0
     total_pnl: float = 0.0
+    total_funding: float = 0.0
     count: int = 0
     rewards: deque[float] = field(default_factory=lambda: deque(maxlen=1_000))
     card: Score | None = None  # the cached score, dropped on every change
@@ -440,6 +441,7 @@ class RewardSystem:
         book.after.append(after)
         book.count += 1
         book.total_pnl += trade.pnl
+        book.total_funding += trade.funding  # perpetuals: inside `pnl` already
         previous = book.drawdown
         # analytics.max_drawdown of the trade-by-trade equity, kept as a running figure.
         book.equity = after
@@ -522,6 +524,7 @@ class RewardSystem:
         return {
             "trades": book.count,
             "total_pnl": book.total_pnl,
+            "total_funding": book.total_funding,
             "drawdown": book.drawdown,
             "last_reward": book.rewards[-1] if book.rewards else 0.0,
             "score": self.score(strategy),

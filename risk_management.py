@@ -102,6 +102,13 @@ from models import (
     decision_key,
     with_attempt,
 )
+from perpetuals import (
+    cross_margin,
+    isolated_margin,
+    liquidation_price,
+    liquidation_veto,
+    unit_cost,
+)
 from utils.utilities import timeframe_to_ms
 
 
@@ -374,8 +381,10 @@ class RiskManager:
         volatility_min_sample: int = 20,
         taker_fee: Decimal = Decimal("0.001"),
         strategy_tag: str = "0",
+        margin_mode: str = "isolated",
     ) -> None:
         self.settings = settings
+        self.margin_mode = margin_mode
         self.strategy_tag = strategy_tag
         self.long_only = long_only
         self.all_in = settings.profile == "all_in"
@@ -519,12 +528,9 @@ class RiskManager:
         position = ctx.positions.get(signal.pair)
         if position is not None and _closes(signal.side, position):
             return self._exit(signal, position, ctx)
-        if signal.exit_only:
-            return Veto("exit signal without a position", None, "no_position")
-        if self.long_only and signal.side is Side.SELL:
-            return Veto("long-only: short entries disabled", None, "long_only")
-        if position is not None:
-            return Veto("already in a position on this pair", None, "pyramiding")
+        refused = refused_entry(signal, ctx, position, long_only=self.long_only)
+        if refused is not None:
+            return refused
         state = self.trading_state
         if state not in _ENTRY_STATES:
             cause = self.breakers.cause
@@ -563,7 +569,12 @@ class RiskManager:
         if price <= 0:
             return Veto("no valid price", None, "price")
         cash = ctx.cash if ctx.sleeve_free is None else min(ctx.cash, ctx.sleeve_free)
-        qty = _floor(cash / (price * (1 + ctx.taker_fee)), ctx.market.lot_size)
+        leverage = _leverage(self.settings, ctx.market)
+        per_unit = price * (1 + ctx.taker_fee)
+        if leverage != 1:
+            side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
+            per_unit = unit_cost(price, leverage, ctx.taker_fee, side)
+        qty = _floor(cash / per_unit, ctx.market.lot_size)
         if qty <= 0:
             return Veto("no cash", None, "cash")
         return OrderIntent(
@@ -575,6 +586,7 @@ class RiskManager:
             reason=signal.reason,
             ts=ctx.now,
             quote_amount=cash,
+            leverage=leverage if leverage != 1 else None,
         )
 
     def _entry(
@@ -587,8 +599,6 @@ class RiskManager:
             return Veto(f"equity {ctx.equity} <= 0", None, "equity")
         if ctx.sleeve_equity is not None and ctx.sleeve_equity <= 0:
             return Veto(f"strategy sleeve equity {ctx.sleeve_equity} <= 0", None, "sleeve")
-        if market.type is MarketType.SPOT and signal.side is Side.SELL:
-            return Veto("spot market: cannot open a short", None, "spot_short")
         atr, atr_note = self._atr(ctx)
         distance = atr * _dec(s.stop_atr_multiple)
         if signal.side is Side.BUY and distance >= price:
@@ -615,6 +625,11 @@ class RiskManager:
                 "min_size",
             )
         sign = 1 if signal.side is Side.BUY else -1
+        unsafe = liquidation_check(
+            signal, ctx, qty, price - sign * distance, leverage, self.margin_mode, s
+        )
+        if unsafe is not None:
+            return unsafe
         take_profit = (
             price + sign * atr * _dec(s.take_profit_atr_multiple)
             if s.take_profit_atr_multiple
@@ -836,6 +851,52 @@ class StopManager:
             track = _StopTrack(position.ts_opened, risk, position.entry_price)
             self._stops[position.pair] = track
         return track
+
+
+def refused_entry(
+    signal: Signal, ctx: RiskContext, position: Position | None, *, long_only: bool
+) -> Veto | None:
+    """Return what refuses an entry before sizing: no position to exit, the side, pyramiding."""
+    if signal.exit_only:
+        return Veto("exit signal without a position", None, "no_position")
+    if long_only and signal.side is Side.SELL:
+        return Veto("long-only: short entries disabled", None, "long_only")
+    if ctx.market.type is MarketType.SPOT and signal.side is Side.SELL:
+        return Veto("spot market: cannot open a short", None, "spot_short")
+    if position is not None:
+        return Veto("already in a position on this pair", None, "pyramiding")
+    return None
+
+
+def liquidation_check(
+    signal: Signal,
+    ctx: RiskContext,
+    qty: Decimal,
+    stop: Decimal,
+    leverage: Decimal,
+    margin_mode: str,
+    settings: RiskSettings,
+) -> Veto | None:
+    """Refuse a perpetual entry whose stop lies beyond its liquidation price or its buffer.
+
+    The liquidation price is `perpetuals`' for the entry at `ctx.price`: isolated margin
+    `qty x price / leverage`, or under cross margin the account equity net of the fee to
+    close; the stop must trigger `settings.liquidation_buffer` of the way inside it.
+    """
+    if ctx.market.type is not MarketType.LINEAR:
+        return None
+    side = PositionSide.LONG if signal.side is Side.BUY else PositionSide.SHORT
+    price = ctx.price
+    margin = (
+        cross_margin(ctx.equity, side, price, qty, ctx.taker_fee)
+        if margin_mode == "cross"
+        else isolated_margin(price, qty, leverage)
+    )
+    liq = liquidation_price(side, price, qty, margin, signal.pair)
+    reason = liquidation_veto(side, price, stop, liq, _dec(settings.liquidation_buffer))
+    if reason is None:
+        return None
+    return Veto(f"{reason} ({margin_mode} margin, {leverage}x)", None, "liquidation")
 
 
 def exposure_caps(

@@ -31,7 +31,7 @@ from daemon_build import DaemonBuild, ExchangeClock
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
 from daemon_state import DaemonState
-from data_manager import DataManager
+from data_manager import DataManager, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import (
     AuthenticationError,
@@ -236,6 +236,31 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
 
         return notify
 
+    def _background(self, tg: asyncio.TaskGroup, *, direct: bool) -> list[asyncio.Task[Any]]:
+        """Start the supervised background work of this run; return its tasks.
+
+        Background work may fail; trading goes on (the supervisor tells the operator).
+        """
+        assert self.engine is not None
+        supervise = self.supervisor.loop
+        tasks: list[asyncio.Task[Any]] = []
+        tasks.append(tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots"))
+        if self.engine.anomaly_watch is not None and not direct:
+            tasks.append(
+                tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
+            )
+        if self.settings.learning.enabled and self.args.mode != "backtest":
+            self.enable_learning()
+            tasks.append(tg.create_task(supervise("retrain", self._retrain_once), name="retrain"))
+        if self.top_pairs is not None:
+            top_pairs = self.top_pairs
+            refresh = functools.partial(top_pairs.run, self.stop, on_change=self.on_pairs_changed)
+            tasks.append(tg.create_task(supervise("top-pairs", refresh), name="top-pairs"))
+        tasks += self.ui_tasks(tg)
+        if self.args.duration is not None:
+            tasks.append(tg.create_task(self._timer(self.args.duration), name="duration"))
+        return tasks
+
     async def _run_tasks(self) -> None:
         assert self.engine is not None
         direct = self.args.mode == "backtest"
@@ -247,6 +272,9 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
                 background.append(tg.create_task(self._private_fills(), name="private-fills"))
                 background.append(tg.create_task(self._private_orders(), name="private-orders"))
                 await self._ready_to_trade()
+            funding = self._funding_task()
+            if funding is not None:
+                background.append(tg.create_task(funding, name="funding"))
             self._started()
             if direct:
                 feed = tg.create_task(asyncio.sleep(0), name="feed")
@@ -254,29 +282,7 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
             else:
                 feed = tg.create_task(self._feed_loop(), name="feed")
                 pipeline = tg.create_task(self._pipeline_loop(), name="pipeline")
-            # Background work may fail; trading goes on (the supervisor tells the operator).
-            supervise = self.supervisor.loop
-            background.append(
-                tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots")
-            )
-            if self.engine.anomaly_watch is not None and not direct:
-                background.append(
-                    tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
-                )
-            if self.settings.learning.enabled and self.args.mode != "backtest":
-                self.enable_learning()
-                background.append(
-                    tg.create_task(supervise("retrain", self._retrain_once), name="retrain")
-                )
-            if self.top_pairs is not None:
-                top_pairs = self.top_pairs
-                refresh = functools.partial(
-                    top_pairs.run, self.stop, on_change=self.on_pairs_changed
-                )
-                background.append(tg.create_task(supervise("top-pairs", refresh), name="top-pairs"))
-            background += self.ui_tasks(tg)
-            if self.args.duration is not None:
-                background.append(tg.create_task(self._timer(self.args.duration), name="duration"))
+            background += self._background(tg, direct=direct)
             await self.stop.wait()
             self.engine.set_state(BotState.STOPPING)
             # 1. Stop intake; drop (and count) what was queued but not processed.
@@ -375,6 +381,12 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             slippage_model=s.simulation.slippage_model,
             latency_ms=s.simulation.latency_ms,
             dynamic_pairs=s.pairs.dynamic,
+            leverage=s.risk.max_leverage
+            if s.exchange.market_type == "linear" or any(":" in p for p in s.strategy.pairs)
+            else 1.0,
+            shorts=not s.strategy.long_only
+            and load_strategy(s.strategy.name, s.strategy.params).can_short,
+            margin_mode=s.simulation.margin_mode,
         )
         if blockers:
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
@@ -392,6 +404,8 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             fill_at=s.simulation.fill_at,
             start_ms=start_ms,
             end_ms=end_ms,
+            funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
+            max_leverage=s.risk.max_leverage,
         )
         summary = result.summary()
         summary["dropped_candles"] = 0

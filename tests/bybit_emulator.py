@@ -569,6 +569,10 @@ class BybitEmulator:
         # limit order one minute's bar fills. None: unlimited (the whole rest at once).
         self.depth: dict[tuple[str, str], tuple[Decimal, ...]] = {}
         self.maker_per_bar: dict[tuple[str, str], Decimal] = {}
+        # Funding: settlements (execution list, execType Funding) and the rate history.
+        self.fundings: list[dict[str, Any]] = []
+        self.funding_history: dict[str, list[tuple[int, Decimal]]] = {}
+        self.predicted_funding: dict[str, Decimal] = {}  # the ticker's fundingRate
         self.requests: list[RecordedRequest] = []
         self.fault_rates: dict[str, float] = {}
         self.fault_paths: tuple[str, ...] | None = None
@@ -1175,6 +1179,7 @@ class BybitEmulator:
             ("GET", "/v5/market/orderbook"): self._orderbook,
             ("GET", "/v5/market/kline"): self._kline,
             ("GET", "/v5/market/recent-trade"): self._recent_trades,
+            ("GET", "/v5/market/funding/history"): self._funding_rate_history,
             ("GET", "/v5/account/wallet-balance"): self._wallet_balance,
             ("GET", "/v5/account/info"): self._account_info,
             ("GET", "/v5/user/query-api"): self._query_api,
@@ -1247,7 +1252,7 @@ class BybitEmulator:
                 "indexPrice": str(last),
                 "openInterest": "50000.1",
                 "openInterestValue": str((Decimal("50000.1") * last).quantize(Decimal("0.01"))),
-                "fundingRate": "0.0001",
+                "fundingRate": str(self.predicted_funding.get(symbol, Decimal("0.0001"))),
                 "nextFundingTime": str(now - now % 28_800_000 + 28_800_000),
             }
         return item
@@ -1425,10 +1430,23 @@ class BybitEmulator:
             raise _BybitReply(10001, "accountType only support UNIFIED")
         return {"list": self._wallet_list()}
 
+    def _margin_prices(self, pos: _Position) -> tuple[Decimal, Decimal, Decimal]:
+        # Bybit's isolated-margin formulas on the first risk-limit tier (MMR 0.5 % for BTC
+        # and ETH, 1 % else): maintenance margin, liquidation and bankruptcy prices.
+        qty = abs(pos.size)
+        value = qty * pos.avg
+        im = value / pos.leverage
+        mm = value * (Decimal("0.005") if pos.symbol[:3] in ("BTC", "ETH") else Decimal("0.01"))
+        sign = 1 if pos.size > 0 else -1
+        liq = max(pos.avg - sign * (im - mm) / qty, Decimal(0))
+        bust = max(pos.avg - sign * im / qty, Decimal(0))
+        return mm, liq, bust
+
     def _position_item(self, symbol: str) -> dict[str, Any]:
         pos = self.positions.get(symbol, _Position(symbol))
         mark = self.last_price(symbol, "linear")
         flat = pos.size == 0
+        mm, liq, bust = (Decimal(0), Decimal(0), Decimal(0)) if flat else self._margin_prices(pos)
         return {
             "symbol": symbol,
             "positionIdx": 0,
@@ -1442,10 +1460,10 @@ class BybitEmulator:
             "curRealisedPnl": str(pos.realised),
             "cumRealisedPnl": str(pos.realised),
             "positionIM": str(abs(pos.size) * pos.avg / pos.leverage),
-            "positionMM": "0",
+            "positionMM": str(mm),
             "positionBalance": str(abs(pos.size) * pos.avg / pos.leverage),
-            "liqPrice": "",
-            "bustPrice": "",
+            "liqPrice": "" if flat else str(liq),
+            "bustPrice": "" if flat else str(bust),
             "takeProfit": str(pos.take_profit) if pos.take_profit else "",
             "stopLoss": str(pos.stop_loss) if pos.stop_loss else "",
             "tpslMode": "Full",
@@ -1888,6 +1906,14 @@ class BybitEmulator:
         else:
             end = self.clock.now_ms() + 1
             start = end - week
+        if params.get("execType") == "Funding":
+            fundings = [
+                f
+                for f in reversed(self.fundings)
+                if params.get("symbol", f["symbol"]) == f["symbol"]
+                and start <= int(f["execTime"]) <= end
+            ]
+            return self._page(fundings, params, 50, 100)
         items = [
             e.item()
             for e in reversed(self.executions)
@@ -1898,6 +1924,53 @@ class BybitEmulator:
             and start <= e.ts <= end
         ]
         return self._page(items, params, 50, 100)
+
+    # -- Funding -------------------------------------------------------------------------------
+
+    def settle_funding(self, symbol: str, rate: Decimal | str, ts: int | None = None) -> Decimal:
+        """Settle a funding time on `symbol` (linear); return what the position paid.
+
+        Bybit's rule: position value at the mark x rate, longs pay a positive rate. The
+        wallet pays it, the position's realised PnL carries it, and the execution list
+        answers it with execType Funding (execFee = execValue x rate, as in the recorded
+        body ccxt's parser documents).
+        The rate joins the funding history (`/v5/market/funding/history`) either way.
+        """
+        rate = Decimal(str(rate))
+        ts = self.clock.now_ms() if ts is None else ts
+        self.funding_history.setdefault(symbol, []).append((ts, rate))
+        pos = self.positions.get(symbol)
+        if pos is None or pos.size == 0:
+            return Decimal(0)
+        mark = self.last_price(symbol, "linear")
+        paid = pos.size * mark * rate
+        self.wallet["USDT"] = self.wallet.get("USDT", Decimal(0)) - paid
+        pos.realised -= paid
+        self.fundings.append({
+            "symbol": symbol, "orderType": "UNKNOWN", "orderLinkId": "",
+            "orderId": str(uuid.uuid4()), "stopOrderType": "UNKNOWN", "execTime": str(ts),
+            "feeCurrency": "", "createType": "", "feeRate": str(rate), "markPrice": str(mark),
+            "execPrice": str(mark), "orderQty": "0", "orderPrice": "0",
+            "execValue": str(abs(pos.size) * mark), "closedSize": "0", "execType": "Funding",
+            "seq": str(next(self._ids)), "side": "Buy" if pos.size > 0 else "Sell",
+            "leavesQty": "0", "isMaker": False, "execFee": str(abs(pos.size) * mark * rate),
+            "execId": str(uuid.uuid4()), "execQty": str(abs(pos.size)),
+        })  # fmt: skip
+        return paid
+
+    async def _funding_rate_history(self, params: dict[str, Any]) -> dict[str, Any]:
+        inst = self._instrument(params)
+        if inst.category != "linear":
+            raise _BybitReply(10001, "params error: category only support linear or inverse")
+        start = int(params.get("startTime", 0))
+        end = int(params.get("endTime", self.clock.now_ms()))
+        rows = [(t, r) for t, r in self.funding_history.get(inst.symbol, []) if start <= t <= end]
+        limit = int(params.get("limit", 200))
+        items = [
+            {"symbol": inst.symbol, "fundingRate": str(r), "fundingRateTimestamp": str(t)}
+            for t, r in sorted(rows, reverse=True)[:limit]
+        ]
+        return {"category": "linear", "list": items}
 
     # -- WebSocket -----------------------------------------------------------------------------
 

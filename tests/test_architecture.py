@@ -50,6 +50,9 @@ ALLOWED = {
     ("self_learning", "technical_indicators"): "the agent observes the indicator features",
     ("self_learning", "trade_simulator"): "the RL environment fills by the simulator's rules",
     ("self_learning", "reward_system"): "the agent's only reward shaping is the one score",
+    ("trade_simulator", "perpetuals"): "the simulator settles funding and liquidates positions",
+    ("data_manager", "perpetuals"): "replays read the recorded funding beside the candles",
+    ("risk_management", "perpetuals"): "risk checks a stop against the liquidation price",
 }
 # Modules split out of a component for size: each is a part of its owner, so it has the
 # owner's allowed edges, the owner and its other parts may import it, and it never imports
@@ -59,6 +62,7 @@ OWNER: dict[str, str] = {
     "matching_engine": "trade_simulator",
     "replay_feed": "trade_simulator",
     "fast_path": "trade_simulator",
+    "sim_perpetuals": "trade_simulator",
     "optimization_scoring": "parameter_optimization",
     "search_space": "parameter_optimization",
     "optimization_backends": "parameter_optimization",
@@ -80,6 +84,7 @@ OWNER: dict[str, str] = {
     "bybit_client": "exchange",
     "bybit_converters": "exchange",
     "bybit_orders": "exchange",
+    "bybit_funding": "exchange",
     "bybit_streams": "exchange",
     # trade_store.py
     "trade_schema": "trade_store",

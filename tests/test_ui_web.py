@@ -214,6 +214,8 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
                 "take_profit": None,
                 "mark_price": "49000",
                 "fees_paid": "0",
+                "liquidation_price": None,
+                "leverage": None,
             }
         ],
         "realised_pnl": "0",
@@ -235,6 +237,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
             "stop_price": None,
             "adds_at_loss": 0,
             "strategy": "",
+            "funding": 0.0,
         }
     ],
     "open_orders": [],
