@@ -32,13 +32,15 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit
 
+from monte_carlo import PERCENTILES
+from monte_carlo import MonteCarloResult as MonteCarloResult
+from monte_carlo import monte_carlo as monte_carlo
 from report_risk import (
     BENCHMARK_COLOUR,
     breaker_table_html,
@@ -59,7 +61,6 @@ if TYPE_CHECKING:
 
 YEAR_MS = 365 * 86_400_000
 DAY_MS = 86_400_000
-_PERCENTILES = (5, 25, 50, 75, 95)
 
 
 # -- Metrics ---------------------------------------------------------------------------------
@@ -393,207 +394,6 @@ def trade_returns(result: BacktestResult) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-# -- Monte Carlo -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MonteCarloResult:
-    """Distributions from resampled paths (equity relative to `start`)."""
-
-    method: str
-    n_paths: int
-    n_steps: int
-    start: float
-    ruin_level: float
-    final_equity: np.ndarray
-    max_drawdown: np.ndarray
-    ruined: np.ndarray
-    checkpoints: np.ndarray
-    bands: dict[int, np.ndarray]
-
-    @property
-    def probability_of_ruin(self) -> float:
-        """Return the share of paths whose equity touched the ruin level."""
-        return float(self.ruined.mean()) if self.n_paths else 0.0
-
-    def ruin_interval(self, z: float = 1.959964) -> tuple[float, float]:
-        """Return the Wilson score interval of the probability of ruin (95% by default)."""
-        n = self.n_paths
-        if n == 0:
-            return 0.0, 1.0
-        p = self.probability_of_ruin
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
-
-    def summary(self) -> dict[str, Any]:
-        """Return percentiles of final equity and max drawdown and the ruin probability."""
-        low, high = self.ruin_interval()
-        return {
-            "method": self.method,
-            "paths": self.n_paths,
-            "steps": self.n_steps,
-            "start": self.start,
-            "ruin_level": self.ruin_level,
-            "final_equity": {
-                f"p{q}": float(np.percentile(self.final_equity, q)) for q in _PERCENTILES
-            },
-            "max_drawdown": {
-                f"p{q}": float(np.percentile(self.max_drawdown, q)) for q in _PERCENTILES
-            },
-            "probability_of_ruin": self.probability_of_ruin,
-            "probability_of_ruin_95ci": [low, high],
-            "probability_of_loss": float((self.final_equity < self.start).mean()),
-        }
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
-
-
-@njit(cache=True, inline="always")
-def _splitmix(state):  # type: ignore[no-untyped-def]
-    # SplitMix64: a tiny, fast, well-mixed generator; returns (next state, 53-bit uniform).
-    state = state + _GOLDEN
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    return state, float(z >> np.uint64(11)) * _TO_UNIT
-
-
-@njit(cache=True, inline="always")
-def _shuffle(order, state):  # type: ignore[no-untyped-def]
-    # Fisher-Yates: permute `order` in place; returns the generator's next state.
-    for i in range(order.shape[0] - 1, 0, -1):
-        state, u = _splitmix(state)
-        j = int(u * (i + 1))
-        order[i], order[j] = order[j], order[i]
-    return state
-
-
-@njit(cache=True, inline="always")
-def _next_in_block(state, index, left, starts, block):  # type: ignore[no-untyped-def]
-    # The next return's index in a (block) bootstrap: the next one of the current block,
-    # or, with none left, the first of a block drawn at random. Returns (state, index,
-    # left); a block of 1 is the plain bootstrap.
-    if left == 0:
-        state, u = _splitmix(state)
-        return state, int(u * starts), block - 1
-    return state, index + 1, left - 1
-
-
-@njit(cache=True)
-def _mc_kernel(  # type: ignore[no-untyped-def]
-    returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every, finals, mdds, ruined, marks
-):
-    # One path at a time: draw (blocks of) returns, compound, track peak, drawdown, ruin.
-    state = np.uint64(seed)
-    n = returns.shape[0]
-    starts = n - block + 1
-    order = np.arange(n)
-    for p in range(n_paths):
-        if shuffle:
-            state = _shuffle(order, state)
-        equity = start
-        peak = start
-        worst = 0.0
-        floor = start  # equity below this is a new worst drawdown: peak x (1 - worst)
-        lowest = start
-        countdown = every
-        index = 0
-        left = 0
-        for s in range(n_steps):
-            if shuffle:
-                index = order[s]
-            else:
-                state, index, left = _next_in_block(state, index, left, starts, block)
-            equity *= 1.0 + returns[index]
-            if equity < 0.0:
-                equity = 0.0
-            if equity > peak:
-                peak = equity
-                floor = peak * (1.0 - worst)
-            elif equity < floor:
-                worst = (peak - equity) / peak
-                floor = equity
-            if equity < lowest:
-                lowest = equity
-            countdown -= 1
-            if countdown == 0:  # a checkpoint for the percentile bands
-                marks[p, (s + 1) // every - 1] = equity
-                countdown = every
-        finals[p] = equity
-        mdds[p] = worst
-        ruined[p] = lowest <= ruin
-
-
-def monte_carlo(
-    returns: Sequence[float] | np.ndarray,
-    *,
-    n_paths: int = 10_000,
-    n_steps: int | None = None,
-    method: Literal["bootstrap", "shuffle", "block"] = "bootstrap",
-    block: int = 20,
-    start: float = 1.0,
-    ruin: float = 0.5,
-    seed: int = 0,
-    checkpoints: int = 100,
-) -> MonteCarloResult:
-    """Resample a sequence of returns into `n_paths` equity paths.
-
-    Feed it per-trade returns (`trade_returns(result)`) to bootstrap trade sequences, or
-    bar returns of the equity curve to bootstrap returns. `bootstrap` draws returns with
-    replacement; `block` draws contiguous blocks of `block` returns (keeps
-    autocorrelation, for bar returns); `shuffle` permutes the given sequence (same final
-    equity, different paths: the drawdown distribution of the order of trades).
-
-    Args:
-        returns: the fractional returns to resample.
-        n_paths: number of paths.
-        n_steps: returns per path (default: as many as given; `shuffle` uses exactly those).
-        method: `bootstrap`, `block` or `shuffle`.
-        block: block length for `block`.
-        start: starting equity of each path.
-        ruin: a path is ruined when its equity touches `ruin x start` (0.5 = lost half).
-        seed: random seed (the same seed gives the same paths).
-        checkpoints: how many points of each path the percentile bands keep.
-    """
-    values = np.ascontiguousarray(np.asarray(returns, dtype=np.float64))
-    n = len(values)
-    if n == 0:
-        raise ValueError("monte_carlo needs at least one return")
-    steps = n if (n_steps is None or method == "shuffle") else int(n_steps)
-    size = min(block, n) if method == "block" else 1
-    every = max(1, steps // max(1, checkpoints))
-    marks = np.full((n_paths, steps // every), np.nan)
-    finals = np.empty(n_paths)
-    mdds = np.empty(n_paths)
-    ruined = np.zeros(n_paths, dtype=np.bool_)
-    _mc_kernel(
-        values, n_paths, steps, size, method == "shuffle", seed, start, ruin * start,
-        every, finals, mdds, ruined, marks,
-    )  # fmt: skip
-    bands: dict[int, np.ndarray] = {}
-    if marks.size:
-        levels = np.percentile(marks, _PERCENTILES, axis=0)
-        bands = {q: levels[k] for k, q in enumerate(_PERCENTILES)}
-    return MonteCarloResult(
-        method=method,
-        n_paths=n_paths,
-        n_steps=steps,
-        start=start,
-        ruin_level=ruin,
-        final_equity=finals,
-        max_drawdown=mdds,
-        ruined=ruined,
-        checkpoints=np.arange(1, marks.shape[1] + 1) * every,
-        bands=bands,
-    )
-
-
 # -- JSON ------------------------------------------------------------------------------------
 
 
@@ -706,11 +506,11 @@ def render_rich(
         mc = monte_carlo_result.summary()
         table = Table(title=f"Monte Carlo ({mc['method']}, {mc['paths']:,} paths)")
         table.add_column("")
-        for q in _PERCENTILES:
+        for q in PERCENTILES:
             table.add_column(f"p{q}", justify="right")
-        table.add_row("final equity", *(_fmt(mc["final_equity"][f"p{q}"]) for q in _PERCENTILES))
+        table.add_row("final equity", *(_fmt(mc["final_equity"][f"p{q}"]) for q in PERCENTILES))
         table.add_row(
-            "max drawdown", *(_fmt(mc["max_drawdown"][f"p{q}"], "pct") for q in _PERCENTILES)
+            "max drawdown", *(_fmt(mc["max_drawdown"][f"p{q}"], "pct") for q in PERCENTILES)
         )
         low, high = mc["probability_of_ruin_95ci"]
         table.caption = (
@@ -941,15 +741,15 @@ def render_html(
             "<h2>Monte Carlo</h2>",
             chart,
             _table(
-                ["", *(f"p{q}" for q in _PERCENTILES)],
+                ["", *(f"p{q}" for q in PERCENTILES)],
                 [
                     [
                         "final equity",
-                        *(_fmt(summary["final_equity"][f"p{q}"]) for q in _PERCENTILES),
+                        *(_fmt(summary["final_equity"][f"p{q}"]) for q in PERCENTILES),
                     ],
                     [
                         "max drawdown",
-                        *(_fmt(summary["max_drawdown"][f"p{q}"], "pct") for q in _PERCENTILES),
+                        *(_fmt(summary["max_drawdown"][f"p{q}"], "pct") for q in PERCENTILES),
                     ],
                 ],
             ),

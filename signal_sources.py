@@ -1,0 +1,253 @@
+"""Where the engine gets a strategy's verdict on a closed candle: the signal sources.
+
+`RollingSignals` (sim and live) evaluates the strategy on the pair's rolling window at each
+closed candle; `PrecomputedSignals` (backtests) populates each pair's whole archive once and
+reads one row per candle; `StrategyRouter` sends each pair to its own strategy's source when
+several strategies trade. All of them turn the strategy's flags into a `Signal` through
+`decide_signal`. Part of `pipeline`, which re-exports it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from array import array
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Protocol
+
+import numpy as np
+
+from data_manager import DataManager
+from models import Candle, Side, Signal
+from strategy import Strategy
+
+
+class SignalSource(Protocol):
+    """Where the engine gets the strategy's verdict on a closed candle."""
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Return the signal for `candle` given the signed position held, or None."""
+        ...
+
+
+def decide_signal(
+    strategy: Strategy,
+    pair: str,
+    ts: int,
+    price: float,
+    flags: tuple[bool, bool, bool, bool],
+    holding: Decimal,
+    features: Callable[[], dict[str, float]],
+) -> Signal | None:
+    """Turn a row's (enter_long, exit_long, enter_short, exit_short) flags into a Signal.
+
+    Exits take precedence over entries for the side held; a flat position may enter long,
+    or short when the strategy can short.
+    """
+    enter_long, exit_long, enter_short, exit_short = flags
+    name = strategy.name
+    if holding > 0:
+        if exit_long or enter_short:
+            return Signal(
+                pair,
+                Side.SELL,
+                1.0,
+                f"{name}: exit long",
+                ts,
+                price,
+                name,
+                exit_only=True,
+                features=features(),
+            )
+        return None
+    if holding < 0:
+        if exit_short or enter_long:
+            return Signal(
+                pair,
+                Side.BUY,
+                1.0,
+                f"{name}: exit short",
+                ts,
+                price,
+                name,
+                exit_only=True,
+                features=features(),
+            )
+        return None
+    if enter_long:
+        return Signal(
+            pair, Side.BUY, 1.0, f"{name}: entry long", ts, price, name, features=features()
+        )
+    if enter_short and strategy.can_short:
+        return Signal(
+            pair, Side.SELL, 1.0, f"{name}: entry short", ts, price, name, features=features()
+        )
+    return None
+
+
+def _flags(row: Any) -> tuple[bool, bool, bool, bool]:
+    return (
+        bool(row.get("enter_long", False)),
+        bool(row.get("exit_long", False)),
+        bool(row.get("enter_short", False)),
+        bool(row.get("exit_short", False)),
+    )
+
+
+class RollingSignals:
+    """Live/sim: evaluate the strategy on the pair's rolling window at each closed candle.
+
+    Reads the data manager's array views (no DataFrame per candle); kernel strategies
+    advance their indicator state by the new row only (`Strategy.last_row_arrays`).
+    """
+
+    def __init__(self, strategy: Strategy, data: DataManager, timeframe: str) -> None:
+        self.strategy = strategy
+        self.data = data
+        self.timeframe = timeframe
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Compute the window's last row and decide."""
+        bars = self.data.arrays(candle.pair, self.timeframe)
+        if len(bars.ts) < self.strategy.warmup:
+            return None
+        row = self.strategy.last_row_arrays(candle.pair, bars)
+        return decide_signal(
+            self.strategy,
+            candle.pair,
+            candle.ts,
+            candle.close,
+            _flags(row),
+            holding,
+            lambda: _features(row),
+        )
+
+
+class StrategyRouter:
+    """Several strategies at once: each pair's candles go to its own strategy's signals."""
+
+    def __init__(self, by_pair: dict[str, SignalSource]) -> None:
+        self.by_pair = by_pair
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Ask the strategy that owns the candle's pair (None for a pair no one owns)."""
+        source = self.by_pair.get(candle.pair)
+        return None if source is None else source.signal(candle, holding)
+
+
+class PrecomputedSignals:
+    """Backtests: populate each pair's whole archive once, then read one row per candle.
+
+    Equivalent to `RollingSignals` because `populate` is causal (a row depends only on
+    earlier rows; a test checks it), and exact for indicators whose rolling window would
+    otherwise truncate their history (EMA-type).
+    """
+
+    _NAMES = ("enter_long", "exit_long", "enter_short", "exit_short")
+
+    def __init__(self, strategy: Strategy, frames: dict[str, Any]) -> None:
+        self.strategy = strategy
+        # Per pair: the open times (packed, for O(1) reads from Python), the row the
+        # last lookup found (candles arrive in order, so the next one is usually next),
+        # and the flags per row (None where nothing is set: most rows).
+        self._ts: dict[str, array[int]] = {}
+        self._cursor: dict[str, int] = {}
+        self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._feature_row: dict[str, dict[int, int]] = {}
+        self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._features: dict[str, tuple[list[str], np.ndarray]] = {}
+        for pair, frame in frames.items():
+            cols = strategy.populate(frame)
+            ts = frame.index.as_unit("ms").asi8
+            self._ts[pair] = array("q", ts.tobytes())
+            self._cursor[pair] = -1
+            flags = np.zeros((len(frame), 4), dtype=bool)
+            for j, name in enumerate(self._NAMES):
+                if name in cols.columns:
+                    flags[:, j] = cols[name].to_numpy(dtype=bool)
+            # A strategy needs its warm-up before its signals count, as in the live path.
+            flags[: max(strategy.warmup - 1, 0)] = False
+            self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
+            # Python tuples (None when no flag): one cheap lookup per candle. Only the
+            # flagged rows become tuples, so memory stays a pointer per candle.
+            rows: list[tuple[bool, bool, bool, bool] | None] = [None] * len(frame)
+            set_rows = np.flatnonzero(self._flagged[pair][1])
+            for i, (a, b, c, d) in zip(set_rows.tolist(), flags[set_rows].tolist(), strict=True):
+                rows[i] = (a, b, c, d)
+            self._flags[pair] = rows
+            names = [
+                str(c)
+                for c in cols.columns
+                if c not in self._NAMES and np.issubdtype(cols[c].dtype, np.number)
+            ]
+            # The features are read only where a flag is set: keep those rows alone.
+            values = (
+                cols[names].iloc[set_rows].to_numpy(dtype=np.float64)
+                if names
+                else np.empty((len(set_rows), 0))
+            )
+            self._features[pair] = (names, values)
+            self._feature_row[pair] = {int(i): k for k, i in enumerate(set_rows.tolist())}
+
+    def _row(self, pair: str, ts: int) -> int | None:
+        """Return the row of `pair`'s archive opening at `ts`, None if it has none."""
+        known = self._ts.get(pair)
+        if known is None:
+            return None
+        cursor = self._cursor[pair]
+        if cursor >= 0 and known[cursor] == ts:
+            return cursor
+        index = cursor + 1
+        if index >= len(known) or known[index] != ts:
+            index = bisect.bisect_left(known, ts)
+            if index >= len(known) or known[index] != ts:
+                return None
+        self._cursor[pair] = index
+        return index
+
+    def has_flags(self, candle: Candle) -> bool:
+        """Return True if any signal column is set on this candle."""
+        index = self._row(candle.pair, candle.ts)
+        return index is not None and self._flags[candle.pair][index] is not None
+
+    def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
+        known, flagged = self._flagged[pair]
+        if len(known) == 0:
+            return np.zeros(len(ts), dtype=bool)
+        index = np.minimum(np.searchsorted(known, ts), len(known) - 1)
+        mask: np.ndarray = (known[index] == ts) & flagged[index]
+        return mask
+
+    def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
+        """Read the precomputed row for this candle."""
+        index = self._row(candle.pair, candle.ts)
+        if index is None:
+            return None
+        flags = self._flags[candle.pair][index]
+        if flags is None:
+            return None
+        names, values = self._features[candle.pair]
+        row = self._feature_row[candle.pair][index]
+        return decide_signal(
+            self.strategy,
+            candle.pair,
+            candle.ts,
+            candle.close,
+            flags,
+            holding,
+            lambda: {
+                n: v for n, v in zip(names, values[row].tolist(), strict=True) if math.isfinite(v)
+            },
+        )
+
+
+def _features(row: Any) -> dict[str, float]:
+    out = {}
+    for key, value in row.items():
+        if key in ("enter_long", "exit_long", "enter_short", "exit_short"):
+            continue
+        if isinstance(value, int | float | np.floating | np.integer) and np.isfinite(value):
+            out[str(key)] = float(value)
+    return out
