@@ -425,6 +425,8 @@ class CircuitBreakers:
             for t in data.get("latched", [])
         }
         self.last_trigger = dict(data.get("last_trigger", {}))
+        # The rung changes of the run (reports and the web view read them) come back too.
+        self.history = [dict(change) for change in data.get("breaker_history", ())]
         self._band = None
         self.cause = max(self._active(self.book()), key=lambda t: _SEVERITY[t.state], default=None)
         self.state = self.cause.state if self.cause is not None else TradingState.NORMAL
