@@ -499,6 +499,13 @@ def render_rich(
             _fmt(row["fees"]),
         )
     parts: list[Any] = [summary, pairs]
+    if result.strategies:
+        per_strategy = Table(title="Per strategy")
+        for column in _STRATEGY_COLUMNS:
+            per_strategy.add_column(column, justify="left" if column == "strategy" else "right")
+        for row in _strategy_rows(result):
+            per_strategy.add_row(*row)
+        parts.append(per_strategy)
     breakers = breaker_table_rich(result)
     if breakers is not None:
         parts.append(breakers)
@@ -519,6 +526,30 @@ def render_rich(
         )
         parts.append(table)
     return Group(*parts)
+
+
+_STRATEGY_COLUMNS = (
+    "strategy", "pairs", "share", "sleeve", "trades", "win rate", "PnL", "fees", "score", "lcb",
+)  # fmt: skip
+
+
+def _strategy_rows(result: BacktestResult) -> list[list[str]]:
+    """Return one row per strategy of a multi-strategy run, in the ranking's order."""
+    return [
+        [
+            str(s.get("name", "")),
+            ", ".join(map(str, s.get("pairs", ()))),
+            _fmt(s.get("weight"), "pct") + (" (probation)" if s.get("probation") else ""),
+            _fmt(s.get("sleeve_equity")),
+            _fmt(s.get("n_trades"), "int"),
+            _fmt(s.get("win_rate"), "pct"),
+            _fmt(s.get("realised_pnl")),
+            _fmt(s.get("fees")),
+            _fmt(s.get("score")),
+            _fmt(s.get("lcb")),
+        ]
+        for s in result.strategies
+    ]
 
 
 @contextmanager
@@ -755,6 +786,11 @@ def render_html(
             ),
             f"<p>P(ruin at {mc.ruin_level:.0%} of start) = {mc.probability_of_ruin:.2%} "
             f"(95% CI {low:.2%} to {high:.2%})</p>",
+        ]
+    if result.strategies:
+        sections += [
+            "<h2>Per strategy</h2>",
+            _table(list(_STRATEGY_COLUMNS), _strategy_rows(result)),
         ]
     sections.append(breaker_table_html(result))
     per_pair = [

@@ -67,6 +67,8 @@ class BacktestResult:
     # Circuit-breaker trips and the spans off the normal rung (`breaker_report`'s lists).
     breaker_trips: tuple[dict[str, Any], ...] = ()
     trading_spans: tuple[dict[str, Any], ...] = ()
+    # Several strategies: the summary's per-strategy sections (empty: one strategy traded).
+    strategies: tuple[dict[str, Any], ...] = ()
     # Net funding received (negative: paid), the open position's included, and how many
     # funding times were settled on a position.
     funding: float = 0.0
@@ -192,6 +194,7 @@ def result_from_summary(
         mode=str(summary.get("mode", "backtest")),
         breaker_trips=tuple(summary.get("breaker_trips", ())),
         trading_spans=tuple(summary.get("trading_spans", ())),
+        strategies=tuple(summary.get("strategies", ())),
         funding=float(summary.get("funding", 0.0)),
         funding_settlements=int(summary.get("funding_settlements", 0)),
     )

@@ -10,6 +10,10 @@ limit on open positions holds across strategies.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,7 @@ import pytest
 from models import AllocationChanged, Event, TradingState, TradingStateChanged
 from pipeline import Engine
 from telegram_templates import render_event, render_status
+from tests.conftest import ROOT
 from tests.test_backtest_support import cli_args
 from utils.utilities import AuditTrail
 
@@ -272,3 +277,31 @@ async def test_the_drawdown_breaker_flattens_and_stops_every_strategy(
     assert not summary["open_positions"]
     assert len({t["strategy"] for t in summary["trades"]}) >= 2  # it stopped several sleeves
     assert summary["last_ts"] - trip.ts > 86_400_000  # the replay ran on, every one held flat
+
+
+def test_the_backtest_report_has_a_section_per_strategy(tmp_path: Path) -> None:
+    """The CLI's Rich table and HTML report list every strategy with its share and trades."""
+    env = {
+        **os.environ,
+        "KESTREL_ALLOCATION__STRATEGIES": json.dumps(SLEEVES),
+        "KESTREL_ALLOCATION__INTERVAL_S": "86400",
+        "KESTREL_STRATEGY__TIMEFRAME": "5m",
+        "KESTREL_STORAGE__DATA_DIR": str(tmp_path / "data"),
+    }
+    html_path, summary_path = tmp_path / "report.html", tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--mode", "backtest", "--timeframe", "5m",
+         "--no-ui", "--report-html", str(html_path), "--summary-json", str(summary_path)],
+        capture_output=True, text=True, timeout=180, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    sections = json.loads(summary_path.read_text())["strategies"]
+    assert {s["name"] for s in sections} == {s["name"] for s in SLEEVES}
+    page = html_path.read_text()
+    per_strategy = page[page.index("<h2>Per strategy</h2>") :]
+    per_strategy = per_strategy[: per_strategy.index("</table>")]
+    for section in sections:
+        assert section["name"] in per_strategy
+        assert f"{int(section['n_trades']):,}" in per_strategy
+        assert section["name"] in result.stdout
+    assert "Per strategy" in result.stdout
