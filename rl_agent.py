@@ -449,6 +449,25 @@ class RLKind:
         )
         return TrainedPolicy(policy, episodes, _metrics(run, episodes))
 
+    def replay(self, directory: Path, frame: pd.DataFrame) -> pd.Series:
+        """Return a saved policy's per-bar simple returns on `frame` (validation, shadowing).
+
+        The policy trades `frame` greedily with the backtest's fills, fees and slippage (the
+        market rules scaled to its first close, as `Costs.for_pair`); the first
+        `FEATURE_WINDOW - 1` candles are the features' history. Each return is indexed by
+        the bar whose close decided it (the position held from that close to the next), as
+        the supervised filter's are, so the registry lines a champion and a challenger up
+        on the same bars.
+        """
+        policy = load_policy(directory)
+        if len(frame) < FEATURE_WINDOW + 1:
+            return pd.Series(dtype=np.float64)
+        costs = Costs.for_pair("BTC/USDT", float(frame["close"].iloc[0]), self.simulation)
+        path = MarketPath.from_frame(frame, policy.mean, policy.std, costs=costs)
+        episode = run_episode(path, greedy(policy))
+        index = frame.index[FEATURE_WINDOW - 1 : -1]
+        return pd.Series(np.expm1(episode.rewards), index=index, dtype=np.float64)
+
 
 def _metrics(run: TrainingRun, episodes: Sequence[Episode]) -> dict[str, float]:
     bars = sum(len(e.rewards) for e in episodes)

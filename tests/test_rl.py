@@ -450,3 +450,19 @@ def test_rl_alone_trades_the_registry_champion_of_the_pair(tmp_path: Path) -> No
         summaries.append(json.loads(out.read_text()))
     assert summaries[0]["n_trades"] > 5
     assert summaries[0]["trades"] == summaries[1]["trades"]
+
+
+def test_the_rl_kind_replays_a_saved_policy_as_its_episode(tmp_path: Path) -> None:
+    """RLKind.replay gives the policy's per-bar returns, compounding to its episode's result."""
+    from rl_policy import FEATURE_WINDOW
+
+    df = market(3, 600, reversion=0.9)
+    policy = random_policy(8, [df])
+    policy.save(tmp_path / "policy")
+    returns = RLKind().replay(tmp_path / "policy", df)
+    episode = run_episode(MarketPath.from_frame(df, policy.mean, policy.std), greedy(policy))
+    assert len(returns) == len(df) - FEATURE_WINDOW == len(episode.rewards)
+    assert returns.index.equals(df.index[FEATURE_WINDOW - 1 : -1])
+    assert float(np.log1p(returns).sum()) == pytest.approx(episode.log_return, abs=1e-9)
+    assert episode.fills > 0
+    assert RLKind().replay(tmp_path / "policy", df.iloc[: FEATURE_WINDOW - 1]).empty
