@@ -35,6 +35,22 @@ class DaemonState(DaemonBase):
     def _risk_state_path(self) -> Path:
         return self.settings.storage.data_dir / "state" / f"{self.args.mode}-risk.json"
 
+    async def _restore_score_books(self, store: Any) -> None:
+        """Rebuild the score's per-strategy books from the journal's closed trades (live).
+
+        Each trade goes in with the equity recorded after it, so `/score`, the ranking
+        and the allocation see the same record after a restart as before it.
+        """
+        assert self.engine is not None
+        engine = self.engine
+        history = await asyncio.to_thread(store.trade_history)
+        for trade, equity_after in history:
+            engine.reward.on_trade_closed(
+                trade.strategy or engine.strategy.name, trade, equity=equity_after
+            )
+        if history:
+            log.info("score_books_restored", trades=len(history))
+
     async def _restore_risk_state(self, store: Any = None) -> None:
         """Load the saved risk state before trading resumes; persist it on every change.
 
@@ -64,6 +80,8 @@ class DaemonState(DaemonBase):
         self._risk_key = risk.state_key()
         self.engine.risk_saver = self._persist_risk_state
         await self._restore_allocation(store)
+        if store is not None:
+            await self._restore_score_books(store)
         if saved is not None:
             breakers = risk.breakers
             self.audit.record(

@@ -9,6 +9,7 @@ tracks the exchange's answers and settles orders whose answers were lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from error_handler import (
 from models import (
     CLIENT_ID_MAX,
     Balance,
+    ClosedTrade,
     ErrorRaised,
     EventSink,
     Fill,
@@ -173,6 +175,10 @@ class OrderJournal(Protocol):
 
     def adopt_order(self, order: Order) -> bool:
         """Record an order found on the exchange by its client id."""
+        ...
+
+    def add_closed_trade(self, trade: ClosedTrade, *, equity_after: float | None = None) -> None:
+        """Keep a finished round trip and the equity right after it."""
         ...
 
     def get_intent(self, client_order_id: str) -> OrderIntent | None:
@@ -602,6 +608,17 @@ class ExecutorCore:
             if entry:
                 out.append(order)
         return out
+
+    async def record_trade(self, trade: ClosedTrade, equity_after: float | None) -> None:
+        """Keep a closed round trip in the journal (live), written off the event loop.
+
+        With the equity after it as the score's book saw it, so a restart rebuilds the
+        book (`TradeStore.trade_history`). Nothing without a journal.
+        """
+        if self._store is not None:
+            await self._off(
+                functools.partial(self._store.add_closed_trade, equity_after=equity_after), trade
+            )
 
     async def has_fill(self, fill_id: str) -> bool:
         """Return True if the journal already holds this execution (False without one)."""

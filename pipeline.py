@@ -25,7 +25,7 @@ from anomaly_detection import AnomalyWatch
 from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
-from error_handler import BusinessError, RecoverableError, StrategyError
+from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
     Candle,
@@ -826,11 +826,25 @@ class Engine(EngineControl):
         """Apply a fill from the matching engine or the private stream."""
         trade = await self.executor.on_fill(order, fill)
         if trade is not None:
-            self._on_trade_closed(trade)
+            await self._keep_trade(trade, self._on_trade_closed(trade))
             if self.risk_saver is not None:
                 await self.risk_saver()
 
-    def _on_trade_closed(self, trade: ClosedTrade) -> None:
+    async def _keep_trade(self, trade: ClosedTrade, equity_after: float) -> None:
+        # The journal keeps the round trip (live); losing that record loses no money, so a
+        # failure is logged and alerted, and trading goes on.
+        try:
+            await self.executor.record_trade(trade, equity_after)
+        except BotError as e:
+            log.exception("closed_trade_not_recorded", pair=trade.pair, error=e.message)
+            self.alert(ErrorRaised(f"closed trade on {trade.pair} not recorded: {e.message}"))
+
+    def _on_trade_closed(self, trade: ClosedTrade) -> float:
+        """Account a closed round trip in risk, sleeves and the score; return the equity after.
+
+        The equity is the account's (or, with several strategies, the sleeve's) as the
+        score's book takes it.
+        """
         now = self.clock.now_ms()
         self.risk.on_trade_closed(trade, now)
         if self.sleeves is not None and trade.strategy:
@@ -851,12 +865,13 @@ class Engine(EngineControl):
             qty=trade.qty,
             pnl=round(trade.pnl, 6),
         )
+        return equity
 
     async def on_stream_fill(self, fill: Fill) -> None:
         """Apply a fill from the private stream (the order's state derived from it)."""
         trade = await self.executor.on_stream_fill(fill)
         if trade is not None:
-            self._on_trade_closed(trade)
+            await self._keep_trade(trade, self._on_trade_closed(trade))
             if self.risk_saver is not None:
                 await self.risk_saver()
 

@@ -188,8 +188,8 @@ class TradeRecords(StoreBase):
 
     # -- Closed trades and equity ------------------------------------------------------------
 
-    def add_closed_trade(self, trade: ClosedTrade) -> None:
-        """Append a finished round trip."""
+    def add_closed_trade(self, trade: ClosedTrade, *, equity_after: float | None = None) -> None:
+        """Append a finished round trip (and the account or sleeve equity right after it)."""
         with self._write() as conn:
             conn.execute(
                 closed_trades.insert().values(
@@ -204,17 +204,26 @@ class TradeRecords(StoreBase):
                     fee=trade.fee,
                     pnl=trade.pnl,
                     reason=trade.reason,
+                    strategy=trade.strategy,
+                    funding=trade.funding,
+                    stop_price=trade.stop_price,
+                    adds_at_loss=trade.adds_at_loss,
+                    equity_after=equity_after,
                 )
             )
 
     def closed_trades(self, since: int | None = None) -> list[ClosedTrade]:
         """Return round trips by exit time, optionally those exiting from `since` on."""
+        return [trade for trade, _ in self.trade_history(since)]
+
+    def trade_history(self, since: int | None = None) -> list[tuple[ClosedTrade, float | None]]:
+        """Return round trips by exit time with the equity recorded after each (or None)."""
         query = sa.select(closed_trades).where(self._mine(closed_trades))
         if since is not None:
             query = query.where(closed_trades.c.exit_ts >= since)
         query = query.order_by(closed_trades.c.exit_ts, closed_trades.c.id)
         with self._read() as conn:
-            return [closed_trade_from_row(row) for row in conn.execute(query)]
+            return [(closed_trade_from_row(row), row.equity_after) for row in conn.execute(query)]
 
     def add_equity(self, ts: int, cash: Decimal, equity: Decimal) -> None:
         """Record an equity snapshot; a second one at the same `ts` replaces the first."""

@@ -57,7 +57,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_BOT_ID: Final = "default"
 _COMPONENT: Final = "trade_store"
 
@@ -256,6 +256,13 @@ closed_trades = sa.Table(
     sa.Column("fee", sa.Double, nullable=False),
     sa.Column("pnl", sa.Double, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
+    # v2: what the score and the multi-strategy books need to be rebuilt after a restart.
+    sa.Column("strategy", sa.String(64), nullable=False, server_default=""),
+    sa.Column("funding", sa.Double, nullable=False, server_default="0"),
+    sa.Column("stop_price", sa.Double, nullable=True),
+    sa.Column("adds_at_loss", sa.Integer, nullable=False, server_default="0"),
+    # The account (or sleeve) equity right after the trade, as the score's book saw it.
+    sa.Column("equity_after", sa.Double, nullable=True),
     sa.Index("ix_closed_trades_exit", "bot_id", "exit_ts"),
 )
 
@@ -278,8 +285,26 @@ state = sa.Table(
     sa.PrimaryKeyConstraint("bot_id", "key"),
 )
 
+
+def _v1_to_v2(conn: Connection) -> None:
+    # Closed trades keep their strategy, funding, entry stop, adds at a loss and the equity
+    # after them.
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    table = conn.dialect.identifier_preparer.quote(closed_trades.name)
+    if schema:
+        table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{table}"
+    for column in (
+        "strategy VARCHAR(64) NOT NULL DEFAULT ''",
+        "funding DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "stop_price DOUBLE PRECISION",
+        "adds_at_loss INTEGER NOT NULL DEFAULT 0",
+        "equity_after DOUBLE PRECISION",
+    ):
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column}"))
+
+
 # Schema migrations: MIGRATIONS[v] moves a store from version v to v + 1.
-MIGRATIONS: Final[dict[int, Callable[[Connection], None]]] = {}
+MIGRATIONS: Final[dict[int, Callable[[Connection], None]]] = {1: _v1_to_v2}
 
 
 def json_dumps(value: Any) -> str:
@@ -372,6 +397,10 @@ def closed_trade_from_row(row: Row[Any]) -> ClosedTrade:
         fee=row.fee,
         pnl=row.pnl,
         reason=row.reason,
+        stop_price=row.stop_price,
+        adds_at_loss=row.adds_at_loss,
+        strategy=row.strategy,
+        funding=row.funding,
     )
 
 

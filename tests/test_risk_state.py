@@ -319,3 +319,34 @@ async def test_a_latched_drawdown_breaker_survives_a_live_restart_until_the_oper
         assert fourth.engine.risk.breakers.latched == {}
         assert fourth.engine.risk.trading_state is TradingState.NORMAL
         await fourth.teardown()
+
+
+async def test_the_score_book_survives_a_live_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed trades are journaled with the equity after them; a restart rebuilds the same score."""
+    async with BybitEmulator(lenient_clock=True, balances={"USDT": "100000"}) as emu:
+        for name, value in {
+            **_LIVE_ENV,
+            "KESTREL_RISK__MAX_DRAWDOWN": "0.9",  # keep trading: this test wants round trips
+            "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.8",
+            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
+            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        }.items():
+            monkeypatch.setenv(name, value)
+        first = await _live_daemon(emu)
+        assert first.engine is not None
+        engine = first.engine
+        await _run_until(first, emu, lambda: len(engine.portfolio.closed) >= 2, within_s=90)
+        strategy = engine.strategy.name
+        closed = list(engine.portfolio.closed)
+        before = engine.reward.card(strategy)
+
+        second = await _live_daemon(emu)
+        assert second.engine is not None
+        after = second.engine.reward.card(strategy)
+        assert second.engine.reward.record(strategy).trades == tuple(closed)
+        assert after.total == before.total
+        assert [r.lcb for r in second.engine.reward.ranked()] == [
+            r.lcb for r in engine.reward.ranked()
+        ]
+        await second.teardown()

@@ -32,6 +32,7 @@ from tests.test_trade_store_support import (
     make_backend,
     report,
 )
+from trade_schema import closed_trades
 from trade_store import (
     SCHEMA_VERSION,
     DuplicateOrderError,
@@ -506,6 +507,43 @@ def test_a_store_from_a_newer_kestrel_is_refused(backend: Backend) -> None:
     engine.dispose()
     with pytest.raises(DataError):
         backend.open()
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_closed_trades(backend: Backend) -> None:
+    """A v1 store gains the closed trades' strategy, funding, stop and adds; old rows read back."""
+    backend.open().close()
+    engine = _raw_engine(backend)
+    table = closed_trades.name
+    with engine.begin() as conn:  # back to v1: the table without its v2 columns
+        for column in ("strategy", "funding", "stop_price", "adds_at_loss", "equity_after"):
+            conn.execute(sa.text(f"ALTER TABLE {_qualified(backend, table)} DROP COLUMN {column}"))
+        conn.execute(schema_version.delete())
+        conn.execute(schema_version.insert().values(version=1, ts_applied=0))
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {_qualified(backend, table)} (bot_id, pair, side, entry_ts, exit_ts,"
+                " entry_price, exit_price, qty, fee, pnl, reason) VALUES ('default', 'BTC/USDT',"
+                " 'long', 1, 2, 100.0, 110.0, 1.0, 0.2, 9.8, 'signal')"
+            )
+        )
+    engine.dispose()
+    new = ClosedTrade(
+        "ETH/USDT", PositionSide.LONG, 3, 4, 10.0, 9.0, 2.0, 0.1, -2.3, "stop",
+        stop_price=9.1, adds_at_loss=1, strategy="trend", funding=-0.2,
+    )  # fmt: skip
+    with backend.open() as migrated:
+        [old] = migrated.closed_trades()
+        assert (old.pair, old.pnl, old.strategy, old.funding, old.stop_price) == (
+            "BTC/USDT", 9.8, "", 0.0, None,
+        )  # fmt: skip
+        migrated.add_closed_trade(new, equity_after=9_990.0)
+        assert migrated.closed_trades() == [old, new]
+        assert migrated.trade_history() == [(old, None), (new, 9_990.0)]
+    assert _schema_versions(backend) == [1, SCHEMA_VERSION]
+
+
+def _qualified(backend: Backend, table: str) -> str:
+    return f'"{backend.schema}".{table}' if backend.schema else table
 
 
 def _raw_engine(backend: Backend) -> sa.Engine:
