@@ -12,7 +12,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import structlog
@@ -376,6 +376,34 @@ def make_search(
 Progress = Callable[[int, int, float | None], None]
 
 
+class _Stepped(Protocol):
+    """A search driven a generation at a time: ask for candidates, tell their outcomes."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def ask(self) -> list[Any]: ...
+
+    def tell(self, outcomes: Sequence[Any]) -> None: ...
+
+
+def run_generation(searches: Sequence[tuple[_Stepped, Any]], backend: Backend) -> int:
+    """Run one generation of every unfinished search as one batch; return the jobs run.
+
+    Each search is paired with the data segment it evaluates on; all candidates go to
+    `backend` together (so a cluster sees one batch) and each search is told its share of
+    the outcomes, in order. The genetic and the Pareto drivers both step this way.
+    """
+    asked = [(s, s.ask(), seg) for s, seg in searches if not s.done]
+    jobs: list[Job] = [(p, seg) for _, cands, seg in asked for p in cands]
+    outcomes = backend.evaluate(jobs) if jobs else []
+    at = 0
+    for s, cands, _ in asked:
+        s.tell(outcomes[at : at + len(cands)])
+        at += len(cands)
+    return len(jobs)
+
+
 def drive(
     searches: Sequence[tuple[Search, Segment]],
     backend: Backend,
@@ -402,21 +430,14 @@ def drive(
         if elapsed >= time_budget_s:
             reason = "time_budget"
             break
-        active = [(s, seg) for s, seg in searches if not s.done]
-        asked = [(s, s.ask(), seg) for s, seg in active]
-        jobs: list[Job] = [(p, seg) for _, cands, seg in asked for p in cands]
-        outcomes = backend.evaluate(jobs) if jobs else []
-        at = 0
-        for s, cands, _ in asked:
-            s.tell(outcomes[at : at + len(cands)])
-            at += len(cands)
+        jobs = run_generation(searches, backend)
         lead = searches[0][0]
         best = lead.best
         log.info(
             "generation_done",
             generation=lead.generation,
             planned=planned,
-            jobs=len(jobs),
+            jobs=jobs,
             best=best.objective if best else None,
         )
         if on_generation is not None:

@@ -48,11 +48,11 @@ import numpy as np
 import structlog
 
 from error_handler import ConfigError, InvariantError
+from genetic_search import run_generation
 from optimization_backends import Backend
 from optimization_scoring import (
     MIN_TRADES,
     OBJECTIVE_METRIC,
-    Job,
     Key,
     Objective,
     Outcome,
@@ -606,14 +606,7 @@ def drive_pareto(
         if max_generations is not None and ran >= max_generations:
             reason = "cancelled"
             break
-        active = [(s, seg) for s, seg in searches if not s.done]
-        asked = [(s, s.ask(), seg) for s, seg in active]
-        jobs: list[Job] = [(p, seg) for _, cands, seg in asked for p in cands]
-        outcomes = backend.evaluate(jobs) if jobs else []
-        at = 0
-        for s, cands, _ in asked:
-            s.tell(outcomes[at : at + len(cands)])
-            at += len(cands)
+        jobs = run_generation(searches, backend)
         ran += 1
         if checkpoint is not None:
             save_checkpoint(checkpoint, tag, [s for s, _ in searches])
@@ -623,7 +616,7 @@ def drive_pareto(
             "generation_done",
             generation=lead.generation,
             planned=planned,
-            jobs=len(jobs),
+            jobs=jobs,
             best=best.score if best else None,
         )
         if on_generation is not None:
