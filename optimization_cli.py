@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -47,6 +48,27 @@ def _cli_windows(n_rows: int) -> list[Window]:
     except ConfigError:
         return []
     return windows if windows[0].test_end - windows[0].test_start >= MIN_TEST_ROWS else []
+
+
+def generation_reporter(
+    progress: Any, task: Any, loop: asyncio.AbstractEventLoop, strategy: str, metric: str
+) -> Callable[[int, int, float | None], None]:
+    """Return the search's per-generation callback that moves the progress bar.
+
+    The search runs in a worker thread; the bar is updated on the event loop's thread.
+    """
+
+    def on_generation(done: int, planned: int, best: float | None) -> None:
+        text = f"optimising {strategy}" + (
+            f"  best {metric} {best:.4g}" if best is not None else ""
+        )
+        loop.call_soon_threadsafe(
+            functools.partial(
+                progress.update, task, completed=done, total=planned, description=text
+            )
+        )
+
+    return on_generation
 
 
 def _output_path(directory: Path, stem: str, now: datetime) -> Path:
@@ -120,15 +142,7 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
-        def on_generation(done: int, planned: int, best: float | None) -> None:
-            text = f"optimising {strategy}" + (
-                f"  best {options.objective} {best:.4g}" if best is not None else ""
-            )
-            loop.call_soon_threadsafe(
-                functools.partial(
-                    progress.update, task, completed=done, total=planned, description=text
-                )
-            )
+        on_generation = generation_reporter(progress, task, loop, strategy, options.objective)
 
         try:
             report = await asyncio.to_thread(

@@ -64,9 +64,14 @@ class OptimizationReport:
         }
 
 
-def _as_frames(
+def as_frames(
     data: pd.DataFrame | Mapping[str, pd.DataFrame], pair: str
 ) -> dict[str, pd.DataFrame]:
+    """Return the candles to optimise on by pair (one frame is `pair`'s).
+
+    Raises:
+        ConfigError: no candles at all, or an empty frame.
+    """
     frames = {pair: data} if isinstance(data, pd.DataFrame) else dict(data)
     if not frames or any(f.empty for f in frames.values()):
         raise ConfigError("optimize: no candles to optimise on", component="optimize")
@@ -110,7 +115,7 @@ def run_optimization(
         stop: set it to stop before the next generation (reported as `cancelled`).
         on_generation: called with (generation, planned, best objective) after each one.
     """
-    frames = _as_frames(data, pair)
+    frames = as_frames(data, pair)
     axis = time_axis(frames)
     searches: list[tuple[Search, Segment]] = []
     if full:

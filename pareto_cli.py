@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import threading
@@ -24,6 +23,7 @@ import structlog
 from approved_params import GateResult, approved_path, evaluate_gate, write_approved
 from error_handler import ConfigError
 from optimization_backends import BacktestEvaluator
+from optimization_cli import generation_reporter
 from optimization_report import render_html
 from optimization_scoring import PERIODS
 from pareto_run import ParetoReport, recent_out_of_sample, run_pareto
@@ -174,15 +174,7 @@ async def _search(
     with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
-        def on_generation(done: int, planned: int, best: float | None) -> None:
-            text = f"optimising {strategy}" + (
-                f"  best {options.scalar} {best:.4g}" if best is not None else ""
-            )
-            loop.call_soon_threadsafe(
-                functools.partial(
-                    progress.update, task, completed=done, total=planned, description=text
-                )
-            )
+        on_generation = generation_reporter(progress, task, loop, strategy, options.scalar)
 
         try:
             return await asyncio.to_thread(

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from error_handler import ConfigError
 from optimization_backends import Backend, open_backend
+from optimization_run import as_frames
 from optimization_scoring import Evaluate, Job, Segment, StopReason
 from overfitting import deflated_sharpe, pbo, probabilistic_sharpe, sharpe_per_period
 from pareto_search import (
@@ -213,15 +213,6 @@ class ParetoReport:
 # -- Running ---------------------------------------------------------------------------------
 
 
-def _as_frames(
-    data: pd.DataFrame | Mapping[str, pd.DataFrame], pair: str
-) -> dict[str, pd.DataFrame]:
-    frames = {pair: data} if isinstance(data, pd.DataFrame) else dict(data)
-    if not frames or any(f.empty for f in frames.values()):
-        raise ConfigError("optimize: no candles to optimise on", component="optimize")
-    return frames
-
-
 def run_pareto(
     evaluate: Evaluate,
     data: pd.DataFrame | Mapping[str, pd.DataFrame],
@@ -261,7 +252,7 @@ def run_pareto(
         sensitivity: run the plateau choice and the sensitivity analysis.
         max_generations: stop after this many generations of this call (interruption).
     """
-    frames = _as_frames(data, pair)
+    frames = as_frames(data, pair)
     axis = time_axis(frames)
     segments = [window_segments(axis, w) for w in windows]
     tag = fingerprint(
