@@ -405,43 +405,52 @@ def run_generation(searches: Sequence[tuple[_Stepped, Any]], backend: Backend) -
 
 
 def drive(
-    searches: Sequence[tuple[Search, Segment]],
+    searches: Sequence[tuple[Any, Segment]],
     backend: Backend,
     *,
     time_budget_s: float,
     clock: Clock,
     stop: threading.Event | None = None,
     on_generation: Progress | None = None,
+    best_of: Callable[[Any], float | None] | None = None,
+    after_generation: Callable[[], None] | None = None,
+    max_generations: int | None = None,
 ) -> tuple[StopReason, float]:
     """Run the searches in lockstep, one batch per generation; return why and how long.
 
     The budget is checked before each generation: when `time_budget_s` has passed on
-    `clock` no new generation starts. The first search's best objective goes to
-    `on_generation(done, planned, best)`.
+    `clock` no new generation starts; `max_generations` stops after that many generations
+    of this call (an interruption, for tests and for slicing a long job). After each
+    generation `after_generation()` runs (the Pareto search's checkpoint) and the first
+    search's best (`best_of(search)`, by default its best objective) goes to
+    `on_generation(done, planned, best)`. The genetic and the Pareto searches both run here.
     """
+    best_of = best_of or (lambda search: search.best.objective if search.best else None)
     started = clock.now_ms()
     planned = max(s.options.generations for s, _ in searches)
     reason: StopReason = "completed"
+    ran = 0
     while any(not s.done for s, _ in searches):
-        elapsed = (clock.now_ms() - started) / 1000
         if stop is not None and stop.is_set():
             reason = "cancelled"
             break
-        if elapsed >= time_budget_s:
+        if (clock.now_ms() - started) / 1000 >= time_budget_s:
             reason = "time_budget"
             break
+        if max_generations is not None and ran >= max_generations:
+            reason = "cancelled"
+            break
         jobs = run_generation(searches, backend)
+        ran += 1
+        if after_generation is not None:
+            after_generation()
         lead = searches[0][0]
-        best = lead.best
+        best = best_of(lead)
         log.info(
-            "generation_done",
-            generation=lead.generation,
-            planned=planned,
-            jobs=jobs,
-            best=best.objective if best else None,
+            "generation_done", generation=lead.generation, planned=planned, jobs=jobs, best=best
         )
         if on_generation is not None:
-            on_generation(lead.generation, planned, best.objective if best else None)
+            on_generation(lead.generation, planned, best)
     elapsed = (clock.now_ms() - started) / 1000
     if reason != "completed":
         log.warning(

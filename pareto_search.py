@@ -48,7 +48,7 @@ import numpy as np
 import structlog
 
 from error_handler import ConfigError, InvariantError
-from genetic_search import run_generation
+from genetic_search import drive
 from optimization_backends import Backend
 from optimization_scoring import (
     MIN_TRADES,
@@ -592,36 +592,18 @@ def drive_pareto(
     `max_generations` stops after that many generations of this call (an interruption,
     for tests and for slicing a long job).
     """
-    started = clock.now_ms()
-    planned = max(s.options.generations for s, _ in searches)
-    reason: StopReason = "completed"
-    ran = 0
-    while any(not s.done for s, _ in searches):
-        if stop is not None and stop.is_set():
-            reason = "cancelled"
-            break
-        if (clock.now_ms() - started) / 1000 >= time_budget_s:
-            reason = "time_budget"
-            break
-        if max_generations is not None and ran >= max_generations:
-            reason = "cancelled"
-            break
-        jobs = run_generation(searches, backend)
-        ran += 1
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, tag, [s for s, _ in searches])
-        lead = searches[0][0]
-        best = lead.best
-        log.debug(
-            "generation_done",
-            generation=lead.generation,
-            planned=planned,
-            jobs=jobs,
-            best=best.score if best else None,
-        )
-        if on_generation is not None:
-            on_generation(lead.generation, planned, best.score if best else None)
-    elapsed = (clock.now_ms() - started) / 1000
-    if reason != "completed":
-        log.warning("optimization_stopped", reason=reason, planned=planned, elapsed_s=elapsed)
-    return reason, elapsed
+    return drive(
+        searches,
+        backend,
+        time_budget_s=time_budget_s,
+        clock=clock,
+        stop=stop,
+        on_generation=on_generation,
+        best_of=lambda search: search.best.score if search.best else None,
+        after_generation=(
+            None
+            if checkpoint is None
+            else lambda: save_checkpoint(checkpoint, tag, [s for s, _ in searches])
+        ),
+        max_generations=max_generations,
+    )
