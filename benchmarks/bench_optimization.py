@@ -30,6 +30,9 @@ import pandas as pd
 from backtesting import Backtest, Strategy
 from backtesting.lib import crossover
 
+# The seeded one-minute random walk every backtest benchmark uses.
+from benchmarks.bench_backtest import candles as _walk
+
 
 BATCH = 32
 SAMPLE_CANDIDATES = 320
@@ -50,24 +53,6 @@ def _sample() -> pd.DataFrame:
 
     path = sample_file(Settings().storage.sample_dir, PAIR, "1m")
     return load_candles(path, timeframe="1m")
-
-
-def _walk(n: int, seed: int = 7) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    close = np.round(30_000 * np.exp(np.cumsum(rng.normal(0, 8e-4, n))), 2)
-    open_ = np.concatenate(([close[0]], close[:-1]))
-    wiggle = np.abs(rng.normal(0, 4e-4, (2, n))) * close
-    index = pd.date_range("2022-01-01", periods=n, freq="1min", tz="UTC", name="ts")
-    return pd.DataFrame(
-        {
-            "open": open_,
-            "high": np.maximum(open_, close) + wiggle[0],
-            "low": np.minimum(open_, close) - wiggle[1],
-            "close": close,
-            "volume": rng.gamma(2.0, 3.0, n),
-        },
-        index=index,
-    )
 
 
 def _candidates(count: int, seed: int = 1) -> list[dict[str, float]]:

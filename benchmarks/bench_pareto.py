@@ -28,29 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+# The seeded one-minute random walk every backtest benchmark uses.
+from benchmarks.bench_backtest import candles as _walk
+
 
 PAIR = "BTC/USDT"
 CANDLES = 100_000
 REPEATS = 3
 N_VAR = 30
-
-
-def _walk(n: int, seed: int = 7) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    close = np.round(30_000 * np.exp(np.cumsum(rng.normal(0, 8e-4, n))), 2)
-    open_ = np.concatenate(([close[0]], close[:-1]))
-    wiggle = np.abs(rng.normal(0, 4e-4, (2, n))) * close
-    index = pd.date_range("2022-01-01", periods=n, freq="1min", tz="UTC", name="ts")
-    return pd.DataFrame(
-        {
-            "open": open_,
-            "high": np.maximum(open_, close) + wiggle[0],
-            "low": np.minimum(open_, close) - wiggle[1],
-            "close": close,
-            "volume": rng.gamma(2.0, 3.0, n),
-        },
-        index=index,
-    )
 
 
 def zdt1(

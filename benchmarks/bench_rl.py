@@ -26,31 +26,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+# The synthetic market the RL tests use: the benchmark measures the same known answer.
+from tests.test_rl import market
+
 
 ROWS = list[dict[str, Any]]
 SEEDS = (1, 2, 3)
-
-
-def market(seed: int, n: int, *, reversion: float, volatility: float = 0.01) -> pd.DataFrame:
-    """Return hourly candles whose log price reverts to 0 at `reversion` per bar (0: a walk)."""
-    rng = np.random.default_rng(seed)
-    shocks = volatility * rng.standard_normal(n)
-    x = np.zeros(n)
-    for i in range(1, n):
-        x[i] = (1.0 - reversion) * x[i - 1] + shocks[i]
-    close = 100.0 * np.exp(x)
-    open_ = np.r_[close[0], close[:-1]]
-    index = pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC")
-    return pd.DataFrame(
-        {
-            "open": open_,
-            "high": np.maximum(open_, close) * 1.001,
-            "low": np.minimum(open_, close) * 0.999,
-            "close": close,
-            "volume": rng.uniform(1.0, 2.0, n),
-        },
-        index=index,
-    )
 
 
 # -- The peer environment --------------------------------------------------------------------
