@@ -1,27 +1,34 @@
-"""What the parts of `runner.Daemon` share: the run's state, declared once.
+"""What the parts of `runner.Daemon` share: the run's frozen components and its own state.
 
-`Daemon` is one class built from parts: its own run loop, task supervision and teardown
-(runner.py), the assembly per mode (`daemon_build.DaemonBuild`), the exchange-facing tasks
+`Daemon` is the run loop, task supervision and teardown (runner.py) around the frozen
+`assembly.Components` one of the `mode_builders` returned, plus the exchange-facing tasks
 (`daemon_live.DaemonLive`), persistence (`daemon_state.DaemonState`) and the operator
 surfaces (`daemon_operator.DaemonOperator`). `DaemonBase` declares, for the type checker,
-the state and the methods those parts use of each other; at run time it holds nothing.
+the state the run itself changes and the methods those parts use of each other, and reads
+the components (the engine, the gateway, the feed) for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from assembly import Closer, Components, LiveGateway, SimGateway
+from market_feed import ExchangeFeed
+from trade_simulator import ReplayFeed
 
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from config import Settings
-    from data_manager import DataManager
+    from exchange import Exchange
     from models import Candle, Event, EventSink
     from pipeline import Engine
-    from strategy import Strategy
-    from trade_simulator import ReplayFeed, SimDriver, SimulatedExchange
+    from top_pairs import TopPairs
+    from trade_simulator import PairSchedule, SimDriver, SimulatedExchange
     from utils.supervision import Supervisor
     from utils.utilities import AuditTrail
 
@@ -37,27 +44,13 @@ class DaemonBase:
     stop: asyncio.Event
     queue: asyncio.Queue[tuple[Candle, float] | None]
     audit: AuditTrail
-    engine: Engine | None
-    sim: SimulatedExchange | None
-    driver: SimDriver | None
-    exchange: Any
-    replay: ReplayFeed | None
-    frames: dict[str, Any]
-    pair_schedule: Any
+    parts: Components | None  # the run's components, once a builder has assembled them
+    feed: AsyncIterator[Candle] | None  # the feed's candles, iterated once
     progress: Callable[[int, int], None] | None
-    timings: dict[str, float]
-    top_pairs: Any
-    data: DataManager | None
-    window: int
-    feed_pairs: list[str]
-    _resubscribe: asyncio.Event
-    _resume_from: int | None
     restart_as: str | None
     dashboard: Any  # the terminal dashboard while it is shown, else None
-    _exchange_status: Callable[[], dict[str, Any]]
-    feed: AsyncIterator[Candle] | None
     dropped: int
-    _closers: list[tuple[str, Callable[[], Awaitable[object]]]]
+    _closers: list[Closer]
     _fills_since: int | None
     notifiers: list[EventSink]
     supervisor: Supervisor
@@ -67,6 +60,68 @@ class DaemonBase:
     _risk_lock: asyncio.Lock
     _allocation_key: tuple[Any, ...] | None
 
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, once assembled."""
+        return self.parts.engine if self.parts is not None else None
+
+    @property
+    def sim(self) -> SimulatedExchange | None:
+        """The simulated exchange when orders fill on paper, else None."""
+        gateway = self.parts.gateway if self.parts is not None else None
+        return gateway.exchange if isinstance(gateway, SimGateway) else None
+
+    @property
+    def driver(self) -> SimDriver | None:
+        """The simulated exchange's driver in front of the engine, else None."""
+        gateway = self.parts.gateway if self.parts is not None else None
+        return gateway.driver if isinstance(gateway, SimGateway) else None
+
+    @property
+    def store(self) -> Any:
+        """The live journal (`trade_store.TradeStore`), else None."""
+        gateway = self.parts.gateway if self.parts is not None else None
+        return gateway.store if isinstance(gateway, LiveGateway) else None
+
+    @property
+    def exchange(self) -> Exchange | None:
+        """The live exchange (the feed's source, and live the gateway too), else None."""
+        feed = self.parts.feed if self.parts is not None else None
+        return feed.exchange if isinstance(feed, ExchangeFeed) else None
+
+    @property
+    def exchange_feed(self) -> ExchangeFeed | None:
+        """The exchange's candle feed, else None."""
+        feed = self.parts.feed if self.parts is not None else None
+        return feed if isinstance(feed, ExchangeFeed) else None
+
+    @property
+    def replay(self) -> ReplayFeed | None:
+        """The archive replay, else None."""
+        feed = self.parts.feed if self.parts is not None else None
+        return feed if isinstance(feed, ReplayFeed) else None
+
+    @property
+    def top_pairs(self) -> TopPairs | None:
+        """The dynamic pair list on the exchange feed, else None."""
+        feed = self.exchange_feed
+        return feed.top_pairs if feed is not None else None
+
+    @property
+    def frames(self) -> Mapping[str, pd.DataFrame]:
+        """The replayed archive per pair (empty on the exchange feed)."""
+        return self.parts.frames if self.parts is not None else {}
+
+    @property
+    def pair_schedule(self) -> PairSchedule | None:
+        """A dynamic-pairs backtest's pair schedule, else None."""
+        return self.parts.pair_schedule if self.parts is not None else None
+
+    @property
+    def timings(self) -> Mapping[str, float]:
+        """Seconds per assembly phase of a replay (load, prepare)."""
+        return self.parts.timings if self.parts is not None else {}
+
     if TYPE_CHECKING:
 
         def alert(self, event: Event) -> None:
@@ -75,9 +130,5 @@ class DaemonBase:
         async def _restore_risk_state(self, store: Any = None) -> None: ...
 
         async def _persist_risk_state(self) -> None: ...
-
-        async def _warm_up(self, pairs: list[str], strategy: Strategy | None = None) -> None: ...
-
-        def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]: ...
 
         async def _persist_async(self) -> None: ...

@@ -8,14 +8,14 @@ the start-up order before the first decision, and the model retraining step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
 
+from assembly import prime_anomalies
 from daemon_base import DaemonBase
-from daemon_build import prime_anomalies
-from models import Candle, MarketType
+from models import MarketType
 from perpetuals import FundingSchedule
 from utils.utilities import (
     timeframe_to_ms,
@@ -109,40 +109,18 @@ class DaemonLive(DaemonBase):
             except Exception:
                 log.exception("funding_poll_failed")
 
-    async def _exchange_candles(self, pairs: list[str]) -> AsyncIterator[Candle]:
-        """Stream closed candles; resubscribe when the pair list changes."""
-        assert self.exchange is not None
-        timeframe = self.settings.strategy.timeframe
-        self.feed_pairs = list(pairs)
-        while True:
-            self._resubscribe.clear()
-            # Start right after the warm-up: a candle closing between the warm-up fetch and
-            # the first frame is fetched over REST instead of being lost. The data manager
-            # drops the ones a pair already has.
-            since = None
-            if self._resume_from is not None:
-                since = self._resume_from + timeframe_to_ms(timeframe)
-                self._resume_from = None
-            stream = self.exchange.watch_candles(self.feed_pairs, timeframe, since=since)
-            try:
-                async for candle in stream:
-                    yield candle
-                    if self._resubscribe.is_set():
-                        break
-            finally:
-                await stream.aclose()
-
     async def on_pairs_changed(self, diff: Any) -> None:
         """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
         assert self.engine is not None
-        await self._warm_up(list(diff.added))
+        feed = self.exchange_feed
+        assert feed is not None
+        await feed.warm_up(list(diff.added), self.engine.strategy)
         prime_anomalies(self.engine, list(diff.added))
         keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
         self.engine.set_pairs(keep)
         # Removed pairs that still hold a position stay on the feed until it is closed.
         draining = diff.draining(self.engine.portfolio.positions())
-        self.feed_pairs = [*keep, *[p for p in draining if p not in keep]]
-        self._resubscribe.set()
+        feed.follow([*keep, *[p for p in draining if p not in keep]])
         log.info(
             "pairs_changed",
             added=list(diff.added),
@@ -234,7 +212,6 @@ class DaemonLive(DaemonBase):
     def build_retrainer(self) -> Any:
         """Return the model retrainer of this run (`model_training.Retrainer`)."""
         from model_training import Retrainer, RetrainPlan, Scoring, model_dirs
-        from utils.utilities import timeframe_to_ms
 
         assert self.engine is not None
         engine = self.engine

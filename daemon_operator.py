@@ -66,7 +66,7 @@ class DaemonOperator(DaemonBase):
         )
         await bot.start()
         self.notifiers.append(TelegramNotifier(bot))
-        forced = getattr(self, "forced_params", None)
+        forced = self.parts.forced_params if self.parts is not None else None
         if forced is not None:
             self.alert(
                 ErrorRaised(

@@ -1,9 +1,13 @@
-"""Wiring for each mode: build the components, inject collaborators, run the tasks, shut down.
+"""The run of every trading mode: assemble, take up the saved state, run the tasks, shut down.
 
 Part of `main` (it is only ever imported by `main.py`), kept apart so that `main.py --help`
-imports nothing heavy. The trading modes share one path: the only differences between
-sim, backtest and live are the feed (replay or exchange stream), the order gateway
-(matching engine or exchange) and the clock (replay or wall).
+imports nothing heavy. One builder per mode (`mode_builders`) returns the run's frozen
+`assembly.Components`; the only differences between sim, backtest and live are the ones it
+picks: the order gateway (matching engine or exchange), the feed (replay or exchange
+stream) and the clock (replay or the exchange's). `Daemon` takes those components and owns
+the run loop, task supervision and the ordered teardown; its parts (`daemon_live`,
+`daemon_state`, `daemon_operator`) hold the exchange-facing tasks, persistence and the
+operator surfaces.
 """
 
 from __future__ import annotations
@@ -26,26 +30,23 @@ from typing import Any
 import structlog
 from rich.console import Console
 
+from assembly import BuildContext, Closer, Components, ExchangeClock
 from config import Settings
-from daemon_build import DaemonBuild, ExchangeClock
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
 from daemon_state import DaemonState
-from data_manager import DataManager, replay_funding
 from data_manager import replay_frames as load_frames
+from data_manager import replay_funding
 from error_handler import (
-    AuthenticationError,
     BotError,
     ConfigError,
     DataError,
     FatalError,
-    RecoverableError,
     run_fail_safe,
 )
+from mode_builders import build_backtest, build_live, build_paper, build_replay, build_sim
 from models import BotState, Candle, ErrorRaised, Event, EventSink
-from pipeline import Engine
 from strategy import load_strategy
-from trade_simulator import ReplayFeed, SimDriver, SimulatedExchange
 from utils.supervision import Supervisor
 from utils.utilities import (
     AuditTrail,
@@ -54,7 +55,17 @@ from utils.utilities import (
 )
 
 
-__all__ = ["Daemon", "ExchangeClock", "TelegramNotifier", "load_frames"]
+__all__ = [
+    "BuildContext",
+    "Components",
+    "Daemon",
+    "ExchangeClock",
+    "TelegramNotifier",
+    "build_backtest",
+    "build_live",
+    "build_sim",
+    "load_frames",
+]
 
 log = structlog.get_logger(__name__)
 QUEUE_SIZE = 1_000
@@ -77,7 +88,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
-class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
+class Daemon(DaemonLive, DaemonState, DaemonOperator):
     """One trading run: the engine plus the tasks around it, in one TaskGroup."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
@@ -92,29 +103,13 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self.audit = AuditTrail(None if backtest else settings.storage.log_dir)
         if backtest and not args.log_level:
             logging.getLogger().setLevel(logging.WARNING)
-        self.engine: Engine | None = None
-        self.sim: SimulatedExchange | None = None
-        # The simulated exchange in front of the engine (replays, backtests, paper).
-        self.driver: SimDriver | None = None
-        self.exchange: Any = None
-        self.replay: ReplayFeed | None = None
-        self.frames: dict[str, Any] = {}
-        self.pair_schedule: Any = None
+        self.parts: Components | None = None
+        self.feed: AsyncIterator[Candle] | None = None
         self.progress: Callable[[int, int], None] | None = None
-        # Seconds per phase of a replay (load, prepare, ...): where a backtest's time goes.
-        self.timings: dict[str, float] = {}
-        self.top_pairs: Any = None
-        self.data: DataManager | None = None
-        self.window = 0
-        self.feed_pairs: list[str] = []
-        self._resubscribe = asyncio.Event()
-        self._resume_from: int | None = None
         self.restart_as: str | None = None
         self.dashboard: Any = None  # the terminal dashboard while it is shown
-        self._exchange_status: Callable[[], dict[str, Any]] = dict
-        self.feed: AsyncIterator[Candle] | None = None
         self.dropped = 0
-        self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self._closers: list[Closer] = []
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
@@ -124,6 +119,82 @@ class Daemon(DaemonBuild, DaemonLive, DaemonState, DaemonOperator):
         self._risk_key: tuple[Any, ...] | None = None
         self._risk_lock = asyncio.Lock()
         self._allocation_key: tuple[Any, ...] | None = None
+
+    def context(self) -> BuildContext:
+        """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
+        return BuildContext(
+            args=self.args,
+            settings=self.settings,
+            audit=self.audit,
+            alert=self.alert,
+            stop=self.stop,
+            progress=self.progress,
+        )
+
+    def use(self, parts: Components) -> None:
+        """Run on `parts`: its feed's candles are read once, its closers run at the end."""
+        self.parts = parts
+        self.feed = aiter(parts.feed)
+        self._closers.extend(parts.closers)
+
+    def build_replay(self) -> None:
+        """Assemble a replay run (sim --feed replay, backtest)."""
+        self.use(build_replay(self.context()))
+
+    async def build_exchange(self, *, paper: bool, probe: bool = False) -> None:
+        """Assemble a run on the live exchange feed: paper fills (sim) or real orders (live).
+
+        With `probe` (feed auto) an unreachable exchange fails fast instead of retrying.
+        """
+        if paper:
+            self.use(await build_paper(self.context(), probe=probe))
+        else:
+            self.use(await build_live(self.context()))
+        await self.start_up()
+
+    async def assemble(self) -> None:
+        """Assemble the run with its mode's builder, then take up the saved state."""
+        if self.args.mode == "backtest":
+            self.use(build_backtest(self.context()))
+        elif self.args.mode == "sim":
+            self.use(await build_sim(self.context()))
+        else:
+            self.use(await build_live(self.context()))
+        await self.start_up()
+
+    async def start_up(self) -> None:
+        """Take up the saved state before trading resumes (on the exchange feed only).
+
+        Paper: the risk state from its file. Live: the risk state from the journal, then
+        the reconciliation of the journal with the exchange (the private streams and the
+        stops follow in the run, before the first decision).
+        """
+        assert self.parts is not None
+        if self.exchange is None:
+            return  # a replay starts from the archive's start, with fresh state
+        if self.store is None:
+            await self._restore_risk_state()
+            return
+        await self._restore_risk_state(self.store)
+        await self._reconcile_at_start()
+
+    async def _reconcile_at_start(self) -> None:
+        engine, exchange, store = self.engine, self.exchange, self.store
+        assert engine is not None
+        assert exchange is not None
+        # Fills from here on reach the journal by the private stream, its REST sweeps, and
+        # a last sweep at stop; the minute back covers clock skew.
+        self._fills_since = exchange.server_now_ms() - 60_000
+        quote = self.settings.simulation.quote_currency
+        report = await engine.executor.reconcile(exchange, store, quote=quote)
+        engine.reconcile_report = report
+        log.info("reconciled", report=report)
+
+    async def close_exchange(self) -> None:
+        """Close an exchange opened by a failed start (the risk state or the reconciliation)."""
+        if self.exchange is not None:
+            await self.exchange.close()
+            self._closers = [c for c in self._closers if c[0] != "exchange"]
 
     def alert(self, event: Event) -> None:
         """Route an event from any component to the notifiers (Telegram when enabled)."""
@@ -414,7 +485,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
         daemon = Daemon(args, settings)
         with analytics.progress_bar("backtest") as progress:
             daemon.progress = progress
-            daemon.build_replay()
+            await daemon.assemble()
             ran = time.perf_counter()
             summary = await daemon.run()
             timings.update(daemon.timings, run_s=time.perf_counter() - ran)
@@ -445,30 +516,11 @@ async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str,
     if args.mode == "backtest":
         return await run_backtest(args, settings)
     daemon = Daemon(args, settings)
-    feed = settings.simulation.feed
-    if args.mode == "sim" and feed == "replay":
-        daemon.build_replay()
-    elif args.mode == "sim" and feed == "auto":
-        try:
-            await daemon.build_exchange(paper=True, probe=True)
-        except (RecoverableError, AuthenticationError) as e:
-            log.warning(
-                "feed_auto_fallback",
-                detail="Bybit is unreachable; replaying the bundled sample instead",
-                error=e.message,
-            )
-            print(
-                f"kestrel: Bybit unreachable ({e.message}); using the offline replay",
-                file=sys.stderr,
-            )
-            await daemon.close_exchange()
-            daemon.build_replay()
-    else:
-        try:
-            await daemon.build_exchange(paper=args.mode == "sim")
-        except BaseException:
-            await daemon.close_exchange()
-            raise
+    try:
+        await daemon.assemble()
+    except BaseException:
+        await daemon.close_exchange()
+        raise
     return await daemon.run()
 
 

@@ -92,7 +92,6 @@ OWNER: dict[str, str] = {
     "trade_records": "trade_store",
     # runner.py (the daemon's parts)
     "daemon_base": "runner",
-    "daemon_build": "runner",
     "daemon_live": "runner",
     "daemon_state": "runner",
     "daemon_operator": "runner",
@@ -135,6 +134,10 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    # runner.py: one builder per mode over the shared assembly, and the exchange's feed
+    "assembly": "runner",
+    "mode_builders": "runner",
+    "market_feed": "runner",
 }
 
 

@@ -1,0 +1,316 @@
+"""One builder per mode: each returns the run's frozen `assembly.Components`.
+
+Part of `runner` (which re-exports it). The builders differ only in what DESIGN.md says
+differs between modes:
+
+| builder | order gateway | market feed | clock |
+|---|---|---|---|
+| `build_backtest` | simulated exchange | archive replay, unpaced | replay |
+| `build_sim` | simulated exchange | archive replay or exchange stream | replay or exchange |
+| `build_live` | live `Exchange`, journaled | exchange stream | exchange |
+
+Everything else (strategy, risk, executor, portfolio, reward) comes from
+`assembly.build_engine`, the same in every mode. Start-up steps that need the run's own
+state (the saved risk state, the reconciliation) follow in `runner.Daemon`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from assembly import (
+    BuildContext,
+    Closer,
+    Components,
+    ExchangeClock,
+    LiveGateway,
+    Sleeves,
+    build_engine,
+    precomputed,
+    sim_gateway,
+    simulated_exchange,
+    strategies,
+    strategy_name,
+    strategy_params,
+)
+from data_manager import CandleStore, DataManager, replay_funding
+from data_manager import replay_frames as load_frames
+from error_handler import AuthenticationError, ConfigError, RecoverableError
+from market_feed import ExchangeFeed
+from pipeline import PrecomputedSignals
+from strategy import Strategy, load_strategy
+from trade_simulator import ReplayFeed
+from utils.utilities import ReplayClock, parse_timerange, timeframe_to_ms
+
+
+if TYPE_CHECKING:
+    from approved_params import ApprovedParams
+    from exchange import Exchange
+
+
+__all__ = ["build_backtest", "build_live", "build_paper", "build_replay", "build_sim"]
+
+log = structlog.get_logger(__name__)
+
+
+def build_backtest(ctx: BuildContext) -> Components:
+    """Assemble a backtest: the archive replayed unpaced into the simulated exchange."""
+    return build_replay(ctx)
+
+
+async def build_sim(ctx: BuildContext) -> Components:
+    """Assemble paper trading: the simulated exchange on the replay or the live feed.
+
+    `--feed replay` replays the archive; `live` trades on paper on Bybit's public feed;
+    `auto` tries the exchange and falls back to the replay when it is unreachable.
+    """
+    feed = ctx.settings.simulation.feed
+    if feed == "replay":
+        return build_replay(ctx)
+    if feed == "auto":
+        try:
+            return await build_paper(ctx, probe=True)
+        except (RecoverableError, AuthenticationError) as e:
+            log.warning(
+                "feed_auto_fallback",
+                detail="Bybit is unreachable; replaying the bundled sample instead",
+                error=e.message,
+            )
+            print(
+                f"kestrel: Bybit unreachable ({e.message}); using the offline replay",
+                file=sys.stderr,
+            )
+            return build_replay(ctx)
+    return await build_paper(ctx)
+
+
+def build_replay(ctx: BuildContext) -> Components:
+    """Assemble a replay (sim --feed replay, backtest): archive feed, replay clock, matching."""
+    s = ctx.settings
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    frames = load_frames(ctx.args, s)
+    timings["load_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    start_ms = end_ms = None
+    if ctx.args.timerange:
+        try:
+            start_ms, end_ms = parse_timerange(ctx.args.timerange)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    first = min(int(f.index[:1].as_unit("ms").asi8[0]) for f in frames.values())
+    clock = ReplayClock(start_ms if start_ms is not None else first)
+    backtest = ctx.args.mode == "backtest"
+    speed = 0.0 if backtest else s.simulation.replay_speed
+    params, forced = strategy_params(ctx)
+    strategy = load_strategy(strategy_name(ctx), params)
+    replay = ReplayFeed(
+        frames,
+        s.strategy.timeframe,
+        clock,
+        speed=speed,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        # A backtest's direct loop yields to the event loop every 1,024 candles, not
+        # every candle (signals still get through; ~1.3x faster).
+        yield_every=1024 if backtest else 1,
+        progress=ctx.progress,
+        # A paced replay starts trading at once: the warm-up is not worth watching.
+        unpaced=strategy.warmup * len(frames),
+    )
+    pair_schedule = None
+    if backtest and s.pairs.dynamic:
+        # Trade the pair list as it stood at each refresh, rebuilt from the archives
+        # (no survivorship, no look-ahead); --pairs names the universe to rank.
+        from top_pairs import PointInTimeRanking
+        from trade_simulator import PairSchedule
+
+        refresh_ms = s.pairs.ttl_s * 1000
+        ranking = PointInTimeRanking(
+            frames,
+            s.strategy.timeframe,
+            refresh_every=refresh_ms,
+            top_n=s.pairs.count,
+            lookback=86_400_000,
+            min_quote_volume=s.pairs.min_quote_volume,
+        )
+        pair_schedule = PairSchedule(ranking.pairs_at, refresh_ms=refresh_ms)
+    sim = simulated_exchange(s, clock)
+    for pair, frame in frames.items():
+        sim.ensure_market(pair, float(frame["close"].iloc[0]))
+    sleeves, strategy, _, _ = strategies(ctx)
+    signals = precomputed(strategy, sleeves, frames) if backtest else None
+    engine = build_engine(
+        ctx,
+        sleeves=sleeves,
+        clock=clock,
+        strategy=strategy,
+        gateway=sim,
+        market_for=lambda pair: sim.markets[pair],
+        cash=Decimal(str(s.simulation.starting_balance)),
+        # Backtests read the strategy's columns computed once over the archive; sim
+        # runs it on the rolling window at each candle, exactly as live trading does.
+        signals=signals,
+    )
+    if s.simulation.funding:
+        engine.funding = replay_funding(ctx.args, s)
+    gateway = sim_gateway(sim, engine)
+    if isinstance(signals, PrecomputedSignals) and engine.quiet_exact and not s.learning.enabled:
+        gateway.driver.enable_quiet_path(signals)
+    # The strategy's columns over the whole archive, numba compilation (or its cache
+    # load) included.
+    timings["prepare_s"] = time.perf_counter() - started
+    return Components(
+        mode=ctx.args.mode,
+        engine=engine,
+        gateway=gateway,
+        feed=replay,
+        clock=clock,
+        frames=frames,
+        pair_schedule=pair_schedule,
+        forced_params=forced,
+        timings=timings,
+    )
+
+
+async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:
+    """Assemble paper trading on the live feed: the exchange's candles, simulated fills.
+
+    With `probe` (feed auto) an unreachable exchange fails fast instead of retrying.
+    """
+    s = ctx.settings
+    exchange, closers = await _open_exchange(ctx, probe=probe)
+    try:
+        clock, feed, sleeves, strategy, forced = await _exchange_feed(ctx, exchange)
+        sim = simulated_exchange(s, clock, markets=dict(exchange.markets))
+        engine = build_engine(
+            ctx,
+            sleeves=sleeves,
+            clock=clock,
+            strategy=strategy,
+            gateway=sim,
+            market_for=exchange.market,
+            cash=Decimal(str(s.simulation.starting_balance)),
+            data=feed.data,
+            max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
+        )
+        gateway = sim_gateway(sim, engine)
+        engine.set_pairs(feed.start_pairs)
+        engine.extra_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
+    except BaseException:
+        await exchange.close()
+        raise
+    return Components(
+        mode=ctx.args.mode,
+        engine=engine,
+        gateway=gateway,
+        feed=feed,
+        clock=clock,
+        closers=tuple(closers),
+        forced_params=forced,
+    )
+
+
+async def build_live(ctx: BuildContext) -> Components:
+    """Assemble live trading: real orders to the exchange, journaled first; its feed and clock.
+
+    The start-up reconciliation against the journal follows in `runner.Daemon`, once the
+    run's saved risk state is back.
+    """
+    from trade_store import TradeStore
+
+    s = ctx.settings
+    exchange, closers = await _open_exchange(ctx, probe=False)
+    try:
+        clock, feed, sleeves, strategy, forced = await _exchange_feed(ctx, exchange)
+        store = TradeStore.open(s.storage.effective_database_url, bot_id=f"{s.exchange.name}-live")
+        closing: list[Any] = []  # the executor's journal thread, then the store
+
+        async def close_store() -> None:
+            for executor in closing:
+                await executor.close()
+            await asyncio.to_thread(store.close)
+
+        closers.append(("store", close_store))
+        balances = await exchange.fetch_balance()
+        quote = s.simulation.quote_currency
+        cash = balances[quote].total if quote in balances else Decimal(0)
+        engine = build_engine(
+            ctx,
+            sleeves=sleeves,
+            clock=clock,
+            strategy=strategy,
+            gateway=exchange,
+            market_for=exchange.market,
+            cash=cash,
+            store=store,
+            data=feed.data,
+            max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
+        )
+        closing.append(engine.executor)
+        engine.set_pairs(feed.start_pairs)
+        engine.extra_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
+    except BaseException:
+        await exchange.close()
+        raise
+    return Components(
+        mode=ctx.args.mode,
+        engine=engine,
+        gateway=LiveGateway(exchange, store),
+        feed=feed,
+        clock=clock,
+        closers=tuple(closers),
+        forced_params=forced,
+    )
+
+
+async def _open_exchange(ctx: BuildContext, *, probe: bool) -> tuple[Exchange, list[Closer]]:
+    # The exchange session, with its closer first in the run's closers.
+    from exchange import Exchange
+
+    exchange = Exchange(ctx.settings.exchange, retry_attempts=2 if probe else 5)
+    await exchange.open()
+    return exchange, [("exchange", exchange.close)]
+
+
+async def _exchange_feed(
+    ctx: BuildContext, exchange: Exchange
+) -> tuple[ExchangeClock, ExchangeFeed, Sleeves, Strategy, ApprovedParams | None]:
+    # The exchange's clock and candle feed, warmed up on the pairs to trade (the ranked
+    # ones when pairs are dynamic), with the strategies that will decide on them.
+    s = ctx.settings
+    clock = ExchangeClock(exchange)
+    sleeves, strategy, window, forced = strategies(ctx)
+    # Candles from the exchange are archived (flushed with each state snapshot), so
+    # backtests and the parity audit can replay exactly what the bot saw.
+    data = DataManager(window=window, store=CandleStore(s.storage.data_dir))
+    pairs = s.traded_pairs()
+    top_pairs = None
+    if s.pairs.dynamic:
+        from top_pairs import TopPairs
+
+        top_pairs = TopPairs(
+            exchange,
+            s.pairs,
+            state_path=s.storage.data_dir / "state" / "pairs.json",
+            clock=clock,
+            market_type=s.exchange.market_type,
+        )
+        pairs = list((await top_pairs.current()).pairs)
+    feed = ExchangeFeed(
+        exchange,
+        data,
+        timeframe=s.strategy.timeframe,
+        window=window,
+        pairs=pairs,
+        top_pairs=top_pairs,
+    )
+    await feed.warm_up(pairs, strategy, sleeves)
+    # Every closed candle from here on, exactly once, gaps refilled from REST.
+    return clock, feed, sleeves, strategy, forced
