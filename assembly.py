@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from approved_params import ApprovedParams
+    from daemon_state import RunState
     from exchange import Exchange
     from market_feed import ExchangeFeed
     from trade_simulator import PairSchedule, ReplayFeed
@@ -111,6 +112,7 @@ class Components:
         gateway: where orders go: the simulated exchange or the live one.
         feed: where candles come from: the archive replay or the exchange stream.
         clock: replay time or the exchange's wall time.
+        state: what the run keeps on disk (snapshot, risk state, sleeves, performance).
         closers: what to close at the end of the run, in order (exchange, journal).
         frames: the replayed archive per pair (empty on the exchange feed).
         pair_schedule: a dynamic-pairs backtest's point-in-time pair list, else None.
@@ -123,6 +125,7 @@ class Components:
     gateway: SimGateway | LiveGateway
     feed: ReplayFeed | ExchangeFeed
     clock: ReplayClock | ExchangeClock
+    state: RunState
     closers: tuple[Closer, ...] = ()
     frames: Mapping[str, pd.DataFrame] = field(default_factory=dict)
     pair_schedule: PairSchedule | None = None

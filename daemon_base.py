@@ -2,10 +2,10 @@
 
 `Daemon` is the run loop, task supervision and teardown (runner.py) around the frozen
 `assembly.Components` one of the `mode_builders` returned, plus the exchange-facing tasks
-(`daemon_live.DaemonLive`), persistence (`daemon_state.DaemonState`) and the operator
-surfaces (`daemon_operator.DaemonOperator`). `DaemonBase` declares, for the type checker,
-the state the run itself changes and the methods those parts use of each other, and reads
-the components (the engine, the gateway, the feed) for them.
+(`daemon_live.DaemonLive`) and the operator surfaces (`daemon_operator.DaemonOperator`);
+persistence is a component (`daemon_state.RunState`). `DaemonBase` declares, for the type
+checker, the state the run itself changes and the methods those parts use of each other,
+and reads the components (the engine, the gateway, the feed) for them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from assembly import Closer, Components, LiveGateway, SimGateway
 from market_feed import ExchangeFeed
@@ -24,11 +24,15 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from config import Settings
+    from daemon_state import RunState
+    from dashboard import Dashboard
     from exchange import Exchange
+    from model_training import Retrainer
     from models import Candle, Event, EventSink
     from pipeline import Engine
     from top_pairs import TopPairs
     from trade_simulator import PairSchedule, SimDriver, SimulatedExchange
+    from trade_store import TradeStore
     from utils.supervision import Supervisor
     from utils.utilities import AuditTrail
 
@@ -48,22 +52,24 @@ class DaemonBase:
     feed: AsyncIterator[Candle] | None  # the feed's candles, iterated once
     progress: Callable[[int, int], None] | None
     restart_as: str | None
-    dashboard: Any  # the terminal dashboard while it is shown, else None
+    dashboard: Dashboard | None  # the terminal dashboard while it is shown
     dropped: int
     _closers: list[Closer]
     _fills_since: int | None
     notifiers: list[EventSink]
     supervisor: Supervisor
-    retrainer: Any  # model_training.Retrainer, built when learning is enabled
-    _risk_store: Any
-    _risk_key: tuple[Any, ...] | None
-    _risk_lock: asyncio.Lock
-    _allocation_key: tuple[Any, ...] | None
+    retrainer: Retrainer | None  # built when learning is enabled
 
     @property
     def engine(self) -> Engine | None:
         """The engine, once assembled."""
         return self.parts.engine if self.parts is not None else None
+
+    @property
+    def state(self) -> RunState:
+        """What the run keeps on disk (assembled: a run without components has none)."""
+        assert self.parts is not None
+        return self.parts.state
 
     @property
     def sim(self) -> SimulatedExchange | None:
@@ -78,8 +84,8 @@ class DaemonBase:
         return gateway.driver if isinstance(gateway, SimGateway) else None
 
     @property
-    def store(self) -> Any:
-        """The live journal (`trade_store.TradeStore`), else None."""
+    def store(self) -> TradeStore | None:
+        """The live journal, else None."""
         gateway = self.parts.gateway if self.parts is not None else None
         return gateway.store if isinstance(gateway, LiveGateway) else None
 
@@ -126,9 +132,3 @@ class DaemonBase:
 
         def alert(self, event: Event) -> None:
             """Route an event to the notifiers."""
-
-        async def _restore_risk_state(self, store: Any = None) -> None: ...
-
-        async def _persist_risk_state(self) -> None: ...
-
-        async def _persist_async(self) -> None: ...

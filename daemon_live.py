@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,6 +21,10 @@ from utils.utilities import (
     timeframe_to_ms,
 )
 
+
+if TYPE_CHECKING:
+    from model_training import Retrainer
+    from top_pairs import PairListDiff
 
 log = structlog.get_logger(__name__)
 QUEUE_SIZE = 1_000
@@ -109,7 +113,7 @@ class DaemonLive(DaemonBase):
             except Exception:
                 log.exception("funding_poll_failed")
 
-    async def on_pairs_changed(self, diff: Any) -> None:
+    async def on_pairs_changed(self, diff: PairListDiff) -> None:
         """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
         assert self.engine is not None
         feed = self.exchange_feed
@@ -209,7 +213,7 @@ class DaemonLive(DaemonBase):
             registry = ModelRegistry(models, self.model_name(pair))
             self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
 
-    def build_retrainer(self) -> Any:
+    def build_retrainer(self) -> Retrainer:
         """Return the model retrainer of this run (`model_training.Retrainer`)."""
         from model_training import Retrainer, RetrainPlan, Scoring, model_dirs
 

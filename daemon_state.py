@@ -1,47 +1,70 @@
 """What a run keeps on disk: the state snapshot, the performance record, the risk state.
 
-Part of `runner` (which re-exports it). The risk state (breakers, peak, day start, losing
-streak, manual rung) is written whenever it changes and read back before trading resumes.
+Part of `runner` (which re-exports it). `RunState` is one of a run's components (every
+builder makes one): the risk state (breakers, peak, day start, losing streak, manual rung)
+and the capital sleeves are written whenever they change and read back before trading
+resumes; the state snapshot and the performance record are written periodically.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon_base import DaemonBase
+from config import Settings
 from error_handler import (
     DataError,
 )
 from utils.utilities import (
+    AuditTrail,
     atomic_write,
 )
 
 
+if TYPE_CHECKING:
+    from pipeline import Engine
+    from trade_store import TradeStore
+
+
 log = structlog.get_logger(__name__)
-QUEUE_SIZE = 1_000
-SHUTDOWN_STEP_TIMEOUT = 1.5
-PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
-_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
-class DaemonState(DaemonBase):
+class RunState:
     """Persist and restore a run's state (see the module docstring)."""
 
-    def _risk_state_path(self) -> Path:
-        return self.settings.storage.data_dir / "state" / f"{self.args.mode}-risk.json"
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        audit: AuditTrail,
+        *,
+        rate_limit_budget: Callable[[], dict[str, float]] = dict,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.mode = engine.mode
+        self.audit = audit
+        self._rate_limit_budget = rate_limit_budget
+        # Risk state persistence (live and paper on the exchange feed; replays have none).
+        self._risk_store: TradeStore | None = None
+        self._risk_key: tuple[Any, ...] | None = None
+        self._risk_lock = asyncio.Lock()
+        self._allocation_key: tuple[Any, ...] | None = None
 
-    async def _restore_score_books(self, store: Any) -> None:
+    def _risk_state_path(self) -> Path:
+        return self.settings.storage.data_dir / "state" / f"{self.mode}-risk.json"
+
+    async def _restore_score_books(self, store: TradeStore) -> None:
         """Rebuild the score's per-strategy books from the journal's closed trades (live).
 
         Each trade goes in with the equity recorded after it, so `/score`, the ranking
         and the allocation see the same record after a restart as before it.
         """
-        assert self.engine is not None
         engine = self.engine
         history = await asyncio.to_thread(store.trade_history)
         for trade, equity_after in history:
@@ -51,7 +74,7 @@ class DaemonState(DaemonBase):
         if history:
             log.info("score_books_restored", trades=len(history))
 
-    async def _restore_risk_state(self, store: Any = None) -> None:
+    async def restore_risk_state(self, store: TradeStore | None = None) -> None:
         """Load the saved risk state before trading resumes; persist it on every change.
 
         Live keeps it in the trade store (`risk`), paper trading on the exchange feed in
@@ -62,7 +85,6 @@ class DaemonState(DaemonBase):
         Raises:
             DataError: the saved state cannot be read (trading must not start without it).
         """
-        assert self.engine is not None
         risk = self.engine.risk
         self._risk_store = store
         where = "trade_store" if store is not None else str(self._risk_state_path())
@@ -97,13 +119,13 @@ class DaemonState(DaemonBase):
             )
 
     def _allocation_path(self) -> Path:
-        return self.settings.storage.data_dir / "state" / f"{self.args.mode}-allocation.json"
+        return self.settings.storage.data_dir / "state" / f"{self.mode}-allocation.json"
 
-    async def _restore_allocation(self, store: Any) -> None:
+    async def _restore_allocation(self, store: TradeStore | None) -> None:
         # Multi-strategy: the capital sleeves as last stored (trade store live, a file on
         # paper), so a restart neither resets the shares nor the probation clock.
         engine = self.engine
-        if engine is None or engine.sleeves is None:
+        if engine.sleeves is None:
             return
         sleeves = engine.sleeves
         path = self._allocation_path()
@@ -131,7 +153,7 @@ class DaemonState(DaemonBase):
 
     async def _persist_allocation(self) -> None:
         engine = self.engine
-        if engine is None or engine.sleeves is None:
+        if engine.sleeves is None:
             return
         key = engine.sleeves.state_key()
         if key == self._allocation_key:
@@ -166,7 +188,7 @@ class DaemonState(DaemonBase):
         """
         engine = self.engine
         await self._persist_allocation()
-        if engine is None or self._risk_key is None or engine.risk.state_key() == self._risk_key:
+        if self._risk_key is None or engine.risk.state_key() == self._risk_key:
             return
         async with self._risk_lock:  # one write at a time: the last one stored is the newest
             key = engine.risk.state_key()
@@ -186,14 +208,14 @@ class DaemonState(DaemonBase):
         else:
             atomic_write(self._risk_state_path(), json.dumps(data, indent=2))
 
-    async def _snapshot_once(self) -> None:
+    async def snapshot_once(self) -> None:
+        """Wait one snapshot interval, then persist and record the performance snapshot."""
         await asyncio.sleep(self.settings.storage.snapshot_interval_s)
-        await self._persist_async()
+        await self.persist()
         self.record_performance()
 
     def record_performance(self) -> None:
         """Write the periodic performance snapshot to the audit trail (JSON lines, rotated)."""
-        assert self.engine is not None
         engine = self.engine
         latencies = sorted(engine.decision_latency_ms)
 
@@ -213,22 +235,21 @@ class DaemonState(DaemonBase):
             candles=engine.candles,
             decision_latency_ms_p50=pct(0.5),
             decision_latency_ms_p99=pct(0.99),
-            rate_limit_budget=self.exchange.rate_limit_budget() if self.exchange else {},
+            rate_limit_budget=self._rate_limit_budget(),
         )
 
-    async def _persist_async(self) -> None:
+    async def persist(self) -> None:
+        """Write the state snapshot, the risk state and the sleeves; archive new candles."""
         await asyncio.to_thread(self.persist_state)
         await self._persist_risk_state()
-        if self.engine is not None:
-            stored = await self.engine.data.flush()
-            if stored:
-                log.info("candles_archived", candles=stored)
+        stored = await self.engine.data.flush()
+        if stored:
+            log.info("candles_archived", candles=stored)
 
     def persist_state(self) -> Path:
         """Write the portfolio, open orders and risk state atomically; return the path."""
-        assert self.engine is not None
         engine = self.engine
-        path = self.settings.storage.data_dir / "state" / f"{self.args.mode}.json"
+        path = self.settings.storage.data_dir / "state" / f"{self.mode}.json"
         state = {
             "ts": engine.clock.now_ms(),
             "mode": engine.mode,

@@ -39,6 +39,7 @@ from assembly import (
     strategy_name,
     strategy_params,
 )
+from daemon_state import RunState
 from data_manager import CandleStore, DataManager, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import AuthenticationError, ConfigError, RecoverableError
@@ -172,6 +173,7 @@ def build_replay(ctx: BuildContext) -> Components:
         gateway=gateway,
         feed=replay,
         clock=clock,
+        state=RunState(s, engine, ctx.audit),
         frames=frames,
         pair_schedule=pair_schedule,
         forced_params=forced,
@@ -212,6 +214,7 @@ async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:
         gateway=gateway,
         feed=feed,
         clock=clock,
+        state=RunState(s, engine, ctx.audit, rate_limit_budget=exchange.rate_limit_budget),
         closers=tuple(closers),
         forced_params=forced,
     )
@@ -265,6 +268,7 @@ async def build_live(ctx: BuildContext) -> Components:
         gateway=LiveGateway(exchange, store),
         feed=feed,
         clock=clock,
+        state=RunState(s, engine, ctx.audit, rate_limit_budget=exchange.rate_limit_budget),
         closers=tuple(closers),
         forced_params=forced,
     )

@@ -6,8 +6,8 @@ imports nothing heavy. One builder per mode (`mode_builders`) returns the run's 
 picks: the order gateway (matching engine or exchange), the feed (replay or exchange
 stream) and the clock (replay or the exchange's). `Daemon` takes those components and owns
 the run loop, task supervision and the ordered teardown; its parts (`daemon_live`,
-`daemon_state`, `daemon_operator`) hold the exchange-facing tasks, persistence and the
-operator surfaces.
+`daemon_operator`) hold the exchange-facing tasks and the operator surfaces, and the
+components' `daemon_state.RunState` what the run keeps on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from rich.console import Console
@@ -34,7 +34,6 @@ from assembly import BuildContext, Closer, Components, ExchangeClock
 from config import Settings
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
-from daemon_state import DaemonState
 from data_manager import replay_frames as load_frames
 from data_manager import replay_funding
 from error_handler import (
@@ -53,6 +52,11 @@ from utils.utilities import (
     atomic_write,
     parse_timerange,
 )
+
+
+if TYPE_CHECKING:
+    from dashboard import Dashboard
+    from model_training import Retrainer
 
 
 __all__ = [
@@ -88,7 +92,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
-class Daemon(DaemonLive, DaemonState, DaemonOperator):
+class Daemon(DaemonLive, DaemonOperator):
     """One trading run: the engine plus the tasks around it, in one TaskGroup."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
@@ -107,18 +111,13 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
         self.feed: AsyncIterator[Candle] | None = None
         self.progress: Callable[[int, int], None] | None = None
         self.restart_as: str | None = None
-        self.dashboard: Any = None  # the terminal dashboard while it is shown
+        self.dashboard: Dashboard | None = None  # the terminal dashboard while it is shown
         self.dropped = 0
         self._closers: list[Closer] = []
         self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
-        self.retrainer: Any = None
-        # Risk state persistence (live and paper on the exchange feed; replays have none).
-        self._risk_store: Any = None
-        self._risk_key: tuple[Any, ...] | None = None
-        self._risk_lock = asyncio.Lock()
-        self._allocation_key: tuple[Any, ...] | None = None
+        self.retrainer: Retrainer | None = None
 
     def context(self) -> BuildContext:
         """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
@@ -173,9 +172,9 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
         if self.exchange is None:
             return  # a replay starts from the archive's start, with fresh state
         if self.store is None:
-            await self._restore_risk_state()
+            await self.parts.state.restore_risk_state()
             return
-        await self._restore_risk_state(self.store)
+        await self.parts.state.restore_risk_state(self.store)
         await self._reconcile_at_start()
 
     async def _reconcile_at_start(self) -> None:
@@ -285,7 +284,7 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
                 error,
                 [
                     ("cancel_entry_orders", self._cancel_entry_orders),
-                    ("persist_state", self._persist_async),
+                    ("persist_state", self._persist),
                     ("notify", self._notify_fatal(error)),
                     *self._closers,
                 ],
@@ -298,6 +297,9 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
         if self.restart_as is not None:
             summary["restart_as"] = self.restart_as
         return summary
+
+    async def _persist(self) -> None:
+        await self.state.persist()
 
     def _notify_fatal(self, error: BaseException) -> Callable[[], Awaitable[object]]:
         async def notify() -> None:
@@ -315,7 +317,8 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
         assert self.engine is not None
         supervise = self.supervisor.loop
         tasks: list[asyncio.Task[Any]] = []
-        tasks.append(tg.create_task(supervise("snapshots", self._snapshot_once), name="snapshots"))
+        snapshot = self.state.snapshot_once
+        tasks.append(tg.create_task(supervise("snapshots", snapshot), name="snapshots"))
         if self.engine.anomaly_watch is not None and not direct:
             tasks.append(
                 tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
@@ -395,7 +398,7 @@ class Daemon(DaemonLive, DaemonState, DaemonOperator):
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("cancel_entry_orders", self._cancel_entry_orders),
             ("settle_fills", self._settle_fills),
-            ("persist_state", self._persist_async),
+            ("persist_state", self._persist),
             *self._closers,
         ]
         for name, step in steps:
