@@ -1,9 +1,10 @@
 """What the parts of `runner.Daemon` share: the run's frozen components and its own state.
 
 `Daemon` is the run loop, task supervision and teardown (runner.py) around the frozen
-`assembly.Components` one of the `mode_builders` returned, plus the exchange-facing tasks
-(`daemon_live.DaemonLive`) and the operator surfaces (`daemon_operator.DaemonOperator`);
-persistence is a component (`daemon_state.RunState`). `DaemonBase` declares, for the type
+`assembly.Components` one of the `mode_builders` returned, plus the operator surfaces
+(`daemon_operator.DaemonOperator`); persistence (`daemon_state.RunState`), the exchange
+side (`daemon_live.ExchangeSession`) and learning (`daemon_learning.Learning`) are objects
+it holds. `DaemonBase` declares, for the type
 checker, the state the run itself changes and the methods those parts use of each other,
 and reads the components (the engine, the gateway, the feed) for them.
 """
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from daemon_state import RunState
     from dashboard import Dashboard
     from exchange import Exchange
-    from model_training import Retrainer
     from models import Candle, Event, EventSink
     from pipeline import Engine
     from top_pairs import TopPairs
@@ -55,10 +55,8 @@ class DaemonBase:
     dashboard: Dashboard | None  # the terminal dashboard while it is shown
     dropped: int
     _closers: list[Closer]
-    _fills_since: int | None
     notifiers: list[EventSink]
     supervisor: Supervisor
-    retrainer: Retrainer | None  # built when learning is enabled
 
     @property
     def engine(self) -> Engine | None:

@@ -1,8 +1,10 @@
-"""The live side of a run: candles from the exchange, private streams, fills, retraining.
+"""The exchange side of a run: reconciliation, private streams, fills, funding.
 
-Part of `runner` (which re-exports it): the candle stream with resubscription when the
-pair list changes, the private fill and order streams, the REST sweeps that back them up,
-the start-up order before the first decision, and the model retraining step.
+Part of `runner` (which re-exports it). `ExchangeSession` holds what a run on the exchange
+feed does besides reading candles (those come from `market_feed.ExchangeFeed`): live, the
+start-up reconciliation, the private fill and order streams, the REST sweeps that back
+them up, the start-up order before the first decision and the last sweep at stop; live
+and paper, the funding.
 """
 
 from __future__ import annotations
@@ -13,22 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from assembly import prime_anomalies
-from daemon_base import DaemonBase
+from config import Settings
 from models import MarketType
 from perpetuals import FundingSchedule
-from utils.utilities import (
-    timeframe_to_ms,
-)
 
 
 if TYPE_CHECKING:
-    from model_training import Retrainer
-    from top_pairs import PairListDiff
+    from exchange import Exchange
+    from pipeline import Engine
+    from trade_store import TradeStore
 
 log = structlog.get_logger(__name__)
-QUEUE_SIZE = 1_000
-SHUTDOWN_STEP_TIMEOUT = 1.5
 PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
@@ -70,14 +67,35 @@ async def refresh_paper_funding(
     return updated
 
 
-class DaemonLive(DaemonBase):
-    """The exchange-facing tasks of a run (see the module docstring)."""
+class ExchangeSession:
+    """The exchange-facing tasks of a run on the exchange feed (see the module docstring).
 
-    def _funding_task(self) -> Coroutine[Any, Any, None] | None:
-        # Live perpetuals: Bybit's booked funding; paper on the live feed: its rates.
-        if self.exchange is None:
-            return None
-        if self.sim is None:
+    Attributes:
+        live: real orders (the exchange is the order gateway), else paper fills.
+        fills_since: live, where the run's fills begin (set by `reconcile`).
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, exchange: Exchange, *, live: bool):
+        self.settings = settings
+        self.engine = engine
+        self.exchange = exchange
+        self.live = live
+        self.fills_since: int | None = None
+
+    async def reconcile(self, store: TradeStore) -> None:
+        """Reconcile the journal with the exchange at start (live), before any decision."""
+        engine, exchange = self.engine, self.exchange
+        # Fills from here on reach the journal by the private stream, its REST sweeps, and
+        # a last sweep at stop; the minute back covers clock skew.
+        self.fills_since = exchange.server_now_ms() - 60_000
+        quote = self.settings.simulation.quote_currency
+        report = await engine.executor.reconcile(exchange, store, quote=quote)
+        engine.reconcile_report = report
+        log.info("reconciled", report=report)
+
+    def funding_task(self) -> Coroutine[Any, Any, None] | None:
+        """Return the funding task: Bybit's booked funding live, its rates on paper."""
+        if self.live:
             linear = self.settings.exchange.market_type == "linear"
             return self._exchange_funding() if linear else None
         return self._paper_funding() if self.settings.simulation.funding else None
@@ -86,8 +104,6 @@ class DaemonLive(DaemonBase):
         # Paper trading on the live feed: funding from the exchange's published rates,
         # refreshed until each funding time passes, settled by the engine's candles.
         structlog.contextvars.bind_contextvars(component="funding")
-        assert self.engine is not None
-        assert self.exchange is not None
         exchange, engine = self.exchange, self.engine
         while True:
             pairs = [p for p in engine.pairs if exchange.market(p).type is MarketType.LINEAR]
@@ -101,8 +117,6 @@ class DaemonLive(DaemonBase):
         # Live perpetuals: the funding Bybit books on our positions reaches the portfolio
         # (cash, the open trade's funding); polled, as funding comes every few hours.
         structlog.contextvars.bind_contextvars(component="funding")
-        assert self.engine is not None
-        assert self.exchange is not None
         exchange, engine = self.exchange, self.engine
         since: int | None = exchange.server_now_ms()
         while True:
@@ -113,48 +127,29 @@ class DaemonLive(DaemonBase):
             except Exception:
                 log.exception("funding_poll_failed")
 
-    async def on_pairs_changed(self, diff: PairListDiff) -> None:
-        """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
-        assert self.engine is not None
-        feed = self.exchange_feed
-        assert feed is not None
-        await feed.warm_up(list(diff.added), self.engine.strategy)
-        prime_anomalies(self.engine, list(diff.added))
-        keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
-        self.engine.set_pairs(keep)
-        # Removed pairs that still hold a position stay on the feed until it is closed.
-        draining = diff.draining(self.engine.portfolio.positions())
-        feed.follow([*keep, *[p for p in draining if p not in keep]])
-        log.info(
-            "pairs_changed",
-            added=list(diff.added),
-            removed=list(diff.removed),
-            draining=list(draining),
-        )
-
-    async def _private_fills(self) -> None:
+    async def private_fills(self) -> None:
+        """Deliver the private stream's fills to the engine (live)."""
         structlog.contextvars.bind_contextvars(
             component="private-fills"
         )  # this task's context only
-        assert self.engine is not None
-        assert self.exchange is not None
         fills = self.exchange.watch_fills(
-            since=self._fills_since, poll_s=self.settings.exchange.fill_poll_interval_s
+            since=self.fills_since, poll_s=self.settings.exchange.fill_poll_interval_s
         )
         async for fill in fills:
             await self.engine.on_stream_fill(fill)
 
-    async def _settle_fills(self) -> None:
+    async def settle_fills(self) -> None:
+        """Fetch the fills the stopped private stream missed (live)."""
         # Executions that landed after the pipeline's last order (the private stream is
         # already stopped) are fetched once over REST, so a stopped bot's journal agrees
         # with the exchange; the store ignores fills it already has.
-        if self.exchange is None or self.sim is not None or self.engine is None:
+        if not self.live:
             return
         # Late fills are seconds old; Bybit answers a start time with the 7 days after it,
         # so a long run's start would miss them: look back an hour at most.
         since = self.exchange.server_now_ms() - _SETTLE_LOOKBACK_MS
-        if self._fills_since is not None:
-            since = max(since, self._fills_since)
+        if self.fills_since is not None:
+            since = max(since, self.fills_since)
         settled = 0
         for fill in await self.exchange.fetch_my_trades(since=since):
             if not await self.engine.executor.has_fill(fill.fill_id):
@@ -163,16 +158,15 @@ class DaemonLive(DaemonBase):
         if settled:
             log.info("fills_settled", fills=settled)
 
-    async def _private_orders(self) -> None:
+    async def private_orders(self) -> None:
+        """Deliver the private stream's order updates to the executor (live)."""
         structlog.contextvars.bind_contextvars(
             component="private-orders"
         )  # this task's context only
-        assert self.engine is not None
-        assert self.exchange is not None
         async for order in self.exchange.watch_orders():
             await self.engine.executor.on_order(order)
 
-    async def _ready_to_trade(self) -> None:
+    async def ready_to_trade(self) -> None:
         """Finish reconciling before the first decision (live only).
 
         The private streams are subscribed first; the fills made since the journal's last
@@ -180,11 +174,9 @@ class DaemonLive(DaemonBase):
         over REST, so none falls between the fetch and the subscription; last, every
         position gets back the stop it should have (one crossed already is closed).
         """
-        assert self.engine is not None
-        assert self.exchange is not None
         engine, exchange = self.engine, self.exchange
         await exchange.wait_private_streams(timeout=PRIVATE_READY_TIMEOUT_S)
-        since = self._fills_since
+        since = self.fills_since
         settled = 0
         for fill in await exchange.fetch_my_trades(since=since):
             if not await engine.executor.has_fill(fill.fill_id):
@@ -194,76 +186,3 @@ class DaemonLive(DaemonBase):
         for pair in crossed:
             await engine.close_position(pair, "stop level crossed while the bot was down")
         log.info("ready_to_trade", fills_since_reconcile=settled, closed_past_stop=crossed)
-
-    def model_name(self, pair: str) -> str:
-        """Return the model registry name used for a pair (same as `--mode train`)."""
-        from model_training import model_name
-
-        return model_name("supervised", pair, self.settings.strategy.timeframe)
-
-    def enable_learning(self) -> None:
-        """Filter entries through each pair's champion model (when learning is enabled)."""
-        from model_training import model_dirs
-        from self_learning import ModelRegistry, SafePredictor
-
-        assert self.engine is not None
-        models, _ = model_dirs(self.settings.learning, self.settings.storage.data_dir)
-        self.engine.model_threshold = self.settings.learning.entry_threshold
-        for pair in self.engine.pairs:
-            registry = ModelRegistry(models, self.model_name(pair))
-            self.engine.predictors[pair] = SafePredictor(registry, alert=self.alert)
-
-    def build_retrainer(self) -> Retrainer:
-        """Return the model retrainer of this run (`model_training.Retrainer`)."""
-        from model_training import Retrainer, RetrainPlan, Scoring, model_dirs
-
-        assert self.engine is not None
-        engine = self.engine
-        settings = self.settings
-        models, features = model_dirs(settings.learning, settings.storage.data_dir)
-        timeframe = settings.strategy.timeframe
-        plan = RetrainPlan(
-            learning=settings.learning,
-            kind=settings.learning.kind,
-            timeframe=timeframe,
-            scoring=Scoring(timeframe_to_ms(timeframe), settings.reward),
-            models_dir=models,
-            features_dir=features,
-            data_dir=settings.storage.data_dir,
-            exchange=settings.exchange.name,
-            pairs=lambda: list(engine.pairs),
-            frame=self._seen_candles,
-            candles=lambda: engine.candles,
-            flush=engine.data.flush,
-            alert=self.alert,
-            poll_s=settings.learning.retrain_check_s,
-        )
-        self._closers.append(("retrainer", self._close_retrainer))
-        return Retrainer(plan)
-
-    def _seen_candles(self, pair: str) -> Any:
-        # A replay has no archive: train on the replayed candles up to the last one the
-        # engine processed (never a candle it has not seen). None: the worker reads the
-        # pair's archive itself.
-        assert self.engine is not None
-        if self.engine.data.store is not None or pair not in self.frames:
-            return None
-        seen = self.engine.data.arrays(pair, self.settings.strategy.timeframe).ts
-        if not len(seen):
-            return None
-        frame = self.frames[pair]
-        return frame[frame.index.as_unit("ms").asi8 <= int(seen[-1])]
-
-    async def _close_retrainer(self) -> None:
-        if self.retrainer is not None:
-            self.retrainer.close()
-
-    async def _retrain_once(self) -> None:
-        """One step of the retrainer: shadow what is running, retrain what is due."""
-        if self.retrainer is None:
-            self.retrainer = self.build_retrainer()
-        try:
-            await self.retrainer.step()
-        except asyncio.CancelledError:
-            self.retrainer.close()  # the run ends: stop the worker with it
-            raise

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from rich.console import Console
 
-from assembly import BuildContext, Closer, Components, ExchangeClock
+from assembly import BuildContext, Closer, Components, ExchangeClock, LiveGateway, prime_anomalies
 from config import Settings
-from daemon_live import DaemonLive
+from daemon_learning import Learning
+from daemon_live import ExchangeSession
 from daemon_operator import DaemonOperator, TelegramNotifier
 from data_manager import replay_frames as load_frames
 from data_manager import replay_funding
@@ -57,6 +58,7 @@ from utils.utilities import (
 if TYPE_CHECKING:
     from dashboard import Dashboard
     from model_training import Retrainer
+    from top_pairs import PairListDiff
 
 
 __all__ = [
@@ -92,7 +94,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
-class Daemon(DaemonLive, DaemonOperator):
+class Daemon(DaemonOperator):
     """One trading run: the engine plus the tasks around it, in one TaskGroup."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
@@ -114,10 +116,10 @@ class Daemon(DaemonLive, DaemonOperator):
         self.dashboard: Dashboard | None = None  # the terminal dashboard while it is shown
         self.dropped = 0
         self._closers: list[Closer] = []
-        self._fills_since: int | None = None  # live: where the run's fills begin
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
-        self.retrainer: Retrainer | None = None
+        self.session: ExchangeSession | None = None  # on the exchange feed
+        self.learning: Learning | None = None
 
     def context(self) -> BuildContext:
         """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
@@ -135,6 +137,21 @@ class Daemon(DaemonLive, DaemonOperator):
         self.parts = parts
         self.feed = aiter(parts.feed)
         self._closers.extend(parts.closers)
+        if self.exchange is not None:
+            live = isinstance(parts.gateway, LiveGateway)
+            self.session = ExchangeSession(self.settings, parts.engine, self.exchange, live=live)
+        self.learning = Learning(
+            self.settings,
+            parts.engine,
+            alert=self.alert,
+            frames=parts.frames,
+            add_closer=lambda closer: self._closers.append(closer),
+        )
+
+    @property
+    def retrainer(self) -> Retrainer | None:
+        """The model retrainer, once learning has run its first step."""
+        return self.learning.retrainer if self.learning is not None else None
 
     def build_replay(self) -> None:
         """Assemble a replay run (sim --feed replay, backtest)."""
@@ -175,19 +192,8 @@ class Daemon(DaemonLive, DaemonOperator):
             await self.parts.state.restore_risk_state()
             return
         await self.parts.state.restore_risk_state(self.store)
-        await self._reconcile_at_start()
-
-    async def _reconcile_at_start(self) -> None:
-        engine, exchange, store = self.engine, self.exchange, self.store
-        assert engine is not None
-        assert exchange is not None
-        # Fills from here on reach the journal by the private stream, its REST sweeps, and
-        # a last sweep at stop; the minute back covers clock skew.
-        self._fills_since = exchange.server_now_ms() - 60_000
-        quote = self.settings.simulation.quote_currency
-        report = await engine.executor.reconcile(exchange, store, quote=quote)
-        engine.reconcile_report = report
-        log.info("reconciled", report=report)
+        assert self.session is not None
+        await self.session.reconcile(self.store)
 
     async def close_exchange(self) -> None:
         """Close an exchange opened by a failed start (the risk state or the reconciliation)."""
@@ -298,6 +304,29 @@ class Daemon(DaemonLive, DaemonOperator):
             summary["restart_as"] = self.restart_as
         return summary
 
+    async def on_pairs_changed(self, diff: PairListDiff) -> None:
+        """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
+        assert self.engine is not None
+        feed = self.exchange_feed
+        assert feed is not None
+        await feed.warm_up(list(diff.added), self.engine.strategy)
+        prime_anomalies(self.engine, list(diff.added))
+        keep = list(self.top_pairs.pairs) if self.top_pairs is not None else self.engine.pairs
+        self.engine.set_pairs(keep)
+        # Removed pairs that still hold a position stay on the feed until it is closed.
+        draining = diff.draining(self.engine.portfolio.positions())
+        feed.follow([*keep, *[p for p in draining if p not in keep]])
+        log.info(
+            "pairs_changed",
+            added=list(diff.added),
+            removed=list(diff.removed),
+            draining=list(draining),
+        )
+
+    async def _settle_fills(self) -> None:
+        if self.session is not None:
+            await self.session.settle_fills()
+
     async def _persist(self) -> None:
         await self.state.persist()
 
@@ -324,8 +353,10 @@ class Daemon(DaemonLive, DaemonOperator):
                 tg.create_task(supervise("feed-watch", self._watch_feed), name="feed-watch")
             )
         if self.settings.learning.enabled and self.args.mode != "backtest":
-            self.enable_learning()
-            tasks.append(tg.create_task(supervise("retrain", self._retrain_once), name="retrain"))
+            assert self.learning is not None
+            self.learning.enable()
+            retrain = self.learning.retrain_once
+            tasks.append(tg.create_task(supervise("retrain", retrain), name="retrain"))
         if self.top_pairs is not None:
             top_pairs = self.top_pairs
             refresh = functools.partial(top_pairs.run, self.stop, on_change=self.on_pairs_changed)
@@ -340,13 +371,14 @@ class Daemon(DaemonLive, DaemonOperator):
         direct = self.args.mode == "backtest"
         async with asyncio.TaskGroup() as tg:
             background: list[asyncio.Task[Any]] = []
-            if self.exchange is not None and self.sim is None:
+            session = self.session
+            if session is not None and session.live:
                 # Live: the private streams come first, then the fills since the last
                 # record, then the protection of every position; only then a decision.
-                background.append(tg.create_task(self._private_fills(), name="private-fills"))
-                background.append(tg.create_task(self._private_orders(), name="private-orders"))
-                await self._ready_to_trade()
-            funding = self._funding_task()
+                background.append(tg.create_task(session.private_fills(), name="private-fills"))
+                background.append(tg.create_task(session.private_orders(), name="private-orders"))
+                await session.ready_to_trade()
+            funding = session.funding_task() if session is not None else None
             if funding is not None:
                 background.append(tg.create_task(funding, name="funding"))
             self._started()

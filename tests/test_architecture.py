@@ -138,6 +138,7 @@ OWNER: dict[str, str] = {
     "assembly": "runner",
     "mode_builders": "runner",
     "market_feed": "runner",
+    "daemon_learning": "runner",
 }
 
 
