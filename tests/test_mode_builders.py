@@ -77,6 +77,8 @@ def strategy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[BybitEmulator]:
     """Return a running emulator with a funded wallet, the settings pointed at it."""
+    for key, value in _ENV.items():
+        monkeypatch.setenv(key, value)
     async with BybitEmulator(lenient_clock=True, balances={"USDT": "100000"}) as server:
         monkeypatch.setenv("KESTREL_EXCHANGE__BASE_URL", server.base_url)
         monkeypatch.setenv("KESTREL_EXCHANGE__API_KEY", server.api_key)
@@ -141,3 +143,39 @@ async def test_a_backtest_is_a_replay_with_precomputed_signals() -> None:
     assert isinstance(sim.engine.signals_source, RollingSignals)
     assert set(backtest.timings) == {"load_s", "prepare_s"}
     assert set(backtest.frames) == {"BTC/USDT"}
+
+
+async def test_a_pair_entering_the_list_is_warmed_up_and_streamed(emu: BybitEmulator) -> None:
+    """On paper on the live feed, a pair added at a refresh gets its history, then candles."""
+    from runner import Daemon
+    from top_pairs import PairListDiff
+
+    daemon = Daemon(cli_args("--mode", "sim", "--feed", "live"), load_settings(env_file=None))
+    await daemon.build_exchange(paper=True)
+    try:
+        engine, feed = daemon.engine, daemon.exchange_feed
+        assert engine is not None
+        assert feed is not None
+        assert daemon.feed is not None
+        assert not len(engine.data.arrays("ETH/USDT", "1m").ts)
+        candles = daemon.feed
+
+        async def next_pair() -> str:
+            # Close candles until the stream yields one.
+            task = asyncio.ensure_future(anext(candles))
+            for _ in range(50):
+                await emu.advance(minutes=1)
+                await asyncio.wait([task], timeout=0.2)
+                if task.done():
+                    return task.result().pair
+            task.cancel()
+            raise AssertionError("no candle from the stream")
+
+        assert await next_pair() == "BTC/USDT"
+        await daemon.on_pairs_changed(PairListDiff(added=("ETH/USDT",)))
+        assert len(engine.data.arrays("ETH/USDT", "1m").ts) >= 30  # the warm-up history
+        feed.follow(["BTC/USDT", "ETH/USDT"])
+        seen = {await next_pair() for _ in range(6)}
+        assert "ETH/USDT" in seen  # resubscribed after the next candle
+    finally:
+        await daemon.teardown()
