@@ -1,22 +1,18 @@
-"""What the parts of `runner.Daemon` share: the run's frozen components and its own state.
+"""The run's view of its components: which gateway, feed and clock it was given.
 
-`Daemon` is the run loop, task supervision and teardown (runner.py) around the frozen
-`assembly.Components` one of the `mode_builders` returned, plus the operator surfaces
-(`daemon_operator.DaemonOperator`); persistence (`daemon_state.RunState`), the exchange
-side (`daemon_live.ExchangeSession`) and learning (`daemon_learning.Learning`) are objects
-it holds. `DaemonBase` declares, for the type
-checker, the state the run itself changes and the methods those parts use of each other,
-and reads the components (the engine, the gateway, the feed) for them.
+`runner.Daemon` (the run loop, task supervision and the ordered teardown) takes the frozen
+`assembly.Components` one of the `mode_builders` returned; `DaemonBase` reads them for it
+and for the objects it holds (`daemon_live.ExchangeSession`, `daemon_learning.Learning`,
+`daemon_operator.Operator`, the components' `daemon_state.RunState`): the engine, the
+simulated or live exchange, the replay or the exchange feed, the journal, the archive.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from assembly import Closer, Components, LiveGateway, SimGateway
+from assembly import Components, LiveGateway, SimGateway
 from market_feed import ExchangeFeed
 from trade_simulator import ReplayFeed
 
@@ -24,39 +20,21 @@ from trade_simulator import ReplayFeed
 if TYPE_CHECKING:
     import pandas as pd
 
-    from config import Settings
     from daemon_state import RunState
-    from dashboard import Dashboard
     from exchange import Exchange
-    from models import Candle, Event, EventSink
     from pipeline import Engine
     from top_pairs import TopPairs
     from trade_simulator import PairSchedule, SimDriver, SimulatedExchange
     from trade_store import TradeStore
-    from utils.supervision import Supervisor
-    from utils.utilities import AuditTrail
 
 
 __all__ = ["DaemonBase"]
 
 
 class DaemonBase:
-    """The host side of `Daemon`'s parts: declared here, set up by `Daemon.__init__`."""
+    """Read the run's components (see the module docstring); `Daemon.use` sets them."""
 
-    args: argparse.Namespace
-    settings: Settings
-    stop: asyncio.Event
-    queue: asyncio.Queue[tuple[Candle, float] | None]
-    audit: AuditTrail
     parts: Components | None  # the run's components, once a builder has assembled them
-    feed: AsyncIterator[Candle] | None  # the feed's candles, iterated once
-    progress: Callable[[int, int], None] | None
-    restart_as: str | None
-    dashboard: Dashboard | None  # the terminal dashboard while it is shown
-    dropped: int
-    _closers: list[Closer]
-    notifiers: list[EventSink]
-    supervisor: Supervisor
 
     @property
     def engine(self) -> Engine | None:
@@ -125,8 +103,3 @@ class DaemonBase:
     def timings(self) -> Mapping[str, float]:
         """Seconds per assembly phase of a replay (load, prepare)."""
         return self.parts.timings if self.parts is not None else {}
-
-    if TYPE_CHECKING:
-
-        def alert(self, event: Event) -> None:
-            """Route an event to the notifiers."""

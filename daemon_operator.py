@@ -1,32 +1,33 @@
 """The operator's surfaces around a run: Telegram, the terminal dashboard, the web view.
 
 Part of `runner` (which re-exports it). Each surface drives the engine's `Control` facade;
-a mode switch stops the run in order and asks `main` to start it again in the other mode.
+a mode switch (the run's `switch_mode`, handed in) stops the run in order and asks `main`
+to start it again in the other mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon_base import DaemonBase
-from error_handler import (
-    ConfigError,
-)
-from models import ErrorRaised, Event
+from assembly import Closer
+from config import Settings
+from models import ErrorRaised, Event, EventSink
 from utils.utilities import (
     setup_logging,
 )
 
 
+if TYPE_CHECKING:
+    from approved_params import ApprovedParams
+    from dashboard import Dashboard
+    from pipeline import Engine
+
 log = structlog.get_logger(__name__)
-QUEUE_SIZE = 1_000
-SHUTDOWN_STEP_TIMEOUT = 1.5
-PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
-_SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 
 class TelegramNotifier:
@@ -42,14 +43,39 @@ class TelegramNotifier:
         self.bot.notify(t.render_event(event))
 
 
-class DaemonOperator(DaemonBase):
-    """Start and stop the operator surfaces of a run (see the module docstring)."""
+class Operator:
+    """Start and stop the operator surfaces of a run (see the module docstring).
+
+    Attributes:
+        dashboard: the terminal dashboard while it is shown, else None.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        stop: asyncio.Event,
+        alert: EventSink,
+        switch_mode: Callable[[str], Awaitable[None]],
+        add_notifier: Callable[[EventSink], None],
+        add_closer: Callable[[Closer], None],
+        forced_params: ApprovedParams | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stop = stop
+        self.alert = alert
+        self.switch_mode = switch_mode
+        self._add_notifier = add_notifier
+        self._add_closer = add_closer
+        self._forced_params = forced_params
+        self.dashboard: Dashboard | None = None
 
     async def start_telegram(self) -> None:
         """Start the Telegram bot in this loop when a token is configured."""
         if not self.settings.telegram.enabled:
             return
-        assert self.engine is not None
         from telegram_bot import TelegramBot
 
         async def telegram_switch(target: str) -> str:
@@ -65,8 +91,8 @@ class DaemonOperator(DaemonBase):
             spool=self.settings.storage.data_dir / "state" / "telegram_outbox.json",
         )
         await bot.start()
-        self.notifiers.append(TelegramNotifier(bot))
-        forced = self.parts.forced_params if self.parts is not None else None
+        self._add_notifier(TelegramNotifier(bot))
+        forced = self._forced_params
         if forced is not None:
             self.alert(
                 ErrorRaised(
@@ -75,13 +101,12 @@ class DaemonOperator(DaemonBase):
                     component="strategy",
                 )
             )
-        self._closers.append(("telegram", bot.stop))
+        self._add_closer(("telegram", bot.stop))
         report = await self.engine.reconcile()
         await bot.post_startup_report(report, timeout_s=10.0)
 
     def ui_tasks(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[Any]]:
         """Start the dashboard (interactive terminals only) and the web view if enabled."""
-        assert self.engine is not None
         tasks: list[asyncio.Task[Any]] = []
         ui = self.settings.ui
         if ui.web_enabled:
@@ -100,7 +125,6 @@ class DaemonOperator(DaemonBase):
     async def _dashboard(self) -> None:
         from ui import Dashboard
 
-        assert self.engine is not None
         app = Dashboard(
             self.engine,
             self.settings.ui,
@@ -123,24 +147,9 @@ class DaemonOperator(DaemonBase):
             closer.cancel()
         self.stop.set()
 
-    async def switch_mode(self, target: str) -> None:
-        """Switch between paper and live: shut down in order, then restart in `target`.
-
-        The restart goes through the same start-up (and reconciliation) as any start, so
-        nothing is carried over half-built. main re-executes the process after teardown.
-        """
-        if target == self.args.mode or target not in ("sim", "live"):
-            return
-        if target == "live" and not self.settings.exchange.has_keys:
-            raise ConfigError("live trading needs KESTREL_EXCHANGE__API_KEY/API_SECRET")
-        log.warning("mode_switch_requested", to=target, **{"from": self.args.mode})
-        self.restart_as = target
-        self.stop.set()
-
     async def _web(self) -> None:
         from ui import WebView
 
-        assert self.engine is not None
         web = WebView(
             self.engine, self.settings.ui, reports_dir=self.settings.storage.data_dir / "reports"
         )

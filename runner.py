@@ -5,9 +5,10 @@ imports nothing heavy. One builder per mode (`mode_builders`) returns the run's 
 `assembly.Components`; the only differences between sim, backtest and live are the ones it
 picks: the order gateway (matching engine or exchange), the feed (replay or exchange
 stream) and the clock (replay or the exchange's). `Daemon` takes those components and owns
-the run loop, task supervision and the ordered teardown; its parts (`daemon_live`,
-`daemon_operator`) hold the exchange-facing tasks and the operator surfaces, and the
-components' `daemon_state.RunState` what the run keeps on disk.
+the run loop, task supervision and the ordered teardown; the objects it holds do the rest:
+`daemon_live.ExchangeSession` the exchange-facing tasks, `daemon_learning.Learning` the
+retraining, `daemon_operator.Operator` the operator surfaces, and the components'
+`daemon_state.RunState` what the run keeps on disk.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from rich.console import Console
 
 from assembly import BuildContext, Closer, Components, ExchangeClock, LiveGateway, prime_anomalies
 from config import Settings
+from daemon_base import DaemonBase
 from daemon_learning import Learning
 from daemon_live import ExchangeSession
-from daemon_operator import DaemonOperator, TelegramNotifier
+from daemon_operator import Operator, TelegramNotifier
 from data_manager import replay_frames as load_frames
 from data_manager import replay_funding
 from error_handler import (
@@ -94,7 +96,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
-class Daemon(DaemonOperator):
+class Daemon(DaemonBase):
     """One trading run: the engine plus the tasks around it, in one TaskGroup."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
@@ -113,13 +115,13 @@ class Daemon(DaemonOperator):
         self.feed: AsyncIterator[Candle] | None = None
         self.progress: Callable[[int, int], None] | None = None
         self.restart_as: str | None = None
-        self.dashboard: Dashboard | None = None  # the terminal dashboard while it is shown
         self.dropped = 0
         self._closers: list[Closer] = []
         self.notifiers: list[EventSink] = []
         self.supervisor = Supervisor(self.stop, self.alert)
         self.session: ExchangeSession | None = None  # on the exchange feed
         self.learning: Learning | None = None
+        self.operator: Operator | None = None
 
     def context(self) -> BuildContext:
         """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
@@ -147,6 +149,21 @@ class Daemon(DaemonOperator):
             frames=parts.frames,
             add_closer=lambda closer: self._closers.append(closer),
         )
+        self.operator = Operator(
+            self.settings,
+            parts.engine,
+            stop=self.stop,
+            alert=self.alert,
+            switch_mode=self.switch_mode,
+            add_notifier=self.notifiers.append,
+            add_closer=lambda closer: self._closers.append(closer),
+            forced_params=parts.forced_params,
+        )
+
+    @property
+    def dashboard(self) -> Dashboard | None:
+        """The terminal dashboard while it is shown."""
+        return self.operator.dashboard if self.operator is not None else None
 
     @property
     def retrainer(self) -> Retrainer | None:
@@ -278,7 +295,8 @@ class Daemon(DaemonOperator):
         assert self.engine is not None
         install_signal_handlers(asyncio.get_running_loop(), self.stop)
         # The start-up reconciliation report reaches Telegram before trading resumes.
-        await self.start_telegram()
+        assert self.operator is not None
+        await self.operator.start_telegram()
         try:
             await self._run_tasks()
         except BaseExceptionGroup as group:
@@ -323,6 +341,20 @@ class Daemon(DaemonOperator):
             draining=list(draining),
         )
 
+    async def switch_mode(self, target: str) -> None:
+        """Switch between paper and live: shut down in order, then restart in `target`.
+
+        The restart goes through the same start-up (and reconciliation) as any start, so
+        nothing is carried over half-built. main re-executes the process after teardown.
+        """
+        if target == self.args.mode or target not in ("sim", "live"):
+            return
+        if target == "live" and not self.settings.exchange.has_keys:
+            raise ConfigError("live trading needs KESTREL_EXCHANGE__API_KEY/API_SECRET")
+        log.warning("mode_switch_requested", to=target, **{"from": self.args.mode})
+        self.restart_as = target
+        self.stop.set()
+
     async def _settle_fills(self) -> None:
         if self.session is not None:
             await self.session.settle_fills()
@@ -361,7 +393,8 @@ class Daemon(DaemonOperator):
             top_pairs = self.top_pairs
             refresh = functools.partial(top_pairs.run, self.stop, on_change=self.on_pairs_changed)
             tasks.append(tg.create_task(supervise("top-pairs", refresh), name="top-pairs"))
-        tasks += self.ui_tasks(tg)
+        assert self.operator is not None
+        tasks += self.operator.ui_tasks(tg)
         if self.args.duration is not None:
             tasks.append(tg.create_task(self._timer(self.args.duration), name="duration"))
         return tasks

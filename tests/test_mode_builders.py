@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,45 @@ async def test_a_pair_entering_the_list_is_warmed_up_and_streamed(emu: BybitEmul
         assert "ETH/USDT" in seen  # resubscribed after the next candle
     finally:
         await daemon.teardown()
+
+
+async def test_a_run_with_telegram_reports_at_start_and_alerts_until_it_stops(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The run's operator starts the bot, posts the start-up report, routes alerts, closes it."""
+    from models import ErrorRaised
+    from runner import Daemon
+    from tests.conftest import eventually
+    from tests.fake_telegram import TOKEN, FakeTelegram
+    from tests.running_daemon import PAIR, SPEED, write_sawtooth
+    from tests.test_telegram_bot import CHAT, USER
+
+    async with FakeTelegram() as api:
+        for key, value in {
+            "KESTREL_TELEGRAM__TOKEN": TOKEN,
+            "KESTREL_TELEGRAM__CHAT_IDS": f"[{CHAT}]",
+            "KESTREL_TELEGRAM__USER_IDS": f"[{USER}]",
+            "KESTREL_TELEGRAM__BASE_URL": api.base_url,
+        }.items():
+            monkeypatch.setenv(key, value)
+        data = write_sawtooth(tmp_path / "sawtooth_BTC-USDT_1m.csv")
+        ctx = _context(
+            "--mode", "sim", "--feed", "replay", "--data", str(data), "--pairs", PAIR,
+            "--speed", str(SPEED / 10),
+        )  # fmt: skip
+        daemon = Daemon(ctx.args, ctx.settings)
+        daemon.build_replay()
+        run = asyncio.create_task(daemon.run())
+
+        def sent(text: str) -> bool:
+            return any(text in m.visible for m in api.messages_to(CHAT))
+
+        try:
+            await eventually(lambda: sent("Reconciliation"), timeout=20)
+            assert not run.done()
+            daemon.alert(ErrorRaised("snapshot disk full", component="snapshots"))
+            await eventually(lambda: sent("snapshot disk full"), timeout=10)
+        finally:
+            daemon.stop.set()
+            await asyncio.wait_for(run, 30)
+        assert "telegram" in [name for name, _ in daemon._closers]
