@@ -32,7 +32,7 @@ from risk_management import RiskManager
 from strategy import Strategy, load_strategy
 from trade_executor import TradeExecutor
 from trade_simulator import SimDriver, SimulatedExchange
-from utils.utilities import AuditTrail, ReplayClock
+from utils.utilities import AuditTrail, Clock, ReplayClock
 
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from approved_params import ApprovedParams
     from daemon_state import RunState
     from exchange import Exchange
+    from executor_core import OrderGateway
     from market_feed import ExchangeFeed
     from trade_simulator import PairSchedule, ReplayFeed
     from trade_store import TradeStore
@@ -270,7 +271,7 @@ def precomputed(strategy: Strategy, sleeves: Sleeves, frames: dict[str, Any]) ->
 
 
 def simulated_exchange(
-    settings: Settings, clock: Any, markets: dict[str, Market] | None = None
+    settings: Settings, clock: Clock, markets: dict[str, Market] | None = None
 ) -> SimulatedExchange:
     """Return the matching engine with the simulation settings' fees, slippage and latency."""
     sim = settings.simulation
@@ -311,13 +312,13 @@ def sim_gateway(sim: SimulatedExchange, engine: Engine) -> SimGateway:
 def build_engine(
     ctx: BuildContext,
     *,
-    clock: Any,
+    clock: Clock,
     strategy: Strategy,
-    gateway: Any,
+    gateway: OrderGateway,
     market_for: Callable[[str], Market],
     cash: Decimal,
-    signals: Any = None,
-    store: Any = None,
+    signals: SignalSource | None = None,
+    store: TradeStore | None = None,
     data: DataManager | None = None,
     max_lag_ms: int | None = None,
     sleeves: Sleeves | None = None,
