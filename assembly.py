@@ -328,7 +328,68 @@ def build_engine(
     sleeves = sleeves or []
     window = max([strategy.warmup, *(each.warmup for _, each in sleeves)]) * 2
     portfolio = Portfolio(cash, quote=s.simulation.quote_currency)
-    executor = TradeExecutor(
+    executor = build_executor(ctx, gateway, portfolio, market_for, clock, store)
+    reward = RewardSystem(s.reward)
+
+    def risk_alert(event: Event) -> None:
+        # The reward system hears of each breaker trip (revenge-trading penalty).
+        reward.on_event(event)
+        ctx.alert(event)
+
+    warmed = data is not None  # a start on the exchange feed: the warm-up is in `data`
+    data = data or DataManager(window=max(window, s.strategy.warmup_candles))
+    risk = RiskManager(
+        s.risk,
+        long_only=s.strategy.long_only,
+        alert=risk_alert,
+        timeframe=s.strategy.timeframe,
+        taker_fee=Decimal(str(s.simulation.taker_fee)),
+        strategy_tag=strategy_tag(strategy.describe()),
+        margin_mode=s.simulation.margin_mode,
+    )
+    allocator = None
+    if sleeves:
+        if signals is None:  # sim and live: each strategy on the rolling window
+            signals = sleeve_signals(sleeves, data, s.strategy.timeframe)
+        allocator = sleeve_allocator(s, sleeves, portfolio, clock)
+    engine = Engine(
+        mode=ctx.args.mode,
+        timeframe=s.strategy.timeframe,
+        pairs=s.traded_pairs(),
+        clock=clock,
+        data=data,
+        strategy=strategy,
+        risk=risk,
+        executor=executor,
+        reward=reward,
+        portfolio=portfolio,
+        market_for=market_for,
+        audit=ctx.audit,
+        alert=ctx.alert,
+        stop_event=ctx.stop,
+        signals=signals,
+        max_lag_ms=max_lag_ms,
+        anomaly_watch=anomaly_watch(ctx, risk, live=max_lag_ms is not None),
+        pattern_filter=pattern_filter(s) if s.strategy.pattern_filter else None,
+        sleeves=allocator,
+    )
+    if engine.anomaly_watch is not None and warmed:
+        # A live start: the warm-up history sets the scale.
+        prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
+    return engine
+
+
+def build_executor(
+    ctx: BuildContext,
+    gateway: OrderGateway,
+    portfolio: Portfolio,
+    market_for: Callable[[str], Market],
+    clock: Clock,
+    store: TradeStore | None,
+) -> TradeExecutor:
+    """Return the executor that sends to `gateway` (journaled in `store` when live)."""
+    s = ctx.settings
+    return TradeExecutor(
         gateway,
         portfolio,
         market_for=market_for,
@@ -342,69 +403,41 @@ def build_engine(
         # then (plus a margin for clock skew) was never placed.
         unknown_after_ms=s.exchange.recv_window_ms + 5_000,
     )
-    reward = RewardSystem(s.reward)
 
-    def risk_alert(event: Event) -> None:
-        # The reward system hears of each breaker trip (revenge-trading penalty).
-        reward.on_event(event)
-        ctx.alert(event)
 
-    engine = Engine(
-        mode=ctx.args.mode,
-        timeframe=s.strategy.timeframe,
-        pairs=s.traded_pairs(),
-        clock=clock,
-        data=data or DataManager(window=max(window, s.strategy.warmup_candles)),
-        strategy=strategy,
-        risk=RiskManager(
-            s.risk,
-            long_only=s.strategy.long_only,
-            alert=risk_alert,
-            timeframe=s.strategy.timeframe,
-            taker_fee=Decimal(str(s.simulation.taker_fee)),
-            strategy_tag=strategy_tag(strategy.describe()),
-            margin_mode=s.simulation.margin_mode,
-        ),
-        executor=executor,
-        reward=reward,
-        portfolio=portfolio,
-        market_for=market_for,
-        audit=ctx.audit,
-        alert=ctx.alert,
-        stop_event=ctx.stop,
-        signals=signals,
-        max_lag_ms=max_lag_ms,
+def anomaly_watch(ctx: BuildContext, risk: RiskManager, *, live: bool) -> AnomalyWatch | None:
+    """Return the anomaly watch that pauses entries through risk, or None.
+
+    Anomalies pause entries on a live feed; replays (backtest and sim alike, so the two
+    stay equal) only when asked to.
+    """
+    s = ctx.settings
+    if not (s.anomaly.enabled and (s.anomaly.in_replay or live)):
+        return None
+    monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
+    return AnomalyWatch(monitor, risk.pair_pauses, audit=ctx.audit, alert=ctx.alert)
+
+
+def sleeve_signals(sleeves: Sleeves, data: DataManager, timeframe: str) -> SignalSource:
+    """Return the signals of several strategies, each on its own pairs' rolling window."""
+    return StrategyRouter(
+        {
+            pair: RollingSignals(each, data, timeframe)
+            for sleeve, each in sleeves
+            for pair in sleeve.pairs
+        }
     )
-    # Anomalies pause entries on a live feed; replays (backtest and sim alike, so the
-    # two stay equal) only when asked to.
-    if s.anomaly.enabled and (s.anomaly.in_replay or max_lag_ms is not None):
-        monitor = AnomalyMonitor(s.anomaly, s.strategy.timeframe)
-        pauses = engine.risk.pair_pauses
-        engine.anomaly_watch = AnomalyWatch(monitor, pauses, audit=ctx.audit, alert=ctx.alert)
-        if data is not None:  # a live start: the warm-up history sets the scale
-            prime_anomalies(engine, [p for p, tf in data.pairs() if tf == engine.timeframe])
-    if s.strategy.pattern_filter:
-        engine.pattern_filter = pattern_filter(s)
-    if sleeves:
-        install_sleeves(s, engine, sleeves, rolling=signals is None)
-    return engine
 
 
-def install_sleeves(settings: Settings, engine: Engine, sleeves: Sleeves, *, rolling: bool) -> None:
-    """Give each strategy its pairs and a sleeve of the account that the skill ranking re-cuts.
+def sleeve_allocator(
+    settings: Settings, sleeves: Sleeves, portfolio: Portfolio, clock: Clock
+) -> Allocator:
+    """Return the capital sleeves: each strategy's share of the account, re-cut by skill.
 
-    Each decides on its own pairs (on the rolling window in sim and live).
+    The portfolio learns which sleeve owns each pair.
     """
     allocation = settings.allocation
-    if rolling:
-        engine.signals_source = StrategyRouter(
-            {
-                pair: RollingSignals(each, engine.data, engine.timeframe)
-                for sleeve, each in sleeves
-                for pair in sleeve.pairs
-            }
-        )
-    engine.sleeves = Allocator(
+    allocator = Allocator(
         [
             Sleeve(
                 sleeve.key,
@@ -416,15 +449,16 @@ def install_sleeves(settings: Settings, engine: Engine, sleeves: Sleeves, *, rol
             for sleeve, each in sleeves
         ],
         allocation,
-        equity=engine.portfolio.equity(),
-        now_ms=engine.clock.now_ms(),
+        equity=portfolio.equity(),
+        now_ms=clock.now_ms(),
     )
-    engine.portfolio.owners = {pair: sleeve.key for sleeve, _ in sleeves for pair in sleeve.pairs}
+    portfolio.owners = {pair: sleeve.key for sleeve, _ in sleeves for pair in sleeve.pairs}
     log.info(
         "strategies_loaded",
         sleeves={sleeve.key: list(sleeve.pairs) for sleeve, _ in sleeves},
-        weights=engine.sleeves.weights,
+        weights=allocator.weights,
     )
+    return allocator
 
 
 def pattern_filter(settings: Settings) -> PatternFilter | None:

@@ -102,6 +102,9 @@ class EngineState:
         stop_event: asyncio.Event | None = None,
         signals: SignalSource | None = None,
         max_lag_ms: int | None = None,
+        anomaly_watch: AnomalyWatch | None = None,
+        pattern_filter: PatternFilter | None = None,
+        sleeves: Allocator | None = None,
     ) -> None:
         self.mode = mode
         self.timeframe = timeframe
@@ -152,11 +155,11 @@ class EngineState:
         # an operator command) when the daemon persists it; None (backtests): no cost.
         self.risk_saver: Callable[[], Awaitable[None]] | None = None
         # Market-data anomalies pause entries on their pair (None: not watched).
-        self.anomaly_watch: AnomalyWatch | None = None
+        self.anomaly_watch = anomaly_watch
         # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
-        self.pattern_filter: PatternFilter | None = None
+        self.pattern_filter = pattern_filter
         # Multi-strategy: the capital sleeves (None: one strategy trades the account).
-        self.sleeves: Allocator | None = None
+        self.sleeves = sleeves
         # Recorded funding per perpetual pair (replays); settled at the candles holding it.
         self.funding: dict[str, FundingSchedule] = {}
         self.funding_settlements = 0
