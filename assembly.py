@@ -25,6 +25,7 @@ from data_manager import DataManager
 from error_handler import ConfigError
 from models import Candle, Event, EventSink, Market, strategy_tag
 from pattern_recognition import PatternFilter
+from perpetuals import FundingSchedule
 from pipeline import Engine, PrecomputedSignals, RollingSignals, SignalSource, StrategyRouter
 from portfolio import Portfolio
 from reward_system import RewardSystem
@@ -322,6 +323,8 @@ def build_engine(
     data: DataManager | None = None,
     max_lag_ms: int | None = None,
     sleeves: Sleeves | None = None,
+    funding: dict[str, FundingSchedule] | None = None,
+    extra_status: Callable[[], dict[str, Any]] | None = None,
 ) -> Engine:
     """Return the engine of a run: the same classes in every mode, the gateway given."""
     s = ctx.settings
@@ -372,6 +375,8 @@ def build_engine(
         anomaly_watch=anomaly_watch(ctx, risk, live=max_lag_ms is not None),
         pattern_filter=pattern_filter(s) if s.strategy.pattern_filter else None,
         sleeves=allocator,
+        funding=funding,
+        extra_status=extra_status,
     )
     if engine.anomaly_watch is not None and warmed:
         # A live start: the warm-up history sets the scale.

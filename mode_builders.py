@@ -158,9 +158,9 @@ def build_replay(ctx: BuildContext) -> Components:
         # Backtests read the strategy's columns computed once over the archive; sim
         # runs it on the rolling window at each candle, exactly as live trading does.
         signals=signals,
+        # Recorded funding per perpetual, settled at the candles holding it.
+        funding=replay_funding(ctx.args, s) if s.simulation.funding else None,
     )
-    if s.simulation.funding:
-        engine.funding = replay_funding(ctx.args, s)
     gateway = sim_gateway(sim, engine)
     if isinstance(signals, PrecomputedSignals) and engine.quiet_exact and not s.learning.enabled:
         gateway.driver.enable_quiet_path(signals)
@@ -201,10 +201,10 @@ async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:
             cash=Decimal(str(s.simulation.starting_balance)),
             data=feed.data,
             max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
+            extra_status=lambda: {"rate_limit_budget": exchange.rate_limit_budget()},
         )
         gateway = sim_gateway(sim, engine)
         engine.set_pairs(feed.start_pairs)
-        engine.extra_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
     except BaseException:
         await exchange.close()
         raise
@@ -255,10 +255,10 @@ async def build_live(ctx: BuildContext) -> Components:
             store=store,
             data=feed.data,
             max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
+            extra_status=lambda: {"rate_limit_budget": exchange.rate_limit_budget()},
         )
         closing.append(engine.executor)
         engine.set_pairs(feed.start_pairs)
-        engine.extra_status = lambda: {"rate_limit_budget": exchange.rate_limit_budget()}
     except BaseException:
         await exchange.close()
         raise

@@ -105,6 +105,8 @@ class EngineState:
         anomaly_watch: AnomalyWatch | None = None,
         pattern_filter: PatternFilter | None = None,
         sleeves: Allocator | None = None,
+        funding: dict[str, FundingSchedule] | None = None,
+        extra_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.mode = mode
         self.timeframe = timeframe
@@ -140,7 +142,7 @@ class EngineState:
         # Candle handed to the engine -> order accepted, without the wait in the queue.
         self.decision_service_ms: deque[float] = deque(maxlen=100_000)
         self._flattening = False
-        self.extra_status: Callable[[], dict[str, Any]] = dict
+        self.extra_status: Callable[[], dict[str, Any]] = extra_status or dict
         # Trailing / break-even stops need protective orders to move; `all_in` has none.
         self.manage_stops = not risk.all_in and executor.protective_orders
         # Live: a candle that arrives more than this late (a gap refilled after a dropped
@@ -161,7 +163,7 @@ class EngineState:
         # Multi-strategy: the capital sleeves (None: one strategy trades the account).
         self.sleeves = sleeves
         # Recorded funding per perpetual pair (replays); settled at the candles holding it.
-        self.funding: dict[str, FundingSchedule] = {}
+        self.funding: dict[str, FundingSchedule] = funding if funding is not None else {}
         self.funding_settlements = 0
 
     # -- State machine -----------------------------------------------------------------------
