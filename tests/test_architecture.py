@@ -135,6 +135,8 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    # model_training.py (walk-forward folds of a challenger's validation)
+    "model_validation": "model_training",
 }
 
 
