@@ -491,10 +491,11 @@ class Retrainer:
         )
 
     async def retrain(self, pair: str, frame: pd.DataFrame | None = None) -> tuple[Validation, str]:
-        """Train and validate; promote a first model, start a shadow, or reject.
+        """Train and validate walk-forward; promote a first model, start a shadow, or reject.
 
         Returns:
-            The validation and the decision (`promoted`, `shadow` or `rejected`).
+            The validation and the decision (`promoted`, `shadow`, `rejected` or
+            `challenger`, see `decide`).
 
         Raises:
             DataError: too few candles to train on.
@@ -711,9 +712,12 @@ async def run_train_cli(
     """Train one model per pair in a spawned worker, validate, decide; return the summary.
 
     The summary holds the first model's `model`, `version`, `promoted`, `decision` and
-    `validation` (`{champion, challenger}` out-of-sample scores), and `models`, one entry
-    per pair. A champion is replaced only through the daemon's shadow test (or
-    `--mode models --promote`), never by this command alone.
+    `validation` (`{champion, challenger}` out-of-sample scores, with `folds`: each
+    walk-forward fold's bars, score, deflated Sharpe, staying flat's score and the
+    head-to-head beside the champion; `baseline` says whether a first model was judged
+    against staying flat), and `models`, one entry per pair. A champion is replaced only
+    through the daemon's shadow test (or `--mode models --promote`), never by this command
+    alone; a first model is promoted only when it beats staying flat.
     """
     from utils.progress import progress_bar
     from utils.utilities import timeframe_to_ms

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from config import LearningSettings
 from model_registry import Registry
@@ -67,6 +69,22 @@ def test_folds_are_anchored_and_each_scores_only_candles_after_its_training() ->
     ]
 
 
+@settings(max_examples=25, deadline=None)
+@given(bars=st.integers(200, 1500), folds=st.integers(1, 5))
+def test_fold_test_segments_never_overlap_and_follow_their_training(bars: int, folds: int) -> None:
+    """Whatever the size, every fold tests only candles after all it trained on, in order."""
+    frame = mean_reverting(bars, seed=bars)
+    runs = train_folds(Contrarian(), PAIR, frame, folds=folds, seed=0, time_budget_s=60)
+    assert len(runs) == folds
+    segments = [(r.train_end_ms, r.end_ms) for r in runs]
+    assert all(start < end for start, end in segments)
+    assert all(a[1] <= b[0] for a, b in pairwise(segments))  # disjoint, oldest first
+    for run in runs:
+        assert run.frame.index[-1] <= frame.index[-1]
+        tested = int((run.frame.index > pd.Timestamp(run.train_end_ms, unit="ms", tz="UTC")).sum())
+        assert len(run.returns()) == tested
+
+
 class _Clocked(Contrarian):
     """The contrarian rule whose training takes `share` of the budget it is given."""
 
@@ -93,8 +111,8 @@ def test_the_folds_share_one_time_budget(share: float, trained: int) -> None:
     assert len(runs) == trained
     assert kind.budgets[0] == pytest.approx(10.0)  # a third of it for the newest fold
     spent = [0.0, *accumulate(b * share for b in kind.budgets)]
-    for given, before in zip(kind.budgets, spent, strict=False):
-        assert given <= 30 - before  # never more than what is left
+    for budget, before in zip(kind.budgets, spent, strict=False):
+        assert budget <= 30 - before  # never more than what is left
     assert trained == 3 or spent[-1] > 30 - 1.0  # a fold is skipped only for want of time
 
 
