@@ -629,6 +629,8 @@ def _decide_first(
         )
         if not validation.passed:
             log.warning("model_bootstrapped_unvalidated", name=name, reason=validation.reason)
+        if registry.aliases(name).challenger not in (None, version):
+            registry.set_challenger(name, None)  # an earlier first model that lost to flat
         registry.promote(name, version)
         alert(ModelPromoted(name, version, None, validation.challenger, None, reason))
         return "promoted"

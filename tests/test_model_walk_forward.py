@@ -193,7 +193,8 @@ async def test_a_first_model_that_loses_to_flat_is_not_made_champion(tmp_path: P
     good = await run_train_cli(frames, learning, kind=CONTRARIAN, timeframe="1h", data_dir=tmp_path)
     assert (good["promoted"], good["validation"]["passed"]) == (True, True)
     assert good["validation"]["challenger"] - good["validation"]["flat"] >= 0.5
-    assert registry.aliases(NAME).champion == good["version"]
+    aliases = registry.aliases(NAME)
+    assert (aliases.champion, aliases.challenger) == (good["version"], None)
 
 
 def test_a_first_model_promotion_says_it_beat_flat(tmp_path: Path) -> None:
