@@ -92,6 +92,8 @@ class PieceExecutor(ProtectingExecutor):
         if self._store is not None:
             await self._off(self._store.adopt_order, order)
         trade = await self.on_fill(order, booked)
+        if trade is None:
+            return None  # booked meanwhile by the other source (stream or REST sweep)
         remaining = abs(self.portfolio.signed_qty(fill.pair))
         log.warning(
             "position_closed_by_exchange",
@@ -103,9 +105,7 @@ class PieceExecutor(ProtectingExecutor):
             remaining=str(remaining),
             fill_id=fill.fill_id,
         )
-        self._notify(
-            PositionLiquidated(booked, fill.kind, 0.0 if trade is None else trade.pnl, remaining)
-        )
+        self._notify(PositionLiquidated(booked, fill.kind, trade.pnl, remaining))
         if remaining:
             await self._protect_rest(fill.pair, fill.price)
         return trade

@@ -9,14 +9,16 @@ closed trades, positions, and the stops still working on the exchange.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from config import load_settings
 from exchange import Exchange
 from models import (
     Event,
@@ -29,6 +31,7 @@ from models import (
     with_attempt,
 )
 from portfolio import Portfolio
+from runner import Daemon
 from telegram_templates import render_event
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
@@ -104,18 +107,23 @@ async def _streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterator[None]
                 raise AssertionError(f"a private stream consumer failed: {outcome!r}")
 
 
-async def _catch_up(ex: Exchange, executor: TradeExecutor) -> int:
+async def _catch_up(ex: Exchange, executor: TradeExecutor, since: int | None = None) -> int:
     """Book the executions the REST catch-up finds, as the daemon does before trading."""
     booked = 0
-    for fill in await ex.fetch_my_trades(LINEAR):
+    for fill in await ex.fetch_my_trades(LINEAR, since=since):
         if not await executor.has_fill(fill.fill_id):
             await executor.on_stream_fill(fill)
             booked += 1
     return booked
 
 
-async def _open_long(emu: BybitEmulator, executor: TradeExecutor, qty: str) -> Decimal:
-    """Buy `qty` at market with a stop 3 % under (inside the 20x liquidation price)."""
+async def _open_long(
+    emu: BybitEmulator,
+    executor: TradeExecutor,
+    qty: str,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> Decimal:
+    """Buy `qty` at market with a stop 3 % under (inside the liquidation price)."""
     last = emu.last_price(SYMBOL, "linear")
     intent = OrderIntent(
         LINEAR,
@@ -127,6 +135,8 @@ async def _open_long(emu: BybitEmulator, executor: TradeExecutor, qty: str) -> D
         stop_loss=(last * D("0.97")).quantize(D("0.1")),
     )
     await executor.submit(intent, last_price=last)
+    if settle is not None:  # no stream running: the daemon's REST sweep brings the fill
+        await settle()
     await eventually(
         lambda: (
             _working_stops(emu) == [D(qty)]
@@ -244,21 +254,29 @@ async def test_a_liquidation_while_the_bot_was_down_is_booked_at_start(
         await _open_long(emu, first, "0.050")
     await first.close()
     await _liquidate(emu)  # nobody is watching
+    await emu.advance(minutes=5)  # the bot comes back five minutes later
 
-    restarted = _executor(ex, store, [])
-    await restarted.reconcile(ex, store, quote="USDT")
-    assert await _catch_up(ex, restarted) == 1
-    assert await restarted.restore_protection(lambda pair: emu.last_price(SYMBOL, "linear")) == []
-    assert restarted.portfolio.positions() == {}
-    [trade] = restarted.portfolio.closed
-    assert trade.reason.startswith("liquidation")
-    assert _working_stops(emu) == []
-    await restarted.close()
-    again = _executor(ex, store, [])
-    await again.reconcile(ex, store, quote="USDT")
-    assert await _catch_up(ex, again) == 0
-    assert (again.portfolio.positions(), len(again.portfolio.closed)) == ({}, 1)
-    await again.close()
+    settings = exchange_settings(emu)
+    async with Exchange(settings, retry_attempts=2, retry_base_s=0.01) as later:
+        restarted = _executor(later, store, [])
+        await restarted.reconcile(later, store, quote="USDT")
+        # The daemon's catch-up window (its run's last minute) alone would miss it.
+        recent = later.server_now_ms() - 60_000
+        assert await later.fetch_my_trades(LINEAR, since=recent) == []
+        assert await _catch_up(later, restarted, restarted.catch_up_since(recent)) == 1
+        price = emu.last_price(SYMBOL, "linear")
+        assert await restarted.restore_protection(lambda pair: price) == []
+        assert restarted.portfolio.positions() == {}
+        [trade] = restarted.portfolio.closed
+        assert trade.reason.startswith("liquidation")
+        assert _working_stops(emu) == []
+        await restarted.close()
+        again = _executor(later, store, [])
+        await again.reconcile(later, store, quote="USDT")
+        assert again.catch_up_since(recent) == recent  # nothing held: the usual window
+        assert await _catch_up(later, again) == 0
+        assert (again.portfolio.positions(), len(again.portfolio.closed)) == ({}, 1)
+        await again.close()
 
 
 async def test_adl_in_two_steps_resizes_the_stop_then_takes_it_off(
@@ -285,3 +303,53 @@ async def test_adl_in_two_steps_resizes_the_stop_then_takes_it_off(
     assert [D(str(t.qty)) for t in executor.portfolio.closed] == [D("0.040"), D("0.060")]
     assert [e.kind for e in events if isinstance(e, PositionLiquidated)] == [FillKind.ADL] * 2
     await executor.close()
+
+
+# -- The live daemon: routing, the summary, a restart ---------------------------------------
+
+
+async def _live_daemon(emu: BybitEmulator, events: list[Event]) -> Daemon:
+    """Build the live daemon on the emulator (the journal and exchange, not its tasks)."""
+    args = argparse.Namespace(mode="live", no_ui=True, duration=None, summary_json=None)
+    daemon = Daemon(args, load_settings(env_file=None))
+    daemon.notifiers.append(events.append)
+    await daemon.build_exchange(paper=False)
+    return daemon
+
+
+async def test_the_live_daemon_books_alerts_and_counts_a_liquidation_once_across_a_restart(
+    emu: BybitEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine path: one liquidated trade in the summary, one alert; a restart holds nothing."""
+    for name, value in {
+        "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+        "KESTREL_EXCHANGE__API_KEY": emu.api_key,
+        "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        "KESTREL_STRATEGY__PAIRS": f'["{LINEAR}"]',
+        "KESTREL_STORAGE__DATA_DIR": str(tmp_path / "data"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    events: list[Event] = []
+    daemon = await _live_daemon(emu, events)
+    assert daemon.engine is not None
+    await _open_long(emu, daemon.engine.executor, "0.050", settle=daemon._settle_fills)
+    await _liquidate(emu)
+    await daemon._settle_fills()  # the stream's REST sweep brings it
+    await daemon._settle_fills()  # and again: booked once
+    summary = daemon.engine.summary()
+    assert (summary["n_trades"], summary["liquidations"]) == (1, 1)
+    assert summary["open_positions"] == []
+    assert [type(e) for e in events].count(PositionLiquidated) == 1
+    assert _working_stops(emu) == []
+    await daemon.teardown()
+
+    again = await _live_daemon(emu, [])
+    assert again.engine is not None
+    await again._settle_fills()
+    assert again.engine.portfolio.positions() == {}
+    restarted = again.engine.summary()
+    assert (restarted["open_positions"], restarted["liquidations"]) == ([], 1)
+    assert await again.engine.executor.restore_protection(again.engine.price) == []
+    assert _working_stops(emu) == []
+    assert emu.positions[SYMBOL].size == 0
+    await again.teardown()
