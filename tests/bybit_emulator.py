@@ -583,6 +583,7 @@ class BybitEmulator:
         # Mark (and last) prices a test sets per linear symbol (`set_mark`); a position the
         # mark crosses its liquidation price on is liquidated (execType BustTrade).
         self.marks: dict[str, Decimal] = {}
+        self.private_pushed: list[tuple[str, list[dict[str, Any]]]] = []  # (topic, data)
         self.requests: list[RecordedRequest] = []
         self.fault_rates: dict[str, float] = {}
         self.fault_paths: tuple[str, ...] | None = None
@@ -887,6 +888,7 @@ class BybitEmulator:
         return await self.push_raw(category, topic, json.dumps(frame, separators=(",", ":")))
 
     async def _private(self, topic: str, data: list[dict[str, Any]]) -> int:
+        self.private_pushed.append((topic, data))
         frame = {
             "id": str(uuid.uuid4()),
             "topic": topic,

@@ -196,6 +196,24 @@ async def test_the_emulator_liquidates_at_bankruptcy_with_bybits_wire_rows(
         "Market",
     )
     assert D(bust["closedSize"]) == qty
+    history = await ex._ccxt.private_get_v5_order_history({"category": "linear"})
+    by_type = {o["createType"]: o for o in history["result"]["list"]}
+    liq_order = by_type["CreateByLiq"]
+    assert (liq_order["orderType"], liq_order["orderStatus"]) == ("Market", "Filled")
+    stops = await ex._ccxt.private_get_v5_order_history(
+        {"category": "linear", "orderFilter": "StopOrder"}
+    )
+    assert [o["orderStatus"] for o in stops["result"]["list"]] == ["Deactivated"]
+    # The private streams carry the same: the order, the BustTrade, the flat position.
+    forced = {
+        (topic, item.get("execType") or item["orderStatus"])
+        for topic, data in emu.private_pushed
+        for item in data
+        if item.get("createType") == "CreateByLiq"
+    }
+    assert forced == {("order", "Filled"), ("execution", "BustTrade")}
+    last_position = [data for topic, data in emu.private_pushed if topic == "position"][-1]
+    assert [(D(p["size"]), p["side"]) for p in last_position] == [(D(0), "")]
     [fill] = [f for f in await ex.fetch_my_trades(LINEAR) if f.kind is FillKind.LIQUIDATION]
     assert (fill.qty, fill.price, fill.fee, fill.side) == (qty, price, fee, Side.SELL)
     await executor.close()
