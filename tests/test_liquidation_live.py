@@ -371,3 +371,36 @@ async def test_the_live_daemon_books_alerts_and_counts_a_liquidation_once_across
     assert _working_stops(emu) == []
     assert emu.positions[SYMBOL].size == 0
     await again.teardown()
+
+
+async def test_a_sell_placed_by_hand_is_booked_once_and_the_stop_follows_the_rest(
+    emu: BybitEmulator, ex: Exchange, store: TradeStore
+) -> None:
+    """An order without our client id that sells part of the position: booked, stop resized."""
+    events: list[Event] = []
+    executor = _executor(ex, store, events)
+    async with _streams(ex, executor):
+        await _open_long(emu, executor, "0.100")
+        # Placed outside the bot (Bybit's app, another script): no orderLinkId.
+        await ex._ccxt.create_order(LINEAR, "market", "sell", 0.03, None, {"reduceOnly": True})
+        await eventually(lambda: _held(executor) == D("0.070"))
+        await eventually(
+            lambda: (
+                _working_stops(emu) == [D("0.070")]
+                and executor.protective_stop(LINEAR)[0] is StopState.WORKING
+            )
+        )
+        assert await _catch_up(ex, executor) == 0
+    [trade] = executor.portfolio.closed
+    assert trade.reason.startswith("closed on the exchange")
+    assert D(str(trade.qty)) == D("0.03")
+    [alert] = [e for e in events if isinstance(e, PositionLiquidated)]
+    assert (alert.kind, alert.remaining) == (FillKind.TRADE, D("0.070"))
+    await executor.close()
+    restarted = _executor(ex, store, [])
+    await restarted.reconcile(ex, store, quote="USDT")
+    assert _held(restarted) == D("0.070")
+    assert len(restarted.portfolio.closed) == 1
+    await restarted.restore_protection(lambda pair: emu.last_price(SYMBOL, "linear"))
+    assert _working_stops(emu) == [D("0.070")]
+    await restarted.close()
