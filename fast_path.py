@@ -141,6 +141,7 @@ class BacktestResult:
             "funding": self.funding,
             "funding_settlements": self.funding_settlements,
             "liquidations": self.liquidations,
+            "auto_deleverages": 0,  # only a live exchange auto-deleverages a position
             "realised_pnl": (
                 self.realised_pnl
                 if self.realised_pnl is not None

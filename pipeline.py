@@ -516,6 +516,7 @@ class EngineControl(EngineState):
             "liquidations": sum(
                 1 for t in self.portfolio.closed if t.reason.startswith("liquidation")
             ),
+            "auto_deleverages": sum(1 for t in self.portfolio.closed if t.reason.startswith("adl")),
             "realised_pnl": float(self.portfolio.realised_pnl),
             "open_positions": [
                 {
