@@ -75,6 +75,8 @@ from utils.utilities import AuditTrail, Clock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
+# Equity points a snapshot carries for the views (the newest; the web view thins them).
+CURVE_POINTS = 500
 
 
 class EngineState:
@@ -146,6 +148,9 @@ class EngineState:
         self.max_lag_ms = max_lag_ms
         self.stale_candles = 0
         self.reconcile_report = ""
+        # Live: the account's equity before this run (the trade store's snapshots, oldest
+        # first), shown ahead of this run's curve so the views keep it across restarts.
+        self.equity_history: tuple[tuple[int, float], ...] = ()
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
         self.model_threshold = 0.5
@@ -272,7 +277,7 @@ class EngineControl(EngineState):
             pairs=tuple(self.pairs),
             recent_trades=tuple(self.portfolio.closed[-50:]),
             open_orders=tuple(self.executor.open_orders()),
-            equity_curve=tuple(self.portfolio.equity_curve[-500:]),
+            equity_curve=self._equity_curve(),
             last_decisions=dict(self.decisions),
             order_books=dict(self.books),
             scores=self.reward.scores(),
@@ -313,6 +318,16 @@ class EngineControl(EngineState):
     def _exposure_fraction(self) -> float:
         equity = self.portfolio.equity()
         return float(self.portfolio.exposure() / equity) if equity > 0 else 0.0
+
+    def _equity_curve(self) -> tuple[tuple[int, float], ...]:
+        # The last CURVE_POINTS points: this run's, after the stored history when it is short.
+        curve = tuple(self.portfolio.equity_curve[-CURVE_POINTS:])
+        room = CURVE_POINTS - len(curve)
+        if room <= 0 or not self.equity_history:
+            return curve
+        start = curve[0][0] if curve else None
+        earlier = [p for p in self.equity_history[-room:] if start is None or p[0] < start]
+        return (*earlier, *curve)
 
     def _markets(self) -> dict[str, dict[str, float]]:
         # Last close and the change over a day (or the window held), from the rolling
