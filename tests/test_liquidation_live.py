@@ -354,7 +354,7 @@ async def test_the_live_daemon_books_alerts_and_counts_a_liquidation_once_across
     await _liquidate(emu)
     await daemon._settle_fills()  # the stream's REST sweep brings it
     await daemon._settle_fills()  # and again: booked once
-    summary = daemon.engine.summary()
+    summary = daemon.engine.summary().to_dict()
     assert (summary["n_trades"], summary["liquidations"]) == (1, 1)
     assert summary["open_positions"] == []
     assert [type(e) for e in events].count(PositionLiquidated) == 1
@@ -365,7 +365,7 @@ async def test_the_live_daemon_books_alerts_and_counts_a_liquidation_once_across
     assert again.engine is not None
     await again._settle_fills()
     assert again.engine.portfolio.positions() == {}
-    restarted = again.engine.summary()
+    restarted = again.engine.summary().to_dict()
     assert (restarted["open_positions"], restarted["liquidations"]) == ([], 1)
     assert await again.engine.executor.restore_protection(again.engine.price) == []
     assert _working_stops(emu) == []
