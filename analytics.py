@@ -287,7 +287,7 @@ def exposure(result: BacktestResult, start_ts: int, end_ts: int) -> float:
     spans = list(
         zip(result.table["entry_ts"].tolist(), result.table["exit_ts"].tolist(), strict=True)
     )
-    spans += [(int(p["entry_ts"]), end_ts) for p in result.open_positions]
+    spans += [(p.entry_ts, end_ts) for p in result.open_positions]
     spans.sort()
     covered = 0
     current_start, current_end = None, None
@@ -419,9 +419,9 @@ def report_dict(
         "metrics": stats,
         "per_pair": per_pair,
         "trades": [t.as_dict() for t in result.trades],
-        "open_positions": list(result.open_positions),
-        "breaker_trips": list(result.breaker_trips),
-        "trading_spans": list(result.trading_spans),
+        "open_positions": [p.to_dict() for p in result.open_positions],
+        "breaker_trips": [t.to_dict() for t in result.breaker_trips],
+        "trading_spans": [s.to_dict() for s in result.trading_spans],
         "time_off_normal_ms": time_by_state(result.trading_spans),
     }
     if monte_carlo_result is not None:
@@ -537,16 +537,16 @@ def _strategy_rows(result: BacktestResult) -> list[list[str]]:
     """Return one row per strategy of a multi-strategy run, in the ranking's order."""
     return [
         [
-            str(s.get("name", "")),
-            ", ".join(map(str, s.get("pairs", ()))),
-            _fmt(s.get("weight"), "pct") + (" (probation)" if s.get("probation") else ""),
-            _fmt(s.get("sleeve_equity")),
-            _fmt(s.get("n_trades"), "int"),
-            _fmt(s.get("win_rate"), "pct"),
-            _fmt(s.get("realised_pnl")),
-            _fmt(s.get("fees")),
-            _fmt(s.get("score")),
-            _fmt(s.get("lcb")),
+            s.name,
+            ", ".join(s.pairs),
+            _fmt(s.weight, "pct") + (" (probation)" if s.probation else ""),
+            _fmt(s.sleeve_equity),
+            _fmt(s.n_trades, "int"),
+            _fmt(s.win_rate, "pct"),
+            _fmt(s.realised_pnl),
+            _fmt(s.fees),
+            _fmt(s.score),
+            _fmt(s.lcb),
         ]
         for s in result.strategies
     ]

@@ -15,6 +15,7 @@ from models import (
     Balance,
     Candle,
     Fill,
+    FillKind,
     FundingPayment,
     Liquidity,
     Market,
@@ -186,7 +187,16 @@ def fill_from_ccxt(raw: dict[str, Any]) -> Fill:
         ts=int(raw.get("timestamp") or 0),
         fill_id=str(raw.get("id") or info.get("execId")),
         exchange_order_id=str(raw.get("order") or info.get("orderId") or "") or None,
+        kind=_FILL_KINDS.get(str(info.get("execType") or "Trade"), FillKind.OTHER),
     )
+
+
+# Bybit's execType -> who made the execution (a missing execType is an order's trade).
+_FILL_KINDS = {
+    "Trade": FillKind.TRADE,
+    "BustTrade": FillKind.LIQUIDATION,
+    "AdlTrade": FillKind.ADL,
+}
 
 
 def position_from_ccxt(raw: dict[str, Any]) -> Position | None:

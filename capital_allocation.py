@@ -36,6 +36,7 @@ import structlog
 
 from config import AllocationSettings
 from models import AllocationChanged, ClosedTrade, Position, Ranked, SleeveShare
+from run_summary import AllocationPoint, StrategySection
 
 
 log = structlog.get_logger(__name__)
@@ -354,7 +355,7 @@ def strategy_sections(
     trades: Sequence[ClosedTrade],
     positions: Mapping[str, Position],
     ranked: Sequence[Ranked],
-) -> list[dict[str, object]]:
+) -> list[StrategySection]:
     """Return the run summary's per-strategy sections, in the ranking's order."""
     order = {r.name: i for i, r in enumerate(ranked)}
     by_name = {r.name: r for r in ranked}
@@ -363,28 +364,28 @@ def strategy_sections(
         own = [t for t in trades if t.strategy == name]
         r = by_name.get(name)
         sections.append(
-            {
-                "name": name,
-                "pairs": list(sleeve.pairs),
-                "tag": sleeve.tag,
-                "weight": allocator.weights[name],
-                "sleeve_equity": float(allocator.sleeve_equity(name, positions)),
-                "nav": allocator.nav[name],
-                "probation": name in allocator.probation,
-                "n_trades": len(own),
-                "realised_pnl": sum(t.pnl for t in own),
-                "fees": sum(t.fee for t in own),
-                "win_rate": sum(t.pnl > 0 for t in own) / len(own) if own else 0.0,
-                "open_positions": [p for p in sleeve.pairs if p in positions],
-                "score": None if r is None else r.total,
-                "lcb": None if r is None else r.lcb,
-                "allocations": [
-                    {"ts": e.ts, "weight": s.after}
+            StrategySection(
+                name=name,
+                pairs=tuple(sleeve.pairs),
+                tag=sleeve.tag,
+                weight=allocator.weights[name],
+                sleeve_equity=float(allocator.sleeve_equity(name, positions)),
+                nav=allocator.nav[name],
+                probation=name in allocator.probation,
+                n_trades=len(own),
+                realised_pnl=sum(t.pnl for t in own),
+                fees=sum(t.fee for t in own),
+                win_rate=sum(t.pnl > 0 for t in own) / len(own) if own else 0.0,
+                open_positions=tuple(p for p in sleeve.pairs if p in positions),
+                score=None if r is None else r.total,
+                lcb=None if r is None else r.lcb,
+                allocations=tuple(
+                    AllocationPoint(e.ts, s.after)
                     for e in allocator.history
                     for s in e.sleeves
                     if s.name == name
-                ],
-            }
+                ),
+            )
         )
-    sections.sort(key=lambda d: order.get(str(d["name"]), len(order)))
+    sections.sort(key=lambda section: order.get(section.name, len(order)))
     return sections

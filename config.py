@@ -375,7 +375,9 @@ class LearningSettings(_Group):
         default=0.95, ge=0, le=1, description="a challenger's out-of-sample deflated Sharpe floor"
     )
     promotion_margin: float = Field(
-        default=0.25, ge=0, description="score a challenger must beat the champion by in shadow"
+        default=0.25,
+        ge=0,
+        description="score a challenger must beat the champion by (walk-forward, then in shadow)",
     )
     shadow_bars: int = Field(default=500, ge=1, description="bars a challenger runs in shadow")
     train_window_candles: int = Field(
@@ -384,8 +386,12 @@ class LearningSettings(_Group):
     retrain_check_s: float = Field(
         default=5.0, gt=0, description="how often the retrainer looks at the schedule and shadows"
     )
+    validation_folds: int = Field(
+        default=3, ge=1, le=10, description="anchored walk-forward folds a challenger is scored on"
+    )
     bootstrap_champion: bool = Field(
-        default=True, description="the first model of a name becomes champion (nothing to beat)"
+        default=False,
+        description="unsafe: a first model becomes champion even when it loses to staying flat",
     )
     models_dir: Path | None = Field(default=None, description="registry root (<data_dir>/models)")
     features_dir: Path | None = Field(

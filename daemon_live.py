@@ -170,13 +170,14 @@ class ExchangeSession:
         """Finish reconciling before the first decision (live only).
 
         The private streams are subscribed first; the fills made since the journal's last
-        record (those the reconciliation's fetch could not see yet) are then fetched once
-        over REST, so none falls between the fetch and the subscription; last, every
+        record (those the reconciliation's fetch could not see yet, and closes the exchange
+        made of a held position, e.g. a liquidation while the bot was down) are then
+        fetched once over REST, so none falls between the fetch and the subscription; last, every
         position gets back the stop it should have (one crossed already is closed).
         """
         engine, exchange = self.engine, self.exchange
         await exchange.wait_private_streams(timeout=PRIVATE_READY_TIMEOUT_S)
-        since = self.fills_since
+        since = engine.executor.catch_up_since(self.fills_since)
         settled = 0
         for fill in await exchange.fetch_my_trades(since=since):
             if not await engine.executor.has_fill(fill.fill_id):

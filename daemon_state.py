@@ -20,6 +20,7 @@ from config import Settings
 from error_handler import (
     DataError,
 )
+from pipeline import CURVE_POINTS
 from utils.utilities import (
     AuditTrail,
     atomic_write,
@@ -104,6 +105,7 @@ class RunState:
         await self._restore_allocation(store)
         if store is not None:
             await self._restore_score_books(store)
+            await self._restore_equity_history(store)
         if saved is not None:
             breakers = risk.breakers
             self.audit.record(
@@ -212,7 +214,28 @@ class RunState:
         """Wait one snapshot interval, then persist and record the performance snapshot."""
         await asyncio.sleep(self.settings.storage.snapshot_interval_s)
         await self.persist()
+        await self._record_equity()
         self.record_performance()
+
+    async def _record_equity(self) -> None:
+        """Record the account's cash and equity in the trade store (live), off the event loop.
+
+        One point per snapshot interval: the equity history the views show again after a
+        restart (`_restore_equity_history`). Paper and replay runs keep no store.
+        """
+        store, engine = self._risk_store, self.engine
+        if store is None:
+            return
+        portfolio = engine.portfolio
+        now, cash, equity = engine.clock.now_ms(), portfolio.cash, portfolio.equity()
+        await asyncio.to_thread(store.add_equity, now, cash, equity)
+
+    async def _restore_equity_history(self, store: TradeStore) -> None:
+        # The equity recorded before this start, ahead of this run's curve in the views.
+        points = await asyncio.to_thread(store.equity_curve, last=CURVE_POINTS)
+        self.engine.equity_history = tuple((p.ts, float(p.equity)) for p in points)
+        if points:
+            log.info("equity_history_restored", points=len(points), since=points[0].ts)
 
     def record_performance(self) -> None:
         """Write the periodic performance snapshot to the audit trail (JSON lines, rotated)."""

@@ -554,7 +554,13 @@ class ExecutorCore:
         self.orders[order.client_order_id] = order
 
     async def on_order(self, order: Order) -> None:
-        """Apply an order update from a REST answer or the private stream."""
+        """Apply an order update from a REST answer or the private stream.
+
+        An order without a client id is not ours (the exchange's liquidation or ADL order,
+        one placed by hand): its executions are booked by `on_stream_fill`.
+        """
+        if not order.client_order_id:
+            return
         self._track(order)
         pair = order.pair
         if (

@@ -23,6 +23,14 @@ from error_handler import ConfigError
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
 from models import ClosedTrade, Market, MarketType, PositionSide, Side
 from perpetuals import FundingSchedule, isolated_margin, liquidation, liquidation_reason, risk_tiers
+from run_summary import (
+    BreakerTrip,
+    OpenPosition,
+    RunSummary,
+    StrategyRef,
+    StrategySection,
+    TradingSpan,
+)
 from strategy import Strategy
 from utils.equity_curve import EquityCurve
 from utils.utilities import timeframe_to_ms
@@ -55,7 +63,7 @@ class BacktestResult:
     final_equity: float
     fees: float
     candles: int
-    open_positions: tuple[dict[str, Any], ...] = ()
+    open_positions: tuple[OpenPosition, ...] = ()
     # Close prices by pair, as (close time ms, close) for the report's trade-marker charts.
     prices: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     signals: int = 0
@@ -65,10 +73,10 @@ class BacktestResult:
     # The sum of closed-trade PnL as the accounting kept it (None: sum the table).
     realised_pnl: float | None = None
     # Circuit-breaker trips and the spans off the normal rung (`breaker_report`'s lists).
-    breaker_trips: tuple[dict[str, Any], ...] = ()
-    trading_spans: tuple[dict[str, Any], ...] = ()
+    breaker_trips: tuple[BreakerTrip, ...] = ()
+    trading_spans: tuple[TradingSpan, ...] = ()
     # Several strategies: the summary's per-strategy sections (empty: one strategy traded).
-    strategies: tuple[dict[str, Any], ...] = ()
+    strategies: tuple[StrategySection, ...] = ()
     # Net funding received (negative: paid), the open position's included, and how many
     # funding times were settled on a position.
     funding: float = 0.0
@@ -116,87 +124,82 @@ class BacktestResult:
         """
         return analytics.max_drawdown(self.equity, start=self.starting_balance)
 
-    def summary(self) -> dict[str, Any]:
-        """Return the run summary in the shape of the replay's `--summary-json` document."""
-        start = self.starting_balance
-        final = self.final_equity
+    def summary(self) -> RunSummary:
+        """Return the run summary, the replay's `--summary-json` document as a typed value."""
         step = timeframe_to_ms(self.timeframe)
-        return {
-            "mode": self.mode,
-            "strategy": self.strategy,
-            "pairs": list(self.pairs),
-            "timeframe": self.timeframe,
-            "candles": self.candles,
-            "first_ts": int(self.ts[0]) - step if len(self.ts) else None,
-            "last_ts": int(self.ts[-1]) - step if len(self.ts) else None,
-            "signals": self.signals,
-            "vetoes": self.vetoes,
-            "rejections": self.rejections,
-            "n_trades": self.n_trades,
-            "starting_balance": start,
-            "final_equity": final,
-            "total_return": final / start - 1 if start else 0.0,
-            "max_drawdown": self.max_drawdown,
-            "fees": self.fees,
-            "funding": self.funding,
-            "funding_settlements": self.funding_settlements,
-            "liquidations": self.liquidations,
-            "realised_pnl": (
+        return RunSummary(
+            mode=self.mode,
+            strategy=StrategyRef.from_dict(self.strategy),
+            pairs=self.pairs,
+            timeframe=self.timeframe,
+            candles=self.candles,
+            first_ts=int(self.ts[0]) - step if len(self.ts) else None,
+            last_ts=int(self.ts[-1]) - step if len(self.ts) else None,
+            signals=self.signals,
+            vetoes=self.vetoes,
+            rejections=self.rejections,
+            starting_balance=self.starting_balance,
+            final_equity=self.final_equity,
+            max_drawdown=self.max_drawdown,
+            fees=self.fees,
+            funding=self.funding,
+            funding_settlements=self.funding_settlements,
+            realised_pnl=(
                 self.realised_pnl
                 if self.realised_pnl is not None
                 else float(np.sum(self.table["pnl"]))
             ),
-            "open_positions": [dict(p) for p in self.open_positions],
-            "trades": [t.as_dict() for t in self.trades],
-            "breaker_trips": [dict(t) for t in self.breaker_trips],
-            "trading_spans": [dict(s) for s in self.trading_spans],
-        }
+            open_positions=self.open_positions,
+            trades=tuple(self.trades),
+            breaker_trips=self.breaker_trips,
+            trading_spans=self.trading_spans,
+        )
 
 
 def result_from_summary(
-    summary: Mapping[str, Any],
+    summary: RunSummary,
     equity_curve: EquityCurve | Sequence[tuple[int, float]],
     *,
     prices: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> BacktestResult:
     """Return a `BacktestResult` for a replay run (its summary plus the portfolio's curve)."""
-    trades = list(summary.get("trades", ()))
+    trades = summary.trades
     table: dict[str, np.ndarray] = {
-        "pair": np.array([t["pair"] for t in trades], dtype=np.str_),
-        "side": np.array([t.get("side", "long") for t in trades], dtype=np.str_),
-        "reason": np.array([t.get("reason", "") for t in trades], dtype=np.str_),
+        "pair": np.array([t.pair for t in trades], dtype=np.str_),
+        "side": np.array([str(t.side) for t in trades], dtype=np.str_),
+        "reason": np.array([t.reason for t in trades], dtype=np.str_),
     }
     for name in TRADE_COLUMNS:
         dtype = np.int64 if name.endswith("_ts") else np.float64
-        table[name] = np.array([t[name] for t in trades], dtype=dtype)
-    table["funding"] = np.array([t.get("funding", 0.0) for t in trades], dtype=np.float64)
+        table[name] = np.array([getattr(t, name) for t in trades], dtype=dtype)
+    table["funding"] = np.array([t.funding for t in trades], dtype=np.float64)
     if isinstance(equity_curve, EquityCurve):
         curve_ts, curve_values = equity_curve.arrays()
     else:
         curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
         curve_ts, curve_values = curve[:, 0].astype(np.int64), curve[:, 1].copy()
     return BacktestResult(
-        strategy=dict(summary.get("strategy", {})),
-        pairs=tuple(summary.get("pairs", ())),
-        timeframe=str(summary.get("timeframe", "1m")),
-        starting_balance=float(summary["starting_balance"]),
+        strategy=summary.strategy.to_dict(),
+        pairs=summary.pairs,
+        timeframe=summary.timeframe,
+        starting_balance=float(summary.starting_balance),
         ts=curve_ts,
         equity=curve_values,
         table=table,
-        final_equity=float(summary["final_equity"]),
-        fees=float(summary.get("fees", 0.0)),
-        candles=int(summary.get("candles", len(curve_ts))),
-        open_positions=tuple(summary.get("open_positions", ())),
+        final_equity=float(summary.final_equity),
+        fees=float(summary.fees),
+        candles=summary.candles,
+        open_positions=summary.open_positions,
         prices=dict(prices or {}),
-        signals=int(summary.get("signals", 0)),
-        vetoes=int(summary.get("vetoes", 0)),
-        rejections=int(summary.get("rejections", 0)),
-        mode=str(summary.get("mode", "backtest")),
-        breaker_trips=tuple(summary.get("breaker_trips", ())),
-        trading_spans=tuple(summary.get("trading_spans", ())),
-        strategies=tuple(summary.get("strategies", ())),
-        funding=float(summary.get("funding", 0.0)),
-        funding_settlements=int(summary.get("funding_settlements", 0)),
+        signals=summary.signals,
+        vetoes=summary.vetoes,
+        rejections=summary.rejections,
+        mode=summary.mode,
+        breaker_trips=summary.breaker_trips,
+        trading_spans=summary.trading_spans,
+        strategies=summary.strategies or (),
+        funding=float(summary.funding),
+        funding_settlements=summary.funding_settlements,
     )
 
 
@@ -429,17 +432,17 @@ def run_fast(
         reasons = table["reason"].astype(object)
         reasons[liquidated] = liquidations
         table["reason"] = reasons.astype(np.str_)
-    open_positions: tuple[dict[str, Any], ...] = ()
+    open_positions: tuple[OpenPosition, ...] = ()
     if open_at >= 0:
         open_positions = (
-            {
-                "pair": pair,
-                "side": "long",
-                "qty": open_qty,
-                "entry_price": open_price,
-                "entry_ts": int(ts[open_at] + opened),
-                "mark_price": float(closes[last - 1]),
-            },
+            OpenPosition(
+                pair=pair,
+                side="long",
+                qty=open_qty,
+                entry_price=open_price,
+                entry_ts=int(ts[open_at] + opened),
+                mark_price=float(closes[last - 1]),
+            ),
         )
     return BacktestResult(
         strategy=strategy.describe(),

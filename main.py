@@ -18,11 +18,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 
 if TYPE_CHECKING:
     from config import Settings
+    from run_summary import RunSummary
 
 
 MODES = (
@@ -239,8 +240,8 @@ async def run_mode(args: argparse.Namespace, settings: Settings) -> int:
 
         summary = await run_trading(args, settings)
         write_summary(summary, args.summary_json)
-        if summary.get("restart_as"):
-            restart(str(summary["restart_as"]))
+        if summary.restart_as:
+            restart(summary.restart_as)
         return EXIT_OK
     from runner import run_batch
 
@@ -273,8 +274,8 @@ def restart(mode: str) -> None:
     os.execv(sys.executable, [sys.executable, *argv])  # noqa: S606 - our own entry point
 
 
-def write_summary(summary: dict[str, Any], path: Path | None) -> None:
-    """Print the summary and write it as JSON when asked."""
+def write_summary(summary: RunSummary, path: Path | None) -> None:
+    """Print the summary and write it as JSON (`RunSummary.to_dict`) when asked."""
     from rich.console import Console
     from rich.table import Table
 
@@ -282,31 +283,32 @@ def write_summary(summary: dict[str, Any], path: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         from utils.utilities import atomic_write
 
-        atomic_write(path, json.dumps(summary, indent=2, default=str, sort_keys=True))
-    table = Table(title=f"Kestrel {summary['mode']} summary", show_header=False)
-    for key in (
-        "candles",
-        "n_trades",
-        "final_equity",
-        "total_return",
-        "max_drawdown",
-        "fees",
-        "vetoes",
-        "rejections",
-    ):
-        value = summary.get(key)
+        text = json.dumps(summary.to_dict(), indent=2, default=str, sort_keys=True)
+        atomic_write(path, text)
+    table = Table(title=f"Kestrel {summary.mode} summary", show_header=False)
+    rows: tuple[tuple[str, float | int, str], ...] = (
+        ("candles", summary.candles, "int"),
+        ("n_trades", summary.n_trades, "int"),
+        ("final_equity", summary.final_equity, "num"),
+        ("total_return", summary.total_return, "pct"),
+        ("max_drawdown", summary.max_drawdown, "pct"),
+        ("fees", summary.fees, "num"),
+        ("vetoes", summary.vetoes, "int"),
+        ("rejections", summary.rejections, "int"),
+    )
+    for key, value, kind in rows:
         if isinstance(value, float):
-            text = f"{value:.2%}" if key in ("total_return", "max_drawdown") else f"{value:,.4f}"
+            shown = f"{value:.2%}" if kind == "pct" else f"{value:,.4f}"
         else:
-            text = str(value)
-        table.add_row(key, text)
-    trips = summary.get("breaker_trips") or []
+            shown = str(value)
+        table.add_row(key, shown)
+    trips = summary.breaker_trips
     if trips:
         last = trips[-1]
-        table.add_row("breaker trips", f"{len(trips)} (last: {last['rule']} -> {last['to']})")
+        table.add_row("breaker trips", f"{len(trips)} (last: {last.rule} -> {last.to_state})")
     off: dict[str, float] = {}
-    for span in summary.get("trading_spans") or []:
-        off[span["state"]] = off.get(span["state"], 0.0) + span["duration_ms"] / 3_600_000
+    for span in summary.trading_spans:
+        off[span.state] = off.get(span.state, 0.0) + span.duration_ms / 3_600_000
     if off:
         table.add_row("time off normal", ", ".join(f"{k} {v:,.1f} h" for k, v in off.items()))
     Console(file=sys.stdout, width=100).print(table)

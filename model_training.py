@@ -4,11 +4,15 @@ One cycle for one model name (`<kind>-<BASE-QUOTE>-<timeframe>`):
 
 1. **Train** a challenger in a spawned process pool (never a thread, never on the loop),
    bounded by `learning.time_budget` seconds; the worker registers it as a new version.
-2. **Validate walk-forward** on candles it did not train on: its out-of-sample returns get
-   the deflated Sharpe ratio (`overfitting.deflated_sharpe`, every version ever trained for
-   that name counted as a trial), and the champion is replayed on the same bars where the
-   kind can replay a saved model. A challenger below `min_deflated_sharpe`, or worse than the
-   champion there, is rejected (`ModelRejected`).
+2. **Validate walk-forward** on candles it did not train on: `validation_folds` anchored
+   folds (`model_validation`), each trained on the candles before its test segment within
+   the one time budget, the newest registered as the version. Each fold's out-of-sample
+   returns get the one score and the deflated Sharpe ratio (`overfitting.deflated_sharpe`,
+   every version ever trained for that name counted as a trial); the champion is replayed
+   on the same bars where the kind can replay a saved model. A challenger whose folds'
+   returns fall below `min_deflated_sharpe`, or whose mean fold score does not beat the
+   champion's by `promotion_margin`, is rejected (`ModelRejected`). A first model must beat
+   staying flat the same way, or it is kept as the challenger and no champion is set.
 3. **Shadow.** A validated challenger runs beside the champion on the candles that arrive
    after it was trained, both replayed on the same bars. The shadow book is persisted
    (`<models>/<name>/shadow.json`), so a restart continues it.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,6 +42,9 @@ import structlog
 from config import LearningSettings, RewardSettings
 from error_handler import ConfigError, DataError, RecoverableError
 from model_registry import Lineage, ModelKind, Registry
+from model_validation import Champion, Fold, aggregate, score_folds, train_folds
+from model_validation import Scoring as Scoring
+from model_validation import promotion_score as promotion_score
 from models import EventSink, ModelPromoted, ModelRejected
 from utils.utilities import atomic_write
 
@@ -104,32 +110,6 @@ def model_name(kind: str, pair: str, timeframe: str) -> str:
     return f"{prefix}-{base}-{timeframe}"
 
 
-@dataclass(frozen=True, slots=True)
-class Scoring:
-    """How per-bar returns become the promotion test's score: bar length and score weights."""
-
-    bar_ms: int
-    reward: RewardSettings = field(default_factory=RewardSettings)
-
-
-def promotion_score(returns: np.ndarray, scoring: Scoring) -> float:
-    """Return the score the promotion tests compare: `reward_system.score(...).total`.
-
-    The one place the comparison is defined. Per-bar returns carry no trade record, so the
-    score sees their equity curve only (its Sharpe, Sortino, drawdown and consistency).
-    """
-    from reward_system import score
-
-    values = np.asarray(returns, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        return 0.0
-    ts = np.arange(values.size + 1, dtype=np.int64) * scoring.bar_ms
-    equity = np.concatenate([[1.0], np.cumprod(1.0 + values)])
-    total = score([], ts, equity, scoring.reward).total
-    return float(total) if math.isfinite(total) else 0.0
-
-
 # -- Training and walk-forward validation (in a worker process) ------------------------------
 
 
@@ -151,7 +131,13 @@ class TrainRequest:
 
 @dataclass(frozen=True, slots=True)
 class Validation:
-    """A challenger's walk-forward verdict, scored beside the champion on the same bars."""
+    """A challenger's walk-forward verdict, scored beside the champion on the same bars.
+
+    `challenger` and `champion` are the two models' mean scores over the folds' bars that
+    neither trained on (where the kind can replay a saved model); without such bars,
+    `challenger` is the folds' mean out-of-sample score and `champion` the champion's
+    recorded one. `flat` is staying flat on the folds' bars: a first model's baseline.
+    """
 
     name: str
     version: str
@@ -165,58 +151,90 @@ class Validation:
     reason: str
     last_ms: int = 0  # the newest candle it saw: its shadow starts after it
     can_shadow: bool = True  # the kind can replay a saved model (see `_is_replayable`)
+    flat: float = 0.0
+    folds: tuple[Fold, ...] = ()
 
     def figures(self) -> dict[str, float]:
-        """Return the numbers kept in the version's manifest."""
+        """Return the numbers kept in the version's manifest (with every fold's)."""
         out = {
             "score": self.challenger,
             "deflated_sharpe": self.deflated_sharpe,
             "bars": float(self.bars),
             "trials": float(self.trials),
+            "flat_score": self.flat,
+            "folds": float(len(self.folds)),
         }
         if self.champion is not None:
             out["champion_score"] = self.champion
+        for fold in self.folds:
+            out |= fold.figures()
         return out
 
 
 def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None) -> Validation:
-    """Train a challenger, register it, validate it out of sample (worker-process entry)."""
+    """Train a challenger walk-forward, register its newest fold, judge it (worker entry).
+
+    `learning.validation_folds` anchored folds are trained within `learning.time_budget`
+    (`model_validation.train_folds`); the newest is registered as the new version. Each
+    fold is scored out of sample, beside the champion's replay on the bars neither saw;
+    the verdict needs the deflated Sharpe of all folds' returns above
+    `min_deflated_sharpe` and the folds' mean score above the champion's (or, for a first
+    model, staying flat's) by `promotion_margin`.
+    """
     from overfitting import deflated_sharpe, sharpe_per_period
 
     if frame is None:
         frame = _archive(request)
     frame = frame.iloc[-request.learning.train_window_candles :]
-    kind = resolve_kind(request.kind, request.learning, request.features_dir)
-    trained = kind.train(
-        {request.pair: frame},
-        seed=request.learning.seed,
-        time_budget_s=float(request.learning.time_budget),
+    learning = request.learning
+    kind = resolve_kind(request.kind, learning, request.features_dir)
+    runs = train_folds(
+        kind,
+        request.pair,
+        frame,
+        folds=learning.validation_folds,
+        seed=learning.seed,
+        time_budget_s=float(learning.time_budget),
     )
     registry = Registry(request.models_dir)
     champion = registry.aliases(request.name).champion
-    metrics = trained.metrics
-    first_ms = int(frame.index[0].value // 1_000_000)
-    last_ms = int(frame.index[-1].value // 1_000_000)
     lineage = Lineage(
-        data_start_ms=first_ms,
-        data_end_ms=int(metrics.get("train_end_ms", last_ms)),
+        data_start_ms=int(frame.index[0].value // 1_000_000),
+        data_end_ms=runs[-1].train_end_ms,
         pairs=(request.pair,),
         timeframe=request.timeframe,
         feature_set=str(getattr(kind, "feature_set", kind.name)),
-        seed=request.learning.seed,
+        seed=learning.seed,
         parent=champion,
     )
-    manifest = registry.register(request.name, kind.name, trained, lineage)
-    returns = np.asarray(trained.validation_returns(), dtype=np.float64)
+    manifest = registry.register(request.name, kind.name, runs[-1].trained, lineage)
+    returns = np.concatenate([run.returns() for run in runs])
     sharpes = [
         registry.manifest(request.name, v).validation.get("sharpe_per_period")
         for v in registry.versions(request.name)
     ]
     trial_sharpes = [s for s in sharpes if s is not None] + [sharpe_per_period(returns)]
     trials = len(registry.versions(request.name))
-    dsr = deflated_sharpe(returns, trials, float(np.var(trial_sharpes)))
-    score, champion_score = _head_to_head(registry, kind, request, frame, manifest.version, returns)
-    passed, reason = _judge(request.learning, dsr, score, champion_score)
+    variance = float(np.var(trial_sharpes))
+    folds = score_folds(
+        runs,
+        request.scoring,
+        trials=trials,
+        trial_variance=variance,
+        champion=_champion(registry, kind, request.name, champion, frame),
+        replay=kind.replay if _is_replayable(kind) else None,  # type: ignore[attr-defined]
+        saved=registry.path(request.name, manifest.version),
+    )
+    total = aggregate(folds)
+    score: float = total.score
+    champion_score: float | None = None
+    if total.challenger is not None and total.champion is not None:
+        score, champion_score = total.challenger, total.champion
+    else:
+        recorded = registry.manifest(request.name, champion).validation if champion else {}
+        champion_score = recorded.get("score")
+    dsr = deflated_sharpe(returns, trials, variance)
+    passed, reason = _judge(learning, dsr, score, champion_score, total.flat)
     validation = Validation(
         name=request.name,
         version=manifest.version,
@@ -228,8 +246,10 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
         trials=trials,
         passed=passed,
         reason=reason,
-        last_ms=last_ms,
+        last_ms=int(frame.index[-1].value // 1_000_000),
         can_shadow=_is_replayable(kind),
+        flat=total.flat,
+        folds=tuple(folds),
     )
     registry.annotate(
         request.name,
@@ -251,31 +271,15 @@ def _archive(request: TrainRequest) -> pd.DataFrame:
     return frame
 
 
-def _head_to_head(
-    registry: Registry,
-    kind: ModelKind,
-    request: TrainRequest,
-    frame: pd.DataFrame,
-    version: str,
-    returns: np.ndarray,
-) -> tuple[float, float | None]:
-    # Both models on the same held-out bars, after both trained, where the kind can replay.
-    champion = registry.aliases(request.name).champion
-    own = promotion_score(returns, request.scoring)
-    if champion is None:
-        return own, None
-    recorded = registry.manifest(request.name, champion).validation.get("score")
-    if not _is_replayable(kind):
-        return own, recorded
+def _champion(
+    registry: Registry, kind: ModelKind, name: str, version: str | None, frame: pd.DataFrame
+) -> Champion | None:
+    # The champion replayed on the whole window, for the folds' head-to-head.
+    if version is None or not _is_replayable(kind):
+        return None
     replay = kind.replay  # type: ignore[attr-defined]
-    mine = registry.manifest(request.name, version).lineage
-    theirs = registry.manifest(request.name, champion).lineage
-    window_start = max(mine.data_end_ms, theirs.data_end_ms)
-    ours = _window(replay(registry.path(request.name, version), frame), window_start)
-    base = _window(replay(registry.path(request.name, champion), frame), window_start)
-    if ours.size < 2:
-        return own, recorded
-    return promotion_score(ours, request.scoring), promotion_score(base, request.scoring)
+    returns = replay(registry.path(name, version), frame)
+    return Champion(returns, registry.manifest(name, version).lineage.data_end_ms)
 
 
 def _is_replayable(kind: object) -> bool:
@@ -284,18 +288,22 @@ def _is_replayable(kind: object) -> bool:
     return callable(getattr(kind, "replay", None))
 
 
-def _window(series: pd.Series, after_ms: int) -> np.ndarray:
-    ts = pd.DatetimeIndex(series.index).as_unit("ms").asi8
-    return np.asarray(series.to_numpy(dtype=np.float64)[ts > after_ms])
-
-
 def _judge(
-    learning: LearningSettings, dsr: float, score: float, champion: float | None
+    learning: LearningSettings, dsr: float, score: float, champion: float | None, flat: float
 ) -> tuple[bool, str]:
+    margin = learning.promotion_margin
     if not dsr >= learning.min_deflated_sharpe:
         return False, f"deflated Sharpe {dsr:.2f} below {learning.min_deflated_sharpe:.2f}"
-    if champion is not None and score < champion:
-        return False, f"score {score:.2f} below the champion's {champion:.2f} out of sample"
+    if champion is None and not score - flat >= margin:
+        return False, (
+            f"score {score:.2f} does not beat staying flat ({flat:.2f}) by {margin:.2f}"
+            " out of sample"
+        )
+    if champion is not None and not score - champion >= margin:
+        return False, (
+            f"score {score:.2f} does not beat the champion's {champion:.2f} by {margin:.2f}"
+            " out of sample"
+        )
     return True, f"deflated Sharpe {dsr:.2f}, score {score:.2f}"
 
 
@@ -483,10 +491,11 @@ class Retrainer:
         )
 
     async def retrain(self, pair: str, frame: pd.DataFrame | None = None) -> tuple[Validation, str]:
-        """Train and validate; promote a first model, start a shadow, or reject.
+        """Train and validate walk-forward; promote a first model, start a shadow, or reject.
 
         Returns:
-            The validation and the decision (`promoted`, `shadow` or `rejected`).
+            The validation and the decision (`promoted`, `shadow`, `rejected` or
+            `challenger`, see `decide`).
 
         Raises:
             DataError: too few candles to train on.
@@ -565,23 +574,18 @@ def decide(
 ) -> str:
     """Act on a validation: promote a first model, start a shadow, or reject; return which.
 
+    A first model (no champion yet) is promoted only when it passed validation against
+    staying flat; one that did not is registered as the challenger and the strategy stays
+    neutral (no champion), with an alert, unless `bootstrap_champion` says to use it anyway.
+
     Returns:
-        `promoted`, `shadow`, `rejected`, or `challenger` (validated, but its kind cannot be
-        shadowed: it waits for the operator).
+        `promoted`, `shadow`, `rejected`, or `challenger` (registered as challenger, waiting
+        for the operator: a first model that did not beat staying flat, or a validated one
+        whose kind cannot be shadowed).
     """
     name, version = validation.name, validation.version
-    first = validation.champion_version is None
-    if first and (validation.passed or learning.bootstrap_champion):
-        # Nothing to compare with: the first model is used, and the operator is told plainly
-        # when it did not pass validation (bootstrap_champion=false waits for one that does).
-        reason = "first model" + (
-            "" if validation.passed else f"; NOT validated: {validation.reason}"
-        )
-        if not validation.passed:
-            log.warning("model_bootstrapped_unvalidated", name=name, reason=validation.reason)
-        registry.promote(name, version)
-        alert(ModelPromoted(name, version, None, validation.challenger, None, reason))
-        return "promoted"
+    if validation.champion_version is None:
+        return _decide_first(registry, learning, validation, alert)
     if not validation.passed:
         alert(
             ModelRejected(
@@ -610,6 +614,33 @@ def decide(
     save_shadow(registry.root, book, name)
     log.info("shadow_started", name=name, challenger=version, bars=learning.shadow_bars)
     return "shadow"
+
+
+def _decide_first(
+    registry: Registry, learning: LearningSettings, validation: Validation, alert: EventSink
+) -> str:
+    name, version = validation.name, validation.version
+    if validation.passed or learning.bootstrap_champion:
+        # The operator is told plainly when it did not pass (bootstrap_champion is opt-in).
+        reason = "first model, " + (
+            f"beat staying flat: {validation.reason}"
+            if validation.passed
+            else f"NOT validated: {validation.reason}"
+        )
+        if not validation.passed:
+            log.warning("model_bootstrapped_unvalidated", name=name, reason=validation.reason)
+        if registry.aliases(name).challenger not in (None, version):
+            registry.set_challenger(name, None)  # an earlier first model that lost to flat
+        registry.promote(name, version)
+        alert(ModelPromoted(name, version, None, validation.challenger, None, reason))
+        return "promoted"
+    registry.set_challenger(name, version)
+    reason = (
+        f"first model not promoted: {validation.reason}; no champion, the strategy stays neutral"
+    )
+    log.warning("first_model_not_promoted", name=name, version=version, reason=validation.reason)
+    alert(ModelRejected(name, version, None, validation.challenger, None, reason))
+    return "challenger"
 
 
 def settle_shadow(
@@ -683,9 +714,12 @@ async def run_train_cli(
     """Train one model per pair in a spawned worker, validate, decide; return the summary.
 
     The summary holds the first model's `model`, `version`, `promoted`, `decision` and
-    `validation` (`{champion, challenger}` out-of-sample scores), and `models`, one entry
-    per pair. A champion is replaced only through the daemon's shadow test (or
-    `--mode models --promote`), never by this command alone.
+    `validation` (`{champion, challenger}` out-of-sample scores, with `folds`: each
+    walk-forward fold's bars, score, deflated Sharpe, staying flat's score and the
+    head-to-head beside the champion; `baseline` says whether a first model was judged
+    against staying flat), and `models`, one entry per pair. A champion is replaced only
+    through the daemon's shadow test (or `--mode models --promote`), never by this command
+    alone; a first model is promoted only when it beats staying flat.
     """
     from utils.progress import progress_bar
     from utils.utilities import timeframe_to_ms
@@ -742,6 +776,9 @@ def _summary_row(pair: str, kind: str, validation: Validation, decision: str) ->
             "trials": validation.trials,
             "passed": validation.passed,
             "reason": validation.reason,
+            "baseline": "flat" if validation.champion_version is None else "champion",
+            "flat": validation.flat,
+            "folds": [fold.to_json() for fold in validation.folds],
         },
     }
 

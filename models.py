@@ -114,6 +114,20 @@ class Liquidity(StrEnum):
     TAKER = "taker"
 
 
+class FillKind(StrEnum):
+    """Who made an execution: an order (ours or one placed by hand), or the exchange.
+
+    Bybit's `execType`: `Trade` an order's, `BustTrade` the liquidation engine's (the
+    position taken over at its bankruptcy price), `AdlTrade` auto-deleveraging's; anything
+    else (`Funding`, `Settle`, ...) moves no position and is `OTHER`.
+    """
+
+    TRADE = "trade"
+    LIQUIDATION = "liquidation"
+    ADL = "adl"
+    OTHER = "other"
+
+
 class MarketType(StrEnum):
     """Bybit V5 categories the bot trades."""
 
@@ -446,6 +460,7 @@ class Fill:
     ts: int
     fill_id: str
     exchange_order_id: str | None = None
+    kind: FillKind = FillKind.TRADE
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,6 +609,21 @@ class StopHit:
 
 
 @dataclass(frozen=True, slots=True)
+class PositionLiquidated:
+    """The exchange closed (part of) a position by an order that was not ours.
+
+    `kind` says how: liquidation (Bybit's BustTrade), auto-deleveraging (AdlTrade), or a
+    trade placed outside the bot (by hand). `fill` is the execution as booked, `pnl` the
+    round trip's result after fees, and `remaining` what is still held (0: flat).
+    """
+
+    fill: Fill
+    kind: FillKind
+    pnl: float
+    remaining: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class OrderRefused:
     """An order was rejected, by market rules here or by the exchange."""
 
@@ -736,6 +766,7 @@ Event = (
     TradeOpened
     | TradeClosed
     | StopHit
+    | PositionLiquidated
     | OrderRefused
     | TradingStateChanged
     | RiskReset

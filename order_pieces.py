@@ -5,17 +5,34 @@ REST sweep is applied once, in whatever order the pieces and the order's reports
 (`ExecutorCore.order_after_fill` derives the order's state); an entry's first piece
 places the position's stop and later pieces resize it, cancel first and then place, so
 at most one stop works or may work, sized to what is actually held.
+
+An execution of an order the bot did not place that reduces a position (Bybit's
+liquidation engine, auto-deleveraging, a trade by hand) is booked once under an order
+adopted into the journal for it, so a restart replays it and never re-books or resurrects
+the position; the position's stop goes (or is resized to what is left).
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from decimal import ROUND_DOWN, Decimal
 
 import structlog
 
 from error_handler import BotError
 from executor_core import StopState, _Protection, protective_id
-from models import ClosedTrade, Fill, OrderIntent, OrderStatus, OrderType
+from models import (
+    ClosedTrade,
+    Fill,
+    FillKind,
+    Order,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    PositionLiquidated,
+    Side,
+)
 from order_protection import ProtectingExecutor
 
 
@@ -28,9 +45,15 @@ class PieceExecutor(ProtectingExecutor):
     async def on_stream_fill(self, fill: Fill) -> ClosedTrade | None:
         """Apply an execution from the private stream or a REST sweep, once, in any order.
 
-        The order's state is derived from what is known of it (`order_after_fill`); an
-        execution of an order that is not ours is ignored.
+        The order's state is derived from what is known of it (`order_after_fill`). An
+        execution the exchange made (liquidation, ADL) or of an order placed outside the
+        bot (no client id) is booked when it reduces a position (`_on_outside_fill`);
+        funding and settlement rows move no position and are left to their own path.
         """
+        if fill.kind is FillKind.OTHER:
+            return None
+        if fill.kind is not FillKind.TRADE or not fill.client_order_id:
+            return await self._on_outside_fill(fill)
         order = self.order_after_fill(fill)
         if order is None:
             if not await self.has_fill(fill.fill_id):
@@ -39,6 +62,74 @@ class PieceExecutor(ProtectingExecutor):
                 )
             return None
         return await self.on_fill(order, fill)
+
+    # -- Closes the exchange made ------------------------------------------------------------
+
+    async def _on_outside_fill(self, fill: Fill) -> ClosedTrade | None:
+        """Book an execution of an order we did not place that reduces a position, once.
+
+        It is journaled under an adopted order named after the execution (`outside_id`),
+        whose reason says how the position was closed, so a restart replays it; the
+        position's stop is taken off when flat (the exchange cancels it too) or resized
+        to what is left.
+        """
+        held = self.portfolio.signed_qty(fill.pair)
+        reduces = held != 0 and (held > 0) == (fill.side is Side.SELL)
+        if not reduces or fill.fill_id in self._fill_ids or await self.has_fill(fill.fill_id):
+            if not reduces and not await self.has_fill(fill.fill_id):
+                log.warning(
+                    "fill_for_unknown_order",
+                    client_order_id=fill.client_order_id,
+                    pair=fill.pair,
+                    kind=str(fill.kind),
+                )
+            return None
+        if fill.qty > abs(held):
+            # More than we hold (a flip by hand): only our part is ours to book.
+            log.error("outside_fill_exceeds_position", pair=fill.pair, qty=str(fill.qty))
+            fill = replace(fill, qty=abs(held), fee=fill.fee * abs(held) / fill.qty)
+        booked, order = _adopted(fill, self._market_for(fill.pair).quote)
+        if self._store is not None:
+            await self._off(self._store.adopt_order, order)
+        trade = await self.on_fill(order, booked)
+        if trade is None:
+            return None  # booked meanwhile by the other source (stream or REST sweep)
+        remaining = abs(self.portfolio.signed_qty(fill.pair))
+        log.warning(
+            "position_closed_by_exchange",
+            pair=fill.pair,
+            kind=str(fill.kind),
+            qty=str(fill.qty),
+            price=str(fill.price),
+            fee=str(fill.fee),
+            remaining=str(remaining),
+            fill_id=fill.fill_id,
+        )
+        self._notify(PositionLiquidated(booked, fill.kind, trade.pnl, remaining))
+        if remaining:
+            await self._protect_rest(fill.pair, fill.price)
+        return trade
+
+    async def _protect_rest(self, pair: str, price: Decimal) -> None:
+        """Give what an outside close left the one stop it should have, sized to it."""
+        slot = self._slot(pair)
+        if slot.lock.locked():
+            # Never block the fill stream; start-up restores a stop a position lacks.
+            log.warning("stop_follow_deferred", pair=pair)
+            return
+        async with self._holding(pair):
+            self._settle(pair, slot)
+            if slot.state is StopState.WORKING:
+                await self._resize_stop(pair, slot, price)
+                return
+            position = self.portfolio.position(pair)
+            level = None if position is None else position.stop_price
+            if slot.state is not StopState.NONE or slot.base is None or level is None:
+                return
+            if _through(self.portfolio.signed_qty(pair), price, level):
+                return
+            # The exchange cancelled the stop with the close (Bybit cancels active orders).
+            await self._place_stop(pair, slot, level, seq=self._clock.now_ms(), price=price)
 
     async def _follow_entry(self, entry: OrderIntent, price: Decimal | None) -> None:
         """Protect what an entry's pieces hold so far.
@@ -142,6 +233,53 @@ class PieceExecutor(ProtectingExecutor):
         if level is None or qty < market.min_qty or qty <= 0:
             return None
         return level, qty
+
+
+_OUTSIDE_PREFIX = {
+    FillKind.LIQUIDATION: "liq",
+    FillKind.ADL: "adl",
+    FillKind.TRADE: "ext",
+    FillKind.OTHER: "ext",
+}
+_OUTSIDE_REASON = {
+    FillKind.LIQUIDATION: "liquidation: the exchange took the position over at {price}",
+    FillKind.ADL: "adl: auto-deleveraged by the exchange at {price}",
+    FillKind.TRADE: "closed on the exchange by an order the bot did not place at {price}",
+    FillKind.OTHER: "closed on the exchange at {price}",
+}
+
+
+def outside_id(fill: Fill) -> str:
+    """Return the client id an outside execution is journaled under (one per execution).
+
+    Derived from the execution id, so the REST catch-up, the stream and a restart all name
+    it the same way (`liq-`, `adl-` or `ext-` and a digest, within Bybit's 36 characters).
+    """
+    digest = hashlib.sha256(fill.fill_id.encode()).hexdigest()[:24]
+    return f"{_OUTSIDE_PREFIX[fill.kind]}-{digest}"
+
+
+def _adopted(fill: Fill, quote: str) -> tuple[Fill, Order]:
+    """Return the outside execution renamed to its adopted order, and that order."""
+    cid = outside_id(fill)
+    booked = replace(fill, client_order_id=cid, fee_currency=fill.fee_currency or quote)
+    order = Order(
+        client_order_id=cid,
+        pair=fill.pair,
+        side=fill.side,
+        type=OrderType.MARKET,
+        qty=fill.qty,
+        status=OrderStatus.FILLED,
+        ts_created=fill.ts,
+        ts_updated=fill.ts,
+        exchange_order_id=fill.exchange_order_id,
+        filled_qty=fill.qty,
+        avg_fill_price=fill.price,
+        fee=fill.fee,
+        reduce_only=True,
+        reason=_OUTSIDE_REASON[fill.kind].format(price=fill.price),
+    )
+    return booked, order
 
 
 def _through(signed_qty: Decimal, price: Decimal, level: Decimal) -> bool:

@@ -34,6 +34,10 @@ log = structlog.get_logger("trade_executor")
 class RecoveringExecutor(PieceExecutor):
     """Reconcile the journal with the exchange and restore each position's protection."""
 
+    # Where the start-up catch-up must look back to for closes the exchange made while the
+    # bot was down (the oldest rebuilt position's opening; None: nothing held).
+    outside_since: int | None = None
+
     async def reconcile(self, account: Any, store: Any, *, quote: str) -> str:
         """Merge the store's journal with the exchange's truth; return a report.
 
@@ -70,6 +74,10 @@ class RecoveringExecutor(PieceExecutor):
             realised_pnl=rebuilt.realised_pnl,
         )
         self.portfolio.closed.extend(rebuilt.closed)
+        # A liquidation or ADL while the bot was down is no order of ours, so the fetch
+        # above skips it: the catch-up before trading looks back to the oldest position.
+        opened = [p.ts_opened for p in self.portfolio.positions().values()]
+        self.outside_since = min(opened) - _SKEW_MARGIN_MS if opened else None
         # An entry still filling: its first pieces are the start of a position, no dust.
         filling = {
             order.pair
@@ -108,6 +116,16 @@ class RecoveringExecutor(PieceExecutor):
             new_fills=new_fills,
         )
         return "\n".join(lines)
+
+    def catch_up_since(self, since: int | None) -> int | None:
+        """Return where the start-up fill catch-up starts (None: Bybit's last seven days).
+
+        `since`, or earlier when a held position is older: the exchange may have closed it
+        (liquidation, ADL) since it opened, and that execution is no order of ours.
+        """
+        if since is None or self.outside_since is None:
+            return since
+        return min(since, self.outside_since)
 
     async def _settle_unacknowledged(self, store: Any) -> tuple[int, int]:
         """Adopt or mark never-sent each order journaled but never acknowledged."""

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import pandas as pd
 import structlog
 
-from models import ClosedTrade, PositionSide
+from models import ClosedTrade
 from technical_indicators import Regime, detect_patterns, detect_regime, feature_frame
 
 
@@ -200,25 +200,6 @@ class PatternModel:
     def load(cls, path: Path) -> PatternModel:
         """Read a model `save` wrote."""
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-
-
-def trades_from_dicts(items: Iterable[Mapping[str, Any]]) -> list[ClosedTrade]:
-    """Return the trades of a `--summary-json` (`ClosedTrade.as_dict` items)."""
-    return [
-        ClosedTrade(
-            pair=str(t["pair"]),
-            side=PositionSide(t["side"]),
-            entry_ts=int(t["entry_ts"]),
-            exit_ts=int(t["exit_ts"]),
-            entry_price=float(t["entry_price"]),
-            exit_price=float(t["exit_price"]),
-            qty=float(t["qty"]),
-            fee=float(t["fee"]),
-            pnl=float(t["pnl"]),
-            reason=str(t.get("reason", "")),
-        )
-        for t in items
-    ]
 
 
 def decision_bars(index: pd.DatetimeIndex, entry_ts: Iterable[int]) -> npt.NDArray[np.int64]:

@@ -53,6 +53,7 @@ from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from reward_system import RewardSystem
 from risk_management import RiskContext, RiskManager, breaker_report
+from run_summary import BreakerTrip, OpenPosition, RunSummary, StrategyRef, TradingSpan
 from signal_sources import (
     PrecomputedSignals as PrecomputedSignals,
 )
@@ -74,6 +75,8 @@ from utils.utilities import AuditTrail, Clock, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
+# Equity points a snapshot carries for the views (the newest; the web view thins them).
+CURVE_POINTS = 500
 
 
 class EngineState:
@@ -150,6 +153,9 @@ class EngineState:
         self.max_lag_ms = max_lag_ms
         self.stale_candles = 0
         self.reconcile_report = ""
+        # Live: the account's equity before this run (the trade store's snapshots, oldest
+        # first), shown ahead of this run's curve so the views keep it across restarts.
+        self.equity_history: tuple[tuple[int, float], ...] = ()
         # Learned entry filter per pair (self_learning.SafePredictor), when enabled.
         self.predictors: dict[str, Any] = {}
         self.model_threshold = 0.5
@@ -276,7 +282,7 @@ class EngineControl(EngineState):
             pairs=tuple(self.pairs),
             recent_trades=tuple(self.portfolio.closed[-50:]),
             open_orders=tuple(self.executor.open_orders()),
-            equity_curve=tuple(self.portfolio.equity_curve[-500:]),
+            equity_curve=self._equity_curve(),
             last_decisions=dict(self.decisions),
             order_books=dict(self.books),
             scores=self.reward.scores(),
@@ -317,6 +323,16 @@ class EngineControl(EngineState):
     def _exposure_fraction(self) -> float:
         equity = self.portfolio.equity()
         return float(self.portfolio.exposure() / equity) if equity > 0 else 0.0
+
+    def _equity_curve(self) -> tuple[tuple[int, float], ...]:
+        # The last CURVE_POINTS points: this run's, after the stored history when it is short.
+        curve = tuple(self.portfolio.equity_curve[-CURVE_POINTS:])
+        room = CURVE_POINTS - len(curve)
+        if room <= 0 or not self.equity_history:
+            return curve
+        start = curve[0][0] if curve else None
+        earlier = [p for p in self.equity_history[-room:] if start is None or p[0] < start]
+        return (*earlier, *curve)
 
     def _markets(self) -> dict[str, dict[str, float]]:
         # Last close and the change over a day (or the window held), from the rolling
@@ -482,65 +498,56 @@ class EngineControl(EngineState):
 
     # -- Results -----------------------------------------------------------------------------
 
-    def summary(self) -> dict[str, Any]:
-        """Return the run's summary (the `--summary-json` document)."""
-        start = float(self.portfolio.starting_cash)
-        final = float(self.portfolio.equity())
+    def summary(self) -> RunSummary:
+        """Return the run's summary (the `--summary-json` document as a typed value)."""
         sleeves = self.sleeves
-        return {
-            **(
-                {}
+        report = breaker_report(self.risk.breakers.history, self.last_ts)
+        return RunSummary(
+            strategies=(
+                None
                 if sleeves is None
-                else {
-                    "strategies": strategy_sections(
+                else tuple(
+                    strategy_sections(
                         sleeves,
                         self.portfolio.closed,
                         self.portfolio.positions(),
                         self.reward.ranked(),
                     )
-                }
+                )
             ),
-            "mode": self.mode,
-            "strategy": self.strategy.describe(),
-            "pairs": self.pairs,
-            "timeframe": self.timeframe,
-            "candles": self.candles,
-            "first_ts": self.first_ts,
-            "last_ts": self.last_ts,
-            "signals": self.signals,
-            "vetoes": self.vetoes,
-            "rejections": self.executor.rejections,
-            "n_trades": len(self.portfolio.closed),
-            "starting_balance": start,
-            "final_equity": final,
-            "total_return": final / start - 1 if start else 0.0,
-            "max_drawdown": self.portfolio.max_drawdown,
-            "fees": float(self.portfolio.fees),
-            "funding": float(self.portfolio.funding),
-            "funding_settlements": self.funding_settlements,
-            "liquidations": sum(
-                1 for t in self.portfolio.closed if t.reason.startswith("liquidation")
-            ),
-            "realised_pnl": float(self.portfolio.realised_pnl),
-            "open_positions": [
-                {
-                    "pair": p.pair,
-                    "side": str(p.side),
-                    "qty": float(p.qty),
-                    "entry_price": float(p.entry_price),
-                    "entry_ts": p.ts_opened,
-                    "mark_price": float(p.mark_price) if p.mark_price is not None else None,
-                }
+            mode=self.mode,
+            strategy=StrategyRef.from_dict(self.strategy.describe()),
+            pairs=tuple(self.pairs),
+            timeframe=self.timeframe,
+            candles=self.candles,
+            first_ts=self.first_ts,
+            last_ts=self.last_ts,
+            signals=self.signals,
+            vetoes=self.vetoes,
+            rejections=self.executor.rejections,
+            starting_balance=float(self.portfolio.starting_cash),
+            final_equity=float(self.portfolio.equity()),
+            max_drawdown=self.portfolio.max_drawdown,
+            fees=float(self.portfolio.fees),
+            funding=float(self.portfolio.funding),
+            funding_settlements=self.funding_settlements,
+            realised_pnl=float(self.portfolio.realised_pnl),
+            open_positions=tuple(
+                OpenPosition(
+                    pair=p.pair,
+                    side=str(p.side),
+                    qty=float(p.qty),
+                    entry_price=float(p.entry_price),
+                    entry_ts=p.ts_opened,
+                    mark_price=float(p.mark_price) if p.mark_price is not None else None,
+                )
                 for p in self.portfolio.positions().values()
-            ],
-            "trades": [t.as_dict() for t in self.portfolio.closed],
+            ),
+            trades=tuple(self.portfolio.closed),
             # Every breaker trip and every stretch off the normal rung (halted, reduced...).
-            **self._breaker_summary(),
-        }
-
-    def _breaker_summary(self) -> dict[str, Any]:
-        report = breaker_report(self.risk.breakers.history, self.last_ts)
-        return {"breaker_trips": report["trips"], "trading_spans": report["spans"]}
+            breaker_trips=tuple(BreakerTrip.from_dict(t) for t in report["trips"]),
+            trading_spans=tuple(TradingSpan.from_dict(s) for s in report["spans"]),
+        )
 
 
 class Engine(EngineControl):

@@ -9,11 +9,12 @@ numbers that tripped it, so a flat equity curve explains itself.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from run_summary import BreakerTrip, TradingSpan
 from utils.utilities import ms_to_datetime
 
 
@@ -70,24 +71,24 @@ def buy_and_hold(result: BacktestResult, ts: np.ndarray) -> np.ndarray | None:
     return np.asarray(result.starting_balance * np.mean(legs, axis=0), dtype=np.float64)
 
 
-def span_bands(spans: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str, str]]:
+def span_bands(spans: Sequence[TradingSpan]) -> list[tuple[float, float, str, str]]:
     """Return each span off the normal rung as (start, end, colour, tooltip) for shading."""
     out = []
     for span in spans:
-        colour = STATE_COLOURS.get(str(span["state"]), "#cf222e")
+        colour = STATE_COLOURS.get(span.state, "#cf222e")
         tip = (
-            f"{span['state']} by {span['rule']} from {_when(span['start'])} for "
-            f"{_duration(int(span['duration_ms']))}: {span['reason']}"
+            f"{span.state} by {span.rule} from {_when(span.start)} for "
+            f"{_duration(span.duration_ms)}: {span.reason}"
         )
-        out.append((float(span["start"]), float(span["end"]), colour, tip))
+        out.append((float(span.start), float(span.end), colour, tip))
     return out
 
 
-def time_by_state(spans: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def time_by_state(spans: Sequence[TradingSpan]) -> dict[str, int]:
     """Return the total milliseconds spent on each rung other than normal."""
     out: dict[str, int] = {}
     for span in spans:
-        out[str(span["state"])] = out.get(str(span["state"]), 0) + int(span["duration_ms"])
+        out[span.state] = out.get(span.state, 0) + span.duration_ms
     return out
 
 
@@ -97,22 +98,26 @@ def _number(value: Any, kind: str) -> str:
     return f"{float(value):.2%}" if kind == "pct" else f"{float(value):,.2f}"
 
 
-def trip_rows(trips: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+def trip_rows(trips: Sequence[BreakerTrip]) -> list[list[str]]:
     """Return one row per trip: time, rule, rung change, drawdown, day loss, streak, equity."""
-    return [
-        [
-            _when(t["ts"]),
-            str(t["rule"]),
-            str(t["to"]),
-            _number(t.get("drawdown"), "pct"),
-            _number(t.get("day_loss"), "pct"),
-            str(t.get("consecutive_losses", "-")),
-            _number(t.get("limit"), "pct" if t["rule"] != "loss_streak" else "num"),
-            _number(t.get("equity"), "num"),
-            _number(t.get("peak_equity"), "num"),
-        ]
-        for t in trips
-    ]
+    rows = []
+    for t in trips:
+        # The figures each rule recorded (`BreakerTrip.numbers`); a rule records its own.
+        figures = t.numbers
+        rows.append(
+            [
+                _when(t.ts),
+                t.rule,
+                t.to_state,
+                _number(figures.get("drawdown"), "pct"),
+                _number(figures.get("day_loss"), "pct"),
+                str(figures.get("consecutive_losses", "-")),
+                _number(figures.get("limit"), "pct" if t.rule != "loss_streak" else "num"),
+                _number(figures.get("equity"), "num"),
+                _number(figures.get("peak_equity"), "num"),
+            ]
+        )
+    return rows
 
 
 _TRIP_HEADER: Final = (
@@ -151,12 +156,12 @@ def breaker_table_html(result: BacktestResult, limit: int = 500) -> str:
     parts.append(_html_table(_TRIP_HEADER, trip_rows(trips[:limit])))
     span_rows = [
         [
-            str(s["state"]),
-            _when(s["start"]),
-            _when(s["end"]),
-            _duration(int(s["duration_ms"])),
-            str(s["rule"]),
-            str(s["reason"]),
+            s.state,
+            _when(s.start),
+            _when(s.end),
+            _duration(s.duration_ms),
+            s.rule,
+            s.reason,
         ]
         for s in spans[:limit]
     ]

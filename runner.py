@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -48,6 +49,7 @@ from error_handler import (
 )
 from mode_builders import build_backtest, build_live, build_paper, build_replay, build_sim
 from models import BotState, Candle, ErrorRaised, Event, EventSink
+from run_summary import RunSummary
 from strategy import load_strategy
 from utils.supervision import Supervisor
 from utils.utilities import (
@@ -290,7 +292,7 @@ class Daemon(DaemonBase):
         log.info("duration_elapsed", seconds=seconds)
         self.stop.set()
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> RunSummary:
         """Run until the feed ends, the duration passes or a signal arrives."""
         assert self.engine is not None
         install_signal_handlers(asyncio.get_running_loop(), self.stop)
@@ -317,10 +319,7 @@ class Daemon(DaemonBase):
             self.audit.close()
             raise error from group
         await self.teardown()
-        summary = self.summary()
-        if self.restart_as is not None:
-            summary["restart_as"] = self.restart_as
-        return summary
+        return dataclasses.replace(self.summary(), restart_as=self.restart_as)
 
     async def on_pairs_changed(self, diff: PairListDiff) -> None:
         """Add new pairs (warm-up first) and drain removed ones, keeping open positions."""
@@ -483,12 +482,10 @@ class Daemon(DaemonBase):
         if cancelled:
             log.info("entry_orders_cancelled", orders=cancelled)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunSummary:
         """Return the engine's summary plus run bookkeeping."""
         assert self.engine is not None
-        summary = self.engine.summary()
-        summary["dropped_candles"] = self.dropped
-        return summary
+        return dataclasses.replace(self.engine.summary(), dropped_candles=self.dropped)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -500,7 +497,7 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     return source
 
 
-async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+async def run_backtest(args: argparse.Namespace, settings: Settings) -> RunSummary:
     """Run a backtest on the replay path (or the fast path) with a progress bar and report."""
     import analytics
     from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary
@@ -546,8 +543,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
             max_leverage=s.risk.max_leverage,
         )
-        summary = result.summary()
-        summary["dropped_candles"] = 0
+        summary = dataclasses.replace(result.summary(), dropped_candles=0)
         timings["run_s"] = time.perf_counter() - started - timings["load_s"]
     else:
         daemon = Daemon(args, settings)
@@ -564,7 +560,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
         }
         result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)
     phase = time.perf_counter()
-    mc = analytics.monte_carlo(analytics.trade_returns(result)) if summary["n_trades"] > 1 else None
+    mc = analytics.monte_carlo(analytics.trade_returns(result)) if summary.n_trades > 1 else None
     timings["monte_carlo_s"] = time.perf_counter() - phase
     phase = time.perf_counter()
     Console(file=sys.stdout, width=120).print(analytics.render_rich(result, monte_carlo_result=mc))
@@ -574,12 +570,12 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
     timings["report_s"] = time.perf_counter() - phase
     timings["total_s"] = time.perf_counter() - started
     # Where a backtest's seconds went (start-up imports excluded: they precede this call).
-    summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    log.info("backtest_timings", **summary["timings"])
-    return summary
+    rounded = {k: round(v, 4) for k, v in timings.items()}
+    log.info("backtest_timings", **rounded)
+    return dataclasses.replace(summary, timings=rounded)
 
 
-async def run_trading(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+async def run_trading(args: argparse.Namespace, settings: Settings) -> RunSummary:
     """Run sim, backtest or live trading and return the summary."""
     if args.mode == "backtest":
         return await run_backtest(args, settings)
@@ -654,7 +650,7 @@ async def run_patterns(args: argparse.Namespace, settings: Settings) -> int:
     """
     from dataclasses import asdict
 
-    from pattern_recognition import fit_patterns, trades_from_dicts
+    from pattern_recognition import fit_patterns
     from utils.utilities import atomic_write
 
     backtest = argparse.Namespace(**{**vars(args), "mode": "backtest", "summary_json": None})
@@ -662,7 +658,7 @@ async def run_patterns(args: argparse.Namespace, settings: Settings) -> int:
     timeframe = settings.strategy.timeframe
     models: dict[str, Any] = {}
     for pair, frame in load_frames(args, settings).items():
-        trades = trades_from_dicts(t for t in summary["trades"] if t["pair"] == pair)
+        trades = [t for t in summary.trades if t.pair == pair]
         try:
             model = await asyncio.to_thread(
                 fit_patterns, frame, trades, min_trades=settings.strategy.pattern_min_trades
@@ -683,7 +679,7 @@ async def run_patterns(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{pair} {stats.summary()}")
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"mode": "patterns", "n_trades": summary["n_trades"], "models": models}
+        out = {"mode": "patterns", "n_trades": summary.n_trades, "models": models}
         atomic_write(args.summary_json, json.dumps(out, indent=2, sort_keys=True))
     return 0
 

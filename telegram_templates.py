@@ -25,11 +25,13 @@ from models import (
     ErrorRaised,
     Event,
     Fill,
+    FillKind,
     ModelPromoted,
     ModelRejected,
     OrderIntent,
     OrderRefused,
     Position,
+    PositionLiquidated,
     RiskReset,
     Snapshot,
     StopHit,
@@ -400,7 +402,7 @@ def render_event(event: Event) -> Alert:
             )
         case ErrorRaised():
             return error_alert(event.message, component=event.pair or "")
-        case OrderRefused() | StopHit():
+        case OrderRefused() | StopHit() | PositionLiquidated():
             return _order_event(event)
         case AnomalyDetected():
             return anomaly_alert(event.anomaly, event.paused_until)
@@ -412,10 +414,33 @@ def render_event(event: Event) -> Alert:
             assert_never(event)
 
 
-def _order_event(event: OrderRefused | StopHit) -> Alert:
+def _order_event(event: OrderRefused | StopHit | PositionLiquidated) -> Alert:
+    if isinstance(event, PositionLiquidated):
+        return position_liquidated(event)
     if isinstance(event, OrderRefused):
         return text_alert(f"order rejected on {event.pair}: {event.reason}", category="rejected")
     return text_alert(f"stop hit on {event.pair} at {event.price}", category="stop")
+
+
+_CLOSED_BY: Final = {
+    FillKind.LIQUIDATION: "liquidated",
+    FillKind.ADL: "auto-deleveraged",
+    FillKind.TRADE: "closed on the exchange",
+    FillKind.OTHER: "closed on the exchange",
+}
+
+
+def position_liquidated(event: PositionLiquidated) -> Alert:
+    """Return the alert for a position the exchange closed (liquidation, ADL, by hand)."""
+    fill = event.fill
+    rest = "position closed" if event.remaining == 0 else f"{fmt_price(event.remaining)} still held"
+    lines = [
+        f"🚨 <b>{esc(fill.pair)} {_CLOSED_BY[event.kind]}</b> by the exchange",
+        f"{esc(fill.side)} {fmt_price(fill.qty)} @ {fmt_price(fill.price)}"
+        f" · fee {fmt_number(fill.fee, 4)} {esc(fill.fee_currency)}",
+        f"P&amp;L <b>{fmt_number(event.pnl, sign=True)}</b> · {rest}",
+    ]
+    return Alert("\n".join(lines), "liquidation", f"liquidation-{fill.fill_id}")
 
 
 def _model_event(event: ModelPromoted | ModelRejected) -> Alert:

@@ -1,4 +1,4 @@
-"""Fills, positions, closed trades, equity and key/value state of the trade store.
+"""Fills, closed trades, equity and key/value state of the trade store.
 
 Part of `trade_store`: `TradeRecords` is mixed into `trade_store.TradeStore`. Fills are
 recorded once each against their journaled order; the rest are plain per-bot tables.
@@ -19,7 +19,6 @@ from error_handler import (
 from models import (
     ClosedTrade,
     Fill,
-    Position,
 )
 from trade_schema import (
     EquityPoint,
@@ -32,8 +31,6 @@ from trade_schema import (
     fills,
     is_positive,
     json_dumps,
-    position_from_row,
-    positions,
     state,
 )
 
@@ -45,7 +42,7 @@ _COMPONENT: Final = "trade_store"
 
 
 class TradeRecords(StoreBase):
-    """The fills, positions, closed trades, equity curve and key/value state of `TradeStore`."""
+    """The fills, closed trades, equity curve and key/value state of `TradeStore`."""
 
     # -- Fills -------------------------------------------------------------------------------
 
@@ -146,46 +143,6 @@ class TradeRecords(StoreBase):
             count=len(rows),
         )
 
-    # -- Positions ---------------------------------------------------------------------------
-
-    def upsert_position(self, position: Position) -> None:
-        """Insert or replace the position on its pair (the mark price is not stored)."""
-        values = {
-            "bot_id": self._bot_id,
-            "pair": position.pair,
-            "side": str(position.side),
-            "qty": position.qty,
-            "entry_price": position.entry_price,
-            "stop_price": position.stop_price,
-            "take_profit": position.take_profit,
-            "ts_opened": position.ts_opened,
-            "fees_paid": position.fees_paid,
-        }
-        with self._write() as conn:
-            self._upsert(conn, positions, values, ("bot_id", "pair"))
-
-    def delete_position(self, pair: str) -> bool:
-        """Remove the position on `pair`; return False if there was none."""
-        with self._write() as conn:
-            result = conn.execute(
-                positions.delete().where(self._mine(positions), positions.c.pair == pair)
-            )
-        return bool(result.rowcount)
-
-    def get_position(self, pair: str) -> Position | None:
-        """Return the position on `pair`, or None."""
-        with self._read() as conn:
-            row = conn.execute(
-                sa.select(positions).where(self._mine(positions), positions.c.pair == pair)
-            ).first()
-        return None if row is None else position_from_row(row)
-
-    def positions(self) -> list[Position]:
-        """Return the open positions, by pair."""
-        query = sa.select(positions).where(self._mine(positions)).order_by(positions.c.pair)
-        with self._read() as conn:
-            return [position_from_row(row) for row in conn.execute(query)]
-
     # -- Closed trades and equity ------------------------------------------------------------
 
     def add_closed_trade(self, trade: ClosedTrade, *, equity_after: float | None = None) -> None:
@@ -231,15 +188,28 @@ class TradeRecords(StoreBase):
         with self._write() as conn:
             self._upsert(conn, equity_snapshots, values, ("bot_id", "ts"))
 
-    def equity_curve(self, since: int | None = None) -> list[EquityPoint]:
-        """Return equity snapshots in time order, optionally from `since` on."""
+    def equity_curve(
+        self, since: int | None = None, *, last: int | None = None
+    ) -> list[EquityPoint]:
+        """Return equity snapshots in time order, optionally from `since` on.
+
+        Args:
+            since: The earliest time (ms UTC) to return; None: from the first snapshot.
+            last: Return only the newest `last` snapshots (still oldest first).
+        """
         table = equity_snapshots
         query = sa.select(table).where(self._mine(table))
         if since is not None:
             query = query.where(table.c.ts >= since)
+        if last is not None:
+            query = query.order_by(table.c.ts.desc()).limit(last)
+        else:
+            query = query.order_by(table.c.ts)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(table.c.ts))
-            return [EquityPoint(ts=r.ts, cash=r.cash, equity=r.equity) for r in rows]
+            points = [
+                EquityPoint(ts=r.ts, cash=r.cash, equity=r.equity) for r in conn.execute(query)
+            ]
+        return points[::-1] if last is not None else points
 
     # -- Key/value state ---------------------------------------------------------------------
 

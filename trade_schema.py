@@ -34,7 +34,6 @@ from models import (
     OrderIntent,
     OrderStatus,
     OrderType,
-    Position,
     PositionSide,
     Side,
     TimeInForce,
@@ -57,7 +56,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_BOT_ID: Final = "default"
 _COMPONENT: Final = "trade_store"
 
@@ -226,21 +225,6 @@ fills = sa.Table(
     sa.Index("ix_fills_ts", "bot_id", "ts"),
 )
 
-positions = sa.Table(
-    "positions",
-    metadata,
-    _bot_id_column(),
-    sa.Column("pair", sa.String(64), nullable=False),
-    sa.Column("side", sa.String(8), nullable=False),
-    sa.Column("qty", ExactDecimal, nullable=False),
-    sa.Column("entry_price", ExactDecimal, nullable=False),
-    sa.Column("stop_price", ExactDecimal),
-    sa.Column("take_profit", ExactDecimal),
-    sa.Column("ts_opened", sa.BigInteger, nullable=False),
-    sa.Column("fees_paid", ExactDecimal, nullable=False),
-    sa.PrimaryKeyConstraint("bot_id", "pair"),
-)
-
 closed_trades = sa.Table(
     "closed_trades",
     metadata,
@@ -286,13 +270,19 @@ state = sa.Table(
 )
 
 
+def _table_name(conn: Connection, name: str) -> str:
+    # The quoted table name for raw DDL, in the store's PostgreSQL schema when it has one.
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    table = conn.dialect.identifier_preparer.quote(name)
+    if schema:
+        table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{table}"
+    return table
+
+
 def _v1_to_v2(conn: Connection) -> None:
     # Closed trades keep their strategy, funding, entry stop, adds at a loss and the equity
     # after them.
-    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
-    table = conn.dialect.identifier_preparer.quote(closed_trades.name)
-    if schema:
-        table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{table}"
+    table = _table_name(conn, closed_trades.name)
     for column in (
         "strategy VARCHAR(64) NOT NULL DEFAULT ''",
         "funding DOUBLE PRECISION NOT NULL DEFAULT 0",
@@ -303,8 +293,14 @@ def _v1_to_v2(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column}"))
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    # The positions table goes: live positions are the exchange's, reconciled from it and
+    # the journaled fills at every start, and nothing ever read the stored copy back.
+    conn.execute(sa.text(f"DROP TABLE IF EXISTS {_table_name(conn, 'positions')}"))
+
+
 # Schema migrations: MIGRATIONS[v] moves a store from version v to v + 1.
-MIGRATIONS: Final[dict[int, Callable[[Connection], None]]] = {1: _v1_to_v2}
+MIGRATIONS: Final[dict[int, Callable[[Connection], None]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def json_dumps(value: Any) -> str:
@@ -369,19 +365,6 @@ def fill_from_row(row: Row[Any]) -> Fill:
         ts=row.ts,
         fill_id=row.fill_id,
         exchange_order_id=row.exchange_order_id,
-    )
-
-
-def position_from_row(row: Row[Any]) -> Position:
-    return Position(
-        pair=row.pair,
-        side=PositionSide(row.side),
-        qty=row.qty,
-        entry_price=row.entry_price,
-        ts_opened=row.ts_opened,
-        stop_price=row.stop_price,
-        take_profit=row.take_profit,
-        fees_paid=row.fees_paid,
     )
 
 

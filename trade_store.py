@@ -1,9 +1,11 @@
-"""The durable trade store: the order journal, fills, positions, trades, equity and state.
+"""The durable trade store: the order journal, fills, closed trades, equity and state.
 
 Any SQLAlchemy URL works: SQLite by default (`sqlite:///data/kestrel.sqlite`), PostgreSQL
 (`postgresql+psycopg://...`) when several bots share one store. Every row carries a
-`bot_id`, so bots sharing a database never see each other's orders, fills, positions,
-trades, equity or state.
+`bot_id`, so bots sharing a database never see each other's orders, fills, trades,
+equity or state. Positions are not stored: they are the exchange's, reconciled from it and
+the journaled fills at every start. The equity history is: the live snapshot task records
+the account's equity at a fixed interval, and the views show it again after a restart.
 
 The journal protocol that makes "nothing lost, nothing sent twice" hold across crashes::
 
@@ -111,7 +113,7 @@ _COMPONENT: Final = "trade_store"
 
 
 class TradeStore(OrderJournal, TradeRecords):
-    """The durable store of one bot's orders, fills, positions, trades, equity and state.
+    """The durable store of one bot's orders, fills, closed trades, equity and state.
 
     Open it with `TradeStore.open(url)` (or `from_settings`); close it with `close()` or use
     it as a context manager. Every method is synchronous and thread-safe; from the event

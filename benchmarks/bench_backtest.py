@@ -34,6 +34,7 @@ import pandas as pd
 from numba import njit
 
 from benchmarks.common import bench_size, best_of
+from run_summary import RunSummary
 
 
 DEFAULT = 1_051_200
@@ -212,7 +213,7 @@ def _write_parquet(df: pd.DataFrame, folder: Path) -> Path:
 
 def replay(
     path: Path, folder: Path, *, full_pipeline: bool = False
-) -> tuple[float, int, dict[str, Any]]:
+) -> tuple[float, int, RunSummary]:
     """Run `--mode backtest` in-process as runner wires it; return (seconds, candles, summary).
 
     With `full_pipeline`, every candle takes the whole per-candle pipeline (the engine's
@@ -242,7 +243,7 @@ def replay(
     settings = main._apply_cli(load_settings(env_file=None), args)
     setup_logging(settings.storage.log_dir, level="WARNING", cache_loggers=True)  # as main
 
-    async def go() -> tuple[float, int, dict[str, Any]]:
+    async def go() -> tuple[float, int, RunSummary]:
         daemon = Daemon(args, settings)
         daemon.build_replay()
         if full_pipeline:
@@ -250,7 +251,7 @@ def replay(
             daemon.driver._quiet = None
         start = time.perf_counter()
         summary = await daemon.run()
-        return time.perf_counter() - start, int(summary["candles"]), summary
+        return time.perf_counter() - start, summary.candles, summary
 
     return asyncio.run(go())
 
@@ -502,9 +503,7 @@ def run() -> list[dict[str, Any]]:
         seconds, count, summary = min(runs, key=lambda r: r[0])
         full = [replay(path, folder, full_pipeline=True) for _ in range(2)]
         seconds_full, _, summary_full = min(full, key=lambda r: r[0])
-        agree = (
-            summary["trades"] == summary_full["trades"] and summary["n_trades"] == result.n_trades
-        )
+        agree = summary.trades == summary_full.trades and summary.n_trades == result.n_trades
         rows.append(
             _row(
                 f"replay path (--mode backtest), 1 pair, {count:,} candles",
@@ -516,7 +515,7 @@ def run() -> list[dict[str, Any]]:
                 "and matching in the loop, as runner wires it: a candle with a signal or a "
                 "working order takes the whole pipeline, the quiet stretches between them "
                 "(marks and equity only) are applied one stretch per call; "
-                f"{summary['n_trades']:,} trades{', equal to the fast path' if agree else ''}",
+                f"{summary.n_trades:,} trades{', equal to the fast path' if agree else ''}",
                 higher_is_better=True,
             )
         )

@@ -24,6 +24,7 @@ import pandas as pd
 
 from benchmarks.bench_backtest import FAST, FEE, SLOW, START, _row, _write_parquet, candles
 from benchmarks.common import bench_size, best_of
+from run_summary import RunSummary
 
 
 PAIR = "BTC/USDT:USDT"
@@ -55,7 +56,7 @@ def fast(df: pd.DataFrame, schedule: Any, *, exact: bool = False) -> Any:
     )
 
 
-def replay(path: Path, funding: Path, folder: Path, *, on: bool) -> tuple[float, dict[str, Any]]:
+def replay(path: Path, funding: Path, folder: Path, *, on: bool) -> tuple[float, RunSummary]:
     """Run `--mode backtest` in-process as runner wires it; return (seconds, summary)."""
     import main
     from config import load_settings
@@ -82,7 +83,7 @@ def replay(path: Path, funding: Path, folder: Path, *, on: bool) -> tuple[float,
     settings = main._apply_cli(load_settings(env_file=None), args)
     setup_logging(settings.storage.log_dir, level="WARNING", cache_loggers=True)
 
-    async def go() -> tuple[float, dict[str, Any]]:
+    async def go() -> tuple[float, RunSummary]:
         daemon = Daemon(args, settings)
         daemon.build_replay()
         start = time.process_time()
@@ -142,9 +143,9 @@ def run() -> list[dict[str, Any]]:
     r_on, summary = min(runs_on, key=lambda r: r[0])
     r_off = min(r[0] for r in runs_off)
     same = (
-        summary["funding"] == exact.funding
-        and summary["final_equity"] == exact.final_equity
-        and summary["funding_settlements"] == exact.funding_settlements
+        summary.funding == exact.funding
+        and summary.final_equity == exact.final_equity
+        and summary.funding_settlements == exact.funding_settlements
     )
     out.append(
         _row(

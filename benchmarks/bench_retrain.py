@@ -1,7 +1,7 @@
 """How long a model retraining holds the event loop: spawned worker against a thread.
 
-The same retraining (`model_training.train_and_validate`: the supervised filter trained,
-registered and validated walk-forward on one pair's candles) runs while a probe task
+The same retraining (`model_training.train_and_validate`: the supervised filter trained on
+its walk-forward folds, registered and validated on one pair's candles) runs while a probe task
 sleeping 2 ms records how late it wakes; the longest lateness is the loop's longest stall.
 Ours: the retrainer's spawned process pool (`model_training.Retrainer`). Peer: the same
 call in a thread (`asyncio.to_thread`, what a daemon without a process pool does), which
@@ -14,6 +14,7 @@ KESTREL_BENCH_SIZE: candles (default 20,000 one-minute candles), or "small" for 
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -109,7 +110,9 @@ async def _measure(n: int) -> tuple[list[float], list[float], float]:
 def run() -> list[dict[str, Any]]:
     """Return the benchmark rows."""
     n = bench_size(default=20_000, small=5_000, floor=2_000)
+    load = os.getloadavg()[0]  # a stall in wall time includes other processes' turns
     ours, peer, took = asyncio.run(_measure(n))
+    folds = LearningSettings().validation_folds
     return [
         {
             "name": f"longest loop stall during a retrain, {n:,} candles",
@@ -119,7 +122,9 @@ def run() -> list[dict[str, Any]]:
             "unit": "ms",
             "ratio": min(peer) / max(min(ours), 1e-3),
             "note": (
-                f"best of 3; one retrain takes {took:.1f} s; ours (spawned worker) runs: "
+                f"best of 3; one retrain ({folds} walk-forward folds) takes {took:.1f} s;"
+                f" host load average {load:.1f} on {os.cpu_count()} cores;"
+                " ours (spawned worker) runs: "
                 + ", ".join(f"{v:.1f}" for v in ours)
                 + "; thread runs: "
                 + ", ".join(f"{v:.1f}" for v in peer)

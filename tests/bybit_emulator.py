@@ -398,6 +398,8 @@ class _Order:
     locked_coin: str = ""
     locked: Decimal = Decimal(0)
     reject_reason: str = "EC_NoError"
+    # Who created it: CreateByUser, or the exchange (CreateByLiq, CreateByAdl_PassThrough).
+    create_type: str = "CreateByUser"
 
     @property
     def is_open(self) -> bool:
@@ -438,7 +440,7 @@ class _Order:
             out["marketUnit"] = "baseCoin" if self.order_type == "Market" else ""
         else:
             out["tpslMode"] = ""
-            out["createType"] = "CreateByUser"
+            out["createType"] = self.create_type
         return out
 
 
@@ -453,6 +455,7 @@ class _Execution:
     fee_coin: str
     is_maker: bool
     ts: int
+    closed_size: Decimal = Decimal(0)
 
     def item(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -471,15 +474,19 @@ class _Execution:
             "feeRate": str(self.fee_rate),
             "execTime": str(self.ts),
             "isMaker": self.is_maker,
-            "execType": "Trade",
+            "execType": _EXEC_TYPES.get(self.order.create_type, "Trade"),
             "leavesQty": str(self.order.qty - self.order.filled),
         }
         if self.order.category == "spot":
             out["feeCurrency"] = self.fee_coin
         else:
-            out["createType"] = "CreateByUser"
-            out["closedSize"] = "0"
+            out["createType"] = self.order.create_type
+            out["closedSize"] = str(self.closed_size)
         return out
+
+
+# Executions of the orders the exchange itself creates (Bybit's `execType` enum).
+_EXEC_TYPES = {"CreateByLiq": "BustTrade", "CreateByAdl_PassThrough": "AdlTrade"}
 
 
 @dataclass(slots=True)
@@ -573,6 +580,10 @@ class BybitEmulator:
         self.fundings: list[dict[str, Any]] = []
         self.funding_history: dict[str, list[tuple[int, Decimal]]] = {}
         self.predicted_funding: dict[str, Decimal] = {}  # the ticker's fundingRate
+        # Mark (and last) prices a test sets per linear symbol (`set_mark`); a position the
+        # mark crosses its liquidation price on is liquidated (execType BustTrade).
+        self.marks: dict[str, Decimal] = {}
+        self.private_pushed: list[tuple[str, list[dict[str, Any]]]] = []  # (topic, data)
         self.requests: list[RecordedRequest] = []
         self.fault_rates: dict[str, float] = {}
         self.fault_paths: tuple[str, ...] | None = None
@@ -705,7 +716,9 @@ class BybitEmulator:
             await self._fill(order, price or order.price, maker=True, qty=piece)
 
     def last_price(self, symbol: str, category: str = "spot") -> Decimal:
-        """Return the current close of `symbol`."""
+        """Return the current close of `symbol` (a linear mark set by `set_mark` first)."""
+        if category == "linear" and symbol in self.marks:
+            return self.marks[symbol]
         now = self.clock.now_ms()
         return self.series[(category, symbol)].minute(now - now % MINUTE_MS).close
 
@@ -875,6 +888,7 @@ class BybitEmulator:
         return await self.push_raw(category, topic, json.dumps(frame, separators=(",", ":")))
 
     async def _private(self, topic: str, data: list[dict[str, Any]]) -> int:
+        self.private_pushed.append((topic, data))
         frame = {
             "id": str(uuid.uuid4()),
             "topic": topic,
@@ -908,6 +922,7 @@ class BybitEmulator:
                 await self._match_minutes(self._processed_ms, now)
                 await self._push_klines(now)
             self._processed_ms = max(self._processed_ms, now)
+            await self._liquidate_crossed()
 
     async def _match_minutes(self, since_ms: int, now_ms: int) -> None:
         # Each minute that closed may trigger stops and fill resting limit orders.
@@ -1707,6 +1722,7 @@ class BybitEmulator:
         inst = self.instruments[(order.category, order.symbol)]
         qty = order.qty - order.filled if qty is None else qty
         rate = _FEES[(order.category, maker)]
+        closed = Decimal(0)
         now = self.clock.now_ms()
         if order.category == "spot":
             if order.side == "Buy":
@@ -1719,6 +1735,9 @@ class BybitEmulator:
                 self._credit(inst.quote, qty * price - fee)
         else:
             fee, fee_coin = qty * price * rate, "USDT"
+            held = self.positions.get(order.symbol, _Position(order.symbol)).size
+            if held and (held > 0) != (order.side == "Buy"):
+                closed = min(qty, abs(held))
             self._credit("USDT", -fee + self._apply_position(order, qty, price, now))
         order.filled += qty
         order.filled_value += qty * price
@@ -1728,7 +1747,7 @@ class BybitEmulator:
         order.updated = now
         self._relock(order)
         execution = _Execution(
-            str(uuid.uuid4()), order, price, qty, fee, rate, fee_coin, maker, now
+            str(uuid.uuid4()), order, price, qty, fee, rate, fee_coin, maker, now, closed
         )
         self.executions.append(execution)
         await self._emit_order(order)
@@ -1924,6 +1943,75 @@ class BybitEmulator:
             and start <= e.ts <= end
         ]
         return self._page(items, params, 50, 100)
+
+    # -- Liquidation and ADL -------------------------------------------------------------------
+
+    async def set_mark(self, symbol: str, price: Decimal | str | None) -> None:
+        """Set the mark (and last) price of linear `symbol` (None: the series' again).
+
+        A position whose liquidation price the mark reaches is liquidated at once, as
+        Bybit's liquidation engine does (see `_liquidate`).
+        """
+        async with self._lock:
+            if price is None:
+                self.marks.pop(symbol, None)
+            else:
+                self.marks[symbol] = Decimal(str(price))
+            await self._liquidate_crossed()
+
+    async def auto_deleverage(
+        self, symbol: str, qty: Decimal | str | None = None, price: Decimal | str | None = None
+    ) -> None:
+        """Auto-deleverage `qty` (default all) of the position on `symbol` at `price` (mark).
+
+        Bybit closes a profitable position against a bankrupt one (execType AdlTrade,
+        createType CreateByAdl_PassThrough) and cancels the symbol's active orders.
+        """
+        async with self._lock:
+            pos = self.positions[symbol]
+            size = abs(pos.size) if qty is None else Decimal(str(qty))
+            at = self.last_price(symbol, "linear") if price is None else Decimal(str(price))
+            await self._force_close(pos, size, at, "CreateByAdl_PassThrough")
+
+    async def _liquidate_crossed(self) -> None:
+        for pos in list(self.positions.values()):
+            if not pos.size:
+                continue
+            mark = self.last_price(pos.symbol, "linear")
+            _, liq, bust = self._margin_prices(pos)
+            if (mark <= liq) if pos.size > 0 else (mark >= liq):
+                await self._liquidate(pos, bust)
+
+    async def _liquidate(self, pos: _Position, bust: Decimal) -> None:
+        # Bybit on the lowest risk-limit tier: cancel the symbol's active orders (stops
+        # included), then the liquidation engine takes the whole position over at its
+        # bankruptcy price, charging the taker fee on that value; what margin is left
+        # goes to the insurance fund, so the wallet loses the position's margin plus fee.
+        await self._force_close(pos, abs(pos.size), bust, "CreateByLiq")
+
+    async def _force_close(self, pos: _Position, qty: Decimal, price: Decimal, how: str) -> None:
+        for order in list(self.orders.values()):
+            if order.is_open and order.category == "linear" and order.symbol == pos.symbol:
+                await self._cancel(order)
+        now = self.clock.now_ms()
+        order = _Order(
+            order_id=str(uuid.uuid4()),
+            link_id="",
+            category="linear",
+            symbol=pos.symbol,
+            side="Sell" if pos.size > 0 else "Buy",
+            order_type="Market",
+            qty=qty,
+            price=price,
+            tif="IOC",
+            status="New",
+            created=now,
+            updated=now,
+            reduce_only=True,
+            create_type=how,
+        )
+        self.orders[order.order_id] = order
+        await self._fill(order, price, maker=False)
 
     # -- Funding -------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any
 from config import load_settings
 from models import BotState, TradingState
 from pipeline import Engine
+from run_summary import RunSummary
 from runner import Daemon
 from tests.conftest import eventually
 from tests.test_backtest_support import SAMPLE_FILE, cli_args
@@ -61,7 +62,7 @@ class RunningDaemon:
     """A started replay daemon and the task running it."""
 
     daemon: Daemon
-    task: asyncio.Task[dict[str, Any]]
+    task: asyncio.Task[RunSummary]
 
     @property
     def engine(self) -> Engine:
@@ -113,7 +114,7 @@ async def start_daemon(tmp_path: Path, *, speed: float = SPEED) -> RunningDaemon
 async def stop_daemon(running: RunningDaemon) -> dict[str, Any]:
     """Stop the daemon in order and check it ended cleanly; return its summary."""
     running.daemon.stop.set()
-    summary = await asyncio.wait_for(running.task, 10)
+    summary: dict[str, Any] = (await asyncio.wait_for(running.task, 10)).to_dict()
     assert running.engine.state is BotState.STOPPED
     assert summary["candles"] > 0
     return summary

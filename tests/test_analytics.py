@@ -23,6 +23,7 @@ from analytics import (
     trade_returns,
     write_html_report,
 )
+from run_summary import OpenPosition
 from strategy import load_strategy
 from tests.test_backtest_support import sample_frame
 from trade_simulator import TRADE_COLUMNS, BacktestResult, run_fast
@@ -32,6 +33,10 @@ DAY = 86_400_000
 T0 = 1_700_006_400_000 - 1_700_006_400_000 % DAY
 
 
+# A position opened on day 3 and still open at the end.
+OPEN_SINCE_DAY_3 = OpenPosition("A/USDT", "long", 1.0, 100.0, T0 + 3 * DAY, None)
+
+
 def result(
     equity: list[float],
     *,
@@ -39,7 +44,7 @@ def result(
     start: float = 100.0,
     timeframe: str = "1d",
     step: int = DAY,
-    open_positions: tuple[dict[str, Any], ...] = (),
+    open_positions: tuple[OpenPosition, ...] = (),
 ) -> BacktestResult:
     """Return a result whose curve is `equity` at the closes of daily candles from T0."""
     rows = trades or []
@@ -142,7 +147,9 @@ def test_exposure_is_the_union_of_position_time() -> None:
     assert set(m["per_pair"]) == {"A/USDT", "B/USDT", "BTC/USDT"}
     assert m["per_pair"]["A/USDT"]["win_rate"] == 1.0
     held = result(
-        [100.0] * 4, trades=trades, open_positions=({"pair": "A/USDT", "entry_ts": T0 + 3 * DAY},)
+        [100.0] * 4,
+        trades=trades,
+        open_positions=(OPEN_SINCE_DAY_3,),
     )
     assert metrics(held)["exposure"] == pytest.approx(0.75)
 

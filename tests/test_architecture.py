@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ROOT
 
 
-LEAVES = {"models", "error_handler", "config", "utils"}
+LEAVES = {"models", "error_handler", "config", "utils", "run_summary"}
 OURS = {p.stem for p in ROOT.glob("*.py")} | {"utils"}
 # Component-to-component edges we accept, each for a stated reason. Anything else fails.
 ALLOWED = {
@@ -134,6 +134,8 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    # model_training.py (walk-forward folds of a challenger's validation)
+    "model_validation": "model_training",
     # runner.py: one builder per mode over the shared assembly, and the exchange's feed
     "assembly": "runner",
     "mode_builders": "runner",
@@ -206,3 +208,8 @@ def test_split_out_parts_exist_and_never_import_their_owner(part: str, owner: st
     assert part in GRAPH
     assert owner in GRAPH
     assert owner not in GRAPH[part]
+
+
+def test_the_run_summary_sits_beside_models() -> None:
+    """run_summary (the typed `--summary-json`) imports only models."""
+    assert GRAPH["run_summary"] <= {"models"}

@@ -90,8 +90,8 @@ def test_fast_path_equals_the_cli_replay_bit_for_bit(tmp_path: Path) -> None:
         slippage_bps=0,
     )
     assert summary["n_trades"] == fast.n_trades == 32
-    assert _rows(summary["trades"]) == _rows(fast.summary()["trades"])
-    ours = fast.summary()
+    assert _rows(summary["trades"]) == _rows(fast.summary().to_dict()["trades"])
+    ours = fast.summary().to_dict()
     # The whole document matches; the drawdown is taken on the float curve (to 1e-12).
     assert ours.pop("max_drawdown") == pytest.approx(summary.pop("max_drawdown"), rel=1e-12)
     assert summary.pop("dropped_candles") == 0
@@ -127,9 +127,9 @@ async def test_fast_path_equals_the_replay_for_every_strategy_and_fill_model(
     exact = run_fast(strategy, df, pair=PAIR, exact=True, **options)
     fast = run_fast(strategy, df, pair=PAIR, **options)
     assert summary["n_trades"] > 0
-    assert _rows(summary["trades"]) == _rows(exact.summary()["trades"])
+    assert _rows(summary["trades"]) == _rows(exact.summary().to_dict()["trades"])
     for key in ("final_equity", "fees", "realised_pnl", "signals", "vetoes", "rejections"):
-        assert exact.summary()[key] == summary[key], key
+        assert exact.summary().to_dict()[key] == summary[key], key
     # The float path: the same trades; prices with slippage, and PnL, to float rounding.
     replay_trades = summary["trades"]
     for key in ("entry_ts", "exit_ts", "qty"):
@@ -163,7 +163,7 @@ async def test_timerange_simulates_the_range_with_signals_from_the_whole_archive
         load_strategy("sma_cross"), df, pair=PAIR, start_ms=start, end_ms=end, exact=True
     )
     assert summary["candles"] == fast.candles == 800
-    assert _rows(summary["trades"]) == _rows(fast.summary()["trades"])
+    assert _rows(summary["trades"]) == _rows(fast.summary().to_dict()["trades"])
     assert summary["final_equity"] == fast.final_equity
 
 
@@ -241,7 +241,7 @@ def test_result_round_trips_through_the_replay_summary() -> None:
     rebuilt = result_from_summary(fast.summary(), curve)
     assert rebuilt.trades == fast.trades
     assert np.array_equal(rebuilt.equity, fast.equity)
-    assert rebuilt.summary()["final_equity"] == fast.final_equity
+    assert rebuilt.summary().final_equity == fast.final_equity
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------

@@ -125,6 +125,6 @@ async def replay_in_process(*args: str) -> tuple[dict[str, Any], list[tuple[int,
     settings = main._apply_cli(load_settings(env_file=None), parsed)
     daemon = Daemon(parsed, settings)
     daemon.build_replay()
-    summary = await daemon.run()
+    summary = (await daemon.run()).to_dict()
     assert daemon.engine is not None
     return summary, list(daemon.engine.portfolio.equity_curve)

@@ -92,7 +92,7 @@ async def _backtest(
     assert daemon.driver is not None
     if not quiet:
         daemon.driver._quiet = None
-    return await daemon.run(), daemon
+    return (await daemon.run()).to_dict(), daemon
 
 
 async def test_a_long_at_10x_is_liquidated_at_its_liquidation_price_with_the_fee(

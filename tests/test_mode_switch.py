@@ -31,7 +31,7 @@ async def test_switch_to_live_stops_in_order_and_asks_for_a_restart(
     run = asyncio.create_task(daemon.run())
     await eventually(lambda: daemon.engine is not None and daemon.engine.candles > 5)
     await daemon.switch_mode("live")
-    summary = await asyncio.wait_for(run, 10)
+    summary = (await asyncio.wait_for(run, 10)).to_dict()
     assert summary["restart_as"] == "live"
     assert 0 < summary["candles"] < 1440  # it stopped mid-replay, not at the end
     assert (daemon.settings.storage.data_dir / "state" / "sim.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -93,6 +94,9 @@ def _kestrel(*args: str) -> dict[str, Any]:
         **os.environ,
         "KESTREL_LEARNING__MIN_SAMPLES": "200",
         "KESTREL_LEARNING__TIME_BUDGET": "120",
+        # A day of real minutes has no edge to find: the first model is made champion on
+        # purpose (opt-in), since by default one that loses to staying flat is not used.
+        "KESTREL_LEARNING__BOOTSTRAP_CHAMPION": "true",
     }
     out = Path.cwd() / f"summary-{len(list(Path.cwd().glob('summary-*')))}.json"
     subprocess.run(
@@ -116,6 +120,12 @@ async def test_train_and_models_commands(
     assert (first["model"], first["promoted"], first["decision"]) == (name, True, "promoted")
     assert first["validation"]["champion"] is None
     assert np.isfinite(first["validation"]["challenger"])
+    # Walk-forward: three anchored folds, each out of sample after the one before it.
+    folds = first["validation"]["folds"]
+    assert [f["fold"] for f in folds] == [1, 2, 3]
+    assert all(a["end_ms"] <= b["start_ms"] for a, b in itertools.pairwise(folds))
+    assert sum(f["bars"] for f in folds) == first["validation"]["bars"]
+    assert first["validation"]["baseline"] == "flat"
     # The same command's function again, in this process (a second interpreter costs seconds).
     second = await run_train_cli(
         {PAIR: candles},

@@ -45,6 +45,9 @@ def _learning_env(monkeypatch: pytest.MonkeyPatch, **extra: str) -> None:
         "RETRAIN_EVERY_CANDLES": "250",
         "RETRAIN_CHECK_S": "0.2",
         "TIME_BUDGET": "120",
+        # A day of real minutes has no edge: the first model is made champion on purpose
+        # (opt-in); by default one that loses to staying flat is kept as the challenger.
+        "BOOTSTRAP_CHAMPION": "true",
         **extra,
     }
     for key, value in values.items():

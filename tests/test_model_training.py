@@ -222,7 +222,11 @@ async def test_a_clearly_better_challenger_is_shadowed_promoted_and_rolled_back(
     """Contrarian beats a momentum champion in validation and in shadow (across a restart)."""
     history = mean_reverting(2400, seed=6)
     trained_on = history.iloc[:1800]
+    # The losing momentum rule is made champion on purpose (bootstrap_champion opts in):
+    # by default a first model that loses to staying flat is never used.
+    retrainer.plan.learning = learning(bootstrap_champion=True)
     first, _ = await retrainer.retrain(PAIR, trained_on)
+    assert not first.passed
     retrainer.plan.kind = CONTRARIAN
     validation, decision = await retrainer.retrain(PAIR, trained_on)
     assert decision == "shadow"
@@ -308,11 +312,15 @@ def test_a_kind_that_cannot_replay_waits_for_the_operator(tmp_path: Path) -> Non
     assert out == []
 
 
-@pytest.mark.parametrize(("bootstrap", "expected"), [(True, "promoted"), (False, "rejected")])
+@pytest.mark.parametrize(("bootstrap", "expected"), [(True, "promoted"), (False, "challenger")])
 def test_an_unvalidated_first_model_is_used_only_when_bootstrapping(
     tmp_path: Path, bootstrap: bool, expected: str
 ) -> None:
-    """A failing first model becomes champion (flagged) only with bootstrap_champion."""
+    """A failing first model becomes champion (flagged) only with bootstrap_champion.
+
+    Without it (the default) the model is kept as the challenger, no champion is set (the
+    strategy stays neutral) and the operator is alerted.
+    """
     request = TrainRequest(
         kind=MOMENTUM,
         name=NAME,
@@ -327,11 +335,12 @@ def test_an_unvalidated_first_model_is_used_only_when_bootstrapping(
     assert not validation.passed
     out: list[Event] = []
     assert decide(Registry(tmp_path), request.learning, validation, out.append) == expected
-    champion = Registry(tmp_path).aliases(NAME).champion
+    aliases = Registry(tmp_path).aliases(NAME)
     if bootstrap:
-        assert champion == validation.version
+        assert aliases.champion == validation.version
         assert isinstance(out[-1], ModelPromoted)
         assert "NOT validated" in out[-1].reason
     else:
-        assert champion is None
+        assert (aliases.champion, aliases.challenger) == (None, validation.version)
         assert isinstance(out[-1], ModelRejected)
+        assert "stays neutral" in out[-1].reason

@@ -63,7 +63,7 @@ async def _run(
     if alerts is not None:
         daemon.notifiers.append(alerts.append)  # the alert bus, as Telegram hears it
     daemon.build_replay()
-    summary = await daemon.run()
+    summary = (await daemon.run()).to_dict()
     assert daemon.engine is not None
     return summary, daemon.engine
 

@@ -339,6 +339,6 @@ async def test_dashboard_q_stops_the_daemon_in_order(
 ) -> None:
     """`q` asks the engine to stop: the daemon's run ends cleanly with its summary."""
     await pilot.press("q")
-    summary = await asyncio.wait_for(replay_daemon.task, 10)
+    summary = (await asyncio.wait_for(replay_daemon.task, 10)).to_dict()
     assert replay_daemon.engine.state is BotState.STOPPED
     assert 0 < summary["candles"] < RISE * CYCLES  # stopped mid-replay, not at the end

@@ -129,7 +129,7 @@ async def test_the_engine_charts_what_it_traded(monkeypatch: pytest.MonkeyPatch)
     args = cli_args("--mode", "sim", "--feed", "replay", "--pairs", "BTC/USDT")
     daemon = Daemon(args, main._apply_cli(load_settings(env_file=None), args))
     daemon.build_replay()
-    summary = await daemon.run()
+    summary = (await daemon.run()).to_dict()
     engine = daemon.engine
     assert engine is not None
     assert summary["n_trades"] > 0

@@ -188,7 +188,7 @@ def test_backtest_metrics_agree_with_the_fast_path() -> None:
         taker_fee=evaluator.taker_fee,
         slippage_bps=evaluator.slippage_bps,
     )
-    summary = result.summary()
+    summary = result.summary().to_dict()
     assert metrics["n_trades"] == summary["n_trades"] > 0
     assert metrics["total_return"] == pytest.approx(summary["total_return"])
     assert metrics["max_drawdown"] == pytest.approx(summary["max_drawdown"])

@@ -207,7 +207,7 @@ async def test_perpetual_sample_backtest_settles_its_recorded_funding(
     assert expected > 0  # rates were negative: the long received
     assert summary["funding"] == pytest.approx(expected, rel=1e-12)
     assert sum(t["funding"] for t in summary["trades"]) == pytest.approx(expected, rel=1e-12)
-    fast = _fast("ema_cross", FUNDING, "next_open").summary()
+    fast = _fast("ema_cross", FUNDING, "next_open").summary().to_dict()
     for key in ("funding", "funding_settlements", "final_equity", "realised_pnl", "trades"):
         assert fast[key] == summary[key], key
 
@@ -264,7 +264,7 @@ async def test_funding_is_the_same_on_every_replay_path_and_the_fast_path(
             daemon.driver.quiet_runs = False
         if variant == "full":
             daemon.driver._quiet = None
-        summary = await daemon.run()
+        summary = (await daemon.run()).to_dict()
         results.append((summary, list(daemon.engine.portfolio.equity_curve)))
     runs, per_candle, full = results
     assert full[0]["funding_settlements"] > 3
@@ -273,7 +273,7 @@ async def test_funding_is_the_same_on_every_replay_path_and_the_fast_path(
     assert runs == full
     assert per_candle == full
     fast = _fast("sma_cross", funding, fill_at)
-    summary = fast.summary()
+    summary = fast.summary().to_dict()
     for key in ("funding", "funding_settlements", "final_equity", "realised_pnl", "trades"):
         assert summary[key] == full[0][key], key
     # The curve to float rounding, as the fast path's curve in the other parity tests.

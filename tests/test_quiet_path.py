@@ -50,7 +50,7 @@ async def test_quiet_path_equals_the_full_pipeline(
             apply(last, close_ts, closes)
 
         driver.on_quiet_run = counted  # type: ignore[method-assign]
-        summary = await daemon.run()
+        summary = (await daemon.run()).to_dict()
         # Only the "runs" variant applies stretches, several candles at a time.
         assert (max(applied, default=0) > 1) is (variant == "runs")
         results.append((summary, list(engine.portfolio.equity_curve), engine.executor.orders))
@@ -117,7 +117,7 @@ async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
         assert daemon.engine is not None
         assert daemon.driver is not None
         daemon.driver.quiet_runs = runs
-        summary = await daemon.run()
+        summary = (await daemon.run()).to_dict()
         results.append((summary, list(daemon.engine.portfolio.equity_curve)))
     assert results[0] == results[1]
     assert results[0][0]["candles"] < len(ts) * 0.6

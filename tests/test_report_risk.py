@@ -10,6 +10,7 @@ import numpy as np
 from circuit_breakers import breaker_report
 from fast_path import BacktestResult
 from report_risk import buy_and_hold, time_by_state
+from run_summary import TradingSpan
 from tests.test_backtest_support import run_cli
 
 
@@ -42,7 +43,12 @@ def test_breaker_report_lists_escalations_and_the_spans_they_held() -> None:
         ("flatten", 3 * H, 5 * H),
         ("reducing", 6 * H, 10 * H),
     ]
-    assert time_by_state(report["spans"]) == {"reduced": 2 * H, "flatten": 2 * H, "reducing": 4 * H}
+    spans = [TradingSpan.from_dict(s) for s in report["spans"]]
+    assert time_by_state(spans) == {
+        "reduced": 2 * H,
+        "flatten": 2 * H,
+        "reducing": 4 * H,
+    }
 
 
 def test_buy_and_hold_averages_the_pairs_without_look_ahead() -> None:

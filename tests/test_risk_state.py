@@ -350,3 +350,40 @@ async def test_the_score_book_survives_a_live_restart(monkeypatch: pytest.Monkey
             r.lcb for r in engine.reward.ranked()
         ]
         await second.teardown()
+
+
+async def test_the_account_equity_history_survives_a_live_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The snapshot task stores cash and equity; a restart shows them ahead of its own curve."""
+    async with BybitEmulator(lenient_clock=True, balances={"USDT": "100000"}) as emu:
+        for name, value in {
+            **_LIVE_ENV,
+            "KESTREL_STORAGE__SNAPSHOT_INTERVAL_S": "1",
+            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
+            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        }.items():
+            monkeypatch.setenv(name, value)
+        first = await _live_daemon(emu)
+        engine = first.engine
+        assert engine is not None
+        # The store closes with the run: count through the daemon's own handle meanwhile.
+        journal = first.store
+        assert journal is not None
+        await _run_until(first, emu, lambda: len(journal.equity_curve()) >= 2)
+
+        second = await _live_daemon(emu)
+        assert second.engine is not None
+        assert second.store is not None
+        stored = second.store.equity_curve()
+        assert len(stored) >= 2
+        assert [p.ts for p in stored] == sorted({p.ts for p in stored})
+        # The account's cash and equity (100,000 USDT, less fees and a small open position).
+        assert all(p.cash == pytest.approx(100_000, rel=0.01) for p in stored)
+        assert all(p.equity == pytest.approx(100_000, rel=0.01) for p in stored)
+        shown = second.engine.snapshot().equity_curve
+        history = [(p.ts, float(p.equity)) for p in stored]
+        assert list(shown[: len(history)]) == history
+        assert all(ts > history[-1][0] for ts, _ in shown[len(history) :])
+        await second.teardown()

@@ -318,15 +318,19 @@ def test_backtest_cli_trades_the_policy_through_risk_and_matches_the_fast_path(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     replay = json.loads(out.read_text())
-    fast = fast_backtest(
-        load_strategy(f"rl:{tmp_path / 'policy'}"),
-        candles,
-        pair="BTC/USDT",
-        timeframe="1m",
-        starting_balance=10_000.0,
-        taker_fee=0.001,
-        slippage_bps=2.0,
-    ).summary()
+    fast = (
+        fast_backtest(
+            load_strategy(f"rl:{tmp_path / 'policy'}"),
+            candles,
+            pair="BTC/USDT",
+            timeframe="1m",
+            starting_balance=10_000.0,
+            taker_fee=0.001,
+            slippage_bps=2.0,
+        )
+        .summary()
+        .to_dict()
+    )
     assert replay["n_trades"] == fast["n_trades"] > 5
     assert replay["trades"] == json.loads(json.dumps(fast["trades"]))
     assert replay["signals"] > 0

@@ -12,6 +12,7 @@ import pytest
 from config import LearningSettings
 from data_manager import load_candles
 from error_handler import DataError
+from model_registry import Registry
 from models import ErrorRaised, Event
 from self_learning import (
     NEUTRAL,
@@ -157,6 +158,13 @@ def test_trained_model_filters_sim_entries(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
+    # A day of minutes has no edge, so the first model loses to staying flat and is kept as
+    # the challenger; the operator promotes it on purpose (as `--mode models --promote`).
+    registry = Registry(tmp_path / "data" / "models")
+    name = "direction-BTC-USDT-1m"
+    challenger = registry.aliases(name).challenger
+    assert challenger is not None
+    registry.promote(name, challenger)
     # The registry's champion alias replaced the CURRENT pointer file.
     assert ModelRegistry(tmp_path / "data" / "models", "direction-BTC-USDT-1m").current_version()
     env["KESTREL_LEARNING__ENABLED"] = "true"

@@ -18,10 +18,12 @@ from models import (
     ErrorRaised,
     Event,
     Fill,
+    FillKind,
     Liquidity,
     ModelPromoted,
     ModelRejected,
     OrderRefused,
+    PositionLiquidated,
     PositionSide,
     RiskReset,
     Side,
@@ -100,6 +102,56 @@ EXPECTED: list[tuple[Event, Alert]] = [
     (
         StopHit("BTC/USDT", Decimal("63650.50")),
         Alert("stop hit on BTC/USDT at 63650.50", "stop"),
+    ),
+    (
+        PositionLiquidated(
+            Fill(
+                "liq-1",
+                "BTC/USDT:USDT",
+                Side.SELL,
+                Decimal("61750.0"),
+                Decimal("0.100"),
+                Decimal("3.396250"),
+                "USDT",
+                Liquidity.TAKER,
+                TS,
+                "e-9",
+            ),
+            FillKind.LIQUIDATION,
+            -330.1,
+            Decimal(0),
+        ),
+        Alert(
+            "🚨 <b>BTC/USDT:USDT liquidated</b> by the exchange\n"
+            "sell 0.1 @ 61750 · fee 3.3963 USDT\nP&amp;L <b>-330.10</b> · position closed",
+            "liquidation",
+            "liquidation-e-9",
+        ),
+    ),
+    (
+        PositionLiquidated(
+            Fill(
+                "adl-1",
+                "BTC/USDT:USDT",
+                Side.SELL,
+                Decimal("66100"),
+                Decimal("0.04"),
+                Decimal("1.4542"),
+                "USDT",
+                Liquidity.TAKER,
+                TS,
+                "e-10",
+            ),
+            FillKind.ADL,
+            42.5,
+            Decimal("0.06"),
+        ),
+        Alert(
+            "🚨 <b>BTC/USDT:USDT auto-deleveraged</b> by the exchange\n"
+            "sell 0.04 @ 66100 · fee 1.4542 USDT\nP&amp;L <b>+42.50</b> · 0.06 still held",
+            "liquidation",
+            "liquidation-e-10",
+        ),
     ),
     (
         OrderRefused("ETH/USDT", "qty 0.001 < min 0.01"),

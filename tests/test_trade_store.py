@@ -19,7 +19,6 @@ from models import (
     ORDER_TRANSITIONS,
     ClosedTrade,
     OrderStatus,
-    Position,
     PositionSide,
     Side,
 )
@@ -361,31 +360,7 @@ def test_a_fill_contradicting_its_order_raises(store: TradeStore, bad: dict[str,
     assert store.fills() == []
 
 
-# -- Positions, trades, equity, state --------------------------------------------------------
-
-
-def test_positions_upsert_replace_and_delete(store: TradeStore) -> None:
-    """A position is replaced per pair, listed by pair and removed on delete."""
-    eth = Position("ETH/USDT", PositionSide.SHORT, Decimal(2), Decimal(3_000), 5)
-    btc = Position(PAIR, PositionSide.LONG, Decimal("0.5"), Decimal(60_000), 7, Decimal(58_000))
-    store.upsert_position(eth)
-    store.upsert_position(btc)
-    moved = dataclasses.replace(btc, qty=Decimal("0.75"), stop_price=Decimal(59_000))
-    store.upsert_position(moved)
-    assert store.positions() == [moved, eth]
-    assert store.get_position(PAIR) == moved
-    assert store.delete_position(PAIR)
-    assert not store.delete_position(PAIR)
-    assert store.positions() == [eth]
-    assert store.get_position(PAIR) is None
-
-
-def test_mark_price_is_not_persisted(store: TradeStore) -> None:
-    """The mark price is live data: a stored position comes back without it."""
-    store.upsert_position(
-        Position(PAIR, PositionSide.LONG, Decimal(1), Decimal(10), 1, mark_price=Decimal(11))
-    )
-    assert store.positions()[0].mark_price is None
+# -- Trades, equity, state --------------------------------------------------------
 
 
 def test_closed_trades_come_back_in_exit_order(store: TradeStore) -> None:
@@ -408,6 +383,15 @@ def test_equity_curve_is_ordered_and_replaces_same_ts(store: TradeStore) -> None
         (20, Decimal(901), Decimal(1_011)),
     ]
     assert [p.ts for p in store.equity_curve(since=15)] == [20]
+
+
+def test_equity_curve_keeps_the_newest_points_oldest_first(store: TradeStore) -> None:
+    """`last=n` returns the n newest snapshots, still in time order, and composes with since."""
+    for ts in (30, 10, 50, 40, 20):
+        store.add_equity(ts, Decimal(ts), Decimal(ts * 2))
+    assert [p.ts for p in store.equity_curve(last=3)] == [30, 40, 50]
+    assert [p.ts for p in store.equity_curve(since=35, last=5)] == [40, 50]
+    assert [p.equity for p in store.equity_curve(last=1)] == [Decimal(100)]
 
 
 def test_state_holds_json_values(store: TradeStore) -> None:
@@ -440,7 +424,6 @@ def test_bots_sharing_a_store_never_see_each_others_rows(backend: Backend) -> No
         for bot, qty in ((alpha, "1"), (beta, "2")):
             bot.journal(intent("cid-1", qty=qty), ts=1)
             assert bot.record_fill(fill("cid-1", "f-1", qty=qty))
-            bot.upsert_position(Position(PAIR, PositionSide.LONG, Decimal(qty), Decimal(10), 1))
             bot.add_equity(1, Decimal(qty), Decimal(qty))
             bot.add_closed_trade(
                 ClosedTrade(PAIR, PositionSide.LONG, 1, 2, 1.0, 2.0, float(qty), 0.0, 1.0)
@@ -451,14 +434,11 @@ def test_bots_sharing_a_store_never_see_each_others_rows(backend: Backend) -> No
             assert [o.qty for o in bot.all_orders()] == [amount]
             assert [f.qty for f in bot.fills()] == [amount]
             assert bot.fill_totals("cid-1").qty == amount
-            assert [p.qty for p in bot.positions()] == [amount]
             assert [p.cash for p in bot.equity_curve()] == [amount]
             assert [t.qty for t in bot.closed_trades()] == [float(amount)]
             assert bot.get_state("risk") == {"bot": bot.bot_id}
         assert [o.client_order_id for o in alpha.unacknowledged()] == ["cid-1"]
         assert beta.unacknowledged() == []
-        assert alpha.delete_position(PAIR)
-        assert [p.pair for p in beta.positions()] == [PAIR]
 
 
 def test_bots_opening_and_writing_at_once_do_not_collide(backend: Backend) -> None:
@@ -539,7 +519,53 @@ def test_a_version_1_store_is_migrated_and_keeps_its_closed_trades(backend: Back
         migrated.add_closed_trade(new, equity_after=9_990.0)
         assert migrated.closed_trades() == [old, new]
         assert migrated.trade_history() == [(old, None), (new, 9_990.0)]
-    assert _schema_versions(backend) == [1, SCHEMA_VERSION]
+    assert _schema_versions(backend) == [1, 2, SCHEMA_VERSION]
+
+
+def test_a_version_2_store_drops_its_positions_and_keeps_everything_else(
+    backend: Backend,
+) -> None:
+    """A v2 store loses the never-read positions table; orders, trades, equity, state stay."""
+    with backend.open() as first:
+        first.journal(intent("cid-1"), ts=1)
+        first.add_closed_trade(
+            ClosedTrade(PAIR, PositionSide.LONG, 1, 2, 1.0, 2.0, 1.0, 0.0, 1.0), equity_after=5.0
+        )
+        first.add_equity(3, Decimal("9.5"), Decimal("10.25"))
+        first.set_state("risk", {"peak": "10"})
+    engine = _raw_engine(backend)
+    with engine.begin() as conn:  # back to v2: its positions table, with a row in it
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {_qualified(backend, 'positions')} (bot_id VARCHAR(64) NOT NULL,"
+                " pair VARCHAR(64) NOT NULL, side VARCHAR(8) NOT NULL, qty TEXT NOT NULL,"
+                " entry_price TEXT NOT NULL, stop_price TEXT, take_profit TEXT,"
+                " ts_opened BIGINT NOT NULL, fees_paid TEXT NOT NULL,"
+                " PRIMARY KEY (bot_id, pair))"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {_qualified(backend, 'positions')} VALUES ('default', 'BTC/USDT',"
+                " 'long', '1', '10', NULL, NULL, 1, '0')"
+            )
+        )
+        conn.execute(schema_version.delete())
+        conn.execute(schema_version.insert().values(version=2, ts_applied=0))
+    engine.dispose()
+    with backend.open() as migrated:
+        assert [o.client_order_id for o in migrated.all_orders()] == ["cid-1"]
+        assert [equity for _, equity in migrated.trade_history()] == [5.0]
+        assert [(p.ts, p.cash, p.equity) for p in migrated.equity_curve()] == [
+            (3, Decimal("9.5"), Decimal("10.25"))
+        ]
+        assert migrated.get_state("risk") == {"peak": "10"}
+    assert _schema_versions(backend) == [2, SCHEMA_VERSION]
+    engine = _raw_engine(backend)
+    try:
+        assert "positions" not in sa.inspect(engine).get_table_names(schema=backend.schema)
+    finally:
+        engine.dispose()
 
 
 def _qualified(backend: Backend, table: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import Fill, Liquidity, Order, OrderStatus, Position, PositionSide, Side
+from models import Fill, Liquidity, Order, OrderStatus, Side
 from tests.test_trade_store_support import BACKENDS, PAIR, Backend, intent, make_backend, report
 from trade_store import TradeStore
 
@@ -191,9 +191,6 @@ def test_decimals_round_trip_exactly(
     executed = Fill(cid, PAIR, Side.BUY, fill_price, qty, fee, "USDT", Liquidity.TAKER, 9, cid)
     assert store.record_fill(executed)
     assert store.fills(cid) == [executed]
-    position = Position(cid, PositionSide.SHORT, qty, price, 3, stop, fill_price, None, fee)
-    store.upsert_position(position)
-    assert store.get_position(cid) == position
     ts = int(uuid.uuid4().int % 10**12)
     store.add_equity(ts, cash, equity)
     assert [(p.cash, p.equity) for p in store.equity_curve(since=ts) if p.ts == ts] == [
