@@ -135,6 +135,7 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    "candle_reader": "data_manager",
 }
 
 
