@@ -156,17 +156,22 @@ def load_frames(
             raise ConfigError(str(e), component="data") from e
     if data is not None and len(pairs) != 1:
         raise ConfigError("--data holds one pair: pass exactly one with --pairs")
-    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
+    chunk_rows = settings.storage.read_chunk_rows
+    store = CandleStore(settings.storage.data_dir, settings.exchange.name, chunk_rows=chunk_rows)
     out: dict[str, tuple[pd.DataFrame, str]] = {}
     for pair in pairs:
         if data is not None:
-            frame, source = load_candles(data, timeframe=timeframe), str(data)
+            frame, source = (
+                load_candles(data, timeframe=timeframe, chunk_rows=chunk_rows),
+                str(data),
+            )
         elif store.has(pair, timeframe):
             frame = store.load(pair, timeframe, start_ms, end_ms)
             source = str(store.path(pair, timeframe))
         else:
             path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frame, source = load_candles(path, timeframe=timeframe), str(path)
+            frame = load_candles(path, timeframe=timeframe, chunk_rows=chunk_rows)
+            source = str(path)
         frame = _in_range(frame, start_ms, end_ms)
         if frame.empty:
             raise DataError(
@@ -347,7 +352,9 @@ def _write_archive(path: Path, arrays: CandleArrays, meta: Mapping[str, str]) ->
     )
 
 
-def _read_archive(path: Path, start_ms: int | None, end_ms: int | None) -> CandleArrays:
+def _read_archive(
+    path: Path, start_ms: int | None, end_ms: int | None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> CandleArrays:
     import pyarrow.dataset as ds
 
     try:
@@ -363,7 +370,7 @@ def _read_archive(path: Path, start_ms: int | None, end_ms: int | None) -> Candl
         # Row group by row group (the filter skips those outside the range): the candles
         # are held once, never as a whole Arrow table beside the arrays.
         batches = dataset.to_batches(
-            columns=["ts", *OHLCV], filter=condition, batch_size=DEFAULT_CHUNK_ROWS
+            columns=["ts", *OHLCV], filter=condition, batch_size=chunk_rows
         )
         rows = dataset.count_rows(filter=condition)  # the file's metadata when unfiltered
         return collect_archive(batches, trusted=ours, rows=rows, path=path)
@@ -380,9 +387,12 @@ class CandleStore:
     atomically. Not safe for two writers of the same archive at once; one process owns it.
     """
 
-    def __init__(self, data_dir: Path | str, exchange: str = "bybit") -> None:
+    def __init__(
+        self, data_dir: Path | str, exchange: str = "bybit", *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.exchange = exchange
+        self.chunk_rows = chunk_rows  # rows read at a time from an archive
 
     # -- Candles -----------------------------------------------------------------------------
 
@@ -407,7 +417,7 @@ class CandleStore:
         path = self.path(pair, timeframe)
         if not path.is_file():
             return _empty_arrays()
-        return _read_archive(path, start_ms, end_ms)
+        return _read_archive(path, start_ms, end_ms, self.chunk_rows)
 
     def load(
         self, pair: str, timeframe: str, start_ms: int | None = None, end_ms: int | None = None
