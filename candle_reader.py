@@ -214,16 +214,12 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
 
     with pq.ParquetFile(path) as file:
         schema = file.schema_arrow
-        names = schema.names
-        # Our archive layout: `ts` as epoch ms integers, read column by column. Anything
-        # else (a pandas frame, freqtrade's `date` layout) goes through pandas per chunk,
-        # as a whole-file pandas read would.
-        if (
-            "ts" in names
-            and pa.types.is_integer(schema.field("ts").type)
-            and all(c in names for c in OHLCV)
-        ):
-            for batch in file.iter_batches(batch_size=chunk_rows, columns=["ts", *OHLCV]):
+        # Our archive layout (`ts` as epoch ms integers) and a pandas frame's UTC time index
+        # are read column by column; anything else (freqtrade's `date` layout, a
+        # `timestamp` column) goes through pandas per chunk, as a whole-file read would.
+        time_column = _arrow_time_column(schema)
+        if time_column is not None:
+            for batch in file.iter_batches(batch_size=chunk_rows, columns=[time_column, *OHLCV]):
                 yield _arrow_chunk(batch)
             return
         for batch in file.iter_batches(batch_size=chunk_rows):
@@ -231,6 +227,26 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             if "timestamp" not in raw.columns and "date" in raw.columns:  # freqtrade's layout
                 raw = raw.set_index(pd.DatetimeIndex(raw.pop("date")))
             yield _raw_chunk(raw, path)
+
+
+def _arrow_time_column(schema: pa.Schema) -> str | None:
+    """Return the column to read open times from directly, None for the pandas route."""
+    import json
+
+    import pyarrow as pa
+
+    names = schema.names
+    if not all(c in names for c in OHLCV) or "timestamp" in names:
+        return None
+    if "ts" in names and pa.types.is_integer(schema.field("ts").type):
+        return "ts"
+    meta = json.loads((schema.metadata or {}).get(b"pandas", b"{}"))
+    index = meta.get("index_columns", [])
+    if len(index) != 1 or not isinstance(index[0], str) or index[0] not in names:
+        return None
+    kind = schema.field(index[0]).type
+    # Epoch times in any unit and zone (Arrow stores UTC); pandas reads them the same way.
+    return index[0] if pa.types.is_timestamp(kind) else None
 
 
 def _arrow_chunk(batch: pa.RecordBatch) -> RawChunk:
@@ -242,6 +258,9 @@ def _arrow_chunk(batch: pa.RecordBatch) -> RawChunk:
     if ts_column.null_count:
         ts_ok = np.asarray(ts_column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         ts_column = pc.fill_null(ts_column, 0)
+    if pa.types.is_timestamp(ts_column.type):
+        # To ms, as pandas' `as_unit("ms")` does: finer digits are cut (never set in bars).
+        ts_column = ts_column.cast(pa.timestamp("ms", ts_column.type.tz), safe=False)
     ts = np.asarray(ts_column.cast(pa.int64()).to_numpy(), dtype=np.int64)
     values = np.empty((5, batch.num_rows), dtype=np.float64)
     for row in range(5):
