@@ -31,7 +31,7 @@ from daemon_build import DaemonBuild, ExchangeClock
 from daemon_live import DaemonLive
 from daemon_operator import DaemonOperator, TelegramNotifier
 from daemon_state import DaemonState
-from data_manager import DataManager, replay_funding
+from data_manager import DataManager, index_ms, replay_funding
 from data_manager import replay_frames as load_frames
 from error_handler import (
     AuthenticationError,
@@ -420,7 +420,7 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             timings.update(daemon.timings, run_s=time.perf_counter() - ran)
         assert daemon.engine is not None
         prices = {
-            pair: (frame.index.as_unit("ms").asi8 + daemon.engine.step, frame["close"].to_numpy())
+            pair: (index_ms(frame) + daemon.engine.step, frame["close"].to_numpy())
             for pair, frame in daemon.frames.items()
         }
         result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)

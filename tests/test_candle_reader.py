@@ -16,14 +16,19 @@ from data_manager import CandleArrays, export_csv, normalise_frame
 from tests.test_backtest_support import MINUTE, random_walk, replay_in_process
 
 
-def _dirty(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return `frame` as raw rows (`timestamp` column) with dirt spread over the file."""
+def _dirty(frame: pd.DataFrame, *, ordered: bool = False) -> pd.DataFrame:
+    """Return `frame` as raw rows (`timestamp` column) with dirt spread over the file.
+
+    `ordered` keeps the rows in order on the grid (only row-local dirt and repairs).
+    """
     raw = frame.reset_index(drop=True)
     raw.insert(0, "timestamp", frame.index.as_unit("ms").asi8)
     raw.loc[3, "close"] = np.nan  # NaN
     raw.loc[10, "low"] = -1.0  # non-positive price
     raw.loc[17, ["high", "low"]] = [1.0, 2.0]  # high below low
     raw.loc[25, "high"] = raw.loc[25, "low"]  # close above the range: repaired
+    if ordered:
+        return raw
     raw.loc[40, "timestamp"] += 17  # off the grid
     # Duplicates (a later update of a bar wins) and rows out of order, far apart.
     later = raw.iloc[[5, 33, 60]].assign(close=lambda d: d["close"] * 1.001)
@@ -43,11 +48,14 @@ def _same(arrays: CandleArrays, frame: pd.DataFrame) -> None:
         np.testing.assert_array_equal(getattr(arrays, name), frame[name].to_numpy())
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 2, 7, 64, 10_000])
 @pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".parquet"])
-def test_chunked_read_equals_the_whole_file(tmp_path: Path, chunk_rows: int, suffix: str) -> None:
+def test_chunked_read_equals_the_whole_file(
+    tmp_path: Path, chunk_rows: int, suffix: str, ordered: bool
+) -> None:
     """Any chunk size gives the whole read's candles and report, dirt across chunk edges."""
-    raw = _dirty(random_walk(90))
+    raw = _dirty(random_walk(90), ordered=ordered)
     path = tmp_path / f"candles{suffix}"
     if suffix == ".parquet":
         raw.to_parquet(path, index=False, row_group_size=13)
@@ -57,9 +65,10 @@ def test_chunked_read_equals_the_whole_file(tmp_path: Path, chunk_rows: int, suf
     arrays, report = read_candles(path, timeframe="1m", chunk_rows=chunk_rows)
     _same(arrays, expected)
     assert report == expected_report
-    assert report.dropped_duplicates == 3
-    assert report.reordered
+    assert report.dropped_duplicates == (0 if ordered else 3)
+    assert report.reordered is not ordered
     assert report.repaired_range >= 1
+    assert report.dropped == 3 + (0 if ordered else 4)
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 50])
