@@ -369,8 +369,15 @@ def _read_archive(
         ours = b"kestrel" in (dataset.schema.metadata or {})
         # Row group by row group (the filter skips those outside the range): the candles
         # are held once, never as a whole Arrow table beside the arrays.
+        # No read-ahead and no pre-buffering: the scanner would otherwise hold many row
+        # groups (compressed and decoded) at once beside the candles.
         batches = dataset.to_batches(
-            columns=["ts", *OHLCV], filter=condition, batch_size=chunk_rows
+            columns=["ts", *OHLCV],
+            filter=condition,
+            batch_size=chunk_rows,
+            batch_readahead=1,
+            fragment_readahead=1,
+            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
         )
         rows = dataset.count_rows(filter=condition)  # the file's metadata when unfiltered
         return collect_archive(batches, trusted=ours, rows=rows, path=path)
