@@ -419,9 +419,12 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> dict[str
             summary = await daemon.run()
             timings.update(daemon.timings, run_s=time.perf_counter() - ran)
         assert daemon.engine is not None
+        # The closes are drawn only by the HTML report (buy-and-hold, price charts): a
+        # console-only run does not hold their close times (8 bytes a candle) to the end.
         prices = {
             pair: (index_ms(frame) + daemon.engine.step, frame["close"].to_numpy())
             for pair, frame in daemon.frames.items()
+            if args.report_html is not None
         }
         result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)
     phase = time.perf_counter()
