@@ -71,8 +71,12 @@ def curve(result: BacktestResult) -> tuple[np.ndarray, np.ndarray]:
     step = timeframe_to_ms(result.timeframe)
     if len(result.ts) == 0:
         return np.zeros(1, dtype=np.int64), np.array([result.starting_balance])
-    ts = np.concatenate([[int(result.ts[0]) - step], result.ts]).astype(np.int64)
-    equity = np.concatenate([[result.starting_balance], result.equity]).astype(np.float64)
+    # One copy each (a long run's curve is 16 bytes a bar): concatenate already gives the
+    # dtype, and a second `astype` copy would double the report's peak.
+    ts = np.concatenate([[int(result.ts[0]) - step], result.ts]).astype(np.int64, copy=False)
+    equity = np.concatenate([[result.starting_balance], result.equity]).astype(
+        np.float64, copy=False
+    )
     return ts, equity
 
 
@@ -259,18 +263,31 @@ def calmar(cagr_value: float | None, max_dd: float) -> float | None:
 
 def max_drawdown_duration(ts: np.ndarray, equity: np.ndarray) -> int:
     """Return the longest time (ms) from a peak until equity first regains it (or the end)."""
-    peak = np.maximum.accumulate(equity)
-    at_peak = equity >= peak
-    peak_ts = np.maximum.accumulate(np.where(at_peak, ts, ts[0]))
-    under = ~at_peak
-    if not under.any():
-        return 0
-    # Underwater stretches end at the next time back at the peak, else at the end.
-    durations = np.where(under, ts - peak_ts, 0)
-    longest = int(durations.max())
-    recovered = np.flatnonzero(at_peak[1:] & under[:-1]) + 1
-    if recovered.size:
-        longest = max(longest, int((ts[recovered] - peak_ts[recovered - 1]).max()))
+    return int(_max_drawdown_duration(np.asarray(ts, np.int64), np.asarray(equity, np.float64)))
+
+
+@njit(cache=True)
+def _max_drawdown_duration(ts, equity):  # type: ignore[no-untyped-def]
+    # One pass, no per-bar temporaries (the numpy version held ~40 bytes a bar at once). A
+    # bar at the running peak (ties included) ends an underwater stretch; a NaN keeps the
+    # curve underwater from there on, as a NaN running maximum would.
+    longest = 0
+    peak = -np.inf
+    peak_ts = ts[0]
+    under = False
+    lost = False  # a NaN was met
+    for i in range(equity.shape[0]):
+        value = equity[i]
+        if lost or np.isnan(value) or value < peak:
+            lost = lost or np.isnan(value)
+            longest = max(longest, ts[i] - peak_ts)
+            under = True
+        else:
+            if under:
+                longest = max(longest, ts[i] - peak_ts)
+            peak = value
+            peak_ts = ts[i]
+            under = False
     return longest
 
 

@@ -91,7 +91,9 @@ def index_ms(frame: pd.DataFrame) -> Int64Array:
     index = frame.index
     if not isinstance(index, pd.DatetimeIndex):
         raise DataError("candle frame needs a DatetimeIndex")
-    return np.asarray(index.as_unit("ms").asi8, dtype=np.int64)
+    # An index already in ms hands out its own values: no copy of a long archive's times.
+    ms = index if index.unit == "ms" else index.as_unit("ms")
+    return np.asarray(ms.asi8, dtype=np.int64)
 
 
 def arrays_to_frame(arrays: CandleArrays) -> pd.DataFrame:
@@ -123,14 +125,19 @@ def normalise_frame(
         DataError: when the frame has no timestamps or lacks an OHLCV column.
         ValueError: for `now_ms` without `timeframe`.
     """
-    ts, ts_ok, values = _raw_columns(df)
+    ts, ts_ok, values = raw_columns(df)
     arrays, report = normalise_arrays(ts, values, ts_ok=ts_ok, timeframe=timeframe, now_ms=now_ms)
     if report.changed:
         log.warning("candles_normalised", **_report_fields(report))
     return arrays_to_frame(arrays), report
 
 
-def _raw_columns(df: pd.DataFrame) -> tuple[Int64Array, npt.NDArray[np.bool_], FloatArray]:
+def raw_columns(df: pd.DataFrame) -> tuple[Int64Array, npt.NDArray[np.bool_], FloatArray]:
+    """Return a raw frame's open times (ms), which of them parsed, and a (5, n) OHLCV block.
+
+    Raises:
+        DataError: when the frame has no timestamps or lacks an OHLCV column.
+    """
     if "timestamp" in df.columns:
         raw_ts = df["timestamp"].to_numpy()
         if raw_ts.dtype.kind in "iu":
@@ -175,18 +182,7 @@ def normalise_arrays(
     if now_ms is not None and timeframe is None:
         raise ValueError("now_ms needs a timeframe to know when a candle closes")
     rows_in = len(ts)
-    _, h, lo, _, v = values
-    keep = np.isfinite(values).all(axis=0)
-    if ts_ok is not None:
-        keep &= ts_ok
-    dropped_nan = rows_in - int(keep.sum())
-    with np.errstate(invalid="ignore"):
-        bad = keep & ((values[:4] <= 0).any(axis=0) | (v < 0))
-        dropped_nonpositive = int(bad.sum())
-        keep &= ~bad
-        bad = keep & (h < lo)
-        dropped_high_below_low = int(bad.sum())
-        keep &= ~bad
+    keep, (dropped_nan, dropped_nonpositive, dropped_high_below_low) = row_checks(values, ts_ok)
     # Work on row indices and gather the values once at the end: fancy-indexing the whole
     # (5, n) block at every step is what made this slow.
     whole = bool(keep.all())
@@ -232,6 +228,30 @@ def normalise_arrays(
         reordered=reordered,
     )
     return CandleArrays(np.ascontiguousarray(out_ts), *out), report
+
+
+def row_checks(
+    values: FloatArray, ts_ok: npt.NDArray[np.bool_] | None = None
+) -> tuple[npt.NDArray[np.bool_], tuple[int, int, int]]:
+    """Return which rows pass the checks that need no other row, and the drops per reason.
+
+    The row-local part of `normalise_arrays`, in its order: NaN or infinite values (or a
+    bad open time), then non-positive prices or negative volume, then high < low. A chunked
+    reader applies it chunk by chunk; the rest (order, duplicates, grid) needs the whole.
+    """
+    _, h, lo, _, v = values
+    keep = np.asarray(np.isfinite(values).all(axis=0), dtype=bool)
+    if ts_ok is not None:
+        keep &= ts_ok
+    dropped_nan = values.shape[1] - int(keep.sum())
+    with np.errstate(invalid="ignore"):
+        bad = keep & ((values[:4] <= 0).any(axis=0) | (v < 0))
+        dropped_nonpositive = int(bad.sum())
+        keep &= ~bad
+        bad = keep & (h < lo)
+        dropped_high_below_low = int(bad.sum())
+        keep &= ~bad
+    return keep, (dropped_nan, dropped_nonpositive, dropped_high_below_low)
 
 
 def _repair_ranges(out: FloatArray, *, copied: bool) -> tuple[FloatArray, int]:

@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import tempfile
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,14 +30,17 @@ from candle_frames import (
     Int64Array,
     _empty_arrays,
     _grid_offset,
-    _is_clean,
-    _report_fields,
     arrays_to_frame,
     frame_to_arrays,
     index_ms,
     ms_index,
     normalise_arrays,
-    normalise_frame,
+)
+from candle_reader import (
+    DEFAULT_CHUNK_ROWS,
+    READ_ERRORS,
+    collect_archive,
+    read_candles,
 )
 from error_handler import ConfigError, DataError
 from models import Trade
@@ -57,65 +59,25 @@ if TYPE_CHECKING:
 # Events keep the logger they had before data_manager was split.
 log = structlog.get_logger("data_manager")
 
-CSV_HEADER: Final = ("timestamp", *OHLCV)
-
 
 # -- Files -----------------------------------------------------------------------------------
 
-_READ_ERRORS: Final = (
-    OSError,
-    ValueError,
-    EOFError,
-    gzip.BadGzipFile,
-    zlib.error,
-    UnicodeDecodeError,
-    pd.errors.ParserError,
-)
+_READ_ERRORS: Final = READ_ERRORS
 
 
-def load_candles(path: Path | str, *, timeframe: str | None = None) -> pd.DataFrame:
+def load_candles(
+    path: Path | str, *, timeframe: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> pd.DataFrame:
     """Load a candle file (CSV, CSV.gz or Parquet) and return a normalised frame.
+
+    Read `chunk_rows` rows at a time (`candle_reader.read_candles`): the frame sits on
+    the compact arrays, with no whole-file copy on the way.
 
     Raises:
         DataError: when the file is missing, unreadable, or has no usable rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}", path=str(path))
-    try:
-        raw = _read_parquet_any(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except _READ_ERRORS as e:
-        raise DataError(f"cannot read data file {path}: {e}", path=str(path)) from e
-    if "timestamp" not in raw.columns and not isinstance(raw.index, pd.DatetimeIndex):
-        raise DataError(
-            f"{path}: expected the header {','.join(CSV_HEADER)}, got {list(raw.columns)}",
-            path=str(path),
-        )
-    frame, _ = normalise_frame(raw, timeframe=timeframe)
-    if frame.empty:
-        raise DataError(f"{path}: no usable candles", path=str(path))
-    return frame
-
-
-def _read_parquet_any(path: Path) -> pd.DataFrame:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
-    names = schema.names
-    # Our archive layout: `ts` as epoch ms integers. A pandas frame written with a
-    # DatetimeIndex named "ts" also has a `ts` column, but of a timestamp type: it takes
-    # the pandas route, which keeps its unit.
-    if (
-        "ts" in names
-        and pa.types.is_integer(schema.field("ts").type)
-        and all(c in names for c in OHLCV)
-    ):
-        return arrays_to_frame(_read_archive(path, None, None))
-    raw = pd.read_parquet(path)
-    if "timestamp" not in raw.columns and "date" in raw.columns:  # freqtrade's layout
-        raw = raw.set_index(pd.DatetimeIndex(raw.pop("date")))
-    return raw
+    arrays, _ = read_candles(path, timeframe=timeframe, chunk_rows=chunk_rows)
+    return arrays_to_frame(arrays)
 
 
 def export_csv(frame: pd.DataFrame, path: Path | str) -> Path:
@@ -194,30 +156,42 @@ def load_frames(
             raise ConfigError(str(e), component="data") from e
     if data is not None and len(pairs) != 1:
         raise ConfigError("--data holds one pair: pass exactly one with --pairs")
-    store = CandleStore(settings.storage.data_dir, settings.exchange.name)
+    chunk_rows = settings.storage.read_chunk_rows
+    store = CandleStore(settings.storage.data_dir, settings.exchange.name, chunk_rows=chunk_rows)
     out: dict[str, tuple[pd.DataFrame, str]] = {}
     for pair in pairs:
         if data is not None:
-            frame, source = load_candles(data, timeframe=timeframe), str(data)
+            frame, source = (
+                load_candles(data, timeframe=timeframe, chunk_rows=chunk_rows),
+                str(data),
+            )
         elif store.has(pair, timeframe):
             frame = store.load(pair, timeframe, start_ms, end_ms)
             source = str(store.path(pair, timeframe))
         else:
             path = sample_file(settings.storage.sample_dir, pair, timeframe)
-            frame, source = load_candles(path, timeframe=timeframe), str(path)
-        ts = frame.index.as_unit("ms").asi8
-        keep = np.ones(len(ts), dtype=bool)
-        if start_ms is not None:
-            keep &= ts >= start_ms
-        if end_ms is not None:
-            keep &= ts < end_ms
-        frame = frame[keep]
+            frame = load_candles(path, timeframe=timeframe, chunk_rows=chunk_rows)
+            source = str(path)
+        frame = _in_range(frame, start_ms, end_ms)
         if frame.empty:
             raise DataError(
                 f"no {timeframe} candles for {pair} in {timerange or source}", pair=pair
             )
         out[pair] = (frame, source)
     return out
+
+
+def _in_range(frame: pd.DataFrame, start_ms: int | None, end_ms: int | None) -> pd.DataFrame:
+    # The frame itself when the range keeps it whole: no copy of a long archive.
+    if start_ms is None and end_ms is None:
+        return frame
+    ts = index_ms(frame)
+    keep = np.ones(len(ts), dtype=bool)
+    if start_ms is not None:
+        keep &= ts >= start_ms
+    if end_ms is not None:
+        keep &= ts < end_ms
+    return frame if keep.all() else frame[keep]
 
 
 def replay_frames(args: argparse.Namespace, settings: Settings) -> dict[str, pd.DataFrame]:
@@ -378,26 +352,37 @@ def _write_archive(path: Path, arrays: CandleArrays, meta: Mapping[str, str]) ->
     )
 
 
-def _read_archive(path: Path, start_ms: int | None, end_ms: int | None) -> CandleArrays:
-    import pyarrow.parquet as pq
+def _read_archive(
+    path: Path, start_ms: int | None, end_ms: int | None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> CandleArrays:
+    import pyarrow.dataset as ds
 
-    filters: list[tuple[str, str, int]] = []
-    if start_ms is not None:
-        filters.append(("ts", ">=", int(start_ms)))
-    if end_ms is not None:
-        filters.append(("ts", "<", int(end_ms)))
     try:
-        table = pq.read_table(path, columns=["ts", *OHLCV], filters=filters or None)
+        dataset = ds.dataset(path, format="parquet")
+        condition = None
+        if start_ms is not None:
+            condition = ds.field("ts") >= int(start_ms)
+        if end_ms is not None:
+            before = ds.field("ts") < int(end_ms)
+            condition = before if condition is None else condition & before
+        # Our own archives are normalised before every write; anything else is checked.
+        ours = b"kestrel" in (dataset.schema.metadata or {})
+        # Row group by row group (the filter skips those outside the range): the candles
+        # are held once, never as a whole Arrow table beside the arrays.
+        # No read-ahead and no pre-buffering: the scanner would otherwise hold many row
+        # groups (compressed and decoded) at once beside the candles.
+        batches = dataset.to_batches(
+            columns=["ts", *OHLCV],
+            filter=condition,
+            batch_size=chunk_rows,
+            batch_readahead=1,
+            fragment_readahead=1,
+            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
+        )
+        rows = dataset.count_rows(filter=condition)  # the file's metadata when unfiltered
+        return collect_archive(batches, trusted=ours, rows=rows, path=path)
     except _READ_ERRORS as e:
         raise DataError(f"cannot read archive {path}: {e}", path=str(path)) from e
-    cols = [table.column(name).to_numpy() for name in ("ts", *OHLCV)]
-    arrays = CandleArrays(*cols)
-    # Our own archives are normalised before every write; anything else is checked.
-    ours = b"kestrel" in (table.schema.metadata or {})
-    if not ours and not _is_clean(arrays):
-        arrays, report = normalise_arrays(arrays.ts, np.vstack(arrays[1:]))
-        log.warning("archive_normalised", path=str(path), **_report_fields(report))
-    return arrays
 
 
 class CandleStore:
@@ -409,9 +394,12 @@ class CandleStore:
     atomically. Not safe for two writers of the same archive at once; one process owns it.
     """
 
-    def __init__(self, data_dir: Path | str, exchange: str = "bybit") -> None:
+    def __init__(
+        self, data_dir: Path | str, exchange: str = "bybit", *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.exchange = exchange
+        self.chunk_rows = chunk_rows  # rows read at a time from an archive
 
     # -- Candles -----------------------------------------------------------------------------
 
@@ -436,7 +424,7 @@ class CandleStore:
         path = self.path(pair, timeframe)
         if not path.is_file():
             return _empty_arrays()
-        return _read_archive(path, start_ms, end_ms)
+        return _read_archive(path, start_ms, end_ms, self.chunk_rows)
 
     def load(
         self, pair: str, timeframe: str, start_ms: int | None = None, end_ms: int | None = None

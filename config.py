@@ -483,6 +483,9 @@ class StorageSettings(_Group):
     )
     sample_dir: Path = Path(__file__).resolve().parent / "data" / "sample"
     snapshot_interval_s: int = Field(default=60, ge=1)
+    read_chunk_rows: int = Field(
+        default=131_072, ge=1, description="rows read at a time from candle files and archives"
+    )
 
     @property
     def effective_database_url(self) -> str:

@@ -58,8 +58,8 @@ from candle_frames import (
     normalise_arrays,
     normalise_frame,
 )
+from candle_reader import CSV_HEADER, read_candles
 from candle_store import (
-    CSV_HEADER,
     CandleStore,
     export_csv,
     filename_to_pair,
@@ -112,6 +112,7 @@ __all__ = [
     "normalise_arrays",
     "normalise_frame",
     "pair_to_filename",
+    "read_candles",
     "replay_frames",
     "replay_funding",
     "resample",

@@ -174,7 +174,9 @@ def result_from_summary(
         table[name] = np.array([getattr(t, name) for t in trades], dtype=dtype)
     table["funding"] = np.array([t.funding for t in trades], dtype=np.float64)
     if isinstance(equity_curve, EquityCurve):
-        curve_ts, curve_values = equity_curve.arrays()
+        # The run is over: the report reads the packed curve in place (16 bytes a candle
+        # not copied again).
+        curve_ts, curve_values = equity_curve.views()
     else:
         curve = np.array(equity_curve, dtype=np.float64).reshape(-1, 2)
         curve_ts, curve_values = curve[:, 0].astype(np.int64), curve[:, 1].copy()

@@ -38,8 +38,8 @@ from daemon_base import DaemonBase
 from daemon_learning import Learning
 from daemon_live import ExchangeSession
 from daemon_operator import Operator, TelegramNotifier
+from data_manager import index_ms, replay_funding
 from data_manager import replay_frames as load_frames
-from data_manager import replay_funding
 from error_handler import (
     BotError,
     ConfigError,
@@ -554,9 +554,12 @@ async def run_backtest(args: argparse.Namespace, settings: Settings) -> RunSumma
             summary = await daemon.run()
             timings.update(daemon.timings, run_s=time.perf_counter() - ran)
         assert daemon.engine is not None
+        # The closes are drawn only by the HTML report (buy-and-hold, price charts): a
+        # console-only run does not hold their close times (8 bytes a candle) to the end.
         prices = {
-            pair: (frame.index.as_unit("ms").asi8 + daemon.engine.step, frame["close"].to_numpy())
+            pair: (index_ms(frame) + daemon.engine.step, frame["close"].to_numpy())
             for pair, frame in daemon.frames.items()
+            if args.report_html is not None
         }
         result = result_from_summary(summary, daemon.engine.portfolio.equity_curve, prices=prices)
     phase = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from array import array
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
@@ -148,19 +147,23 @@ class PrecomputedSignals:
 
     def __init__(self, strategy: Strategy, frames: dict[str, Any]) -> None:
         self.strategy = strategy
-        # Per pair: the open times (packed, for O(1) reads from Python), the row the
-        # last lookup found (candles arrive in order, so the next one is usually next),
-        # and the flags per row (None where nothing is set: most rows).
-        self._ts: dict[str, array[int]] = {}
+        # Per pair: the open times (a view of the frame's own, for O(1) reads from
+        # Python), the row the last lookup found (candles arrive in order, so the next
+        # one is usually next), and the flags of the rows that have any (most have none):
+        # nothing is held per candle beyond the frame itself and one flag byte.
+        self._ts: dict[str, memoryview] = {}
         self._cursor: dict[str, int] = {}
-        self._flags: dict[str, list[tuple[bool, bool, bool, bool] | None]] = {}
+        self._flags: dict[str, dict[int, tuple[bool, bool, bool, bool]]] = {}
         self._feature_row: dict[str, dict[int, int]] = {}
         self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
             cols = strategy.populate(frame)
-            ts = frame.index.as_unit("ms").asi8
-            self._ts[pair] = array("q", ts.tobytes())
+            index = frame.index
+            ts = np.ascontiguousarray(
+                (index if index.unit == "ms" else index.as_unit("ms")).asi8, dtype=np.int64
+            )
+            self._ts[pair] = ts.data  # a memoryview: int reads, no copy
             self._cursor[pair] = -1
             flags = np.zeros((len(frame), 4), dtype=bool)
             for j, name in enumerate(self._NAMES):
@@ -169,13 +172,12 @@ class PrecomputedSignals:
             # A strategy needs its warm-up before its signals count, as in the live path.
             flags[: max(strategy.warmup - 1, 0)] = False
             self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
-            # Python tuples (None when no flag): one cheap lookup per candle. Only the
-            # flagged rows become tuples, so memory stays a pointer per candle.
-            rows: list[tuple[bool, bool, bool, bool] | None] = [None] * len(frame)
+            # Python tuples of the flagged rows alone: one cheap lookup per candle.
             set_rows = np.flatnonzero(self._flagged[pair][1])
-            for i, (a, b, c, d) in zip(set_rows.tolist(), flags[set_rows].tolist(), strict=True):
-                rows[i] = (a, b, c, d)
-            self._flags[pair] = rows
+            self._flags[pair] = {
+                i: (a, b, c, d)
+                for i, (a, b, c, d) in zip(set_rows.tolist(), flags[set_rows].tolist(), strict=True)
+            }
             names = [
                 str(c)
                 for c in cols.columns
@@ -209,7 +211,7 @@ class PrecomputedSignals:
     def has_flags(self, candle: Candle) -> bool:
         """Return True if any signal column is set on this candle."""
         index = self._row(candle.pair, candle.ts)
-        return index is not None and self._flags[candle.pair][index] is not None
+        return index is not None and index in self._flags[candle.pair]
 
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
@@ -225,7 +227,7 @@ class PrecomputedSignals:
         index = self._row(candle.pair, candle.ts)
         if index is None:
             return None
-        flags = self._flags[candle.pair][index]
+        flags = self._flags[candle.pair].get(index)
         if flags is None:
             return None
         names, values = self._features[candle.pair]

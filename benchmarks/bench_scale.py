@@ -7,7 +7,8 @@ child), on the seeded one-minute random walk of `bench_backtest` with sma_cross 
 backtesting.py runs the same strategy in its own fresh process, at the sizes it can handle.
 
 Rows:
-* one pair at 100k, 1M and 10M candles (KESTREL_BENCH_SIZE=small: 100k and 300k): wall time,
+* one pair at 100k, 1M and 10M candles (KESTREL_BENCH_SIZE=small: 100k and 300k;
+  KESTREL_BENCH_SCALE_SIZES=100000,1000000 names them): wall time,
   peak RSS, and the RSS growth per candle between the smallest and largest size (target
   under 100 bytes a candle), with the summary's own timings (where the seconds went);
 * ten pairs of 100k candles each through the archive path (1M candles in all);
@@ -115,6 +116,11 @@ def _peer_run_s(data: Path) -> float:
 
 
 def _sizes() -> list[int]:
+    # KESTREL_BENCH_SCALE_SIZES=100000,1000000 picks the one-pair sizes (smallest and
+    # largest give the growth per candle); otherwise KESTREL_BENCH_SIZE decides.
+    chosen = os.environ.get("KESTREL_BENCH_SCALE_SIZES", "")
+    if chosen:
+        return sorted(int(x) for x in chosen.split(","))
     raw = os.environ.get("KESTREL_BENCH_SIZE", "")
     if raw == "small" or raw.isdigit():
         return [100_000, 300_000]
@@ -148,8 +154,11 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
         peer = _peer(data) if n <= 1_000_000 else None
         rss[n] = ours["rss_kib"] * 1024
         t = ours["summary"]["timings"]
+        # Where the seconds go: start-up (interpreter, imports, settings) is the wall time
+        # the summary's own timings do not cover.
         phases = ", ".join(
-            f"{k.removesuffix('_s')} {v:.2f}" for k, v in t.items() if k != "total_s"
+            [f"start-up {ours['wall'] - t['total_s']:.2f}"]
+            + [f"{k.removesuffix('_s')} {v:.2f}" for k, v in t.items() if k != "total_s"]
         )
         rows.append(
             _row(

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from analytics import (
@@ -286,3 +288,37 @@ def test_downsampling_keeps_the_extremes() -> None:
     assert dy.max() == 5.0
     assert dy.min() == -3.0
     assert dx[-1] == x[-1]
+
+
+def _drawdown_duration_reference(ts: np.ndarray, equity: np.ndarray) -> int:
+    # The whole-array numpy formulation the one-pass kernel replaced (the oracle).
+    peak = np.maximum.accumulate(equity)
+    at_peak = equity >= peak
+    peak_ts = np.maximum.accumulate(np.where(at_peak, ts, ts[0]))
+    under = ~at_peak
+    if not under.any():
+        return 0
+    longest = int(np.where(under, ts - peak_ts, 0).max())
+    recovered = np.flatnonzero(at_peak[1:] & under[:-1]) + 1
+    if recovered.size:
+        longest = max(longest, int((ts[recovered] - peak_ts[recovered - 1]).max()))
+    return longest
+
+
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([100.0, 99.0, 101.0, float("nan")]), st.floats(1, 200)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.lists(st.integers(1, 5_000), min_size=60, max_size=60),
+)
+def test_drawdown_duration_kernel_matches_the_array_formulation(
+    values: list[float], gaps: list[int]
+) -> None:
+    """Ties, recoveries, open stretches and NaN: the one-pass kernel gives the same duration."""
+    equity = np.array(values, dtype=np.float64)
+    ts = np.cumsum(np.array(gaps[: len(values)], dtype=np.int64))
+    with np.errstate(invalid="ignore"):
+        expected = _drawdown_duration_reference(ts, equity)
+    assert max_drawdown_duration(ts, equity) == expected

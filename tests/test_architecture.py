@@ -141,6 +141,7 @@ OWNER: dict[str, str] = {
     "mode_builders": "runner",
     "market_feed": "runner",
     "daemon_learning": "runner",
+    "candle_reader": "data_manager",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -56,3 +57,19 @@ def test_packed_curve_costs_sixteen_bytes_a_point() -> None:
     ts, values = curve.arrays()
     assert ts.nbytes + values.nbytes == 16_000_000
     assert curve._ts.buffer_info()[1] * curve._ts.itemsize < 20_000_000
+
+
+def test_views_read_the_curve_in_place_and_block_growth_while_alive() -> None:
+    """`views` gives the points without a copy; the curve cannot grow until they are gone."""
+    curve = EquityCurve([(60_000, 100.0), (120_000, 101.5)])
+    ts, values = curve.views()
+    copied_ts, copied_values = curve.arrays()
+    np.testing.assert_array_equal(ts, copied_ts)
+    np.testing.assert_array_equal(values, copied_values)
+    curve.set_last(120_000, 99.0)  # same size: the view sees it
+    assert values[-1] == 99.0
+    with pytest.raises(BufferError):
+        curve.append(180_000, 98.0)
+    del ts, values
+    curve.append(180_000, 98.0)
+    assert len(curve) == 3

@@ -57,6 +57,16 @@ class EquityCurve:
         """Return (ts int64, values float64) as copies owned by numpy."""
         return np.array(self._ts, dtype=np.int64), np.array(self._values, dtype=np.float64)
 
+    def views(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (ts int64, values float64) as read-only numpy views: no copy, for a finished run.
+
+        While a view lives the curve cannot grow: `append` raises `BufferError` (loudly, never
+        a silent stale view). A long replay's report reads the curve without a second copy.
+        """
+        return np.frombuffer(self._ts, dtype=np.int64), np.frombuffer(
+            self._values, dtype=np.float64
+        )
+
     def values(self) -> np.ndarray:
         """Return the values as a float64 array (a copy)."""
         return np.array(self._values, dtype=np.float64)
