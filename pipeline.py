@@ -538,7 +538,180 @@ class EngineControl(EngineState):
         return {"breaker_trips": report["trips"], "trading_spans": report["spans"]}
 
 
-class Engine(EngineControl):
+class EngineQuiet(EngineControl):
+    """The backtest replay's short path: candles on which only marks and equity can move.
+
+    A candle with no signal, no working order on its pair and (when stops are managed) no
+    position on its pair goes through no strategy, risk or executor step: it is taken into
+    the data window and the counters, marks the positions it prices, and records the equity
+    the breakers are fed with, exactly as `Engine.process` would (a test compares the runs).
+    """
+
+    @property
+    def quiet_exact(self) -> bool:
+        """Return True when a candle with no signal and no working order changes nothing else.
+
+        Without a model, pattern filter, anomaly watch, capital sleeves or a persisted risk
+        state, such a candle moves only the data window, the marks, the equity curve and the
+        breakers (fed that equity), which `on_quiet_candle` and `on_quiet_rows` apply. Under
+        the standard profile a pair holding a position is never quiet (`quiet_pair`): its
+        stop is managed on every candle.
+        """
+        return (
+            not self.predictors
+            and self.anomaly_watch is None
+            and self.pattern_filter is None
+            and self.sleeves is None
+            and self.risk_saver is None
+            and self.max_lag_ms is None
+            and self.data.can_extend_run
+        )
+
+    def quiet_pair(self, pair: str) -> bool:
+        """Return True when a candle of `pair` without a signal can take the short path."""
+        return not self.manage_stops or not self.portfolio.has_position(pair)
+
+    def on_quiet_candle(self, candle: Candle) -> bool:
+        """Apply an admitted candle on which nothing but marks, equity and breakers can move.
+
+        Returns True when the breakers ask to flatten open positions: the caller then
+        awaits `trip_flatten`, as `process` does.
+        """
+        portfolio = self.portfolio
+        if portfolio.has_position(candle.pair):
+            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+            if self.funding:
+                self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
+        equity = portfolio.record_equity(candle.ts + self.step)
+        return self._must_flatten(self.clock.now_ms(), equity)
+
+    def _must_flatten(self, now: int, equity: Decimal) -> bool:
+        # The breakers' verdict as `process` acts on it: flatten only what is open.
+        return self.risk.update(now, equity) is TradingState.FLATTEN and bool(
+            self.portfolio.positions()
+        )
+
+    def on_quiet_rows(
+        self,
+        names: list[str],
+        pair_of: np.ndarray,
+        ts: np.ndarray,
+        ohlcv: np.ndarray,
+        now: list[int],
+    ) -> int:
+        """Apply quiet candles of one or more pairs in replay order; return how many.
+
+        `pair_of` indexes `names` per candle; `ts` are open times, `ohlcv` the candles'
+        rows and `now` the replay clock at each. Fewer are applied than given when the
+        breakers ask to flatten: the last one applied is the candle that tripped them, and
+        the caller awaits `trip_flatten` before going on.
+        """
+        count = len(ts)
+        if not count:
+            return 0
+        present = np.unique(pair_of).tolist() if len(names) > 1 else [0]
+        held = [k for k in present if self.portfolio.has_position(names[k])]
+        if not held:
+            count = self._quiet_flat(ts + self.step, now)
+            self._take_rows(names, pair_of[:count], ts[:count], ohlcv[:count])
+            return count
+        close_ts: list[int] = (ts + self.step).tolist()
+        closes: list[float] = ohlcv[:, 3].tolist()
+        if len(present) == 1 and self.risk.all_in:
+            self._quiet_run(names[present[0]], close_ts, closes)
+        else:
+            count = self._quiet_each(names, pair_of.tolist(), close_ts, closes, now)
+        self._take_rows(names, pair_of[:count], ts[:count], ohlcv[:count])
+        return count
+
+    def _quiet_flat(self, close_ts: np.ndarray, now: list[int]) -> int:
+        # No candle prices a position: the equity is the same at every close, so the curve
+        # takes it at each new time in one step and the breakers see it candle by candle.
+        portfolio = self.portfolio
+        equity = portfolio.record_equity(int(close_ts[0]))
+        # Only open positions make a flatten verdict act (`process`, `_flatten`).
+        stop_on = TradingState.FLATTEN if portfolio.positions() else None
+        count = self.risk.update_flat(now, equity, stop_on)
+        later = close_ts[1:count]
+        if len(later):
+            curve = portfolio.equity_curve
+            fresh = np.flatnonzero(np.diff(later, prepend=curve.last_ts))  # new times only
+            curve.extend_flat(later[fresh].tolist(), curve.last_value)
+        return count
+
+    def _quiet_each(
+        self,
+        names: list[str],
+        pair_of: list[int],
+        close_ts: list[int],
+        closes: list[float],
+        now: list[int],
+    ) -> int:
+        # Positions are marked: candle by candle, as `process` does.
+        portfolio, funding = self.portfolio, self.funding
+        for k, (index, t, close) in enumerate(zip(pair_of, close_ts, closes, strict=True)):
+            pair = names[index]
+            if portfolio.has_position(pair):
+                portfolio.mark(pair, Decimal(repr(close)))
+                if funding:
+                    self._settle_funding(pair, t, close)
+            if self._must_flatten(now[k], portfolio.record_equity(t)):
+                return k + 1
+        return len(close_ts)
+
+    def _quiet_run(self, pair: str, close_ts: list[int], closes: list[float]) -> None:
+        # One pair holding the one position, no breakers: marks and curve a stretch at a time.
+        portfolio = self.portfolio
+        schedule = self.funding.get(pair)
+        if schedule is None:
+            portfolio.record_equity_run(pair, close_ts, closes)
+            return
+        start = 0  # split the stretch at the candles that settle funding
+        for k, _ in schedule.bars(close_ts, self.step):
+            portfolio.record_equity_run(pair, close_ts[start:k], closes[start:k])
+            portfolio.mark(pair, Decimal(repr(closes[k])))
+            self._settle_funding(pair, close_ts[k], closes[k])
+            portfolio.record_equity(close_ts[k])
+            start = k + 1
+        portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
+
+    def _take_rows(
+        self, names: list[str], pair_of: np.ndarray, ts: np.ndarray, ohlcv: np.ndarray
+    ) -> None:
+        # The data windows and the run's counters, as `admit` leaves them per candle.
+        count = len(ts)
+        if not count:
+            return
+        self.candles += count
+        if self.first_ts is None:
+            self.first_ts = int(ts[0])
+        self.last_ts = int(ts[-1])
+        present = np.unique(pair_of).tolist() if len(names) > 1 else [0]
+        for index in present:
+            rows = np.flatnonzero(pair_of == index) if len(present) > 1 else slice(None)
+            pair_ts, pair_ohlcv = ts[rows], ohlcv[rows]
+            pair = names[index]
+            self.data.extend_run(pair, self.timeframe, pair_ts, pair_ohlcv)
+            self.last_close[pair] = float(pair_ohlcv[-1, 3])
+            self.last_candle_ts[pair] = int(pair_ts[-1])
+
+    def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
+        # The funding times inside the candle closing at `close_ts`, settled at its close
+        # on the position held then (before any fill at that close; see `perpetuals`).
+        schedule = self.funding.get(pair)
+        if schedule is None or not self.portfolio.has_position(pair):
+            return
+        due = schedule.due(close_ts - self.step, close_ts)
+        if not due:
+            return
+        rate = 0.0
+        for _, r in due:
+            rate += r
+        self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
+        self.funding_settlements += len(due)
+
+
+class Engine(EngineQuiet):
     """Run the per-candle pipeline and answer operator commands."""
 
     # -- The pipeline ------------------------------------------------------------------------
@@ -560,7 +733,7 @@ class Engine(EngineControl):
             return False
         self._received = received
         self._started = time.perf_counter()
-        # `_note(candle)`, inlined: this runs on every candle.
+        # The run's counters (as `EngineQuiet._take_rows` keeps them for quiet candles).
         self.candles += 1
         if self.first_ts is None:
             self.first_ts = candle.ts
@@ -586,7 +759,7 @@ class Engine(EngineControl):
             self._settle_funding(pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
-            await self._trip_flatten()
+            await self.trip_flatten()
             return
         if self.sleeves is not None and self.sleeves.due(now):
             self._reallocate(now, equity)
@@ -596,81 +769,8 @@ class Engine(EngineControl):
         if self.risk_saver is not None:
             await self.risk_saver()  # after the decision: never on its latency
 
-    def _note(self, candle: Candle, count: int = 1, first_ts: int | None = None) -> None:
-        # The run's counters for `count` candles ending with `candle` (first opened at
-        # `first_ts`): the same for a candle through the pipeline and a quiet one.
-        self.candles += count
-        if self.first_ts is None:
-            self.first_ts = candle.ts if first_ts is None else first_ts
-        self.last_ts = candle.ts
-        self.last_close[candle.pair] = candle.close
-        self.last_candle_ts[candle.pair] = candle.ts
-
-    @property
-    def quiet_exact(self) -> bool:
-        """Return True when a candle with no signal and no working order changes nothing else.
-
-        Under the `all_in` profile without a model no risk state, stop or data window is
-        read on such a candle: only the marks and the equity curve move, which
-        `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
-        """
-        return (
-            self.risk.all_in
-            and not self.predictors
-            and self.anomaly_watch is None
-            and self.pattern_filter is None
-        )
-
-    def on_quiet_candle(self, candle: Candle) -> None:
-        """Apply a candle on which nothing but the mark and the equity curve can change."""
-        self._note(candle)
-        portfolio = self.portfolio
-        if portfolio.has_position(candle.pair):
-            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
-            if self.funding:
-                self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
-        portfolio.record_equity(candle.ts + self.step)
-
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once (see `on_quiet_candle`).
-
-        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
-        close time and close price.
-        """
-        if not close_ts:
-            return
-        self._note(last, len(close_ts), close_ts[0] - self.step)
-        pair, portfolio = last.pair, self.portfolio
-        schedule = self.funding.get(pair)
-        if schedule is None or not portfolio.has_position(pair):
-            portfolio.record_equity_run(pair, close_ts, closes)
-            return
-        start = 0  # split the stretch at the candles that settle funding
-        for k, _ in schedule.bars(close_ts, self.step):
-            portfolio.record_equity_run(pair, close_ts[start:k], closes[start:k])
-            portfolio.mark(pair, Decimal(repr(closes[k])))
-            self._settle_funding(pair, close_ts[k], closes[k])
-            portfolio.record_equity(close_ts[k])
-            start = k + 1
-        portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
-
-    def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
-        # The funding times inside the candle closing at `close_ts`, settled at its close
-        # on the position held then (before any fill at that close; see `perpetuals`).
-        schedule = self.funding.get(pair)
-        if schedule is None or not self.portfolio.has_position(pair):
-            return
-        due = schedule.due(close_ts - self.step, close_ts)
-        if not due:
-            return
-        rate = 0.0
-        for _, r in due:
-            rate += r
-        self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
-        self.funding_settlements += len(due)
-
-    async def _trip_flatten(self) -> None:
-        # The circuit breaker says flatten: the latch is stored before the exits go out.
+    async def trip_flatten(self) -> None:
+        """Act on the circuit breaker's flatten: store the latch, then send the exits."""
         if self.risk_saver is not None:
             await self.risk_saver()
         await self._flatten("circuit breaker: flatten")

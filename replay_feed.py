@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +32,20 @@ _CHUNK = 8_192  # candles turned into Python numbers at a time
 # -- Replay feed -----------------------------------------------------------------------------
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRows:
+    """A replay's candles as arrays, in the order the feed emits them.
+
+    `names` are the pairs (sorted); `pair_of[k]` indexes `names` for candle `k`, `ts` is
+    its open time (ms) and `ohlcv[k]` its open, high, low, close and volume.
+    """
+
+    names: list[str]
+    pair_of: np.ndarray
+    ts: np.ndarray
+    ohlcv: np.ndarray
 
 
 class ReplayFeed:
@@ -119,6 +134,28 @@ class ReplayFeed:
         ohlcv = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
         return pair, ts, ohlcv
 
+    def rows(self) -> ReplayRows | None:
+        """Return every candle of the replay as arrays in its (ts, pair) order.
+
+        For a consumer that walks the arrays itself (`SimDriver.run`); it reports its
+        position with `advance_to`. None when paced (`speed`) or when a frame is not in
+        time order (the merge would then differ).
+        """
+        if self.speed > 0:
+            return None
+        names = sorted(self.frames)
+        frames = [self._slice(self.frames[pair]) for pair in names]
+        if not all(f.index.is_monotonic_increasing for f in frames):
+            return None
+        columns = ["open", "high", "low", "close", "volume"]
+        ts = np.concatenate([f.index.as_unit("ms").asi8 for f in frames]).astype(np.int64)
+        ohlcv = np.concatenate([f[columns].to_numpy(dtype=np.float64) for f in frames])
+        pair_of = np.repeat(np.arange(len(names), dtype=np.int64), [len(f) for f in frames])
+        if len(names) > 1:  # the merge's order: by open time, then by pair name
+            order = np.lexsort((pair_of, ts))
+            ts, ohlcv, pair_of = ts[order], ohlcv[order], pair_of[order]
+        return ReplayRows(names, pair_of, ts, ohlcv.reshape(-1, 5))
+
     def advance_to(self, emitted: int, *, done: bool = False) -> None:
         """Record how many candles an array consumer has processed; report progress."""
         before, self.emitted = self.emitted, emitted
@@ -170,6 +207,10 @@ class CandleSteps(Protocol):
         """Return True when a candle with no signal and no working order changes nothing else."""
         ...
 
+    def quiet_pair(self, pair: str) -> bool:
+        """Return True when a candle of `pair` without a signal can take the short path."""
+        ...
+
     def admit(self, candle: Candle, received: float | None = None) -> bool:
         """Take a candle into the data and the counters; False if refused."""
         ...
@@ -178,12 +219,23 @@ class CandleSteps(Protocol):
         """Run an admitted candle through the rest of the pipeline."""
         ...
 
-    def on_quiet_candle(self, candle: Candle) -> None:
-        """Apply a candle that can change only the marks and the equity curve."""
+    def on_quiet_candle(self, candle: Candle) -> bool:
+        """Apply an admitted quiet candle; True when the breakers ask to flatten."""
         ...
 
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once."""
+    def on_quiet_rows(
+        self,
+        names: list[str],
+        pair_of: np.ndarray,
+        ts: np.ndarray,
+        ohlcv: np.ndarray,
+        now: list[int],
+    ) -> int:
+        """Apply quiet candles in replay order; return how many (fewer: flatten now)."""
+        ...
+
+    async def trip_flatten(self) -> None:
+        """Act on the circuit breaker's flatten."""
         ...
 
 
@@ -199,6 +251,9 @@ class QuietSignals(Protocol):
         ...
 
 
+_SHORT = 8  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
+
+
 class SimDriver:
     """Hand each closed candle to the engine with the simulated exchange in front of it.
 
@@ -208,9 +263,10 @@ class SimDriver:
     candle: the venue has filled what it would have by the time the candle closed. Used
     by replays and backtests, and by paper trading on the live feed.
 
-    Backtests can take a short path (`enable_quiet_path`): a candle with no signal and no
-    working order on its pair changes only the marks and the equity curve, and a one-pair
-    replay applies such candles a stretch at a time (`run`).
+    Backtests can take a short path (`enable_quiet_path`): a candle with no signal, no
+    working order on its pair and (stops managed) no position there changes only the data
+    window, the marks, the equity curve and the breakers, and an unpaced replay applies
+    such candles a stretch at a time, across all its pairs (`run`).
     """
 
     def __init__(self, engine: CandleSteps, sim: SimulatedExchange) -> None:
@@ -220,29 +276,36 @@ class SimDriver:
         self._admit, self._process, self._match = engine.admit, engine.process, sim.on_candle
         self._quiet: QuietSignals | None = None
         self.quiet_runs = False
+        self.stretches = 0  # quiet stretches applied in one call (`run`)
 
     def enable_quiet_path(self, signals: QuietSignals) -> None:
         """Let a backtest skip the full pipeline on candles where nothing can happen.
 
-        Only when the engine says such a candle changes nothing but the curve (the
-        `all_in` profile with precomputed signals and no model). The same trades and
-        curve come out (a test compares both).
+        Only when the engine says such a candle changes nothing but the data, marks,
+        curve and breakers (precomputed signals, no model, no anomaly watch, no sleeves).
+        The same trades, orders and curve come out (tests compare both).
         """
         if not self.engine.quiet_exact:
-            raise ValueError("the quiet path is exact only under all_in without a model")
+            raise ValueError("the quiet path is not exact with this engine's set-up")
         self._quiet = signals
-        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
+        self.quiet_runs = True  # an unpaced replay may apply quiet stretches in one call
 
-    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
-        """Match `candle` on the simulated exchange and run it through the engine."""
+    def _is_quiet(self, candle: Candle) -> bool:
         quiet = self._quiet
-        if (
+        return (
             quiet is not None
             and not quiet.has_flags(candle)
             and not self.sim.has_working(candle.pair)
-        ):
-            self._match(candle)  # nothing works on this pair: it only remembers the bar
-            self.engine.on_quiet_candle(candle)
+            and self.engine.quiet_pair(candle.pair)
+        )
+
+    async def on_candle(self, candle: Candle, received: float | None = None) -> None:
+        """Match `candle` on the simulated exchange and run it through the engine."""
+        if self._is_quiet(candle):
+            if self._admit(candle, received):
+                self._match(candle)  # nothing works on this pair: it only remembers the bar
+                if self.engine.on_quiet_candle(candle):
+                    await self.engine.trip_flatten()
             return
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
@@ -250,55 +313,113 @@ class SimDriver:
                 await self.sim.deliver(fills)
             await self._process(candle)
 
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once; `last` is the stretch's last."""
-        self.sim.on_candle(last)  # nothing works on this pair: it only remembers the last bar
-        self.engine.on_quiet_run(last, close_ts, closes)
-
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
-        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
+        """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.
 
-        With the quiet path on, the candles between two that carry a signal change nothing
-        but the equity curve and the marks while no order works, so they are applied in one
-        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
-        one arriving while an order works, takes the whole pipeline. The trades and the
-        equity curve are those of the per-candle path (a test compares all three).
+        A candle with a signal, or of a pair with a working order (or, stops managed, a
+        position), takes the whole pipeline. The candles up to the next such candle of any
+        pair, in the replay's time order, are quiet: they are applied in one call
+        (`on_quiet_rows`). A working stop or take-profit makes its pair's every candle go
+        through the pipeline (the stop may trail), while the other pairs' quiet candles
+        between them still go a stretch at a time. The trades, orders and equity curve are
+        those of the per-candle path (tests compare them).
         """
         quiet = self._quiet
-        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
-        if quiet is None or single is None:
+        ready = quiet is not None and self.quiet_runs and self.engine.quiet_exact
+        rows = feed.rows() if ready else None
+        if quiet is None or rows is None:
             return False
-        pair, ts, ohlcv = single
-        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
-        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
-        is_flagged = np.zeros(len(ts), dtype=bool)
-        is_flagged[flagged] = True
-        has_working, on_candle = self.sim.has_working, self.on_candle
-        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
-        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
-        n, i, next_yield = len(ts), 0, feed.yield_every
+        plan = _StretchPlan(rows, quiet, feed.step)
+        clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
         while i < n and not stop.is_set():
-            if is_flagged[i] or has_working(pair):
-                if close_ts[i] > clock.now_ms():
-                    clock.set(close_ts[i])
-                o, h, lo, c, v = ohlcv[i].tolist()
-                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
-                i += 1
+            hot = self._hot_pairs(rows.names)
+            end = plan.quiet_until(i, hot)
+            if end - i < _SHORT:
+                for k in range(i, max(end, i + 1)):
+                    await self.on_candle(plan.candle(k, feed.timeframe, clock))
+                i = max(end, i + 1)
             else:
-                at = int(np.searchsorted(flagged, i))
-                end = int(flagged[at]) if at < len(flagged) else n
-                if close_ts[end - 1] > clock.now_ms():
-                    clock.set(close_ts[end - 1])
-                o, h, lo, c, v = ohlcv[end - 1].tolist()
-                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
-                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
-                i = end
+                i = await self._stretch(plan, i, end, clock, feed.timeframe)
             if i >= next_yield:
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
                 await asyncio.sleep(0)
         feed.advance_to(i, done=True)
         return True
+
+    def _hot_pairs(self, names: list[str]) -> list[int]:
+        # The pairs whose candles need the pipeline now: an order works, or a managed stop.
+        has_working, quiet_pair = self.sim.has_working, self.engine.quiet_pair
+        return [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
+
+    async def _stretch(
+        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, timeframe: str
+    ) -> int:
+        # Apply quiet candles [start, end) in one call; return where the replay goes on.
+        rows, span = plan.rows, slice(start, end)
+        now = np.maximum(plan.close_ts[span], clock.now_ms()).tolist()
+        count = self.engine.on_quiet_rows(
+            rows.names, rows.pair_of[span], rows.ts[span], rows.ohlcv[span], now
+        )
+        self.stretches += 1
+        done = start + count
+        for k in plan.last_of_each_pair(start, done):
+            self.sim.on_candle(plan.candle(k, timeframe))  # each pair's last bar, no order
+        if now[count - 1] > clock.now_ms():
+            clock.set(now[count - 1])
+        if done < end:
+            await self.engine.trip_flatten()  # the breakers tripped on the last one applied
+        return done
+
+
+class _StretchPlan:
+    """Where a replay's quiet stretches end: the candles that must take the pipeline."""
+
+    def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int) -> None:
+        self.rows = rows
+        self.close_ts = rows.ts + step
+        forced = np.zeros(len(rows.ts), dtype=bool)
+        self.of_pair: list[np.ndarray] = []
+        for k, pair in enumerate(rows.names):
+            at = np.flatnonzero(rows.pair_of == k)
+            self.of_pair.append(at)
+            forced[at] = quiet.flag_mask(pair, rows.ts[at])
+            if len(at):
+                forced[at[0]] = True  # a pair's first candle opens its data window
+        o, h, lo, c, v = rows.ohlcv.T
+        # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
+        valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
+        forced |= ~(valid & (v >= 0) & (v < np.inf))
+        self.forced = np.flatnonzero(forced)
+
+    def quiet_until(self, start: int, hot: list[int]) -> int:
+        """Return the first candle from `start` on that must take the pipeline (or the end)."""
+        at = int(np.searchsorted(self.forced, start))
+        end = int(self.forced[at]) if at < len(self.forced) else len(self.rows.ts)
+        for k in hot:
+            rows = self.of_pair[k]
+            at = int(np.searchsorted(rows, start))
+            if at < len(rows) and rows[at] < end:
+                end = int(rows[at])
+        return end
+
+    def last_of_each_pair(self, start: int, end: int) -> list[int]:
+        """Return, for each pair with a candle in [start, end), the index of its last one."""
+        pair_of = self.rows.pair_of[start:end]
+        if len(self.rows.names) == 1:
+            return [end - 1] if end > start else []
+        backwards = pair_of[::-1]
+        present, first = np.unique(backwards, return_index=True)
+        return [end - 1 - int(f) for f in first[: len(present)]]
+
+    def candle(self, k: int, timeframe: str, clock: ReplayClock | None = None) -> Candle:
+        """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
+        rows = self.rows
+        close_ts = int(self.close_ts[k])
+        if clock is not None and close_ts > clock.now_ms():
+            clock.set(close_ts)
+        o, h, lo, c, v = rows.ohlcv[k].tolist()
+        return Candle(rows.names[int(rows.pair_of[k])], timeframe, int(rows.ts[k]), o, h, lo, c, v)
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------
