@@ -609,34 +609,34 @@ class EngineQuiet(EngineControl):
         count = len(ts)
         if not count:
             return 0
+        step = self.step
+        close_ts: list[int] = [t + step for t in ts.tolist()]
         present = np.unique(pair_of).tolist() if len(names) > 1 else [0]
         held = [k for k in present if self.portfolio.has_position(names[k])]
         if not held:
-            count = self._quiet_flat(ts + self.step, now)
-            self._take_rows(names, pair_of[:count], ts[:count], ohlcv[:count])
-            return count
-        close_ts: list[int] = (ts + self.step).tolist()
-        closes: list[float] = ohlcv[:, 3].tolist()
-        if len(present) == 1 and self.risk.all_in:
-            self._quiet_run(names[present[0]], close_ts, closes)
+            count = self._quiet_flat(close_ts, now, distinct=len(present) == 1)
+        elif len(present) == 1 and self.risk.all_in:
+            self._quiet_run(names[present[0]], close_ts, ohlcv[:, 3].tolist())
         else:
+            closes: list[float] = ohlcv[:, 3].tolist()
             count = self._quiet_each(names, pair_of.tolist(), close_ts, closes, now)
-        self._take_rows(names, pair_of[:count], ts[:count], ohlcv[:count])
+        self._take_rows(names, present, pair_of[:count], ts[:count], ohlcv[:count])
         return count
 
-    def _quiet_flat(self, close_ts: np.ndarray, now: list[int]) -> int:
+    def _quiet_flat(self, close_ts: list[int], now: list[int], *, distinct: bool) -> int:
         # No candle prices a position: the equity is the same at every close, so the curve
         # takes it at each new time in one step and the breakers see it candle by candle.
         portfolio = self.portfolio
-        equity = portfolio.record_equity(int(close_ts[0]))
+        equity = portfolio.record_equity(close_ts[0])
         # Only open positions make a flatten verdict act (`process`, `_flatten`).
         stop_on = TradingState.FLATTEN if portfolio.positions() else None
         count = self.risk.update_flat(now, equity, stop_on)
+        curve = portfolio.equity_curve
         later = close_ts[1:count]
-        if len(later):
-            curve = portfolio.equity_curve
-            fresh = np.flatnonzero(np.diff(later, prepend=curve.last_ts))  # new times only
-            curve.extend_flat(later[fresh].tolist(), curve.last_value)
+        if not distinct:  # several pairs close at the same time: one point per time
+            last = curve.last_ts
+            later = [t for t in dict.fromkeys(later) if t != last]
+        curve.extend_flat(later, curve.last_value)
         return count
 
     def _quiet_each(
@@ -676,7 +676,12 @@ class EngineQuiet(EngineControl):
         portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
 
     def _take_rows(
-        self, names: list[str], pair_of: np.ndarray, ts: np.ndarray, ohlcv: np.ndarray
+        self,
+        names: list[str],
+        present: list[int],
+        pair_of: np.ndarray,
+        ts: np.ndarray,
+        ohlcv: np.ndarray,
     ) -> None:
         # The data windows and the run's counters, as `admit` leaves them per candle.
         count = len(ts)
@@ -686,7 +691,6 @@ class EngineQuiet(EngineControl):
         if self.first_ts is None:
             self.first_ts = int(ts[0])
         self.last_ts = int(ts[-1])
-        present = np.unique(pair_of).tolist() if len(names) > 1 else [0]
         for index in present:
             rows = np.flatnonzero(pair_of == index) if len(present) > 1 else slice(None)
             pair_ts, pair_ohlcv = ts[rows], ohlcv[rows]

@@ -331,15 +331,17 @@ class SimDriver:
             return False
         plan = _StretchPlan(rows, quiet, feed.step)
         clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
+        forced, pair_of, timeframe = plan.is_forced, plan.pair_list, feed.timeframe
+        on_candle, candle = self.on_candle, plan.candle
         while i < n and not stop.is_set():
             hot = self._hot_pairs(rows.names)
-            end = plan.quiet_until(i, hot)
+            end = i if forced[i] or pair_of[i] in hot else plan.quiet_until(i, hot)
             if end - i < _SHORT:
                 for k in range(i, max(end, i + 1)):
-                    await self.on_candle(plan.candle(k, feed.timeframe, clock))
+                    await on_candle(candle(k, timeframe, clock))
                 i = max(end, i + 1)
             else:
-                i = await self._stretch(plan, i, end, clock, feed.timeframe)
+                i = await self._stretch(plan, i, end, clock, timeframe)
             if i >= next_yield:
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
@@ -357,7 +359,9 @@ class SimDriver:
     ) -> int:
         # Apply quiet candles [start, end) in one call; return where the replay goes on.
         rows, span = plan.rows, slice(start, end)
-        now = np.maximum(plan.close_ts[span], clock.now_ms()).tolist()
+        now, at = plan.close_list[start:end], clock.now_ms()
+        if now[0] < at:  # the clock never goes back (a start time after the first close)
+            now = [max(t, at) for t in now]
         count = self.engine.on_quiet_rows(
             rows.names, rows.pair_of[span], rows.ts[span], rows.ohlcv[span], now
         )
@@ -377,6 +381,7 @@ class _StretchPlan:
 
     def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int) -> None:
         self.rows = rows
+        self.step = step
         self.close_ts = rows.ts + step
         forced = np.zeros(len(rows.ts), dtype=bool)
         self.of_pair: list[np.ndarray] = []
@@ -391,6 +396,10 @@ class _StretchPlan:
         valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
         forced |= ~(valid & (v >= 0) & (v < np.inf))
         self.forced = np.flatnonzero(forced)
+        # Python lists once: the driver reads them candle by candle.
+        self.is_forced: list[bool] = forced.tolist()
+        self.pair_list: list[int] = rows.pair_of.tolist()
+        self.close_list: list[int] = self.close_ts.tolist()
 
     def quiet_until(self, start: int, hot: list[int]) -> int:
         """Return the first candle from `start` on that must take the pipeline (or the end)."""
@@ -415,11 +424,13 @@ class _StretchPlan:
     def candle(self, k: int, timeframe: str, clock: ReplayClock | None = None) -> Candle:
         """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
         rows = self.rows
-        close_ts = int(self.close_ts[k])
+        close_ts = self.close_list[k]
         if clock is not None and close_ts > clock.now_ms():
             clock.set(close_ts)
         o, h, lo, c, v = rows.ohlcv[k].tolist()
-        return Candle(rows.names[int(rows.pair_of[k])], timeframe, int(rows.ts[k]), o, h, lo, c, v)
+        return Candle(
+            rows.names[self.pair_list[k]], timeframe, close_ts - self.step, o, h, lo, c, v
+        )
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------
