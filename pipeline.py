@@ -571,6 +571,10 @@ class EngineQuiet(EngineControl):
         """Return True when a candle of `pair` without a signal can take the short path."""
         return not self.manage_stops or not self.portfolio.has_position(pair)
 
+    def is_holding(self, pair: str) -> bool:
+        """Return True when a position is open on `pair` (its exits are signals too)."""
+        return self.portfolio.has_position(pair)
+
     def on_quiet_candle(self, candle: Candle) -> bool:
         """Apply an admitted candle on which nothing but marks, equity and breakers can move.
 
@@ -594,34 +598,50 @@ class EngineQuiet(EngineControl):
     def on_quiet_rows(
         self,
         names: list[str],
-        pair_of: np.ndarray,
-        ts: np.ndarray,
+        held: list[int],
+        pair_of: list[int] | None,
+        close_ts: list[int],
         ohlcv: np.ndarray,
         now: list[int],
     ) -> int:
-        """Apply quiet candles of one or more pairs in replay order; return how many.
+        """Apply quiet candles' marks, equity, breakers and counts in replay order.
 
-        `pair_of` indexes `names` per candle; `ts` are open times, `ohlcv` the candles'
-        rows and `now` the replay clock at each. Fewer are applied than given when the
-        breakers ask to flatten: the last one applied is the candle that tripped them, and
-        the caller awaits `trip_flatten` before going on.
+        `held` indexes `names` for the pairs holding a position that have a candle here,
+        `pair_of` per candle (None: one pair); `close_ts`, `ohlcv` and `now` give each
+        candle's close time, its row and the replay clock. Returns how many were applied:
+        fewer than given when the breakers ask to flatten (the last one applied tripped
+        them; the caller awaits `trip_flatten`). The data windows take the candles
+        through `take_quiet`, at the latest before the pipeline reads them.
         """
-        count = len(ts)
-        if not count:
+        if not close_ts:
             return 0
-        step = self.step
-        close_ts: list[int] = [t + step for t in ts.tolist()]
-        present = np.unique(pair_of).tolist() if len(names) > 1 else [0]
-        held = [k for k in present if self.portfolio.has_position(names[k])]
         if not held:
-            count = self._quiet_flat(close_ts, now, distinct=len(present) == 1)
-        elif len(present) == 1 and self.risk.all_in:
-            self._quiet_run(names[present[0]], close_ts, ohlcv[:, 3].tolist())
+            count = self._quiet_flat(close_ts, now, distinct=len(names) == 1)
         else:
             closes: list[float] = ohlcv[:, 3].tolist()
-            count = self._quiet_each(names, pair_of.tolist(), close_ts, closes, now)
-        self._take_rows(names, present, pair_of[:count], ts[:count], ohlcv[:count])
+            if len(names) == 1 and self.risk.all_in:
+                self._quiet_run(names[0], close_ts, closes)
+                count = len(close_ts)
+            else:
+                pairs = pair_of if pair_of is not None else [0] * len(close_ts)
+                count = self._quiet_each(names, pairs, close_ts, closes, now)
+        self.candles += count
+        if self.first_ts is None:
+            self.first_ts = close_ts[0] - self.step
+        self.last_ts = close_ts[count - 1] - self.step
         return count
+
+    def take_quiet(self, runs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Take quiet candles into the data windows and the last prices, as `admit` does.
+
+        `runs` holds, per pair, its consecutive candles' open times and OHLCV rows (the
+        counts were taken by `on_quiet_rows`).
+        """
+        for pair, ts, ohlcv in runs:
+            if len(ts):
+                self.data.extend_run(pair, self.timeframe, ts, ohlcv)
+                self.last_close[pair] = float(ohlcv[-1, 3])
+                self.last_candle_ts[pair] = int(ts[-1])
 
     def _quiet_flat(self, close_ts: list[int], now: list[int], *, distinct: bool) -> int:
         # No candle prices a position: the equity is the same at every close, so the curve
@@ -674,30 +694,6 @@ class EngineQuiet(EngineControl):
             portfolio.record_equity(close_ts[k])
             start = k + 1
         portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
-
-    def _take_rows(
-        self,
-        names: list[str],
-        present: list[int],
-        pair_of: np.ndarray,
-        ts: np.ndarray,
-        ohlcv: np.ndarray,
-    ) -> None:
-        # The data windows and the run's counters, as `admit` leaves them per candle.
-        count = len(ts)
-        if not count:
-            return
-        self.candles += count
-        if self.first_ts is None:
-            self.first_ts = int(ts[0])
-        self.last_ts = int(ts[-1])
-        for index in present:
-            rows = np.flatnonzero(pair_of == index) if len(present) > 1 else slice(None)
-            pair_ts, pair_ohlcv = ts[rows], ohlcv[rows]
-            pair = names[index]
-            self.data.extend_run(pair, self.timeframe, pair_ts, pair_ohlcv)
-            self.last_close[pair] = float(pair_ohlcv[-1, 3])
-            self.last_candle_ts[pair] = int(pair_ts[-1])
 
     def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
         # The funding times inside the candle closing at `close_ts`, settled at its close

@@ -151,8 +151,8 @@ class ReplayFeed:
         ts = np.concatenate([f.index.as_unit("ms").asi8 for f in frames]).astype(np.int64)
         ohlcv = np.concatenate([f[columns].to_numpy(dtype=np.float64) for f in frames])
         pair_of = np.repeat(np.arange(len(names), dtype=np.int64), [len(f) for f in frames])
-        if len(names) > 1:  # the merge's order: by open time, then by pair name
-            order = np.lexsort((pair_of, ts))
+        if len(names) > 1:  # the merge's order: by open time, then by pair name (a stable
+            order = np.argsort(ts, kind="stable")  # sort keeps the pairs' sorted order)
             ts, ohlcv, pair_of = ts[order], ohlcv[order], pair_of[order]
         return ReplayRows(names, pair_of, ts, ohlcv.reshape(-1, 5))
 
@@ -211,6 +211,10 @@ class CandleSteps(Protocol):
         """Return True when a candle of `pair` without a signal can take the short path."""
         ...
 
+    def is_holding(self, pair: str) -> bool:
+        """Return True when a position is open on `pair`."""
+        ...
+
     def admit(self, candle: Candle, received: float | None = None) -> bool:
         """Take a candle into the data and the counters; False if refused."""
         ...
@@ -226,12 +230,17 @@ class CandleSteps(Protocol):
     def on_quiet_rows(
         self,
         names: list[str],
-        pair_of: np.ndarray,
-        ts: np.ndarray,
+        held: list[int],
+        pair_of: list[int] | None,
+        close_ts: list[int],
         ohlcv: np.ndarray,
         now: list[int],
     ) -> int:
-        """Apply quiet candles in replay order; return how many (fewer: flatten now)."""
+        """Apply quiet candles' marks, equity, breakers and counts; return how many."""
+        ...
+
+    def take_quiet(self, runs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Take quiet candles into the data windows and the last prices."""
         ...
 
     async def trip_flatten(self) -> None:
@@ -246,8 +255,16 @@ class QuietSignals(Protocol):
         """Return True if any signal column is set on this candle."""
         ...
 
+    def has_entry(self, candle: Candle) -> bool:
+        """Return True if this candle's flags give a flat position a signal."""
+        ...
+
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
+        ...
+
+    def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
         ...
 
 
@@ -263,10 +280,11 @@ class SimDriver:
     candle: the venue has filled what it would have by the time the candle closed. Used
     by replays and backtests, and by paper trading on the live feed.
 
-    Backtests can take a short path (`enable_quiet_path`): a candle with no signal, no
-    working order on its pair and (stops managed) no position there changes only the data
-    window, the marks, the equity curve and the breakers, and an unpaced replay applies
-    such candles a stretch at a time, across all its pairs (`run`).
+    Backtests can take a short path (`enable_quiet_path`): a candle that gives no signal
+    (no entry flag on a flat pair, no flag on a held one), with no working order on its
+    pair and (stops managed) no position there, changes only the data window, the marks,
+    the equity curve and the breakers, and an unpaced replay applies such candles a
+    stretch at a time, across all its pairs (`run`).
     """
 
     def __init__(self, engine: CandleSteps, sim: SimulatedExchange) -> None:
@@ -291,21 +309,17 @@ class SimDriver:
         self.quiet_runs = True  # an unpaced replay may apply quiet stretches in one call
 
     def _is_quiet(self, candle: Candle) -> bool:
-        quiet = self._quiet
-        return (
-            quiet is not None
-            and not quiet.has_flags(candle)
-            and not self.sim.has_working(candle.pair)
-            and self.engine.quiet_pair(candle.pair)
-        )
+        quiet, engine, pair = self._quiet, self.engine, candle.pair
+        if quiet is None or self.sim.has_working(pair) or not engine.quiet_pair(pair):
+            return False
+        # A flat pair's exit flags give no signal (`decide_signal`): only entries count.
+        return not (quiet.has_flags(candle) if engine.is_holding(pair) else quiet.has_entry(candle))
 
     async def on_candle(self, candle: Candle, received: float | None = None) -> None:
         """Match `candle` on the simulated exchange and run it through the engine."""
         if self._is_quiet(candle):
-            if self._admit(candle, received):
-                self._match(candle)  # nothing works on this pair: it only remembers the bar
-                if self.engine.on_quiet_candle(candle):
-                    await self.engine.trip_flatten()
+            if self._quiet_one(candle, received):
+                await self.engine.trip_flatten()
             return
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
@@ -313,82 +327,161 @@ class SimDriver:
                 await self.sim.deliver(fills)
             await self._process(candle)
 
+    def _quiet_one(self, candle: Candle, received: float | None = None) -> bool:
+        # A quiet candle on its own; True when the breakers ask to flatten on it.
+        if self._admit(candle, received):
+            self._match(candle)  # nothing works on this pair: it only remembers the bar
+            return self.engine.on_quiet_candle(candle)
+        return False
+
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
         """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.
 
-        A candle with a signal, or of a pair with a working order (or, stops managed, a
-        position), takes the whole pipeline. The candles up to the next such candle of any
-        pair, in the replay's time order, are quiet: they are applied in one call
-        (`on_quiet_rows`). A working stop or take-profit makes its pair's every candle go
-        through the pipeline (the stop may trail), while the other pairs' quiet candles
-        between them still go a stretch at a time. The trades, orders and equity curve are
-        those of the per-candle path (tests compare them).
+        A candle that may give a signal, or of a pair with a working order (or, stops
+        managed, a position), takes the whole pipeline. The candles up to the next such
+        candle of any pair, in the replay's time order, are quiet: their marks, equity and
+        breakers are applied in one call (`on_quiet_rows`), and each pair's data window
+        and last bar catch up before anything reads them (before a candle of that pair,
+        a pipeline pass that may read it, a flatten, or a yield to the loop). A working
+        stop or take-profit makes its pair's every candle go through the pipeline (the
+        stop may trail), while the other pairs' quiet candles between them still go a
+        stretch at a time. The trades, orders and equity curve are those of the
+        per-candle path (tests compare them).
         """
         quiet = self._quiet
         ready = quiet is not None and self.quiet_runs and self.engine.quiet_exact
         rows = feed.rows() if ready else None
         if quiet is None or rows is None:
             return False
-        plan = _StretchPlan(rows, quiet, feed.step)
+        plan = _StretchPlan(rows, quiet, feed.step, feed.timeframe)
         clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
-        forced, pair_of, timeframe = plan.is_forced, plan.pair_list, feed.timeframe
-        on_candle, candle = self.on_candle, plan.candle
+        candle, every = plan.candle, range(len(rows.names))
+        forced, flagged, pair_of, local = (
+            plan.is_forced,
+            plan.is_flagged,
+            plan.pair_list,
+            plan.local_list,
+        )
+        hot, holding = self._pair_states(rows.names)
         while i < n and not stop.is_set():
-            hot = self._hot_pairs(rows.names)
-            end = i if forced[i] or pair_of[i] in hot else plan.quiet_until(i, hot)
-            if end - i < _SHORT:
-                for k in range(i, max(end, i + 1)):
-                    await on_candle(candle(k, timeframe, clock))
-                i = max(end, i + 1)
+            k = pair_of[i]
+            must_flatten = False
+            if forced[i] or k in hot or (flagged[i] and k in holding):
+                # The pipeline reads this pair's window and the held pairs' (correlation).
+                self._catch_up(plan, [k], local[i])
+                self._catch_up_to(plan, holding, i)
+                await self.on_candle(candle(i, clock))
+                plan.taken[k] = local[i] + 1
+                hot, holding = self._pair_states(rows.names)  # fills, orders, exits
+                i += 1
             else:
-                i = await self._stretch(plan, i, end, clock, timeframe)
+                end = plan.quiet_until(i, hot, holding)
+                if end - i < _SHORT:
+                    while i < end and not must_flatten:
+                        k = pair_of[i]
+                        self._catch_up(plan, [k], local[i])
+                        must_flatten = self._quiet_one(candle(i, clock))
+                        plan.taken[k] = local[i] + 1
+                        i += 1
+                else:
+                    i, must_flatten = self._stretch(plan, i, end, clock, holding)
+            if must_flatten:
+                self._catch_up_to(plan, every, i)  # the exits read the held pairs' bars
+                await self.engine.trip_flatten()
+                hot, holding = self._pair_states(rows.names)
             if i >= next_yield:
+                self._catch_up_to(plan, every, i)  # what the views read between yields
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
                 await asyncio.sleep(0)
+        self._catch_up_to(plan, every, i)
         feed.advance_to(i, done=True)
         return True
 
-    def _hot_pairs(self, names: list[str]) -> list[int]:
-        # The pairs whose candles need the pipeline now: an order works, or a managed stop.
-        has_working, quiet_pair = self.sim.has_working, self.engine.quiet_pair
-        return [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
+    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int]]:
+        # The pairs whose every candle needs the pipeline now (an order works, or a
+        # managed stop), and the pairs holding a position (any flag is a signal there).
+        has_working, quiet_pair, is_holding = (
+            self.sim.has_working,
+            self.engine.quiet_pair,
+            self.engine.is_holding,
+        )
+        hot = [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
+        return hot, [k for k, pair in enumerate(names) if is_holding(pair)]
 
-    async def _stretch(
-        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, timeframe: str
-    ) -> int:
-        # Apply quiet candles [start, end) in one call; return where the replay goes on.
-        rows, span = plan.rows, slice(start, end)
+    def _catch_up(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
+        # Hand each pair's quiet candles below its own index `upto` to the data window and
+        # the venue (which keeps only the last bar of a pair without orders).
+        runs = []
+        for k in pairs:
+            start = plan.taken[k]
+            if upto > start:
+                ts, ohlcv = plan.pair_ts[k][start:upto], plan.pair_ohlcv[k][start:upto]
+                runs.append((plan.rows.names[k], ts, ohlcv))
+                self.sim.on_candle(plan.pair_candle(k, upto - 1))
+                plan.taken[k] = upto
+        if runs:
+            self.engine.take_quiet(runs)
+
+    def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
+        # As `_catch_up`, up to the replay's candle `upto` (each pair's own index found).
+        for k in pairs:
+            self._catch_up(plan, [k], plan.before(k, upto))
+
+    def _stretch(
+        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
+    ) -> tuple[int, bool]:
+        # Apply quiet candles [start, end) in one call; return where the replay goes on
+        # and whether the breakers asked to flatten on the last one applied.
+        rows = plan.rows
         now, at = plan.close_list[start:end], clock.now_ms()
         if now[0] < at:  # the clock never goes back (a start time after the first close)
             now = [max(t, at) for t in now]
+        several = len(rows.names) > 1
+        held = [k for k in holding if plan.before(k, end) > plan.before(k, start)]
         count = self.engine.on_quiet_rows(
-            rows.names, rows.pair_of[span], rows.ts[span], rows.ohlcv[span], now
+            rows.names,
+            held,
+            plan.pair_list[start:end] if several else None,
+            plan.close_list[start:end],
+            rows.ohlcv[start:end],
+            now,
         )
         self.stretches += 1
-        done = start + count
-        for k in plan.last_of_each_pair(start, done):
-            self.sim.on_candle(plan.candle(k, timeframe))  # each pair's last bar, no order
         if now[count - 1] > clock.now_ms():
             clock.set(now[count - 1])
-        if done < end:
-            await self.engine.trip_flatten()  # the breakers tripped on the last one applied
-        return done
+        return start + count, start + count < end
 
 
 class _StretchPlan:
-    """Where a replay's quiet stretches end: the candles that must take the pipeline."""
+    """Where a replay's quiet stretches end, and each pair's candles as its own arrays."""
 
-    def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int) -> None:
+    def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int, timeframe: str) -> None:
         self.rows = rows
         self.step = step
-        self.close_ts = rows.ts + step
-        forced = np.zeros(len(rows.ts), dtype=bool)
+        self.timeframe = timeframe
+        n, several = len(rows.ts), len(rows.names) > 1
+        forced = np.zeros(n, dtype=bool)
+        flagged = np.zeros(n, dtype=bool)
+        local = np.arange(n)
+        # Per pair: its candles' indices in the replay, its own arrays, its flagged
+        # candles, and how many of its candles the data window has taken (`taken`).
         self.of_pair: list[np.ndarray] = []
+        self.pair_ts: list[np.ndarray] = []
+        self.pair_ohlcv: list[np.ndarray] = []
+        self.flagged_of_pair: list[np.ndarray] = []
+        self.taken: list[int] = [0] * len(rows.names)
         for k, pair in enumerate(rows.names):
-            at = np.flatnonzero(rows.pair_of == k)
+            at = np.flatnonzero(rows.pair_of == k) if several else local
+            ts = rows.ts[at] if several else rows.ts
             self.of_pair.append(at)
-            forced[at] = quiet.flag_mask(pair, rows.ts[at])
+            self.pair_ts.append(ts)
+            self.pair_ohlcv.append(rows.ohlcv[at] if several else rows.ohlcv)
+            if several:
+                local[at] = np.arange(len(at))
+            forced[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
+            flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
+            self.flagged_of_pair.append(at[flagged[at]])
             if len(at):
                 forced[at[0]] = True  # a pair's first candle opens its data window
         o, h, lo, c, v = rows.ohlcv.T
@@ -398,39 +491,42 @@ class _StretchPlan:
         self.forced = np.flatnonzero(forced)
         # Python lists once: the driver reads them candle by candle.
         self.is_forced: list[bool] = forced.tolist()
+        self.is_flagged: list[bool] = flagged.tolist()
         self.pair_list: list[int] = rows.pair_of.tolist()
-        self.close_list: list[int] = self.close_ts.tolist()
+        self.local_list: list[int] = local.tolist()
+        self.close_list: list[int] = (rows.ts + step).tolist()
 
-    def quiet_until(self, start: int, hot: list[int]) -> int:
+    def quiet_until(self, start: int, hot: list[int], holding: list[int]) -> int:
         """Return the first candle from `start` on that must take the pipeline (or the end)."""
         at = int(np.searchsorted(self.forced, start))
         end = int(self.forced[at]) if at < len(self.forced) else len(self.rows.ts)
-        for k in hot:
-            rows = self.of_pair[k]
+        for rows in [self.of_pair[k] for k in hot] + [self.flagged_of_pair[k] for k in holding]:
             at = int(np.searchsorted(rows, start))
             if at < len(rows) and rows[at] < end:
                 end = int(rows[at])
         return end
 
-    def last_of_each_pair(self, start: int, end: int) -> list[int]:
-        """Return, for each pair with a candle in [start, end), the index of its last one."""
-        pair_of = self.rows.pair_of[start:end]
+    def before(self, k: int, upto: int) -> int:
+        """Return how many of pair `k`'s candles come before the replay's candle `upto`."""
         if len(self.rows.names) == 1:
-            return [end - 1] if end > start else []
-        backwards = pair_of[::-1]
-        present, first = np.unique(backwards, return_index=True)
-        return [end - 1 - int(f) for f in first[: len(present)]]
+            return upto
+        return int(np.searchsorted(self.of_pair[k], upto))
 
-    def candle(self, k: int, timeframe: str, clock: ReplayClock | None = None) -> Candle:
+    def candle(self, k: int, clock: ReplayClock | None = None) -> Candle:
         """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
         rows = self.rows
         close_ts = self.close_list[k]
         if clock is not None and close_ts > clock.now_ms():
             clock.set(close_ts)
         o, h, lo, c, v = rows.ohlcv[k].tolist()
-        return Candle(
-            rows.names[self.pair_list[k]], timeframe, close_ts - self.step, o, h, lo, c, v
-        )
+        pair = rows.names[self.pair_list[k]]
+        return Candle(pair, self.timeframe, close_ts - self.step, o, h, lo, c, v)
+
+    def pair_candle(self, k: int, j: int) -> Candle:
+        """Return the `j`-th candle of pair `k`."""
+        o, h, lo, c, v = self.pair_ohlcv[k][j].tolist()
+        ts = int(self.pair_ts[k][j])
+        return Candle(self.rows.names[k], self.timeframe, ts, o, h, lo, c, v)
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------
