@@ -266,6 +266,14 @@ class CircuitBreakers:
         """Return when the current rung lifts by itself (None: manual, or nothing to lift)."""
         return self.cause.until if self.cause is not None else None
 
+    @property
+    def flatten_holds(self) -> bool:
+        """Return True while a flatten only an operator lifts holds (every update says so)."""
+        return self.manual is TradingState.FLATTEN or any(
+            trip.state is TradingState.FLATTEN and trip.until is None
+            for trip in self.latched.values()
+        )
+
     def book(self, now: int | None = None) -> EquityBook:
         """Return the equity book the rules see."""
         return EquityBook(

@@ -571,6 +571,15 @@ class EngineQuiet(EngineControl):
         """Return True when a candle of `pair` without a signal can take the short path."""
         return not self.manage_stops or not self.portfolio.has_position(pair)
 
+    @property
+    def decisions_void(self) -> bool:
+        """Return True while no candle reaches a decision (a flatten holds).
+
+        Only an operator lifts such a flatten, so `process` returns after the breakers
+        (flattening what is open) on every candle until then.
+        """
+        return self.risk.flatten_holds
+
     def is_holding(self, pair: str) -> bool:
         """Return True when a position is open on `pair` (its exits are signals too)."""
         return self.portfolio.has_position(pair)

@@ -211,6 +211,11 @@ class CandleSteps(Protocol):
         """Return True when a candle of `pair` without a signal can take the short path."""
         ...
 
+    @property
+    def decisions_void(self) -> bool:
+        """Return True while no candle reaches a decision (a flatten holds)."""
+        ...
+
     def is_holding(self, pair: str) -> bool:
         """Return True when a position is open on `pair`."""
         ...
@@ -312,6 +317,8 @@ class SimDriver:
         quiet, engine, pair = self._quiet, self.engine, candle.pair
         if quiet is None or self.sim.has_working(pair) or not engine.quiet_pair(pair):
             return False
+        if engine.decisions_void:
+            return True  # `process` stops at the breakers: no flag leads anywhere
         # A flat pair's exit flags give no signal (`decide_signal`): only entries count.
         return not (quiet.has_flags(candle) if engine.is_holding(pair) else quiet.has_entry(candle))
 
@@ -356,26 +363,28 @@ class SimDriver:
         plan = _StretchPlan(rows, quiet, feed.step, feed.timeframe)
         clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
         candle, every = plan.candle, range(len(rows.names))
-        forced, flagged, pair_of, local = (
-            plan.is_forced,
+        first, entry, flagged, pair_of, local = (
+            plan.is_first,
+            plan.is_entry,
             plan.is_flagged,
             plan.pair_list,
             plan.local_list,
         )
-        hot, holding = self._pair_states(rows.names)
+        hot, holding, void = self._pair_states(rows.names)
         while i < n and not stop.is_set():
             k = pair_of[i]
             must_flatten = False
-            if forced[i] or k in hot or (flagged[i] and k in holding):
+            signal = not void and (entry[i] or (flagged[i] and k in holding))
+            if first[i] or k in hot or signal:
                 # The pipeline reads this pair's window and the held pairs' (correlation).
                 self._catch_up(plan, [k], local[i])
                 self._catch_up_to(plan, holding, i)
                 await self.on_candle(candle(i, clock))
                 plan.taken[k] = local[i] + 1
-                hot, holding = self._pair_states(rows.names)  # fills, orders, exits
+                hot, holding, void = self._pair_states(rows.names)  # fills, orders, exits
                 i += 1
             else:
-                end = plan.quiet_until(i, hot, holding)
+                end = plan.quiet_until(i, hot, [] if void else holding, void=void)
                 if end - i < _SHORT:
                     while i < end and not must_flatten:
                         k = pair_of[i]
@@ -388,7 +397,7 @@ class SimDriver:
             if must_flatten:
                 self._catch_up_to(plan, every, i)  # the exits read the held pairs' bars
                 await self.engine.trip_flatten()
-                hot, holding = self._pair_states(rows.names)
+                hot, holding, void = self._pair_states(rows.names)
             if i >= next_yield:
                 self._catch_up_to(plan, every, i)  # what the views read between yields
                 feed.advance_to(i)
@@ -398,16 +407,18 @@ class SimDriver:
         feed.advance_to(i, done=True)
         return True
 
-    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int]]:
+    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int], bool]:
         # The pairs whose every candle needs the pipeline now (an order works, or a
-        # managed stop), and the pairs holding a position (any flag is a signal there).
+        # managed stop), the pairs holding a position (any flag is a signal there), and
+        # whether decisions are void (a held flatten: no flag leads anywhere).
         has_working, quiet_pair, is_holding = (
             self.sim.has_working,
             self.engine.quiet_pair,
             self.engine.is_holding,
         )
         hot = [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
-        return hot, [k for k, pair in enumerate(names) if is_holding(pair)]
+        holding = [k for k, pair in enumerate(names) if is_holding(pair)]
+        return hot, holding, self.engine.decisions_void
 
     def _catch_up(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
         # Hand each pair's quiet candles below its own index `upto` to the data window and
@@ -461,7 +472,8 @@ class _StretchPlan:
         self.step = step
         self.timeframe = timeframe
         n, several = len(rows.ts), len(rows.names) > 1
-        forced = np.zeros(n, dtype=bool)
+        entry = np.zeros(n, dtype=bool)
+        first = np.zeros(n, dtype=bool)
         flagged = np.zeros(n, dtype=bool)
         local = np.arange(n)
         # Per pair: its candles' indices in the replay, its own arrays, its flagged
@@ -479,27 +491,36 @@ class _StretchPlan:
             self.pair_ohlcv.append(rows.ohlcv[at] if several else rows.ohlcv)
             if several:
                 local[at] = np.arange(len(at))
-            forced[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
+            entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
             flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
             self.flagged_of_pair.append(at[flagged[at]])
             if len(at):
-                forced[at[0]] = True  # a pair's first candle opens its data window
+                first[at[0]] = True  # a pair's first candle opens its data window
         o, h, lo, c, v = rows.ohlcv.T
         # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
         valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
-        forced |= ~(valid & (v >= 0) & (v < np.inf))
-        self.forced = np.flatnonzero(forced)
+        first |= ~(valid & (v >= 0) & (v < np.inf))
+        forced = first | entry
+        self.forced = np.flatnonzero(forced)  # entries, first and refused candles
+        self.first = np.flatnonzero(first)  # first and refused candles only
         # Python lists once: the driver reads them candle by candle.
-        self.is_forced: list[bool] = forced.tolist()
+        self.is_first: list[bool] = first.tolist()
+        self.is_entry: list[bool] = entry.tolist()
         self.is_flagged: list[bool] = flagged.tolist()
         self.pair_list: list[int] = rows.pair_of.tolist()
         self.local_list: list[int] = local.tolist()
         self.close_list: list[int] = (rows.ts + step).tolist()
 
-    def quiet_until(self, start: int, hot: list[int], holding: list[int]) -> int:
-        """Return the first candle from `start` on that must take the pipeline (or the end)."""
-        at = int(np.searchsorted(self.forced, start))
-        end = int(self.forced[at]) if at < len(self.forced) else len(self.rows.ts)
+    def quiet_until(
+        self, start: int, hot: list[int], holding: list[int], *, void: bool = False
+    ) -> int:
+        """Return the first candle from `start` on that must take the pipeline (or the end).
+
+        With `void` (decisions are void: a held flatten), entry flags end nothing.
+        """
+        forced = self.first if void else self.forced
+        at = int(np.searchsorted(forced, start))
+        end = int(forced[at]) if at < len(forced) else len(self.rows.ts)
         for rows in [self.of_pair[k] for k in hot] + [self.flagged_of_pair[k] for k in holding]:
             at = int(np.searchsorted(rows, start))
             if at < len(rows) and rows[at] < end:

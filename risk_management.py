@@ -236,6 +236,11 @@ class RiskManager:
             return TradingState.NORMAL
         return self.breakers.update(now, equity)
 
+    @property
+    def flatten_holds(self) -> bool:
+        """Return True while the breakers hold a flatten that only an operator lifts."""
+        return not self.all_in and self.breakers.flatten_holds
+
     def update_flat(
         self, times: Sequence[int], equity: Decimal, stop_on: TradingState | None = None
     ) -> int:

@@ -247,8 +247,28 @@ async def test_breakers_trip_on_the_same_candle(
     assert [trip["to"] for trip in trips] == ["halted", "halted"]
 
 
+async def test_a_held_flatten_voids_the_signals_alike(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After the peak-to-trough flatten latches, signals lead nowhere in every variant."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _archive(monkeypatch, tmp_path, [(1200, 21, 4e-3, 0), (1200, 22, 4e-3, 0)])
+    results = await _variants(_multi_args())
+    full = results["full"]
+    trips = full["summary"]["breaker_trips"]
+    assert trips[-1]["to"] == "flatten"
+    flattened = trips[-1]["ts"]
+    assert flattened < full["curve"][-1][0] - 600 * 60_000  # long before the end
+    # Signals kept coming after it, and no order was decided on them.
+    assert all(o.ts_created <= flattened + 60_000 for o in full["venue_orders"])
+
+
 @settings(
-    max_examples=6,
+    max_examples=20,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -287,3 +307,50 @@ async def test_random_multi_pair_runs_equal_the_per_candle_pipeline(
     runs, full = await _run(args, "runs"), await _run(args, "full")
     for key in ("summary", "curve", "orders", "venue_orders", "trades"):
         assert runs[key] == full[key], key
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(
+            st.integers(9_000, 10_500),  # the equity held over the segment, in cents
+            st.lists(st.integers(1, 6 * 3_600_000), min_size=1, max_size=30),  # time steps
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    daily=st.sampled_from([0.005, 0.03]),
+    drawdown=st.sampled_from([0.04, 0.15]),
+)
+def test_update_flat_equals_update_at_each_time(
+    segments: list[tuple[int, list[int]]], daily: float, drawdown: float
+) -> None:
+    """Feeding an unchanged equity over many times at once leaves the breakers as one by one."""
+    import copy
+    from decimal import Decimal
+
+    from circuit_breakers import CircuitBreakers
+    from config import RiskSettings
+    from models import TradingState
+
+    risk = RiskSettings(max_daily_loss=daily, max_drawdown=drawdown, reduce_size_drawdown=0.02)
+    each, flat = CircuitBreakers(risk), CircuitBreakers(risk)
+    now = 1_700_000_000_000
+    for cents, steps in segments:
+        equity = Decimal(cents) / 100 * 100
+        times = []
+        for step in steps:
+            now += step
+            times.append(now)
+        states = [each.update(t, equity) for t in times]
+        probe = copy.deepcopy(flat)
+        assert flat.update_flat(times, equity) == len(times)
+        assert flat.state is states[-1]
+        assert flat.dump() == each.dump()
+        # Stopping on a state: exactly where one-by-one first reaches it.
+        fed = probe.update_flat(times, equity, TradingState.HALTED)
+        if TradingState.HALTED in states:
+            assert fed == states.index(TradingState.HALTED) + 1
+            assert probe.now == times[fed - 1]
+        else:
+            assert fed == len(times)
