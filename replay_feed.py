@@ -317,6 +317,8 @@ class SimDriver:
         quiet, engine, pair = self._quiet, self.engine, candle.pair
         if quiet is None or self.sim.has_working(pair) or not engine.quiet_pair(pair):
             return False
+        if not engine.quiet_exact:
+            return False  # a watch or a saver wired after the path was enabled reads it
         if engine.decisions_void:
             return True  # `process` stops at the breakers: no flag leads anywhere
         # A flat pair's exit flags give no signal (`decide_signal`): only entries count.
