@@ -383,12 +383,15 @@ class DataManager:
         """Return True when `extend_run` equals `on_candle` per candle (no archive, no rollup)."""
         return self.store is None and not self._higher
 
-    def extend_run(self, pair: str, timeframe: str, ts: np.ndarray, ohlcv: np.ndarray) -> None:
+    def extend_run(
+        self, pair: str, timeframe: str, ts: np.ndarray, columns: Sequence[np.ndarray]
+    ) -> None:
         """Append consecutive closed candles of one pair at once (a replay's quiet stretch).
 
-        The window ends up as `on_candle` per candle leaves it. The caller hands only
-        candles `on_candle` would accept (valid, newer than the window's last), without a
-        store or higher timeframes (`can_extend_run`); anything else is a bug, not data.
+        `columns` are the candles' open, high, low, close and volume. The window ends up
+        as `on_candle` per candle leaves it. The caller hands only candles `on_candle`
+        would accept (valid, newer than the window's last), without a store or higher
+        timeframes (`can_extend_run`); anything else is a bug, not data.
         """
         if not len(ts):
             return
@@ -396,8 +399,8 @@ class DataManager:
         last = ring.last_ts
         if not self.can_extend_run or (last is not None and int(ts[0]) <= last):
             raise ValueError(f"extend_run on {pair}: not a run on_candle would accept")
-        columns = ohlcv.T
-        ring.extend(CandleArrays(ts, columns[0], columns[1], columns[2], columns[3], columns[4]))
+        o, h, lo, c, v = columns
+        ring.extend(CandleArrays(ts, o, h, lo, c, v))
 
     def _build_higher(self, candle: Candle, targets: Sequence[str]) -> None:
         for target in targets:

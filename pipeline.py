@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -610,14 +610,15 @@ class EngineQuiet(EngineControl):
         held: list[int],
         pair_of: list[int] | None,
         close_ts: list[int],
-        ohlcv: np.ndarray,
+        closes: Callable[[], list[float]],
         now: list[int],
     ) -> int:
         """Apply quiet candles' marks, equity, breakers and counts in replay order.
 
         `held` indexes `names` for the pairs holding a position that have a candle here,
-        `pair_of` per candle (None: one pair); `close_ts`, `ohlcv` and `now` give each
-        candle's close time, its row and the replay clock. Returns how many were applied:
+        `pair_of` per candle (None: one pair); `close_ts` and `now` give each candle's
+        close time and the replay clock, and `closes()` their close prices (asked for only
+        when a position is marked). Returns how many were applied:
         fewer than given when the breakers ask to flatten (the last one applied tripped
         them; the caller awaits `trip_flatten`). The data windows take the candles
         through `take_quiet`, at the latest before the pipeline reads them.
@@ -626,30 +627,28 @@ class EngineQuiet(EngineControl):
             return 0
         if not held:
             count = self._quiet_flat(close_ts, now, distinct=len(names) == 1)
+        elif len(names) == 1 and self.risk.all_in:
+            self._quiet_run(names[0], close_ts, closes())
+            count = len(close_ts)
         else:
-            closes: list[float] = ohlcv[:, 3].tolist()
-            if len(names) == 1 and self.risk.all_in:
-                self._quiet_run(names[0], close_ts, closes)
-                count = len(close_ts)
-            else:
-                pairs = pair_of if pair_of is not None else [0] * len(close_ts)
-                count = self._quiet_each(names, pairs, close_ts, closes, now)
+            pairs = pair_of if pair_of is not None else [0] * len(close_ts)
+            count = self._quiet_each(names, pairs, close_ts, closes(), now)
         self.candles += count
         if self.first_ts is None:
             self.first_ts = close_ts[0] - self.step
         self.last_ts = close_ts[count - 1] - self.step
         return count
 
-    def take_quiet(self, runs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    def take_quiet(self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> None:
         """Take quiet candles into the data windows and the last prices, as `admit` does.
 
-        `runs` holds, per pair, its consecutive candles' open times and OHLCV rows (the
+        `runs` holds, per pair, its consecutive candles' open times and OHLCV columns (the
         counts were taken by `on_quiet_rows`).
         """
-        for pair, ts, ohlcv in runs:
+        for pair, ts, columns in runs:
             if len(ts):
-                self.data.extend_run(pair, self.timeframe, ts, ohlcv)
-                self.last_close[pair] = float(ohlcv[-1, 3])
+                self.data.extend_run(pair, self.timeframe, ts, columns)
+                self.last_close[pair] = float(columns[3][-1])
                 self.last_candle_ts[pair] = int(ts[-1])
 
     def _quiet_flat(self, close_ts: list[int], now: list[int], *, distinct: bool) -> int:

@@ -36,16 +36,20 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class ReplayRows:
-    """A replay's candles as arrays, in the order the feed emits them.
+    """A replay's candles in the order the feed emits them, and each pair's own arrays.
 
-    `names` are the pairs (sorted); `pair_of[k]` indexes `names` for candle `k`, `ts` is
-    its open time (ms) and `ohlcv[k]` its open, high, low, close and volume.
+    `names` are the pairs (sorted); candle `k` of the replay is candle `local[k]` of pair
+    `pair_of[k]` and opens at `ts[k]` (ms). Per pair, `pair_ts` are its open times and
+    `pair_columns` its open, high, low, close and volume, read from its frame without a
+    copy where the frame allows.
     """
 
     names: list[str]
     pair_of: np.ndarray
+    local: np.ndarray
     ts: np.ndarray
-    ohlcv: np.ndarray
+    pair_ts: list[np.ndarray]
+    pair_columns: list[tuple[np.ndarray, ...]]
 
 
 class ReplayFeed:
@@ -135,7 +139,7 @@ class ReplayFeed:
         return pair, ts, ohlcv
 
     def rows(self) -> ReplayRows | None:
-        """Return every candle of the replay as arrays in its (ts, pair) order.
+        """Return every candle of the replay as arrays, in its (ts, pair) order.
 
         For a consumer that walks the arrays itself (`SimDriver.run`); it reports its
         position with `advance_to`. None when paced (`speed`) or when a frame is not in
@@ -147,14 +151,26 @@ class ReplayFeed:
         frames = [self._slice(self.frames[pair]) for pair in names]
         if not all(f.index.is_monotonic_increasing for f in frames):
             return None
-        columns = ["open", "high", "low", "close", "volume"]
-        ts = np.concatenate([f.index.as_unit("ms").asi8 for f in frames]).astype(np.int64)
-        ohlcv = np.concatenate([f[columns].to_numpy(dtype=np.float64) for f in frames])
-        pair_of = np.repeat(np.arange(len(names), dtype=np.int64), [len(f) for f in frames])
-        if len(names) > 1:  # the merge's order: by open time, then by pair name (a stable
-            order = np.argsort(ts, kind="stable")  # sort keeps the pairs' sorted order)
-            ts, ohlcv, pair_of = ts[order], ohlcv[order], pair_of[order]
-        return ReplayRows(names, pair_of, ts, ohlcv.reshape(-1, 5))
+        pair_ts = [f.index.as_unit("ms").asi8.astype(np.int64, copy=False) for f in frames]
+        pair_columns = [
+            tuple(
+                f[c].to_numpy(dtype=np.float64) for c in ("open", "high", "low", "close", "volume")
+            )
+            for f in frames
+        ]
+        if len(names) == 1:
+            n = len(pair_ts[0])
+            pair_of, local, ts = np.zeros(n, dtype=np.int64), np.arange(n), pair_ts[0]
+        else:
+            sizes = [len(t) for t in pair_ts]
+            pair_of = np.repeat(np.arange(len(names), dtype=np.int64), sizes)
+            local = np.concatenate([np.arange(size) for size in sizes])
+            ts = np.concatenate(pair_ts)
+            # The merge's order: by open time, then by pair name (a stable sort keeps the
+            # pairs' sorted order among equal times).
+            order = np.argsort(ts, kind="stable")
+            ts, pair_of, local = ts[order], pair_of[order], local[order]
+        return ReplayRows(names, pair_of, local, ts, pair_ts, pair_columns)
 
     def advance_to(self, emitted: int, *, done: bool = False) -> None:
         """Record how many candles an array consumer has processed; report progress."""
@@ -238,13 +254,13 @@ class CandleSteps(Protocol):
         held: list[int],
         pair_of: list[int] | None,
         close_ts: list[int],
-        ohlcv: np.ndarray,
+        closes: Callable[[], list[float]],
         now: list[int],
     ) -> int:
         """Apply quiet candles' marks, equity, breakers and counts; return how many."""
         ...
 
-    def take_quiet(self, runs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    def take_quiet(self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> None:
         """Take quiet candles into the data windows and the last prices."""
         ...
 
@@ -425,12 +441,13 @@ class SimDriver:
     def _catch_up(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
         # Hand each pair's quiet candles below its own index `upto` to the data window and
         # the venue (which keeps only the last bar of a pair without orders).
-        runs = []
+        runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]] = []
         for k in pairs:
             start = plan.taken[k]
             if upto > start:
-                ts, ohlcv = plan.pair_ts[k][start:upto], plan.pair_ohlcv[k][start:upto]
-                runs.append((plan.rows.names[k], ts, ohlcv))
+                ts = plan.rows.pair_ts[k][start:upto]
+                columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
+                runs.append((plan.rows.names[k], ts, columns))
                 self.sim.on_candle(plan.pair_candle(k, upto - 1))
                 plan.taken[k] = upto
         if runs:
@@ -457,7 +474,7 @@ class SimDriver:
             held,
             plan.pair_list[start:end] if several else None,
             plan.close_list[start:end],
-            rows.ohlcv[start:end],
+            lambda: plan.closes(start, end),
             now,
         )
         self.stretches += 1
@@ -467,7 +484,7 @@ class SimDriver:
 
 
 class _StretchPlan:
-    """Where a replay's quiet stretches end, and each pair's candles as its own arrays."""
+    """Where a replay's quiet stretches end, and how far each pair's window has caught up."""
 
     def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int, timeframe: str) -> None:
         self.rows = rows
@@ -477,40 +494,32 @@ class _StretchPlan:
         entry = np.zeros(n, dtype=bool)
         first = np.zeros(n, dtype=bool)
         flagged = np.zeros(n, dtype=bool)
-        local = np.arange(n)
-        # Per pair: its candles' indices in the replay, its own arrays, its flagged
-        # candles, and how many of its candles the data window has taken (`taken`).
+        # Per pair: its candles' indices in the replay, its flagged candles, and how many
+        # of its candles its data window has taken (`taken`).
         self.of_pair: list[np.ndarray] = []
-        self.pair_ts: list[np.ndarray] = []
-        self.pair_ohlcv: list[np.ndarray] = []
         self.flagged_of_pair: list[np.ndarray] = []
         self.taken: list[int] = [0] * len(rows.names)
         for k, pair in enumerate(rows.names):
-            at = np.flatnonzero(rows.pair_of == k) if several else local
-            ts = rows.ts[at] if several else rows.ts
+            at = np.flatnonzero(rows.pair_of == k) if several else np.arange(n)
+            ts = rows.pair_ts[k]
             self.of_pair.append(at)
-            self.pair_ts.append(ts)
-            self.pair_ohlcv.append(rows.ohlcv[at] if several else rows.ohlcv)
-            if several:
-                local[at] = np.arange(len(at))
             entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
             flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
             self.flagged_of_pair.append(at[flagged[at]])
+            o, h, lo, c, v = rows.pair_columns[k]
+            # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
+            valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
+            first[at[~(valid & (v >= 0) & (v < np.inf))]] = True
             if len(at):
                 first[at[0]] = True  # a pair's first candle opens its data window
-        o, h, lo, c, v = rows.ohlcv.T
-        # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
-        valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
-        first |= ~(valid & (v >= 0) & (v < np.inf))
-        forced = first | entry
-        self.forced = np.flatnonzero(forced)  # entries, first and refused candles
+        self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
         self.first = np.flatnonzero(first)  # first and refused candles only
         # Python lists once: the driver reads them candle by candle.
         self.is_first: list[bool] = first.tolist()
         self.is_entry: list[bool] = entry.tolist()
         self.is_flagged: list[bool] = flagged.tolist()
         self.pair_list: list[int] = rows.pair_of.tolist()
-        self.local_list: list[int] = local.tolist()
+        self.local_list: list[int] = rows.local.tolist()
         self.close_list: list[int] = (rows.ts + step).tolist()
 
     def quiet_until(
@@ -535,20 +544,28 @@ class _StretchPlan:
             return upto
         return int(np.searchsorted(self.of_pair[k], upto))
 
+    def closes(self, start: int, end: int) -> list[float]:
+        """Return the close prices of the replay's candles [start, end)."""
+        columns = self.rows.pair_columns
+        if len(columns) == 1:
+            result: list[float] = columns[0][3][start:end].tolist()
+            return result
+        return [
+            float(columns[k][3][j])
+            for k, j in zip(self.pair_list[start:end], self.local_list[start:end], strict=True)
+        ]
+
     def candle(self, k: int, clock: ReplayClock | None = None) -> Candle:
         """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
-        rows = self.rows
         close_ts = self.close_list[k]
         if clock is not None and close_ts > clock.now_ms():
             clock.set(close_ts)
-        o, h, lo, c, v = rows.ohlcv[k].tolist()
-        pair = rows.names[self.pair_list[k]]
-        return Candle(pair, self.timeframe, close_ts - self.step, o, h, lo, c, v)
+        return self.pair_candle(self.pair_list[k], self.local_list[k])
 
     def pair_candle(self, k: int, j: int) -> Candle:
         """Return the `j`-th candle of pair `k`."""
-        o, h, lo, c, v = self.pair_ohlcv[k][j].tolist()
-        ts = int(self.pair_ts[k][j])
+        o, h, lo, c, v = (float(column[j]) for column in self.rows.pair_columns[k])
+        ts = int(self.rows.pair_ts[k][j])
         return Candle(self.rows.names[k], self.timeframe, ts, o, h, lo, c, v)
 
 
