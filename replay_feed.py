@@ -421,6 +421,7 @@ class SimDriver:
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
                 await asyncio.sleep(0)
+                hot, holding, void = self._pair_states(rows.names)  # an operator's command
         self._catch_up_to(plan, every, i)
         feed.advance_to(i, done=True)
         return True
