@@ -135,6 +135,8 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
+    "engine_quiet": "pipeline",
 }
 
 
