@@ -148,15 +148,27 @@ class QuietSteps:
         self.last_ts = close_ts[count - 1] - self.step
         return count
 
-    def take_quiet(self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> None:
+    @property
+    def reads_windows(self) -> bool:
+        """Return True when the pipeline reads the data windows (ATR stops, correlation).
+
+        Under `all_in` it never does: quiet candles may then skip the windows, as they
+        always have on that profile (only the views show the windows).
+        """
+        return not self.risk.all_in
+
+    def take_quiet(
+        self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]], *, windows: bool = True
+    ) -> None:
         """Take quiet candles into the data windows and the last prices, as `admit` does.
 
         `runs` holds, per pair, its consecutive candles' open times and OHLCV columns (the
-        counts were taken by `on_quiet_rows`).
+        counts were taken by `on_quiet_rows`); without `windows`, only the last prices.
         """
         for pair, ts, columns in runs:
             if len(ts):
-                self.data.extend_run(pair, self.timeframe, ts, columns)
+                if windows:
+                    self.data.extend_run(pair, self.timeframe, ts, columns)
                 self.last_close[pair] = float(columns[3][-1])
                 self.last_candle_ts[pair] = int(ts[-1])
 

@@ -260,8 +260,15 @@ class CandleSteps(Protocol):
         """Apply quiet candles' marks, equity, breakers and counts; return how many."""
         ...
 
-    def take_quiet(self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> None:
-        """Take quiet candles into the data windows and the last prices."""
+    @property
+    def reads_windows(self) -> bool:
+        """Return True when the pipeline reads the data windows."""
+        ...
+
+    def take_quiet(
+        self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]], *, windows: bool = True
+    ) -> None:
+        """Take quiet candles into the data windows (`windows`) and the last prices."""
         ...
 
     async def trip_flatten(self) -> None:
@@ -289,7 +296,7 @@ class QuietSignals(Protocol):
         ...
 
 
-_SHORT = 8  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
+_SHORT = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
 
 
 class SimDriver:
@@ -346,6 +353,10 @@ class SimDriver:
             if self._quiet_one(candle, received):
                 await self.engine.trip_flatten()
             return
+        await self._full(candle, received)
+
+    async def _full(self, candle: Candle, received: float | None = None) -> None:
+        # The whole pipeline: admit, match (fills delivered), process.
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
             if fills or self.sim.has_updates:
@@ -379,6 +390,7 @@ class SimDriver:
         if quiet is None or rows is None:
             return False
         plan = _StretchPlan(rows, quiet, feed.step, feed.timeframe)
+        plan.windows = self.engine.reads_windows
         clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
         candle, every = plan.candle, range(len(rows.names))
         first, entry, flagged, pair_of, local = (
@@ -395,9 +407,11 @@ class SimDriver:
             signal = not void and (entry[i] or (flagged[i] and k in holding))
             if first[i] or k in hot or signal:
                 # The pipeline reads this pair's window and the held pairs' (correlation).
-                self._catch_up(plan, [k], local[i])
-                self._catch_up_to(plan, holding, i)
-                await self.on_candle(candle(i, clock))
+                self._catch_up(plan, k, local[i], venue=False)
+                self._catch_up_to(plan, [h for h in holding if h != k], i)
+                # A pair's first candle may be quiet; the others here are known not to be.
+                step = self.on_candle if first[i] and not (signal or k in hot) else self._full
+                await step(candle(i, clock))
                 plan.taken[k] = local[i] + 1
                 hot, holding, void = self._pair_states(rows.names)  # fills, orders, exits
                 i += 1
@@ -406,7 +420,7 @@ class SimDriver:
                 if end - i < _SHORT:
                     while i < end and not must_flatten:
                         k = pair_of[i]
-                        self._catch_up(plan, [k], local[i])
+                        self._catch_up(plan, k, local[i], venue=False)
                         must_flatten = self._quiet_one(candle(i, clock))
                         plan.taken[k] = local[i] + 1
                         i += 1
@@ -439,25 +453,27 @@ class SimDriver:
         holding = [k for k, pair in enumerate(names) if is_holding(pair)]
         return hot, holding, self.engine.decisions_void
 
-    def _catch_up(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
-        # Hand each pair's quiet candles below its own index `upto` to the data window and
-        # the venue (which keeps only the last bar of a pair without orders).
-        runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]] = []
-        for k in pairs:
-            start = plan.taken[k]
-            if upto > start:
-                ts = plan.rows.pair_ts[k][start:upto]
-                columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
-                runs.append((plan.rows.names[k], ts, columns))
-                self.sim.on_candle(plan.pair_candle(k, upto - 1))
-                plan.taken[k] = upto
-        if runs:
-            self.engine.take_quiet(runs)
+    def _catch_up(self, plan: _StretchPlan, k: int, upto: int, *, venue: bool = True) -> None:
+        # Hand pair `k`'s quiet candles below its own index `upto` to its data window and
+        # (`venue`) the venue, which keeps only the last bar of a pair without orders.
+        # Right before a candle of the pair itself the venue's bar is not needed: that
+        # candle replaces it before anything reads it.
+        start = plan.taken[k]
+        if upto <= start or not (venue or plan.windows):
+            return
+        if not plan.windows:  # the views' last prices only (`reads_windows`)
+            start = upto - 1
+        ts = plan.rows.pair_ts[k][start:upto]
+        columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
+        self.engine.take_quiet([(plan.rows.names[k], ts, columns)], windows=plan.windows)
+        if venue:
+            self.sim.on_candle(plan.pair_candle(k, upto - 1))
+        plan.taken[k] = upto
 
     def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
         # As `_catch_up`, up to the replay's candle `upto` (each pair's own index found).
         for k in pairs:
-            self._catch_up(plan, [k], plan.before(k, upto))
+            self._catch_up(plan, k, plan.before(k, upto))
 
     def _stretch(
         self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
@@ -500,6 +516,7 @@ class _StretchPlan:
         self.of_pair: list[np.ndarray] = []
         self.flagged_of_pair: list[np.ndarray] = []
         self.taken: list[int] = [0] * len(rows.names)
+        self.windows = True  # quiet candles go into the data windows (`reads_windows`)
         for k, pair in enumerate(rows.names):
             at = np.flatnonzero(rows.pair_of == k) if several else np.arange(n)
             ts = rows.pair_ts[k]
@@ -565,9 +582,18 @@ class _StretchPlan:
 
     def pair_candle(self, k: int, j: int) -> Candle:
         """Return the `j`-th candle of pair `k`."""
-        o, h, lo, c, v = (float(column[j]) for column in self.rows.pair_columns[k])
-        ts = int(self.rows.pair_ts[k][j])
-        return Candle(self.rows.names[k], self.timeframe, ts, o, h, lo, c, v)
+        o, h, lo, c, v = self.rows.pair_columns[k]  # `item`: a Python float, no numpy scalar
+        ts = self.rows.pair_ts[k].item(j)
+        return Candle(
+            self.rows.names[k],
+            self.timeframe,
+            ts,
+            o.item(j),
+            h.item(j),
+            lo.item(j),
+            c.item(j),
+            v.item(j),
+        )
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------
