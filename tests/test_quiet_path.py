@@ -121,7 +121,7 @@ def test_quiet_path_is_refused_with_an_anomaly_watch(monkeypatch: pytest.MonkeyP
 async def test_flag_mask_agrees_with_the_per_candle_lookup(
     monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """flag_mask marks exactly the candles has_flags reports, unknown times as unflagged."""
+    """flag_mask and entry_mask mark exactly what has_flags and has_entry report per candle."""
     from models import Candle
 
     monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
@@ -139,6 +139,13 @@ async def test_flag_mask_agrees_with_the_per_candle_lookup(
     expected = [signals.has_flags(Candle(pair, "1m", int(t), 1, 1, 1, 1, 1)) for t in probe]
     assert mask.tolist() == expected
     assert 0 < mask.sum() < len(ts)
+    # Entries (what a flat pair acts on) are the flagged candles with an entry flag.
+    entries = signals.entry_mask(pair, probe)
+    assert entries.tolist() == [
+        signals.has_entry(Candle(pair, "1m", int(t), 1, 1, 1, 1, 1)) for t in probe
+    ]
+    assert 0 < entries.sum() < mask.sum()
+    assert not (entries & ~mask).any()
 
 
 async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
