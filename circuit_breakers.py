@@ -13,6 +13,7 @@ how each rung resumes are described in `risk_management`'s docstring.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -265,6 +266,14 @@ class CircuitBreakers:
         """Return when the current rung lifts by itself (None: manual, or nothing to lift)."""
         return self.cause.until if self.cause is not None else None
 
+    @property
+    def flatten_holds(self) -> bool:
+        """Return True while a flatten only an operator lifts holds (every update says so)."""
+        return self.manual is TradingState.FLATTEN or any(
+            trip.state is TradingState.FLATTEN and trip.until is None
+            for trip in self.latched.values()
+        )
+
     def book(self, now: int | None = None) -> EquityBook:
         """Return the equity book the rules see."""
         return EquityBook(
@@ -303,6 +312,38 @@ class CircuitBreakers:
                 self.now = now
                 return self.state
         return self._recompute(now)
+
+    def update_flat(
+        self, times: Sequence[int], equity: Decimal, stop_on: TradingState | None = None
+    ) -> int:
+        """Feed the same `equity` at each of `times` (ascending), as `update` at each.
+
+        Returns how many were fed: all, or up to and including the first whose state is
+        `stop_on`. Between a full evaluation and the next day start or the band's expiry,
+        an unchanged equity inside the band leaves the verdict as it is (see `update`), so
+        those times only move the clock, skipped over in one step.
+        """
+        k, count = 0, len(times)
+        while k < count:
+            if self.update(times[k], equity) is stop_on:
+                return k + 1
+            k += 1
+            band = self._band
+            if band is None or k >= count:
+                continue
+            low, high, expires = band
+            if (low is not None and equity <= low) or (high is not None and equity >= high):
+                continue
+            limit = (
+                (self.day + 1) * DAY_MS
+                if expires is None
+                else min((self.day + 1) * DAY_MS, expires)
+            )
+            end = bisect.bisect_left(times, limit, lo=k)
+            if end > k:
+                self.now = times[end - 1]
+                k = end
+        return count
 
     def on_trade_closed(self, trade: ClosedTrade, now: int) -> TradingState:
         """Count the losing streak and re-evaluate at once (a streak blocks the next entry)."""

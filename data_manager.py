@@ -379,6 +379,30 @@ class DataManager:
             self._build_higher(candle, targets)
         return True
 
+    @property
+    def can_extend_run(self) -> bool:
+        """Return True when `extend_run` equals `on_candle` per candle (no archive, no rollup)."""
+        return self.store is None and not self._higher
+
+    def extend_run(
+        self, pair: str, timeframe: str, ts: np.ndarray, columns: Sequence[np.ndarray]
+    ) -> None:
+        """Append consecutive closed candles of one pair at once (a replay's quiet stretch).
+
+        `columns` are the candles' open, high, low, close and volume. The window ends up
+        as `on_candle` per candle leaves it. The caller hands only candles `on_candle`
+        would accept (valid, newer than the window's last), without a store or higher
+        timeframes (`can_extend_run`); anything else is a bug, not data.
+        """
+        if not len(ts):
+            return
+        ring = self._rings.get((pair, timeframe)) or self._ring(pair, timeframe)
+        last = ring.last_ts
+        if not self.can_extend_run or (last is not None and int(ts[0]) <= last):
+            raise ValueError(f"extend_run on {pair}: not a run on_candle would accept")
+        o, h, lo, c, v = columns
+        ring.extend(CandleArrays(ts, o, h, lo, c, v))
+
     def _build_higher(self, candle: Candle, targets: Sequence[str]) -> None:
         for target in targets:
             key = (candle.pair, candle.timeframe, target)

@@ -25,6 +25,7 @@ from anomaly_detection import AnomalyWatch
 from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
+from engine_quiet import QuietSteps
 from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
@@ -550,7 +551,7 @@ class EngineControl(EngineState):
         )
 
 
-class Engine(EngineControl):
+class Engine(QuietSteps, EngineControl):
     """Run the per-candle pipeline and answer operator commands."""
 
     # -- The pipeline ------------------------------------------------------------------------
@@ -572,7 +573,7 @@ class Engine(EngineControl):
             return False
         self._received = received
         self._started = time.perf_counter()
-        # `_note(candle)`, inlined: this runs on every candle.
+        # The run's counters (as `EngineQuiet._take_rows` keeps them for quiet candles).
         self.candles += 1
         if self.first_ts is None:
             self.first_ts = candle.ts
@@ -598,7 +599,7 @@ class Engine(EngineControl):
             self._settle_funding(pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         if self.risk.update(now, equity) is TradingState.FLATTEN:
-            await self._trip_flatten()
+            await self.trip_flatten()
             return
         if self.sleeves is not None and self.sleeves.due(now):
             self._reallocate(now, equity)
@@ -608,81 +609,8 @@ class Engine(EngineControl):
         if self.risk_saver is not None:
             await self.risk_saver()  # after the decision: never on its latency
 
-    def _note(self, candle: Candle, count: int = 1, first_ts: int | None = None) -> None:
-        # The run's counters for `count` candles ending with `candle` (first opened at
-        # `first_ts`): the same for a candle through the pipeline and a quiet one.
-        self.candles += count
-        if self.first_ts is None:
-            self.first_ts = candle.ts if first_ts is None else first_ts
-        self.last_ts = candle.ts
-        self.last_close[candle.pair] = candle.close
-        self.last_candle_ts[candle.pair] = candle.ts
-
-    @property
-    def quiet_exact(self) -> bool:
-        """Return True when a candle with no signal and no working order changes nothing else.
-
-        Under the `all_in` profile without a model no risk state, stop or data window is
-        read on such a candle: only the marks and the equity curve move, which
-        `on_quiet_candle` and `on_quiet_run` apply (the backtest replay's short path).
-        """
-        return (
-            self.risk.all_in
-            and not self.predictors
-            and self.anomaly_watch is None
-            and self.pattern_filter is None
-        )
-
-    def on_quiet_candle(self, candle: Candle) -> None:
-        """Apply a candle on which nothing but the mark and the equity curve can change."""
-        self._note(candle)
-        portfolio = self.portfolio
-        if portfolio.has_position(candle.pair):
-            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
-            if self.funding:
-                self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
-        portfolio.record_equity(candle.ts + self.step)
-
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once (see `on_quiet_candle`).
-
-        `last` is the stretch's last candle; `close_ts` and `closes` give each candle's
-        close time and close price.
-        """
-        if not close_ts:
-            return
-        self._note(last, len(close_ts), close_ts[0] - self.step)
-        pair, portfolio = last.pair, self.portfolio
-        schedule = self.funding.get(pair)
-        if schedule is None or not portfolio.has_position(pair):
-            portfolio.record_equity_run(pair, close_ts, closes)
-            return
-        start = 0  # split the stretch at the candles that settle funding
-        for k, _ in schedule.bars(close_ts, self.step):
-            portfolio.record_equity_run(pair, close_ts[start:k], closes[start:k])
-            portfolio.mark(pair, Decimal(repr(closes[k])))
-            self._settle_funding(pair, close_ts[k], closes[k])
-            portfolio.record_equity(close_ts[k])
-            start = k + 1
-        portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
-
-    def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
-        # The funding times inside the candle closing at `close_ts`, settled at its close
-        # on the position held then (before any fill at that close; see `perpetuals`).
-        schedule = self.funding.get(pair)
-        if schedule is None or not self.portfolio.has_position(pair):
-            return
-        due = schedule.due(close_ts - self.step, close_ts)
-        if not due:
-            return
-        rate = 0.0
-        for _, r in due:
-            rate += r
-        self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
-        self.funding_settlements += len(due)
-
-    async def _trip_flatten(self) -> None:
-        # The circuit breaker says flatten: the latch is stored before the exits go out.
+    async def trip_flatten(self) -> None:
+        """Act on the circuit breaker's flatten: store the latch, then send the exits."""
         if self.risk_saver is not None:
             await self.risk_saver()
         await self._flatten("circuit breaker: flatten")

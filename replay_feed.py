@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +32,24 @@ _CHUNK = 8_192  # candles turned into Python numbers at a time
 # -- Replay feed -----------------------------------------------------------------------------
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRows:
+    """A replay's candles in the order the feed emits them, and each pair's own arrays.
+
+    `names` are the pairs (sorted); candle `k` of the replay is candle `local[k]` of pair
+    `pair_of[k]` and opens at `ts[k]` (ms). Per pair, `pair_ts` are its open times and
+    `pair_columns` its open, high, low, close and volume, read from its frame without a
+    copy where the frame allows.
+    """
+
+    names: list[str]
+    pair_of: np.ndarray
+    local: np.ndarray
+    ts: np.ndarray
+    pair_ts: list[np.ndarray]
+    pair_columns: list[tuple[np.ndarray, ...]]
 
 
 class ReplayFeed:
@@ -119,6 +138,40 @@ class ReplayFeed:
         ohlcv = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
         return pair, ts, ohlcv
 
+    def rows(self) -> ReplayRows | None:
+        """Return every candle of the replay as arrays, in its (ts, pair) order.
+
+        For a consumer that walks the arrays itself (`SimDriver.run`); it reports its
+        position with `advance_to`. None when paced (`speed`) or when a frame is not in
+        time order (the merge would then differ).
+        """
+        if self.speed > 0:
+            return None
+        names = sorted(self.frames)
+        frames = [self._slice(self.frames[pair]) for pair in names]
+        if not all(f.index.is_monotonic_increasing for f in frames):
+            return None
+        pair_ts = [f.index.as_unit("ms").asi8.astype(np.int64, copy=False) for f in frames]
+        pair_columns = [
+            tuple(
+                f[c].to_numpy(dtype=np.float64) for c in ("open", "high", "low", "close", "volume")
+            )
+            for f in frames
+        ]
+        if len(names) == 1:
+            n = len(pair_ts[0])
+            pair_of, local, ts = np.zeros(n, dtype=np.int64), np.arange(n), pair_ts[0]
+        else:
+            sizes = [len(t) for t in pair_ts]
+            pair_of = np.repeat(np.arange(len(names), dtype=np.int64), sizes)
+            local = np.concatenate([np.arange(size) for size in sizes])
+            ts = np.concatenate(pair_ts)
+            # The merge's order: by open time, then by pair name (a stable sort keeps the
+            # pairs' sorted order among equal times).
+            order = np.argsort(ts, kind="stable")
+            ts, pair_of, local = ts[order], pair_of[order], local[order]
+        return ReplayRows(names, pair_of, local, ts, pair_ts, pair_columns)
+
     def advance_to(self, emitted: int, *, done: bool = False) -> None:
         """Record how many candles an array consumer has processed; report progress."""
         before, self.emitted = self.emitted, emitted
@@ -170,6 +223,19 @@ class CandleSteps(Protocol):
         """Return True when a candle with no signal and no working order changes nothing else."""
         ...
 
+    def quiet_pair(self, pair: str) -> bool:
+        """Return True when a candle of `pair` without a signal can take the short path."""
+        ...
+
+    @property
+    def decisions_void(self) -> bool:
+        """Return True while no candle reaches a decision (a flatten holds)."""
+        ...
+
+    def is_holding(self, pair: str) -> bool:
+        """Return True when a position is open on `pair`."""
+        ...
+
     def admit(self, candle: Candle, received: float | None = None) -> bool:
         """Take a candle into the data and the counters; False if refused."""
         ...
@@ -178,12 +244,35 @@ class CandleSteps(Protocol):
         """Run an admitted candle through the rest of the pipeline."""
         ...
 
-    def on_quiet_candle(self, candle: Candle) -> None:
-        """Apply a candle that can change only the marks and the equity curve."""
+    def on_quiet_candle(self, candle: Candle) -> bool:
+        """Apply an admitted quiet candle; True when the breakers ask to flatten."""
         ...
 
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once."""
+    def on_quiet_rows(
+        self,
+        names: list[str],
+        held: list[int],
+        pair_of: list[int] | None,
+        close_ts: list[int],
+        closes: Callable[[], list[float]],
+        now: list[int],
+    ) -> int:
+        """Apply quiet candles' marks, equity, breakers and counts; return how many."""
+        ...
+
+    @property
+    def reads_windows(self) -> bool:
+        """Return True when the pipeline reads the data windows."""
+        ...
+
+    def take_quiet(
+        self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]], *, windows: bool = True
+    ) -> None:
+        """Take quiet candles into the data windows (`windows`) and the last prices."""
+        ...
+
+    async def trip_flatten(self) -> None:
+        """Act on the circuit breaker's flatten."""
         ...
 
 
@@ -194,9 +283,20 @@ class QuietSignals(Protocol):
         """Return True if any signal column is set on this candle."""
         ...
 
+    def has_entry(self, candle: Candle) -> bool:
+        """Return True if this candle's flags give a flat position a signal."""
+        ...
+
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
         ...
+
+    def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
+        ...
+
+
+_SHORT = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
 
 
 class SimDriver:
@@ -208,9 +308,11 @@ class SimDriver:
     candle: the venue has filled what it would have by the time the candle closed. Used
     by replays and backtests, and by paper trading on the live feed.
 
-    Backtests can take a short path (`enable_quiet_path`): a candle with no signal and no
-    working order on its pair changes only the marks and the equity curve, and a one-pair
-    replay applies such candles a stretch at a time (`run`).
+    Backtests can take a short path (`enable_quiet_path`): a candle that gives no signal
+    (no entry flag on a flat pair, no flag on a held one), with no working order on its
+    pair and (stops managed) no position there, changes only the data window, the marks,
+    the equity curve and the breakers, and an unpaced replay applies such candles a
+    stretch at a time, across all its pairs (`run`).
     """
 
     def __init__(self, engine: CandleSteps, sim: SimulatedExchange) -> None:
@@ -220,85 +322,278 @@ class SimDriver:
         self._admit, self._process, self._match = engine.admit, engine.process, sim.on_candle
         self._quiet: QuietSignals | None = None
         self.quiet_runs = False
+        self.stretches = 0  # quiet stretches applied in one call (`run`)
 
     def enable_quiet_path(self, signals: QuietSignals) -> None:
         """Let a backtest skip the full pipeline on candles where nothing can happen.
 
-        Only when the engine says such a candle changes nothing but the curve (the
-        `all_in` profile with precomputed signals and no model). The same trades and
-        curve come out (a test compares both).
+        Only when the engine says such a candle changes nothing but the data, marks,
+        curve and breakers (precomputed signals, no model, no anomaly watch, no sleeves).
+        The same trades, orders and curve come out (tests compare both).
         """
         if not self.engine.quiet_exact:
-            raise ValueError("the quiet path is exact only under all_in without a model")
+            raise ValueError("the quiet path is not exact with this engine's set-up")
         self._quiet = signals
-        self.quiet_runs = True  # a one-pair replay may apply quiet stretches in one call
+        self.quiet_runs = True  # an unpaced replay may apply quiet stretches in one call
+
+    def _is_quiet(self, candle: Candle) -> bool:
+        quiet, engine, pair = self._quiet, self.engine, candle.pair
+        if quiet is None or self.sim.has_working(pair) or not engine.quiet_pair(pair):
+            return False
+        if not engine.quiet_exact:
+            return False  # a watch or a saver wired after the path was enabled reads it
+        if engine.decisions_void:
+            return True  # `process` stops at the breakers: no flag leads anywhere
+        # A flat pair's exit flags give no signal (`decide_signal`): only entries count.
+        return not (quiet.has_flags(candle) if engine.is_holding(pair) else quiet.has_entry(candle))
 
     async def on_candle(self, candle: Candle, received: float | None = None) -> None:
         """Match `candle` on the simulated exchange and run it through the engine."""
-        quiet = self._quiet
-        if (
-            quiet is not None
-            and not quiet.has_flags(candle)
-            and not self.sim.has_working(candle.pair)
-        ):
-            self._match(candle)  # nothing works on this pair: it only remembers the bar
-            self.engine.on_quiet_candle(candle)
+        if self._is_quiet(candle):
+            if self._quiet_one(candle, received):
+                await self.engine.trip_flatten()
             return
+        await self._full(candle, received)
+
+    async def _full(self, candle: Candle, received: float | None = None) -> None:
+        # The whole pipeline: admit, match (fills delivered), process.
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
             if fills or self.sim.has_updates:
                 await self.sim.deliver(fills)
             await self._process(candle)
 
-    def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
-        """Apply consecutive quiet candles of one pair at once; `last` is the stretch's last."""
-        self.sim.on_candle(last)  # nothing works on this pair: it only remembers the last bar
-        self.engine.on_quiet_run(last, close_ts, closes)
+    def _quiet_one(self, candle: Candle, received: float | None = None) -> bool:
+        # A quiet candle on its own; True when the breakers ask to flatten on it.
+        if self._admit(candle, received):
+            self._match(candle)  # nothing works on this pair: it only remembers the bar
+            return self.engine.on_quiet_candle(candle)
+        return False
 
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
-        """Drive a one-pair backtest replay, quiet stretches at a time; False if not possible.
+        """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.
 
-        With the quiet path on, the candles between two that carry a signal change nothing
-        but the equity curve and the marks while no order works, so they are applied in one
-        call (`on_quiet_run`) instead of one pipeline pass each; a candle with a signal, or
-        one arriving while an order works, takes the whole pipeline. The trades and the
-        equity curve are those of the per-candle path (a test compares all three).
+        A candle that may give a signal, or of a pair with a working order (or, stops
+        managed, a position), takes the whole pipeline. The candles up to the next such
+        candle of any pair, in the replay's time order, are quiet: their marks, equity and
+        breakers are applied in one call (`on_quiet_rows`), and each pair's data window
+        and last bar catch up before anything reads them (before a candle of that pair,
+        a pipeline pass that may read it, a flatten, or a yield to the loop). A working
+        stop or take-profit makes its pair's every candle go through the pipeline (the
+        stop may trail), while the other pairs' quiet candles between them still go a
+        stretch at a time. The trades, orders and equity curve are those of the
+        per-candle path (tests compare them).
         """
         quiet = self._quiet
-        single = feed.single_pair() if quiet is not None and self.quiet_runs else None
-        if quiet is None or single is None:
+        ready = quiet is not None and self.quiet_runs and self.engine.quiet_exact
+        rows = feed.rows() if ready else None
+        if quiet is None or rows is None:
             return False
-        pair, ts, ohlcv = single
-        clock, step, timeframe = feed.clock, feed.step, feed.timeframe
-        flagged = np.flatnonzero(quiet.flag_mask(pair, ts))
-        is_flagged = np.zeros(len(ts), dtype=bool)
-        is_flagged[flagged] = True
-        has_working, on_candle = self.sim.has_working, self.on_candle
-        # Python lists once: slicing them per stretch is far cheaper than numpy -> list.
-        close_ts, closes = (ts + step).tolist(), ohlcv[:, 3].tolist()
-        n, i, next_yield = len(ts), 0, feed.yield_every
+        plan = _StretchPlan(rows, quiet, feed.step, feed.timeframe)
+        plan.windows = self.engine.reads_windows
+        clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
+        candle, every = plan.candle, range(len(rows.names))
+        first, entry, flagged, pair_of, local = (
+            plan.is_first,
+            plan.is_entry,
+            plan.is_flagged,
+            plan.pair_list,
+            plan.local_list,
+        )
+        hot, holding, void = self._pair_states(rows.names)
         while i < n and not stop.is_set():
-            if is_flagged[i] or has_working(pair):
-                if close_ts[i] > clock.now_ms():
-                    clock.set(close_ts[i])
-                o, h, lo, c, v = ohlcv[i].tolist()
-                await on_candle(Candle(pair, timeframe, close_ts[i] - step, o, h, lo, c, v))
+            k = pair_of[i]
+            must_flatten = False
+            signal = not void and (entry[i] or (flagged[i] and k in holding))
+            if first[i] or k in hot or signal:
+                # The pipeline reads this pair's window and the held pairs' (correlation).
+                self._catch_up(plan, k, local[i], venue=False)
+                self._catch_up_to(plan, [h for h in holding if h != k], i)
+                # A pair's first candle may be quiet; the others here are known not to be.
+                step = self.on_candle if first[i] and not (signal or k in hot) else self._full
+                await step(candle(i, clock))
+                plan.taken[k] = local[i] + 1
+                hot, holding, void = self._pair_states(rows.names)  # fills, orders, exits
                 i += 1
             else:
-                at = int(np.searchsorted(flagged, i))
-                end = int(flagged[at]) if at < len(flagged) else n
-                if close_ts[end - 1] > clock.now_ms():
-                    clock.set(close_ts[end - 1])
-                o, h, lo, c, v = ohlcv[end - 1].tolist()
-                last = Candle(pair, timeframe, close_ts[end - 1] - step, o, h, lo, c, v)
-                self.on_quiet_run(last, close_ts[i:end], closes[i:end])
-                i = end
+                end = plan.quiet_until(i, hot, [] if void else holding, void=void)
+                if end - i < _SHORT:
+                    while i < end and not must_flatten:
+                        k = pair_of[i]
+                        self._catch_up(plan, k, local[i], venue=False)
+                        must_flatten = self._quiet_one(candle(i, clock))
+                        plan.taken[k] = local[i] + 1
+                        i += 1
+                else:
+                    i, must_flatten = self._stretch(plan, i, end, clock, holding)
+            if must_flatten:
+                self._catch_up_to(plan, every, i)  # the exits read the held pairs' bars
+                await self.engine.trip_flatten()
+                hot, holding, void = self._pair_states(rows.names)
             if i >= next_yield:
+                self._catch_up_to(plan, every, i)  # what the views read between yields
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
                 await asyncio.sleep(0)
+                hot, holding, void = self._pair_states(rows.names)  # an operator's command
+        self._catch_up_to(plan, every, i)
         feed.advance_to(i, done=True)
         return True
+
+    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int], bool]:
+        # The pairs whose every candle needs the pipeline now (an order works, or a
+        # managed stop), the pairs holding a position (any flag is a signal there), and
+        # whether decisions are void (a held flatten: no flag leads anywhere).
+        has_working, quiet_pair, is_holding = (
+            self.sim.has_working,
+            self.engine.quiet_pair,
+            self.engine.is_holding,
+        )
+        hot = [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
+        holding = [k for k, pair in enumerate(names) if is_holding(pair)]
+        return hot, holding, self.engine.decisions_void
+
+    def _catch_up(self, plan: _StretchPlan, k: int, upto: int, *, venue: bool = True) -> None:
+        # Hand pair `k`'s quiet candles below its own index `upto` to its data window and
+        # (`venue`) the venue, which keeps only the last bar of a pair without orders.
+        # Right before a candle of the pair itself the venue's bar is not needed: that
+        # candle replaces it before anything reads it.
+        start = plan.taken[k]
+        if upto <= start or not (venue or plan.windows):
+            return
+        if not plan.windows:  # the views' last prices only (`reads_windows`)
+            start = upto - 1
+        ts = plan.rows.pair_ts[k][start:upto]
+        columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
+        self.engine.take_quiet([(plan.rows.names[k], ts, columns)], windows=plan.windows)
+        if venue:
+            self.sim.on_candle(plan.pair_candle(k, upto - 1))
+        plan.taken[k] = upto
+
+    def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
+        # As `_catch_up`, up to the replay's candle `upto` (each pair's own index found).
+        for k in pairs:
+            self._catch_up(plan, k, plan.before(k, upto))
+
+    def _stretch(
+        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
+    ) -> tuple[int, bool]:
+        # Apply quiet candles [start, end) in one call; return where the replay goes on
+        # and whether the breakers asked to flatten on the last one applied.
+        rows = plan.rows
+        now, at = plan.close_list[start:end], clock.now_ms()
+        if now[0] < at:  # the clock never goes back (a start time after the first close)
+            now = [max(t, at) for t in now]
+        several = len(rows.names) > 1
+        held = [k for k in holding if plan.before(k, end) > plan.before(k, start)]
+        count = self.engine.on_quiet_rows(
+            rows.names,
+            held,
+            plan.pair_list[start:end] if several else None,
+            plan.close_list[start:end],
+            lambda: plan.closes(start, end),
+            now,
+        )
+        self.stretches += 1
+        if now[count - 1] > clock.now_ms():
+            clock.set(now[count - 1])
+        return start + count, start + count < end
+
+
+class _StretchPlan:
+    """Where a replay's quiet stretches end, and how far each pair's window has caught up."""
+
+    def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int, timeframe: str) -> None:
+        self.rows = rows
+        self.step = step
+        self.timeframe = timeframe
+        n, several = len(rows.ts), len(rows.names) > 1
+        entry = np.zeros(n, dtype=bool)
+        first = np.zeros(n, dtype=bool)
+        flagged = np.zeros(n, dtype=bool)
+        # Per pair: its candles' indices in the replay, its flagged candles, and how many
+        # of its candles its data window has taken (`taken`).
+        self.of_pair: list[np.ndarray] = []
+        self.flagged_of_pair: list[np.ndarray] = []
+        self.taken: list[int] = [0] * len(rows.names)
+        self.windows = True  # quiet candles go into the data windows (`reads_windows`)
+        for k, pair in enumerate(rows.names):
+            at = np.flatnonzero(rows.pair_of == k) if several else np.arange(n)
+            ts = rows.pair_ts[k]
+            self.of_pair.append(at)
+            entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
+            flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
+            self.flagged_of_pair.append(at[flagged[at]])
+            o, h, lo, c, v = rows.pair_columns[k]
+            # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
+            valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
+            first[at[~(valid & (v >= 0) & (v < np.inf))]] = True
+            if len(at):
+                first[at[0]] = True  # a pair's first candle opens its data window
+        self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
+        self.first = np.flatnonzero(first)  # first and refused candles only
+        # Python lists once: the driver reads them candle by candle.
+        self.is_first: list[bool] = first.tolist()
+        self.is_entry: list[bool] = entry.tolist()
+        self.is_flagged: list[bool] = flagged.tolist()
+        self.pair_list: list[int] = rows.pair_of.tolist()
+        self.local_list: list[int] = rows.local.tolist()
+        self.close_list: list[int] = (rows.ts + step).tolist()
+
+    def quiet_until(
+        self, start: int, hot: list[int], holding: list[int], *, void: bool = False
+    ) -> int:
+        """Return the first candle from `start` on that must take the pipeline (or the end).
+
+        With `void` (decisions are void: a held flatten), entry flags end nothing.
+        """
+        forced = self.first if void else self.forced
+        at = int(np.searchsorted(forced, start))
+        end = int(forced[at]) if at < len(forced) else len(self.rows.ts)
+        for rows in [self.of_pair[k] for k in hot] + [self.flagged_of_pair[k] for k in holding]:
+            at = int(np.searchsorted(rows, start))
+            if at < len(rows) and rows[at] < end:
+                end = int(rows[at])
+        return end
+
+    def before(self, k: int, upto: int) -> int:
+        """Return how many of pair `k`'s candles come before the replay's candle `upto`."""
+        if len(self.rows.names) == 1:
+            return upto
+        return int(np.searchsorted(self.of_pair[k], upto))
+
+    def closes(self, start: int, end: int) -> list[float]:
+        """Return the close prices of the replay's candles [start, end)."""
+        columns = self.rows.pair_columns
+        if len(columns) == 1:
+            result: list[float] = columns[0][3][start:end].tolist()
+            return result
+        return [
+            float(columns[k][3][j])
+            for k, j in zip(self.pair_list[start:end], self.local_list[start:end], strict=True)
+        ]
+
+    def candle(self, k: int, clock: ReplayClock | None = None) -> Candle:
+        """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
+        close_ts = self.close_list[k]
+        if clock is not None and close_ts > clock.now_ms():
+            clock.set(close_ts)
+        return self.pair_candle(self.pair_list[k], self.local_list[k])
+
+    def pair_candle(self, k: int, j: int) -> Candle:
+        """Return the `j`-th candle of pair `k`."""
+        o, h, lo, c, v = self.rows.pair_columns[k]  # `item`: a Python float, no numpy scalar
+        ts = self.rows.pair_ts[k].item(j)
+        return Candle(
+            self.rows.names[k],
+            self.timeframe,
+            ts,
+            o.item(j),
+            h.item(j),
+            lo.item(j),
+            c.item(j),
+            v.item(j),
+        )
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------

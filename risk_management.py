@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any, Final
@@ -235,6 +235,22 @@ class RiskManager:
         if self.all_in:
             return TradingState.NORMAL
         return self.breakers.update(now, equity)
+
+    @property
+    def flatten_holds(self) -> bool:
+        """Return True while the breakers hold a flatten that only an operator lifts."""
+        return not self.all_in and self.breakers.flatten_holds
+
+    def update_flat(
+        self, times: Sequence[int], equity: Decimal, stop_on: TradingState | None = None
+    ) -> int:
+        """Feed an unchanged equity at each of `times`, as `update` at each; return how many.
+
+        Stops after the first time whose state is `stop_on` (see `CircuitBreakers`).
+        """
+        if self.all_in:
+            return len(times)
+        return self.breakers.update_flat(times, equity, stop_on)
 
     def on_trade_closed(self, trade: ClosedTrade, now: int) -> None:
         """Account a closed round trip (or part of one): loss streak and Kelly statistics."""

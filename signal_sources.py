@@ -85,6 +85,16 @@ def decide_signal(
     return None
 
 
+def _lookup(known_and_set: tuple[np.ndarray, np.ndarray], ts: np.ndarray) -> np.ndarray:
+    # The per-row booleans at open times `ts`; False where the archive has no such row.
+    known, flagged = known_and_set
+    if len(known) == 0:
+        return np.zeros(len(ts), dtype=bool)
+    index = np.minimum(np.searchsorted(known, ts), len(known) - 1)
+    mask: np.ndarray = (known[index] == ts) & flagged[index]
+    return mask
+
+
 def _flags(row: Any) -> tuple[bool, bool, bool, bool]:
     return (
         bool(row.get("enter_long", False)),
@@ -156,6 +166,7 @@ class PrecomputedSignals:
         self._flags: dict[str, dict[int, tuple[bool, bool, bool, bool]]] = {}
         self._feature_row: dict[str, dict[int, int]] = {}
         self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._entering: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
             cols = strategy.populate(frame)
@@ -172,6 +183,9 @@ class PrecomputedSignals:
             # A strategy needs its warm-up before its signals count, as in the live path.
             flags[: max(strategy.warmup - 1, 0)] = False
             self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
+            # The rows where a flat position gets a signal (`decide_signal`): an entry.
+            entering = flags[:, 0] | (flags[:, 2] & strategy.can_short)
+            self._entering[pair] = (ts, np.asarray(entering))
             # Python tuples of the flagged rows alone: one cheap lookup per candle.
             set_rows = np.flatnonzero(self._flagged[pair][1])
             self._flags[pair] = {
@@ -213,14 +227,19 @@ class PrecomputedSignals:
         index = self._row(candle.pair, candle.ts)
         return index is not None and index in self._flags[candle.pair]
 
+    def has_entry(self, candle: Candle) -> bool:
+        """Return True if this candle's flags give a flat position a signal (an entry)."""
+        index = self._row(candle.pair, candle.ts)
+        flags = None if index is None else self._flags[candle.pair].get(index)
+        return flags is not None and (flags[0] or (flags[2] and self.strategy.can_short))
+
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
-        known, flagged = self._flagged[pair]
-        if len(known) == 0:
-            return np.zeros(len(ts), dtype=bool)
-        index = np.minimum(np.searchsorted(known, ts), len(known) - 1)
-        mask: np.ndarray = (known[index] == ts) & flagged[index]
-        return mask
+        return _lookup(self._flagged[pair], ts)
+
+    def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
+        """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
+        return _lookup(self._entering[pair], ts)
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Read the precomputed row for this candle."""

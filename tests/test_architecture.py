@@ -142,6 +142,8 @@ OWNER: dict[str, str] = {
     "market_feed": "runner",
     "daemon_learning": "runner",
     "candle_reader": "data_manager",
+    # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
+    "engine_quiet": "pipeline",
 }
 
 

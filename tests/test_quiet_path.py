@@ -1,72 +1,118 @@
-"""The backtest's quiet-candle short path changes nothing: same trades, same equity curve."""
+"""The backtest's quiet-candle short path changes nothing: same trades, orders and curve.
+
+Each run is compared in three variants: quiet stretches applied in one call (`runs`, the
+way runner wires a backtest), quiet candles one by one (`per_candle`) and every candle
+through the whole pipeline (`full`), under the all_in and the standard risk profiles
+(stops, take-profits, breakers), on one pair and on several.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from config import load_settings
+from models import OrderType
 from runner import Daemon
 from tests.test_backtest_support import cli_args
 
 
-def _args(strategy: str) -> argparse.Namespace:
-    return cli_args("--mode", "backtest", "--strategy", strategy, "--log-level", "WARNING")  # type: ignore[no-any-return]
+VARIANTS = ("runs", "per_candle", "full")
+
+
+def _args(strategy: str, *extra: str) -> argparse.Namespace:
+    return cli_args(  # type: ignore[no-any-return]
+        "--mode", "backtest", "--strategy", strategy, "--log-level", "WARNING", *extra
+    )
+
+
+async def _run(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """Run one backtest variant; return what must be equal across variants."""
+    daemon = Daemon(args, load_settings(env_file=None))
+    daemon.build_replay()
+    engine, driver = daemon.engine, daemon.driver
+    assert engine is not None
+    assert driver is not None
+    assert driver._quiet is not None  # wired for backtests with precomputed signals
+    assert driver.quiet_runs  # and unpaced replays take quiet stretches at once
+    if variant != "runs":
+        driver.quiet_runs = False
+    if variant == "full":
+        driver._quiet = None
+    summary = (await daemon.run()).to_dict()
+    assert daemon.sim is not None
+    return {
+        "summary": summary,
+        "curve": list(engine.portfolio.equity_curve),
+        "orders": list(engine.executor.orders),
+        "venue_orders": daemon.sim.orders(),
+        "trades": list(engine.portfolio.closed),
+        "stretches": driver.stretches,
+    }
+
+
+async def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    results = {variant: await _run(args, variant) for variant in VARIANTS}
+    full = results["full"]
+    for variant in ("runs", "per_candle"):
+        result = results[variant]
+        assert result["summary"] == full["summary"]  # trades, equity, candles, breakers...
+        assert result["curve"] == full["curve"]  # the equity curve, point for point
+        assert result["orders"] == full["orders"]  # the same orders, in the same order
+        assert result["venue_orders"] == full["venue_orders"]
+        assert result["trades"] == full["trades"]
+    # Only the "runs" variant applies stretches, several candles at a time.
+    assert results["runs"]["stretches"] > 0
+    assert results["per_candle"]["stretches"] == results["full"]["stretches"] == 0
+    return results
+
+
+def _stop_orders(result: dict[str, Any]) -> int:
+    return sum(o.type is OrderType.STOP_MARKET for o in result["venue_orders"])
 
 
 @pytest.mark.parametrize("strategy", ["sma_cross", "ema_cross", "rsi_bb", "breakout"])
 async def test_quiet_path_equals_the_full_pipeline(
     monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """Quiet stretches in one call, quiet candles one by one, or every candle through the
-    whole pipeline: the backtest's trades and equity curve are equal."""
+    """Under all_in, stretches in one call, candles one by one or the whole pipeline agree."""
     monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
     monkeypatch.setenv("KESTREL_STRATEGY__NAME", strategy)
-    results = []
-    for variant in ("runs", "per_candle", "full"):
-        daemon = Daemon(_args(strategy), load_settings(env_file=None))
-        daemon.build_replay()
-        engine, driver = daemon.engine, daemon.driver
-        assert engine is not None
-        assert driver is not None
-        assert driver._quiet is not None  # wired for all_in backtests
-        assert driver.quiet_runs  # and one-pair replays take quiet stretches at once
-        if variant != "runs":
-            driver.quiet_runs = False
-        if variant == "full":
-            driver._quiet = None
-        applied: list[int] = []
-
-        def counted(
-            last: Any,
-            close_ts: list[int],
-            closes: list[float],
-            apply: Any = driver.on_quiet_run,
-            applied: list[int] = applied,
-        ) -> None:
-            applied.append(len(close_ts))
-            apply(last, close_ts, closes)
-
-        driver.on_quiet_run = counted  # type: ignore[method-assign]
-        summary = (await daemon.run()).to_dict()
-        # Only the "runs" variant applies stretches, several candles at a time.
-        assert (max(applied, default=0) > 1) is (variant == "runs")
-        results.append((summary, list(engine.portfolio.equity_curve), engine.executor.orders))
-    runs, per_candle, full = results
-    assert runs[0]["n_trades"] > 0
-    for result in (runs, per_candle):
-        assert result[0] == full[0]  # summary: trades, equity, candles, ...
-        assert result[1] == full[1]  # the equity curve, point for point
-        assert list(result[2]) == list(full[2])  # the same orders, in the same order
-    assert len(full[1]) == full[0]["candles"]
+    results = await _variants(_args(strategy))
+    full = results["full"]
+    assert full["summary"]["n_trades"] > 0
+    assert len(full["curve"]) == full["summary"]["candles"]
 
 
-def test_quiet_path_is_refused_outside_all_in() -> None:
-    """Under the standard risk profile (stops, breakers) the short path is not wired."""
+@pytest.mark.parametrize("strategy", ["sma_cross", "rsi_bb"])
+async def test_standard_profile_with_stops_equals_the_full_pipeline(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """Under the standard profile (stops that trail, take-profits, breakers) all agree."""
+    monkeypatch.setenv("KESTREL_STRATEGY__NAME", strategy)
+    monkeypatch.setenv("KESTREL_SIMULATION__TAKER_FEE", "0.0001")
+    monkeypatch.setenv("KESTREL_SIMULATION__MAKER_FEE", "0.0001")
+    results = await _variants(_args(strategy))
+    full = results["full"]
+    assert full["summary"]["n_trades"] > 0
+    assert _stop_orders(full) > full["summary"]["n_trades"]  # placed, then trailed
+
+
+def test_quiet_path_is_refused_with_an_anomaly_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch that reads every candle (anomalies in replay) keeps every candle in the pipeline."""
+    monkeypatch.setenv("KESTREL_ANOMALY__ENABLED", "true")
+    monkeypatch.setenv("KESTREL_ANOMALY__IN_REPLAY", "true")
     daemon = Daemon(_args("sma_cross"), load_settings(env_file=None))
     daemon.build_replay()
+    assert daemon.engine is not None
+    assert daemon.engine.anomaly_watch is not None
     assert daemon.driver is not None
     assert daemon.driver._quiet is None
 
@@ -75,9 +121,7 @@ def test_quiet_path_is_refused_outside_all_in() -> None:
 async def test_flag_mask_agrees_with_the_per_candle_lookup(
     monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """flag_mask marks exactly the candles has_flags reports, unknown times as unflagged."""
-    import numpy as np
-
+    """flag_mask and entry_mask mark exactly what has_flags and has_entry report per candle."""
     from models import Candle
 
     monkeypatch.setenv("KESTREL_RISK__PROFILE", "all_in")
@@ -95,6 +139,13 @@ async def test_flag_mask_agrees_with_the_per_candle_lookup(
     expected = [signals.has_flags(Candle(pair, "1m", int(t), 1, 1, 1, 1, 1)) for t in probe]
     assert mask.tolist() == expected
     assert 0 < mask.sum() < len(ts)
+    # Entries (what a flat pair acts on) are the flagged candles with an entry flag.
+    entries = signals.entry_mask(pair, probe)
+    assert entries.tolist() == [
+        signals.has_entry(Candle(pair, "1m", int(t), 1, 1, 1, 1, 1)) for t in probe
+    ]
+    assert 0 < entries.sum() < mask.sum()
+    assert not (entries & ~mask).any()
 
 
 async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
@@ -121,3 +172,192 @@ async def test_a_timerange_replay_in_runs_equals_the_full_pipeline(
         results.append((summary, list(daemon.engine.portfolio.equity_curve)))
     assert results[0] == results[1]
     assert results[0][0]["candles"] < len(ts) * 0.6
+
+
+# -- Several pairs ---------------------------------------------------------------------------
+
+
+def _walk(n: int, seed: int, vol: float, start_ms: int) -> pd.DataFrame:
+    """Return `n` one-minute candles of a seeded random walk from `start_ms`."""
+    rng = np.random.default_rng(seed)
+    close = np.round(100 * np.exp(np.cumsum(rng.normal(0, vol, n))), 4)
+    open_ = np.concatenate(([close[0]], close[:-1]))
+    wiggle = np.abs(rng.normal(0, vol / 2, (2, n))) * close
+    index = pd.date_range(pd.Timestamp(start_ms, unit="ms", tz="UTC"), periods=n, freq="1min")
+    return pd.DataFrame(
+        {
+            "open": open_,
+            "high": np.round(np.maximum(open_, close) + wiggle[0], 4),
+            "low": np.round(np.minimum(open_, close) - wiggle[1], 4),
+            "close": close,
+            "volume": np.round(rng.gamma(2.0, 3.0, n), 4),
+        },
+        index=index.rename("ts"),
+    )
+
+
+def _archive(
+    monkeypatch: pytest.MonkeyPatch,
+    folder: Path,
+    walks: list[tuple[int, int, float, int]],
+) -> None:
+    """Write one random walk per pair (n, seed, volatility, start offset in minutes)."""
+    from candle_store import CandleStore
+
+    store = CandleStore(folder, "bybit")
+    pairs = []
+    for i, (n, seed, vol, offset) in enumerate(walks):
+        pair = f"P{i}/USDT"
+        store.append(pair, "1m", _walk(n, seed, vol, 1_700_000_040_000 + offset * 60_000))
+        pairs.append(pair)
+    monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(folder))
+    monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", ",".join(pairs))
+    monkeypatch.setenv("KESTREL_STRATEGY__WARMUP_CANDLES", "40")
+
+
+def _multi_args() -> argparse.Namespace:
+    return _args("sma_cross", "--timeframe", "1m", "--param", "fast=5", "--param", "slow=20")
+
+
+@pytest.mark.parametrize("profile", ["standard", "all_in"])
+async def test_several_pairs_equal_the_full_pipeline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, profile: str
+) -> None:
+    """Four pairs (one starting later): stretches across pairs give the per-candle results."""
+    monkeypatch.setenv("KESTREL_RISK__PROFILE", profile)
+    monkeypatch.setenv("KESTREL_SIMULATION__TAKER_FEE", "0.0001")
+    monkeypatch.setenv("KESTREL_SIMULATION__MAKER_FEE", "0.0001")
+    walks = [(900, 1, 2e-3, 0), (900, 2, 3e-3, 0), (700, 3, 1e-3, 150), (900, 4, 2e-3, 0)]
+    _archive(monkeypatch, tmp_path, walks)
+    results = await _variants(_multi_args())
+    full = results["full"]
+    assert full["summary"]["candles"] == sum(n for n, *_ in walks)
+    assert len({t.pair for t in full["trades"]}) >= 3
+    if profile == "standard":
+        assert _stop_orders(full) > 0
+
+
+async def test_breakers_trip_on_the_same_candle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A tight daily-loss limit halts and lifts on the same candles in every variant."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.5")
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.2")
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.005")
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _archive(monkeypatch, tmp_path, [(1800, 11, 4e-3, 0), (1800, 12, 4e-3, 0)])
+    results = await _variants(_multi_args())
+    trips = results["full"]["summary"]["breaker_trips"]
+    # A daily halt, lifted at the next day's first candle (a quiet one), then another halt:
+    # at the same times in every variant (compared above).
+    assert [trip["to"] for trip in trips] == ["halted", "halted"]
+
+
+async def test_a_held_flatten_voids_the_signals_alike(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After the peak-to-trough flatten latches, signals lead nowhere in every variant."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _archive(monkeypatch, tmp_path, [(1200, 21, 4e-3, 0), (1200, 22, 4e-3, 0)])
+    results = await _variants(_multi_args())
+    full = results["full"]
+    trips = full["summary"]["breaker_trips"]
+    assert trips[-1]["to"] == "flatten"
+    flattened = trips[-1]["ts"]
+    assert flattened < full["curve"][-1][0] - 600 * 60_000  # long before the end
+    # Signals kept coming after it, and no order was decided on them.
+    assert all(o.ts_created <= flattened + 60_000 for o in full["venue_orders"])
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    walks=st.lists(
+        st.tuples(
+            st.integers(200, 400),
+            st.integers(0, 10_000),
+            st.sampled_from([5e-4, 2e-3, 6e-3]),
+            st.integers(0, 60),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    stop_atr=st.sampled_from(["0.5", "1.5", "3"]),
+    take_profit_atr=st.sampled_from(["1", "4"]),
+    trailing=st.booleans(),
+    profile=st.sampled_from(["standard", "standard", "all_in"]),
+)
+async def test_random_multi_pair_runs_equal_the_per_candle_pipeline(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+    walks: list[tuple[int, int, float, int]],
+    stop_atr: str,
+    take_profit_atr: str,
+    trailing: bool,
+    profile: str,
+) -> None:
+    """Random walks on a few pairs, random stop distances: stretches change no trade or order."""
+    monkeypatch.setenv("KESTREL_RISK__PROFILE", profile)
+    monkeypatch.setenv("KESTREL_RISK__STOP_ATR_MULTIPLE", stop_atr)
+    monkeypatch.setenv("KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE", take_profit_atr)
+    monkeypatch.setenv("KESTREL_RISK__TRAILING_STOP", str(trailing).lower())
+    _archive(monkeypatch, tmp_path_factory.mktemp("walks"), walks)
+    args = _multi_args()
+    runs, full = await _run(args, "runs"), await _run(args, "full")
+    for key in ("summary", "curve", "orders", "venue_orders", "trades"):
+        assert runs[key] == full[key], key
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(
+            st.integers(9_000, 10_500),  # the equity held over the segment, in cents
+            st.lists(st.integers(1, 6 * 3_600_000), min_size=1, max_size=30),  # time steps
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    daily=st.sampled_from([0.005, 0.03]),
+    drawdown=st.sampled_from([0.04, 0.15]),
+)
+def test_update_flat_equals_update_at_each_time(
+    segments: list[tuple[int, list[int]]], daily: float, drawdown: float
+) -> None:
+    """Feeding an unchanged equity over many times at once leaves the breakers as one by one."""
+    import copy
+    from decimal import Decimal
+
+    from circuit_breakers import CircuitBreakers
+    from config import RiskSettings
+    from models import TradingState
+
+    risk = RiskSettings(max_daily_loss=daily, max_drawdown=drawdown, reduce_size_drawdown=0.02)
+    each, flat = CircuitBreakers(risk), CircuitBreakers(risk)
+    now = 1_700_000_000_000
+    for cents, steps in segments:
+        equity = Decimal(cents) / 100 * 100
+        times = []
+        for step in steps:
+            now += step
+            times.append(now)
+        states = [each.update(t, equity) for t in times]
+        probe = copy.deepcopy(flat)
+        assert flat.update_flat(times, equity) == len(times)
+        assert flat.state is states[-1]
+        assert flat.dump() == each.dump()
+        # Stopping on a state: exactly where one-by-one first reaches it.
+        fed = probe.update_flat(times, equity, TradingState.HALTED)
+        if TradingState.HALTED in states:
+            assert fed == states.index(TradingState.HALTED) + 1
+            assert probe.now == times[fed - 1]
+        else:
+            assert fed == len(times)

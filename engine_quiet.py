@@ -1,0 +1,240 @@
+"""The engine's quiet steps: candles on which only marks, equity and breakers can move.
+
+Part of `pipeline` (`Engine` inherits it). The backtest replay's driver
+(`replay_feed.SimDriver`) applies such candles without the strategy, risk and executor
+steps, one by one or a stretch at a time; what they change is exactly what
+`Engine.process` would (tests compare the runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from anomaly_detection import AnomalyWatch
+from capital_allocation import Allocator
+from data_manager import DataManager
+from models import Candle, TradingState
+from pattern_recognition import PatternFilter
+from perpetuals import FundingSchedule
+from portfolio import Portfolio
+from risk_management import RiskManager
+from utils.utilities import Clock
+
+
+class QuietSteps:
+    """The backtest replay's short path: candles on which only marks and equity can move.
+
+    A candle with no signal, no working order on its pair and (when stops are managed) no
+    position on its pair goes through no strategy, risk or executor step: it is taken into
+    the data window and the counters, marks the positions it prices, and records the equity
+    the breakers are fed with, exactly as `Engine.process` would (a test compares the runs).
+    """
+
+    # The engine's state it works on (`pipeline.EngineState` sets them).
+    predictors: dict[str, Any]
+    anomaly_watch: AnomalyWatch | None
+    pattern_filter: PatternFilter | None
+    sleeves: Allocator | None
+    risk_saver: Callable[[], Awaitable[None]] | None
+    max_lag_ms: int | None
+    data: DataManager
+    manage_stops: bool
+    portfolio: Portfolio
+    risk: RiskManager
+    clock: Clock
+    timeframe: str
+    step: int
+    funding: dict[str, FundingSchedule]
+    funding_settlements: int
+    candles: int
+    first_ts: int | None
+    last_ts: int | None
+    last_close: dict[str, float]
+    last_candle_ts: dict[str, int]
+
+    @property
+    def quiet_exact(self) -> bool:
+        """Return True when a candle with no signal and no working order changes nothing else.
+
+        Without a model, pattern filter, anomaly watch, capital sleeves or a persisted risk
+        state, such a candle moves only the data window, the marks, the equity curve and the
+        breakers (fed that equity), which `on_quiet_candle` and `on_quiet_rows` apply. Under
+        the standard profile a pair holding a position is never quiet (`quiet_pair`): its
+        stop is managed on every candle.
+        """
+        return (
+            not self.predictors
+            and self.anomaly_watch is None
+            and self.pattern_filter is None
+            and self.sleeves is None
+            and self.risk_saver is None
+            and self.max_lag_ms is None
+            and self.data.can_extend_run
+        )
+
+    def quiet_pair(self, pair: str) -> bool:
+        """Return True when a candle of `pair` without a signal can take the short path."""
+        return not self.manage_stops or not self.portfolio.has_position(pair)
+
+    @property
+    def decisions_void(self) -> bool:
+        """Return True while no candle reaches a decision (a flatten holds).
+
+        Only an operator lifts such a flatten, so `process` returns after the breakers
+        (flattening what is open) on every candle until then.
+        """
+        return self.risk.flatten_holds
+
+    def is_holding(self, pair: str) -> bool:
+        """Return True when a position is open on `pair` (its exits are signals too)."""
+        return self.portfolio.has_position(pair)
+
+    def on_quiet_candle(self, candle: Candle) -> bool:
+        """Apply an admitted candle on which nothing but marks, equity and breakers can move.
+
+        Returns True when the breakers ask to flatten open positions: the caller then
+        awaits `trip_flatten`, as `process` does.
+        """
+        portfolio = self.portfolio
+        if portfolio.has_position(candle.pair):
+            portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+            if self.funding:
+                self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
+        equity = portfolio.record_equity(candle.ts + self.step)
+        return self._must_flatten(self.clock.now_ms(), equity)
+
+    def _must_flatten(self, now: int, equity: Decimal) -> bool:
+        # The breakers' verdict as `process` acts on it: flatten only what is open.
+        return self.risk.update(now, equity) is TradingState.FLATTEN and bool(
+            self.portfolio.positions()
+        )
+
+    def on_quiet_rows(
+        self,
+        names: list[str],
+        held: list[int],
+        pair_of: list[int] | None,
+        close_ts: list[int],
+        closes: Callable[[], list[float]],
+        now: list[int],
+    ) -> int:
+        """Apply quiet candles' marks, equity, breakers and counts in replay order.
+
+        `held` indexes `names` for the pairs holding a position that have a candle here,
+        `pair_of` per candle (None: one pair); `close_ts` and `now` give each candle's
+        close time and the replay clock, and `closes()` their close prices (asked for only
+        when a position is marked). Returns how many were applied:
+        fewer than given when the breakers ask to flatten (the last one applied tripped
+        them; the caller awaits `trip_flatten`). The data windows take the candles
+        through `take_quiet`, at the latest before the pipeline reads them.
+        """
+        if not close_ts:
+            return 0
+        if not held:
+            count = self._quiet_flat(close_ts, now, distinct=len(names) == 1)
+        elif len(names) == 1 and self.risk.all_in:
+            self._quiet_run(names[0], close_ts, closes())
+            count = len(close_ts)
+        else:
+            pairs = pair_of if pair_of is not None else [0] * len(close_ts)
+            count = self._quiet_each(names, pairs, close_ts, closes(), now)
+        self.candles += count
+        if self.first_ts is None:
+            self.first_ts = close_ts[0] - self.step
+        self.last_ts = close_ts[count - 1] - self.step
+        return count
+
+    @property
+    def reads_windows(self) -> bool:
+        """Return True when the pipeline reads the data windows (ATR stops, correlation).
+
+        Under `all_in` it never does: quiet candles may then skip the windows, as they
+        always have on that profile (only the views show the windows).
+        """
+        return not self.risk.all_in
+
+    def take_quiet(
+        self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]], *, windows: bool = True
+    ) -> None:
+        """Take quiet candles into the data windows and the last prices, as `admit` does.
+
+        `runs` holds, per pair, its consecutive candles' open times and OHLCV columns (the
+        counts were taken by `on_quiet_rows`); without `windows`, only the last prices.
+        """
+        for pair, ts, columns in runs:
+            if len(ts):
+                if windows:
+                    self.data.extend_run(pair, self.timeframe, ts, columns)
+                self.last_close[pair] = float(columns[3][-1])
+                self.last_candle_ts[pair] = int(ts[-1])
+
+    def _quiet_flat(self, close_ts: list[int], now: list[int], *, distinct: bool) -> int:
+        # No candle prices a position: the equity is the same at every close, so the curve
+        # takes it at each new time in one step and the breakers see it candle by candle.
+        portfolio = self.portfolio
+        equity = portfolio.record_equity(close_ts[0])
+        # Only open positions make a flatten verdict act (`process`, `_flatten`).
+        stop_on = TradingState.FLATTEN if portfolio.positions() else None
+        count = self.risk.update_flat(now, equity, stop_on)
+        curve = portfolio.equity_curve
+        later = close_ts[1:count]
+        if not distinct:  # several pairs close at the same time: one point per time
+            last = curve.last_ts
+            later = [t for t in dict.fromkeys(later) if t != last]
+        curve.extend_flat(later, curve.last_value)
+        return count
+
+    def _quiet_each(
+        self,
+        names: list[str],
+        pair_of: list[int],
+        close_ts: list[int],
+        closes: list[float],
+        now: list[int],
+    ) -> int:
+        # Positions are marked: candle by candle, as `process` does.
+        portfolio, funding = self.portfolio, self.funding
+        for k, (index, t, close) in enumerate(zip(pair_of, close_ts, closes, strict=True)):
+            pair = names[index]
+            if portfolio.has_position(pair):
+                portfolio.mark(pair, Decimal(repr(close)))
+                if funding:
+                    self._settle_funding(pair, t, close)
+            if self._must_flatten(now[k], portfolio.record_equity(t)):
+                return k + 1
+        return len(close_ts)
+
+    def _quiet_run(self, pair: str, close_ts: list[int], closes: list[float]) -> None:
+        # One pair holding the one position, no breakers: marks and curve a stretch at a time.
+        portfolio = self.portfolio
+        schedule = self.funding.get(pair)
+        if schedule is None:
+            portfolio.record_equity_run(pair, close_ts, closes)
+            return
+        start = 0  # split the stretch at the candles that settle funding
+        for k, _ in schedule.bars(close_ts, self.step):
+            portfolio.record_equity_run(pair, close_ts[start:k], closes[start:k])
+            portfolio.mark(pair, Decimal(repr(closes[k])))
+            self._settle_funding(pair, close_ts[k], closes[k])
+            portfolio.record_equity(close_ts[k])
+            start = k + 1
+        portfolio.record_equity_run(pair, close_ts[start:], closes[start:])
+
+    def _settle_funding(self, pair: str, close_ts: int, close: float) -> None:
+        # The funding times inside the candle closing at `close_ts`, settled at its close
+        # on the position held then (before any fill at that close; see `perpetuals`).
+        schedule = self.funding.get(pair)
+        if schedule is None or not self.portfolio.has_position(pair):
+            return
+        due = schedule.due(close_ts - self.step, close_ts)
+        if not due:
+            return
+        rate = 0.0
+        for _, r in due:
+            rate += r
+        self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
+        self.funding_settlements += len(due)
