@@ -250,6 +250,16 @@ class SimDriver:
                 await self.sim.deliver(fills)
             await self._process(candle)
 
+    async def match(self, candle: Candle) -> None:
+        """Match an admitted candle on the simulated exchange and deliver its fills.
+
+        What `on_candle` does between the engine's `admit` and `process`, for a caller
+        that admits and processes itself (a burst decided together).
+        """
+        fills = self._match(candle)
+        if fills or self.sim.has_updates:
+            await self.sim.deliver(fills)
+
     def on_quiet_run(self, last: Candle, close_ts: list[int], closes: list[float]) -> None:
         """Apply consecutive quiet candles of one pair at once; `last` is the stretch's last."""
         self.sim.on_candle(last)  # nothing works on this pair: it only remembers the last bar

@@ -135,6 +135,7 @@ OWNER: dict[str, str] = {
     "rl_policy": "self_learning",
     "rl_env": "self_learning",
     "rl_agent": "self_learning",
+    "burst": "runner",  # the pipeline loop's bursts, decided together
 }
 
 
