@@ -11,11 +11,12 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
    signal first (ties by pair name); then candles with no signal. With a simulated
    exchange in front, each candle is matched just before it is processed, as
    `SimDriver.on_candle` does;
-4. sends each approved order as soon as it is decided, without awaiting its answer: the
-   send runs up to its first wait for the gateway (journal, exchange) and the next
-   decision goes on meanwhile; sends therefore start in decision order (exits first, then
-   the strongest entries). Once the burst is decided, the sends are awaited, the fills the
-   gateway holds are delivered and the risk state is saved once.
+4. hands each approved order to the executor as soon as it is decided, without awaiting
+   its answer: the sends start in decision order (exits first, then the strongest
+   entries) once every candle that can decide has, and run up to their first wait for the
+   gateway (journal, exchange) while the quiet candles (marks, equity) are processed. Then
+   the sends are awaited, the fills the gateway holds are delivered and the risk state is
+   saved once.
 
 The executor is unchanged: every order still goes through `TradeExecutor.submit`
 (journal before send, the pair's lock, one protective stop per position). Because every
@@ -94,7 +95,7 @@ class BurstDecider:
                 admitted.append((candle, received, started))
         if not admitted:
             return
-        ordered = self._decision_order(admitted)
+        ordered, deciding = self._decision_order(admitted)
         self.last_order = [c.pair for c, _, _ in ordered]
         self.bursts += 1
         sends: list[tuple[DeferredOrder, asyncio.Task[bool]]] = []
@@ -102,11 +103,14 @@ class BurstDecider:
         async def send(decided: DeferredOrder) -> None:
             task = asyncio.create_task(engine.send_decided(decided), name="burst-send")
             sends.append((decided, task))
-            await asyncio.sleep(0)  # let the send run up to its first wait for an answer
 
         engine.sender = send
         try:
-            for candle, received, started in ordered:
+            for at, (candle, received, started) in enumerate(ordered):
+                if at == deciding and sends:
+                    # Every candle that can decide has: let the sends run up to their first
+                    # wait for an answer before the quiet candles (marks, equity) are done.
+                    await asyncio.sleep(0)
                 engine.timing(received, started)
                 if self.match is not None:
                     await self.match(candle)
@@ -119,7 +123,9 @@ class BurstDecider:
 
     def _decision_order(
         self, admitted: list[tuple[Candle, float | None, float]]
-    ) -> list[tuple[Candle, float | None, float]]:
+    ) -> tuple[list[tuple[Candle, float | None, float]], int]:
+        # The candles in decision order, and how many come before the first that cannot
+        # decide (no position, no working order, no signal).
         engine = self.engine
         portfolio = engine.portfolio
         working = {o.pair for o in engine.executor.open_orders()}
@@ -136,7 +142,8 @@ class BurstDecider:
             else:
                 keyed.append(((1, -signal.strength, pair), item))
         keyed.sort(key=lambda k: k[0])
-        return [item for _, item in keyed]
+        deciding = sum(1 for key, _ in keyed if key[0] < 2)
+        return [item for _, item in keyed], deciding
 
     async def _settle(self, sends: list[tuple[DeferredOrder, asyncio.Task[bool]]]) -> None:
         # Every send is awaited (none is cut off, whatever happened to the others); then
