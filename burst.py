@@ -105,19 +105,21 @@ class BurstDecider:
             sends.append((decided, task))
 
         engine.sender = send
-        try:
-            for at, (candle, received, started) in enumerate(ordered):
-                if at == deciding and sends:
-                    # Every candle that can decide has: let the sends run up to their first
-                    # wait for an answer before the quiet candles (marks, equity) are done.
-                    await asyncio.sleep(0)
-                engine.timing(received, started)
-                if self.match is not None:
-                    await self.match(candle)
-                await engine.process(candle)
-        finally:
-            engine.sender = None
-            await self._settle(sends)
+        # The audit trail's writer thread waits for the end of the burst (see `held`).
+        with engine.audit.held():
+            try:
+                for at, (candle, received, started) in enumerate(ordered):
+                    if at == deciding and sends:
+                        # Every candle that can decide has: let the sends run up to their
+                        # first wait for an answer before the quiet candles (marks, equity).
+                        await asyncio.sleep(0)
+                    engine.timing(received, started)
+                    if self.match is not None:
+                        await self.match(candle)
+                    await engine.process(candle)
+            finally:
+                engine.sender = None
+                await self._settle(sends)
         if engine.risk_saver is not None:
             await engine.risk_saver()  # once per burst, after every decision is out
 
