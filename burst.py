@@ -10,26 +10,27 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
    stop moves, take-profits and exits), by pair name; then the entry candidates, strongest
    signal first (ties by pair name); then candles with no signal. With a simulated
    exchange in front, each candle is matched just before it is processed, as
-   `SimDriver.on_candle` does;
-4. hands each approved order to the executor as soon as it is decided, without awaiting
-   its answer: the sends start in decision order (exits first, then the strongest
-   entries) once every candle that can decide has, and run up to their first wait for the
-   gateway (journal, exchange) while the quiet candles (marks, equity) are processed. Then
-   the sends are awaited, the fills the gateway holds are delivered and the risk state is
-   saved once.
+   `SimDriver.on_candle` does. Stop moves and managed take-profits go to the executor
+   as the position's candle is processed (ahead of every entry);
+4. sends the approved orders once every candle that can decide has decided, in decision
+   order (exits first, then the strongest entries), each through the executor and its
+   fills delivered as one at a time would; then the quiet candles (no position, working
+   order or signal: marks and equity) are processed, and the risk state is saved once.
+   No decision waits for another order's answer. The sends are not concurrent tasks: a
+   task starts only after the loop's other ready work, and a replay's feed would move the
+   replay clock past the candle the orders were decided on.
 
 The executor is unchanged: every order still goes through `TradeExecutor.submit`
 (journal before send, the pair's lock, one protective stop per position). Because every
 position's candle is processed before any entry is decided, and entries do not change
-what the next entry is checked against until they fill (the next candle, or the end of
-the burst with `fill_at="close"`), a burst's decisions do not depend on the order its
-candles arrived in, and equal those of the same candles fed one at a time in the
-burst's decision order (tests/test_burst.py checks both).
+what the next entry is checked against until they fill (the next candle, or with
+`fill_at="close"` once the burst's decisions are taken), a burst's decisions do not
+depend on the order its candles arrived in, and equal those of the same candles fed one
+at a time in the burst's decision order (tests/test_burst.py checks both).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
@@ -98,28 +99,22 @@ class BurstDecider:
         ordered, deciding = self._decision_order(admitted)
         self.last_order = [c.pair for c, _, _ in ordered]
         self.bursts += 1
-        sends: list[tuple[DeferredOrder, asyncio.Task[bool]]] = []
-
-        async def send(decided: DeferredOrder) -> None:
-            task = asyncio.create_task(engine.send_decided(decided), name="burst-send")
-            sends.append((decided, task))
-
-        engine.sender = send
+        decided: list[DeferredOrder] = []
+        engine.sender = decided.append
         # The audit trail's writer thread waits for the end of the burst (see `held`).
         with engine.audit.held():
             try:
                 for at, (candle, received, started) in enumerate(ordered):
-                    if at == deciding and sends:
-                        # Every candle that can decide has: let the sends run up to their
-                        # first wait for an answer before the quiet candles (marks, equity).
-                        await asyncio.sleep(0)
+                    if at == deciding:
+                        # Every candle that can decide has: send, then the quiet candles.
+                        await self._send(decided)
                     engine.timing(received, started)
                     if self.match is not None:
                         await self.match(candle)
                     await engine.process(candle)
             finally:
                 engine.sender = None
-                await self._settle(sends)
+            await self._send(decided)
         if engine.risk_saver is not None:
             await engine.risk_saver()  # once per burst, after every decision is out
 
@@ -147,15 +142,13 @@ class BurstDecider:
         deciding = sum(1 for key, _ in keyed if key[0] < 2)
         return [item for _, item in keyed], deciding
 
-    async def _settle(self, sends: list[tuple[DeferredOrder, asyncio.Task[bool]]]) -> None:
-        # Every send is awaited (none is cut off, whatever happened to the others); then
-        # the fills the gateway already holds are delivered, pair by pair in decision order.
-        if not sends:
-            return
-        results = await asyncio.gather(*(t for _, t in sends), return_exceptions=True)
-        for (decided, _), result in zip(sends, results, strict=True):
-            if result is True:
-                await self.engine.executor.deliver_fills(decided.intent.pair)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # a FatalError ends the run, once every other send is settled
+    async def _send(self, decided: list[DeferredOrder]) -> None:
+        # In decision order, each through the executor's own path (its checks, the pair's
+        # lock, journal before send) and its fills delivered as one at a time would. Not
+        # started as concurrent tasks: a replay's feed would run first and move the replay
+        # clock past the candle the orders were decided on (the parity audit catches it).
+        engine = self.engine
+        while decided:
+            order = decided.pop(0)
+            if await engine.send_decided(order):
+                await engine.executor.deliver_fills(order.intent.pair)

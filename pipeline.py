@@ -168,10 +168,10 @@ class EngineState:
         # an operator command) when the daemon persists it; None (backtests): no cost.
         self.risk_saver: Callable[[], Awaitable[None]] | None = None
         # While a burst is decided together (`burst.BurstDecider`): approved orders go to
-        # its sender, which sends them without the next decision waiting for the answer,
-        # and the risk state is saved once at the burst's end. None: each candle sends
-        # (awaiting the answer) and saves as it goes.
-        self.sender: Callable[[DeferredOrder], Awaitable[None]] | None = None
+        # its sender, which sends them once the burst's other decisions are taken (no
+        # decision waits for another's answer), and the risk state is saved once at the
+        # burst's end. None: each candle sends (awaiting the answer) and saves as it goes.
+        self.sender: Callable[[DeferredOrder], None] | None = None
         # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
         self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
         # Market-data anomalies pause entries on their pair (None: not watched).
@@ -810,7 +810,7 @@ class Engine(EngineControl):
         )
         order = DeferredOrder(verdict, signal.strength, self._received, self._started)
         if self.sender is not None:
-            await self.sender(order)  # a burst: the answer is not awaited here
+            self.sender(order)  # a burst: sent once its other decisions are taken
             return
         if await self.send_decided(order):
             await self.executor.deliver_fills(signal.pair)
