@@ -172,6 +172,9 @@ class EngineState:
         # decision waits for another's answer), and the risk state is saved once at the
         # burst's end. None: each candle sends (awaiting the answer) and saves as it goes.
         self.sender: Callable[[DeferredOrder], None] | None = None
+        # Per pair: the window (last ts, length, parameter) and its ATR / returns.
+        self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
+        self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
         self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
         # Market-data anomalies pause entries on their pair (None: not watched).
@@ -223,20 +226,40 @@ class EngineState:
         bars = self.data.arrays(pair, self.timeframe)
         if len(bars.close) <= period:
             return None
+        # The same window gives the same ATR: a position's candle asks for its stop and
+        # then for its risk context, and a burst's entries ask again (window end, period).
+        key = (int(bars.ts[-1]), len(bars.close), period)
+        cached = self._atr_cache.get(pair)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         import talib
 
         # Only the tail matters: Wilder's smoothing converges well within ten periods.
         tail = slice(-min(len(bars.close), period * 10), None)
         last = float(talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)[-1])
-        return last if np.isfinite(last) else None
+        atr = last if np.isfinite(last) else None
+        self._atr_cache[pair] = (key, atr)
+        return atr
 
     def _returns(self, pairs: list[str]) -> dict[str, np.ndarray]:
         window = self.risk.settings.correlation_window
         out = {}
         for pair in pairs:
-            close = self.data.arrays(pair, self.timeframe).close[-(window + 1) :]
+            bars = self.data.arrays(pair, self.timeframe)
+            if len(bars.close) == 0:
+                continue
+            # Every entry reads every held pair's returns: computed once per window.
+            key = (int(bars.ts[-1]), len(bars.close), window)
+            cached = self._returns_cache.get(pair)
+            if cached is not None and cached[0] == key:
+                out[pair] = cached[1]
+                continue
+            close = bars.close[-(window + 1) :]
             if len(close) > 2:
-                out[pair] = np.diff(close) / close[:-1]
+                returns = np.diff(close) / close[:-1]
+                returns.flags.writeable = False  # shared between the contexts that read it
+                self._returns_cache[pair] = (key, returns)
+                out[pair] = returns
         return out
 
     def _risk_context(
