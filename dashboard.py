@@ -8,6 +8,7 @@ behaviour are described in `ui`'s docstring; `ui` re-exports these names.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar, Final
@@ -186,6 +187,15 @@ def _panel_body(name: str, snap: Snapshot, pair: str | None, rows: int) -> Rende
     return body
 
 
+def _freeze_start_up_heap() -> None:
+    # Once the first frame is drawn, what the dashboard built to start (styles, widgets,
+    # caches) lives as long as it does: out of the cyclic GC's generations, a full
+    # collection no longer walks it (it held the loop 27-140 ms at 100 pairs; under 10 ms
+    # after). The daemon does the same with its own start-up heap (runner `_started`).
+    # Frozen objects that become cyclic garbage wait for `on_unmount`'s unfreeze.
+    gc.freeze()
+
+
 class Dashboard(App[None]):
     """Show the bot's state in the terminal and take the operator's keys.
 
@@ -271,6 +281,11 @@ class Dashboard(App[None]):
         self.theme = "textual-light" if self._settings.theme == "light" else "textual-dark"
         self.refresh_snapshot()
         self.set_interval(self.refresh_interval, self.refresh_snapshot)
+        self.call_after_refresh(_freeze_start_up_heap)
+
+    def on_unmount(self) -> None:
+        """Hand the frozen heap back to the collector: the dashboard's objects may now go."""
+        gc.unfreeze()  # the daemon's start-up heap too; the bot stops with its dashboard
 
     @property
     def refresh_interval(self) -> float:

@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -78,6 +79,21 @@ from utils.utilities import AuditTrail, Clock, timeframe_to_ms
 log = structlog.get_logger(__name__)
 # Equity points a snapshot carries for the views (the newest; the web view thins them).
 CURVE_POINTS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredOrder:
+    """An order risk approved, with what its latency is measured from.
+
+    `strength` is the signal's (a burst sends its entries strongest first); `received`
+    and `started` are `time.perf_counter()` readings: the feed handed the candle over, the
+    engine took it (None: not measured, e.g. replays).
+    """
+
+    intent: OrderIntent
+    strength: float
+    received: float | None
+    started: float
 
 
 class EngineState:
@@ -163,6 +179,16 @@ class EngineState:
         # Awaited after anything that may change the risk state (a candle, a closed trade,
         # an operator command) when the daemon persists it; None (backtests): no cost.
         self.risk_saver: Callable[[], Awaitable[None]] | None = None
+        # While a burst is decided together (`burst.BurstDecider`): approved orders go to
+        # its sender, which sends them once the burst's other decisions are taken (no
+        # decision waits for another's answer), and the risk state is saved once at the
+        # burst's end. None: each candle sends (awaiting the answer) and saves as it goes.
+        self.sender: Callable[[DeferredOrder], None] | None = None
+        # Per pair: the window (last ts, length, parameter) and its ATR / returns.
+        self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
+        self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+        # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
+        self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
         # Market-data anomalies pause entries on their pair (None: not watched).
         self.anomaly_watch = anomaly_watch
         # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
@@ -212,25 +238,49 @@ class EngineState:
         bars = self.data.arrays(pair, self.timeframe)
         if len(bars.close) <= period:
             return None
+        # The same window gives the same ATR: a position's candle asks for its stop and
+        # then for its risk context, and a burst's entries ask again (window end, period).
+        key = (int(bars.ts[-1]), len(bars.close), period)
+        cached = self._atr_cache.get(pair)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         import talib
 
         # Only the tail matters: Wilder's smoothing converges well within ten periods.
         tail = slice(-min(len(bars.close), period * 10), None)
         last = float(talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)[-1])
-        return last if np.isfinite(last) else None
+        atr = last if np.isfinite(last) else None
+        self._atr_cache[pair] = (key, atr)
+        return atr
 
     def _returns(self, pairs: list[str]) -> dict[str, np.ndarray]:
         window = self.risk.settings.correlation_window
         out = {}
         for pair in pairs:
-            close = self.data.arrays(pair, self.timeframe).close[-(window + 1) :]
+            bars = self.data.arrays(pair, self.timeframe)
+            if len(bars.close) == 0:
+                continue
+            # Every entry reads every held pair's returns: computed once per window.
+            key = (int(bars.ts[-1]), len(bars.close), window)
+            cached = self._returns_cache.get(pair)
+            if cached is not None and cached[0] == key:
+                out[pair] = cached[1]
+                continue
+            close = bars.close[-(window + 1) :]
             if len(close) > 2:
-                out[pair] = np.diff(close) / close[:-1]
+                returns = np.diff(close) / close[:-1]
+                returns.flags.writeable = False  # shared between the contexts that read it
+                self._returns_cache[pair] = (key, returns)
+                out[pair] = returns
         return out
 
-    def _risk_context(self, pair: str, now: int, candle_ts: int | None = None) -> RiskContext:
+    def _risk_context(
+        self, pair: str, now: int, candle_ts: int | None = None, *, closing: bool = False
+    ) -> RiskContext:
+        # `closing`: the signal closes the held position, which risk sizes from the
+        # position alone: no ATR or returns (those cost O(positions) per exit).
         positions = self.portfolio.positions()
-        heavy = not self.risk.all_in
+        heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         return RiskContext(
             now=now,
@@ -606,7 +656,7 @@ class Engine(QuietSteps, EngineControl):
         # Exiting now, or a drained pair: no new decision on this candle.
         if not exited and (pair in self._active or portfolio.has_position(pair)):
             await self._decide_if_fresh(candle, now)
-        if self.risk_saver is not None:
+        if self.risk_saver is not None and self.sender is None:
             await self.risk_saver()  # after the decision: never on its latency
 
     async def trip_flatten(self) -> None:
@@ -627,8 +677,34 @@ class Engine(QuietSteps, EngineControl):
         if signal is not None:
             await self._decide(signal, candle, now)
 
+    def early_signal(self, candle: Candle) -> Signal | None:
+        """Return the signal an admitted candle will be decided on, computed ahead.
+
+        A burst orders its decisions by these (`burst.BurstDecider`). The signal is kept
+        and used by `process` if the pair's holding is unchanged by then (the strategy's
+        row depends only on the pair's own window); None for a candle that will not be
+        decided (stale, or a drained pair without a position).
+        """
+        pair = candle.pair
+        if pair not in self._active and not self.portfolio.has_position(pair):
+            return None
+        now = self.clock.now_ms()
+        if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
+            return None
+        holding = self.portfolio.signed_qty(pair)
+        signal = self._safe_signal(candle)
+        self._early[pair] = (candle.ts, holding, signal)
+        return signal
+
+    def timing(self, received: float | None, started: float) -> None:
+        """Measure the next decision from `received` (the feed's hand-over), `started`."""
+        self._received, self._started = received, started
+
     def _safe_signal(self, candle: Candle) -> Signal | None:
         holding = self.portfolio.signed_qty(candle.pair)
+        early = self._early.pop(candle.pair, None) if self._early else None
+        if early is not None and early[0] == candle.ts and early[1] == holding:
+            return early[2]
         try:
             return self.signals_source.signal(candle, holding)
         except Exception as e:
@@ -662,7 +738,12 @@ class Engine(QuietSteps, EngineControl):
         elif model_veto is not None:
             verdict = model_veto
         else:
-            verdict = self.risk.evaluate(signal, self._risk_context(signal.pair, now, signal.ts))
+            held = self.portfolio.position(signal.pair)
+            closing = held is not None and (signal.side is Side.SELL) is (
+                held.side is PositionSide.LONG
+            )
+            context = self._risk_context(signal.pair, now, signal.ts, closing=closing)
+            verdict = self.risk.evaluate(signal, context)
         if isinstance(verdict, Veto):
             self.vetoes += 1
             self.audit.record(
@@ -690,20 +771,31 @@ class Engine(QuietSteps, EngineControl):
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )
-        try:
-            order = await self.executor.submit(verdict, last_price=self.price(signal.pair))
-        except (RecoverableError, BusinessError) as e:
-            # The order's fate is unknown or it was refused: the journal has it, and the
-            # next reconciliation settles it. Trading goes on; a FatalError does not.
-            self.errors.append(f"{signal.pair}: {e.message}")
-            log.error("order_failed", **{**e.describe(), "pair": signal.pair})
+        order = DeferredOrder(verdict, signal.strength, self._received, self._started)
+        if self.sender is not None:
+            self.sender(order)  # a burst: sent once its other decisions are taken
             return
-        if self._received is not None:
-            done = time.perf_counter()
-            self.decision_latency_ms.append((done - self._received) * 1000)
-            self.decision_service_ms.append((done - self._started) * 1000)
-        if order.status is not OrderStatus.REJECTED:
+        if await self.send_decided(order):
             await self.executor.deliver_fills(signal.pair)
+
+    async def send_decided(self, decided: DeferredOrder) -> bool:
+        """Send an approved order through the executor; return True if it was accepted.
+
+        A recoverable or business error is recorded and trading goes on (the journal has
+        the order; the next reconciliation settles it); a FatalError propagates.
+        """
+        intent = decided.intent
+        try:
+            order = await self.executor.submit(intent, last_price=self.price(intent.pair))
+        except (RecoverableError, BusinessError) as e:
+            self.errors.append(f"{intent.pair}: {e.message}")
+            log.error("order_failed", **{**e.describe(), "pair": intent.pair})
+            return False
+        if decided.received is not None:
+            done = time.perf_counter()
+            self.decision_latency_ms.append((done - decided.received) * 1000)
+            self.decision_service_ms.append((done - decided.started) * 1000)
+        return order.status is not OrderStatus.REJECTED
 
     def _model_veto(self, signal: Signal) -> Veto | None:
         """Refuse an entry the learned model or the pattern filter does not back."""
@@ -767,8 +859,8 @@ class Engine(QuietSteps, EngineControl):
         trade = await self.executor.on_fill(order, fill)
         if trade is not None:
             await self._keep_trade(trade, self._on_trade_closed(trade))
-            if self.risk_saver is not None:
-                await self.risk_saver()
+            if self.risk_saver is not None and self.sender is None:
+                await self.risk_saver()  # a burst saves once, at its end
 
     async def _keep_trade(self, trade: ClosedTrade, equity_after: float) -> None:
         # The journal keeps the round trip (live); losing that record loses no money, so a
@@ -812,8 +904,8 @@ class Engine(QuietSteps, EngineControl):
         trade = await self.executor.on_stream_fill(fill)
         if trade is not None:
             await self._keep_trade(trade, self._on_trade_closed(trade))
-            if self.risk_saver is not None:
-                await self.risk_saver()
+            if self.risk_saver is not None and self.sender is None:
+                await self.risk_saver()  # a burst saves once, at its end
 
     async def on_order_book(self, book: OrderBook) -> None:
         """Keep the latest book per pair (depth chart, book-walk fills); watch its spread."""

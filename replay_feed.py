@@ -370,6 +370,16 @@ class SimDriver:
             return self.engine.on_quiet_candle(candle)
         return False
 
+    async def match(self, candle: Candle) -> None:
+        """Match an admitted candle on the simulated exchange and deliver its fills.
+
+        What `on_candle` does between the engine's `admit` and `process`, for a caller
+        that admits and processes itself (a burst decided together).
+        """
+        fills = self._match(candle)
+        if fills or self.sim.has_updates:
+            await self.sim.deliver(fills)
+
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
         """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.
 

@@ -33,6 +33,7 @@ import structlog
 from rich.console import Console
 
 from assembly import BuildContext, Closer, Components, ExchangeClock, LiveGateway, prime_anomalies
+from burst import BurstDecider
 from config import Settings
 from daemon_base import DaemonBase
 from daemon_learning import Learning
@@ -273,12 +274,22 @@ class Daemon(DaemonBase):
     async def _pipeline_loop(self) -> None:
         structlog.contextvars.bind_contextvars(component="pipeline")  # this task's context only
         assert self.engine is not None
-        on_candle = self._candle_step()
-        while True:
-            item = await self.queue.get()
+        # Candles that closed together are decided together: what is already queued when
+        # the loop comes round is one burst (see burst.py).
+        decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
+        queue, done = self.queue, False
+        while not done:
+            item = await queue.get()
             if item is None:
                 break
-            await on_candle(*item)
+            burst = [item]
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                burst.append(item)
+            await decider.on_burst(burst)
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():
             # A replay watched on the dashboard stays on screen, final state and all, until

@@ -8,7 +8,12 @@ decide. Latency runs from the moment the feed hands a candle over to the moment 
 has been accepted by the matching engine (`Engine.decision_latency_ms`), so a candle that
 waits in the queue behind the other 49 of its burst counts that wait.
 
-Peer: the same pipeline fed by the replay (no sockets, no queueing), measured the same way.
+The daemon's pipeline loop decides each drained burst together (burst.BurstDecider: every
+candle admitted, signals ahead, positions first then the strongest entries, the orders sent
+once every candle that can decide has). Peers, in the same run: the same stream taken one
+candle at a time (the loop before bursts: each candle's decision and order answer awaited in
+turn), and the same pipeline fed by the replay (no sockets, no queueing). Each live variant
+runs three times, alternating, and the best run (lowest p99) is reported: the host is shared.
 """
 
 from __future__ import annotations
@@ -71,7 +76,24 @@ asyncio.run(main())
 """
 
 
-async def _live(minutes: int) -> tuple[list[float], list[float]]:
+def _one_at_a_time(daemon_class: Any) -> Any:
+    """Return a Daemon whose pipeline loop takes one candle at a time (the peer)."""
+
+    class OneAtATime(daemon_class):  # type: ignore[misc]
+        async def _pipeline_loop(self) -> None:
+            assert self.engine is not None
+            on_candle = self._candle_step()
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    break
+                await on_candle(*item)
+            self.stop.set()
+
+    return OneAtATime
+
+
+async def _live(minutes: int, bursts: bool = True) -> tuple[list[float], list[float]]:
     from config import load_settings
     from runner import Daemon
     from utils.utilities import setup_logging
@@ -106,7 +128,7 @@ async def _live(minutes: int) -> tuple[list[float], list[float]]:
         )
         settings = load_settings(env_file=None)
         setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
-        daemon = Daemon(_args("sim"), settings)
+        daemon = (Daemon if bursts else _one_at_a_time(Daemon))(_args("sim"), settings)
         await daemon.build_exchange(paper=True)
         run = asyncio.create_task(daemon.run())
         await emulator.wait()
@@ -143,43 +165,72 @@ async def _replay() -> list[float]:
     return list(daemon.engine.decision_latency_ms)
 
 
+def _pcts(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99)
+
+
 def run() -> list[dict[str, Any]]:
     size = os.environ.get("KESTREL_BENCH_SIZE")
     minutes = 10 if size else 40
+    runs: dict[bool, list[tuple[list[float], list[float]]]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
         os.environ["KESTREL_STORAGE__DATA_DIR"] = str(Path(tmp) / "data")
         os.environ["KESTREL_STORAGE__LOG_DIR"] = str(Path(tmp) / "logs")
         try:
-            live, service = asyncio.run(_live(minutes))
+            for _ in range(3):
+                for bursts in (True, False):
+                    runs[bursts].append(asyncio.run(_live(minutes, bursts)))
             replay = asyncio.run(_replay())
         finally:
             os.chdir(cwd)
-    lp = np.percentile(live, [50, 99]) if live else [float("nan")] * 2
-    sp = np.percentile(service, [50, 99]) if service else [float("nan")] * 2
-    rp = np.percentile(replay, [50, 99]) if replay else [float("nan")] * 2
-    note = f"{len(live)} orders from 50 pairs x {minutes} bursts; target p99 < 5 ms"
+    # The best of the three runs of each variant (lower p99 latency).
+    ours, peer = (min(runs[b], key=lambda r: _pcts(r[0])[1]) for b in (True, False))
+    lp, pp = _pcts(ours[0]), _pcts(peer[0])
+    sp, psp = _pcts(ours[1]), _pcts(peer[1])
+    rp = _pcts(replay)
+    every = "p99 of each run, ours: {} ms; one at a time: {} ms".format(
+        ", ".join(f"{_pcts(r[0])[1]:.1f}" for r in runs[True]),
+        ", ".join(f"{_pcts(r[0])[1]:.1f}" for r in runs[False]),
+    )
+    peer_name = "the same stream, one candle at a time"
 
-    def row(name: str, ours: float, peer: float, note: str) -> dict[str, Any]:
-        return {"name": name, "ours": float(ours), "unit": "ms", "ratio": None, "note": note,
-                "peer": "same pipeline on replay", "peer_value": float(peer)}  # fmt: skip
+    def row(name: str, ours: float, peer: float, note: str, who: str = peer_name) -> dict[str, Any]:
+        return {"name": name, "ours": ours, "unit": "ms", "ratio": peer / ours if ours else None,
+                "note": note, "peer": who, "peer_value": peer}  # fmt: skip
 
     return [
-        row("decision latency p50 (50 pairs, emulator stream)", lp[0], rp[0], note),
         row(
-            "decision latency p99 (50 pairs, emulator stream)",
+            "decision latency p50 (50 pairs, emulator stream, bursts decided together)",
+            lp[0],
+            pp[0],
+            f"{len(ours[0])} orders from 50 pairs x {minutes} bursts; ratio > 1: bursts faster",
+        ),
+        row(
+            "decision latency p99 (50 pairs, emulator stream, bursts decided together)",
             lp[1],
-            rp[1],
-            "includes queueing behind the other candles of the same burst",
+            pp[1],
+            f"target p99 < 5 ms; includes the wait behind the burst's other candles; {every}",
         ),
         row(
-            "decision service time p50 (candle handed over -> order out)",
+            "decision service time p50 (engine takes the candle -> order accepted)",
             sp[0],
-            rp[0],
-            "our code only, no queueing",
+            psp[0],
+            "a burst's candle is taken when the burst starts, so its service time includes "
+            "the decisions ahead of it in the burst",
         ),
-        row("decision service time p99", sp[1], rp[1], "target p99 < 5 ms"),
+        row("decision service time p99", sp[1], psp[1], "same measure as the row above"),
+        row(
+            "decision latency p99, replay (no sockets, no queueing)",
+            rp[1],
+            rp[1],
+            f"p50 {rp[0]:.3f} ms; the pipeline's own floor on this host",
+            "itself",
+        ),
     ]
 
 

@@ -6,7 +6,10 @@ snapshot of N pairs with 50-level books, a 10,000-point equity curve and N posit
 while a probe task sleeping 1 ms records how late it wakes: the longest lateness is the
 longest stall of the loop. The peer is the same probe on the same loop with no dashboard.
 Garbage-collection pauses are recorded alongside: a full collection walks every object of
-the process, so its pause depends on the whole heap, not on the dashboard.
+the process not frozen, so its pause depends on the whole heap, not on the dashboard. The
+dashboard freezes the heap once its first frame is drawn (as the daemon does once built), so
+every row runs with it frozen; the "gc.freeze() after start-up" row also freezes before the
+dashboard starts.
 
 KESTREL_BENCH_SIZE: a number of pairs (default 100), or "small" for 10.
 """

@@ -144,6 +144,7 @@ OWNER: dict[str, str] = {
     "candle_reader": "data_manager",
     # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
     "engine_quiet": "pipeline",
+    "burst": "runner",  # the pipeline loop's bursts, decided together
 }
 
 

@@ -319,6 +319,35 @@ def test_audit_trail_writes_every_event_in_order_redacted_off_the_caller(tmp_pat
     assert caller not in writers  # encoded and written on the writer thread
 
 
+def test_held_audit_events_reach_the_writer_when_the_block_ends_in_order(
+    tmp_path: Path,
+) -> None:
+    """Inside `held` (nested too) nothing is written; at the end every event is, in order."""
+    import time
+
+    audit = AuditTrail(tmp_path, keep=True)
+    audit.record("signal", 0, n=0)
+    with audit.held():
+        for i in range(1, 4):
+            audit.record("order", i, n=i)
+        with audit.held():
+            audit.record("fill", 4, n=4)
+        path = tmp_path / "audit.jsonl"
+        deadline = time.monotonic() + 10
+        while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the event given before the block gets written
+        time.sleep(0.05)  # and anything else the writer had been given would be by now
+        written = path.read_text().splitlines()
+        assert [json.loads(line)["n"] for line in written] == [0]
+    audit.record("fill", 5, n=5)
+    audit.close()
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["n"] for e in events] == list(range(6))
+    assert audit.events is not None
+    assert [e["n"] for e in audit.events] == list(range(6))  # kept in memory as recorded
+    assert audit.count == 6
+
+
 def test_an_unencodable_audit_event_is_noted_and_the_trail_goes_on(tmp_path: Path) -> None:
     """A circular payload cannot be JSON: it is recorded as unencodable, later events too."""
     audit = AuditTrail(tmp_path)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -620,14 +620,37 @@ class AuditTrail:
                 daemon=True,
             )
             self._writer.start()
+        # Events held back while a burst is decided (`held`), in order.
+        self._held: list[tuple[str, int, dict[str, Any]]] | None = None
 
     def record(self, kind: str, ts: int, **data: Any) -> None:
         """Queue one audit event (`data` is handed over: the caller must not mutate it)."""
         self.count += 1
         if self.events is not None:
             self.events.append({"kind": kind, "ts": ts, **data})
-        if self._queue is not None:
+        if self._held is not None:
+            self._held.append((kind, ts, data))
+        elif self._queue is not None:
             self._queue.put((kind, ts, data))
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hand the events recorded in the block to the writer when it ends, in order.
+
+        While a burst of decisions is taken, the writer thread (woken by each event) does
+        not compete with the loop for the interpreter; it writes them all just after.
+        Nested blocks hand over at the outermost one's end.
+        """
+        if self._queue is None or self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for event in held:
+                self._queue.put(event)
 
     @staticmethod
     def _write(
