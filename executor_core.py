@@ -230,7 +230,109 @@ class _Protection:
     clear_due: bool = False
 
 
-class ExecutorCore:
+class _OrderTracking:
+    """The orders' states as the exchange reports them, and how much of each fill is applied.
+
+    `ExecutorCore`'s bookkeeping of every answer (REST reply or private stream): a state
+    change must be a legal transition, a stale report is ignored, and a pair whose
+    reported fills run ahead of the portfolio holds its next order until they land. The
+    attributes are `ExecutorCore`'s (set in its constructor).
+    """
+
+    orders: OrderIndex
+    _applied: dict[str, Decimal]
+    _unapplied: dict[str, set[str]]
+
+    def _track(self, order: Order) -> None:
+        self._track_status(order)
+        self._refresh_unapplied(order.client_order_id)
+
+    def _refresh_unapplied(self, cid: str) -> None:
+        order = self.orders.get(cid)
+        if order is None:
+            return
+        pending = self._unapplied.setdefault(order.pair, set())
+        if order.filled_qty > self._applied.get(cid, ZERO):
+            pending.add(cid)
+        else:
+            pending.discard(cid)
+
+    def _note_applied(self, fill: Fill) -> None:
+        cid = fill.client_order_id
+        self._applied[cid] = self._applied.get(cid, ZERO) + fill.qty
+        self._refresh_unapplied(cid)
+
+    async def _fills_applied(self, pair: str) -> bool:
+        """Wait (briefly) until every reported fill of `pair` is in the portfolio."""
+        deadline = time.monotonic() + _FILL_WAIT_S
+        while self._unapplied.get(pair):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "fills_not_yet_applied", pair=pair, orders=sorted(self._unapplied[pair])
+                )
+                return False
+            await asyncio.sleep(_FILL_POLL_S)
+        return True
+
+    def _track_status(self, order: Order) -> None:
+        known = self.orders.get(order.client_order_id)
+        if known is None:
+            self.orders[order.client_order_id] = order
+            return
+        if (
+            order.filled_qty < known.filled_qty
+            or order.ts_updated < known.ts_updated
+            or (known.status.is_terminal and not order.status.is_terminal)
+        ):
+            # Stale: a later update already arrived from the other source (a piece's
+            # report can carry the same time as the cancel of the rest, which is final).
+            return
+        if order.status == known.status:
+            # The same state reported twice (REST answer and private stream): keep the
+            # richer report, no transition.
+            self.orders[order.client_order_id] = order
+            return
+        if not is_legal_transition(known.status, order.status):
+            raise InvariantError(
+                f"illegal order transition {known.status} -> {order.status}",
+                component="executor",
+                pair=order.pair,
+                order_id=order.client_order_id,
+            )
+        log.info(
+            "state_changed",
+            machine="order",
+            client_order_id=order.client_order_id,
+            **{"from": str(known.status), "to": str(order.status)},
+        )
+        self.orders[order.client_order_id] = order
+
+    def order_after_fill(self, fill: Fill) -> Order | None:
+        """Return `fill`'s order with the fill counted in (None: no such order of ours).
+
+        The order stream and REST answers report a piece before or after its execution
+        arrives, so the filled quantity is the larger of the exchange's report and the
+        applied executions plus this one; an order already finished (filled, or the rest
+        cancelled) keeps its state.
+        """
+        known = self.orders.get(fill.client_order_id)
+        if known is None:
+            return None
+        counted = self._applied.get(fill.client_order_id, ZERO) + fill.qty
+        filled = min(max(known.filled_qty, counted), known.qty)
+        status = known.status
+        if not status.is_terminal:
+            status = OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED
+        return replace(
+            known,
+            filled_qty=filled,
+            status=status,
+            ts_updated=max(known.ts_updated, fill.ts),
+            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
+        )
+
+
+class ExecutorCore(_OrderTracking):
     """Validate, name, journal, send and track orders; settle the ones whose answer was lost."""
 
     def __init__(
@@ -489,70 +591,6 @@ class ExecutorCore:
 
     # -- Updates -----------------------------------------------------------------------------
 
-    def _track(self, order: Order) -> None:
-        self._track_status(order)
-        self._refresh_unapplied(order.client_order_id)
-
-    def _refresh_unapplied(self, cid: str) -> None:
-        order = self.orders.get(cid)
-        if order is None:
-            return
-        pending = self._unapplied.setdefault(order.pair, set())
-        if order.filled_qty > self._applied.get(cid, ZERO):
-            pending.add(cid)
-        else:
-            pending.discard(cid)
-
-    def _note_applied(self, fill: Fill) -> None:
-        cid = fill.client_order_id
-        self._applied[cid] = self._applied.get(cid, ZERO) + fill.qty
-        self._refresh_unapplied(cid)
-
-    async def _fills_applied(self, pair: str) -> bool:
-        """Wait (briefly) until every reported fill of `pair` is in the portfolio."""
-        deadline = time.monotonic() + _FILL_WAIT_S
-        while self._unapplied.get(pair):
-            if time.monotonic() > deadline:
-                log.warning(
-                    "fills_not_yet_applied", pair=pair, orders=sorted(self._unapplied[pair])
-                )
-                return False
-            await asyncio.sleep(_FILL_POLL_S)
-        return True
-
-    def _track_status(self, order: Order) -> None:
-        known = self.orders.get(order.client_order_id)
-        if known is None:
-            self.orders[order.client_order_id] = order
-            return
-        if (
-            order.filled_qty < known.filled_qty
-            or order.ts_updated < known.ts_updated
-            or (known.status.is_terminal and not order.status.is_terminal)
-        ):
-            # Stale: a later update already arrived from the other source (a piece's
-            # report can carry the same time as the cancel of the rest, which is final).
-            return
-        if order.status == known.status:
-            # The same state reported twice (REST answer and private stream): keep the
-            # richer report, no transition.
-            self.orders[order.client_order_id] = order
-            return
-        if not is_legal_transition(known.status, order.status):
-            raise InvariantError(
-                f"illegal order transition {known.status} -> {order.status}",
-                component="executor",
-                pair=order.pair,
-                order_id=order.client_order_id,
-            )
-        log.info(
-            "state_changed",
-            machine="order",
-            client_order_id=order.client_order_id,
-            **{"from": str(known.status), "to": str(order.status)},
-        )
-        self.orders[order.client_order_id] = order
-
     async def on_order(self, order: Order) -> None:
         """Apply an order update from a REST answer or the private stream.
 
@@ -574,30 +612,6 @@ class ExecutorCore:
             self.portfolio.drop_dust(pair, max(market.min_qty, market.lot_size))
         if self._store is not None:
             await self._off(self._store.update_order, self.orders[order.client_order_id])
-
-    def order_after_fill(self, fill: Fill) -> Order | None:
-        """Return `fill`'s order with the fill counted in (None: no such order of ours).
-
-        The order stream and REST answers report a piece before or after its execution
-        arrives, so the filled quantity is the larger of the exchange's report and the
-        applied executions plus this one; an order already finished (filled, or the rest
-        cancelled) keeps its state.
-        """
-        known = self.orders.get(fill.client_order_id)
-        if known is None:
-            return None
-        counted = self._applied.get(fill.client_order_id, ZERO) + fill.qty
-        filled = min(max(known.filled_qty, counted), known.qty)
-        status = known.status
-        if not status.is_terminal:
-            status = OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED
-        return replace(
-            known,
-            filled_qty=filled,
-            status=status,
-            ts_updated=max(known.ts_updated, fill.ts),
-            exchange_order_id=known.exchange_order_id or fill.exchange_order_id,
-        )
 
     def working_entries(self, pair: str) -> list[Order]:
         """Return `pair`'s entry orders that may still fill (by our record of each)."""

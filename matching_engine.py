@@ -177,6 +177,32 @@ class _Intrabar:
         )
 
 
+class _Bars:
+    """The bars a candle is matched as: its finer candles when given, else itself."""
+
+    def __init__(self) -> None:
+        self._fine: dict[str, _Intrabar] = {}
+        self._steps: dict[str, int] = {}
+
+    def set_fine(self, pair: str, frame: pd.DataFrame, timeframe: str) -> None:
+        """Resolve the pair's bars with finer candles (e.g. 1m inside 1h) from now on."""
+        ts = frame.index.as_unit("ms").asi8.astype(np.int64)
+        values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        self._fine[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
+
+    def of(self, candle: Candle) -> Iterable[tuple[Candle, int]]:
+        """Return the (bar, step) pairs `candle` is matched as, in time order."""
+        step = self._step(candle.timeframe)
+        fine = self._fine.get(candle.pair)
+        return ((candle, step),) if fine is None else fine.bars(candle, step)
+
+    def _step(self, timeframe: str) -> int:
+        step = self._steps.get(timeframe)
+        if step is None:
+            step = self._steps[timeframe] = timeframe_to_ms(timeframe)
+        return step
+
+
 class _BookDepth:
     """The latest book per pair, less what market orders have taken from it since."""
 
@@ -293,8 +319,7 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
         self._depth = _BookDepth()
         self._quote_amounts: dict[str, Decimal] = {}
         self._triggered: set[str] = set()
-        self._intrabar: dict[str, _Intrabar] = {}
-        self._steps: dict[str, int] = {}
+        self._bars = _Bars()
         self._fill_ids = itertools.count(1)
         self._order_ids = itertools.count(1)
         _Delivery.__init__(self)
@@ -395,15 +420,7 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
 
     def set_intrabar(self, pair: str, frame: pd.DataFrame, timeframe: str) -> None:
         """Resolve the pair's bars with finer candles (e.g. 1m inside 1h) from now on."""
-        ts = frame.index.as_unit("ms").asi8.astype(np.int64)
-        values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
-        self._intrabar[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
-
-    def _step(self, timeframe: str) -> int:
-        step = self._steps.get(timeframe)
-        if step is None:
-            step = self._steps[timeframe] = timeframe_to_ms(timeframe)
-        return step
+        self._bars.set_fine(pair, frame, timeframe)
 
     async def match(self, candle: Candle) -> None:
         """Match the pair's working orders against a closed candle; deliver the fills."""
@@ -418,10 +435,7 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
             self.ensure_market(pair, candle.close)
         results: list[tuple[Order, Fill]] = []
         if self._open.get(pair):
-            step = self._step(candle.timeframe)
-            fine = self._intrabar.get(pair)
-            bars = ((candle, step),) if fine is None else fine.bars(candle, step)
-            for bar, bar_step in bars:
+            for bar, bar_step in self._bars.of(candle):
                 self._match_bar(bar, bar_step, results)
         self._watch_bar(candle, results)
         self._last[pair] = candle

@@ -41,8 +41,16 @@ import structlog
 
 from config import LearningSettings, RewardSettings
 from error_handler import ConfigError, DataError, RecoverableError
-from model_registry import Lineage, ModelKind, Registry
-from model_validation import Champion, Fold, aggregate, score_folds, train_folds
+from model_registry import Lineage, Manifest, ModelKind, Registry
+from model_validation import (
+    Aggregate,
+    Champion,
+    Fold,
+    FoldRun,
+    aggregate,
+    score_folds,
+    train_folds,
+)
 from model_validation import Scoring as Scoring
 from model_validation import promotion_score as promotion_score
 from models import EventSink, ModelPromoted, ModelRejected
@@ -198,24 +206,9 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
     )
     registry = Registry(request.models_dir)
     champion = registry.aliases(request.name).champion
-    lineage = Lineage(
-        data_start_ms=int(frame.index[0].value // 1_000_000),
-        data_end_ms=runs[-1].train_end_ms,
-        pairs=(request.pair,),
-        timeframe=request.timeframe,
-        feature_set=str(getattr(kind, "feature_set", kind.name)),
-        seed=learning.seed,
-        parent=champion,
-    )
-    manifest = registry.register(request.name, kind.name, runs[-1].trained, lineage)
+    manifest = _register(registry, request, kind, runs, frame, champion)
     returns = np.concatenate([run.returns() for run in runs])
-    sharpes = [
-        registry.manifest(request.name, v).validation.get("sharpe_per_period")
-        for v in registry.versions(request.name)
-    ]
-    trial_sharpes = [s for s in sharpes if s is not None] + [sharpe_per_period(returns)]
-    trials = len(registry.versions(request.name))
-    variance = float(np.var(trial_sharpes))
+    trials, variance = _trials(registry, request.name, returns)
     folds = score_folds(
         runs,
         request.scoring,
@@ -226,13 +219,7 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
         saved=registry.path(request.name, manifest.version),
     )
     total = aggregate(folds)
-    score: float = total.score
-    champion_score: float | None = None
-    if total.challenger is not None and total.champion is not None:
-        score, champion_score = total.challenger, total.champion
-    else:
-        recorded = registry.manifest(request.name, champion).validation if champion else {}
-        champion_score = recorded.get("score")
+    score, champion_score = _head_to_head(total, registry, request.name, champion)
     dsr = deflated_sharpe(returns, trials, variance)
     passed, reason = _judge(learning, dsr, score, champion_score, total.flat)
     validation = Validation(
@@ -257,6 +244,52 @@ def train_and_validate(request: TrainRequest, frame: pd.DataFrame | None = None)
         {**validation.figures(), "sharpe_per_period": sharpe_per_period(returns)},
     )
     return validation
+
+
+def _register(
+    registry: Registry,
+    request: TrainRequest,
+    kind: ModelKind,
+    runs: Sequence[FoldRun],
+    frame: pd.DataFrame,
+    champion: str | None,
+) -> Manifest:
+    # The newest fold's model becomes the new version, its lineage naming the champion.
+    lineage = Lineage(
+        data_start_ms=int(frame.index[0].value // 1_000_000),
+        data_end_ms=runs[-1].train_end_ms,
+        pairs=(request.pair,),
+        timeframe=request.timeframe,
+        feature_set=str(getattr(kind, "feature_set", kind.name)),
+        seed=request.learning.seed,
+        parent=champion,
+    )
+    return registry.register(request.name, kind.name, runs[-1].trained, lineage)
+
+
+def _trials(registry: Registry, name: str, returns: np.ndarray) -> tuple[int, float]:
+    # The deflated Sharpe's trial count (every version, this one included) and the
+    # variance of their per-period Sharpe ratios (this one's from its folds' returns).
+    from overfitting import sharpe_per_period
+
+    sharpes = [
+        registry.manifest(name, v).validation.get("sharpe_per_period")
+        for v in registry.versions(name)
+    ]
+    trial_sharpes = [s for s in sharpes if s is not None] + [sharpe_per_period(returns)]
+    trials = len(registry.versions(name))
+    return trials, float(np.var(trial_sharpes))
+
+
+def _head_to_head(
+    total: Aggregate, registry: Registry, name: str, champion: str | None
+) -> tuple[float, float | None]:
+    # Both models' scores on the bars neither trained on when the kind replays; else the
+    # folds' mean score against the champion's recorded one.
+    if total.challenger is not None and total.champion is not None:
+        return total.challenger, total.champion
+    recorded = registry.manifest(name, champion).validation if champion else {}
+    return total.score, recorded.get("score")
 
 
 def _archive(request: TrainRequest) -> pd.DataFrame:

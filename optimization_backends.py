@@ -7,9 +7,10 @@ generation's batch of jobs. Part of `parameter_optimization`, which re-exports i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -307,3 +308,27 @@ def open_backend(
     if scheduler is None and count == 1:
         return InProcessBackend(evaluate, frames)
     return DaskBackend(evaluate, frames, workers=count, scheduler=scheduler)
+
+
+@contextlib.contextmanager
+def backend_for(
+    backend: Backend | None,
+    evaluate: Evaluate,
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    workers: int,
+    scheduler: str | None,
+) -> Iterator[Backend]:
+    """Yield the caller's `backend`, or one opened for this job and closed when it ends.
+
+    A caller's backend stays open (it may run the next job); one opened here
+    (`open_backend`) is closed however the job ends.
+    """
+    if backend is not None:
+        yield backend
+        return
+    opened = open_backend(evaluate, frames, workers=workers, scheduler=scheduler)
+    try:
+        yield opened
+    finally:
+        opened.close()

@@ -11,11 +11,12 @@ import functools
 import json
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import pandas as pd
 import structlog
 
 from data_manager import load_frames
@@ -100,12 +101,7 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
         DataError: no candles to optimise on.
     """
     strategy = getattr(args, "strategy", None) or settings.strategy.name
-    pairs_text = getattr(args, "pairs", None)
-    pairs = (
-        [p.strip() for p in pairs_text.split(",") if p.strip()]
-        if pairs_text
-        else list(settings.strategy.pairs)
-    )
+    pairs = _requested_pairs(args, settings)
     timeframe = getattr(args, "timeframe", None) or settings.strategy.timeframe
     space = strategy_space(strategy)
     loaded = await asyncio.to_thread(
@@ -136,47 +132,101 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
     windows = _cli_windows(len(time_axis(frames)))
     configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
     defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}
+    started = datetime.now(UTC)
+    report = await _search(
+        strategy,
+        evaluator,
+        frames,
+        space,
+        options,
+        windows=windows,
+        initial=[{**defaults, **configured}],
+    )
+    document = _document(
+        report,
+        options,
+        evaluator,
+        loaded,
+        created=started,
+        strategy=strategy,
+        pairs=pairs,
+        timeframe=timeframe,
+        timerange=getattr(args, "timerange", None),
+    )
+    stem = Path(strategy).stem if strategy.endswith(".py") else strategy
+    path = _output_path(settings.storage.data_dir / "optimize", stem, started)
+    await write_documents(path, document, getattr(args, "summary_json", None))
+    print_report(report, space, strategy=strategy, path=path)
+    log.info("optimization_written", path=str(path))
+    return 0 if report.search is not None and report.search.best is not None else 1
+
+
+def _requested_pairs(args: argparse.Namespace, settings: Settings) -> list[str]:
+    # `--pairs` (comma-separated), else the strategy's configured pairs.
+    pairs_text = getattr(args, "pairs", None)
+    return (
+        [p.strip() for p in pairs_text.split(",") if p.strip()]
+        if pairs_text
+        else list(settings.strategy.pairs)
+    )
+
+
+async def _search(
+    strategy: str,
+    evaluator: BacktestEvaluator,
+    frames: dict[str, pd.DataFrame],
+    space: SearchSpace,
+    options: SearchOptions,
+    **kwargs: Any,
+) -> OptimizationReport:
+    # The search runs in a worker thread (its Dask client calls block) while the loop
+    # draws the progress bar; a cancelled run stops before the next generation.
     stop = threading.Event()
     loop = asyncio.get_running_loop()
-    started = datetime.now(UTC)
     with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
 
         on_generation = generation_reporter(progress, task, loop, strategy, options.objective)
 
         try:
-            report = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 run_optimization,
                 evaluator,
                 frames,
                 space,
                 options,
-                windows=windows,
                 feasible=strategy_feasibility(strategy),
-                initial=[{**defaults, **configured}],
                 stop=stop,
                 on_generation=on_generation,
+                **kwargs,
             )
         except asyncio.CancelledError:
             stop.set()
             raise
-    document = {
+
+
+def _document(
+    report: OptimizationReport,
+    options: SearchOptions,
+    evaluator: BacktestEvaluator,
+    loaded: Mapping[str, tuple[pd.DataFrame, str]],
+    *,
+    created: datetime,
+    strategy: str,
+    pairs: list[str],
+    timeframe: str,
+    timerange: str | None,
+) -> dict[str, Any]:
+    # The JSON report: the job, its candles, options and costs, then the results.
+    return {
         "kind": "kestrel.optimize",
         "version": 1,
-        "created": started.isoformat(),
+        "created": created.isoformat(),
         "strategy": strategy,
         "pairs": pairs,
         "timeframe": timeframe,
-        "timerange": getattr(args, "timerange", None),
-        "data": {
-            pair: {
-                "source": source,
-                "candles": len(frame),
-                "first_ts": int(frame.index[0].value // 1_000_000),
-                "last_ts": int(frame.index[-1].value // 1_000_000),
-            }
-            for pair, (frame, source) in loaded.items()
-        },
+        "timerange": timerange,
+        "data": data_range(loaded),
         "options": {
             "population": options.population,
             "generations": options.generations,
@@ -187,26 +237,53 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
             "workers": report.workers,
             "scheduler": options.scheduler,
         },
-        "costs": {
-            "starting_balance": evaluator.starting_balance,
-            "taker_fee": evaluator.taker_fee,
-            "slippage_bps": evaluator.slippage_bps,
-            "fill_at": evaluator.fill_at,
-            "profile": "all_in",
-        },
+        "costs": cost_profile(evaluator),
         "best": report.search.best.as_dict() if report.search and report.search.best else None,
         **report.as_dict(),
     }
+
+
+async def write_documents(
+    path: Path,
+    document: dict[str, Any],
+    summary_json: str | None,
+    *,
+    html: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
+    """Write the JSON report to `path`, then its HTML beside it, then `--summary-json`.
+
+    Each write is atomic and runs off the event loop.
+    """
     text = json.dumps(document, indent=2, default=str)
-    stem = Path(strategy).stem if strategy.endswith(".py") else strategy
-    path = _output_path(settings.storage.data_dir / "optimize", stem, started)
     await asyncio.to_thread(atomic_write, path, text)
-    summary_json = getattr(args, "summary_json", None)
+    if html is not None:
+        await asyncio.to_thread(atomic_write, path.with_suffix(".html"), html(document))
     if summary_json is not None:
         await asyncio.to_thread(atomic_write, Path(summary_json), text)
-    print_report(report, space, strategy=strategy, path=path)
-    log.info("optimization_written", path=str(path))
-    return 0 if report.search is not None and report.search.best is not None else 1
+
+
+def data_range(loaded: Mapping[str, tuple[pd.DataFrame, str]]) -> dict[str, Any]:
+    """Return each pair's candles as the report records them: source, count, first, last."""
+    return {
+        pair: {
+            "source": source,
+            "candles": len(frame),
+            "first_ts": int(frame.index[0].value // 1_000_000),
+            "last_ts": int(frame.index[-1].value // 1_000_000),
+        }
+        for pair, (frame, source) in loaded.items()
+    }
+
+
+def cost_profile(evaluator: BacktestEvaluator) -> dict[str, Any]:
+    """Return the costs every backtest of the job paid, as the report records them."""
+    return {
+        "starting_balance": evaluator.starting_balance,
+        "taker_fee": evaluator.taker_fee,
+        "slippage_bps": evaluator.slippage_bps,
+        "fill_at": evaluator.fill_at,
+        "profile": "all_in",
+    }
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

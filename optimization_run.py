@@ -26,7 +26,7 @@ from genetic_search import (
     drive,
     make_search,
 )
-from optimization_backends import Backend, open_backend
+from optimization_backends import Backend, backend_for
 from optimization_scoring import Evaluate, Job, Segment, StopReason, score
 from search_space import SearchSpace
 from utils.utilities import Clock, WallClock
@@ -116,13 +116,57 @@ def run_optimization(
         on_generation: called with (generation, planned, best objective) after each one.
     """
     frames = as_frames(data, pair)
-    axis = time_axis(frames)
+    segments = [window_segments(time_axis(frames), w) for w in windows]
+    searches = _searches(space, options, windows, segments, full, feasible, initial)
+    with backend_for(
+        backend, evaluate, frames, workers=options.workers, scheduler=options.scheduler
+    ) as running:
+        log.info(
+            "optimization_started",
+            searches=len(searches),
+            population=options.population,
+            generations=options.generations,
+            workers=running.workers,
+            objective=options.objective,
+        )
+        reason, elapsed = drive(
+            searches,
+            running,
+            time_budget_s=options.time_budget_s,
+            clock=clock or WallClock(),
+            stop=stop,
+            on_generation=on_generation,
+        )
+        report = None
+        if windows:
+            window_searches = [s for s, _ in searches[1 if full else 0 :]]
+            results = _score_windows(running, windows, segments, window_searches, options)
+            report = _walk_forward_report(results, space)
+    search = searches[0][0].result(reason, elapsed) if full else None
+    log.info(
+        "optimization_finished",
+        stopped=reason,
+        elapsed_s=round(elapsed, 3),
+        best=search.best.params if search and search.best else None,
+    )
+    return OptimizationReport(search, report, reason, elapsed, running.workers)
+
+
+def _searches(
+    space: SearchSpace,
+    options: SearchOptions,
+    windows: Sequence[Window],
+    segments: Sequence[tuple[Segment, Segment]],
+    full: bool,
+    feasible: Feasibility | None,
+    initial: Iterable[Mapping[str, float]],
+) -> list[tuple[Search, Segment]]:
+    # The full-range search first (when asked for), then one per window on its train part.
     searches: list[tuple[Search, Segment]] = []
     if full:
         searches.append(
             (make_search(space, options, feasible=feasible, initial=initial), Segment())
         )
-    segments = [window_segments(axis, w) for w in windows]
     for w, (train, _) in zip(windows, segments, strict=True):
         searches.append(
             (
@@ -132,43 +176,7 @@ def run_optimization(
         )
     if not searches:
         raise ConfigError("optimize: nothing to run (no full search, no windows)")
-    owned = backend is None
-    backend = backend or open_backend(
-        evaluate, frames, workers=options.workers, scheduler=options.scheduler
-    )
-    try:
-        log.info(
-            "optimization_started",
-            searches=len(searches),
-            population=options.population,
-            generations=options.generations,
-            workers=backend.workers,
-            objective=options.objective,
-        )
-        reason, elapsed = drive(
-            searches,
-            backend,
-            time_budget_s=options.time_budget_s,
-            clock=clock or WallClock(),
-            stop=stop,
-            on_generation=on_generation,
-        )
-        report = None
-        if windows:
-            window_searches = [s for s, _ in searches[1 if full else 0 :]]
-            results = _score_windows(backend, windows, segments, window_searches, options)
-            report = _walk_forward_report(results, space)
-    finally:
-        if owned:
-            backend.close()
-    search = searches[0][0].result(reason, elapsed) if full else None
-    log.info(
-        "optimization_finished",
-        stopped=reason,
-        elapsed_s=round(elapsed, 3),
-        best=search.best.params if search and search.best else None,
-    )
-    return OptimizationReport(search, report, reason, elapsed, backend.workers)
+    return searches
 
 
 def _score_windows(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import threading
 from datetime import UTC, datetime
@@ -23,14 +22,13 @@ import structlog
 from approved_params import GateResult, approved_path, evaluate_gate, write_approved
 from error_handler import ConfigError
 from optimization_backends import BacktestEvaluator
-from optimization_cli import generation_reporter
+from optimization_cli import cost_profile, data_range, generation_reporter, write_documents
 from optimization_report import render_html
 from optimization_scoring import PERIODS
 from pareto_run import ParetoReport, recent_out_of_sample, run_pareto
 from pareto_search import ParetoOptions
 from search_space import SearchSpace, _strategy_class, strategy_feasibility
 from utils.progress import progress_bar
-from utils.utilities import atomic_write
 from walk_forward_analysis import Window, time_axis, walk_forward_windows
 
 
@@ -107,7 +105,7 @@ async def run_pareto_cli(
     )
     if report.stopped == "completed":
         checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
-    data_range = _data_range(loaded)
+    loaded_range = data_range(loaded)
     gate = _gate(report, opt)
     document = {
         "kind": "kestrel.optimize",
@@ -118,42 +116,30 @@ async def run_pareto_cli(
         "pairs": pairs,
         "timeframe": timeframe,
         "timerange": getattr(args, "timerange", None),
-        "data": data_range,
+        "data": loaded_range,
         "options": {
             **_options_dict(options, report),
             "windows": len(windows),
             "anchored": opt.anchored,
         },
-        "costs": _costs(evaluator),
+        "costs": cost_profile(evaluator),
         **report.as_dict(),
         "gate": gate.as_dict(),
         "approved": None,
     }
     path = _stamp(out_dir, stem, started)
-    force = bool(getattr(args, "force", False))
-    if report.best is not None and (gate.passed or force) and report.stopped == "completed":
-        target = approved_path(settings.storage.data_dir, strategy)
-        write_approved(
-            target,
-            strategy=strategy,
-            timeframe=timeframe,
-            pairs=pairs,
-            params=report.best.params,
-            gate=gate,
-            data_range=data_range,
-            forced=force,
-            source=str(path),
-        )
-        document["approved"] = {"path": str(target), "forced": not gate.passed}
-        _log_approval(strategy, target, gate)
-    elif report.best is not None:
-        log.warning("parameters_not_approved", strategy=strategy, failures=gate.failures)
-    text = json.dumps(document, indent=2, default=str)
-    await asyncio.to_thread(atomic_write, path, text)
-    await asyncio.to_thread(atomic_write, path.with_suffix(".html"), render_html(document))
-    summary_json = getattr(args, "summary_json", None)
-    if summary_json is not None:
-        await asyncio.to_thread(atomic_write, Path(summary_json), text)
+    document["approved"] = _approve(
+        settings,
+        report,
+        gate,
+        strategy=strategy,
+        timeframe=timeframe,
+        pairs=pairs,
+        data_range=loaded_range,
+        force=bool(getattr(args, "force", False)),
+        source=path,
+    )
+    await write_documents(path, document, getattr(args, "summary_json", None), html=render_html)
     print_pareto_report(report, document, path=path)
     log.info("optimization_written", path=str(path))
     return 0 if report.best is not None else 1
@@ -219,26 +205,41 @@ def _options_dict(options: ParetoOptions, report: ParetoReport) -> dict[str, Any
     }
 
 
-def _data_range(loaded: dict[str, tuple[pd.DataFrame, str]]) -> dict[str, Any]:
-    return {
-        pair: {
-            "source": source,
-            "candles": len(frame),
-            "first_ts": int(frame.index[0].value // 1_000_000),
-            "last_ts": int(frame.index[-1].value // 1_000_000),
-        }
-        for pair, (frame, source) in loaded.items()
-    }
+def _approve(
+    settings: Settings,
+    report: ParetoReport,
+    gate: GateResult,
+    *,
+    strategy: str,
+    timeframe: str,
+    pairs: list[str],
+    data_range: dict[str, Any],
+    force: bool,
+    source: Path,
+) -> dict[str, Any] | None:
+    """Write the approved-parameters file for a finished search's choice that passed the gate.
 
-
-def _costs(evaluator: BacktestEvaluator) -> dict[str, Any]:
-    return {
-        "starting_balance": evaluator.starting_balance,
-        "taker_fee": evaluator.taker_fee,
-        "slippage_bps": evaluator.slippage_bps,
-        "fill_at": evaluator.fill_at,
-        "profile": "all_in",
-    }
+    `force` approves it past a failed gate. Returns what the report records under
+    `approved` (None: nothing approved, with a warning when a point was chosen).
+    """
+    if report.best is not None and (gate.passed or force) and report.stopped == "completed":
+        target = approved_path(settings.storage.data_dir, strategy)
+        write_approved(
+            target,
+            strategy=strategy,
+            timeframe=timeframe,
+            pairs=pairs,
+            params=report.best.params,
+            gate=gate,
+            data_range=data_range,
+            forced=force,
+            source=str(source),
+        )
+        _log_approval(strategy, target, gate)
+        return {"path": str(target), "forced": not gate.passed}
+    if report.best is not None:
+        log.warning("parameters_not_approved", strategy=strategy, failures=gate.failures)
+    return None
 
 
 def _log_approval(strategy: str, target: Path, gate: GateResult) -> None:

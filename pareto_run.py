@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from optimization_backends import Backend, open_backend
+from optimization_backends import Backend, backend_for
 from optimization_run import as_frames
 from optimization_scoring import Evaluate, Job, Segment, StopReason
 from overfitting import deflated_sharpe, pbo, probabilistic_sharpe, sharpe_per_period
@@ -255,33 +255,23 @@ def run_pareto(
     frames = as_frames(data, pair)
     axis = time_axis(frames)
     segments = [window_segments(axis, w) for w in windows]
-    tag = fingerprint(
-        space,
-        (options.population, options.generations, options.seed, options.objectives),
-        (options.scalar, options.min_trades, options.reservoir),
-        (len(axis), int(axis[0]), int(axis[-1]), sorted(frames)),
-        tuple(windows),
-    )
-    searches = load_checkpoint(checkpoint, tag, feasible) if checkpoint else None
-    if searches is None:
-        searches = _new_searches(space, options, windows, feasible, initial)
+    tag = _job_tag(space, options, axis, sorted(frames), windows)
+    searches = _searches(space, options, windows, feasible, initial, checkpoint=checkpoint, tag=tag)
     plan = [(searches[0], Segment()), *zip(searches[1:], (t for t, _ in segments), strict=True)]
-    owned = backend is None
-    backend = backend or open_backend(
-        evaluate, frames, workers=options.workers, scheduler=options.scheduler
-    )
-    try:
+    with backend_for(
+        backend, evaluate, frames, workers=options.workers, scheduler=options.scheduler
+    ) as running:
         log.info(
             "optimization_started",
             method="nsga2",
             searches=len(plan),
             population=options.population,
             generations=options.generations,
-            workers=backend.workers,
+            workers=running.workers,
         )
         reason, elapsed = drive_pareto(
             plan,
-            backend,
+            running,
             time_budget_s=options.time_budget_s,
             clock=clock or WallClock(),
             stop=stop,
@@ -291,12 +281,9 @@ def run_pareto(
             max_generations=max_generations,
         )
         report = _finish(
-            backend, space, options, searches, reason, elapsed, windows, segments, axis,
+            running, space, options, searches, reason, elapsed, windows, segments, axis,
             evaluate=evaluate, feasible=feasible, sensitivity=sensitivity,
         )  # fmt: skip
-    finally:
-        if owned:
-            backend.close()
     log.info(
         "optimization_finished",
         stopped=reason,
@@ -344,14 +331,39 @@ def _finish(
     )
 
 
-def _new_searches(
+def _job_tag(
+    space: SearchSpace,
+    options: ParetoOptions,
+    axis: np.ndarray,
+    pairs: list[str],
+    windows: Sequence[Window],
+) -> str:
+    # What makes a checkpoint this job's: the space, the search's sizes and scores, the
+    # candles (count, first and last time, pairs) and the windows.
+    return fingerprint(
+        space,
+        (options.population, options.generations, options.seed, options.objectives),
+        (options.scalar, options.min_trades, options.reservoir),
+        (len(axis), int(axis[0]), int(axis[-1]), pairs),
+        tuple(windows),
+    )
+
+
+def _searches(
     space: SearchSpace,
     options: ParetoOptions,
     windows: Sequence[Window],
     feasible: Feasibility | None,
     initial: Iterable[Mapping[str, float]],
+    *,
+    checkpoint: Path | None,
+    tag: str,
 ) -> list[ParetoSearch]:
-    # The full range first (index 0), then one search per window, each with its own seed.
+    # Resumed from `checkpoint` when it holds this job (`tag`); else new: the full range
+    # first (index 0), then one search per window, each with its own seed.
+    resumed = load_checkpoint(checkpoint, tag, feasible) if checkpoint else None
+    if resumed is not None:
+        return resumed
     initial = list(initial)
     return [
         ParetoSearch(space, options, index=index, feasible=feasible, initial=initial)
