@@ -223,6 +223,7 @@ def test_the_run_summary_sits_beside_models() -> None:
 
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 1_000
 # Production code: the flat modules and the utils package (not tests, not benchmarks).
 PRODUCTION = sorted(ROOT.glob("*.py")) + sorted((ROOT / "utils").glob("*.py"))
 # Over a limit while another change to the same file is in flight; each is split once that
@@ -280,3 +281,10 @@ def test_every_size_exemption_is_still_needed() -> None:
         found |= _oversized(path)
     stale = sorted(set(SIZE_EXEMPT) - set(found))
     assert not stale, f"within the limits now (or gone): drop {stale} from SIZE_EXEMPT"
+
+
+@pytest.mark.parametrize("path", PRODUCTION, ids=_module_name)
+def test_no_production_module_over_1000_lines(path: Path) -> None:
+    """Every production module (repo root and utils/) stays within 1,000 lines."""
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{_module_name(path)} has {lines} lines: split it"
