@@ -234,7 +234,6 @@ SIZE_EXEMPT: dict[str, str] = {
     "mode_builders.build_replay": "mode_builders.py is being changed on another branch",
     "pipeline.EngineState.__init__": "pipeline.py is being changed on another branch",
     "risk_management.RiskManager": "risk_management.py is being changed on another branch",
-    "utils.utilities.setup_logging": "utils/utilities.py is being changed on another branch",
 }
 
 
