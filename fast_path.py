@@ -621,10 +621,7 @@ def _exact_accounting(
     reasons: list[str] = []
     funding_total = ZERO
     for n, (i, j) in enumerate(bars):
-        entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
-        quote = cash if costs.stake is None else min(costs.stake, cash)
-        qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
-        entry_fee = entry * qty * costs.fee
+        entry, qty, entry_fee = _exact_entry(_raw(opens, closes, i, costs), cash, costs)
         cash -= qty * entry + entry_fee
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
@@ -644,17 +641,9 @@ def _exact_accounting(
             exit_fee = exit_price * qty * costs.fee
         cash -= -qty * exit_price + exit_fee
         fees += exit_fee
-        # The portfolio's split of fees by the closed fraction (here the whole position).
-        entry_part = entry_fee * (qty / qty)
-        exit_part = exit_fee * (qty / qty)
-        pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
-        funding_part = ZERO
-        if received:
-            funding_part = received * (qty / qty)
-            pnl += funding_part
+        pnl, row = _exact_close((entry, entry_fee), (exit_price, exit_fee), qty, received)
         realised += pnl
-        row = (entry, exit_price, qty, entry_part + exit_part, pnl, funding_part)
-        rows.append(tuple(float(x) for x in row))
+        rows.append(row)
         # A liquidation shows from its own bar; a fill at the close from the next.
         changes.append((j if gone[n] else j + after, float(cash), 0.0))
         qty = ZERO
@@ -674,6 +663,35 @@ def _exact_accounting(
         float(funding_total),
         reasons,
     )
+
+
+def _exact_entry(raw: Decimal, cash: Decimal, costs: _Costs) -> tuple[Decimal, Decimal, Decimal]:
+    """Return an entry's fill price, quantity and fee in Decimal, as the exchange fills it."""
+    entry = slipped_price(Side.BUY, raw, costs.slippage_bps)
+    quote = cash if costs.stake is None else min(costs.stake, cash)
+    qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
+    return entry, qty, entry * qty * costs.fee
+
+
+def _exact_close(
+    entry: tuple[Decimal, Decimal], exit_: tuple[Decimal, Decimal], qty: Decimal, received: Decimal
+) -> tuple[Decimal, tuple[float, ...]]:
+    """Return a closed trade's realised PnL and its table row, as the portfolio books them.
+
+    `entry` and `exit_` are (price, fee); `received` is the funding the position received
+    (negative when it paid). The row is (entry price, exit price, qty, fees, PnL, funding).
+    """
+    (entry_price, entry_fee), (exit_price, exit_fee) = entry, exit_
+    # The portfolio's split of fees by the closed fraction (here the whole position).
+    entry_part = entry_fee * (qty / qty)
+    exit_part = exit_fee * (qty / qty)
+    pnl = (exit_price - entry_price) * qty * 1 - entry_part - exit_part
+    funding_part = ZERO
+    if received:
+        funding_part = received * (qty / qty)
+        pnl += funding_part
+    row = (entry_price, exit_price, qty, entry_part + exit_part, pnl, funding_part)
+    return pnl, tuple(float(x) for x in row)
 
 
 def _funding_due(
