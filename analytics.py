@@ -747,24 +747,9 @@ def _equity_chart(result: BacktestResult, ts: np.ndarray, equity: np.ndarray) ->
     return _svg_chart(title, series, bands=bands)
 
 
-def render_html(
-    result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
-) -> str:
-    """Return the self-contained HTML report (inline SVG, no scripts, no external assets)."""
-    stats = metrics(result)
-    ts, equity = curve(result)
-    name = str(result.strategy.get("name", "strategy"))
-    sections = [
-        f"<h1>{html.escape(name)} {html.escape(result.timeframe)} &middot; "
-        f"{html.escape(', '.join(result.pairs))}</h1>",
-        f"<p>{_date(ts[0])} to {_date(ts[-1])} UTC &middot; {result.candles:,} candles &middot; "
-        f"params {html.escape(json.dumps(result.strategy.get('params', {})))}</p>",
-        _cards(stats),
-        _equity_chart(result, ts, equity),
-        _svg_chart(
-            "Drawdown", [(*_downsample(ts, -drawdown(equity)), "#cf222e")], fill=True, percent=True
-        ),
-    ]
+def _price_sections(result: BacktestResult) -> list[str]:
+    """Return one close-price chart per pair, with its trades marked."""
+    sections = []
     for pair, (price_ts, close) in result.prices.items():
         x, y = _downsample(np.asarray(price_ts), np.asarray(close))
         sections.append(
@@ -774,56 +759,61 @@ def render_html(
                 markers=_trade_markers(result, pair),
             )
         )
-    if monte_carlo_result is not None and monte_carlo_result.bands:
-        mc = monte_carlo_result
-        steps = mc.checkpoints.astype(np.float64)
-        colours = {5: "#cf222e", 25: "#bf8700", 50: "#0969da", 75: "#bf8700", 95: "#1a7f37"}
-        chart = _svg_chart(
-            f"Monte Carlo ({mc.method}, {mc.n_paths:,} paths): equity percentiles by step",
-            [(steps, band, colours[q]) for q, band in mc.bands.items()],
-            x_label=lambda step: f"step {int(step)}",
-        )
-        summary = mc.summary()
-        low, high = summary["probability_of_ruin_95ci"]
-        sections += [
-            "<h2>Monte Carlo</h2>",
-            chart,
-            _table(
-                ["", *(f"p{q}" for q in PERCENTILES)],
+    return sections
+
+
+def _monte_carlo_sections(mc: MonteCarloResult) -> list[str]:
+    """Return the Monte Carlo heading, percentile-band chart, table and ruin line."""
+    steps = mc.checkpoints.astype(np.float64)
+    colours = {5: "#cf222e", 25: "#bf8700", 50: "#0969da", 75: "#bf8700", 95: "#1a7f37"}
+    chart = _svg_chart(
+        f"Monte Carlo ({mc.method}, {mc.n_paths:,} paths): equity percentiles by step",
+        [(steps, band, colours[q]) for q, band in mc.bands.items()],
+        x_label=lambda step: f"step {int(step)}",
+    )
+    summary = mc.summary()
+    low, high = summary["probability_of_ruin_95ci"]
+    return [
+        "<h2>Monte Carlo</h2>",
+        chart,
+        _table(
+            ["", *(f"p{q}" for q in PERCENTILES)],
+            [
                 [
-                    [
-                        "final equity",
-                        *(_fmt(summary["final_equity"][f"p{q}"]) for q in PERCENTILES),
-                    ],
-                    [
-                        "max drawdown",
-                        *(_fmt(summary["max_drawdown"][f"p{q}"], "pct") for q in PERCENTILES),
-                    ],
+                    "final equity",
+                    *(_fmt(summary["final_equity"][f"p{q}"]) for q in PERCENTILES),
                 ],
-            ),
-            f"<p>P(ruin at {mc.ruin_level:.0%} of start) = {mc.probability_of_ruin:.2%} "
-            f"(95% CI {low:.2%} to {high:.2%})</p>",
-        ]
-    if result.strategies:
-        sections += [
-            "<h2>Per strategy</h2>",
-            _table(list(_STRATEGY_COLUMNS), _strategy_rows(result)),
-        ]
-    sections.append(breaker_table_html(result))
+                [
+                    "max drawdown",
+                    *(_fmt(summary["max_drawdown"][f"p{q}"], "pct") for q in PERCENTILES),
+                ],
+            ],
+        ),
+        f"<p>P(ruin at {mc.ruin_level:.0%} of start) = {mc.probability_of_ruin:.2%} "
+        f"(95% CI {low:.2%} to {high:.2%})</p>",
+    ]
+
+
+def _per_pair_sections(stats: dict[str, Any]) -> list[str]:
+    """Return the per-pair heading and table (trades, win rate, profit factor, PnL, fees)."""
     per_pair = [
         [pair, row["n_trades"], _fmt(row["win_rate"], "pct"), _fmt(row["profit_factor"]),
          _fmt(row["expectancy"]), _fmt(row["pnl"]), _fmt(row["fees"])]
         for pair, row in stats["per_pair"].items()
     ]  # fmt: skip
-    sections += [
+    return [
         "<h2>Per pair</h2>",
         _table(
             ["pair", "trades", "win rate", "profit factor", "expectancy", "PnL", "fees"], per_pair
         ),
     ]
+
+
+def _trade_sections(result: BacktestResult) -> list[str]:
+    """Return the trade-list heading and table (at most `_MAX_TRADE_ROWS` rows)."""
     trades = result.trades[:_MAX_TRADE_ROWS]
     shown = f", first {len(trades):,}" if result.n_trades > len(trades) else ""
-    sections += [
+    return [
         f"<h2>Trades ({result.n_trades:,}{shown})</h2>",
         _table(
             ["pair", "entry", "exit", "entry price", "exit price", "qty", "fee", "PnL"],
@@ -842,6 +832,37 @@ def render_html(
             ],
         ),
     ]
+
+
+def render_html(
+    result: BacktestResult, *, monte_carlo_result: MonteCarloResult | None = None
+) -> str:
+    """Return the self-contained HTML report (inline SVG, no scripts, no external assets)."""
+    stats = metrics(result)
+    ts, equity = curve(result)
+    name = str(result.strategy.get("name", "strategy"))
+    sections = [
+        f"<h1>{html.escape(name)} {html.escape(result.timeframe)} &middot; "
+        f"{html.escape(', '.join(result.pairs))}</h1>",
+        f"<p>{_date(ts[0])} to {_date(ts[-1])} UTC &middot; {result.candles:,} candles &middot; "
+        f"params {html.escape(json.dumps(result.strategy.get('params', {})))}</p>",
+        _cards(stats),
+        _equity_chart(result, ts, equity),
+        _svg_chart(
+            "Drawdown", [(*_downsample(ts, -drawdown(equity)), "#cf222e")], fill=True, percent=True
+        ),
+        *_price_sections(result),
+    ]
+    if monte_carlo_result is not None and monte_carlo_result.bands:
+        sections += _monte_carlo_sections(monte_carlo_result)
+    if result.strategies:
+        sections += [
+            "<h2>Per strategy</h2>",
+            _table(list(_STRATEGY_COLUMNS), _strategy_rows(result)),
+        ]
+    sections.append(breaker_table_html(result))
+    sections += _per_pair_sections(stats)
+    sections += _trade_sections(result)
     body = "\n".join(sections)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -3,12 +3,12 @@
 `run_fast` takes the replay's decisions under the `all_in` risk profile (single-strategy
 sweeps, the optimiser); `fast_backtest` runs `--mode backtest` through it with the
 replay's exact accounting; `BacktestResult` holds a backtest's trades and equity curve,
-from the fast path or a replay. Part of `trade_simulator`, which re-exports it.
+from the fast path or a replay. Part of `trade_simulator`, which re-exports it. The numba
+loop itself is in `fast_kernels`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -20,6 +20,7 @@ from numba import njit
 
 import analytics
 from error_handler import ConfigError
+from fast_kernels import all_in_loop, fill_curve
 from matching_engine import ZERO, quote_qty, sim_market, slipped_price
 from models import ClosedTrade, Market, MarketType, PositionSide, Side
 from perpetuals import FundingSchedule, isolated_margin, liquidation, liquidation_reason, risk_tiers
@@ -251,6 +252,32 @@ class _Costs:
     leverage: Decimal = Decimal(1)
     pair: str = "BTC/USDT"
 
+    @classmethod
+    def of(
+        cls,
+        market: Market,
+        pair: str,
+        taker_fee: float,
+        slippage_bps: float,
+        fill_at: str,
+        stake: float | None,
+        leverage: Decimal | None,
+    ) -> _Costs:
+        """Return a run's costs: taker fee, slippage, the market's lot and minimum notional.
+
+        `stake` None spends the whole cash on each entry (`all_in`); `leverage` None is 1.
+        """
+        return cls(
+            fee=Decimal(str(taker_fee)),
+            slippage_bps=Decimal(str(slippage_bps)),
+            lot=market.lot_size,
+            min_notional=market.min_notional,
+            fill_close=fill_at == "close",
+            stake=None if stake is None else Decimal(str(stake)),
+            leverage=leverage if leverage is not None else Decimal(1),
+            pair=pair,
+        )
+
     @property
     def tiers(self) -> np.ndarray:
         # The pair's risk-limit tiers as rows of (limit, MMR, deduction) for the loop.
@@ -332,40 +359,85 @@ def run_fast(
     if fill_at not in ("next_open", "close"):
         raise ConfigError(f"run_fast: unknown fill_at {fill_at!r}", component="simulator")
     del maker_fee
-    timeframe = timeframe or infer_timeframe(df.index)
-    step = timeframe_to_ms(timeframe)
-    raw = np.asarray(df.index.asi8, dtype=np.int64)  # open times in the index's unit
-    mul, div = _UNITS[df.index.unit]
-    opens = np.ascontiguousarray(df["open"].to_numpy(dtype=np.float64))
-    closes = np.ascontiguousarray(df["close"].to_numpy(dtype=np.float64))
+    bars = _Bars.of(df, timeframe or infer_timeframe(df.index), start_ms, end_ms)
     enter, exit_ = signals if signals is not None else strategy.entries_exits(df)
-    market = market or sim_market(pair, float(closes[0]))
-    # Bounds in the index's unit, rounded up: a candle is in when its open time >= start.
-    first = 0 if start_ms is None else int(np.searchsorted(raw, -(-start_ms * div // mul)))
-    last = len(raw) if end_ms is None else int(np.searchsorted(raw, -(-end_ms * div // mul)))
-    costs = _Costs(
-        fee=Decimal(str(taker_fee)),
-        slippage_bps=Decimal(str(slippage_bps)),
-        lot=market.lot_size,
-        min_notional=market.min_notional,
-        fill_close=fill_at == "close",
-        stake=None if all_in else Decimal(str(stake)),
-        leverage=leverage if leverage is not None else Decimal(1),
-        pair=pair,
-    )
+    market = market or sim_market(pair, float(df["close"].to_numpy(dtype=np.float64)[0]))
+    spent = None if all_in else stake
+    costs = _Costs.of(market, pair, taker_fee, slippage_bps, fill_at, spent, leverage)
     warm = max(strategy.warmup - 1, 0)
-    n = max(last - first, 0)
+    loop = _all_in_pass(bars, (enter, exit_), warm, costs, starting_balance, funding)
+    return _result(strategy, bars, costs, loop, starting_balance, funding, exact=exact)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bars:
+    """The candles a fast-path run simulates: rows [first, last) of the frame (private)."""
+
+    timeframe: str
+    step: int
+    first: int
+    last: int
+    n: int
+    ts: np.ndarray  # close times, ms
+    opens: np.ndarray
+    closes: np.ndarray
+    lows: np.ndarray
+
+    @classmethod
+    def of(
+        cls, df: pd.DataFrame, timeframe: str, start_ms: int | None, end_ms: int | None
+    ) -> _Bars:
+        """Return the rows of `df` whose open time is in [start_ms, end_ms) (open ends: all)."""
+        step = timeframe_to_ms(timeframe)
+        raw = np.asarray(df.index.asi8, dtype=np.int64)  # open times in the index's unit
+        mul, div = _UNITS[df.index.unit]
+        # Bounds in the index's unit, rounded up: a candle is in when its open time >= start.
+        first = 0 if start_ms is None else int(np.searchsorted(raw, -(-start_ms * div // mul)))
+        last = len(raw) if end_ms is None else int(np.searchsorted(raw, -(-end_ms * div // mul)))
+
+        def column(name: str) -> np.ndarray:
+            return np.ascontiguousarray(df[name].to_numpy(dtype=np.float64))[first:last]
+
+        ts = _close_times(raw[first:last], mul, div, step)
+        n = max(last - first, 0)
+        opens, closes, lows = column("open"), column("close"), column("low")
+        return cls(timeframe, step, first, last, n, ts, opens, closes, lows)
+
+
+class _Pass(NamedTuple):
+    """What the numba loop leaves: the curve, the trades' bars and numbers, the totals."""
+
+    equity: np.ndarray
+    entries: np.ndarray
+    exits: np.ndarray
+    numbers: np.ndarray  # per trade: entry, exit, qty, fee, PnL, funding, liquidated
+    # final, fees, open qty, open bar, open price, signals, vetoes, refusals, funding
+    out: np.ndarray
+    rates: np.ndarray  # the funding rate settled at each candle
+
+
+def _all_in_pass(
+    bars: _Bars,
+    signals: tuple[np.ndarray, np.ndarray],
+    warm: int,
+    costs: _Costs,
+    starting_balance: float,
+    funding: FundingSchedule | None,
+) -> _Pass:
+    """Run the numba loop over `bars` (float64 accounting) and trim its trade buffers."""
+    enter, exit_ = signals
+    first, last, n = bars.first, bars.last, bars.n
     equity = np.empty(n, dtype=np.float64)
     cap = n // 2 + 1
     entries = np.empty(cap, dtype=np.int64)
     exits = np.empty(cap, dtype=np.int64)
     numbers = np.empty((cap, 7), dtype=np.float64)
     out = np.zeros(9, dtype=np.float64)
-    ts = _close_times(raw[first:last], mul, div, step)
-    rates = funding.per_bar(ts, step) if funding is not None else np.zeros(n, dtype=np.float64)
-    count = _all_in_loop(
-        opens[first:last],
-        closes[first:last],
+    no_funding = np.zeros(n, dtype=np.float64)
+    rates = funding.per_bar(bars.ts, bars.step) if funding is not None else no_funding
+    count = all_in_loop(
+        bars.opens,
+        bars.closes,
         enter[first:last],
         exit_[first:last],
         max(warm - first, 0),
@@ -379,7 +451,7 @@ def run_fast(
         float(costs.min_notional),
         rates,
         funding is not None,
-        np.ascontiguousarray(df["low"].to_numpy(dtype=np.float64))[first:last],
+        bars.lows,
         float(1 / costs.leverage) if costs.leverage != 1 else 1.0,
         costs.tiers,
         equity,
@@ -388,18 +460,24 @@ def run_fast(
         numbers,
         out,
     )
-    entries, exits, numbers = entries[:count], exits[:count], numbers[:count]
-    shift = step if costs.fill_close else 0
-    opened = shift - step  # a fill's time: the bar's open (next_open) or its close
-    table: dict[str, np.ndarray] = {
-        "entry_price": numbers[:, 0].copy(),
-        "exit_price": numbers[:, 1].copy(),
-        "qty": numbers[:, 2].copy(),
-        "fee": numbers[:, 3].copy(),
-        "pnl": numbers[:, 4].copy(),
-        "funding": numbers[:, 5].copy(),
-    }
-    liquidated = numbers[:, 6] > 0
+    return _Pass(equity, entries[:count], exits[:count], numbers[:count], out, rates)
+
+
+def _result(
+    strategy: Strategy,
+    bars: _Bars,
+    costs: _Costs,
+    loop: _Pass,
+    starting_balance: float,
+    funding: FundingSchedule | None,
+    *,
+    exact: bool,
+) -> BacktestResult:
+    """Return the run's result from the loop's output, redone in Decimal when `exact`."""
+    pair, ts, step, out = costs.pair, bars.ts, bars.step, loop.out
+    opened = (step if costs.fill_close else 0) - step  # a fill's time: open or close of its bar
+    table = _float_table(loop.numbers)
+    liquidated = loop.numbers[:, 6] > 0
     # The liquidated trades' reasons (the exact accounting gives the replay's own).
     liquidations = [f"liquidation: mark reached {p:.10g}" for p in table["exit_price"][liquidated]]
     final, fees, open_qty = float(out[0]), float(out[1]), float(out[2])
@@ -409,13 +487,13 @@ def run_fast(
     realised: float | None = None
     if exact:
         exact_result = _exact_accounting(
-            (entries, exits, open_at),
-            opens[first:last],
-            closes[first:last],
+            (loop.entries, loop.exits, open_at),
+            bars.opens,
+            bars.closes,
             costs,
             starting_balance,
-            equity,
-            rates,
+            loop.equity,
+            loop.rates,
             liquidated,
         )
         table, final, fees = exact_result.table, exact_result.final, exact_result.fees
@@ -423,17 +501,13 @@ def run_fast(
         funding_total = exact_result.funding
         open_qty, open_price = exact_result.open_qty, exact_result.open_price
         realised = exact_result.realised
-    table["entry_ts"] = ts[entries] + opened
+    table["entry_ts"] = ts[loop.entries] + opened
     # A liquidation happens inside its bar: it shows at the bar's close.
-    table["exit_ts"] = ts[exits] + (np.where(liquidated, 0, opened) if liquidations else opened)
-    # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
-    table["pair"] = np.full(count, pair)
-    table["side"] = np.full(count, "long")
-    table["reason"] = np.full(count, f"{strategy.name}: exit long")
-    if liquidations:
-        reasons = table["reason"].astype(object)
-        reasons[liquidated] = liquidations
-        table["reason"] = reasons.astype(np.str_)
+    exit_shift = np.where(liquidated, 0, opened) if liquidations else opened
+    table["exit_ts"] = ts[loop.exits] + exit_shift
+    table["pair"] = np.full(len(loop.entries), pair)
+    table["side"] = np.full(len(loop.entries), "long")
+    table["reason"] = _reasons(len(loop.entries), strategy.name, liquidated, liquidations)
     open_positions: tuple[OpenPosition, ...] = ()
     if open_at >= 0:
         open_positions = (
@@ -443,22 +517,22 @@ def run_fast(
                 qty=open_qty,
                 entry_price=open_price,
                 entry_ts=int(ts[open_at] + opened),
-                mark_price=float(closes[last - 1]),
+                mark_price=float(bars.closes[-1]),
             ),
         )
     return BacktestResult(
         strategy=strategy.describe(),
         pairs=(pair,),
-        timeframe=timeframe,
+        timeframe=bars.timeframe,
         starting_balance=float(starting_balance),
         ts=ts,
-        equity=equity,
+        equity=loop.equity,
         table=table,
         final_equity=final,
         fees=fees,
-        candles=n,
+        candles=bars.n,
         open_positions=open_positions,
-        prices={pair: (ts, closes[first:last])},
+        prices={pair: (ts, bars.closes)},
         signals=int(out[5]),
         vetoes=int(out[6]),
         rejections=int(out[7]),
@@ -466,6 +540,23 @@ def run_fast(
         funding=funding_total,
         funding_settlements=_settlements(funding, ts, step, table, open_at, opened),
     )
+
+
+def _float_table(numbers: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the trade table's number columns from the loop's float64 accounting."""
+    columns = ("entry_price", "exit_price", "qty", "fee", "pnl", "funding")
+    return {name: numbers[:, k].copy() for k, name in enumerate(columns)}
+
+
+def _reasons(count: int, name: str, liquidated: np.ndarray, liquidations: list[str]) -> np.ndarray:
+    """Return the trades' exit reasons: the strategy's exit, or a liquidation's own."""
+    # Fixed-width string columns: filling them is a memset, object arrays are 20x slower.
+    reasons = np.full(count, f"{name}: exit long")
+    if liquidations:
+        labelled = reasons.astype(object)
+        labelled[liquidated] = liquidations
+        reasons = labelled.astype(np.str_)
+    return reasons
 
 
 def _settlements(
@@ -621,10 +712,7 @@ def _exact_accounting(
     reasons: list[str] = []
     funding_total = ZERO
     for n, (i, j) in enumerate(bars):
-        entry = slipped_price(Side.BUY, _raw(opens, closes, i, costs), costs.slippage_bps)
-        quote = cash if costs.stake is None else min(costs.stake, cash)
-        qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
-        entry_fee = entry * qty * costs.fee
+        entry, qty, entry_fee = _exact_entry(_raw(opens, closes, i, costs), cash, costs)
         cash -= qty * entry + entry_fee
         fees += entry_fee
         changes.append((i + after, float(cash), float(qty)))
@@ -644,17 +732,9 @@ def _exact_accounting(
             exit_fee = exit_price * qty * costs.fee
         cash -= -qty * exit_price + exit_fee
         fees += exit_fee
-        # The portfolio's split of fees by the closed fraction (here the whole position).
-        entry_part = entry_fee * (qty / qty)
-        exit_part = exit_fee * (qty / qty)
-        pnl = (exit_price - entry) * qty * 1 - entry_part - exit_part
-        funding_part = ZERO
-        if received:
-            funding_part = received * (qty / qty)
-            pnl += funding_part
+        pnl, row = _exact_close((entry, entry_fee), (exit_price, exit_fee), qty, received)
         realised += pnl
-        row = (entry, exit_price, qty, entry_part + exit_part, pnl, funding_part)
-        rows.append(tuple(float(x) for x in row))
+        rows.append(row)
         # A liquidation shows from its own bar; a fill at the close from the next.
         changes.append((j if gone[n] else j + after, float(cash), 0.0))
         qty = ZERO
@@ -663,7 +743,7 @@ def _exact_accounting(
     final = cash + qty * Decimal(repr(float(closes[-1]))) if len(closes) else cash
     index = np.array([c[0] for c in changes], dtype=np.int64)
     values = np.array([c[1:] for c in changes], dtype=np.float64).reshape(-1, 2)
-    _curve(closes, index, values, float(starting_balance), equity)
+    fill_curve(closes, index, values, float(starting_balance), equity)
     return _Exact(
         table,
         float(final),
@@ -674,6 +754,35 @@ def _exact_accounting(
         float(funding_total),
         reasons,
     )
+
+
+def _exact_entry(raw: Decimal, cash: Decimal, costs: _Costs) -> tuple[Decimal, Decimal, Decimal]:
+    """Return an entry's fill price, quantity and fee in Decimal, as the exchange fills it."""
+    entry = slipped_price(Side.BUY, raw, costs.slippage_bps)
+    quote = cash if costs.stake is None else min(costs.stake, cash)
+    qty = quote_qty(quote, entry, costs.fee, costs.lot, costs.leverage)
+    return entry, qty, entry * qty * costs.fee
+
+
+def _exact_close(
+    entry: tuple[Decimal, Decimal], exit_: tuple[Decimal, Decimal], qty: Decimal, received: Decimal
+) -> tuple[Decimal, tuple[float, ...]]:
+    """Return a closed trade's realised PnL and its table row, as the portfolio books them.
+
+    `entry` and `exit_` are (price, fee); `received` is the funding the position received
+    (negative when it paid). The row is (entry price, exit price, qty, fees, PnL, funding).
+    """
+    (entry_price, entry_fee), (exit_price, exit_fee) = entry, exit_
+    # The portfolio's split of fees by the closed fraction (here the whole position).
+    entry_part = entry_fee * (qty / qty)
+    exit_part = exit_fee * (qty / qty)
+    pnl = (exit_price - entry_price) * qty * 1 - entry_part - exit_part
+    funding_part = ZERO
+    if received:
+        funding_part = received * (qty / qty)
+        pnl += funding_part
+    row = (entry_price, exit_price, qty, entry_part + exit_part, pnl, funding_part)
+    return pnl, tuple(float(x) for x in row)
 
 
 def _funding_due(
@@ -702,240 +811,3 @@ def _liquidation_exit(entry: Decimal, qty: Decimal, costs: _Costs) -> tuple[Deci
 def _raw(opens: np.ndarray, closes: np.ndarray, index: int, costs: _Costs) -> Decimal:
     # The exchange prices a candle value as Decimal(str(float)); repr is the same string.
     return Decimal(repr(float(closes[index] if costs.fill_close else opens[index])))
-
-
-@njit(cache=True)
-def _curve(closes, index, values, cash0, equity):  # type: ignore[no-untyped-def]
-    # Equity per bar from (bar, cash after, qty after) changes, in bar order.
-    cash = cash0
-    qty = 0.0
-    k = 0
-    for i in range(closes.shape[0]):
-        while k < index.shape[0] and index[k] <= i:
-            cash = values[k, 0]
-            qty = values[k, 1]
-            k += 1
-        equity[i] = cash + qty * closes[i]
-
-
-@njit(cache=True)
-def _lot_qty(quote, price, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
-    # floor_to_lot(quote / (price x (1 + fee))), as the exchange sizes a quote order; with
-    # leverage, quote / Bybit's order cost of a long (`perpetuals.unit_cost`).
-    if inv_lev == 1.0:
-        x = quote / (price * (1.0 + fee))
-    else:
-        x = quote / (price * inv_lev + price * fee + price * (1.0 - inv_lev) * fee)
-    if inv_lot > 0.0:
-        return math.floor(x * inv_lot) / inv_lot
-    return math.floor(x / lot) * lot
-
-
-@njit(cache=True, inline="always")
-def _record_trade(  # type: ignore[no-untyped-def]
-    entries, exits, numbers, k, open_at, i, entry_price, price, qty, entry_fee, exit_fee, funding
-):
-    # One closed round trip into the trade table (row k): bars, prices, qty, fees, PnL
-    # (funding received included), funding.
-    entries[k] = open_at
-    exits[k] = i
-    numbers[k, 0] = entry_price
-    numbers[k, 1] = price
-    numbers[k, 2] = qty
-    numbers[k, 3] = entry_fee + exit_fee
-    numbers[k, 4] = (price - entry_price) * qty - entry_fee - exit_fee + funding
-    numbers[k, 5] = funding
-    numbers[k, 6] = 0.0
-
-
-# The loop's state between bars, a tuple so the inlined helpers below compile to registers:
-# (cash, qty, entry price, entry fee, fees, pending order (1 buy, -1 sell, 0 none), trades
-# recorded, bar of the open entry or -1, funding received by the open position). A signal's
-# verdict: the order was taken (placed, or filled at once), vetoed by risk, or refused by
-# the exchange.
-_TAKEN = 0
-_VETOED = 1
-_REFUSED = 2
-
-
-@njit(cache=True, inline="always")
-def _enter(state, i, price, stake, fee, lot, inv_lot, inv_lev):  # type: ignore[no-untyped-def]
-    # A market buy at `price` of the stake (or the whole cash); nothing when under one lot.
-    cash, _, _, _, fees, _, k, _, _ = state
-    quote = cash if stake < 0.0 else min(stake, cash)
-    q = _lot_qty(quote, price, fee, lot, inv_lot, inv_lev)
-    if q > 0.0:
-        entry_fee = price * q * fee
-        return (cash - (q * price + entry_fee), q, price, entry_fee, fees + entry_fee, 0, k, i,
-                0.0)  # fmt: skip
-    return state
-
-
-@njit(cache=True, inline="always")
-def _exit(state, i, price, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
-    # A market sell of the whole position at `price`, recorded as a closed trade.
-    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
-    exit_fee = price * qty * fee
-    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, price, qty,
-                  entry_fee, exit_fee, funding)  # fmt: skip
-    return (cash - (-qty * price + exit_fee), 0.0, entry_price, entry_fee, fees + exit_fee, 0,
-            k + 1, -1, 0.0)  # fmt: skip
-
-
-@njit(cache=True, inline="always")
-def _on_exit_signal(  # type: ignore[no-untyped-def]
-    state, i, c, fill_close, slip, fee, min_notional, entries, exits, numbers
-):
-    # An exit signal on a long: refused below the minimum notional, else sold at the next
-    # open (pending) or at once at the close. Returns the new state and the verdict.
-    qty = state[1]
-    if qty * c < min_notional:
-        return state, _REFUSED  # the exchange refuses an exit below its minimum notional
-    if not fill_close:
-        return (state[0], qty, state[2], state[3], state[4], -1, state[6], state[7],
-                state[8]), _TAKEN  # fmt: skip
-    return _exit(state, i, c * (1.0 - slip), fee, entries, exits, numbers), _TAKEN
-
-
-@njit(cache=True, inline="always")
-def _on_entry_signal(  # type: ignore[no-untyped-def]
-    state, i, c, fill_close, slip, stake, fee, lot, inv_lot, inv_lev, min_notional
-):
-    # An entry signal when flat: vetoed without cash for one lot, refused below the minimum
-    # notional, else bought at the next open (pending) or at once at the close. Returns the
-    # new state and the verdict.
-    cash = state[0]
-    quote = cash if stake < 0.0 else min(stake, cash)
-    estimate = _lot_qty(quote, c, fee, lot, inv_lot, inv_lev)
-    if estimate <= 0.0:
-        return state, _VETOED  # risk: no cash for one lot
-    if estimate * c < min_notional:
-        return state, _REFUSED  # the exchange's minimum notional
-    if not fill_close:
-        return (cash, state[1], state[2], state[3], state[4], 1, state[6], state[7],
-                state[8]), _TAKEN  # fmt: skip
-    return _enter(state, i, c * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev), _TAKEN
-
-
-@njit(cache=True, inline="always")
-def _liq_prices(entry, qty, inv_lev, tiers):  # type: ignore[no-untyped-def]
-    # An isolated long's liquidation and bankruptcy prices (`perpetuals`), the maintenance
-    # margin from the risk-limit tier (rows of limit, MMR, deduction) its value falls in.
-    value = qty * entry
-    k = 0
-    while k < tiers.shape[0] - 1 and value > tiers[k, 0]:
-        k += 1
-    mm = max(value * tiers[k, 1] - tiers[k, 2], 0.0)
-    im = value * inv_lev
-    return max(entry - (im - mm) / qty, 0.0), max(entry - im / qty, 0.0)
-
-
-@njit(cache=True, inline="always")
-def _liquidate(state, i, liq, bust, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
-    # The exchange closes the long at its liquidation price, charging the margin left above
-    # bankruptcy plus the fee to close; recorded as a closed trade flagged liquidated.
-    cash, qty, entry_price, entry_fee, fees, _, k, open_at, funding = state
-    liq_fee = qty * (liq - bust) + qty * bust * fee
-    _record_trade(entries, exits, numbers, k, open_at, i, entry_price, liq, qty,
-                  entry_fee, liq_fee, funding)  # fmt: skip
-    numbers[k, 6] = 1.0
-    return (cash - (-qty * liq + liq_fee), 0.0, entry_price, entry_fee, fees + liq_fee, 0,
-            k + 1, -1, 0.0)  # fmt: skip
-
-
-@njit(cache=True, inline="always")
-def _watch(state, i, low, inv_lev, tiers, watch, fee, entries, exits, numbers):  # type: ignore[no-untyped-def]
-    # A leveraged long is liquidated when the bar's low reaches its liquidation price.
-    # `watch`: (bar the watched position opened, its liquidation, its bankruptcy price).
-    if state[1] <= 0.0:
-        return state, watch
-    if state[7] != watch[0]:  # a new position
-        liq, bust = _liq_prices(state[2], state[1], inv_lev, tiers)
-        watch = (state[7], liq, bust)
-    if low <= watch[1]:
-        state = _liquidate(state, i, watch[1], watch[2], fee, entries, exits, numbers)
-    return state, watch
-
-
-@njit(cache=True, inline="always")
-def _settle_funding(state, c, rate):  # type: ignore[no-untyped-def]
-    # The position pays qty x close x rate (receives when negative), at the candle's close.
-    payment = state[1] * c * rate
-    return (state[0] - payment, state[1], state[2], state[3], state[4], state[5], state[6],
-            state[7], state[8] - payment), payment  # fmt: skip
-
-
-@njit(cache=True)
-def _all_in_loop(  # type: ignore[no-untyped-def]
-    opens,
-    closes,
-    enter,
-    exit_,
-    warm,
-    fill_close,
-    cash0,
-    stake,
-    fee,
-    slip,
-    lot,
-    inv_lot,
-    min_notional,
-    funding_rates,
-    with_funding,
-    lows,
-    inv_lev,
-    tiers,
-    equity,
-    entries,
-    exits,
-    numbers,
-    out,
-):
-    # One bar at a time, in the replay's order: fills at the open, mark, settle funding,
-    # record equity, then the signal (which fills at once at the close with fill_close).
-    n = closes.shape[0]
-    signals = 0
-    vetoes = 0
-    rejections = 0
-    paid = 0.0
-    watch = (-1, 0.0, 0.0)  # the open position's liquidation (leverage only)
-    state = (cash0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1, 0.0)
-    for i in range(n):
-        if state[5] == 1:
-            state = _enter(state, i, opens[i] * (1.0 + slip), stake, fee, lot, inv_lot, inv_lev)
-        elif state[5] == -1:
-            state = _exit(state, i, opens[i] * (1.0 - slip), fee, entries, exits, numbers)
-        if inv_lev != 1.0:
-            state, watch = _watch(state, i, lows[i], inv_lev, tiers, watch, fee, entries, exits,
-                                  numbers)  # fmt: skip
-        c = closes[i]
-        if with_funding and state[1] > 0.0 and funding_rates[i] != 0.0:
-            state, payment = _settle_funding(state, c, funding_rates[i])
-            paid += payment
-        equity[i] = state[0] + state[1] * c
-        if i < warm:
-            continue
-        if state[1] > 0.0:
-            if not exit_[i]:
-                continue
-            state, verdict = _on_exit_signal(state, i, c, fill_close, slip, fee, min_notional,
-                                             entries, exits, numbers)  # fmt: skip
-        elif state[5] == 0 and enter[i]:
-            state, verdict = _on_entry_signal(state, i, c, fill_close, slip, stake, fee, lot,
-                                              inv_lot, inv_lev, min_notional)  # fmt: skip
-        else:
-            continue
-        signals += 1
-        vetoes += verdict == _VETOED
-        rejections += verdict == _REFUSED
-    cash, qty, entry_price, _, fees, _, k, open_at, _ = state
-    out[0] = cash + qty * closes[n - 1] if n > 0 else cash
-    out[1] = fees
-    out[2] = qty
-    out[3] = open_at
-    out[4] = entry_price if qty > 0.0 else 0.0
-    out[5] = signals
-    out[6] = vetoes
-    out[7] = rejections
-    out[8] = -paid
-    return k

@@ -46,11 +46,13 @@ from error_handler import AuthenticationError, ConfigError, RecoverableError
 from market_feed import ExchangeFeed
 from pipeline import PrecomputedSignals
 from strategy import Strategy, load_strategy
-from trade_simulator import ReplayFeed
+from trade_simulator import PairSchedule, ReplayFeed
 from utils.utilities import ReplayClock, parse_timerange, timeframe_to_ms
 
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from approved_params import ApprovedParams
     from exchange import Exchange
 
@@ -91,6 +93,37 @@ async def build_sim(ctx: BuildContext) -> Components:
     return await build_paper(ctx)
 
 
+def _timerange(ctx: BuildContext) -> tuple[int | None, int | None]:
+    """Return `--timerange` as (start_ms, end_ms), either end open; a bad range is a ConfigError."""
+    if not ctx.args.timerange:
+        return None, None
+    try:
+        return parse_timerange(ctx.args.timerange)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _point_in_time_pairs(ctx: BuildContext, frames: dict[str, pd.DataFrame]) -> PairSchedule:
+    """Return the dynamic backtest's pair schedule: the top pairs as ranked at each refresh.
+
+    The list is rebuilt from the archives (no survivorship, no look-ahead); `--pairs`
+    names the universe to rank.
+    """
+    from top_pairs import PointInTimeRanking
+
+    s = ctx.settings
+    refresh_ms = s.pairs.ttl_s * 1000
+    ranking = PointInTimeRanking(
+        frames,
+        s.strategy.timeframe,
+        refresh_every=refresh_ms,
+        top_n=s.pairs.count,
+        lookback=86_400_000,
+        min_quote_volume=s.pairs.min_quote_volume,
+    )
+    return PairSchedule(ranking.pairs_at, refresh_ms=refresh_ms)
+
+
 def build_replay(ctx: BuildContext) -> Components:
     """Assemble a replay (sim --feed replay, backtest): archive feed, replay clock, matching."""
     s = ctx.settings
@@ -99,12 +132,7 @@ def build_replay(ctx: BuildContext) -> Components:
     frames = load_frames(ctx.args, s)
     timings["load_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    start_ms = end_ms = None
-    if ctx.args.timerange:
-        try:
-            start_ms, end_ms = parse_timerange(ctx.args.timerange)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    start_ms, end_ms = _timerange(ctx)
     first = min(int(f.index[:1].as_unit("ms").asi8[0]) for f in frames.values())
     clock = ReplayClock(start_ms if start_ms is not None else first)
     backtest = ctx.args.mode == "backtest"
@@ -125,23 +153,7 @@ def build_replay(ctx: BuildContext) -> Components:
         # A paced replay starts trading at once: the warm-up is not worth watching.
         unpaced=strategy.warmup * len(frames),
     )
-    pair_schedule = None
-    if backtest and s.pairs.dynamic:
-        # Trade the pair list as it stood at each refresh, rebuilt from the archives
-        # (no survivorship, no look-ahead); --pairs names the universe to rank.
-        from top_pairs import PointInTimeRanking
-        from trade_simulator import PairSchedule
-
-        refresh_ms = s.pairs.ttl_s * 1000
-        ranking = PointInTimeRanking(
-            frames,
-            s.strategy.timeframe,
-            refresh_every=refresh_ms,
-            top_n=s.pairs.count,
-            lookback=86_400_000,
-            min_quote_volume=s.pairs.min_quote_volume,
-        )
-        pair_schedule = PairSchedule(ranking.pairs_at, refresh_ms=refresh_ms)
+    pair_schedule = _point_in_time_pairs(ctx, frames) if backtest and s.pairs.dynamic else None
     sim = simulated_exchange(s, clock)
     for pair, frame in frames.items():
         sim.ensure_market(pair, float(frame["close"].iloc[0]))

@@ -146,21 +146,7 @@ class EngineState:
         self.alert: EventSink = alert or (lambda event: None)
         self.stop_event = stop_event or asyncio.Event()
         self.state = BotState.STARTING
-        self.candles = 0
-        self.signals = 0
-        self.vetoes = 0
-        self.decisions: dict[str, Decision] = {}
-        self.errors: deque[str] = deque(maxlen=20)
-        self.books: dict[str, OrderBook] = {}
-        self.last_close: dict[str, float] = {}
-        self.last_candle_ts: dict[str, int] = {}
-        self.first_ts: int | None = None
-        self.last_ts: int | None = None
-        self.decision_latency_ms: deque[float] = deque(maxlen=100_000)
-        self._received: float | None = None
-        self._started = 0.0
-        # Candle handed to the engine -> order accepted, without the wait in the queue.
-        self.decision_service_ms: deque[float] = deque(maxlen=100_000)
+        self._init_run_record()
         self._flattening = False
         self.extra_status: Callable[[], dict[str, Any]] = extra_status or dict
         # Trailing / break-even stops need protective orders to move; `all_in` has none.
@@ -184,11 +170,7 @@ class EngineState:
         # decision waits for another's answer), and the risk state is saved once at the
         # burst's end. None: each candle sends (awaiting the answer) and saves as it goes.
         self.sender: Callable[[DeferredOrder], None] | None = None
-        # Per pair: the window (last ts, length, parameter) and its ATR / returns.
-        self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
-        self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
-        # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
-        self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
+        self._init_caches()
         # Market-data anomalies pause entries on their pair (None: not watched).
         self.anomaly_watch = anomaly_watch
         # The optional pattern-cluster entry filter (StrategySettings.pattern_filter).
@@ -198,6 +180,32 @@ class EngineState:
         # Recorded funding per perpetual pair (replays); settled at the candles holding it.
         self.funding: dict[str, FundingSchedule] = funding if funding is not None else {}
         self.funding_settlements = 0
+
+    def _init_run_record(self) -> None:
+        """Start the run's record: counters, the latest prices and books, and latencies."""
+        self.candles = 0
+        self.signals = 0
+        self.vetoes = 0
+        self.decisions: dict[str, Decision] = {}
+        self.errors: deque[str] = deque(maxlen=20)
+        self.books: dict[str, OrderBook] = {}
+        self.last_close: dict[str, float] = {}
+        self.last_candle_ts: dict[str, int] = {}
+        self.first_ts: int | None = None
+        self.last_ts: int | None = None
+        self.decision_latency_ms: deque[float] = deque(maxlen=100_000)
+        self._received: float | None = None
+        self._started = 0.0
+        # Candle handed to the engine -> order accepted, without the wait in the queue.
+        self.decision_service_ms: deque[float] = deque(maxlen=100_000)
+
+    def _init_caches(self) -> None:
+        """Start the per-pair caches of the order decision, empty."""
+        # Per pair: the window (last ts, length, parameter) and its ATR / returns.
+        self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
+        self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+        # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
+        self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
 
     # -- State machine -----------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any, Final
@@ -87,7 +87,6 @@ from circuit_breakers import breaker_report as breaker_report
 from circuit_breakers import default_rules as default_rules
 from config import RiskSettings
 from models import (
-    ClosedTrade,
     EventSink,
     Market,
     MarketType,
@@ -118,6 +117,7 @@ from risk_guards import RiskContext as RiskContext
 from risk_guards import as_decimal as _dec
 from risk_guards import correlation_matrix as correlation_matrix
 from risk_guards import kelly_estimate as kelly_estimate
+from risk_state import RiskState
 from utils.utilities import timeframe_to_ms
 
 
@@ -165,8 +165,11 @@ def break_even_price(position: Position, taker_fee: Decimal) -> Decimal:
 # -- The manager -----------------------------------------------------------------------------
 
 
-class RiskManager:
+class RiskManager(RiskState):
     """Size positions, set and move stops, apply the guards and circuit breakers.
+
+    The trading state, per-pair pauses, Kelly history and their persistence come from
+    `risk_state.RiskState`.
 
     Args:
         settings: the risk group of the settings.
@@ -222,97 +225,6 @@ class RiskManager:
             self.guards.append(self.correlation)
         self.stops = StopManager(settings)
         self._closed_trades = 0  # moves `state_key` even when the Kelly window is full
-
-    # -- State -------------------------------------------------------------------------------
-
-    @property
-    def trading_state(self) -> TradingState:
-        """Return the current rung of the ladder (always normal under `all_in`)."""
-        return TradingState.NORMAL if self.all_in else self.breakers.state
-
-    def update(self, now: int, equity: Decimal) -> TradingState:
-        """Feed the breakers with the latest equity (including unrealised PnL)."""
-        if self.all_in:
-            return TradingState.NORMAL
-        return self.breakers.update(now, equity)
-
-    @property
-    def flatten_holds(self) -> bool:
-        """Return True while the breakers hold a flatten that only an operator lifts."""
-        return not self.all_in and self.breakers.flatten_holds
-
-    def update_flat(
-        self, times: Sequence[int], equity: Decimal, stop_on: TradingState | None = None
-    ) -> int:
-        """Feed an unchanged equity at each of `times`, as `update` at each; return how many.
-
-        Stops after the first time whose state is `stop_on` (see `CircuitBreakers`).
-        """
-        if self.all_in:
-            return len(times)
-        return self.breakers.update_flat(times, equity, stop_on)
-
-    def on_trade_closed(self, trade: ClosedTrade, now: int) -> None:
-        """Account a closed round trip (or part of one): loss streak and Kelly statistics."""
-        if self.all_in:
-            return
-        self._closed_trades += 1
-        notional = trade.entry_price * trade.qty
-        if notional > 0:
-            self.trade_returns.append(trade.pnl / notional)
-        self.breakers.on_trade_closed(trade, now)
-
-    def set_manual(self, state: TradingState | None) -> None:
-        """Force a rung (kill switch, /stopbuy, /pause) or resume with None.
-
-        Resuming clears every latched breaker, the peak-to-trough flatten included, and
-        re-bases the peak and the day's starting equity on the current equity.
-        """
-        self.breakers.set_manual(state)
-
-    def clear_manual(self) -> None:
-        """Lift a manual rung (/resume after /stopbuy); latched breakers stay latched."""
-        self.breakers.clear_manual()
-
-    def pause_pair(self, pair: str, reason: str, *, now: int, until: int | None) -> bool:
-        """Refuse entries on `pair` until `until` (exits go on); True when newly paused."""
-        return self.pair_pauses.pause(pair, reason, now=now, until=until)
-
-    def resume_pair(self, pair: str) -> bool:
-        """Lift a pair's entry pause; True when there was one."""
-        return self.pair_pauses.resume(pair)
-
-    def reset(self, *, history: bool = False) -> None:
-        """Resume manually (as `set_manual(None)`); with `history`, forget the Kelly trades."""
-        if history:
-            self.trade_returns.clear()
-        self.breakers.reset()
-
-    def dump_state(self) -> dict[str, Any]:
-        """Return the breakers and the Kelly history as a JSON-able dict, to persist."""
-        return {"breakers": self.breakers.dump(), "trade_returns": list(self.trade_returns)}
-
-    def state_key(self) -> tuple[Any, ...]:
-        """Return a cheap token that changes whenever `dump_state` has news to persist."""
-        return (self.breakers.state_key(), self._closed_trades)
-
-    def restore_state(
-        self, data: Mapping[str, Any], *, equity: Decimal | None = None
-    ) -> TradingState:
-        """Load what `dump_state` returned (at startup, before the first candle).
-
-        `equity` re-bases the saved amounts on a fresh paper account (see
-        `CircuitBreakers.restore`).
-        """
-        self.trade_returns.clear()
-        self.trade_returns.extend(float(r) for r in data.get("trade_returns", []))
-        return self.breakers.restore(data["breakers"], equity=equity)
-
-    def kelly(self) -> KellyEstimate | None:
-        """Return the Kelly statistics of recent trades, None below the minimum sample."""
-        if len(self.trade_returns) < max(self.kelly_min_trades, 1):
-            return None
-        return kelly_estimate(list(self.trade_returns))
 
     def describe(self) -> dict[str, Any]:
         """Return the risk state for the UI and Telegram (JSON-able)."""

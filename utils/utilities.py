@@ -69,6 +69,48 @@ def _redaction_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, An
     return event
 
 
+def _json_file_handler(
+    log_dir: Path, max_bytes: int, backups: int, pre_chain: list[Any]
+) -> logging.Handler:
+    """Return the rotating `kestrel.jsonl` handler (one JSON object a line, tracebacks inline)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / "kestrel.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=pre_chain,
+        )
+    )
+    return handler
+
+
+def _console_handler(
+    json_console: bool, console_level: str | None, pre_chain: list[Any]
+) -> logging.Handler:
+    """Return the stderr handler: JSON or readable (coloured on a terminal), own level if set."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_console
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    if console_level is not None:
+        handler.setLevel(console_level.upper())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=pre_chain,
+        )
+    )
+    return handler
+
+
 def setup_logging(
     log_dir: Path | None,
     *,
@@ -102,37 +144,9 @@ def setup_logging(
     root.setLevel(level.upper())
     sinks: list[logging.Handler] = []
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            log_dir / "kestrel.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-        )
-        file_handler.setFormatter(
-            structlog.stdlib.ProcessorFormatter(
-                processors=[
-                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(),
-                ],
-                foreign_pre_chain=pre_chain,
-            )
-        )
-        sinks.append(file_handler)
+        sinks.append(_json_file_handler(log_dir, max_bytes, backups, pre_chain))
     if console:
-        renderer: Any = (
-            structlog.processors.JSONRenderer()
-            if json_console
-            else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        )
-        stream_handler = logging.StreamHandler(sys.stderr)
-        if console_level is not None:
-            stream_handler.setLevel(console_level.upper())
-        stream_handler.setFormatter(
-            structlog.stdlib.ProcessorFormatter(
-                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-                foreign_pre_chain=pre_chain,
-            )
-        )
-        sinks.append(stream_handler)
+        sinks.append(_console_handler(json_console, console_level, pre_chain))
     if sinks:
         # Rendering and writing happen on a listener thread: the event loop only queues
         # the event (a formatted JSON line plus a console line cost ~0.3 ms each).
