@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -160,10 +161,10 @@ class ReplayFeed:
         ]
         if len(names) == 1:
             n = len(pair_ts[0])
-            pair_of, local, ts = np.zeros(n, dtype=np.int64), np.arange(n), pair_ts[0]
+            pair_of, local, ts = np.zeros(n, dtype=np.int32), np.arange(n), pair_ts[0]
         else:
             sizes = [len(t) for t in pair_ts]
-            pair_of = np.repeat(np.arange(len(names), dtype=np.int64), sizes)
+            pair_of = np.repeat(np.arange(len(names), dtype=np.int32), sizes)
             local = np.concatenate([np.arange(size) for size in sizes])
             ts = np.concatenate(pair_ts)
             # The merge's order: by open time, then by pair name (a stable sort keeps the
@@ -491,7 +492,8 @@ class SimDriver:
         # Apply quiet candles [start, end) in one call; return where the replay goes on
         # and whether the breakers asked to flatten on the last one applied.
         rows = plan.rows
-        now, at = plan.close_list[start:end], clock.now_ms()
+        close_ts = plan.close_times(start, end)
+        now, at = close_ts, clock.now_ms()
         if now[0] < at:  # the clock never goes back (a start time after the first close)
             now = [max(t, at) for t in now]
         several = len(rows.names) > 1
@@ -499,8 +501,8 @@ class SimDriver:
         count = self.engine.on_quiet_rows(
             rows.names,
             held,
-            plan.pair_list[start:end] if several else None,
-            plan.close_list[start:end],
+            plan.pair_list[start:end].tolist() if several else None,
+            close_ts,
             lambda: plan.closes(start, end),
             now,
         )
@@ -508,6 +510,16 @@ class SimDriver:
         if now[count - 1] > clock.now_ms():
             clock.set(now[count - 1])
         return start + count, start + count < end
+
+
+def _packed(code: str, values: np.ndarray) -> array[int]:
+    """Return `values` as a packed `array` of type `code` (no Python object per item)."""
+    packed = array(code)
+    packed.frombytes(np.ascontiguousarray(values, dtype=_PACKED_DTYPE[code]).tobytes())
+    return packed
+
+
+_PACKED_DTYPE = {"b": np.int8, "i": np.intc, "q": np.int64}
 
 
 class _StretchPlan:
@@ -528,7 +540,7 @@ class _StretchPlan:
         self.taken: list[int] = [0] * len(rows.names)
         self.windows = True  # quiet candles go into the data windows (`reads_windows`)
         for k, pair in enumerate(rows.names):
-            at = np.flatnonzero(rows.pair_of == k) if several else np.arange(n)
+            at = np.flatnonzero(rows.pair_of == k) if several else rows.local
             ts = rows.pair_ts[k]
             self.of_pair.append(at)
             entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
@@ -542,13 +554,14 @@ class _StretchPlan:
                 first[at[0]] = True  # a pair's first candle opens its data window
         self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
         self.first = np.flatnonzero(first)  # first and refused candles only
-        # Python lists once: the driver reads them candle by candle.
-        self.is_first: list[bool] = first.tolist()
-        self.is_entry: list[bool] = entry.tolist()
-        self.is_flagged: list[bool] = flagged.tolist()
-        self.pair_list: list[int] = rows.pair_of.tolist()
-        self.local_list: list[int] = rows.local.tolist()
-        self.close_list: list[int] = (rows.ts + step).tolist()
+        # Packed arrays once: the driver reads them candle by candle (an item of an
+        # `array` costs about what a list's does) at 1-8 bytes a candle, where Python
+        # lists would hold a pointer and often an int object per candle (~110 bytes).
+        self.is_first = _packed("b", first)
+        self.is_entry = _packed("b", entry)
+        self.is_flagged = _packed("b", flagged)
+        self.pair_list = _packed("i", rows.pair_of)
+        self.local_list = _packed("q", rows.local)
 
     def quiet_until(
         self, start: int, hot: list[int], holding: list[int], *, void: bool = False
@@ -572,6 +585,11 @@ class _StretchPlan:
             return upto
         return int(np.searchsorted(self.of_pair[k], upto))
 
+    def close_times(self, start: int, end: int) -> list[int]:
+        """Return the close times (ms) of the replay's candles [start, end)."""
+        result: list[int] = (self.rows.ts[start:end] + self.step).tolist()
+        return result
+
     def closes(self, start: int, end: int) -> list[float]:
         """Return the close prices of the replay's candles [start, end)."""
         columns = self.rows.pair_columns
@@ -585,7 +603,7 @@ class _StretchPlan:
 
     def candle(self, k: int, clock: ReplayClock | None = None) -> Candle:
         """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
-        close_ts = self.close_list[k]
+        close_ts = int(self.rows.ts[k]) + self.step
         if clock is not None and close_ts > clock.now_ms():
             clock.set(close_ts)
         return self.pair_candle(self.pair_list[k], self.local_list[k])
