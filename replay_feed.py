@@ -152,7 +152,7 @@ class ReplayFeed:
         frames = [self._slice(self.frames[pair]) for pair in names]
         if not all(f.index.is_monotonic_increasing for f in frames):
             return None
-        pair_ts = [f.index.as_unit("ms").asi8.astype(np.int64, copy=False) for f in frames]
+        pair_ts = [_open_ms(f) for f in frames]
         pair_columns = [
             tuple(
                 f[c].to_numpy(dtype=np.float64) for c in ("open", "high", "low", "close", "volume")
@@ -161,11 +161,15 @@ class ReplayFeed:
         ]
         if len(names) == 1:
             n = len(pair_ts[0])
-            pair_of, local, ts = np.zeros(n, dtype=np.int32), np.arange(n), pair_ts[0]
+            pair_of, local, ts = (
+                np.zeros(n, dtype=np.int16),
+                np.arange(n, dtype=np.int32),
+                pair_ts[0],
+            )
         else:
             sizes = [len(t) for t in pair_ts]
-            pair_of = np.repeat(np.arange(len(names), dtype=np.int32), sizes)
-            local = np.concatenate([np.arange(size) for size in sizes])
+            pair_of = np.repeat(np.arange(len(names), dtype=np.int16), sizes)
+            local = np.concatenate([np.arange(size, dtype=np.int32) for size in sizes])
             ts = np.concatenate(pair_ts)
             # The merge's order: by open time, then by pair name (a stable sort keeps the
             # pairs' sorted order among equal times).
@@ -519,7 +523,15 @@ def _packed(code: str, values: np.ndarray) -> array[int]:
     return packed
 
 
-_PACKED_DTYPE = {"b": np.int8, "i": np.intc, "q": np.int64}
+_PACKED_DTYPE = {"b": np.int8, "h": np.short, "i": np.intc}
+
+
+def _open_ms(frame: pd.DataFrame) -> np.ndarray:
+    """Return a frame's open times as int64 epoch ms (its own values when already in ms)."""
+    index = frame.index
+    assert isinstance(index, pd.DatetimeIndex)
+    ms = index if index.unit == "ms" else index.as_unit("ms")
+    return np.asarray(ms.asi8, dtype=np.int64)
 
 
 class _StretchPlan:
@@ -560,8 +572,8 @@ class _StretchPlan:
         self.is_first = _packed("b", first)
         self.is_entry = _packed("b", entry)
         self.is_flagged = _packed("b", flagged)
-        self.pair_list = _packed("i", rows.pair_of)
-        self.local_list = _packed("q", rows.local)
+        self.pair_list = _packed("h", rows.pair_of)
+        self.local_list = _packed("i", rows.local)
 
     def quiet_until(
         self, start: int, hot: list[int], holding: list[int], *, void: bool = False
