@@ -302,6 +302,9 @@ class QuietSignals(Protocol):
 
 
 _SHORT = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
+# The longest stretch applied in one call: its close times and prices become Python lists
+# (about 70 bytes a candle), so a halted account's quiet years go a slice at a time.
+_LONGEST = 1 << 16
 
 
 class SimDriver:
@@ -440,6 +443,7 @@ class SimDriver:
                         plan.taken[k] = local[i] + 1
                         i += 1
                 else:
+                    end = min(end, i + _LONGEST)
                     i, must_flatten = self._stretch(plan, i, end, clock, holding)
             if must_flatten:
                 self._catch_up_to(plan, every, i)  # the exits read the held pairs' bars

@@ -90,6 +90,10 @@ def _lookup(known_and_set: tuple[np.ndarray, np.ndarray], ts: np.ndarray) -> np.
     known, flagged = known_and_set
     if len(known) == 0:
         return np.zeros(len(ts), dtype=bool)
+    if known is ts or (len(known) == len(ts) and np.array_equal(known, ts)):
+        same: np.ndarray = flagged.view()  # the replay's own rows: no index arrays
+        same.flags.writeable = False
+        return same
     index = np.minimum(np.searchsorted(known, ts), len(known) - 1)
     mask: np.ndarray = (known[index] == ts) & flagged[index]
     return mask

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import replay_feed
 from config import load_settings
 from models import OrderType
 from runner import Daemon
@@ -103,6 +104,18 @@ async def test_standard_profile_with_stops_equals_the_full_pipeline(
     full = results["full"]
     assert full["summary"]["n_trades"] > 0
     assert _stop_orders(full) > full["summary"]["n_trades"]  # placed, then trailed
+
+
+async def test_stretches_cut_into_slices_give_the_same_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long quiet stretch applied a few candles per call (memory bound) changes nothing."""
+    monkeypatch.setenv("KESTREL_SIMULATION__TAKER_FEE", "0.0001")
+    monkeypatch.setenv("KESTREL_SIMULATION__MAKER_FEE", "0.0001")
+    whole = await _run(_args("sma_cross"), "runs")
+    monkeypatch.setattr(replay_feed, "_LONGEST", 3)
+    sliced = await _run(_args("sma_cross"), "runs")
+    assert sliced["stretches"] > whole["stretches"]  # the cap did cut stretches
+    for key in ("summary", "curve", "orders", "venue_orders", "trades"):
+        assert sliced[key] == whole[key]
 
 
 def test_quiet_path_is_refused_with_an_anomaly_watch(monkeypatch: pytest.MonkeyPatch) -> None:
