@@ -287,7 +287,7 @@ class EngineState:
     ) -> RiskContext:
         # `closing`: the signal closes the held position, which risk sizes from the
         # position alone: no ATR or returns (those cost O(positions) per exit).
-        positions = self.portfolio.positions()
+        positions = self.portfolio.positions_view()  # built as read: O(1) for an exit
         heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         return RiskContext(
