@@ -17,10 +17,11 @@ its time (perf_counter stamps on this stream): the 49 candles are handed over wi
 ~0.1 ms and decided in one drain; the drain is CPU work of the pipeline itself (thread
 CPU time equals wall time; no socket read, GC collection or disk write inside it),
 ~130 us per candle that orders (its signal, risk context and verdict, the send to the
-matching engine; exits also move and cancel the stop). Peers, in the same run: the same stream taken one
-candle at a time (the loop before bursts: each candle's decision and order answer awaited in
-turn), and the same pipeline fed by the replay (no sockets, no queueing). Each live variant
-runs three times, alternating, and the best run (lowest p99) is reported: the host is shared.
+matching engine; exits also move and cancel the stop). Peers, in the same run: the same
+stream taken one candle at a time (the loop before bursts: each candle's decision and order
+answer awaited in turn), and the same pipeline fed by the replay (no sockets, no queueing).
+Each live variant runs three times, alternating, and the best run (lowest p99) is reported:
+the host is shared.
 """
 
 from __future__ import annotations
