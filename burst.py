@@ -93,15 +93,15 @@ class BurstDecider:
 
     async def on_burst(self, items: Sequence[Item]) -> None:
         """Decide the candles in `items` (arrival order) together."""
-        collecting = gc.isenabled()
-        if collecting:
-            gc.disable()  # a collection mid-burst would delay every decision after it
-        try:
-            for run in split_runs(items):
-                await self._decide_run(run)
-        finally:
+        for run in split_runs(items):
+            collecting = gc.isenabled()
             if collecting:
-                gc.enable()
+                gc.disable()  # a collection mid-burst would delay every decision after it
+            try:
+                await self._decide_run(run)
+            finally:
+                if collecting:
+                    gc.enable()  # a long drain (a refilled gap) collects between its runs
 
     async def saved(self) -> None:
         """Wait until the risk state of the last burst decided has been saved."""

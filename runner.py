@@ -278,21 +278,19 @@ class Daemon(DaemonBase):
         # the loop comes round is one burst (see burst.py).
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
         queue, done = self.queue, False
-        try:
-            while not done:
-                item = await queue.get()
+        while not done:
+            item = await queue.get()
+            if item is None:
+                break
+            burst = [item]
+            while not queue.empty():
+                item = queue.get_nowait()
                 if item is None:
+                    done = True
                     break
-                burst = [item]
-                while not queue.empty():
-                    item = queue.get_nowait()
-                    if item is None:
-                        done = True
-                        break
-                    burst.append(item)
-                await decider.on_burst(burst)
-        finally:
-            await decider.saved()  # the last burst's risk state is on disk
+                burst.append(item)
+            await decider.on_burst(burst)
+        await decider.saved()  # the last burst's risk state is on disk
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():
             # A replay watched on the dashboard stays on screen, final state and all, until
