@@ -735,7 +735,7 @@ class Engine(QuietSteps, EngineControl):
             price=signal.price,
             features=signal.features,
         )
-        entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
+        entering = not signal.exit_only and not self.portfolio.has_position(signal.pair)
         model_veto = self._model_veto(signal) if entering else None
         if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
             verdict: OrderIntent | Veto = Veto(
