@@ -15,10 +15,13 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
 4. sends the approved orders once every candle that can decide has decided, in decision
    order (exits first, then the strongest entries), each through the executor and its
    fills delivered as one at a time would; then the quiet candles (no position, working
-   order or signal: marks and equity) are processed, and the risk state is saved once.
-   No decision waits for another order's answer. The sends are not concurrent tasks: a
-   task starts only after the loop's other ready work, and a replay's feed would move the
-   replay clock past the candle the orders were decided on.
+   order or signal: marks and equity) are processed, and the risk state is saved once,
+   off the decisions' path (`saved` waits for it). No decision waits for another order's
+   answer, nor for a write to disk, nor for the cyclic garbage collector (held off while
+   a burst is decided: reference counting frees what the burst drops; cycles wait).
+   The sends are not concurrent tasks: a task starts only after the loop's other ready
+   work, and a replay's feed would move the replay clock past the candle the orders were
+   decided on.
 
 The executor is unchanged: every order still goes through `TradeExecutor.submit`
 (journal before send, the pair's lock, one protective stop per position). Because every
@@ -31,6 +34,8 @@ at a time in the burst's decision order (tests/test_burst.py checks both).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
@@ -81,11 +86,53 @@ class BurstDecider:
         self.bursts = 0
         # The pairs of the last run, in the order they were decided (for tests and logs).
         self.last_order: list[str] = []
+        # The risk state's save after a burst runs as a task: the write (a thread) must
+        # not hold up the next burst, which is often already queued behind it.
+        self._saving: asyncio.Task[None] | None = None
+        self._save_again = False
 
     async def on_burst(self, items: Sequence[Item]) -> None:
         """Decide the candles in `items` (arrival order) together."""
         for run in split_runs(items):
-            await self._decide_run(run)
+            collecting = gc.isenabled()
+            if collecting:
+                gc.disable()  # a collection mid-burst would delay every decision after it
+            try:
+                await self._decide_run(run)
+            finally:
+                if collecting:
+                    gc.enable()  # a long drain (a refilled gap) collects between its runs
+
+    async def saved(self) -> None:
+        """Wait until the risk state of the last burst decided has been saved."""
+        while self._saving is not None:
+            saving = self._saving
+            await saving
+            if self._saving is saving:
+                self._saving = None
+
+    def _save_soon(self) -> None:
+        # Coalesced: a burst decided while a save runs asks for one more save after it,
+        # which stores the newest state.
+        if self.engine.risk_saver is None:
+            return
+        if self._saving is not None and not self._saving.done():
+            self._save_again = True
+            return
+        self._saving = asyncio.ensure_future(self._save())
+
+    async def _save(self) -> None:
+        while True:
+            self._save_again = False
+            saver = self.engine.risk_saver
+            if saver is None:
+                return
+            try:
+                await saver()
+            except Exception:  # the saver logs its own write failures; this is a bug
+                log.exception("burst_risk_save_failed")
+            if not self._save_again:
+                return
 
     async def _decide_run(self, run: list[Item]) -> None:
         engine = self.engine
@@ -115,8 +162,7 @@ class BurstDecider:
             finally:
                 engine.sender = None
             await self._send(decided)
-        if engine.risk_saver is not None:
-            await engine.risk_saver()  # once per burst, after every decision is out
+        self._save_soon()  # once per burst, after every decision is out
 
     def _decision_order(
         self, admitted: list[tuple[Candle, float | None, float]]

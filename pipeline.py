@@ -287,7 +287,7 @@ class EngineState:
     ) -> RiskContext:
         # `closing`: the signal closes the held position, which risk sizes from the
         # position alone: no ATR or returns (those cost O(positions) per exit).
-        positions = self.portfolio.positions()
+        positions = self.portfolio.positions_view()  # built as read: O(1) for an exit
         heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         return RiskContext(
@@ -735,7 +735,7 @@ class Engine(QuietSteps, EngineControl):
             price=signal.price,
             features=signal.features,
         )
-        entering = not signal.exit_only and self.portfolio.position(signal.pair) is None
+        entering = not signal.exit_only and not self.portfolio.has_position(signal.pair)
         model_veto = self._model_veto(signal) if entering else None
         if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
             verdict: OrderIntent | Veto = Veto(

@@ -12,7 +12,7 @@ only input; nothing else mutates the portfolio.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -50,6 +50,44 @@ class _Open:
     adds_at_loss: int = 0  # adds at a price worse than the average entry, not yet reported
     funding: Decimal = ZERO  # net funding received while open (negative: paid)
     liquidation: Decimal | None = None  # as the exchange reported it (live restore)
+
+
+class PositionsView(Mapping[str, Position]):
+    """The open positions of a portfolio by pair, each built on first read (`positions_view`).
+
+    The pairs are those open when the view is made; a position is built as
+    `Portfolio.position` would build it at the moment it is first read, then kept.
+    """
+
+    __slots__ = ("_built", "_pairs", "_portfolio")
+
+    def __init__(self, portfolio: Portfolio) -> None:
+        self._portfolio = portfolio
+        self._pairs = dict.fromkeys(portfolio._open)
+        self._built: dict[str, Position] = {}
+
+    def __getitem__(self, pair: str) -> Position:
+        """Return the position on `pair` (KeyError when none was open)."""
+        built = self._built.get(pair)
+        if built is not None:
+            return built
+        position = self._portfolio.position(pair) if pair in self._pairs else None
+        if position is None:
+            raise KeyError(pair)
+        self._built[pair] = position
+        return position
+
+    def __contains__(self, pair: object) -> bool:
+        """Return True when a position was open on `pair`."""
+        return pair in self._pairs
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the pairs with an open position."""
+        return iter(self._pairs)
+
+    def __len__(self) -> int:
+        """Return how many positions are open."""
+        return len(self._pairs)
 
 
 class Portfolio:
@@ -107,6 +145,15 @@ class Portfolio:
             if pos is not None:
                 out[pair] = pos
         return out
+
+    def positions_view(self) -> PositionsView:
+        """Return the open positions as a mapping that builds each one when first read.
+
+        For one decision (`Engine._risk_context`): an exit reads its own position and an
+        entry the count and the pairs, so building all of them (`positions`) would make a
+        burst of decisions cost O(positions) each. Read it before the portfolio changes.
+        """
+        return PositionsView(self)
 
     def signed_qty(self, pair: str) -> Decimal:
         """Return the signed position quantity (0 when flat)."""

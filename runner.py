@@ -290,6 +290,7 @@ class Daemon(DaemonBase):
                     break
                 burst.append(item)
             await decider.on_burst(burst)
+        await decider.saved()  # the last burst's risk state is on disk
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():
             # A replay watched on the dashboard stays on screen, final state and all, until

@@ -10,10 +10,18 @@ waits in the queue behind the other 49 of its burst counts that wait.
 
 The daemon's pipeline loop decides each drained burst together (burst.BurstDecider: every
 candle admitted, signals ahead, positions first then the strongest entries, the orders sent
-once every candle that can decide has). Peers, in the same run: the same stream taken one
-candle at a time (the loop before bursts: each candle's decision and order answer awaited in
-turn), and the same pipeline fed by the replay (no sockets, no queueing). Each live variant
-runs three times, alternating, and the best run (lowest p99) is reported: the host is shared.
+once every candle that can decide has). The emulator runs in its own process, as an
+exchange would: its matching and encoding of the 100 frames a minute (a closed and a new
+candle per pair) do not compete with the daemon's loop. Where a burst's last order spends
+its time (perf_counter stamps on this stream): the 49 candles are handed over within
+~0.1 ms and decided in one drain; the drain is CPU work of the pipeline itself (thread
+CPU time equals wall time; no socket read, GC collection or disk write inside it),
+~130 us per candle that orders (its signal, risk context and verdict, the send to the
+matching engine; exits also move and cancel the stop). Peers, in the same run: the same
+stream taken one candle at a time (the loop before bursts: each candle's decision and order
+answer awaited in turn), and the same pipeline fed by the replay (no sockets, no queueing).
+Each live variant runs three times, alternating, and the best run (lowest p99) is reported:
+the host is shared.
 """
 
 from __future__ import annotations
@@ -214,7 +222,8 @@ def run() -> list[dict[str, Any]]:
             "decision latency p99 (50 pairs, emulator stream, bursts decided together)",
             lp[1],
             pp[1],
-            f"target p99 < 5 ms; includes the wait behind the burst's other candles; {every}",
+            f"target p99 < 5 ms: {'met' if lp[1] < 5 else 'not met'}; includes the wait behind "
+            f"the burst's other candles; {every}",
         ),
         row(
             "decision service time p50 (engine takes the candle -> order accepted)",

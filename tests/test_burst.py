@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,37 @@ def test_a_pair_twice_in_one_drain_is_decided_in_two_runs() -> None:
         for run in split_runs([(a1, None), (b1, None), (a2, None), (c1, None)])
     ]
     assert runs == [["A", "B"], ["A", "C"]]
+
+
+def test_a_burst_does_not_wait_for_its_risk_state_save(sim_env: None) -> None:
+    """The risk state's save after a burst runs behind it: the next burst is decided while
+    a slow save is still writing, saves asked for meanwhile collapse into one more, and
+    `saved` returns once the last one is done. The garbage collector is back on after."""
+
+    async def run() -> tuple[int, int, int, bool]:
+        daemon = _daemon()
+        assert daemon.engine is not None
+        assert daemon.driver is not None
+        release, calls = asyncio.Event(), [0]
+
+        async def slow_save() -> None:
+            calls[0] += 1
+            await release.wait()
+
+        daemon.engine.risk_saver = slow_save
+        decider = BurstDecider(daemon.engine, daemon.driver.match)
+        bursts = _bursts(daemon)[:4]
+        for burst in bursts:
+            _close(daemon, burst)
+            await decider.on_burst([(c, None) for c in burst])
+            await asyncio.sleep(0)  # the save task starts and blocks on `release`
+        during = calls[0]
+        release.set()
+        await decider.saved()
+        return during, calls[0], daemon.engine.candles, gc.isenabled()
+
+    during, after, candles, collecting = asyncio.run(run())
+    assert candles == 4 * len(PAIRS)  # every burst decided while the first save hung
+    assert during == 1
+    assert after == 2  # three bursts asked while it ran: one more save, the newest state
+    assert collecting

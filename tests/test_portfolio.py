@@ -239,3 +239,26 @@ def test_closed_trade_carries_the_stop_in_force_at_entry() -> None:
     unprotected = p.apply_fill(fill(4, Side.SELL, "1", "101"))
     assert unprotected is not None
     assert unprotected.stop_price is None
+
+
+@settings(deadline=None, max_examples=40)
+@given(fills_strategy)
+def test_positions_view_reads_as_positions(
+    steps: list[tuple[Side, Decimal, Decimal, Decimal, str]],
+) -> None:
+    """The lazy positions view holds the same pairs and positions as `positions()`, in order,
+    whether a position is read by key, by iteration or by `get`; closed pairs are absent."""
+    p = Portfolio(Decimal(10_000))
+    for n, (side, qty, price, fee, pair) in enumerate(steps):
+        p.apply_fill(fill(n, side, str(qty), str(price), str(fee), pair))
+        p.mark(pair, price + 1)
+        eager, view = p.positions(), p.positions_view()
+        assert list(view) == list(eager)
+        assert len(view) == len(eager)
+        assert view.get(pair) == eager.get(pair)
+        assert dict(view.items()) == eager
+        for other in ("BTC/USDT", "ETH/USDT", "SOL/USDT"):
+            assert (other in view) is (other in eager)
+            if other not in eager:
+                with pytest.raises(KeyError):
+                    view[other]
