@@ -10,8 +10,6 @@ closed trades, positions, and the stops still working on the exchange.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -35,6 +33,7 @@ from runner import Daemon
 from telegram_templates import render_event
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
+from tests.test_live_support import private_streams as _streams
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
 from utils.utilities import AuditTrail, WallClock
@@ -81,30 +80,6 @@ def _executor(ex: Exchange, store: TradeStore, events: list[Event]) -> TradeExec
         notify=events.append,
         unknown_after_ms=1_000,
     )
-
-
-@contextlib.asynccontextmanager
-async def _streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterator[None]:
-    """Run the private order and execution streams into `executor`, as the daemon does."""
-
-    async def fills() -> None:
-        async for fill in ex.watch_fills():
-            await executor.on_stream_fill(fill)
-
-    async def orders() -> None:
-        async for order in ex.watch_orders():
-            await executor.on_order(order)
-
-    tasks = [asyncio.create_task(fills()), asyncio.create_task(orders())]
-    assert await ex.wait_private_streams(timeout=5.0)
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if not isinstance(outcome, asyncio.CancelledError):
-                raise AssertionError(f"a private stream consumer failed: {outcome!r}")
 
 
 async def _catch_up(ex: Exchange, executor: TradeExecutor, since: int | None = None) -> int:

@@ -1,0 +1,37 @@
+"""Shared helpers for the live executor tests on the emulator: the private streams.
+
+No tests live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from exchange import Exchange
+from trade_executor import TradeExecutor
+
+
+@contextlib.asynccontextmanager
+async def private_streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterator[None]:
+    """Run the private order and execution streams into `executor`, as the daemon does."""
+
+    async def fills() -> None:
+        async for fill in ex.watch_fills():
+            await executor.on_stream_fill(fill)
+
+    async def orders() -> None:
+        async for order in ex.watch_orders():
+            await executor.on_order(order)
+
+    tasks = [asyncio.create_task(fills()), asyncio.create_task(orders())]
+    assert await ex.wait_private_streams(timeout=5.0)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if not isinstance(outcome, asyncio.CancelledError):
+                raise AssertionError(f"a private stream consumer failed: {outcome!r}")
