@@ -852,6 +852,16 @@ def run_models_cli(
     return 0
 
 
+def fold_scores(validation: Mapping[str, Any]) -> str:
+    """Return a version's walk-forward fold scores, oldest fold first ("-" if none).
+
+    The challenger's when there is one (the version being judged), else the champion's.
+    """
+    count = int(validation.get("folds") or 0)
+    scores = [validation.get(f"fold{k}_score") for k in range(1, count + 1)]
+    return " ".join("n/a" if v is None else f"{v:+.2f}" for v in scores) or "-"
+
+
 def _print_models(rows: Sequence[Mapping[str, Any]], action: Mapping[str, Any]) -> None:
     import sys
 
@@ -859,11 +869,13 @@ def _print_models(rows: Sequence[Mapping[str, Any]], action: Mapping[str, Any]) 
     from rich.table import Table
 
     table = Table(title="Kestrel models")
-    for column in ("name", "champion", "challenger", "rollback to", "versions", "score"):
+    columns = ("name", "champion", "challenger", "rollback to", "versions", "score", "folds")
+    for column in columns:
         table.add_column(column)
     for row in rows:
         previous = row.get("previous") or []
         score = (row.get("champion_validation") or {}).get("score")
+        shown = row.get("challenger_validation") if row.get("challenger") else None
         table.add_row(
             str(row["name"]),
             str(row.get("champion") or "-"),
@@ -874,6 +886,7 @@ def _print_models(rows: Sequence[Mapping[str, Any]], action: Mapping[str, Any]) 
             str(previous[-1] if previous else "-"),
             str(row.get("versions", 0)),
             "-" if score is None else f"{score:.2f}",
+            fold_scores(shown or row.get("champion_validation") or {}),
         )
     console = Console(file=sys.stdout, width=160)
     for key, value in action.items():

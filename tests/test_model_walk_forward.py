@@ -17,6 +17,7 @@ from model_registry import Registry
 from model_training import (
     TrainRequest,
     decide,
+    fold_scores,
     load_shadow,
     model_name,
     run_train_cli,
@@ -205,3 +206,10 @@ def test_a_first_model_promotion_says_it_beat_flat(tmp_path: Path) -> None:
     assert decide(Registry(tmp_path), first.learning, validation, out.append) == "promoted"
     assert isinstance(out[-1], ModelPromoted)
     assert "beat staying flat" in out[-1].reason
+
+
+def test_models_table_shows_each_folds_score_oldest_first() -> None:
+    """`--mode models` lists a version's fold scores in fold order, a missing one as n/a."""
+    validation = {"folds": 3.0, "fold1_score": 4.786, "fold3_score": -0.966, "score": 0.5}
+    assert fold_scores(validation) == "+4.79 n/a -0.97"
+    assert fold_scores({"score": 0.5}) == "-"  # trained before folds were recorded
