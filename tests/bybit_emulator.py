@@ -398,7 +398,8 @@ class _Order:
     locked_coin: str = ""
     locked: Decimal = Decimal(0)
     reject_reason: str = "EC_NoError"
-    # Who created it: CreateByUser, or the exchange (CreateByLiq, CreateByAdl_PassThrough).
+    # Who created it: CreateByUser, or the exchange (CreateByTakeOver_PassThrough: the
+    # liquidation engine's takeover at the bankruptcy price; CreateByAdl_PassThrough).
     create_type: str = "CreateByUser"
 
     @property
@@ -486,7 +487,13 @@ class _Execution:
 
 
 # Executions of the orders the exchange itself creates (Bybit's `execType` enum).
-_EXEC_TYPES = {"CreateByLiq": "BustTrade", "CreateByAdl_PassThrough": "AdlTrade"}
+# Bybit's enum: CreateByLiq is a laddered (partial) liquidation, CreateByTakeOver_PassThrough
+# the liquidation engine taking the whole position over at its bankruptcy price.
+_EXEC_TYPES = {
+    "CreateByLiq": "BustTrade",
+    "CreateByTakeOver_PassThrough": "BustTrade",
+    "CreateByAdl_PassThrough": "AdlTrade",
+}
 
 
 @dataclass(slots=True)
@@ -1987,7 +1994,7 @@ class BybitEmulator:
         # included), then the liquidation engine takes the whole position over at its
         # bankruptcy price, charging the taker fee on that value; what margin is left
         # goes to the insurance fund, so the wallet loses the position's margin plus fee.
-        await self._force_close(pos, abs(pos.size), bust, "CreateByLiq")
+        await self._force_close(pos, abs(pos.size), bust, "CreateByTakeOver_PassThrough")
 
     async def _force_close(self, pos: _Position, qty: Decimal, price: Decimal, how: str) -> None:
         for order in list(self.orders.values()):

@@ -158,7 +158,7 @@ async def test_the_emulator_liquidates_at_bankruptcy_with_bybits_wire_rows(
     await emu.set_mark(SYMBOL, emu._position_item(SYMBOL)["liqPrice"])  # at it: liquidated
     assert emu.positions[SYMBOL].size == 0
     assert _working_stops(emu) == []
-    [(qty, price, fee)] = _forced(emu, "CreateByLiq")
+    [(qty, price, fee)] = _forced(emu, "CreateByTakeOver_PassThrough")
     assert (qty, price) == (D("0.100"), entry * (1 - D(1) / 20))
     assert fee == qty * price * TAKER
     # Isolated margin at 20x: the wallet loses the margin and both fees, no more.
@@ -167,13 +167,13 @@ async def test_the_emulator_liquidates_at_bankruptcy_with_bybits_wire_rows(
     bust = next(r for r in rows["list"] if r["execType"] == "BustTrade")
     assert (bust["orderLinkId"], bust["createType"], bust["orderType"]) == (
         "",
-        "CreateByLiq",
+        "CreateByTakeOver_PassThrough",
         "Market",
     )
     assert D(bust["closedSize"]) == qty
     history = await ex._ccxt.private_get_v5_order_history({"category": "linear"})
     by_type = {o["createType"]: o for o in history["result"]["list"]}
-    liq_order = by_type["CreateByLiq"]
+    liq_order = by_type["CreateByTakeOver_PassThrough"]
     assert (liq_order["orderType"], liq_order["orderStatus"]) == ("Market", "Filled")
     stops = await ex._ccxt.private_get_v5_order_history(
         {"category": "linear", "orderFilter": "StopOrder"}
@@ -184,7 +184,7 @@ async def test_the_emulator_liquidates_at_bankruptcy_with_bybits_wire_rows(
         (topic, item.get("execType") or item["orderStatus"])
         for topic, data in emu.private_pushed
         for item in data
-        if item.get("createType") == "CreateByLiq"
+        if item.get("createType") == "CreateByTakeOver_PassThrough"
     }
     assert forced == {("order", "Filled"), ("execution", "BustTrade")}
     last_position = [data for topic, data in emu.private_pushed if topic == "position"][-1]
@@ -210,7 +210,7 @@ async def test_a_liquidation_is_booked_once_the_stop_goes_and_a_restart_agrees(
         await eventually(lambda: executor.protective_stop(LINEAR)[0] is StopState.NONE)
         # The REST catch-up brings the same execution: booked once all the same.
         assert await _catch_up(ex, executor) == 0
-    [(qty, price, fee)] = _forced(emu, "CreateByLiq")
+    [(qty, price, fee)] = _forced(emu, "CreateByTakeOver_PassThrough")
     assert price == bust
     [trade] = executor.portfolio.closed
     assert trade.reason.startswith("liquidation")
