@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import pandas as pd
 import structlog
@@ -49,6 +49,16 @@ def _cli_windows(n_rows: int) -> list[Window]:
     except ConfigError:
         return []
     return windows if windows[0].test_end - windows[0].test_start >= MIN_TEST_ROWS else []
+
+
+R = TypeVar("R")
+
+
+def initial_point(settings: Settings, strategy: str, space: SearchSpace) -> dict[str, Any]:
+    """Return the search's first candidate: the strategy's defaults, then the configured."""
+    configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
+    defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}
+    return {**defaults, **configured}
 
 
 def generation_reporter(
@@ -130,17 +140,17 @@ async def run_optimize_cli(args: argparse.Namespace, settings: Settings) -> int:
         settings, strategy, timeframe, one_score=options.objective == "score"
     )
     windows = _cli_windows(len(time_axis(frames)))
-    configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
-    defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}
     started = datetime.now(UTC)
-    report = await _search(
+    report = await search_in_thread(
+        run_optimization,
         strategy,
         evaluator,
         frames,
         space,
         options,
+        metric=options.objective,
         windows=windows,
-        initial=[{**defaults, **configured}],
+        initial=[initial_point(settings, strategy, space)],
     )
     document = _document(
         report,
@@ -171,26 +181,31 @@ def _requested_pairs(args: argparse.Namespace, settings: Settings) -> list[str]:
     )
 
 
-async def _search(
+async def search_in_thread(
+    run: Callable[..., R],
     strategy: str,
     evaluator: BacktestEvaluator,
     frames: dict[str, pd.DataFrame],
     space: SearchSpace,
-    options: SearchOptions,
+    options: SearchOptions | Any,
+    *,
+    metric: str,
     **kwargs: Any,
-) -> OptimizationReport:
-    # The search runs in a worker thread (its Dask client calls block) while the loop
-    # draws the progress bar; a cancelled run stops before the next generation.
+) -> R:
+    """Run a search (`run_optimization` or `run_pareto`) in a worker thread, with a bar.
+
+    The search's Dask client calls block, so it runs in a thread while the loop draws the
+    progress bar (one step per generation, `metric` the figure shown); a cancelled run
+    stops before the next generation.
+    """
     stop = threading.Event()
     loop = asyncio.get_running_loop()
     with progress_bar(elapsed=True) as progress:
         task = progress.add_task(f"optimising {strategy}", total=options.generations)
-
-        on_generation = generation_reporter(progress, task, loop, strategy, options.objective)
-
+        on_generation = generation_reporter(progress, task, loop, strategy, metric)
         try:
             return await asyncio.to_thread(
-                run_optimization,
+                run,
                 evaluator,
                 frames,
                 space,

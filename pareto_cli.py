@@ -9,9 +9,7 @@ with `--force`, logged as a warning), and writes the JSON document, the HTML rep
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -22,13 +20,18 @@ import structlog
 from approved_params import GateResult, approved_path, evaluate_gate, write_approved
 from error_handler import ConfigError
 from optimization_backends import BacktestEvaluator
-from optimization_cli import cost_profile, data_range, generation_reporter, write_documents
+from optimization_cli import (
+    cost_profile,
+    data_range,
+    initial_point,
+    search_in_thread,
+    write_documents,
+)
 from optimization_report import render_html
 from optimization_scoring import PERIODS
 from pareto_run import ParetoReport, recent_out_of_sample, run_pareto
 from pareto_search import ParetoOptions
-from search_space import SearchSpace, _strategy_class, strategy_feasibility
-from utils.progress import progress_bar
+from search_space import SearchSpace
 from walk_forward_analysis import Window, time_axis, walk_forward_windows
 
 
@@ -86,20 +89,20 @@ async def run_pareto_cli(
         settings, strategy, timeframe, periods=PERIODS, one_score=True
     )
     windows = cli_windows(len(time_axis(frames)), opt.windows, anchored=opt.anchored)
-    configured = {k: v for k, v in settings.strategy.params.items() if k in space.names}
-    defaults = {k: float(p.default) for k, p in _strategy_class(strategy).parameters.items()}
     stem = Path(strategy).stem if strategy.endswith(".py") else strategy
     out_dir = settings.storage.data_dir / "optimize"
     checkpoint = out_dir / f"{stem}-{timeframe}.checkpoint"
     started = datetime.now(UTC)
-    report = await _search(
+    report = await search_in_thread(
+        run_pareto,
         strategy,
         evaluator,
         frames,
         space,
         options,
+        metric=options.scalar,
         windows=windows,
-        initial=[{**defaults, **configured}],
+        initial=[initial_point(settings, strategy, space)],
         checkpoint=checkpoint,
         sensitivity=opt.sensitivity,
     )
@@ -143,40 +146,6 @@ async def run_pareto_cli(
     print_pareto_report(report, document, path=path)
     log.info("optimization_written", path=str(path))
     return 0 if report.best is not None else 1
-
-
-async def _search(
-    strategy: str,
-    evaluator: BacktestEvaluator,
-    frames: dict[str, pd.DataFrame],
-    space: SearchSpace,
-    options: ParetoOptions,
-    **kwargs: Any,
-) -> ParetoReport:
-    # The search runs in a worker thread (Dask client calls block) while the loop draws
-    # the progress bar; a cancelled run stops before the next generation.
-    stop = threading.Event()
-    loop = asyncio.get_running_loop()
-    with progress_bar(elapsed=True) as progress:
-        task = progress.add_task(f"optimising {strategy}", total=options.generations)
-
-        on_generation = generation_reporter(progress, task, loop, strategy, options.scalar)
-
-        try:
-            return await asyncio.to_thread(
-                run_pareto,
-                evaluator,
-                frames,
-                space,
-                options,
-                feasible=strategy_feasibility(strategy),
-                stop=stop,
-                on_generation=on_generation,
-                **kwargs,
-            )
-        except asyncio.CancelledError:
-            stop.set()
-            raise
 
 
 def _gate(report: ParetoReport, settings: OptimizationSettings) -> GateResult:
