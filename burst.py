@@ -172,6 +172,7 @@ class BurstDecider:
         engine = self.engine
         portfolio = engine.portfolio
         working = {o.pair for o in engine.executor.open_orders()}
+        engine.prepare_signals([item[0] for item in admitted])  # one pass over the burst
         keyed: list[tuple[tuple[int, float, str], tuple[Candle, float | None, float]]] = []
         for item in admitted:
             pair = item[0].pair

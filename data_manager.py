@@ -306,6 +306,10 @@ class _Ring:
             v[3, start:end], v[4, start:end],
         )  # fmt: skip
 
+    def tail(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        start = max(0, self.size - self.capacity, self.size - rows)
+        return self.ts[start : self.size], self.values[:, start : self.size]
+
 
 class DataManager:
     """Keep a rolling candle window per pair and timeframe, fed one closed candle at a time.
@@ -424,6 +428,17 @@ class DataManager:
         """
         ring = self._rings.get((pair, timeframe))
         return ring.arrays() if ring is not None else _empty_arrays()
+
+    def tail(self, pair: str, timeframe: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the open times and the (5, n) OHLCV block of the window's last `rows` rows.
+
+        Views of the buffer, like `arrays` (n < `rows` when the window is shorter): what
+        a burst gathers from every pair to advance their indicators in one pass.
+        """
+        ring = self._rings.get((pair, timeframe))
+        if ring is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((5, 0))
+        return ring.tail(rows)
 
     def last_ts(self, pair: str, timeframe: str) -> int | None:
         """Return the open time of the pair's latest closed candle."""

@@ -685,6 +685,13 @@ class Engine(QuietSteps, EngineControl):
         if signal is not None:
             await self._decide(signal, candle, now)
 
+    def prepare_signals(self, candles: list[Candle]) -> None:
+        """Compute the strategy's rows for admitted candles in one pass (a burst's)."""
+        try:
+            self.signals_source.prepare([c.pair for c in candles])
+        except Exception:  # each pair's own signal then computes (and reports) it
+            log.exception("strategy_prepare_failed", pairs=len(candles))
+
     def early_signal(self, candle: Candle) -> Signal | None:
         """Return the signal an admitted candle will be decided on, computed ahead.
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
 import numpy as np
 
+from batch_signals import advance_many, warm
 from data_manager import DataManager
 from models import Candle, Side, Signal
 from strategy import Strategy
@@ -27,6 +28,14 @@ class SignalSource(Protocol):
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Return the signal for `candle` given the signed position held, or None."""
+        ...
+
+    def prepare(self, pairs: Sequence[str]) -> None:
+        """Compute ahead, in one pass where it can, what `signal` will read for `pairs`.
+
+        Their candles have just been admitted together (a burst); `signal` gives the same
+        answers with or without this call.
+        """
         ...
 
 
@@ -119,6 +128,11 @@ class RollingSignals:
         self.strategy = strategy
         self.data = data
         self.timeframe = timeframe
+        warm(strategy)  # the burst pass's driver is ready before the first burst
+
+    def prepare(self, pairs: Sequence[str]) -> None:
+        """Advance every pair's indicators by its new row in one kernel pass (`batch_signals`)."""
+        advance_many(self.strategy, self.data, self.timeframe, pairs)
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Compute the window's last row and decide."""
@@ -142,6 +156,18 @@ class StrategyRouter:
 
     def __init__(self, by_pair: dict[str, SignalSource]) -> None:
         self.by_pair = by_pair
+
+    def prepare(self, pairs: Sequence[str]) -> None:
+        """Prepare each strategy's pairs together, one pass per strategy."""
+        # Each pair has its own source; those reading one strategy share its pass.
+        by_source: dict[int, tuple[SignalSource, list[str]]] = {}
+        for pair in pairs:
+            source = self.by_pair.get(pair)
+            if source is not None:
+                key = id(source.strategy) if isinstance(source, RollingSignals) else id(source)
+                by_source.setdefault(key, (source, []))[1].append(pair)
+        for source, owned in by_source.values():
+            source.prepare(owned)
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Ask the strategy that owns the candle's pair (None for a pair no one owns)."""
@@ -244,6 +270,9 @@ class PrecomputedSignals:
     def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
         return _lookup(self._entering[pair], ts)
+
+    def prepare(self, pairs: Sequence[str]) -> None:
+        """Nothing to do: every row is computed already."""
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Read the precomputed row for this candle."""

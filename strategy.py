@@ -249,8 +249,28 @@ class KernelStrategy(Strategy):
 
     def last_row_arrays(self, pair: str, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
         """Return the last row's columns, consuming only the rows not seen before."""
+        stream = self._streams.get(pair)
+        if stream is not None and stream.row and int(arrays[0][-1]) == stream.last_ts:
+            return stream.row  # computed ahead (a burst's pass) or asked again
         cols = tuple(np.ascontiguousarray(a, dtype=np.float64) for a in arrays[1:6])
         return self._advance(pair, np.asarray(arrays[0], dtype=np.int64), cols)
+
+    def next_row_state(self, pair: str, ts: np.ndarray) -> np.ndarray | None:
+        """Return the pair's state if `ts` ends with exactly one row it has not consumed.
+
+        `ts`: the window's last `lookback` + 1 open times (or more). None otherwise (then
+        `last_row_arrays` advances it alone). See `batch_signals`: it advances the state
+        in place, then calls `set_row`.
+        """
+        stream = self._streams.get(pair)
+        if stream is None or not stream.row or len(ts) < max(self.lookback + 1, 2):
+            return None
+        return stream.state if int(ts[-2]) == stream.last_ts < int(ts[-1]) else None
+
+    def set_row(self, pair: str, last_ts: int, row: dict[str, Any]) -> None:
+        """Record `row` as the pair's last row at `last_ts` (its state advanced in place)."""
+        stream = self._streams[pair]
+        stream.last_ts, stream.row = last_ts, row
 
     def reset(self, pair: str | None = None) -> None:
         """Forget the incremental state of one pair (or all)."""

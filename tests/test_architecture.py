@@ -147,6 +147,7 @@ OWNER: dict[str, str] = {
     # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
     "engine_quiet": "pipeline",
     "burst": "runner",  # the pipeline loop's bursts, decided together
+    "batch_signals": "pipeline",  # a burst's indicators in one pass (the signal sources')
 }
 
 
