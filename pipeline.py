@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -94,6 +94,48 @@ class DeferredOrder:
     strength: float
     received: float | None
     started: float
+
+
+class ReturnsView(Mapping[str, np.ndarray]):
+    """The recent returns of a decision's pairs, each computed when first read.
+
+    `RiskContext.returns` for one decision: an entry with no position held reads none
+    (the correlation guard has nothing to compare), so none is computed. A pair whose
+    window has fewer than two returns is not in it.
+    """
+
+    __slots__ = ("_done", "_one", "_pairs")
+
+    def __init__(self, one: Callable[[str], np.ndarray | None], pairs: list[str]) -> None:
+        self._one = one
+        self._pairs = dict.fromkeys(pairs)
+        self._done: dict[str, np.ndarray | None] = {}
+
+    def _get(self, pair: object) -> np.ndarray | None:
+        if not isinstance(pair, str) or pair not in self._pairs:
+            return None
+        if pair not in self._done:
+            self._done[pair] = self._one(pair)
+        return self._done[pair]
+
+    def __getitem__(self, pair: str) -> np.ndarray:
+        """Return the pair's returns (KeyError when it has none)."""
+        returns = self._get(pair)
+        if returns is None:
+            raise KeyError(pair)
+        return returns
+
+    def __contains__(self, pair: object) -> bool:
+        """Return True when the pair has returns."""
+        return self._get(pair) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the pairs that have returns."""
+        return iter([p for p in self._pairs if self._get(p) is not None])
+
+    def __len__(self) -> int:
+        """Return how many pairs have returns."""
+        return sum(1 for p in self._pairs if self._get(p) is not None)
 
 
 class EngineState:
@@ -261,45 +303,50 @@ class EngineState:
         self._atr_cache[pair] = (key, atr)
         return atr
 
-    def _returns(self, pairs: list[str]) -> dict[str, np.ndarray]:
+    def _pair_returns(self, pair: str) -> np.ndarray | None:
+        # The pair's last `correlation_window` returns (None: fewer than two), computed once
+        # per window: every entry reads every held pair's.
         window = self.risk.settings.correlation_window
-        out = {}
-        for pair in pairs:
-            bars = self.data.arrays(pair, self.timeframe)
-            if len(bars.close) == 0:
-                continue
-            # Every entry reads every held pair's returns: computed once per window.
-            key = (int(bars.ts[-1]), len(bars.close), window)
-            cached = self._returns_cache.get(pair)
-            if cached is not None and cached[0] == key:
-                out[pair] = cached[1]
-                continue
-            close = bars.close[-(window + 1) :]
-            if len(close) > 2:
-                returns = np.diff(close) / close[:-1]
-                returns.flags.writeable = False  # shared between the contexts that read it
-                self._returns_cache[pair] = (key, returns)
-                out[pair] = returns
-        return out
+        bars = self.data.arrays(pair, self.timeframe)
+        if len(bars.close) == 0:
+            return None
+        key = (int(bars.ts[-1]), len(bars.close), window)
+        cached = self._returns_cache.get(pair)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        close = bars.close[-(window + 1) :]
+        if len(close) <= 2:
+            return None
+        returns = np.diff(close) / close[:-1]
+        returns.flags.writeable = False  # shared between the contexts that read it
+        self._returns_cache[pair] = (key, returns)
+        return returns
 
     def _risk_context(
-        self, pair: str, now: int, candle_ts: int | None = None, *, closing: bool = False
+        self,
+        pair: str,
+        now: int,
+        candle_ts: int | None = None,
+        *,
+        closing: bool = False,
+        equity: Decimal | None = None,
     ) -> RiskContext:
         # `closing`: the signal closes the held position, which risk sizes from the
         # position alone: no ATR or returns (those cost O(positions) per exit).
+        # `equity`: the portfolio's, already computed for this candle (O(positions) each).
         positions = self.portfolio.positions_view()  # built as read: O(1) for an exit
         heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         return RiskContext(
             now=now,
-            equity=self.portfolio.equity(),
+            equity=self.portfolio.equity() if equity is None else equity,
             cash=self.portfolio.cash,
             positions=positions,
             market=self.market_for(pair),
             price=self.price(pair) or Decimal(0),
             atr=self._atr(pair) if heavy else None,
             taker_fee=self.executor.taker_fee,
-            returns=self._returns([pair, *positions]) if heavy else None,
+            returns=ReturnsView(self._pair_returns, [pair, *positions]) if heavy else None,
             candle_ts=candle_ts,
             sleeve_equity=sleeve[0] if sleeve else None,
             sleeve_free=sleeve[1] if sleeve else None,
@@ -663,7 +710,7 @@ class Engine(QuietSteps, EngineControl):
             self._reallocate(now, equity)
         # Exiting now, or a drained pair: no new decision on this candle.
         if not exited and (pair in self._active or portfolio.has_position(pair)):
-            await self._decide_if_fresh(candle, now)
+            await self._decide_if_fresh(candle, now, equity)
         if self.risk_saver is not None and self.sender is None:
             await self.risk_saver()  # after the decision: never on its latency
 
@@ -673,7 +720,7 @@ class Engine(QuietSteps, EngineControl):
             await self.risk_saver()
         await self._flatten("circuit breaker: flatten")
 
-    async def _decide_if_fresh(self, candle: Candle, now: int) -> None:
+    async def _decide_if_fresh(self, candle: Candle, now: int, equity: Decimal) -> None:
         # A candle that arrived later than `max_lag_ms` after its close is counted and
         # skipped (deciding on it would trade on stale prices); otherwise ask the strategy.
         if self.max_lag_ms is not None and now - (candle.ts + self.step) > self.max_lag_ms:
@@ -683,7 +730,7 @@ class Engine(QuietSteps, EngineControl):
             return
         signal = self._safe_signal(candle)
         if signal is not None:
-            await self._decide(signal, candle, now)
+            await self._decide(signal, candle, now, equity)
 
     def prepare_signals(self, candles: list[Candle]) -> None:
         """Compute the strategy's rows for admitted candles in one pass (a burst's)."""
@@ -729,7 +776,9 @@ class Engine(QuietSteps, EngineControl):
             self.alert(ErrorRaised(error.message))
             return None
 
-    async def _decide(self, signal: Signal, candle: Candle, now: int) -> None:
+    async def _decide(self, signal: Signal, candle: Candle, now: int, equity: Decimal) -> None:
+        # `equity`: the candle's recorded equity; nothing changes the portfolio between
+        # its recording and the decision (sends wait for the verdict), so it is reused.
         self.signals += 1
         self.audit.record(
             "signal",
@@ -757,7 +806,9 @@ class Engine(QuietSteps, EngineControl):
             closing = held is not None and (signal.side is Side.SELL) is (
                 held.side is PositionSide.LONG
             )
-            context = self._risk_context(signal.pair, now, signal.ts, closing=closing)
+            context = self._risk_context(
+                signal.pair, now, signal.ts, closing=closing, equity=equity
+            )
             verdict = self.risk.evaluate(signal, context)
         if isinstance(verdict, Veto):
             self.vetoes += 1

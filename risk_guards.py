@@ -148,6 +148,8 @@ class CorrelationGuard:
 
     def check(self, signal: Signal, ctx: RiskContext) -> Veto | Resize | None:
         """Return a veto above the hard limit, a resize above the soft one, else None."""
+        if not any(p != signal.pair for p in ctx.positions):
+            return None  # nothing held to compare with: no returns read
         if not ctx.returns or signal.pair not in ctx.returns:
             return None
         held = [p for p in ctx.positions if p != signal.pair and p in ctx.returns]
