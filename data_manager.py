@@ -256,7 +256,7 @@ class CandleAggregator:
 class _Ring:
     """A fixed-capacity OHLCV buffer for one pair and timeframe, column-major."""
 
-    __slots__ = ("capacity", "size", "ts", "values")
+    __slots__ = ("_view", "capacity", "size", "ts", "values")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -265,6 +265,9 @@ class _Ring:
         self.ts = np.zeros(capacity * 2, dtype=np.int64)
         self.values = np.zeros((5, capacity * 2), dtype=np.float64)
         self.size = 0
+        # The last `arrays()` answer and the size it was taken at: the buffers are never
+        # reallocated, so the same size means the same views (read several times a candle).
+        self._view: tuple[int, CandleArrays] | None = None
 
     def _compact(self) -> None:
         keep = self.capacity - 1
@@ -298,13 +301,18 @@ class _Ring:
         return int(self.ts[self.size - 1]) if self.size else None
 
     def arrays(self) -> CandleArrays:
+        view = self._view
+        if view is not None and view[0] == self.size:
+            return view[1]
         start = max(0, self.size - self.capacity)
         end = self.size
         v = self.values
-        return CandleArrays(
+        arrays = CandleArrays(
             self.ts[start:end], v[0, start:end], v[1, start:end], v[2, start:end],
             v[3, start:end], v[4, start:end],
         )  # fmt: skip
+        self._view = (end, arrays)
+        return arrays
 
     def tail(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         start = max(0, self.size - self.capacity, self.size - rows)

@@ -61,6 +61,7 @@ Exits are always allowed: a veto never traps a position.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -341,7 +342,7 @@ class RiskManager(RiskState):
         if ctx.sleeve_equity is not None and ctx.sleeve_equity <= 0:
             return Veto(f"strategy sleeve equity {ctx.sleeve_equity} <= 0", None, "sleeve")
         atr, atr_note = self._atr(ctx)
-        distance = atr * _dec(s.stop_atr_multiple)
+        distance = atr * _setting(s.stop_atr_multiple)
         if signal.side is Side.BUY and distance >= price:
             return Veto(
                 f"stop distance {distance:.6g} ({s.stop_atr_multiple} x {atr_note}) >= price"
@@ -372,7 +373,7 @@ class RiskManager(RiskState):
         if unsafe is not None:
             return unsafe
         take_profit = (
-            price + sign * atr * _dec(s.take_profit_atr_multiple)
+            price + sign * atr * _setting(s.take_profit_atr_multiple)
             if s.take_profit_atr_multiple
             else None
         )
@@ -401,7 +402,7 @@ class RiskManager(RiskState):
             binding = resize.guard
             notes.append(f"{resize.guard} {resize.reason}")
         if state is TradingState.REDUCED:
-            qty *= _dec(s.reduced_size_factor)
+            qty *= _setting(s.reduced_size_factor)
             binding = "reduced"
             cause = self.breakers.cause
             notes.append(
@@ -434,12 +435,12 @@ class RiskManager(RiskState):
             sized = _volatility_size(measured, s.target_volatility, ctx)
             if sized is not None:
                 return sized
-            fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+            fraction, method = _setting(s.risk_per_trade), "fixed_fractional"
             stop += "; volatility unknown, fixed fractional"
         elif s.sizing == "kelly":
             estimate = self.kelly()
             if estimate is None:
-                fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+                fraction, method = _setting(s.risk_per_trade), "fixed_fractional"
                 stop += (
                     f"; kelly needs {self.kelly_min_trades} closed trades,"
                     f" has {len(self.trade_returns)}"
@@ -460,7 +461,7 @@ class RiskManager(RiskState):
                     f" {estimate.trades} trades)"
                 )
         else:
-            fraction, method = _dec(s.risk_per_trade), "fixed_fractional"
+            fraction, method = _setting(s.risk_per_trade), "fixed_fractional"
         base, of = _sizing_equity(ctx)
         qty = base * fraction / per_unit
         return _Size(qty, method, f"risk {fraction:.2%} of {of} {base:.2f} over {stop}")
@@ -534,7 +535,8 @@ class StopManager:
         long = position.side is PositionSide.LONG
         sign = 1 if long else -1
         current = position.stop_price
-        distance = _dec(atr) * _dec(self.settings.stop_atr_multiple) if atr and atr > 0 else None
+        multiple = _setting(self.settings.stop_atr_multiple)
+        distance = _dec(atr) * multiple if atr and atr > 0 else None
         track = self._track(position, distance)
         track.best = max(track.best, high_d) if long else min(track.best, low_d)
         candidates = self._stop_candidates(position, track, distance, taker_fee)
@@ -570,7 +572,7 @@ class StopManager:
                 candidates["initial"] = entry - sign * distance
         be_r = self.settings.break_even_at_r
         if be_r is not None and track.initial_risk is not None and track.initial_risk > 0:
-            if (track.best - entry) * sign >= _dec(be_r) * track.initial_risk:
+            if (track.best - entry) * sign >= _setting(be_r) * track.initial_risk:
                 track.armed = True
             if track.armed:
                 candidates["break_even"] = break_even_price(position, taker_fee)
@@ -634,7 +636,7 @@ def liquidation_check(
         else isolated_margin(price, qty, leverage)
     )
     liq = liquidation_price(side, price, qty, margin, signal.pair)
-    reason = liquidation_veto(side, price, stop, liq, _dec(settings.liquidation_buffer))
+    reason = liquidation_veto(side, price, stop, liq, _setting(settings.liquidation_buffer))
     if reason is None:
         return None
     return Veto(f"{reason} ({margin_mode} margin, {leverage}x)", None, "liquidation")
@@ -650,8 +652,8 @@ def exposure_caps(
     held = ctx.positions.get(signal.pair)
     on_pair = held.notional if held is not None else ZERO
     caps = {
-        "max_position_fraction": equity * _dec(s.max_position_fraction) - on_pair,
-        "max_total_exposure": equity * _dec(s.max_total_exposure) - exposure,
+        "max_position_fraction": equity * _setting(s.max_position_fraction) - on_pair,
+        "max_total_exposure": equity * _setting(s.max_total_exposure) - exposure,
         "max_leverage": equity * lev - exposure,
     }
     out = {name: max(room, ZERO) / price for name, room in caps.items()}
@@ -675,7 +677,7 @@ def _sizing_equity(ctx: RiskContext) -> tuple[Decimal, str]:
 def _leverage(settings: RiskSettings, market: Market) -> Decimal:
     if market.type is MarketType.SPOT:
         return Decimal(1)
-    lev = _dec(settings.max_leverage)
+    lev = _setting(settings.max_leverage)
     if market.max_leverage > 0:
         lev = min(lev, market.max_leverage)
     return max(lev, Decimal(1))
@@ -735,6 +737,17 @@ def _tightest(
         if best_stop is None or (price - best_stop) * sign > 0:
             best_rule, best_stop = rule, price
     return best_rule, best_stop
+
+
+@functools.lru_cache(maxsize=256)
+def _setting_decimal(value: float) -> Decimal:
+    return _dec(value)
+
+
+def _setting(value: float) -> Decimal:
+    # A setting as a Decimal, converted once per value (settings are a handful of floats;
+    # a decision converts several). Zeros keep their sign: -0.0 == 0.0 shares a cache key.
+    return _setting_decimal(value) if value else _dec(value)
 
 
 def _candle(ctx: RiskContext) -> int:

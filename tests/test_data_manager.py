@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data_manager as dm
 from config import load_settings
@@ -31,7 +33,7 @@ from data_manager import (
     trades_to_candles,
 )
 from error_handler import ConfigError, DataError
-from models import Side, Trade
+from models import Candle, Side, Trade
 
 
 BYBIT = "bybit_BTC-USDT_1m.csv.gz"
@@ -595,3 +597,26 @@ def test_engine_patterns_read_the_rolling_window(btc: pd.DataFrame) -> None:
     found = engine.patterns("BTC/USDT")
     assert found
     assert found == dm.latest_patterns(btc.iloc[:end])
+
+
+@settings(max_examples=25, deadline=None)
+@given(window=st.integers(2, 12), steps=st.lists(st.integers(0, 3), min_size=1, max_size=60))
+def test_arrays_and_tails_follow_every_candle_through_compactions(
+    window: int, steps: list[int]
+) -> None:
+    """However often the window is read between candles (its views are reused while no
+    candle arrives), arrays() and tail() always show the latest candles, across the
+    buffer's compactions."""
+    data = DataManager(window=window)
+    closes: list[float] = []
+    for i, reads in enumerate(steps):
+        close = float(i + 1)
+        data.on_candle(Candle("A/USDT", "1m", i * 60_000, close, close, close, close, 1.0))
+        closes.append(close)
+        for _ in range(reads):
+            bars = data.arrays("A/USDT", "1m")
+            assert bars.close.tolist() == closes[-window:]
+            assert bars.ts.tolist() == [60_000 * k for k in range(len(closes))][-window:]
+            ts, block = data.tail("A/USDT", "1m", 3)
+            assert block[3].tolist() == closes[-window:][-3:]
+            assert ts.tolist() == bars.ts.tolist()[-3:]
