@@ -5,7 +5,11 @@ close a candle at the same instant, taking them one at a time makes the last pai
 for every decision and every order acknowledgement before it. `BurstDecider` instead:
 
 1. admits every candle of the burst (data windows, counters), in arrival order;
-2. computes the signals of all pairs ahead (`Engine.early_signal`; kept for step 3);
+2. computes the signals of all pairs ahead: the strategy's indicators of every pair in
+   one pass where the strategy allows (`Engine.prepare_signals`: the built-in kernel
+   strategies advance all pairs' states by their new row in one call,
+   `batch_signals.advance_many`), then each pair's signal from its row
+   (`Engine.early_signal`; kept for step 3);
 3. decides in priority order: pairs holding a position or a working order first (fills,
    stop moves, take-profits and exits), by pair name; then the entry candidates, strongest
    signal first (ties by pair name); then candles with no signal. With a simulated

@@ -9,17 +9,21 @@ has been accepted by the matching engine (`Engine.decision_latency_ms`), so a ca
 waits in the queue behind the other 49 of its burst counts that wait.
 
 The daemon's pipeline loop decides each drained burst together (burst.BurstDecider: every
-candle admitted, signals ahead, positions first then the strongest entries, the orders sent
-once every candle that can decide has). The emulator runs in its own process, as an
-exchange would: its matching and encoding of the 100 frames a minute (a closed and a new
-candle per pair) do not compete with the daemon's loop. Where a burst's last order spends
-its time (perf_counter stamps on this stream): the 49 candles are handed over within
-~0.1 ms and decided in one drain; the drain is CPU work of the pipeline itself (thread
-CPU time equals wall time; no socket read, GC collection or disk write inside it),
-~130 us per candle that orders (its signal, risk context and verdict, the send to the
-matching engine; exits also move and cancel the stop). Peers, in the same run: the same
-stream taken one candle at a time (the loop before bursts: each candle's decision and order
-answer awaited in turn), and the same pipeline fed by the replay (no sockets, no queueing).
+candle admitted, every pair's indicators advanced in one kernel pass and the signals
+taken ahead, positions first then the strongest entries, the orders sent once every
+candle that can decide has). The emulator runs in its own process, as an exchange would:
+its matching and encoding of the 100 frames a minute (a closed and a new candle per pair)
+do not compete with the daemon's loop. Where a burst's last order spends its time
+(perf_counter and thread CPU stamps on this stream): the 49 candles are handed over
+within ~0.1 ms and decided in one drain; the drain is CPU work of the pipeline itself
+(thread CPU time equals wall time; no socket read, GC collection or disk write inside
+it): a burst of 48 entries ~6.4 ms (~130 us per order: the signal ~8 us, the risk
+context and verdict ~45, the send to the matching engine ~35, the candle's marks,
+anomaly check and equity ~15), a burst of 48 exits ~7 ms (each position's candle first
+moves its stop, a cancel and a new order, then the exit cancels it again). Peers, in the
+same run: the same stream taken one candle at a time (the loop before bursts: each
+candle's decision and order answer awaited in turn), and the same pipeline fed by the
+replay (no sockets, no queueing).
 Each live variant runs three times, alternating, and the best run (lowest p99) is reported:
 the host is shared.
 """
