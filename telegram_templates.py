@@ -431,15 +431,29 @@ _CLOSED_BY: Final = {
 
 
 def position_liquidated(event: PositionLiquidated) -> Alert:
-    """Return the alert for a position the exchange closed (liquidation, ADL, by hand)."""
-    fill = event.fill
+    """Return the alert for a position the exchange closed (liquidation, ADL, by hand).
+
+    With the round trip it ended (`event.trade`), this one message also stands for the
+    trade's close: the P&L as a fraction of the entry, the entry and exit prices, the
+    round trip's fees (entry and exit) and how long it was held.
+    """
+    fill, trade = event.fill, event.trade
     rest = "position closed" if event.remaining == 0 else f"{fmt_price(event.remaining)} still held"
+    share = ""
+    if trade is not None and trade.entry_price * trade.qty:
+        share = f" ({_pct(trade.pnl / (trade.entry_price * trade.qty))})"
     lines = [
         f"🚨 <b>{esc(fill.pair)} {_CLOSED_BY[event.kind]}</b> by the exchange",
         f"{esc(fill.side)} {fmt_price(fill.qty)} @ {fmt_price(fill.price)}"
         f" · fee {fmt_number(fill.fee, 4)} {esc(fill.fee_currency)}",
-        f"P&amp;L <b>{fmt_number(event.pnl, sign=True)}</b> · {rest}",
+        f"P&amp;L <b>{fmt_number(event.pnl, sign=True)}</b>{share} · {rest}",
     ]
+    if trade is not None:
+        lines.append(
+            f"{esc(trade.side)} {fmt_price(trade.qty)}: {fmt_price(trade.entry_price)} →"
+            f" {fmt_price(trade.exit_price)} · fees {fmt_number(trade.fee, 4)}"
+            f" · held {_duration(trade.exit_ts - trade.entry_ts)}"
+        )
     return Alert("\n".join(lines), "liquidation", f"liquidation-{fill.fill_id}")
 
 
