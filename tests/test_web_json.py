@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -23,7 +26,14 @@ from models import (
     Snapshot,
 )
 from tests.test_ui_support import make_snapshot
-from web_view import _dumps, _encode_snapshot, encode_json, to_jsonable
+from web_view import (
+    _ENCODE_SLICE_S,
+    _dumps,
+    _encode_in_slices,
+    _encode_snapshot,
+    encode_json,
+    to_jsonable,
+)
 
 
 class _Level(enum.IntEnum):
@@ -140,3 +150,24 @@ def test_encode_json_writes_utf8_and_nulls_non_finite_values() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     body = encode_json({"pair": "é/USDT", "x": Decimal("-Infinity"), "f": float("nan"), "t": when})
     assert body == '{"pair":"é/USDT","x":null,"f":null,"t":"2026-01-02 03:04:05+00:00"}'.encode()
+
+
+async def test_encoding_in_slices_lets_the_loop_run_between_long_parts() -> None:
+    """A part that holds the loop past the slice budget is followed by a yield to the loop."""
+    ran: list[str] = []
+
+    def parts() -> Iterator[bytes]:
+        for name in ("a", "b", "c"):
+            ran.append(f"part {name}")
+            time.sleep(_ENCODE_SLICE_S * 1.5)  # one part longer than a slice
+            yield name.encode()
+
+    async def other() -> None:
+        while len(ran) < 6:
+            ran.append("other")
+            await asyncio.sleep(0)
+
+    body, _ = await asyncio.gather(_encode_in_slices(parts()), other())
+    assert body == b"abc"
+    # The other task ran after each part, not only once the whole body was done.
+    assert ran[:6] == ["part a", "other", "part b", "other", "part c", "other"]
