@@ -55,6 +55,9 @@ class QuietSteps:
     last_ts: int | None
     last_close: dict[str, float]
     last_candle_ts: dict[str, int]
+    # The engine's steps it runs (`pipeline.Engine` defines them).
+    _manage_stop: Callable[[Candle, int], Awaitable[None]]
+    _take_profit_reached: Callable[[Candle], Awaitable[bool]]
 
     @property
     def quiet_exact(self) -> bool:
@@ -106,6 +109,25 @@ class QuietSteps:
                 self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         return self._must_flatten(self.clock.now_ms(), equity)
+
+    async def on_unsignalled(self, candle: Candle) -> bool:
+        """Apply an admitted, matched candle without a signal on which nothing filled.
+
+        What `process` does for it: marks, the stop and the take-profit (stops managed),
+        funding, equity and breakers; the strategy has nothing to decide. Returns True
+        when the breakers ask to flatten open positions (the caller awaits
+        `trip_flatten`, as `process` does).
+        """
+        pair, portfolio = candle.pair, self.portfolio
+        now = self.clock.now_ms()
+        if portfolio.has_position(pair):
+            portfolio.mark(pair, Decimal(repr(candle.close)))
+            if self.manage_stops:
+                await self._manage_stop(candle, now)
+                await self._take_profit_reached(candle)
+        if self.funding:
+            self._settle_funding(pair, candle.ts + self.step, candle.close)
+        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
 
     def _must_flatten(self, now: int, equity: Decimal) -> bool:
         # The breakers' verdict as `process` acts on it: flatten only what is open.

@@ -253,6 +253,10 @@ class CandleSteps(Protocol):
         """Apply an admitted quiet candle; True when the breakers ask to flatten."""
         ...
 
+    async def on_unsignalled(self, candle: Candle) -> bool:
+        """Apply a matched candle without a signal or a fill; True to flatten."""
+        ...
+
     def on_quiet_rows(
         self,
         names: list[str],
@@ -371,6 +375,20 @@ class SimDriver:
                 await self.sim.deliver(fills)
             await self._process(candle)
 
+    async def _unsignalled(self, candle: Candle) -> bool:
+        # A candle without a signal on a pair with a working order or (stops managed) a
+        # position: when nothing fills, only its marks, stop, take-profit, equity and
+        # breakers can move (`on_unsignalled`); otherwise the whole pipeline. True when
+        # the breakers ask to flatten.
+        if not self._admit(candle, None):
+            return False
+        fills = self._match(candle)
+        if fills or self.sim.has_updates:
+            await self.sim.deliver(fills)
+            await self._process(candle)
+            return False
+        return await self.engine.on_unsignalled(candle)
+
     def _quiet_one(self, candle: Candle, received: float | None = None) -> bool:
         # A quiet candle on its own; True when the breakers ask to flatten on it.
         if self._admit(candle, received):
@@ -427,9 +445,12 @@ class SimDriver:
                 # The pipeline reads this pair's window and the held pairs' (correlation).
                 self._catch_up(plan, k, local[i], venue=False)
                 self._catch_up_to(plan, [h for h in holding if h != k], i)
-                # A pair's first candle may be quiet; the others here are known not to be.
-                step = self.on_candle if first[i] and not (signal or k in hot) else self._full
-                await step(candle(i, clock))
+                if first[i] or signal or void:
+                    # A pair's first candle may be quiet; the others here are not.
+                    step = self.on_candle if first[i] and not (signal or k in hot) else self._full
+                    await step(candle(i, clock))
+                else:  # a working order or a held position, and no signal
+                    must_flatten = await self._unsignalled(candle(i, clock))
                 plan.taken[k] = local[i] + 1
                 hot, holding, void = self._pair_states(rows.names)  # fills, orders, exits
                 i += 1
