@@ -828,12 +828,8 @@ class Engine(QuietSteps, EngineControl):
         # Spot positions keep their take-profit here, not on the exchange: when the bar
         # reaches it, exit at market (next open in sim, as any market order).
         # The position's own take-profit first (no objects built): most candles miss it.
-        portfolio, pair = self.portfolio, candle.pair
-        level = portfolio.take_profit_of(pair)
-        if level is None:
-            return False
-        long = portfolio.signed_qty(pair) > 0
-        if not (candle.high >= level if long else candle.low <= level):
+        pair = candle.pair
+        if not self.take_profit_hit(pair, candle.high, candle.low):
             return False
         target = self.executor.managed_take_profit(pair)  # None: a real order works
         if target is None:
