@@ -22,6 +22,7 @@ from pattern_recognition import PatternFilter
 from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from risk_management import RiskManager
+from trade_executor import StopState, TradeExecutor
 from utils.utilities import Clock
 
 
@@ -55,6 +56,10 @@ class QuietSteps:
     last_ts: int | None
     last_close: dict[str, float]
     last_candle_ts: dict[str, int]
+    executor: TradeExecutor
+    # The engine's steps it runs (`pipeline.Engine` defines them).
+    _manage_stop: Callable[[Candle, int], Awaitable[None]]
+    _take_profit_reached: Callable[[Candle], Awaitable[bool]]
 
     @property
     def quiet_exact(self) -> bool:
@@ -106,6 +111,66 @@ class QuietSteps:
                 self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         return self._must_flatten(self.clock.now_ms(), equity)
+
+    async def on_unsignalled(self, candle: Candle) -> bool:
+        """Apply an admitted, matched candle without a signal on which nothing filled.
+
+        What `process` does for it: marks, the stop and the take-profit (stops managed),
+        funding, equity and breakers; the strategy has nothing to decide. Returns True
+        when the breakers ask to flatten open positions (the caller awaits
+        `trip_flatten`, as `process` does).
+        """
+        pair, portfolio = candle.pair, self.portfolio
+        now = self.clock.now_ms()
+        if portfolio.has_position(pair):
+            portfolio.mark(pair, Decimal(repr(candle.close)))
+            if self.manage_stops:
+                await self._manage_stop(candle, now)
+                await self._take_profit_reached(candle)
+        if self.funding:
+            self._settle_funding(pair, candle.ts + self.step, candle.close)
+        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
+
+    def trails_quietly(self, pair: str) -> bool:
+        """Return True when `pair`'s candles may only move its stop, marks and equity.
+
+        Stops managed, a position held, its protective stop working and settled, and no
+        funding to settle: a candle without a signal that neither triggers the stop nor
+        reaches the take-profit (`take_profit_hit`) then goes through `on_held_candle`.
+        """
+        return (
+            self.manage_stops
+            and not self.funding
+            and not self.decisions_void
+            and self.portfolio.has_position(pair)
+            and self.executor.protective_stop(pair)[0] is StopState.WORKING
+        )
+
+    def take_profit_hit(self, pair: str, high: float, low: float) -> bool:
+        """Return True when a bar reaches the take-profit set on `pair`'s position."""
+        portfolio = self.portfolio
+        level = portfolio.take_profit_of(pair)
+        if level is None:
+            return False
+        return high >= level if portfolio.signed_qty(pair) > 0 else low <= level
+
+    async def on_held_candle(self, candle: Candle, now: int) -> bool:
+        """Apply a held pair's candle on which its stop cannot trigger and nothing fills.
+
+        The candle is in the pair's data window already (the stop's ATR reads it) and the
+        clock at its close. What `process` does for it: the counters, the mark, the stop
+        (it may trail), the equity and the breakers. The caller has checked that the bar
+        neither triggers the stop nor reaches the take-profit and carries no signal.
+        Returns True when the breakers ask to flatten (the caller awaits `trip_flatten`).
+        """
+        self.candles += 1
+        if self.first_ts is None:
+            self.first_ts = candle.ts
+        self.last_ts = candle.ts
+        portfolio = self.portfolio
+        portfolio.mark(candle.pair, Decimal(repr(candle.close)))
+        await self._manage_stop(candle, now)
+        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
 
     def _must_flatten(self, now: int, equity: Decimal) -> bool:
         # The breakers' verdict as `process` acts on it: flatten only what is open.

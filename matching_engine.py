@@ -49,7 +49,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -72,7 +72,7 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from perpetuals import unit_cost
+from perpetuals import Liquidation, unit_cost
 from sim_perpetuals import PerpetualWatch
 from utils.utilities import ReplayClock, timeframe_to_ms
 
@@ -190,6 +190,10 @@ class _Bars:
         values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
         self._fine[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
 
+    def has_fine(self, pair: str) -> bool:
+        """Return True when `pair`'s bars are resolved with finer candles."""
+        return pair in self._fine
+
     def of(self, candle: Candle) -> Iterable[tuple[Candle, int]]:
         """Return the (bar, step) pairs `candle` is matched as, in time order."""
         step = self._step(candle.timeframe)
@@ -279,7 +283,47 @@ class _Delivery:
                 await self._order_sink(order)
 
 
-class SimulatedExchange(_Delivery, PerpetualWatch):
+class _ReplayShortcuts:
+    """What a backtest replay's short path asks of the venue (`replay_feed.SimDriver`)."""
+
+    markets: dict[str, Market]
+    _open: dict[str, list[str]]
+    _orders: dict[str, Order]
+    _bars: _Bars
+    _last: dict[str, Candle]
+
+    if TYPE_CHECKING:  # the venue's own (`SimulatedExchange`, `PerpetualWatch`)
+
+        def ensure_market(self, pair: str, price: float) -> Market: ...
+
+        def liquidation(self, pair: str) -> Liquidation | None: ...
+
+    def remember(self, candle: Candle) -> None:
+        """Take `candle` as the pair's last bar without matching anything against it.
+
+        For a replay that has checked nothing could trade in it (`lone_stop`,
+        `stop_reached`): what `on_candle` would then leave behind.
+        """
+        if candle.pair not in self.markets:
+            self.ensure_market(candle.pair, candle.close)
+        self._last[candle.pair] = candle
+
+    def lone_stop(self, pair: str) -> Order | None:
+        """Return the pair's only working order if it is a stop-market order, else None.
+
+        None as well when a candle could do more than trigger it: finer bars resolve the
+        pair's candles, or its position is watched for liquidation.
+        """
+        working = self._open.get(pair)
+        if not working or len(working) != 1 or self._bars.has_fine(pair):
+            return None
+        order = self._orders[working[0]]
+        if order.type is not OrderType.STOP_MARKET or order.status.is_terminal:
+            return None
+        return None if self.liquidation(pair) is not None else order
+
+
+class SimulatedExchange(_Delivery, PerpetualWatch, _ReplayShortcuts):
     """Paper matching engine with the live exchange's order methods.
 
     `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
@@ -674,17 +718,22 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
 
 
 def _stop_touched(order: Order, c: Candle) -> Decimal | None:
+    return stop_reached(order, c.open, c.high, c.low)
+
+
+def stop_reached(order: Order, open_: float, high: float, low: float) -> Decimal | None:
+    """Return the price a stop order triggers at in a bar (its open when gapped), or None."""
     stop = order.stop_price
     if stop is None:
         return None
-    o = Decimal(str(c.open))
+    o = Decimal(str(open_))
     if order.side is Side.SELL:
         if o <= stop:
             return o
-        return stop if Decimal(str(c.low)) <= stop else None
+        return stop if Decimal(str(low)) <= stop else None
     if o >= stop:
         return o
-    return stop if Decimal(str(c.high)) >= stop else None
+    return stop if Decimal(str(high)) >= stop else None
 
 
 def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:

@@ -56,6 +56,7 @@ async def _run(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "venue_orders": daemon.sim.orders(),
         "trades": list(engine.portfolio.closed),
         "stretches": driver.stretches,
+        "trailed": driver.trailed,
     }
 
 
@@ -72,6 +73,7 @@ async def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     # Only the "runs" variant applies stretches, several candles at a time.
     assert results["runs"]["stretches"] > 0
     assert results["per_candle"]["stretches"] == results["full"]["stretches"] == 0
+    assert results["per_candle"]["trailed"] == results["full"]["trailed"] == 0
     return results
 
 
@@ -104,6 +106,8 @@ async def test_standard_profile_with_stops_equals_the_full_pipeline(
     full = results["full"]
     assert full["summary"]["n_trades"] > 0
     assert _stop_orders(full) > full["summary"]["n_trades"]  # placed, then trailed
+    # Held candles that only moved the stop went the short way, not through the pipeline.
+    assert results["runs"]["trailed"] > full["summary"]["n_trades"]
 
 
 async def test_stretches_cut_into_slices_give_the_same_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,6 +252,7 @@ async def test_several_pairs_equal_the_full_pipeline(
     assert len({t.pair for t in full["trades"]}) >= 3
     if profile == "standard":
         assert _stop_orders(full) > 0
+        assert results["runs"]["trailed"] > 0  # held pairs' stops trailed the short way
 
 
 async def test_breakers_trip_on_the_same_candle(
@@ -374,3 +379,19 @@ def test_update_flat_equals_update_at_each_time(
             assert probe.now == times[fed - 1]
         else:
             assert fed == len(times)
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33, 34, 35, 36])
+async def test_a_flatten_on_a_trailing_candle_is_the_same(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int
+) -> None:
+    """The drawdown flatten tripped by a held position's marks acts alike in every variant."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    monkeypatch.setenv("KESTREL_RISK__STOP_ATR_MULTIPLE", "6")
+    _archive(monkeypatch, tmp_path, [(1200, seed, 4e-3, 0), (1200, seed + 50, 4e-3, 0)])
+    results = await _variants(_multi_args())
+    assert results["full"]["summary"]["breaker_trips"][-1]["to"] == "flatten"
