@@ -77,6 +77,17 @@ async def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _tight_breakers(
+    monkeypatch: pytest.MonkeyPatch, *, drawdown: str, reduce_at: str, daily: str
+) -> None:
+    """Set breaker limits that trip within a short run, with large positions (5% risk)."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", drawdown)
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", reduce_at)
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", daily)
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+
+
 def _stop_orders(result: dict[str, Any]) -> int:
     return sum(o.type is OrderType.STOP_MARKET for o in result["venue_orders"])
 
@@ -259,11 +270,7 @@ async def test_breakers_trip_on_the_same_candle(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A tight daily-loss limit halts and lifts on the same candles in every variant."""
-    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.5")
-    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.2")
-    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.005")
-    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
-    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _tight_breakers(monkeypatch, drawdown="0.5", reduce_at="0.2", daily="0.005")
     _archive(monkeypatch, tmp_path, [(1800, 11, 4e-3, 0), (1800, 12, 4e-3, 0)])
     results = await _variants(_multi_args())
     trips = results["full"]["summary"]["breaker_trips"]
@@ -276,11 +283,7 @@ async def test_a_held_flatten_voids_the_signals_alike(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """After the peak-to-trough flatten latches, signals lead nowhere in every variant."""
-    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
-    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
-    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
-    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
-    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _tight_breakers(monkeypatch, drawdown="0.01", reduce_at="0.004", daily="0.5")
     _archive(monkeypatch, tmp_path, [(1200, 21, 4e-3, 0), (1200, 22, 4e-3, 0)])
     results = await _variants(_multi_args())
     full = results["full"]
@@ -386,11 +389,7 @@ async def test_a_flatten_on_a_trailing_candle_is_the_same(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int
 ) -> None:
     """The drawdown flatten tripped by a held position's marks acts alike in every variant."""
-    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
-    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
-    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
-    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
-    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _tight_breakers(monkeypatch, drawdown="0.01", reduce_at="0.004", daily="0.5")
     monkeypatch.setenv("KESTREL_RISK__STOP_ATR_MULTIPLE", "6")
     _archive(monkeypatch, tmp_path, [(1200, seed, 4e-3, 0), (1200, seed + 50, 4e-3, 0)])
     results = await _variants(_multi_args())
