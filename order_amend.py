@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import structlog
 
-from error_handler import BotError, RecoverableError
+from error_handler import BotError
 from executor_core import StopState, _Protection
 from models import Order, OrderStatus, decision_key, with_attempt
 from order_protection import ProtectingExecutor
@@ -85,11 +85,11 @@ class AmendingExecutor(ProtectingExecutor):
             log.warning(
                 "stop_amend_failed", **{**e.describe(), "pair": pair, "client_order_id": cid}
             )
-            return await self._after_failed_amend(pair, slot, working, level, e)
+            return await self._after_failed_amend(pair, slot, working, level)
         return await self._adopt_stop(pair, slot, amended, level)
 
     async def _after_failed_amend(
-        self, pair: str, slot: _Protection, working: Order, level: Decimal, error: BotError
+        self, pair: str, slot: _Protection, working: Order, level: Decimal
     ) -> Order | None:
         """Read the stop's trigger back by client id after an amend failed or went unanswered."""
         cid = working.client_order_id
@@ -104,14 +104,9 @@ class AmendingExecutor(ProtectingExecutor):
         if found is None:
             self._move(pair, slot, "done")  # the exchange has no such order any more
             return None
-        if (
-            not found.status.is_terminal
-            and found.stop_price != level
-            and not isinstance(error, RecoverableError)
-        ):
-            # Refused while it works (the amend cannot reach it): cancel it and place anew.
-            self._track(found)
-            return None
+        # Still working: at the new level (the refusal was "unchanged", or the lost amend
+        # took), or at the old one, which it keeps (a refused trigger, one through the
+        # market, would be refused to a new stop too: never trade the stop for none).
         return await self._adopt_stop(pair, slot, found, level)
 
     async def _adopt_stop(
@@ -133,7 +128,7 @@ class AmendingExecutor(ProtectingExecutor):
             log.info(
                 "stop_moved", pair=pair, stop=str(level), client_order_id=order.client_order_id
             )
-        else:  # the amend did not take (its answer was lost): the next move tries again
+        else:  # the amend did not take (refused, or lost): the next move tries again
             log.warning(
                 "stop_not_moved", pair=pair, stop=str(level), client_order_id=order.client_order_id
             )

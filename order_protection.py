@@ -174,7 +174,7 @@ class ProtectingExecutor(ExecutorCore):
             )
         slot.state = new
         if new is StopState.NONE:
-            slot.stop = None
+            slot.stop, slot.level_unsure = None, False
 
     def _settle(self, pair: str, slot: _Protection) -> None:
         # An update seen on the stream (a fill, a cancel) may have ended the stop already.

@@ -421,3 +421,31 @@ async def test_the_exchange_refuses_to_amend_an_order_that_is_gone(
 
     assert emu.requests_to(AMEND)[-1].ret_code == 170213
     assert len(emu.orders_by_link_id()["gone-sl0_0"]) == 1
+
+
+async def test_a_refused_amend_keeps_the_working_stop_at_its_level(
+    emu: BybitEmulator, ex: Exchange, store: TradeStore
+) -> None:
+    """A trigger Bybit refuses (through the market) leaves the stop as it was: never none."""
+    executor = _executor(ex, store)
+    price = await _enter(emu, ex, executor, "refused")
+    ((cid, old),) = _working(emu)
+    emu.canned[("POST", AMEND)] = {
+        "retCode": 110093,
+        "retMsg": "expect Falling, but trigger_price[1] >= current[0]",
+        "result": {},
+        "retExtInfo": {},
+        "time": emu.clock.now_ms(),
+    }
+
+    kept = await executor.amend_stop(PAIR, (price * D("1.01")).quantize(D("0.01")))
+
+    assert kept is not None
+    assert kept.client_order_id == cid
+    assert _working(emu) == [(cid, old)]
+    assert _conditional(emu) == [cid]
+    assert emu.requests_to(CANCEL) == []
+    position = executor.portfolio.position(PAIR)
+    assert position is not None
+    assert position.stop_price == old
+    assert executor.protective_stop(PAIR) == (StopState.WORKING, cid)
