@@ -449,3 +449,37 @@ async def test_a_refused_amend_keeps_the_working_stop_at_its_level(
     assert position is not None
     assert position.stop_price == old
     assert executor.protective_stop(PAIR) == (StopState.WORKING, cid)
+
+
+async def test_a_linear_stop_is_amended_in_place_and_an_unchanged_amend_is_success(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Linear: the trigger moves on the same order; amending it to where it is, is no error."""
+    pair = "BTC/USDT:USDT"
+    price = emu.last_price(SYMBOL, "linear")
+    stop = OrderIntent(
+        pair,
+        Side.BUY,
+        D("0.01"),
+        OrderType.STOP_MARKET,
+        "lin-sl0_0",
+        "test",
+        stop_price=(price * D("1.1")).quantize(D("0.1")),
+    )
+    placed = await ex.create_order(stop)
+    level = (price * D("1.05")).quantize(D("0.1"))
+
+    moved = await ex.amend_order(pair, client_order_id="lin-sl0_0", trigger_price=level)
+    again = await ex.amend_order(pair, client_order_id="lin-sl0_0", trigger_price=level)
+
+    assert (moved.exchange_order_id, moved.stop_price) == (placed.exchange_order_id, level)
+    assert again.stop_price == level
+    first, second = emu.requests_to(AMEND)
+    assert first.body is not None
+    assert (first.body["category"], first.ret_code, second.ret_code) == ("linear", 0, 10001)
+    (raw,) = emu.orders_by_link_id()["lin-sl0_0"]
+    assert D(raw["triggerPrice"]) == level
+    await ex.cancel_order(pair, client_order_id="lin-sl0_0")
+    with pytest.raises(OrderNotFoundError):
+        await ex.amend_order(pair, client_order_id="lin-sl0_0", trigger_price=price)
+    assert emu.requests_to(AMEND)[-1].ret_code == 110001
