@@ -307,6 +307,7 @@ class ExchangeOrders(ExchangeBase):
         """
         client = self._ensure_open()
         level = round_price(self.market(pair), trigger_price)
+        self._conditional[client_order_id] = True  # a trigger: looked up as a stop order
         params = {"orderLinkId": client_order_id, "triggerPrice": str(level)}
         # ccxt asks for a type and a side, which Bybit's amend does not carry.
         edit = functools.partial(
