@@ -16,7 +16,8 @@ Fill conventions (documented, conservative, the same in sim and backtest):
   the limit (at the limit; at the open if the bar gaps below it), as maker.
 * A stop triggers when the bar touches it: a sell stop when the low <= stop, filling at the
   stop, or at the open when the bar gaps through (worse), as taker with slippage. A
-  stop-limit that triggers becomes a resting limit from the next bar.
+  stop-limit that triggers becomes a resting limit from the next bar. A stop's trigger moved
+  in place (`amend_order`, a trailing move) applies from the next bar.
 * Within one bar, stops are processed before take-profits: when a bar touches both, the
   stop is assumed first. Intrabar data (`set_intrabar`, e.g. 1m candles inside a 1h bar)
   resolves that order instead: the sub-bars are matched one after another.
@@ -323,14 +324,45 @@ class _ReplayShortcuts:
         return None if self.liquidation(pair) is not None else order
 
 
-class SimulatedExchange(_Delivery, PerpetualWatch, _ReplayShortcuts):
+class _OrderBook:
+    """The venue's orders by client id and its working ones by pair: lookups and listings."""
+
+    _orders: dict[str, Order]
+    _open: dict[str, list[str]]
+
+    async def fetch_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order | None:
+        """Return an order by client or exchange id, or None."""
+        order = self._find(client_order_id, exchange_order_id)
+        return order if order is not None and order.pair == pair else None
+
+    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return orders still working."""
+        pairs = [pair] if pair else list(self._open)
+        return [self._orders[cid] for p in pairs for cid in self._open.get(p, [])]
+
+    def _find(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
+        if client_order_id is not None:
+            return self._orders.get(client_order_id)
+        for order in self._orders.values():
+            if order.exchange_order_id == exchange_order_id:
+                return order
+        return None
+
+    def orders(self) -> list[Order]:
+        """Return every order the engine has seen (for tests and reports)."""
+        return list(self._orders.values())
+
+
+class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts):
     """Paper matching engine with the live exchange's order methods.
 
-    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
-    behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills are produced
-    when a closed candle is matched (`on_candle`, which the replay driver calls before the
-    engine processes the candle) and delivered to the fill sink (`deliver_to`; `match`
-    does both), as the private stream delivers the live exchange's.
+    `create_order`, `cancel_order`, `amend_order`, `fetch_order`, `fetch_open_orders` and
+    `deliver_fills` behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills
+    are produced when a closed candle is matched (`on_candle`, which the replay driver calls
+    before the engine processes the candle) and delivered to the fill sink (`deliver_to`;
+    `match` does both), as the private stream delivers the live exchange's.
     """
 
     def __init__(
@@ -425,12 +457,34 @@ class SimulatedExchange(_Delivery, PerpetualWatch, _ReplayShortcuts):
             return order
         return self._finish(order, OrderStatus.CANCELLED)
 
-    async def fetch_order(
-        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
-    ) -> Order | None:
-        """Return an order by client or exchange id, or None."""
-        order = self._find(client_order_id, exchange_order_id)
-        return order if order is not None and order.pair == pair else None
+    async def amend_order(
+        self, pair: str, *, client_order_id: str, trigger_price: Decimal
+    ) -> Order:
+        """Move a working stop's trigger in place (Bybit's order/amend): the same order.
+
+        The pair's next (sub-)bar is matched against the new trigger. Amending to the
+        trigger the order already has changes nothing (the order is returned as it is).
+
+        Raises:
+            OrderNotFoundError: no such order is working (filled, cancelled, never placed).
+            OrderRejected: the order is no stop, or a stop-limit already triggered.
+        """
+        order = self._orders.get(client_order_id)
+        if order is None or order.pair != pair or order.status.is_terminal:
+            raise OrderNotFoundError(
+                "order not exists or too late to amend", pair=pair, order_id=client_order_id
+            )
+        if order.stop_price is None or client_order_id in self._triggered:
+            raise OrderRejected(
+                "only an untriggered stop's trigger can be amended",
+                pair=pair,
+                order_id=client_order_id,
+            )
+        if order.stop_price == trigger_price:
+            return order
+        amended = replace(order, stop_price=trigger_price, ts_updated=self._now())
+        self._orders[client_order_id] = amended
+        return amended
 
     async def deliver_fills(self, pair: str) -> None:
         """With `fill_at="close"`, fill the pair's working market orders now and deliver them."""
@@ -442,19 +496,6 @@ class SimulatedExchange(_Delivery, PerpetualWatch, _ReplayShortcuts):
     def has_working(self, pair: str) -> bool:
         """Return True if an order on `pair` works or its position is watched (liquidation)."""
         return bool(self._open.get(pair)) or self.liquidation(pair) is not None
-
-    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
-        """Return orders still working."""
-        pairs = [pair] if pair else list(self._open)
-        return [self._orders[cid] for p in pairs for cid in self._open.get(p, [])]
-
-    def _find(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
-        if client_order_id is not None:
-            return self._orders.get(client_order_id)
-        for order in self._orders.values():
-            if order.exchange_order_id == exchange_order_id:
-                return order
-        return None
 
     # -- Market data in ----------------------------------------------------------------------
 
@@ -711,10 +752,6 @@ class SimulatedExchange(_Delivery, PerpetualWatch, _ReplayShortcuts):
         ids = self._open.get(order.pair, [])
         if order.client_order_id in ids:
             ids.remove(order.client_order_id)
-
-    def orders(self) -> list[Order]:
-        """Return every order the engine has seen (for tests and reports)."""
-        return list(self._orders.values())
 
 
 def _stop_touched(order: Order, c: Candle) -> Decimal | None:

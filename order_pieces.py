@@ -37,13 +37,13 @@ from models import (
     Side,
     TradeClosed,
 )
-from order_protection import ProtectingExecutor
+from order_amend import AmendingExecutor
 
 
 log = structlog.get_logger("trade_executor")
 
 
-class PieceExecutor(ProtectingExecutor):
+class PieceExecutor(AmendingExecutor):
     """Apply executions once in any order; keep the stop sized to what the pieces hold."""
 
     async def on_stream_fill(self, fill: Fill) -> ClosedTrade | None:

@@ -854,8 +854,8 @@ class Engine(QuietSteps, EngineControl):
         )
         if new_stop is None or new_stop == position.stop_price:
             return
-        # Each move is a cancel + new order on the exchange: skip moves smaller than a
-        # tenth of an ATR, which cost rate-limit budget and protect almost nothing.
+        # Each move is an exchange request (an amend): skip moves smaller than a tenth
+        # of an ATR, which cost rate-limit budget and protect almost nothing.
         old = position.stop_price
         if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
             return
