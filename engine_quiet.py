@@ -8,6 +8,7 @@ steps, one by one or a stretch at a time; what they change is exactly what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -59,6 +60,8 @@ class QuietSteps:
     executor: TradeExecutor
     # The engine's steps it runs (`pipeline.Engine` defines them).
     _manage_stop: Callable[[Candle, int], Awaitable[None]]
+    _move_stop: Callable[[Candle, int, float | None], Awaitable[None]]
+    _atr: Callable[[str], float | None]
     _take_profit_reached: Callable[[Candle], Awaitable[bool]]
 
     @property
@@ -154,23 +157,45 @@ class QuietSteps:
             return False
         return high >= level if portfolio.signed_qty(pair) > 0 else low <= level
 
-    async def on_held_candle(self, candle: Candle, now: int) -> bool:
+    def stop_atr_span(self) -> tuple[int, int] | None:
+        """Return the ATR period of the stops and the bars it is read over, if all in a window.
+
+        The stop's ATR is TA-Lib's over the last ten periods of its pair's window
+        (`Engine._atr`); None when the window holds fewer bars than that.
+        """
+        period = self.risk.settings.atr_period
+        return (period, period * 10) if period * 10 <= self.data.window else None
+
+    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
         """Apply a held pair's candle on which its stop cannot trigger and nothing fills.
 
-        The candle is in the pair's data window already (the stop's ATR reads it) and the
-        clock at its close. What `process` does for it: the counters, the mark, the stop
-        (it may trail), the equity and the breakers. The caller has checked that the bar
-        neither triggers the stop nor reaches the take-profit and carries no signal.
-        Returns True when the breakers ask to flatten (the caller awaits `trip_flatten`).
+        The clock is at the candle's close and `atr` is the ATR of the pair's window up
+        to it (`window_atr` once the window has taken it, or the same bars read from the
+        archive). What `process` does for it: the counters, the mark, the stop (it may
+        trail), the equity and the breakers; the data window may take the candle later.
+        The caller has checked that the bar neither triggers the stop nor reaches the
+        take-profit and carries no signal. Returns True when the breakers ask to flatten
+        (the caller awaits `trip_flatten`).
         """
+        pair = candle.pair
         self.candles += 1
         if self.first_ts is None:
             self.first_ts = candle.ts
         self.last_ts = candle.ts
+        self.last_close[pair] = candle.close
+        self.last_candle_ts[pair] = candle.ts
         portfolio = self.portfolio
-        portfolio.mark(candle.pair, Decimal(repr(candle.close)))
-        await self._manage_stop(candle, now)
+        portfolio.mark(pair, Decimal(repr(candle.close)))
+        await self._move_stop(candle, now, atr)
         return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
+
+    def window_atr(self, pair: str) -> float | None:
+        """Return the stops' ATR over `pair`'s data window as it stands."""
+        return self._atr(pair)
+
+    def bars_atr(self, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> float | None:
+        """Return the stops' ATR over these bars (the span `stop_atr_span` names)."""
+        return last_atr(high, low, close, self.risk.settings.atr_period)
 
     def _must_flatten(self, now: int, equity: Decimal) -> bool:
         # The breakers' verdict as `process` acts on it: flatten only what is open.
@@ -303,3 +328,15 @@ class QuietSteps:
             rate += r
         self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
         self.funding_settlements += len(due)
+
+
+def last_atr(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) -> float | None:
+    """Return the ATR at the last of these bars (TA-Lib's), or None where it is not finite.
+
+    A stop reads it over the last ten periods of its pair's window (`Engine._atr`); the
+    replay's held pairs over the same bars of the archive (`SimDriver`).
+    """
+    import talib
+
+    last = float(talib.ATR(high, low, close, period)[-1])
+    return last if math.isfinite(last) else None

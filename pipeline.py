@@ -12,7 +12,6 @@ of the chosen mode and owns the tasks around it.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,7 @@ from anomaly_detection import AnomalyWatch
 from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
-from engine_quiet import QuietSteps
+from engine_quiet import QuietSteps, last_atr
 from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
@@ -254,10 +253,7 @@ class EngineState:
         cached = self._atr_cache.get(pair)
         if cached is not None and cached[0] == key:
             return cached[1]
-        import talib
-
-        last = float(talib.ATR(tail[2], tail[3], tail[4], period)[-1])
-        atr = last if math.isfinite(last) else None
+        atr = last_atr(tail[2], tail[3], tail[4], period)
         self._atr_cache[pair] = (key, atr)
         return atr
 
@@ -838,10 +834,13 @@ class Engine(QuietSteps, EngineControl):
         return True
 
     async def _manage_stop(self, candle: Candle, now: int) -> None:
+        await self._move_stop(candle, now, self._atr(candle.pair))
+
+    async def _move_stop(self, candle: Candle, now: int, atr: float | None) -> None:
+        # The stop's move on a held pair's candle, with the ATR of its window up to it.
         position = self.portfolio.position(candle.pair)
         if position is None:
             return
-        atr = self._atr(candle.pair)
         new_stop = self.risk.manage_stop(
             position,
             candle.high,

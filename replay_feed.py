@@ -10,6 +10,7 @@ path); `PairSchedule` gives the pairs to trade as known at each refresh boundary
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -265,8 +266,20 @@ class CandleSteps(Protocol):
         """Return True when a bar reaches the take-profit of `pair`'s position."""
         ...
 
-    async def on_held_candle(self, candle: Candle, now: int) -> bool:
+    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
         """Apply a held pair's candle that can only move its stop; True to flatten."""
+        ...
+
+    def stop_atr_span(self) -> tuple[int, int] | None:
+        """Return the stops' ATR period and the bars it reads, when a window holds them."""
+        ...
+
+    def window_atr(self, pair: str) -> float | None:
+        """Return the stops' ATR over `pair`'s data window as it stands."""
+        ...
+
+    def bars_atr(self, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> float | None:
+        """Return the stops' ATR over these bars."""
         ...
 
     def on_quiet_rows(
@@ -536,6 +549,7 @@ class SimDriver:
         # replay goes on and whether the breakers asked to flatten.
         pair_of, local, rows = plan.pair_list, plan.local_list, plan.rows
         names, engine = rows.names, self.engine
+        span = engine.stop_atr_span()
         j = start
         while j < end:
             k = pair_of[j]
@@ -555,14 +569,34 @@ class SimDriver:
                 must_flatten = await self._unsignalled(plan.candle(j, clock))
                 plan.taken[k] = at + 1
                 return j + 1, must_flatten
-            self._catch_up(plan, k, at + 1, venue=False)
+            known, atr = self._archive_atr(plan, k, at, span)
+            if not known:  # the window's own bars, then
+                self._catch_up(plan, k, at + 1, venue=False)
+                atr = engine.window_atr(names[k])
             candle = plan.candle(j, clock)
             self.sim.remember(candle)
             self.trailed += 1
-            if await engine.on_held_candle(candle, clock.now_ms()):
+            if await engine.on_held_candle(candle, clock.now_ms(), atr):
                 return j + 1, True
             j += 1
         return j, False
+
+    def _archive_atr(
+        self, plan: _StretchPlan, k: int, at: int, span: tuple[int, int] | None
+    ) -> tuple[bool, float | None]:
+        # The stop's ATR at pair `k`'s bar `at`, read from the archive: the bars its data
+        # window ends with once it takes that bar, when none of them was refused (so the
+        # window need not take each bar first). (False, None): read the window instead.
+        if span is None or at + 1 < span[1]:
+            return False, None
+        first = at + 1 - span[1]
+        refused = plan.refused_of_pair[k]
+        last = bisect.bisect_right(refused, at)  # refused bars up to `at`
+        if last and refused[last - 1] >= first:
+            return False, None
+        _, high, low, close, _ = plan.rows.pair_columns[k]
+        bars = slice(first, at + 1)
+        return True, self.engine.bars_atr(high[bars], low[bars], close[bars])
 
     def _may_exit(self, stop: Order, pair: str, columns: Sequence[np.ndarray], at: int) -> bool:
         # Whether the pair's bar `at` triggers its stop or reaches its take-profit.
@@ -600,8 +634,8 @@ class SimDriver:
         ts = plan.rows.pair_ts[k][start:upto]
         columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
         self.engine.take_quiet([(plan.rows.names[k], ts, columns)], windows=plan.windows)
-        if venue:
-            self.sim.on_candle(plan.pair_candle(k, upto - 1))
+        if venue:  # nothing of the pair's works that its bars could trade
+            self.sim.remember(plan.pair_candle(k, upto - 1))
         plan.taken[k] = upto
 
     def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
@@ -669,6 +703,7 @@ class _StretchPlan:
         self.of_pair: list[np.ndarray] = []
         self.flagged_of_pair: list[np.ndarray] = []
         self.taken: list[int] = [0] * len(rows.names)
+        self.refused_of_pair: list[list[int]] = []
         self.windows = True  # quiet candles go into the data windows (`reads_windows`)
         for k, pair in enumerate(rows.names):
             at = np.flatnonzero(rows.pair_of == k) if several else rows.local
@@ -680,7 +715,9 @@ class _StretchPlan:
             o, h, lo, c, v = rows.pair_columns[k]
             # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
             valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
-            first[at[~(valid & (v >= 0) & (v < np.inf))]] = True
+            refused = np.flatnonzero(~(valid & (v >= 0) & (v < np.inf)))
+            self.refused_of_pair.append(refused.tolist())  # own indices, usually none
+            first[at[refused]] = True
             if len(at):
                 first[at[0]] = True  # a pair's first candle opens its data window
         self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
