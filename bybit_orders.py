@@ -6,7 +6,8 @@ resent: after an ambiguous failure it asks for the client order id first, and th
 reused on a resend so Bybit refuses a duplicate (110072/170141), which is answered by
 looking the order up. Conditional orders are looked up and cancelled as such
 (`orderFilter=StopOrder`), then in history, so a stop is never reported "not found" and
-placed twice.
+placed twice. A stop's trigger is moved in place (`amend_order`), never by cancel and
+place.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from utils.precision import validate_intent
+from utils.precision import round_price, validate_intent
 
 
 __all__ = ["SWEEP_OVERLAP_MS", "ExchangeOrders"]
@@ -284,6 +285,56 @@ class ExchangeOrders(ExchangeBase):
                 component="exchange",
                 pair=pair,
                 order_id=key,
+            )
+        return found
+
+    async def amend_order(
+        self, pair: str, *, client_order_id: str, trigger_price: Decimal
+    ) -> Order:
+        """Move a working conditional order's trigger in place; return the order after it.
+
+        One `POST /v5/order/amend` (ccxt `edit_order`) with the new `triggerPrice` on the
+        tick grid; the order keeps its ids, quantity and place. Setting a trigger is
+        idempotent, so an ambiguous failure is simply retried. Bybit refuses an amend
+        that changes nothing (as after a retry of one that worked): every refusal is
+        answered by looking the order up, and one working at the asked trigger is the
+        success it means.
+
+        Raises:
+            OrderNotFoundError: no such order works any more (filled, triggered, cancelled).
+            ExchangeRejectedError: refused while the order works at another trigger.
+            RecoverableError: no answer after the retries (either trigger may be set).
+        """
+        client = self._ensure_open()
+        level = round_price(self.market(pair), trigger_price)
+        self._conditional[client_order_id] = True  # a trigger: looked up as a stop order
+        params = {"orderLinkId": client_order_id, "triggerPrice": str(level)}
+        # ccxt asks for a type and a side, which Bybit's amend does not carry.
+        edit = functools.partial(
+            client.edit_order, None, pair, "market", "sell", None, None, params
+        )
+        try:
+            await self._call("edit_order", edit, pair)
+        except (OrderNotFoundError, OrderRejected, ExchangeRejectedError) as e:
+            found = await self.fetch_order(pair, client_order_id=client_order_id)
+            if found is None or found.status.is_terminal:
+                raise OrderNotFoundError(
+                    f"no working order {client_order_id} on {pair} to amend",
+                    component="exchange",
+                    pair=pair,
+                    order_id=client_order_id,
+                ) from e
+            if found.stop_price != level:
+                raise
+            return found
+        log.info("order_amend_sent", pair=pair, client_order_id=client_order_id, trigger=str(level))
+        found = await self.fetch_order(pair, client_order_id=client_order_id)
+        if found is None:
+            raise OrderNotFoundError(
+                f"amended order {client_order_id} not found on {pair}",
+                component="exchange",
+                pair=pair,
+                order_id=client_order_id,
             )
         return found
 

@@ -448,6 +448,23 @@ class DataManager:
             return np.zeros(0, dtype=np.int64), np.zeros((5, 0))
         return ring.tail(rows)
 
+    def hlc_tail(
+        self, pair: str, timeframe: str, n: int
+    ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Return the window's latest open time, its length, and its last `n` highs, lows, closes.
+
+        As `arrays`, without the other columns (a stop's ATR per candle); views valid until
+        the pair's next candle. None when the window is empty.
+        """
+        ring = self._rings.get((pair, timeframe))
+        if ring is None or not ring.size:
+            return None
+        end = ring.size
+        start = max(0, end - min(n, ring.capacity))
+        v = ring.values
+        length = end - max(0, end - ring.capacity)
+        return int(ring.ts[end - 1]), length, v[1, start:end], v[2, start:end], v[3, start:end]
+
     def last_ts(self, pair: str, timeframe: str) -> int | None:
         """Return the open time of the pair's latest closed candle."""
         ring = self._rings.get((pair, timeframe))

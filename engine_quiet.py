@@ -8,6 +8,7 @@ steps, one by one or a stretch at a time; what they change is exactly what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -22,6 +23,7 @@ from pattern_recognition import PatternFilter
 from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from risk_management import RiskManager
+from trade_executor import StopState, TradeExecutor
 from utils.utilities import Clock
 
 
@@ -55,6 +57,12 @@ class QuietSteps:
     last_ts: int | None
     last_close: dict[str, float]
     last_candle_ts: dict[str, int]
+    executor: TradeExecutor
+    # The engine's steps it runs (`pipeline.Engine` defines them).
+    _manage_stop: Callable[[Candle, int], Awaitable[None]]
+    _move_stop: Callable[[Candle, int, float | None], Awaitable[None]]
+    _atr: Callable[[str], float | None]
+    _take_profit_reached: Callable[[Candle], Awaitable[bool]]
 
     @property
     def quiet_exact(self) -> bool:
@@ -106,6 +114,88 @@ class QuietSteps:
                 self._settle_funding(candle.pair, candle.ts + self.step, candle.close)
         equity = portfolio.record_equity(candle.ts + self.step)
         return self._must_flatten(self.clock.now_ms(), equity)
+
+    async def on_unsignalled(self, candle: Candle) -> bool:
+        """Apply an admitted, matched candle without a signal on which nothing filled.
+
+        What `process` does for it: marks, the stop and the take-profit (stops managed),
+        funding, equity and breakers; the strategy has nothing to decide. Returns True
+        when the breakers ask to flatten open positions (the caller awaits
+        `trip_flatten`, as `process` does).
+        """
+        pair, portfolio = candle.pair, self.portfolio
+        now = self.clock.now_ms()
+        if portfolio.has_position(pair):
+            portfolio.mark(pair, Decimal(repr(candle.close)))
+            if self.manage_stops:
+                await self._manage_stop(candle, now)
+                await self._take_profit_reached(candle)
+        if self.funding:
+            self._settle_funding(pair, candle.ts + self.step, candle.close)
+        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
+
+    def trails_quietly(self, pair: str) -> bool:
+        """Return True when `pair`'s candles may only move its stop, marks and equity.
+
+        Stops managed, a position held, its protective stop working and settled, and no
+        funding to settle: a candle without a signal that neither triggers the stop nor
+        reaches the take-profit (`take_profit_hit`) then goes through `on_held_candle`.
+        """
+        return (
+            self.manage_stops
+            and not self.funding
+            and not self.decisions_void
+            and self.portfolio.has_position(pair)
+            and self.executor.protective_stop(pair)[0] is StopState.WORKING
+        )
+
+    def take_profit_hit(self, pair: str, high: float, low: float) -> bool:
+        """Return True when a bar reaches the take-profit set on `pair`'s position."""
+        portfolio = self.portfolio
+        level = portfolio.take_profit_of(pair)
+        if level is None:
+            return False
+        return high >= level if portfolio.signed_qty(pair) > 0 else low <= level
+
+    def stop_atr_span(self) -> tuple[int, int] | None:
+        """Return the ATR period of the stops and the bars it is read over, if all in a window.
+
+        The stop's ATR is TA-Lib's over the last ten periods of its pair's window
+        (`Engine._atr`); None when the window holds fewer bars than that.
+        """
+        period = self.risk.settings.atr_period
+        return (period, period * 10) if period * 10 <= self.data.window else None
+
+    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
+        """Apply a held pair's candle on which its stop cannot trigger and nothing fills.
+
+        The clock is at the candle's close and `atr` is the ATR of the pair's window up
+        to it (`window_atr` once the window has taken it, or the same bars read from the
+        archive). What `process` does for it: the counters, the mark, the stop (it may
+        trail), the equity and the breakers; the data window may take the candle later.
+        The caller has checked that the bar neither triggers the stop nor reaches the
+        take-profit and carries no signal. Returns True when the breakers ask to flatten
+        (the caller awaits `trip_flatten`).
+        """
+        pair = candle.pair
+        self.candles += 1
+        if self.first_ts is None:
+            self.first_ts = candle.ts
+        self.last_ts = candle.ts
+        self.last_close[pair] = candle.close
+        self.last_candle_ts[pair] = candle.ts
+        portfolio = self.portfolio
+        portfolio.mark(pair, Decimal(repr(candle.close)))
+        await self._move_stop(candle, now, atr)
+        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
+
+    def window_atr(self, pair: str) -> float | None:
+        """Return the stops' ATR over `pair`'s data window as it stands."""
+        return self._atr(pair)
+
+    def bars_atr(self, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> float | None:
+        """Return the stops' ATR over these bars (the span `stop_atr_span` names)."""
+        return last_atr(high, low, close, self.risk.settings.atr_period)
 
     def _must_flatten(self, now: int, equity: Decimal) -> bool:
         # The breakers' verdict as `process` acts on it: flatten only what is open.
@@ -238,3 +328,15 @@ class QuietSteps:
             rate += r
         self.portfolio.apply_funding(pair, Decimal(repr(close)), Decimal(repr(rate)))
         self.funding_settlements += len(due)
+
+
+def last_atr(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) -> float | None:
+    """Return the ATR at the last of these bars (TA-Lib's), or None where it is not finite.
+
+    A stop reads it over the last ten periods of its pair's window (`Engine._atr`); the
+    replay's held pairs over the same bars of the archive (`SimDriver`).
+    """
+    import talib
+
+    last = float(talib.ATR(high, low, close, period)[-1])
+    return last if math.isfinite(last) else None

@@ -119,6 +119,16 @@ class OrderGateway(Protocol):
         """Cancel an order."""
         ...
 
+    async def amend_order(
+        self, pair: str, *, client_order_id: str, trigger_price: Decimal
+    ) -> Order:
+        """Move a working stop's trigger in place (same order, same client id).
+
+        Raises `OrderNotFoundError` when the order no longer works (it fired, or was
+        cancelled); a lost answer (`RecoverableError`) leaves it at either trigger.
+        """
+        ...
+
     async def fetch_order(
         self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
     ) -> Order | None:
@@ -223,6 +233,9 @@ class _Protection:
     state: StopState = StopState.NONE
     since_ms: int = 0  # when the unanswered request left
     placing: bool = False  # that request was a placement (else a cancel)
+    # An amend of the working stop went unanswered and its trigger could not be read back:
+    # the stop works at the old or the new level, so its known level is not trusted.
+    level_unsure: bool = False
     others: list[str] = field(default_factory=list)  # take-profit orders (linear)
     # Protection a fill asked for while the pair was held: its holder sees to it before
     # letting go (the fill's stream never waits for the pair, so later pieces still land).

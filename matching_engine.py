@@ -16,7 +16,8 @@ Fill conventions (documented, conservative, the same in sim and backtest):
   the limit (at the limit; at the open if the bar gaps below it), as maker.
 * A stop triggers when the bar touches it: a sell stop when the low <= stop, filling at the
   stop, or at the open when the bar gaps through (worse), as taker with slippage. A
-  stop-limit that triggers becomes a resting limit from the next bar.
+  stop-limit that triggers becomes a resting limit from the next bar. A stop's trigger moved
+  in place (`amend_order`, a trailing move) applies from the next bar.
 * Within one bar, stops are processed before take-profits: when a bar touches both, the
   stop is assumed first. Intrabar data (`set_intrabar`, e.g. 1m candles inside a 1h bar)
   resolves that order instead: the sub-bars are matched one after another.
@@ -49,7 +50,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -72,7 +73,7 @@ from models import (
     TimeInForce,
     order_from_intent,
 )
-from perpetuals import unit_cost
+from perpetuals import Liquidation, unit_cost
 from sim_perpetuals import PerpetualWatch
 from utils.utilities import ReplayClock, timeframe_to_ms
 
@@ -190,6 +191,10 @@ class _Bars:
         values = frame[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
         self._fine[pair] = _Intrabar(ts, values, timeframe, timeframe_to_ms(timeframe))
 
+    def has_fine(self, pair: str) -> bool:
+        """Return True when `pair`'s bars are resolved with finer candles."""
+        return pair in self._fine
+
     def of(self, candle: Candle) -> Iterable[tuple[Candle, int]]:
         """Return the (bar, step) pairs `candle` is matched as, in time order."""
         step = self._step(candle.timeframe)
@@ -279,14 +284,85 @@ class _Delivery:
                 await self._order_sink(order)
 
 
-class SimulatedExchange(_Delivery, PerpetualWatch):
+class _ReplayShortcuts:
+    """What a backtest replay's short path asks of the venue (`replay_feed.SimDriver`)."""
+
+    markets: dict[str, Market]
+    _open: dict[str, list[str]]
+    _orders: dict[str, Order]
+    _bars: _Bars
+    _last: dict[str, Candle]
+
+    if TYPE_CHECKING:  # the venue's own (`SimulatedExchange`, `PerpetualWatch`)
+
+        def ensure_market(self, pair: str, price: float) -> Market: ...
+
+        def liquidation(self, pair: str) -> Liquidation | None: ...
+
+    def remember(self, candle: Candle) -> None:
+        """Take `candle` as the pair's last bar without matching anything against it.
+
+        For a replay that has checked nothing could trade in it (`lone_stop`,
+        `stop_reached`): what `on_candle` would then leave behind.
+        """
+        if candle.pair not in self.markets:
+            self.ensure_market(candle.pair, candle.close)
+        self._last[candle.pair] = candle
+
+    def lone_stop(self, pair: str) -> Order | None:
+        """Return the pair's only working order if it is a stop-market order, else None.
+
+        None as well when a candle could do more than trigger it: finer bars resolve the
+        pair's candles, or its position is watched for liquidation.
+        """
+        working = self._open.get(pair)
+        if not working or len(working) != 1 or self._bars.has_fine(pair):
+            return None
+        order = self._orders[working[0]]
+        if order.type is not OrderType.STOP_MARKET or order.status.is_terminal:
+            return None
+        return None if self.liquidation(pair) is not None else order
+
+
+class _OrderBook:
+    """The venue's orders by client id and its working ones by pair: lookups and listings."""
+
+    _orders: dict[str, Order]
+    _open: dict[str, list[str]]
+
+    async def fetch_order(
+        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> Order | None:
+        """Return an order by client or exchange id, or None."""
+        order = self._find(client_order_id, exchange_order_id)
+        return order if order is not None and order.pair == pair else None
+
+    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return orders still working."""
+        pairs = [pair] if pair else list(self._open)
+        return [self._orders[cid] for p in pairs for cid in self._open.get(p, [])]
+
+    def _find(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
+        if client_order_id is not None:
+            return self._orders.get(client_order_id)
+        for order in self._orders.values():
+            if order.exchange_order_id == exchange_order_id:
+                return order
+        return None
+
+    def orders(self) -> list[Order]:
+        """Return every order the engine has seen (for tests and reports)."""
+        return list(self._orders.values())
+
+
+class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts):
     """Paper matching engine with the live exchange's order methods.
 
-    `create_order`, `cancel_order`, `fetch_order`, `fetch_open_orders` and `deliver_fills`
-    behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills are produced
-    when a closed candle is matched (`on_candle`, which the replay driver calls before the
-    engine processes the candle) and delivered to the fill sink (`deliver_to`; `match`
-    does both), as the private stream delivers the live exchange's.
+    `create_order`, `cancel_order`, `amend_order`, `fetch_order`, `fetch_open_orders` and
+    `deliver_fills` behave like `exchange.Exchange`'s (the executor's `OrderGateway`). Fills
+    are produced when a closed candle is matched (`on_candle`, which the replay driver calls
+    before the engine processes the candle) and delivered to the fill sink (`deliver_to`;
+    `match` does both), as the private stream delivers the live exchange's.
     """
 
     def __init__(
@@ -381,12 +457,34 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
             return order
         return self._finish(order, OrderStatus.CANCELLED)
 
-    async def fetch_order(
-        self, pair: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
-    ) -> Order | None:
-        """Return an order by client or exchange id, or None."""
-        order = self._find(client_order_id, exchange_order_id)
-        return order if order is not None and order.pair == pair else None
+    async def amend_order(
+        self, pair: str, *, client_order_id: str, trigger_price: Decimal
+    ) -> Order:
+        """Move a working stop's trigger in place (Bybit's order/amend): the same order.
+
+        The pair's next (sub-)bar is matched against the new trigger. Amending to the
+        trigger the order already has changes nothing (the order is returned as it is).
+
+        Raises:
+            OrderNotFoundError: no such order is working (filled, cancelled, never placed).
+            OrderRejected: the order is no stop, or a stop-limit already triggered.
+        """
+        order = self._orders.get(client_order_id)
+        if order is None or order.pair != pair or order.status.is_terminal:
+            raise OrderNotFoundError(
+                "order not exists or too late to amend", pair=pair, order_id=client_order_id
+            )
+        if order.stop_price is None or client_order_id in self._triggered:
+            raise OrderRejected(
+                "only an untriggered stop's trigger can be amended",
+                pair=pair,
+                order_id=client_order_id,
+            )
+        if order.stop_price == trigger_price:
+            return order
+        amended = replace(order, stop_price=trigger_price, ts_updated=self._now())
+        self._orders[client_order_id] = amended
+        return amended
 
     async def deliver_fills(self, pair: str) -> None:
         """With `fill_at="close"`, fill the pair's working market orders now and deliver them."""
@@ -398,19 +496,6 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
     def has_working(self, pair: str) -> bool:
         """Return True if an order on `pair` works or its position is watched (liquidation)."""
         return bool(self._open.get(pair)) or self.liquidation(pair) is not None
-
-    async def fetch_open_orders(self, pair: str | None = None) -> list[Order]:
-        """Return orders still working."""
-        pairs = [pair] if pair else list(self._open)
-        return [self._orders[cid] for p in pairs for cid in self._open.get(p, [])]
-
-    def _find(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
-        if client_order_id is not None:
-            return self._orders.get(client_order_id)
-        for order in self._orders.values():
-            if order.exchange_order_id == exchange_order_id:
-                return order
-        return None
 
     # -- Market data in ----------------------------------------------------------------------
 
@@ -668,23 +753,24 @@ class SimulatedExchange(_Delivery, PerpetualWatch):
         if order.client_order_id in ids:
             ids.remove(order.client_order_id)
 
-    def orders(self) -> list[Order]:
-        """Return every order the engine has seen (for tests and reports)."""
-        return list(self._orders.values())
-
 
 def _stop_touched(order: Order, c: Candle) -> Decimal | None:
+    return stop_reached(order, c.open, c.high, c.low)
+
+
+def stop_reached(order: Order, open_: float, high: float, low: float) -> Decimal | None:
+    """Return the price a stop order triggers at in a bar (its open when gapped), or None."""
     stop = order.stop_price
     if stop is None:
         return None
-    o = Decimal(str(c.open))
+    o = Decimal(str(open_))
     if order.side is Side.SELL:
         if o <= stop:
             return o
-        return stop if Decimal(str(c.low)) <= stop else None
+        return stop if Decimal(str(low)) <= stop else None
     if o >= stop:
         return o
-    return stop if Decimal(str(c.high)) >= stop else None
+    return stop if Decimal(str(high)) >= stop else None
 
 
 def _match_limit(order: Order, c: Candle) -> tuple[Decimal, Liquidity, None] | None:

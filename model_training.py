@@ -171,6 +171,7 @@ class Validation:
             "trials": float(self.trials),
             "flat_score": self.flat,
             "folds": float(len(self.folds)),
+            "passed": float(self.passed),  # the gate's verdict (1: passed), shown by /model
         }
         if self.champion is not None:
             out["champion_score"] = self.champion

@@ -614,13 +614,16 @@ class PositionLiquidated:
 
     `kind` says how: liquidation (Bybit's BustTrade), auto-deleveraging (AdlTrade), or a
     trade placed outside the bot (by hand). `fill` is the execution as booked, `pnl` the
-    round trip's result after fees, and `remaining` what is still held (0: flat).
+    round trip's result after fees, and `remaining` what is still held (0: flat). `trade`
+    is the round trip the close ended: the executor sends this event instead of a
+    `TradeClosed` for it, so the operator gets one message.
     """
 
     fill: Fill
     kind: FillKind
     pnl: float
     remaining: Decimal
+    trade: ClosedTrade | None = None
 
 
 @dataclass(frozen=True, slots=True)

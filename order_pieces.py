@@ -15,6 +15,7 @@ the position; the position's stop goes (or is resized to what is left).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import replace
 from decimal import ROUND_DOWN, Decimal
 
@@ -24,6 +25,8 @@ from error_handler import BotError
 from executor_core import StopState, _Protection, protective_id
 from models import (
     ClosedTrade,
+    Event,
+    EventSink,
     Fill,
     FillKind,
     Order,
@@ -32,14 +35,15 @@ from models import (
     OrderType,
     PositionLiquidated,
     Side,
+    TradeClosed,
 )
-from order_protection import ProtectingExecutor
+from order_amend import AmendingExecutor
 
 
 log = structlog.get_logger("trade_executor")
 
 
-class PieceExecutor(ProtectingExecutor):
+class PieceExecutor(AmendingExecutor):
     """Apply executions once in any order; keep the stop sized to what the pieces hold."""
 
     async def on_stream_fill(self, fill: Fill) -> ClosedTrade | None:
@@ -91,7 +95,16 @@ class PieceExecutor(ProtectingExecutor):
         booked, order = _adopted(fill, self._market_for(fill.pair).quote)
         if self._store is not None:
             await self._off(self._store.adopt_order, order)
-        trade = await self.on_fill(order, booked)
+        # The round trip is told once, by PositionLiquidated below, not also as TradeClosed.
+        sink = self._notify
+        if not isinstance(sink, _OutsideCloses):
+            sink = self._notify = _OutsideCloses(sink)
+        key = (booked.pair, booked.ts, order.reason)
+        sink.held[key] += 1
+        try:
+            trade = await self.on_fill(order, booked)
+        finally:
+            sink.release(key)
         if trade is None:
             return None  # booked meanwhile by the other source (stream or REST sweep)
         remaining = abs(self.portfolio.signed_qty(fill.pair))
@@ -105,7 +118,7 @@ class PieceExecutor(ProtectingExecutor):
             remaining=str(remaining),
             fill_id=fill.fill_id,
         )
-        self._notify(PositionLiquidated(booked, fill.kind, trade.pnl, remaining))
+        self._notify(PositionLiquidated(booked, fill.kind, trade.pnl, remaining, trade))
         if remaining:
             await self._protect_rest(fill.pair, fill.price)
         return trade
@@ -233,6 +246,32 @@ class PieceExecutor(ProtectingExecutor):
         if level is None or qty < market.min_qty or qty <= 0:
             return None
         return level, qty
+
+
+class _OutsideCloses:
+    """The executor's event sink, less the TradeClosed of a round trip an outside fill ends.
+
+    `held` counts, per (pair, exit time, reason) of an outside close being booked, the
+    bookings under way (the stream and a REST sweep may both try one execution); its
+    TradeClosed is dropped, as the PositionLiquidated sent after it carries the trade.
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self.held: Counter[tuple[str, int, str]] = Counter()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, TradeClosed):
+            trade = event.trade
+            if self.held[(trade.pair, trade.exit_ts, trade.reason)] > 0:
+                return
+        self.sink(event)
+
+    def release(self, key: tuple[str, int, str]) -> None:
+        """End one booking of `key`."""
+        self.held[key] -= 1
+        if self.held[key] <= 0:
+            del self.held[key]
 
 
 _OUTSIDE_PREFIX = {

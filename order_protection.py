@@ -6,8 +6,9 @@ moved and taken off under that pair's lock, through the stop state machine of
 trailing move waits for an unanswered placement, a lost answer is resolved by client id
 before anything else is sent, and a clean stop cancels entries only. The stop is sized
 to what is held: placed at an entry's first piece, resized (cancel, then place) as more
-pieces land. A fill never waits for its pair's lock: when the pair is held, its holder
-does the protection the fill asked for before letting go.
+pieces land; a trailing move amends it in place (`order_amend`). A fill never waits for
+its pair's lock: when the pair is held, its holder does the protection the fill asked for
+before letting go.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ from models import (
     StopHit,
     TradeClosed,
     TradeOpened,
-    decision_key,
     purpose_of,
-    split_attempt,
     with_attempt,
 )
 from utils.precision import validate_intent
@@ -175,7 +174,7 @@ class ProtectingExecutor(ExecutorCore):
             )
         slot.state = new
         if new is StopState.NONE:
-            slot.stop = None
+            slot.stop, slot.level_unsure = None, False
 
     def _settle(self, pair: str, slot: _Protection) -> None:
         # An update seen on the stream (a fill, a cancel) may have ended the stop already.
@@ -369,41 +368,6 @@ class ProtectingExecutor(ExecutorCore):
             await self._place_stop(
                 pair, slot, position.stop_price, seq=self._clock.now_ms(), price=position.mark_price
             )
-
-    async def amend_stop(
-        self, pair: str, stop: Decimal, *, candle_ts: int | None = None
-    ) -> Order | None:
-        """Move the pair's protective stop: cancel the working one, place the new level.
-
-        Cancel first, then place: for a moment there is no stop, never two (two stops could
-        both fill and flip the position). A stop whose answer was lost is settled first; if
-        that cannot be done yet, the move waits for a later candle. The new stop is named
-        after the candle that moved it, so a restarted bot cannot place it twice.
-        """
-        async with self._holding(pair) as slot:
-            position = self.portfolio.position(pair)
-            if position is None:
-                return None
-            now = self._clock.now_ms()
-            if slot.base is None:  # a position with no recorded entry: name it by now
-                slot.base = with_attempt(decision_key("0", pair, now, "s"), 0)
-            seq = (candle_ts if candle_ts is not None else now) // 60_000
-            self._settle(pair, slot)
-            if slot.state is StopState.WORKING and slot.stop is not None:
-                same = split_attempt(slot.stop)
-                if same is not None and same[0] == protective_id(slot.base, "sl", seq):
-                    return self.orders.get(slot.stop)  # this candle's move is already made
-            if not await self._clear_stop(pair, slot):
-                log.warning("stop_amend_deferred", pair=pair, client_order_id=slot.stop)
-                return None
-            if self.portfolio.position(pair) is None:
-                return None  # the old stop fired while it was being cancelled
-            placed = await self._place_stop(pair, slot, stop, seq=seq, price=position.mark_price)
-            if placed is not None and placed.status is not OrderStatus.REJECTED:
-                log.info(
-                    "stop_moved", pair=pair, stop=str(stop), client_order_id=placed.client_order_id
-                )
-            return placed
 
     def protective_stop(self, pair: str) -> tuple[StopState, str | None]:
         """Return the state and client id of `pair`'s protective stop."""

@@ -26,7 +26,7 @@ from anomaly_detection import AnomalyWatch
 from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
-from engine_quiet import QuietSteps
+from engine_quiet import QuietSteps, last_atr
 from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
@@ -285,21 +285,17 @@ class EngineState:
 
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
-        bars = self.data.arrays(pair, self.timeframe)
-        if len(bars.close) <= period:
+        # Only the tail matters: Wilder's smoothing converges well within ten periods.
+        tail = self.data.hlc_tail(pair, self.timeframe, period * 10)
+        if tail is None or tail[1] <= period:
             return None
         # The same window gives the same ATR: a position's candle asks for its stop and
         # then for its risk context, and a burst's entries ask again (window end, period).
-        key = (int(bars.ts[-1]), len(bars.close), period)
+        key = (tail[0], tail[1], period)
         cached = self._atr_cache.get(pair)
         if cached is not None and cached[0] == key:
             return cached[1]
-        import talib
-
-        # Only the tail matters: Wilder's smoothing converges well within ten periods.
-        tail = slice(-min(len(bars.close), period * 10), None)
-        last = float(talib.ATR(bars.high[tail], bars.low[tail], bars.close[tail], period)[-1])
-        atr = last if np.isfinite(last) else None
+        atr = last_atr(tail[2], tail[3], tail[4], period)
         self._atr_cache[pair] = (key, atr)
         return atr
 
@@ -885,21 +881,24 @@ class Engine(QuietSteps, EngineControl):
     async def _take_profit_reached(self, candle: Candle) -> bool:
         # Spot positions keep their take-profit here, not on the exchange: when the bar
         # reaches it, exit at market (next open in sim, as any market order).
-        target = self.executor.managed_take_profit(candle.pair)
-        position = self.portfolio.position(candle.pair)
-        if target is None or position is None:
+        # The position's own take-profit first (no objects built): most candles miss it.
+        pair = candle.pair
+        if not self.take_profit_hit(pair, candle.high, candle.low):
             return False
-        long = position.side is PositionSide.LONG
-        reached = candle.high >= target if long else candle.low <= target
-        if reached:
-            await self.close_position(candle.pair, f"take-profit {target} reached (managed)")
-        return reached
+        target = self.executor.managed_take_profit(pair)  # None: a real order works
+        if target is None:
+            return False
+        await self.close_position(pair, f"take-profit {target} reached (managed)")
+        return True
 
     async def _manage_stop(self, candle: Candle, now: int) -> None:
+        await self._move_stop(candle, now, self._atr(candle.pair))
+
+    async def _move_stop(self, candle: Candle, now: int, atr: float | None) -> None:
+        # The stop's move on a held pair's candle, with the ATR of its window up to it.
         position = self.portfolio.position(candle.pair)
         if position is None:
             return
-        atr = self._atr(candle.pair)
         new_stop = self.risk.manage_stop(
             position,
             candle.high,
@@ -912,8 +911,8 @@ class Engine(QuietSteps, EngineControl):
         )
         if new_stop is None or new_stop == position.stop_price:
             return
-        # Each move is a cancel + new order on the exchange: skip moves smaller than a
-        # tenth of an ATR, which cost rate-limit budget and protect almost nothing.
+        # Each move is an exchange request (an amend): skip moves smaller than a tenth
+        # of an ATR, which cost rate-limit budget and protect almost nothing.
         old = position.stop_price
         if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
             return

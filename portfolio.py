@@ -137,6 +137,11 @@ class Portfolio:
             ),
         )
 
+    def take_profit_of(self, pair: str) -> Decimal | None:
+        """Return the take-profit set on `pair`'s open position (None: none, or flat)."""
+        book = self._open.get(pair)
+        return None if book is None else book.take_profit
+
     def positions(self) -> dict[str, Position]:
         """Return every open position by pair."""
         out = {}

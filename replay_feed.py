@@ -10,6 +10,7 @@ path); `PairSchedule` gives the pairs to trade as known at each refresh boundary
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -21,8 +22,8 @@ import pandas as pd
 import structlog
 
 from error_handler import ConfigError
-from matching_engine import SimulatedExchange
-from models import Candle
+from matching_engine import SimulatedExchange, stop_reached
+from models import Candle, Order
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -253,6 +254,34 @@ class CandleSteps(Protocol):
         """Apply an admitted quiet candle; True when the breakers ask to flatten."""
         ...
 
+    async def on_unsignalled(self, candle: Candle) -> bool:
+        """Apply a matched candle without a signal or a fill; True to flatten."""
+        ...
+
+    def trails_quietly(self, pair: str) -> bool:
+        """Return True when a held pair's quiet candles may only move its stop."""
+        ...
+
+    def take_profit_hit(self, pair: str, high: float, low: float) -> bool:
+        """Return True when a bar reaches the take-profit of `pair`'s position."""
+        ...
+
+    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
+        """Apply a held pair's candle that can only move its stop; True to flatten."""
+        ...
+
+    def stop_atr_span(self) -> tuple[int, int] | None:
+        """Return the stops' ATR period and the bars it reads, when a window holds them."""
+        ...
+
+    def window_atr(self, pair: str) -> float | None:
+        """Return the stops' ATR over `pair`'s data window as it stands."""
+        ...
+
+    def bars_atr(self, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> float | None:
+        """Return the stops' ATR over these bars."""
+        ...
+
     def on_quiet_rows(
         self,
         names: list[str],
@@ -331,6 +360,7 @@ class SimDriver:
         self._quiet: QuietSignals | None = None
         self.quiet_runs = False
         self.stretches = 0  # quiet stretches applied in one call (`run`)
+        self.trailed = 0  # held pairs' candles that only moved the stop (`_held_stretch`)
 
     def enable_quiet_path(self, signals: QuietSignals) -> None:
         """Let a backtest skip the full pipeline on candles where nothing can happen.
@@ -370,6 +400,20 @@ class SimDriver:
             if fills or self.sim.has_updates:
                 await self.sim.deliver(fills)
             await self._process(candle)
+
+    async def _unsignalled(self, candle: Candle) -> bool:
+        # A candle without a signal on a pair with a working order or (stops managed) a
+        # position: when nothing fills, only its marks, stop, take-profit, equity and
+        # breakers can move (`on_unsignalled`); otherwise the whole pipeline. True when
+        # the breakers ask to flatten.
+        if not self._admit(candle, None):
+            return False
+        fills = self._match(candle)
+        if fills or self.sim.has_updates:
+            await self.sim.deliver(fills)
+            await self._process(candle)
+            return False
+        return await self.engine.on_unsignalled(candle)
 
     def _quiet_one(self, candle: Candle, received: float | None = None) -> bool:
         # A quiet candle on its own; True when the breakers ask to flatten on it.
@@ -418,7 +462,7 @@ class SimDriver:
             plan.pair_list,
             plan.local_list,
         )
-        hot, holding, void = self._pair_states(rows.names)
+        hot, holding, trailing, void = self._pair_states(rows.names)
         while i < n and not stop.is_set():
             k = pair_of[i]
             must_flatten = False
@@ -427,15 +471,24 @@ class SimDriver:
                 # The pipeline reads this pair's window and the held pairs' (correlation).
                 self._catch_up(plan, k, local[i], venue=False)
                 self._catch_up_to(plan, [h for h in holding if h != k], i)
-                # A pair's first candle may be quiet; the others here are known not to be.
-                step = self.on_candle if first[i] and not (signal or k in hot) else self._full
-                await step(candle(i, clock))
+                if first[i] or signal or void:
+                    # A pair's first candle may be quiet; the others here are not.
+                    step = self.on_candle if first[i] and not (signal or k in hot) else self._full
+                    await step(candle(i, clock))
+                else:  # a working order or a held position, and no signal
+                    must_flatten = await self._unsignalled(candle(i, clock))
                 plan.taken[k] = local[i] + 1
-                hot, holding, void = self._pair_states(rows.names)  # fills, orders, exits
+                hot, holding, trailing, void = self._pair_states(rows.names)  # fills, orders, exits
                 i += 1
             else:
                 end = plan.quiet_until(i, hot, [] if void else holding, void=void)
-                if end - i < _SHORT:
+                if trailing:  # a held pair's stop may trail on the way
+                    end = min(end, i + _LONGEST)
+                    i, must_flatten = await self._held_stretch(
+                        plan, i, end, clock, holding, set(trailing)
+                    )
+                    hot, holding, trailing, void = self._pair_states(rows.names)
+                elif end - i < _SHORT:
                     while i < end and not must_flatten:
                         k = pair_of[i]
                         self._catch_up(plan, k, local[i], venue=False)
@@ -448,29 +501,125 @@ class SimDriver:
             if must_flatten:
                 self._catch_up_to(plan, every, i)  # the exits read the held pairs' bars
                 await self.engine.trip_flatten()
-                hot, holding, void = self._pair_states(rows.names)
+                hot, holding, trailing, void = self._pair_states(rows.names)
             if i >= next_yield:
                 self._catch_up_to(plan, every, i)  # what the views read between yields
                 feed.advance_to(i)
                 next_yield = i + feed.yield_every
                 await asyncio.sleep(0)
-                hot, holding, void = self._pair_states(rows.names)  # an operator's command
+                # An operator's command may have changed them.
+                hot, holding, trailing, void = self._pair_states(rows.names)
         self._catch_up_to(plan, every, i)
         feed.advance_to(i, done=True)
         return True
 
-    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int], bool]:
+    def _pair_states(self, names: list[str]) -> tuple[list[int], list[int], list[int], bool]:
         # The pairs whose every candle needs the pipeline now (an order works, or a
-        # managed stop), the pairs holding a position (any flag is a signal there), and
-        # whether decisions are void (a held flatten: no flag leads anywhere).
-        has_working, quiet_pair, is_holding = (
-            self.sim.has_working,
-            self.engine.quiet_pair,
-            self.engine.is_holding,
-        )
-        hot = [k for k, pair in enumerate(names) if has_working(pair) or not quiet_pair(pair)]
-        holding = [k for k, pair in enumerate(names) if is_holding(pair)]
-        return hot, holding, self.engine.decisions_void
+        # managed stop that cannot go the short way), the pairs holding a position (any
+        # flag is a signal there), the held pairs whose stop alone works and may trail on
+        # quiet candles (`_held_stretch`), and whether decisions are void (a held
+        # flatten: no flag leads anywhere).
+        engine, sim = self.engine, self.sim
+        trailing = [
+            k
+            for k, pair in enumerate(names)
+            if engine.trails_quietly(pair) and sim.lone_stop(pair) is not None
+        ]
+        hot = [
+            k
+            for k, pair in enumerate(names)
+            if (sim.has_working(pair) or not engine.quiet_pair(pair)) and k not in trailing
+        ]
+        holding = [k for k, pair in enumerate(names) if engine.is_holding(pair)]
+        return hot, holding, trailing, engine.decisions_void
+
+    async def _held_stretch(
+        self,
+        plan: _StretchPlan,
+        start: int,
+        end: int,
+        clock: ReplayClock,
+        holding: list[int],
+        trailing: set[int],
+    ) -> tuple[int, bool]:
+        # Quiet candles [start, end) while held pairs' stops trail: the other pairs'
+        # candles go as in `_stretch`, a held pair's one by one through `on_held_candle`
+        # (its window first: the stop reads its ATR), up to a candle that may trigger its
+        # stop or reach its take-profit, which takes the pipeline. Returns where the
+        # replay goes on and whether the breakers asked to flatten.
+        pair_of, local, rows = plan.pair_list, plan.local_list, plan.rows
+        names, engine = rows.names, self.engine
+        span = engine.stop_atr_span()
+        j = start
+        while j < end:
+            k = pair_of[j]
+            if k not in trailing:  # another pair's: up to the next held pair's
+                upto = j + 1
+                while upto < end and pair_of[upto] not in trailing:
+                    upto += 1
+                j, must_flatten = self._quiet_span(plan, j, upto, clock, holding)
+                if must_flatten or j < upto:
+                    return j, must_flatten
+                continue
+            at = local[j]
+            stop = self.sim.lone_stop(names[k]) if engine.trails_quietly(names[k]) else None
+            if stop is None or self._may_exit(stop, names[k], rows.pair_columns[k], at):
+                self._catch_up(plan, k, at, venue=False)
+                self._catch_up_to(plan, [h for h in holding if h != k], j)
+                must_flatten = await self._unsignalled(plan.candle(j, clock))
+                plan.taken[k] = at + 1
+                return j + 1, must_flatten
+            known, atr = self._archive_atr(plan, k, at, span)
+            if not known:  # the window's own bars, then
+                self._catch_up(plan, k, at + 1, venue=False)
+                atr = engine.window_atr(names[k])
+            candle = plan.candle(j, clock)
+            self.sim.remember(candle)
+            self.trailed += 1
+            if await engine.on_held_candle(candle, clock.now_ms(), atr):
+                return j + 1, True
+            j += 1
+        return j, False
+
+    def _archive_atr(
+        self, plan: _StretchPlan, k: int, at: int, span: tuple[int, int] | None
+    ) -> tuple[bool, float | None]:
+        # The stop's ATR at pair `k`'s bar `at`, read from the archive: the bars its data
+        # window ends with once it takes that bar, when none of them was refused (so the
+        # window need not take each bar first). (False, None): read the window instead.
+        if span is None or at + 1 < span[1]:
+            return False, None
+        first = at + 1 - span[1]
+        refused = plan.refused_of_pair[k]
+        last = bisect.bisect_right(refused, at)  # refused bars up to `at`
+        if last and refused[last - 1] >= first:
+            return False, None
+        _, high, low, close, _ = plan.rows.pair_columns[k]
+        bars = slice(first, at + 1)
+        return True, self.engine.bars_atr(high[bars], low[bars], close[bars])
+
+    def _may_exit(self, stop: Order, pair: str, columns: Sequence[np.ndarray], at: int) -> bool:
+        # Whether the pair's bar `at` triggers its stop or reaches its take-profit.
+        high, low = columns[1].item(at), columns[2].item(at)
+        if stop_reached(stop, columns[0].item(at), high, low) is not None:
+            return True
+        return self.engine.take_profit_hit(pair, high, low)
+
+    def _quiet_span(
+        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
+    ) -> tuple[int, bool]:
+        # Quiet candles of pairs without a trailing stop: one by one when few, else a stretch.
+        if end - start >= _SHORT:
+            return self._stretch(plan, start, end, clock, holding)
+        pair_of, local = plan.pair_list, plan.local_list
+        for j in range(start, end):
+            k = pair_of[j]
+            self._catch_up(plan, k, local[j], venue=False)
+            must_flatten = self._quiet_one(plan.candle(j, clock))
+            plan.taken[k] = local[j] + 1
+            if must_flatten:
+                return j + 1, True
+        return end, False
 
     def _catch_up(self, plan: _StretchPlan, k: int, upto: int, *, venue: bool = True) -> None:
         # Hand pair `k`'s quiet candles below its own index `upto` to its data window and
@@ -485,8 +634,8 @@ class SimDriver:
         ts = plan.rows.pair_ts[k][start:upto]
         columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
         self.engine.take_quiet([(plan.rows.names[k], ts, columns)], windows=plan.windows)
-        if venue:
-            self.sim.on_candle(plan.pair_candle(k, upto - 1))
+        if venue:  # nothing of the pair's works that its bars could trade
+            self.sim.remember(plan.pair_candle(k, upto - 1))
         plan.taken[k] = upto
 
     def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
@@ -554,6 +703,7 @@ class _StretchPlan:
         self.of_pair: list[np.ndarray] = []
         self.flagged_of_pair: list[np.ndarray] = []
         self.taken: list[int] = [0] * len(rows.names)
+        self.refused_of_pair: list[list[int]] = []
         self.windows = True  # quiet candles go into the data windows (`reads_windows`)
         for k, pair in enumerate(rows.names):
             at = np.flatnonzero(rows.pair_of == k) if several else rows.local
@@ -565,7 +715,9 @@ class _StretchPlan:
             o, h, lo, c, v = rows.pair_columns[k]
             # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
             valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
-            first[at[~(valid & (v >= 0) & (v < np.inf))]] = True
+            refused = np.flatnonzero(~(valid & (v >= 0) & (v < np.inf)))
+            self.refused_of_pair.append(refused.tolist())  # own indices, usually none
+            first[at[refused]] = True
             if len(at):
                 first[at[0]] = True  # a pair's first candle opens its data window
         self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles

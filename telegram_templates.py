@@ -431,15 +431,29 @@ _CLOSED_BY: Final = {
 
 
 def position_liquidated(event: PositionLiquidated) -> Alert:
-    """Return the alert for a position the exchange closed (liquidation, ADL, by hand)."""
-    fill = event.fill
+    """Return the alert for a position the exchange closed (liquidation, ADL, by hand).
+
+    With the round trip it ended (`event.trade`), this one message also stands for the
+    trade's close: the P&L as a fraction of the entry, the entry and exit prices, the
+    round trip's fees (entry and exit) and how long it was held.
+    """
+    fill, trade = event.fill, event.trade
     rest = "position closed" if event.remaining == 0 else f"{fmt_price(event.remaining)} still held"
+    share = ""
+    if trade is not None and trade.entry_price * trade.qty:
+        share = f" ({_pct(trade.pnl / (trade.entry_price * trade.qty))})"
     lines = [
         f"🚨 <b>{esc(fill.pair)} {_CLOSED_BY[event.kind]}</b> by the exchange",
         f"{esc(fill.side)} {fmt_price(fill.qty)} @ {fmt_price(fill.price)}"
         f" · fee {fmt_number(fill.fee, 4)} {esc(fill.fee_currency)}",
-        f"P&amp;L <b>{fmt_number(event.pnl, sign=True)}</b> · {rest}",
+        f"P&amp;L <b>{fmt_number(event.pnl, sign=True)}</b>{share} · {rest}",
     ]
+    if trade is not None:
+        lines.append(
+            f"{esc(trade.side)} {fmt_price(trade.qty)}: {fmt_price(trade.entry_price)} →"
+            f" {fmt_price(trade.exit_price)} · fees {fmt_number(trade.fee, 4)}"
+            f" · held {_duration(trade.exit_ts - trade.entry_ts)}"
+        )
     return Alert("\n".join(lines), "liquidation", f"liquidation-{fill.fill_id}")
 
 
@@ -632,8 +646,7 @@ def _model_section(pair: str, info: Mapping[str, Any]) -> list[str]:
     for alias in ("champion", "challenger"):
         figures = registry.get(f"{alias}_validation") or {}
         if figures:
-            shown = ", ".join(f"{esc(k)} {_value(v)}" for k, v in sorted(figures.items()))
-            lines.append(f"{alias} validation: {shown}")
+            lines += _validation_lines(alias, figures)
     metrics = info.get("metrics") or {}
     figures = [f"{name} {_value(metrics[name])}" for name in _MODEL_FIGURES if name in metrics]
     if figures:
@@ -641,6 +654,51 @@ def _model_section(pair: str, info: Mapping[str, Any]) -> list[str]:
     if info.get("failures"):
         lines.append(f"inference failures: {_value(info['failures'])}")
     return lines
+
+
+_FOLD_KEY: Final = re.compile(r"fold(\d+)_(\w+)")
+# Shown on the fold lines or as the verdict, not among the version's other figures.
+_NOT_LISTED: Final = frozenset({"folds", "passed"})
+
+
+def _validation_lines(alias: str, figures: Mapping[str, Any]) -> list[str]:
+    # A version's walk-forward validation (`model_training.Validation.figures`): its overall
+    # figures on one line with the gate's verdict, then one compact line per fold.
+    folds: dict[int, dict[str, Any]] = {}
+    overall: dict[str, Any] = {}
+    for key, value in figures.items():
+        match = _FOLD_KEY.fullmatch(key)
+        if match:
+            folds.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        elif key not in _NOT_LISTED:
+            overall[key] = value
+    shown = ", ".join(f"{esc(k)} {_value(v)}" for k, v in sorted(overall.items()))
+    passed = figures.get("passed")
+    verdict = "" if passed is None else f" · gate {'passed' if passed else 'failed'}"
+    lines = [f"{alias} validation: {shown}{verdict}"]
+    for index, fold in sorted(folds.items()):
+        lines.append(
+            f"fold {index}: {_count(fold.get('bars'))} bars, score {_signed(fold.get('score'))}, "
+            f"DSR {_fixed(fold.get('deflated_sharpe'))}"
+            + (
+                f", vs champion {_signed(fold['champion_score'])}"
+                if fold.get("champion_score") is not None
+                else ""
+            )
+        )
+    return lines
+
+
+def _count(value: Any) -> str:
+    return "n/a" if value is None else f"{int(value):,}"
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):+.2f}"
+
+
+def _fixed(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}"
 
 
 def render_why(snap: Snapshot, query: str, patterns: Sequence[Mapping[str, Any]] = ()) -> str:

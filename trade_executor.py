@@ -11,7 +11,8 @@ Orders fill in pieces (`PartiallyFilled`, the rest perhaps cancelled): each exec
 applied once, whichever source brings it and in whatever order, and an order's filled
 quantity is the larger of the exchange's report and the pieces applied. The first piece
 of an entry places its stop and later pieces resize it (still one stop); an exit on an
-entry that is still filling cancels the entry's rest first.
+entry that is still filling cancels the entry's rest first. A trailing move amends the
+working stop's trigger in place (`order_amend`): the same order, one request.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from models import (
     order_from_intent,
     purpose_of,
 )
+from order_amend import AmendingExecutor
 from order_pieces import PieceExecutor
 from order_protection import ProtectingExecutor
 from order_recovery import RecoveringExecutor
@@ -48,6 +50,7 @@ log = structlog.get_logger("trade_executor")
 
 
 __all__ = [
+    "AmendingExecutor",
     "ExecutorCore",
     "OrderGateway",
     "OrderJournal",

@@ -23,11 +23,12 @@ writes are the operator commands the façade offers.
 
 JSON encoding (`to_jsonable`): `Decimal` values become strings (exact, `str(Decimal)`),
 `float` values stay JSON numbers (NaN and infinities become `null`), enums become their
-string values, timestamps stay integer milliseconds UTC, tuples become arrays.
+string values, timestamps stay integer milliseconds UTC, tuples become arrays. The web view
+writes the same documents with orjson (`encode_json`), on the loop, field by field.
 
 This module is the entry point and re-exports the parts: `status_view` (formatting, charts,
 sections, `render_snapshot`), `dashboard` (`Dashboard`, `ConfirmScreen`) and `web_view`
-(`WebView`, `to_jsonable`, `depth_json`, `equity_json`).
+(`WebView`, `to_jsonable`, `encode_json`, `depth_json`, `equity_json`).
 """
 
 from __future__ import annotations
@@ -58,5 +59,6 @@ from web_page import page_html as page_html
 from web_view import WebView as WebView
 from web_view import _encode_snapshot as _encode_snapshot
 from web_view import depth_json as depth_json
+from web_view import encode_json as encode_json
 from web_view import equity_json as equity_json
 from web_view import to_jsonable as to_jsonable

@@ -51,7 +51,7 @@ async def go():
     if {full!r}:
         daemon.driver._quiet = None
     started = time.perf_counter()
-    summary = await daemon.run()
+    summary = (await daemon.run()).to_dict()
     return time.perf_counter() - started, summary
 seconds, summary = asyncio.run(go())
 summary.pop("timings", None)

@@ -1805,8 +1805,21 @@ class BybitEmulator:
     async def _order_amend(self, params: dict[str, Any]) -> dict[str, Any]:
         order = self._find(params, require_open=True)
         if order is None:
+            if self._instrument(params).category == "spot":
+                raise _BybitReply(170213, "Order does not exist.")
             raise _BybitReply(110001, "order not exists or too late to amend")
         inst = self.instruments[(order.category, order.symbol)]
+        changes = {
+            "qty": order.qty,
+            "price": order.price,
+            "triggerPrice": order.trigger_price,
+        }
+        if all(Decimal(str(params[k])) == v for k, v in changes.items() if k in params):
+            # Bybit refuses an amend that changes nothing (a request parameter error).
+            raise _BybitReply(
+                10001,
+                "The order remains unchanged as the parameters entered match the existing ones.",
+            )
         if "qty" in params:
             qty = Decimal(str(params["qty"]))
             self._check_qty(inst, qty)

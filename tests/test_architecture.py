@@ -101,6 +101,7 @@ OWNER: dict[str, str] = {
     "order_protection": "trade_executor",
     "order_recovery": "trade_executor",
     "order_pieces": "trade_executor",
+    "order_amend": "trade_executor",
     # technical_indicators.py and data_manager.py
     "indicator_kernels": "technical_indicators",
     "indicator_base": "technical_indicators",

@@ -15,8 +15,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from config import load_settings
+from config import TelegramSettings, load_settings
+from daemon_operator import TelegramNotifier
 from exchange import Exchange
 from models import (
     Event,
@@ -30,9 +32,11 @@ from models import (
 )
 from portfolio import Portfolio
 from runner import Daemon
+from telegram_bot import TelegramBot
 from telegram_templates import render_event
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
+from tests.fake_telegram import TOKEN, FakeControl, FakeTelegram
 from tests.test_live_support import private_streams as _streams
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
@@ -44,6 +48,7 @@ SYMBOL = "BTCUSDT"
 D = Decimal
 START = D("100000")
 TAKER = D("0.00055")
+CHAT = 424242
 
 
 @pytest.fixture
@@ -223,7 +228,9 @@ async def test_a_liquidation_is_booked_once_the_stop_goes_and_a_restart_agrees(
     [alert] = [e for e in events if isinstance(e, PositionLiquidated)]
     assert (alert.kind, alert.remaining, alert.fill.price) == (FillKind.LIQUIDATION, D(0), bust)
     assert render_event(alert).category == "liquidation"
-    assert sum(isinstance(e, TradeClosed) for e in events) == 1
+    # The one event for the round trip: it carries the trade, no TradeClosed besides it.
+    assert alert.trade == trade
+    assert sum(isinstance(e, TradeClosed) for e in events) == 0
     await executor.close()
 
     restarted = _executor(ex, store, [])
@@ -236,6 +243,52 @@ async def test_a_liquidation_is_booked_once_the_stop_goes_and_a_restart_agrees(
     assert _working_stops(emu) == []
     assert len(store.fills()) == 2
     await restarted.close()
+
+
+async def test_the_operator_gets_one_telegram_message_for_a_liquidation(
+    emu: BybitEmulator, ex: Exchange, store: TradeStore
+) -> None:
+    """The fake Bot API receives one message for the liquidation, with the trade's figures."""
+    async with FakeTelegram() as api:
+        settings = TelegramSettings(
+            token=SecretStr(TOKEN),
+            chat_ids=[CHAT],
+            base_url=api.base_url,
+            max_messages_per_second=50.0,
+        )
+        # Unbatched: every alert is its own Telegram message, so the count is the alerts'.
+        bot = TelegramBot(settings, FakeControl(), poll_timeout=1.0, batch_alerts=False)
+        await bot.start()
+        executor = TradeExecutor(
+            ex,
+            Portfolio(START, quote="USDT"),
+            market_for=ex.market,
+            clock=WallClock(),
+            audit=AuditTrail(None),
+            store=store,
+            notify=TelegramNotifier(bot),
+        )
+        async with _streams(ex, executor):
+            await _open_long(emu, executor, "0.100")
+            await eventually(lambda: len(api.messages_to(CHAT)) == 1)  # the entry's fill
+            _, bust = await _liquidate(emu)
+            await eventually(lambda: executor.portfolio.position(LINEAR) is None)
+            assert await _catch_up(ex, executor) == 0  # the REST sweep: nothing more to tell
+        await executor.close()
+        await bot.stop(flush_timeout=5.0)  # everything queued goes out before it stops
+        [trade] = executor.portfolio.closed
+        entry, told = api.messages_to(CHAT)[0], api.messages_to(CHAT)[1:]
+    assert entry.visible.startswith("✅ Filled buy")
+    [message] = told
+    text = message.visible
+    assert text.startswith(f"🚨 {LINEAR} liquidated by the exchange")
+    assert "Closed long" not in text
+    [(_, _, fee)] = _forced(emu, "CreateByTakeOver_PassThrough")
+    assert f"sell 0.1 @ {bust.normalize():f} · fee {float(fee):,.4f} USDT" in text
+    assert f"P&L {trade.pnl:+,.2f} (" in text
+    assert "position closed" in text
+    assert f"long 0.1: {D(str(trade.entry_price)).normalize():f} → {bust.normalize():f}" in text
+    assert f"fees {trade.fee:,.4f}" in text
 
 
 async def test_a_liquidation_while_the_bot_was_down_is_booked_at_start(

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import replay_feed
 from config import load_settings
-from models import OrderType
+from models import ClosedTrade, OrderType, PositionSide
 from runner import Daemon
 from tests.test_backtest_support import cli_args
 
@@ -56,6 +56,7 @@ async def _run(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "venue_orders": daemon.sim.orders(),
         "trades": list(engine.portfolio.closed),
         "stretches": driver.stretches,
+        "trailed": driver.trailed,
     }
 
 
@@ -72,7 +73,19 @@ async def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     # Only the "runs" variant applies stretches, several candles at a time.
     assert results["runs"]["stretches"] > 0
     assert results["per_candle"]["stretches"] == results["full"]["stretches"] == 0
+    assert results["per_candle"]["trailed"] == results["full"]["trailed"] == 0
     return results
+
+
+def _tight_breakers(
+    monkeypatch: pytest.MonkeyPatch, *, drawdown: str, reduce_at: str, daily: str
+) -> None:
+    """Set breaker limits that trip within a short run, with large positions (5% risk)."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", drawdown)
+    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", reduce_at)
+    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", daily)
+    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
+    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
 
 
 def _stop_orders(result: dict[str, Any]) -> int:
@@ -103,7 +116,19 @@ async def test_standard_profile_with_stops_equals_the_full_pipeline(
     results = await _variants(_args(strategy))
     full = results["full"]
     assert full["summary"]["n_trades"] > 0
-    assert _stop_orders(full) > full["summary"]["n_trades"]  # placed, then trailed
+    assert _stop_orders(full) > 0
+    # Stops trailed: a stop-loss exit beyond the entry's stop had its stop moved (moves
+    # amend the stop in place, so they no longer show as more stop orders than trades).
+    assert any(_trailed(t) for t in full["trades"])
+    # Held candles that only moved the stop went the short way, not through the pipeline.
+    assert results["runs"]["trailed"] > full["summary"]["n_trades"]
+
+
+def _trailed(trade: ClosedTrade) -> bool:
+    if not trade.reason.startswith("stop-loss") or trade.stop_price is None:
+        return False
+    sign = 1 if trade.side is PositionSide.LONG else -1
+    return (trade.exit_price - trade.stop_price) * sign > 0
 
 
 async def test_stretches_cut_into_slices_give_the_same_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,17 +273,14 @@ async def test_several_pairs_equal_the_full_pipeline(
     assert len({t.pair for t in full["trades"]}) >= 3
     if profile == "standard":
         assert _stop_orders(full) > 0
+        assert results["runs"]["trailed"] > 0  # held pairs' stops trailed the short way
 
 
 async def test_breakers_trip_on_the_same_candle(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A tight daily-loss limit halts and lifts on the same candles in every variant."""
-    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.5")
-    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.2")
-    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.005")
-    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
-    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _tight_breakers(monkeypatch, drawdown="0.5", reduce_at="0.2", daily="0.005")
     _archive(monkeypatch, tmp_path, [(1800, 11, 4e-3, 0), (1800, 12, 4e-3, 0)])
     results = await _variants(_multi_args())
     trips = results["full"]["summary"]["breaker_trips"]
@@ -271,11 +293,7 @@ async def test_a_held_flatten_voids_the_signals_alike(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """After the peak-to-trough flatten latches, signals lead nowhere in every variant."""
-    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.01")
-    monkeypatch.setenv("KESTREL_RISK__REDUCE_SIZE_DRAWDOWN", "0.004")
-    monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "0.5")
-    monkeypatch.setenv("KESTREL_RISK__RISK_PER_TRADE", "0.05")
-    monkeypatch.setenv("KESTREL_RISK__MAX_POSITION_FRACTION", "1.0")
+    _tight_breakers(monkeypatch, drawdown="0.01", reduce_at="0.004", daily="0.5")
     _archive(monkeypatch, tmp_path, [(1200, 21, 4e-3, 0), (1200, 22, 4e-3, 0)])
     results = await _variants(_multi_args())
     full = results["full"]
@@ -374,3 +392,15 @@ def test_update_flat_equals_update_at_each_time(
             assert probe.now == times[fed - 1]
         else:
             assert fed == len(times)
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33, 34, 35, 36])
+async def test_a_flatten_on_a_trailing_candle_is_the_same(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int
+) -> None:
+    """The drawdown flatten tripped by a held position's marks acts alike in every variant."""
+    _tight_breakers(monkeypatch, drawdown="0.01", reduce_at="0.004", daily="0.5")
+    monkeypatch.setenv("KESTREL_RISK__STOP_ATR_MULTIPLE", "6")
+    _archive(monkeypatch, tmp_path, [(1200, seed, 4e-3, 0), (1200, seed + 50, 4e-3, 0)])
+    results = await _variants(_multi_args())
+    assert results["full"]["summary"]["breaker_trips"][-1]["to"] == "flatten"

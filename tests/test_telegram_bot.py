@@ -278,6 +278,45 @@ async def test_model_command_shows_the_registry(
         assert fragment in reply.visible
 
 
+async def test_model_command_shows_each_walk_forward_fold_on_its_own_line(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl, tmp_path: Path
+) -> None:
+    """/model lists a version's folds one compact line each, with the DSR and the verdict."""
+    import numpy as np
+
+    from model_registry import Lineage, Registry
+    from model_training import Validation
+    from model_validation import Fold
+    from self_learning import ModelRegistry, SafePredictor
+    from tests.model_kinds import RuleModel
+
+    registry, name = Registry(tmp_path), "direction-ETH-USDT-1h"
+    lineage = Lineage(0, 1, ("ETH/USDT",), "1h", "rule", seed=1)
+    for version in ("v1", "v2"):
+        trained = RuleModel(1.0, np.zeros(2), {})
+        registry.register(name, "rule", trained, lineage, version=version, validation={})
+    folds = (
+        Fold(1, 0, 1, 3822, 4.7912, 0.9731, 0.0),
+        Fold(2, 1, 2, 3820, -0.5, 0.1204, 0.0, 3000, challenger=-0.5, champion=0.25),
+    )
+    validation = Validation(
+        name, "v2", 2.1456, 0.25, "v1", 0.8123, 7642, 3, False, "deflated Sharpe 0.81 below 0.95",
+        folds=folds,
+    )  # fmt: skip
+    registry.annotate(name, "v2", validation.figures())
+    registry.promote(name, "v1")
+    registry.set_challenger(name, "v2")
+    control.model = {"ETH/USDT": SafePredictor(ModelRegistry(tmp_path, name)).describe()}
+    lines = (await ask(api, "/model")).visible.split("\n")
+    assert "fold 1: 3,822 bars, score +4.79, DSR 0.97" in lines
+    assert "fold 2: 3,820 bars, score -0.50, DSR 0.12, vs champion +0.25" in lines
+    [overall] = [line for line in lines if line.startswith("challenger validation:")]
+    assert "deflated_sharpe 0.8123" in overall
+    assert overall.endswith(" · gate failed")
+    assert "fold" not in overall  # the folds are on their own lines only
+    assert lines.index(overall) + 1 == lines.index("fold 1: 3,822 bars, score +4.79, DSR 0.97")
+
+
 async def test_reconcile_runs_and_reports(
     api: FakeTelegram, bot: TelegramBot, control: FakeControl
 ) -> None:

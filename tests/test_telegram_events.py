@@ -244,6 +244,27 @@ def test_every_event_type_has_a_rendering_case() -> None:
     assert {type(event) for event, _ in EXPECTED} == set(get_args(Event))
 
 
+def test_a_liquidation_with_its_round_trip_is_one_message_with_the_trades_figures() -> None:
+    """With the trade it ended, the liquidation alert also shows P&L %, prices, fees, hold."""
+    fill = Fill(
+        "liq-1", "BTC/USDT:USDT", Side.SELL, Decimal("61750.0"), Decimal("0.100"),
+        Decimal("3.396250"), "USDT", Liquidity.TAKER, TS + 7_500_000, "e-9",
+    )  # fmt: skip
+    trade = ClosedTrade(
+        "BTC/USDT:USDT", PositionSide.LONG, TS, TS + 7_500_000, 65000.0, 61750.0, 0.1, 6.97,
+        -331.97, "liquidation: the exchange took the position over at 61750.0",
+    )  # fmt: skip
+    alert = render_event(PositionLiquidated(fill, FillKind.LIQUIDATION, -331.97, Decimal(0), trade))
+    assert alert == Alert(
+        "🚨 <b>BTC/USDT:USDT liquidated</b> by the exchange\n"
+        "sell 0.1 @ 61750 · fee 3.3963 USDT\n"
+        "P&amp;L <b>-331.97</b> (-5.11%) · position closed\n"
+        "long 0.1: 65000 → 61750 · fees 6.9700 · held 2h 05m",
+        "liquidation",
+        "liquidation-e-9",
+    )
+
+
 def test_the_halted_alert_shows_the_numbers_and_the_resume_time() -> None:
     """The breaker alert carries the trigger, value, limit, rung and when trading resumes."""
     assert render_event(HALTED).text.splitlines()[:3] == [
