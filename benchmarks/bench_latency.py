@@ -20,7 +20,8 @@ within ~0.1 ms and decided in one drain; the drain is CPU work of the pipeline i
 it): a burst of 48 entries ~6.4 ms (~130 us per order: the signal ~8 us, the risk
 context and verdict ~45, the send to the matching engine ~35, the candle's marks,
 anomaly check and equity ~15), a burst of 48 exits ~7 ms (each position's candle first
-moves its stop, a cancel and a new order, then the exit cancels it again). Peers, in the
+trails its stop, amended in place, then the exit cancels it; the send of an exit with
+its stop's cancel ~45 us). Peers, in the
 same run: the same stream taken one candle at a time (the loop before bursts: each
 candle's decision and order answer awaited in turn), and the same pipeline fed by the
 replay (no sockets, no queueing).
