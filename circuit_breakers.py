@@ -252,6 +252,8 @@ class CircuitBreakers:
         self._band: tuple[Decimal | None, Decimal | None, int | None] | None = None
         self._low_peak = self._keep["reduce_size"][1] * _SAFETY_MARGIN
         self._low_day = self._keep["daily_loss"][1] * _SAFETY_MARGIN
+        # The default loss-streak rule's limit, as `default_rules` gave it (`_verdict_holds`).
+        self._streak_limit = settings.max_consecutive_losses
 
     @property
     def cooldown_until(self) -> int | None:
@@ -352,7 +354,38 @@ class CircuitBreakers:
             self.last_loss_ts = now
         else:
             self.consecutive_losses = 0
-        return self._recompute(max(now, self.now))
+        now = max(now, self.now)
+        if self._verdict_holds(now):
+            self.now = now
+            return self.state
+        return self._recompute(now)
+
+    def _verdict_holds(self, now: int) -> bool:
+        """Return True when a full evaluation at `now` would change nothing but the clock.
+
+        Default rules only, with the band of the last evaluation standing: the equity has
+        not left it and no latch lifts before `now`, so no equity rule's verdict changes;
+        the losing streak is below its rule's limit, so that rule does not trip; and the
+        cause is none or a latched trip (kept as it is), with no manual rung (whose trip
+        is rebuilt at each evaluation). The same rung, cause and band would come out.
+        """
+        band = self._band
+        if (
+            band is None
+            or not self._fast
+            or self.manual is not None
+            or self.equity is None
+            or self.consecutive_losses >= self._streak_limit
+            or (self.cause is not None and not self.cause.latched)
+        ):
+            return False
+        low, high, expires = band
+        equity = self.equity
+        return (
+            (low is None or equity > low)
+            and (high is None or equity < high)
+            and (expires is None or now < expires)
+        )
 
     def set_manual(self, state: TradingState | None) -> TradingState:
         """Force a rung (kill switch, stop-buy) or, with None, resume (see `reset`)."""

@@ -421,8 +421,10 @@ class ExecutorCore(_OrderTracking):
         restarted bot re-deciding it adopts that order). For a stop or take-profit, only
         one that may still work does: a cancelled stop of the same name may be replaced.
         """
+        if self._store is None:
+            return intent
         parsed = split_attempt(intent.client_order_id)
-        if self._store is None or parsed is None:
+        if parsed is None:
             return intent
         key, _ = parsed
         attempts = await self._off(self._store.attempts, key)
