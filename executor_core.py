@@ -40,6 +40,7 @@ from models import (
     OrderRefused,
     OrderStatus,
     Side,
+    evolve,
     is_legal_transition,
     order_from_intent,
     purpose_of,
@@ -264,7 +265,9 @@ class _OrderTracking:
         order = self.orders.get(cid)
         if order is None:
             return
-        pending = self._unapplied.setdefault(order.pair, set())
+        pending = self._unapplied.get(order.pair)
+        if pending is None:
+            pending = self._unapplied[order.pair] = set()
         if order.filled_qty > self._applied.get(cid, ZERO):
             pending.add(cid)
         else:
@@ -336,7 +339,7 @@ class _OrderTracking:
         status = known.status
         if not status.is_terminal:
             status = OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED
-        return replace(
+        return evolve(
             known,
             filled_qty=filled,
             status=status,

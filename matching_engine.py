@@ -71,6 +71,7 @@ from models import (
     PositionSide,
     Side,
     TimeInForce,
+    evolve,
     order_from_intent,
 )
 from perpetuals import Liquidation, unit_cost
@@ -482,7 +483,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
             )
         if order.stop_price == trigger_price:
             return order
-        amended = replace(order, stop_price=trigger_price, ts_updated=self._now())
+        amended = evolve(order, stop_price=trigger_price, ts_updated=self._now())
         self._orders[client_order_id] = amended
         return amended
 
@@ -712,7 +713,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
                 rest = quote_qty(left, price, self.taker_fee, market.lot_size if market else None)
             total_qty = filled + rest
         status = OrderStatus.FILLED if filled >= total_qty else OrderStatus.PARTIALLY_FILLED
-        updated = replace(
+        updated = evolve(
             order,
             qty=total_qty,
             filled_qty=filled,
@@ -741,7 +742,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
                 self._finish(order, OrderStatus.CANCELLED)
 
     def _finish(self, order: Order, status: OrderStatus) -> Order:
-        updated = replace(order, status=status, ts_updated=self._now())
+        updated = evolve(order, status=status, ts_updated=self._now())
         self._orders[order.client_order_id] = updated
         self._quote_amounts.pop(order.client_order_id, None)
         self._triggered.discard(order.client_order_id)
