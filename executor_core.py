@@ -66,15 +66,12 @@ class OrderIndex(dict[str, Order]):
         super().__init__()
         self.working: dict[str, Order] = {}
 
-    def _track(self, key: str, order: Order) -> None:
+    def __setitem__(self, key: str, order: Order) -> None:
+        dict.__setitem__(self, key, order)
         if order.status.is_terminal:
             self.working.pop(key, None)
         else:
             self.working[key] = order
-
-    def __setitem__(self, key: str, order: Order) -> None:
-        super().__setitem__(key, order)
-        self._track(key, order)
 
     def setdefault(self, key: str, default: Order) -> Order:
         """Insert `default` under `key` unless it is there; return what is stored."""

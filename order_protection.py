@@ -75,10 +75,12 @@ class _Hold:
         return self._slot
 
     async def __aexit__(self, *exc_info: object) -> None:
+        slot = self._slot
         try:
-            await self._executor._after_hold(self._pair, self._slot)
+            if slot.due is not None or slot.clear_due:
+                await self._executor._after_hold(self._pair, slot)
         finally:
-            self._slot.lock.release()
+            slot.lock.release()
 
 
 class ProtectingExecutor(ExecutorCore):
