@@ -50,7 +50,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 import pandas as pd
@@ -89,6 +89,8 @@ FillSink = Callable[[Order, Fill], Awaitable[None]]
 OrderSink = Callable[[Order], Awaitable[None]]
 _BPS = Decimal(10_000)
 _ONE_BAR = frozenset({TimeInForce.IOC, TimeInForce.FOK})
+# The order a bar's working orders are matched in (`_match_bar`); limits last.
+_PRIORITY: Final = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
 
@@ -530,8 +532,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
     def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
         working = list(self._open.get(bar.pair, []))
         # Market orders execute at the open, then stops, then limits (stop before TP).
-        priority = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
-        working.sort(key=lambda cid: priority.get(self._orders[cid].type, 2))
+        working.sort(key=lambda cid: _PRIORITY.get(self._orders[cid].type, 2))
         budget = (
             Decimal(str(bar.volume * self.max_participation))
             if self.max_participation is not None
