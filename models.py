@@ -55,6 +55,8 @@ def _copier(cls: type) -> _Copier | None:
     declared = getattr(cls, "__dataclass_fields__", None)
     if declared is None:
         raise TypeError("evolve() should be called on dataclass instances")
+    if not cls.__dataclass_params__.init:  # type: ignore[attr-defined]
+        return None  # a constructor of its own: only keywords are sure to reach the fields
     fields = dataclasses.fields(cls)
     if len(fields) < 2 or len(fields) != len(declared):
         return None  # one field (attrgetter would not give a tuple), or an InitVar/ClassVar

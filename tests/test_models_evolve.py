@@ -84,3 +84,22 @@ def test_evolve_recomputes_derived_fields_through_replace() -> None:
     moved = evolve(book, equity=Decimal(80))
     assert moved == dataclasses.replace(book, equity=Decimal(80))
     assert moved.drawdown == pytest.approx(0.2)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class _Scaled:
+    """A dataclass with a constructor of its own (its arguments are not its fields)."""
+
+    low: int
+    high: int
+
+    def __init__(self, high: int, low: int) -> None:
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+
+def test_evolve_leaves_a_hand_written_constructor_to_replace() -> None:
+    """A class whose constructor is its own gets exactly what replace gives it."""
+    scaled = _Scaled(high=5, low=1)
+    assert evolve(scaled, low=2) == dataclasses.replace(scaled, low=2)
+    assert evolve(scaled, low=2).high == 5
