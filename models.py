@@ -2,8 +2,9 @@
 
 A leaf module: it imports only the standard library, so every component may import it and
 no import cycle can pass through it. Messages are immutable; derive a changed copy with
-`dataclasses.replace`. Prices and quantities that reach an order are `Decimal`; timestamps
-are `int` milliseconds since the epoch, UTC, named `ts_*`.
+`dataclasses.replace` (or `evolve`, its result at less cost, on hot paths). Prices and
+quantities that reach an order are `Decimal`; timestamps are `int` milliseconds since the
+epoch, UTC, named `ts_*`.
 """
 
 from __future__ import annotations
