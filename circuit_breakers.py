@@ -352,7 +352,7 @@ class CircuitBreakers:
             self.last_loss_ts = now
         else:
             self.consecutive_losses = 0
-        return self._recompute(max(now, self.now))
+        return _reevaluate(self, max(now, self.now))
 
     def set_manual(self, state: TradingState | None) -> TradingState:
         """Force a rung (kill switch, stop-buy) or, with None, resume (see `reset`)."""
@@ -602,6 +602,39 @@ class CircuitBreakers:
                 self.alert(_state_changed(self.last_trigger))
             except Exception:  # an alert channel failing must never stop risk control
                 log.exception("alert_failed", kind="trading_state")
+
+
+def _reevaluate(breakers: CircuitBreakers, now: int) -> TradingState:
+    """Re-evaluate `breakers` at `now` after a closed trade; return the state.
+
+    A full evaluation (`_recompute`) unless it would change nothing but the clock:
+    default rules only, with the band of the last evaluation standing (the equity has not
+    left it and no latch lifts before `now`, so no equity rule's verdict changes); the
+    losing streak below its rule's limit (the settings are frozen: the default rule's),
+    so that rule does not trip; the cause none or a latched trip (kept as it is); and no
+    manual rung (whose trip is rebuilt at each evaluation). The same rung, cause and band
+    would come out.
+    """
+    b = breakers
+    band, equity = b._band, b.equity
+    if (
+        band is None
+        or not b._fast
+        or b.manual is not None
+        or equity is None
+        or b.consecutive_losses >= b.settings.max_consecutive_losses
+        or (b.cause is not None and not b.cause.latched)
+    ):
+        return b._recompute(now)
+    low, high, expires = band
+    if (
+        (low is None or equity > low)
+        and (high is None or equity < high)
+        and (expires is None or now < expires)
+    ):
+        b.now = now
+        return b.state
+    return b._recompute(now)
 
 
 def breaker_report(

@@ -40,6 +40,7 @@ from models import (
     OrderRefused,
     OrderStatus,
     Side,
+    evolve,
     is_legal_transition,
     order_from_intent,
     purpose_of,
@@ -65,15 +66,12 @@ class OrderIndex(dict[str, Order]):
         super().__init__()
         self.working: dict[str, Order] = {}
 
-    def _track(self, key: str, order: Order) -> None:
+    def __setitem__(self, key: str, order: Order) -> None:
+        dict.__setitem__(self, key, order)
         if order.status.is_terminal:
             self.working.pop(key, None)
         else:
             self.working[key] = order
-
-    def __setitem__(self, key: str, order: Order) -> None:
-        super().__setitem__(key, order)
-        self._track(key, order)
 
     def setdefault(self, key: str, default: Order) -> Order:
         """Insert `default` under `key` unless it is there; return what is stored."""
@@ -264,7 +262,9 @@ class _OrderTracking:
         order = self.orders.get(cid)
         if order is None:
             return
-        pending = self._unapplied.setdefault(order.pair, set())
+        pending = self._unapplied.get(order.pair)
+        if pending is None:
+            pending = self._unapplied[order.pair] = set()
         if order.filled_qty > self._applied.get(cid, ZERO):
             pending.add(cid)
         else:
@@ -336,7 +336,7 @@ class _OrderTracking:
         status = known.status
         if not status.is_terminal:
             status = OrderStatus.FILLED if filled >= known.qty else OrderStatus.PARTIALLY_FILLED
-        return replace(
+        return evolve(
             known,
             filled_qty=filled,
             status=status,
@@ -421,8 +421,10 @@ class ExecutorCore(_OrderTracking):
         restarted bot re-deciding it adopts that order). For a stop or take-profit, only
         one that may still work does: a cancelled stop of the same name may be replaced.
         """
+        if self._store is None:
+            return intent
         parsed = split_attempt(intent.client_order_id)
-        if self._store is None or parsed is None:
+        if parsed is None:
             return intent
         key, _ = parsed
         attempts = await self._off(self._store.attempts, key)

@@ -50,7 +50,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,7 @@ from models import (
     PositionSide,
     Side,
     TimeInForce,
+    evolve,
     order_from_intent,
 )
 from perpetuals import Liquidation, unit_cost
@@ -88,6 +89,8 @@ FillSink = Callable[[Order, Fill], Awaitable[None]]
 OrderSink = Callable[[Order], Awaitable[None]]
 _BPS = Decimal(10_000)
 _ONE_BAR = frozenset({TimeInForce.IOC, TimeInForce.FOK})
+# The order a bar's working orders are matched in (`_match_bar`); limits last.
+_PRIORITY: Final = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
 _STABLE_QUOTES = frozenset({"USDT", "USDC", "USD", "BUSD", "EUR", "DAI"})
 
 
@@ -482,7 +485,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
             )
         if order.stop_price == trigger_price:
             return order
-        amended = replace(order, stop_price=trigger_price, ts_updated=self._now())
+        amended = evolve(order, stop_price=trigger_price, ts_updated=self._now())
         self._orders[client_order_id] = amended
         return amended
 
@@ -529,8 +532,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
     def _match_bar(self, bar: Candle, step: int, results: list[tuple[Order, Fill]]) -> None:
         working = list(self._open.get(bar.pair, []))
         # Market orders execute at the open, then stops, then limits (stop before TP).
-        priority = {OrderType.MARKET: 0, OrderType.STOP_MARKET: 1, OrderType.STOP_LIMIT: 1}
-        working.sort(key=lambda cid: priority.get(self._orders[cid].type, 2))
+        working.sort(key=lambda cid: _PRIORITY.get(self._orders[cid].type, 2))
         budget = (
             Decimal(str(bar.volume * self.max_participation))
             if self.max_participation is not None
@@ -712,7 +714,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
                 rest = quote_qty(left, price, self.taker_fee, market.lot_size if market else None)
             total_qty = filled + rest
         status = OrderStatus.FILLED if filled >= total_qty else OrderStatus.PARTIALLY_FILLED
-        updated = replace(
+        updated = evolve(
             order,
             qty=total_qty,
             filled_qty=filled,
@@ -741,7 +743,7 @@ class SimulatedExchange(_Delivery, _OrderBook, PerpetualWatch, _ReplayShortcuts)
                 self._finish(order, OrderStatus.CANCELLED)
 
     def _finish(self, order: Order, status: OrderStatus) -> Order:
-        updated = replace(order, status=status, ts_updated=self._now())
+        updated = evolve(order, status=status, ts_updated=self._now())
         self._orders[order.client_order_id] = updated
         self._quote_amounts.pop(order.client_order_id, None)
         self._triggered.discard(order.client_order_id)

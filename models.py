@@ -2,20 +2,69 @@
 
 A leaf module: it imports only the standard library, so every component may import it and
 no import cycle can pass through it. Messages are immutable; derive a changed copy with
-`dataclasses.replace`. Prices and quantities that reach an order are `Decimal`; timestamps
-are `int` milliseconds since the epoch, UTC, named `ts_*`.
+`dataclasses.replace` (or `evolve`, its result at less cost, on hot paths). Prices and
+quantities that reach an order are `Decimal`; timestamps are `int` milliseconds since the
+epoch, UTC, named `ts_*`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+
+_T = TypeVar("_T")
+
+
+def evolve(obj: _T, /, **changes: Any) -> _T:
+    """Return a copy of the dataclass `obj` with `changes`: `dataclasses.replace`, cheaper.
+
+    The same result (the class's constructor sees every field, its checks included), at
+    about two thirds of the cost for the messages built on the order path. A class with a
+    field outside its positional constructor (keyword-only, init=False, InitVar) goes
+    through `dataclasses.replace` itself.
+    """
+    cls = type(obj)
+    if cls not in _copiers:
+        _copiers[cls] = _copier(cls)
+    copier = _copiers[cls]
+    if copier is None:
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    read, index = copier
+    values = list(read(obj))
+    for name, value in changes.items():
+        at = index.get(name)
+        if at is None:
+            raise TypeError(f"{cls.__name__} has no field {name!r}")
+        values[at] = value
+    return cls(*values)
+
+
+_Copier = tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]
+_copiers: dict[type, _Copier | None] = {}
+
+
+def _copier(cls: type) -> _Copier | None:
+    declared = getattr(cls, "__dataclass_fields__", None)
+    if declared is None:
+        raise TypeError("evolve() should be called on dataclass instances")
+    if not cls.__dataclass_params__.init:  # type: ignore[attr-defined]
+        return None  # a constructor of its own: only keywords are sure to reach the fields
+    fields = dataclasses.fields(cls)
+    if len(fields) < 2 or len(fields) != len(declared):
+        return None  # one field (attrgetter would not give a tuple), or an InitVar/ClassVar
+    if any(not f.init or f.kw_only for f in fields):
+        return None
+    names = [f.name for f in fields]
+    return operator.attrgetter(*names), {name: i for i, name in enumerate(names)}
 
 
 # -- Enums -----------------------------------------------------------------------------------

@@ -43,9 +43,9 @@ class AmendingExecutor(ProtectingExecutor):
         candle (None).
         """
         async with self._holding(pair) as slot:
-            position = self.portfolio.position(pair)
-            if position is None:
+            if not self.portfolio.has_position(pair):
                 return None
+            mark = self.portfolio.mark_of(pair)
             now = self._clock.now_ms()
             if slot.base is None:  # a position with no recorded entry: name it by now
                 slot.base = with_attempt(decision_key("0", pair, now, "s"), 0)
@@ -58,10 +58,10 @@ class AmendingExecutor(ProtectingExecutor):
             if not await self._clear_stop(pair, slot):
                 log.warning("stop_amend_deferred", pair=pair, client_order_id=slot.stop)
                 return None
-            if not await self._fills_applied(pair) or self.portfolio.position(pair) is None:
+            if not await self._fills_applied(pair) or not self.portfolio.has_position(pair):
                 return None  # the old stop fired (its fill may still be on its way)
             seq = (candle_ts if candle_ts is not None else now) // 60_000
-            placed = await self._place_stop(pair, slot, stop, seq=seq, price=position.mark_price)
+            placed = await self._place_stop(pair, slot, stop, seq=seq, price=mark)
             if placed is not None and placed.status is not OrderStatus.REJECTED:
                 log.info(
                     "stop_moved", pair=pair, stop=str(stop), client_order_id=placed.client_order_id

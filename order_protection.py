@@ -14,7 +14,6 @@ before letting go.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import structlog
@@ -54,6 +53,34 @@ from utils.precision import validate_intent
 
 
 log = structlog.get_logger("trade_executor")
+
+
+class _Hold:
+    """A pair held (`ProtectingExecutor._holding`): its lock, then the protection due.
+
+    Entering takes the pair's lock and gives its slot; leaving does, still holding it,
+    the protection fills asked for meanwhile, then lets go, whatever the block raised.
+    A plain class: the order path enters one per fill and per stop move.
+    """
+
+    __slots__ = ("_executor", "_pair", "_slot")
+
+    def __init__(self, executor: ProtectingExecutor, pair: str, slot: _Protection) -> None:
+        self._executor = executor
+        self._pair = pair
+        self._slot = slot
+
+    async def __aenter__(self) -> _Protection:
+        await self._slot.lock.acquire()
+        return self._slot
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        slot = self._slot
+        try:
+            if slot.due is not None or slot.clear_due:
+                await self._executor._after_hold(self._pair, slot)
+        finally:
+            slot.lock.release()
 
 
 class ProtectingExecutor(ExecutorCore):
@@ -124,24 +151,22 @@ class ProtectingExecutor(ExecutorCore):
         async with self._holding(pair):
             await self._follow_entry(intent, fill.price)
 
-    @contextlib.asynccontextmanager
-    async def _holding(self, pair: str) -> AsyncIterator[_Protection]:
+    def _holding(self, pair: str) -> _Hold:
         """Hold `pair` (its lock); before letting go, do the protection fills asked for."""
-        slot = self._slot(pair)
-        async with slot.lock:
+        return _Hold(self, pair, self._slot(pair))
+
+    async def _after_hold(self, pair: str, slot: _Protection) -> None:
+        """Do the protection fills asked for while `pair` was held (still holding it)."""
+        while slot.due is not None or slot.clear_due:
+            due, slot.due = slot.due, None
+            clear, slot.clear_due = slot.clear_due, False
             try:
-                yield slot
-            finally:
-                while slot.due is not None or slot.clear_due:
-                    due, slot.due = slot.due, None
-                    clear, slot.clear_due = slot.clear_due, False
-                    try:
-                        if clear:
-                            await self._clear_if_flat(pair, slot)
-                        if due is not None:
-                            await self._follow_entry(*due)
-                    except BotError as e:
-                        log.error("protection_after_hold_failed", **{**e.describe(), "pair": pair})
+                if clear:
+                    await self._clear_if_flat(pair, slot)
+                if due is not None:
+                    await self._follow_entry(*due)
+            except BotError as e:
+                log.error("protection_after_hold_failed", **{**e.describe(), "pair": pair})
 
     async def _clear_if_flat(self, pair: str, slot: _Protection) -> None:
         if self.portfolio.signed_qty(pair) == 0:
@@ -186,10 +211,9 @@ class ProtectingExecutor(ExecutorCore):
         """Place the stop (and, on linear, the take-profit) of the position `entry` opened."""
         pair = entry.pair
         slot = self._slot(pair)
-        position = self.portfolio.position(pair)
         if (
             not self.protective_orders
-            or position is None
+            or not self.portfolio.has_position(pair)
             or slot.base == entry.client_order_id
             or (entry.stop_loss is None and entry.take_profit is None)
         ):
@@ -221,15 +245,15 @@ class ProtectingExecutor(ExecutorCore):
     def _protective_intent(
         self, pair: str, kind: OrderType, level: Decimal, key: str
     ) -> OrderIntent:
-        position = self.portfolio.position(pair)
-        assert position is not None
-        long = self.portfolio.signed_qty(pair) > 0
+        held = self.portfolio.signed_qty(pair)
+        assert self.portfolio.has_position(pair)
+        long = held > 0
         now = self._clock.now_ms()
         stop = kind is OrderType.STOP_MARKET
         return OrderIntent(
             pair=pair,
             side=Side.SELL if long else Side.BUY,
-            qty=position.qty,
+            qty=abs(held),
             type=kind,
             client_order_id=with_attempt(key, 0),
             reason=f"{'stop-loss' if stop else 'take-profit'} for {self._slot(pair).base}",

@@ -137,6 +137,14 @@ class Portfolio:
             ),
         )
 
+    def mark_of(self, pair: str) -> Decimal | None:
+        """Return the mark price of `pair`'s open position (None: no mark yet, or flat).
+
+        `position(pair).mark_price` without building the position.
+        """
+        book = self._open.get(pair)
+        return None if book is None else book.mark
+
     def take_profit_of(self, pair: str) -> Decimal | None:
         """Return the take-profit set on `pair`'s open position (None: none, or flat)."""
         book = self._open.get(pair)

@@ -36,6 +36,7 @@ from models import (
     OrderIntent,
     OrderPurpose,
     OrderStatus,
+    evolve,
     order_from_intent,
     purpose_of,
 )
@@ -105,7 +106,7 @@ class TradeExecutor(RecoveringExecutor):
         # orders, and on linear), so they are not sent attached to the entry.
         protection = (intent.stop_loss, intent.take_profit)
         if protection != (None, None):
-            intent = replace(intent, stop_loss=None, take_profit=None)
+            intent = evolve(intent, stop_loss=None, take_profit=None)
         # The common case (nothing pending on the pair) costs no await.
         pending = intent.pair in self._unresolved or bool(self._unapplied.get(intent.pair))
         refusal = await self._not_now(intent) if pending else self._entry_refusal(intent)
@@ -126,7 +127,7 @@ class TradeExecutor(RecoveringExecutor):
         self._intents[checked.client_order_id] = (
             checked
             if protection == (None, None)
-            else replace(checked, stop_loss=protection[0], take_profit=protection[1])
+            else evolve(checked, stop_loss=protection[0], take_profit=protection[1])
         )
         if purpose_of(checked) is OrderPurpose.EXIT:
             # Take the resting stop off before a market exit: on spot it holds the coins

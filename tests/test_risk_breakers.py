@@ -308,3 +308,47 @@ def test_a_manual_flatten_survives_a_restart() -> None:
     after = RiskManager(settings())
     assert after.restore_state(before.dump_state()) is TradingState.FLATTEN
     assert after.update(T0 + DAY, Decimal(10_500)) is TradingState.FLATTEN
+
+
+def _cause(breakers: CircuitBreakers) -> tuple[str, TradingState, int | None] | None:
+    cause = breakers.cause
+    return None if cause is None else (cause.rule, cause.state, cause.until)
+
+
+@hyp_settings(deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(min_value=-0.03, max_value=0.03),
+            st.integers(min_value=1, max_value=900),
+            st.lists(st.sampled_from([-1.0, 1.0]), max_size=4),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    auto_resume=st.booleans(),
+)
+def test_trade_closes_keep_the_cause_latches_and_lift_times_of_a_full_evaluation(
+    steps: list[tuple[float, int, list[float]]], auto_resume: bool
+) -> None:
+    """After each closed trade the rung, its cause, the latches and the resume time match."""
+    config = settings(auto_resume=auto_resume)
+    fast = CircuitBreakers(config)
+    full = CircuitBreakers(config, rules=default_rules(config))
+    equity, now = Decimal(10_000), T0
+    for change, minutes, pnls in steps:
+        equity = (equity * Decimal(str(1 + change))).quantize(Decimal("0.01"))
+        now += minutes * MINUTE
+        fast.update(now, equity)
+        full.update(now, equity)
+        for pnl in pnls:
+            closed = trade(pnl)
+            assert fast.on_trade_closed(closed, now) is full.on_trade_closed(closed, now)
+            assert _cause(fast) == _cause(full)
+            assert fast.resume_at == full.resume_at
+            assert {k: t.until for k, t in fast.latched.items()} == {
+                k: t.until for k, t in full.latched.items()
+            }
+            assert fast.consecutive_losses == full.consecutive_losses
+            assert fast.now == full.now
+        assert fast.history == full.history

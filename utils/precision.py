@@ -13,12 +13,11 @@ stop above the market is rounded down.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
 from error_handler import OrderRejected
-from models import Market, MarketType, OrderIntent, OrderType, Side, TimeInForce
+from models import Market, MarketType, OrderIntent, OrderType, Side, TimeInForce, evolve
 
 
 __all__ = ["notional", "round_price", "round_qty", "validate_intent"]
@@ -82,10 +81,9 @@ def validate_intent(
             the minimum (after rounding) or above the maximum, notional below the
             minimum, leverage above the maximum, or an order shape the market refuses.
     """
-    context = {"component": "precision", "pair": intent.pair, "order_id": intent.client_order_id}
 
     def reject(reason: str) -> OrderRejected:
-        return OrderRejected(f"order refused: {reason}", reason=reason, **context)
+        return _refusal(intent, reason)
 
     if intent.pair != market.pair:
         raise reject(f"intent is for {intent.pair}, market rules are for {market.pair}")
@@ -129,13 +127,23 @@ def validate_intent(
                 f"notional {value.normalize():f} below the minimum {market.min_notional} "
                 f"({qty} x {reference})"
             )
-    return dataclasses.replace(
+    return evolve(
         intent,
         qty=qty,
         price=price,
         stop_price=stop,
         stop_loss=stop_loss,
         take_profit=take_profit,
+    )
+
+
+def _refusal(intent: OrderIntent, reason: str) -> OrderRejected:
+    return OrderRejected(
+        f"order refused: {reason}",
+        reason=reason,
+        component="precision",
+        pair=intent.pair,
+        order_id=intent.client_order_id,
     )
 
 
