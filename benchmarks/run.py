@@ -49,6 +49,7 @@ def main(argv: list[str]) -> int:
     for name in modules:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
+        saved = dict(os.environ)  # a section's settings must not leak into the next one
         try:
             rows = importlib.import_module(f"benchmarks.{name}").run()
         except Exception:
@@ -56,6 +57,9 @@ def main(argv: list[str]) -> int:
             sections.append(f"## {name}\n\nFAILED:\n\n```\n{traceback.format_exc()}```\n")
             traceback.print_exc()
             continue
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         lines = [
             f"## {name}  ({time.perf_counter() - started:.0f} s)",
             "",
