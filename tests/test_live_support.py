@@ -1,4 +1,4 @@
-"""Shared helpers for the live executor tests on the emulator: the private streams.
+"""Shared helpers for the live executor tests on the emulator: the executor, its streams.
 
 No tests live here.
 """
@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 from exchange import Exchange
+from portfolio import Portfolio
 from trade_executor import TradeExecutor
+from trade_store import TradeStore
+from utils.utilities import AuditTrail, WallClock
 
 
 @contextlib.asynccontextmanager
@@ -35,3 +39,16 @@ async def private_streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterato
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if not isinstance(outcome, asyncio.CancelledError):
                 raise AssertionError(f"a private stream consumer failed: {outcome!r}")
+
+
+def live_executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
+    """Return an executor on `ex` journaling to `store`, 100,000 USDT, unknown after 1 s."""
+    return TradeExecutor(
+        ex,
+        Portfolio(Decimal("100000"), quote="USDT"),
+        market_for=ex.market,
+        clock=WallClock(),
+        audit=AuditTrail(None),
+        store=store,
+        unknown_after_ms=1_000,
+    )

@@ -41,10 +41,11 @@ from models import (
 from portfolio import Portfolio
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
+from tests.test_live_support import live_executor
 from tests.test_live_support import private_streams as _streams
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
-from utils.utilities import AuditTrail, ReplayClock, WallClock
+from utils.utilities import AuditTrail, ReplayClock
 
 
 LINEAR = "BTC/USDT:USDT"
@@ -73,18 +74,6 @@ def store(tmp_path: Path) -> Iterator[TradeStore]:
     """Return a journal on a SQLite file."""
     with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
         yield journal
-
-
-def _executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
-    return TradeExecutor(
-        ex,
-        Portfolio(D("100000"), quote="USDT"),
-        market_for=ex.market,
-        clock=WallClock(),
-        audit=AuditTrail(None),
-        store=store,
-        unknown_after_ms=1_000,
-    )
 
 
 def _resting_buy(
@@ -194,7 +183,7 @@ async def test_the_position_fees_and_one_stop_follow_each_piece(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """Each piece adds to the position and fees exactly; the stop and take-profit follow."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     intent = _resting_buy(emu, "pieces", "0.010", take_profit=True)
     async with _streams(ex, executor):
         order = await executor.submit(intent)
@@ -225,7 +214,7 @@ async def test_an_exit_on_a_partly_filled_entry_cancels_its_rest_first(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """The exit closes what the pieces bought, and the rest of the entry can buy no more."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     intent = _resting_buy(emu, "halfway", "0.010")
     async with _streams(ex, executor):
         await executor.submit(intent)
@@ -255,7 +244,7 @@ async def test_a_restart_mid_fill_reconciles_from_the_exchanges_executions(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """Pieces filled while the bot was down are in the rebuilt position and its one stop."""
-    first = _executor(ex, store)
+    first = live_executor(ex, store)
     intent = _resting_buy(emu, "restart", "0.010")
     async with _streams(ex, first):
         await first.submit(intent)
@@ -266,7 +255,7 @@ async def test_a_restart_mid_fill_reconciles_from_the_exchanges_executions(
     await emu.fill_resting(intent.client_order_id, "0.003")
     await emu.fill_resting(intent.client_order_id, "0.001")
 
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     report = await restarted.reconcile(ex, store, quote="USDT")
     assert "fills recorded while down 2" in report
     assert _held(restarted) == D("0.006")
@@ -280,7 +269,7 @@ async def test_a_restart_mid_fill_reconciles_from_the_exchanges_executions(
     assert restarted.orders[intent.client_order_id].status is OrderStatus.FILLED
     assert sum((f.qty for f in store.fills()), D(0)) == D("0.010")
     # Again: a second restart finds the same books and the same single stop.
-    again = _executor(ex, store)
+    again = live_executor(ex, store)
     await again.reconcile(ex, store, quote="USDT")
     await again.restore_protection(lambda pair: emu.last_price(SYMBOL, "linear"))
     assert _held(again) == D("0.010")
@@ -298,7 +287,7 @@ async def test_a_lost_answer_to_an_order_filled_in_pieces_is_settled_once(
     quick = Exchange(exchange_settings(emu, timeout_s=0.5), retry_attempts=1, retry_base_s=0.01)
     await quick.__aenter__()
     ex = quick
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     entry = OrderIntent(LINEAR, Side.BUY, D("0.008"), OrderType.MARKET, "lost_0", "entry")
     async with _streams(ex, executor):
         emu.fail_next("timeout_after", path="/v5/order/create")
@@ -475,7 +464,7 @@ async def test_sim_and_live_keep_the_same_books_for_the_same_pieces(
 ) -> None:
     """The same pieces at the same prices leave the same position, fees, cash and stop."""
     sizes = [D("0.003"), D("0.002"), D("0.004")]
-    live = _executor(ex, store)
+    live = live_executor(ex, store)
     intent = _resting_buy(emu, "twin", "0.009")
     async with _streams(ex, live):
         await live.submit(intent)
@@ -541,7 +530,7 @@ async def test_a_resize_whose_answer_is_lost_is_settled_by_id_before_the_next(
     async with Exchange(
         exchange_settings(emu, timeout_s=0.5), retry_attempts=1, retry_base_s=0.01
     ) as quick:
-        executor = _executor(quick, store)
+        executor = live_executor(quick, store)
         intent = _resting_buy(emu, "lostresize", "0.009")
         async with _streams(quick, executor):
             await executor.submit(intent)
@@ -568,7 +557,7 @@ async def test_a_restart_between_a_resizes_cancel_and_its_placement_protects_aga
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """Killed after the old stop's cancel: start-up places the stop, sized to what is held."""
-    first = _executor(ex, store)
+    first = live_executor(ex, store)
     intent = _resting_buy(emu, "halfresize", "0.009")
     async with _streams(ex, first):
         await first.submit(intent)
@@ -581,7 +570,7 @@ async def test_a_restart_between_a_resizes_cancel_and_its_placement_protects_aga
     await emu.fill_resting(intent.client_order_id, "0.003")
     await ex.cancel_order(LINEAR, client_order_id=old_stop)  # the cancel went, then the kill
 
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     await restarted.reconcile(ex, store, quote="USDT")
     assert await restarted.restore_protection(lambda pair: emu.last_price(SYMBOL, "linear")) == []
 

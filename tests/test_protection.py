@@ -16,11 +16,10 @@ import pytest
 
 from exchange import Exchange
 from models import OrderIntent, OrderStatus, OrderType, Side, with_attempt
-from portfolio import Portfolio
 from tests.bybit_emulator import BybitEmulator, exchange_settings
+from tests.test_live_support import live_executor
 from trade_executor import StopState, TradeExecutor
 from trade_store import JournalState, TradeStore
-from utils.utilities import AuditTrail, WallClock
 
 
 PAIR = "BTC/USDT"
@@ -47,18 +46,6 @@ def store(tmp_path: Path) -> Iterator[TradeStore]:
     """Return a journal on a SQLite file."""
     with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
         yield journal
-
-
-def _executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
-    return TradeExecutor(
-        ex,
-        Portfolio(Decimal("100000"), quote="USDT"),
-        market_for=ex.market,
-        clock=WallClock(),
-        audit=AuditTrail(None),
-        store=store,
-        unknown_after_ms=1_000,
-    )
 
 
 def _entry(cid: str, stop: Decimal) -> OrderIntent:
@@ -107,7 +94,7 @@ async def test_a_trailing_move_while_the_stop_is_unanswered_waits_for_it(
 ) -> None:
     """The stop's create answers late; a move meanwhile replaces it instead of adding one."""
     price = emu.last_price(SYMBOL)
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     emu.fail_next("timeout_after", path="/v5/order/create")  # the entry's answer is late
     order = await executor.submit(
         _entry("slow", (price * Decimal("0.95")).quantize(Decimal("0.01")))
@@ -134,7 +121,7 @@ async def test_a_stop_whose_answer_and_lookups_are_lost_is_resolved_before_the_n
 ) -> None:
     """With the stop's fate unknown, a move looks it up by id first: still one stop."""
     price = emu.last_price(SYMBOL)
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     order = await executor.submit(
         _entry("lost", (price * Decimal("0.95")).quantize(Decimal("0.01")))
     )
@@ -163,7 +150,7 @@ async def test_shutdown_cancels_entries_and_keeps_the_stop_on_spot(
 ) -> None:
     """Spot reports no reduce-only flag: the journal tells the stop from a resting entry."""
     price = emu.last_price(SYMBOL)
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     await _enter(ex, executor, "kept", (price * Decimal("0.95")).quantize(Decimal("0.01")))
     # A resting entry on another pair (one on top of the held position would be refused).
     eth = emu.last_price("ETHUSDT")
@@ -194,8 +181,8 @@ async def test_a_decision_taken_again_after_a_restart_is_not_sent_twice(
     intent = OrderIntent(
         PAIR, Side.BUY, Decimal("0.01"), OrderType.MARKET, with_attempt("again", 0), "test"
     )
-    first = await _executor(ex, store).submit(intent)
-    again = await _executor(ex, store).submit(intent)
+    first = await live_executor(ex, store).submit(intent)
+    again = await live_executor(ex, store).submit(intent)
 
     buys = [o for o in emu.orders.values() if o.side == "Buy"]
     assert len(buys) == 1
@@ -211,9 +198,9 @@ async def test_a_decision_never_sent_moves_to_its_next_attempt(
         PAIR, Side.BUY, Decimal("0.01"), OrderType.MARKET, with_attempt("retry", 0), "test"
     )
     emu.fail_next("insufficient", path="/v5/order/create")
-    refused = await _executor(ex, store).submit(intent)
+    refused = await live_executor(ex, store).submit(intent)
     assert refused.status is OrderStatus.REJECTED
-    sent = await _executor(ex, store).submit(intent)
+    sent = await live_executor(ex, store).submit(intent)
 
     assert sent.client_order_id == with_attempt("retry", 1)
     assert [o.link_id for o in emu.orders.values()] == [with_attempt("retry", 1)]
@@ -224,7 +211,7 @@ async def test_reconcile_keeps_the_newest_of_two_working_stops(
 ) -> None:
     """A journal left with two working stops (an old bot's race) starts with one."""
     price = emu.last_price(SYMBOL)
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     await _enter(ex, executor, "twice", (price * Decimal("0.95")).quantize(Decimal("0.01")))
     extra = OrderIntent(
         PAIR,
@@ -240,7 +227,7 @@ async def test_reconcile_keeps_the_newest_of_two_working_stops(
     store.acknowledge(await ex.create_order(extra))
     assert len(_working(emu)) == 2
 
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     await restarted.reconcile(ex, store, quote="USDT")
 
     assert _working(emu) == [(price * Decimal("0.9")).quantize(Decimal("0.01"))]
@@ -253,10 +240,10 @@ async def test_a_position_left_without_its_stop_gets_it_back_before_trading(
     """Killed between the entry's fill and its stop: start-up places the journaled stop."""
     price = emu.last_price(SYMBOL)
     level = (price * Decimal("0.95")).quantize(Decimal("0.01"))
-    await _executor(ex, store).submit(_entry("bare", level))  # no fill seen: no stop placed
+    await live_executor(ex, store).submit(_entry("bare", level))  # no fill seen: no stop placed
     assert _working(emu) == []
 
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     await restarted.reconcile(ex, store, quote="USDT")
     crossed = await restarted.restore_protection(lambda pair: price)
 
@@ -264,7 +251,7 @@ async def test_a_position_left_without_its_stop_gets_it_back_before_trading(
     assert _working(emu) == [level]
     assert restarted.protective_stop(PAIR)[0] is StopState.WORKING
     # A second start finds it working and places nothing more.
-    again = _executor(ex, store)
+    again = live_executor(ex, store)
     await again.reconcile(ex, store, quote="USDT")
     assert await again.restore_protection(lambda pair: price) == []
     assert _working(emu) == [level]
@@ -275,10 +262,10 @@ async def test_a_position_already_past_its_stop_is_handed_back_to_close(
 ) -> None:
     """No stop is placed through the market: the engine is told to exit instead."""
     price = emu.last_price(SYMBOL)
-    await _executor(ex, store).submit(
+    await live_executor(ex, store).submit(
         _entry("through", (price * Decimal("0.95")).quantize(Decimal("0.01")))
     )
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     await restarted.reconcile(ex, store, quote="USDT")
 
     crossed = await restarted.restore_protection(lambda pair: price * Decimal("0.9"))
@@ -292,7 +279,7 @@ async def test_an_exit_never_sells_more_than_the_exchange_holds(
 ) -> None:
     """Coins gone from the account (sold elsewhere) cap the exit: never past flat."""
     price = emu.last_price(SYMBOL)
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     await _enter(ex, executor, "capped", (price * Decimal("0.95")).quantize(Decimal("0.01")))
     held = emu.wallet["BTC"]
     emu.wallet["BTC"] = held / 2  # half of it left the account behind the bot's back

@@ -24,9 +24,10 @@ from models import Candle, Fill, Order, OrderIntent, OrderStatus, OrderType, Sid
 from portfolio import Portfolio
 from tests.bybit_emulator import MINUTE_MS, BybitEmulator, exchange_settings
 from tests.conftest import eventually
+from tests.test_live_support import live_executor
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
-from utils.utilities import AuditTrail, ReplayClock, WallClock
+from utils.utilities import AuditTrail, ReplayClock
 
 
 D = Decimal
@@ -216,18 +217,6 @@ def store(tmp_path: Path) -> Iterator[TradeStore]:
         yield journal
 
 
-def _executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
-    return TradeExecutor(
-        ex,
-        Portfolio(D("100000"), quote="USDT"),
-        market_for=ex.market,
-        clock=WallClock(),
-        audit=AuditTrail(None),
-        store=store,
-        unknown_after_ms=1_000,
-    )
-
-
 async def _enter(emu: BybitEmulator, ex: Exchange, executor: TradeExecutor, cid: str) -> D:
     """Buy with a stop 5% under the market, handing the fill over as the stream would."""
     price = emu.last_price(SYMBOL)
@@ -263,7 +252,7 @@ async def test_a_trailing_move_amends_the_stop_on_bybit(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """One amend request moves the trigger of the same order: no cancel, no new order."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "trail")
     ((cid, _),) = _working(emu)
     level = (price * D("0.97")).quantize(D("0.01"))
@@ -292,7 +281,7 @@ async def test_an_amend_whose_answer_is_lost_after_it_worked_leaves_one_stop_at_
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """The retry is refused as "unchanged": read back, that is the move done; one stop."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "lostamend")
     ((cid, _),) = _working(emu)
     level = (price * D("0.97")).quantize(D("0.01"))
@@ -314,7 +303,7 @@ async def test_an_amend_and_its_lookups_all_lost_still_leave_one_stop_then_settl
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """Nothing is answered: one stop stays, the old level is kept; the next move settles it."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "dark")
     ((cid, old),) = _working(emu)
     level = (price * D("0.97")).quantize(D("0.01"))
@@ -343,7 +332,7 @@ async def test_an_amend_racing_a_stop_that_fired_places_no_second_stop(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """The stop fills on the exchange as the move is sent: refused, settled, nothing placed."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "fired")
     ((cid, _),) = _working(emu)
     # The market falls through the stop within this minute (the bar's high is surely hit).
@@ -380,13 +369,13 @@ async def test_a_restart_takes_the_stop_level_from_the_exchange_trigger(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """After moves in place, reconciliation adopts the same order at its amended trigger."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "restart")
     ((cid, _),) = _working(emu)
     level = (price * D("0.97")).quantize(D("0.01"))
     await executor.amend_stop(PAIR, level)
 
-    restarted = _executor(ex, store)
+    restarted = live_executor(ex, store)
     await restarted.reconcile(ex, store, quote="USDT")
 
     assert restarted.protective_stop(PAIR) == (StopState.WORKING, cid)
@@ -427,7 +416,7 @@ async def test_a_refused_amend_keeps_the_working_stop_at_its_level(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
     """A trigger Bybit refuses (through the market) leaves the stop as it was: never none."""
-    executor = _executor(ex, store)
+    executor = live_executor(ex, store)
     price = await _enter(emu, ex, executor, "refused")
     ((cid, old),) = _working(emu)
     emu.canned[("POST", AMEND)] = {
