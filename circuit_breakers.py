@@ -302,15 +302,9 @@ class CircuitBreakers:
                 self._band = (floor, None, None)
                 return self.state
         self.equity = equity
-        if self._band is not None:
-            low, high, expires = self._band
-            if (
-                (low is None or equity > low)
-                and (high is None or equity < high)
-                and (expires is None or now < expires)
-            ):
-                self.now = now
-                return self.state
+        if self._band is not None and _in_band(self._band, equity, now):
+            self.now = now
+            return self.state
         return self._recompute(now)
 
     def update_flat(
@@ -626,15 +620,23 @@ def _reevaluate(breakers: CircuitBreakers, now: int) -> TradingState:
         or (b.cause is not None and not b.cause.latched)
     ):
         return b._recompute(now)
-    low, high, expires = band
-    if (
-        (low is None or equity > low)
-        and (high is None or equity < high)
-        and (expires is None or now < expires)
-    ):
+    if _in_band(band, equity, now):
         b.now = now
         return b.state
     return b._recompute(now)
+
+
+def _in_band(
+    band: tuple[Decimal | None, Decimal | None, int | None], equity: Decimal, now: int
+) -> bool:
+    # Whether the last evaluation's verdict still stands: equity strictly inside the
+    # band and no latch lifting before `now`.
+    low, high, expires = band
+    return (
+        (low is None or equity > low)
+        and (high is None or equity < high)
+        and (expires is None or now < expires)
+    )
 
 
 def breaker_report(
