@@ -41,8 +41,17 @@ async def private_streams(ex: Exchange, executor: TradeExecutor) -> AsyncIterato
                 raise AssertionError(f"a private stream consumer failed: {outcome!r}")
 
 
-def live_executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
-    """Return an executor on `ex` journaling to `store`, 100,000 USDT, unknown after 1 s."""
+def live_executor(
+    ex: Exchange,
+    store: TradeStore,
+    *,
+    unknown_after_ms: int = 1_000,
+    protective_orders: bool = True,
+) -> TradeExecutor:
+    """Return an executor on `ex` journaling to `store` with 100,000 USDT.
+
+    An unanswered order counts as unknown after `unknown_after_ms` (1 s: tests wait less).
+    """
     return TradeExecutor(
         ex,
         Portfolio(Decimal("100000"), quote="USDT"),
@@ -50,5 +59,6 @@ def live_executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
         clock=WallClock(),
         audit=AuditTrail(None),
         store=store,
-        unknown_after_ms=1_000,
+        unknown_after_ms=unknown_after_ms,
+        protective_orders=protective_orders,
     )

@@ -17,12 +17,11 @@ import pytest
 from config import load_settings
 from exchange import Exchange
 from models import OrderIntent, OrderStatus, OrderType, Side
-from portfolio import Portfolio
 from runner import Daemon
 from tests.bybit_emulator import BybitEmulator, exchange_settings
+from tests.test_live_support import live_executor
 from trade_executor import TradeExecutor
 from trade_store import TradeStore
-from utils.utilities import AuditTrail, WallClock
 
 
 PAIR = "BTC/USDT"
@@ -44,15 +43,8 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
 
 
 def _executor(ex: Exchange, store: TradeStore) -> TradeExecutor:
-    return TradeExecutor(
-        ex,
-        Portfolio(Decimal("100000"), quote="USDT"),
-        market_for=ex.market,
-        clock=WallClock(),
-        audit=AuditTrail(None),
-        store=store,
-        protective_orders=False,
-    )
+    # The executor's own wait for a lost answer (10 s); no protective stops.
+    return live_executor(ex, store, unknown_after_ms=10_000, protective_orders=False)
 
 
 def _buy(cid: str) -> OrderIntent:

@@ -140,9 +140,7 @@ async def test_a_trailing_move_amends_the_simulated_stop_and_the_next_bar_uses_i
     ]
     assert len(sim.orders()) == 2  # the entry and the one stop: no order per move
     assert executor.protective_stop(PAIR) == (StopState.WORKING, stop.client_order_id)
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == D("97.5")
+    assert _recorded_stop(executor) == D("97.5")
     # Moving to the same level again sends nothing (a replayed candle).
     assert await executor.amend_stop(PAIR, D("97.5"), candle_ts=START) == moved
 
@@ -244,6 +242,13 @@ def _working(emu: BybitEmulator) -> list[tuple[str, D]]:
     ]
 
 
+def _recorded_stop(executor: TradeExecutor) -> Decimal | None:
+    """Return the stop level the portfolio records for the open position."""
+    position = executor.portfolio.position(PAIR)
+    assert position is not None
+    return position.stop_price
+
+
 def _conditional(emu: BybitEmulator) -> list[str]:
     return [o.link_id for o in emu.orders.values() if o.conditional]
 
@@ -269,9 +274,7 @@ async def test_a_trailing_move_amends_the_stop_on_bybit(
     assert request.body["orderLinkId"] == cid
     assert D(request.body["triggerPrice"]) == level + D("0.01")
     assert executor.protective_stop(PAIR) == (StopState.WORKING, cid)
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == level + D("0.01")
+    assert _recorded_stop(executor) == level + D("0.01")
     journaled = store.get_intent(cid)
     assert journaled is not None
     assert journaled.stop_price == level + D("0.01")
@@ -294,9 +297,7 @@ async def test_an_amend_whose_answer_is_lost_after_it_worked_leaves_one_stop_at_
     assert emu.requests_to(AMEND)[-1].ret_code == 10001  # Bybit: nothing to change
     assert moved is not None
     assert moved.stop_price == level
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == level
+    assert _recorded_stop(executor) == level
 
 
 async def test_an_amend_and_its_lookups_all_lost_still_leave_one_stop_then_settle(
@@ -313,9 +314,7 @@ async def test_an_amend_and_its_lookups_all_lost_still_leave_one_stop_then_settl
     await executor.amend_stop(PAIR, level)
 
     assert _working(emu) == [(cid, level)]  # the exchange applied it
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == old  # the level the exchange last confirmed
+    assert _recorded_stop(executor) == old  # the level the exchange last confirmed
     assert executor.protective_stop(PAIR) == (StopState.WORKING, cid)
     emu.clear_faults()
 
@@ -323,9 +322,7 @@ async def test_an_amend_and_its_lookups_all_lost_still_leave_one_stop_then_settl
 
     assert _working(emu) == [(cid, level)]
     assert _conditional(emu) == [cid]
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == level
+    assert _recorded_stop(executor) == level
 
 
 async def test_an_amend_racing_a_stop_that_fired_places_no_second_stop(
@@ -434,9 +431,7 @@ async def test_a_refused_amend_keeps_the_working_stop_at_its_level(
     assert _working(emu) == [(cid, old)]
     assert _conditional(emu) == [cid]
     assert emu.requests_to(CANCEL) == []
-    position = executor.portfolio.position(PAIR)
-    assert position is not None
-    assert position.stop_price == old
+    assert _recorded_stop(executor) == old
     assert executor.protective_stop(PAIR) == (StopState.WORKING, cid)
 
 
