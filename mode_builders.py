@@ -30,6 +30,7 @@ from assembly import (
     Components,
     ExchangeClock,
     LiveGateway,
+    SimGateway,
     Sleeves,
     build_engine,
     precomputed,
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 
     from approved_params import ApprovedParams
     from exchange import Exchange
+    from executor_core import OrderGateway
+    from pipeline import Engine
+    from trade_store import TradeStore
 
 
 __all__ = ["build_backtest", "build_live", "build_paper", "build_replay", "build_sim"]
@@ -203,33 +207,14 @@ async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:
     try:
         clock, feed, sleeves, strategy, forced = await _exchange_feed(ctx, exchange)
         sim = simulated_exchange(s, clock, markets=dict(exchange.markets))
-        engine = build_engine(
-            ctx,
-            sleeves=sleeves,
-            clock=clock,
-            strategy=strategy,
-            gateway=sim,
-            market_for=exchange.market,
-            cash=Decimal(str(s.simulation.starting_balance)),
-            data=feed.data,
-            max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
-            extra_status=lambda: {"rate_limit_budget": exchange.rate_limit_budget()},
-        )
+        cash = Decimal(str(s.simulation.starting_balance))
+        engine = _feed_engine(ctx, exchange, feed, clock, sleeves, strategy, sim, cash)
         gateway = sim_gateway(sim, engine)
         engine.set_pairs(feed.start_pairs)
     except BaseException:
         await exchange.close()
         raise
-    return Components(
-        mode=ctx.args.mode,
-        engine=engine,
-        gateway=gateway,
-        feed=feed,
-        clock=clock,
-        state=RunState(s, engine, ctx.audit, rate_limit_budget=exchange.rate_limit_budget),
-        closers=tuple(closers),
-        forced_params=forced,
-    )
+    return _feed_components(ctx, exchange, engine, gateway, feed, clock, closers, forced)
 
 
 async def build_live(ctx: BuildContext) -> Components:
@@ -256,31 +241,66 @@ async def build_live(ctx: BuildContext) -> Components:
         balances = await exchange.fetch_balance()
         quote = s.simulation.quote_currency
         cash = balances[quote].total if quote in balances else Decimal(0)
-        engine = build_engine(
-            ctx,
-            sleeves=sleeves,
-            clock=clock,
-            strategy=strategy,
-            gateway=exchange,
-            market_for=exchange.market,
-            cash=cash,
-            store=store,
-            data=feed.data,
-            max_lag_ms=timeframe_to_ms(s.strategy.timeframe),
-            extra_status=lambda: {"rate_limit_budget": exchange.rate_limit_budget()},
+        engine = _feed_engine(
+            ctx, exchange, feed, clock, sleeves, strategy, exchange, cash, store=store
         )
         closing.append(engine.executor)
         engine.set_pairs(feed.start_pairs)
     except BaseException:
         await exchange.close()
         raise
+    gateway = LiveGateway(exchange, store)
+    return _feed_components(ctx, exchange, engine, gateway, feed, clock, closers, forced)
+
+
+def _feed_engine(
+    ctx: BuildContext,
+    exchange: Exchange,
+    feed: ExchangeFeed,
+    clock: ExchangeClock,
+    sleeves: Sleeves,
+    strategy: Strategy,
+    gateway: OrderGateway,
+    cash: Decimal,
+    *,
+    store: TradeStore | None = None,
+) -> Engine:
+    # The engine of a run on the exchange's feed (paper or live): only the gateway, the
+    # cash and the journal differ.
+    return build_engine(
+        ctx,
+        sleeves=sleeves,
+        clock=clock,
+        strategy=strategy,
+        gateway=gateway,
+        market_for=exchange.market,
+        cash=cash,
+        store=store,
+        data=feed.data,
+        max_lag_ms=timeframe_to_ms(ctx.settings.strategy.timeframe),
+        extra_status=lambda: {"rate_limit_budget": exchange.rate_limit_budget()},
+    )
+
+
+def _feed_components(
+    ctx: BuildContext,
+    exchange: Exchange,
+    engine: Engine,
+    gateway: SimGateway | LiveGateway,
+    feed: ExchangeFeed,
+    clock: ExchangeClock,
+    closers: list[Closer],
+    forced: ApprovedParams | None,
+) -> Components:
+    # The components of a run on the exchange's feed (paper or live).
+    state = RunState(ctx.settings, engine, ctx.audit, rate_limit_budget=exchange.rate_limit_budget)
     return Components(
         mode=ctx.args.mode,
         engine=engine,
-        gateway=LiveGateway(exchange, store),
+        gateway=gateway,
         feed=feed,
         clock=clock,
-        state=RunState(s, engine, ctx.audit, rate_limit_budget=exchange.rate_limit_budget),
+        state=state,
         closers=tuple(closers),
         forced_params=forced,
     )
