@@ -30,17 +30,16 @@ from models import (
     TradeClosed,
     with_attempt,
 )
-from portfolio import Portfolio
 from runner import Daemon
 from telegram_bot import TelegramBot
 from telegram_templates import render_event
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
 from tests.fake_telegram import TOKEN, FakeControl, FakeTelegram
+from tests.test_live_support import live_executor
 from tests.test_live_support import private_streams as _streams
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
-from utils.utilities import AuditTrail, WallClock
 
 
 LINEAR = "BTC/USDT:USDT"
@@ -75,16 +74,7 @@ def store(tmp_path: Path) -> Iterator[TradeStore]:
 
 
 def _executor(ex: Exchange, store: TradeStore, events: list[Event]) -> TradeExecutor:
-    return TradeExecutor(
-        ex,
-        Portfolio(START, quote="USDT"),
-        market_for=ex.market,
-        clock=WallClock(),
-        audit=AuditTrail(None),
-        store=store,
-        notify=events.append,
-        unknown_after_ms=1_000,
-    )
+    return live_executor(ex, store, cash=START, notify=events.append)
 
 
 async def _catch_up(ex: Exchange, executor: TradeExecutor, since: int | None = None) -> int:
@@ -259,15 +249,8 @@ async def test_the_operator_gets_one_telegram_message_for_a_liquidation(
         # Unbatched: every alert is its own Telegram message, so the count is the alerts'.
         bot = TelegramBot(settings, FakeControl(), poll_timeout=1.0, batch_alerts=False)
         await bot.start()
-        executor = TradeExecutor(
-            ex,
-            Portfolio(START, quote="USDT"),
-            market_for=ex.market,
-            clock=WallClock(),
-            audit=AuditTrail(None),
-            store=store,
-            notify=TelegramNotifier(bot),
-        )
+        notifier = TelegramNotifier(bot)
+        executor = live_executor(ex, store, cash=START, notify=notifier, unknown_after_ms=10_000)
         async with _streams(ex, executor):
             await _open_long(emu, executor, "0.100")
             await eventually(lambda: len(api.messages_to(CHAT)) == 1)  # the entry's fill

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 from exchange import Exchange
+from models import EventSink
 from portfolio import Portfolio
 from trade_executor import TradeExecutor
 from trade_store import TradeStore
@@ -45,20 +46,23 @@ def live_executor(
     ex: Exchange,
     store: TradeStore,
     *,
+    cash: Decimal = Decimal("100000"),
+    notify: EventSink | None = None,
     unknown_after_ms: int = 1_000,
     protective_orders: bool = True,
 ) -> TradeExecutor:
-    """Return an executor on `ex` journaling to `store` with 100,000 USDT.
+    """Return an executor on `ex` journaling to `store`, with `cash` USDT and its alerts.
 
     An unanswered order counts as unknown after `unknown_after_ms` (1 s: tests wait less).
     """
     return TradeExecutor(
         ex,
-        Portfolio(Decimal("100000"), quote="USDT"),
+        Portfolio(cash, quote="USDT"),
         market_for=ex.market,
         clock=WallClock(),
         audit=AuditTrail(None),
         store=store,
+        notify=notify,
         unknown_after_ms=unknown_after_ms,
         protective_orders=protective_orders,
     )

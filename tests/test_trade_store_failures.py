@@ -23,13 +23,11 @@ import sqlalchemy as sa
 from error_handler import FatalError
 from exchange import Exchange
 from models import OrderIntent, OrderType, Side
-from portfolio import Portfolio
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import ROOT
+from tests.test_live_support import live_executor
 from tests.test_trade_store_support import intent
-from trade_executor import TradeExecutor
 from trade_store import JournalState, StoreCorruptError, StoreDiskError, TradeStore
-from utils.utilities import AuditTrail, WallClock
 
 
 PAIR = "BTC/USDT"
@@ -170,15 +168,7 @@ async def test_an_order_whose_journal_write_fails_is_never_sent(
     page_limit(1)
     store = TradeStore.open(f"sqlite:///{path}", bot_id="t")
     async with Exchange(exchange_settings(emu), retry_attempts=2, retry_base_s=0.01) as ex:
-        executor = TradeExecutor(
-            ex,
-            Portfolio(Decimal("100000"), quote="USDT"),
-            market_for=ex.market,
-            clock=WallClock(),
-            audit=AuditTrail(None),
-            store=store,
-            protective_orders=False,
-        )
+        executor = live_executor(ex, store, unknown_after_ms=10_000, protective_orders=False)
         buy = OrderIntent(PAIR, Side.BUY, Decimal("0.001"), OrderType.MARKET, "full", LONG_REASON)
         with pytest.raises(StoreDiskError, match=str(path)):
             await executor.submit(buy)
