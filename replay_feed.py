@@ -483,7 +483,8 @@ class SimDriver:
             else:
                 end = plan.quiet_until(i, hot, [] if void else holding, void=void)
                 if trailing:  # a held pair's stop may trail on the way
-                    end = min(end, i + _LONGEST)
+                    # Held candles cost tens of microseconds: yield on time.
+                    end = min(end, max(next_yield, i + 1))
                     i, must_flatten = await self._held_stretch(
                         plan, i, end, clock, holding, set(trailing)
                     )
