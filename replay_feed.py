@@ -482,8 +482,7 @@ class SimDriver:
                 i += 1
             else:
                 end = plan.quiet_until(i, hot, [] if void else holding, void=void)
-                if trailing:  # a held pair's stop may trail on the way
-                    # Held candles cost tens of microseconds: yield on time.
+                if trailing:  # held stops may trail (tens of us a candle: yield on time)
                     end = min(end, max(next_yield, i + 1))
                     i, must_flatten = await self._held_stretch(
                         plan, i, end, clock, holding, set(trailing)
