@@ -10,7 +10,7 @@ closed trades, positions, and the stops still working on the exchange.
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from tests.conftest import eventually
 from tests.fake_telegram import TOKEN, FakeControl, FakeTelegram
 from tests.test_live_support import live_executor
 from tests.test_live_support import private_streams as _streams
+from tests.test_live_support import store as store  # the journal fixture
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
 
@@ -64,13 +65,6 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
     async with exchange:
         await exchange.set_leverage(LINEAR, 20)
         yield exchange
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TradeStore]:
-    """Return a journal on a SQLite file."""
-    with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
-        yield journal
 
 
 def _executor(ex: Exchange, store: TradeStore, events: list[Event]) -> TradeExecutor:

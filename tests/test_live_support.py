@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
+
+import pytest
 
 from exchange import Exchange
 from models import EventSink
@@ -66,3 +69,10 @@ def live_executor(
         unknown_after_ms=unknown_after_ms,
         protective_orders=protective_orders,
     )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TradeStore]:
+    """Return a journal on a SQLite file (a fixture: import it into the test module)."""
+    with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
+        yield journal

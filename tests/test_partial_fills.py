@@ -13,10 +13,9 @@ import functools
 import itertools
 import random
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -43,6 +42,7 @@ from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.conftest import eventually
 from tests.test_live_support import live_executor
 from tests.test_live_support import private_streams as _streams
+from tests.test_live_support import store as store  # the journal fixture
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
 from utils.utilities import AuditTrail, ReplayClock
@@ -67,13 +67,6 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
     exchange = Exchange(exchange_settings(emu), retry_attempts=2, retry_base_s=0.01)
     async with exchange:
         yield exchange
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TradeStore]:
-    """Return a journal on a SQLite file."""
-    with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
-        yield journal
 
 
 def _resting_buy(

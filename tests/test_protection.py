@@ -8,9 +8,8 @@ verdict is read from the emulator's own order records: when each stop was workin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from exchange import Exchange
 from models import OrderIntent, OrderStatus, OrderType, Side, with_attempt
 from tests.bybit_emulator import BybitEmulator, exchange_settings
 from tests.test_live_support import live_executor
+from tests.test_live_support import store as store  # the journal fixture
 from trade_executor import StopState, TradeExecutor
 from trade_store import JournalState, TradeStore
 
@@ -39,13 +39,6 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
     exchange = Exchange(exchange_settings(emu, timeout_s=0.5), retry_attempts=2, retry_base_s=0.01)
     async with exchange:
         yield exchange
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TradeStore]:
-    """Return a journal on a SQLite file."""
-    with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
-        yield journal
 
 
 def _entry(cid: str, stop: Decimal) -> OrderIntent:

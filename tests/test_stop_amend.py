@@ -8,10 +8,9 @@ verdict is read from the venue's own orders: how many stops work, and at what tr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +24,7 @@ from portfolio import Portfolio
 from tests.bybit_emulator import MINUTE_MS, BybitEmulator, exchange_settings
 from tests.conftest import eventually
 from tests.test_live_support import live_executor
+from tests.test_live_support import store as store  # the journal fixture
 from trade_executor import StopState, TradeExecutor
 from trade_store import TradeStore
 from utils.utilities import AuditTrail, ReplayClock
@@ -206,13 +206,6 @@ async def ex(emu: BybitEmulator) -> AsyncIterator[Exchange]:
     exchange = Exchange(exchange_settings(emu, timeout_s=0.5), retry_attempts=2, retry_base_s=0.01)
     async with exchange:
         yield exchange
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TradeStore]:
-    """Return a journal on a SQLite file."""
-    with TradeStore.open(f"sqlite:///{tmp_path / 'journal.sqlite'}", bot_id="t") as journal:
-        yield journal
 
 
 async def _enter(emu: BybitEmulator, ex: Exchange, executor: TradeExecutor, cid: str) -> D:
