@@ -694,7 +694,12 @@ class Engine(QuietSteps, EngineControl):
             self.anomaly_watch.on_candle(candle, now)
         exited = False
         if self.manage_stops and portfolio.has_position(pair):
-            await self._manage_stop(candle, now)
+            if self._closing_now(candle):
+                # Its exit takes the stop off: a move first would cost a request and delay
+                # the exit (the best price seen is still kept for the stop's rules).
+                self.risk.stops.note_best(portfolio.position(pair), candle.high, candle.low)
+            else:
+                await self._manage_stop(candle, now)
             exited = await self._take_profit_reached(candle)
         if self.funding:
             self._settle_funding(pair, candle.ts + self.step, candle.close)
@@ -753,6 +758,12 @@ class Engine(QuietSteps, EngineControl):
         signal = self._safe_signal(candle)
         self._early[pair] = (candle.ts, holding, signal)
         return signal
+
+    def _closing_now(self, candle: Candle) -> bool:
+        # Whether the held pair's signal on this candle closes its position (kept for it).
+        signal = self.early_signal(candle)
+        holding = self.portfolio.signed_qty(candle.pair)
+        return signal is not None and holding != 0 and (signal.side is Side.SELL) is (holding > 0)
 
     def timing(self, received: float | None, started: float) -> None:
         """Measure the next decision from `received` (the feed's hand-over), `started`."""

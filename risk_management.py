@@ -554,6 +554,13 @@ class StopManager:
         )
         return best_stop
 
+    def note_best(self, position: Position | None, high: float, low: float) -> None:
+        """Take a candle's best price into the position's track without moving its stop."""
+        track = self._stops.get(position.pair) if position is not None else None
+        if position is not None and track is not None and track.ts_opened == position.ts_opened:
+            long = position.side is PositionSide.LONG
+            track.best = max(track.best, _dec(high)) if long else min(track.best, _dec(low))
+
     def _stop_candidates(
         self,
         position: Position,

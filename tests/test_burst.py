@@ -205,3 +205,42 @@ def test_a_burst_does_not_wait_for_its_risk_state_save(sim_env: None) -> None:
     assert during == 1
     assert after == 2  # three bursts asked while it ran: one more save, the newest state
     assert collecting
+
+
+def test_a_held_pair_that_exits_on_its_candle_does_not_move_its_stop_first(sim_env: None) -> None:
+    """A held pair whose candle's signal closes the position sends its exit without first
+    amending the stop the exit takes off (a request, and on a live venue a round trip in
+    front of the exit); on the other held candles the stop still trails. Counted on the
+    venue's amends and the decided exits, candle by candle."""
+
+    async def run() -> tuple[set[tuple[str, int]], set[tuple[str, int]], int]:
+        daemon = _daemon()
+        engine, driver = daemon.engine, daemon.driver
+        assert engine is not None
+        assert driver is not None
+        amended: set[tuple[str, int]] = set()
+        exits: set[tuple[str, int]] = set()
+        amend, send = engine.executor.amend_stop, engine.send_decided
+
+        async def counting_amend(pair: str, stop: Any, **kw: Any) -> Any:
+            amended.add((pair, engine.last_candle_ts[pair]))
+            return await amend(pair, stop, **kw)
+
+        async def counting_send(order: Any) -> bool:
+            if order.intent.reduce_only:
+                exits.add((order.intent.pair, engine.last_candle_ts[order.intent.pair]))
+            return await send(order)
+
+        engine.executor.amend_stop = counting_amend  # type: ignore[method-assign]
+        engine.send_decided = counting_send  # type: ignore[method-assign,assignment]
+        for burst in _bursts(daemon):
+            _close(daemon, burst)
+            for candle in burst:
+                await driver.on_candle(candle)
+        return amended, exits, len(engine.portfolio.closed)
+
+    amended, exits, trades = asyncio.run(run())
+    assert trades > 5
+    assert len(exits) > 5  # strategy exits decided on held candles
+    assert len(amended) > 5  # stops trailed on the held candles that did not exit
+    assert not amended & exits

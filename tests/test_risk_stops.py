@@ -38,6 +38,19 @@ def test_trailing_stop_follows_the_high_and_never_loosens() -> None:
     assert pos.stop_price == Decimal(99)
 
 
+def test_a_candle_noted_without_a_move_still_counts_for_the_trail() -> None:
+    """A held candle whose exit takes the stop off only notes its best price: if the position
+    stays (the exit failed), the next move trails from that high, as if it had been walked."""
+    risk = RiskManager(settings(break_even_at_r=None))
+    pos = position("BTC/USDT", stop="96")
+    pos, _ = _walk(risk, pos, [(101, 99, 100.5)])  # the track starts: stop 97
+    risk.stops.note_best(pos, 104.0, 100.0)  # the exit candle: no move proposed
+    assert pos.stop_price == Decimal(97)
+    assert risk.manage_stop(pos, 103, 101, 102.5, 2.0, T0 + 5 * MINUTE) == Decimal(100)
+    risk.stops.note_best(None, 110.0, 90.0)  # no position: nothing kept
+    risk.stops.note_best(dataclasses.replace(pos, pair="ETH/USDT"), 110.0, 90.0)  # no track
+
+
 def test_short_trailing_stop_follows_the_low() -> None:
     """Short from 100, stop 104, ATR 2: the stop trails 4 above the best low."""
     risk = RiskManager(settings(break_even_at_r=None), long_only=False)
