@@ -81,6 +81,16 @@ class PositionsView(Mapping[str, Position]):
         """Return True when a position was open on `pair`."""
         return pair in self._pairs
 
+    def side(self, pair: str) -> PositionSide:
+        """Return the side of the position on `pair` without building it (KeyError: none)."""
+        built = self._built.get(pair)
+        if built is not None:
+            return built.side
+        book = self._portfolio._open.get(pair) if pair in self._pairs else None
+        if book is None:
+            raise KeyError(pair)
+        return PositionSide.LONG if book.qty > 0 else PositionSide.SHORT
+
     def __iter__(self) -> Iterator[str]:
         """Iterate over the pairs with an open position."""
         return iter(self._pairs)

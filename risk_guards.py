@@ -128,6 +128,77 @@ def correlation_matrix(
 
 
 @dataclass(slots=True)
+class _CentredRows:
+    """Held pairs' returns over the last `length` bars, each less its mean, with its norm.
+
+    Kept by the guard across checks: a series (an array that is not rewritten) is centred
+    once, so a burst's entries, or a candle's, share the work. None: not all finite.
+    """
+
+    length: int
+    rows: dict[int, tuple[np.ndarray, np.ndarray | None, float]]
+
+    def row(self, series: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+        hit = self.rows.get(id(series))
+        if hit is not None and hit[0] is series:
+            return hit
+        tail = np.asarray(series, dtype=float)[-self.length :]
+        if not np.isfinite(tail).all():
+            return series, None, math.nan
+        centred = tail - tail.mean()
+        return series, centred, math.sqrt(float((centred**2).sum()))
+
+
+def _pearson_rows(rows: list[np.ndarray], norms: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    # Each row's correlation with `mine` (rows centred), NaN for a flat series. Row by row
+    # (a multiply and a sum per row), so a row's value does not depend on the others.
+    x = mine - mine.mean()
+    norm = math.sqrt(float((x**2).sum()))
+    if norm == 0:
+        return np.full(len(rows), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = (np.vstack(rows) * x).sum(axis=1) / (norms * norm)
+    rho[norms == 0] = np.nan
+    out: np.ndarray = np.clip(rho, -1.0, 1.0)
+    return out
+
+
+def correlations_with(
+    candidate: np.ndarray,
+    held: list[np.ndarray],
+    window: int,
+    *,
+    min_overlap: int = 10,
+    cache: _CentredRows | None = None,
+) -> tuple[np.ndarray, _CentredRows | None]:
+    """Return the candidate's Pearson correlation with each held series, and the row cache.
+
+    `correlation_matrix`'s rule for the candidate's row (the last `window` bars; bars where
+    any series is not finite dropped; NaN below `min_overlap` bars or for a flat series),
+    against the held pairs only. `cache` (the one returned last) keeps the held rows.
+    """
+    length = min(window, len(candidate), *(len(s) for s in held)) if held else 0
+    if length < min_overlap:
+        return np.full(len(held), np.nan), cache
+    if cache is None or cache.length != length:
+        cache = _CentredRows(length, {})
+    entries = [cache.row(s) for s in held]
+    cache.rows = {id(e[0]): e for e in entries}  # only the current held series
+    mine = np.asarray(candidate, dtype=float)[-length:]
+    rows = [e[1] for e in entries if e[1] is not None]
+    if len(rows) == len(entries) and np.isfinite(mine).all():
+        return _pearson_rows(rows, np.array([e[2] for e in entries]), mine), cache
+    # Gaps: every series loses the bars where any of them is not finite.
+    data = np.vstack([mine, *(np.asarray(s, dtype=float)[-length:] for s in held)])
+    data = data[:, np.isfinite(data).all(axis=0)]
+    if data.shape[1] < min_overlap:
+        return np.full(len(held), np.nan), cache
+    centred = data[1:] - data[1:].mean(axis=1, keepdims=True)
+    norms = np.sqrt((centred**2).sum(axis=1))
+    return _pearson_rows(list(centred), norms, data[0]), cache
+
+
+@dataclass(slots=True)
 class CorrelationGuard:
     """Shrink or refuse a position too correlated with the positions already held.
 
@@ -135,7 +206,9 @@ class CorrelationGuard:
     with a held short) concentrates risk, a long against a held short hedges it. Above
     `max_correlation` the size is scaled by 1 - excess, the excess being measured from
     `max_correlation` (0) to `hard_limit` (1); above `hard_limit` the entry is refused.
-    Pairs without enough returns are not judged.
+    Pairs without enough returns are not judged. Each check correlates the candidate with
+    the held pairs only (each held pair's returns are centred once while unchanged, so a
+    burst's entries share them); `last_matrix`, for the operator, is computed when asked.
     """
 
     max_correlation: float
@@ -143,30 +216,55 @@ class CorrelationGuard:
     window: int
     min_overlap: int = 10
     name: str = "correlation"
-    last_pairs: tuple[str, ...] = ()
-    last_matrix: np.ndarray | None = None
+    _last: dict[str, np.ndarray] | None = None
+    _shown: tuple[tuple[str, ...], np.ndarray] | None = None
+    _rows: _CentredRows | None = None
+
+    @property
+    def last_pairs(self) -> tuple[str, ...]:
+        """Return the pairs of the last check (the candidate first)."""
+        return tuple(self._last or ())
+
+    @property
+    def last_matrix(self) -> np.ndarray | None:
+        """Return the correlation matrix of the last check's pairs (None before any)."""
+        if self._last is None:
+            return None
+        if self._shown is None:
+            self._shown = correlation_matrix(self._last, self.window, min_overlap=self.min_overlap)
+        return self._shown[1]
 
     def check(self, signal: Signal, ctx: RiskContext) -> Veto | Resize | None:
         """Return a veto above the hard limit, a resize above the soft one, else None."""
         if not any(p != signal.pair for p in ctx.positions):
             return None  # nothing held to compare with: no returns read
-        if not ctx.returns or signal.pair not in ctx.returns:
+        if ctx.returns is None or signal.pair not in ctx.returns:
             return None
         held = [p for p in ctx.positions if p != signal.pair and p in ctx.returns]
         if not held:
             return None
-        series = {p: ctx.returns[p] for p in (signal.pair, *held)}
-        pairs, matrix = correlation_matrix(series, self.window, min_overlap=self.min_overlap)
-        self.last_pairs, self.last_matrix = pairs, matrix
+        series = [ctx.returns[p] for p in held]
+        row, self._rows = correlations_with(
+            ctx.returns[signal.pair],
+            series,
+            self.window,
+            min_overlap=self.min_overlap,
+            cache=self._rows,
+        )
+        self._last = {signal.pair: ctx.returns[signal.pair], **dict(zip(held, series, strict=True))}
+        self._shown = None
+        # Signed by direction: + where the entry adds to a held bet, - where it hedges one.
+        side = getattr(ctx.positions, "side", None)  # a PositionsView: no Position built
         sign = 1.0 if signal.side is Side.BUY else -1.0
-        worst, against, raw = -math.inf, "", 0.0
-        for i, pair in enumerate(pairs[1:], start=1):
-            rho = float(matrix[0, i])
-            if math.isnan(rho):
-                continue
-            held_sign = 1.0 if ctx.positions[pair].side is PositionSide.LONG else -1.0
-            if rho * sign * held_sign > worst:
-                worst, against, raw = rho * sign * held_sign, pair, rho
+        signs = [
+            sign if (side(p) if side else ctx.positions[p].side) is PositionSide.LONG else -sign
+            for p in held
+        ]
+        adjusted = row * np.array(signs)
+        if np.isnan(adjusted).all():
+            return None
+        at = int(np.nanargmax(adjusted))  # the first of the largest, NaN skipped
+        worst, against, raw = float(adjusted[at]), held[at], float(row[at])
         if worst <= self.max_correlation:
             return None
         what = (

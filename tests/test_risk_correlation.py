@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import MarketType, OrderIntent, PositionSide, Side, Veto
+from risk_guards import correlations_with
 from risk_management import RiskManager, correlation_matrix
-from tests.test_risk_support import context, correlated, market, position, settings, signal
+from tests.test_risk_support import context, correlated, market, position, signal
+from tests.test_risk_support import settings as risk_settings
 
 
 BASE_QTY = Decimal("25")  # 1% of 10,000 over a 4 stop, no fees: what an uncorrelated entry gets
@@ -17,7 +22,7 @@ BASE_QTY = Decimal("25")  # 1% of 10,000 over a 4 stop, no fees: what an uncorre
 
 def _manager() -> RiskManager:
     return RiskManager(
-        settings(max_correlation=0.8, correlation_window=100, max_position_fraction=1.0),
+        risk_settings(max_correlation=0.8, correlation_window=100, max_position_fraction=1.0),
         hard_correlation=0.95,
         long_only=False,
     )
@@ -125,3 +130,53 @@ def test_describe_exposes_the_last_matrix() -> None:
     info = risk.describe()["correlation"]
     assert info["pairs"] == ["BTC/USDT", "ETH/USDT"]
     assert info["matrix"][0][1] == pytest.approx(0.5)
+
+
+_series = st.lists(
+    st.floats(-0.05, 0.05, allow_nan=False) | st.just(float("nan")), min_size=0, max_size=40
+).map(np.array)
+
+
+@settings(max_examples=150, deadline=None)
+@given(candidate=_series, held=st.lists(_series, min_size=1, max_size=6), window=st.integers(5, 50))
+def test_the_guard_row_is_the_matrix_row_and_does_not_depend_on_what_was_cached(
+    candidate: np.ndarray, held: list[np.ndarray], window: int
+) -> None:
+    """The candidate's correlations with the held pairs equal its row of the full matrix (gaps
+    dropped, NaN where too short or flat), and the same check after others (the held rows
+    kept, some held pairs gone) gives the same numbers to the last bit."""
+    pairs = {"C": candidate, **{f"H{i}": s for i, s in enumerate(held)}}
+    _, matrix = correlation_matrix(pairs, window, min_overlap=5)
+    fresh, cache = correlations_with(candidate, held, window, min_overlap=5)
+    np.testing.assert_allclose(fresh, matrix[0, 1:], rtol=1e-9, atol=1e-12)
+    assert np.array_equal(np.isnan(fresh), np.isnan(matrix[0, 1:]))
+    # The cache from a check with part of the held pairs, then again with all of them.
+    _, cache = correlations_with(held[0], held[1:] or held, window, min_overlap=5, cache=cache)
+    again, _ = correlations_with(candidate, held, window, min_overlap=5, cache=cache)
+    assert np.array_equal(again, fresh, equal_nan=True)
+
+
+def test_a_burst_of_candidates_against_many_held_pairs_reads_no_position_for_the_sides() -> None:
+    """Sides come from the portfolio's view without building 40 positions per candidate; the
+    verdict names the most correlated held pair."""
+    from portfolio import Portfolio, _Open
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 0.01, 120)
+    portfolio = Portfolio(Decimal(100_000))
+    returns: dict[str, np.ndarray] = {}
+    for i in range(40):
+        pair = f"P{i:02d}/USDT"
+        portfolio._open[pair] = _Open(Decimal(1), Decimal(10), 0, Decimal(0))
+        returns[pair] = base + rng.normal(0, 0.001 if i == 0 else 0.05, 120)
+    returns["BTC/USDT"] = base + rng.normal(0, 0.001, 120)
+    view = portfolio.positions_view()
+    ctx = replace(context(returns=returns), positions=view)
+    manager = RiskManager(
+        risk_settings(max_correlation=0.8, correlation_window=100, max_open_positions=100),
+        hard_correlation=0.95,
+    )
+    verdict = manager.evaluate(signal(), ctx)
+    assert isinstance(verdict, Veto)
+    assert "P00/USDT" in verdict.reason
+    assert not view._built.keys() - {"P00/USDT"}  # only the one named was built
