@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ from pattern_recognition import PatternFilter
 from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from reward_system import RewardSystem
-from risk_management import RiskContext, RiskManager, breaker_report
+from risk_management import ReturnsView, RiskContext, RiskManager, breaker_report
 from run_summary import BreakerTrip, OpenPosition, RunSummary, StrategyRef, TradingSpan
 from signal_sources import (
     PrecomputedSignals as PrecomputedSignals,
@@ -94,48 +95,6 @@ class DeferredOrder:
     strength: float
     received: float | None
     started: float
-
-
-class ReturnsView(Mapping[str, np.ndarray]):
-    """The recent returns of a decision's pairs, each computed when first read.
-
-    `RiskContext.returns` for one decision: an entry with no position held reads none
-    (the correlation guard has nothing to compare), so none is computed. A pair whose
-    window has fewer than two returns is not in it.
-    """
-
-    __slots__ = ("_done", "_one", "_pairs")
-
-    def __init__(self, one: Callable[[str], np.ndarray | None], pairs: list[str]) -> None:
-        self._one = one
-        self._pairs = dict.fromkeys(pairs)
-        self._done: dict[str, np.ndarray | None] = {}
-
-    def _get(self, pair: object) -> np.ndarray | None:
-        if not isinstance(pair, str) or pair not in self._pairs:
-            return None
-        if pair not in self._done:
-            self._done[pair] = self._one(pair)
-        return self._done[pair]
-
-    def __getitem__(self, pair: str) -> np.ndarray:
-        """Return the pair's returns (KeyError when it has none)."""
-        returns = self._get(pair)
-        if returns is None:
-            raise KeyError(pair)
-        return returns
-
-    def __contains__(self, pair: object) -> bool:
-        """Return True when the pair has returns."""
-        return self._get(pair) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        """Iterate over the pairs that have returns."""
-        return iter([p for p in self._pairs if self._get(p) is not None])
-
-    def __len__(self) -> int:
-        """Return how many pairs have returns."""
-        return sum(1 for p in self._pairs if self._get(p) is not None)
 
 
 class EngineState:
@@ -246,6 +205,7 @@ class EngineState:
         # Per pair: the window (last ts, length, parameter) and its ATR / returns.
         self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
         self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._aligned_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
         self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
 
@@ -299,23 +259,29 @@ class EngineState:
         self._atr_cache[pair] = (key, atr)
         return atr
 
-    def _pair_returns(self, pair: str) -> np.ndarray | None:
+    def _pair_returns(self, pair: str, before: int | None = None) -> np.ndarray | None:
         # The pair's last `correlation_window` returns (None: fewer than two), computed once
-        # per window: every entry reads every held pair's.
+        # per window: every entry reads every held pair's. `before`: of the bars opened
+        # before it only (every pair's series then ends on the same bar, whichever of a
+        # burst's candles were taken in first).
         window = self.risk.settings.correlation_window
         bars = self.data.arrays(pair, self.timeframe)
-        if len(bars.close) == 0:
+        end = len(bars.close)
+        if end and before is not None and bars.ts[-1] >= before:
+            end = int(np.searchsorted(bars.ts, before))
+        if end == 0:
             return None
-        key = (int(bars.ts[-1]), len(bars.close), window)
-        cached = self._returns_cache.get(pair)
+        key = (int(bars.ts[end - 1]), end, window)
+        cache = self._returns_cache if before is None else self._aligned_cache
+        cached = cache.get(pair)
         if cached is not None and cached[0] == key:
             return cached[1]
-        close = bars.close[-(window + 1) :]
+        close = bars.close[max(0, end - window - 1) : end]
         if len(close) <= 2:
             return None
         returns = np.diff(close) / close[:-1]
         returns.flags.writeable = False  # shared between the contexts that read it
-        self._returns_cache[pair] = (key, returns)
+        cache[pair] = (key, returns)
         return returns
 
     def _risk_context(
@@ -343,6 +309,11 @@ class EngineState:
             atr=self._atr(pair) if heavy else None,
             taker_fee=self.executor.taker_fee,
             returns=ReturnsView(self._pair_returns, [pair, *positions]) if heavy else None,
+            aligned_returns=(
+                ReturnsView(partial(self._pair_returns, before=candle_ts), [pair, *positions])
+                if heavy and candle_ts is not None
+                else None
+            ),
             candle_ts=candle_ts,
             sleeve_equity=sleeve[0] if sleeve else None,
             sleeve_free=sleeve[1] if sleeve else None,

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
@@ -45,6 +45,9 @@ class RiskContext:
     atr: float | None = None
     taker_fee: Decimal = Decimal("0.001")
     returns: Mapping[str, np.ndarray] | None = None
+    # The same over the bars opened before `candle_ts` only: every pair's series ends on
+    # the same bar however a burst's candles arrived (what the correlation guard reads).
+    aligned_returns: Mapping[str, np.ndarray] | None = None
     # The candle the decision is taken on (names the order, see models.decision_key).
     candle_ts: int | None = None
     # Multi-strategy: the deciding strategy's sleeve of `equity` (its entries are sized on
@@ -53,6 +56,49 @@ class RiskContext:
     sleeve_equity: Decimal | None = None
     sleeve_free: Decimal | None = None
     strategy_tag: str | None = None
+
+
+class ReturnsView(Mapping[str, np.ndarray]):
+    """The recent returns of a decision's pairs, each computed when first read.
+
+    `RiskContext.returns` (or `aligned_returns`) for one decision: an entry with no
+    position held reads none (the correlation guard has nothing to compare), so none is
+    computed. A pair whose
+    window has fewer than two returns is not in it.
+    """
+
+    __slots__ = ("_done", "_one", "_pairs")
+
+    def __init__(self, one: Callable[[str], np.ndarray | None], pairs: list[str]) -> None:
+        self._one = one
+        self._pairs = dict.fromkeys(pairs)
+        self._done: dict[str, np.ndarray | None] = {}
+
+    def _get(self, pair: object) -> np.ndarray | None:
+        if not isinstance(pair, str) or pair not in self._pairs:
+            return None
+        if pair not in self._done:
+            self._done[pair] = self._one(pair)
+        return self._done[pair]
+
+    def __getitem__(self, pair: str) -> np.ndarray:
+        """Return the pair's returns (KeyError when it has none)."""
+        returns = self._get(pair)
+        if returns is None:
+            raise KeyError(pair)
+        return returns
+
+    def __contains__(self, pair: object) -> bool:
+        """Return True when the pair has returns."""
+        return self._get(pair) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the pairs that have returns."""
+        return iter([p for p in self._pairs if self._get(p) is not None])
+
+    def __len__(self) -> int:
+        """Return how many pairs have returns."""
+        return sum(1 for p in self._pairs if self._get(p) is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,20 +284,21 @@ class CorrelationGuard:
         """Return a veto above the hard limit, a resize above the soft one, else None."""
         if not any(p != signal.pair for p in ctx.positions):
             return None  # nothing held to compare with: no returns read
-        if ctx.returns is None or signal.pair not in ctx.returns:
+        returns = ctx.aligned_returns if ctx.aligned_returns is not None else ctx.returns
+        if returns is None or signal.pair not in returns:
             return None
-        held = [p for p in ctx.positions if p != signal.pair and p in ctx.returns]
+        held = [p for p in ctx.positions if p != signal.pair and p in returns]
         if not held:
             return None
-        series = [ctx.returns[p] for p in held]
+        series = [returns[p] for p in held]
         row, self._rows = correlations_with(
-            ctx.returns[signal.pair],
+            returns[signal.pair],
             series,
             self.window,
             min_overlap=self.min_overlap,
             cache=self._rows,
         )
-        self._last = {signal.pair: ctx.returns[signal.pair], **dict(zip(held, series, strict=True))}
+        self._last = {signal.pair: returns[signal.pair], **dict(zip(held, series, strict=True))}
         self._shown = None
         # Signed by direction: + where the entry adds to a held bet, - where it hedges one.
         side = getattr(ctx.positions, "side", None)  # a PositionsView: no Position built

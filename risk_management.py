@@ -114,6 +114,7 @@ from risk_guards import Guard as Guard
 from risk_guards import KellyEstimate as KellyEstimate
 from risk_guards import MaxOpenPositions as MaxOpenPositions
 from risk_guards import Resize as Resize
+from risk_guards import ReturnsView as ReturnsView
 from risk_guards import RiskContext as RiskContext
 from risk_guards import as_decimal as _dec
 from risk_guards import correlation_matrix as correlation_matrix

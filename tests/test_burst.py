@@ -34,6 +34,11 @@ def sim_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", ",".join(PAIRS))
     monkeypatch.setenv("KESTREL_STRATEGY__TIMEFRAME", "1h")
     monkeypatch.setenv("KESTREL_RISK__MAX_OPEN_POSITIONS", "3")
+    # The anomaly watch too (a live feed's): a burst judges its candles in one pass. A short
+    # scale and a low volume threshold make it pause some entries within these candles.
+    monkeypatch.setenv("KESTREL_ANOMALY__IN_REPLAY", "true")
+    monkeypatch.setenv("KESTREL_ANOMALY__WINDOW", "20")
+    monkeypatch.setenv("KESTREL_ANOMALY__VOLUME_BURST_Z", "3")
 
 
 def _daemon() -> Daemon:
@@ -80,6 +85,11 @@ def _record(daemon: Daemon) -> dict[str, Any]:
         "trades": [t.as_dict() for t in engine.portfolio.closed],
         "equity": list(engine.portfolio.equity_curve),
         "cash": engine.portfolio.cash,
+        # Each pair's latest anomaly (judged in one pass per burst, or one at a time).
+        "anomalies": {
+            p: (a.ts, str(a.kind), a.score)
+            for p, a in (engine.anomaly_watch.latest if engine.anomaly_watch else {}).items()
+        },
     }
 
 
@@ -126,6 +136,7 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
 
     together, alone, bursts = asyncio.run(run())
     assert bursts >= BURSTS
+    assert len(together["anomalies"]) >= 3  # pauses were taken on the way
     assert sum(map(len, together["orders"].values())) > 10  # entries, stops, exits
     assert together == alone
 
@@ -244,3 +255,33 @@ def test_a_held_pair_that_exits_on_its_candle_does_not_move_its_stop_first(sim_e
     assert len(exits) > 5  # strategy exits decided on held candles
     assert len(amended) > 5  # stops trailed on the held candles that did not exit
     assert not amended & exits
+
+
+def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came_first(
+    sim_env: None,
+) -> None:
+    """The returns a decision correlates over end on the bar before its candle for every pair:
+    a pair whose candle of the burst was taken in already, and one whose candle is still on
+    its way, give the same series (a burst split across two drains decides the same)."""
+    daemon = _daemon()
+    engine = daemon.engine
+    assert engine is not None
+    bursts = _bursts(daemon)
+    for burst in bursts[:40]:
+        for candle in burst:
+            assert engine.admit(candle)
+    last = {c.pair: engine._pair_returns(c.pair) for c in bursts[39]}
+    now = bursts[40]
+    ts = now[0].ts
+    assert engine.admit(now[0])  # BTC's candle in, the others' not yet
+    early = {c.pair: engine._pair_returns(c.pair, before=ts) for c in now}
+    for candle in now[1:]:
+        assert engine.admit(candle)
+    late = {c.pair: engine._pair_returns(c.pair, before=ts) for c in now}
+    for pair, series in late.items():
+        assert series is not None
+        assert np.array_equal(series, early[pair])
+        assert np.array_equal(series, last[pair])  # the bars up to the one before
+    fresh = engine._pair_returns("BTC/USDT")
+    assert fresh is not None
+    assert not np.array_equal(fresh, late["BTC/USDT"])  # sizing still reads the newest bar

@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import OrderIntent
-from pipeline import ReturnsView
-from risk_management import RiskManager
+from risk_management import ReturnsView, RiskManager
 from tests.test_risk_support import context, position, signal
 from tests.test_risk_support import settings as risk_settings
 
