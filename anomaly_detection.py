@@ -304,6 +304,26 @@ def _scale_last(x: FloatArray) -> tuple[float, float]:
     return med, sigma
 
 
+def _median_rows(x: FloatArray) -> FloatArray:
+    # `_median` of each row (the same selection and the same mean of the middle two).
+    half = x.shape[1] // 2
+    if x.shape[1] % 2:
+        return np.partition(x, half, axis=1)[:, half]
+    part = np.partition(x, (half - 1, half), axis=1)
+    out: FloatArray = (part[:, half - 1] + part[:, half]) / 2
+    return out
+
+
+def _scale_rows(x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    # `_scale_last` of each row: its median and robust sigma (NaN for a row with a NaN).
+    med = _median_rows(x)
+    sigma = np.maximum(MAD_TO_SIGMA * _median_rows(np.abs(x - med[:, None])), SIGMA_FLOOR)
+    gaps = np.isnan(x).any(axis=1)
+    med[gaps] = np.nan
+    sigma[gaps] = np.nan
+    return med, sigma
+
+
 class AnomalyMonitor:
     """Watch closed candles, books and the feed's age, pair by pair (the live path).
 
@@ -327,29 +347,99 @@ class AnomalyMonitor:
 
     def on_candle(self, candle: Candle) -> list[Anomaly]:
         """Return the anomalies a closed candle shows (an old or repeated candle: none)."""
+        window = self._take(candle)
+        bar = self._last_bar(window) if window is not None else None
+        if bar is None:
+            return []
+        return _bar_anomalies(candle.pair, candle.ts, bar, self.settings)
+
+    def on_candles(self, candles: Iterable[Candle]) -> dict[tuple[str, int], list[Anomaly]]:
+        """`on_candle` for candles of different pairs (a burst's), by (pair, open time).
+
+        The pairs with a full window are scored together: each score is computed as
+        `on_candle` computes it (the same selections, logs and arithmetic per row).
+        """
+        found: dict[tuple[str, int], list[Anomaly]] = {}
+        full: list[tuple[Candle, _PairWindow]] = []
+        for candle in candles:
+            window = self._take(candle)
+            if window is not None and window.n >= window.keep:
+                full.append((candle, window))
+            else:
+                bar = self._last_bar(window) if window is not None else None
+                found[candle.pair, candle.ts] = self._found(candle, bar)
+        if full:
+            bars = self._last_bars([w for _, w in full])
+            for (candle, _), bar in zip(full, bars, strict=True):
+                found[candle.pair, candle.ts] = self._found(candle, bar)
+        return found
+
+    def _found(self, candle: Candle, bar: _Bar | None) -> list[Anomaly]:
+        return [] if bar is None else _bar_anomalies(candle.pair, candle.ts, bar, self.settings)
+
+    def _take(self, candle: Candle) -> _PairWindow | None:
+        # Append a closed candle to its pair's window; None for an old or repeated one.
         window = self._windows.get(candle.pair)
         if window is None:
             window = self._windows[candle.pair] = _PairWindow(self.settings.window + 3)
         if window.last_ts is not None and candle.ts <= window.last_ts:
-            return []
+            return None
         window.append(candle)
         self._stale.discard(candle.pair)
-        bar = self._last_bar(window)
-        if bar is None:
-            return []
-        return _bar_anomalies(candle.pair, candle.ts, bar, self.settings)
+        return window
+
+    def _runs(self, window: _PairWindow, rows: FloatArray) -> None:
+        # The flat and zero-volume run lengths ending at the newest bar.
+        last = rows[-1]
+        if len(rows) > 1:
+            prev = rows[-2]
+            unchanged = last[1] == last[2] and last[3] == prev[3]
+            window.flat_run = window.flat_run + 1 if unchanged or bool((last == prev).all()) else 0
+        window.zero_run = window.zero_run + 1 if last[4] <= 0 else 0
+
+    def _last_bars(self, windows: list[_PairWindow]) -> list[_Bar | None]:
+        # `_last_bar` for full windows (`window + 3` bars each), their rows as one block.
+        s, w = self.settings, self.settings.window
+        block = np.stack([window.rows() for window in windows])  # (pairs, w + 3, 5)
+        for window, rows in zip(windows, block, strict=True):
+            self._runs(window, rows)
+        before = np.array([window.sigma for window in windows])
+        log_close = np.log(block[:, -(w + 2) :, 3])
+        r = np.diff(log_close, axis=1)
+        med, sigma = _scale_rows(r[:, -w - 1 : -1])
+        z = (r[:, -1] - med) / sigma
+        out = (log_close[:, -2] - log_close[:, -3]) / before
+        back = (log_close[:, -2] - np.log(block[:, -1, 0])) / before
+        both = np.minimum(np.abs(out), np.abs(back))
+        revert = (np.sign(out) == np.sign(back)) & (both >= s.revert_z)
+        log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
+        v_med, v_sigma = _scale_rows(log_volume[:, :-1])
+        volume_z = (log_volume[:, -1] - v_med) / v_sigma
+        bars: list[_Bar | None] = []
+        for i, window in enumerate(windows):
+            window.sigma = float(sigma[i])
+            zi, vz = float(z[i]), float(volume_z[i])
+            bar = _Bar(
+                zi,
+                abs(zi) if abs(zi) >= s.spike_z else 0.0,
+                float(both[i]) if revert[i] else 0.0,
+                window.flat_run,
+                window.zero_run,
+                vz if vz >= s.volume_burst_z else 0.0,
+            )
+            fired = bar.spike or bar.spike_revert or bar.volume_burst
+            if fired or bar.flat_run >= s.frozen_bars or bar.zero_run >= s.zero_volume_bars:
+                bars.append(bar)
+            else:
+                bars.append(None)
+        return bars
 
     def _last_bar(self, window: _PairWindow) -> _Bar | None:
         # `bar_scores` for the newest bar only; None when no rule fired.
         s, w = self.settings, self.settings.window
         rows = window.rows()
         m = len(rows)
-        last = rows[-1]
-        if m > 1:
-            prev = rows[-2]
-            unchanged = last[1] == last[2] and last[3] == prev[3]
-            window.flat_run = window.flat_run + 1 if unchanged or bool((last == prev).all()) else 0
-        window.zero_run = window.zero_run + 1 if last[4] <= 0 else 0
+        self._runs(window, rows)
         z = spike = revert = burst = 0.0
         sigma_before, window.sigma = window.sigma, math.nan
         if m >= 3:
@@ -545,10 +635,19 @@ class AnomalyWatch:
         self.audit = audit
         self.alert = alert
         self.latest: dict[str, Anomaly] = {}
+        self._judged: dict[tuple[str, int], list[Anomaly]] = {}
+
+    def prepare(self, candles: Iterable[Candle]) -> None:
+        """Judge a burst's candles in one pass (`AnomalyMonitor.on_candles`).
+
+        What each shows is acted on at its own `on_candle`, in the order the burst decides.
+        """
+        self._judged = self.monitor.on_candles(candles)
 
     def on_candle(self, candle: Candle, now: int) -> None:
-        """Judge a closed candle."""
-        found = self.monitor.on_candle(candle)
+        """Judge a closed candle (or take the verdict `prepare` reached on it)."""
+        judged = self._judged.pop((candle.pair, candle.ts), None) if self._judged else None
+        found = self.monitor.on_candle(candle) if judged is None else judged
         if found:
             self._apply(found, now)
 

@@ -176,7 +176,10 @@ class BurstDecider:
         engine = self.engine
         portfolio = engine.portfolio
         working = {o.pair for o in engine.executor.open_orders()}
-        engine.prepare_signals([item[0] for item in admitted])  # one pass over the burst
+        candles = [item[0] for item in admitted]
+        engine.prepare_signals(candles)  # one pass over the burst
+        if engine.anomaly_watch is not None:
+            engine.anomaly_watch.prepare(candles)  # likewise; acted on candle by candle
         keyed: list[tuple[tuple[int, float, str], tuple[Candle, float | None, float]]] = []
         for item in admitted:
             pair = item[0].pair
