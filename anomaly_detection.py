@@ -305,12 +305,13 @@ def _scale_last(x: FloatArray) -> tuple[float, float]:
 
 
 def _median_rows(x: FloatArray) -> FloatArray:
-    # `_median` of each row (the same selection and the same mean of the middle two).
+    # `_median` of each row: the same order statistics (a row sort is the cheapest way to
+    # them for a block) and the same mean of the middle two.
     half = x.shape[1] // 2
+    ranked = np.sort(x, axis=1)
     if x.shape[1] % 2:
-        return np.partition(x, half, axis=1)[:, half]
-    part = np.partition(x, (half - 1, half), axis=1)
-    out: FloatArray = (part[:, half - 1] + part[:, half]) / 2
+        return ranked[:, half]
+    out: FloatArray = (ranked[:, half - 1] + ranked[:, half]) / 2
     return out
 
 
@@ -401,8 +402,13 @@ class AnomalyMonitor:
         # `_last_bar` for full windows (`window + 3` bars each), their rows as one block.
         s, w = self.settings, self.settings.window
         block = np.stack([window.rows() for window in windows])  # (pairs, w + 3, 5)
-        for window, rows in zip(windows, block, strict=True):
-            self._runs(window, rows)
+        last, prev = block[:, -1], block[:, -2]
+        flat = ((last[:, 1] == last[:, 2]) & (last[:, 3] == prev[:, 3])) | (last == prev).all(1)
+        for window, unchanged, silent in zip(
+            windows, flat.tolist(), (last[:, 4] <= 0).tolist(), strict=True
+        ):
+            window.flat_run = window.flat_run + 1 if unchanged else 0
+            window.zero_run = window.zero_run + 1 if silent else 0
         before = np.array([window.sigma for window in windows])
         log_close = np.log(block[:, -(w + 2) :, 3])
         r = np.diff(log_close, axis=1)
