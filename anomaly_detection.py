@@ -357,21 +357,20 @@ class AnomalyMonitor:
     def on_candles(self, candles: Iterable[Candle]) -> dict[tuple[str, int], list[Anomaly]]:
         """`on_candle` for candles of different pairs (a burst's), by (pair, open time).
 
-        The pairs with a full window are scored together: each score is computed as
-        `on_candle` computes it (the same selections, logs and arithmetic per row).
+        The pairs whose windows hold as many bars are scored together: each score is
+        computed as `on_candle` computes it (the same selections, logs and arithmetic).
         """
         found: dict[tuple[str, int], list[Anomaly]] = {}
-        full: list[tuple[Candle, _PairWindow]] = []
+        by_length: dict[int, list[tuple[Candle, _PairWindow]]] = {}
         for candle in candles:
             window = self._take(candle)
-            if window is not None and window.n >= window.keep:
-                full.append((candle, window))
+            if window is None:
+                found[candle.pair, candle.ts] = []
             else:
-                bar = self._last_bar(window) if window is not None else None
-                found[candle.pair, candle.ts] = self._found(candle, bar)
-        if full:
-            bars = self._last_bars([w for _, w in full])
-            for (candle, _), bar in zip(full, bars, strict=True):
+                by_length.setdefault(min(window.n, window.keep), []).append((candle, window))
+        for group in by_length.values():
+            bars = self._last_bars([w for _, w in group])
+            for (candle, _), bar in zip(group, bars, strict=True):
                 found[candle.pair, candle.ts] = self._found(candle, bar)
         return found
 
@@ -399,41 +398,47 @@ class AnomalyMonitor:
         window.zero_run = window.zero_run + 1 if last[4] <= 0 else 0
 
     def _last_bars(self, windows: list[_PairWindow]) -> list[_Bar | None]:
-        # `_last_bar` for full windows (`window + 3` bars each), their rows as one block.
+        # `_last_bar` for windows holding as many bars, their rows as one block.
         s, w = self.settings, self.settings.window
-        block = np.stack([window.rows() for window in windows])  # (pairs, w + 3, 5)
-        last, prev = block[:, -1], block[:, -2]
-        flat = ((last[:, 1] == last[:, 2]) & (last[:, 3] == prev[:, 3])) | (last == prev).all(1)
+        block = np.stack([window.rows() for window in windows])  # (pairs, bars, 5)
+        count, m = block.shape[0], block.shape[1]
+        last = block[:, -1]
+        flat = [False] * count
+        if m > 1:
+            prev = block[:, -2]
+            same = (last[:, 1] == last[:, 2]) & (last[:, 3] == prev[:, 3]) | (last == prev).all(1)
+            flat = same.tolist()
         for window, unchanged, silent in zip(
-            windows, flat.tolist(), (last[:, 4] <= 0).tolist(), strict=True
+            windows, flat, (last[:, 4] <= 0).tolist(), strict=True
         ):
-            window.flat_run = window.flat_run + 1 if unchanged else 0
+            if m > 1:
+                window.flat_run = window.flat_run + 1 if unchanged else 0
             window.zero_run = window.zero_run + 1 if silent else 0
-        before = np.array([window.sigma for window in windows])
-        log_close = np.log(block[:, -(w + 2) :, 3])
-        r = np.diff(log_close, axis=1)
-        med, sigma = _scale_rows(r[:, -w - 1 : -1])
-        z = (r[:, -1] - med) / sigma
-        out = (log_close[:, -2] - log_close[:, -3]) / before
-        back = (log_close[:, -2] - np.log(block[:, -1, 0])) / before
-        both = np.minimum(np.abs(out), np.abs(back))
-        revert = (np.sign(out) == np.sign(back)) & (both >= s.revert_z)
-        log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
-        v_med, v_sigma = _scale_rows(log_volume[:, :-1])
-        volume_z = (log_volume[:, -1] - v_med) / v_sigma
+        z = spike = revert = burst = np.zeros(count)
+        sigma = np.full(count, np.nan)
+        if m >= 3:
+            before = np.array([window.sigma for window in windows])
+            log_close = np.log(block[:, -(w + 2) :, 3])
+            if m >= w + 2:
+                r = np.diff(log_close, axis=1)
+                med, sigma = _scale_rows(r[:, -w - 1 : -1])
+                z = (r[:, -1] - med) / sigma
+                spike = np.where(np.abs(z) >= s.spike_z, np.abs(z), 0.0)
+            out = (log_close[:, -2] - log_close[:, -3]) / before
+            back = (log_close[:, -2] - np.log(block[:, -1, 0])) / before
+            both = np.minimum(np.abs(out), np.abs(back))
+            revert = np.where((np.sign(out) == np.sign(back)) & (both >= s.revert_z), both, 0.0)
+        if m >= w + 1:
+            log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
+            v_med, v_sigma = _scale_rows(log_volume[:, :-1])
+            volume_z = (log_volume[:, -1] - v_med) / v_sigma
+            burst = np.where(volume_z >= s.volume_burst_z, volume_z, 0.0)
         bars: list[_Bar | None] = []
-        for i, window in enumerate(windows):
-            window.sigma = float(sigma[i])
-            zi, vz = float(z[i]), float(volume_z[i])
-            bar = _Bar(
-                zi,
-                abs(zi) if abs(zi) >= s.spike_z else 0.0,
-                float(both[i]) if revert[i] else 0.0,
-                window.flat_run,
-                window.zero_run,
-                vz if vz >= s.volume_burst_z else 0.0,
-            )
-            fired = bar.spike or bar.spike_revert or bar.volume_burst
+        rows = zip(z.tolist(), spike.tolist(), revert.tolist(), burst.tolist(), strict=True)
+        for window, new_sigma, (zi, si, ri, bi) in zip(windows, sigma.tolist(), rows, strict=True):
+            window.sigma = new_sigma
+            bar = _Bar(zi, si, ri, window.flat_run, window.zero_run, bi)
+            fired = si or ri or bi
             if fired or bar.flat_run >= s.frozen_bars or bar.zero_run >= s.zero_volume_bars:
                 bars.append(bar)
             else:
