@@ -345,6 +345,9 @@ class DataManager:
         self._aggregators: dict[tuple[str, str, str], CandleAggregator] = {}
         self._pending: dict[tuple[str, str], list[Candle]] = {}
         self.rejected: dict[str, int] = {"open": 0, "duplicate": 0, "out_of_order": 0, "bad": 0}
+        # Moves whenever any window changes: what was computed from the windows at one
+        # version holds until the next (a burst's decisions share their returns by it).
+        self.version = 0
 
     def seed(self, pair: str, timeframe: str, frame: pd.DataFrame) -> None:
         """Load history (e.g. the warm-up) into a pair's window; older candles are skipped."""
@@ -358,6 +361,7 @@ class DataManager:
             arrays, _ = normalise_arrays(arrays.ts, np.vstack(arrays[1:]), timeframe=timeframe)
         if len(arrays.ts):
             ring.extend(arrays)
+            self.version += 1
 
     def _ring(self, pair: str, timeframe: str) -> _Ring:
         ring = self._rings.get((pair, timeframe))
@@ -384,6 +388,7 @@ class DataManager:
             ] += 1
             return False
         ring.append(candle.ts, o, h, lo, c, v)
+        self.version += 1
         if self.store is not None:
             self._pending.setdefault(key, []).append(candle)
         targets = self._higher.get(candle.timeframe)
@@ -414,6 +419,7 @@ class DataManager:
             raise ValueError(f"extend_run on {pair}: not a run on_candle would accept")
         o, h, lo, c, v = columns
         ring.extend(CandleArrays(ts, o, h, lo, c, v))
+        self.version += 1
 
     def _build_higher(self, candle: Candle, targets: Sequence[str]) -> None:
         for target in targets:
@@ -478,6 +484,7 @@ class DataManager:
         """Forget every window of a pair (it left the pair list and has no position)."""
         for key in [k for k in self._rings if k[0] == pair]:
             del self._rings[key]
+        self.version += 1
         for akey in [k for k in self._aggregators if k[0] == pair]:
             del self._aggregators[akey]
 

@@ -206,6 +206,7 @@ class EngineState:
         self._atr_cache: dict[str, tuple[tuple[int, int, int], float | None]] = {}
         self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._aligned_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._aligned_kept: tuple[tuple[int, int], dict[str, np.ndarray | None]] = ((-1, 0), {})
         # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
         self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
 
@@ -263,7 +264,18 @@ class EngineState:
         # The pair's last `correlation_window` returns (None: fewer than two), computed once
         # per window: every entry reads every held pair's. `before`: of the bars opened
         # before it only (every pair's series then ends on the same bar, whichever of a
-        # burst's candles were taken in first).
+        # burst's candles were taken in first); kept while no window changes (a burst's).
+        if before is None:
+            return self._returns_of(pair, None)
+        version, kept = self._aligned_kept
+        if version != (self.data.version, before):
+            kept = {}
+            self._aligned_kept = ((self.data.version, before), kept)
+        if pair not in kept:
+            kept[pair] = self._returns_of(pair, before)
+        return kept[pair]
+
+    def _returns_of(self, pair: str, before: int | None) -> np.ndarray | None:
         window = self.risk.settings.correlation_window
         bars = self.data.arrays(pair, self.timeframe)
         end = len(bars.close)
