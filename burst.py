@@ -194,6 +194,9 @@ class BurstDecider:
                 keyed.append(((1, -signal.strength, pair), item))
         keyed.sort(key=lambda k: k[0])
         deciding = sum(1 for key, _ in keyed if key[0] < 2)
+        if engine.manage_stops:
+            for _, item in keyed[:deciding]:
+                engine.warm_atr(item[0].pair)  # stops and entries read it: one pass, warm
         return [item for _, item in keyed], deciding
 
     async def _send(self, decided: list[DeferredOrder]) -> None:

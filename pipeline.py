@@ -244,6 +244,10 @@ class EngineState:
         self.pairs = list(pairs)
         self._active = set(pairs)
 
+    def warm_atr(self, pair: str) -> None:
+        """Compute the pair's ATR ahead (a burst's, in one loop while TA-Lib is warm)."""
+        self._atr(pair)
+
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
         # Only the tail matters: Wilder's smoothing converges well within ten periods.

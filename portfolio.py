@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import Any
 
 import structlog
 
@@ -80,6 +81,28 @@ class PositionsView(Mapping[str, Position]):
     def __contains__(self, pair: object) -> bool:
         """Return True when a position was open on `pair`."""
         return pair in self._pairs
+
+    def get(self, pair: str, default: Any = None) -> Any:
+        """Return the position on `pair`, or `default` (no exception raised when flat)."""
+        if pair not in self._pairs:
+            return default
+        try:
+            return self[pair]
+        except KeyError:
+            return default
+
+    def gross_notional(self) -> Decimal:
+        """Return the summed |qty| x mark (entry before a mark) of the view's positions.
+
+        What summing their `notional` gives, read off the books (no position built).
+        """
+        books = self._portfolio._open
+        total = ZERO
+        for pair in self._pairs:
+            book = books.get(pair)
+            if book is not None:
+                total += abs(book.qty) * (book.mark if book.mark is not None else book.entry_price)
+        return total
 
     def side(self, pair: str) -> PositionSide:
         """Return the side of the position on `pair` without building it (KeyError: none)."""

@@ -67,7 +67,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import structlog
@@ -767,6 +767,9 @@ def _closes(side: Side, position: Position) -> bool:
 
 
 def _exposure(ctx: RiskContext) -> Decimal:
+    gross = getattr(ctx.positions, "gross_notional", None)  # a PositionsView: off the books
+    if gross is not None:
+        return cast(Decimal, gross())
     return sum((p.notional for p in ctx.positions.values()), ZERO)
 
 

@@ -262,3 +262,32 @@ def test_positions_view_reads_as_positions(
             if other not in eager:
                 with pytest.raises(KeyError):
                     view[other]
+
+
+_book = st.tuples(
+    st.decimals("-50", "50", places=4).filter(lambda q: q != 0),
+    st.decimals("0.01", "70000", places=2),
+    st.none() | st.decimals("0.01", "70000", places=2),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(books=st.dictionaries(st.sampled_from(["A/U", "B/U", "C/U", "D/U"]), _book, max_size=4))
+def test_a_positions_view_reads_exposure_and_sides_off_the_books_as_its_positions_give_them(
+    books: dict[str, tuple[Decimal, Decimal, Decimal | None]],
+) -> None:
+    """The view's gross notional is the sum of its positions' notionals, and its sides and
+    `get` are theirs, without building them (risk reads these for every entry)."""
+    from portfolio import _Open
+
+    portfolio = Portfolio(Decimal(10_000))
+    for pair, (qty, entry, mark) in books.items():
+        portfolio._open[pair] = _Open(qty, entry, 0, Decimal(0), mark=mark)
+    view = portfolio.positions_view()
+    assert view.gross_notional() == sum((p.notional for p in portfolio.positions().values()), 0)
+    assert not view._built  # nothing built so far
+    for pair in books:
+        assert view.side(pair) is portfolio.positions()[pair].side
+    assert view.get("Z/U") is None
+    for pair in books:
+        assert view.get(pair) == portfolio.positions()[pair]
