@@ -796,10 +796,8 @@ class Engine(QuietSteps, EngineControl):
         elif model_veto is not None:
             verdict = model_veto
         else:
-            held = self.portfolio.position(signal.pair)
-            closing = held is not None and (signal.side is Side.SELL) is (
-                held.side is PositionSide.LONG
-            )
+            holding = self.portfolio.signed_qty(signal.pair)
+            closing = holding != 0 and (signal.side is Side.SELL) is (holding > 0)
             context = self._risk_context(
                 signal.pair, now, signal.ts, closing=closing, equity=equity
             )
