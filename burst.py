@@ -9,13 +9,17 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
    one pass where the strategy allows (`Engine.prepare_signals`: the built-in kernel
    strategies advance all pairs' states by their new row in one call,
    `batch_signals.advance_many`), then each pair's signal from its row
-   (`Engine.early_signal`; kept for step 3);
+   (`Engine.early_signal`; kept for step 3); judges every candle for anomalies in one
+   pass too (`AnomalyWatch.prepare`: row-wise medians over the burst's windows; each
+   verdict is acted on at its candle's turn), and computes the ATR of each candle that
+   can decide in one loop;
 3. decides in priority order: pairs holding a position or a working order first (fills,
    stop moves, take-profits and exits), by pair name; then the entry candidates, strongest
    signal first (ties by pair name); then candles with no signal. With a simulated
    exchange in front, each candle is matched just before it is processed, as
    `SimDriver.on_candle` does. Stop moves and managed take-profits go to the executor
-   as the position's candle is processed (ahead of every entry);
+   as the position's candle is processed (ahead of every entry), except the stop of a
+   position whose candle's signal closes it (its exit takes the stop off);
 4. sends the approved orders once every candle that can decide has decided, in decision
    order (exits first, then the strongest entries), each through the executor and its
    fills delivered as one at a time would; then the quiet candles (no position, working
