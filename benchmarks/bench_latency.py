@@ -14,14 +14,14 @@ taken ahead, positions first then the strongest entries, the orders sent once ev
 candle that can decide has). The emulator runs in its own process, as an exchange would:
 its matching and encoding of the 100 frames a minute (a closed and a new candle per pair)
 do not compete with the daemon's loop. Where a burst's last order spends its time
-(perf_counter and thread CPU stamps on this stream): the 49 candles are handed over
-within ~0.1-0.5 ms (the frames parsed in the loop) and decided in one drain; the drain is CPU work of the pipeline itself
-(thread CPU time equals wall time; no socket read, GC collection or disk write inside
-it): a burst of 48 entries ~4.7-5.3 ms (~100 us per order: ahead of the decisions, ~20 us
-per candle for the indicators' pass, the anomaly pass, the signal and the ATR; the risk
-context and verdict ~35; the send to the matching engine ~25-35), measured with timers
-on 40-minute runs. A position whose candle's signal closes it sends its exit without
-moving its stop first (the exit takes the stop off). Peers, in the
+(perf_counter and thread CPU stamps on this stream): the 49 candles are handed over within
+~0.1-0.5 ms (the frames parsed in the loop) and decided in one drain; the drain is CPU
+work of the pipeline itself (thread CPU time equals wall time; no socket read, GC
+collection or disk write inside it): a burst of 48 entries ~4.7-5.3 ms (~100 us per order:
+ahead of the decisions, ~20 us per candle for the indicators' pass, the anomaly pass, the
+signal and the ATR; the risk context and verdict ~35; the send to the matching engine
+~25-35), measured with timers on 40-minute runs. A position whose candle's signal closes
+it sends its exit without moving its stop first (the exit takes the stop off). Peers, in the
 same run: the same stream taken one candle at a time (the loop before bursts: each
 candle's decision and order answer awaited in turn), and the same pipeline fed by the
 replay (no sockets, no queueing).

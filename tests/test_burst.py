@@ -279,9 +279,13 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
         assert engine.admit(candle)
     late = {c.pair: engine._pair_returns(c.pair, before=ts) for c in now}
     for pair, series in late.items():
+        before, previous = early[pair], last[pair]
         assert series is not None
-        assert np.array_equal(series, early[pair])
-        assert np.array_equal(series, last[pair])  # the bars up to the one before
-    fresh = engine._pair_returns("BTC/USDT")
+        assert before is not None
+        assert previous is not None
+        assert np.array_equal(series, before)
+        assert np.array_equal(series, previous)  # the bars up to the one before
+    fresh, aligned = engine._pair_returns("BTC/USDT"), late["BTC/USDT"]
     assert fresh is not None
-    assert not np.array_equal(fresh, late["BTC/USDT"])  # sizing still reads the newest bar
+    assert aligned is not None
+    assert not np.array_equal(fresh, aligned)  # sizing still reads the newest bar
