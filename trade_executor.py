@@ -104,7 +104,7 @@ class TradeExecutor(RecoveringExecutor):
         # The executor places stop-loss and take-profit as separate reduce-only orders once
         # the entry fills (the same on spot, where Bybit refuses them attached to market
         # orders, and on linear), so they are not sent attached to the entry.
-        protection = (intent.stop_loss, intent.take_profit)
+        protection, protected = (intent.stop_loss, intent.take_profit), intent
         if protection != (None, None):
             intent = evolve(intent, stop_loss=None, take_profit=None)
         # The common case (nothing pending on the pair) costs no await.
@@ -127,6 +127,8 @@ class TradeExecutor(RecoveringExecutor):
         self._intents[checked.client_order_id] = (
             checked
             if protection == (None, None)
+            else protected  # nothing was rounded or renamed: the intent as decided
+            if checked is intent
             else evolve(checked, stop_loss=protection[0], take_profit=protection[1])
         )
         if purpose_of(checked) is OrderPurpose.EXIT:

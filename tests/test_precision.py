@@ -113,7 +113,7 @@ def test_validate_intent_is_idempotent_and_on_grid(
         once = validate_intent(intent, LINEAR)
     except OrderRejected:
         return
-    assert validate_intent(once, LINEAR) == once
+    assert validate_intent(once, LINEAR) is once  # on the grid: itself, not a copy
     assert once.qty % LINEAR.lot_size == 0
     assert once.qty <= qty
     assert once.price is not None
@@ -197,3 +197,15 @@ def test_validate_intent_accepts_market_order_without_reference_price() -> None:
     out = validate_intent(_intent(type=OrderType.MARKET, price=None, qty=Decimal("0.0019")), LINEAR)
     assert out.qty == Decimal("0.001")
     assert out.price is None
+
+
+def test_validation_copies_an_intent_only_when_rounding_rewrites_a_number() -> None:
+    """An intent whose numbers rounding writes differently (2.50000 becomes 2.500 on a 0.001
+    lot) comes back as a copy carrying the rounded text, as before; one that rounding leaves
+    written the same comes back as itself (no copy on the order path)."""
+    loose = _intent(qty=Decimal("2.50000"), price=Decimal("100.1"))
+    out = validate_intent(loose, LINEAR)
+    assert out is not loose
+    assert str(out.qty) == str(round_qty(LINEAR, Decimal("2.50000"))) == "2.500"
+    exact = _intent(qty=Decimal("2.5"), price=Decimal("100.10"))  # 0.10 tick: 100.10
+    assert validate_intent(exact, LINEAR) is exact

@@ -127,6 +127,24 @@ def validate_intent(
                 f"notional {value.normalize():f} below the minimum {market.min_notional} "
                 f"({qty} x {reference})"
             )
+    return _rounded(intent, qty, price, stop, stop_loss, take_profit)
+
+
+def _rounded(
+    intent: OrderIntent,
+    qty: Decimal,
+    price: Decimal | None,
+    stop: Decimal | None,
+    stop_loss: Decimal | None,
+    take_profit: Decimal | None,
+) -> OrderIntent:
+    # The intent with its rounded numbers; itself when they are already on the grid, digit
+    # for digit (2.5 and 2.50 differ: the journal would show it), so no copy is made.
+    new = (qty, price, stop, stop_loss, take_profit)
+    old = (intent.qty, intent.price, intent.stop_price, intent.stop_loss, intent.take_profit)
+    if all(a is b or (a is not None and b is not None and a.compare_total(b) == 0)
+           for a, b in zip(new, old, strict=True)):  # fmt: skip
+        return intent
     return evolve(
         intent,
         qty=qty,
