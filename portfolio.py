@@ -92,17 +92,12 @@ class PositionsView(Mapping[str, Position]):
             return default
 
     def gross_notional(self) -> Decimal:
-        """Return the summed |qty| x mark (entry before a mark) of the view's positions.
+        """Return what summing the view's positions' `notional` gives, without building them.
 
-        What summing their `notional` gives, read off the books (no position built).
+        The portfolio's gross exposure: a decision reads the view while its positions are
+        the portfolio's.
         """
-        books = self._portfolio._open
-        total = ZERO
-        for pair in self._pairs:
-            book = books.get(pair)
-            if book is not None:
-                total += abs(book.qty) * (book.mark if book.mark is not None else book.entry_price)
-        return total
+        return self._portfolio.exposure()
 
     def side(self, pair: str) -> PositionSide:
         """Return the side of the position on `pair` without building it (KeyError: none)."""
