@@ -50,6 +50,7 @@ from models import (
     Snapshot,
     TradingState,
     Veto,
+    fast_init,
 )
 from pattern_recognition import PatternFilter
 from perpetuals import FundingSchedule
@@ -82,6 +83,7 @@ log = structlog.get_logger(__name__)
 CURVE_POINTS = 500
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DeferredOrder:
     """An order risk approved, with what its latency is measured from.

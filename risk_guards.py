@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from models import Market, Position, PositionSide, Side, Signal, Veto
+from models import Market, Position, PositionSide, Side, Signal, Veto, fast_init
 
 
 def as_decimal(value: float | Decimal) -> Decimal:
@@ -27,6 +27,7 @@ def as_decimal(value: float | Decimal) -> Decimal:
 # -- Inputs and verdicts ---------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RiskContext:
     """Everything a risk decision may look at, passed in (never fetched).
@@ -101,6 +102,7 @@ class ReturnsView(Mapping[str, np.ndarray]):
         return sum(1 for p in self._pairs if self._get(p) is not None)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Resize:
     """A guard's decision to scale a new position down by `factor` (0 < factor <= 1)."""

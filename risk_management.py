@@ -100,6 +100,7 @@ from models import (
     TradingState,
     Veto,
     decision_key,
+    fast_init,
     with_attempt,
 )
 from perpetuals import (
@@ -134,6 +135,7 @@ def loss_per_unit(price: Decimal, distance: Decimal, fee: Decimal, side: Side) -
     return distance + fee * (price + exit_price)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Size:
     qty: Decimal
