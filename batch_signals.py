@@ -101,15 +101,16 @@ def warm(strategy: Strategy) -> None:
 
 def advance_many(
     strategy: Strategy, data: DataManager, timeframe: str, pairs: Iterable[str]
-) -> list[str]:
-    """Advance the pairs one row behind by their new row in one pass; return those pairs.
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Advance the pairs one row behind by their new row in one pass.
 
     Each such pair's last row is recorded in the strategy (`KernelStrategy.set_row`),
-    where `last_row_arrays` reads it. Pairs not returned are left untouched.
+    where `last_row_arrays` reads it, and returned: pair -> (the row's open time, the
+    row). Pairs not returned are left untouched.
     """
     driver = batched_driver(strategy)
     if driver is None:
-        return []
+        return {}
     assert isinstance(strategy, KernelStrategy)
     rows = max(strategy.lookback + 1, 2)
     taken: list[tuple[str, int, np.ndarray]] = []
@@ -121,7 +122,7 @@ def advance_many(
             taken.append((pair, int(ts[-1]), state))
             blocks.append(block)
     if len(taken) < 2:
-        return []  # one pair: its own path costs the same
+        return {}  # one pair: its own path costs the same
     values = np.stack(blocks, axis=1)  # (5, pairs, rows), each pair's row contiguous
     states = np.stack([state for _, _, state in taken])
     count, names = len(taken), strategy.features
@@ -133,6 +134,7 @@ def advance_many(
     driver(o, h, lo, c, v, rows - 1, states, params, enter, exit_, feats)
     last_feats = feats[:, -1, : len(names)].tolist()
     flags = zip(enter[:, -1].tolist(), exit_[:, -1].tolist(), last_feats, strict=True)
+    done: dict[str, tuple[int, dict[str, Any]]] = {}
     for at, ((pair, last, state), (entering, exiting, values_)) in enumerate(
         zip(taken, flags, strict=True)
     ):
@@ -140,4 +142,5 @@ def advance_many(
         row: dict[str, Any] = {"enter_long": entering, "exit_long": exiting}
         row.update(zip(names, values_, strict=True))
         strategy.set_row(pair, last, row)
-    return [pair for pair, _, _ in taken]
+        done[pair] = (last, row)
+    return done

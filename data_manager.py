@@ -471,6 +471,11 @@ class DataManager:
         length = end - max(0, end - ring.capacity)
         return int(ring.ts[end - 1]), length, v[1, start:end], v[2, start:end], v[3, start:end]
 
+    def size(self, pair: str, timeframe: str) -> int:
+        """Return how many candles the pair's window holds (`len(arrays(...).ts)`)."""
+        ring = self._rings.get((pair, timeframe))
+        return 0 if ring is None else ring.size - max(0, ring.size - ring.capacity)
+
     def last_ts(self, pair: str, timeframe: str) -> int | None:
         """Return the open time of the pair's latest closed candle."""
         ring = self._rings.get((pair, timeframe))

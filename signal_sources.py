@@ -129,17 +129,28 @@ class RollingSignals:
         self.data = data
         self.timeframe = timeframe
         warm(strategy)  # the burst pass's driver is ready before the first burst
+        # The rows the last burst's pass computed, by pair: (open time, row). The row is the
+        # one `last_row_arrays` returns for that candle (the strategy recorded it), read
+        # here without building the window's views.
+        self._ready: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def prepare(self, pairs: Sequence[str]) -> None:
         """Advance every pair's indicators by its new row in one kernel pass (`batch_signals`)."""
-        advance_many(self.strategy, self.data, self.timeframe, pairs)
+        self._ready = advance_many(self.strategy, self.data, self.timeframe, pairs)
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Compute the window's last row and decide."""
-        bars = self.data.arrays(candle.pair, self.timeframe)
-        if len(bars.ts) < self.strategy.warmup:
-            return None
-        row = self.strategy.last_row_arrays(candle.pair, bars)
+        pair = candle.pair
+        ready = self._ready.pop(pair, None) if self._ready else None
+        if ready is not None and ready[0] == candle.ts:
+            if self.data.size(pair, self.timeframe) < self.strategy.warmup:
+                return None
+            row = ready[1]
+        else:
+            bars = self.data.arrays(pair, self.timeframe)
+            if len(bars.ts) < self.strategy.warmup:
+                return None
+            row = self.strategy.last_row_arrays(pair, bars)
         return decide_signal(
             self.strategy,
             candle.pair,
@@ -302,6 +313,6 @@ def _features(row: Any) -> dict[str, float]:
     for key, value in row.items():
         if key in ("enter_long", "exit_long", "enter_short", "exit_short"):
             continue
-        if isinstance(value, int | float | np.floating | np.integer) and np.isfinite(value):
+        if isinstance(value, int | float | np.floating | np.integer) and math.isfinite(value):
             out[str(key)] = float(value)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -81,4 +82,46 @@ def test_every_built_in_kernel_has_a_batched_driver() -> None:
 
     assert all(batched_driver(BUILTIN[n](**PARAMS[n])) is not None for n in PARAMS)
     assert batched_driver(Plain()) is None
-    assert advance_many(Plain(), DataManager(), "1m", ["A/USDT", "B/USDT"]) == []
+    assert advance_many(Plain(), DataManager(), "1m", ["A/USDT", "B/USDT"]) == {}
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), window=st.integers(6, 30))
+def test_signals_read_from_the_pass_equal_those_computed_pair_by_pair(
+    seed: int, window: int
+) -> None:
+    """A signal source that read its rows from the burst's pass (`prepare`) gives every
+    candle the signal a source without the pass gives, from the first candles (windows
+    shorter than the warm-up: no signal) to windows that have wrapped their buffer; and
+    the window's size it checks the warm-up with is the window's length."""
+    from signal_sources import RollingSignals
+
+    rng = np.random.default_rng(seed)
+    names = [f"P{i}/USDT" for i in range(4)]
+    datas = [DataManager(window=window) for _ in range(2)]
+    strategies = [BUILTIN["sma_cross"](fast=2, slow=4) for _ in range(2)]
+    batched, alone = (RollingSignals(s, d, "1m") for s, d in zip(strategies, datas, strict=True))
+    price = dict.fromkeys(names, 100.0)
+    compared = decided = from_pass = 0
+    for step in range(3 * window):
+        candles = []
+        for pair in names:
+            close = round(max(price[pair] * (1 + rng.normal(0, 0.01)), 0.01), 2)
+            high, low = max(close, price[pair]) + 0.01, min(close, price[pair]) - 0.01
+            candles.append(Candle(pair, "1m", step * 60_000, price[pair], high, low, close, 1.0))
+            price[pair] = close
+        for data in datas:
+            for candle in candles:
+                assert data.on_candle(candle)
+        batched.prepare(names)
+        from_pass += len(batched._ready)
+        for candle in candles:
+            holding = Decimal(int(rng.integers(-1, 2)))
+            got, want = batched.signal(candle, holding), alone.signal(candle, holding)
+            assert got == want
+            compared += 1
+            decided += got is not None
+            assert datas[0].size(candle.pair, "1m") == len(datas[0].arrays(candle.pair, "1m").ts)
+    assert compared == 3 * window * len(names)
+    assert decided > 0
+    assert from_pass >= (3 * window - 8) * len(names)  # all but the first steps: from the pass
