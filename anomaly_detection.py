@@ -400,20 +400,15 @@ class AnomalyMonitor:
     def _last_bars(self, windows: list[_PairWindow]) -> list[_Bar | None]:
         # `_last_bar` for windows holding as many bars, their rows as one block.
         s, w = self.settings, self.settings.window
-        block = np.stack([window.rows() for window in windows])  # (pairs, bars, 5)
-        count, m = block.shape[0], block.shape[1]
+        count, m = len(windows), min(windows[0].n, windows[0].keep)
+        # (pairs, bars, 5): one copy of the rows (np.stack costs twice as much)
+        block = np.concatenate([window.rows() for window in windows]).reshape(count, m, 5)
         last = block[:, -1]
         flat = [False] * count
         if m > 1:
             prev = block[:, -2]
             same = (last[:, 1] == last[:, 2]) & (last[:, 3] == prev[:, 3]) | (last == prev).all(1)
             flat = same.tolist()
-        for window, unchanged, silent in zip(
-            windows, flat, (last[:, 4] <= 0).tolist(), strict=True
-        ):
-            if m > 1:
-                window.flat_run = window.flat_run + 1 if unchanged else 0
-            window.zero_run = window.zero_run + 1 if silent else 0
         z = spike = revert = burst = np.zeros(count)
         sigma = np.full(count, np.nan)
         if m >= 3:
@@ -434,15 +429,25 @@ class AnomalyMonitor:
             volume_z = (log_volume[:, -1] - v_med) / v_sigma
             burst = np.where(volume_z >= s.volume_burst_z, volume_z, 0.0)
         bars: list[_Bar | None] = []
-        rows = zip(z.tolist(), spike.tolist(), revert.tolist(), burst.tolist(), strict=True)
-        for window, new_sigma, (zi, si, ri, bi) in zip(windows, sigma.tolist(), rows, strict=True):
+        rows = zip(
+            z.tolist(), spike.tolist(), revert.tolist(), burst.tolist(), sigma.tolist(),
+            flat, (last[:, 4] <= 0).tolist(), strict=True,
+        )  # fmt: skip
+        for window, (zi, si, ri, bi, new_sigma, unchanged, silent) in zip(
+            windows, rows, strict=True
+        ):
+            if m > 1:
+                window.flat_run = window.flat_run + 1 if unchanged else 0
+            window.zero_run = window.zero_run + 1 if silent else 0
             window.sigma = new_sigma
-            bar = _Bar(zi, si, ri, window.flat_run, window.zero_run, bi)
-            fired = si or ri or bi
-            if fired or bar.flat_run >= s.frozen_bars or bar.zero_run >= s.zero_volume_bars:
-                bars.append(bar)
+            if (
+                si or ri or bi
+                or window.flat_run >= s.frozen_bars
+                or window.zero_run >= s.zero_volume_bars
+            ):  # fmt: skip
+                bars.append(_Bar(zi, si, ri, window.flat_run, window.zero_run, bi))
             else:
-                bars.append(None)
+                bars.append(None)  # no rule fired: no bar built
         return bars
 
     def _last_bar(self, window: _PairWindow) -> _Bar | None:
