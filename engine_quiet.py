@@ -8,10 +8,11 @@ steps, one by one or a stretch at a time; what they change is exactly what
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -336,7 +337,15 @@ def last_atr(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) 
     A stop reads it over the last ten periods of its pair's window (`Engine._atr`); the
     replay's held pairs over the same bars of the archive (`SimDriver`).
     """
-    import talib
-
-    last = float(talib.ATR(high, low, close, period)[-1])
+    last = float(_atr_function()(high, low, close, period)[-1])
     return last if math.isfinite(last) else None
+
+
+@functools.cache
+def _atr_function() -> Callable[..., np.ndarray]:
+    # TA-Lib's ATR itself: `talib.ATR` wraps it in an adapter for pandas and polars series
+    # (numpy arrays pass through unchanged), which costs as much as the ATR of 140 bars.
+    import talib  # imported on first use: `main.py --help` does not pay for it
+
+    atr = talib.ATR
+    return cast(Callable[..., np.ndarray], getattr(atr, "__wrapped__", atr))

@@ -661,12 +661,13 @@ def exposure_caps(
     exposure = _exposure(ctx)
     held = ctx.positions.get(signal.pair)
     on_pair = held.notional if held is not None else ZERO
-    caps = {
-        "max_position_fraction": equity * _setting(s.max_position_fraction) - on_pair,
-        "max_total_exposure": equity * _setting(s.max_total_exposure) - exposure,
-        "max_leverage": equity * lev - exposure,
+    out = {
+        "max_position_fraction": (
+            max(equity * _setting(s.max_position_fraction) - on_pair, ZERO) / price
+        ),
+        "max_total_exposure": max(equity * _setting(s.max_total_exposure) - exposure, ZERO) / price,
+        "max_leverage": max(equity * lev - exposure, ZERO) / price,
     }
-    out = {name: max(room, ZERO) / price for name, room in caps.items()}
     # Buying needs the notional (spot) or its margin (linear) plus the fee, from cash.
     funding = "cash" if ctx.market.type is MarketType.SPOT else "margin"
     out[funding] = max(ctx.cash, ZERO) / (price * (1 / lev + ctx.taker_fee))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from decimal import Decimal
 
+import numpy as np
 import pytest
+import talib
 from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
+from engine_quiet import last_atr
 from models import Position, PositionSide
 from risk_management import RiskManager, break_even_price
 from tests.test_risk_support import MINUTE, T0, position, settings
@@ -162,3 +166,25 @@ def test_stop_never_moves_against_the_position(
         assert (new - pos.stop_price) * sign > 0
         assert (Decimal(str(close)) - new) * sign > 0
         pos = dataclasses.replace(pos, stop_price=new)
+
+
+@hyp_settings(max_examples=60, deadline=None)
+@given(
+    closes=st.lists(st.floats(0.5, 2.0), min_size=1, max_size=60),
+    spread=st.floats(0.0, 0.05),
+    period=st.integers(2, 20),
+    gap=st.booleans(),
+)
+def test_last_atr_is_ta_libs_last_atr(
+    closes: list[float], spread: float, period: int, gap: bool
+) -> None:
+    """The ATR a stop reads (`engine_quiet.last_atr`, TA-Lib's function without its
+    pandas adapter) is `talib.ATR`'s last value, bit for bit; None where that is NaN
+    (too few bars, or a NaN bar in the window)."""
+    close = np.array(closes)
+    high, low = close * (1 + spread), close * (1 - spread)
+    if gap:
+        high[len(high) // 2] = np.nan
+    want = float(talib.ATR(high, low, close, period)[-1])
+    got = last_atr(high, low, close, period)
+    assert got == (want if math.isfinite(want) else None)

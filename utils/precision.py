@@ -23,6 +23,7 @@ from models import Market, MarketType, OrderIntent, OrderType, Side, TimeInForce
 __all__ = ["notional", "round_price", "round_qty", "validate_intent"]
 
 _ONE = Decimal(1)
+_PRICE_NAMES = ("price", "stop price", "stop loss", "take profit")
 
 
 def _quantize(value: Decimal, step: Decimal, rounding: str) -> Decimal:
@@ -81,53 +82,54 @@ def validate_intent(
             the minimum (after rounding) or above the maximum, notional below the
             minimum, leverage above the maximum, or an order shape the market refuses.
     """
-
-    def reject(reason: str) -> OrderRejected:
-        return _refusal(intent, reason)
-
     if intent.pair != market.pair:
-        raise reject(f"intent is for {intent.pair}, market rules are for {market.pair}")
+        raise _refusal(intent, f"intent is for {intent.pair}, market rules are for {market.pair}")
     if not market.active:
-        raise reject(f"market {market.pair} is not trading")
-    _check_shape(intent, market, reject)
+        raise _refusal(intent, f"market {market.pair} is not trading")
+    _check_shape(intent, market)
 
     qty = round_qty(market, intent.qty)
     if qty < market.min_qty or qty <= 0:
-        raise reject(
+        raise _refusal(
+            intent,
             f"qty {intent.qty} rounds to {qty}, below the minimum {market.min_qty} "
-            f"(lot size {market.lot_size})"
+            f"(lot size {market.lot_size})",
         )
     if market.max_qty is not None and qty > market.max_qty:
-        raise reject(f"qty {qty} above the maximum {market.max_qty}")
+        raise _refusal(intent, f"qty {qty} above the maximum {market.max_qty}")
 
-    exit_side = intent.side.opposite
-    price = round_price(market, intent.price, intent.side) if intent.price is not None else None
-    stop = (
-        round_price(market, intent.stop_price, intent.side)
-        if intent.stop_price is not None
-        else None
-    )
-    stop_loss = (
-        round_price(market, intent.stop_loss, exit_side) if intent.stop_loss is not None else None
-    )
-    take_profit = (
-        round_price(market, intent.take_profit, exit_side)
-        if intent.take_profit is not None
-        else None
-    )
-    for name, value in (("price", price), ("stop price", stop)):
-        if value is not None and value <= 0:
-            raise reject(f"{name} rounds to {value} (tick {market.tick_size})")
-
+    price, stop, stop_loss, take_profit = _round_prices(intent, market)
     reference = price or stop or last_price
     if reference is not None and reference > 0:
         value = notional(qty, reference, market)
         if value < market.min_notional:
-            raise reject(
+            raise _refusal(
+                intent,
                 f"notional {value.normalize():f} below the minimum {market.min_notional} "
-                f"({qty} x {reference})"
+                f"({qty} x {reference})",
             )
     return _rounded(intent, qty, price, stop, stop_loss, take_profit)
+
+
+def _round_prices(
+    intent: OrderIntent, market: Market
+) -> tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]:
+    # The limit, stop, stop-loss and take-profit prices on the tick grid (None stays None:
+    # a plain market order, an entry or exit whose protection goes apart, rounds nothing).
+    price = stop = stop_loss = take_profit = None
+    if intent.price is not None:
+        price = round_price(market, intent.price, intent.side)
+        if price <= 0:
+            raise _refusal(intent, f"price rounds to {price} (tick {market.tick_size})")
+    if intent.stop_price is not None:
+        stop = round_price(market, intent.stop_price, intent.side)
+        if stop <= 0:
+            raise _refusal(intent, f"stop price rounds to {stop} (tick {market.tick_size})")
+    if intent.stop_loss is not None:
+        stop_loss = round_price(market, intent.stop_loss, intent.side.opposite)
+    if intent.take_profit is not None:
+        take_profit = round_price(market, intent.take_profit, intent.side.opposite)
+    return price, stop, stop_loss, take_profit
 
 
 def _rounded(
@@ -140,6 +142,11 @@ def _rounded(
 ) -> OrderIntent:
     # The intent with its rounded numbers; itself when they are already on the grid, digit
     # for digit (2.5 and 2.50 differ: the journal would show it), so no copy is made.
+    if (price, stop, stop_loss, take_profit) == (None, None, None, None):
+        # No prices (a plain market order): only the quantity can have been rounded.
+        if intent.qty is qty or intent.qty.compare_total(qty) == 0:
+            return intent
+        return evolve(intent, qty=qty)
     new = (qty, price, stop, stop_loss, take_profit)
     old = (intent.qty, intent.price, intent.stop_price, intent.stop_loss, intent.take_profit)
     if all(a is b or (a is not None and b is not None and a.compare_total(b) == 0)
@@ -165,20 +172,16 @@ def _refusal(intent: OrderIntent, reason: str) -> OrderRejected:
     )
 
 
-def _check_shape(
-    intent: OrderIntent, market: Market, reject: Callable[[str], OrderRejected]
-) -> None:
+def _check_shape(intent: OrderIntent, market: Market) -> None:
     # Rules that do not depend on rounding: signs, required prices, venue restrictions.
+    def reject(reason: str) -> OrderRejected:
+        return _refusal(intent, reason)
+
     if intent.qty <= 0:
         raise reject(f"qty must be positive, got {intent.qty}")
-    for name, value in (
-        ("price", intent.price),
-        ("stop price", intent.stop_price),
-        ("stop loss", intent.stop_loss),
-        ("take profit", intent.take_profit),
-    ):
-        if value is not None and value <= 0:
-            raise reject(f"{name} must be positive, got {value}")
+    prices = (intent.price, intent.stop_price, intent.stop_loss, intent.take_profit)
+    if prices != (None, None, None, None):
+        _check_signs(prices, reject)
     if intent.type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and intent.price is None:
         raise reject(f"a {intent.type} order needs a price")
     if intent.type in (OrderType.STOP_MARKET, OrderType.STOP_LIMIT) and intent.stop_price is None:
@@ -190,6 +193,14 @@ def _check_shape(
     is_spot_market = market.type is MarketType.SPOT and intent.type is OrderType.MARKET
     if is_spot_market and (intent.stop_loss or intent.take_profit):
         raise reject("spot market orders cannot carry an attached stop-loss/take-profit")
+
+
+def _check_signs(
+    prices: tuple[Decimal | None, ...], reject: Callable[[str], OrderRejected]
+) -> None:
+    for name, value in zip(_PRICE_NAMES, prices, strict=True):
+        if value is not None and value <= 0:
+            raise reject(f"{name} must be positive, got {value}")
 
 
 def _check_leverage(
