@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -48,7 +49,7 @@ from models import (
     with_attempt,
 )
 from portfolio import Portfolio
-from utils.utilities import AuditTrail, Clock, SerialWorker
+from utils.utilities import AuditTrail, Clock, SerialWorker, logs_at
 
 
 log = structlog.get_logger("trade_executor")
@@ -487,14 +488,15 @@ class ExecutorCore(_OrderTracking):
         if order.status is OrderStatus.REJECTED:
             self.rejections += 1
             self._notify(OrderRefused(order.pair, order.reason))
-        log.info(
-            "order_sent",
-            pair=order.pair,
-            side=str(order.side),
-            qty=str(order.qty),
-            client_order_id=order.client_order_id,
-            status=str(order.status),
-        )
+        if logs_at(logging.INFO):
+            log.info(
+                "order_sent",
+                pair=order.pair,
+                side=str(order.side),
+                qty=str(order.qty),
+                client_order_id=order.client_order_id,
+                status=str(order.status),
+            )
 
     async def _within_holdings(self, intent: OrderIntent) -> OrderIntent:
         """Cap an exit or stop at what the account holds: reduce-only in effect on spot too.
