@@ -17,11 +17,15 @@ do not compete with the daemon's loop. Where a burst's last order spends its tim
 (perf_counter and thread CPU stamps on this stream): the 49 candles are handed over within
 ~0.1-0.5 ms (the frames parsed in the loop) and decided in one drain; the drain is CPU
 work of the pipeline itself (thread CPU time equals wall time; no socket read, GC
-collection or disk write inside it): a burst of 48 entries ~4.7-5.3 ms (~100 us per order:
-ahead of the decisions, ~20 us per candle for the indicators' pass, the anomaly pass, the
-signal and the ATR; the risk context and verdict ~35; the send to the matching engine
-~25-35), measured with timers on 40-minute runs. A position whose candle's signal closes
-it sends its exit without moving its stop first (the exit takes the stop off). Peers, in the
+collection or disk write inside it): a burst of 48 entries ~4.7-5.1 ms with timers on
+(~95 us per order: ahead of the decisions, ~18 us per candle for the indicators' pass, the
+anomaly pass, the signal and the ATR; the decision ~28, of which the risk context ~7 and
+the verdict ~17; the send to the matching engine ~26-28), measured on 40-minute runs. The
+costliest burst is one that delivers the fills of the last burst's entries (each fill
+places its stop) and then decides exits on the same pairs (each exit takes its stop off
+first): ~115-120 us per order in the 50-pair harness, so a run whose random walk has one
+sets its p99. A position whose candle's signal closes it sends its exit without moving its
+stop first. Peers, in the
 same run: the same stream taken one candle at a time (the loop before bursts: each
 candle's decision and order answer awaited in turn), and the same pipeline fed by the
 replay (no sockets, no queueing).
