@@ -992,6 +992,7 @@ class Control(Protocol):
 
 # Every frozen message above gets the direct constructor (`fast_init`): they are built on
 # every candle and order.
-for _message in [v for v in list(globals().values()) if dataclasses.is_dataclass(v)]:
-    fast_init(_message)  # type: ignore[arg-type]
+for _message in [v for v in list(globals().values()) if isinstance(v, type)]:
+    if dataclasses.is_dataclass(_message):
+        fast_init(_message)
 del _message
