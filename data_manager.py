@@ -300,6 +300,11 @@ class _Ring:
     def last_ts(self) -> int | None:
         return int(self.ts[self.size - 1]) if self.size else None
 
+    @property
+    def length(self) -> int:
+        # How many candles the window holds (at most `capacity` of the buffer's `size`).
+        return self.size - max(0, self.size - self.capacity)
+
     def arrays(self) -> CandleArrays:
         view = self._view
         if view is not None and view[0] == self.size:
@@ -468,13 +473,12 @@ class DataManager:
         end = ring.size
         start = max(0, end - min(n, ring.capacity))
         v = ring.values
-        length = end - max(0, end - ring.capacity)
-        return int(ring.ts[end - 1]), length, v[1, start:end], v[2, start:end], v[3, start:end]
+        return int(ring.ts[end - 1]), ring.length, v[1, start:end], v[2, start:end], v[3, start:end]
 
     def size(self, pair: str, timeframe: str) -> int:
         """Return how many candles the pair's window holds (`len(arrays(...).ts)`)."""
         ring = self._rings.get((pair, timeframe))
-        return 0 if ring is None else ring.size - max(0, ring.size - ring.capacity)
+        return 0 if ring is None else ring.length
 
     def last_ts(self, pair: str, timeframe: str) -> int | None:
         """Return the open time of the pair's latest closed candle."""
