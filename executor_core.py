@@ -313,12 +313,13 @@ class _OrderTracking:
                 pair=order.pair,
                 order_id=order.client_order_id,
             )
-        log.info(
-            "state_changed",
-            machine="order",
-            client_order_id=order.client_order_id,
-            **{"from": str(known.status), "to": str(order.status)},
-        )
+        if logs_at(logging.INFO):
+            log.info(
+                "state_changed",
+                machine="order",
+                client_order_id=order.client_order_id,
+                **{"from": str(known.status), "to": str(order.status)},
+            )
         self.orders[order.client_order_id] = order
 
     def order_after_fill(self, fill: Fill) -> Order | None:
@@ -442,6 +443,10 @@ class ExecutorCore(_OrderTracking):
             return intent
         return replace(intent, client_order_id=with_attempt(key, len(attempts)))
 
+    def _audit_submitted(self, checked: OrderIntent, now: int) -> None:
+        if self._audit.wanted():  # a backtest's trail only counts: no fields built
+            self._audit.record("order_submitted", now, intent=_intent_fields(checked))
+
     async def _send(self, checked: OrderIntent, now: int) -> Order:
         """Journal, send and track a validated order (under the pair's lock)."""
         cid = checked.client_order_id
@@ -451,7 +456,7 @@ class ExecutorCore(_OrderTracking):
                 return self._reject_locally(checked, "nothing held on the exchange to sell", now)
         if self._store is not None:
             await self._journal(checked, now)
-        self._audit.record("order_submitted", now, intent=_intent_fields(checked))
+        self._audit_submitted(checked, now)
         try:
             if self._store is not None:
                 await self._off(self._store.mark_sent, cid)

@@ -13,6 +13,7 @@ not known to work (its answer lost, or none): settled first, then placed anew.
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 
 import structlog
@@ -22,6 +23,7 @@ from executor_core import StopState, _Protection
 from models import Order, OrderStatus, decision_key, with_attempt
 from order_protection import ProtectingExecutor
 from utils.precision import round_price
+from utils.utilities import logs_at
 
 
 log = structlog.get_logger("trade_executor")
@@ -125,9 +127,10 @@ class AmendingExecutor(ProtectingExecutor):
             return order
         self.portfolio.set_protection(pair, stop=level)
         if level == wanted:
-            log.info(
-                "stop_moved", pair=pair, stop=str(level), client_order_id=order.client_order_id
-            )
+            if logs_at(logging.INFO):  # a trailing stop moves on most candles
+                log.info(
+                    "stop_moved", pair=pair, stop=str(level), client_order_id=order.client_order_id
+                )
         else:  # the amend did not take (refused, or lost): the next move tries again
             log.warning(
                 "stop_not_moved", pair=pair, stop=str(level), client_order_id=order.client_order_id

@@ -14,6 +14,7 @@ before letting go.
 from __future__ import annotations
 
 import contextlib
+import logging
 from decimal import Decimal
 
 import structlog
@@ -50,6 +51,7 @@ from models import (
     with_attempt,
 )
 from utils.precision import validate_intent
+from utils.utilities import logs_at
 
 
 log = structlog.get_logger("trade_executor")
@@ -107,17 +109,18 @@ class ProtectingExecutor(ExecutorCore):
             # Not between two pieces of one order: a first piece below the minimum is the
             # start of a position, and a piece of an exit leaves a rest that still sells.
             self.portfolio.drop_dust(fill.pair, max(market.min_qty, market.lot_size))
-        self._audit.record(
-            "fill",
-            fill.ts,
-            pair=fill.pair,
-            side=str(fill.side),
-            price=str(fill.price),
-            qty=str(fill.qty),
-            fee=str(fill.fee),
-            client_order_id=fill.client_order_id,
-            liquidity=str(fill.liquidity),
-        )
+        if self._audit.wanted():
+            self._audit.record(
+                "fill",
+                fill.ts,
+                pair=fill.pair,
+                side=str(fill.side),
+                price=str(fill.price),
+                qty=str(fill.qty),
+                fee=str(fill.fee),
+                client_order_id=fill.client_order_id,
+                liquidity=str(fill.liquidity),
+            )
         if trade is not None:
             self._notify(TradeClosed(trade))
         elif intent is not None and not intent.reduce_only:
@@ -189,7 +192,7 @@ class ProtectingExecutor(ExecutorCore):
                 pair=pair,
                 order_id=slot.stop,
             )
-        if new is not slot.state:
+        if new is not slot.state and logs_at(logging.INFO):
             log.info(
                 "state_changed",
                 machine="protection",

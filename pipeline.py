@@ -776,17 +776,19 @@ class Engine(QuietSteps, EngineControl):
         # `equity`: the candle's recorded equity; nothing changes the portfolio between
         # its recording and the decision (sends wait for the verdict), so it is reused.
         self.signals += 1
-        self.audit.record(
-            "signal",
-            now,
-            pair=signal.pair,
-            candle_ts=signal.ts,
-            side=str(signal.side),
-            strength=signal.strength,
-            reason=signal.reason,
-            price=signal.price,
-            features=signal.features,
-        )
+        audit = self.audit
+        if audit.wanted():
+            audit.record(
+                "signal",
+                now,
+                pair=signal.pair,
+                candle_ts=signal.ts,
+                side=str(signal.side),
+                strength=signal.strength,
+                reason=signal.reason,
+                price=signal.price,
+                features=signal.features,
+            )
         entering = not signal.exit_only and not self.portfolio.has_position(signal.pair)
         model_veto = self._model_veto(signal) if entering else None
         if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
@@ -806,28 +808,30 @@ class Engine(QuietSteps, EngineControl):
             verdict = self.risk.evaluate(signal, context)
         if isinstance(verdict, Veto):
             self.vetoes += 1
-            self.audit.record(
-                "veto",
-                now,
-                pair=signal.pair,
-                candle_ts=signal.ts,
-                reason=verdict.reason,
-                guard=verdict.guard,
-            )
+            if audit.wanted():
+                audit.record(
+                    "veto",
+                    now,
+                    pair=signal.pair,
+                    candle_ts=signal.ts,
+                    reason=verdict.reason,
+                    guard=verdict.guard,
+                )
             self.decisions[signal.pair] = Decision(
                 signal.pair, now, signal, "veto", veto=verdict, features=signal.features
             )
             return
-        self.audit.record(
-            "risk_approved",
-            now,
-            pair=signal.pair,
-            candle_ts=signal.ts,
-            side=str(verdict.side),
-            qty=str(verdict.qty),
-            client_order_id=verdict.client_order_id,
-            reason=verdict.reason,
-        )
+        if audit.wanted():
+            audit.record(
+                "risk_approved",
+                now,
+                pair=signal.pair,
+                candle_ts=signal.ts,
+                side=str(verdict.side),
+                qty=str(verdict.qty),
+                client_order_id=verdict.client_order_id,
+                reason=verdict.reason,
+            )
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )
@@ -914,7 +918,8 @@ class Engine(QuietSteps, EngineControl):
         old = position.stop_price
         if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
             return
-        self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
+        if self.audit.wanted():
+            self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
         await self.executor.amend_stop(candle.pair, new_stop, candle_ts=candle.ts)
 
     async def on_fill(self, order: Order, fill: Fill) -> None:
@@ -950,7 +955,8 @@ class Engine(QuietSteps, EngineControl):
         reward = self.reward.on_trade_closed(
             trade.strategy or self.strategy.name, trade, equity=equity
         )
-        self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
+        if self.audit.wanted():
+            self.audit.record("trade_closed", now, reward=reward, **trade.as_dict())
         log.info(
             "trade_closed",
             strategy=trade.strategy or self.strategy.name,

@@ -12,6 +12,7 @@ only input; nothing else mutates the portfolio.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -30,6 +31,7 @@ from models import (
     Side,
 )
 from utils.equity_curve import EquityCurve
+from utils.utilities import logs_at
 
 
 log = structlog.get_logger(__name__)
@@ -467,13 +469,14 @@ class Portfolio:
                 )
         else:
             book.mark = fill.price
-        log.info(
-            "position_reduced",
-            pair=fill.pair,
-            qty=str(closing),
-            pnl=round(float(pnl), 8),
-            remaining=str(abs(book.qty)),
-        )
+        if logs_at(logging.INFO):
+            log.info(
+                "position_reduced",
+                pair=fill.pair,
+                qty=str(closing),
+                pnl=round(float(pnl), 8),
+                remaining=str(abs(book.qty)),
+            )
         return trade
 
     def drop_dust(self, pair: str, below: Decimal) -> Decimal:

@@ -62,6 +62,7 @@ Exits are always allowed: a veto never traps a position.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -121,7 +122,7 @@ from risk_guards import as_decimal as _dec
 from risk_guards import correlation_matrix as correlation_matrix
 from risk_guards import kelly_estimate as kelly_estimate
 from risk_state import RiskState
-from utils.utilities import timeframe_to_ms
+from utils.utilities import logs_at, timeframe_to_ms
 
 
 log = structlog.get_logger(__name__)
@@ -534,27 +535,27 @@ class StopManager:
         """Return the stop `position` should now have, or None to leave it (see `RiskManager`)."""
         if position.qty <= 0:
             return None
-        high_d, low_d, close_d = _dec(high), _dec(low), _dec(close)
         long = position.side is PositionSide.LONG
         sign = 1 if long else -1
         current = position.stop_price
         multiple = _setting(self.settings.stop_atr_multiple)
         distance = _dec(atr) * multiple if atr and atr > 0 else None
         track = self._track(position, distance)
-        track.best = max(track.best, high_d) if long else min(track.best, low_d)
+        track.best = max(track.best, _dec(high)) if long else min(track.best, _dec(low))
         candidates = self._stop_candidates(position, track, distance, taker_fee)
-        best_rule, best_stop = _tightest(candidates, close_d, long, tick_size)
+        best_rule, best_stop = _tightest(candidates, _dec(close), long, tick_size)
         if best_stop is None or (current is not None and (best_stop - current) * sign <= 0):
             return None
-        log.info(
-            "stop_moved",
-            pair=position.pair,
-            rule=best_rule,
-            old=str(current) if current is not None else None,
-            new=str(best_stop),
-            best=str(track.best),
-            ts=now,
-        )
+        if logs_at(logging.INFO):  # its fields cost more than the rule (a move per candle)
+            log.info(
+                "stop_moved",
+                pair=position.pair,
+                rule=best_rule,
+                old=str(current) if current is not None else None,
+                new=str(best_stop),
+                best=str(track.best),
+                ts=now,
+            )
         return best_stop
 
     def note_best(self, position: Position | None, high: float, low: float) -> None:

@@ -404,3 +404,29 @@ async def test_a_flatten_on_a_trailing_candle_is_the_same(
     _archive(monkeypatch, tmp_path, [(1200, seed, 4e-3, 0), (1200, seed + 50, 4e-3, 0)])
     results = await _variants(_multi_args())
     assert results["full"]["summary"]["breaker_trips"][-1]["to"] == "flatten"
+
+
+async def test_a_backtest_counts_the_audit_events_a_kept_trail_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backtest's trail only counts; the same run keeping its events records as many."""
+    from utils.utilities import AuditTrail
+
+    monkeypatch.setenv("KESTREL_STRATEGY__NAME", "sma_cross")
+    monkeypatch.setenv("KESTREL_SIMULATION__TAKER_FEE", "0.0001")
+    counts: list[int] = []
+    kinds: set[str] = set()
+    for keep in (False, True):
+        daemon = Daemon(_args("sma_cross"), load_settings(env_file=None))
+        daemon.audit = AuditTrail(None, keep=keep)
+        daemon.build_replay()
+        await daemon.run()
+        counts.append(daemon.audit.count)
+        if keep:
+            assert daemon.audit.events is not None
+            assert len(daemon.audit.events) == daemon.audit.count
+            kinds = {e["kind"] for e in daemon.audit.events}
+    assert counts[0] == counts[1] > 0
+    for kind in ("signal", "risk_approved", "order_submitted", "fill", "stop_moved"):
+        assert kind in kinds
+    assert "trade_closed" in kinds

@@ -399,3 +399,17 @@ def test_progress_bar_on_stderr_leaves_stdout_alone(capsys: pytest.CaptureFixtur
     with progress_bar(stderr=True, transient=True) as bar:
         bar.update(bar.add_task("backtest", total=None), completed=5, total=5)
     assert capsys.readouterr().out == ""
+
+
+def test_a_trail_that_only_counts_counts_what_its_callers_skip_building() -> None:
+    """`wanted` is False on a counting trail and counts the event; a kept trail records it."""
+    counting, keeping = AuditTrail(None), AuditTrail(None, keep=True)
+    for trail in (counting, keeping):
+        for i in range(5):
+            if trail.wanted():
+                trail.record("order", i, n=i)
+        trail.record("fill", 5, n=5)  # recorded directly: counted once as well
+    assert counting.count == keeping.count == 6
+    assert counting.events is None
+    assert keeping.events is not None
+    assert [e["n"] for e in keeping.events] == list(range(6))

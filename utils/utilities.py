@@ -649,6 +649,19 @@ class AuditTrail:
         # Events held back while a burst is decided (`held`), in order.
         self._held: list[tuple[str, int, dict[str, Any]]] | None = None
 
+    def wanted(self) -> bool:
+        """Return True when events are written or kept; else count one and return False.
+
+        A backtest's trail only counts its events. A call site on the order path asks
+        first (`if audit.wanted(): audit.record(...)`) and builds the event's fields (the
+        strings of its Decimals, an intent's fields) only when they are used; the count
+        is the same either way.
+        """
+        if self._queue is not None or self.events is not None:
+            return True
+        self.count += 1
+        return False
+
     def record(self, kind: str, ts: int, **data: Any) -> None:
         """Queue one audit event (`data` is handed over: the caller must not mutate it)."""
         self.count += 1
