@@ -244,7 +244,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
     async with BybitEmulator(lenient_clock=True, balances={"USDT": "10000"}, seed=7) as emu:
         env = {**ENV, "KESTREL_EXCHANGE__BASE_URL": emu.base_url}
         # Lose the answer of about one order request in six, after the exchange acted.
-        emu.fault_paths = ("/v5/order/create", "/v5/order/cancel")
+        emu.fault_paths = ("/v5/order/create", "/v5/order/cancel", "/v5/order/amend")
         emu.fault_rates = {"timeout_after": 0.1, "malformed": 0.06}
 
         moving = asyncio.Event()
@@ -270,6 +270,10 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
         assert kills["random"] + kills["after_lost_answer"] >= KILLS // 2, kills
         lost = sum(r.fault in LOST_ANSWERS for r in emu.requests)
         assert lost >= KILLS // 5, f"only {lost} answers lost: the faults did not bite"
+        # The trailing stop's moves (amends in place) lost answers too.
+        amends = [r for r in emu.requests if r.path == "/v5/order/amend"]
+        lost_amends = sum(r.fault in LOST_ANSWERS for r in amends)
+        assert lost_amends > 0, f"{len(amends)} amends, none lost: the faults did not bite"
         store = TradeStore.open(
             f"sqlite:///{tmp_path / 'data' / 'kestrel.sqlite'}", bot_id="bybit-live"
         )
@@ -324,9 +328,13 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
             for stop in stops:
                 assert stop.side == "Sell"
                 assert stop.qty <= btc, (stop.qty, btc)
+                # The journal holds the trigger the exchange has, whatever answers were lost.
+                journaled = journal[stop.link_id].stop_price
+                assert journaled == stop.trigger_price, (stop.link_id, journaled)
             never_sent = sum(store.journal_state(c) is JournalState.NEVER_SENT for c in journal)
             print(
                 f"crash test: {KILLS} kills {dict(kills)}, {lost} answers lost, "
+                f"{len(amends)} amends ({lost_amends} answers lost), "
                 f"{len(journal)} orders journaled, {len(on_exchange)} on the exchange, "
                 f"{never_sent} never sent, {len(fills)} fills, {counts}, final BTC {btc}"
             )
