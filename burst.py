@@ -17,12 +17,19 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
    stop moves, take-profits and exits), by pair name; then the entry candidates, strongest
    signal first (ties by pair name); then candles with no signal. With a simulated
    exchange in front, each candle is matched just before it is processed, as
-   `SimDriver.on_candle` does. Stop moves and managed take-profits go to the executor
-   as the position's candle is processed (ahead of every entry), except the stop of a
-   position whose candle's signal closes it (its exit takes the stop off);
+   `SimDriver.on_candle` does. Managed take-profits go to the executor as the
+   position's candle is processed (ahead of every entry). A stop move is decided then
+   and made once the orders are out (step 4): each is a request (a REST round trip on
+   the exchange) that the exits and entries need not wait behind, and the stop in place
+   protects meanwhile. An order for the same pair (a take-profit's or a flatten's exit)
+   makes the move first, so each pair's own requests keep the order candles taken one at
+   a time give them. The stop of a position whose candle's signal closes it is not
+   moved (its exit takes the stop off);
 4. sends the approved orders once every candle that can decide has decided, in decision
    order (exits first, then the strongest entries), each through the executor and its
-   fills delivered as one at a time would; then the quiet candles (no position, working
+   fills delivered as one at a time would; then the held pairs' stop moves (moves left
+   by a burst that raised are dropped: the stops in place stay, and the next candles
+   move them); then the quiet candles (no position, working
    order or signal: marks and equity) are processed, and the risk state is saved once,
    off the decisions' path (`saved` waits for it). No decision waits for another order's
    answer, nor for a write to disk, nor for the cyclic garbage collector (held off while
@@ -31,13 +38,15 @@ for every decision and every order acknowledgement before it. `BurstDecider` ins
    work, and a replay's feed would move the replay clock past the candle the orders were
    decided on.
 
-The executor is unchanged: every order still goes through `TradeExecutor.submit`
-(journal before send, the pair's lock, one protective stop per position). Because every
-position's candle is processed before any entry is decided, and entries do not change
-what the next entry is checked against until they fill (the next candle, or with
-`fill_at="close"` once the burst's decisions are taken), a burst's decisions do not
-depend on the order its candles arrived in, and equal those of the same candles fed one
-at a time in the burst's decision order (tests/test_burst.py checks both).
+Every order still goes through `TradeExecutor.submit` (journal before send, the pair's
+lock, one protective stop per position), and every stop move through
+`TradeExecutor.amend_stop`. Because every position's candle is processed before any
+entry is decided, entries do not change what the next entry is checked against until
+they fill (the next candle, or with `fill_at="close"` once the burst's decisions are
+taken), and a stop's level is read only by its own pair's stop rule, a burst's decisions
+do not depend on the order its candles arrived in, and equal those of the same candles
+fed one at a time in the burst's decision order, orders and stop levels included
+(tests/test_burst.py checks both).
 """
 
 from __future__ import annotations
@@ -161,15 +170,23 @@ class BurstDecider:
             try:
                 for at, (candle, received, started) in enumerate(ordered):
                     if at == deciding:
-                        # Every candle that can decide has: send, then the quiet candles.
+                        # Every candle that can decide has: send, move the held pairs'
+                        # stops, then the quiet candles.
                         await self._send(decided)
+                        await engine.executor.flush_stop_moves()
                     engine.timing(received, started)
                     if self.match is not None:
                         await self.match(candle)
                     await engine.process(candle)
+            except BaseException:
+                dropped = engine.executor.drop_stop_moves()
+                if dropped:  # the stops in place stay; the next candles move them
+                    log.warning("burst_stop_moves_dropped", moves=dropped)
+                raise
             finally:
                 engine.sender = None
             await self._send(decided)
+            await engine.executor.flush_stop_moves()
         self._save_soon()  # once per burst, after every decision is out
 
     def _decision_order(

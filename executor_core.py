@@ -386,6 +386,8 @@ class ExecutorCore(_OrderTracking):
         self.orders = OrderIndex()
         self._intents: dict[str, OrderIntent] = {}
         self._protection: dict[str, _Protection] = {}
+        # pair -> (level, candle) of a stop move a burst makes after its orders are sent.
+        self._deferred_moves: dict[str, tuple[Decimal, int | None]] = {}
         # pair -> (client id, sent at) of an entry or exit whose answer was lost.
         self._unresolved: dict[str, tuple[str, int]] = {}
         # Filled quantity applied to the portfolio per order, and per pair the orders whose

@@ -70,6 +70,32 @@ class AmendingExecutor(ProtectingExecutor):
                 )
             return placed
 
+    def defer_stop_move(self, pair: str, stop: Decimal, *, candle_ts: int | None = None) -> None:
+        """Ask for `amend_stop(pair, stop)` to be made later, by `flush_stop_moves`.
+
+        A burst of candles sends its exits and entries first and moves the held pairs'
+        stops after them (each move is a request; the stop in place protects meanwhile).
+        An order for the pair submitted before then makes the move first, so each pair's
+        own requests keep the order that candles taken one at a time give them.
+        """
+        self._deferred_moves[pair] = (stop, candle_ts)
+
+    async def flush_stop_moves(self, pair: str | None = None) -> None:
+        """Make the deferred stop moves of `pair` (None: of every pair, in deferral order)."""
+        if pair is None:
+            moves, self._deferred_moves = self._deferred_moves, {}
+        else:
+            move = self._deferred_moves.pop(pair, None)
+            moves = {} if move is None else {pair: move}
+        for moved, (stop, candle_ts) in moves.items():
+            await self.amend_stop(moved, stop, candle_ts=candle_ts)
+
+    def drop_stop_moves(self) -> int:
+        """Forget the deferred stop moves (a burst that failed); return how many."""
+        dropped = len(self._deferred_moves)
+        self._deferred_moves = {}
+        return dropped
+
     async def _move_in_place(
         self, pair: str, slot: _Protection, working: Order, stop: Decimal
     ) -> Order | None:

@@ -920,6 +920,9 @@ class Engine(QuietSteps, EngineControl):
             return
         if self.audit.wanted():
             self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
+        if self.sender is not None:  # a burst: moved once its orders are sent
+            self.executor.defer_stop_move(candle.pair, new_stop, candle_ts=candle.ts)
+            return
         await self.executor.amend_stop(candle.pair, new_stop, candle_ts=candle.ts)
 
     async def on_fill(self, order: Order, fill: Fill) -> None:

@@ -78,6 +78,8 @@ class TradeExecutor(RecoveringExecutor):
 
     async def submit(self, intent: OrderIntent, *, last_price: Decimal | None = None) -> Order:
         """Validate and send one order; a refusal comes back as a REJECTED order with why."""
+        if intent.pair in self._deferred_moves:  # the pair's stop moves first, as it asked
+            await self.flush_stop_moves(intent.pair)
         async with self._holding(intent.pair):
             return await self._submit(intent, last_price)
 

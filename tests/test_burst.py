@@ -73,8 +73,9 @@ def _record(daemon: Daemon) -> dict[str, Any]:
     orders: dict[str, list[Any]] = {}
     for cid, o in engine.executor.orders.items():
         # Each pair's orders in the order they were sent (pairs send concurrently).
+        levels = (o.price, o.stop_price, o.ts_updated)  # a stop's, moved or not
         orders.setdefault(o.pair, []).append(
-            (cid, str(o.side), o.qty, o.price, str(o.status), o.reduce_only)
+            (cid, str(o.side), o.qty, *levels, str(o.status), o.reduce_only)
         )
     return {
         "orders": orders,
@@ -112,6 +113,7 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
     same orders, positions, trades and equity curve as its candles fed one at a time (through
     the simulated exchange's driver, awaiting each answer) in the piece's decision order."""
     rng = np.random.default_rng(seed)
+    moves: list[str] = []  # stop moves made in the bursts (after their orders were sent)
 
     async def run() -> tuple[dict[str, Any], dict[str, Any], int]:
         together, alone = _daemon(), _daemon()
@@ -119,6 +121,15 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
         assert together.driver is not None
         assert alone.driver is not None
         decider = BurstDecider(together.engine, together.driver.match)
+        executor, amend = together.engine.executor, together.engine.executor.amend_stop
+
+        async def counted(pair: str, stop: Any, **kwargs: Any) -> Any:
+            moved = await amend(pair, stop, **kwargs)
+            if moved is not None and moved.stop_price == stop:
+                moves.append(pair)  # a stop that took the new level
+            return moved
+
+        executor.amend_stop = counted  # type: ignore[method-assign]
         for burst in _bursts(together):
             arrived = [burst[i] for i in rng.permutation(len(burst))]
             cut = int(rng.integers(1, cut_every)) if rng.random() < 0.5 else len(arrived)
@@ -138,6 +149,7 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
     assert bursts >= BURSTS
     assert len(together["anomalies"]) >= 3  # pauses were taken on the way
     assert sum(map(len, together["orders"].values())) > 10  # entries, stops, exits
+    assert moves  # trailing stops moved: their levels are compared too
     assert together == alone
 
 

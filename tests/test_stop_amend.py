@@ -152,6 +152,49 @@ async def test_a_trailing_move_amends_the_simulated_stop_and_the_next_bar_uses_i
     assert await _sim_stops(sim) == []
 
 
+async def test_a_deferred_move_is_made_before_the_pairs_next_order_and_never_after_it() -> None:
+    """A burst defers its stop moves: the pair's exit makes the move first (then takes the
+    stop off), so no stop is left or placed behind the exit; a flush makes the others."""
+    executor, sim, _ = await _sim_long()
+    (stop,) = await _sim_stops(sim)
+
+    executor.defer_stop_move(PAIR, D("97.5"), candle_ts=START)
+    assert [o.stop_price for o in await _sim_stops(sim)] == [D(95)]  # not made yet
+
+    exit_ = OrderIntent(
+        PAIR, Side.SELL, D(1), OrderType.MARKET, with_attempt("x", 0), "exit", reduce_only=True
+    )
+    await executor.submit(exit_, last_price=D(100))
+    await executor.deliver_fills(PAIR)
+
+    # The move was made (the stop order carries the new level), then the exit took it off.
+    cancelled = sim.orders()[[o.client_order_id for o in sim.orders()].index(stop.client_order_id)]
+    assert (cancelled.stop_price, cancelled.status) == (D("97.5"), OrderStatus.CANCELLED)
+    assert await _sim_stops(sim) == []
+    assert executor.portfolio.position(PAIR) is None
+    await executor.flush_stop_moves()  # nothing left to make: no stop placed after the exit
+    assert await _sim_stops(sim) == []
+    assert len(sim.orders()) == 3  # entry, its one stop, the exit
+
+
+async def test_deferred_moves_wait_for_the_flush() -> None:
+    """A deferred move is made by the flush, once; a dropped one is not made at all."""
+    executor, sim, _ = await _sim_long()
+    (stop,) = await _sim_stops(sim)
+    executor.defer_stop_move(PAIR, D(96), candle_ts=START)
+    executor.defer_stop_move(PAIR, D("96.5"), candle_ts=START)  # the later move replaces it
+    assert [o.stop_price for o in await _sim_stops(sim)] == [D(95)]
+    await executor.flush_stop_moves()
+    assert [(o.client_order_id, o.stop_price) for o in await _sim_stops(sim)] == [
+        (stop.client_order_id, D("96.5"))
+    ]
+    assert _recorded_stop(executor) == D("96.5")
+    executor.defer_stop_move(PAIR, D(97), candle_ts=START + MINUTE_MS)
+    assert executor.drop_stop_moves() == 1
+    await executor.flush_stop_moves()
+    assert [o.stop_price for o in await _sim_stops(sim)] == [D("96.5")]
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
