@@ -23,9 +23,11 @@ anomaly pass, the signal and the ATR; the decision ~28, of which the risk contex
 the verdict ~17; the send to the matching engine ~26-28), measured on 40-minute runs. The
 costliest burst is one that delivers the fills of the last burst's entries (each fill
 places its stop) and then decides exits on the same pairs (each exit takes its stop off
-first): ~115-120 us per order in the 50-pair harness, so a run whose random walk has one
-sets its p99. A position whose candle's signal closes it sends its exit without moving its
-stop first. Peers, in the
+first): ~100 us per order in the 50-pair harness, so a run whose random walk has one
+sets its p99 (in the runs of 2026-12-03 the slowest bursts were 46-48 exits, ~4.3-4.9 ms
+for the last). A position whose candle's signal closes it sends its exit without moving
+its stop first; the other held pairs' stop moves are made after the burst's orders are
+sent. The row's note names each run's slowest burst and what it sent. Peers, in the
 same run: the same stream taken one candle at a time (the loop before bursts: each
 candle's decision and order answer awaited in turn), and the same pipeline fed by the
 replay (no sockets, no queueing).
