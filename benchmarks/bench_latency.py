@@ -44,6 +44,7 @@ import itertools
 import os
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BASES = [f"K{i:02d}" for i in range(46)]  # + BTC, ETH, SOL, XRP = 50 spot pairs
+# A burst's slowest order (ms), its orders, what it sent, its wall and CPU time (ms).
+Burst = tuple[float, int, Counter[str], float, float]
 
 
 def _args(mode: str) -> argparse.Namespace:
@@ -116,7 +119,7 @@ def _one_at_a_time(daemon_class: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _slowest_burst(out: list[tuple[float, int, Counter[str]]]) -> Iterator[None]:
+def _slowest_burst(out: list[Burst]) -> Iterator[None]:
     """Record each burst's slowest order and what the burst sent (in `out`).
 
     Read after the burst (its orders' count before it is all it takes ahead), so the
@@ -131,7 +134,9 @@ def _slowest_burst(out: list[tuple[float, int, Counter[str]]]) -> Iterator[None]
     async def on_burst(self: BurstDecider, items: Any) -> None:
         engine = self.engine
         latencies, orders = len(engine.decision_latency_ms), len(engine.executor.orders)
+        wall, cpu = time.perf_counter(), time.thread_time()
         await original(self, items)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
         new = list(engine.decision_latency_ms)[latencies:]
         if new:
             sent = Counter(
@@ -140,7 +145,7 @@ def _slowest_burst(out: list[tuple[float, int, Counter[str]]]) -> Iterator[None]
                 else ("exits" if o.reduce_only else "entries")
                 for o in itertools.islice(engine.executor.orders.values(), orders, None)
             )
-            out.append((max(new), len(new), sent))
+            out.append((max(new), len(new), sent, wall * 1000, cpu * 1000))
 
     BurstDecider.on_burst = on_burst  # type: ignore[method-assign]
     try:
@@ -149,14 +154,16 @@ def _slowest_burst(out: list[tuple[float, int, Counter[str]]]) -> Iterator[None]
         BurstDecider.on_burst = original  # type: ignore[method-assign]
 
 
-def _describe(burst: tuple[float, int, Counter[str]]) -> str:
-    worst, orders, sent = burst
+def _describe(burst: Burst) -> str:
+    worst, orders, sent, wall, cpu = burst
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(sent.items()))
-    return f"{worst:.1f} ms over {orders} orders ({parts})"
+    # The burst's own CPU time against its wall time: well below it, the host took the
+    # CPU away (or the loop waited) while the burst was decided.
+    return f"{worst:.1f} ms over {orders} orders ({parts}; burst {wall:.1f} ms, CPU {cpu:.1f})"
 
 
 async def _live(
-    minutes: int, bursts: bool = True, log: list[tuple[float, int, Counter[str]]] | None = None
+    minutes: int, bursts: bool = True, log: list[Burst] | None = None
 ) -> tuple[list[float], list[float]]:
     from config import load_settings
     from runner import Daemon
@@ -250,7 +257,7 @@ def run() -> list[dict[str, Any]]:
         try:
             for _ in range(3):
                 for bursts in (True, False):
-                    log: list[tuple[float, int, Counter[str]]] = []
+                    log: list[Burst] = []
                     runs[bursts].append(asyncio.run(_live(minutes, bursts, log)))
                     if bursts and log:
                         slowest.append(_describe(max(log, key=lambda b: b[0])))
