@@ -72,7 +72,10 @@ async def test_backfill_resumes_with_new_candles_only(
     await emu.advance(minutes=7)
     await ex.check_clock_offset()  # the market moved on: resynchronise like against Bybit
     kline_calls = len(emu.requests_to("/v5/market/kline"))
-    later = emu.clock.now_ms()
+    # Seven minutes after the first run, not the emulator's wall-driven clock: that one may
+    # have crossed another minute boundary by now, which would close an eighth candle.
+    later = now + 7 * MINUTE_MS
+    assert later <= emu.clock.now_ms()
     report = await backfill(
         ex, tmp_path, ["BTC/USDT"], "1m", since, progress=False, clock=FixedClock(later)
     )
