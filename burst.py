@@ -170,22 +170,25 @@ class BurstDecider:
             try:
                 for at, (candle, received, started) in enumerate(ordered):
                     if at == deciding:
-                        # Every candle that can decide has: send, move the held pairs'
-                        # stops, then the quiet candles.
+                        # Every candle that can decide has: send, place the new positions'
+                        # stops and move the held pairs', then the quiet candles.
                         await self._send(decided)
+                        await engine.executor.flush_stops()
                         await engine.executor.flush_stop_moves()
                     engine.timing(received, started)
                     if self.match is not None:
                         await self.match(candle)
                     await engine.process(candle)
             except BaseException:
+                engine.sender = None
                 dropped = engine.executor.drop_stop_moves()
                 if dropped:  # the stops in place stay; the next candles move them
                     log.warning("burst_stop_moves_dropped", moves=dropped)
+                await engine.executor.flush_stops()  # new positions' stops: never dropped
                 raise
-            finally:
-                engine.sender = None
+            engine.sender = None
             await self._send(decided)
+            await engine.executor.flush_stops()
             await engine.executor.flush_stop_moves()
         self._save_soon()  # once per burst, after every decision is out
 

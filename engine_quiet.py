@@ -102,6 +102,15 @@ class QuietSteps:
         """Return True when a position is open on `pair` (its exits are signals too)."""
         return self.portfolio.has_position(pair)
 
+    def defer_stops(self, on: bool) -> None:
+        """Let the fills delivered with a candle's match leave their stops to its end.
+
+        Set by the simulated venue's driver around the fills of the candle the engine
+        processes next (`executor.flush_stops`, made at the end of `process`): an exit that
+        candle decides then sends no stop that it would take off at once.
+        """
+        self.executor.defer_stops = on
+
     def on_quiet_candle(self, candle: Candle) -> bool:
         """Apply an admitted candle on which nothing but marks, equity and breakers can move.
 

@@ -240,6 +240,10 @@ class _Protection:
     # letting go (the fill's stream never waits for the pair, so later pieces still land).
     due: tuple[OrderIntent, Decimal | None] | None = None
     clear_due: bool = False
+    # (level, last price) of an entry's stop not placed yet: a paper fill delivered with its
+    # candle's match (`ProtectingExecutor.defer_stops`); placed once anything holds the pair
+    # or the candle is done, and never placed if an exit takes protection off first.
+    pending: tuple[Decimal, Decimal | None] | None = None
 
 
 class _OrderTracking:
@@ -388,6 +392,9 @@ class ExecutorCore(_OrderTracking):
         self._protection: dict[str, _Protection] = {}
         # pair -> (level, candle) of a stop move a burst makes after its orders are sent.
         self._deferred_moves: dict[str, tuple[Decimal, int | None]] = {}
+        # The pairs whose entry stop waits to be placed (`_Protection.pending`), in order.
+        self.pending_stops: dict[str, None] = {}
+        self.defer_stops = False  # see `ProtectingExecutor.flush_stops`
         # pair -> (client id, sent at) of an entry or exit whose answer was lost.
         self._unresolved: dict[str, tuple[str, int]] = {}
         # Filled quantity applied to the portfolio per order, and per pair the orders whose

@@ -65,16 +65,26 @@ class _Hold:
     A plain class: the order path enters one per fill and per stop move.
     """
 
-    __slots__ = ("_executor", "_pair", "_slot")
+    __slots__ = ("_executor", "_pair", "_slot", "keep_pending")
 
-    def __init__(self, executor: ProtectingExecutor, pair: str, slot: _Protection) -> None:
+    def __init__(
+        self, executor: ProtectingExecutor, pair: str, slot: _Protection, keep_pending: bool
+    ) -> None:
         self._executor = executor
         self._pair = pair
         self._slot = slot
+        self.keep_pending = keep_pending
 
     async def __aenter__(self) -> _Protection:
-        await self._slot.lock.acquire()
-        return self._slot
+        slot = self._slot
+        await slot.lock.acquire()
+        if slot.pending is not None and not self.keep_pending:
+            try:  # whatever holds the pair sees the stop placed
+                await self._executor._place_pending(self._pair, slot)
+            except BaseException:
+                slot.lock.release()
+                raise
+        return slot
 
     async def __aexit__(self, *exc_info: object) -> None:
         slot = self._slot
@@ -154,9 +164,43 @@ class ProtectingExecutor(ExecutorCore):
         async with self._holding(pair):
             await self._follow_entry(intent, fill.price)
 
-    def _holding(self, pair: str) -> _Hold:
-        """Hold `pair` (its lock); before letting go, do the protection fills asked for."""
-        return _Hold(self, pair, self._slot(pair))
+    def _holding(self, pair: str, *, keep_pending: bool = False) -> _Hold:
+        """Hold `pair` (its lock); before letting go, do the protection fills asked for.
+
+        Entering places the pair's pending stop first, unless `keep_pending` (an order's
+        submit: an exit takes it off unplaced, `_clear_protection`).
+        """
+        return _Hold(self, pair, self._slot(pair), keep_pending)
+
+    async def flush_stops(self) -> None:
+        """Place the entry stops deferred by `defer_stops`, in the order their fills came.
+
+        While `defer_stops` is set (a paper venue delivering a candle's fills, which the
+        candle's decision follows at once), an entry's fill sets its position's stop level
+        but leaves the order to this call, made when the candle (or a burst's orders) is
+        done. An exit decided on the same candle takes the position's protection off before
+        it is sent: the stop it would place and cancel at the same instant is never sent.
+        Anything else that holds the pair (a stop move, a later piece, a reconciliation)
+        places it first. The position is protected from the candle's end either way.
+        """
+        while self.pending_stops:
+            pair = next(iter(self.pending_stops))
+            async with self._holding(pair):  # entering places it
+                pass
+            self.pending_stops.pop(pair, None)
+
+    async def _place_pending(self, pair: str, slot: _Protection) -> None:
+        # Under the pair's lock: place the stop its entry's fill left pending.
+        assert slot.pending is not None
+        level, price = slot.pending
+        self._forget_pending(pair, slot)
+        held = self.portfolio.has_position(pair)
+        if held and slot.state is StopState.NONE and slot.base is not None:
+            await self._place_stop(pair, slot, level, seq=0, price=price)
+
+    def _forget_pending(self, pair: str, slot: _Protection) -> None:
+        slot.pending = None
+        self.pending_stops.pop(pair, None)
 
     async def _after_hold(self, pair: str, slot: _Protection) -> None:
         """Do the protection fills asked for while `pair` was held (still holding it)."""
@@ -226,9 +270,17 @@ class ProtectingExecutor(ExecutorCore):
             return
         slot.base = entry.client_order_id
         self.portfolio.set_protection(pair, stop=entry.stop_loss, take_profit=entry.take_profit)
+        take_profit_order = (
+            entry.take_profit is not None and self._market_for(pair).type is not MarketType.SPOT
+        )
         if entry.stop_loss is not None:
+            if self.defer_stops and not take_profit_order:
+                slot.pending = (entry.stop_loss, price)  # placed by `flush_stops`
+                self.pending_stops[pair] = None
+                return
             await self._place_stop(pair, slot, entry.stop_loss, seq=0, price=price)
-        if entry.take_profit is not None and self._market_for(pair).type is not MarketType.SPOT:
+        if take_profit_order:
+            assert entry.take_profit is not None
             # Spot has no reduce-only: a resting take-profit sell would lock the same coins
             # as the stop, and Bybit refuses the second order. There the take-profit is
             # managed by the engine (`managed_take_profit`) and exits at market.
@@ -294,6 +346,8 @@ class ProtectingExecutor(ExecutorCore):
     ) -> Order | None:
         assert slot.base is not None
         assert slot.state is StopState.NONE
+        if slot.pending is not None:
+            self._forget_pending(pair, slot)  # this stop is the position's one
         intent = self._protective_intent(
             pair, OrderType.STOP_MARKET, level, protective_id(slot.base, kind, seq)
         )
@@ -319,6 +373,8 @@ class ProtectingExecutor(ExecutorCore):
 
     async def _clear_protection(self, pair: str, slot: _Protection) -> bool:
         """Take every protective order of `pair` off; False if a stop may still be working."""
+        if slot.pending is not None:
+            self._forget_pending(pair, slot)  # never placed: nothing to take off
         for cid in slot.others:
             order = self.orders.get(cid)
             if order is not None and not order.status.is_terminal:

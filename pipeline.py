@@ -674,6 +674,14 @@ class Engine(QuietSteps, EngineControl):
 
     async def process(self, candle: Candle) -> None:
         """Run an admitted candle through marks, stops, equity, risk and the decision."""
+        try:
+            await self._process(candle)
+        finally:
+            # The entry stops its match's fills left pending (a burst: after its orders).
+            if self.executor.pending_stops and self.sender is None:
+                await self.executor.flush_stops()
+
+    async def _process(self, candle: Candle) -> None:
         pair = candle.pair
         portfolio = self.portfolio
         if portfolio.has_position(pair):

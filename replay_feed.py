@@ -23,7 +23,7 @@ import structlog
 
 from error_handler import ConfigError
 from matching_engine import SimulatedExchange, stop_reached
-from models import Candle, Order
+from models import Candle, Fill, Order
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -250,6 +250,10 @@ class CandleSteps(Protocol):
         """Run an admitted candle through the rest of the pipeline."""
         ...
 
+    def defer_stops(self, on: bool) -> None:
+        """While on, a delivered fill's stop waits for the end of the candle's processing."""
+        ...
+
     def on_quiet_candle(self, candle: Candle) -> bool:
         """Apply an admitted quiet candle; True when the breakers ask to flatten."""
         ...
@@ -362,6 +366,16 @@ class SimDriver:
         self.stretches = 0  # quiet stretches applied in one call (`run`)
         self.trailed = 0  # held pairs' candles that only moved the stop (`_held_stretch`)
 
+    async def _deliver(self, fills: list[tuple[Order, Fill]]) -> None:
+        # A candle's fills, which its processing follows at once: their stops are placed
+        # at the candle's end, and not at all if the candle exits (`Engine.defer_stops`).
+        defer = self.engine.defer_stops
+        defer(True)
+        try:
+            await self.sim.deliver(fills)
+        finally:
+            defer(False)
+
     def enable_quiet_path(self, signals: QuietSignals) -> None:
         """Let a backtest skip the full pipeline on candles where nothing can happen.
 
@@ -398,7 +412,7 @@ class SimDriver:
         if self._admit(candle, received):
             fills = self._match(candle)  # `sim.match`, without a coroutine when none fill
             if fills or self.sim.has_updates:
-                await self.sim.deliver(fills)
+                await self._deliver(fills)
             await self._process(candle)
 
     async def _unsignalled(self, candle: Candle) -> bool:
@@ -410,7 +424,7 @@ class SimDriver:
             return False
         fills = self._match(candle)
         if fills or self.sim.has_updates:
-            await self.sim.deliver(fills)
+            await self._deliver(fills)
             await self._process(candle)
             return False
         return await self.engine.on_unsignalled(candle)
@@ -430,7 +444,7 @@ class SimDriver:
         """
         fills = self._match(candle)
         if fills or self.sim.has_updates:
-            await self.sim.deliver(fills)
+            await self._deliver(fills)
 
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
         """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.

@@ -80,7 +80,9 @@ class TradeExecutor(RecoveringExecutor):
         """Validate and send one order; a refusal comes back as a REJECTED order with why."""
         if intent.pair in self._deferred_moves:  # the pair's stop moves first, as it asked
             await self.flush_stop_moves(intent.pair)
-        async with self._holding(intent.pair):
+        # A stop pending on the pair stays so: an exit takes it off unplaced, and the end
+        # of the candle places it otherwise (`flush_stops`).
+        async with self._holding(intent.pair, keep_pending=True):
             return await self._submit(intent, last_price)
 
     async def deliver_fills(self, pair: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from hypothesis import strategies as st
 import main
 from burst import BurstDecider, split_runs
 from config import load_settings
-from models import Candle
+from models import Candle, OrderType
 from runner import Daemon
 from tests.test_backtest_support import cli_args
+from trade_executor import StopState
 
 
 PAIRS = ["BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT"]
@@ -94,6 +96,30 @@ def _record(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+def _assert_protected(daemon: Daemon) -> None:
+    """Each position with a stop level has one working stop on the venue; none is pending."""
+    engine = daemon.engine
+    assert engine is not None
+    executor = engine.executor
+    assert not executor.pending_stops
+    for pair, position in engine.portfolio.positions().items():
+        orders = [o for o in executor.open_orders() if o.pair == pair]
+        working = [o for o in orders if o.type is OrderType.STOP_MARKET]
+        exiting = any(o.type is OrderType.MARKET for o in orders)  # took the stop off
+        if position.stop_price is not None and not exiting:
+            assert len(working) == 1, pair  # at the level rounded to the tick
+            assert executor.protective_stop(pair)[0] is StopState.WORKING
+
+
+def _exits_without_stop(record: dict[str, Any]) -> int:
+    """Count the entries whose next order is their exit: decided on the fill's candle."""
+    count = 0
+    for orders in record["orders"].values():
+        for entry, after in itertools.pairwise(orders):
+            count += not entry[-1] and after[-1] and after[4] is None  # no stop level
+    return count
+
+
 def _close(daemon: Daemon, burst: list[Candle]) -> None:
     # The replay clock stands at the burst's close, as the feed would set it.
     assert daemon.replay is not None
@@ -139,10 +165,12 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
                 _close(together, burst)
                 _close(alone, burst)
                 await decider.on_burst([(c, None) for c in piece])
+                _assert_protected(together)
                 by_pair = {c.pair: c for c in piece}
                 assert sorted(decider.last_order) == sorted(by_pair)
                 for pair in decider.last_order:
                     await alone.driver.on_candle(by_pair[pair])
+                    _assert_protected(alone)
         return _record(together), _record(alone), decider.bursts
 
     together, alone, bursts = asyncio.run(run())
@@ -150,6 +178,7 @@ def test_a_burst_decided_together_equals_candles_one_at_a_time(
     assert len(together["anomalies"]) >= 3  # pauses were taken on the way
     assert sum(map(len, together["orders"].values())) > 10  # entries, stops, exits
     assert moves  # trailing stops moved: their levels are compared too
+    assert _exits_without_stop(together) > 0  # the stops these never sent agree too
     assert together == alone
 
 
