@@ -134,6 +134,7 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
     async def on_burst(self: BurstDecider, items: Any) -> None:
         engine = self.engine
         latencies, orders = len(engine.decision_latency_ms), len(engine.executor.orders)
+        fills, closed = len(engine.executor._fill_ids), len(engine.portfolio.closed)
         wall, cpu = time.perf_counter(), time.thread_time()
         await original(self, items)
         wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
@@ -145,6 +146,12 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
                 else ("exits" if o.reduce_only else "entries")
                 for o in itertools.islice(engine.executor.orders.values(), orders, None)
             )
+            # The fills its matches delivered: an exit's closes a trade, an entry's opens.
+            sent["trades closed by fills"] = len(engine.portfolio.closed) - closed
+            sent["entries filled"] = (
+                len(engine.executor._fill_ids) - fills - sent["trades closed by fills"]
+            )
+            sent = +sent  # without the zero counts
             out.append((max(new), len(new), sent, wall * 1000, cpu * 1000))
 
     BurstDecider.on_burst = on_burst  # type: ignore[method-assign]
