@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
@@ -60,19 +60,39 @@ class OrderIndex(dict[str, Order]):
 
     A run's order history only grows, but the orders still working are few: `working`
     answers "what is open" without scanning the history (which made a long backtest
-    quadratic in its number of orders).
+    quadratic in its number of orders), and `working_of` what is open on one pair without
+    scanning the others (an exit asks it: with a stop working per position, a burst of
+    exits was quadratic in the positions held).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.working: dict[str, Order] = {}
+        self._by_pair: dict[str, dict[str, Order]] = {}
+
+    def working_of(self, pair: str) -> Iterable[Order]:
+        """Return `pair`'s orders not yet terminal."""
+        orders = self._by_pair.get(pair)
+        return orders.values() if orders else ()
 
     def __setitem__(self, key: str, order: Order) -> None:
         dict.__setitem__(self, key, order)
         if order.status.is_terminal:
-            self.working.pop(key, None)
+            self._forget(key)
         else:
             self.working[key] = order
+            by_pair = self._by_pair.get(order.pair)
+            if by_pair is None:
+                by_pair = self._by_pair[order.pair] = {}
+            by_pair[key] = order
+
+    def _forget(self, key: str) -> None:
+        order = self.working.pop(key, None)
+        if order is not None:
+            by_pair = self._by_pair[order.pair]
+            del by_pair[key]
+            if not by_pair:
+                del self._by_pair[order.pair]
 
     def setdefault(self, key: str, default: Order) -> Order:
         """Insert `default` under `key` unless it is there; return what is stored."""
@@ -83,17 +103,18 @@ class OrderIndex(dict[str, Order]):
 
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
-        self.working.pop(key, None)
+        self._forget(key)
 
     def pop(self, key: str, *default: Any) -> Any:
         """Remove `key` and return its order (or `default`)."""
-        self.working.pop(key, None)
+        self._forget(key)
         return super().pop(key, *default)
 
     def clear(self) -> None:
         """Forget every order."""
         super().clear()
         self.working.clear()
+        self._by_pair.clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Add orders from a mapping or pairs, indexing each."""
@@ -647,9 +668,7 @@ class ExecutorCore(_OrderTracking):
     def working_entries(self, pair: str) -> list[Order]:
         """Return `pair`'s entry orders that may still fill (by our record of each)."""
         out = []
-        for order in self.orders.working.values():
-            if order.pair != pair:
-                continue
+        for order in self.orders.working_of(pair):
             # Spot orders come back without a reduce-only flag: our record says what each is.
             intent = self._intents.get(order.client_order_id)
             if intent is not None:
@@ -682,9 +701,9 @@ class ExecutorCore(_OrderTracking):
             intent = await self._off(self._store.get_intent, client_order_id)
         return None if intent is None else purpose_of(intent)
 
-    def open_orders(self) -> list[Order]:
-        """Return orders not yet in a terminal state."""
-        return list(self.orders.working.values())
+    def open_orders(self, pair: str | None = None) -> list[Order]:
+        """Return orders not yet in a terminal state (of `pair` only, if given)."""
+        return list(self.orders.working.values() if pair is None else self.orders.working_of(pair))
 
 
 _LOOKUP_PAUSE_S = 0.5

@@ -553,8 +553,7 @@ class EngineControl(EngineState):
         if position is None:
             return None
         if any(
-            o.pair == pair and o.reduce_only and o.type is OrderType.MARKET
-            for o in self.executor.open_orders()
+            o.reduce_only and o.type is OrderType.MARKET for o in self.executor.open_orders(pair)
         ):
             return None  # an exit is already working
         now = self.clock.now_ms()

@@ -11,8 +11,12 @@ from executor_core import OrderIndex
 from models import Order, OrderStatus, OrderType, Side
 
 
+PAIRS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+
+
 def _order(cid: str, status: OrderStatus) -> Order:
-    return Order(cid, "BTC/USDT", Side.BUY, OrderType.LIMIT, Decimal(1), status, 0, 0)
+    pair = PAIRS[int(cid[1:]) % len(PAIRS)]  # an order keeps its pair
+    return Order(cid, pair, Side.BUY, OrderType.LIMIT, Decimal(1), status, 0, 0)
 
 
 _ids = st.sampled_from([f"k{i}" for i in range(6)])
@@ -30,7 +34,8 @@ _ops = st.lists(
 def test_working_orders_are_exactly_the_non_terminal_ones(
     ops: list[tuple[str, str, OrderStatus]],
 ) -> None:
-    """After any mix of writes and removals, `working` equals a scan of every order."""
+    """After any mix of writes and removals, `working` equals a scan of every order, and
+    `working_of` a scan of one pair's."""
     index, model = OrderIndex(), {}
     for op, cid, status in ops:
         order = _order(cid, status)
@@ -51,4 +56,8 @@ def test_working_orders_are_exactly_the_non_terminal_ones(
             index.clear()
             model.clear()
     assert dict(index) == model
-    assert index.working == {k: o for k, o in model.items() if not o.status.is_terminal}
+    working = {k: o for k, o in model.items() if not o.status.is_terminal}
+    assert index.working == working
+    for pair in PAIRS:
+        of_pair = {o.client_order_id: o for o in index.working_of(pair)}
+        assert of_pair == {k: o for k, o in working.items() if o.pair == pair}
