@@ -20,14 +20,17 @@ work of the pipeline itself (thread CPU time equals wall time; no socket read, G
 collection or disk write inside it): a burst of 48 entries ~4.7-5.1 ms with timers on
 (~95 us per order: ahead of the decisions, ~18 us per candle for the indicators' pass, the
 anomaly pass, the signal and the ATR; the decision ~28, of which the risk context ~7 and
-the verdict ~17; the send to the matching engine ~26-28), measured on 40-minute runs. The
-costliest burst is one that delivers the fills of the last burst's entries (each fill
-places its stop) and then decides exits on the same pairs (each exit takes its stop off
-first): ~100 us per order in the 50-pair harness, so a run whose random walk has one
-sets its p99 (in the runs of 2026-12-03 the slowest bursts were 46-48 exits, ~4.3-4.9 ms
-for the last). A position whose candle's signal closes it sends its exit without moving
+the verdict ~17; the send to the matching engine ~26-28), measured on 40-minute runs. A
+burst that delivers the fills of the last burst's entries and then exits the same pairs
+no longer places each stop only for its exit to take it off: a fill's stop waits for the
+end of its candle (after the burst's sends), and an exit on that candle drops it unsent
+(in the 50-pair harness such a burst went from ~185 to ~130 us per order, the cost of a
+plain exit). A position whose candle's signal closes it sends its exit without moving
 its stop first; the other held pairs' stop moves are made after the burst's orders are
-sent. The row's note names each run's slowest burst and what it sent. Peers, in the
+sent. The slowest bursts are now the largest ones, 45-48 exits or entries over as many
+pairs, and their CPU time for the same count varies by up to 1.6x within one run (the
+host). The row's note names each run's slowest burst, what it sent and the fills its
+matches delivered. Peers, in the
 same run: the same stream taken one candle at a time (the loop before bursts: each
 candle's decision and order answer awaited in turn), and the same pipeline fed by the
 replay (no sockets, no queueing).

@@ -860,22 +860,34 @@ class BybitEmulator:
         }
         return await self._publish(category, topic, frame)
 
+    async def _send(self, conn: _WsConn, text: str) -> bool:
+        # A client that died (a killed daemon) leaves a closing socket: a push to it is
+        # dropped with the socket, as the exchange's server does, never raised into the
+        # matching or the clock that made the push (nothing would move any more).
+        try:
+            await conn.ws.send_str(text)
+        except ConnectionError:
+            self._conns.discard(conn)
+            return False
+        return True
+
     async def push_raw(self, kind: str, topic: str, text: str) -> int:
         """Send a pre-encoded frame to every `kind` socket subscribed to `topic`."""
         sent = 0
         for conn in list(self._conns):
             if conn.kind == kind and topic in conn.topics and not conn.ws.closed:
-                await conn.ws.send_str(text)
-                sent += 1
+                sent += await self._send(conn, text)
         return sent
 
     async def push_burst(self, kind: str, topic: str, frames: list[dict[str, Any]]) -> int:
         """Send `frames` back to back, so they reach the client in one read."""
         texts = [json.dumps(f, separators=(",", ":")) for f in frames]
         conns = [c for c in self._conns if c.kind == kind and topic in c.topics and not c.ws.closed]
+        sent = 0
         for conn in conns:
-            await asyncio.gather(*(conn.ws.send_str(t) for t in texts))
-        return len(conns)
+            delivered = await asyncio.gather(*(self._send(conn, t) for t in texts))
+            sent += all(delivered)
+        return sent
 
     async def push_position(self, symbol: str) -> int:
         """Push the position of linear `symbol` on the private stream."""
@@ -911,8 +923,7 @@ class BybitEmulator:
                 and topic in conn.topics
                 and not conn.ws.closed
             ):
-                await conn.ws.send_str(text)
-                sent += 1
+                sent += await self._send(conn, text)
         return sent
 
     # -- Time and matching ---------------------------------------------------------------------

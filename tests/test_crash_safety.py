@@ -189,19 +189,18 @@ def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
 
 
 def _bitten(emu: BybitEmulator) -> bool:
-    # Enough answers lost (some of them amends') and enough orders for the checks to prove
-    # something: what the test asserts after the kills.
+    # Enough answers lost, some of them amends': what the test asserts after the kills.
     lost = [r for r in emu.requests if r.fault in LOST_ANSWERS]
     amends = any(r.path == "/v5/order/amend" for r in lost)
-    return len(lost) >= KILLS // 5 and amends and len(emu.orders_by_link_id()) >= KILLS
+    return len(lost) >= KILLS // 5 and amends
 
 
 async def _kill_many(emu: BybitEmulator, env: dict[str, str], rng: random.Random) -> Counter[str]:
     """Start and SIGKILL the daemon KILLS times; return where the kills landed.
 
     A slow host trades less in each life, so fewer order answers are lost: the lives go on
-    (up to twice as many) until the faults have bitten (KILLS / 5 answers lost) and the
-    exchange holds KILLS orders (each one the journal must hold).
+    (up to twice as many) until the faults have bitten (KILLS / 5 answers lost, some of
+    them amends').
     """
     kills: Counter[str] = Counter()
     for n in range(2 * KILLS):
@@ -265,11 +264,18 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
         moving = asyncio.Event()
         moving.set()
 
+        market_errors: list[BaseException] = []
+
         async def market() -> None:
+            # The market must keep moving whatever happens: a failure is kept and asserted
+            # on, never allowed to end the ticker silently (no candle would close again).
             while True:
                 await asyncio.sleep(0.25)
                 if moving.is_set():
-                    await emu.advance(minutes=1)
+                    try:
+                        await emu.advance(minutes=1)
+                    except Exception as e:
+                        market_errors.append(e)
 
         ticker = asyncio.create_task(market())
         summary_path = tmp_path / "final.json"
@@ -282,6 +288,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
         finally:
             ticker.cancel()
 
+        assert not market_errors, market_errors
         assert kills["random"] + kills["after_lost_answer"] >= KILLS // 2, kills
         lost = sum(r.fault in LOST_ANSWERS for r in emu.requests)
         assert lost >= KILLS // 5, f"only {lost} answers lost: the faults did not bite"
