@@ -13,12 +13,10 @@ from decimal import Decimal
 
 from error_handler import OrderRejected
 from executor_core import protective_id
-from matching_engine import SimulatedExchange, sim_market
-from models import Candle, Fill, Order, OrderIntent, OrderStatus, OrderType, Side, with_attempt
-from portfolio import Portfolio
-from tests.test_stop_amend import LossyVenue
+from matching_engine import SimulatedExchange
+from models import Candle, Order, OrderIntent, OrderStatus, OrderType, Side, with_attempt
+from tests.test_stop_amend import LossyVenue, sim_entered
 from trade_executor import StopState, TradeExecutor
-from utils.utilities import AuditTrail, ReplayClock
 
 
 D = Decimal
@@ -46,28 +44,8 @@ def _candle(ts: int, low: float = 99.0) -> Candle:
 
 async def _filled_on_a_candle() -> tuple[TradeExecutor, SimulatedExchange, RefusingVenue]:
     """Return an executor whose long (stop 95) filled in a candle's match, stop deferred."""
-    clock = ReplayClock(START)
-    sim = SimulatedExchange(clock=clock, maker_fee=0, taker_fee=0)  # fills at the next open
-    sim.markets[PAIR] = replace(sim_market(PAIR, 100.0), tick_size=D("0.01"))
-    venue = RefusingVenue(sim)
-    executor = TradeExecutor(
-        venue,
-        Portfolio(D(10_000), quote="USDT"),
-        market_for=lambda pair: sim.markets[pair],
-        clock=clock,
-        audit=AuditTrail(None),
-    )
-
-    async def on_fill(order: Order, fill: Fill) -> None:
-        await executor.on_fill(order, fill)
-
-    sim.deliver_to(on_fill)
-    sim.deliver_orders_to(executor.on_order)
-    await sim.match(_candle(START - MINUTE_MS))
-    entry = OrderIntent(
-        PAIR, Side.BUY, D(1), OrderType.MARKET, with_attempt("e", 0), "entry", stop_loss=D(95)
-    )
-    await executor.submit(entry, last_price=D(100))
+    executor, sim, venue, clock = await sim_entered(RefusingVenue, fill_at="next_open")
+    assert isinstance(venue, RefusingVenue)
     clock.set(START + MINUTE_MS)
     executor.defer_stops = True  # as `SimDriver` delivers a candle's fills
     try:

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
+from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,12 +95,17 @@ def _candle(ts: int, low: float = 99.0, high: float = 101.0) -> Candle:
     return Candle(PAIR, "1m", ts, 100.0, high, low, 100.0, 10.0)
 
 
-async def _sim_long() -> tuple[TradeExecutor, SimulatedExchange, LossyVenue]:
-    """Return an executor holding a long on the simulated venue (behind the seam), stop 95."""
+async def sim_entered(
+    venue_type: type[LossyVenue] = LossyVenue, fill_at: Literal["next_open", "close"] = "close"
+) -> tuple[TradeExecutor, SimulatedExchange, LossyVenue, ReplayClock]:
+    """Return an executor on the simulated venue (behind the seam) that sent a long, stop 95.
+
+    Filled at once with `fill_at="close"`; with "next_open", at the next candle's match.
+    """
     clock = ReplayClock(START)
-    sim = SimulatedExchange(clock=clock, fill_at="close", maker_fee=0, taker_fee=0)
+    sim = SimulatedExchange(clock=clock, fill_at=fill_at, maker_fee=0, taker_fee=0)
     sim.markets[PAIR] = replace(sim_market(PAIR, 100.0), tick_size=D("0.01"))
-    venue = LossyVenue(sim)
+    venue = venue_type(sim)
     executor = TradeExecutor(
         venue,
         Portfolio(D(10_000), quote="USDT"),
@@ -118,6 +124,12 @@ async def _sim_long() -> tuple[TradeExecutor, SimulatedExchange, LossyVenue]:
         PAIR, Side.BUY, D(1), OrderType.MARKET, with_attempt("e", 0), "entry", stop_loss=D(95)
     )
     await executor.submit(entry, last_price=D(100))
+    return executor, sim, venue, clock
+
+
+async def _sim_long() -> tuple[TradeExecutor, SimulatedExchange, LossyVenue]:
+    """Return an executor holding a long on the simulated venue (behind the seam), stop 95."""
+    executor, sim, venue, _ = await sim_entered()
     await executor.deliver_fills(PAIR)
     return executor, sim, venue
 
