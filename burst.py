@@ -187,8 +187,10 @@ class BurstDecider:
                 await engine.executor.flush_stops()  # new positions' stops: never dropped
                 raise
             engine.sender = None
-            await self._send(decided)
-            await engine.executor.flush_stops()
+            try:
+                await self._send(decided)
+            finally:
+                await engine.executor.flush_stops()  # whatever the sends met
             await engine.executor.flush_stop_moves()
         self._save_soon()  # once per burst, after every decision is out
 

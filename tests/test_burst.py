@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 from pathlib import Path
@@ -330,3 +331,34 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
     assert fresh is not None
     assert aligned is not None
     assert not np.array_equal(fresh, aligned)  # sizing still reads the newest bar
+
+
+def test_a_burst_whose_sends_fail_still_places_its_new_positions_stops(sim_env: None) -> None:
+    """Entries filled in a burst's matches leave their stops to the end of its sends; when a
+    send raises, the burst still places every one of them (counted on the venue's working
+    stops) before the error goes on."""
+
+    async def run() -> int:
+        daemon = _daemon()
+        engine = daemon.engine
+        assert engine is not None
+        assert daemon.driver is not None
+        decider = BurstDecider(engine, daemon.driver.match)
+        send, failed = engine.send_decided, 0
+
+        async def failing_send(order: Any) -> bool:
+            nonlocal failed
+            if engine.executor.pending_stops:  # new positions wait for their stops
+                failed += 1
+                raise RuntimeError("the send failed")
+            return await send(order)
+
+        engine.send_decided = failing_send  # type: ignore[method-assign,assignment]
+        for burst in _bursts(daemon):
+            _close(daemon, burst)
+            with contextlib.suppress(RuntimeError):
+                await decider.on_burst([(c, None) for c in burst])
+            _assert_protected(daemon)
+        return failed
+
+    assert asyncio.run(run()) > 0
