@@ -13,7 +13,9 @@ the summaries (trades, equity, fees, breaker trips, ...) must be equal.
 
 Rows: one pair at the bench fee (1 bp, where trades and working stops are frequent) and at
 the CLI's default fee (10 bp, where the drawdown breaker flattens early and holds), and ten
-pairs at the default fee.
+pairs at the default fee. Each note says how much of the span a breaker held the account
+flat: those candles are quiet and cheap. A replay that trades throughout (no breaker
+halts) is in bench_scale, where it runs below backtesting.py's speed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_backtest import candles
-from benchmarks.bench_scale import PAIRS10, ROOT, _ours, _peer_run_s
+from benchmarks.bench_scale import PAIRS10, ROOT, _halted_share, _ours, _peer_run_s
 from benchmarks.common import bench_size
 
 
@@ -113,7 +115,8 @@ def _rows(
             "ratio": peer / ours,
             "note": f"ours / peer = {ours / peer:.2f} (target >= 2); best of {REPEAT} CLI "
             f"runs (summary run phase) and {REPEAT} peer runs; {summary['n_trades']} trades, "
-            f"{len(summary.get('breaker_trips', []))} breaker trips",
+            f"{len(summary.get('breaker_trips', []))} breaker trips, halted by a breaker "
+            f"{_halted_share(summary):.0%} of the span (a halted span is quiet: no decisions)",
         },
         {
             "name": f"replay path, standard profile, {label}: every candle through the pipeline",
