@@ -6,13 +6,19 @@ this module imports ccxt (~0.3 s), which `python main.py --help` must not pay.
 The hooks: `fetch2` spends the rate budgets, `handle_errors` attaches Bybit's reset delay
 to rate-limit errors and refuses non-JSON 200 bodies (ccxt would return garbage, WIRE.md
 section 3), `authenticate` signs the private WebSocket login with the corrected clock, and
-`parse_ws_ohlcv` keeps Bybit's `confirm` flag. Signing, requests and parsing stay ccxt's own.
+`parse_ws_ohlcv` keeps Bybit's `confirm` flag, and `handle_ohlcv` hands each kline frame's
+rows to the tap registered for its market and timeframe (`kestrel_kline_taps`), in the
+read that brought the frame: the candle stream takes a closed candle from there, without
+waiting for the watch's future to wake its task and the tasks behind it (each a turn of
+the event loop, behind the other frames of the read). Signing, requests and parsing stay
+ccxt's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import ccxt
@@ -41,10 +47,20 @@ def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
         return None
 
 
+# A kline tap: called with a frame's parsed rows (ccxt's, `confirm` appended).
+KlineTap = Callable[[list[list[Any]]], None]
+
+
 class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
-    """ccxt.pro's Bybit with Kestrel's rate budgets, error hooks and kline flag."""
+    """ccxt.pro's Bybit with Kestrel's rate budgets, error hooks and kline flag and taps."""
 
     kestrel_budgets: RateBudgets | None = None
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config or {})
+        # (unified symbol, timeframe) -> the tap of the candle stream watching it.
+        self.kestrel_kline_taps: dict[tuple[str, str], KlineTap] = {}
+        self._kestrel_rows: list[tuple[str, list[Any]]] | None = None
 
     async def authenticate(self, url: str, params: Any = None) -> Any:
         """Log in on the private socket, signed with the corrected clock."""
@@ -134,7 +150,30 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         """Return ccxt's kline row with Bybit's `confirm` flag appended."""
         row: list[Any] = super().parse_ws_ohlcv(ohlcv, market)
         row.append(self.safe_bool(ohlcv, "confirm", False))
+        if self._kestrel_rows is not None and market is not None:
+            self._kestrel_rows.append((market["symbol"], row))
         return row
+
+    def handle_ohlcv(self, client: Any, message: Any) -> None:
+        """Handle a kline frame as ccxt does, then hand its rows to the market's tap."""
+        taps = self.kestrel_kline_taps
+        if not taps:
+            super().handle_ohlcv(client, message)
+            return
+        rows: list[tuple[str, list[Any]]] = []
+        self._kestrel_rows = rows
+        try:
+            super().handle_ohlcv(client, message)
+        finally:
+            self._kestrel_rows = None
+        topic = self.safe_string(message, "topic", "")
+        timeframe = self.find_timeframe(topic.split(".")[1]) if topic.count(".") == 2 else None
+        if timeframe is None:
+            return
+        for symbol, row in rows:
+            tap = taps.get((symbol, timeframe))
+            if tap is not None:
+                tap([row])
 
 
 def loopback_urls(base_url: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ log = structlog.get_logger("exchange")
 # The first fill sweep runs this soon after start-up (see bybit_orders.SWEEP_OVERLAP_MS).
 _FIRST_POLL_S: Final = 2.0
 _SUBSCRIBE_GRACE_S: Final = 0.3  # for the queued subscribe frames to reach the exchange
+_MERGED: Final = 1000  # items a merged stream holds for its consumer
 
 
 class ExchangeStreams(ExchangeBase):
@@ -132,14 +133,21 @@ class ExchangeStreams(ExchangeBase):
             queue.put_nowait(("poll", None))
             await self._clock.sleep(every_s)
 
-    async def _merge(self, streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
-        # Interleave several streams; the first failure ends them all.
-        if len(streams) == 1:
-            async for item in streams[0]:
-                yield item
-            return
-        queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=1000)
+    def _merge(
+        self,
+        streams: list[AsyncIterator[T]],
+        queue: asyncio.Queue[tuple[bool | None, Any]] | None = None,
+    ) -> AsyncIterator[T]:
+        # Interleave several streams; the first failure ends them all. `queue`: the one to
+        # merge through, when the caller's taps put items into it too.
+        if len(streams) == 1 and queue is None:
+            return streams[0]
+        return self._merged(streams, queue if queue is not None else asyncio.Queue(_MERGED))
 
+    async def _merged(
+        self, streams: list[AsyncIterator[T]], queue: asyncio.Queue[tuple[bool | None, Any]]
+    ) -> AsyncIterator[T]:
+        # Ends when every stream has ended (None: one did).
         async def pump(stream: AsyncIterator[T]) -> None:
             try:
                 async for item in stream:
@@ -148,14 +156,20 @@ class ExchangeStreams(ExchangeBase):
                 raise
             except BaseException as e:  # handed to the consumer
                 await queue.put((False, e))
+                return
+            await queue.put((None, None))
 
         tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+        running = len(tasks)
         try:
-            while True:
+            while running:
                 ok, value = await queue.get()
-                if not ok:
+                if ok is None:
+                    running -= 1
+                elif not ok:
                     raise value
-                yield value
+                else:
+                    yield value
         finally:
             for task in tasks:
                 task.cancel()
@@ -174,12 +188,26 @@ class ExchangeStreams(ExchangeBase):
 
         Gaps (a dropped socket, a missed frame) are filled from `fetch_ohlcv` before the
         newer candle is yielded.
+
+        A frame that carries the next candle in order is taken in the read that brought it
+        (the client's kline tap, `bybit_client.KestrelBybit.handle_ohlcv`), straight into
+        the merged stream; the watch's own result, a moment later, then finds it taken. A
+        frame that needs REST first (a gap) goes the watch's way, as every frame does on a
+        client without taps.
         """
         step = timeframe_to_ms(timeframe)
-        return self._merge([self._candles(p, timeframe, step, since) for p in pairs])
+        merged: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue(maxsize=_MERGED)
+        return self._merge(
+            [self._candles(p, timeframe, step, since, merged) for p in pairs], merged
+        )
 
     async def _candles(
-        self, pair: str, timeframe: str, step: int, since: int | None
+        self,
+        pair: str,
+        timeframe: str,
+        step: int,
+        since: int | None,
+        merged: asyncio.Queue[tuple[bool | None, Any]] | None = None,
     ) -> AsyncIterator[Candle]:
         client = self._ensure_open()
         symbol = self.market(pair).pair
@@ -194,8 +222,16 @@ class ExchangeStreams(ExchangeBase):
             pair=pair,
             resync=cursor.resync,
         )
-        async for candle in stream:
-            yield candle
+        taps = getattr(client, "kestrel_kline_taps", None)
+        key = (symbol, timeframe)
+        if merged is not None and isinstance(taps, dict):
+            taps[key] = cursor.tap(merged)
+        try:
+            async for candle in stream:
+                yield candle
+        finally:
+            if isinstance(taps, dict) and taps.get(key) is not None:
+                del taps[key]
 
     def watch_tickers(self, pairs: Sequence[str]) -> AsyncIterator[Ticker]:
         """Yield ticker updates of `pairs` as they arrive (the latest state per update)."""
@@ -407,6 +443,46 @@ class _CandleCursor:
         self.timeframe = timeframe
         self.step = step
         self.last: int | None = None if since is None else -(-since // step) * step - step
+        self.fetching = 0  # REST catch-ups in flight: the tap leaves frames to them
+
+    def tap(
+        self, merged: asyncio.Queue[tuple[bool | None, Any]]
+    ) -> Callable[[list[list[Any]]], None]:
+        """Return the kline tap that puts the frames' next candles into `merged` at once."""
+
+        def take(rows: list[list[Any]]) -> None:
+            # Never while a REST catch-up runs (it yields what it fetched first), nor into a
+            # queue without room (the watch's way waits for room), nor before the watch's way
+            # has seen a frame (it may hold an earlier one); a gap is left to it too.
+            if (
+                self.fetching
+                or self.last is None
+                or merged.qsize() + len(rows) > merged.maxsize > 0
+            ):
+                return
+            for candle in self.convert_now(rows) or ():
+                merged.put_nowait((True, candle))
+
+        return take
+
+    def convert_now(self, rows: list[list[Any]]) -> list[Candle] | None:
+        # `convert` without REST: the frames' closed candles that come next in order, or
+        # None (nothing taken) when one lies past a gap, which `convert` fills first.
+        step, last = self.step, self.last
+        out: list[Candle] = []
+        for row in sorted(rows, key=lambda r: r[0]):
+            ts, confirmed = int(row[0]), bool(row[6]) if len(row) > 6 else False
+            if last is None:  # first frame: this candle is the next one to yield
+                last = ts - step
+            if ts <= last:
+                continue  # already yielded
+            if ts > last + step:
+                return None
+            if confirmed:
+                out.append(candle_from_row(self.pair, self.timeframe, row))
+                last = ts
+        self.last = last
+        return out
 
     async def catch_up(self, now_ms: int) -> list[Candle]:
         # Closed candles after the last one yielded, up to (excluding) now's candle.
@@ -414,9 +490,13 @@ class _CandleCursor:
         previous = self.last
         if previous is None:
             return []
-        got = await self.exchange._fetch_closed(
-            pair, timeframe, previous + step, None, None, now_ms=now_ms
-        )
+        self.fetching += 1
+        try:
+            got = await self.exchange._fetch_closed(
+                pair, timeframe, previous + step, None, None, now_ms=now_ms
+            )
+        finally:
+            self.fetching -= 1
         fresh = [c for c in got if c.ts > previous]
         if fresh:
             self.last = fresh[-1].ts
@@ -433,6 +513,9 @@ class _CandleCursor:
         return await self.catch_up(await self.exchange.fetch_server_time())
 
     async def convert(self, rows: list[list[Any]]) -> list[Candle]:
+        taken = self.convert_now(rows)
+        if taken is not None:
+            return taken
         step = self.step
         out: list[Candle] = []
         for row in sorted(rows, key=lambda r: r[0]):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from error_handler import AuthenticationError
 from exchange import Exchange
@@ -374,3 +377,177 @@ async def test_private_stream_with_a_wrong_secret_fails_fatally(emu: BybitEmulat
             await anext(exchange.watch_balance())
     auth = [m for m in emu.ws_messages_in if m.get("op") == "auth"]
     assert len(auth) == 1
+
+
+async def test_a_closed_kline_is_taken_in_the_read_that_brought_it(
+    emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's kline tap yields a frame's next candle; the watch's way only finds it taken.
+
+    Here the watch's own conversion is held back once it has taken each pair's first
+    candle: the later closed candles still come, once and in order, through the tap, and
+    the tap is gone once the stream ends.
+    """
+    import bybit_streams
+
+    held = asyncio.Event()
+    original = bybit_streams._CandleCursor.convert
+
+    async def stalled(self: Any, rows: list[list[Any]]) -> list[Candle]:
+        if self.last is not None:  # after the pair's first frame: held until let go
+            await held.wait()
+        return await original(self, rows)
+
+    monkeypatch.setattr(bybit_streams._CandleCursor, "convert", stalled)
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT", "ETH/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await _subscribed(emu, "kline.1.ETHUSDT")
+    client = ex._ensure_open()
+    assert set(client.kestrel_kline_taps) == {("BTC/USDT", "1m"), ("ETH/USDT:USDT", "1m")}
+    await emu.advance(minutes=1)
+    await feed.wait_for(2)  # the watch's way: each pair's first frame
+    await emu.advance(minutes=3)
+    items = await feed.wait_for(8)  # the tap's: the watch's way is held
+    held.set()  # the watch's results now convert: all of them were taken already
+    await emu.advance(minutes=1)
+    await feed.wait_for(10)
+    await asyncio.sleep(0.1)
+    await feed.stop()
+    by_pair = {
+        pair: [c.ts for c in items if c.pair == pair] for pair in ("BTC/USDT", "ETH/USDT:USDT")
+    }
+    assert by_pair == {pair: [start + k * MINUTE_MS for k in range(5)] for pair in by_pair}
+    assert client.kestrel_kline_taps == {}
+
+
+class _History:
+    """A REST history for the candle cursor: every closed candle, at its own close price.
+
+    `now` is the server's clock; `during`, when set, runs while a fetch is in flight (a
+    frame read meanwhile).
+    """
+
+    now = 0
+    during: Callable[[], None] | None = None
+
+    async def fetch_server_time(self) -> int:
+        return self.now
+
+    async def _fetch_closed(
+        self,
+        pair: str,
+        timeframe: str,
+        since: int | None,
+        limit: int | None,
+        until: int | None,
+        *,
+        now_ms: int,
+    ) -> list[Candle]:
+        await asyncio.sleep(0)  # a real fetch suspends: the taps run meanwhile
+        if self.during is not None:
+            self.during()
+        step = MINUTE_MS
+        first = since if since is not None else 0
+        return [
+            Candle(pair, timeframe, ts, 1.0, 1.0, 1.0, float(ts // step), 1.0)
+            for ts in range(first, now_ms - now_ms % step, step)
+        ]
+
+
+# A frame: how many candles it moves on from the last frame (0: the same candle again, 2
+# or more: a gap), whether it is the candle's closing frame, whether the tap sees it, and
+# whether the watch returns it only with the next frame (ccxt returns what is new since the
+# last call: a busy consumer gets several). A reconnect instead resynchronises over REST,
+# after the watch has returned what it held.
+_FRAMES = st.lists(
+    st.one_of(
+        st.tuples(st.integers(0, 3), st.booleans(), st.booleans(), st.booleans()),
+        st.just("reconnect"),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+class _TappedCursor:
+    """A candle cursor fed as the stream feeds it: its tap as frames are read, its watch."""
+
+    def __init__(
+        self, frames: list[tuple[int, bool, bool, bool] | str], rows: list[list[Any] | None]
+    ) -> None:
+        from bybit_streams import _CandleCursor
+
+        self.frames, self.rows = frames, rows
+        self.history = _History()
+        self.cursor = _CandleCursor(self.history, "BTC/USDT", "1m", MINUTE_MS, None)  # type: ignore[arg-type]
+        self.merged: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue(maxsize=1000)
+        self.tap = self.cursor.tap(self.merged)
+        self.out: list[int] = []
+        self.read: set[int] = set()  # frames the tap has seen
+
+    def drain(self) -> None:
+        while not self.merged.empty():
+            self.out.append(self.merged.get_nowait()[1].ts)
+
+    def read_by_tap(self, k: int) -> None:
+        self.read.add(k)
+        row = self.rows[k]
+        assert row is not None
+        self.tap([row])
+        self.drain()
+
+    def tapped(self, k: int) -> bool:
+        frame = self.frames[k] if k < len(self.frames) else None
+        return isinstance(frame, tuple) and frame[2] and k not in self.read
+
+    async def run(self, with_tap: bool) -> list[int]:
+        history, cursor, rows = self.history, self.cursor, self.rows
+        waiting: list[list[Any]] = []  # frames the watch returns with the next one
+        for k, row in enumerate(rows):
+            if row is not None:
+                history.now = max(history.now, row[0])  # the frame's candle is current
+                if with_tap and self.tapped(k):
+                    self.read_by_tap(k)
+                waiting.append(row)
+            # The next frame arrives while this one's REST fetch, if any, is in flight.
+            after = with_tap and self.tapped(k + 1)
+            history.during = functools.partial(self.read_by_tap, k + 1) if after else None
+            frame = self.frames[k]
+            if waiting and (not (isinstance(frame, tuple) and frame[3]) or k + 1 == len(rows)):
+                self.out.extend(c.ts for c in await cursor.convert(waiting))
+                waiting = []
+            if row is None:  # a reconnect: what closed meanwhile comes over REST
+                history.now += MINUTE_MS
+                self.out.extend(c.ts for c in await cursor.resync())
+            self.drain()
+        return self.out
+
+
+@given(frames=_FRAMES)
+@settings(max_examples=200, deadline=None)
+def test_the_tap_and_the_watch_yield_what_the_watch_alone_yields(
+    frames: list[tuple[int, bool, bool, bool] | str],
+) -> None:
+    """Frames taken by the tap as they are read, then by the watch (or by the watch alone,
+    when it asks), give each closed candle once, in order, as the watch's way alone does.
+
+    A frame read while a REST fetch is in flight (a gap's, a reconnect's) is tapped then.
+    Either way the candles run on without a hole, and every closing frame's candle is in.
+    """
+    ts = 100 * MINUTE_MS
+    rows: list[list[Any] | None] = []  # each frame's row, None for a reconnect
+    for frame in frames:
+        if isinstance(frame, tuple):
+            ts += frame[0] * MINUTE_MS
+            rows.append([ts, 1.0, 1.0, 1.0, float(ts // MINUTE_MS), 1.0, frame[1]])
+        else:
+            rows.append(None)
+    alone = asyncio.run(_TappedCursor(frames, rows).run(with_tap=False))
+    together = asyncio.run(_TappedCursor(frames, rows).run(with_tap=True))
+    assert together == alone
+    if together:
+        first = together[0]
+        assert together == list(range(first, first + MINUTE_MS * len(together), MINUTE_MS))
+    closing = {row[0] for row in rows if row is not None and row[6]}
+    assert closing <= set(together)
