@@ -4,46 +4,49 @@ The daemon runs in-process in `--mode sim --feed live` against the loopback Bybi
 (the real Exchange, ccxt.pro WebSocket streams, the real pipeline: data manager, strategy,
 risk, executor, matching engine). Every emulator minute closes a candle on all 50 pairs at
 once — a burst, the worst case for queueing. A fast sma_cross (2/3) makes most candles
-decide. Latency runs from the moment the feed hands a candle over to the moment the order
-has been accepted by the matching engine (`Engine.decision_latency_ms`), so a candle that
-waits in the queue behind the other 49 of its burst counts that wait.
+decide. The emulator runs in its own process, as an exchange would.
+
+Two measures of each order, both ending when the matching engine has accepted it:
+- End to end, from the emulator's push of the candle's closing frame (stamped in the
+  emulator's process with perf_counter, the same monotonic clock as the daemon's). This is
+  the figure the 5 ms target is held to. Before the engine sees the candle, the daemon's
+  loop takes in the minute's 100 frames (a closed and a new candle per pair): ccxt handles
+  each (~25 us: its message task, JSON, parsing, the OHLCV cache) and drains what one read
+  brought before anything else runs. A closed candle then goes straight from that handling
+  into the merged candle stream (the client's kline tap, bybit_client/bybit_streams), not
+  through the watch's future and the stream's two tasks behind it: that took 1-2.5 ms off
+  the p50 here (A/B on 15-minute runs: push -> hand-over 7.8/7.1/5.4 -> 5.1/5.1/4.5 ms).
+- From the feed's hand-over (`Engine.decision_latency_ms`, the engine's own), so a candle
+  that waits behind the other 49 of its burst counts that wait.
 
 The daemon's pipeline loop decides each drained burst together (burst.BurstDecider: every
 candle admitted, every pair's indicators advanced in one kernel pass and the signals
 taken ahead, positions first then the strongest entries, the orders sent once every
-candle that can decide has). The emulator runs in its own process, as an exchange would:
-its matching and encoding of the 100 frames a minute (a closed and a new candle per pair)
-do not compete with the daemon's loop. Where a burst's last order spends its time
-(perf_counter and thread CPU stamps on this stream): the 49 candles are handed over within
-~0.1-0.5 ms (the frames parsed in the loop) and decided in one drain; the drain is CPU
-work of the pipeline itself (thread CPU time equals wall time; no socket read, GC
-collection or disk write inside it): a burst of 48 entries ~4.7-5.1 ms with timers on
-(~95 us per order: ahead of the decisions, ~18 us per candle for the indicators' pass, the
-anomaly pass, the signal and the ATR; the decision ~28, of which the risk context ~7 and
-the verdict ~17; the send to the matching engine ~26-28), measured on 40-minute runs. A
-burst that delivers the fills of the last burst's entries and then exits the same pairs
-no longer places each stop only for its exit to take it off: a fill's stop waits for the
-end of its candle (after the burst's sends), and an exit on that candle drops it unsent
-(in the 50-pair harness such a burst went from ~185 to ~130 us per order, the cost of a
-plain exit). A position whose candle's signal closes it sends its exit without moving
-its stop first; the other held pairs' stop moves are made after the burst's orders are
-sent. The slowest bursts are now the largest ones, 45-48 exits or entries over as many
-pairs, and their CPU time for the same count varies by up to 1.6x within one run (the
-host). The row's note names each run's slowest burst, what it sent and the fills its
-matches delivered. Peers, in the
-same run: the same stream taken one candle at a time (the loop before bursts: each
-candle's decision and order answer awaited in turn), and the same pipeline fed by the
-replay (no sockets, no queueing).
-Each live variant runs three times, alternating, and the best run (lowest p99) is reported:
-the host is shared.
+candle that can decide has). A burst's drain is CPU work of the pipeline itself (thread CPU
+time equals wall time): a burst of 48 entries ~4.7-5.1 ms with timers on (~95 us per
+order: ahead of the decisions, ~18 us per candle for the indicators' pass, the anomaly
+pass, the signal and the ATR; the decision ~28, of which the risk context ~7 and the
+verdict ~17; the send to the matching engine ~26-28). A burst that delivers the fills of
+the last burst's entries and then exits the same pairs does not place each stop only for
+its exit to take it off: a fill's stop waits for the end of its candle (after the burst's
+sends), and an exit on that candle drops it unsent. The slowest bursts are the largest,
+45-48 exits or entries over as many pairs, and their CPU time for the same count varies by
+up to 1.6x within one run (the host). The hand-over row's note names each run's slowest
+burst, what it sent and the fills its matches delivered. Peers, in the same run: the same
+stream taken one candle at a time (the loop before bursts: each candle's decision and
+order answer awaited in turn), and the same pipeline fed by the replay (no sockets, no
+queueing). Each live variant runs three times, alternating, and the best run (lowest p99
+end to end) is reported: the host is shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -51,7 +54,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,9 +90,19 @@ def _args(mode: str) -> argparse.Namespace:
 
 
 _EMULATOR = """
-import asyncio, sys
+import asyncio, json, sys, time
 sys.path.insert(0, {root!r})
 from tests.bybit_emulator import BybitEmulator
+
+PUSHED = []  # (symbol, perf_counter before the send) of each closed kline frame
+_push_raw = BybitEmulator.push_raw
+
+async def push_raw(self, kind, topic, text):
+    if topic.startswith("kline.") and '"confirm":true' in text:
+        PUSHED.append((topic.rsplit(".", 1)[1], time.perf_counter()))
+    return await _push_raw(self, kind, topic, text)
+
+BybitEmulator.push_raw = push_raw
 
 async def main():
     async with BybitEmulator(extra_bases={bases!r}, enforce_limits=False) as emu:
@@ -99,6 +112,8 @@ async def main():
             await emu.advance(minutes=1)  # one candle closes on every pair at once
             await asyncio.sleep(0.35)
         await asyncio.sleep(1.0)
+    with open({pushed!r}, "w") as out:
+        json.dump(PUSHED, out)
 
 asyncio.run(main())
 """
@@ -164,6 +179,49 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
         BurstDecider.on_burst = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _order_times(out: list[tuple[str, float, float]]) -> Iterator[None]:
+    """Record each order the engine sends: its pair, when the feed handed its candle over
+    and when the matching engine accepted it (perf_counter, as `decision_latency_ms`)."""
+    from pipeline import Engine
+
+    original = Engine.send_decided
+
+    async def send_decided(self: Engine, decided: Any) -> bool:
+        accepted = await original(self, decided)
+        if decided.received is not None:
+            out.append((decided.intent.pair, decided.received, time.perf_counter()))
+        return accepted
+
+    Engine.send_decided = send_decided  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Engine.send_decided = original  # type: ignore[method-assign]
+
+
+def _from_push(
+    orders: list[tuple[str, float, float]], pushed: list[tuple[str, float]]
+) -> tuple[list[float], list[float]]:
+    """Return each order's latency from the emulator's push of its candle, and the part of
+    it before the feed's hand-over (ms).
+
+    perf_counter reads the same monotonic clock in both processes. An order's candle is
+    its pair's last closed kline pushed before the hand-over.
+    """
+    by_symbol: dict[str, list[float]] = {}
+    for symbol, at in pushed:
+        by_symbol.setdefault(symbol, []).append(at)
+    total, before = [], []
+    for pair, received, accepted in orders:
+        times = by_symbol.get(pair.replace("/", ""), [])
+        at = bisect.bisect_right(times, received)
+        if at:
+            total.append((accepted - times[at - 1]) * 1000)
+            before.append((received - times[at - 1]) * 1000)
+    return total, before
+
+
 def _describe(burst: Burst) -> str:
     worst, orders, sent, wall, cpu = burst
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(sent.items()))
@@ -172,19 +230,28 @@ def _describe(burst: Burst) -> str:
     return f"{worst:.1f} ms over {orders} orders ({parts}; burst {wall:.1f} ms, CPU {cpu:.1f})"
 
 
-async def _live(
-    minutes: int, bursts: bool = True, log: list[Burst] | None = None
-) -> tuple[list[float], list[float]]:
+class Run(NamedTuple):
+    """One live run's per-order latencies (ms)."""
+
+    handover: list[float]  # the feed's hand-over -> order accepted (the engine's own)
+    service: list[float]  # the engine takes the candle -> order accepted
+    push: list[float]  # the emulator's push of the candle -> order accepted (end to end)
+    before: list[float]  # the emulator's push -> the feed's hand-over
+
+
+async def _live(minutes: int, bursts: bool = True, log: list[Burst] | None = None) -> Run:
     from config import load_settings
     from runner import Daemon
     from utils.utilities import setup_logging
 
     # The emulator runs in its own process, as a real exchange would: its work (matching,
-    # encoding the pushes) must not be counted in our loop's latency.
+    # encoding the pushes) must not be counted in our loop's latency. It writes when it
+    # pushed each closed candle to `pushed`.
+    pushed = Path(tempfile.mkdtemp()) / "pushed.json"
     emulator = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        _EMULATOR.format(root=str(ROOT), bases=BASES, minutes=minutes),
+        _EMULATOR.format(root=str(ROOT), bases=BASES, minutes=minutes, pushed=str(pushed)),
         stdout=asyncio.subprocess.PIPE,
     )
     assert emulator.stdout is not None
@@ -211,14 +278,19 @@ async def _live(
         setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
         daemon = (Daemon if bursts else _one_at_a_time(Daemon))(_args("sim"), settings)
         await daemon.build_exchange(paper=True)
-        with _slowest_burst(log if log is not None else []):
+        orders: list[tuple[str, float, float]] = []
+        with _slowest_burst(log if log is not None else []), _order_times(orders):
             run = asyncio.create_task(daemon.run())
             await emulator.wait()
             daemon.stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(run, 30)
         assert daemon.engine is not None
-        return list(daemon.engine.decision_latency_ms), list(daemon.engine.decision_service_ms)
+        total, before = _from_push(orders, json.loads(pushed.read_text()))
+        engine = daemon.engine
+        return Run(
+            list(engine.decision_latency_ms), list(engine.decision_service_ms), total, before
+        )
     finally:
         if emulator.returncode is None:
             emulator.kill()
@@ -257,7 +329,7 @@ def _pcts(values: list[float]) -> tuple[float, float]:
 def run() -> list[dict[str, Any]]:
     size = os.environ.get("KESTREL_BENCH_SIZE")
     minutes = 10 if size else 40
-    runs: dict[bool, list[tuple[list[float], list[float]]]] = {True: [], False: []}
+    runs: dict[bool, list[Run]] = {True: [], False: []}
     slowest: list[str] = []  # each bursts run's slowest burst
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
@@ -274,15 +346,22 @@ def run() -> list[dict[str, Any]]:
             replay = asyncio.run(_replay())
         finally:
             os.chdir(cwd)
-    # The best of the three runs of each variant (lower p99 latency).
-    ours, peer = (min(runs[b], key=lambda r: _pcts(r[0])[1]) for b in (True, False))
-    lp, pp = _pcts(ours[0]), _pcts(peer[0])
-    sp, psp = _pcts(ours[1]), _pcts(peer[1])
+    # The best of the three runs of each variant: the lowest p99 end to end.
+    ours, peer = (min(runs[b], key=lambda r: _pcts(r.push)[1]) for b in (True, False))
+    ep, pep = _pcts(ours.push), _pcts(peer.push)
+    lp, pp = _pcts(ours.handover), _pcts(peer.handover)
+    bp, pbp = _pcts(ours.before), _pcts(peer.before)
+    sp, psp = _pcts(ours.service), _pcts(peer.service)
     rp = _pcts(replay)
-    every = "p50/p99 of each run, ours: {} ms; one at a time: {} ms".format(
-        ", ".join("{:.1f}/{:.1f}".format(*_pcts(r[0])) for r in runs[True]),
-        ", ".join("{:.1f}/{:.1f}".format(*_pcts(r[0])) for r in runs[False]),
-    )
+
+    def each(measure: str) -> str:
+        return "p50/p99 of each run, ours: {} ms; one at a time: {} ms".format(
+            *(
+                ", ".join("{:.1f}/{:.1f}".format(*_pcts(getattr(r, measure))) for r in runs[b])
+                for b in (True, False)
+            )
+        )
+
     peer_name = "the same stream, one candle at a time"
 
     def row(name: str, ours: float, peer: float, note: str, who: str = peer_name) -> dict[str, Any]:
@@ -291,18 +370,38 @@ def run() -> list[dict[str, Any]]:
 
     return [
         row(
-            "decision latency p50 (50 pairs, emulator stream, bursts decided together)",
-            lp[0],
-            pp[0],
-            f"{len(ours[0])} orders from 50 pairs x {minutes} bursts; ratio > 1: bursts faster",
+            "decision latency p50, end to end (50 pairs: the emulator's push -> order accepted)",
+            ep[0],
+            pep[0],
+            f"{len(ours.push)} orders from 50 pairs x {minutes} bursts; ratio > 1: bursts "
+            "faster; the push is stamped in the emulator's process (the same monotonic clock)",
         ),
         row(
-            "decision latency p99 (50 pairs, emulator stream, bursts decided together)",
+            "decision latency p99, end to end (50 pairs: the emulator's push -> order accepted)",
+            ep[1],
+            pep[1],
+            f"target p99 < 5 ms: {'met' if ep[1] < 5 else 'not met'}; {each('push')}",
+        ),
+        row(
+            "of which before the engine: the emulator's push -> the feed's hand-over, p50",
+            bp[0],
+            pbp[0],
+            f"p99 {bp[1]:.1f} ms (one at a time {pbp[1]:.1f}); ccxt's WebSocket handling "
+            "(a task per frame, 100 frames a minute: a closed and a new candle per pair) and "
+            "the stream's tasks, in the daemon's loop",
+        ),
+        row(
+            "decision latency p50, from the feed's hand-over (the engine's own)",
+            lp[0],
+            pp[0],
+            "the daemon's `decision_latency_ms`: from the moment the feed hands the candle over",
+        ),
+        row(
+            "decision latency p99, from the feed's hand-over (the engine's own)",
             lp[1],
             pp[1],
-            f"target p99 < 5 ms: {'met' if lp[1] < 5 else 'not met'}; includes the wait behind "
-            f"the burst's other candles; {every}; each run's slowest burst, its last order and "
-            f"what it sent: {'; '.join(slowest)}",
+            f"includes the wait behind the burst's other candles; {each('handover')}; each "
+            f"run's slowest burst, its last order and what it sent: {'; '.join(slowest)}",
         ),
         row(
             "decision service time p50 (engine takes the candle -> order accepted)",
