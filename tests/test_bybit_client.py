@@ -1,0 +1,95 @@
+"""The ccxt.pro Bybit subclass's frame handling: kline frames dispatched as ccxt would."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ccxt.pro
+
+from bybit_client import KestrelBybit
+
+
+class _Client:
+    """What ccxt's frame handlers read of a WebSocket client: its URL and resolve/reject."""
+
+    def __init__(self) -> None:
+        self.url = "wss://stream.bybit.com/v5/public/spot"
+        self.resolved: list[tuple[Any, str]] = []
+        self.rejected: list[tuple[Any, Any]] = []
+        self.subscriptions: dict[str, Any] = {}
+
+    def resolve(self, result: Any, message_hash: str) -> Any:
+        self.resolved.append((result, message_hash))
+        return result
+
+    def reject(self, error: Any, message_hash: Any = None) -> None:
+        self.rejected.append((error, message_hash))
+
+
+def _kline(confirm: bool, **extra: Any) -> dict[str, Any]:
+    return {
+        "topic": "kline.1.BTCUSDT",
+        "type": "snapshot",
+        "ts": 1_700_000_060_000,
+        "data": [
+            {
+                "start": 1_700_000_000_000,
+                "end": 1_700_000_059_999,
+                "interval": "1",
+                "open": "100",
+                "close": "101.5",
+                "high": "102",
+                "low": "99.5",
+                "volume": "3.25",
+                "turnover": "330",
+                "confirm": confirm,
+                "timestamp": 1_700_000_060_000,
+            }
+        ],
+    } | extra
+
+
+def _handled(client_class: type, message: dict[str, Any]) -> tuple[Any, list[Any], list[Any]]:
+    # A fresh client handles one frame: what its OHLCV cache holds, what it resolved and
+    # rejected, each made comparable.
+    exchange = client_class()
+    client = _Client()
+    exchange.handle_message(client, json.loads(json.dumps(message)))
+    cache = {
+        symbol: {tf: [list(row) for row in rows] for tf, rows in by_tf.items()}
+        for symbol, by_tf in exchange.ohlcvs.items()
+    }
+    resolved = [(h, [r[0], r[1], [list(x) for x in r[2]]]) for r, h in client.resolved]
+    return cache, resolved, [(type(e).__name__, h) for e, h in client.rejected]
+
+
+class _CcxtDispatch(KestrelBybit):
+    """Kestrel's client with ccxt's own dispatch, for comparison."""
+
+    handle_message = ccxt.pro.bybit.handle_message
+
+
+def test_a_kline_frame_is_handled_as_ccxts_dispatch_handles_it() -> None:
+    """The shortcut leaves the cache and the resolved futures as ccxt's dispatch does."""
+    for confirm in (False, True):
+        ours = _handled(KestrelBybit, _kline(confirm))
+        assert ours == _handled(_CcxtDispatch, _kline(confirm))
+        cache, resolved, rejected = ours
+        # No markets loaded: the symbol is the exchange's id.
+        assert cache == {
+            "BTCUSDT": {"1m": [[1_700_000_000_000, 100, 102, 99.5, 101.5, 3.25, confirm]]}
+        }
+        assert [h for h, _ in resolved] == ["ohlcv::BTCUSDT::1m"]
+        assert rejected == []
+
+
+def test_a_kline_frame_with_error_fields_takes_ccxts_dispatch() -> None:
+    """A frame carrying an error code goes through ccxt's error check, not the shortcut."""
+    frame = _kline(True, retCode=10001, retMsg="params error", reqId="7")
+    ours = _handled(KestrelBybit, frame)
+    assert ours == _handled(_CcxtDispatch, frame)
+    cache, resolved, rejected = ours
+    assert cache == {}
+    assert resolved == []
+    assert rejected == [("BadRequest", "7")]
