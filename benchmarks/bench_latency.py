@@ -386,9 +386,11 @@ def run() -> list[dict[str, Any]]:
             "of which before the engine: the emulator's push -> the feed's hand-over, p50",
             bp[0],
             pbp[0],
-            f"p99 {bp[1]:.1f} ms (one at a time {pbp[1]:.1f}); ccxt's WebSocket handling "
-            "(a task per frame, 100 frames a minute: a closed and a new candle per pair) and "
-            "the stream's tasks, in the daemon's loop",
+            f"p99 {bp[1]:.1f} ms (one at a time {pbp[1]:.1f}); ccxt's WebSocket handling of "
+            "the frames (100 a minute: a closed and a new candle per pair; a read's frames are "
+            "all handled before anything else runs) and the feed task's turn, in the daemon's "
+            "loop; a closed candle goes from ccxt's handling straight into the candle stream "
+            "(the kline tap)",
         ),
         row(
             "decision latency p50, from the feed's hand-over (the engine's own)",
