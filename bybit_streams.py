@@ -222,15 +222,17 @@ class ExchangeStreams(ExchangeBase):
             pair=pair,
             resync=cursor.resync,
         )
+        # The client's kline taps (none on a client without them): the last stream to
+        # watch a market gets its frames there; each takes only its own tap away.
         taps = getattr(client, "kestrel_kline_taps", None)
-        key = (symbol, timeframe)
+        key, tap = (symbol, timeframe), None
         if merged is not None and isinstance(taps, dict):
-            taps[key] = cursor.tap(merged)
+            tap = taps[key] = cursor.tap(merged)
         try:
             async for candle in stream:
                 yield candle
         finally:
-            if isinstance(taps, dict) and taps.get(key) is not None:
+            if tap is not None and taps is not None and taps.get(key) is tap:
                 del taps[key]
 
     def watch_tickers(self, pairs: Sequence[str]) -> AsyncIterator[Ticker]:

@@ -551,3 +551,21 @@ def test_the_tap_and_the_watch_yield_what_the_watch_alone_yields(
         assert together == list(range(first, first + MINUTE_MS * len(together), MINUTE_MS))
     closing = {row[0] for row in rows if row is not None and row[6]}
     assert closing <= set(together)
+
+
+async def test_a_stream_that_ends_leaves_a_later_streams_tap_in_place(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Two streams of one market: the later one's tap stays when the earlier one ends."""
+    first = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    client = ex._ensure_open()
+    await eventually(lambda: ("BTC/USDT", "1m") in client.kestrel_kline_taps)
+    earlier = client.kestrel_kline_taps[("BTC/USDT", "1m")]
+    second = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
+    await eventually(lambda: client.kestrel_kline_taps.get(("BTC/USDT", "1m")) is not earlier)
+    later = client.kestrel_kline_taps[("BTC/USDT", "1m")]
+    await first.stop()
+    assert client.kestrel_kline_taps == {("BTC/USDT", "1m"): later}
+    await second.stop()
+    assert client.kestrel_kline_taps == {}
