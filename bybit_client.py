@@ -23,11 +23,14 @@ from typing import Any
 
 import ccxt
 import ccxt.pro
+import structlog
 
 from rate_budgets import RateBudgets
 
 
 __all__ = ["KestrelBybit", "loopback_urls"]
+
+log = structlog.get_logger("exchange")
 
 
 def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
@@ -193,8 +196,14 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
             return
         for symbol, row in rows:
             tap = taps.get((symbol, timeframe))
-            if tap is not None:
+            if tap is None:
+                continue
+            try:
                 tap([row])
+            except Exception:  # a bug in a tap: never into ccxt's reading of the socket
+                # The watch's way still delivers the stream's candles, a moment later.
+                del taps[symbol, timeframe]
+                log.exception("kline_tap_failed", symbol=symbol, timeframe=timeframe)
 
 
 def loopback_urls(base_url: str) -> dict[str, Any]:

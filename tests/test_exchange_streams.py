@@ -569,3 +569,35 @@ async def test_a_stream_that_ends_leaves_a_later_streams_tap_in_place(
     assert client.kestrel_kline_taps == {("BTC/USDT", "1m"): later}
     await second.stop()
     assert client.kestrel_kline_taps == {}
+
+
+async def test_a_failing_kline_tap_is_dropped_and_the_watch_delivers(
+    emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap that raises never reaches ccxt's reading of the socket: it is dropped, the
+    candles come the watch's way, once and in order, and the socket stays up."""
+    import bybit_streams
+
+    calls: list[int] = []
+
+    def broken(self: Any, merged: Any) -> Callable[[list[list[Any]]], None]:
+        def take(rows: list[list[Any]]) -> None:
+            calls.append(len(rows))
+            raise RuntimeError("a bug in the tap")
+
+        return take
+
+    monkeypatch.setattr(bybit_streams._CandleCursor, "tap", broken)
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    client = ex._ensure_open()
+    await emu.advance(minutes=3)
+    await feed.wait_for(3)
+    await asyncio.sleep(0.1)
+    await feed.stop()
+    assert calls == [1]  # tried once, then dropped
+    assert client.kestrel_kline_taps == {}
+    assert [c.ts for c in feed.items] == [start + k * MINUTE_MS for k in range(3)]
+    subscribes = [m for m in emu.ws_messages_in if m.get("op") == "subscribe"]
+    assert len(subscribes) == 1  # no reconnect
