@@ -7,8 +7,9 @@ emulator for paper on the live feed and for live trading (with a journal on SQLi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,53 @@ async def test_a_pair_entering_the_list_is_warmed_up_and_streamed(emu: BybitEmul
         seen = {await next_pair() for _ in range(6)}
         assert "ETH/USDT" in seen  # resubscribed after the next candle
     finally:
+        await daemon.teardown()
+
+
+async def test_a_resubscription_keeps_each_pairs_candles_once_and_in_order(
+    emu: BybitEmulator,
+) -> None:
+    """Across `follow` (the old stream closed, its kline taps with it, a new one opened from
+    the last candle on), a pair's candles come once each, in order, without a hole."""
+    from runner import Daemon
+    from tests.conftest import eventually
+
+    daemon = Daemon(cli_args("--mode", "sim", "--feed", "live"), load_settings(env_file=None))
+    await daemon.build_exchange(paper=True)
+    seen: list[tuple[str, int]] = []
+
+    async def consume() -> None:
+        assert daemon.feed is not None
+        async for candle in daemon.feed:
+            seen.append((candle.pair, candle.ts))
+
+    consumer = asyncio.ensure_future(consume())
+    try:
+        feed = daemon.exchange_feed
+        assert feed is not None
+
+        async def minutes_until(predicate: Callable[[], bool]) -> None:
+            for _ in range(30):
+                await emu.advance(minutes=1)
+                with contextlib.suppress(AssertionError):
+                    await eventually(predicate, timeout=0.3)
+                    return
+            raise AssertionError(f"the stream stopped at {seen[-3:]}")
+
+        await minutes_until(lambda: len(seen) >= 3)
+        feed.follow(["BTC/USDT", "ETH/USDT"])
+        await minutes_until(lambda: sum(p == "ETH/USDT" for p, _ in seen) >= 3)
+        await emu.advance(minutes=2)
+        await eventually(lambda: sum(p == "ETH/USDT" for p, _ in seen) >= 5)
+        btc = [ts for pair, ts in seen if pair == "BTC/USDT"]
+        assert btc == list(range(btc[0], btc[0] + 60_000 * len(btc), 60_000))
+        eth = [ts for pair, ts in seen if pair == "ETH/USDT"]
+        assert eth == list(range(eth[0], eth[0] + 60_000 * len(eth), 60_000))
+        assert not consumer.done()
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
         await daemon.teardown()
 
 
