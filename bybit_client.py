@@ -10,8 +10,8 @@ section 3), `authenticate` signs the private WebSocket login with the corrected 
 rows to the tap registered for its market and timeframe (`kestrel_kline_taps`), in the
 read that brought the frame: the candle stream takes a closed candle from there, without
 waiting for the watch's future to wake its task and the tasks behind it (each a turn of
-the event loop, behind the other frames of the read). Signing, requests and parsing stay
-ccxt's own.
+the event loop, behind the other frames of the read), and a frame the tap settles is not
+handled by ccxt at all. Signing, requests and parsing stay ccxt's own.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
 # What ccxt's Bybit error check reads in a frame (`handle_error_message`).
 _ERROR_FIELDS = frozenset({"code", "ret_code", "retCode", "success"})
 
-# A kline tap: called with a frame's parsed rows (ccxt's, `confirm` appended).
-KlineTap = Callable[[list[list[Any]]], None]
+# A kline tap: called with a frame's parsed rows (ccxt's, `confirm` appended); returns
+# True when the frame needs nothing more (ccxt then does not handle it).
+KlineTap = Callable[[list[list[Any]]], bool]
 
 
 class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
@@ -66,7 +67,6 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         super().__init__(config or {})
         # (unified symbol, timeframe) -> the tap of the candle stream watching it.
         self.kestrel_kline_taps: dict[tuple[str, str], KlineTap] = {}
-        self._kestrel_rows: list[tuple[str, list[Any]]] | None = None
 
     async def authenticate(self, url: str, params: Any = None) -> Any:
         """Log in on the private socket, signed with the corrected clock."""
@@ -156,8 +156,6 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         """Return ccxt's kline row with Bybit's `confirm` flag appended."""
         row: list[Any] = super().parse_ws_ohlcv(ohlcv, market)
         row.append(self.safe_bool(ohlcv, "confirm", False))
-        if self._kestrel_rows is not None and market is not None:
-            self._kestrel_rows.append((market["symbol"], row))
         return row
 
     def handle_message(self, client: Any, message: Any) -> None:
@@ -179,31 +177,52 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         super().handle_message(client, message)
 
     def handle_ohlcv(self, client: Any, message: Any) -> None:
-        """Handle a kline frame as ccxt does, then hand its rows to the market's tap."""
+        """Hand a kline frame's rows to its market's tap; ccxt handles what the tap leaves.
+
+        A frame the tap settles (every candle in it yielded, taken, or the next one still
+        forming) is not handled by ccxt: its cache does not keep the candle and the watch's
+        future is not resolved, so the watch's task does not wake for a frame that would
+        give it nothing. Any other frame, and every frame of a market without a tap, is
+        ccxt's as it always was.
+        """
         taps = self.kestrel_kline_taps
-        if not taps:
-            super().handle_ohlcv(client, message)
-            return
-        rows: list[tuple[str, list[Any]]] = []
-        self._kestrel_rows = rows
-        try:
-            super().handle_ohlcv(client, message)
-        finally:
-            self._kestrel_rows = None
+        if taps:
+            found = self._kestrel_kline_market(client, message)
+            if found is not None:
+                key, market = found
+                tap = taps.get(key)
+                if tap is not None and self._kestrel_settled(key, tap, message, market):
+                    return
+        super().handle_ohlcv(client, message)
+
+    def _kestrel_kline_market(
+        self, client: Any, message: Any
+    ) -> tuple[tuple[str, str], Any] | None:
+        # (unified symbol, timeframe) of a kline frame and its market, found as ccxt's
+        # `handle_ohlcv` finds them; None where ccxt would drop the frame.
         topic = self.safe_string(message, "topic", "")
-        timeframe = self.find_timeframe(topic.split(".")[1]) if topic.count(".") == 2 else None
+        parts = topic.split(".")
+        timeframe = self.find_timeframe(self.safe_string(parts, 1))
         if timeframe is None:
-            return
-        for symbol, row in rows:
-            tap = taps.get((symbol, timeframe))
-            if tap is None:
-                continue
-            try:
-                tap([row])
-            except Exception:  # a bug in a tap: never into ccxt's reading of the socket
-                # The watch's way still delivers the stream's candles, a moment later.
-                del taps[symbol, timeframe]
-                log.exception("kline_tap_failed", symbol=symbol, timeframe=timeframe)
+            return None
+        kind = "spot" if client.url.find("spot") > -1 else "contract"
+        market = self.safe_market(self.safe_string(parts, len(parts) - 1), None, None, kind)
+        return (market["symbol"], timeframe), market
+
+    def _kestrel_settled(
+        self, key: tuple[str, str], tap: KlineTap, message: Any, market: Any
+    ) -> bool:
+        # The tap's verdict on the frame's rows (parsed as ccxt parses them); a tap that
+        # raises is dropped and the frame left to ccxt.
+        rows = [self.parse_ws_ohlcv(item, market) for item in self.safe_list(message, "data", [])]
+        try:
+            return tap(rows)
+        except Exception:  # a bug in a tap: never into ccxt's reading of the socket
+            # The watch's way still delivers the stream's candles, a moment later.
+            if self.kestrel_kline_taps.get(key) is tap:
+                del self.kestrel_kline_taps[key]
+            log.exception("kline_tap_failed", symbol=key[0], timeframe=key[1])
+            return False
 
 
 def loopback_urls(base_url: str) -> dict[str, Any]:

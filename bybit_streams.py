@@ -191,9 +191,10 @@ class ExchangeStreams(ExchangeBase):
 
         A frame that carries the next candle in order is taken in the read that brought it
         (the client's kline tap, `bybit_client.KestrelBybit.handle_ohlcv`), straight into
-        the merged stream; the watch's own result, a moment later, then finds it taken. A
-        frame that needs REST first (a gap) goes the watch's way, as every frame does on a
-        client without taps.
+        the merged stream, and ccxt does not handle it (nor a frame of the next candle
+        still forming): the watch's task does not wake. A frame that needs REST first (a
+        gap), the first frame, and the frames after a lost socket until the watch has
+        delivered again go the watch's way, as every frame does on a client without taps.
         """
         step = timeframe_to_ms(timeframe)
         merged: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue(maxsize=_MERGED)
@@ -446,13 +447,23 @@ class _CandleCursor:
         self.step = step
         self.last: int | None = None if since is None else -(-since // step) * step - step
         self.fetching = 0  # REST catch-ups in flight: the tap leaves frames to them
+        # Whether the watch has delivered since the stream started or last lost its socket:
+        # until it has, every frame also goes the watch's way (its return after a loss is
+        # what logs the resumption and resynchronises once more).
+        self.watched = False
 
     def tap(
         self, merged: asyncio.Queue[tuple[bool | None, Any]]
-    ) -> Callable[[list[list[Any]]], None]:
-        """Return the kline tap that puts the frames' next candles into `merged` at once."""
+    ) -> Callable[[list[list[Any]]], bool]:
+        """Return the kline tap that puts the frames' next candles into `merged` at once.
 
-        def take(rows: list[list[Any]]) -> None:
+        The tap returns True when the frame needs nothing from the watch: every candle it
+        carries is yielded, taken now, or the next one still forming. ccxt then does not
+        handle the frame at all (`KestrelBybit.handle_ohlcv`), so the watch's task does not
+        wake for it. False: the frame goes the watch's way, which finds taken what was.
+        """
+
+        def take(rows: list[list[Any]]) -> bool:
             # Never while a REST catch-up runs (it yields what it fetched first), nor into a
             # queue without room (the watch's way waits for room), nor before the watch's way
             # has seen a frame (it may hold an earlier one); a gap is left to it too.
@@ -461,9 +472,13 @@ class _CandleCursor:
                 or self.last is None
                 or merged.qsize() + len(rows) > merged.maxsize > 0
             ):
-                return
-            for candle in self.convert_now(rows) or ():
+                return False
+            taken = self.convert_now(rows)
+            if taken is None:
+                return False
+            for candle in taken:
                 merged.put_nowait((True, candle))
+            return self.watched
 
         return take
 
@@ -512,9 +527,11 @@ class _CandleCursor:
         return fresh
 
     async def resync(self) -> list[Candle]:
+        self.watched = False  # a loss, or the resumption: the watch must deliver first
         return await self.catch_up(await self.exchange.fetch_server_time())
 
     async def convert(self, rows: list[list[Any]]) -> list[Candle]:
+        self.watched = True
         taken = self.convert_now(rows)
         if taken is not None:
             return taken

@@ -93,3 +93,49 @@ def test_a_kline_frame_with_error_fields_takes_ccxts_dispatch() -> None:
     assert cache == {}
     assert resolved == []
     assert rejected == [("BadRequest", "7")]
+
+
+def _tapped(verdict: bool | None, confirm: bool) -> tuple[Any, list[Any], dict[Any, Any], Any]:
+    # A client with a tap on the frame's market handles one frame: what it handled as in
+    # `_handled`, the rows the tap saw and the taps left. `verdict` None: the tap raises.
+    exchange = KestrelBybit()
+    seen: list[list[list[Any]]] = []
+
+    def tap(rows: list[list[Any]]) -> bool:
+        seen.append(rows)
+        if verdict is None:
+            raise RuntimeError("a bug in the tap")
+        return verdict
+
+    exchange.kestrel_kline_taps[("BTCUSDT", "1m")] = tap
+    client = _Client()
+    exchange.handle_message(client, _kline(confirm))
+    cache = {
+        symbol: {tf: [list(row) for row in rows] for tf, rows in by_tf.items()}
+        for symbol, by_tf in exchange.ohlcvs.items()
+    }
+    resolved = [(h, [r[0], r[1], [list(x) for x in r[2]]]) for r, h in client.resolved]
+    rejected = [(type(e).__name__, h) for e, h in client.rejected]
+    return (cache, resolved, rejected), seen, dict(exchange.kestrel_kline_taps), tap
+
+
+def test_a_frame_the_tap_settles_is_not_handled_by_ccxt() -> None:
+    """The tap sees the frame's rows as ccxt parses them; when it settles the frame, ccxt's
+    cache keeps nothing and no future is resolved; otherwise ccxt handles the frame as if
+    there were no tap, and a tap that raises is dropped."""
+    for confirm in (False, True):
+        row = [1_700_000_000_000, 100, 102, 99.5, 101.5, 3.25, confirm]
+        handled, seen, taps, tap = _tapped(True, confirm)
+        assert seen == [[row]]
+        assert handled == ({}, [], [])
+        assert taps == {("BTCUSDT", "1m"): tap}
+        without = _handled(KestrelBybit, _kline(confirm))
+        assert without[0] == {"BTCUSDT": {"1m": [row]}}
+        handled, seen, taps, tap = _tapped(False, confirm)
+        assert seen == [[row]]
+        assert handled == without
+        assert taps == {("BTCUSDT", "1m"): tap}
+        handled, seen, taps, _ = _tapped(None, confirm)
+        assert seen == [[row]]
+        assert handled == without
+        assert taps == {}

@@ -10,6 +10,8 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
+import structlog
+import structlog.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -421,6 +423,56 @@ async def test_a_closed_kline_is_taken_in_the_read_that_brought_it(
     assert client.kestrel_kline_taps == {}
 
 
+async def test_frames_the_tap_settles_never_wake_the_watch(
+    emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the watch has delivered a pair's first frame, the tap settles the frames that
+    follow in order (closing and forming): ccxt does not handle them, so the watch returns
+    nothing more, and every candle still comes once, in order.
+
+    After a lost socket the frames go the watch's way again until it has delivered: the
+    stream logs its resumption and resynchronises, and the tap settles again after that.
+    """
+    import bybit_streams
+
+    returns: list[str] = []  # one per watch result the stream converts
+    original = bybit_streams._CandleCursor.convert
+
+    async def counted(self: Any, rows: list[list[Any]]) -> list[Candle]:
+        returns.append(self.pair)
+        return await original(self, rows)
+
+    monkeypatch.setattr(bybit_streams._CandleCursor, "convert", counted)
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT", "ETH/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await _subscribed(emu, "kline.1.ETHUSDT")
+    await emu.advance(minutes=1)
+    await feed.wait_for(2)
+    first = len(returns)
+    assert sorted(set(returns)) == ["BTC/USDT", "ETH/USDT:USDT"]
+    await emu.advance(minutes=4)
+    await feed.wait_for(10)
+    await asyncio.sleep(0.1)
+    assert len(returns) == first  # eight closing frames and their forming ones: none
+    with structlog.testing.capture_logs() as logs:
+        assert await emu.drop_sockets() >= 1
+        await _subscribed(emu, "kline.1.BTCUSDT")
+        await _subscribed(emu, "kline.1.ETHUSDT")
+        await emu.advance(minutes=1)
+        await feed.wait_for(12)
+        await eventually(lambda: sum(e["event"] == "stream_resumed" for e in logs) == 2)
+    again = len(returns)
+    assert again > first  # the watch delivered after the loss
+    await emu.advance(minutes=2)
+    await feed.wait_for(16)
+    await asyncio.sleep(0.1)
+    await feed.stop()
+    assert len(returns) == again  # and the tap settles again
+    by_pair = {p: [c.ts for c in feed.items if c.pair == p] for p in ("BTC/USDT", "ETH/USDT:USDT")}
+    assert by_pair == {p: [start + k * MINUTE_MS for k in range(8)] for p in by_pair}
+
+
 class _History:
     """A REST history for the candle cursor: every closed candle, at its own close price.
 
@@ -485,6 +537,7 @@ class _TappedCursor:
         self.tap = self.cursor.tap(self.merged)
         self.out: list[int] = []
         self.read: set[int] = set()  # frames the tap has seen
+        self.settled: set[int] = set()  # frames it settled: ccxt never handles them
 
     def drain(self) -> None:
         while not self.merged.empty():
@@ -494,7 +547,8 @@ class _TappedCursor:
         self.read.add(k)
         row = self.rows[k]
         assert row is not None
-        self.tap([row])
+        if self.tap([row]):
+            self.settled.add(k)
         self.drain()
 
     def tapped(self, k: int) -> bool:
@@ -509,7 +563,8 @@ class _TappedCursor:
                 history.now = max(history.now, row[0])  # the frame's candle is current
                 if with_tap and self.tapped(k):
                     self.read_by_tap(k)
-                waiting.append(row)
+                if k not in self.settled:  # the watch returns what ccxt handled
+                    waiting.append(row)
             # The next frame arrives while this one's REST fetch, if any, is in flight.
             after = with_tap and self.tapped(k + 1)
             history.during = functools.partial(self.read_by_tap, k + 1) if after else None
@@ -531,6 +586,7 @@ def test_the_tap_and_the_watch_yield_what_the_watch_alone_yields(
 ) -> None:
     """Frames taken by the tap as they are read, then by the watch (or by the watch alone,
     when it asks), give each closed candle once, in order, as the watch's way alone does.
+    A frame the tap settles never reaches the watch (ccxt does not handle it).
 
     A frame read while a REST fetch is in flight (a gap's, a reconnect's) is tapped then.
     Either way the candles run on without a hole, and every closing frame's candle is in.
@@ -580,8 +636,8 @@ async def test_a_failing_kline_tap_is_dropped_and_the_watch_delivers(
 
     calls: list[int] = []
 
-    def broken(self: Any, merged: Any) -> Callable[[list[list[Any]]], None]:
-        def take(rows: list[list[Any]]) -> None:
+    def broken(self: Any, merged: Any) -> Callable[[list[list[Any]]], bool]:
+        def take(rows: list[list[Any]]) -> bool:
             calls.append(len(rows))
             raise RuntimeError("a bug in the tap")
 
