@@ -99,6 +99,31 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
+async def _next_burst(
+    queue: asyncio.Queue[tuple[Candle, float] | None], *, gather: bool
+) -> tuple[list[tuple[Candle, float]], bool]:
+    """Return the candles queued together (one burst) and whether the feed has ended.
+
+    With `gather` (the exchange's feed), one turn of the event loop comes first: the
+    candles of a read can still be on their way when the first of them wakes the
+    pipeline, carried over by the feed task behind it, and they join the burst instead
+    of waiting behind a burst of one. Never on a replay: its feed would move the replay
+    clock past the candle in hand.
+    """
+    item = await queue.get()
+    if item is None:
+        return [], True
+    if gather:
+        await asyncio.sleep(0)
+    burst = [item]
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is None:
+            return burst, True
+        burst.append(item)
+    return burst, False
+
+
 class Daemon(DaemonBase):
     """One trading run: the engine plus the tasks around it, in one TaskGroup."""
 
@@ -277,19 +302,11 @@ class Daemon(DaemonBase):
         # Candles that closed together are decided together: what is already queued when
         # the loop comes round is one burst (see burst.py).
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
-        queue, done = self.queue, False
+        done = False
         while not done:
-            item = await queue.get()
-            if item is None:
-                break
-            burst = [item]
-            while not queue.empty():
-                item = queue.get_nowait()
-                if item is None:
-                    done = True
-                    break
-                burst.append(item)
-            await decider.on_burst(burst)
+            burst, done = await _next_burst(self.queue, gather=self.replay is None)
+            if burst:
+                await decider.on_burst(burst)
         await decider.saved()  # the last burst's risk state is on disk
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():

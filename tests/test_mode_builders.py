@@ -230,6 +230,43 @@ async def test_a_resubscription_keeps_each_pairs_candles_once_and_in_order(
         await daemon.teardown()
 
 
+async def test_candles_on_their_way_from_the_feed_join_the_burst(
+    emu: BybitEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the exchange feed, the pipeline takes one turn of the loop before it decides: the
+    candles the feed task is still carrying over (it runs behind the pipeline, as after a
+    read of several frames) are decided with the first, in one burst, not after it."""
+    from burst import BurstDecider
+    from models import Candle
+    from runner import Daemon
+
+    daemon = Daemon(cli_args("--mode", "sim", "--feed", "live"), load_settings(env_file=None))
+    await daemon.build_exchange(paper=True)
+    assert daemon.replay is None
+    bursts: list[list[str]] = []
+
+    async def recorded(self: BurstDecider, items: Any) -> None:
+        bursts.append([candle.pair for candle, _ in items])
+
+    monkeypatch.setattr(BurstDecider, "on_burst", recorded)
+    ts = 60_000 * (emu.clock.now_ms() // 60_000)
+    pairs = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+
+    async def feed() -> AsyncIterator[Candle]:
+        for at, pair in enumerate(pairs):
+            if at == 1:  # the next frames' read: the feed's task wakes behind the pipeline
+                await asyncio.sleep(0)
+            yield Candle(pair, "1m", ts, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+    daemon.feed = feed()
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.gather(daemon._feed_loop(), daemon._pipeline_loop())
+    finally:
+        await daemon.teardown()
+    assert bursts == [pairs]
+
+
 async def test_a_run_with_telegram_reports_at_start_and_alerts_until_it_stops(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
