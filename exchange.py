@@ -131,6 +131,9 @@ def _ccxt_config(s: ExchangeSettings) -> dict[str, Any]:
             "defaultType": "spot" if s.market_type == "spot" else "swap",
             "fetchOrder": {"acknowledged": True},
             "watchPositions": {"fetchPositionsSnapshot": False},
+            # No permessage-deflate offer: ccxt offers it by default, and where a server
+            # accepts, every frame is inflated in our loop (a kline frame is ~350 bytes).
+            "ws": {"compress": 0},
         },
     }
     if s.has_keys:

@@ -749,6 +749,10 @@ class BybitEmulator:
                 await conn.ws.close(code=code, message=b"going away")
         return len(victims)
 
+    def deflated_sockets(self) -> tuple[int, int]:
+        """Return how many open sockets carry permessage-deflate frames, of how many."""
+        return sum(1 for c in self._conns if c.ws.compress), len(self._conns)
+
     def subscribers(self, topic: str, kind: str | None = None) -> int:
         """Return how many open sockets subscribe to `topic`."""
         return sum(1 for c in self._conns if topic in c.topics and (kind is None or c.kind == kind))

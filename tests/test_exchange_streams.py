@@ -423,6 +423,15 @@ async def test_a_closed_kline_is_taken_in_the_read_that_brought_it(
     assert client.kestrel_kline_taps == {}
 
 
+async def test_the_sockets_carry_frames_uncompressed(emu: BybitEmulator, ex: Exchange) -> None:
+    """The client offers no permessage-deflate, so no frame is inflated in our loop (the
+    emulator's server, like aiohttp's, accepts the offer when ccxt makes it)."""
+    feed = Collector(ex.watch_candles(["BTC/USDT", "BTC/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT", 2)
+    await feed.stop()
+    assert emu.deflated_sockets() == (0, 2)
+
+
 async def test_frames_the_tap_settles_never_wake_the_watch(
     emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
 ) -> None:
