@@ -10,12 +10,20 @@ Two measures of each order, both ending when the matching engine has accepted it
 - End to end, from the emulator's push of the candle's closing frame (stamped in the
   emulator's process with perf_counter, the same monotonic clock as the daemon's). This is
   the figure the 5 ms target is held to. Before the engine sees the candle, the daemon's
-  loop takes in the minute's 100 frames (a closed and a new candle per pair): ccxt handles
-  each (~25 us: its message task, JSON, parsing, the OHLCV cache) and drains what one read
-  brought before anything else runs. A closed candle then goes straight from that handling
-  into the merged candle stream (the client's kline tap, bybit_client/bybit_streams), not
-  through the watch's future and the stream's two tasks behind it: that took 1-2.5 ms off
-  the p50 here (A/B on 15-minute runs: push -> hand-over 7.8/7.1/5.4 -> 5.1/5.1/4.5 ms).
+  loop takes in the minute's 100 frames (a closed and a new candle per pair) and drains
+  what one read brought before anything else runs. The client's kline tap
+  (bybit_client/bybit_streams) takes a closed candle straight into the merged candle
+  stream, not through the watch's future and the stream's two tasks behind it (1-2.5 ms
+  off the p50: push -> hand-over 7.8/7.1/5.4 -> 5.1/5.1/4.5 ms in 15-minute A/B runs), and
+  a frame it settles (the closed candle taken, or the next one forming) skips ccxt's
+  handling, so the watch's task never wakes for it. The pipeline takes one turn of the loop
+  before a burst, so candles the feed task still carries join it. The sockets carry no
+  permessage-deflate (ccxt offers it by default; the emulator's aiohttp accepts). In
+  25-minute A/B runs the settled frames and the burst's turn took push -> order accepted
+  from 8.7/9.4/8.4 to 7.3/7.0/7.5 ms at p50, and dropping deflate on top took push ->
+  hand-over at p99 from 9.9/9.0/7.6 to 3.6/3.2/5.5 ms. The emulator's own sending and the
+  daemon's wake-up still take ~1.5-2.5 ms at a minute's close before the first frame is
+  read.
 - From the feed's hand-over (`Engine.decision_latency_ms`, the engine's own), so a candle
   that waits behind the other 49 of its burst counts that wait.
 
@@ -386,11 +394,11 @@ def run() -> list[dict[str, Any]]:
             "of which before the engine: the emulator's push -> the feed's hand-over, p50",
             bp[0],
             pbp[0],
-            f"p99 {bp[1]:.1f} ms (one at a time {pbp[1]:.1f}); ccxt's WebSocket handling of "
-            "the frames (100 a minute: a closed and a new candle per pair; a read's frames are "
-            "all handled before anything else runs) and the feed task's turn, in the daemon's "
-            "loop; a closed candle goes from ccxt's handling straight into the candle stream "
-            "(the kline tap)",
+            f"p99 {bp[1]:.1f} ms (one at a time {pbp[1]:.1f}); the emulator's sending and the "
+            "daemon's wake-up, then the frames read in (100 a minute: a closed and a new "
+            "candle per pair; a read's frames are all handled before anything else runs) and "
+            "the feed task's turn, in the daemon's loop; the kline tap takes a closed candle "
+            "straight into the candle stream and settles the frame, which ccxt then skips",
         ),
         row(
             "decision latency p50, from the feed's hand-over (the engine's own)",

@@ -9,7 +9,8 @@ consumes them two ways, one after the other, on fresh connections:
   i.e. ccxt.pro's parse plus our pump/queue/merge and conversion to `Ticker` and
   `OrderBook` (50 levels each side);
 - peer: raw ccxt.pro 4.5.90 `watch_ticker(symbol)` + `watch_order_book(symbol)` loops, one
-  per pair, that only note what arrived (ccxt's own parse, no conversion).
+  per pair, that only note what arrived (ccxt's own parse, no conversion); like ours, it
+  offers no permessage-deflate, so both read the same uncompressed frames.
 
 Throughput: every frame pushed as fast as the emulator can; frames divided by the CPU time
 the consumer process spent until it saw the last frame of every pair (the wall-clock rate
@@ -186,7 +187,9 @@ async def _peer(
         {
             "enableRateLimit": False,
             "urls": {"api": copy.deepcopy(urls)},
-            "options": {"fetchMarkets": {"types": ["spot"]}},
+            # As ours (exchange._ccxt_config): no permessage-deflate, so both sides read
+            # the same uncompressed frames and the ratio is the stream layer's alone.
+            "options": {"fetchMarkets": {"types": ["spot"]}, "ws": {"compress": 0}},
             "has": {"fetchCurrencies": False},
         }
     )
