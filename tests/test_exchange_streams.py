@@ -381,6 +381,21 @@ async def test_private_stream_with_a_wrong_secret_fails_fatally(emu: BybitEmulat
     assert len(auth) == 1
 
 
+async def _two_pairs_converted_by(
+    convert: Callable[..., Any], emu: BybitEmulator, ex: Exchange, mp: pytest.MonkeyPatch
+) -> tuple[int, Collector]:
+    # A spot and a linear pair's candle stream, subscribed, its watch results converted by
+    # `convert` (which wraps the cursor's own); the first candle's open time and the feed.
+    import bybit_streams
+
+    mp.setattr(bybit_streams._CandleCursor, "convert", convert)
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT", "ETH/USDT:USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    await _subscribed(emu, "kline.1.ETHUSDT")
+    return start, feed
+
+
 async def test_a_closed_kline_is_taken_in_the_read_that_brought_it(
     emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -400,11 +415,7 @@ async def test_a_closed_kline_is_taken_in_the_read_that_brought_it(
             await held.wait()
         return await original(self, rows)
 
-    monkeypatch.setattr(bybit_streams._CandleCursor, "convert", stalled)
-    start = bucket_start(emu.clock.now_ms(), 1)
-    feed = Collector(ex.watch_candles(["BTC/USDT", "ETH/USDT:USDT"], "1m"))
-    await _subscribed(emu, "kline.1.BTCUSDT")
-    await _subscribed(emu, "kline.1.ETHUSDT")
+    start, feed = await _two_pairs_converted_by(stalled, emu, ex, monkeypatch)
     client = ex._ensure_open()
     assert set(client.kestrel_kline_taps) == {("BTC/USDT", "1m"), ("ETH/USDT:USDT", "1m")}
     await emu.advance(minutes=1)
@@ -451,11 +462,7 @@ async def test_frames_the_tap_settles_never_wake_the_watch(
         returns.append(self.pair)
         return await original(self, rows)
 
-    monkeypatch.setattr(bybit_streams._CandleCursor, "convert", counted)
-    start = bucket_start(emu.clock.now_ms(), 1)
-    feed = Collector(ex.watch_candles(["BTC/USDT", "ETH/USDT:USDT"], "1m"))
-    await _subscribed(emu, "kline.1.BTCUSDT")
-    await _subscribed(emu, "kline.1.ETHUSDT")
+    start, feed = await _two_pairs_converted_by(counted, emu, ex, monkeypatch)
     await emu.advance(minutes=1)
     await feed.wait_for(2)
     first = len(returns)
