@@ -67,6 +67,10 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         super().__init__(config or {})
         # (unified symbol, timeframe) -> the tap of the candle stream watching it.
         self.kestrel_kline_taps: dict[tuple[str, str], KlineTap] = {}
+        # (socket kind, kline topic) -> ((unified symbol, timeframe), market), for the
+        # markets loaded (`_kestrel_markets`): found once, not on every frame.
+        self._kestrel_topics: dict[tuple[str, str], tuple[tuple[str, str], Any] | None] = {}
+        self._kestrel_markets: Any = None
 
     async def authenticate(self, url: str, params: Any = None) -> Any:
         """Log in on the private socket, signed with the corrected clock."""
@@ -199,15 +203,26 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         self, client: Any, message: Any
     ) -> tuple[tuple[str, str], Any] | None:
         # (unified symbol, timeframe) of a kline frame and its market, found as ccxt's
-        # `handle_ohlcv` finds them; None where ccxt would drop the frame.
+        # `handle_ohlcv` finds them; None where ccxt would drop the frame. Kept per topic
+        # while the same markets are loaded (a reload gives ccxt a new `markets`).
+        if self._kestrel_markets is not self.markets:
+            self._kestrel_topics.clear()
+            self._kestrel_markets = self.markets
         topic = self.safe_string(message, "topic", "")
+        kind = "spot" if client.url.find("spot") > -1 else "contract"
+        found = self._kestrel_topics.get((kind, topic), False)
+        if found is not False:
+            return found  # type: ignore[return-value]
         parts = topic.split(".")
         timeframe = self.find_timeframe(self.safe_string(parts, 1))
         if timeframe is None:
-            return None
-        kind = "spot" if client.url.find("spot") > -1 else "contract"
-        market = self.safe_market(self.safe_string(parts, len(parts) - 1), None, None, kind)
-        return (market["symbol"], timeframe), market
+            found = None
+        else:
+            market = self.safe_market(self.safe_string(parts, len(parts) - 1), None, None, kind)
+            found = (market["symbol"], timeframe), market
+        if self.markets:  # without markets, ccxt makes up a market per frame: never kept
+            self._kestrel_topics[kind, topic] = found
+        return found
 
     def _kestrel_settled(
         self, key: tuple[str, str], tap: KlineTap, message: Any, market: Any

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import ccxt.pro
@@ -139,3 +140,39 @@ def test_a_frame_the_tap_settles_is_not_handled_by_ccxt() -> None:
         assert seen == [[row]]
         assert handled == without
         assert taps == {}
+
+
+def _spot_market(symbol: str) -> dict[str, Any]:
+    # The market ccxt lists for Bybit's BTCUSDT spot id, under `symbol`.
+    base, quote = symbol.split("/")
+    return {
+        "id": "BTCUSDT", "symbol": symbol, "base": base, "quote": quote, "baseId": "BTC",
+        "quoteId": "USDT", "type": "spot", "spot": True, "margin": False, "swap": False,
+        "future": False, "option": False, "contract": False, "active": True,
+        "precision": {"amount": 0.001, "price": 0.01}, "limits": {}, "info": {},
+    }  # fmt: skip
+
+
+def test_a_kline_frame_goes_to_the_tap_of_the_markets_loaded_now() -> None:
+    """The market a kline topic names is kept between frames, and found again when the
+    markets are reloaded: a frame then goes to the tap of its market's new symbol."""
+    exchange = KestrelBybit()
+    exchange.set_markets([_spot_market("BTC/USDT")])
+    seen: list[str] = []
+
+    def tap_of(symbol: str) -> Callable[[list[list[Any]]], bool]:
+        def tap(rows: list[list[Any]]) -> bool:
+            seen.append(symbol)
+            return True
+
+        return tap
+
+    for symbol in ("BTC/USDT", "XBT/USDT"):
+        exchange.kestrel_kline_taps[(symbol, "1m")] = tap_of(symbol)
+    client = _Client()
+    exchange.handle_message(client, _kline(True))
+    exchange.handle_message(client, _kline(False))
+    exchange.set_markets([_spot_market("XBT/USDT")])
+    exchange.handle_message(client, _kline(True))
+    assert seen == ["BTC/USDT", "BTC/USDT", "XBT/USDT"]
+    assert exchange.ohlcvs == {}  # each settled
