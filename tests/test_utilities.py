@@ -9,6 +9,7 @@ import logging.handlers
 import os
 import random
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from error_handler import (
     RateLimitError,
     RecoverableError,
 )
+from models import Side
 from utils.progress import progress_bar
 from utils.utilities import (
     AuditTrail,
@@ -360,6 +362,61 @@ def test_an_unencodable_audit_event_is_noted_and_the_trail_goes_on(tmp_path: Pat
     assert [(e["kind"], e["ts"]) for e in events] == [("signal", 1), ("order", 2)]
     assert "unencodable" in events[0]
     assert events[1]["n"] == 7
+
+
+def test_audit_values_without_a_json_form_are_written_as_valid_json(tmp_path: Path) -> None:
+    """numpy numbers stay numbers, non-finite floats become null, Decimals and the rest
+    their strings; every line parses (a NaN written as `NaN` would not)."""
+    import numpy as np
+
+    class Price(float):
+        pass
+
+    audit = AuditTrail(tmp_path)
+    audit.record(
+        "signal",
+        1,
+        features={"z": np.float64(1.5), "n": np.int64(3), "gap": float("nan"), 7: "k"},
+        price=Price(2.25),
+        qty=Decimal("0.0010"),
+        infinite=float("inf"),
+        side=Side.BUY,
+        path=Path("a/b"),
+    )
+    audit.close()
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    event = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert event["features"] == {"z": 1.5, "n": 3, "gap": None, "7": "k"}
+    assert event["price"] == 2.25
+    assert event["infinite"] is None
+    assert event["qty"] == "0.0010"
+    assert event["side"] == Side.BUY.value
+    assert event["path"] == "a/b"
+
+
+def test_a_burst_of_audit_events_is_written_in_batches_in_order(tmp_path: Path) -> None:
+    """Events queued together reach the file in fewer writes than events, in order."""
+    emitted: list[int] = []
+    original = logging.handlers.RotatingFileHandler.emit
+
+    def spy(self: logging.Handler, record: logging.LogRecord) -> None:
+        emitted.append(str(record.msg).count("\n") + 1)
+        original(self, record)
+
+    logging.handlers.RotatingFileHandler.emit = spy  # type: ignore[method-assign]
+    try:
+        audit = AuditTrail(tmp_path)
+        with audit.held():
+            for i in range(2500):
+                audit.record("order", i, n=i)
+        audit.close()
+    finally:
+        logging.handlers.RotatingFileHandler.emit = original  # type: ignore[method-assign]
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == list(range(2500))
+    assert sum(emitted) == 2500
+    assert len(emitted) < 2500
+    assert max(emitted) <= 1000
 
 
 def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> None:
