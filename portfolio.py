@@ -11,6 +11,7 @@ only input; nothing else mutates the portfolio.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +37,8 @@ from utils.utilities import logs_at
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal(0)
+# Additions and subtractions in this context never round (the positions' running value).
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
 
 
 @dataclass(slots=True)
@@ -137,6 +140,11 @@ class Portfolio:
         self.max_drawdown = 0.0
         self._seen_fills: set[str] = set()
         self._flat_cash: Decimal | None = None
+        # The open positions at their marks (entry price before the first mark), summed
+        # exactly: a mark moves it by the position's change, so a candle's equity costs
+        # the same with one position or a hundred. None: counted again when next read
+        # (after a fill, a funding settlement, a restore: anything but a mark).
+        self._value: Decimal | None = ZERO
         # Multi-strategy: the strategy that owns each pair, named on its closed trades.
         self.owners: dict[str, str] = {}
         # Where the venue would liquidate each position (the simulated exchange's view);
@@ -207,9 +215,14 @@ class Portfolio:
         """Return cash plus positions at their marks (entry price before the first mark)."""
         if not self._open:
             return self.cash
-        value = ZERO
-        for book in self._open.values():
-            value += book.qty * (book.mark if book.mark is not None else book.entry_price)
+        value = self._value
+        if value is None:
+            value = ZERO
+            add = _EXACT.add
+            for book in self._open.values():
+                price = book.mark if book.mark is not None else book.entry_price
+                value = add(value, book.qty * price)
+            self._value = value
         return self.cash + value
 
     def wallet_balance(self) -> Decimal:
@@ -247,6 +260,10 @@ class Portfolio:
         """Set the mark price of the position on `pair` (no-op when flat)."""
         book = self._open.get(pair)
         if book is not None:
+            value = self._value
+            if value is not None:  # moved by this position's change, exactly
+                old = book.qty * (book.mark if book.mark is not None else book.entry_price)
+                self._value = _EXACT.add(_EXACT.subtract(value, old), book.qty * price)
             book.mark = price
 
     def apply_funding(self, pair: str, mark: Decimal, rate: Decimal) -> Decimal:
@@ -264,7 +281,7 @@ class Portfolio:
         self.funding -= payment
         book.funding -= payment
         book.mark = mark
-        self._flat_cash = None
+        self._flat_cash = self._value = None
         log.debug("funding_settled", pair=pair, rate=str(rate), paid=str(payment))
         return payment
 
@@ -365,6 +382,7 @@ class Portfolio:
             append(t, float(equity))
         book.mark = mark
         self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
+        self._value = None
 
     def _record_run_flat_pair(self, ts: list[int]) -> None:
         # No position on the pair: the marks change nothing, so a flat account whose cash
@@ -405,6 +423,7 @@ class Portfolio:
                 order_id=fill.client_order_id,
             )
         self._seen_fills.add(fill.fill_id)
+        self._value = None  # the position changes: counted again when next read
         fill = _in_quote(fill)
         signed = fill.qty if fill.side is Side.BUY else -fill.qty
         self.cash -= signed * fill.price + fill.fee
@@ -492,6 +511,7 @@ class Portfolio:
         price = book.mark if book.mark is not None else book.entry_price
         self.cash += book.qty * price
         del self._open[pair]
+        self._value = None
         log.info("dust_written_off", pair=pair, qty=str(book.qty), value=str(book.qty * price))
         return book.qty
 
@@ -507,6 +527,7 @@ class Portfolio:
         self.cash = cash
         self.fees = fees
         self.realised_pnl = realised_pnl
+        self._value = None
         self._open = {
             p.pair: _Open(
                 p.qty if p.side is PositionSide.LONG else -p.qty,

@@ -116,6 +116,62 @@ def test_equity_is_conserved(steps: list[tuple[Side, Decimal, Decimal, Decimal, 
     assert p.equity() - start == pytest.approx(p.realised_pnl + unrealised - open_entry_fees)
 
 
+_PAIRS = ["A/USDT", "B/USDT", "C/USDT", "D/USDT"]
+_price = st.decimals(min_value="0.0001", max_value="90000", places=4)
+_operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("fill"),
+            st.sampled_from(_PAIRS),
+            st.sampled_from([Side.BUY, Side.SELL]),
+            st.decimals(min_value="0.00001", max_value="50", places=5),
+            _price,
+        ),
+        st.tuples(st.just("mark"), st.sampled_from(_PAIRS), _price),
+        st.tuples(st.just("mark"), st.sampled_from(_PAIRS), _price),  # marks: most steps
+        st.tuples(
+            st.just("funding"),
+            st.sampled_from(_PAIRS),
+            _price,
+            st.decimals(min_value="-0.001", max_value="0.001", places=6),
+        ),
+        st.tuples(st.just("dust"), st.sampled_from(_PAIRS)),
+        st.tuples(st.just("restore")),
+    ),
+    max_size=60,
+)
+
+
+@settings(deadline=None, max_examples=150)
+@given(_operations)
+def test_equity_kept_as_marks_move_equals_summing_every_position(
+    operations: list[tuple[object, ...]],
+) -> None:
+    """A mark moves the positions' value by its own change; after any mix of fills (adds,
+    partial closes, flips), marks, funding, dust write-offs and restores, equity is exactly
+    cash plus every position at its mark (entry price before the first)."""
+    p = Portfolio(Decimal(10_000))
+    for n, op in enumerate(operations):
+        kind, pair = op[0], str(op[1]) if len(op) > 1 else ""
+        if kind == "fill":
+            _, _, side, qty, price = op
+            p.apply_fill(fill(n, side, str(qty), str(price), pair=pair))  # type: ignore[arg-type]
+        elif kind == "mark":
+            p.mark(pair, op[2])  # type: ignore[arg-type]
+        elif kind == "funding":
+            p.apply_funding(pair, op[2], op[3])  # type: ignore[arg-type]
+        elif kind == "dust":
+            p.drop_dust(pair, Decimal("0.001"))
+        else:
+            p.restore(cash=p.cash, positions=list(p.positions().values()))
+        summed = Decimal(0)
+        for position in p.positions().values():
+            price = position.mark_price if position.mark_price is not None else position.entry_price
+            signed = position.qty if position.side is PositionSide.LONG else -position.qty
+            summed += signed * price
+        assert p.equity() == p.cash + summed
+
+
 def test_spot_buy_fee_in_base_reduces_the_coins_held() -> None:
     """A buy whose fee is charged in the coin bought holds qty - fee, at an unchanged cost."""
     p = Portfolio(Decimal(10_000))
