@@ -123,7 +123,130 @@ class PositionsView(Mapping[str, Position]):
         return len(self._pairs)
 
 
-class Portfolio:
+class _Valuation:
+    """Equity from cash and the positions' marks, and its curve: what each candle moves.
+
+    `Portfolio` books fills and funding into `cash` and `_open` and sets `_value` to None
+    when a position changes other than by its mark.
+    """
+
+    cash: Decimal
+    _open: dict[str, _Open]
+    _value: Decimal | None
+    _flat_cash: Decimal | None
+    peak_equity: Decimal
+    max_drawdown: float
+    equity_curve: EquityCurve
+
+    def equity(self) -> Decimal:
+        """Return cash plus positions at their marks (entry price before the first mark)."""
+        if not self._open:
+            return self.cash
+        value = self._value
+        if value is None:
+            value = ZERO
+            add = _EXACT.add
+            for book in self._open.values():
+                price = book.mark if book.mark is not None else book.entry_price
+                value = add(value, book.qty * price)
+            self._value = value
+        return self.cash + value
+
+    def mark(self, pair: str, price: Decimal) -> None:
+        """Set the mark price of the position on `pair` (no-op when flat)."""
+        book = self._open.get(pair)
+        if book is not None:
+            value = self._value
+            if value is not None:  # moved by this position's change, exactly
+                old = book.qty * (book.mark if book.mark is not None else book.entry_price)
+                self._value = _EXACT.add(_EXACT.subtract(value, old), book.qty * price)
+            book.mark = price
+
+    def record_equity(self, ts: int) -> Decimal:
+        """Append the current equity to the curve, update the drawdown; return equity.
+
+        The drawdown is `analytics.max_drawdown`'s (the fall from the running peak, the
+        starting cash the first peak, as a fraction of the peak), kept incrementally.
+        """
+        if not self._open and self.equity_curve and self.cash == self._flat_cash:
+            # Flat and nothing changed since the last point: the same equity again (the
+            # common case in backtests; skips the Decimal work).
+            curve = self.equity_curve
+            if curve.last_ts != ts:
+                curve.append(ts, curve.last_value)
+            return self.cash
+        equity = self.equity()
+        self._flat_cash = equity if not self._open else None
+        if equity > self.peak_equity:
+            self.peak_equity = equity
+        elif self.peak_equity > 0 and equity < self.peak_equity:
+            dd = float((self.peak_equity - equity) / self.peak_equity)
+            if dd > self.max_drawdown:
+                self.max_drawdown = dd
+        value = float(equity)
+        curve = self.equity_curve
+        if curve and curve.last_ts == ts:
+            curve.set_last(ts, value)
+        else:
+            curve.append(ts, value)
+        return equity
+
+    def record_equity_run(self, pair: str, ts: list[int], closes: list[float]) -> None:
+        """Mark `pair` at each close and record the equity at each time, as one call each.
+
+        The result is exactly that of `mark(pair, Decimal(repr(close)))` followed by
+        `record_equity(t)` per candle; a flat account extends the curve in one step.
+        """
+        if not ts:
+            return
+        book = self._open.get(pair)
+        if book is None:
+            self._record_run_flat_pair(ts)
+            return
+        curve = self.equity_curve
+        if len(self._open) == 1 and curve and curve.last_ts < ts[0]:
+            self._record_run_sole_position(book, ts, closes)
+            return
+        for t, close in zip(ts, closes, strict=True):
+            self.mark(pair, Decimal(repr(close)))
+            self.record_equity(t)
+
+    def _record_run_sole_position(self, book: _Open, ts: list[int], closes: list[float]) -> None:
+        # The one open position: record_equity's arithmetic, inlined. The drawdown
+        # is worked out only at a new trough below the peak: between troughs it is
+        # smaller than at the last one, so the maximum comes out the same.
+        cash, qty = self.cash, book.qty
+        peak, worst = self.peak_equity, self.max_drawdown
+        trough: Decimal | None = None
+        append = self.equity_curve.append
+        mark = book.mark
+        for t, close in zip(ts, closes, strict=True):
+            mark = _price_decimal(close)
+            equity = cash + qty * mark
+            if equity > peak:
+                peak, trough = equity, None
+            elif peak > 0 and equity < peak and (trough is None or equity < trough):
+                trough = equity
+                dd = float((peak - equity) / peak)
+                if dd > worst:
+                    worst = dd
+            append(t, float(equity))
+        book.mark = mark
+        self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
+        self._value = None
+
+    def _record_run_flat_pair(self, ts: list[int]) -> None:
+        # No position on the pair: the marks change nothing, so a flat account whose cash
+        # is unchanged extends the curve with its last value in one step.
+        self.record_equity(ts[0])
+        if not self._open and self.cash == self._flat_cash:
+            self.equity_curve.extend_flat(ts[1:], self.equity_curve.last_value)
+        else:
+            for t in ts[1:]:
+                self.record_equity(t)
+
+
+class Portfolio(_Valuation):
     """Cash, positions and realised results of one account."""
 
     def __init__(self, starting_cash: Decimal, *, quote: str = "USDT") -> None:
@@ -211,20 +334,6 @@ class Portfolio:
         book = self._open.get(pair)
         return book.qty if book else ZERO
 
-    def equity(self) -> Decimal:
-        """Return cash plus positions at their marks (entry price before the first mark)."""
-        if not self._open:
-            return self.cash
-        value = self._value
-        if value is None:
-            value = ZERO
-            add = _EXACT.add
-            for book in self._open.values():
-                price = book.mark if book.mark is not None else book.entry_price
-                value = add(value, book.qty * price)
-            self._value = value
-        return self.cash + value
-
     def wallet_balance(self) -> Decimal:
         """Return the wallet balance: cash plus positions at their entry (no unrealised PnL).
 
@@ -255,16 +364,6 @@ class Portfolio:
         )
 
     # -- Updates -----------------------------------------------------------------------------
-
-    def mark(self, pair: str, price: Decimal) -> None:
-        """Set the mark price of the position on `pair` (no-op when flat)."""
-        book = self._open.get(pair)
-        if book is not None:
-            value = self._value
-            if value is not None:  # moved by this position's change, exactly
-                old = book.qty * (book.mark if book.mark is not None else book.entry_price)
-                self._value = _EXACT.add(_EXACT.subtract(value, old), book.qty * price)
-            book.mark = price
 
     def apply_funding(self, pair: str, mark: Decimal, rate: Decimal) -> Decimal:
         """Settle one funding time on `pair`'s position; return what it paid (< 0: received).
@@ -310,89 +409,6 @@ class Portfolio:
     def has_position(self, pair: str) -> bool:
         """Return True when a position is open on `pair`."""
         return pair in self._open
-
-    def record_equity(self, ts: int) -> Decimal:
-        """Append the current equity to the curve, update the drawdown; return equity.
-
-        The drawdown is `analytics.max_drawdown`'s (the fall from the running peak, the
-        starting cash the first peak, as a fraction of the peak), kept incrementally.
-        """
-        if not self._open and self.equity_curve and self.cash == self._flat_cash:
-            # Flat and nothing changed since the last point: the same equity again (the
-            # common case in backtests; skips the Decimal work).
-            curve = self.equity_curve
-            if curve.last_ts != ts:
-                curve.append(ts, curve.last_value)
-            return self.cash
-        equity = self.equity()
-        self._flat_cash = equity if not self._open else None
-        if equity > self.peak_equity:
-            self.peak_equity = equity
-        elif self.peak_equity > 0 and equity < self.peak_equity:
-            dd = float((self.peak_equity - equity) / self.peak_equity)
-            if dd > self.max_drawdown:
-                self.max_drawdown = dd
-        value = float(equity)
-        curve = self.equity_curve
-        if curve and curve.last_ts == ts:
-            curve.set_last(ts, value)
-        else:
-            curve.append(ts, value)
-        return equity
-
-    def record_equity_run(self, pair: str, ts: list[int], closes: list[float]) -> None:
-        """Mark `pair` at each close and record the equity at each time, as one call each.
-
-        The result is exactly that of `mark(pair, Decimal(repr(close)))` followed by
-        `record_equity(t)` per candle; a flat account extends the curve in one step.
-        """
-        if not ts:
-            return
-        book = self._open.get(pair)
-        if book is None:
-            self._record_run_flat_pair(ts)
-            return
-        curve = self.equity_curve
-        if len(self._open) == 1 and curve and curve.last_ts < ts[0]:
-            self._record_run_sole_position(book, ts, closes)
-            return
-        for t, close in zip(ts, closes, strict=True):
-            self.mark(pair, Decimal(repr(close)))
-            self.record_equity(t)
-
-    def _record_run_sole_position(self, book: _Open, ts: list[int], closes: list[float]) -> None:
-        # The one open position: record_equity's arithmetic, inlined. The drawdown
-        # is worked out only at a new trough below the peak: between troughs it is
-        # smaller than at the last one, so the maximum comes out the same.
-        cash, qty = self.cash, book.qty
-        peak, worst = self.peak_equity, self.max_drawdown
-        trough: Decimal | None = None
-        append = self.equity_curve.append
-        mark = book.mark
-        for t, close in zip(ts, closes, strict=True):
-            mark = _price_decimal(close)
-            equity = cash + qty * mark
-            if equity > peak:
-                peak, trough = equity, None
-            elif peak > 0 and equity < peak and (trough is None or equity < trough):
-                trough = equity
-                dd = float((peak - equity) / peak)
-                if dd > worst:
-                    worst = dd
-            append(t, float(equity))
-        book.mark = mark
-        self.peak_equity, self.max_drawdown, self._flat_cash = peak, worst, None
-        self._value = None
-
-    def _record_run_flat_pair(self, ts: list[int]) -> None:
-        # No position on the pair: the marks change nothing, so a flat account whose cash
-        # is unchanged extends the curve with its last value in one step.
-        self.record_equity(ts[0])
-        if not self._open and self.cash == self._flat_cash:
-            self.equity_curve.extend_flat(ts[1:], self.equity_curve.last_value)
-        else:
-            for t in ts[1:]:
-                self.record_equity(t)
 
     def set_protection(
         self, pair: str, *, stop: Decimal | None = None, take_profit: Decimal | None = None
