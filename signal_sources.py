@@ -13,7 +13,7 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -92,6 +92,11 @@ def decide_signal(
             pair, Side.SELL, 1.0, f"{name}: entry short", ts, price, name, features=features()
         )
     return None
+
+
+# A row's flags as bits: enter_long 1, exit_long 2, enter_short 4, exit_short 8 (the
+# order of `PrecomputedSignals._NAMES`), and each bit pattern as the tuple `_flags` gives.
+_FLAG_TUPLES: Final = tuple((bool(b & 1), bool(b & 2), bool(b & 4), bool(b & 8)) for b in range(16))
 
 
 def _lookup(known_and_set: tuple[np.ndarray, np.ndarray], ts: np.ndarray) -> np.ndarray:
@@ -200,14 +205,15 @@ class PrecomputedSignals:
         self.strategy = strategy
         # Per pair: the open times (a view of the frame's own, for O(1) reads from
         # Python), the row the last lookup found (candles arrive in order, so the next
-        # one is usually next), and the flags of the rows that have any (most have none):
-        # nothing is held per candle beyond the frame itself and one flag byte.
+        # one is usually next), each row's flags as bits (one byte a candle, `_FLAG_BITS`)
+        # and the rows with any flag set, whose features alone are kept. Nothing else is
+        # held per candle, and no Python object per flagged row: a strategy whose flags
+        # hold for long stretches (a state, not a crossing) costs 9 bytes a flagged row.
         self._ts: dict[str, memoryview] = {}
         self._cursor: dict[str, int] = {}
-        self._flags: dict[str, dict[int, tuple[bool, bool, bool, bool]]] = {}
-        self._feature_row: dict[str, dict[int, int]] = {}
-        self._flagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._entering: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._bits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._bits_of: dict[str, memoryview] = {}
+        self._set_rows: dict[str, memoryview] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
             cols = strategy.populate(frame)
@@ -217,22 +223,16 @@ class PrecomputedSignals:
             )
             self._ts[pair] = ts.data  # a memoryview: int reads, no copy
             self._cursor[pair] = -1
-            flags = np.zeros((len(frame), 4), dtype=bool)
+            bits = np.zeros(len(frame), dtype=np.uint8)
             for j, name in enumerate(self._NAMES):
                 if name in cols.columns:
-                    flags[:, j] = cols[name].to_numpy(dtype=bool)
+                    bits |= cols[name].to_numpy(dtype=bool).view(np.uint8) << np.uint8(j)
             # A strategy needs its warm-up before its signals count, as in the live path.
-            flags[: max(strategy.warmup - 1, 0)] = False
-            self._flagged[pair] = (ts, np.asarray(flags.any(axis=1)))
-            # The rows where a flat position gets a signal (`decide_signal`): an entry.
-            entering = flags[:, 0] | (flags[:, 2] & strategy.can_short)
-            self._entering[pair] = (ts, np.asarray(entering))
-            # Python tuples of the flagged rows alone: one cheap lookup per candle.
-            set_rows = np.flatnonzero(self._flagged[pair][1])
-            self._flags[pair] = {
-                i: (a, b, c, d)
-                for i, (a, b, c, d) in zip(set_rows.tolist(), flags[set_rows].tolist(), strict=True)
-            }
+            bits[: max(strategy.warmup - 1, 0)] = 0
+            self._bits[pair] = (ts, bits)
+            self._bits_of[pair] = bits.data
+            set_rows = np.flatnonzero(bits)
+            self._set_rows[pair] = set_rows.data
             names = [
                 str(c)
                 for c in cols.columns
@@ -245,7 +245,6 @@ class PrecomputedSignals:
                 else np.empty((len(set_rows), 0))
             )
             self._features[pair] = (names, values)
-            self._feature_row[pair] = {int(i): k for k, i in enumerate(set_rows.tolist())}
 
     def _row(self, pair: str, ts: int) -> int | None:
         """Return the row of `pair`'s archive opening at `ts`, None if it has none."""
@@ -263,24 +262,29 @@ class PrecomputedSignals:
         self._cursor[pair] = index
         return index
 
+    def _entry_bits(self) -> int:
+        # The flags that give a flat position a signal (`decide_signal`): an entry.
+        return 0b0101 if self.strategy.can_short else 0b0001
+
     def has_flags(self, candle: Candle) -> bool:
         """Return True if any signal column is set on this candle."""
         index = self._row(candle.pair, candle.ts)
-        return index is not None and index in self._flags[candle.pair]
+        return index is not None and self._bits_of[candle.pair][index] != 0
 
     def has_entry(self, candle: Candle) -> bool:
         """Return True if this candle's flags give a flat position a signal (an entry)."""
         index = self._row(candle.pair, candle.ts)
-        flags = None if index is None else self._flags[candle.pair].get(index)
-        return flags is not None and (flags[0] or (flags[2] and self.strategy.can_short))
+        return index is not None and self._bits_of[candle.pair][index] & self._entry_bits() != 0
 
     def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
-        return _lookup(self._flagged[pair], ts)
+        known, bits = self._bits[pair]
+        return _lookup((known, bits != 0), ts)
 
     def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
         """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
-        return _lookup(self._entering[pair], ts)
+        known, bits = self._bits[pair]
+        return _lookup((known, bits & np.uint8(self._entry_bits()) != 0), ts)
 
     def prepare(self, pairs: Sequence[str]) -> None:
         """Nothing to do: every row is computed already."""
@@ -290,17 +294,17 @@ class PrecomputedSignals:
         index = self._row(candle.pair, candle.ts)
         if index is None:
             return None
-        flags = self._flags[candle.pair].get(index)
-        if flags is None:
+        bits = self._bits_of[candle.pair][index]
+        if not bits:
             return None
         names, values = self._features[candle.pair]
-        row = self._feature_row[candle.pair][index]
+        row = bisect.bisect_left(self._set_rows[candle.pair], index)
         return decide_signal(
             self.strategy,
             candle.pair,
             candle.ts,
             candle.close,
-            flags,
+            _FLAG_TUPLES[bits],
             holding,
             lambda: {
                 n: v for n, v in zip(names, values[row].tolist(), strict=True) if math.isfinite(v)

@@ -1,0 +1,123 @@
+"""A backtest's precomputed signals: every row's flags read back, and no object per row."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models import Candle
+from signal_sources import PrecomputedSignals, decide_signal
+from strategy import Param, Strategy
+
+
+NAMES = ("enter_long", "exit_long", "enter_short", "exit_short")
+
+
+class Given(Strategy):
+    """Hands back the flag and feature columns it was built with (a test's strategy)."""
+
+    name = "given"
+    parameters: ClassVar[Mapping[str, Param]] = {"warm": Param(1, 1, 10_000)}
+
+    def __init__(self, columns: pd.DataFrame, *, short: bool, **params: float) -> None:
+        super().__init__(**params)
+        self.columns = columns
+        self.can_short = short  # type: ignore[misc]
+
+    @property
+    def warmup(self) -> int:
+        return int(self.params["warm"])
+
+    def populate(self, df: pd.DataFrame) -> pd.DataFrame:
+        return self.columns.set_axis(df.index)
+
+
+def _frame(n: int) -> pd.DataFrame:
+    index = pd.date_range("2024-01-01", periods=n, freq="1min", tz="UTC", name="ts")
+    close = 100.0 + np.arange(n, dtype=np.float64) % 7
+    return pd.DataFrame(
+        {"open": close, "high": close + 1, "low": close - 1, "close": close, "volume": 1.0},
+        index=index.as_unit("ms"),
+    )
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+            st.one_of(st.just(float("nan")), st.floats(-1e6, 1e6)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    short=st.booleans(),
+    warm=st.integers(1, 12),
+    holding=st.sampled_from([Decimal(0), Decimal("0.5"), Decimal("-2")]),
+)
+def test_each_rows_signal_is_decided_from_its_own_flags_and_features(
+    rows: list[tuple[tuple[bool, bool, bool, bool], float]],
+    short: bool,
+    warm: int,
+    holding: Decimal,
+) -> None:
+    """signal, has_flags, has_entry and the masks give what each row's own flags give
+    (none before the warm-up), with the row's finite features."""
+    n = len(rows)
+    columns = pd.DataFrame({name: [r[0][j] for r in rows] for j, name in enumerate(NAMES)})
+    columns["z"] = [r[1] for r in rows]
+    columns["k"] = np.arange(n, dtype=np.float64)
+    strategy = Given(columns, short=short, warm=warm)
+    frame = _frame(n)
+    signals = PrecomputedSignals(strategy, {"P/USDT": frame})
+    ts = frame.index.asi8
+    flagged, entering = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for i, (flags, z) in enumerate(rows):
+        live = flags if i >= warm - 1 else (False, False, False, False)
+        flagged[i] = any(live)
+        entering[i] = live[0] or (live[2] and short)
+        candle = Candle("P/USDT", "1m", int(ts[i]), 1.0, 1.0, 1.0, float(frame.close.iat[i]), 1.0)
+        features = {"k": float(i)} | ({"z": z} if np.isfinite(z) else {})
+        expected = decide_signal(
+            strategy, "P/USDT", candle.ts, candle.close, live, holding, lambda f=features: f
+        )
+        assert signals.signal(candle, holding) == expected
+        assert signals.has_flags(candle) is bool(flagged[i])
+        assert signals.has_entry(candle) is bool(entering[i])
+    assert signals.flag_mask("P/USDT", ts).tolist() == flagged.tolist()
+    assert signals.entry_mask("P/USDT", ts).tolist() == entering.tolist()
+    # Open times of another series: rows the archive lacks are never flagged.
+    shifted = ts + 30_000
+    assert not signals.flag_mask("P/USDT", shifted).any()
+
+
+def test_flags_held_on_every_row_keep_no_python_object_per_row() -> None:
+    """A strategy whose entry flag holds for the whole archive (a state, not a crossing):
+    what the signals keep grows by its one flag byte, one row number and the features of
+    each row, not by Python objects (about 300 bytes a flagged row)."""
+    n = 300_000
+    columns = pd.DataFrame(
+        {"enter_long": np.ones(n, dtype=bool), "exit_long": np.zeros(n, dtype=bool)}
+    )
+    columns["f"] = np.linspace(0.0, 1.0, n)
+    strategy = Given(columns, short=False)
+    frame = _frame(n)
+    tracemalloc.start()
+    try:
+        signals = PrecomputedSignals(strategy, {"P/USDT": frame})
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_row = kept / n
+    assert per_row < 1 + 8 + 8 + 8  # flag byte, row number, the feature, some slack
+    candle = Candle("P/USDT", "1m", int(frame.index.asi8[-1]), 1, 1, 1, 1, 1)
+    signal = signals.signal(candle, Decimal(0))
+    assert signal is not None
+    assert signal.features == {"f": 1.0}
