@@ -86,7 +86,7 @@ def test_each_rows_signal_is_decided_from_its_own_flags_and_features(
         candle = Candle("P/USDT", "1m", int(ts[i]), 1.0, 1.0, 1.0, float(frame.close.iat[i]), 1.0)
         features = {"k": float(i)} | ({"z": z} if np.isfinite(z) else {})
         expected = decide_signal(
-            strategy, "P/USDT", candle.ts, candle.close, live, holding, lambda f=features: f
+            strategy, "P/USDT", candle.ts, candle.close, live, holding, features.copy
         )
         assert signals.signal(candle, holding) == expected
         assert signals.has_flags(candle) is bool(flagged[i])
