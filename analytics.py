@@ -80,6 +80,21 @@ def curve(result: BacktestResult) -> tuple[np.ndarray, np.ndarray]:
     return ts, equity
 
 
+def curve_parts(result: BacktestResult) -> tuple[int, float, np.ndarray, np.ndarray]:
+    """Return `curve(result)` as its starting point and the run's own points, uncopied.
+
+    (start ts, start equity, ts, equity): the curve is the start followed by `ts` and
+    `equity`, which are the result's arrays themselves (a long run's curve is 16 bytes a
+    bar: the report's metrics read it in place).
+    """
+    start = float(result.starting_balance)
+    ts = np.asarray(result.ts, dtype=np.int64)
+    equity = np.asarray(result.equity, dtype=np.float64)
+    if len(ts) == 0:
+        return 0, start, ts, equity
+    return int(ts[0]) - timeframe_to_ms(result.timeframe), start, ts, equity
+
+
 @njit(cache=True, error_model="numpy")
 def curve_stats(start, equity):  # type: ignore[no-untyped-def]
     """Return (mean, std ddof 1, downside deviation, max drawdown) of a curve's bar returns.
@@ -263,30 +278,35 @@ def calmar(cagr_value: float | None, max_dd: float) -> float | None:
 
 def max_drawdown_duration(ts: np.ndarray, equity: np.ndarray) -> int:
     """Return the longest time (ms) from a peak until equity first regains it (or the end)."""
-    return int(_max_drawdown_duration(np.asarray(ts, np.int64), np.asarray(equity, np.float64)))
+    ts, equity = np.asarray(ts, np.int64), np.asarray(equity, np.float64)
+    if len(ts) == 0:
+        return 0
+    return int(_max_drawdown_duration(int(ts[0]), float(equity[0]), ts[1:], equity[1:]))
 
 
 @njit(cache=True)
-def _max_drawdown_duration(ts, equity):  # type: ignore[no-untyped-def]
-    # One pass, no per-bar temporaries (the numpy version held ~40 bytes a bar at once). A
-    # bar at the running peak (ties included) ends an underwater stretch; a NaN keeps the
-    # curve underwater from there on, as a NaN running maximum would.
+def _max_drawdown_duration(start_ts, start, ts, equity):  # type: ignore[no-untyped-def]
+    # One pass, no per-bar temporaries (the numpy version held ~40 bytes a bar at once),
+    # over the curve `start` then `equity` (the run's points read in place). A bar at the
+    # running peak (ties included) ends an underwater stretch; a NaN keeps the curve
+    # underwater from there on, as a NaN running maximum would.
     longest = 0
     peak = -np.inf
-    peak_ts = ts[0]
+    peak_ts = start_ts
     under = False
     lost = False  # a NaN was met
-    for i in range(equity.shape[0]):
-        value = equity[i]
+    for i in range(-1, equity.shape[0]):
+        value = start if i < 0 else equity[i]
+        at = start_ts if i < 0 else ts[i]
         if lost or np.isnan(value) or value < peak:
             lost = lost or np.isnan(value)
-            longest = max(longest, ts[i] - peak_ts)
+            longest = max(longest, at - peak_ts)
             under = True
         else:
             if under:
-                longest = max(longest, ts[i] - peak_ts)
+                longest = max(longest, at - peak_ts)
             peak = value
-            peak_ts = ts[i]
+            peak_ts = at
             under = False
     return longest
 
@@ -352,12 +372,12 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
     per trade on its notional), avg_win, avg_loss, best_trade, worst_trade, fees, plus the
     run's span and balances, and `per_pair` with the trade statistics of each pair.
     """
-    ts, equity = curve(result)
-    start, final = float(equity[0]), float(equity[-1])
-    span = int(ts[-1] - ts[0])
+    start_ts, start, ts, equity = curve_parts(result)
+    end_ts, final = (int(ts[-1]), float(equity[-1])) if len(ts) else (start_ts, start)
+    span = end_ts - start_ts
     ppy = periods_per_year(result.timeframe)
     mean, std, downside, max_dd = (
-        curve_stats(start, equity[1:]) if len(equity) > 1 else (0.0, 0.0, 0.0, 0.0)
+        curve_stats(start, equity) if len(equity) else (0.0, 0.0, 0.0, 0.0)
     )
     total = final / start - 1 if start else 0.0
     growth = cagr(final / start, span) if start > 0 else None
@@ -366,8 +386,8 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
     with np.errstate(divide="ignore", invalid="ignore"):
         trade_returns = np.where(notional > 0, table["pnl"] / notional, 0.0)
     out: dict[str, Any] = {
-        "start_ts": int(ts[0]),
-        "end_ts": int(ts[-1]),
+        "start_ts": start_ts,
+        "end_ts": end_ts,
         "days": span / DAY_MS,
         "starting_balance": start,
         "final_equity": final,
@@ -378,8 +398,8 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
         "sortino": annualised_ratio(mean, downside, ppy),
         "calmar": calmar(growth, max_dd),
         "max_drawdown": max_dd,
-        "max_drawdown_duration_days": max_drawdown_duration(ts, equity) / DAY_MS,
-        "exposure": exposure(result, int(ts[0]), int(ts[-1])),
+        "max_drawdown_duration_days": _max_drawdown_duration(start_ts, start, ts, equity) / DAY_MS,
+        "exposure": exposure(result, start_ts, end_ts),
         "trades_per_day": result.n_trades / (span / DAY_MS) if span > 0 else None,
         **trade_stats(table["pnl"], trade_returns, table["fee"]),
         "fees": result.fees,
@@ -402,10 +422,14 @@ def metrics(result: BacktestResult) -> dict[str, Any]:
 
 def trade_returns(result: BacktestResult) -> np.ndarray:
     """Return each closed trade's PnL as a fraction of the equity just before its entry."""
-    ts, equity = curve(result)
+    _, start, ts, equity = curve_parts(result)
     entry = result.table["entry_ts"]
+    # The curve's last point at or before each entry: the start, or one of the run's own.
     index = np.searchsorted(ts, entry, side="right") - 1
-    before = equity[np.clip(index, 0, len(equity) - 1)]
+    if len(equity):
+        before = np.where(index >= 0, equity[np.clip(index, 0, len(equity) - 1)], start)
+    else:
+        before = np.full(len(entry), start)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(before > 0, result.table["pnl"] / before, 0.0)
     return np.asarray(out, dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from analytics import (
     _downsample,
+    curve,
     drawdown,
     max_drawdown_duration,
     metrics,
@@ -322,3 +324,52 @@ def test_drawdown_duration_kernel_matches_the_array_formulation(
     with np.errstate(invalid="ignore"):
         expected = _drawdown_duration_reference(ts, equity)
     assert max_drawdown_duration(ts, equity) == expected
+
+
+@given(
+    equity=st.lists(st.floats(1, 500), max_size=40),
+    entries=st.lists(st.integers(-3, 45), max_size=8),
+    start=st.floats(1, 500),
+)
+def test_metrics_and_trade_returns_read_the_curve_in_place_as_the_whole_curve_gives(
+    equity: list[float], entries: list[int], start: float
+) -> None:
+    """Read in place (the start point apart), a run's curve gives the span, drawdown
+    duration and each trade's equity before entry that the copied whole curve gives,
+    entries before the first point and empty curves included."""
+    r = result(
+        equity or [start],
+        trades=[{"entry_ts": T0 + day * DAY, "pnl": 1.0} for day in entries],
+        start=start,
+    )
+    if not equity:  # a run without a point: only the start
+        r = dataclasses.replace(r, ts=r.ts[:0], equity=r.equity[:0])
+    ts, full = curve(r)
+    stats = metrics(r)
+    assert (stats["start_ts"], stats["end_ts"]) == (int(ts[0]), int(ts[-1]))
+    assert stats["final_equity"] == full[-1]
+    assert stats["max_drawdown_duration_days"] == max_drawdown_duration(ts, full) / DAY
+    index = np.clip(np.searchsorted(ts, r.table["entry_ts"], side="right") - 1, 0, None)
+    assert trade_returns(r).tolist() == (r.table["pnl"] / full[index]).tolist()
+
+
+def test_metrics_and_trade_returns_hold_no_copy_of_a_long_curve() -> None:
+    """A 2,000,000-point curve (32 MB) is read where it lies: the report's metrics and the
+    trade returns allocate a few kilobytes, not another 16 bytes a point."""
+    import tracemalloc
+
+    n = 2_000_000
+    r = result([100.0, 101.0], trades=[{"entry_ts": T0 + DAY, "pnl": 1.0}])
+    curve_ts = T0 + DAY * np.arange(1, n + 1, dtype=np.int64)
+    values = 100.0 + np.sin(np.arange(n) / 1000.0)
+    r = dataclasses.replace(r, ts=curve_ts, equity=values, candles=n)
+    metrics(r), trade_returns(r)  # numba's first calls load their code
+    tracemalloc.start()
+    try:
+        stats, returns = metrics(r), trade_returns(r)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # a copy of the curve would be 32,000,016 bytes
+    assert stats["end_ts"] == int(curve_ts[-1])
+    assert returns.tolist() == [1.0 / 100.0]
