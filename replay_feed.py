@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
-from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -683,14 +682,13 @@ class SimDriver:
         return start + count, start + count < end
 
 
-def _packed(code: str, values: np.ndarray) -> array[int]:
-    """Return `values` as a packed `array` of type `code` (no Python object per item)."""
-    packed = array(code)
-    packed.frombytes(np.ascontiguousarray(values, dtype=_PACKED_DTYPE[code]).tobytes())
-    return packed
+def _indexed(values: np.ndarray, dtype: type[np.generic]) -> memoryview:
+    """Return `values` for reads item by item from Python: a memoryview, not a copy.
 
-
-_PACKED_DTYPE = {"b": np.int8, "h": np.short, "i": np.intc}
+    An item costs what an `array`'s or a list's does (a Python bool or int made on the
+    read), and nothing is held per candle beyond the array's own bytes.
+    """
+    return np.ascontiguousarray(values, dtype=dtype).data
 
 
 def _open_ms(frame: pd.DataFrame) -> np.ndarray:
@@ -736,14 +734,14 @@ class _StretchPlan:
                 first[at[0]] = True  # a pair's first candle opens its data window
         self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
         self.first = np.flatnonzero(first)  # first and refused candles only
-        # Packed arrays once: the driver reads them candle by candle (an item of an
-        # `array` costs about what a list's does) at 1-8 bytes a candle, where Python
-        # lists would hold a pointer and often an int object per candle (~110 bytes).
-        self.is_first = _packed("b", first)
-        self.is_entry = _packed("b", entry)
-        self.is_flagged = _packed("b", flagged)
-        self.pair_list = _packed("h", rows.pair_of)
-        self.local_list = _packed("i", rows.local)
+        # The driver reads these candle by candle: memoryviews of the arrays themselves
+        # (1-4 bytes a candle, no second copy), where Python lists would hold a pointer
+        # and often an int object per candle (~110 bytes).
+        self.is_first = _indexed(first, np.bool_)
+        self.is_entry = _indexed(entry, np.bool_)
+        self.is_flagged = _indexed(flagged, np.bool_)
+        self.pair_list = _indexed(rows.pair_of, np.int16)
+        self.local_list = _indexed(rows.local, np.int32)
 
     def quiet_until(
         self, start: int, hot: list[int], holding: list[int], *, void: bool = False
