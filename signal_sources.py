@@ -16,11 +16,12 @@ from decimal import Decimal
 from typing import Any, Final, Protocol
 
 import numpy as np
+import pandas as pd
 
 from batch_signals import advance_many, warm
 from data_manager import DataManager
 from models import Candle, Side, Signal
-from strategy import Strategy
+from strategy import KernelStrategy, Strategy
 
 
 class SignalSource(Protocol):
@@ -216,34 +217,20 @@ class PrecomputedSignals:
         self._set_rows: dict[str, memoryview] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
         for pair, frame in frames.items():
-            cols = strategy.populate(frame)
             index = frame.index
             ts = np.ascontiguousarray(
                 (index if index.unit == "ms" else index.as_unit("ms")).asi8, dtype=np.int64
             )
             self._ts[pair] = ts.data  # a memoryview: int reads, no copy
             self._cursor[pair] = -1
-            bits = np.zeros(len(frame), dtype=np.uint8)
-            for j, name in enumerate(self._NAMES):
-                if name in cols.columns:
-                    bits |= cols[name].to_numpy(dtype=bool).view(np.uint8) << np.uint8(j)
-            # A strategy needs its warm-up before its signals count, as in the live path.
-            bits[: max(strategy.warmup - 1, 0)] = 0
+            # A kernel strategy's own `populate` (not a subclass's) comes a chunk at a time.
+            if isinstance(strategy, KernelStrategy) and _plain_populate(strategy):
+                bits, set_rows, names, values = _kernel_rows(strategy, frame)
+            else:
+                bits, set_rows, names, values = _populated_rows(strategy, frame)
             self._bits[pair] = (ts, bits)
             self._bits_of[pair] = bits.data
-            set_rows = np.flatnonzero(bits)
             self._set_rows[pair] = set_rows.data
-            names = [
-                str(c)
-                for c in cols.columns
-                if c not in self._NAMES and np.issubdtype(cols[c].dtype, np.number)
-            ]
-            # The features are read only where a flag is set: keep those rows alone.
-            values = (
-                cols[names].iloc[set_rows].to_numpy(dtype=np.float64)
-                if names
-                else np.empty((len(set_rows), 0))
-            )
             self._features[pair] = (names, values)
 
     def _row(self, pair: str, ts: int) -> int | None:
@@ -310,6 +297,64 @@ class PrecomputedSignals:
                 n: v for n, v in zip(names, values[row].tolist(), strict=True) if math.isfinite(v)
             },
         )
+
+
+def _populated_rows(
+    strategy: Strategy, frame: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """Return a frame's flag bits, flagged rows, feature names and their features.
+
+    From `populate`'s columns: the flags of every row as bits (`_FLAG_BITS`), none before
+    the warm-up (as in the live path), and the numeric features of the flagged rows.
+    """
+    cols = strategy.populate(frame)
+    bits = np.zeros(len(frame), dtype=np.uint8)
+    for j, name in enumerate(PrecomputedSignals._NAMES):
+        if name in cols.columns:
+            bits |= cols[name].to_numpy(dtype=bool).view(np.uint8) << np.uint8(j)
+    bits[: max(strategy.warmup - 1, 0)] = 0
+    set_rows = np.flatnonzero(bits)
+    names = [
+        str(c)
+        for c in cols.columns
+        if c not in PrecomputedSignals._NAMES and np.issubdtype(cols[c].dtype, np.number)
+    ]
+    values = (
+        cols[names].iloc[set_rows].to_numpy(dtype=np.float64)
+        if names
+        else np.empty((len(set_rows), 0))
+    )
+    return bits, set_rows, names, values
+
+
+def _plain_populate(strategy: KernelStrategy) -> bool:
+    return type(strategy).populate is KernelStrategy.populate
+
+
+def _kernel_rows(
+    strategy: KernelStrategy, frame: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """`_populated_rows` of a kernel strategy, its rows computed a chunk at a time.
+
+    `populate_chunks` gives `populate`'s rows without its whole-frame columns: the peak
+    of a long backtest's preparation does not grow with its features.
+    """
+    bits = np.zeros(len(frame), dtype=np.uint8)
+    names = list(strategy.features)
+    rows: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    warm = max(strategy.warmup - 1, 0)
+    for first, enter, exit_, feats in strategy.populate_chunks(frame):
+        chunk = bits[first : first + len(enter)]
+        chunk |= enter.view(np.uint8) | (exit_.view(np.uint8) << np.uint8(1))
+        if first < warm:
+            chunk[: warm - first] = 0
+        flagged = np.flatnonzero(chunk)
+        rows.append(flagged + first)
+        values.append(feats[flagged, : len(names)])
+    set_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.intp)
+    kept = np.concatenate(values) if values else np.empty((0, len(names)))
+    return bits, set_rows, names, np.ascontiguousarray(kept, dtype=np.float64)
 
 
 def _features(row: Any) -> dict[str, float]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +35,33 @@ from numba import njit
 
 from error_handler import ConfigError
 from models import Side, Signal
+from strategy_exact import (
+    INT_LIMIT as _INT_LIMIT,
+)
+from strategy_exact import (
+    POW10 as _POW10,
+)
+from strategy_exact import (
+    U as _U,
+)
+from strategy_exact import (
+    decimals as _decimals,
+)
+from strategy_exact import (
+    grid as _grid,
+)
+from strategy_exact import (
+    ratio as _ratio,
+)
+from strategy_exact import (
+    sign as _sign,
+)
+from strategy_exact import (
+    tick_sum as _tick_sum,
+)
+from strategy_exact import (
+    ticks as _ticks,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +269,25 @@ class KernelStrategy(Strategy):
             data[name] = feats[:, j]
         return pd.DataFrame(data, index=df.index)
 
+    def populate_chunks(
+        self, df: pd.DataFrame, rows: int = 1 << 18
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield `populate`'s rows `rows` at a time: (first row, enter, exit, features).
+
+        One pass of the kernel over the frame, its state carried from chunk to chunk and
+        `lookback` rows of context before each, as the live path advances it: the rows
+        are `populate`'s, and a long archive never holds its columns whole (a backtest of
+        ten million candles would hold 18 bytes a candle per feature, then a frame of them).
+        """
+        arrays = _arrays(df)
+        n, look, state = len(arrays[3]), self.lookback, self._fresh_state()
+        for first in range(0, n, max(1, rows)):
+            begin = max(0, first - look)
+            part = tuple(a[begin : first + rows] for a in arrays)
+            enter, exit_, feats = self._run(part, first - begin, state, features=True)
+            skip = first - begin
+            yield first, enter[skip:], exit_[skip:], feats[skip:]
+
     def last_row(self, pair: str, df: pd.DataFrame) -> dict[str, Any]:
         """Return the last row's columns, consuming only the rows not seen before."""
         ts = df.index.as_unit("ms").asi8
@@ -341,86 +387,6 @@ _INDEX_TIE = 1e-5
 # the band, and only a difference within that error of the band's edge, far from any tie,
 # could be decided otherwise than exactly. 1e-11 of the price is far below any tick.
 _EMA_TIE = 1e-11
-
-# -- Exact decisions ---------------------------------------------------------------------------
-#
-# Archive prices are doubles of decimal numbers on the market's tick grid,
-# and a crossing must be decided as those decimals decide it, not by the last bit of a float
-# sum (an SMA tie is common on a coarse tick). The indicator values stay TA-Lib's floats;
-# only the comparison changes.
-#
-# The SMA cross compares in float when the difference is larger than a proven bound on its
-# rounding error, and otherwise recomputes the two window sums exactly in int64 ticks of the
-# window's own decimal grid (the fewest decimals that give every close back exactly; no tick
-# size is needed, and no other rows matter). A window off any grid of up to `_MAX_DECIMALS`
-# decimals, or too large for int64, keeps the float decision. The exact path runs only on
-# near-ties, so the kernel keeps most of its speed.
-_U = 2.0**-53  # unit roundoff of float64
-_MAX_DECIMALS = 15
-_POW10 = np.array([10.0**d for d in range(_MAX_DECIMALS + 1)])
-_INT_LIMIT = 2.0**61  # products compared in int64 stay below this
-
-
-@njit(cache=True)
-def _decimals(x, first=0):  # type: ignore[no-untyped-def]
-    # The fewest decimals d >= first such that x is the double nearest to an integer / 10**d,
-    # or -1. (A double on a grid of d decimals is on every finer one up to 2**50 ticks.)
-    for d in range(first, _MAX_DECIMALS + 1):
-        m = np.rint(x * _POW10[d])
-        if abs(m) < 2.0**50 and m / _POW10[d] == x:
-            return d
-    return -1
-
-
-@njit(cache=True)
-def _grid(a, lo, hi, factor):  # type: ignore[no-untyped-def]
-    # The common decimal grid of a[lo:hi], or -1 when a value is off every grid or when
-    # max|a| * 10**d * factor would leave the int64 range the caller needs.
-    d = 0
-    top = 0.0
-    for j in range(lo, hi):
-        # Most values are on the grid found so far: one check each. One that is not needs
-        # more decimals than d (on a coarser grid it would be on this one too).
-        d = _decimals(a[j], d)
-        if d < 0:
-            return -1
-        top = max(top, abs(a[j]))
-    if top * _POW10[d] * factor >= _INT_LIMIT:
-        return -1
-    return d
-
-
-@njit(cache=True)
-def _ticks(x, d):  # type: ignore[no-untyped-def]
-    return np.int64(np.rint(x * _POW10[d]))
-
-
-@njit(cache=True)
-def _tick_sum(a, lo, hi, d):  # type: ignore[no-untyped-def]
-    total = np.int64(0)
-    for j in range(lo, hi):
-        total += _ticks(a[j], d)
-    return total
-
-
-@njit(cache=True)
-def _sign(a, b):  # type: ignore[no-untyped-def]
-    return 1.0 if a > b else (-1.0 if a < b else 0.0)
-
-
-@njit(cache=True)
-def _ratio(x):  # type: ignore[no-untyped-def]
-    # x as a reduced fraction num / den of its decimal (den divides a power of ten), or
-    # (0, 0) when x is off every grid. Parameters such as 1.5 or 2.25 stay small: 3/2, 9/4.
-    d = _decimals(x)
-    if d < 0:
-        return np.int64(0), np.int64(0)
-    num = np.int64(np.rint(x * _POW10[d]))
-    den = np.int64(np.rint(_POW10[d]))
-    a, b = abs(num), den
-    while b:
-        a, b = b, a % b
-    return num // a, den // a
 
 
 @njit(cache=True)

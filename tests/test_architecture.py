@@ -149,6 +149,7 @@ OWNER: dict[str, str] = {
     "engine_quiet": "pipeline",
     "burst": "runner",  # the pipeline loop's bursts, decided together
     "batch_signals": "pipeline",  # a burst's indicators in one pass (the signal sources')
+    "strategy_exact": "strategy",  # the kernels' exact near-tie decisions, in ticks
 }
 
 

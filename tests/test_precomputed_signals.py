@@ -121,3 +121,62 @@ def test_flags_held_on_every_row_keep_no_python_object_per_row() -> None:
     signal = signals.signal(candle, Decimal(0))
     assert signal is not None
     assert signal.features == {"f": 1.0}
+
+
+def _walk(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    close = np.round(100 * np.exp(np.cumsum(rng.normal(0, 0.01, n))), 2)
+    open_ = np.concatenate(([close[0]], close[:-1]))
+    high = np.round(np.maximum(open_, close) * (1 + rng.random(n) * 0.003), 2)
+    low = np.round(np.minimum(open_, close) * (1 - rng.random(n) * 0.003), 2)
+    volume = np.round(rng.gamma(2.0, 3.0, n), 4)
+    index = pd.date_range("2024-01-01", periods=n, freq="1min", tz="UTC", name="ts")
+    return pd.DataFrame(
+        {"open": open_, "high": high, "low": low, "close": close, "volume": volume},
+        index=index.as_unit("ms"),
+    )
+
+
+_KERNELS = {
+    "sma_cross": {"fast": 3, "slow": 8},
+    "ema_cross": {},
+    "rsi_bb": {},
+    "breakout": {},
+}
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    name=st.sampled_from(sorted(_KERNELS)),
+    n=st.integers(1, 400),
+    rows=st.integers(1, 120),
+    seed=st.integers(0, 2**16),
+)
+def test_a_kernel_strategys_rows_a_chunk_at_a_time_are_its_populated_rows(
+    name: str, n: int, rows: int, seed: int
+) -> None:
+    """The kernel's state carried from chunk to chunk (with its lookback before each) gives
+    `populate`'s flags and features row for row, and the backtest's signals built from the
+    chunks hold what they would hold built from `populate`'s frame."""
+    from signal_sources import _kernel_rows, _populated_rows
+    from strategy import KernelStrategy, load_strategy
+
+    strategy = load_strategy(name, _KERNELS[name])
+    assert isinstance(strategy, KernelStrategy)
+    frame = _walk(n, seed)
+    full = strategy.populate(frame)
+    chunks = list(strategy.populate_chunks(frame, rows))
+    assert [first for first, *_ in chunks] == list(range(0, n, rows))
+    enter = np.concatenate([c[1] for c in chunks])
+    exit_ = np.concatenate([c[2] for c in chunks])
+    assert enter.tolist() == full["enter_long"].tolist()
+    assert exit_.tolist() == full["exit_long"].tolist()
+    for j, feature in enumerate(strategy.features):
+        got = np.concatenate([c[3][:, j] for c in chunks])
+        np.testing.assert_array_equal(got, full[feature].to_numpy())
+    bits, set_rows, names, values = _kernel_rows(strategy, frame)
+    bits_, set_rows_, names_, values_ = _populated_rows(strategy, frame)
+    assert bits.tolist() == bits_.tolist()
+    assert set_rows.tolist() == set_rows_.tolist()
+    assert names == names_
+    np.testing.assert_array_equal(values, values_)
