@@ -206,10 +206,11 @@ class PrecomputedSignals:
         self.strategy = strategy
         # Per pair: the open times (a view of the frame's own, for O(1) reads from
         # Python), the row the last lookup found (candles arrive in order, so the next
-        # one is usually next), each row's flags as bits (one byte a candle, `_FLAG_BITS`)
+        # one is usually next), each row's flags as bits (one byte a candle, see `_FLAG_TUPLES`)
         # and the rows with any flag set, whose features alone are kept. Nothing else is
         # held per candle, and no Python object per flagged row: a strategy whose flags
-        # hold for long stretches (a state, not a crossing) costs 9 bytes a flagged row.
+        # hold for long stretches (a state, not a crossing) costs 9 bytes a flagged row
+        # besides its features.
         self._ts: dict[str, memoryview] = {}
         self._cursor: dict[str, int] = {}
         self._bits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -304,7 +305,7 @@ def _populated_rows(
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """Return a frame's flag bits, flagged rows, feature names and their features.
 
-    From `populate`'s columns: the flags of every row as bits (`_FLAG_BITS`), none before
+    From `populate`'s columns: the flags of every row as bits (see `_FLAG_TUPLES`), none before
     the warm-up (as in the live path), and the numeric features of the flagged rows.
     """
     cols = strategy.populate(frame)
