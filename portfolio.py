@@ -159,7 +159,10 @@ class _Valuation:
             value = self._value
             if value is not None:  # moved by this position's change, exactly
                 old = book.qty * (book.mark if book.mark is not None else book.entry_price)
-                self._value = _EXACT.add(_EXACT.subtract(value, old), book.qty * price)
+                try:
+                    self._value = _EXACT.add(_EXACT.subtract(value, old), book.qty * price)
+                except decimal.InvalidOperation:  # an infinite mark left: count it again
+                    self._value = None
             book.mark = price
 
     def record_equity(self, ts: int) -> Decimal:

@@ -347,3 +347,16 @@ def test_a_positions_view_reads_exposure_and_sides_off_the_books_as_its_position
     assert view.get("Z/U") is None
     for pair in books:
         assert view.get(pair) == portfolio.positions()[pair]
+
+
+def test_an_infinite_mark_and_the_next_finite_one_give_the_summed_equity() -> None:
+    """A mark that leaves an infinite one (bad data past the checks) does not stick: the
+    positions' value is counted again, as summing them gives."""
+    p = Portfolio(Decimal(1000))
+    p.apply_fill(fill(1, Side.BUY, "2", "100"))
+    p.apply_fill(fill(2, Side.SELL, "1", "50", pair="ETH/USDT"))
+    p.mark("BTC/USDT", Decimal("Infinity"))
+    assert p.equity() == Decimal("Infinity")
+    p.mark("BTC/USDT", Decimal("110"))
+    p.mark("ETH/USDT", Decimal("40"))
+    assert p.equity() == p.cash + 2 * Decimal(110) - Decimal(40)
