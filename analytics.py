@@ -68,15 +68,11 @@ DAY_MS = 86_400_000
 
 def curve(result: BacktestResult) -> tuple[np.ndarray, np.ndarray]:
     """Return the equity curve with its starting point: (ts ms, equity)."""
-    step = timeframe_to_ms(result.timeframe)
-    if len(result.ts) == 0:
-        return np.zeros(1, dtype=np.int64), np.array([result.starting_balance])
+    start_ts, start, run_ts, run_equity = curve_parts(result)
     # One copy each (a long run's curve is 16 bytes a bar): concatenate already gives the
     # dtype, and a second `astype` copy would double the report's peak.
-    ts = np.concatenate([[int(result.ts[0]) - step], result.ts]).astype(np.int64, copy=False)
-    equity = np.concatenate([[result.starting_balance], result.equity]).astype(
-        np.float64, copy=False
-    )
+    ts = np.concatenate([[start_ts], run_ts]).astype(np.int64, copy=False)
+    equity = np.concatenate([[start], run_equity]).astype(np.float64, copy=False)
     return ts, equity
 
 
