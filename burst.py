@@ -221,8 +221,12 @@ class BurstDecider:
         keyed.sort(key=lambda k: k[0])
         deciding = sum(1 for key, _ in keyed if key[0] < 2)
         if engine.manage_stops:
-            for _, item in keyed[:deciding]:
-                engine.warm_atr(item[0].pair)  # stops and entries read it: one pass, warm
+            for key, item in keyed[:deciding]:
+                # Stops and entries read it: one pass, warm. A held pair whose signal closes
+                # it reads none (its exit takes the stop off; a stop filled in its match
+                # leaves an entry to compute it then).
+                if key[0] != 0 or not engine.closing_now(item[0]):
+                    engine.warm_atr(item[0].pair)
         return [item for _, item in keyed], deciding
 
     async def _send(self, decided: list[DeferredOrder]) -> None:

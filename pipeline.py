@@ -690,7 +690,7 @@ class Engine(QuietSteps, EngineControl):
             self.anomaly_watch.on_candle(candle, now)
         exited = False
         if self.manage_stops and portfolio.has_position(pair):
-            if self._closing_now(candle):
+            if self.closing_now(candle):
                 # Its exit takes the stop off: a move first would cost a request and delay
                 # the exit (the best price seen is still kept for the stop's rules).
                 self.risk.stops.note_best(portfolio.position(pair), candle.high, candle.low)
@@ -755,8 +755,11 @@ class Engine(QuietSteps, EngineControl):
         self._early[pair] = (candle.ts, holding, signal)
         return signal
 
-    def _closing_now(self, candle: Candle) -> bool:
-        # Whether the held pair's signal on this candle closes its position (kept for it).
+    def closing_now(self, candle: Candle) -> bool:
+        """Return whether the held pair's signal on this candle closes its position.
+
+        The signal is computed ahead and kept for the candle (`early_signal`).
+        """
         signal = self.early_signal(candle)
         holding = self.portfolio.signed_qty(candle.pair)
         return signal is not None and holding != 0 and (signal.side is Side.SELL) is (holding > 0)

@@ -45,6 +45,7 @@ increase in drawdown it caused.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,7 @@ from score_penalties import Penalty as Penalty
 from score_penalties import RuleBreach as RuleBreach
 from score_penalties import ScoreContext as ScoreContext
 from score_penalties import decay, penalties, trade_weights
+from utils.utilities import logs_at
 
 
 if TYPE_CHECKING:
@@ -451,9 +453,14 @@ class RewardSystem:
         reward = ret - (book.drawdown - previous)
         book.rewards.append(reward)
         book.card = None
-        log.info(
-            "reward", strategy=strategy, pair=trade.pair, ret=round(ret, 6), reward=round(reward, 6)
-        )
+        if logs_at(logging.INFO):  # a backtest closes thousands: the fields cost otherwise
+            log.info(
+                "reward",
+                strategy=strategy,
+                pair=trade.pair,
+                ret=round(ret, 6),
+                reward=round(reward, 6),
+            )
         return reward
 
     def on_breaker_trip(self, ts: int, breaker: str) -> None:
