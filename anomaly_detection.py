@@ -411,21 +411,30 @@ class AnomalyMonitor:
             flat = same.tolist()
         z = spike = revert = burst = np.zeros(count)
         sigma = np.full(count, np.nan)
+        log_volume = scales = None
+        if m >= w + 1:
+            log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
         if m >= 3:
             before = np.array([window.sigma for window in windows])
             log_close = np.log(block[:, -(w + 2) :, 3])
             if m >= w + 2:
                 r = np.diff(log_close, axis=1)
-                med, sigma = _scale_rows(r[:, -w - 1 : -1])
+                assert log_volume is not None
+                # The returns' and the volumes' scales, row by row: one call for both.
+                scales = _scale_rows(np.concatenate((r[:, -w - 1 : -1], log_volume[:, :-1])))
+                med, sigma = scales[0][:count], scales[1][:count]
                 z = (r[:, -1] - med) / sigma
                 spike = np.where(np.abs(z) >= s.spike_z, np.abs(z), 0.0)
             out = (log_close[:, -2] - log_close[:, -3]) / before
             back = (log_close[:, -2] - np.log(block[:, -1, 0])) / before
             both = np.minimum(np.abs(out), np.abs(back))
             revert = np.where((np.sign(out) == np.sign(back)) & (both >= s.revert_z), both, 0.0)
-        if m >= w + 1:
-            log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
-            v_med, v_sigma = _scale_rows(log_volume[:, :-1])
+        if log_volume is not None:
+            v_med, v_sigma = (
+                _scale_rows(log_volume[:, :-1])
+                if scales is None
+                else (scales[0][count:], scales[1][count:])
+            )
             volume_z = (log_volume[:, -1] - v_med) / v_sigma
             burst = np.where(volume_z >= s.volume_burst_z, volume_z, 0.0)
         bars: list[_Bar | None] = []
