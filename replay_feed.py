@@ -42,12 +42,13 @@ class ReplayRows:
     `names` are the pairs (sorted); candle `k` of the replay is candle `local[k]` of pair
     `pair_of[k]` and opens at `ts[k]` (ms). Per pair, `pair_ts` are its open times and
     `pair_columns` its open, high, low, close and volume, read from its frame without a
-    copy where the frame allows.
+    copy where the frame allows. With one pair nothing is held per candle for the
+    indices: `pair_of` is a zero-stride view of 0 and `local` the range of the candles.
     """
 
     names: list[str]
     pair_of: np.ndarray
-    local: np.ndarray
+    local: np.ndarray | range
     ts: np.ndarray
     pair_ts: list[np.ndarray]
     pair_columns: list[tuple[np.ndarray, ...]]
@@ -159,13 +160,10 @@ class ReplayFeed:
             )
             for f in frames
         ]
+        local: np.ndarray | range
         if len(names) == 1:
             n = len(pair_ts[0])
-            pair_of, local, ts = (
-                np.zeros(n, dtype=np.int16),
-                np.arange(n, dtype=np.int32),
-                pair_ts[0],
-            )
+            pair_of, local, ts = np.broadcast_to(np.int16(0), (n,)), range(n), pair_ts[0]
         else:
             sizes = [len(t) for t in pair_ts]
             pair_of = np.repeat(np.arange(len(names), dtype=np.int16), sizes)
@@ -712,26 +710,32 @@ class _StretchPlan:
         flagged = np.zeros(n, dtype=bool)
         # Per pair: its candles' indices in the replay, its flagged candles, and how many
         # of its candles its data window has taken (`taken`).
-        self.of_pair: list[np.ndarray] = []
+        self.of_pair: list[np.ndarray | None] = []  # None: the replay's one pair
         self.flagged_of_pair: list[np.ndarray] = []
         self.taken: list[int] = [0] * len(rows.names)
         self.refused_of_pair: list[list[int]] = []
         self.windows = True  # quiet candles go into the data windows (`reads_windows`)
         for k, pair in enumerate(rows.names):
-            at = np.flatnonzero(rows.pair_of == k) if several else rows.local
+            # One pair: its candles are the replay's, with no index array (8 bytes a candle).
+            at: np.ndarray | slice = np.flatnonzero(rows.pair_of == k) if several else slice(None)
             ts = rows.pair_ts[k]
-            self.of_pair.append(at)
             entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
             flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
-            self.flagged_of_pair.append(at[flagged[at]])
+            own = np.flatnonzero(flagged[at])  # the pair's own indices of its flagged candles
+            self.of_pair.append(at if isinstance(at, np.ndarray) else None)
+            self.flagged_of_pair.append(at[own] if isinstance(at, np.ndarray) else own)
             o, h, lo, c, v = rows.pair_columns[k]
             # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
             valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
             refused = np.flatnonzero(~(valid & (v >= 0) & (v < np.inf)))
             self.refused_of_pair.append(refused.tolist())  # own indices, usually none
-            first[at[refused]] = True
-            if len(at):
-                first[at[0]] = True  # a pair's first candle opens its data window
+            if isinstance(at, np.ndarray):
+                first[at[refused]] = True
+                if len(at):
+                    first[at[0]] = True  # a pair's first candle opens its data window
+            elif n:
+                first[refused] = True
+                first[0] = True
         self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
         self.first = np.flatnonzero(first)  # first and refused candles only
         # The driver reads these candle by candle: memoryviews of the arrays themselves
@@ -740,8 +744,12 @@ class _StretchPlan:
         self.is_first = _indexed(first, np.bool_)
         self.is_entry = _indexed(entry, np.bool_)
         self.is_flagged = _indexed(flagged, np.bool_)
-        self.pair_list = _indexed(rows.pair_of, np.int16)
-        self.local_list = _indexed(rows.local, np.int32)
+        self.pair_list: memoryview = (
+            _indexed(rows.pair_of, np.int16) if several else rows.pair_of.data  # zero-stride
+        )
+        self.local_list: memoryview | range = (
+            rows.local if isinstance(rows.local, range) else _indexed(rows.local, np.int32)
+        )
 
     def quiet_until(
         self, start: int, hot: list[int], holding: list[int], *, void: bool = False
@@ -753,7 +761,10 @@ class _StretchPlan:
         forced = self.first if void else self.forced
         at = int(np.searchsorted(forced, start))
         end = int(forced[at]) if at < len(forced) else len(self.rows.ts)
+        if any(self.of_pair[k] is None for k in hot):
+            return min(start, end)  # the one pair's every candle takes the pipeline
         for rows in [self.of_pair[k] for k in hot] + [self.flagged_of_pair[k] for k in holding]:
+            assert rows is not None
             at = int(np.searchsorted(rows, start))
             if at < len(rows) and rows[at] < end:
                 end = int(rows[at])
@@ -761,9 +772,8 @@ class _StretchPlan:
 
     def before(self, k: int, upto: int) -> int:
         """Return how many of pair `k`'s candles come before the replay's candle `upto`."""
-        if len(self.rows.names) == 1:
-            return upto
-        return int(np.searchsorted(self.of_pair[k], upto))
+        rows = self.of_pair[k]
+        return upto if rows is None else int(np.searchsorted(rows, upto))
 
     def close_times(self, start: int, end: int) -> list[int]:
         """Return the close times (ms) of the replay's candles [start, end)."""
