@@ -205,6 +205,67 @@ def replay_frames(args: argparse.Namespace, settings: Settings) -> dict[str, pd.
     return {pair: frame for pair, (frame, _) in loaded.items()}
 
 
+def own_archives(
+    settings: Settings, pairs: Sequence[str], timeframe: str, data: Path | None
+) -> dict[str, Path] | None:
+    """Return each pair's candle archive when every pair replays one of ours, else None.
+
+    Ours (written by `CandleStore`, normalised before every write) can be read a time
+    range at a time and give the candles a whole read would (a long backtest's segments,
+    `archive_range`); a sample, a CSV or a foreign Parquet file is read whole.
+    """
+    import pyarrow.parquet as pq
+
+    out: dict[str, Path] = {}
+    for pair in pairs:
+        path = candle_source(settings, pair, timeframe, data)
+        if path.suffix != ".parquet" or not path.is_file():
+            return None
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except _READ_ERRORS:
+            return None  # the whole read reports what is wrong with it
+        if b"kestrel" not in meta:
+            return None
+        out[pair] = path
+    return out
+
+
+def archive_rows(path: Path, start_ms: int | None, end_ms: int | None) -> tuple[int, int, int]:
+    """Return an archive of ours' candle count in [start_ms, end_ms), first and last open time.
+
+    The times come from the file's statistics: no candle is read.
+    """
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    try:
+        dataset = ds.dataset(path, format="parquet")
+        condition = None
+        if start_ms is not None:
+            condition = ds.field("ts") >= int(start_ms)
+        if end_ms is not None:
+            before = ds.field("ts") < int(end_ms)
+            condition = before if condition is None else condition & before
+        rows = dataset.count_rows(filter=condition)
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.to_arrow_schema().get_field_index("ts")
+        stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read archive {path}: {e}", path=str(path)) from e
+    known = [x for x in stats if x is not None and x.has_min_max]
+    if not rows or not known:
+        return rows, 0, 0
+    return rows, int(min(x.min for x in known)), int(max(x.max for x in known))
+
+
+def archive_range(
+    path: Path, start_ms: int, end_ms: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> pd.DataFrame:
+    """Return the candles of an archive of ours with start_ms <= ts < end_ms (a frame)."""
+    return arrays_to_frame(_read_archive(path, start_ms, end_ms, chunk_rows))
+
+
 def candle_source(settings: Settings, pair: str, timeframe: str, data: Path | None) -> Path:
     """Return the file `load_frames` reads a pair's candles from (without reading it)."""
     if data is not None:

@@ -486,6 +486,14 @@ class StorageSettings(_Group):
     read_chunk_rows: int = Field(
         default=131_072, ge=1, description="rows read at a time from candle files and archives"
     )
+    replay_segment_rows: int = Field(
+        default=1_048_576,
+        ge=0,
+        description=(
+            "a backtest over longer archives (ours) replays them this many candles per pair"
+            " at a time, so memory does not grow with the span; 0 holds the whole archive"
+        ),
+    )
 
     @property
     def effective_database_url(self) -> str:

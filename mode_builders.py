@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
@@ -41,13 +42,20 @@ from assembly import (
     strategy_params,
 )
 from daemon_state import RunState
-from data_manager import CandleStore, DataManager, replay_funding
+from data_manager import (
+    CandleStore,
+    DataManager,
+    archive_range,
+    archive_rows,
+    own_archives,
+    replay_funding,
+)
 from data_manager import replay_frames as load_frames
 from error_handler import AuthenticationError, ConfigError, RecoverableError
 from market_feed import ExchangeFeed
 from pipeline import PrecomputedSignals
 from strategy import Strategy, load_strategy
-from trade_simulator import PairSchedule, ReplayFeed
+from trade_simulator import PairSchedule, ReplayFeed, SegmentedReplayFeed
 from utils.utilities import ReplayClock, parse_timerange, timeframe_to_ms
 
 
@@ -129,40 +137,50 @@ def _point_in_time_pairs(ctx: BuildContext, frames: dict[str, pd.DataFrame]) -> 
 
 
 def build_replay(ctx: BuildContext) -> Components:
-    """Assemble a replay (sim --feed replay, backtest): archive feed, replay clock, matching."""
+    """Assemble a replay (sim --feed replay, backtest): archive feed, replay clock, matching.
+
+    A backtest over archives of ours longer than `storage.replay_segment_rows` candles
+    replays them a time segment at a time (`_segments`): the same trades and curve, with
+    one segment's candles in memory instead of the whole span.
+    """
     s = ctx.settings
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    frames = load_frames(ctx.args, s)
-    timings["load_s"] = time.perf_counter() - started
-    started = time.perf_counter()
     start_ms, end_ms = _timerange(ctx)
-    first = min(int(f.index[:1].as_unit("ms").asi8[0]) for f in frames.values())
-    clock = ReplayClock(start_ms if start_ms is not None else first)
     backtest = ctx.args.mode == "backtest"
-    speed = 0.0 if backtest else s.simulation.replay_speed
+    plan = _segments(ctx, start_ms, end_ms) if backtest else None
+    whole = load_frames(ctx.args, s) if plan is None else {}
+    first = (
+        plan.first
+        if plan is not None
+        else min(int(f.index[:1].as_unit("ms").asi8[0]) for f in whole.values())
+    )
+    clock = ReplayClock(start_ms if start_ms is not None else first)
     params, forced = strategy_params(ctx)
     strategy = load_strategy(strategy_name(ctx), params)
-    replay = ReplayFeed(
-        frames,
-        s.strategy.timeframe,
-        clock,
-        speed=speed,
-        start_ms=start_ms,
-        end_ms=end_ms,
-        # A backtest's direct loop yields to the event loop every 1,024 candles, not
-        # every candle (signals still get through; ~1.3x faster).
-        yield_every=1024 if backtest else 1,
-        progress=ctx.progress,
-        # A paced replay starts trading at once: the warm-up is not worth watching.
-        unpaced=strategy.warmup * len(frames),
+    replay = (
+        _whole_feed(ctx, whole, clock, start_ms, end_ms, strategy.warmup)
+        if plan is None
+        else plan.feed(s.strategy.timeframe, clock, start_ms, ctx.progress)
     )
+    frames = replay.frames  # a segmented run's first segment
+    timings["load_s"] = time.perf_counter() - started
+    started = time.perf_counter()
     pair_schedule = _point_in_time_pairs(ctx, frames) if backtest and s.pairs.dynamic else None
     sim = simulated_exchange(s, clock)
-    for pair, frame in frames.items():
-        sim.ensure_market(pair, float(frame["close"].iloc[0]))
+    # Each pair's market from its archive's first candle (a segmented run's need not hold it).
+    for pair, close in (plan.first_closes if plan is not None else _first_closes(frames)).items():
+        sim.ensure_market(pair, close)
     sleeves, strategy, _, _ = strategies(ctx)
-    signals = precomputed(strategy, sleeves, frames) if backtest else None
+    signals = (
+        PrecomputedSignals(strategy, frames, segmented=True)
+        if plan is not None
+        else precomputed(strategy, sleeves, frames)
+        if backtest
+        else None
+    )
+    if isinstance(replay, SegmentedReplayFeed) and isinstance(signals, PrecomputedSignals):
+        replay.on_segment = signals.advance  # each segment's rows before any candle reads them
     engine = build_engine(
         ctx,
         sleeves=sleeves,
@@ -190,11 +208,105 @@ def build_replay(ctx: BuildContext) -> Components:
         feed=replay,
         clock=clock,
         state=RunState(s, engine, ctx.audit),
-        frames=frames,
+        frames=frames if plan is None else {},  # a segment is not the archive
         pair_schedule=pair_schedule,
         forced_params=forced,
         timings=timings,
     )
+
+
+def _whole_feed(
+    ctx: BuildContext,
+    frames: dict[str, pd.DataFrame],
+    clock: ReplayClock,
+    start_ms: int | None,
+    end_ms: int | None,
+    warmup: int,
+) -> ReplayFeed:
+    backtest = ctx.args.mode == "backtest"
+    return ReplayFeed(
+        frames,
+        ctx.settings.strategy.timeframe,
+        clock,
+        speed=0.0 if backtest else ctx.settings.simulation.replay_speed,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        # A backtest's direct loop yields to the event loop every 1,024 candles, not
+        # every candle (signals still get through; ~1.3x faster).
+        yield_every=1024 if backtest else 1,
+        progress=ctx.progress,
+        # A paced replay starts trading at once: the warm-up is not worth watching.
+        unpaced=warmup * len(frames),
+    )
+
+
+def _first_closes(frames: dict[str, pd.DataFrame]) -> dict[str, float]:
+    return {pair: float(frame["close"].iloc[0]) for pair, frame in frames.items()}
+
+
+class _SegmentPlan(NamedTuple):
+    windows: list[tuple[int, int]]
+    load: Callable[[int, int], dict[str, pd.DataFrame]]
+    total: int  # candles in all segments
+    first: int  # the first candle's open time
+    first_closes: dict[str, float]  # each archive's first close (its market's rules)
+
+    def feed(
+        self,
+        timeframe: str,
+        clock: ReplayClock,
+        start_ms: int | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> SegmentedReplayFeed:
+        # Unpaced, yielding to the loop every 1,024 candles (as a whole backtest's feed).
+        return SegmentedReplayFeed(
+            self.windows, self.load, self.total, timeframe, clock, start_ms=start_ms,
+            progress=progress, yield_every=1024,
+        )  # fmt: skip
+
+
+def _segments(ctx: BuildContext, start_ms: int | None, end_ms: int | None) -> _SegmentPlan | None:
+    """Return how a backtest replays its archives a segment at a time; None: whole.
+
+    Only what a segment at a time replays exactly as the whole archive: archives of ours
+    (read a time range at a time), one strategy whose rows a kernel computes with its state
+    carried from segment to segment, and nothing reading the whole archive (a dynamic pair
+    list, learning, an HTML report's price charts). Segments are `replay_segment_rows`
+    candles of the timeframe long; worth it only when an archive holds more than one.
+    """
+    s, args = ctx.settings, ctx.args
+    rows, timeframe = s.storage.replay_segment_rows, s.strategy.timeframe
+    if rows <= 0 or s.pairs.dynamic or s.learning.enabled or getattr(args, "report_html", None):
+        return None
+    sleeves, strategy, _, _ = strategies(ctx)
+    if sleeves or not PrecomputedSignals.segmentable(strategy):
+        return None
+    paths = own_archives(s, s.traded_pairs(), timeframe, args.data)
+    if paths is None:
+        return None
+    files = {pair: archive_rows(path, None, None) for pair, path in paths.items()}
+    # What goes to the signals (each archive up to the time range's end, from its start)
+    # and what is replayed (the time range's).
+    signalled = [archive_rows(path, None, end_ms)[0] for path in paths.values()]
+    if min(n for n, _, _ in files.values()) == 0 or max(signalled) <= rows:
+        return None  # an empty archive: the whole read reports it
+    replayed = sum(archive_rows(path, start_ms, end_ms)[0] for path in paths.values())
+    first = min(at for _, at, _ in files.values())
+    end = max(last for _, _, last in files.values()) + 1
+    end = end if end_ms is None else min(end, end_ms)
+    span = rows * timeframe_to_ms(timeframe)
+    chunk = s.storage.read_chunk_rows
+
+    def load(lo: int, hi: int) -> dict[str, pd.DataFrame]:
+        frames = {pair: archive_range(path, lo, hi, chunk) for pair, path in paths.items()}
+        return {pair: frame for pair, frame in frames.items() if len(frame)}
+
+    closes = {  # each archive's first candle's, as the whole read's frames give
+        pair: float(archive_range(paths[pair], at, at + 1, chunk)["close"].iloc[0])
+        for pair, (_, at, _) in files.items()
+    }
+    windows = [(lo, min(lo + span, end)) for lo in range(first, end, span)]
+    return _SegmentPlan(windows, load, replayed, first, closes)
 
 
 async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:

@@ -182,8 +182,19 @@ class ReplayFeed:
         if self.progress is not None and (done or emitted // every > before // every):
             self.progress(emitted, len(self))
 
-    async def __aiter__(self) -> AsyncIterator[Candle]:
+    def next_segment(self) -> bool:
+        """Move to the archive's next segment (`SegmentedReplayFeed`); False: none is left."""
+        return False
+
+    def __aiter__(self) -> AsyncIterator[Candle]:
         """Yield candles in (ts, pair) order."""
+        return self.part_candles()
+
+    async def part_candles(self) -> AsyncIterator[Candle]:
+        """Yield the candles of the frames held now, in (ts, pair) order.
+
+        All of a replay's; a segmented replay's segment held (`SegmentedReplayFeed`).
+        """
         streams = self._streams()
         merged = (
             streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda c: (c.ts, c.pair))
@@ -213,6 +224,86 @@ class ReplayFeed:
                 await asyncio.sleep(delay if emitted > unpaced else 0.0)
         if progress is not None:
             progress(emitted, total)
+
+
+class SegmentedReplayFeed(ReplayFeed):
+    """A backtest's archive replayed a time segment at a time: memory flat in the span.
+
+    `windows` are consecutive [start, end) open-time ranges from the archive's start and
+    `load(start, end)` returns the candles of every pair with some in that range (pairs
+    with none left out); candles before `start_ms` are not replayed, but their segments
+    still go to `on_segment`, as a whole archive's rows all go to its signals. The feed
+    holds one segment's frames at a time (`frames`); `next_segment` loads the next one and
+    hands it to `on_segment` (the precomputed signals go on from the last segment, the
+    simulated exchange learns a pair that starts trading there) before anything reads it.
+    `total` is the candles of all segments (progress). A consumer walking arrays
+    (`SimDriver.run`) takes each segment's `rows`; iterating the feed yields every segment's
+    candles in turn. Candles, order and clock are those of the whole archive replayed at
+    once: the segments are cut on time, so no candle of a pair lands before an earlier one.
+    """
+
+    def __init__(
+        self,
+        windows: Sequence[tuple[int, int]],
+        load: Callable[[int, int], dict[str, pd.DataFrame]],
+        total: int,
+        timeframe: str,
+        clock: ReplayClock,
+        *,
+        start_ms: int | None = None,
+        progress: Progress | None = None,
+        yield_every: int = 1,
+    ) -> None:
+        self._windows = list(windows)
+        self._load = load
+        self._total = total
+        self._next = 0
+        self._offset = 0  # candles of the segments before the one held
+        self.taken = 0  # segments loaded so far
+        self.on_segment: Callable[[dict[str, pd.DataFrame]], None] | None = None
+        super().__init__(
+            {}, timeframe, clock, start_ms=start_ms, progress=progress, yield_every=yield_every
+        )
+        self.frames = self._take() or {}
+
+    def _take(self) -> dict[str, pd.DataFrame] | None:
+        # The next window's frames, skipping windows without candles; None past the last.
+        while self._next < len(self._windows):
+            start, end = self._windows[self._next]
+            self._next += 1
+            frames = self._load(start, end)
+            if frames:
+                self.taken += 1
+                return frames
+        return None
+
+    def __len__(self) -> int:
+        return self._total
+
+    def next_segment(self) -> bool:
+        """Load the next segment in place of the one held; False when none is left."""
+        held = sum(len(self._slice(frame)) for frame in self.frames.values())
+        self.frames = {}  # the last segment's candles go before the next one's come
+        frames = self._take()
+        if frames is None:
+            return False
+        self._offset += held
+        self.frames = frames
+        if self.on_segment is not None:
+            self.on_segment(frames)
+        return True
+
+    def advance_to(self, emitted: int, *, done: bool = False) -> None:
+        """Record how far into the segment held an array consumer is (progress overall)."""
+        super().advance_to(self._offset + emitted, done=done)
+
+    async def __aiter__(self) -> AsyncIterator[Candle]:
+        """Yield every segment's candles in (ts, pair) order, a segment at a time."""
+        while True:
+            async for candle in self.part_candles():
+                yield candle
+            if not self.next_segment():
+                return
 
 
 # -- The simulated exchange's driver ---------------------------------------------------------
@@ -445,6 +536,23 @@ class SimDriver:
 
     async def run(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
         """Drive an unpaced backtest replay, quiet stretches at a time; False if not possible.
+
+        A segmented archive (`SegmentedReplayFeed`) is driven a segment at a time, each
+        pair's window and last bar caught up at the end of each; a segment the arrays cannot
+        take goes candle by candle (`on_candle`).
+        """
+        if not await self._run_part(feed, stop):
+            return False
+        while not stop.is_set() and feed.next_segment():
+            if not await self._run_part(feed, stop):
+                async for candle in feed.part_candles():
+                    if stop.is_set():
+                        break
+                    await self.on_candle(candle)
+        return True
+
+    async def _run_part(self, feed: ReplayFeed, stop: asyncio.Event) -> bool:
+        """Drive the frames the feed holds (see `run`); False if the arrays cannot.
 
         A candle that may give a signal, or of a pair with a working order (or, stops
         managed, a position), takes the whole pipeline. The candles up to the next such

@@ -21,7 +21,7 @@ import pandas as pd
 from batch_signals import advance_many, warm
 from data_manager import DataManager
 from models import Candle, Side, Signal
-from strategy import KernelStrategy, Strategy
+from strategy import KernelCarry, KernelStrategy, Strategy
 
 
 class SignalSource(Protocol):
@@ -202,7 +202,9 @@ class PrecomputedSignals:
 
     _NAMES = ("enter_long", "exit_long", "enter_short", "exit_short")
 
-    def __init__(self, strategy: Strategy, frames: dict[str, Any]) -> None:
+    def __init__(
+        self, strategy: Strategy, frames: dict[str, Any], *, segmented: bool = False
+    ) -> None:
         self.strategy = strategy
         # Per pair: the open times (a view of the frame's own, for O(1) reads from
         # Python), the row the last lookup found (candles arrive in order, so the next
@@ -217,6 +219,37 @@ class PrecomputedSignals:
         self._bits_of: dict[str, memoryview] = {}
         self._set_rows: dict[str, memoryview] = {}
         self._features: dict[str, tuple[list[str], np.ndarray]] = {}
+        # `segmented`: the archive comes a time segment at a time (`advance`); each pair's
+        # kernel goes on from where its last segment left it.
+        if segmented and not self.segmentable(strategy):
+            raise ValueError("a segmented archive needs a kernel strategy's own populate")
+        self._carries: dict[str, KernelCarry] | None = {} if segmented else None
+        self.advance(frames)
+
+    @staticmethod
+    def segmentable(strategy: Strategy) -> bool:
+        """Return whether the strategy's rows can come a segment at a time (`advance`)."""
+        return isinstance(strategy, KernelStrategy) and _plain_populate(strategy)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the archive comes a segment at a time (`advance`)."""
+        return self._carries is not None
+
+    def advance(self, frames: dict[str, Any]) -> None:
+        """Take these frames' rows: the whole archive, or a segmented archive's next part.
+
+        A segmented archive's pairs go on from their last segment (a pair without candles
+        in this one keeps its place); each segment's rows replace the last one's, which
+        no candle reads again. Rows equal one pass over the whole archive.
+        """
+        strategy = self.strategy
+        if self._carries is not None:  # the last segment's pairs without candles in this one
+            for gone in [pair for pair in self._ts if pair not in frames]:
+                for table in (self._ts, self._cursor, self._bits, self._bits_of):
+                    table.pop(gone, None)
+                self._set_rows.pop(gone, None)
+                self._features.pop(gone, None)
         for pair, frame in frames.items():
             index = frame.index
             ts = np.ascontiguousarray(
@@ -226,7 +259,9 @@ class PrecomputedSignals:
             self._cursor[pair] = -1
             # A kernel strategy's own `populate` (not a subclass's) comes a chunk at a time.
             if isinstance(strategy, KernelStrategy) and _plain_populate(strategy):
-                bits, set_rows, names, values = _kernel_rows(strategy, frame)
+                carries = self._carries
+                carry = None if carries is None else carries.setdefault(pair, strategy.carry())
+                bits, set_rows, names, values = _kernel_rows(strategy, frame, carry)
             else:
                 bits, set_rows, names, values = _populated_rows(strategy, frame)
             self._bits[pair] = (ts, bits)
@@ -333,19 +368,20 @@ def _plain_populate(strategy: KernelStrategy) -> bool:
 
 
 def _kernel_rows(
-    strategy: KernelStrategy, frame: pd.DataFrame
+    strategy: KernelStrategy, frame: pd.DataFrame, carry: KernelCarry | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """`_populated_rows` of a kernel strategy, its rows computed a chunk at a time.
 
     `populate_chunks` gives `populate`'s rows without its whole-frame columns: the peak
-    of a long backtest's preparation does not grow with its features.
+    of a long backtest's preparation does not grow with its features. With `carry`, the
+    frame continues the pair's earlier frames (its warm-up counted from their first row).
     """
     bits = np.zeros(len(frame), dtype=np.uint8)
     names = list(strategy.features)
     rows: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    warm = max(strategy.warmup - 1, 0)
-    for first, enter, exit_, feats in strategy.populate_chunks(frame):
+    warm = max(strategy.warmup - 1, 0) - (carry.rows if carry is not None else 0)
+    for first, enter, exit_, feats in strategy.populate_chunks(frame, carry=carry):
         chunk = bits[first : first + len(enter)]
         chunk |= enter.view(np.uint8) | (exit_.view(np.uint8) << np.uint8(1))
         if first < warm:

@@ -226,6 +226,20 @@ class _Stream:
     row: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class KernelCarry:
+    """What a kernel pass leaves for the next frame of the same pair (`populate_chunks`).
+
+    `state`: the kernel's state after the last row (advanced in place); `context`: the last
+    `lookback` rows (open, high, low, close, volume), which the next rows may read; `rows`:
+    how many rows the passes took so far (the warm-up is counted from the first).
+    """
+
+    state: np.ndarray
+    context: tuple[np.ndarray, ...] | None = None
+    rows: int = 0
+
+
 class KernelStrategy(Strategy):
     """A strategy whose indicators are a numba kernel run incrementally per pair."""
 
@@ -270,7 +284,7 @@ class KernelStrategy(Strategy):
         return pd.DataFrame(data, index=df.index)
 
     def populate_chunks(
-        self, df: pd.DataFrame, rows: int = 1 << 18
+        self, df: pd.DataFrame, rows: int = 1 << 18, carry: KernelCarry | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield `populate`'s rows `rows` at a time: (first row, enter, exit, features).
 
@@ -278,15 +292,33 @@ class KernelStrategy(Strategy):
         `lookback` rows of context before each, as the live path advances it: the rows
         are `populate`'s, and a long archive never holds its columns whole (a backtest of
         ten million candles would hold 18 bytes a candle per feature, then a frame of them).
+
+        With `carry`, the frame continues the rows a previous call took (a backtest that
+        replays its archive a segment at a time): the kernel goes on from the state and the
+        last `lookback` rows that call left in `carry`, and leaves its own there. The rows
+        are those of one pass over the frames joined.
         """
         arrays = _arrays(df)
-        n, look, state = len(arrays[3]), self.lookback, self._fresh_state()
-        for first in range(0, n, max(1, rows)):
+        look = self.lookback
+        state = self._fresh_state() if carry is None else carry.state
+        offset = 0
+        if carry is not None and carry.context is not None:
+            offset = len(carry.context[0])
+            arrays = tuple(np.concatenate(cols) for cols in zip(carry.context, arrays, strict=True))
+        n = len(arrays[3])
+        for first in range(offset, n, max(1, rows)):
             begin = max(0, first - look)
             part = tuple(a[begin : first + rows] for a in arrays)
             enter, exit_, feats = self._run(part, first - begin, state, features=True)
             skip = first - begin
-            yield first, enter[skip:], exit_[skip:], feats[skip:]
+            yield first - offset, enter[skip:], exit_[skip:], feats[skip:]
+        if carry is not None:  # the state went on in place; the context: the last rows
+            carry.context = tuple(a[max(0, n - look) :].copy() for a in arrays) if look else None
+            carry.rows += n - offset
+
+    def carry(self) -> KernelCarry:
+        """Return a fresh carry for `populate_chunks` over consecutive frames of one pair."""
+        return KernelCarry(self._fresh_state())
 
     def last_row(self, pair: str, df: pd.DataFrame) -> dict[str, Any]:
         """Return the last row's columns, consuming only the rows not seen before."""

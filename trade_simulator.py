@@ -33,5 +33,6 @@ from replay_feed import PairSchedule as PairSchedule
 from replay_feed import PairTarget as PairTarget
 from replay_feed import Progress as Progress
 from replay_feed import ReplayFeed as ReplayFeed
+from replay_feed import SegmentedReplayFeed as SegmentedReplayFeed
 from replay_feed import SimDriver as SimDriver
 from utils.utilities import ReplayClock as ReplayClock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 from collections.abc import Mapping
 from decimal import Decimal
@@ -180,3 +181,36 @@ def test_a_kernel_strategys_rows_a_chunk_at_a_time_are_its_populated_rows(
     assert set_rows.tolist() == set_rows_.tolist()
     assert names == names_
     np.testing.assert_array_equal(values, values_)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    name=st.sampled_from(sorted(_KERNELS)),
+    n=st.integers(1, 400),
+    cuts=st.lists(st.integers(1, 399), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_a_segmented_archives_signals_are_the_whole_archives(
+    name: str, n: int, cuts: list[int], seed: int
+) -> None:
+    """Signals taken a segment at a time (`advance`, the kernel's state and lookback rows
+    carried over, its warm-up counted from the archive's first row) read back every row's
+    signal as signals built from the whole archive do."""
+    from strategy import load_strategy
+
+    strategy = load_strategy(name, _KERNELS[name])
+    frame = _walk(n, seed)
+    bounds = [0, *sorted({c for c in cuts if c < n}), n]
+    parts = [frame.iloc[a:b] for a, b in itertools.pairwise(bounds)]
+    whole = PrecomputedSignals(strategy, {"X/USDT": frame})
+    segmented = PrecomputedSignals(strategy, {"X/USDT": parts[0]}, segmented=True)
+    got, want = [], []
+    for k, part in enumerate(parts):
+        if k:
+            segmented.advance({"X/USDT": part})
+        for ts, row in zip(part.index.asi8.tolist(), part.itertuples(), strict=True):
+            candle = Candle("X/USDT", "1m", ts, row.open, row.high, row.low, row.close, row.volume)
+            for holding in (Decimal(0), Decimal(1)):
+                got.append(segmented.signal(candle, holding))
+                want.append(whole.signal(candle, holding))
+    assert got == want
