@@ -241,13 +241,7 @@ def archive_rows(path: Path, start_ms: int | None, end_ms: int | None) -> tuple[
 
     try:
         dataset = ds.dataset(path, format="parquet")
-        condition = None
-        if start_ms is not None:
-            condition = ds.field("ts") >= int(start_ms)
-        if end_ms is not None:
-            before = ds.field("ts") < int(end_ms)
-            condition = before if condition is None else condition & before
-        rows = dataset.count_rows(filter=condition)
+        rows = dataset.count_rows(filter=_ts_range(start_ms, end_ms))
         meta = pq.ParquetFile(path).metadata
         column = meta.schema.to_arrow_schema().get_field_index("ts")
         stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
@@ -413,6 +407,19 @@ def _write_archive(path: Path, arrays: CandleArrays, meta: Mapping[str, str]) ->
     )
 
 
+def _ts_range(start_ms: int | None, end_ms: int | None) -> Any:
+    """Return the dataset filter start_ms <= ts < end_ms (None: no bound, or none at all)."""
+    import pyarrow.dataset as ds
+
+    condition = None
+    if start_ms is not None:
+        condition = ds.field("ts") >= int(start_ms)
+    if end_ms is not None:
+        before = ds.field("ts") < int(end_ms)
+        condition = before if condition is None else condition & before
+    return condition
+
+
 def _read_archive(
     path: Path, start_ms: int | None, end_ms: int | None, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> CandleArrays:
@@ -420,12 +427,7 @@ def _read_archive(
 
     try:
         dataset = ds.dataset(path, format="parquet")
-        condition = None
-        if start_ms is not None:
-            condition = ds.field("ts") >= int(start_ms)
-        if end_ms is not None:
-            before = ds.field("ts") < int(end_ms)
-            condition = before if condition is None else condition & before
+        condition = _ts_range(start_ms, end_ms)
         # Our own archives are normalised before every write; anything else is checked.
         ours = b"kestrel" in (dataset.schema.metadata or {})
         # Row group by row group (the filter skips those outside the range): the candles

@@ -128,3 +128,18 @@ async def replay_in_process(*args: str) -> tuple[dict[str, Any], list[tuple[int,
     summary = (await daemon.run()).to_dict()
     assert daemon.engine is not None
     return summary, list(daemon.engine.portfolio.equity_curve)
+
+
+def minute_walk(n: int, seed: int, sigma: float = 0.01, wick: float = 0.003) -> pd.DataFrame:
+    """Return `n` one-minute candles of a seeded random walk (prices rounded to cents)."""
+    rng = np.random.default_rng(seed)
+    close = np.round(100 * np.exp(np.cumsum(rng.normal(0, sigma, n))), 2)
+    open_ = np.concatenate(([close[0]], close[:-1]))
+    high = np.round(np.maximum(open_, close) * (1 + rng.random(n) * wick), 2)
+    low = np.round(np.minimum(open_, close) * (1 - rng.random(n) * wick), 2)
+    volume = np.round(rng.gamma(2.0, 3.0, n), 4)
+    index = pd.date_range("2024-01-01", periods=n, freq="1min", tz="UTC", name="ts")
+    return pd.DataFrame(
+        {"open": open_, "high": high, "low": low, "close": close, "volume": volume},
+        index=index.as_unit("ms"),
+    )

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from models import Candle
 from signal_sources import PrecomputedSignals, decide_signal
 from strategy import Param, Strategy
+from tests.test_backtest_support import minute_walk
 
 
 NAMES = ("enter_long", "exit_long", "enter_short", "exit_short")
@@ -125,17 +126,7 @@ def test_flags_held_on_every_row_keep_no_python_object_per_row() -> None:
 
 
 def _walk(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    close = np.round(100 * np.exp(np.cumsum(rng.normal(0, 0.01, n))), 2)
-    open_ = np.concatenate(([close[0]], close[:-1]))
-    high = np.round(np.maximum(open_, close) * (1 + rng.random(n) * 0.003), 2)
-    low = np.round(np.minimum(open_, close) * (1 - rng.random(n) * 0.003), 2)
-    volume = np.round(rng.gamma(2.0, 3.0, n), 4)
-    index = pd.date_range("2024-01-01", periods=n, freq="1min", tz="UTC", name="ts")
-    return pd.DataFrame(
-        {"open": open_, "high": high, "low": low, "close": close, "volume": volume},
-        index=index.as_unit("ms"),
-    )
+    return minute_walk(n, seed)
 
 
 _KERNELS = {

@@ -6,15 +6,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import pytest
 
 import main
 from candle_store import CandleStore
 from config import load_settings
 from runner import Daemon
-from tests.test_backtest_support import cli_args
+from tests.test_backtest_support import cli_args, minute_walk
 from trade_simulator import SegmentedReplayFeed
 
 
@@ -27,26 +25,13 @@ TRADING_THROUGHOUT = {  # the account trades to the end: stops trail all along
 }
 
 
-def _walk(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    close = np.round(100 * np.exp(np.cumsum(rng.normal(0, 0.002, n))), 2)
-    open_ = np.concatenate(([close[0]], close[:-1]))
-    high = np.round(np.maximum(open_, close) * (1 + rng.random(n) * 0.002), 2)
-    low = np.round(np.minimum(open_, close) * (1 - rng.random(n) * 0.002), 2)
-    index = pd.date_range("2024-01-01", periods=n, freq="1min", tz="UTC", name="ts")
-    return pd.DataFrame(
-        {"open": open_, "high": high, "low": low, "close": close, "volume": rng.gamma(2, 3, n)},
-        index=index.as_unit("ms"),
-    )
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Archives of ours for three pairs: one starts late, one ends early (6,000 minutes)."""
     root = tmp_path_factory.mktemp("segments") / "data"
     store = CandleStore(root, "bybit")
     for i, pair in enumerate(PAIRS):
-        frame = _walk(6_000, 7 + i)
+        frame = minute_walk(6_000, 7 + i, sigma=0.002, wick=0.002)
         store.append(pair, "1m", frame.iloc[1_500:] if i == 1 else frame.iloc[: 4_700 + i])
     return root
 
