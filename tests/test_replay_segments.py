@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 import main
@@ -27,11 +28,14 @@ TRADING_THROUGHOUT = {  # the account trades to the end: stops trail all along
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Archives of ours for three pairs: one starts late, one ends early (6,000 minutes)."""
+    """Archives of ours for three pairs over 6,000 minutes: one starts late, one ends early,
+    one misses 1,600 minutes in the middle (longer than some runs' segments)."""
     root = tmp_path_factory.mktemp("segments") / "data"
     store = CandleStore(root, "bybit")
     for i, pair in enumerate(PAIRS):
         frame = minute_walk(6_000, 7 + i, sigma=0.002, wick=0.002)
+        if i == 0:
+            frame = pd.concat([frame.iloc[:2_000], frame.iloc[3_600:]])
         store.append(pair, "1m", frame.iloc[1_500:] if i == 1 else frame.iloc[: 4_700 + i])
     return root
 
