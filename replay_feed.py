@@ -234,8 +234,8 @@ class SegmentedReplayFeed(ReplayFeed):
     with none left out); candles before `start_ms` are not replayed, but their segments
     still go to `on_segment`, as a whole archive's rows all go to its signals. The feed
     holds one segment's frames at a time (`frames`); `next_segment` loads the next one and
-    hands it to `on_segment` (the precomputed signals go on from the last segment, the
-    simulated exchange learns a pair that starts trading there) before anything reads it.
+    hands it to `on_segment` (the precomputed signals go on from the last segment) before
+    anything reads it.
     `total` is the candles of all segments (progress). A consumer walking arrays
     (`SimDriver.run`) takes each segment's `rows`; iterating the feed yields every segment's
     candles in turn. Candles, order and clock are those of the whole archive replayed at
