@@ -234,7 +234,8 @@ def own_archives(
 def archive_rows(path: Path, start_ms: int | None, end_ms: int | None) -> tuple[int, int, int]:
     """Return an archive of ours' candle count in [start_ms, end_ms), first and last open time.
 
-    The times come from the file's statistics: no candle is read.
+    The first and last times come from the file's statistics; the count reads at most the
+    open times of the row groups the range cuts.
     """
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq

@@ -231,11 +231,6 @@ class PrecomputedSignals:
         """Return whether the strategy's rows can come a segment at a time (`advance`)."""
         return isinstance(strategy, KernelStrategy) and _plain_populate(strategy)
 
-    @property
-    def segmented(self) -> bool:
-        """Whether the archive comes a segment at a time (`advance`)."""
-        return self._carries is not None
-
     def advance(self, frames: dict[str, Any]) -> None:
         """Take these frames' rows: the whole archive, or a segmented archive's next part.
 
@@ -245,11 +240,12 @@ class PrecomputedSignals:
         """
         strategy = self.strategy
         if self._carries is not None:  # the last segment's pairs without candles in this one
+            tables: tuple[dict[str, Any], ...] = (
+                self._ts, self._cursor, self._bits, self._bits_of, self._set_rows, self._features
+            )  # fmt: skip
             for gone in [pair for pair in self._ts if pair not in frames]:
-                for table in (self._ts, self._cursor, self._bits, self._bits_of):
+                for table in tables:
                     table.pop(gone, None)
-                self._set_rows.pop(gone, None)
-                self._features.pop(gone, None)
         for pair, frame in frames.items():
             index = frame.index
             ts = np.ascontiguousarray(
