@@ -420,8 +420,8 @@ def run() -> list[dict[str, Any]]:
             "the feed task's turn, in the daemon's loop; the kline tap takes a closed candle "
             "straight into the candle stream and settles the frame, which ccxt then skips. "
             "The emulator itself takes {:.1f} ms at p50 (max {:.1f}) from a minute's first "
-            "closed-candle push to its last (it builds each bar from Decimals between sends; "
-            "on this 2-core host it also shares the CPU with the daemon): a burst decided "
+            "closed-candle push to its last (it closes every pair's candle first, then sends "
+            "100 frames; on this 2-core host it shares the CPU with the daemon): a burst decided "
             "whole starts after its last push, so its first pairs carry that wait".format(
                 *_pcts(ours.spread)[:1], max(ours.spread, default=float("nan"))
             ),
