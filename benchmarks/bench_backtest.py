@@ -156,6 +156,44 @@ def backtesting_py(df: pd.DataFrame) -> Any:
         return bt.run()
 
 
+def backtesting_py_trailing(df: pd.DataFrame, *, period: int = 14, n_atr: float = 2.0) -> Any:
+    """Run backtesting.py's sma_cross with an ATR stop trailing on every bar.
+
+    Its own `backtesting.lib.TrailingStrategy`: each bar moves every open trade's stop-loss
+    to `n_atr` ATRs of `period` bars behind the close when that is tighter (a stop order
+    the broker checks each bar), what the standard risk profile's stop does (ATR(14) x 2
+    behind the best price since entry; break-even aside).
+    """
+    import talib
+    from backtesting import Backtest
+    from backtesting.lib import TrailingStrategy
+
+    class SmaCrossTrailing(TrailingStrategy):  # type: ignore[misc]
+        def init(self) -> None:
+            super().init()
+            self.set_atr_periods(period)
+            self.set_trailing_sl(n_atr)
+            close = np.asarray(self.data.Close, dtype=np.float64)
+            self.f = self.I(talib.SMA, close, FAST)
+            self.s = self.I(talib.SMA, close, SLOW)
+
+        def next(self) -> None:
+            super().next()
+            f, s = self.f, self.s
+            if not self.position and f[-1] > s[-1] and f[-2] <= s[-2]:
+                self.buy(size=float(np.nextafter(1.0, 0.0)))
+            elif self.position and f[-1] < s[-1] and f[-2] >= s[-2]:
+                self.position.close()
+
+    data = df.rename(columns=str.capitalize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bt = Backtest(
+            data, SmaCrossTrailing, cash=START * 1e8, commission=FEE, finalize_trades=True
+        )
+        return bt.run()
+
+
 def vectorbt(df: pd.DataFrame, *, utc: bool) -> float:
     """Run vectorbt: MA crossings, then Portfolio.from_signals filled at the next open."""
     import vectorbt as vbt

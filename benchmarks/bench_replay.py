@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_backtest import candles
-from benchmarks.bench_scale import PAIRS10, ROOT, _halted_share, _ours, _peer_run_s
+from benchmarks.bench_scale import PAIRS10, ROOT, _halted_share, _ours, _peer_run
 from benchmarks.common import bench_size
 
 
@@ -99,7 +99,7 @@ def _rows(
     label: str, bars: int, data: Path | None, peer_data: Path, tmp: Path, env: dict[str, str]
 ) -> list[dict[str, Any]]:
     ours_s, summary = _cli_run_s(data, tmp, env)
-    peer_s = min(_peer_run_s(peer_data) for _ in range(REPEAT))
+    peer_s = min(_peer_run(peer_data)[0] for _ in range(REPEAT))
     wired = _in_process(data, env, full=False)
     full = _in_process(data, env, full=True)
     same = wired["summary"] == full["summary"]

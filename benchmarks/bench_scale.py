@@ -46,10 +46,10 @@ _PEER = """
 import sys, time
 import pandas as pd
 sys.path.insert(0, {root!r})
-from benchmarks.bench_backtest import backtesting_py
+from benchmarks.bench_backtest import backtesting_py, backtesting_py_trailing
 df = pd.read_parquet({path!r})
 started = time.perf_counter()
-stats = backtesting_py(df)
+stats = (backtesting_py_trailing if {trailing!r} else backtesting_py)(df)
 print("RUN", time.perf_counter() - started, int(stats["# Trades"]))
 """
 
@@ -100,19 +100,21 @@ def _ours(data: Path, tmp: Path, *, env: dict[str, str] | None = None) -> dict[s
 
 
 def _peer(data: Path) -> dict[str, Any]:
-    measured = _measure([sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data))])
-    return measured
+    script = _PEER.format(root=str(ROOT), path=str(data), trailing=False)
+    return _measure([sys.executable, "-c", script])
 
 
-def _peer_run_s(data: Path) -> float:
+def _peer_run(data: Path, *, trailing: bool = False) -> tuple[float, int]:
+    # backtesting.py's run phase (seconds) and its trades; `trailing`: with an ATR stop
+    # trailing on every bar (`backtesting_py_trailing`).
     out = subprocess.run(
-        [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data))],
+        [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data), trailing=trailing)],
         capture_output=True,
         text=True,
         check=True,
     )
     line = next(x for x in out.stdout.splitlines() if x.startswith("RUN"))
-    return float(line.split()[1])
+    return float(line.split()[1]), int(line.split()[2])
 
 
 def _sizes() -> list[int]:
@@ -218,21 +220,28 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
             )
         )
         if n <= 1_000_000:
-            peer_run = _peer_run_s(data)
+            peer_run, _ = _peer_run(data)
             rows.append(_bars_row(f"{n:,} candles", n, ours["summary"], n / peer_run))
             if n == max(x for x in _sizes() if x <= 1_000_000):
                 # The same candles with the account trading to the end: at the default fee
                 # the 15% drawdown breaker halts it early (manual resume), and a halted
                 # account's candles are nearly free.
                 trading = _ours(data, tmp, env=TRADING_THROUGHOUT)
-                rows.append(
-                    _bars_row(
-                        f"{n:,} candles, trading throughout (1 bp fee, drawdown limit 99%)",
-                        n,
-                        trading["summary"],
-                        n / peer_run,
-                    )
+                label = f"{n:,} candles, trading throughout (1 bp fee, drawdown limit 99%)"
+                rows.append(_bars_row(label, n, trading["summary"], n / peer_run))
+                # The same job on both sides: backtesting.py's peer above never moves a
+                # stop; this one trails an ATR stop on every bar, as ours does.
+                trailing_run, trailing_trades = _peer_run(data, trailing=True)
+                row = _bars_row(label, n, trading["summary"], n / trailing_run)
+                row["name"] = row["name"].replace(
+                    "bars per second", "bars per second, against a trailing stop"
                 )
+                row["peer"] = "backtesting.py per-bar loop, ATR stop trailing (TrailingStrategy)"
+                row["note"] += (
+                    f"; the peer's stop trails ATR(14) x 2 behind each close"
+                    f" (backtesting.lib.TrailingStrategy): {trailing_trades:,} trades"
+                )
+                rows.append(row)
     small, large = min(rss), max(rss)
     growth = (rss[large] - rss[small]) / (large - small)
     rows.append(
