@@ -131,48 +131,27 @@ def bare(df: pd.DataFrame) -> tuple[float, int]:
     return _bare_loop(opens, closes, FAST, SLOW, FEE, START)  # type: ignore[no-any-return]
 
 
-def backtesting_py(df: pd.DataFrame) -> Any:
-    """Run backtesting.py 0.6.6 (plain Backtest; one unit = one 1e-8 BTC lot)."""
-    import talib
-    from backtesting import Backtest, Strategy
+def backtesting_py(df: pd.DataFrame, *, trailing: tuple[int, float] | None = None) -> Any:
+    """Run backtesting.py 0.6.6 (plain Backtest; one unit = one 1e-8 BTC lot).
 
-    class SmaCrossBt(Strategy):  # type: ignore[misc]
-        def init(self) -> None:
-            close = np.asarray(self.data.Close, dtype=np.float64)
-            self.f = self.I(talib.SMA, close, FAST)
-            self.s = self.I(talib.SMA, close, SLOW)
-
-        def next(self) -> None:
-            f, s = self.f, self.s
-            if not self.position and f[-1] > s[-1] and f[-2] <= s[-2]:
-                self.buy(size=float(np.nextafter(1.0, 0.0)))
-            elif self.position and f[-1] < s[-1] and f[-2] >= s[-2]:
-                self.position.close()
-
-    data = df.rename(columns=str.capitalize)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bt = Backtest(data, SmaCrossBt, cash=START * 1e8, commission=FEE, finalize_trades=True)
-        return bt.run()
-
-
-def backtesting_py_trailing(df: pd.DataFrame, *, period: int = 14, n_atr: float = 2.0) -> Any:
-    """Run backtesting.py's sma_cross with an ATR stop trailing on every bar.
-
-    Its own `backtesting.lib.TrailingStrategy`: each bar moves every open trade's stop-loss
-    to `n_atr` ATRs of `period` bars behind the close when that is tighter (a stop order
-    the broker checks each bar), what the standard risk profile's stop does (ATR(14) x 2
-    behind the best price since entry; break-even aside).
+    `trailing` (ATR period, multiple): with an ATR stop trailing on every bar, its own
+    `backtesting.lib.TrailingStrategy`: each bar moves every open trade's stop-loss to the
+    multiple of the ATR behind the close when that is tighter (a stop order the broker
+    checks each bar), what the standard risk profile's stop does (ATR(14) x 2 behind the
+    best price since entry; break-even aside).
     """
     import talib
-    from backtesting import Backtest
+    from backtesting import Backtest, Strategy
     from backtesting.lib import TrailingStrategy
 
-    class SmaCrossTrailing(TrailingStrategy):  # type: ignore[misc]
+    base = Strategy if trailing is None else TrailingStrategy
+
+    class SmaCrossBt(base):  # type: ignore[misc,valid-type]
         def init(self) -> None:
             super().init()
-            self.set_atr_periods(period)
-            self.set_trailing_sl(n_atr)
+            if trailing is not None:
+                self.set_atr_periods(trailing[0])
+                self.set_trailing_sl(trailing[1])
             close = np.asarray(self.data.Close, dtype=np.float64)
             self.f = self.I(talib.SMA, close, FAST)
             self.s = self.I(talib.SMA, close, SLOW)
@@ -188,9 +167,7 @@ def backtesting_py_trailing(df: pd.DataFrame, *, period: int = 14, n_atr: float 
     data = df.rename(columns=str.capitalize)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bt = Backtest(
-            data, SmaCrossTrailing, cash=START * 1e8, commission=FEE, finalize_trades=True
-        )
+        bt = Backtest(data, SmaCrossBt, cash=START * 1e8, commission=FEE, finalize_trades=True)
         return bt.run()
 
 

@@ -46,10 +46,10 @@ _PEER = """
 import sys, time
 import pandas as pd
 sys.path.insert(0, {root!r})
-from benchmarks.bench_backtest import backtesting_py, backtesting_py_trailing
+from benchmarks.bench_backtest import backtesting_py
 df = pd.read_parquet({path!r})
 started = time.perf_counter()
-stats = (backtesting_py_trailing if {trailing!r} else backtesting_py)(df)
+stats = backtesting_py(df, trailing=(14, 2.0) if {trailing!r} else None)
 print("RUN", time.perf_counter() - started, int(stats["# Trades"]))
 """
 
@@ -106,7 +106,7 @@ def _peer(data: Path) -> dict[str, Any]:
 
 def _peer_run(data: Path, *, trailing: bool = False) -> tuple[float, int]:
     # backtesting.py's run phase (seconds) and its trades; `trailing`: with an ATR stop
-    # trailing on every bar (`backtesting_py_trailing`).
+    # trailing on every bar (`backtesting_py` with `trailing`).
     out = subprocess.run(
         [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data), trailing=trailing)],
         capture_output=True,
