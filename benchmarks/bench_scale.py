@@ -49,7 +49,7 @@ sys.path.insert(0, {root!r})
 from benchmarks.bench_backtest import backtesting_py
 df = pd.read_parquet({path!r})
 started = time.perf_counter()
-stats = backtesting_py(df, trailing=(14, 2.0) if {trailing!r} else None)
+stats = backtesting_py(df, trailing={trailing!r})
 print("RUN", time.perf_counter() - started, int(stats["# Trades"]))
 """
 
@@ -104,11 +104,20 @@ def _peer(data: Path) -> dict[str, Any]:
     return _measure([sys.executable, "-c", script])
 
 
+def _stop_rule() -> tuple[int, float]:
+    # The standard risk profile's stop: its ATR period and multiple (the settings' defaults).
+    from config import RiskSettings
+
+    fields = RiskSettings.model_fields
+    return fields["atr_period"].default, fields["stop_atr_multiple"].default
+
+
 def _peer_run(data: Path, *, trailing: bool = False) -> tuple[float, int]:
     # backtesting.py's run phase (seconds) and its trades; `trailing`: with an ATR stop
-    # trailing on every bar (`backtesting_py` with `trailing`).
+    # trailing on every bar as the standard profile's does (`backtesting_py`'s `trailing`).
+    rule = _stop_rule() if trailing else None
     out = subprocess.run(
-        [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data), trailing=trailing)],
+        [sys.executable, "-c", _PEER.format(root=str(ROOT), path=str(data), trailing=rule)],
         capture_output=True,
         text=True,
         check=True,
@@ -237,8 +246,9 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
                     "bars per second", "bars per second, against a trailing stop"
                 )
                 row["peer"] = "backtesting.py per-bar loop, ATR stop trailing (TrailingStrategy)"
+                period, multiple = _stop_rule()
                 row["note"] += (
-                    f"; the peer's stop trails ATR(14) x 2 behind each close"
+                    f"; the peer's stop trails ATR({period}) x {multiple:g} behind each close"
                     f" (backtesting.lib.TrailingStrategy): {trailing_trades:,} trades"
                 )
                 rows.append(row)
