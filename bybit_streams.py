@@ -487,7 +487,7 @@ class _CandleCursor:
         # None (nothing taken) when one lies past a gap, which `convert` fills first.
         step, last = self.step, self.last
         out: list[Candle] = []
-        for row in sorted(rows, key=lambda r: r[0]):
+        for row in rows if len(rows) < 2 else sorted(rows, key=lambda r: r[0]):
             ts, confirmed = int(row[0]), bool(row[6]) if len(row) > 6 else False
             if last is None:  # first frame: this candle is the next one to yield
                 last = ts - step

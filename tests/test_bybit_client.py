@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import ccxt.pro
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bybit_client import KestrelBybit
 
@@ -176,3 +179,83 @@ def test_a_kline_frame_goes_to_the_tap_of_the_markets_loaded_now() -> None:
     exchange.handle_message(client, _kline(True))
     assert seen == ["BTC/USDT", "BTC/USDT", "XBT/USDT"]
     assert exchange.ohlcvs == {}  # each settled
+
+
+def _ccxt_row(exchange: KestrelBybit, item: Any, market: Any) -> list[Any]:
+    # ccxt's own reading of a kline item, with the flag appended as Kestrel's does.
+    row: list[Any] = ccxt.pro.bybit.parse_ws_ohlcv(exchange, item, market)
+    return [*row, exchange.safe_bool(item, "confirm", False)]
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    # Equal rows, NaN matching NaN, and each value of the same type.
+    return len(a) == len(b) and all(
+        type(x) is type(y)
+        and (x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+_NUMERIC = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.decimals(allow_nan=False, allow_infinity=False).map(str),
+    st.integers(-(10**20), 10**20).map(str),
+    st.sampled_from(["", " 1 ", "1_000", "1e400", "nan", "-inf", "abc", "0x10", "1,5"]),
+)
+_ANY = st.one_of(
+    _NUMERIC,
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(),
+    st.lists(st.none()),
+)
+_ITEMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "start": st.one_of(st.integers(-(2**64), 2**64), _ANY),
+        "open": st.one_of(_NUMERIC, _ANY),
+        "high": st.one_of(_NUMERIC, _ANY),
+        "low": st.one_of(_NUMERIC, _ANY),
+        "close": st.one_of(_NUMERIC, _ANY),
+        "volume": st.one_of(_NUMERIC, _ANY),
+        "turnover": _NUMERIC,
+        "confirm": _ANY,
+    },
+)
+
+
+_USUAL = st.fixed_dictionaries(
+    {
+        "start": st.integers(-(2**64), 2**64),
+        **dict.fromkeys(("open", "high", "low", "close", "volume", "turnover"), _NUMERIC),
+        "confirm": st.one_of(st.booleans(), _ANY),
+    }
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    item=st.one_of(_USUAL, _ITEMS, _ANY),
+    market=st.sampled_from([None, {"inverse": False}, {"inverse": True}, {"inverse": None}]),
+)
+def test_a_kline_item_reads_as_ccxt_reads_it(item: Any, market: Any) -> None:
+    """Kestrel reads the usual kline item itself (for speed) and leaves the rest to ccxt:
+    the row is ccxt's either way, malformed fields, inverse markets and all."""
+    exchange = KestrelBybit()
+    assert _same(exchange.parse_ws_ohlcv(item, market), _ccxt_row(exchange, item, market))
+
+
+def test_a_usual_kline_item_is_read_without_ccxt() -> None:
+    """The usual item (integer start, numeric strings) is Kestrel's to read; ccxt reads one
+    it cannot (a string start) and any item of a client whose numbers are not floats."""
+    exchange = KestrelBybit()
+    item = _kline(True)["data"][0]
+    row = [1_700_000_000_000, 100.0, 102.0, 99.5, 101.5, 3.25, True]
+    assert exchange._kestrel_kline_row(item, None) == row
+    assert exchange.parse_ws_ohlcv(item, None) == row
+    assert exchange._kestrel_kline_row(item | {"start": "1700000000000"}, None) is None
+    assert exchange._kestrel_kline_row(item, {"inverse": True}) is None
+    exchange.number = str
+    assert exchange._kestrel_kline_row(item, None) is None
+    assert exchange.parse_ws_ohlcv(item, None) == _ccxt_row(exchange, item, None)
