@@ -297,7 +297,7 @@ class EngineState:
         close = bars.close[max(0, end - window - 1) : end]
         if len(close) <= 2:
             return None
-        returns = np.diff(close) / close[:-1]
+        returns = (close[1:] - close[:-1]) / close[:-1]  # np.diff's, without its wrapper
         returns.flags.writeable = False  # shared between the contexts that read it
         cache[pair] = (key, returns)
         return returns
@@ -317,6 +317,13 @@ class EngineState:
         positions = self.portfolio.positions_view()  # built as read: O(1) for an exit
         heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
+        returns = aligned = None
+        if heavy:  # the same token, the same returns: a guard keeps its work (a burst's)
+            token = (self.data, self.data.version, self.risk.settings.correlation_window)
+            returns = ReturnsView(self._pair_returns, [pair, *positions], (*token, None))
+            if candle_ts is not None:
+                before = partial(self._pair_returns, before=candle_ts)
+                aligned = ReturnsView(before, [pair, *positions], (*token, candle_ts))
         return RiskContext(
             now=now,
             equity=self.portfolio.equity() if equity is None else equity,
@@ -326,12 +333,8 @@ class EngineState:
             price=self.price(pair) or Decimal(0),
             atr=self._atr(pair) if heavy else None,
             taker_fee=self.executor.taker_fee,
-            returns=ReturnsView(self._pair_returns, [pair, *positions]) if heavy else None,
-            aligned_returns=(
-                ReturnsView(partial(self._pair_returns, before=candle_ts), [pair, *positions])
-                if heavy and candle_ts is not None
-                else None
-            ),
+            returns=returns,
+            aligned_returns=aligned,
             candle_ts=candle_ts,
             sleeve_equity=sleeve[0] if sleeve else None,
             sleeve_free=sleeve[1] if sleeve else None,

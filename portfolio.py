@@ -14,7 +14,7 @@ from __future__ import annotations
 import decimal
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -113,6 +113,13 @@ class PositionsView(Mapping[str, Position]):
         if book is None:
             raise KeyError(pair)
         return PositionSide.LONG if book.qty > 0 else PositionSide.SHORT
+
+    def longs(self, pairs: Sequence[str]) -> tuple[bool, ...]:
+        """Return whether the position on each of `pairs` is long (`side` of each, at once)."""
+        built, books = self._built, self._portfolio._open
+        return tuple(
+            built[p].side is PositionSide.LONG if p in built else books[p].qty > 0 for p in pairs
+        )
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over the pairs with an open position."""

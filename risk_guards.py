@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
@@ -68,12 +68,22 @@ class ReturnsView(Mapping[str, np.ndarray]):
     window has fewer than two returns is not in it.
     """
 
-    __slots__ = ("_done", "_one", "_pairs")
+    __slots__ = ("_done", "_one", "_pairs", "token")
 
-    def __init__(self, one: Callable[[str], np.ndarray | None], pairs: list[str]) -> None:
+    def __init__(
+        self,
+        one: Callable[[str], np.ndarray | None],
+        pairs: list[str],
+        token: Hashable | None = None,
+    ) -> None:
         self._one = one
         self._pairs = dict.fromkeys(pairs)
         self._done: dict[str, np.ndarray | None] = {}
+        # Equal for two views only while `one` gives each pair the same returns (the
+        # engine's: its windows' version and the alignment bar). A guard may keep what it
+        # computed from one view's series for the next: a burst's entries share the held
+        # pairs'. None: nothing is kept.
+        self.token = token
 
     def _get(self, pair: object) -> np.ndarray | None:
         if not isinstance(pair, str) or pair not in self._pairs:
@@ -197,17 +207,19 @@ class _CentredRows:
         return series, centred, math.sqrt(float((centred**2).sum()))
 
 
-def _pearson_rows(rows: list[np.ndarray], norms: np.ndarray, mine: np.ndarray) -> np.ndarray:
-    # Each row's correlation with `mine` (rows centred), NaN for a flat series. Row by row
-    # (a multiply and a sum per row), so a row's value does not depend on the others.
-    x = mine - mine.mean()
+def _pearson_rows(rows: np.ndarray, norms: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    # Each row's correlation with `mine` (rows centred and stacked), NaN for a flat series.
+    # Row by row (a multiply and a sum per row), so a row's value does not depend on the
+    # others.
+    # (np.mean's and np.clip's arithmetic without their Python wrappers: the same values.)
+    x = mine - float(np.add.reduce(mine)) / len(mine)
     norm = math.sqrt(float((x**2).sum()))
     if norm == 0:
         return np.full(len(rows), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rho = (np.vstack(rows) * x).sum(axis=1) / (norms * norm)
+        rho = (rows * x).sum(axis=1) / (norms * norm)
     rho[norms == 0] = np.nan
-    out: np.ndarray = np.clip(rho, -1.0, 1.0)
+    out: np.ndarray = np.minimum(np.maximum(rho, -1.0), 1.0)
     return out
 
 
@@ -235,7 +247,7 @@ def correlations_with(
     mine = np.asarray(candidate, dtype=float)[-length:]
     rows = [e[1] for e in entries if e[1] is not None]
     if len(rows) == len(entries) and np.isfinite(mine).all():
-        return _pearson_rows(rows, np.array([e[2] for e in entries]), mine), cache
+        return _pearson_rows(np.vstack(rows), np.array([e[2] for e in entries]), mine), cache
     # Gaps: every series loses the bars where any of them is not finite.
     data = np.vstack([mine, *(np.asarray(s, dtype=float)[-length:] for s in held)])
     data = data[:, np.isfinite(data).all(axis=0)]
@@ -243,7 +255,27 @@ def correlations_with(
         return np.full(len(held), np.nan), cache
     centred = data[1:] - data[1:].mean(axis=1, keepdims=True)
     norms = np.sqrt((centred**2).sum(axis=1))
-    return _pearson_rows(list(centred), norms, data[0]), cache
+    return _pearson_rows(centred, norms, data[0]), cache
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldBlock:
+    """The held pairs' part of a correlation check, kept while their returns are the same.
+
+    `key`: the returns' token and the held pairs (and their sides) it was computed for.
+    `held` and `series`: the held pairs with returns and those returns; `longs`: +1 for a
+    long, -1 for a short, per held pair; `rows` and `norms`: their last `length` bars
+    centred and stacked, with their norms, as `correlations_with` computes them (None when
+    one is not finite over them: each check then takes the general way).
+    """
+
+    key: tuple[Hashable, tuple[str, ...], tuple[bool, ...]]
+    held: list[str]
+    series: list[np.ndarray]
+    longs: np.ndarray
+    length: int
+    rows: np.ndarray | None
+    norms: np.ndarray
 
 
 @dataclass(slots=True)
@@ -267,6 +299,7 @@ class CorrelationGuard:
     _last: dict[str, np.ndarray] | None = None
     _shown: tuple[tuple[str, ...], np.ndarray] | None = None
     _rows: _CentredRows | None = None
+    _block: _HeldBlock | None = None
 
     @property
     def last_pairs(self) -> tuple[str, ...]:
@@ -289,37 +322,36 @@ class CorrelationGuard:
         returns = ctx.aligned_returns if ctx.aligned_returns is not None else ctx.returns
         if returns is None or signal.pair not in returns:
             return None
-        held = [p for p in ctx.positions if p != signal.pair and p in returns]
+        block = self._held(signal.pair, ctx.positions, returns)
+        held, series, mine = block.held, block.series, returns[signal.pair]
         if not held:
             return None
-        series = [returns[p] for p in held]
-        row, self._rows = correlations_with(
-            returns[signal.pair],
-            series,
-            self.window,
-            min_overlap=self.min_overlap,
-            cache=self._rows,
-        )
-        self._last = {signal.pair: returns[signal.pair], **dict(zip(held, series, strict=True))}
+        length = min(block.length, len(mine))
+        if (
+            length == block.length >= self.min_overlap
+            and block.rows is not None
+            and np.isfinite(mine[-length:]).all()
+        ):
+            # The held rows as `correlations_with` centres them, stacked once for a burst.
+            row = _pearson_rows(block.rows, block.norms, np.asarray(mine, dtype=float)[-length:])
+        else:
+            row, self._rows = correlations_with(
+                mine, series, self.window, min_overlap=self.min_overlap, cache=self._rows
+            )
+        self._last = {signal.pair: mine, **dict(zip(held, series, strict=True))}
         self._shown = None
         # Signed by direction: + where the entry adds to a held bet, - where it hedges one.
-        side = getattr(ctx.positions, "side", None)  # a PositionsView: no Position built
-        sign = 1.0 if signal.side is Side.BUY else -1.0
-        signs = [
-            sign if (side(p) if side else ctx.positions[p].side) is PositionSide.LONG else -sign
-            for p in held
-        ]
-        adjusted = row * np.array(signs)
-        if np.isnan(adjusted).all():
+        adjusted = row * (block.longs if signal.side is Side.BUY else -block.longs)
+        nan = np.isnan(adjusted)
+        if nan.all():
             return None
-        at = int(np.nanargmax(adjusted))  # the first of the largest, NaN skipped
+        # The first of the largest, NaN skipped (np.nanargmax's rule, without its wrapper).
+        at = int(np.where(nan, -np.inf, adjusted).argmax())
         worst, against, raw = float(adjusted[at]), held[at], float(row[at])
         if worst <= self.max_correlation:
             return None
-        what = (
-            f"correlation {raw:+.2f} with held {ctx.positions[against].side} {against}"
-            f" (direction-adjusted {worst:.2f})"
-        )
+        side = "long" if block.longs[at] > 0 else "short"  # PositionSide's, no Position built
+        what = f"correlation {raw:+.2f} with held {side} {against} (direction-adjusted {worst:.2f})"
         if worst > self.hard_limit or self.hard_limit <= self.max_correlation:
             return Veto(f"{what} > hard limit {self.hard_limit:.2f}", None, self.name)
         excess = (worst - self.max_correlation) / (self.hard_limit - self.max_correlation)
@@ -327,6 +359,40 @@ class CorrelationGuard:
         if factor <= 0:
             return Veto(f"{what} at hard limit {self.hard_limit:.2f}", None, self.name)
         return Resize(factor, f"x{factor:.2f}: {what} > {self.max_correlation:.2f}", self.name)
+
+    def _held(
+        self, pair: str, positions: Mapping[str, Position], returns: Mapping[str, np.ndarray]
+    ) -> _HeldBlock:
+        # The held pairs other than `pair` with their returns, kept while the returns'
+        # token and the held pairs are the same (a burst's entries: O(1) numpy calls each
+        # instead of several per held pair).
+        others = tuple(p for p in positions if p != pair)
+        longs_of = getattr(positions, "longs", None)  # a PositionsView: no Position built
+        longs = (
+            longs_of(others)
+            if longs_of is not None
+            else tuple(positions[p].side is PositionSide.LONG for p in others)
+        )
+        token = getattr(returns, "token", None)
+        key, block = (token, others, longs), self._block
+        if token is not None and block is not None and block.key == key:
+            return block
+        present = [(p, long) for p, long in zip(others, longs, strict=True) if p in returns]
+        held = [p for p, _ in present]
+        series = [returns[p] for p in held]
+        length = min(self.window, *(len(s) for s in series)) if series else 0
+        rows, norms = None, np.empty(0)
+        if token is not None and held and length >= self.min_overlap:  # else the general way
+            tails = np.vstack([np.asarray(s, dtype=float)[-length:] for s in series])
+            if np.isfinite(tails).all():
+                # Row by row as `_CentredRows.row` (each row's own mean and sum).
+                rows = tails - (np.add.reduce(tails, axis=1) / length)[:, None]
+                norms = np.sqrt(np.add.reduce(rows**2, axis=1))
+        directions = np.array([1.0 if long else -1.0 for _, long in present])
+        block = _HeldBlock(key, held, series, directions, length, rows, norms)
+        if token is not None:
+            self._block = block
+        return block
 
 
 # -- Sizing ----------------------------------------------------------------------------------

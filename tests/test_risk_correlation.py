@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import MarketType, OrderIntent, PositionSide, Side, Veto
-from risk_guards import correlations_with
+from portfolio import Portfolio, _Open
+from risk_guards import CorrelationGuard, Resize, ReturnsView, correlations_with
 from risk_management import RiskManager, correlation_matrix
 from tests.test_risk_support import context, correlated, market, position, signal
 from tests.test_risk_support import settings as risk_settings
@@ -159,8 +160,6 @@ def test_the_guard_row_is_the_matrix_row_and_does_not_depend_on_what_was_cached(
 def test_a_burst_of_candidates_against_many_held_pairs_reads_no_position_for_the_sides() -> None:
     """Sides come from the portfolio's view without building 40 positions per candidate; the
     verdict names the most correlated held pair."""
-    from portfolio import Portfolio, _Open
-
     rng = np.random.default_rng(5)
     base = rng.normal(0, 0.01, 120)
     portfolio = Portfolio(Decimal(100_000))
@@ -180,3 +179,96 @@ def test_a_burst_of_candidates_against_many_held_pairs_reads_no_position_for_the
     assert isinstance(verdict, Veto)
     assert "P00/USDT" in verdict.reason
     assert not view._built.keys() - {"P00/USDT"}  # only the one named was built
+
+
+def _held_portfolio(sides: list[bool]) -> Portfolio:
+    # Held pairs H0, H1, ... long (True) or short (False).
+    portfolio = Portfolio(Decimal(100_000))
+    for i, long in enumerate(sides):
+        qty = Decimal(1) if long else Decimal(-1)
+        portfolio._open[f"H{i}/USDT"] = _Open(qty, Decimal(10), 0, Decimal(0))
+    return portfolio
+
+
+def _checks(
+    guard: CorrelationGuard,
+    portfolio: Portfolio,
+    series: dict[str, np.ndarray],
+    candidates: list[tuple[str, Side]],
+    token: str | None,
+) -> list[Veto | Resize | None]:
+    # Each candidate checked on a context of its own, as the engine builds them; `token`
+    # None: plain returns, nothing kept between the checks.
+    verdicts = []
+    for pair, side in candidates:
+        pairs = [pair, *portfolio._open]
+        returns = ReturnsView(series.get, pairs, token) if token else {p: series[p] for p in pairs}
+        ctx = replace(context(returns=returns), positions=portfolio.positions_view())
+        verdicts.append(guard.check(signal(pair=pair, side=side), ctx))
+    return verdicts
+
+
+def _guard(window: int, soft: float = 1e-9, hard: float = 1.0) -> CorrelationGuard:
+    # By default any positive correlation resizes, by a factor that carries its every bit.
+    return CorrelationGuard(soft, hard, window, min_overlap=5)
+
+
+_BASE = np.random.default_rng(0).normal(0, 0.01, 60)
+
+
+def _window(seed: int, n: int, weight: float) -> np.ndarray:
+    # A complete window: the shared base's last `n` returns mixed with noise of its own.
+    noise = np.random.default_rng(seed).normal(0, 0.01, n)
+    return np.asarray(weight * _BASE[-n:] + (1 - weight) * noise)
+
+
+# Mostly complete series correlated to any degree (gaps are the exception, as live).
+_windows = st.one_of(
+    *[st.builds(_window, st.integers(0, 2**32 - 1), st.integers(8, 60), st.floats(0, 1))] * 4,
+    _series,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    held=st.lists(st.tuples(_windows, st.booleans()), min_size=1, max_size=6),
+    candidates=st.lists(st.tuples(_windows, st.booleans()), min_size=1, max_size=5),
+    window=st.integers(5, 50),
+)
+def test_a_bursts_checks_share_the_held_pairs_work_and_give_fresh_checks_verdicts(
+    held: list[tuple[np.ndarray, bool]], candidates: list[tuple[np.ndarray, bool]], window: int
+) -> None:
+    """Checks whose returns carry one token (a burst's entries) compute the held pairs' part
+    once and give, to the last bit, the verdicts of checks that keep nothing (gaps, short and
+    flat series, longs and shorts on both sides included)."""
+    portfolio = _held_portfolio([long for _, long in held])
+    series = {f"H{i}/USDT": s for i, (s, _) in enumerate(held)}
+    series |= {f"C{j}/USDT": s for j, (s, _) in enumerate(candidates)}
+    wanted = [
+        (f"C{j}/USDT", Side.BUY if buy else Side.SELL) for j, (_, buy) in enumerate(candidates)
+    ]
+    fresh = [_checks(_guard(window), portfolio, series, [c], None)[0] for c in wanted]
+    guard = _guard(window)
+    kept = _checks(guard, portfolio, series, wanted[:1], "burst")
+    block = guard._block
+    kept += _checks(guard, portfolio, series, wanted[1:], "burst")
+    assert kept == fresh
+    assert guard._block is block  # the held pairs' part was computed once
+
+
+def test_the_held_pairs_work_is_not_kept_past_a_new_token_or_a_side_that_changed() -> None:
+    """A new token (new candles) or a held position on the other side (same pairs) is a new
+    computation: the verdict follows the side held now."""
+    held, candidate = correlated(0.85)
+    series = {"H0/USDT": held, "C0/USDT": candidate}
+    guard, buy = _guard(100, 0.2, 0.9), [("C0/USDT", Side.BUY)]
+    portfolio = _held_portfolio([True])
+    (cut,) = _checks(guard, portfolio, series, buy, "t1")
+    assert isinstance(cut, Resize)  # a long next to a correlated long: cut down
+    first = guard._block
+    _checks(guard, portfolio, series, buy, "t2")
+    assert guard._block is not first
+    second = guard._block
+    portfolio._open["H0/USDT"] = _Open(Decimal(-1), Decimal(10), 0, Decimal(0))
+    assert _checks(guard, portfolio, series, buy, "t2") == [None]  # now a hedge
+    assert guard._block is not second
