@@ -1,8 +1,10 @@
 """Bursts: the candles that close together are decided together, in one pass.
 
-Part of `runner` (its pipeline loop drains the feed's queue into bursts). When 50 pairs
-close a candle at the same instant, taking them one at a time makes the last pair wait
-for every decision and every order acknowledgement before it. `BurstDecider` instead:
+Part of `runner` (its pipeline loop drains the feed's queue into bursts: on the exchange's
+feed, a burst's first candle also waits, asleep, up to `exchange.burst_gather_ms` for the
+other streamed pairs' candles of its close). When 50 pairs close a candle at the same
+instant, taking them one at a time makes the last pair wait for every decision and every
+order acknowledgement before it. `BurstDecider` instead:
 
 1. admits every candle of the burst (data windows, counters), in arrival order;
 2. computes the signals of all pairs ahead: the strategy's indicators of every pair in

@@ -85,6 +85,14 @@ class ExchangeSettings(_Group):
         "for fills the private stream missed)",
     )
 
+    burst_gather_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="a closed candle waits at most this long for the other streamed pairs' "
+        "candles of its close, so that they are decided together, strongest first (0: decide "
+        "what has arrived)",
+    )
     funding_poll_interval_s: float = Field(
         default=300.0,
         gt=0,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import main
 from burst import BurstDecider, split_runs
 from config import load_settings
 from models import Candle, OrderType
-from runner import Daemon
+from runner import Daemon, _next_burst
 from tests.test_backtest_support import cli_args
 from trade_executor import StopState
 
@@ -362,3 +363,64 @@ def test_a_burst_whose_sends_fail_still_places_its_new_positions_stops(sim_env: 
         return failed
 
     assert asyncio.run(run()) > 0
+
+
+def test_a_burst_waits_asleep_for_the_other_streamed_pairs_of_its_close() -> None:
+    """The first candle of a close waits for the other streamed pairs' candles and the burst
+    holds them all, decided together; a pair that never delivers is waited for until the
+    window ends, no longer, and its late candle starts the next burst; the replay's feed
+    (no gather) and a window of 0 take only what is queued; the feed's end ends the wait."""
+
+    def candle(pair: str) -> Candle:
+        return Candle(pair, "1m", 0, 1, 1, 1, 1, 1)
+
+    async def feed(queue: asyncio.Queue[Any], pairs: list[str | None], gap_s: float) -> None:
+        for pair in pairs:
+            await asyncio.sleep(gap_s)
+            await queue.put(None if pair is None else (candle(pair), time.perf_counter()))
+
+    async def burst(
+        pairs: list[str | None], gap_s: float, queued: tuple[str, ...] = (), **kwargs: Any
+    ) -> tuple[list[str], bool, float, list[str]]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for pair in ("A", *queued):
+            await queue.put((candle(pair), time.perf_counter()))
+        producer = asyncio.ensure_future(feed(queue, pairs, gap_s))
+        started = time.perf_counter()
+        got, done = await _next_burst(queue, **kwargs)
+        waited = time.perf_counter() - started
+        await producer
+        later = []  # what the next burst starts with
+        while not queue.empty():
+            item = queue.get_nowait()
+            later += [] if item is None else [item[0].pair]
+        return [c.pair for c, _ in got], done, waited, later
+
+    def run(pairs: list[str | None], gap_s: float, **kwargs: Any) -> Any:
+        return asyncio.run(burst(pairs, gap_s, **kwargs))
+
+    streamed = ["A", "B", "C"]
+    # All three already queued (one read's): taken at once, nothing waited for.
+    got, done, waited, _ = run([], 0, gather=True, expected=streamed, within_s=5, queued=("B", "C"))
+    assert (got, done) == (["A", "B", "C"], False)
+    assert waited < 2.5
+    # Every streamed pair delivers, 2 ms apart: one burst of all three, long before 5 s.
+    got, done, waited, _ = run(["B", "C"], 0.002, gather=True, expected=streamed, within_s=5)
+    assert (got, done) == (["A", "B", "C"], False)
+    assert waited < 2.5
+    # D never delivers: the burst waits the window out (from A's hand-over), then goes.
+    got, done, waited, _ = run(
+        ["B", "C"], 0.002, gather=True, expected=[*streamed, "D"], within_s=0.05
+    )
+    assert (got, done) == (["A", "B", "C"], False)
+    assert waited >= 0.045
+    # Past the window: the late candle is the next burst's.
+    got, _, _, later = run(["B"], 0.08, gather=True, expected=streamed, within_s=0.03)
+    assert (got, later) == (["A"], ["B"])
+    # A replay's feed, or no window: only what is queued.
+    for kwargs in ({"gather": False, "within_s": 5.0}, {"gather": True, "within_s": 0.0}):
+        got, done, _, later = run(["B", "C"], 0.002, expected=streamed, **kwargs)
+        assert (got, done, later) == (["A"], False, ["B", "C"])
+    # The feed ends while the burst waits: what arrived, and the end.
+    got, done, _, _ = run(["B", None], 0.002, gather=True, expected=streamed, within_s=5)
+    assert (got, done) == (["A", "B"], True)
