@@ -100,7 +100,7 @@ def _ours(data: Path, tmp: Path, *, env: dict[str, str] | None = None) -> dict[s
 
 
 def _peer(data: Path) -> dict[str, Any]:
-    script = _PEER.format(root=str(ROOT), path=str(data), trailing=False)
+    script = _PEER.format(root=str(ROOT), path=str(data), trailing=None)
     return _measure([sys.executable, "-c", script])
 
 
