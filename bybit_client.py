@@ -194,7 +194,7 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
                     float(v),
                     confirm if type(confirm) is bool else False,
                 ]
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):  # an int too large for a float too
             pass
         return None
 

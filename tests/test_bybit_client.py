@@ -227,7 +227,7 @@ _ITEMS = st.fixed_dictionaries(
 
 _USUAL = st.fixed_dictionaries(
     {
-        "start": st.integers(-(2**64), 2**64),
+        "start": st.one_of(st.integers(-(2**64), 2**64), st.integers(10**300, 10**400)),
         **dict.fromkeys(("open", "high", "low", "close", "volume", "turnover"), _NUMERIC),
         "confirm": st.one_of(st.booleans(), _ANY),
     }
