@@ -105,6 +105,7 @@ async def _next_burst(
     gather: bool,
     expected: Collection[str] = (),
     within_s: float = 0.0,
+    late: set[str] | None = None,
 ) -> tuple[list[tuple[Candle, float]], bool]:
     """Return the candles queued together (one burst) and whether the feed has ended.
 
@@ -122,6 +123,10 @@ async def _next_burst(
     and hold the rest behind their decisions (and, on a host it shares, the exchange's
     sending behind them too: in the latency benchmark a burst of one, decided at a
     minute's first frame, held back the emulator's other 99 pushes by ~0.75 ms).
+
+    `late` (kept by the caller across bursts): the expected pairs a burst waited for in
+    vain, not waited for again until a candle of theirs arrives, so a stream that is down
+    costs one window, not one every burst.
     """
     item = await queue.get()
     if item is None:
@@ -129,7 +134,9 @@ async def _next_burst(
     if gather:
         await asyncio.sleep(0)
     burst = [item]
-    missing = set(expected) - {item[0].pair} if gather and within_s > 0 else set()
+    late = set() if late is None else late
+    late.discard(item[0].pair)
+    missing = set(expected) - late - {item[0].pair} if gather and within_s > 0 else set()
     deadline = item[1] + within_s
     while True:
         while not queue.empty():
@@ -138,18 +145,22 @@ async def _next_burst(
                 return burst, True
             burst.append(item)
             missing.discard(item[0].pair)
+            late.discard(item[0].pair)
         left = deadline - time.perf_counter()
         if not missing or left <= 0:
+            late |= missing  # waited for in vain: not again until they deliver
             return burst, False
         try:
             async with asyncio.timeout(left):
                 item = await queue.get()
         except TimeoutError:
+            late |= missing
             return burst, False
         if item is None:
             return burst, True
         burst.append(item)
         missing.discard(item[0].pair)
+        late.discard(item[0].pair)
 
 
 class Daemon(DaemonBase):
@@ -332,12 +343,14 @@ class Daemon(DaemonBase):
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
         done = False
         feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
+        late: set[str] = set()  # streamed pairs a burst waited for in vain (see _next_burst)
         while not done:
             burst, done = await _next_burst(
                 self.queue,
                 gather=self.replay is None,
                 expected=feed.feed_pairs if feed is not None else (),
                 within_s=within_s,
+                late=late,
             )
             if burst:
                 await decider.on_burst(burst)

@@ -424,3 +424,43 @@ def test_a_burst_waits_asleep_for_the_other_streamed_pairs_of_its_close() -> Non
     # The feed ends while the burst waits: what arrived, and the end.
     got, done, _, _ = run(["B", None], 0.002, gather=True, expected=streamed, within_s=5)
     assert (got, done) == (["A", "B"], True)
+
+
+def test_a_pair_waited_for_in_vain_is_not_waited_for_again_until_it_delivers() -> None:
+    """A stream that is down costs one window, not one every burst: the burst after one
+    that waited for C in vain does not wait for it, and once C delivers it is waited for
+    again."""
+
+    async def burst(pairs: list[str], within_s: float, late: set[str]) -> tuple[list[str], float]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for pair in pairs:
+            await queue.put((Candle(pair, "1m", 0, 1, 1, 1, 1, 1), time.perf_counter()))
+        started = time.perf_counter()
+        got, _ = await _next_burst(
+            queue, gather=True, expected=["A", "B", "C"], within_s=within_s, late=late
+        )
+        return [c.pair for c, _ in got], time.perf_counter() - started
+
+    async def run() -> list[tuple[list[str], float, set[str]]]:
+        late: set[str] = set()
+        out = []
+        for pairs, within_s in (
+            (["A", "B"], 0.05),
+            (["A", "B"], 5.0),
+            (["C", "A", "B"], 5.0),
+            (["A", "B"], 0.05),
+        ):
+            got, waited = await burst(pairs, within_s, late)
+            out.append((got, waited, set(late)))
+        return out
+
+    (first, w1, late1), (second, w2, late2), (back, _, late3), (again, w4, late4) = asyncio.run(
+        run()
+    )
+    assert (first, late1) == (["A", "B"], {"C"})
+    assert w1 >= 0.045  # waited the window out for C
+    assert (second, late2) == (["A", "B"], {"C"})
+    assert w2 < 2.5  # not again: C is late
+    assert (back, late3) == (["C", "A", "B"], set())  # C's stream is back
+    assert (again, late4) == (["A", "B"], {"C"})
+    assert w4 >= 0.045  # C waited for once more
