@@ -21,9 +21,10 @@ Two measures of each order, both ending when the matching engine has accepted it
   the loop before a burst, so candles the feed task still carries join it, and a burst's
   first candle waits, asleep, up to `exchange.burst_gather_ms` for the other streamed
   pairs' candles of its close: every burst here is whole (50 candles). Decided on its first
-  arrivals alone, a minute went in pieces (30-40% of them), and the piece of one, decided
-  at the minute's first frame on the core the emulator was pushing from, held back the
-  emulator's other 99 pushes (push spread 1.7 ms at p50, 1.15 ms since). The sockets carry no
+  arrivals alone, nearly every minute went in 2-3 pieces (61-71 bursts in 30 minutes,
+  usually a first piece of one candle), and the piece of one, decided at the minute's
+  first frame on the core the emulator was pushing from, held back the emulator's other 99
+  pushes (push spread 1.7 ms at p50, 1.15 ms since). The sockets carry no
   permessage-deflate (ccxt offers it by default; the emulator's aiohttp accepts). In
   25-minute A/B runs the settled frames and the burst's turn took push -> order accepted
   from 8.7/9.4/8.4 to 7.3/7.0/7.5 ms at p50, and dropping deflate on top took push ->
