@@ -53,8 +53,9 @@ def _reset_delay(headers: Any, server_now_ms: float) -> float | None:
 # What ccxt's Bybit error check reads in a frame (`handle_error_message`).
 _ERROR_FIELDS = frozenset({"code", "ret_code", "retCode", "success"})
 
-# A kline tap: called with a frame's parsed rows (ccxt's, `confirm` appended); returns
-# True when the frame needs nothing more (ccxt then does not handle it).
+# A kline tap: called with a frame's parsed rows (ccxt's, `confirm` appended; a candle
+# still forming carries only its open time and the flag); returns True when the frame
+# needs nothing more (ccxt then does not handle it).
 KlineTap = Callable[[list[list[Any]]], bool]
 
 
@@ -206,14 +207,24 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         `retCode`, `success`), so for one it would only end up in `handle_ohlcv`. At 50
         pairs a minute closes with 100 of them in one read.
         """
-        topic = message.get("topic") if isinstance(message, dict) else None
-        if (
-            isinstance(topic, str)
-            and topic.startswith("kline.")
-            and not _ERROR_FIELDS.intersection(message)
-        ):
-            self.handle_ohlcv(client, message)
-            return
+        if type(message) is dict:  # a frame as the socket's JSON gives it: the checks below
+            topic = message.get("topic")
+            if (
+                type(topic) is str
+                and topic.startswith("kline.")
+                and message.keys().isdisjoint(_ERROR_FIELDS)
+            ):
+                self.handle_ohlcv(client, message)
+                return
+        else:
+            topic = message.get("topic") if isinstance(message, dict) else None
+            if (
+                isinstance(topic, str)
+                and topic.startswith("kline.")
+                and not _ERROR_FIELDS.intersection(message)
+            ):
+                self.handle_ohlcv(client, message)
+                return
         super().handle_message(client, message)
 
     def handle_ohlcv(self, client: Any, message: Any) -> None:
@@ -265,12 +276,23 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
     def _kestrel_settled(
         self, key: tuple[str, str], tap: KlineTap, message: Any, market: Any
     ) -> bool:
-        # The tap's verdict on the frame's rows (parsed as ccxt parses them); a tap that
-        # raises is dropped and the frame left to ccxt.
+        # The tap's verdict on the frame's rows (parsed as ccxt parses them, but for the
+        # prices of a candle still forming); a tap that raises is dropped and the frame
+        # left to ccxt.
         data = message.get("data") if type(message) is dict else None
-        rows = [
-            self.parse_ws_ohlcv(item, market) for item in (data if isinstance(data, list) else ())
-        ]
+        rows = []
+        for item in data if isinstance(data, list) else ():
+            # A candle still forming (Bybit's usual item, `confirm` false): the tap reads
+            # its open time and flag only (it takes closed candles), so its prices are not
+            # read; its open time is ccxt's (`int(float(start))`).
+            start = item.get("start") if type(item) is dict else None
+            if type(start) is int and item.get("confirm") is False:
+                try:
+                    rows.append([int(float(start)), None, None, None, None, None, False])
+                    continue
+                except OverflowError:  # too large for a float: ccxt's reading
+                    pass
+            rows.append(self.parse_ws_ohlcv(item, market))
         try:
             return tap(rows)
         except Exception:  # a bug in a tap: never into ccxt's reading of the socket

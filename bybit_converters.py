@@ -269,15 +269,16 @@ def book_side(levels: Iterable[Sequence[Any]], depth: int) -> tuple[tuple[float,
 
 def candle_from_row(pair: str, timeframe: str, row: Sequence[Any]) -> Candle:
     """Return a candle from a ccxt OHLCV row."""
+    # Positional: a minute's close builds one per streamed pair, read behind the others.
     return Candle(
-        pair=pair,
-        timeframe=timeframe,
-        ts=int(row[0]),
-        open=float(row[1]),
-        high=float(row[2]),
-        low=float(row[3]),
-        close=float(row[4]),
-        volume=float(row[5] or 0),
+        pair,
+        timeframe,
+        int(row[0]),
+        float(row[1]),
+        float(row[2]),
+        float(row[3]),
+        float(row[4]),
+        float(row[5] or 0),
     )
 
 

@@ -124,17 +124,22 @@ def _tapped(verdict: bool | None, confirm: bool) -> tuple[Any, list[Any], dict[A
 
 
 def test_a_frame_the_tap_settles_is_not_handled_by_ccxt() -> None:
-    """The tap sees the frame's rows as ccxt parses them; when it settles the frame, ccxt's
-    cache keeps nothing and no future is resolved; otherwise ccxt handles the frame as if
-    there were no tap, and a tap that raises is dropped."""
+    """The tap sees the frame's rows as ccxt parses them (a candle still forming: its open
+    time and flag only); when it settles the frame, ccxt's cache keeps nothing and no
+    future is resolved; otherwise ccxt handles the frame as if there were no tap (its cache
+    then holds the forming candle's prices), and a tap that raises is dropped."""
     for confirm in (False, True):
-        row = [1_700_000_000_000, 100, 102, 99.5, 101.5, 3.25, confirm]
+        row: list[Any] = [1_700_000_000_000, 100, 102, 99.5, 101.5, 3.25, confirm]
+        if not confirm:
+            row = [1_700_000_000_000, None, None, None, None, None, False]
         handled, seen, taps, tap = _tapped(True, confirm)
         assert seen == [[row]]
         assert handled == ({}, [], [])
         assert taps == {("BTCUSDT", "1m"): tap}
         without = _handled(KestrelBybit, _kline(confirm))
-        assert without[0] == {"BTCUSDT": {"1m": [row]}}
+        assert without[0] == {
+            "BTCUSDT": {"1m": [[1_700_000_000_000, 100, 102, 99.5, 101.5, 3.25, confirm]]}
+        }
         handled, seen, taps, tap = _tapped(False, confirm)
         assert seen == [[row]]
         assert handled == without
@@ -259,3 +264,32 @@ def test_a_usual_kline_item_is_read_without_ccxt() -> None:
     exchange.number = str
     assert exchange._kestrel_kline_row(item, None) is None
     assert exchange.parse_ws_ohlcv(item, None) == _ccxt_row(exchange, item, None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    items=st.lists(st.one_of(_USUAL, _ITEMS, _ANY), max_size=3),
+    market=st.sampled_from([None, {"inverse": False}, {"inverse": True}]),
+)
+def test_the_tap_reads_a_frames_rows_as_ccxt_reads_them(items: Any, market: Any) -> None:
+    """The rows a tap sees are ccxt's, except that a candle still forming (Bybit's usual
+    item with `confirm` false) carries only ccxt's open time and the flag: the tap takes
+    closed candles only, and a frame it does not settle goes to ccxt whole."""
+    exchange = KestrelBybit()
+    seen: list[list[list[Any]]] = []
+
+    def tap(rows: list[list[Any]]) -> bool:
+        seen.append(rows)
+        return True
+
+    message = {"topic": "kline.1.BTCUSDT", "data": items}
+    assert exchange._kestrel_settled(("BTCUSDT", "1m"), tap, message, market)
+    assert len(seen) == 1
+    assert len(seen[0]) == len(items)
+    for row, item in zip(seen[0], items, strict=True):
+        ccxt_row = _ccxt_row(exchange, item, market)
+        start = item.get("start") if type(item) is dict else None
+        if type(start) is int and abs(start) < 2**1000 and item.get("confirm") is False:
+            assert _same(row, [ccxt_row[0], None, None, None, None, None, False])
+        else:
+            assert _same(row, ccxt_row)
