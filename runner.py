@@ -99,13 +99,52 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
         loop.add_signal_handler(sig, handle, sig)
 
 
+class Gathered:
+    """What the bursts on the exchange's feed have taken, kept across bursts (`_next_burst`).
+
+    A burst waits only for the streamed pairs whose candle of its close (the first
+    candle's open time) it has not taken yet, and not for the pairs that came late: a
+    pair a burst waited for in vain is not waited for again until a candle of it comes
+    within the window of its close (counted from that close's first candle), so a stream
+    that is down or always late costs one window, not one every burst, and a late candle
+    deciding on its own waits for nobody (its close's other pairs were taken already).
+    """
+
+    __slots__ = ("_close", "late", "taken")
+
+    def __init__(self) -> None:
+        self.late: set[str] = set()
+        self.taken: dict[str, int] = {}  # each pair's newest candle open time taken
+        self._close: tuple[int, float] = (-1, 0.0)  # the newest close: (open time, first in)
+
+    def take(self, candle: Candle, received: float, within_s: float) -> None:
+        """Note a candle taken into a burst (handed over at `received`)."""
+        ts, pair = candle.ts, candle.pair
+        if ts > self._close[0]:
+            self._close = (ts, received)
+        if pair in self.late and ts == self._close[0] and received - self._close[1] <= within_s:
+            self.late.discard(pair)  # on time again
+        if ts > self.taken.get(pair, ts - 1):
+            self.taken[pair] = ts
+
+    def missing(self, expected: Collection[str], close: int) -> set[str]:
+        """Return the expected pairs whose candle of `close` a burst should still wait for."""
+        taken, late = self.taken, self.late
+        return {p for p in expected if p not in late and taken.get(p, close - 1) < close}
+
+    def deadline(self, close: int, within_s: float) -> float:
+        """Return when a burst of `close` stops waiting: `within_s` after its first candle."""
+        ts, first = self._close
+        return first + within_s if ts == close else 0.0
+
+
 async def _next_burst(
     queue: asyncio.Queue[tuple[Candle, float] | None],
     *,
     gather: bool,
     expected: Collection[str] = (),
     within_s: float = 0.0,
-    late: set[str] | None = None,
+    gathered: Gathered | None = None,
 ) -> tuple[list[tuple[Candle, float]], bool]:
     """Return the candles queued together (one burst) and whether the feed has ended.
 
@@ -116,17 +155,15 @@ async def _next_burst(
     clock past the candle in hand.
 
     `expected` (the pairs the feed streams) and `within_s`: the burst also waits, asleep,
-    for the candles of the expected pairs not in it yet, until `within_s` after its first
-    was handed over. A minute's candles reach the daemon spread over the exchange's pushes
-    and the socket's reads; decided on its first arrivals, a burst would let them take
-    what the strongest signal among the rest should have (a position slot, exposure room)
-    and hold the rest behind their decisions (and, on a host it shares, the exchange's
-    sending behind them too: in the latency benchmark a burst of one, decided at a
-    minute's first frame, held back the emulator's other 99 pushes by ~0.75 ms).
-
-    `late` (kept by the caller across bursts): the expected pairs a burst waited for in
-    vain, not waited for again until a candle of theirs arrives, so a stream that is down
-    costs one window, not one every burst.
+    for the candles of its close from the expected pairs, until `within_s` after the
+    close's first candle was handed over (`Gathered`, kept by the caller across bursts,
+    says which pairs are still to come). A minute's candles reach the daemon spread over
+    the exchange's pushes and the socket's reads; decided on its first arrivals, a burst
+    would let them take what the strongest signal among the rest should have (a position
+    slot, exposure room) and hold the rest behind their decisions (and, on a host it
+    shares, the exchange's sending behind them too: in the latency benchmark a burst of
+    one, decided at a minute's first frame, held back the emulator's other 99 pushes by
+    ~0.75 ms).
     """
     item = await queue.get()
     if item is None:
@@ -134,33 +171,35 @@ async def _next_burst(
     if gather:
         await asyncio.sleep(0)
     burst = [item]
-    late = set() if late is None else late
-    late.discard(item[0].pair)
-    missing = set(expected) - late - {item[0].pair} if gather and within_s > 0 else set()
-    deadline = item[1] + within_s
+    seen = Gathered() if gathered is None else gathered
+    seen.take(item[0], item[1], within_s)
+    close = item[0].ts
+    waits = gather and within_s > 0
+    missing = seen.missing(expected, close) if waits else set()
+    deadline = seen.deadline(close, within_s)
     while True:
         while not queue.empty():
             item = queue.get_nowait()
             if item is None:
                 return burst, True
             burst.append(item)
+            seen.take(item[0], item[1], within_s)
             missing.discard(item[0].pair)
-            late.discard(item[0].pair)
         left = deadline - time.perf_counter()
         if not missing or left <= 0:
-            late |= missing  # waited for in vain: not again until they deliver
+            seen.late |= missing  # waited for in vain: not again until on time
             return burst, False
         try:
             async with asyncio.timeout(left):
                 item = await queue.get()
         except TimeoutError:
-            late |= missing
+            seen.late |= missing
             return burst, False
         if item is None:
             return burst, True
         burst.append(item)
+        seen.take(item[0], item[1], within_s)
         missing.discard(item[0].pair)
-        late.discard(item[0].pair)
 
 
 class Daemon(DaemonBase):
@@ -343,14 +382,14 @@ class Daemon(DaemonBase):
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
         done = False
         feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
-        late: set[str] = set()  # streamed pairs a burst waited for in vain (see _next_burst)
+        gathered = Gathered()  # what the bursts took, and the pairs that came late
         while not done:
             burst, done = await _next_burst(
                 self.queue,
                 gather=self.replay is None,
                 expected=feed.feed_pairs if feed is not None else (),
                 within_s=within_s,
-                late=late,
+                gathered=gathered,
             )
             if burst:
                 await decider.on_burst(burst)

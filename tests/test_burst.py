@@ -19,7 +19,7 @@ import main
 from burst import BurstDecider, split_runs
 from config import load_settings
 from models import Candle, OrderType
-from runner import Daemon, _next_burst
+from runner import Daemon, Gathered, _next_burst
 from tests.test_backtest_support import cli_args
 from trade_executor import StopState
 
@@ -426,41 +426,76 @@ def test_a_burst_waits_asleep_for_the_other_streamed_pairs_of_its_close() -> Non
     assert (got, done) == (["A", "B"], True)
 
 
-def test_a_pair_waited_for_in_vain_is_not_waited_for_again_until_it_delivers() -> None:
-    """A stream that is down costs one window, not one every burst: the burst after one
-    that waited for C in vain does not wait for it, and once C delivers it is waited for
-    again."""
+# A close as the feed hands it over: the pairs queued at once, then (pair, seconds later).
+_Close = tuple[list[str], list[tuple[str, float]]]
 
-    async def burst(pairs: list[str], within_s: float, late: set[str]) -> tuple[list[str], float]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        for pair in pairs:
-            await queue.put((Candle(pair, "1m", 0, 1, 1, 1, 1, 1), time.perf_counter()))
-        started = time.perf_counter()
-        got, _ = await _next_burst(
-            queue, gather=True, expected=["A", "B", "C"], within_s=within_s, late=late
-        )
-        return [c.pair for c, _ in got], time.perf_counter() - started
+
+def _gather(closes: list[_Close], within_s: float) -> list[tuple[list[str], float, set[str]]]:
+    # Each close's candles through `_next_burst` (streamed: A, B, C), one `Gathered` across
+    # them all: every burst's pairs, how long it took, and the late pairs after it.
 
     async def run() -> list[tuple[list[str], float, set[str]]]:
-        late: set[str] = set()
+        gathered = Gathered()
         out = []
-        for pairs, within_s in (
-            (["A", "B"], 0.05),
-            (["A", "B"], 5.0),
-            (["C", "A", "B"], 5.0),
-            (["A", "B"], 0.05),
-        ):
-            got, waited = await burst(pairs, within_s, late)
-            out.append((got, waited, set(late)))
+        for k, (now, later) in enumerate(closes):
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+
+            def put(pair: str, ts: int = k * 60_000, q: asyncio.Queue[Any] = queue) -> None:
+                q.put_nowait((Candle(pair, "1m", ts, 1, 1, 1, 1, 1), time.perf_counter()))
+
+            for pair in now:
+                put(pair)
+            loop = asyncio.get_running_loop()
+            for pair, delay in later:
+                loop.call_later(delay, put, pair)
+            taken = 0
+            while taken < len(now) + len(later):
+                got, _ = await _next_burst(
+                    queue, gather=True, expected=["A", "B", "C"], within_s=within_s,
+                    gathered=gathered,
+                )  # fmt: skip
+                waited = time.perf_counter() - got[0][1]  # from its first candle's hand-over
+                out.append(([c.pair for c, _ in got], waited, set(gathered.late)))
+                taken += len(got)
         return out
 
-    (first, w1, late1), (second, w2, late2), (back, _, late3), (again, w4, late4) = asyncio.run(
-        run()
+    return asyncio.run(run())
+
+
+def test_a_pair_waited_for_in_vain_is_not_waited_for_again_until_it_delivers() -> None:
+    """A stream that is down costs one window, not one every burst: the burst after one
+    that waited for C in vain does not wait for it, and once C delivers (the first of its
+    close: on time) it is waited for again."""
+    (first, w1, late1), (second, w2, late2), (back, _, late3), (again, w4, late4) = _gather(
+        [(["A", "B"], []), (["A", "B"], []), (["C", "A", "B"], []), (["A", "B"], [])], 0.3
     )
     assert (first, late1) == (["A", "B"], {"C"})
-    assert w1 >= 0.045  # waited the window out for C
+    assert w1 >= 0.29  # waited the window out for C
     assert (second, late2) == (["A", "B"], {"C"})
-    assert w2 < 2.5  # not again: C is late
+    assert w2 < 0.25  # not again: C is late
     assert (back, late3) == (["C", "A", "B"], set())  # C's stream is back
     assert (again, late4) == (["A", "B"], {"C"})
-    assert w4 >= 0.045  # C waited for once more
+    assert w4 >= 0.29  # C waited for once more
+
+
+def test_a_late_candle_decides_at_once_and_a_pair_late_every_close_is_not_waited_for() -> None:
+    """A candle later than its close's window is decided on its own, waiting for none of
+    the pairs its close already delivered (nor marking them late); a pair late at every
+    close is not waited for again (no burst waits for it in vain twice), and a candle of
+    it within its close's window makes it waited for again."""
+    bursts = _gather(
+        [
+            (["A", "B"], [("C", 0.6)]),  # C later than the window
+            (["A", "B"], [("C", 0.6)]),  # and again
+            (["A", "B"], [("C", 0.1)]),  # within the window (not waited for: late)
+            (["A", "B"], [("C", 0.1)]),  # waited for again, and here in time
+        ],
+        0.3,
+    )
+    pairs = [b[0] for b in bursts]
+    assert pairs == [["A", "B"], ["C"], ["A", "B"], ["C"], ["A", "B"], ["C"], ["A", "B", "C"]]
+    waited = [round(b[1], 1) for b in bursts]
+    assert bursts[0][1] >= 0.29  # the window, for C
+    assert all(w < 0.25 for w in (bursts[1][1], bursts[2][1], bursts[3][1], bursts[4][1]))
+    assert bursts[6][1] < 0.25, waited  # C came within the window: the burst ended then
+    assert [b[2] for b in bursts] == [{"C"}, {"C"}, {"C"}, {"C"}, {"C"}, set(), set()]
