@@ -138,6 +138,10 @@ class Gathered:
         return first + within_s if ts == close else 0.0
 
 
+def _untracked(candle: Candle, received: float, within_s: float) -> None:
+    """`Gathered.take` where no burst waits (a replay, no window): nothing to note."""
+
+
 async def _next_burst(
     queue: asyncio.Queue[tuple[Candle, float] | None],
     *,
@@ -172,9 +176,10 @@ async def _next_burst(
         await asyncio.sleep(0)
     burst = [item]
     seen = Gathered() if gathered is None else gathered
-    seen.take(item[0], item[1], within_s)
-    close = item[0].ts
     waits = gather and within_s > 0
+    take = seen.take if waits else _untracked  # a replay's candles: nothing to keep
+    take(item[0], item[1], within_s)
+    close = item[0].ts
     missing = seen.missing(expected, close) if waits else set()
     deadline = seen.deadline(close, within_s)
     while True:
@@ -183,7 +188,7 @@ async def _next_burst(
             if item is None:
                 return burst, True
             burst.append(item)
-            seen.take(item[0], item[1], within_s)
+            take(item[0], item[1], within_s)
             missing.discard(item[0].pair)
         left = deadline - time.perf_counter()
         if not missing or left <= 0:
@@ -198,7 +203,7 @@ async def _next_burst(
         if item is None:
             return burst, True
         burst.append(item)
-        seen.take(item[0], item[1], within_s)
+        take(item[0], item[1], within_s)
         missing.discard(item[0].pair)
 
 
