@@ -10,21 +10,23 @@ Two measures of each order, both ending when the matching engine has accepted it
 - End to end, from the emulator's push of the candle's closing frame (stamped in the
   emulator's process with perf_counter, the same monotonic clock as the daemon's). This is
   the figure the 5 ms target is held to. Before the engine sees the candle, the daemon's
-  loop takes in the minute's 100 frames (a closed and a new candle per pair) and drains
-  what one read brought before anything else runs. The client's kline tap
-  (bybit_client/bybit_streams) takes a closed candle straight into the merged candle
-  stream, not through the watch's future and the stream's two tasks behind it (1-2.5 ms
-  off the p50: push -> hand-over 7.8/7.1/5.4 -> 5.1/5.1/4.5 ms in 15-minute A/B runs), and
-  a frame it settles (the closed candle taken, or the next one forming) skips ccxt's
-  handling, so the watch's task never wakes for it (a usual kline item is read without
-  ccxt's safe_* chain: 6.2 us a frame handled, against 8.0). The pipeline takes one turn of
-  the loop before a burst, so candles the feed task still carries join it, and a burst's
-  first candle waits, asleep, up to `exchange.burst_gather_ms` for the other streamed
-  pairs' candles of its close: every burst here is whole (50 candles). Decided on its first
-  arrivals alone, nearly every minute went in 2-3 pieces (61-71 bursts in 30 minutes,
-  usually a first piece of one candle), and the piece of one, decided at the minute's
-  first frame on the core the emulator was pushing from, held back the emulator's other 99
-  pushes (push spread 1.7 ms at p50, 1.15 ms since). The sockets carry no
+  loop takes in the minute's 100 frames (a closed and a new candle per pair) and drains what
+  one read brought before anything else runs. The client's kline tap
+  (bybit_client/bybit_streams) takes a closed candle straight into the merged candle stream,
+  not through the watch's future and the stream's two tasks behind it (1-2.5 ms off the p50:
+  push -> hand-over 7.8/7.1/5.4 -> 5.1/5.1/4.5 ms in 15-minute A/B runs), and a frame it
+  settles (the closed candle taken, or the next one forming) skips ccxt's handling, so the
+  watch's task never wakes for it (a usual kline item is read without ccxt's safe_* chain,
+  and a forming candle's prices, which the tap never uses, not at all: 5.5 us a frame
+  handled, against 6.2 with them read and 8.0 with ccxt's reading). The pipeline takes one
+  turn of the loop before a burst, so candles the feed task still carries join it, and a
+  burst's first candle waits, asleep, up to `exchange.burst_gather_ms` for the other
+  streamed pairs' candles of its close (a pair that misses the window is not waited for
+  again until a candle of it comes within it): every burst here is whole (50 candles).
+  Decided on its first arrivals alone, nearly every minute went in 2-3 pieces (61-71 bursts
+  in 30 minutes, usually a first piece of one candle), and the piece of one, decided at the
+  minute's first frame on the core the emulator was pushing from, held back the emulator's
+  other 99 pushes (push spread 1.7 ms at p50, 1.15 ms since). The sockets carry no
   permessage-deflate (ccxt offers it by default; the emulator's aiohttp accepts). In
   25-minute A/B runs the settled frames and the burst's turn took push -> order accepted
   from 8.7/9.4/8.4 to 7.3/7.0/7.5 ms at p50, and dropping deflate on top took push ->
