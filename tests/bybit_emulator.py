@@ -605,6 +605,10 @@ class BybitEmulator:
         self._ip_hits: deque[float] = deque()
         self._conns: set[_WsConn] = set()
         self._kline_state: dict[tuple[str, str, str], int] = {}  # (kind, interval, sym) -> last
+        # Test control: symbol -> seconds its kline pushes lag behind a minute's close (a
+        # stream that comes late); the held-back pushes run as tasks.
+        self.kline_lag_s: dict[str, float] = {}
+        self._late_pushes: set[asyncio.Task[None]] = set()
         self._processed_ms = now
         self._closing = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -641,6 +645,8 @@ class BybitEmulator:
     async def close(self) -> None:
         """Release hanging requests, close every socket and stop the server."""
         self._closing.set()
+        for task in list(self._late_pushes):
+            task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -1006,6 +1012,20 @@ class BybitEmulator:
                 frame = self._kline_frame(bar, interval, symbol, confirm)
                 frames.append((kind, topic, json.dumps(frame, separators=(",", ":"))))
             self._kline_state[key] = current - step
+        late: dict[float, list[tuple[str, str, str]]] = {}
+        for kind, topic, text in frames:
+            lag = self.kline_lag_s.get(topic.rsplit(".", 1)[1], 0.0)
+            if lag > 0:
+                late.setdefault(lag, []).append((kind, topic, text))
+            else:
+                await self.push_raw(kind, topic, text)
+        for lag, held in late.items():
+            task = asyncio.get_running_loop().create_task(self._push_late(lag, held))
+            self._late_pushes.add(task)
+            task.add_done_callback(self._late_pushes.discard)
+
+    async def _push_late(self, lag: float, frames: list[tuple[str, str, str]]) -> None:
+        await asyncio.sleep(lag)
         for kind, topic, text in frames:
             await self.push_raw(kind, topic, text)
 

@@ -1,0 +1,79 @@
+"""The burst gather on the exchange's feed, end to end: a lagging stream on the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+
+import main
+from burst import BurstDecider
+from config import load_settings
+from runner import Daemon
+from tests.bybit_emulator import BybitEmulator
+from tests.test_backtest_support import cli_args
+
+
+WINDOW_S = 0.15
+
+
+@pytest.mark.slow
+async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the emulator's stream, SOL's klines come 0.5 s after each close: the first close's
+    burst waits the window for it, then SOL is decided on its own at every close and no
+    burst waits for it; once its klines come within the window, the next close's burst
+    holds all three pairs again."""
+    bursts: list[tuple[int, list[str], float]] = []  # close, pairs, waited from first in
+    original = BurstDecider.on_burst
+
+    async def on_burst(self: BurstDecider, items: Any) -> None:
+        first = min(received for _, received in items)
+        bursts.append(
+            (items[0][0].ts, sorted(c.pair for c, _ in items), time.perf_counter() - first)
+        )
+        await original(self, items)
+
+    monkeypatch.setattr(BurstDecider, "on_burst", on_burst)
+    async with BybitEmulator() as emu:
+        monkeypatch.setenv("KESTREL_EXCHANGE__BASE_URL", emu.base_url)
+        monkeypatch.setenv("KESTREL_EXCHANGE__BURST_GATHER_MS", str(WINDOW_S * 1000))
+        monkeypatch.setenv("KESTREL_STRATEGY__NAME", "sma_cross")
+        monkeypatch.setenv("KESTREL_STRATEGY__PARAMS", '{"fast": 2, "slow": 3}')
+        monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", "BTC/USDT,ETH/USDT,SOL/USDT")
+        monkeypatch.setenv("KESTREL_STRATEGY__WARMUP_CANDLES", "10")
+        parsed = cli_args("--mode", "sim", "--feed", "live", "--log-level", "WARNING")
+        daemon = Daemon(parsed, main._apply_cli(load_settings(env_file=None), parsed))
+        await daemon.build_exchange(paper=True)
+        run = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.sleep(3)  # start-up: markets, warm-up candles, subscriptions
+            lagging: list[int] = []  # the closes pushed with SOL 0.5 s late
+            for lag in (0.5, 0.5, 0.5, 0.03, 0.03):
+                emu.kline_lag_s["SOLUSDT"] = lag
+                await emu.advance(minutes=1)
+                now = emu.clock.now_ms()
+                lagging.append(now - now % 60_000 - 60_000)
+                await asyncio.sleep(1.0)
+        finally:
+            daemon.stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(run, 30)
+    by_close = {ts: [(pairs, waited) for t, pairs, waited in bursts if t == ts] for ts in lagging}
+    both, sol = ["BTC/USDT", "ETH/USDT"], ["SOL/USDT"]
+    first, *late, back, whole = (by_close[ts] for ts in lagging)
+    # The first close: the window waited out for SOL, then SOL alone, at once.
+    assert [pairs for pairs, _ in first] == [both, sol]
+    assert first[0][1] >= WINDOW_S * 0.9
+    assert first[1][1] < WINDOW_S * 0.5
+    # SOL late again: nobody waits for it; its candle is decided on its own, at once.
+    for close in (*late, back):
+        assert [pairs for pairs, _ in close] == [both, sol]
+        assert all(waited < WINDOW_S * 0.5 for _, waited in close)
+    # SOL came within the window at the close before: waited for again, one burst.
+    assert [pairs for pairs, _ in whole] == [sorted([*both, *sol])]
+    assert whole[0][1] < WINDOW_S
