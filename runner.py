@@ -124,6 +124,7 @@ class Gathered:
             self._close = (ts, received)
         if pair in self.late and ts == self._close[0] and received - self._close[1] <= within_s:
             self.late.discard(pair)  # on time again
+            log.info("burst_pair_on_time", pair=pair)
         if ts > self.taken.get(pair, ts - 1):
             self.taken[pair] = ts
 
@@ -131,6 +132,13 @@ class Gathered:
         """Return the expected pairs whose candle of `close` a burst should still wait for."""
         taken, late = self.taken, self.late
         return {p for p in expected if p not in late and taken.get(p, close - 1) < close}
+
+    def came_late(self, pairs: set[str], within_s: float) -> None:
+        """Note the pairs a burst waited for in vain (the operator is told once)."""
+        if pairs - self.late:
+            window_ms = round(within_s * 1000, 3)
+            log.warning("burst_pairs_late", pairs=sorted(pairs - self.late), window_ms=window_ms)
+            self.late |= pairs
 
     def deadline(self, close: int, within_s: float) -> float:
         """Return when a burst of `close` stops waiting: `within_s` after its first candle."""
@@ -192,13 +200,13 @@ async def _next_burst(
             missing.discard(item[0].pair)
         left = deadline - time.perf_counter()
         if not missing or left <= 0:
-            seen.late |= missing  # waited for in vain: not again until on time
+            seen.came_late(missing, within_s)  # waited for in vain: not again until on time
             return burst, False
         try:
             async with asyncio.timeout(left):
                 item = await queue.get()
         except TimeoutError:
-            seen.late |= missing
+            seen.came_late(missing, within_s)
             return burst, False
         if item is None:
             return burst, True

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 import main
 from burst import BurstDecider, split_runs
@@ -482,16 +483,18 @@ def test_a_late_candle_decides_at_once_and_a_pair_late_every_close_is_not_waited
     """A candle later than its close's window is decided on its own, waiting for none of
     the pairs its close already delivered (nor marking them late); a pair late at every
     close is not waited for again (no burst waits for it in vain twice), and a candle of
-    it within its close's window makes it waited for again."""
-    bursts = _gather(
-        [
-            (["A", "B"], [("C", 0.6)]),  # C later than the window
-            (["A", "B"], [("C", 0.6)]),  # and again
-            (["A", "B"], [("C", 0.1)]),  # within the window (not waited for: late)
-            (["A", "B"], [("C", 0.1)]),  # waited for again, and here in time
-        ],
-        0.3,
-    )
+    it within its close's window makes it waited for again. The operator is told once when
+    C comes late and once when it is on time again."""
+    with capture_logs() as logs:
+        bursts = _gather(
+            [
+                (["A", "B"], [("C", 0.6)]),  # C later than the window
+                (["A", "B"], [("C", 0.6)]),  # and again
+                (["A", "B"], [("C", 0.1)]),  # within the window (not waited for: late)
+                (["A", "B"], [("C", 0.1)]),  # waited for again, and here in time
+            ],
+            0.3,
+        )
     pairs = [b[0] for b in bursts]
     assert pairs == [["A", "B"], ["C"], ["A", "B"], ["C"], ["A", "B"], ["C"], ["A", "B", "C"]]
     waited = [round(b[1], 1) for b in bursts]
@@ -499,3 +502,5 @@ def test_a_late_candle_decides_at_once_and_a_pair_late_every_close_is_not_waited
     assert all(w < 0.25 for w in (bursts[1][1], bursts[2][1], bursts[3][1], bursts[4][1]))
     assert bursts[6][1] < 0.25, waited  # C came within the window: the burst ended then
     assert [b[2] for b in bursts] == [{"C"}, {"C"}, {"C"}, {"C"}, {"C"}, set(), set()]
+    told = [(e["event"], e.get("pairs", e.get("pair"))) for e in logs if "burst_pair" in e["event"]]
+    assert told == [("burst_pairs_late", ["C"]), ("burst_pair_on_time", "C")]
