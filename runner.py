@@ -134,10 +134,9 @@ class Gathered:
         return {p for p in expected if p not in late and taken.get(p, close - 1) < close}
 
     def came_late(self, pairs: set[str], within_s: float) -> None:
-        """Note the pairs a burst waited for in vain (the operator is told once)."""
-        if pairs - self.late:
-            window_ms = round(within_s * 1000, 3)
-            log.warning("burst_pairs_late", pairs=sorted(pairs - self.late), window_ms=window_ms)
+        """Note the pairs a burst waited for in vain (none late yet: the operator is told)."""
+        if pairs:
+            log.warning("burst_pairs_late", pairs=sorted(pairs), window_ms=round(within_s * 1e3, 3))
             self.late |= pairs
 
     def deadline(self, close: int, within_s: float) -> float:
