@@ -207,24 +207,14 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         `retCode`, `success`), so for one it would only end up in `handle_ohlcv`. At 50
         pairs a minute closes with 100 of them in one read.
         """
-        if type(message) is dict:  # a frame as the socket's JSON gives it: the checks below
-            topic = message.get("topic")
-            if (
-                type(topic) is str
-                and topic.startswith("kline.")
-                and message.keys().isdisjoint(_ERROR_FIELDS)
-            ):
-                self.handle_ohlcv(client, message)
-                return
-        else:
-            topic = message.get("topic") if isinstance(message, dict) else None
-            if (
-                isinstance(topic, str)
-                and topic.startswith("kline.")
-                and not _ERROR_FIELDS.intersection(message)
-            ):
-                self.handle_ohlcv(client, message)
-                return
+        topic = message.get("topic") if isinstance(message, dict) else None
+        if (
+            isinstance(topic, str)
+            and topic.startswith("kline.")
+            and message.keys().isdisjoint(_ERROR_FIELDS)
+        ):
+            self.handle_ohlcv(client, message)
+            return
         super().handle_message(client, message)
 
     def handle_ohlcv(self, client: Any, message: Any) -> None:
