@@ -746,13 +746,23 @@ class BybitEmulator:
         self.clock.offset_ms += ms + minutes * MINUTE_MS
         await self._process_time()
 
-    async def drop_sockets(self, kind: str | None = None, code: int = 1001) -> int:
-        """Close every WebSocket (or those of `kind`: spot, linear, private); return how many."""
+    async def drop_sockets(
+        self, kind: str | None = None, code: int = 1001, *, abort: bool = False
+    ) -> int:
+        """Close every WebSocket (or those of `kind`: spot, linear, private); return how many.
+
+        `abort`: cut the connection without a closing frame (a reset, a dead route).
+        """
         victims = [c for c in self._conns if kind is None or c.kind == kind]
         for conn in victims:
             self._conns.discard(conn)
             with contextlib.suppress(Exception):
-                await conn.ws.close(code=code, message=b"going away")
+                if abort:
+                    transport = conn.ws._req.transport if conn.ws._req is not None else None
+                    if transport is not None:
+                        transport.abort()
+                else:
+                    await conn.ws.close(code=code, message=b"going away")
         return len(victims)
 
     def deflated_sockets(self) -> tuple[int, int]:

@@ -105,17 +105,21 @@ async def test_watch_candles_yields_each_closed_candle_in_order(
     assert all(c.closed and c.timeframe == "1m" for c in items)
 
 
+@pytest.mark.parametrize("abort", [False, True], ids=["closed", "cut"])
 async def test_socket_drop_mid_stream_is_resubscribed_and_gap_filled(
-    emu: BybitEmulator, ex: Exchange
+    emu: BybitEmulator, ex: Exchange, abort: bool
 ) -> None:
-    """A drop, silent minutes, a reconnect: the consumer sees an unbroken, duplicate-free run."""
+    """A drop, silent minutes, a reconnect: the consumer sees an unbroken, duplicate-free run.
+
+    The socket is closed by the exchange, or cut without a closing frame (`abort`).
+    """
     start = bucket_start(emu.clock.now_ms(), 1)
     feed = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
     await _subscribed(emu, "kline.1.BTCUSDT")
     await emu.advance(minutes=2)
     await feed.wait_for(2)
     emu.ws_blocked = True  # the reconnect fails until the socket comes back
-    assert await emu.drop_sockets() == 1
+    assert await emu.drop_sockets(abort=abort) == 1
     kline_calls = len(emu.requests_to("/v5/market/kline"))
     await emu.advance(minutes=4)  # four candles close while we are away
     await asyncio.sleep(0.1)
@@ -673,3 +677,40 @@ async def test_a_failing_kline_tap_is_dropped_and_the_watch_delivers(
     assert [c.ts for c in feed.items] == [start + k * MINUTE_MS for k in range(3)]
     subscribes = [m for m in emu.ws_messages_in if m.get("op") == "subscribe"]
     assert len(subscribes) == 1  # no reconnect
+
+
+async def test_a_frame_that_fails_to_be_handled_is_logged_and_the_socket_read_on(
+    emu: BybitEmulator, ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame whose handling raises (a bug in a handler) is logged and dropped, and the
+    socket's next frames are still read: the candles keep coming, once and in order (the
+    dropped frame's candle from REST), on the same socket. ccxt's own loop stopped reading
+    the socket at such a frame, until its keepalive gave up on it."""
+    import bybit_client
+
+    original = bybit_client.KestrelBybit.handle_ohlcv
+    closed_frames: list[int] = []
+
+    def flaky(self: Any, client: Any, message: Any) -> None:
+        if any(item.get("confirm") is True for item in message.get("data", [])):
+            closed_frames.append(1)
+            if len(closed_frames) == 2:
+                raise RuntimeError("a bug in a handler")
+        original(self, client, message)
+
+    monkeypatch.setattr(bybit_client.KestrelBybit, "handle_ohlcv", flaky)
+    start = bucket_start(emu.clock.now_ms(), 1)
+    feed = Collector(ex.watch_candles(["BTC/USDT"], "1m"))
+    await _subscribed(emu, "kline.1.BTCUSDT")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):
+            await emu.advance(minutes=1)
+            await asyncio.sleep(0.05)
+        await feed.wait_for(4)
+    await asyncio.sleep(0.1)
+    await feed.stop()
+    assert len(closed_frames) >= 4  # the frames after the failed one were read
+    assert [e["event"] for e in logs].count("ws_frame_failed") == 1
+    assert [c.ts for c in feed.items] == [start + k * MINUTE_MS for k in range(4)]
+    subscribes = [m for m in emu.ws_messages_in if m.get("op") == "subscribe"]
+    assert len(subscribes) == 1  # the same socket throughout
