@@ -86,6 +86,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+from unittest import mock
 
 import numpy as np
 
@@ -203,11 +204,8 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
             sent = +sent  # without the zero counts
             out.append((max(new), len(new), sent, wall * 1000, cpu * 1000))
 
-    BurstDecider.on_burst = on_burst  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(BurstDecider, "on_burst", on_burst):
         yield
-    finally:
-        BurstDecider.on_burst = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -224,11 +222,8 @@ def _order_times(out: list[tuple[str, float, float]]) -> Iterator[None]:
             out.append((decided.intent.pair, decided.received, time.perf_counter()))
         return accepted
 
-    Engine.send_decided = send_decided  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(Engine, "send_decided", send_decided):
         yield
-    finally:
-        Engine.send_decided = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -249,11 +244,8 @@ def _decision_times(out: list[tuple[str, float]]) -> Iterator[None]:
             out.append((verdict.pair, time.perf_counter()))
         return verdict
 
-    RiskManager.evaluate = evaluate  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(RiskManager, "evaluate", evaluate):
         yield
-    finally:
-        RiskManager.evaluate = original  # type: ignore[method-assign]
 
 
 def _from_push(
