@@ -92,7 +92,7 @@ class ExchangeSettings(_Group):
         description="a closed candle waits at most this long for the other streamed pairs' "
         "candles of its close, so that they are decided together, strongest first (0: decide "
         "what has arrived); a pair that misses the window is not waited for again until a "
-        "candle of it comes within it",
+        "candle of it comes within it (the status views name it meanwhile)",
     )
     funding_poll_interval_s: float = Field(
         default=300.0,

@@ -156,7 +156,9 @@ _KEYS: Final[dict[str, Panel]] = {
         pair, snap.recent_trades, _tip(snap), snap.scores, snap.ranking,
         snap.last_decisions.get(pair) if pair else None, snap.model,
     ),
-    "system": lambda snap, pair, rows: (snap.mode, snap.state, snap.rate_limit_budget),
+    "system": lambda snap, pair, rows: (
+        snap.mode, snap.state, snap.rate_limit_budget, snap.late_streams
+    ),
     "pairs": lambda snap, pair, rows: (snap.pairs, snap.markets, pair, rows),
     "ranking": lambda snap, pair, rows: (extra(snap, "ranking"), snap.scores, rows),
     "models": lambda snap, pair, rows: (snap.model, extra(snap, "anomalies"), rows),

@@ -944,6 +944,8 @@ class Snapshot:
     markets: dict[str, dict[str, float]] = field(default_factory=dict)
     # Multi-strategy: per strategy its `weight`, `sleeve_equity` and `probation` (0/1).
     allocation: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Streamed pairs late for their close's bursts, not waited for (`runner.Gathered`).
+    late_streams: tuple[str, ...] = ()
 
 
 class Control(Protocol):

@@ -63,6 +63,7 @@ from utils.utilities import (
 if TYPE_CHECKING:
     from dashboard import Dashboard
     from model_training import Retrainer
+    from pipeline import Engine
     from top_pairs import PairListDiff
 
 
@@ -240,6 +241,7 @@ class Daemon(DaemonBase):
         self.session: ExchangeSession | None = None  # on the exchange feed
         self.learning: Learning | None = None
         self.operator: Operator | None = None
+        self.gathered = Gathered()  # the pipeline loop's (`_next_burst`), shown in status
 
     def context(self) -> BuildContext:
         """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
@@ -256,6 +258,7 @@ class Daemon(DaemonBase):
         """Run on `parts`: its feed's candles are read once, its closers run at the end."""
         self.parts = parts
         self.feed = aiter(parts.feed)
+        _show_late(parts.engine, lambda: self.gathered)
         self._closers.extend(parts.closers)
         if self.exchange is not None:
             live = isinstance(parts.gateway, LiveGateway)
@@ -394,7 +397,7 @@ class Daemon(DaemonBase):
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
         done = False
         feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
-        gathered = Gathered()  # what the bursts took, and the pairs that came late
+        self.gathered = gathered = Gathered()  # what the bursts took; the late pairs
         while not done:
             burst, done = await _next_burst(
                 self.queue,
@@ -412,11 +415,6 @@ class Daemon(DaemonBase):
             # the operator quits (q stops the run as usual; the summary follows).
             self.dashboard.say("replay finished: the final state stays on screen, q quits")
             return
-        self.stop.set()
-
-    async def _timer(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        log.info("duration_elapsed", seconds=seconds)
         self.stop.set()
 
     async def run(self) -> RunSummary:
@@ -522,7 +520,7 @@ class Daemon(DaemonBase):
         assert self.operator is not None
         tasks += self.operator.ui_tasks(tg)
         if self.args.duration is not None:
-            tasks.append(tg.create_task(self._timer(self.args.duration), name="duration"))
+            tasks.append(tg.create_task(_timer(self.args.duration, self.stop), name="duration"))
         return tasks
 
     async def _run_tasks(self) -> None:
@@ -613,6 +611,18 @@ class Daemon(DaemonBase):
         """Return the engine's summary plus run bookkeeping."""
         assert self.engine is not None
         return dataclasses.replace(self.engine.summary(), dropped_candles=self.dropped)
+
+
+def _show_late(engine: Engine, gathered: Callable[[], Gathered]) -> None:
+    """Name the pipeline loop's late streams in the engine's status (`Snapshot.late_streams`)."""
+    status = engine.extra_status
+    engine.extra_status = lambda: {**status(), "late_streams": tuple(sorted(gathered().late))}
+
+
+async def _timer(seconds: float, stop: asyncio.Event) -> None:
+    await asyncio.sleep(seconds)
+    log.info("duration_elapsed", seconds=seconds)
+    stop.set()
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

@@ -479,6 +479,9 @@ def section_system(snapshot: Snapshot) -> RenderableType:
             rows.append([_key(f"rate {name}"), bar])
         else:
             rows.append([_key(f"rate {name}"), _num(value, 1)])
+    if snapshot.late_streams:  # decided alone: bursts do not wait for them
+        late = Text(", ".join(snapshot.late_streams), style="yellow")
+        rows.append([_key("late streams"), late])
     return _table(None, rows, "ll")
 
 

@@ -480,6 +480,8 @@ def render_status(snap: Snapshot) -> str:
             f"sleeve {esc(name)} {sleeve['weight']:.1%} · {fmt_number(sleeve['sleeve_equity'])}"
             + (" · probation" if sleeve.get("probation") else "")
         )
+    if snap.late_streams:
+        lines.append(_late_line(snap))
     if snap.errors:
         lines.append(f"last error: {esc(snap.errors[-1])[:300]}")
     lines.append(f"<i>{_when(snap.ts)}</i>")
@@ -587,7 +589,14 @@ def render_risk(snap: Snapshot) -> str:
     if snap.rate_limit_budget:
         budget = ", ".join(f"{esc(k)} {v:.0%}" for k, v in sorted(snap.rate_limit_budget.items()))
         lines.append(f"rate-limit budget: {budget}")
+    if snap.late_streams:
+        lines.append(_late_line(snap))
     return "\n".join(lines)
+
+
+def _late_line(snap: Snapshot) -> str:
+    pairs = ", ".join(esc(p) for p in snap.late_streams)
+    return f"late streams (decided alone, not waited for): {pairs}"
 
 
 def render_scores(snap: Snapshot) -> str:

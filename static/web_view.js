@@ -227,6 +227,7 @@ function showPanels(s) {
                 ["losses in a row", String(r.consecutive_losses ?? "-")]];
   for (const [name, state] of Object.entries(r.circuit_breakers || {})) risk.push(["breaker " + name, state]);
   for (const [name, t] of Object.entries(r.latched || {})) risk.push(["latched " + name, t.state + ": " + t.reason]);
+  if ((s.late_streams || []).length) risk.push(["late streams", s.late_streams.join(", ") + " (decided alone)"]);
   table("risk-table", ["", ""], risk, "");
   breakerHistory = r.breaker_history || [];
   const history = breakerHistory.slice().reverse();

@@ -462,6 +462,7 @@ class FakeControl:
     # Candle windows per pair (real candles): /why's pattern summary is computed from them.
     candles: dict[str, Any] = field(default_factory=dict)
     now_ms: int = 1_700_000_000_000
+    late_streams: tuple[str, ...] = ()  # the streams bursts no longer wait for
 
     def snapshot(self) -> Snapshot:
         """Return the current state."""
@@ -491,6 +492,7 @@ class FakeControl:
             errors=tuple(self.errors),
             risk=dict(self.risk),
             model=dict(self.model),
+            late_streams=self.late_streams,
         )
 
     async def pause(self, reason: str) -> None:

@@ -27,7 +27,7 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     """On the emulator's stream, SOL's klines come 0.5 s after each close: the first close's
     burst waits the window for it, then SOL is decided on its own at every close and no
     burst waits for it; once its klines come within the window, the next close's burst
-    holds all three pairs again."""
+    holds all three pairs again. The status views name SOL as late while it is."""
     bursts: list[tuple[int, list[str], float]] = []  # close, pairs, waited from first in
     original = BurstDecider.on_burst
 
@@ -53,12 +53,15 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
         try:
             await asyncio.sleep(3)  # start-up: markets, warm-up candles, subscriptions
             lagging: list[int] = []  # the closes pushed with SOL 0.5 s late
+            shown: list[tuple[str, ...]] = []  # the late streams the snapshot names
             for lag in (0.5, 0.5, 0.5, 0.03, 0.03):
                 emu.kline_lag_s["SOLUSDT"] = lag
                 await emu.advance(minutes=1)
                 now = emu.clock.now_ms()
                 lagging.append(now - now % 60_000 - 60_000)
                 await asyncio.sleep(1.0)
+                assert daemon.engine is not None
+                shown.append(daemon.engine.snapshot().late_streams)
         finally:
             daemon.stop.set()
             with contextlib.suppress(Exception):
@@ -77,3 +80,4 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     # SOL came within the window at the close before: waited for again, one burst.
     assert [pairs for pairs, _ in whole] == [sorted([*both, *sol])]
     assert whole[0][1] < WINDOW_S
+    assert shown == [("SOL/USDT",)] * 3 + [()] * 2

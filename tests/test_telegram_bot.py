@@ -248,6 +248,17 @@ async def test_command_replies_render_the_snapshot(
         assert fragment in reply.visible
 
 
+@pytest.mark.parametrize("command", ["/status", "/risk"])
+async def test_status_and_risk_name_the_late_streams(
+    api: FakeTelegram, bot: TelegramBot, control: FakeControl, command: str
+) -> None:
+    """A stream the bursts no longer wait for is named; none late, nothing is said."""
+    late = "late streams (decided alone, not waited for)"
+    assert late not in (await ask(api, command)).visible
+    control.late_streams = ("SOL/USDT", "XRP/USDT")
+    assert f"{late}: SOL/USDT, XRP/USDT" in (await ask(api, command)).visible
+
+
 async def test_model_command_shows_the_registry(
     api: FakeTelegram, bot: TelegramBot, control: FakeControl, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
@@ -129,6 +130,15 @@ def test_render_snapshot_prints_the_state_as_text() -> None:
         "83%",
     ):
         assert expected in text, expected
+
+
+def test_the_system_panel_names_the_late_streams() -> None:
+    """The streams the bursts no longer wait for are named in the system panel."""
+    console = Console(width=150, record=True, color_system=None)
+    console.print(render_snapshot(make_snapshot()))
+    assert "late streams" not in console.export_text()
+    console.print(render_snapshot(make_snapshot(late_streams=("SOL/USDT", "XRP/USDT"))))
+    assert re.search(r"late streams\s+SOL/USDT, XRP/USDT", console.export_text())
 
 
 def test_to_jsonable_keeps_decimals_exact_and_drops_non_finite() -> None:

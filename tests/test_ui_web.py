@@ -191,6 +191,7 @@ def small_snapshot() -> Snapshot:
         errors=("boom",),
         rate_limit_budget={"rest": 0.9},
         risk={"exposure": Decimal("0.33"), "circuit_breakers": {"exchange": "open"}},
+        late_streams=("SOL/USDT",),
     )
 
 
@@ -261,6 +262,7 @@ EXPECTED_SNAPSHOT: dict[str, Any] = {
     "anomalies": {},
     "patterns": {},
     "allocation": {},
+    "late_streams": ["SOL/USDT"],
 }
 
 
@@ -532,7 +534,9 @@ async def test_page_shows_the_selected_pairs_candles_and_trades(
     control.charts["BTC/USDT"] = chart
     halt = {"ts": T0 - 20 * 60_000, "from": "normal", "to": "halted", "trigger": "daily_loss",
             "reason": "day loss 3.10% >= 3.00%"}  # fmt: skip
-    control.base = make_snapshot(risk={**control.base.risk, "breaker_history": [halt]})
+    control.base = make_snapshot(
+        risk={**control.base.risk, "breaker_history": [halt]}, late_streams=("SOL/USDT",)
+    )
     dom = await _chromium_run(tmp_path, web, "--dump-dom")
 
     box = re.search(r'<div id="price-chart"([^>]*)>', dom)
@@ -554,6 +558,7 @@ async def test_page_shows_the_selected_pairs_candles_and_trades(
     shown = dict(re.findall(r'data-([a-z]+)="([^"]*)"', equity.group(1)))
     assert (shown["points"], shown["shaded"]) == ("60", "20")
     assert "day loss 3.10% &gt;= 3.00%" in dom  # the breaker history panel
+    assert "<td>late streams</td><td>SOL/USDT (decided alone)</td>" in dom  # the risk table
     assert "ETH/USDT" in dom  # the panels are filled from the snapshot
     assert "meanrev" in dom
 
