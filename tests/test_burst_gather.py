@@ -13,7 +13,7 @@ import main
 from burst import BurstDecider
 from config import load_settings
 from runner import Daemon
-from tests.bybit_emulator import BybitEmulator
+from tests.bybit_emulator import MINUTE_MS, BybitEmulator
 from tests.test_backtest_support import cli_args
 
 
@@ -40,6 +40,9 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
 
     monkeypatch.setattr(BurstDecider, "on_burst", on_burst)
     async with BybitEmulator() as emu:
+        # Just past a minute: its clock runs with the wall clock, and a minute turning during
+        # the test would close a candle the test did not ask for.
+        await emu.advance(MINUTE_MS - emu.clock.now_ms() % MINUTE_MS + 500)
         monkeypatch.setenv("KESTREL_EXCHANGE__BASE_URL", emu.base_url)
         monkeypatch.setenv("KESTREL_EXCHANGE__BURST_GATHER_MS", str(WINDOW_S * 1000))
         monkeypatch.setenv("KESTREL_STRATEGY__NAME", "sma_cross")

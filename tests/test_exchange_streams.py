@@ -27,8 +27,13 @@ T = TypeVar("T")
 
 @pytest.fixture
 async def emu() -> AsyncIterator[BybitEmulator]:
-    """Return a running emulator."""
+    """Return a running emulator whose clock has just passed a minute.
+
+    Its clock runs with the wall clock: a minute turning during a test would close one more
+    candle than the test's own `advance` calls (a test counts the candles that come).
+    """
     async with BybitEmulator(balances={"USDT": "100000", "BTC": "1"}) as server:
+        await server.advance(MINUTE_MS - server.clock.now_ms() % MINUTE_MS + 500)
         yield server
 
 
