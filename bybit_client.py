@@ -93,10 +93,8 @@ async def _receive(client: Any) -> None:
 
 
 def _receive_loop(client: Any) -> None:
-    # Installed as the client's `receive_loop` (ccxt calls it once a socket is open).
-    if client.closed():  # closed before the loop ran: ccxt's rule
-        client.on_close(1006)
-        return
+    # Installed as the client's `receive_loop` (ccxt calls it once a socket is open); a
+    # socket closed before the task runs is reported closed, ccxt's rule.
     client.kestrel_receiving = client.asyncio_loop.create_task(_receive(client))
 
 
