@@ -295,11 +295,7 @@ def _describe(burst: Burst) -> str:
 def _cores() -> tuple[set[int], set[int]] | None:
     """Return the emulator's core and the daemon's, or None where there is one core.
 
-    A real exchange runs on other machines. Left to the scheduler on a small host, the
-    emulator's process and the daemon's share a core: waking the daemon on the core that
-    just pushed a frame (wake-affine), the scheduler let the emulator push the rest of the
-    minute's frames before the daemon read any (the daemon's first select returned after
-    the last push), so each minute's frames were read only once the last had gone out.
+    A real exchange runs on other machines; why sharing a core misleads: module docstring.
     """
     if not hasattr(os, "sched_setaffinity"):
         return None
