@@ -33,7 +33,7 @@ import structlog
 from rich.console import Console
 
 from assembly import BuildContext, Closer, Components, ExchangeClock, LiveGateway, prime_anomalies
-from burst import BurstDecider
+from burst import BurstDecider, paced_collections
 from config import Settings
 from daemon_base import DaemonBase
 from daemon_learning import Learning
@@ -398,16 +398,17 @@ class Daemon(DaemonBase):
         done = False
         feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
         self.gathered = gathered = Gathered()  # what the bursts took; the late pairs
-        while not done:
-            burst, done = await _next_burst(
-                self.queue,
-                gather=self.replay is None,
-                expected=feed.feed_pairs if feed is not None else (),
-                within_s=within_s,
-                gathered=gathered,
-            )
-            if burst:
-                await decider.on_burst(burst)
+        with paced_collections(self.replay is None):  # bursts from the wire (burst.py)
+            while not done:
+                burst, done = await _next_burst(
+                    self.queue,
+                    gather=self.replay is None,
+                    expected=feed.feed_pairs if feed is not None else (),
+                    within_s=within_s,
+                    gathered=gathered,
+                )
+                if burst:
+                    await decider.on_burst(burst)
         await decider.saved()  # the last burst's risk state is on disk
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():

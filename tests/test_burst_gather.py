@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from typing import Any
 
 import pytest
 
 import main
-from burst import BurstDecider
+from burst import YOUNG_BETWEEN_BURSTS, BurstDecider
 from config import load_settings
 from runner import Daemon
 from tests.bybit_emulator import MINUTE_MS, BybitEmulator
@@ -27,8 +28,11 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     """On the emulator's stream, SOL's klines come 0.5 s after each close: the first close's
     burst waits the window for it, then SOL is decided on its own at every close and no
     burst waits for it; once its klines come within the window, the next close's burst
-    holds all three pairs again. The status views name SOL as late while it is."""
+    holds all three pairs again. The status views name SOL as late while it is. While the
+    daemon runs, the young generation is collected after its bursts (burst.py), not at
+    CPython's threshold; the threshold is back once it has stopped."""
     bursts: list[tuple[int, list[str], float]] = []  # close, pairs, waited from first in
+    thresholds: set[int] = set()  # the young generation's, at each burst
     original = BurstDecider.on_burst
 
     async def on_burst(self: BurstDecider, items: Any) -> None:
@@ -36,9 +40,11 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
         bursts.append(
             (items[0][0].ts, sorted(c.pair for c, _ in items), time.perf_counter() - first)
         )
+        thresholds.add(gc.get_threshold()[0])
         await original(self, items)
 
     monkeypatch.setattr(BurstDecider, "on_burst", on_burst)
+    threshold = gc.get_threshold()
     async with BybitEmulator() as emu:
         # Just past a minute: its clock runs with the wall clock, and a minute turning during
         # the test would close a candle the test did not ask for.
@@ -84,3 +90,5 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     assert [pairs for pairs, _ in whole] == [sorted([*both, *sol])]
     assert whole[0][1] < WINDOW_S
     assert shown == [("SOL/USDT",)] * 3 + [()] * 2
+    assert thresholds == {YOUNG_BETWEEN_BURSTS}
+    assert gc.get_threshold() == threshold
