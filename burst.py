@@ -37,12 +37,13 @@ order acknowledgement before it. `BurstDecider` instead:
    answer, nor for a write to disk, nor for the cyclic garbage collector (held off while
    a burst is decided: reference counting frees what the burst drops; cycles wait).
 
-Where bursts come from the exchange's sockets, the young generation is collected after
-each burst, once its decisions are out, and the automatic threshold is raised between
-bursts (`paced_collections`): a close's frames, read while its burst gathers, no longer
-pay for a collection of whatever the time since the last burst left (one in three
+Where bursts come from the exchange's sockets (`paced`), the young generation is collected
+after each burst, once its decisions are out, and its automatic threshold is raised while
+the bursts run (`paced_collections`): a close's frames, read while its burst gathers, no
+longer pay for a collection of whatever the time since the last burst left (one in three
 minutes did in the latency benchmark, 0.1-0.37 ms each, on the CPU still cold from the
-wait).
+wait). The frames themselves leave few objects (~50 net at 50 pairs); the time between
+bursts (timers, other streams) leaves the rest.
    The sends are not concurrent tasks: a task starts only after the loop's other ready
    work, and a replay's feed would move the replay clock past the candle the orders were
    decided on.
@@ -76,18 +77,18 @@ log = structlog.get_logger(__name__)
 
 Item = tuple[Candle, float | None]  # a candle and when the feed handed it over
 
-# The young generation's collections (module docstring): after a burst once it holds this
-# many objects (CPython's own threshold), and between bursts, automatically, only past
-# the higher one (a close's frames allocate ~10 objects each).
-YOUNG_AFTER_BURST = 700
-YOUNG_BETWEEN_BURSTS = 10_000
+# The young generation's automatic threshold while paced bursts run (module docstring):
+# CPython's 700 three times over, so what the time between two bursts leaves is collected
+# after the next one rather than while it gathers; a collection there stays short (a UI in
+# the same loop allocates between bursts too).
+YOUNG_BETWEEN_BURSTS = 2_000
 
 
 @contextlib.contextmanager
 def paced_collections(paced: bool = True) -> Iterator[None]:
     """Raise the young generation's automatic threshold while bursts are decided.
 
-    `BurstDecider.on_burst` collects the young generation after each burst; the threshold
+    A paced `BurstDecider` collects the young generation after each burst; the threshold
     in place before is restored on exit. `paced` False: nothing changes (a replay's
     bursts follow one another with no wait for the wire between them).
     """
@@ -128,13 +129,20 @@ class BurstDecider:
         engine: the engine that decides.
         match: with a simulated exchange in front, what matches an admitted candle and
             delivers its fills (`SimDriver.match`); None on the live exchange.
+        paced: collect the young generation after each burst (bursts from the wire,
+            within `paced_collections`); otherwise the collector runs at its thresholds.
     """
 
     def __init__(
-        self, engine: Engine, match: Callable[[Candle], Awaitable[None]] | None = None
+        self,
+        engine: Engine,
+        match: Callable[[Candle], Awaitable[None]] | None = None,
+        *,
+        paced: bool = False,
     ) -> None:
         self.engine = engine
         self.match = match
+        self.paced = paced
         self.bursts = 0
         # The pairs of the last run, in the order they were decided (for tests and logs).
         self.last_order: list[str] = []
@@ -154,7 +162,7 @@ class BurstDecider:
             finally:
                 if collecting:
                     gc.enable()  # a long drain (a refilled gap) collects between its runs
-        if collecting and gc.get_count()[0] >= YOUNG_AFTER_BURST:
+        if collecting and self.paced:
             gc.collect(0)  # the burst's debt, paid with its decisions out (`paced_collections`)
 
     async def saved(self) -> None:

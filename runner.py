@@ -394,11 +394,12 @@ class Daemon(DaemonBase):
         assert self.engine is not None
         # Candles that closed together are decided together: what is already queued when
         # the loop comes round is one burst (see burst.py).
-        decider = BurstDecider(self.engine, self.driver.match if self.driver else None)
+        paced = self.replay is None  # bursts from the wire pace the collector (burst.py)
+        decider = BurstDecider(self.engine, self.driver.match if self.driver else None, paced=paced)
         done = False
         feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
         self.gathered = gathered = Gathered()  # what the bursts took; the late pairs
-        with paced_collections(self.replay is None):  # bursts from the wire (burst.py)
+        with paced_collections(paced):
             while not done:
                 burst, done = await _next_burst(
                     self.queue,

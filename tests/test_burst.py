@@ -18,7 +18,6 @@ from structlog.testing import capture_logs
 
 import main
 from burst import (
-    YOUNG_AFTER_BURST,
     YOUNG_BETWEEN_BURSTS,
     BurstDecider,
     paced_collections,
@@ -268,37 +267,41 @@ def test_a_burst_does_not_wait_for_its_risk_state_save(sim_env: None) -> None:
     assert collecting
 
 
-def test_a_burst_collects_the_young_generation_once_its_decisions_are_out(sim_env: None) -> None:
-    """Between bursts the young generation's automatic threshold is raised, so the objects a
-    close's frames leave do not set off a collection while its burst gathers; each burst
-    collects it once it has decided (every candle processed), never during its decisions,
-    and the threshold in place before is back after, even when the loop raised."""
-    young: list[tuple[int, int]] = []  # each young collection: candles decided, burst index
+def test_a_paced_burst_collects_the_young_generation_once_its_decisions_are_out(
+    sim_env: None,
+) -> None:
+    """Bursts from the wire pace the collector: while they run, the young generation's
+    automatic threshold is raised, so what the time between two bursts leaves does not set
+    off a collection while the next one gathers; each burst collects it once it has decided
+    (every candle processed), never during its decisions. The threshold in place before is
+    back after, even when the loop raised. An unpaced decider (a replay's) leaves the
+    collector to its thresholds."""
+    young: list[tuple[int, int, int]] = []  # each: candles decided, burst, young count
 
-    async def run() -> tuple[list[int], list[int]]:
+    async def run(paced: bool) -> tuple[list[int], list[int]]:
         daemon = _daemon()
         engine = daemon.engine
         assert engine is not None
         assert daemon.driver is not None
-        decider = BurstDecider(engine, daemon.driver.match)
+        decider = BurstDecider(engine, daemon.driver.match, paced=paced)
         at = [0]
 
         def on_gc(phase: str, info: dict[str, int]) -> None:
             if phase == "start" and info["generation"] == 0:
-                young.append((engine.candles, at[0]))
+                young.append((engine.candles, at[0], gc.get_count()[0]))
 
         before: list[int] = []
         after: list[int] = []
         kept: list[list[list[int]]] = []
+        gc.collect()
         gc.callbacks.append(on_gc)
         try:
-            with paced_collections():
-                assert gc.get_threshold()[0] == YOUNG_BETWEEN_BURSTS
+            with paced_collections(paced):
                 for at[0], burst in enumerate(_bursts(daemon)[:30]):
                     _close(daemon, burst)
-                    # What the time since the last burst left: over the threshold after a
-                    # burst, under the automatic one.
-                    kept.append([[] for _ in range(YOUNG_AFTER_BURST + 100)])
+                    # What the time since the last burst left: more than CPython's own
+                    # threshold (700), under the paced one.
+                    kept.append([[] for _ in range(1_000 if paced else 100)])
                     before.append(gc.get_count()[0])
                     await decider.on_burst([(c, None) for c in burst])
                     after.append(gc.get_count()[0])
@@ -307,19 +310,29 @@ def test_a_burst_collects_the_young_generation_once_its_decisions_are_out(sim_en
         return before, after
 
     threshold = gc.get_threshold()
-    before, after = asyncio.run(run())
+    before, after = asyncio.run(run(paced=True))
     assert gc.get_threshold() == threshold
-    assert all(count > YOUNG_AFTER_BURST for count in before)  # nothing collected between
-    assert all(count < YOUNG_AFTER_BURST for count in after)  # each burst collected
-    bursts = {index for _, index in young}
-    assert bursts == set(range(30))
-    # Each one after the burst's last candle was decided (4 candles a burst).
-    assert all(candles == 4 * (index + 1) for candles, index in young)
-    with pytest.raises(RuntimeError), paced_collections():
-        raise RuntimeError
+    assert all(count > 900 for count in before)  # nothing collected between bursts
+    assert all(count < 50 for count in after)  # each burst collected
+    assert {index for _, index, _ in young} == set(range(30))
+    # Each after the burst's last candle was decided (4 candles a burst).
+    assert all(candles == 4 * (index + 1) for candles, index, _ in young)
+    young.clear()
+    asyncio.run(run(paced=False))
     assert gc.get_threshold() == threshold
-    with paced_collections(False):
-        assert gc.get_threshold() == threshold
+    # Unpaced: only the collector's own, at its threshold.
+    assert all(count >= threshold[0] for _, _, count in young)
+    inside: list[int] = []
+
+    def raising() -> None:
+        with paced_collections():
+            inside.append(gc.get_threshold()[0])
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        raising()
+    assert inside == [YOUNG_BETWEEN_BURSTS]
+    assert gc.get_threshold() == threshold
 
 
 def test_a_held_pair_that_exits_on_its_candle_does_not_move_its_stop_first(sim_env: None) -> None:

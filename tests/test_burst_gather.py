@@ -33,6 +33,7 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     CPython's threshold; the threshold is back once it has stopped."""
     bursts: list[tuple[int, list[str], float]] = []  # close, pairs, waited from first in
     thresholds: set[int] = set()  # the young generation's, at each burst
+    paced: set[bool] = set()  # whether each burst collects it after
     original = BurstDecider.on_burst
 
     async def on_burst(self: BurstDecider, items: Any) -> None:
@@ -41,6 +42,7 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
             (items[0][0].ts, sorted(c.pair for c, _ in items), time.perf_counter() - first)
         )
         thresholds.add(gc.get_threshold()[0])
+        paced.add(self.paced)
         await original(self, items)
 
     monkeypatch.setattr(BurstDecider, "on_burst", on_burst)
@@ -91,4 +93,5 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     assert whole[0][1] < WINDOW_S
     assert shown == [("SOL/USDT",)] * 3 + [()] * 2
     assert thresholds == {YOUNG_BETWEEN_BURSTS}
+    assert paced == {True}
     assert gc.get_threshold() == threshold
