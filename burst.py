@@ -36,6 +36,9 @@ order acknowledgement before it. `BurstDecider` instead:
    off the decisions' path (`saved` waits for it). No decision waits for another order's
    answer, nor for a write to disk, nor for the cyclic garbage collector (held off while
    a burst is decided: reference counting frees what the burst drops; cycles wait).
+   The sends are not concurrent tasks: a task starts only after the loop's other ready
+   work, and a replay's feed would move the replay clock past the candle the orders were
+   decided on.
 
 Where bursts come from the exchange's sockets (`paced`), the young generation is collected
 after each burst, once its decisions are out, and its automatic threshold is raised while
@@ -44,9 +47,6 @@ longer pay for a collection of whatever the time since the last burst left (one 
 minutes did in the latency benchmark, 0.1-0.37 ms each, on the CPU still cold from the
 wait). The frames themselves leave few objects (~50 net at 50 pairs); the time between
 bursts (timers, other streams) leaves the rest.
-   The sends are not concurrent tasks: a task starts only after the loop's other ready
-   work, and a replay's feed would move the replay clock past the candle the orders were
-   decided on.
 
 Every order still goes through `TradeExecutor.submit` (journal before send, the pair's
 lock, one protective stop per position), and every stop move through
