@@ -66,6 +66,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 import structlog
 
@@ -82,6 +83,9 @@ Item = tuple[Candle, float | None]  # a candle and when the feed handed it over
 # after the next one rather than while it gathers; a collection there stays short (a UI in
 # the same loop allocates between bursts too).
 YOUNG_BETWEEN_BURSTS = 2_000
+# The process's collector is one for every loop in it: how many paced loops run, and the
+# threshold in place before the first.
+_pacing: list[Any] = [0, None]
 
 
 @contextlib.contextmanager
@@ -89,18 +93,23 @@ def paced_collections(paced: bool = True) -> Iterator[None]:
     """Raise the young generation's automatic threshold while bursts are decided.
 
     A paced `BurstDecider` collects the young generation after each burst; the threshold
-    in place before is restored on exit. `paced` False: nothing changes (a replay's
-    bursts follow one another with no wait for the wire between them).
+    in place before the first paced loop is restored when the last one ends, in whatever
+    order they end. `paced` False: nothing changes (a replay's bursts follow one another
+    with no wait for the wire between them).
     """
     if not paced:
         yield
         return
-    before = gc.get_threshold()
-    gc.set_threshold(YOUNG_BETWEEN_BURSTS, *before[1:])
+    if _pacing[0] == 0:
+        _pacing[1] = gc.get_threshold()
+        gc.set_threshold(YOUNG_BETWEEN_BURSTS, *_pacing[1][1:])
+    _pacing[0] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        _pacing[0] -= 1
+        if _pacing[0] == 0:
+            gc.set_threshold(*_pacing[1])
 
 
 def split_runs(items: Sequence[Item]) -> Iterator[list[Item]]:

@@ -333,6 +333,15 @@ def test_a_paced_burst_collects_the_young_generation_once_its_decisions_are_out(
         raising()
     assert inside == [YOUNG_BETWEEN_BURSTS]
     assert gc.get_threshold() == threshold
+    # Two paced loops in one process, the first ending first: the collector is paced
+    # until the last ends, then back to what it was.
+    first, second = paced_collections(), paced_collections()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold()[0] == YOUNG_BETWEEN_BURSTS
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == threshold
 
 
 def test_a_held_pair_that_exits_on_its_candle_does_not_move_its_stop_first(sim_env: None) -> None:
