@@ -66,7 +66,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import structlog
 
@@ -83,9 +83,17 @@ Item = tuple[Candle, float | None]  # a candle and when the feed handed it over
 # after the next one rather than while it gathers; a collection there stays short (a UI in
 # the same loop allocates between bursts too).
 YOUNG_BETWEEN_BURSTS = 2_000
-# The process's collector is one for every loop in it: how many paced loops run, and the
-# threshold in place before the first.
-_pacing: list[Any] = [0, None]
+
+
+@dataclass(slots=True)
+class _Pacing:
+    # The process's collector is one for every loop in it: how many paced loops run, and
+    # the threshold in place before the first.
+    loops: int = 0
+    before: tuple[int, int, int] = (700, 10, 10)
+
+
+_PACING = _Pacing()
 
 
 @contextlib.contextmanager
@@ -100,16 +108,16 @@ def paced_collections(paced: bool = True) -> Iterator[None]:
     if not paced:
         yield
         return
-    if _pacing[0] == 0:
-        _pacing[1] = gc.get_threshold()
-        gc.set_threshold(YOUNG_BETWEEN_BURSTS, *_pacing[1][1:])
-    _pacing[0] += 1
+    if _PACING.loops == 0:
+        _PACING.before = gc.get_threshold()
+        gc.set_threshold(YOUNG_BETWEEN_BURSTS, *_PACING.before[1:])
+    _PACING.loops += 1
     try:
         yield
     finally:
-        _pacing[0] -= 1
-        if _pacing[0] == 0:
-            gc.set_threshold(*_pacing[1])
+        _PACING.loops -= 1
+        if _PACING.loops == 0:
+            gc.set_threshold(*_PACING.before)
 
 
 def split_runs(items: Sequence[Item]) -> Iterator[list[Item]]:
