@@ -17,6 +17,7 @@ from typing import Any, Final
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.segment import Segment
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -25,6 +26,7 @@ from models import BotState, OrderBook, PositionSide, Snapshot, TradingState
 
 
 _SPARK: Final = "▁▂▃▄▅▆▇█"
+_NO_STYLE: Final = Style()
 _LADDER: Final = tuple(TradingState)
 _LADDER_STYLE: Final = {
     TradingState.NORMAL: "bold black on green",
@@ -91,7 +93,9 @@ def sparkline_text(values: Sequence[float], width: int, rows: int = 1) -> str:
     always the latest value. Non-finite values are dropped. The lowest value still shows
     one eighth of a cell, so the line never vanishes; a flat series sits at half height.
     """
-    finite = [v for v in values if math.isfinite(v)]
+    # A NaN or an infinity makes the sum non-finite, so a finite sum means nothing to drop
+    # (one pass in C, not a test per value: the dashboard's curve has thousands of points).
+    finite = values if math.isfinite(sum(values)) else [v for v in values if math.isfinite(v)]
     if not finite or width <= 0 or rows <= 0:
         return ""
     n = len(finite)
@@ -119,7 +123,12 @@ class Sparkline:
         self.style = style
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield Text(sparkline_text(self.values, options.max_width, self.rows), style=self.style)
+        # Lines of exactly the width given: segments, not a Text to wrap.
+        style = console.get_style(self.style)
+        for line in sparkline_text(self.values, options.max_width, self.rows).split("\n"):
+            if line:  # an empty series: only the line break, as its Text rendered
+                yield Segment(line, style)
+            yield Segment.line()
 
 
 class _WithChart:
@@ -178,8 +187,9 @@ class DepthChart:
         bid_labels = [f"{_price(p, places):>12} {_qty(c):>10} " for p, _, c in bids]
         label_width = max(len(s) for s in labels + bid_labels)
         bar_width = max(1, options.max_width - label_width)
+        line = self._line if label_width < options.max_width else self._wrapped_line
         for (_, cum, style), label in zip(rows, labels, strict=True):
-            yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style=style)
+            yield from line(console, label.rjust(label_width), _bar(cum / peak, bar_width), style)
         best_bid, best_ask = self.book.best_bid, self.book.best_ask
         if best_bid is not None and best_ask is not None:
             mid = (best_bid + best_ask) / 2
@@ -189,7 +199,22 @@ class DepthChart:
             middle = " one-sided book "
         yield Text(middle.center(options.max_width, "─"), style="dim")
         for (_, _, cum), label in zip(bids, bid_labels, strict=True):
-            yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style="green")
+            yield from line(console, label.rjust(label_width), _bar(cum / peak, bar_width), "green")
+
+    @staticmethod
+    def _line(console: Console, label: str, bar: str, style: str) -> RenderResult:
+        # The label and its bar fit the width: the segments a Text of the two would render,
+        # without the Text's wrapping.
+        if bar:
+            yield Segment(label, _NO_STYLE)
+            yield Segment(bar, console.get_style(style))
+        else:
+            yield Segment(label)
+        yield Segment.line()
+
+    @staticmethod
+    def _wrapped_line(console: Console, label: str, bar: str, style: str) -> RenderResult:
+        yield Text(label) + Text(bar, style=style)  # narrower than a label: Rich wraps it
 
 
 # -- Sections (shared by the dashboard and render_snapshot) ----------------------------------

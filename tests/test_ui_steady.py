@@ -1,22 +1,37 @@
-"""The dashboard's steady loop: dropped strips freed at once, panels painted only on change."""
+"""The dashboard's steady loop: dropped strips freed at once, panels painted only on change,
+and the faster renderers drawing exactly what Rich's Text drew."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import gc
+import math
 from collections.abc import Callable
 from decimal import Decimal
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
+from rich.text import Text
 from textual.strip import Strip
 from textual.visual import VisualType
 
 from config import UISettings
 from dashboard import strips_free_themselves
+from models import OrderBook
+from status_view import (
+    DepthChart,
+    Sparkline,
+    _bar,
+    _places,
+    _price,
+    _qty,
+    depth_levels,
+    sparkline_text,
+)
 from tests.test_ui_support import FakeControl
 from ui import Dashboard
 
@@ -123,3 +138,90 @@ async def test_an_unchanged_depth_panel_is_not_repainted() -> None:
         await pilot.press("right")  # another pair: a new title and a new book, painted
         await pilot.pause()
         assert painted >= 1
+
+
+_VALUES = st.lists(
+    st.one_of(
+        st.sampled_from([math.nan, math.inf, -math.inf]),
+        st.floats(-1e6, 1e6),
+        st.sampled_from([1e308, 1.5e308]),  # finite, but their sum is not
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_VALUES, width=st.integers(0, 30), rows=st.integers(0, 4))
+def test_the_sparkline_drops_exactly_the_non_finite_values(
+    values: list[float], width: int, rows: int
+) -> None:
+    """Whatever the series holds, the line is that of its finite values."""
+    finite = [v for v in values if math.isfinite(v)]
+    assert sparkline_text(values, width, rows) == sparkline_text(finite, width, rows)
+
+
+class _TextDepth(DepthChart):
+    # The chart as it was drawn before the segments: one Text per level, wrapped by Rich.
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        assert self.book is not None
+        levels = self.levels if options.height is None else max(1, (options.height - 1) // 2)
+        bids, asks = depth_levels(self.book, levels)
+        peak = max([c for _, _, c in bids + asks] or [1.0]) or 1.0
+        places = _places(max(p for p, _, _ in bids + asks))
+        rows = [(p, c, "red") for p, _, c in reversed(asks)]
+        labels = [f"{_price(p, places):>12} {_qty(c):>10} " for p, c, _ in rows]
+        bid_labels = [f"{_price(p, places):>12} {_qty(c):>10} " for p, _, c in bids]
+        label_width = max(len(s) for s in labels + bid_labels)
+        bar_width = max(1, options.max_width - label_width)
+        for (_, cum, style), label in zip(rows, labels, strict=True):
+            yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style=style)
+        best_bid, best_ask = self.book.best_bid, self.book.best_ask
+        if best_bid is not None and best_ask is not None:
+            mid = (best_bid + best_ask) / 2
+            spread = (best_ask - best_bid) / mid * 1e4 if mid > 0 else 0.0
+            middle = f" mid {_price(mid, places)} · spread {spread:.1f} bps "
+        else:
+            middle = " one-sided book "
+        yield Text(middle.center(options.max_width, "─"), style="dim")
+        for (_, _, cum), label in zip(bids, bid_labels, strict=True):
+            yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style="green")
+
+
+_SIDES = st.lists(st.tuples(st.floats(0.01, 1e5), st.floats(0.0, 1e4)), min_size=0, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bids=_SIDES,
+    asks=_SIDES,
+    width=st.integers(1, 90),
+    height=st.one_of(st.none(), st.integers(1, 25)),
+)
+def test_the_depth_chart_draws_what_a_text_per_level_drew(
+    bids: list[tuple[float, float]],
+    asks: list[tuple[float, float]],
+    width: int,
+    height: int | None,
+) -> None:
+    """Levels drawn as segments render the same lines, styles included, at any size."""
+    book = OrderBook("X/USDT", 0, tuple(sorted(bids, reverse=True)), tuple(sorted(asks)))
+    if not (book.bids or book.asks):
+        return
+    console = Console(width=width, file=None, color_system="truecolor", legacy_windows=False)
+    options = console.options.update(width=width, height=height)
+    ours = console.render_lines(DepthChart(book), options)
+    theirs = console.render_lines(_TextDepth(book), options)
+    assert ours == theirs
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.floats(-1e3, 1e3), max_size=80), width=st.integers(1, 50))
+def test_the_sparkline_draws_what_its_text_drew(values: list[float], width: int) -> None:
+    """Rows as segments render the same lines as the Text of the same characters."""
+    console = Console(width=width, color_system="truecolor")
+    for rows in (1, 3):
+        options = console.options.update(width=width, height=rows)
+        text = Text(sparkline_text(values, width, rows), style="cyan")
+        assert console.render_lines(Sparkline(values, rows=rows), options) == (
+            console.render_lines(text, options)
+        )
