@@ -8,7 +8,7 @@ writes are the operator commands the façade offers.
   same renderables the dashboard shows, so the two never disagree.
 - `Dashboard` is a Textual app run inside the bot's own event loop (`await
   dashboard.run_async()`); it polls `control.snapshot()` `refresh_hz` times a second and
-  re-renders only the panels whose inputs changed, at most two per frame, so the loop is
+  re-renders only the panels whose inputs changed, one per frame, so the loop is
   never held for a whole-screen repaint. Keys: left/right (or tab/shift+tab)
   switch the depth chart's pair, `p` pauses or resumes, `r` resets latched circuit
   breakers after a confirmation, `s` toggles sim/live after a
