@@ -9,6 +9,8 @@ behaviour are described in `ui`'s docstring; `ui` re-exports these names.
 from __future__ import annotations
 
 import gc
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial, wraps
 from typing import Any, ClassVar, Final
@@ -103,6 +105,7 @@ class ConfirmScreen(ModalScreen[bool]):
 _MIN_HZ: Final = 2.0  # the operator sees the state at least twice a second, whatever is set
 _PANELS_PER_FRAME: Final = 1
 _FRAME_S: Final = 1 / 30
+_TIMER_EARLY_S: Final = 0.002  # how early a timer may wake: within it, a frame has come
 _MAIN_ACTIONS: Final = frozenset(
     {"cycle_pair", "toggle_pause", "reset_risk", "toggle_mode", "quit_bot"}
 )
@@ -294,6 +297,7 @@ class Dashboard(App[None]):
         self._keys: dict[str, Any] = {}
         self._dirty: dict[str, Any] = {}
         self._drain_timer: Timer | None = None
+        self._drawn_at = -math.inf  # time.monotonic() of the last panel drawn
         self._failing = False
         # Widgets are kept by name: no DOM query per tick, and a tick that races the
         # shutdown updates a detached widget instead of failing a query.
@@ -377,17 +381,25 @@ class Dashboard(App[None]):
         # the loop is held a few milliseconds at a time, never for a whole-screen repaint.
         # One, not two: at 100 pairs Textual paints a panel in 3-5 ms, and two in one frame,
         # with a collection inside it, held the loop past 10 ms. Panels that keep changing
-        # take turns (a redrawn panel goes to the back of the queue).
+        # take turns (a redrawn panel goes to the back of the queue). A frame is a time,
+        # not a call: a tick or a key within a frame of the last panel drawn leaves the
+        # next to the frame's timer, so at 30 Hz two panels are not painted in one screen
+        # update (the tick's and the timer's: up to 11 ms at 100 pairs, 7-9 since).
         if self._snapshot is None:
             return
+        since = time.monotonic() - self._drawn_at
+        if limit <= _PANELS_PER_FRAME and since < _FRAME_S - _TIMER_EARLY_S:
+            limit = 0  # this frame's panel is drawn already
         for _ in range(min(limit, len(self._dirty))):
             name = next(iter(self._dirty))
             self._keys[name] = self._dirty.pop(name)
             body = _panel_body(name, self._snapshot, self.pair, self._rows(name))
             # The grid fixes every panel's size, so no re-layout is needed.
             self._widgets[name].update(body, layout=False)
+            self._drawn_at = time.monotonic()
         if self._dirty and self._drain_timer is None:
-            self._drain_timer = self.set_timer(_FRAME_S, self._on_drain_timer)
+            wait = self._drawn_at + _FRAME_S - time.monotonic()
+            self._drain_timer = self.set_timer(max(wait, 0.0), self._on_drain_timer)
 
     def _on_drain_timer(self) -> None:
         self._drain_timer = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
@@ -14,6 +15,7 @@ from textual.app import App
 from textual.pilot import Pilot
 
 from config import UISettings
+from dashboard import _FRAME_S
 from models import BotState, OrderBook, Side
 from tests.conftest import eventually
 from tests.test_ui_support import FakeControl, make_snapshot, widget_text
@@ -383,6 +385,10 @@ async def test_a_redraw_is_spread_over_frames(pilot: Pilot[None], control: FakeC
     app = pilot.app
     assert isinstance(app, Dashboard)
     panels = ("equity", "positions", "depth", "trades", "metrics", "risk", "system", "errors")
+    # The list panels are redrawn once more after the first layout gives their heights:
+    # start a frame after the last of those.
+    await eventually(lambda: not app._dirty)
+    await asyncio.sleep(_FRAME_S)
     before = {name: text_of(app, name) for name in panels}
     books = {
         p: dataclasses.replace(b, bids=b.bids[:1]) for p, b in control.base.order_books.items()

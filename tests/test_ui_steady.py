@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import math
+import time
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -18,10 +20,11 @@ from rich.style import Style
 from rich.text import Text
 from textual.strip import Strip
 from textual.visual import VisualType
+from textual.widgets import Static
 
 from config import UISettings
-from dashboard import strips_free_themselves
-from models import OrderBook
+from dashboard import _FRAME_S, _TIMER_EARLY_S, strips_free_themselves
+from models import OrderBook, Snapshot
 from status_view import (
     DepthChart,
     Sparkline,
@@ -225,3 +228,45 @@ def test_the_sparkline_draws_what_its_text_drew(values: list[float], width: int)
         assert console.render_lines(Sparkline(values, rows=rows), options) == (
             console.render_lines(text, options)
         )
+
+
+class _EverChanging(FakeControl):
+    """Every snapshot moves the equity and the marks: every such panel is dirty each tick."""
+
+    def snapshot(self) -> Snapshot:
+        snap = super().snapshot()
+        step = Decimal(self.snapshot_calls)
+        positions = tuple(
+            dataclasses.replace(p, mark_price=(p.mark_price or p.entry_price) + step)
+            for p in snap.portfolio.positions
+        )
+        portfolio = dataclasses.replace(
+            snap.portfolio, equity=snap.portfolio.equity + step, positions=positions
+        )
+        return dataclasses.replace(snap, portfolio=portfolio)
+
+
+def _record_draws(widget: Static, drawn: list[tuple[float, str]]) -> None:
+    update = widget.update
+
+    def recorded(content: VisualType = "", *, layout: bool = True) -> None:
+        drawn.append((time.monotonic(), str(widget.id)))
+        update(content, layout=layout)
+
+    widget.update = recorded  # type: ignore[method-assign]
+
+
+async def test_ticks_faster_than_the_frames_still_draw_one_panel_a_frame() -> None:
+    """At the fastest refresh a panel is drawn, then the next a frame later, never sooner."""
+    control = _EverChanging()
+    app = Dashboard(control, UISettings(refresh_hz=30))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        drawn: list[tuple[float, str]] = []
+        for name in ("equity", "positions", "risk"):
+            _record_draws(app.query_one(f"#{name}", Static), drawn)
+        await asyncio.sleep(0.6)
+    assert {name for _, name in drawn} == {"equity", "positions", "risk"}
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(drawn)]
+    assert len(gaps) >= 5
+    assert min(gaps) >= _FRAME_S - _TIMER_EARLY_S
