@@ -96,7 +96,7 @@ async def test_make_sim_in_a_terminal_shows_the_dashboard_trading(
     await eventually(trades_shown, timeout=40)
 
     async def counted() -> bool:
-        # The strategy panel counts the closed trades too (panels redraw a few per frame).
+        # The strategy panel counts the closed trades too (panels redraw one per frame).
         found = re.search(r"│ trades\s+(\d+)", await tmux.screen())
         return found is not None and int(found.group(1)) >= 2
 
