@@ -190,16 +190,21 @@ class DepthChart:
         line = self._line if label_width < options.max_width else self._wrapped_line
         for (_, cum, style), label in zip(rows, labels, strict=True):
             yield from line(console, label.rjust(label_width), _bar(cum / peak, bar_width), style)
-        best_bid, best_ask = self.book.best_bid, self.book.best_ask
+        yield self.middle(places, options.max_width)
+        for (_, _, cum), label in zip(bids, bid_labels, strict=True):
+            yield from line(console, label.rjust(label_width), _bar(cum / peak, bar_width), "green")
+
+    def middle(self, places: int, width: int) -> Text:
+        """Return the line between the asks and the bids: the mid price and the spread."""
+        book = self.book
+        best_bid, best_ask = (None, None) if book is None else (book.best_bid, book.best_ask)
         if best_bid is not None and best_ask is not None:
             mid = (best_bid + best_ask) / 2
             spread = (best_ask - best_bid) / mid * 1e4 if mid > 0 else 0.0
             middle = f" mid {_price(mid, places)} · spread {spread:.1f} bps "
         else:
             middle = " one-sided book "
-        yield Text(middle.center(options.max_width, "─"), style="dim")
-        for (_, _, cum), label in zip(bids, bid_labels, strict=True):
-            yield from line(console, label.rjust(label_width), _bar(cum / peak, bar_width), "green")
+        return Text(middle.center(width, "─"), style="dim")
 
     @staticmethod
     def _line(console: Console, label: str, bar: str, style: str) -> RenderResult:

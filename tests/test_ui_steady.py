@@ -178,14 +178,7 @@ class _TextDepth(DepthChart):
         bar_width = max(1, options.max_width - label_width)
         for (_, cum, style), label in zip(rows, labels, strict=True):
             yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style=style)
-        best_bid, best_ask = self.book.best_bid, self.book.best_ask
-        if best_bid is not None and best_ask is not None:
-            mid = (best_bid + best_ask) / 2
-            spread = (best_ask - best_bid) / mid * 1e4 if mid > 0 else 0.0
-            middle = f" mid {_price(mid, places)} · spread {spread:.1f} bps "
-        else:
-            middle = " one-sided book "
-        yield Text(middle.center(options.max_width, "─"), style="dim")
+        yield self.middle(places, options.max_width)  # unchanged: one Text before and since
         for (_, _, cum), label in zip(bids, bid_labels, strict=True):
             yield Text(label.rjust(label_width)) + Text(_bar(cum / peak, bar_width), style="green")
 
