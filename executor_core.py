@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
+from audit_fields import intent_fields, submitted_fields
 from error_handler import (
     BotError,
     InvariantError,
@@ -474,8 +475,8 @@ class ExecutorCore(_OrderTracking):
         return replace(intent, client_order_id=with_attempt(key, len(attempts)))
 
     def _audit_submitted(self, checked: OrderIntent, now: int) -> None:
-        if self._audit.wanted():  # a backtest's trail only counts: no fields built
-            self._audit.record("order_submitted", now, intent=_intent_fields(checked))
+        # Its fields built by the trail's writer, off the order path (a backtest's: never).
+        self._audit.record_with("order_submitted", now, submitted_fields, checked)
 
     async def _send(self, checked: OrderIntent, now: int) -> Order:
         """Journal, send and track a validated order (under the pair's lock)."""
@@ -584,7 +585,7 @@ class ExecutorCore(_OrderTracking):
         known = self.orders.get(intent.client_order_id)
         if known is not None and not known.status.is_terminal:
             self.orders[intent.client_order_id] = order
-        self._audit.record("order_rejected", now, intent=_intent_fields(intent), reason=reason)
+        self._audit.record("order_rejected", now, intent=intent_fields(intent), reason=reason)
         log.warning("order_rejected", pair=intent.pair, reason=reason)
         self._notify(OrderRefused(intent.pair, reason))
         return order
@@ -725,20 +726,3 @@ def protective_id(entry_id: str, kind: str, seq: int) -> str:
     """
     suffix = f"-{kind}{seq:x}"
     return entry_id[: CLIENT_ID_MAX - 3 - len(suffix)] + suffix
-
-
-def _intent_fields(intent: OrderIntent) -> dict[str, str | None]:
-    return {
-        "pair": intent.pair,
-        "side": str(intent.side),
-        "type": str(intent.type),
-        "qty": str(intent.qty),
-        "price": None if intent.price is None else str(intent.price),
-        "stop_price": None if intent.stop_price is None else str(intent.stop_price),
-        "stop_loss": None if intent.stop_loss is None else str(intent.stop_loss),
-        "take_profit": None if intent.take_profit is None else str(intent.take_profit),
-        "reduce_only": str(intent.reduce_only),
-        "client_order_id": intent.client_order_id,
-        "reason": intent.reason,
-        "quote_amount": None if intent.quote_amount is None else str(intent.quote_amount),
-    }

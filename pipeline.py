@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from anomaly_detection import AnomalyWatch
+from audit_fields import approved_fields, signal_fields
 from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
@@ -789,19 +790,8 @@ class Engine(QuietSteps, EngineControl):
         # `equity`: the candle's recorded equity; nothing changes the portfolio between
         # its recording and the decision (sends wait for the verdict), so it is reused.
         self.signals += 1
-        audit = self.audit
-        if audit.wanted():
-            audit.record(
-                "signal",
-                now,
-                pair=signal.pair,
-                candle_ts=signal.ts,
-                side=str(signal.side),
-                strength=signal.strength,
-                reason=signal.reason,
-                price=signal.price,
-                features=signal.features,
-            )
+        audit = self.audit  # its events' fields built by its writer, after a burst's sends
+        audit.record_with("signal", now, signal_fields, signal)
         entering = not signal.exit_only and not self.portfolio.has_position(signal.pair)
         model_veto = self._model_veto(signal) if entering else None
         if entering and (self.state is BotState.PAUSED or signal.pair not in self._active):
@@ -834,17 +824,7 @@ class Engine(QuietSteps, EngineControl):
                 signal.pair, now, signal, "veto", veto=verdict, features=signal.features
             )
             return
-        if audit.wanted():
-            audit.record(
-                "risk_approved",
-                now,
-                pair=signal.pair,
-                candle_ts=signal.ts,
-                side=str(verdict.side),
-                qty=str(verdict.qty),
-                client_order_id=verdict.client_order_id,
-                reason=verdict.reason,
-            )
+        audit.record_with("risk_approved", now, approved_fields, signal, verdict)
         self.decisions[signal.pair] = Decision(
             signal.pair, now, signal, "order", intent=verdict, features=signal.features
         )

@@ -102,6 +102,7 @@ OWNER: dict[str, str] = {
     "order_recovery": "trade_executor",
     "order_pieces": "trade_executor",
     "order_amend": "trade_executor",
+    "audit_fields": "trade_executor",  # the order path's audit events (the engine's too)
     # technical_indicators.py and data_manager.py
     "indicator_kernels": "technical_indicators",
     "indicator_base": "technical_indicators",

@@ -11,6 +11,7 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -470,3 +471,62 @@ def test_a_trail_that_only_counts_counts_what_its_callers_skip_building() -> Non
     assert counting.events is None
     assert keeping.events is not None
     assert [e["n"] for e in keeping.events] == list(range(6))
+
+
+def test_an_event_built_by_the_writer_reads_as_one_recorded_with_its_fields(
+    tmp_path: Path,
+) -> None:
+    """`record_with`'s fields are built on the writer thread, after a held block, in order
+    with `record`'s events, and written as the same line; a kept trail builds them at once,
+    a counting one never; a builder that raises leaves an unencodable line, not a dead
+    trail."""
+    import threading
+
+    register_secret("sk-built-secret-456")
+    built_on: list[str] = []
+
+    def fields(n: int, qty: Decimal) -> dict[str, Any]:
+        built_on.append(threading.current_thread().name)
+        return {"n": n, "qty": str(qty), "side": str(Side.BUY), "note": "sk-built-secret-456"}
+
+    def broken(n: int) -> dict[str, Any]:
+        raise ValueError(f"no fields for {n}")
+
+    lazy, eager = AuditTrail(tmp_path / "lazy"), AuditTrail(tmp_path / "eager")
+    with lazy.held():
+        lazy.record("signal", 0, n=0)
+        lazy.record_with("order", 1, fields, 1, Decimal("0.0010"))
+        lazy.record_with("fill", 2, broken, 2)
+        assert built_on == []  # nothing built while the block holds its events
+    lazy.record("fill", 3, n=3)
+    lazy.close()
+    eager.record("signal", 0, n=0)
+    eager.record("order", 1, **fields(1, Decimal("0.0010")))
+    eager.close()
+    lines = (tmp_path / "lazy" / "audit.jsonl").read_text().splitlines()
+    wanted = (tmp_path / "eager" / "audit.jsonl").read_text().splitlines()
+    assert lines[:2] == wanted
+    assert json.loads(lines[1])["note"] == "***"
+    assert json.loads(lines[2]) == {
+        "kind": "fill",
+        "ts": 2,
+        "unencodable": "ValueError('no fields for 2')",
+    }
+    assert json.loads(lines[3])["n"] == 3
+    assert built_on == ["kestrel-audit", "MainThread"]  # the writer's, then the eager call's
+    assert lazy.count == 4
+    counting, keeping = AuditTrail(None), AuditTrail(None, keep=True)
+    for trail in (counting, keeping):
+        trail.record_with("order", 1, fields, 1, Decimal("0.5"))
+    assert counting.count == keeping.count == 1
+    assert counting.events is None
+    assert keeping.events == [
+        {
+            "kind": "order",
+            "ts": 1,
+            "n": 1,
+            "qty": "0.5",
+            "side": "buy",
+            "note": "sk-built-secret-456",
+        }
+    ]

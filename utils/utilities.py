@@ -645,12 +645,21 @@ def _audit_default(value: Any) -> Any:
     return float(value) if isinstance(value, float) else str(value)
 
 
-def _audit_line(kind: str, ts: int, data: dict[str, Any]) -> str:
-    """Return one audit event as a redacted JSON line (an unencodable one says why)."""
+# A queued audit event: (kind, ts, its fields) or (kind, ts, what builds them, its arguments).
+_Built = tuple[str, int, Callable[..., dict[str, Any]], tuple[Any, ...]]
+_Event = tuple[str, int, dict[str, Any]] | _Built
+
+
+def _audit_line(kind: str, ts: int, data: Any, args: tuple[Any, ...] | None = None) -> str:
+    """Return one audit event as a redacted JSON line (an unencodable one says why).
+
+    `args`: `data` builds the fields from them (`AuditTrail.record_with`).
+    """
     import orjson  # on the writer thread: not an import cost of `main.py --help`
 
     try:
-        payload = {"kind": kind, "ts": ts, **redact(data)}
+        fields = data if args is None else data(*args)
+        payload = {"kind": kind, "ts": ts, **redact(fields)}
         options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
         return orjson.dumps(payload, default=_audit_default, option=options).decode()
     except Exception as e:  # one bad event (a circular payload) must not end the trail
@@ -671,7 +680,7 @@ class AuditTrail:
         self.count = 0
         # keep=True also holds events in memory (the parity audit compares two runs).
         self.events: list[dict[str, Any]] | None = [] if keep else None
-        self._queue: queue.SimpleQueue[tuple[str, int, dict[str, Any]] | None] | None = None
+        self._queue: queue.SimpleQueue[_Event | None] | None = None
         self._writer: threading.Thread | None = None
         if log_dir is not None:
             self._queue = queue.SimpleQueue()
@@ -683,7 +692,7 @@ class AuditTrail:
             )
             self._writer.start()
         # Events held back while a burst is decided (`held`), in order.
-        self._held: list[tuple[str, int, dict[str, Any]]] | None = None
+        self._held: list[_Event] | None = None
 
     def wanted(self) -> bool:
         """Return True when events are written or kept; else count one and return False.
@@ -708,6 +717,25 @@ class AuditTrail:
         elif self._queue is not None:
             self._queue.put((kind, ts, data))
 
+    def record_with(
+        self, kind: str, ts: int, build: Callable[..., dict[str, Any]], *args: Any
+    ) -> None:
+        """Queue one audit event whose fields are `build(*args)`, built by the writer.
+
+        On the order path the fields (the strings of an intent's Decimals and enums) cost
+        more than queueing the event: the writer thread builds them as it writes, after a
+        burst's decisions are out (`held`). `args` must not change after the call (frozen
+        models, a signal's features). Kept events (`keep`) are built at once. Counted as
+        `record` counts; a backtest's trail builds nothing.
+        """
+        self.count += 1
+        if self.events is not None:
+            self.events.append({"kind": kind, "ts": ts, **build(*args)})
+        if self._held is not None:
+            self._held.append((kind, ts, build, args))
+        elif self._queue is not None:
+            self._queue.put((kind, ts, build, args))
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """Hand the events recorded in the block to the writer when it ends, in order.
@@ -729,7 +757,7 @@ class AuditTrail:
 
     @staticmethod
     def _write(
-        events: queue.SimpleQueue[tuple[str, int, dict[str, Any]] | None],
+        events: queue.SimpleQueue[_Event | None],
         handler: logging.Handler,
     ) -> None:
         # Everything queued is taken at once (a burst hands over hundreds of events) and
