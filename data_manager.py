@@ -481,6 +481,17 @@ class DataManager:
         v = ring.values
         return int(ring.ts[end - 1]), ring.length, v[1, start:end], v[2, start:end], v[3, start:end]
 
+    def window_end(self, pair: str, timeframe: str) -> tuple[int, int] | None:
+        """Return the window's latest open time and its length (None when it is empty).
+
+        `hlc_tail`'s first two values, without its views: a key for what is computed from
+        the window (a stop's ATR, asked again by the candle's risk context).
+        """
+        ring = self._rings.get((pair, timeframe))
+        if ring is None or not ring.size:
+            return None
+        return int(ring.ts[ring.size - 1]), ring.length
+
     def size(self, pair: str, timeframe: str) -> int:
         """Return how many candles the pair's window holds (`len(arrays(...).ts)`)."""
         ring = self._rings.get((pair, timeframe))

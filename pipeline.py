@@ -210,6 +210,7 @@ class EngineState:
         self._returns_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._aligned_cache: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._aligned_kept: tuple[tuple[int, int], dict[str, np.ndarray | None]] = ((-1, 0), {})
+        self._prices: dict[str, tuple[float, Decimal]] = {}  # per pair: its last close as both
         # Signals computed ahead for a burst: pair -> (candle ts, holding, signal).
         self._early: dict[str, tuple[int, Decimal, Signal | None]] = {}
 
@@ -240,7 +241,13 @@ class EngineState:
     def price(self, pair: str) -> Decimal | None:
         """Return the last close of `pair` as a Decimal."""
         close = self.last_close.get(pair)
-        return None if close is None else Decimal(repr(close))
+        if close is None:
+            return None
+        # Kept for the same close (the object itself): its context and its send ask again.
+        kept = self._prices.get(pair)
+        if kept is None or kept[0] is not close:
+            kept = self._prices[pair] = (close, Decimal(repr(close)))
+        return kept[1]
 
     def set_pairs(self, pairs: list[str]) -> None:
         """Replace the traded pairs; dropped ones are drained (exits only)."""
@@ -253,16 +260,18 @@ class EngineState:
 
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
-        # Only the tail matters: Wilder's smoothing converges well within ten periods.
-        tail = self.data.hlc_tail(pair, self.timeframe, period * 10)
-        if tail is None or tail[1] <= period:
+        end = self.data.window_end(pair, self.timeframe)
+        if end is None or end[1] <= period:
             return None
         # The same window gives the same ATR: a position's candle asks for its stop and
         # then for its risk context, and a burst's entries ask again (window end, period).
-        key = (tail[0], tail[1], period)
+        key = (*end, period)
         cached = self._atr_cache.get(pair)
         if cached is not None and cached[0] == key:
             return cached[1]
+        # Only the tail matters: Wilder's smoothing converges well within ten periods.
+        tail = self.data.hlc_tail(pair, self.timeframe, period * 10)
+        assert tail is not None  # the window is not empty (`window_end`)
         atr = last_atr(tail[2], tail[3], tail[4], period)
         self._atr_cache[pair] = (key, atr)
         return atr

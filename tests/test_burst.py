@@ -417,6 +417,41 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
     assert not np.array_equal(fresh, aligned)  # sizing still reads the newest bar
 
 
+def test_a_pairs_price_and_atr_read_twice_a_candle_follow_every_candle(sim_env: None) -> None:
+    """What a burst's decisions ask for twice (the price for the context and the send, the
+    ATR for the stop and the context) is kept per candle: each read equals the candle's own
+    (the close's Decimal, TA-Lib's ATR over the window), for every pair, candle after candle,
+    also when a later candle repeats an earlier close."""
+    from decimal import Decimal
+
+    from engine_quiet import last_atr
+
+    daemon = _daemon()
+    engine = daemon.engine
+    assert engine is not None
+    period = engine.risk.settings.atr_period
+    engine.data.window = period * 3  # full after 42 candles: its length then stays the same
+    bursts = _bursts(daemon)[:60]
+    repeat = bursts[-1][0]
+    bursts.append([Candle(repeat.pair, "1h", repeat.ts + 3_600_000, *([repeat.close] * 4), 1.0)])
+    for burst in bursts:
+        for candle in burst:
+            assert engine.admit(candle)
+        for candle in burst:
+            bars = engine.data.arrays(candle.pair, "1h")
+            tail = slice(-period * 10, None)
+            atr = (
+                last_atr(bars.high[tail], bars.low[tail], bars.close[tail], period)
+                if len(bars.ts) > period
+                else None
+            )
+            for _ in range(2):
+                assert engine.price(candle.pair) == Decimal(repr(candle.close))
+                assert engine._atr(candle.pair) == atr
+    assert engine.price("NOPE/USDT") is None
+    assert engine._atr("NOPE/USDT") is None
+
+
 def test_a_burst_whose_sends_fail_still_places_its_new_positions_stops(sim_env: None) -> None:
     """Entries filled in a burst's matches leave their stops to the end of its sends; when a
     send raises, the burst still places every one of them (counted on the venue's working

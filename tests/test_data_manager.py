@@ -605,8 +605,8 @@ def test_arrays_and_tails_follow_every_candle_through_compactions(
     window: int, steps: list[int]
 ) -> None:
     """However often the window is read between candles (its views are reused while no
-    candle arrives), arrays() and tail() always show the latest candles, across the
-    buffer's compactions."""
+    candle arrives), arrays(), tail(), hlc_tail() and window_end() always show the latest
+    candles, across the buffer's compactions."""
     data = DataManager(window=window)
     closes: list[float] = []
     for i, reads in enumerate(steps):
@@ -620,3 +620,10 @@ def test_arrays_and_tails_follow_every_candle_through_compactions(
             ts, block = data.tail("A/USDT", "1m", 3)
             assert block[3].tolist() == closes[-window:][-3:]
             assert ts.tolist() == bars.ts.tolist()[-3:]
+            # The key a stop's ATR is kept by: the window's last open time and its length.
+            assert data.window_end("A/USDT", "1m") == (bars.ts[-1], len(bars.ts))
+            tail = data.hlc_tail("A/USDT", "1m", 3)
+            assert tail is not None
+            assert tail[:2] == data.window_end("A/USDT", "1m")
+            assert tail[4].tolist() == closes[-window:][-3:]
+    assert data.window_end("B/USDT", "1m") is None
