@@ -433,7 +433,8 @@ def test_a_pairs_price_and_atr_read_twice_a_candle_follow_every_candle(sim_env: 
     engine.data.window = period * 3  # full after 42 candles: its length then stays the same
     bursts = _bursts(daemon)[:60]
     repeat = bursts[-1][0]
-    bursts.append([Candle(repeat.pair, "1h", repeat.ts + 3_600_000, *([repeat.close] * 4), 1.0)])
+    c = repeat.close
+    bursts.append([Candle(repeat.pair, "1h", repeat.ts + 3_600_000, c, c, c, c, 1.0)])
     for burst in bursts:
         for candle in burst:
             assert engine.admit(candle)
