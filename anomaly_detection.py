@@ -271,6 +271,11 @@ class _PairWindow:
         self.flat_run = 0
         self.zero_run = 0
         self.sigma = math.nan  # the return scale of the last bar (spike-and-revert's)
+        self.appended = 0  # bars taken in, ever
+        # The next bar's scales, computed ahead (`AnomalyMonitor.prepare_next`): the bars
+        # taken in when computed, then the returns' and the log volumes' median and sigma
+        # (NaN where the window was too short for them).
+        self.ahead: tuple[int, float, float, float, float] | None = None
 
     def append(self, candle: Candle) -> None:
         if self.n == len(self.buf):
@@ -278,10 +283,15 @@ class _PairWindow:
             self.n = self.keep - 1
         self.buf[self.n] = (candle.open, candle.high, candle.low, candle.close, candle.volume)
         self.n += 1
+        self.appended += 1
         self.last_ts = candle.ts
 
     def rows(self) -> FloatArray:
         return self.buf[max(0, self.n - self.keep) : self.n]
+
+    def tail(self, k: int) -> FloatArray:
+        # The last `k` of `rows()` (k at most their number).
+        return self.buf[self.n - k : self.n]
 
 
 def _median(x: FloatArray) -> float:
@@ -323,6 +333,19 @@ def _scale_rows(x: FloatArray) -> tuple[FloatArray, FloatArray]:
     med[gaps] = np.nan
     sigma[gaps] = np.nan
     return med, sigma
+
+
+def _ahead(windows: list[_PairWindow]) -> tuple[FloatArray, ...] | None:
+    # The scales `prepare_next` computed for each window's newest bar, as columns (returns'
+    # median and sigma, log volumes' median and sigma); None unless every window has them.
+    kept = []
+    for window in windows:
+        ahead = window.ahead
+        if ahead is None or ahead[0] != window.appended - 1:
+            return None
+        kept.append(ahead)
+    columns = np.array(kept).T
+    return columns[1], columns[2], columns[3], columns[4]
 
 
 class AnomalyMonitor:
@@ -374,6 +397,39 @@ class AnomalyMonitor:
                 found[candle.pair, candle.ts] = self._found(candle, bar)
         return found
 
+    def prepare_next(self, pairs: Iterable[str]) -> None:
+        """Compute ahead the scales the pairs' next closed candles are judged against.
+
+        A bar's returns and volume are scored against the median and robust sigma of the
+        `window` bars before it, which are known once the bar before it is in: computed
+        here (between bursts, once a burst's orders are out), `on_candles` finds them and
+        sorts nothing while a burst waits. The same values as computed then (the same
+        logs and order statistics of the same rows); a window that took another bar since
+        is judged as before.
+        """
+        w = self.settings.window
+        by_length: dict[int, list[_PairWindow]] = {}
+        for pair in pairs:
+            window = self._windows.get(pair)
+            if window is not None and min(window.n, window.keep) >= w:
+                by_length.setdefault(min(window.n, window.keep), []).append(window)
+        for m, windows in by_length.items():
+            count = len(windows)
+            block = np.concatenate([window.rows() for window in windows]).reshape(count, m, 5)
+            # The rows `_last_bars` scores the next bar against, as it computes them.
+            log_volume = np.log(np.maximum(block[:, -w:, 4], VOLUME_FLOOR))
+            if m >= w + 1:
+                r = np.diff(np.log(block[:, -(w + 1) :, 3]), axis=1)
+                med, sigma = _scale_rows(np.concatenate((r, log_volume)))
+                scales = zip(med[:count].tolist(), sigma[:count].tolist(),
+                             med[count:].tolist(), sigma[count:].tolist(), strict=True)  # fmt: skip
+            else:
+                v_med, v_sigma = _scale_rows(log_volume)
+                nan = [math.nan] * count
+                scales = zip(nan, nan, v_med.tolist(), v_sigma.tolist(), strict=True)
+            for window, (r_med, r_sigma, v_med_i, v_sigma_i) in zip(windows, scales, strict=True):
+                window.ahead = (window.appended, r_med, r_sigma, v_med_i, v_sigma_i)
+
     def _found(self, candle: Candle, bar: _Bar | None) -> list[Anomaly]:
         return [] if bar is None else _bar_anomalies(candle.pair, candle.ts, bar, self.settings)
 
@@ -401,8 +457,11 @@ class AnomalyMonitor:
         # `_last_bar` for windows holding as many bars, their rows as one block.
         s, w = self.settings, self.settings.window
         count, m = len(windows), min(windows[0].n, windows[0].keep)
+        # The scales computed ahead (`prepare_next`): then only the last three bars are read.
+        ahead = _ahead(windows) if m >= w + 1 else None
+        k = m if ahead is None else min(m, 3)
         # (pairs, bars, 5): one copy of the rows (np.stack costs twice as much)
-        block = np.concatenate([window.rows() for window in windows]).reshape(count, m, 5)
+        block = np.concatenate([window.tail(k) for window in windows]).reshape(count, k, 5)
         last = block[:, -1]
         flat = [False] * count
         if m > 1:
@@ -420,9 +479,12 @@ class AnomalyMonitor:
             if m >= w + 2:
                 r = np.diff(log_close, axis=1)
                 assert log_volume is not None
-                # The returns' and the volumes' scales, row by row: one call for both.
-                scales = _scale_rows(np.concatenate((r[:, -w - 1 : -1], log_volume[:, :-1])))
-                med, sigma = scales[0][:count], scales[1][:count]
+                if ahead is None:
+                    # The returns' and the volumes' scales, row by row: one call for both.
+                    scales = _scale_rows(np.concatenate((r[:, -w - 1 : -1], log_volume[:, :-1])))
+                    med, sigma = scales[0][:count], scales[1][:count]
+                else:
+                    med, sigma = ahead[0], ahead[1]
                 z = (r[:, -1] - med) / sigma
                 spike = np.where(np.abs(z) >= s.spike_z, np.abs(z), 0.0)
             out = (log_close[:, -2] - log_close[:, -3]) / before
@@ -431,7 +493,9 @@ class AnomalyMonitor:
             revert = np.where((np.sign(out) == np.sign(back)) & (both >= s.revert_z), both, 0.0)
         if log_volume is not None:
             v_med, v_sigma = (
-                _scale_rows(log_volume[:, :-1])
+                (ahead[2], ahead[3])
+                if ahead is not None
+                else _scale_rows(log_volume[:, :-1])
                 if scales is None
                 else (scales[0][count:], scales[1][count:])
             )
@@ -668,6 +732,16 @@ class AnomalyWatch:
         What each shows is acted on at its own `on_candle`, in the order the burst decides.
         """
         self._judged = self.monitor.on_candles(candles)
+
+    def prepare_next(self, pairs: Iterable[str]) -> None:
+        """Compute ahead what the pairs' next candles are judged against.
+
+        A burst's pairs, once its orders are out (`AnomalyMonitor.prepare_next`).
+        """
+        try:
+            self.monitor.prepare_next(pairs)
+        except Exception:  # their next candles are then judged as if it had not run
+            log.exception("anomaly_prepare_failed")
 
     def on_candle(self, candle: Candle, now: int) -> None:
         """Judge a closed candle (or take the verdict `prepare` reached on it)."""

@@ -46,7 +46,12 @@ the bursts run (`paced_collections`): a close's frames, read while its burst gat
 longer pay for a collection of whatever the time since the last burst left (one in three
 minutes did in the latency benchmark, 0.1-0.37 ms each, on the CPU still cold from the
 wait). The frames themselves leave few objects (~50 net at 50 pairs); the time between
-bursts (timers, other streams) leaves the rest.
+bursts (timers, other streams) leaves the rest. Paced bursts also compute, once their
+orders are out, the robust scales their pairs' next candles are judged against for
+anomalies (`AnomalyWatch.prepare_next`: the medians of the bars before the next one, known
+now), so the next burst's anomaly pass sorts nothing: 0.16 -> 0.08 ms for 50 pairs, run
+alone. A replay's bursts follow one another with no wait between them, where it would
+only move the work, and do not.
 
 Every order still goes through `TradeExecutor.submit` (journal before send, the pair's
 lock, one protective stop per position), and every stop move through
@@ -146,8 +151,9 @@ class BurstDecider:
         engine: the engine that decides.
         match: with a simulated exchange in front, what matches an admitted candle and
             delivers its fills (`SimDriver.match`); None on the live exchange.
-        paced: collect the young generation after each burst (bursts from the wire,
-            within `paced_collections`); otherwise the collector runs at its thresholds.
+        paced: bursts from the wire: collect the young generation after each burst
+            (within `paced_collections`) and compute the next burst's anomaly scales
+            ahead; otherwise the collector runs at its thresholds and nothing is ahead.
     """
 
     def __init__(
@@ -254,6 +260,9 @@ class BurstDecider:
             finally:
                 await engine.executor.flush_stops()  # whatever the sends met
             await engine.executor.flush_stop_moves()
+        if self.paced and engine.anomaly_watch is not None:
+            # The next burst's anomaly scales, in the wait for it (module docstring).
+            engine.anomaly_watch.prepare_next(c.pair for c, _, _ in admitted)
         self._save_soon()  # once per burst, after every decision is out
 
     def _decision_order(

@@ -417,6 +417,43 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
     assert not np.array_equal(fresh, aligned)  # sizing still reads the newest bar
 
 
+def test_bursts_from_the_wire_judge_their_next_candles_on_scales_computed_ahead(
+    sim_env: None,
+) -> None:
+    """A paced decider (bursts from the wire) computes, once a burst's orders are out, the
+    anomaly scales its pairs' next candles are judged against; its run decides and judges
+    exactly as an unpaced one's (a replay's), which computes nothing ahead."""
+
+    async def run(paced: bool) -> tuple[dict[str, Any], int, int]:
+        daemon = _daemon()
+        engine = daemon.engine
+        assert engine is not None
+        assert daemon.driver is not None
+        assert engine.anomaly_watch is not None
+        windows = engine.anomaly_watch.monitor._windows
+        decider = BurstDecider(engine, daemon.driver.match, paced=paced)
+        ready = 0
+        with paced_collections(paced):
+            for burst in _bursts(daemon)[:80]:
+                _close(daemon, burst)
+                await decider.on_burst([(c, None) for c in burst])
+                ready += sum(
+                    1
+                    for c in burst
+                    if (kept := windows[c.pair].ahead) and kept[0] == windows[c.pair].appended
+                )
+        await decider.saved()
+        return _record(daemon), ready, len(engine.anomaly_watch.latest)
+
+    paced, ready, judged = asyncio.run(run(paced=True))
+    unpaced, none, _ = asyncio.run(run(paced=False))
+    assert paced == unpaced
+    assert ready >= 4 * 55  # every pair's, from the bar its window is long enough
+    assert none == 0
+    assert judged  # anomalies were found, on scales computed ahead too
+    assert sum(len(orders) for orders in paced["orders"].values()) > 10
+
+
 def test_a_pairs_price_and_atr_read_twice_a_candle_follow_every_candle(sim_env: None) -> None:
     """What a burst's decisions ask for twice (the price for the context and the send, the
     ATR for the stop and the context) is kept per candle: each read equals the candle's own
