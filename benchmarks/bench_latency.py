@@ -47,10 +47,12 @@ candle that can decide has). A burst's drain is CPU work of the pipeline itself 
 time equals wall time): a burst of 48 entries ~4.7-5.1 ms with timers on (~95 us per
 order: ahead of the decisions, ~18 us per candle for the indicators' pass, the anomaly
 pass, the signal and the ATR; the decision ~28, of which the risk context ~7 and the
-verdict ~17; the send to the matching engine ~26-28). A burst that delivers the fills of
-the last burst's entries and then exits the same pairs does not place each stop only for
-its exit to take it off: a fill's stop waits for the end of its candle (after the burst's
-sends), and an exit on that candle drops it unsent. The slowest bursts are the largest,
+verdict ~17; the send to the matching engine ~26-28. An order's audit events, its signal,
+approval and submission, are queued with what builds their fields, which the trail's writer
+thread builds after the burst: ~3.5 us an order less, run alone). A burst that delivers the
+fills of the last burst's entries and then exits the same pairs does not place each stop
+only for its exit to take it off: a fill's stop waits for the end of its candle (after the
+burst's sends), and an exit on that candle drops it unsent. The slowest bursts are the largest,
 45-48 exits or entries over as many pairs, and their CPU time for the same count varies by
 up to 1.6x within one run (the host). The hand-over row's note names each run's slowest
 burst, what it sent and the fills its matches delivered. Peers, in the same run: the same
