@@ -35,7 +35,9 @@ order acknowledgement before it. `BurstDecider` instead:
    order or signal: marks and equity) are processed, and the risk state is saved once,
    off the decisions' path (`saved` waits for it). No decision waits for another order's
    answer, nor for a write to disk, nor for the cyclic garbage collector (held off while
-   a burst is decided: reference counting frees what the burst drops; cycles wait).
+   a burst is decided: reference counting frees what the burst drops; cycles wait), nor
+   for the threads that write the audit trail and the log (their records are held until
+   the burst ends, so neither wakes to take the interpreter from it).
    The sends are not concurrent tasks: a task starts only after the loop's other ready
    work, and a replay's feed would move the replay clock past the candle the orders were
    decided on.
@@ -77,6 +79,7 @@ import structlog
 
 from models import Candle
 from pipeline import DeferredOrder, Engine
+from utils.utilities import held_logs
 
 
 log = structlog.get_logger(__name__)
@@ -233,8 +236,9 @@ class BurstDecider:
         self.bursts += 1
         decided: list[DeferredOrder] = []
         engine.sender = decided.append
-        # The audit trail's writer thread waits for the end of the burst (see `held`).
-        with engine.audit.held():
+        # The audit trail's writer thread and the log listener wait for the end of the burst
+        # (`AuditTrail.held`, `held_logs`).
+        with engine.audit.held(), held_logs():
             try:
                 for at, (candle, received, started) in enumerate(ordered):
                     if at == deciding:

@@ -454,6 +454,39 @@ def test_bursts_from_the_wire_judge_their_next_candles_on_scales_computed_ahead(
     assert sum(len(orders) for orders in paced["orders"].values()) > 10
 
 
+def test_a_burst_holds_its_log_records_and_audit_events_until_its_orders_are_out(
+    sim_env: None,
+) -> None:
+    """While a burst decides and sends, the log listener and the audit writer are not woken
+    (their records are held); after it, nothing is held."""
+    from utils import utilities
+
+    daemon = _daemon()
+    engine = daemon.engine
+    assert engine is not None
+    assert daemon.driver is not None
+    decider = BurstDecider(engine, daemon.driver.match)
+    seen: list[tuple[bool, bool]] = []
+    send = engine.send_decided
+
+    async def sending(order: Any) -> bool:
+        seen.append((utilities._HELD.records is not None, engine.audit._held is not None))
+        return await send(order)
+
+    engine.send_decided = sending  # type: ignore[method-assign,assignment]
+
+    async def run() -> None:
+        for burst in _bursts(daemon)[:60]:
+            _close(daemon, burst)
+            await decider.on_burst([(c, None) for c in burst])
+            assert utilities._HELD.records is None
+            assert engine.audit._held is None
+
+    asyncio.run(run())
+    assert len(seen) > 5
+    assert all(logs and audit for logs, audit in seen)
+
+
 def test_a_pairs_price_and_atr_read_twice_a_candle_follow_every_candle(sim_env: None) -> None:
     """What a burst's decisions ask for twice (the price for the context and the send, the
     ATR for the stop and the context) is kept per candle: each read equals the candle's own

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -170,6 +171,10 @@ def setup_logging(
         _listener = logging.handlers.QueueListener(records, *sinks, respect_handler_level=True)
         _listener.start()
         root.addHandler(_UnformattedQueueHandler(records))
+    else:
+        # Nowhere to write: the records are dropped. Without a handler the stdlib's last
+        # resort would print each warning to stderr on the loop (~0.2 ms, over a dashboard).
+        root.addHandler(logging.NullHandler())
     for noisy in ("asyncio", "ccxt", "httpx", "httpcore", "telegram", "aiohttp", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     global _min_level
@@ -208,6 +213,46 @@ class _UnformattedQueueHandler(logging.handlers.QueueHandler):
         if isinstance(event, dict) and event.get("exc_info") is True:
             record.msg = {**event, "exc_info": sys.exc_info()}
         return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """Queue the record, or hold it while its thread holds its logs (`held_logs`)."""
+        if _HELD.records is not None and _HELD.thread == threading.get_ident():
+            _HELD.records.append(record)
+        else:
+            self.queue.put_nowait(record)
+
+
+@dataclass(slots=True)
+class _HeldLogs:
+    # The records held by `held_logs` (None: none are) and the thread holding them.
+    records: list[logging.LogRecord] | None = None
+    thread: int = 0
+
+
+_HELD = _HeldLogs()
+
+
+@contextlib.contextmanager
+def held_logs() -> Iterator[None]:
+    """Hold this thread's log records until the block ends, then queue them in order.
+
+    While a burst of decisions is taken: a record wakes the listener thread, which would
+    take the interpreter from the loop mid-burst to render and write it. Other threads'
+    records are queued at once; nested blocks hand over at the outermost one's end.
+    """
+    if _HELD.records is not None:
+        yield
+        return
+    _HELD.records, _HELD.thread = [], threading.get_ident()
+    try:
+        yield
+    finally:
+        held, _HELD.records = _HELD.records, None
+        if held:
+            for handler in logging.getLogger().handlers:  # the set-up's, whichever is current
+                if isinstance(handler, _UnformattedQueueHandler):
+                    for record in held:
+                        handler.queue.put_nowait(record)
 
 
 _listener: logging.handlers.QueueListener | None = None
