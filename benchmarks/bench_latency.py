@@ -361,7 +361,8 @@ async def _live(
             }
         )
         settings = load_settings(env_file=None)
-        setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
+        # As main: warnings to the JSON file through the listener thread (not the console).
+        setup_logging(settings.storage.log_dir, level="WARNING", console=False, cache_loggers=True)
         daemon = (Daemon if bursts else _one_at_a_time(Daemon))(_args("sim"), settings)
         await daemon.build_exchange(paper=True)
         orders: list[tuple[str, float, float]] = []
@@ -411,7 +412,7 @@ async def _replay() -> list[float]:
     )
     os.environ.pop("KESTREL_EXCHANGE__BASE_URL", None)
     settings = load_settings(env_file=None)
-    setup_logging(None, level="WARNING", console=False, cache_loggers=True)  # as main
+    setup_logging(settings.storage.log_dir, level="WARNING", console=False, cache_loggers=True)
     daemon = Daemon(_args("sim"), settings)
     daemon.build_replay()
     await daemon.run()
