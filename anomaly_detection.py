@@ -335,6 +335,20 @@ def _scale_rows(x: FloatArray) -> tuple[FloatArray, FloatArray]:
     return med, sigma
 
 
+def _scales_before(block: FloatArray, w: int) -> tuple[FloatArray, ...]:
+    # What each row's next bar is judged against, from the bars before it (`block`: pairs,
+    # bars, 5; at least `w` bars): the median and robust sigma of the last `w` returns
+    # (NaN with fewer than `w` + 1 bars) and of the last `w` log volumes. One sort for both.
+    count = len(block)
+    log_volume = np.log(np.maximum(block[:, -w:, 4], VOLUME_FLOOR))
+    if block.shape[1] < w + 1:
+        nan = np.full(count, np.nan)
+        return (nan, nan, *_scale_rows(log_volume))
+    r = np.diff(np.log(block[:, -(w + 1) :, 3]), axis=1)
+    med, sigma = _scale_rows(np.concatenate((r, log_volume)))
+    return med[:count], sigma[:count], med[count:], sigma[count:]
+
+
 def _ahead(windows: list[_PairWindow]) -> tuple[FloatArray, ...] | None:
     # The scales `prepare_next` computed for each window's newest bar, as columns (returns'
     # median and sigma, log volumes' median and sigma); None unless every window has them.
@@ -414,21 +428,11 @@ class AnomalyMonitor:
             if window is not None and min(window.n, window.keep) >= w:
                 by_length.setdefault(min(window.n, window.keep), []).append(window)
         for m, windows in by_length.items():
-            count = len(windows)
-            block = np.concatenate([window.rows() for window in windows]).reshape(count, m, 5)
-            # The rows `_last_bars` scores the next bar against, as it computes them.
-            log_volume = np.log(np.maximum(block[:, -w:, 4], VOLUME_FLOOR))
-            if m >= w + 1:
-                r = np.diff(np.log(block[:, -(w + 1) :, 3]), axis=1)
-                med, sigma = _scale_rows(np.concatenate((r, log_volume)))
-                scales = zip(med[:count].tolist(), sigma[:count].tolist(),
-                             med[count:].tolist(), sigma[count:].tolist(), strict=True)  # fmt: skip
-            else:
-                v_med, v_sigma = _scale_rows(log_volume)
-                nan = [math.nan] * count
-                scales = zip(nan, nan, v_med.tolist(), v_sigma.tolist(), strict=True)
-            for window, (r_med, r_sigma, v_med_i, v_sigma_i) in zip(windows, scales, strict=True):
-                window.ahead = (window.appended, r_med, r_sigma, v_med_i, v_sigma_i)
+            block = np.concatenate([window.rows() for window in windows])
+            scales = _scales_before(block.reshape(len(windows), m, 5), w)
+            rows = zip(*(column.tolist() for column in scales), strict=True)
+            for window, (r_med, r_sigma, v_med, v_sigma) in zip(windows, rows, strict=True):
+                window.ahead = (window.appended, r_med, r_sigma, v_med, v_sigma)
 
     def _found(self, candle: Candle, bar: _Bar | None) -> list[Anomaly]:
         return [] if bar is None else _bar_anomalies(candle.pair, candle.ts, bar, self.settings)
@@ -462,6 +466,8 @@ class AnomalyMonitor:
         k = m if ahead is None else min(m, 3)
         # (pairs, bars, 5): one copy of the rows (np.stack costs twice as much)
         block = np.concatenate([window.tail(k) for window in windows]).reshape(count, k, 5)
+        if ahead is None and m >= w + 1:
+            ahead = _scales_before(block[:, :-1], w)  # as `prepare_next` would have
         last = block[:, -1]
         flat = [False] * count
         if m > 1:
@@ -470,36 +476,21 @@ class AnomalyMonitor:
             flat = same.tolist()
         z = spike = revert = burst = np.zeros(count)
         sigma = np.full(count, np.nan)
-        log_volume = scales = None
-        if m >= w + 1:
-            log_volume = np.log(np.maximum(block[:, -(w + 1) :, 4], VOLUME_FLOOR))
         if m >= 3:
             before = np.array([window.sigma for window in windows])
-            log_close = np.log(block[:, -(w + 2) :, 3])
+            log_close = np.log(block[:, -3:, 3])  # the newest three closes
             if m >= w + 2:
-                r = np.diff(log_close, axis=1)
-                assert log_volume is not None
-                if ahead is None:
-                    # The returns' and the volumes' scales, row by row: one call for both.
-                    scales = _scale_rows(np.concatenate((r[:, -w - 1 : -1], log_volume[:, :-1])))
-                    med, sigma = scales[0][:count], scales[1][:count]
-                else:
-                    med, sigma = ahead[0], ahead[1]
-                z = (r[:, -1] - med) / sigma
+                assert ahead is not None
+                med, sigma = ahead[0], ahead[1]
+                z = (log_close[:, -1] - log_close[:, -2] - med) / sigma
                 spike = np.where(np.abs(z) >= s.spike_z, np.abs(z), 0.0)
             out = (log_close[:, -2] - log_close[:, -3]) / before
             back = (log_close[:, -2] - np.log(block[:, -1, 0])) / before
             both = np.minimum(np.abs(out), np.abs(back))
             revert = np.where((np.sign(out) == np.sign(back)) & (both >= s.revert_z), both, 0.0)
-        if log_volume is not None:
-            v_med, v_sigma = (
-                (ahead[2], ahead[3])
-                if ahead is not None
-                else _scale_rows(log_volume[:, :-1])
-                if scales is None
-                else (scales[0][count:], scales[1][count:])
-            )
-            volume_z = (log_volume[:, -1] - v_med) / v_sigma
+        if ahead is not None:  # the window holds `window` + 1 bars or more
+            log_volume = np.log(np.maximum(block[:, -1, 4], VOLUME_FLOOR))
+            volume_z = (log_volume - ahead[2]) / ahead[3]
             burst = np.where(volume_z >= s.volume_burst_z, volume_z, 0.0)
         bars: list[_Bar | None] = []
         rows = zip(
