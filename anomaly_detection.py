@@ -349,13 +349,14 @@ def _scales_before(block: FloatArray, w: int) -> tuple[FloatArray, ...]:
     return med[:count], sigma[:count], med[count:], sigma[count:]
 
 
-def _ahead(windows: list[_PairWindow]) -> tuple[FloatArray, ...] | None:
+def _ahead(windows: list[_PairWindow], lag: int = 1) -> tuple[FloatArray, ...] | None:
     # The scales `prepare_next` computed for each window's newest bar, as columns (returns'
     # median and sigma, log volumes' median and sigma); None unless every window has them.
+    # `lag` 0: those computed for the bar still to come (a rehearsal's).
     kept = []
     for window in windows:
         ahead = window.ahead
-        if ahead is None or ahead[0] != window.appended - 1:
+        if ahead is None or ahead[0] != window.appended - lag:
             return None
         kept.append(ahead)
     columns = np.array(kept).T
@@ -457,12 +458,57 @@ class AnomalyMonitor:
             window.flat_run = window.flat_run + 1 if unchanged or bool((last == prev).all()) else 0
         window.zero_run = window.zero_run + 1 if last[4] <= 0 else 0
 
+    def rehearse(self, pairs: Iterable[str]) -> None:
+        """Run a burst's scoring over the pairs' windows as they stand, changing nothing.
+
+        Between bursts, just before the next close (`burst_rehearsal`): the pass then finds
+        its code and the windows' rows in the CPU's caches, which an idle wait empties.
+        """
+        by_length: dict[int, list[_PairWindow]] = {}
+        for pair in pairs:
+            window = self._windows.get(pair)
+            if window is not None and window.n:
+                by_length.setdefault(min(window.n, window.keep), []).append(window)
+        for windows in by_length.values():
+            self._scores(windows, lag=0)
+
     def _last_bars(self, windows: list[_PairWindow]) -> list[_Bar | None]:
         # `_last_bar` for windows holding as many bars, their rows as one block.
+        s = self.settings
+        last, (z, spike, revert, burst, sigma, flat) = self._scores(windows)
+        bars: list[_Bar | None] = []
+        rows = zip(
+            z.tolist(), spike.tolist(), revert.tolist(), burst.tolist(), sigma.tolist(),
+            flat, (last[:, 4] <= 0).tolist(), strict=True,
+        )  # fmt: skip
+        for window, (zi, si, ri, bi, new_sigma, unchanged, silent) in zip(
+            windows, rows, strict=True
+        ):
+            if window.n > 1:
+                window.flat_run = window.flat_run + 1 if unchanged else 0
+            window.zero_run = window.zero_run + 1 if silent else 0
+            window.sigma = new_sigma
+            if (
+                si or ri or bi
+                or window.flat_run >= s.frozen_bars
+                or window.zero_run >= s.zero_volume_bars
+            ):  # fmt: skip
+                bars.append(_Bar(zi, si, ri, window.flat_run, window.zero_run, bi))
+            else:
+                bars.append(None)  # no rule fired: no bar built
+        return bars
+
+    def _scores(
+        self, windows: list[_PairWindow], lag: int = 1
+    ) -> tuple[
+        FloatArray, tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, list[bool]]
+    ]:
+        # The newest bars and their scores (z, spike, revert, volume burst, the new sigma,
+        # unchanged): windows holding as many bars, their rows as one block; reads only.
         s, w = self.settings, self.settings.window
         count, m = len(windows), min(windows[0].n, windows[0].keep)
         # The scales computed ahead (`prepare_next`): then only the last three bars are read.
-        ahead = _ahead(windows) if m >= w + 1 else None
+        ahead = _ahead(windows, lag) if m >= w + 1 else None
         k = m if ahead is None else min(m, 3)
         # (pairs, bars, 5): one copy of the rows (np.stack costs twice as much)
         block = np.concatenate([window.tail(k) for window in windows]).reshape(count, k, 5)
@@ -492,27 +538,7 @@ class AnomalyMonitor:
             log_volume = np.log(np.maximum(block[:, -1, 4], VOLUME_FLOOR))
             volume_z = (log_volume - ahead[2]) / ahead[3]
             burst = np.where(volume_z >= s.volume_burst_z, volume_z, 0.0)
-        bars: list[_Bar | None] = []
-        rows = zip(
-            z.tolist(), spike.tolist(), revert.tolist(), burst.tolist(), sigma.tolist(),
-            flat, (last[:, 4] <= 0).tolist(), strict=True,
-        )  # fmt: skip
-        for window, (zi, si, ri, bi, new_sigma, unchanged, silent) in zip(
-            windows, rows, strict=True
-        ):
-            if m > 1:
-                window.flat_run = window.flat_run + 1 if unchanged else 0
-            window.zero_run = window.zero_run + 1 if silent else 0
-            window.sigma = new_sigma
-            if (
-                si or ri or bi
-                or window.flat_run >= s.frozen_bars
-                or window.zero_run >= s.zero_volume_bars
-            ):  # fmt: skip
-                bars.append(_Bar(zi, si, ri, window.flat_run, window.zero_run, bi))
-            else:
-                bars.append(None)  # no rule fired: no bar built
-        return bars
+        return last, (z, spike, revert, burst, sigma, flat)
 
     def _last_bar(self, window: _PairWindow) -> _Bar | None:
         # `bar_scores` for the newest bar only; None when no rule fired.
@@ -733,6 +759,13 @@ class AnomalyWatch:
             self.monitor.prepare_next(pairs)
         except Exception:  # their next candles are then judged as if it had not run
             log.exception("anomaly_prepare_failed")
+
+    def rehearse(self, pairs: Iterable[str]) -> None:
+        """Rehearse a burst's pass over the pairs, changing nothing (`AnomalyMonitor.rehearse`)."""
+        try:
+            self.monitor.rehearse(pairs)
+        except Exception:  # a rehearsal only warms the caches: the burst judges as before
+            log.exception("anomaly_rehearsal_failed")
 
     def on_candle(self, candle: Candle, now: int) -> None:
         """Judge a closed candle (or take the verdict `prepare` reached on it)."""

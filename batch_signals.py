@@ -99,6 +99,42 @@ def warm(strategy: Strategy) -> None:
     driver(*block, 0, states, params, flags, flags.copy(), feats)
 
 
+def rehearse_many(
+    strategy: Strategy, data: DataManager, timeframe: str, pairs: Iterable[str]
+) -> None:
+    """Run `advance_many`'s pass over the pairs' windows as they stand, keeping nothing.
+
+    Between bursts, just before the next close (`burst_rehearsal`): the kernel advances
+    copies of the pairs' states by their newest row again, and the result is dropped, so
+    the burst's own pass finds its code and the windows' rows in the CPU's caches.
+    """
+    driver = batched_driver(strategy)
+    if driver is None:
+        return
+    assert isinstance(strategy, KernelStrategy)
+    rows = max(strategy.lookback + 1, 2)
+    states: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
+    for pair in pairs:
+        ts, block = data.tail(pair, timeframe, rows)
+        state = strategy.next_row_state(pair, ts, behind=0)
+        if state is not None:
+            states.append(state)
+            blocks.append(block)
+    if len(states) < 2:
+        return
+    count, names = len(states), strategy.features
+    values = np.concatenate(blocks, axis=1).reshape(5, count, rows)
+    copies = np.concatenate(states).reshape(count, -1)  # a copy: the states stay as they are
+    enter = np.zeros((count, rows), dtype=np.bool_)
+    exit_ = np.zeros((count, rows), dtype=np.bool_)
+    feats = np.full((count, rows, max(len(names), 1)), np.nan)
+    params = np.array([strategy.params[k] for k in strategy.parameters], dtype=np.float64)
+    o, h, lo, c, v = values
+    driver(o, h, lo, c, v, rows - 1, copies, params, enter, exit_, feats)
+    feats[:, -1, : len(names)].tolist()
+
+
 def advance_many(
     strategy: Strategy, data: DataManager, timeframe: str, pairs: Iterable[str]
 ) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -1,10 +1,11 @@
 """Bursts: the candles that close together are decided together, in one pass.
 
 Part of `runner` (its pipeline loop drains the feed's queue into bursts: on the exchange's
-feed, a burst's first candle also waits, asleep, up to `exchange.burst_gather_ms` for the
-other streamed pairs' candles of its close). When 50 pairs close a candle at the same
-instant, taking them one at a time makes the last pair wait for every decision and every
-order acknowledgement before it. `BurstDecider` instead:
+feed, a burst's first candle also waits, polling, up to `exchange.burst_gather_ms` for the
+other streamed pairs' candles of its close, and the passes below are rehearsed just before
+each close, so that they meet warm CPU caches: `burst_rehearsal`). When 50 pairs close a
+candle at the same instant, taking them one at a time makes the last pair wait for every
+decision and every order acknowledgement before it. `BurstDecider` instead:
 
 1. admits every candle of the burst (data windows, counters), in arrival order;
 2. computes the signals of all pairs ahead: the strategy's indicators of every pair in
@@ -170,6 +171,7 @@ class BurstDecider:
         self.match = match
         self.paced = paced
         self.bursts = 0
+        self.deciding = False  # within `on_burst` (a rehearsal waits: burst_rehearsal)
         # The pairs of the last run, in the order they were decided (for tests and logs).
         self.last_order: list[str] = []
         # The risk state's save after a burst runs as a task: the write (a thread) must
@@ -180,14 +182,18 @@ class BurstDecider:
     async def on_burst(self, items: Sequence[Item]) -> None:
         """Decide the candles in `items` (arrival order) together."""
         collecting = gc.isenabled()
-        for run in split_runs(items):
-            if collecting:
-                gc.disable()  # a collection mid-burst would delay every decision after it
-            try:
-                await self._decide_run(run)
-            finally:
+        self.deciding = True
+        try:
+            for run in split_runs(items):
                 if collecting:
-                    gc.enable()  # a long drain (a refilled gap) collects between its runs
+                    gc.disable()  # a collection mid-burst would delay every decision after it
+                try:
+                    await self._decide_run(run)
+                finally:
+                    if collecting:
+                        gc.enable()  # a long drain (a refilled gap) collects between its runs
+        finally:
+            self.deciding = False
         if collecting and self.paced:
             gc.collect(0)  # the burst's debt, paid with its decisions out (`paced_collections`)
 

@@ -94,6 +94,15 @@ class ExchangeSettings(_Group):
         "what has arrived); a pair that misses the window is not waited for again until a "
         "candle of it comes within it (the status views name it meanwhile)",
     )
+    burst_rehearse_ms: float = Field(
+        default=3.0,
+        ge=0,
+        le=1000,
+        description="how long before a close's first candle is expected (learnt from the "
+        "last closes) a burst's passes over all pairs are rehearsed on their windows as they "
+        "stand, keeping nothing, so that the burst meets its code and data in warm CPU caches "
+        "(0: never)",
+    )
     funding_poll_interval_s: float = Field(
         default=300.0,
         gt=0,

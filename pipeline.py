@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
@@ -258,6 +258,14 @@ class EngineState:
         """Compute the pair's ATR ahead (a burst's, in one loop while TA-Lib is warm)."""
         self._atr(pair)
 
+    def rehearse_atr(self, pairs: Iterable[str]) -> None:
+        """Compute the pairs' ATRs on their windows as they stand, keeping nothing."""
+        period = self.risk.settings.atr_period
+        for pair in pairs:  # a rehearsal between bursts (`burst_rehearsal`)
+            end = self.data.window_end(pair, self.timeframe)
+            if end is not None and end[1] > period:
+                self._window_atr(pair, period)
+
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
         end = self.data.window_end(pair, self.timeframe)
@@ -269,12 +277,15 @@ class EngineState:
         cached = self._atr_cache.get(pair)
         if cached is not None and cached[0] == key:
             return cached[1]
+        atr = self._window_atr(pair, period)
+        self._atr_cache[pair] = (key, atr)
+        return atr
+
+    def _window_atr(self, pair: str, period: int) -> float | None:
         # Only the tail matters: Wilder's smoothing converges well within ten periods.
         tail = self.data.hlc_tail(pair, self.timeframe, period * 10)
         assert tail is not None  # the window is not empty (`window_end`)
-        atr = last_atr(tail[2], tail[3], tail[4], period)
-        self._atr_cache[pair] = (key, atr)
-        return atr
+        return last_atr(tail[2], tail[3], tail[4], period)
 
     def _pair_returns(self, pair: str, before: int | None = None) -> np.ndarray | None:
         # The pair's last `correlation_window` returns (None: fewer than two), computed once

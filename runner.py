@@ -34,6 +34,7 @@ from rich.console import Console
 
 from assembly import BuildContext, Closer, Components, ExchangeClock, LiveGateway, prime_anomalies
 from burst import BurstDecider, paced_collections
+from burst_rehearsal import KeepWarm
 from config import Settings
 from daemon_base import DaemonBase
 from daemon_learning import Learning
@@ -111,9 +112,10 @@ class Gathered:
     deciding on its own waits for nobody (its close's other pairs were taken already).
     """
 
-    __slots__ = ("_close", "late", "taken")
+    __slots__ = ("_close", "gathering", "late", "taken")
 
     def __init__(self) -> None:
+        self.gathering = False  # a burst has its first candle and waits for the rest
         self.late: set[str] = set()
         self.taken: dict[str, int] = {}  # each pair's newest candle open time taken
         self._close: tuple[int, float] = (-1, 0.0)  # the newest close: (open time, first in)
@@ -166,7 +168,7 @@ async def _next_burst(
     of waiting behind a burst of one. Never on a replay: its feed would move the replay
     clock past the candle in hand.
 
-    `expected` (the pairs the feed streams) and `within_s`: the burst also waits, asleep,
+    `expected` (the pairs the feed streams) and `within_s`: the burst also waits, polling,
     for the candles of its close from the expected pairs, until `within_s` after the
     close's first candle was handed over (`Gathered`, kept by the caller across bursts,
     says which pairs are still to come). A minute's candles reach the daemon spread over
@@ -184,10 +186,26 @@ async def _next_burst(
         await asyncio.sleep(0)
     burst = [item]
     seen = Gathered() if gathered is None else gathered
-    waits = gather and within_s > 0
+    seen.gathering = True
+    try:
+        return await _gather(queue, burst, seen, gather and within_s > 0, expected, within_s)
+    finally:
+        seen.gathering = False
+
+
+async def _gather(
+    queue: asyncio.Queue[tuple[Candle, float] | None],
+    burst: list[tuple[Candle, float]],
+    seen: Gathered,
+    waits: bool,
+    expected: Collection[str],
+    within_s: float,
+) -> tuple[list[tuple[Candle, float]], bool]:
+    # `_next_burst` from its first candle: the rest of the burst and whether the feed ended.
+    first = burst[0]
     take = seen.take if waits else _untracked  # a replay's candles: nothing to keep
-    take(item[0], item[1], within_s)
-    close = item[0].ts
+    take(first[0], first[1], within_s)
+    close = first[0].ts
     missing = seen.missing(expected, close) if waits else set()
     deadline = seen.deadline(close, within_s)
     while True:
@@ -198,21 +216,43 @@ async def _next_burst(
             burst.append(item)
             take(item[0], item[1], within_s)
             missing.discard(item[0].pair)
-        left = deadline - time.perf_counter()
-        if not missing or left <= 0:
+        if not missing or time.perf_counter() >= deadline:
             seen.came_late(missing, within_s)  # waited for in vain: not again until on time
             return burst, False
-        try:
-            async with asyncio.timeout(left):
-                item = await queue.get()
-        except TimeoutError:
-            seen.came_late(missing, within_s)
-            return burst, False
-        if item is None:
-            return burst, True
-        burst.append(item)
-        take(item[0], item[1], within_s)
-        missing.discard(item[0].pair)
+        # Polled, one turn of the loop at a time, not slept: the rest of a close comes
+        # within a millisecond or so, and a core that sleeps between its reads wakes slower
+        # and colder (burst_rehearsal). At most `within_s` a close; a late pair once.
+        while queue.empty() and time.perf_counter() < deadline:  # noqa: ASYNC110 (polled)
+            await asyncio.sleep(0)
+
+
+async def _decide_bursts(
+    queue: asyncio.Queue[tuple[Candle, float] | None],
+    decider: BurstDecider,
+    gathered: Gathered,
+    warm: KeepWarm,
+    *,
+    expected: Collection[str],
+    within_s: float,
+) -> None:
+    """Decide what the feed queues, burst by burst, until it ends (the pipeline loop).
+
+    A paced decider's bursts come from the wire: they gather (`_next_burst`), and their
+    passes are rehearsed before each close while nothing is queued, gathered or decided.
+    """
+    paced, done = decider.paced, False
+    rehearsing = paced and warm.lead_s > 0
+    quiet = lambda: not (decider.deciding or gathered.gathering) and queue.empty()  # noqa: E731
+    async with warm.running(quiet) if rehearsing else contextlib.nullcontext():
+        with paced_collections(paced):
+            while not done:
+                burst, done = await _next_burst(
+                    queue, gather=paced, expected=expected, within_s=within_s, gathered=gathered
+                )
+                if burst:
+                    await decider.on_burst(burst)
+                    if rehearsing:
+                        warm.noted(burst[0][0].ts, burst[0][1], decider.last_order)
 
 
 class Daemon(DaemonBase):
@@ -242,6 +282,7 @@ class Daemon(DaemonBase):
         self.learning: Learning | None = None
         self.operator: Operator | None = None
         self.gathered = Gathered()  # the pipeline loop's (`_next_burst`), shown in status
+        self.keep_warm: KeepWarm | None = None  # the pipeline loop's (burst_rehearsal)
 
     def context(self) -> BuildContext:
         """Return what a builder needs of this run: arguments, audit, alert bus, stop."""
@@ -396,20 +437,18 @@ class Daemon(DaemonBase):
         # the loop comes round is one burst (see burst.py).
         paced = self.replay is None  # bursts from the wire pace the collector (burst.py)
         decider = BurstDecider(self.engine, self.driver.match if self.driver else None, paced=paced)
-        done = False
-        feed, within_s = self.exchange_feed, self.settings.exchange.burst_gather_ms / 1000
-        self.gathered = gathered = Gathered()  # what the bursts took; the late pairs
-        with paced_collections(paced):
-            while not done:
-                burst, done = await _next_burst(
-                    self.queue,
-                    gather=self.replay is None,
-                    expected=feed.feed_pairs if feed is not None else (),
-                    within_s=within_s,
-                    gathered=gathered,
-                )
-                if burst:
-                    await decider.on_burst(burst)
+        exchange, feed = self.settings.exchange, self.exchange_feed
+        self.gathered = Gathered()  # what the bursts took; the late pairs
+        # Bursts from the wire: their passes rehearsed just before each close (burst_rehearsal).
+        self.keep_warm = KeepWarm(self.engine, lead_s=exchange.burst_rehearse_ms / 1000)
+        await _decide_bursts(
+            self.queue,
+            decider,
+            self.gathered,
+            self.keep_warm,
+            expected=feed.feed_pairs if feed is not None else (),
+            within_s=exchange.burst_gather_ms / 1000,
+        )
         await decider.saved()  # the last burst's risk state is on disk
         log.info("feed_exhausted", candles=self.engine.candles)
         if self.dashboard is not None and self.replay is not None and not self.stop.is_set():

@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import pandas as pd
 
-from batch_signals import advance_many, warm
+from batch_signals import advance_many, rehearse_many, warm
 from data_manager import DataManager
 from models import Candle, Side, Signal
 from strategy import KernelCarry, KernelStrategy, Strategy
@@ -36,6 +36,14 @@ class SignalSource(Protocol):
 
         Their candles have just been admitted together (a burst); `signal` gives the same
         answers with or without this call.
+        """
+        ...
+
+    def rehearse(self, pairs: Sequence[str]) -> None:
+        """Run `prepare`'s pass over the pairs as they stand, changing nothing.
+
+        Between bursts, so that the next burst's pass finds its code and data in the
+        CPU's caches (`burst_rehearsal`).
         """
         ...
 
@@ -144,6 +152,10 @@ class RollingSignals:
         """Advance every pair's indicators by its new row in one kernel pass (`batch_signals`)."""
         self._ready = advance_many(self.strategy, self.data, self.timeframe, pairs)
 
+    def rehearse(self, pairs: Sequence[str]) -> None:
+        """Run the kernel pass on copies of the pairs' states (`batch_signals.rehearse_many`)."""
+        rehearse_many(self.strategy, self.data, self.timeframe, pairs)
+
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Compute the window's last row and decide."""
         pair = candle.pair
@@ -176,6 +188,15 @@ class StrategyRouter:
 
     def prepare(self, pairs: Sequence[str]) -> None:
         """Prepare each strategy's pairs together, one pass per strategy."""
+        for source, owned in self._by_strategy(pairs):
+            source.prepare(owned)
+
+    def rehearse(self, pairs: Sequence[str]) -> None:
+        """Rehearse each strategy's pairs together, as `prepare` groups them."""
+        for source, owned in self._by_strategy(pairs):
+            source.rehearse(owned)
+
+    def _by_strategy(self, pairs: Sequence[str]) -> list[tuple[SignalSource, list[str]]]:
         # Each pair has its own source; those reading one strategy share its pass.
         by_source: dict[int, tuple[SignalSource, list[str]]] = {}
         for pair in pairs:
@@ -183,8 +204,7 @@ class StrategyRouter:
             if source is not None:
                 key = id(source.strategy) if isinstance(source, RollingSignals) else id(source)
                 by_source.setdefault(key, (source, []))[1].append(pair)
-        for source, owned in by_source.values():
-            source.prepare(owned)
+        return list(by_source.values())
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:
         """Ask the strategy that owns the candle's pair (None for a pair no one owns)."""
@@ -306,6 +326,9 @@ class PrecomputedSignals:
         return _lookup((known, bits & np.uint8(self._entry_bits()) != 0), ts)
 
     def prepare(self, pairs: Sequence[str]) -> None:
+        """Nothing to do: every row is computed already."""
+
+    def rehearse(self, pairs: Sequence[str]) -> None:
         """Nothing to do: every row is computed already."""
 
     def signal(self, candle: Candle, holding: Decimal) -> Signal | None:

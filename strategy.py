@@ -333,17 +333,19 @@ class KernelStrategy(Strategy):
         cols = tuple(np.ascontiguousarray(a, dtype=np.float64) for a in arrays[1:6])
         return self._advance(pair, np.asarray(arrays[0], dtype=np.int64), cols)
 
-    def next_row_state(self, pair: str, ts: np.ndarray) -> np.ndarray | None:
+    def next_row_state(self, pair: str, ts: np.ndarray, behind: int = 1) -> np.ndarray | None:
         """Return the pair's state if `ts` ends with exactly one row it has not consumed.
 
         `ts`: the window's last `lookback` + 1 open times (or more). None otherwise (then
         `last_row_arrays` advances it alone). See `batch_signals`: it advances the state
-        in place, then calls `set_row`.
+        in place, then calls `set_row`. `behind` 0: if it has consumed every row (a
+        rehearsal runs the kernel on a copy of it, `batch_signals.rehearse_many`).
         """
         stream = self._streams.get(pair)
         if stream is None or not stream.row or len(ts) < max(self.lookback + 1, 2):
             return None
-        return stream.state if int(ts[-2]) == stream.last_ts < int(ts[-1]) else None
+        last = int(ts[-1])
+        return stream.state if int(ts[-1 - behind]) == stream.last_ts <= last - behind else None
 
     def set_row(self, pair: str, last_ts: int, row: dict[str, Any]) -> None:
         """Record `row` as the pair's last row at `last_ts` (its state advanced in place)."""

@@ -149,6 +149,7 @@ OWNER: dict[str, str] = {
     # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
     "engine_quiet": "pipeline",
     "burst": "runner",  # the pipeline loop's bursts, decided together
+    "burst_rehearsal": "runner",  # a burst's passes rehearsed before each close
     "batch_signals": "pipeline",  # a burst's indicators in one pass (the signal sources')
     "strategy_exact": "strategy",  # the kernels' exact near-tie decisions, in ticks
 }

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -554,11 +555,30 @@ def test_a_burst_whose_sends_fail_still_places_its_new_positions_stops(sim_env: 
     assert asyncio.run(run()) > 0
 
 
-def test_a_burst_waits_asleep_for_the_other_streamed_pairs_of_its_close() -> None:
+@contextlib.contextmanager
+def _selects() -> Iterator[list[float | None]]:
+    """Record how long each of the running loop's selects could block (None: no limit)."""
+    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+    select = selector.select
+    slept: list[float | None] = []
+
+    def recorded(timeout: float | None = None) -> Any:
+        slept.append(timeout)
+        return select(timeout)
+
+    selector.select = recorded
+    try:
+        yield slept
+    finally:
+        selector.select = select
+
+
+def test_a_burst_waits_polling_for_the_other_streamed_pairs_of_its_close() -> None:
     """The first candle of a close waits for the other streamed pairs' candles and the burst
     holds them all, decided together; a pair that never delivers is waited for until the
     window ends, no longer, and its late candle starts the next burst; the replay's feed
-    (no gather) and a window of 0 take only what is queued; the feed's end ends the wait."""
+    (no gather) and a window of 0 take only what is queued; the feed's end ends the wait.
+    While it waits, the loop polls its sockets and never sleeps in them (burst_rehearsal)."""
 
     def candle(pair: str) -> Candle:
         return Candle(pair, "1m", 0, 1, 1, 1, 1, 1)
@@ -576,8 +596,12 @@ def test_a_burst_waits_asleep_for_the_other_streamed_pairs_of_its_close() -> Non
             await queue.put((candle(pair), time.perf_counter()))
         producer = asyncio.ensure_future(feed(queue, pairs, gap_s))
         started = time.perf_counter()
-        got, done = await _next_burst(queue, **kwargs)
+        with _selects() as slept:
+            got, done = await _next_burst(queue, **kwargs)
         waited = time.perf_counter() - started
+        if kwargs.get("gather") and kwargs.get("within_s"):
+            assert slept
+            assert set(slept) == {0}  # polled, never asleep in the selector
         await producer
         later = []  # what the next burst starts with
         while not queue.empty():

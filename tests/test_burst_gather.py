@@ -30,7 +30,8 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     burst waits for it; once its klines come within the window, the next close's burst
     holds all three pairs again. The status views name SOL as late while it is. While the
     daemon runs, the young generation is collected after its bursts (burst.py), not at
-    CPython's threshold; the threshold is back once it has stopped."""
+    CPython's threshold; the threshold is back once it has stopped. The closes come a second
+    apart, and the daemon rehearses its bursts' passes before those it can foresee."""
     bursts: list[tuple[int, list[str], float]] = []  # close, pairs, waited from first in
     thresholds: set[int] = set()  # the young generation's, at each burst
     paced: set[bool] = set()  # whether each burst collects it after
@@ -94,4 +95,8 @@ async def test_a_lagging_stream_is_waited_for_once_and_again_once_it_is_on_time(
     assert shown == [("SOL/USDT",)] * 3 + [()] * 2
     assert thresholds == {YOUNG_BETWEEN_BURSTS}
     assert paced == {True}
+    # Closes a second apart: from the third on, the next is foreseen and its burst's passes
+    # rehearsed just before it (burst_rehearsal), three a round (signals, anomalies, ATRs).
+    assert daemon.keep_warm is not None
+    assert daemon.keep_warm.rehearsals >= 3
     assert gc.get_threshold() == threshold
