@@ -114,6 +114,7 @@ class KeepWarm:
             yield
         finally:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # ended, not left pending
 
     def noted(self, close: int, first: float, pairs: Sequence[str]) -> None:
         """Note a burst decided: its close, its first candle's hand-over and its pairs."""

@@ -182,13 +182,12 @@ async def _next_burst(
     item = await queue.get()
     if item is None:
         return [], True
-    if gather:
-        await asyncio.sleep(0)
-    burst = [item]
     seen = Gathered() if gathered is None else gathered
     seen.gathering = True
     try:
-        return await _gather(queue, burst, seen, gather and within_s > 0, expected, within_s)
+        if gather:
+            await asyncio.sleep(0)
+        return await _gather(queue, [item], seen, gather and within_s > 0, expected, within_s)
     finally:
         seen.gathering = False
 
