@@ -123,16 +123,33 @@ def rehearse_many(
             blocks.append(block)
     if len(states) < 2:
         return
-    count, names = len(states), strategy.features
+    # The states advanced are a copy: the pairs' own stay as they are; the rows are dropped.
+    feats = _run_driver(strategy, driver, rows, blocks, states)[3]
+    feats[:, -1, : len(strategy.features)].tolist()
+
+
+def _run_driver(
+    strategy: KernelStrategy,
+    driver: Callable[..., None],
+    rows: int,
+    blocks: list[np.ndarray],
+    states: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # The pairs' last `rows` rows through the batched driver in one call: the states it
+    # advanced (one array, a copy of `states`), and each row's entry and exit flags and
+    # features.
+    count = len(blocks)
+    # (5, pairs, rows), each pair's rows contiguous; concatenate + reshape is np.stack's
+    # result at a third of its cost.
     values = np.concatenate(blocks, axis=1).reshape(5, count, rows)
-    copies = np.concatenate(states).reshape(count, -1)  # a copy: the states stay as they are
+    advanced = np.concatenate(states).reshape(count, -1)
     enter = np.zeros((count, rows), dtype=np.bool_)
     exit_ = np.zeros((count, rows), dtype=np.bool_)
-    feats = np.full((count, rows, max(len(names), 1)), np.nan)
+    feats = np.full((count, rows, max(len(strategy.features), 1)), np.nan)
     params = np.array([strategy.params[k] for k in strategy.parameters], dtype=np.float64)
     o, h, lo, c, v = values
-    driver(o, h, lo, c, v, rows - 1, copies, params, enter, exit_, feats)
-    feats[:, -1, : len(names)].tolist()
+    driver(o, h, lo, c, v, rows - 1, advanced, params, enter, exit_, feats)
+    return advanced, enter, exit_, feats
 
 
 def advance_many(
@@ -159,17 +176,10 @@ def advance_many(
             blocks.append(block)
     if len(taken) < 2:
         return {}  # one pair: its own path costs the same
-    count, names = len(taken), strategy.features
-    # (5, pairs, rows), each pair's rows contiguous; concatenate + reshape is np.stack's
-    # result at a third of its cost.
-    values = np.concatenate(blocks, axis=1).reshape(5, count, rows)
-    states = np.concatenate([state for _, _, state in taken]).reshape(count, -1)
-    enter = np.zeros((count, rows), dtype=np.bool_)
-    exit_ = np.zeros((count, rows), dtype=np.bool_)
-    feats = np.full((count, rows, max(len(names), 1)), np.nan)
-    params = np.array([strategy.params[k] for k in strategy.parameters], dtype=np.float64)
-    o, h, lo, c, v = values
-    driver(o, h, lo, c, v, rows - 1, states, params, enter, exit_, feats)
+    names = strategy.features
+    states, enter, exit_, feats = _run_driver(
+        strategy, driver, rows, blocks, [state for _, _, state in taken]
+    )
     last_feats = feats[:, -1, : len(names)].tolist()
     flags = zip(enter[:, -1].tolist(), exit_[:, -1].tolist(), last_feats, strict=True)
     done: dict[str, tuple[int, dict[str, Any]]] = {}
