@@ -761,11 +761,11 @@ class AnomalyWatch:
             log.exception("anomaly_prepare_failed")
 
     def rehearse(self, pairs: Iterable[str]) -> None:
-        """Rehearse a burst's pass over the pairs, changing nothing (`AnomalyMonitor.rehearse`)."""
-        try:
-            self.monitor.rehearse(pairs)
-        except Exception:  # a rehearsal only warms the caches: the burst judges as before
-            log.exception("anomaly_rehearsal_failed")
+        """Rehearse a burst's pass over the pairs, changing nothing (`AnomalyMonitor.rehearse`).
+
+        What it raises stops the rehearsals (`burst_rehearsal.KeepWarm`), as any pass's does.
+        """
+        self.monitor.rehearse(pairs)
 
     def on_candle(self, candle: Candle, now: int) -> None:
         """Judge a closed candle (or take the verdict `prepare` reached on it)."""
