@@ -109,7 +109,10 @@ class TradeExecutor(RecoveringExecutor):
         # the entry fills (the same on spot, where Bybit refuses them attached to market
         # orders, and on linear), so they are not sent attached to the entry.
         protection, protected = (intent.stop_loss, intent.take_profit), intent
-        if protection != (None, None):
+        # `is None`, not `== (None, None)`: a Decimal compared with None asks the numbers
+        # ABCs first (~0.2 us each, twice an order).
+        unprotected = protection[0] is None and protection[1] is None
+        if not unprotected:
             intent = evolve(intent, stop_loss=None, take_profit=None)
         # The common case (nothing pending on the pair) costs no await.
         pending = intent.pair in self._unresolved or bool(self._unapplied.get(intent.pair))
@@ -130,7 +133,7 @@ class TradeExecutor(RecoveringExecutor):
         checked = attempt
         self._intents[checked.client_order_id] = (
             checked
-            if protection == (None, None)
+            if unprotected
             else protected  # nothing was rounded or renamed: the intent as decided
             if checked is intent
             else evolve(checked, stop_loss=protection[0], take_profit=protection[1])

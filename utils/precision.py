@@ -142,7 +142,7 @@ def _rounded(
 ) -> OrderIntent:
     # The intent with its rounded numbers; itself when they are already on the grid, digit
     # for digit (2.5 and 2.50 differ: the journal would show it), so no copy is made.
-    if (price, stop, stop_loss, take_profit) == (None, None, None, None):
+    if price is None and stop is None and stop_loss is None and take_profit is None:
         # No prices (a plain market order): only the quantity can have been rounded.
         if intent.qty is qty or intent.qty.compare_total(qty) == 0:
             return intent
