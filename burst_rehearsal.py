@@ -7,9 +7,7 @@ pass takes ~37 us right after the same pass, ~50 us after 3 ms idle and ~240 us 
 30 ms or more. A burst's passes over all its pairs (every pair's indicators in one kernel
 call, the anomaly pass, the ATRs) run once a close, so each met its code and its pairs'
 rows cold: in the latency benchmark the indicators' pass took 0.35 ms and the anomaly
-pass 0.29, three times what they take warm. The decisions and sends after them meet theirs
-cold too (`engine_rehearsal`): a round of rehearsals ends with one entry's decision and
-order on a flat pair.
+pass 0.29, three times what they take warm.
 
 `KeepWarm` learns when the next close's first candle will be handed over from the last
 closes' (`Cadence`: the interval between two closes' first candles, trusted once the last
@@ -18,8 +16,7 @@ last predictions' error, until the burst begins (at most `TAIL_S` plus that erro
 it), it rehearses the passes over the last burst's pairs, every `GAP_S` until `MARGIN_S`
 and that error before the expected moment and every `SPARSE_S` after: the same code on
 the pairs' windows as they stand, the kernel on copies of their states, keeping nothing
-(`SignalSource.rehearse`, `AnomalyWatch.rehearse`, `Engine.rehearse_atr` and
-`Engine.rehearse_decision`). One pass
+(`SignalSource.rehearse`, `AnomalyWatch.rehearse`, `EngineState.rehearse_atr`). One pass
 over `CHUNK` pairs runs per turn of the event loop, and none once a candle is queued or a
 burst is under way, so a rehearsal delays the first frame of a close by one such pass at
 most (~0.05 ms). A rehearsal that raises stops the rehearsals (logged); the bursts go on
@@ -125,13 +122,13 @@ class KeepWarm:
         self.pairs = list(pairs)
         self._noted.set()
 
-    def passes(self) -> list[Callable[[], object]]:
+    def passes(self) -> list[Callable[[], None]]:
         """Return the rehearsals of a burst's passes over the last burst's pairs.
 
         `CHUNK` pairs at a time: a close's first frame that comes during one waits for it
         to end, and one of 50 pairs takes 0.2-0.3 ms cold.
         """
-        engine, out = self.engine, list[Callable[[], object]]()
+        engine, out = self.engine, list[Callable[[], None]]()
         for at in range(0, len(self.pairs), CHUNK):
             pairs = self.pairs[at : at + CHUNK]
             out.append(functools.partial(engine.signals_source.rehearse, pairs))
@@ -139,8 +136,6 @@ class KeepWarm:
                 out.append(functools.partial(engine.anomaly_watch.rehearse, pairs))
             if engine.manage_stops:
                 out.append(functools.partial(engine.rehearse_atr, pairs))
-        if self.pairs:  # one entry's decision and order (`Engine.rehearse_decision`)
-            out.append(functools.partial(engine.rehearse_decision, self.pairs))
         return out
 
     async def run(self, quiet: Callable[[], bool]) -> None:

@@ -99,9 +99,9 @@ class ExchangeSettings(_Group):
         ge=0,
         le=1000,
         description="how long before a close's first candle is expected (learnt from the "
-        "last closes) a burst's passes over all pairs and one entry's decision are rehearsed "
-        "on their windows as they stand, keeping nothing, so that the burst meets its code "
-        "and data in warm CPU caches (0: never)",
+        "last closes) a burst's passes over all pairs are rehearsed on their windows as they "
+        "stand, keeping nothing, so that the burst meets its code and data in warm CPU caches "
+        "(0: never)",
     )
     funding_poll_interval_s: float = Field(
         default=300.0,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
@@ -29,7 +29,6 @@ from capital_allocation import Allocator, strategy_sections
 from chart_data import CHART_LIMIT, chart_body
 from data_manager import DataManager
 from engine_quiet import QuietSteps, last_atr
-from engine_rehearsal import Rehearsals
 from error_handler import BotError, BusinessError, RecoverableError, StrategyError
 from models import (
     BotState,
@@ -258,6 +257,14 @@ class EngineState:
     def warm_atr(self, pair: str) -> None:
         """Compute the pair's ATR ahead (a burst's, in one loop while TA-Lib is warm)."""
         self._atr(pair)
+
+    def rehearse_atr(self, pairs: Iterable[str]) -> None:
+        """Compute the pairs' ATRs on their windows as they stand, keeping nothing."""
+        period = self.risk.settings.atr_period
+        for pair in pairs:  # a rehearsal between bursts (`burst_rehearsal`)
+            end = self.data.window_end(pair, self.timeframe)
+            if end is not None and end[1] > period:
+                self._window_atr(pair, period)
 
     def _atr(self, pair: str) -> float | None:
         period = self.risk.settings.atr_period
@@ -657,7 +664,7 @@ class EngineControl(EngineState):
         )
 
 
-class Engine(QuietSteps, Rehearsals, EngineControl):
+class Engine(QuietSteps, EngineControl):
     """Run the per-candle pipeline and answer operator commands."""
 
     # -- The pipeline ------------------------------------------------------------------------

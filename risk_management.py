@@ -297,19 +297,6 @@ class RiskManager(RiskState):
             return self._all_in_entry(signal, ctx)
         return self._entry(signal, ctx, state, resizes)
 
-    def rehearse_entry(self, signal: Signal, ctx: RiskContext) -> OrderIntent | None:
-        """Size the entry `signal` asks for as `evaluate` would, asking no guard.
-
-        A rehearsal between bursts (`engine_rehearsal`): the result is dropped, and the
-        guards, which may keep their last check for the operator (the correlation guard's
-        matrix), are not asked. None where the sizing itself refuses.
-        """
-        if self.all_in:
-            verdict = self._all_in_entry(signal, ctx)
-        else:
-            verdict = self._entry(signal, ctx, self.trading_state, [])
-        return verdict if isinstance(verdict, OrderIntent) else None
-
     def _exit(self, signal: Signal, position: Position, ctx: RiskContext) -> OrderIntent:
         return OrderIntent(
             pair=signal.pair,

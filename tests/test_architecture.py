@@ -148,7 +148,6 @@ OWNER: dict[str, str] = {
     "candle_reader": "data_manager",
     # pipeline.py (the backtest replay's quiet steps, which Engine inherits)
     "engine_quiet": "pipeline",
-    "engine_rehearsal": "pipeline",  # its per-candle work rehearsed between bursts
     "burst": "runner",  # the pipeline loop's bursts, decided together
     "burst_rehearsal": "runner",  # a burst's passes rehearsed before each close
     "batch_signals": "pipeline",  # a burst's indicators in one pass (the signal sources')

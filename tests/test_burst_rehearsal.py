@@ -85,30 +85,7 @@ def _kept(engine: Engine) -> dict[str, Any]:
         },
         "atr": dict(engine._atr_cache),
         "ready": repr(engine.signals_source._ready),  # type: ignore[attr-defined]
-        # What a decision would touch: the correlation guard's last check (shown to the
-        # operator), the decisions, the executor's orders and intents, the audit trail.
-        "guard": repr((engine.risk.correlation.last_pairs, engine.risk.correlation._block)),
-        "decisions": repr(engine.decisions),
-        "orders": repr((engine.executor.orders, engine.executor._intents)),
-        "audit": engine.audit.count,
-        "signals": engine.signals,
     }
-
-
-def _with_decision_atrs(
-    engine: Engine, before: dict[str, Any], after: dict[str, Any]
-) -> dict[str, Any]:
-    # `before` with the ATRs a rehearsed decision kept as a decision keeps them: each for
-    # its pair's window as it stands, the value computed on it.
-    period = engine.risk.settings.atr_period
-    atrs = dict(before["atr"])
-    for pair, (key, atr) in after["atr"].items():
-        if atrs.get(pair) != (key, atr):
-            end = engine.data.window_end(pair, engine.timeframe)
-            assert end is not None
-            assert (key, atr) == ((*end, period), engine._window_atr(pair, period))
-            atrs[pair] = (key, atr)
-    return {**before, "atr": atrs}
 
 
 @pytest.mark.usefixtures("sim_env")
@@ -117,10 +94,8 @@ def test_rehearsals_between_bursts_change_nothing_a_burst_decides(
 ) -> None:
     """Rehearsing every pass twice between paced bursts leaves what the passes read and keep
     as it was, and the run decides, orders and judges exactly as one without rehearsals; the
-    rehearsals ran the kernel over every pair, the anomaly pass, the ATRs and an entry's
-    decision and order on a flat pair, also while positions were held."""
+    rehearsals ran the kernel over every pair and the anomaly pass and the ATRs."""
     ran: dict[str, int] = {"kernel pairs": 0, "anomaly pairs": 0, "atr pairs": 0}
-    shaped: list[tuple[int, Any]] = []  # (positions held, the order) of each decision's
 
     def counted(name: str, function: Callable[..., Any], count: Callable[..., int]) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -144,11 +119,10 @@ def test_rehearsals_between_bursts_change_nothing_a_burst_decides(
                 if rehearse:
                     before = _kept(engine)
                     passes = warm.passes()
-                    assert len(passes) == 4
+                    assert len(passes) == 3
                     for rehearsal in passes * 2:
                         rehearsal()
-                    after = _kept(engine)
-                    assert after == _with_decision_atrs(engine, before, after)
+                    assert _kept(engine) == before
         await decider.saved()
         return _record(daemon)
 
@@ -170,14 +144,6 @@ def test_rehearsals_between_bursts_change_nothing_a_burst_decides(
         "rehearse_atr",
         counted("atr pairs", Engine.rehearse_atr, lambda self, pairs: len(pairs)),
     )
-    decide = Engine.rehearse_decision
-
-    def rehearse_decision(self: Engine, pairs: Any) -> Any:
-        order = decide(self, pairs)
-        shaped.append((len(self.portfolio.positions()), order))
-        return order
-
-    monkeypatch.setattr(Engine, "rehearse_decision", rehearse_decision)
     rehearsed = asyncio.run(run(rehearse=True))
     burst_kernel_pairs = ran["kernel pairs"]
     plain = asyncio.run(run(rehearse=False))
@@ -189,12 +155,6 @@ def test_rehearsals_between_bursts_change_nothing_a_burst_decides(
     assert rehearsal_kernel_pairs >= 2 * 4 * 70
     assert ran["anomaly pairs"] == 2 * 4 * 80
     assert ran["atr pairs"] == 2 * 4 * 80
-    # A flat pair's entry, sized and shaped as the burst's would be (its stop apart),
-    # beside held positions (the correlation guard, unasked, would have compared them).
-    orders = [order for _, order in shaped if order is not None]
-    assert len(orders) >= 100
-    assert all(o.qty > 0 and o.side.value == "buy" and o.stop_price is None for o in orders)
-    assert sum(1 for held, order in shaped if held and order is not None) >= 20
 
 
 class _Recorded(KeepWarm):
@@ -205,7 +165,7 @@ class _Recorded(KeepWarm):
         self.at: list[tuple[float, float]] = []  # when, and the slack the window had then
         self.fail = fail
 
-    def passes(self) -> list[Callable[[], object]]:
+    def passes(self) -> list[Callable[[], None]]:
         def rehearsal() -> None:
             self.at.append((time.perf_counter(), min(self.cadence.error, MAX_SLACK_S)))
             if self.fail:
