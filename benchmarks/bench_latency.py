@@ -63,7 +63,11 @@ windows as they stand, keeping nothing): 0.22-0.25 and 0.20-0.23 ms in place, an
 120-minute runs rehearsing before every other close, the fastest rehearsed bursts of 49
 orders took 0.2-0.4 ms less CPU than the fastest of the others (4.21-4.59 against 4.41-5.02
 ms; the host was slow for most of them). The hand-over row's note names each run's slowest
-burst, what it sent and the fills its matches delivered. Peers, in the same run: the same
+burst, what it sent, the fills its matches delivered and the CPU time of its phases: the
+candles admitted, the passes ahead (indicators, anomalies, signals, ATRs), the decisions,
+the sends, and what follows them (stops placed and moved, quiet candles). Each phase starts
+cold: a burst's first decision took ~150 us where its tenth took ~40, its first send ~110
+where its tenth took ~26. Peers, in the same run: the same
 stream taken one candle at a time (the loop before bursts: each candle's decision and
 order answer awaited in turn), and the same pipeline fed by the replay (no sockets, no
 queueing). Each live variant runs three times, alternating, and the best run (lowest p99
@@ -106,8 +110,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BASES = [f"K{i:02d}" for i in range(46)]  # + BTC, ETH, SOL, XRP = 50 spot pairs
-# A burst's slowest order (ms), its orders, what it sent, its wall and CPU time (ms).
-Burst = tuple[float, int, Counter[str], float, float]
+# A burst's slowest order (ms), its orders, what it sent, its wall and CPU time (ms), and
+# the CPU time of its phases (ms): the candles admitted, the passes ahead, the decisions,
+# the sends, and what follows them (the stops placed and moved, the quiet candles).
+Burst = tuple[float, int, Counter[str], float, float, tuple[float, ...]]
+PHASES = ("admit", "passes", "decisions", "sends", "after")
 
 
 def _args(mode: str) -> argparse.Namespace:
@@ -189,15 +196,34 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
     from burst import BurstDecider
     from models import OrderType
 
-    original = BurstDecider.on_burst
+    original, order, send = BurstDecider.on_burst, BurstDecider._decision_order, BurstDecider._send
+    marks: list[float] = []  # thread CPU at the passes' start and end, the first send's
+
+    def decision_order(self: BurstDecider, admitted: Any) -> Any:
+        marks.append(time.thread_time())
+        ordered = order(self, admitted)
+        marks.append(time.thread_time())
+        return ordered
+
+    async def sends(self: BurstDecider, decided: Any) -> None:
+        first = len(marks) == 2
+        if first:
+            marks.append(time.thread_time())
+        await send(self, decided)
+        if first:
+            marks.append(time.thread_time())
 
     async def on_burst(self: BurstDecider, items: Any) -> None:
         engine = self.engine
         latencies, orders = len(engine.decision_latency_ms), len(engine.executor.orders)
         fills, closed = len(engine.executor._fill_ids), len(engine.portfolio.closed)
+        marks.clear()
         wall, cpu = time.perf_counter(), time.thread_time()
         await original(self, items)
-        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        end = time.thread_time()
+        wall, cpu = time.perf_counter() - wall, end - cpu
+        stamps = [end - cpu, *marks, end] if len(marks) == 4 else []
+        phases = tuple((b - a) * 1000 for a, b in itertools.pairwise(stamps))
         new = list(engine.decision_latency_ms)[latencies:]
         if new:
             sent = Counter(
@@ -212,9 +238,13 @@ def _slowest_burst(out: list[Burst]) -> Iterator[None]:
                 len(engine.executor._fill_ids) - fills - sent["trades closed by fills"]
             )
             sent = +sent  # without the zero counts
-            out.append((max(new), len(new), sent, wall * 1000, cpu * 1000))
+            out.append((max(new), len(new), sent, wall * 1000, cpu * 1000, phases))
 
-    with mock.patch.object(BurstDecider, "on_burst", on_burst):
+    with (
+        mock.patch.object(BurstDecider, "on_burst", on_burst),
+        mock.patch.object(BurstDecider, "_decision_order", decision_order),
+        mock.patch.object(BurstDecider, "_send", sends),
+    ):
         yield
 
 
@@ -295,11 +325,16 @@ def _push_spreads(stamps: list[float]) -> list[float]:
 
 
 def _describe(burst: Burst) -> str:
-    worst, orders, sent, wall, cpu = burst
+    worst, orders, sent, wall, cpu, phases = burst
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(sent.items()))
+    split = ", ".join(f"{name} {ms:.2f}" for name, ms in zip(PHASES, phases, strict=True))
     # The burst's own CPU time against its wall time: well below it, the host took the
     # CPU away (or the loop waited) while the burst was decided.
-    return f"{worst:.1f} ms over {orders} orders ({parts}; burst {wall:.1f} ms, CPU {cpu:.1f})"
+    return (
+        f"{worst:.1f} ms over {orders} orders ({parts}; burst {wall:.1f} ms, CPU {cpu:.1f}"
+        + (f": {split}" if split else "")
+        + ")"
+    )
 
 
 def _cores() -> tuple[set[int], set[int]] | None:
