@@ -66,8 +66,8 @@ ms; the host was slow for most of them). The hand-over row's note names each run
 burst, what it sent, the fills its matches delivered and the CPU time of its phases: the
 candles admitted, the passes ahead (indicators, anomalies, signals, ATRs), the decisions,
 the sends, and what follows them (stops placed and moved, quiet candles). Each phase starts
-cold: a burst's first decision took ~150 us where its tenth took ~40, its first send ~110
-where its tenth took ~26. Peers, in the same run: the same
+cold: a burst's first decision took ~150 us where its sixth took ~38, its first send ~110
+where its sixth took ~26. Peers, in the same run: the same
 stream taken one candle at a time (the loop before bursts: each candle's decision and
 order answer awaited in turn), and the same pipeline fed by the replay (no sockets, no
 queueing). Each live variant runs three times, alternating, and the best run (lowest p99
