@@ -39,9 +39,17 @@ decision and every order acknowledgement before it. `BurstDecider` instead:
    a burst is decided: reference counting frees what the burst drops; cycles wait), nor
    for the threads that write the audit trail and the log (their records are held until
    the burst ends, so neither wakes to take the interpreter from it).
-   The sends are not concurrent tasks: a task starts only after the loop's other ready
-   work, and a replay's feed would move the replay clock past the candle the orders were
-   decided on.
+   With a simulated exchange in front the sends are not concurrent tasks: a task starts
+   only after the loop's other ready work, and a replay's feed would move the replay clock
+   past the candle the orders were decided on. On the live exchange, where each entry is
+   a REST round trip for the order, one for its look-up and two for its stop's, up to
+   `exchange.burst_orders_in_flight` orders are on their way at once, started in decision
+   order (the rate budgets let requests through in the order they ask), each through the
+   same executor path; a buy's balance check counts the buys still on their way
+   (`ExecutorCore.committed`). Over a 100 ms link, a 50-entry burst against the emulator
+   had its last entry answered after 31.6 s one at a time, 5.6 s ten at a time (and its
+   last stop 32.0 and 6.2 s): Bybit's order budget (16 a second of the 20 on spot, with
+   our safety margin) paces it then.
 
 Where bursts come from the exchange's sockets (`paced`), the young generation is collected
 after each burst, once its decisions are out, and its automatic threshold is raised while
@@ -158,6 +166,8 @@ class BurstDecider:
         paced: bursts from the wire: collect the young generation after each burst
             (within `paced_collections`) and compute the next burst's anomaly scales
             ahead; otherwise the collector runs at its thresholds and nothing is ahead.
+        in_flight: how many of a burst's orders may be on their way at once (the live
+            exchange: `exchange.burst_orders_in_flight`); 1 sends them one at a time.
     """
 
     def __init__(
@@ -166,10 +176,12 @@ class BurstDecider:
         match: Callable[[Candle], Awaitable[None]] | None = None,
         *,
         paced: bool = False,
+        in_flight: int = 1,
     ) -> None:
         self.engine = engine
         self.match = match
         self.paced = paced
+        self.in_flight = max(1, in_flight)
         self.bursts = 0
         self.deciding = False  # within `on_burst` (a rehearsal waits: burst_rehearsal)
         # The pairs of the last run, in the order they were decided (for tests and logs).
@@ -316,7 +328,38 @@ class BurstDecider:
         # started as concurrent tasks: a replay's feed would run first and move the replay
         # clock past the candle the orders were decided on (the parity audit catches it).
         engine = self.engine
+        if self.in_flight > 1 and len(decided) > 1:
+            await self._send_together(decided)
+            return
         while decided:
             order = decided.pop(0)
             if await engine.send_decided(order):
                 await engine.executor.deliver_fills(order.intent.pair)
+
+    async def _send_together(self, decided: list[DeferredOrder]) -> None:
+        # The live exchange: up to `in_flight` orders on their way at once, each through
+        # the executor's own path (the pair's lock, journal before send, its answer or its
+        # loss resolved by client id, an entry's stop placed on its fill), started in
+        # decision order; the rate budgets let the requests through in the order they ask.
+        # One at a time, each waited for its request, its look-up and its stop's before the
+        # next went. After an error that stops trading (a FatalError, a bug) no further
+        # order starts, and the first is raised once the orders under way are answered
+        # (none is abandoned half-sent).
+        engine, gate = self.engine, asyncio.Semaphore(self.in_flight)
+        failed: list[BaseException] = []
+
+        async def send(order: DeferredOrder) -> None:
+            async with gate:
+                if failed:
+                    return  # unsent: trading stops
+                try:
+                    if await engine.send_decided(order):
+                        await engine.executor.deliver_fills(order.intent.pair)
+                except Exception as e:  # a cancellation goes through gather as it came
+                    failed.append(e)
+
+        orders = decided[:]
+        decided.clear()
+        await asyncio.gather(*(send(order) for order in orders))
+        if failed:
+            raise failed[0]

@@ -428,6 +428,8 @@ class ExecutorCore(_OrderTracking):
         self._fill_ids: set[str] = set()
         self.rejections = 0
         self.latencies_ms: list[float] = []
+        # What each buy between its balance check and its answer will spend (`_submit`).
+        self.committed: dict[object, Decimal] = {}
 
     def _slot(self, pair: str) -> _Protection:
         slot = self._protection.get(pair)
@@ -556,28 +558,45 @@ class ExecutorCore(_OrderTracking):
             qty = ZERO
         return intent if qty == intent.qty else replace(intent, qty=qty)
 
-    def _check_balance(self, intent: OrderIntent, last_price: Decimal | None) -> None:
+    def _check_balance(self, intent: OrderIntent, last_price: Decimal | None) -> Decimal | None:
+        """Refuse an order the cash cannot pay for; return what a buy will spend (or None).
+
+        The cash is what the portfolio holds less what the buys still on their way will
+        spend (`committed`: a live burst sends its orders together).
+        """
         held = self.portfolio.signed_qty(intent.pair)
         if intent.reduce_only:
             reducible = held if intent.side is Side.SELL else -held
             if reducible <= 0:
                 raise OrderRejected("reduce-only order but no position to reduce", pair=intent.pair)
-            return
+            return None
+        cash = self.portfolio.cash
+        if self.committed:
+            cash -= sum(self.committed.values())
         if intent.quote_amount is not None:
-            if intent.quote_amount > self.portfolio.cash:
+            if intent.quote_amount > cash:
                 raise OrderRejected(
-                    f"insufficient balance: need {intent.quote_amount}, have {self.portfolio.cash}",
+                    f"insufficient balance: need {intent.quote_amount}, have {cash}"
+                    + self._committed_note(),
                     pair=intent.pair,
                 )
-            return
+            return intent.quote_amount
         price = intent.price or last_price
         if intent.side is Side.BUY and price is not None:
             cost = intent.qty * price * (1 + self.taker_fee)
-            if cost > self.portfolio.cash:
+            if cost > cash:
                 raise OrderRejected(
-                    f"insufficient balance: need {cost:.8f}, have {self.portfolio.cash:.8f}",
+                    f"insufficient balance: need {cost:.8f}, have {cash:.8f}"
+                    + self._committed_note(),
                     pair=intent.pair,
                 )
+            return cost
+        return None
+
+    def _committed_note(self) -> str:
+        if not self.committed:
+            return ""
+        return f" after {sum(self.committed.values()):.8f} for {len(self.committed)} buys under way"
 
     def _reject_locally(self, intent: OrderIntent, reason: str, now: int) -> Order:
         self.rejections += 1

@@ -435,8 +435,10 @@ class Daemon(DaemonBase):
         # Candles that closed together are decided together: what is already queued when
         # the loop comes round is one burst (see burst.py).
         paced = self.replay is None  # bursts from the wire pace the collector (burst.py)
-        decider = BurstDecider(self.engine, self.driver.match if self.driver else None, paced=paced)
-        exchange, feed = self.settings.exchange, self.exchange_feed
+        exchange, feed, driver = self.settings.exchange, self.exchange_feed, self.driver
+        in_flight = exchange.burst_orders_in_flight if driver is None else 1  # live: together
+        match = driver.match if driver is not None else None
+        decider = BurstDecider(self.engine, match, paced=paced, in_flight=in_flight)
         self.gathered = Gathered()  # what the bursts took; the late pairs
         # Bursts from the wire: their passes rehearsed just before each close (burst_rehearsal).
         self.keep_warm = KeepWarm(self.engine, lead_s=exchange.burst_rehearse_ms / 1000)

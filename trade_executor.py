@@ -124,9 +124,25 @@ class TradeExecutor(RecoveringExecutor):
         try:
             market = self._market_for(intent.pair)
             checked = validate_intent(intent, market, last_price=last_price)
-            self._check_balance(checked, last_price)
+            cost = self._check_balance(checked, last_price)
         except OrderRejected as e:
             return self._reject_locally(intent, e.message, now)
+        if cost is None:
+            return await self._submit_checked(intent, checked, protected, now)
+        # Spoken for until its answer: the buys sent beside it check against the rest.
+        token = object()
+        self.committed[token] = cost
+        try:
+            return await self._submit_checked(intent, checked, protected, now)
+        finally:
+            del self.committed[token]
+
+    async def _submit_checked(
+        self, intent: OrderIntent, checked: OrderIntent, protected: OrderIntent, now: int
+    ) -> Order:
+        # `intent` without its protection, `checked` as validated, `protected` as decided.
+        protection = (protected.stop_loss, protected.take_profit)
+        unprotected = protection[0] is None and protection[1] is None
         attempt = checked if self._store is None else await self._next_attempt(checked)
         if isinstance(attempt, Order):
             return attempt  # this decision was sent before: never twice

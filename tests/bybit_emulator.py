@@ -328,6 +328,8 @@ class RecordedRequest:
     fault: str | None = None
     status: int = 200
     ret_code: int | None = None
+    sent: float = 0.0  # time.monotonic() when the client's request left (`rest_delay_s`)
+    answered: float = 0.0  # time.monotonic() when its answer reached the client
 
     @property
     def params(self) -> dict[str, Any]:
@@ -558,6 +560,7 @@ class BybitEmulator:
         seed: int = 7,
         tick_s: float = 0.05,
         lenient_clock: bool = False,
+        rest_delay_s: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.lenient_clock = lenient_clock
@@ -567,6 +570,9 @@ class BybitEmulator:
         self.enforce_limits = enforce_limits
         self.hang_s = hang_s
         self.tick_s = tick_s
+        # A network between the client and the exchange: each REST request takes half of
+        # this to arrive and its answer the other half to come back.
+        self.rest_delay_s = rest_delay_s
         self.rate_limit_reset_ms = 200
         self.instruments = {(i.category, i.symbol): i for i in default_instruments(extra_bases)}
         now = self.clock.now_ms()
@@ -683,6 +689,20 @@ class BybitEmulator:
         return [
             r for r in self.requests if r.path == path and (method is None or r.method == method)
         ]
+
+    def most_in_flight(self, path: str) -> int:
+        """Return the most answered requests to `path` that were on their way at once."""
+        edges = sorted(
+            edge
+            for r in self.requests_to(path)
+            if r.answered
+            for edge in ((r.sent, 1), (r.answered, -1))
+        )
+        most = now = 0
+        for _, step in edges:  # an answer at the instant another leaves counts first
+            now += step
+            most = max(most, now)
+        return most
 
     def orders_by_link_id(self) -> dict[str, list[dict[str, Any]]]:
         """Return every order the emulator holds, grouped by orderLinkId."""
@@ -1042,6 +1062,9 @@ class BybitEmulator:
     # -- HTTP ----------------------------------------------------------------------------------
 
     async def _http_handler(self, request: web.Request) -> web.StreamResponse:
+        sent = time.monotonic()
+        if self.rest_delay_s > 0:
+            await asyncio.sleep(self.rest_delay_s / 2)
         raw = await request.read()
         body: dict[str, Any] | None = None
         if request.method == "POST":
@@ -1057,10 +1080,14 @@ class BybitEmulator:
             query=dict(request.rel_url.query),
             raw_query=request.rel_url.raw_query_string,
             body=body,
+            sent=sent,
         )
         self.requests.append(rec)
         response = await self._answer(request, rec, raw)
         rec.status = response.status
+        if self.rest_delay_s > 0:
+            await asyncio.sleep(self.rest_delay_s / 2)
+        rec.answered = time.monotonic()
         return response
 
     async def _fault_reply(self, rec: RecordedRequest, fault: str | None) -> web.Response | None:
