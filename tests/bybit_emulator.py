@@ -690,12 +690,14 @@ class BybitEmulator:
             r for r in self.requests if r.path == path and (method is None or r.method == method)
         ]
 
-    def most_in_flight(self, path: str) -> int:
-        """Return the most answered requests to `path` that were on their way at once."""
+    def most_in_flight(
+        self, path: str, where: Callable[[RecordedRequest], bool] = lambda r: True
+    ) -> int:
+        """Return the most answered requests to `path` (`where`) on their way at once."""
         edges = sorted(
             edge
             for r in self.requests_to(path)
-            if r.answered
+            if r.answered and where(r)
             for edge in ((r.sent, 1), (r.answered, -1))
         )
         most = now = 0
