@@ -45,7 +45,8 @@ decision and every order acknowledgement before it. `BurstDecider` instead:
    a REST round trip for the order, one for its look-up and two for its stop's, up to
    `exchange.burst_orders_in_flight` orders are on their way at once, started in decision
    order (the rate budgets let requests through in the order they ask), each through the
-   same executor path; a buy's balance check counts the buys still on their way
+   same executor path, and so are the held pairs' stop moves after them (each under its
+   pair's lock); a buy's balance check counts the buys still on their way
    (`ExecutorCore.committed`). Over a 100 ms link, a 50-entry burst against the emulator
    had its last entry answered after 31.6 s one at a time, 5.6 s ten at a time (and its
    last stop 32.0 and 6.2 s): Bybit's order budget (16 a second of the 20 on spot, with
@@ -88,7 +89,7 @@ import structlog
 
 from models import Candle
 from pipeline import DeferredOrder, Engine
-from utils.utilities import held_logs
+from utils.utilities import held_logs, run_together
 
 
 log = structlog.get_logger(__name__)
@@ -264,7 +265,7 @@ class BurstDecider:
                         # stops and move the held pairs', then the quiet candles.
                         await self._send(decided)
                         await engine.executor.flush_stops()
-                        await engine.executor.flush_stop_moves()
+                        await engine.executor.flush_stop_moves(in_flight=self.in_flight)
                     engine.timing(received, started)
                     if self.match is not None:
                         await self.match(candle)
@@ -281,7 +282,7 @@ class BurstDecider:
                 await self._send(decided)
             finally:
                 await engine.executor.flush_stops()  # whatever the sends met
-            await engine.executor.flush_stop_moves()
+            await engine.executor.flush_stop_moves(in_flight=self.in_flight)
         if self.paced and engine.anomaly_watch is not None:
             # The next burst's anomaly scales, in the wait for it (module docstring).
             engine.anomaly_watch.prepare_next(c.pair for c, _, _ in admitted)
@@ -343,23 +344,13 @@ class BurstDecider:
         # decision order; the rate budgets let the requests through in the order they ask.
         # One at a time, each waited for its request, its look-up and its stop's before the
         # next went. After an error that stops trading (a FatalError, a bug) no further
-        # order starts, and the first is raised once the orders under way are answered
-        # (none is abandoned half-sent).
-        engine, gate = self.engine, asyncio.Semaphore(self.in_flight)
-        failed: list[BaseException] = []
+        # order starts, and it is raised once the orders under way are answered.
+        engine = self.engine
 
         async def send(order: DeferredOrder) -> None:
-            async with gate:
-                if failed:
-                    return  # unsent: trading stops
-                try:
-                    if await engine.send_decided(order):
-                        await engine.executor.deliver_fills(order.intent.pair)
-                except Exception as e:  # a cancellation goes through gather as it came
-                    failed.append(e)
+            if await engine.send_decided(order):
+                await engine.executor.deliver_fills(order.intent.pair)
 
         orders = decided[:]
         decided.clear()
-        await asyncio.gather(*(send(order) for order in orders))
-        if failed:
-            raise failed[0]
+        await run_together(orders, send, limit=self.in_flight)

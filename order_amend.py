@@ -23,7 +23,7 @@ from executor_core import StopState, _Protection
 from models import Order, OrderStatus, decision_key, with_attempt
 from order_protection import ProtectingExecutor
 from utils.precision import round_price
-from utils.utilities import logs_at
+from utils.utilities import logs_at, run_together
 
 
 log = structlog.get_logger("trade_executor")
@@ -80,13 +80,25 @@ class AmendingExecutor(ProtectingExecutor):
         """
         self._deferred_moves[pair] = (stop, candle_ts)
 
-    async def flush_stop_moves(self, pair: str | None = None) -> None:
-        """Make the deferred stop moves of `pair` (None: of every pair, in deferral order)."""
+    async def flush_stop_moves(self, pair: str | None = None, *, in_flight: int = 1) -> None:
+        """Make the deferred stop moves of `pair` (None: of every pair, in deferral order).
+
+        `in_flight`: how many moves (each its own pair's, under its lock) may be on their
+        way at once (the live exchange's bursts: `exchange.burst_orders_in_flight`).
+        """
         if pair is None:
             moves, self._deferred_moves = self._deferred_moves, {}
         else:
             move = self._deferred_moves.pop(pair, None)
             moves = {} if move is None else {pair: move}
+        if in_flight > 1 and len(moves) > 1:
+
+            async def make(item: tuple[str, tuple[Decimal, int | None]]) -> None:
+                moved, (stop, candle_ts) = item
+                await self.amend_stop(moved, stop, candle_ts=candle_ts)
+
+            await run_together(moves.items(), make, limit=in_flight)
+            return
         for moved, (stop, candle_ts) in moves.items():
             await self.amend_stop(moved, stop, candle_ts=candle_ts)
 

@@ -29,6 +29,7 @@ BASES = ["K00", "K01", "K02", "K03", "K04"]
 PAIRS = ["BTC/USDT", *(f"{b}/USDT" for b in BASES)]
 SYMBOLS = sorted(p.replace("/", "") for p in PAIRS)
 CREATE = "/v5/order/create"
+AMEND = "/v5/order/amend"
 
 _ENV = {
     "KESTREL_STRATEGY__NAME": "sma_cross",
@@ -223,3 +224,40 @@ async def test_an_error_that_stops_trading_starts_no_further_order_of_the_burst(
         sent = _entry_requests(emu)
         assert [r.params["symbol"] for r in sent] == SYMBOLS[:2]  # itself and the one beside
         assert len(_entries(emu)) == 1  # that one placed; none after the error
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+async def test_a_live_bursts_stop_moves_go_out_together_and_leave_one_stop_each(
+    monkeypatch: pytest.MonkeyPatch, in_flight: int
+) -> None:
+    """The close after the entries trails every position's stop: the amends, each under
+    its pair's lock, go `in_flight` at a time, and every position keeps one working stop
+    at the level its portfolio records."""
+    async with BybitEmulator(
+        lenient_clock=True,
+        balances={"USDT": "100000000"},
+        extra_bases=BASES,
+        rest_delay_s=DELAY_S,
+    ) as emu:
+        daemon = await _live_daemon(
+            emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT=str(in_flight)
+        )
+        assert daemon.engine is not None
+        portfolio = daemon.engine.portfolio
+
+        def moved() -> bool:
+            amended = {r.params["symbol"] for r in emu.requests_to(AMEND) if r.answered}
+            return amended == set(SYMBOLS) and _protected(emu)
+
+        await _run_until(daemon, emu, moved)
+        assert emu.most_in_flight(AMEND) == in_flight
+        assert _stops(emu) == Counter(dict.fromkeys(SYMBOLS, 1))
+        for pair in PAIRS:
+            (stop,) = [
+                o
+                for o in emu.orders.values()
+                if o.trigger_price and o.is_open and o.symbol == pair.replace("/", "")
+            ]
+            position = portfolio.position(pair)
+            assert position is not None
+            assert stop.trigger_price == position.stop_price

@@ -42,6 +42,7 @@ from utils.utilities import (
     register_secret,
     retry_async,
     run_periodic,
+    run_together,
     supervised_loop,
     timeframe_to_ms,
 )
@@ -582,3 +583,51 @@ def test_held_log_records_reach_the_file_when_the_block_ends(tmp_path: Path) -> 
         stop_log_listener()
         setup_logging(None, console=False)
     assert events() == ["from_another_thread", "held_first", "held_second", "after"]
+
+
+@given(
+    durations=st.lists(st.integers(0, 3), min_size=0, max_size=12),
+    limit=st.integers(1, 5),
+    fails=st.one_of(st.none(), st.integers(0, 11)),
+)
+def test_run_together_starts_in_order_at_most_limit_at_once_and_nothing_after_a_failure(
+    durations: list[int], limit: int, fails: int | None
+) -> None:
+    """Items start in their order, never more than `limit` run at once (and as many as
+    there are, up to it), none starts after one raised, the started ones all finish, and
+    the first error is raised."""
+    started: list[int] = []
+    finished: list[int] = []
+    running = [0, 0]  # now, most
+
+    async def work(i: int) -> None:
+        started.append(i)
+        running[0] += 1
+        running[1] = max(running)
+        try:
+            for _ in range(durations[i]):
+                await asyncio.sleep(0)
+            if i == fails:
+                raise ValueError(i)
+        finally:
+            running[0] -= 1
+            finished.append(i)
+
+    async def go() -> None:
+        await run_together(range(len(durations)), work, limit=limit)
+
+    if fails is not None and fails < len(durations):
+        with pytest.raises(ValueError, match=str(fails)):
+            asyncio.run(go())
+        assert fails in started
+        # Nothing started once it had raised: only those already waiting their turn
+        # before it finished could have started.
+        assert len(started) <= fails + limit
+    else:
+        asyncio.run(go())
+        assert started == list(range(len(durations)))
+        if durations and min(durations) > 0:  # each yields: the next ones start meanwhile
+            assert running[1] == min(limit, len(durations))
+    assert started == sorted(started)  # in their order
+    assert sorted(finished) == sorted(started)  # every one started was seen through
+    assert running[1] <= limit

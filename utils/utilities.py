@@ -576,6 +576,32 @@ async def supervised_loop(
                 breaker.record_success()
 
 
+async def run_together(
+    items: Iterable[T], func: Callable[[T], Awaitable[Any]], *, limit: int
+) -> None:
+    """Await `func(item)` for every item, at most `limit` at once, started in their order.
+
+    Once one raises an Exception, no further item starts; the ones under way are seen
+    through (none is abandoned half-done), then the first error is raised. A cancellation
+    reaches every call under way, as `asyncio.gather`'s does.
+    """
+    gate = asyncio.Semaphore(max(1, limit))
+    failed: list[Exception] = []
+
+    async def one(item: T) -> None:
+        async with gate:  # FIFO: the items start in their order
+            if failed:
+                return
+            try:
+                await func(item)
+            except Exception as e:
+                failed.append(e)
+
+    await asyncio.gather(*(one(item) for item in items))
+    if failed:
+        raise failed[0]
+
+
 async def run_periodic(
     func: Callable[[], Awaitable[None]],
     interval: float,
