@@ -84,6 +84,7 @@ _PUBLISHED: Final[dict[str, tuple[int, float]]] = {
     "ip": (600, 5.0),
     "order_linear": (10, 1.0),
     "order_spot": (20, 1.0),
+    "amend_spot": (10, 1.0),  # spot amends have their own, lower limit
     "query": (50, 1.0),
     "position": (10, 1.0),
     "account": (5, 1.0),
@@ -99,7 +100,9 @@ def _budget_class(path: str, params: Any) -> str | None:
         return None
     if path in _ORDER_PATHS:
         category = params.get("category") if isinstance(params, dict) else None
-        return "order_spot" if category == "spot" else "order_linear"
+        if category != "spot":
+            return "order_linear"
+        return "amend_spot" if path == "v5/order/amend" else "order_spot"
     if path in ("v5/position/set-leverage", "v5/position/trading-stop"):
         return "position"
     if path in ("v5/user/query-api", "v5/asset/coin/query-info", "v5/account/info"):

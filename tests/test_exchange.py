@@ -312,7 +312,15 @@ async def test_server_time(emu: BybitEmulator, ex: Exchange) -> None:
 async def test_rate_limit_budget_reports_spent_share(ex: Exchange) -> None:
     """Each endpoint class reports the free share of its window, shrinking as calls are made."""
     first = ex.rate_limit_budget()
-    assert set(first) == {"ip", "order_linear", "order_spot", "query", "position", "account"}
+    assert set(first) == {
+        "ip",
+        "order_linear",
+        "order_spot",
+        "amend_spot",
+        "query",
+        "position",
+        "account",
+    }
     for _ in range(4):
         await ex.fetch_balance()
     second = ex.rate_limit_budget()

@@ -457,6 +457,36 @@ async def test_the_exchange_refuses_to_amend_an_order_that_is_gone(
     assert len(emu.orders_by_link_id()["gone-sl0_0"]) == 1
 
 
+async def test_amends_sent_together_keep_within_the_spot_amend_limit(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Bybit takes 10 spot amends a second (20 creates): 24 amends under way at once wait
+    for the amend budget (8 a second with the safety margin) and none is refused 10006."""
+    price = emu.last_price(SYMBOL)
+    for i in range(24):
+        stop = OrderIntent(
+            PAIR,
+            Side.BUY,
+            D("0.01"),
+            OrderType.STOP_MARKET,
+            f"many{i}-sl0_0",
+            "test",
+            stop_price=(price * D("1.1")).quantize(D("0.01")),
+        )
+        await ex.create_order(stop)
+    level = (price * D("1.05")).quantize(D("0.01"))
+    await asyncio.gather(
+        *(
+            ex.amend_order(PAIR, client_order_id=f"many{i}-sl0_0", trigger_price=level)
+            for i in range(24)
+        )
+    )
+    amends = emu.requests_to(AMEND)
+    assert len(amends) == 24  # each once: none refused, none resent
+    assert [r.ret_code for r in amends] == [0] * 24
+    assert {o.trigger_price for o in emu.orders.values() if o.conditional} == {level}
+
+
 async def test_a_refused_amend_keeps_the_working_stop_at_its_level(
     emu: BybitEmulator, ex: Exchange, store: TradeStore
 ) -> None:
