@@ -155,8 +155,7 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
         """Spend the rate budgets, send, and pause a budget that Bybit reports exhausted."""
         params = {} if params is None else params
         budgets = self.kestrel_budgets
-        if budgets is not None:
-            await budgets.acquire(path, params)
+        slots = await budgets.acquire(path, params) if budgets is not None else []
         try:
             return await super().fetch2(path, api, method, params, config or {})
         except ccxt.RateLimitExceeded as e:
@@ -164,6 +163,9 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
                 status = getattr(e, "http_status", 0)
                 budgets.penalise(path, params, getattr(e, "retry_after", None), status)
             raise
+        finally:
+            if budgets is not None:
+                budgets.done(slots)  # counted from its answer (`RateBudget`)
 
     def handle_errors(
         self,

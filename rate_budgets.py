@@ -23,8 +23,12 @@ __all__ = ["RateBudget", "RateBudgets"]
 class RateBudget:
     """At most `limit` requests in any rolling window of `window_s` seconds.
 
-    `acquire` waits (FIFO) until a slot is free; `pause` blocks the budget entirely, e.g.
-    until the reset time Bybit announced after a 10006.
+    `acquire` waits (FIFO) until a slot is free and returns it; `done` marks the slot's
+    request answered. A request holds its slot from `acquire` until `window_s` after its
+    answer: Bybit counts a request when it arrives, which is after it left and before its
+    answer came, so requests sent together (a live burst's) and delayed unevenly on their
+    way never arrive more than `limit` to a window. `pause` blocks the budget entirely,
+    e.g. until the reset time Bybit announced after a 10006.
     """
 
     def __init__(
@@ -43,16 +47,16 @@ class RateBudget:
         self.window_s = window_s
         self._now = now
         self._sleep = sleep
-        self._hits: deque[float] = deque()
+        self._hits: deque[list[float]] = deque()  # [time the slot is counted from]
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
 
     def _evict(self, now: float) -> None:
-        while self._hits and now - self._hits[0] >= self.window_s:
+        while self._hits and now - self._hits[0][0] >= self.window_s:
             self._hits.popleft()
 
-    async def acquire(self) -> None:
-        """Wait for a free slot in the window and take it."""
+    async def acquire(self) -> list[float]:
+        """Wait for a free slot in the window, take it and return it (for `done`)."""
         async with self._lock:
             while True:
                 now = self._now()
@@ -61,9 +65,14 @@ class RateBudget:
                     await self._sleep(self._paused_until - now)
                     continue
                 if len(self._hits) < self.limit:
-                    self._hits.append(now)
-                    return
-                await self._sleep(self._hits[0] + self.window_s - now)
+                    slot = [now]
+                    self._hits.append(slot)
+                    return slot
+                await self._sleep(self._hits[0][0] + self.window_s - now)
+
+    def done(self, slot: list[float]) -> None:
+        """Count `slot` from now: its request was answered (it reached Bybit before)."""
+        slot[0] = max(slot[0], self._now())
 
     def pause(self, seconds: float) -> None:
         """Let nothing through for `seconds` (extends, never shortens, a pause)."""
@@ -120,12 +129,22 @@ class RateBudgets:
             for name, (limit, window) in _PUBLISHED.items()
         }
 
-    async def acquire(self, path: str, params: Any) -> None:
-        """Wait for the budget `path` spends, then for the IP budget."""
+    async def acquire(self, path: str, params: Any) -> list[tuple[RateBudget, list[float]]]:
+        """Wait for the budget `path` spends, then for the IP budget; return the slots."""
         name = _budget_class(path, params)
+        slots = []
         if name is not None:
-            await self.by_class[name].acquire()
-        await self.by_class["ip"].acquire()
+            budget = self.by_class[name]
+            slots.append((budget, await budget.acquire()))
+        ip = self.by_class["ip"]
+        slots.append((ip, await ip.acquire()))
+        return slots
+
+    @staticmethod
+    def done(slots: list[tuple[RateBudget, list[float]]]) -> None:
+        """Mark the slots `acquire` returned answered (`RateBudget.done`)."""
+        for budget, slot in slots:
+            budget.done(slot)
 
     def penalise(self, path: str, params: Any, retry_after: float | None, status: int) -> None:
         """Pause the budget Bybit said was hit (all requests after an IP ban)."""

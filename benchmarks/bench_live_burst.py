@@ -6,13 +6,15 @@ REST request by `DELAY_S` there and back, as a network between a user and Bybit 
 round trip of 100 ms is usual from Europe or America to Bybit's servers in Asia). Fifty
 spot pairs move together (the emulator's extra coins share BTC's series), so one close
 decides an entry on every pair; each entry is then its create, its look-up, and its
-protective stop's create and look-up once it fills.
+protective stop's create and look-up once it fills; the next close moves every stop (an
+amend each).
 
-Ours: the burst's orders go out together (`exchange.burst_orders_in_flight`, 10), started
-in decision order. Peer, in the same run: one at a time (`burst_orders_in_flight=1`), each
-entry waiting for the previous one's four round trips. Both are paced by the account's
-order budget: Bybit's 20 creates a second on spot, of which `rate_limit_safety` (0.8)
-is used, so 100 creates (50 entries, 50 stops) need at least 6.2 s.
+Ours: the burst's orders, and then its stop moves, go out together
+(`exchange.burst_orders_in_flight`, 10), started in decision order. Peer, in the same run:
+one at a time (`burst_orders_in_flight=1`), each entry waiting for the previous one's four
+round trips. Both are paced by the account's order budget: Bybit's 20 creates a second on
+spot, of which `rate_limit_safety` (0.8) is used, so 100 creates (50 entries, 50 stops)
+need at least 6.2 s.
 
 Not a CPU figure: the host's speed hardly moves it (one run of each).
 """
@@ -34,11 +36,13 @@ if str(ROOT) not in sys.path:
 
 DELAY_S = 0.1
 CREATE = "/v5/order/create"
+AMEND = "/v5/order/amend"
 
 
 async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
-    """Run the live daemon until a close's entries are in; return each kind's count and
-    how long after the close its last create was answered (s)."""
+    """Run the live daemon until a close's entries are in, then one more close (it trails
+    the new positions' stops); return each kind's count and how long after its close the
+    last of its requests was answered (s): entries, stops, moves."""
     from config import load_settings
     from runner import Daemon
     from tests.bybit_emulator import BybitEmulator
@@ -79,30 +83,43 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
         run = asyncio.create_task(daemon.run())
         try:
             await asyncio.sleep(2.0 + 10 * DELAY_S)  # warmed up and subscribed
+            found: dict[str, tuple[int, float]] = {}
             for _ in range(10):
-                first = len(emu.requests)
-                close = time.monotonic()
-                await emu.advance(minutes=1)
-                while True:  # until the requests are quiet for 1.5 s
-                    await asyncio.sleep(0.2)
-                    new = emu.requests[first:]
-                    last = max((r.answered or r.t for r in new), default=close)
-                    if time.monotonic() - last > 1.5 and time.monotonic() - close > 2.0:
-                        break
-                creates = [r for r in emu.requests[first:] if r.path == CREATE]
+                close, new = await _close(emu)
+                creates = [r for r in new if r.path == CREATE]
                 kinds = {
                     "entries": [r for r in creates if _kind(r.params) == "entry"],
                     "stops": [r for r in creates if _kind(r.params) == "stop"],
                 }
+                if found:  # the close after the entries
+                    moves = [r for r in new if r.path == AMEND]
+                    if moves:
+                        found["moves"] = (len(moves), max(r.answered for r in moves) - close)
+                    return found
                 if len(kinds["entries"]) >= pairs:
-                    return {
-                        kind: (len(found), max(r.answered for r in found) - close)
-                        for kind, found in kinds.items()
+                    found = {
+                        kind: (len(made), max(r.answered for r in made) - close)
+                        for kind, made in kinds.items()
                     }
             raise RuntimeError("no close decided an entry on every pair")
         finally:
             daemon.stop.set()
-            await asyncio.wait_for(run, 60)
+            stopping = time.monotonic()
+            await asyncio.wait_for(run, 300)
+            print(f"stopped in {time.monotonic() - stopping:.1f} s", flush=True)
+
+
+async def _close(emu: Any) -> tuple[float, list[Any]]:
+    """Close a candle; return when, and the requests until they are quiet for 1.5 s."""
+    first = len(emu.requests)
+    close = time.monotonic()
+    await emu.advance(minutes=1)
+    while True:
+        await asyncio.sleep(0.2)
+        new = emu.requests[first:]
+        last = max((r.answered or r.t for r in new), default=close)
+        if time.monotonic() - last > 1.5 and time.monotonic() - close > 2.0:
+            return close, new
 
 
 def _kind(params: dict[str, Any]) -> str:
@@ -145,5 +162,11 @@ def run() -> list[dict[str, Any]]:
             "the last entry's protective stop",
             f"the account's order budget bounds both: {pairs * 2} creates at 16 a second "
             f"(Bybit's 20 on spot x rate_limit_safety 0.8) take {pairs * 2 / 16:.1f} s at least",
+        ),
+        row(
+            "moves",
+            "the last stop moved",
+            "the next close trails every new position's stop: an amend each (under its "
+            "pair's lock), sent after the burst's orders, ten at a time or one at a time",
         ),
     ]

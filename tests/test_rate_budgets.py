@@ -1,0 +1,103 @@
+"""Rate budgets: requests sent together never reach Bybit more than its limit a window.
+
+Bybit counts a request when it arrives: after it left, before its answer came back. A
+budget that counted requests when they left let a live burst's amends, sent ten at a
+time and delayed unevenly on their way, arrive 11 to a second and be refused 10006.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rate_budgets import RateBudget, RateBudgets
+
+
+class _Time:
+    """A clock that sleeps instantly and, meanwhile, delivers the answers due."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.answers: list[tuple[float, int, RateBudget, list[float]]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + max(seconds, 0.0)
+        while self.answers and self.answers[0][0] <= until:
+            at, _, budget, slot = heapq.heappop(self.answers)
+            self.now = max(self.now, at)
+            budget.done(slot)
+        self.now = until
+
+
+def test_a_request_holds_its_slot_until_a_window_after_its_answer() -> None:
+    """Two slots a second: both answered 0.3 s after they left, the third leaves at 1.3 s."""
+    clock = _Time()
+    budget = RateBudget("amend_spot", 2, 1.0, now=lambda: clock.now, sleep=clock.sleep)
+
+    async def go() -> None:
+        first, second = await budget.acquire(), await budget.acquire()
+        clock.now = 0.3
+        budget.done(first)
+        budget.done(second)
+        clock.now = 1.0
+        await budget.acquire()
+
+    asyncio.run(go())
+    assert clock.now == pytest.approx(1.3)
+
+
+@given(
+    limit=st.integers(1, 6),
+    trips=st.lists(st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 1.0)), min_size=1, max_size=40),
+)
+def test_requests_in_flight_never_arrive_more_than_the_limit_to_a_window(
+    limit: int, trips: list[tuple[float, float]]
+) -> None:
+    """Each request leaves when its budget lets it, takes `rtt` to be answered and arrives
+    at `where` x `rtt` on the way: any window holds at most `limit` arrivals."""
+    clock = _Time()
+    budget = RateBudget("order", limit, 1.0, now=lambda: clock.now, sleep=clock.sleep)
+    arrivals: list[float] = []
+
+    async def go() -> None:
+        for n, (rtt, where) in enumerate(trips):
+            slot = await budget.acquire()
+            left = clock.now
+            arrivals.append(left + where * rtt)
+            heapq.heappush(clock.answers, (left + rtt, n, budget, slot))
+
+    asyncio.run(go())
+    arrivals.sort()
+    for i, at in enumerate(arrivals):
+        window = [a for a in arrivals[: i + 1] if at - a < 1.0]
+        assert len(window) <= limit
+
+
+def test_spot_amends_and_creates_spend_their_own_budgets() -> None:
+    """Bybit: spot creates 20 a second, spot amends 10, linear orders 10 (shared here)."""
+    budgets = RateBudgets(1.0, 600.0)
+
+    async def go() -> list[str]:
+        names = []
+        for path, category in (
+            ("v5/order/create", "spot"),
+            ("v5/order/amend", "spot"),
+            ("v5/order/amend", "linear"),
+            ("v5/order/realtime", "spot"),
+        ):
+            slots = await budgets.acquire(path, {"category": category})
+            names.append(",".join(b.name for b, _ in slots))
+            budgets.done(slots)
+        return names
+
+    assert asyncio.run(go()) == [
+        "order_spot,ip",
+        "amend_spot,ip",
+        "order_linear,ip",
+        "query,ip",
+    ]
+    assert budgets.by_class["amend_spot"].limit == 10
