@@ -82,7 +82,7 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
         await daemon.build_exchange(paper=False)
         run = asyncio.create_task(daemon.run())
         try:
-            await asyncio.sleep(2.0 + 10 * DELAY_S)  # warmed up and subscribed
+            await _subscribed(emu, pairs)
             found: dict[str, tuple[int, float]] = {}
             for _ in range(10):
                 close, new = await _close(emu)
@@ -104,9 +104,18 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
             raise RuntimeError("no close decided an entry on every pair")
         finally:
             daemon.stop.set()
-            stopping = time.monotonic()
-            await asyncio.wait_for(run, 300)
-            print(f"stopped in {time.monotonic() - stopping:.1f} s", flush=True)
+            await asyncio.wait_for(run, 120)
+
+
+async def _subscribed(emu: Any, pairs: int) -> None:
+    """Wait until every pair's candles stream (a close before would leave some behind)."""
+    for _ in range(600):
+        topics = {t for c in emu._conns for t in c.topics if t.startswith("kline.")}
+        if len(topics) >= pairs:
+            await asyncio.sleep(1.0)  # the streams' first frames taken
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the daemon did not subscribe to every pair's candles")
 
 
 async def _close(emu: Any) -> tuple[float, list[Any]]:
@@ -133,13 +142,17 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
-        os.environ["KESTREL_STORAGE__DATA_DIR"] = str(Path(tmp) / "data")
-        os.environ["KESTREL_STORAGE__LOG_DIR"] = str(Path(tmp) / "logs")
+        results = {}
         try:
-            ours = asyncio.run(_burst(pairs, 10))
-            peer = asyncio.run(_burst(pairs, 1))
+            for in_flight in (10, 1):
+                # A store of its own: the other run's archived candles would be its history.
+                for kind in ("data", "logs"):
+                    where = Path(tmp) / f"{kind}-{in_flight}"
+                    os.environ[f"KESTREL_STORAGE__{kind.upper()}_DIR"] = str(where)
+                results[in_flight] = asyncio.run(_burst(pairs, in_flight))
         finally:
             os.chdir(cwd)
+    ours, peer = results[10], results[1]
     who = "the same burst, one order at a time"
 
     def row(kind: str, what: str, note: str) -> dict[str, Any]:
