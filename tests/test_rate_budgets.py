@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 
 import pytest
 from hypothesis import given
@@ -25,7 +26,9 @@ class _Time:
         self.answers: list[tuple[float, int, RateBudget, list[float]]] = []
 
     async def sleep(self, seconds: float) -> None:
-        until = self.now + max(seconds, 0.0)
+        # Time moves on, if only by the least step: a budget that waits until a slot
+        # expires computes the wait by subtraction, which a float can round to nothing.
+        until = max(self.now + max(seconds, 0.0), math.nextafter(self.now, math.inf))
         while self.answers and self.answers[0][0] <= until:
             at, _, budget, slot = heapq.heappop(self.answers)
             self.now = max(self.now, at)
