@@ -104,6 +104,8 @@ from unittest import mock
 
 import numpy as np
 
+from benchmarks.common import TRADING_ENV
+
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -389,18 +391,11 @@ async def _live(
         pairs = [f"{b}/USDT" for b in ("BTC", "ETH", "SOL", "XRP", *BASES)]
         os.environ.update(
             {
+                **TRADING_ENV,
                 "KESTREL_EXCHANGE__BASE_URL": base_url,
-                "KESTREL_STRATEGY__NAME": "sma_cross",
-                "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
                 "KESTREL_STRATEGY__PAIRS": ",".join(pairs),
                 "KESTREL_STRATEGY__WARMUP_CANDLES": "50",
                 "KESTREL_RISK__MAX_OPEN_POSITIONS": "50",
-                "KESTREL_RISK__RISK_PER_TRADE": "0.001",
-                # Keep every pair trading for the whole run: breakers would halt entries.
-                "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
-                "KESTREL_RISK__MAX_DRAWDOWN": "0.95",
-                "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.9",
-                "KESTREL_RISK__MAX_CONSECUTIVE_LOSSES": "100000",
             }
         )
         settings = load_settings(env_file=None)

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import TRADING_ENV
+
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -61,17 +63,11 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
                 "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
                 "KESTREL_EXCHANGE__API_KEY": emu.api_key,
                 "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+                **TRADING_ENV,
                 "KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT": str(in_flight),
-                "KESTREL_STRATEGY__NAME": "sma_cross",
-                "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
                 "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
                 "KESTREL_STRATEGY__PAIRS": ",".join(["BTC/USDT", *(f"{b}/USDT" for b in bases)]),
                 "KESTREL_RISK__MAX_OPEN_POSITIONS": "100",
-                "KESTREL_RISK__RISK_PER_TRADE": "0.001",
-                "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
-                "KESTREL_RISK__MAX_DRAWDOWN": "0.95",
-                "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.9",
-                "KESTREL_RISK__MAX_CONSECUTIVE_LOSSES": "100000",
             }
         )
         settings = load_settings(env_file=None)

@@ -10,6 +10,18 @@ from typing import Any
 
 DEFAULT_CANDLES = 1_051_200  # two years of one-minute candles
 
+# The daemon of the burst benchmarks: a fast sma_cross that trades on most closes, small
+# risk per trade, and every pair kept trading for the whole run (breakers would halt it).
+TRADING_ENV: dict[str, str] = {
+    "KESTREL_STRATEGY__NAME": "sma_cross",
+    "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
+    "KESTREL_RISK__RISK_PER_TRADE": "0.001",
+    "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
+    "KESTREL_RISK__MAX_DRAWDOWN": "0.95",
+    "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.9",
+    "KESTREL_RISK__MAX_CONSECUTIVE_LOSSES": "100000",
+}
+
 
 def bench_size(default: int = DEFAULT_CANDLES, small: int = 100_000, floor: int = 10_000) -> int:
     """Return the input size: KESTREL_BENCH_SIZE as a number, "small", or the default."""

@@ -107,6 +107,17 @@ async def _live_daemon(emu: BybitEmulator, monkeypatch: pytest.MonkeyPatch, **en
     return daemon
 
 
+def _emulator(*, cash: str = "100000000", hang_s: float = 3.0) -> BybitEmulator:
+    """The emulator with the six pairs, `cash` USDT and a `DELAY_S` round trip."""
+    return BybitEmulator(
+        lenient_clock=True,
+        balances={"USDT": cash},
+        extra_bases=BASES,
+        rest_delay_s=DELAY_S,
+        hang_s=hang_s,
+    )
+
+
 def _protected(emu: BybitEmulator) -> bool:
     stops = _stops(emu)
     return len(_entries(emu)) >= len(PAIRS) and all(stops[s] == 1 for s in SYMBOLS)
@@ -118,13 +129,8 @@ async def test_a_live_bursts_entries_go_out_together_in_decision_order_each_once
 ) -> None:
     """One close, six entries: at most `in_flight` creates under way at once (and that
     many), started strongest first (equal signals: by pair name), one entry and one stop
-    per pair, and the burst's last entry answered sooner the more go together."""
-    async with BybitEmulator(
-        lenient_clock=True,
-        balances={"USDT": "100000000"},
-        extra_bases=BASES,
-        rest_delay_s=DELAY_S,
-    ) as emu:
+    per pair."""
+    async with _emulator() as emu:
         daemon = await _live_daemon(
             emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT=str(in_flight)
         )
@@ -150,13 +156,7 @@ async def test_a_lost_answer_in_a_live_burst_holds_up_only_its_own_pair(
     """The first entry's create is carried out but its answer lost: the client gives up,
     finds the order by its client id and does not send it again, while the burst's other
     entries go out and are answered meanwhile. Every pair: one entry, one stop."""
-    async with BybitEmulator(
-        lenient_clock=True,
-        balances={"USDT": "100000000"},
-        extra_bases=BASES,
-        rest_delay_s=DELAY_S,
-        hang_s=1.5,  # after the client gave up (`timeout_s` 0.6)
-    ) as emu:
+    async with _emulator(hang_s=1.5) as emu:  # held past the client's 0.6 s
         daemon = await _live_daemon(
             emu,
             monkeypatch,
@@ -182,9 +182,7 @@ async def test_buys_under_way_together_spend_the_cash_once(monkeypatch: pytest.M
     """The cash pays for three of the six entries (each is capped at a quarter of equity):
     all six under way at once, each buy's balance check counts the buys still on their
     way, so the fourth to sixth are refused here, not sent for the exchange to refuse."""
-    async with BybitEmulator(
-        lenient_clock=True, balances={"USDT": "1000000"}, extra_bases=BASES, rest_delay_s=DELAY_S
-    ) as emu:
+    async with _emulator(cash="1000000") as emu:
         daemon = await _live_daemon(emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT="6")
         assert daemon.engine is not None
         executor = daemon.engine.executor
@@ -203,12 +201,7 @@ async def test_an_error_that_stops_trading_starts_no_further_order_of_the_burst(
     """The exchange refuses the API key on the burst's first create (a FatalError): the
     order sent beside it is seen through, no other entry of the burst is started, and the
     daemon stops with the error."""
-    async with BybitEmulator(
-        lenient_clock=True,
-        balances={"USDT": "100000000"},
-        extra_bases=BASES,
-        rest_delay_s=DELAY_S,
-    ) as emu:
+    async with _emulator() as emu:
         daemon = await _live_daemon(emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT="2")
         emu.fail_next("auth", path=CREATE)
         run = asyncio.create_task(daemon.run())
@@ -233,12 +226,7 @@ async def test_a_live_bursts_stop_moves_go_out_together_and_leave_one_stop_each(
     """The close after the entries trails every position's stop: the amends, each under
     its pair's lock, go `in_flight` at a time, and every position keeps one working stop
     at the level its portfolio records."""
-    async with BybitEmulator(
-        lenient_clock=True,
-        balances={"USDT": "100000000"},
-        extra_bases=BASES,
-        rest_delay_s=DELAY_S,
-    ) as emu:
+    async with _emulator() as emu:
         daemon = await _live_daemon(
             emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT=str(in_flight)
         )
