@@ -48,9 +48,9 @@ decision and every order acknowledgement before it. `BurstDecider` instead:
    same executor path, and so are the held pairs' stop moves after them (each under its
    pair's lock); a buy's balance check counts the buys still on their way
    (`ExecutorCore.committed`). Over a 100 ms link, a 50-entry burst against the emulator
-   had its last entry answered after 31.6 s one at a time, 5.6 s ten at a time (and its
-   last stop 32.0 and 6.2 s): Bybit's order budget (16 a second of the 20 on spot, with
-   our safety margin) paces it then.
+   had its last entry answered after 31.3 s one at a time, 6.1 s ten at a time (and its
+   last stop 31.6 and 6.9 s; `bench_live_burst`): Bybit's order budget (16 a second of
+   the 20 on spot, with our safety margin) paces it then.
 
 Where bursts come from the exchange's sockets (`paced`), the young generation is collected
 after each burst, once its decisions are out, and its automatic threshold is raised while
