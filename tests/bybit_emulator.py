@@ -2318,6 +2318,15 @@ def iter_frames(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def daemon_env(emu: BybitEmulator) -> dict[str, str]:
+    """Return the environment that points a daemon (`config`) at `emu`, with its keys."""
+    return {
+        "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
+        "KESTREL_EXCHANGE__API_KEY": emu.api_key,
+        "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+    }
+
+
 def exchange_settings(emu: BybitEmulator, **overrides: Any) -> Any:
     """Return `ExchangeSettings` pointing at `emu` with its keys and short timeouts."""
     from config import ExchangeSettings  # keep the emulator importable alone

@@ -19,7 +19,7 @@ import pytest
 
 from config import load_settings
 from runner import Daemon
-from tests.bybit_emulator import BybitEmulator
+from tests.bybit_emulator import BybitEmulator, daemon_env
 from tests.test_backtest_support import cli_args
 from utils.utilities import AuditTrail
 
@@ -95,9 +95,7 @@ async def _live_daemon(emu: BybitEmulator, monkeypatch: pytest.MonkeyPatch, **en
     for name, value in {
         **_ENV,
         **env,
-        "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-        "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-        "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        **daemon_env(emu),
     }.items():
         monkeypatch.setenv(name, value)
     daemon = Daemon(cli_args("--mode", "live"), load_settings(env_file=None))

@@ -33,7 +33,7 @@ from models import (
 from runner import Daemon
 from telegram_bot import TelegramBot
 from telegram_templates import render_event
-from tests.bybit_emulator import BybitEmulator, exchange_settings
+from tests.bybit_emulator import BybitEmulator, daemon_env, exchange_settings
 from tests.conftest import eventually
 from tests.fake_telegram import TOKEN, FakeControl, FakeTelegram
 from tests.test_live_support import live_executor
@@ -345,9 +345,7 @@ async def test_the_live_daemon_books_alerts_and_counts_a_liquidation_once_across
 ) -> None:
     """Engine path: one liquidated trade in the summary, one alert; a restart holds nothing."""
     for name, value in {
-        "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-        "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-        "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        **daemon_env(emu),
         "KESTREL_STRATEGY__PAIRS": f'["{LINEAR}"]',
         "KESTREL_STORAGE__DATA_DIR": str(tmp_path / "data"),
     }.items():

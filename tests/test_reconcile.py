@@ -18,7 +18,7 @@ from config import load_settings
 from exchange import Exchange
 from models import OrderIntent, OrderStatus, OrderType, Side
 from runner import Daemon
-from tests.bybit_emulator import BybitEmulator, exchange_settings
+from tests.bybit_emulator import BybitEmulator, daemon_env, exchange_settings
 from tests.test_live_support import live_executor
 from trade_executor import TradeExecutor
 from trade_store import TradeStore
@@ -107,9 +107,7 @@ async def test_a_fill_after_the_private_stream_stopped_is_settled_at_stop(
 ) -> None:
     """An order filled while no stream listens is fetched by the stop's settle step."""
     for name, value in {
-        "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-        "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-        "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+        **daemon_env(emu),
         "KESTREL_STRATEGY__PAIRS": f'["{PAIR}"]',
     }.items():
         monkeypatch.setenv(name, value)

@@ -23,7 +23,7 @@ from config import load_settings
 from models import Event, RiskReset, TradingState, Veto
 from risk_management import RiskManager
 from runner import Daemon
-from tests.bybit_emulator import BybitEmulator
+from tests.bybit_emulator import BybitEmulator, daemon_env
 from tests.test_backtest_support import cli_args
 from tests.test_risk_support import DAY, HOUR, MINUTE, T0, context, settings, signal, trade
 from utils.utilities import AuditTrail
@@ -273,9 +273,7 @@ async def test_a_latched_drawdown_breaker_survives_a_live_restart_until_the_oper
     async with BybitEmulator(lenient_clock=True, balances={"USDT": "100000"}) as emu:
         for name, value in {
             **_LIVE_ENV,
-            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+            **daemon_env(emu),
         }.items():
             monkeypatch.setenv(name, value)
         first = await _live_daemon(emu)
@@ -328,9 +326,7 @@ async def test_the_score_book_survives_a_live_restart(monkeypatch: pytest.Monkey
             **_LIVE_ENV,
             "KESTREL_RISK__MAX_DRAWDOWN": "0.9",  # keep trading: this test wants round trips
             "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.8",
-            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+            **daemon_env(emu),
         }.items():
             monkeypatch.setenv(name, value)
         first = await _live_daemon(emu)
@@ -360,9 +356,7 @@ async def test_the_account_equity_history_survives_a_live_restart(
         for name, value in {
             **_LIVE_ENV,
             "KESTREL_STORAGE__SNAPSHOT_INTERVAL_S": "1",
-            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+            **daemon_env(emu),
         }.items():
             monkeypatch.setenv(name, value)
         first = await _live_daemon(emu)

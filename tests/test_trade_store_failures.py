@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from error_handler import FatalError
 from exchange import Exchange
 from models import OrderIntent, OrderType, Side
-from tests.bybit_emulator import BybitEmulator, exchange_settings
+from tests.bybit_emulator import BybitEmulator, daemon_env, exchange_settings
 from tests.conftest import ROOT
 from tests.test_live_support import live_executor
 from tests.test_trade_store_support import intent
@@ -186,9 +186,7 @@ async def test_the_live_daemon_refuses_to_start_on_a_corrupt_journal(tmp_path: P
     before = journal.read_bytes()
     async with BybitEmulator(balances={"USDT": "10000"}) as emu:
         env = {
-            "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-            "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-            "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+            **daemon_env(emu),
             "KESTREL_STRATEGY__PAIRS": f'["{PAIR}"]',
         }
         proc = await asyncio.create_subprocess_exec(
