@@ -1,7 +1,8 @@
 """Crash safety: SIGKILL the live daemon at random moments; nothing is lost or sent twice.
 
-The daemon trades live (real ccxt, real journal on SQLite) against the loopback Bybit
-emulator, whose market moves one candle every quarter of a second. Order answers are lost
+The daemon trades three pairs live (real ccxt, real journal on SQLite) against the loopback
+Bybit emulator, whose market moves one candle every quarter of a second; a candle that
+decides entries of several pairs sends them together. Order answers are lost
 after the exchange acted (a create or cancel is processed, then the answer hangs past the
 client's timeout, or comes back truncated). The daemon is killed with SIGKILL at 50 random
 moments — during start-up and reconciliation, between candles, in the middle of sending
@@ -27,18 +28,28 @@ import sys
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from models import split_attempt
-from tests.bybit_emulator import BybitEmulator
+from models import Fill, split_attempt
+from tests.bybit_emulator import BybitEmulator, RecordedRequest
 from tests.conftest import ROOT
 from trade_store import JournalState, TradeStore
 
 
 KILLS = int(os.environ.get("KESTREL_CRASH_KILLS", "50"))
 MINUTE_MS = 60_000
-MIN_QTY = Decimal("0.000048")  # BTCUSDT spot minimum on the emulator, as on Bybit
+# Three pairs, so that a candle often decides several orders at once and they go out
+# together (`exchange.burst_orders_in_flight`): kills and lost answers land among orders
+# under way side by side, not only one at a time. Each pair's spot minimum on the
+# emulator, as on Bybit.
+MIN_QTY = {
+    "BTC/USDT": Decimal("0.000048"),
+    "ETH/USDT": Decimal("0.00062"),
+    "SOL/USDT": Decimal("0.011"),
+}
+PAIRS = tuple(MIN_QTY)
 # Faults that lose the answer of an order request after the exchange acted on it.
 LOST_ANSWERS = ("timeout_after", "malformed")
 ENV = {
@@ -51,6 +62,10 @@ ENV = {
     "KESTREL_STRATEGY__NAME": "sma_cross",
     "KESTREL_STRATEGY__PARAMS": '{"fast": 2, "slow": 3}',
     "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
+    "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS),
+    # The emulator's three series are all BTC's (from three venues): the correlation guard
+    # would keep the bot to one of them at a time.
+    "KESTREL_RISK__MAX_CORRELATION": "1",
     "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
     "KESTREL_RISK__MAX_DRAWDOWN": "0.95",
     "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.9",
@@ -126,8 +141,19 @@ async def _kill_while_trading(
         lost.cancel()
 
 
-def _stop_works(emu: BybitEmulator) -> bool:
-    return any(o.conditional and o.is_open for o in emu.orders.values())
+def _symbol(pair: str) -> str:
+    return pair.replace("/", "")
+
+
+def _held_and_protected(emu: BybitEmulator) -> bool:
+    """Return whether some pair is held on the exchange with its stop working."""
+    return any(
+        emu.wallet.get(pair.split("/")[0], Decimal(0)) >= MIN_QTY[pair]
+        and any(
+            o.conditional and o.is_open and o.symbol == _symbol(pair) for o in emu.orders.values()
+        )
+        for pair in PAIRS
+    )
 
 
 def _working_intervals(emu: BybitEmulator, symbol: str) -> list[tuple[int, float, str]]:
@@ -140,8 +166,12 @@ def _working_intervals(emu: BybitEmulator, symbol: str) -> list[tuple[int, float
     return sorted(out)
 
 
-def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
-    """Assert the exchange's own records show no double decision, no overlap, nothing past flat."""
+def _check_exchange_records(emu: BybitEmulator, pair: str) -> tuple[int, int]:
+    """Assert the exchange's own records show no double decision, no overlap, nothing past flat.
+
+    Return the pair's entries and stops on the exchange.
+    """
+    symbol, coin = _symbol(pair), pair.split("/")[0]
     # One entry per pair, side and candle, whatever its attempt: each entry on the exchange
     # names the decision it carries (kind, pair, candle, strategy; see models.decision_key),
     # and the candle it names had closed when the order arrived. (The emulator's market
@@ -170,10 +200,10 @@ def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
         if order.symbol != symbol:
             continue
         if order.side == "Buy":
-            assert held < MIN_QTY, (
+            assert held < MIN_QTY[pair], (
                 f"entry {order.link_id} filled on top of an open position of {held}"
             )
-            held += execution.qty - (execution.fee if execution.fee_coin == "BTC" else 0)
+            held += execution.qty - (execution.fee if execution.fee_coin == coin else 0)
         else:
             assert execution.qty <= held, (
                 f"{order.link_id} sold {execution.qty} with {held} held: past flat"
@@ -185,7 +215,61 @@ def _check_exchange_records(emu: BybitEmulator, symbol: str) -> dict[str, int]:
     for start, end, link_id in intervals:
         assert start >= latest[0], f"stops {latest[1]} and {link_id} were working at once"
         latest = max(latest, (end, link_id))
-    return {"entries": len(entries), "stops": len(intervals)}
+    return len(entries), len(intervals)
+
+
+def _entry_answered(request: RecordedRequest) -> bool:
+    """A create of an entry (a buy with no trigger) that was answered in time.
+
+    A request whose answer was lost stays open at the emulator past the client's timeout,
+    beside the orders sent after it.
+    """
+    params = request.params
+    return "triggerPrice" not in params and params.get("side") == "Buy" and not request.fault
+
+
+def _decided_together(emu: BybitEmulator) -> int:
+    """Return how many candles decided entries of more than one pair (sent together)."""
+    pairs_of: dict[int, set[str]] = {}
+    for order in emu.orders.values():
+        parsed = split_attempt(order.link_id)
+        if order.side == "Buy" and not order.conditional and parsed is not None:
+            candle_s = int(parsed[0].split("-")[1], 16)
+            pairs_of.setdefault(candle_s, set()).add(order.symbol)
+    return sum(len(symbols) > 1 for symbols in pairs_of.values())
+
+
+def _check_balances(
+    emu: BybitEmulator, pair: str, fills: list[Fill], summary: dict[str, Any]
+) -> Decimal:
+    """Assert the pair's coin on the exchange is what its fills add up to, and the position.
+
+    Return the coin held.
+    """
+    coin = pair.split("/")[0]
+    held = emu.wallet.get(coin, Decimal(0))
+    # The coins the exchange holds are exactly what the journal's fills add up to (buys
+    # less fees charged in the coin, less sells) ...
+    from_fills = sum(
+        (
+            (f.qty - (f.fee if f.fee_currency == coin else 0)) if f.side == "buy" else -f.qty
+            for f in fills
+            if f.pair == pair
+        ),
+        Decimal(0),
+    )
+    assert held == from_fills, (pair, held, from_fills)
+    # ... and they are the bot's position, except remainders below the market's minimum
+    # order, which no order can sell and the bot writes off as dust.
+    position = sum(Decimal(str(p["qty"])) for p in summary["open_positions"] if p["pair"] == pair)
+    assert abs(held - position) < MIN_QTY[pair], (pair, held, position)
+    # After the clean stop: no entry left working, and a held position keeps exactly one
+    # protective stop on the exchange (none is left behind on a flat account).
+    still_open = [o for o in emu.orders.values() if o.is_open and o.symbol == _symbol(pair)]
+    assert not [o for o in still_open if not o.conditional], still_open
+    stops = [o for o in still_open if o.conditional]
+    assert len(stops) == (1 if held >= MIN_QTY[pair] else 0), (pair, held, stops)
+    return held
 
 
 def _bitten(emu: BybitEmulator) -> bool:
@@ -241,7 +325,7 @@ async def _final_run(
         await asyncio.sleep(rng.uniform(0.3, 1.5))
         moving.clear()
         await asyncio.sleep(1.0)
-        if emu.wallet.get("BTC", Decimal(0)) >= MIN_QTY and _stop_works(emu):
+        if _held_and_protected(emu):
             break
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
@@ -255,7 +339,11 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
 ) -> None:
     """After 50 SIGKILLs (some right after a lost order answer) the exchange's records hold."""
     rng = random.Random(20261202)
-    async with BybitEmulator(lenient_clock=True, balances={"USDT": "10000"}, seed=7) as emu:
+    # Each request 5 ms on its way there and back (a near exchange), so that orders sent
+    # together are seen under way at once.
+    async with BybitEmulator(
+        lenient_clock=True, balances={"USDT": "10000"}, seed=7, rest_delay_s=0.005
+    ) as emu:
         env = {**ENV, "KESTREL_EXCHANGE__BASE_URL": emu.base_url}
         # Lose the answer of about one order request in six, after the exchange acted.
         emu.fault_paths = ("/v5/order/create", "/v5/order/cancel", "/v5/order/amend")
@@ -314,42 +402,25 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
                     assert state is JournalState.ACKNOWLEDGED, (cid, state)
                 else:
                     assert state is JournalState.NEVER_SENT, (cid, state, order.status)
-            counts = _check_exchange_records(emu, "BTCUSDT")
+            counts = {pair: _check_exchange_records(emu, pair) for pair in PAIRS}
+            # Candles that decided entries of several pairs, sent together: the kills and
+            # lost answers met orders under way side by side.
+            together = _decided_together(emu)
+            assert together >= max(1, KILLS // 10), f"{together} candles decided several entries"
+            assert emu.most_in_flight("/v5/order/create", _entry_answered) >= 2
             # Every execution on the exchange is a recorded fill, exactly once.
             executions = {e.exec_id: e for e in emu.executions}
             fills = {f.fill_id: f for f in store.fills()}
             assert set(fills) == set(executions)
             for fill_id, execution in executions.items():
                 assert fills[fill_id].qty == execution.qty
-            # Balances: the coins the exchange holds are exactly what the journal's fills
-            # add up to (buys less fees charged in BTC, less sells) ...
-            btc = emu.wallet.get("BTC", Decimal(0))
-            from_fills = sum(
-                (
-                    (f.qty - (f.fee if f.fee_currency == "BTC" else 0))
-                    if f.side == "buy"
-                    else -f.qty
-                    for f in fills.values()
-                ),
-                Decimal(0),
-            )
-            assert btc == from_fills, (btc, from_fills)
-            # ... and they are the bot's position, except remainders below the market's
-            # minimum order, which no order can sell and the bot writes off as dust.
             summary = json.loads(summary_path.read_text())
-            held = sum(
-                Decimal(str(p["qty"])) for p in summary["open_positions"] if p["pair"] == "BTC/USDT"
-            )
-            assert abs(btc - held) < MIN_QTY, (btc, held)
-            # After the clean stop: no entry left working, and a held position keeps exactly
-            # one protective stop on the exchange (none is left behind on a flat account).
-            still_open = [o for o in emu.orders.values() if o.is_open]
-            assert not [o for o in still_open if not o.conditional], still_open
-            stops = [o for o in still_open if o.conditional]
-            assert len(stops) == (1 if btc >= MIN_QTY else 0), (btc, [s.item() for s in stops])
-            for stop in stops:
+            held = {p: _check_balances(emu, p, list(fills.values()), summary) for p in PAIRS}
+            for stop in (o for o in emu.orders.values() if o.is_open and o.conditional):
                 assert stop.side == "Sell"
-                assert stop.qty <= btc, (stop.qty, btc)
+                assert stop.qty <= emu.wallet.get(stop.symbol.removesuffix("USDT"), Decimal(0)), (
+                    stop.item()
+                )
                 # The journal holds the trigger the exchange has, whatever answers were lost.
                 journaled = journal[stop.link_id].stop_price
                 assert journaled == stop.trigger_price, (stop.link_id, journaled)
@@ -358,7 +429,8 @@ async def test_sigkill_at_random_moments_loses_nothing_and_sends_nothing_twice(
                 f"crash test: {sum(kills.values())} kills {dict(kills)}, {lost} answers lost, "
                 f"{len(amends)} amends ({lost_amends} answers lost), "
                 f"{len(journal)} orders journaled, {len(on_exchange)} on the exchange, "
-                f"{never_sent} never sent, {len(fills)} fills, {counts}, final BTC {btc}"
+                f"{never_sent} never sent, {len(fills)} fills, (entries, stops) {counts}, "
+                f"{together} candles with entries sent together, final holdings {held}"
             )
         finally:
             store.close()
