@@ -44,13 +44,14 @@ decision and every order acknowledgement before it. `BurstDecider` instead:
    past the candle the orders were decided on. On the live exchange, where each entry is
    a REST round trip for the order, one for its look-up and two for its stop's, up to
    `exchange.burst_orders_in_flight` orders are on their way at once, started in decision
-   order (the rate budgets let requests through in the order they ask), each through the
-   same executor path, and so are the held pairs' stop moves after them (each under its
-   pair's lock); a buy's balance check counts the buys still on their way
-   (`ExecutorCore.committed`). Over a 100 ms link, a 50-entry burst against the emulator
-   had its last entry answered after 31.3 s one at a time, 6.1 s ten at a time (and its
-   last stop 31.6 and 6.9 s; `bench_live_burst`): Bybit's order budget (16 a second of
-   the 20 on spot, with our safety margin) paces it then.
+   order (the rate budgets let the entries through in the order they ask, and a filled
+   entry's stop ahead of the entries still waiting), each through the same executor
+   path, and so are the held pairs' stop moves after them (each under its pair's lock);
+   a buy's balance check counts the buys still on their way (`ExecutorCore.committed`).
+   Over a 100 ms link, a 50-entry burst against the emulator had its last entry answered
+   after 31.3 s one at a time, 6.1 s ten at a time (and its last stop 31.6 and 6.9 s;
+   `bench_live_burst`): Bybit's order budget (16 a second of the 20 on spot, with our
+   safety margin) paces it then.
 
 Where bursts come from the exchange's sockets (`paced`), the young generation is collected
 after each burst, once its decisions are out, and its automatic threshold is raised while
@@ -341,7 +342,8 @@ class BurstDecider:
         # The live exchange: up to `in_flight` orders on their way at once, each through
         # the executor's own path (the pair's lock, journal before send, its answer or its
         # loss resolved by client id, an entry's stop placed on its fill), started in
-        # decision order; the rate budgets let the requests through in the order they ask.
+        # decision order; the rate budgets let the entries through in the order they ask,
+        # a filled entry's stop (or an exit) ahead of the entries still waiting.
         # One at a time, each waited for its request, its look-up and its stop's before the
         # next went. After an error that stops trading (a FatalError, a bug) no further
         # order starts, and it is raised once the orders under way are answered.

@@ -5,6 +5,12 @@ holds the budgets of one `Exchange` by class (IP, orders per category, queries, 
 account), picks the budget an endpoint spends, and pauses the one Bybit said was hit.
 Sliding windows, not token buckets: Bybit counts requests in rolling windows, and a
 bucket's burst can exceed the window count.
+
+A position's protection goes before new positions: on the order budgets every request but
+a new entry (a protective stop, its move or cancel, an exit, a take-profit) takes the
+next free slot ahead of the entries waiting, so that in a live burst whose entries use up
+the budget (Bybit's 20 spot orders a second, 16 with our margin) an entry that filled
+has its stop placed before the entries queued behind it go, not after them.
 """
 
 from __future__ import annotations
@@ -20,14 +26,52 @@ from typing import Any, Final
 __all__ = ["RateBudget", "RateBudgets"]
 
 
+class _Turns:
+    """Whose turn it is to wait for a budget's next slot.
+
+    Urgent requests first, then the others, each kind in the order it asked; the holder
+    keeps its turn until `give`.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque())
+
+    async def take(self, urgent: bool) -> None:
+        if not self._held:
+            self._held = True  # nobody waits while the turn is free
+            return
+        queue = self._waiting[0 if urgent else 1]
+        turn = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.give()  # handed the turn just as it was cancelled: pass it on
+            elif turn in queue:
+                queue.remove(turn)
+            raise
+
+    def give(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)  # the turn passes on, still held
+                    return
+        self._held = False
+
+
 class RateBudget:
     """At most `limit` requests in any rolling window of `window_s` seconds.
 
-    `acquire` waits (FIFO) until a slot is free and returns it; `done` marks the slot's
-    request answered. A request holds its slot from `acquire` until `window_s` after its
-    answer: Bybit counts a request when it arrives, which is after it left and before its
-    answer came, so requests sent together (a live burst's) and delayed unevenly on their
-    way never arrive more than `limit` to a window. `pause` blocks the budget entirely,
+    `acquire` waits until a slot is free and returns it, urgent requests before the
+    others, each kind first come first served; `done` marks the slot's request answered.
+    A request holds its slot from `acquire` until `window_s` after its answer: Bybit
+    counts a request when it arrives, which is after it left and before its answer came,
+    so requests sent together (a live burst's) and delayed unevenly on their way never
+    arrive more than `limit` to a window. `pause` blocks the budget entirely,
     e.g. until the reset time Bybit announced after a 10006.
     """
 
@@ -49,15 +93,20 @@ class RateBudget:
         self._sleep = sleep
         self._hits: deque[list[float]] = deque()  # [time the slot is counted from]
         self._paused_until = 0.0
-        self._lock = asyncio.Lock()
+        self._turns = _Turns()
 
     def _evict(self, now: float) -> None:
         while self._hits and now - self._hits[0][0] >= self.window_s:
             self._hits.popleft()
 
-    async def acquire(self) -> list[float]:
-        """Wait for a free slot in the window, take it and return it (for `done`)."""
-        async with self._lock:
+    async def acquire(self, *, urgent: bool = False) -> list[float]:
+        """Wait for a free slot in the window, take it and return it (for `done`).
+
+        `urgent`: ahead of every request not urgent still waiting (not of the one whose
+        turn it already is).
+        """
+        await self._turns.take(urgent)
+        try:
             while True:
                 now = self._now()
                 self._evict(now)
@@ -69,6 +118,8 @@ class RateBudget:
                     self._hits.append(slot)
                     return slot
                 await self._sleep(self._hits[0][0] + self.window_s - now)
+        finally:
+            self._turns.give()
 
     def done(self, slot: list[float]) -> None:
         """Count `slot` from now: its request was answered (it reached Bybit before)."""
@@ -119,6 +170,17 @@ def _budget_class(path: str, params: Any) -> str | None:
     return "query"
 
 
+def _entry(path: str, params: Any) -> bool:
+    # A new entry: an order create with no trigger that does not reduce a position (on
+    # spot, long only here, a sell closes). Everything else on the order budgets protects
+    # or closes a position and goes first (module docstring).
+    if path != "v5/order/create" or not isinstance(params, dict):
+        return False
+    if params.get("triggerPrice") not in (None, "") or params.get("reduceOnly") in (True, "true"):
+        return False
+    return not (params.get("category") == "spot" and str(params.get("side")).lower() == "sell")
+
+
 class RateBudgets:
     """The budgets of one `Exchange`, keyed by class, and the policy when Bybit says "slow down"."""
 
@@ -130,12 +192,16 @@ class RateBudgets:
         }
 
     async def acquire(self, path: str, params: Any) -> list[tuple[RateBudget, list[float]]]:
-        """Wait for the budget `path` spends, then for the IP budget; return the slots."""
+        """Wait for the budget `path` spends, then for the IP budget; return the slots.
+
+        On an order budget a new entry waits behind the other orders (module docstring).
+        """
         name = _budget_class(path, params)
         slots = []
         if name is not None:
             budget = self.by_class[name]
-            slots.append((budget, await budget.acquire()))
+            urgent = name.startswith(("order_", "amend_")) and not _entry(path, params)
+            slots.append((budget, await budget.acquire(urgent=urgent)))
         ip = self.by_class["ip"]
         slots.append((ip, await ip.acquire()))
         return slots

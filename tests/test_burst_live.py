@@ -68,10 +68,15 @@ def _stops(emu: BybitEmulator) -> Counter[str]:
 
 
 async def _run_until(
-    daemon: Daemon, emu: BybitEmulator, done: Callable[[], bool], *, within_s: float = 60.0
+    daemon: Daemon,
+    emu: BybitEmulator,
+    done: Callable[[], bool],
+    *,
+    within_s: float = 60.0,
+    quiet_s: float = 0.3,
 ) -> None:
     """Run the daemon, closing a candle at a time (the next once requests are quiet for
-    0.3 s), until `done()`; then stop it in order."""
+    `quiet_s`), until `done()`; then stop it in order."""
     run = asyncio.create_task(daemon.run())
     try:
         loop = asyncio.get_running_loop()
@@ -84,7 +89,7 @@ async def _run_until(
             while not done():
                 await asyncio.sleep(0.1)
                 last = max((r.answered or r.t for r in emu.requests[-1:]), default=0.0)
-                if time.monotonic() - last > 0.3:
+                if time.monotonic() - last > quiet_s:
                     break
     finally:
         daemon.stop.set()
@@ -247,3 +252,31 @@ async def test_a_live_bursts_stop_moves_go_out_together_and_leave_one_stop_each(
             position = portfolio.position(pair)
             assert position is not None
             assert stop.trigger_price == position.stop_price
+
+
+async def test_an_entrys_stop_goes_ahead_of_the_entries_still_waiting_for_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six entries under way at once against 3 spot orders a second (Bybit's 20 x 0.15):
+    three go, the fourth waits for a slot, the fifth and sixth queue behind it. The first
+    entries' fills ask for their stops meanwhile, and those go before the fifth and sixth
+    entries: a filled position is not left unprotected behind new ones."""
+    async with _emulator() as emu:
+        daemon = await _live_daemon(
+            emu,
+            monkeypatch,
+            KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT="6",
+            KESTREL_EXCHANGE__RATE_LIMIT_SAFETY="0.15",
+        )
+        # The next close only once no request has gone for longer than a budget's wait.
+        await _run_until(daemon, emu, lambda: _protected(emu), quiet_s=1.2)
+        sent = _entry_requests(emu)
+        assert [r.params["symbol"] for r in sent] == SYMBOLS  # decision order, each once
+        stops = sorted(
+            (r for r in emu.requests_to(CREATE) if "triggerPrice" in r.params),
+            key=lambda r: r.sent,
+        )
+        assert len(stops) == len(PAIRS)
+        assert [r.sent < sent[4].sent for r in stops[:2]] == [True, True]
+        assert _stops(emu) == Counter(dict.fromkeys(SYMBOLS, 1))
+        assert not [r for r in emu.requests if r.ret_code == 10006]  # the budget held

@@ -104,3 +104,101 @@ def test_spot_amends_and_creates_spend_their_own_budgets() -> None:
         "query,ip",
     ]
     assert budgets.by_class["amend_spot"].limit == 10
+
+
+class _YieldingTime(_Time):
+    """`_Time` whose sleep lets the other tasks run: they ask while a request waits."""
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds)
+        await asyncio.sleep(0)
+
+
+@given(
+    limit=st.integers(1, 4),
+    asks=st.lists(st.tuples(st.booleans(), st.floats(0.0, 0.5)), min_size=1, max_size=30),
+)
+def test_urgent_requests_take_the_next_slot_ahead_of_the_others_waiting(
+    limit: int, asks: list[tuple[bool, float]]
+) -> None:
+    """Requests ask together, each kind in its order; the first `limit` go at once and the
+    next waits for a slot with its turn taken: after it, every urgent one, then the rest,
+    each kind in its order. No window ever holds more than `limit` arrivals."""
+    clock = _YieldingTime()
+    budget = RateBudget("order_spot", limit, 1.0, now=lambda: clock.now, sleep=clock.sleep)
+    served: list[int] = []
+    arrivals: list[float] = []
+
+    async def one(n: int, urgent: bool, rtt: float) -> None:
+        slot = await budget.acquire(urgent=urgent)
+        served.append(n)
+        arrivals.append(clock.now + rtt / 2)
+        heapq.heappush(clock.answers, (clock.now + rtt, n, budget, slot))
+
+    async def go() -> None:
+        await asyncio.gather(*(one(n, urgent, rtt) for n, (urgent, rtt) in enumerate(asks)))
+
+    asyncio.run(go())
+    first = list(range(min(len(asks), limit + 1)))
+    rest = range(len(first), len(asks))
+    assert served == first + [n for n in rest if asks[n][0]] + [n for n in rest if not asks[n][0]]
+    arrivals.sort()
+    for i, at in enumerate(arrivals):
+        assert len([a for a in arrivals[: i + 1] if at - a < 1.0]) <= limit
+
+
+def test_on_the_order_budgets_everything_but_a_new_entry_is_urgent() -> None:
+    """Stops, their moves and cancels, exits and take-profits go before new entries."""
+    budgets = RateBudgets(1.0, 600.0)
+    asked: list[bool] = []
+
+    class Spied(RateBudget):
+        async def acquire(self, *, urgent: bool = False) -> list[float]:
+            asked.append(urgent)
+            return await super().acquire(urgent=urgent)
+
+    for name in ("order_spot", "order_linear"):
+        budget = budgets.by_class[name]
+        budgets.by_class[name] = Spied(name, budget.limit, budget.window_s)
+    requests = [
+        ("v5/order/create", {"category": "spot", "side": "Buy", "orderType": "Market"}),
+        ("v5/order/create", {"category": "spot", "side": "Sell", "triggerPrice": "90"}),
+        ("v5/order/create", {"category": "spot", "side": "Sell", "orderType": "Market"}),
+        ("v5/order/cancel", {"category": "spot", "orderLinkId": "x"}),
+        ("v5/order/create", {"category": "linear", "side": "Sell", "orderType": "Market"}),
+        ("v5/order/create", {"category": "linear", "side": "Buy", "reduceOnly": True}),
+        ("v5/order/amend", {"category": "linear", "triggerPrice": "95"}),
+    ]
+
+    async def go() -> None:
+        for path, params in requests:
+            budgets.done(await budgets.acquire(path, params))
+
+    asyncio.run(go())
+    # A spot market sell and a linear reduce-only buy close; a linear sell opens a short.
+    assert asked == [False, True, True, True, False, True, True]
+
+
+def test_a_request_cancelled_while_it_waits_keeps_no_one_else_waiting() -> None:
+    """Cancelled in the queue, or just as its turn came: the others still get their slots."""
+    clock = _YieldingTime()
+    budget = RateBudget("order_spot", 1, 1.0, now=lambda: clock.now, sleep=clock.sleep)
+    served: list[str] = []
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def one(name: str, urgent: bool = False) -> None:
+        budget.done(await budget.acquire(urgent=urgent))
+        served.append(name)
+        if name == "b":
+            tasks["d"].cancel()  # its turn was just handed over: it must pass it on
+
+    async def go() -> None:
+        for name, urgent in (("a", False), ("b", False), ("c", False), ("d", True)):
+            tasks[name] = asyncio.create_task(one(name, urgent))
+        await asyncio.sleep(0)  # a served, b waits for the slot, c and d queued
+        tasks["c"].cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await one("e")
+
+    asyncio.run(go())
+    assert served == ["a", "b", "e"]
