@@ -16,18 +16,27 @@ round trips. Both are paced by the account's order budget: Bybit's 20 creates a 
 spot, of which `rate_limit_safety` (0.8) is used, so 100 creates (50 entries, 50 stops)
 need at least 6.2 s.
 
+Where the budget binds, a filled entry's protective stop goes ahead of the entries still
+waiting for it (`rate_budgets`): the longest a filled entry waits for its stop, ours
+against the same burst with the budget first come first served, ten and thirty orders
+on their way at once (the more under way, the longer the queue at the budget).
+
 Not a CPU figure: the host's speed hardly moves it (one run of each).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
+
+import numpy as np
 
 from benchmarks.common import TRADING_ENV
 
@@ -37,6 +46,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DELAY_S = 0.1
+PEERS = {
+    "one": "the same burst, one order at a time",
+    "fifo": "the same burst, the order budget first come first served",
+    "fifo30": "the same burst, the order budget first come first served",
+}
+LABELS = {"unprotected": "entries filled and protected"}
 CREATE = "/v5/order/create"
 AMEND = "/v5/order/amend"
 
@@ -44,10 +59,11 @@ AMEND = "/v5/order/amend"
 async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
     """Run the live daemon until a close's entries are in, and the close after (it may
     trail their stops); return each kind's count and how long after its close the last of
-    its requests was answered (s): entries, stops, moves (where that close made any)."""
+    its requests was answered (s): entries, stops, moves (where that close made any), and
+    the longest from an entry's answer (a market buy: filled) to its stop's ("unprotected")."""
     from config import load_settings
     from runner import Daemon
-    from tests.bybit_emulator import BybitEmulator
+    from tests.bybit_emulator import BybitEmulator, daemon_env
     from tests.test_backtest_support import cli_args
     from utils.utilities import AuditTrail, setup_logging
 
@@ -60,9 +76,7 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
     ) as emu:
         os.environ.update(
             {
-                "KESTREL_EXCHANGE__BASE_URL": emu.base_url,
-                "KESTREL_EXCHANGE__API_KEY": emu.api_key,
-                "KESTREL_EXCHANGE__API_SECRET": emu.api_secret,
+                **daemon_env(emu),
                 **TRADING_ENV,
                 "KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT": str(in_flight),
                 "KESTREL_STRATEGY__WARMUP_CANDLES": "30",
@@ -97,6 +111,9 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
                         kind: (len(made), max(r.answered for r in made) - close)
                         for kind, made in kinds.items()
                     }
+                    waits = _unprotected(kinds["entries"], kinds["stops"])
+                    found["unprotected"] = (len(waits), max(waits, default=0.0))
+                    found["unprotected_p50"] = (len(waits), float(np.median(waits or [0.0])))
             raise RuntimeError("no close decided an entry on every pair")
         finally:
             daemon.stop.set()
@@ -127,6 +144,20 @@ async def _close(emu: Any) -> tuple[float, list[Any]]:
             return close, new
 
 
+def _unprotected(entries: list[Any], stops: list[Any]) -> list[float]:
+    """Return, for each entry with a stop, the time from its answer to its stop's (s)."""
+    stop_of = {r.params["symbol"]: r for r in stops}
+    return [
+        stop_of[r.params["symbol"]].answered - r.answered
+        for r in entries
+        if r.params["symbol"] in stop_of
+    ]
+
+
+def _p50(results: dict[str, dict[str, tuple[int, float]]], name: str) -> str:
+    return f"{results[name]['unprotected_p50'][1]:.2f}"
+
+
 def _kind(params: dict[str, Any]) -> str:
     if "triggerPrice" in params:
         return "stop"
@@ -140,25 +171,42 @@ def run() -> list[dict[str, Any]]:
         os.chdir(tmp)
         results = {}
         try:
-            for in_flight in (10, 1):
+            # Ours; the same with the budgets first come first served (every request counted
+            # as an entry: none goes ahead); one at a time; both budgets thirty at a time.
+            for name, in_flight, fifo in (
+                ("ours", 10, False),
+                ("fifo", 10, True),
+                ("one", 1, False),
+                ("ours30", 30, False),
+                ("fifo30", 30, True),
+            ):
                 # A store of its own: the other run's archived candles would be its history.
                 for kind in ("DATA", "LOG"):
-                    where = Path(tmp) / f"{kind.lower()}-{in_flight}"
+                    where = Path(tmp) / f"{kind.lower()}-{name}"
                     os.environ[f"KESTREL_STORAGE__{kind}_DIR"] = str(where)
-                results[in_flight] = asyncio.run(_burst(pairs, in_flight))
+                with (
+                    mock.patch("rate_budgets._entry", return_value=True)
+                    if fifo
+                    else contextlib.nullcontext()
+                ):
+                    results[name] = asyncio.run(_burst(pairs, in_flight))
         finally:
             os.chdir(cwd)
-    ours, peer = results[10], results[1]
-    who = "the same burst, one order at a time"
 
-    def row(kind: str, what: str, note: str) -> dict[str, Any] | None:
+    def row(
+        kind: str, what: str, note: str, peer_of: str = "one", ours_of: str = "ours"
+    ) -> dict[str, Any] | None:
+        ours, peer = results[ours_of], results[peer_of]
         if kind not in ours or kind not in peer:
             return None  # that close made none in one of the runs
         (n, value), (pn, peer_value) = ours[kind], peer[kind]
-        return {"name": f"live burst over a {DELAY_S * 1000:.0f} ms link, {pairs} pairs: the "
-                f"close -> {what} answered", "ours": value, "unit": "s", "peer": who,
+        name = f"live burst over a {DELAY_S * 1000:.0f} ms link, {pairs} pairs: " + (
+            what if kind == "unprotected" else f"the close -> {what} answered"
+        )
+        who = PEERS[peer_of]
+        return {"name": name, "ours": value, "unit": "s", "peer": who,
                 "peer_value": peer_value, "ratio": peer_value / value if value else None,
-                "note": f"{n} {kind} (one at a time: {pn}); {note}"}  # fmt: skip
+                "note": f"{n} {LABELS.get(kind, kind)} ({who}: {pn}); {note}"}  # fmt: skip
 
     rows = [
         row(
@@ -179,6 +227,21 @@ def run() -> list[dict[str, Any]]:
             "the last stop moved",
             "the close after the entries trails the stops: an amend each (under its "
             "pair's lock), sent after the burst's orders, ten at a time or one at a time",
+        ),
+        *(
+            row(
+                "unprotected",
+                f"{n} orders on their way at once, the longest a filled entry waits for its "
+                "stop (its answer -> its stop's answer)",
+                "where the order budget binds, a filled entry's stop takes the next slot ahead "
+                "of the entries still waiting (`rate_budgets`); first come first served, it "
+                f"waited behind them; median {_p50(results, ours_of)} s "
+                f"(first come first served: {_p50(results, peer_of)} s); ratio > 1: protected "
+                "sooner",
+                peer_of=peer_of,
+                ours_of=ours_of,
+            )
+            for n, ours_of, peer_of in ((10, "ours", "fifo"), (30, "ours30", "fifo30"))
         ),
     ]
     return [r for r in rows if r is not None]
