@@ -98,8 +98,8 @@ async def _burst(pairs: int, in_flight: int) -> dict[str, tuple[int, float]]:
                 close, new = await _close(emu)
                 creates = [r for r in new if r.path == CREATE]
                 kinds = {
-                    "entries": [r for r in creates if _kind(r.params) == "entry"],
-                    "stops": [r for r in creates if _kind(r.params) == "stop"],
+                    "entries": [r for r in creates if r.order_kind == "entry"],
+                    "stops": [r for r in creates if r.order_kind == "stop"],
                 }
                 if found:  # the close after the entries: it may trail their stops
                     moves = [r for r in new if r.path == AMEND]
@@ -156,12 +156,6 @@ def _unprotected(entries: list[Any], stops: list[Any]) -> list[float]:
 
 def _p50(results: dict[str, dict[str, tuple[int, float]]], name: str) -> str:
     return f"{results[name]['unprotected_p50'][1]:.2f}"
-
-
-def _kind(params: dict[str, Any]) -> str:
-    if "triggerPrice" in params:
-        return "stop"
-    return "entry" if params.get("side") == "Buy" else "exit"
 
 
 def run() -> list[dict[str, Any]]:

@@ -342,6 +342,15 @@ class RecordedRequest:
         value = self.params.get("category")
         return str(value) if value is not None else None
 
+    @property
+    def order_kind(self) -> str:
+        """Return what an order create is: a "stop" (it has a trigger), else (long-only
+        spot, as the bots here trade it) an "entry" (a buy) or an "exit" (a sell)."""
+        params = self.params
+        if "triggerPrice" in params:
+            return "stop"
+        return "entry" if params.get("side") == "Buy" else "exit"
+
 
 @dataclass(slots=True)
 class _FaultRule:

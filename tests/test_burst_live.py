@@ -19,7 +19,7 @@ import pytest
 
 from config import load_settings
 from runner import Daemon
-from tests.bybit_emulator import BybitEmulator, daemon_env
+from tests.bybit_emulator import BybitEmulator, RecordedRequest, daemon_env
 from tests.test_backtest_support import cli_args
 from utils.utilities import AuditTrail
 
@@ -51,10 +51,8 @@ def _entries(emu: BybitEmulator) -> list[Any]:
     return sorted((o for o in orders if not o.trigger_price), key=lambda o: o.created)
 
 
-def _is_entry(request: Any) -> bool:
-    """A create of an entry: a buy with no trigger (not a stop)."""
-    params = request.params
-    return "triggerPrice" not in params and params.get("side") == "Buy"
+def _is_entry(request: RecordedRequest) -> bool:
+    return request.order_kind == "entry"
 
 
 def _entry_requests(emu: BybitEmulator) -> list[Any]:
@@ -273,7 +271,7 @@ async def test_an_entrys_stop_goes_ahead_of_the_entries_still_waiting_for_the_bu
         sent = _entry_requests(emu)
         assert [r.params["symbol"] for r in sent] == SYMBOLS  # decision order, each once
         stops = sorted(
-            (r for r in emu.requests_to(CREATE) if "triggerPrice" in r.params),
+            (r for r in emu.requests_to(CREATE) if r.order_kind == "stop"),
             key=lambda r: r.sent,
         )
         assert len(stops) == len(PAIRS)

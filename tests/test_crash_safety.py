@@ -221,13 +221,12 @@ def _check_exchange_records(emu: BybitEmulator, pair: str) -> tuple[int, int]:
 
 
 def _entry_answered(request: RecordedRequest) -> bool:
-    """A create of an entry (a buy with no trigger) that was answered in time.
+    """A create of an entry that was answered in time.
 
     A request whose answer was lost stays open at the emulator past the client's timeout,
     beside the orders sent after it.
     """
-    params = request.params
-    return "triggerPrice" not in params and params.get("side") == "Buy" and not request.fault
+    return request.order_kind == "entry" and not request.fault
 
 
 def _decided_together(emu: BybitEmulator) -> int:
