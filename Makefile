@@ -33,8 +33,14 @@ SIM_ARGS := --mode sim --feed replay --pairs BTC/USDT,ETH/USDT,SOL/USDT,XRP/USDT
 sim: $(STAMP)
 	$(BIN)/python main.py $(SIM_ARGS)
 
+# The suite on two workers (pytest-xdist): most of its time is daemons, emulators and
+# subprocesses waiting on each other, so two workers on two cores take about half the
+# wall time of one. A worker that runs out of tests takes some of the other's
+# (worksteal): the crash test alone is about three minutes. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(DEVSTAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(DEVSTAMP)
 	$(BIN)/python -m benchmarks.run
