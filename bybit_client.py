@@ -266,6 +266,16 @@ class KestrelBybit(ccxt.pro.bybit):  # type: ignore[misc]
             return
         super().handle_message(client, message)
 
+    def handle_subscription_status(self, client: Any, message: Any) -> Any:
+        """Count the subscriptions the exchange acknowledged on `client`'s socket.
+
+        ccxt resolves nothing on an acknowledgement (a watch returns on data only); the
+        count is how `Exchange.wait_private_streams` knows the private topics are live.
+        """
+        if type(message) is dict and message.get("op") == "subscribe" and message.get("success"):
+            client.kestrel_acknowledged = getattr(client, "kestrel_acknowledged", 0) + 1
+        return super().handle_subscription_status(client, message)
+
     def handle_ohlcv(self, client: Any, message: Any) -> None:
         """Hand a kline frame's rows to its market's tap; ccxt handles what the tap leaves.
 

@@ -39,7 +39,6 @@ log = structlog.get_logger("exchange")
 
 # The first fill sweep runs this soon after start-up (see bybit_orders.SWEEP_OVERLAP_MS).
 _FIRST_POLL_S: Final = 2.0
-_SUBSCRIBE_GRACE_S: Final = 0.3  # for the queued subscribe frames to reach the exchange
 _MERGED: Final = 1000  # items a merged stream holds for its consumer
 
 
@@ -281,12 +280,13 @@ class ExchangeStreams(ExchangeBase):
         return self._merge([stream(self.market(p).pair) for p in pairs])
 
     async def wait_private_streams(self, *, timeout: float, streams: int = 2) -> bool:  # noqa: ASYNC109 - a deadline for polling ccxt's own state
-        """Wait until the private socket is logged in and `streams` topics are subscribed.
+        """Wait until the exchange has acknowledged `streams` private subscriptions.
 
-        ccxt resolves nothing when Bybit acknowledges a subscription, so this reads its
-        client state: the private connection open and the subscribe requests queued on it,
-        plus a moment for them to leave. Return False (and log) when `timeout` runs out;
-        the caller's REST sweep and the periodic sweeps still cover what the socket misses.
+        From then on an order's or a fill's event reaches the socket: what the caller
+        fetches over REST afterwards leaves nothing between the two. ccxt resolves nothing
+        on an acknowledgement, so the client counts them (`KestrelBybit`) and this reads
+        the count. Return False (and log) when `timeout` runs out; the caller's REST sweep
+        and the periodic sweeps still cover what the socket misses.
         """
         client = self._ensure_open()
         deadline = time.monotonic() + timeout
@@ -299,13 +299,12 @@ class ExchangeStreams(ExchangeBase):
                     and connected.done()
                     and not connected.cancelled()
                     and connected.exception() is None
-                    and len(getattr(ws, "subscriptions", {})) >= streams
+                    and getattr(ws, "kestrel_acknowledged", 0) >= streams
                 )
                 if ready:
-                    await asyncio.sleep(_SUBSCRIBE_GRACE_S)
-                    log.info("private_streams_ready", subscriptions=len(ws.subscriptions))
+                    log.info("private_streams_ready", subscriptions=ws.kestrel_acknowledged)
                     return True
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
         log.warning("private_streams_not_ready", timeout_s=timeout)
         return False
 

@@ -83,7 +83,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 QUEUE_SIZE = 1_000
 SHUTDOWN_STEP_TIMEOUT = 1.5
-PRIVATE_READY_TIMEOUT_S = 10.0  # the private streams' subscription, before trading starts
 _SETTLE_LOOKBACK_MS = 3_600_000  # how far back the stop looks for fills the stream missed
 
 

@@ -570,6 +570,7 @@ class BybitEmulator:
         tick_s: float = 0.05,
         lenient_clock: bool = False,
         rest_delay_s: float = 0.0,
+        subscribe_delay_s: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.lenient_clock = lenient_clock
@@ -582,6 +583,9 @@ class BybitEmulator:
         # A network between the client and the exchange: each REST request takes half of
         # this to arrive and its answer the other half to come back.
         self.rest_delay_s = rest_delay_s
+        # A slow exchange (or a far one): a subscribe request takes effect, and is
+        # acknowledged, this long after it arrives.
+        self.subscribe_delay_s = subscribe_delay_s
         self.rate_limit_reset_ms = 200
         self.instruments = {(i.category, i.symbol): i for i in default_instruments(extra_bases)}
         now = self.clock.now_ms()
@@ -2273,6 +2277,8 @@ class BybitEmulator:
         if op == "unsubscribe":
             conn.topics.difference_update(topics)
         else:
+            if self.subscribe_delay_s > 0:
+                await asyncio.sleep(self.subscribe_delay_s)
             conn.topics.update(topics)
         ack_msg = "" if conn.kind == "private" or op == "unsubscribe" else "subscribe"
         await conn.ws.send_json(

@@ -327,6 +327,45 @@ async def test_fill_before_the_subscription_arrives_once_by_the_rest_sweep(
     assert [f.client_order_id for f in items] == ["early-1", "late-2"]
 
 
+async def test_private_streams_are_ready_once_the_exchange_acknowledged_them(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """A slow exchange: ready means subscribed there, so the next fill comes on the socket."""
+    emu.subscribe_delay_s = 0.8  # each subscribe takes effect (and is acknowledged) late
+    feeds = {"orders": Collector(ex.watch_orders()), "fills": Collector(ex.watch_fills())}
+    assert await ex.wait_private_streams(timeout=5.0)
+    subscribed = (emu.subscribers("order", "private"), emu.subscribers("execution", "private"))
+    await ex.create_order(
+        OrderIntent("BTC/USDT", Side.BUY, Decimal("0.001"), OrderType.MARKET, "ready-1", "t")
+    )
+    fills = await feeds["fills"].wait_for(1)  # no REST sweep: only the socket delivers
+    for feed in feeds.values():
+        await feed.stop()
+    assert subscribed == (1, 1)
+    assert [f.client_order_id for f in fills] == ["ready-1"]
+
+
+async def test_private_streams_never_acknowledged_are_not_ready(
+    emu: BybitEmulator, ex: Exchange
+) -> None:
+    """Subscribe requests sent but not acknowledged within the timeout: not ready, logged."""
+    emu.subscribe_delay_s = 2.0
+    feeds = [Collector(ex.watch_orders()), Collector(ex.watch_fills())]
+    await eventually(lambda: len(_private_subscribes(emu)) >= 2)  # both requests are out
+    with structlog.testing.capture_logs() as logs:
+        ready = await ex.wait_private_streams(timeout=0.3)
+    for feed in feeds:
+        await feed.stop()
+    assert not ready
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "private_streams_not_ready"
+    ]
+
+
+def _private_subscribes(emu: BybitEmulator) -> list[dict[str, Any]]:
+    return [m for m in emu.ws_messages_in if m.get("op") == "subscribe" and m["_kind"] == "private"]
+
+
 async def test_without_polling_a_fill_before_the_subscription_is_not_reported(
     emu: BybitEmulator, ex: Exchange
 ) -> None:
