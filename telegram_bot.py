@@ -244,34 +244,52 @@ class TelegramBot:
             await asyncio.wait_for(self._first_attempt.wait(), timeout=15.0)
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:
-        """Stop polling, flush queued messages for up to `flush_timeout`, then shut down."""
+        """Stop polling, flush queued messages for up to `flush_timeout`, then shut down.
+
+        The alerts still undelivered are spooled for the next start (`spool_alerts`), also
+        when the caller's deadline cancels the stop first: the daemon gives each shutdown
+        step 1.5 s, less than a rate-limited or slow Telegram can take to flush, and the
+        process ends right after (a "trading stopped" alert must not end with it).
+        """
         if self._loop is None or self._stopped:
             return
         self._stopped = True
         app = self._app
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
-        if app.updater is not None and app.updater.running:
-            with contextlib.suppress(TimeoutError):
-                # A long poll ends at once; PTB's retry sleep after a network error does not.
-                await asyncio.wait_for(app.updater.stop(), timeout=2.0)
-        await self._sender.flush(flush_timeout)
-        if self._sender_task is not None:
-            self._sender_task.cancel()
-            await asyncio.gather(self._sender_task, return_exceptions=True)
-        left = self._outbox.drain()
-        held = spool_alerts(self._spool, [m for m in left if not m.interactive])
-        if len(left) > held:
-            log.warning("telegram_undelivered", messages=len(left) - held)
-        for message in left:
-            message.settle(delivered=False)
+        flushed = False
+        try:
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+                await asyncio.gather(self._connect_task, return_exceptions=True)
+            if app.updater is not None and app.updater.running:
+                with contextlib.suppress(TimeoutError):
+                    # A long poll ends at once; PTB's retry sleep after a network error does not.
+                    await asyncio.wait_for(app.updater.stop(), timeout=2.0)
+            await self._sender.flush(flush_timeout)
+            flushed = True
+        finally:
+            try:
+                if self._sender_task is not None:
+                    self._sender_task.cancel()  # a batch on its way is put back (the sender)
+                    await asyncio.gather(self._sender_task, return_exceptions=True)
+            finally:
+                self._hold_undelivered()
+                if not flushed:  # cut short: the HTTP clients are closed all the same
+                    await app.bot.shutdown()
         if app.running:
             await app.stop()
         await app.shutdown()
         await app.bot.shutdown()  # closes the HTTP clients even if initialize() never finished
         self._ready.clear()
         log.info("telegram_stopped", **self._counters)
+
+    def _hold_undelivered(self) -> None:
+        # What the sender did not deliver: alerts to the spool, replies are given up.
+        left = self._outbox.drain()
+        held = spool_alerts(self._spool, [m for m in left if not m.interactive])
+        if len(left) > held:
+            log.warning("telegram_undelivered", messages=len(left) - held)
+        for message in left:
+            message.settle(delivered=False)
 
     # -- Alerts -----------------------------------------------------------------------------
 

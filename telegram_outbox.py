@@ -471,6 +471,11 @@ class OutboxSender:
         self._limiter.record(chat_id, time.monotonic())
         try:
             await self._post(chat_id, batch)
+        except asyncio.CancelledError:
+            # Stopped with the batch on its way (`TelegramBot.stop`): back in the queue, so
+            # it is spooled; like a timed-out send, it may then be delivered twice.
+            self.outbox.requeue(batch)
+            raise
         except RetryAfter as e:
             # Flood control: wait what Telegram says, for every chat, then resend the same.
             delay = _retry_after_seconds(e)

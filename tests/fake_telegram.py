@@ -4,8 +4,9 @@
 sends (see WIRE.md section 5): every call is `POST /bot<TOKEN>/<method>` with a form, JSON or
 empty body, and every answer is `{"ok": true, "result": ...}` or an error envelope. Tests
 inject updates (commands, button presses), read what the bot sent (with arrival times from
-`time.monotonic()`), and inject faults: a 429 with `retry_after`, a 5xx, or a server that is
-gone (connections refused) and later comes back on the same port.
+`time.monotonic()`), and inject faults: a 429 with `retry_after`, a 5xx, a call held before
+it is handled (a slow Telegram), or a server that is gone (connections refused) and later
+comes back on the same port.
 
 `FakeControl` implements `models.Control` with a fixed, hand-set state for the rendering
 and confirmation-flow tests; its actions follow the engine's rules (/resume keeps a latched
@@ -154,6 +155,7 @@ class FakeTelegram:
         self._message_ids = itertools.count(1)
         self._query_ids = itertools.count(1)
         self._faults: dict[str, list[_Fault]] = {}
+        self._holds: dict[str, list[float]] = {}
         self._runner: web.AppRunner | None = None
         self._changed: asyncio.Condition | None = None
 
@@ -217,6 +219,11 @@ class FakeTelegram:
                 else "Bad Request: injected"
             )
         self._faults.setdefault(method, []).append(_Fault(status, retry_after, description, times))
+
+    def hold_next(self, method: str, seconds: float) -> None:
+        """Hold the next call of `method` for `seconds` before handling it (a slow server);
+        a call whose client gave up meanwhile is never handled."""
+        self._holds.setdefault(method, []).append(seconds)
 
     def push_command(
         self, text: str, *, chat_id: int, user_id: int, chat_type: str | None = None
@@ -306,6 +313,11 @@ class FakeTelegram:
         arrived = time.monotonic()
         method = request.match_info["method"]
         params = await self._params(request)
+        holds = self._holds.get(method)
+        if holds:
+            await asyncio.sleep(holds.pop(0))  # not handled (nor recorded) until then
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the client gave up: never handled
         call = Call(method, params, arrived)
         self.calls.append(call)
         if request.match_info["token"] != self.token:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -17,6 +18,7 @@ import pytest
 from config import TelegramSettings
 from error_handler import BotError
 from models import BotState, ClosedTrade, Decision, PositionSide, Side, Signal, TradingState, Veto
+from runner import SHUTDOWN_STEP_TIMEOUT
 from telegram_bot import TelegramBot
 from telegram_templates import COMMANDS, Alert, error_alert
 from tests.conftest import eventually
@@ -720,6 +722,36 @@ async def test_why_lists_the_candlestick_patterns_of_the_latest_candles(
         assert item["label"] in reply.visible
     control.candles.clear()
     assert "patterns" not in (await ask(api, "/why btcusdt")).visible
+
+
+@pytest.mark.parametrize("slow", ["flood control", "request in flight"])
+async def test_an_alert_a_shutdown_step_cuts_short_is_held_for_the_next_start(
+    api: FakeTelegram, control: FakeControl, tmp_path: Path, slow: str
+) -> None:
+    """The daemon gives its Telegram stop one shutdown step (1.5 s): an alert Telegram is
+    slow to take within it is spooled, and the next run delivers it once."""
+    spool = tmp_path / "state" / "telegram_outbox.json"
+    options: dict[str, Any] = {"poll_timeout": 1.0, "retry_base": 0.05, "retry_cap": 0.3}
+    first = TelegramBot(_settings(api), control, spool=spool, **options)
+    await first.start()
+    if slow == "flood control":
+        api.fail_next("sendMessage", status=429, retry_after=4)  # the sender waits 4 s
+    else:
+        api.hold_next("sendMessage", 4.0)  # the send hangs past the step
+    first.notify("trading stopped: boom")
+    await eventually(lambda: bool(api.calls_to("sendMessage")) or slow != "flood control")
+    with pytest.raises(TimeoutError):  # as the daemon runs its shutdown steps
+        await asyncio.wait_for(first.stop(), timeout=SHUTDOWN_STEP_TIMEOUT)
+    rows = json.loads(spool.read_text())
+    assert [r["text"] for r in rows] == ["trading stopped: boom"]
+    second = TelegramBot(_settings(api), control, spool=spool, **options)
+    await second.start()
+    try:
+        await eventually(lambda: any("trading stopped: boom" in m.visible for m in api.messages))
+    finally:
+        await second.stop(flush_timeout=1.0)
+    assert [m.visible.count("trading stopped: boom") for m in api.messages_to(CHAT)] == [1]
+    assert not spool.exists()
 
 
 async def test_alerts_undelivered_at_stop_are_sent_after_the_next_start(
