@@ -571,6 +571,7 @@ class BybitEmulator:
         lenient_clock: bool = False,
         rest_delay_s: float = 0.0,
         subscribe_delay_s: float = 0.0,
+        closed_first: bool = False,
     ) -> None:
         self.api_key = api_key
         self.lenient_clock = lenient_clock
@@ -586,6 +587,9 @@ class BybitEmulator:
         # A slow exchange (or a far one): a subscribe request takes effect, and is
         # acknowledged, this long after it arrives.
         self.subscribe_delay_s = subscribe_delay_s
+        # A minute's kline frames: each symbol's closed candle then its new one, symbol by
+        # symbol (the default), or every closed candle before the first new one.
+        self.closed_first = closed_first
         self.rate_limit_reset_ms = 200
         self.instruments = {(i.category, i.symbol): i for i in default_instruments(extra_bases)}
         now = self.clock.now_ms()
@@ -1042,6 +1046,7 @@ class BybitEmulator:
         # does not build the next symbol's bar between two pushes (here that took ~10 us
         # a frame of Decimal work, up to 1 ms more for a minute's first pushes to wait).
         frames: list[tuple[str, str, str]] = []
+        forming: list[tuple[str, str, str]] = []  # the new candles' (`closed_first`)
         for kind, topic in sorted(topics):
             _, interval, symbol = topic.split(".")
             minutes = INTERVAL_MINUTES[interval]
@@ -1055,8 +1060,10 @@ class BybitEmulator:
                 bars.append((series.bar(current, minutes, now), False))
             for bar, confirm in bars:
                 frame = self._kline_frame(bar, interval, symbol, confirm)
-                frames.append((kind, topic, json.dumps(frame, separators=(",", ":"))))
+                held = forming if self.closed_first and not confirm else frames
+                held.append((kind, topic, json.dumps(frame, separators=(",", ":"))))
             self._kline_state[key] = current - step
+        frames += forming
         late: dict[float, list[tuple[str, str, str]]] = {}
         for kind, topic, text in frames:
             lag = self.kline_lag_s.get(topic.rsplit(".", 1)[1], 0.0)

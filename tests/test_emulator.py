@@ -363,6 +363,31 @@ async def test_ping_pong_keeps_ccxt_sockets_alive(private: bool) -> None:
             await client.close()
 
 
+@pytest.mark.parametrize("closed_first", [False, True])
+async def test_a_minutes_kline_frames_come_pair_by_pair_or_closed_candles_first(
+    closed_first: bool,
+) -> None:
+    """Each symbol's closed candle, then its new one; with `closed_first`, every closed one
+    before the first new one. Either way each symbol's frames stay in time order."""
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+    async with (
+        BybitEmulator(closed_first=closed_first) as emu,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{emu.ws_url}/v5/public/spot") as ws,
+    ):
+        await ws.send_json(
+            {"op": "subscribe", "req_id": "1", "args": [f"kline.1.{s}" for s in symbols]}
+        )
+        assert (await ws.receive_json())["success"]
+        await emu.advance(minutes=1)
+        frames = [await ws.receive_json(timeout=5) for _ in range(2 * len(symbols))]
+    seen = [(f["topic"].rsplit(".", 1)[1], f["data"][0]["confirm"]) for f in frames]
+    if closed_first:
+        assert seen == [(s, True) for s in symbols] + [(s, False) for s in symbols]
+    else:
+        assert seen == [(s, confirm) for s in symbols for confirm in (True, False)]
+
+
 async def test_amend_changes_a_resting_order() -> None:
     """order/amend (ccxt edit_order) moves a resting limit order's price."""
     async with BybitEmulator() as emu:
