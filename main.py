@@ -279,10 +279,11 @@ def write_summary(summary: RunSummary, path: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from utils.utilities import atomic_write, flush_logs
+
+    flush_logs()  # the run's last log lines first: on one pipe, the summary ends the output
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        from utils.utilities import atomic_write
-
         text = json.dumps(summary.to_dict(), indent=2, default=str, sort_keys=True)
         atomic_write(path, text)
     table = Table(title=f"Kestrel {summary.mode} summary", show_header=False)

@@ -61,6 +61,29 @@ def test_make_sim_on_a_pipe_finishes_and_prints_the_summary(tmp_path: Path) -> N
     assert '"event": "daemon_started"' in log
 
 
+def test_make_sim_on_one_pipe_ends_with_the_summary(tmp_path: Path) -> None:
+    """Stdout and stderr on one pipe (`make sim 2>&1 | tee`): the run's warnings (its breakers
+    trip on the bundled candles) all come before the summary, which ends the output."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *sim_args()],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    title = next(i for i, line in enumerate(lines) if "Kestrel sim summary" in line)
+    logged = [i for i, line in enumerate(lines) if re.match(r"\d{4}-\d\d-\d\dT\S+Z \[", line)]
+    assert len(logged) >= 3, proc.stdout  # breaker trips, each a warning
+    assert max(logged) < title, "\n".join(lines[title:])
+    assert lines[-1].startswith("└"), lines[-3:]
+
+
 @pytest.fixture
 async def tmux() -> AsyncIterator[Tmux]:
     server = Tmux(_tmux(), f"kestrel-sim-test-{os.getpid()}")

@@ -440,6 +440,55 @@ def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> N
     assert "raise ValueError" in event["exception"]
 
 
+def test_flush_logs_waits_for_the_records_queued_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flush_logs` returns once what was logged before it is in the file, the listener still
+    running; a listener that cannot answer in time gives False."""
+    import threading
+    import time
+
+    from utils.utilities import flush_logs, setup_logging, stop_log_listener
+
+    original = logging.handlers.RotatingFileHandler.emit
+    gate = threading.Event()
+    gate.set()
+
+    def slow(self: logging.Handler, record: logging.LogRecord) -> None:
+        gate.wait()
+        time.sleep(0.001)  # the listener lags behind the logging thread
+        original(self, record)
+
+    monkeypatch.setattr(logging.handlers.RotatingFileHandler, "emit", slow)
+    setup_logging(tmp_path, level="INFO", console=False)
+    path = tmp_path / "kestrel.jsonl"
+    log = logging.getLogger("kestrel.test")
+
+    def events() -> list[str]:
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line)["event"] for line in lines]
+
+    try:
+        for i in range(100):
+            log.warning(f"before_{i}")
+        assert flush_logs()
+        assert events() == [f"before_{i}" for i in range(100)]
+        log.warning("after")  # the listener still writes
+        assert flush_logs()
+        assert events()[-1] == "after"
+        gate.clear()  # a sink that hangs: the flush gives up
+        log.warning("stuck")
+        started = time.monotonic()
+        assert not flush_logs(timeout=0.2)
+        assert time.monotonic() - started < 2
+    finally:
+        gate.set()
+        stop_log_listener()
+        setup_logging(None, console=False)
+    assert events()[-1] == "stuck"
+    assert flush_logs()  # no listener: nothing to wait for
+
+
 @pytest.mark.parametrize("elapsed", [False, True])
 def test_progress_bar_draws_description_and_count(
     capsys: pytest.CaptureFixture[str], elapsed: bool

@@ -168,7 +168,7 @@ def setup_logging(
         # the event (a formatted JSON line plus a console line cost ~0.3 ms each).
         global _listener
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        _listener = logging.handlers.QueueListener(records, *sinks, respect_handler_level=True)
+        _listener = _Listener(records, *sinks, respect_handler_level=True)
         _listener.start()
         root.addHandler(_UnformattedQueueHandler(records))
     else:
@@ -255,7 +255,25 @@ def held_logs() -> Iterator[None]:
                         handler.queue.put_nowait(record)
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _Flushed(logging.LogRecord):
+    """A marker in the listener's queue: set once every record queued before it is written."""
+
+    def __init__(self) -> None:
+        super().__init__("kestrel.flush", logging.NOTSET, "", 0, "", None, None)
+        self.done = threading.Event()
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The listener thread that renders and writes the queued records (`flush_logs` waits on it)."""
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if isinstance(record, _Flushed):
+            record.done.set()  # the records before it are written: the queue is in order
+            return
+        super().handle(record)
+
+
+_listener: _Listener | None = None
 _min_level = logging.NOTSET  # below it, the cached loggers drop events (setup_logging)
 
 
@@ -266,6 +284,20 @@ def logs_at(level: int) -> bool:
     `str()` of a Decimal, an enum and the logger's lookup cost ~2 us per order.
     """
     return level >= _min_level
+
+
+def flush_logs(timeout: float = 2.0) -> bool:
+    """Wait until the log records queued so far are written; False if not within `timeout`.
+
+    The listener keeps running (records logged after this are written as before). Before a
+    run's summary is printed, so the console's last warnings do not come after it.
+    """
+    listener = _listener
+    if listener is None:
+        return True
+    marker = _Flushed()
+    listener.queue.put_nowait(marker)
+    return marker.done.wait(timeout)
 
 
 def stop_log_listener() -> None:
