@@ -440,6 +440,12 @@ def test_log_exception_keeps_its_traceback_in_the_json_file(tmp_path: Path) -> N
     assert "raise ValueError" in event["exception"]
 
 
+def _logged_events(path: Path) -> list[str]:
+    # The events of a JSON log file so far (none before its first line).
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["event"] for line in lines]
+
+
 def test_flush_logs_waits_for_the_records_queued_before_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,12 +467,10 @@ def test_flush_logs_waits_for_the_records_queued_before_it(
 
     monkeypatch.setattr(logging.handlers.RotatingFileHandler, "emit", slow)
     setup_logging(tmp_path, level="INFO", console=False)
-    path = tmp_path / "kestrel.jsonl"
     log = logging.getLogger("kestrel.test")
 
     def events() -> list[str]:
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line)["event"] for line in lines]
+        return _logged_events(tmp_path / "kestrel.jsonl")
 
     try:
         for i in range(100):
@@ -607,12 +611,10 @@ def test_held_log_records_reach_the_file_when_the_block_ends(tmp_path: Path) -> 
     from utils.utilities import held_logs, setup_logging, stop_log_listener
 
     setup_logging(tmp_path, level="INFO", console=False)
-    path = tmp_path / "kestrel.jsonl"
     log = logging.getLogger("kestrel.test")
 
     def events() -> list[str]:
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line)["event"] for line in lines]
+        return _logged_events(tmp_path / "kestrel.jsonl")
 
     try:
         with held_logs():
