@@ -19,13 +19,13 @@ import numpy as np
 from anomaly_detection import AnomalyWatch
 from capital_allocation import Allocator
 from data_manager import DataManager
-from models import Candle, TradingState
+from models import Candle, Market, TradingState
 from pattern_recognition import PatternFilter
 from perpetuals import FundingSchedule
 from portfolio import Portfolio
 from risk_management import RiskManager
-from trade_executor import StopState, TradeExecutor
-from utils.utilities import Clock
+from trade_executor import TradeExecutor
+from utils.utilities import AuditTrail, Clock
 
 
 class QuietSteps:
@@ -59,9 +59,10 @@ class QuietSteps:
     last_close: dict[str, float]
     last_candle_ts: dict[str, int]
     executor: TradeExecutor
+    audit: AuditTrail
+    market_for: Callable[[str], Market]
     # The engine's steps it runs (`pipeline.Engine` defines them).
     _manage_stop: Callable[[Candle, int], Awaitable[None]]
-    _move_stop: Callable[[Candle, int, float | None], Awaitable[None]]
     _atr: Callable[[str], float | None]
     _take_profit_reached: Callable[[Candle], Awaitable[bool]]
 
@@ -147,16 +148,17 @@ class QuietSteps:
     def trails_quietly(self, pair: str) -> bool:
         """Return True when `pair`'s candles may only move its stop, marks and equity.
 
-        Stops managed, a position held, its protective stop working and settled, and no
-        funding to settle: a candle without a signal that neither triggers the stop nor
-        reaches the take-profit (`take_profit_hit`) then goes through `on_held_candle`.
+        Stops managed, a position held, its protective stop working and settled at a level
+        known for sure, and no funding to settle: a candle without a signal that neither
+        triggers the stop nor reaches the take-profit (`take_profit_hit`) then goes through
+        `on_trailing_bar`.
         """
         return (
             self.manage_stops
             and not self.funding
             and not self.decisions_void
             and self.portfolio.has_position(pair)
-            and self.executor.protective_stop(pair)[0] is StopState.WORKING
+            and self.executor.trails_in_place(pair)
         )
 
     def take_profit_hit(self, pair: str, high: float, low: float) -> bool:
@@ -176,28 +178,85 @@ class QuietSteps:
         period = self.risk.settings.atr_period
         return (period, period * 10) if period * 10 <= self.data.window else None
 
-    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
-        """Apply a held pair's candle on which its stop cannot trigger and nothing fills.
+    def on_trailing_bar(
+        self,
+        pair: str,
+        bar: tuple[int, float, float, float],
+        atr: float | None,
+        now: int,
+        working: Decimal,
+    ) -> tuple[Decimal | None, bool]:
+        """Apply a held pair's bar on which its stop cannot trigger and nothing fills.
 
-        The clock is at the candle's close and `atr` is the ATR of the pair's window up
-        to it (`window_atr` once the window has taken it, or the same bars read from the
-        archive). What `process` does for it: the counters, the mark, the stop (it may
-        trail), the equity and the breakers; the data window may take the candle later.
+        What `process` does for it (the counters, the mark, the stop's move, the equity and
+        the breakers) but the amend that sends the move, which the caller makes once for
+        several bars (`SimDriver`). `bar` is the open time, high, low and close; the clock is
+        at its close, `now`; `atr` is the ATR of the pair's window up to it (`window_atr`
+        once the window has taken it, or the same bars read from the archive); `working`
+        is the trigger the pair's stop has, moves not sent yet included. The position
+        records the new level at once, as the amend's answer would (the next bar's rule
+        reads it). Returns the trigger to amend the stop to (None: no amend is due) and
+        whether the breakers ask to flatten (the caller amends, then awaits `trip_flatten`).
         The caller has checked that the bar neither triggers the stop nor reaches the
-        take-profit and carries no signal. Returns True when the breakers ask to flatten
-        (the caller awaits `trip_flatten`).
+        take-profit and carries no signal, and that the pair `trails_quietly`.
         """
-        pair = candle.pair
+        ts, high, low, close = bar
         self.candles += 1
         if self.first_ts is None:
-            self.first_ts = candle.ts
-        self.last_ts = candle.ts
-        self.last_close[pair] = candle.close
-        self.last_candle_ts[pair] = candle.ts
+            self.first_ts = ts
+        self.last_ts = ts
+        self.last_close[pair] = close
+        self.last_candle_ts[pair] = ts
         portfolio = self.portfolio
-        portfolio.mark(pair, Decimal(repr(candle.close)))
-        await self._move_stop(candle, now, atr)
-        return self._must_flatten(now, portfolio.record_equity(candle.ts + self.step))
+        portfolio.mark(pair, Decimal(repr(close)))
+        moved = None
+        stop = self._stop_move(pair, high, low, close, atr, now)
+        if stop is not None:
+            level = self.executor.trigger_for(pair, stop)
+            if level is None:
+                raise RuntimeError(f"{pair}: a stop that does not trail in place was trailed")
+            if level == working:  # the amend would send nothing (`amend_stop`)
+                portfolio.set_protection(pair, stop=stop)
+            else:
+                portfolio.set_protection(pair, stop=level)  # as the amend's answer sets it
+                moved = level
+        return moved, self._must_flatten(now, portfolio.record_equity(ts + self.step))
+
+    def _stop_move(
+        self, pair: str, high: float, low: float, close: float, atr: float | None, now: int
+    ) -> Decimal | None:
+        # Where a held pair's bar moves its stop (None: it stays), the move recorded in the
+        # audit trail; the caller sends it.
+        position = self.portfolio.position(pair)
+        if position is None:
+            return None
+        new_stop = self.risk.manage_stop(
+            position,
+            high,
+            low,
+            close,
+            atr,
+            now,
+            taker_fee=self.executor.taker_fee,
+            tick_size=self.market_for(pair).tick_size,
+        )
+        if new_stop is None or new_stop == position.stop_price:
+            return None
+        # Each move is an exchange request (an amend): skip moves smaller than a tenth
+        # of an ATR, which cost rate-limit budget and protect almost nothing.
+        old = position.stop_price
+        if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
+            return None
+        if self.audit.wanted():
+            self.audit.record("stop_moved", now, pair=pair, old=str(old), new=str(new_stop))
+        return new_stop
+
+    async def send_stop_move(self, pair: str, level: Decimal, candle_ts: int) -> None:
+        """Amend the pair's working stop to `level`, the move of its bar opened at `candle_ts`.
+
+        The move `on_trailing_bar` gave and left to its caller, sent as `process` sends it.
+        """
+        await self.executor.amend_stop(pair, level, candle_ts=candle_ts)
 
     def window_atr(self, pair: str) -> float | None:
         """Return the stops' ATR over `pair`'s data window as it stands."""

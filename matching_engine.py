@@ -765,8 +765,15 @@ def stop_reached(order: Order, open_: float, high: float, low: float) -> Decimal
     stop = order.stop_price
     if stop is None:
         return None
+    return trigger_reached(order.side, stop, open_, high, low)
+
+
+def trigger_reached(
+    side: Side, stop: Decimal, open_: float, high: float, low: float
+) -> Decimal | None:
+    """Return the price a stop of `side` at `stop` triggers at in a bar (`stop_reached`)."""
     o = Decimal(str(open_))
-    if order.side is Side.SELL:
+    if side is Side.SELL:
         if o <= stop:
             return o
         return stop if Decimal(str(low)) <= stop else None

@@ -70,6 +70,30 @@ class AmendingExecutor(ProtectingExecutor):
                 )
             return placed
 
+    def trails_in_place(self, pair: str) -> bool:
+        """Return True when the pair's stop works, settled, at a level known for sure.
+
+        Such a stop is moved by one amend of its trigger (`amend_stop`), to the level
+        `trigger_for` gives.
+        """
+        return self._working_stop(pair) is not None
+
+    def trigger_for(self, pair: str, stop: Decimal) -> Decimal | None:
+        """Return the trigger `amend_stop(pair, stop)` would give the pair's working stop.
+
+        On the tick grid, rounded as the amend rounds it; None unless `trails_in_place`.
+        A replay that applies several candles before it amends reads each move's level here
+        (`SimDriver`'s held stretches).
+        """
+        working = self._working_stop(pair)
+        return None if working is None else round_price(self._market_for(pair), stop, working.side)
+
+    def _working_stop(self, pair: str) -> Order | None:
+        slot = self._protection.get(pair)
+        if slot is None or slot.state is not StopState.WORKING or slot.level_unsure:
+            return None
+        return self.orders.get(slot.stop) if slot.stop is not None else None
+
     def defer_stop_move(self, pair: str, stop: Decimal, *, candle_ts: int | None = None) -> None:
         """Ask for `amend_stop(pair, stop)` to be made later, by `flush_stop_moves`.
 

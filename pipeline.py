@@ -911,28 +911,9 @@ class Engine(QuietSteps, EngineControl):
 
     async def _move_stop(self, candle: Candle, now: int, atr: float | None) -> None:
         # The stop's move on a held pair's candle, with the ATR of its window up to it.
-        position = self.portfolio.position(candle.pair)
-        if position is None:
+        new_stop = self._stop_move(candle.pair, candle.high, candle.low, candle.close, atr, now)
+        if new_stop is None:
             return
-        new_stop = self.risk.manage_stop(
-            position,
-            candle.high,
-            candle.low,
-            candle.close,
-            atr,
-            now,
-            taker_fee=self.executor.taker_fee,
-            tick_size=self.market_for(candle.pair).tick_size,
-        )
-        if new_stop is None or new_stop == position.stop_price:
-            return
-        # Each move is an exchange request (an amend): skip moves smaller than a tenth
-        # of an ATR, which cost rate-limit budget and protect almost nothing.
-        old = position.stop_price
-        if old is not None and atr and abs(new_stop - old) < Decimal(repr(atr)) / 10:
-            return
-        if self.audit.wanted():
-            self.audit.record("stop_moved", now, pair=candle.pair, old=str(old), new=str(new_stop))
         if self.sender is not None:  # a burst: moved once its orders are sent
             self.executor.defer_stop_move(candle.pair, new_stop, candle_ts=candle.ts)
             return

@@ -10,7 +10,6 @@ path); `PairSchedule` gives the pairs to trade as known at each refresh boundary
 from __future__ import annotations
 
 import asyncio
-import bisect
 import heapq
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ import pandas as pd
 import structlog
 
 from error_handler import ConfigError
-from matching_engine import SimulatedExchange, stop_reached
+from matching_engine import SimulatedExchange
 from models import Candle, Fill, Order
+from replay_stretches import _SHORT, CandleSteps, HeldStretches, QuietSignals, StretchPlan
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -309,126 +309,12 @@ class SegmentedReplayFeed(ReplayFeed):
 # -- The simulated exchange's driver ---------------------------------------------------------
 
 
-class CandleSteps(Protocol):
-    """What the driver drives: the engine's candle entry points (`pipeline.Engine`)."""
-
-    @property
-    def quiet_exact(self) -> bool:
-        """Return True when a candle with no signal and no working order changes nothing else."""
-        ...
-
-    def quiet_pair(self, pair: str) -> bool:
-        """Return True when a candle of `pair` without a signal can take the short path."""
-        ...
-
-    @property
-    def decisions_void(self) -> bool:
-        """Return True while no candle reaches a decision (a flatten holds)."""
-        ...
-
-    def is_holding(self, pair: str) -> bool:
-        """Return True when a position is open on `pair`."""
-        ...
-
-    def admit(self, candle: Candle, received: float | None = None) -> bool:
-        """Take a candle into the data and the counters; False if refused."""
-        ...
-
-    async def process(self, candle: Candle) -> None:
-        """Run an admitted candle through the rest of the pipeline."""
-        ...
-
-    def defer_stops(self, on: bool) -> None:
-        """While on, a delivered fill's stop waits for the end of the candle's processing."""
-        ...
-
-    def on_quiet_candle(self, candle: Candle) -> bool:
-        """Apply an admitted quiet candle; True when the breakers ask to flatten."""
-        ...
-
-    async def on_unsignalled(self, candle: Candle) -> bool:
-        """Apply a matched candle without a signal or a fill; True to flatten."""
-        ...
-
-    def trails_quietly(self, pair: str) -> bool:
-        """Return True when a held pair's quiet candles may only move its stop."""
-        ...
-
-    def take_profit_hit(self, pair: str, high: float, low: float) -> bool:
-        """Return True when a bar reaches the take-profit of `pair`'s position."""
-        ...
-
-    async def on_held_candle(self, candle: Candle, now: int, atr: float | None) -> bool:
-        """Apply a held pair's candle that can only move its stop; True to flatten."""
-        ...
-
-    def stop_atr_span(self) -> tuple[int, int] | None:
-        """Return the stops' ATR period and the bars it reads, when a window holds them."""
-        ...
-
-    def window_atr(self, pair: str) -> float | None:
-        """Return the stops' ATR over `pair`'s data window as it stands."""
-        ...
-
-    def bars_atr(self, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> float | None:
-        """Return the stops' ATR over these bars."""
-        ...
-
-    def on_quiet_rows(
-        self,
-        names: list[str],
-        held: list[int],
-        pair_of: list[int] | None,
-        close_ts: list[int],
-        closes: Callable[[], list[float]],
-        now: list[int],
-    ) -> int:
-        """Apply quiet candles' marks, equity, breakers and counts; return how many."""
-        ...
-
-    @property
-    def reads_windows(self) -> bool:
-        """Return True when the pipeline reads the data windows."""
-        ...
-
-    def take_quiet(
-        self, runs: list[tuple[str, np.ndarray, Sequence[np.ndarray]]], *, windows: bool = True
-    ) -> None:
-        """Take quiet candles into the data windows (`windows`) and the last prices."""
-        ...
-
-    async def trip_flatten(self) -> None:
-        """Act on the circuit breaker's flatten."""
-        ...
-
-
-class QuietSignals(Protocol):
-    """Which candles carry a signal (`pipeline.PrecomputedSignals`)."""
-
-    def has_flags(self, candle: Candle) -> bool:
-        """Return True if any signal column is set on this candle."""
-        ...
-
-    def has_entry(self, candle: Candle) -> bool:
-        """Return True if this candle's flags give a flat position a signal."""
-        ...
-
-    def flag_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
-        """Return, for candle open times `ts` of `pair`, which candles have a signal set."""
-        ...
-
-    def entry_mask(self, pair: str, ts: np.ndarray) -> np.ndarray:
-        """Return, for candle open times `ts` of `pair`, which give a flat position a signal."""
-        ...
-
-
-_SHORT = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
 # The longest stretch applied in one call: its close times and prices become Python lists
 # (about 70 bytes a candle), so a halted account's quiet years go a slice at a time.
 _LONGEST = 1 << 16
 
 
-class SimDriver:
+class SimDriver(HeldStretches):
     """Hand each closed candle to the engine with the simulated exchange in front of it.
 
     The engine admits the candle, the simulated exchange matches its working orders
@@ -570,7 +456,7 @@ class SimDriver:
         rows = feed.rows() if ready else None
         if quiet is None or rows is None:
             return False
-        plan = _StretchPlan(rows, quiet, feed.step, feed.timeframe)
+        plan = StretchPlan(rows, quiet, feed.step, feed.timeframe)
         plan.windows = self.engine.reads_windows
         clock, i, n, next_yield = feed.clock, 0, len(rows.ts), feed.yield_every
         candle, every = plan.candle, range(len(rows.names))
@@ -652,150 +538,6 @@ class SimDriver:
         holding = [k for k, pair in enumerate(names) if engine.is_holding(pair)]
         return hot, holding, trailing, engine.decisions_void
 
-    async def _held_stretch(
-        self,
-        plan: _StretchPlan,
-        start: int,
-        end: int,
-        clock: ReplayClock,
-        holding: list[int],
-        trailing: set[int],
-    ) -> tuple[int, bool]:
-        # Quiet candles [start, end) while held pairs' stops trail: the other pairs'
-        # candles go as in `_stretch`, a held pair's one by one through `on_held_candle`
-        # (its window first: the stop reads its ATR), up to a candle that may trigger its
-        # stop or reach its take-profit, which takes the pipeline. Returns where the
-        # replay goes on and whether the breakers asked to flatten.
-        pair_of, local, rows = plan.pair_list, plan.local_list, plan.rows
-        names, engine = rows.names, self.engine
-        span = engine.stop_atr_span()
-        j = start
-        while j < end:
-            k = pair_of[j]
-            if k not in trailing:  # another pair's: up to the next held pair's
-                upto = j + 1
-                while upto < end and pair_of[upto] not in trailing:
-                    upto += 1
-                j, must_flatten = self._quiet_span(plan, j, upto, clock, holding)
-                if must_flatten or j < upto:
-                    return j, must_flatten
-                continue
-            at = local[j]
-            stop = self.sim.lone_stop(names[k]) if engine.trails_quietly(names[k]) else None
-            if stop is None or self._may_exit(stop, names[k], rows.pair_columns[k], at):
-                self._catch_up(plan, k, at, venue=False)
-                self._catch_up_to(plan, [h for h in holding if h != k], j)
-                must_flatten = await self._unsignalled(plan.candle(j, clock))
-                plan.taken[k] = at + 1
-                return j + 1, must_flatten
-            known, atr = self._archive_atr(plan, k, at, span)
-            if not known:  # the window's own bars, then
-                self._catch_up(plan, k, at + 1, venue=False)
-                atr = engine.window_atr(names[k])
-            candle = plan.candle(j, clock)
-            self.sim.remember(candle)
-            self.trailed += 1
-            if await engine.on_held_candle(candle, clock.now_ms(), atr):
-                return j + 1, True
-            j += 1
-        return j, False
-
-    def _archive_atr(
-        self, plan: _StretchPlan, k: int, at: int, span: tuple[int, int] | None
-    ) -> tuple[bool, float | None]:
-        # The stop's ATR at pair `k`'s bar `at`, read from the archive: the bars its data
-        # window ends with once it takes that bar, when none of them was refused (so the
-        # window need not take each bar first). (False, None): read the window instead.
-        if span is None or at + 1 < span[1]:
-            return False, None
-        first = at + 1 - span[1]
-        refused = plan.refused_of_pair[k]
-        last = bisect.bisect_right(refused, at)  # refused bars up to `at`
-        if last and refused[last - 1] >= first:
-            return False, None
-        _, high, low, close, _ = plan.rows.pair_columns[k]
-        bars = slice(first, at + 1)
-        return True, self.engine.bars_atr(high[bars], low[bars], close[bars])
-
-    def _may_exit(self, stop: Order, pair: str, columns: Sequence[np.ndarray], at: int) -> bool:
-        # Whether the pair's bar `at` triggers its stop or reaches its take-profit.
-        high, low = columns[1].item(at), columns[2].item(at)
-        if stop_reached(stop, columns[0].item(at), high, low) is not None:
-            return True
-        return self.engine.take_profit_hit(pair, high, low)
-
-    def _quiet_span(
-        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
-    ) -> tuple[int, bool]:
-        # Quiet candles of pairs without a trailing stop: one by one when few, else a stretch.
-        if end - start >= _SHORT:
-            return self._stretch(plan, start, end, clock, holding)
-        pair_of, local = plan.pair_list, plan.local_list
-        for j in range(start, end):
-            k = pair_of[j]
-            self._catch_up(plan, k, local[j], venue=False)
-            must_flatten = self._quiet_one(plan.candle(j, clock))
-            plan.taken[k] = local[j] + 1
-            if must_flatten:
-                return j + 1, True
-        return end, False
-
-    def _catch_up(self, plan: _StretchPlan, k: int, upto: int, *, venue: bool = True) -> None:
-        # Hand pair `k`'s quiet candles below its own index `upto` to its data window and
-        # (`venue`) the venue, which keeps only the last bar of a pair without orders.
-        # Right before a candle of the pair itself the venue's bar is not needed: that
-        # candle replaces it before anything reads it.
-        start = plan.taken[k]
-        if upto <= start or not (venue or plan.windows):
-            return
-        if not plan.windows:  # the views' last prices only (`reads_windows`)
-            start = upto - 1
-        ts = plan.rows.pair_ts[k][start:upto]
-        columns = tuple(c[start:upto] for c in plan.rows.pair_columns[k])
-        self.engine.take_quiet([(plan.rows.names[k], ts, columns)], windows=plan.windows)
-        if venue:  # nothing of the pair's works that its bars could trade
-            self.sim.remember(plan.pair_candle(k, upto - 1))
-        plan.taken[k] = upto
-
-    def _catch_up_to(self, plan: _StretchPlan, pairs: Iterable[int], upto: int) -> None:
-        # As `_catch_up`, up to the replay's candle `upto` (each pair's own index found).
-        for k in pairs:
-            self._catch_up(plan, k, plan.before(k, upto))
-
-    def _stretch(
-        self, plan: _StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
-    ) -> tuple[int, bool]:
-        # Apply quiet candles [start, end) in one call; return where the replay goes on
-        # and whether the breakers asked to flatten on the last one applied.
-        rows = plan.rows
-        close_ts = plan.close_times(start, end)
-        now, at = close_ts, clock.now_ms()
-        if now[0] < at:  # the clock never goes back (a start time after the first close)
-            now = [max(t, at) for t in now]
-        several = len(rows.names) > 1
-        held = [k for k in holding if plan.before(k, end) > plan.before(k, start)]
-        count = self.engine.on_quiet_rows(
-            rows.names,
-            held,
-            plan.pair_list[start:end].tolist() if several else None,
-            close_ts,
-            lambda: plan.closes(start, end),
-            now,
-        )
-        self.stretches += 1
-        if now[count - 1] > clock.now_ms():
-            clock.set(now[count - 1])
-        return start + count, start + count < end
-
-
-def _indexed(values: np.ndarray, dtype: type[np.generic]) -> memoryview:
-    """Return `values` for reads item by item from Python: a memoryview, not a copy.
-
-    An item costs what an `array`'s or a list's does (a Python bool or int made on the
-    read), and nothing is held per candle beyond the array's own bytes.
-    """
-    return np.ascontiguousarray(values, dtype=dtype).data
-
 
 def _open_ms(frame: pd.DataFrame) -> np.ndarray:
     """Return a frame's open times as int64 epoch ms (its own values when already in ms)."""
@@ -803,123 +545,6 @@ def _open_ms(frame: pd.DataFrame) -> np.ndarray:
     assert isinstance(index, pd.DatetimeIndex)
     ms = index if index.unit == "ms" else index.as_unit("ms")
     return np.asarray(ms.asi8, dtype=np.int64)
-
-
-class _StretchPlan:
-    """Where a replay's quiet stretches end, and how far each pair's window has caught up."""
-
-    def __init__(self, rows: ReplayRows, quiet: QuietSignals, step: int, timeframe: str) -> None:
-        self.rows = rows
-        self.step = step
-        self.timeframe = timeframe
-        n, several = len(rows.ts), len(rows.names) > 1
-        entry = np.zeros(n, dtype=bool)
-        first = np.zeros(n, dtype=bool)
-        flagged = np.zeros(n, dtype=bool)
-        # Per pair: its candles' indices in the replay, its flagged candles, and how many
-        # of its candles its data window has taken (`taken`).
-        self.of_pair: list[np.ndarray | None] = []  # None: the replay's one pair
-        self.flagged_of_pair: list[np.ndarray] = []
-        self.taken: list[int] = [0] * len(rows.names)
-        self.refused_of_pair: list[list[int]] = []
-        self.windows = True  # quiet candles go into the data windows (`reads_windows`)
-        for k, pair in enumerate(rows.names):
-            # One pair: its candles are the replay's, with no index array (8 bytes a candle).
-            at: np.ndarray | slice = np.flatnonzero(rows.pair_of == k) if several else slice(None)
-            ts = rows.pair_ts[k]
-            entry[at] = quiet.entry_mask(pair, ts)  # a flat pair's signals: entries
-            flagged[at] = quiet.flag_mask(pair, ts)  # a held pair's: any flag
-            own = np.flatnonzero(flagged[at])  # the pair's own indices of its flagged candles
-            self.of_pair.append(at if isinstance(at, np.ndarray) else None)
-            self.flagged_of_pair.append(at[own] if isinstance(at, np.ndarray) else own)
-            o, h, lo, c, v = rows.pair_columns[k]
-            # What the data window refuses (`DataManager.on_candle`) goes candle by candle.
-            valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
-            refused = np.flatnonzero(~(valid & (v >= 0) & (v < np.inf)))
-            self.refused_of_pair.append(refused.tolist())  # own indices, usually none
-            if isinstance(at, np.ndarray):
-                first[at[refused]] = True
-                if len(at):
-                    first[at[0]] = True  # a pair's first candle opens its data window
-            elif n:
-                first[refused] = True
-                first[0] = True
-        self.forced = np.flatnonzero(first | entry)  # entries, first and refused candles
-        self.first = np.flatnonzero(first)  # first and refused candles only
-        # The driver reads these candle by candle: memoryviews of the arrays themselves
-        # (1-4 bytes a candle, no second copy), where Python lists would hold a pointer
-        # and often an int object per candle (~110 bytes).
-        self.is_first = _indexed(first, np.bool_)
-        self.is_entry = _indexed(entry, np.bool_)
-        self.is_flagged = _indexed(flagged, np.bool_)
-        self.pair_list: memoryview = (
-            _indexed(rows.pair_of, np.int16) if several else rows.pair_of.data  # zero-stride
-        )
-        self.local_list: memoryview | range = (
-            rows.local if isinstance(rows.local, range) else _indexed(rows.local, np.int32)
-        )
-
-    def quiet_until(
-        self, start: int, hot: list[int], holding: list[int], *, void: bool = False
-    ) -> int:
-        """Return the first candle from `start` on that must take the pipeline (or the end).
-
-        With `void` (decisions are void: a held flatten), entry flags end nothing.
-        """
-        forced = self.first if void else self.forced
-        at = int(np.searchsorted(forced, start))
-        end = int(forced[at]) if at < len(forced) else len(self.rows.ts)
-        if any(self.of_pair[k] is None for k in hot):
-            return min(start, end)  # the one pair's every candle takes the pipeline
-        for rows in [self.of_pair[k] for k in hot] + [self.flagged_of_pair[k] for k in holding]:
-            assert rows is not None
-            at = int(np.searchsorted(rows, start))
-            if at < len(rows) and rows[at] < end:
-                end = int(rows[at])
-        return end
-
-    def before(self, k: int, upto: int) -> int:
-        """Return how many of pair `k`'s candles come before the replay's candle `upto`."""
-        rows = self.of_pair[k]
-        return upto if rows is None else int(np.searchsorted(rows, upto))
-
-    def close_times(self, start: int, end: int) -> list[int]:
-        """Return the close times (ms) of the replay's candles [start, end)."""
-        result: list[int] = (self.rows.ts[start:end] + self.step).tolist()
-        return result
-
-    def closes(self, start: int, end: int) -> list[float]:
-        """Return the close prices of the replay's candles [start, end)."""
-        columns = self.rows.pair_columns
-        if len(columns) == 1:
-            result: list[float] = columns[0][3][start:end].tolist()
-            return result
-        return [
-            float(columns[k][3][j])
-            for k, j in zip(self.pair_list[start:end], self.local_list[start:end], strict=True)
-        ]
-
-    def candle(self, k: int, clock: ReplayClock | None = None) -> Candle:
-        """Return candle `k` (moving `clock` to its close when given, as the feed does)."""
-        close_ts = int(self.rows.ts[k]) + self.step
-        if clock is not None and close_ts > clock.now_ms():
-            clock.set(close_ts)
-        return self.pair_candle(self.pair_list[k], self.local_list[k])
-
-    def pair_candle(self, k: int, j: int) -> Candle:
-        """Return the `j`-th candle of pair `k`."""
-        o, h, lo, c, v = self.rows.pair_columns[k]  # `item`: a Python float, no numpy scalar
-        ts = self.rows.pair_ts[k].item(j)
-        return Candle(
-            self.rows.names[k],
-            self.timeframe,
-            ts,
-            o.item(j),
-            h.item(j),
-            lo.item(j),
-            c.item(j),
-            v.item(j),
-        )
 
 
 # -- Dynamic pairs ---------------------------------------------------------------------------

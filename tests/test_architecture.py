@@ -61,6 +61,7 @@ OWNER: dict[str, str] = {
     # trade_simulator.py and parameter_optimization.py
     "matching_engine": "trade_simulator",
     "replay_feed": "trade_simulator",
+    "replay_stretches": "trade_simulator",
     "fast_path": "trade_simulator",
     "fast_kernels": "trade_simulator",
     "sim_perpetuals": "trade_simulator",

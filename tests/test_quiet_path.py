@@ -47,8 +47,16 @@ async def _run(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         driver.quiet_runs = False
     if variant == "full":
         driver._quiet = None
-    summary = (await daemon.run()).to_dict()
     assert daemon.sim is not None
+    amends: list[object] = []  # the stop moves the venue was asked to make
+    amend_order = daemon.sim.amend_order
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        amends.append(kwargs["trigger_price"])
+        return await amend_order(*args, **kwargs)
+
+    daemon.sim.amend_order = counted  # type: ignore[method-assign]
+    summary = (await daemon.run()).to_dict()
     return {
         "summary": summary,
         "curve": list(engine.portfolio.equity_curve),
@@ -57,6 +65,7 @@ async def _run(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "trades": list(engine.portfolio.closed),
         "stretches": driver.stretches,
         "trailed": driver.trailed,
+        "amends": len(amends),
     }
 
 
@@ -122,6 +131,11 @@ async def test_standard_profile_with_stops_equals_the_full_pipeline(
     assert any(_trailed(t) for t in full["trades"])
     # Held candles that only moved the stop went the short way, not through the pipeline.
     assert results["runs"]["trailed"] > full["summary"]["n_trades"]
+    # Their moves went out as one amend per held stretch (the last), not one per move: fewer
+    # requests to the venue, which still ends with the same orders at the same triggers
+    # and times (compared above).
+    assert 0 < results["runs"]["amends"] < results["per_candle"]["amends"]
+    assert results["per_candle"]["amends"] == full["amends"]
 
 
 def _trailed(trade: ClosedTrade) -> bool:
