@@ -524,18 +524,22 @@ class SimDriver(HeldStretches):
         # flag is a signal there), the held pairs whose stop alone works and may trail on
         # quiet candles (`_held_stretch`), and whether decisions are void (a held
         # flatten: no flag leads anywhere).
+        # One look at each pair, after every pipeline candle: a flat pair (most of them)
+        # is hot only while an order works on it.
         engine, sim = self.engine, self.sim
-        trailing = [
-            k
-            for k, pair in enumerate(names)
-            if engine.trails_quietly(pair) and sim.lone_stop(pair) is not None
-        ]
-        hot = [
-            k
-            for k, pair in enumerate(names)
-            if (sim.has_working(pair) or not engine.quiet_pair(pair)) and k not in trailing
-        ]
-        holding = [k for k, pair in enumerate(names) if engine.is_holding(pair)]
+        hot: list[int] = []
+        holding: list[int] = []
+        trailing: list[int] = []
+        for k, pair in enumerate(names):
+            if not engine.is_holding(pair):
+                if sim.has_working(pair):
+                    hot.append(k)
+                continue
+            holding.append(k)
+            if engine.trails_quietly(pair) and sim.lone_stop(pair) is not None:
+                trailing.append(k)
+            elif sim.has_working(pair) or not engine.quiet_pair(pair):
+                hot.append(k)
         return hot, holding, trailing, engine.decisions_void
 
 

@@ -273,6 +273,8 @@ class HeldStretches:
         # each move's time (as when every bar amends); `before`: only the moves made before
         # that time, the others wait. Without `before` the stretch is done: the clock and
         # the venue's last bars are then left where the trailed bars leave them.
+        if before is not None and not any(trail.move is not None for trail in trails.values()):
+            return  # the usual case between a held pair's bars: nothing to send yet
         moves = sorted(
             (trail.moved_at, k)
             for k, trail in trails.items()
@@ -359,12 +361,17 @@ class HeldStretches:
         now, at = close_ts, clock.now_ms()
         if now[0] < at:  # the clock never goes back (a start time after the first close)
             now = [max(t, at) for t in now]
-        several = len(rows.names) > 1
-        held = [k for k in holding if plan.before(k, end) > plan.before(k, start)]
+        pairs = plan.pair_list[start:end].tolist() if len(rows.names) > 1 else None
+        # The held pairs with a candle here (the one pair's are all its candles).
+        if pairs is None or not holding:
+            held = holding
+        else:
+            present = set(pairs)
+            held = [k for k in holding if k in present]
         count = self.engine.on_quiet_rows(
             rows.names,
             held,
-            plan.pair_list[start:end].tolist() if several else None,
+            pairs,
             close_ts,
             lambda: plan.closes(start, end),
             now,
