@@ -206,9 +206,9 @@ class HeldStretches:
                 continue
             at, pair = local[j], names[k]
             trail = self._trail(trails, k, pair)
-            o, h, lo, c, _ = rows.pair_columns[k]
-            high, low = h.item(at), lo.item(at)
-            if trail is None or self._may_exit(trail, pair, (o.item(at), high, low)):
+            opens, highs, lows, closes, _ = rows.pair_columns[k]
+            high, low = highs.item(at), lows.item(at)
+            if trail is None or self._may_exit(trail, pair, (opens.item(at), high, low)):
                 await self._send_trails(plan, trails, clock)
                 self._catch_up(plan, k, at, venue=False)
                 self._catch_up_to(plan, [h for h in holding if h != k], j)
@@ -220,12 +220,11 @@ class HeldStretches:
             now = max(clock.now_ms(), ts + step)  # the clock at its close, as the feed sets it
             self.trailed += 1
             moved, must_flatten = engine.on_trailing_bar(
-                pair, (ts, high, low, c.item(at)), atr, now, trail.level
+                pair, (ts, high, low, closes.item(at)), atr, now, trail.level
             )
             trail.at, trail.now = at, now
             if moved is not None:
-                trail.level, trail.move = moved, ts
-                trail.moved_at = now
+                trail.level, trail.move = moved, (now, ts)
             j += 1
             if must_flatten:
                 await self._send_trails(plan, trails, clock)
@@ -276,17 +275,15 @@ class HeldStretches:
         if before is not None and not any(trail.move is not None for trail in trails.values()):
             return  # the usual case between a held pair's bars: nothing to send yet
         moves = sorted(
-            (trail.moved_at, k)
+            (trail.move, k)
             for k, trail in trails.items()
-            if trail.move is not None and (before is None or trail.moved_at < before)
+            if trail.move is not None and (before is None or trail.move[0] < before)
         )
-        for moved_at, k in moves:
-            trail = trails[k]
+        for (moved_at, candle_ts), k in moves:
             if moved_at > clock.now_ms():
                 clock.set(moved_at)
-            assert trail.move is not None
-            await self.engine.send_stop_move(plan.rows.names[k], trail.level, trail.move)
-            trail.move = None
+            await self.engine.send_stop_move(plan.rows.names[k], trails[k].level, candle_ts)
+            trails[k].move = None
         if before is not None:
             return
         for k, trail in trails.items():
@@ -394,15 +391,15 @@ def _indexed(values: np.ndarray, dtype: type[np.generic]) -> memoryview:
 class _Trail:
     """A held pair's stop as a held stretch trails it, its amend held back (`_held_stretch`)."""
 
-    __slots__ = ("at", "level", "move", "moved_at", "now", "side")
+    __slots__ = ("at", "level", "move", "now", "side")
 
     def __init__(self, side: Side, level: Decimal) -> None:
         self.side = side
         self.level = level  # the trigger it has, the move not sent yet included
         self.at = -1  # the pair's last bar applied (the venue's last bar when done)
         self.now = 0  # the clock at that bar's close
-        self.move: int | None = None  # the open time of the bar whose move is not sent yet
-        self.moved_at = 0  # the clock at that bar's close
+        # The clock at the close and the open time of the bar whose move is not sent yet.
+        self.move: tuple[int, int] | None = None
 
 
 class StretchPlan:
