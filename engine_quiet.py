@@ -268,8 +268,8 @@ class QuietSteps:
 
     def _must_flatten(self, now: int, equity: Decimal) -> bool:
         # The breakers' verdict as `process` acts on it: flatten only what is open.
-        return self.risk.update(now, equity) is TradingState.FLATTEN and bool(
-            self.portfolio.positions()
+        return (
+            self.risk.update(now, equity) is TradingState.FLATTEN and self.portfolio.has_positions()
         )
 
     def on_quiet_rows(
@@ -337,7 +337,7 @@ class QuietSteps:
         portfolio = self.portfolio
         equity = portfolio.record_equity(close_ts[0])
         # Only open positions make a flatten verdict act (`process`, `_flatten`).
-        stop_on = TradingState.FLATTEN if portfolio.positions() else None
+        stop_on = TradingState.FLATTEN if portfolio.has_positions() else None
         count = self.risk.update_flat(now, equity, stop_on)
         curve = portfolio.equity_curve
         later = close_ts[1:count]

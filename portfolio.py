@@ -420,6 +420,10 @@ class Portfolio(_Valuation):
         """Return True when a position is open on `pair`."""
         return pair in self._open
 
+    def has_positions(self) -> bool:
+        """Return True while any position is open (`positions()` without building them)."""
+        return bool(self._open)
+
     def set_protection(
         self, pair: str, *, stop: Decimal | None = None, take_profit: Decimal | None = None
     ) -> None:
