@@ -22,7 +22,7 @@ import structlog
 from error_handler import ConfigError
 from matching_engine import SimulatedExchange
 from models import Candle, Fill, Order
-from replay_stretches import _SHORT, CandleSteps, HeldStretches, QuietSignals, StretchPlan
+from replay_stretches import SHORT_STRETCH, CandleSteps, HeldStretches, QuietSignals, StretchPlan
 from utils.utilities import ReplayClock, timeframe_to_ms
 
 
@@ -493,7 +493,7 @@ class SimDriver(HeldStretches):
                         plan, i, end, clock, holding, set(trailing)
                     )
                     hot, holding, trailing, void = self._pair_states(rows.names)
-                elif end - i < _SHORT:
+                elif end - i < SHORT_STRETCH:
                     while i < end and not must_flatten:
                         k = pair_of[i]
                         self._catch_up(plan, k, local[i], venue=False)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from replay_feed import ReplayRows
 
 
-_SHORT = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
+SHORT_STRETCH = 2  # quiet stretches shorter than this go candle by candle (cheaper than arrays)
 
 
 class CandleSteps(Protocol):
@@ -314,7 +314,7 @@ class HeldStretches:
         self, plan: StretchPlan, start: int, end: int, clock: ReplayClock, holding: list[int]
     ) -> tuple[int, bool]:
         # Quiet candles of pairs without a trailing stop: one by one when few, else a stretch.
-        if end - start >= _SHORT:
+        if end - start >= SHORT_STRETCH:
             return self._stretch(plan, start, end, clock, holding)
         pair_of, local = plan.pair_list, plan.local_list
         for j in range(start, end):
