@@ -206,9 +206,14 @@ class HeldStretches:
                 continue
             at, pair = local[j], names[k]
             trail = self._trail(trails, k, pair)
+            level = trail.level if trail is not None else None
             opens, highs, lows, closes, _ = rows.pair_columns[k]
             high, low = highs.item(at), lows.item(at)
-            if trail is None or self._may_exit(trail, pair, (opens.item(at), high, low)):
+            if (
+                trail is None
+                or level is None
+                or self._may_exit(trail, level, pair, (opens.item(at), high, low))
+            ):
                 await self._send_trails(plan, trails, clock)
                 self._catch_up(plan, k, at, venue=False)
                 self._catch_up_to(plan, [h for h in holding if h != k], j)
@@ -220,7 +225,7 @@ class HeldStretches:
             now = max(clock.now_ms(), ts + step)  # the clock at its close, as the feed sets it
             self.trailed += 1
             moved, must_flatten = engine.on_trailing_bar(
-                pair, (ts, high, low, closes.item(at)), atr, now, trail.level
+                pair, (ts, high, low, closes.item(at)), atr, now, level
             )
             trail.at, trail.now = at, now
             if moved is not None:
@@ -242,11 +247,13 @@ class HeldStretches:
                 trail = trails[k] = _Trail(stop.side, stop.stop_price)
         return trail
 
-    def _may_exit(self, trail: _Trail, pair: str, bar: tuple[float, float, float]) -> bool:
-        # Whether the bar (open, high, low) triggers the trailed stop or reaches the pair's
-        # take-profit.
+    def _may_exit(
+        self, trail: _Trail, level: Decimal, pair: str, bar: tuple[float, float, float]
+    ) -> bool:
+        # Whether the bar (open, high, low) triggers the trailed stop (at `level`) or reaches
+        # the pair's take-profit.
         open_, high, low = bar
-        if trigger_reached(trail.side, trail.level, open_, high, low) is not None:
+        if trigger_reached(trail.side, level, open_, high, low) is not None:
             return True
         return self.engine.take_profit_hit(pair, high, low)
 
@@ -279,11 +286,18 @@ class HeldStretches:
             for k, trail in trails.items()
             if trail.move is not None and (before is None or trail.move[0] < before)
         )
+        engine = self.engine
         for (moved_at, candle_ts), k in moves:
             if moved_at > clock.now_ms():
                 clock.set(moved_at)
-            await self.engine.send_stop_move(plan.rows.names[k], trails[k].level, candle_ts)
-            trails[k].move = None
+            trail, pair = trails[k], plan.rows.names[k]
+            assert trail.level is not None
+            await engine.send_stop_move(pair, trail.level, candle_ts)
+            trail.move = None
+            # The venue's answer decides what follows: a stop that no longer trails in place
+            # (the amend refused, its answer lost) sends the pair's next bar to the pipeline.
+            stop = self.sim.lone_stop(pair) if engine.trails_quietly(pair) else None
+            trail.level = stop.stop_price if stop is not None else None
         if before is not None:
             return
         for k, trail in trails.items():
@@ -395,7 +409,9 @@ class _Trail:
 
     def __init__(self, side: Side, level: Decimal) -> None:
         self.side = side
-        self.level = level  # the trigger it has, the move not sent yet included
+        # The trigger it has, the move not sent yet included (None: it no longer trails
+        # the short way, after an amend that did not take).
+        self.level: Decimal | None = level
         self.at = -1  # the pair's last bar applied (the venue's last bar when done)
         self.now = 0  # the clock at that bar's close
         # The clock at the close and the open time of the bar whose move is not sent yet.

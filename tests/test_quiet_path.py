@@ -444,3 +444,60 @@ async def test_a_backtest_counts_the_audit_events_a_kept_trail_records(
     for kind in ("signal", "risk_approved", "order_submitted", "fill", "stop_moved"):
         assert kind in kinds
     assert "trade_closed" in kinds
+
+
+async def test_a_refused_amend_in_a_held_stretch_leaves_the_stop_where_the_venue_has_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A held stretch's amend the venue refuses: the next bars trail from the venue's level.
+
+    Every amend of one pair's stop is refused (the venue keeps the old trigger), the other
+    pairs' go through. Each trailed bar starts from the level the position records (the
+    venue's, or the move not sent yet), never from a refused move taken as made: that
+    would make the next bar's same move "already there", recorded and never sent (which
+    this test caught before the driver re-read the venue's stop after each amend).
+    """
+    from error_handler import OrderRejected
+
+    monkeypatch.setenv("KESTREL_SIMULATION__TAKER_FEE", "0.0001")
+    monkeypatch.setenv("KESTREL_SIMULATION__MAKER_FEE", "0.0001")
+    _archive(monkeypatch, tmp_path, [(900, 1, 2e-3, 0), (900, 2, 3e-3, 0), (900, 4, 2e-3, 0)])
+    daemon = Daemon(_multi_args(), load_settings(env_file=None))
+    daemon.build_replay()
+    engine, driver, sim = daemon.engine, daemon.driver, daemon.sim
+    assert engine is not None
+    assert driver is not None
+    assert sim is not None
+    refused: list[object] = []
+    amend_order = sim.amend_order
+
+    async def refusing(pair: str, **kwargs: Any) -> Any:
+        if pair == "P1/USDT":
+            refused.append(kwargs["trigger_price"])
+            raise OrderRejected("order not modified", pair=pair)
+        return await amend_order(pair, **kwargs)
+
+    sim.amend_order = refusing  # type: ignore[method-assign]
+    starts: list[tuple[str, object, object]] = []  # (pair, the bar's level, the position's)
+    on_trailing_bar = engine.on_trailing_bar
+
+    def trailing_bar(pair: str, bar: Any, atr: Any, now: int, working: Any) -> Any:
+        position = engine.portfolio.position(pair)
+        assert position is not None
+        assert position.stop_price is not None
+        # The level the position records, on the venue's tick grid (a rule's move that an
+        # amend would round to the level the stop has is recorded as the rule gave it).
+        starts.append((pair, working, engine.executor.trigger_for(pair, position.stop_price)))
+        return on_trailing_bar(pair, bar, atr, now, working)
+
+    engine.on_trailing_bar = trailing_bar  # type: ignore[method-assign]
+    summary = (await daemon.run()).to_dict()
+    assert summary["n_trades"] > 0
+    assert refused  # the refused pair's stop was moved in held stretches
+    assert any(pair == "P1/USDT" for pair, _, _ in starts)
+    assert [s for s in starts if s[1] != s[2]] == []
+    # At most one working protective stop per pair at the end.
+    working = [
+        o for o in sim.orders() if o.type is OrderType.STOP_MARKET and not o.status.is_terminal
+    ]
+    assert len({o.pair for o in working}) == len(working)
