@@ -25,6 +25,10 @@ from utils.utilities import AuditTrail
 
 
 DELAY_S = 0.02
+# Where a test counts the requests under way at once: a round trip long enough that the
+# burst starts every request it may before the first answer, even on a loaded host (at
+# 20 ms a clean-clone run on two busy cores once saw 2 of 3 creates under way together).
+OVERLAP_DELAY_S = 0.1
 BASES = ["K00", "K01", "K02", "K03", "K04"]
 PAIRS = ["BTC/USDT", *(f"{b}/USDT" for b in BASES)]
 SYMBOLS = sorted(p.replace("/", "") for p in PAIRS)
@@ -108,13 +112,15 @@ async def _live_daemon(emu: BybitEmulator, monkeypatch: pytest.MonkeyPatch, **en
     return daemon
 
 
-def _emulator(*, cash: str = "100000000", hang_s: float = 3.0) -> BybitEmulator:
-    """The emulator with the six pairs, `cash` USDT and a `DELAY_S` round trip."""
+def _emulator(
+    *, cash: str = "100000000", hang_s: float = 3.0, delay_s: float = DELAY_S
+) -> BybitEmulator:
+    """The emulator with the six pairs, `cash` USDT and a `delay_s` round trip."""
     return BybitEmulator(
         lenient_clock=True,
         balances={"USDT": cash},
         extra_bases=BASES,
-        rest_delay_s=DELAY_S,
+        rest_delay_s=delay_s,
         hang_s=hang_s,
     )
 
@@ -131,7 +137,7 @@ async def test_a_live_bursts_entries_go_out_together_in_decision_order_each_once
     """One close, six entries: at most `in_flight` creates under way at once (and that
     many), started strongest first (equal signals: by pair name), one entry and one stop
     per pair."""
-    async with _emulator() as emu:
+    async with _emulator(delay_s=OVERLAP_DELAY_S) as emu:
         daemon = await _live_daemon(
             emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT=str(in_flight)
         )
@@ -227,7 +233,7 @@ async def test_a_live_bursts_stop_moves_go_out_together_and_leave_one_stop_each(
     """The close after the entries trails every position's stop: the amends, each under
     its pair's lock, go `in_flight` at a time, and every position keeps one working stop
     at the level its portfolio records."""
-    async with _emulator() as emu:
+    async with _emulator(delay_s=OVERLAP_DELAY_S) as emu:
         daemon = await _live_daemon(
             emu, monkeypatch, KESTREL_EXCHANGE__BURST_ORDERS_IN_FLIGHT=str(in_flight)
         )
