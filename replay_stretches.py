@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from matching_engine import SimulatedExchange, trigger_reached
-from models import Candle, Side
+from models import Candle, Order, Side
 from utils.utilities import ReplayClock
 
 
@@ -241,11 +241,15 @@ class HeldStretches:
         # Pair `k`'s trail in this stretch, from its lone working stop on its first bar here
         # (nothing else moves it meanwhile); None when its stop cannot trail the short way.
         trail = trails.get(k)
-        if trail is None and self.engine.trails_quietly(pair):
-            stop = self.sim.lone_stop(pair)
+        if trail is None:
+            stop = self._trailing_stop(pair)
             if stop is not None and stop.stop_price is not None:
                 trail = trails[k] = _Trail(stop.side, stop.stop_price)
         return trail
+
+    def _trailing_stop(self, pair: str) -> Order | None:
+        # The pair's lone working stop at the venue, when it may trail the short way.
+        return self.sim.lone_stop(pair) if self.engine.trails_quietly(pair) else None
 
     def _may_exit(
         self, trail: _Trail, level: Decimal, pair: str, bar: tuple[float, float, float]
@@ -296,7 +300,7 @@ class HeldStretches:
             trail.move = None
             # The venue's answer decides what follows: a stop that no longer trails in place
             # (the amend refused, its answer lost) sends the pair's next bar to the pipeline.
-            stop = self.sim.lone_stop(pair) if engine.trails_quietly(pair) else None
+            stop = self._trailing_stop(pair)
             trail.level = stop.stop_price if stop is not None else None
         if before is not None:
             return
