@@ -342,7 +342,8 @@ class EngineState:
         if heavy:  # the same token, the same returns: a guard keeps its work (a burst's)
             token = (self.data, self.data.version, self.risk.settings.correlation_window)
             returns = ReturnsView(self._pair_returns, [pair, *positions], (*token, None))
-            if candle_ts is not None:
+            # Nothing held: the correlation guard compares with nothing, so reads no view.
+            if candle_ts is not None and positions:
                 before = partial(self._pair_returns, before=candle_ts)
                 aligned = ReturnsView(before, [pair, *positions], (*token, candle_ts))
         return RiskContext(

@@ -354,6 +354,8 @@ class Portfolio(_Valuation):
 
     def exposure(self) -> Decimal:
         """Return the gross notional of open positions."""
+        if not self._open:
+            return ZERO  # a burst's entries ask with nothing held: no generator to run
         return (
             sum(
                 (abs(b.qty) * (b.mark if b.mark is not None else b.entry_price))

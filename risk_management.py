@@ -359,7 +359,7 @@ class RiskManager(RiskState):
             return sized
         qty, binding, notes = self._scale(sized, state, resizes)
         leverage = _leverage(self.settings, market)
-        for name, cap in self.caps(signal, ctx, leverage).items():
+        for name, cap in exposure_caps(s, signal, ctx, leverage).items():
             if cap < qty:
                 qty, binding = cap, name
         qty = _floor(max(qty, ZERO), market.lot_size)
