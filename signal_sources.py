@@ -105,6 +105,8 @@ def decide_signal(
 
 # A row's flags as bits: enter_long 1, exit_long 2, enter_short 4, exit_short 8 (the
 # order of `PrecomputedSignals._NAMES`), and each bit pattern as the tuple `_flags` gives.
+# What a row's feature may be (a tuple: `int | float | ...` would build a union each time).
+_NUMBERS: Final = (int, float, np.floating, np.integer)
 _FLAG_TUPLES: Final = tuple((bool(b & 1), bool(b & 2), bool(b & 4), bool(b & 8)) for b in range(16))
 
 
@@ -418,6 +420,6 @@ def _features(row: Any) -> dict[str, float]:
     for key, value in row.items():
         if key in ("enter_long", "exit_long", "enter_short", "exit_short"):
             continue
-        if isinstance(value, int | float | np.floating | np.integer) and math.isfinite(value):
+        if isinstance(value, _NUMBERS) and math.isfinite(value):
             out[str(key)] = float(value)
     return out
