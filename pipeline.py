@@ -339,10 +339,12 @@ class EngineState:
         heavy = not self.risk.all_in and not closing
         sleeve = self.sleeves.sizing(pair, positions) if self.sleeves is not None else None
         returns = aligned = None
-        if heavy:  # the same token, the same returns: a guard keeps its work (a burst's)
+        # Nothing held: the correlation guard compares with nothing and reads no returns,
+        # and only volatility targeting sizes on the pair's own (no views to build then).
+        if heavy and (positions or self.risk.sizes_on_returns):
+            # The same token, the same returns: a guard keeps its work (a burst's).
             token = (self.data, self.data.version, self.risk.settings.correlation_window)
             returns = ReturnsView(self._pair_returns, [pair, *positions], (*token, None))
-            # Nothing held: the correlation guard compares with nothing, so reads no view.
             if candle_ts is not None and positions:
                 before = partial(self._pair_returns, before=candle_ts)
                 aligned = ReturnsView(before, [pair, *positions], (*token, candle_ts))

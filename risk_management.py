@@ -256,6 +256,11 @@ class RiskManager(RiskState):
             }
         return info
 
+    @property
+    def sizes_on_returns(self) -> bool:
+        """Return True when an entry's size reads its pair's recent returns (`ctx.returns`)."""
+        return self.settings.sizing == "volatility_target"
+
     def client_order_id(self, pair: str, candle_ts: int, kind: str, tag: str | None = None) -> str:
         """Return the client order id of the decision `kind` on `pair`'s candle `candle_ts`.
 
