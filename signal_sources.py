@@ -103,10 +103,10 @@ def decide_signal(
     return None
 
 
-# A row's flags as bits: enter_long 1, exit_long 2, enter_short 4, exit_short 8 (the
-# order of `PrecomputedSignals._NAMES`), and each bit pattern as the tuple `_flags` gives.
 # What a row's feature may be (a tuple: `int | float | ...` would build a union each time).
 _NUMBERS: Final = (int, float, np.floating, np.integer)
+# A row's flags as bits: enter_long 1, exit_long 2, enter_short 4, exit_short 8 (the
+# order of `PrecomputedSignals._NAMES`), and each bit pattern as the tuple `_flags` gives.
 _FLAG_TUPLES: Final = tuple((bool(b & 1), bool(b & 2), bool(b & 4), bool(b & 8)) for b in range(16))
 
 
