@@ -418,6 +418,35 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
     assert not np.array_equal(fresh, aligned)  # sizing still reads the newest bar
 
 
+@pytest.mark.parametrize("sizing", ["fixed_fractional", "volatility_target"])
+def test_an_entry_with_nothing_held_gets_the_returns_only_where_its_sizing_reads_them(
+    sim_env: None, monkeypatch: pytest.MonkeyPatch, sizing: str
+) -> None:
+    """With no position open the correlation guard compares with nothing, so an entry's
+    risk context carries no returns views, except the pair's own for volatility targeting,
+    which then sizes on their standard deviation (not the ATR fallback)."""
+    monkeypatch.setenv("KESTREL_RISK__SIZING", sizing)
+    daemon = _daemon()
+    engine = daemon.engine
+    assert engine is not None
+    bursts = _bursts(daemon)
+    for burst in bursts[:40]:
+        for candle in burst:
+            assert engine.admit(candle)
+    candle = bursts[39][0]
+    assert not engine.portfolio.has_positions()
+    ctx = engine._risk_context(candle.pair, candle.ts + 3_600_000, candle.ts)
+    assert ctx.aligned_returns is None
+    if sizing == "fixed_fractional":
+        assert ctx.returns is None
+        return
+    assert ctx.returns is not None
+    assert candle.pair in ctx.returns
+    measured = engine.risk.volatility(candle.pair, ctx)
+    assert measured is not None
+    assert "stdev of" in measured[1]
+
+
 def test_bursts_from_the_wire_judge_their_next_candles_on_scales_computed_ahead(
     sim_env: None,
 ) -> None:
