@@ -26,6 +26,7 @@ from burst import (
 )
 from config import load_settings
 from models import Candle, OrderType
+from pipeline import Engine
 from runner import Daemon, Gathered, _next_burst
 from tests.test_backtest_support import cli_args
 from trade_executor import StopState
@@ -75,6 +76,18 @@ def _bursts(daemon: Daemon) -> list[list[Candle]]:
             burst.append(Candle(pair, "1h", ms, o, h, lo, c, v))
         out.append(burst)
     return out
+
+
+def _admitted(count: int) -> tuple[Engine, list[list[Candle]]]:
+    """Return a daemon's engine with the first `count` bursts admitted, and every burst."""
+    daemon = _daemon()
+    engine = daemon.engine
+    assert engine is not None
+    bursts = _bursts(daemon)
+    for burst in bursts[:count]:
+        for candle in burst:
+            assert engine.admit(candle)
+    return engine, bursts
 
 
 def _record(daemon: Daemon) -> dict[str, Any]:
@@ -390,13 +403,7 @@ def test_the_returns_correlation_reads_end_on_the_same_bar_whichever_candle_came
     """The returns a decision correlates over end on the bar before its candle for every pair:
     a pair whose candle of the burst was taken in already, and one whose candle is still on
     its way, give the same series (a burst split across two drains decides the same)."""
-    daemon = _daemon()
-    engine = daemon.engine
-    assert engine is not None
-    bursts = _bursts(daemon)
-    for burst in bursts[:40]:
-        for candle in burst:
-            assert engine.admit(candle)
+    engine, bursts = _admitted(40)
     last = {c.pair: engine._pair_returns(c.pair) for c in bursts[39]}
     now = bursts[40]
     ts = now[0].ts
@@ -426,13 +433,7 @@ def test_an_entry_with_nothing_held_gets_the_returns_only_where_its_sizing_reads
     risk context carries no returns views, except the pair's own for volatility targeting,
     which then sizes on their standard deviation (not the ATR fallback)."""
     monkeypatch.setenv("KESTREL_RISK__SIZING", sizing)
-    daemon = _daemon()
-    engine = daemon.engine
-    assert engine is not None
-    bursts = _bursts(daemon)
-    for burst in bursts[:40]:
-        for candle in burst:
-            assert engine.admit(candle)
+    engine, bursts = _admitted(40)
     candle = bursts[39][0]
     assert not engine.portfolio.has_positions()
     ctx = engine._risk_context(candle.pair, candle.ts + 3_600_000, candle.ts)
