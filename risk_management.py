@@ -421,13 +421,6 @@ class RiskManager(RiskState):
 
     # -- Sizing ------------------------------------------------------------------------------
 
-    def caps(
-        self, signal: Signal, ctx: RiskContext, leverage: Decimal | None = None
-    ) -> dict[str, Decimal]:
-        """Return the largest quantity each exposure limit allows, by limit name."""
-        lev = _leverage(self.settings, ctx.market) if leverage is None else leverage
-        return exposure_caps(self.settings, signal, ctx, lev)
-
     def _atr(self, ctx: RiskContext) -> tuple[Decimal, str]:
         if ctx.atr is not None and ctx.atr > 0 and math.isfinite(ctx.atr):
             return _dec(ctx.atr), f"ATR {ctx.atr:.6g}"
