@@ -626,6 +626,45 @@ def _reevaluate(breakers: CircuitBreakers, now: int) -> TradingState:
     return b._recompute(now)
 
 
+def quiet_band(
+    breakers: CircuitBreakers,
+) -> tuple[Decimal | None, Decimal | None, int | None, bool] | None:
+    """Return the band the last evaluation left, and whether a new peak only moves it.
+
+    (low, high, expiry, at a new peak only the floor moves): while the equity stays
+    strictly inside (low, high) before the expiry within one UTC day, or makes a new peak
+    in that fast case, `update` leaves every verdict standing (see `update`). None: no
+    band holds (custom rules, or not evaluated since the last change).
+    """
+    b = breakers
+    if b._band is None:
+        return None
+    low, high, expires = b._band
+    return low, high, expires, b.state is TradingState.NORMAL and b.cause is None
+
+
+def floor_factors(breakers: CircuitBreakers) -> tuple[Decimal, Decimal]:
+    """Return the band floor's factors on the peak and on the day start (`update`)."""
+    return breakers._low_peak, breakers._low_day
+
+
+def advance_quietly(
+    breakers: CircuitBreakers, now: int, equity: Decimal, peak: Decimal | None = None
+) -> None:
+    """Apply a run of `update` calls known to leave every verdict standing.
+
+    The caller has checked each against `quiet_band`, within one UTC day. Takes the run's
+    last `equity` and clock, and its highest equity when it set a new `peak`; the band is
+    evaluated afresh on the next call (it only ever spares that evaluation).
+    """
+    b = breakers
+    if peak is not None and peak > b.peak_equity:
+        b.peak_equity = peak
+    b.equity = equity
+    b.now = max(b.now, now)
+    b._band = None
+
+
 def _in_band(
     band: tuple[Decimal | None, Decimal | None, int | None], equity: Decimal, now: int
 ) -> bool:

@@ -10,10 +10,61 @@ from __future__ import annotations
 
 import math
 
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 
-__all__ = ["all_in_loop", "fill_curve"]
+__all__ = ["all_in_loop", "fill_curve", "hold_scan", "stop_atr"]
+
+
+@intrinsic
+def _fma(typingctx, x, y, z):  # type: ignore[no-untyped-def]
+    # x * y + z rounded once (LLVM's fma): TA-Lib's ATR step is one (`stop_atr`).
+    del typingctx
+    signature = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        double = ir.DoubleType()
+        kind = ir.FunctionType(double, [double, double, double])
+        fn = cgutils.get_or_insert_function(builder.module, kind, "llvm.fma.f64")  # type: ignore[no-untyped-call]
+        return builder.call(fn, args)
+
+    return signature, codegen
+
+
+@njit(cache=True)
+def stop_atr(high, low, close, start, end, period):  # type: ignore[no-untyped-def]
+    """Return TA-Lib's ATR(`period`) over bars [start, end] at bar `end`, bit for bit.
+
+    The average of the first `period` true ranges, then each bar's step as this TA-Lib
+    computes it: `fma(atr, (p - 1) / p, tr x (1 - (p - 1) / p))`, rounded once (the
+    textbook `(atr x (p - 1) + tr) / p` differs in the last bit on most bars). The
+    replay's stops read it over the last ten periods of the window (`Engine._atr`).
+    """
+    total = 0.0
+    for k in range(start + 1, start + period + 1):
+        total += _true_range(high, low, close, k)
+    atr = total / period
+    keep = (period - 1) / period
+    add = 1.0 - keep
+    for k in range(start + period + 1, end + 1):
+        atr = _fma(atr, keep, _true_range(high, low, close, k) * add)  # type: ignore[call-arg]
+    return atr
+
+
+@njit(cache=True, inline="always")
+def _true_range(high, low, close, k):  # type: ignore[no-untyped-def]
+    # TA-Lib's: the greatest of the bar's range and its extremes' distances to the last close.
+    greatest = high[k] - low[k]
+    up = abs(close[k - 1] - high[k])
+    if up > greatest:
+        greatest = up
+    down = abs(close[k - 1] - low[k])
+    if down > greatest:
+        greatest = down
+    return greatest
 
 
 @njit(cache=True)
@@ -255,3 +306,155 @@ def all_in_loop(  # type: ignore[no-untyped-def]
     out[7] = rejections
     out[8] = -paid
     return k
+
+
+# Relative margins of the pass's float decisions: a value this close to a threshold (or a
+# quotient this close to a tick) is left to the exact path. float64 rounding is ~1e-16.
+_NEAR = 1e-10
+_DAY_MS = 86_400_000
+
+
+@njit(cache=True, inline="always")
+def _level(k, scale):  # type: ignore[no-untyped-def]
+    # The float nearest to k ticks, the tick 10**-scale (a division by an exact power of
+    # ten rounds once) or 10**-scale >= 1.
+    if scale > 0:
+        return k / 10.0**scale
+    return k * 10.0 ** (-scale)
+
+
+@njit(cache=True, inline="always")
+def _in_ticks(value, scale):  # type: ignore[no-untyped-def]
+    # `value` / tick, rounded once.
+    if scale >= 0:
+        return value * 10.0**scale
+    return value / 10.0 ** (-scale)
+
+
+@njit(cache=True, inline="always")
+def _stop_step(  # type: ignore[no-untyped-def]
+    b, c, atr, armed, k_min, old, entry, risk, be_r, be_k, multiple, trailing, scale
+):
+    # `StopManager.manage_stop` and the engine's filter on a bar (best price `b`, close `c`):
+    # (sure, armed, the new stop's tick index or -1, whether it moves). Not sure: a value
+    # lies too close to a threshold or the grid for float64 to decide it.
+    new_k = -1
+    if trailing:
+        x = _in_ticks(b - atr * multiple, scale)
+        k = math.ceil(x)
+        near = 1e-12 * abs(_in_ticks(b, scale)) + 1e-9
+        if k - x < near or x - (k - 1) < near:
+            return False, armed, new_k, False
+        if k > 0 and c > _level(k, scale):  # never at or beyond the close
+            new_k = k
+    arm = armed
+    if risk > 0.0 and not arm:  # break-even arms at be_r x the initial risk in profit
+        gap = b - entry - be_r * risk
+        if abs(gap) <= _NEAR * entry:
+            return False, armed, new_k, False
+        arm = gap >= 0.0
+    if arm and be_k > 0 and c > _level(be_k, scale) and be_k > new_k:
+        new_k = be_k
+    if new_k < k_min:  # not above the stop it has
+        return True, arm, new_k, False
+    diff = _level(new_k, scale) - old
+    tenth = atr / 10.0  # a move under a tenth of the ATR is not sent
+    if abs(diff - tenth) <= _NEAR * max(abs(old), 1.0):
+        return False, armed, new_k, False
+    return True, arm, new_k, diff >= tenth
+
+
+@njit(cache=True, inline="always")
+def _band_step(  # type: ignore[no-untyped-def]
+    value, now, peak, fast, low, high, expires, peak_floor, day_floor
+):
+    # Whether the breakers' verdict surely stands at this equity (`CircuitBreakers.update`):
+    # (sure, a new peak, the band's floor after it). A new peak in their fast case only
+    # moves the floor (to the larger of `peak_floor` and `day_floor`); otherwise the
+    # equity must lie inside the band before its expiry.
+    if abs(value - peak) <= _NEAR * peak:
+        return False, False, low
+    if value > peak:
+        return fast > 0.0, True, max(peak_floor, day_floor)
+    if expires >= 0 and now >= expires:
+        return False, False, low
+    if value <= low * (1.0 + _NEAR) or value >= high * (1.0 - _NEAR):
+        return False, False, low
+    return True, False, low
+
+
+@njit(cache=True, inline="always")
+def _drawdown_step(value, t, pf_peak, worst, out):  # type: ignore[no-untyped-def]
+    # The portfolio's peak and worst drawdown (`Portfolio.record_equity`): (peak, worst),
+    # their bars in `out` (3: the peak's; 4, 5: the worst's and its peak's, -2 before).
+    if value > pf_peak:
+        out[3] = t
+        return value, worst
+    dd = (pf_peak - value) / pf_peak
+    if dd > worst:
+        out[4] = t
+        out[5] = out[3] if out[3] >= 0 else -2
+        return pf_peak, dd
+    return pf_peak, worst
+
+
+@njit(cache=True)
+def hold_scan(bars, t, rules, position, stop, breaker, equity, out):  # type: ignore[no-untyped-def]
+    """Apply a held position's bars from `t` on that only trail its stop and mark it.
+
+    A bar stops the pass (left to the exact path, `fast_standard`) when its stop may
+    trigger, its exit flag is set, it may reach the take-profit, its ATR is unknown, it
+    starts a new UTC day, or a threshold (`_stop_step`, `_band_step`) lies within the
+    margins. Every other bar is applied: the stop's track and move, the equity, the drawdown.
+
+    `bars`: (open times, opens, highs, lows, closes, exit flags). `rules`: (step, window,
+    ATR period, ATR tail, tick scale, stop multiple, break-even R, trailing). `position`:
+    (qty, cash, entry, initial risk or -1, break-even tick index or -1, the least float
+    reaching the take-profit). `stop`: (trigger as a float, recorded stop, least tick index
+    above it, best price, armed). `breaker`: (day, band low or -inf, high or inf, expiry or
+    -1, peak, fast at a new peak, the floor's factors on the peak and the day start, day
+    start, portfolio peak, worst drawdown). Writes each applied bar's equity, and `out`:
+    the highest high, armed, the last move's tick index (-1: none), the portfolio peak's bar,
+    the worst drawdown's bar and its peak's bar (-2: the peak from before), the breakers'
+    peak bar (-1: none). Returns the first bar not applied.
+    """
+    ts, opens, highs, lows, closes, exits = bars
+    step, window, period, tail, scale, multiple, be_r, trailing = rules
+    qty, cash, entry, risk, be_k, tp_up = position
+    trigger, old, k_min, best, armed = stop
+    day, low, high, expires, peak, fast, low_peak, low_day, day_start, pf_peak, worst = breaker
+    out[0], out[1], out[2], out[3], out[4], out[5], out[6] = -math.inf, 0, -1, -1, -1, -2, -1
+    while t < closes.shape[0]:
+        hi, c, now = highs[t], closes[t], ts[t] + step
+        if opens[t] <= trigger or lows[t] <= trigger or exits[t] or hi >= tp_up:
+            break
+        length = min(t + 1, window)
+        if now // _DAY_MS != day or length <= period:
+            break
+        atr = stop_atr(highs, lows, closes, t + 1 - min(tail, length), t, period)
+        if not (atr > 0.0 and math.isfinite(atr)):
+            break
+        b = max(best, hi)
+        sure, arm, new_k, move = _stop_step(
+            b, c, atr, armed, k_min, old, entry, risk, be_r, be_k, multiple, trailing, scale
+        )
+        value = cash + qty * c
+        new_peak, floor = False, low
+        if sure:
+            sure, new_peak, floor = _band_step(
+                value, now, peak, fast, low, high, expires, low_peak * value, low_day * day_start
+            )
+        if not sure:
+            break
+        best, armed = b, arm  # the bar is applied
+        out[0] = max(out[0], hi)
+        if move:
+            out[2], k_min = new_k, new_k + 1
+            old = trigger = _level(new_k, scale)
+        if new_peak:
+            peak, low, out[6] = value, floor, t
+        equity[t] = value
+        pf_peak, worst = _drawdown_step(value, t, pf_peak, worst, out)
+        t += 1
+    out[1] = 1.0 if armed else 0.0
+    return t

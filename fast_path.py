@@ -82,6 +82,9 @@ class BacktestResult:
     # funding times were settled on a position.
     funding: float = 0.0
     funding_settlements: int = 0
+    # The drawdown as the replay's portfolio keeps it, from the exact equity (None: from
+    # the float curve).
+    max_drawdown_exact: float | None = None
 
     @property
     def liquidations(self) -> int:
@@ -121,8 +124,11 @@ class BacktestResult:
     def max_drawdown(self) -> float:
         """Return the deepest fall of the equity curve from its running peak (a fraction).
 
-        `analytics.max_drawdown`, the starting balance the first peak.
+        `analytics.max_drawdown`, the starting balance the first peak (or the exact one
+        the run kept).
         """
+        if self.max_drawdown_exact is not None:
+            return self.max_drawdown_exact
         return analytics.max_drawdown(self.equity, start=self.starting_balance)
 
     def summary(self) -> RunSummary:
@@ -599,13 +605,13 @@ def fast_path_blockers(
 ) -> list[str]:
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
-    The fast path takes the replay's decisions only under the `all_in` risk profile, on
-    one pair with a fixed list, with fixed-bps slippage, and with a latency shorter than a
-    candle (a longer one delays fills in the replay).
+    The fast path takes the replay's decisions under the `all_in` risk profile (and the
+    standard one, with `fast_standard.standard_blockers` too), on one pair with a fixed
+    list, with fixed-bps slippage, and with a latency shorter than a candle (a longer one
+    delays fills in the replay).
     """
+    del risk_profile  # both profiles have a fast path
     reasons = []
-    if risk_profile != "all_in":
-        reasons.append(f"risk profile {risk_profile!r}: the fast path sizes only all_in")
     if len(pairs) != 1:
         reasons.append(f"{len(pairs)} pairs share one portfolio: the fast path runs one")
     if dynamic_pairs:
@@ -635,6 +641,7 @@ def fast_backtest(
     end_ms: int | None = None,
     funding: FundingSchedule | None = None,
     max_leverage: float = 1.0,
+    signals: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BacktestResult:
     """Run `--mode backtest` through the fast path, exactly as the replay would account it.
 
@@ -662,6 +669,7 @@ def fast_backtest(
         start_ms=start_ms,
         end_ms=end_ms,
         exact=True,
+        signals=signals,
         funding=funding,
         leverage=leverage if leverage != 1 else None,
     )

@@ -88,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--engine",
-        choices=("replay", "fast"),
-        default="replay",
-        help="backtest engine: replay (the live code path, default) or fast (numba; all_in, "
-        "one pair: the same trades, ~100x faster)",
+        choices=("auto", "replay", "fast"),
+        default="auto",
+        help="backtest engine: auto (default: fast where it can stand in for the replay, "
+        "else replay), replay (the live code path, candle by candle) or fast (one pair, "
+        "all_in or the standard profile on spot: the same trades and curve, many times "
+        "faster; an error where it cannot)",
     )
     parser.add_argument(
         "--promote", metavar="NAME@VERSION", help="models: make this version the champion"

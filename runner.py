@@ -40,7 +40,7 @@ from daemon_base import DaemonBase
 from daemon_learning import Learning
 from daemon_live import ExchangeSession
 from daemon_operator import Operator, TelegramNotifier
-from data_manager import index_ms, replay_funding
+from data_manager import index_ms
 from data_manager import replay_frames as load_frames
 from error_handler import (
     BotError,
@@ -52,12 +52,10 @@ from error_handler import (
 from mode_builders import build_backtest, build_live, build_paper, build_replay, build_sim
 from models import BotState, Candle, ErrorRaised, Event, EventSink
 from run_summary import RunSummary
-from strategy import load_strategy
 from utils.supervision import Supervisor
 from utils.utilities import (
     AuditTrail,
     atomic_write,
-    parse_timerange,
 )
 
 
@@ -678,49 +676,26 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 async def run_backtest(args: argparse.Namespace, settings: Settings) -> RunSummary:
     """Run a backtest on the replay path (or the fast path) with a progress bar and report."""
     import analytics
-    from trade_simulator import fast_backtest, fast_path_blockers, result_from_summary
+    from backtest_fast import fast_backtest_run, fast_engine_blockers
+    from trade_simulator import result_from_summary
 
     s = settings
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    if getattr(args, "engine", "replay") == "fast":
-        if s.allocation.strategies:
-            raise ConfigError(
-                "--engine fast runs one strategy: unset KESTREL_ALLOCATION__STRATEGIES"
-            )
-        blockers = fast_path_blockers(
-            risk_profile=s.risk.profile,
-            pairs=s.strategy.pairs,
-            timeframe=s.strategy.timeframe,
-            slippage_model=s.simulation.slippage_model,
-            latency_ms=s.simulation.latency_ms,
-            dynamic_pairs=s.pairs.dynamic,
-            leverage=s.risk.max_leverage
-            if s.exchange.market_type == "linear" or any(":" in p for p in s.strategy.pairs)
-            else 1.0,
-            shorts=not s.strategy.long_only
-            and load_strategy(s.strategy.name, s.strategy.params).can_short,
-            margin_mode=s.simulation.margin_mode,
-        )
-        if blockers:
+    engine = getattr(args, "engine", "replay")
+    result = None
+    if engine in ("fast", "auto"):
+        blockers = fast_engine_blockers(s, args)
+        if blockers and engine == "fast":
             raise ConfigError("--engine fast cannot run this backtest: " + "; ".join(blockers))
-        start_ms, end_ms = parse_timerange(args.timerange) if args.timerange else (None, None)
-        ((pair, frame),) = load_frames(args, s).items()
-        timings["load_s"] = time.perf_counter() - started
-        result = fast_backtest(
-            load_strategy(s.strategy.name, s.strategy.params),
-            frame,
-            pair=pair,
-            timeframe=s.strategy.timeframe,
-            starting_balance=s.simulation.starting_balance,
-            taker_fee=s.simulation.taker_fee,
-            slippage_bps=s.simulation.slippage_bps,
-            fill_at=s.simulation.fill_at,
-            start_ms=start_ms,
-            end_ms=end_ms,
-            funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
-            max_leverage=s.risk.max_leverage,
-        )
+        if not blockers:
+            result = fast_backtest_run(args, s, timings, started, forced=engine == "fast")
+        log.info("backtest_engine", engine="fast" if result is not None else "replay",
+                 blockers=blockers or None)  # fmt: skip
+        if result is None:
+            timings.clear()
+            started = time.perf_counter()
+    if result is not None:
         summary = dataclasses.replace(result.summary(), dropped_candles=0)
         timings["run_s"] = time.perf_counter() - started - timings["load_s"]
     else:

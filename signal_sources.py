@@ -384,6 +384,25 @@ def _populated_rows(
     return bits, set_rows, names, values
 
 
+def replay_flags(strategy: Strategy, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Return the rows a flat long enters on and those that close a held long (the replay's).
+
+    The flags of `PrecomputedSignals` over the whole frame (none before the warm-up): an
+    entry is `enter_long`; an exit `exit_long` or `enter_short` (`decide_signal`). The fast
+    paths take their decisions on these.
+    """
+    if (
+        PrecomputedSignals.segmentable(strategy)
+        and type(strategy).entries_exits is KernelStrategy.entries_exits
+    ):
+        enter, exit_ = strategy.entries_exits(frame)  # the kernel's own rows, features aside
+        bits = enter.astype(np.uint8) | (exit_.astype(np.uint8) << np.uint8(1))
+        bits[: max(strategy.warmup - 1, 0)] = 0
+    else:
+        bits = _populated_rows(strategy, frame)[0]
+    return (bits & 1) != 0, (bits & 0b0110) != 0
+
+
 def _plain_populate(strategy: KernelStrategy) -> bool:
     return type(strategy).populate is KernelStrategy.populate
 

@@ -51,6 +51,8 @@ ALLOWED = {
     ("self_learning", "trade_simulator"): "the RL environment fills by the simulator's rules",
     ("self_learning", "reward_system"): "the agent's only reward shaping is the one score",
     ("trade_simulator", "perpetuals"): "the simulator settles funding and liquidates positions",
+    ("trade_simulator", "risk_management"): "the standard fast path runs the replay's own "
+    "circuit breakers (fast_standard)",
     ("data_manager", "perpetuals"): "replays read the recorded funding beside the candles",
     ("risk_management", "perpetuals"): "risk checks a stop against the liquidation price",
 }
@@ -64,6 +66,7 @@ OWNER: dict[str, str] = {
     "replay_stretches": "trade_simulator",
     "fast_path": "trade_simulator",
     "fast_kernels": "trade_simulator",
+    "fast_standard": "trade_simulator",
     "sim_perpetuals": "trade_simulator",
     "optimization_scoring": "parameter_optimization",
     "search_space": "parameter_optimization",
@@ -97,6 +100,7 @@ OWNER: dict[str, str] = {
     "daemon_live": "runner",
     "daemon_state": "runner",
     "daemon_operator": "runner",
+    "backtest_fast": "runner",
     # trade_executor.py
     "executor_core": "trade_executor",
     "order_protection": "trade_executor",

@@ -377,7 +377,7 @@ def test_fast_path_reads_any_index_unit(unit: str) -> None:
     ("overrides", "blocked"),
     [
         ({}, False),
-        ({"risk_profile": "standard"}, True),
+        ({"risk_profile": "standard"}, False),  # its own: fast_standard.standard_blockers
         ({"pairs": ["BTC/USDT", "ETH/USDT"]}, True),
         ({"dynamic_pairs": True}, True),
         ({"slippage_model": "volatility"}, True),
@@ -388,7 +388,7 @@ def test_fast_path_reads_any_index_unit(unit: str) -> None:
 def test_fast_path_blockers_name_what_only_the_replay_models(
     overrides: dict[str, Any], blocked: bool
 ) -> None:
-    """all_in, one fixed pair, fixed slippage and sub-candle latency: the fast path may stand in."""
+    """One fixed pair, fixed slippage and sub-candle latency: the fast path may stand in."""
     options: dict[str, Any] = {
         "risk_profile": "all_in",
         "pairs": [PAIR],

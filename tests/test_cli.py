@@ -260,6 +260,8 @@ def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) 
     ]
     replay = run(
         *common,
+        "--engine",
+        "replay",
         "--summary-json",
         str(tmp_path / "r.json"),
         "--report-html",
@@ -285,11 +287,16 @@ def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) 
     assert {"load_s", "run_s", "total_s"} <= set(b["timings"])
 
 
-def test_fast_engine_refuses_what_it_cannot_model() -> None:
-    """--engine fast with the standard risk profile exits 2 and says why."""
-    result = run("--mode", "backtest", "--engine", "fast", "--no-ui")
+def test_fast_engine_refuses_what_it_cannot_model(tmp_path: Path) -> None:
+    """--engine fast with Kelly sizing exits 2, says why and writes no summary."""
+    out = tmp_path / "out.json"
+    result = run(
+        "--mode", "backtest", "--engine", "fast", "--no-ui", "--summary-json", str(out),
+        env={"KESTREL_RISK__SIZING": "kelly"},
+    )  # fmt: skip
     assert result.returncode == 2
-    assert "all_in" in result.stderr
+    assert "--engine fast cannot run this backtest: sizing 'kelly'" in result.stderr
+    assert not out.exists()
 
 
 def test_backtest_trades_the_point_in_time_pair_list(tmp_path: Path) -> None:

@@ -1,0 +1,232 @@
+"""The backtest's fast engine: when it may stand in for the replay, and its run.
+
+Part of `runner` (`run_backtest` asks `fast_engine_blockers` first: `--engine auto`, the
+default, takes the fast path where nothing blocks it, `--engine fast` insists on it).
+The fast path (`trade_simulator`: `fast_backtest` under the `all_in` profile, `run_standard`
+under the standard one) takes the replay's decisions on the replay's own signal flags
+(`signal_sources.replay_flags`) and gives the same summary; what it does not model is
+named here, and the replay runs those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+
+from config import Settings
+from data_manager import archive_rows, index_ms, own_archives, replay_funding
+from data_manager import replay_frames as load_frames
+from error_handler import ConfigError
+from strategy import load_strategy
+from utils.utilities import parse_timerange, timeframe_to_ms
+
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fast_path import BacktestResult
+    from strategy import Strategy
+
+
+log = structlog.get_logger(__name__)
+
+
+def fast_engine_blockers(s: Settings, args: argparse.Namespace | None = None) -> list[str]:
+    """Return why the fast path cannot stand in for this backtest's replay (empty: it can).
+
+    The fast path takes the replay's decisions for one pair under the `all_in` profile
+    (`fast_path_blockers`) or, on a spot pair, the standard one (`standard_blockers`);
+    what else the replay's engine does to decisions (anomaly pauses, the pattern filter,
+    a `--duration`, the model registry's policy) is named here. Neither writes what only
+    a running daemon writes: its state file, Telegram alerts, the dashboard.
+    """
+    from trade_simulator import fast_path_blockers, standard_blockers
+
+    reasons = _engine_blockers(s) + (_run_blockers(s, args) if args is not None else [])
+    if reasons and s.strategy.name == "rl":
+        return reasons
+    strategy = load_strategy(s.strategy.name, s.strategy.params)
+    linear = s.exchange.market_type == "linear" or any(":" in p for p in s.strategy.pairs)
+    reasons += fast_path_blockers(
+        risk_profile=s.risk.profile,
+        pairs=s.strategy.pairs,
+        timeframe=s.strategy.timeframe,
+        slippage_model=s.simulation.slippage_model,
+        latency_ms=s.simulation.latency_ms,
+        dynamic_pairs=s.pairs.dynamic,
+        leverage=s.risk.max_leverage if linear else 1.0,
+        shorts=not s.strategy.long_only and strategy.can_short,
+        margin_mode=s.simulation.margin_mode,
+    )
+    if s.risk.profile == "standard":
+        reasons += standard_blockers(
+            risk=s.risk,
+            linear=linear,
+            fill_at=s.simulation.fill_at,
+            latency_ms=s.simulation.latency_ms,
+            window=backtest_window(s),
+            can_short=strategy.can_short,
+        )
+    return reasons
+
+
+def _engine_blockers(s: Settings) -> list[str]:
+    # What the replay's engine does to decisions besides the strategy and risk.
+    reasons = []
+    if s.allocation.strategies:
+        reasons.append("several strategies share the account (allocation.strategies)")
+    if s.anomaly.enabled and s.anomaly.in_replay:
+        reasons.append("the anomaly watch pauses entries in replays (anomaly.in_replay)")
+    if s.strategy.pattern_filter:
+        reasons.append("the pattern filter vetoes entries (strategy.pattern_filter)")
+    if s.strategy.name == "rl":
+        reasons.append("--strategy rl trades the model registry's champion")
+    return reasons
+
+
+def _run_blockers(s: Settings, args: argparse.Namespace) -> list[str]:
+    # What of the command line only the replay takes.
+    reasons = []
+    if getattr(args, "duration", None) is not None:
+        reasons.append("--duration stops the replay early")
+    if getattr(args, "funding", None) is not None and s.risk.profile != "all_in":
+        reasons.append("--funding FILE is read by the replay")
+    if getattr(args, "engine", "auto") != "fast" and _streamed(s, args):
+        reasons.append(
+            "an archive longer than storage.replay_segment_rows: the replay streams it a"
+            " segment at a time in flat memory, the fast path would hold it whole"
+        )
+    return reasons
+
+
+def _streamed(s: Settings, args: argparse.Namespace) -> bool:
+    # Whether the replay would read the archives a segment at a time (`mode_builders`).
+    rows = s.storage.replay_segment_rows
+    if rows <= 0 or getattr(args, "report_html", None):
+        return False
+    paths = own_archives(s, s.traded_pairs(), s.strategy.timeframe, getattr(args, "data", None))
+    return paths is not None and any(archive_rows(p, None, None)[0] > rows for p in paths.values())
+
+
+def backtest_window(s: Settings) -> int:
+    """Return the data window a backtest's engine keeps per pair (`assembly`)."""
+    warmup = load_strategy(s.strategy.name, s.strategy.params).warmup
+    return max(2 * warmup, s.strategy.warmup_candles)
+
+
+def fast_backtest_run(
+    args: argparse.Namespace,
+    s: Settings,
+    timings: dict[str, float],
+    started: float,
+    *,
+    forced: bool,
+) -> BacktestResult | None:
+    """Run the backtest on the fast path; None when the replay must run it instead.
+
+    None: the archive or the run met what only the replay models (a refused candle, a
+    protective stop under the minimum notional), or the fast path failed; with `forced`
+    (`--engine fast`) those raise instead.
+    """
+    from trade_simulator import unsupported
+
+    start_ms, end_ms = None, None
+    if args.timerange:
+        try:
+            start_ms, end_ms = parse_timerange(args.timerange)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    ((pair, frame),) = load_frames(args, s).items()
+    timings["load_s"] = time.perf_counter() - started
+    defect = archive_defect(frame)
+    if defect is not None:
+        if forced:
+            raise ConfigError(f"--engine fast cannot run this backtest: {defect}")
+        log.info("backtest_fast_path_left", reason=defect)
+        return None
+    strategy = load_strategy(s.strategy.name, s.strategy.params)
+    try:
+        result = _fast_run(strategy, frame, pair, s, args, (start_ms, end_ms))
+    except Exception as e:
+        if forced:
+            raise
+        if unsupported(e):
+            log.info("backtest_fast_path_left", reason=str(e))
+        else:  # a fault of the fast path: the replay still gives the run its answer
+            log.exception("backtest_fast_path_failed")
+        return None
+    # The report draws the whole archive's closes, as the replay's does.
+    step = timeframe_to_ms(s.strategy.timeframe)
+    prices = {pair: (index_ms(frame) + step, frame["close"].to_numpy())}
+    return dataclasses.replace(result, prices=prices)
+
+
+def _fast_run(
+    strategy: Strategy,
+    frame: pd.DataFrame,
+    pair: str,
+    s: Settings,
+    args: argparse.Namespace,
+    timerange: tuple[int | None, int | None],
+) -> BacktestResult:
+    from signal_sources import replay_flags
+    from trade_simulator import fast_backtest, run_standard
+
+    start_ms, end_ms = timerange
+    signals = replay_flags(strategy, frame)
+    if s.risk.profile == "all_in":
+        return fast_backtest(
+            strategy,
+            frame,
+            pair=pair,
+            timeframe=s.strategy.timeframe,
+            starting_balance=s.simulation.starting_balance,
+            taker_fee=s.simulation.taker_fee,
+            slippage_bps=s.simulation.slippage_bps,
+            fill_at=s.simulation.fill_at,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            funding=replay_funding(args, s).get(pair) if s.simulation.funding else None,
+            max_leverage=s.risk.max_leverage,
+            signals=signals,
+        )
+    return run_standard(
+        strategy,
+        frame,
+        pair=pair,
+        timeframe=s.strategy.timeframe,
+        risk=s.risk,
+        window=backtest_window(s),
+        starting_balance=s.simulation.starting_balance,
+        taker_fee=s.simulation.taker_fee,
+        slippage_bps=s.simulation.slippage_bps,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        signals=signals,
+    )
+
+
+def archive_defect(frame: pd.DataFrame) -> str | None:
+    """Return what in `frame` the replay's data window would refuse (None: nothing).
+
+    A row outside `0 < low <= open, close <= high < inf` or a volume outside `[0, inf)`,
+    and an open time not after the last: the replay refuses such a candle (it gets no
+    match, no equity point, no decision); the fast paths simulate every row.
+    """
+    o, h, lo, c, v = (
+        frame[k].to_numpy(np.float64) for k in ("open", "high", "low", "close", "volume")
+    )
+    with np.errstate(invalid="ignore"):
+        valid = (lo > 0) & (lo <= o) & (o <= h) & (h < np.inf) & (lo <= c) & (c <= h)
+        valid &= (v >= 0) & (v < np.inf)
+    if not valid.all():
+        return f"{int((~valid).sum())} candles the replay refuses (prices or volume out of range)"
+    ts = frame.index.asi8
+    if len(ts) > 1 and not (np.diff(ts) > 0).all():
+        return "open times not strictly increasing"
+    return None
