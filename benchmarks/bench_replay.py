@@ -1,10 +1,12 @@
 """The replay path under the standard risk profile, one pair and ten, against backtesting.py.
 
-What a user runs is `python main.py --mode backtest`: the replay path, the standard risk
-profile (stops that trail, take-profits, breakers) by default. Its bars per second are the
-candles over the run phase of the CLI's own summary (`timings.run_s`), best of three whole
-processes; backtesting.py's are its `Backtest.run` on the same seeded one-minute random
-walk (`bench_backtest.candles`), best of three, in its own process. Ten pairs are compared
+What a user runs is `python main.py --mode backtest`, the standard risk profile (stops that
+trail, take-profits, breakers) by default: on one spot pair its default engine is the fast
+path (bench_scale measures it), elsewhere the replay path, measured here (`--engine replay`).
+Its bars per second are the candles over the run phase of the CLI's own summary
+(`timings.run_s`), best of three whole processes; backtesting.py's are its `Backtest.run`
+on the same seeded one-minute random walk (`bench_backtest.candles`), best of three, in its
+own process. Ten pairs are compared
 with backtesting.py on one pair of the same number of bars (it has no multi-pair runs).
 
 The same replays are also run in-process with every candle through the whole pipeline
@@ -88,7 +90,7 @@ def _cli_run_s(data: Path | None, tmp: Path, env: dict[str, str]) -> tuple[float
     # Best of REPEAT whole CLI processes: the summary's own run phase.
     best, summary = float("inf"), {}
     for _ in range(REPEAT):
-        measured = _ours(data if data is not None else tmp / "none", tmp, env=env)
+        measured = _ours(data if data is not None else tmp / "none", tmp, env=env, engine="replay")
         run_s = float(measured["summary"]["timings"]["run_s"])
         if run_s < best:
             best, summary = run_s, measured["summary"]

@@ -1,10 +1,13 @@
 """Backtests at scale: peak memory and start-to-summary time of the CLI, against backtesting.py.
 
-What a user runs is `python main.py --mode backtest` through the replay path (the live code
-path, the standard risk profile by default), so that is what is measured: a whole process per
-run, from start to summary, its peak resident set read from the kernel (`ru_maxrss` of the
-child), on the seeded one-minute random walk of `bench_backtest` with sma_cross 10/30.
-backtesting.py runs the same strategy in its own fresh process, at the sizes it can handle.
+What a user runs is `python main.py --mode backtest` (the standard risk profile by default),
+so that is what is measured: a whole process per run, from start to summary, its peak
+resident set read from the kernel (`ru_maxrss` of the child), on the seeded one-minute random
+walk of `bench_backtest` with sma_cross 10/30. Its default engine (`--engine auto`) takes the
+fast path where it stands in for the replay (one spot pair, an archive the replay would not
+stream a segment at a time: the same summary, tests/test_fast_standard.py), else the replay
+(the live code path); the replay's own figures are measured with `--engine replay` beside
+it. backtesting.py runs the same strategy in its own fresh process, at the sizes it can handle.
 
 Rows:
 * one pair at 100k, 1M and 10M candles (KESTREL_BENCH_SIZE=small: 100k and 300k;
@@ -12,8 +15,8 @@ Rows:
   peak RSS, and the RSS growth per candle between the smallest and largest size (target
   under 100 bytes a candle), with the summary's own timings (where the seconds went);
 * ten pairs of 100k candles each through the archive path (1M candles in all);
-* bars per second of the replay run phase against backtesting.py's per-bar loop on the same
-  candles (target at least 2x).
+* bars per second of the run (the signals included) against backtesting.py's per-bar loop
+  on the same candles (target at least 2x), the default engine's and the replay's.
 """
 
 from __future__ import annotations
@@ -69,9 +72,12 @@ def _measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any
     return result
 
 
-def _ours(data: Path, tmp: Path, *, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _ours(
+    data: Path, tmp: Path, *, env: dict[str, str] | None = None, engine: str = "auto"
+) -> dict[str, Any]:
     summary = tmp / "summary.json"
     args = ["--data", str(data), "--pairs", "BTC/USDT"] if data.is_file() else []
+    args += ["--engine", engine]
     measured = _measure(
         [
             sys.executable,
@@ -169,16 +175,24 @@ def _halted_share(summary: dict[str, Any]) -> float:
     return halted / (last - first) if first is not None and last and last > first else 0.0
 
 
+def _engine(summary: dict[str, Any]) -> str:
+    # Which engine ran: the replay's own phase (its signals, `prepare_s`) names it.
+    return "replay" if "prepare_s" in summary["timings"] else "fast path"
+
+
 def _bars_row(label: str, n: int, summary: dict[str, Any], peer_bps: float) -> dict[str, Any]:
+    t = summary["timings"]
+    engine = _engine(summary)
     return _row(
-        f"replay path, 1 pair, {label}: bars per second",
-        n / summary["timings"]["run_s"],
+        f"{'replay path' if engine == 'replay' else 'CLI default engine'}, 1 pair, {label}:"
+        " bars per second",
+        n / (t["run_s"] + t.get("prepare_s", 0.0)),
         "bars/s",
         "backtesting.py per-bar loop",
         peer_bps,
-        f"standard profile (ATR stops trailing while a position is held); {summary['n_trades']:,}"
-        f" trades; halted by a breaker {_halted_share(summary):.0%} of the span; ours = candles"
-        " / the run phase; ratio < 1 means we are faster; target 2x",
+        f"standard profile (ATR stops trailing while a position is held); ran on the {engine};"
+        f" {summary['n_trades']:,} trades; halted by a breaker {_halted_share(summary):.0%} of"
+        " the span; ours = candles / (signals + run); ratio < 1 means we are faster; target 2x",
     )
 
 
@@ -215,7 +229,8 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
                 "s",
                 "backtesting.py (same process measure)" if peer else "-",
                 peer["wall"] if peer else None,
-                f"standard risk profile; in-run seconds: {phases}",
+                f"standard risk profile, ran on the {_engine(ours['summary'])}; in-run seconds:"
+                f" {phases}",
             )
         )
         rows.append(
@@ -235,23 +250,26 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
                 # The same candles with the account trading to the end: at the default fee
                 # the 15% drawdown breaker halts it early (manual resume), and a halted
                 # account's candles are nearly free.
-                trading = _ours(data, tmp, env=TRADING_THROUGHOUT)
                 label = f"{n:,} candles, trading throughout (1 bp fee, drawdown limit 99%)"
-                rows.append(_bars_row(label, n, trading["summary"], n / peer_run))
-                # The same job on both sides: backtesting.py's peer above never moves a
-                # stop; this one trails an ATR stop on every bar, as ours does.
                 trailing_run, trailing_trades = _peer_run(data, trailing=True)
-                row = _bars_row(label, n, trading["summary"], n / trailing_run)
-                row["name"] = row["name"].replace(
-                    "bars per second", "bars per second, against a trailing stop"
-                )
-                row["peer"] = "backtesting.py per-bar loop, ATR stop trailing (TrailingStrategy)"
-                period, multiple = _stop_rule()
-                row["note"] += (
-                    f"; the peer's stop trails ATR({period}) x {multiple:g} behind each close"
-                    f" (backtesting.lib.TrailingStrategy): {trailing_trades:,} trades"
-                )
-                rows.append(row)
+                for engine in ("auto", "replay"):
+                    trading = _ours(data, tmp, env=TRADING_THROUGHOUT, engine=engine)
+                    rows.append(_bars_row(label, n, trading["summary"], n / peer_run))
+                    # The same job on both sides: backtesting.py's peer above never moves
+                    # a stop; this one trails an ATR stop on every bar, as ours does.
+                    row = _bars_row(label, n, trading["summary"], n / trailing_run)
+                    row["name"] = row["name"].replace(
+                        "bars per second", "bars per second, against a trailing stop"
+                    )
+                    row["peer"] = (
+                        "backtesting.py per-bar loop, ATR stop trailing (TrailingStrategy)"
+                    )
+                    period, multiple = _stop_rule()
+                    row["note"] += (
+                        f"; the peer's stop trails ATR({period}) x {multiple:g} behind each"
+                        f" close (backtesting.lib.TrailingStrategy): {trailing_trades:,} trades"
+                    )
+                    rows.append(row)
     small, large = min(rss), max(rss)
     growth = (rss[large] - rss[small]) / (large - small)
     rows.append(
