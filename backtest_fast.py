@@ -142,9 +142,9 @@ def fast_backtest_run(
             start_ms, end_ms = parse_timerange(args.timerange)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    ((pair, frame),) = load_frames(args, s).items()
+    frames = load_frames(args, s)
     timings["load_s"] = time.perf_counter() - started
-    defect = archive_defect(frame)
+    defect = next((d for f in frames.values() if (d := archive_defect(f)) is not None), None)
     if defect is not None:
         if forced:
             raise ConfigError(f"--engine fast cannot run this backtest: {defect}")
@@ -156,7 +156,7 @@ def fast_backtest_run(
     # neither the run's collections nor the interpreter's exit walk it (0.4 s at exit).
     gc.freeze()
     try:
-        result = _fast_run(strategy, frame, pair, s, args, (start_ms, end_ms))
+        result = _fast_run(strategy, frames, s, args, (start_ms, end_ms))
     except Exception as e:
         if forced:
             raise
@@ -165,24 +165,39 @@ def fast_backtest_run(
         else:  # a fault of the fast path: the replay still gives the run its answer
             log.exception("backtest_fast_path_failed")
         return None
-    # The report draws the whole archive's closes, as the replay's does.
+    # The report draws the whole archives' closes, as the replay's does.
     step = timeframe_to_ms(s.strategy.timeframe)
-    prices = {pair: (index_ms(frame) + step, frame["close"].to_numpy())}
+    prices = {p: (index_ms(f) + step, f["close"].to_numpy()) for p, f in frames.items()}
     return dataclasses.replace(result, prices=prices)
 
 
 def _fast_run(
     strategy: Strategy,
-    frame: pd.DataFrame,
-    pair: str,
+    frames: dict[str, pd.DataFrame],
     s: Settings,
     args: argparse.Namespace,
     timerange: tuple[int | None, int | None],
 ) -> BacktestResult:
     from signal_sources import replay_flags
-    from trade_simulator import fast_backtest, run_standard
+    from trade_simulator import fast_backtest, run_portfolio, run_standard
 
     start_ms, end_ms = timerange
+    if len(frames) > 1:
+        return run_portfolio(
+            strategy,
+            frames,
+            timeframe=s.strategy.timeframe,
+            risk=s.risk,
+            window=backtest_window(s),
+            starting_balance=s.simulation.starting_balance,
+            taker_fee=s.simulation.taker_fee,
+            slippage_bps=s.simulation.slippage_bps,
+            returns_window=s.risk.correlation_window,
+            signals={pair: replay_flags(strategy, frame) for pair, frame in frames.items()},
+            start_ms=start_ms,
+            end_ms=end_ms,
+        )
+    ((pair, frame),) = frames.items()
     signals = replay_flags(strategy, frame)
     if s.risk.profile == "all_in":
         return fast_backtest(

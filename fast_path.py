@@ -606,14 +606,13 @@ def fast_path_blockers(
     """Return why the fast path cannot stand in for the replay of a run (empty: it can).
 
     The fast path takes the replay's decisions under the `all_in` risk profile (and the
-    standard one, with `fast_standard.standard_blockers` too), on one pair with a fixed
-    list, with fixed-bps slippage, and with a latency shorter than a candle (a longer one
-    delays fills in the replay).
+    standard one, with `fast_standard.standard_blockers` too), on one pair (several under
+    the standard profile: `fast_portfolio`) with a fixed list, with fixed-bps slippage, and
+    with a latency shorter than a candle (a longer one delays fills in the replay).
     """
-    del risk_profile  # both profiles have a fast path
     reasons = []
-    if len(pairs) != 1:
-        reasons.append(f"{len(pairs)} pairs share one portfolio: the fast path runs one")
+    if len(pairs) != 1 and risk_profile != "standard":
+        reasons.append(f"{len(pairs)} pairs share one portfolio: the all_in fast path runs one")
     if dynamic_pairs:
         reasons.append("a dynamic pair list needs the replay")
     if slippage_model != "fixed":

@@ -200,6 +200,7 @@ class StandardRun:
         self.out = np.zeros(7, dtype=np.float64)
         self.scanned = 0  # held bars the numba pass applied
         self.flat_bars = 0  # flat bars without a signal, applied as one run each
+        self.at = -1  # several pairs: the last bar taken (`fast_portfolio`)
 
     # -- the ATR ----------------------------------------------------------------------------
 
@@ -722,6 +723,8 @@ def standard_blockers(
         reasons.append("a latency: the standard fast path fills without one")
     if window < 10 * risk.atr_period:
         reasons.append("a data window shorter than the stops' ATR span")
+    if window < risk.correlation_window + 2:
+        reasons.append("a data window shorter than the correlation guard's returns")
     if can_short:
         reasons.append("a strategy that can short: its short entries close longs in the replay")
     return reasons

@@ -428,3 +428,117 @@ def test_a_strategy_file_with_a_short_column_trades_as_in_the_replay(tmp_path: P
     replay.pop("timings")
     assert auto == replay
     assert auto["n_trades"] > 10
+
+
+def _store_pairs(
+    data: Path, seed: int, pairs: int, n: int, *, ragged: bool
+) -> tuple[list[str], dict[str, pd.DataFrame]]:
+    """Write `pairs` archives of correlated walks (one starting late, one with a gap)."""
+    from candle_store import load_candles
+
+    store = CandleStore(data, "bybit")
+    rng = np.random.default_rng(seed)
+    names = [f"{chr(65 + i) * 2}/USDT" for i in range(pairs)]
+    common = _walk(n, seed, start=100.0, sigma=0.003, gap=0.0, grid=False)["close"].to_numpy()
+    for i, pair in enumerate(names):
+        df = _walk(n, seed * 100 + i, start=float(rng.choice([0.9, 37.0, 2000.0])), sigma=0.003,
+                   gap=0.0005, grid=True)  # fmt: skip
+        if i % 2:  # half the pairs move with a common factor: the correlation guard acts
+            scale = common / common[0]
+            for column in ("open", "high", "low", "close"):
+                df[column] = np.round(df[column] * scale, 6)
+            df["high"] = df[["open", "high", "low", "close"]].max(axis=1)
+            df["low"] = df[["open", "high", "low", "close"]].min(axis=1)
+        if ragged and i == 1:
+            df = df.iloc[n // 6 :]
+        if ragged and i == 2:
+            df = pd.concat([df.iloc[: n // 3], df.iloc[n // 3 + 50 :]])
+        store.append(pair, "1m", df)
+    return names, {p: load_candles(store.path(p, "1m"), timeframe="1m") for p in names}
+
+
+async def _portfolio_both(
+    monkeypatch: pytest.MonkeyPatch, data: Path, names: list[str], frames: dict[str, pd.DataFrame]
+) -> tuple[dict[str, Any], list[tuple[int, float]], BacktestResult]:
+    from fast_portfolio import run_portfolio
+
+    monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(data))
+    monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", ",".join(names))
+    cli = ["--mode", "backtest", "--engine", "replay", "--strategy", "sma_cross"]
+    cli += ["--param", "fast=5", "--param", "slow=20", "--timeframe", "1m"]
+    summary, curve = await replay_in_process(*cli)
+    s = load_settings(env_file=None)
+    strategy = load_strategy("sma_cross", {"fast": 5, "slow": 20})
+    fast = run_portfolio(
+        strategy,
+        frames,
+        timeframe="1m",
+        risk=s.risk,
+        window=backtest_window(s),
+        starting_balance=s.simulation.starting_balance,
+        taker_fee=s.simulation.taker_fee,
+        slippage_bps=s.simulation.slippage_bps,
+        returns_window=s.risk.correlation_window,
+        signals={pair: replay_flags(strategy, frame) for pair, frame in frames.items()},
+    )
+    return summary, curve, fast
+
+
+async def test_several_pairs_share_the_account_as_in_the_replay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Four pairs (one late, one with a gap): trades, vetoes, breakers, curve: the replay's."""
+    for key, value in {
+        "KESTREL_SIMULATION__SLIPPAGE_BPS": "2",
+        "KESTREL_RISK__MAX_DRAWDOWN": "0.6",
+        "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.05",
+        "KESTREL_RISK__MAX_OPEN_POSITIONS": "3",
+    }.items():
+        monkeypatch.setenv(key, value)
+    names, frames = _store_pairs(tmp_path / "data", 3, 4, 3000, ragged=True)
+    names = names[::-1]  # the summary lists them in the settings' order, not by name
+    frames = {pair: frames[pair] for pair in names}
+    summary, curve, fast = await _portfolio_both(monkeypatch, tmp_path / "data", names, frames)
+    assert summary["pairs"] == names
+    assert len({t["pair"] for t in summary["trades"]}) == 4
+    assert fast.n_trades > 60
+    assert fast.vetoes > 0
+    _assert_same(summary, curve, fast)
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 10_000),
+    pairs=st.integers(2, 5),
+    ragged=st.booleans(),
+    positions=st.sampled_from(["2", "5"]),
+    correlation=st.sampled_from(["0.5", "0.8"]),
+    drawdown=st.sampled_from(["0.5", "0.03"]),
+)
+async def test_random_portfolios_equal_the_replay(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    pairs: int,
+    ragged: bool,
+    positions: str,
+    correlation: str,
+    drawdown: str,
+) -> None:
+    """Random pairs, position and correlation limits, a flatten: the replay's summary and curve."""
+    for key, value in {
+        "KESTREL_RISK__MAX_DRAWDOWN": drawdown,
+        "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.02",
+        "KESTREL_RISK__MAX_OPEN_POSITIONS": positions,
+        "KESTREL_RISK__MAX_CORRELATION": correlation,
+        "KESTREL_RISK__MAX_POSITION_FRACTION": "0.5",
+    }.items():
+        monkeypatch.setenv(key, value)
+    data = tmp_path_factory.mktemp("portfolio") / "data"
+    names, frames = _store_pairs(data, seed, pairs, 1500, ragged=ragged)
+    summary, curve, fast = await _portfolio_both(monkeypatch, data, names, frames)
+    _assert_same(summary, curve, fast)

@@ -1,0 +1,474 @@
+"""The standard-profile fast path over several spot pairs sharing one account.
+
+Part of `trade_simulator`. The replay takes every pair's candles one at a time in (open
+time, pair name) order; each is matched (its pair's orders only), then processed (mark,
+stop, take-profit, the account's equity, the breakers, its pair's decision). This run does
+the same over the candle arrays: each pair's stop rule is its `fast_standard.StandardRun`
+book's, the account (cash, the exact value of the open positions, the breakers, the
+curve) is shared, and an entry is decided by the replay's own `RiskManager.evaluate` on
+the context the engine builds (`Engine._risk_context`: the positions at their marks, the
+aligned returns of the held pairs and the candidate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from circuit_breakers import CircuitBreakers, breaker_report
+from config import RiskSettings
+from fast_path import BacktestResult, _Bars
+from fast_standard import ZERO, StandardRun, _dec, _Held, _Pending, _table, _Unsupported
+from matching_engine import sim_market, slipped_price
+from models import OrderIntent, Position, PositionSide, Side, Signal, TradingState, strategy_tag
+from risk_guards import ReturnsView
+from risk_management import RiskContext, RiskManager
+from run_summary import BreakerTrip, OpenPosition, TradingSpan
+from strategy import Strategy
+
+
+_EXACT = __import__("portfolio")._EXACT
+_ENTRY_STATES = frozenset({TradingState.NORMAL, TradingState.REDUCED})
+
+
+class PortfolioRun:
+    """Several pairs' standard-profile run on one account (see the module docstring).
+
+    `books`: each pair's `StandardRun` over its own rows (its arrays, market, ATR and stop
+    rule), in any order; `returns_window`: the correlation window.
+    """
+
+    def __init__(
+        self,
+        books: Sequence[StandardRun],
+        *,
+        risk: RiskSettings,
+        timeframe: str,
+        starting_balance: float,
+        returns_window: int,
+    ) -> None:
+        self.books = {book.pair: book for book in sorted(books, key=lambda b: b.pair)}
+        first = next(iter(self.books.values()))
+        self.step = first.step
+        self.name = first.name
+        self.fee = first.fee
+        self.bps = first.bps
+        self.window = first.window
+        self.returns_window = returns_window
+        self.cash = Decimal(str(starting_balance))
+        self.fees = ZERO
+        self.realised = ZERO
+        self.peak = self.cash
+        self.max_dd = 0.0
+        self.breakers = CircuitBreakers(risk)
+        self.manager = RiskManager(
+            risk, long_only=True, taker_fee=self.fee, strategy_tag=first.tag, timeframe=timeframe
+        )
+        self.manager.breakers = self.breakers
+        # The open positions in fill order: [qty, entry price, opened, mark, qty x mark],
+        # marked at their pair's last close.
+        self.held: dict[str, list[Any]] = {}
+        self.value = ZERO  # the exact sum of the held positions' values
+        self.signals = 0
+        self.vetoes = 0
+        self.rejections = 0
+        self.trades: list[tuple[object, ...]] = []
+        self.curve_ts: list[int] = []
+        self.curve: list[float] = []
+        self.candles = 0
+        # The last candle's equity (exact, float), and the time it was last fed to the
+        # breakers unchanged (None: something may have changed since).
+        self._last: tuple[Decimal, float] | None = None
+        self._fed: int | None = None
+        # The close time each pair's working market order was sent at: it cannot fill on a
+        # candle of that same close time (`_match_bar`: ts_created + latency >= bar close);
+        # a flatten sends exits on another pair's candle.
+        self._sent: dict[str, int] = {}
+        self._now = 0
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> PortfolioRun:
+        """Take every pair's candles in (open time, pair) order; return self."""
+        books = list(self.books.values())  # by pair name: the replay's order at one time
+        ts = np.concatenate([book.ts for book in books])
+        which = np.concatenate([np.full(len(b.ts), k, dtype=np.int64) for k, b in enumerate(books)])
+        at = np.concatenate([np.arange(len(b.ts), dtype=np.int64) for b in books])
+        order = np.lexsort((which, ts))
+        self.candles = len(order)
+        entries = [book.enter.tolist() for book in books]
+        step = self.step
+        curve_ts, curve, breakers = self.curve_ts, self.curve, self.breakers
+        flatten = TradingState.FLATTEN
+        for now, k, t in zip(
+            (ts[order] + step).tolist(), which[order].tolist(), at[order].tolist(), strict=True
+        ):
+            book = books[k]
+            last = self._last
+            if (
+                book.held is None
+                and book.pending is None
+                and not entries[k][t]
+                and last is not None
+                and (breakers.state is not flatten or not self.held)
+            ):
+                # A flat pair's candle without an order or a signal: nothing is matched,
+                # marked or decided; the account's last equity is recorded (the curve keeps
+                # one point a close time) and fed again (the same time and equity again
+                # change no verdict). A latched flatten with positions open retries their
+                # refused exits on every candle: those take the whole path.
+                if curve_ts[-1] != now:
+                    curve_ts.append(now)
+                    curve.append(last[1])
+                if self._fed != now:
+                    breakers.update(now, last[0])
+                    self._fed = now
+            else:
+                self._row(book, t, now)
+        return self
+
+    def _row(self, book: StandardRun, t: int, now: int) -> None:
+        self._now = now
+        self._fed = None
+        book.at = t
+        self._match(book, t, now)
+        held = book.held
+        exited = False
+        closing = held is not None and bool(book.exit[t])
+        if held is not None:
+            self._mark(book, t)
+            high = float(book.h[t])
+            if closing:
+                if held.best is not None:
+                    held.best = max(held.best, _dec(high))
+            else:
+                book._move_stop(held, t)
+            if held.tp is not None and high >= held.tp:
+                exited = True
+                self._exit(book, f"take-profit {held.tp} reached (managed)")
+        equity = self._record(now)
+        if self.breakers.update(now, equity) is TradingState.FLATTEN:
+            for other in [self.books[p] for p in self.held]:
+                if other.pending is None:
+                    self._exit(other, "circuit breaker: flatten")
+            self._flush(book)
+            return
+        if not exited:
+            self._decide(book, t, closing, now, equity)
+        self._flush(book)
+
+    # -- the account ------------------------------------------------------------------------
+
+    def _mark(self, book: StandardRun, t: int) -> None:
+        # `Portfolio.mark`: the position's value moves exactly.
+        position = self.held[book.pair]
+        price = _dec(float(book.c[t]))
+        part = position[0] * price
+        self.value = _EXACT.add(_EXACT.subtract(self.value, position[4]), part)
+        position[3], position[4] = price, part
+
+    def _record(self, now: int) -> Decimal:
+        equity = self.cash + self.value if self.held else self.cash
+        value = float(equity)
+        self._last = (equity, value)
+        if self.curve_ts and self.curve_ts[-1] == now:
+            self.curve[-1] = value
+        else:
+            self.curve_ts.append(now)
+            self.curve.append(value)
+        if equity > self.peak:
+            self.peak = equity
+        elif self.peak > 0 and equity < self.peak:
+            self.max_dd = max(self.max_dd, float((self.peak - equity) / self.peak))
+        return equity
+
+    # -- the venue --------------------------------------------------------------------------
+
+    def _match(self, book: StandardRun, t: int, now: int) -> None:
+        pending, held = book.pending, book.held
+        if pending is None and (held is None or held.venue is None):
+            return
+        if pending is None:
+            assert held is not None
+            assert held.venue is not None
+            # A stop on the tick grid (7 digits at most): Decimal(repr(x)) <= level exactly
+            # when x <= float(level).
+            level = float(held.venue)
+            if float(book.o[t]) > level and float(book.l[t]) > level:
+                return
+        if pending is not None and self._sent.get(book.pair) == now:
+            return  # sent on an earlier pair's candle of this close time: not live yet
+        opened = _dec(float(book.o[t]))
+        if pending is not None:
+            book.pending = None
+            price = slipped_price(pending.side, opened, self.bps)
+            if pending.side is Side.BUY:
+                self._open(book, pending, price, int(book.ts[t]))
+            else:
+                self._close(book, price, int(book.ts[t]), pending.reason, now)
+            return
+        if held is None or held.venue is None:
+            return
+        stop = held.venue
+        if opened <= stop:
+            trigger = opened
+        elif _dec(float(book.l[t])) <= stop:
+            trigger = stop
+        else:
+            return
+        price = slipped_price(Side.SELL, trigger, self.bps)
+        self._close(book, price, int(book.ts[t]), f"stop-loss for {held.cid}", now)
+
+    def _open(self, book: StandardRun, order: _Pending, price: Decimal, ts: int) -> None:
+        fee = price * order.qty * self.fee
+        self.cash = self.cash - (order.qty * price + fee)
+        self.fees += fee
+        book.held = _Held(order.qty, price, fee, ts, order.s0, order.tp, order.cid, order.s0)
+        part = order.qty * price
+        self.held[book.pair] = [order.qty, price, ts, price, part]
+        self.value = _EXACT.add(self.value, part)
+
+    def _close(self, book: StandardRun, price: Decimal, ts: int, reason: str, now: int) -> None:
+        held = book.held
+        assert held is not None
+        qty = held.qty
+        fee = price * qty * self.fee
+        self.cash = self.cash - (-qty * price + fee)
+        self.fees += fee
+        entry_part = held.fee * (qty / qty)
+        exit_part = fee * (qty / qty)
+        pnl = (price - held.entry) * qty * 1 - entry_part - exit_part
+        self.realised += pnl
+        book.held = None
+        self.value = _EXACT.subtract(self.value, self.held.pop(book.pair)[4])
+        row = (held.opened, ts, held.entry, price, qty, entry_part + exit_part, pnl, reason)
+        self.trades.append((book.pair, *row))
+        self.breakers.on_trade_closed(_ClosedPnl(float(pnl)), now)  # type: ignore[arg-type]
+
+    def _flush(self, book: StandardRun) -> None:
+        held = book.held
+        if held is not None and not held.placed and book.pending is None:
+            book._place_stop(held)
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def _exit(self, book: StandardRun, reason: str) -> None:
+        # `Engine.close_position`: nothing when an exit already works (a flatten's, sent on
+        # another pair's candle of this time); refused under the minimum notional at the
+        # pair's last close; else a market exit, its stop taken off.
+        held = book.held
+        assert held is not None
+        if book.pending is not None:
+            return
+        if held.qty * _dec(float(book.c[book.at])) < book.market.min_notional:
+            self.rejections += 1
+            return
+        held.venue = None
+        held.placed = True
+        book.pending = _Pending(Side.SELL, held.qty, reason)
+        self._sent[book.pair] = self._now
+
+    def _decide(self, book: StandardRun, t: int, closing: bool, now: int, equity: Decimal) -> None:
+        if book.held is not None:
+            if closing:
+                self.signals += 1
+                self._exit(book, f"{self.name}: exit long")
+            return
+        if not book.enter[t]:
+            return
+        self.signals += 1
+        if self.breakers.state not in _ENTRY_STATES:  # `evaluate`'s first refusal
+            self.vetoes += 1
+            return
+        verdict = self.manager.evaluate(self._signal(book, t), self._context(book, t, now, equity))
+        if not isinstance(verdict, OrderIntent):
+            self.vetoes += 1
+            return
+        price = _dec(float(book.c[t]))
+        if verdict.qty * price * (1 + self.fee) > self.cash:
+            raise _Unsupported("an entry the executor's balance check refuses")
+        assert verdict.stop_loss is not None
+        book.pending = _Pending(
+            Side.BUY, verdict.qty, "", verdict.stop_loss, verdict.take_profit,
+            verdict.client_order_id,
+        )  # fmt: skip
+
+    def _signal(self, book: StandardRun, t: int) -> Signal:
+        return Signal(
+            pair=book.pair,
+            side=Side.BUY,
+            strength=1.0,
+            reason=f"{self.name}: entry long",
+            ts=int(book.ts[t]),
+            price=float(book.c[t]),
+        )
+
+    def _context(self, book: StandardRun, t: int, now: int, equity: Decimal) -> RiskContext:
+        # `Engine._risk_context` for an entry on `book`'s candle `t`.
+        ts = int(book.ts[t])
+        aligned = None
+        if self.held:
+            # Each pair's series depends on the decision's candle time alone (the bars opened
+            # before it): the token lets the guard keep the held pairs' work for the next
+            # entry on the same time, as the engine's does within a burst.
+            books = self.books
+            aligned = ReturnsView(
+                lambda p: self._returns(books[p], ts), [book.pair, *self.held], token=("at", ts)
+            )
+        return RiskContext(
+            now=now,
+            equity=equity,
+            cash=self.cash,
+            positions={
+                p: Position(p, PositionSide.LONG, q, entry, opened, mark_price=mark)
+                for p, (q, entry, opened, mark, _) in self.held.items()
+            },
+            market=book.market,
+            price=_dec(float(book.c[t])),
+            atr=book.atr(t),
+            taker_fee=self.fee,
+            aligned_returns=aligned,
+            candle_ts=ts,
+        )
+
+    def _returns(self, book: StandardRun, before: int) -> np.ndarray | None:
+        # The pair's last `returns_window` returns of the bars opened before `before`, from
+        # its data window (`Engine._returns_of`).
+        # (The window's own bound, its last `window` bars, never binds: the window holds
+        # more than the returns' span, `standard_blockers`.)
+        end = int(np.searchsorted(book.ts, before))
+        first = max(end - self.returns_window - 1, 0)
+        closes = book.c[first:end]
+        if len(closes) <= 2:
+            return None
+        result: np.ndarray = (closes[1:] - closes[:-1]) / closes[:-1]
+        return result
+
+
+class _ClosedPnl:
+    # What the breakers read of a closed trade.
+    __slots__ = ("pnl",)
+
+    def __init__(self, pnl: float) -> None:
+        self.pnl = pnl
+
+
+def run_portfolio(
+    strategy: Strategy,
+    frames: dict[str, pd.DataFrame],
+    *,
+    timeframe: str,
+    risk: RiskSettings,
+    window: int,
+    starting_balance: float,
+    taker_fee: float,
+    slippage_bps: float,
+    returns_window: int,
+    signals: dict[str, tuple[np.ndarray, np.ndarray]],
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> BacktestResult:
+    """Run `--mode backtest` under the standard profile over several spot pairs.
+
+    `frames`: each pair's whole archive (its market comes from its first close); `signals`
+    its entry and exit flags over the whole archive (`signal_sources.replay_flags`);
+    `start_ms`/`end_ms` the `--timerange`. Raises what `fast_standard.unsupported`
+    recognises on a path only the replay models.
+    """
+    books = []
+    tag = strategy_tag(strategy.describe())
+    for pair, frame in frames.items():
+        bars = _Bars.of(frame, timeframe, start_ms, end_ms)
+        enter, exit_ = signals[pair]
+        market = sim_market(pair, float(frame["close"].to_numpy(dtype=np.float64)[0]))
+        first, last = bars.first, bars.last
+        enter, exit_ = enter[first:last], exit_[first:last]
+
+        def column(
+            name: str, frame: pd.DataFrame = frame, rows: slice = slice(first, last)
+        ) -> np.ndarray:
+            return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))[rows]
+
+        opens = bars.ts - bars.step
+        books.append(
+            StandardRun(
+                (opens, column("open"), column("high"), column("low"), column("close")),
+                (np.asarray(enter, dtype=bool), np.asarray(exit_, dtype=bool)),
+                risk=risk,
+                market=market,
+                pair=pair,
+                step=bars.step,
+                strategy_name=strategy.name,
+                tag=tag,
+                starting_balance=starting_balance,
+                taker_fee=taker_fee,
+                slippage_bps=slippage_bps,
+                window=window,
+                accelerate=False,
+            )
+        )
+    run = PortfolioRun(
+        books,
+        risk=risk,
+        timeframe=timeframe,
+        starting_balance=starting_balance,
+        returns_window=returns_window,
+    ).run()
+    return _result(run, strategy, timeframe, starting_balance, tuple(frames))
+
+
+def _result(
+    run: PortfolioRun,
+    strategy: Strategy,
+    timeframe: str,
+    starting_balance: float,
+    pairs: tuple[str, ...],
+) -> BacktestResult:
+    rows = run.trades
+    table = _table([r[1:] for r in rows], "")
+    table["pair"] = np.array([str(r[0]) for r in rows], dtype=np.str_)
+    last = max((int(b.ts[-1]) for b in run.books.values() if len(b.ts)), default=None)
+    report = breaker_report(run.breakers.history, last)
+    opened = sorted(
+        (book.held.opened, pair, book) for pair, book in run.books.items() if book.held is not None
+    )
+    equity = run.cash + run.value if run.held else run.cash
+    return BacktestResult(
+        strategy=strategy.describe(),
+        pairs=pairs,  # the settings' order (`Engine.pairs`), not the books' name order
+        timeframe=timeframe,
+        starting_balance=float(starting_balance),
+        ts=np.array(run.curve_ts, dtype=np.int64),
+        equity=np.array(run.curve, dtype=np.float64),
+        table=table,
+        final_equity=float(equity),
+        fees=float(run.fees),
+        candles=run.candles,
+        open_positions=tuple(
+            OpenPosition(
+                pair=pair,
+                side="long",
+                qty=float(book.held.qty),
+                entry_price=float(book.held.entry),
+                entry_ts=book.held.opened,
+                mark_price=float(book.c[book.at]),
+            )
+            for _, pair, book in opened
+            if book.held is not None
+        ),
+        prices={pair: (b.ts + b.step, b.c) for pair, b in run.books.items()},
+        signals=run.signals,
+        vetoes=run.vetoes,
+        rejections=run.rejections,
+        realised_pnl=float(run.realised),
+        breaker_trips=tuple(BreakerTrip.from_dict(x) for x in report["trips"]),
+        trading_spans=tuple(TradingSpan.from_dict(x) for x in report["spans"]),
+        max_drawdown_exact=run.max_dd,
+    )
+
+
+__all__ = ["PortfolioRun", "run_portfolio"]
