@@ -22,8 +22,17 @@ import pandas as pd
 from circuit_breakers import CircuitBreakers, breaker_report
 from config import RiskSettings
 from fast_path import BacktestResult, _Bars
-from fast_standard import ZERO, StandardRun, _dec, _Held, _Pending, _table, _Unsupported
-from matching_engine import sim_market, slipped_price
+from fast_standard import (
+    ZERO,
+    StandardRun,
+    _dec,
+    _Pending,
+    _table,
+    _Unsupported,
+    entry_fill,
+    exit_fill,
+)
+from matching_engine import sim_market
 from models import OrderIntent, Position, PositionSide, Side, Signal, TradingState, strategy_tag
 from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
@@ -75,7 +84,6 @@ class PortfolioRun:
         self.value = ZERO  # the exact sum of the held positions' values
         self.signals = 0
         self.vetoes = 0
-        self.rejections = 0
         self.trades: list[tuple[object, ...]] = []
         self.curve_ts: list[int] = []
         self.curve: list[float] = []
@@ -141,25 +149,17 @@ class PortfolioRun:
         closing = held is not None and bool(book.exit[t])
         if held is not None:
             self._mark(book, t)
-            high = float(book.h[t])
-            if closing:
-                if held.best is not None:
-                    held.best = max(held.best, _dec(high))
-            else:
-                book._move_stop(held, t)
-            if held.tp is not None and high >= held.tp:
-                exited = True
-                self._exit(book, f"take-profit {held.tp} reached (managed)")
+            exited = book.manage(held, t, closing)
         equity = self._record(now)
         if self.breakers.update(now, equity) is TradingState.FLATTEN:
             for other in [self.books[p] for p in self.held]:
                 if other.pending is None:
                     self._exit(other, "circuit breaker: flatten")
-            self._flush(book)
+            book._flush_stop()
             return
         if not exited:
             self._decide(book, t, closing, now, equity)
-        self._flush(book)
+        book._flush_stop()
 
     # -- the account ------------------------------------------------------------------------
 
@@ -202,75 +202,38 @@ class PortfolioRun:
                 return
         if pending is not None and self._sent.get(book.pair) == now:
             return  # sent on an earlier pair's candle of this close time: not live yet
-        opened = _dec(float(book.o[t]))
-        if pending is not None:
-            book.pending = None
-            price = slipped_price(pending.side, opened, self.bps)
-            if pending.side is Side.BUY:
-                self._open(book, pending, price, int(book.ts[t]))
-            else:
-                self._close(book, price, int(book.ts[t]), pending.reason, now)
+        fill = book.matched(t)
+        if fill is None:
             return
-        if held is None or held.venue is None:
+        order, price, reason = fill
+        ts = int(book.ts[t])
+        if order is not None and order.side is Side.BUY:
+            book.held, cost = entry_fill(order, price, self.fee, ts)
+            self.cash = self.cash - cost
+            self.fees += book.held.fee
+            part = order.qty * price
+            self.held[book.pair] = [order.qty, price, ts, price, part]
+            self.value = _EXACT.add(self.value, part)
             return
-        stop = held.venue
-        if opened <= stop:
-            trigger = opened
-        elif _dec(float(book.l[t])) <= stop:
-            trigger = stop
-        else:
-            return
-        price = slipped_price(Side.SELL, trigger, self.bps)
-        self._close(book, price, int(book.ts[t]), f"stop-loss for {held.cid}", now)
-
-    def _open(self, book: StandardRun, order: _Pending, price: Decimal, ts: int) -> None:
-        fee = price * order.qty * self.fee
-        self.cash = self.cash - (order.qty * price + fee)
-        self.fees += fee
-        book.held = _Held(order.qty, price, fee, ts, order.s0, order.tp, order.cid, order.s0)
-        part = order.qty * price
-        self.held[book.pair] = [order.qty, price, ts, price, part]
-        self.value = _EXACT.add(self.value, part)
-
-    def _close(self, book: StandardRun, price: Decimal, ts: int, reason: str, now: int) -> None:
         held = book.held
         assert held is not None
-        qty = held.qty
-        fee = price * qty * self.fee
-        self.cash = self.cash - (-qty * price + fee)
+        change, fee, row = exit_fill(held, price, self.fee, ts, reason)
+        self.cash = self.cash - change
         self.fees += fee
-        entry_part = held.fee * (qty / qty)
-        exit_part = fee * (qty / qty)
-        pnl = (price - held.entry) * qty * 1 - entry_part - exit_part
-        self.realised += pnl
+        self.realised += row[6]  # type: ignore[operator]
         book.held = None
         self.value = _EXACT.subtract(self.value, self.held.pop(book.pair)[4])
-        row = (held.opened, ts, held.entry, price, qty, entry_part + exit_part, pnl, reason)
         self.trades.append((book.pair, *row))
-        self.breakers.on_trade_closed(_ClosedPnl(float(pnl)), now)  # type: ignore[arg-type]
-
-    def _flush(self, book: StandardRun) -> None:
-        held = book.held
-        if held is not None and not held.placed and book.pending is None:
-            book._place_stop(held)
+        self.breakers.on_trade_closed(_ClosedPnl(float(row[6])), now)  # type: ignore[arg-type]
 
     # -- decisions --------------------------------------------------------------------------
 
     def _exit(self, book: StandardRun, reason: str) -> None:
-        # `Engine.close_position`: nothing when an exit already works (a flatten's, sent on
-        # another pair's candle of this time); refused under the minimum notional at the
-        # pair's last close; else a market exit, its stop taken off.
-        held = book.held
-        assert held is not None
-        if book.pending is not None:
-            return
-        if held.qty * _dec(float(book.c[book.at])) < book.market.min_notional:
-            self.rejections += 1
-            return
-        held.venue = None
-        held.placed = True
-        book.pending = _Pending(Side.SELL, held.qty, reason)
-        self._sent[book.pair] = self._now
+        # The pair's exit (`StandardRun._exit`, at its last close), sent at this close time.
+        if book.pending is None:
+            book._exit(reason, book.at)
+            if book.pending is not None:
+                self._sent[book.pair] = self._now
 
     def _decide(self, book: StandardRun, t: int, closing: bool, now: int, equity: Decimal) -> None:
         if book.held is not None:
@@ -463,7 +426,7 @@ def _result(
         prices={pair: (b.ts + b.step, b.c) for pair, b in run.books.items()},
         signals=run.signals,
         vetoes=run.vetoes,
-        rejections=run.rejections,
+        rejections=sum(book.rejections for book in run.books.values()),  # refused exits
         realised_pnl=float(run.realised),
         breaker_trips=tuple(BreakerTrip.from_dict(x) for x in report["trips"]),
         trading_spans=tuple(TradingSpan.from_dict(x) for x in report["spans"]),

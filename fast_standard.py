@@ -266,15 +266,7 @@ class StandardRun:
         exited = False
         closing = held is not None and bool(self.exit[t])
         if held is not None:
-            high = float(self.h[t])
-            if closing:
-                if held.best is not None:
-                    held.best = max(held.best, _dec(high))
-            else:
-                self._move_stop(held, t)
-            if held.tp is not None and high >= held.tp:
-                exited = True  # refused or not (`Engine._take_profit_reached`)
-                self._exit(f"take-profit {held.tp} reached (managed)", t)
+            exited = self.manage(held, t, closing)
         equity = self._record(t)
         if self.breakers.update(now, equity) is TradingState.FLATTEN:
             if self.held is not None and self.pending is None:
@@ -284,6 +276,24 @@ class StandardRun:
         if not exited:
             self._decide(t, closing, now, equity)
         self._flush_stop()
+
+    def manage(self, held: _Held, t: int, closing: bool) -> bool:
+        """Take the held pair's bar `t` after its match: the stop, then the take-profit.
+
+        On a bar whose signal closes the position (`closing`) only the best price moves
+        (its exit takes the stop off). Returns True when the take-profit was reached (an
+        exit sent or refused: either way no decision on the bar).
+        """
+        high = float(self.h[t])
+        if closing:
+            if held.best is not None:
+                held.best = max(held.best, _dec(high))
+        else:
+            self._move_stop(held, t)
+        if held.tp is not None and high >= held.tp:
+            self._exit(f"take-profit {held.tp} reached (managed)", t)
+            return True
+        return False
 
     def _record(self, t: int) -> Decimal:
         held = self.held
@@ -300,49 +310,46 @@ class StandardRun:
     # -- the venue --------------------------------------------------------------------------
 
     def _match(self, t: int, now: int) -> None:
+        fill = self.matched(t)
+        if fill is None:
+            return
+        order, price, reason = fill
+        if order is not None and order.side is Side.BUY:
+            self.held, cost = entry_fill(order, price, self.fee, int(self.ts[t]))
+            self.cash = self.cash - cost
+            self.fees += self.held.fee
+            return
+        held = self.held
+        assert held is not None
+        change, fee, row = exit_fill(held, price, self.fee, int(self.ts[t]), reason)
+        self.cash = self.cash - change
+        self.fees += fee
+        self.realised += row[6]  # type: ignore[operator]
+        self.held = None
+        self.trades.append(row)
+        self.breakers.on_trade_closed(_Closed(float(row[6])), now)  # type: ignore[arg-type]
+
+    def matched(self, t: int) -> tuple[_Pending | None, Decimal, str] | None:
+        """Match the pair's working orders against bar `t`, as the simulated exchange does.
+
+        Returns the fill: the market order it filled (None: the stop), its price and an
+        exit's reason; the order is taken off. None: nothing filled.
+        """
         pending, held = self.pending, self.held
         opened = _dec(float(self.o[t]))
         if pending is not None:
             self.pending = None
-            price = slipped_price(pending.side, opened, self.bps)
-            if pending.side is Side.BUY:
-                self._open(pending, price, int(self.ts[t]))
-            else:
-                self._close(price, int(self.ts[t]), pending.reason, now)
-            return
+            return pending, slipped_price(pending.side, opened, self.bps), pending.reason
         if held is None or held.venue is None:
-            return
+            return None
         stop = held.venue
         if opened <= stop:
             trigger = opened
         elif _dec(float(self.l[t])) <= stop:
             trigger = stop
         else:
-            return
-        price = slipped_price(Side.SELL, trigger, self.bps)
-        self._close(price, int(self.ts[t]), f"stop-loss for {held.cid}", now)
-
-    def _open(self, order: _Pending, price: Decimal, ts: int) -> None:
-        fee = price * order.qty * self.fee
-        self.cash = self.cash - (order.qty * price + fee)
-        self.fees += fee
-        self.held = _Held(order.qty, price, fee, ts, order.s0, order.tp, order.cid, order.s0)
-
-    def _close(self, price: Decimal, ts: int, reason: str, now: int) -> None:
-        held = self.held
-        assert held is not None
-        qty = held.qty
-        fee = price * qty * self.fee
-        self.cash = self.cash - (-qty * price + fee)
-        self.fees += fee
-        entry_part = held.fee * (qty / qty)
-        exit_part = fee * (qty / qty)
-        pnl = (price - held.entry) * qty * 1 - entry_part - exit_part
-        self.realised += pnl
-        self.held = None
-        row = (held.opened, ts, held.entry, price, qty, entry_part + exit_part, pnl, reason)
-        self.trades.append(row)
-        self.breakers.on_trade_closed(_Closed(float(pnl)), now)  # type: ignore[arg-type]
+            return None
+        return None, slipped_price(Side.SELL, trigger, self.bps), f"stop-loss for {held.cid}"
 
     # -- the stop ---------------------------------------------------------------------------
 
@@ -413,13 +420,16 @@ class StandardRun:
     # -- decisions --------------------------------------------------------------------------
 
     def _exit(self, reason: str, t: int) -> None:
-        # A reduce-only market exit of the whole position; its stop is taken off. Every
-        # exit (take-profit, flatten, signal) passes `validate_intent` at the bar's close
-        # first: under the minimum notional it is refused locally (a rejection), and the
-        # position and its stop, pending or working, stay.
+        # `Engine.close_position`: a reduce-only market exit of the whole position, its
+        # stop taken off; nothing while an exit already works (several pairs: a flatten's,
+        # sent on another pair's candle of this close). Every exit (take-profit, flatten,
+        # signal) passes `validate_intent` at the bar's close first: under the minimum
+        # notional it is refused locally (a rejection), and the position and its stop,
+        # pending or working, stay.
         held = self.held
         assert held is not None
-        assert self.pending is None
+        if self.pending is not None:
+            return
         if held.qty * _dec(float(self.c[t])) < self.market.min_notional:
             self.rejections += 1
             return
@@ -605,6 +615,30 @@ def _final_equity(run: StandardRun) -> Decimal:
     if run.held is None or not len(run.c):
         return run.cash
     return run.value(len(run.c) - 1)
+
+
+def entry_fill(order: _Pending, price: Decimal, rate: Decimal, ts: int) -> tuple[_Held, Decimal]:
+    """Return the position an entry's fill at `price` opens and the cash it costs."""
+    fee = price * order.qty * rate
+    held = _Held(order.qty, price, fee, ts, order.s0, order.tp, order.cid, order.s0)
+    return held, order.qty * price + fee
+
+
+def exit_fill(
+    held: _Held, price: Decimal, rate: Decimal, ts: int, reason: str
+) -> tuple[Decimal, Decimal, tuple[object, ...]]:
+    """Return an exit fill's cash change (subtracted), fee and closed-trade row.
+
+    `Portfolio._reduce`'s arithmetic for the whole position: the row is (opened, closed,
+    entry price, exit price, qty, fees, PnL, reason).
+    """
+    qty = held.qty
+    fee = price * qty * rate
+    entry_part = held.fee * (qty / qty)
+    exit_part = fee * (qty / qty)
+    pnl = (price - held.entry) * qty * 1 - entry_part - exit_part
+    row = (held.opened, ts, held.entry, price, qty, entry_part + exit_part, pnl, reason)
+    return -qty * price + fee, fee, row
 
 
 def _above(level: Decimal | None) -> float:
