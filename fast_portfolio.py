@@ -12,6 +12,7 @@ aligned returns of the held pairs and the candidate).
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -40,7 +41,8 @@ from run_summary import BreakerTrip, OpenPosition, TradingSpan
 from strategy import Strategy
 
 
-_EXACT = __import__("portfolio")._EXACT
+# The portfolio's context for the sum of its positions' values: exact (`Portfolio.equity`).
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
 _ENTRY_STATES = frozenset({TradingState.NORMAL, TradingState.REDUCED})
 
 
