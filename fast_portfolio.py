@@ -27,14 +27,12 @@ from fast_standard import (
     ZERO,
     StandardRun,
     _dec,
-    _Pending,
     _table,
-    _Unsupported,
     entry_fill,
     exit_fill,
 )
 from matching_engine import sim_market
-from models import OrderIntent, Position, PositionSide, Side, Signal, TradingState, strategy_tag
+from models import Position, PositionSide, Side, TradingState, strategy_tag
 from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
 from run_summary import BreakerTrip, OpenPosition, TradingSpan
@@ -249,28 +247,11 @@ class PortfolioRun:
         if self.breakers.state not in _ENTRY_STATES:  # `evaluate`'s first refusal
             self.vetoes += 1
             return
-        verdict = self.manager.evaluate(self._signal(book, t), self._context(book, t, now, equity))
-        if not isinstance(verdict, OrderIntent):
+        order = book.order_for(self.manager, t, self._context(book, t, now, equity))
+        if order is None:
             self.vetoes += 1
             return
-        price = _dec(float(book.c[t]))
-        if verdict.qty * price * (1 + self.fee) > self.cash:
-            raise _Unsupported("an entry the executor's balance check refuses")
-        assert verdict.stop_loss is not None
-        book.pending = _Pending(
-            Side.BUY, verdict.qty, "", verdict.stop_loss, verdict.take_profit,
-            verdict.client_order_id,
-        )  # fmt: skip
-
-    def _signal(self, book: StandardRun, t: int) -> Signal:
-        return Signal(
-            pair=book.pair,
-            side=Side.BUY,
-            strength=1.0,
-            reason=f"{self.name}: entry long",
-            ts=int(book.ts[t]),
-            price=float(book.c[t]),
-        )
+        book.pending = order
 
     def _context(self, book: StandardRun, t: int, now: int, equity: Decimal) -> RiskContext:
         # `Engine._risk_context` for an entry on `book`'s candle `t`.

@@ -48,20 +48,13 @@ from config import RiskSettings
 from fast_kernels import hold_scan, stop_atr
 from fast_path import BacktestResult, _Bars
 from matching_engine import sim_market, slipped_price
-from models import (
-    Market,
-    Side,
-    TradingState,
-    decision_key,
-    strategy_tag,
-    with_attempt,
-)
+from models import Market, OrderIntent, Side, Signal, TradingState, strategy_tag
+from risk_management import RiskContext, RiskManager
 from run_summary import BreakerTrip, OpenPosition, TradingSpan
 from strategy import Strategy
 
 
 ZERO = Decimal(0)
-ONE = Decimal(1)
 _BPS = Decimal(10000)
 _ENTRY_STATES = frozenset({TradingState.NORMAL, TradingState.REDUCED})
 
@@ -170,6 +163,9 @@ class StandardRun:
         self.held: _Held | None = None
         self.pending: _Pending | None = None
         self.breakers = CircuitBreakers(risk)
+        # The replay's risk manager decides entries (on these breakers' rung).
+        self.manager = RiskManager(risk, long_only=True, taker_fee=self.fee, strategy_tag=tag)
+        self.manager.breakers = self.breakers
         self.signals = 0
         self.vetoes = 0
         self.rejections = 0
@@ -177,12 +173,7 @@ class StandardRun:
         self.equity = np.empty(len(self.ts), dtype=np.float64)
         self.exact_bars = 0  # bars taken here in Decimal (the rest by the numba pass)
         self._multiple = _dec(risk.stop_atr_multiple)
-        self._tp_multiple = (
-            _dec(risk.take_profit_atr_multiple) if risk.take_profit_atr_multiple else None
-        )
         self.be_r = _dec(risk.break_even_at_r) if risk.break_even_at_r is not None else None
-        self._fraction = _dec(risk.risk_per_trade)
-        self._reduced = _dec(risk.reduced_size_factor)
         period = risk.atr_period
         self._atr_tail = min(10 * period, window)
         self._atrs: dict[int, float | None] = {}
@@ -455,42 +446,47 @@ class StandardRun:
         self.pending = order
 
     def _entry(self, t: int, now: int, equity: Decimal) -> _Pending | None:
-        # `RiskManager.evaluate` for a flat pair's entry (None: vetoed).
-        state = self.breakers.state
-        if state not in _ENTRY_STATES:
+        # The replay's own `RiskManager.evaluate` for a flat pair's entry (None: vetoed):
+        # nothing else held, so the context is the pair's alone.
+        if self.breakers.state not in _ENTRY_STATES:  # its first refusal, the cheap way
             return None
-        price = _dec(float(self.c[t]))
-        if price <= 0 or equity <= 0:
-            return None
-        atr = self.atr(t)
-        unit = Decimal(str(atr)) if atr is not None and atr > 0 else price * Decimal("0.01")
-        distance = unit * self._multiple
-        if distance >= price:
-            return None
-        per_unit = distance + self.fee * (price + (price - distance))
-        qty = equity * self._fraction / per_unit
-        if state is TradingState.REDUCED:
-            qty *= self._reduced
-        s = self.risk
-        caps = (
-            max(equity * _dec(s.max_position_fraction) - ZERO, ZERO) / price,
-            max(equity * _dec(s.max_total_exposure) - ZERO, ZERO) / price,
-            max(equity * ONE - ZERO, ZERO) / price,
-            max(self.cash, ZERO) / (price * (ONE / ONE + self.fee)),
+        context = RiskContext(
+            now=now,
+            equity=equity,
+            cash=self.cash,
+            positions={},
+            market=self.market,
+            price=_dec(float(self.c[t])),
+            atr=self.atr(t),
+            taker_fee=self.fee,
+            candle_ts=int(self.ts[t]),
         )
-        for cap in caps:
-            if cap < qty:
-                qty = cap
-        lot = self.market.lot_size
-        qty = (max(qty, ZERO) / lot).to_integral_value(ROUND_FLOOR) * lot
-        market = self.market
-        if qty <= 0 or qty < market.min_qty or qty * price < market.min_notional:
+        return self.order_for(self.manager, t, context)
+
+    def order_for(self, manager: RiskManager, t: int, context: RiskContext) -> _Pending | None:
+        """Return the entry order `manager` approves on bar `t`'s signal (None: a veto).
+
+        The executor's balance check, which the caps imply but for a rounding tie, is the
+        replay's only other refusal: met, the run leaves the fast path.
+        """
+        signal = Signal(
+            pair=self.pair,
+            side=Side.BUY,
+            strength=1.0,
+            reason=f"{self.name}: entry long",
+            ts=int(self.ts[t]),
+            price=float(self.c[t]),
+        )
+        verdict = manager.evaluate(signal, context)
+        if not isinstance(verdict, OrderIntent):
             return None
-        if qty * price * (1 + self.fee) > self.cash:
+        if verdict.qty * context.price * (1 + self.fee) > context.cash:
             raise _Unsupported("an entry the executor's balance check refuses")
-        take_profit = price + 1 * unit * self._tp_multiple if self._tp_multiple else None
-        cid = with_attempt(decision_key(self.tag, self.pair, int(self.ts[t]), "e"), 0)
-        return _Pending(Side.BUY, qty, "", price - distance, take_profit, cid)
+        assert verdict.stop_loss is not None
+        return _Pending(
+            Side.BUY, verdict.qty, "", verdict.stop_loss, verdict.take_profit,
+            verdict.client_order_id,
+        )  # fmt: skip
 
     def value(self, t: int) -> Decimal:
         """Return the exact equity at bar `t`'s close with the position held."""
