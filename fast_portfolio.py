@@ -22,17 +22,18 @@ import pandas as pd
 
 from circuit_breakers import CircuitBreakers, breaker_report
 from config import RiskSettings
-from fast_path import BacktestResult, _Bars
+from fast_path import BacktestResult
 from fast_standard import (
     ZERO,
     StandardRun,
+    _Closed,
     _dec,
     _table,
+    book_of,
     entry_fill,
     exit_fill,
 )
-from matching_engine import sim_market
-from models import Position, PositionSide, Side, TradingState, strategy_tag
+from models import Position, PositionSide, Side, TradingState
 from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
 from run_summary import BreakerTrip, OpenPosition, TradingSpan
@@ -224,7 +225,7 @@ class PortfolioRun:
         book.held = None
         self.value = _EXACT.subtract(self.value, self.held.pop(book.pair)[4])
         self.trades.append((book.pair, *row))
-        self.breakers.on_trade_closed(_ClosedPnl(float(row[6])), now)  # type: ignore[arg-type]
+        self.breakers.on_trade_closed(_Closed(float(row[6])), now)  # type: ignore[arg-type]
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -295,14 +296,6 @@ class PortfolioRun:
         return result
 
 
-class _ClosedPnl:
-    # What the breakers read of a closed trade.
-    __slots__ = ("pnl",)
-
-    def __init__(self, pnl: float) -> None:
-        self.pnl = pnl
-
-
 def run_portfolio(
     strategy: Strategy,
     frames: dict[str, pd.DataFrame],
@@ -325,38 +318,23 @@ def run_portfolio(
     `start_ms`/`end_ms` the `--timerange`. Raises what `fast_standard.unsupported`
     recognises on a path only the replay models.
     """
-    books = []
-    tag = strategy_tag(strategy.describe())
-    for pair, frame in frames.items():
-        bars = _Bars.of(frame, timeframe, start_ms, end_ms)
-        enter, exit_ = signals[pair]
-        market = sim_market(pair, float(frame["close"].to_numpy(dtype=np.float64)[0]))
-        first, last = bars.first, bars.last
-        enter, exit_ = enter[first:last], exit_[first:last]
-
-        def column(
-            name: str, frame: pd.DataFrame = frame, rows: slice = slice(first, last)
-        ) -> np.ndarray:
-            return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))[rows]
-
-        opens = bars.ts - bars.step
-        books.append(
-            StandardRun(
-                (opens, column("open"), column("high"), column("low"), column("close")),
-                (np.asarray(enter, dtype=bool), np.asarray(exit_, dtype=bool)),
-                risk=risk,
-                market=market,
-                pair=pair,
-                step=bars.step,
-                strategy_name=strategy.name,
-                tag=tag,
-                starting_balance=starting_balance,
-                taker_fee=taker_fee,
-                slippage_bps=slippage_bps,
-                window=window,
-                accelerate=False,
-            )
-        )
+    books = [
+        book_of(
+            strategy,
+            frame,
+            pair,
+            signals[pair],
+            timeframe=timeframe,
+            risk=risk,
+            window=window,
+            starting_balance=starting_balance,
+            taker_fee=taker_fee,
+            slippage_bps=slippage_bps,
+            timerange=(start_ms, end_ms),
+            accelerate=False,
+        )[0]
+        for pair, frame in frames.items()
+    ]
     run = PortfolioRun(
         books,
         risk=risk,

@@ -564,6 +564,57 @@ def _settle(run: StandardRun, held: _Held, start: int, end: int, out: np.ndarray
     advance_quietly(run.breakers, int(run.ts[last]) + run.step, run.value(last), new_peak)
 
 
+def book_of(
+    strategy: Strategy,
+    frame: pd.DataFrame,
+    pair: str,
+    signals: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    timeframe: str,
+    risk: RiskSettings,
+    window: int,
+    starting_balance: float,
+    taker_fee: float,
+    slippage_bps: float,
+    timerange: tuple[int | None, int | None] = (None, None),
+    accelerate: bool = True,
+) -> tuple[StandardRun, _Bars]:
+    """Return a pair's run over the `timerange` rows of its archive `frame`, and the rows.
+
+    Its market comes from the archive's first close and its flags (`signals`, else the
+    strategy's own) from the whole archive, none before the warm-up, as in the replay.
+    """
+    bars = _Bars.of(frame, timeframe, *timerange)
+    enter, exit_ = signals if signals is not None else strategy.entries_exits(frame)
+    warm = max(strategy.warmup - 1, 0)
+    enter = np.asarray(enter, dtype=bool).copy()
+    exit_ = np.asarray(exit_, dtype=bool).copy()
+    enter[:warm] = False
+    exit_[:warm] = False
+    market = sim_market(pair, float(frame["close"].to_numpy(dtype=np.float64)[0]))
+    rows = slice(bars.first, bars.last)
+
+    def column(name: str) -> np.ndarray:
+        return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))[rows]
+
+    book = StandardRun(
+        (bars.ts - bars.step, column("open"), column("high"), column("low"), column("close")),
+        (enter[rows], exit_[rows]),
+        risk=risk,
+        market=market,
+        pair=pair,
+        step=bars.step,
+        strategy_name=strategy.name,
+        tag=strategy_tag(strategy.describe()),
+        starting_balance=starting_balance,
+        taker_fee=taker_fee,
+        slippage_bps=slippage_bps,
+        window=window,
+        accelerate=accelerate,
+    )
+    return book, bars
+
+
 def _table(rows: list[tuple[object, ...]], pair: str) -> dict[str, np.ndarray]:
     """Return the closed trades column-wise (`BacktestResult.table`), floats of the Decimals."""
     table: dict[str, np.ndarray] = {
@@ -678,35 +729,21 @@ def run_standard(
     `--timerange`. Check `standard_blockers` first; a run that leaves what this path
     models raises an error `unsupported` recognises (the replay then takes it).
     """
-    bars = _Bars.of(frame, timeframe, start_ms, end_ms)
-    enter, exit_ = signals if signals is not None else strategy.entries_exits(frame)
-    warm = max(strategy.warmup - 1, 0)
-    enter = np.asarray(enter, dtype=bool).copy()
-    exit_ = np.asarray(exit_, dtype=bool).copy()
-    enter[:warm] = False
-    exit_[:warm] = False
-    market = sim_market(pair, float(frame["close"].to_numpy(dtype=np.float64)[0]))
-    first, last = bars.first, bars.last
-
-    def column(name: str) -> np.ndarray:
-        return np.ascontiguousarray(frame[name].to_numpy(dtype=np.float64))[first:last]
-
-    opens = bars.ts - bars.step
-    run = StandardRun(
-        (opens, column("open"), column("high"), column("low"), column("close")),
-        (enter[first:last], exit_[first:last]),
+    book, bars = book_of(
+        strategy,
+        frame,
+        pair,
+        signals,
+        timeframe=timeframe,
         risk=risk,
-        market=market,
-        pair=pair,
-        step=bars.step,
-        strategy_name=strategy.name,
-        tag=strategy_tag(strategy.describe()),
+        window=window,
         starting_balance=starting_balance,
         taker_fee=taker_fee,
         slippage_bps=slippage_bps,
-        window=window,
+        timerange=(start_ms, end_ms),
         accelerate=accelerate,
-    ).run()
+    )
+    run = book.run()
     table = _table(run.trades, pair)
     trips, spans = _report(run)
     return BacktestResult(
