@@ -98,6 +98,7 @@ class PortfolioRun:
         # a flatten sends exits on another pair's candle.
         self._sent: dict[str, int] = {}
         self._now = 0
+        self._all_returns: dict[str, np.ndarray] = {}  # each pair's, bar to bar (`_returns`)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -284,16 +285,20 @@ class PortfolioRun:
 
     def _returns(self, book: StandardRun, before: int) -> np.ndarray | None:
         # The pair's last `returns_window` returns of the bars opened before `before`, from
-        # its data window (`Engine._returns_of`).
+        # its data window (`Engine._returns_of`: the same quotients, element by element,
+        # taken once over the whole archive).
         # (The window's own bound, its last `window` bars, never binds: the window holds
         # more than the returns' span, `standard_blockers`.)
-        end = int(np.searchsorted(book.ts, before))
+        end = int(book.ts.searchsorted(before))
         first = max(end - self.returns_window - 1, 0)
-        closes = book.c[first:end]
-        if len(closes) <= 2:
+        if end - first <= 2:
             return None
-        result: np.ndarray = (closes[1:] - closes[:-1]) / closes[:-1]
-        return result
+        returns = self._all_returns.get(book.pair)
+        if returns is None:
+            c = book.c
+            returns = self._all_returns[book.pair] = (c[1:] - c[:-1]) / c[:-1]
+            returns.flags.writeable = False  # views of it go to the guard
+        return returns[first : end - 1]
 
 
 def run_portfolio(
