@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import anomaly_detection
 import batch_signals
+import burst_rehearsal
 from burst import BurstDecider, paced_collections
 from burst_rehearsal import GAP_S, MAX_SLACK_S, TAIL_S, Cadence, KeepWarm
 from models import Candle
@@ -222,6 +223,45 @@ def test_rehearsals_run_just_before_each_expected_close_and_never_during_a_burst
     assert len(rehearsed) >= 4  # of closes 3-7, on a busy host most of them
     wobbling, _ = asyncio.run(run(steady=False))
     assert wobbling.at == []
+
+
+@pytest.mark.parametrize("polled", [True, False])
+def test_between_rehearsals_the_loop_is_polled_not_slept(
+    polled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the window the selector is asked with a zero timeout only (the core stays
+    running for the close's first frame) until the next rehearsal is due, or the burst
+    comes; `POLLED` off, it sleeps the gap in the selector."""
+    monkeypatch.setattr(burst_rehearsal, "POLLED", polled)
+
+    async def pause(gap: float, burst_after: float | None) -> tuple[list[float | None], float]:
+        loop = asyncio.get_running_loop()
+        selector = loop._selector  # type: ignore[attr-defined]
+        select, asked = selector.select, list[float | None]()
+
+        def spy(timeout: float | None = None) -> Any:
+            asked.append(timeout)
+            return select(timeout)
+
+        warm = KeepWarm(cast(Engine, object()), lead_s=0.01)  # pausing reads no engine
+        if burst_after is not None:
+            loop.call_later(burst_after, warm.noted, 1, time.perf_counter(), ["BTC/USDT"])
+        monkeypatch.setattr(selector, "select", spy)
+        started = time.perf_counter()
+        await warm._pause(gap)
+        return asked, time.perf_counter() - started
+
+    asked, took = asyncio.run(pause(0.02, None))
+    assert took >= 0.02
+    if polled:
+        assert len(asked) > 20
+        assert set(asked) == {0}
+    else:
+        assert any(t is not None and t > 0.01 for t in asked)
+    if polled:  # the burst noted ends the polling at once
+        asked, took = asyncio.run(pause(1.0, 0.01))
+        assert took < 0.5
+        assert set(asked) == {0}
 
 
 def test_a_rehearsal_that_raises_stops_the_rehearsals_and_the_bursts_go_on() -> None:
