@@ -53,6 +53,20 @@ def _split_list(value: Any) -> Any:
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 IntList = Annotated[list[int], NoDecode, BeforeValidator(_split_list)]
 
+_OFF = frozenset({"", "none", "null", "off"})
+
+
+def _off_is_none(value: Any) -> Any:
+    # An optional rule switched off from the environment or .env, where every value is
+    # text: "none", "null", "off" or nothing at all (any case) is None.
+    if isinstance(value, str) and value.strip().lower() in _OFF:
+        return None
+    return value
+
+
+# A number whose rule can be switched off (None): `KESTREL_..=none`.
+OptionalNumber = Annotated[float | None, BeforeValidator(_off_is_none)]
+
 
 class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -164,9 +178,13 @@ class RiskSettings(_Group):
     )
     max_open_positions: int = Field(default=5, ge=1)
     stop_atr_multiple: float = Field(default=2.0, gt=0)
-    take_profit_atr_multiple: float | None = Field(default=4.0, gt=0)
+    take_profit_atr_multiple: OptionalNumber = Field(
+        default=4.0, gt=0, description="none: no managed take-profit"
+    )
     trailing_stop: bool = True
-    break_even_at_r: float | None = Field(default=1.0, gt=0)
+    break_even_at_r: OptionalNumber = Field(
+        default=1.0, gt=0, description="none: the stop never moves to break-even"
+    )
     atr_period: int = Field(default=14, ge=2)
     max_correlation: float = Field(default=0.8, gt=0, le=1)
     correlation_window: int = Field(default=100, ge=10)

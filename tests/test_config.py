@@ -94,6 +94,24 @@ def test_invalid_values_name_the_variable(
     assert named in info.value.message
 
 
+@pytest.mark.parametrize("off", ["none", "None", "null", "OFF", "", " "])
+def test_optional_rules_switch_off_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, off: str
+) -> None:
+    """Every value in the environment is text: an optional rule is switched off by "none",
+    "null", "off" or an empty value; a number still sets it, and 0 is refused."""
+    monkeypatch.setenv("KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE", off)
+    monkeypatch.setenv("KESTREL_RISK__BREAK_EVEN_AT_R", off)
+    risk = load_settings(env_file=None).risk
+    assert risk.take_profit_atr_multiple is None
+    assert risk.break_even_at_r is None
+    monkeypatch.setenv("KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE", "2.5")
+    assert load_settings(env_file=None).risk.take_profit_atr_multiple == 2.5
+    monkeypatch.setenv("KESTREL_RISK__BREAK_EVEN_AT_R", "0")
+    with pytest.raises(ConfigError, match="KESTREL_RISK__BREAK_EVEN_AT_R"):
+        load_settings(env_file=None)
+
+
 def test_several_errors_are_all_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every bad variable is reported at once, not one per run."""
     monkeypatch.setenv("KESTREL_RISK__MAX_DAILY_LOSS", "x")
