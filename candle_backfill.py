@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
-from candle_frames import _grid_offset, _report_fields, candles_to_arrays, normalise_arrays
+from candle_frames import _grid_offset, candles_to_arrays, normalise_arrays, report_fields
 from candle_store import CandleStore, _ceil_to_grid, _subtract, missing_ranges
 from error_handler import BotError, ConfigError, FatalError
 from models import Candle
@@ -234,7 +234,7 @@ class _Backfill:
             job.stats.get("dropped", 0) + report.dropped + len(candles) - len(closed)
         )
         if report.changed:
-            log.warning("backfill_normalised", pair=job.pair, **_report_fields(report))
+            log.warning("backfill_normalised", pair=job.pair, **report_fields(report))
         stored = await asyncio.to_thread(self.store.append, job.pair, self.timeframe, arrays)
         job.stats["stored"] = job.stats.get("stored", 0) + stored
 

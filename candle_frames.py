@@ -128,7 +128,7 @@ def normalise_frame(
     ts, ts_ok, values = raw_columns(df)
     arrays, report = normalise_arrays(ts, values, ts_ok=ts_ok, timeframe=timeframe, now_ms=now_ms)
     if report.changed:
-        log.warning("candles_normalised", **_report_fields(report))
+        log.warning("candles_normalised", **report_fields(report))
     return arrays_to_frame(arrays), report
 
 
@@ -281,7 +281,8 @@ def bucket_start(ts: Int64Array, step: int) -> Int64Array:
     return ts - (ts - offset) % step
 
 
-def _report_fields(report: NormaliseReport) -> dict[str, int | bool]:
+def report_fields(report: NormaliseReport) -> dict[str, int | bool]:
+    """Return a report's counts by name (for a log record)."""
     return {name: getattr(report, name) for name in NormaliseReport.__slots__}
 
 

@@ -30,9 +30,9 @@ from candle_frames import (
     NormaliseReport,
     _grid_offset,
     _repair_ranges,
-    _report_fields,
     normalise_arrays,
     raw_columns,
+    report_fields,
     row_checks,
 )
 from error_handler import DataError
@@ -205,7 +205,7 @@ def read_candles(
         release_arrow_memory()
     arrays, report = collector.finish(timeframe)
     if report.changed:
-        log.warning("candles_normalised", path=str(path), **_report_fields(report))
+        log.warning("candles_normalised", path=str(path), **report_fields(report))
     if len(arrays.ts) == 0:
         raise DataError(f"{path}: no usable candles", path=str(path))
     return arrays, report
@@ -335,5 +335,5 @@ def collect_archive(
         return CandleArrays(ts, *block)
     arrays, report = collector.finish(None)
     if report.changed:
-        log.warning("archive_normalised", path=str(path), **_report_fields(report))
+        log.warning("archive_normalised", path=str(path), **report_fields(report))
     return arrays

@@ -35,6 +35,7 @@ from candle_frames import (
     index_ms,
     ms_index,
     normalise_arrays,
+    report_fields,
 )
 from candle_reader import (
     DEFAULT_CHUNK_ROWS,
@@ -530,10 +531,26 @@ class CandleStore:
         """Merge candles into the archive and return how many new ones were stored.
 
         Candles already archived win over incoming ones with the same open time: a stored
-        candle was closed when it was written, so it is final.
+        candle was closed when it was written, so it is final. Rows `normalise_arrays`
+        drops (NaN, off the timeframe's grid, ...) are logged with their counts.
+
+        Raises:
+            DataError: when no row lies on the timeframe's grid (the wrong timeframe, or
+                shifted open times); nothing is written.
         """
         new = frame if isinstance(frame, CandleArrays) else frame_to_arrays(frame)
-        new, _ = normalise_arrays(new.ts, np.vstack(new[1:]), timeframe=timeframe)
+        new, report = normalise_arrays(new.ts, np.vstack(new[1:]), timeframe=timeframe)
+        if report.dropped:
+            log.warning(
+                "archive_candles_dropped", pair=pair, timeframe=timeframe, **report_fields(report)
+            )
+            if report.rows_out == 0 and report.dropped_off_grid:
+                raise DataError(
+                    f"{pair} {timeframe}: none of the {report.rows_in} candles opens on the"
+                    f" {timeframe} grid ({report.dropped_off_grid} off it): is the timeframe"
+                    " right, or are the open times shifted?",
+                    pair=pair,
+                )
         path = self.path(pair, timeframe)
         old = _read_archive(path, None, None) if path.is_file() else _empty_arrays()
         # Both sides are unique after normalisation, which lets isin use its sort-merge path.

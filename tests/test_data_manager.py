@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 import data_manager as dm
 from config import load_settings
@@ -241,6 +242,29 @@ def test_append_never_stores_a_candle_twice(tmp_path: Path, btc: pd.DataFrame) -
     loaded = store.load("BTC/USDT", "1m")
     assert loaded.index.is_unique
     assert loaded.equals(btc)
+
+
+def test_append_refuses_candles_off_the_grid_and_logs_what_it_drops(
+    tmp_path: Path, btc: pd.DataFrame
+) -> None:
+    """Open times shifted off the timeframe's grid (or the wrong timeframe) are refused with
+    a clear error and nothing is written; a few bad rows among good ones are dropped, and
+    the log says how many and why."""
+    store = CandleStore(tmp_path, "bybit")
+    shifted = btc.iloc[:50].copy()
+    shifted.index = shifted.index + pd.Timedelta(seconds=30)
+    with pytest.raises(DataError, match="grid"):
+        store.append("BTC/USDT", "1m", shifted)
+    with pytest.raises(DataError, match="1h grid"):
+        store.append("BTC/USDT", "1h", btc.iloc[1:50])  # minutes, not hours
+    assert not store.path("BTC/USDT", "1m").exists()
+    assert not store.path("BTC/USDT", "1h").exists()
+    mixed = pd.concat([btc.iloc[:50], shifted.iloc[:3]]).sort_index()
+    with capture_logs() as logs:
+        assert store.append("BTC/USDT", "1m", mixed) == 50
+    dropped = [e for e in logs if e["event"] == "archive_candles_dropped"]
+    assert len(dropped) == 1
+    assert dropped[0]["dropped_off_grid"] == 3
 
 
 def test_failed_write_keeps_the_old_archive(
