@@ -28,6 +28,7 @@ from candle_frames import (
     OHLCV,
     CandleArrays,
     Int64Array,
+    NormaliseReport,
     _empty_arrays,
     _grid_offset,
     arrays_to_frame,
@@ -535,8 +536,8 @@ class CandleStore:
         drops (NaN, off the timeframe's grid, ...) are logged with their counts.
 
         Raises:
-            DataError: when no row lies on the timeframe's grid (the wrong timeframe, or
-                shifted open times); nothing is written.
+            DataError: when no row is usable (all off the timeframe's grid: the wrong
+                timeframe, or shifted open times; or all NaN, ...); nothing is written.
         """
         new = frame if isinstance(frame, CandleArrays) else frame_to_arrays(frame)
         new, report = normalise_arrays(new.ts, np.vstack(new[1:]), timeframe=timeframe)
@@ -544,13 +545,8 @@ class CandleStore:
             log.warning(
                 "archive_candles_dropped", pair=pair, timeframe=timeframe, **report_fields(report)
             )
-            if report.rows_out == 0 and report.dropped_off_grid:
-                raise DataError(
-                    f"{pair} {timeframe}: none of the {report.rows_in} candles opens on the"
-                    f" {timeframe} grid ({report.dropped_off_grid} off it): is the timeframe"
-                    " right, or are the open times shifted?",
-                    pair=pair,
-                )
+            if report.rows_out == 0:
+                raise DataError(_unusable(pair, timeframe, report), pair=pair)
         path = self.path(pair, timeframe)
         old = _read_archive(path, None, None) if path.is_file() else _empty_arrays()
         # Both sides are unique after normalisation, which lets isin use its sort-merge path.
@@ -699,3 +695,20 @@ class CandleStore:
 
 def _day(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%d")
+
+
+def _unusable(pair: str, timeframe: str, report: NormaliseReport) -> str:
+    # Why none of the candles given to `CandleStore.append` could be stored.
+    reasons = {
+        f"off the {timeframe} grid": report.dropped_off_grid,
+        "NaN or infinite": report.dropped_nan,
+        "non-positive": report.dropped_nonpositive,
+        "high below low": report.dropped_high_below_low,
+    }
+    why = ", ".join(f"{name}: {n}" for name, n in reasons.items() if n)
+    hint = (
+        ": is the timeframe right, or are the open times shifted?"
+        if report.dropped_off_grid
+        else ""
+    )
+    return f"{pair} {timeframe}: none of the {report.rows_in} candles is usable ({why}){hint}"

@@ -257,6 +257,10 @@ def test_append_refuses_candles_off_the_grid_and_logs_what_it_drops(
         store.append("BTC/USDT", "1m", shifted)
     with pytest.raises(DataError, match="1h grid"):
         store.append("BTC/USDT", "1h", btc.iloc[1:50])  # minutes, not hours
+    broken = btc.iloc[:5].copy()
+    broken["close"] = np.nan
+    with pytest.raises(DataError, match="NaN or infinite: 5"):
+        store.append("BTC/USDT", "1m", broken)
     assert not store.path("BTC/USDT", "1m").exists()
     assert not store.path("BTC/USDT", "1h").exists()
     mixed = pd.concat([btc.iloc[:50], shifted.iloc[:3]]).sort_index()
