@@ -25,8 +25,9 @@ as before.
 Between two rehearsals the event loop is polled, a turn at a time, not slept (`POLLED`),
 as a burst gathering its close polls it (`runner._gather`): the close's first frame then
 finds the core running instead of waking it, and on a shared host (a virtual machine
-among others) a wake-up is what varies most. The core is busy only inside the window,
-a few milliseconds a close (a minute apart live). In the latency benchmark's daemon, six
+among others) a wake-up is what varies most. The core is busy only from `lead_s` before
+the expected moment to `TAIL_S` after it, ~13 ms a close (a minute apart live); the
+margins a wobbling cadence adds to the window are slept. In the latency benchmark's daemon, six
 40-minute runs each way, alternating on a quiet host: the end-to-end p50 lower in all six
 (mean 5.31 -> 4.64 ms); the p99, set by a run's slowest burst, within the host's noise.
 """
@@ -174,14 +175,18 @@ class KeepWarm:
                     return
                 # Close together until just before the expected moment, then sparse: the
                 # close's first frames, read in several turns of the loop, meet few passes.
-                near = time.perf_counter() < predicted - MARGIN_S - slack
-                await self._pause(GAP_S if near else SPARSE_S)
+                now = time.perf_counter()
+                near = now < predicted - MARGIN_S - slack
+                # Polled from `lead_s` before the expected moment to `TAIL_S` after it; slept
+                # in the margins the last predictions' error adds (up to MAX_SLACK_S a side).
+                polled = predicted - self.lead_s <= now <= predicted + TAIL_S
+                await self._pause(GAP_S if near else SPARSE_S, polled=polled)
             await self._noted.wait()  # this close's burst, then the next prediction
 
-    async def _pause(self, seconds: float) -> None:
+    async def _pause(self, seconds: float, *, polled: bool = True) -> None:
         # Until the next rehearsal: the loop polled, one turn at a time, not slept (unless
         # `POLLED` is off), so that the core is running when the close's first frame comes.
-        if not POLLED:
+        if not (POLLED and polled):
             await asyncio.sleep(seconds)
             return
         until = time.perf_counter() + seconds
