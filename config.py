@@ -114,8 +114,9 @@ class ExchangeSettings(_Group):
         le=1000,
         description="how long before a close's first candle is expected (learnt from the "
         "last closes) a burst's passes over all pairs are rehearsed on their windows as they "
-        "stand, keeping nothing, so that the burst meets its code and data in warm CPU caches "
-        "(0: never)",
+        "stand, keeping nothing, so that the burst meets its code and data in warm CPU caches; "
+        "from then until the burst (at most 10 ms past the expected moment) the event loop "
+        "is polled, not slept, so the close's first frame finds the core running (0: never)",
     )
     burst_orders_in_flight: int = Field(
         default=10,
