@@ -27,9 +27,10 @@ as a burst gathering its close polls it (`runner._gather`): the close's first fr
 finds the core running instead of waking it, and on a shared host (a virtual machine
 among others) a wake-up is what varies most. The core is busy only from `lead_s` before
 the expected moment to `TAIL_S` after it, ~13 ms a close (a minute apart live); the
-margins a wobbling cadence adds to the window are slept. In the latency benchmark's daemon, six
-40-minute runs each way, alternating on a quiet host: the end-to-end p50 lower in all six
-(mean 5.31 -> 4.64 ms); the p99, set by a run's slowest burst, within the host's noise.
+margins a wobbling cadence adds to the window are slept. In the latency benchmark's
+daemon, six 40-minute runs each way, alternating on a quiet host: the end-to-end p50
+lower in all six (mean 5.31 -> 4.64 ms); the p99, set by a run's slowest burst, within
+the host's noise.
 """
 
 from __future__ import annotations
