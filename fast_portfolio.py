@@ -26,10 +26,10 @@ from fast_path import BacktestResult
 from fast_standard import (
     ZERO,
     StandardRun,
-    _Closed,
     _dec,
     _table,
     book_of,
+    closed_trade,
     entry_fill,
     exit_fill,
 )
@@ -98,7 +98,6 @@ class PortfolioRun:
         # a flatten sends exits on another pair's candle.
         self._sent: dict[str, int] = {}
         self._now = 0
-        self._all_returns: dict[str, np.ndarray] = {}  # each pair's, bar to bar (`_returns`)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -226,7 +225,7 @@ class PortfolioRun:
         book.held = None
         self.value = _EXACT.subtract(self.value, self.held.pop(book.pair)[4])
         self.trades.append((book.pair, *row))
-        self.breakers.on_trade_closed(_Closed(float(row[6])), now)  # type: ignore[arg-type]
+        self.manager.on_trade_closed(closed_trade(book.pair, row), now)
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -279,26 +278,14 @@ class PortfolioRun:
             price=_dec(float(book.c[t])),
             atr=book.atr(t),
             taker_fee=self.fee,
+            returns=book.returns.own(self.manager, t),
             aligned_returns=aligned,
             candle_ts=ts,
         )
 
     def _returns(self, book: StandardRun, before: int) -> np.ndarray | None:
-        # The pair's last `returns_window` returns of the bars opened before `before`, from
-        # its data window (`Engine._returns_of`: the same quotients, element by element,
-        # taken once over the whole archive).
-        # (The window's own bound, its last `window` bars, never binds: the window holds
-        # more than the returns' span, `standard_blockers`.)
-        end = int(book.ts.searchsorted(before))
-        first = max(end - self.returns_window - 1, 0)
-        if end - first <= 2:
-            return None
-        returns = self._all_returns.get(book.pair)
-        if returns is None:
-            c = book.c
-            returns = self._all_returns[book.pair] = (c[1:] - c[:-1]) / c[:-1]
-            returns.flags.writeable = False  # views of it go to the guard
-        return returns[first : end - 1]
+        # The pair's last `returns_window` returns of the bars opened before `before`.
+        return book.returns.to(int(book.ts.searchsorted(before)), self.returns_window)
 
 
 def run_portfolio(

@@ -6,17 +6,20 @@ candle through the engine, the executor, the protective stops and the simulated 
 this module takes the same decisions over the candle arrays directly, and books the same
 money in `Decimal`, operation for operation:
 
-* entries sized as `RiskManager._entry` sizes them (fixed fractional on the stop distance,
-  the reduced rung's factor, the exposure caps, the lot), filled at the next open with
-  the slippage and the taker fee, their stop (`2 x ATR` under the signal's close, on the
-  tick grid upwards) working from the bar after the fill;
+* entries decided and sized by the replay's own `RiskManager.evaluate` (fixed fractional
+  on the stop distance, Kelly on the closed trades' returns, or volatility targeting on
+  the pair's recent returns; the reduced rung's factor, the exposure caps, the lot),
+  filled at the next open with the slippage and the taker fee, their stop (`2 x ATR`
+  under the signal's close, on the tick grid upwards) working from the bar after the
+  fill;
 * the stop moved on each held bar as `StopManager` moves it (trailing behind the best
   price, break-even once armed at 1R, never beyond the close, a move under a tenth of the
   ATR skipped), triggered and filled as the simulated exchange triggers and fills it;
 * the managed take-profit, the strategy's exits and the breakers' flatten, each a market
   exit at the next open;
 * the circuit breakers themselves: the real `CircuitBreakers`, fed the exact equity of
-  every candle and every closed trade in the replay's order.
+  every candle and every closed trade in the replay's order (each closed trade through
+  the risk manager's `on_trade_closed`, which keeps Kelly's returns too).
 
 The ATR is TA-Lib's over the last ten periods of the window, recomputed on every bar as the
 replay's `Engine._atr` does (`fast_kernels.stop_atr`, bit for bit). Held bars on which
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +52,17 @@ from config import RiskSettings
 from fast_kernels import hold_scan, stop_atr
 from fast_path import BacktestResult, _Bars
 from matching_engine import sim_market, slipped_price
-from models import Market, OrderIntent, Side, Signal, TradingState, strategy_tag
+from models import (
+    ClosedTrade,
+    Market,
+    OrderIntent,
+    PositionSide,
+    Side,
+    Signal,
+    TradingState,
+    strategy_tag,
+)
+from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
 from run_summary import BreakerTrip, OpenPosition, TradingSpan
 from strategy import Strategy
@@ -109,6 +123,44 @@ class _Pending:
     cid: str = ""
 
 
+class BarReturns:
+    """A pair's bar-to-bar returns over its rows, as its data window gives them."""
+
+    def __init__(self, pair: str, close: np.ndarray) -> None:
+        self.pair = pair
+        self.close = close
+        self._all: np.ndarray | None = None  # over all the rows, computed when first read
+
+    def to(self, end: int, window: int) -> np.ndarray | None:
+        """Return the last `window` returns of the first `end` bars (None: under two bars).
+
+        `Engine._returns_of` on the data window that ends with bar `end - 1`: the same
+        quotients, element by element, taken once over all the rows. (The window's own
+        bound, its last `window` bars, never binds: it holds more than the returns' span,
+        `standard_blockers`.)
+        """
+        first = max(end - window - 1, 0)
+        if end - first <= 2:
+            return None
+        returns = self._all
+        if returns is None:
+            c = self.close
+            returns = self._all = (c[1:] - c[:-1]) / c[:-1]
+            returns.flags.writeable = False  # views of it go to the risk manager
+        return returns[first : end - 1]
+
+    def own(self, manager: RiskManager, t: int) -> ReturnsView | None:
+        """Return an entry context's `returns` on bar `t` (None: its sizing reads none).
+
+        The engine's view holds the candidate and the held pairs; only the candidate's is
+        read (volatility targeting), the correlation guard reading the aligned view.
+        """
+        if not manager.sizes_on_returns:
+            return None
+        window = manager.settings.correlation_window
+        return ReturnsView(lambda _: self.to(t + 1, window), [self.pair])
+
+
 class StandardRun:
     """One standard-profile run over a pair's candles (see the module docstring).
 
@@ -121,6 +173,7 @@ class StandardRun:
         tag: the strategy's tag in client order ids (`models.strategy_tag`).
         starting_balance, taker_fee, slippage_bps: the simulation settings.
         window: the data window's capacity (`max(2 x warmup, warmup_candles)`).
+        timeframe: the bars' timeframe (volatility targeting scales to a day with it).
         accelerate: hand held bars to the numba pass (False: every bar in Decimal).
     """
 
@@ -139,6 +192,7 @@ class StandardRun:
         taker_fee: float,
         slippage_bps: float,
         window: int,
+        timeframe: str | None = None,
         accelerate: bool = True,
     ) -> None:
         self.ts, self.o, self.h, self.l, self.c = bars
@@ -164,7 +218,9 @@ class StandardRun:
         self.pending: _Pending | None = None
         self.breakers = CircuitBreakers(risk)
         # The replay's risk manager decides entries (on these breakers' rung).
-        self.manager = RiskManager(risk, long_only=True, taker_fee=self.fee, strategy_tag=tag)
+        self.manager = RiskManager(
+            risk, long_only=True, taker_fee=self.fee, strategy_tag=tag, timeframe=timeframe
+        )
         self.manager.breakers = self.breakers
         self.signals = 0
         self.vetoes = 0
@@ -177,6 +233,7 @@ class StandardRun:
         period = risk.atr_period
         self._atr_tail = min(10 * period, window)
         self._atrs: dict[int, float | None] = {}
+        self.returns = BarReturns(pair, self.c)  # the returns its entries' contexts read
         # The numba pass's rules (`hold_scan`).
         self.rules = (
             step,
@@ -318,7 +375,7 @@ class StandardRun:
         self.realised += row[6]  # type: ignore[operator]
         self.held = None
         self.trades.append(row)
-        self.breakers.on_trade_closed(_Closed(float(row[6])), now)  # type: ignore[arg-type]
+        self.manager.on_trade_closed(closed_trade(self.pair, row), now)
 
     def matched(self, t: int) -> tuple[_Pending | None, Decimal, str] | None:
         """Match the pair's working orders against bar `t`, as the simulated exchange does.
@@ -459,6 +516,7 @@ class StandardRun:
             price=_dec(float(self.c[t])),
             atr=self.atr(t),
             taker_fee=self.fee,
+            returns=self.returns.own(self.manager, t),
             candle_ts=int(self.ts[t]),
         )
         return self.order_for(self.manager, t, context)
@@ -610,6 +668,7 @@ def book_of(
         taker_fee=taker_fee,
         slippage_bps=slippage_bps,
         window=window,
+        timeframe=timeframe,
         accelerate=accelerate,
     )
     return book, bars
@@ -696,10 +755,25 @@ def _above(level: Decimal | None) -> float:
     return math.nextafter(x, math.inf) if Decimal(x) < level else x
 
 
-@dataclass(frozen=True, slots=True)
-class _Closed:
-    # What the breakers read of a closed trade.
-    pnl: float
+def closed_trade(pair: str, row: tuple[Any, ...]) -> ClosedTrade:
+    """Return the round trip `row` (`exit_fill`'s) as the portfolio reports it to risk.
+
+    Its numbers are floats of the exact ones, as `Portfolio._reduce` gives them: the
+    breakers read the PnL, Kelly the PnL over the entry's notional.
+    """
+    opened, closed, entry, price, qty, fees, pnl, reason = row
+    return ClosedTrade(
+        pair=pair,
+        side=PositionSide.LONG,
+        entry_ts=opened,
+        exit_ts=closed,
+        entry_price=float(entry),
+        exit_price=float(price),
+        qty=float(qty),
+        fee=float(fees),
+        pnl=float(pnl),
+        reason=reason,
+    )
 
 
 class _Unsupported(Exception):
@@ -780,8 +854,6 @@ def standard_blockers(
 ) -> list[str]:
     """Return why the standard-profile fast path cannot stand in for the replay (empty: it can)."""
     reasons = []
-    if risk.sizing != "fixed_fractional":
-        reasons.append(f"sizing {risk.sizing!r}: the fast path sizes fixed fractional only")
     if linear:
         reasons.append("a perpetual: the standard fast path trades spot")
     if fill_at != "next_open":

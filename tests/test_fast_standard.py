@@ -154,6 +154,39 @@ async def test_each_builtin_and_stop_rule_gives_the_replays_run(
     _assert_same(summary, curve, fast)
 
 
+@pytest.mark.parametrize(
+    ("sizing", "drift"),
+    [
+        ("kelly", 0.0),  # no edge on a driftless walk: Kelly's own veto
+        ("kelly", 0.0006),  # an edge: sized by the capped Kelly fraction
+        ("volatility_target", 0.0),
+    ],
+)
+async def test_kelly_and_volatility_sizing_give_the_replays_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sizing: str, drift: float
+) -> None:
+    """Kelly on the closed trades' returns, volatility on the pair's: the replay's sizes."""
+    monkeypatch.setenv("KESTREL_RISK__MAX_DRAWDOWN", "0.6")
+    monkeypatch.setenv("KESTREL_RISK__MAX_CONSECUTIVE_LOSSES", "50")
+    df = _walk(6000, 5, start=2500.0, sigma=0.003, gap=0.0005, grid=True)
+    trend = np.exp(drift * np.arange(len(df)))
+    for column in ("open", "high", "low", "close"):
+        df[column] = np.round(df[column] * trend, 2)
+    params: dict[str, float] = {"fast": 5, "slow": 20}
+    fixed = _fast(df, "sma_cross", params)
+    monkeypatch.setenv("KESTREL_RISK__SIZING", sizing)
+    summary, curve, fast = await _both(df, tmp_path / "c.parquet", "sma_cross", params)
+    _assert_same(summary, curve, fast)
+    assert fast.n_trades >= 20  # Kelly's sample (20 trades) is reached
+    # The rule sized (or refused) entries its own way: not fixed fractional's run.
+    qty = {round(t["qty"], 12) for t in summary["trades"]}
+    assert qty != {round(t["qty"], 12) for t in fixed.summary().to_dict()["trades"]}
+    if sizing == "kelly" and drift == 0.0:
+        # Its sample, then "no edge": every later entry refused, and no trade to change that.
+        assert fast.n_trades == 20
+        assert fast.vetoes > fixed.vetoes
+
+
 async def test_every_breaker_rung_is_the_replays(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -207,6 +240,7 @@ async def test_a_timerange_simulates_its_rows_on_the_whole_archives_signals(
     stop_atr=st.sampled_from(["1", "2", "3.5"]),
     take_profit=st.sampled_from(["2", "4"]),
     slippage=st.sampled_from(["0", "2"]),
+    sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
 )
 async def test_random_runs_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -219,9 +253,11 @@ async def test_random_runs_equal_the_replay(
     stop_atr: str,
     take_profit: str,
     slippage: str,
+    sizing: str,
 ) -> None:
-    """Random walks (gaps, on the tick grid or off it, any price level), random stop rules."""
+    """Random walks (gaps, on the tick grid or off it, any price level), stop and sizing rules."""
     for key, value in {
+        "KESTREL_RISK__SIZING": sizing,
         "KESTREL_RISK__STOP_ATR_MULTIPLE": stop_atr,
         "KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE": take_profit,
         "KESTREL_SIMULATION__SLIPPAGE_BPS": slippage,
@@ -280,10 +316,13 @@ def test_the_cli_runs_the_fast_path_by_default_with_the_same_summary(tmp_path: P
 
 
 def test_what_only_the_replay_models_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kelly sizing, fills at the close, perpetuals, latency: each is a reason for the replay."""
+    """Fills at the close, perpetuals, latency: each is a reason for the replay; sizing is not."""
     assert fast_engine_blockers(load_settings(env_file=None)) == []
+    for sizing in ("kelly", "volatility_target"):
+        with monkeypatch.context() as m:
+            m.setenv("KESTREL_RISK__SIZING", sizing)
+            assert fast_engine_blockers(load_settings(env_file=None)) == []
     for env, words in (
-        ({"KESTREL_RISK__SIZING": "kelly"}, "sizing"),
         ({"KESTREL_SIMULATION__FILL_AT": "close"}, "fill_at"),
         ({"KESTREL_STRATEGY__PAIRS": "BTC/USDT:USDT"}, "perpetual"),
         ({"KESTREL_SIMULATION__LATENCY_MS": "200"}, "latency"),
@@ -484,8 +523,9 @@ async def _portfolio_both(
     return summary, curve, fast
 
 
+@pytest.mark.parametrize("sizing", ["fixed_fractional", "kelly", "volatility_target"])
 async def test_several_pairs_share_the_account_as_in_the_replay(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sizing: str
 ) -> None:
     """Four pairs (one late, one with a gap): trades, vetoes, breakers, curve: the replay's."""
     for key, value in {
@@ -493,17 +533,20 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
         "KESTREL_RISK__MAX_DRAWDOWN": "0.6",
         "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.05",
         "KESTREL_RISK__MAX_OPEN_POSITIONS": "3",
+        "KESTREL_RISK__SIZING": sizing,
     }.items():
         monkeypatch.setenv(key, value)
     names, frames = _store_pairs(tmp_path / "data", 3, 4, 3000, ragged=True)
     names = names[::-1]  # the summary lists them in the settings' order, not by name
     frames = {pair: frames[pair] for pair in names}
     summary, curve, fast = await _portfolio_both(monkeypatch, tmp_path / "data", names, frames)
-    assert summary["pairs"] == names
-    assert len({t["pair"] for t in summary["trades"]}) == 4
-    assert fast.n_trades > 60
-    assert fast.vetoes > 0
     _assert_same(summary, curve, fast)
+    assert summary["pairs"] == names
+    assert fast.vetoes > 0
+    assert fast.n_trades >= 20  # Kelly's sample
+    if sizing == "fixed_fractional":
+        assert len({t["pair"] for t in summary["trades"]}) == 4
+        assert fast.n_trades > 60
 
 
 @settings(
@@ -518,6 +561,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
     positions=st.sampled_from(["2", "5"]),
     correlation=st.sampled_from(["0.5", "0.8"]),
     drawdown=st.sampled_from(["0.5", "0.03"]),
+    sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
 )
 async def test_random_portfolios_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -528,9 +572,11 @@ async def test_random_portfolios_equal_the_replay(
     positions: str,
     correlation: str,
     drawdown: str,
+    sizing: str,
 ) -> None:
-    """Random pairs, position and correlation limits, a flatten: the replay's summary and curve."""
+    """Random pairs, position and correlation limits, sizing, a flatten: the replay's run."""
     for key, value in {
+        "KESTREL_RISK__SIZING": sizing,
         "KESTREL_RISK__MAX_DRAWDOWN": drawdown,
         "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.02",
         "KESTREL_RISK__MAX_OPEN_POSITIONS": positions,
