@@ -68,7 +68,6 @@ def fast_engine_blockers(s: Settings, args: argparse.Namespace | None = None) ->
         reasons += standard_blockers(
             risk=s.risk,
             linear=linear,
-            fill_at=s.simulation.fill_at,
             latency_ms=s.simulation.latency_ms,
             window=backtest_window(s),
             can_short=strategy.can_short,
@@ -196,6 +195,7 @@ def _fast_run(
             signals={pair: replay_flags(strategy, frame) for pair, frame in frames.items()},
             start_ms=start_ms,
             end_ms=end_ms,
+            fill_at=s.simulation.fill_at,
         )
     ((pair, frame),) = frames.items()
     signals = replay_flags(strategy, frame)
@@ -228,6 +228,7 @@ def _fast_run(
         start_ms=start_ms,
         end_ms=end_ms,
         signals=signals,
+        fill_at=s.simulation.fill_at,
     )
 
 

@@ -7,7 +7,9 @@ the same over the candle arrays: each pair's stop rule is its `fast_standard.Sta
 book's, the account (cash, the exact value of the open positions, the breakers, the
 curve) is shared, and an entry is decided by the replay's own `RiskManager.evaluate` on
 the context the engine builds (`Engine._risk_context`: the positions at their marks, the
-aligned returns of the held pairs and the candidate).
+aligned returns of the held pairs and the candidate). With `fill_at="close"` a market
+order fills as soon as it is sent, at its pair's last close (a flatten's exits on other
+pairs included), so the candles after it in the same close see the account it left.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from fast_standard import (
     ZERO,
     StandardRun,
     _dec,
+    _Pending,
     _table,
     book_of,
     closed_trade,
     entry_fill,
     exit_fill,
 )
+from matching_engine import slipped_price
 from models import Position, PositionSide, Side, TradingState
 from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
@@ -151,15 +155,19 @@ class PortfolioRun:
         if held is not None:
             self._mark(book, t)
             exited = book.manage(held, t, closing)
+            if exited:
+                self._fill_close(book, now)  # the take-profit's exit, before the equity
         equity = self._record(now)
         if self.breakers.update(now, equity) is TradingState.FLATTEN:
             for other in [self.books[p] for p in self.held]:
                 if other.pending is None:
                     self._exit(other, "circuit breaker: flatten")
+                    self._fill_close(other, now)  # at its own last close
             book._flush_stop()
             return
         if not exited:
             self._decide(book, t, closing, now, equity)
+            self._fill_close(book, now)
         book._flush_stop()
 
     # -- the account ------------------------------------------------------------------------
@@ -204,10 +212,32 @@ class PortfolioRun:
         if pending is not None and self._sent.get(book.pair) == now:
             return  # sent on an earlier pair's candle of this close time: not live yet
         fill = book.matched(t)
-        if fill is None:
+        if fill is not None:
+            self._book(book, *fill, int(book.ts[t]), now)
+
+    def _fill_close(self, book: StandardRun, now: int) -> None:
+        # `fill_at="close"`: the market order just sent on `book` fills at once at its
+        # pair's last close (`SimulatedExchange.fill_now`), at the clock's time. The
+        # account changed after this candle's equity was taken: the next candle of this
+        # close time takes the whole path (`run`).
+        order = book.pending
+        if order is None or not book.fill_close:
             return
-        order, price, reason = fill
-        ts = int(book.ts[t])
+        book.pending = None
+        close = _dec(float(book.c[book.at]))
+        self._book(book, order, slipped_price(order.side, close, self.bps), order.reason, now, now)
+        self._last = None
+
+    def _book(
+        self,
+        book: StandardRun,
+        order: _Pending | None,
+        price: Decimal,
+        reason: str,
+        ts: int,
+        now: int,
+    ) -> None:
+        # A fill on `book`'s pair at `ts`, on the account (`StandardRun._book`'s).
         if order is not None and order.side is Side.BUY:
             book.held, cost = entry_fill(order, price, self.fee, ts)
             self.cash = self.cash - cost
@@ -276,7 +306,7 @@ class PortfolioRun:
             },
             market=book.market,
             price=_dec(float(book.c[t])),
-            atr=book.atr(t),
+            atr=book.atrs.at(t),
             taker_fee=self.fee,
             returns=book.returns.own(self.manager, t),
             aligned_returns=aligned,
@@ -302,13 +332,14 @@ def run_portfolio(
     signals: dict[str, tuple[np.ndarray, np.ndarray]],
     start_ms: int | None = None,
     end_ms: int | None = None,
+    fill_at: str = "next_open",
 ) -> BacktestResult:
     """Run `--mode backtest` under the standard profile over several spot pairs.
 
     `frames`: each pair's whole archive (its market comes from its first close); `signals`
     its entry and exit flags over the whole archive (`signal_sources.replay_flags`);
-    `start_ms`/`end_ms` the `--timerange`. Raises what `fast_standard.unsupported`
-    recognises on a path only the replay models.
+    `start_ms`/`end_ms` the `--timerange`; `fill_at` the simulation's. Raises what
+    `fast_standard.unsupported` recognises on a path only the replay models.
     """
     books = [
         book_of(
@@ -323,6 +354,7 @@ def run_portfolio(
             taker_fee=taker_fee,
             slippage_bps=slippage_bps,
             timerange=(start_ms, end_ms),
+            fill_at=fill_at,
             accelerate=False,
         )[0]
         for pair, frame in frames.items()
@@ -371,7 +403,7 @@ def _result(
                 qty=float(book.held.qty),
                 entry_price=float(book.held.entry),
                 entry_ts=book.held.opened,
-                mark_price=float(book.c[book.at]),
+                mark_price=float(run.held[pair][3]),  # its entry price until a close marks it
             )
             for _, pair, book in opened
             if book.held is not None

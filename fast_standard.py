@@ -9,14 +9,14 @@ money in `Decimal`, operation for operation:
 * entries decided and sized by the replay's own `RiskManager.evaluate` (fixed fractional
   on the stop distance, Kelly on the closed trades' returns, or volatility targeting on
   the pair's recent returns; the reduced rung's factor, the exposure caps, the lot),
-  filled at the next open with the slippage and the taker fee, their stop (`2 x ATR`
-  under the signal's close, on the tick grid upwards) working from the bar after the
-  fill;
+  filled at the next open with the slippage and the taker fee (with `fill_at="close"`,
+  at once at the deciding bar's close), their stop (`2 x ATR` under the signal's close,
+  on the tick grid upwards) working from the bar after the fill;
 * the stop moved on each held bar as `StopManager` moves it (trailing behind the best
   price, break-even once armed at 1R, never beyond the close, a move under a tenth of the
   ATR skipped), triggered and filled as the simulated exchange triggers and fills it;
 * the managed take-profit, the strategy's exits and the breakers' flatten, each a market
-  exit at the next open;
+  exit at the next open (or the close);
 * the circuit breakers themselves: the real `CircuitBreakers`, fed the exact equity of
   every candle and every closed trade in the replay's order (each closed trade through
   the risk manager's `on_trade_closed`, which keeps Kelly's returns too).
@@ -123,6 +123,34 @@ class _Pending:
     cid: str = ""
 
 
+class BarAtr:
+    """The stops' ATR at each bar of a pair's rows, each computed once when first read."""
+
+    def __init__(
+        self, high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int, window: int
+    ) -> None:
+        self.bars = (high, low, close)
+        self.period = period
+        self.window = window  # the data window's capacity
+        self.tail = min(10 * period, window)  # the bars the ATR is taken over
+        self._known: dict[int, float | None] = {}
+
+    def at(self, t: int) -> float | None:
+        """Return the ATR at bar `t` (`Engine._atr` on the window after bar t)."""
+        known = self._known.get(t, 0.0)
+        if known != 0.0:
+            return known
+        period = self.period
+        length = min(t + 1, self.window)
+        value: float | None = None
+        if length > period:
+            start = t + 1 - min(self.tail, length)
+            x = float(stop_atr(*self.bars, start, t, period))
+            value = x if math.isfinite(x) else None
+        self._known[t] = value
+        return value
+
+
 class BarReturns:
     """A pair's bar-to-bar returns over its rows, as its data window gives them."""
 
@@ -174,6 +202,8 @@ class StandardRun:
         starting_balance, taker_fee, slippage_bps: the simulation settings.
         window: the data window's capacity (`max(2 x warmup, warmup_candles)`).
         timeframe: the bars' timeframe (volatility targeting scales to a day with it).
+        fill_close: market orders fill at once at the close they are decided on
+            (`fill_at="close"`), not at the next open.
         accelerate: hand held bars to the numba pass (False: every bar in Decimal).
     """
 
@@ -193,6 +223,7 @@ class StandardRun:
         slippage_bps: float,
         window: int,
         timeframe: str | None = None,
+        fill_close: bool = False,
         accelerate: bool = True,
     ) -> None:
         self.ts, self.o, self.h, self.l, self.c = bars
@@ -207,6 +238,7 @@ class StandardRun:
         self.bps = Decimal(str(slippage_bps))
         self.window = window
         self.accelerate = accelerate
+        self.fill_close = fill_close
         self.tick = market.tick_size
         self.cash = Decimal(str(starting_balance))
         self.starting = self.cash
@@ -230,16 +262,14 @@ class StandardRun:
         self.exact_bars = 0  # bars taken here in Decimal (the rest by the numba pass)
         self._multiple = _dec(risk.stop_atr_multiple)
         self.be_r = _dec(risk.break_even_at_r) if risk.break_even_at_r is not None else None
-        period = risk.atr_period
-        self._atr_tail = min(10 * period, window)
-        self._atrs: dict[int, float | None] = {}
+        self.atrs = BarAtr(self.h, self.l, self.c, risk.atr_period, window)
         self.returns = BarReturns(pair, self.c)  # the returns its entries' contexts read
         # The numba pass's rules (`hold_scan`).
         self.rules = (
             step,
             window,
-            period,
-            self._atr_tail,
+            risk.atr_period,
+            self.atrs.tail,
             -tick_exponent(self.tick),
             float(self._multiple),
             float(self.be_r) if self.be_r is not None else 0.0,
@@ -249,23 +279,6 @@ class StandardRun:
         self.scanned = 0  # held bars the numba pass applied
         self.flat_bars = 0  # flat bars without a signal, applied as one run each
         self.at = -1  # several pairs: the last bar taken (`fast_portfolio`)
-
-    # -- the ATR ----------------------------------------------------------------------------
-
-    def atr(self, t: int) -> float | None:
-        """Return the stops' ATR at bar `t` (`Engine._atr` on the window after bar t)."""
-        known = self._atrs.get(t, 0.0)
-        if known != 0.0:
-            return known
-        period = self.risk.atr_period
-        length = min(t + 1, self.window)
-        value: float | None = None
-        if length > period:
-            start = t + 1 - min(self._atr_tail, length)
-            x = float(stop_atr(self.h, self.l, self.c, start, t, period))
-            value = x if math.isfinite(x) else None
-        self._atrs[t] = value
-        return value
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -315,14 +328,18 @@ class StandardRun:
         closing = held is not None and bool(self.exit[t])
         if held is not None:
             exited = self.manage(held, t, closing)
+            if exited:
+                self._fill_close(t, now)  # the take-profit's exit, before the equity
         equity = self._record(t)
         if self.breakers.update(now, equity) is TradingState.FLATTEN:
             if self.held is not None and self.pending is None:
                 self._exit("circuit breaker: flatten", t)
+                self._fill_close(t, now)
             self._flush_stop()
             return
         if not exited:
             self._decide(t, closing, now, equity)
+            self._fill_close(t, now)
         self._flush_stop()
 
     def manage(self, held: _Held, t: int, closing: bool) -> bool:
@@ -359,17 +376,30 @@ class StandardRun:
 
     def _match(self, t: int, now: int) -> None:
         fill = self.matched(t)
-        if fill is None:
+        if fill is not None:
+            self._book(*fill, int(self.ts[t]), now)
+
+    def _fill_close(self, t: int, now: int) -> None:
+        # `fill_at="close"`: the market order just sent fills at once at bar t's close
+        # (`SimulatedExchange.fill_now`, at the clock's time), its stop placed after the bar.
+        order = self.pending
+        if order is None or not self.fill_close:
             return
-        order, price, reason = fill
+        self.pending = None
+        self._book(order, slipped_price(order.side, _dec(float(self.c[t])), self.bps),
+                   order.reason, now, now)  # fmt: skip
+
+    def _book(self, order: _Pending | None, price: Decimal, reason: str, ts: int, now: int) -> None:
+        # A fill at `ts`: the entry's position, or the exit's round trip (`order` None: the
+        # stop's).
         if order is not None and order.side is Side.BUY:
-            self.held, cost = entry_fill(order, price, self.fee, int(self.ts[t]))
+            self.held, cost = entry_fill(order, price, self.fee, ts)
             self.cash = self.cash - cost
             self.fees += self.held.fee
             return
         held = self.held
         assert held is not None
-        change, fee, row = exit_fill(held, price, self.fee, int(self.ts[t]), reason)
+        change, fee, row = exit_fill(held, price, self.fee, ts, reason)
         self.cash = self.cash - change
         self.fees += fee
         self.realised += row[6]  # type: ignore[operator]
@@ -403,7 +433,7 @@ class StandardRun:
 
     def _move_stop(self, held: _Held, t: int) -> None:
         # `StopManager.manage_stop` then the engine's filter and the amend.
-        atr = self.atr(t)
+        atr = self.atrs.at(t)
         distance = _dec(atr) * self._multiple if atr is not None and atr > 0 else None
         if held.best is None:
             gap = held.entry - held.stop
@@ -514,7 +544,7 @@ class StandardRun:
             positions={},
             market=self.market,
             price=_dec(float(self.c[t])),
-            atr=self.atr(t),
+            atr=self.atrs.at(t),
             taker_fee=self.fee,
             returns=self.returns.own(self.manager, t),
             candle_ts=int(self.ts[t]),
@@ -635,6 +665,7 @@ def book_of(
     taker_fee: float,
     slippage_bps: float,
     timerange: tuple[int | None, int | None] = (None, None),
+    fill_at: str = "next_open",
     accelerate: bool = True,
 ) -> tuple[StandardRun, _Bars]:
     """Return a pair's run over the `timerange` rows of its archive `frame`, and the rows.
@@ -669,6 +700,7 @@ def book_of(
         slippage_bps=slippage_bps,
         window=window,
         timeframe=timeframe,
+        fill_close=fill_at == "close",
         accelerate=accelerate,
     )
     return book, bars
@@ -711,16 +743,27 @@ def _open_position(run: StandardRun) -> tuple[OpenPosition, ...]:
             qty=float(held.qty),
             entry_price=float(held.entry),
             entry_ts=held.opened,
-            mark_price=float(run.c[-1]),
+            mark_price=float(_last_mark(run, held)),
         ),
     )
 
 
+def _last_mark(run: StandardRun, held: _Held) -> Decimal:
+    # The position's mark at the end: the last close, or its entry price when it filled at
+    # that close (`fill_at="close"`: after the bar's mark; the portfolio values an
+    # unmarked position at its entry price). A fill at an open is no later than the last
+    # bar's open time.
+    if held.opened > int(run.ts[-1]):
+        return held.entry
+    return _dec(float(run.c[-1]))
+
+
 def _final_equity(run: StandardRun) -> Decimal:
-    """Return the equity at the last close."""
-    if run.held is None or not len(run.c):
+    """Return the equity at the end (the open position at its last mark)."""
+    held = run.held
+    if held is None or not len(run.c):
         return run.cash
-    return run.value(len(run.c) - 1)
+    return run.cash + held.qty * _last_mark(run, held)
 
 
 def entry_fill(order: _Pending, price: Decimal, rate: Decimal, ts: int) -> tuple[_Held, Decimal]:
@@ -794,14 +837,16 @@ def run_standard(
     start_ms: int | None = None,
     end_ms: int | None = None,
     signals: tuple[np.ndarray, np.ndarray] | None = None,
+    fill_at: str = "next_open",
     accelerate: bool = True,
 ) -> BacktestResult:
     """Run `--mode backtest` under the standard profile through the fast path.
 
     `frame` is the pair's whole archive (the signals read all of it, and the market's
     rules come from its first close, as in the replay); `start_ms`/`end_ms` the
-    `--timerange`. Check `standard_blockers` first; a run that leaves what this path
-    models raises an error `unsupported` recognises (the replay then takes it).
+    `--timerange`; `fill_at` the simulation's (`next_open` or `close`). Check
+    `standard_blockers` first; a run that leaves what this path models raises an error
+    `unsupported` recognises (the replay then takes it).
     """
     book, bars = book_of(
         strategy,
@@ -815,6 +860,7 @@ def run_standard(
         taker_fee=taker_fee,
         slippage_bps=slippage_bps,
         timerange=(start_ms, end_ms),
+        fill_at=fill_at,
         accelerate=accelerate,
     )
     run = book.run()
@@ -847,7 +893,6 @@ def standard_blockers(
     *,
     risk: RiskSettings,
     linear: bool,
-    fill_at: str,
     latency_ms: int,
     window: int,
     can_short: bool,
@@ -856,8 +901,6 @@ def standard_blockers(
     reasons = []
     if linear:
         reasons.append("a perpetual: the standard fast path trades spot")
-    if fill_at != "next_open":
-        reasons.append(f"fill_at {fill_at!r}: the standard fast path fills at the next open")
     if latency_ms != 0:
         reasons.append("a latency: the standard fast path fills without one")
     if window < 10 * risk.atr_period:

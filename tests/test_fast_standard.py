@@ -54,6 +54,7 @@ def _walk(n: int, seed: int, *, start: float, sigma: float, gap: float, grid: bo
 
 def _fast(df: pd.DataFrame, name: str, params: dict[str, float], **kwargs: Any) -> BacktestResult:
     s = load_settings(env_file=None)
+    kwargs.setdefault("fill_at", s.simulation.fill_at)
     return run_standard(
         load_strategy(name, params),
         df,
@@ -187,6 +188,59 @@ async def test_kelly_and_volatility_sizing_give_the_replays_run(
         assert fast.vetoes > fixed.vetoes
 
 
+@pytest.mark.parametrize(
+    ("env", "kind"),
+    [
+        ({"KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE": "1.5"}, "take-profit"),
+        (
+            {
+                "KESTREL_RISK__BREAK_EVEN_AT_R": "0.5",
+                "KESTREL_RISK__MAX_DRAWDOWN": "0.03",
+                "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.02",
+            },
+            "circuit",  # the flatten's exit
+        ),
+    ],
+)
+async def test_fills_at_the_close_give_the_replays_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], kind: str
+) -> None:
+    """`fill_at=close`: entries, exits, take-profits and a flatten fill at the deciding close."""
+    monkeypatch.setenv("KESTREL_SIMULATION__SLIPPAGE_BPS", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    df = _walk(6000, 11, start=2500.0, sigma=0.003, gap=0.0005, grid=True)
+    params: dict[str, float] = {"fast": 5, "slow": 20}
+    at_open = _fast(df, "sma_cross", params)
+    monkeypatch.setenv("KESTREL_SIMULATION__FILL_AT", "close")
+    summary, curve, fast = await _both(df, tmp_path / "c.parquet", "sma_cross", params)
+    _assert_same(summary, curve, fast)
+    assert fast.n_trades > 20
+    assert {kind, "stop-loss", "sma_cross:"} <= _kinds(fast)
+    # Every entry filled at its signal bar's close (slipped up 2 bp), not the next open.
+    close = pd.Series(df["close"].to_numpy(), index=df.index.asi8 + 60_000)
+    entries = [(t["entry_ts"], t["entry_price"]) for t in summary["trades"]]
+    assert all(price == pytest.approx(close[ts] * 1.0002, rel=1e-9) for ts, price in entries)
+    assert fast.summary() != at_open.summary()
+
+
+async def test_an_entry_filled_at_the_last_close_stays_at_its_price(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Filled at the archive's last close, a position is valued at its fill: no close after."""
+    monkeypatch.setenv("KESTREL_SIMULATION__SLIPPAGE_BPS", "2")
+    monkeypatch.setenv("KESTREL_SIMULATION__FILL_AT", "close")
+    df = _walk(3000, 11, start=2500.0, sigma=0.003, gap=0.0005, grid=True)
+    params: dict[str, float] = {"fast": 5, "slow": 20}
+    opened = int(_fast(df, "sma_cross", params).table["entry_ts"][4])
+    df = df.iloc[: int(np.searchsorted(df.index.asi8 + 60_000, opened)) + 1]  # ends on it
+    summary, curve, fast = await _both(df, tmp_path / "c.parquet", "sma_cross", params)
+    _assert_same(summary, curve, fast)
+    (position,) = summary["open_positions"]
+    assert position["entry_ts"] == opened
+    assert position["mark_price"] == position["entry_price"] != df["close"].iloc[-1]
+
+
 async def test_every_breaker_rung_is_the_replays(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -241,6 +295,7 @@ async def test_a_timerange_simulates_its_rows_on_the_whole_archives_signals(
     take_profit=st.sampled_from(["2", "4"]),
     slippage=st.sampled_from(["0", "2"]),
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
+    fill_at=st.sampled_from(["next_open", "next_open", "close"]),
 )
 async def test_random_runs_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -254,10 +309,12 @@ async def test_random_runs_equal_the_replay(
     take_profit: str,
     slippage: str,
     sizing: str,
+    fill_at: str,
 ) -> None:
-    """Random walks (gaps, on the tick grid or off it, any price level), stop and sizing rules."""
+    """Random walks (gaps, on the grid or off it, any price level); stops, sizing, fills."""
     for key, value in {
         "KESTREL_RISK__SIZING": sizing,
+        "KESTREL_SIMULATION__FILL_AT": fill_at,
         "KESTREL_RISK__STOP_ATR_MULTIPLE": stop_atr,
         "KESTREL_RISK__TAKE_PROFIT_ATR_MULTIPLE": take_profit,
         "KESTREL_SIMULATION__SLIPPAGE_BPS": slippage,
@@ -316,14 +373,17 @@ def test_the_cli_runs_the_fast_path_by_default_with_the_same_summary(tmp_path: P
 
 
 def test_what_only_the_replay_models_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fills at the close, perpetuals, latency: each is a reason for the replay; sizing is not."""
+    """Perpetuals, latency: each is a reason for the replay; sizing and fills at the close not."""
     assert fast_engine_blockers(load_settings(env_file=None)) == []
-    for sizing in ("kelly", "volatility_target"):
+    for key, value in (
+        ("KESTREL_RISK__SIZING", "kelly"),
+        ("KESTREL_RISK__SIZING", "volatility_target"),
+        ("KESTREL_SIMULATION__FILL_AT", "close"),
+    ):
         with monkeypatch.context() as m:
-            m.setenv("KESTREL_RISK__SIZING", sizing)
+            m.setenv(key, value)
             assert fast_engine_blockers(load_settings(env_file=None)) == []
     for env, words in (
-        ({"KESTREL_SIMULATION__FILL_AT": "close"}, "fill_at"),
         ({"KESTREL_STRATEGY__PAIRS": "BTC/USDT:USDT"}, "perpetual"),
         ({"KESTREL_SIMULATION__LATENCY_MS": "200"}, "latency"),
         (
@@ -519,13 +579,22 @@ async def _portfolio_both(
         slippage_bps=s.simulation.slippage_bps,
         returns_window=s.risk.correlation_window,
         signals={pair: replay_flags(strategy, frame) for pair, frame in frames.items()},
+        fill_at=s.simulation.fill_at,
     )
     return summary, curve, fast
 
 
-@pytest.mark.parametrize("sizing", ["fixed_fractional", "kelly", "volatility_target"])
+@pytest.mark.parametrize(
+    ("sizing", "fill_at"),
+    [
+        ("fixed_fractional", "next_open"),
+        ("kelly", "next_open"),
+        ("volatility_target", "next_open"),
+        ("fixed_fractional", "close"),
+    ],
+)
 async def test_several_pairs_share_the_account_as_in_the_replay(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sizing: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sizing: str, fill_at: str
 ) -> None:
     """Four pairs (one late, one with a gap): trades, vetoes, breakers, curve: the replay's."""
     for key, value in {
@@ -534,6 +603,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
         "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.05",
         "KESTREL_RISK__MAX_OPEN_POSITIONS": "3",
         "KESTREL_RISK__SIZING": sizing,
+        "KESTREL_SIMULATION__FILL_AT": fill_at,
     }.items():
         monkeypatch.setenv(key, value)
     names, frames = _store_pairs(tmp_path / "data", 3, 4, 3000, ragged=True)
@@ -562,6 +632,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
     correlation=st.sampled_from(["0.5", "0.8"]),
     drawdown=st.sampled_from(["0.5", "0.03"]),
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
+    fill_at=st.sampled_from(["next_open", "next_open", "close"]),
 )
 async def test_random_portfolios_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -573,10 +644,12 @@ async def test_random_portfolios_equal_the_replay(
     correlation: str,
     drawdown: str,
     sizing: str,
+    fill_at: str,
 ) -> None:
-    """Random pairs, position and correlation limits, sizing, a flatten: the replay's run."""
+    """Random pairs, position and correlation limits, sizing, fills, a flatten: the replay's."""
     for key, value in {
         "KESTREL_RISK__SIZING": sizing,
+        "KESTREL_SIMULATION__FILL_AT": fill_at,
         "KESTREL_RISK__MAX_DRAWDOWN": drawdown,
         "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.02",
         "KESTREL_RISK__MAX_OPEN_POSITIONS": positions,
