@@ -68,7 +68,6 @@ def fast_engine_blockers(s: Settings, args: argparse.Namespace | None = None) ->
         reasons += standard_blockers(
             risk=s.risk,
             linear=linear,
-            latency_ms=s.simulation.latency_ms,
             window=backtest_window(s),
             can_short=strategy.can_short,
         )

@@ -893,16 +893,17 @@ def standard_blockers(
     *,
     risk: RiskSettings,
     linear: bool,
-    latency_ms: int,
     window: int,
     can_short: bool,
 ) -> list[str]:
-    """Return why the standard-profile fast path cannot stand in for the replay (empty: it can)."""
+    """Return why the standard-profile fast path cannot stand in for the replay (empty: it can).
+
+    A latency shorter than a candle changes nothing here: an order sent at a close is live
+    before the next candle closes, stops included (`fast_path_blockers` names a longer one).
+    """
     reasons = []
     if linear:
         reasons.append("a perpetual: the standard fast path trades spot")
-    if latency_ms != 0:
-        reasons.append("a latency: the standard fast path fills without one")
     if window < 10 * risk.atr_period:
         reasons.append("a data window shorter than the stops' ATR span")
     if window < risk.correlation_window + 2:

@@ -137,6 +137,8 @@ async def test_the_sample_gives_the_replays_summary_and_curve(
         ("breakout", {"period": 30, "exit_period": 15}, {"KESTREL_RISK__TRAILING_STOP": "false"}),
         ("sma_cross", {"fast": 5, "slow": 20}, {"KESTREL_RISK__BREAK_EVEN_AT_R": "0.5"}),
         ("sma_cross", {"fast": 5, "slow": 20}, {"KESTREL_RISK__STOP_ATR_MULTIPLE": "0.7"}),
+        # Under a candle, a latency delays no fill: every order is live for the next candle.
+        ("sma_cross", {"fast": 5, "slow": 20}, {"KESTREL_SIMULATION__LATENCY_MS": "59999"}),
     ],
 )
 async def test_each_builtin_and_stop_rule_gives_the_replays_run(
@@ -296,6 +298,7 @@ async def test_a_timerange_simulates_its_rows_on_the_whole_archives_signals(
     slippage=st.sampled_from(["0", "2"]),
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
     fill_at=st.sampled_from(["next_open", "next_open", "close"]),
+    latency=st.sampled_from(["0", "0", "250", "59999"]),
 )
 async def test_random_runs_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -310,9 +313,11 @@ async def test_random_runs_equal_the_replay(
     slippage: str,
     sizing: str,
     fill_at: str,
+    latency: str,
 ) -> None:
     """Random walks (gaps, on the grid or off it, any price level); stops, sizing, fills."""
     for key, value in {
+        "KESTREL_SIMULATION__LATENCY_MS": latency,
         "KESTREL_RISK__SIZING": sizing,
         "KESTREL_SIMULATION__FILL_AT": fill_at,
         "KESTREL_RISK__STOP_ATR_MULTIPLE": stop_atr,
@@ -373,19 +378,20 @@ def test_the_cli_runs_the_fast_path_by_default_with_the_same_summary(tmp_path: P
 
 
 def test_what_only_the_replay_models_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Perpetuals, latency: each is a reason for the replay; sizing and fills at the close not."""
+    """Perpetuals, a candle's latency: reasons for the replay; sizing, fills at the close not."""
     assert fast_engine_blockers(load_settings(env_file=None)) == []
     for key, value in (
         ("KESTREL_RISK__SIZING", "kelly"),
         ("KESTREL_RISK__SIZING", "volatility_target"),
         ("KESTREL_SIMULATION__FILL_AT", "close"),
+        ("KESTREL_SIMULATION__LATENCY_MS", "59999"),  # under a candle: live for the next
     ):
         with monkeypatch.context() as m:
             m.setenv(key, value)
             assert fast_engine_blockers(load_settings(env_file=None)) == []
     for env, words in (
         ({"KESTREL_STRATEGY__PAIRS": "BTC/USDT:USDT"}, "perpetual"),
-        ({"KESTREL_SIMULATION__LATENCY_MS": "200"}, "latency"),
+        ({"KESTREL_SIMULATION__LATENCY_MS": "60000"}, "latency"),
         (
             {"KESTREL_STRATEGY__NAME": "sma_cross", "KESTREL_STRATEGY__WARMUP_CANDLES": "40"},
             "window",
@@ -633,6 +639,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
     drawdown=st.sampled_from(["0.5", "0.03"]),
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
     fill_at=st.sampled_from(["next_open", "next_open", "close"]),
+    latency=st.sampled_from(["0", "0", "250", "59999"]),
 )
 async def test_random_portfolios_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -645,9 +652,11 @@ async def test_random_portfolios_equal_the_replay(
     drawdown: str,
     sizing: str,
     fill_at: str,
+    latency: str,
 ) -> None:
     """Random pairs, position and correlation limits, sizing, fills, a flatten: the replay's."""
     for key, value in {
+        "KESTREL_SIMULATION__LATENCY_MS": latency,
         "KESTREL_RISK__SIZING": sizing,
         "KESTREL_SIMULATION__FILL_AT": fill_at,
         "KESTREL_RISK__MAX_DRAWDOWN": drawdown,
