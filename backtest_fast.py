@@ -65,12 +65,7 @@ def fast_engine_blockers(s: Settings, args: argparse.Namespace | None = None) ->
         margin_mode=s.simulation.margin_mode,
     )
     if s.risk.profile == "standard":
-        reasons += standard_blockers(
-            risk=s.risk,
-            linear=linear,
-            window=backtest_window(s),
-            can_short=strategy.can_short,
-        )
+        reasons += standard_blockers(linear=linear, can_short=strategy.can_short)
     return reasons
 
 

@@ -315,7 +315,10 @@ class PortfolioRun:
 
     def _returns(self, book: StandardRun, before: int) -> np.ndarray | None:
         # The pair's last `returns_window` returns of the bars opened before `before`.
-        return book.returns.to(int(book.ts.searchsorted(before)), self.returns_window)
+        # The pair's window ends with its last candle taken (this close's, or the last one's
+        # when its candle of this close comes later in the replay's order).
+        end = int(book.ts.searchsorted(before))
+        return book.returns.to(end, self.returns_window, last=max(book.at, end - 1))
 
 
 def run_portfolio(

@@ -152,22 +152,26 @@ class BarAtr:
 
 
 class BarReturns:
-    """A pair's bar-to-bar returns over its rows, as its data window gives them."""
+    """A pair's bar-to-bar returns over its rows, as its data window gives them.
 
-    def __init__(self, pair: str, close: np.ndarray) -> None:
+    `capacity`: the data window's (it holds the pair's last `capacity` bars).
+    """
+
+    def __init__(self, pair: str, close: np.ndarray, capacity: int) -> None:
         self.pair = pair
         self.close = close
+        self.capacity = capacity
         self._all: np.ndarray | None = None  # over all the rows, computed when first read
 
-    def to(self, end: int, window: int) -> np.ndarray | None:
+    def to(self, end: int, window: int, last: int | None = None) -> np.ndarray | None:
         """Return the last `window` returns of the first `end` bars (None: under two bars).
 
-        `Engine._returns_of` on the data window that ends with bar `end - 1`: the same
-        quotients, element by element, taken once over all the rows. (The window's own
-        bound, its last `window` bars, never binds: it holds more than the returns' span,
-        `standard_blockers`.)
+        `Engine._returns_of` on the data window whose latest bar is `last` (default
+        `end - 1`), cut at bar `end`: the same quotients, element by element, taken once
+        over all the rows, none from a bar the window no longer holds.
         """
-        first = max(end - window - 1, 0)
+        latest = end - 1 if last is None else last
+        first = max(end - window - 1, latest + 1 - self.capacity, 0)
         if end - first <= 2:
             return None
         returns = self._all
@@ -263,7 +267,7 @@ class StandardRun:
         self._multiple = _dec(risk.stop_atr_multiple)
         self.be_r = _dec(risk.break_even_at_r) if risk.break_even_at_r is not None else None
         self.atrs = BarAtr(self.h, self.l, self.c, risk.atr_period, window)
-        self.returns = BarReturns(pair, self.c)  # the returns its entries' contexts read
+        self.returns = BarReturns(pair, self.c, window)  # what its entries' contexts read
         # The numba pass's rules (`hold_scan`).
         self.rules = (
             step,
@@ -889,13 +893,7 @@ def run_standard(
     )
 
 
-def standard_blockers(
-    *,
-    risk: RiskSettings,
-    linear: bool,
-    window: int,
-    can_short: bool,
-) -> list[str]:
+def standard_blockers(*, linear: bool, can_short: bool) -> list[str]:
     """Return why the standard-profile fast path cannot stand in for the replay (empty: it can).
 
     A latency shorter than a candle changes nothing here: an order sent at a close is live
@@ -904,10 +902,6 @@ def standard_blockers(
     reasons = []
     if linear:
         reasons.append("a perpetual: the standard fast path trades spot")
-    if window < 10 * risk.atr_period:
-        reasons.append("a data window shorter than the stops' ATR span")
-    if window < risk.correlation_window + 2:
-        reasons.append("a data window shorter than the correlation guard's returns")
     if can_short:
         reasons.append("a strategy that can short: its short entries close longs in the replay")
     return reasons

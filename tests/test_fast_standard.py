@@ -31,6 +31,14 @@ from tests.test_backtest_support import (
 
 
 PAIR = "BTC/USDT"
+# Risk settings whose span is longer than the data window (300 bars by default): the ATR's
+# ten periods, the correlation guard's and the volatility's returns. Drawn by the properties.
+_WINDOWS: list[dict[str, str]] = [
+    {},
+    {},
+    {"KESTREL_RISK__ATR_PERIOD": "45"},
+    {"KESTREL_RISK__CORRELATION_WINDOW": "350"},
+]
 
 
 def _walk(n: int, seed: int, *, start: float, sigma: float, gap: float, grid: bool) -> pd.DataFrame:
@@ -299,6 +307,7 @@ async def test_a_timerange_simulates_its_rows_on_the_whole_archives_signals(
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
     fill_at=st.sampled_from(["next_open", "next_open", "close"]),
     latency=st.sampled_from(["0", "0", "250", "59999"]),
+    windows=st.sampled_from(_WINDOWS),
 )
 async def test_random_runs_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -314,9 +323,11 @@ async def test_random_runs_equal_the_replay(
     sizing: str,
     fill_at: str,
     latency: str,
+    windows: dict[str, str],
 ) -> None:
     """Random walks (gaps, on the grid or off it, any price level); stops, sizing, fills."""
     for key, value in {
+        **windows,
         "KESTREL_SIMULATION__LATENCY_MS": latency,
         "KESTREL_RISK__SIZING": sizing,
         "KESTREL_SIMULATION__FILL_AT": fill_at,
@@ -378,13 +389,15 @@ def test_the_cli_runs_the_fast_path_by_default_with_the_same_summary(tmp_path: P
 
 
 def test_what_only_the_replay_models_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Perpetuals, a candle's latency: reasons for the replay; sizing, fills at the close not."""
+    """A candle's latency, perpetuals: reasons for the replay; sizing, fills, windows are not."""
     assert fast_engine_blockers(load_settings(env_file=None)) == []
     for key, value in (
         ("KESTREL_RISK__SIZING", "kelly"),
         ("KESTREL_RISK__SIZING", "volatility_target"),
         ("KESTREL_SIMULATION__FILL_AT", "close"),
         ("KESTREL_SIMULATION__LATENCY_MS", "59999"),  # under a candle: live for the next
+        ("KESTREL_RISK__ATR_PERIOD", "50"),  # the window (300 bars) under ten periods
+        ("KESTREL_RISK__CORRELATION_WINDOW", "400"),  # more returns than the window holds
     ):
         with monkeypatch.context() as m:
             m.setenv(key, value)
@@ -392,10 +405,6 @@ def test_what_only_the_replay_models_is_named(monkeypatch: pytest.MonkeyPatch) -
     for env, words in (
         ({"KESTREL_STRATEGY__PAIRS": "BTC/USDT:USDT"}, "perpetual"),
         ({"KESTREL_SIMULATION__LATENCY_MS": "60000"}, "latency"),
-        (
-            {"KESTREL_STRATEGY__NAME": "sma_cross", "KESTREL_STRATEGY__WARMUP_CANDLES": "40"},
-            "window",
-        ),
         ({"KESTREL_ANOMALY__IN_REPLAY": "true"}, "anomaly"),
         ({"KESTREL_STRATEGY__PATTERN_FILTER": "true"}, "pattern filter"),
         ({"KESTREL_STRATEGY__NAME": "rl"}, "champion"),
@@ -591,16 +600,27 @@ async def _portfolio_both(
 
 
 @pytest.mark.parametrize(
-    ("sizing", "fill_at"),
+    ("sizing", "fill_at", "env"),
     [
-        ("fixed_fractional", "next_open"),
-        ("kelly", "next_open"),
-        ("volatility_target", "next_open"),
-        ("fixed_fractional", "close"),
+        ("fixed_fractional", "next_open", {}),
+        ("kelly", "next_open", {}),
+        ("volatility_target", "next_open", {}),
+        ("fixed_fractional", "close", {}),
+        # The data window (300 bars) holds fewer bars than the ATR's ten periods and than
+        # the correlation guard's and the volatility's returns: both read what it holds.
+        (
+            "volatility_target",
+            "next_open",
+            {"KESTREL_RISK__ATR_PERIOD": "45", "KESTREL_RISK__CORRELATION_WINDOW": "400"},
+        ),
     ],
 )
 async def test_several_pairs_share_the_account_as_in_the_replay(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sizing: str, fill_at: str
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    sizing: str,
+    fill_at: str,
+    env: dict[str, str],
 ) -> None:
     """Four pairs (one late, one with a gap): trades, vetoes, breakers, curve: the replay's."""
     for key, value in {
@@ -610,6 +630,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
         "KESTREL_RISK__MAX_OPEN_POSITIONS": "3",
         "KESTREL_RISK__SIZING": sizing,
         "KESTREL_SIMULATION__FILL_AT": fill_at,
+        **env,
     }.items():
         monkeypatch.setenv(key, value)
     names, frames = _store_pairs(tmp_path / "data", 3, 4, 3000, ragged=True)
@@ -640,6 +661,7 @@ async def test_several_pairs_share_the_account_as_in_the_replay(
     sizing=st.sampled_from(["fixed_fractional", "fixed_fractional", "kelly", "volatility_target"]),
     fill_at=st.sampled_from(["next_open", "next_open", "close"]),
     latency=st.sampled_from(["0", "0", "250", "59999"]),
+    windows=st.sampled_from(_WINDOWS),
 )
 async def test_random_portfolios_equal_the_replay(
     monkeypatch: pytest.MonkeyPatch,
@@ -653,9 +675,11 @@ async def test_random_portfolios_equal_the_replay(
     sizing: str,
     fill_at: str,
     latency: str,
+    windows: dict[str, str],
 ) -> None:
     """Random pairs, position and correlation limits, sizing, fills, a flatten: the replay's."""
     for key, value in {
+        **windows,
         "KESTREL_SIMULATION__LATENCY_MS": latency,
         "KESTREL_RISK__SIZING": sizing,
         "KESTREL_SIMULATION__FILL_AT": fill_at,
