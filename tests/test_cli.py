@@ -288,14 +288,17 @@ def test_backtest_fast_engine_equals_replay_and_writes_a_report(tmp_path: Path) 
 
 
 def test_fast_engine_refuses_what_it_cannot_model(tmp_path: Path) -> None:
-    """--engine fast with Kelly sizing exits 2, says why and writes no summary."""
+    """--engine fast with a latency of a candle exits 2, says why and writes no summary."""
     out = tmp_path / "out.json"
     result = run(
         "--mode", "backtest", "--engine", "fast", "--no-ui", "--summary-json", str(out),
-        env={"KESTREL_RISK__SIZING": "kelly"},
+        env={"KESTREL_SIMULATION__LATENCY_MS": "3600000"},  # the sample's 1h candles
     )  # fmt: skip
     assert result.returncode == 2
-    assert "--engine fast cannot run this backtest: sizing 'kelly'" in result.stderr
+    assert (
+        "--engine fast cannot run this backtest: latency 3600000 ms is a candle or more"
+        in result.stderr
+    )
     assert not out.exists()
 
 
