@@ -36,7 +36,6 @@ from fast_standard import (
     entry_fill,
     exit_fill,
 )
-from matching_engine import slipped_price
 from models import Position, PositionSide, Side, TradingState
 from risk_guards import ReturnsView
 from risk_management import RiskContext, RiskManager
@@ -220,13 +219,10 @@ class PortfolioRun:
         # pair's last close (`SimulatedExchange.fill_now`), at the clock's time. The
         # account changed after this candle's equity was taken: the next candle of this
         # close time takes the whole path (`run`).
-        order = book.pending
-        if order is None or not book.fill_close:
-            return
-        book.pending = None
-        close = _dec(float(book.c[book.at]))
-        self._book(book, order, slipped_price(order.side, close, self.bps), order.reason, now, now)
-        self._last = None
+        fill = book.filled_at_close(book.at)
+        if fill is not None:
+            self._book(book, *fill, now, now)
+            self._last = None
 
     def _book(
         self,

@@ -384,14 +384,22 @@ class StandardRun:
             self._book(*fill, int(self.ts[t]), now)
 
     def _fill_close(self, t: int, now: int) -> None:
-        # `fill_at="close"`: the market order just sent fills at once at bar t's close
-        # (`SimulatedExchange.fill_now`, at the clock's time), its stop placed after the bar.
+        # The order just sent, filled at once at the clock's time; its stop after the bar.
+        fill = self.filled_at_close(t)
+        if fill is not None:
+            self._book(*fill, now, now)
+
+    def filled_at_close(self, t: int) -> tuple[_Pending, Decimal, str] | None:
+        """With `fill_at="close"`, fill the working market order at bar `t`'s close.
+
+        `SimulatedExchange.fill_now`: returns the order, its price and reason, as `matched`
+        does, and takes the order off; None when no order works or fills wait for an open.
+        """
         order = self.pending
         if order is None or not self.fill_close:
-            return
+            return None
         self.pending = None
-        self._book(order, slipped_price(order.side, _dec(float(self.c[t])), self.bps),
-                   order.reason, now, now)  # fmt: skip
+        return order, slipped_price(order.side, _dec(float(self.c[t])), self.bps), order.reason
 
     def _book(self, order: _Pending | None, price: Decimal, reason: str, ts: int, now: int) -> None:
         # A fill at `ts`: the entry's position, or the exit's round trip (`order` None: the
