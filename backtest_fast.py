@@ -14,16 +14,24 @@ import argparse
 import dataclasses
 import gc
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 
 from config import Settings
-from data_manager import archive_rows, index_ms, own_archives, replay_funding
+from data_manager import (
+    ArchiveSegments,
+    archive_rows,
+    archive_segments,
+    index_ms,
+    own_archives,
+    replay_funding,
+)
 from data_manager import replay_frames as load_frames
 from error_handler import ConfigError
-from strategy import load_strategy
+from strategy import KernelStrategy, load_strategy
 from utils.utilities import parse_timerange, timeframe_to_ms
 
 
@@ -90,10 +98,11 @@ def _run_blockers(s: Settings, args: argparse.Namespace) -> list[str]:
         reasons.append("--duration stops the replay early")
     if getattr(args, "funding", None) is not None and s.risk.profile != "all_in":
         reasons.append("--funding FILE is read by the replay")
-    if getattr(args, "engine", "auto") != "fast" and _streamed(s, args):
+    if getattr(args, "engine", "auto") != "fast" and not _segmentable(s) and _streamed(s, args):
         reasons.append(
             "an archive longer than storage.replay_segment_rows: the replay streams it a"
-            " segment at a time in flat memory, the fast path would hold it whole"
+            " segment at a time in flat memory, the fast path would hold it whole (it reads"
+            " one pair's a segment at a time only under the standard profile)"
         )
     return reasons
 
@@ -105,6 +114,32 @@ def _streamed(s: Settings, args: argparse.Namespace) -> bool:
         return False
     paths = own_archives(s, s.traded_pairs(), s.strategy.timeframe, getattr(args, "data", None))
     return paths is not None and any(archive_rows(p, None, None)[0] > rows for p in paths.values())
+
+
+def _segmentable(s: Settings) -> bool:
+    # Whether the fast path reads a long archive a segment at a time (`fast_segments`): one
+    # pair under the standard profile, its strategy's kernel carried from segment to segment.
+    from signal_sources import PrecomputedSignals
+
+    return (
+        len(s.traded_pairs()) == 1
+        and s.risk.profile == "standard"
+        and PrecomputedSignals.segmentable(load_strategy(s.strategy.name, s.strategy.params))
+    )
+
+
+def _segments(
+    s: Settings, args: argparse.Namespace, timerange: tuple[int | None, int | None]
+) -> ArchiveSegments | None:
+    # How the fast path reads the archive a segment at a time; None: whole.
+    rows = s.storage.replay_segment_rows
+    if rows <= 0 or getattr(args, "report_html", None) or not _segmentable(s):
+        return None
+    paths = own_archives(s, s.traded_pairs(), s.strategy.timeframe, getattr(args, "data", None))
+    if paths is None:
+        return None
+    timeframe, chunk = s.strategy.timeframe, s.storage.read_chunk_rows
+    return archive_segments(paths, rows, timeframe, *timerange, chunk)
 
 
 def backtest_window(s: Settings) -> int:
@@ -135,6 +170,9 @@ def fast_backtest_run(
             start_ms, end_ms = parse_timerange(args.timerange)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+    plan = _segments(s, args, (start_ms, end_ms))
+    if plan is not None:
+        return _segmented_run(plan, s, (start_ms, end_ms), timings, started, forced=forced)
     frames = load_frames(args, s)
     timings["load_s"] = time.perf_counter() - started
     defect = next((d for f in frames.values() if (d := archive_defect(f)) is not None), None)
@@ -162,6 +200,64 @@ def fast_backtest_run(
     step = timeframe_to_ms(s.strategy.timeframe)
     prices = {p: (index_ms(f) + step, f["close"].to_numpy()) for p, f in frames.items()}
     return dataclasses.replace(result, prices=prices)
+
+
+def _segmented_run(
+    plan: ArchiveSegments,
+    s: Settings,
+    timerange: tuple[int | None, int | None],
+    timings: dict[str, float],
+    started: float,
+    *,
+    forced: bool,
+) -> BacktestResult | None:
+    # One pair's long archive a segment at a time (`fast_segments`); None: the replay runs.
+    from trade_simulator import run_standard_segments, unsupported
+
+    read = [time.perf_counter() - started]  # the seconds spent reading the archive
+
+    def segments() -> Iterator[pd.DataFrame]:
+        for lo, hi in plan.windows:
+            begun = time.perf_counter()
+            frames = plan.load(lo, hi)
+            read[0] += time.perf_counter() - begun
+            yield from frames.values()
+
+    from signal_sources import replay_flags
+
+    strategy = load_strategy(s.strategy.name, s.strategy.params)
+    assert isinstance(strategy, KernelStrategy)  # `_segmentable`
+    carry = strategy.carry()
+    gc.freeze()  # as `fast_backtest_run`
+    try:
+        result = run_standard_segments(
+            strategy,
+            segments(),
+            lambda frame: replay_flags(strategy, frame, carry),
+            total=plan.total,
+            pair=s.traded_pairs()[0],
+            timeframe=s.strategy.timeframe,
+            risk=s.risk,
+            window=backtest_window(s),
+            starting_balance=s.simulation.starting_balance,
+            taker_fee=s.simulation.taker_fee,
+            slippage_bps=s.simulation.slippage_bps,
+            start_ms=timerange[0],
+            end_ms=timerange[1],
+            fill_at=s.simulation.fill_at,
+            defect=archive_defect,
+        )
+    except Exception as e:
+        if forced:
+            raise
+        if unsupported(e):
+            log.info("backtest_fast_path_left", reason=str(e))
+        else:
+            log.exception("backtest_fast_path_failed")
+        return None
+    finally:
+        timings["load_s"] = read[0]
+    return result
 
 
 def _fast_run(

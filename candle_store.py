@@ -15,10 +15,10 @@ import gzip
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -261,6 +261,52 @@ def archive_range(
 ) -> pd.DataFrame:
     """Return the candles of an archive of ours with start_ms <= ts < end_ms (a frame)."""
     return arrays_to_frame(_read_archive(path, start_ms, end_ms, chunk_rows))
+
+
+class ArchiveSegments(NamedTuple):
+    """Archives of ours read a time segment at a time (`archive_segments`)."""
+
+    windows: list[tuple[int, int]]  # each segment's [first, end) open times, in order
+    load: Callable[[int, int], dict[str, pd.DataFrame]]  # the pairs' candles in a window
+    total: int  # candles in the time range over all archives
+    first: int  # the first candle's open time
+    first_closes: dict[str, float]  # each archive's first close (its market's rules)
+
+
+def archive_segments(
+    paths: Mapping[str, Path],
+    rows: int,
+    timeframe: str,
+    start_ms: int | None,
+    end_ms: int | None,
+    chunk: int = DEFAULT_CHUNK_ROWS,
+) -> ArchiveSegments | None:
+    """Return how to read `paths` (archives of ours) `rows` candles of the timeframe at a time.
+
+    What goes to the signals runs from each archive's start up to the time range's end,
+    what is simulated is the time range's. None: an empty archive (the whole read reports
+    it), or none longer than one segment up to the range's end (worth reading whole).
+    """
+    files = {pair: archive_rows(path, None, None) for pair, path in paths.items()}
+    signalled = [archive_rows(path, None, end_ms)[0] for path in paths.values()]
+    if min(n for n, _, _ in files.values()) == 0 or max(signalled) <= rows:
+        return None
+    replayed = sum(archive_rows(path, start_ms, end_ms)[0] for path in paths.values())
+    first = min(at for _, at, _ in files.values())
+    end = max(last for _, _, last in files.values()) + 1
+    end = end if end_ms is None else min(end, end_ms)
+    span = rows * timeframe_to_ms(timeframe)
+
+    def load(lo: int, hi: int) -> dict[str, pd.DataFrame]:
+        frames = {pair: archive_range(path, lo, hi, chunk) for pair, path in paths.items()}
+        return {pair: frame for pair, frame in frames.items() if len(frame)}
+
+    closes = {  # each archive's first candle's, as the whole read's frames give
+        pair: float(archive_range(paths[pair], at, at + 1, chunk)["close"].iloc[0])
+        for pair, (_, at, _) in files.items()
+    }
+    windows = [(lo, min(lo + span, end)) for lo in range(first, end, span)]
+    return ArchiveSegments(windows, load, replayed, first, closes)
 
 
 def candle_source(settings: Settings, pair: str, timeframe: str, data: Path | None) -> Path:

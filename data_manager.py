@@ -60,9 +60,11 @@ from candle_frames import (
 )
 from candle_reader import CSV_HEADER, read_candles
 from candle_store import (
+    ArchiveSegments,
     CandleStore,
     archive_range,
     archive_rows,
+    archive_segments,
     export_csv,
     filename_to_pair,
     find_gaps,
@@ -85,6 +87,7 @@ __all__ = [
     "CSV_HEADER",
     "KLINE_LIMIT",
     "OHLCV",
+    "ArchiveSegments",
     "BackfillReport",
     "CandleAggregator",
     "CandleArrays",
@@ -97,6 +100,7 @@ __all__ = [
     "PairBackfill",
     "archive_range",
     "archive_rows",
+    "archive_segments",
     "arrays_to_frame",
     "backfill",
     "bucket_start",

@@ -286,11 +286,11 @@ class StandardRun:
 
     # -- the run ----------------------------------------------------------------------------
 
-    def run(self) -> StandardRun:
-        """Take every bar, in order; return self (read the results off it)."""
+    def run(self, start: int = 0) -> StandardRun:
+        """Take every bar from `start` on, in order; return self (read the results off it)."""
         n = len(self.ts)
         entries = np.flatnonzero(self.enter)
-        t = 0
+        t = start
         while t < n:
             if self.accelerate and self.pending is None:
                 if self.held is None:

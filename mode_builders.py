@@ -45,8 +45,7 @@ from daemon_state import RunState
 from data_manager import (
     CandleStore,
     DataManager,
-    archive_range,
-    archive_rows,
+    archive_segments,
     own_archives,
     replay_funding,
 )
@@ -284,29 +283,8 @@ def _segments(ctx: BuildContext, start_ms: int | None, end_ms: int | None) -> _S
     paths = own_archives(s, s.traded_pairs(), timeframe, args.data)
     if paths is None:
         return None
-    files = {pair: archive_rows(path, None, None) for pair, path in paths.items()}
-    # What goes to the signals (each archive up to the time range's end, from its start)
-    # and what is replayed (the time range's).
-    signalled = [archive_rows(path, None, end_ms)[0] for path in paths.values()]
-    if min(n for n, _, _ in files.values()) == 0 or max(signalled) <= rows:
-        return None  # an empty archive: the whole read reports it
-    replayed = sum(archive_rows(path, start_ms, end_ms)[0] for path in paths.values())
-    first = min(at for _, at, _ in files.values())
-    end = max(last for _, _, last in files.values()) + 1
-    end = end if end_ms is None else min(end, end_ms)
-    span = rows * timeframe_to_ms(timeframe)
-    chunk = s.storage.read_chunk_rows
-
-    def load(lo: int, hi: int) -> dict[str, pd.DataFrame]:
-        frames = {pair: archive_range(path, lo, hi, chunk) for pair, path in paths.items()}
-        return {pair: frame for pair, frame in frames.items() if len(frame)}
-
-    closes = {  # each archive's first candle's, as the whole read's frames give
-        pair: float(archive_range(paths[pair], at, at + 1, chunk)["close"].iloc[0])
-        for pair, (_, at, _) in files.items()
-    }
-    windows = [(lo, min(lo + span, end)) for lo in range(first, end, span)]
-    return _SegmentPlan(windows, load, replayed, first, closes)
+    plan = archive_segments(paths, rows, timeframe, start_ms, end_ms, s.storage.read_chunk_rows)
+    return None if plan is None else _SegmentPlan(*plan)
 
 
 async def build_paper(ctx: BuildContext, *, probe: bool = False) -> Components:

@@ -384,14 +384,20 @@ def _populated_rows(
     return bits, set_rows, names, values
 
 
-def replay_flags(strategy: Strategy, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def replay_flags(
+    strategy: Strategy, frame: pd.DataFrame, carry: KernelCarry | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the rows a flat long enters on and those that close a held long (the replay's).
 
     The flags of `PrecomputedSignals` over the whole frame (none before the warm-up): an
     entry is `enter_long`; an exit `exit_long` or `enter_short` (`decide_signal`). The fast
-    paths take their decisions on these.
+    paths take their decisions on these. With `carry` (a segmentable strategy's), the frame
+    goes on from the segments that carry took before, as a segmented replay's does.
     """
-    if (
+    if carry is not None:
+        assert isinstance(strategy, KernelStrategy)
+        bits = _kernel_rows(strategy, frame, carry)[0]
+    elif (
         PrecomputedSignals.segmentable(strategy)
         and type(strategy).entries_exits is KernelStrategy.entries_exits
     ):

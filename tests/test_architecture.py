@@ -68,6 +68,7 @@ OWNER: dict[str, str] = {
     "fast_kernels": "trade_simulator",
     "fast_standard": "trade_simulator",
     "fast_portfolio": "trade_simulator",
+    "fast_segments": "trade_simulator",
     "sim_perpetuals": "trade_simulator",
     "optimization_scoring": "parameter_optimization",
     "search_space": "parameter_optimization",

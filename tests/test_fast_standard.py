@@ -454,30 +454,6 @@ async def test_an_exit_under_the_minimum_notional_is_refused_as_in_the_replay(
     _assert_same(summary, curve, fast)
 
 
-def test_a_long_archive_and_a_duration_go_to_the_replay(tmp_path: Path) -> None:
-    """An archive the replay streams a segment at a time, or a --duration: the replay runs."""
-    from config import Settings
-    from tests.test_backtest_support import cli_args
-
-    store = CandleStore(tmp_path / "data", "bybit")
-    store.append(PAIR, "1m", _walk(3000, 2, start=100.0, sigma=0.003, gap=0.0, grid=True))
-    path = str(store.path(PAIR, "1m"))
-    settings = load_settings(env_file=None)
-    segmented = Settings.model_validate(
-        {
-            **settings.model_dump(),
-            "storage": {**settings.storage.model_dump(), "replay_segment_rows": 1000},
-        }
-    )
-    args = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR)
-    assert fast_engine_blockers(settings, args) == []
-    assert any("replay_segment_rows" in r for r in fast_engine_blockers(segmented, args))
-    forced = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--engine", "fast")
-    assert fast_engine_blockers(segmented, forced) == []  # insisted on: it holds it whole
-    timed = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--duration", "5")
-    assert any("--duration" in r for r in fast_engine_blockers(settings, timed))
-
-
 def test_an_archive_with_a_refused_candle_runs_on_the_replay(tmp_path: Path) -> None:
     """A damaged archive of ours (a high under the open): auto runs the replay, which refuses it."""
     import pyarrow.parquet as pq

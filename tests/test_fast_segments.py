@@ -1,0 +1,201 @@
+"""A long archive's standard-profile fast path, a segment at a time: the whole run's result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from backtest_fast import backtest_window, fast_engine_blockers
+from candle_store import CandleStore
+from config import Settings, load_settings
+from fast_path import BacktestResult
+from fast_segments import run_standard_segments
+from signal_sources import replay_flags
+from strategy import load_strategy
+from tests.test_backtest_support import cli_args, run_cli
+from tests.test_fast_standard import PAIR, _fast, _walk
+
+
+def _segmented(
+    df: pd.DataFrame,
+    rows: int,
+    *,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    fill_at: str = "next_open",
+    read: list[int] | None = None,
+) -> BacktestResult:
+    # `df` handed over `rows` minutes at a time, as `archive_segments` cuts an archive.
+    s = load_settings(env_file=None)
+    ts = df.index.asi8
+    end = int(ts[-1]) + 1 if end_ms is None else min(int(ts[-1]) + 1, end_ms)
+    windows = [(lo, min(lo + rows * 60_000, end)) for lo in range(int(ts[0]), end, rows * 60_000)]
+
+    def segments() -> Iterator[pd.DataFrame]:
+        for lo, hi in windows:
+            part = df[(ts >= lo) & (ts < hi)]
+            if read is not None:
+                read.append(len(part))
+            yield part
+
+    kept = np.ones(len(ts), dtype=bool)
+    if start_ms is not None:
+        kept &= ts >= start_ms
+    if end_ms is not None:
+        kept &= ts < end_ms
+    strategy = load_strategy("sma_cross", {"fast": 10, "slow": 30})
+    carry = strategy.carry()  # type: ignore[attr-defined]
+    return run_standard_segments(
+        strategy,
+        segments(),
+        lambda frame: replay_flags(strategy, frame, carry),
+        total=int(kept.sum()),
+        pair=PAIR,
+        timeframe="1m",
+        risk=s.risk,
+        window=backtest_window(s),
+        starting_balance=s.simulation.starting_balance,
+        taker_fee=s.simulation.taker_fee,
+        slippage_bps=s.simulation.slippage_bps,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        fill_at=fill_at,
+    )
+
+
+def _assert_same(whole: BacktestResult, part: BacktestResult) -> None:
+    # The whole summary; the curve to float rounding (the numba pass stops at a segment's
+    # end, so a bar it would have taken is taken in Decimal: 1e-13).
+    assert part.summary() == whole.summary()
+    assert np.array_equal(part.ts, whole.ts)
+    np.testing.assert_allclose(part.equity, whole.equity, rtol=1e-13, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1_500, 12_000),
+    start=st.sampled_from([0.5, 97.0, 30_000.0]),
+    sigma=st.sampled_from([0.0007, 0.002, 0.006]),
+    grid=st.booleans(),
+    rows=st.sampled_from([40, 299, 300, 301, 1_000, 4_096]),
+    cut=st.tuples(st.none() | st.floats(0.0, 0.5), st.none() | st.floats(0.5, 1.0)),
+    fill_at=st.sampled_from(["next_open", "close"]),
+)
+def test_segments_give_the_whole_archives_result(
+    seed: int,
+    n: int,
+    start: float,
+    sigma: float,
+    grid: bool,
+    rows: int,
+    cut: tuple[float | None, float | None],
+    fill_at: str,
+) -> None:
+    """Any segment length (under, at and over the data window), time range and fill rule."""
+    df = _walk(n, seed, start=start, sigma=sigma, gap=0.0005, grid=grid)
+    ts = df.index.asi8
+    lo, hi = (None if x is None else int(ts[min(int(x * n), n - 1)]) for x in cut)
+    assume(lo is None or hi is None or lo < hi)  # an empty range: the replay's to refuse
+    read: list[int] = []
+    part = _segmented(df, rows, start_ms=lo, end_ms=hi, fill_at=fill_at, read=read)
+    params = {"fast": 10.0, "slow": 30.0}
+    whole = _fast(df, "sma_cross", params, start_ms=lo, end_ms=hi, fill_at=fill_at)
+    assert max(read) <= rows
+    assert sum(read) == (n if hi is None else int((ts < hi).sum()))  # each row read once
+    _assert_same(whole, part)
+
+
+def test_a_position_held_across_many_segments_keeps_its_stop() -> None:
+    """Segments shorter than a position's life: the stop trails on through every boundary."""
+    df = _walk(20_000, 3, start=97.0, sigma=0.0007, gap=0.0, grid=True)
+    whole = _fast(df, "sma_cross", {"fast": 10, "slow": 30})
+    part = _segmented(df, 40)
+    stops = [r for r in whole.table["reason"] if str(r).startswith("stop-loss")]
+    assert len(stops) > 20  # stops that trailed across segment ends
+    _assert_same(whole, part)
+
+
+def _long_archive(tmp_path: Path, n: int = 6_000) -> str:
+    store = CandleStore(tmp_path / "data", "bybit")
+    store.append(PAIR, "1m", _walk(n, 2, start=100.0, sigma=0.003, gap=0.0, grid=True))
+    return str(store.path(PAIR, "1m"))
+
+
+def test_only_one_standard_pair_reads_a_long_archive_on_the_fast_path(tmp_path: Path) -> None:
+    """All in, several pairs, a --duration: still the replay's; one standard pair: not."""
+    path = _long_archive(tmp_path, 3_000)
+    base = load_settings(env_file=None)
+
+    def with_(**sections: dict[str, Any]) -> Settings:
+        dump = base.model_dump()
+        for name, values in {"storage": {"replay_segment_rows": 1_000}, **sections}.items():
+            dump[name] = {**dump[name], **values}
+        return Settings.model_validate(dump)
+
+    args = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR)
+    assert fast_engine_blockers(with_(), args) == []
+    all_in = fast_engine_blockers(with_(risk={"profile": "all_in"}), args)
+    assert any("replay_segment_rows" in r for r in all_in)
+    forced = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--engine", "fast")
+    assert fast_engine_blockers(with_(risk={"profile": "all_in"}), forced) == []  # held whole
+    timed = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--duration", "5")
+    assert any("--duration" in r for r in fast_engine_blockers(base, timed))
+
+
+@pytest.mark.parametrize("extra", [(), ("--timerange", "20240301-20240303")])
+def test_the_cli_reads_a_long_archive_a_segment_at_a_time_with_the_replays_summary(
+    tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """`--engine auto` on the fast path, segmented, against the segmented replay: equal."""
+    path = _long_archive(tmp_path)
+    cli = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=10"]
+    cli += ["--param", "slow=30", "--pairs", PAIR, "--timeframe", "1m", "--data", path, *extra]
+    env = {"KESTREL_STORAGE__REPLAY_SEGMENT_ROWS": "1000"}
+    runs = {}
+    for engine in ("auto", "replay"):
+        (tmp_path / engine).mkdir()
+        runs[engine] = run_cli(tmp_path / engine, *cli, "--engine", engine, env=env)
+    (tmp_path / "whole").mkdir()
+    whole = run_cli(tmp_path / "whole", *cli, env={"KESTREL_STORAGE__REPLAY_SEGMENT_ROWS": "0"})
+    auto, replay = runs["auto"], runs["replay"]
+    assert "prepare_s" not in auto["timings"]  # the replay's own phase: not run
+    assert "prepare_s" in replay["timings"]
+    for summary in (auto, replay, whole):
+        summary.pop("timings")
+    assert auto["n_trades"] > 20
+    assert auto == replay
+    assert auto == whole
+
+
+def test_a_refused_candle_in_a_later_segment_sends_the_run_to_the_replay(tmp_path: Path) -> None:
+    """The fast path stops at the segment that holds it; the replay gives the summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = CandleStore(tmp_path / "data", "bybit")
+    store.append(PAIR, "1m", _walk(5_000, 4, start=100.0, sigma=0.003, gap=0.0, grid=True))
+    path = store.path(PAIR, "1m")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    frame.loc[4_200, "high"] = frame["open"].iloc[4_200] * 0.99  # a high under the open
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).cast(table.schema), path)
+    cli = ["--mode", "backtest", "--strategy", "sma_cross", "--pairs", PAIR, "--timeframe", "1m"]
+    cli += ["--data", str(path)]
+    env = {"KESTREL_STORAGE__REPLAY_SEGMENT_ROWS": "1000"}
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "replay").mkdir()
+    auto = run_cli(tmp_path / "auto", *cli, env=env)
+    replay = run_cli(tmp_path / "replay", *cli, "--engine", "replay", env=env)
+    assert "prepare_s" in auto["timings"]  # went to the replay
+    auto.pop("timings")
+    replay.pop("timings")
+    assert auto == replay
+    assert auto["candles"] == 5_000 - 1
