@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,7 +102,7 @@ def _run_blockers(s: Settings, args: argparse.Namespace) -> list[str]:
         reasons.append(
             "an archive longer than storage.replay_segment_rows: the replay streams it a"
             " segment at a time in flat memory, the fast path would hold it whole (it reads"
-            " one pair's a segment at a time only under the standard profile)"
+            " archives a segment at a time only under the standard profile)"
         )
     return reasons
 
@@ -117,14 +117,12 @@ def _streamed(s: Settings, args: argparse.Namespace) -> bool:
 
 
 def _segmentable(s: Settings) -> bool:
-    # Whether the fast path reads a long archive a segment at a time (`fast_segments`): one
-    # pair under the standard profile, its strategy's kernel carried from segment to segment.
+    # Whether the fast path reads long archives a segment at a time (`fast_segments`): the
+    # standard profile, its strategy's kernel carried from segment to segment.
     from signal_sources import PrecomputedSignals
 
-    return (
-        len(s.traded_pairs()) == 1
-        and s.risk.profile == "standard"
-        and PrecomputedSignals.segmentable(load_strategy(s.strategy.name, s.strategy.params))
+    return s.risk.profile == "standard" and PrecomputedSignals.segmentable(
+        load_strategy(s.strategy.name, s.strategy.params)
     )
 
 
@@ -162,8 +160,6 @@ def fast_backtest_run(
     protective stop under the minimum notional), or the fast path failed; with `forced`
     (`--engine fast`) those raise instead.
     """
-    from trade_simulator import unsupported
-
     start_ms, end_ms = None, None
     if args.timerange:
         try:
@@ -186,15 +182,10 @@ def fast_backtest_run(
     # cyclic collector's generations, as the daemon keeps its start-up heap (`Daemon`), so
     # neither the run's collections nor the interpreter's exit walk it (0.4 s at exit).
     gc.freeze()
-    try:
-        result = _fast_run(strategy, frames, s, args, (start_ms, end_ms))
-    except Exception as e:
-        if forced:
-            raise
-        if unsupported(e):
-            log.info("backtest_fast_path_left", reason=str(e))
-        else:  # a fault of the fast path: the replay still gives the run its answer
-            log.exception("backtest_fast_path_failed")
+    result = _guarded(
+        lambda: _fast_run(strategy, frames, s, args, (start_ms, end_ms)), forced=forced
+    )
+    if result is None:
         return None
     # The report draws the whole archives' closes, as the replay's does.
     step = timeframe_to_ms(s.strategy.timeframe)
@@ -211,53 +202,66 @@ def _segmented_run(
     *,
     forced: bool,
 ) -> BacktestResult | None:
-    # One pair's long archive a segment at a time (`fast_segments`); None: the replay runs.
-    from trade_simulator import run_standard_segments, unsupported
+    # Long archives a time segment at a time (`fast_segments`); None: the replay runs.
+    from signal_sources import replay_flags
+    from trade_simulator import SegmentRules, run_segments
 
-    read = [time.perf_counter() - started]  # the seconds spent reading the archive
+    read = [time.perf_counter() - started]  # the seconds spent reading the archives
 
-    def segments() -> Iterator[pd.DataFrame]:
+    def segments() -> Iterator[dict[str, pd.DataFrame]]:
         for lo, hi in plan.windows:
             begun = time.perf_counter()
             frames = plan.load(lo, hi)
             read[0] += time.perf_counter() - begun
-            yield from frames.values()
-
-    from signal_sources import replay_flags
+            yield frames
 
     strategy = load_strategy(s.strategy.name, s.strategy.params)
     assert isinstance(strategy, KernelStrategy)  # `_segmentable`
-    carry = strategy.carry()
+    carries = {pair: strategy.carry() for pair in plan.first_closes}
+    rules = SegmentRules(
+        strategy,
+        s.strategy.timeframe,
+        s.risk,
+        backtest_window(s),
+        s.simulation.starting_balance,
+        s.simulation.taker_fee,
+        s.simulation.slippage_bps,
+        returns_window=s.risk.correlation_window,
+        start_ms=timerange[0],
+        end_ms=timerange[1],
+        fill_at=s.simulation.fill_at,
+    )
     gc.freeze()  # as `fast_backtest_run`
     try:
-        result = run_standard_segments(
-            strategy,
-            segments(),
-            lambda frame: replay_flags(strategy, frame, carry),
-            total=plan.total,
-            pair=s.traded_pairs()[0],
-            timeframe=s.strategy.timeframe,
-            risk=s.risk,
-            window=backtest_window(s),
-            starting_balance=s.simulation.starting_balance,
-            taker_fee=s.simulation.taker_fee,
-            slippage_bps=s.simulation.slippage_bps,
-            start_ms=timerange[0],
-            end_ms=timerange[1],
-            fill_at=s.simulation.fill_at,
-            defect=archive_defect,
+        return _guarded(
+            lambda: run_segments(
+                rules,
+                segments(),
+                lambda pair, frame: replay_flags(strategy, frame, carries[pair]),
+                first_closes=plan.first_closes,
+                defect=archive_defect,
+            ),
+            forced=forced,
         )
+    finally:
+        timings["load_s"] = read[0]
+
+
+def _guarded(run: Callable[[], BacktestResult], *, forced: bool) -> BacktestResult | None:
+    # `run`'s result; None where it met what only the replay models, or failed (logged).
+    # Insisted on (`--engine fast`), those raise.
+    from trade_simulator import unsupported
+
+    try:
+        return run()
     except Exception as e:
         if forced:
             raise
         if unsupported(e):
             log.info("backtest_fast_path_left", reason=str(e))
-        else:
+        else:  # a fault of the fast path: the replay still gives the run its answer
             log.exception("backtest_fast_path_failed")
         return None
-    finally:
-        timings["load_s"] = read[0]
-    return result
 
 
 def _fast_run(

@@ -15,7 +15,7 @@ pairs included), so the candles after it in the same close see the account it le
 from __future__ import annotations
 
 import decimal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -104,14 +104,26 @@ class PortfolioRun:
 
     # -- the run ----------------------------------------------------------------------------
 
-    def run(self) -> PortfolioRun:
-        """Take every pair's candles in (open time, pair) order; return self."""
+    def run(self, starts: Mapping[str, int] | None = None) -> PortfolioRun:
+        """Take every pair's candles in (open time, pair) order; return self.
+
+        `starts`: each pair's first row to take (`fast_segments`: a segment's new rows;
+        a pair left out has none); None: every row.
+        """
         books = list(self.books.values())  # by pair name: the replay's order at one time
-        ts = np.concatenate([book.ts for book in books])
-        which = np.concatenate([np.full(len(b.ts), k, dtype=np.int64) for k, b in enumerate(books)])
-        at = np.concatenate([np.arange(len(b.ts), dtype=np.int64) for b in books])
+        first = [0 if starts is None else starts.get(b.pair, len(b.ts)) for b in books]
+        ts = np.concatenate([book.ts[k:] for book, k in zip(books, first, strict=True)])
+        which = np.concatenate(
+            [
+                np.full(len(b.ts) - k, i, dtype=np.int64)
+                for i, (b, k) in enumerate(zip(books, first, strict=True))
+            ]
+        )
+        at = np.concatenate(
+            [np.arange(k, len(b.ts), dtype=np.int64) for b, k in zip(books, first, strict=True)]
+        )
         order = np.lexsort((which, ts))
-        self.candles = len(order)
+        self.candles += len(order)
         entries = [book.enter.tolist() for book in books]
         step = self.step
         curve_ts, curve, breakers = self.curve_ts, self.curve, self.breakers

@@ -1,28 +1,34 @@
-"""The standard-profile fast path over an archive too long to hold: a segment at a time.
+"""The standard-profile fast path over archives too long to hold: a time segment at a time.
 
-Part of `trade_simulator` (through `backtest_fast`). A one-pair archive of ours longer than
-`storage.replay_segment_rows` candles is read a time segment at a time, as the replay's
-segmented run reads it (`mode_builders.archive_segments`):
+Part of `trade_simulator` (through `backtest_fast`). Archives of ours longer than
+`storage.replay_segment_rows` candles are read a time segment at a time, as the replay's
+segmented run reads them (`candle_store.archive_segments`):
 
-* each segment's flags come from the strategy's kernel carried on from the last segment
-  (the caller's: `signal_sources.replay_flags` with a carry), which gives one pass's rows;
-* one `fast_standard.StandardRun` goes on over the segments. Of the last segment's rows it
-  keeps only the data window, all its ATR and returns ever read: its state (cash, the
-  position and stop, the working order, the breakers, the risk manager) simply carries on;
-* the curve goes into arrays sized once for the whole span, 16 bytes a candle.
+* each pair's flags come from the strategy's kernel carried on from its last segment (the
+  caller's `flags_of`: `signal_sources.replay_flags` with the pair's carry), which gives
+  one pass's rows;
+* each pair's `fast_standard.StandardRun` book goes on over the segments (`go_on`): of the
+  last segment's rows it keeps only the data window, all its ATR and returns ever read,
+  and its state (the position and its stop, the working order) simply carries on;
+* one pair runs alone (`StandardRun.run`), several share the account
+  (`fast_portfolio.PortfolioRun`, whose cash, breakers and risk manager carry on too);
+* the curve goes into arrays, 16 bytes a point; nothing else grows with the span.
 
-Nothing else grows with the span. The result is `run_standard`'s over the whole archive,
+The result is `run_standard`'s (one pair) or `run_portfolio`'s over the whole archives,
 field for field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fast_path import BacktestResult, _Bars
+from fast_portfolio import PortfolioRun
+from fast_portfolio import _result as _portfolio_result
 from fast_standard import (
     BarAtr,
     BarReturns,
@@ -48,136 +54,111 @@ if TYPE_CHECKING:
 Flags = tuple[np.ndarray, np.ndarray]
 
 
-def run_standard_segments(
-    strategy: Strategy,
-    segments: Iterable[pd.DataFrame],
-    flags_of: Callable[[pd.DataFrame], Flags],
+@dataclasses.dataclass(frozen=True, slots=True)
+class SegmentRules:
+    """What a segmented run's books are built with (`run_standard`'s arguments)."""
+
+    strategy: Strategy
+    timeframe: str
+    risk: RiskSettings
+    window: int  # the data window's capacity
+    starting_balance: float
+    taker_fee: float
+    slippage_bps: float
+    returns_window: int = 0  # several pairs: the correlation window
+    start_ms: int | None = None
+    end_ms: int | None = None
+    fill_at: str = "next_open"
+
+    def book(self, pair: str, first_close: float, *, alone: bool) -> StandardRun:
+        """Return `pair`'s book before its first row (its market from its first close)."""
+        empty = np.empty(0, dtype=np.float64)
+        never = np.zeros(0, dtype=np.bool_)
+        return StandardRun(
+            (np.empty(0, dtype=np.int64), empty, empty, empty, empty),
+            (never, never),
+            risk=self.risk,
+            market=sim_market(pair, first_close),
+            pair=pair,
+            step=timeframe_to_ms(self.timeframe),
+            strategy_name=self.strategy.name,
+            tag=strategy_tag(self.strategy.describe()),
+            starting_balance=self.starting_balance,
+            taker_fee=self.taker_fee,
+            slippage_bps=self.slippage_bps,
+            window=self.window,
+            timeframe=self.timeframe,
+            fill_close=self.fill_at == "close",
+            accelerate=alone,  # the numba pass holds one pair's account
+        )
+
+
+def run_segments(
+    rules: SegmentRules,
+    segments: Iterable[Mapping[str, pd.DataFrame]],
+    flags_of: Callable[[str, pd.DataFrame], Flags],
     *,
-    total: int,
-    pair: str,
-    timeframe: str,
-    risk: RiskSettings,
-    window: int,
-    starting_balance: float,
-    taker_fee: float,
-    slippage_bps: float,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    fill_at: str = "next_open",
+    first_closes: Mapping[str, float],
     defect: Callable[[pd.DataFrame], str | None] | None = None,
 ) -> BacktestResult:
-    """Run `run_standard` over a pair's archive given as consecutive time segments.
+    """Run the standard-profile fast path over archives given as consecutive time segments.
 
-    `segments`: the archive's frames in time order, the first starting at its first
-    candle (its market's rules come from that close), read one at a time; `flags_of`: a
-    segment's entry and exit flags over its rows, going on from the segments before it
-    (`signal_sources.replay_flags` with the strategy's carry); `total`: the
-    candles in [start_ms, end_ms) over all of them (the curve's length). `defect` names
-    what in a segment the replay would refuse: the run stops there and raises an error
-    `unsupported` recognises, as for any path it does not model.
+    `segments`: each time segment's frames by pair, in time order (a pair without candles
+    in one may be left out); `flags_of`: a pair's entry and exit flags over a segment's
+    rows, going on from its segments before; `first_closes`: each pair's archive's first
+    close (its market's rules), in the settings' order. `defect` names what in a segment
+    the replay would refuse: the run stops there and raises an error `unsupported`
+    recognises, as for any path it does not model.
     """
-
-    def first_run(columns: tuple[np.ndarray, ...], flags: Flags, close: float) -> StandardRun:
-        # `book_of`'s run, its market from the archive's first close.
-        return StandardRun(
-            columns,  # type: ignore[arg-type]
-            flags,
-            risk=risk,
-            market=sim_market(pair, close),
-            pair=pair,
-            step=timeframe_to_ms(timeframe),
-            strategy_name=strategy.name,
-            tag=strategy_tag(strategy.describe()),
-            starting_balance=starting_balance,
-            taker_fee=taker_fee,
-            slippage_bps=slippage_bps,
-            window=window,
-            timeframe=timeframe,
-            fill_close=fill_at == "close",
+    alone = len(first_closes) == 1
+    books = {p: rules.book(p, close, alone=alone) for p, close in first_closes.items()}
+    account = None
+    if not alone:
+        account = PortfolioRun(
+            list(books.values()),
+            risk=rules.risk,
+            timeframe=rules.timeframe,
+            starting_balance=rules.starting_balance,
+            returns_window=rules.returns_window,
         )
-
-    curve = _Curve(total)
-    run: StandardRun | None = None
-    first_close: float | None = None
-    for frame in segments:
-        if first_close is None:
-            first_close = float(frame["close"].iloc[0])
-        reason = defect(frame) if defect is not None else None
-        if reason is not None:
-            raise _Unsupported(reason)
-        enter, exit_ = flags_of(frame)
-        bars = _Bars.of(frame, timeframe, start_ms, end_ms)
-        if bars.n == 0:
-            continue
-        rows = slice(bars.first, bars.last)
-        columns = (
-            bars.ts - bars.step,
-            *(np.ascontiguousarray(frame[k].to_numpy(np.float64))[rows] for k in ("open", "high")),
-            bars.lows,
-            bars.closes,
-        )
-        flags = (enter[rows], exit_[rows])
-        if run is None:
-            run, start = first_run(columns, flags, first_close), 0
-        else:
-            start = go_on(run, columns, flags)
-        run.run(start)
-        curve.add(bars.ts, run.equity[start:])
-    if run is None:
+    curve = _Curve()
+    for frames in segments:
+        starts = {}
+        for pair, frame in frames.items():
+            reason = defect(frame) if defect is not None else None
+            if reason is not None:
+                raise _Unsupported(reason)
+            start = _take(rules, books[pair], frame, flags_of(pair, frame))
+            if start is not None:
+                starts[pair] = start
+        if account is not None:
+            account.run(starts)
+            curve.add_portfolio(account)
+        elif starts:
+            ((pair, start),) = starts.items()
+            book = books[pair].run(start)
+            curve.add(book.ts[start:] + book.step, book.equity[start:])
+    if account is not None:
+        return _of_portfolio(account, rules, tuple(first_closes), curve)
+    ((book,),) = (books.values(),)
+    if not len(book.ts):
         raise _Unsupported("no candles in the time range")
-    if curve.done != total:
-        raise _Unsupported("the archive changed while it was read")
-    return _result(run, strategy, curve, timeframe, starting_balance)
+    return _of_one(book, rules, curve)
 
 
-class _Curve:
-    """The equity curve over the whole span, written a segment at a time."""
-
-    def __init__(self, total: int) -> None:
-        self.ts = np.empty(total, dtype=np.int64)
-        self.equity = np.empty(total, dtype=np.float64)
-        self.done = 0
-
-    def add(self, ts: np.ndarray, equity: np.ndarray) -> None:
-        """Append a segment's close times and equity."""
-        done, n = self.done, len(ts)
-        if done + n > len(self.ts):
-            raise _Unsupported("the archive grew while it was read")
-        self.ts[done : done + n] = ts
-        self.equity[done : done + n] = equity
-        self.done = done + n
-
-
-def _result(
-    run: StandardRun,
-    strategy: Strategy,
-    curve: _Curve,
-    timeframe: str,
-    starting_balance: float,
-) -> BacktestResult:
-    # `run_standard`'s result.
-    trips, spans = _report(run)
-    return BacktestResult(
-        strategy=strategy.describe(),
-        pairs=(run.pair,),
-        timeframe=timeframe,
-        starting_balance=float(starting_balance),
-        ts=curve.ts,
-        equity=curve.equity,
-        table=_table(run.trades, run.pair),
-        final_equity=float(_final_equity(run)),
-        fees=float(run.fees),
-        candles=curve.done,
-        open_positions=_open_position(run),
-        prices={},  # drawn by the HTML report only, which a segmented run does not write
-        signals=run.signals,
-        vetoes=run.vetoes,
-        rejections=run.rejections,
-        realised_pnl=float(run.realised),
-        breaker_trips=trips,
-        trading_spans=spans,
-        max_drawdown_exact=run.max_dd,
+def _take(rules: SegmentRules, book: StandardRun, frame: pd.DataFrame, flags: Flags) -> int | None:
+    # The segment's rows in the time range onto `book`; the first new row (None: none).
+    bars = _Bars.of(frame, rules.timeframe, rules.start_ms, rules.end_ms)
+    if bars.n == 0:
+        return None
+    rows = slice(bars.first, bars.last)
+    columns = (
+        bars.ts - bars.step,
+        *(np.ascontiguousarray(frame[k].to_numpy(np.float64))[rows] for k in ("open", "high")),
+        bars.lows,
+        bars.closes,
     )
+    return go_on(book, columns, (flags[0][rows], flags[1][rows]))
 
 
 def go_on(run: StandardRun, columns: tuple[np.ndarray, ...], flags: Flags) -> int:
@@ -194,7 +175,72 @@ def go_on(run: StandardRun, columns: tuple[np.ndarray, ...], flags: Flags) -> in
     run.equity = np.empty(len(run.ts), dtype=np.float64)
     run.atrs = BarAtr(run.h, run.l, run.c, run.risk.atr_period, run.window)
     run.returns = BarReturns(run.pair, run.c, run.window)
+    run.at = run.at - cut if run.at >= cut else -1  # the last row the account took
     return keep
 
 
-__all__ = ["go_on", "run_standard_segments"]
+class _Curve:
+    """The equity curve over the whole span, taken a segment at a time."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, ts: np.ndarray, equity: np.ndarray) -> None:
+        """Append a segment's close times and equity."""
+        self.parts.append((np.array(ts, dtype=np.int64), np.array(equity, dtype=np.float64)))
+
+    def add_portfolio(self, account: PortfolioRun) -> None:
+        """Take the account's points so far but its last (a later candle may update it)."""
+        ts, values = account.curve_ts, account.curve
+        if len(ts) > 1:
+            self.add(np.array(ts[:-1]), np.array(values[:-1]))
+            del ts[:-1], values[:-1]
+
+    def arrays(self, tail: tuple[list[int], list[float]] = ([], [])) -> tuple[np.ndarray, ...]:
+        """Return the close times and equity, the `tail` points after the parts."""
+        self.add(np.array(tail[0], dtype=np.int64), np.array(tail[1], dtype=np.float64))
+        ts = np.concatenate([p[0] for p in self.parts])
+        equity = np.concatenate([p[1] for p in self.parts])
+        self.parts = []
+        return ts, equity
+
+
+def _of_one(book: StandardRun, rules: SegmentRules, curve: _Curve) -> BacktestResult:
+    # `run_standard`'s result.
+    trips, spans = _report(book)
+    ts, equity = curve.arrays()
+    return BacktestResult(
+        strategy=rules.strategy.describe(),
+        pairs=(book.pair,),
+        timeframe=rules.timeframe,
+        starting_balance=float(rules.starting_balance),
+        ts=ts,
+        equity=equity,
+        table=_table(book.trades, book.pair),
+        final_equity=float(_final_equity(book)),
+        fees=float(book.fees),
+        candles=len(ts),
+        open_positions=_open_position(book),
+        prices={},  # drawn by the HTML report only, which a segmented run does not write
+        signals=book.signals,
+        vetoes=book.vetoes,
+        rejections=book.rejections,
+        realised_pnl=float(book.realised),
+        breaker_trips=trips,
+        trading_spans=spans,
+        max_drawdown_exact=book.max_dd,
+    )
+
+
+def _of_portfolio(
+    account: PortfolioRun, rules: SegmentRules, pairs: tuple[str, ...], curve: _Curve
+) -> BacktestResult:
+    # `run_portfolio`'s result.
+    ts, equity = curve.arrays((account.curve_ts, account.curve))
+    account.curve_ts, account.curve = [], []
+    result = _portfolio_result(account, rules.strategy, rules.timeframe, rules.starting_balance,
+                               pairs)  # fmt: skip
+    return dataclasses.replace(result, ts=ts, equity=equity, prices={})
+
+
+__all__ = ["SegmentRules", "go_on", "run_segments"]

@@ -15,7 +15,7 @@ here, so `from trade_simulator import X` works for all of them:
   `result_from_summary`, `infer_timeframe`.
 * `fast_standard`: `run_standard`, `standard_blockers`, `unsupported` (the fast path under
   the standard risk profile); `fast_portfolio`: `run_portfolio` (its several pairs);
-  `fast_segments`: `run_standard_segments` (one pair's long archive a segment at a time).
+  `fast_segments`: `run_segments` (either over long archives, a time segment at a time).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from fast_path import infer_timeframe as infer_timeframe
 from fast_path import result_from_summary as result_from_summary
 from fast_path import run_fast as run_fast
 from fast_portfolio import run_portfolio as run_portfolio
-from fast_segments import run_standard_segments as run_standard_segments
+from fast_segments import SegmentRules as SegmentRules
+from fast_segments import run_segments as run_segments
 from fast_standard import run_standard as run_standard
 from fast_standard import standard_blockers as standard_blockers
 from fast_standard import unsupported as unsupported

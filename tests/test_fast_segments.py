@@ -9,64 +9,66 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from backtest_fast import backtest_window, fast_engine_blockers
 from candle_store import CandleStore
 from config import Settings, load_settings
 from fast_path import BacktestResult
-from fast_segments import run_standard_segments
+from fast_portfolio import run_portfolio
+from fast_segments import SegmentRules, run_segments
 from signal_sources import replay_flags
 from strategy import load_strategy
 from tests.test_backtest_support import cli_args, run_cli
-from tests.test_fast_standard import PAIR, _fast, _walk
+from tests.test_fast_standard import PAIR, _fast, _store_pairs, _walk
+
+
+def _rules(params: dict[str, float], **kwargs: Any) -> SegmentRules:
+    s = load_settings(env_file=None)
+    return SegmentRules(
+        load_strategy("sma_cross", params),
+        "1m",
+        s.risk,
+        backtest_window(s),
+        s.simulation.starting_balance,
+        s.simulation.taker_fee,
+        s.simulation.slippage_bps,
+        returns_window=s.risk.correlation_window,
+        **kwargs,
+    )
 
 
 def _segmented(
-    df: pd.DataFrame,
+    frames: dict[str, pd.DataFrame],
     rows: int,
+    params: dict[str, float],
     *,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    fill_at: str = "next_open",
     read: list[int] | None = None,
+    **kwargs: Any,
 ) -> BacktestResult:
-    # `df` handed over `rows` minutes at a time, as `archive_segments` cuts an archive.
-    s = load_settings(env_file=None)
-    ts = df.index.asi8
-    end = int(ts[-1]) + 1 if end_ms is None else min(int(ts[-1]) + 1, end_ms)
-    windows = [(lo, min(lo + rows * 60_000, end)) for lo in range(int(ts[0]), end, rows * 60_000)]
+    # The archives handed over `rows` minutes at a time, as `archive_segments` cuts them.
+    rules = _rules(params, **kwargs)
+    times = {pair: frame.index.asi8 for pair, frame in frames.items()}
+    first = min(int(ts[0]) for ts in times.values())
+    end = max(int(ts[-1]) for ts in times.values()) + 1
+    end = end if rules.end_ms is None else min(end, rules.end_ms)
+    span = rows * 60_000
 
-    def segments() -> Iterator[pd.DataFrame]:
-        for lo, hi in windows:
-            part = df[(ts >= lo) & (ts < hi)]
+    def segments() -> Iterator[dict[str, pd.DataFrame]]:
+        for lo in range(first, end, span):
+            hi = min(lo + span, end)
+            parts = {p: f[(times[p] >= lo) & (times[p] < hi)] for p, f in frames.items()}
             if read is not None:
-                read.append(len(part))
-            yield part
+                read.extend(len(part) for part in parts.values())
+            yield {pair: part for pair, part in parts.items() if len(part)}
 
-    kept = np.ones(len(ts), dtype=bool)
-    if start_ms is not None:
-        kept &= ts >= start_ms
-    if end_ms is not None:
-        kept &= ts < end_ms
-    strategy = load_strategy("sma_cross", {"fast": 10, "slow": 30})
-    carry = strategy.carry()  # type: ignore[attr-defined]
-    return run_standard_segments(
-        strategy,
+    carries = {pair: rules.strategy.carry() for pair in frames}  # type: ignore[attr-defined]
+    return run_segments(
+        rules,
         segments(),
-        lambda frame: replay_flags(strategy, frame, carry),
-        total=int(kept.sum()),
-        pair=PAIR,
-        timeframe="1m",
-        risk=s.risk,
-        window=backtest_window(s),
-        starting_balance=s.simulation.starting_balance,
-        taker_fee=s.simulation.taker_fee,
-        slippage_bps=s.simulation.slippage_bps,
-        start_ms=start_ms,
-        end_ms=end_ms,
-        fill_at=fill_at,
+        lambda pair, frame: replay_flags(rules.strategy, frame, carries[pair]),
+        first_closes={pair: float(frame["close"].iloc[0]) for pair, frame in frames.items()},
     )
 
 
@@ -105,8 +107,8 @@ def test_segments_give_the_whole_archives_result(
     lo, hi = (None if x is None else int(ts[min(int(x * n), n - 1)]) for x in cut)
     assume(lo is None or hi is None or lo < hi)  # an empty range: the replay's to refuse
     read: list[int] = []
-    part = _segmented(df, rows, start_ms=lo, end_ms=hi, fill_at=fill_at, read=read)
     params = {"fast": 10.0, "slow": 30.0}
+    part = _segmented({PAIR: df}, rows, params, start_ms=lo, end_ms=hi, fill_at=fill_at, read=read)
     whole = _fast(df, "sma_cross", params, start_ms=lo, end_ms=hi, fill_at=fill_at)
     assert max(read) <= rows
     assert sum(read) == (n if hi is None else int((ts < hi).sum()))  # each row read once
@@ -117,9 +119,73 @@ def test_a_position_held_across_many_segments_keeps_its_stop() -> None:
     """Segments shorter than a position's life: the stop trails on through every boundary."""
     df = _walk(20_000, 3, start=97.0, sigma=0.0007, gap=0.0, grid=True)
     whole = _fast(df, "sma_cross", {"fast": 10, "slow": 30})
-    part = _segmented(df, 40)
+    part = _segmented({PAIR: df}, 40, {"fast": 10.0, "slow": 30.0})
     stops = [r for r in whole.table["reason"] if str(r).startswith("stop-loss")]
     assert len(stops) > 20  # stops that trailed across segment ends
+    _assert_same(whole, part)
+
+
+def _whole_portfolio(frames: dict[str, pd.DataFrame], params: dict[str, float]) -> BacktestResult:
+    rules = _rules(params)
+    return run_portfolio(
+        rules.strategy,
+        frames,
+        timeframe="1m",
+        risk=rules.risk,
+        window=rules.window,
+        starting_balance=rules.starting_balance,
+        taker_fee=rules.taker_fee,
+        slippage_bps=rules.slippage_bps,
+        returns_window=rules.returns_window,
+        signals={pair: replay_flags(rules.strategy, frame) for pair, frame in frames.items()},
+        fill_at=load_settings(env_file=None).simulation.fill_at,
+    )
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 10_000),
+    pairs=st.integers(2, 4),
+    ragged=st.booleans(),
+    rows=st.sampled_from([40, 299, 300, 301, 1_000]),
+    positions=st.sampled_from(["2", "5"]),
+    drawdown=st.sampled_from(["0.5", "0.03"]),
+    sizing=st.sampled_from(["fixed_fractional", "kelly", "volatility_target"]),
+    fill_at=st.sampled_from(["next_open", "close"]),
+)
+def test_segments_give_the_whole_portfolios_result(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    pairs: int,
+    ragged: bool,
+    rows: int,
+    positions: str,
+    drawdown: str,
+    sizing: str,
+    fill_at: str,
+) -> None:
+    """Several pairs on one account (one late, one with a gap): the whole run's result."""
+    for key, value in {
+        "KESTREL_RISK__SIZING": sizing,
+        "KESTREL_SIMULATION__FILL_AT": fill_at,
+        "KESTREL_RISK__MAX_DRAWDOWN": drawdown,
+        "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.02",
+        "KESTREL_RISK__MAX_OPEN_POSITIONS": positions,
+        "KESTREL_RISK__MAX_POSITION_FRACTION": "0.5",
+    }.items():
+        monkeypatch.setenv(key, value)
+    data = tmp_path_factory.mktemp("portfolio") / "data"
+    names, frames = _store_pairs(data, seed, pairs, 2_000, ragged=ragged)
+    frames = {pair: frames[pair] for pair in names[::-1]}  # the settings' order kept
+    params = {"fast": 5.0, "slow": 20.0}
+    whole = _whole_portfolio(frames, params)
+    part = _segmented(frames, rows, params, fill_at=fill_at)
+    assert whole.n_trades > 5
     _assert_same(whole, part)
 
 
@@ -129,8 +195,10 @@ def _long_archive(tmp_path: Path, n: int = 6_000) -> str:
     return str(store.path(PAIR, "1m"))
 
 
-def test_only_one_standard_pair_reads_a_long_archive_on_the_fast_path(tmp_path: Path) -> None:
-    """All in, several pairs, a --duration: still the replay's; one standard pair: not."""
+def test_long_archives_go_to_the_replay_only_where_the_fast_path_would_hold_them(
+    tmp_path: Path,
+) -> None:
+    """The standard profile reads them a segment at a time; all in would hold them whole."""
     path = _long_archive(tmp_path, 3_000)
     base = load_settings(env_file=None)
 
@@ -148,6 +216,32 @@ def test_only_one_standard_pair_reads_a_long_archive_on_the_fast_path(tmp_path: 
     assert fast_engine_blockers(with_(risk={"profile": "all_in"}), forced) == []  # held whole
     timed = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--duration", "5")
     assert any("--duration" in r for r in fast_engine_blockers(base, timed))
+
+
+def test_the_cli_reads_several_long_archives_a_segment_at_a_time_as_the_replay(
+    tmp_path: Path,
+) -> None:
+    """Three pairs (one starting late, one with a gap) on one account: the replay's summary."""
+    cli = ["--mode", "backtest", "--strategy", "sma_cross", "--param", "fast=5"]
+    cli += ["--param", "slow=20", "--timeframe", "1m"]
+    runs = {}
+    for engine, rows in (("auto", "700"), ("replay", "700"), ("whole", "0")):
+        names, _ = _store_pairs(tmp_path / engine / "data", 5, 3, 3_000, ragged=True)
+        env = {
+            "KESTREL_STORAGE__REPLAY_SEGMENT_ROWS": rows,
+            "KESTREL_STRATEGY__PAIRS": ",".join(names[::-1]),
+            "KESTREL_RISK__MAX_DRAWDOWN": "0.5",
+        }
+        chosen = "replay" if engine == "replay" else "auto"
+        runs[engine] = run_cli(tmp_path / engine, *cli, "--engine", chosen, env=env)
+    assert "prepare_s" not in runs["auto"]["timings"]  # the fast path, segmented
+    assert "prepare_s" in runs["replay"]["timings"]
+    for summary in runs.values():
+        summary.pop("timings")
+    assert runs["auto"]["n_trades"] > 30
+    assert len({t["pair"] for t in runs["auto"]["trades"]}) == 3
+    assert runs["auto"] == runs["replay"]
+    assert runs["auto"] == runs["whole"]
 
 
 @pytest.mark.parametrize("extra", [(), ("--timerange", "20240301-20240303")])
