@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -136,8 +136,11 @@ def _segments(
     paths = own_archives(s, s.traded_pairs(), s.strategy.timeframe, getattr(args, "data", None))
     if paths is None:
         return None
+    # A segment holds every pair's candles of its time span: its length divided among
+    # them, the whole segment's candles stay those of one pair's replay segment.
+    span = max(rows // len(paths), 1_024)
     timeframe, chunk = s.strategy.timeframe, s.storage.read_chunk_rows
-    return archive_segments(paths, rows, timeframe, *timerange, chunk)
+    return archive_segments(paths, rows, timeframe, *timerange, chunk, span_rows=span)
 
 
 def backtest_window(s: Settings) -> int:
@@ -208,12 +211,11 @@ def _segmented_run(
 
     read = [time.perf_counter() - started]  # the seconds spent reading the archives
 
-    def segments() -> Iterator[dict[str, pd.DataFrame]]:
-        for lo, hi in plan.windows:
-            begun = time.perf_counter()
-            frames = plan.load(lo, hi)
-            read[0] += time.perf_counter() - begun
-            yield frames
+    def load(window: tuple[int, int]) -> dict[str, pd.DataFrame]:
+        begun = time.perf_counter()
+        frames = plan.load(*window)
+        read[0] += time.perf_counter() - begun
+        return frames
 
     strategy = load_strategy(s.strategy.name, s.strategy.params)
     assert isinstance(strategy, KernelStrategy)  # `_segmentable`
@@ -236,7 +238,7 @@ def _segmented_run(
         return _guarded(
             lambda: run_segments(
                 rules,
-                segments(),
+                map(load, plan.windows),  # keeps no segment once handed over
                 lambda pair, frame: replay_flags(strategy, frame, carries[pair]),
                 first_closes=plan.first_closes,
                 defect=archive_defect,

@@ -280,12 +280,15 @@ def archive_segments(
     start_ms: int | None,
     end_ms: int | None,
     chunk: int = DEFAULT_CHUNK_ROWS,
+    *,
+    span_rows: int | None = None,
 ) -> ArchiveSegments | None:
     """Return how to read `paths` (archives of ours) `rows` candles of the timeframe at a time.
 
     What goes to the signals runs from each archive's start up to the time range's end,
     what is simulated is the time range's. None: an empty archive (the whole read reports
-    it), or none longer than one segment up to the range's end (worth reading whole).
+    it), or none longer than `rows` up to the range's end (worth reading whole).
+    `span_rows`: each segment's length, if not `rows` (a segment holds every pair's).
     """
     files = {pair: archive_rows(path, None, None) for pair, path in paths.items()}
     signalled = [archive_rows(path, None, end_ms)[0] for path in paths.values()]
@@ -295,7 +298,7 @@ def archive_segments(
     first = min(at for _, at, _ in files.values())
     end = max(last for _, _, last in files.values()) + 1
     end = end if end_ms is None else min(end, end_ms)
-    span = rows * timeframe_to_ms(timeframe)
+    span = (rows if span_rows is None else span_rows) * timeframe_to_ms(timeframe)
 
     def load(lo: int, hi: int) -> dict[str, pd.DataFrame]:
         frames = {pair: archive_range(path, lo, hi, chunk) for pair, path in paths.items()}

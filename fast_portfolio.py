@@ -46,6 +46,8 @@ from strategy import Strategy
 # The portfolio's context for the sum of its positions' values: exact (`Portfolio.equity`).
 _EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
 _ENTRY_STATES = frozenset({TradingState.NORMAL, TradingState.REDUCED})
+# Candles turned into Python ints at a time: the merged order's lists stay small.
+_CHUNK = 1 << 16
 
 
 class PortfolioRun:
@@ -125,12 +127,28 @@ class PortfolioRun:
         order = np.lexsort((which, ts))
         self.candles += len(order)
         entries = [book.enter.tolist() for book in books]
-        step = self.step
+        for lo in range(0, len(order), _CHUNK):  # Python ints a chunk at a time
+            part = order[lo : lo + _CHUNK]
+            nows, ks, rows = (
+                (ts[part] + self.step).tolist(),
+                which[part].tolist(),
+                at[part].tolist(),
+            )
+            self._take(books, entries, nows, ks, rows)
+        return self
+
+    def _take(
+        self,
+        books: list[StandardRun],
+        entries: list[list[bool]],
+        nows: list[int],
+        ks: list[int],
+        rows: list[int],
+    ) -> None:
+        # Candles in the replay's order: their close times, books and rows.
         curve_ts, curve, breakers = self.curve_ts, self.curve, self.breakers
         flatten = TradingState.FLATTEN
-        for now, k, t in zip(
-            (ts[order] + step).tolist(), which[order].tolist(), at[order].tolist(), strict=True
-        ):
+        for now, k, t in zip(nows, ks, rows, strict=True):
             book = books[k]
             last = self._last
             if (
@@ -153,7 +171,6 @@ class PortfolioRun:
                     self._fed = now
             else:
                 self._row(book, t, now)
-        return self
 
     def _row(self, book: StandardRun, t: int, now: int) -> None:
         self._now = now

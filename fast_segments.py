@@ -95,7 +95,7 @@ class SegmentRules:
 
 def run_segments(
     rules: SegmentRules,
-    segments: Iterable[Mapping[str, pd.DataFrame]],
+    segments: Iterable[dict[str, pd.DataFrame]],
     flags_of: Callable[[str, pd.DataFrame], Flags],
     *,
     first_closes: Mapping[str, float],
@@ -104,11 +104,12 @@ def run_segments(
     """Run the standard-profile fast path over archives given as consecutive time segments.
 
     `segments`: each time segment's frames by pair, in time order (a pair without candles
-    in one may be left out); `flags_of`: a pair's entry and exit flags over a segment's
-    rows, going on from its segments before; `first_closes`: each pair's archive's first
-    close (its market's rules), in the settings' order. `defect` names what in a segment
-    the replay would refuse: the run stops there and raises an error `unsupported`
-    recognises, as for any path it does not model.
+    in one may be left out; each dict is emptied as its pairs are taken); `flags_of`: a
+    pair's entry and exit flags over a segment's rows, going on from its segments before;
+    `first_closes`: each pair's archive's first close (its market's rules), in the
+    settings' order. `defect` names what in a segment the replay would refuse: the run
+    stops there and raises an error `unsupported` recognises, as for any path it does
+    not model.
     """
     alone = len(first_closes) == 1
     books = {p: rules.book(p, close, alone=alone) for p, close in first_closes.items()}
@@ -124,13 +125,15 @@ def run_segments(
     curve = _Curve()
     for frames in segments:
         starts = {}
-        for pair, frame in frames.items():
+        while frames:  # each frame given up once its book holds a copy of its rows
+            pair, frame = frames.popitem()
             reason = defect(frame) if defect is not None else None
             if reason is not None:
                 raise _Unsupported(reason)
             start = _take(rules, books[pair], frame, flags_of(pair, frame))
             if start is not None:
                 starts[pair] = start
+            del frame
         if account is not None:
             account.run(starts)
             curve.add_portfolio(account)
