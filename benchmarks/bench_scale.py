@@ -4,8 +4,9 @@ What a user runs is `python main.py --mode backtest` (the standard risk profile 
 so that is what is measured: a whole process per run, from start to summary, its peak
 resident set read from the kernel (`ru_maxrss` of the child), on the seeded one-minute random
 walk of `bench_backtest` with sma_cross 10/30. Its default engine (`--engine auto`) takes the
-fast path where it stands in for the replay (one spot pair, an archive the replay would not
-stream a segment at a time: the same summary, tests/test_fast_standard.py), else the replay
+fast path where it stands in for the replay (spot pairs under the standard profile, long
+archives a segment at a time as the replay reads them: the same summary,
+tests/test_fast_standard.py and tests/test_fast_segments.py), else the replay
 (the live code path); the replay's own figures are measured with `--engine replay` beside
 it. backtesting.py runs the same strategy in its own fresh process, at the sizes it can handle.
 
@@ -17,6 +18,10 @@ Rows:
 * ten pairs of 100k candles each through the archive path (1M candles in all), the default
   engine (the fast path over several pairs) and the replay, against backtesting.py's loop
   on one pair of as many bars;
+* ten pairs of 1.2M candles each, archives longer than `storage.replay_segment_rows`
+  (not at KESTREL_BENCH_SIZE=small): the default engine against `--engine replay`, both
+  reading them a time segment at a time, start to summary and peak RSS, the summaries
+  compared;
 * bars per second of the run (the signals included) against backtesting.py's per-bar loop
   on the same candles (target at least 2x), the default engine's and the replay's.
 """
@@ -332,8 +337,53 @@ def _ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _long_ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
+    # Ten archives longer than storage.replay_segment_rows, trading throughout: both
+    # engines read them a time segment at a time; their summaries must be the same.
+    from candle_store import CandleStore
+
+    n = 1_200_000
+    store = CandleStore(tmp / "long", "bybit")
+    for i, pair in enumerate(PAIRS10):
+        store.append(pair, "1m", candles(n, seed=100 + i))
+    env = {
+        "KESTREL_STORAGE__DATA_DIR": str(tmp / "long"),
+        "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS10),
+        **TRADING_THROUGHOUT,
+    }
+    auto = _ours(tmp / "none", tmp, env=env, engine="auto")
+    replay = _ours(tmp / "none", tmp, env=env, engine="replay")
+    ours, theirs = dict(auto["summary"]), dict(replay["summary"])
+    timings = ours.pop("timings"), theirs.pop("timings")
+    same = "the same summary" if ours == theirs else "SUMMARIES DIFFER"
+    note = (
+        f"trading throughout (1 bp fee, drawdown limit 99%); ran on the {_engine(auto['summary'])}"
+        f" against the {_engine(replay['summary'])}, each a segment at a time; {same}"
+        f" ({ours['n_trades']:,} trades); in-run seconds, ours: "
+        + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in timings[0].items())
+    )
+    label = f"CLI backtest, 10 pairs x {n:,} candles (archives past storage.replay_segment_rows)"
+    replay_rss = replay["rss_kib"] / 1024
+    return [
+        _row(
+            f"{label}: start to summary", auto["wall"], "s", "--engine replay", replay["wall"], note
+        ),
+        _row(
+            f"{label}: peak RSS",
+            auto["rss_kib"] / 1024,
+            "MiB",
+            "--engine replay",
+            replay_rss,
+            "whole process, imports included; ratio > 1: we hold less",
+        ),
+    ]
+
+
 def run() -> list[dict[str, Any]]:
     """Measure the CLI backtest at scale against backtesting.py."""
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        return _one_pair_rows(tmp) + _ten_pair_rows(tmp)
+        rows = _one_pair_rows(tmp) + _ten_pair_rows(tmp)
+        if not os.environ.get("KESTREL_BENCH_SIZE"):
+            rows += _long_ten_pair_rows(tmp)
+        return rows
