@@ -21,7 +21,7 @@ field for field.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -99,6 +99,7 @@ def run_segments(
     flags_of: Callable[[str, pd.DataFrame], Flags],
     *,
     first_closes: Mapping[str, float],
+    total: int,
     defect: Callable[[pd.DataFrame], str | None] | None = None,
 ) -> BacktestResult:
     """Run the standard-profile fast path over archives given as consecutive time segments.
@@ -107,9 +108,9 @@ def run_segments(
     in one may be left out; each dict is emptied as its pairs are taken); `flags_of`: a
     pair's entry and exit flags over a segment's rows, going on from its segments before;
     `first_closes`: each pair's archive's first close (its market's rules), in the
-    settings' order. `defect` names what in a segment the replay would refuse: the run
-    stops there and raises an error `unsupported` recognises, as for any path it does
-    not model.
+    settings' order; `total`: the candles in the time range over all of them. `defect`
+    names what in a segment the replay would refuse: the run stops there and raises an
+    error `unsupported` recognises, as for any path it does not model.
     """
     alone = len(first_closes) == 1
     books = {p: rules.book(p, close, alone=alone) for p, close in first_closes.items()}
@@ -122,7 +123,7 @@ def run_segments(
             starting_balance=rules.starting_balance,
             returns_window=rules.returns_window,
         )
-    curve = _Curve()
+    curve = _Curve(total)
     for frames in segments:
         starts = {}
         while frames:  # each frame given up once its book holds a copy of its rows
@@ -183,29 +184,37 @@ def go_on(run: StandardRun, columns: tuple[np.ndarray, ...], flags: Flags) -> in
 
 
 class _Curve:
-    """The equity curve over the whole span, taken a segment at a time."""
+    """The equity curve over the whole span, taken a segment at a time.
 
-    def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+    Its arrays are sized once for `capacity` points (every candle in the time range: one
+    pair's curve has a point a candle, several pairs' one a close time) and filled in
+    order; the pages past the last point are never touched, so never resident.
+    """
 
-    def add(self, ts: np.ndarray, equity: np.ndarray) -> None:
-        """Append a segment's close times and equity."""
-        self.parts.append((np.array(ts, dtype=np.int64), np.array(equity, dtype=np.float64)))
+    def __init__(self, capacity: int) -> None:
+        self.ts = np.empty(capacity, dtype=np.int64)
+        self.equity = np.empty(capacity, dtype=np.float64)
+        self.done = 0
+
+    def add(self, ts: Sequence[int] | np.ndarray, equity: Sequence[float] | np.ndarray) -> None:
+        """Append points (close times and equity)."""
+        done, n = self.done, len(ts)
+        if done + n > len(self.ts):
+            raise _Unsupported("more candles than the archives counted (changed while read?)")
+        self.ts[done : done + n] = ts
+        self.equity[done : done + n] = equity
+        self.done = done + n
 
     def add_portfolio(self, account: PortfolioRun) -> None:
         """Take the account's points so far but its last (a later candle may update it)."""
         ts, values = account.curve_ts, account.curve
         if len(ts) > 1:
-            self.add(np.array(ts[:-1]), np.array(values[:-1]))
+            self.add(ts[:-1], values[:-1])
             del ts[:-1], values[:-1]
 
-    def arrays(self, tail: tuple[list[int], list[float]] = ([], [])) -> tuple[np.ndarray, ...]:
-        """Return the close times and equity, the `tail` points after the parts."""
-        self.add(np.array(tail[0], dtype=np.int64), np.array(tail[1], dtype=np.float64))
-        ts = np.concatenate([p[0] for p in self.parts])
-        equity = np.concatenate([p[1] for p in self.parts])
-        self.parts = []
-        return ts, equity
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the close times and equity taken."""
+        return self.ts[: self.done], self.equity[: self.done]
 
 
 def _of_one(book: StandardRun, rules: SegmentRules, curve: _Curve) -> BacktestResult:
@@ -239,8 +248,9 @@ def _of_portfolio(
     account: PortfolioRun, rules: SegmentRules, pairs: tuple[str, ...], curve: _Curve
 ) -> BacktestResult:
     # `run_portfolio`'s result.
-    ts, equity = curve.arrays((account.curve_ts, account.curve))
+    curve.add(account.curve_ts, account.curve)
     account.curve_ts, account.curve = [], []
+    ts, equity = curve.arrays()
     result = _portfolio_result(account, rules.strategy, rules.timeframe, rules.starting_balance,
                                pairs)  # fmt: skip
     return dataclasses.replace(result, ts=ts, equity=equity, prices={})

@@ -63,12 +63,14 @@ def _segmented(
                 read.extend(len(part) for part in parts.values())
             yield {pair: part for pair, part in parts.items() if len(part)}
 
+    kept = [(ts >= (rules.start_ms or 0)) & (ts < end) for ts in times.values()]
     carries = {pair: rules.strategy.carry() for pair in frames}  # type: ignore[attr-defined]
     return run_segments(
         rules,
         segments(),
         lambda pair, frame: replay_flags(rules.strategy, frame, carries[pair]),
         first_closes={pair: float(frame["close"].iloc[0]) for pair, frame in frames.items()},
+        total=int(sum(k.sum() for k in kept)),
     )
 
 
