@@ -255,12 +255,14 @@ def _segmented_run(
 
 def _guarded(run: Callable[[], BacktestResult], *, forced: bool) -> BacktestResult | None:
     # `run`'s result; None where it met what only the replay models, or failed (logged).
-    # Insisted on (`--engine fast`), those raise.
+    # Insisted on (`--engine fast`), those raise: the first as a ConfigError saying what.
     from trade_simulator import unsupported
 
     try:
         return run()
     except Exception as e:
+        if forced and unsupported(e):
+            raise ConfigError(f"--engine fast cannot run this backtest: {e}") from e
         if forced:
             raise
         if unsupported(e):

@@ -295,3 +295,8 @@ def test_a_refused_candle_in_a_later_segment_sends_the_run_to_the_replay(tmp_pat
     replay.pop("timings")
     assert auto == replay
     assert auto["candles"] == 5_000 - 1
+    forced = tmp_path / "forced"
+    forced.mkdir()
+    with pytest.raises(AssertionError, match="--engine fast cannot run this backtest: 1 candles"):
+        run_cli(forced, *cli, "--engine", "fast", env=env)  # exits 2, says why
+    assert not (forced / "out.json").exists()
