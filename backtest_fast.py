@@ -108,9 +108,14 @@ def _run_blockers(s: Settings, args: argparse.Namespace) -> list[str]:
 
 
 def _streamed(s: Settings, args: argparse.Namespace) -> bool:
-    # Whether the replay would read the archives a segment at a time (`mode_builders`).
+    # Whether the replay would read the archives a segment at a time (`mode_builders`):
+    # not a strategy whose rows a kernel cannot carry from segment to segment.
+    from signal_sources import PrecomputedSignals
+
     rows = s.storage.replay_segment_rows
     if rows <= 0 or getattr(args, "report_html", None):
+        return False
+    if not PrecomputedSignals.segmentable(load_strategy(s.strategy.name, s.strategy.params)):
         return False
     paths = own_archives(s, s.traded_pairs(), s.strategy.timeframe, getattr(args, "data", None))
     return paths is not None and any(archive_rows(p, None, None)[0] > rows for p in paths.values())

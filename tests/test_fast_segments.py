@@ -21,7 +21,7 @@ from fast_segments import SegmentRules, run_segments
 from signal_sources import replay_flags
 from strategy import load_strategy
 from tests.test_backtest_support import cli_args, run_cli
-from tests.test_fast_standard import PAIR, _fast, _store_pairs, _walk
+from tests.test_fast_standard import PAIR, SHORT_COLUMN, _fast, _store_pairs, _walk
 
 
 def _rules(params: dict[str, float], **kwargs: Any) -> SegmentRules:
@@ -218,6 +218,10 @@ def test_long_archives_go_to_the_replay_only_where_the_fast_path_would_hold_them
     assert fast_engine_blockers(with_(risk={"profile": "all_in"}), forced) == []  # held whole
     timed = cli_args("--mode", "backtest", "--data", path, "--pairs", PAIR, "--duration", "5")
     assert any("--duration" in r for r in fast_engine_blockers(base, timed))
+    # A strategy file's own rows: the replay reads the archive whole, and so may we.
+    (tmp_path / "short_column.py").write_text(SHORT_COLUMN)
+    filed = {"strategy": {"name": str(tmp_path / "short_column.py"), "params": {}}}
+    assert fast_engine_blockers(with_(risk={"profile": "all_in"}, **filed), args) == []
 
 
 def test_the_cli_reads_several_long_archives_a_segment_at_a_time_as_the_replay(
