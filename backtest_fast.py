@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from fast_path import BacktestResult
+    from fast_segments import SegmentRules
     from strategy import Strategy
 
 
@@ -215,7 +216,7 @@ def _segmented_run(
 ) -> BacktestResult | None:
     # Long archives a time segment at a time (`fast_segments`); None: the replay runs.
     from signal_sources import replay_flags
-    from trade_simulator import SegmentRules, run_segments
+    from trade_simulator import run_segments
 
     read = [time.perf_counter() - started]  # the seconds spent reading the archives
 
@@ -228,19 +229,7 @@ def _segmented_run(
     strategy = load_strategy(s.strategy.name, s.strategy.params)
     assert isinstance(strategy, KernelStrategy)  # `_segmentable`
     carries = {pair: strategy.carry() for pair in plan.first_closes}
-    rules = SegmentRules(
-        strategy,
-        s.strategy.timeframe,
-        s.risk,
-        backtest_window(s),
-        s.simulation.starting_balance,
-        s.simulation.taker_fee,
-        s.simulation.slippage_bps,
-        returns_window=s.risk.correlation_window,
-        start_ms=timerange[0],
-        end_ms=timerange[1],
-        fill_at=s.simulation.fill_at,
-    )
+    rules = segment_rules(s, strategy, timerange)
     gc.freeze()  # as `fast_backtest_run`
     try:
         return _guarded(
@@ -256,6 +245,27 @@ def _segmented_run(
         )
     finally:
         timings["load_s"] = read[0]
+
+
+def segment_rules(
+    s: Settings, strategy: Strategy, timerange: tuple[int | None, int | None] = (None, None)
+) -> SegmentRules:
+    """Return what a segmented fast-path run's books are built with, from the settings."""
+    from trade_simulator import SegmentRules
+
+    return SegmentRules(
+        strategy,
+        s.strategy.timeframe,
+        s.risk,
+        backtest_window(s),
+        s.simulation.starting_balance,
+        s.simulation.taker_fee,
+        s.simulation.slippage_bps,
+        returns_window=s.risk.correlation_window,
+        start_ms=timerange[0],
+        end_ms=timerange[1],
+        fill_at=s.simulation.fill_at,
+    )
 
 
 def _guarded(run: Callable[[], BacktestResult], *, forced: bool) -> BacktestResult | None:

@@ -29,16 +29,7 @@ import numpy as np
 from fast_path import BacktestResult, _Bars
 from fast_portfolio import PortfolioRun
 from fast_portfolio import _result as _portfolio_result
-from fast_standard import (
-    BarAtr,
-    BarReturns,
-    StandardRun,
-    _final_equity,
-    _open_position,
-    _report,
-    _table,
-    _Unsupported,
-)
+from fast_standard import BarAtr, BarReturns, StandardRun, _Unsupported, run_result
 from matching_engine import sim_market
 from models import strategy_tag
 from utils.utilities import timeframe_to_ms
@@ -218,30 +209,10 @@ class _Curve:
 
 
 def _of_one(book: StandardRun, rules: SegmentRules, curve: _Curve) -> BacktestResult:
-    # `run_standard`'s result.
-    trips, spans = _report(book)
+    # `run_standard`'s result; the closes are drawn by the HTML report only, which a
+    # segmented run does not write.
     ts, equity = curve.arrays()
-    return BacktestResult(
-        strategy=rules.strategy.describe(),
-        pairs=(book.pair,),
-        timeframe=rules.timeframe,
-        starting_balance=float(rules.starting_balance),
-        ts=ts,
-        equity=equity,
-        table=_table(book.trades, book.pair),
-        final_equity=float(_final_equity(book)),
-        fees=float(book.fees),
-        candles=len(ts),
-        open_positions=_open_position(book),
-        prices={},  # drawn by the HTML report only, which a segmented run does not write
-        signals=book.signals,
-        vetoes=book.vetoes,
-        rejections=book.rejections,
-        realised_pnl=float(book.realised),
-        breaker_trips=trips,
-        trading_spans=spans,
-        max_drawdown_exact=book.max_dd,
-    )
+    return run_result(book, rules.strategy, rules.timeframe, rules.starting_balance, ts, equity, {})
 
 
 def _of_portfolio(

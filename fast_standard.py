@@ -876,21 +876,41 @@ def run_standard(
         accelerate=accelerate,
     )
     run = book.run()
-    table = _table(run.trades, pair)
+    return run_result(
+        run,
+        strategy,
+        timeframe,
+        starting_balance,
+        bars.ts,
+        run.equity,
+        {pair: (bars.ts, bars.closes)},
+    )
+
+
+def run_result(
+    run: StandardRun,
+    strategy: Strategy,
+    timeframe: str,
+    starting_balance: float,
+    ts: np.ndarray,
+    equity: np.ndarray,
+    prices: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> BacktestResult:
+    """Return a one-pair run's result: its curve (`ts`, `equity`) and the closes drawn."""
     trips, spans = _report(run)
     return BacktestResult(
         strategy=strategy.describe(),
-        pairs=(pair,),
+        pairs=(run.pair,),
         timeframe=timeframe,
         starting_balance=float(starting_balance),
-        ts=bars.ts,
-        equity=run.equity,
-        table=table,
+        ts=ts,
+        equity=equity,
+        table=_table(run.trades, run.pair),
         final_equity=float(_final_equity(run)),
         fees=float(run.fees),
-        candles=bars.n,
+        candles=len(ts),
         open_positions=_open_position(run),
-        prices={pair: (bars.ts, bars.closes)},
+        prices=prices,
         signals=run.signals,
         vetoes=run.vetoes,
         rejections=run.rejections,

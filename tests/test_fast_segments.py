@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from backtest_fast import backtest_window, fast_engine_blockers
+from backtest_fast import fast_engine_blockers, segment_rules
 from candle_store import CandleStore
 from config import Settings, load_settings
 from fast_path import BacktestResult
@@ -25,18 +26,8 @@ from tests.test_fast_standard import PAIR, SHORT_COLUMN, _fast, _store_pairs, _w
 
 
 def _rules(params: dict[str, float], **kwargs: Any) -> SegmentRules:
-    s = load_settings(env_file=None)
-    return SegmentRules(
-        load_strategy("sma_cross", params),
-        "1m",
-        s.risk,
-        backtest_window(s),
-        s.simulation.starting_balance,
-        s.simulation.taker_fee,
-        s.simulation.slippage_bps,
-        returns_window=s.risk.correlation_window,
-        **kwargs,
-    )
+    rules = segment_rules(load_settings(env_file=None), load_strategy("sma_cross", params))
+    return dataclasses.replace(rules, timeframe="1m", **kwargs)
 
 
 def _segmented(
