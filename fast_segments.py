@@ -136,9 +136,7 @@ def run_segments(
     if account is not None:
         return _of_portfolio(account, rules, tuple(first_closes), curve)
     ((book,),) = (books.values(),)
-    if not len(book.ts):
-        raise _Unsupported("no candles in the time range")
-    return _of_one(book, rules, curve)
+    return _of_one(book, rules, curve)  # no candles in the range: `run_standard`'s empty run
 
 
 def _take(rules: SegmentRules, book: StandardRun, frame: pd.DataFrame, flags: Flags) -> int | None:
