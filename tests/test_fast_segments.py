@@ -181,6 +181,31 @@ def test_segments_give_the_whole_portfolios_result(
     _assert_same(whole, part)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_correlation_guard_reads_the_same_returns_across_segment_boundaries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int
+) -> None:
+    """Correlated pairs, a correlation window longer than the data window, every entry
+    resized by the exact correlation, 17-row segments: the whole run's sizes."""
+    for key, value in {
+        "KESTREL_RISK__CORRELATION_WINDOW": "400",  # longer than the data window (300)
+        "KESTREL_RISK__MAX_CORRELATION": "0.2",  # resized by the exact correlation
+        "KESTREL_RISK__MAX_OPEN_POSITIONS": "4",
+        "KESTREL_RISK__MAX_DRAWDOWN": "0.9",
+        "KESTREL_RISK__REDUCE_SIZE_DRAWDOWN": "0.8",
+        "KESTREL_RISK__MAX_DAILY_LOSS": "0.9",
+        "KESTREL_RISK__MAX_CONSECUTIVE_LOSSES": "1000",
+        "KESTREL_RISK__MAX_POSITION_FRACTION": "1.0",  # the resized size binds
+        "KESTREL_RISK__MAX_TOTAL_EXPOSURE": "5.0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    _, frames = _store_pairs(tmp_path / "data", seed, 4, 3_000, ragged=False)
+    params = {"fast": 3.0, "slow": 8.0}
+    whole = _whole_portfolio(frames, params)
+    assert whole.n_trades > 100
+    _assert_same(whole, _segmented(frames, 17, params))
+
+
 def _long_archive(tmp_path: Path, n: int = 6_000) -> str:
     store = CandleStore(tmp_path / "data", "bybit")
     store.append(PAIR, "1m", _walk(n, 2, start=100.0, sigma=0.003, gap=0.0, grid=True))
