@@ -17,12 +17,18 @@ from backtest_fast import fast_engine_blockers, segment_rules
 from candle_store import CandleStore
 from config import Settings, load_settings
 from fast_path import BacktestResult
-from fast_portfolio import run_portfolio
 from fast_segments import SegmentRules, run_segments
 from signal_sources import replay_flags
 from strategy import load_strategy
 from tests.test_backtest_support import cli_args, run_cli
-from tests.test_fast_standard import PAIR, SHORT_COLUMN, _fast, _store_pairs, _walk
+from tests.test_fast_standard import (
+    PAIR,
+    SHORT_COLUMN,
+    _fast,
+    _store_pairs,
+    _walk,
+    fast_portfolio,
+)
 
 
 def _rules(params: dict[str, float], **kwargs: Any) -> SegmentRules:
@@ -117,23 +123,6 @@ def test_a_position_held_across_many_segments_keeps_its_stop() -> None:
     _assert_same(whole, part)
 
 
-def _whole_portfolio(frames: dict[str, pd.DataFrame], params: dict[str, float]) -> BacktestResult:
-    rules = _rules(params)
-    return run_portfolio(
-        rules.strategy,
-        frames,
-        timeframe="1m",
-        risk=rules.risk,
-        window=rules.window,
-        starting_balance=rules.starting_balance,
-        taker_fee=rules.taker_fee,
-        slippage_bps=rules.slippage_bps,
-        returns_window=rules.returns_window,
-        signals={pair: replay_flags(rules.strategy, frame) for pair, frame in frames.items()},
-        fill_at=load_settings(env_file=None).simulation.fill_at,
-    )
-
-
 @settings(
     max_examples=12,
     deadline=None,
@@ -175,7 +164,7 @@ def test_segments_give_the_whole_portfolios_result(
     names, frames = _store_pairs(data, seed, pairs, 2_000, ragged=ragged)
     frames = {pair: frames[pair] for pair in names[::-1]}  # the settings' order kept
     params = {"fast": 5.0, "slow": 20.0}
-    whole = _whole_portfolio(frames, params)
+    whole = fast_portfolio(frames, params)
     part = _segmented(frames, rows, params, fill_at=fill_at)
     assert whole.n_trades > 5
     _assert_same(whole, part)
@@ -201,7 +190,7 @@ def test_the_correlation_guard_reads_the_same_returns_across_segment_boundaries(
         monkeypatch.setenv(key, value)
     _, frames = _store_pairs(tmp_path / "data", seed, 4, 3_000, ragged=False)
     params = {"fast": 3.0, "slow": 8.0}
-    whole = _whole_portfolio(frames, params)
+    whole = fast_portfolio(frames, params)
     assert whole.n_trades > 100
     _assert_same(whole, _segmented(frames, 17, params))
 

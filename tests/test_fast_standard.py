@@ -550,16 +550,21 @@ def _store_pairs(
 async def _portfolio_both(
     monkeypatch: pytest.MonkeyPatch, data: Path, names: list[str], frames: dict[str, pd.DataFrame]
 ) -> tuple[dict[str, Any], list[tuple[int, float]], BacktestResult]:
-    from fast_portfolio import run_portfolio
-
     monkeypatch.setenv("KESTREL_STORAGE__DATA_DIR", str(data))
     monkeypatch.setenv("KESTREL_STRATEGY__PAIRS", ",".join(names))
     cli = ["--mode", "backtest", "--engine", "replay", "--strategy", "sma_cross"]
     cli += ["--param", "fast=5", "--param", "slow=20", "--timeframe", "1m"]
     summary, curve = await replay_in_process(*cli)
+    return summary, curve, fast_portfolio(frames, {"fast": 5, "slow": 20})
+
+
+def fast_portfolio(frames: dict[str, pd.DataFrame], params: dict[str, float]) -> BacktestResult:
+    """Return the multi-pair fast path's run of sma_cross over `frames` (the settings')."""
+    from fast_portfolio import run_portfolio
+
     s = load_settings(env_file=None)
-    strategy = load_strategy("sma_cross", {"fast": 5, "slow": 20})
-    fast = run_portfolio(
+    strategy = load_strategy("sma_cross", params)
+    return run_portfolio(
         strategy,
         frames,
         timeframe="1m",
@@ -572,7 +577,6 @@ async def _portfolio_both(
         signals={pair: replay_flags(strategy, frame) for pair, frame in frames.items()},
         fill_at=s.simulation.fill_at,
     )
-    return summary, curve, fast
 
 
 @pytest.mark.parametrize(
