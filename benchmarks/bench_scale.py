@@ -293,17 +293,20 @@ def _one_pair_rows(tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
+def _ten_archives(data: Path, n: int) -> dict[str, str]:
+    # Ten archives of ours of `n` one-minute candles in `data`; the settings that trade them.
     from candle_store import CandleStore
 
-    n = 100_000 if not os.environ.get("KESTREL_BENCH_SIZE") else 30_000
-    store = CandleStore(tmp / "data", "bybit")
+    store = CandleStore(data, "bybit")
     for i, pair in enumerate(PAIRS10):
         store.append(pair, "1m", candles(n, seed=100 + i))
-    env = {
-        "KESTREL_STORAGE__DATA_DIR": str(tmp / "data"),
-        "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS10),
-    }
+    return {"KESTREL_STORAGE__DATA_DIR": str(data), "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS10)}
+
+
+def _ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
+
+    n = 100_000 if not os.environ.get("KESTREL_BENCH_SIZE") else 30_000
+    env = _ten_archives(tmp / "data", n)
     # backtesting.py has no multi-pair runs: its per-bar loop on one pair of as many bars.
     peer_data = tmp / f"rw_{10 * n}.parquet"
     if not peer_data.exists():
@@ -340,17 +343,9 @@ def _ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
 def _long_ten_pair_rows(tmp: Path) -> list[dict[str, Any]]:
     # Ten archives longer than storage.replay_segment_rows, trading throughout: both
     # engines read them a time segment at a time; their summaries must be the same.
-    from candle_store import CandleStore
 
     n = 1_200_000
-    store = CandleStore(tmp / "long", "bybit")
-    for i, pair in enumerate(PAIRS10):
-        store.append(pair, "1m", candles(n, seed=100 + i))
-    env = {
-        "KESTREL_STORAGE__DATA_DIR": str(tmp / "long"),
-        "KESTREL_STRATEGY__PAIRS": ",".join(PAIRS10),
-        **TRADING_THROUGHOUT,
-    }
+    env = _ten_archives(tmp / "long", n) | TRADING_THROUGHOUT
     auto = _ours(tmp / "none", tmp, env=env, engine="auto")
     replay = _ours(tmp / "none", tmp, env=env, engine="replay")
     ours, theirs = dict(auto["summary"]), dict(replay["summary"])
