@@ -205,22 +205,35 @@ def test_rehearsals_run_just_before_each_expected_close_and_never_during_a_burst
     async def run(steady: bool) -> tuple[_Recorded, list[tuple[float, float]]]:
         warm, busy = _Recorded(lead), [False]
         async with warm.running(lambda: not busy[0]):
-            spans = await _closes(warm, interval, 8, busy, steady=steady)
+            spans = await _closes(warm, interval, 12, busy, steady=steady)
         return warm, spans
 
-    warm, spans = asyncio.run(run(steady=True))
-    assert warm.at
-    firsts = [first for first, _ in spans]
-    for at, slack in warm.at:
-        assert not any(first <= at <= until for first, until in spans)  # never mid-burst
-        # Ahead of the close it rehearses for, within its window: from `lead` and the slack
-        # (the last predictions' error) before the expected moment (the host's timer: 2 ms).
-        close = next(k for k, first in enumerate(firsts) if first > at)
-        assert close >= 3
-        expected = firsts[close - 1] + (firsts[close - 1] - firsts[close - 2])
-        assert expected - lead - slack - 0.002 <= at <= expected + TAIL_S + slack + GAP_S
-    rehearsed = {next(k for k, first in enumerate(firsts) if first > at) for at, _ in warm.at}
-    assert len(rehearsed) >= 4  # of closes 3-7, on a busy host most of them
+    def rehearsed(warm: _Recorded, spans: list[tuple[float, float]]) -> set[int]:
+        # Whatever the host's load: never mid-burst, never outside the window. Returns the
+        # closes rehearsed for.
+        firsts = [first for first, _ in spans]
+        closes: set[int] = set()
+        for at, slack in warm.at:
+            assert not any(first <= at <= until for first, until in spans)  # never mid-burst
+            # Ahead of the close it rehearses for, within its window: from `lead` and the
+            # slack (the last predictions' error) before the expected moment (the host's
+            # timer: 2 ms).
+            close = next(k for k, first in enumerate(firsts) if first > at)
+            assert close >= 3
+            expected = firsts[close - 1] + (firsts[close - 1] - firsts[close - 2])
+            assert expected - lead - slack - 0.002 <= at <= expected + TAIL_S + slack + GAP_S
+            closes.add(close)
+        return closes
+
+    # That they run at all depends on the host keeping the cadence: a loaded one (CI beside
+    # two busy processes on two cores) judged it wobbling in about one run of ten, and a
+    # wobbling cadence rightly gets none. Up to three runs for the count, each checked.
+    counts = []
+    for _ in range(3):
+        counts.append(len(rehearsed(*asyncio.run(run(steady=True)))))
+        if counts[-1] >= 4:
+            break
+    assert counts[-1] >= 4, counts  # at least four of closes 3-11
     wobbling, _ = asyncio.run(run(steady=False))
     assert wobbling.at == []
 
