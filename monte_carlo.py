@@ -1,9 +1,15 @@
 """Monte Carlo of a backtest's trade returns: resampled paths, their spread, the risk of ruin.
 
 `monte_carlo` reshuffles (or block-bootstraps) the trade returns into many equity paths with a
-numba kernel and a splitmix64 generator (seeded, identical across runs and machines) and
-reports the percentiles of final equity and max drawdown and the probability of ruin with
-its confidence interval. Part of `analytics`, which re-exports it.
+numba kernel and a splitmix64 generator and reports the percentiles of final equity and max
+drawdown and the probability of ruin with its confidence interval. Part of `analytics`,
+which re-exports it.
+
+The paths are shared between numba's threads (one per core by default). Each path draws
+from a generator stream of its own, started from the seed and the path's number, so the
+paths are the same on every run and machine, whatever the number of threads. A backtest's
+Monte Carlo grows with its trades (10,000 paths of every trade): ten pairs trading
+throughout on 1.2M candles each spent 2.5 s of an 18 s run in it on one thread.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -78,14 +84,18 @@ _TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 
 
 @njit(cache=True, inline="always")
+def _mix(z):  # type: ignore[no-untyped-def]
+    # SplitMix64's output function.
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
 def _splitmix(state):  # type: ignore[no-untyped-def]
     # SplitMix64: a tiny, fast, well-mixed generator; returns (next state, 53-bit uniform).
     state = state + _GOLDEN
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    return state, float(z >> np.uint64(11)) * _TO_UNIT
+    return state, float(_mix(state) >> np.uint64(11)) * _TO_UNIT
 
 
 @njit(cache=True, inline="always")
@@ -109,49 +119,70 @@ def _next_in_block(state, index, left, starts, block):  # type: ignore[no-untype
     return state, index + 1, left - 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _path_state(seed, path):  # type: ignore[no-untyped-def]
+    # The generator's start for path `path`: SplitMix64's output at position `path` of the
+    # stream seeded with `seed`. Each path draws from its own stream, so a path is the same
+    # whichever thread runs it and however many there are.
+    return _mix(np.uint64(seed) + np.uint64(path + 1) * _GOLDEN)
+
+
+@njit(cache=True, inline="always")
+def _path(returns, n_steps, block, starts, order, shuffle, state, start, every, marks):  # type: ignore[no-untyped-def]
+    # One path: draw (blocks of) returns, compound, track peak, drawdown and the lowest
+    # equity; `marks` is the path's row of checkpoints. Returns (final, worst, lowest).
+    equity = start
+    peak = start
+    worst = 0.0
+    floor = start  # equity below this is a new worst drawdown: peak x (1 - worst)
+    lowest = start
+    countdown = every
+    index = 0
+    left = 0
+    for s in range(n_steps):
+        if shuffle:
+            index = order[s]
+        else:
+            state, index, left = _next_in_block(state, index, left, starts, block)
+        equity *= 1.0 + returns[index]
+        if equity < 0.0:
+            equity = 0.0
+        if equity > peak:
+            peak = equity
+            floor = peak * (1.0 - worst)
+        elif equity < floor:
+            worst = (peak - equity) / peak
+            floor = equity
+        if equity < lowest:
+            lowest = equity
+        countdown -= 1
+        if countdown == 0:  # a checkpoint for the percentile bands
+            marks[(s + 1) // every - 1] = equity
+            countdown = every
+    return equity, worst, lowest
+
+
+@njit(cache=True, parallel=True)
 def _mc_kernel(  # type: ignore[no-untyped-def]
-    returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every, finals, mdds, ruined, marks
-):
-    # One path at a time: draw (blocks of) returns, compound, track peak, drawdown, ruin.
-    state = np.uint64(seed)
+    returns, n_paths, n_steps, block, shuffle, seed, start, ruin, every,
+    finals, mdds, ruined, marks, lanes,
+):  # fmt: skip
+    # The paths split between `lanes` threads (numba's, one per core by default), each
+    # path on its own generator stream and writing only its own cells.
     n = returns.shape[0]
     starts = n - block + 1
-    order = np.arange(n)
-    for p in range(n_paths):
-        if shuffle:
-            state = _shuffle(order, state)
-        equity = start
-        peak = start
-        worst = 0.0
-        floor = start  # equity below this is a new worst drawdown: peak x (1 - worst)
-        lowest = start
-        countdown = every
-        index = 0
-        left = 0
-        for s in range(n_steps):
+    for lane in prange(lanes):
+        order = np.arange(n)  # a shuffle's permutation, one per lane
+        for p in range(lane, n_paths, lanes):
+            state = _path_state(seed, p)
             if shuffle:
-                index = order[s]
-            else:
-                state, index, left = _next_in_block(state, index, left, starts, block)
-            equity *= 1.0 + returns[index]
-            if equity < 0.0:
-                equity = 0.0
-            if equity > peak:
-                peak = equity
-                floor = peak * (1.0 - worst)
-            elif equity < floor:
-                worst = (peak - equity) / peak
-                floor = equity
-            if equity < lowest:
-                lowest = equity
-            countdown -= 1
-            if countdown == 0:  # a checkpoint for the percentile bands
-                marks[p, (s + 1) // every - 1] = equity
-                countdown = every
-        finals[p] = equity
-        mdds[p] = worst
-        ruined[p] = lowest <= ruin
+                for i in range(n):  # from the identity: the path is its stream's alone
+                    order[i] = i
+                state = _shuffle(order, state)
+            finals[p], mdds[p], lowest = _path(
+                returns, n_steps, block, starts, order, shuffle, state, start, every, marks[p]
+            )
+            ruined[p] = lowest <= ruin
 
 
 def monte_carlo(
@@ -165,6 +196,7 @@ def monte_carlo(
     ruin: float = 0.5,
     seed: int = 0,
     checkpoints: int = 100,
+    threads: int | None = None,
 ) -> MonteCarloResult:
     """Resample a sequence of returns into `n_paths` equity paths.
 
@@ -184,6 +216,8 @@ def monte_carlo(
         ruin: a path is ruined when its equity touches `ruin x start` (0.5 = lost half).
         seed: random seed (the same seed gives the same paths).
         checkpoints: how many points of each path the percentile bands keep.
+        threads: how many threads share the paths (default: numba's, one per core); the
+            paths do not depend on it.
     """
     values = np.ascontiguousarray(np.asarray(returns, dtype=np.float64))
     n = len(values)
@@ -198,7 +232,7 @@ def monte_carlo(
     ruined = np.zeros(n_paths, dtype=np.bool_)
     _mc_kernel(
         values, n_paths, steps, size, method == "shuffle", seed, start, ruin * start,
-        every, finals, mdds, ruined, marks,
+        every, finals, mdds, ruined, marks, max(1, min(n_paths, threads or get_num_threads())),
     )  # fmt: skip
     bands: dict[int, np.ndarray] = {}
     if marks.size:

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -230,6 +230,25 @@ def test_monte_carlo_is_seeded_and_bands_are_ordered() -> None:
     assert a.checkpoints[-1] == 500
     for lo, hi in ((5, 25), (25, 50), (50, 75), (75, 95)):
         assert np.all(a.bands[lo] <= a.bands[hi])
+
+
+@pytest.mark.parametrize("method", ["bootstrap", "shuffle", "block"])
+def test_monte_carlo_paths_do_not_depend_on_the_threads(
+    method: Literal["bootstrap", "shuffle", "block"],
+) -> None:
+    """Each path has its own generator stream: one thread or several, the same paths."""
+    returns = np.random.default_rng(5).normal(0.0, 0.03, 97)
+    runs = [
+        monte_carlo(returns, n_paths=301, method=method, seed=9, checkpoints=20, threads=k)
+        for k in (1, 2, 7)
+    ]
+    for other in runs[1:]:
+        for field in ("final_equity", "max_drawdown", "ruined"):
+            assert np.array_equal(getattr(runs[0], field), getattr(other, field)), field
+        for q in runs[0].bands:
+            assert np.array_equal(runs[0].bands[q], other.bands[q])
+    # and the paths differ from one another (each its own stream, not one repeated)
+    assert len(np.unique(runs[0].max_drawdown)) > 250
 
 
 def test_monte_carlo_of_ten_thousand_paths_on_a_real_backtest() -> None:
